@@ -1,0 +1,1 @@
+//! Component and end-to-end tests for Colony live in `tests/tests/`.

@@ -84,3 +84,18 @@ fn watch_tree(dir: &Path) {
         }
     }
 }
+
+/// A target folder for guest builds shared by every profile of the outer build
+/// (`<outer target>/guests/<name>`), so dev, test and release builds compile
+/// the guests once. Derived from `OUT_DIR` = `<target>/<profile>/build/<pkg>/out`.
+pub fn guest_target_dir(name: &str) -> PathBuf {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set for build scripts"));
+    let outer_target = out_dir
+        .ancestors()
+        .find(|p| p.file_name().is_some_and(|n| n == "build"))
+        .and_then(|build| build.parent())
+        .and_then(|profile| profile.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or(out_dir);
+    outer_target.join("guests").join(name)
+}

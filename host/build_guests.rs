@@ -20,13 +20,27 @@ pub fn build_guest_workspace(workspace_dir: &Path, target_dir: &Path) -> Vec<(St
         .arg("--target-dir")
         .arg(target_dir);
     // The outer build's flags are for the host target, not for the guests.
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR",
-        "CARGO_PROFILE_RELEASE_DEBUG", "RUSTC_WORKSPACE_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"]
-    {
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
+    ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().unwrap_or_else(|e| panic!("could not run cargo for {}: {e}", workspace_dir.display()));
-    assert!(status.success(), "building the guest workspace {} failed (see the cargo output above)", workspace_dir.display());
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("could not run cargo for {}: {e}", workspace_dir.display()));
+    assert!(
+        status.success(),
+        "building the guest workspace {} failed (see the cargo output above)",
+        workspace_dir.display()
+    );
 
     let out_dir = target_dir.join(GUEST_TARGET).join("release");
     let mut built: Vec<(String, PathBuf)> = std::fs::read_dir(&out_dir)
@@ -42,12 +56,17 @@ pub fn build_guest_workspace(workspace_dir: &Path, target_dir: &Path) -> Vec<(St
 /// `RUSTUP_AUTO_INSTALL=0` means rustup does not install the target named in
 /// rust-toolchain.toml by itself; fail with the fix instead of a cryptic error.
 fn ensure_target_installed() {
-    let Ok(out) = Command::new("rustup").args(["target", "list", "--installed"]).output() else {
+    let Ok(out) = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+    else {
         return; // no rustup: trust the toolchain to have the target
     };
     let installed = String::from_utf8_lossy(&out.stdout);
     if !installed.lines().any(|l| l.trim() == GUEST_TARGET) {
-        panic!("the Rust target {GUEST_TARGET} is not installed; run `rustup target add {GUEST_TARGET}` and build again");
+        panic!(
+            "the Rust target {GUEST_TARGET} is not installed; run `rustup target add {GUEST_TARGET}` and build again"
+        );
     }
 }
 
@@ -56,15 +75,26 @@ fn ensure_target_installed() {
 /// user-dropped components live there and must not trigger rebuilds.
 fn watch_sources(workspace_dir: &Path) {
     for name in ["Cargo.toml", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", workspace_dir.join(name).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace_dir.join(name).display()
+        );
     }
     let wit = workspace_dir.join("wit");
     if wit.exists() {
         println!("cargo:rerun-if-changed={}", wit.display());
     }
-    for entry in std::fs::read_dir(workspace_dir).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(workspace_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let path = entry.path();
-        if path.is_dir() && path.file_name().is_some_and(|n| n != "target" && n != "wit") {
+        if path.is_dir()
+            && path
+                .file_name()
+                .is_some_and(|n| n != "target" && n != "wit")
+        {
             watch_tree(&path);
         }
     }
@@ -89,7 +119,8 @@ fn watch_tree(dir: &Path) {
 /// (`<outer target>/guests/<name>`), so dev, test and release builds compile
 /// the guests once. Derived from `OUT_DIR` = `<target>/<profile>/build/<pkg>/out`.
 pub fn guest_target_dir(name: &str) -> PathBuf {
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set for build scripts"));
+    let out_dir =
+        PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set for build scripts"));
     let outer_target = out_dir
         .ancestors()
         .find(|p| p.file_name().is_some_and(|n| n == "build"))

@@ -1,1 +1,13 @@
+//! Colony: a durable work queue and orchestrator that runs AI agents as
+//! sandboxed WebAssembly components.
+//!
+//! Read top-down: [`task`] (what a task is and how it may move), [`retry`]
+//! (the backoff policy), [`queue`] (the SQLite store and every SQL
+//! statement), [`runtime`] (the wasm sandbox), [`orchestrator`] (the daemon).
 
+pub mod cli;
+pub mod orchestrator;
+pub mod queue;
+pub mod retry;
+pub mod runtime;
+pub mod task;

@@ -1,1 +1,23 @@
-fn main() {}
+//! The `colony` binary: parse arguments, set up logging, run, map errors to
+//! exit statuses (2 for bad input, 1 for anything else).
+
+use clap::Parser;
+
+fn main() {
+    let cli = colony::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COLONY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the async runtime");
+    if let Err(err) = runtime.block_on(colony::cli::run(cli)) {
+        eprintln!("error: {err:#}");
+        std::process::exit(colony::cli::exit_code(&err));
+    }
+}

@@ -1,0 +1,582 @@
+//! The `colony` command line: argument parsing and printing only. Every
+//! command opens the queue (and, where it needs agents, the runtime) and
+//! calls their public API.
+
+mod output;
+
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::orchestrator::{Daemon, DaemonConfig};
+use crate::queue::{ListFilter, Queue, QueueError, QueueOptions};
+use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
+use crate::task::{NewTask, NextSpec, State};
+
+/// Bad input from the user: exit status 2, nothing was stored.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+fn bad(message: impl Into<String>) -> anyhow::Error {
+    BadInput(message.into()).into()
+}
+
+/// Exit status for an error: 2 when the input was at fault, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    let bad_input = err.chain().any(|cause| {
+        cause.downcast_ref::<BadInput>().is_some()
+            || cause
+                .downcast_ref::<QueueError>()
+                .is_some_and(QueueError::is_bad_input)
+    });
+    if bad_input { 2 } else { 1 }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "colony",
+    version,
+    about = "A durable work queue that runs AI agents as sandboxed WebAssembly components",
+    long_about = "Colony keeps a durable task queue in a SQLite file and runs each task in a fresh \
+                  WebAssembly sandbox of the agent it names (agents/<name>.wasm). Submit tasks with \
+                  `colony submit`, run them with `colony daemon`, and inspect everything with \
+                  `colony list`, `show`, `status` and `events`.\n\n\
+                  Exit status: 0 on success, 2 on bad input (nothing was stored), 1 on any other error."
+)]
+pub struct Cli {
+    /// The queue database file (created if missing).
+    #[arg(long, global = true, env = "COLONY_DB", default_value = "colony.db")]
+    pub db: PathBuf,
+    /// The directory of agent components (`<name>.wasm`, optional `<name>.toml`).
+    #[arg(long, global = true, env = "COLONY_AGENTS", default_value = "agents")]
+    pub agents: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Add a task (or a batch of tasks) to the queue; prints the new id(s).
+    Submit(SubmitArgs),
+    /// List tasks, newest first.
+    List {
+        /// Only tasks in this state (pending, ready, in_progress, review, complete, failed, cancelled).
+        #[arg(long)]
+        state: Option<State>,
+        /// Only tasks for this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// At most this many tasks.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one task: its fields, audit events, run logs and result.
+    Show { id: i64 },
+    /// Counts by state and agent, the oldest ready task, leases held, agents.
+    Status,
+    /// The audit trail as JSON Lines: id, at, task_id, from, to, actor, detail.
+    Events {
+        /// Only events of this task.
+        #[arg(long)]
+        task: Option<i64>,
+        /// Only events after this event id.
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+        /// Keep printing new events as they happen (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Approve or reject a task waiting in review.
+    Review {
+        id: i64,
+        /// approve or reject
+        verdict: Verdict,
+        /// A note for the agent (passed as `feedback` to the next run on reject).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Revive a failed or cancelled task (attempts reset).
+    Retry { id: i64 },
+    /// Cancel a task that has not finished, and every task depending on it.
+    Cancel {
+        id: i64,
+        /// Why (recorded on the task and its dependents).
+        #[arg(long, default_value = "cancelled by a user")]
+        reason: String,
+    },
+    /// Every file in the agents directory: loaded, or why not, and its limits.
+    Agents,
+    /// Run the orchestrator: claim tasks and run them in their agents.
+    Daemon(DaemonArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Approve,
+    Reject,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The agent to run the task (the file stem of agents/<name>.wasm).
+    #[arg(required_unless_present = "batch")]
+    pub agent: Option<String>,
+    /// The task's input as JSON (default `{}`).
+    #[arg(conflicts_with = "payload_file")]
+    pub payload: Option<String>,
+    /// Read the payload JSON from this file.
+    #[arg(long)]
+    pub payload_file: Option<PathBuf>,
+    /// Higher runs first (default 0).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Runs before the task fails for good (default 3).
+    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+    /// Hold the result in `review` until approved.
+    #[arg(long)]
+    pub review: bool,
+    /// An agent that reviews the result automatically (implies --review).
+    #[arg(long)]
+    pub reviewer: Option<String>,
+    /// Tasks to create when this one completes: a JSON list of
+    /// {agent, payload, priority?, review?, next?}, or @FILE to read it from a file.
+    #[arg(long)]
+    pub next: Option<String>,
+    /// Wait for this task to complete first (repeatable).
+    #[arg(long = "after", value_name = "ID")]
+    pub after: Vec<i64>,
+    /// Idempotency key: submitting the same key again returns the first task.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Run no earlier than this long from now (e.g. 10s, 5m).
+    #[arg(long = "in", value_name = "DURATION", conflicts_with = "at", value_parser = parse_duration)]
+    pub in_: Option<Duration>,
+    /// Run no earlier than this time (RFC 3339, e.g. 2026-11-27T18:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub at: Option<SystemTime>,
+    /// Wall-clock budget per run (default: the agent's, 5m unless its manifest says otherwise).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Base of the exponential retry backoff (default 10s).
+    #[arg(long, value_parser = parse_duration)]
+    pub backoff: Option<Duration>,
+    /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
+    /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,
+    /// review, reviewer, next, after, key, timeout, backoff, run_at}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["agent", "payload", "payload_file"])]
+    pub batch: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// How often to look for work when nothing wakes the daemon.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub poll: Duration,
+    /// Most runs in flight at once, across all agents.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: u32,
+    /// How often to renew this daemon's leases (and reap stale ones).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+    /// Reset a lease that has not been renewed for this long.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub stale_after: Duration,
+    /// On SIGINT/SIGTERM, how long to let runs finish before releasing them.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Exit 0 once no runnable task remains for the loaded agents.
+    #[arg(long)]
+    pub until_idle: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 10s, 5m)"))
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{e} (use RFC 3339, e.g. 2026-11-27T18:00:00Z)"))
+}
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// This process's identity as a queue actor: host, pid and start time.
+pub fn identity(role: &str) -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    format!(
+        "{role}@{host}:{}:{}",
+        std::process::id(),
+        crate::queue::now_ms()
+    )
+}
+
+pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
+    let opts = QueueOptions {
+        actor: actor.to_string(),
+        ..Default::default()
+    };
+    Queue::open_with(db, opts)
+        .with_context(|| format!("opening the queue database {}", db.display()))
+}
+
+/// Where compiled components are cached: beside the database.
+pub fn cache_dir(db: &Path) -> PathBuf {
+    let parent = db
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.join(".colony-cache")
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Submit(args) => submit(&cli, args).await,
+        Command::List {
+            state,
+            agent,
+            limit,
+        } => {
+            let queue = open_queue(&cli.db, &identity("cli"))?;
+            let tasks = queue.list(&ListFilter {
+                state: *state,
+                agent: agent.clone(),
+                limit: Some(*limit),
+            })?;
+            output::print_tasks(&tasks, cli.json)
+        }
+        Command::Show { id } => {
+            let queue = open_queue(&cli.db, &identity("cli"))?;
+            let task = queue.get(*id)?;
+            let events = queue.events(Some(*id), 0, u32::MAX)?;
+            let logs = queue.logs(*id)?;
+            let children = queue.children(*id)?;
+            output::print_task_detail(&task, &events, &logs, &children, cli.json)
+        }
+        Command::Status => status(&cli).await,
+        Command::Events {
+            task,
+            since,
+            follow,
+        } => events(&cli, *task, *since, *follow).await,
+        Command::Review { id, verdict, note } => {
+            let mut queue = open_queue(&cli.db, &identity("cli"))?;
+            let to = match verdict {
+                Verdict::Approve => queue.approve(*id, note.as_deref())?,
+                Verdict::Reject => {
+                    queue.reject(*id, note.as_deref().unwrap_or("rejected without a note"))?
+                }
+            };
+            output::print_moved(*id, to, cli.json)
+        }
+        Command::Retry { id } => {
+            let mut queue = open_queue(&cli.db, &identity("cli"))?;
+            let to = queue.retry(*id)?;
+            output::print_moved(*id, to, cli.json)
+        }
+        Command::Cancel { id, reason } => {
+            let mut queue = open_queue(&cli.db, &identity("cli"))?;
+            let ids = queue.cancel(*id, reason)?;
+            output::print_cancelled(&ids, cli.json)
+        }
+        Command::Agents => {
+            let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1).await?;
+            output::print_agents(&agents, cli.json)
+        }
+        Command::Daemon(args) => daemon(&cli, args).await,
+    }
+}
+
+async fn load_agents(db: &Path, dir: &Path, max_runs: u32) -> Result<(Arc<Runtime>, AgentDir)> {
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(cache_dir(db)),
+        max_concurrent_runs: max_runs,
+        pooling: true,
+    })?;
+    let mut agents = AgentDir::new(dir);
+    if !dir.is_dir() {
+        tracing::warn!(
+            "the agents directory {} does not exist; no agent is loaded",
+            dir.display()
+        );
+    }
+    agents.rescan(&runtime).await;
+    Ok((Arc::new(runtime), agents))
+}
+
+// ----- submit ------------------------------------------------------------------
+
+async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
+    let tasks = match &args.batch {
+        Some(file) => read_batch(file)?,
+        None => vec![task_from_args(args)?],
+    };
+    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    let submitted = if args.batch.is_some() {
+        queue.submit_batch(&tasks).map_err(|e| match e {
+            QueueError::InvalidInBatch { index, source } => {
+                bad(format!("line {}: {source}", index + 1))
+            }
+            other => other.into(),
+        })?
+    } else {
+        vec![queue.submit(&tasks[0])?]
+    };
+    warn_about_missing_agents(&cli.agents, &tasks);
+    output::print_submitted(&queue, &submitted, cli.json)
+}
+
+fn warn_about_missing_agents(dir: &Path, tasks: &[NewTask]) {
+    let mut missing: Vec<&str> = tasks
+        .iter()
+        .map(|t| t.agent.as_str())
+        .filter(|agent| !dir.join(format!("{agent}.wasm")).is_file())
+        .collect();
+    missing.sort();
+    missing.dedup();
+    for agent in missing {
+        eprintln!(
+            "warning: no agent {agent:?} in {} yet; the task waits until {}/{agent}.wasm appears",
+            dir.display(),
+            dir.display()
+        );
+    }
+}
+
+fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
+    let agent = args
+        .agent
+        .clone()
+        .ok_or_else(|| bad("name the agent to run the task"))?;
+    let payload = match (&args.payload, &args.payload_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| bad(format!("--payload-file {}: {e}", file.display())))?,
+        (None, None) => "{}".to_string(),
+    };
+    let mut task = NewTask::new(agent, payload);
+    task.priority = args.priority;
+    task.max_attempts = args.max_attempts;
+    task.review = args.review;
+    task.reviewer = args.reviewer.clone();
+    task.depends_on = args.after.clone();
+    task.key = args.key.clone();
+    if let Some(next) = &args.next {
+        task.next = parse_next(next)?;
+    }
+    task.run_at = match (args.in_, args.at) {
+        (Some(delay), _) => Some(crate::queue::now_ms() + delay.as_millis() as i64),
+        (None, Some(at)) => Some(millis(at)),
+        (None, None) => None,
+    };
+    task.timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
+    if let Some(backoff) = args.backoff {
+        task.backoff_ms = backoff.as_millis() as u64;
+    }
+    Ok(task)
+}
+
+/// `--next` takes JSON or `@FILE`.
+fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
+    let json = match text.strip_prefix('@') {
+        Some(file) => {
+            std::fs::read_to_string(file).map_err(|e| bad(format!("--next @{file}: {e}")))?
+        }
+        None => text.to_string(),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| bad(format!("--next: not valid JSON: {e}")))?;
+    // A single spec is accepted as a list of one.
+    let list = if value.is_object() {
+        serde_json::Value::Array(vec![value])
+    } else {
+        value
+    };
+    serde_json::from_value(list)
+        .map_err(|e| bad(format!("--next: {e} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})")))
+}
+
+/// One line of `submit --batch`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    agent: String,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    review: bool,
+    #[serde(default)]
+    reviewer: Option<String>,
+    #[serde(default)]
+    next: Vec<NextSpec>,
+    #[serde(default)]
+    after: Vec<i64>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    backoff: Option<String>,
+    #[serde(default)]
+    run_at: Option<String>,
+}
+
+fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
+    let mut text = String::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading tasks from stdin")?;
+    } else {
+        text = std::fs::read_to_string(file)
+            .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
+    }
+    let mut tasks = Vec::new();
+    for (i, line) in text.as_bytes().lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |e: String| bad(format!("line {}: {e}", i + 1));
+        let parsed: BatchLine = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
+        let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
+        let mut task = NewTask::new(parsed.agent, payload.to_string());
+        task.priority = parsed.priority;
+        if let Some(n) = parsed.max_attempts {
+            task.max_attempts = n;
+        }
+        task.review = parsed.review;
+        task.reviewer = parsed.reviewer;
+        task.next = parsed.next;
+        task.depends_on = parsed.after;
+        task.key = parsed.key;
+        if let Some(t) = parsed.timeout {
+            task.timeout_ms = Some(
+                parse_duration(&t)
+                    .map_err(|e| at(format!("invalid timeout: {e}")))?
+                    .as_millis() as u64,
+            );
+        }
+        if let Some(b) = parsed.backoff {
+            task.backoff_ms = parse_duration(&b)
+                .map_err(|e| at(format!("invalid backoff: {e}")))?
+                .as_millis() as u64;
+        }
+        if let Some(r) = parsed.run_at {
+            task.run_at = Some(millis(
+                parse_time(&r).map_err(|e| at(format!("invalid run_at: {e}")))?,
+            ));
+        }
+        tasks.push(task);
+    }
+    if tasks.is_empty() {
+        bail!(BadInput(format!(
+            "--batch {}: no tasks in the file",
+            file.display()
+        )));
+    }
+    Ok(tasks)
+}
+
+// ----- status, events ------------------------------------------------------------
+
+async fn status(cli: &Cli) -> Result<()> {
+    let queue = open_queue(&cli.db, &identity("cli"))?;
+    let counts = queue.counts()?;
+    let oldest_ready = queue.oldest_ready_at()?;
+    let leases = queue.leases_by_holder()?;
+    let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1).await?;
+    output::print_status(&counts, oldest_ready, &leases, &agents, cli.json)
+}
+
+async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Result<()> {
+    let queue = open_queue(&cli.db, &identity("cli"))?;
+    if let Some(id) = task {
+        queue.get(id)?; // an unknown id is bad input, not an empty trail
+    }
+    let mut since = since;
+    loop {
+        let batch = queue.events(task, since, 1000)?;
+        for event in &batch {
+            output::print_event_line(event)?;
+            since = event.id;
+        }
+        if batch.len() == 1000 {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ----- daemon ----------------------------------------------------------------------
+
+async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
+    if args.concurrency == 0 {
+        bail!(BadInput("--concurrency must be at least 1".into()));
+    }
+    let actor = identity("daemon");
+    let queue = open_queue(&cli.db, &actor)?;
+    let (runtime, agents) = load_agents(&cli.db, &cli.agents, args.concurrency).await?;
+    for entry in agents.entries() {
+        if let crate::runtime::AgentStatus::Broken(reason) = &entry.status {
+            eprintln!("warning: agent {} not loaded: {reason}", entry.name);
+        }
+    }
+    let cfg = DaemonConfig {
+        poll: args.poll,
+        concurrency: args.concurrency,
+        heartbeat: args.heartbeat,
+        stale_after: args.stale_after,
+        grace: args.grace,
+        until_idle: args.until_idle,
+        ..DaemonConfig::default()
+    };
+    tracing::info!(identity = %actor, db = %cli.db.display(), agents = ?agents.loaded_names(), "daemon started");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(
+            "signal received: finishing runs in flight (send another signal to exit at once)"
+        );
+        let _ = stop_tx.send(true);
+        wait_for_signal().await;
+        eprintln!(
+            "second signal: exiting now; leases held will expire and be reset by another daemon"
+        );
+        std::process::exit(130);
+    });
+    let summary = Daemon::new(queue, runtime, agents, cfg)
+        .run(stop_rx)
+        .await?;
+    output::print_daemon_summary(&summary, cli.json)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

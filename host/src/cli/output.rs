@@ -1,0 +1,401 @@
+//! Printing: text tables for people, JSON for scripts. Task JSON uses the
+//! queue's snake_case field names; times are RFC 3339 strings.
+
+use std::io::Write;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::orchestrator::DaemonSummary;
+use crate::queue::{AuditEvent, Queue, RunLog, Submitted};
+use crate::runtime::{AgentDir, AgentStatus};
+use crate::task::{State, Task};
+
+pub fn time(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn opt_time(ms: Option<i64>) -> Value {
+    ms.map(|ms| Value::String(time(ms))).unwrap_or(Value::Null)
+}
+
+/// A task as the CLI's JSON shows it.
+pub fn task_json(task: &Task) -> Value {
+    json!({
+        "id": task.id,
+        "agent": task.agent,
+        "state": task.state,
+        "payload": task.payload,
+        "priority": task.priority,
+        "attempts": task.attempts,
+        "max_attempts": task.max_attempts,
+        "revisions": task.revisions,
+        "review": task.review,
+        "reviewer": task.reviewer,
+        "parent_id": task.parent_id,
+        "depends_on": task.depends_on,
+        "next_tasks": task.next_tasks,
+        "result": task.result,
+        "error": task.error,
+        "feedback": task.feedback,
+        "progress": task.progress,
+        "key": task.idempotency_key,
+        "run_at": time(task.run_at),
+        "claimed_by": task.claimed_by,
+        "created_at": time(task.created_at),
+        "updated_at": time(task.updated_at),
+        "finished_at": opt_time(task.finished_at),
+    })
+}
+
+pub fn event_json(event: &AuditEvent) -> Value {
+    json!({
+        "id": event.id,
+        "at": time(event.at),
+        "task_id": event.task_id,
+        "event": event.event,
+        "from": event.from,
+        "to": event.to,
+        "actor": event.actor,
+        "detail": event.detail,
+    })
+}
+
+fn print_json(value: &Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn short(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+pub fn print_submitted(queue: &Queue, submitted: &[Submitted], json: bool) -> Result<()> {
+    if json {
+        let tasks: Vec<Value> = submitted
+            .iter()
+            .map(|s| queue.get(s.id).map(|t| task_json(&t)))
+            .collect::<Result<_, _>>()?;
+        return print_json(&if tasks.len() == 1 {
+            tasks[0].clone()
+        } else {
+            Value::Array(tasks)
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    for s in submitted {
+        writeln!(out, "{}", s.id)?;
+        if s.existed {
+            eprintln!(
+                "note: task {} already existed with this idempotency key; nothing new was stored",
+                s.id
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn print_tasks(tasks: &[Task], json: bool) -> Result<()> {
+    if json {
+        return print_json(&Value::Array(tasks.iter().map(task_json).collect()));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>6}  {:<12} {:<11} {:>8}  {:<24} error",
+        "id", "agent", "state", "attempts", "updated"
+    )?;
+    for t in tasks {
+        let error = t
+            .error
+            .as_ref()
+            .map(|e| format!("{}: {}", e.kind, short(&e.message, 60)))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{:>6}  {:<12} {:<11} {:>8}  {:<24} {}",
+            t.id,
+            short(&t.agent, 12),
+            t.state.as_str(),
+            format!("{}/{}", t.attempts, t.max_attempts),
+            time(t.updated_at),
+            error
+        )?;
+    }
+    Ok(())
+}
+
+pub fn print_task_detail(
+    task: &Task,
+    events: &[AuditEvent],
+    logs: &[RunLog],
+    children: &[Task],
+    json: bool,
+) -> Result<()> {
+    if json {
+        let mut value = task_json(task);
+        value["events"] = Value::Array(events.iter().map(event_json).collect());
+        value["log"] = Value::Array(
+            logs.iter()
+                .map(|l| json!({"attempt": l.attempt, "at": time(l.at), "text": l.text}))
+                .collect(),
+        );
+        value["children"] = Value::Array(children.iter().map(|c| json!(c.id)).collect());
+        return print_json(&value);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "task {}  agent {}  state {}",
+        task.id, task.agent, task.state
+    )?;
+    writeln!(
+        out,
+        "  attempts     {}/{}  (revisions {}/{})",
+        task.attempts, task.max_attempts, task.revisions, task.max_revisions
+    )?;
+    writeln!(out, "  priority     {}", task.priority)?;
+    writeln!(
+        out,
+        "  payload      {}",
+        short(&task.payload.to_string(), 200)
+    )?;
+    if let Some(parent) = task.parent_id {
+        writeln!(out, "  parent       {parent}")?;
+    }
+    if !task.depends_on.is_empty() {
+        writeln!(out, "  depends on   {:?}", task.depends_on)?;
+    }
+    if !task.next_tasks.is_empty() {
+        let names: Vec<&str> = task.next_tasks.iter().map(|n| n.agent.as_str()).collect();
+        writeln!(out, "  next         {}", names.join(", "))?;
+    }
+    if !children.is_empty() {
+        let ids: Vec<String> = children
+            .iter()
+            .map(|c| format!("{} ({})", c.id, c.agent))
+            .collect();
+        writeln!(out, "  children     {}", ids.join(", "))?;
+    }
+    if let Some(holder) = &task.claimed_by {
+        writeln!(out, "  claimed by   {holder}")?;
+    }
+    if let Some(progress) = &task.progress {
+        writeln!(out, "  progress     {progress}")?;
+    }
+    if let Some(feedback) = &task.feedback {
+        writeln!(out, "  feedback     {feedback}")?;
+    }
+    if let Some(error) = &task.error {
+        writeln!(out, "  error        {}: {}", error.kind, error.message)?;
+    }
+    if let Some(result) = &task.result {
+        writeln!(out, "  result       {}", short(&result.to_string(), 400))?;
+    }
+    writeln!(out, "events:")?;
+    for e in events {
+        let from = e.from.map(State::as_str).unwrap_or("(new)");
+        writeln!(
+            out,
+            "  #{:<6} {}  {:<13} {:>11} -> {:<11} by {}  {}",
+            e.id,
+            time(e.at),
+            e.event,
+            from,
+            e.to.as_str(),
+            e.actor,
+            e.detail
+        )?;
+    }
+    for log in logs {
+        writeln!(out, "log of attempt {} ({}):", log.attempt, time(log.at))?;
+        for line in log.text.lines() {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
+}
+
+pub fn print_moved(id: i64, to: State, json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({"id": id, "state": to}));
+    }
+    println!("task {id} is now {to}");
+    Ok(())
+}
+
+pub fn print_cancelled(ids: &[i64], json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({"cancelled": ids}));
+    }
+    println!("cancelled {} task(s): {ids:?}", ids.len());
+    Ok(())
+}
+
+pub fn print_event_line(event: &AuditEvent) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &event_json(event))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn agent_json(agents: &AgentDir) -> Value {
+    Value::Array(
+        agents
+            .entries()
+            .map(|e| match &e.status {
+                AgentStatus::Loaded(agent) => json!({
+                    "name": e.name,
+                    "path": e.path,
+                    "loaded": true,
+                    "limits": {
+                        "timeout": humantime::format_duration(agent.limits.timeout).to_string(),
+                        "memory_bytes": agent.limits.memory_bytes,
+                        "fuel": agent.limits.fuel,
+                        "concurrency": agent.limits.concurrency,
+                        "log_bytes": agent.limits.log_bytes,
+                        "read_only_dir": agent.limits.read_only_dir,
+                    },
+                }),
+                AgentStatus::Broken(reason) => {
+                    json!({"name": e.name, "path": e.path, "loaded": false, "reason": reason})
+                }
+            })
+            .collect(),
+    )
+}
+
+pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
+    if json {
+        return print_json(&agent_json(agents));
+    }
+    let mut out = std::io::stdout().lock();
+    if agents.entries().next().is_none() {
+        writeln!(out, "no agents in {}", agents.dir().display())?;
+    }
+    for e in agents.entries() {
+        match &e.status {
+            AgentStatus::Loaded(agent) => writeln!(
+                out,
+                "{:<14} loaded   timeout {}, memory {} MiB, fuel {}, concurrency {}, log {} KiB{}",
+                e.name,
+                humantime::format_duration(agent.limits.timeout),
+                agent.limits.memory_bytes >> 20,
+                agent
+                    .limits
+                    .fuel
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| "unmetered".into()),
+                agent.limits.concurrency,
+                agent.limits.log_bytes >> 10,
+                agent
+                    .limits
+                    .read_only_dir
+                    .as_ref()
+                    .map(|d| format!(", reads {}", d.display()))
+                    .unwrap_or_default()
+            )?,
+            AgentStatus::Broken(reason) => writeln!(out, "{:<14} BROKEN   {reason}", e.name)?,
+        }
+    }
+    Ok(())
+}
+
+pub fn print_status(
+    counts: &[(String, State, u64)],
+    oldest_ready: Option<i64>,
+    leases: &[(String, u64)],
+    agents: &AgentDir,
+    json: bool,
+) -> Result<()> {
+    let age_ms = oldest_ready.map(|t| (crate::queue::now_ms() - t).max(0));
+    if json {
+        let mut by_state = serde_json::Map::new();
+        let mut by_agent = serde_json::Map::new();
+        for (agent, state, n) in counts {
+            let total = by_state.entry(state.as_str()).or_insert(json!(0));
+            *total = json!(total.as_u64().unwrap_or(0) + n);
+            by_agent.entry(agent.clone()).or_insert(json!({}))[state.as_str()] = json!(n);
+        }
+        return print_json(&json!({
+            "by_state": by_state,
+            "by_agent": by_agent,
+            "oldest_ready_age_ms": age_ms,
+            "leases": leases.iter().map(|(h, n)| json!({"holder": h, "count": n})).collect::<Vec<_>>(),
+            "agents": agent_json(agents),
+        }));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "tasks by state:")?;
+    for state in State::ALL {
+        let n: u64 = counts.iter().filter(|c| c.1 == state).map(|c| c.2).sum();
+        writeln!(out, "  {:<12} {n}", state.as_str())?;
+    }
+    writeln!(out, "tasks by agent:")?;
+    let mut names: Vec<&String> = counts.iter().map(|c| &c.0).collect();
+    names.dedup();
+    for name in names {
+        let parts: Vec<String> = counts
+            .iter()
+            .filter(|c| &c.0 == name)
+            .map(|c| format!("{} {}", c.1, c.2))
+            .collect();
+        writeln!(out, "  {:<12} {}", name, parts.join(", "))?;
+    }
+    match age_ms {
+        Some(ms) => writeln!(
+            out,
+            "oldest ready task waiting {}",
+            humantime::format_duration(Duration::from_secs((ms / 1000) as u64))
+        )?,
+        None => writeln!(out, "no task is waiting to be claimed")?,
+    }
+    if leases.is_empty() {
+        writeln!(out, "no leases held")?;
+    }
+    for (holder, n) in leases {
+        writeln!(out, "leases held by {holder}: {n}")?;
+    }
+    drop(out);
+    print_agents(agents, false)
+}
+
+pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({
+            "runs": summary.runs,
+            "completed": summary.completed,
+            "to_review": summary.to_review,
+            "retried": summary.retried,
+            "failed": summary.failed,
+            "lost": summary.lost,
+            "released": summary.released,
+            "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
+        }));
+    }
+    eprintln!(
+        "daemon done: {} runs, {} complete, {} to review, {} retried, {} failed, {} lost, {} released",
+        summary.runs,
+        summary.completed,
+        summary.to_review,
+        summary.retried,
+        summary.failed,
+        summary.lost,
+        summary.released
+    );
+    for (agent, n) in &summary.left_for_missing_agents {
+        eprintln!(
+            "  {n} task(s) left waiting for agent {agent:?}, which is not loaded (or blocked on dependencies)"
+        );
+    }
+    Ok(())
+}

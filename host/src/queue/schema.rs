@@ -1,0 +1,108 @@
+//! The database schema and its migrations, versioned by `PRAGMA user_version`.
+//!
+//! Each migration runs once, in order, inside one transaction. Released
+//! migrations are never edited: a change is a new entry at the end.
+
+use rusqlite::Connection;
+
+use super::QueueError;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: tasks, dependencies, the audit trail and run logs.
+    r#"
+    CREATE TABLE tasks (
+        id             INTEGER PRIMARY KEY,
+        agent          TEXT    NOT NULL,
+        payload        TEXT    NOT NULL,             -- JSON
+        state          TEXT    NOT NULL,
+        priority       INTEGER NOT NULL DEFAULT 0,   -- higher runs first
+        attempts       INTEGER NOT NULL DEFAULT 0,   -- counted at claim time
+        max_attempts   INTEGER NOT NULL,
+        revisions      INTEGER NOT NULL DEFAULT 0,   -- review rejections so far
+        max_revisions  INTEGER NOT NULL,
+        review         INTEGER NOT NULL DEFAULT 0,   -- completion must pass review
+        reviewer       TEXT,                         -- agent that reviews automatically
+        reviews        INTEGER REFERENCES tasks(id), -- set on a review task: the task it judges
+        run_at         INTEGER NOT NULL,             -- ms since epoch; pending until then
+        timeout_ms     INTEGER,
+        backoff_ms     INTEGER NOT NULL,
+        parent_id      INTEGER REFERENCES tasks(id),
+        next_tasks     TEXT,                         -- JSON list of specs, inserted on completion
+        spawned        TEXT,                         -- JSON list the agent spawned, held while in review
+        pending_deps   INTEGER NOT NULL DEFAULT 0,   -- dependencies not complete yet
+        result         TEXT,                         -- JSON
+        error_kind     TEXT,
+        error_message  TEXT,
+        feedback       TEXT,                         -- the last reviewer's note
+        progress       TEXT,                         -- the agent's last heartbeat text
+        idem_key       TEXT,
+        claimed_by     TEXT,
+        claim_token    INTEGER,                      -- fences every write about a claimed task
+        heartbeat_at   INTEGER,                      -- last lease renewal, ms since epoch
+        created_at     INTEGER NOT NULL,
+        updated_at     INTEGER NOT NULL,
+        finished_at    INTEGER
+    );
+    -- Partial indexes hold only the rows in one state, so claiming, promoting
+    -- and reaping stay O(log n) however many finished tasks the table keeps.
+    CREATE INDEX tasks_claim   ON tasks(agent, priority DESC, id) WHERE state = 'ready';
+    CREATE INDEX tasks_pending ON tasks(pending_deps, run_at)     WHERE state = 'pending';
+    CREATE INDEX tasks_leases  ON tasks(heartbeat_at)             WHERE state = 'in_progress';
+    CREATE INDEX tasks_parent  ON tasks(parent_id)                WHERE parent_id IS NOT NULL;
+    CREATE UNIQUE INDEX tasks_key ON tasks(idem_key)              WHERE idem_key IS NOT NULL;
+
+    CREATE TABLE task_deps (
+        task_id    INTEGER NOT NULL REFERENCES tasks(id),
+        depends_on INTEGER NOT NULL REFERENCES tasks(id),
+        PRIMARY KEY (task_id, depends_on)
+    ) WITHOUT ROWID;
+    CREATE INDEX task_deps_by_dependency ON task_deps(depends_on);
+
+    CREATE TABLE events (
+        id         INTEGER PRIMARY KEY,
+        at         INTEGER NOT NULL,
+        task_id    INTEGER NOT NULL,
+        event      TEXT    NOT NULL,
+        from_state TEXT,
+        to_state   TEXT    NOT NULL,
+        actor      TEXT    NOT NULL,
+        detail     TEXT    NOT NULL                  -- JSON object
+    );
+    CREATE INDEX events_by_task ON events(task_id);
+
+    CREATE TABLE task_logs (
+        id      INTEGER PRIMARY KEY,
+        task_id INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        at      INTEGER NOT NULL,
+        text    TEXT    NOT NULL
+    );
+    CREATE INDEX task_logs_by_task ON task_logs(task_id);
+    "#,
+];
+
+/// Brings the database to the newest schema this build knows.
+pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
+    let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as u32;
+    if found > known {
+        return Err(QueueError::SchemaTooNew {
+            path: path.to_string(),
+            found,
+            known,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another process may have migrated while we waited for the lock.
+        let now: u32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now as usize > version {
+            continue;
+        }
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as u32 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! The WebAssembly sandbox: one wasmtime `Engine`, components loaded and
+//! validated once, and one fresh `Store` per task.
+//!
+//! Every run gets a deny-all WASI context, a memory cap, optional fuel, and a
+//! wall-clock deadline. Guests yield to the executor on every epoch tick, so
+//! a spinning guest neither blocks other runs nor outlives its deadline.
+//! Every way a run can end becomes a [`RunOutcome`]; traps are classified.
+
+mod registry;
+mod sandbox;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use crate::task::{ErrorKind, RunOutcome, SpawnSpec, TaskError};
+
+pub use registry::{AgentDir, AgentEntry, AgentStatus, Manifest, ScanReport};
+pub use sandbox::{NoHooks, RunHooks};
+use sandbox::{RunState, TaskLog};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "agent",
+        exports: { default: async },
+    });
+}
+
+/// How often the engine's epoch advances: the granularity at which running
+/// guests yield to the executor (and so at which deadlines are noticed).
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Errors while setting up the runtime or loading a component.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("could not start the wasm engine: {0}")]
+    Engine(String),
+    #[error("{path}: {reason}")]
+    Load { path: PathBuf, reason: String },
+}
+
+/// Per-run limits. Defaults, raised or lowered per agent by its manifest and
+/// per task by its `timeout`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget for one run (instantiation included).
+    pub timeout: Duration,
+    /// Linear memory cap, in bytes.
+    pub memory_bytes: usize,
+    /// Fuel for one run (roughly, wasm instructions); `None` is unmetered.
+    pub fuel: Option<u64>,
+    /// How many runs of this agent may be in flight at once.
+    pub concurrency: u32,
+    /// Bytes of each of log lines, stdout and stderr kept per run.
+    pub log_bytes: usize,
+    /// A host directory the agent may read, mounted at `/data`.
+    pub read_only_dir: Option<PathBuf>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(300),
+            memory_bytes: 128 << 20,
+            fuel: None,
+            concurrency: 4,
+            log_bytes: 64 << 10,
+            read_only_dir: None,
+        }
+    }
+}
+
+/// Runtime-wide settings.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached (by content and engine hash).
+    /// `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Most runs in flight at once across all agents: sizes the instance pool.
+    pub max_concurrent_runs: u32,
+    /// Whether to try the pooling allocator (falls back when unavailable).
+    pub pooling: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cache_dir: None,
+            max_concurrent_runs: 64,
+            pooling: true,
+        }
+    }
+}
+
+/// One task's input, as the agent sees it.
+#[derive(Clone, Debug)]
+pub struct TaskInput {
+    pub id: u64,
+    pub agent: String,
+    pub payload: String,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub parent_result: Option<String>,
+    pub feedback: Option<String>,
+}
+
+/// How a run ended, with what it printed.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: RunOutcome,
+    pub log: String,
+    pub elapsed: Duration,
+}
+
+/// A loaded, validated agent component, ready to instantiate.
+pub struct Agent {
+    pub name: String,
+    pub path: PathBuf,
+    /// SHA-256 of the component bytes, hex.
+    pub hash: String,
+    pub limits: Limits,
+    pre: bindings::AgentPre<RunState>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The wasm engine and everything shared between runs.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<RunState>,
+    config: RuntimeConfig,
+    pooling: bool,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(pooling: Option<u32>) -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.consume_fuel(true);
+    if let Some(slots) = pooling {
+        let mut pool = PoolingAllocationConfig::default();
+        // Each Rust component holds a few core instances (the program and
+        // small adapter shims), one memory and a few tables.
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 8)
+            .total_memories(slots * 2)
+            .total_tables(slots * 8)
+            .total_stacks(slots)
+            .max_memory_size(4 << 30)
+            .max_tables_per_module(4)
+            .max_memories_per_module(2);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
+impl Runtime {
+    /// Builds the engine, probing the pooling allocator first (it needs a
+    /// large virtual address reservation some machines refuse) and falling
+    /// back to on-demand allocation.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let pooled = if config.pooling {
+            match Engine::new(&engine_config(Some(config.max_concurrent_runs.max(1)))) {
+                Ok(engine) => Some(engine),
+                Err(e) => {
+                    tracing::warn!(
+                        "pooling allocator unavailable, using on-demand allocation: {e}"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let pooling = pooled.is_some();
+        let engine = match pooled {
+            Some(engine) => engine,
+            None => Engine::new(&engine_config(None))
+                .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?,
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+        bindings::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
+        std::thread::Builder::new()
+            .name("colony-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| RuntimeError::Engine(format!("could not start the epoch thread: {e}")))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+            pooling,
+            stop_ticker,
+        })
+    }
+
+    /// Whether runs use the pooling allocator.
+    pub fn is_pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// Compiles (or loads from the cache) and validates a component: it must
+    /// be a component, its imports must be ones the host provides, it must
+    /// export `colony:agent/handler`, and it must instantiate without trapping.
+    pub async fn load_agent(
+        &self,
+        name: &str,
+        path: &Path,
+        bytes: &[u8],
+        limits: Limits,
+    ) -> Result<Agent, RuntimeError> {
+        let fail = |reason: String| RuntimeError::Load {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let hash = hex(&Sha256::digest(bytes));
+        let component = self.compile(bytes, &hash).map_err(fail)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| fail(format!("its imports are not all provided by the host (only WASI and colony:agent/host are): {e}")))?;
+        let pre = bindings::AgentPre::new(instance_pre)
+            .map_err(|e| fail(format!("it is not a colony:agent/agent component (it must export colony:agent/handler): {e}")))?;
+        let agent = Agent {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            hash,
+            limits,
+            pre,
+        };
+        // A trial instantiation catches components whose start-up traps.
+        let mut store = self
+            .new_store(&agent, 0, TaskLog::new(4096), Arc::new(NoHooks))
+            .map_err(|e| fail(format!("{e:?}")))?;
+        let trial = tokio::time::timeout(
+            agent.limits.timeout,
+            agent.pre.instantiate_async(&mut store),
+        )
+        .await;
+        match trial {
+            Ok(Ok(_)) => Ok(agent),
+            Ok(Err(e)) => Err(fail(format!("instantiating it failed: {e:?}"))),
+            Err(_) => Err(fail(
+                "instantiating it did not finish within its timeout".into(),
+            )),
+        }
+    }
+
+    /// Compiles a component, going through the on-disk cache when configured.
+    /// Only files this host wrote into its own cache directory are ever
+    /// deserialized (deserializing is only safe for trusted compiled code).
+    fn compile(&self, bytes: &[u8], hash: &str) -> Result<Component, String> {
+        let describe = |e: wasmtime::Error| {
+            let text = format!("{e:#}");
+            if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0] {
+                format!(
+                    "it is a core wasm module, not a component (build it for wasm32-wasip2 or wrap it with `wasm-tools component new`): {text}"
+                )
+            } else if bytes.len() < 4 || bytes[..4] != *b"\0asm" {
+                format!("it is not a WebAssembly file: {text}")
+            } else {
+                format!("it is not a valid component: {text}")
+            }
+        };
+        let Some(dir) = &self.config.cache_dir else {
+            return Component::new(&self.engine, bytes).map_err(describe);
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        let cached = dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
+        if cached.exists() {
+            // SAFETY: the file is in our own cache directory, named by the
+            // content hash and engine hash, and was written by `precompile_component`.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!("ignoring unusable cache file {}: {e}", cached.display()),
+            }
+        }
+        let compiled = self.engine.precompile_component(bytes).map_err(describe)?;
+        if let Err(e) = write_atomically(dir, &cached, &compiled) {
+            tracing::warn!(
+                "could not write the compile cache {}: {e}",
+                cached.display()
+            );
+        }
+        // SAFETY: `compiled` was produced just now by this engine.
+        unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(describe)
+    }
+
+    fn new_store(
+        &self,
+        agent: &Agent,
+        task_id: u64,
+        log: TaskLog,
+        hooks: Arc<dyn RunHooks>,
+    ) -> wasmtime::Result<Store<RunState>> {
+        let state = RunState::new(
+            task_id,
+            Arc::from(agent.name.as_str()),
+            agent.limits.memory_bytes,
+            log,
+            hooks,
+            agent.limits.read_only_dir.as_deref(),
+        )?;
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_fuel(agent.limits.fuel.unwrap_or(u64::MAX))?;
+        // Yield to the executor at every tick: the deadline is enforced by
+        // the executor's timer, which a spinning guest must not starve.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        Ok(store)
+    }
+
+    /// Runs one task in a fresh instance of `agent`, within its limits
+    /// (`timeout` overrides the agent's deadline for this task).
+    pub async fn run(
+        &self,
+        agent: &Agent,
+        task: TaskInput,
+        timeout: Option<Duration>,
+        hooks: Arc<dyn RunHooks>,
+    ) -> RunReport {
+        let started = Instant::now();
+        let log = TaskLog::new(agent.limits.log_bytes);
+        let deadline = timeout.unwrap_or(agent.limits.timeout);
+        let mut store = match self.new_store(agent, task.id, log.clone(), hooks) {
+            Ok(store) => store,
+            Err(e) => {
+                return report(
+                    crash(format!("could not set up the sandbox: {e:?}")),
+                    &log,
+                    started,
+                );
+            }
+        };
+        let wit_task = bindings::colony::agent::types::Task {
+            id: task.id,
+            agent: task.agent,
+            payload: task.payload,
+            attempt: task.attempt,
+            max_attempts: task.max_attempts,
+            parent_result: task.parent_result,
+            feedback: task.feedback,
+        };
+        let call = async {
+            let instance = agent.pre.instantiate_async(&mut store).await?;
+            instance
+                .colony_agent_handler()
+                .call_run(&mut store, &wit_task)
+                .await
+        };
+        let result = tokio::time::timeout(deadline, call).await;
+        let outcome = match result {
+            Err(_) => RunOutcome::Failure(TaskError {
+                kind: ErrorKind::Timeout,
+                message: format!(
+                    "the run exceeded its {} deadline",
+                    humantime::format_duration(deadline)
+                ),
+            }),
+            Ok(Ok(Ok(outcome))) => RunOutcome::Success {
+                output: outcome.output,
+                spawn: outcome
+                    .spawn
+                    .into_iter()
+                    .map(|s| SpawnSpec {
+                        agent: s.agent,
+                        payload: s.payload,
+                        priority: s.priority,
+                        review: s.review,
+                    })
+                    .collect(),
+                needs_review: outcome.needs_review,
+            },
+            Ok(Ok(Err(bindings::colony::agent::types::Failure::Retryable(message)))) => {
+                RunOutcome::Failure(TaskError {
+                    kind: ErrorKind::Retryable,
+                    message,
+                })
+            }
+            Ok(Ok(Err(bindings::colony::agent::types::Failure::Permanent(message)))) => {
+                RunOutcome::Failure(TaskError {
+                    kind: ErrorKind::Permanent,
+                    message,
+                })
+            }
+            Ok(Err(trap)) => RunOutcome::Failure(classify_trap(
+                &trap,
+                store.data().limiter.denied,
+                agent,
+                &log,
+            )),
+        };
+        report(outcome, &log, started)
+    }
+}
+
+fn report(outcome: RunOutcome, log: &TaskLog, started: Instant) -> RunReport {
+    RunReport {
+        outcome,
+        log: log.render(),
+        elapsed: started.elapsed(),
+    }
+}
+
+fn crash(message: String) -> RunOutcome {
+    RunOutcome::Failure(TaskError {
+        kind: ErrorKind::Crash,
+        message,
+    })
+}
+
+/// Longest trap description (message plus guest backtrace) kept on a task.
+const MAX_TRAP_MESSAGE: usize = 8 * 1024;
+
+/// Names what went wrong in a trapped run.
+fn classify_trap(
+    error: &wasmtime::Error,
+    memory_denied: Option<usize>,
+    agent: &Agent,
+    log: &TaskLog,
+) -> TaskError {
+    let trap = error.downcast_ref::<Trap>().copied();
+    let detail = format!("{error:?}");
+    let (kind, summary) = match (trap, memory_denied) {
+        (Some(Trap::OutOfFuel), _) => (ErrorKind::OutOfFuel, format!("the run used up its fuel ({})", agent.limits.fuel.unwrap_or(0))),
+        (Some(Trap::StackOverflow), _) => (ErrorKind::StackOverflow, "the guest overflowed its stack".to_string()),
+        (_, Some(desired)) => (
+            ErrorKind::OutOfMemory,
+            format!(
+                "the guest tried to grow its memory to {desired} bytes, over its cap of {} bytes, and then trapped",
+                agent.limits.memory_bytes
+            ),
+        ),
+        (Some(Trap::MemoryOutOfBounds), _) => (
+            ErrorKind::Crash,
+            "the guest accessed memory out of bounds (in Rust guests this is also how a stack overflow of the shadow stack shows)".to_string(),
+        ),
+        (Some(trap), _) => {
+            let panic = log.stderr_tail(600);
+            if panic.contains("panicked at") {
+                (ErrorKind::Crash, format!("the guest panicked: {panic}"))
+            } else {
+                (ErrorKind::Crash, format!("the guest trapped: {trap}"))
+            }
+        }
+        (None, None) => (ErrorKind::Crash, "the run failed in the host".to_string()),
+    };
+    let mut message = format!("{summary}\n{detail}");
+    if message.len() > MAX_TRAP_MESSAGE {
+        let mut cut = MAX_TRAP_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    TaskError { kind, message }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, target)
+}

@@ -1,0 +1,283 @@
+//! The agents directory: every `*.wasm` file is an agent named by its file
+//! stem, with an optional `<name>.toml` manifest beside it. Rescanning picks
+//! up new, replaced and removed components; a broken one is reported and
+//! skipped while every other agent keeps working.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+
+use super::{Agent, Limits, Runtime, RuntimeError};
+
+/// An agent's manifest (`agents/<name>.toml`). Every key is optional.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Wall-clock budget per run, e.g. `"30s"` or `"5m"`.
+    pub timeout: Option<String>,
+    /// Memory cap per run, in MiB.
+    pub memory_mb: Option<u64>,
+    /// Fuel per run (roughly, wasm instructions).
+    pub fuel: Option<u64>,
+    /// Runs of this agent in flight at once.
+    pub concurrency: Option<u32>,
+    /// KiB of each of log lines, stdout and stderr kept per run.
+    pub log_kb: Option<u64>,
+    /// A host directory (relative to the agents directory) the agent may
+    /// read, mounted at `/data`.
+    pub read_only_dir: Option<PathBuf>,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<Manifest, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
+    }
+
+    /// The limits in force: the defaults, overridden by this manifest.
+    pub fn limits(&self, path: &Path, agents_dir: &Path) -> Result<Limits, String> {
+        let bad = |key: &str, why: String| format!("{}: key `{key}`: {why}", path.display());
+        let mut limits = Limits::default();
+        if let Some(timeout) = &self.timeout {
+            limits.timeout = humantime::parse_duration(timeout)
+                .map_err(|e| bad("timeout", format!("{e} (try \"30s\" or \"5m\")")))?;
+            if limits.timeout == Duration::ZERO {
+                return Err(bad("timeout", "must be longer than 0".into()));
+            }
+        }
+        if let Some(mb) = self.memory_mb {
+            if !(1..=4096).contains(&mb) {
+                return Err(bad("memory_mb", format!("{mb} is outside 1..=4096")));
+            }
+            limits.memory_bytes = (mb as usize) << 20;
+        }
+        limits.fuel = self.fuel;
+        if let Some(n) = self.concurrency {
+            if n == 0 {
+                return Err(bad("concurrency", "must be at least 1".into()));
+            }
+            limits.concurrency = n;
+        }
+        if let Some(kb) = self.log_kb {
+            limits.log_bytes = (kb as usize) << 10;
+        }
+        if let Some(dir) = &self.read_only_dir {
+            let full = agents_dir.join(dir);
+            if !full.is_dir() {
+                return Err(bad(
+                    "read_only_dir",
+                    format!("{} is not a directory", full.display()),
+                ));
+            }
+            limits.read_only_dir = Some(full);
+        }
+        Ok(limits)
+    }
+}
+
+/// Whether an agent is usable.
+#[derive(Clone, Debug)]
+pub enum AgentStatus {
+    Loaded(Arc<Agent>),
+    /// Why it is not loaded (names the file and the reason).
+    Broken(String),
+}
+
+/// One `*.wasm` file of the agents directory.
+#[derive(Clone, Debug)]
+pub struct AgentEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub status: AgentStatus,
+    fingerprint: Fingerprint,
+}
+
+/// What a rescan looks at to decide whether a file changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    wasm: (Option<SystemTime>, u64),
+    manifest: Option<(Option<SystemTime>, u64)>,
+}
+
+fn stat(path: &Path) -> Option<(Option<SystemTime>, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().ok(), m.len()))
+}
+
+/// What a rescan changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    pub loaded: Vec<String>,
+    pub broken: Vec<(String, String)>,
+    pub removed: Vec<String>,
+}
+
+impl ScanReport {
+    pub fn is_empty(&self) -> bool {
+        self.loaded.is_empty() && self.broken.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// The agents directory and what was loaded from it.
+pub struct AgentDir {
+    dir: PathBuf,
+    entries: BTreeMap<String, AgentEntry>,
+}
+
+impl AgentDir {
+    pub fn new(dir: impl Into<PathBuf>) -> AgentDir {
+        AgentDir {
+            dir: dir.into(),
+            entries: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every agent file seen, loaded or not, by name.
+    pub fn entries(&self) -> impl Iterator<Item = &AgentEntry> {
+        self.entries.values()
+    }
+
+    /// The loaded agent of that name, if it is usable.
+    pub fn loaded(&self, name: &str) -> Option<Arc<Agent>> {
+        match self.entries.get(name).map(|e| &e.status) {
+            Some(AgentStatus::Loaded(agent)) => Some(agent.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn loaded_names(&self) -> Vec<String> {
+        self.entries
+            .values()
+            .filter(|e| matches!(e.status, AgentStatus::Loaded(_)))
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Looks at the directory again and loads what is new or changed (by
+    /// modification time and size, then by content hash). A replaced agent's
+    /// runs already in flight keep the version they started with: they hold
+    /// their own `Arc<Agent>`.
+    pub async fn rescan(&mut self, runtime: &Runtime) -> ScanReport {
+        let mut report = ScanReport::default();
+        let found = self.list_wasm_files();
+        let gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|name| !found.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.entries.remove(&name);
+            tracing::info!(agent = %name, "agent removed");
+            report.removed.push(name);
+        }
+        for (name, path) in found {
+            let manifest_path = self.dir.join(format!("{name}.toml"));
+            let fingerprint = Fingerprint {
+                wasm: stat(&path).unwrap_or((None, 0)),
+                manifest: stat(&manifest_path),
+            };
+            if self
+                .entries
+                .get(&name)
+                .is_some_and(|e| e.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            let status = self
+                .load(
+                    runtime,
+                    &name,
+                    &path,
+                    &manifest_path,
+                    fingerprint.manifest.is_some(),
+                )
+                .await;
+            match &status {
+                AgentStatus::Loaded(_) => {
+                    tracing::info!(agent = %name, path = %path.display(), "agent loaded");
+                    report.loaded.push(name.clone());
+                }
+                AgentStatus::Broken(reason) => {
+                    tracing::warn!(agent = %name, "agent not loaded: {reason}");
+                    report.broken.push((name.clone(), reason.clone()));
+                }
+            }
+            self.entries.insert(
+                name.clone(),
+                AgentEntry {
+                    name,
+                    path,
+                    status,
+                    fingerprint,
+                },
+            );
+        }
+        report
+    }
+
+    fn list_wasm_files(&self) -> BTreeMap<String, PathBuf> {
+        let mut found = BTreeMap::new();
+        let Ok(read) = std::fs::read_dir(&self.dir) else {
+            return found;
+        };
+        for entry in read.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "wasm") && path.is_file() {
+                if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                    found.insert(stem.to_string(), path);
+                }
+            }
+        }
+        found
+    }
+
+    async fn load(
+        &self,
+        runtime: &Runtime,
+        name: &str,
+        path: &Path,
+        manifest_path: &Path,
+        has_manifest: bool,
+    ) -> AgentStatus {
+        if let Err(e) = crate::queue::validate_agent_name("file name", name) {
+            return AgentStatus::Broken(format!("{}: {e}", path.display()));
+        }
+        let limits = if has_manifest {
+            match Manifest::load(manifest_path).and_then(|m| m.limits(manifest_path, &self.dir)) {
+                Ok(limits) => limits,
+                Err(reason) => return AgentStatus::Broken(reason),
+            }
+        } else {
+            Limits::default()
+        };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => return AgentStatus::Broken(format!("{}: {e}", path.display())),
+        };
+        // Unchanged content (a touched file): keep the compiled agent.
+        if let Some(AgentStatus::Loaded(old)) = self.entries.get(name).map(|e| &e.status) {
+            let hash = super::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if old.hash == hash && old.limits == limits {
+                return AgentStatus::Loaded(old.clone());
+            }
+        }
+        match runtime.load_agent(name, path, &bytes, limits).await {
+            Ok(agent) => AgentStatus::Loaded(Arc::new(agent)),
+            Err(RuntimeError::Load { path, reason }) => {
+                AgentStatus::Broken(format!("{}: {reason}", path.display()))
+            }
+            Err(e) => AgentStatus::Broken(e.to_string()),
+        }
+    }
+}

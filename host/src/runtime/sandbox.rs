@@ -1,0 +1,395 @@
+//! What one run owns inside its `Store`: a deny-all WASI context, a bounded
+//! resource table, the memory limiter, the captured log, and the host side of
+//! the `colony:agent/host` imports.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::colony::agent::{host, types};
+
+/// Longest single `log` message or progress text kept; the rest is cut.
+const MAX_MESSAGE_BYTES: usize = 4096;
+/// Resource handles (streams, pollables) one run may hold at once.
+const MAX_RESOURCES: usize = 1024;
+
+/// Told about a run while it is in flight.
+pub trait RunHooks: Send + Sync {
+    /// The agent called `heartbeat(progress)`.
+    fn progress(&self, task_id: u64, progress: Option<String>);
+}
+
+/// Hooks that ignore everything (for runs nobody watches).
+pub struct NoHooks;
+impl RunHooks for NoHooks {
+    fn progress(&self, _: u64, _: Option<String>) {}
+}
+
+/// The store data of one run.
+pub struct RunState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryCap,
+    pub(super) log: TaskLog,
+    task_id: u64,
+    agent: Arc<str>,
+    hooks: Arc<dyn RunHooks>,
+}
+
+impl RunState {
+    pub fn new(
+        task_id: u64,
+        agent: Arc<str>,
+        memory_bytes: usize,
+        log: TaskLog,
+        hooks: Arc<dyn RunHooks>,
+        read_only_dir: Option<&std::path::Path>,
+    ) -> wasmtime::Result<RunState> {
+        // Deny-all: no args, no env, no preopens, closed stdin, and sockets
+        // refused outright (WASI's default would still allow creating them).
+        let mut builder = WasiCtx::builder();
+        builder
+            .stdout(log.stream(Stream::Stdout))
+            .stderr(log.stream(Stream::Stderr))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        if let Some(dir) = read_only_dir {
+            builder.preopened_dir(dir, "/data", wasmtime_wasi::FsPerms::ReadOnly)?;
+        }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        Ok(RunState {
+            wasi: builder.build(),
+            table,
+            limiter: MemoryCap::new(memory_bytes),
+            log,
+            task_id,
+            agent,
+            hooks,
+        })
+    }
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for RunState {}
+
+impl host::Host for RunState {
+    fn heartbeat(&mut self, progress: Option<String>) {
+        self.hooks.progress(
+            self.task_id,
+            progress.map(|p| truncate(p, MAX_MESSAGE_BYTES)),
+        );
+    }
+
+    fn log(&mut self, level: types::Level, message: String) {
+        let message = truncate(message, MAX_MESSAGE_BYTES);
+        let (task, agent) = (self.task_id, &*self.agent);
+        match level {
+            types::Level::Trace => tracing::trace!(task, agent, "{message}"),
+            types::Level::Debug => tracing::debug!(task, agent, "{message}"),
+            types::Level::Info => tracing::info!(task, agent, "{message}"),
+            types::Level::Warn => tracing::warn!(task, agent, "{message}"),
+            types::Level::Error => tracing::error!(task, agent, "{message}"),
+        }
+        let name = match level {
+            types::Level::Trace => "trace",
+            types::Level::Debug => "debug",
+            types::Level::Info => "info",
+            types::Level::Warn => "warn",
+            types::Level::Error => "error",
+        };
+        self.log.line(name, &message);
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+// ----- memory ---------------------------------------------------------------
+
+/// Caps linear memory and remembers a denial: a Rust guest whose
+/// `memory.grow` fails aborts with a plain `unreachable`, so the trap alone
+/// cannot tell an out-of-memory run from any other crash.
+pub struct MemoryCap {
+    cap: usize,
+    pub(super) denied: Option<usize>,
+}
+
+impl MemoryCap {
+    fn new(cap: usize) -> MemoryCap {
+        MemoryCap { cap, denied: None }
+    }
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.denied = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+    fn tables(&self) -> usize {
+        64
+    }
+    fn memories(&self) -> usize {
+        8
+    }
+}
+
+// ----- the captured log -------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A run's log: `log` calls, stdout and stderr, each kept up to a bound.
+/// Past the bound, bytes are counted and dropped, never refused: a guest must
+/// not trap because it printed too much (wasmtime-wasi's `MemoryOutputPipe`
+/// would trap).
+#[derive(Clone)]
+pub struct TaskLog(Arc<Mutex<LogBuffers>>);
+
+struct LogBuffers {
+    lines: Capped,
+    stdout: Capped,
+    stderr: Capped,
+}
+
+struct Capped {
+    kept: Vec<u8>,
+    cap: usize,
+    dropped: usize,
+}
+
+impl Capped {
+    fn new(cap: usize) -> Capped {
+        Capped {
+            kept: Vec::new(),
+            cap,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let room = self.cap.saturating_sub(self.kept.len());
+        let take = room.min(bytes.len());
+        self.kept.extend_from_slice(&bytes[..take]);
+        self.dropped += bytes.len() - take;
+    }
+
+    fn render(&self, title: &str, out: &mut String) {
+        if self.kept.is_empty() && self.dropped == 0 {
+            return;
+        }
+        if !title.is_empty() {
+            out.push_str(&format!("--- {title} ---\n"));
+        }
+        out.push_str(&String::from_utf8_lossy(&self.kept));
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        if self.dropped > 0 {
+            out.push_str(&format!(
+                "[log truncated: {} more bytes dropped after the first {} bytes]\n",
+                self.dropped, self.cap
+            ));
+        }
+    }
+}
+
+impl TaskLog {
+    /// A log keeping up to `cap` bytes of each of: log lines, stdout, stderr.
+    pub fn new(cap: usize) -> TaskLog {
+        TaskLog(Arc::new(Mutex::new(LogBuffers {
+            lines: Capped::new(cap),
+            stdout: Capped::new(cap),
+            stderr: Capped::new(cap),
+        })))
+    }
+
+    fn stream(&self, which: Stream) -> LogStream {
+        LogStream {
+            log: self.clone(),
+            which,
+        }
+    }
+
+    fn line(&self, level: &str, message: &str) {
+        let line = format!("[{level}] {message}\n");
+        self.0.lock().unwrap().lines.push(line.as_bytes());
+    }
+
+    fn write(&self, which: Stream, bytes: &[u8]) {
+        let mut buffers = self.0.lock().unwrap();
+        match which {
+            Stream::Stdout => buffers.stdout.push(bytes),
+            Stream::Stderr => buffers.stderr.push(bytes),
+        }
+    }
+
+    /// The last bytes written to stderr, for crash messages (a Rust panic
+    /// prints its message there just before the trap).
+    pub fn stderr_tail(&self, max: usize) -> String {
+        let buffers = self.0.lock().unwrap();
+        let kept = &buffers.stderr.kept;
+        String::from_utf8_lossy(&kept[kept.len().saturating_sub(max)..])
+            .trim()
+            .to_string()
+    }
+
+    /// The whole log as text: log lines, then stdout and stderr sections.
+    pub fn render(&self) -> String {
+        let buffers = self.0.lock().unwrap();
+        let mut out = String::new();
+        buffers.lines.render("", &mut out);
+        buffers.stdout.render("stdout", &mut out);
+        buffers.stderr.render("stderr", &mut out);
+        out
+    }
+}
+
+/// A guest's stdout or stderr, writing into the [`TaskLog`].
+struct LogStream {
+    log: TaskLog,
+    which: Stream,
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LogStream {
+            log: self.log.clone(),
+            which: self.which,
+        })
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LogStream {
+            log: self.log.clone(),
+            which: self.which,
+        })
+    }
+}
+
+/// Room reported to the guest per write; any amount is accepted.
+const WRITE_BUDGET: usize = 64 * 1024;
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for LogStream {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.log.write(self.which, &bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(WRITE_BUDGET)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogStream {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for LogStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.log.write(self.which, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keeps_up_to_its_cap_and_says_what_it_dropped() {
+        let log = TaskLog::new(12);
+        log.write(Stream::Stdout, b"0123456789ab");
+        log.write(Stream::Stdout, b"cd");
+        log.write(Stream::Stderr, b"err");
+        log.line("info", "hi");
+        let text = log.render();
+        assert!(text.starts_with("[info] hi\n"), "{text}");
+        assert!(
+            text.contains("--- stdout ---\n0123456789ab\n[log truncated: 2 more bytes"),
+            "{text}"
+        );
+        assert!(text.contains("--- stderr ---\nerr\n"), "{text}");
+        assert_eq!(log.stderr_tail(2), "rr");
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo".to_string(), 2), "h…");
+        assert_eq!(truncate("abc".to_string(), 5), "abc");
+    }
+}

@@ -1,0 +1,43 @@
+//! `loud`: floods stdout and stderr (4 MiB each) before succeeding, to check
+//! that the host bounds captured guest output instead of buffering it all.
+
+wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+
+use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
+use serde_json::json;
+
+const PER_STREAM: usize = 4 << 20;
+/// Bytes per line including the newline; divides `PER_STREAM` exactly.
+const LINE_LEN: usize = 1024;
+
+struct Loud;
+
+/// One `LINE_LEN`-byte line (newline included), e.g. `stdout 000042 ......`.
+fn line(stream: &str, i: usize) -> String {
+    let mut line = format!("{stream} {i:06} ");
+    line.extend(std::iter::repeat_n('.', LINE_LEN - 1 - line.len()));
+    line
+}
+
+impl Guest for Loud {
+    fn run(_task: Task) -> Result<Outcome, Failure> {
+        let mut printed = 0;
+        for i in 0..PER_STREAM / LINE_LEN {
+            let line = line("stdout", i);
+            println!("{line}");
+            printed += line.len() + 1;
+        }
+        for i in 0..PER_STREAM / LINE_LEN {
+            let line = line("stderr", i);
+            eprintln!("{line}");
+            printed += line.len() + 1;
+        }
+        Ok(Outcome {
+            output: json!({ "printed": printed }).to_string(),
+            spawn: Vec::new(),
+            needs_review: false,
+        })
+    }
+}
+
+export!(Loud);

@@ -1,0 +1,518 @@
+//! Real guest components, built from `tests/guests`, run through the real
+//! runtime and daemon against a real queue file. Assertions are on what the
+//! queue recorded: state, error kind, log, result.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use colony::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
+use colony::queue::Queue;
+use colony::runtime::{
+    AgentDir, AgentStatus, NoHooks, RunHooks, Runtime, RuntimeConfig, TaskInput,
+};
+use colony::task::{ErrorKind, NewTask, RunOutcome, State, Task};
+use colony_tests::{agents_dir_with, guest_path, write_agent};
+use serde_json::json;
+
+struct Harness {
+    agents: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new(fixtures: &[&str]) -> Harness {
+        Harness {
+            agents: agents_dir_with(fixtures),
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn db(&self) -> std::path::PathBuf {
+        self.data.path().join("colony.db")
+    }
+
+    fn queue(&self) -> Queue {
+        Queue::open(self.db()).unwrap()
+    }
+
+    fn submit(&self, task: NewTask) -> i64 {
+        self.queue().submit(&task).unwrap().id
+    }
+
+    fn runtime(&self) -> Runtime {
+        Runtime::new(RuntimeConfig {
+            cache_dir: Some(self.data.path().join("cache")),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    async fn agent_dir(&self, runtime: &Runtime) -> AgentDir {
+        let mut agents = AgentDir::new(self.agents.path());
+        agents.rescan(runtime).await;
+        agents
+    }
+
+    /// Runs a daemon on this queue until nothing runnable remains.
+    async fn run_until_idle(&self) -> DaemonSummary {
+        let runtime = self.runtime();
+        let agents = self.agent_dir(&runtime).await;
+        let cfg = DaemonConfig {
+            poll: Duration::from_millis(50),
+            heartbeat: Duration::from_millis(100),
+            until_idle: true,
+            ..DaemonConfig::default()
+        };
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let daemon = Daemon::new(self.queue(), Arc::new(runtime), agents, cfg);
+        tokio::time::timeout(Duration::from_secs(60), daemon.run(stop_rx))
+            .await
+            .expect("daemon went idle")
+            .unwrap()
+    }
+
+    fn task(&self, id: i64) -> Task {
+        self.queue().get(id).unwrap()
+    }
+
+    fn log(&self, id: i64) -> String {
+        self.queue()
+            .logs(id)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn new_task(agent: &str, payload: serde_json::Value) -> NewTask {
+    let mut task = NewTask::new(agent, payload.to_string());
+    task.backoff_ms = 1;
+    task
+}
+
+fn once(agent: &str) -> NewTask {
+    let mut task = new_task(agent, json!({}));
+    task.max_attempts = 1;
+    task
+}
+
+fn error_kind(task: &Task) -> ErrorKind {
+    task.error
+        .as_ref()
+        .unwrap_or_else(|| panic!("task {} has no error: {task:?}", task.id))
+        .kind
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_completes_with_its_payload_and_log() {
+    let h = Harness::new(&["echo"]);
+    let id = h.submit(new_task("echo", json!({"hello": "world"})));
+    let summary = h.run_until_idle().await;
+    assert_eq!(summary.completed, 1);
+    let task = h.task(id);
+    assert_eq!(task.state, State::Complete);
+    let result = task.result.unwrap();
+    assert_eq!(result["echo"], json!({"hello": "world"}));
+    assert_eq!(result["attempt"], 1);
+    assert!(
+        h.log(id).contains(&format!("[info] echo got task {id}")),
+        "{}",
+        h.log(id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_guest_times_out_within_its_deadline() {
+    let h = Harness::new(&["spin"]);
+    let mut task = once("spin");
+    task.timeout_ms = Some(1000);
+    let id = h.submit(task);
+    let started = Instant::now();
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, error_kind(&task)),
+        (State::Failed, ErrorKind::Timeout)
+    );
+    assert!(task.error.unwrap().message.contains("1s deadline"));
+    // Deadline + 1 s, plus daemon start-up (loading the component).
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_spinning_guest_does_not_block_other_runs_on_one_thread() {
+    let h = Harness::new(&["spin", "echo"]);
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    let (spin, echo) = (
+        agents.loaded("spin").unwrap(),
+        agents.loaded("echo").unwrap(),
+    );
+    let input = |agent: &str| TaskInput {
+        id: 1,
+        agent: agent.into(),
+        payload: "{}".into(),
+        attempt: 1,
+        max_attempts: 1,
+        parent_result: None,
+        feedback: None,
+    };
+    let spinning = runtime.run(
+        &spin,
+        input("spin"),
+        Some(Duration::from_secs(2)),
+        Arc::new(NoHooks),
+    );
+    let echoing = async {
+        let report = runtime
+            .run(&echo, input("echo"), None, Arc::new(NoHooks))
+            .await;
+        (report, Instant::now())
+    };
+    let started = Instant::now();
+    let (spun, (echoed, echo_done)) = tokio::join!(spinning, echoing);
+    assert!(
+        matches!(echoed.outcome, RunOutcome::Success { .. }),
+        "{:?}",
+        echoed.outcome
+    );
+    assert!(
+        echo_done - started < Duration::from_secs(1),
+        "echo waited for the spinner: {:?}",
+        echo_done - started
+    );
+    match spun.outcome {
+        RunOutcome::Failure(e) => assert_eq!(e.kind, ErrorKind::Timeout),
+        other => panic!("spin should time out, got {other:?}"),
+    }
+    assert!(spun.elapsed < Duration::from_secs(3), "{:?}", spun.elapsed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_is_out_of_memory_and_others_keep_working() {
+    let h = Harness::new(&["membomb", "echo"]);
+    std::fs::write(h.agents.path().join("membomb.toml"), "memory_mb = 32\n").unwrap();
+    let bomb = h.submit(once("membomb"));
+    let echo = h.submit(new_task("echo", json!(1)));
+    h.run_until_idle().await;
+    let task = h.task(bomb);
+    assert_eq!(
+        (task.state, error_kind(&task)),
+        (State::Failed, ErrorKind::OutOfMemory)
+    );
+    assert!(
+        task.error
+            .unwrap()
+            .message
+            .contains("over its cap of 33554432 bytes")
+    );
+    assert_eq!(h.task(echo).state, State::Complete);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_recursion_is_a_stack_overflow() {
+    let h = Harness::new(&["recurse"]);
+    let id = h.submit(once("recurse"));
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, error_kind(&task)),
+        (State::Failed, ErrorKind::StackOverflow),
+        "{:?}",
+        task.error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_a_crash_with_the_panic_message() {
+    let h = Harness::new(&["panic"]);
+    let id = h.submit(once("panic"));
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, error_kind(&task)),
+        (State::Failed, ErrorKind::Crash)
+    );
+    let message = task.error.unwrap().message;
+    assert!(
+        message.contains("the guest panicked") && message.contains("fixture panic: boom"),
+        "{message}"
+    );
+    assert!(h.log(id).contains("fixture panic: boom"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabytes_of_output_are_truncated_and_the_task_completes() {
+    let h = Harness::new(&["loud"]);
+    let id = h.submit(once("loud"));
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(task.state, State::Complete, "{:?}", task.error);
+    let log = h.log(id);
+    assert!(log.contains("--- stdout ---") && log.contains("--- stderr ---"));
+    assert!(log.contains("[log truncated:"), "the log says it was cut");
+    assert!(
+        log.len() < 3 * 64 * 1024 + 1024,
+        "log kept {} bytes",
+        log.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failures_back_off_then_succeed() {
+    let h = Harness::new(&["flaky"]);
+    let id = h.submit(new_task("flaky", json!({})));
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!((task.state, task.attempts), (State::Complete, 3));
+    assert_eq!(task.result.unwrap()["succeeded_on_attempt"], 3);
+    let events = h.queue().events(Some(id), 0, 100).unwrap();
+    let retries: Vec<_> = events.iter().filter(|e| e.event == "retry_later").collect();
+    assert_eq!(retries.len(), 2);
+    assert!(
+        retries
+            .iter()
+            .all(|e| e.detail["kind"] == "retryable" && e.detail["retry_in_ms"].is_number())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_fails_at_once() {
+    let h = Harness::new(&["permanent"]);
+    let id = h.submit(new_task("permanent", json!({})));
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, task.attempts, error_kind(&task)),
+        (State::Failed, 1, ErrorKind::Permanent)
+    );
+    assert!(task.error.unwrap().message.contains("can never work"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_environment_and_network_are_denied() {
+    let h = Harness::new(&["escape"]);
+    let id = h.submit(once("escape"));
+    h.run_until_idle().await;
+    let result = h.task(id).result.expect("escape reports what it tried");
+    for probe in ["file", "env", "socket"] {
+        let said = result[probe].as_str().unwrap();
+        assert!(said.starts_with("denied"), "{probe} was not denied: {said}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawned_children_run_after_their_parent() {
+    let h = Harness::new(&["spawner", "echo"]);
+    let payload = json!({"children": [
+        {"agent": "echo", "payload": {"n": 1}},
+        {"agent": "echo", "payload": {"n": 2}, "priority": 5},
+    ]});
+    let id = h.submit(new_task("spawner", payload));
+    h.run_until_idle().await;
+    assert_eq!(h.task(id).result, Some(json!({"spawned": 2})));
+    let children = h.queue().children(id).unwrap();
+    assert_eq!(children.len(), 2);
+    for child in &children {
+        assert_eq!(child.state, State::Complete);
+        assert_eq!(
+            child.result.as_ref().unwrap()["parent_result"],
+            json!({"spawned": 2})
+        );
+    }
+    assert_eq!(children[1].priority, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_output_fails_permanently_and_applies_nothing() {
+    let h = Harness::new(&["garbage", "badspawn"]);
+    let garbage = h.submit(new_task("garbage", json!({})));
+    let badspawn = h.submit(new_task("badspawn", json!({})));
+    h.run_until_idle().await;
+    for id in [garbage, badspawn] {
+        let task = h.task(id);
+        assert_eq!(
+            (task.state, task.attempts, error_kind(&task)),
+            (State::Failed, 1, ErrorKind::InvalidOutput)
+        );
+        assert!(task.result.is_none());
+        assert!(h.queue().children(id).unwrap().is_empty());
+    }
+    assert!(
+        h.task(badspawn)
+            .error
+            .unwrap()
+            .message
+            .contains("spawn[0].payload")
+    );
+}
+
+struct Recorder(Mutex<Vec<Option<String>>>);
+impl RunHooks for Recorder {
+    fn progress(&self, _task: u64, progress: Option<String>) {
+        self.0.lock().unwrap().push(progress);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_report_progress_and_logs_keep_every_level() {
+    let h = Harness::new(&["heartbeat"]);
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+    let input = TaskInput {
+        id: 7,
+        agent: "heartbeat".into(),
+        payload: "{}".into(),
+        attempt: 1,
+        max_attempts: 3,
+        parent_result: None,
+        feedback: None,
+    };
+    let report = runtime
+        .run(
+            &agents.loaded("heartbeat").unwrap(),
+            input,
+            None,
+            recorder.clone(),
+        )
+        .await;
+    assert!(matches!(report.outcome, RunOutcome::Success { .. }));
+    let progress = recorder.0.lock().unwrap().clone();
+    assert_eq!(
+        progress,
+        vec![
+            Some("step 1/3".into()),
+            Some("step 2/3".into()),
+            Some("step 3/3".into())
+        ]
+    );
+    for level in ["trace", "debug", "info", "warn", "error"] {
+        assert!(
+            report.log.contains(&format!("[{level}] {level} line")),
+            "{}",
+            report.log
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_components_are_reported_and_skipped() {
+    let h = Harness::new(&["echo"]);
+    write_agent(h.agents.path(), "garbage_bytes", b"this is not wasm at all");
+    write_agent(h.agents.path(), "core_module", b"\0asm\x01\0\0\0");
+    std::fs::copy(
+        guest_path("other_world"),
+        h.agents.path().join("other_world.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        guest_path("echo"),
+        h.agents.path().join("bad_manifest.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        h.agents.path().join("bad_manifest.toml"),
+        "timeout = \"5s\"\nmemroy_mb = 3\n",
+    )
+    .unwrap();
+
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    let reason = |name: &str| match &agents.entries().find(|e| e.name == name).unwrap().status {
+        AgentStatus::Broken(reason) => reason.clone(),
+        AgentStatus::Loaded(_) => panic!("{name} should not load"),
+    };
+    assert!(
+        reason("garbage_bytes").contains("garbage_bytes.wasm: it is not a WebAssembly file"),
+        "{}",
+        reason("garbage_bytes")
+    );
+    assert!(
+        reason("core_module").contains("it is a core wasm module, not a component"),
+        "{}",
+        reason("core_module")
+    );
+    assert!(
+        reason("other_world").contains("colony:agent/handler"),
+        "{}",
+        reason("other_world")
+    );
+    let manifest = reason("bad_manifest");
+    assert!(
+        manifest.contains("bad_manifest.toml") && manifest.contains("memroy_mb"),
+        "{manifest}"
+    );
+    assert_eq!(agents.loaded_names(), vec!["echo"]);
+
+    // Tasks for broken agents wait, untouched; echo still runs.
+    let waiting = h.submit(new_task("other_world", json!({})));
+    let echo = h.submit(new_task("echo", json!({})));
+    let summary = h.run_until_idle().await;
+    assert_eq!(h.task(echo).state, State::Complete);
+    let task = h.task(waiting);
+    assert_eq!((task.state, task.attempts), (State::Ready, 0));
+    assert_eq!(
+        summary.left_for_missing_agents,
+        vec![("other_world".to_string(), 1)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_appear_change_and_disappear_without_a_restart() {
+    let h = Harness::new(&[]);
+    let runtime = h.runtime();
+    let mut agents = AgentDir::new(h.agents.path());
+    assert!(agents.rescan(&runtime).await.is_empty());
+
+    std::fs::copy(guest_path("permanent"), h.agents.path().join("worker.wasm")).unwrap();
+    let report = agents.rescan(&runtime).await;
+    assert_eq!(report.loaded, vec!["worker"]);
+    let old = agents.loaded("worker").unwrap();
+
+    // Same content, touched: nothing to reload.
+    let file = std::fs::File::options()
+        .write(true)
+        .open(h.agents.path().join("worker.wasm"))
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    assert!(agents.rescan(&runtime).await.is_empty());
+    assert!(Arc::ptr_eq(&agents.loaded("worker").unwrap(), &old));
+
+    // Replaced by another component: the new version is loaded; the old Arc
+    // (held by a run in flight) still works.
+    std::fs::copy(guest_path("echo"), h.agents.path().join("worker.wasm")).unwrap();
+    let report = agents.rescan(&runtime).await;
+    assert_eq!(report.loaded, vec!["worker"]);
+    assert_ne!(agents.loaded("worker").unwrap().hash, old.hash);
+
+    std::fs::remove_file(h.agents.path().join("worker.wasm")).unwrap();
+    assert_eq!(agents.rescan(&runtime).await.removed, vec!["worker"]);
+    assert!(agents.loaded("worker").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_components_are_cached_by_content_hash() {
+    let h = Harness::new(&["echo"]);
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    let hash = agents.loaded("echo").unwrap().hash.clone();
+    let cached: Vec<_> = std::fs::read_dir(h.data.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(cached.len(), 1);
+    assert!(cached[0].to_string_lossy().starts_with(&hash));
+
+    // A second runtime loads from the cache and the agent works.
+    let id = h.submit(new_task("echo", json!({"again": true})));
+    h.run_until_idle().await;
+    assert_eq!(h.task(id).state, State::Complete);
+}

@@ -203,7 +203,12 @@ impl AgentDir {
                     fingerprint.manifest.is_some(),
                 )
                 .await;
+            let unchanged = match (self.loaded(&name), &status) {
+                (Some(old), AgentStatus::Loaded(new)) => Arc::ptr_eq(&old, new),
+                _ => false,
+            };
             match &status {
+                _ if unchanged => {}
                 AgentStatus::Loaded(_) => {
                     tracing::info!(agent = %name, path = %path.display(), "agent loaded");
                     report.loaded.push(name.clone());

@@ -405,8 +405,23 @@ fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
     } else {
         value
     };
-    serde_json::from_value(list)
-        .map_err(|e| bad(format!("--next: {e} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})")))
+    serde_path_to_error::deserialize::<_, Vec<NextSpec>>(list).map_err(|e| {
+        bad(format!(
+            "--next: field {}: {} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})",
+            e.path(),
+            e.inner()
+        ))
+    })
+}
+
+/// Parses JSON into `T`, naming the offending field in the error
+/// (`priority: invalid type ...` rather than just `invalid type ...`).
+fn parse_naming_field<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        path => format!("field {path}: {}", e.inner()),
+    })
 }
 
 /// One line of `submit --batch`.
@@ -455,7 +470,7 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
             continue;
         }
         let at = |e: String| bad(format!("line {}: {e}", i + 1));
-        let parsed: BatchLine = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
+        let parsed: BatchLine = parse_naming_field(&line).map_err(at)?;
         let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
         let mut task = NewTask::new(parsed.agent, payload.to_string());
         task.priority = parsed.priority;

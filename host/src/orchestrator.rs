@@ -34,6 +34,8 @@ pub struct DaemonConfig {
     pub stale_after: Duration,
     /// How long a shutdown waits for runs to finish before releasing them (30 s).
     pub grace: Duration,
+    /// Most tasks taken in one claim transaction (64).
+    pub claim_batch: usize,
     /// Exit once nothing runnable remains for the loaded agents.
     pub until_idle: bool,
     /// How often the database is checked for commits by other processes, so
@@ -49,6 +51,7 @@ impl Default for DaemonConfig {
             heartbeat: Duration::from_secs(10),
             stale_after: Duration::from_secs(60),
             grace: Duration::from_secs(30),
+            claim_batch: 64,
             until_idle: false,
             watch_interval: Duration::from_millis(200),
         }
@@ -336,7 +339,8 @@ impl Daemon {
             let running = self.inflight.values().filter(|f| f.agent == name).count();
             let slots = (agent.limits.concurrency as usize)
                 .saturating_sub(running)
-                .min(free);
+                .min(free)
+                .min(self.cfg.claim_batch.max(1));
             if slots == 0 {
                 continue;
             }

@@ -2,6 +2,7 @@
 //! command opens the queue (and, where it needs agents, the runtime) and
 //! calls their public API.
 
+mod bench;
 mod output;
 
 use std::io::{BufRead, Read};
@@ -117,6 +118,9 @@ pub enum Command {
     Agents,
     /// Run the orchestrator: claim tasks and run them in their agents.
     Daemon(DaemonArgs),
+    /// Measure throughput and latency end to end with a real no-op component
+    /// per task, on a fresh database; prints one JSON object per round.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,6 +301,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::print_agents(&agents, cli.json)
         }
         Command::Daemon(args) => daemon(&cli, args).await,
+        Command::Bench(args) => bench::bench(args).await,
     }
 }
 

@@ -808,6 +808,45 @@ impl Queue {
         Ok(out)
     }
 
+    /// Milliseconds from each claim to the end of that run (the next event
+    /// of the task), for tasks with id >= `first_id`. For benchmarks.
+    pub fn claim_to_finish_ms(&self, first_id: i64) -> Result<Vec<i64>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT (SELECT MIN(e2.at) FROM events e2 WHERE e2.task_id = e.task_id AND e2.id > e.id) - e.at
+             FROM events e WHERE e.event = 'claim' AND e.task_id >= ?1",
+        )?;
+        let rows = stmt.query_map([first_id], |r| r.get::<_, Option<i64>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.extend(row?);
+        }
+        Ok(out)
+    }
+
+    /// Inserts `n` already-completed tasks (with their audit events), to
+    /// measure that claiming stays fast as history grows. For benchmarks.
+    pub fn seed_completed_history(&mut self, n: usize) -> Result<()> {
+        let now = now_ms();
+        let tx = self.write()?;
+        {
+            let mut task = tx.prepare(
+                "INSERT INTO tasks (agent, payload, state, attempts, max_attempts, max_revisions, run_at,
+                                    backoff_ms, result, created_at, updated_at, finished_at)
+                 VALUES ('noop', '{}', 'complete', 1, 3, 3, ?1, 10000, '{}', ?1, ?1, ?1)",
+            )?;
+            let mut event = tx.prepare(
+                "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+                 VALUES (?1, ?2, 'complete', 'in_progress', 'complete', 'history', '{}')",
+            )?;
+            for _ in 0..n {
+                task.execute([now])?;
+                event.execute(params![now, tx.last_insert_rowid()])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The stored logs of a task's runs, oldest first.
     pub fn logs(&self, task_id: i64) -> Result<Vec<RunLog>> {
         let mut stmt = self.conn.prepare_cached(

@@ -1,0 +1,76 @@
+//! The wit-bindgen glue shared by the four store agents. Each crate includes
+//! it, for wasm32 only, as
+//!
+//! ```ignore
+//! #[cfg(target_arch = "wasm32")]
+//! #[path = "../../shared/glue.rs"]
+//! mod glue;
+//! ```
+//!
+//! and provides `crate::run(&kit::Task, &mut dyn kit::Host) -> Result<kit::Done, kit::Failure>`.
+//! This file only converts between the generated WIT types and the plain
+//! types of `kit.rs`; all the agent's behaviour lives in its crate's logic.
+
+// The path is relative to the including crate's manifest (agents/<name>/).
+wit_bindgen::generate!({ path: "../../wit", world: "agent" });
+
+use crate::kit;
+use colony::agent::host;
+use colony::agent::types::{Failure, Level, Outcome, Task, TaskSpec};
+use exports::colony::agent::handler::Guest;
+
+/// The host's imports, seen through the `kit::Host` trait.
+struct WitHost;
+
+impl kit::Host for WitHost {
+    fn heartbeat(&mut self, progress: &str) {
+        host::heartbeat(Some(progress));
+    }
+
+    fn log(&mut self, level: kit::Level, message: &str) {
+        let level = match level {
+            kit::Level::Trace => Level::Trace,
+            kit::Level::Debug => Level::Debug,
+            kit::Level::Info => Level::Info,
+            kit::Level::Warn => Level::Warn,
+            kit::Level::Error => Level::Error,
+        };
+        host::log(level, message);
+    }
+}
+
+struct Component;
+
+impl Guest for Component {
+    fn run(task: Task) -> Result<Outcome, Failure> {
+        let task = kit::Task {
+            id: task.id,
+            agent: task.agent,
+            payload: task.payload,
+            attempt: task.attempt,
+            max_attempts: task.max_attempts,
+            parent_result: task.parent_result,
+            feedback: task.feedback,
+        };
+        match crate::run(&task, &mut WitHost) {
+            Ok(done) => Ok(Outcome {
+                output: done.output,
+                spawn: done
+                    .spawn
+                    .into_iter()
+                    .map(|s| TaskSpec {
+                        agent: s.agent,
+                        payload: s.payload,
+                        priority: s.priority,
+                        review: s.review,
+                    })
+                    .collect(),
+                needs_review: done.needs_review,
+            }),
+            Err(kit::Failure::Retryable(message)) => Err(Failure::Retryable(message)),
+            Err(kit::Failure::Permanent(message)) => Err(Failure::Permanent(message)),
+        }
+    }
+}
+
+export!(Component);

@@ -1,0 +1,375 @@
+//! Plain-Rust mirror of the `colony:agent` contract plus payload helpers,
+//! shared by the four store agents (each crate includes this file with
+//! `#[path = "../../shared/kit.rs"] pub mod kit;`).
+//!
+//! The agents' logic is written against these types and the [`Host`] trait,
+//! never against the generated bindings, so it builds and is unit-tested
+//! natively; `glue.rs` converts between these types and the WIT ones inside
+//! the component.
+#![allow(dead_code)] // not every agent uses every helper
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// One claimed task (mirrors `types.task`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub id: u64,
+    pub agent: String,
+    pub payload: String,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub parent_result: Option<String>,
+    pub feedback: Option<String>,
+}
+
+impl Task {
+    /// A first attempt of `agent` with `payload` (used by tests and examples).
+    pub fn new(agent: &str, payload: &str) -> Self {
+        Task {
+            id: 1,
+            agent: agent.to_string(),
+            payload: payload.to_string(),
+            attempt: 1,
+            max_attempts: 3,
+            parent_result: None,
+            feedback: None,
+        }
+    }
+}
+
+/// A child task to create on completion (mirrors `types.task-spec`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawn {
+    pub agent: String,
+    pub payload: String,
+    pub priority: i32,
+    pub review: bool,
+}
+
+/// A successful run (mirrors `types.outcome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    /// The result as a JSON document.
+    pub output: String,
+    pub spawn: Vec<Spawn>,
+    pub needs_review: bool,
+}
+
+impl Done {
+    /// An outcome whose output is `value` encoded as JSON.
+    pub fn json(value: &impl Serialize) -> Result<Done, Failure> {
+        let output = serde_json::to_string(value)
+            .map_err(|e| Failure::Permanent(format!("could not encode the output as JSON: {e}")))?;
+        Ok(Done {
+            output,
+            spawn: Vec::new(),
+            needs_review: false,
+        })
+    }
+}
+
+/// Why a run did not succeed (mirrors `types.failure`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Retryable(String),
+    Permanent(String),
+}
+
+impl Failure {
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Retryable(m) | Failure::Permanent(m) => m,
+        }
+    }
+}
+
+/// Severity of a log line (mirrors `types.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// What the host offers during a run (mirrors interface `host`).
+pub trait Host {
+    fn heartbeat(&mut self, progress: &str);
+    fn log(&mut self, level: Level, message: &str);
+
+    fn info(&mut self, message: &str) {
+        self.log(Level::Info, message);
+    }
+    fn warn(&mut self, message: &str) {
+        self.log(Level::Warn, message);
+    }
+}
+
+/// Parses `text` (the payload or the parent's result, named by `source` in
+/// error messages) as JSON.
+pub fn parse_json(source: &'static str, text: &str) -> Result<Value, Failure> {
+    serde_json::from_str(text)
+        .map_err(|e| Failure::Permanent(format!("{source} is not valid JSON: {e}")))
+}
+
+/// Typed, error-reporting access to the fields of a JSON object. Every error
+/// is a permanent failure that names the field by its full path, e.g.
+/// `payload field "sections[2].title" must be a non-empty string (got 7)`.
+#[derive(Clone)]
+pub struct Fields<'a> {
+    source: &'static str,
+    prefix: String,
+    obj: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    /// The top-level object of a document.
+    pub fn root(source: &'static str, doc: &'a Value) -> Result<Fields<'a>, Failure> {
+        match doc {
+            Value::Object(obj) => Ok(Fields {
+                source,
+                prefix: String::new(),
+                obj,
+            }),
+            other => Err(Failure::Permanent(format!(
+                "{source} must be a JSON object (got {})",
+                describe(other)
+            ))),
+        }
+    }
+
+    /// The full path of `key` within the document.
+    pub fn path(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// A permanent failure about field `key`: `<source> field "<path>" <what>`.
+    pub fn error(&self, key: &str, what: impl std::fmt::Display) -> Failure {
+        Failure::Permanent(format!(
+            "{} field \"{}\" {what}",
+            self.source,
+            self.path(key)
+        ))
+    }
+
+    fn wrong(&self, key: &str, expected: &str, got: &Value) -> Failure {
+        self.error(key, format!("must be {expected} (got {})", describe(got)))
+    }
+
+    /// Whether `key` is present and not null.
+    pub fn has(&self, key: &str) -> bool {
+        self.obj.get(key).is_some_and(|v| !v.is_null())
+    }
+
+    /// The value of a required field.
+    pub fn required(&self, key: &str, expected: &str) -> Result<&'a Value, Failure> {
+        self.obj
+            .get(key)
+            .ok_or_else(|| self.error(key, format!("is missing; it must be {expected}")))
+    }
+
+    /// A required string (may be empty).
+    pub fn string(&self, key: &str) -> Result<&'a str, Failure> {
+        const EXPECTED: &str = "a string";
+        let v = self.required(key, EXPECTED)?;
+        v.as_str().ok_or_else(|| self.wrong(key, EXPECTED, v))
+    }
+
+    /// A required string with visible content, trimmed.
+    pub fn text(&self, key: &str) -> Result<&'a str, Failure> {
+        const EXPECTED: &str = "a non-empty string";
+        let v = self.required(key, EXPECTED)?;
+        match v.as_str().map(str::trim) {
+            Some(s) if !s.is_empty() => Ok(s),
+            _ => Err(self.wrong(key, EXPECTED, v)),
+        }
+    }
+
+    /// An optional string: missing or null gives `None`.
+    pub fn opt_string(&self, key: &str) -> Result<Option<&'a str>, Failure> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(self.wrong(key, "a string", other)),
+        }
+    }
+
+    /// A required integer of at least `min`; `expected` describes the rule
+    /// ("a non-negative integer", "an integer >= 0", ...).
+    pub fn int_at_least(&self, key: &str, min: i64, expected: &str) -> Result<i64, Failure> {
+        let v = self.required(key, expected)?;
+        match v.as_i64() {
+            Some(n) if n >= min => Ok(n),
+            _ => Err(self.wrong(key, expected, v)),
+        }
+    }
+
+    /// A required integer of any sign.
+    pub fn int(&self, key: &str, expected: &str) -> Result<i64, Failure> {
+        self.int_at_least(key, i64::MIN, expected)
+    }
+
+    /// A required finite number.
+    pub fn number(&self, key: &str, expected: &str) -> Result<f64, Failure> {
+        let v = self.required(key, expected)?;
+        v.as_f64()
+            .filter(|n| n.is_finite())
+            .ok_or_else(|| self.wrong(key, expected, v))
+    }
+
+    /// A required list of non-empty strings (trimmed); `non_empty` also
+    /// rejects an empty list.
+    pub fn text_list(&self, key: &str, non_empty: bool) -> Result<Vec<&'a str>, Failure> {
+        let expected = if non_empty {
+            "a non-empty list of non-empty strings"
+        } else {
+            "a list of non-empty strings"
+        };
+        let v = self.required(key, expected)?;
+        let items = v.as_array().ok_or_else(|| self.wrong(key, expected, v))?;
+        if non_empty && items.is_empty() {
+            return Err(self.wrong(key, expected, v));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item.as_str().map(str::trim) {
+                Some(s) if !s.is_empty() => Ok(s),
+                _ => Err(self.wrong(&format!("{key}[{i}]"), "a non-empty string", item)),
+            })
+            .collect()
+    }
+
+    /// A required list.
+    pub fn list(&self, key: &str, expected: &str) -> Result<&'a [Value], Failure> {
+        let v = self.required(key, expected)?;
+        v.as_array()
+            .map(Vec::as_slice)
+            .ok_or_else(|| self.wrong(key, expected, v))
+    }
+
+    /// A required nested object.
+    pub fn object(&self, key: &str) -> Result<Fields<'a>, Failure> {
+        const EXPECTED: &str = "an object";
+        let v = self.required(key, EXPECTED)?;
+        let obj = v.as_object().ok_or_else(|| self.wrong(key, EXPECTED, v))?;
+        Ok(Fields {
+            source: self.source,
+            prefix: format!("{}.", self.path(key)),
+            obj,
+        })
+    }
+
+    /// Fields of `item`, the element at `path` (e.g. `sections[2]`) of a list.
+    pub fn element(&self, path: &str, item: &'a Value) -> Result<Fields<'a>, Failure> {
+        let obj = item
+            .as_object()
+            .ok_or_else(|| self.wrong(path, "an object", item))?;
+        Ok(Fields {
+            source: self.source,
+            prefix: format!("{}.", self.path(path)),
+            obj,
+        })
+    }
+}
+
+/// A short rendering of a JSON value for error messages.
+pub fn describe(v: &Value) -> String {
+    match v {
+        Value::Array(a) if a.is_empty() => "an empty list".into(),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+        Value::String(s) if s.trim().is_empty() => "an empty string".into(),
+        other => {
+            let text = other.to_string();
+            if text.chars().count() > 40 {
+                format!("{}…", text.chars().take(39).collect::<String>())
+            } else {
+                text
+            }
+        }
+    }
+}
+
+/// 64-bit FNV-1a: a tiny, stable hash so that derived choices (colours,
+/// fonts, wording) are the same on every platform and every run.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Joins items as English prose: "a", "a and b", "a, b and c".
+pub fn join_and(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// Cuts `text` to at most `max` characters (Unicode scalar values), ending
+/// with "…" when something was cut. Never splits a character.
+pub fn truncate_chars(text: &str, max: usize) -> (String, bool) {
+    if text.chars().count() <= max {
+        return (text.to_string(), false);
+    }
+    let keep = max.saturating_sub(1);
+    let mut out: String = text.chars().take(keep).collect();
+    let trimmed = out.trim_end().len();
+    out.truncate(trimmed);
+    if max > 0 {
+        out.push('…');
+    }
+    (out, true)
+}
+
+/// A [`Host`] that records what an agent reported, for tests.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub heartbeats: Vec<String>,
+    pub logs: Vec<(Level, String)>,
+}
+
+#[cfg(test)]
+impl Recorder {
+    pub fn count(&self, level: Level) -> usize {
+        self.logs.iter().filter(|(l, _)| *l == level).count()
+    }
+    pub fn logged(&self, level: Level, needle: &str) -> bool {
+        self.logs
+            .iter()
+            .any(|(l, m)| *l == level && m.contains(needle))
+    }
+}
+
+#[cfg(test)]
+impl Host for Recorder {
+    fn heartbeat(&mut self, progress: &str) {
+        self.heartbeats.push(progress.to_string());
+    }
+    fn log(&mut self, level: Level, message: &str) {
+        self.logs.push((level, message.to_string()));
+    }
+}
+
+/// Logs a failure as a warning before handing it back to the host.
+pub fn report(host: &mut dyn Host, failure: Failure) -> Failure {
+    match &failure {
+        Failure::Permanent(m) => host.warn(&format!("giving up: {m}")),
+        Failure::Retryable(m) => host.warn(&format!("will retry: {m}")),
+    }
+    failure
+}
+
+/// `text` with its first character upper-cased.
+pub fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}

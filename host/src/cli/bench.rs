@@ -1,0 +1,204 @@
+//! `colony bench`: an end-to-end throughput run on a fresh database with a
+//! real no-op component per task. Prints one JSON object per round. A
+//! benchmark, not a test: it reports figures and asserts nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+
+use crate::orchestrator::{Daemon, DaemonConfig};
+use crate::queue::{Queue, QueueOptions, Sync};
+use crate::runtime::{AgentDir, NoHooks, Runtime, RuntimeConfig, TaskInput};
+use crate::task::NewTask;
+
+/// The no-op guest (tests/guests/noop), built and embedded by build.rs.
+pub const NOOP_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_NOOP"));
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Tasks to enqueue and drain.
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// Runs in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: u32,
+    /// Most tasks claimed per claim transaction.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
+    #[arg(long, default_value = "normal")]
+    pub sync: SyncArg,
+    /// Also run a second round with this many completed tasks already in the
+    /// table, to show claiming does not slow down as history grows.
+    #[arg(long, default_value_t = 0)]
+    pub history: usize,
+    /// Where to put the database (default: a fresh temp directory, removed after).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SyncArg {
+    Normal,
+    Full,
+}
+
+pub async fn bench(args: &BenchArgs) -> Result<()> {
+    let temp = tempfile::tempdir()?;
+    let root = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let agents = root.join("agents");
+    std::fs::create_dir_all(&agents).with_context(|| format!("creating {}", agents.display()))?;
+    std::fs::write(agents.join("noop.wasm"), NOOP_COMPONENT)?;
+    std::fs::write(
+        agents.join("noop.toml"),
+        format!("concurrency = {}\n", args.concurrency),
+    )?;
+
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
+        cache_dir: Some(root.join(".colony-cache")),
+        max_concurrent_runs: args.concurrency,
+        pooling: true,
+    })?);
+    let overhead = host_overhead(&runtime, &agents).await?;
+
+    let mut rounds = vec![0];
+    if args.history > 0 {
+        rounds.push(args.history);
+    }
+    for history in rounds {
+        let db = root.join(format!("bench-{history}.db"));
+        let report = round(args, &runtime, &agents, &db, history, &overhead).await?;
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+/// Per-task host overhead: instantiate + call the no-op agent + tear down,
+/// measured one run at a time.
+async fn host_overhead(runtime: &Runtime, agents: &Path) -> Result<Vec<Duration>> {
+    let mut dir = AgentDir::new(agents);
+    dir.rescan(runtime).await;
+    let agent = dir
+        .loaded("noop")
+        .context("the no-op component did not load")?;
+    let mut samples = Vec::with_capacity(2000);
+    for i in 0..2200u64 {
+        let input = TaskInput {
+            id: i,
+            agent: "noop".into(),
+            payload: "{}".into(),
+            attempt: 1,
+            max_attempts: 3,
+            parent_result: None,
+            feedback: None,
+        };
+        let report = runtime.run(&agent, input, None, Arc::new(NoHooks)).await;
+        if i >= 200 {
+            samples.push(report.elapsed); // the first runs warm caches and the pool
+        }
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[i])
+}
+
+async fn round(
+    args: &BenchArgs,
+    runtime: &Arc<Runtime>,
+    agents: &Path,
+    db: &Path,
+    history: usize,
+    overhead: &[Duration],
+) -> Result<serde_json::Value> {
+    let sync = match args.sync {
+        SyncArg::Normal => Sync::Normal,
+        SyncArg::Full => Sync::Full,
+    };
+    let opts = QueueOptions {
+        sync,
+        actor: super::identity("bench"),
+        ..Default::default()
+    };
+    let mut queue = Queue::open_with(db, opts.clone())?;
+    if history > 0 {
+        queue.seed_completed_history(history)?;
+    }
+
+    let tasks: Vec<NewTask> = (0..args.tasks)
+        .map(|i| NewTask::new("noop", format!(r#"{{"i":{i}}}"#)))
+        .collect();
+    let started = Instant::now();
+    queue.submit_batch(&tasks)?;
+    let enqueue = started.elapsed();
+    let first_id = queue.list(&crate::queue::ListFilter {
+        limit: Some(1),
+        ..Default::default()
+    })?[0]
+        .id
+        - args.tasks as i64
+        + 1;
+
+    let mut dir = AgentDir::new(agents);
+    dir.rescan(runtime).await;
+    let cfg = DaemonConfig {
+        concurrency: args.concurrency,
+        claim_batch: args.batch,
+        until_idle: true,
+        poll: Duration::from_secs(60),
+        ..DaemonConfig::default()
+    };
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = Daemon::new(Queue::open_with(db, opts)?, runtime.clone(), dir, cfg);
+    let started = Instant::now();
+    let summary = daemon.run(stop_rx).await?;
+    let drain = started.elapsed();
+
+    let mut latencies = queue.claim_to_finish_ms(first_id)?;
+    latencies.sort();
+    let db_bytes: u64 = ["", "-wal"]
+        .iter()
+        .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", db.display())).ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(json!({
+        "tasks": args.tasks,
+        "completed": summary.completed,
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "sync": format!("{:?}", args.sync).to_lowercase(),
+        "history_rows": history,
+        "enqueue_seconds": enqueue.as_secs_f64(),
+        "enqueue_per_second": (args.tasks as f64 / enqueue.as_secs_f64()).round(),
+        "drain_seconds": drain.as_secs_f64(),
+        "tasks_per_second": (args.tasks as f64 / drain.as_secs_f64()).round(),
+        "claim_to_complete_ms_p50": percentile(&latencies, 0.50),
+        "claim_to_complete_ms_p99": percentile(&latencies, 0.99),
+        "host_overhead_us_p50": percentile(overhead, 0.50).map(|d| d.as_secs_f64() * 1e6),
+        "host_overhead_us_p99": percentile(overhead, 0.99).map(|d| d.as_secs_f64() * 1e6),
+        "pooling_allocator": runtime.is_pooling(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "db_bytes_per_task": db_bytes as f64 / (args.tasks + history) as f64,
+    }))
+}
+
+/// The process's peak resident set size (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -474,3 +474,131 @@ fn sigterm_releases_runs_without_burning_attempts() {
     let events = env.queue().events(Some(id), 0, 100).unwrap();
     assert_eq!(events.last().unwrap().event, "release");
 }
+
+/// A small HTML structure check: a doctype, and every non-void element closed
+/// in order. Enough to catch broken or unescaped markup in generated pages.
+fn assert_well_formed_html(html: &str) {
+    assert!(
+        html.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("<!doctype html>"),
+        "no doctype"
+    );
+    const VOID: [&str; 8] = ["meta", "link", "br", "img", "hr", "input", "source", "wbr"];
+    let mut stack: Vec<String> = Vec::new();
+    let mut rest = html;
+    while let Some(start) = rest.find('<') {
+        rest = &rest[start + 1..];
+        let end = rest.find('>').expect("an unterminated tag");
+        let tag = &rest[..end];
+        rest = &rest[end + 1..];
+        if tag.starts_with('!') {
+            continue;
+        }
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let name = name.to_ascii_lowercase();
+        if tag.starts_with('/') {
+            assert_eq!(
+                stack.pop().as_deref(),
+                Some(name.as_str()),
+                "mismatched </{name}>"
+            );
+        } else if !VOID.contains(&name.as_str()) && !tag.ends_with('/') {
+            stack.push(name.clone());
+            if name == "style" || name == "script" {
+                let close = format!("</{name}>");
+                let at = rest.find(&close).expect("raw text element closed");
+                rest = &rest[at..];
+            }
+        }
+    }
+    assert!(stack.is_empty(), "unclosed elements: {stack:?}");
+}
+
+#[test]
+fn the_demo_runs_the_store_pipeline_and_writes_pages() {
+    let env = Env::new(&[]);
+    let agents = concat!(env!("CARGO_MANIFEST_DIR"), "/../agents");
+    let out_dir = env.data.path().join("demo");
+    let out = env
+        .cmd()
+        .args([
+            "--agents",
+            agents,
+            "demo",
+            "--dir",
+            out_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Every task ended as expected"), "{stdout}");
+    assert!(
+        stdout.contains("3 attempts (retried with backoff)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 revision(s) after review"), "{stdout}");
+    let page = std::fs::read_to_string(out_dir.join("pages/lumen-desk-lamp-co.html")).unwrap();
+    assert_well_formed_html(&page);
+    assert!(
+        page.contains("Lumen &lt;Desk&gt; Lamp &amp; Co"),
+        "the product name is escaped"
+    );
+    assert!(!page.contains("<Desk>"));
+    for name in ["acme-travel-mug", "trail-socks"] {
+        assert_well_formed_html(
+            &std::fs::read_to_string(out_dir.join(format!("pages/{name}.html"))).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn torture_small_kills_daemons_and_loses_nothing() {
+    let env = Env::new(&[]);
+    let dir = env.data.path().join("torture");
+    let out = env
+        .cmd()
+        .args([
+            "torture",
+            "--daemons",
+            "3",
+            "--tasks",
+            "800",
+            "--kill-every",
+            "300ms",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "torture failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(verdict["ok"], true);
+    assert!(
+        verdict["checks"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| v == true),
+        "{verdict}"
+    );
+    assert!(
+        verdict["kills"].as_u64().unwrap() >= 1,
+        "at least one daemon was killed: {verdict}"
+    );
+    assert_eq!(verdict["tasks"], 800);
+}

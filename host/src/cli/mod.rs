@@ -3,7 +3,9 @@
 //! calls their public API.
 
 mod bench;
+mod demo;
 mod output;
+mod torture;
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -121,6 +123,13 @@ pub enum Command {
     /// Measure throughput and latency end to end with a real no-op component
     /// per task, on a fresh database; prints one JSON object per round.
     Bench(bench::BenchArgs),
+    /// Run an online store's launch pipeline on the four built-in agents and
+    /// show the queue at work (chains, review, retries); writes product pages.
+    Demo(demo::DemoArgs),
+    /// Several daemons on one database, one SIGKILLed and restarted every
+    /// ~500 ms; then checks from the audit trail that nothing was lost or run
+    /// twice. Prints a JSON verdict; exits 1 when a check fails.
+    Torture(torture::TortureArgs),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,6 +311,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Daemon(args) => daemon(&cli, args).await,
         Command::Bench(args) => bench::bench(args).await,
+        Command::Torture(args) => {
+            if torture::torture(args).await? {
+                Ok(())
+            } else {
+                bail!("the torture run failed a check (see the verdict above)")
+            }
+        }
+        Command::Demo(args) => {
+            if demo::demo(args, &cli.agents).await? {
+                Ok(())
+            } else {
+                bail!("the demo did not end as expected (see above)")
+            }
+        }
     }
 }
 

@@ -100,11 +100,17 @@ impl host::Host for RunState {
         let message = truncate(message, MAX_MESSAGE_BYTES);
         let (task, agent) = (self.task_id, &*self.agent);
         match level {
-            types::Level::Trace => tracing::trace!(task, agent, "{message}"),
-            types::Level::Debug => tracing::debug!(task, agent, "{message}"),
-            types::Level::Info => tracing::info!(task, agent, "{message}"),
-            types::Level::Warn => tracing::warn!(task, agent, "{message}"),
-            types::Level::Error => tracing::error!(task, agent, "{message}"),
+            types::Level::Trace => {
+                tracing::trace!(target: "colony::agent", task, agent, "{message}")
+            }
+            types::Level::Debug => {
+                tracing::debug!(target: "colony::agent", task, agent, "{message}")
+            }
+            types::Level::Info => tracing::info!(target: "colony::agent", task, agent, "{message}"),
+            types::Level::Warn => tracing::warn!(target: "colony::agent", task, agent, "{message}"),
+            types::Level::Error => {
+                tracing::error!(target: "colony::agent", task, agent, "{message}")
+            }
         }
         let name = match level {
             types::Level::Trace => "trace",

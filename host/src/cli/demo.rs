@@ -1,0 +1,361 @@
+//! `colony demo`: an AI-operated store's launch pipeline, end to end, on the
+//! four built-in agents. Each product launches as `design` (which spawns
+//! `code`), then `marketing` (held for review) and `ops` after `design`. One
+//! product has a flaky supplier, so `ops` retries with backoff. The demo
+//! rejects one piece of copy with a note, lets the agent revise it, approves
+//! everything, saves the generated pages and prints what happened.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::orchestrator::{Daemon, DaemonConfig};
+use crate::queue::{ListFilter, Queue};
+use crate::runtime::AgentDir;
+use crate::task::{NewTask, State, Task};
+
+const AGENTS: [&str; 4] = ["design", "code", "marketing", "ops"];
+const REJECTION_NOTE: &str = "Make it shorter and speak to the audience directly.";
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Where to put the demo's database and generated pages (recreated each run).
+    #[arg(long, default_value = "colony-demo")]
+    pub dir: PathBuf,
+}
+
+fn briefs() -> Vec<Value> {
+    vec![
+        json!({
+            "name": "Acme Travel Mug",
+            "audience": "busy commuters",
+            "features": ["Keeps coffee hot for 6 hours", "Leak-proof lid", "Fits car cup holders"],
+            "price_cents": 2900, "currency": "USD", "cost_cents": 900, "stock": 120
+        }),
+        json!({
+            "name": "Lumen <Desk> Lamp & Co",
+            "audience": "people who work late",
+            "features": ["Warm light after sunset", "USB-C charging port"],
+            "price_cents": 5900, "currency": "EUR", "cost_cents": 2100, "stock": 8,
+            "supplier": "flaky"
+        }),
+        json!({
+            "name": "Trail Socks",
+            "audience": "weekend hikers",
+            "features": ["Merino wool", "Blister-free heel"],
+            "price_cents": 1800, "currency": "GBP", "cost_cents": 600, "stock": 300
+        }),
+    ]
+}
+
+/// The tasks of one product launch.
+struct Launch {
+    name: String,
+    design: i64,
+    marketing: i64,
+    ops: i64,
+    flaky: bool,
+}
+
+pub async fn demo(args: &DemoArgs, agents_dir: &Path) -> Result<bool> {
+    let missing: Vec<&str> = AGENTS
+        .iter()
+        .copied()
+        .filter(|a| !agents_dir.join(format!("{a}.wasm")).is_file())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the demo needs the built-in agents {missing:?} in {}; build them with `cargo build` (host/build.rs compiles agents/ into agents/*.wasm)",
+            agents_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    let db = args.dir.join("colony.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let actor = super::identity("demo");
+    let mut queue = super::open_queue(&db, &actor)?;
+    let (runtime, agents) = super::load_agents(&db, agents_dir, 16).await?;
+    for agent in AGENTS {
+        if agents.loaded(agent).is_none() {
+            bail!(
+                "agent {agent} did not load; see `colony --agents {} agents`",
+                agents_dir.display()
+            );
+        }
+    }
+
+    println!(
+        "Launching {} products through design → code, marketing (reviewed) and ops…",
+        briefs().len()
+    );
+    let launches: Vec<Launch> = briefs()
+        .iter()
+        .map(|brief| submit_launch(&mut queue, brief))
+        .collect::<Result<_>>()?;
+
+    let until_idle = || run_until_idle(&db, &actor, &runtime, agents_dir);
+    until_idle().await?;
+
+    // Review round: reject the first product's copy once, approve the rest.
+    let first = &launches[0];
+    println!("\nReviewing marketing copy:");
+    println!(
+        "  task {} ({}): rejected — \"{REJECTION_NOTE}\"",
+        first.marketing, first.name
+    );
+    queue.reject(first.marketing, REJECTION_NOTE)?;
+    for launch in &launches[1..] {
+        queue.approve(launch.marketing, Some("approved by the demo"))?;
+        println!("  task {} ({}): approved", launch.marketing, launch.name);
+    }
+    until_idle().await?;
+    let revised = queue.get(first.marketing)?;
+    if let Some(tagline) = revised.result.as_ref().and_then(|r| r["tagline"].as_str()) {
+        println!(
+            "  task {} ({}): revised tagline \"{tagline}\" — approved",
+            first.marketing, first.name
+        );
+    }
+    if revised.state == State::Review {
+        queue.approve(first.marketing, Some("the revision addresses the note"))?;
+    }
+    until_idle().await?;
+
+    let tasks = queue.list(&ListFilter::default())?;
+    let pages = save_pages(&queue, &launches, &args.dir.join("pages"))?;
+    print_table(&queue, &tasks)?;
+    print_tree(&queue, &launches)?;
+    println!("\nGenerated product pages (open them in a browser):");
+    for (name, path) in &pages {
+        println!("  {name}: {}", path.display());
+    }
+    let problems = check_expectations(&queue, &launches, &tasks, pages.len())?;
+    if problems.is_empty() {
+        println!("\nEvery task ended as expected. Database: {}", db.display());
+        Ok(true)
+    } else {
+        println!("\nSome tasks did not end as expected:");
+        for p in &problems {
+            println!("  - {p}");
+        }
+        Ok(false)
+    }
+}
+
+fn submit_launch(queue: &mut Queue, brief: &Value) -> Result<Launch> {
+    let payload = brief.to_string();
+    let design = queue.submit(&NewTask::new("design", payload.clone()))?.id;
+    let mut marketing = NewTask::new("marketing", payload.clone());
+    marketing.depends_on = vec![design];
+    marketing.review = true;
+    let marketing = queue.submit(&marketing)?.id;
+    let mut ops = NewTask::new("ops", payload);
+    ops.depends_on = vec![design];
+    // Short backoff so the flaky supplier's retries fit in a demo.
+    ops.backoff_ms = 300;
+    let ops = queue.submit(&ops)?.id;
+    Ok(Launch {
+        name: brief["name"].as_str().unwrap_or("?").to_string(),
+        design,
+        marketing,
+        ops,
+        flaky: brief["supplier"] == "flaky",
+    })
+}
+
+async fn run_until_idle(
+    db: &Path,
+    actor: &str,
+    runtime: &Arc<crate::runtime::Runtime>,
+    agents_dir: &Path,
+) -> Result<()> {
+    let queue = super::open_queue(db, actor)?;
+    let mut agents = AgentDir::new(agents_dir);
+    agents.rescan(runtime).await;
+    let cfg = DaemonConfig {
+        poll: Duration::from_millis(100),
+        heartbeat: Duration::from_millis(500),
+        until_idle: true,
+        ..DaemonConfig::default()
+    };
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    Daemon::new(queue, runtime.clone(), agents, cfg)
+        .run(stop_rx)
+        .await?;
+    Ok(())
+}
+
+/// Writes each `code` task's HTML to `<dir>/<slug>.html`.
+fn save_pages(queue: &Queue, launches: &[Launch], dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    std::fs::create_dir_all(dir)?;
+    let mut pages = Vec::new();
+    for launch in launches {
+        let Some(code) = queue
+            .children(launch.design)?
+            .into_iter()
+            .find(|c| c.agent == "code")
+        else {
+            continue;
+        };
+        let Some(html) = code.result.as_ref().and_then(|r| r["html"].as_str()) else {
+            continue;
+        };
+        let slug: String = launch
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect::<String>()
+            .split('-')
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("-");
+        let path = dir.join(format!("{slug}.html"));
+        std::fs::write(&path, html).with_context(|| format!("writing {}", path.display()))?;
+        pages.push((
+            launch.name.clone(),
+            std::fs::canonicalize(&path).unwrap_or(path),
+        ));
+    }
+    Ok(pages)
+}
+
+/// From the first claim to the end, from the audit trail.
+fn duration(queue: &Queue, task: &Task) -> Result<String> {
+    let events = queue.events(Some(task.id), 0, 1000)?;
+    let start = events.iter().find(|e| e.event == "claim").map(|e| e.at);
+    Ok(match (start, task.finished_at) {
+        (Some(start), Some(end)) => format!("{} ms", end - start),
+        _ => "-".into(),
+    })
+}
+
+fn print_table(queue: &Queue, tasks: &[Task]) -> Result<()> {
+    println!(
+        "\n{:>4}  {:<10} {:<10} {:>8} {:>9}  error (last)",
+        "id", "agent", "state", "attempts", "duration"
+    );
+    for task in tasks.iter().rev() {
+        let error = task
+            .error
+            .as_ref()
+            .map(|e| format!("{}: {}", e.kind, e.message))
+            .unwrap_or_default();
+        println!(
+            "{:>4}  {:<10} {:<10} {:>8} {:>9}  {}",
+            task.id,
+            task.agent,
+            task.state.as_str(),
+            format!("{}/{}", task.attempts, task.max_attempts),
+            duration(queue, task)?,
+            error
+        );
+    }
+    Ok(())
+}
+
+fn print_tree(queue: &Queue, launches: &[Launch]) -> Result<()> {
+    println!("\nChains:");
+    for launch in launches {
+        let mut out = String::new();
+        let design = queue.get(launch.design)?;
+        writeln!(
+            out,
+            "  {} — design #{} [{}]",
+            launch.name, design.id, design.state
+        )?;
+        for child in queue.children(launch.design)? {
+            writeln!(
+                out,
+                "    ├─ spawned {} #{} [{}]",
+                child.agent, child.id, child.state
+            )?;
+        }
+        for (i, id) in [launch.marketing, launch.ops].iter().enumerate() {
+            let task = queue.get(*id)?;
+            let branch = if i == 0 { "├─" } else { "└─" };
+            let note = match task.agent.as_str() {
+                "marketing" if task.revisions > 0 => {
+                    format!(", {} revision(s) after review", task.revisions)
+                }
+                "ops" if task.attempts > 1 => {
+                    format!(", {} attempts (retried with backoff)", task.attempts)
+                }
+                _ => String::new(),
+            };
+            writeln!(
+                out,
+                "    {branch} after design: {} #{} [{}{note}]",
+                task.agent, task.id, task.state
+            )?;
+        }
+        print!("{out}");
+    }
+    Ok(())
+}
+
+fn check_expectations(
+    queue: &Queue,
+    launches: &[Launch],
+    tasks: &[Task],
+    pages: usize,
+) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for task in tasks {
+        if task.state != State::Complete {
+            problems.push(format!(
+                "task {} ({}) is {}, expected complete",
+                task.id, task.agent, task.state
+            ));
+        }
+    }
+    let by_id: HashMap<i64, &Task> = tasks.iter().map(|t| (t.id, t)).collect();
+    for launch in launches {
+        if launch.flaky && by_id.get(&launch.ops).is_some_and(|t| t.attempts != 3) {
+            problems.push(format!(
+                "ops for {} should have needed 3 attempts",
+                launch.name
+            ));
+        }
+        if queue
+            .children(launch.design)?
+            .iter()
+            .all(|c| c.agent != "code")
+        {
+            problems.push(format!("design for {} spawned no code task", launch.name));
+        }
+    }
+    let first = queue.get(launches[0].marketing)?;
+    if first.revisions != 1
+        || first
+            .result
+            .as_ref()
+            .is_none_or(|r| r["addressed_feedback"] != REJECTION_NOTE)
+    {
+        problems.push(format!(
+            "marketing task {} should have been revised once using the note",
+            first.id
+        ));
+    }
+    if pages != launches.len() {
+        problems.push(format!(
+            "expected {} product pages, wrote {pages}",
+            launches.len()
+        ));
+    }
+    Ok(problems)
+}

@@ -1,0 +1,267 @@
+//! `colony torture`: several daemon processes on one database, one of them
+//! SIGKILLed and restarted (or, every third time, frozen with SIGSTOP past its
+//! lease and then resumed) every ~500 ms for the whole run, then a verdict
+//! from the database and the audit trail: nothing lost, nothing completed
+//! twice, no overlapping leases, attempts matching claims, every reset lease
+//! naming its expired holder. Exits non-zero when any check fails.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::queue::{AuditEvent, ListFilter, Queue};
+use crate::task::{NewTask, State};
+
+/// The sleeping guest (tests/guests/sleeper), built and embedded by build.rs.
+const SLEEPER_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_SLEEPER"));
+
+#[derive(Args, Debug)]
+pub struct TortureArgs {
+    /// Daemon processes sharing the database.
+    #[arg(long, default_value_t = 4)]
+    pub daemons: usize,
+    /// Tasks to run; each sleeps a random 0–20 ms.
+    #[arg(long, default_value_t = 5000)]
+    pub tasks: usize,
+    /// Kill (SIGKILL) and restart a random daemon about this often.
+    #[arg(long, default_value = "500ms", value_parser = super::parse_duration)]
+    pub kill_every: Duration,
+    /// Give up (and fail) if the tasks are not all finished by then.
+    #[arg(long, default_value = "10m", value_parser = super::parse_duration)]
+    pub deadline: Duration,
+    /// Where to keep the database and daemon logs (default: a temp directory).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+pub async fn torture(args: &TortureArgs) -> Result<bool> {
+    let temp = tempfile::tempdir()?;
+    let root = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let agents = root.join("agents");
+    std::fs::create_dir_all(&agents)?;
+    std::fs::write(agents.join("sleeper.wasm"), SLEEPER_COMPONENT)?;
+    let db = root.join("torture.db");
+    let _ = std::fs::remove_file(&db);
+
+    let mut queue = super::open_queue(&db, &super::identity("torture"))?;
+    let tasks: Vec<NewTask> = (0..args.tasks)
+        .map(|_| {
+            let mut task =
+                NewTask::new("sleeper", format!(r#"{{"ms":{}}}"#, fastrand::u32(0..=20)));
+            // Kills cost attempts; give enough that every task can finish.
+            task.max_attempts = 20;
+            task.backoff_ms = 50;
+            task
+        })
+        .collect();
+    queue.submit_batch(&tasks)?;
+
+    let exe = std::env::current_exe().context("finding the colony binary")?;
+    let spawn = |i: usize, generation: usize| -> Result<Child> {
+        let log = std::fs::File::create(root.join(format!("daemon-{i}-{generation}.log")))?;
+        Ok(Command::new(&exe)
+            .args([
+                "--db",
+                db.to_str().unwrap(),
+                "--agents",
+                agents.to_str().unwrap(),
+                "daemon",
+            ])
+            .args([
+                "--heartbeat",
+                "200ms",
+                "--stale-after",
+                "1s",
+                "--poll",
+                "100ms",
+                "--concurrency",
+                "8",
+            ])
+            .env("COLONY_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?)
+    };
+    let mut daemons: Vec<Child> = (0..args.daemons)
+        .map(|i| spawn(i, 0))
+        .collect::<Result<_>>()?;
+    let started = Instant::now();
+    let (mut kills, mut pauses) = (0usize, 0usize);
+    let mut next_kill = Instant::now() + jittered(args.kill_every);
+    // A paused daemon (SIGSTOP) wakes after its leases were reset and tries
+    // to report its runs late: that is what the fencing must refuse.
+    let mut paused: Option<(usize, Instant)> = None;
+    let finished = loop {
+        if unfinished(&queue)? == 0 {
+            break true;
+        }
+        if started.elapsed() > args.deadline {
+            break false;
+        }
+        if let Some((i, resume_at)) = paused
+            && Instant::now() >= resume_at
+        {
+            send_signal(&daemons[i], "-CONT");
+            paused = None;
+        }
+        if Instant::now() >= next_kill && !daemons.is_empty() {
+            let i = fastrand::usize(..daemons.len());
+            if paused.is_none() && (kills + pauses) % 3 == 2 {
+                send_signal(&daemons[i], "-STOP");
+                paused = Some((i, Instant::now() + Duration::from_millis(1500)));
+                pauses += 1;
+            } else if paused.is_none_or(|(p, _)| p != i) {
+                daemons[i].kill()?; // SIGKILL
+                daemons[i].wait()?;
+                kills += 1;
+                daemons[i] = spawn(i, kills)?;
+            }
+            next_kill = Instant::now() + jittered(args.kill_every);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if let Some((i, _)) = paused {
+        send_signal(&daemons[i], "-CONT");
+    }
+    let elapsed = started.elapsed();
+    for daemon in &mut daemons {
+        let _ = Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status();
+    }
+    for daemon in &mut daemons {
+        let _ = daemon.wait();
+    }
+
+    let mut verdict = verify(&queue, args.tasks)?;
+    let ok = finished && verdict["ok"] == true;
+    verdict["ok"] = json!(ok);
+    verdict["finished_before_deadline"] = json!(finished);
+    verdict["daemons"] = json!(args.daemons);
+    verdict["kills"] = json!(kills);
+    verdict["pauses"] = json!(pauses);
+    verdict["seconds"] = json!(elapsed.as_secs_f64());
+    verdict["dir"] = json!(root);
+    println!("{}", serde_json::to_string_pretty(&verdict)?);
+    if args.dir.is_none() && !ok {
+        // Keep the evidence of a failed run.
+        let kept = temp.keep();
+        eprintln!(
+            "the database and daemon logs are kept in {}",
+            kept.display()
+        );
+    }
+    Ok(ok)
+}
+
+fn send_signal(child: &Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+}
+
+fn jittered(every: Duration) -> Duration {
+    every.mul_f64(0.5 + fastrand::f64())
+}
+
+fn unfinished(queue: &Queue) -> Result<u64> {
+    Ok(queue
+        .counts()?
+        .iter()
+        .filter(|c| !c.1.is_terminal())
+        .map(|c| c.2)
+        .sum())
+}
+
+/// The checks, from the database and the audit trail alone.
+fn verify(queue: &Queue, expected: usize) -> Result<Value> {
+    let tasks = queue.list(&ListFilter::default())?;
+    let events = queue.events(None, 0, u32::MAX)?;
+    let mut by_task: HashMap<i64, Vec<&AuditEvent>> = HashMap::new();
+    for e in &events {
+        by_task.entry(e.task_id).or_default().push(e);
+    }
+
+    let not_complete: Vec<i64> = tasks
+        .iter()
+        .filter(|t| t.state != State::Complete)
+        .map(|t| t.id)
+        .collect();
+    let mut completed_twice = Vec::new();
+    let mut overlapping_leases = Vec::new();
+    let mut attempts_mismatch = Vec::new();
+    let mut over_max_attempts = Vec::new();
+    let mut unnamed_resets = Vec::new();
+    let mut resets = 0;
+    for task in &tasks {
+        let trail = by_task.get(&task.id).map(Vec::as_slice).unwrap_or(&[]);
+        if trail.iter().filter(|e| e.event == "complete").count() > 1 {
+            completed_twice.push(task.id);
+        }
+        // Each claim's lease must end (by an event out of in_progress)
+        // before the next claim: no two live leases at once.
+        let mut holder: Option<&str> = None;
+        let (mut claims, mut releases) = (0u32, 0u32);
+        for e in trail {
+            if e.event == "claim" {
+                if holder.is_some() {
+                    overlapping_leases.push(task.id);
+                }
+                holder = Some(e.actor.as_str());
+                claims += 1;
+            } else if e.from == Some(State::InProgress) {
+                if e.event == "lease_expired" {
+                    resets += 1;
+                    if e.detail["holder"].as_str() != holder {
+                        unnamed_resets.push(e.id);
+                    }
+                }
+                if e.event == "release" {
+                    releases += 1;
+                }
+                holder = None;
+            }
+        }
+        if task.attempts != claims - releases {
+            attempts_mismatch.push(task.id);
+        }
+        if task.attempts > task.max_attempts {
+            over_max_attempts.push(task.id);
+        }
+    }
+    let checks = json!({
+        "all_tasks_present": tasks.len() == expected,
+        "every_task_complete": not_complete.is_empty(),
+        "none_completed_twice": completed_twice.is_empty(),
+        "no_overlapping_leases": overlapping_leases.is_empty(),
+        "attempts_equal_claims": attempts_mismatch.is_empty(),
+        "attempts_within_max": over_max_attempts.is_empty(),
+        "every_reset_names_its_holder": unnamed_resets.is_empty(),
+    });
+    let ok = checks.as_object().unwrap().values().all(|v| v == true);
+    let sample = |ids: &[i64]| ids.iter().take(10).copied().collect::<Vec<_>>();
+    Ok(json!({
+        "ok": ok,
+        "tasks": tasks.len(),
+        "checks": checks,
+        "claims": events.iter().filter(|e| e.event == "claim").count(),
+        "lease_resets": resets,
+        "failures": {
+            "not_complete": sample(&not_complete),
+            "completed_twice": sample(&completed_twice),
+            "overlapping_leases": sample(&overlapping_leases),
+            "attempts_mismatch": sample(&attempts_mismatch),
+            "over_max_attempts": sample(&over_max_attempts),
+            "unnamed_resets": sample(&unnamed_resets),
+        },
+    }))
+}

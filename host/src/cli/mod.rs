@@ -143,7 +143,7 @@ pub struct SubmitArgs {
     /// The agent to run the task (the file stem of agents/<name>.wasm).
     #[arg(required_unless_present = "batch")]
     pub agent: Option<String>,
-    /// The task's input as JSON (default `{}`).
+    /// The task's input as JSON (default `{}`), or @FILE to read it from a file.
     #[arg(conflicts_with = "payload_file")]
     pub payload: Option<String>,
     /// Read the payload JSON from this file.
@@ -390,7 +390,12 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
         .clone()
         .ok_or_else(|| bad("name the agent to run the task"))?;
     let payload = match (&args.payload, &args.payload_file) {
-        (Some(p), _) => p.clone(),
+        (Some(p), _) => match p.strip_prefix('@') {
+            Some(file) => {
+                std::fs::read_to_string(file).map_err(|e| bad(format!("payload @{file}: {e}")))?
+            }
+            None => p.clone(),
+        },
         (None, Some(file)) => std::fs::read_to_string(file)
             .map_err(|e| bad(format!("--payload-file {}: {e}", file.display())))?,
         (None, None) => "{}".to_string(),

@@ -48,3 +48,13 @@ pub fn write_agent(dir: &Path, name: &str, bytes: &[u8]) {
     let path = dir.join(format!("{name}.wasm"));
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
+
+/// A compile cache shared by every test in one test binary: each component is
+/// compiled once instead of once per test (compiling dominates on 2 cores).
+/// Concurrent writers are safe: the runtime writes cache files atomically.
+pub fn shared_compile_cache() -> &'static Path {
+    static CACHE: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
+    CACHE
+        .get_or_init(|| tempfile::tempdir().expect("creating the shared compile cache"))
+        .path()
+}

@@ -40,6 +40,12 @@ fn main() {
                 )
             });
         install(component, &agents_dir.join(format!("{name}.wasm")));
+        // `colony bench` measures loading these from the compile cache.
+        println!(
+            "cargo:rustc-env=COLONY_AGENT_{}={}",
+            name.to_uppercase(),
+            component.display()
+        );
     }
 
     // `colony bench` and `colony torture` carry their fixture guests inside

@@ -775,3 +775,56 @@ fn reopening_keeps_everything_and_refuses_newer_schemas() {
         "{err}"
     );
 }
+
+#[test]
+fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = open(&dir);
+    let ids: Vec<i64> = (0..20)
+        .map(|i| submit(&mut q, "a", json!({"i": i})))
+        .collect();
+    let claimed = q.claim("a", 20).unwrap();
+    assert_eq!(claimed.len(), 20);
+
+    // Cap the file at its current size: the next growth fails like a full disk.
+    let conn = rusqlite::Connection::open(dir.path().join("colony.db")).unwrap();
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    q.set_max_page_count(pages).unwrap();
+    let big = json!({"blob": "x".repeat(64 * 1024)});
+    let runs: Vec<_> = claimed
+        .iter()
+        .map(|c| colony::queue::FinishedRun {
+            lease: c.lease,
+            outcome: ok(big.clone()),
+            log: "y".repeat(64 * 1024),
+        })
+        .collect();
+    let err = q.finish_batch(&runs).unwrap_err();
+    assert!(err.to_string().contains("full"), "{err}");
+    assert!(!err.is_bad_input());
+    // The failed transaction left everything as it was.
+    for id in &ids {
+        let task = q.get(*id).unwrap();
+        assert_eq!(
+            (task.state, task.result.is_none()),
+            (State::InProgress, true)
+        );
+    }
+    assert!(
+        q.submit(&NewTask::new("a", big.to_string())).is_err(),
+        "submits fail too, storing nothing"
+    );
+    assert_eq!(q.list(&ListFilter::default()).unwrap().len(), 20);
+
+    // Space comes back: the same write (as the daemon retries it) succeeds.
+    q.set_max_page_count(1 << 30).unwrap();
+    let applied = q.finish_batch(&runs).unwrap();
+    assert!(
+        applied
+            .iter()
+            .all(|a| *a == Applied::Moved(State::Complete))
+    );
+    assert_eq!(q.get(ids[0]).unwrap().result, Some(big));
+}

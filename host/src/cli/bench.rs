@@ -18,6 +18,14 @@ use crate::task::NewTask;
 /// The no-op guest (tests/guests/noop), built and embedded by build.rs.
 pub const NOOP_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_NOOP"));
 
+/// The four store agents, to measure loading components from the cache.
+const STORE_AGENTS: [(&str, &[u8]); 4] = [
+    ("design", include_bytes!(env!("COLONY_AGENT_DESIGN"))),
+    ("code", include_bytes!(env!("COLONY_AGENT_CODE"))),
+    ("marketing", include_bytes!(env!("COLONY_AGENT_MARKETING"))),
+    ("ops", include_bytes!(env!("COLONY_AGENT_OPS"))),
+];
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Tasks to enqueue and drain.
@@ -67,6 +75,7 @@ pub async fn bench(args: &BenchArgs) -> Result<()> {
         pooling: true,
     })?);
     let overhead = host_overhead(&runtime, &agents).await?;
+    let (cold_load, cached_load) = load_times(&root).await?;
 
     let mut rounds = vec![0];
     if args.history > 0 {
@@ -74,10 +83,41 @@ pub async fn bench(args: &BenchArgs) -> Result<()> {
     }
     for history in rounds {
         let db = root.join(format!("bench-{history}.db"));
-        let report = round(args, &runtime, &agents, &db, history, &overhead).await?;
+        let mut report = round(args, &runtime, &agents, &db, history, &overhead).await?;
+        report["load_4_agents_cold_ms"] = json!(cold_load.as_secs_f64() * 1e3);
+        report["load_4_agents_cached_ms"] = json!(cached_load.as_secs_f64() * 1e3);
         println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
+}
+
+/// Time to load the four store agents: compiling them (cold), then with a
+/// fresh runtime from the compile cache, as a restarted daemon does.
+async fn load_times(root: &Path) -> Result<(Duration, Duration)> {
+    let dir = root.join("store-agents");
+    std::fs::create_dir_all(&dir)?;
+    for (name, bytes) in STORE_AGENTS {
+        std::fs::write(dir.join(format!("{name}.wasm")), bytes)?;
+    }
+    let cache = root.join(".colony-cache-load");
+    let mut times = Vec::new();
+    for _ in 0..2 {
+        let config = RuntimeConfig {
+            cache_dir: Some(cache.clone()),
+            max_concurrent_runs: 8,
+            pooling: true,
+        };
+        let started = Instant::now();
+        let runtime = Runtime::new(config)?;
+        let mut agents = AgentDir::new(&dir);
+        let report = agents.rescan(&runtime).await;
+        times.push(started.elapsed());
+        anyhow::ensure!(
+            report.loaded.len() == 4,
+            "the store agents did not all load: {report:?}"
+        );
+    }
+    Ok((times[0], times[1]))
 }
 
 /// Per-task host overhead: instantiate + call the no-op agent + tear down,

@@ -1,16 +1,20 @@
-//! The daemon: wake, record finished runs, promote, claim, dispatch,
+//! The daemon: wake, store finished runs, promote, claim, dispatch,
 //! heartbeat, reap, and shut down gracefully.
 //!
 //! One loop owns all the state (the queue connection, the runs in flight, the
-//! results not yet stored), so nothing here needs a lock. Each wake-up does at
-//! most one write transaction for all finished runs and one claim transaction
-//! per agent: batching is where throughput comes from, since SQLite takes one
-//! writer at a time. Runs execute as tokio tasks and report back on a channel.
+//! claimed tasks waiting for a slot, the results not yet stored), so nothing
+//! here needs a lock. Runs execute as tokio tasks and report on a channel.
+//!
+//! Throughput comes from batching, since SQLite takes one writer at a time:
+//! - claims take up to `claim_batch` tasks per transaction into a local
+//!   buffer, from which freed slots are refilled without touching the database;
+//! - finished runs are group-committed: stored together once `write_window`
+//!   has passed since the oldest one finished (or when nothing else runs).
 //!
 //! Queue calls block (SQLite is synchronous); they run under
 //! `block_in_place`, so the daemon needs tokio's multi-threaded runtime.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +22,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
-use crate::runtime::{AgentDir, RunHooks, Runtime, TaskInput};
-use crate::task::State;
+use crate::runtime::{Agent, AgentDir, RunHooks, Runtime, TaskInput};
+use crate::task::{ErrorKind, RunOutcome, State, TaskError};
 
 /// How the daemon behaves. Every field has the documented default.
 #[derive(Clone, Debug)]
@@ -34,8 +38,11 @@ pub struct DaemonConfig {
     pub stale_after: Duration,
     /// How long a shutdown waits for runs to finish before releasing them (30 s).
     pub grace: Duration,
-    /// Most tasks taken in one claim transaction (64).
+    /// Most tasks taken in one claim transaction (32). Tasks claimed beyond
+    /// the free slots wait in a local buffer, leased and heartbeated.
     pub claim_batch: usize,
+    /// How long a finished run may wait to be stored with others (2 ms).
+    pub write_window: Duration,
     /// Exit once nothing runnable remains for the loaded agents.
     pub until_idle: bool,
     /// How often the database is checked for commits by other processes, so
@@ -51,10 +58,38 @@ impl Default for DaemonConfig {
             heartbeat: Duration::from_secs(10),
             stale_after: Duration::from_secs(60),
             grace: Duration::from_secs(30),
-            claim_batch: 64,
+            claim_batch: 32,
+            write_window: Duration::from_millis(2),
             until_idle: false,
             watch_interval: Duration::from_millis(200),
         }
+    }
+}
+
+impl DaemonConfig {
+    /// Refuses settings under which daemons would spin or reap each other's
+    /// live leases. The message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.poll.is_zero() {
+            return Err("--poll must be longer than 0".into());
+        }
+        if self.heartbeat.is_zero() {
+            return Err("--heartbeat must be longer than 0".into());
+        }
+        if self.heartbeat >= self.stale_after {
+            return Err(format!(
+                "--heartbeat ({}) must be shorter than --stale-after ({}), or live leases would be reset",
+                humantime::format_duration(self.heartbeat),
+                humantime::format_duration(self.stale_after)
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("--concurrency must be at least 1".into());
+        }
+        if self.claim_batch == 0 {
+            return Err("--claim-batch must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -68,7 +103,7 @@ pub struct DaemonSummary {
     pub failed: u64,
     /// Results discarded because the lease was lost (reset or cancelled).
     pub lost: u64,
-    /// Runs interrupted by shutdown and given back to `ready`.
+    /// Claimed tasks given back to `ready` at shutdown (interrupted or not started).
     pub released: u64,
     /// Unfinished tasks left for agents that are not loaded, by agent.
     pub left_for_missing_agents: Vec<(String, u64)>,
@@ -76,6 +111,8 @@ pub struct DaemonSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    #[error("invalid daemon settings: {0}")]
+    Config(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
@@ -104,9 +141,17 @@ pub struct Daemon {
     cfg: DaemonConfig,
     wake: Arc<Notify>,
     progress: Arc<ProgressBoard>,
+    /// Runs executing now, by task id.
     inflight: HashMap<i64, InFlight>,
-    /// Finished runs whose outcome is not stored yet (a write failed).
+    /// Claimed (leased) tasks waiting for a free slot, by agent.
+    prefetched: HashMap<String, VecDeque<ClaimedTask>>,
+    /// Finished runs not stored yet, and when the oldest of them finished.
     unwritten: Vec<FinishedRun>,
+    unwritten_since: Option<Instant>,
+    /// Set while stores fail: no new claims until they succeed again.
+    write_backoff: Duration,
+    /// Which agent claims first this round, so none starves the others.
+    rotation: usize,
     done_tx: mpsc::UnboundedSender<FinishedRun>,
     done_rx: mpsc::UnboundedReceiver<FinishedRun>,
     summary: DaemonSummary,
@@ -123,7 +168,11 @@ impl Daemon {
             wake: Arc::new(Notify::new()),
             progress: Arc::default(),
             inflight: HashMap::new(),
+            prefetched: HashMap::new(),
             unwritten: Vec::new(),
+            unwritten_since: None,
+            write_backoff: Duration::ZERO,
+            rotation: 0,
             done_tx,
             done_rx,
             summary: DaemonSummary::default(),
@@ -142,37 +191,19 @@ impl Daemon {
         mut self,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<DaemonSummary, DaemonError> {
+        self.cfg.validate().map_err(DaemonError::Config)?;
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         let mut next_poll = Instant::now();
         let mut last_data_version = None;
-        let mut write_backoff = Duration::ZERO;
-        // Whether there may be work to claim: set by anything that can make
-        // tasks runnable, so an idle daemon does no write transactions.
+        // Whether there may be new work to claim: set by anything that can
+        // make tasks runnable, so an idle daemon does no write transactions.
         let mut look = true;
-        loop {
-            if *shutdown.borrow() {
-                break;
+        while !*shutdown.borrow() {
+            self.collect_finished();
+            if self.write_is_due() {
+                self.write_finished();
+                look = true; // completions can wake dependents and insert children
             }
-            // 1. Store what finished (one transaction for all of it).
-            while let Ok(run) = self.done_rx.try_recv() {
-                self.inflight.remove(&run.lease.task_id);
-                self.unwritten.push(run);
-            }
-            if !self.unwritten.is_empty() {
-                look = true;
-                match self.write_finished() {
-                    Ok(()) => write_backoff = Duration::ZERO,
-                    Err(e) => {
-                        write_backoff = (write_backoff * 2)
-                            .clamp(Duration::from_millis(50), Duration::from_secs(5));
-                        tracing::error!(
-                            "could not store {} finished runs, retrying in {write_backoff:?}: {e}",
-                            self.unwritten.len()
-                        );
-                    }
-                }
-            }
-            // 2. Housekeeping on the heartbeat tick and the poll tick.
             let now = Instant::now();
             if now >= next_heartbeat {
                 next_heartbeat = now + self.cfg.heartbeat;
@@ -187,16 +218,13 @@ impl Daemon {
                 }
                 look = true;
             }
-            // 3. Claim and dispatch, unless stored results are still waiting.
-            if look && self.unwritten.is_empty() {
-                look = false;
-                if let Err(e) = self.claim_and_dispatch() {
-                    tracing::error!("claiming failed, will retry: {e}");
-                    look = true;
-                    write_backoff = write_backoff.max(Duration::from_millis(100));
-                }
+            let claim = look && self.write_backoff.is_zero();
+            match self.fill_slots(claim) {
+                Ok(()) if claim => look = false,
+                Ok(()) => {}
+                Err(e) => tracing::error!("claiming failed, will retry: {e}"),
             }
-            if self.cfg.until_idle && self.inflight.is_empty() && self.unwritten.is_empty() {
+            if self.cfg.until_idle && self.is_quiet() {
                 match self.idle() {
                     Ok(Some(left)) => {
                         self.summary.left_for_missing_agents = left;
@@ -206,49 +234,137 @@ impl Daemon {
                     Err(e) => tracing::warn!("idle check failed: {e}"),
                 }
             }
-            // 4. Sleep until something happens.
+            // Sleep until something happens.
             let mut wait_until = next_heartbeat
                 .min(next_poll)
                 .min(Instant::now() + self.cfg.watch_interval);
-            if write_backoff > Duration::ZERO {
-                wait_until = wait_until.min(Instant::now() + write_backoff);
+            if let Some(since) = self.unwritten_since {
+                wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
             tokio::select! {
-                Some(run) = self.done_rx.recv() => {
-                    self.inflight.remove(&run.lease.task_id);
-                    self.unwritten.push(run);
-                }
+                Some(run) = self.done_rx.recv() => self.accept(run),
                 _ = self.wake.notified() => look = true,
                 _ = tokio::time::sleep_until(wait_until.into()) => {
                     // Cheap reads: did another process commit (a CLI submit,
                     // another daemon), or is a scheduled retry due?
                     let version = self.queue.data_version().ok();
                     let due = self.queue.next_due_at().ok().flatten().is_some_and(|t| t <= crate::queue::now_ms());
-                    if version != last_data_version || due || write_backoff > Duration::ZERO {
+                    if version != last_data_version || due {
                         look = true;
                     }
                     last_data_version = version;
                 }
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        break; // the sender is gone: nobody can ask us to stop any more
+                    }
+                }
             }
         }
         self.shut_down().await;
         Ok(self.summary)
     }
 
-    fn write_finished(&mut self) -> Result<(), QueueError> {
+    // ----- finished runs ---------------------------------------------------------
+
+    fn collect_finished(&mut self) {
+        while let Ok(run) = self.done_rx.try_recv() {
+            self.accept(run);
+        }
+    }
+
+    /// Takes a finished run in. The in-flight entry is removed only if it is
+    /// this lease's run: the task may have been reclaimed under a new lease.
+    fn accept(&mut self, run: FinishedRun) {
+        let id = run.lease.task_id;
+        if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease) {
+            self.inflight.remove(&id);
+        }
+        self.unwritten_since.get_or_insert_with(Instant::now);
+        self.unwritten.push(run);
+    }
+
+    /// Group commit: store when the oldest result has waited `write_window`
+    /// (or the backoff after a failed store), when many are waiting, or when
+    /// nothing else is running that could join the batch.
+    fn write_is_due(&self) -> bool {
+        let Some(since) = self.unwritten_since else {
+            return false;
+        };
+        let waited = since.elapsed();
+        if !self.write_backoff.is_zero() {
+            return waited >= self.write_backoff;
+        }
+        waited >= self.cfg.write_window || self.unwritten.len() >= 256 || self.inflight.is_empty()
+    }
+
+    fn write_finished(&mut self) {
         let runs = std::mem::take(&mut self.unwritten);
+        self.unwritten_since = None;
         let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
         match result {
             Ok(applied) => {
+                self.write_backoff = Duration::ZERO;
                 for (run, applied) in runs.iter().zip(applied) {
                     self.count(run, applied);
                 }
-                Ok(())
+            }
+            Err(e) if e.is_transient() => {
+                self.write_backoff = (self.write_backoff * 2)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(5));
+                tracing::error!(
+                    "could not store {} finished runs, retrying in {:?}: {e}",
+                    runs.len(),
+                    self.write_backoff
+                );
+                self.unwritten = runs;
+                self.unwritten_since = Some(Instant::now());
             }
             Err(e) => {
-                self.unwritten = runs;
-                Err(e)
+                tracing::error!(
+                    "storing a batch of {} runs failed ({e}); storing them one by one",
+                    runs.len()
+                );
+                for run in runs {
+                    self.write_one(run);
+                }
+            }
+        }
+    }
+
+    /// Stores one run; if its outcome itself cannot be stored, records that
+    /// as the run's failure instead, so one bad run cannot block the rest.
+    fn write_one(&mut self, run: FinishedRun) {
+        let result = tokio::task::block_in_place(|| {
+            self.queue.finish(run.lease, run.outcome.clone(), &run.log)
+        });
+        match result {
+            Ok(applied) => self.count(&run, applied),
+            Err(e) if e.is_transient() => {
+                self.unwritten_since.get_or_insert_with(Instant::now);
+                self.unwritten.push(run);
+            }
+            Err(e) => {
+                let failure = RunOutcome::Failure(TaskError {
+                    kind: ErrorKind::Crash,
+                    message: format!("the host could not store this run's outcome: {e}"),
+                });
+                let stored = tokio::task::block_in_place(|| {
+                    self.queue.finish(run.lease, failure.clone(), &run.log)
+                });
+                match stored {
+                    Ok(applied) => self.count(
+                        &FinishedRun {
+                            outcome: failure,
+                            ..run
+                        },
+                        applied,
+                    ),
+                    Err(e2) => tracing::error!(
+                        task = run.lease.task_id,
+                        "dropping a run's outcome that cannot be stored ({e}; recording the failure also failed: {e2}); its lease will expire and it will run again"
+                    ),
+                }
             }
         }
     }
@@ -282,15 +398,26 @@ impl Daemon {
         }
     }
 
-    fn heartbeat_and_reap(&mut self) {
-        let leases: Vec<Lease> = self
-            .inflight
+    // ----- leases --------------------------------------------------------------------
+
+    /// Every lease this daemon holds: running, waiting for a slot, or waiting
+    /// to have its result stored.
+    fn held_leases(&self) -> Vec<Lease> {
+        self.inflight
             .values()
             .map(|f| f.lease)
+            .chain(self.prefetched.values().flatten().map(|t| t.lease))
             .chain(self.unwritten.iter().map(|r| r.lease))
-            .collect();
+            .collect()
+    }
+
+    fn heartbeat_and_reap(&mut self) {
+        self.collect_finished();
+        self.recover_vanished_runs();
+        let leases = self.held_leases();
         let progress: Vec<(u64, Option<String>)> =
             self.progress.0.lock().unwrap().drain().collect();
+        let stale_after = self.cfg.stale_after;
         let queue = &mut self.queue;
         let result = tokio::task::block_in_place(|| -> Result<Vec<Lease>, QueueError> {
             for (task_id, text) in &progress {
@@ -303,33 +430,81 @@ impl Daemon {
             } else {
                 queue.heartbeat(&leases)?
             };
-            for expired in queue.reset_stale_leases(self.cfg.stale_after)? {
+            for expired in queue.reset_stale_leases(stale_after)? {
                 tracing::warn!(task = expired.task_id, holder = %expired.holder, to = %expired.to, "reset an expired lease");
             }
             Ok(lost)
         });
         match result {
-            Ok(lost) => {
-                for lease in lost {
-                    // Someone reset or cancelled it: stop the run, its result would be discarded.
-                    if let Some(run) = self.inflight.remove(&lease.task_id) {
-                        tracing::warn!(task = lease.task_id, "lease lost; stopping the run");
-                        run.handle.abort();
-                        self.summary.lost += 1;
-                    }
-                }
-            }
+            Ok(lost) => self.drop_lost(&lost),
             Err(e) => tracing::error!("heartbeat failed, will retry: {e}"),
         }
     }
 
-    fn claim_and_dispatch(&mut self) -> Result<(), QueueError> {
-        let mut free = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
-        if free == 0 {
+    /// Someone reset or cancelled these leases: stop their runs (the results
+    /// would be discarded) and forget tasks that had not started.
+    fn drop_lost(&mut self, lost: &[Lease]) {
+        for lease in lost {
+            if self
+                .inflight
+                .get(&lease.task_id)
+                .is_some_and(|f| f.lease == *lease)
+            {
+                let run = self.inflight.remove(&lease.task_id).expect("just checked");
+                tracing::warn!(task = lease.task_id, "lease lost; stopping the run");
+                run.handle.abort();
+                self.summary.lost += 1;
+            }
+            for buffer in self.prefetched.values_mut() {
+                buffer.retain(|t| t.lease != *lease);
+            }
+        }
+    }
+
+    /// A run whose task ended without reporting (a panic in the host) would
+    /// otherwise hold its slot and lease forever: record it as a crash.
+    fn recover_vanished_runs(&mut self) {
+        let vanished: Vec<i64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.handle.is_finished())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in vanished {
+            let run = self.inflight.remove(&id).expect("listed above");
+            tracing::error!(
+                task = id,
+                "a run ended without a result; recording it as a crash"
+            );
+            let outcome = RunOutcome::Failure(TaskError {
+                kind: ErrorKind::Crash,
+                message:
+                    "the host's run of this task ended without a result (see the daemon's log)"
+                        .into(),
+            });
+            self.accept(FinishedRun {
+                lease: run.lease,
+                outcome,
+                log: String::new(),
+            });
+        }
+    }
+
+    // ----- claiming and dispatching ------------------------------------------------
+
+    /// Fills free slots from the claim buffer, claiming more first when
+    /// `claim` is set and the buffer cannot fill them.
+    fn fill_slots(&mut self, claim: bool) -> Result<(), QueueError> {
+        let mut names = self.agents.loaded_names();
+        if names.is_empty() {
             return Ok(());
         }
-        tokio::task::block_in_place(|| self.queue.promote_due())?;
-        for name in self.agents.loaded_names() {
+        let start = self.rotation % names.len();
+        names.rotate_left(start);
+        self.rotation = self.rotation.wrapping_add(1);
+        let mut promoted = false;
+        for name in names {
+            let free = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
             if free == 0 {
                 break;
             }
@@ -339,22 +514,37 @@ impl Daemon {
             let running = self.inflight.values().filter(|f| f.agent == name).count();
             let slots = (agent.limits.concurrency as usize)
                 .saturating_sub(running)
-                .min(free)
-                .min(self.cfg.claim_batch.max(1));
+                .min(free);
             if slots == 0 {
                 continue;
             }
-            let claimed = tokio::task::block_in_place(|| self.queue.claim(&name, slots))?;
-            free -= claimed.len();
-            for task in claimed {
+            let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
+            if claim && buffered < slots {
+                if !promoted {
+                    tokio::task::block_in_place(|| self.queue.promote_due())?;
+                    promoted = true;
+                }
+                let want = self.cfg.claim_batch.max(slots) - buffered;
+                let claimed = tokio::task::block_in_place(|| self.queue.claim(&name, want))?;
+                self.prefetched
+                    .entry(name.clone())
+                    .or_default()
+                    .extend(claimed);
+            }
+            let Some(buffer) = self.prefetched.get_mut(&name) else {
+                continue;
+            };
+            let take = slots.min(buffer.len());
+            let tasks: Vec<ClaimedTask> = buffer.drain(..take).collect();
+            for task in tasks {
                 self.dispatch(agent.clone(), task);
             }
         }
         Ok(())
     }
 
-    fn dispatch(&mut self, agent: Arc<crate::runtime::Agent>, task: ClaimedTask) {
-        tracing::info!(task = task.lease.task_id, agent = %task.agent, attempt = task.attempt, "claimed");
+    fn dispatch(&mut self, agent: Arc<Agent>, task: ClaimedTask) {
+        tracing::info!(task = task.lease.task_id, agent = %task.agent, attempt = task.attempt, "started");
         self.summary.runs += 1;
         let lease = task.lease;
         let runtime = self.runtime.clone();
@@ -380,14 +570,26 @@ impl Daemon {
             });
             wake.notify_one();
         });
-        self.inflight.insert(
+        // A run of an older lease of this task (reset, cancelled, retried and
+        // reclaimed) can only produce a result that would be discarded.
+        if let Some(old) = self.inflight.insert(
             lease.task_id,
             InFlight {
                 agent: task.agent,
                 lease,
                 handle,
             },
-        );
+        ) {
+            old.handle.abort();
+        }
+    }
+
+    // ----- idleness and shutdown ---------------------------------------------------
+
+    fn is_quiet(&self) -> bool {
+        self.inflight.is_empty()
+            && self.unwritten.is_empty()
+            && self.prefetched.values().all(VecDeque::is_empty)
     }
 
     /// `Some(left)` when nothing runnable remains for the loaded agents and
@@ -414,48 +616,69 @@ impl Daemon {
         Ok(Some(left))
     }
 
-    /// Stop claiming; let runs finish within the grace period; release the
-    /// rest without burning their attempts; store every result we have.
+    /// Stop claiming; give back tasks that never started; let runs finish
+    /// within the grace period (still heartbeating); release the rest without
+    /// burning their attempts; store every result we have.
     async fn shut_down(&mut self) {
         tracing::info!(in_flight = self.inflight.len(), grace = ?self.cfg.grace, "shutting down");
+        let waiting: Vec<Lease> = self
+            .prefetched
+            .drain()
+            .flat_map(|(_, b)| b)
+            .map(|t| t.lease)
+            .collect();
+        self.release_all(&waiting);
+
         let deadline = Instant::now() + self.cfg.grace;
-        while !self.inflight.is_empty() {
-            match tokio::time::timeout_at(deadline.into(), self.done_rx.recv()).await {
-                Ok(Some(run)) => {
-                    self.inflight.remove(&run.lease.task_id);
-                    self.unwritten.push(run);
+        let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
+        while !self.inflight.is_empty() && Instant::now() < deadline {
+            tokio::select! {
+                Some(run) = self.done_rx.recv() => self.accept(run),
+                _ = tokio::time::sleep_until(deadline.min(next_heartbeat).into()) => {
+                    if Instant::now() >= next_heartbeat {
+                        next_heartbeat = Instant::now() + self.cfg.heartbeat;
+                        self.heartbeat_and_reap();
+                    }
                 }
-                _ => break,
             }
         }
-        for (_, run) in self.inflight.drain() {
-            run.handle.abort();
-            match tokio::task::block_in_place(|| self.queue.release(run.lease)) {
-                Ok(Applied::Moved(_)) => {
-                    self.summary.released += 1;
-                    tracing::info!(
-                        task = run.lease.task_id,
-                        "released unfinished run back to ready"
-                    );
-                }
-                Ok(Applied::LeaseLost) => {}
-                Err(e) => tracing::error!(
-                    task = run.lease.task_id,
-                    "could not release; its lease will expire instead: {e}"
-                ),
-            }
-        }
-        // Results that finished in time are stored, retrying a few times.
-        for attempt in 0..10 {
+        // Results that arrived just as the grace period ended are kept.
+        self.collect_finished();
+        let interrupted: Vec<Lease> = self
+            .inflight
+            .drain()
+            .map(|(_, run)| {
+                run.handle.abort();
+                run.lease
+            })
+            .collect();
+        self.release_all(&interrupted);
+        for attempt in 1..=10 {
             if self.unwritten.is_empty() {
                 break;
             }
-            if let Err(e) = self.write_finished() {
-                tracing::error!(
-                    "storing results at shutdown failed (attempt {}): {e}",
-                    attempt + 1
-                );
+            self.write_finished();
+            if !self.unwritten.is_empty() {
+                tracing::error!("storing results at shutdown failed (attempt {attempt} of 10)");
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    fn release_all(&mut self, leases: &[Lease]) {
+        for lease in leases {
+            match tokio::task::block_in_place(|| self.queue.release(*lease)) {
+                Ok(Applied::Moved(_)) => {
+                    self.summary.released += 1;
+                    tracing::info!(task = lease.task_id, "released back to ready");
+                }
+                Ok(Applied::LeaseLost) => {}
+                Err(e) => {
+                    tracing::error!(
+                        task = lease.task_id,
+                        "could not release; its lease will expire instead: {e}"
+                    )
+                }
             }
         }
     }

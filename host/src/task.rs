@@ -110,6 +110,9 @@ pub enum Event {
     RejectFinal,
     /// A user revived a failed or cancelled task.
     Retry,
+    /// A user revived a failed or cancelled task whose dependencies are not
+    /// all complete yet: it waits for them.
+    RetryWaiting,
     /// A user (or a failed dependency) cancelled the task.
     Cancel,
 }
@@ -128,7 +131,7 @@ impl Event {
             Event::Release => "release",
             Event::Approve => "approve",
             Event::Reject | Event::RejectFinal => "reject",
-            Event::Retry => "retry",
+            Event::Retry | Event::RetryWaiting => "retry",
             Event::Cancel => "cancel",
         }
     }
@@ -155,6 +158,7 @@ pub fn transition(from: Option<State>, event: Event) -> Option<State> {
         (Some(S::Review), E::Reject) => S::Ready,
         (Some(S::Review), E::RejectFinal) => S::Failed,
         (Some(S::Failed | S::Cancelled), E::Retry) => S::Ready,
+        (Some(S::Failed | S::Cancelled), E::RetryWaiting) => S::Pending,
         (Some(S::Pending | S::Ready | S::InProgress | S::Review), E::Cancel) => S::Cancelled,
         _ => return None,
     };

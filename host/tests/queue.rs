@@ -828,3 +828,85 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
     );
     assert_eq!(q.get(ids[0]).unwrap().result, Some(big));
 }
+
+#[test]
+fn retry_respects_dependencies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = open(&dir);
+    let a = submit(&mut q, "a", json!({}));
+    let mut b = NewTask::new("b", "{}");
+    b.depends_on = vec![a];
+    let b = q.submit(&b).unwrap().id;
+    let lease = claim_one(&mut q, "a");
+    q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
+        .unwrap();
+    assert_eq!(q.get(b).unwrap().state, State::Cancelled);
+
+    // B cannot be revived while A is failed: it could never run.
+    match q.retry(b) {
+        Err(QueueError::Invalid { field, message }) => {
+            assert_eq!(field, "depends_on");
+            assert!(
+                message.contains(&format!("retry task {a} first")),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Revive A, then B: B waits for A instead of running at once.
+    assert_eq!(q.retry(a).unwrap(), State::Ready);
+    assert_eq!(q.retry(b).unwrap(), State::Pending);
+    assert!(q.claim("b", 1).unwrap().is_empty());
+    let lease = claim_one(&mut q, "a");
+    q.finish(lease, ok(json!(1)), "").unwrap();
+    assert_eq!(q.get(b).unwrap().state, State::Ready);
+}
+
+#[test]
+fn a_stale_reviewers_verdict_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = open(&dir);
+    let mut new = NewTask::new("writer", "{}");
+    new.reviewer = Some("critic".into());
+    let id = q.submit(&new).unwrap().id;
+    let lease = claim_one(&mut q, "writer");
+    q.finish(lease, ok(json!({"draft": 1})), "").unwrap();
+    let first_review = q.claim("critic", 1).unwrap().remove(0);
+
+    // A person rejects before the first reviewer answers; the task re-runs.
+    q.reject(id, "person: redo").unwrap();
+    let lease = claim_one(&mut q, "writer");
+    q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
+
+    // The first reviewer's approval judged draft 1: it must not decide draft 2.
+    q.finish(first_review.lease, ok(json!({"approve": true})), "")
+        .unwrap();
+    assert_eq!(q.get(id).unwrap().state, State::Review);
+    let second_review = q.claim("critic", 1).unwrap().remove(0);
+    assert!(second_review.payload.contains(r#""draft":2"#));
+    q.finish(second_review.lease, ok(json!({"approve": true})), "")
+        .unwrap();
+    assert_eq!(q.get(id).unwrap().state, State::Complete);
+}
+
+#[test]
+fn a_reviewer_cannot_hold_its_own_verdict_for_review() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = open(&dir);
+    let mut new = NewTask::new("writer", "{}");
+    new.reviewer = Some("critic".into());
+    let id = q.submit(&new).unwrap().id;
+    let lease = claim_one(&mut q, "writer");
+    q.finish(lease, ok(json!({})), "").unwrap();
+    let review = q.claim("critic", 1).unwrap().remove(0);
+    let verdict = RunOutcome::Success {
+        output: r#"{"approve":true}"#.into(),
+        spawn: vec![],
+        needs_review: true,
+    };
+    assert_eq!(
+        q.finish(review.lease, verdict, "").unwrap(),
+        Applied::Moved(State::Complete)
+    );
+    assert_eq!(q.get(id).unwrap().state, State::Complete);
+}

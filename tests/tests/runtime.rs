@@ -423,6 +423,17 @@ async fn broken_components_are_reported_and_skipped() {
     )
     .unwrap();
 
+    std::fs::copy(
+        guest_path("echo"),
+        h.agents.path().join("escape_manifest.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        h.agents.path().join("escape_manifest.toml"),
+        "read_only_dir = \"..\"\n",
+    )
+    .unwrap();
+
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let reason = |name: &str| match &agents.entries().find(|e| e.name == name).unwrap().status {
@@ -443,6 +454,11 @@ async fn broken_components_are_reported_and_skipped() {
         reason("other_world").contains("colony:agent/handler"),
         "{}",
         reason("other_world")
+    );
+    let escape = reason("escape_manifest");
+    assert!(
+        escape.contains("read_only_dir") && escape.contains("outside the agents directory"),
+        "{escape}"
     );
     let manifest = reason("bad_manifest");
     assert!(

@@ -71,7 +71,7 @@ pub async fn bench(args: &BenchArgs) -> Result<()> {
 
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         cache_dir: Some(root.join(".colony-cache")),
-        max_concurrent_runs: args.concurrency,
+        max_concurrent_runs: args.concurrency * 2 + 8,
         pooling: true,
     })?);
     let overhead = host_overhead(&runtime, &agents).await?;

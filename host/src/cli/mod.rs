@@ -207,6 +207,10 @@ pub struct DaemonArgs {
     /// On SIGINT/SIGTERM, how long to let runs finish before releasing them.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub grace: Duration,
+    /// Most tasks taken per claim transaction; those beyond the free slots
+    /// wait in the daemon, leased. Larger is faster under load.
+    #[arg(long, default_value_t = 32)]
+    pub claim_batch: usize,
     /// Exit 0 once no runnable task remains for the loaded agents.
     #[arg(long)]
     pub until_idle: bool,
@@ -579,26 +583,27 @@ async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Resul
 // ----- daemon ----------------------------------------------------------------------
 
 async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
-    if args.concurrency == 0 {
-        bail!(BadInput("--concurrency must be at least 1".into()));
-    }
-    let actor = identity("daemon");
-    let queue = open_queue(&cli.db, &actor)?;
-    let (runtime, agents) = load_agents(&cli.db, &cli.agents, args.concurrency).await?;
-    for entry in agents.entries() {
-        if let crate::runtime::AgentStatus::Broken(reason) = &entry.status {
-            eprintln!("warning: agent {} not loaded: {reason}", entry.name);
-        }
-    }
     let cfg = DaemonConfig {
         poll: args.poll,
         concurrency: args.concurrency,
         heartbeat: args.heartbeat,
         stale_after: args.stale_after,
         grace: args.grace,
+        claim_batch: args.claim_batch,
         until_idle: args.until_idle,
         ..DaemonConfig::default()
     };
+    cfg.validate().map_err(bad)?;
+    let actor = identity("daemon");
+    let queue = open_queue(&cli.db, &actor)?;
+    // Headroom in the instance pool for trial instantiations of new agents
+    // and for runs being torn down.
+    let (runtime, agents) = load_agents(&cli.db, &cli.agents, args.concurrency * 2 + 8).await?;
+    for entry in agents.entries() {
+        if let crate::runtime::AgentStatus::Broken(reason) = &entry.status {
+            eprintln!("warning: agent {} not loaded: {reason}", entry.name);
+        }
+    }
     tracing::info!(identity = %actor, db = %cli.db.display(), agents = ?agents.loaded_names(), "daemon started");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

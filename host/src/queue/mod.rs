@@ -64,6 +64,24 @@ impl QueueError {
         }
     }
 
+    /// True for trouble that may pass (the database busy or locked by
+    /// another process, the disk full, an I/O error): retry the same write later.
+    pub fn is_transient(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            QueueError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                DatabaseBusy
+                    | DatabaseLocked
+                    | DiskFull
+                    | SystemIoFailure
+                    | OutOfMemory
+                    | CannotOpen
+            ),
+            _ => false,
+        }
+    }
+
     /// True when the caller's input was at fault (and nothing was stored).
     pub fn is_bad_input(&self) -> bool {
         matches!(
@@ -205,6 +223,10 @@ pub struct Backlog {
     /// The earliest `run_at` among the scheduled tasks.
     pub next_due: Option<i64>,
 }
+
+/// The largest `output` a run may return. It is stored, passed to children as
+/// `parent-result` and to reviewers, so it is bounded like a payload, more loosely.
+pub const MAX_OUTPUT_BYTES: usize = 8 * 1024 * 1024;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -582,28 +604,28 @@ impl Queue {
         Ok(to)
     }
 
-    /// Revives a failed or cancelled task: `ready` again with attempts reset.
+    /// Revives a failed or cancelled task with attempts reset: `ready`, or
+    /// `pending` while some of its dependencies have not completed. Refused
+    /// when a dependency failed or was cancelled (retry that one first).
     pub fn retry(&mut self, id: i64) -> Result<State> {
         let actor = self.opts.actor.clone();
         let now = now_ms();
         let tx = self.write()?;
         let from = state_of(&tx, id)?;
-        let to = record(
-            &tx,
-            id,
-            Some(from),
-            Event::Retry,
-            &actor,
-            &json!({"revived_from": from}),
-            now,
-        )
-        .map_err(|e| retarget(e, "be retried (only failed or cancelled tasks can)"))?;
+        let waiting = count_unfinished_dependencies(&tx, id)?;
+        let event = if waiting > 0 {
+            Event::RetryWaiting
+        } else {
+            Event::Retry
+        };
+        let detail = json!({"revived_from": from, "waiting_for": waiting});
+        let to = record(&tx, id, Some(from), event, &actor, &detail, now)?;
         tx.prepare_cached(
-            "UPDATE tasks SET state = 'ready', attempts = 0, revisions = 0, error_kind = NULL,
-                    error_message = NULL, finished_at = NULL, run_at = ?1, updated_at = ?1
-             WHERE id = ?2",
+            "UPDATE tasks SET state = ?1, attempts = 0, revisions = 0, pending_deps = ?2, error_kind = NULL,
+                    error_message = NULL, finished_at = NULL, run_at = ?3, updated_at = ?3
+             WHERE id = ?4",
         )?
-        .execute(params![now, id])?;
+        .execute(params![to.as_str(), waiting, now, id])?;
         tx.commit()?;
         Ok(to)
     }
@@ -906,17 +928,10 @@ fn event_action(event: Event) -> &'static str {
     match event {
         Event::Approve => "be approved (only tasks in review can)",
         Event::Reject | Event::RejectFinal => "be rejected (only tasks in review can)",
-        Event::Retry => "be retried (only failed or cancelled tasks can)",
+        Event::Retry | Event::RetryWaiting => "be retried (only failed or cancelled tasks can)",
         Event::Cancel => "be cancelled (it has already finished)",
         Event::Claim => "be claimed",
         _ => "make this move",
-    }
-}
-
-fn retarget(e: QueueError, action: &'static str) -> QueueError {
-    match e {
-        QueueError::Illegal { id, state, .. } => QueueError::Illegal { id, state, action },
-        other => other,
     }
 }
 
@@ -1139,6 +1154,33 @@ fn insert_new_task(
     Ok(Submitted { id, existed: false })
 }
 
+/// How many of a task's dependencies have not completed; an error when one
+/// of them failed or was cancelled, since the task could then never run.
+fn count_unfinished_dependencies(tx: &Transaction<'_>, id: i64) -> Result<u32> {
+    let deps: Vec<(i64, String)> = tx
+        .prepare_cached(
+            "SELECT t.id, t.state FROM task_deps d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = ?1",
+        )?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut waiting = 0;
+    for (dep, state) in deps {
+        match parse_state(&state)? {
+            State::Complete => {}
+            s @ (State::Failed | State::Cancelled) => {
+                return Err(QueueError::invalid(
+                    "depends_on",
+                    format!(
+                        "task {id} depends on task {dep}, which is {s}; retry task {dep} first"
+                    ),
+                ));
+            }
+            _ => waiting += 1,
+        }
+    }
+    Ok(waiting)
+}
+
 fn promote_due_in(tx: &Transaction<'_>, actor: &str, now: i64) -> Result<usize> {
     let ids: Vec<i64> = tx
         .prepare_cached(
@@ -1252,7 +1294,10 @@ fn check_outcome<'a>(
         kind: ErrorKind::InvalidOutput,
         message,
     };
-    validate_json("output", output, usize::MAX).map_err(|e| invalid(format!("the agent's {e}")))?;
+    validate_json("output", output, MAX_OUTPUT_BYTES)
+        .map_err(|e| invalid(format!("the agent's {e}")))?;
+    // A reviewer's own answer is the verdict; it is never held for review.
+    let needs_review = needs_review && reviews.is_none();
     if reviews.is_some() {
         parse_verdict(output).map_err(invalid)?;
     }
@@ -1392,7 +1437,12 @@ fn apply_verdict(
     actor: &str,
     now: i64,
 ) -> Result<()> {
-    if state_of(tx, judged)? != State::Review {
+    // Only the newest review of the newest result counts: after a person's
+    // rejection and a re-run, an older reviewer task's verdict is stale.
+    let newest: Option<i64> = tx
+        .prepare_cached("SELECT MAX(id) FROM tasks WHERE parent_id = ?1 AND reviews = ?1")?
+        .query_row([judged], |r| r.get(0))?;
+    if state_of(tx, judged)? != State::Review || newest != Some(reviewer_task) {
         return Ok(());
     }
     let (approve, note) = parse_verdict(output)

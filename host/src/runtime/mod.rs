@@ -33,6 +33,9 @@ mod bindings {
     });
 }
 
+/// How long a component's start-up may take when it is loaded.
+const TRIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the engine's epoch advances: the granularity at which running
 /// guests yield to the executor (and so at which deadlines are noticed).
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -244,7 +247,14 @@ impl Runtime {
             reason,
         };
         let hash = hex(&Sha256::digest(bytes));
-        let component = self.compile(bytes, &hash).map_err(fail)?;
+        // Compiling takes CPU for a while: keep other tasks on this executor moving.
+        let component = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.compile(bytes, &hash))
+            }
+            _ => self.compile(bytes, &hash),
+        }
+        .map_err(fail)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
@@ -262,17 +272,15 @@ impl Runtime {
         let mut store = self
             .new_store(&agent, 0, TaskLog::new(4096), Arc::new(NoHooks))
             .map_err(|e| fail(format!("{e:?}")))?;
-        let trial = tokio::time::timeout(
-            agent.limits.timeout,
-            agent.pre.instantiate_async(&mut store),
-        )
-        .await;
+        let trial =
+            tokio::time::timeout(TRIAL_TIMEOUT, agent.pre.instantiate_async(&mut store)).await;
         match trial {
             Ok(Ok(_)) => Ok(agent),
             Ok(Err(e)) => Err(fail(format!("instantiating it failed: {e:?}"))),
-            Err(_) => Err(fail(
-                "instantiating it did not finish within its timeout".into(),
-            )),
+            Err(_) => Err(fail(format!(
+                "instantiating it did not finish within {}",
+                humantime::format_duration(TRIAL_TIMEOUT)
+            ))),
         }
     }
 

@@ -67,14 +67,32 @@ impl Manifest {
             limits.log_bytes = (kb as usize) << 10;
         }
         if let Some(dir) = &self.read_only_dir {
+            // Confined to the agents directory: a manifest shipped with a
+            // third-party agent must not be able to mount `/` or a home folder.
             let full = agents_dir.join(dir);
-            if !full.is_dir() {
+            let resolved = full
+                .canonicalize()
+                .map_err(|e| bad("read_only_dir", format!("{}: {e}", full.display())))?;
+            let root = agents_dir
+                .canonicalize()
+                .unwrap_or_else(|_| agents_dir.to_path_buf());
+            if !resolved.is_dir() {
                 return Err(bad(
                     "read_only_dir",
                     format!("{} is not a directory", full.display()),
                 ));
             }
-            limits.read_only_dir = Some(full);
+            if !resolved.starts_with(&root) {
+                return Err(bad(
+                    "read_only_dir",
+                    format!(
+                        "{} is outside the agents directory {}",
+                        resolved.display(),
+                        root.display()
+                    ),
+                ));
+            }
+            limits.read_only_dir = Some(resolved);
         }
         Ok(limits)
     }

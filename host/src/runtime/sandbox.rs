@@ -137,31 +137,39 @@ fn truncate(mut s: String, max: usize) -> String {
 
 // ----- memory ---------------------------------------------------------------
 
-/// Caps linear memory and remembers a denial: a Rust guest whose
-/// `memory.grow` fails aborts with a plain `unreachable`, so the trap alone
-/// cannot tell an out-of-memory run from any other crash.
+/// Caps linear memory — all of a run's memories together — and remembers a
+/// denial: a Rust guest whose `memory.grow` fails aborts with a plain
+/// `unreachable`, so the trap alone cannot tell an out-of-memory run from
+/// any other crash.
 pub struct MemoryCap {
     cap: usize,
+    in_use: usize,
     pub(super) denied: Option<usize>,
 }
 
 impl MemoryCap {
     fn new(cap: usize) -> MemoryCap {
-        MemoryCap { cap, denied: None }
+        MemoryCap {
+            cap,
+            in_use: 0,
+            denied: None,
+        }
     }
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.cap {
-            self.denied = Some(desired);
+        let total = self.in_use - current.min(self.in_use) + desired;
+        if total > self.cap {
+            self.denied = Some(total);
             return Ok(false);
         }
+        self.in_use = total;
         Ok(true)
     }
 

@@ -38,7 +38,7 @@ pub struct DaemonConfig {
     pub stale_after: Duration,
     /// How long a shutdown waits for runs to finish before releasing them (30 s).
     pub grace: Duration,
-    /// Most tasks taken in one claim transaction (32). Tasks claimed beyond
+    /// Most tasks taken in one claim transaction (16). Tasks claimed beyond
     /// the free slots wait in a local buffer, leased and heartbeated.
     pub claim_batch: usize,
     /// How long a finished run may wait to be stored with others (2 ms).
@@ -58,7 +58,7 @@ impl Default for DaemonConfig {
             heartbeat: Duration::from_secs(10),
             stale_after: Duration::from_secs(60),
             grace: Duration::from_secs(30),
-            claim_batch: 32,
+            claim_batch: 16,
             write_window: Duration::from_millis(2),
             until_idle: false,
             watch_interval: Duration::from_millis(200),

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: u32,
     /// Most tasks claimed per claim transaction.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
     #[arg(long, default_value = "normal")]

@@ -209,7 +209,7 @@ pub struct DaemonArgs {
     pub grace: Duration,
     /// Most tasks taken per claim transaction; those beyond the free slots
     /// wait in the daemon, leased. Larger is faster under load.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub claim_batch: usize,
     /// Exit 0 once no runnable task remains for the loaded agents.
     #[arg(long)]

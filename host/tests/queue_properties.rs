@@ -135,14 +135,15 @@ fn check_invariants(db: &rusqlite::Connection, model: &mut Model, retried: Optio
             .filter(|l| l.task_id == id && Some(l.token) == token)
             .count();
         assert!(live <= 1, "task {id} has {live} live leases");
-        if let Some(before) = model.states.get(&id) {
-            if before.is_terminal() && *before != state {
-                assert_eq!(
-                    retried,
-                    Some(id),
-                    "task {id} left terminal {before} for {state} without a retry"
-                );
-            }
+        if let Some(before) = model.states.get(&id)
+            && before.is_terminal()
+            && *before != state
+        {
+            assert_eq!(
+                retried,
+                Some(id),
+                "task {id} left terminal {before} for {state} without a retry"
+            );
         }
         // The event chain: each event starts where the last one ended, and the
         // last ends in the current state.

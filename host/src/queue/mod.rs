@@ -1277,11 +1277,11 @@ fn finish_in(
 /// output and every child payload must be JSON, every child agent a valid
 /// name, and a review task's output a verdict. A bad outcome becomes a
 /// permanent `invalid_output` failure.
-fn check_outcome<'a>(
-    outcome: &'a RunOutcome,
+fn check_outcome(
+    outcome: &RunOutcome,
     reviews: Option<i64>,
     max_payload: usize,
-) -> Result<(&'a str, Vec<NextSpec>, bool), TaskError> {
+) -> Result<(&str, Vec<NextSpec>, bool), TaskError> {
     let (output, spawn, needs_review) = match outcome {
         RunOutcome::Failure(error) => return Err(error.clone()),
         RunOutcome::Success {

@@ -256,10 +256,11 @@ impl AgentDir {
         };
         for entry in read.flatten() {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "wasm") && path.is_file() {
-                if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                    found.insert(stem.to_string(), path);
-                }
+            if path.extension().is_some_and(|e| e == "wasm")
+                && path.is_file()
+                && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+            {
+                found.insert(stem.to_string(), path);
             }
         }
         found

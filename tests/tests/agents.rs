@@ -5,12 +5,9 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use colony::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
-use colony::queue::Queue;
-use colony::runtime::{AgentDir, RunHooks, Runtime, RuntimeConfig, TaskInput};
-use colony::task::{ErrorKind, NewTask, RunOutcome, State, Task};
+use colony::runtime::{RunHooks, TaskInput};
+use colony::task::{ErrorKind, NewTask, RunOutcome, State};
 use serde_json::{Value, json};
 
 /// The store agents, each built to `agents/<name>.wasm` by the host's build script.
@@ -41,99 +38,28 @@ fn agent_path(name: &str) -> PathBuf {
     PathBuf::from(path)
 }
 
-struct Harness {
-    agents: tempfile::TempDir,
-    data: tempfile::TempDir,
+mod common;
+use common::Harness;
+
+/// A fresh queue and an agents directory holding copies of all four agents.
+fn store() -> Harness {
+    let agents = tempfile::tempdir().unwrap();
+    for (name, _) in AGENTS {
+        let from = agent_path(name);
+        let to = agents.path().join(format!("{name}.wasm"));
+        std::fs::copy(&from, &to)
+            .unwrap_or_else(|e| panic!("copying {} (built by host/build.rs): {e}", from.display()));
+    }
+    Harness::with_shared_cache(agents)
 }
 
-impl Harness {
-    /// A fresh queue and an agents directory holding copies of all four agents.
-    fn new() -> Harness {
-        let agents = tempfile::tempdir().unwrap();
-        for (name, _) in AGENTS {
-            let from = agent_path(name);
-            let to = agents.path().join(format!("{name}.wasm"));
-            std::fs::copy(&from, &to).unwrap_or_else(|e| {
-                panic!("copying {} (built by host/build.rs): {e}", from.display())
-            });
-        }
-        Harness {
-            agents,
-            data: tempfile::tempdir().unwrap(),
-        }
-    }
+/// Checks on what a store agent's task recorded.
+trait StoreChecks {
+    fn completed(&self, id: i64) -> Value;
+    fn failed_permanently(&self, id: i64, needle: &str);
+}
 
-    fn queue(&self) -> Queue {
-        Queue::open(self.data.path().join("colony.db")).unwrap()
-    }
-
-    fn submit(&self, task: NewTask) -> i64 {
-        self.queue().submit(&task).unwrap().id
-    }
-
-    fn runtime(&self) -> Runtime {
-        Runtime::new(RuntimeConfig {
-            cache_dir: Some(colony_tests::shared_compile_cache().to_path_buf()),
-            ..Default::default()
-        })
-        .unwrap()
-    }
-
-    async fn agent_dir(&self, runtime: &Runtime) -> AgentDir {
-        let mut agents = AgentDir::new(self.agents.path());
-        let report = agents.rescan(runtime).await;
-        let mut loaded = report.loaded.clone();
-        loaded.sort();
-        assert_eq!(
-            loaded,
-            vec!["code", "design", "marketing", "ops"],
-            "every store agent loads: {report:?}"
-        );
-        agents
-    }
-
-    /// Runs a daemon on this queue until nothing runnable remains.
-    async fn run_until_idle(&self) -> DaemonSummary {
-        let runtime = self.runtime();
-        let agents = self.agent_dir(&runtime).await;
-        let cfg = DaemonConfig {
-            poll: Duration::from_millis(50),
-            heartbeat: Duration::from_millis(100),
-            until_idle: true,
-            ..DaemonConfig::default()
-        };
-        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-        let daemon = Daemon::new(self.queue(), Arc::new(runtime), agents, cfg);
-        tokio::time::timeout(Duration::from_secs(60), daemon.run(stop_rx))
-            .await
-            .expect("daemon went idle")
-            .unwrap()
-    }
-
-    fn task(&self, id: i64) -> Task {
-        self.queue().get(id).unwrap()
-    }
-
-    /// Every stored run log of the task, joined.
-    fn log(&self, id: i64) -> String {
-        self.queue()
-            .logs(id)
-            .unwrap()
-            .into_iter()
-            .map(|l| l.text)
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn events(&self, id: i64, name: &str) -> Vec<colony::queue::AuditEvent> {
-        self.queue()
-            .events(Some(id), 0, 1000)
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.event == name)
-            .collect()
-    }
-
+impl StoreChecks for Harness {
     /// Asserts the task completed and returns its result.
     fn completed(&self, id: i64) -> Value {
         let task = self.task(id);
@@ -245,7 +171,7 @@ fn is_hex_colour(v: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn design_specs_a_brief_and_its_code_child_renders_it_escaped() {
-    let h = Harness::new();
+    let h = store();
     let id = h.submit(new_task("design", &brief("Lumen <Desk> & Co")));
     let summary = h.run_until_idle().await;
     assert_eq!((summary.completed, summary.failed), (2, 0), "{summary:?}");
@@ -326,7 +252,7 @@ async fn design_specs_a_brief_and_its_code_child_renders_it_escaped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn design_fails_bad_briefs_permanently_naming_the_field() {
-    let h = Harness::new();
+    let h = store();
     let good = brief("Lumen");
     let cases = [
         (
@@ -372,7 +298,7 @@ async fn design_fails_bad_briefs_permanently_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_that_is_not_json_is_refused_at_submit_and_by_the_agent() {
-    let h = Harness::new();
+    let h = store();
     // The queue never stores it...
     let err = h
         .queue()
@@ -416,7 +342,7 @@ async fn a_payload_that_is_not_json_is_refused_at_submit_and_by_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_renders_a_spec_from_its_payload() {
-    let h = Harness::new();
+    let h = store();
     let id = h.submit(new_task("code", &spec()));
     h.run_until_idle().await;
     let page = h.completed(id);
@@ -451,7 +377,7 @@ async fn code_renders_a_spec_from_its_payload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_fails_bad_specs_permanently_naming_the_field() {
-    let h = Harness::new();
+    let h = store();
     let mut red = spec();
     red["palette"]["primary"] = json!("red");
     let mut untitled = spec();
@@ -532,7 +458,7 @@ fn assert_posts_within_limits(copy: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marketing_copy_waits_for_review_and_a_rejection_is_applied() {
-    let h = Harness::new();
+    let h = store();
     let id = h.submit(new_task("marketing", &brief("Lumen")));
 
     let summary = h.run_until_idle().await;
@@ -625,7 +551,7 @@ async fn marketing_copy_waits_for_review_and_a_rejection_is_applied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marketing_cuts_social_posts_to_each_platforms_limit() {
-    let h = Harness::new();
+    let h = store();
     let long = |topic: &str| format!("{topic} {}", "that keeps going ".repeat(10));
     let payload = with(
         brief("Lumen"),
@@ -651,7 +577,7 @@ async fn marketing_cuts_social_posts_to_each_platforms_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marketing_fails_a_bad_brief_permanently_naming_the_field() {
-    let h = Harness::new();
+    let h = store();
     let not_a_list = h.submit(new_task(
         "marketing",
         &with(brief("Lumen"), "features", json!("USB-C charging")),
@@ -675,7 +601,7 @@ async fn marketing_fails_a_bad_brief_permanently_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_retries_the_flaky_supplier_with_backoff_until_it_answers() {
-    let h = Harness::new();
+    let h = store();
     let mut task = new_task("ops", &with(brief("Lumen"), "supplier", json!("flaky")));
     task.backoff_ms = 50;
     let id = h.submit(task);
@@ -736,7 +662,7 @@ async fn ops_retries_the_flaky_supplier_with_backoff_until_it_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_fails_broken_rules_permanently_naming_the_field() {
-    let h = Harness::new();
+    let h = store();
     let good = brief("Lumen");
     let cases = [
         (
@@ -782,7 +708,7 @@ async fn ops_fails_broken_rules_permanently_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_reports_every_broken_rule_and_flags_low_stock() {
-    let h = Harness::new();
+    let h = store();
     let broken = h.submit(new_task(
         "ops",
         &with(
@@ -838,7 +764,7 @@ fn input(agent: &str, payload: &str) -> TaskInput {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_agent_heartbeats_and_logs_through_the_runtime() {
-    let h = Harness::new();
+    let h = store();
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let product = brief("Lumen").to_string();
@@ -896,7 +822,7 @@ async fn every_agent_heartbeats_and_logs_through_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_agent_stores_its_log_with_the_task() {
-    let h = Harness::new();
+    let h = store();
     let design = h.submit(new_task("design", &brief("Lumen")));
     let code = h.submit(new_task("code", &spec()));
     let marketing = h.submit(new_task("marketing", &brief("Lumen")));

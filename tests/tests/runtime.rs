@@ -5,86 +5,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colony::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
-use colony::queue::Queue;
-use colony::runtime::{
-    AgentDir, AgentStatus, NoHooks, RunHooks, Runtime, RuntimeConfig, TaskInput,
-};
+use colony::runtime::{AgentDir, AgentStatus, NoHooks, RunHooks, TaskInput};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State, Task};
 use colony_tests::{agents_dir_with, guest_path, write_agent};
+
+mod common;
+
+fn harness(fixtures: &[&str]) -> common::Harness {
+    common::Harness::new(agents_dir_with(fixtures))
+}
 use serde_json::json;
-
-struct Harness {
-    agents: tempfile::TempDir,
-    data: tempfile::TempDir,
-}
-
-impl Harness {
-    fn new(fixtures: &[&str]) -> Harness {
-        Harness {
-            agents: agents_dir_with(fixtures),
-            data: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn db(&self) -> std::path::PathBuf {
-        self.data.path().join("colony.db")
-    }
-
-    fn queue(&self) -> Queue {
-        Queue::open(self.db()).unwrap()
-    }
-
-    fn submit(&self, task: NewTask) -> i64 {
-        self.queue().submit(&task).unwrap().id
-    }
-
-    fn runtime(&self) -> Runtime {
-        Runtime::new(RuntimeConfig {
-            cache_dir: Some(self.data.path().join("cache")),
-            ..Default::default()
-        })
-        .unwrap()
-    }
-
-    async fn agent_dir(&self, runtime: &Runtime) -> AgentDir {
-        let mut agents = AgentDir::new(self.agents.path());
-        agents.rescan(runtime).await;
-        agents
-    }
-
-    /// Runs a daemon on this queue until nothing runnable remains.
-    async fn run_until_idle(&self) -> DaemonSummary {
-        let runtime = self.runtime();
-        let agents = self.agent_dir(&runtime).await;
-        let cfg = DaemonConfig {
-            poll: Duration::from_millis(50),
-            heartbeat: Duration::from_millis(100),
-            until_idle: true,
-            ..DaemonConfig::default()
-        };
-        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-        let daemon = Daemon::new(self.queue(), Arc::new(runtime), agents, cfg);
-        tokio::time::timeout(Duration::from_secs(60), daemon.run(stop_rx))
-            .await
-            .expect("daemon went idle")
-            .unwrap()
-    }
-
-    fn task(&self, id: i64) -> Task {
-        self.queue().get(id).unwrap()
-    }
-
-    fn log(&self, id: i64) -> String {
-        self.queue()
-            .logs(id)
-            .unwrap()
-            .into_iter()
-            .map(|l| l.text)
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
 
 fn new_task(agent: &str, payload: serde_json::Value) -> NewTask {
     let mut task = NewTask::new(agent, payload.to_string());
@@ -107,7 +37,7 @@ fn error_kind(task: &Task) -> ErrorKind {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_completes_with_its_payload_and_log() {
-    let h = Harness::new(&["echo"]);
+    let h = harness(&["echo"]);
     let id = h.submit(new_task("echo", json!({"hello": "world"})));
     let summary = h.run_until_idle().await;
     assert_eq!(summary.completed, 1);
@@ -125,7 +55,7 @@ async fn echo_completes_with_its_payload_and_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spinning_guest_times_out_within_its_deadline() {
-    let h = Harness::new(&["spin"]);
+    let h = harness(&["spin"]);
     let mut task = once("spin");
     task.timeout_ms = Some(1000);
     let id = h.submit(task);
@@ -147,7 +77,7 @@ async fn a_spinning_guest_times_out_within_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_spinning_guest_does_not_block_other_runs_on_one_thread() {
-    let h = Harness::new(&["spin", "echo"]);
+    let h = harness(&["spin", "echo"]);
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let (spin, echo) = (
@@ -196,7 +126,7 @@ async fn a_spinning_guest_does_not_block_other_runs_on_one_thread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_is_out_of_memory_and_others_keep_working() {
-    let h = Harness::new(&["membomb", "echo"]);
+    let h = harness(&["membomb", "echo"]);
     std::fs::write(h.agents.path().join("membomb.toml"), "memory_mb = 32\n").unwrap();
     let bomb = h.submit(once("membomb"));
     let echo = h.submit(new_task("echo", json!(1)));
@@ -217,7 +147,7 @@ async fn a_memory_bomb_is_out_of_memory_and_others_keep_working() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_recursion_is_a_stack_overflow() {
-    let h = Harness::new(&["recurse"]);
+    let h = harness(&["recurse"]);
     let id = h.submit(once("recurse"));
     h.run_until_idle().await;
     let task = h.task(id);
@@ -231,7 +161,7 @@ async fn endless_recursion_is_a_stack_overflow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_a_crash_with_the_panic_message() {
-    let h = Harness::new(&["panic"]);
+    let h = harness(&["panic"]);
     let id = h.submit(once("panic"));
     h.run_until_idle().await;
     let task = h.task(id);
@@ -249,7 +179,7 @@ async fn a_panic_is_a_crash_with_the_panic_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn megabytes_of_output_are_truncated_and_the_task_completes() {
-    let h = Harness::new(&["loud"]);
+    let h = harness(&["loud"]);
     let id = h.submit(once("loud"));
     h.run_until_idle().await;
     let task = h.task(id);
@@ -266,7 +196,7 @@ async fn megabytes_of_output_are_truncated_and_the_task_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retryable_failures_back_off_then_succeed() {
-    let h = Harness::new(&["flaky"]);
+    let h = harness(&["flaky"]);
     let id = h.submit(new_task("flaky", json!({})));
     h.run_until_idle().await;
     let task = h.task(id);
@@ -284,7 +214,7 @@ async fn retryable_failures_back_off_then_succeed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_fails_at_once() {
-    let h = Harness::new(&["permanent"]);
+    let h = harness(&["permanent"]);
     let id = h.submit(new_task("permanent", json!({})));
     h.run_until_idle().await;
     let task = h.task(id);
@@ -297,7 +227,7 @@ async fn a_permanent_failure_fails_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_environment_and_network_are_denied() {
-    let h = Harness::new(&["escape"]);
+    let h = harness(&["escape"]);
     let id = h.submit(once("escape"));
     h.run_until_idle().await;
     let result = h.task(id).result.expect("escape reports what it tried");
@@ -309,7 +239,7 @@ async fn files_environment_and_network_are_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spawned_children_run_after_their_parent() {
-    let h = Harness::new(&["spawner", "echo"]);
+    let h = harness(&["spawner", "echo"]);
     let payload = json!({"children": [
         {"agent": "echo", "payload": {"n": 1}},
         {"agent": "echo", "payload": {"n": 2}, "priority": 5},
@@ -331,7 +261,7 @@ async fn spawned_children_run_after_their_parent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_output_fails_permanently_and_applies_nothing() {
-    let h = Harness::new(&["garbage", "badspawn"]);
+    let h = harness(&["garbage", "badspawn"]);
     let garbage = h.submit(new_task("garbage", json!({})));
     let badspawn = h.submit(new_task("badspawn", json!({})));
     h.run_until_idle().await;
@@ -362,7 +292,7 @@ impl RunHooks for Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_report_progress_and_logs_keep_every_level() {
-    let h = Harness::new(&["heartbeat"]);
+    let h = harness(&["heartbeat"]);
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
@@ -404,7 +334,7 @@ async fn heartbeats_report_progress_and_logs_keep_every_level() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_components_are_reported_and_skipped() {
-    let h = Harness::new(&["echo"]);
+    let h = harness(&["echo"]);
     write_agent(h.agents.path(), "garbage_bytes", b"this is not wasm at all");
     write_agent(h.agents.path(), "core_module", b"\0asm\x01\0\0\0");
     std::fs::copy(
@@ -482,7 +412,7 @@ async fn broken_components_are_reported_and_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_appear_change_and_disappear_without_a_restart() {
-    let h = Harness::new(&[]);
+    let h = harness(&[]);
     let runtime = h.runtime();
     let mut agents = AgentDir::new(h.agents.path());
     assert!(agents.rescan(&runtime).await.is_empty());
@@ -516,7 +446,7 @@ async fn agents_appear_change_and_disappear_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_by_content_hash() {
-    let h = Harness::new(&["echo"]);
+    let h = harness(&["echo"]);
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let hash = agents.loaded("echo").unwrap().hash.clone();

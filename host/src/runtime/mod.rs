@@ -160,6 +160,11 @@ fn engine_config(pooling: Option<u32>) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.consume_fuel(true);
+    // Copy data segments into a fresh instance's memory instead of mapping
+    // the image copy-on-write: every first write to a CoW page is a fault
+    // plus a TLB shootdown across cores, several per run, which cost more
+    // than copying an agent's few kilobytes of data.
+    config.memory_init_cow(false);
     if let Some(slots) = pooling {
         let mut pool = PoolingAllocationConfig::default();
         // Each Rust component holds a few core instances (the program and

@@ -132,6 +132,18 @@ pub enum Command {
     Torture(torture::TortureArgs),
 }
 
+impl Command {
+    /// How much the command logs unless `COLONY_LOG` says otherwise: the
+    /// daemon narrates every transition; commands that print their own
+    /// report (and would drown it in per-task lines) only warn.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Bench(_) | Command::Torture(_) | Command::Demo(_) => "warn",
+            _ => "info",
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Approve,

@@ -254,6 +254,15 @@ pub fn identity(role: &str) -> String {
 }
 
 pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(BadInput(format!(
+            "--db {}: the directory {} does not exist",
+            db.display(),
+            dir.display()
+        )));
+    }
     let opts = QueueOptions {
         actor: actor.to_string(),
         ..Default::default()

@@ -52,8 +52,16 @@ pub enum QueueError {
     },
     #[error("the database holds data this colony cannot read: {0}")]
     Corrupt(String),
+    // Not a `#[source]`: the message already carries it, and error chains
+    // printed with `{:#}` would repeat it.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        QueueError::Sqlite(e)
+    }
 }
 
 impl QueueError {

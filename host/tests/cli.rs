@@ -367,9 +367,11 @@ fn claims_per_task(db: &Path) -> std::collections::HashMap<i64, usize> {
 
 #[test]
 fn two_daemons_complete_2000_tasks_each_claimed_once() {
-    let env = Env::new(&["noop"]);
+    // Each task sleeps 5 ms, so one daemon alone would need over a second:
+    // long enough that both are sure to start and take work.
+    let env = Env::new(&["sleeper"]);
     let lines: String = (0..2000)
-        .map(|i| format!("{{\"agent\":\"noop\",\"payload\":{{\"i\":{i}}}}}\n"))
+        .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":5}}\n")
         .collect();
     let file = env.data.path().join("tasks.jsonl");
     std::fs::write(&file, lines).unwrap();

@@ -14,7 +14,7 @@
 //! Queue calls block (SQLite is synchronous); they run under
 //! `block_in_place`, so the daemon needs tokio's multi-threaded runtime.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,17 @@ impl DaemonConfig {
     /// Refuses settings under which daemons would spin or reap each other's
     /// live leases. The message names the setting.
     pub fn validate(&self) -> Result<(), String> {
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        for (name, value) in [
+            ("--poll", self.poll),
+            ("--heartbeat", self.heartbeat),
+            ("--stale-after", self.stale_after),
+            ("--grace", self.grace),
+        ] {
+            if value > YEAR {
+                return Err(format!("{name} must be at most a year"));
+            }
+        }
         if self.poll.is_zero() {
             return Err("--poll must be longer than 0".into());
         }
@@ -152,6 +163,10 @@ pub struct Daemon {
     write_backoff: Duration,
     /// Which agent claims first this round, so none starves the others.
     rotation: usize,
+    /// Runs stopped because their lease was lost: a result they still send is dropped.
+    aborted: HashSet<Lease>,
+    /// Leases of runs stopped by a shutdown, to release unless they reported.
+    inflight_at_shutdown: Vec<Lease>,
     done_tx: mpsc::UnboundedSender<FinishedRun>,
     done_rx: mpsc::UnboundedReceiver<FinishedRun>,
     summary: DaemonSummary,
@@ -173,6 +188,8 @@ impl Daemon {
             unwritten_since: None,
             write_backoff: Duration::ZERO,
             rotation: 0,
+            aborted: HashSet::new(),
+            inflight_at_shutdown: Vec::new(),
             done_tx,
             done_rx,
             summary: DaemonSummary::default(),
@@ -207,8 +224,8 @@ impl Daemon {
             let now = Instant::now();
             if now >= next_heartbeat {
                 next_heartbeat = now + self.cfg.heartbeat;
-                self.heartbeat_and_reap();
-                look = true;
+                // Reset or lost leases may have made tasks claimable.
+                look |= self.heartbeat_and_reap();
             }
             if now >= next_poll {
                 next_poll = now + self.cfg.poll;
@@ -216,6 +233,7 @@ impl Daemon {
                 if !report.is_empty() {
                     tracing::debug!(?report, "agents rescanned");
                 }
+                self.release_orphaned_buffers();
                 look = true;
             }
             let claim = look && self.write_backoff.is_zero();
@@ -281,6 +299,9 @@ impl Daemon {
     /// Takes a finished run in. The in-flight entry is removed only if it is
     /// this lease's run: the task may have been reclaimed under a new lease.
     fn accept(&mut self, run: FinishedRun) {
+        if self.aborted.remove(&run.lease) {
+            return; // already counted as lost when its run was stopped
+        }
         let id = run.lease.task_id;
         if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease) {
             self.inflight.remove(&id);
@@ -333,6 +354,12 @@ impl Daemon {
                 for run in runs {
                     self.write_one(run);
                 }
+                self.write_backoff = if self.unwritten.is_empty() {
+                    Duration::ZERO
+                } else {
+                    (self.write_backoff * 2)
+                        .clamp(Duration::from_millis(50), Duration::from_secs(5))
+                };
             }
         }
     }
@@ -416,7 +443,10 @@ impl Daemon {
             .collect()
     }
 
-    fn heartbeat_and_reap(&mut self) {
+    /// Renews every lease held, records progress, and resets other hosts'
+    /// expired leases. Returns whether any lease was reset or lost (so
+    /// there may be tasks to claim).
+    fn heartbeat_and_reap(&mut self) -> bool {
         self.collect_finished();
         self.recover_vanished_runs();
         let leases = self.held_leases();
@@ -424,7 +454,7 @@ impl Daemon {
             self.progress.0.lock().unwrap().drain().collect();
         let stale_after = self.cfg.stale_after;
         let queue = &mut self.queue;
-        let result = tokio::task::block_in_place(|| -> Result<Vec<Lease>, QueueError> {
+        let result = tokio::task::block_in_place(|| -> Result<(Vec<Lease>, usize), QueueError> {
             for (task_id, text) in &progress {
                 if let Some(lease) = leases.iter().find(|l| l.task_id as u64 == *task_id) {
                     queue.record_progress(*lease, text.as_deref())?;
@@ -435,14 +465,43 @@ impl Daemon {
             } else {
                 queue.heartbeat(&leases)?
             };
-            for expired in queue.reset_stale_leases(stale_after)? {
-                tracing::warn!(task = expired.task_id, holder = %expired.holder, to = %expired.to, "reset an expired lease");
+            let expired = queue.reset_stale_leases(stale_after)?;
+            for lease in &expired {
+                tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
             }
-            Ok(lost)
+            Ok((lost, expired.len()))
         });
         match result {
-            Ok(lost) => self.drop_lost(&lost),
-            Err(e) => tracing::error!("heartbeat failed, will retry: {e}"),
+            Ok((lost, expired)) => {
+                self.drop_lost(&lost);
+                !lost.is_empty() || expired > 0
+            }
+            Err(e) => {
+                tracing::error!("heartbeat failed, will retry: {e}");
+                false
+            }
+        }
+    }
+
+    /// Gives back buffered tasks of agents that are no longer loaded (removed
+    /// or replaced by a broken file): nothing here could run them.
+    fn release_orphaned_buffers(&mut self) {
+        let loaded = self.agents.loaded_names();
+        let orphaned: Vec<String> = self
+            .prefetched
+            .keys()
+            .filter(|a| !loaded.contains(a))
+            .cloned()
+            .collect();
+        for agent in orphaned {
+            let leases: Vec<Lease> = self
+                .prefetched
+                .remove(&agent)
+                .into_iter()
+                .flatten()
+                .map(|t| t.lease)
+                .collect();
+            self.release_all(&leases);
         }
     }
 
@@ -458,6 +517,7 @@ impl Daemon {
                 let run = self.inflight.remove(&lease.task_id).expect("just checked");
                 tracing::warn!(task = lease.task_id, "lease lost; stopping the run");
                 run.handle.abort();
+                self.aborted.insert(*lease);
                 self.summary.lost += 1;
             }
             for buffer in self.prefetched.values_mut() {
@@ -469,14 +529,28 @@ impl Daemon {
     /// A run whose task ended without reporting (a panic in the host) would
     /// otherwise hold its slot and lease forever: record it as a crash.
     fn recover_vanished_runs(&mut self) {
-        let vanished: Vec<i64> = self
+        let finished: Vec<Lease> = self
             .inflight
-            .iter()
-            .filter(|(_, f)| f.handle.is_finished())
-            .map(|(id, _)| *id)
+            .values()
+            .filter(|f| f.handle.is_finished())
+            .map(|f| f.lease)
             .collect();
-        for id in vanished {
-            let run = self.inflight.remove(&id).expect("listed above");
+        if finished.is_empty() {
+            return;
+        }
+        // A run sends its result before its task ends: drain the channel
+        // again, so only runs that really sent nothing are left.
+        self.collect_finished();
+        for lease in finished {
+            if !self
+                .inflight
+                .get(&lease.task_id)
+                .is_some_and(|f| f.lease == lease)
+            {
+                continue;
+            }
+            let id = lease.task_id;
+            let run = self.inflight.remove(&id).expect("checked above");
             tracing::error!(
                 task = id,
                 "a run ended without a result; recording it as a crash"
@@ -641,20 +715,39 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline.min(next_heartbeat).into()) => {
                     if Instant::now() >= next_heartbeat {
                         next_heartbeat = Instant::now() + self.cfg.heartbeat;
-                        self.heartbeat_and_reap();
+                        let _ = self.heartbeat_and_reap();
                     }
                 }
             }
         }
-        // Results that arrived just as the grace period ended are kept.
-        self.collect_finished();
-        let interrupted: Vec<Lease> = self
+        // Stop what is still running and wait for it to be gone (a guest
+        // yields at every epoch tick), so no run outlives its release.
+        let stopping: Vec<(Lease, JoinHandle<()>)> = self
             .inflight
             .drain()
-            .map(|(_, run)| {
-                run.handle.abort();
-                run.lease
-            })
+            .map(|(_, run)| (run.lease, run.handle))
+            .collect();
+        for (_, handle) in &stopping {
+            handle.abort();
+        }
+        for (lease, handle) in stopping {
+            if tokio::time::timeout(Duration::from_secs(5), handle)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    task = lease.task_id,
+                    "a run did not stop within 5 s of being aborted"
+                );
+            }
+            self.inflight_at_shutdown.push(lease);
+        }
+        // Results that arrived until the runs stopped are kept; the rest is released.
+        self.collect_finished();
+        let reported: HashSet<Lease> = self.unwritten.iter().map(|r| r.lease).collect();
+        let interrupted: Vec<Lease> = std::mem::take(&mut self.inflight_at_shutdown)
+            .into_iter()
+            .filter(|l| !reported.contains(l))
             .collect();
         self.release_all(&interrupted);
         for attempt in 1..=10 {
@@ -671,7 +764,17 @@ impl Daemon {
 
     fn release_all(&mut self, leases: &[Lease]) {
         for lease in leases {
-            match tokio::task::block_in_place(|| self.queue.release(*lease)) {
+            let mut result = tokio::task::block_in_place(|| self.queue.release(*lease));
+            for _ in 0..5 {
+                match &result {
+                    Err(e) if e.is_transient() => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        result = tokio::task::block_in_place(|| self.queue.release(*lease));
+                    }
+                    _ => break,
+                }
+            }
+            match result {
                 Ok(Applied::Moved(_)) => {
                     self.summary.released += 1;
                     tracing::info!(task = lease.task_id, "released back to ready");

@@ -604,3 +604,26 @@ fn torture_small_kills_daemons_and_loses_nothing() {
     );
     assert_eq!(verdict["tasks"], 800);
 }
+
+#[test]
+fn cancelling_a_running_task_stops_its_run() {
+    let env = Env::new(&["sleeper"]);
+    let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
+    let daemon = env.daemon(&["--until-idle", "--heartbeat", "200ms", "--poll", "100ms"]);
+    wait_for("the task to be claimed", Duration::from_secs(20), || {
+        env.queue().get(id).unwrap().state == State::InProgress
+    });
+    let started = Instant::now();
+    env.ok(&["cancel", &id.to_string(), "--reason", "no longer needed"]);
+    let out = daemon.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the 30 s run was stopped, not waited for"
+    );
+    let task = env.queue().get(id).unwrap();
+    assert_eq!(task.state, State::Cancelled);
+    assert_eq!(task.error.unwrap().message, "no longer needed");
+    let events = env.queue().events(Some(id), 0, 100).unwrap();
+    assert!(events.iter().all(|e| e.event != "complete"));
+}

@@ -639,10 +639,36 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         );
         std::process::exit(130);
     });
-    let summary = Daemon::new(queue, runtime, agents, cfg)
-        .run(stop_rx)
-        .await?;
-    output::print_daemon_summary(&summary, cli.json)
+    let progress = (args.until_idle && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| tokio::spawn(show_progress(cli.db.clone())));
+    let summary = Daemon::new(queue, runtime, agents, cfg).run(stop_rx).await;
+    if let Some(progress) = progress {
+        progress.abort();
+        eprint!("\r\x1b[2K");
+    }
+    output::print_daemon_summary(&summary?, cli.json)
+}
+
+/// With `--until-idle` in a terminal: one status line of the work left,
+/// redrawn twice a second, read through its own connection.
+async fn show_progress(db: PathBuf) {
+    let Ok(queue) = Queue::open(&db) else { return };
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(backlog) = queue.backlog() else {
+            continue;
+        };
+        let sum =
+            |f: fn(&crate::queue::Backlog) -> u64| backlog.iter().map(|(_, b)| f(b)).sum::<u64>();
+        let (ready, running, waiting) = (
+            sum(|b| b.ready),
+            sum(|b| b.in_progress),
+            sum(|b| b.scheduled + b.blocked),
+        );
+        eprint!(
+            "\r\x1b[2K{running} in progress, {ready} ready, {waiting} waiting (backoff, schedule or dependencies)"
+        );
+    }
 }
 
 async fn wait_for_signal() {

@@ -910,3 +910,27 @@ fn a_reviewer_cannot_hold_its_own_verdict_for_review() {
     );
     assert_eq!(q.get(id).unwrap().state, State::Complete);
 }
+
+#[test]
+fn a_task_in_review_can_be_cancelled_with_its_dependents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = open(&dir);
+    let mut new = NewTask::new("copy", "{}");
+    new.review = true;
+    let id = q.submit(&new).unwrap().id;
+    let mut publish = NewTask::new("publish", "{}");
+    publish.depends_on = vec![id];
+    let publish = q.submit(&publish).unwrap().id;
+    let lease = claim_one(&mut q, "copy");
+    q.finish(lease, ok(json!({"v": 1})), "").unwrap();
+    assert_eq!(q.get(id).unwrap().state, State::Review);
+    assert_eq!(q.cancel(id, "campaign dropped").unwrap(), vec![id, publish]);
+    assert_eq!(q.get(id).unwrap().state, State::Cancelled);
+    assert!(matches!(
+        q.approve(id, None),
+        Err(QueueError::Illegal {
+            state: State::Cancelled,
+            ..
+        })
+    ));
+}

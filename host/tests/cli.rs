@@ -526,23 +526,13 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
     let env = Env::new(&[]);
     let agents = concat!(env!("CARGO_MANIFEST_DIR"), "/../agents");
     let out_dir = env.data.path().join("demo");
-    let out = env
-        .cmd()
-        .args([
-            "--agents",
-            agents,
-            "demo",
-            "--dir",
-            out_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = env.ok(&[
+        "--agents",
+        agents,
+        "demo",
+        "--dir",
+        out_dir.to_str().unwrap(),
+    ]);
     assert!(stdout.contains("Every task ended as expected"), "{stdout}");
     assert!(
         stdout.contains("3 attempts (retried with backoff)"),
@@ -567,27 +557,17 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
 fn torture_small_kills_daemons_and_loses_nothing() {
     let env = Env::new(&[]);
     let dir = env.data.path().join("torture");
-    let out = env
-        .cmd()
-        .args([
-            "torture",
-            "--daemons",
-            "3",
-            "--tasks",
-            "800",
-            "--kill-every",
-            "300ms",
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "torture failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [
+        "torture",
+        "--daemons",
+        "3",
+        "--tasks",
+        "800",
+        "--kill-every",
+        "300ms",
+        "--dir",
+    ];
+    let stdout = env.ok(&[&args[..], &[dir.to_str().unwrap()]].concat());
     let verdict: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(verdict["ok"], true);
     assert!(

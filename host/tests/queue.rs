@@ -499,11 +499,7 @@ fn a_reviewer_agent_decides_automatically() {
     assert_eq!(q.get(id).unwrap().state, State::Complete);
 
     // A reviewer whose output is not a verdict fails; the task waits for a person.
-    let mut new = NewTask::new("writer", "{}");
-    new.reviewer = Some("critic".into());
-    let id = q.submit(&new).unwrap().id;
-    let lease = claim_one(&mut q, "writer");
-    q.finish(lease, ok(json!({})), "").unwrap();
+    let id = writer_in_review(&mut q, json!({}));
     let review = q.claim("critic", 1).unwrap().remove(0);
     q.finish(review.lease, ok(json!({"looks": "fine"})), "")
         .unwrap();
@@ -866,11 +862,7 @@ fn retry_respects_dependencies() {
 fn a_stale_reviewers_verdict_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let mut q = open(&dir);
-    let mut new = NewTask::new("writer", "{}");
-    new.reviewer = Some("critic".into());
-    let id = q.submit(&new).unwrap().id;
-    let lease = claim_one(&mut q, "writer");
-    q.finish(lease, ok(json!({"draft": 1})), "").unwrap();
+    let id = writer_in_review(&mut q, json!({"draft": 1}));
     let first_review = q.claim("critic", 1).unwrap().remove(0);
 
     // A person rejects before the first reviewer answers; the task re-runs.
@@ -893,11 +885,7 @@ fn a_stale_reviewers_verdict_is_ignored() {
 fn a_reviewer_cannot_hold_its_own_verdict_for_review() {
     let dir = tempfile::tempdir().unwrap();
     let mut q = open(&dir);
-    let mut new = NewTask::new("writer", "{}");
-    new.reviewer = Some("critic".into());
-    let id = q.submit(&new).unwrap().id;
-    let lease = claim_one(&mut q, "writer");
-    q.finish(lease, ok(json!({})), "").unwrap();
+    let id = writer_in_review(&mut q, json!({}));
     let review = q.claim("critic", 1).unwrap().remove(0);
     let verdict = RunOutcome::Success {
         output: r#"{"approve":true}"#.into(),
@@ -933,4 +921,16 @@ fn a_task_in_review_can_be_cancelled_with_its_dependents() {
             ..
         })
     ));
+}
+
+/// Submits a `writer` task reviewed by the agent `critic`, runs it to
+/// `output`, and returns its id (it now waits in review, a critic task queued).
+fn writer_in_review(q: &mut Queue, output: serde_json::Value) -> i64 {
+    let mut new = NewTask::new("writer", "{}");
+    new.reviewer = Some("critic".into());
+    let id = q.submit(&new).unwrap().id;
+    let lease = claim_one(q, "writer");
+    q.finish(lease, ok(output), "").unwrap();
+    assert_eq!(q.get(id).unwrap().state, State::Review);
+    id
 }

@@ -4,6 +4,8 @@
 //! with one behaviour each (`echo`, `flaky`, `spin`, `membomb`, ...) — and
 //! these helpers hand them to tests by name.
 
+pub mod model_server;
+
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;

@@ -1,0 +1,581 @@
+//! The live providers of one daemon: one HTTP client, the API keys, and each
+//! alias's rate limits, shared by every run. [`Providers::complete`] makes
+//! one call: it waits for the limits, sends, retries what is worth retrying
+//! within the alias's timeout, and maps the reply to [`ChatReply`].
+//!
+//! Errors go back to the guest, so they are built here from what is safe to
+//! show: the alias, the HTTP status and the provider's own message with the
+//! key and the base URL cut out. The full transport error (which names the
+//! URL) goes to the host's log only.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use serde_json::Value;
+
+use super::config::{Api, ConfigError, ModelConfig, ModelsConfig};
+use super::limits::{Limiter, Refusal};
+use super::{
+    ChatReply, ChatRequest, ModelError, Tool, Usage, anthropic, estimate_prompt_tokens, openai,
+};
+
+/// The largest reply body read; anything bigger is not a chat reply.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+/// How much of an error body is read, and how much of its message is kept.
+const MAX_ERROR_BYTES: usize = 64 << 10;
+const MAX_ERROR_MESSAGE: usize = 500;
+/// The first retry's delay; it doubles per attempt (with jitter) up to
+/// [`MAX_RETRY_DELAY`], always within the call's timeout.
+const RETRY_BASE: Duration = Duration::from_millis(250);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// A key read from the environment. Its `Debug` never shows it.
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug)]
+struct Alias {
+    config: ModelConfig,
+    key: Option<Secret>,
+    endpoint: String,
+    limiter: Limiter,
+}
+
+/// The model providers of one daemon; share it with an `Arc`.
+#[derive(Debug)]
+pub struct Providers {
+    client: reqwest::Client,
+    aliases: BTreeMap<String, Alias>,
+}
+
+/// What one HTTP attempt came to.
+enum Attempt {
+    Done(ChatReply, Option<Usage>),
+    /// Not worth retrying.
+    Fatal(ModelError),
+    Retry(Failure),
+}
+
+/// A failure worth retrying, and how the call ends if time runs out.
+enum Failure {
+    RateLimited { retry_after: Option<Duration> },
+    Status(u16),
+    Connect,
+    Transport,
+    Timeout,
+}
+
+impl Providers {
+    /// The providers of `config`, with keys from the process environment.
+    pub fn new(config: &ModelsConfig) -> Result<Providers, ConfigError> {
+        Providers::with_env(config, |var| std::env::var(var).ok())
+    }
+
+    /// The providers of `config`, with keys looked up by `env` (tests and
+    /// embedders pass their own instead of mutating the process environment).
+    pub fn with_env(
+        config: &ModelsConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Providers, ConfigError> {
+        let mut aliases = BTreeMap::new();
+        for (name, alias) in config.iter() {
+            let key = match &alias.api_key_env {
+                None => None,
+                Some(var) => match env(var) {
+                    Some(key) if !key.trim().is_empty() => Some(Secret(key.trim().to_string())),
+                    _ => {
+                        return Err(ConfigError::MissingKey {
+                            path: config.path().to_path_buf(),
+                            alias: name.to_string(),
+                            var: var.clone(),
+                        });
+                    }
+                },
+            };
+            let endpoint = match alias.api {
+                Api::OpenAi => format!("{}/chat/completions", alias.base_url),
+                Api::Anthropic => format!("{}/v1/messages", alias.base_url),
+            };
+            let limiter = Limiter::new(alias.requests_per_minute, alias.tokens_per_minute);
+            aliases.insert(
+                name.to_string(),
+                Alias {
+                    config: alias.clone(),
+                    key,
+                    endpoint,
+                    limiter,
+                },
+            );
+        }
+        // reqwest is built without a TLS crypto provider of its own (to use
+        // ring rather than aws-lc-rs); install ring as the process default
+        // unless something else already installed one, which then serves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            // A redirect could carry `x-api-key` to another host (reqwest
+            // strips only `Authorization` across hosts); providers don't
+            // redirect API calls, so none are followed.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ConfigError::Client)?;
+        Ok(Providers { client, aliases })
+    }
+
+    pub fn has_alias(&self, alias: &str) -> bool {
+        self.aliases.contains_key(alias)
+    }
+
+    /// The configured aliases, in name order.
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.aliases.keys().map(String::as_str)
+    }
+
+    /// The alias's settings (never its key).
+    pub fn config(&self, alias: &str) -> Option<&ModelConfig> {
+        self.aliases.get(alias).map(|a| &a.config)
+    }
+
+    /// The reply limit of a call on `alias` that sets none.
+    pub fn default_max_tokens(&self, alias: &str) -> Option<u32> {
+        self.aliases.get(alias).map(|a| a.config.max_tokens)
+    }
+
+    /// Cost in USD of `usage` on `alias`, None when the alias has no prices
+    /// (a price given for one direction only counts the other as free).
+    pub fn cost_usd(&self, alias: &str, usage: &Usage) -> Option<f64> {
+        let config = &self.aliases.get(alias)?.config;
+        if config.input_usd_per_mtok.is_none() && config.output_usd_per_mtok.is_none() {
+            return None;
+        }
+        let input = f64::from(usage.input_tokens) * config.input_usd_per_mtok.unwrap_or(0.0);
+        let output = f64::from(usage.output_tokens) * config.output_usd_per_mtok.unwrap_or(0.0);
+        Some((input + output) / 1e6)
+    }
+
+    /// One model call, bounded as a whole (rate-limit waits and retries
+    /// included) by the alias's `timeout`.
+    pub async fn complete(&self, req: &ChatRequest) -> Result<ChatReply, ModelError> {
+        let name = req.model.as_str();
+        let Some(alias) = self.aliases.get(name) else {
+            return Err(ModelError::NotGranted(format!(
+                "model `{name}` is not configured on this host"
+            )));
+        };
+        let max_tokens = req.max_tokens.unwrap_or(alias.config.max_tokens);
+        if max_tokens == 0 {
+            return Err(ModelError::InvalidRequest(format!(
+                "model `{name}`: max_tokens must be at least 1"
+            )));
+        }
+        let body = match alias.config.api {
+            Api::OpenAi => openai::request_body(&alias.config.model, req, max_tokens)?,
+            Api::Anthropic => anthropic::request_body(&alias.config.model, req, max_tokens)?,
+        };
+        let started = Instant::now();
+        let deadline = started + alias.config.timeout;
+        let reserved = u64::from(max_tokens) + estimate_prompt_tokens(req);
+        self.wait_for_limits(name, alias, reserved, deadline)
+            .await?;
+        let result = self.send_with_retries(name, alias, &body, deadline).await;
+        match result {
+            Ok((mut reply, usage)) => {
+                // A server that reports no usage (some local ones) is
+                // charged by estimate, so budgets and limits still bite.
+                reply.usage = usage.unwrap_or_else(|| estimate_usage(req, &reply));
+                alias.limiter.settle(reserved, reply.usage.total());
+                tracing::debug!(
+                    alias = name,
+                    input_tokens = reply.usage.input_tokens,
+                    output_tokens = reply.usage.output_tokens,
+                    ms = started.elapsed().as_millis() as u64,
+                    "model call"
+                );
+                Ok(reply)
+            }
+            Err(err) => {
+                // A refused or failed call is taken to have used nothing.
+                alias.limiter.settle(reserved, 0);
+                Err(err)
+            }
+        }
+    }
+
+    /// Waits until the alias's limits allow one more request (and
+    /// `tokens`), or fails at once when that would be past `deadline`.
+    async fn wait_for_limits(
+        &self,
+        name: &str,
+        alias: &Alias,
+        tokens: u64,
+        deadline: Instant,
+    ) -> Result<(), ModelError> {
+        match alias.limiter.reserve(tokens, Instant::now(), deadline) {
+            Ok(wait) if wait.is_zero() => Ok(()),
+            Ok(wait) => {
+                tracing::debug!(
+                    alias = name,
+                    wait_ms = wait.as_millis() as u64,
+                    "waiting for the alias's rate limit"
+                );
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Err(Refusal::TooLarge { needed, per_minute }) => {
+                Err(ModelError::InvalidRequest(format!(
+                    "model `{name}`: the call may need {needed} tokens (max_tokens plus the prompt), \
+                 more than the {per_minute} tokens per minute this host allows the alias; \
+                 ask for fewer max_tokens or send a shorter prompt"
+                )))
+            }
+            Err(Refusal::TooLate { wait }) => Err(ModelError::RateLimited(format!(
+                "model `{name}`: this host's rate limit for the alias would hold the call for {}, \
+                 longer than its timeout of {}",
+                humantime::format_duration(human_wait(wait)),
+                humantime::format_duration(alias.config.timeout)
+            ))),
+        }
+    }
+
+    async fn send_with_retries(
+        &self,
+        name: &str,
+        alias: &Alias,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<(ChatReply, Option<Usage>), ModelError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if attempt > 1 {
+                // A retry is one more request to the provider.
+                self.wait_for_limits(name, alias, 0, deadline).await?;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let failure = if remaining.is_zero() {
+                Failure::Timeout
+            } else {
+                match self.attempt(name, alias, body, remaining).await {
+                    Attempt::Done(reply, usage) => return Ok((reply, usage)),
+                    Attempt::Fatal(err) => return Err(err),
+                    Attempt::Retry(failure) => failure,
+                }
+            };
+            let delay = match &failure {
+                Failure::Timeout => return Err(give_up(name, alias, &failure, attempt)),
+                Failure::RateLimited {
+                    retry_after: Some(wait),
+                } => *wait,
+                _ => crate::retry::backoff(RETRY_BASE, attempt).min(MAX_RETRY_DELAY),
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(give_up(name, alias, &failure, attempt));
+            }
+            tracing::warn!(
+                alias = name,
+                attempt,
+                failure = failure.describe(),
+                retry_in_ms = delay.as_millis() as u64,
+                "model call failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        name: &str,
+        alias: &Alias,
+        body: &Value,
+        remaining: Duration,
+    ) -> Attempt {
+        let mut headers = HeaderMap::new();
+        match alias.config.api {
+            Api::OpenAi => {
+                if let Some(Secret(key)) = &alias.key {
+                    headers.insert(AUTHORIZATION, secret_header(&format!("Bearer {key}")));
+                }
+            }
+            Api::Anthropic => {
+                headers.insert(
+                    "anthropic-version",
+                    HeaderValue::from_static(anthropic::VERSION),
+                );
+                if let Some(Secret(key)) = &alias.key {
+                    headers.insert("x-api-key", secret_header(key));
+                }
+            }
+        }
+        let request = self
+            .client
+            .post(&alias.endpoint)
+            .headers(headers)
+            .timeout(remaining)
+            .json(body);
+        // reqwest's timeout covers connecting, sending and reading the
+        // body; the outer one also bounds anything reqwest does not time.
+        let exchange = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers());
+            let limit = if status.is_success() {
+                MAX_REPLY_BYTES
+            } else {
+                MAX_ERROR_BYTES
+            };
+            let body = read_body(response, limit).await?;
+            Ok::<_, reqwest::Error>((status, retry_after, body))
+        };
+        let (status, retry_after, bytes) = match tokio::time::timeout(remaining, exchange).await {
+            Err(_) => return Attempt::Retry(Failure::Timeout),
+            Ok(Err(e)) => {
+                tracing::warn!(alias = name, error = %e, "model call transport error");
+                return Attempt::Retry(if e.is_timeout() {
+                    Failure::Timeout
+                } else if e.is_connect() {
+                    Failure::Connect
+                } else {
+                    Failure::Transport
+                });
+            }
+            Ok(Ok(exchange)) => exchange,
+        };
+        if status.is_success() {
+            let parsed = match alias.config.api {
+                Api::OpenAi => openai::parse_reply(&bytes),
+                Api::Anthropic => anthropic::parse_reply(&bytes),
+            };
+            return match parsed {
+                Ok((reply, usage)) => Attempt::Done(reply, usage),
+                // Not retried: the provider has likely charged for it, and
+                // a server that answers nonsense will most likely do so again.
+                Err(why) => Attempt::Fatal(ModelError::Unavailable(format!(
+                    "model `{name}`: the provider's reply could not be understood ({})",
+                    truncate(&scrub(&why, alias), 200)
+                ))),
+            };
+        }
+        let code = status.as_u16();
+        match code {
+            429 => Attempt::Retry(Failure::RateLimited { retry_after }),
+            408 | 500..=599 => Attempt::Retry(Failure::Status(code)),
+            400..=499 => Attempt::Fatal(ModelError::InvalidRequest(format!(
+                "model `{name}`: the provider refused the request (HTTP {code}): {}",
+                provider_message(&bytes, alias)
+            ))),
+            _ => Attempt::Fatal(ModelError::Unavailable(format!(
+                "model `{name}`: unexpected HTTP {code} from the provider"
+            ))),
+        }
+    }
+}
+
+impl Failure {
+    fn describe(&self) -> String {
+        match self {
+            Failure::RateLimited { .. } => "HTTP 429".into(),
+            Failure::Status(code) => format!("HTTP {code}"),
+            Failure::Connect => "cannot connect".into(),
+            Failure::Transport => "connection error".into(),
+            Failure::Timeout => "timed out".into(),
+        }
+    }
+}
+
+/// The error of a call that ran out of time after `attempts` tries.
+fn give_up(name: &str, alias: &Alias, failure: &Failure, attempts: u32) -> ModelError {
+    let timeout = humantime::format_duration(alias.config.timeout);
+    let tries = if attempts == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{attempts} attempts")
+    };
+    match failure {
+        Failure::RateLimited {
+            retry_after: Some(wait),
+        } if attempts == 1 => ModelError::RateLimited(format!(
+            "model `{name}`: the provider is rate limiting (HTTP 429) and asks to wait {}, \
+             longer than is left of the call's timeout of {timeout}",
+            humantime::format_duration(human_wait(*wait))
+        )),
+        Failure::RateLimited { .. } => ModelError::RateLimited(format!(
+            "model `{name}`: the provider kept answering HTTP 429 (rate limited) \
+             for {tries} within the call's timeout of {timeout}"
+        )),
+        Failure::Timeout => ModelError::Unavailable(format!(
+            "model `{name}`: no reply from the provider within the call's timeout of {timeout} ({tries})"
+        )),
+        other => ModelError::Unavailable(format!(
+            "model `{name}`: the provider is unavailable ({}) after {tries} within the call's timeout of {timeout}",
+            other.describe()
+        )),
+    }
+}
+
+fn secret_header(value: &str) -> HeaderValue {
+    // Keys come from the operator's environment; one with characters a
+    // header cannot carry would be refused by the provider anyway.
+    let mut header = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
+    header.set_sensitive(true);
+    header
+}
+
+/// `Retry-After` in seconds (RFC 9110), or OpenAI's `retry-after-ms`.
+/// An HTTP date is not honoured: the exponential backoff applies instead.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    if let Some(ms) = number("retry-after-ms") {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    number("retry-after").map(|secs| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// Reads a body up to `limit` bytes: a reply past it is cut there (and then
+/// fails to parse, which is the right outcome for a runaway body).
+async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// The provider's error message (`error.message` in both APIs' error
+/// bodies, else the body's text), scrubbed and truncated.
+fn provider_message(body: &[u8], alias: &Alias) -> String {
+    let parsed = serde_json::from_slice::<Value>(body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v["error"]["message"].as_str().or(v["message"].as_str()))
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+    if message.is_empty() {
+        return "no message".into();
+    }
+    truncate(&scrub(&message, alias), MAX_ERROR_MESSAGE)
+}
+
+/// Cuts the key and the base URL out of text that goes to the guest.
+fn scrub(text: &str, alias: &Alias) -> String {
+    let mut text = text.replace(&alias.config.base_url, "<provider>");
+    if let Some(Secret(key)) = &alias.key {
+        text = text.replace(key.as_str(), "<redacted>");
+    }
+    text
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    format!("{}…", &text[..text.floor_char_boundary(max)])
+}
+
+/// A wait as a person reads it: whole seconds (rounded up) from one second
+/// on, milliseconds below.
+fn human_wait(d: Duration) -> Duration {
+    if d >= Duration::from_secs(1) {
+        Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+    } else {
+        Duration::from_millis(d.as_millis() as u64)
+    }
+}
+
+/// Usage by estimate, for a server that reports none.
+fn estimate_usage(req: &ChatRequest, reply: &ChatReply) -> Usage {
+    let output_bytes = reply.content.len()
+        + reply
+            .tool_calls
+            .iter()
+            .map(|c| c.name.len() + c.arguments.len())
+            .sum::<usize>();
+    Usage {
+        input_tokens: u32::try_from(estimate_prompt_tokens(req)).unwrap_or(u32::MAX),
+        output_tokens: u32::try_from(output_bytes.div_ceil(3)).unwrap_or(u32::MAX),
+    }
+}
+
+/// A tool's JSON Schema text, parsed (both APIs take it as an object).
+pub(super) fn parse_schema(tool: &Tool) -> Result<Value, ModelError> {
+    if tool.parameters.trim().is_empty() {
+        return Ok(serde_json::json!({ "type": "object", "properties": {} }));
+    }
+    match serde_json::from_str::<Value>(&tool.parameters) {
+        Ok(schema @ Value::Object(_)) => Ok(schema),
+        Ok(_) => Err(ModelError::InvalidRequest(format!(
+            "tool `{}`: parameters must be a JSON Schema object",
+            tool.name
+        ))),
+        Err(e) => Err(ModelError::InvalidRequest(format!(
+            "tool `{}`: parameters are not valid JSON: {e}",
+            tool.name
+        ))),
+    }
+}
+
+/// An `f32` as the JSON number a person wrote: `0.7`, not the
+/// `0.699999988079071` that widening it to `f64` would send.
+pub(super) fn temperature_json(t: f32) -> Value {
+    t.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        let mut dated = HeaderMap::new();
+        dated.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&dated), None);
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("short", 10), "short");
+    }
+
+    #[test]
+    fn temperature_is_sent_as_written() {
+        assert_eq!(temperature_json(0.7).to_string(), "0.7");
+        assert_eq!(temperature_json(1.0).to_string(), "1.0");
+    }
+}

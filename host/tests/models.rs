@@ -1,0 +1,627 @@
+//! Model providers against a real loopback server (`colony_tests::model_server`)
+//! through the real HTTP client: request shapes on both APIs, keys, retries,
+//! timeouts, limits, and the errors an agent would see.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use colony::models::{
+    ChatRequest, ConfigError, Finish, Message, ModelError, ModelsConfig, Providers, Tool, Usage,
+    estimate_prompt_tokens, request_hash,
+};
+use colony_tests::model_server::{ModelServer, Scripted};
+use serde_json::json;
+
+const KEY: &str = "sk-test-0123456789";
+
+/// An alias `fast` (OpenAI protocol) on `server`, with `extra` keys.
+fn openai_alias(server: &ModelServer, extra: &str) -> String {
+    format!(
+        "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"llama3.2\"\n{extra}\n",
+        server.openai_url()
+    )
+}
+
+/// An alias `smart` (Anthropic protocol) on `server`, with `extra` keys.
+fn anthropic_alias(server: &ModelServer, extra: &str) -> String {
+    format!(
+        "[models.smart]\napi = \"anthropic\"\nbase_url = \"{}\"\nmodel = \"claude-test\"\n{extra}\n",
+        server.url()
+    )
+}
+
+/// Providers for `toml`, where the variable `TEST_KEY` holds [`KEY`].
+fn providers_for(toml: &str) -> Providers {
+    let config = ModelsConfig::from_toml(toml, Path::new("colony.toml")).expect("a valid config");
+    Providers::with_env(&config, |var| (var == "TEST_KEY").then(|| KEY.to_string()))
+        .expect("providers")
+}
+
+fn ask(alias: &str, text: &str) -> ChatRequest {
+    ChatRequest {
+        model: alias.into(),
+        messages: vec![Message::system("Be brief."), Message::user(text)],
+        ..ChatRequest::default()
+    }
+}
+
+fn lookup_tool() -> Tool {
+    Tool {
+        name: "lookup".into(),
+        description: "Looks a word up in the dictionary".into(),
+        parameters:
+            r#"{"type":"object","properties":{"word":{"type":"string"}},"required":["word"]}"#
+                .into(),
+    }
+}
+
+/// An error with its sources, as the CLI prints it.
+fn full_message(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn config_errors_name_file_alias_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("colony.toml");
+    let shown = path.display().to_string();
+    let cases = [
+        (
+            "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\ntemprature = 1\n",
+            "[models.fast] key `temprature`: unknown key",
+        ),
+        (
+            "[models.fast]\napi = \"foo\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\n",
+            "[models.fast] key `api`: unknown api \"foo\" (use \"openai\" or \"anthropic\")",
+        ),
+        (
+            "[modles.fast]\napi = \"openai\"\n",
+            "unknown section `modles`",
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&path, text).unwrap();
+        let err = ModelsConfig::load(&path).expect_err(text);
+        let message = full_message(&err);
+        assert!(message.starts_with(&shown), "{message}");
+        assert!(
+            message.contains(expected),
+            "{message}\nexpected: {expected}"
+        );
+    }
+
+    // A key variable that is unset, or set but empty, stops start-up.
+    let text = "[models.smart]\napi = \"anthropic\"\nbase_url = \"https://api.example.com\"\n\
+                model = \"m\"\napi_key_env = \"COLONY_TEST_SURELY_UNSET_KEY_7F3A\"\n";
+    std::fs::write(&path, text).unwrap();
+    let config = ModelsConfig::load(&path).unwrap();
+    for err in [
+        Providers::new(&config).unwrap_err(),
+        Providers::with_env(&config, |_| Some("  ".into())).unwrap_err(),
+    ] {
+        assert!(matches!(err, ConfigError::MissingKey { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{shown}: [models.smart] key `api_key_env`: the environment variable \
+                 `COLONY_TEST_SURELY_UNSET_KEY_7F3A` is not set or is empty"
+            )
+        );
+    }
+    // The providers' Debug output never shows a key.
+    let providers = Providers::with_env(&config, |_| Some(KEY.into())).unwrap();
+    assert!(!format!("{providers:?}").contains(KEY));
+}
+
+#[tokio::test]
+async fn openai_answer_with_usage_and_bearer_key() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "api_key_env = \"TEST_KEY\""));
+    server.push(Scripted::answer_with_usage("Hello, commuter.", 30, 7));
+    let mut req = ask("fast", "Greet a commuter");
+    req.temperature = Some(0.2);
+    let reply = providers.complete(&req).await.unwrap();
+    assert_eq!(reply.content, "Hello, commuter.");
+    assert_eq!(reply.finish, Finish::Stop);
+    assert_eq!(
+        reply.usage,
+        Usage {
+            input_tokens: 30,
+            output_tokens: 7
+        }
+    );
+    assert_eq!(reply.model, "llama3.2");
+
+    assert_eq!(server.count(), 1);
+    let sent = server.last_request();
+    assert_eq!(sent.path, "/v1/chat/completions");
+    assert_eq!(
+        sent.header("authorization"),
+        Some(format!("Bearer {KEY}").as_str())
+    );
+    assert_eq!(sent.header("x-api-key"), None);
+    assert_eq!(sent.body["model"], "llama3.2");
+    assert_eq!(sent.body["max_tokens"], 1024, "the alias default");
+    assert_eq!(sent.body["temperature"], 0.2);
+    assert_eq!(
+        sent.body["messages"],
+        json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Greet a commuter"},
+        ])
+    );
+    assert!(sent.body.get("response_format").is_none());
+    assert!(sent.body.get("tools").is_none());
+
+    // JSON mode, an explicit max_tokens, and no key for a local server.
+    let local = providers_for(&openai_alias(&server, ""));
+    let req = ChatRequest {
+        json: true,
+        max_tokens: Some(64),
+        ..ask("fast", "{}")
+    };
+    local.complete(&req).await.unwrap();
+    let sent = server.last_request();
+    assert_eq!(sent.header("authorization"), None);
+    assert_eq!(sent.body["response_format"], json!({"type": "json_object"}));
+    assert_eq!(sent.body["max_tokens"], 64);
+}
+
+#[tokio::test]
+async fn anthropic_answer_moves_system_prompt_and_sends_key() {
+    let server = ModelServer::start();
+    let providers = providers_for(&anthropic_alias(
+        &server,
+        "api_key_env = \"TEST_KEY\"\nmax_tokens = 300",
+    ));
+    server.push(Scripted::answer_with_usage("A mug for the road.", 41, 9));
+    let reply = providers
+        .complete(&ask("smart", "Write a tagline"))
+        .await
+        .unwrap();
+    assert_eq!(reply.content, "A mug for the road.");
+    assert_eq!(reply.finish, Finish::Stop);
+    assert_eq!(
+        reply.usage,
+        Usage {
+            input_tokens: 41,
+            output_tokens: 9
+        }
+    );
+    assert_eq!(reply.model, "claude-test");
+
+    let sent = server.last_request();
+    assert_eq!(sent.path, "/v1/messages");
+    assert_eq!(sent.header("x-api-key"), Some(KEY));
+    assert_eq!(sent.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(sent.header("authorization"), None);
+    assert_eq!(sent.body["system"], "Be brief.");
+    assert_eq!(
+        sent.body["max_tokens"], 300,
+        "required by the API: the alias default"
+    );
+    assert_eq!(
+        sent.body["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "Write a tagline"}]}])
+    );
+
+    // JSON mode becomes an instruction in the system prompt.
+    let req = ChatRequest {
+        json: true,
+        ..ask("smart", "{}")
+    };
+    providers.complete(&req).await.unwrap();
+    let system = server.last_request().body["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        system.starts_with("Be brief.\n\n") && system.contains("JSON object"),
+        "{system}"
+    );
+}
+
+#[tokio::test]
+async fn tool_call_round_trip_on_both_apis() {
+    let server = ModelServer::start();
+    let toml = format!(
+        "{}{}",
+        openai_alias(&server, ""),
+        anthropic_alias(&server, "")
+    );
+    let providers = providers_for(&toml);
+    for alias in ["fast", "smart"] {
+        let mut req = ChatRequest {
+            tools: vec![lookup_tool()],
+            ..ask(alias, "What is a mug?")
+        };
+        server.push(Scripted::tool_call("lookup", json!({"word": "mug"})));
+        let reply = providers.complete(&req).await.unwrap();
+        assert_eq!(reply.finish, Finish::ToolCalls, "{alias}");
+        assert_eq!(reply.tool_calls.len(), 1);
+        let call = &reply.tool_calls[0];
+        assert_eq!(
+            (call.id.as_str(), call.name.as_str()),
+            ("call_lookup", "lookup")
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&call.arguments).unwrap(),
+            json!({"word": "mug"})
+        );
+        let sent = server.last_request();
+        let schema = json!({"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]});
+        match alias {
+            "fast" => {
+                assert_eq!(sent.body["tools"][0]["type"], "function");
+                assert_eq!(sent.body["tools"][0]["function"]["name"], "lookup");
+                assert_eq!(sent.body["tools"][0]["function"]["parameters"], schema);
+            }
+            _ => {
+                assert_eq!(sent.body["tools"][0]["name"], "lookup");
+                assert_eq!(sent.body["tools"][0]["input_schema"], schema);
+            }
+        }
+
+        // The agent runs the tool and sends the result back.
+        req.messages.push(Message::from_reply(&reply));
+        req.messages
+            .push(Message::tool_result(&call.id, "a cup with a handle"));
+        server.push(Scripted::answer("A mug is a cup with a handle."));
+        let answer = providers.complete(&req).await.unwrap();
+        assert_eq!(answer.content, "A mug is a cup with a handle.");
+        let messages = server.last_request().body["messages"].clone();
+        match alias {
+            "fast" => {
+                assert_eq!(
+                    messages[2],
+                    json!({"role": "assistant", "content": null, "tool_calls": [{
+                        "id": "call_lookup", "type": "function",
+                        "function": {"name": "lookup", "arguments": r#"{"word":"mug"}"#},
+                    }]})
+                );
+                assert_eq!(
+                    messages[3],
+                    json!({"role": "tool", "content": "a cup with a handle", "tool_call_id": "call_lookup"})
+                );
+            }
+            _ => {
+                assert_eq!(
+                    messages[1],
+                    json!({"role": "assistant", "content": [{
+                        "type": "tool_use", "id": "call_lookup", "name": "lookup", "input": {"word": "mug"},
+                    }]})
+                );
+                assert_eq!(
+                    messages[2],
+                    json!({"role": "user", "content": [{
+                        "type": "tool_result", "tool_use_id": "call_lookup", "content": "a cup with a handle",
+                    }]})
+                );
+            }
+        }
+    }
+    assert_eq!(server.count(), 4);
+}
+
+#[tokio::test]
+async fn rate_limited_then_success_within_one_call() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"10s\""));
+    server.push(Scripted::rate_limited(1));
+    server.push(Scripted::answer("after the wait"));
+    let started = Instant::now();
+    let reply = providers.complete(&ask("fast", "hi")).await.unwrap();
+    assert_eq!(reply.content, "after the wait");
+    assert_eq!(server.count(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After: 1 was honoured"
+    );
+}
+
+#[tokio::test]
+async fn persistent_rate_limiting_is_rate_limited() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"2s\""));
+    // Asked to wait longer than the call may take: give up at once.
+    server.push(Scripted::rate_limited(30));
+    let started = Instant::now();
+    let err = providers.complete(&ask("fast", "hi")).await.unwrap_err();
+    assert_eq!(err.kind(), "rate_limited", "{err}");
+    assert!(err.to_string().contains("model `fast`"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(server.count(), 1);
+
+    for _ in 0..10 {
+        server.push(Scripted::rate_limited(1));
+    }
+    let err = providers.complete(&ask("fast", "hi")).await.unwrap_err();
+    assert!(matches!(err, ModelError::RateLimited(_)), "{err}");
+    assert_eq!(server.count(), 1 + 2, "retried once a second within 2 s");
+}
+
+#[tokio::test]
+async fn persistent_server_errors_end_unavailable_within_the_timeout() {
+    let server = ModelServer::start();
+    let providers = providers_for(&anthropic_alias(&server, "timeout = \"2s\""));
+    for _ in 0..50 {
+        server.push(Scripted::ServerError);
+    }
+    let started = Instant::now();
+    let err = providers.complete(&ask("smart", "hi")).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(matches!(err, ModelError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    assert!(elapsed <= Duration::from_millis(2100), "{elapsed:?}");
+    assert!(
+        server.count() >= 3,
+        "retried with backoff: {}",
+        server.count()
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_provider_is_unavailable_after_the_timeout() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"1s\""));
+    server.push(Scripted::Hang);
+    let started = Instant::now();
+    let err = providers.complete(&ask("fast", "hi")).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert!(
+        err.to_string().contains("within the call's timeout of 1s"),
+        "{err}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    assert_eq!(server.count(), 1);
+}
+
+#[tokio::test]
+async fn malformed_reply_is_unavailable_and_not_retried() {
+    let server = ModelServer::start();
+    let toml = format!(
+        "{}{}",
+        openai_alias(&server, ""),
+        anthropic_alias(&server, "")
+    );
+    let providers = providers_for(&toml);
+    for alias in ["fast", "smart"] {
+        server.push(Scripted::Malformed);
+        let err = providers.complete(&ask(alias, "hi")).await.unwrap_err();
+        assert!(matches!(err, ModelError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("could not be understood"), "{err}");
+    }
+    assert_eq!(server.count(), 2);
+}
+
+#[tokio::test]
+async fn client_errors_are_invalid_requests_without_secrets() {
+    let server = ModelServer::start();
+    let toml = format!(
+        "{}{}",
+        openai_alias(&server, "api_key_env = \"TEST_KEY\""),
+        anthropic_alias(&server, "api_key_env = \"TEST_KEY\"")
+    );
+    let providers = providers_for(&toml);
+    server.push(Scripted::status(400, "max_tokens: must be below 4096"));
+    let err = providers.complete(&ask("fast", "hi")).await.unwrap_err();
+    assert_eq!(
+        err,
+        ModelError::InvalidRequest(
+            "model `fast`: the provider refused the request (HTTP 400): max_tokens: must be below 4096".into()
+        )
+    );
+    // A provider that echoes the key or its own URL does not leak them.
+    server.push(Scripted::status(
+        401,
+        format!("Incorrect API key provided: {KEY} at {}", server.url()),
+    ));
+    let err = providers.complete(&ask("smart", "hi")).await.unwrap_err();
+    assert_eq!(err.kind(), "invalid_request");
+    let message = err.to_string();
+    assert!(
+        message.contains("HTTP 401") && message.contains("<redacted>"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(KEY) && !message.contains(&server.url()),
+        "{message}"
+    );
+    assert_eq!(server.count(), 2, "4xx is not retried");
+
+    // Unknown aliases never reach a provider.
+    let err = providers.complete(&ask("other", "hi")).await.unwrap_err();
+    assert_eq!(err.kind(), "not_granted");
+    assert!(err.to_string().contains("`other`"), "{err}");
+    // A tool schema that is not JSON is refused before sending.
+    let req = ChatRequest {
+        tools: vec![Tool {
+            parameters: "{nope".into(),
+            ..lookup_tool()
+        }],
+        ..ask("fast", "hi")
+    };
+    assert_eq!(
+        providers.complete(&req).await.unwrap_err().kind(),
+        "invalid_request"
+    );
+    assert_eq!(server.count(), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_unavailable() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = format!(
+        "[models.gone]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout = \"1s\"\n"
+    );
+    let err = providers_for(&toml)
+        .complete(&ask("gone", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert!(
+        !err.to_string().contains("127.0.0.1"),
+        "no URL for the guest: {err}"
+    );
+}
+
+#[tokio::test]
+async fn requests_per_minute_queues_then_refuses_past_the_timeout() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(
+        &server,
+        "requests_per_minute = 60\ntimeout = \"5s\"",
+    ));
+    // 60 a minute: a burst of 60, then one a second. The bucket is full
+    // (60) when the burst starts and gains one a second, so the 61st request
+    // cannot go before 1 s after the burst started and the 62nd before 2 s,
+    // however fast or slow this machine sends the burst.
+    let burst = Instant::now();
+    for _ in 0..60 {
+        providers.complete(&ask("fast", "hi")).await.unwrap();
+    }
+    assert_eq!(server.count(), 60);
+    let (first, second) = tokio::join!(
+        async {
+            let reply = providers.complete(&ask("fast", "a")).await;
+            (reply, burst.elapsed())
+        },
+        async {
+            // Starts after the first has queued, so it waits behind it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let reply = providers.complete(&ask("fast", "b")).await;
+            (reply, burst.elapsed())
+        }
+    );
+    assert_eq!(first.0.unwrap().content, "a");
+    assert_eq!(second.0.unwrap().content, "b");
+    assert!(first.1 >= Duration::from_millis(950), "{:?}", first.1);
+    assert!(second.1 >= Duration::from_millis(1950), "{:?}", second.1);
+    assert_eq!(server.count(), 62);
+    let sent: Vec<String> = server.requests()[60..]
+        .iter()
+        .map(|r| {
+            r.body["messages"][1]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(sent, ["a", "b"], "served in the order they queued");
+
+    // 2 a minute with a 1 s timeout: the third call cannot be sent in time
+    // and is refused without contacting the provider.
+    let tight = providers_for(&openai_alias(
+        &server,
+        "requests_per_minute = 2\ntimeout = \"1s\"",
+    ));
+    tight.complete(&ask("fast", "1")).await.unwrap();
+    tight.complete(&ask("fast", "2")).await.unwrap();
+    let started = Instant::now();
+    let err = tight.complete(&ask("fast", "3")).await.unwrap_err();
+    assert_eq!(err.kind(), "rate_limited", "{err}");
+    assert!(err.to_string().contains("this host's rate limit"), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(server.count(), 64);
+}
+
+#[tokio::test]
+async fn tokens_per_minute_reserves_then_settles_to_usage() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(
+        &server,
+        "tokens_per_minute = 1000\ntimeout = \"1s\"",
+    ));
+    // Each call reserves 900 + the prompt; the provider reports 17 used, so
+    // the reservation is given back and the next call fits at once.
+    let req = ChatRequest {
+        max_tokens: Some(900),
+        ..ask("fast", "hi")
+    };
+    for _ in 0..3 {
+        server.push(Scripted::answer_with_usage("ok", 12, 5));
+        providers.complete(&req).await.unwrap();
+    }
+    assert_eq!(server.count(), 3);
+    // More than a minute's tokens can never be sent.
+    let huge = ChatRequest {
+        max_tokens: Some(2000),
+        ..ask("fast", "hi")
+    };
+    assert_eq!(
+        providers.complete(&huge).await.unwrap_err().kind(),
+        "invalid_request"
+    );
+    assert_eq!(server.count(), 3);
+}
+
+#[test]
+fn request_hash_is_stable_and_sensitive_to_content() {
+    let req = ChatRequest {
+        tools: vec![lookup_tool()],
+        temperature: Some(0.7),
+        ..ask("fast", "Describe the mug")
+    };
+    let hash = request_hash(&req);
+    // Pinned: journals written by one build must match in the next.
+    assert_eq!(hash, request_hash(&req.clone()));
+    let round_trip: ChatRequest =
+        serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+    assert_eq!(request_hash(&round_trip), hash);
+    assert_eq!(
+        hash, PINNED_HASH,
+        "the canonical serialization changed; bump its version tag"
+    );
+    let mut changed = req.clone();
+    changed.messages[1].content.push('!');
+    assert_ne!(request_hash(&changed), hash);
+    let mut changed = req.clone();
+    changed.tools.clear();
+    assert_ne!(request_hash(&changed), hash);
+    assert!(estimate_prompt_tokens(&req) > estimate_prompt_tokens(&changed));
+}
+
+const PINNED_HASH: &str = "feb321038a57d8b648f6e946f588987b6cf1a1c0685807be9ada585ce7dd8642";
+
+#[test]
+fn cost_from_prices() {
+    let server = ModelServer::start();
+    let toml = format!(
+        "{}{}",
+        openai_alias(
+            &server,
+            "input_usd_per_mtok = 0.15\noutput_usd_per_mtok = 0.60"
+        ),
+        anthropic_alias(&server, "")
+    );
+    let providers = providers_for(&toml);
+    let usage = Usage {
+        input_tokens: 1_000_000,
+        output_tokens: 500_000,
+    };
+    let cost = providers.cost_usd("fast", &usage).unwrap();
+    assert!((cost - 0.45).abs() < 1e-9, "{cost}");
+    assert_eq!(
+        providers.cost_usd("smart", &usage),
+        None,
+        "no prices, no cost"
+    );
+    assert_eq!(providers.cost_usd("other", &usage), None);
+    assert_eq!(providers.default_max_tokens("fast"), Some(1024));
+    assert!(providers.has_alias("smart") && !providers.has_alias("other"));
+}

@@ -16,6 +16,7 @@ wit_bindgen::generate!({ path: "../../wit", world: "agent" });
 
 use crate::kit;
 use colony::agent::host;
+use colony::agent::model::{self, Message, ModelError, Request, Role};
 use colony::agent::types::{Failure, Level, Outcome, Task, TaskSpec};
 use exports::colony::agent::handler::Guest;
 
@@ -36,6 +37,45 @@ impl kit::Host for WitHost {
             kit::Level::Error => Level::Error,
         };
         host::log(level, message);
+    }
+
+    fn ask_json(
+        &mut self,
+        alias: &str,
+        system: &str,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> Result<String, kit::ModelRefusal> {
+        let message = |role, content: &str| Message {
+            role,
+            content: content.to_string(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        };
+        let request = Request {
+            model: alias.to_string(),
+            messages: vec![message(Role::System, system), message(Role::User, prompt)],
+            tools: Vec::new(),
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.7),
+            json: true,
+        };
+        match model::complete(&request) {
+            Ok(reply) => Ok(reply.content),
+            Err(ModelError::NotGranted(why)) => Err(kit::ModelRefusal::NotAvailable(why)),
+            Err(ModelError::BudgetExceeded(why)) => {
+                Err(kit::ModelRefusal::Failed(format!("budget exceeded: {why}")))
+            }
+            Err(ModelError::RateLimited(why)) => {
+                Err(kit::ModelRefusal::Failed(format!("rate limited: {why}")))
+            }
+            Err(ModelError::Unavailable(why)) => {
+                Err(kit::ModelRefusal::Failed(format!("unavailable: {why}")))
+            }
+            Err(ModelError::InvalidRequest(why)) => {
+                Err(kit::ModelRefusal::Failed(format!("invalid request: {why}")))
+            }
+        }
     }
 }
 

@@ -94,10 +94,35 @@ pub enum Level {
     Error,
 }
 
-/// What the host offers during a run (mirrors interface `host`).
+/// Why a model request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRefusal {
+    /// No model is granted or configured: use the deterministic fallback.
+    NotAvailable(String),
+    /// The call was made and failed (budget, rate limit, provider trouble).
+    Failed(String),
+}
+
+/// What the host offers during a run (mirrors interfaces `host` and `model`).
 pub trait Host {
     fn heartbeat(&mut self, progress: &str);
     fn log(&mut self, level: Level, message: &str);
+
+    /// Asks the model alias `alias` for one JSON object. Without a model
+    /// (native tests, a host with no `colony.toml`) the answer is
+    /// `NotAvailable`, and agents fall back to their templates.
+    fn ask_json(
+        &mut self,
+        alias: &str,
+        system: &str,
+        prompt: &str,
+        max_tokens: u32,
+    ) -> Result<String, ModelRefusal> {
+        let _ = (system, prompt, max_tokens);
+        Err(ModelRefusal::NotAvailable(format!(
+            "no model alias {alias:?} in this host"
+        )))
+    }
 
     fn info(&mut self, message: &str) {
         self.log(Level::Info, message);
@@ -332,6 +357,10 @@ pub fn truncate_chars(text: &str, max: usize) -> (String, bool) {
 pub struct Recorder {
     pub heartbeats: Vec<String>,
     pub logs: Vec<(Level, String)>,
+    /// Scripted answers to `ask_json`, in order; none left means no model.
+    pub model_answers: std::collections::VecDeque<Result<String, ModelRefusal>>,
+    /// `(alias, prompt)` of every `ask_json` call.
+    pub prompts: Vec<(String, String)>,
 }
 
 #[cfg(test)]
@@ -353,6 +382,18 @@ impl Host for Recorder {
     }
     fn log(&mut self, level: Level, message: &str) {
         self.logs.push((level, message.to_string()));
+    }
+    fn ask_json(
+        &mut self,
+        alias: &str,
+        _system: &str,
+        prompt: &str,
+        _max: u32,
+    ) -> Result<String, ModelRefusal> {
+        self.prompts.push((alias.to_string(), prompt.to_string()));
+        self.model_answers
+            .pop_front()
+            .unwrap_or_else(|| Err(ModelRefusal::NotAvailable("no model in tests".into())))
     }
 }
 

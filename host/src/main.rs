@@ -1,10 +1,9 @@
 //! The `colony` binary: parse arguments, set up logging, run, map errors to
-//! exit statuses (2 for bad input, 1 for anything else).
-
-use clap::Parser;
+//! exit statuses (2 for bad input, 1 for anything else, 0 when the reader
+//! of stdout went away).
 
 fn main() {
-    let cli = colony::cli::Cli::parse();
+    let cli = colony::cli::parse_args();
     let default_level = cli.command.default_log_level();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -18,6 +17,9 @@ fn main() {
         .build()
         .expect("starting the async runtime");
     if let Err(err) = runtime.block_on(colony::cli::run(cli)) {
+        if colony::cli::is_closed_stdout(&err) {
+            std::process::exit(0);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(colony::cli::exit_code(&err));
     }

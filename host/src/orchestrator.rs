@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::models::{ModelCall, ModelContext};
 use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
-use crate::runtime::{Agent, AgentDir, RunHooks, Runtime, TaskInput};
+use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 use crate::task::{ErrorKind, RunOutcome, State, TaskError};
 
 /// How the daemon behaves. Every field has the documented default.
@@ -126,6 +127,10 @@ pub enum DaemonError {
     Config(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error(
+        "the daemon stopped: {0}. Retrying cannot fix this (check the file's permissions, the disk and the colony version); no further work was claimed"
+    )]
+    Unusable(QueueError),
 }
 
 /// A run in flight.
@@ -135,13 +140,64 @@ struct InFlight {
     handle: JoinHandle<()>,
 }
 
-/// Latest progress text per task, written at the next heartbeat.
-#[derive(Default)]
-struct ProgressBoard(Mutex<HashMap<u64, Option<String>>>);
+/// The daemon's side of runs in flight: their latest progress texts (written
+/// at the next heartbeat) and their model journal.
+struct RunSide {
+    progress: Mutex<HashMap<i64, Option<String>>>,
+    /// A connection of the journal's own, opened at the first model call:
+    /// model calls are slow and rare, and neither they nor the daemon loop
+    /// should wait for the other.
+    journal: Arc<Mutex<Option<Queue>>>,
+    /// Opens that connection (a second one to the daemon's database).
+    open_journal: Arc<dyn Fn() -> Result<Queue, QueueError> + Send + Sync>,
+}
 
-impl RunHooks for ProgressBoard {
-    fn progress(&self, task_id: u64, progress: Option<String>) {
-        self.0.lock().unwrap().insert(task_id, progress);
+impl RunSide {
+    /// Runs `f` on the journal connection, on a blocking thread.
+    async fn with_journal<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, String> {
+        let (journal, open) = (self.journal.clone(), self.open_journal.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut slot = journal.lock().unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(open()?);
+            }
+            f(slot.as_mut().expect("opened above"))
+        })
+        .await
+        .map_err(|e| format!("the journal writer stopped: {e}"))?
+        .map_err(|e| e.to_string())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl RunHooks for RunSide {
+    fn progress(&self, task_id: i64, progress: Option<String>) {
+        self.progress.lock().unwrap().insert(task_id, progress);
+    }
+
+    async fn model_context(&self, lease: Lease) -> Result<ModelContext, String> {
+        self.with_journal(move |q| q.model_context(lease)).await
+    }
+
+    async fn record_model_call(
+        &self,
+        lease: Lease,
+        attempt: u32,
+        call: &ModelCall,
+    ) -> Result<(), String> {
+        let call = call.clone();
+        match self
+            .with_journal(move |q| q.record_model_call(lease, attempt, &call))
+            .await?
+        {
+            Applied::LeaseLost => {
+                Err("the run's lease was lost; the call was not journaled".into())
+            }
+            Applied::Moved(_) => Ok(()),
+        }
     }
 }
 
@@ -151,7 +207,7 @@ pub struct Daemon {
     agents: AgentDir,
     cfg: DaemonConfig,
     wake: Arc<Notify>,
-    progress: Arc<ProgressBoard>,
+    run_side: Arc<RunSide>,
     /// Runs executing now, by task id.
     inflight: HashMap<i64, InFlight>,
     /// Claimed (leased) tasks waiting for a free slot, by agent.
@@ -161,6 +217,9 @@ pub struct Daemon {
     unwritten_since: Option<Instant>,
     /// Set while stores fail: no new claims until they succeed again.
     write_backoff: Duration,
+    /// A database error that retrying cannot fix (read-only file, malformed
+    /// image, newer schema): the loop stops with it.
+    unusable: Option<QueueError>,
     /// Which agent claims first this round, so none starves the others.
     rotation: usize,
     /// Runs stopped because their lease was lost: a result they still send is dropped.
@@ -175,18 +234,24 @@ pub struct Daemon {
 impl Daemon {
     pub fn new(queue: Queue, runtime: Arc<Runtime>, agents: AgentDir, cfg: DaemonConfig) -> Daemon {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let run_side = Arc::new(RunSide {
+            progress: Mutex::default(),
+            journal: Arc::default(),
+            open_journal: Arc::new(queue.reopener()),
+        });
         Daemon {
             queue,
             runtime,
             agents,
             cfg,
             wake: Arc::new(Notify::new()),
-            progress: Arc::default(),
+            run_side,
             inflight: HashMap::new(),
             prefetched: HashMap::new(),
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,
+            unusable: None,
             rotation: 0,
             aborted: HashSet::new(),
             inflight_at_shutdown: Vec::new(),
@@ -240,7 +305,11 @@ impl Daemon {
             match self.fill_slots(claim) {
                 Ok(()) if claim => look = false,
                 Ok(()) => {}
+                Err(e) if e.is_permanent() => self.unusable = Some(e),
                 Err(e) => tracing::error!("claiming failed, will retry: {e}"),
+            }
+            if let Some(e) = self.unusable.take() {
+                return Err(DaemonError::Unusable(e));
             }
             if self.cfg.until_idle && self.is_quiet() {
                 match self.idle() {
@@ -335,6 +404,10 @@ impl Daemon {
                     self.count(run, applied);
                 }
             }
+            Err(e) if e.is_permanent() => {
+                self.unwritten = runs;
+                self.unusable = Some(e);
+            }
             Err(e) if e.is_transient() => {
                 self.write_backoff = (self.write_backoff * 2)
                     .clamp(Duration::from_millis(50), Duration::from_secs(5));
@@ -377,8 +450,13 @@ impl Daemon {
                 self.unwritten.push(run);
             }
             Err(e) => {
+                // An outcome refused as bad input is the agent's fault.
+                let kind = match e.is_bad_input() {
+                    true => ErrorKind::InvalidOutput,
+                    false => ErrorKind::Crash,
+                };
                 let failure = RunOutcome::Failure(TaskError {
-                    kind: ErrorKind::Crash,
+                    kind,
                     message: format!("the host could not store this run's outcome: {e}"),
                 });
                 let stored = tokio::task::block_in_place(|| {
@@ -450,13 +528,13 @@ impl Daemon {
         self.collect_finished();
         self.recover_vanished_runs();
         let leases = self.held_leases();
-        let progress: Vec<(u64, Option<String>)> =
-            self.progress.0.lock().unwrap().drain().collect();
+        let progress: Vec<(i64, Option<String>)> =
+            self.run_side.progress.lock().unwrap().drain().collect();
         let stale_after = self.cfg.stale_after;
         let queue = &mut self.queue;
         let result = tokio::task::block_in_place(|| -> Result<(Vec<Lease>, usize), QueueError> {
             for (task_id, text) in &progress {
-                if let Some(lease) = leases.iter().find(|l| l.task_id as u64 == *task_id) {
+                if let Some(lease) = leases.iter().find(|l| l.task_id == *task_id) {
                     queue.record_progress(*lease, text.as_deref())?;
                 }
             }
@@ -475,6 +553,10 @@ impl Daemon {
             Ok((lost, expired)) => {
                 self.drop_lost(&lost);
                 !lost.is_empty() || expired > 0
+            }
+            Err(e) if e.is_permanent() => {
+                self.unusable = Some(e);
+                false
             }
             Err(e) => {
                 tracing::error!("heartbeat failed, will retry: {e}");
@@ -627,20 +709,11 @@ impl Daemon {
         self.summary.runs += 1;
         let lease = task.lease;
         let runtime = self.runtime.clone();
-        let hooks: Arc<dyn RunHooks> = self.progress.clone();
+        let hooks: Arc<dyn RunHooks> = self.run_side.clone();
         let done = self.done_tx.clone();
-        let timeout = task.timeout_ms.map(Duration::from_millis);
-        let input = TaskInput {
-            id: lease.task_id as u64,
-            agent: task.agent.clone(),
-            payload: task.payload,
-            attempt: task.attempt,
-            max_attempts: task.max_attempts,
-            parent_result: task.parent_result,
-            feedback: task.feedback,
-        };
+        let agent_name = task.agent.clone();
         let handle = tokio::spawn(async move {
-            let report = runtime.run(&agent, input, timeout, hooks).await;
+            let report = runtime.run(&agent, &task, hooks).await;
             let _ = done.send(FinishedRun {
                 lease,
                 outcome: report.outcome,
@@ -653,7 +726,7 @@ impl Daemon {
         if let Some(old) = self.inflight.insert(
             lease.task_id,
             InFlight {
-                agent: task.agent,
+                agent: agent_name,
                 lease,
                 handle,
             },
@@ -706,12 +779,23 @@ impl Daemon {
             .map(|t| t.lease)
             .collect();
         self.release_all(&waiting);
+        // Finished work is stored as it finishes, exactly as in normal
+        // operation: a second signal or a SIGKILL during the grace must not
+        // discard it (and with it the run's attempt and effects).
+        self.collect_finished();
+        if !self.unwritten.is_empty() {
+            self.write_finished();
+        }
 
         let deadline = Instant::now() + self.cfg.grace;
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         while !self.inflight.is_empty() && Instant::now() < deadline {
             tokio::select! {
-                Some(run) = self.done_rx.recv() => self.accept(run),
+                Some(run) = self.done_rx.recv() => {
+                    self.accept(run);
+                    self.collect_finished();
+                    self.write_finished();
+                }
                 _ = tokio::time::sleep_until(deadline.min(next_heartbeat).into()) => {
                     if Instant::now() >= next_heartbeat {
                         next_heartbeat = Instant::now() + self.cfg.heartbeat;

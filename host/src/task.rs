@@ -191,10 +191,13 @@ pub enum ErrorKind {
     Cancelled,
     /// A reviewer rejected the result more often than `max_revisions` allows.
     Rejected,
+    /// A model call found no tokens left in the task's (or chain's) budget:
+    /// whatever the agent answered next, it is not retried.
+    BudgetExceeded,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Retryable,
         ErrorKind::Permanent,
         ErrorKind::Timeout,
@@ -206,6 +209,7 @@ impl ErrorKind {
         ErrorKind::LeaseExpired,
         ErrorKind::Cancelled,
         ErrorKind::Rejected,
+        ErrorKind::BudgetExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -221,6 +225,7 @@ impl ErrorKind {
             ErrorKind::LeaseExpired => "lease_expired",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Rejected => "rejected",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
         }
     }
 
@@ -237,6 +242,24 @@ impl ErrorKind {
                 | ErrorKind::OutOfFuel
                 | ErrorKind::StackOverflow
                 | ErrorKind::Crash
+        )
+    }
+}
+
+impl ErrorKind {
+    /// Whether a run that failed this way was interrupted rather than
+    /// answered: the next run may replay its model calls from the journal
+    /// (it would have asked the same questions). An answer of the agent's
+    /// own, good or bad, means it wants something different next time.
+    pub fn is_interruption(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Timeout
+                | ErrorKind::OutOfMemory
+                | ErrorKind::OutOfFuel
+                | ErrorKind::StackOverflow
+                | ErrorKind::Crash
+                | ErrorKind::LeaseExpired
         )
     }
 }
@@ -314,6 +337,9 @@ pub struct NewTask {
     pub timeout_ms: Option<u64>,
     /// Base of the exponential retry backoff, in milliseconds.
     pub backoff_ms: u64,
+    /// Tokens this task and every task of its chain may spend on model
+    /// calls together; `None` leaves each to its agent's manifest budget.
+    pub token_budget: Option<u64>,
 }
 
 impl NewTask {
@@ -333,8 +359,36 @@ impl NewTask {
             run_at: None,
             timeout_ms: None,
             backoff_ms: DEFAULT_BACKOFF_MS,
+            token_budget: None,
         }
     }
+}
+
+/// The right to write about one claimed task: every write about a claimed
+/// task is fenced on `(task_id, state = in_progress, token)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub task_id: i64,
+    pub token: i64,
+}
+
+/// A task claimed for one run: what the queue hands the daemon and the
+/// daemon hands the agent (the runtime maps it onto the WIT `task`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimedTask {
+    pub lease: Lease,
+    pub agent: String,
+    /// The task's input, a JSON document.
+    pub payload: String,
+    /// 1 on the first run.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// The result of the parent task that created this one, if any.
+    pub parent_result: Option<String>,
+    /// The reviewer's note after a rejection.
+    pub feedback: Option<String>,
+    /// This task's deadline per run, overriding the agent's.
+    pub timeout_ms: Option<u64>,
 }
 
 /// A child an agent asked for in its outcome (`outcome.spawn`).

@@ -169,12 +169,22 @@ fn a_chain_of_three_agents_via_next() {
     let root = env.submit(&["echo", r#"{"step":1}"#, "--next", next]);
     env.until_idle(&[]);
     let q = env.queue();
-    let second = q.children(root).unwrap();
+    let second = q
+        .children(root)
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
     assert_eq!(
         (second.len(), second[0].agent.as_str(), second[0].state),
         (1, "heartbeat", State::Complete)
     );
-    let third = q.children(second[0].id).unwrap();
+    let third = q
+        .children(second[0].id)
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
     assert_eq!(
         (third.len(), third[0].agent.as_str(), third[0].state),
         (1, "sleeper", State::Complete)
@@ -606,4 +616,71 @@ fn cancelling_a_running_task_stops_its_run() {
     assert_eq!(task.error.unwrap().message, "no longer needed");
     let events = env.queue().events(Some(id), 0, 100).unwrap();
     assert!(events.iter().all(|e| e.event != "complete"));
+}
+
+#[test]
+fn a_run_finishing_during_the_shutdown_grace_is_stored_at_once() {
+    let env = Env::new(&["sleeper"]);
+    let quick = env.submit(&["sleeper", r#"{"ms": 1500}"#]);
+    let slow = env.submit(&["sleeper", r#"{"ms": 120000}"#]);
+    let mut daemon = env.daemon(&["--grace", "60s", "--poll", "100ms", "--heartbeat", "200ms"]);
+    wait_for("both tasks to be claimed", Duration::from_secs(20), || {
+        [quick, slow]
+            .iter()
+            .all(|id| env.queue().get(*id).unwrap().state == State::InProgress)
+    });
+    signal(&daemon, "-TERM");
+    // The slow run keeps the daemon in its grace; the quick one finishes
+    // meanwhile and must be stored then, not when the grace ends.
+    wait_for(
+        "the quick run to be stored during the grace",
+        Duration::from_secs(20),
+        || env.queue().get(quick).unwrap().state == State::Complete,
+    );
+    assert!(daemon.try_wait().unwrap().is_none(), "still in its grace");
+    signal(&daemon, "-KILL");
+    daemon.wait().unwrap();
+    let task = env.queue().get(quick).unwrap();
+    assert_eq!((task.state, task.attempts), (State::Complete, 1));
+}
+
+#[test]
+fn a_daemon_on_a_database_it_cannot_write_exits_1_with_one_message() {
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    // Root ignores file modes, so make the file immutable; where chattr is
+    // not allowed, a schema newer than this build is the permanent error.
+    let immutable = Command::new("chattr")
+        .args(["+i", env.db().to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !immutable {
+        let conn = rusqlite::Connection::open(env.db()).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let started = Instant::now();
+    let out = env
+        .cmd()
+        .args(["daemon", "--poll", "100ms"])
+        .output()
+        .unwrap();
+    if immutable {
+        Command::new("chattr")
+            .args(["-i", env.db().to_str().unwrap()])
+            .status()
+            .unwrap();
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "it stopped instead of spinning"
+    );
+    let expected = if immutable {
+        "readonly database"
+    } else {
+        "newer than this colony knows"
+    };
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(!stderr.contains("will retry"), "no retry loop: {stderr}");
 }

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use colony::runtime::{RunHooks, TaskInput};
+use colony::runtime::RunHooks;
+use colony::task::{ClaimedTask, Lease};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State};
 use serde_json::{Value, json};
 
@@ -96,7 +97,15 @@ impl StoreChecks for Harness {
             error.message
         );
         assert!(task.result.is_none());
-        assert!(self.queue().children(id).unwrap().is_empty());
+        assert!(
+            self.queue()
+                .children(id)
+                .unwrap()
+                .into_iter()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .is_empty()
+        );
         let log = self.log(id);
         assert!(
             log.contains(&format!("[warn] giving up: {}", error.message)),
@@ -216,7 +225,13 @@ async fn design_specs_a_brief_and_its_code_child_renders_it_escaped() {
     );
 
     // Exactly one child: `code`, which rendered the page from the parent's result.
-    let children = h.queue().children(id).unwrap();
+    let children = h
+        .queue()
+        .children(id)
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
     assert_eq!(children.len(), 1, "{children:?}");
     let child = &children[0];
     assert_eq!(
@@ -313,8 +328,7 @@ async fn a_payload_that_is_not_json_is_refused_at_submit_and_by_the_agent() {
     let report = runtime
         .run(
             &agents.loaded("design").unwrap(),
-            input("design", "{name: Lumen"),
-            None,
+            &input("design", "{name: Lumen"),
             Arc::new(Progress::default()),
         )
         .await;
@@ -346,7 +360,15 @@ async fn code_renders_a_spec_from_its_payload() {
     let id = h.submit(new_task("code", &spec()));
     h.run_until_idle().await;
     let page = h.completed(id);
-    assert!(h.queue().children(id).unwrap().is_empty());
+    assert!(
+        h.queue()
+            .children(id)
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .is_empty()
+    );
     assert_eq!(page["title"], "Tide & Stone");
     let html = page["html"].as_str().unwrap();
     assert_eq!(page["bytes"], html.len());
@@ -539,14 +561,22 @@ async fn marketing_copy_waits_for_review_and_a_rejection_is_applied() {
         [
             "submit",
             "claim",
+            "model_call",
             "await_review",
             "reject",
             "claim",
+            "model_call",
             "await_review",
             "approve"
         ]
     );
     assert_eq!(h.events(id, "reject")[0].detail["note"], "make it shorter");
+    // No model is configured here: the agent asked, was refused, and used
+    // its template; the refusal is on the trail like any call.
+    for call in h.events(id, "model_call") {
+        assert_eq!(call.detail["status"], "not_granted");
+    }
+    assert_eq!(h.task(id).result.unwrap()["written_by"], "template");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,20 +775,24 @@ async fn ops_reports_every_broken_rule_and_flags_low_stock() {
 struct Progress(Mutex<Vec<Option<String>>>);
 
 impl RunHooks for Progress {
-    fn progress(&self, _task: u64, progress: Option<String>) {
+    fn progress(&self, _task: i64, progress: Option<String>) {
         self.0.lock().unwrap().push(progress);
     }
 }
 
-fn input(agent: &str, payload: &str) -> TaskInput {
-    TaskInput {
-        id: 1,
+fn input(agent: &str, payload: &str) -> ClaimedTask {
+    ClaimedTask {
+        lease: Lease {
+            task_id: 1,
+            token: 1,
+        },
         agent: agent.into(),
         payload: payload.into(),
         attempt: 1,
         max_attempts: 3,
         parent_result: None,
         feedback: None,
+        timeout_ms: None,
     }
 }
 
@@ -799,8 +833,7 @@ async fn every_agent_heartbeats_and_logs_through_the_runtime() {
         let report = runtime
             .run(
                 &agents.loaded(agent).unwrap(),
-                input(agent, &payload),
-                None,
+                &input(agent, &payload),
                 progress.clone(),
             )
             .await;

@@ -5,7 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use colony::runtime::{AgentDir, AgentStatus, NoHooks, RunHooks, TaskInput};
+use colony::runtime::{AgentDir, AgentStatus, NoHooks, RunHooks};
+use colony::task::{ClaimedTask, Lease};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State, Task};
 use colony_tests::{agents_dir_with, guest_path, write_agent};
 
@@ -84,24 +85,24 @@ async fn a_spinning_guest_does_not_block_other_runs_on_one_thread() {
         agents.loaded("spin").unwrap(),
         agents.loaded("echo").unwrap(),
     );
-    let input = |agent: &str| TaskInput {
-        id: 1,
+    let input = |agent: &str, timeout_ms| ClaimedTask {
+        lease: Lease {
+            task_id: 1,
+            token: 1,
+        },
         agent: agent.into(),
         payload: "{}".into(),
         attempt: 1,
         max_attempts: 1,
         parent_result: None,
         feedback: None,
+        timeout_ms,
     };
-    let spinning = runtime.run(
-        &spin,
-        input("spin"),
-        Some(Duration::from_secs(2)),
-        Arc::new(NoHooks),
-    );
+    let spin_task = input("spin", Some(2000));
+    let spinning = runtime.run(&spin, &spin_task, Arc::new(NoHooks));
     let echoing = async {
         let report = runtime
-            .run(&echo, input("echo"), None, Arc::new(NoHooks))
+            .run(&echo, &input("echo", None), Arc::new(NoHooks))
             .await;
         (report, Instant::now())
     };
@@ -247,7 +248,13 @@ async fn spawned_children_run_after_their_parent() {
     let id = h.submit(new_task("spawner", payload));
     h.run_until_idle().await;
     assert_eq!(h.task(id).result, Some(json!({"spawned": 2})));
-    let children = h.queue().children(id).unwrap();
+    let children = h
+        .queue()
+        .children(id)
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
     assert_eq!(children.len(), 2);
     for child in &children {
         assert_eq!(child.state, State::Complete);
@@ -272,7 +279,15 @@ async fn invalid_output_fails_permanently_and_applies_nothing() {
             (State::Failed, 1, ErrorKind::InvalidOutput)
         );
         assert!(task.result.is_none());
-        assert!(h.queue().children(id).unwrap().is_empty());
+        assert!(
+            h.queue()
+                .children(id)
+                .unwrap()
+                .into_iter()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .is_empty()
+        );
     }
     assert!(
         h.task(badspawn)
@@ -285,7 +300,7 @@ async fn invalid_output_fails_permanently_and_applies_nothing() {
 
 struct Recorder(Mutex<Vec<Option<String>>>);
 impl RunHooks for Recorder {
-    fn progress(&self, _task: u64, progress: Option<String>) {
+    fn progress(&self, _task: i64, progress: Option<String>) {
         self.0.lock().unwrap().push(progress);
     }
 }
@@ -296,20 +311,23 @@ async fn heartbeats_report_progress_and_logs_keep_every_level() {
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
-    let input = TaskInput {
-        id: 7,
+    let input = ClaimedTask {
+        lease: Lease {
+            task_id: 7,
+            token: 1,
+        },
         agent: "heartbeat".into(),
         payload: "{}".into(),
         attempt: 1,
         max_attempts: 3,
         parent_result: None,
         feedback: None,
+        timeout_ms: None,
     };
     let report = runtime
         .run(
             &agents.loaded("heartbeat").unwrap(),
-            input,
-            None,
+            &input,
             recorder.clone(),
         )
         .await;

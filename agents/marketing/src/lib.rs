@@ -131,6 +131,9 @@ pub struct Copy {
     pub social: Vec<Post>,
     pub revision: u32,
     pub addressed_feedback: Option<String>,
+    /// `template`, or `model:<alias>` when a granted model wrote the tagline
+    /// and the e-mail.
+    pub written_by: String,
 }
 
 /// How the copy was written, for the run's logs.
@@ -281,6 +284,7 @@ pub fn write_copy(brief: &Brief, attempt: u32, feedback: Option<&str>) -> (Copy,
         social,
         revision: revision(attempt, feedback),
         addressed_feedback: feedback.map(str::to_string),
+        written_by: "template".into(),
     };
     (
         copy,
@@ -290,6 +294,74 @@ pub fn write_copy(brief: &Brief, attempt: u32, feedback: Option<&str>) -> (Copy,
             truncated,
         },
     )
+}
+
+/// The model alias the marketing agent asks for copy (granted in its manifest).
+pub const COPY_MODEL: &str = "copy";
+
+const COPY_SYSTEM: &str = "You write launch copy for an online store. Answer with one JSON object \
+     {\"tagline\": string, \"subject\": string, \"body\": string}: a tagline under 90 characters, \
+     an e-mail subject and a short, friendly e-mail body. No claims the brief does not make.";
+
+/// The prompt for the copy model: the brief, and the reviewer's note on a revision.
+pub fn copy_prompt(brief: &Brief, feedback: Option<&str>) -> String {
+    let mut prompt = format!(
+        "Product: {}\nAudience: {}\nFeatures:\n",
+        brief.name, brief.audience
+    );
+    for feature in &brief.features {
+        prompt.push_str(&format!("- {feature}\n"));
+    }
+    if let Some(note) = feedback.map(str::trim).filter(|n| !n.is_empty()) {
+        prompt.push_str(&format!(
+            "\nA reviewer rejected the previous draft with this note; address it: {note}\n"
+        ));
+    }
+    prompt
+}
+
+#[derive(serde::Deserialize)]
+struct ModelCopy {
+    tagline: String,
+    subject: String,
+    body: String,
+}
+
+/// Lets the granted model write the tagline and the e-mail. Without a model
+/// the template copy stands; an answer that is not the asked-for JSON is
+/// logged and the template stands too; a failed call (budget, provider
+/// trouble) is a retryable failure of the run.
+fn write_with_model(
+    brief: &Brief,
+    feedback: Option<&str>,
+    copy: &mut Copy,
+    host: &mut dyn Host,
+) -> Result<(), Failure> {
+    let prompt = copy_prompt(brief, feedback);
+    match host.ask_json(COPY_MODEL, COPY_SYSTEM, &prompt, 600) {
+        Ok(text) => match serde_json::from_str::<ModelCopy>(&text) {
+            Ok(m) if !m.tagline.trim().is_empty() && !m.body.trim().is_empty() => {
+                copy.tagline = m.tagline.trim().to_string();
+                copy.email.subject = m.subject.trim().to_string();
+                copy.email.body = m.body.trim().to_string();
+                copy.written_by = format!("model:{COPY_MODEL}");
+                host.info("the copy model wrote the tagline and the e-mail");
+            }
+            _ => {
+                host.warn("the copy model's answer was not the JSON asked for; using the template")
+            }
+        },
+        Err(kit::ModelRefusal::NotAvailable(why)) => {
+            host.info(&format!("no copy model ({why}); using the template"));
+        }
+        Err(kit::ModelRefusal::Failed(why)) => {
+            return Err(kit::report(
+                host,
+                Failure::Retryable(format!("the copy model failed: {why}")),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One run: read the brief, write the copy, and ask for review.
@@ -330,6 +402,8 @@ pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
             "the {platform} post was cut to its {limit}-character limit"
         ));
     }
+    let mut copy = copy;
+    write_with_model(&brief, task.feedback.as_deref(), &mut copy, host)?;
     host.info(&format!("tagline: {}", copy.tagline));
     host.info("copy is ready and waits for review before it is published");
 

@@ -87,7 +87,8 @@ fn first_draft_without_feedback() {
     }
     assert_eq!(out["revision"], 1);
     assert_eq!(out["addressed_feedback"], Value::Null);
-    assert_eq!(out.as_object().unwrap().len(), 5);
+    assert_eq!(out["written_by"], "template");
+    assert_eq!(out.as_object().unwrap().len(), 6);
     assert!(!host.heartbeats.is_empty());
     assert!(host.count(Level::Info) >= 3);
     assert_eq!(host.count(Level::Warn), 0, "{:?}", host.logs);
@@ -313,5 +314,63 @@ fn bad_payloads_are_permanent_failures_naming_the_field() {
         let mut b = brief();
         b[field] = value;
         assert_eq!(permanent(&b.to_string()), expected);
+    }
+}
+
+fn with_model(answer: Result<String, kit::ModelRefusal>) -> Recorder {
+    Recorder {
+        model_answers: [answer].into(),
+        ..Recorder::default()
+    }
+}
+
+#[test]
+fn a_granted_model_writes_the_tagline_and_the_email() {
+    let answer = json!({"tagline": "Hot coffee, no spills.", "subject": "Meet your mug", "body": "Hello commuters!"});
+    let mut host = with_model(Ok(answer.to_string()));
+    let done = run(&task(&brief(), 1, None), &mut host).unwrap();
+    let out: Value = serde_json::from_str(&done.output).unwrap();
+    assert_eq!(out["tagline"], "Hot coffee, no spills.");
+    assert_eq!(out["email"]["subject"], "Meet your mug");
+    assert_eq!(out["email"]["body"], "Hello commuters!");
+    assert_eq!(out["written_by"], "model:copy");
+    let (alias, prompt) = &host.prompts[0];
+    assert_eq!(alias, COPY_MODEL);
+    assert!(
+        prompt.contains("Acme Travel Mug") && prompt.contains("- leak-proof lid"),
+        "{prompt}"
+    );
+    assert!(!prompt.contains("reviewer"), "{prompt}");
+}
+
+#[test]
+fn the_reviewers_note_goes_into_the_revision_prompt() {
+    let mut host = with_model(Err(kit::ModelRefusal::NotAvailable("none".into())));
+    run(&task(&brief(), 1, Some("mention the audience")), &mut host).unwrap();
+    assert!(
+        host.prompts[0]
+            .1
+            .contains("address it: mention the audience"),
+        "{:?}",
+        host.prompts
+    );
+    assert!(host.logged(Level::Info, "using the template"));
+}
+
+#[test]
+fn an_answer_that_is_not_the_json_asked_for_keeps_the_template() {
+    let mut host = with_model(Ok("Sure! Here is some copy.".into()));
+    let done = run(&task(&brief(), 1, None), &mut host).unwrap();
+    let out: Value = serde_json::from_str(&done.output).unwrap();
+    assert_eq!(out["written_by"], "template");
+    assert!(host.logged(Level::Warn, "not the JSON asked for"));
+}
+
+#[test]
+fn a_failed_model_call_is_a_retryable_failure() {
+    let mut host = with_model(Err(kit::ModelRefusal::Failed("unavailable: 503".into())));
+    match run(&task(&brief(), 1, None), &mut host) {
+        Err(Failure::Retryable(message)) => assert!(message.contains("503"), "{message}"),
+        other => panic!("expected a retryable failure, got {other:?}"),
     }
 }

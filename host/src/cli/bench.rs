@@ -12,8 +12,9 @@ use serde_json::json;
 
 use crate::orchestrator::{Daemon, DaemonConfig};
 use crate::queue::{Queue, QueueOptions, Sync};
-use crate::runtime::{AgentDir, NoHooks, Runtime, RuntimeConfig, TaskInput};
+use crate::runtime::{AgentDir, NoHooks, Runtime, RuntimeConfig};
 use crate::task::NewTask;
+use crate::task::{ClaimedTask, Lease};
 
 /// The no-op guest (tests/guests/noop), built and embedded by build.rs.
 pub const NOOP_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_NOOP"));
@@ -129,17 +130,22 @@ async fn host_overhead(runtime: &Runtime, agents: &Path) -> Result<Vec<Duration>
         .loaded("noop")
         .context("the no-op component did not load")?;
     let mut samples = Vec::with_capacity(2000);
-    for i in 0..2200u64 {
-        let input = TaskInput {
-            id: i,
+    let hooks: Arc<NoHooks> = Arc::new(NoHooks);
+    for i in 0..2200i64 {
+        let task = ClaimedTask {
+            lease: Lease {
+                task_id: i,
+                token: 1,
+            },
             agent: "noop".into(),
             payload: "{}".into(),
             attempt: 1,
             max_attempts: 3,
             parent_result: None,
             feedback: None,
+            timeout_ms: None,
         };
-        let report = runtime.run(&agent, input, None, Arc::new(NoHooks)).await;
+        let report = runtime.run(&agent, &task, hooks.clone()).await;
         if i >= 200 {
             samples.push(report.elapsed); // the first runs warm caches and the pool
         }
@@ -184,13 +190,11 @@ async fn round(
     let started = Instant::now();
     queue.submit_batch(&tasks)?;
     let enqueue = started.elapsed();
-    let first_id = queue.list(&crate::queue::ListFilter {
+    let newest = crate::queue::all_readable(queue.list(&crate::queue::ListFilter {
         limit: Some(1),
         ..Default::default()
-    })?[0]
-        .id
-        - args.tasks as i64
-        + 1;
+    })?)?;
+    let first_id = newest[0].id - args.tasks as i64 + 1;
 
     let mut dir = AgentDir::new(agents);
     dir.rescan(runtime).await;

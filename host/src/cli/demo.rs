@@ -16,7 +16,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::orchestrator::{Daemon, DaemonConfig};
-use crate::queue::{ListFilter, Queue};
+use crate::queue::{ListFilter, Queue, all_readable};
 use crate::runtime::AgentDir;
 use crate::task::{NewTask, State, Task};
 
@@ -130,7 +130,7 @@ pub async fn demo(args: &DemoArgs, agents_dir: &Path) -> Result<bool> {
     }
     until_idle().await?;
 
-    let tasks = queue.list(&ListFilter::default())?;
+    let tasks = all_readable(queue.list(&ListFilter::default())?)?;
     let pages = save_pages(&queue, &launches, &args.dir.join("pages"))?;
     print_table(&queue, &tasks)?;
     print_tree(&queue, &launches)?;
@@ -202,6 +202,7 @@ fn save_pages(queue: &Queue, launches: &[Launch], dir: &Path) -> Result<Vec<(Str
         let Some(code) = queue
             .children(launch.design)?
             .into_iter()
+            .flatten()
             .find(|c| c.agent == "code")
         else {
             continue;
@@ -278,7 +279,7 @@ fn print_tree(queue: &Queue, launches: &[Launch]) -> Result<()> {
             "  {} — design #{} [{}]",
             launch.name, design.id, design.state
         )?;
-        for child in queue.children(launch.design)? {
+        for child in queue.children(launch.design)?.into_iter().flatten() {
             writeln!(
                 out,
                 "    ├─ spawned {} #{} [{}]",
@@ -333,7 +334,8 @@ fn check_expectations(
         }
         if queue
             .children(launch.design)?
-            .iter()
+            .into_iter()
+            .flatten()
             .all(|c| c.agent != "code")
         {
             problems.push(format!("design for {} spawned no code task", launch.name));

@@ -5,12 +5,14 @@
 mod bench;
 mod demo;
 mod output;
+mod rfc3339;
 mod torture;
+mod usage;
 
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
@@ -39,6 +41,59 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
                 .is_some_and(QueueError::is_bad_input)
     });
     if bad_input { 2 } else { 1 }
+}
+
+/// Parses the command line, exiting 2 on bad arguments as clap does; for
+/// arguments that are not UTF-8 it also says which (clap does not).
+pub fn parse_args() -> Cli {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    Cli::try_parse_from(&args).unwrap_or_else(|err| {
+        if err.kind() != clap::error::ErrorKind::InvalidUtf8 {
+            err.exit()
+        }
+        let _ = err.print();
+        for line in non_utf8_args(&args) {
+            eprintln!("note: {line}");
+        }
+        std::process::exit(2)
+    })
+}
+
+/// One line for each argument that is not UTF-8, naming its flag.
+fn non_utf8_args(args: &[std::ffi::OsString]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (i, arg) in args.iter().enumerate().skip(1) {
+        if arg.to_str().is_some() {
+            continue;
+        }
+        let lossy = arg.to_string_lossy();
+        let flag = match lossy.split_once('=') {
+            Some((flag, _)) if flag.starts_with("--") => Some(flag.to_string()),
+            _ => args[i - 1]
+                .to_str()
+                .filter(|prev| prev.starts_with('-'))
+                .map(String::from),
+        };
+        lines.push(match flag {
+            Some(flag) => format!("the value of {flag} is not valid UTF-8: {arg:?}"),
+            None => format!("argument {i} is not valid UTF-8: {arg:?}"),
+        });
+    }
+    lines
+}
+
+/// Whether the error is only that the reader of stdout went away (`colony
+/// list | head -1`), after which conventional tools exit 0 without a word.
+pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        let kind = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => Some(io.kind()),
+            None => cause
+                .downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind),
+        };
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 #[derive(Parser, Debug)]
@@ -79,20 +134,23 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
         /// At most this many tasks.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
         limit: u32,
     },
     /// Show one task: its fields, audit events, run logs and result.
-    Show { id: i64 },
+    Show {
+        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
+        id: i64,
+    },
     /// Counts by state and agent, the oldest ready task, leases held, agents.
     Status,
     /// The audit trail as JSON Lines: id, at, task_id, from, to, actor, detail.
     Events {
         /// Only events of this task.
-        #[arg(long)]
+        #[arg(long, value_parser = task_id(), allow_negative_numbers = true)]
         task: Option<i64>,
         /// Only events after this event id.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..), allow_negative_numbers = true)]
         since: i64,
         /// Keep printing new events as they happen (Ctrl-C to stop).
         #[arg(long)]
@@ -100,6 +158,7 @@ pub enum Command {
     },
     /// Approve or reject a task waiting in review.
     Review {
+        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
         /// approve or reject
         verdict: Verdict,
@@ -108,9 +167,13 @@ pub enum Command {
         note: Option<String>,
     },
     /// Revive a failed or cancelled task (attempts reset).
-    Retry { id: i64 },
+    Retry {
+        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
+        id: i64,
+    },
     /// Cancel a task that has not finished, and every task depending on it.
     Cancel {
+        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
         /// Why (recorded on the task and its dependents).
         #[arg(long, default_value = "cancelled by a user")]
@@ -165,7 +228,7 @@ pub struct SubmitArgs {
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
     /// Runs before the task fails for good (default 3).
-    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS)]
+    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
     pub max_attempts: u32,
     /// Hold the result in `review` until approved.
     #[arg(long)]
@@ -178,22 +241,24 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub next: Option<String>,
     /// Wait for this task to complete first (repeatable).
-    #[arg(long = "after", value_name = "ID")]
+    #[arg(long = "after", value_name = "ID", value_parser = task_id(), allow_negative_numbers = true)]
     pub after: Vec<i64>,
     /// Idempotency key: submitting the same key again returns the first task.
     #[arg(long)]
     pub key: Option<String>,
     /// Run no earlier than this long from now (e.g. 10s, 5m).
-    #[arg(long = "in", value_name = "DURATION", conflicts_with = "at", value_parser = parse_duration)]
+    #[arg(long = "in", value_name = "DURATION", conflicts_with = "at", value_parser = parse_delay, allow_hyphen_values = true)]
     pub in_: Option<Duration>,
-    /// Run no earlier than this time (RFC 3339, e.g. 2026-11-27T18:00:00Z).
+    /// Run no earlier than this time (RFC 3339, e.g. 2026-11-27T18:00:00Z or
+    /// 2026-11-27T18:00:00+01:00; UTC when the offset is left out).
     #[arg(long, value_parser = parse_time)]
-    pub at: Option<SystemTime>,
-    /// Wall-clock budget per run (default: the agent's, 5m unless its manifest says otherwise).
-    #[arg(long, value_parser = parse_duration)]
+    pub at: Option<i64>,
+    /// Wall-clock budget per run, at most a year (default: the agent's, 5m
+    /// unless its manifest says otherwise).
+    #[arg(long, value_parser = parse_timeout, allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
-    /// Base of the exponential retry backoff (default 10s).
-    #[arg(long, value_parser = parse_duration)]
+    /// Base of the exponential retry backoff, at most 10m (default 10s).
+    #[arg(long, value_parser = parse_backoff, allow_hyphen_values = true)]
     pub backoff: Option<Duration>,
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
     /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,
@@ -205,42 +270,94 @@ pub struct SubmitArgs {
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// How often to look for work when nothing wakes the daemon.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll: Duration,
-    /// Most runs in flight at once, across all agents.
-    #[arg(long, default_value_t = 16)]
+    /// Most runs in flight at once, across all agents (1 to 4096).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
     /// How often to renew this daemon's leases (and reap stale ones).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub heartbeat: Duration,
     /// Reset a lease that has not been renewed for this long.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub stale_after: Duration,
     /// On SIGINT/SIGTERM, how long to let runs finish before releasing them.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace: Duration,
     /// Most tasks taken per claim transaction; those beyond the free slots
     /// wait in the daemon, leased. Larger is faster under load.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub claim_batch: usize,
     /// Exit 0 once no runnable task remains for the loaded agents.
     #[arg(long)]
     pub until_idle: bool,
 }
 
+/// Upper bounds of the daemon's counts: far above any useful setting, low
+/// enough that the instance pool sized from them cannot overflow.
+const MAX_CONCURRENCY: i64 = 4096;
+const MAX_CLAIM_BATCH: u64 = 4096;
+/// The longest `--timeout`: no run needs more, and a year of ms fits every
+/// integer the queue stores it in.
+const MAX_TIMEOUT: Duration = Duration::from_secs(31_557_600); // 365.25 days
+
+/// A positive task id.
+fn task_id() -> clap::builder::RangedI64ValueParser<i64> {
+    clap::value_parser!(i64).range(1..)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 10s, 5m)"))
 }
 
-fn parse_time(s: &str) -> Result<SystemTime, String> {
-    humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("{e} (use RFC 3339, e.g. 2026-11-27T18:00:00Z)"))
+/// A duration no longer than `max`, whose name is `what` in the message.
+fn duration_at_most(s: &str, max: Duration, what: &str) -> Result<Duration, String> {
+    let value = parse_duration(s)?;
+    if value > max {
+        return Err(format!(
+            "{s} is too long: {what} is at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(value)
 }
 
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    duration_at_most(s, MAX_TIMEOUT, "a run's wall-clock budget")
+}
+
+fn parse_backoff(s: &str) -> Result<Duration, String> {
+    duration_at_most(s, crate::retry::MAX_BACKOFF, "the wait between retries")
+}
+
+/// `--in`: a delay that lands no later than the latest time `--at` takes.
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    let delay = parse_duration(s)?;
+    let fits = i64::try_from(delay.as_millis())
+        .ok()
+        .and_then(|ms| crate::queue::now_ms().checked_add(ms))
+        .is_some_and(|at| at <= rfc3339::MAX_MS);
+    if !fits {
+        return Err(format!(
+            "{s} from now is after 9999-12-31T23:59:59.999Z, the latest time accepted (as by --at)"
+        ));
+    }
+    Ok(delay)
+}
+
+/// An RFC 3339 time as ms since the Unix epoch.
+fn parse_time(s: &str) -> Result<i64, String> {
+    rfc3339::parse(s).map_err(|e| {
+        format!("{e} (use RFC 3339, e.g. 2026-11-27T18:00:00Z or 2026-11-27T18:00:00+01:00)")
+    })
+}
+
+/// When a task delayed by `delay` from now may run, in ms since the epoch.
+fn run_at_after(delay: Duration) -> i64 {
+    let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    crate::queue::now_ms()
+        .saturating_add(ms)
+        .min(rfc3339::MAX_MS)
 }
 
 /// This process's identity as a queue actor: host, pid and start time.
@@ -294,15 +411,26 @@ pub async fn run(cli: Cli) -> Result<()> {
                 agent: agent.clone(),
                 limit: Some(*limit),
             })?;
-            output::print_tasks(&tasks, cli.json)
+            let usages = tasks
+                .iter()
+                .map(|row| match row {
+                    Ok(task) => queue.usage(task.id),
+                    Err(_) => Ok(Default::default()),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            output::print_tasks(&tasks, &usages, cli.json)
         }
         Command::Show { id } => {
             let queue = open_queue(&cli.db, &identity("cli"))?;
-            let task = queue.get(*id)?;
-            let events = queue.events(Some(*id), 0, u32::MAX)?;
-            let logs = queue.logs(*id)?;
-            let children = queue.children(*id)?;
-            output::print_task_detail(&task, &events, &logs, &children, cli.json)
+            let detail = output::TaskDetail {
+                task: queue.get(*id)?,
+                events: queue.events(Some(*id), 0, u32::MAX)?,
+                logs: queue.logs(*id)?,
+                children: queue.children(*id)?,
+                usage: queue.usage(*id)?,
+                model_calls: queue.model_calls(*id)?,
+            };
+            output::print_task_detail(&detail, cli.json)
         }
         Command::Status => status(&cli).await,
         Command::Events {
@@ -392,20 +520,34 @@ async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
     output::print_submitted(&queue, &submitted, cli.json)
 }
 
+/// Warns about every agent the tasks name (to run them, to review them,
+/// or to run their `--next` chain) that has no component yet.
 fn warn_about_missing_agents(dir: &Path, tasks: &[NewTask]) {
-    let mut missing: Vec<&str> = tasks
-        .iter()
-        .map(|t| t.agent.as_str())
-        .filter(|agent| !dir.join(format!("{agent}.wasm")).is_file())
-        .collect();
-    missing.sort();
-    missing.dedup();
-    for agent in missing {
-        eprintln!(
-            "warning: no agent {agent:?} in {} yet; the task waits until {}/{agent}.wasm appears",
-            dir.display(),
-            dir.display()
-        );
+    let mut named = Vec::new();
+    for task in tasks {
+        named.push((task.agent.as_str(), "the task waits"));
+        if let Some(reviewer) = &task.reviewer {
+            named.push((reviewer.as_str(), "its review waits"));
+        }
+        chain_agents(&task.next, &mut named);
+    }
+    let mut warned = std::collections::HashSet::new();
+    for (agent, waits) in named {
+        if !dir.join(format!("{agent}.wasm")).is_file() && warned.insert(agent) {
+            eprintln!(
+                "warning: no agent {agent:?} in {} yet; {waits} until {}/{agent}.wasm appears",
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
+}
+
+/// The agents of a `--next` chain, with what waits for them.
+fn chain_agents<'a>(specs: &'a [NextSpec], named: &mut Vec<(&'a str, &'static str)>) {
+    for spec in specs {
+        named.push((spec.agent.as_str(), "the chained task waits"));
+        chain_agents(&spec.next, named);
     }
 }
 
@@ -436,9 +578,8 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
         task.next = parse_next(next)?;
     }
     task.run_at = match (args.in_, args.at) {
-        (Some(delay), _) => Some(crate::queue::now_ms() + delay.as_millis() as i64),
-        (None, Some(at)) => Some(millis(at)),
-        (None, None) => None,
+        (Some(delay), _) => Some(run_at_after(delay)),
+        (None, at) => at,
     };
     task.timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
     if let Some(backoff) = args.backoff {
@@ -541,21 +682,15 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
         task.depends_on = parsed.after;
         task.key = parsed.key;
         if let Some(t) = parsed.timeout {
-            task.timeout_ms = Some(
-                parse_duration(&t)
-                    .map_err(|e| at(format!("invalid timeout: {e}")))?
-                    .as_millis() as u64,
-            );
+            let timeout = parse_timeout(&t).map_err(|e| at(format!("invalid timeout: {e}")))?;
+            task.timeout_ms = Some(timeout.as_millis() as u64);
         }
         if let Some(b) = parsed.backoff {
-            task.backoff_ms = parse_duration(&b)
-                .map_err(|e| at(format!("invalid backoff: {e}")))?
-                .as_millis() as u64;
+            let backoff = parse_backoff(&b).map_err(|e| at(format!("invalid backoff: {e}")))?;
+            task.backoff_ms = backoff.as_millis() as u64;
         }
         if let Some(r) = parsed.run_at {
-            task.run_at = Some(millis(
-                parse_time(&r).map_err(|e| at(format!("invalid run_at: {e}")))?,
-            ));
+            task.run_at = Some(parse_time(&r).map_err(|e| at(format!("invalid run_at: {e}")))?);
         }
         tasks.push(task);
     }
@@ -576,7 +711,8 @@ async fn status(cli: &Cli) -> Result<()> {
     let oldest_ready = queue.oldest_ready_at()?;
     let leases = queue.leases_by_holder()?;
     let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1).await?;
-    output::print_status(&counts, oldest_ready, &leases, &agents, cli.json)
+    let spend = queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?;
+    output::print_status(&counts, oldest_ready, &leases, &spend, &agents, cli.json)
 }
 
 async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Result<()> {

@@ -2,19 +2,24 @@
 //! queue's snake_case field names; times are RFC 3339 strings.
 
 use std::io::Write;
-use std::time::{Duration, UNIX_EPOCH};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::{Value, json};
 
+use super::usage::{model_calls_json, print_model_calls, print_spend, spend_json, usage_json};
 use crate::orchestrator::DaemonSummary;
-use crate::queue::{AuditEvent, Queue, RunLog, Submitted};
+use crate::queue::{
+    AuditEvent, ModelCallRow, Queue, RunLog, SpendRow, Submitted, TaskRow, TaskUsage,
+    UnreadableTask,
+};
 use crate::runtime::{AgentDir, AgentStatus};
 use crate::task::{State, Task};
 
+/// A stored time (ms since the Unix epoch) as RFC 3339; any value prints.
 pub fn time(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    super::rfc3339::format(ms)
 }
 
 fn opt_time(ms: Option<i64>) -> Value {
@@ -104,9 +109,23 @@ pub fn print_submitted(queue: &Queue, submitted: &[Submitted], json: bool) -> Re
     Ok(())
 }
 
-pub fn print_tasks(tasks: &[Task], json: bool) -> Result<()> {
+/// A row that cannot be decoded, as JSON: its id and why.
+fn unreadable_json(row: &UnreadableTask) -> Value {
+    json!({"id": row.id, "unreadable": row.reason})
+}
+
+/// A listing: each row with its model usage (`usages[i]` belongs to `tasks[i]`).
+pub fn print_tasks(tasks: &[TaskRow], usages: &[TaskUsage], json: bool) -> Result<()> {
     if json {
-        return print_json(&Value::Array(tasks.iter().map(task_json).collect()));
+        let rows = tasks.iter().zip(usages).map(|(row, usage)| match row {
+            Ok(task) => {
+                let mut value = task_json(task);
+                value["usage"] = usage_json(usage);
+                value
+            }
+            Err(unreadable) => unreadable_json(unreadable),
+        });
+        return print_json(&Value::Array(rows.collect()));
     }
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -114,7 +133,19 @@ pub fn print_tasks(tasks: &[Task], json: bool) -> Result<()> {
         "{:>6}  {:<12} {:<11} {:>8}  {:<24} error",
         "id", "agent", "state", "attempts", "updated"
     )?;
-    for t in tasks {
+    for row in tasks {
+        let t = match row {
+            Ok(task) => task,
+            Err(bad) => {
+                writeln!(
+                    out,
+                    "{:>6}  (unreadable: {})",
+                    bad.id,
+                    short(&bad.reason, 100)
+                )?;
+                continue;
+            }
+        };
         let error = t
             .error
             .as_ref()
@@ -134,22 +165,36 @@ pub fn print_tasks(tasks: &[Task], json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn print_task_detail(
-    task: &Task,
-    events: &[AuditEvent],
-    logs: &[RunLog],
-    children: &[Task],
-    json: bool,
-) -> Result<()> {
+/// Everything `colony show` prints about one task.
+pub struct TaskDetail {
+    pub task: Task,
+    pub events: Vec<AuditEvent>,
+    pub logs: Vec<RunLog>,
+    pub children: Vec<TaskRow>,
+    pub usage: TaskUsage,
+    pub model_calls: Vec<ModelCallRow>,
+}
+
+pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
+    let TaskDetail {
+        task,
+        events,
+        logs,
+        children,
+        usage,
+        model_calls,
+    } = detail;
     if json {
         let mut value = task_json(task);
+        value["usage"] = usage_json(usage);
+        value["model_calls"] = model_calls_json(model_calls);
         value["events"] = Value::Array(events.iter().map(event_json).collect());
         value["log"] = Value::Array(
             logs.iter()
                 .map(|l| json!({"attempt": l.attempt, "at": time(l.at), "text": l.text}))
                 .collect(),
         );
-        value["children"] = Value::Array(children.iter().map(|c| json!(c.id)).collect());
+        value["children"] = Value::Array(children.iter().map(|c| json!(row_id(c))).collect());
         return print_json(&value);
     }
     let mut out = std::io::stdout().lock();
@@ -182,7 +227,10 @@ pub fn print_task_detail(
     if !children.is_empty() {
         let ids: Vec<String> = children
             .iter()
-            .map(|c| format!("{} ({})", c.id, c.agent))
+            .map(|c| match c {
+                Ok(c) => format!("{} ({})", c.id, c.agent),
+                Err(bad) => format!("{} (unreadable)", bad.id),
+            })
             .collect();
         writeln!(out, "  children     {}", ids.join(", "))?;
     }
@@ -216,6 +264,7 @@ pub fn print_task_detail(
             e.detail
         )?;
     }
+    print_model_calls(&mut out, usage, model_calls)?;
     for log in logs {
         writeln!(out, "log of attempt {} ({}):", log.attempt, time(log.at))?;
         for line in log.text.lines() {
@@ -225,11 +274,18 @@ pub fn print_task_detail(
     Ok(())
 }
 
+fn row_id(row: &TaskRow) -> i64 {
+    match row {
+        Ok(task) => task.id,
+        Err(bad) => bad.id,
+    }
+}
+
 pub fn print_moved(id: i64, to: State, json: bool) -> Result<()> {
     if json {
         return print_json(&json!({"id": id, "state": to}));
     }
-    println!("task {id} is now {to}");
+    writeln!(std::io::stdout(), "task {id} is now {to}")?;
     Ok(())
 }
 
@@ -237,7 +293,11 @@ pub fn print_cancelled(ids: &[i64], json: bool) -> Result<()> {
     if json {
         return print_json(&json!({"cancelled": ids}));
     }
-    println!("cancelled {} task(s): {ids:?}", ids.len());
+    writeln!(
+        std::io::stdout(),
+        "cancelled {} task(s): {ids:?}",
+        ids.len()
+    )?;
     Ok(())
 }
 
@@ -255,7 +315,7 @@ fn agent_json(agents: &AgentDir) -> Value {
             .map(|e| match &e.status {
                 AgentStatus::Loaded(agent) => json!({
                     "name": e.name,
-                    "path": e.path,
+                    "path": e.path.to_string_lossy(),
                     "loaded": true,
                     "limits": {
                         "timeout": humantime::format_duration(agent.limits.timeout).to_string(),
@@ -263,15 +323,27 @@ fn agent_json(agents: &AgentDir) -> Value {
                         "fuel": agent.limits.fuel,
                         "concurrency": agent.limits.concurrency,
                         "log_bytes": agent.limits.log_bytes,
-                        "read_only_dir": agent.limits.read_only_dir,
+                        "read_only_dir": agent.limits.read_only_dir.as_deref().map(Path::to_string_lossy),
                     },
                 }),
                 AgentStatus::Broken(reason) => {
-                    json!({"name": e.name, "path": e.path, "loaded": false, "reason": reason})
+                    json!({"name": e.name, "path": e.path.to_string_lossy(), "loaded": false, "reason": reason})
                 }
             })
             .collect(),
     )
+}
+
+/// The first line of a message, shortened, with a pointer to the rest: a
+/// table row stays one row (the full text is in `--json`).
+fn one_line(text: &str, max: usize) -> String {
+    let mut lines = text.trim().lines();
+    let first = lines.next().unwrap_or_default().trim_end();
+    let mut line = short(first, max);
+    if lines.next().is_some() || first.chars().count() > max {
+        line.push_str(" (more with --json)");
+    }
+    line
 }
 
 pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
@@ -304,7 +376,9 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
                     .map(|d| format!(", reads {}", d.display()))
                     .unwrap_or_default()
             )?,
-            AgentStatus::Broken(reason) => writeln!(out, "{:<14} BROKEN   {reason}", e.name)?,
+            AgentStatus::Broken(reason) => {
+                writeln!(out, "{:<14} BROKEN   {}", e.name, one_line(reason, 120))?
+            }
         }
     }
     Ok(())
@@ -314,6 +388,7 @@ pub fn print_status(
     counts: &[(String, State, u64)],
     oldest_ready: Option<i64>,
     leases: &[(String, u64)],
+    spend: &[SpendRow],
     agents: &AgentDir,
     json: bool,
 ) -> Result<()> {
@@ -331,6 +406,7 @@ pub fn print_status(
             "by_agent": by_agent,
             "oldest_ready_age_ms": age_ms,
             "leases": leases.iter().map(|(h, n)| json!({"holder": h, "count": n})).collect::<Vec<_>>(),
+            "model_spend_24h": spend_json(spend),
             "agents": agent_json(agents),
         }));
     }
@@ -365,6 +441,7 @@ pub fn print_status(
     for (holder, n) in leases {
         writeln!(out, "leases held by {holder}: {n}")?;
     }
+    print_spend(&mut out, spend)?;
     drop(out);
     print_agents(agents, false)
 }

@@ -9,6 +9,7 @@
 //! Throughput comes from batching: `claim` takes up to `n` tasks in one
 //! transaction and `finish_batch` records many runs in one.
 
+mod journal;
 mod schema;
 
 use std::collections::HashSet;
@@ -22,6 +23,8 @@ use crate::retry;
 use crate::task::{
     self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, SpawnSpec, State, Task, TaskError,
 };
+pub use crate::task::{ClaimedTask, Lease};
+pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 
 /// Errors from the queue. Bad input is refused before anything is stored.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,25 @@ impl QueueError {
         }
     }
 
+    /// True when retrying cannot help: the file is read-only or not a
+    /// database, the disk image is malformed, or the schema is newer than
+    /// this build. A daemon stops on these rather than spinning.
+    pub fn is_permanent(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            QueueError::SchemaTooNew { .. } => true,
+            QueueError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                ReadOnly
+                    | DatabaseCorrupt
+                    | NotADatabase
+                    | PermissionDenied
+                    | AuthorizationForStatementDenied
+            ),
+            _ => false,
+        }
+    }
+
     /// True when the caller's input was at fault (and nothing was stored).
     pub fn is_bad_input(&self) -> bool {
         matches!(
@@ -133,27 +155,6 @@ impl Default for QueueOptions {
             actor: format!("pid:{}", std::process::id()),
         }
     }
-}
-
-/// The right to write about one claimed task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Lease {
-    pub task_id: i64,
-    pub token: i64,
-}
-
-/// A task handed to a host by [`Queue::claim`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct ClaimedTask {
-    pub lease: Lease,
-    pub agent: String,
-    pub payload: String,
-    /// 1 on the first run.
-    pub attempt: u32,
-    pub max_attempts: u32,
-    pub parent_result: Option<String>,
-    pub feedback: Option<String>,
-    pub timeout_ms: Option<u64>,
 }
 
 /// What a fenced write did.
@@ -201,6 +202,26 @@ pub struct AuditEvent {
     pub to: State,
     pub actor: String,
     pub detail: serde_json::Value,
+}
+
+/// A stored task row this build cannot decode (written by an older or
+/// damaged build): listed with its id and the reason instead of failing
+/// the listing of every other task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableTask {
+    pub id: i64,
+    pub reason: String,
+}
+
+/// One row of a listing: a task, or why it cannot be read.
+pub type TaskRow = std::result::Result<Task, UnreadableTask>;
+
+/// The tasks of a listing, or an error naming the first unreadable row: for
+/// callers (the demo, the torture verdict) that cannot work around a hole.
+pub fn all_readable(rows: Vec<TaskRow>) -> Result<Vec<Task>> {
+    rows.into_iter()
+        .map(|row| row.map_err(|bad| QueueError::Corrupt(bad.reason)))
+        .collect()
 }
 
 /// One stored run log.
@@ -277,6 +298,15 @@ impl Queue {
         conn.set_prepared_statement_cache_capacity(64);
         schema::migrate(&mut conn, &path.display().to_string())?;
         Ok(Queue { conn, opts })
+    }
+
+    /// Opens further connections to the same database with the same options
+    /// (for work that must not wait for this connection's user, like the
+    /// model journal of runs in flight).
+    pub fn reopener(&self) -> impl Fn() -> Result<Queue> + Send + std::marker::Sync + 'static {
+        let path = self.conn.path().unwrap_or_default().to_string();
+        let opts = self.opts.clone();
+        move || Queue::open_with(&path, opts.clone())
     }
 
     pub fn actor(&self) -> &str {
@@ -491,7 +521,8 @@ impl Queue {
         let n = tx
             .prepare_cached(
                 "UPDATE tasks SET state = 'ready', attempts = attempts - 1, claim_token = NULL,
-                        claimed_by = NULL, heartbeat_at = NULL, updated_at = ?1
+                        replay_token = claim_token, claimed_by = NULL, heartbeat_at = NULL,
+                        updated_at = ?1
                  WHERE id = ?2 AND state = 'in_progress' AND claim_token = ?3",
             )?
             .execute(params![now, lease.task_id, lease.token])?;
@@ -556,8 +587,8 @@ impl Queue {
                     now,
                 )?;
                 tx.prepare_cached(
-                    "UPDATE tasks SET state = 'ready', claim_token = NULL, claimed_by = NULL,
-                            heartbeat_at = NULL, updated_at = ?1 WHERE id = ?2",
+                    "UPDATE tasks SET state = 'ready', claim_token = NULL, replay_token = claim_token,
+                            claimed_by = NULL, heartbeat_at = NULL, updated_at = ?1 WHERE id = ?2",
                 )?
                 .execute(params![now, id])?;
                 to
@@ -577,6 +608,8 @@ impl Queue {
                     &detail,
                     now,
                 )?;
+                tx.prepare_cached("UPDATE tasks SET replay_token = claim_token WHERE id = ?1")?
+                    .execute([id])?;
                 set_failed(&tx, id, &error, now)?;
                 cancel_dependents(&tx, id, &actor, now)?;
                 to
@@ -680,8 +713,9 @@ impl Queue {
         Ok(task)
     }
 
-    /// Tasks, newest first.
-    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Task>> {
+    /// Tasks, newest first. A row that cannot be decoded is returned as an
+    /// [`UnreadableTask`] in its place.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRow>> {
         let sql = format!(
             "SELECT {TASK_COLUMNS} FROM tasks
              WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR agent = ?2)
@@ -691,25 +725,17 @@ impl Queue {
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(
             params![filter.state.map(State::as_str), filter.agent, limit],
-            task_from_row,
+            task_row,
         )?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row??);
-        }
-        Ok(out)
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The children of a task (from chains and spawns), oldest first.
-    pub fn children(&self, parent_id: i64) -> Result<Vec<Task>> {
+    pub fn children(&self, parent_id: i64) -> Result<Vec<TaskRow>> {
         let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE parent_id = ?1 ORDER BY id");
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map([parent_id], task_from_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(row??);
-        }
-        Ok(out)
+        let rows = stmt.query_map([parent_id], task_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// How many tasks each agent has in each state: `(agent, state, count)`.
@@ -831,8 +857,9 @@ impl Queue {
                 from: from.as_deref().map(parse_state).transpose()?,
                 to: parse_state(&to)?,
                 actor,
-                detail: serde_json::from_str(&detail)
-                    .map_err(|e| QueueError::Corrupt(format!("event {id} detail: {e}")))?,
+                detail: serde_json::from_str(&detail).unwrap_or_else(
+                    |e| serde_json::json!({"unreadable": e.to_string(), "raw": detail}),
+                ),
             });
         }
         Ok(out)
@@ -932,6 +959,43 @@ fn transition(from: Option<State>, event: Event) -> Option<State> {
     task::transition(from, event)
 }
 
+/// Puts a refused late result on the audit trail (it changes no state): a
+/// run that finished after its lease was reset, cancelled or re-claimed.
+/// Without it, the trail would show a second claim and no trace of the first
+/// run's outcome, which only the old holder's log would mention.
+fn record_refused_result(
+    tx: &Transaction<'_>,
+    run: &FinishedRun,
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    let id = run.lease.task_id;
+    let current: Option<(String, Option<String>)> = tx
+        .prepare_cached("SELECT state, claimed_by FROM tasks WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((state, holder)) = current else {
+        return Ok(());
+    };
+    let outcome = match &run.outcome {
+        RunOutcome::Success { .. } => "success".to_string(),
+        RunOutcome::Failure(e) => e.kind.as_str().to_string(),
+    };
+    let detail = json!({
+        "refused_holder": actor,
+        "refused_lease": run.lease.token,
+        "outcome": outcome,
+        "current_holder": holder,
+        "why": "the lease was lost (reset after missed heartbeats, cancelled, or re-claimed) before the result arrived",
+    });
+    tx.prepare_cached(
+        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         VALUES (?1, ?2, 'result_refused', ?3, ?3, ?4, ?5)",
+    )?
+    .execute(params![now, id, state, actor, detail.to_string()])?;
+    Ok(())
+}
+
 fn event_action(event: Event) -> &'static str {
     match event {
         Event::Approve => "be approved (only tasks in review can)",
@@ -990,6 +1054,11 @@ pub fn validate_agent_name(field: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a JSON document exactly the way every reader of the database parses
+/// it (into a `serde_json::Value`, under serde_json's nesting limit), so that
+/// nothing is stored that cannot be read back: `1e999`, a lone surrogate
+/// escape or a 129-deep array would otherwise poison every listing.
+/// The one check on every write path: payloads, results, spawns.
 fn validate_json(field: &str, text: &str, max_bytes: usize) -> Result<()> {
     if text.len() > max_bytes {
         return Err(QueueError::invalid(
@@ -1000,9 +1069,29 @@ fn validate_json(field: &str, text: &str, max_bytes: usize) -> Result<()> {
             ),
         ));
     }
-    serde_json::from_str::<serde::de::IgnoredAny>(text)
+    serde_json::from_str::<serde_json::Value>(text)
         .map_err(|e| QueueError::invalid(field, format!("not valid JSON: {e}")))?;
     Ok(())
+}
+
+/// Serializes a value to be stored and checks it reads back (nesting adds
+/// up: a payload nested 100 deep inside a chain nested 20 deep is deeper
+/// than serde_json reads).
+fn stored_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    field: &str,
+    value: &T,
+) -> Result<String> {
+    let text = serde_json::to_string(value)
+        .map_err(|e| QueueError::invalid(field, format!("cannot be stored: {e}")))?;
+    serde_json::from_str::<T>(&text).map_err(|e| {
+        QueueError::invalid(
+            field,
+            format!(
+                "is nested too deeply to be read back ({e}); flatten the payloads or the chain"
+            ),
+        )
+    })?;
+    Ok(text)
 }
 
 fn validate_next(field: &str, specs: &[NextSpec], max_payload: usize, depth: usize) -> Result<()> {
@@ -1039,6 +1128,14 @@ fn validate_new_task(new: &NewTask, max_payload: usize) -> Result<()> {
     }
     if let Some(reviewer) = &new.reviewer {
         validate_agent_name("reviewer", reviewer)?;
+    }
+    if let Some(budget) = new.token_budget
+        && !(1..=i64::MAX as u64).contains(&budget)
+    {
+        return Err(QueueError::invalid(
+            "token_budget",
+            format!("{budget} is outside 1..={}", i64::MAX),
+        ));
     }
     if new.timeout_ms == Some(0) {
         return Err(QueueError::invalid("timeout", "must be longer than 0"));
@@ -1117,15 +1214,16 @@ fn insert_new_task(
     let next_json = if new.next.is_empty() {
         None
     } else {
-        Some(serde_json::to_string(&new.next).expect("specs serialize"))
+        Some(stored_json("next", &new.next)?)
     };
     let review = new.review || new.reviewer.is_some();
     let id: i64 = tx
         .prepare_cached(
             "INSERT INTO tasks (agent, payload, state, priority, max_attempts, max_revisions, review,
                                 reviewer, run_at, timeout_ms, backoff_ms, parent_id, next_tasks,
-                                pending_deps, idem_key, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16)
+                                pending_deps, idem_key, created_at, updated_at, token_budget, root_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16, ?17,
+                     (SELECT COALESCE(root_id, id) FROM tasks WHERE id = ?12))
              RETURNING id",
         )?
         .query_row(
@@ -1145,7 +1243,8 @@ fn insert_new_task(
                 next_json,
                 pending_deps,
                 new.key,
-                now
+                now,
+                new.token_budget.map(|b| b as i64)
             ],
             |r| r.get(0),
         )?;
@@ -1246,6 +1345,7 @@ fn finish_in(
         })
         .optional()?;
     let Some(held) = held else {
+        record_refused_result(tx, run, actor, now)?;
         return Ok(Applied::LeaseLost);
     };
     if !run.log.is_empty() {
@@ -1276,7 +1376,14 @@ fn finish_in(
                 to
             }
         }
-        Err(error) => fail_run(tx, id, &held, &error, actor, now)?,
+        Err(error) => {
+            // An interrupted run's model calls are replayed by the next run;
+            // after an answer of the agent's own, the next run asks afresh.
+            let replay = error.kind.is_interruption().then_some(run.lease.token);
+            tx.prepare_cached("UPDATE tasks SET replay_token = ?1 WHERE id = ?2")?
+                .execute(params![replay, id])?;
+            fail_run(tx, id, &held, &error, actor, now)?
+        }
     };
     Ok(Applied::Moved(to))
 }
@@ -1366,12 +1473,14 @@ fn enter_review(
         &detail,
         now,
     )?;
-    let spawned =
-        (!spawn.is_empty()).then(|| serde_json::to_string(spawn).expect("specs serialize"));
+    let spawned = match spawn.is_empty() {
+        true => None,
+        false => Some(stored_json("spawn", &spawn.to_vec())?),
+    };
     tx.prepare_cached(
         "UPDATE tasks SET state = 'review', result = ?1, spawned = ?2, claim_token = NULL,
                 claimed_by = NULL, heartbeat_at = NULL, error_kind = NULL, error_message = NULL,
-                updated_at = ?3
+                replay_token = NULL, updated_at = ?3
          WHERE id = ?4",
     )?
     .execute(params![output, spawned, now, id])?;
@@ -1383,6 +1492,7 @@ fn enter_review(
             r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output}}}"#,
             serde_json::Value::String(agent)
         );
+        validate_json("review payload", &review_payload, usize::MAX)?;
         let mut review_task = NewTask::new(reviewer.clone(), review_payload);
         review_task.max_attempts = held.max_attempts;
         let review_id = insert_new_task(tx, &review_task, Some(id), actor, now)?.id;
@@ -1406,7 +1516,7 @@ fn complete(
         .prepare_cached(
             "UPDATE tasks SET state = 'complete', result = ?1, claim_token = NULL, claimed_by = NULL,
                     heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
-                    finished_at = ?2, updated_at = ?2
+                    replay_token = NULL, finished_at = ?2, updated_at = ?2
              WHERE id = ?3 RETURNING next_tasks",
         )?
         .query_row(params![output, now, id], |r| r.get(0))?;
@@ -1655,6 +1765,15 @@ fn cancel_dependents(tx: &Transaction<'_>, id: i64, actor: &str, now: i64) -> Re
 }
 
 // ----- reading rows -----------------------------------------------------------
+
+/// A listing row: the task, or the id and why it cannot be decoded.
+fn task_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
+    let id: i64 = r.get(0)?;
+    Ok(task_from_row(r)?.map_err(|e| UnreadableTask {
+        id,
+        reason: e.to_string(),
+    }))
+}
 
 fn task_from_row(r: &Row<'_>) -> rusqlite::Result<Result<Task>> {
     let id: i64 = r.get(0)?;

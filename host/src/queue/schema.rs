@@ -80,6 +80,45 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX task_logs_by_task ON task_logs(task_id);
     "#,
+    // 2: model calls — budgets, chains (root_id), the replay journal.
+    r#"
+    ALTER TABLE tasks ADD COLUMN token_budget INTEGER;  -- tokens the task's chain may spend (set on a root)
+    ALTER TABLE tasks ADD COLUMN root_id INTEGER;       -- the chain's root task; NULL on a root itself
+    ALTER TABLE tasks ADD COLUMN replay_token INTEGER;  -- claim token of an interrupted run whose model calls the next run replays
+
+    WITH RECURSIVE chain(id, root) AS (
+        SELECT id, id FROM tasks WHERE parent_id IS NULL
+        UNION ALL
+        SELECT t.id, chain.root FROM tasks t JOIN chain ON t.parent_id = chain.id
+    )
+    UPDATE tasks SET root_id = (SELECT root FROM chain WHERE chain.id = tasks.id)
+    WHERE parent_id IS NOT NULL;
+
+    CREATE TABLE model_calls (
+        id            INTEGER PRIMARY KEY,
+        at            INTEGER NOT NULL,
+        task_id       INTEGER NOT NULL,
+        root_id       INTEGER NOT NULL,             -- the task's chain, for chain budgets
+        agent         TEXT    NOT NULL,
+        token         INTEGER NOT NULL,             -- the claim token of the run that called
+        attempt       INTEGER NOT NULL,
+        seq           INTEGER NOT NULL,             -- 1, 2, ... within the run
+        alias         TEXT    NOT NULL,
+        request_hash  TEXT    NOT NULL,
+        request       TEXT    NOT NULL,             -- JSON: the prompt stays here, never in events
+        reply         TEXT,                         -- JSON, when status = 'ok'
+        status        TEXT    NOT NULL,             -- ok, or the model error kind
+        error         TEXT,
+        input_tokens  INTEGER NOT NULL,             -- charged: 0 when replayed or refused
+        output_tokens INTEGER NOT NULL,
+        cost_usd      REAL,
+        ms            INTEGER NOT NULL,
+        replayed      INTEGER NOT NULL
+    );
+    CREATE INDEX model_calls_by_run  ON model_calls(task_id, token, seq);
+    CREATE INDEX model_calls_by_root ON model_calls(root_id);
+    CREATE INDEX model_calls_by_time ON model_calls(at);
+    "#,
 ];
 
 /// Brings the database to the newest schema this build knows.

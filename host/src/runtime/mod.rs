@@ -6,6 +6,7 @@
 //! a spinning guest neither blocks other runs nor outlives its deadline.
 //! Every way a run can end becomes a [`RunOutcome`]; traps are classified.
 
+mod model;
 mod registry;
 mod sandbox;
 
@@ -19,18 +20,78 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use crate::task::{ErrorKind, RunOutcome, SpawnSpec, TaskError};
+use crate::models::Providers;
+use crate::task::{ClaimedTask, ErrorKind, Lease, RunOutcome, SpawnSpec, TaskError};
 
+use model::ModelSession;
 pub use registry::{AgentDir, AgentEntry, AgentStatus, Manifest, ScanReport};
 pub use sandbox::{NoHooks, RunHooks};
 use sandbox::{RunState, TaskLog};
 
+/// The current contract, `colony:agent@0.2.0` (`wit/agent.wit`).
 mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "agent",
+        imports: { "colony:agent/model": async },
         exports: { default: async },
     });
+}
+
+/// The released `colony:agent@0.1.0` (`wit/v0.1.0/agent.wit`): components
+/// built against it keep loading and running unchanged.
+mod bindings_v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1.0",
+        world: "agent",
+        exports: { default: async },
+    });
+}
+
+/// The WIT `task` of either contract version, from the claimed task.
+macro_rules! guest_task {
+    ($version:ident, $task:expr) => {
+        $version::colony::agent::types::Task {
+            id: $task.lease.task_id as u64,
+            agent: $task.agent.clone(),
+            payload: $task.payload.clone(),
+            attempt: $task.attempt,
+            max_attempts: $task.max_attempts,
+            parent_result: $task.parent_result.clone(),
+            feedback: $task.feedback.clone(),
+        }
+    };
+}
+
+/// What the guest answered (either contract version), as the queue needs it.
+macro_rules! outcome_from_guest {
+    ($version:ident, $answer:expr) => {{
+        use $version::colony::agent::types::Failure;
+        match $answer {
+            Ok(outcome) => RunOutcome::Success {
+                output: outcome.output,
+                spawn: outcome
+                    .spawn
+                    .into_iter()
+                    .map(|s| SpawnSpec {
+                        agent: s.agent,
+                        payload: s.payload,
+                        priority: s.priority,
+                        review: s.review,
+                    })
+                    .collect(),
+                needs_review: outcome.needs_review,
+            },
+            Err(Failure::Retryable(message)) => RunOutcome::Failure(TaskError {
+                kind: ErrorKind::Retryable,
+                message,
+            }),
+            Err(Failure::Permanent(message)) => RunOutcome::Failure(TaskError {
+                kind: ErrorKind::Permanent,
+                message,
+            }),
+        }
+    }};
 }
 
 /// How long a component's start-up may take when it is loaded.
@@ -65,6 +126,10 @@ pub struct Limits {
     pub log_bytes: usize,
     /// A host directory the agent may read, mounted at `/data`.
     pub read_only_dir: Option<PathBuf>,
+    /// Model aliases the agent may call (`models = [...]` in its manifest).
+    pub models: Arc<[String]>,
+    /// Tokens one task may spend on model calls; `None` is unlimited.
+    pub token_budget: Option<u64>,
 }
 
 impl Default for Limits {
@@ -76,6 +141,8 @@ impl Default for Limits {
             concurrency: 4,
             log_bytes: 64 << 10,
             read_only_dir: None,
+            models: Arc::from([]),
+            token_budget: None,
         }
     }
 }
@@ -102,18 +169,6 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// One task's input, as the agent sees it.
-#[derive(Clone, Debug)]
-pub struct TaskInput {
-    pub id: u64,
-    pub agent: String,
-    pub payload: String,
-    pub attempt: u32,
-    pub max_attempts: u32,
-    pub parent_result: Option<String>,
-    pub feedback: Option<String>,
-}
-
 /// How a run ended, with what it printed.
 #[derive(Debug)]
 pub struct RunReport {
@@ -129,7 +184,13 @@ pub struct Agent {
     /// SHA-256 of the component bytes, hex.
     pub hash: String,
     pub limits: Limits,
-    pre: bindings::AgentPre<RunState>,
+    pre: AgentPre,
+}
+
+/// A component ready to instantiate, by the contract version it was built against.
+enum AgentPre {
+    Current(bindings::AgentPre<RunState>),
+    V0_1(bindings_v0_1::AgentPre<RunState>),
 }
 
 impl std::fmt::Debug for Agent {
@@ -146,6 +207,8 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<RunState>,
     config: RuntimeConfig,
+    /// The operator's model providers (keys stay here, never in a `Store`).
+    models: Option<Arc<Providers>>,
     pooling: bool,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -217,6 +280,8 @@ impl Runtime {
             .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
         bindings::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+        bindings_v0_1::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
@@ -233,9 +298,15 @@ impl Runtime {
             engine,
             linker,
             config,
+            models: None,
             pooling,
             stop_ticker,
         })
+    }
+
+    /// Lets agents call the operator's models (each within its manifest's grants).
+    pub fn set_models(&mut self, providers: Arc<Providers>) {
+        self.models = Some(providers);
     }
 
     /// Whether runs use the pooling allocator.
@@ -270,8 +341,12 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| fail(format!("its imports are not all provided by the host (only WASI and colony:agent/host are): {e}")))?;
-        let pre = bindings::AgentPre::new(instance_pre)
-            .map_err(|e| fail(format!("it is not a colony:agent/agent component (it must export colony:agent/handler): {e}")))?;
+        let pre = match bindings::AgentPre::new(instance_pre.clone()) {
+            Ok(pre) => AgentPre::Current(pre),
+            Err(current) => bindings_v0_1::AgentPre::new(instance_pre)
+                .map(AgentPre::V0_1)
+                .map_err(|_| fail(format!("it is not a colony:agent/agent component (it must export colony:agent/handler@0.2.0 or @0.1.0): {current}")))?,
+        };
         let agent = Agent {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -280,11 +355,26 @@ impl Runtime {
             pre,
         };
         // A trial instantiation catches components whose start-up traps.
+        let trial_lease = Lease {
+            task_id: 0,
+            token: 0,
+        };
         let mut store = self
-            .new_store(&agent, 0, TaskLog::new(4096), Arc::new(NoHooks))
+            .new_store(
+                &agent,
+                trial_lease,
+                0,
+                TaskLog::new(4096),
+                Arc::new(NoHooks),
+            )
             .map_err(|e| fail(format!("{e:?}")))?;
-        let trial =
-            tokio::time::timeout(TRIAL_TIMEOUT, agent.pre.instantiate_async(&mut store)).await;
+        let trial = tokio::time::timeout(TRIAL_TIMEOUT, async {
+            match &agent.pre {
+                AgentPre::Current(pre) => pre.instantiate_async(&mut store).await.map(drop),
+                AgentPre::V0_1(pre) => pre.instantiate_async(&mut store).await.map(drop),
+            }
+        })
+        .await;
         match trial {
             Ok(Ok(_)) => Ok(agent),
             Ok(Err(e)) => Err(fail(format!("instantiating it failed: {e:?}"))),
@@ -341,16 +431,26 @@ impl Runtime {
     fn new_store(
         &self,
         agent: &Agent,
-        task_id: u64,
+        lease: Lease,
+        attempt: u32,
         log: TaskLog,
         hooks: Arc<dyn RunHooks>,
     ) -> wasmtime::Result<Store<RunState>> {
+        let model = ModelSession::new(
+            self.models.clone(),
+            agent.limits.models.clone(),
+            agent.limits.token_budget,
+            hooks.clone(),
+            lease,
+            attempt,
+        );
         let state = RunState::new(
-            task_id,
+            lease.task_id,
             Arc::from(agent.name.as_str()),
             agent.limits.memory_bytes,
             log,
             hooks,
+            model,
             agent.limits.read_only_dir.as_deref(),
         )?;
         let mut store = Store::new(&self.engine, state);
@@ -363,19 +463,21 @@ impl Runtime {
         Ok(store)
     }
 
-    /// Runs one task in a fresh instance of `agent`, within its limits
-    /// (`timeout` overrides the agent's deadline for this task).
+    /// Runs one claimed task in a fresh instance of `agent`, within its
+    /// limits (the task's `timeout_ms` overrides the agent's deadline).
     pub async fn run(
         &self,
         agent: &Agent,
-        task: TaskInput,
-        timeout: Option<Duration>,
+        task: &ClaimedTask,
         hooks: Arc<dyn RunHooks>,
     ) -> RunReport {
         let started = Instant::now();
         let log = TaskLog::new(agent.limits.log_bytes);
-        let deadline = timeout.unwrap_or(agent.limits.timeout);
-        let mut store = match self.new_store(agent, task.id, log.clone(), hooks) {
+        let deadline = task
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(agent.limits.timeout);
+        let mut store = match self.new_store(agent, task.lease, task.attempt, log.clone(), hooks) {
             Ok(store) => store,
             Err(e) => {
                 return report(
@@ -385,23 +487,30 @@ impl Runtime {
                 );
             }
         };
-        let wit_task = bindings::colony::agent::types::Task {
-            id: task.id,
-            agent: task.agent,
-            payload: task.payload,
-            attempt: task.attempt,
-            max_attempts: task.max_attempts,
-            parent_result: task.parent_result,
-            feedback: task.feedback,
-        };
         let call = async {
-            let instance = agent.pre.instantiate_async(&mut store).await?;
-            instance
-                .colony_agent_handler()
-                .call_run(&mut store, &wit_task)
-                .await
+            match &agent.pre {
+                AgentPre::Current(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let task = guest_task!(bindings, task);
+                    let answer = instance
+                        .colony_agent_handler()
+                        .call_run(&mut store, &task)
+                        .await?;
+                    Ok(outcome_from_guest!(bindings, answer))
+                }
+                AgentPre::V0_1(pre) => {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    let task = guest_task!(bindings_v0_1, task);
+                    let answer = instance
+                        .colony_agent_handler()
+                        .call_run(&mut store, &task)
+                        .await?;
+                    Ok(outcome_from_guest!(bindings_v0_1, answer))
+                }
+            }
         };
-        let result = tokio::time::timeout(deadline, call).await;
+        let result: Result<wasmtime::Result<RunOutcome>, _> =
+            tokio::time::timeout(deadline, call).await;
         let outcome = match result {
             Err(_) => RunOutcome::Failure(TaskError {
                 kind: ErrorKind::Timeout,
@@ -410,32 +519,7 @@ impl Runtime {
                     humantime::format_duration(deadline)
                 ),
             }),
-            Ok(Ok(Ok(outcome))) => RunOutcome::Success {
-                output: outcome.output,
-                spawn: outcome
-                    .spawn
-                    .into_iter()
-                    .map(|s| SpawnSpec {
-                        agent: s.agent,
-                        payload: s.payload,
-                        priority: s.priority,
-                        review: s.review,
-                    })
-                    .collect(),
-                needs_review: outcome.needs_review,
-            },
-            Ok(Ok(Err(bindings::colony::agent::types::Failure::Retryable(message)))) => {
-                RunOutcome::Failure(TaskError {
-                    kind: ErrorKind::Retryable,
-                    message,
-                })
-            }
-            Ok(Ok(Err(bindings::colony::agent::types::Failure::Permanent(message)))) => {
-                RunOutcome::Failure(TaskError {
-                    kind: ErrorKind::Permanent,
-                    message,
-                })
-            }
+            Ok(Ok(outcome)) => outcome,
             Ok(Err(trap)) => RunOutcome::Failure(classify_trap(
                 &trap,
                 store.data().limiter.denied,
@@ -443,7 +527,28 @@ impl Runtime {
                 &log,
             )),
         };
+        let outcome = charge_budget_refusal(outcome, store.data().model.budget_exceeded);
         report(outcome, &log, started)
+    }
+}
+
+/// Once a model call was refused for want of tokens, the run's failure —
+/// whatever the agent made of the refusal — is `budget_exceeded`, which is
+/// never retried: another attempt would only hit the same wall.
+fn charge_budget_refusal(outcome: RunOutcome, budget_exceeded: bool) -> RunOutcome {
+    match outcome {
+        RunOutcome::Failure(error)
+            if budget_exceeded && error.kind != ErrorKind::BudgetExceeded =>
+        {
+            RunOutcome::Failure(TaskError {
+                kind: ErrorKind::BudgetExceeded,
+                message: format!(
+                    "a model call exceeded the token budget; then: {}",
+                    error.message
+                ),
+            })
+        }
+        other => other,
     }
 }
 
@@ -499,13 +604,7 @@ fn classify_trap(
         (None, None) => (ErrorKind::Crash, "the run failed in the host".to_string()),
     };
     let mut message = format!("{summary}\n{detail}");
-    if message.len() > MAX_TRAP_MESSAGE {
-        let mut cut = MAX_TRAP_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
+    message.truncate(message.floor_char_boundary(MAX_TRAP_MESSAGE));
     TaskError { kind, message }
 }
 

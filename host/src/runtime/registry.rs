@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use super::{Agent, Limits, Runtime, RuntimeError};
 
+/// The most a manifest's `log_kb` may keep of each stream: 1 GiB.
+const MAX_LOG_KB: u64 = 1 << 20;
+
 /// An agent's manifest (`agents/<name>.toml`). Every key is optional.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +32,10 @@ pub struct Manifest {
     /// A host directory (relative to the agents directory) the agent may
     /// read, mounted at `/data`.
     pub read_only_dir: Option<PathBuf>,
+    /// Model aliases (from the operator's `colony.toml`) the agent may call.
+    pub models: Option<Vec<String>>,
+    /// Tokens one task may spend on model calls (default: unlimited).
+    pub token_budget: Option<u64>,
 }
 
 impl Manifest {
@@ -56,6 +63,12 @@ impl Manifest {
             }
             limits.memory_bytes = (mb as usize) << 20;
         }
+        if self.fuel == Some(0) {
+            return Err(bad(
+                "fuel",
+                "must be at least 1 (leave the key out for no limit)".into(),
+            ));
+        }
         limits.fuel = self.fuel;
         if let Some(n) = self.concurrency {
             if n == 0 {
@@ -64,8 +77,27 @@ impl Manifest {
             limits.concurrency = n;
         }
         if let Some(kb) = self.log_kb {
+            if kb > MAX_LOG_KB {
+                return Err(bad(
+                    "log_kb",
+                    format!("{kb} is more than {MAX_LOG_KB} (1 GiB)"),
+                ));
+            }
             limits.log_bytes = (kb as usize) << 10;
         }
+        if let Some(models) = &self.models {
+            if let Some(bad_alias) = models.iter().find(|m| m.is_empty() || m.len() > 64) {
+                return Err(bad("models", format!("{bad_alias:?} is not a model alias")));
+            }
+            limits.models = models.clone().into();
+        }
+        if self.token_budget == Some(0) {
+            return Err(bad(
+                "token_budget",
+                "must be at least 1 (leave the key out for no limit)".into(),
+            ));
+        }
+        limits.token_budget = self.token_budget;
         if let Some(dir) = &self.read_only_dir {
             // Confined to the agents directory: a manifest shipped with a
             // third-party agent must not be able to mount `/` or a home folder.
@@ -106,7 +138,8 @@ pub enum AgentStatus {
     Broken(String),
 }
 
-/// One `*.wasm` file of the agents directory.
+/// One `*.wasm` entry of the agents directory (a file, or anything else
+/// so named, which is reported as broken).
 #[derive(Clone, Debug)]
 pub struct AgentEntry {
     pub name: String,
@@ -254,13 +287,14 @@ impl AgentDir {
         let Ok(read) = std::fs::read_dir(&self.dir) else {
             return found;
         };
+        // Every entry so named, whatever it is: `load` says why a dangling
+        // link, a directory or an unreadable name cannot be an agent.
         for entry in read.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "wasm")
-                && path.is_file()
-                && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+                && let Some(stem) = path.file_stem()
             {
-                found.insert(stem.to_string(), path);
+                found.insert(stem.to_string_lossy().into_owned(), path);
             }
         }
         found
@@ -276,6 +310,9 @@ impl AgentDir {
     ) -> AgentStatus {
         if let Err(e) = crate::queue::validate_agent_name("file name", name) {
             return AgentStatus::Broken(format!("{}: {e}", path.display()));
+        }
+        if let Some(reason) = not_a_file(path) {
+            return AgentStatus::Broken(reason);
         }
         let limits = if has_manifest {
             match Manifest::load(manifest_path).and_then(|m| m.limits(manifest_path, &self.dir)) {
@@ -303,5 +340,25 @@ impl AgentDir {
             }
             Err(e) => AgentStatus::Broken(e.to_string()),
         }
+    }
+}
+
+/// Why a `*.wasm` entry cannot be read as a component, if it cannot.
+fn not_a_file(path: &Path) -> Option<String> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => None,
+        Ok(meta) if meta.is_dir() => Some(format!("{shown}: a directory, not a component file")),
+        Ok(_) => Some(format!(
+            "{shown}: not a regular file (a component must be one)"
+        )),
+        Err(e) => Some(match std::fs::read_link(path) {
+            Ok(target) if e.kind() == std::io::ErrorKind::NotFound => format!(
+                "{shown}: a symbolic link to {}, which does not exist",
+                target.display()
+            ),
+            Ok(target) => format!("{shown}: a symbolic link to {}: {e}", target.display()),
+            Err(_) => format!("{shown}: {e}"),
+        }),
     }
 }

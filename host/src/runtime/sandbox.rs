@@ -13,22 +13,45 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::colony::agent::{host, types};
+use super::bindings_v0_1::colony::agent::{host as host_v0_1, types as types_v0_1};
+use super::model::ModelSession;
+use crate::models::{ModelCall, ModelContext};
+use crate::task::Lease;
 
 /// Longest single `log` message or progress text kept; the rest is cut.
 const MAX_MESSAGE_BYTES: usize = 4096;
 /// Resource handles (streams, pollables) one run may hold at once.
 const MAX_RESOURCES: usize = 1024;
 
-/// Told about a run while it is in flight.
+/// The daemon's side of a run in flight: where progress goes, and the task's
+/// model journal (kept by the queue; the runtime knows no SQL).
+#[wasmtime_wasi::async_trait]
 pub trait RunHooks: Send + Sync {
     /// The agent called `heartbeat(progress)`.
-    fn progress(&self, task_id: u64, progress: Option<String>);
+    fn progress(&self, task_id: i64, progress: Option<String>);
+
+    /// The task's budget and the replayable calls of its previous run,
+    /// read before the run's first model call.
+    async fn model_context(&self, _lease: Lease) -> Result<ModelContext, String> {
+        Ok(ModelContext::default())
+    }
+
+    /// Stores one model call durably (and its audit event), fenced by the lease.
+    async fn record_model_call(
+        &self,
+        _lease: Lease,
+        _attempt: u32,
+        _call: &ModelCall,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// Hooks that ignore everything (for runs nobody watches).
+/// Hooks that ignore everything (for runs nobody watches): no journal, so
+/// nothing is replayed and no budget but the manifest's applies.
 pub struct NoHooks;
 impl RunHooks for NoHooks {
-    fn progress(&self, _: u64, _: Option<String>) {}
+    fn progress(&self, _: i64, _: Option<String>) {}
 }
 
 /// The store data of one run.
@@ -37,18 +60,20 @@ pub struct RunState {
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
     pub(super) log: TaskLog,
-    task_id: u64,
+    pub(super) model: ModelSession,
+    task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
 }
 
 impl RunState {
     pub fn new(
-        task_id: u64,
+        task_id: i64,
         agent: Arc<str>,
         memory_bytes: usize,
         log: TaskLog,
         hooks: Arc<dyn RunHooks>,
+        model: ModelSession,
         read_only_dir: Option<&std::path::Path>,
     ) -> wasmtime::Result<RunState> {
         // Deny-all: no args, no env, no preopens, closed stdin, and sockets
@@ -70,6 +95,7 @@ impl RunState {
             table,
             limiter: MemoryCap::new(memory_bytes),
             log,
+            model,
             task_id,
             agent,
             hooks,
@@ -97,6 +123,32 @@ impl host::Host for RunState {
     }
 
     fn log(&mut self, level: types::Level, message: String) {
+        self.log_line(level, message);
+    }
+}
+
+// Agents built against the released 0.1.0 contract get the same host.
+impl types_v0_1::Host for RunState {}
+
+impl host_v0_1::Host for RunState {
+    fn heartbeat(&mut self, progress: Option<String>) {
+        host::Host::heartbeat(self, progress);
+    }
+
+    fn log(&mut self, level: types_v0_1::Level, message: String) {
+        let level = match level {
+            types_v0_1::Level::Trace => types::Level::Trace,
+            types_v0_1::Level::Debug => types::Level::Debug,
+            types_v0_1::Level::Info => types::Level::Info,
+            types_v0_1::Level::Warn => types::Level::Warn,
+            types_v0_1::Level::Error => types::Level::Error,
+        };
+        self.log_line(level, message);
+    }
+}
+
+impl RunState {
+    fn log_line(&mut self, level: types::Level, message: String) {
         let message = truncate(message, MAX_MESSAGE_BYTES);
         let (task, agent) = (self.task_id, &*self.agent);
         match level {
@@ -125,11 +177,7 @@ impl host::Host for RunState {
 
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
+        s.truncate(s.floor_char_boundary(max));
         s.push('…');
     }
     s

@@ -68,7 +68,11 @@ impl Harness {
 
     /// Runs a daemon on this queue until nothing runnable remains.
     pub async fn run_until_idle(&self) -> DaemonSummary {
-        let runtime = self.runtime();
+        self.run_until_idle_on(self.runtime()).await
+    }
+
+    /// The same, on a runtime set up by the test (with model providers, say).
+    pub async fn run_until_idle_on(&self, runtime: Runtime) -> DaemonSummary {
         let agents = self.agent_dir(&runtime).await;
         let cfg = DaemonConfig {
             poll: Duration::from_millis(50),

@@ -1,0 +1,123 @@
+//! Printing model usage: per task (`show`), per listed task (`list`) and
+//! per agent and alias over the last day (`status`).
+
+use std::io::Write;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use crate::queue::{ModelCallRow, SpendRow, TaskUsage};
+
+pub fn usage_json(usage: &TaskUsage) -> Value {
+    json!({
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "calls": usage.calls,
+        "replayed": usage.replayed,
+        "cost_usd": usage.cost_usd,
+    })
+}
+
+pub fn model_calls_json(calls: &[ModelCallRow]) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .map(|c| {
+                json!({
+                    "attempt": c.attempt,
+                    "seq": c.seq,
+                    "model": c.model,
+                    "input_tokens": c.input_tokens,
+                    "output_tokens": c.output_tokens,
+                    "cost_usd": c.cost_usd,
+                    "replayed": c.replayed,
+                    "status": c.status,
+                    "ms": c.ms,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn cost(usd: Option<f64>) -> String {
+    usd.map_or_else(|| "-".to_string(), |c| format!("${c:.4}"))
+}
+
+/// The `model calls:` section of `colony show`.
+pub fn print_model_calls(
+    out: &mut impl Write,
+    usage: &TaskUsage,
+    calls: &[ModelCallRow],
+) -> Result<()> {
+    if calls.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "model calls:")?;
+    writeln!(
+        out,
+        "  {:>7} {:>4}  {:<12} {:>9} {:>9} {:>10} {:>7}  {:<8} status",
+        "attempt", "seq", "model", "tokens in", "out", "cost", "ms", "replayed"
+    )?;
+    for c in calls {
+        writeln!(
+            out,
+            "  {:>7} {:>4}  {:<12} {:>9} {:>9} {:>10} {:>7}  {:<8} {}",
+            c.attempt,
+            c.seq,
+            c.model,
+            c.input_tokens,
+            c.output_tokens,
+            cost(c.cost_usd),
+            c.ms,
+            if c.replayed { "yes" } else { "no" },
+            c.status
+        )?;
+    }
+    writeln!(
+        out,
+        "  total: {} calls ({} replayed), {} tokens in, {} out, cost {}",
+        usage.calls + usage.replayed,
+        usage.replayed,
+        usage.input_tokens,
+        usage.output_tokens,
+        cost(usage.cost_usd)
+    )?;
+    Ok(())
+}
+
+pub fn spend_json(rows: &[SpendRow]) -> Value {
+    Value::Array(
+        rows.iter()
+            .map(|r| json!({"agent": r.agent, "model": r.model, "usage": usage_json(&r.usage)}))
+            .collect(),
+    )
+}
+
+/// The `model spend` section of `colony status`.
+pub fn print_spend(out: &mut impl Write, rows: &[SpendRow]) -> Result<()> {
+    if rows.is_empty() {
+        writeln!(out, "no model calls in the last 24 h")?;
+        return Ok(());
+    }
+    writeln!(out, "model spend, last 24 h:")?;
+    writeln!(
+        out,
+        "  {:<12} {:<12} {:>7} {:>9} {:>11} {:>11} {:>10}",
+        "agent", "model", "calls", "replayed", "tokens in", "tokens out", "cost"
+    )?;
+    for r in rows {
+        let u = &r.usage;
+        writeln!(
+            out,
+            "  {:<12} {:<12} {:>7} {:>9} {:>11} {:>11} {:>10}",
+            r.agent,
+            r.model,
+            u.calls,
+            u.replayed,
+            u.input_tokens,
+            u.output_tokens,
+            cost(u.cost_usd)
+        )?;
+    }
+    Ok(())
+}

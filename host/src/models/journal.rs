@@ -1,0 +1,70 @@
+//! The model-call journal's records: what a run asked and what came back.
+//! The queue stores them (durably, before the reply reaches the agent); a
+//! retry after an interruption replays them instead of paying again. Plain
+//! data: the runtime produces and consumes it, knowing no SQL.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ChatReply, ChatRequest, ModelError, Usage};
+
+/// One model call of one run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelCall {
+    /// 1 for the run's first call, 2 for the next, ...
+    pub seq: u32,
+    /// The alias the agent asked for.
+    pub alias: String,
+    /// [`super::request_hash`] of the request: replay matches on it.
+    pub request_hash: String,
+    /// The request as the agent sent it (kept in the journal, never in events).
+    pub request: ChatRequest,
+    /// The reply, or why there was none.
+    pub outcome: Result<ChatReply, ModelError>,
+    /// Tokens the provider charged; zero for a replayed or refused call.
+    pub charged: Usage,
+    /// What the charged tokens cost, when the alias has prices.
+    pub cost_usd: Option<f64>,
+    /// Wall-clock time of the call, retries included.
+    pub ms: u64,
+    /// True when the reply came from the journal of an interrupted run.
+    pub replayed: bool,
+}
+
+impl ModelCall {
+    /// `ok`, or the error kind (`budget_exceeded`, `rate_limited`, ...).
+    pub fn status(&self) -> &'static str {
+        match &self.outcome {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        }
+    }
+}
+
+/// What a run needs to know before its first model call: how much it may
+/// still spend and which replies it may replay. Loaded lazily, so runs that
+/// never call a model never pay for it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelContext {
+    /// The budget of the task's chain, when its root task set one
+    /// (`colony submit --token-budget`): every task of the chain spends from it.
+    pub chain_budget: Option<u64>,
+    /// Tokens charged so far to the whole chain.
+    pub chain_spent: u64,
+    /// Tokens charged so far to this task, over all its runs.
+    pub task_spent: u64,
+    /// The calls of the previous run, in order, when that run was
+    /// interrupted (crash, lost lease, shutdown, deadline, trap).
+    pub replay: Vec<ModelCall>,
+}
+
+impl ModelContext {
+    /// Tokens left for this run: the chain's budget when the root set one,
+    /// otherwise the agent's per-task budget (`token_budget` in its manifest).
+    pub fn remaining(&self, manifest_budget: Option<u64>) -> Option<u64> {
+        match (self.chain_budget, manifest_budget) {
+            (Some(chain), _) => Some(chain.saturating_sub(self.chain_spent)),
+            (None, Some(task)) => Some(task.saturating_sub(self.task_spent)),
+            (None, None) => None,
+        }
+    }
+}

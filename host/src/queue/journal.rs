@@ -1,0 +1,323 @@
+//! The model-call journal and usage accounting: every statement about
+//! `model_calls`. A call is stored fenced by its run's lease, with its
+//! `model_call` audit event, before its reply reaches the agent.
+
+use rusqlite::{OptionalExtension, Row, params};
+use serde_json::json;
+
+use super::{Applied, Queue, QueueError, Result, now_ms};
+use crate::models::{ChatReply, ModelCall, ModelContext, ModelError, Usage};
+use crate::task::{Lease, State};
+
+/// What a task's model calls added up to.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct TaskUsage {
+    /// Tokens charged by providers (replayed calls charge nothing).
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Calls that reached a provider (or were refused by the host).
+    pub calls: u64,
+    /// Calls answered from the journal.
+    pub replayed: u64,
+    /// `None` when no call had a price.
+    pub cost_usd: Option<f64>,
+}
+
+/// One journal row, as `colony show` lists it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ModelCallRow {
+    pub attempt: u32,
+    pub seq: u32,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: Option<f64>,
+    pub replayed: bool,
+    pub status: String,
+    pub ms: u64,
+    pub at: i64,
+}
+
+/// Spend over a time window, per agent and alias (`colony status`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SpendRow {
+    pub agent: String,
+    pub model: String,
+    pub usage: TaskUsage,
+}
+
+const USAGE_COLUMNS: &str = "COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
+     COALESCE(SUM(replayed = 0), 0), COALESCE(SUM(replayed), 0), SUM(cost_usd)";
+
+fn usage_from_row(r: &Row<'_>, first: usize) -> rusqlite::Result<TaskUsage> {
+    Ok(TaskUsage {
+        input_tokens: r.get::<_, i64>(first)? as u64,
+        output_tokens: r.get::<_, i64>(first + 1)? as u64,
+        calls: r.get::<_, i64>(first + 2)? as u64,
+        replayed: r.get::<_, i64>(first + 3)? as u64,
+        cost_usd: r.get(first + 4)?,
+    })
+}
+
+impl Queue {
+    /// The budget left to a claimed task's run and the calls it may replay.
+    /// Fenced: a run that lost its lease learns nothing.
+    pub fn model_context(&self, lease: Lease) -> Result<ModelContext> {
+        let held: Option<(i64, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT COALESCE(root_id, id), replay_token FROM tasks
+                 WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
+            )?
+            .query_row(params![lease.task_id, lease.token], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((root, replay_token)) = held else {
+            return Err(QueueError::Corrupt(format!(
+                "task {} is no longer held under this lease",
+                lease.task_id
+            )));
+        };
+        let chain_budget: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT token_budget FROM tasks WHERE id = ?1")?
+            .query_row([root], |r| r.get(0))?;
+        let spent = |sql: &str, id: i64| -> Result<u64> {
+            Ok(self
+                .conn
+                .prepare_cached(sql)?
+                .query_row([id], |r| r.get::<_, i64>(0))? as u64)
+        };
+        let chain_spent = spent(
+            "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls WHERE root_id = ?1",
+            root,
+        )?;
+        let task_spent = spent(
+            "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls WHERE task_id = ?1",
+            lease.task_id,
+        )?;
+        let replay = match replay_token {
+            Some(token) => self.journal_of_run(lease.task_id, token)?,
+            None => Vec::new(),
+        };
+        Ok(ModelContext {
+            chain_budget: chain_budget.map(|b| b as u64),
+            chain_spent,
+            task_spent,
+            replay,
+        })
+    }
+
+    /// The calls one run made, in order.
+    fn journal_of_run(&self, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, alias, request_hash, request, reply, status, error, input_tokens,
+                    output_tokens, cost_usd, ms, replayed
+             FROM model_calls WHERE task_id = ?1 AND token = ?2 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![task_id, token], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                usage_pair(r, 7)?,
+                r.get::<_, Option<f64>>(9)?,
+                r.get::<_, i64>(10)? as u64,
+                r.get::<_, bool>(11)?,
+            ))
+        })?;
+        let corrupt = |what: &str, e: serde_json::Error| {
+            QueueError::Corrupt(format!("task {task_id}'s model journal {what}: {e}"))
+        };
+        let mut calls = Vec::new();
+        for row in rows {
+            let (
+                seq,
+                alias,
+                request_hash,
+                request,
+                reply,
+                status,
+                error,
+                charged,
+                cost_usd,
+                ms,
+                replayed,
+            ) = row?;
+            let outcome = match reply {
+                Some(text) if status == "ok" => Ok(
+                    serde_json::from_str::<ChatReply>(&text).map_err(|e| corrupt("reply", e))?
+                ),
+                _ => Err(model_error(&status, error.unwrap_or_default())),
+            };
+            calls.push(ModelCall {
+                seq,
+                alias,
+                request_hash,
+                request: serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
+                outcome,
+                charged,
+                cost_usd,
+                ms,
+                replayed,
+            });
+        }
+        Ok(calls)
+    }
+
+    /// Stores one call and its `model_call` event, fenced by the run's lease:
+    /// a run that lost its lease records nothing (and is being stopped).
+    pub fn record_model_call(
+        &mut self,
+        lease: Lease,
+        attempt: u32,
+        call: &ModelCall,
+    ) -> Result<Applied> {
+        let actor = self.opts.actor.clone();
+        let now = now_ms();
+        let tx = self.write()?;
+        let held: Option<(i64, String)> = tx
+            .prepare_cached(
+                "SELECT COALESCE(root_id, id), agent FROM tasks
+                 WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
+            )?
+            .query_row(params![lease.task_id, lease.token], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((root, agent)) = held else {
+            return Ok(Applied::LeaseLost);
+        };
+        let request = serde_json::to_string(&call.request).expect("a request serializes");
+        let (reply, error) = match &call.outcome {
+            Ok(reply) => (
+                Some(serde_json::to_string(reply).expect("a reply serializes")),
+                None,
+            ),
+            Err(e) => (None, Some(e.message().to_string())),
+        };
+        tx.prepare_cached(
+            "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                 request_hash, request, reply, status, error, input_tokens, output_tokens,
+                 cost_usd, ms, replayed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        )?
+        .execute(params![
+            now,
+            lease.task_id,
+            root,
+            agent,
+            lease.token,
+            attempt,
+            call.seq,
+            call.alias,
+            call.request_hash,
+            request,
+            reply,
+            call.status(),
+            error,
+            call.charged.input_tokens,
+            call.charged.output_tokens,
+            call.cost_usd,
+            call.ms as i64,
+            call.replayed,
+        ])?;
+        // No prompt or reply text on the audit trail: the journal keeps it.
+        let detail = json!({
+            "attempt": attempt,
+            "seq": call.seq,
+            "model": call.alias,
+            "input_tokens": call.charged.input_tokens,
+            "output_tokens": call.charged.output_tokens,
+            "cost_usd": call.cost_usd,
+            "replayed": call.replayed,
+            "status": call.status(),
+            "ms": call.ms,
+        });
+        let state = State::InProgress.as_str();
+        tx.prepare_cached(
+            "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+             VALUES (?1, ?2, 'model_call', ?3, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            now,
+            lease.task_id,
+            state,
+            actor,
+            detail.to_string()
+        ])?;
+        tx.commit()?;
+        Ok(Applied::Moved(State::InProgress))
+    }
+
+    /// What a task's model calls added up to, over all its runs.
+    pub fn usage(&self, task_id: i64) -> Result<TaskUsage> {
+        let sql = format!("SELECT {USAGE_COLUMNS} FROM model_calls WHERE task_id = ?1");
+        Ok(self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row([task_id], |r| usage_from_row(r, 0))?)
+    }
+
+    /// A task's model calls, oldest first.
+    pub fn model_calls(&self, task_id: i64) -> Result<Vec<ModelCallRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, seq, alias, input_tokens, output_tokens, cost_usd, replayed, status, ms, at
+             FROM model_calls WHERE task_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([task_id], |r| {
+            Ok(ModelCallRow {
+                attempt: r.get(0)?,
+                seq: r.get(1)?,
+                model: r.get(2)?,
+                input_tokens: r.get::<_, i64>(3)? as u64,
+                output_tokens: r.get::<_, i64>(4)? as u64,
+                cost_usd: r.get(5)?,
+                replayed: r.get(6)?,
+                status: r.get(7)?,
+                ms: r.get::<_, i64>(8)? as u64,
+                at: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Spend per agent and alias since `since_ms`, largest first.
+    pub fn spend_since(&self, since_ms: i64) -> Result<Vec<SpendRow>> {
+        let sql = format!(
+            "SELECT agent, alias, {USAGE_COLUMNS} FROM model_calls WHERE at >= ?1
+             GROUP BY agent, alias ORDER BY SUM(input_tokens + output_tokens) DESC, agent, alias"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([since_ms], |r| {
+            Ok(SpendRow {
+                agent: r.get(0)?,
+                model: r.get(1)?,
+                usage: usage_from_row(r, 2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+fn usage_pair(r: &Row<'_>, first: usize) -> rusqlite::Result<Usage> {
+    Ok(Usage {
+        input_tokens: r.get(first)?,
+        output_tokens: r.get(first + 1)?,
+    })
+}
+
+fn model_error(kind: &str, message: String) -> ModelError {
+    match kind {
+        "not_granted" => ModelError::NotGranted(message),
+        "budget_exceeded" => ModelError::BudgetExceeded(message),
+        "rate_limited" => ModelError::RateLimited(message),
+        "invalid_request" => ModelError::InvalidRequest(message),
+        _ => ModelError::Unavailable(message),
+    }
+}

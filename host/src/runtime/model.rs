@@ -1,0 +1,295 @@
+//! The host side of `colony:agent/model`: a run's model calls, checked
+//! against the agent's grants and the task's token budget, replayed from the
+//! journal after an interruption, and recorded in it.
+//!
+//! The session knows neither SQL nor keys: it reaches the journal through
+//! [`RunHooks`] (the daemon's side) and providers through
+//! [`Providers`], which hold the keys outside every `Store`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::models::{
+    ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Providers, Usage,
+    estimate_prompt_tokens, request_hash,
+};
+use crate::task::Lease;
+
+use super::sandbox::RunHooks;
+
+/// What the session learned from the journal before its first call.
+struct Loaded {
+    /// Tokens this run may still spend; `None` is unlimited.
+    remaining: Option<u64>,
+    /// Replies of the interrupted previous run, not replayed yet.
+    replay: VecDeque<ModelCall>,
+}
+
+/// One run's model access.
+pub struct ModelSession {
+    providers: Option<Arc<Providers>>,
+    granted: Arc<[String]>,
+    manifest_budget: Option<u64>,
+    hooks: Arc<dyn RunHooks>,
+    lease: Lease,
+    attempt: u32,
+    loaded: Option<Loaded>,
+    seq: u32,
+    /// Set once a call was refused for want of tokens: the run's failure is
+    /// then recorded as `budget_exceeded` and not retried.
+    pub(super) budget_exceeded: bool,
+}
+
+impl ModelSession {
+    pub fn new(
+        providers: Option<Arc<Providers>>,
+        granted: Arc<[String]>,
+        manifest_budget: Option<u64>,
+        hooks: Arc<dyn RunHooks>,
+        lease: Lease,
+        attempt: u32,
+    ) -> ModelSession {
+        ModelSession {
+            providers,
+            granted,
+            manifest_budget,
+            hooks,
+            lease,
+            attempt,
+            loaded: None,
+            seq: 0,
+            budget_exceeded: false,
+        }
+    }
+
+    /// Reads the budget and the replayable calls on first use, so runs that
+    /// never call a model cost nothing.
+    async fn load(&mut self) -> Result<&mut Loaded, ModelError> {
+        if self.loaded.is_none() {
+            let context: ModelContext =
+                self.hooks.model_context(self.lease).await.map_err(|e| {
+                    ModelError::Unavailable(format!(
+                        "the task's model journal could not be read: {e}"
+                    ))
+                })?;
+            self.loaded = Some(Loaded {
+                remaining: context.remaining(self.manifest_budget),
+                replay: context.replay.into(),
+            });
+        }
+        Ok(self.loaded.as_mut().expect("just loaded"))
+    }
+
+    /// Tokens this run may still spend.
+    pub async fn remaining(&mut self) -> Result<Option<u64>, ModelError> {
+        Ok(self.load().await?.remaining)
+    }
+
+    /// One call: granted? replayable? affordable? Then the provider. Every
+    /// call, refused ones included, is recorded before its answer returns.
+    pub async fn complete(
+        &mut self,
+        request: ChatRequest,
+    ) -> Result<(ChatReply, bool), ModelError> {
+        self.seq += 1;
+        let started = Instant::now();
+        let hash = request_hash(&request);
+        let (outcome, replayed, charged, cost) = self.answer(&request, &hash).await;
+        if matches!(outcome, Err(ModelError::BudgetExceeded(_))) {
+            self.budget_exceeded = true;
+        }
+        let call = ModelCall {
+            seq: self.seq,
+            alias: request.model.clone(),
+            request_hash: hash,
+            request,
+            outcome,
+            charged,
+            cost_usd: cost,
+            ms: started.elapsed().as_millis() as u64,
+            replayed,
+        };
+        if let Err(e) = self
+            .hooks
+            .record_model_call(self.lease, self.attempt, &call)
+            .await
+        {
+            // The reply is real and paid for: the agent gets it even if the
+            // journal could not keep it (a retry would then pay again).
+            tracing::warn!(
+                task = self.lease.task_id,
+                seq = call.seq,
+                "could not journal a model call: {e}"
+            );
+        }
+        call.outcome.map(|reply| (reply, replayed))
+    }
+
+    async fn answer(
+        &mut self,
+        request: &ChatRequest,
+        hash: &str,
+    ) -> (Result<ChatReply, ModelError>, bool, Usage, Option<f64>) {
+        let refused = |e| (Err(e), false, Usage::default(), None);
+        let providers = match &self.providers {
+            Some(p) if self.granted.contains(&request.model) && p.has_alias(&request.model) => {
+                p.clone()
+            }
+            _ => return refused(self.not_granted(&request.model)),
+        };
+        let default_max = providers.default_max_tokens(&request.model).unwrap_or(0);
+        let loaded = match self.load().await {
+            Ok(loaded) => loaded,
+            Err(e) => return refused(e),
+        };
+        if let Some(recorded) = take_replay(&mut loaded.replay, hash) {
+            return (Ok(recorded), true, Usage::default(), None);
+        }
+        let need =
+            u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
+        if let Some(left) = loaded.remaining
+            && need > left
+        {
+            return refused(ModelError::BudgetExceeded(format!(
+                "this call may take up to {need} tokens (prompt estimate plus max-tokens) and the task has {left} left of its budget"
+            )));
+        }
+        let outcome = providers.complete(request).await;
+        let charged = outcome.as_ref().map(|r| r.usage).unwrap_or_default();
+        if let Some(left) = &mut loaded.remaining {
+            *left = left.saturating_sub(charged.total());
+        }
+        let cost = providers.cost_usd(&request.model, &charged);
+        (outcome, false, charged, cost)
+    }
+
+    fn not_granted(&self, alias: &str) -> ModelError {
+        let known = self.providers.as_ref().is_some_and(|p| p.has_alias(alias));
+        ModelError::NotGranted(match (known, self.granted.is_empty()) {
+            (false, _) => format!("no model alias {alias:?} is configured on this host"),
+            (true, true) => {
+                format!("this agent's manifest grants no models (add models = [{alias:?}])")
+            }
+            (true, false) => {
+                format!("this agent's manifest does not grant the model alias {alias:?}")
+            }
+        })
+    }
+}
+
+/// The next recorded reply, if the previous run asked the same question at
+/// this point. The first mismatch ends replay for the rest of the run: from
+/// then on the agent is on a new path and every call is real.
+fn take_replay(replay: &mut VecDeque<ModelCall>, hash: &str) -> Option<ChatReply> {
+    let next = replay.pop_front()?;
+    match next.outcome {
+        Ok(reply) if next.request_hash == hash => Some(reply),
+        _ => {
+            replay.clear();
+            None
+        }
+    }
+}
+
+// ----- the WIT interface ---------------------------------------------------------
+
+use super::bindings::colony::agent::model as wit;
+use super::sandbox::RunState;
+use crate::models::{Finish, Message, Role, Tool, ToolCall};
+
+impl wit::Host for RunState {
+    async fn complete(&mut self, req: wit::Request) -> Result<wit::Reply, wit::ModelError> {
+        let (reply, replayed) = self
+            .model
+            .complete(request_from_wit(req))
+            .await
+            .map_err(error_to_wit)?;
+        Ok(reply_to_wit(reply, replayed))
+    }
+
+    async fn remaining(&mut self) -> Option<u64> {
+        // An unreadable journal leaves the budget unknown: say "none left"
+        // rather than "unlimited", so the agent does not plan on tokens it
+        // may not have; its calls will say why.
+        self.model.remaining().await.unwrap_or(Some(0))
+    }
+}
+
+fn request_from_wit(req: wit::Request) -> ChatRequest {
+    ChatRequest {
+        model: req.model,
+        messages: req.messages.into_iter().map(message_from_wit).collect(),
+        tools: req
+            .tools
+            .into_iter()
+            .map(|t| Tool {
+                name: t.name,
+                description: t.description,
+                parameters: t.parameters,
+            })
+            .collect(),
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        json: req.json,
+    }
+}
+
+fn message_from_wit(m: wit::Message) -> Message {
+    Message {
+        role: match m.role {
+            wit::Role::System => Role::System,
+            wit::Role::User => Role::User,
+            wit::Role::Assistant => Role::Assistant,
+            wit::Role::Tool => Role::Tool,
+        },
+        content: m.content,
+        tool_calls: m.tool_calls.into_iter().map(tool_call_from_wit).collect(),
+        tool_call_id: m.tool_call_id,
+    }
+}
+
+fn tool_call_from_wit(c: wit::ToolCall) -> ToolCall {
+    ToolCall {
+        id: c.id,
+        name: c.name,
+        arguments: c.arguments,
+    }
+}
+
+fn reply_to_wit(reply: ChatReply, replayed: bool) -> wit::Reply {
+    wit::Reply {
+        content: reply.content,
+        tool_calls: reply
+            .tool_calls
+            .into_iter()
+            .map(|c| wit::ToolCall {
+                id: c.id,
+                name: c.name,
+                arguments: c.arguments,
+            })
+            .collect(),
+        finish: match reply.finish {
+            Finish::Stop => wit::Finish::Stop,
+            Finish::Length => wit::Finish::Length,
+            Finish::ToolCalls => wit::Finish::ToolCalls,
+            Finish::Other => wit::Finish::Other,
+        },
+        usage: wit::Usage {
+            input_tokens: reply.usage.input_tokens,
+            output_tokens: reply.usage.output_tokens,
+        },
+        model: reply.model,
+        replayed,
+    }
+}
+
+fn error_to_wit(e: ModelError) -> wit::ModelError {
+    match e {
+        ModelError::NotGranted(m) => wit::ModelError::NotGranted(m),
+        ModelError::BudgetExceeded(m) => wit::ModelError::BudgetExceeded(m),
+        ModelError::RateLimited(m) => wit::ModelError::RateLimited(m),
+        ModelError::Unavailable(m) => wit::ModelError::Unavailable(m),
+        ModelError::InvalidRequest(m) => wit::ModelError::InvalidRequest(m),
+    }
+}

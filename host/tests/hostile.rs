@@ -1,0 +1,557 @@
+//! Hostile input, end to end: the real `colony` binary given what a careless
+//! script or an attacker would pass. Bad input exits 2, names the flag or
+//! field at fault and stores nothing; extreme but valid values are stored and
+//! every command still prints them; nothing panics; a closed stdout ends a
+//! command quietly; `colony agents` reports every `*.wasm` entry.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use colony_tests::agents_dir_with;
+use serde_json::Value;
+
+struct Env {
+    agents: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(fixtures: &[&str]) -> Env {
+        Env {
+            agents: agents_dir_with(fixtures),
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn db(&self) -> PathBuf {
+        self.data.path().join("colony.db")
+    }
+
+    fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> String {
+        let path = self.data.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colony"));
+        cmd.env("COLONY_DB", self.db())
+            .env("COLONY_AGENTS", self.agents.path())
+            .env("COLONY_LOG", "warn")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[impl AsRef<OsStr>]) -> Output {
+        let out = self.cmd().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked"),
+            "colony {:?} panicked:\n{stderr}",
+            shown(args)
+        );
+        out
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "colony {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    fn submit(&self, args: &[&str]) -> i64 {
+        let mut all = vec!["submit"];
+        all.extend_from_slice(args);
+        self.ok(&all).trim().parse().expect("submit prints the id")
+    }
+
+    /// Everything the database holds that a command could change.
+    fn snapshot(&self) -> String {
+        self.ok(&["--json", "list", "--limit", "100000"]) + &self.ok(&["events"])
+    }
+}
+
+fn shown(args: &[impl AsRef<OsStr>]) -> Vec<String> {
+    args.iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// One hostile command: its arguments, the exit status it must end with and
+/// what its stderr must mention (the flag or field at fault).
+struct Case {
+    args: Vec<OsString>,
+    code: i32,
+    says: String,
+}
+
+fn case(args: &[&str], code: i32, says: &str) -> Case {
+    Case {
+        args: args.iter().map(OsString::from).collect(),
+        code,
+        says: says.to_string(),
+    }
+}
+
+/// `colony submit noop {} <extra>`, which must exit 2 mentioning `says`.
+fn bad_submit(extra: &[&str], says: &str) -> Case {
+    case(&[&["submit", "noop", "{}"], extra].concat(), 2, says)
+}
+
+fn bad_payload(payload: &str, says: &str) -> Case {
+    case(&["submit", "noop", payload], 2, says)
+}
+
+fn nested(depth: usize) -> String {
+    "[".repeat(depth) + &"]".repeat(depth)
+}
+
+fn non_utf8(args: &[&[u8]], says: &str) -> Case {
+    Case {
+        args: args
+            .iter()
+            .map(|a| OsStr::from_bytes(a).to_os_string())
+            .collect(),
+        code: 2,
+        says: says.to_string(),
+    }
+}
+
+fn hostile_cases(env: &Env) -> Vec<Case> {
+    let huge = env.file("huge.json", format!("\"{}\"", "x".repeat(1024 * 1024)));
+    let deep = env.file("deep.json", nested(200));
+    let inf = env.file("inf.json", "1e999");
+    let surrogate = env.file("surrogate.json", r#"{"a":"\ud800"}"#);
+    let deep_chain = (0..40).fold(String::from(r#"{"agent":"noop"}"#), |inner, _| {
+        format!(r#"{{"agent":"noop","next":[{inner}]}}"#)
+    });
+    let batch_inf = env.file("inf.jsonl", "{\"agent\":\"noop\",\"payload\":1e999}\n");
+    let batch_big_timeout = env.file("timeout.jsonl", "{\"agent\":\"noop\",\"timeout\":\"2y\"}\n");
+    let batch_far_run_at = env.file(
+        "run_at.jsonl",
+        "{\"agent\":\"noop\",\"run_at\":\"10000-01-01T00:00:00Z\"}\n",
+    );
+    vec![
+        // Numbers: negative, zero, beyond the maximum, beyond the type.
+        bad_submit(&["--priority", "2147483648"], "--priority"),
+        bad_submit(&["--priority", "-2147483649"], "--priority"),
+        bad_submit(&["--max-attempts", "-1"], "--max-attempts"),
+        bad_submit(&["--max-attempts", "0"], "max_attempts"),
+        bad_submit(&["--max-attempts", "1001"], "max_attempts"),
+        bad_submit(&["--max-attempts", "4294967296"], "--max-attempts"),
+        bad_submit(&["--after", "0"], "--after"),
+        bad_submit(&["--after", "-1"], "--after"),
+        bad_submit(&["--after", "9223372036854775807"], "depends_on"),
+        bad_submit(&["--after", "9223372036854775808"], "--after"),
+        case(&["list", "--limit", "-1"], 2, "--limit"),
+        case(&["list", "--limit", "4294967296"], 2, "--limit"),
+        case(&["events", "--since", "-1"], 2, "--since"),
+        case(&["events", "--since", "9223372036854775808"], 2, "--since"),
+        case(&["events", "--task", "0"], 2, "--task"),
+        case(&["show", "-1"], 2, "<ID>"),
+        case(&["show", "9223372036854775808"], 2, "<ID>"),
+        case(&["show", "9223372036854775807"], 2, "does not exist"),
+        case(&["retry", "0"], 2, "<ID>"),
+        case(&["cancel", "-5"], 2, "<ID>"),
+        case(&["review", "-5", "approve"], 2, "<ID>"),
+        // Durations: negative, zero, too long, beyond what a number holds.
+        bad_submit(&["--timeout", "0s"], "timeout"),
+        bad_submit(&["--timeout", "-1s"], "--timeout"),
+        bad_submit(&["--timeout", "2y"], "--timeout"),
+        bad_submit(&["--timeout", "99999999999999999999s"], "--timeout"),
+        bad_submit(&["--backoff", "-1s"], "--backoff"),
+        bad_submit(&["--backoff", "11m"], "--backoff"),
+        bad_submit(&["--backoff", "584942417355y"], "--backoff"),
+        bad_submit(&["--in", "8000y"], "--in"),
+        bad_submit(&["--in", "99999999999d"], "--in"),
+        bad_submit(&["--in", "999999999999999999999d"], "--in"),
+        bad_submit(&["--in", "-5s"], "--in"),
+        bad_submit(&["--in", "soon"], "--in"),
+        // Times: past year 9999 (also through an offset), before 1970,
+        // impossible dates and offsets, not RFC 3339 at all.
+        bad_submit(&["--at", "10000-01-01T00:00:00Z"], "--at"),
+        bad_submit(&["--at", "9999-12-31T23:59:59-01:00"], "--at"),
+        bad_submit(&["--at", "1969-12-31T23:59:59Z"], "--at"),
+        bad_submit(&["--at", "2026-02-29T12:00:00Z"], "--at"),
+        bad_submit(&["--at", "2026-11-27T18:00:00+24:00"], "--at"),
+        bad_submit(&["--at", "2026-11-27T18:00:00 CET"], "--at"),
+        bad_submit(&["--at", "tomorrow"], "--at"),
+        bad_submit(&["--at", "2026-11-27T18:00:00Z", "--in", "5m"], "--in"),
+        case(&["submit", "--batch", &batch_big_timeout], 2, "timeout"),
+        case(&["submit", "--batch", &batch_far_run_at], 2, "run_at"),
+        // The daemon's settings (each would exit once idle if accepted).
+        case(
+            &["daemon", "--until-idle", "--concurrency", "0"],
+            2,
+            "--concurrency",
+        ),
+        case(
+            &["daemon", "--until-idle", "--concurrency", "-1"],
+            2,
+            "--concurrency",
+        ),
+        case(
+            &["daemon", "--until-idle", "--concurrency", "4294967295"],
+            2,
+            "--concurrency",
+        ),
+        case(
+            &["daemon", "--until-idle", "--claim-batch", "0"],
+            2,
+            "--claim-batch",
+        ),
+        case(
+            &[
+                "daemon",
+                "--until-idle",
+                "--claim-batch",
+                "18446744073709551616",
+            ],
+            2,
+            "--claim-batch",
+        ),
+        case(&["daemon", "--until-idle", "--poll", "0s"], 2, "--poll"),
+        case(&["daemon", "--until-idle", "--poll", "-1s"], 2, "--poll"),
+        case(&["daemon", "--until-idle", "--poll", "2y"], 2, "--poll"),
+        case(
+            &["daemon", "--until-idle", "--grace", "99999999999999999999s"],
+            2,
+            "--grace",
+        ),
+        case(
+            &[
+                "daemon",
+                "--until-idle",
+                "--heartbeat",
+                "1m",
+                "--stale-after",
+                "1m",
+            ],
+            2,
+            "--heartbeat",
+        ),
+        // Payloads that parse but could not be read back, and too much.
+        bad_payload("1e999", "payload"),
+        bad_payload(r#"{"a":"\ud800"}"#, "payload"),
+        bad_payload(&nested(200), "payload"),
+        bad_payload(&format!("@{inf}"), "payload"),
+        bad_payload(&format!("@{huge}"), "payload"),
+        bad_payload("{not json", "payload"),
+        case(
+            &["submit", "noop", "--payload-file", &surrogate],
+            2,
+            "payload",
+        ),
+        case(&["submit", "noop", "--payload-file", &deep], 2, "payload"),
+        case(&["submit", "noop", "--payload-file", &huge], 2, "payload"),
+        case(&["submit", "--batch", &batch_inf], 2, "line 1"),
+        // --next: not JSON, the wrong shape, bad names, bad values, too deep.
+        bad_submit(&["--next", "not json"], "--next"),
+        bad_submit(&["--next", "[1]"], "--next"),
+        bad_submit(&["--next", r#"[{"agnt":"noop"}]"#], "--next"),
+        bad_submit(
+            &["--next", r#"[{"agent":"no such/agent"}]"#],
+            "next[0].agent",
+        ),
+        bad_submit(
+            &["--next", r#"[{"agent":"noop","payload":1e999}]"#],
+            "--next",
+        ),
+        bad_submit(
+            &["--next", r#"[{"agent":"noop","priority":2147483648}]"#],
+            "priority",
+        ),
+        bad_submit(&["--next", &nested(200)], "--next"),
+        bad_submit(&["--next", &deep_chain], "next"),
+        bad_submit(&["--next", "@/no/such/file"], "--next"),
+        // Strings: empty, too long, not UTF-8.
+        bad_submit(&["--key", ""], "key"),
+        bad_submit(&["--key", &"k".repeat(257)], "key"),
+        case(&["submit", &"a".repeat(65)], 2, "agent"),
+        case(&["submit", "../noop"], 2, "agent"),
+        bad_submit(&["--reviewer", "no/such"], "reviewer"),
+        non_utf8(&[b"submit", b"no\xffop"], "argument 2"),
+        non_utf8(&[b"submit", b"noop", b"{\"a\":\"\xff\"}"], "argument 3"),
+        non_utf8(&[b"submit", b"noop", b"{}", b"--key", b"\xff"], "--key"),
+        non_utf8(&[b"submit", b"noop", b"{}", b"--next=\xff"], "--next"),
+    ]
+}
+
+#[test]
+fn hostile_input_exits_2_names_the_flag_and_stores_nothing() {
+    let env = Env::new(&["noop"]);
+    env.submit(&["noop", r#"{"keep":"me"}"#]);
+    let mut before = env.snapshot();
+    let mut failures = Vec::new();
+    for Case { args, code, says } in hostile_cases(&env) {
+        let out = env.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let args = shown(&args);
+        if out.status.code() != Some(code) {
+            failures.push(format!(
+                "colony {args:?} exited {}, not {code}: {stderr}",
+                out.status
+            ));
+        } else if !stderr.contains(&says) {
+            failures.push(format!("colony {args:?} should mention {says}: {stderr}"));
+        }
+        let after = env.snapshot();
+        if after != before {
+            failures.push(format!("colony {args:?} changed the database"));
+            before = after;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Submits the extreme values every flag accepts; then every command that
+/// reads them back must succeed.
+#[test]
+fn extreme_but_valid_values_are_stored_and_every_command_prints_them() {
+    let env = Env::new(&["noop"]);
+    let first = env.submit(&["noop"]).to_string();
+    let key = "k".repeat(256);
+    let extremes: &[&[&str]] = &[
+        &["--priority", "2147483647"],
+        &["--priority", "-2147483648"],
+        &["--max-attempts", "1"],
+        &["--max-attempts", "1000"],
+        &["--timeout", "1ms"],
+        &["--timeout", "1y"],
+        &["--backoff", "0s"],
+        &["--backoff", "10m"],
+        &["--in", "0s"],
+        &["--in", "7900y"],
+        &["--at", "1970-01-01T00:00:00Z"],
+        &["--at", "9999-12-31T23:59:59.999Z"],
+        &["--at", "9999-12-31T23:59:59.999999999+00:00"],
+        &["--at", "2026-11-27T18:00:00.123456-05:30"],
+        &["--after", &first],
+        &["--after", &first, "--key", &key],
+        &[
+            "--next",
+            r#"{"agent":"noop","priority":-2147483648,"payload":1.7976931348623157e308}"#,
+        ],
+    ];
+    let mut ids = vec![first.clone()];
+    for extra in extremes {
+        ids.push(env.submit(&[&["noop", "{}"], *extra].concat()).to_string());
+    }
+    ids.push(env.submit(&["noop", "1.7976931348623157e308"]).to_string());
+    ids.push(env.submit(&["noop", &nested(100)]).to_string());
+
+    for id in &ids {
+        env.ok(&["show", id]);
+        env.json(&["show", id]);
+        env.ok(&["events", "--task", id]);
+    }
+    for args in [
+        &["list", "--limit", "4294967295"][..],
+        &["list", "--limit", "0"],
+        &["status"],
+        &["agents"],
+    ] {
+        env.ok(args);
+        env.json(args);
+    }
+    for line in env.ok(&["events"]).lines() {
+        serde_json::from_str::<Value>(line).unwrap();
+    }
+    assert_eq!(env.ok(&["events", "--since", "9223372036854775807"]), "");
+    let latest = env.json(&["show", &ids[12]]);
+    assert_eq!(latest["run_at"], "9999-12-31T23:59:59.999Z");
+}
+
+#[test]
+fn at_takes_any_rfc_3339_offset() {
+    let env = Env::new(&[]);
+    for (at, stored) in [
+        ("2026-11-27T18:00:00+01:00", "2026-11-27T17:00:00.000Z"),
+        ("2026-11-27T18:00:00-05:30", "2026-11-27T23:30:00.000Z"),
+        ("2026-11-27T18:00:00Z", "2026-11-27T18:00:00.000Z"),
+        ("2026-11-27T18:00:00.25z", "2026-11-27T18:00:00.250Z"),
+        (
+            "2026-11-27T18:00:00.123456789+00:00",
+            "2026-11-27T18:00:00.123Z",
+        ),
+    ] {
+        let id = env.submit(&["later", "{}", "--at", at]);
+        assert_eq!(
+            env.json(&["show", &id.to_string()])["run_at"],
+            stored,
+            "--at {at}"
+        );
+    }
+    let batch = env.file(
+        "at.jsonl",
+        "{\"agent\":\"later\",\"run_at\":\"2026-11-27T18:00:00+01:00\"}\n",
+    );
+    let id = env.ok(&["submit", "--batch", &batch]);
+    assert_eq!(
+        env.json(&["show", id.trim()])["run_at"],
+        "2026-11-27T17:00:00.000Z"
+    );
+}
+
+#[test]
+fn a_missing_reviewer_is_warned_about_like_a_missing_agent() {
+    let env = Env::new(&["noop"]);
+    let out = env.run(&["submit", "noop", "{}", "--reviewer", "nonexist"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: no agent \"nonexist\"") && stderr.contains("review"),
+        "{stderr}"
+    );
+    let out = env.run(&["submit", "noop", "{}", "--next", r#"{"agent":"chained"}"#]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: no agent \"chained\""), "{stderr}");
+    let out = env.run(&["submit", "noop", "{}", "--reviewer", "noop"]);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts `colony <args>` with stdout piped, reads one line, closes the pipe
+/// and runs `meanwhile`; the command must then exit 0 without a word.
+fn closing_stdout_after_one_line(env: &Env, args: &[&str], meanwhile: impl FnOnce()) {
+    let mut child = env
+        .cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "colony {args:?} printed nothing");
+    meanwhile();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("colony {args:?} kept running after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "colony {args:?}: {stderr}");
+    assert!(stderr.is_empty(), "colony {args:?}: {stderr}");
+}
+
+#[test]
+fn a_closed_stdout_ends_a_command_quietly_with_0() {
+    let env = Env::new(&[]);
+    // More output than a pipe buffers, so writes go on after it closes.
+    let lines: String = (0..3000).map(|_| "{\"agent\":\"later\"}\n").collect();
+    let batch = env.file("tasks.jsonl", lines);
+    env.ok(&["submit", "--batch", &batch]);
+    closing_stdout_after_one_line(&env, &["list", "--limit", "3000"], || {});
+    closing_stdout_after_one_line(&env, &["--json", "list", "--limit", "3000"], || {});
+    closing_stdout_after_one_line(&env, &["events"], || {});
+    closing_stdout_after_one_line(&env, &["events", "--follow"], || {
+        env.submit(&["later"]); // a new event for the follower to print
+    });
+}
+
+#[test]
+fn agents_reports_every_wasm_entry_in_one_line_each() {
+    let env = Env::new(&["noop"]);
+    let dir = env.agents.path();
+    std::os::unix::fs::symlink("/no/such/target.wasm", dir.join("dangling.wasm")).unwrap();
+    std::fs::create_dir(dir.join("dir.wasm")).unwrap();
+    std::fs::copy(dir.join("noop.wasm"), dir.join("fuelless.wasm")).unwrap();
+    std::fs::write(dir.join("fuelless.toml"), "fuel = 0\n").unwrap();
+    // One unit of fuel: instantiating traps, with a multi-line backtrace.
+    std::fs::copy(dir.join("noop.wasm"), dir.join("starved.wasm")).unwrap();
+    std::fs::write(dir.join("starved.toml"), "fuel = 1\n").unwrap();
+    std::fs::write(dir.join(OsStr::from_bytes(b"bad\xffname.wasm")), b"").unwrap();
+
+    // With backtraces on, as the report that found the broken table had
+    // them: a start-up trap's reason is then many lines long.
+    let agents = |json: &[&str]| {
+        let out = env
+            .cmd()
+            .args(json)
+            .arg("agents")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = agents(&[]);
+    let lines: Vec<&str> = text.lines().collect();
+    let names = [
+        "bad\u{fffd}name",
+        "dangling",
+        "dir",
+        "fuelless",
+        "noop",
+        "starved",
+    ];
+    assert_eq!(lines.len(), names.len(), "one line per entry:\n{text}");
+    for (line, name) in lines.iter().zip(names) {
+        assert!(line.starts_with(name), "{name} in {line:?}");
+        assert!(line.chars().count() < 220, "a long line: {line}");
+    }
+    let reason = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        reason("dangling").contains("symbolic link to /no/such/target.wasm"),
+        "{text}"
+    );
+    assert!(reason("dir ").contains("a directory"), "{text}");
+    assert!(
+        reason("fuelless").contains("fuelless.toml") && reason("fuelless").contains("`fuel`"),
+        "{text}"
+    );
+    assert!(reason("fuelless").contains("at least 1"), "{text}");
+    assert!(reason("starved").contains("--json"), "{text}");
+
+    let json: Value = serde_json::from_str(&agents(&["--json"])).unwrap();
+    let entries = json.as_array().unwrap();
+    assert_eq!(entries.len(), names.len(), "{json}");
+    let starved = entries.iter().find(|e| e["name"] == "starved").unwrap();
+    assert!(
+        starved["reason"].as_str().unwrap().lines().count() > 1,
+        "the full text is in --json: {starved}"
+    );
+    assert!(env.ok(&["status"]).lines().all(|l| l.chars().count() < 220));
+}

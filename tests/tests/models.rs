@@ -1,0 +1,340 @@
+//! Model calls through the host (issue 10): the `thinker` fixture calls the
+//! `model` import against a real loopback server speaking the OpenAI and
+//! Anthropic protocols, through the real runtime, daemon and queue.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use colony::models::{ModelsConfig, Providers};
+use colony::task::{NewTask, NextSpec, State};
+use colony_tests::agents_dir_with;
+use colony_tests::model_server::{ModelServer, Scripted};
+use common::Harness;
+use serde_json::{Value, json};
+
+const SECRET: &str = "sk-test-secret-do-not-leak";
+
+struct Env {
+    h: Harness,
+    server: ModelServer,
+    providers: Arc<Providers>,
+}
+
+/// The `thinker` and `legacy` fixtures, `thinker.toml` holding `manifest`,
+/// and two aliases on one loopback server: `fast` (OpenAI) and `smart`
+/// (Anthropic), both with the key in a variable only the host reads.
+fn env(manifest: &str) -> Env {
+    let agents = agents_dir_with(&["thinker", "legacy"]);
+    std::fs::write(agents.path().join("thinker.toml"), manifest).unwrap();
+    let server = ModelServer::start();
+    let config = format!(
+        r#"
+[models.fast]
+api = "openai"
+base_url = "{}"
+model = "fake-fast"
+api_key_env = "THINKER_KEY"
+timeout = "10s"
+input_usd_per_mtok = 1.0
+output_usd_per_mtok = 2.0
+
+[models.smart]
+api = "anthropic"
+base_url = "{}"
+model = "fake-smart"
+api_key_env = "THINKER_KEY"
+timeout = "10s"
+"#,
+        server.openai_url(),
+        server.url()
+    );
+    let config = ModelsConfig::from_toml(&config, Path::new("colony.toml")).unwrap();
+    let providers = Providers::with_env(&config, |var| {
+        (var == "THINKER_KEY").then(|| SECRET.to_string())
+    })
+    .unwrap();
+    Env {
+        h: Harness::with_shared_cache(agents),
+        server,
+        providers: Arc::new(providers),
+    }
+}
+
+impl Env {
+    async fn run(&self) {
+        let mut runtime = self.h.runtime();
+        runtime.set_models(self.providers.clone());
+        self.h.run_until_idle_on(runtime).await;
+    }
+
+    fn think(&self, script: Value) -> i64 {
+        let mut task = NewTask::new("thinker", script.to_string());
+        task.backoff_ms = 1;
+        self.h.submit(task)
+    }
+
+    fn result(&self, id: i64) -> Value {
+        let task = self.h.task(id);
+        assert_eq!(task.state, State::Complete, "{:?}", task.error);
+        task.result.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_reaches_the_agent_and_the_call_is_journaled_and_metered() {
+    let e = env(r#"models = ["fast"]"#);
+    e.server
+        .push(Scripted::answer_with_usage("Bonjour", 40, 10));
+    let id = e.think(json!({"prompts": ["say hello in French"]}));
+    e.run().await;
+
+    let result = e.result(id);
+    assert_eq!(result["replies"][0]["content"], "Bonjour");
+    assert_eq!(result["replies"][0]["replayed"], false);
+    assert_eq!(result["replies"][0]["usage"], json!([40, 10]));
+    assert_eq!(
+        result["remaining_before"],
+        Value::Null,
+        "no budget: unlimited"
+    );
+
+    let request = e.server.last_request();
+    assert_eq!(
+        request.header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+    assert_eq!(request.body["model"], "fake-fast");
+    assert_eq!(
+        request.body["messages"][0]["content"],
+        "say hello in French"
+    );
+
+    let q = e.h.queue();
+    let usage = q.usage(id).unwrap();
+    assert_eq!(
+        (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.calls,
+            usage.replayed
+        ),
+        (40, 10, 1, 0)
+    );
+    let cost = usage.cost_usd.unwrap();
+    assert!((cost - (40.0 + 20.0) / 1e6).abs() < 1e-12, "{cost}");
+    let calls = q.model_calls(id).unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        (
+            calls[0].attempt,
+            calls[0].seq,
+            calls[0].model.as_str(),
+            calls[0].status.as_str()
+        ),
+        (1, 1, "fast", "ok")
+    );
+    let events = e.h.events(id, "model_call");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].detail["input_tokens"], 40);
+    let detail = events[0].detail.to_string();
+    assert!(
+        !detail.contains("French") && !detail.contains("Bonjour"),
+        "no prompt or reply text on the audit trail: {detail}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_reaches_the_provider_and_never_the_guest() {
+    let e = env(r#"models = ["smart"]"#);
+    let id = e.think(json!({"model": "smart", "prompts": ["hi"], "dump_env": true}));
+    e.run().await;
+    let result = e.result(id);
+    assert_eq!(result["env"], json!([]), "the guest sees no environment");
+    let request = e.server.last_request();
+    assert_eq!(request.path, "/v1/messages");
+    assert_eq!(request.header("x-api-key"), Some(SECRET));
+    let stored = format!("{}{}", e.h.task(id).result.unwrap(), e.h.log(id));
+    assert!(
+        !stored.contains(SECRET) && !stored.contains("127.0.0.1"),
+        "{stored}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_round_trip_reaches_the_agent_and_back() {
+    let e = env(r#"models = ["fast"]"#);
+    e.server
+        .push(Scripted::tool_call("lookup", json!({"word": "colony"})));
+    e.server.push(Scripted::answer("a group of ants"));
+    let id = e.think(json!({"prompts": ["what is a colony?"], "tool": true}));
+    e.run().await;
+    let result = e.result(id);
+    assert_eq!(result["replies"][0]["finish"], "Finish::ToolCalls");
+    assert_eq!(result["replies"][0]["tool_calls"][0][1], "lookup");
+    assert_eq!(result["replies"][1]["content"], "a group of ants");
+    let second = &e.server.requests()[1].body;
+    assert_eq!(second["tools"][0]["function"]["name"], "lookup");
+    let messages = second["messages"].as_array().unwrap();
+    let tool_answer = messages
+        .iter()
+        .find(|m| m["role"] == "tool")
+        .expect("a tool message");
+    assert_eq!(tool_answer["tool_call_id"], "call_lookup");
+    assert_eq!(messages[1]["tool_calls"][0]["function"]["name"], "lookup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_the_manifest_does_not_grant_is_refused_without_a_request() {
+    let e = env("");
+    let id = e.think(json!({"prompts": ["hi"], "on_error": "continue"}));
+    let unknown = e.think(json!({"model": "gpt-9", "prompts": ["hi"], "on_error": "continue"}));
+    e.run().await;
+    let errors = &e.result(id)["errors"];
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .starts_with("not_granted: this agent's manifest grants no models"),
+        "{errors}"
+    );
+    let errors = &e.result(unknown)["errors"];
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .contains("no model alias \"gpt-9\""),
+        "{errors}"
+    );
+    assert_eq!(e.server.count(), 0);
+    assert_eq!(
+        e.h.queue().model_calls(id).unwrap()[0].status,
+        "not_granted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_stops_the_second_call_before_the_provider_and_fails_for_good() {
+    let e = env("models = [\"fast\"]\ntoken_budget = 200");
+    e.server.push(Scripted::answer_with_usage("first", 100, 50));
+    let id = e.think(json!({"prompts": ["one", "two"], "max_tokens": 50}));
+    e.run().await;
+    let task = e.h.task(id);
+    assert_eq!(task.state, State::Failed);
+    let error = task.error.unwrap();
+    assert_eq!(error.kind.as_str(), "budget_exceeded", "{}", error.message);
+    assert_eq!(task.attempts, 1, "a budget stop is not retried");
+    assert_eq!(
+        e.server.count(),
+        1,
+        "the second call never reached the provider"
+    );
+    let calls = e.h.queue().model_calls(id).unwrap();
+    assert_eq!(
+        calls.iter().map(|c| c.status.as_str()).collect::<Vec<_>>(),
+        ["ok", "budget_exceeded"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_spends_from_its_roots_budget() {
+    let e = env(r#"models = ["fast"]"#);
+    e.server.push(Scripted::answer_with_usage("root", 100, 50));
+    e.server
+        .push(Scripted::answer_with_usage("child 1", 100, 50));
+    let child = json!({"prompts": ["c1", "c2"], "max_tokens": 50});
+    let mut root = NewTask::new(
+        "thinker",
+        json!({"prompts": ["r"], "max_tokens": 50}).to_string(),
+    );
+    root.token_budget = Some(300);
+    root.next = vec![NextSpec {
+        agent: "thinker".into(),
+        payload: child,
+        priority: 0,
+        review: false,
+        next: vec![],
+    }];
+    let root = e.h.submit(root);
+    e.run().await;
+    let result = e.result(root);
+    assert_eq!(result["remaining_before"], 300);
+    assert_eq!(result["remaining_after"], 150);
+    let q = e.h.queue();
+    let child = q.children(root).unwrap().remove(0).unwrap();
+    assert_eq!(child.state, State::Failed);
+    assert_eq!(child.error.unwrap().kind.as_str(), "budget_exceeded");
+    assert_eq!(e.server.count(), 2, "root's call and the child's first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_then_an_answer_is_one_call_of_one_attempt() {
+    let e = env(r#"models = ["fast"]"#);
+    e.server.push(Scripted::rate_limited(1));
+    e.server.push(Scripted::answer("after the wait"));
+    let id = e.think(json!({"prompts": ["hi"]}));
+    e.run().await;
+    assert_eq!(e.result(id)["replies"][0]["content"], "after the wait");
+    assert_eq!(e.h.task(id).attempts, 1);
+    assert_eq!(e.server.count(), 2);
+    assert_eq!(e.h.queue().usage(id).unwrap().calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_trap_replays_the_journal_instead_of_paying_again() {
+    let e = env(r#"models = ["fast"]"#);
+    for text in ["one", "two", "three"] {
+        e.server.push(Scripted::answer_with_usage(text, 10, 10));
+    }
+    let id = e.think(json!({"prompts": ["a", "b", "c"], "panic_after": 2}));
+    e.run().await;
+    let result = e.result(id);
+    let replies = result["replies"].as_array().unwrap();
+    let seen: Vec<(&str, bool)> = replies
+        .iter()
+        .map(|r| {
+            (
+                r["content"].as_str().unwrap(),
+                r["replayed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [("one", true), ("two", true), ("three", false)]);
+    assert_eq!(e.server.count(), 3, "the first two calls were paid once");
+    let usage = e.h.queue().usage(id).unwrap();
+    assert_eq!(
+        (usage.calls, usage.replayed, usage.input_tokens),
+        (3, 2, 30)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_agents_own_failure_calls_afresh() {
+    let e = env(r#"models = ["fast"]"#);
+    let id = e.think(json!({"prompts": ["a", "b"], "fail": "retryable"}));
+    e.run().await;
+    let result = e.result(id);
+    assert!(
+        result["replies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["replayed"] == false)
+    );
+    assert_eq!(e.server.count(), 4);
+    assert_eq!(e.h.queue().usage(id).unwrap().replayed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_built_against_0_1_0_still_runs() {
+    let e = env("");
+    let id = e.h.submit(NewTask::new("legacy", r#"{"n": 7}"#));
+    e.run().await;
+    let result = e.result(id);
+    assert_eq!(
+        result,
+        json!({"contract": "0.1.0", "echo": {"n": 7}, "attempt": 1})
+    );
+    assert!(e.h.log(id).contains("legacy agent ran"));
+}

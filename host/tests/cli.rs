@@ -684,3 +684,128 @@ fn a_daemon_on_a_database_it_cannot_write_exits_1_with_one_message() {
     assert!(stderr.contains(expected), "{stderr}");
     assert!(!stderr.contains("will retry"), "no retry loop: {stderr}");
 }
+
+#[test]
+fn a_killed_daemons_model_calls_are_replayed_not_paid_again() {
+    use colony_tests::model_server::{ModelServer, Scripted};
+    let env = Env::new(&["thinker"]);
+    std::fs::write(
+        env.agents.path().join("thinker.toml"),
+        "models = [\"fast\"]\n",
+    )
+    .unwrap();
+    let server = ModelServer::start();
+    for text in ["one", "two", "three"] {
+        server.push(Scripted::answer_with_usage(text, 100, 20));
+    }
+    let config = env.data.path().join("colony.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n",
+            server.openai_url()
+        ),
+    )
+    .unwrap();
+    let daemon = |extra: &[&str]| {
+        env.cmd()
+            .env("COLONY_CONFIG", &config)
+            .env("FAST_KEY", "sk-fast")
+            .args([
+                "daemon",
+                "--heartbeat",
+                "200ms",
+                "--stale-after",
+                "1s",
+                "--poll",
+                "100ms",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The first run sleeps for a minute after its second call.
+    let id = env.submit(&[
+        "thinker",
+        r#"{"prompts": ["a", "b", "c"], "sleep_after": [2, 60000]}"#,
+    ]);
+    let mut first = daemon(&[]);
+    wait_for("two model calls", Duration::from_secs(30), || {
+        env.queue().model_calls(id).unwrap().len() == 2
+    });
+    signal(&first, "-KILL");
+    first.wait().unwrap();
+    assert_eq!(server.count(), 2);
+
+    let second = daemon(&["--until-idle"]).wait_with_output().unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let task = env.queue().get(id).unwrap();
+    assert_eq!(task.state, State::Complete, "{:?}", task.error);
+    assert_eq!(server.count(), 3, "only the third call was made again");
+    let replayed: Vec<bool> = task.result.unwrap()["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["replayed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(replayed, [true, true, false]);
+    let shown = env.json(&["show", &id.to_string()]);
+    assert_eq!(shown["usage"]["replayed"], 2);
+    assert_eq!(shown["usage"]["calls"], 3);
+    assert_eq!(shown["usage"]["input_tokens"], 300);
+    assert_eq!(
+        shown["usage"]["cost_usd"],
+        Value::Null,
+        "no prices configured"
+    );
+    let calls = shown["model_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 5, "2 paid, then 2 replayed and 1 paid");
+    let listed = env.json(&["list"]);
+    assert_eq!(listed[0]["usage"]["calls"], 3);
+    let text = env.ok(&["show", &id.to_string()]);
+    assert!(
+        text.contains("model calls:") && text.contains("2 replayed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
+    let env = Env::new(&["echo"]);
+    let config = env.data.path().join("colony.toml");
+    std::fs::write(
+        &config,
+        "[models.fast]\napi = \"cohere\"\nbase_url = \"x\"\nmodel = \"m\"\n",
+    )
+    .unwrap();
+    let out = env
+        .cmd()
+        .env("COLONY_CONFIG", &config)
+        .args(["daemon", "--until-idle"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("colony.toml")
+            && stderr.contains("[models.fast]")
+            && stderr.contains("`api`"),
+        "{stderr}"
+    );
+    std::fs::write(&config, "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"NOT_SET_ANYWHERE\"\n").unwrap();
+    let out = env
+        .cmd()
+        .env("COLONY_CONFIG", &config)
+        .args(["daemon", "--until-idle"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
+}

@@ -63,7 +63,12 @@ struct Launch {
     flaky: bool,
 }
 
-pub async fn demo(args: &DemoArgs, agents_dir: &Path) -> Result<bool> {
+pub async fn demo(
+    args: &DemoArgs,
+    agents_dir: &Path,
+    models: Option<Arc<crate::models::Providers>>,
+) -> Result<bool> {
+    let copy_model = models.as_ref().is_some_and(|m| m.has_alias("copy"));
     let missing: Vec<&str> = AGENTS
         .iter()
         .copied()
@@ -83,7 +88,7 @@ pub async fn demo(args: &DemoArgs, agents_dir: &Path) -> Result<bool> {
     }
     let actor = super::identity("demo");
     let mut queue = super::open_queue(&db, &actor)?;
-    let (runtime, agents) = super::load_agents(&db, agents_dir, 16).await?;
+    let (runtime, agents) = super::load_agents(&db, agents_dir, 16, models).await?;
     for agent in AGENTS {
         if agents.loaded(agent).is_none() {
             bail!(
@@ -97,6 +102,14 @@ pub async fn demo(args: &DemoArgs, agents_dir: &Path) -> Result<bool> {
         "Launching {} products through design → code, marketing (reviewed) and ops…",
         briefs().len()
     );
+    if copy_model {
+        println!("Marketing copy is written by the model alias `copy` from the configuration.");
+    } else {
+        println!(
+            "Marketing copy uses the built-in templates (no model alias `copy` is configured; \
+             run `colony demo --config FILE` with a [models.copy] section to use a real model)."
+        );
+    }
     let launches: Vec<Launch> = briefs()
         .iter()
         .map(|brief| submit_launch(&mut queue, brief))

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::models::{ModelsConfig, Providers};
 use crate::orchestrator::{Daemon, DaemonConfig};
 use crate::queue::{ListFilter, Queue, QueueError, QueueOptions};
 use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
@@ -114,6 +115,15 @@ pub struct Cli {
     /// The directory of agent components (`<name>.wasm`, optional `<name>.toml`).
     #[arg(long, global = true, env = "COLONY_AGENTS", default_value = "agents")]
     pub agents: PathBuf,
+    /// The operator's configuration: model providers (`[models.<alias>]`).
+    /// A missing file means no models.
+    #[arg(
+        long,
+        global = true,
+        env = "COLONY_CONFIG",
+        default_value = "colony.toml"
+    )]
+    pub config: PathBuf,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -260,9 +270,13 @@ pub struct SubmitArgs {
     /// Base of the exponential retry backoff, at most 10m (default 10s).
     #[arg(long, value_parser = parse_backoff, allow_hyphen_values = true)]
     pub backoff: Option<Duration>,
+    /// Tokens this task and every task chained or spawned from it may spend
+    /// on model calls together (default: each agent's manifest budget).
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+    pub token_budget: Option<u64>,
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
     /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,
-    /// review, reviewer, next, after, key, timeout, backoff, run_at}.
+    /// review, reviewer, next, after, key, timeout, backoff, run_at, token_budget}.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["agent", "payload", "payload_file"])]
     pub batch: Option<PathBuf>,
 }
@@ -459,7 +473,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::print_cancelled(&ids, cli.json)
         }
         Command::Agents => {
-            let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1).await?;
+            let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
             output::print_agents(&agents, cli.json)
         }
         Command::Daemon(args) => daemon(&cli, args).await,
@@ -472,7 +486,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Demo(args) => {
-            if demo::demo(args, &cli.agents).await? {
+            if demo::demo(args, &cli.agents, load_models(&cli.config)?).await? {
                 Ok(())
             } else {
                 bail!("the demo did not end as expected (see above)")
@@ -481,12 +495,53 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn load_agents(db: &Path, dir: &Path, max_runs: u32) -> Result<(Arc<Runtime>, AgentDir)> {
-    let runtime = Runtime::new(RuntimeConfig {
+/// A manifest that grants an alias the configuration lacks: its calls will
+/// be refused as not granted, which the operator should hear about now.
+fn warn_about_ungranted_models(
+    agent: &str,
+    granted: &[String],
+    models: Option<&Providers>,
+    config: &Path,
+) {
+    // Without any configured model, agents fall back by design (the store
+    // agents use templates): nothing to warn about.
+    let Some(models) = models else { return };
+    for alias in granted {
+        if !models.has_alias(alias) {
+            eprintln!(
+                "warning: agent {agent} is granted the model alias {alias:?}, which {} does not configure; its calls will be refused",
+                config.display()
+            );
+        }
+    }
+}
+
+/// The model providers of the operator's configuration, or `None` when it
+/// declares none (or does not exist). A broken file is bad input naming the
+/// file, the alias and the key.
+pub fn load_models(config: &Path) -> Result<Option<Arc<Providers>>> {
+    let models = ModelsConfig::load_optional(config).map_err(|e| bad(format!("{e:#}")))?;
+    if models.is_empty() {
+        return Ok(None);
+    }
+    let providers = Providers::new(&models).map_err(|e| bad(format!("{e:#}")))?;
+    Ok(Some(Arc::new(providers)))
+}
+
+async fn load_agents(
+    db: &Path,
+    dir: &Path,
+    max_runs: u32,
+    models: Option<Arc<Providers>>,
+) -> Result<(Arc<Runtime>, AgentDir)> {
+    let mut runtime = Runtime::new(RuntimeConfig {
         cache_dir: Some(cache_dir(db)),
         max_concurrent_runs: max_runs,
         pooling: true,
     })?;
+    if let Some(models) = models {
+        runtime.set_models(models);
+    }
     let mut agents = AgentDir::new(dir);
     if !dir.is_dir() {
         tracing::warn!(
@@ -582,6 +637,7 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
         (None, at) => at,
     };
     task.timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
+    task.token_budget = args.token_budget;
     if let Some(backoff) = args.backoff {
         task.backoff_ms = backoff.as_millis() as u64;
     }
@@ -650,6 +706,8 @@ struct BatchLine {
     backoff: Option<String>,
     #[serde(default)]
     run_at: Option<String>,
+    #[serde(default)]
+    token_budget: Option<u64>,
 }
 
 fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
@@ -681,6 +739,7 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
         task.next = parsed.next;
         task.depends_on = parsed.after;
         task.key = parsed.key;
+        task.token_budget = parsed.token_budget;
         if let Some(t) = parsed.timeout {
             let timeout = parse_timeout(&t).map_err(|e| at(format!("invalid timeout: {e}")))?;
             task.timeout_ms = Some(timeout.as_millis() as u64);
@@ -710,7 +769,7 @@ async fn status(cli: &Cli) -> Result<()> {
     let counts = queue.counts()?;
     let oldest_ready = queue.oldest_ready_at()?;
     let leases = queue.leases_by_holder()?;
-    let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1).await?;
+    let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
     let spend = queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?;
     output::print_status(&counts, oldest_ready, &leases, &spend, &agents, cli.json)
 }
@@ -755,10 +814,25 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     let queue = open_queue(&cli.db, &actor)?;
     // Headroom in the instance pool for trial instantiations of new agents
     // and for runs being torn down.
-    let (runtime, agents) = load_agents(&cli.db, &cli.agents, args.concurrency * 2 + 8).await?;
+    let models = load_models(&cli.config)?;
+    let (runtime, agents) = load_agents(
+        &cli.db,
+        &cli.agents,
+        args.concurrency * 2 + 8,
+        models.clone(),
+    )
+    .await?;
     for entry in agents.entries() {
-        if let crate::runtime::AgentStatus::Broken(reason) = &entry.status {
-            eprintln!("warning: agent {} not loaded: {reason}", entry.name);
+        match &entry.status {
+            crate::runtime::AgentStatus::Broken(reason) => {
+                eprintln!("warning: agent {} not loaded: {reason}", entry.name)
+            }
+            crate::runtime::AgentStatus::Loaded(agent) => warn_about_ungranted_models(
+                &agent.name,
+                &agent.limits.models,
+                models.as_deref(),
+                &cli.config,
+            ),
         }
     }
     tracing::info!(identity = %actor, db = %cli.db.display(), agents = ?agents.loaded_names(), "daemon started");

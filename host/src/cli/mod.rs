@@ -134,7 +134,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Add a task (or a batch of tasks) to the queue; prints the new id(s).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List tasks, newest first.
     List {
         /// Only tasks in this state (pending, ready, in_progress, review, complete, failed, cancelled).

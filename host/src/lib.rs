@@ -11,4 +11,5 @@ pub mod orchestrator;
 pub mod queue;
 pub mod retry;
 pub mod runtime;
+pub mod state;
 pub mod task;

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::models::{ModelCall, ModelContext};
 use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
+use crate::state::{Entry, Scope};
 use crate::task::{ErrorKind, RunOutcome, State, TaskError};
 
 /// How the daemon behaves. Every field has the documented default.
@@ -180,6 +181,27 @@ impl RunHooks for RunSide {
 
     async fn model_context(&self, lease: Lease) -> Result<ModelContext, String> {
         self.with_journal(move |q| q.model_context(lease)).await
+    }
+
+    async fn state_get(
+        &self,
+        task_id: i64,
+        scope: Scope,
+        key: String,
+    ) -> Result<Option<Entry>, String> {
+        self.with_journal(move |q| q.state_get_for_task(task_id, scope, &key))
+            .await
+    }
+
+    async fn state_scan(
+        &self,
+        task_id: i64,
+        scope: Scope,
+        prefix: String,
+        limit: u32,
+    ) -> Result<Vec<Entry>, String> {
+        self.with_journal(move |q| q.state_scan_for_task(task_id, scope, &prefix, limit))
+            .await
     }
 
     async fn record_model_call(
@@ -647,6 +669,7 @@ impl Daemon {
                 lease: run.lease,
                 outcome,
                 log: String::new(),
+                state: Vec::new(),
             });
         }
     }
@@ -718,6 +741,7 @@ impl Daemon {
                 lease,
                 outcome: report.outcome,
                 log: report.log,
+                state: report.state_writes,
             });
             // Sending on the channel wakes the daemon loop, which waits on it.
         });

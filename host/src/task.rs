@@ -194,10 +194,13 @@ pub enum ErrorKind {
     /// A model call found no tokens left in the task's (or chain's) budget:
     /// whatever the agent answered next, it is not retried.
     BudgetExceeded,
+    /// A `set-if` state write found another version at commit: the
+    /// completion was refused as a whole and the run is retried.
+    Conflict,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::Retryable,
         ErrorKind::Permanent,
         ErrorKind::Timeout,
@@ -210,6 +213,7 @@ impl ErrorKind {
         ErrorKind::Cancelled,
         ErrorKind::Rejected,
         ErrorKind::BudgetExceeded,
+        ErrorKind::Conflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -226,6 +230,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Rejected => "rejected",
             ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::Conflict => "conflict",
         }
     }
 
@@ -242,6 +247,7 @@ impl ErrorKind {
                 | ErrorKind::OutOfFuel
                 | ErrorKind::StackOverflow
                 | ErrorKind::Crash
+                | ErrorKind::Conflict
         )
     }
 }

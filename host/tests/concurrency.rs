@@ -41,6 +41,7 @@ fn drain(path: &Path, actor: &str, agent: &str, batch: usize) -> Vec<i64> {
                     needs_review: false,
                 },
                 log: String::new(),
+                state: Vec::new(),
             })
             .collect();
         q.finish_batch(&runs).unwrap();

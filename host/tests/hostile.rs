@@ -115,6 +115,17 @@ fn bad_submit(extra: &[&str], says: &str) -> Case {
     case(&[&["submit", "noop", "{}"], extra].concat(), 2, says)
 }
 
+/// `colony bench <args>`, which must exit 2 mentioning `says`.
+fn bench(args: &[&str], says: &str) -> Case {
+    case(&[&["bench"], args].concat(), 2, says)
+}
+
+/// `colony torture <args>` on a tiny run, which must exit 2 mentioning `says`.
+fn torture(args: &[&str], says: &str) -> Case {
+    let tiny = ["--tasks", "1", "--daemons", "1", "--deadline", "20s"];
+    case(&[&["torture"], &tiny[..], args].concat(), 2, says)
+}
+
 fn bad_payload(payload: &str, says: &str) -> Case {
     case(&["submit", "noop", payload], 2, says)
 }
@@ -247,6 +258,59 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
             2,
             "--heartbeat",
         ),
+        // --token-budget: zero, negative, beyond what the queue stores,
+        // beyond the type.
+        bad_submit(&["--token-budget", "0"], "--token-budget"),
+        bad_submit(&["--token-budget", "-1"], "--token-budget"),
+        bad_submit(&["--token-budget", "9223372036854775808"], "--token-budget"),
+        bad_submit(
+            &["--token-budget", "18446744073709551616"],
+            "--token-budget",
+        ),
+        // bench and torture: zero, negative, beyond the maximum, beyond the
+        // type (each with a tiny run, should a bound be missed).
+        bench(&["--tasks", "0"], "--tasks"),
+        bench(&["--tasks", "-1"], "--tasks"),
+        bench(&["--tasks", "10000001"], "--tasks"),
+        bench(&["--tasks", "18446744073709551616"], "--tasks"),
+        bench(&["--tasks", "1", "--concurrency", "0"], "--concurrency"),
+        bench(&["--tasks", "1", "--concurrency", "-1"], "--concurrency"),
+        bench(&["--tasks", "1", "--concurrency", "4097"], "--concurrency"),
+        bench(
+            &["--tasks", "1", "--concurrency", "4294967295"],
+            "--concurrency",
+        ),
+        bench(&["--tasks", "1", "--batch", "0"], "--batch"),
+        bench(&["--tasks", "1", "--batch", "-1"], "--batch"),
+        bench(&["--tasks", "1", "--batch", "4097"], "--batch"),
+        bench(
+            &["--tasks", "1", "--batch", "18446744073709551616"],
+            "--batch",
+        ),
+        bench(&["--tasks", "1", "--history", "-1"], "--history"),
+        bench(&["--tasks", "1", "--history", "10000001"], "--history"),
+        bench(
+            &["--tasks", "1", "--history", "18446744073709551616"],
+            "--history",
+        ),
+        bench(&["--tasks", "1", "--sync", "none"], "--sync"),
+        torture(&["--daemons", "0"], "--daemons"),
+        torture(&["--daemons", "-1"], "--daemons"),
+        torture(&["--daemons", "65"], "--daemons"),
+        torture(&["--daemons", "18446744073709551616"], "--daemons"),
+        torture(&["--tasks", "0"], "--tasks"),
+        torture(&["--tasks", "-1"], "--tasks"),
+        torture(&["--tasks", "10000001"], "--tasks"),
+        torture(&["--kill-every", "0s"], "--kill-every"),
+        torture(&["--kill-every", "-1s"], "--kill-every"),
+        torture(&["--kill-every", "99ms"], "--kill-every"),
+        torture(&["--kill-every", "2h"], "--kill-every"),
+        torture(&["--kill-every", "584942417355y"], "--kill-every"),
+        torture(&["--kill-every", "99999999999999999999s"], "--kill-every"),
+        torture(&["--deadline", "0s"], "--deadline"),
+        torture(&["--deadline", "-1s"], "--deadline"),
+        torture(&["--deadline", "8d"], "--deadline"),
+        torture(&["--deadline", "99999999999999999999s"], "--deadline"),
         // Payloads that parse but could not be read back, and too much.
         bad_payload("1e999", "payload"),
         bad_payload(r#"{"a":"\ud800"}"#, "payload"),
@@ -354,6 +418,8 @@ fn extreme_but_valid_values_are_stored_and_every_command_prints_them() {
             "--next",
             r#"{"agent":"noop","priority":-2147483648,"payload":1.7976931348623157e308}"#,
         ],
+        &["--token-budget", "1"],
+        &["--token-budget", "9223372036854775807"],
     ];
     let mut ids = vec![first.clone()];
     for extra in extremes {
@@ -439,31 +505,46 @@ fn a_missing_reviewer_is_warned_about_like_a_missing_agent() {
 /// Starts `colony <args>` with stdout piped, reads one line, closes the pipe
 /// and runs `meanwhile`; the command must then exit 0 without a word.
 fn closing_stdout_after_one_line(env: &Env, args: &[&str], meanwhile: impl FnOnce()) {
-    let mut child = env
-        .cmd()
-        .args(args)
+    let mut cmd = env.cmd();
+    cmd.args(args);
+    closing_stdout_after(cmd, 1, Duration::from_secs(20), meanwhile);
+}
+
+/// Starts `cmd` with stdout piped, reads `lines` lines (none: the pipe is
+/// closed before the command writes a byte), closes the pipe and runs
+/// `meanwhile`; the command must then exit 0 within `within`, without a word.
+fn closing_stdout_after(
+    mut cmd: Command,
+    lines: usize,
+    within: Duration,
+    meanwhile: impl FnOnce(),
+) {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(!line.is_empty(), "colony {args:?} printed nothing");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..lines {
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "{what} printed too little");
+    }
+    drop(stdout);
     meanwhile();
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(20) {
+        if started.elapsed() > within {
             child.kill().unwrap();
-            panic!("colony {args:?} kept running after its stdout was closed");
+            panic!("{what} kept running for {within:?} after its stdout was closed");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "colony {args:?}: {stderr}");
-    assert!(stderr.is_empty(), "colony {args:?}: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{what}: {stderr}");
+    assert!(stderr.is_empty(), "{what}: {stderr}");
 }
 
 #[test]
@@ -479,6 +560,42 @@ fn a_closed_stdout_ends_a_command_quietly_with_0() {
     closing_stdout_after_one_line(&env, &["events", "--follow"], || {
         env.submit(&["later"]); // a new event for the follower to print
     });
+}
+
+/// `bench` and `torture` print only when their run is over: with the reader
+/// gone by then, the report meets a closed pipe and the run ends quietly.
+#[test]
+fn bench_with_a_closed_stdout_ends_quietly_with_0() {
+    let env = Env::new(&[]);
+    let mut cmd = env.cmd();
+    cmd.args(["bench", "--tasks", "50", "--dir"])
+        .arg(env.data.path().join("bench"));
+    closing_stdout_after(cmd, 0, Duration::from_secs(60), || {});
+}
+
+#[test]
+fn torture_with_a_closed_stdout_ends_quietly_with_0() {
+    let env = Env::new(&[]);
+    let mut cmd = env.cmd();
+    cmd.args(["torture", "--tasks", "20", "--daemons", "1", "--dir"])
+        .arg(env.data.path().join("torture"));
+    closing_stdout_after(cmd, 0, Duration::from_secs(60), || {});
+}
+
+/// `colony demo | head -1`: the demo goes on writing after the reader left.
+#[test]
+fn the_demo_with_a_closed_stdout_ends_quietly_with_0() {
+    let env = Env::new(&[]);
+    let mut cmd = env.cmd();
+    // The demo's agents warn by design (a flaky supplier, markup escaped).
+    cmd.env("COLONY_LOG", "error")
+        .arg("--agents")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../agents"))
+        .arg("--config")
+        .arg(env.data.path().join("no-models.toml"))
+        .args(["demo", "--dir"])
+        .arg(env.data.path().join("demo"));
+    closing_stdout_after(cmd, 1, Duration::from_secs(120), || {});
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! real no-op component per task. Prints one JSON object per round. A
 //! benchmark, not a test: it reports figures and asserts nothing.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,23 +28,28 @@ const STORE_AGENTS: [(&str, &[u8]); 4] = [
     ("ops", include_bytes!(env!("COLONY_AGENT_OPS"))),
 ];
 
+/// The most tasks a round enqueues (and rows `--history` seeds): far more
+/// than a useful run, few enough that a round's rows fit in memory.
+const MAX_TASKS: u64 = 10_000_000;
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Tasks to enqueue and drain.
-    #[arg(long, default_value_t = 20_000)]
+    /// Tasks to enqueue and drain (1 to 10,000,000).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_TASKS), allow_negative_numbers = true)]
     pub tasks: usize,
-    /// Runs in flight at once.
-    #[arg(long, default_value_t = 8)]
+    /// Runs in flight at once (1 to 4096).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=super::MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
-    /// Most tasks claimed per claim transaction.
-    #[arg(long, default_value_t = 16)]
+    /// Most tasks claimed per claim transaction (1 to 4096).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub batch: usize,
     /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
     #[arg(long, default_value = "normal")]
     pub sync: SyncArg,
     /// Also run a second round with this many completed tasks already in the
-    /// table, to show claiming does not slow down as history grows.
-    #[arg(long, default_value_t = 0)]
+    /// table, to show claiming does not slow down as history grows (0 to
+    /// 10,000,000; 0 runs one round).
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_TASKS), allow_negative_numbers = true)]
     pub history: usize,
     /// Where to put the database (default: a fresh temp directory, removed after).
     #[arg(long)]
@@ -87,7 +93,13 @@ pub async fn bench(args: &BenchArgs) -> Result<()> {
         let mut report = round(args, &runtime, &agents, &db, history, &overhead).await?;
         report["load_4_agents_cold_ms"] = json!(cold_load.as_secs_f64() * 1e3);
         report["load_4_agents_cached_ms"] = json!(cached_load.as_secs_f64() * 1e3);
-        println!("{}", serde_json::to_string(&report)?);
+        // Through `?`: a reader that went away (`colony bench | head -1`)
+        // ends the run quietly instead of a panic.
+        writeln!(
+            std::io::stdout().lock(),
+            "{}",
+            serde_json::to_string(&report)?
+        )?;
     }
     Ok(())
 }
@@ -194,7 +206,10 @@ async fn round(
         limit: Some(1),
         ..Default::default()
     })?)?;
-    let first_id = newest[0].id - args.tasks as i64 + 1;
+    let newest = newest
+        .first()
+        .context("the tasks just submitted are not in the queue")?;
+    let first_id = newest.id - args.tasks as i64 + 1;
 
     let mut dir = AgentDir::new(agents);
     dir.rescan(runtime).await;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,17 +99,28 @@ pub async fn demo(
         }
     }
 
-    println!(
-        "Launching {} products through design → code, marketing (reviewed) and ops…",
-        briefs().len()
-    );
-    if copy_model {
-        println!("Marketing copy is written by the model alias `copy` from the configuration.");
-    } else {
-        println!(
-            "Marketing copy uses the built-in templates (no model alias `copy` is configured; \
-             run `colony demo --config FILE` with a [models.copy] section to use a real model)."
-        );
+    // Everything goes through `?` to a locked stdout, taken only between
+    // awaits: a reader that went away (`colony demo | head -1`) ends the demo
+    // quietly instead of a panic.
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "Launching {} products through design → code, marketing (reviewed) and ops…",
+            briefs().len()
+        )?;
+        if copy_model {
+            writeln!(
+                out,
+                "Marketing copy is written by the model alias `copy` from the configuration."
+            )?;
+        } else {
+            writeln!(
+                out,
+                "Marketing copy uses the built-in templates (no model alias `copy` is configured; \
+                 run `colony demo --config FILE` with a [models.copy] section to use a real model)."
+            )?;
+        }
     }
     let launches: Vec<Launch> = briefs()
         .iter()
@@ -120,23 +132,33 @@ pub async fn demo(
 
     // Review round: reject the first product's copy once, approve the rest.
     let first = &launches[0];
-    println!("\nReviewing marketing copy:");
-    println!(
-        "  task {} ({}): rejected — \"{REJECTION_NOTE}\"",
-        first.marketing, first.name
-    );
-    queue.reject(first.marketing, REJECTION_NOTE)?;
-    for launch in &launches[1..] {
-        queue.approve(launch.marketing, Some("approved by the demo"))?;
-        println!("  task {} ({}): approved", launch.marketing, launch.name);
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "\nReviewing marketing copy:")?;
+        writeln!(
+            out,
+            "  task {} ({}): rejected — \"{REJECTION_NOTE}\"",
+            first.marketing, first.name
+        )?;
+        queue.reject(first.marketing, REJECTION_NOTE)?;
+        for launch in &launches[1..] {
+            queue.approve(launch.marketing, Some("approved by the demo"))?;
+            writeln!(
+                out,
+                "  task {} ({}): approved",
+                launch.marketing, launch.name
+            )?;
+        }
     }
     until_idle().await?;
     let revised = queue.get(first.marketing)?;
     if let Some(tagline) = revised.result.as_ref().and_then(|r| r["tagline"].as_str()) {
-        println!(
+        writeln!(
+            std::io::stdout().lock(),
             "  task {} ({}): revised tagline \"{tagline}\" — approved",
-            first.marketing, first.name
-        );
+            first.marketing,
+            first.name
+        )?;
     }
     if revised.state == State::Review {
         queue.approve(first.marketing, Some("the revision addresses the note"))?;
@@ -145,20 +167,25 @@ pub async fn demo(
 
     let tasks = all_readable(queue.list(&ListFilter::default())?)?;
     let pages = save_pages(&queue, &launches, &args.dir.join("pages"))?;
-    print_table(&queue, &tasks)?;
-    print_tree(&queue, &launches)?;
-    println!("\nGenerated product pages (open them in a browser):");
+    let mut out = std::io::stdout().lock();
+    print_table(&mut out, &queue, &tasks)?;
+    print_tree(&mut out, &queue, &launches)?;
+    writeln!(out, "\nGenerated product pages (open them in a browser):")?;
     for (name, path) in &pages {
-        println!("  {name}: {}", path.display());
+        writeln!(out, "  {name}: {}", path.display())?;
     }
     let problems = check_expectations(&queue, &launches, &tasks, pages.len())?;
     if problems.is_empty() {
-        println!("\nEvery task ended as expected. Database: {}", db.display());
+        writeln!(
+            out,
+            "\nEvery task ended as expected. Database: {}",
+            db.display()
+        )?;
         Ok(true)
     } else {
-        println!("\nSome tasks did not end as expected:");
+        writeln!(out, "\nSome tasks did not end as expected:")?;
         for p in &problems {
-            println!("  - {p}");
+            writeln!(out, "  - {p}")?;
         }
         Ok(false)
     }
@@ -258,18 +285,20 @@ fn duration(queue: &Queue, task: &Task) -> Result<String> {
     })
 }
 
-fn print_table(queue: &Queue, tasks: &[Task]) -> Result<()> {
-    println!(
+fn print_table(out: &mut impl std::io::Write, queue: &Queue, tasks: &[Task]) -> Result<()> {
+    writeln!(
+        out,
         "\n{:>4}  {:<10} {:<10} {:>8} {:>9}  error (last)",
         "id", "agent", "state", "attempts", "duration"
-    );
+    )?;
     for task in tasks.iter().rev() {
         let error = task
             .error
             .as_ref()
             .map(|e| format!("{}: {}", e.kind, e.message))
             .unwrap_or_default();
-        println!(
+        writeln!(
+            out,
             "{:>4}  {:<10} {:<10} {:>8} {:>9}  {}",
             task.id,
             task.agent,
@@ -277,24 +306,24 @@ fn print_table(queue: &Queue, tasks: &[Task]) -> Result<()> {
             format!("{}/{}", task.attempts, task.max_attempts),
             duration(queue, task)?,
             error
-        );
+        )?;
     }
     Ok(())
 }
 
-fn print_tree(queue: &Queue, launches: &[Launch]) -> Result<()> {
-    println!("\nChains:");
+fn print_tree(out: &mut impl std::io::Write, queue: &Queue, launches: &[Launch]) -> Result<()> {
+    writeln!(out, "\nChains:")?;
     for launch in launches {
-        let mut out = String::new();
+        let mut text = String::new();
         let design = queue.get(launch.design)?;
         writeln!(
-            out,
+            text,
             "  {} — design #{} [{}]",
             launch.name, design.id, design.state
         )?;
         for child in queue.children(launch.design)?.into_iter().flatten() {
             writeln!(
-                out,
+                text,
                 "    ├─ spawned {} #{} [{}]",
                 child.agent, child.id, child.state
             )?;
@@ -312,12 +341,12 @@ fn print_tree(queue: &Queue, launches: &[Launch]) -> Result<()> {
                 _ => String::new(),
             };
             writeln!(
-                out,
+                text,
                 "    {branch} after design: {} #{} [{}{note}]",
                 task.agent, task.id, task.state
             )?;
         }
-        print!("{out}");
+        out.write_all(text.as_bytes())?;
     }
     Ok(())
 }

@@ -272,7 +272,7 @@ pub struct SubmitArgs {
     pub backoff: Option<Duration>,
     /// Tokens this task and every task chained or spawned from it may spend
     /// on model calls together (default: each agent's manifest budget).
-    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64), allow_negative_numbers = true)]
     pub token_budget: Option<u64>,
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
     /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,

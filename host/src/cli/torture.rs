@@ -6,6 +6,7 @@
 //! naming its expired holder. Exits non-zero when any check fails.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,23 +21,53 @@ use crate::task::{NewTask, State};
 /// The sleeping guest (tests/guests/sleeper), built and embedded by build.rs.
 const SLEEPER_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_SLEEPER"));
 
+/// Bounds of the settings: enough for any useful run, and nothing that
+/// hangs (no daemon, or kills too frequent for a daemon to start and take
+/// work) or overflows the clock arithmetic.
+const MAX_DAEMONS: u64 = 64;
+const MAX_TASKS: u64 = 10_000_000;
+const MIN_KILL_EVERY: Duration = Duration::from_millis(100);
+const MAX_KILL_EVERY: Duration = Duration::from_secs(3600);
+const MIN_DEADLINE: Duration = Duration::from_secs(1);
+const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 #[derive(Args, Debug)]
 pub struct TortureArgs {
-    /// Daemon processes sharing the database.
-    #[arg(long, default_value_t = 4)]
+    /// Daemon processes sharing the database (1 to 64).
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_DAEMONS), allow_negative_numbers = true)]
     pub daemons: usize,
-    /// Tasks to run; each sleeps a random 0–20 ms.
-    #[arg(long, default_value_t = 5000)]
+    /// Tasks to run; each sleeps a random 0–20 ms (1 to 10,000,000).
+    #[arg(long, default_value_t = 5000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_TASKS), allow_negative_numbers = true)]
     pub tasks: usize,
-    /// Kill (SIGKILL) and restart a random daemon about this often.
-    #[arg(long, default_value = "500ms", value_parser = super::parse_duration)]
+    /// Kill (SIGKILL) and restart a random daemon about this often (100ms to 1h).
+    #[arg(long, default_value = "500ms", value_parser = parse_kill_every, allow_hyphen_values = true)]
     pub kill_every: Duration,
-    /// Give up (and fail) if the tasks are not all finished by then.
-    #[arg(long, default_value = "10m", value_parser = super::parse_duration)]
+    /// Give up (and fail) if the tasks are not all finished by then (1s to 7 days).
+    #[arg(long, default_value = "10m", value_parser = parse_deadline, allow_hyphen_values = true)]
     pub deadline: Duration,
     /// Where to keep the database and daemon logs (default: a temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+fn parse_kill_every(s: &str) -> Result<Duration, String> {
+    duration_between(s, MIN_KILL_EVERY, MAX_KILL_EVERY)
+}
+
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    duration_between(s, MIN_DEADLINE, MAX_DEADLINE)
+}
+
+fn duration_between(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let value = super::parse_duration(s)?;
+    if value < min || value > max {
+        return Err(format!(
+            "{s} is out of range: use {} to {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(value)
 }
 
 pub async fn torture(args: &TortureArgs) -> Result<bool> {
@@ -49,7 +80,10 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     std::fs::create_dir_all(&agents)?;
     std::fs::write(agents.join("sleeper.wasm"), SLEEPER_COMPONENT)?;
     let db = root.join("torture.db");
-    let _ = std::fs::remove_file(&db);
+    // A previous run's write-ahead log must not be replayed into the new database.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
 
     let mut queue = super::open_queue(&db, &super::identity("torture"))?;
     let tasks: Vec<NewTask> = (0..args.tasks)
@@ -67,14 +101,13 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     let exe = std::env::current_exe().context("finding the colony binary")?;
     let spawn = |i: usize, generation: usize| -> Result<Child> {
         let log = std::fs::File::create(root.join(format!("daemon-{i}-{generation}.log")))?;
+        // Paths as they are: a --dir that is not UTF-8 works too.
         Ok(Command::new(&exe)
-            .args([
-                "--db",
-                db.to_str().unwrap(),
-                "--agents",
-                agents.to_str().unwrap(),
-                "daemon",
-            ])
+            .arg("--db")
+            .arg(&db)
+            .arg("--agents")
+            .arg(&agents)
+            .arg("daemon")
             .args([
                 "--heartbeat",
                 "200ms",
@@ -151,10 +184,16 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     verdict["pauses"] = json!(pauses);
     verdict["seconds"] = json!(elapsed.as_secs_f64());
     verdict["dir"] = json!(root);
-    println!("{}", serde_json::to_string_pretty(&verdict)?);
-    if args.dir.is_none() && !ok {
-        // Keep the evidence of a failed run.
-        let kept = temp.keep();
+    // Keep the evidence of a failed run, even if the verdict finds no reader.
+    let kept = (args.dir.is_none() && !ok).then(|| temp.keep());
+    // Through `?`: a reader that went away (`colony torture | head -1`) ends
+    // the run quietly instead of a panic.
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string_pretty(&verdict)?
+    )?;
+    if let Some(kept) = kept {
         eprintln!(
             "the database and daemon logs are kept in {}",
             kept.display()
@@ -207,7 +246,8 @@ fn verify(queue: &Queue, expected: usize) -> Result<Value> {
         if trail.iter().filter(|e| e.event == "complete").count() > 1 {
             completed_twice.push(task.id);
         }
-        // Each claim's lease must end (by an event out of in_progress)
+        // Each claim's lease must end (by an event out of in_progress; one
+        // that stays in progress, a late result refused, leaves it as it is)
         // before the next claim: no two live leases at once.
         let mut holder: Option<&str> = None;
         let (mut claims, mut releases) = (0u32, 0u32);
@@ -218,7 +258,7 @@ fn verify(queue: &Queue, expected: usize) -> Result<Value> {
                 }
                 holder = Some(e.actor.as_str());
                 claims += 1;
-            } else if e.from == Some(State::InProgress) {
+            } else if e.from == Some(State::InProgress) && e.to != State::InProgress {
                 if e.event == "lease_expired" {
                     resets += 1;
                     if e.detail["holder"].as_str() != holder {
@@ -231,7 +271,7 @@ fn verify(queue: &Queue, expected: usize) -> Result<Value> {
                 holder = None;
             }
         }
-        if task.attempts != claims - releases {
+        if claims.checked_sub(releases) != Some(task.attempts) {
             attempts_mismatch.push(task.id);
         }
         if task.attempts > task.max_attempts {

@@ -11,6 +11,7 @@
 
 mod journal;
 mod schema;
+mod state;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -181,6 +182,8 @@ pub struct FinishedRun {
     pub outcome: RunOutcome,
     /// The run's captured log (stdout, stderr, `log` calls); empty to store none.
     pub log: String,
+    /// The run's state writes, committed only with a successful completion.
+    pub state: Vec<crate::state::Write>,
 }
 
 /// A lease the reaper reset.
@@ -492,6 +495,7 @@ impl Queue {
             lease,
             outcome,
             log: log.to_string(),
+            state: Vec::new(),
         };
         Ok(self.finish_batch(std::slice::from_ref(&run))?[0])
     }
@@ -1354,12 +1358,19 @@ fn finish_in(
         )?
         .execute(params![id, held.attempts, now, run.log])?;
     }
-    let outcome = check_outcome(&run.outcome, held.reviews, max_payload);
+    let outcome = match check_outcome(&run.outcome, held.reviews, max_payload) {
+        Ok(answer) => check_state_writes(tx, id, &run.state)?.map(|owners| (answer, owners)),
+        Err(error) => Err(error),
+    };
     let to = match outcome {
-        Ok((output, spawn, needs_review)) => {
+        Ok(((output, spawn, needs_review), owners)) => {
             if held.review || needs_review {
+                state::hold_writes(tx, id, &run.state)?;
                 enter_review(tx, id, &held, output, &spawn, actor, now)?
             } else {
+                if let Some(owners) = &owners {
+                    state::apply_writes(tx, Some(id), owners, &run.state, actor, now)?;
+                }
                 let to = record(
                     tx,
                     id,
@@ -1386,6 +1397,27 @@ fn finish_in(
         }
     };
     Ok(Applied::Moved(to))
+}
+
+/// The owners of the task's state when the run wrote any, or the first
+/// `set-if` conflict as the run's (retryable) failure: a conflict refuses
+/// the completion as a whole.
+fn check_state_writes(
+    tx: &Transaction<'_>,
+    id: i64,
+    writes: &[crate::state::Write],
+) -> Result<std::result::Result<Option<state::Owners>, TaskError>> {
+    if writes.is_empty() {
+        return Ok(Ok(None));
+    }
+    let owners = state::owners_of(tx, id)?;
+    Ok(match state::check_writes(tx, &owners, writes)? {
+        Ok(()) => Ok(Some(owners)),
+        Err(conflict) => Err(TaskError {
+            kind: ErrorKind::Conflict,
+            message: conflict,
+        }),
+    })
 }
 
 /// Checks what a successful run returned before any of it is applied: the
@@ -1516,7 +1548,7 @@ fn complete(
         .prepare_cached(
             "UPDATE tasks SET state = 'complete', result = ?1, claim_token = NULL, claimed_by = NULL,
                     heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
-                    replay_token = NULL, finished_at = ?2, updated_at = ?2
+                    replay_token = NULL, held_state = NULL, finished_at = ?2, updated_at = ?2
              WHERE id = ?3 RETURNING next_tasks",
         )?
         .query_row(params![output, now, id], |r| r.get(0))?;
@@ -1588,6 +1620,24 @@ fn approve_in(
     now: i64,
 ) -> Result<State> {
     let from = state_of(tx, id)?;
+    // The held state writes commit with the approval. If another task's
+    // write got there first, a set-if no longer holds: the approved result
+    // is stale, so the task goes round again instead of applying it.
+    let held = if from == State::Review {
+        state::held_writes(tx, id)?
+    } else {
+        Vec::new()
+    };
+    let owners = match check_state_writes(tx, id, &held)? {
+        Ok(owners) => owners,
+        Err(conflict) => {
+            let note = format!(
+                "{}; the approved result is stale and runs again",
+                conflict.message
+            );
+            return reject_in(tx, id, &note, actor, now);
+        }
+    };
     let to = record(
         tx,
         id,
@@ -1613,6 +1663,9 @@ fn approve_in(
         actor,
         now,
     )?;
+    if let Some(owners) = owners {
+        state::apply_writes(tx, Some(id), &owners, &held, actor, now)?;
+    }
     Ok(to)
 }
 
@@ -1627,7 +1680,7 @@ fn reject_in(tx: &Transaction<'_>, id: i64, note: &str, actor: &str, now: i64) -
         // A revision is a fresh round: it gets its attempts back.
         tx.prepare_cached(
             "UPDATE tasks SET state = 'ready', feedback = ?1, revisions = revisions + 1, attempts = 0,
-                    spawned = NULL, run_at = ?2, updated_at = ?2
+                    spawned = NULL, held_state = NULL, run_at = ?2, updated_at = ?2
              WHERE id = ?3",
         )?
         .execute(params![note, now, id])?;
@@ -1703,7 +1756,8 @@ fn fail_run(
 fn set_failed(tx: &Transaction<'_>, id: i64, error: &TaskError, now: i64) -> Result<()> {
     tx.prepare_cached(
         "UPDATE tasks SET state = 'failed', error_kind = ?1, error_message = ?2, claim_token = NULL,
-                claimed_by = NULL, heartbeat_at = NULL, finished_at = ?3, updated_at = ?3
+                claimed_by = NULL, heartbeat_at = NULL, held_state = NULL, finished_at = ?3,
+                updated_at = ?3
          WHERE id = ?4",
     )?
     .execute(params![error.kind.as_str(), error.message, now, id])?;
@@ -1733,7 +1787,8 @@ fn cancel_one(
     };
     tx.prepare_cached(
         "UPDATE tasks SET state = 'cancelled', error_kind = ?1, error_message = ?2, claim_token = NULL,
-                claimed_by = NULL, heartbeat_at = NULL, finished_at = ?3, updated_at = ?3
+                claimed_by = NULL, heartbeat_at = NULL, held_state = NULL, finished_at = ?3,
+                updated_at = ?3
          WHERE id = ?4",
     )?
     .execute(params![error.kind.as_str(), error.message, now, id])?;

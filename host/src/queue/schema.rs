@@ -80,7 +80,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX task_logs_by_task ON task_logs(task_id);
     "#,
-    // 2: model calls — budgets, chains (root_id), the replay journal.
+    // 2: model calls — budgets, chains (root_id), the replay journal — and
+    // durable agent state committed with completions.
     r#"
     ALTER TABLE tasks ADD COLUMN token_budget INTEGER;  -- tokens the task's chain may spend (set on a root)
     ALTER TABLE tasks ADD COLUMN root_id INTEGER;       -- the chain's root task; NULL on a root itself
@@ -118,6 +119,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX model_calls_by_run  ON model_calls(task_id, token, seq);
     CREATE INDEX model_calls_by_root ON model_calls(root_id);
     CREATE INDEX model_calls_by_time ON model_calls(at);
+
+    ALTER TABLE tasks ADD COLUMN held_state TEXT;       -- JSON list of state writes held while in review
+
+    CREATE TABLE state (
+        scope      TEXT    NOT NULL CHECK (scope IN ('agent', 'chain')),
+        owner      TEXT    NOT NULL,                -- the agent's name, or the chain's root task id
+        key        TEXT    NOT NULL,
+        value      TEXT    NOT NULL,                -- JSON
+        version    INTEGER NOT NULL,                -- 1 when first written, +1 per committed write
+        updated_at INTEGER NOT NULL,
+        task_id    INTEGER,                         -- the task whose completion wrote it (NULL: an operator)
+        PRIMARY KEY (scope, owner, key)
+    ) WITHOUT ROWID;
     "#,
 ];
 

@@ -9,6 +9,7 @@
 mod model;
 mod registry;
 mod sandbox;
+mod state;
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,11 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "agent",
-        imports: { "colony:agent/model": async },
+        imports: {
+            "colony:agent/model": async,
+            "colony:agent/state.get": async | trappable,
+            "colony:agent/state.scan": async | trappable,
+        },
         exports: { default: async },
     });
 }
@@ -169,12 +174,14 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// How a run ended, with what it printed.
+/// How a run ended, with what it printed and the state it wrote.
 #[derive(Debug)]
 pub struct RunReport {
     pub outcome: RunOutcome,
     pub log: String,
     pub elapsed: Duration,
+    /// Buffered state writes, to commit with a successful completion.
+    pub state_writes: Vec<crate::state::Write>,
 }
 
 /// A loaded, validated agent component, ready to instantiate.
@@ -527,8 +534,17 @@ impl Runtime {
                 &log,
             )),
         };
-        let outcome = charge_budget_refusal(outcome, store.data().model.budget_exceeded);
-        report(outcome, &log, started)
+        let data = store.data_mut();
+        let mut outcome = charge_budget_refusal(outcome, data.model.budget_exceeded);
+        if let Some(why) = data.state.invalid.take() {
+            outcome = RunOutcome::Failure(TaskError {
+                kind: ErrorKind::InvalidOutput,
+                message: format!("invalid use of state: {why}"),
+            });
+        }
+        let mut report = report(outcome, &log, started);
+        report.state_writes = std::mem::take(&mut data.state.writes);
+        report
     }
 }
 
@@ -557,6 +573,7 @@ fn report(outcome: RunOutcome, log: &TaskLog, started: Instant) -> RunReport {
         outcome,
         log: log.render(),
         elapsed: started.elapsed(),
+        state_writes: Vec::new(),
     }
 }
 

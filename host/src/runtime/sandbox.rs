@@ -15,7 +15,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::colony::agent::{host, types};
 use super::bindings_v0_1::colony::agent::{host as host_v0_1, types as types_v0_1};
 use super::model::ModelSession;
+use super::state::StateSession;
 use crate::models::{ModelCall, ModelContext};
+use crate::state::{Entry, Scope};
 use crate::task::Lease;
 
 /// Longest single `log` message or progress text kept; the rest is cut.
@@ -45,6 +47,27 @@ pub trait RunHooks: Send + Sync {
     ) -> Result<(), String> {
         Ok(())
     }
+
+    /// The committed state entry of the task's scope (nothing without a queue).
+    async fn state_get(
+        &self,
+        _task_id: i64,
+        _scope: Scope,
+        _key: String,
+    ) -> Result<Option<Entry>, String> {
+        Ok(None)
+    }
+
+    /// Committed entries of the task's scope whose key starts with `prefix`.
+    async fn state_scan(
+        &self,
+        _task_id: i64,
+        _scope: Scope,
+        _prefix: String,
+        _limit: u32,
+    ) -> Result<Vec<Entry>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// Hooks that ignore everything (for runs nobody watches): no journal, so
@@ -61,6 +84,7 @@ pub struct RunState {
     pub(super) limiter: MemoryCap,
     pub(super) log: TaskLog,
     pub(super) model: ModelSession,
+    pub(super) state: StateSession,
     task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
@@ -96,6 +120,7 @@ impl RunState {
             limiter: MemoryCap::new(memory_bytes),
             log,
             model,
+            state: StateSession::new(hooks.clone(), task_id),
             task_id,
             agent,
             hooks,

@@ -809,3 +809,57 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
 }
+
+#[test]
+fn operators_see_and_fix_state_from_the_cli() {
+    let env = Env::new(&["echo"]);
+    let bad = env.run(&["state", "set", "--agent", "ops", "stock", "{not json"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"stock\" is not valid JSON"));
+    assert_eq!(
+        env.json(&["state", "list", "--agent", "ops"]),
+        serde_json::json!([])
+    );
+    let neither = env.run(&["state", "list"]);
+    assert_eq!(neither.status.code(), Some(2));
+
+    assert_eq!(
+        env.ok(&["state", "set", "--agent", "ops", "stock/mug", "120"])
+            .trim(),
+        "stock/mug: version 1"
+    );
+    env.ok(&["state", "set", "--agent", "ops", "stock/mug", "119"]);
+    env.ok(&["state", "set", "--agent", "ops", "other", r#""x""#]);
+    assert_eq!(
+        env.ok(&["state", "get", "--agent", "ops", "stock/mug"])
+            .trim(),
+        "119"
+    );
+    let listed = env.json(&["state", "list", "--agent", "ops", "--prefix", "stock/"]);
+    assert_eq!(
+        listed,
+        serde_json::json!([{"key": "stock/mug", "value": 119, "version": 2}])
+    );
+    env.ok(&["state", "delete", "--agent", "ops", "stock/mug"]);
+    let missing = env.run(&["state", "get", "--agent", "ops", "stock/mug"]);
+    assert_eq!(missing.status.code(), Some(2));
+    env.ok(&["state", "set", "--chain", "7", "note", r#"{"a":1}"#]);
+    assert_eq!(
+        env.json(&["state", "get", "--chain", "7", "note"])["value"]["a"],
+        1
+    );
+
+    let writes: Vec<Value> = env
+        .queue()
+        .events(None, 0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event == "state_write")
+        .map(|e| {
+            assert!(e.actor.starts_with("cli"), "{}", e.actor);
+            e.detail
+        })
+        .collect();
+    assert_eq!(writes.len(), 5);
+    assert_eq!(writes[3]["new_version"], 0, "the delete");
+}

@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod output;
 mod rfc3339;
+mod state;
 mod torture;
 mod usage;
 
@@ -191,6 +192,9 @@ pub enum Command {
     },
     /// Every file in the agents directory: loaded, or why not, and its limits.
     Agents,
+    /// See and fix agents' durable state (`--agent NAME` or `--chain ROOT_ID`).
+    #[command(subcommand)]
+    State(state::StateCommand),
     /// Run the orchestrator: claim tasks and run them in their agents.
     Daemon(DaemonArgs),
     /// Measure throughput and latency end to end with a real no-op component
@@ -476,6 +480,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
             output::print_agents(&agents, cli.json)
         }
+        Command::State(command) => state::run(&cli, command),
         Command::Daemon(args) => daemon(&cli, args).await,
         Command::Bench(args) => bench::bench(args).await,
         Command::Torture(args) => {

@@ -1,0 +1,187 @@
+//! Random interleavings of completions (with state writes, `set-if`
+//! included), failures, lease resets, approvals and rejections against a
+//! real queue file: after every step the stored state equals the writes of
+//! the completed (or approved) tasks applied in commit order, and nothing
+//! else — exactly-once effects under at-least-once execution.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use colony::queue::{Applied, FinishedRun, Lease, Queue};
+use colony::state::{Scope, Write};
+use colony::task::{ErrorKind, NewTask, RunOutcome, State, TaskError};
+use proptest::prelude::*;
+
+const KEYS: [&str; 3] = ["a", "b", "c"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Submit {
+        review: bool,
+    },
+    Claim {
+        n: usize,
+    },
+    Finish {
+        lease: usize,
+        ok: bool,
+        writes: Vec<(usize, u8, Option<u64>)>,
+    },
+    ResetAll,
+    Approve {
+        task: usize,
+    },
+    Reject {
+        task: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let write = (0..3usize, any::<u8>(), proptest::option::of(0..4u64));
+    prop_oneof![
+        2 => any::<bool>().prop_map(|review| Op::Submit { review }),
+        2 => (1..3usize).prop_map(|n| Op::Claim { n }),
+        4 => (0..6usize, prop::bool::weighted(0.8), prop::collection::vec(write, 0..4))
+            .prop_map(|(lease, ok, writes)| Op::Finish { lease, ok, writes }),
+        1 => Just(Op::ResetAll),
+        1 => (0..8usize).prop_map(|task| Op::Approve { task }),
+        1 => (0..8usize).prop_map(|task| Op::Reject { task }),
+    ]
+}
+
+/// What state should hold: key → (JSON value, version).
+type Model = BTreeMap<String, (String, u64)>;
+
+/// Applies writes to the model the way a commit must: all or nothing.
+fn commit(model: &mut Model, writes: &[Write]) -> bool {
+    let mut next = model.clone();
+    for w in writes {
+        let current = next.get(&w.key).map_or(0, |e| e.1);
+        if w.if_version.is_some_and(|v| v != current) {
+            return false;
+        }
+        match &w.value {
+            Some(v) => {
+                next.insert(w.key.clone(), (v.clone(), current + 1));
+            }
+            None => {
+                next.remove(&w.key);
+            }
+        }
+    }
+    *model = next;
+    true
+}
+
+fn stored(q: &Queue) -> Model {
+    q.state_scan(Scope::Agent, "alpha", "", 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, (e.value, e.version)))
+        .collect()
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = Queue::open(dir.path().join("colony.db")).unwrap();
+    let mut model = Model::new();
+    let mut tasks: Vec<i64> = Vec::new();
+    let mut leases: Vec<Lease> = Vec::new();
+    let mut held: HashMap<i64, Vec<Write>> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::Submit { review } => {
+                let mut new = NewTask::new("alpha", "{}");
+                new.review = review;
+                new.max_attempts = 5;
+                new.backoff_ms = 1;
+                tasks.push(q.submit(&new).unwrap().id);
+            }
+            Op::Claim { n } => {
+                std::thread::sleep(Duration::from_millis(2));
+                q.promote_due().unwrap();
+                leases.extend(q.claim("alpha", n).unwrap().into_iter().map(|c| c.lease));
+            }
+            Op::Finish { lease, ok, writes } => {
+                let Some(&lease) = leases.get(lease) else {
+                    continue;
+                };
+                let writes: Vec<Write> = writes
+                    .into_iter()
+                    .map(|(k, v, if_version)| Write {
+                        scope: Scope::Agent,
+                        key: KEYS[k].to_string(),
+                        value: (v % 5 != 0).then(|| v.to_string()),
+                        if_version,
+                    })
+                    .collect();
+                let outcome = if ok {
+                    RunOutcome::Success {
+                        output: "{}".into(),
+                        spawn: vec![],
+                        needs_review: false,
+                    }
+                } else {
+                    RunOutcome::Failure(TaskError {
+                        kind: ErrorKind::Retryable,
+                        message: "x".into(),
+                    })
+                };
+                let run = FinishedRun {
+                    lease,
+                    outcome,
+                    log: String::new(),
+                    state: writes.clone(),
+                };
+                let applied = q.finish_batch(std::slice::from_ref(&run)).unwrap()[0];
+                let task = q.get(lease.task_id).unwrap();
+                match applied {
+                    Applied::Moved(State::Complete) => prop_assert!(commit(&mut model, &writes)),
+                    Applied::Moved(State::Review) => {
+                        // Conflicts are checked at completion even when held.
+                        prop_assert!(commit(&mut model.clone(), &writes));
+                        held.insert(lease.task_id, writes);
+                    }
+                    Applied::Moved(_) if ok => {
+                        prop_assert_eq!(task.error.unwrap().kind, ErrorKind::Conflict);
+                        prop_assert!(!commit(&mut model.clone(), &writes));
+                    }
+                    _ => {}
+                }
+            }
+            Op::ResetAll => {
+                std::thread::sleep(Duration::from_millis(2));
+                q.reset_stale_leases(Duration::ZERO).unwrap();
+            }
+            Op::Approve { task } => {
+                let Some(&id) = tasks.get(task) else { continue };
+                if let Ok(to) = q.approve(id, None) {
+                    let writes = held.remove(&id).unwrap_or_default();
+                    match to {
+                        State::Complete => prop_assert!(commit(&mut model, &writes)),
+                        _ => prop_assert!(
+                            !commit(&mut model.clone(), &writes),
+                            "sent back only on a conflict"
+                        ),
+                    }
+                }
+            }
+            Op::Reject { task } => {
+                let Some(&id) = tasks.get(task) else { continue };
+                if q.reject(id, "again").is_ok() {
+                    held.remove(&id);
+                }
+            }
+        }
+        prop_assert_eq!(stored(&q), model.clone());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn state_equals_the_writes_of_completed_tasks_in_commit_order(ops in prop::collection::vec(op(), 1..40)) {
+        run(ops)?;
+    }
+}

@@ -54,7 +54,7 @@ fn main() {
         &workspace_root.join("tests").join("guests"),
         &build_guests::guest_target_dir("test-guests"),
     );
-    for name in ["noop", "sleeper"] {
+    for name in ["noop", "sleeper", "stateful"] {
         let (_, component) = fixtures
             .iter()
             .find(|(stem, _)| *stem == format!("guest_{name}"))

@@ -863,3 +863,33 @@ fn operators_see_and_fix_state_from_the_cli() {
     assert_eq!(writes.len(), 5);
     assert_eq!(writes[3]["new_version"], 0, "the delete");
 }
+
+#[test]
+fn torture_state_counts_every_committed_increment_exactly_once() {
+    let env = Env::new(&[]);
+    let dir = env.data.path().join("torture-state");
+    let args = [
+        "torture",
+        "--state",
+        "--daemons",
+        "3",
+        "--tasks",
+        "200",
+        "--kill-every",
+        "300ms",
+        "--dir",
+    ];
+    let stdout = env.ok(&[&args[..], &[dir.to_str().unwrap()]].concat());
+    let verdict: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    assert_eq!(
+        verdict["checks"]["counter_equals_completed"], true,
+        "{verdict}"
+    );
+    assert_eq!(verdict["counter"], 200);
+    assert!(verdict["kills"].as_u64().unwrap() >= 1, "{verdict}");
+    assert!(
+        verdict["conflicts_retried"].as_u64().unwrap() >= 1,
+        "three daemons raced: {verdict}"
+    );
+}

@@ -20,6 +20,10 @@ use crate::task::{NewTask, State};
 
 /// The sleeping guest (tests/guests/sleeper), built and embedded by build.rs.
 const SLEEPER_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_SLEEPER"));
+/// The state-using guest (tests/guests/stateful), for `--state`.
+const STATEFUL_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_STATEFUL"));
+/// The agent-scoped key every task increments in `--state` mode.
+const COUNTER: &str = "counter";
 
 /// Bounds of the settings: enough for any useful run, and nothing that
 /// hangs (no daemon, or kills too frequent for a daemon to start and take
@@ -48,6 +52,11 @@ pub struct TortureArgs {
     /// Where to keep the database and daemon logs (default: a temp directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Exactly-once state under fire: every task increments one shared
+    /// counter with set-if, and the verdict checks that the counter equals
+    /// the number of completed tasks (conflicts are retried and counted).
+    #[arg(long)]
+    pub state: bool,
 }
 
 fn parse_kill_every(s: &str) -> Result<Duration, String> {
@@ -78,7 +87,13 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
         .unwrap_or_else(|| temp.path().to_path_buf());
     let agents = root.join("agents");
     std::fs::create_dir_all(&agents)?;
-    std::fs::write(agents.join("sleeper.wasm"), SLEEPER_COMPONENT)?;
+    let agent = if args.state { "stateful" } else { "sleeper" };
+    let component = if args.state {
+        STATEFUL_COMPONENT
+    } else {
+        SLEEPER_COMPONENT
+    };
+    std::fs::write(agents.join(format!("{agent}.wasm")), component)?;
     let db = root.join("torture.db");
     // A previous run's write-ahead log must not be replayed into the new database.
     for suffix in ["", "-wal", "-shm"] {
@@ -88,11 +103,19 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     let mut queue = super::open_queue(&db, &super::identity("torture"))?;
     let tasks: Vec<NewTask> = (0..args.tasks)
         .map(|_| {
-            let mut task =
-                NewTask::new("sleeper", format!(r#"{{"ms":{}}}"#, fastrand::u32(0..=20)));
+            let mut task = if args.state {
+                // Conflicts cost attempts too: every task must be able to
+                // lose many races and still finish.
+                let mut task = NewTask::new(agent, format!(r#"{{"increment":"{COUNTER}"}}"#));
+                task.max_attempts = 1000;
+                task.backoff_ms = 5;
+                task
+            } else {
+                NewTask::new(agent, format!(r#"{{"ms":{}}}"#, fastrand::u32(0..=20)))
+            };
             // Kills cost attempts; give enough that every task can finish.
-            task.max_attempts = 20;
-            task.backoff_ms = 50;
+            task.max_attempts = task.max_attempts.max(20);
+            task.backoff_ms = task.backoff_ms.min(50);
             task
         })
         .collect();
@@ -176,6 +199,9 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     }
 
     let mut verdict = verify(&queue, args.tasks)?;
+    if args.state {
+        verify_counter(&queue, &mut verdict)?;
+    }
     let ok = finished && verdict["ok"] == true;
     verdict["ok"] = json!(ok);
     verdict["finished_before_deadline"] = json!(finished);
@@ -222,6 +248,35 @@ fn unfinished(queue: &Queue) -> Result<u64> {
 }
 
 /// The checks, from the database and the audit trail alone.
+/// `--state`: the counter must equal the completed tasks — every committed
+/// increment applied once, none from a failed, killed or refused run.
+fn verify_counter(queue: &Queue, verdict: &mut Value) -> Result<()> {
+    let completed = queue
+        .counts()?
+        .iter()
+        .filter(|(_, state, _)| *state == State::Complete)
+        .map(|(_, _, n)| n)
+        .sum::<u64>();
+    let counter = queue
+        .state_get(crate::state::Scope::Agent, "stateful", COUNTER)?
+        .map(|e| (e.value.parse::<u64>().ok(), e.version));
+    let conflicts = queue
+        .events(None, 0, u32::MAX)?
+        .iter()
+        .filter(|e| e.event == "retry_later" && e.detail["kind"] == "conflict")
+        .count();
+    let equal =
+        counter == Some((Some(completed), completed)) || (completed == 0 && counter.is_none());
+    verdict["checks"]["counter_equals_completed"] = json!(equal);
+    verdict["counter"] = json!(counter.and_then(|c| c.0));
+    verdict["completed"] = json!(completed);
+    verdict["conflicts_retried"] = json!(conflicts);
+    if !equal {
+        verdict["ok"] = json!(false);
+    }
+    Ok(())
+}
+
 fn verify(queue: &Queue, expected: usize) -> Result<Value> {
     let tasks = crate::queue::all_readable(queue.list(&ListFilter::default())?)?;
     let events = queue.events(None, 0, u32::MAX)?;

@@ -54,7 +54,7 @@ fn main() {
         &workspace_root.join("tests").join("guests"),
         &build_guests::guest_target_dir("test-guests"),
     );
-    for name in ["noop", "sleeper", "stateful"] {
+    for name in ["noop", "sleeper", "stateful", "thinker"] {
         let (_, component) = fixtures
             .iter()
             .find(|(stem, _)| *stem == format!("guest_{name}"))

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::orchestrator::{Daemon, DaemonConfig};
+use crate::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
 use crate::queue::{Queue, QueueOptions, Sync};
 use crate::runtime::{AgentDir, NoHooks, Runtime, RuntimeConfig};
 use crate::task::NewTask;
@@ -54,6 +54,11 @@ pub struct BenchArgs {
     /// Where to put the database (default: a fresh temp directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also measure the capabilities: the drain with one state get + set per
+    /// task against the same guest writing nothing, and the host's cost per
+    /// model call and per replayed call against a loopback provider.
+    #[arg(long)]
+    pub capabilities: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -93,6 +98,18 @@ pub async fn bench(args: &BenchArgs) -> Result<()> {
         let mut report = round(args, &runtime, &agents, &db, history, &overhead).await?;
         report["load_4_agents_cold_ms"] = json!(cold_load.as_secs_f64() * 1e3);
         report["load_4_agents_cached_ms"] = json!(cached_load.as_secs_f64() * 1e3);
+        if history == 0 && args.capabilities {
+            let state = super::bench_capabilities::state_rounds(args, &runtime, &root).await?;
+            let models = super::bench_capabilities::model_figures(args, &root).await?;
+            for (key, value) in state
+                .as_object()
+                .into_iter()
+                .chain(models.as_object())
+                .flatten()
+            {
+                report[key] = value.clone();
+            }
+        }
         // Through `?`: a reader that went away (`colony bench | head -1`)
         // ends the run quietly instead of a panic.
         writeln!(
@@ -166,7 +183,7 @@ async fn host_overhead(runtime: &Runtime, agents: &Path) -> Result<Vec<Duration>
     Ok(samples)
 }
 
-fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+pub(super) fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }
@@ -211,20 +228,7 @@ async fn round(
         .context("the tasks just submitted are not in the queue")?;
     let first_id = newest.id - args.tasks as i64 + 1;
 
-    let mut dir = AgentDir::new(agents);
-    dir.rescan(runtime).await;
-    let cfg = DaemonConfig {
-        concurrency: args.concurrency,
-        claim_batch: args.batch,
-        until_idle: true,
-        poll: Duration::from_secs(60),
-        ..DaemonConfig::default()
-    };
-    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let daemon = Daemon::new(Queue::open_with(db, opts)?, runtime.clone(), dir, cfg);
-    let started = Instant::now();
-    let summary = daemon.run(stop_rx).await?;
-    let drain = started.elapsed();
+    let (drain, summary) = drain(args, runtime, agents, Queue::open_with(db, opts)?).await?;
 
     let mut latencies = queue.claim_to_finish_ms(first_id)?;
     latencies.sort();
@@ -252,6 +256,30 @@ async fn round(
         "peak_rss_bytes": peak_rss_bytes(),
         "db_bytes_per_task": db_bytes as f64 / (args.tasks + history) as f64,
     }))
+}
+
+/// Runs a daemon over `queue` until nothing runnable remains; returns how
+/// long that took.
+pub(super) async fn drain(
+    args: &BenchArgs,
+    runtime: &Arc<Runtime>,
+    agents: &Path,
+    queue: Queue,
+) -> Result<(Duration, DaemonSummary)> {
+    let mut dir = AgentDir::new(agents);
+    dir.rescan(runtime).await;
+    let cfg = DaemonConfig {
+        concurrency: args.concurrency,
+        claim_batch: args.batch,
+        until_idle: true,
+        poll: Duration::from_secs(60),
+        ..DaemonConfig::default()
+    };
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = Daemon::new(queue, runtime.clone(), dir, cfg);
+    let started = Instant::now();
+    let summary = daemon.run(stop_rx).await?;
+    Ok((started.elapsed(), summary))
 }
 
 /// The process's peak resident set size (Linux `VmHWM`).

@@ -3,6 +3,7 @@
 //! calls their public API.
 
 mod bench;
+mod bench_capabilities;
 mod demo;
 mod output;
 mod rfc3339;

@@ -5,7 +5,7 @@
 //! `{"model": "fast", "prompts": ["a", "b"], "max_tokens": 50,
 //!   "tool": true, "sleep_after": [2, 60000], "panic_after": 2,
 //!   "fail": "retryable" | "permanent", "on_error": "fail" | "continue",
-//!   "dump_env": true}`
+//!   "dump_env": true, "timings": true}`
 //! One call per prompt, in order. `sleep_after`, `panic_after` and `fail`
 //! apply on the first attempt only, so a retry shows what recovery does
 //! (replay after an interruption, fresh calls after a failure). Output: every reply (content, replayed,
@@ -31,6 +31,9 @@ struct Script {
     fail: Option<String>,
     on_error: String,
     dump_env: bool,
+    /// Report each call's duration as the guest saw it (`call_us`), for
+    /// `colony bench`.
+    timings: bool,
 }
 
 impl Default for Script {
@@ -45,6 +48,7 @@ impl Default for Script {
             fail: None,
             on_error: "fail".into(),
             dump_env: false,
+            timings: false,
         }
     }
 }
@@ -88,6 +92,7 @@ impl Guest for Thinker {
         let first = task.attempt == 1;
         let remaining_before = model::remaining();
         let (mut replies, mut errors) = (Vec::new(), Vec::new());
+        let mut call_us = Vec::new();
         let tools = if script.tool {
             vec![Tool {
                 name: "lookup".into(),
@@ -107,7 +112,10 @@ impl Guest for Thinker {
                 temperature: Some(0.0),
                 json: false,
             };
-            match model::complete(&request(messages.clone())) {
+            let started = std::time::Instant::now();
+            let answer = model::complete(&request(messages.clone()));
+            call_us.push(started.elapsed().as_micros() as u64);
+            match answer {
                 Ok(reply) => {
                     replies.push(reply_json(&reply));
                     // A tool round trip: answer each call and ask again.
@@ -169,6 +177,10 @@ impl Guest for Thinker {
             "remaining_before": remaining_before,
             "remaining_after": model::remaining(),
         });
+        if script.timings {
+            output["call_us"] = json!(call_us);
+            output["replies"] = json!(replies.len());
+        }
         if script.dump_env {
             output["env"] = json!(std::env::vars().collect::<Vec<_>>());
             output["args"] = json!(std::env::args().collect::<Vec<_>>());

@@ -1,0 +1,190 @@
+//! `colony bench --capabilities`: what the capabilities cost.
+//! - State: the drain of tasks doing one `get` and one `set` each, against
+//!   the same guest writing nothing, in the same run.
+//! - Models: each call as the guest sees it (WIT boundary, grant and budget
+//!   checks, hashing, the provider round trip, the journal write) against the
+//!   bare provider round trip, both on one loopback provider; and replayed
+//!   calls (journal read, journal write, no provider).
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+use super::bench::{BenchArgs, drain};
+use crate::models::{ChatRequest, Message, ModelsConfig, Providers};
+use crate::queue::Queue;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::task::NewTask;
+
+const STATEFUL: &[u8] = include_bytes!(env!("COLONY_GUEST_STATEFUL"));
+const THINKER: &[u8] = include_bytes!(env!("COLONY_GUEST_THINKER"));
+
+/// Calls per model measurement.
+const CALLS: usize = 300;
+
+pub async fn state_rounds(args: &BenchArgs, runtime: &Arc<Runtime>, root: &Path) -> Result<Value> {
+    let agents = root.join("state-agents");
+    std::fs::create_dir_all(&agents)?;
+    std::fs::write(agents.join("stateful.wasm"), STATEFUL)?;
+    std::fs::write(
+        agents.join("stateful.toml"),
+        format!("concurrency = {}\n", args.concurrency),
+    )?;
+    let mut rates = Vec::new();
+    for with_state in [false, true] {
+        let db = root.join(format!("bench-state-{with_state}.db"));
+        let mut queue = Queue::open(&db)?;
+        let tasks: Vec<NewTask> = (0..args.tasks)
+            .map(|i| {
+                let ops = if with_state {
+                    json!([
+                        ["get", "agent", format!("k{i}")],
+                        ["set", "agent", format!("k{i}"), "1"]
+                    ])
+                } else {
+                    json!([])
+                };
+                NewTask::new("stateful", json!({ "ops": ops }).to_string())
+            })
+            .collect();
+        queue.submit_batch(&tasks)?;
+        let (took, summary) = drain(args, runtime, &agents, Queue::open(&db)?).await?;
+        anyhow::ensure!(
+            summary.completed == args.tasks as u64,
+            "the state round completed {} of {} tasks",
+            summary.completed,
+            args.tasks
+        );
+        rates.push(args.tasks as f64 / took.as_secs_f64());
+    }
+    Ok(json!({
+        "state_drain_without_per_second": rates[0].round(),
+        "state_drain_get_set_per_second": rates[1].round(),
+        "state_get_set_ratio": rates[1] / rates[0],
+    }))
+}
+
+pub async fn model_figures(args: &BenchArgs, root: &Path) -> Result<Value> {
+    let addr = start_loopback_provider().await?;
+    let config = ModelsConfig::from_toml(
+        &format!(
+            "[models.fast]\napi = \"openai\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"bench\"\n"
+        ),
+        Path::new("(bench)"),
+    )?;
+    let providers = Arc::new(Providers::new(&config)?);
+
+    // The bare round trip, for reference.
+    let mut bare = Vec::with_capacity(CALLS);
+    for i in 0..CALLS + 20 {
+        let request = ChatRequest {
+            model: "fast".into(),
+            messages: vec![Message::user(format!("question {i}"))],
+            max_tokens: Some(16),
+            ..ChatRequest::default()
+        };
+        let started = Instant::now();
+        providers.complete(&request).await?;
+        if i >= 20 {
+            bare.push(started.elapsed());
+        }
+    }
+
+    // The same calls through a guest: one task that calls CALLS times, and
+    // one that traps after CALLS calls and whose retry replays them.
+    let agents = root.join("model-agents");
+    std::fs::create_dir_all(&agents)?;
+    std::fs::write(agents.join("thinker.wasm"), THINKER)?;
+    std::fs::write(agents.join("thinker.toml"), "models = [\"fast\"]\n")?;
+    let mut runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(root.join(".colony-cache")),
+        max_concurrent_runs: 8,
+        pooling: true,
+    })?;
+    runtime.set_models(providers);
+    let runtime = Arc::new(runtime);
+    let db = root.join("bench-models.db");
+    let mut queue = Queue::open(&db)?;
+    let prompts: Vec<String> = (0..CALLS).map(|i| format!("question {i}")).collect();
+    let real = queue
+        .submit(&NewTask::new(
+            "thinker",
+            json!({"prompts": prompts, "max_tokens": 16, "timings": true}).to_string(),
+        ))?
+        .id;
+    let mut replayed = NewTask::new(
+        "thinker",
+        json!({"prompts": prompts, "max_tokens": 16, "timings": true, "panic_after": CALLS})
+            .to_string(),
+    );
+    replayed.backoff_ms = 1;
+    let replayed = queue.submit(&replayed)?.id;
+    drain(args, &runtime, &agents, Queue::open(&db)?).await?;
+
+    let guest_us = |id: i64| -> Result<Vec<Duration>> {
+        let task = queue.get(id)?;
+        let result = task
+            .result
+            .with_context(|| format!("bench task {id} did not complete: {:?}", task.error))?;
+        let mut us: Vec<Duration> = result["call_us"]
+            .as_array()
+            .context("no call timings")?
+            .iter()
+            .skip(1) // the first call also reads the task's budget and journal
+            .filter_map(Value::as_u64)
+            .map(Duration::from_micros)
+            .collect();
+        us.sort();
+        Ok(us)
+    };
+    let (through_host, replay) = (guest_us(real)?, guest_us(replayed)?);
+    bare.sort();
+    let us = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6);
+    let p = |v: &[Duration], q| us(super::bench::percentile(v, q));
+    let overhead = |q| Some(p(&through_host, q)? - p(&bare, q)?);
+    Ok(json!({
+        "model_calls_measured": CALLS - 1,
+        "model_call_provider_only_us_p50": p(&bare, 0.5),
+        "model_call_through_host_us_p50": p(&through_host, 0.5),
+        "model_call_through_host_us_p99": p(&through_host, 0.99),
+        "model_call_host_overhead_us_p50": overhead(0.5),
+        "model_call_host_overhead_us_p99": overhead(0.99),
+        "model_call_replay_us_p50": p(&replay, 0.5),
+        "model_call_replay_us_p99": p(&replay, 0.99),
+    }))
+}
+
+/// An OpenAI-compatible chat-completions endpoint on a loopback port that
+/// answers every request at once with the same short reply.
+async fn start_loopback_provider() -> Result<std::net::SocketAddr> {
+    const REPLY: &str = r#"{"id":"bench","object":"chat.completion","model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let _ = request.into_body().collect().await;
+                    let response = Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from_static(REPLY.as_bytes())))
+                        .expect("a static response is valid");
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}

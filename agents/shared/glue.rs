@@ -17,6 +17,7 @@ wit_bindgen::generate!({ path: "../../wit", world: "agent" });
 use crate::kit;
 use colony::agent::host;
 use colony::agent::model::{self, Message, ModelError, Request, Role};
+use colony::agent::state::{self, Scope};
 use colony::agent::types::{Failure, Level, Outcome, Task, TaskSpec};
 use exports::colony::agent::handler::Guest;
 
@@ -37,6 +38,18 @@ impl kit::Host for WitHost {
             kit::Level::Error => Level::Error,
         };
         host::log(level, message);
+    }
+
+    fn state_get(&mut self, key: &str) -> Option<(String, u64)> {
+        state::get(Scope::Agent, key).map(|e| (e.value, e.version))
+    }
+
+    fn state_set(&mut self, key: &str, value: &str) {
+        state::set(Scope::Agent, key, value);
+    }
+
+    fn state_set_if(&mut self, key: &str, value: &str, version: u64) {
+        state::set_if(Scope::Agent, key, value, version);
     }
 
     fn ask_json(

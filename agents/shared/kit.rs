@@ -124,6 +124,24 @@ pub trait Host {
         )))
     }
 
+    /// The agent-scoped state entry `key`: its JSON value and version.
+    /// Without state (a host that offers none) there is nothing.
+    fn state_get(&mut self, key: &str) -> Option<(String, u64)> {
+        let _ = key;
+        None
+    }
+
+    /// Writes agent-scoped state; it commits only if the run completes.
+    fn state_set(&mut self, key: &str, value: &str) {
+        let _ = (key, value);
+    }
+
+    /// Compare-and-set: commits only if `key` still has `version` then (0:
+    /// must not exist); otherwise the run is retried.
+    fn state_set_if(&mut self, key: &str, value: &str, version: u64) {
+        let _ = (key, value, version);
+    }
+
     fn info(&mut self, message: &str) {
         self.log(Level::Info, message);
     }
@@ -361,6 +379,10 @@ pub struct Recorder {
     pub model_answers: std::collections::VecDeque<Result<String, ModelRefusal>>,
     /// `(alias, prompt)` of every `ask_json` call.
     pub prompts: Vec<(String, String)>,
+    /// Agent state as this run sees it: key → (value, version).
+    pub state: std::collections::BTreeMap<String, (String, u64)>,
+    /// `(key, value, set-if version)` of every state write, in order.
+    pub writes: Vec<(String, String, Option<u64>)>,
 }
 
 #[cfg(test)]
@@ -382,6 +404,21 @@ impl Host for Recorder {
     }
     fn log(&mut self, level: Level, message: &str) {
         self.logs.push((level, message.to_string()));
+    }
+    fn state_get(&mut self, key: &str) -> Option<(String, u64)> {
+        self.state.get(key).cloned()
+    }
+    fn state_set(&mut self, key: &str, value: &str) {
+        self.writes.push((key.to_string(), value.to_string(), None));
+        let version = self.state.get(key).map_or(0, |e| e.1) + 1;
+        self.state
+            .insert(key.to_string(), (value.to_string(), version));
+    }
+    fn state_set_if(&mut self, key: &str, value: &str, version: u64) {
+        self.writes
+            .push((key.to_string(), value.to_string(), Some(version)));
+        self.state
+            .insert(key.to_string(), (value.to_string(), version + 1));
     }
     fn ask_json(
         &mut self,

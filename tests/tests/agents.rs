@@ -567,8 +567,22 @@ async fn marketing_copy_waits_for_review_and_a_rejection_is_applied() {
             "claim",
             "model_call",
             "await_review",
-            "approve"
+            "approve",
+            "state_write"
         ]
+    );
+    // The published copy was held through review: the rejected revision's
+    // write never landed, the approved one did, once.
+    let published = h
+        .queue()
+        .state_get(colony::state::Scope::Agent, "marketing", "published/Lumen")
+        .unwrap()
+        .expect("the approved copy is recorded");
+    assert_eq!(published.version, 1);
+    assert!(
+        published.value.contains("\"revision\":2"),
+        "{}",
+        published.value
     );
     assert_eq!(h.events(id, "reject")[0].detail["note"], "make it shorter");
     // No model is configured here: the agent asked, was refused, and used

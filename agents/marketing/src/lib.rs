@@ -407,6 +407,10 @@ pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
     host.info(&format!("tagline: {}", copy.tagline));
     host.info("copy is ready and waits for review before it is published");
 
+    // What was published, per product: held with the result until the
+    // review approves it, dropped with a rejected revision.
+    let published = serde_json::json!({"tagline": copy.tagline, "revision": copy.revision, "written_by": copy.written_by});
+    host.state_set(&format!("published/{}", brief.name), &published.to_string());
     let mut done = Done::json(&copy)?;
     done.needs_review = true;
     Ok(done)

@@ -374,3 +374,15 @@ fn a_failed_model_call_is_a_retryable_failure() {
         other => panic!("expected a retryable failure, got {other:?}"),
     }
 }
+
+#[test]
+fn the_published_copy_is_recorded_per_product() {
+    let mut host = Recorder::default();
+    run(&task(&brief(), 1, None), &mut host).unwrap();
+    let (key, value, if_version) = &host.writes[0];
+    assert_eq!(key, "published/Acme Travel Mug");
+    assert_eq!(*if_version, None);
+    let published: Value = serde_json::from_str(value).unwrap();
+    assert_eq!(published["revision"], 1);
+    assert_eq!(published["written_by"], "template");
+}

@@ -36,6 +36,8 @@ pub const FLAKY_ANSWERS_FROM: u32 = 3;
 /// The parts of the brief ops checks (types already checked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// The product's name, when the brief gives one (keys its inventory entry).
+    pub name: Option<String>,
     pub price_cents: i64,
     pub cost_cents: i64,
     pub currency: String,
@@ -64,6 +66,7 @@ impl Check {
         let doc = kit::parse_json("payload", payload)?;
         let f = Fields::root("payload", &doc)?;
         Ok(Check {
+            name: f.opt_string("name")?.map(str::to_string),
             price_cents: f.int_at_least("price_cents", 1, "a positive integer")?,
             cost_cents: f.int_at_least("cost_cents", 0, "a non-negative integer")?,
             currency: f.text("currency")?.to_string(),
@@ -133,6 +136,27 @@ pub fn check(c: &Check, attempt: u32) -> Result<Report, Failure> {
     })
 }
 
+/// The agent-state key counting listed products.
+pub const LISTED_COUNT: &str = "listed_count";
+
+/// Agent state: the product's inventory entry, and the count of listings
+/// (incremented with set-if, so concurrent ops runs never lose one).
+pub fn record_listing(host: &mut dyn Host, task: &Task, c: &Check) {
+    let product = c
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("task-{}", task.id));
+    let entry =
+        serde_json::json!({"stock": c.stock, "currency": c.currency, "price_cents": c.price_cents});
+    host.state_set(&format!("inventory/{product}"), &entry.to_string());
+    let (count, version) = host
+        .state_get(LISTED_COUNT)
+        .map_or((0, 0), |(value, version)| {
+            (value.parse::<u64>().unwrap_or(0), version)
+        });
+    host.state_set_if(LISTED_COUNT, &(count + 1).to_string(), version);
+}
+
 /// One run: read the numbers, apply the rules, ask the supplier.
 pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
     host.heartbeat("checking pricing and stock");
@@ -145,6 +169,10 @@ pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
         c.stock,
         c.supplier.as_deref().unwrap_or("(none)")
     ));
+    // The listing is recorded before the supplier answers: if it does not,
+    // the run fails and these writes are discarded with it, so a listing
+    // that needed three attempts still counts once.
+    record_listing(host, task, &c);
     if let Some(supplier) = &c.supplier {
         host.heartbeat(&format!(
             "asking supplier {supplier} (attempt {} of {})",

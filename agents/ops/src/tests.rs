@@ -261,3 +261,19 @@ impl Tap for Value {
         self
     }
 }
+
+#[test]
+fn a_listing_is_recorded_in_agent_state_with_a_set_if_count() {
+    let mut host = Recorder::default();
+    host.state.insert(LISTED_COUNT.into(), ("4".into(), 4));
+    let payload =
+        r#"{"name":"Mug","price_cents":2900,"cost_cents":900,"currency":"USD","stock":120}"#;
+    run(&Task::new("ops", payload), &mut host).unwrap();
+    assert_eq!(host.writes[0].0, "inventory/Mug");
+    let entry: serde_json::Value = serde_json::from_str(&host.writes[0].1).unwrap();
+    assert_eq!(entry["stock"], 120);
+    assert_eq!(
+        host.writes[1],
+        (LISTED_COUNT.to_string(), "5".to_string(), Some(4))
+    );
+}

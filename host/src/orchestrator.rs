@@ -204,6 +204,17 @@ impl RunHooks for RunSide {
             .await
     }
 
+    async fn record_event(
+        &self,
+        lease: Lease,
+        event: &'static str,
+        detail: serde_json::Value,
+    ) -> Result<(), String> {
+        self.with_journal(move |q| q.record_run_event(lease, event, &detail))
+            .await
+            .map(drop)
+    }
+
     async fn record_model_call(
         &self,
         lease: Lease,

@@ -255,6 +255,40 @@ impl Queue {
         Ok(Applied::Moved(State::InProgress))
     }
 
+    /// Appends an audit event about a run in flight (`http_request`, say)
+    /// that changes no state, fenced by the run's lease.
+    pub fn record_run_event(
+        &mut self,
+        lease: Lease,
+        event: &str,
+        detail: &serde_json::Value,
+    ) -> Result<Applied> {
+        let actor = self.opts.actor.clone();
+        let tx = self.write()?;
+        let state = State::InProgress.as_str();
+        let n = tx
+            .prepare_cached(
+                "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+                 SELECT ?1, id, ?2, ?3, ?3, ?4, ?5 FROM tasks
+                 WHERE id = ?6 AND state = 'in_progress' AND claim_token = ?7",
+            )?
+            .execute(params![
+                now_ms(),
+                event,
+                state,
+                actor,
+                detail.to_string(),
+                lease.task_id,
+                lease.token
+            ])?;
+        tx.commit()?;
+        Ok(if n == 0 {
+            Applied::LeaseLost
+        } else {
+            Applied::Moved(State::InProgress)
+        })
+    }
+
     /// What a task's model calls added up to, over all its runs.
     pub fn usage(&self, task_id: i64) -> Result<TaskUsage> {
         let sql = format!("SELECT {USAGE_COLUMNS} FROM model_calls WHERE task_id = ?1");

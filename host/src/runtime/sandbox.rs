@@ -38,6 +38,17 @@ pub trait RunHooks: Send + Sync {
         Ok(ModelContext::default())
     }
 
+    /// Appends an audit event about the run (`http_request`, ...), fenced by
+    /// the lease. Never carries secrets, bodies or prompts.
+    async fn record_event(
+        &self,
+        _lease: Lease,
+        _event: &'static str,
+        _detail: serde_json::Value,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Stores one model call durably (and its audit event), fenced by the lease.
     async fn record_model_call(
         &self,

@@ -6,6 +6,7 @@
 //! a spinning guest neither blocks other runs nor outlives its deadline.
 //! Every way a run can end becomes a [`RunOutcome`]; traps are classified.
 
+mod effects;
 mod model;
 mod registry;
 mod sandbox;
@@ -182,6 +183,8 @@ pub struct RunReport {
     pub elapsed: Duration,
     /// Buffered state writes, to commit with a successful completion.
     pub state_writes: Vec<crate::state::Write>,
+    /// Queued effects, to store with a successful completion.
+    pub effects: Vec<crate::effects::Effect>,
 }
 
 /// A loaded, validated agent component, ready to instantiate.
@@ -544,6 +547,7 @@ impl Runtime {
         }
         let mut report = report(outcome, &log, started);
         report.state_writes = std::mem::take(&mut data.state.writes);
+        report.effects = std::mem::take(&mut data.effects.queued);
         report
     }
 }
@@ -574,6 +578,7 @@ fn report(outcome: RunOutcome, log: &TaskLog, started: Instant) -> RunReport {
         log: log.render(),
         elapsed: started.elapsed(),
         state_writes: Vec::new(),
+        effects: Vec::new(),
     }
 }
 

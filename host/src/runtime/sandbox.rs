@@ -14,6 +14,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::colony::agent::{host, types};
 use super::bindings_v0_1::colony::agent::{host as host_v0_1, types as types_v0_1};
+use super::effects::EffectsSession;
 use super::model::ModelSession;
 use super::state::StateSession;
 use crate::models::{ModelCall, ModelContext};
@@ -96,6 +97,7 @@ pub struct RunState {
     pub(super) log: TaskLog,
     pub(super) model: ModelSession,
     pub(super) state: StateSession,
+    pub(super) effects: EffectsSession,
     task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
@@ -132,6 +134,7 @@ impl RunState {
             log,
             model,
             state: StateSession::new(hooks.clone(), task_id),
+            effects: EffectsSession::default(),
             task_id,
             agent,
             hooks,

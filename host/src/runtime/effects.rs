@@ -1,0 +1,35 @@
+//! The host side of `colony:agent/effects`: requests a run queues to be sent
+//! after its task commits. They are only collected here, checked against the
+//! agent's grant, and handed to the queue with the run's outcome.
+
+use super::bindings::colony::agent::effects as wit;
+use super::sandbox::RunState;
+use crate::effects::{Effect, MAX_EFFECTS_PER_RUN, check_shape};
+
+/// One run's queued effects.
+#[derive(Default)]
+pub struct EffectsSession {
+    pub(super) queued: Vec<Effect>,
+}
+
+impl wit::Host for RunState {
+    fn send_after_commit(&mut self, req: wit::Request) -> Result<u32, String> {
+        let method = req.method.to_ascii_uppercase();
+        check_shape(&method, &req.url, &req.headers, req.body.as_deref())?;
+        let queued = &mut self.effects.queued;
+        if queued.len() >= MAX_EFFECTS_PER_RUN {
+            return Err(format!(
+                "a run may queue at most {MAX_EFFECTS_PER_RUN} effects"
+            ));
+        }
+        let seq = queued.len() as u32 + 1;
+        queued.push(Effect {
+            seq,
+            method,
+            url: req.url,
+            headers: req.headers,
+            body: req.body,
+        });
+        Ok(seq)
+    }
+}

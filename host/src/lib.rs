@@ -6,6 +6,7 @@
 //! statement), [`runtime`] (the wasm sandbox), [`orchestrator`] (the daemon).
 
 pub mod cli;
+pub mod delivery;
 pub mod effects;
 pub mod models;
 pub mod orchestrator;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::delivery::Deliverer;
 use crate::models::{ModelCall, ModelContext};
 use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
@@ -253,6 +254,11 @@ pub struct Daemon {
     /// A database error that retrying cannot fix (read-only file, malformed
     /// image, newer schema): the loop stops with it.
     unusable: Option<QueueError>,
+    /// Sends the outbox of completed tasks.
+    deliverer: Deliverer,
+    /// Whether effects may be due (after completions, deliveries, or a tick
+    /// that found one due).
+    effects_due: bool,
     /// Which agent claims first this round, so none starves the others.
     rotation: usize,
     /// Runs stopped because their lease was lost: a result they still send is dropped.
@@ -285,6 +291,8 @@ impl Daemon {
             unwritten_since: None,
             write_backoff: Duration::ZERO,
             unusable: None,
+            deliverer: Deliverer::new(),
+            effects_due: true,
             rotation: 0,
             aborted: HashSet::new(),
             inflight_at_shutdown: Vec::new(),
@@ -318,6 +326,10 @@ impl Daemon {
             if self.write_is_due() {
                 self.write_finished();
                 look = true; // completions can wake dependents and insert children
+                self.effects_due = true; // and store effects
+            }
+            if self.effects_due && self.write_backoff.is_zero() {
+                self.start_deliveries();
             }
             let now = Instant::now();
             if now >= next_heartbeat {
@@ -368,6 +380,10 @@ impl Daemon {
                     // than after the next store (measured: ~20% faster).
                     look = true;
                 }
+                Some(attempt) = self.deliverer.done_rx.recv() => {
+                    self.record_delivery(attempt);
+                    self.effects_due = true;
+                }
                 _ = self.wake.notified() => look = true,
                 _ = tokio::time::sleep_until(wait_until.into()) => {
                     // Cheap reads: did another process commit (a CLI submit,
@@ -377,6 +393,8 @@ impl Daemon {
                     if version != last_data_version || due {
                         look = true;
                     }
+                    let effect_due = self.queue.next_effect_due().ok().flatten();
+                    self.effects_due |= effect_due.is_some_and(|t| t <= crate::queue::now_ms());
                     last_data_version = version;
                 }
                 changed = shutdown.changed() => {
@@ -541,6 +559,35 @@ impl Daemon {
         }
     }
 
+    // ----- the outbox ------------------------------------------------------------------
+
+    fn start_deliveries(&mut self) {
+        let (deliverer, queue) = (&mut self.deliverer, &mut self.queue);
+        match tokio::task::block_in_place(|| deliverer.start_due(queue)) {
+            Ok(()) => self.effects_due = false,
+            Err(e) if e.is_permanent() => self.unusable = Some(e),
+            Err(e) => tracing::error!("claiming effects to send failed, will retry: {e}"),
+        }
+    }
+
+    fn record_delivery(&mut self, attempt: crate::delivery::Attempt) {
+        let (deliverer, queue) = (&mut self.deliverer, &mut self.queue);
+        let mut result = tokio::task::block_in_place(|| deliverer.record(queue, attempt));
+        for _ in 0..5 {
+            match result {
+                Err((attempt, e)) if e.is_transient() => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    result = tokio::task::block_in_place(|| deliverer.record(queue, attempt));
+                }
+                _ => break,
+            }
+        }
+        if let Err((_, e)) = result {
+            // The claim lease runs out and another sender tries again.
+            tracing::error!("could not record an effect's delivery; it will be sent again: {e}");
+        }
+    }
+
     // ----- leases --------------------------------------------------------------------
 
     /// Every lease this daemon holds: running, waiting for a slot, or waiting
@@ -681,6 +728,7 @@ impl Daemon {
                 outcome,
                 log: String::new(),
                 state: Vec::new(),
+                effects: Vec::new(),
             });
         }
     }
@@ -753,6 +801,7 @@ impl Daemon {
                 outcome: report.outcome,
                 log: report.log,
                 state: report.state_writes,
+                effects: report.effects,
             });
             // Sending on the channel wakes the daemon loop, which waits on it.
         });
@@ -773,7 +822,8 @@ impl Daemon {
     // ----- idleness and shutdown ---------------------------------------------------
 
     fn is_quiet(&self) -> bool {
-        self.inflight.is_empty()
+        self.deliverer.is_idle()
+            && self.inflight.is_empty()
             && self.unwritten.is_empty()
             && self.prefetched.values().all(VecDeque::is_empty)
     }
@@ -781,6 +831,11 @@ impl Daemon {
     /// `Some(left)` when nothing runnable remains for the loaded agents and
     /// nothing runs anywhere; `left` lists work waiting for missing agents.
     fn idle(&mut self) -> Result<Option<Vec<(String, u64)>>, QueueError> {
+        // Effects of completed tasks still to deliver (their retries are
+        // bounded) keep an until-idle daemon at work.
+        if tokio::task::block_in_place(|| self.queue.effects_outstanding())? > 0 {
+            return Ok(None);
+        }
         let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
         let loaded = self.agents.loaded_names();
         let mut left = Vec::new();

@@ -42,6 +42,7 @@ fn drain(path: &Path, actor: &str, agent: &str, batch: usize) -> Vec<i64> {
                 },
                 log: String::new(),
                 state: Vec::new(),
+                effects: Vec::new(),
             })
             .collect();
         q.finish_batch(&runs).unwrap();

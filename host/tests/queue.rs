@@ -831,6 +831,7 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
             outcome: ok(big.clone()),
             log: "y".repeat(64 * 1024),
             state: Vec::new(),
+            effects: Vec::new(),
         })
         .collect();
     let err = q.finish_batch(&runs).unwrap_err();

@@ -132,6 +132,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     outcome,
                     log: String::new(),
                     state: writes.clone(),
+                    effects: vec![],
                 };
                 let applied = q.finish_batch(std::slice::from_ref(&run)).unwrap()[0];
                 let task = q.get(lease.task_id).unwrap();

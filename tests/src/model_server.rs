@@ -7,6 +7,9 @@
 //! calls, 429s, 500s, hangs, malformed JSON. When the script runs out the
 //! server echoes the last user message. Every request is recorded (path,
 //! headers, parsed body) so tests can assert on what the host really sent.
+//! Any other path is a plain endpoint (for effects and outbound HTTP):
+//! it answers with the next status queued by [`ModelServer::push_plain`],
+//! 200 `{"ok":true}` by default.
 //!
 //! The server runs on its own thread with its own tokio runtime, so plain
 //! `#[test]`s, `#[tokio::test]`s and tests that spawn the `colony` binary
@@ -119,6 +122,8 @@ impl RecordedRequest {
 #[derive(Default)]
 struct State {
     script: VecDeque<Scripted>,
+    /// Statuses for plain endpoints, in order.
+    plain: VecDeque<u16>,
     requests: Vec<RecordedRequest>,
 }
 
@@ -177,6 +182,12 @@ impl ModelServer {
     /// Queues a response for the next request not yet answered.
     pub fn push(&self, response: Scripted) {
         self.state().script.push_back(response);
+    }
+
+    /// Queues the status the next request to a plain endpoint (any path
+    /// but the two model APIs) gets.
+    pub fn push_plain(&self, status: u16) {
+        self.state().plain.push_back(status);
     }
 
     /// Every request received so far, in order of arrival.
@@ -298,18 +309,18 @@ async fn handle(
             body: body.clone(),
             raw_body,
         });
-        // A request to an unknown path does not use up the script.
+        // A request to a plain endpoint does not use up the model script.
         match protocol {
             Some(_) => state.script.pop_front(),
-            None => None,
+            None => {
+                let status = state.plain.pop_front().unwrap_or(200);
+                drop(state);
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                return Ok(reply(status, json!({"ok": status.is_success()})));
+            }
         }
     };
-    let Some(protocol) = protocol else {
-        return Ok(reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": {"message": "no such endpoint"}}),
-        ));
-    };
+    let protocol = protocol.expect("plain endpoints answered above");
     let scripted = scripted.unwrap_or_else(|| echo(&body, protocol));
     Ok(respond(scripted, protocol, &body).await)
 }

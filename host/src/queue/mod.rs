@@ -10,6 +10,7 @@
 //! transaction and `finish_batch` records many runs in one.
 
 mod journal;
+mod outbox;
 mod schema;
 mod state;
 
@@ -26,6 +27,7 @@ use crate::task::{
 };
 pub use crate::task::{ClaimedTask, Lease};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
+pub use outbox::{Delivery, EffectRow};
 
 /// Errors from the queue. Bad input is refused before anything is stored.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +186,8 @@ pub struct FinishedRun {
     pub log: String,
     /// The run's state writes, committed only with a successful completion.
     pub state: Vec<crate::state::Write>,
+    /// The run's effects, stored in the outbox only with a successful completion.
+    pub effects: Vec<crate::effects::Effect>,
 }
 
 /// A lease the reaper reset.
@@ -496,6 +500,7 @@ impl Queue {
             outcome,
             log: log.to_string(),
             state: Vec::new(),
+            effects: Vec::new(),
         };
         Ok(self.finish_batch(std::slice::from_ref(&run))?[0])
     }
@@ -1366,11 +1371,13 @@ fn finish_in(
         Ok(((output, spawn, needs_review), owners)) => {
             if held.review || needs_review {
                 state::hold_writes(tx, id, &run.state)?;
+                outbox::store(tx, id, &run.effects, true, now)?;
                 enter_review(tx, id, &held, output, &spawn, actor, now)?
             } else {
                 if let Some(owners) = &owners {
                     state::apply_writes(tx, Some(id), owners, &run.state, actor, now)?;
                 }
+                outbox::store(tx, id, &run.effects, false, now)?;
                 let to = record(
                     tx,
                     id,
@@ -1666,11 +1673,13 @@ fn approve_in(
     if let Some(owners) = owners {
         state::apply_writes(tx, Some(id), &owners, &held, actor, now)?;
     }
+    outbox::release_proposed(tx, id, now)?;
     Ok(to)
 }
 
 fn reject_in(tx: &Transaction<'_>, id: i64, note: &str, actor: &str, now: i64) -> Result<State> {
     let from = state_of(tx, id)?;
+    outbox::drop_proposed(tx, id)?;
     let (revisions, max_revisions): (u32, u32) = tx
         .prepare_cached("SELECT revisions, max_revisions FROM tasks WHERE id = ?1")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -1772,6 +1781,9 @@ fn cancel_one(
     actor: &str,
     now: i64,
 ) -> Result<()> {
+    if from == State::Review {
+        outbox::drop_proposed(tx, id)?;
+    }
     record(
         tx,
         id,

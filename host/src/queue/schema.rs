@@ -132,6 +132,34 @@ const MIGRATIONS: &[&str] = &[
         task_id    INTEGER,                         -- the task whose completion wrote it (NULL: an operator)
         PRIMARY KEY (scope, owner, key)
     ) WITHOUT ROWID;
+
+    -- The outbox: requests a run queued, stored with its completion and
+    -- delivered at least once afterwards with a stable idempotency key.
+    CREATE TABLE effects (
+        id           INTEGER PRIMARY KEY,
+        task_id      INTEGER NOT NULL REFERENCES tasks(id),
+        seq          INTEGER NOT NULL,              -- 1, 2, ... within the run
+        agent        TEXT    NOT NULL,
+        method       TEXT    NOT NULL,
+        url          TEXT    NOT NULL,
+        headers      TEXT    NOT NULL,              -- JSON list of [name, value]
+        body         BLOB,
+        state        TEXT    NOT NULL CHECK (state IN ('proposed', 'pending', 'sending', 'sent', 'failed')),
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        next_at      INTEGER NOT NULL,              -- when a pending effect is due
+        claim_token  INTEGER,                       -- fences the sender's result
+        claimed_by   TEXT,
+        lease_until  INTEGER,                       -- a sender that vanished is replaced after this
+        status       INTEGER,                       -- the last HTTP status
+        error        TEXT,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        UNIQUE (task_id, seq)
+    );
+    CREATE INDEX effects_due     ON effects(next_at)     WHERE state = 'pending';
+    CREATE INDEX effects_sending ON effects(lease_until) WHERE state = 'sending';
+    CREATE INDEX effects_state   ON effects(state, id);
     "#,
 ];
 

@@ -2,16 +2,18 @@
 //!
 //! Payload (every key optional):
 //! `{"ops": [["set", "agent", "k", "1"], ["set_if", "chain", "k", "2", 1],
-//!           ["delete", "agent", "k"], ["get", "agent", "k"], ["scan", "agent", "p", 10]],
+//!           ["delete", "agent", "k"], ["get", "agent", "k"], ["scan", "agent", "p", 10],
+//!           ["effect", "POST", "http://host/path", "body"]],
 //!   "increment": "key", "end": "ok" | "retryable" | "trap", "review": true,
 //!   "spawn": [payload, ...]}`
 //! `ops` run in order; each `get`/`scan` adds what it saw to the output's
-//! `reads`. `increment` reads an agent-scoped counter and writes it + 1 with
+//! `reads`, each `effect` (send-after-commit) its sequence number or error. `increment` reads an agent-scoped counter and writes it + 1 with
 //! `set-if` on the version read. `end` decides how the run ends after its
 //! writes (default ok). `spawn` creates `stateful` children with those payloads.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
+use colony::agent::effects;
 use colony::agent::state::{self, Entry, Scope};
 use colony::agent::types::TaskSpec;
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
@@ -59,6 +61,18 @@ impl Guest for Stateful {
                         .as_ref()
                         .map_or(Value::Null, entry),
                 ),
+                "effect" => {
+                    let request = effects::Request {
+                        method: text(&op[1]),
+                        url: key.clone(),
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        body: op.get(3).map(|b| text(b).into_bytes()),
+                    };
+                    reads.push(match effects::send_after_commit(&request) {
+                        Ok(seq) => json!(seq),
+                        Err(e) => json!({ "error": e }),
+                    });
+                }
                 "scan" => {
                     let limit = op[3].as_u64().unwrap_or(100) as u32;
                     let found = state::scan(scope(&op[1]), &key, limit);

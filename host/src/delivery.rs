@@ -1,0 +1,164 @@
+//! Delivering the outbox: the daemon claims due effects under a short lease,
+//! sends each with its stable `Idempotency-Key: colony-<task id>-<seq>`, and
+//! records the answer (sent on a 2xx; otherwise retried with backoff until
+//! its attempts are used). At least once: a sender that dies mid-request
+//! leaves its claim to expire and another daemon sends again with the same
+//! key, which the receiving API uses to do the work once.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::queue::{Delivery, Queue, QueueError};
+
+/// Most deliveries in flight per daemon.
+const MAX_IN_FLIGHT: usize = 16;
+/// Time allowed for one request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A claimed delivery not finished by then is claimed again by any daemon.
+const CLAIM_LEASE: Duration = Duration::from_secs(60);
+
+/// How one attempt ended: the HTTP status, or why there was none.
+pub struct Attempt {
+    delivery: Delivery,
+    status: Option<u16>,
+    error: Option<String>,
+}
+
+/// Sends a daemon's share of the outbox.
+pub struct Deliverer {
+    client: reqwest::Client,
+    in_flight: usize,
+    done_tx: mpsc::UnboundedSender<Attempt>,
+    pub done_rx: mpsc::UnboundedReceiver<Attempt>,
+}
+
+impl Deliverer {
+    pub fn new() -> Deliverer {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            // A redirect is an answer, not a 2xx: the effect is retried and
+            // then fails visibly rather than following to another origin.
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a plain reqwest client builds");
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Deliverer {
+            client,
+            in_flight: 0,
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Claims due effects for the free sending slots and starts sending them.
+    pub fn start_due(&mut self, queue: &mut Queue) -> Result<(), QueueError> {
+        let free = MAX_IN_FLIGHT - self.in_flight;
+        if free == 0 {
+            return Ok(());
+        }
+        for delivery in queue.claim_due_effects(free, CLAIM_LEASE)? {
+            self.in_flight += 1;
+            let (client, done) = (self.client.clone(), self.done_tx.clone());
+            tokio::spawn(async move {
+                let (status, error) = send(&client, &delivery).await;
+                let _ = done.send(Attempt {
+                    delivery,
+                    status,
+                    error,
+                });
+            });
+        }
+        Ok(())
+    }
+
+    /// Records an attempt's answer; a transient store error keeps it for
+    /// the next call (the claim lease covers the wait).
+    pub fn record(
+        &mut self,
+        queue: &mut Queue,
+        attempt: Attempt,
+    ) -> Result<(), (Attempt, QueueError)> {
+        let stored =
+            queue.finish_delivery(&attempt.delivery, attempt.status, attempt.error.as_deref());
+        match stored {
+            Ok(state) => {
+                self.in_flight -= 1;
+                let d = &attempt.delivery;
+                match state {
+                    Some("sent") => {
+                        tracing::info!(task = d.task_id, seq = d.effect.seq, "effect sent")
+                    }
+                    Some(state) => tracing::warn!(
+                        task = d.task_id,
+                        seq = d.effect.seq,
+                        attempt = d.attempt,
+                        status = attempt.status,
+                        error = attempt.error.as_deref().unwrap_or(""),
+                        "effect not delivered; now {state}"
+                    ),
+                    None => tracing::warn!(
+                        task = d.task_id,
+                        "an effect's claim expired while sending; another sender has it"
+                    ),
+                }
+                Ok(())
+            }
+            Err(e) => Err((attempt, e)),
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.in_flight == 0
+    }
+}
+
+impl Default for Deliverer {
+    fn default() -> Self {
+        Deliverer::new()
+    }
+}
+
+/// One attempt: the request as queued, plus the idempotency key.
+async fn send(client: &reqwest::Client, delivery: &Delivery) -> (Option<u16>, Option<String>) {
+    let effect = &delivery.effect;
+    let method = match reqwest::Method::from_bytes(effect.method.as_bytes()) {
+        Ok(method) => method,
+        Err(e) => return (None, Some(format!("method {:?}: {e}", effect.method))),
+    };
+    let mut request = client
+        .request(method, &effect.url)
+        .header("Idempotency-Key", delivery.idempotency_key());
+    for (name, value) in &effect.headers {
+        if !name.eq_ignore_ascii_case("idempotency-key") && !name.eq_ignore_ascii_case("host") {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(body) = &effect.body {
+        request = request.body(body.clone());
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let error = (!response.status().is_success()).then(|| format!("HTTP {status}"));
+            (Some(status), error)
+        }
+        // No URL in the message: it may carry a query the agent put there.
+        Err(e) => (None, Some(describe(e))),
+    }
+}
+
+fn describe(e: reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!(
+            "no answer within {}",
+            humantime::format_duration(REQUEST_TIMEOUT)
+        )
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        format!("request failed: {}", e.without_url())
+    }
+}

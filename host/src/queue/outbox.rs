@@ -1,0 +1,333 @@
+//! The outbox: every statement about `effects`. A run's effects are stored
+//! in its completion's transaction (`proposed` while the task waits in
+//! review, `pending` once it is complete), claimed by a daemon for delivery
+//! under a short lease, and marked `sent` or retried with backoff until
+//! `failed`. Each delivery attempt appends an audit event to its task.
+
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, Transaction, params};
+use serde_json::json;
+
+use super::{Queue, QueueError, Result, now_ms};
+use crate::effects::{DEFAULT_DELIVERY_ATTEMPTS, Effect};
+
+/// An effect claimed for one delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: i64,
+    pub task_id: i64,
+    pub agent: String,
+    pub token: i64,
+    /// 1 on the first attempt.
+    pub attempt: u32,
+    pub effect: Effect,
+}
+
+impl Delivery {
+    pub fn idempotency_key(&self) -> String {
+        Effect::idempotency_key(self.task_id, self.effect.seq)
+    }
+}
+
+/// One stored effect, as `colony effects` and `colony show` list it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EffectRow {
+    pub id: i64,
+    pub task_id: i64,
+    pub seq: u32,
+    pub method: String,
+    pub url: String,
+    pub state: String,
+    pub attempts: u32,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub body_bytes: usize,
+    /// The first lines of the body, for a reviewer.
+    pub body_preview: Option<String>,
+}
+
+/// Stores a run's effects with its completion: `proposed` while the task
+/// waits in review, `pending` (due now) when it completes.
+pub(super) fn store(
+    tx: &Transaction<'_>,
+    task_id: i64,
+    effects: &[Effect],
+    proposed: bool,
+    now: i64,
+) -> Result<()> {
+    if effects.is_empty() {
+        return Ok(());
+    }
+    let agent: String = tx
+        .prepare_cached("SELECT agent FROM tasks WHERE id = ?1")?
+        .query_row([task_id], |r| r.get(0))?;
+    let state = if proposed { "proposed" } else { "pending" };
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO effects (task_id, seq, agent, method, url, headers, body, state, max_attempts,
+                              next_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
+    )?;
+    for effect in effects {
+        insert.execute(params![
+            task_id,
+            effect.seq,
+            agent,
+            effect.method,
+            effect.url,
+            serde_json::to_string(&effect.headers).expect("headers serialize"),
+            effect.body,
+            state,
+            DEFAULT_DELIVERY_ATTEMPTS,
+            now,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Approval: the proposed effects become due.
+pub(super) fn release_proposed(tx: &Transaction<'_>, task_id: i64, now: i64) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE effects SET state = 'pending', next_at = ?1, updated_at = ?1
+         WHERE task_id = ?2 AND state = 'proposed'",
+    )?
+    .execute(params![now, task_id])?;
+    Ok(())
+}
+
+/// Rejection (or any end that is not completion): proposed effects vanish.
+pub(super) fn drop_proposed(tx: &Transaction<'_>, task_id: i64) -> Result<()> {
+    tx.prepare_cached("DELETE FROM effects WHERE task_id = ?1 AND state = 'proposed'")?
+        .execute([task_id])?;
+    Ok(())
+}
+
+fn note(
+    tx: &Transaction<'_>,
+    task_id: i64,
+    event: &str,
+    actor: &str,
+    detail: serde_json::Value,
+    now: i64,
+) -> Result<()> {
+    // Not a transition: the task (complete) keeps its state.
+    tx.prepare_cached(
+        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         SELECT ?1, id, ?2, state, state, ?3, ?4 FROM tasks WHERE id = ?5",
+    )?
+    .execute(params![now, event, actor, detail.to_string(), task_id])?;
+    Ok(())
+}
+
+impl Queue {
+    /// Claims up to `n` due effects for delivery under a lease of `lease`:
+    /// pending ones whose time has come, and ones whose sender vanished
+    /// (its lease ran out) — so delivery survives a daemon crash.
+    pub fn claim_due_effects(&mut self, n: usize, lease: Duration) -> Result<Vec<Delivery>> {
+        let actor = self.opts.actor.clone();
+        let now = now_ms();
+        let token = fastrand::i64(1..i64::MAX);
+        let tx = self.write()?;
+        let claimed = {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE effects SET state = 'sending', claim_token = ?1, claimed_by = ?2,
+                        lease_until = ?3, attempts = attempts + 1, updated_at = ?4
+                 WHERE id IN (SELECT id FROM effects WHERE state = 'pending' AND next_at <= ?4
+                              UNION ALL
+                              SELECT id FROM effects WHERE state = 'sending' AND lease_until < ?4
+                              LIMIT ?5)
+                 RETURNING id, task_id, agent, attempts, seq, method, url, headers, body",
+            )?;
+            let rows = stmt.query_map(
+                params![token, actor, now + lease.as_millis() as i64, now, n as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, u32>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, Option<Vec<u8>>>(8)?,
+                    ))
+                },
+            )?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        tx.commit()?;
+        claimed
+            .into_iter()
+            .map(
+                |(id, task_id, agent, attempt, seq, method, url, headers, body)| {
+                    let headers = serde_json::from_str(&headers)
+                        .map_err(|e| QueueError::Corrupt(format!("effect {id} headers: {e}")))?;
+                    Ok(Delivery {
+                        id,
+                        task_id,
+                        agent,
+                        token,
+                        attempt,
+                        effect: Effect {
+                            seq,
+                            method,
+                            url,
+                            headers,
+                            body,
+                        },
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Records a delivery attempt's end, fenced by its claim: `Ok(status)`
+    /// with a 2xx marks the effect sent; anything else retries with
+    /// exponential backoff until its attempts are used, then marks it failed.
+    /// Returns the effect's new state, or `None` when the claim was lost.
+    pub fn finish_delivery(
+        &mut self,
+        delivery: &Delivery,
+        status: Option<u16>,
+        error: Option<&str>,
+    ) -> Result<Option<&'static str>> {
+        let actor = self.opts.actor.clone();
+        let now = now_ms();
+        let tx = self.write()?;
+        let max_attempts: Option<u32> = tx
+            .prepare_cached(
+                "SELECT max_attempts FROM effects WHERE id = ?1 AND state = 'sending' AND claim_token = ?2",
+            )?
+            .query_row(params![delivery.id, delivery.token], |r| r.get(0))
+            .optional()?;
+        let Some(max_attempts) = max_attempts else {
+            return Ok(None);
+        };
+        let sent = error.is_none() && status.is_some_and(|s| (200..300).contains(&s));
+        let (state, next_at) = if sent {
+            ("sent", now)
+        } else if delivery.attempt >= max_attempts {
+            ("failed", now)
+        } else {
+            let delay = crate::retry::backoff(Duration::from_millis(500), delivery.attempt);
+            ("pending", now + delay.as_millis() as i64)
+        };
+        tx.prepare_cached(
+            "UPDATE effects SET state = ?1, next_at = ?2, status = ?3, error = ?4, claim_token = NULL,
+                    claimed_by = NULL, lease_until = NULL, updated_at = ?5
+             WHERE id = ?6",
+        )?
+        .execute(params![state, next_at, status, error, now, delivery.id])?;
+        let event = if sent { "effect_sent" } else { "effect_failed" };
+        let detail = json!({
+            "effect": delivery.id,
+            "seq": delivery.effect.seq,
+            "attempt": delivery.attempt,
+            "status": status,
+            "error": error,
+            "now": state,
+        });
+        note(&tx, delivery.task_id, event, &actor, detail, now)?;
+        tx.commit()?;
+        Ok(Some(state))
+    }
+
+    /// Sends a failed effect again (`colony effects retry ID`): attempts start over.
+    pub fn retry_effect(&mut self, id: i64) -> Result<()> {
+        let actor = self.opts.actor.clone();
+        let now = now_ms();
+        let tx = self.write()?;
+        let found: Option<(i64, String)> = tx
+            .prepare_cached("SELECT task_id, state FROM effects WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((task_id, state)) = found else {
+            return Err(QueueError::Invalid {
+                field: "effect".into(),
+                message: format!("effect {id} does not exist"),
+            });
+        };
+        if state != "failed" {
+            return Err(QueueError::Invalid {
+                field: "effect".into(),
+                message: format!("effect {id} is {state}; only a failed effect can be retried"),
+            });
+        }
+        tx.prepare_cached(
+            "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, error = NULL, updated_at = ?1
+             WHERE id = ?2",
+        )?
+        .execute(params![now, id])?;
+        note(
+            &tx,
+            task_id,
+            "effect_retry",
+            &actor,
+            json!({"effect": id}),
+            now,
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stored effects, newest first: all, or one task's, or in one state.
+    pub fn effects(
+        &self,
+        task_id: Option<i64>,
+        state: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EffectRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
+             FROM effects WHERE (?1 IS NULL OR task_id = ?1) AND (?2 IS NULL OR state = ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![task_id, state, limit], |r| {
+            let body: Option<Vec<u8>> = r.get(9)?;
+            Ok(EffectRow {
+                id: r.get(0)?,
+                task_id: r.get(1)?,
+                seq: r.get(2)?,
+                method: r.get(3)?,
+                url: r.get(4)?,
+                state: r.get(5)?,
+                attempts: r.get(6)?,
+                status: r.get(7)?,
+                error: r.get(8)?,
+                body_bytes: body.as_ref().map_or(0, Vec::len),
+                body_preview: body.map(|b| preview(&b)),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Effects still to deliver (pending or being sent).
+    pub fn effects_outstanding(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT (SELECT COUNT(*) FROM effects WHERE state = 'pending')
+                      + (SELECT COUNT(*) FROM effects WHERE state = 'sending')",
+            )?
+            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// When the next pending effect is due, if any (for the daemon's sleep).
+    pub fn next_effect_due(&self) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT MIN(t) FROM (SELECT MIN(next_at) AS t FROM effects WHERE state = 'pending'
+                                     UNION ALL
+                                     SELECT MIN(lease_until) FROM effects WHERE state = 'sending')",
+            )?
+            .query_row([], |r| r.get(0))?)
+    }
+}
+
+/// The first three lines (at most 300 bytes) of a body, as text.
+fn preview(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
+    text.lines().take(3).collect::<Vec<_>>().join("\n")
+}

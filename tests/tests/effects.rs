@@ -1,0 +1,194 @@
+//! The outbox (issue 12): effects queued with `send-after-commit` are stored
+//! with the task's completion and delivered at least once, with a stable
+//! idempotency key, to a real loopback server — and never for a run that did
+//! not complete or a review that was rejected.
+
+mod common;
+
+use colony::task::{NewTask, State};
+use colony_tests::agents_dir_with;
+use colony_tests::model_server::ModelServer;
+use common::Harness;
+use serde_json::{Value, json};
+
+fn harness() -> Harness {
+    Harness::with_shared_cache(agents_dir_with(&["stateful"]))
+}
+
+fn submit(h: &Harness, script: Value, max_attempts: u32) -> i64 {
+    let mut task = NewTask::new("stateful", script.to_string());
+    task.max_attempts = max_attempts;
+    task.backoff_ms = 1;
+    h.submit(task)
+}
+
+fn effect(server: &ModelServer, path: &str, body: &str) -> Value {
+    json!(["effect", "POST", format!("{}{path}", server.url()), body])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_tasks_effects_are_sent_once_with_their_idempotency_keys() {
+    let h = harness();
+    let server = ModelServer::start();
+    let id = submit(
+        &h,
+        json!({"ops": [effect(&server, "/mail", r#"{"to":"a"}"#), effect(&server, "/pay", r#"{"cents":5}"#)]}),
+        1,
+    );
+    h.run_until_idle().await;
+    assert_eq!(h.task(id).result.unwrap()["reads"], json!([1, 2]));
+    // Effects are delivered concurrently: sort them by their key.
+    let mut requests = server.requests();
+    requests.sort_by_key(|r| r.header("idempotency-key").map(str::to_string));
+    assert_eq!(requests.len(), 2);
+    let key = |i: usize| requests[i].header("idempotency-key").unwrap().to_string();
+    assert_eq!(
+        (key(0), key(1)),
+        (format!("colony-{id}-1"), format!("colony-{id}-2"))
+    );
+    assert_eq!(requests[0].path, "/mail");
+    assert_eq!(requests[0].body, json!({"to": "a"}));
+    assert_eq!(requests[1].header("content-type"), Some("application/json"));
+    let rows = h.queue().effects(Some(id), None, 10).unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.state == "sent" && r.attempts == 1 && r.status == Some(200)),
+        "{rows:?}"
+    );
+    assert_eq!(h.events(id, "effect_sent").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_does_not_complete_sends_nothing() {
+    let h = harness();
+    let server = ModelServer::start();
+    let failed = submit(
+        &h,
+        json!({"ops": [effect(&server, "/a", "1")], "end": "retryable"}),
+        2,
+    );
+    let trapped = submit(
+        &h,
+        json!({"ops": [effect(&server, "/b", "1")], "end": "trap"}),
+        1,
+    );
+    h.run_until_idle().await;
+    assert_eq!(h.task(failed).state, State::Failed);
+    assert_eq!(h.task(trapped).state, State::Failed);
+    assert_eq!(server.count(), 0);
+    assert!(h.queue().effects(None, None, 10).unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_shows_proposed_effects_rejection_sends_nothing_approval_sends_them() {
+    let h = harness();
+    let server = ModelServer::start();
+    let approved = submit(
+        &h,
+        json!({"ops": [effect(&server, "/yes", "approved body")], "review": true}),
+        1,
+    );
+    let rejected = submit(
+        &h,
+        json!({"ops": [effect(&server, "/no", "rejected body")], "review": true}),
+        1,
+    );
+    h.run_until_idle().await;
+    let mut q = h.queue();
+    let proposed = q.effects(Some(approved), None, 10).unwrap();
+    assert_eq!(proposed.len(), 1);
+    assert_eq!(proposed[0].state, "proposed");
+    assert_eq!(proposed[0].body_preview.as_deref(), Some("approved body"));
+    assert_eq!(server.count(), 0, "nothing is sent while in review");
+
+    q.reject(rejected, "no").unwrap();
+    assert!(q.effects(Some(rejected), None, 10).unwrap().is_empty());
+    q.approve(approved, None).unwrap();
+    // The rejected task runs again and waits for review; its new proposal is
+    // not sent either.
+    h.run_until_idle().await;
+    let paths: Vec<String> = server.requests().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, ["/yes"]);
+    assert_eq!(h.task(rejected).state, State::Review);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_failing_three_times_gets_the_effect_on_the_fourth_try() {
+    let h = harness();
+    let server = ModelServer::start();
+    for _ in 0..3 {
+        server.push_plain(503);
+    }
+    let id = submit(&h, json!({"ops": [effect(&server, "/flaky", "x")]}), 1);
+    h.run_until_idle().await;
+    let rows = h.queue().effects(Some(id), None, 10).unwrap();
+    assert_eq!(
+        (rows[0].state.as_str(), rows[0].attempts, rows[0].status),
+        ("sent", 4, Some(200))
+    );
+    let keys: Vec<String> = server
+        .requests()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        vec![format!("colony-{id}-1"); 4],
+        "every attempt carries the same key"
+    );
+    assert_eq!(h.events(id, "effect_failed").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
+    let h = harness();
+    let server = ModelServer::start();
+    for _ in 0..5 {
+        server.push_plain(500);
+    }
+    let id = submit(&h, json!({"ops": [effect(&server, "/down", "x")]}), 1);
+    h.run_until_idle().await;
+    let mut q = h.queue();
+    let row = q.effects(Some(id), None, 10).unwrap().remove(0);
+    assert_eq!(
+        (row.state.as_str(), row.attempts, row.error.as_deref()),
+        ("failed", 5, Some("HTTP 500"))
+    );
+    assert_eq!(h.task(id).state, State::Complete, "the task stays complete");
+    let err = q.retry_effect(id + 1_000).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    q.retry_effect(row.id).unwrap();
+    h.run_until_idle().await;
+    assert_eq!(
+        h.queue().effects(Some(id), None, 10).unwrap()[0].state,
+        "sent"
+    );
+    assert_eq!(server.count(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_effect_is_refused_to_the_agent_and_not_queued() {
+    let h = harness();
+    let id = submit(
+        &h,
+        json!({"ops": [["effect", "BREW", "http://127.0.0.1:1/x", "1"], ["effect", "POST", "ftp://x/y", "1"]]}),
+        1,
+    );
+    h.run_until_idle().await;
+    let reads = h.task(id).result.unwrap()["reads"].clone();
+    assert!(
+        reads[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("\"BREW\" is not one of"),
+        "{reads}"
+    );
+    assert!(
+        reads[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an http:// or https:// URL"),
+        "{reads}"
+    );
+    assert!(h.queue().effects(Some(id), None, 10).unwrap().is_empty());
+}

@@ -13,10 +13,6 @@ use crate::queue::{Delivery, Queue, QueueError};
 
 /// Most deliveries in flight per daemon.
 const MAX_IN_FLIGHT: usize = 16;
-/// Time allowed for one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// A claimed delivery not finished by then is claimed again by any daemon.
-const CLAIM_LEASE: Duration = Duration::from_secs(60);
 
 /// How one attempt ended: the HTTP status, or why there was none.
 pub struct Attempt {
@@ -28,25 +24,30 @@ pub struct Attempt {
 /// Sends a daemon's share of the outbox.
 pub struct Deliverer {
     client: reqwest::Client,
+    /// A claimed delivery not finished by then is claimed again by any
+    /// daemon: twice the request timeout.
+    claim_lease: Duration,
     in_flight: usize,
     done_tx: mpsc::UnboundedSender<Attempt>,
     pub done_rx: mpsc::UnboundedReceiver<Attempt>,
 }
 
 impl Deliverer {
-    pub fn new() -> Deliverer {
+    /// A sender whose requests time out after `timeout`.
+    pub fn new(timeout: Duration) -> Deliverer {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             // A redirect is an answer, not a 2xx: the effect is retried and
             // then fails visibly rather than following to another origin.
             .redirect(reqwest::redirect::Policy::none())
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a plain reqwest client builds");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Deliverer {
             client,
+            claim_lease: timeout * 2,
             in_flight: 0,
             done_tx,
             done_rx,
@@ -59,7 +60,7 @@ impl Deliverer {
         if free == 0 {
             return Ok(());
         }
-        for delivery in queue.claim_due_effects(free, CLAIM_LEASE)? {
+        for delivery in queue.claim_due_effects(free, self.claim_lease)? {
             self.in_flight += 1;
             let (client, done) = (self.client.clone(), self.done_tx.clone());
             tokio::spawn(async move {
@@ -115,12 +116,6 @@ impl Deliverer {
     }
 }
 
-impl Default for Deliverer {
-    fn default() -> Self {
-        Deliverer::new()
-    }
-}
-
 /// One attempt: the request as queued, plus the idempotency key.
 async fn send(client: &reqwest::Client, delivery: &Delivery) -> (Option<u16>, Option<String>) {
     let effect = &delivery.effect;
@@ -152,10 +147,7 @@ async fn send(client: &reqwest::Client, delivery: &Delivery) -> (Option<u16>, Op
 
 fn describe(e: reqwest::Error) -> String {
     if e.is_timeout() {
-        format!(
-            "no answer within {}",
-            humantime::format_duration(REQUEST_TIMEOUT)
-        )
+        "no answer in time".to_string()
     } else if e.is_connect() {
         "could not connect".to_string()
     } else {

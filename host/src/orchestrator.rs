@@ -51,6 +51,9 @@ pub struct DaemonConfig {
     /// How often the database is checked for commits by other processes, so
     /// a task submitted from the CLI starts at once rather than at the next poll.
     pub watch_interval: Duration,
+    /// How long one delivery of an effect may take (30 s); its claim lasts
+    /// twice that.
+    pub effect_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -65,6 +68,7 @@ impl Default for DaemonConfig {
             write_window: Duration::from_millis(2),
             until_idle: false,
             watch_interval: Duration::from_millis(200),
+            effect_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -79,6 +83,7 @@ impl DaemonConfig {
             ("--heartbeat", self.heartbeat),
             ("--stale-after", self.stale_after),
             ("--grace", self.grace),
+            ("--effect-timeout", self.effect_timeout),
         ] {
             if value > YEAR {
                 return Err(format!("{name} must be at most a year"));
@@ -86,6 +91,9 @@ impl DaemonConfig {
         }
         if self.poll.is_zero() {
             return Err("--poll must be longer than 0".into());
+        }
+        if self.effect_timeout.is_zero() {
+            return Err("--effect-timeout must be longer than 0".into());
         }
         if self.heartbeat.is_zero() {
             return Err("--heartbeat must be longer than 0".into());
@@ -278,6 +286,7 @@ impl Daemon {
             journal: Arc::default(),
             open_journal: Arc::new(queue.reopener()),
         });
+        let deliverer = Deliverer::new(cfg.effect_timeout);
         Daemon {
             queue,
             runtime,
@@ -291,7 +300,7 @@ impl Daemon {
             unwritten_since: None,
             write_backoff: Duration::ZERO,
             unusable: None,
-            deliverer: Deliverer::new(),
+            deliverer,
             effects_due: true,
             rotation: 0,
             aborted: HashSet::new(),

@@ -903,3 +903,66 @@ fn torture_state_counts_every_committed_increment_exactly_once() {
         "three daemons raced: {verdict}"
     );
 }
+
+#[test]
+fn torture_effects_delivers_every_completed_tasks_key_and_no_other() {
+    let env = Env::new(&[]);
+    let dir = env.data.path().join("torture-effects");
+    let args = [
+        "torture",
+        "--effects",
+        "--daemons",
+        "3",
+        "--tasks",
+        "500",
+        "--kill-every",
+        "300ms",
+        "--dir",
+    ];
+    let stdout = env.ok(&[&args[..], &[dir.to_str().unwrap()]].concat());
+    let verdict: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    for check in [
+        "every_completed_tasks_effect_arrived",
+        "no_effect_of_another_task_arrived",
+        "every_effect_sent",
+    ] {
+        assert_eq!(verdict["checks"][check], true, "{check}: {verdict}");
+    }
+    assert_eq!(verdict["effects"]["distinct_keys"], 500);
+}
+
+#[test]
+fn effects_wait_for_review_in_show_and_are_listed_and_sent_after_approval() {
+    use colony_tests::model_server::ModelServer;
+    let env = Env::new(&["stateful"]);
+    let server = ModelServer::start();
+    let url = format!("{}/orders", server.url());
+    let payload = serde_json::json!({"ops": [["effect", "POST", url, "{\"sku\":\"mug\",\"qty\":2}\nsecond line"]], "review": true});
+    let id = env.submit(&["stateful", &payload.to_string()]);
+    env.until_idle(&[]);
+    let shown = env.ok(&["show", &id.to_string()]);
+    assert!(
+        shown.contains("effects:")
+            && shown.contains("proposed  POST")
+            && shown.contains("{\"sku\":\"mug\",\"qty\":2}"),
+        "{shown}"
+    );
+    let listed = env.json(&["effects", "--state", "proposed"]);
+    assert_eq!(listed[0]["task_id"], id);
+    assert_eq!(server.count(), 0);
+    let not_failed = env.run(&["effects", "retry", &listed[0]["id"].to_string()]);
+    assert_eq!(not_failed.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&not_failed.stderr).contains("only a failed effect can be retried")
+    );
+
+    env.ok(&["review", &id.to_string(), "approve"]);
+    env.until_idle(&[]);
+    let sent = env.json(&["show", &id.to_string()]);
+    assert_eq!(sent["effects"][0]["state"], "sent", "{sent}");
+    assert_eq!(
+        server.last_request().header("idempotency-key"),
+        Some(format!("colony-{id}-1").as_str())
+    );
+}

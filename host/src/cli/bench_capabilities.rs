@@ -6,17 +6,11 @@
 //!   bare provider round trip, both on one loopback provider; and replayed
 //!   calls (journal read, journal write, no provider).
 
-use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use super::bench::{BenchArgs, drain};
@@ -74,7 +68,9 @@ pub async fn state_rounds(args: &BenchArgs, runtime: &Arc<Runtime>, root: &Path)
 }
 
 pub async fn model_figures(args: &BenchArgs, root: &Path) -> Result<Value> {
-    let addr = start_loopback_provider().await?;
+    // An OpenAI-compatible endpoint answering every call at once.
+    const REPLY: &str = r#"{"id":"bench","object":"chat.completion","model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
+    let (addr, _) = super::loopback::serve(REPLY).await?;
     let config = ModelsConfig::from_toml(
         &format!(
             "[models.fast]\napi = \"openai\"\nbase_url = \"http://{addr}/v1\"\nmodel = \"bench\"\n"
@@ -161,30 +157,4 @@ pub async fn model_figures(args: &BenchArgs, root: &Path) -> Result<Value> {
         "model_call_replay_us_p50": p(&replay, 0.5),
         "model_call_replay_us_p99": p(&replay, 0.99),
     }))
-}
-
-/// An OpenAI-compatible chat-completions endpoint on a loopback port that
-/// answers every request at once with the same short reply.
-async fn start_loopback_provider() -> Result<std::net::SocketAddr> {
-    const REPLY: &str = r#"{"id":"bench","object":"chat.completion","model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    let _ = request.into_body().collect().await;
-                    let response = Response::builder()
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from_static(REPLY.as_bytes())))
-                        .expect("a static response is valid");
-                    Ok::<_, Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }

@@ -5,6 +5,8 @@
 mod bench;
 mod bench_capabilities;
 mod demo;
+mod effects;
+mod loopback;
 mod output;
 mod rfc3339;
 mod state;
@@ -193,6 +195,9 @@ pub enum Command {
     },
     /// Every file in the agents directory: loaded, or why not, and its limits.
     Agents,
+    /// The outbox: effects tasks queued, and whether they were sent
+    /// (`colony effects retry ID` sends a failed one again).
+    Effects(effects::EffectsArgs),
     /// See and fix agents' durable state (`--agent NAME` or `--chain ROOT_ID`).
     #[command(subcommand)]
     State(state::StateCommand),
@@ -307,9 +312,14 @@ pub struct DaemonArgs {
     /// wait in the daemon, leased. Larger is faster under load.
     #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub claim_batch: usize,
-    /// Exit 0 once no runnable task remains for the loaded agents.
+    /// Exit 0 once no runnable task remains for the loaded agents (and the
+    /// effects of completed tasks are delivered or failed).
     #[arg(long)]
     pub until_idle: bool,
+    /// How long one delivery of an effect may take; a daemon that dies while
+    /// sending leaves the effect to another daemon after twice this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub effect_timeout: Duration,
 }
 
 /// Upper bounds of the daemon's counts: far above any useful setting, low
@@ -448,6 +458,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 children: queue.children(*id)?,
                 usage: queue.usage(*id)?,
                 model_calls: queue.model_calls(*id)?,
+                effects: queue.effects(Some(*id), None, u32::MAX)?,
             };
             output::print_task_detail(&detail, cli.json)
         }
@@ -482,6 +493,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::print_agents(&agents, cli.json)
         }
         Command::State(command) => state::run(&cli, command),
+        Command::Effects(args) => effects::run(&cli, args),
         Command::Daemon(args) => daemon(&cli, args).await,
         Command::Bench(args) => bench::bench(args).await,
         Command::Torture(args) => {
@@ -812,6 +824,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         stale_after: args.stale_after,
         grace: args.grace,
         claim_batch: args.claim_batch,
+        effect_timeout: args.effect_timeout,
         until_idle: args.until_idle,
         ..DaemonConfig::default()
     };

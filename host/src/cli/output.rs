@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::usage::{model_calls_json, print_model_calls, print_spend, spend_json, usage_json};
 use crate::orchestrator::DaemonSummary;
 use crate::queue::{
-    AuditEvent, ModelCallRow, Queue, RunLog, SpendRow, Submitted, TaskRow, TaskUsage,
+    AuditEvent, EffectRow, ModelCallRow, Queue, RunLog, SpendRow, Submitted, TaskRow, TaskUsage,
     UnreadableTask,
 };
 use crate::runtime::{AgentDir, AgentStatus};
@@ -173,6 +173,8 @@ pub struct TaskDetail {
     pub children: Vec<TaskRow>,
     pub usage: TaskUsage,
     pub model_calls: Vec<ModelCallRow>,
+    /// Its outbox, oldest first.
+    pub effects: Vec<EffectRow>,
 }
 
 pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
@@ -183,11 +185,13 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         children,
         usage,
         model_calls,
+        effects,
     } = detail;
     if json {
         let mut value = task_json(task);
         value["usage"] = usage_json(usage);
         value["model_calls"] = model_calls_json(model_calls);
+        value["effects"] = Value::Array(effects.iter().map(super::effects::effect_json).collect());
         value["events"] = Value::Array(events.iter().map(event_json).collect());
         value["log"] = Value::Array(
             logs.iter()
@@ -265,6 +269,10 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         )?;
     }
     print_model_calls(&mut out, usage, model_calls)?;
+    if !effects.is_empty() {
+        writeln!(out, "effects:")?;
+        super::effects::print_effect_lines(&mut out, effects)?;
+    }
     for log in logs {
         writeln!(out, "log of attempt {} ({}):", log.attempt, time(log.at))?;
         for line in log.text.lines() {

@@ -55,8 +55,14 @@ pub struct TortureArgs {
     /// Exactly-once state under fire: every task increments one shared
     /// counter with set-if, and the verdict checks that the counter equals
     /// the number of completed tasks (conflicts are retried and counted).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "effects")]
     pub state: bool,
+    /// Exactly-once effects under fire: every task queues one effect to a
+    /// loopback server; the verdict checks that the server got the
+    /// idempotency key of every completed task (at least once) and of no
+    /// other task, and counts the repeats.
+    #[arg(long)]
+    pub effects: bool,
 }
 
 fn parse_kill_every(s: &str) -> Result<Duration, String> {
@@ -87,11 +93,16 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
         .unwrap_or_else(|| temp.path().to_path_buf());
     let agents = root.join("agents");
     std::fs::create_dir_all(&agents)?;
-    let agent = if args.state { "stateful" } else { "sleeper" };
-    let component = if args.state {
+    let stateful = args.state || args.effects;
+    let agent = if stateful { "stateful" } else { "sleeper" };
+    let component = if stateful {
         STATEFUL_COMPONENT
     } else {
         SLEEPER_COMPONENT
+    };
+    let receiver = match args.effects {
+        true => Some(super::loopback::serve(r#"{"ok":true}"#).await?),
+        false => None,
     };
     std::fs::write(agents.join(format!("{agent}.wasm")), component)?;
     let db = root.join("torture.db");
@@ -110,6 +121,9 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
                 task.max_attempts = 1000;
                 task.backoff_ms = 5;
                 task
+            } else if let Some((addr, _)) = &receiver {
+                let effect = json!(["effect", "POST", format!("http://{addr}/listing"), "{}"]);
+                NewTask::new(agent, json!({ "ops": [effect] }).to_string())
             } else {
                 NewTask::new(agent, format!(r#"{{"ms":{}}}"#, fastrand::u32(0..=20)))
             };
@@ -140,6 +154,9 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
                 "100ms",
                 "--concurrency",
                 "8",
+                // A killed sender's effects go to another daemon quickly.
+                "--effect-timeout",
+                "1s",
             ])
             .env("COLONY_LOG", "warn")
             .stdin(Stdio::null())
@@ -157,7 +174,7 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     // to report its runs late: that is what the fencing must refuse.
     let mut paused: Option<(usize, Instant)> = None;
     let finished = loop {
-        if unfinished(&queue)? == 0 {
+        if unfinished(&queue)? == 0 && queue.effects_outstanding()? == 0 {
             break true;
         }
         if started.elapsed() > args.deadline {
@@ -201,6 +218,10 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     let mut verdict = verify(&queue, args.tasks)?;
     if args.state {
         verify_counter(&queue, &mut verdict)?;
+    }
+    if let Some((_, keys)) = &receiver {
+        let keys = keys.lock().unwrap().clone();
+        verify_effects(&queue, &keys, &mut verdict)?;
     }
     let ok = finished && verdict["ok"] == true;
     verdict["ok"] = json!(ok);
@@ -272,6 +293,39 @@ fn verify_counter(queue: &Queue, verdict: &mut Value) -> Result<()> {
     verdict["completed"] = json!(completed);
     verdict["conflicts_retried"] = json!(conflicts);
     if !equal {
+        verdict["ok"] = json!(false);
+    }
+    Ok(())
+}
+
+/// `--effects`: every completed task's key arrived, no other task's did.
+fn verify_effects(queue: &Queue, keys: &HashMap<String, u32>, verdict: &mut Value) -> Result<()> {
+    let tasks = crate::queue::all_readable(queue.list(&ListFilter::default())?)?;
+    let expected: std::collections::HashSet<String> = tasks
+        .iter()
+        .filter(|t| t.state == State::Complete)
+        .map(|t| crate::effects::Effect::idempotency_key(t.id, 1))
+        .collect();
+    let missing = expected.iter().filter(|k| !keys.contains_key(*k)).count();
+    let unexpected = keys.keys().filter(|k| !expected.contains(*k)).count();
+    let repeats: u32 = keys.values().map(|n| n - 1).sum();
+    let unsent = queue
+        .effects(None, None, u32::MAX)?
+        .iter()
+        .filter(|e| e.state != "sent")
+        .count();
+    verdict["checks"]["every_completed_tasks_effect_arrived"] = json!(missing == 0);
+    verdict["checks"]["no_effect_of_another_task_arrived"] = json!(unexpected == 0);
+    verdict["checks"]["every_effect_sent"] = json!(unsent == 0);
+    verdict["effects"] = json!({
+        "distinct_keys": keys.len(),
+        "completed_tasks": expected.len(),
+        "missing": missing,
+        "unexpected": unexpected,
+        "repeats": repeats,
+        "not_sent": unsent,
+    });
+    if missing + unexpected + unsent > 0 {
         verdict["ok"] = json!(false);
     }
     Ok(())

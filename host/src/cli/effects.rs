@@ -1,0 +1,107 @@
+//! `colony effects`: the outbox — what completed (or proposed) tasks asked
+//! to send, whether it was sent, and a way to send a failed one again.
+
+use std::io::Write as _;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::{Cli, identity, open_queue};
+use crate::queue::EffectRow;
+
+#[derive(Args, Debug)]
+pub struct EffectsArgs {
+    #[command(subcommand)]
+    action: Option<EffectsAction>,
+    /// Only effects in this state: proposed (waiting for review), pending,
+    /// sending, sent or failed.
+    #[arg(long, value_parser = ["proposed", "pending", "sending", "sent", "failed"])]
+    state: Option<String>,
+    /// Only this task's effects.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    task: Option<i64>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum EffectsAction {
+    /// Send a failed effect again (its attempts start over; same idempotency key).
+    Retry {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
+        id: i64,
+    },
+}
+
+pub fn effect_json(e: &EffectRow) -> serde_json::Value {
+    json!({
+        "id": e.id,
+        "task_id": e.task_id,
+        "seq": e.seq,
+        "method": e.method,
+        "url": e.url,
+        "state": e.state,
+        "attempts": e.attempts,
+        "status": e.status,
+        "error": e.error,
+        "body_bytes": e.body_bytes,
+    })
+}
+
+/// One line per effect; a proposed one also shows the start of its body,
+/// so a reviewer approves actions, not just text.
+pub fn print_effect_lines(out: &mut impl std::io::Write, effects: &[EffectRow]) -> Result<()> {
+    for e in effects {
+        let status = e.status.map_or_else(|| "-".to_string(), |s| s.to_string());
+        writeln!(
+            out,
+            "  #{:<5} task {:<6} seq {:<3} {:<9} {:<6} {} (attempts {}, last status {status}{})",
+            e.id,
+            e.task_id,
+            e.seq,
+            e.state,
+            e.method,
+            e.url,
+            e.attempts,
+            e.error
+                .as_deref()
+                .map(|err| format!(", {err}"))
+                .unwrap_or_default()
+        )?;
+        if e.state == "proposed"
+            && let Some(preview) = &e.body_preview
+        {
+            writeln!(out, "         body ({} bytes):", e.body_bytes)?;
+            for line in preview.lines() {
+                writeln!(out, "           {line}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(cli: &Cli, args: &EffectsArgs) -> Result<()> {
+    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    let mut out = std::io::stdout().lock();
+    if let Some(EffectsAction::Retry { id }) = &args.action {
+        queue.retry_effect(*id)?;
+        if cli.json {
+            writeln!(out, "{}", json!({"id": id, "state": "pending"}))?;
+        } else {
+            writeln!(out, "effect {id}: pending (it will be sent again)")?;
+        }
+        return Ok(());
+    }
+    let effects = queue.effects(args.task, args.state.as_deref(), args.limit)?;
+    if cli.json {
+        let list: Vec<_> = effects.iter().map(effect_json).collect();
+        writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+    } else if effects.is_empty() {
+        writeln!(out, "no effects")?;
+    } else {
+        print_effect_lines(&mut out, &effects)?;
+    }
+    Ok(())
+}

@@ -75,40 +75,35 @@ impl Deliverer {
         Ok(())
     }
 
-    /// Records an attempt's answer; a transient store error keeps it for
-    /// the next call (the claim lease covers the wait).
-    pub fn record(
-        &mut self,
-        queue: &mut Queue,
-        attempt: Attempt,
-    ) -> Result<(), (Attempt, QueueError)> {
+    /// Records an attempt's answer. On a store error the attempt stays in
+    /// flight, for the caller to record again (its claim lease covers the wait).
+    pub fn record(&mut self, queue: &mut Queue, attempt: &Attempt) -> Result<(), QueueError> {
         let stored =
-            queue.finish_delivery(&attempt.delivery, attempt.status, attempt.error.as_deref());
+            queue.finish_delivery(&attempt.delivery, attempt.status, attempt.error.as_deref())?;
+        self.in_flight -= 1;
+        let d = &attempt.delivery;
         match stored {
-            Ok(state) => {
-                self.in_flight -= 1;
-                let d = &attempt.delivery;
-                match state {
-                    Some("sent") => {
-                        tracing::info!(task = d.task_id, seq = d.effect.seq, "effect sent")
-                    }
-                    Some(state) => tracing::warn!(
-                        task = d.task_id,
-                        seq = d.effect.seq,
-                        attempt = d.attempt,
-                        status = attempt.status,
-                        error = attempt.error.as_deref().unwrap_or(""),
-                        "effect not delivered; now {state}"
-                    ),
-                    None => tracing::warn!(
-                        task = d.task_id,
-                        "an effect's claim expired while sending; another sender has it"
-                    ),
-                }
-                Ok(())
-            }
-            Err(e) => Err((attempt, e)),
+            Some("sent") => tracing::info!(task = d.task_id, seq = d.effect.seq, "effect sent"),
+            Some(state) => tracing::warn!(
+                task = d.task_id,
+                seq = d.effect.seq,
+                attempt = d.attempt,
+                status = attempt.status,
+                error = attempt.error.as_deref().unwrap_or(""),
+                "effect not delivered; now {state}"
+            ),
+            None => tracing::warn!(
+                task = d.task_id,
+                "an effect's claim expired while sending; another sender has it"
+            ),
         }
+        Ok(())
+    }
+
+    /// Gives up recording an attempt: its claim lease will run out and
+    /// another sender will try again.
+    pub fn abandon(&mut self) {
+        self.in_flight -= 1;
     }
 
     pub fn is_idle(&self) -> bool {

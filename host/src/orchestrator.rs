@@ -581,18 +581,18 @@ impl Daemon {
 
     fn record_delivery(&mut self, attempt: crate::delivery::Attempt) {
         let (deliverer, queue) = (&mut self.deliverer, &mut self.queue);
-        let mut result = tokio::task::block_in_place(|| deliverer.record(queue, attempt));
+        let mut result = tokio::task::block_in_place(|| deliverer.record(queue, &attempt));
         for _ in 0..5 {
-            match result {
-                Err((attempt, e)) if e.is_transient() => {
+            match &result {
+                Err(e) if e.is_transient() => {
                     std::thread::sleep(Duration::from_millis(100));
-                    result = tokio::task::block_in_place(|| deliverer.record(queue, attempt));
+                    result = tokio::task::block_in_place(|| deliverer.record(queue, &attempt));
                 }
                 _ => break,
             }
         }
-        if let Err((_, e)) = result {
-            // The claim lease runs out and another sender tries again.
+        if let Err(e) = result {
+            self.deliverer.abandon();
             tracing::error!("could not record an effect's delivery; it will be sent again: {e}");
         }
     }

@@ -1,125 +1,16 @@
 //! End-to-end: the real `colony` binary against a temp directory holding a
 //! real database and real components (fixtures from `tests/guests`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+use common::{Env, signal, wait_for};
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use colony::queue::Queue;
 use colony::task::State;
-use colony_tests::agents_dir_with;
 use serde_json::Value;
-
-struct Env {
-    agents: tempfile::TempDir,
-    data: tempfile::TempDir,
-}
-
-impl Env {
-    fn new(fixtures: &[&str]) -> Env {
-        Env {
-            agents: agents_dir_with(fixtures),
-            data: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn db(&self) -> PathBuf {
-        self.data.path().join("colony.db")
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colony"));
-        cmd.env("COLONY_DB", self.db())
-            .env("COLONY_AGENTS", self.agents.path())
-            .env("COLONY_LOG", "warn")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().unwrap()
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "colony {args:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).unwrap()
-    }
-
-    fn submit(&self, args: &[&str]) -> i64 {
-        let mut all = vec!["submit"];
-        all.extend_from_slice(args);
-        self.ok(&all).trim().parse().expect("submit prints the id")
-    }
-
-    fn until_idle(&self, extra: &[&str]) {
-        let mut args = vec![
-            "daemon",
-            "--until-idle",
-            "--poll",
-            "100ms",
-            "--heartbeat",
-            "200ms",
-        ];
-        args.extend_from_slice(extra);
-        self.ok(&args);
-    }
-
-    fn show(&self, id: i64) -> Value {
-        self.json(&["show", &id.to_string()])
-    }
-
-    fn daemon(&self, extra: &[&str]) -> Child {
-        self.cmd()
-            .arg("daemon")
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
-
-    fn queue(&self) -> Queue {
-        Queue::open(self.db()).unwrap()
-    }
-
-    fn task_count(&self) -> usize {
-        self.queue()
-            .counts()
-            .unwrap()
-            .iter()
-            .map(|c| c.2 as usize)
-            .sum()
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 #[test]
 fn submit_run_and_show() {

@@ -4,95 +4,16 @@
 //! every command still prints them; nothing panics; a closed stdout ends a
 //! command quietly; `colony agents` reports every `*.wasm` entry.
 
+mod common;
+use common::{Env, shown};
+
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use colony_tests::agents_dir_with;
 use serde_json::Value;
-
-struct Env {
-    agents: tempfile::TempDir,
-    data: tempfile::TempDir,
-}
-
-impl Env {
-    fn new(fixtures: &[&str]) -> Env {
-        Env {
-            agents: agents_dir_with(fixtures),
-            data: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn db(&self) -> PathBuf {
-        self.data.path().join("colony.db")
-    }
-
-    fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> String {
-        let path = self.data.path().join(name);
-        std::fs::write(&path, contents).unwrap();
-        path.to_str().unwrap().to_string()
-    }
-
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colony"));
-        cmd.env("COLONY_DB", self.db())
-            .env("COLONY_AGENTS", self.agents.path())
-            .env("COLONY_LOG", "warn")
-            .env_remove("RUST_BACKTRACE")
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn run(&self, args: &[impl AsRef<OsStr>]) -> Output {
-        let out = self.cmd().args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !stderr.contains("panicked"),
-            "colony {:?} panicked:\n{stderr}",
-            shown(args)
-        );
-        out
-    }
-
-    /// Runs and expects success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "colony {args:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).unwrap()
-    }
-
-    fn submit(&self, args: &[&str]) -> i64 {
-        let mut all = vec!["submit"];
-        all.extend_from_slice(args);
-        self.ok(&all).trim().parse().expect("submit prints the id")
-    }
-
-    /// Everything the database holds that a command could change.
-    fn snapshot(&self) -> String {
-        self.ok(&["--json", "list", "--limit", "100000"]) + &self.ok(&["events"])
-    }
-}
-
-fn shown(args: &[impl AsRef<OsStr>]) -> Vec<String> {
-    args.iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect()
-}
 
 /// One hostile command: its arguments, the exit status it must end with and
 /// what its stderr must mention (the flag or field at fault).

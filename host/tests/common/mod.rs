@@ -1,0 +1,153 @@
+//! The harness shared by the end-to-end tests: the real `colony` binary run
+//! against a temp directory holding a real database and real components
+//! (fixtures from `tests/guests`).
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use colony::queue::Queue;
+use colony_tests::agents_dir_with;
+use serde_json::Value;
+
+pub struct Env {
+    pub agents: tempfile::TempDir,
+    pub data: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new(fixtures: &[&str]) -> Env {
+        Env {
+            agents: agents_dir_with(fixtures),
+            data: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.data.path().join("colony.db")
+    }
+
+    /// Writes a file into the data directory; returns its path.
+    pub fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> String {
+        let path = self.data.path().join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_colony"));
+        cmd.env("COLONY_DB", self.db())
+            .env("COLONY_AGENTS", self.agents.path())
+            .env("COLONY_LOG", "warn")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the command; no input may make it panic.
+    pub fn run(&self, args: &[impl AsRef<OsStr>]) -> Output {
+        let out = self.cmd().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked"),
+            "colony {:?} panicked:\n{stderr}",
+            shown(args)
+        );
+        out
+    }
+
+    /// Runs and expects success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "colony {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+
+    pub fn submit(&self, args: &[&str]) -> i64 {
+        let mut all = vec!["submit"];
+        all.extend_from_slice(args);
+        self.ok(&all).trim().parse().expect("submit prints the id")
+    }
+
+    /// Everything the database holds that a command could change.
+    pub fn snapshot(&self) -> String {
+        self.ok(&["--json", "list", "--limit", "100000"]) + &self.ok(&["events"])
+    }
+
+    pub fn until_idle(&self, extra: &[&str]) {
+        let mut args = vec![
+            "daemon",
+            "--until-idle",
+            "--poll",
+            "100ms",
+            "--heartbeat",
+            "200ms",
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+
+    pub fn show(&self, id: i64) -> Value {
+        self.json(&["show", &id.to_string()])
+    }
+
+    pub fn daemon(&self, extra: &[&str]) -> Child {
+        self.cmd()
+            .arg("daemon")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn queue(&self) -> Queue {
+        Queue::open(self.db()).unwrap()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.queue()
+            .counts()
+            .unwrap()
+            .iter()
+            .map(|c| c.2 as usize)
+            .sum()
+    }
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Arguments as text, for messages (they may not be UTF-8).
+pub fn shown(args: &[impl AsRef<OsStr>]) -> Vec<String> {
+    args.iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect()
+}

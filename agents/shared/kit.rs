@@ -142,6 +142,14 @@ pub trait Host {
         let _ = (key, value, version);
     }
 
+    /// Queues a JSON request to be sent once this task completes (after
+    /// approval when reviewed); the host sends it at least once with an
+    /// idempotency key. Returns its sequence number, or why it was refused.
+    fn send_after_commit(&mut self, method: &str, url: &str, body: &str) -> Result<u32, String> {
+        let _ = (method, url, body);
+        Err("this host sends no effects".into())
+    }
+
     fn info(&mut self, message: &str) {
         self.log(Level::Info, message);
     }
@@ -383,6 +391,8 @@ pub struct Recorder {
     pub state: std::collections::BTreeMap<String, (String, u64)>,
     /// `(key, value, set-if version)` of every state write, in order.
     pub writes: Vec<(String, String, Option<u64>)>,
+    /// `(method, url, body)` of every queued effect.
+    pub effects: Vec<(String, String, String)>,
 }
 
 #[cfg(test)]
@@ -407,6 +417,10 @@ impl Host for Recorder {
     }
     fn state_get(&mut self, key: &str) -> Option<(String, u64)> {
         self.state.get(key).cloned()
+    }
+    fn send_after_commit(&mut self, method: &str, url: &str, body: &str) -> Result<u32, String> {
+        self.effects.push((method.into(), url.into(), body.into()));
+        Ok(self.effects.len() as u32)
     }
     fn state_set(&mut self, key: &str, value: &str) {
         self.writes.push((key.to_string(), value.to_string(), None));

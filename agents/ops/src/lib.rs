@@ -38,6 +38,9 @@ pub const FLAKY_ANSWERS_FROM: u32 = 3;
 pub struct Check {
     /// The product's name, when the brief gives one (keys its inventory entry).
     pub name: Option<String>,
+    /// The shop's API (`"shop": "http://…"` in the brief): the listing is
+    /// published there once the task completes.
+    pub shop: Option<String>,
     pub price_cents: i64,
     pub cost_cents: i64,
     pub currency: String,
@@ -67,6 +70,7 @@ impl Check {
         let f = Fields::root("payload", &doc)?;
         Ok(Check {
             name: f.opt_string("name")?.map(str::to_string),
+            shop: f.opt_string("shop")?.map(str::to_string),
             price_cents: f.int_at_least("price_cents", 1, "a positive integer")?,
             cost_cents: f.int_at_least("cost_cents", 0, "a non-negative integer")?,
             currency: f.text("currency")?.to_string(),
@@ -195,7 +199,36 @@ pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
             report.stock
         ));
     }
+    publish_listing(host, &c, &report)?;
     Done::json(&report)
+}
+
+/// Publishes the listing to the shop as an effect: sent once the task
+/// completes, never by an attempt that fails, with an idempotency key the
+/// shop can use to list the product once.
+fn publish_listing(host: &mut dyn Host, c: &Check, report: &Report) -> Result<(), Failure> {
+    let Some(shop) = &c.shop else {
+        return Ok(());
+    };
+    let listing = serde_json::json!({
+        "name": c.name,
+        "price_cents": c.price_cents,
+        "currency": c.currency,
+        "stock": report.stock,
+    });
+    let url = format!("{}/listings", shop.trim_end_matches('/'));
+    match host.send_after_commit("POST", &url, &listing.to_string()) {
+        Ok(seq) => {
+            host.info(&format!(
+                "the listing will be published to {url} once this task completes (effect {seq})"
+            ));
+            Ok(())
+        }
+        Err(why) => Err(kit::report(
+            host,
+            Failure::Permanent(format!("cannot publish the listing to {url}: {why}")),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -277,3 +277,25 @@ fn a_listing_is_recorded_in_agent_state_with_a_set_if_count() {
         (LISTED_COUNT.to_string(), "5".to_string(), Some(4))
     );
 }
+
+#[test]
+fn the_listing_is_published_to_the_shop_as_an_effect() {
+    let mut host = Recorder::default();
+    let payload = r#"{"name":"Mug","price_cents":2900,"cost_cents":900,"currency":"USD","stock":120,"shop":"http://127.0.0.1:9/"}"#;
+    run(&Task::new("ops", payload), &mut host).unwrap();
+    let (method, url, body) = &host.effects[0];
+    assert_eq!(
+        (method.as_str(), url.as_str()),
+        ("POST", "http://127.0.0.1:9/listings")
+    );
+    let listing: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(listing["stock"], 120);
+}
+
+#[test]
+fn without_a_shop_nothing_is_published() {
+    let mut host = Recorder::default();
+    let payload = r#"{"price_cents":2900,"cost_cents":900,"currency":"USD","stock":120}"#;
+    run(&Task::new("ops", payload), &mut host).unwrap();
+    assert!(host.effects.is_empty());
+}

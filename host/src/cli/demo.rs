@@ -71,6 +71,9 @@ pub async fn demo(
     models: Option<Arc<crate::models::Providers>>,
 ) -> Result<bool> {
     let copy_model = models.as_ref().is_some_and(|m| m.has_alias("copy"));
+    // The shop ops publishes listings to: a loopback server counting them.
+    let (shop_addr, shop_keys) = super::loopback::serve(r#"{"listed":true}"#).await?;
+    let shop = format!("http://{shop_addr}");
     let missing: Vec<&str> = AGENTS
         .iter()
         .copied()
@@ -125,7 +128,7 @@ pub async fn demo(
     }
     let launches: Vec<Launch> = briefs()
         .iter()
-        .map(|brief| submit_launch(&mut queue, brief))
+        .map(|brief| submit_launch(&mut queue, brief, &shop))
         .collect::<Result<_>>()?;
 
     let until_idle = || run_until_idle(&db, &actor, &runtime, agents_dir);
@@ -172,11 +175,19 @@ pub async fn demo(
     print_table(&mut out, &queue, &tasks)?;
     print_tree(&mut out, &queue, &launches)?;
     print_state(&mut out, &queue)?;
+    print_shop(&mut out, &shop_keys)?;
     writeln!(out, "\nGenerated product pages (open them in a browser):")?;
     for (name, path) in &pages {
         writeln!(out, "  {name}: {}", path.display())?;
     }
-    let problems = check_expectations(&queue, &launches, &tasks, pages.len())?;
+    let mut problems = check_expectations(&queue, &launches, &tasks, pages.len())?;
+    let listings = shop_keys.lock().unwrap().len();
+    if listings != launches.len() {
+        problems.push(format!(
+            "the shop should have received {} listings, got {listings}",
+            launches.len()
+        ));
+    }
     if problems.is_empty() {
         writeln!(
             out,
@@ -193,14 +204,17 @@ pub async fn demo(
     }
 }
 
-fn submit_launch(queue: &mut Queue, brief: &Value) -> Result<Launch> {
+fn submit_launch(queue: &mut Queue, brief: &Value, shop: &str) -> Result<Launch> {
     let payload = brief.to_string();
     let design = queue.submit(&NewTask::new("design", payload.clone()))?.id;
     let mut marketing = NewTask::new("marketing", payload.clone());
     marketing.depends_on = vec![design];
     marketing.review = true;
     let marketing = queue.submit(&marketing)?.id;
-    let mut ops = NewTask::new("ops", payload);
+    // ops publishes the listing to the shop as an effect.
+    let mut ops_brief = brief.clone();
+    ops_brief["shop"] = json!(shop);
+    let mut ops = NewTask::new("ops", ops_brief.to_string());
     ops.depends_on = vec![design];
     // Short backoff so the flaky supplier's retries fit in a demo.
     ops.backoff_ms = 300;
@@ -237,6 +251,23 @@ async fn run_until_idle(
 }
 
 /// Writes each `code` task's HTML to `<dir>/<slug>.html`.
+/// What the shop (a loopback server the demo runs) received: each listing
+/// once per product, though the flaky listing's run was attempted three times.
+fn print_shop(out: &mut impl std::io::Write, keys: &super::loopback::KeyCounts) -> Result<()> {
+    let keys = keys.lock().unwrap().clone();
+    let mut keys: Vec<(String, u32)> = keys.into_iter().collect();
+    keys.sort();
+    writeln!(
+        out,
+        "\nThe shop received {} listings (effects sent after commit):",
+        keys.len()
+    )?;
+    for (key, times) in &keys {
+        writeln!(out, "  Idempotency-Key {key}: {times} request(s)")?;
+    }
+    Ok(())
+}
+
 /// The agents' durable state after the launch: what survived retries and
 /// review exactly once.
 fn print_state(out: &mut impl std::io::Write, queue: &Queue) -> Result<()> {

@@ -12,7 +12,7 @@
 //! types of `kit.rs`; all the agent's behaviour lives in its crate's logic.
 
 // The path is relative to the including crate's manifest (agents/<name>/).
-wit_bindgen::generate!({ path: "../../wit", world: "agent" });
+wit_bindgen::generate!({ path: "../../wit", world: "agent", generate_all });
 
 use crate::kit;
 use colony::agent::host;

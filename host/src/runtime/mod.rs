@@ -7,6 +7,7 @@
 //! Every way a run can end becomes a [`RunOutcome`]; traps are classified.
 
 mod effects;
+pub mod http;
 mod model;
 mod registry;
 mod sandbox;
@@ -25,6 +26,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use crate::models::Providers;
 use crate::task::{ClaimedTask, ErrorKind, Lease, RunOutcome, SpawnSpec, TaskError};
 
+pub use http::{HttpGrant, check_url};
 use model::ModelSession;
 pub use registry::{AgentDir, AgentEntry, AgentStatus, Manifest, ScanReport};
 pub use sandbox::{NoHooks, RunHooks};
@@ -41,6 +43,12 @@ mod bindings {
             "colony:agent/state.scan": async | trappable,
         },
         exports: { default: async },
+        // `wasi:http/outgoing-handler` is wasmtime-wasi-http's.
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        },
     });
 }
 
@@ -136,6 +144,8 @@ pub struct Limits {
     pub models: Arc<[String]>,
     /// Tokens one task may spend on model calls; `None` is unlimited.
     pub token_budget: Option<u64>,
+    /// Outbound HTTP: allowed origins, secrets, bounds (default: none).
+    pub http: Arc<HttpGrant>,
 }
 
 impl Default for Limits {
@@ -149,6 +159,7 @@ impl Default for Limits {
             read_only_dir: None,
             models: Arc::from([]),
             token_budget: None,
+            http: Arc::default(),
         }
     }
 }
@@ -229,6 +240,19 @@ impl Drop for Runtime {
     }
 }
 
+/// The `colony:agent@0.2.0` interfaces the host implements on [`RunState`].
+/// (`bindings::Agent::add_to_linker` would also link the world's
+/// `wasi:http` import, which wasmtime-wasi-http provides instead.)
+fn link_colony_interfaces(linker: &mut Linker<RunState>) -> wasmtime::Result<()> {
+    use bindings::colony::agent::{effects, host, model, state, types};
+    types::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    host::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    model::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    state::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    effects::add_to_linker::<_, HasSelf<_>>(linker, |state| state)?;
+    Ok(())
+}
+
 fn engine_config(pooling: Option<u32>) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
@@ -288,7 +312,10 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
-        bindings::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+        link_colony_interfaces(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+        // `wasi:http/outgoing-handler` and `wasi:http/types`; the requests
+        // go through the run's `HttpPolicy` (http.rs).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
         bindings_v0_1::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
@@ -454,6 +481,8 @@ impl Runtime {
             lease,
             attempt,
         );
+        let http =
+            http::HttpSession::new(agent.limits.http.clone(), hooks.clone(), lease, log.clone());
         let state = RunState::new(
             lease.task_id,
             Arc::from(agent.name.as_str()),
@@ -461,6 +490,7 @@ impl Runtime {
             log,
             hooks,
             model,
+            http,
             agent.limits.read_only_dir.as_deref(),
         )?;
         let mut store = Store::new(&self.engine, state);
@@ -537,6 +567,8 @@ impl Runtime {
                 &log,
             )),
         };
+        // The run's `http_request` events are stored before its result.
+        store.data_mut().http.finish().await;
         let data = store.data_mut();
         let mut outcome = charge_budget_refusal(outcome, data.model.budget_exceeded);
         if let Some(why) = data.state.invalid.take() {

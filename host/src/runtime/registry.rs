@@ -36,6 +36,18 @@ pub struct Manifest {
     pub models: Option<Vec<String>>,
     /// Tokens one task may spend on model calls (default: unlimited).
     pub token_budget: Option<u64>,
+    /// Origins the agent may reach over HTTP, e.g. `"https://api.example.com"`,
+    /// `"http://127.0.0.1:9000"`, `"https://*.example.com"` (default: none).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Headers the host adds to requests to an allowed origin, with values
+    /// from the environment: `[secrets."https://api.example.com"]`.
+    pub secrets: Option<BTreeMap<String, super::http::SecretSpec>>,
+    /// Per HTTP request (default `"30s"`).
+    pub http_timeout: Option<String>,
+    /// KiB of one HTTP response body the agent may read (default 1024).
+    pub http_max_response_kb: Option<u64>,
+    /// HTTP requests per run (default 100).
+    pub http_max_requests: Option<u32>,
 }
 
 impl Manifest {
@@ -98,6 +110,17 @@ impl Manifest {
             ));
         }
         limits.token_budget = self.token_budget;
+        let http = super::http::ManifestHttp {
+            allowed_hosts: self.allowed_hosts.as_deref(),
+            secrets: self.secrets.as_ref(),
+            http_timeout: self.http_timeout.as_deref(),
+            http_max_response_kb: self.http_max_response_kb,
+            http_max_requests: self.http_max_requests,
+        };
+        limits.http = Arc::new(
+            super::HttpGrant::from_manifest(http, |var| std::env::var(var).ok())
+                .map_err(|(key, why)| bad(&key, why))?,
+        );
         if let Some(dir) = &self.read_only_dir {
             // Confined to the agents directory: a manifest shipped with a
             // third-party agent must not be able to mount `/` or a home folder.

@@ -15,6 +15,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::colony::agent::{host, types};
 use super::bindings_v0_1::colony::agent::{host as host_v0_1, types as types_v0_1};
 use super::effects::EffectsSession;
+use super::http::HttpSession;
 use super::model::ModelSession;
 use super::state::StateSession;
 use crate::models::{ModelCall, ModelContext};
@@ -98,12 +99,15 @@ pub struct RunState {
     pub(super) model: ModelSession,
     pub(super) state: StateSession,
     pub(super) effects: EffectsSession,
+    /// Outbound HTTP (`wasi:http`) under the agent's grant.
+    pub(super) http: HttpSession,
     task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
 }
 
 impl RunState {
+    #[allow(clippy::too_many_arguments)] // one per capability the run holds
     pub fn new(
         task_id: i64,
         agent: Arc<str>,
@@ -111,6 +115,7 @@ impl RunState {
         log: TaskLog,
         hooks: Arc<dyn RunHooks>,
         model: ModelSession,
+        http: HttpSession,
         read_only_dir: Option<&std::path::Path>,
     ) -> wasmtime::Result<RunState> {
         // Deny-all: no args, no env, no preopens, closed stdin, and sockets
@@ -135,6 +140,7 @@ impl RunState {
             model,
             state: StateSession::new(hooks.clone(), task_id),
             effects: EffectsSession::default(),
+            http,
             task_id,
             agent,
             hooks,
@@ -147,6 +153,16 @@ impl WasiView for RunState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for RunState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http.ctx,
+            table: &mut self.table,
+            hooks: &mut self.http.policy,
         }
     }
 }
@@ -360,7 +376,7 @@ impl TaskLog {
         }
     }
 
-    fn line(&self, level: &str, message: &str) {
+    pub(super) fn line(&self, level: &str, message: &str) {
         let line = format!("[{level}] {message}\n");
         self.0.lock().unwrap().lines.push(line.as_bytes());
     }

@@ -1,7 +1,7 @@
 //! `badspawn`: succeeds but asks for a child whose payload is not JSON, which
 //! the host must reject rather than insert.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use colony::agent::types::TaskSpec;
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};

@@ -2,7 +2,7 @@
 //! payload, attempt counters, the parent's result and review feedback reach
 //! the agent intact. Sets `needs-review` when the payload asks for it.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use colony::agent::host::{heartbeat, log};
 use colony::agent::types::Level;

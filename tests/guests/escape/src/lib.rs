@@ -2,7 +2,7 @@
 //! and reports what happened, so tests can assert what the host grants.
 //! Each report starts with `allowed: ` or `denied: `.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 use serde_json::json;

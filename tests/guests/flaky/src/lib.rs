@@ -1,7 +1,7 @@
 //! `flaky`: fails with a retryable error on attempts 1 and 2 and succeeds on
 //! the third, to exercise the host's retry/backoff path.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! `garbage`: succeeds with an output that is not JSON, which the host must
 //! reject as a contract violation.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 

@@ -1,7 +1,7 @@
 //! `heartbeat`: reports progress three times and logs once at every level, to
 //! check that heartbeats and log lines reach the task record.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use colony::agent::host::{heartbeat, log};
 use colony::agent::types::Level;

@@ -1,7 +1,7 @@
 //! `loud`: floods stdout and stderr (4 MiB each) before succeeding, to check
 //! that the host bounds captured guest output instead of buffering it all.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 use serde_json::json;

@@ -1,7 +1,7 @@
 //! `membomb`: grows its memory without bound, so only the host's memory limit
 //! can stop it.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use core::hint::black_box;
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};

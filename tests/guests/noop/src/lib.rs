@@ -1,7 +1,7 @@
 //! `noop`: does nothing and succeeds with `{}`. The smallest possible agent —
 //! no serde, no host calls — so benchmarks measure the host, not the guest.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 

@@ -1,7 +1,7 @@
 //! `recurse`: recurses forever, so the host's wasm stack limit must stop it
 //! (a `stack_overflow` trap).
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 

@@ -2,7 +2,7 @@
 //! that output contains `"revise": true`, in which case it asks for a revision.
 //! Payload: `{"task_id": .., "agent": "..", "payload": <JSON>, "output": <JSON>}`.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 use serde::Deserialize;

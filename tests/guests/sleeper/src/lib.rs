@@ -1,7 +1,7 @@
 //! `sleeper`: sleeps for `{"ms": n}` milliseconds without heartbeating, to
 //! exercise timeouts, lease expiry and concurrency.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};
 use serde::Deserialize;

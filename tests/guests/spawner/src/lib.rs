@@ -1,7 +1,7 @@
 //! `spawner`: creates the child tasks its payload lists, to exercise chains.
 //! Payload: `{"children": [{"agent": "..", "payload": <JSON>, "priority": 0, "review": false}]}`.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use colony::agent::types::TaskSpec;
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};

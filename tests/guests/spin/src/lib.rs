@@ -1,7 +1,7 @@
 //! `spin`: burns CPU forever without ever calling the host, so only the host's
 //! fuel/epoch deadline can stop it.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use core::hint::black_box;
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};

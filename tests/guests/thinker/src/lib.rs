@@ -12,7 +12,7 @@
 //! usage, finish, tool calls), errors, `remaining` before and after, and
 //! with `dump_env` the environment and arguments the guest can see.
 
-wit_bindgen::generate!({ world: "agent", path: "../../../wit" });
+wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
 use colony::agent::model::{self, Message, ModelError, Request, Role, Tool};
 use exports::colony::agent::handler::{Failure, Guest, Outcome, Task};

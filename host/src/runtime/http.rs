@@ -1,0 +1,1361 @@
+//! Outbound HTTP for agents: the standard `wasi:http/outgoing-handler`
+//! (wasmtime-wasi-http), sent by the host under the agent's grant.
+//!
+//! Denied by default. An agent's manifest grants origins (`allowed_hosts`:
+//! scheme, host, port; `*.example.com` for subdomains); every other request
+//! fails with WASI's `HTTP-request-denied` before any connection. The host
+//! resolves names itself and connects only to an address it checked:
+//! loopback, private, link-local and unspecified addresses are refused
+//! unless the grant names that address literally, so a granted public name
+//! cannot be pointed at 127.0.0.1 or 169.254.169.254 by DNS. The `Host`
+//! header is the host's (from the URL); redirects are not followed (the
+//! guest sees the 3xx, and a request to its `Location` is checked again).
+//!
+//! Secrets (`[secrets."https://api.example.com"]`) are read from the
+//! environment when the agent loads and added by the host to requests to
+//! that origin; a guest-supplied header of the same name is dropped, and
+//! the guest never sees the value.
+//!
+//! Bounds per run: `http_timeout` per request (connection, head and body),
+//! `http_max_response_kb` per response body (cut off past it with an error,
+//! never buffered whole), `http_max_requests` requests. Every request
+//! appends an `http_request` audit event (method, origin, path without the
+//! query, status, bytes, ms — or why it was refused; never headers or bodies).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpHooks};
+
+use super::Limits;
+use super::sandbox::{RunHooks, TaskLog};
+use crate::task::Lease;
+
+/// Default `http_timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `http_max_response_kb`.
+pub const DEFAULT_MAX_RESPONSE_KB: u64 = 1024;
+/// Default `http_max_requests`.
+pub const DEFAULT_MAX_REQUESTS: u32 = 100;
+
+/// Most a manifest may set `http_max_response_kb` to (1 GiB).
+const MAX_RESPONSE_KB: u64 = 1 << 20;
+/// Most a manifest may set `http_max_requests` to.
+const MAX_REQUESTS: u32 = 100_000;
+/// How long the end of a run waits for its `http_request` events to be stored.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ----- what an agent is granted ---------------------------------------------
+
+/// `http` or `https`: the only schemes a grant may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn parse(text: &str) -> Option<Scheme> {
+        match text.to_ascii_lowercase().as_str() {
+            "http" => Some(Scheme::Http),
+            "https" => Some(Scheme::Https),
+            _ => None,
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// The host part of a request's origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// A DNS name, lowercase, without a trailing dot.
+    Name(String),
+    /// An IP address literal.
+    Ip(IpAddr),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(name) => f.write_str(name),
+            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+        }
+    }
+}
+
+/// Where a request goes: scheme, host and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: Scheme,
+    pub host: Host,
+    pub port: u16,
+}
+
+impl Origin {
+    /// The origin of an absolute `http`/`https` URL.
+    pub fn of_uri(uri: &http::Uri) -> Result<Origin, String> {
+        let scheme = uri
+            .scheme_str()
+            .ok_or_else(|| "the URL has no scheme".to_string())?;
+        let scheme = Scheme::parse(scheme)
+            .ok_or_else(|| format!("the scheme {scheme:?} is not http or https"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| "the URL has no host".to_string())?;
+        Origin::of_authority(scheme, authority)
+    }
+
+    fn of_authority(scheme: Scheme, authority: &Authority) -> Result<Origin, String> {
+        if authority.as_str().contains('@') {
+            return Err("user information in the URL is not allowed".into());
+        }
+        let (host, port) = split_host_port(authority.as_str())?;
+        let host = parse_host(host)?;
+        Ok(Origin {
+            scheme,
+            host,
+            port: port.unwrap_or(scheme.default_port()),
+        })
+    }
+
+    /// The value of the `Host` header: the host, and the port unless it is
+    /// the scheme's default.
+    fn host_header(&self) -> String {
+        if self.port == self.scheme.default_port() {
+            self.host.to_string()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme.as_str(), self.host_header())
+    }
+}
+
+/// Which hosts an `allowed_hosts` entry covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostPattern {
+    /// Exactly this host (a name, or an address named literally).
+    Exact(Host),
+    /// Any subdomain of this name (`*.example.com`), not the name itself.
+    Subdomains(String),
+}
+
+/// One `allowed_hosts` entry: scheme, host (or `*.` subdomains) and port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: Scheme,
+    host: HostPattern,
+    port: u16,
+}
+
+impl OriginPattern {
+    /// Parses `https://api.example.com`, `http://127.0.0.1:9000`,
+    /// `https://*.example.com` or `http://[::1]:8080` (a trailing `/` is
+    /// allowed; a path, query, user or any other scheme is not).
+    pub fn parse(text: &str) -> Result<OriginPattern, String> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| format!("{text:?} is not an origin like \"https://api.example.com\""))?;
+        let scheme = Scheme::parse(scheme)
+            .ok_or_else(|| format!("{text:?}: the scheme must be http or https"))?;
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.is_empty() {
+            return Err(format!("{text:?} names no host"));
+        }
+        if let Some(c) = authority
+            .chars()
+            .find(|c| matches!(c, '/' | '?' | '#' | '@'))
+        {
+            return Err(format!(
+                "{text:?}: an origin is scheme, host and port only (found {c:?})"
+            ));
+        }
+        let (host, port) = split_host_port(authority).map_err(|e| format!("{text:?}: {e}"))?;
+        let host = match host.strip_prefix("*.") {
+            Some(suffix) => {
+                let Host::Name(name) = parse_host(suffix).map_err(|e| format!("{text:?}: {e}"))?
+                else {
+                    return Err(format!("{text:?}: `*.` applies to names, not addresses"));
+                };
+                if !name.contains('.') {
+                    return Err(format!(
+                        "{text:?}: `*.` needs a domain of at least two labels (like *.example.com)"
+                    ));
+                }
+                HostPattern::Subdomains(name)
+            }
+            None => HostPattern::Exact(parse_host(host).map_err(|e| format!("{text:?}: {e}"))?),
+        };
+        Ok(OriginPattern {
+            scheme,
+            host,
+            port: port.unwrap_or(scheme.default_port()),
+        })
+    }
+
+    pub fn matches(&self, origin: &Origin) -> bool {
+        if self.scheme != origin.scheme || self.port != origin.port {
+            return false;
+        }
+        match (&self.host, &origin.host) {
+            (HostPattern::Exact(granted), host) => granted == host,
+            (HostPattern::Subdomains(domain), Host::Name(name)) => name
+                .strip_suffix(domain.as_str())
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            (HostPattern::Subdomains(_), Host::Ip(_)) => false,
+        }
+    }
+
+    /// Whether this entry names `ip` literally.
+    fn names_address(&self, ip: IpAddr) -> bool {
+        self.host == HostPattern::Exact(Host::Ip(ip))
+    }
+}
+
+impl fmt::Display for OriginPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = match &self.host {
+            HostPattern::Exact(host) => host.to_string(),
+            HostPattern::Subdomains(domain) => format!("*.{domain}"),
+        };
+        write!(f, "{}://{host}", self.scheme.as_str())?;
+        if self.port != self.scheme.default_port() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// Splits `host[:port]` (with `[v6]` in brackets).
+fn split_host_port(authority: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority
+            .find(']')
+            .ok_or_else(|| "an IPv6 address is missing its `]`".to_string())?;
+        match &authority[end + 1..] {
+            "" => (&authority[..=end], None),
+            rest => match rest.strip_prefix(':') {
+                Some(port) => (&authority[..=end], Some(port)),
+                None => return Err(format!("unexpected {rest:?} after the address")),
+            },
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(port) => match port.parse::<u16>() {
+            Ok(n) if n > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+            _ => return Err(format!("{port:?} is not a port")),
+        },
+    };
+    Ok((host, port))
+}
+
+/// A host name (letters, digits, `-` and `.`; the last label not numeric),
+/// an IPv4 address, or an IPv6 address in brackets.
+fn parse_host(host: &str) -> Result<Host, String> {
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner
+            .strip_suffix(']')
+            .ok_or_else(|| format!("{host:?} is not an IPv6 address"))?;
+        return inner
+            .parse::<Ipv6Addr>()
+            .map(|ip| Host::Ip(IpAddr::V6(ip)))
+            .map_err(|_| format!("{host:?} is not an IPv6 address"));
+    }
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(ip)));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let labels: Vec<&str> = name.split('.').collect();
+    let good_label = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.is_empty() || name.len() > 253 || !labels.iter().all(good_label) {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    // `127.1` or `2130706433` would resolve to an address: only canonical
+    // dotted quads count as addresses, and such names are refused outright.
+    if labels
+        .last()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!("{host:?} is not a host name or IP address"));
+    }
+    Ok(Host::Name(name))
+}
+
+/// Why connecting to `ip` needs the grant to name it literally, if it does:
+/// loopback, private, link-local, unspecified and other non-public ranges.
+pub fn non_public(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(ip) => non_public_v4(ip),
+        IpAddr::V6(ip) => {
+            // Addresses that carry an IPv4 address: judged by it.
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                return non_public_v4(v4);
+            }
+            let s = ip.segments();
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                // NAT64 (64:ff9b::/96)
+                return non_public_v4(Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32));
+            }
+            if s[0] == 0x2002 {
+                // 6to4 (2002::/16)
+                return non_public_v4(Ipv4Addr::from(((s[1] as u32) << 16) | s[2] as u32));
+            }
+            if ip.is_unspecified() {
+                Some("unspecified")
+            } else if ip.is_loopback() {
+                Some("loopback")
+            } else if s[0..6] == [0, 0, 0, 0, 0, 0] {
+                // IPv4-compatible (deprecated) ::a.b.c.d
+                non_public_v4(Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32))
+                    .or(Some("reserved"))
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("private")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("private")
+            } else if s[0] & 0xff00 == 0xff00 {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn non_public_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    if a == 0 {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private()
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 198 && (b & 0xfe) == 18)
+    {
+        // RFC 1918, the shared address space (100.64/10), benchmarking (198.18/15)
+        Some("private")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if ip.is_broadcast() || ip.is_multicast() || a >= 240 {
+        Some("reserved")
+    } else {
+        None
+    }
+}
+
+/// A header the host adds to every request to one origin, with a value
+/// read from the environment when the agent loads. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    origin: OriginPattern,
+    header: HeaderName,
+    value: HeaderValue,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secret")
+            .field("origin", &self.origin.to_string())
+            .field("header", &self.header)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What an agent may reach over HTTP, and within which bounds. The default
+/// grants nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpGrant {
+    pub allowed: Vec<OriginPattern>,
+    pub secrets: Vec<Secret>,
+    /// Per request: connecting, the response's head and its body.
+    pub timeout: Duration,
+    /// Bytes of one response body the agent may read.
+    pub max_response_bytes: u64,
+    /// Requests one run may make (refused ones included).
+    pub max_requests: u32,
+}
+
+impl Default for HttpGrant {
+    fn default() -> Self {
+        HttpGrant {
+            allowed: Vec::new(),
+            secrets: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_KB << 10,
+            max_requests: DEFAULT_MAX_REQUESTS,
+        }
+    }
+}
+
+/// One `[secrets."<origin>"]` table of a manifest.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// The header the host sets, e.g. `Authorization`.
+    pub header: String,
+    /// The environment variable holding the value (read when the agent loads).
+    pub env: String,
+    /// Put before the value, e.g. `"Bearer "`.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+/// The manifest keys of outbound HTTP, as [`super::Manifest`] holds them.
+pub struct ManifestHttp<'a> {
+    pub allowed_hosts: Option<&'a [String]>,
+    pub secrets: Option<&'a BTreeMap<String, SecretSpec>>,
+    pub http_timeout: Option<&'a str>,
+    pub http_max_response_kb: Option<u64>,
+    pub http_max_requests: Option<u32>,
+}
+
+impl HttpGrant {
+    /// The grant a manifest describes; `env` reads environment variables.
+    /// An error is `(key, why)`, the key as written in the manifest.
+    pub fn from_manifest(
+        m: ManifestHttp<'_>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<HttpGrant, (String, String)> {
+        let mut grant = HttpGrant::default();
+        for entry in m.allowed_hosts.unwrap_or_default() {
+            let pattern = OriginPattern::parse(entry).map_err(|e| ("allowed_hosts".into(), e))?;
+            if !grant.allowed.contains(&pattern) {
+                grant.allowed.push(pattern);
+            }
+        }
+        for (origin, spec) in m.secrets.into_iter().flatten() {
+            let key = format!("secrets.{origin:?}");
+            let pattern = OriginPattern::parse(origin).map_err(|e| (key.clone(), e))?;
+            if !grant.allowed.contains(&pattern) {
+                return Err((
+                    key,
+                    format!(
+                        "{origin} is not in allowed_hosts (a secret is only sent to an allowed origin)"
+                    ),
+                ));
+            }
+            let header = HeaderName::from_bytes(spec.header.as_bytes()).map_err(|_| {
+                (
+                    key.clone(),
+                    format!("{:?} is not a header name", spec.header),
+                )
+            })?;
+            if wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(&header) {
+                return Err((key, format!("the host cannot set the header {header}")));
+            }
+            let Some(secret) = env(&spec.env) else {
+                return Err((
+                    key,
+                    format!(
+                        "the environment variable {} (the secret for {origin}) is not set; the host reads it when the agent loads",
+                        spec.env
+                    ),
+                ));
+            };
+            let mut value =
+                HeaderValue::from_str(&format!("{}{secret}", spec.prefix)).map_err(|_| {
+                    (
+                        key.clone(),
+                        format!(
+                            "the value of {} (with its prefix) is not a valid header value",
+                            spec.env
+                        ),
+                    )
+                })?;
+            value.set_sensitive(true);
+            grant.secrets.push(Secret {
+                origin: pattern,
+                header,
+                value,
+            });
+        }
+        if let Some(timeout) = m.http_timeout {
+            grant.timeout = humantime::parse_duration(timeout).map_err(|e| {
+                (
+                    "http_timeout".into(),
+                    format!("{e} (try \"30s\" or \"2m\")"),
+                )
+            })?;
+            if grant.timeout == Duration::ZERO {
+                return Err(("http_timeout".into(), "must be longer than 0".into()));
+            }
+        }
+        if let Some(kb) = m.http_max_response_kb {
+            if !(1..=MAX_RESPONSE_KB).contains(&kb) {
+                return Err((
+                    "http_max_response_kb".into(),
+                    format!("{kb} is outside 1..={MAX_RESPONSE_KB}"),
+                ));
+            }
+            grant.max_response_bytes = kb << 10;
+        }
+        if let Some(n) = m.http_max_requests {
+            if !(1..=MAX_REQUESTS).contains(&n) {
+                return Err((
+                    "http_max_requests".into(),
+                    format!(
+                        "{n} is outside 1..={MAX_REQUESTS} (leave allowed_hosts out to allow none)"
+                    ),
+                ));
+            }
+            grant.max_requests = n;
+        }
+        Ok(grant)
+    }
+
+    /// Whether a request with this method to this origin is granted.
+    fn check(&self, method: &http::Method, origin: &Origin) -> Result<(), String> {
+        if *method == http::Method::CONNECT || *method == http::Method::TRACE {
+            return Err(format!("the method {method} is not allowed"));
+        }
+        if self.allowed.iter().any(|p| p.matches(origin)) {
+            Ok(())
+        } else if self.allowed.is_empty() {
+            Err(format!(
+                "{origin} is not granted: the agent's manifest has no allowed_hosts"
+            ))
+        } else {
+            Err(format!("{origin} is not in the agent's allowed_hosts"))
+        }
+    }
+
+    /// Whether an entry matching `origin` names `ip` literally.
+    fn names_address(&self, origin: &Origin, ip: IpAddr) -> bool {
+        self.allowed
+            .iter()
+            .any(|p| p.matches(origin) && p.names_address(ip))
+    }
+}
+
+/// Is this method and URL allowed by the agent's grant? Scheme, host and
+/// port are matched against `allowed_hosts` (no DNS lookup; the addresses
+/// are checked when a request is sent). A refusal names the origin.
+pub fn check_url(limits: &Limits, method: &str, url: &str) -> Result<(), String> {
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("{method:?} is not an HTTP method"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let origin = Origin::of_uri(&uri).map_err(|e| format!("{url:?}: {e}"))?;
+    limits.http.check(&method, &origin)
+}
+
+// ----- one run's requests ---------------------------------------------------
+
+/// One run's outbound HTTP: the wasi-http context and the policy that sends.
+pub struct HttpSession {
+    pub(super) ctx: WasiHttpCtx,
+    pub(super) policy: HttpPolicy,
+}
+
+impl HttpSession {
+    pub fn new(
+        grant: Arc<HttpGrant>,
+        hooks: Arc<dyn RunHooks>,
+        lease: Lease,
+        log: TaskLog,
+    ) -> Self {
+        HttpSession {
+            ctx: WasiHttpCtx::new(),
+            policy: HttpPolicy {
+                grant,
+                hooks,
+                lease,
+                log,
+                attempts: 0,
+                events: None,
+                open: Vec::new(),
+            },
+        }
+    }
+
+    /// Ends the run's HTTP: requests still open are recorded as they stand,
+    /// and the returned future waits (briefly) until every `http_request`
+    /// event is stored, so they precede the run's result in the trail.
+    pub fn finish(&mut self) -> impl Future<Output = ()> + Send + 'static {
+        let events = self.policy.events.clone();
+        for record in self.policy.open.drain(..) {
+            record.finish(Some("unfinished when the run ended".into()));
+        }
+        async move {
+            let Some(events) = events else { return };
+            let (done, wait) = oneshot::channel();
+            if events.send(Recorded::Flush(done)).is_ok() {
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, wait).await;
+            }
+        }
+    }
+}
+
+/// What goes to the run's event writer.
+enum Recorded {
+    Event(Value),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The `wasi:http` hooks of one run: checks every request against the
+/// grant and sends it itself.
+pub struct HttpPolicy {
+    grant: Arc<HttpGrant>,
+    hooks: Arc<dyn RunHooks>,
+    lease: Lease,
+    log: TaskLog,
+    /// Requests the guest asked to send (refused ones included).
+    attempts: u32,
+    /// Writes `http_request` events in order (started by the first request).
+    events: Option<mpsc::UnboundedSender<Recorded>>,
+    /// The run's requests, to record those still open when it ends.
+    open: Vec<Arc<RequestRecord>>,
+}
+
+impl HttpPolicy {
+    fn events(&mut self) -> mpsc::UnboundedSender<Recorded> {
+        if let Some(events) = &self.events {
+            return events.clone();
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (hooks, lease) = (self.hooks.clone(), self.lease);
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                match item {
+                    Recorded::Event(detail) => {
+                        if let Err(e) = hooks.record_event(lease, "http_request", detail).await {
+                            tracing::warn!(
+                                task = lease.task_id,
+                                "could not record an http_request event: {e}"
+                            );
+                        }
+                    }
+                    Recorded::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        self.events = Some(tx.clone());
+        tx
+    }
+
+    /// Records a refused request (event and task log) and answers the guest.
+    fn refuse(&mut self, detail: Value, shown: &str, why: String) -> SendFuture {
+        self.log
+            .line("warn", &format!("http: {shown} refused: {why}"));
+        let mut detail = detail;
+        detail["refused"] = Value::String(why);
+        let _ = self.events().send(Recorded::Event(detail));
+        Box::new(async { Err(Error::HttpRequestDenied) })
+    }
+}
+
+type SendFuture = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for HttpPolicy {
+    /// The host sets `Host` itself, from the checked URL.
+    fn set_host_header(&mut self) -> bool {
+        false
+    }
+
+    fn send_request(
+        &mut self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> SendFuture {
+        drop(fut);
+        let started = Instant::now();
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        // What the trail and the log show: never the query, the user or a header.
+        let path = uri.path().to_string();
+        let origin = Origin::of_uri(&uri);
+        let origin_text = match &origin {
+            Ok(origin) => origin.to_string(),
+            Err(_) => format!(
+                "{}://{}",
+                uri.scheme_str().unwrap_or("?"),
+                uri.authority()
+                    .map(|a| a.as_str().rsplit('@').next().unwrap_or_default())
+                    .unwrap_or("?")
+            ),
+        };
+        let detail = json!({"method": method.as_str(), "origin": origin_text, "path": path});
+        let shown = format!("{method} {origin_text}{path}");
+
+        self.attempts += 1;
+        let cap = self.grant.max_requests;
+        if self.attempts > cap {
+            let why = format!("the run made its {cap} requests (http_max_requests)");
+            if self.attempts == cap + 1 {
+                return self.refuse(detail, &shown, why);
+            }
+            // One event says the cap was reached; later attempts only fail.
+            return Box::new(async { Err(Error::HttpRequestDenied) });
+        }
+        let origin = match origin {
+            Ok(origin) => origin,
+            Err(why) => return self.refuse(detail, &shown, why),
+        };
+        if let Err(why) = self.grant.check(&method, &origin) {
+            return self.refuse(detail, &shown, why);
+        }
+
+        // The request as the host sends it: origin-form target, the host's
+        // `Host`, and the grant's secrets instead of any same-named header.
+        let headers = request.headers_mut();
+        headers.remove(HOST);
+        let host =
+            HeaderValue::from_str(&origin.host_header()).expect("a checked host is a header value");
+        headers.insert(HOST, host);
+        for secret in self
+            .grant
+            .secrets
+            .iter()
+            .filter(|s| s.origin.matches(&origin))
+        {
+            headers.remove(&secret.header);
+            headers.insert(secret.header.clone(), secret.value.clone());
+        }
+        let target = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|p| p.starts_with('/'))
+            .unwrap_or("/")
+            .parse()
+            .map_err(|_| ());
+        match target {
+            Ok(target) => *request.uri_mut() = target,
+            Err(()) => return self.refuse(detail, &shown, "the URL's path is not valid".into()),
+        }
+
+        let record = Arc::new(RequestRecord {
+            detail: Mutex::new(Some(detail)),
+            started,
+            events: self.events(),
+        });
+        self.open.push(record.clone());
+        let plan = Plan {
+            origin,
+            grant: self.grant.clone(),
+            options,
+            log: self.log.clone(),
+            shown,
+        };
+        Box::new(send(plan, request, record))
+    }
+}
+
+/// One request's `http_request` event, written once: when its response
+/// body ends, fails or is dropped, when it fails before that, or when the
+/// run ends.
+struct RequestRecord {
+    detail: Mutex<Option<Value>>,
+    started: Instant,
+    events: mpsc::UnboundedSender<Recorded>,
+}
+
+impl RequestRecord {
+    fn set(&self, key: &str, value: Value) {
+        if let Some(detail) = self.detail.lock().unwrap().as_mut() {
+            detail[key] = value;
+        }
+    }
+
+    fn finish(&self, error: Option<String>) {
+        let Some(mut detail) = self.detail.lock().unwrap().take() else {
+            return;
+        };
+        detail["ms"] = json!(self.started.elapsed().as_millis() as u64);
+        if let Some(error) = error {
+            detail["error"] = Value::String(error);
+        }
+        let _ = self.events.send(Recorded::Event(detail));
+    }
+
+    fn refuse(&self, why: String) {
+        self.set("refused", Value::String(why));
+        self.finish(None);
+    }
+}
+
+/// What sending a checked request needs.
+struct Plan {
+    origin: Origin,
+    grant: Arc<HttpGrant>,
+    options: Option<RequestOptions>,
+    log: TaskLog,
+    shown: String,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static> Io for T {}
+
+type IoFuture = Box<dyn Future<Output = Result<(), Error>> + Send>;
+
+async fn send(
+    plan: Plan,
+    request: http::Request<WasiBody>,
+    record: Arc<RequestRecord>,
+) -> Result<(http::Response<WasiBody>, IoFuture), Error> {
+    let deadline = tokio::time::Instant::now() + plan.grant.timeout;
+    let result = send_within(&plan, request, deadline).await;
+    match result {
+        Ok((status, body, io)) => {
+            record.set("status", json!(status.as_u16()));
+            let limit = plan.grant.max_response_bytes;
+            let (parts, incoming) = body.into_parts();
+            let body = BoundedBody {
+                inner: incoming,
+                read: 0,
+                limit,
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                cut: false,
+                record,
+            };
+            Ok((http::Response::from_parts(parts, body.boxed_unsync()), io))
+        }
+        Err(Failure::Refused(why)) => {
+            plan.log
+                .line("warn", &format!("http: {} refused: {why}", plan.shown));
+            record.refuse(why);
+            Err(Error::HttpRequestDenied)
+        }
+        Err(Failure::Failed(error)) => {
+            record.finish(Some(error.to_string()));
+            Err(error)
+        }
+    }
+}
+
+enum Failure {
+    /// Refused by policy (an address the grant does not name).
+    Refused(String),
+    Failed(Error),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Failed(e)
+    }
+}
+
+async fn send_within(
+    plan: &Plan,
+    request: http::Request<WasiBody>,
+    deadline: tokio::time::Instant,
+) -> Result<
+    (
+        http::StatusCode,
+        http::Response<hyper::body::Incoming>,
+        IoFuture,
+    ),
+    Failure,
+> {
+    let origin = &plan.origin;
+    let addresses = resolve(plan, deadline).await?;
+
+    // Connect to the first checked address that answers.
+    let connect_deadline = match plan.options.and_then(|o| o.connect_timeout) {
+        Some(t) => deadline.min(tokio::time::Instant::now() + t),
+        None => deadline,
+    };
+    let mut last_error = None;
+    let mut stream = None;
+    for addr in addresses {
+        match tokio::time::timeout_at(connect_deadline, tokio::net::TcpStream::connect(addr)).await
+        {
+            Ok(Ok(s)) => {
+                stream = Some(s);
+                break;
+            }
+            Ok(Err(e)) => last_error = Some(Error::Connect(e)),
+            Err(_) => {
+                last_error = Some(Error::ConnectionTimeout);
+                break;
+            }
+        }
+    }
+    let Some(stream) = stream else {
+        return Err(last_error.unwrap_or(Error::ConnectionRefused).into());
+    };
+    let _ = stream.set_nodelay(true);
+    let stream: Box<dyn Io> = match origin.scheme {
+        Scheme::Http => Box::new(stream),
+        Scheme::Https => {
+            let config = tls_config().map_err(|e| Error::InternalError(Some(e)))?;
+            let name = match &origin.host {
+                Host::Name(name) => rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|_| Error::HttpRequestUriInvalid)?,
+                Host::Ip(ip) => rustls::pki_types::ServerName::from(*ip),
+            };
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+            match tokio::time::timeout_at(connect_deadline, tls).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => return Err(Error::Tls(e).into()),
+                Err(_) => return Err(Error::ConnectionTimeout.into()),
+            }
+        }
+    };
+    let (mut sender, conn) = tokio::time::timeout_at(
+        connect_deadline,
+        hyper::client::conn::http1::handshake::<_, WasiBody>(hyper_util::rt::TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| Error::ConnectionTimeout)?
+    .map_err(Error::from)?;
+
+    let head_deadline = match plan.options.and_then(|o| o.first_byte_timeout) {
+        Some(t) => deadline.min(tokio::time::Instant::now() + t),
+        None => deadline,
+    };
+    let mut response = pin!(tokio::time::timeout_at(
+        head_deadline,
+        sender.send_request(request)
+    ));
+    let mut conn = Some(conn);
+    // Drive the connection while waiting for the response's head.
+    let response = poll_fn(|cx| match response.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(result),
+        Poll::Pending => {
+            let Some(c) = conn.as_mut() else {
+                return Poll::Pending;
+            };
+            let done = ready!(Pin::new(c).poll(cx));
+            conn = None;
+            match done {
+                Ok(()) => response.as_mut().poll(cx),
+                Err(e) => Poll::Ready(Ok(Err(e))),
+            }
+        }
+    })
+    .await
+    .map_err(|_| Error::HttpResponseTimeout)?
+    .map_err(Error::from)?;
+    let io: IoFuture = Box::new(async move {
+        match conn {
+            Some(conn) => conn.await.map_err(Error::from),
+            None => Ok(()),
+        }
+    });
+    Ok((response.status(), response, io))
+}
+
+/// The addresses the request may go to: the literal address the grant
+/// names, or the name's public addresses.
+async fn resolve(plan: &Plan, deadline: tokio::time::Instant) -> Result<Vec<SocketAddr>, Failure> {
+    let origin = &plan.origin;
+    let name = match &origin.host {
+        // Only reachable when an entry names this address (or a public one).
+        Host::Ip(ip) => {
+            if let Some(kind) = non_public(*ip)
+                && !plan.grant.names_address(origin, *ip)
+            {
+                return Err(Failure::Refused(format!("{ip} is a {kind} address")));
+            }
+            return Ok(vec![SocketAddr::new(*ip, origin.port)]);
+        }
+        Host::Name(name) => name,
+    };
+    let found = tokio::time::timeout_at(
+        deadline,
+        tokio::net::lookup_host((name.as_str(), origin.port)),
+    )
+    .await
+    .map_err(|_| Error::DnsTimeout)?
+    .map_err(|e| Error::DnsError {
+        rcode: Some(e.to_string()),
+        info_code: None,
+    })?;
+    let mut public = Vec::new();
+    let mut refused = Vec::new();
+    for addr in found {
+        match non_public(addr.ip()) {
+            None => public.push(addr),
+            Some(kind) => refused.push(format!("{} ({kind})", addr.ip())),
+        }
+    }
+    if public.is_empty() {
+        if refused.is_empty() {
+            return Err(Error::DestinationNotFound.into());
+        }
+        return Err(Failure::Refused(format!(
+            "{name} resolved to {}; the host connects to a loopback, private, link-local or unspecified address only when allowed_hosts names it literally",
+            refused.join(", ")
+        )));
+    }
+    Ok(public)
+}
+
+/// TLS as the model providers use it: rustls (ring) with the platform's roots.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            use rustls_platform_verifier::BuilderVerifierExt;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_platform_verifier()
+                .map_err(|e| e.to_string())?
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(Arc::new(config))
+        })
+        .clone()
+}
+
+/// A response body the guest reads frame by frame, cut off with an error
+/// past the grant's limit or its deadline; it writes the request's event
+/// when it ends, fails or is dropped.
+struct BoundedBody {
+    inner: hyper::body::Incoming,
+    read: u64,
+    limit: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    cut: bool,
+    record: Arc<RequestRecord>,
+}
+
+impl BoundedBody {
+    fn fail(&mut self, error: Error, why: String) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.cut = true;
+        self.record.set("bytes", json!(self.read));
+        self.record.finish(Some(why));
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for BoundedBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        if this.cut {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                };
+                if this.read + frame.len() as u64 > this.limit {
+                    let limit = this.limit;
+                    return this.fail(
+                        Error::HttpResponseBodySize(Some(limit)),
+                        format!("the response body is larger than {} KiB (http_max_response_kb); cut off", limit >> 10),
+                    );
+                }
+                this.read += frame.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(frame))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let why = format!("reading the response body failed: {e}");
+                this.fail(Error::from(e), why)
+            }
+            Poll::Ready(None) => {
+                this.record.set("bytes", json!(this.read));
+                this.record.finish(None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_ready() {
+                    return this.fail(
+                        Error::HttpResponseTimeout,
+                        "the response did not finish within http_timeout".into(),
+                    );
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for BoundedBody {
+    fn drop(&mut self) {
+        self.record.set("bytes", json!(self.read));
+        self.record.finish(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(url: &str) -> Origin {
+        Origin::of_uri(&url.parse().unwrap()).unwrap()
+    }
+
+    fn pattern(text: &str) -> OriginPattern {
+        OriginPattern::parse(text).unwrap()
+    }
+
+    #[test]
+    fn origins_match_scheme_host_and_port() {
+        let api = pattern("https://api.example.com");
+        assert!(api.matches(&origin("https://api.example.com/v1?x=1")));
+        assert!(api.matches(&origin("https://API.Example.com:443/")));
+        assert!(api.matches(&origin("https://api.example.com./")));
+        assert!(!api.matches(&origin("http://api.example.com/")), "scheme");
+        assert!(
+            !api.matches(&origin("https://api.example.com:8443/")),
+            "port"
+        );
+        assert!(!api.matches(&origin("https://example.com/")));
+        assert!(!api.matches(&origin("https://api.example.com.evil.net/")));
+        assert!(!api.matches(&origin("https://xapi.example.com/")));
+
+        let local = pattern("http://127.0.0.1:9000/");
+        assert!(local.matches(&origin("http://127.0.0.1:9000/x")));
+        assert!(!local.matches(&origin("http://127.0.0.1:9001/x")));
+        assert!(!local.matches(&origin("http://127.0.0.1/x")));
+        assert!(!local.matches(&origin("http://localhost:9000/x")));
+
+        let v6 = pattern("http://[::1]:8080");
+        assert!(v6.matches(&origin("http://[::1]:8080/")));
+        assert_eq!(v6.to_string(), "http://[::1]:8080");
+        assert_eq!(
+            pattern("HTTPS://Api.Example.com:443").to_string(),
+            "https://api.example.com"
+        );
+    }
+
+    #[test]
+    fn wildcards_cover_subdomains_only() {
+        let any = pattern("https://*.example.com");
+        assert!(any.matches(&origin("https://a.example.com/")));
+        assert!(any.matches(&origin("https://a.b.example.com/")));
+        assert!(!any.matches(&origin("https://example.com/")));
+        assert!(!any.matches(&origin("https://badexample.com/")));
+        assert!(!any.matches(&origin("https://a.example.com.evil.net/")));
+        assert!(!any.matches(&origin("http://a.example.com/")));
+        assert_eq!(any.to_string(), "https://*.example.com");
+    }
+
+    #[test]
+    fn bad_origins_are_refused_with_a_reason() {
+        for bad in [
+            "api.example.com",
+            "ftp://example.com",
+            "https://",
+            "https://example.com/path",
+            "https://example.com?q",
+            "https://user@example.com",
+            "https://example.com:0",
+            "https://example.com:99999",
+            "https://*.com",
+            "https://*.127.0.0.1",
+            "https://exa_mple.com",
+            "http://127.1",
+            "http://2130706433",
+            "http://[::1",
+            "https://a.*.example.com",
+        ] {
+            assert!(
+                OriginPattern::parse(bad).is_err(),
+                "{bad} should be refused"
+            );
+        }
+        assert!(Origin::of_uri(&"https://u:p@example.com/".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn addresses_are_classified() {
+        let kind = |s: &str| non_public(s.parse().unwrap());
+        assert_eq!(kind("127.0.0.1"), Some("loopback"));
+        assert_eq!(kind("127.8.9.10"), Some("loopback"));
+        assert_eq!(kind("10.1.2.3"), Some("private"));
+        assert_eq!(kind("172.16.0.1"), Some("private"));
+        assert_eq!(kind("172.31.255.255"), Some("private"));
+        assert_eq!(kind("192.168.1.1"), Some("private"));
+        assert_eq!(kind("100.64.0.1"), Some("private"));
+        assert_eq!(kind("169.254.169.254"), Some("link-local"));
+        assert_eq!(kind("0.0.0.0"), Some("unspecified"));
+        assert_eq!(kind("255.255.255.255"), Some("reserved"));
+        assert_eq!(kind("224.0.0.1"), Some("reserved"));
+        assert_eq!(kind("::"), Some("unspecified"));
+        assert_eq!(kind("::1"), Some("loopback"));
+        assert_eq!(kind("fd00::1"), Some("private"));
+        assert_eq!(kind("fe80::1"), Some("link-local"));
+        assert_eq!(kind("ff02::1"), Some("multicast"));
+        assert_eq!(kind("::ffff:127.0.0.1"), Some("loopback"));
+        assert_eq!(kind("::ffff:169.254.169.254"), Some("link-local"));
+        assert_eq!(kind("64:ff9b::a00:1"), Some("private"));
+        assert_eq!(kind("2002:c0a8:101::1"), Some("private"));
+        assert_eq!(kind("172.32.0.1"), None);
+        assert_eq!(kind("93.184.216.34"), None);
+        assert_eq!(kind("8.8.8.8"), None);
+        assert_eq!(kind("2606:4700::1111"), None);
+        assert_eq!(kind("::ffff:8.8.8.8"), None);
+    }
+
+    fn limits(grant: HttpGrant) -> Limits {
+        Limits {
+            http: Arc::new(grant),
+            ..Limits::default()
+        }
+    }
+
+    fn grant(hosts: &[&str]) -> HttpGrant {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        HttpGrant::from_manifest(
+            ManifestHttp {
+                allowed_hosts: Some(&hosts),
+                secrets: None,
+                http_timeout: None,
+                http_max_response_kb: None,
+                http_max_requests: None,
+            },
+            |_| None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn check_url_matches_the_grant_and_names_the_origin() {
+        assert!(
+            check_url(&Limits::default(), "GET", "https://api.example.com/")
+                .unwrap_err()
+                .contains("https://api.example.com")
+        );
+        let l = limits(grant(&["https://api.example.com", "http://127.0.0.1:9000"]));
+        check_url(&l, "POST", "https://api.example.com/v1/send?x=1").unwrap();
+        check_url(&l, "GET", "http://127.0.0.1:9000/").unwrap();
+        let e = check_url(&l, "GET", "https://evil.example.net/x").unwrap_err();
+        assert!(
+            e.contains("https://evil.example.net") && e.contains("allowed_hosts"),
+            "{e}"
+        );
+        assert!(
+            check_url(&l, "GET", "http://127.0.0.1:9001/")
+                .unwrap_err()
+                .contains("http://127.0.0.1:9001")
+        );
+        assert!(check_url(&l, "TRACE", "https://api.example.com/").is_err());
+        assert!(check_url(&l, "CONNECT", "https://api.example.com/").is_err());
+        assert!(check_url(&l, "GET", "/relative").is_err());
+        assert!(check_url(&l, "GET", "https://user@api.example.com/").is_err());
+        assert!(check_url(&l, "G ET", "https://api.example.com/").is_err());
+    }
+
+    #[test]
+    fn manifest_keys_parse_with_errors_naming_the_key() {
+        let hosts = vec!["https://api.example.com".to_string()];
+        let mut secrets = BTreeMap::new();
+        secrets.insert(
+            "https://api.example.com".to_string(),
+            SecretSpec {
+                header: "Authorization".into(),
+                env: "TOKEN_VAR".into(),
+                prefix: "Bearer ".into(),
+            },
+        );
+        let m = |secrets| ManifestHttp {
+            allowed_hosts: Some(&hosts),
+            secrets,
+            http_timeout: Some("5s"),
+            http_max_response_kb: Some(8),
+            http_max_requests: Some(3),
+        };
+        let g = HttpGrant::from_manifest(m(Some(&secrets)), |v| {
+            (v == "TOKEN_VAR").then(|| "s3cret".into())
+        })
+        .unwrap();
+        assert_eq!(g.timeout, Duration::from_secs(5));
+        assert_eq!(g.max_response_bytes, 8 << 10);
+        assert_eq!(g.max_requests, 3);
+        assert_eq!(g.secrets[0].value, "Bearer s3cret");
+        let shown = format!("{g:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        let (key, why) = HttpGrant::from_manifest(m(Some(&secrets)), |_| None).unwrap_err();
+        assert_eq!(key, "secrets.\"https://api.example.com\"");
+        assert!(
+            why.contains("TOKEN_VAR") && why.contains("https://api.example.com"),
+            "{why}"
+        );
+
+        let mut other = BTreeMap::new();
+        other.insert(
+            "https://other.example.com".to_string(),
+            secrets["https://api.example.com"].clone(),
+        );
+        let (_, why) = HttpGrant::from_manifest(m(Some(&other)), |_| Some("x".into())).unwrap_err();
+        assert!(why.contains("not in allowed_hosts"), "{why}");
+
+        let bad = vec!["https://example.com/path".to_string()];
+        let (key, _) = HttpGrant::from_manifest(
+            ManifestHttp {
+                allowed_hosts: Some(&bad),
+                secrets: None,
+                http_timeout: None,
+                http_max_response_kb: None,
+                http_max_requests: None,
+            },
+            |_| None,
+        )
+        .unwrap_err();
+        assert_eq!(key, "allowed_hosts");
+    }
+}

@@ -15,6 +15,7 @@
 wit_bindgen::generate!({ path: "../../wit", world: "agent", generate_all });
 
 use crate::kit;
+use colony::agent::effects;
 use colony::agent::host;
 use colony::agent::model::{self, Message, ModelError, Request, Role};
 use colony::agent::state::{self, Scope};
@@ -38,6 +39,15 @@ impl kit::Host for WitHost {
             kit::Level::Error => Level::Error,
         };
         host::log(level, message);
+    }
+
+    fn send_after_commit(&mut self, method: &str, url: &str, body: &str) -> Result<u32, String> {
+        effects::send_after_commit(&effects::Request {
+            method: method.to_string(),
+            url: url.to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Some(body.as_bytes().to_vec()),
+        })
     }
 
     fn state_get(&mut self, key: &str) -> Option<(String, u64)> {

@@ -450,6 +450,7 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
         "{stdout}"
     );
     assert!(stdout.contains("1 revision(s) after review"), "{stdout}");
+    assert!(stdout.contains("The shop received 3 listings"), "{stdout}");
     let page = std::fs::read_to_string(out_dir.join("pages/lumen-desk-lamp-co.html")).unwrap();
     assert_well_formed_html(&page);
     assert!(

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
 use crate::queue::{Delivery, Queue, QueueError};
+use crate::runtime::HttpGrant;
 
 /// Most deliveries in flight per daemon.
 const MAX_IN_FLIGHT: usize = 16;
@@ -54,8 +57,14 @@ impl Deliverer {
         }
     }
 
-    /// Claims due effects for the free sending slots and starts sending them.
-    pub fn start_due(&mut self, queue: &mut Queue) -> Result<(), QueueError> {
+    /// Claims due effects for the free sending slots and starts sending them,
+    /// each under its agent's grant (`grant_of`: the allow-list is checked
+    /// again and the agent's secrets are added here, never seen by the agent).
+    pub fn start_due(
+        &mut self,
+        queue: &mut Queue,
+        grant_of: impl Fn(&str) -> Option<Arc<HttpGrant>>,
+    ) -> Result<(), QueueError> {
         let free = MAX_IN_FLIGHT - self.in_flight;
         if free == 0 {
             return Ok(());
@@ -63,8 +72,18 @@ impl Deliverer {
         for delivery in queue.claim_due_effects(free, self.claim_lease)? {
             self.in_flight += 1;
             let (client, done) = (self.client.clone(), self.done_tx.clone());
+            let grant = grant_of(&delivery.agent);
             tokio::spawn(async move {
-                let (status, error) = send(&client, &delivery).await;
+                let (status, error) = match grant {
+                    Some(grant) => send(&client, &delivery, &grant).await,
+                    None => (
+                        None,
+                        Some(format!(
+                            "the agent {} is not loaded on this daemon, so its allow-list and secrets are unknown",
+                            delivery.agent
+                        )),
+                    ),
+                };
                 let _ = done.send(Attempt {
                     delivery,
                     status,
@@ -111,9 +130,19 @@ impl Deliverer {
     }
 }
 
-/// One attempt: the request as queued, plus the idempotency key.
-async fn send(client: &reqwest::Client, delivery: &Delivery) -> (Option<u16>, Option<String>) {
+/// One attempt: the request as queued, plus the idempotency key and the
+/// agent's secrets for the origin.
+async fn send(
+    client: &reqwest::Client,
+    delivery: &Delivery,
+    grant: &HttpGrant,
+) -> (Option<u16>, Option<String>) {
     let effect = &delivery.effect;
+    // The manifest may have changed since the effect was queued.
+    if let Err(why) = grant.check_url(&effect.method, &effect.url) {
+        return (None, Some(format!("no longer allowed: {why}")));
+    }
+    let secrets = grant.secret_headers(&effect.url);
     let method = match reqwest::Method::from_bytes(effect.method.as_bytes()) {
         Ok(method) => method,
         Err(e) => return (None, Some(format!("method {:?}: {e}", effect.method))),
@@ -121,10 +150,18 @@ async fn send(client: &reqwest::Client, delivery: &Delivery) -> (Option<u16>, Op
     let mut request = client
         .request(method, &effect.url)
         .header("Idempotency-Key", delivery.idempotency_key());
-    for (name, value) in &effect.headers {
-        if !name.eq_ignore_ascii_case("idempotency-key") && !name.eq_ignore_ascii_case("host") {
-            request = request.header(name, value);
-        }
+    let reserved = |name: &str| {
+        name.eq_ignore_ascii_case("idempotency-key")
+            || name.eq_ignore_ascii_case("host")
+            || secrets
+                .iter()
+                .any(|(secret, _)| name.eq_ignore_ascii_case(secret.as_str()))
+    };
+    for (name, value) in effect.headers.iter().filter(|(name, _)| !reserved(name)) {
+        request = request.header(name, value);
+    }
+    for (name, value) in secrets {
+        request = request.header(name, value);
     }
     if let Some(body) = &effect.body {
         request = request.body(body.clone());

@@ -571,8 +571,9 @@ impl Daemon {
     // ----- the outbox ------------------------------------------------------------------
 
     fn start_deliveries(&mut self) {
-        let (deliverer, queue) = (&mut self.deliverer, &mut self.queue);
-        match tokio::task::block_in_place(|| deliverer.start_due(queue)) {
+        let (deliverer, queue, agents) = (&mut self.deliverer, &mut self.queue, &self.agents);
+        let grant_of = |agent: &str| agents.loaded(agent).map(|a| a.limits.http.clone());
+        match tokio::task::block_in_place(|| deliverer.start_due(queue, grant_of)) {
             Ok(()) => self.effects_due = false,
             Err(e) if e.is_permanent() => self.unusable = Some(e),
             Err(e) => tracing::error!("claiming effects to send failed, will retry: {e}"),

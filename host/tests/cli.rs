@@ -829,6 +829,8 @@ fn effects_wait_for_review_in_show_and_are_listed_and_sent_after_approval() {
     use colony_tests::model_server::ModelServer;
     let env = Env::new(&["stateful"]);
     let server = ModelServer::start();
+    let manifest = format!("allowed_hosts = [{:?}]\n", server.url());
+    std::fs::write(env.agents.path().join("stateful.toml"), manifest).unwrap();
     let url = format!("{}/orders", server.url());
     let payload = serde_json::json!({"ops": [["effect", "POST", url, "{\"sku\":\"mug\",\"qty\":2}\nsecond line"]], "review": true});
     let id = env.submit(&["stateful", &payload.to_string()]);

@@ -11,8 +11,13 @@ use colony_tests::model_server::ModelServer;
 use common::Harness;
 use serde_json::{Value, json};
 
-fn harness() -> Harness {
-    Harness::with_shared_cache(agents_dir_with(&["stateful"]))
+/// The `stateful` fixture, granted the server's origin (effects use the
+/// outbound-HTTP allow-list).
+fn harness(server: &ModelServer) -> Harness {
+    let agents = agents_dir_with(&["stateful"]);
+    let manifest = format!("allowed_hosts = [{:?}]\n", server.url());
+    std::fs::write(agents.path().join("stateful.toml"), manifest).unwrap();
+    Harness::with_shared_cache(agents)
 }
 
 fn submit(h: &Harness, script: Value, max_attempts: u32) -> i64 {
@@ -28,8 +33,8 @@ fn effect(server: &ModelServer, path: &str, body: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_tasks_effects_are_sent_once_with_their_idempotency_keys() {
-    let h = harness();
     let server = ModelServer::start();
+    let h = harness(&server);
     let id = submit(
         &h,
         json!({"ops": [effect(&server, "/mail", r#"{"to":"a"}"#), effect(&server, "/pay", r#"{"cents":5}"#)]}),
@@ -60,8 +65,8 @@ async fn a_completed_tasks_effects_are_sent_once_with_their_idempotency_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_that_does_not_complete_sends_nothing() {
-    let h = harness();
     let server = ModelServer::start();
+    let h = harness(&server);
     let failed = submit(
         &h,
         json!({"ops": [effect(&server, "/a", "1")], "end": "retryable"}),
@@ -81,8 +86,8 @@ async fn a_run_that_does_not_complete_sends_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_shows_proposed_effects_rejection_sends_nothing_approval_sends_them() {
-    let h = harness();
     let server = ModelServer::start();
+    let h = harness(&server);
     let approved = submit(
         &h,
         json!({"ops": [effect(&server, "/yes", "approved body")], "review": true}),
@@ -114,8 +119,8 @@ async fn review_shows_proposed_effects_rejection_sends_nothing_approval_sends_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_failing_three_times_gets_the_effect_on_the_fourth_try() {
-    let h = harness();
     let server = ModelServer::start();
+    let h = harness(&server);
     for _ in 0..3 {
         server.push_plain(503);
     }
@@ -141,8 +146,8 @@ async fn a_server_failing_three_times_gets_the_effect_on_the_fourth_try() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
-    let h = harness();
     let server = ModelServer::start();
+    let h = harness(&server);
     for _ in 0..5 {
         server.push_plain(500);
     }
@@ -167,11 +172,16 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_effect_is_refused_to_the_agent_and_not_queued() {
-    let h = harness();
+async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued() {
+    let server = ModelServer::start();
+    let h = harness(&server);
     let id = submit(
         &h,
-        json!({"ops": [["effect", "BREW", "http://127.0.0.1:1/x", "1"], ["effect", "POST", "ftp://x/y", "1"]]}),
+        json!({"ops": [
+            ["effect", "BREW", "http://127.0.0.1:1/x", "1"],
+            ["effect", "POST", "ftp://x/y", "1"],
+            ["effect", "POST", "http://127.0.0.1:1/not-granted", "1"]
+        ]}),
         1,
     );
     h.run_until_idle().await;
@@ -191,4 +201,45 @@ async fn a_malformed_effect_is_refused_to_the_agent_and_not_queued() {
         "{reads}"
     );
     assert!(h.queue().effects(Some(id), None, 10).unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_adds_the_agents_secret_and_drops_the_agents_own_header_of_that_name() {
+    const VAR: &str = "COLONY_TEST_EFFECTS_TOKEN";
+    // SAFETY: set once, before any thread of this test reads the environment;
+    // no other test in this binary uses this variable.
+    unsafe { std::env::set_var(VAR, "effects-secret") };
+    let server = ModelServer::start();
+    let h = harness(&server);
+    let manifest = format!(
+        "allowed_hosts = [{origin:?}]\n[secrets.{origin:?}]\nheader = \"Authorization\"\nenv = \"{VAR}\"\nprefix = \"Bearer \"\n",
+        origin = server.url()
+    );
+    std::fs::write(h.agents.path().join("stateful.toml"), manifest).unwrap();
+    let forged = json!({"ops": [["effect", "POST", format!("{}/pay", server.url()), "{}", {"Authorization": "Bearer forged", "X-Trace": "t1"}]]});
+    let id = submit(&h, forged, 1);
+    h.run_until_idle().await;
+    assert_eq!(
+        h.queue().effects(Some(id), None, 10).unwrap()[0].state,
+        "sent"
+    );
+    let request = server.last_request();
+    assert_eq!(
+        request.header("authorization"),
+        Some("Bearer effects-secret")
+    );
+    assert_eq!(
+        request.header("x-trace"),
+        Some("t1"),
+        "other headers of the agent's pass"
+    );
+    let stored = format!(
+        "{:?}{}",
+        h.queue().effects(Some(id), None, 10).unwrap(),
+        h.log(id)
+    );
+    assert!(
+        !stored.contains("effects-secret"),
+        "the secret is stored nowhere: {stored}"
+    );
 }

@@ -71,9 +71,6 @@ pub async fn demo(
     models: Option<Arc<crate::models::Providers>>,
 ) -> Result<bool> {
     let copy_model = models.as_ref().is_some_and(|m| m.has_alias("copy"));
-    // The shop ops publishes listings to: a loopback server counting them.
-    let (shop_addr, shop_keys) = super::loopback::serve(r#"{"listed":true}"#).await?;
-    let shop = format!("http://{shop_addr}");
     let missing: Vec<&str> = AGENTS
         .iter()
         .copied()
@@ -93,6 +90,10 @@ pub async fn demo(
     }
     let actor = super::identity("demo");
     let mut queue = super::open_queue(&db, &actor)?;
+    // The shop ops publishes listings to: a loopback server counting them.
+    let (shop_addr, shop_keys) = super::loopback::serve(r#"{"listed":true}"#).await?;
+    let shop = format!("http://{shop_addr}");
+    let agents_dir = &demo_agents(agents_dir, &args.dir.join("agents"), &shop)?;
     let (runtime, agents) = super::load_agents(&db, agents_dir, 16, models).await?;
     for agent in AGENTS {
         if agents.loaded(agent).is_none() {
@@ -251,6 +252,28 @@ async fn run_until_idle(
 }
 
 /// Writes each `code` task's HTML to `<dir>/<slug>.html`.
+/// The demo's own copy of the agents (components and manifests), with ops
+/// granted the demo shop's origin, so the demo changes nothing in `from`.
+fn demo_agents(from: &Path, to: &Path, shop: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for agent in AGENTS {
+        for ext in ["wasm", "toml"] {
+            let file = from.join(format!("{agent}.{ext}"));
+            if file.is_file() {
+                std::fs::copy(&file, to.join(format!("{agent}.{ext}")))
+                    .with_context(|| format!("copying {}", file.display()))?;
+            }
+        }
+    }
+    let manifest = to.join("ops.toml");
+    let mut text = std::fs::read_to_string(&manifest).unwrap_or_default();
+    text.push_str(&format!(
+        "\n# The demo's shop (added by colony demo)\nallowed_hosts = [{shop:?}]\n"
+    ));
+    std::fs::write(&manifest, text)?;
+    Ok(to.to_path_buf())
+}
+
 /// What the shop (a loopback server the demo runs) received: each listing
 /// once per product, though the flaky listing's run was attempted three times.
 fn print_shop(out: &mut impl std::io::Write, keys: &super::loopback::KeyCounts) -> Result<()> {

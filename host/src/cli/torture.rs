@@ -105,6 +105,13 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
         false => None,
     };
     std::fs::write(agents.join(format!("{agent}.wasm")), component)?;
+    if let Some((addr, _)) = &receiver {
+        // Effects use the outbound-HTTP allow-list: grant the receiver.
+        std::fs::write(
+            agents.join(format!("{agent}.toml")),
+            format!("allowed_hosts = [\"http://{addr}\"]\n"),
+        )?;
+    }
     let db = root.join("torture.db");
     // A previous run's write-ahead log must not be replayed into the new database.
     for suffix in ["", "-wal", "-shm"] {

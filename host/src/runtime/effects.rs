@@ -16,6 +16,9 @@ impl wit::Host for RunState {
     fn send_after_commit(&mut self, req: wit::Request) -> Result<u32, String> {
         let method = req.method.to_ascii_uppercase();
         check_shape(&method, &req.url, &req.headers, req.body.as_deref())?;
+        // The same allow-list as outbound HTTP: a refused effect is refused
+        // now, to the agent, not later at delivery.
+        self.http.grant().check_url(&method, &req.url)?;
         let queued = &mut self.effects.queued;
         if queued.len() >= MAX_EFFECTS_PER_RUN {
             return Err(format!(

@@ -550,6 +550,27 @@ impl HttpGrant {
         Ok(grant)
     }
 
+    /// Is this method and URL granted? Scheme, host and port only (no DNS).
+    /// A refusal names the origin.
+    pub fn check_url(&self, method: &str, url: &str) -> Result<(), String> {
+        let method = http::Method::from_bytes(method.as_bytes())
+            .map_err(|_| format!("{method:?} is not an HTTP method"))?;
+        self.check(&method, &origin_of(url)?)
+    }
+
+    /// The secret headers the host sets on a request to `url` (`[secrets]`
+    /// of the manifest); same-named headers of the agent's are replaced.
+    pub fn secret_headers(&self, url: &str) -> Vec<(HeaderName, HeaderValue)> {
+        let Ok(origin) = origin_of(url) else {
+            return Vec::new();
+        };
+        self.secrets
+            .iter()
+            .filter(|s| s.origin.matches(&origin))
+            .map(|s| (s.header.clone(), s.value.clone()))
+            .collect()
+    }
+
     /// Whether a request with this method to this origin is granted.
     fn check(&self, method: &http::Method, origin: &Origin) -> Result<(), String> {
         if *method == http::Method::CONNECT || *method == http::Method::TRACE {
@@ -578,13 +599,14 @@ impl HttpGrant {
 /// port are matched against `allowed_hosts` (no DNS lookup; the addresses
 /// are checked when a request is sent). A refusal names the origin.
 pub fn check_url(limits: &Limits, method: &str, url: &str) -> Result<(), String> {
-    let method = http::Method::from_bytes(method.as_bytes())
-        .map_err(|_| format!("{method:?} is not an HTTP method"))?;
+    limits.http.check_url(method, url)
+}
+
+fn origin_of(url: &str) -> Result<Origin, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let origin = Origin::of_uri(&uri).map_err(|e| format!("{url:?}: {e}"))?;
-    limits.http.check(&method, &origin)
+    Origin::of_uri(&uri).map_err(|e| format!("{url:?}: {e}"))
 }
 
 // ----- one run's requests ---------------------------------------------------
@@ -593,6 +615,13 @@ pub fn check_url(limits: &Limits, method: &str, url: &str) -> Result<(), String>
 pub struct HttpSession {
     pub(super) ctx: WasiHttpCtx,
     pub(super) policy: HttpPolicy,
+}
+
+impl HttpSession {
+    /// The agent's grant (effects are checked against it too).
+    pub(super) fn grant(&self) -> &HttpGrant {
+        &self.policy.grant
+    }
 }
 
 impl HttpSession {

@@ -3,7 +3,7 @@
 //! Payload (every key optional):
 //! `{"ops": [["set", "agent", "k", "1"], ["set_if", "chain", "k", "2", 1],
 //!           ["delete", "agent", "k"], ["get", "agent", "k"], ["scan", "agent", "p", 10],
-//!           ["effect", "POST", "http://host/path", "body"]],
+//!           ["effect", "POST", "http://host/path", "body", {"header": "value"}]],
 //!   "increment": "key", "end": "ok" | "retryable" | "trap", "review": true,
 //!   "spawn": [payload, ...]}`
 //! `ops` run in order; each `get`/`scan` adds what it saw to the output's
@@ -62,10 +62,16 @@ impl Guest for Stateful {
                         .map_or(Value::Null, entry),
                 ),
                 "effect" => {
+                    let mut headers =
+                        vec![("content-type".to_string(), "application/json".to_string())];
+                    for (name, value) in op.get(4).and_then(Value::as_object).into_iter().flatten()
+                    {
+                        headers.push((name.clone(), text(value)));
+                    }
                     let request = effects::Request {
                         method: text(&op[1]),
                         url: key.clone(),
-                        headers: vec![("content-type".into(), "application/json".into())],
+                        headers,
                         body: op.get(3).map(|b| text(b).into_bytes()),
                     };
                     reads.push(match effects::send_after_commit(&request) {

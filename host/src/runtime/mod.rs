@@ -118,8 +118,10 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Errors while setting up the runtime or loading a component.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("could not start the wasm engine: {0}")]
-    Engine(String),
+    /// The engine, linker or epoch thread could not be set up; the message
+    /// keeps the whole cause chain.
+    #[error("could not start the wasm engine: {0:#}")]
+    Engine(wasmtime::Error),
     #[error("{path}: {reason}")]
     Load { path: PathBuf, reason: String },
 }
@@ -306,19 +308,17 @@ impl Runtime {
         let pooling = pooled.is_some();
         let engine = match pooled {
             Some(engine) => engine,
-            None => Engine::new(&engine_config(None))
-                .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?,
+            None => Engine::new(&engine_config(None)).map_err(RuntimeError::Engine)?,
         };
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
-        link_colony_interfaces(&mut linker).map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Engine)?;
+        link_colony_interfaces(&mut linker).map_err(RuntimeError::Engine)?;
         // `wasi:http/outgoing-handler` and `wasi:http/types`; the requests
         // go through the run's `HttpPolicy` (http.rs).
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+            .map_err(RuntimeError::Engine)?;
         bindings_v0_1::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
-            .map_err(|e| RuntimeError::Engine(format!("{e:?}")))?;
+            .map_err(RuntimeError::Engine)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
@@ -330,7 +330,9 @@ impl Runtime {
                     ticker_engine.increment_epoch();
                 }
             })
-            .map_err(|e| RuntimeError::Engine(format!("could not start the epoch thread: {e}")))?;
+            .map_err(|e| {
+                RuntimeError::Engine(wasmtime::Error::new(e).context("starting the epoch thread"))
+            })?;
         Ok(Runtime {
             engine,
             linker,
@@ -666,9 +668,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Writes through a temporary file in the same directory and renames it
+/// into place, so a reader never sees a half-written file.
 fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, target)
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(target).map_err(|e| e.error)?;
+    Ok(())
 }

@@ -63,13 +63,18 @@ impl Deliverer {
     pub fn start_due(
         &mut self,
         queue: &mut Queue,
+        agents: &[String],
         grant_of: impl Fn(&str) -> Option<Arc<HttpGrant>>,
     ) -> Result<(), QueueError> {
         let free = MAX_IN_FLIGHT - self.in_flight;
-        if free == 0 {
+        // A read first: tasks that queue no effects cost no write transaction.
+        let due = queue
+            .next_effect_due()?
+            .is_some_and(|t| t <= crate::queue::now_ms());
+        if free == 0 || !due {
             return Ok(());
         }
-        for delivery in queue.claim_due_effects(free, self.claim_lease)? {
+        for delivery in queue.claim_due_effects(free, self.claim_lease, agents)? {
             self.in_flight += 1;
             let (client, done) = (self.client.clone(), self.done_tx.clone());
             let grant = grant_of(&delivery.agent);

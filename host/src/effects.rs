@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_EFFECTS_PER_RUN: usize = 100;
 /// Largest body of one effect.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Most body bytes of all of one run's effects (held by the host, outside
+/// the run's memory cap, until the task completes).
+pub const MAX_BODY_BYTES_PER_RUN: usize = 8 << 20;
 /// Delivery attempts before an effect is marked failed.
 pub const DEFAULT_DELIVERY_ATTEMPTS: u32 = 5;
 

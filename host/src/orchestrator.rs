@@ -500,8 +500,11 @@ impl Daemon {
     /// Stores one run; if its outcome itself cannot be stored, records that
     /// as the run's failure instead, so one bad run cannot block the rest.
     fn write_one(&mut self, run: FinishedRun) {
+        // The whole run — its state writes and effects included — alone.
         let result = tokio::task::block_in_place(|| {
-            self.queue.finish(run.lease, run.outcome.clone(), &run.log)
+            self.queue
+                .finish_batch(std::slice::from_ref(&run))
+                .map(|a| a[0])
         });
         match result {
             Ok(applied) => self.count(&run, applied),
@@ -573,7 +576,8 @@ impl Daemon {
     fn start_deliveries(&mut self) {
         let (deliverer, queue, agents) = (&mut self.deliverer, &mut self.queue, &self.agents);
         let grant_of = |agent: &str| agents.loaded(agent).map(|a| a.limits.http.clone());
-        match tokio::task::block_in_place(|| deliverer.start_due(queue, grant_of)) {
+        let loaded = agents.loaded_names();
+        match tokio::task::block_in_place(|| deliverer.start_due(queue, &loaded, grant_of)) {
             Ok(()) => self.effects_due = false,
             Err(e) if e.is_permanent() => self.unusable = Some(e),
             Err(e) => tracing::error!("claiming effects to send failed, will retry: {e}"),
@@ -586,8 +590,10 @@ impl Daemon {
         for _ in 0..5 {
             match &result {
                 Err(e) if e.is_transient() => {
-                    std::thread::sleep(Duration::from_millis(100));
-                    result = tokio::task::block_in_place(|| deliverer.record(queue, &attempt));
+                    result = tokio::task::block_in_place(|| {
+                        std::thread::sleep(Duration::from_millis(100));
+                        deliverer.record(queue, &attempt)
+                    });
                 }
                 _ => break,
             }
@@ -843,11 +849,11 @@ impl Daemon {
     fn idle(&mut self) -> Result<Option<Vec<(String, u64)>>, QueueError> {
         // Effects of completed tasks still to deliver (their retries are
         // bounded) keep an until-idle daemon at work.
-        if tokio::task::block_in_place(|| self.queue.effects_outstanding())? > 0 {
+        let loaded = self.agents.loaded_names();
+        if tokio::task::block_in_place(|| self.queue.effects_outstanding(&loaded))? > 0 {
             return Ok(None);
         }
         let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
-        let loaded = self.agents.loaded_names();
         let mut left = Vec::new();
         for (agent, b) in backlog {
             if b.in_progress > 0 {
@@ -902,6 +908,14 @@ impl Daemon {
                         let _ = self.heartbeat_and_reap();
                     }
                 }
+            }
+        }
+        // Deliveries in flight get what is left of the grace to answer; their
+        // results are recorded (an unrecorded 2xx would be sent again).
+        while !self.deliverer.is_idle() && Instant::now() < deadline {
+            tokio::select! {
+                Some(attempt) = self.deliverer.done_rx.recv() => self.record_delivery(attempt),
+                _ = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
         // Stop what is still running and wait for it to be gone (a guest

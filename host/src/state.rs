@@ -10,6 +10,11 @@ pub const MAX_KEY_BYTES: usize = 512;
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
 /// Most writes one run may buffer.
 pub const MAX_WRITES_PER_RUN: usize = 1000;
+/// Most bytes (keys and values) one run may buffer: the host holds them
+/// outside the run's memory cap until the task completes.
+pub const MAX_BYTES_PER_RUN: usize = 16 << 20;
+/// Most entries one `scan` returns.
+pub const MAX_SCAN: u32 = 1000;
 
 /// Whose state a key belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

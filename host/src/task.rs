@@ -108,6 +108,10 @@ pub enum Event {
     Reject,
     /// A reviewer rejected the result and no revisions remain.
     RejectFinal,
+    /// A reviewer approved, but a `set-if` the result holds no longer holds
+    /// (another task wrote the key first): the result is stale, and the task
+    /// runs again without using up a revision.
+    ApproveStale,
     /// A user revived a failed or cancelled task.
     Retry,
     /// A user revived a failed or cancelled task whose dependencies are not
@@ -131,6 +135,7 @@ impl Event {
             Event::Release => "release",
             Event::Approve => "approve",
             Event::Reject | Event::RejectFinal => "reject",
+            Event::ApproveStale => "approve_stale",
             Event::Retry | Event::RetryWaiting => "retry",
             Event::Cancel => "cancel",
         }
@@ -156,6 +161,7 @@ pub fn transition(from: Option<State>, event: Event) -> Option<State> {
         (Some(S::InProgress), E::Release) => S::Ready,
         (Some(S::Review), E::Approve) => S::Complete,
         (Some(S::Review), E::Reject) => S::Ready,
+        (Some(S::Review), E::ApproveStale) => S::Ready,
         (Some(S::Review), E::RejectFinal) => S::Failed,
         (Some(S::Failed | S::Cancelled), E::Retry) => S::Ready,
         (Some(S::Failed | S::Cancelled), E::RetryWaiting) => S::Pending,

@@ -221,3 +221,62 @@ async fn concurrent_increments_with_set_if_end_exactly_right() {
         .count();
     println!("{conflicts} conflicts retried");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_if_on_the_version_a_run_read_after_its_own_writes_commits() {
+    let h = harness();
+    h.queue()
+        .state_write_by_operator(Scope::Agent, "stateful", "k", Some("0"))
+        .unwrap();
+    // Committed v1; this run writes v2 and v3, reads v3, then sets if v3.
+    let id = submit(
+        &h,
+        json!({"ops": [
+            ["set", "agent", "k", "1"], ["set", "agent", "k", "2"], ["get", "agent", "k"],
+            ["set_if", "agent", "k", "3", 3],
+            ["delete", "agent", "gone"], ["set", "agent", "gone", "\"back\""], ["get", "agent", "gone"]
+        ]}),
+        1,
+    );
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(task.state, State::Complete, "{:?}", task.error);
+    let reads = &task.result.unwrap()["reads"];
+    assert_eq!(reads[0]["version"], 3);
+    assert_eq!(
+        reads[1],
+        json!({"key": "gone", "value": "back", "version": 1})
+    );
+    let q = h.queue();
+    assert_eq!(
+        agent_entry(&q, "k").unwrap(),
+        Entry {
+            key: "k".into(),
+            value: "3".into(),
+            version: 4
+        }
+    );
+    assert_eq!(agent_entry(&q, "gone").unwrap().version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_whose_set_if_went_stale_sends_the_task_round_again_without_a_revision() {
+    let h = harness();
+    let id = submit(
+        &h,
+        json!({"ops": [["set_if", "agent", "slot", "\"mine\"", 0]], "review": true}),
+        1,
+    );
+    h.run_until_idle().await;
+    let mut q = h.queue();
+    assert_eq!(h.task(id).state, State::Review);
+    // Someone else takes the slot while the task waits for approval.
+    q.state_write_by_operator(Scope::Agent, "stateful", "slot", Some("\"theirs\""))
+        .unwrap();
+    assert_eq!(q.approve(id, None).unwrap(), State::Ready);
+    let task = h.task(id);
+    assert_eq!(task.revisions, 0, "nobody rejected it");
+    assert!(task.feedback.unwrap().contains("approved, but stale"));
+    assert_eq!(h.events(id, "approve_stale").len(), 1);
+    assert_eq!(agent_entry(&q, "slot").unwrap().value, "\"theirs\"");
+}

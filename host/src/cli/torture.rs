@@ -181,7 +181,7 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
     // to report its runs late: that is what the fencing must refuse.
     let mut paused: Option<(usize, Instant)> = None;
     let finished = loop {
-        if unfinished(&queue)? == 0 && queue.effects_outstanding()? == 0 {
+        if unfinished(&queue)? == 0 && queue.effects_outstanding(&[agent.to_string()])? == 0 {
             break true;
         }
         if started.elapsed() > args.deadline {

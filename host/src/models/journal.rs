@@ -58,13 +58,41 @@ pub struct ModelContext {
 }
 
 impl ModelContext {
-    /// Tokens left for this run: the chain's budget when the root set one,
-    /// otherwise the agent's per-task budget (`token_budget` in its manifest).
+    /// Tokens left for this run: the tighter of what is left of the chain's
+    /// budget (when its root set one) and of the agent's per-task budget
+    /// (`token_budget` in its manifest).
     pub fn remaining(&self, manifest_budget: Option<u64>) -> Option<u64> {
-        match (self.chain_budget, manifest_budget) {
-            (Some(chain), _) => Some(chain.saturating_sub(self.chain_spent)),
-            (None, Some(task)) => Some(task.saturating_sub(self.task_spent)),
-            (None, None) => None,
+        let chain = self
+            .chain_budget
+            .map(|b| b.saturating_sub(self.chain_spent));
+        let task = manifest_budget.map(|b| b.saturating_sub(self.task_spent));
+        match (chain, task) {
+            (Some(c), Some(t)) => Some(c.min(t)),
+            (c, t) => c.or(t),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tighter_of_the_chain_and_the_task_budget_applies() {
+        let context = |chain_budget, chain_spent, task_spent| ModelContext {
+            chain_budget,
+            chain_spent,
+            task_spent,
+            replay: Vec::new(),
+        };
+        assert_eq!(context(None, 0, 0).remaining(None), None);
+        assert_eq!(context(None, 0, 300).remaining(Some(1000)), Some(700));
+        assert_eq!(context(Some(500), 200, 0).remaining(None), Some(300));
+        assert_eq!(
+            context(Some(5000), 200, 900).remaining(Some(1000)),
+            Some(100)
+        );
+        assert_eq!(context(Some(500), 450, 0).remaining(Some(1000)), Some(50));
+        assert_eq!(context(Some(100), 900, 0).remaining(None), Some(0));
     }
 }

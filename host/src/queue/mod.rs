@@ -272,6 +272,13 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The claim token of the run ending now, when it journaled model calls
+/// (the next run replays them), or else the journal kept so far: a run that
+/// never called a model (say, released before it started) must not make the
+/// next one pay again for an older run's calls.
+const REPLAY_FROM_THIS_RUN: &str = "CASE WHEN EXISTS (SELECT 1 FROM model_calls
+         WHERE task_id = tasks.id AND token = tasks.claim_token) THEN claim_token ELSE replay_token END";
+
 /// The columns [`task_from_row`] reads, in order.
 const TASK_COLUMNS: &str = "id, agent, state, payload, priority, attempts, max_attempts, revisions, \
      max_revisions, review, reviewer, reviews, parent_id, next_tasks, result, error_kind, \
@@ -528,12 +535,12 @@ impl Queue {
         let now = now_ms();
         let tx = self.write()?;
         let n = tx
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "UPDATE tasks SET state = 'ready', attempts = attempts - 1, claim_token = NULL,
-                        replay_token = claim_token, claimed_by = NULL, heartbeat_at = NULL,
+                        replay_token = {REPLAY_FROM_THIS_RUN}, claimed_by = NULL, heartbeat_at = NULL,
                         updated_at = ?1
-                 WHERE id = ?2 AND state = 'in_progress' AND claim_token = ?3",
-            )?
+                 WHERE id = ?2 AND state = 'in_progress' AND claim_token = ?3"
+            ))?
             .execute(params![now, lease.task_id, lease.token])?;
         if n == 0 {
             return Ok(Applied::LeaseLost);
@@ -595,10 +602,10 @@ impl Queue {
                     &detail,
                     now,
                 )?;
-                tx.prepare_cached(
-                    "UPDATE tasks SET state = 'ready', claim_token = NULL, replay_token = claim_token,
-                            claimed_by = NULL, heartbeat_at = NULL, updated_at = ?1 WHERE id = ?2",
-                )?
+                tx.prepare_cached(&format!(
+                    "UPDATE tasks SET state = 'ready', claim_token = NULL, replay_token = {REPLAY_FROM_THIS_RUN},
+                            claimed_by = NULL, heartbeat_at = NULL, updated_at = ?1 WHERE id = ?2"
+                ))?
                 .execute(params![now, id])?;
                 to
             } else {
@@ -617,8 +624,10 @@ impl Queue {
                     &detail,
                     now,
                 )?;
-                tx.prepare_cached("UPDATE tasks SET replay_token = claim_token WHERE id = ?1")?
-                    .execute([id])?;
+                tx.prepare_cached(&format!(
+                    "UPDATE tasks SET replay_token = {REPLAY_FROM_THIS_RUN} WHERE id = ?1"
+                ))?
+                .execute([id])?;
                 set_failed(&tx, id, &error, now)?;
                 cancel_dependents(&tx, id, &actor, now)?;
                 to
@@ -1009,6 +1018,7 @@ fn event_action(event: Event) -> &'static str {
     match event {
         Event::Approve => "be approved (only tasks in review can)",
         Event::Reject | Event::RejectFinal => "be rejected (only tasks in review can)",
+        Event::ApproveStale => "be approved (only tasks in review can)",
         Event::Retry | Event::RetryWaiting => "be retried (only failed or cancelled tasks can)",
         Event::Cancel => "be cancelled (it has already finished)",
         Event::Claim => "be claimed",
@@ -1397,9 +1407,12 @@ fn finish_in(
         Err(error) => {
             // An interrupted run's model calls are replayed by the next run;
             // after an answer of the agent's own, the next run asks afresh.
-            let replay = error.kind.is_interruption().then_some(run.lease.token);
-            tx.prepare_cached("UPDATE tasks SET replay_token = ?1 WHERE id = ?2")?
-                .execute(params![replay, id])?;
+            // A run that made no model call leaves the older journal in place.
+            tx.prepare_cached(&format!(
+                "UPDATE tasks SET replay_token = CASE WHEN ?1 THEN {REPLAY_FROM_THIS_RUN} ELSE NULL END
+                 WHERE id = ?2"
+            ))?
+            .execute(params![error.kind.is_interruption(), id])?;
             fail_run(tx, id, &held, &error, actor, now)?
         }
     };
@@ -1637,13 +1650,7 @@ fn approve_in(
     };
     let owners = match check_state_writes(tx, id, &held)? {
         Ok(owners) => owners,
-        Err(conflict) => {
-            let note = format!(
-                "{}; the approved result is stale and runs again",
-                conflict.message
-            );
-            return reject_in(tx, id, &note, actor, now);
-        }
+        Err(conflict) => return send_back_stale(tx, id, &conflict.message, actor, now),
     };
     let to = record(
         tx,
@@ -1674,6 +1681,37 @@ fn approve_in(
         state::apply_writes(tx, Some(id), &owners, &held, actor, now)?;
     }
     outbox::release_proposed(tx, id, now)?;
+    Ok(to)
+}
+
+/// An approved result whose held state no longer applies goes round again:
+/// back to `ready` with the conflict as feedback, its attempts given back,
+/// no revision used (nobody rejected it).
+fn send_back_stale(
+    tx: &Transaction<'_>,
+    id: i64,
+    conflict: &str,
+    actor: &str,
+    now: i64,
+) -> Result<State> {
+    outbox::drop_proposed(tx, id)?;
+    let note = format!("approved, but stale: {conflict}; the task runs again");
+    let detail = json!({"conflict": conflict});
+    let to = record(
+        tx,
+        id,
+        Some(State::Review),
+        Event::ApproveStale,
+        actor,
+        &detail,
+        now,
+    )?;
+    tx.prepare_cached(
+        "UPDATE tasks SET state = 'ready', feedback = ?1, attempts = 0, spawned = NULL,
+                held_state = NULL, run_at = ?2, updated_at = ?2
+         WHERE id = ?3",
+    )?
+    .execute(params![note, now, id])?;
     Ok(to)
 }
 

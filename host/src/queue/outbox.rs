@@ -120,10 +120,16 @@ fn note(
 }
 
 impl Queue {
-    /// Claims up to `n` due effects for delivery under a lease of `lease`:
-    /// pending ones whose time has come, and ones whose sender vanished
-    /// (its lease ran out) — so delivery survives a daemon crash.
-    pub fn claim_due_effects(&mut self, n: usize, lease: Duration) -> Result<Vec<Delivery>> {
+    /// Claims up to `n` due effects of `agents` (those this daemon has
+    /// loaded, so it knows their grants) for delivery under a lease of
+    /// `lease`: pending ones whose time has come, and ones whose sender
+    /// vanished (its lease ran out) — so delivery survives a daemon crash.
+    pub fn claim_due_effects(
+        &mut self,
+        n: usize,
+        lease: Duration,
+        agents: &[String],
+    ) -> Result<Vec<Delivery>> {
         let actor = self.opts.actor.clone();
         let now = now_ms();
         let token = fastrand::i64(1..i64::MAX);
@@ -136,10 +142,18 @@ impl Queue {
                               UNION ALL
                               SELECT id FROM effects WHERE state = 'sending' AND lease_until < ?4
                               LIMIT ?5)
+                   AND agent IN (SELECT value FROM json_each(?6))
                  RETURNING id, task_id, agent, attempts, seq, method, url, headers, body",
             )?;
             let rows = stmt.query_map(
-                params![token, actor, now + lease.as_millis() as i64, now, n as i64],
+                params![
+                    token,
+                    actor,
+                    now + lease.as_millis() as i64,
+                    now,
+                    n as i64,
+                    serde_json::to_string(agents).expect("names serialize")
+                ],
                 |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
@@ -278,11 +292,21 @@ impl Queue {
         state: Option<&str>,
         limit: u32,
     ) -> Result<Vec<EffectRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
-             FROM effects WHERE (?1 IS NULL OR task_id = ?1) AND (?2 IS NULL OR state = ?2)
-             ORDER BY id DESC LIMIT ?3",
-        )?;
+        // One task's effects come by its (task_id, seq) index, oldest first;
+        // the outbox as a whole newest first.
+        let sql = match task_id {
+            Some(_) => {
+                "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
+                 FROM effects WHERE task_id = ?1 AND (?2 IS NULL OR state = ?2)
+                 ORDER BY seq LIMIT ?3"
+            }
+            None => {
+                "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
+                 FROM effects WHERE ?1 IS NULL AND (?2 IS NULL OR state = ?2)
+                 ORDER BY id DESC LIMIT ?3"
+            }
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let rows = stmt.query_map(params![task_id, state, limit], |r| {
             let body: Option<Vec<u8>> = r.get(9)?;
             Ok(EffectRow {
@@ -302,15 +326,18 @@ impl Queue {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Effects still to deliver (pending or being sent).
-    pub fn effects_outstanding(&self) -> Result<u64> {
+    /// Effects of `agents` still to deliver (pending or being sent).
+    pub fn effects_outstanding(&self, agents: &[String]) -> Result<u64> {
         Ok(self
             .conn
             .prepare_cached(
-                "SELECT (SELECT COUNT(*) FROM effects WHERE state = 'pending')
-                      + (SELECT COUNT(*) FROM effects WHERE state = 'sending')",
+                "SELECT COUNT(*) FROM effects WHERE state IN ('pending', 'sending')
+                   AND agent IN (SELECT value FROM json_each(?1))",
             )?
-            .query_row([], |r| r.get::<_, i64>(0))? as u64)
+            .query_row(
+                [serde_json::to_string(agents).expect("names serialize")],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
     }
 
     /// When the next pending effect is due, if any (for the daemon's sleep).

@@ -4,7 +4,7 @@
 
 use super::bindings::colony::agent::effects as wit;
 use super::sandbox::RunState;
-use crate::effects::{Effect, MAX_EFFECTS_PER_RUN, check_shape};
+use crate::effects::{Effect, MAX_BODY_BYTES_PER_RUN, MAX_EFFECTS_PER_RUN, check_shape};
 
 /// One run's queued effects.
 #[derive(Default)]
@@ -20,6 +20,17 @@ impl wit::Host for RunState {
         // now, to the agent, not later at delivery.
         self.http.grant().check_url(&method, &req.url)?;
         let queued = &mut self.effects.queued;
+        let held: usize = queued
+            .iter()
+            .filter_map(|e| e.body.as_ref())
+            .map(Vec::len)
+            .sum();
+        if held + req.body.as_ref().map_or(0, Vec::len) > MAX_BODY_BYTES_PER_RUN {
+            return Err(format!(
+                "a run's effects may carry at most {} MiB of bodies in all",
+                MAX_BODY_BYTES_PER_RUN >> 20
+            ));
+        }
         if queued.len() >= MAX_EFFECTS_PER_RUN {
             return Err(format!(
                 "a run may queue at most {MAX_EFFECTS_PER_RUN} effects"

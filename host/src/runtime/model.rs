@@ -179,17 +179,16 @@ impl ModelSession {
 }
 
 /// The next recorded reply, if the previous run asked the same question at
-/// this point. The first mismatch ends replay for the rest of the run: from
-/// then on the agent is on a new path and every call is real.
+/// this point. A recorded error is not replayed (the call is made for real)
+/// but replay goes on after it; the first different question ends replay
+/// for the rest of the run: the agent is on a new path.
 fn take_replay(replay: &mut VecDeque<ModelCall>, hash: &str) -> Option<ChatReply> {
     let next = replay.pop_front()?;
-    match next.outcome {
-        Ok(reply) if next.request_hash == hash => Some(reply),
-        _ => {
-            replay.clear();
-            None
-        }
+    if next.request_hash != hash {
+        replay.clear();
+        return None;
     }
+    next.outcome.ok()
 }
 
 // ----- the WIT interface ---------------------------------------------------------

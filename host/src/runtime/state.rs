@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use super::bindings::colony::agent::state as wit;
 use super::sandbox::{RunHooks, RunState};
-use crate::state::{Entry, MAX_WRITES_PER_RUN, Scope, Write, check_write};
+use crate::state::{
+    Entry, MAX_BYTES_PER_RUN, MAX_SCAN, MAX_WRITES_PER_RUN, Scope, Write, check_write,
+};
 
 /// One run's state access.
 pub struct StateSession {
@@ -15,6 +17,8 @@ pub struct StateSession {
     task_id: i64,
     /// Writes in the order the agent made them.
     pub(super) writes: Vec<Write>,
+    /// Bytes of keys and values in `writes`.
+    bytes: usize,
     /// The first invalid use (bad key or value, too many writes): the run
     /// then fails with `invalid_output` naming it, whatever it returns.
     pub(super) invalid: Option<String>,
@@ -26,6 +30,7 @@ impl StateSession {
             hooks,
             task_id,
             writes: Vec::new(),
+            bytes: 0,
             invalid: None,
         }
     }
@@ -41,19 +46,39 @@ impl StateSession {
             ));
             return;
         }
+        let size = write.key.len() + write.value.as_ref().map_or(0, String::len);
+        if self.bytes + size > MAX_BYTES_PER_RUN {
+            self.invalid = Some(format!(
+                "more than {} MiB of state written in one run (at key {:?})",
+                MAX_BYTES_PER_RUN >> 20,
+                write.key
+            ));
+            return;
+        }
         match check_write(&write) {
-            Ok(()) => self.writes.push(write),
+            Ok(()) => {
+                self.bytes += size;
+                self.writes.push(write);
+            }
             Err(why) => self.invalid = Some(why),
         }
     }
 
-    /// This run's latest write of `key`, if any: `Some(None)` is a delete.
-    fn pending(&self, scope: Scope, key: &str) -> Option<Option<&str>> {
+    /// The entry as it will be once this run's writes commit on top of
+    /// `committed`: the same arithmetic as the queue's check (+1 per write,
+    /// a delete leaves nothing), so a `set-if` on the version read holds.
+    fn fold(&self, scope: Scope, key: &str, committed: Option<Entry>) -> Option<Entry> {
         self.writes
             .iter()
-            .rev()
-            .find(|w| w.scope == scope && w.key == key)
-            .map(|w| w.value.as_deref())
+            .filter(|w| w.scope == scope && w.key == key)
+            .fold(committed, |current, w| {
+                let version = current.as_ref().map_or(0, |e| e.version) + 1;
+                w.value.as_ref().map(|value| Entry {
+                    key: key.to_string(),
+                    value: value.clone(),
+                    version,
+                })
+            })
     }
 
     async fn committed(&self, scope: Scope, key: &str) -> wasmtime::Result<Option<Entry>> {
@@ -67,18 +92,11 @@ impl StateSession {
     /// it will have once committed).
     async fn get(&self, scope: Scope, key: &str) -> wasmtime::Result<Option<Entry>> {
         let committed = self.committed(scope, key).await?;
-        Ok(match self.pending(scope, key) {
-            None => committed,
-            Some(None) => None,
-            Some(Some(value)) => Some(Entry {
-                key: key.to_string(),
-                value: value.to_string(),
-                version: committed.map_or(0, |e| e.version) + 1,
-            }),
-        })
+        Ok(self.fold(scope, key, committed))
     }
 
     async fn scan(&self, scope: Scope, prefix: &str, limit: u32) -> wasmtime::Result<Vec<Entry>> {
+        let limit = limit.min(MAX_SCAN);
         // Ask for enough committed entries that this run's deletes cannot
         // leave the page short.
         let extra = self.writes.len().min(MAX_WRITES_PER_RUN) as u32;
@@ -94,31 +112,22 @@ impl StateSession {
             .map_err(|e| {
                 wasmtime::Error::msg(format!("scanning state prefix {prefix:?} failed: {e}"))
             })?;
-        let mut merged: std::collections::BTreeMap<String, Entry> =
-            committed.into_iter().map(|e| (e.key.clone(), e)).collect();
+        let mut merged: std::collections::BTreeMap<String, Option<Entry>> = committed
+            .into_iter()
+            .map(|e| (e.key.clone(), Some(e)))
+            .collect();
         for write in self
             .writes
             .iter()
             .filter(|w| w.scope == scope && w.key.starts_with(prefix))
         {
-            match &write.value {
-                None => {
-                    merged.remove(&write.key);
-                }
-                Some(value) => {
-                    let version = merged.get(&write.key).map_or(0, |e| e.version) + 1;
-                    merged.insert(
-                        write.key.clone(),
-                        Entry {
-                            key: write.key.clone(),
-                            value: value.clone(),
-                            version,
-                        },
-                    );
-                }
-            }
+            merged.entry(write.key.clone()).or_insert(None);
         }
-        Ok(merged.into_values().take(limit as usize).collect())
+        Ok(merged
+            .into_iter()
+            .filter_map(|(key, committed)| self.fold(scope, &key, committed))
+            .take(limit as usize)
+            .collect())
     }
 }
 

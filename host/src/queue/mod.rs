@@ -1384,8 +1384,8 @@ fn finish_in(
                 outbox::store(tx, id, &run.effects, true, now)?;
                 enter_review(tx, id, &held, output, &spawn, actor, now)?
             } else {
-                if let Some(owners) = &owners {
-                    state::apply_writes(tx, Some(id), owners, &run.state, actor, now)?;
+                if let Some((owners, olds)) = &owners {
+                    state::apply_writes(tx, Some(id), owners, &run.state, olds, actor, now)?;
                 }
                 outbox::store(tx, id, &run.effects, false, now)?;
                 let to = record(
@@ -1419,20 +1419,20 @@ fn finish_in(
     Ok(Applied::Moved(to))
 }
 
-/// The owners of the task's state when the run wrote any, or the first
-/// `set-if` conflict as the run's (retryable) failure: a conflict refuses
-/// the completion as a whole.
+/// The owners of the task's state and the writes' old versions when the run
+/// wrote any, or the first `set-if` conflict as the run's (retryable)
+/// failure: a conflict refuses the completion as a whole.
 fn check_state_writes(
     tx: &Transaction<'_>,
     id: i64,
     writes: &[crate::state::Write],
-) -> Result<std::result::Result<Option<state::Owners>, TaskError>> {
+) -> Result<std::result::Result<Option<(state::Owners, Vec<u64>)>, TaskError>> {
     if writes.is_empty() {
         return Ok(Ok(None));
     }
     let owners = state::owners_of(tx, id)?;
     Ok(match state::check_writes(tx, &owners, writes)? {
-        Ok(()) => Ok(Some(owners)),
+        Ok(olds) => Ok(Some((owners, olds))),
         Err(conflict) => Err(TaskError {
             kind: ErrorKind::Conflict,
             message: conflict,
@@ -1677,8 +1677,8 @@ fn approve_in(
         actor,
         now,
     )?;
-    if let Some(owners) = owners {
-        state::apply_writes(tx, Some(id), &owners, &held, actor, now)?;
+    if let Some((owners, olds)) = owners {
+        state::apply_writes(tx, Some(id), &owners, &held, &olds, actor, now)?;
     }
     outbox::release_proposed(tx, id, now)?;
     Ok(to)

@@ -51,13 +51,15 @@ fn version_of(conn: &rusqlite::Connection, scope: Scope, owner: &str, key: &str)
 }
 
 /// Checks every `set-if` of `writes` in order, as if the earlier writes had
-/// been applied. `Ok(Err(why))` names the first conflict.
+/// been applied. Returns each write's old version (for [`apply_writes`]),
+/// or `Err(why)` naming the first conflict.
 pub(super) fn check_writes(
     tx: &Transaction<'_>,
     owners: &Owners,
     writes: &[Write],
-) -> Result<std::result::Result<(), String>> {
+) -> Result<std::result::Result<Vec<u64>, String>> {
     let mut versions: HashMap<(Scope, &str), u64> = HashMap::new();
+    let mut olds = Vec::with_capacity(writes.len());
     for write in writes {
         let current = match versions.get(&(write.scope, write.key.as_str())) {
             Some(&v) => v,
@@ -78,22 +80,24 @@ pub(super) fn check_writes(
             0
         };
         versions.insert((write.scope, write.key.as_str()), next);
+        olds.push(current);
     }
-    Ok(Ok(()))
+    Ok(Ok(olds))
 }
 
-/// Applies checked writes in order, each with its `state_write` event.
+/// Applies checked writes in order (`olds`: their old versions, from
+/// [`check_writes`] in the same transaction), each with its `state_write` event.
 pub(super) fn apply_writes(
     tx: &Transaction<'_>,
     task_id: Option<i64>,
     owners: &Owners,
     writes: &[Write],
+    olds: &[u64],
     actor: &str,
     now: i64,
 ) -> Result<()> {
-    for write in writes {
+    for (write, &old) in writes.iter().zip(olds) {
         let owner = owners.of(write.scope);
-        let old = version_of(tx, write.scope, owner, &write.key)?;
         let new = match &write.value {
             Some(value) => {
                 tx.prepare_cached(
@@ -270,14 +274,9 @@ impl Queue {
             Scope::Chain => owner.parse().ok(),
             Scope::Agent => None,
         };
-        apply_writes(
-            &tx,
-            task,
-            &owners,
-            std::slice::from_ref(&write),
-            &actor,
-            now_ms(),
-        )?;
+        let writes = std::slice::from_ref(&write);
+        let olds = check_writes(&tx, &owners, writes)?.expect("no set-if, no conflict");
+        apply_writes(&tx, task, &owners, writes, &olds, &actor, now_ms())?;
         let version = version_of(&tx, scope, owner, key)?;
         tx.commit()?;
         Ok(version)

@@ -1384,8 +1384,16 @@ fn finish_in(
                 outbox::store(tx, id, &run.effects, true, now)?;
                 enter_review(tx, id, &held, output, &spawn, actor, now)?
             } else {
-                if let Some((owners, olds)) = &owners {
-                    state::apply_writes(tx, Some(id), owners, &run.state, olds, actor, now)?;
+                if let Some(checked) = &owners {
+                    state::apply_writes(
+                        tx,
+                        Some(id),
+                        &checked.owners,
+                        &run.state,
+                        &checked.olds,
+                        actor,
+                        now,
+                    )?;
                 }
                 outbox::store(tx, id, &run.effects, false, now)?;
                 let to = record(
@@ -1426,13 +1434,13 @@ fn check_state_writes(
     tx: &Transaction<'_>,
     id: i64,
     writes: &[crate::state::Write],
-) -> Result<std::result::Result<Option<(state::Owners, Vec<u64>)>, TaskError>> {
+) -> Result<std::result::Result<Option<state::CheckedWrites>, TaskError>> {
     if writes.is_empty() {
         return Ok(Ok(None));
     }
     let owners = state::owners_of(tx, id)?;
     Ok(match state::check_writes(tx, &owners, writes)? {
-        Ok(olds) => Ok(Some((owners, olds))),
+        Ok(olds) => Ok(Some(state::CheckedWrites { owners, olds })),
         Err(conflict) => Err(TaskError {
             kind: ErrorKind::Conflict,
             message: conflict,
@@ -1677,8 +1685,16 @@ fn approve_in(
         actor,
         now,
     )?;
-    if let Some((owners, olds)) = owners {
-        state::apply_writes(tx, Some(id), &owners, &held, &olds, actor, now)?;
+    if let Some(checked) = owners {
+        state::apply_writes(
+            tx,
+            Some(id),
+            &checked.owners,
+            &held,
+            &checked.olds,
+            actor,
+            now,
+        )?;
     }
     outbox::release_proposed(tx, id, now)?;
     Ok(to)

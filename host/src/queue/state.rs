@@ -50,6 +50,13 @@ fn version_of(conn: &rusqlite::Connection, scope: Scope, owner: &str, key: &str)
         .map_or(0, |v| v as u64))
 }
 
+/// Writes that passed their check: whose state they change, and each one's
+/// old version, for [`apply_writes`].
+pub(super) struct CheckedWrites {
+    pub owners: Owners,
+    pub olds: Vec<u64>,
+}
+
 /// Checks every `set-if` of `writes` in order, as if the earlier writes had
 /// been applied. Returns each write's old version (for [`apply_writes`]),
 /// or `Err(why)` naming the first conflict.

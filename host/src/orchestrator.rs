@@ -22,7 +22,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::delivery::Deliverer;
-use crate::models::{ModelCall, ModelContext};
+use crate::models::{Budget, ModelCall, ModelContext};
 use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 use crate::state::{Entry, Scope};
@@ -190,6 +190,16 @@ impl RunHooks for RunSide {
 
     async fn model_context(&self, lease: Lease) -> Result<ModelContext, String> {
         self.with_journal(move |q| q.model_context(lease)).await
+    }
+
+    async fn reserve_tokens(
+        &self,
+        lease: Lease,
+        need: u64,
+        manifest_budget: Option<u64>,
+    ) -> Result<Budget, String> {
+        self.with_journal(move |q| q.reserve_model_tokens(lease, need, manifest_budget))
+            .await
     }
 
     async fn state_get(

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 pub use config::{
     Api, ConfigError, DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT, ModelConfig, ModelsConfig,
 };
-pub use journal::{ModelCall, ModelContext};
+pub use journal::{Budget, ModelCall, ModelContext};
 pub use providers::Providers;
 
 /// Who wrote a message of a conversation.

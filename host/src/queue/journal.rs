@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, Row, params};
 use serde_json::json;
 
 use super::{Applied, Queue, QueueError, Result, now_ms};
-use crate::models::{ChatReply, ModelCall, ModelContext, ModelError, Usage};
+use crate::models::{Budget, ChatReply, ModelCall, ModelContext, ModelError, Usage};
 use crate::task::{Lease, State};
 
 /// What a task's model calls added up to.
@@ -60,53 +60,89 @@ fn usage_from_row(r: &Row<'_>, first: usize) -> rusqlite::Result<TaskUsage> {
 }
 
 impl Queue {
-    /// The budget left to a claimed task's run and the calls it may replay.
-    /// Fenced: a run that lost its lease learns nothing.
+    /// The calls a claimed task's run may replay. Fenced: a run that lost
+    /// its lease learns nothing.
     pub fn model_context(&self, lease: Lease) -> Result<ModelContext> {
-        let held: Option<(i64, Option<i64>)> = self
+        let replay_token: Option<Option<i64>> = self
             .conn
             .prepare_cached(
-                "SELECT COALESCE(root_id, id), replay_token FROM tasks
+                "SELECT replay_token FROM tasks
                  WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
             )?
-            .query_row(params![lease.task_id, lease.token], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(params![lease.task_id, lease.token], |r| r.get(0))
             .optional()?;
-        let Some((root, replay_token)) = held else {
-            return Err(QueueError::Corrupt(format!(
-                "task {} is no longer held under this lease",
-                lease.task_id
-            )));
+        let Some(replay_token) = replay_token else {
+            return Err(lease_lost(lease));
         };
-        let chain_budget: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT token_budget FROM tasks WHERE id = ?1")?
-            .query_row([root], |r| r.get(0))?;
-        let spent = |sql: &str, id: i64| -> Result<u64> {
-            Ok(self
-                .conn
-                .prepare_cached(sql)?
-                .query_row([id], |r| r.get::<_, i64>(0))? as u64)
-        };
-        let chain_spent = spent(
-            "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls WHERE root_id = ?1",
-            root,
-        )?;
-        let task_spent = spent(
-            "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls WHERE task_id = ?1",
-            lease.task_id,
-        )?;
         let replay = match replay_token {
             Some(token) => self.journal_of_run(lease.task_id, token)?,
             None => Vec::new(),
         };
-        Ok(ModelContext {
-            chain_budget: chain_budget.map(|b| b as u64),
-            chain_spent,
-            task_spent,
-            replay,
-        })
+        Ok(ModelContext { replay })
+    }
+
+    /// Sets `need` tokens aside for one call of a claimed task's run, if the
+    /// budgets allow: the chain's (its root's `token_budget`) and the task's
+    /// own (`manifest_budget`), each counting what was charged and what the
+    /// other live runs have reserved — so runs of one chain running at once
+    /// cannot together spend past it. `need = 0` only asks what is left.
+    pub fn reserve_model_tokens(
+        &mut self,
+        lease: Lease,
+        need: u64,
+        manifest_budget: Option<u64>,
+    ) -> Result<Budget> {
+        let tx = self.write()?;
+        let root: Option<i64> = tx
+            .prepare_cached(
+                "SELECT COALESCE(root_id, id) FROM tasks
+                 WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
+            )?
+            .query_row(params![lease.task_id, lease.token], |r| r.get(0))
+            .optional()?;
+        let Some(root) = root else {
+            return Err(lease_lost(lease));
+        };
+        let chain_budget: Option<i64> = tx
+            .prepare_cached("SELECT token_budget FROM tasks WHERE id = ?1")?
+            .query_row([root], |r| r.get(0))?;
+        let used = |column: &str, id: i64| -> Result<u64> {
+            let sql = format!(
+                "SELECT (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
+                         WHERE {column} = ?1)
+                      + (SELECT COALESCE(SUM(r.tokens), 0) FROM model_reservations r
+                         JOIN tasks t ON t.id = r.task_id AND t.claim_token = r.token
+                                     AND t.state = 'in_progress'
+                         WHERE r.{column} = ?1)"
+            );
+            Ok(tx
+                .prepare_cached(&sql)?
+                .query_row([id], |r| r.get::<_, i64>(0))? as u64)
+        };
+        let chain_left = match chain_budget {
+            Some(budget) => Some((budget as u64).saturating_sub(used("root_id", root)?)),
+            None => None,
+        };
+        let task_left = match manifest_budget {
+            Some(budget) => Some(budget.saturating_sub(used("task_id", lease.task_id)?)),
+            None => None,
+        };
+        let left = match (chain_left, task_left) {
+            (Some(c), Some(t)) => c.min(t),
+            (Some(left), None) | (None, Some(left)) => left,
+            (None, None) => return Ok(Budget::Unlimited),
+        };
+        if need > left {
+            return Ok(Budget::Refused { left });
+        }
+        if need > 0 {
+            tx.prepare_cached(
+                "INSERT INTO model_reservations (task_id, root_id, token, tokens) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![lease.task_id, root, lease.token, need as i64])?;
+            tx.commit()?;
+        }
+        Ok(Budget::Reserved { left: left - need })
     }
 
     /// The calls one run made, in order.
@@ -193,6 +229,9 @@ impl Queue {
         let Some((root, agent)) = held else {
             return Ok(Applied::LeaseLost);
         };
+        // The call is settled: its charge replaces its reservation.
+        tx.prepare_cached("DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2")?
+            .execute(params![lease.task_id, lease.token])?;
         let request = serde_json::to_string(&call.request).expect("a request serializes");
         let (reply, error) = match &call.outcome {
             Ok(reply) => (
@@ -337,6 +376,13 @@ impl Queue {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+fn lease_lost(lease: Lease) -> QueueError {
+    QueueError::Corrupt(format!(
+        "task {} is no longer held under this lease",
+        lease.task_id
+    ))
 }
 
 fn usage_pair(r: &Row<'_>, first: usize) -> rusqlite::Result<Usage> {

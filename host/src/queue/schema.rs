@@ -120,6 +120,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX model_calls_by_root ON model_calls(root_id);
     CREATE INDEX model_calls_by_time ON model_calls(at);
 
+    -- Tokens set aside for model calls in flight, so that runs of one chain
+    -- running at once cannot together spend past its budget. A reservation
+    -- counts only while its run holds the task's lease.
+    CREATE TABLE model_reservations (
+        id      INTEGER PRIMARY KEY,
+        task_id INTEGER NOT NULL,
+        root_id INTEGER NOT NULL,
+        token   INTEGER NOT NULL,                   -- the claim token of the run
+        tokens  INTEGER NOT NULL
+    );
+    CREATE INDEX model_reservations_by_task ON model_reservations(task_id);
+    CREATE INDEX model_reservations_by_root ON model_reservations(root_id);
+
     ALTER TABLE tasks ADD COLUMN held_state TEXT;       -- JSON list of state writes held while in review
 
     CREATE TABLE state (

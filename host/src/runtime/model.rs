@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::models::{
-    ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Providers, Usage,
+    Budget, ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Providers, Usage,
     estimate_prompt_tokens, request_hash,
 };
 use crate::task::Lease;
@@ -20,8 +20,6 @@ use super::sandbox::RunHooks;
 
 /// What the session learned from the journal before its first call.
 struct Loaded {
-    /// Tokens this run may still spend; `None` is unlimited.
-    remaining: Option<u64>,
     /// Replies of the interrupted previous run, not replayed yet.
     replay: VecDeque<ModelCall>,
 }
@@ -63,8 +61,8 @@ impl ModelSession {
         }
     }
 
-    /// Reads the budget and the replayable calls on first use, so runs that
-    /// never call a model cost nothing.
+    /// Reads the replayable calls on first use, so runs that never call a
+    /// model cost nothing.
     async fn load(&mut self) -> Result<&mut Loaded, ModelError> {
         if self.loaded.is_none() {
             let context: ModelContext =
@@ -74,16 +72,29 @@ impl ModelSession {
                     ))
                 })?;
             self.loaded = Some(Loaded {
-                remaining: context.remaining(self.manifest_budget),
                 replay: context.replay.into(),
             });
         }
         Ok(self.loaded.as_mut().expect("just loaded"))
     }
 
+    /// Sets `need` tokens aside against the task's and the chain's budgets
+    /// (the daemon counts what other live runs of the chain have set aside).
+    async fn reserve(&self, need: u64) -> Result<Budget, ModelError> {
+        self.hooks
+            .reserve_tokens(self.lease, need, self.manifest_budget)
+            .await
+            .map_err(|e| {
+                ModelError::Unavailable(format!("the task's budget could not be read: {e}"))
+            })
+    }
+
     /// Tokens this run may still spend.
     pub async fn remaining(&mut self) -> Result<Option<u64>, ModelError> {
-        Ok(self.load().await?.remaining)
+        Ok(match self.reserve(0).await? {
+            Budget::Unlimited => None,
+            Budget::Reserved { left } | Budget::Refused { left } => Some(left),
+        })
     }
 
     /// One call: granted? replayable? affordable? Then the provider. Every
@@ -148,18 +159,17 @@ impl ModelSession {
         }
         let need =
             u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
-        if let Some(left) = loaded.remaining
-            && need > left
-        {
-            return refused(ModelError::BudgetExceeded(format!(
-                "this call may take up to {need} tokens (prompt estimate plus max-tokens) and the task has {left} left of its budget"
-            )));
+        match self.reserve(need).await {
+            Err(e) => return refused(e),
+            Ok(Budget::Refused { left }) => {
+                return refused(ModelError::BudgetExceeded(format!(
+                    "this call may take up to {need} tokens (prompt estimate plus max-tokens) and the task has {left} left of its budget"
+                )));
+            }
+            Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
         let outcome = providers.complete(request).await;
         let charged = outcome.as_ref().map(|r| r.usage).unwrap_or_default();
-        if let Some(left) = &mut loaded.remaining {
-            *left = left.saturating_sub(charged.total());
-        }
         let cost = providers.cost_usd(&request.model, &charged);
         (outcome, false, charged, cost)
     }

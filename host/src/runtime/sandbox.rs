@@ -18,7 +18,7 @@ use super::effects::EffectsSession;
 use super::http::HttpSession;
 use super::model::ModelSession;
 use super::state::StateSession;
-use crate::models::{ModelCall, ModelContext};
+use crate::models::{Budget, ModelCall, ModelContext};
 use crate::state::{Entry, Scope};
 use crate::task::Lease;
 
@@ -34,10 +34,27 @@ pub trait RunHooks: Send + Sync {
     /// The agent called `heartbeat(progress)`.
     fn progress(&self, task_id: i64, progress: Option<String>);
 
-    /// The task's budget and the replayable calls of its previous run,
-    /// read before the run's first model call.
+    /// The replayable calls of the task's previous run, read before the
+    /// run's first model call.
     async fn model_context(&self, _lease: Lease) -> Result<ModelContext, String> {
         Ok(ModelContext::default())
+    }
+
+    /// Sets `need` tokens aside for a call against the task's budgets (the
+    /// chain's and `manifest_budget`), counting what was charged and what
+    /// other live runs set aside. Without a queue, only the manifest's
+    /// budget applies, to this call alone.
+    async fn reserve_tokens(
+        &self,
+        _lease: Lease,
+        need: u64,
+        manifest_budget: Option<u64>,
+    ) -> Result<Budget, String> {
+        Ok(match manifest_budget {
+            None => Budget::Unlimited,
+            Some(left) if need > left => Budget::Refused { left },
+            Some(left) => Budget::Reserved { left: left - need },
+        })
     }
 
     /// Appends an audit event about the run (`http_request`, ...), fenced by

@@ -41,6 +41,10 @@ impl kit::Host for WitHost {
         host::log(level, message);
     }
 
+    fn http_get(&mut self, url: &str) -> Result<(u16, String), String> {
+        http_get(url)
+    }
+
     fn send_after_commit(&mut self, method: &str, url: &str, body: &str) -> Result<u32, String> {
         effects::send_after_commit(&effects::Request {
             method: method.to_string(),
@@ -100,6 +104,57 @@ impl kit::Host for WitHost {
             }
         }
     }
+}
+
+/// A GET through `wasi:http/outgoing-handler` (the host checks it against
+/// the manifest's `allowed_hosts` and refuses anything else).
+fn http_get(url: &str) -> Result<(u16, String), String> {
+    use wasi::http::outgoing_handler;
+    use wasi::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
+    use wasi::io::streams::StreamError;
+
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not a URL"))?;
+    let (authority, path) = rest
+        .find('/')
+        .map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
+    let request = OutgoingRequest::new(Fields::new());
+    let _ = request.set_method(&Method::Get);
+    let scheme = match scheme {
+        "https" => Scheme::Https,
+        _ => Scheme::Http,
+    };
+    let _ = request.set_scheme(Some(&scheme));
+    let _ = request.set_authority(Some(authority));
+    let _ = request.set_path_with_query(Some(path));
+    let body = request
+        .body()
+        .map_err(|_| "the request body was taken".to_string())?;
+    let future = outgoing_handler::handle(request, None).map_err(|code| format!("{code:?}"))?;
+    let _ = OutgoingBody::finish(body, None);
+    future.subscribe().block();
+    let response = match future.get() {
+        Some(Ok(Ok(response))) => response,
+        Some(Ok(Err(code))) => return Err(format!("{code:?}")),
+        other => return Err(format!("no response: {other:?}")),
+    };
+    let status = response.status();
+    let incoming = response
+        .consume()
+        .map_err(|_| "the response body was taken".to_string())?;
+    let stream = incoming
+        .stream()
+        .map_err(|_| "the response stream was taken".to_string())?;
+    let mut bytes = Vec::new();
+    loop {
+        match stream.blocking_read(64 * 1024) {
+            Ok(chunk) => bytes.extend_from_slice(&chunk),
+            Err(StreamError::Closed) => break,
+            Err(StreamError::LastOperationFailed(e)) => return Err(e.to_debug_string()),
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 struct Component;

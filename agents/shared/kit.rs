@@ -142,6 +142,13 @@ pub trait Host {
         let _ = (key, value, version);
     }
 
+    /// GETs `url` over the host's outbound HTTP (only origins the manifest
+    /// grants): the status and body, or why there is none.
+    fn http_get(&mut self, url: &str) -> Result<(u16, String), String> {
+        let _ = url;
+        Err("this host offers no outbound HTTP".into())
+    }
+
     /// Queues a JSON request to be sent once this task completes (after
     /// approval when reviewed); the host sends it at least once with an
     /// idempotency key. Returns its sequence number, or why it was refused.
@@ -393,6 +400,10 @@ pub struct Recorder {
     pub writes: Vec<(String, String, Option<u64>)>,
     /// `(method, url, body)` of every queued effect.
     pub effects: Vec<(String, String, String)>,
+    /// Scripted answers to `http_get`, in order.
+    pub http_answers: std::collections::VecDeque<Result<(u16, String), String>>,
+    /// URLs of every `http_get`.
+    pub fetched: Vec<String>,
 }
 
 #[cfg(test)]
@@ -417,6 +428,12 @@ impl Host for Recorder {
     }
     fn state_get(&mut self, key: &str) -> Option<(String, u64)> {
         self.state.get(key).cloned()
+    }
+    fn http_get(&mut self, url: &str) -> Result<(u16, String), String> {
+        self.fetched.push(url.to_string());
+        self.http_answers
+            .pop_front()
+            .unwrap_or_else(|| Err("no answer scripted".into()))
     }
     fn send_after_commit(&mut self, method: &str, url: &str, body: &str) -> Result<u32, String> {
         self.effects.push((method.into(), url.into(), body.into()));

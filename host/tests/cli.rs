@@ -451,6 +451,10 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
     );
     assert!(stdout.contains("1 revision(s) after review"), "{stdout}");
     assert!(stdout.contains("The shop received 3 listings"), "{stdout}");
+    assert!(
+        stdout.contains("The flaky supplier (a loopback API ops asks over HTTP) was asked"),
+        "{stdout}"
+    );
     let page = std::fs::read_to_string(out_dir.join("pages/lumen-desk-lamp-co.html")).unwrap();
     assert_well_formed_html(&page);
     assert!(

@@ -46,6 +46,9 @@ pub struct Check {
     pub currency: String,
     pub stock: i64,
     pub supplier: Option<String>,
+    /// The supplier's API (`"supplier_url": "http://…"`): asked over HTTP
+    /// for availability. Without it, the supplier "flaky" is simulated.
+    pub supplier_url: Option<String>,
 }
 
 /// The ops agent's result.
@@ -76,6 +79,7 @@ impl Check {
             currency: f.text("currency")?.to_string(),
             stock: f.int("stock", STOCK_RULE)?,
             supplier: f.opt_string("supplier")?.map(str::to_string),
+            supplier_url: f.opt_string("supplier_url")?.map(str::to_string),
         })
     }
 }
@@ -126,7 +130,10 @@ pub fn check(c: &Check, attempt: u32) -> Result<Report, Failure> {
     if !broken.is_empty() {
         return Err(Failure::Permanent(broken.join("; ")));
     }
-    if c.supplier.as_deref() == Some(FLAKY_SUPPLIER) && attempt < FLAKY_ANSWERS_FROM {
+    if c.supplier_url.is_none()
+        && c.supplier.as_deref() == Some(FLAKY_SUPPLIER)
+        && attempt < FLAKY_ANSWERS_FROM
+    {
         return Err(Failure::Retryable(format!(
             "supplier {FLAKY_SUPPLIER} did not answer (attempt {attempt})"
         )));
@@ -161,6 +168,23 @@ pub fn record_listing(host: &mut dyn Host, task: &Task, c: &Check) {
     host.state_set_if(LISTED_COUNT, &(count + 1).to_string(), version);
 }
 
+/// Asks the supplier's API whether it can deliver: a 2xx is yes; anything
+/// else (or no answer) is transient, so the run is retried with backoff.
+fn ask_supplier(host: &mut dyn Host, url: &str, attempt: u32) -> Result<(), Failure> {
+    match host.http_get(url) {
+        Ok((status, _)) if (200..300).contains(&status) => {
+            host.info(&format!("supplier at {url} answered {status}"));
+            Ok(())
+        }
+        Ok((status, _)) => Err(Failure::Retryable(format!(
+            "supplier at {url} answered {status} (attempt {attempt})"
+        ))),
+        Err(why) => Err(Failure::Retryable(format!(
+            "supplier at {url} did not answer: {why} (attempt {attempt})"
+        ))),
+    }
+}
+
 /// One run: read the numbers, apply the rules, ask the supplier.
 pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
     host.heartbeat("checking pricing and stock");
@@ -182,6 +206,9 @@ pub fn run(task: &Task, host: &mut dyn Host) -> Result<Done, Failure> {
             "asking supplier {supplier} (attempt {} of {})",
             task.attempt, task.max_attempts
         ));
+    }
+    if let Some(url) = &c.supplier_url {
+        ask_supplier(host, url, task.attempt).map_err(|e| kit::report(host, e))?;
     }
     let report = check(&c, task.attempt).map_err(|e| kit::report(host, e))?;
     host.info(&format!(

@@ -299,3 +299,19 @@ fn without_a_shop_nothing_is_published() {
     run(&Task::new("ops", payload), &mut host).unwrap();
     assert!(host.effects.is_empty());
 }
+
+#[test]
+fn a_supplier_api_that_answers_503_makes_the_run_retry_and_a_200_lets_it_pass() {
+    let payload = r#"{"price_cents":2900,"cost_cents":900,"currency":"USD","stock":120,"supplier":"flaky","supplier_url":"http://127.0.0.1:9/suppliers/flaky"}"#;
+    let mut host = Recorder::default();
+    host.http_answers.push_back(Ok((503, String::new())));
+    match run(&Task::new("ops", payload), &mut host) {
+        Err(Failure::Retryable(message)) => assert!(message.contains("answered 503"), "{message}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let mut host = Recorder::default();
+    host.http_answers.push_back(Ok((200, "{}".into())));
+    // With a supplier API, the simulated flakiness does not apply.
+    run(&Task::new("ops", payload), &mut host).unwrap();
+    assert_eq!(host.fetched, ["http://127.0.0.1:9/suppliers/flaky"]);
+}

@@ -93,7 +93,20 @@ pub async fn demo(
     // The shop ops publishes listings to: a loopback server counting them.
     let (shop_addr, shop_keys) = super::loopback::serve(r#"{"listed":true}"#).await?;
     let shop = format!("http://{shop_addr}");
-    let agents_dir = &demo_agents(agents_dir, &args.dir.join("agents"), &shop)?;
+    // The suppliers ops asks over HTTP: "flaky" refuses its first two calls.
+    let flaky_calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = flaky_calls.clone();
+    let status_of: super::loopback::StatusOf = Arc::new(move |path: &str| {
+        let flaky = path.ends_with("/flaky");
+        match flaky && counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+            true => 503,
+            false => 200,
+        }
+    });
+    let (supplier_addr, _) =
+        super::loopback::serve_with(r#"{"available":true}"#, status_of).await?;
+    let suppliers = format!("http://{supplier_addr}");
+    let agents_dir = &demo_agents(agents_dir, &args.dir.join("agents"), &[&shop, &suppliers])?;
     let (runtime, agents) = super::load_agents(&db, agents_dir, 16, models).await?;
     for agent in AGENTS {
         if agents.loaded(agent).is_none() {
@@ -129,7 +142,7 @@ pub async fn demo(
     }
     let launches: Vec<Launch> = briefs()
         .iter()
-        .map(|brief| submit_launch(&mut queue, brief, &shop))
+        .map(|brief| submit_launch(&mut queue, brief, &shop, &suppliers))
         .collect::<Result<_>>()?;
 
     let until_idle = || run_until_idle(&db, &actor, &runtime, agents_dir);
@@ -177,6 +190,11 @@ pub async fn demo(
     print_tree(&mut out, &queue, &launches)?;
     print_state(&mut out, &queue)?;
     print_shop(&mut out, &shop_keys)?;
+    writeln!(
+        out,
+        "The flaky supplier (a loopback API ops asks over HTTP) was asked {} times: 503 twice, then 200.",
+        flaky_calls.load(std::sync::atomic::Ordering::SeqCst)
+    )?;
     writeln!(out, "\nGenerated product pages (open them in a browser):")?;
     for (name, path) in &pages {
         writeln!(out, "  {name}: {}", path.display())?;
@@ -205,7 +223,7 @@ pub async fn demo(
     }
 }
 
-fn submit_launch(queue: &mut Queue, brief: &Value, shop: &str) -> Result<Launch> {
+fn submit_launch(queue: &mut Queue, brief: &Value, shop: &str, suppliers: &str) -> Result<Launch> {
     let payload = brief.to_string();
     let design = queue.submit(&NewTask::new("design", payload.clone()))?.id;
     let mut marketing = NewTask::new("marketing", payload.clone());
@@ -215,6 +233,9 @@ fn submit_launch(queue: &mut Queue, brief: &Value, shop: &str) -> Result<Launch>
     // ops publishes the listing to the shop as an effect.
     let mut ops_brief = brief.clone();
     ops_brief["shop"] = json!(shop);
+    // ... and asks its supplier over HTTP.
+    let supplier = brief["supplier"].as_str().unwrap_or("default");
+    ops_brief["supplier_url"] = json!(format!("{suppliers}/suppliers/{supplier}"));
     let mut ops = NewTask::new("ops", ops_brief.to_string());
     ops.depends_on = vec![design];
     // Short backoff so the flaky supplier's retries fit in a demo.
@@ -254,7 +275,7 @@ async fn run_until_idle(
 /// Writes each `code` task's HTML to `<dir>/<slug>.html`.
 /// The demo's own copy of the agents (components and manifests), with ops
 /// granted the demo shop's origin, so the demo changes nothing in `from`.
-fn demo_agents(from: &Path, to: &Path, shop: &str) -> Result<PathBuf> {
+fn demo_agents(from: &Path, to: &Path, origins: &[&str]) -> Result<PathBuf> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for agent in AGENTS {
         for ext in ["wasm", "toml"] {
@@ -268,7 +289,7 @@ fn demo_agents(from: &Path, to: &Path, shop: &str) -> Result<PathBuf> {
     let manifest = to.join("ops.toml");
     let mut text = std::fs::read_to_string(&manifest).unwrap_or_default();
     text.push_str(&format!(
-        "\n# The demo's shop (added by colony demo)\nallowed_hosts = [{shop:?}]\n"
+        "\n# The demo's shop and suppliers (added by colony demo)\nallowed_hosts = {origins:?}\n"
     ));
     std::fs::write(&manifest, text)?;
     Ok(to.to_path_buf())

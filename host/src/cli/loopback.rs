@@ -17,18 +17,30 @@ use hyper_util::rt::TokioIo;
 /// How often each idempotency key arrived.
 pub type KeyCounts = Arc<Mutex<HashMap<String, u32>>>;
 
+/// Picks the status of a response from the request's path.
+pub type StatusOf = Arc<dyn Fn(&str) -> u16 + Send + Sync>;
+
 /// Serves until the process ends; returns the address and the key counts.
 pub async fn serve(reply: &'static str) -> Result<(SocketAddr, KeyCounts)> {
+    serve_with(reply, Arc::new(|_| 200)).await
+}
+
+/// The same, answering with the status `status_of` picks for each path.
+pub async fn serve_with(
+    reply: &'static str,
+    status_of: StatusOf,
+) -> Result<(SocketAddr, KeyCounts)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let keys = KeyCounts::default();
     let counts = keys.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let keys = keys.clone();
+            let (keys, status_of) = (keys.clone(), status_of.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                     let keys = keys.clone();
+                    let status = status_of(request.uri().path());
                     async move {
                         if let Some(key) = request.headers().get("idempotency-key") {
                             let key = String::from_utf8_lossy(key.as_bytes()).into_owned();
@@ -36,6 +48,7 @@ pub async fn serve(reply: &'static str) -> Result<(SocketAddr, KeyCounts)> {
                         }
                         let _ = request.into_body().collect().await;
                         let response = Response::builder()
+                            .status(status)
                             .header("content-type", "application/json")
                             .body(Full::new(Bytes::from_static(reply.as_bytes())))
                             .expect("a static response is valid");

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use colony::queue::Queue;
+use colony::queue::{Queue, all_readable};
 use colony::task::State;
 use serde_json::Value;
 
@@ -60,22 +60,12 @@ fn a_chain_of_three_agents_via_next() {
     let root = env.submit(&["echo", r#"{"step":1}"#, "--next", next]);
     env.until_idle(&[]);
     let q = env.queue();
-    let second = q
-        .children(root)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let second = all_readable(q.children(root).unwrap()).unwrap();
     assert_eq!(
         (second.len(), second[0].agent.as_str(), second[0].state),
         (1, "heartbeat", State::Complete)
     );
-    let third = q
-        .children(second[0].id)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let third = all_readable(q.children(second[0].id).unwrap()).unwrap();
     assert_eq!(
         (third.len(), third[0].agent.as_str(), third[0].state),
         (1, "sleeper", State::Complete)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use colony::queue::{Applied, Lease, ListFilter, Queue, QueueError, QueueOptions};
+use colony::queue::{Applied, Lease, ListFilter, Queue, QueueError, QueueOptions, all_readable};
 use colony::task::{ErrorKind, NewTask, NextSpec, RunOutcome, SpawnSpec, State, TaskError};
 use serde_json::json;
 
@@ -220,14 +220,7 @@ fn invalid_output_is_a_permanent_failure_and_applies_nothing() {
     assert_eq!(task.error.as_ref().unwrap().kind, ErrorKind::InvalidOutput);
     assert!(task.error.unwrap().message.contains("spawn[0].payload"));
     assert!(task.result.is_none());
-    assert!(
-        q.children(id)
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .is_empty()
-    );
+    assert!(q.children(id).unwrap().is_empty());
 }
 
 #[test]
@@ -252,12 +245,7 @@ fn chains_three_levels_deep_pass_parent_results() {
 
     let lease = claim_one(&mut q, "design");
     q.finish(lease, ok(json!({"spec": "S"})), "").unwrap();
-    let children = q
-        .children(root)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let children = all_readable(q.children(root).unwrap()).unwrap();
     assert_eq!(children.len(), 1);
     assert_eq!(
         (children[0].agent.as_str(), children[0].state),
@@ -268,12 +256,7 @@ fn chains_three_levels_deep_pass_parent_results() {
     assert_eq!(claimed[0].parent_result.as_deref(), Some(r#"{"spec":"S"}"#));
     q.finish(claimed[0].lease, ok(json!({"html": "H"})), "")
         .unwrap();
-    let grandchildren = q
-        .children(children[0].id)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let grandchildren = all_readable(q.children(children[0].id).unwrap()).unwrap();
     assert_eq!(grandchildren.len(), 1);
     assert_eq!(grandchildren[0].payload, json!({"step": 3}));
 
@@ -314,12 +297,7 @@ fn spawned_children_are_inserted_with_the_completion() {
         "",
     )
     .unwrap();
-    let children = q
-        .children(id)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let children = all_readable(q.children(id).unwrap()).unwrap();
     assert_eq!(children.len(), 2);
     assert_eq!((children[0].priority, children[0].review), (3, false));
     assert_eq!(
@@ -433,24 +411,11 @@ fn review_approve_inserts_children_then() {
         Applied::Moved(State::Review)
     );
     assert!(
-        q.children(id)
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .is_empty(),
+        q.children(id).unwrap().is_empty(),
         "children wait for approval"
     );
     assert_eq!(q.approve(id, Some("ship it")).unwrap(), State::Complete);
-    assert_eq!(
-        q.children(id)
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .len(),
-        1
-    );
+    assert_eq!(all_readable(q.children(id).unwrap()).unwrap().len(), 1);
     assert!(matches!(
         q.approve(id, None),
         Err(QueueError::Illegal {

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use colony::queue::all_readable;
 use colony::runtime::RunHooks;
 use colony::task::{ClaimedTask, Lease};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State};
@@ -97,15 +98,7 @@ impl StoreChecks for Harness {
             error.message
         );
         assert!(task.result.is_none());
-        assert!(
-            self.queue()
-                .children(id)
-                .unwrap()
-                .into_iter()
-                .map(Result::unwrap)
-                .collect::<Vec<_>>()
-                .is_empty()
-        );
+        assert!(self.queue().children(id).unwrap().is_empty());
         let log = self.log(id);
         assert!(
             log.contains(&format!("[warn] giving up: {}", error.message)),
@@ -225,13 +218,7 @@ async fn design_specs_a_brief_and_its_code_child_renders_it_escaped() {
     );
 
     // Exactly one child: `code`, which rendered the page from the parent's result.
-    let children = h
-        .queue()
-        .children(id)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let children = all_readable(h.queue().children(id).unwrap()).unwrap();
     assert_eq!(children.len(), 1, "{children:?}");
     let child = &children[0];
     assert_eq!(
@@ -360,15 +347,7 @@ async fn code_renders_a_spec_from_its_payload() {
     let id = h.submit(new_task("code", &spec()));
     h.run_until_idle().await;
     let page = h.completed(id);
-    assert!(
-        h.queue()
-            .children(id)
-            .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .is_empty()
-    );
+    assert!(h.queue().children(id).unwrap().is_empty());
     assert_eq!(page["title"], "Tide & Stone");
     let html = page["html"].as_str().unwrap();
     assert_eq!(page["bytes"], html.len());

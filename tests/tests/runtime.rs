@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use colony::queue::all_readable;
 use colony::runtime::{AgentDir, AgentStatus, NoHooks, RunHooks};
 use colony::task::{ClaimedTask, Lease};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State, Task};
@@ -248,13 +249,7 @@ async fn spawned_children_run_after_their_parent() {
     let id = h.submit(new_task("spawner", payload));
     h.run_until_idle().await;
     assert_eq!(h.task(id).result, Some(json!({"spawned": 2})));
-    let children = h
-        .queue()
-        .children(id)
-        .unwrap()
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let children = all_readable(h.queue().children(id).unwrap()).unwrap();
     assert_eq!(children.len(), 2);
     for child in &children {
         assert_eq!(child.state, State::Complete);
@@ -279,15 +274,7 @@ async fn invalid_output_fails_permanently_and_applies_nothing() {
             (State::Failed, 1, ErrorKind::InvalidOutput)
         );
         assert!(task.result.is_none());
-        assert!(
-            h.queue()
-                .children(id)
-                .unwrap()
-                .into_iter()
-                .map(Result::unwrap)
-                .collect::<Vec<_>>()
-                .is_empty()
-        );
+        assert!(h.queue().children(id).unwrap().is_empty());
     }
     assert!(
         h.task(badspawn)

@@ -594,15 +594,13 @@ fn a_killed_daemons_model_calls_are_replayed_not_paid_again() {
     for text in ["one", "two", "three"] {
         server.push(Scripted::answer_with_usage(text, 100, 20));
     }
-    let config = env.data.path().join("colony.toml");
-    std::fs::write(
-        &config,
+    let config = env.file(
+        "colony.toml",
         format!(
             "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n",
             server.openai_url()
         ),
-    )
-    .unwrap();
+    );
     let daemon = |extra: &[&str]| {
         env.cmd()
             .env("COLONY_CONFIG", &config)
@@ -674,12 +672,10 @@ fn a_killed_daemons_model_calls_are_replayed_not_paid_again() {
 #[test]
 fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     let env = Env::new(&["echo"]);
-    let config = env.data.path().join("colony.toml");
-    std::fs::write(
-        &config,
+    let config = env.file(
+        "colony.toml",
         "[models.fast]\napi = \"cohere\"\nbase_url = \"x\"\nmodel = \"m\"\n",
-    )
-    .unwrap();
+    );
     let out = env
         .cmd()
         .env("COLONY_CONFIG", &config)

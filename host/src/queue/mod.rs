@@ -585,6 +585,9 @@ impl Queue {
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(stale.len());
         for (id, attempts, max_attempts, holder, heartbeat_at) in stale {
+            // The dead run's model-token reservations no longer count.
+            tx.prepare_cached("DELETE FROM model_reservations WHERE task_id = ?1")?
+                .execute([id])?;
             let silent_ms = now - heartbeat_at;
             let detail = json!({
                 "holder": holder,

@@ -170,30 +170,39 @@ impl Queue {
             )?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
+        // An effect whose stored headers cannot be read can never be sent:
+        // it fails now, visibly, instead of holding up its batch forever.
+        let mut deliveries = Vec::with_capacity(claimed.len());
+        for (id, task_id, agent, attempt, seq, method, url, headers, body) in claimed {
+            match serde_json::from_str(&headers) {
+                Ok(headers) => deliveries.push(Delivery {
+                    id,
+                    task_id,
+                    agent,
+                    token,
+                    attempt,
+                    effect: Effect {
+                        seq,
+                        method,
+                        url,
+                        headers,
+                        body,
+                    },
+                }),
+                Err(e) => {
+                    tx.prepare_cached(
+                        "UPDATE effects SET state = 'failed', error = ?1, claim_token = NULL,
+                                claimed_by = NULL, lease_until = NULL WHERE id = ?2",
+                    )?
+                    .execute(params![
+                        format!("its stored headers cannot be read: {e}"),
+                        id
+                    ])?;
+                }
+            }
+        }
         tx.commit()?;
-        claimed
-            .into_iter()
-            .map(
-                |(id, task_id, agent, attempt, seq, method, url, headers, body)| {
-                    let headers = serde_json::from_str(&headers)
-                        .map_err(|e| QueueError::Corrupt(format!("effect {id} headers: {e}")))?;
-                    Ok(Delivery {
-                        id,
-                        task_id,
-                        agent,
-                        token,
-                        attempt,
-                        effect: Effect {
-                            seq,
-                            method,
-                            url,
-                            headers,
-                            body,
-                        },
-                    })
-                },
-            )
-            .collect()
+        Ok(deliveries)
     }
 
     /// Records a delivery attempt's end, fenced by its claim: `Ok(status)`

@@ -142,6 +142,28 @@ impl Event {
     }
 }
 
+/// Agent names are file stems of components: kept portable and printable.
+/// The message says what is wrong with `name`.
+pub fn check_agent_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the agent name is empty".into());
+    }
+    if name.len() > 64 {
+        return Err(format!(
+            "the agent name {name:?} is longer than 64 characters"
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "the agent name {name:?} may only contain letters, digits, '-' and '_'"
+        ));
+    }
+    Ok(())
+}
+
 /// The transition table. `from` is `None` for a task that does not exist yet.
 /// Returns the new state, or `None` when the event is not allowed from `from`.
 pub fn transition(from: Option<State>, event: Event) -> Option<State> {

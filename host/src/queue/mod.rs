@@ -1055,25 +1055,7 @@ fn in_batch(index: usize, e: QueueError) -> QueueError {
 
 /// Agent names are file stems of components: keep them portable and printable.
 pub fn validate_agent_name(field: &str, name: &str) -> Result<()> {
-    if name.is_empty() {
-        return Err(QueueError::invalid(field, "the agent name is empty"));
-    }
-    if name.len() > 64 {
-        return Err(QueueError::invalid(
-            field,
-            format!("the agent name {name:?} is longer than 64 characters"),
-        ));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(QueueError::invalid(
-            field,
-            format!("the agent name {name:?} may only contain letters, digits, '-' and '_'"),
-        ));
-    }
-    Ok(())
+    task::check_agent_name(name).map_err(|why| QueueError::invalid(field, why))
 }
 
 /// Checks a JSON document exactly the way every reader of the database parses

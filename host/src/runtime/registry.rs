@@ -331,8 +331,8 @@ impl AgentDir {
         manifest_path: &Path,
         has_manifest: bool,
     ) -> AgentStatus {
-        if let Err(e) = crate::queue::validate_agent_name("file name", name) {
-            return AgentStatus::Broken(format!("{}: {e}", path.display()));
+        if let Err(why) = crate::task::check_agent_name(name) {
+            return AgentStatus::Broken(format!("{}: invalid file name: {why}", path.display()));
         }
         if let Some(reason) = not_a_file(path) {
             return AgentStatus::Broken(reason);

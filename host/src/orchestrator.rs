@@ -138,7 +138,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error(
-        "the daemon stopped: {0}. Retrying cannot fix this (check the file's permissions, the disk and the colony version); no further work was claimed"
+        "the daemon stopped: {0}. Retrying cannot fix this (check the database's permissions, the disk and the colony version); no further work was claimed"
     )]
     Unusable(QueueError),
 }
@@ -407,13 +407,17 @@ impl Daemon {
                 _ = tokio::time::sleep_until(wait_until.into()) => {
                     // Cheap reads: did another process commit (a CLI submit,
                     // another daemon), or is a scheduled retry due?
-                    let version = self.queue.data_version().ok();
-                    let due = self.queue.next_due_at().ok().flatten().is_some_and(|t| t <= crate::queue::now_ms());
+                    // The queue's clock decides what is due (the server's on PostgreSQL).
+                    let (version, due, effect_due) = tokio::task::block_in_place(|| {
+                        let now = self.queue.now().unwrap_or_else(|_| crate::queue::now_ms());
+                        let due = self.queue.next_due_at().ok().flatten().is_some_and(|t| t <= now);
+                        let effect_due = self.queue.next_effect_due().ok().flatten().is_some_and(|t| t <= now);
+                        (self.queue.data_version().ok(), due, effect_due)
+                    });
                     if version != last_data_version || due {
                         look = true;
                     }
-                    let effect_due = self.queue.next_effect_due().ok().flatten();
-                    self.effects_due |= effect_due.is_some_and(|t| t <= crate::queue::now_ms());
+                    self.effects_due |= effect_due;
                     last_data_version = version;
                 }
                 changed = shutdown.changed() => {

@@ -482,6 +482,20 @@ pub struct Task {
     pub finished_at: Option<i64>,
 }
 
+/// A reviewer agent's answer: `{"approve": bool, "note": "..."}`.
+pub fn parse_verdict(output: &str) -> Result<(bool, Option<String>), String> {
+    let value: serde_json::Value = serde_json::from_str(output).map_err(|e| e.to_string())?;
+    let approve = value
+        .get("approve")
+        .and_then(|v| v.as_bool())
+        .ok_or_else(|| "a reviewer's output must be {\"approve\": true|false, \"note\": \"...\"}; \"approve\" is missing or not a boolean".to_string())?;
+    let note = value
+        .get("note")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    Ok((approve, note))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

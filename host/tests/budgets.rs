@@ -1,6 +1,10 @@
 //! Token budgets against a real queue file: runs of one chain running at
 //! once cannot together spend past the chain's budget, because each call
 //! reserves its tokens first and live reservations count for everyone.
+//! Each test runs on both drivers (`name::sqlite`, `name::postgres`).
+
+mod common;
+use common::on_both_drivers;
 
 use std::time::Duration;
 
@@ -59,91 +63,87 @@ fn two_children_running(q: &mut Queue, budget: u64) -> (Lease, Lease) {
     (a, b)
 }
 
-#[test]
-fn live_reservations_of_a_chain_count_for_every_run_of_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = Queue::open(dir.path().join("colony.db")).unwrap();
-    let (a, b) = two_children_running(&mut q, 200);
-    assert_eq!(
-        q.reserve_model_tokens(a, 110, None).unwrap(),
-        Budget::Reserved { left: 90 }
-    );
-    // While a's call is in flight, b cannot reserve past what is left.
-    assert_eq!(
-        q.reserve_model_tokens(b, 110, None).unwrap(),
-        Budget::Refused { left: 90 }
-    );
-    // a's call settles at 50 tokens: its reservation gives way to its charge.
-    let charged = Usage {
-        input_tokens: 30,
-        output_tokens: 20,
-    };
-    q.record_model_call(a, 1, &call(charged)).unwrap();
-    assert_eq!(
-        q.reserve_model_tokens(b, 110, None).unwrap(),
-        Budget::Reserved { left: 40 }
-    );
-    // Asking with need 0 only reads what is left.
-    assert_eq!(
-        q.reserve_model_tokens(a, 0, None).unwrap(),
-        Budget::Reserved { left: 40 }
-    );
-}
+on_both_drivers! {
+    fn live_reservations_of_a_chain_count_for_every_run_of_it(db) {
+        let mut q = db.open();
+        let (a, b) = two_children_running(&mut q, 200);
+        assert_eq!(
+            q.reserve_model_tokens(a, 110, None).unwrap(),
+            Budget::Reserved { left: 90 }
+        );
+        // While a's call is in flight, b cannot reserve past what is left.
+        assert_eq!(
+            q.reserve_model_tokens(b, 110, None).unwrap(),
+            Budget::Refused { left: 90 }
+        );
+        // a's call settles at 50 tokens: its reservation gives way to its charge.
+        let charged = Usage {
+            input_tokens: 30,
+            output_tokens: 20,
+        };
+        q.record_model_call(a, 1, &call(charged)).unwrap();
+        assert_eq!(
+            q.reserve_model_tokens(b, 110, None).unwrap(),
+            Budget::Reserved { left: 40 }
+        );
+        // Asking with need 0 only reads what is left.
+        assert_eq!(
+            q.reserve_model_tokens(a, 0, None).unwrap(),
+            Budget::Reserved { left: 40 }
+        );
+    }
 
-#[test]
-fn a_reservation_of_a_run_that_lost_its_lease_stops_counting() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = Queue::open(dir.path().join("colony.db")).unwrap();
-    let (a, b) = two_children_running(&mut q, 200);
-    assert_eq!(
-        q.reserve_model_tokens(a, 150, None).unwrap(),
-        Budget::Reserved { left: 50 }
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    q.heartbeat(&[b]).unwrap();
-    // a's host died mid-call: its lease is reset; b may use the whole budget.
-    let reset = q.reset_stale_leases(Duration::from_millis(200)).unwrap();
-    assert_eq!(
-        reset.iter().map(|r| r.task_id).collect::<Vec<_>>(),
-        vec![a.task_id]
-    );
-    assert_eq!(
-        q.reserve_model_tokens(b, 150, None).unwrap(),
-        Budget::Reserved { left: 50 }
-    );
-    assert!(
-        q.reserve_model_tokens(a, 1, None).is_err(),
-        "a lost lease reserves nothing"
-    );
-}
+    fn a_reservation_of_a_run_that_lost_its_lease_stops_counting(db) {
+        let mut q = db.open();
+        let (a, b) = two_children_running(&mut q, 200);
+        assert_eq!(
+            q.reserve_model_tokens(a, 150, None).unwrap(),
+            Budget::Reserved { left: 50 }
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        q.heartbeat(&[b]).unwrap();
+        // a's host died mid-call: its lease is reset; b may use the whole budget.
+        let reset = q.reset_stale_leases(Duration::from_millis(200)).unwrap();
+        assert_eq!(
+            reset.iter().map(|r| r.task_id).collect::<Vec<_>>(),
+            vec![a.task_id]
+        );
+        assert_eq!(
+            q.reserve_model_tokens(b, 150, None).unwrap(),
+            Budget::Reserved { left: 50 }
+        );
+        assert!(
+            q.reserve_model_tokens(a, 1, None).is_err(),
+            "a lost lease reserves nothing"
+        );
+    }
 
-#[test]
-fn the_tighter_of_the_chain_and_the_task_budget_applies() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = Queue::open(dir.path().join("colony.db")).unwrap();
-    let (a, _) = two_children_running(&mut q, 1000);
-    assert_eq!(
-        q.reserve_model_tokens(a, 100, Some(120)).unwrap(),
-        Budget::Reserved { left: 20 }
-    );
-    q.record_model_call(
-        a,
-        1,
-        &call(Usage {
-            input_tokens: 60,
-            output_tokens: 40,
-        }),
-    )
-    .unwrap();
-    assert_eq!(
-        q.reserve_model_tokens(a, 30, Some(120)).unwrap(),
-        Budget::Refused { left: 20 }
-    );
-    let unlimited = q.submit(&NewTask::new("solo", "{}")).unwrap().id;
-    let solo = q.claim("solo", 1).unwrap()[0].lease;
-    assert_eq!(solo.task_id, unlimited);
-    assert_eq!(
-        q.reserve_model_tokens(solo, 1_000_000, None).unwrap(),
-        Budget::Unlimited
-    );
+    fn the_tighter_of_the_chain_and_the_task_budget_applies(db) {
+        let mut q = db.open();
+        let (a, _) = two_children_running(&mut q, 1000);
+        assert_eq!(
+            q.reserve_model_tokens(a, 100, Some(120)).unwrap(),
+            Budget::Reserved { left: 20 }
+        );
+        q.record_model_call(
+            a,
+            1,
+            &call(Usage {
+                input_tokens: 60,
+                output_tokens: 40,
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            q.reserve_model_tokens(a, 30, Some(120)).unwrap(),
+            Budget::Refused { left: 20 }
+        );
+        let unlimited = q.submit(&NewTask::new("solo", "{}")).unwrap().id;
+        let solo = q.claim("solo", 1).unwrap()[0].lease;
+        assert_eq!(solo.task_id, unlimited);
+        assert_eq!(
+            q.reserve_model_tokens(solo, 1_000_000, None).unwrap(),
+            Budget::Unlimited
+        );
+    }
 }

@@ -1,8 +1,11 @@
-//! End-to-end: the real `colony` binary against a temp directory holding a
-//! real database and real components (fixtures from `tests/guests`).
+//! End-to-end: the real `colony` binary against a real database and real
+//! components (fixtures from `tests/guests`). The tests that exercise the
+//! queue run on both drivers (`name::sqlite`, `name::postgres`, the
+//! PostgreSQL database passed as a `--db` URL); those about the SQLite file
+//! itself say so.
 
 mod common;
-use common::{Env, signal, wait_for};
+use common::{Env, TestDb, on_both_drivers, signal, wait_for};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,236 +14,6 @@ use std::time::{Duration, Instant};
 use colony::queue::{Queue, all_readable};
 use colony::task::State;
 use serde_json::Value;
-
-#[test]
-fn submit_run_and_show() {
-    let env = Env::new(&["echo"]);
-    let id = env.submit(&["echo", r#"{"product":"lamp"}"#]);
-    env.until_idle(&[]);
-    let task = env.show(id);
-    assert_eq!(task["state"], "complete");
-    assert_eq!(task["result"]["echo"]["product"], "lamp");
-    assert_eq!(
-        task["payload"]["product"], "lamp",
-        "payload is a JSON value, not a string"
-    );
-    let events: Vec<&str> = task["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["event"].as_str().unwrap())
-        .collect();
-    assert_eq!(events, vec!["submit", "claim", "complete"]);
-    assert!(
-        task["log"][0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("echo got task")
-    );
-
-    let list = env.json(&["list", "--state", "complete"]);
-    assert_eq!(list.as_array().unwrap().len(), 1);
-    let text = env.ok(&["show", &id.to_string()]);
-    assert!(
-        text.contains("state complete") && text.contains("events:"),
-        "{text}"
-    );
-    // The audit trail as JSON Lines.
-    let lines = env.ok(&["events", "--task", &id.to_string()]);
-    let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-    for key in ["id", "at", "task_id", "from", "to", "actor", "detail"] {
-        assert!(first.get(key).is_some(), "event lacks {key}: {first}");
-    }
-}
-
-#[test]
-fn a_chain_of_three_agents_via_next() {
-    let env = Env::new(&["echo", "heartbeat", "sleeper"]);
-    let next = r#"[{"agent": "heartbeat", "payload": {}, "next": [{"agent": "sleeper", "payload": {"ms": 1}}]}]"#;
-    let root = env.submit(&["echo", r#"{"step":1}"#, "--next", next]);
-    env.until_idle(&[]);
-    let q = env.queue();
-    let second = all_readable(q.children(root).unwrap()).unwrap();
-    assert_eq!(
-        (second.len(), second[0].agent.as_str(), second[0].state),
-        (1, "heartbeat", State::Complete)
-    );
-    let third = all_readable(q.children(second[0].id).unwrap()).unwrap();
-    assert_eq!(
-        (third.len(), third[0].agent.as_str(), third[0].state),
-        (1, "sleeper", State::Complete)
-    );
-    assert_eq!(third[0].result, Some(serde_json::json!({"slept_ms": 1})));
-}
-
-#[test]
-fn review_reject_then_approve() {
-    let env = Env::new(&["echo"]);
-    let id = env.submit(&["echo", "{}", "--review"]);
-    env.until_idle(&[]);
-    assert_eq!(env.show(id)["state"], "review");
-
-    env.ok(&[
-        "review",
-        &id.to_string(),
-        "reject",
-        "--note",
-        "make it shorter",
-    ]);
-    assert_eq!(env.show(id)["state"], "ready");
-    env.until_idle(&[]);
-    let task = env.show(id);
-    assert_eq!(task["state"], "review");
-    assert_eq!(
-        task["result"]["feedback"], "make it shorter",
-        "the next run saw the note"
-    );
-
-    env.ok(&["review", &id.to_string(), "approve"]);
-    assert_eq!(env.show(id)["state"], "complete");
-    // Approving twice is bad input.
-    assert_eq!(
-        env.run(&["review", &id.to_string(), "approve"])
-            .status
-            .code(),
-        Some(2)
-    );
-}
-
-#[test]
-fn a_reviewer_agent_approves_automatically() {
-    let env = Env::new(&["echo", "reviewer"]);
-    let id = env.submit(&["echo", r#"{"x":1}"#, "--reviewer", "reviewer"]);
-    env.until_idle(&[]);
-    let task = env.show(id);
-    assert_eq!(task["state"], "complete");
-    let approve = task["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["event"] == "approve")
-        .unwrap();
-    assert_eq!(approve["detail"]["note"], "looks good");
-}
-
-#[test]
-fn retry_revives_a_failed_task() {
-    let env = Env::new(&["permanent"]);
-    let id = env.submit(&["permanent"]);
-    env.until_idle(&[]);
-    let task = env.show(id);
-    assert_eq!(
-        (task["state"].as_str(), task["error"]["kind"].as_str()),
-        (Some("failed"), Some("permanent"))
-    );
-    env.ok(&["retry", &id.to_string()]);
-    let task = env.show(id);
-    assert_eq!(
-        (task["state"].as_str(), task["attempts"].as_u64()),
-        (Some("ready"), Some(0))
-    );
-    env.until_idle(&[]);
-    let task = env.show(id);
-    let claims = task["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["event"] == "claim")
-        .count();
-    assert_eq!((task["state"].as_str(), claims), (Some("failed"), 2));
-}
-
-#[test]
-fn cancel_cascades_to_dependents() {
-    let env = Env::new(&[]);
-    let a = env.submit(&["design"]);
-    let b = env.submit(&["code", "--after", &a.to_string()]);
-    let c = env.submit(&["ops", "--after", &b.to_string()]);
-    let out = env.json(&["cancel", &a.to_string()]);
-    assert_eq!(out["cancelled"], serde_json::json!([a, b, c]));
-    for id in [a, b, c] {
-        assert_eq!(env.show(id)["state"], "cancelled");
-    }
-    assert!(
-        env.show(c)["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("task {b}"))
-    );
-}
-
-#[test]
-fn bad_input_exits_2_and_stores_nothing() {
-    let env = Env::new(&["echo"]);
-    let cases: &[(&[&str], &str)] = &[
-        (&["submit", "echo", "{not json"], "payload"),
-        (
-            &["submit", "echo", "{}", "--next", "[{\"agnt\": \"x\"}]"],
-            "--next",
-        ),
-        (&["submit", "echo", "{}", "--next", "not json"], "--next"),
-        (
-            &["submit", "echo", "{}", "--max-attempts", "0"],
-            "max_attempts",
-        ),
-        (&["submit", "echo", "{}", "--after", "12345"], "depends_on"),
-        (&["submit", "echo", "{}", "--in", "soon"], "--in"),
-        (&["show", "999"], "task 999 does not exist"),
-        (&["retry", "999"], "task 999 does not exist"),
-        (&["review", "999", "approve"], "task 999 does not exist"),
-    ];
-    for (args, mentions) in cases {
-        let out = env.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "colony {args:?}: {stderr}");
-        assert!(
-            stderr.contains(mentions),
-            "colony {args:?} should mention {mentions}: {stderr}"
-        );
-    }
-    assert_eq!(env.task_count(), 0);
-}
-
-#[test]
-fn batch_submit_is_all_or_nothing_with_line_numbers() {
-    let env = Env::new(&["echo"]);
-    let file = env.data.path().join("tasks.jsonl");
-    std::fs::write(
-        &file,
-        "{\"agent\":\"echo\",\"payload\":{\"i\":1}}\n{\"agent\":\"echo\",\"priority\":\"high\"}\n",
-    )
-    .unwrap();
-    let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("line 2") && stderr.contains("priority"),
-        "{stderr}"
-    );
-    assert_eq!(env.task_count(), 0);
-
-    std::fs::write(
-        &file,
-        "{\"agent\":\"echo\",\"payload\":{\"i\":1}}\n\n{\"agent\":\"echo\",\"key\":\"k\"}\n",
-    )
-    .unwrap();
-    let ids: Vec<i64> = env
-        .ok(&["submit", "--batch", file.to_str().unwrap()])
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 2);
-    assert_eq!(env.task_count(), 2);
-}
-
-#[test]
-fn submitting_for_a_missing_agent_warns_but_stores() {
-    let env = Env::new(&[]);
-    let out = env.run(&["submit", "later", "{}"]);
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: no agent \"later\""));
-    assert_eq!(env.task_count(), 1);
-}
 
 fn claims_per_task(db: &Path) -> std::collections::HashMap<i64, usize> {
     let q = Queue::open(db).unwrap();
@@ -256,116 +29,26 @@ fn claims_per_task(db: &Path) -> std::collections::HashMap<i64, usize> {
     claims
 }
 
-#[test]
-fn two_daemons_complete_2000_tasks_each_claimed_once() {
-    // Each task sleeps 5 ms, so one daemon alone would need over a second:
-    // long enough that both are sure to start and take work.
-    let env = Env::new(&["sleeper"]);
-    let lines: String = (0..2000)
-        .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":5}}\n")
-        .collect();
-    let file = env.data.path().join("tasks.jsonl");
-    std::fs::write(&file, lines).unwrap();
-    env.ok(&["submit", "--batch", file.to_str().unwrap()]);
-    let args = ["--until-idle", "--poll", "100ms", "--concurrency", "8"];
-    let (mut a, mut b) = (env.daemon(&args), env.daemon(&args));
-    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
-
-    let q = env.queue();
-    let complete: u64 = q
-        .counts()
-        .unwrap()
-        .iter()
-        .filter(|c| c.1 == State::Complete)
-        .map(|c| c.2)
-        .sum();
-    assert_eq!(complete, 2000);
-    let claims = claims_per_task(&env.db());
-    assert_eq!(claims.len(), 2000);
-    assert!(claims.values().all(|n| *n == 1), "a task was claimed twice");
-    let holders: std::collections::HashSet<String> = q
-        .events(None, 0, u32::MAX)
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.event == "claim")
-        .map(|e| e.actor)
-        .collect();
-    assert_eq!(holders.len(), 2, "both daemons took work: {holders:?}");
-}
-
-#[test]
-fn a_killed_daemons_tasks_are_recovered_by_another() {
-    let env = Env::new(&["sleeper"]);
-    let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
-    let mut victim = env.daemon(&[
-        "--heartbeat",
-        "200ms",
-        "--stale-after",
-        "1s",
-        "--poll",
-        "100ms",
-    ]);
-    wait_for("the task to be claimed", Duration::from_secs(20), || {
-        env.queue().get(id).unwrap().state == State::InProgress
-    });
-    let holder = env.queue().get(id).unwrap().claimed_by.unwrap();
-    victim.kill().unwrap(); // SIGKILL: no chance to release anything
-    victim.wait().unwrap();
-
-    // Make the second run short: swap the payload is impossible, so use a
-    // rescuer with a timeout; what matters is that it reclaims the task.
-    let mut rescuer = env.daemon(&[
-        "--heartbeat",
-        "200ms",
-        "--stale-after",
-        "1s",
-        "--poll",
-        "100ms",
-        "--concurrency",
-        "1",
-    ]);
-    wait_for(
-        "the lease to be reset and the task reclaimed",
-        Duration::from_secs(20),
-        || {
-            let task = env.queue().get(id).unwrap();
-            task.state == State::InProgress && task.claimed_by.as_deref() != Some(holder.as_str())
-        },
+/// Runs `colony torture` on `db` with 3 daemons, one killed every ~300 ms, in
+/// `mode` (none, `--state` or `--effects`) over `tasks` tasks; checks that
+/// every check of the verdict passed and a daemon was killed, and returns it.
+fn torture_verdict(db: TestDb, mode: &[&str], tasks: u32) -> Value {
+    let env = Env::on(db, &[]);
+    let dir = env.data.path().join("torture");
+    let tasks = tasks.to_string();
+    let mut args = vec!["torture"];
+    args.extend_from_slice(mode);
+    args.extend_from_slice(&["--daemons", "3", "--tasks", &tasks, "--kill-every", "300ms"]);
+    args.extend_from_slice(&["--dir", dir.to_str().unwrap()]);
+    let verdict: Value = serde_json::from_str(&env.ok(&args)).unwrap();
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    let checks = verdict["checks"].as_object().unwrap();
+    assert!(checks.values().all(|v| v == true), "{verdict}");
+    assert!(
+        verdict["kills"].as_u64().unwrap() >= 1,
+        "at least one daemon was killed: {verdict}"
     );
-    signal(&rescuer, "-KILL");
-    rescuer.wait().unwrap();
-    let events = env.queue().events(Some(id), 0, 100).unwrap();
-    let expired = events
-        .iter()
-        .find(|e| e.event == "lease_expired")
-        .expect("a lease_expired event");
-    assert_eq!(
-        expired.detail["holder"],
-        holder.as_str(),
-        "the event names the dead holder"
-    );
-    assert_eq!(
-        env.queue().get(id).unwrap().attempts,
-        2,
-        "the lost attempt stays counted"
-    );
-}
-
-#[test]
-fn sigterm_releases_runs_without_burning_attempts() {
-    let env = Env::new(&["sleeper"]);
-    let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
-    let daemon = env.daemon(&["--grace", "300ms", "--poll", "100ms"]);
-    wait_for("the task to be claimed", Duration::from_secs(20), || {
-        env.queue().get(id).unwrap().state == State::InProgress
-    });
-    signal(&daemon, "-TERM");
-    let status = daemon.wait_with_output().unwrap().status;
-    assert!(status.success(), "graceful shutdown exits 0: {status}");
-    let task = env.queue().get(id).unwrap();
-    assert_eq!((task.state, task.attempts), (State::Ready, 0));
-    let events = env.queue().events(Some(id), 0, 100).unwrap();
-    assert_eq!(events.last().unwrap().event, "release");
+    verdict
 }
 
 /// A small HTML structure check: a doctype, and every non-void element closed
@@ -412,6 +95,589 @@ fn assert_well_formed_html(html: &str) {
     assert!(stack.is_empty(), "unclosed elements: {stack:?}");
 }
 
+on_both_drivers! {
+    fn submit_run_and_show(db) {
+        let env = Env::on(db, &["echo"]);
+        let id = env.submit(&["echo", r#"{"product":"lamp"}"#]);
+        env.until_idle(&[]);
+        let task = env.show(id);
+        assert_eq!(task["state"], "complete");
+        assert_eq!(task["result"]["echo"]["product"], "lamp");
+        assert_eq!(
+            task["payload"]["product"], "lamp",
+            "payload is a JSON value, not a string"
+        );
+        let events: Vec<&str> = task["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert_eq!(events, vec!["submit", "claim", "complete"]);
+        assert!(
+            task["log"][0]["text"]
+                .as_str()
+                .unwrap()
+                .contains("echo got task")
+        );
+
+        let list = env.json(&["list", "--state", "complete"]);
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        let text = env.ok(&["show", &id.to_string()]);
+        assert!(
+            text.contains("state complete") && text.contains("events:"),
+            "{text}"
+        );
+        // The audit trail as JSON Lines.
+        let lines = env.ok(&["events", "--task", &id.to_string()]);
+        let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+        for key in ["id", "at", "task_id", "from", "to", "actor", "detail"] {
+            assert!(first.get(key).is_some(), "event lacks {key}: {first}");
+        }
+    }
+
+    fn a_chain_of_three_agents_via_next(db) {
+        let env = Env::on(db, &["echo", "heartbeat", "sleeper"]);
+        let next = r#"[{"agent": "heartbeat", "payload": {}, "next": [{"agent": "sleeper", "payload": {"ms": 1}}]}]"#;
+        let root = env.submit(&["echo", r#"{"step":1}"#, "--next", next]);
+        env.until_idle(&[]);
+        let q = env.queue();
+        let second = all_readable(q.children(root).unwrap()).unwrap();
+        assert_eq!(
+            (second.len(), second[0].agent.as_str(), second[0].state),
+            (1, "heartbeat", State::Complete)
+        );
+        let third = all_readable(q.children(second[0].id).unwrap()).unwrap();
+        assert_eq!(
+            (third.len(), third[0].agent.as_str(), third[0].state),
+            (1, "sleeper", State::Complete)
+        );
+        assert_eq!(third[0].result, Some(serde_json::json!({"slept_ms": 1})));
+    }
+
+    fn review_reject_then_approve(db) {
+        let env = Env::on(db, &["echo"]);
+        let id = env.submit(&["echo", "{}", "--review"]);
+        env.until_idle(&[]);
+        assert_eq!(env.show(id)["state"], "review");
+
+        env.ok(&[
+            "review",
+            &id.to_string(),
+            "reject",
+            "--note",
+            "make it shorter",
+        ]);
+        assert_eq!(env.show(id)["state"], "ready");
+        env.until_idle(&[]);
+        let task = env.show(id);
+        assert_eq!(task["state"], "review");
+        assert_eq!(
+            task["result"]["feedback"], "make it shorter",
+            "the next run saw the note"
+        );
+
+        env.ok(&["review", &id.to_string(), "approve"]);
+        assert_eq!(env.show(id)["state"], "complete");
+        // Approving twice is bad input.
+        assert_eq!(
+            env.run(&["review", &id.to_string(), "approve"])
+                .status
+                .code(),
+            Some(2)
+        );
+    }
+
+    fn a_reviewer_agent_approves_automatically(db) {
+        let env = Env::on(db, &["echo", "reviewer"]);
+        let id = env.submit(&["echo", r#"{"x":1}"#, "--reviewer", "reviewer"]);
+        env.until_idle(&[]);
+        let task = env.show(id);
+        assert_eq!(task["state"], "complete");
+        let approve = task["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"] == "approve")
+            .unwrap();
+        assert_eq!(approve["detail"]["note"], "looks good");
+    }
+
+    fn retry_revives_a_failed_task(db) {
+        let env = Env::on(db, &["permanent"]);
+        let id = env.submit(&["permanent"]);
+        env.until_idle(&[]);
+        let task = env.show(id);
+        assert_eq!(
+            (task["state"].as_str(), task["error"]["kind"].as_str()),
+            (Some("failed"), Some("permanent"))
+        );
+        env.ok(&["retry", &id.to_string()]);
+        let task = env.show(id);
+        assert_eq!(
+            (task["state"].as_str(), task["attempts"].as_u64()),
+            (Some("ready"), Some(0))
+        );
+        env.until_idle(&[]);
+        let task = env.show(id);
+        let claims = task["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "claim")
+            .count();
+        assert_eq!((task["state"].as_str(), claims), (Some("failed"), 2));
+    }
+
+    fn cancel_cascades_to_dependents(db) {
+        let env = Env::on(db, &[]);
+        let a = env.submit(&["design"]);
+        let b = env.submit(&["code", "--after", &a.to_string()]);
+        let c = env.submit(&["ops", "--after", &b.to_string()]);
+        let out = env.json(&["cancel", &a.to_string()]);
+        assert_eq!(out["cancelled"], serde_json::json!([a, b, c]));
+        for id in [a, b, c] {
+            assert_eq!(env.show(id)["state"], "cancelled");
+        }
+        assert!(
+            env.show(c)["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("task {b}"))
+        );
+    }
+
+    fn bad_input_exits_2_and_stores_nothing(db) {
+        let env = Env::on(db, &["echo"]);
+        let cases: &[(&[&str], &str)] = &[
+            (&["submit", "echo", "{not json"], "payload"),
+            (
+                &["submit", "echo", "{}", "--next", "[{\"agnt\": \"x\"}]"],
+                "--next",
+            ),
+            (&["submit", "echo", "{}", "--next", "not json"], "--next"),
+            (
+                &["submit", "echo", "{}", "--max-attempts", "0"],
+                "max_attempts",
+            ),
+            (&["submit", "echo", "{}", "--after", "12345"], "depends_on"),
+            (&["submit", "echo", "{}", "--in", "soon"], "--in"),
+            (&["show", "999"], "task 999 does not exist"),
+            (&["retry", "999"], "task 999 does not exist"),
+            (&["review", "999", "approve"], "task 999 does not exist"),
+        ];
+        for (args, mentions) in cases {
+            let out = env.run(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "colony {args:?}: {stderr}");
+            assert!(
+                stderr.contains(mentions),
+                "colony {args:?} should mention {mentions}: {stderr}"
+            );
+        }
+        assert_eq!(env.task_count(), 0);
+    }
+
+    fn batch_submit_is_all_or_nothing_with_line_numbers(db) {
+        let env = Env::on(db, &["echo"]);
+        let file = env.data.path().join("tasks.jsonl");
+        std::fs::write(
+            &file,
+            "{\"agent\":\"echo\",\"payload\":{\"i\":1}}\n{\"agent\":\"echo\",\"priority\":\"high\"}\n",
+        )
+        .unwrap();
+        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("line 2") && stderr.contains("priority"),
+            "{stderr}"
+        );
+        assert_eq!(env.task_count(), 0);
+
+        std::fs::write(
+            &file,
+            "{\"agent\":\"echo\",\"payload\":{\"i\":1}}\n\n{\"agent\":\"echo\",\"key\":\"k\"}\n",
+        )
+        .unwrap();
+        let ids: Vec<i64> = env
+            .ok(&["submit", "--batch", file.to_str().unwrap()])
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(env.task_count(), 2);
+    }
+
+    fn submitting_for_a_missing_agent_warns_but_stores(db) {
+        let env = Env::on(db, &[]);
+        let out = env.run(&["submit", "later", "{}"]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("warning: no agent \"later\""));
+        assert_eq!(env.task_count(), 1);
+    }
+
+    fn two_daemons_complete_2000_tasks_each_claimed_once(db) {
+        // Each task sleeps 5 ms, so one daemon alone would need over a second:
+        // long enough that both are sure to start and take work.
+        let env = Env::on(db, &["sleeper"]);
+        let lines: String = (0..2000)
+            .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":5}}\n")
+            .collect();
+        let file = env.data.path().join("tasks.jsonl");
+        std::fs::write(&file, lines).unwrap();
+        env.ok(&["submit", "--batch", file.to_str().unwrap()]);
+        let args = ["--until-idle", "--poll", "100ms", "--concurrency", "8"];
+        let (mut a, mut b) = (env.daemon(&args), env.daemon(&args));
+        assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+
+        let q = env.queue();
+        let complete: u64 = q
+            .counts()
+            .unwrap()
+            .iter()
+            .filter(|c| c.1 == State::Complete)
+            .map(|c| c.2)
+            .sum();
+        assert_eq!(complete, 2000);
+        let claims = claims_per_task(&env.db());
+        assert_eq!(claims.len(), 2000);
+        assert!(claims.values().all(|n| *n == 1), "a task was claimed twice");
+        let holders: std::collections::HashSet<String> = q
+            .events(None, 0, u32::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "claim")
+            .map(|e| e.actor)
+            .collect();
+        assert_eq!(holders.len(), 2, "both daemons took work: {holders:?}");
+    }
+
+    fn a_killed_daemons_tasks_are_recovered_by_another(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
+        let mut victim = env.daemon(&[
+            "--heartbeat",
+            "200ms",
+            "--stale-after",
+            "1s",
+            "--poll",
+            "100ms",
+        ]);
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::InProgress
+        });
+        let holder = env.queue().get(id).unwrap().claimed_by.unwrap();
+        victim.kill().unwrap(); // SIGKILL: no chance to release anything
+        victim.wait().unwrap();
+
+        // Make the second run short: swap the payload is impossible, so use a
+        // rescuer with a timeout; what matters is that it reclaims the task.
+        let mut rescuer = env.daemon(&[
+            "--heartbeat",
+            "200ms",
+            "--stale-after",
+            "1s",
+            "--poll",
+            "100ms",
+            "--concurrency",
+            "1",
+        ]);
+        wait_for(
+            "the lease to be reset and the task reclaimed",
+            Duration::from_secs(20),
+            || {
+                let task = env.queue().get(id).unwrap();
+                task.state == State::InProgress && task.claimed_by.as_deref() != Some(holder.as_str())
+            },
+        );
+        signal(&rescuer, "-KILL");
+        rescuer.wait().unwrap();
+        let events = env.queue().events(Some(id), 0, 100).unwrap();
+        let expired = events
+            .iter()
+            .find(|e| e.event == "lease_expired")
+            .expect("a lease_expired event");
+        assert_eq!(
+            expired.detail["holder"],
+            holder.as_str(),
+            "the event names the dead holder"
+        );
+        assert_eq!(
+            env.queue().get(id).unwrap().attempts,
+            2,
+            "the lost attempt stays counted"
+        );
+    }
+
+    fn sigterm_releases_runs_without_burning_attempts(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
+        let daemon = env.daemon(&["--grace", "300ms", "--poll", "100ms"]);
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::InProgress
+        });
+        signal(&daemon, "-TERM");
+        let status = daemon.wait_with_output().unwrap().status;
+        assert!(status.success(), "graceful shutdown exits 0: {status}");
+        let task = env.queue().get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Ready, 0));
+        let events = env.queue().events(Some(id), 0, 100).unwrap();
+        assert_eq!(events.last().unwrap().event, "release");
+    }
+
+    fn torture_small_kills_daemons_and_loses_nothing(db) {
+        let verdict = torture_verdict(db, &[], 800);
+        assert_eq!(verdict["tasks"], 800);
+    }
+
+    fn cancelling_a_running_task_stops_its_run(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
+        let daemon = env.daemon(&["--until-idle", "--heartbeat", "200ms", "--poll", "100ms"]);
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::InProgress
+        });
+        let started = Instant::now();
+        env.ok(&["cancel", &id.to_string(), "--reason", "no longer needed"]);
+        let out = daemon.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the 30 s run was stopped, not waited for"
+        );
+        let task = env.queue().get(id).unwrap();
+        assert_eq!(task.state, State::Cancelled);
+        assert_eq!(task.error.unwrap().message, "no longer needed");
+        let events = env.queue().events(Some(id), 0, 100).unwrap();
+        assert!(events.iter().all(|e| e.event != "complete"));
+    }
+
+    fn a_run_finishing_during_the_shutdown_grace_is_stored_at_once(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let quick = env.submit(&["sleeper", r#"{"ms": 1500}"#]);
+        let slow = env.submit(&["sleeper", r#"{"ms": 120000}"#]);
+        let mut daemon = env.daemon(&["--grace", "60s", "--poll", "100ms", "--heartbeat", "200ms"]);
+        wait_for("both tasks to be claimed", Duration::from_secs(20), || {
+            [quick, slow]
+                .iter()
+                .all(|id| env.queue().get(*id).unwrap().state == State::InProgress)
+        });
+        signal(&daemon, "-TERM");
+        // The slow run keeps the daemon in its grace; the quick one finishes
+        // meanwhile and must be stored then, not when the grace ends.
+        wait_for(
+            "the quick run to be stored during the grace",
+            Duration::from_secs(20),
+            || env.queue().get(quick).unwrap().state == State::Complete,
+        );
+        assert!(daemon.try_wait().unwrap().is_none(), "still in its grace");
+        signal(&daemon, "-KILL");
+        daemon.wait().unwrap();
+        let task = env.queue().get(quick).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Complete, 1));
+    }
+
+    fn a_killed_daemons_model_calls_are_replayed_not_paid_again(db) {
+        use colony_tests::model_server::{ModelServer, Scripted};
+        let env = Env::on(db, &["thinker"]);
+        std::fs::write(
+            env.agents.path().join("thinker.toml"),
+            "models = [\"fast\"]\n",
+        )
+        .unwrap();
+        let server = ModelServer::start();
+        for text in ["one", "two", "three"] {
+            server.push(Scripted::answer_with_usage(text, 100, 20));
+        }
+        let config = env.file(
+            "colony.toml",
+            format!(
+                "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n",
+                server.openai_url()
+            ),
+        );
+        let daemon = |extra: &[&str]| {
+            env.cmd()
+                .env("COLONY_CONFIG", &config)
+                .env("FAST_KEY", "sk-fast")
+                .args([
+                    "daemon",
+                    "--heartbeat",
+                    "200ms",
+                    "--stale-after",
+                    "1s",
+                    "--poll",
+                    "100ms",
+                ])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        // The first run sleeps for a minute after its second call.
+        let id = env.submit(&[
+            "thinker",
+            r#"{"prompts": ["a", "b", "c"], "sleep_after": [2, 60000]}"#,
+        ]);
+        let mut first = daemon(&[]);
+        wait_for("two model calls", Duration::from_secs(30), || {
+            env.queue().model_calls(id).unwrap().len() == 2
+        });
+        signal(&first, "-KILL");
+        first.wait().unwrap();
+        assert_eq!(server.count(), 2);
+
+        let second = daemon(&["--until-idle"]).wait_with_output().unwrap();
+        assert!(
+            second.status.success(),
+            "{}",
+            String::from_utf8_lossy(&second.stderr)
+        );
+        let task = env.queue().get(id).unwrap();
+        assert_eq!(task.state, State::Complete, "{:?}", task.error);
+        assert_eq!(server.count(), 3, "only the third call was made again");
+        let replayed: Vec<bool> = task.result.unwrap()["replies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["replayed"].as_bool().unwrap())
+            .collect();
+        assert_eq!(replayed, [true, true, false]);
+        let shown = env.json(&["show", &id.to_string()]);
+        assert_eq!(shown["usage"]["replayed"], 2);
+        assert_eq!(shown["usage"]["calls"], 3);
+        assert_eq!(shown["usage"]["input_tokens"], 300);
+        assert_eq!(
+            shown["usage"]["cost_usd"],
+            Value::Null,
+            "no prices configured"
+        );
+        let calls = shown["model_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 5, "2 paid, then 2 replayed and 1 paid");
+        let listed = env.json(&["list"]);
+        assert_eq!(listed[0]["usage"]["calls"], 3);
+        let text = env.ok(&["show", &id.to_string()]);
+        assert!(
+            text.contains("model calls:") && text.contains("2 replayed"),
+            "{text}"
+        );
+    }
+
+    fn operators_see_and_fix_state_from_the_cli(db) {
+        let env = Env::on(db, &["echo"]);
+        let bad = env.run(&["state", "set", "--agent", "ops", "stock", "{not json"]);
+        assert_eq!(bad.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&bad.stderr).contains("\"stock\" is not valid JSON"));
+        assert_eq!(
+            env.json(&["state", "list", "--agent", "ops"]),
+            serde_json::json!([])
+        );
+        let neither = env.run(&["state", "list"]);
+        assert_eq!(neither.status.code(), Some(2));
+
+        assert_eq!(
+            env.ok(&["state", "set", "--agent", "ops", "stock/mug", "120"])
+                .trim(),
+            "stock/mug: version 1"
+        );
+        env.ok(&["state", "set", "--agent", "ops", "stock/mug", "119"]);
+        env.ok(&["state", "set", "--agent", "ops", "other", r#""x""#]);
+        assert_eq!(
+            env.ok(&["state", "get", "--agent", "ops", "stock/mug"])
+                .trim(),
+            "119"
+        );
+        let listed = env.json(&["state", "list", "--agent", "ops", "--prefix", "stock/"]);
+        assert_eq!(
+            listed,
+            serde_json::json!([{"key": "stock/mug", "value": 119, "version": 2}])
+        );
+        env.ok(&["state", "delete", "--agent", "ops", "stock/mug"]);
+        let missing = env.run(&["state", "get", "--agent", "ops", "stock/mug"]);
+        assert_eq!(missing.status.code(), Some(2));
+        env.ok(&["state", "set", "--chain", "7", "note", r#"{"a":1}"#]);
+        assert_eq!(
+            env.json(&["state", "get", "--chain", "7", "note"])["value"]["a"],
+            1
+        );
+
+        let writes: Vec<Value> = env
+            .queue()
+            .events(None, 0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "state_write")
+            .map(|e| {
+                assert!(e.actor.starts_with("cli"), "{}", e.actor);
+                e.detail
+            })
+            .collect();
+        assert_eq!(writes.len(), 5);
+        assert_eq!(writes[3]["new_version"], 0, "the delete");
+    }
+
+    fn torture_state_counts_every_committed_increment_exactly_once(db) {
+        let verdict = torture_verdict(db, &["--state"], 200);
+        assert_eq!(verdict["checks"]["counter_equals_completed"], true);
+        assert_eq!(verdict["counter"], 200);
+        assert!(
+            verdict["conflicts_retried"].as_u64().unwrap() >= 1,
+            "three daemons raced: {verdict}"
+        );
+    }
+
+    fn torture_effects_delivers_every_completed_tasks_key_and_no_other(db) {
+        let verdict = torture_verdict(db, &["--effects"], 500);
+        for check in [
+            "every_completed_tasks_effect_arrived",
+            "no_effect_of_another_task_arrived",
+            "every_effect_sent",
+        ] {
+            assert_eq!(verdict["checks"][check], true, "{check}: {verdict}");
+        }
+        assert_eq!(verdict["effects"]["distinct_keys"], 500);
+    }
+
+    fn effects_wait_for_review_in_show_and_are_listed_and_sent_after_approval(db) {
+        use colony_tests::model_server::ModelServer;
+        let env = Env::on(db, &["stateful"]);
+        let server = ModelServer::start();
+        let manifest = format!("allowed_hosts = [{:?}]\n", server.url());
+        std::fs::write(env.agents.path().join("stateful.toml"), manifest).unwrap();
+        let url = format!("{}/orders", server.url());
+        let payload = serde_json::json!({"ops": [["effect", "POST", url, "{\"sku\":\"mug\",\"qty\":2}\nsecond line"]], "review": true});
+        let id = env.submit(&["stateful", &payload.to_string()]);
+        env.until_idle(&[]);
+        let shown = env.ok(&["show", &id.to_string()]);
+        assert!(
+            shown.contains("effects:")
+                && shown.contains("proposed  POST")
+                && shown.contains("{\"sku\":\"mug\",\"qty\":2}"),
+            "{shown}"
+        );
+        let listed = env.json(&["effects", "--state", "proposed"]);
+        assert_eq!(listed[0]["task_id"], id);
+        assert_eq!(server.count(), 0);
+        let not_failed = env.run(&["effects", "retry", &listed[0]["id"].to_string()]);
+        assert_eq!(not_failed.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&not_failed.stderr).contains("only a failed effect can be retried")
+        );
+
+        env.ok(&["review", &id.to_string(), "approve"]);
+        env.until_idle(&[]);
+        let sent = env.json(&["show", &id.to_string()]);
+        assert_eq!(sent["effects"][0]["state"], "sent", "{sent}");
+        assert_eq!(
+            server.last_request().header("idempotency-key"),
+            Some(format!("colony-{id}-1").as_str())
+        );
+    }
+}
+
+// Not about the driver: the demo runs on a SQLite file of its own in --dir.
 #[test]
 fn the_demo_runs_the_store_pipeline_and_writes_pages() {
     let env = Env::new(&[]);
@@ -459,212 +725,7 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
     }
 }
 
-/// Runs `colony torture` with 3 daemons, one killed every ~300 ms, in
-/// `mode` (none, `--state` or `--effects`) over `tasks` tasks; checks that
-/// every check of the verdict passed and a daemon was killed, and returns it.
-fn torture_verdict(mode: &[&str], tasks: u32) -> Value {
-    let env = Env::new(&[]);
-    let dir = env.data.path().join("torture");
-    let tasks = tasks.to_string();
-    let mut args = vec!["torture"];
-    args.extend_from_slice(mode);
-    args.extend_from_slice(&["--daemons", "3", "--tasks", &tasks, "--kill-every", "300ms"]);
-    args.extend_from_slice(&["--dir", dir.to_str().unwrap()]);
-    let verdict: Value = serde_json::from_str(&env.ok(&args)).unwrap();
-    assert_eq!(verdict["ok"], true, "{verdict}");
-    let checks = verdict["checks"].as_object().unwrap();
-    assert!(checks.values().all(|v| v == true), "{verdict}");
-    assert!(
-        verdict["kills"].as_u64().unwrap() >= 1,
-        "at least one daemon was killed: {verdict}"
-    );
-    verdict
-}
-
-#[test]
-fn torture_small_kills_daemons_and_loses_nothing() {
-    let verdict = torture_verdict(&[], 800);
-    assert_eq!(verdict["tasks"], 800);
-}
-
-#[test]
-fn cancelling_a_running_task_stops_its_run() {
-    let env = Env::new(&["sleeper"]);
-    let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
-    let daemon = env.daemon(&["--until-idle", "--heartbeat", "200ms", "--poll", "100ms"]);
-    wait_for("the task to be claimed", Duration::from_secs(20), || {
-        env.queue().get(id).unwrap().state == State::InProgress
-    });
-    let started = Instant::now();
-    env.ok(&["cancel", &id.to_string(), "--reason", "no longer needed"]);
-    let out = daemon.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the 30 s run was stopped, not waited for"
-    );
-    let task = env.queue().get(id).unwrap();
-    assert_eq!(task.state, State::Cancelled);
-    assert_eq!(task.error.unwrap().message, "no longer needed");
-    let events = env.queue().events(Some(id), 0, 100).unwrap();
-    assert!(events.iter().all(|e| e.event != "complete"));
-}
-
-#[test]
-fn a_run_finishing_during_the_shutdown_grace_is_stored_at_once() {
-    let env = Env::new(&["sleeper"]);
-    let quick = env.submit(&["sleeper", r#"{"ms": 1500}"#]);
-    let slow = env.submit(&["sleeper", r#"{"ms": 120000}"#]);
-    let mut daemon = env.daemon(&["--grace", "60s", "--poll", "100ms", "--heartbeat", "200ms"]);
-    wait_for("both tasks to be claimed", Duration::from_secs(20), || {
-        [quick, slow]
-            .iter()
-            .all(|id| env.queue().get(*id).unwrap().state == State::InProgress)
-    });
-    signal(&daemon, "-TERM");
-    // The slow run keeps the daemon in its grace; the quick one finishes
-    // meanwhile and must be stored then, not when the grace ends.
-    wait_for(
-        "the quick run to be stored during the grace",
-        Duration::from_secs(20),
-        || env.queue().get(quick).unwrap().state == State::Complete,
-    );
-    assert!(daemon.try_wait().unwrap().is_none(), "still in its grace");
-    signal(&daemon, "-KILL");
-    daemon.wait().unwrap();
-    let task = env.queue().get(quick).unwrap();
-    assert_eq!((task.state, task.attempts), (State::Complete, 1));
-}
-
-#[test]
-fn a_daemon_on_a_database_it_cannot_write_exits_1_with_one_message() {
-    let env = Env::new(&["echo"]);
-    env.submit(&["echo", "{}"]);
-    // Root ignores file modes, so make the file immutable; where chattr is
-    // not allowed, a schema newer than this build is the permanent error.
-    let immutable = Command::new("chattr")
-        .args(["+i", env.db().to_str().unwrap()])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !immutable {
-        let conn = rusqlite::Connection::open(env.db()).unwrap();
-        conn.pragma_update(None, "user_version", 99).unwrap();
-    }
-    let started = Instant::now();
-    let out = env
-        .cmd()
-        .args(["daemon", "--poll", "100ms"])
-        .output()
-        .unwrap();
-    if immutable {
-        Command::new("chattr")
-            .args(["-i", env.db().to_str().unwrap()])
-            .status()
-            .unwrap();
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "it stopped instead of spinning"
-    );
-    let expected = if immutable {
-        "readonly database"
-    } else {
-        "newer than this colony knows"
-    };
-    assert!(stderr.contains(expected), "{stderr}");
-    assert!(!stderr.contains("will retry"), "no retry loop: {stderr}");
-}
-
-#[test]
-fn a_killed_daemons_model_calls_are_replayed_not_paid_again() {
-    use colony_tests::model_server::{ModelServer, Scripted};
-    let env = Env::new(&["thinker"]);
-    std::fs::write(
-        env.agents.path().join("thinker.toml"),
-        "models = [\"fast\"]\n",
-    )
-    .unwrap();
-    let server = ModelServer::start();
-    for text in ["one", "two", "three"] {
-        server.push(Scripted::answer_with_usage(text, 100, 20));
-    }
-    let config = env.file(
-        "colony.toml",
-        format!(
-            "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n",
-            server.openai_url()
-        ),
-    );
-    let daemon = |extra: &[&str]| {
-        env.cmd()
-            .env("COLONY_CONFIG", &config)
-            .env("FAST_KEY", "sk-fast")
-            .args([
-                "daemon",
-                "--heartbeat",
-                "200ms",
-                "--stale-after",
-                "1s",
-                "--poll",
-                "100ms",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    // The first run sleeps for a minute after its second call.
-    let id = env.submit(&[
-        "thinker",
-        r#"{"prompts": ["a", "b", "c"], "sleep_after": [2, 60000]}"#,
-    ]);
-    let mut first = daemon(&[]);
-    wait_for("two model calls", Duration::from_secs(30), || {
-        env.queue().model_calls(id).unwrap().len() == 2
-    });
-    signal(&first, "-KILL");
-    first.wait().unwrap();
-    assert_eq!(server.count(), 2);
-
-    let second = daemon(&["--until-idle"]).wait_with_output().unwrap();
-    assert!(
-        second.status.success(),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
-    let task = env.queue().get(id).unwrap();
-    assert_eq!(task.state, State::Complete, "{:?}", task.error);
-    assert_eq!(server.count(), 3, "only the third call was made again");
-    let replayed: Vec<bool> = task.result.unwrap()["replies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["replayed"].as_bool().unwrap())
-        .collect();
-    assert_eq!(replayed, [true, true, false]);
-    let shown = env.json(&["show", &id.to_string()]);
-    assert_eq!(shown["usage"]["replayed"], 2);
-    assert_eq!(shown["usage"]["calls"], 3);
-    assert_eq!(shown["usage"]["input_tokens"], 300);
-    assert_eq!(
-        shown["usage"]["cost_usd"],
-        Value::Null,
-        "no prices configured"
-    );
-    let calls = shown["model_calls"].as_array().unwrap();
-    assert_eq!(calls.len(), 5, "2 paid, then 2 replayed and 1 paid");
-    let listed = env.json(&["list"]);
-    assert_eq!(listed[0]["usage"]["calls"], 3);
-    let text = env.ok(&["show", &id.to_string()]);
-    assert!(
-        text.contains("model calls:") && text.contains("2 replayed"),
-        "{text}"
-    );
-}
-
+// Not about the driver: a broken configuration is refused whatever the queue.
 #[test]
 fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     let env = Env::new(&["echo"]);
@@ -698,117 +759,114 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
 }
 
+// SQLite only: it is about the file (made immutable with chattr, or stamped
+// with a newer `user_version`); the PostgreSQL counterpart follows.
 #[test]
-fn operators_see_and_fix_state_from_the_cli() {
+fn a_daemon_on_a_database_it_cannot_write_exits_1_with_one_message() {
     let env = Env::new(&["echo"]);
-    let bad = env.run(&["state", "set", "--agent", "ops", "stock", "{not json"]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"stock\" is not valid JSON"));
-    assert_eq!(
-        env.json(&["state", "list", "--agent", "ops"]),
-        serde_json::json!([])
-    );
-    let neither = env.run(&["state", "list"]);
-    assert_eq!(neither.status.code(), Some(2));
-
-    assert_eq!(
-        env.ok(&["state", "set", "--agent", "ops", "stock/mug", "120"])
-            .trim(),
-        "stock/mug: version 1"
-    );
-    env.ok(&["state", "set", "--agent", "ops", "stock/mug", "119"]);
-    env.ok(&["state", "set", "--agent", "ops", "other", r#""x""#]);
-    assert_eq!(
-        env.ok(&["state", "get", "--agent", "ops", "stock/mug"])
-            .trim(),
-        "119"
-    );
-    let listed = env.json(&["state", "list", "--agent", "ops", "--prefix", "stock/"]);
-    assert_eq!(
-        listed,
-        serde_json::json!([{"key": "stock/mug", "value": 119, "version": 2}])
-    );
-    env.ok(&["state", "delete", "--agent", "ops", "stock/mug"]);
-    let missing = env.run(&["state", "get", "--agent", "ops", "stock/mug"]);
-    assert_eq!(missing.status.code(), Some(2));
-    env.ok(&["state", "set", "--chain", "7", "note", r#"{"a":1}"#]);
-    assert_eq!(
-        env.json(&["state", "get", "--chain", "7", "note"])["value"]["a"],
-        1
-    );
-
-    let writes: Vec<Value> = env
-        .queue()
-        .events(None, 0, 100)
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.event == "state_write")
-        .map(|e| {
-            assert!(e.actor.starts_with("cli"), "{}", e.actor);
-            e.detail
-        })
-        .collect();
-    assert_eq!(writes.len(), 5);
-    assert_eq!(writes[3]["new_version"], 0, "the delete");
-}
-
-#[test]
-fn torture_state_counts_every_committed_increment_exactly_once() {
-    let verdict = torture_verdict(&["--state"], 200);
-    assert_eq!(verdict["checks"]["counter_equals_completed"], true);
-    assert_eq!(verdict["counter"], 200);
-    assert!(
-        verdict["conflicts_retried"].as_u64().unwrap() >= 1,
-        "three daemons raced: {verdict}"
-    );
-}
-
-#[test]
-fn torture_effects_delivers_every_completed_tasks_key_and_no_other() {
-    let verdict = torture_verdict(&["--effects"], 500);
-    for check in [
-        "every_completed_tasks_effect_arrived",
-        "no_effect_of_another_task_arrived",
-        "every_effect_sent",
-    ] {
-        assert_eq!(verdict["checks"][check], true, "{check}: {verdict}");
+    env.submit(&["echo", "{}"]);
+    // Root ignores file modes, so make the file immutable; where chattr is
+    // not allowed, a schema newer than this build is the permanent error.
+    let immutable = Command::new("chattr")
+        .args(["+i", env.database.path().to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !immutable {
+        env.database.set_schema_version(99);
     }
-    assert_eq!(verdict["effects"]["distinct_keys"], 500);
+    let started = Instant::now();
+    let out = env
+        .cmd()
+        .args(["daemon", "--poll", "100ms"])
+        .output()
+        .unwrap();
+    if immutable {
+        Command::new("chattr")
+            .args(["-i", env.database.path().to_str().unwrap()])
+            .status()
+            .unwrap();
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "it stopped instead of spinning"
+    );
+    let expected = if immutable {
+        "readonly database"
+    } else {
+        "newer than this colony knows"
+    };
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(!stderr.contains("will retry"), "no retry loop: {stderr}");
 }
 
+// PostgreSQL only: the counterpart of the test above. A schema from a newer
+// colony (`colony_schema`), or a database that only allows reads, stops the
+// daemon with exit 1 and one message instead of a retry loop.
 #[test]
-fn effects_wait_for_review_in_show_and_are_listed_and_sent_after_approval() {
-    use colony_tests::model_server::ModelServer;
-    let env = Env::new(&["stateful"]);
-    let server = ModelServer::start();
-    let manifest = format!("allowed_hosts = [{:?}]\n", server.url());
-    std::fs::write(env.agents.path().join("stateful.toml"), manifest).unwrap();
-    let url = format!("{}/orders", server.url());
-    let payload = serde_json::json!({"ops": [["effect", "POST", url, "{\"sku\":\"mug\",\"qty\":2}\nsecond line"]], "review": true});
-    let id = env.submit(&["stateful", &payload.to_string()]);
-    env.until_idle(&[]);
-    let shown = env.ok(&["show", &id.to_string()]);
-    assert!(
-        shown.contains("effects:")
-            && shown.contains("proposed  POST")
-            && shown.contains("{\"sku\":\"mug\",\"qty\":2}"),
-        "{shown}"
-    );
-    let listed = env.json(&["effects", "--state", "proposed"]);
-    assert_eq!(listed[0]["task_id"], id);
-    assert_eq!(server.count(), 0);
-    let not_failed = env.run(&["effects", "retry", &listed[0]["id"].to_string()]);
-    assert_eq!(not_failed.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&not_failed.stderr).contains("only a failed effect can be retried")
-    );
+fn a_daemon_on_a_postgres_database_it_cannot_use_exits_1_with_one_message() {
+    for (case, expected) in [
+        ("a newer schema", "newer than this colony knows"),
+        ("a read-only database", "read-only transaction"),
+    ] {
+        let Some(db) = TestDb::postgres() else { return };
+        let env = Env::on(db, &["echo"]);
+        env.submit(&["echo", "{}"]);
+        if case == "a newer schema" {
+            env.database.set_schema_version(99);
+        } else {
+            let name = env.database.url().rsplit('/').next().unwrap().to_string();
+            env.database.raw().execute(&format!(
+                "ALTER DATABASE {name} SET default_transaction_read_only = on"
+            ));
+        }
+        let started = Instant::now();
+        let out = env
+            .cmd()
+            .args(["daemon", "--poll", "100ms"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{case}: it stopped instead of spinning"
+        );
+        assert!(stderr.contains(expected), "{case}: {stderr}");
+        assert!(
+            !stderr.contains("will retry"),
+            "{case}: no retry loop: {stderr}"
+        );
+    }
+}
 
-    env.ok(&["review", &id.to_string(), "approve"]);
-    env.until_idle(&[]);
-    let sent = env.json(&["show", &id.to_string()]);
-    assert_eq!(sent["effects"][0]["state"], "sent", "{sent}");
-    assert_eq!(
-        server.last_request().header("idempotency-key"),
-        Some(format!("colony-{id}-1").as_str())
-    );
+// Needs no PostgreSQL: nothing listens on port 1. Every command fails at
+// once with exit 1, naming the host and the database, never the password.
+#[test]
+fn an_unreachable_postgres_server_fails_with_1_naming_host_and_database() {
+    let env = Env::new(&["echo"]);
+    let url = "postgres://nobody@127.0.0.1:1/x";
+    let with_password = "postgres://nobody:hunter2@127.0.0.1:1/x";
+    let cases: &[&[&str]] = &[
+        &["--db", url, "list"],
+        &["--db", url, "submit", "echo", "{}"],
+        &["--db", url, "daemon", "--until-idle", "--poll", "100ms"],
+        &["--db", with_password, "show", "1"],
+    ];
+    for args in cases {
+        let started = Instant::now();
+        let out = env.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "colony {args:?}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "colony {args:?} gave up instead of waiting"
+        );
+        assert!(
+            stderr.contains("127.0.0.1:1") && stderr.contains("database x"),
+            "colony {args:?} should name the host and the database: {stderr}"
+        );
+        assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
+    }
 }

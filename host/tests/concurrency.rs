@@ -1,5 +1,9 @@
-//! Many claimers on one database file — threads in this process and separate
-//! OS processes — and every task is claimed exactly once.
+//! Many claimers on one database — threads in this process and separate
+//! OS processes — and every task is claimed exactly once, on both drivers
+//! (`name::sqlite`, `name::postgres`).
+
+mod common;
+use common::on_both_drivers;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -78,67 +82,66 @@ fn assert_each_claimed_once(path: &Path, n: usize, claimed: &[i64]) {
     assert!(claims.values().all(|c| *c == 1), "one claim event per task");
 }
 
-#[test]
-fn threads_claim_each_task_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("colony.db");
-    let n = 2000;
-    seed(&path, "work", n);
-    let handles: Vec<_> = (0..4)
-        .map(|t| {
-            let path = path.clone();
-            std::thread::spawn(move || drain(&path, &format!("thread-{t}"), "work", 1 + t * 5))
-        })
-        .collect();
-    let claimed: Vec<i64> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
-    assert_each_claimed_once(&path, n, &claimed);
-}
-
-#[test]
-fn processes_claim_each_task_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("colony.db");
-    let n = 2000;
-    seed(&path, "work", n);
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..3)
-        .map(|_| {
-            Command::new(&exe)
-                .args([
-                    "--exact",
-                    "claim_worker_process",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(WORKER_ENV, &path)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut claimed = Vec::new();
-    let mut per_process = Vec::new();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        let ids: Vec<i64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            // libtest prints "test claim_worker_process ... " before the first line.
-            .filter_map(|l| l.rsplit_once("CLAIMED ").map(|(_, id)| id))
-            .map(|id| id.parse().unwrap())
+on_both_drivers! {
+    fn threads_claim_each_task_exactly_once(db) {
+        let path = db.location();
+        let n = 2000;
+        seed(&path, "work", n);
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || drain(&path, &format!("thread-{t}"), "work", 1 + t * 5))
+            })
             .collect();
-        per_process.push(ids.len());
-        claimed.extend(ids);
+        let claimed: Vec<i64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_each_claimed_once(&path, n, &claimed);
     }
-    assert_each_claimed_once(&path, n, &claimed);
-    assert_eq!(per_process.len(), 3);
+
+    fn processes_claim_each_task_exactly_once(db) {
+        let path = db.location();
+        let n = 2000;
+        seed(&path, "work", n);
+        let exe = std::env::current_exe().unwrap();
+        let children: Vec<_> = (0..3)
+            .map(|_| {
+                Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "claim_worker_process",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env(WORKER_ENV, &path)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut claimed = Vec::new();
+        let mut per_process = Vec::new();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let ids: Vec<i64> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                // libtest prints "test claim_worker_process ... " before the first line.
+                .filter_map(|l| l.rsplit_once("CLAIMED ").map(|(_, id)| id))
+                .map(|id| id.parse().unwrap())
+                .collect();
+            per_process.push(ids.len());
+            claimed.extend(ids);
+        }
+        assert_each_claimed_once(&path, n, &claimed);
+        assert_eq!(per_process.len(), 3);
+    }
 }
 
 /// Not a test on its own: the body of each worker process spawned by
-/// `processes_claim_each_task_exactly_once` (does nothing without its env var).
+/// `processes_claim_each_task_exactly_once` (does nothing without its env
+/// var, which holds the database: a file or a PostgreSQL URL).
 #[test]
 fn claim_worker_process() {
     let Some(path) = std::env::var_os(WORKER_ENV) else {

@@ -1,23 +1,16 @@
-//! The queue against real SQLite files: every legal transition, a sample of
-//! illegal ones, chains, dependencies, review, fencing and idempotency.
+//! The queue against real databases, each test on both drivers (SQLite
+//! and PostgreSQL: `name::sqlite`, `name::postgres`): every legal
+//! transition, a sample of illegal ones, chains, dependencies, review,
+//! fencing and idempotency.
+
+mod common;
+use common::{TestDb, on_both_drivers};
 
 use std::time::Duration;
 
-use colony::queue::{Applied, Lease, ListFilter, Queue, QueueError, QueueOptions, all_readable};
+use colony::queue::{Applied, Lease, ListFilter, Queue, QueueError, all_readable};
 use colony::task::{ErrorKind, NewTask, NextSpec, RunOutcome, SpawnSpec, State, TaskError};
 use serde_json::json;
-
-fn open(dir: &tempfile::TempDir) -> Queue {
-    Queue::open(dir.path().join("colony.db")).unwrap()
-}
-
-fn open_as(dir: &tempfile::TempDir, actor: &str) -> Queue {
-    let opts = QueueOptions {
-        actor: actor.to_string(),
-        ..Default::default()
-    };
-    Queue::open_with(dir.path().join("colony.db"), opts).unwrap()
-}
 
 fn ok(output: serde_json::Value) -> RunOutcome {
     RunOutcome::Success {
@@ -60,722 +53,775 @@ fn wait_and_promote(q: &mut Queue) {
     q.promote_due().unwrap();
 }
 
-#[test]
-fn happy_path_ready_claim_complete_with_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = submit(&mut q, "echo", json!({"n": 1}));
-    assert_eq!(q.get(id).unwrap().state, State::Ready);
+on_both_drivers! {
+    fn happy_path_ready_claim_complete_with_events(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "echo", json!({"n": 1}));
+        assert_eq!(q.get(id).unwrap().state, State::Ready);
 
-    let claimed = q.claim("echo", 10).unwrap();
-    assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].attempt, 1);
-    assert_eq!(claimed[0].payload, r#"{"n":1}"#);
-    let task = q.get(id).unwrap();
-    assert_eq!((task.state, task.attempts), (State::InProgress, 1));
-    assert!(task.claimed_by.is_some());
+        let claimed = q.claim("echo", 10).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].attempt, 1);
+        assert_eq!(claimed[0].payload, r#"{"n":1}"#);
+        let task = q.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::InProgress, 1));
+        assert!(task.claimed_by.is_some());
 
-    let applied = q
-        .finish(claimed[0].lease, ok(json!({"done": true})), "a log line\n")
-        .unwrap();
-    assert_eq!(applied, Applied::Moved(State::Complete));
-    let task = q.get(id).unwrap();
-    assert_eq!(task.state, State::Complete);
-    assert_eq!(task.result, Some(json!({"done": true})));
-    assert!(task.finished_at.is_some() && task.claimed_by.is_none());
-    assert_eq!(q.logs(id).unwrap()[0].text, "a log line\n");
-    assert_eq!(
-        events_of(&q, id),
-        vec![
-            ("submit".into(), None, State::Ready),
-            ("claim".into(), Some(State::Ready), State::InProgress),
-            ("complete".into(), Some(State::InProgress), State::Complete),
-        ]
-    );
-}
+        let applied = q
+            .finish(claimed[0].lease, ok(json!({"done": true})), "a log line\n")
+            .unwrap();
+        assert_eq!(applied, Applied::Moved(State::Complete));
+        let task = q.get(id).unwrap();
+        assert_eq!(task.state, State::Complete);
+        assert_eq!(task.result, Some(json!({"done": true})));
+        assert!(task.finished_at.is_some() && task.claimed_by.is_none());
+        assert_eq!(q.logs(id).unwrap()[0].text, "a log line\n");
+        assert_eq!(
+            events_of(&q, id),
+            vec![
+                ("submit".into(), None, State::Ready),
+                ("claim".into(), Some(State::Ready), State::InProgress),
+                ("complete".into(), Some(State::InProgress), State::Complete),
+            ]
+        );
+    }
 
-#[test]
-fn claims_by_priority_then_age_and_only_for_the_agent() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let low = submit(&mut q, "a", json!(1));
-    let mut high = NewTask::new("a", "2");
-    high.priority = 5;
-    let high = q.submit(&high).unwrap().id;
-    let other = submit(&mut q, "b", json!(3));
-    let claimed: Vec<i64> = q
-        .claim("a", 1)
-        .unwrap()
-        .iter()
-        .map(|c| c.lease.task_id)
-        .collect();
-    assert_eq!(claimed, vec![high]);
-    let claimed: Vec<i64> = q
-        .claim("a", 5)
-        .unwrap()
-        .iter()
-        .map(|c| c.lease.task_id)
-        .collect();
-    assert_eq!(claimed, vec![low]);
-    assert_eq!(q.get(other).unwrap().state, State::Ready);
-}
+    fn claims_by_priority_then_age_and_only_for_the_agent(db) {
+        let mut q = db.open();
+        let low = submit(&mut q, "a", json!(1));
+        let mut high = NewTask::new("a", "2");
+        high.priority = 5;
+        let high = q.submit(&high).unwrap().id;
+        let other = submit(&mut q, "b", json!(3));
+        let claimed: Vec<i64> = q
+            .claim("a", 1)
+            .unwrap()
+            .iter()
+            .map(|c| c.lease.task_id)
+            .collect();
+        assert_eq!(claimed, vec![high]);
+        let claimed: Vec<i64> = q
+            .claim("a", 5)
+            .unwrap()
+            .iter()
+            .map(|c| c.lease.task_id)
+            .collect();
+        assert_eq!(claimed, vec![low]);
+        assert_eq!(q.get(other).unwrap().state, State::Ready);
+    }
 
-#[test]
-fn retryable_failure_backs_off_then_fails_when_attempts_run_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("flaky", "{}");
-    new.backoff_ms = 60_000;
-    let id = q.submit(&new).unwrap().id;
+    fn retryable_failure_backs_off_then_fails_when_attempts_run_out(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("flaky", "{}");
+        new.backoff_ms = 60_000;
+        let id = q.submit(&new).unwrap().id;
 
-    let lease = claim_one(&mut q, "flaky");
-    let before = colony::queue::now_ms();
-    assert_eq!(
-        q.finish(lease, failure(ErrorKind::Retryable, "try again"), "")
-            .unwrap(),
-        Applied::Moved(State::Pending)
-    );
-    let task = q.get(id).unwrap();
-    assert_eq!(task.state, State::Pending);
-    assert_eq!(task.error.as_ref().unwrap().kind, ErrorKind::Retryable);
-    let wait = task.run_at - before;
-    assert!(
-        (48_000..=72_100).contains(&wait),
-        "first retry waits 60 s ± 20 %, got {wait} ms"
-    );
-    // Not due yet: promote does nothing and nothing can be claimed.
-    assert_eq!(q.promote_due().unwrap(), 0);
-    assert!(q.claim("flaky", 1).unwrap().is_empty());
+        let lease = claim_one(&mut q, "flaky");
+        let before = colony::queue::now_ms();
+        assert_eq!(
+            q.finish(lease, failure(ErrorKind::Retryable, "try again"), "")
+                .unwrap(),
+            Applied::Moved(State::Pending)
+        );
+        let task = q.get(id).unwrap();
+        assert_eq!(task.state, State::Pending);
+        assert_eq!(task.error.as_ref().unwrap().kind, ErrorKind::Retryable);
+        let wait = task.run_at - before;
+        assert!(
+            (48_000..=72_100).contains(&wait),
+            "first retry waits 60 s ± 20 %, got {wait} ms"
+        );
+        // Not due yet: promote does nothing and nothing can be claimed.
+        assert_eq!(q.promote_due().unwrap(), 0);
+        assert!(q.claim("flaky", 1).unwrap().is_empty());
 
-    // Use up the remaining attempts with a short backoff.
-    let mut new = NewTask::new("flaky2", "{}");
-    new.backoff_ms = 1;
-    let id = q.submit(&new).unwrap().id;
-    for attempt in 1..=3 {
-        let claimed = q.claim("flaky2", 1).unwrap();
-        assert_eq!(claimed[0].attempt, attempt);
-        let expect = if attempt < 3 {
-            State::Pending
-        } else {
-            State::Failed
+        // Use up the remaining attempts with a short backoff.
+        let mut new = NewTask::new("flaky2", "{}");
+        new.backoff_ms = 1;
+        let id = q.submit(&new).unwrap().id;
+        for attempt in 1..=3 {
+            let claimed = q.claim("flaky2", 1).unwrap();
+            assert_eq!(claimed[0].attempt, attempt);
+            let expect = if attempt < 3 {
+                State::Pending
+            } else {
+                State::Failed
+            };
+            assert_eq!(
+                q.finish(claimed[0].lease, failure(ErrorKind::Timeout, "slow"), "")
+                    .unwrap(),
+                Applied::Moved(expect)
+            );
+            wait_and_promote(&mut q);
+        }
+        let task = q.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Failed, 3));
+        assert_eq!(task.error.unwrap().kind, ErrorKind::Timeout);
+        let last = q.events(Some(id), 0, 100).unwrap().pop().unwrap();
+        assert_eq!(last.detail["why"], "attempts exhausted");
+    }
+
+    fn permanent_failure_skips_remaining_attempts(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "p", json!({}));
+        let lease = claim_one(&mut q, "p");
+        assert_eq!(
+            q.finish(lease, failure(ErrorKind::Permanent, "never"), "")
+                .unwrap(),
+            Applied::Moved(State::Failed)
+        );
+        let task = q.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Failed, 1));
+        assert_eq!(
+            task.error,
+            Some(TaskError {
+                kind: ErrorKind::Permanent,
+                message: "never".into()
+            })
+        );
+    }
+
+    fn invalid_output_is_a_permanent_failure_and_applies_nothing(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "g", json!({}));
+        let lease = claim_one(&mut q, "g");
+        let bad_child = SpawnSpec {
+            agent: "x".into(),
+            payload: "{oops".into(),
+            priority: 0,
+            review: false,
+        };
+        let outcome = RunOutcome::Success {
+            output: "{}".into(),
+            spawn: vec![bad_child],
+            needs_review: false,
         };
         assert_eq!(
-            q.finish(claimed[0].lease, failure(ErrorKind::Timeout, "slow"), "")
-                .unwrap(),
-            Applied::Moved(expect)
+            q.finish(lease, outcome, "").unwrap(),
+            Applied::Moved(State::Failed)
         );
-        wait_and_promote(&mut q);
+        let task = q.get(id).unwrap();
+        assert_eq!(task.error.as_ref().unwrap().kind, ErrorKind::InvalidOutput);
+        assert!(task.error.unwrap().message.contains("spawn[0].payload"));
+        assert!(task.result.is_none());
+        assert!(q.children(id).unwrap().is_empty());
     }
-    let task = q.get(id).unwrap();
-    assert_eq!((task.state, task.attempts), (State::Failed, 3));
-    assert_eq!(task.error.unwrap().kind, ErrorKind::Timeout);
-    let last = q.events(Some(id), 0, 100).unwrap().pop().unwrap();
-    assert_eq!(last.detail["why"], "attempts exhausted");
-}
 
-#[test]
-fn permanent_failure_skips_remaining_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = submit(&mut q, "p", json!({}));
-    let lease = claim_one(&mut q, "p");
-    assert_eq!(
-        q.finish(lease, failure(ErrorKind::Permanent, "never"), "")
-            .unwrap(),
-        Applied::Moved(State::Failed)
-    );
-    let task = q.get(id).unwrap();
-    assert_eq!((task.state, task.attempts), (State::Failed, 1));
-    assert_eq!(
-        task.error,
-        Some(TaskError {
-            kind: ErrorKind::Permanent,
-            message: "never".into()
-        })
-    );
-}
+    fn chains_three_levels_deep_pass_parent_results(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("design", r#"{"brief":1}"#);
+        new.next = vec![NextSpec {
+            agent: "code".into(),
+            payload: json!({"step": 2}),
+            priority: 0,
+            review: false,
+            next: vec![NextSpec {
+                agent: "ops".into(),
+                payload: json!({"step": 3}),
+                priority: 0,
+                review: false,
+                next: vec![],
+            }],
+        }];
+        let root = q.submit(&new).unwrap().id;
 
-#[test]
-fn invalid_output_is_a_permanent_failure_and_applies_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = submit(&mut q, "g", json!({}));
-    let lease = claim_one(&mut q, "g");
-    let bad_child = SpawnSpec {
-        agent: "x".into(),
-        payload: "{oops".into(),
-        priority: 0,
-        review: false,
-    };
-    let outcome = RunOutcome::Success {
-        output: "{}".into(),
-        spawn: vec![bad_child],
-        needs_review: false,
-    };
-    assert_eq!(
-        q.finish(lease, outcome, "").unwrap(),
-        Applied::Moved(State::Failed)
-    );
-    let task = q.get(id).unwrap();
-    assert_eq!(task.error.as_ref().unwrap().kind, ErrorKind::InvalidOutput);
-    assert!(task.error.unwrap().message.contains("spawn[0].payload"));
-    assert!(task.result.is_none());
-    assert!(q.children(id).unwrap().is_empty());
-}
+        let lease = claim_one(&mut q, "design");
+        q.finish(lease, ok(json!({"spec": "S"})), "").unwrap();
+        let children = all_readable(q.children(root).unwrap()).unwrap();
+        assert_eq!(children.len(), 1);
+        assert_eq!(
+            (children[0].agent.as_str(), children[0].state),
+            ("code", State::Ready)
+        );
 
-#[test]
-fn chains_three_levels_deep_pass_parent_results() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("design", r#"{"brief":1}"#);
-    new.next = vec![NextSpec {
-        agent: "code".into(),
-        payload: json!({"step": 2}),
-        priority: 0,
-        review: false,
-        next: vec![NextSpec {
-            agent: "ops".into(),
-            payload: json!({"step": 3}),
+        let claimed = q.claim("code", 1).unwrap();
+        assert_eq!(claimed[0].parent_result.as_deref(), Some(r#"{"spec":"S"}"#));
+        q.finish(claimed[0].lease, ok(json!({"html": "H"})), "")
+            .unwrap();
+        let grandchildren = all_readable(q.children(children[0].id).unwrap()).unwrap();
+        assert_eq!(grandchildren.len(), 1);
+        assert_eq!(grandchildren[0].payload, json!({"step": 3}));
+
+        let claimed = q.claim("ops", 1).unwrap();
+        assert_eq!(claimed[0].parent_result.as_deref(), Some(r#"{"html":"H"}"#));
+        q.finish(claimed[0].lease, ok(json!("shipped")), "")
+            .unwrap();
+        assert_eq!(q.get(grandchildren[0].id).unwrap().state, State::Complete);
+    }
+
+    fn spawned_children_are_inserted_with_the_completion(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "s", json!({}));
+        let lease = claim_one(&mut q, "s");
+        let spawn = vec![
+            SpawnSpec {
+                agent: "echo".into(),
+                payload: r#"{"i":1}"#.into(),
+                priority: 3,
+                review: false,
+            },
+            SpawnSpec {
+                agent: "echo".into(),
+                payload: r#"{"i":2}"#.into(),
+                priority: 0,
+                review: true,
+            },
+        ];
+        q.finish(
+            lease,
+            RunOutcome::Success {
+                output: "{}".into(),
+                spawn,
+                needs_review: false,
+            },
+            "",
+        )
+        .unwrap();
+        let children = all_readable(q.children(id).unwrap()).unwrap();
+        assert_eq!(children.len(), 2);
+        assert_eq!((children[0].priority, children[0].review), (3, false));
+        assert_eq!(
+            (children[1].payload.clone(), children[1].review),
+            (json!({"i": 2}), true)
+        );
+        assert!(
+            children
+                .iter()
+                .all(|c| c.parent_id == Some(id) && c.state == State::Ready)
+        );
+    }
+
+    fn dependencies_join_and_a_failed_dependency_cancels_dependents(db) {
+        let mut q = db.open();
+        let a = submit(&mut q, "a", json!({}));
+        let b = submit(&mut q, "b", json!({}));
+        let mut join = NewTask::new("join", "{}");
+        join.depends_on = vec![a, b];
+        let join = q.submit(&join).unwrap().id;
+        let mut after_join = NewTask::new("later", "{}");
+        after_join.depends_on = vec![join];
+        let after_join = q.submit(&after_join).unwrap().id;
+        assert_eq!(q.get(join).unwrap().state, State::Pending);
+        assert_eq!(q.get(join).unwrap().depends_on, vec![a, b]);
+
+        let lease = claim_one(&mut q, "a");
+        q.finish(lease, ok(json!(1)), "").unwrap();
+        assert_eq!(
+            q.get(join).unwrap().state,
+            State::Pending,
+            "still waiting for b"
+        );
+        let lease = claim_one(&mut q, "b");
+        q.finish(lease, ok(json!(2)), "").unwrap();
+        assert_eq!(
+            q.get(join).unwrap().state,
+            State::Ready,
+            "both dependencies complete"
+        );
+
+        let lease = claim_one(&mut q, "join");
+        q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
+            .unwrap();
+        let later = q.get(after_join).unwrap();
+        assert_eq!(later.state, State::Cancelled);
+        assert_eq!(later.error.as_ref().unwrap().kind, ErrorKind::Cancelled);
+        assert!(
+            later
+                .error
+                .unwrap()
+                .message
+                .contains(&format!("task {join}"))
+        );
+    }
+
+    fn cancel_cascades_to_dependents_and_voids_a_running_claim(db) {
+        let mut q = db.open();
+        let root = submit(&mut q, "r", json!({}));
+        let mut mid = NewTask::new("m", "{}");
+        mid.depends_on = vec![root];
+        let mid = q.submit(&mid).unwrap().id;
+        let mut leaf = NewTask::new("l", "{}");
+        leaf.depends_on = vec![mid];
+        let leaf = q.submit(&leaf).unwrap().id;
+
+        let lease = claim_one(&mut q, "r");
+        let cancelled = q.cancel(root, "not needed").unwrap();
+        assert_eq!(cancelled, vec![root, mid, leaf]);
+        for id in [root, mid, leaf] {
+            assert_eq!(q.get(id).unwrap().state, State::Cancelled);
+        }
+        // The run that was in flight cannot write its outcome any more.
+        assert_eq!(
+            q.finish(lease, ok(json!(1)), "").unwrap(),
+            Applied::LeaseLost
+        );
+        assert_eq!(q.get(root).unwrap().result, None);
+        // Finished tasks cannot be cancelled.
+        assert!(matches!(
+            q.cancel(root, "again"),
+            Err(QueueError::Illegal { .. })
+        ));
+    }
+
+    fn review_approve_inserts_children_then(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("marketing", "{}");
+        new.next = vec![NextSpec {
+            agent: "publish".into(),
+            payload: json!({}),
             priority: 0,
             review: false,
             next: vec![],
-        }],
-    }];
-    let root = q.submit(&new).unwrap().id;
-
-    let lease = claim_one(&mut q, "design");
-    q.finish(lease, ok(json!({"spec": "S"})), "").unwrap();
-    let children = all_readable(q.children(root).unwrap()).unwrap();
-    assert_eq!(children.len(), 1);
-    assert_eq!(
-        (children[0].agent.as_str(), children[0].state),
-        ("code", State::Ready)
-    );
-
-    let claimed = q.claim("code", 1).unwrap();
-    assert_eq!(claimed[0].parent_result.as_deref(), Some(r#"{"spec":"S"}"#));
-    q.finish(claimed[0].lease, ok(json!({"html": "H"})), "")
-        .unwrap();
-    let grandchildren = all_readable(q.children(children[0].id).unwrap()).unwrap();
-    assert_eq!(grandchildren.len(), 1);
-    assert_eq!(grandchildren[0].payload, json!({"step": 3}));
-
-    let claimed = q.claim("ops", 1).unwrap();
-    assert_eq!(claimed[0].parent_result.as_deref(), Some(r#"{"html":"H"}"#));
-    q.finish(claimed[0].lease, ok(json!("shipped")), "")
-        .unwrap();
-    assert_eq!(q.get(grandchildren[0].id).unwrap().state, State::Complete);
-}
-
-#[test]
-fn spawned_children_are_inserted_with_the_completion() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = submit(&mut q, "s", json!({}));
-    let lease = claim_one(&mut q, "s");
-    let spawn = vec![
-        SpawnSpec {
-            agent: "echo".into(),
-            payload: r#"{"i":1}"#.into(),
-            priority: 3,
-            review: false,
-        },
-        SpawnSpec {
-            agent: "echo".into(),
-            payload: r#"{"i":2}"#.into(),
-            priority: 0,
-            review: true,
-        },
-    ];
-    q.finish(
-        lease,
-        RunOutcome::Success {
-            output: "{}".into(),
-            spawn,
-            needs_review: false,
-        },
-        "",
-    )
-    .unwrap();
-    let children = all_readable(q.children(id).unwrap()).unwrap();
-    assert_eq!(children.len(), 2);
-    assert_eq!((children[0].priority, children[0].review), (3, false));
-    assert_eq!(
-        (children[1].payload.clone(), children[1].review),
-        (json!({"i": 2}), true)
-    );
-    assert!(
-        children
-            .iter()
-            .all(|c| c.parent_id == Some(id) && c.state == State::Ready)
-    );
-}
-
-#[test]
-fn dependencies_join_and_a_failed_dependency_cancels_dependents() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let a = submit(&mut q, "a", json!({}));
-    let b = submit(&mut q, "b", json!({}));
-    let mut join = NewTask::new("join", "{}");
-    join.depends_on = vec![a, b];
-    let join = q.submit(&join).unwrap().id;
-    let mut after_join = NewTask::new("later", "{}");
-    after_join.depends_on = vec![join];
-    let after_join = q.submit(&after_join).unwrap().id;
-    assert_eq!(q.get(join).unwrap().state, State::Pending);
-    assert_eq!(q.get(join).unwrap().depends_on, vec![a, b]);
-
-    let lease = claim_one(&mut q, "a");
-    q.finish(lease, ok(json!(1)), "").unwrap();
-    assert_eq!(
-        q.get(join).unwrap().state,
-        State::Pending,
-        "still waiting for b"
-    );
-    let lease = claim_one(&mut q, "b");
-    q.finish(lease, ok(json!(2)), "").unwrap();
-    assert_eq!(
-        q.get(join).unwrap().state,
-        State::Ready,
-        "both dependencies complete"
-    );
-
-    let lease = claim_one(&mut q, "join");
-    q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
-        .unwrap();
-    let later = q.get(after_join).unwrap();
-    assert_eq!(later.state, State::Cancelled);
-    assert_eq!(later.error.as_ref().unwrap().kind, ErrorKind::Cancelled);
-    assert!(
-        later
-            .error
-            .unwrap()
-            .message
-            .contains(&format!("task {join}"))
-    );
-}
-
-#[test]
-fn cancel_cascades_to_dependents_and_voids_a_running_claim() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let root = submit(&mut q, "r", json!({}));
-    let mut mid = NewTask::new("m", "{}");
-    mid.depends_on = vec![root];
-    let mid = q.submit(&mid).unwrap().id;
-    let mut leaf = NewTask::new("l", "{}");
-    leaf.depends_on = vec![mid];
-    let leaf = q.submit(&leaf).unwrap().id;
-
-    let lease = claim_one(&mut q, "r");
-    let cancelled = q.cancel(root, "not needed").unwrap();
-    assert_eq!(cancelled, vec![root, mid, leaf]);
-    for id in [root, mid, leaf] {
-        assert_eq!(q.get(id).unwrap().state, State::Cancelled);
-    }
-    // The run that was in flight cannot write its outcome any more.
-    assert_eq!(
-        q.finish(lease, ok(json!(1)), "").unwrap(),
-        Applied::LeaseLost
-    );
-    assert_eq!(q.get(root).unwrap().result, None);
-    // Finished tasks cannot be cancelled.
-    assert!(matches!(
-        q.cancel(root, "again"),
-        Err(QueueError::Illegal { .. })
-    ));
-}
-
-#[test]
-fn review_approve_inserts_children_then() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("marketing", "{}");
-    new.next = vec![NextSpec {
-        agent: "publish".into(),
-        payload: json!({}),
-        priority: 0,
-        review: false,
-        next: vec![],
-    }];
-    let id = q.submit(&new).unwrap().id;
-    let lease = claim_one(&mut q, "marketing");
-    let outcome = RunOutcome::Success {
-        output: r#"{"copy":"v1"}"#.into(),
-        spawn: vec![],
-        needs_review: true,
-    };
-    assert_eq!(
-        q.finish(lease, outcome, "").unwrap(),
-        Applied::Moved(State::Review)
-    );
-    assert!(
-        q.children(id).unwrap().is_empty(),
-        "children wait for approval"
-    );
-    assert_eq!(q.approve(id, Some("ship it")).unwrap(), State::Complete);
-    assert_eq!(all_readable(q.children(id).unwrap()).unwrap().len(), 1);
-    assert!(matches!(
-        q.approve(id, None),
-        Err(QueueError::Illegal {
-            state: State::Complete,
-            ..
-        })
-    ));
-}
-
-#[test]
-fn review_reject_passes_feedback_and_fails_after_max_revisions() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("marketing", "{}");
-    new.review = true;
-    new.max_revisions = 2;
-    let id = q.submit(&new).unwrap().id;
-    for round in 1..=3 {
-        let claimed = q.claim("marketing", 1).unwrap();
-        assert_eq!(claimed[0].attempt, 1, "a revision gets its attempts back");
-        if round > 1 {
-            assert_eq!(
-                claimed[0].feedback.as_deref(),
-                Some(format!("note {}", round - 1).as_str())
-            );
-        }
+        }];
+        let id = q.submit(&new).unwrap().id;
+        let lease = claim_one(&mut q, "marketing");
+        let outcome = RunOutcome::Success {
+            output: r#"{"copy":"v1"}"#.into(),
+            spawn: vec![],
+            needs_review: true,
+        };
         assert_eq!(
-            q.finish(claimed[0].lease, ok(json!({"v": round})), "")
-                .unwrap(),
+            q.finish(lease, outcome, "").unwrap(),
             Applied::Moved(State::Review)
         );
-        let to = q.reject(id, &format!("note {round}")).unwrap();
-        assert_eq!(
-            to,
-            if round <= 2 {
-                State::Ready
-            } else {
-                State::Failed
+        assert!(
+            q.children(id).unwrap().is_empty(),
+            "children wait for approval"
+        );
+        assert_eq!(q.approve(id, Some("ship it")).unwrap(), State::Complete);
+        assert_eq!(all_readable(q.children(id).unwrap()).unwrap().len(), 1);
+        assert!(matches!(
+            q.approve(id, None),
+            Err(QueueError::Illegal {
+                state: State::Complete,
+                ..
+            })
+        ));
+    }
+
+    fn review_reject_passes_feedback_and_fails_after_max_revisions(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("marketing", "{}");
+        new.review = true;
+        new.max_revisions = 2;
+        let id = q.submit(&new).unwrap().id;
+        for round in 1..=3 {
+            let claimed = q.claim("marketing", 1).unwrap();
+            assert_eq!(claimed[0].attempt, 1, "a revision gets its attempts back");
+            if round > 1 {
+                assert_eq!(
+                    claimed[0].feedback.as_deref(),
+                    Some(format!("note {}", round - 1).as_str())
+                );
             }
+            assert_eq!(
+                q.finish(claimed[0].lease, ok(json!({"v": round})), "")
+                    .unwrap(),
+                Applied::Moved(State::Review)
+            );
+            let to = q.reject(id, &format!("note {round}")).unwrap();
+            assert_eq!(
+                to,
+                if round <= 2 {
+                    State::Ready
+                } else {
+                    State::Failed
+                }
+            );
+        }
+        let task = q.get(id).unwrap();
+        assert_eq!(task.error.unwrap().kind, ErrorKind::Rejected);
+        assert_eq!(task.revisions, 2);
+    }
+
+    fn a_reviewer_agent_decides_automatically(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("writer", r#"{"topic":"t"}"#);
+        new.reviewer = Some("critic".into());
+        let id = q.submit(&new).unwrap().id;
+        let lease = claim_one(&mut q, "writer");
+        q.finish(lease, ok(json!({"draft": 1})), "").unwrap();
+        assert_eq!(q.get(id).unwrap().state, State::Review);
+
+        let review = q.claim("critic", 1).unwrap().remove(0);
+        let payload: serde_json::Value = serde_json::from_str(&review.payload).unwrap();
+        assert_eq!(
+            payload,
+            json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "output": {"draft": 1}})
+        );
+        q.finish(
+            review.lease,
+            ok(json!({"approve": false, "note": "more detail"})),
+            "",
+        )
+        .unwrap();
+        let task = q.get(id).unwrap();
+        assert_eq!(
+            (task.state, task.feedback.as_deref()),
+            (State::Ready, Some("more detail"))
+        );
+
+        let lease = claim_one(&mut q, "writer");
+        q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
+        let review = q.claim("critic", 1).unwrap().remove(0);
+        q.finish(review.lease, ok(json!({"approve": true})), "")
+            .unwrap();
+        assert_eq!(q.get(id).unwrap().state, State::Complete);
+
+        // A reviewer whose output is not a verdict fails; the task waits for a person.
+        let id = writer_in_review(&mut q, json!({}));
+        let review = q.claim("critic", 1).unwrap().remove(0);
+        q.finish(review.lease, ok(json!({"looks": "fine"})), "")
+            .unwrap();
+        assert_eq!(
+            q.get(review.lease.task_id).unwrap().error.unwrap().kind,
+            ErrorKind::InvalidOutput
+        );
+        assert_eq!(q.get(id).unwrap().state, State::Review);
+    }
+
+    fn retry_revives_failed_and_cancelled_tasks_only(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "p", json!({}));
+        let lease = claim_one(&mut q, "p");
+        q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
+            .unwrap();
+        assert_eq!(q.retry(id).unwrap(), State::Ready);
+        let task = q.get(id).unwrap();
+        assert_eq!((task.attempts, task.error.is_none()), (0, true));
+
+        let c = submit(&mut q, "p", json!({}));
+        q.cancel(c, "x").unwrap();
+        assert_eq!(q.retry(c).unwrap(), State::Ready);
+
+        let err = q.retry(c).unwrap_err();
+        assert!(
+            err.to_string().contains("only failed or cancelled"),
+            "{err}"
+        );
+        assert!(matches!(q.retry(9999), Err(QueueError::NotFound(9999))));
+    }
+
+    fn release_gives_the_attempt_back(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "a", json!({}));
+        let lease = claim_one(&mut q, "a");
+        assert_eq!(q.release(lease).unwrap(), Applied::Moved(State::Ready));
+        let task = q.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Ready, 0));
+        assert_eq!(q.release(lease).unwrap(), Applied::LeaseLost);
+    }
+
+    fn stale_leases_reset_to_ready_then_fail_when_attempts_are_used(db) {
+        let mut q = db.open_as("host-a");
+        let mut new = NewTask::new("a", "{}");
+        new.max_attempts = 2;
+        let id = q.submit(&new).unwrap().id;
+
+        let first = claim_one(&mut q, "a");
+        // A live heartbeat keeps the lease.
+        assert!(
+            q.reset_stale_leases(Duration::from_secs(60))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(q.heartbeat(&[first]).unwrap().is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        let mut reaper = db.open_as("host-b");
+        let reset = reaper
+            .reset_stale_leases(Duration::from_millis(10))
+            .unwrap();
+        assert_eq!(reset.len(), 1);
+        assert_eq!(
+            (reset[0].holder.as_str(), reset[0].to),
+            ("host-a", State::Ready)
+        );
+        let event = reaper.events(Some(id), 0, 100).unwrap().pop().unwrap();
+        assert_eq!(
+            (event.event.as_str(), event.actor.as_str()),
+            ("lease_expired", "host-b")
+        );
+        assert_eq!(event.detail["holder"], "host-a");
+        assert_eq!(q.get(id).unwrap().attempts, 1, "the attempt stays counted");
+        assert_eq!(
+            q.heartbeat(&[first]).unwrap(),
+            vec![first],
+            "the old holder learns it lost the lease"
+        );
+
+        let _second = claim_one(&mut q, "a");
+        std::thread::sleep(Duration::from_millis(20));
+        let reset = reaper
+            .reset_stale_leases(Duration::from_millis(10))
+            .unwrap();
+        assert_eq!(reset[0].to, State::Failed);
+        assert_eq!(
+            q.get(id).unwrap().error.unwrap().kind,
+            ErrorKind::LeaseExpired
         );
     }
-    let task = q.get(id).unwrap();
-    assert_eq!(task.error.unwrap().kind, ErrorKind::Rejected);
-    assert_eq!(task.revisions, 2);
-}
 
-#[test]
-fn a_reviewer_agent_decides_automatically() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("writer", r#"{"topic":"t"}"#);
-    new.reviewer = Some("critic".into());
-    let id = q.submit(&new).unwrap().id;
-    let lease = claim_one(&mut q, "writer");
-    q.finish(lease, ok(json!({"draft": 1})), "").unwrap();
-    assert_eq!(q.get(id).unwrap().state, State::Review);
+    fn a_stale_hosts_late_write_changes_nothing(db) {
+        let mut slow = db.open_as("slow-host");
+        let mut fast = db.open_as("fast-host");
+        let id = submit(&mut slow, "a", json!({}));
+        let old = claim_one(&mut slow, "a");
+        std::thread::sleep(Duration::from_millis(20));
+        fast.reset_stale_leases(Duration::from_millis(10)).unwrap();
+        let new = claim_one(&mut fast, "a");
+        assert_ne!(old, new);
 
-    let review = q.claim("critic", 1).unwrap().remove(0);
-    let payload: serde_json::Value = serde_json::from_str(&review.payload).unwrap();
-    assert_eq!(
-        payload,
-        json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "output": {"draft": 1}})
-    );
-    q.finish(
-        review.lease,
-        ok(json!({"approve": false, "note": "more detail"})),
-        "",
-    )
-    .unwrap();
-    let task = q.get(id).unwrap();
-    assert_eq!(
-        (task.state, task.feedback.as_deref()),
-        (State::Ready, Some("more detail"))
-    );
+        // The slow host wakes up and reports: every write is refused.
+        assert_eq!(
+            slow.finish(old, ok(json!("stale")), "stale log").unwrap(),
+            Applied::LeaseLost
+        );
+        assert_eq!(
+            slow.finish(old, failure(ErrorKind::Permanent, "stale"), "")
+                .unwrap(),
+            Applied::LeaseLost
+        );
+        assert_eq!(slow.release(old).unwrap(), Applied::LeaseLost);
+        assert_eq!(
+            slow.record_progress(old, Some("stale")).unwrap(),
+            Applied::LeaseLost
+        );
+        let task = slow.get(id).unwrap();
+        assert_eq!(
+            (task.state, task.claimed_by.as_deref(), task.result),
+            (State::InProgress, Some("fast-host"), None)
+        );
+        assert!(slow.logs(id).unwrap().is_empty());
 
-    let lease = claim_one(&mut q, "writer");
-    q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
-    let review = q.claim("critic", 1).unwrap().remove(0);
-    q.finish(review.lease, ok(json!({"approve": true})), "")
-        .unwrap();
-    assert_eq!(q.get(id).unwrap().state, State::Complete);
-
-    // A reviewer whose output is not a verdict fails; the task waits for a person.
-    let id = writer_in_review(&mut q, json!({}));
-    let review = q.claim("critic", 1).unwrap().remove(0);
-    q.finish(review.lease, ok(json!({"looks": "fine"})), "")
-        .unwrap();
-    assert_eq!(
-        q.get(review.lease.task_id).unwrap().error.unwrap().kind,
-        ErrorKind::InvalidOutput
-    );
-    assert_eq!(q.get(id).unwrap().state, State::Review);
-}
-
-#[test]
-fn retry_revives_failed_and_cancelled_tasks_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = submit(&mut q, "p", json!({}));
-    let lease = claim_one(&mut q, "p");
-    q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
-        .unwrap();
-    assert_eq!(q.retry(id).unwrap(), State::Ready);
-    let task = q.get(id).unwrap();
-    assert_eq!((task.attempts, task.error.is_none()), (0, true));
-
-    let c = submit(&mut q, "p", json!({}));
-    q.cancel(c, "x").unwrap();
-    assert_eq!(q.retry(c).unwrap(), State::Ready);
-
-    let err = q.retry(c).unwrap_err();
-    assert!(
-        err.to_string().contains("only failed or cancelled"),
-        "{err}"
-    );
-    assert!(matches!(q.retry(9999), Err(QueueError::NotFound(9999))));
-}
-
-#[test]
-fn release_gives_the_attempt_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = submit(&mut q, "a", json!({}));
-    let lease = claim_one(&mut q, "a");
-    assert_eq!(q.release(lease).unwrap(), Applied::Moved(State::Ready));
-    let task = q.get(id).unwrap();
-    assert_eq!((task.state, task.attempts), (State::Ready, 0));
-    assert_eq!(q.release(lease).unwrap(), Applied::LeaseLost);
-}
-
-#[test]
-fn stale_leases_reset_to_ready_then_fail_when_attempts_are_used() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open_as(&dir, "host-a");
-    let mut new = NewTask::new("a", "{}");
-    new.max_attempts = 2;
-    let id = q.submit(&new).unwrap().id;
-
-    let first = claim_one(&mut q, "a");
-    // A live heartbeat keeps the lease.
-    assert!(
-        q.reset_stale_leases(Duration::from_secs(60))
-            .unwrap()
-            .is_empty()
-    );
-    assert!(q.heartbeat(&[first]).unwrap().is_empty());
-    std::thread::sleep(Duration::from_millis(20));
-    let mut reaper = open_as(&dir, "host-b");
-    let reset = reaper
-        .reset_stale_leases(Duration::from_millis(10))
-        .unwrap();
-    assert_eq!(reset.len(), 1);
-    assert_eq!(
-        (reset[0].holder.as_str(), reset[0].to),
-        ("host-a", State::Ready)
-    );
-    let event = reaper.events(Some(id), 0, 100).unwrap().pop().unwrap();
-    assert_eq!(
-        (event.event.as_str(), event.actor.as_str()),
-        ("lease_expired", "host-b")
-    );
-    assert_eq!(event.detail["holder"], "host-a");
-    assert_eq!(q.get(id).unwrap().attempts, 1, "the attempt stays counted");
-    assert_eq!(
-        q.heartbeat(&[first]).unwrap(),
-        vec![first],
-        "the old holder learns it lost the lease"
-    );
-
-    let _second = claim_one(&mut q, "a");
-    std::thread::sleep(Duration::from_millis(20));
-    let reset = reaper
-        .reset_stale_leases(Duration::from_millis(10))
-        .unwrap();
-    assert_eq!(reset[0].to, State::Failed);
-    assert_eq!(
-        q.get(id).unwrap().error.unwrap().kind,
-        ErrorKind::LeaseExpired
-    );
-}
-
-#[test]
-fn a_stale_hosts_late_write_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut slow = open_as(&dir, "slow-host");
-    let mut fast = open_as(&dir, "fast-host");
-    let id = submit(&mut slow, "a", json!({}));
-    let old = claim_one(&mut slow, "a");
-    std::thread::sleep(Duration::from_millis(20));
-    fast.reset_stale_leases(Duration::from_millis(10)).unwrap();
-    let new = claim_one(&mut fast, "a");
-    assert_ne!(old, new);
-
-    // The slow host wakes up and reports: every write is refused.
-    assert_eq!(
-        slow.finish(old, ok(json!("stale")), "stale log").unwrap(),
-        Applied::LeaseLost
-    );
-    assert_eq!(
-        slow.finish(old, failure(ErrorKind::Permanent, "stale"), "")
-            .unwrap(),
-        Applied::LeaseLost
-    );
-    assert_eq!(slow.release(old).unwrap(), Applied::LeaseLost);
-    assert_eq!(
-        slow.record_progress(old, Some("stale")).unwrap(),
-        Applied::LeaseLost
-    );
-    let task = slow.get(id).unwrap();
-    assert_eq!(
-        (task.state, task.claimed_by.as_deref(), task.result),
-        (State::InProgress, Some("fast-host"), None)
-    );
-    assert!(slow.logs(id).unwrap().is_empty());
-
-    assert_eq!(
-        fast.finish(new, ok(json!("fresh")), "").unwrap(),
-        Applied::Moved(State::Complete)
-    );
-    assert_eq!(fast.get(id).unwrap().result, Some(json!("fresh")));
-}
-
-#[test]
-fn idempotency_key_returns_the_existing_task() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("a", r#"{"order":7}"#);
-    new.key = Some("order-7".into());
-    let first = q.submit(&new).unwrap();
-    let second = q.submit(&new).unwrap();
-    assert!(!first.existed && second.existed);
-    assert_eq!(first.id, second.id);
-    assert_eq!(q.list(&ListFilter::default()).unwrap().len(), 1);
-}
-
-#[test]
-fn bad_input_names_the_field_and_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let existing = submit(&mut q, "a", json!({}));
-    let cases: Vec<(NewTask, &str)> = vec![
-        (NewTask::new("a", "{not json"), "payload"),
-        (NewTask::new("", "{}"), "agent"),
-        (NewTask::new("../evil", "{}"), "agent"),
-        (
-            NewTask {
-                max_attempts: 0,
-                ..NewTask::new("a", "{}")
-            },
-            "max_attempts",
-        ),
-        (
-            NewTask {
-                depends_on: vec![424242],
-                ..NewTask::new("a", "{}")
-            },
-            "depends_on",
-        ),
-        (
-            NewTask {
-                depends_on: vec![existing, existing],
-                ..NewTask::new("a", "{}")
-            },
-            "depends_on",
-        ),
-        (
-            NewTask {
-                timeout_ms: Some(0),
-                ..NewTask::new("a", "{}")
-            },
-            "timeout",
-        ),
-        (
-            NewTask {
-                next: vec![NextSpec {
-                    agent: "bad name".into(),
-                    payload: json!({}),
-                    priority: 0,
-                    review: false,
-                    next: vec![],
-                }],
-                ..NewTask::new("a", "{}")
-            },
-            "next[0].agent",
-        ),
-        (
-            NewTask::new("a", format!("\"{}\"", "x".repeat(1024 * 1024 + 1))),
-            "payload",
-        ),
-    ];
-    for (new, field) in cases {
-        match q.submit(&new) {
-            Err(QueueError::Invalid { field: f, message }) => assert_eq!(f, field, "{message}"),
-            other => panic!("expected a refusal naming {field}, got {other:?}"),
-        }
+        assert_eq!(
+            fast.finish(new, ok(json!("fresh")), "").unwrap(),
+            Applied::Moved(State::Complete)
+        );
+        assert_eq!(fast.get(id).unwrap().result, Some(json!("fresh")));
     }
-    assert_eq!(q.list(&ListFilter::default()).unwrap().len(), 1);
-    assert_eq!(q.events(None, 0, 100).unwrap().len(), 1);
+
+    fn idempotency_key_returns_the_existing_task(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("a", r#"{"order":7}"#);
+        new.key = Some("order-7".into());
+        let first = q.submit(&new).unwrap();
+        let second = q.submit(&new).unwrap();
+        assert!(!first.existed && second.existed);
+        assert_eq!(first.id, second.id);
+        assert_eq!(q.list(&ListFilter::default()).unwrap().len(), 1);
+    }
+
+    fn bad_input_names_the_field_and_stores_nothing(db) {
+        let mut q = db.open();
+        let existing = submit(&mut q, "a", json!({}));
+        let cases: Vec<(NewTask, &str)> = vec![
+            (NewTask::new("a", "{not json"), "payload"),
+            (NewTask::new("", "{}"), "agent"),
+            (NewTask::new("../evil", "{}"), "agent"),
+            (
+                NewTask {
+                    max_attempts: 0,
+                    ..NewTask::new("a", "{}")
+                },
+                "max_attempts",
+            ),
+            (
+                NewTask {
+                    depends_on: vec![424242],
+                    ..NewTask::new("a", "{}")
+                },
+                "depends_on",
+            ),
+            (
+                NewTask {
+                    depends_on: vec![existing, existing],
+                    ..NewTask::new("a", "{}")
+                },
+                "depends_on",
+            ),
+            (
+                NewTask {
+                    timeout_ms: Some(0),
+                    ..NewTask::new("a", "{}")
+                },
+                "timeout",
+            ),
+            (
+                NewTask {
+                    next: vec![NextSpec {
+                        agent: "bad name".into(),
+                        payload: json!({}),
+                        priority: 0,
+                        review: false,
+                        next: vec![],
+                    }],
+                    ..NewTask::new("a", "{}")
+                },
+                "next[0].agent",
+            ),
+            (
+                NewTask::new("a", format!("\"{}\"", "x".repeat(1024 * 1024 + 1))),
+                "payload",
+            ),
+        ];
+        for (new, field) in cases {
+            match q.submit(&new) {
+                Err(QueueError::Invalid { field: f, message }) => assert_eq!(f, field, "{message}"),
+                other => panic!("expected a refusal naming {field}, got {other:?}"),
+            }
+        }
+        assert_eq!(q.list(&ListFilter::default()).unwrap().len(), 1);
+        assert_eq!(q.events(None, 0, 100).unwrap().len(), 1);
+    }
+
+    fn batch_submit_is_all_or_nothing(db) {
+        let mut q = db.open();
+        let good = NewTask::new("a", "{}");
+        let bad = NewTask::new("a", "{");
+        let err = q
+            .submit_batch(&[good.clone(), good.clone(), bad])
+            .unwrap_err();
+        assert!(
+            matches!(err, QueueError::InvalidInBatch { index: 2, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("task #3") && err.to_string().contains("payload"),
+            "{err}"
+        );
+        assert!(q.list(&ListFilter::default()).unwrap().is_empty());
+        let ids = q.submit_batch(&[good.clone(), good]).unwrap();
+        assert_eq!(ids.len(), 2);
+    }
+
+    fn scheduled_tasks_wait_in_pending_until_due(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("a", "{}");
+        new.run_at = Some(colony::queue::now_ms() + 30);
+        let id = q.submit(&new).unwrap().id;
+        assert_eq!(q.get(id).unwrap().state, State::Pending);
+        assert_eq!(q.promote_due().unwrap(), 0);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(q.promote_due().unwrap(), 1);
+        assert_eq!(q.get(id).unwrap().state, State::Ready);
+    }
+
+    fn reopening_keeps_everything_and_refuses_newer_schemas(db) {
+        let id = {
+            let mut q = db.open();
+            submit(&mut q, "a", json!({"keep": true}))
+        };
+        let q = db.open();
+        assert_eq!(q.get(id).unwrap().payload, json!({"keep": true}));
+        drop(q);
+        // What a newer colony would leave behind (SQLite's `user_version`,
+        // PostgreSQL's `colony_schema`).
+        db.set_schema_version(99);
+        let err = Queue::open(db.location()).err().unwrap();
+        assert!(
+            matches!(err, QueueError::SchemaTooNew { found: 99, .. }),
+            "{err}"
+        );
+        assert!(err.is_permanent(), "{err}");
+    }
+
+    fn retry_respects_dependencies(db) {
+        let mut q = db.open();
+        let a = submit(&mut q, "a", json!({}));
+        let mut b = NewTask::new("b", "{}");
+        b.depends_on = vec![a];
+        let b = q.submit(&b).unwrap().id;
+        let lease = claim_one(&mut q, "a");
+        q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
+            .unwrap();
+        assert_eq!(q.get(b).unwrap().state, State::Cancelled);
+
+        // B cannot be revived while A is failed: it could never run.
+        match q.retry(b) {
+            Err(QueueError::Invalid { field, message }) => {
+                assert_eq!(field, "depends_on");
+                assert!(
+                    message.contains(&format!("retry task {a} first")),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Revive A, then B: B waits for A instead of running at once.
+        assert_eq!(q.retry(a).unwrap(), State::Ready);
+        assert_eq!(q.retry(b).unwrap(), State::Pending);
+        assert!(q.claim("b", 1).unwrap().is_empty());
+        let lease = claim_one(&mut q, "a");
+        q.finish(lease, ok(json!(1)), "").unwrap();
+        assert_eq!(q.get(b).unwrap().state, State::Ready);
+    }
+
+    fn a_stale_reviewers_verdict_is_ignored(db) {
+        let mut q = db.open();
+        let id = writer_in_review(&mut q, json!({"draft": 1}));
+        let first_review = q.claim("critic", 1).unwrap().remove(0);
+
+        // A person rejects before the first reviewer answers; the task re-runs.
+        q.reject(id, "person: redo").unwrap();
+        let lease = claim_one(&mut q, "writer");
+        q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
+
+        // The first reviewer's approval judged draft 1: it must not decide draft 2.
+        q.finish(first_review.lease, ok(json!({"approve": true})), "")
+            .unwrap();
+        assert_eq!(q.get(id).unwrap().state, State::Review);
+        let second_review = q.claim("critic", 1).unwrap().remove(0);
+        assert!(second_review.payload.contains(r#""draft":2"#));
+        q.finish(second_review.lease, ok(json!({"approve": true})), "")
+            .unwrap();
+        assert_eq!(q.get(id).unwrap().state, State::Complete);
+    }
+
+    fn a_reviewer_cannot_hold_its_own_verdict_for_review(db) {
+        let mut q = db.open();
+        let id = writer_in_review(&mut q, json!({}));
+        let review = q.claim("critic", 1).unwrap().remove(0);
+        let verdict = RunOutcome::Success {
+            output: r#"{"approve":true}"#.into(),
+            spawn: vec![],
+            needs_review: true,
+        };
+        assert_eq!(
+            q.finish(review.lease, verdict, "").unwrap(),
+            Applied::Moved(State::Complete)
+        );
+        assert_eq!(q.get(id).unwrap().state, State::Complete);
+    }
+
+    fn a_task_in_review_can_be_cancelled_with_its_dependents(db) {
+        let mut q = db.open();
+        let mut new = NewTask::new("copy", "{}");
+        new.review = true;
+        let id = q.submit(&new).unwrap().id;
+        let mut publish = NewTask::new("publish", "{}");
+        publish.depends_on = vec![id];
+        let publish = q.submit(&publish).unwrap().id;
+        let lease = claim_one(&mut q, "copy");
+        q.finish(lease, ok(json!({"v": 1})), "").unwrap();
+        assert_eq!(q.get(id).unwrap().state, State::Review);
+        assert_eq!(q.cancel(id, "campaign dropped").unwrap(), vec![id, publish]);
+        assert_eq!(q.get(id).unwrap().state, State::Cancelled);
+        assert!(matches!(
+            q.approve(id, None),
+            Err(QueueError::Illegal {
+                state: State::Cancelled,
+                ..
+            })
+        ));
+    }
 }
 
-#[test]
-fn batch_submit_is_all_or_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let good = NewTask::new("a", "{}");
-    let bad = NewTask::new("a", "{");
-    let err = q
-        .submit_batch(&[good.clone(), good.clone(), bad])
-        .unwrap_err();
-    assert!(
-        matches!(err, QueueError::InvalidInBatch { index: 2, .. }),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("task #3") && err.to_string().contains("payload"),
-        "{err}"
-    );
-    assert!(q.list(&ListFilter::default()).unwrap().is_empty());
-    let ids = q.submit_batch(&[good.clone(), good]).unwrap();
-    assert_eq!(ids.len(), 2);
-}
-
-#[test]
-fn scheduled_tasks_wait_in_pending_until_due() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("a", "{}");
-    new.run_at = Some(colony::queue::now_ms() + 30);
-    let id = q.submit(&new).unwrap().id;
-    assert_eq!(q.get(id).unwrap().state, State::Pending);
-    assert_eq!(q.promote_due().unwrap(), 0);
-    std::thread::sleep(Duration::from_millis(40));
-    assert_eq!(q.promote_due().unwrap(), 1);
-    assert_eq!(q.get(id).unwrap().state, State::Ready);
-}
-
-#[test]
-fn reopening_keeps_everything_and_refuses_newer_schemas() {
-    let dir = tempfile::tempdir().unwrap();
-    let id = {
-        let mut q = open(&dir);
-        submit(&mut q, "a", json!({"keep": true}))
-    };
-    let q = open(&dir);
-    assert_eq!(q.get(id).unwrap().payload, json!({"keep": true}));
-    drop(q);
-    let conn = rusqlite::Connection::open(dir.path().join("colony.db")).unwrap();
-    conn.pragma_update(None, "user_version", 99).unwrap();
-    drop(conn);
-    let err = Queue::open(dir.path().join("colony.db")).err().unwrap();
-    assert!(
-        matches!(err, QueueError::SchemaTooNew { found: 99, .. }),
-        "{err}"
-    );
-}
-
+// SQLite only: a full disk is rehearsed by capping the file's page count
+// (`PRAGMA max_page_count`); a PostgreSQL server's disk is not ours to fill.
 #[test]
 fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
+    let db = TestDb::sqlite();
+    let mut q = db.open();
     let ids: Vec<i64> = (0..20)
         .map(|i| submit(&mut q, "a", json!({"i": i})))
         .collect();
@@ -783,11 +829,11 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
     assert_eq!(claimed.len(), 20);
 
     // Cap the file at its current size: the next growth fails like a full disk.
-    let conn = rusqlite::Connection::open(dir.path().join("colony.db")).unwrap();
+    let conn = rusqlite::Connection::open(db.path()).unwrap();
     let pages: i64 = conn
         .query_row("PRAGMA page_count", [], |r| r.get(0))
         .unwrap();
-    q.set_max_page_count(pages).unwrap();
+    colony::queue::bench::set_max_page_count(&q, pages).unwrap();
     let big = json!({"blob": "x".repeat(64 * 1024)});
     let runs: Vec<_> = claimed
         .iter()
@@ -817,7 +863,7 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
     assert_eq!(q.list(&ListFilter::default()).unwrap().len(), 20);
 
     // Space comes back: the same write (as the daemon retries it) succeeds.
-    q.set_max_page_count(1 << 30).unwrap();
+    colony::queue::bench::set_max_page_count(&q, 1 << 30).unwrap();
     let applied = q.finish_batch(&runs).unwrap();
     assert!(
         applied
@@ -825,104 +871,6 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
             .all(|a| *a == Applied::Moved(State::Complete))
     );
     assert_eq!(q.get(ids[0]).unwrap().result, Some(big));
-}
-
-#[test]
-fn retry_respects_dependencies() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let a = submit(&mut q, "a", json!({}));
-    let mut b = NewTask::new("b", "{}");
-    b.depends_on = vec![a];
-    let b = q.submit(&b).unwrap().id;
-    let lease = claim_one(&mut q, "a");
-    q.finish(lease, failure(ErrorKind::Permanent, "no"), "")
-        .unwrap();
-    assert_eq!(q.get(b).unwrap().state, State::Cancelled);
-
-    // B cannot be revived while A is failed: it could never run.
-    match q.retry(b) {
-        Err(QueueError::Invalid { field, message }) => {
-            assert_eq!(field, "depends_on");
-            assert!(
-                message.contains(&format!("retry task {a} first")),
-                "{message}"
-            );
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-    // Revive A, then B: B waits for A instead of running at once.
-    assert_eq!(q.retry(a).unwrap(), State::Ready);
-    assert_eq!(q.retry(b).unwrap(), State::Pending);
-    assert!(q.claim("b", 1).unwrap().is_empty());
-    let lease = claim_one(&mut q, "a");
-    q.finish(lease, ok(json!(1)), "").unwrap();
-    assert_eq!(q.get(b).unwrap().state, State::Ready);
-}
-
-#[test]
-fn a_stale_reviewers_verdict_is_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = writer_in_review(&mut q, json!({"draft": 1}));
-    let first_review = q.claim("critic", 1).unwrap().remove(0);
-
-    // A person rejects before the first reviewer answers; the task re-runs.
-    q.reject(id, "person: redo").unwrap();
-    let lease = claim_one(&mut q, "writer");
-    q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
-
-    // The first reviewer's approval judged draft 1: it must not decide draft 2.
-    q.finish(first_review.lease, ok(json!({"approve": true})), "")
-        .unwrap();
-    assert_eq!(q.get(id).unwrap().state, State::Review);
-    let second_review = q.claim("critic", 1).unwrap().remove(0);
-    assert!(second_review.payload.contains(r#""draft":2"#));
-    q.finish(second_review.lease, ok(json!({"approve": true})), "")
-        .unwrap();
-    assert_eq!(q.get(id).unwrap().state, State::Complete);
-}
-
-#[test]
-fn a_reviewer_cannot_hold_its_own_verdict_for_review() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let id = writer_in_review(&mut q, json!({}));
-    let review = q.claim("critic", 1).unwrap().remove(0);
-    let verdict = RunOutcome::Success {
-        output: r#"{"approve":true}"#.into(),
-        spawn: vec![],
-        needs_review: true,
-    };
-    assert_eq!(
-        q.finish(review.lease, verdict, "").unwrap(),
-        Applied::Moved(State::Complete)
-    );
-    assert_eq!(q.get(id).unwrap().state, State::Complete);
-}
-
-#[test]
-fn a_task_in_review_can_be_cancelled_with_its_dependents() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = open(&dir);
-    let mut new = NewTask::new("copy", "{}");
-    new.review = true;
-    let id = q.submit(&new).unwrap().id;
-    let mut publish = NewTask::new("publish", "{}");
-    publish.depends_on = vec![id];
-    let publish = q.submit(&publish).unwrap().id;
-    let lease = claim_one(&mut q, "copy");
-    q.finish(lease, ok(json!({"v": 1})), "").unwrap();
-    assert_eq!(q.get(id).unwrap().state, State::Review);
-    assert_eq!(q.cancel(id, "campaign dropped").unwrap(), vec![id, publish]);
-    assert_eq!(q.get(id).unwrap().state, State::Cancelled);
-    assert!(matches!(
-        q.approve(id, None),
-        Err(QueueError::Illegal {
-            state: State::Cancelled,
-            ..
-        })
-    ));
 }
 
 /// Submits a `writer` task reviewed by the agent `critic`, runs it to

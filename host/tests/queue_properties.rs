@@ -1,12 +1,18 @@
-//! Random operation sequences against a real queue file, checking the
+//! Random operation sequences against a real queue, checking the
 //! invariants after every step: no task under two live leases, attempts never
 //! above max_attempts, terminal states left only through retry, and every
 //! state change recorded by an event chain that ends in the current state.
+//!
+//! On both drivers: `invariants_hold_after_every_operation::sqlite` (48
+//! cases) and `::postgres` (16, on one database emptied between cases).
+
+mod common;
+use common::{Raw, TestDb, check_property};
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use colony::queue::{Applied, Lease, Queue, QueueError};
+use colony::queue::{Applied, Lease, QueueError};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State, TaskError};
 use proptest::prelude::*;
 
@@ -107,17 +113,27 @@ struct Model {
     states: HashMap<i64, State>,
 }
 
-fn check_invariants(db: &rusqlite::Connection, model: &mut Model, retried: Option<i64>) {
-    let mut stmt = db
-        .prepare("SELECT id, state, attempts, max_attempts, claim_token FROM tasks")
-        .unwrap();
-    let rows: Vec<(i64, String, u32, u32, Option<i64>)> = stmt
-        .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+fn check_invariants(db: &mut Raw, model: &mut Model, retried: Option<i64>) {
+    let rows: Vec<(i64, String, u32, u32, Option<i64>)> = db
+        .query("SELECT id, state, attempts, max_attempts, claim_token FROM tasks ORDER BY id")
+        .iter()
+        .map(|r| {
+            (
+                r[0].int().unwrap(),
+                r[1].text().unwrap().to_string(),
+                r[2].int().unwrap() as u32,
+                r[3].int().unwrap() as u32,
+                r[4].int(),
+            )
         })
-        .unwrap()
-        .map(Result::unwrap)
         .collect();
+    let mut chains: HashMap<i64, Vec<(Option<String>, String)>> = HashMap::new();
+    for r in db.query("SELECT task_id, from_state, to_state FROM events ORDER BY id") {
+        chains.entry(r[0].int().unwrap()).or_default().push((
+            r[1].text().map(str::to_string),
+            r[2].text().unwrap().to_string(),
+        ));
+    }
     for (id, state, attempts, max_attempts, token) in rows {
         let state: State = state.parse().unwrap();
         assert!(
@@ -147,16 +163,8 @@ fn check_invariants(db: &rusqlite::Connection, model: &mut Model, retried: Optio
         }
         // The event chain: each event starts where the last one ended, and the
         // last ends in the current state.
-        let mut ev = db
-            .prepare("SELECT from_state, to_state FROM events WHERE task_id = ?1 ORDER BY id")
-            .unwrap();
-        let chain: Vec<(Option<String>, String)> = ev
-            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
         let mut at: Option<String> = None;
-        for (from, to) in chain {
+        for (from, to) in chains.remove(&id).unwrap_or_default() {
             assert_eq!(from, at, "task {id}: event chain broken");
             at = Some(to);
         }
@@ -173,64 +181,108 @@ fn pick<T: Copy>(items: &[T], i: usize) -> Option<T> {
     (!items.is_empty()).then(|| items[i % items.len()])
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut q = db.open();
+    let mut raw = db.raw();
+    let mut model = Model {
+        ids: vec![],
+        leases: vec![],
+        states: HashMap::new(),
+    };
+    for op in ops {
+        let mut retried = None;
+        match op {
+            Op::Submit {
+                agent,
+                review,
+                max_attempts,
+                depend,
+            } => {
+                let mut new = NewTask::new(AGENTS[agent], "{}");
+                new.review = review;
+                new.max_attempts = max_attempts;
+                new.backoff_ms = 0;
+                new.depends_on = depend
+                    .and_then(|i| pick(&model.ids, i))
+                    .into_iter()
+                    .collect();
+                match q.submit(&new) {
+                    Ok(s) => model.ids.push(s.id),
+                    Err(e) => allowed(Err::<(), _>(e)),
+                }
+            }
+            Op::Claim { agent, n } => {
+                let claimed = q.claim(AGENTS[agent], n).unwrap();
+                model.leases.extend(claimed.iter().map(|c| c.lease));
+            }
+            Op::Finish { lease, how } => {
+                if let Some(lease) = pick(&model.leases, lease) {
+                    let before = model.states.get(&lease.task_id).copied();
+                    let applied = q.finish(lease, outcome(how), "").unwrap();
+                    if applied == Applied::LeaseLost {
+                        let now = q.get(lease.task_id).unwrap().state;
+                        prop_assert!(before != Some(State::InProgress) || now == State::InProgress);
+                    }
+                }
+            }
+            Op::Heartbeat => {
+                q.heartbeat(&model.leases).unwrap();
+            }
+            Op::ResetAll => {
+                std::thread::sleep(Duration::from_millis(2));
+                q.reset_stale_leases(Duration::ZERO).unwrap();
+            }
+            Op::Release { lease } => {
+                if let Some(lease) = pick(&model.leases, lease) {
+                    q.release(lease).unwrap();
+                }
+            }
+            Op::Approve { task } => {
+                if let Some(id) = pick(&model.ids, task) {
+                    allowed(q.approve(id, None));
+                }
+            }
+            Op::Reject { task } => {
+                if let Some(id) = pick(&model.ids, task) {
+                    allowed(q.reject(id, "again"));
+                }
+            }
+            Op::Retry { task } => {
+                if let Some(id) = pick(&model.ids, task) {
+                    retried = Some(id);
+                    allowed(q.retry(id));
+                }
+            }
+            Op::Cancel { task } => {
+                if let Some(id) = pick(&model.ids, task) {
+                    allowed(q.cancel(id, "test"));
+                }
+            }
+            Op::Promote => {
+                q.promote_due().unwrap();
+            }
+        }
+        check_invariants(&mut raw, &mut model, retried);
+    }
+    Ok(())
+}
+
+mod invariants_hold_after_every_operation {
+    use super::*;
+
+    fn strategy() -> impl Strategy<Value = Vec<Op>> {
+        proptest::collection::vec(op(), 1..40)
+    }
 
     #[test]
-    fn invariants_hold_after_every_operation(ops in proptest::collection::vec(op(), 1..40)) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("colony.db");
-        let mut q = Queue::open(&path).unwrap();
-        let db = rusqlite::Connection::open(&path).unwrap();
-        let mut model = Model { ids: vec![], leases: vec![], states: HashMap::new() };
-        for op in ops {
-            let mut retried = None;
-            match op {
-                Op::Submit { agent, review, max_attempts, depend } => {
-                    let mut new = NewTask::new(AGENTS[agent], "{}");
-                    new.review = review;
-                    new.max_attempts = max_attempts;
-                    new.backoff_ms = 0;
-                    new.depends_on = depend.and_then(|i| pick(&model.ids, i)).into_iter().collect();
-                    match q.submit(&new) {
-                        Ok(s) => model.ids.push(s.id),
-                        Err(e) => allowed(Err::<(), _>(e)),
-                    }
-                }
-                Op::Claim { agent, n } => {
-                    let claimed = q.claim(AGENTS[agent], n).unwrap();
-                    model.leases.extend(claimed.iter().map(|c| c.lease));
-                }
-                Op::Finish { lease, how } => {
-                    if let Some(lease) = pick(&model.leases, lease) {
-                        let before = model.states.get(&lease.task_id).copied();
-                        let applied = q.finish(lease, outcome(how), "").unwrap();
-                        if applied == Applied::LeaseLost {
-                            let now = q.get(lease.task_id).unwrap().state;
-                            prop_assert!(before != Some(State::InProgress) || now == State::InProgress);
-                        }
-                    }
-                }
-                Op::Heartbeat => { q.heartbeat(&model.leases).unwrap(); }
-                Op::ResetAll => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    q.reset_stale_leases(Duration::ZERO).unwrap();
-                }
-                Op::Release { lease } => {
-                    if let Some(lease) = pick(&model.leases, lease) { q.release(lease).unwrap(); }
-                }
-                Op::Approve { task } => { if let Some(id) = pick(&model.ids, task) { allowed(q.approve(id, None)); } }
-                Op::Reject { task } => { if let Some(id) = pick(&model.ids, task) { allowed(q.reject(id, "again")); } }
-                Op::Retry { task } => {
-                    if let Some(id) = pick(&model.ids, task) {
-                        retried = Some(id);
-                        allowed(q.retry(id));
-                    }
-                }
-                Op::Cancel { task } => { if let Some(id) = pick(&model.ids, task) { allowed(q.cancel(id, "test")); } }
-                Op::Promote => { q.promote_due().unwrap(); }
-            }
-            check_invariants(&db, &mut model, retried);
-        }
+    fn sqlite() {
+        let db = TestDb::sqlite();
+        check_property(&db, 48, file!(), strategy(), |ops| run(&db, ops));
+    }
+
+    #[test]
+    fn postgres() {
+        let Some(db) = TestDb::postgres() else { return };
+        check_property(&db, 16, file!(), strategy(), |ops| run(&db, ops));
     }
 }

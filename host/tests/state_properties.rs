@@ -1,8 +1,14 @@
 //! Random interleavings of completions (with state writes, `set-if`
 //! included), failures, lease resets, approvals and rejections against a
-//! real queue file: after every step the stored state equals the writes of
+//! real queue: after every step the stored state equals the writes of
 //! the completed (or approved) tasks applied in commit order, and nothing
 //! else — exactly-once effects under at-least-once execution.
+//!
+//! On both drivers: `state_equals_the_writes_of_completed_tasks_in_commit_order::sqlite`
+//! (64 cases) and `::postgres` (16, on one database emptied between cases).
+
+mod common;
+use common::{TestDb, check_property};
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -81,9 +87,8 @@ fn stored(q: &Queue) -> Model {
         .collect()
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let mut q = Queue::open(dir.path().join("colony.db")).unwrap();
+fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut q = db.open();
     let mut model = Model::new();
     let mut tasks: Vec<i64> = Vec::new();
     let mut leases: Vec<Lease> = Vec::new();
@@ -179,10 +184,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+mod state_equals_the_writes_of_completed_tasks_in_commit_order {
+    use super::*;
+
+    fn strategy() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(op(), 1..40)
+    }
+
     #[test]
-    fn state_equals_the_writes_of_completed_tasks_in_commit_order(ops in prop::collection::vec(op(), 1..40)) {
-        run(ops)?;
+    fn sqlite() {
+        let db = TestDb::sqlite();
+        check_property(&db, 64, file!(), strategy(), |ops| run(&db, ops));
+    }
+
+    #[test]
+    fn postgres() {
+        let Some(db) = TestDb::postgres() else { return };
+        check_property(&db, 16, file!(), strategy(), |ops| run(&db, ops));
     }
 }

@@ -5,6 +5,7 @@
 //! these helpers hand them to tests by name.
 
 pub mod model_server;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 
@@ -67,7 +67,9 @@ pub enum SyncArg {
     Full,
 }
 
-pub async fn bench(args: &BenchArgs) -> Result<()> {
+/// `server`: a PostgreSQL database to measure instead of fresh SQLite files
+/// (it must hold no tasks: a round drains everything runnable).
+pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
     let temp = tempfile::tempdir()?;
     let root = args
         .dir
@@ -94,11 +96,14 @@ pub async fn bench(args: &BenchArgs) -> Result<()> {
         rounds.push(args.history);
     }
     for history in rounds {
-        let db = root.join(format!("bench-{history}.db"));
+        let db = match server {
+            Some(url) => url.to_path_buf(),
+            None => root.join(format!("bench-{history}.db")),
+        };
         let mut report = round(args, &runtime, &agents, &db, history, &overhead).await?;
         report["load_4_agents_cold_ms"] = json!(cold_load.as_secs_f64() * 1e3);
         report["load_4_agents_cached_ms"] = json!(cached_load.as_secs_f64() * 1e3);
-        if history == 0 && args.capabilities {
+        if history == 0 && args.capabilities && server.is_none() {
             let state = super::bench_capabilities::state_rounds(args, &runtime, &root).await?;
             let models = super::bench_capabilities::model_figures(args, &root).await?;
             for (key, value) in state
@@ -209,8 +214,17 @@ async fn round(
         ..Default::default()
     };
     let mut queue = Queue::open_with(db, opts.clone())?;
+    if queue.is_postgres() && history == 0 {
+        let held: u64 = queue.counts()?.iter().map(|(_, _, n)| n).sum();
+        if held > 0 {
+            bail!(super::BadInput(format!(
+                "--db {}: bench needs an empty database (it holds {held} tasks, and a round drains everything runnable)",
+                queue.location()
+            )));
+        }
+    }
     if history > 0 {
-        queue.seed_completed_history(history)?;
+        crate::queue::bench::seed_completed_history(&mut queue, history)?;
     }
 
     let tasks: Vec<NewTask> = (0..args.tasks)
@@ -230,13 +244,17 @@ async fn round(
 
     let (drain, summary) = drain(args, runtime, agents, Queue::open_with(db, opts)?).await?;
 
-    let mut latencies = queue.claim_to_finish_ms(first_id)?;
+    let mut latencies = crate::queue::bench::claim_to_finish_ms(&queue, first_id)?;
     latencies.sort();
     let db_bytes: u64 = ["", "-wal"]
         .iter()
         .filter_map(|suffix| std::fs::metadata(format!("{}{suffix}", db.display())).ok())
         .map(|m| m.len())
         .sum();
+    let db_bytes_per_task = match queue.is_postgres() {
+        true => None,
+        false => Some(db_bytes as f64 / (args.tasks + history) as f64),
+    };
     Ok(json!({
         "tasks": args.tasks,
         "completed": summary.completed,
@@ -254,7 +272,8 @@ async fn round(
         "host_overhead_us_p99": percentile(overhead, 0.99).map(|d| d.as_secs_f64() * 1e6),
         "pooling_allocator": runtime.is_pooling(),
         "peak_rss_bytes": peak_rss_bytes(),
-        "db_bytes_per_task": db_bytes as f64 / (args.tasks + history) as f64,
+        "db_bytes_per_task": db_bytes_per_task,
+        "database": if queue.is_postgres() { "postgres" } else { "sqlite" },
     }))
 }
 

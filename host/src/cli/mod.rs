@@ -13,7 +13,7 @@ mod state;
 mod torture;
 mod usage;
 
-use std::io::{BufRead, Read};
+use std::io::{BufRead, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +113,9 @@ pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
                   Exit status: 0 on success, 2 on bad input (nothing was stored), 1 on any other error."
 )]
 pub struct Cli {
-    /// The queue database file (created if missing).
+    /// Where the queue lives: a SQLite file (created if missing; `sqlite:PATH`
+    /// also works) or a PostgreSQL URL (`postgres://user@host:5432/colony`,
+    /// migrated on first use) shared by daemons on several machines.
     #[arg(long, global = true, env = "COLONY_DB", default_value = "colony.db")]
     pub db: PathBuf,
     /// The directory of agent components (`<name>.wasm`, optional `<name>.toml`).
@@ -211,8 +213,25 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Several daemons on one database, one SIGKILLed and restarted every
     /// ~500 ms; then checks from the audit trail that nothing was lost or run
-    /// twice. Prints a JSON verdict; exits 1 when a check fails.
+    /// twice. Prints a JSON verdict; exits 1 when a check fails. With
+    /// `--db postgres://...` (an empty database) the daemons share PostgreSQL.
     Torture(torture::TortureArgs),
+    /// Copy a whole queue (tasks, dependencies, events, logs, state, the
+    /// model journal, effects) into a new, empty database: for a team that
+    /// outgrows one machine, `colony migrate --from colony.db --to
+    /// postgres://user@host/colony`. Stop the daemons first; the copy is
+    /// one transaction of the target, all or nothing.
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// The queue to copy: a SQLite file, `sqlite:PATH`, or a PostgreSQL URL.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The empty database to copy into (refused when it holds anything).
+    #[arg(long)]
+    pub to: PathBuf,
 }
 
 impl Command {
@@ -400,7 +419,12 @@ pub fn identity(role: &str) -> String {
 }
 
 pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
-    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty())
+    let on_disk = matches!(
+        crate::queue::Location::of(db),
+        crate::queue::Location::Sqlite(_)
+    );
+    if on_disk
+        && let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
         bail!(BadInput(format!(
@@ -414,11 +438,85 @@ pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
         ..Default::default()
     };
     Queue::open_with(db, opts)
-        .with_context(|| format!("opening the queue database {}", db.display()))
+        .with_context(|| format!("opening the queue database {}", redacted(db)))
 }
 
-/// Where compiled components are cached: beside the database.
+fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
+    if let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(&args.from)
+        && !path.is_file()
+    {
+        bail!(BadInput(format!(
+            "--from {}: no such database file",
+            path.display()
+        )));
+    }
+    if redacted(&args.from) == redacted(&args.to) {
+        bail!(BadInput("--from and --to name the same database".into()));
+    }
+    let actor = identity("migrate");
+    let source = open_queue(&args.from, &actor)?;
+    let mut target = open_queue(&args.to, &actor)?;
+    let report = tokio::task::block_in_place(|| source.copy_into(&mut target))
+        .map_err(|e| match e.is_bad_input() {
+            true => anyhow::Error::new(BadInput(e.to_string())),
+            false => anyhow::Error::new(e),
+        })
+        .with_context(|| {
+            format!(
+                "copying {} into {}",
+                redacted(&args.from),
+                redacted(&args.to)
+            )
+        })?;
+    let mut out = std::io::stdout().lock();
+    if cli.json {
+        let tables: serde_json::Map<String, serde_json::Value> = report
+            .tables
+            .iter()
+            .map(|(t, n)| (t.clone(), serde_json::json!(n)))
+            .collect();
+        writeln!(out, "{}", serde_json::json!({"copied": tables}))?;
+    } else {
+        writeln!(
+            out,
+            "copied {} into {}:",
+            redacted(&args.from),
+            redacted(&args.to)
+        )?;
+        for (table, n) in &report.tables {
+            writeln!(out, "  {table:<20} {n:>10} rows")?;
+        }
+    }
+    Ok(())
+}
+
+/// `--db` when it names a PostgreSQL database: `bench` and `torture` then
+/// run against it instead of SQLite files of their own.
+fn postgres_db(db: &Path) -> Option<&Path> {
+    matches!(
+        crate::queue::Location::of(db),
+        crate::queue::Location::Postgres(_)
+    )
+    .then_some(db)
+}
+
+/// `--db` as it may be printed: a PostgreSQL URL loses its password.
+pub fn redacted(db: &Path) -> String {
+    match crate::queue::Location::of(db) {
+        crate::queue::Location::Postgres(url) => crate::queue::redact_url(&url),
+        crate::queue::Location::Sqlite(path) => path.display().to_string(),
+    }
+}
+
+/// Where compiled components are cached: beside the database, or in the
+/// working directory when the database is a server.
 pub fn cache_dir(db: &Path) -> PathBuf {
+    if !matches!(
+        crate::queue::Location::of(db),
+        crate::queue::Location::Sqlite(_)
+    ) {
+        return PathBuf::from(".colony-cache");
+    }
     let parent = db
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -495,9 +593,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::State(command) => state::run(&cli, command),
         Command::Effects(args) => effects::run(&cli, args),
         Command::Daemon(args) => daemon(&cli, args).await,
-        Command::Bench(args) => bench::bench(args).await,
+        Command::Bench(args) => bench::bench(args, postgres_db(&cli.db)).await,
+        Command::Migrate(args) => migrate(&cli, args),
         Command::Torture(args) => {
-            if torture::torture(args).await? {
+            if torture::torture(args, postgres_db(&cli.db)).await? {
                 Ok(())
             } else {
                 bail!("the torture run failed a check (see the verdict above)")
@@ -854,7 +953,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
             ),
         }
     }
-    tracing::info!(identity = %actor, db = %cli.db.display(), agents = ?agents.loaded_names(), "daemon started");
+    tracing::info!(identity = %actor, db = %redacted(&cli.db), agents = ?agents.loaded_names(), "daemon started");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

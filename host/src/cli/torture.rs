@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,9 @@ fn duration_between(s: &str, min: Duration, max: Duration) -> Result<Duration, S
     Ok(value)
 }
 
-pub async fn torture(args: &TortureArgs) -> Result<bool> {
+/// `server`: an empty PostgreSQL database to torture instead of a fresh
+/// SQLite file.
+pub async fn torture(args: &TortureArgs, server: Option<&Path>) -> Result<bool> {
     let temp = tempfile::tempdir()?;
     let root = args
         .dir
@@ -112,13 +114,24 @@ pub async fn torture(args: &TortureArgs) -> Result<bool> {
             format!("allowed_hosts = [\"http://{addr}\"]\n"),
         )?;
     }
-    let db = root.join("torture.db");
-    // A previous run's write-ahead log must not be replayed into the new database.
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    let db = match server {
+        Some(url) => url.to_path_buf(),
+        None => root.join("torture.db"),
+    };
+    if server.is_none() {
+        // A previous run's write-ahead log must not be replayed into the new database.
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
     }
 
     let mut queue = super::open_queue(&db, &super::identity("torture"))?;
+    if !queue.counts()?.is_empty() {
+        anyhow::bail!(super::BadInput(format!(
+            "--db {}: torture needs an empty database (its verdict counts every task)",
+            queue.location()
+        )));
+    }
     let tasks: Vec<NewTask> = (0..args.tasks)
         .map(|_| {
             let mut task = if args.state {

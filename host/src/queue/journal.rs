@@ -2,10 +2,10 @@
 //! `model_calls`. A call is stored fenced by its run's lease, with its
 //! `model_call` audit event, before its reply reaches the agent.
 
-use rusqlite::{OptionalExtension, Row, params};
 use serde_json::json;
 
-use super::{Applied, Queue, QueueError, Result, now_ms};
+use super::sql::{Row, Sql, args};
+use super::{Applied, Queue, QueueError, Result};
 use crate::models::{Budget, ChatReply, ModelCall, ModelContext, ModelError, Usage};
 use crate::task::{Lease, State};
 
@@ -46,15 +46,19 @@ pub struct SpendRow {
     pub usage: TaskUsage,
 }
 
-const USAGE_COLUMNS: &str = "COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
-     COALESCE(SUM(replayed = 0), 0), COALESCE(SUM(replayed), 0), SUM(cost_usd)";
+/// The columns [`usage_from_row`] reads. Sums are cast back to `BIGINT`
+/// (PostgreSQL's `SUM` of integers is `NUMERIC`).
+const USAGE_COLUMNS: &str = "CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT),
+     CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT),
+     CAST(COALESCE(SUM(CASE WHEN replayed = 0 THEN 1 ELSE 0 END), 0) AS BIGINT),
+     CAST(COALESCE(SUM(replayed), 0) AS BIGINT), SUM(cost_usd)";
 
-fn usage_from_row(r: &Row<'_>, first: usize) -> rusqlite::Result<TaskUsage> {
+fn usage_from_row(r: &Row, first: usize) -> Result<TaskUsage> {
     Ok(TaskUsage {
-        input_tokens: r.get::<_, i64>(first)? as u64,
-        output_tokens: r.get::<_, i64>(first + 1)? as u64,
-        calls: r.get::<_, i64>(first + 2)? as u64,
-        replayed: r.get::<_, i64>(first + 3)? as u64,
+        input_tokens: r.get(first)?,
+        output_tokens: r.get(first + 1)?,
+        calls: r.get(first + 2)?,
+        replayed: r.get(first + 3)?,
         cost_usd: r.get(first + 4)?,
     })
 }
@@ -63,22 +67,21 @@ impl Queue {
     /// The calls a claimed task's run may replay. Fenced: a run that lost
     /// its lease learns nothing.
     pub fn model_context(&self, lease: Lease) -> Result<ModelContext> {
-        let replay_token: Option<Option<i64>> = self
-            .conn
-            .prepare_cached(
+        self.read(|db| {
+            let Some(held) = db.query_opt(
                 "SELECT replay_token FROM tasks
                  WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
+                args![lease.task_id, lease.token],
             )?
-            .query_row(params![lease.task_id, lease.token], |r| r.get(0))
-            .optional()?;
-        let Some(replay_token) = replay_token else {
-            return Err(lease_lost(lease));
-        };
-        let replay = match replay_token {
-            Some(token) => self.journal_of_run(lease.task_id, token)?,
-            None => Vec::new(),
-        };
-        Ok(ModelContext { replay })
+            else {
+                return Err(lease_lost(lease));
+            };
+            let replay = match held.get::<Option<i64>>(0)? {
+                Some(token) => journal_of_run(db, lease.task_id, token)?,
+                None => Vec::new(),
+            };
+            Ok(ModelContext { replay })
+        })
     }
 
     /// Sets `need` tokens aside for one call of a claimed task's run, if the
@@ -92,118 +95,63 @@ impl Queue {
         need: u64,
         manifest_budget: Option<u64>,
     ) -> Result<Budget> {
-        let tx = self.write()?;
-        let root: Option<i64> = tx
-            .prepare_cached(
+        self.write(|tx, _now| {
+            let Some(root) = tx.query_opt(
                 "SELECT COALESCE(root_id, id) FROM tasks
                  WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
+                args![lease.task_id, lease.token],
             )?
-            .query_row(params![lease.task_id, lease.token], |r| r.get(0))
-            .optional()?;
-        let Some(root) = root else {
-            return Err(lease_lost(lease));
-        };
-        let chain_budget: Option<i64> = tx
-            .prepare_cached("SELECT token_budget FROM tasks WHERE id = ?1")?
-            .query_row([root], |r| r.get(0))?;
-        let used = |column: &str, id: i64| -> Result<u64> {
-            let sql = format!(
-                "SELECT (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
-                         WHERE {column} = ?1)
-                      + (SELECT COALESCE(SUM(r.tokens), 0) FROM model_reservations r
-                         JOIN tasks t ON t.id = r.task_id AND t.claim_token = r.token
-                                     AND t.state = 'in_progress'
-                         WHERE r.{column} = ?1)"
-            );
-            Ok(tx
-                .prepare_cached(&sql)?
-                .query_row([id], |r| r.get::<_, i64>(0))? as u64)
-        };
-        let chain_left = match chain_budget {
-            Some(budget) => Some((budget as u64).saturating_sub(used("root_id", root)?)),
-            None => None,
-        };
-        let task_left = match manifest_budget {
-            Some(budget) => Some(budget.saturating_sub(used("task_id", lease.task_id)?)),
-            None => None,
-        };
-        let left = match (chain_left, task_left) {
-            (Some(c), Some(t)) => c.min(t),
-            (Some(left), None) | (None, Some(left)) => left,
-            (None, None) => return Ok(Budget::Unlimited),
-        };
-        if need > left {
-            return Ok(Budget::Refused { left });
-        }
-        if need > 0 {
-            tx.prepare_cached(
-                "INSERT INTO model_reservations (task_id, root_id, token, tokens) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![lease.task_id, root, lease.token, need as i64])?;
-            tx.commit()?;
-        }
-        Ok(Budget::Reserved { left: left - need })
-    }
-
-    /// The calls one run made, in order.
-    fn journal_of_run(&self, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, alias, request_hash, request, reply, status, error, input_tokens,
-                    output_tokens, cost_usd, ms, replayed
-             FROM model_calls WHERE task_id = ?1 AND token = ?2 ORDER BY seq",
-        )?;
-        let rows = stmt.query_map(params![task_id, token], |r| {
-            Ok((
-                r.get::<_, u32>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                usage_pair(r, 7)?,
-                r.get::<_, Option<f64>>(9)?,
-                r.get::<_, i64>(10)? as u64,
-                r.get::<_, bool>(11)?,
-            ))
-        })?;
-        let corrupt = |what: &str, e: serde_json::Error| {
-            QueueError::Corrupt(format!("task {task_id}'s model journal {what}: {e}"))
-        };
-        let mut calls = Vec::new();
-        for row in rows {
-            let (
-                seq,
-                alias,
-                request_hash,
-                request,
-                reply,
-                status,
-                error,
-                charged,
-                cost_usd,
-                ms,
-                replayed,
-            ) = row?;
-            let outcome = match reply {
-                Some(text) if status == "ok" => Ok(
-                    serde_json::from_str::<ChatReply>(&text).map_err(|e| corrupt("reply", e))?
-                ),
-                _ => Err(model_error(&status, error.unwrap_or_default())),
+            else {
+                return Err(lease_lost(lease));
             };
-            calls.push(ModelCall {
-                seq,
-                alias,
-                request_hash,
-                request: serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
-                outcome,
-                charged,
-                cost_usd,
-                ms,
-                replayed,
-            });
-        }
-        Ok(calls)
+            let root: i64 = root.get(0)?;
+            // Locking the root's row (on PostgreSQL) makes the runs of one
+            // chain take their turns between here and their reservation, so
+            // two cannot both pass the check below on the same tokens.
+            let chain_budget: Option<i64> = tx.query_value(
+                &format!(
+                    "SELECT token_budget FROM tasks WHERE id = ?1{}",
+                    tx.for_update()
+                ),
+                args![root],
+            )?;
+            let used = |column: &str, id: i64| -> Result<u64> {
+                let sql = format!(
+                    "SELECT CAST(
+                         (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
+                          WHERE {column} = ?1)
+                       + (SELECT COALESCE(SUM(r.tokens), 0) FROM model_reservations r
+                          JOIN tasks t ON t.id = r.task_id AND t.claim_token = r.token
+                                      AND t.state = 'in_progress'
+                          WHERE r.{column} = ?1) AS BIGINT)"
+                );
+                tx.query_value(&sql, args![id])
+            };
+            let chain_left = match chain_budget {
+                Some(budget) => Some((budget as u64).saturating_sub(used("root_id", root)?)),
+                None => None,
+            };
+            let task_left = match manifest_budget {
+                Some(budget) => Some(budget.saturating_sub(used("task_id", lease.task_id)?)),
+                None => None,
+            };
+            let left = match (chain_left, task_left) {
+                (Some(c), Some(t)) => c.min(t),
+                (Some(left), None) | (None, Some(left)) => left,
+                (None, None) => return Ok(Budget::Unlimited),
+            };
+            if need > left {
+                return Ok(Budget::Refused { left });
+            }
+            if need > 0 {
+                tx.execute(
+                    "INSERT INTO model_reservations (task_id, root_id, token, tokens)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    args![lease.task_id, root, lease.token, need],
+                )?;
+            }
+            Ok(Budget::Reserved { left: left - need })
+        })
     }
 
     /// Stores one call and its `model_call` event, fenced by the run's lease:
@@ -214,24 +162,7 @@ impl Queue {
         attempt: u32,
         call: &ModelCall,
     ) -> Result<Applied> {
-        let actor = self.opts.actor.clone();
-        let now = now_ms();
-        let tx = self.write()?;
-        let held: Option<(i64, String)> = tx
-            .prepare_cached(
-                "SELECT COALESCE(root_id, id), agent FROM tasks
-                 WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
-            )?
-            .query_row(params![lease.task_id, lease.token], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        let Some((root, agent)) = held else {
-            return Ok(Applied::LeaseLost);
-        };
-        // The call is settled: its charge replaces its reservation.
-        tx.prepare_cached("DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2")?
-            .execute(params![lease.task_id, lease.token])?;
+        let actor = &self.opts.actor;
         let request = serde_json::to_string(&call.request).expect("a request serializes");
         let (reply, error) = match &call.outcome {
             Ok(reply) => (
@@ -240,32 +171,6 @@ impl Queue {
             ),
             Err(e) => (None, Some(e.message().to_string())),
         };
-        tx.prepare_cached(
-            "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
-                 request_hash, request, reply, status, error, input_tokens, output_tokens,
-                 cost_usd, ms, replayed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-        )?
-        .execute(params![
-            now,
-            lease.task_id,
-            root,
-            agent,
-            lease.token,
-            attempt,
-            call.seq,
-            call.alias,
-            call.request_hash,
-            request,
-            reply,
-            call.status(),
-            error,
-            call.charged.input_tokens,
-            call.charged.output_tokens,
-            call.cost_usd,
-            call.ms as i64,
-            call.replayed,
-        ])?;
         // No prompt or reply text on the audit trail: the journal keeps it.
         let detail = json!({
             "attempt": attempt,
@@ -277,21 +182,63 @@ impl Queue {
             "replayed": call.replayed,
             "status": call.status(),
             "ms": call.ms,
-        });
+        })
+        .to_string();
         let state = State::InProgress.as_str();
-        tx.prepare_cached(
-            "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
-             VALUES (?1, ?2, 'model_call', ?3, ?3, ?4, ?5)",
-        )?
-        .execute(params![
-            now,
-            lease.task_id,
-            state,
-            actor,
-            detail.to_string()
-        ])?;
-        tx.commit()?;
-        Ok(Applied::Moved(State::InProgress))
+        self.write(|tx, now| {
+            // The task's row stays locked (on PostgreSQL) until the call is
+            // stored, so the lease cannot be lost in between.
+            let held = tx.query_opt(
+                &format!(
+                    "SELECT COALESCE(root_id, id), agent FROM tasks
+                     WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{}",
+                    tx.for_update()
+                ),
+                args![lease.task_id, lease.token],
+            )?;
+            let Some(held) = held else {
+                return Ok(Applied::LeaseLost);
+            };
+            let root: i64 = held.get(0)?;
+            let agent: String = held.get(1)?;
+            // The call is settled: its charge replaces its reservation.
+            tx.execute(
+                "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
+                args![lease.task_id, lease.token],
+            )?;
+            tx.execute(
+                "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                     request_hash, request, reply, status, error, input_tokens, output_tokens,
+                     cost_usd, ms, replayed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                args![
+                    now,
+                    lease.task_id,
+                    root,
+                    agent,
+                    lease.token,
+                    attempt,
+                    call.seq,
+                    call.alias,
+                    call.request_hash,
+                    request,
+                    reply,
+                    call.status(),
+                    error,
+                    call.charged.input_tokens,
+                    call.charged.output_tokens,
+                    call.cost_usd,
+                    call.ms,
+                    call.replayed,
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+                 VALUES (?1, ?2, 'model_call', ?3, ?3, ?4, ?5)",
+                args![now, lease.task_id, state, actor, detail],
+            )?;
+            Ok(Applied::Moved(State::InProgress))
+        })
     }
 
     /// Appends an audit event about a run in flight (`http_request`, say)
@@ -302,25 +249,17 @@ impl Queue {
         event: &str,
         detail: &serde_json::Value,
     ) -> Result<Applied> {
-        let actor = self.opts.actor.clone();
-        let tx = self.write()?;
+        let actor = &self.opts.actor;
+        let detail = detail.to_string();
         let state = State::InProgress.as_str();
-        let n = tx
-            .prepare_cached(
+        let n = self.write(|tx, now| {
+            tx.execute(
                 "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
                  SELECT ?1, id, ?2, ?3, ?3, ?4, ?5 FROM tasks
                  WHERE id = ?6 AND state = 'in_progress' AND claim_token = ?7",
-            )?
-            .execute(params![
-                now_ms(),
-                event,
-                state,
-                actor,
-                detail.to_string(),
-                lease.task_id,
-                lease.token
-            ])?;
-        tx.commit()?;
+                args![now, event, state, actor, detail, lease.task_id, lease.token],
+            )
+        })?;
         Ok(if n == 0 {
             Applied::LeaseLost
         } else {
@@ -331,33 +270,35 @@ impl Queue {
     /// What a task's model calls added up to, over all its runs.
     pub fn usage(&self, task_id: i64) -> Result<TaskUsage> {
         let sql = format!("SELECT {USAGE_COLUMNS} FROM model_calls WHERE task_id = ?1");
-        Ok(self
-            .conn
-            .prepare_cached(&sql)?
-            .query_row([task_id], |r| usage_from_row(r, 0))?)
+        self.read(|db| usage_from_row(&db.query_one(&sql, args![task_id])?, 0))
     }
 
     /// A task's model calls, oldest first.
     pub fn model_calls(&self, task_id: i64) -> Result<Vec<ModelCallRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT attempt, seq, alias, input_tokens, output_tokens, cost_usd, replayed, status, ms, at
-             FROM model_calls WHERE task_id = ?1 ORDER BY id",
-        )?;
-        let rows = stmt.query_map([task_id], |r| {
-            Ok(ModelCallRow {
-                attempt: r.get(0)?,
-                seq: r.get(1)?,
-                model: r.get(2)?,
-                input_tokens: r.get::<_, i64>(3)? as u64,
-                output_tokens: r.get::<_, i64>(4)? as u64,
-                cost_usd: r.get(5)?,
-                replayed: r.get(6)?,
-                status: r.get(7)?,
-                ms: r.get::<_, i64>(8)? as u64,
-                at: r.get(9)?,
+        self.read(|db| {
+            db.query(
+                "SELECT attempt, seq, alias, input_tokens, output_tokens, cost_usd, replayed, status,
+                        ms, at
+                 FROM model_calls WHERE task_id = ?1 ORDER BY id",
+                args![task_id],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(ModelCallRow {
+                    attempt: r.get(0)?,
+                    seq: r.get(1)?,
+                    model: r.get(2)?,
+                    input_tokens: r.get(3)?,
+                    output_tokens: r.get(4)?,
+                    cost_usd: r.get(5)?,
+                    replayed: r.get(6)?,
+                    status: r.get(7)?,
+                    ms: r.get(8)?,
+                    at: r.get(9)?,
+                })
             })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .collect()
+        })
     }
 
     /// Spend per agent and alias since `since_ms`, largest first.
@@ -366,16 +307,57 @@ impl Queue {
             "SELECT agent, alias, {USAGE_COLUMNS} FROM model_calls WHERE at >= ?1
              GROUP BY agent, alias ORDER BY SUM(input_tokens + output_tokens) DESC, agent, alias"
         );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map([since_ms], |r| {
-            Ok(SpendRow {
-                agent: r.get(0)?,
-                model: r.get(1)?,
-                usage: usage_from_row(r, 2)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.read(|db| {
+            db.query(&sql, args![since_ms])?
+                .iter()
+                .map(|r| {
+                    Ok(SpendRow {
+                        agent: r.get(0)?,
+                        model: r.get(1)?,
+                        usage: usage_from_row(r, 2)?,
+                    })
+                })
+                .collect()
+        })
     }
+}
+
+/// The calls one run made, in order.
+fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
+    let rows = db.query(
+        "SELECT seq, alias, request_hash, request, reply, status, error, input_tokens,
+                output_tokens, cost_usd, ms, replayed
+         FROM model_calls WHERE task_id = ?1 AND token = ?2 ORDER BY seq",
+        args![task_id, token],
+    )?;
+    let corrupt = |what: &str, e: serde_json::Error| {
+        QueueError::Corrupt(format!("task {task_id}'s model journal {what}: {e}"))
+    };
+    let mut calls = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let request: String = r.get(3)?;
+        let reply: Option<String> = r.get(4)?;
+        let status: String = r.get(5)?;
+        let error: Option<String> = r.get(6)?;
+        let outcome = match reply {
+            Some(text) if status == "ok" => {
+                Ok(serde_json::from_str::<ChatReply>(&text).map_err(|e| corrupt("reply", e))?)
+            }
+            _ => Err(model_error(&status, error.unwrap_or_default())),
+        };
+        calls.push(ModelCall {
+            seq: r.get(0)?,
+            alias: r.get(1)?,
+            request_hash: r.get(2)?,
+            request: serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
+            outcome,
+            charged: usage_pair(r, 7)?,
+            cost_usd: r.get(9)?,
+            ms: r.get(10)?,
+            replayed: r.get(11)?,
+        });
+    }
+    Ok(calls)
 }
 
 fn lease_lost(lease: Lease) -> QueueError {
@@ -385,7 +367,7 @@ fn lease_lost(lease: Lease) -> QueueError {
     ))
 }
 
-fn usage_pair(r: &Row<'_>, first: usize) -> rusqlite::Result<Usage> {
+fn usage_pair(r: &Row, first: usize) -> Result<Usage> {
     Ok(Usage {
         input_tokens: r.get(first)?,
         output_tokens: r.get(first + 1)?,

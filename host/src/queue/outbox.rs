@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::json;
 
-use super::{Queue, QueueError, Result, now_ms};
+use super::sql::{Dialect, Row, Sql, args};
+use super::{Queue, QueueError, Result};
 use crate::effects::{DEFAULT_DELIVERY_ATTEMPTS, Effect};
 
 /// An effect claimed for one delivery attempt.
@@ -50,7 +50,7 @@ pub struct EffectRow {
 /// Stores a run's effects with its completion: `proposed` while the task
 /// waits in review, `pending` (due now) when it completes.
 pub(super) fn store(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     task_id: i64,
     effects: &[Effect],
     proposed: bool,
@@ -59,51 +59,51 @@ pub(super) fn store(
     if effects.is_empty() {
         return Ok(());
     }
-    let agent: String = tx
-        .prepare_cached("SELECT agent FROM tasks WHERE id = ?1")?
-        .query_row([task_id], |r| r.get(0))?;
+    let agent: String = tx.query_value("SELECT agent FROM tasks WHERE id = ?1", args![task_id])?;
     let state = if proposed { "proposed" } else { "pending" };
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO effects (task_id, seq, agent, method, url, headers, body, state, max_attempts,
-                              next_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
-    )?;
     for effect in effects {
-        insert.execute(params![
-            task_id,
-            effect.seq,
-            agent,
-            effect.method,
-            effect.url,
-            serde_json::to_string(&effect.headers).expect("headers serialize"),
-            effect.body,
-            state,
-            DEFAULT_DELIVERY_ATTEMPTS,
-            now,
-        ])?;
+        tx.execute(
+            "INSERT INTO effects (task_id, seq, agent, method, url, headers, body, state,
+                                  max_attempts, next_at, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10)",
+            args![
+                task_id,
+                effect.seq,
+                agent,
+                effect.method,
+                effect.url,
+                serde_json::to_string(&effect.headers).expect("headers serialize"),
+                effect.body,
+                state,
+                DEFAULT_DELIVERY_ATTEMPTS,
+                now,
+            ],
+        )?;
     }
     Ok(())
 }
 
 /// Approval: the proposed effects become due.
-pub(super) fn release_proposed(tx: &Transaction<'_>, task_id: i64, now: i64) -> Result<()> {
-    tx.prepare_cached(
+pub(super) fn release_proposed(tx: &dyn Sql, task_id: i64, now: i64) -> Result<()> {
+    tx.execute(
         "UPDATE effects SET state = 'pending', next_at = ?1, updated_at = ?1
          WHERE task_id = ?2 AND state = 'proposed'",
-    )?
-    .execute(params![now, task_id])?;
+        args![now, task_id],
+    )?;
     Ok(())
 }
 
 /// Rejection (or any end that is not completion): proposed effects vanish.
-pub(super) fn drop_proposed(tx: &Transaction<'_>, task_id: i64) -> Result<()> {
-    tx.prepare_cached("DELETE FROM effects WHERE task_id = ?1 AND state = 'proposed'")?
-        .execute([task_id])?;
+pub(super) fn drop_proposed(tx: &dyn Sql, task_id: i64) -> Result<()> {
+    tx.execute(
+        "DELETE FROM effects WHERE task_id = ?1 AND state = 'proposed'",
+        args![task_id],
+    )?;
     Ok(())
 }
 
 fn note(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     task_id: i64,
     event: &str,
     actor: &str,
@@ -111,12 +111,22 @@ fn note(
     now: i64,
 ) -> Result<()> {
     // Not a transition: the task (complete) keeps its state.
-    tx.prepare_cached(
+    tx.execute(
         "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
          SELECT ?1, id, ?2, state, state, ?3, ?4 FROM tasks WHERE id = ?5",
-    )?
-    .execute(params![now, event, actor, detail.to_string(), task_id])?;
+        args![now, event, actor, detail.to_string(), task_id],
+    )?;
     Ok(())
+}
+
+/// `agent IN` the agents of a JSON list of names (the statement's `?n`).
+fn agent_in(db: &dyn Sql, n: u32) -> String {
+    match db.dialect() {
+        Dialect::Sqlite => format!("agent IN (SELECT value FROM json_each(?{n}))"),
+        Dialect::Postgres => {
+            format!("agent IN (SELECT json_array_elements_text(CAST(?{n} AS json)))")
+        }
+    }
 }
 
 impl Queue {
@@ -130,79 +140,74 @@ impl Queue {
         lease: Duration,
         agents: &[String],
     ) -> Result<Vec<Delivery>> {
-        let actor = self.opts.actor.clone();
-        let now = now_ms();
+        let actor = &self.opts.actor;
         let token = fastrand::i64(1..i64::MAX);
-        let tx = self.write()?;
-        let claimed = {
-            let mut stmt = tx.prepare_cached(
+        let agents = serde_json::to_string(agents).expect("names serialize");
+        self.write(|tx, now| {
+            // On PostgreSQL the rows taken are locked, and rows another
+            // sender is taking are skipped rather than waited for. (FOR
+            // UPDATE is not allowed with UNION there, hence the OR.)
+            // The agent filter sits inside the selection, so effects of
+            // agents this host has not loaded neither fill its batch nor get
+            // locked away from hosts that could send them.
+            let agent_in = agent_in(tx, 6);
+            let sql = match tx.dialect() {
+                Dialect::Sqlite => format!(
+                    "SELECT id FROM effects WHERE state = 'pending' AND next_at <= ?4 AND {agent_in}
+                     UNION ALL
+                     SELECT id FROM effects WHERE state = 'sending' AND lease_until < ?4 AND {agent_in}
+                     LIMIT ?5"
+                ),
+                Dialect::Postgres => format!(
+                    "SELECT id FROM effects
+                     WHERE ((state = 'pending' AND next_at <= ?4)
+                            OR (state = 'sending' AND lease_until < ?4))
+                       AND {agent_in}
+                     LIMIT ?5 FOR UPDATE SKIP LOCKED"
+                ),
+            };
+            let sql = format!(
                 "UPDATE effects SET state = 'sending', claim_token = ?1, claimed_by = ?2,
                         lease_until = ?3, attempts = attempts + 1, updated_at = ?4
-                 WHERE id IN (SELECT id FROM effects WHERE state = 'pending' AND next_at <= ?4
-                              UNION ALL
-                              SELECT id FROM effects WHERE state = 'sending' AND lease_until < ?4
-                              LIMIT ?5)
-                   AND agent IN (SELECT value FROM json_each(?6))
-                 RETURNING id, task_id, agent, attempts, seq, method, url, headers, body",
+                 WHERE id IN ({sql})
+                 RETURNING id, task_id, agent, attempts, seq, method, url, headers, body"
+            );
+            let claimed = tx.query(
+                &sql,
+                args![token, actor, now + lease.as_millis() as i64, now, n, agents],
             )?;
-            let rows = stmt.query_map(
-                params![
-                    token,
-                    actor,
-                    now + lease.as_millis() as i64,
-                    now,
-                    n as i64,
-                    serde_json::to_string(agents).expect("names serialize")
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, u32>(3)?,
-                        r.get::<_, u32>(4)?,
-                        r.get::<_, String>(5)?,
-                        r.get::<_, String>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, Option<Vec<u8>>>(8)?,
-                    ))
-                },
-            )?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
-        // An effect whose stored headers cannot be read can never be sent:
-        // it fails now, visibly, instead of holding up its batch forever.
-        let mut deliveries = Vec::with_capacity(claimed.len());
-        for (id, task_id, agent, attempt, seq, method, url, headers, body) in claimed {
-            match serde_json::from_str(&headers) {
-                Ok(headers) => deliveries.push(Delivery {
-                    id,
-                    task_id,
-                    agent,
-                    token,
-                    attempt,
-                    effect: Effect {
-                        seq,
-                        method,
-                        url,
-                        headers,
-                        body,
-                    },
-                }),
-                Err(e) => {
-                    tx.prepare_cached(
-                        "UPDATE effects SET state = 'failed', error = ?1, claim_token = NULL,
-                                claimed_by = NULL, lease_until = NULL WHERE id = ?2",
-                    )?
-                    .execute(params![
-                        format!("its stored headers cannot be read: {e}"),
-                        id
-                    ])?;
+            // An effect whose stored headers cannot be read can never be sent:
+            // it fails now, visibly, instead of holding up its batch forever.
+            let mut deliveries = Vec::with_capacity(claimed.len());
+            for r in &claimed {
+                let id: i64 = r.get(0)?;
+                let headers: String = r.get(7)?;
+                match serde_json::from_str(&headers) {
+                    Ok(headers) => deliveries.push(Delivery {
+                        id,
+                        task_id: r.get(1)?,
+                        agent: r.get(2)?,
+                        token,
+                        attempt: r.get(3)?,
+                        effect: Effect {
+                            seq: r.get(4)?,
+                            method: r.get(5)?,
+                            url: r.get(6)?,
+                            headers,
+                            body: r.get(8)?,
+                        },
+                    }),
+                    Err(e) => {
+                        tx.execute(
+                            "UPDATE effects SET state = 'failed', error = ?1, claim_token = NULL,
+                                    claimed_by = NULL, lease_until = NULL WHERE id = ?2",
+                            args![format!("its stored headers cannot be read: {e}"), id],
+                        )?;
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(deliveries)
+            Ok(deliveries)
+        })
     }
 
     /// Records a delivery attempt's end, fenced by its claim: `Ok(status)`
@@ -215,83 +220,89 @@ impl Queue {
         status: Option<u16>,
         error: Option<&str>,
     ) -> Result<Option<&'static str>> {
-        let actor = self.opts.actor.clone();
-        let now = now_ms();
-        let tx = self.write()?;
-        let max_attempts: Option<u32> = tx
-            .prepare_cached(
-                "SELECT max_attempts FROM effects WHERE id = ?1 AND state = 'sending' AND claim_token = ?2",
-            )?
-            .query_row(params![delivery.id, delivery.token], |r| r.get(0))
-            .optional()?;
-        let Some(max_attempts) = max_attempts else {
-            return Ok(None);
-        };
-        let sent = error.is_none() && status.is_some_and(|s| (200..300).contains(&s));
-        let (state, next_at) = if sent {
-            ("sent", now)
-        } else if delivery.attempt >= max_attempts {
-            ("failed", now)
-        } else {
-            let delay = crate::retry::backoff(Duration::from_millis(500), delivery.attempt);
-            ("pending", now + delay.as_millis() as i64)
-        };
-        tx.prepare_cached(
-            "UPDATE effects SET state = ?1, next_at = ?2, status = ?3, error = ?4, claim_token = NULL,
-                    claimed_by = NULL, lease_until = NULL, updated_at = ?5
-             WHERE id = ?6",
-        )?
-        .execute(params![state, next_at, status, error, now, delivery.id])?;
-        let event = if sent { "effect_sent" } else { "effect_failed" };
-        let detail = json!({
-            "effect": delivery.id,
-            "seq": delivery.effect.seq,
-            "attempt": delivery.attempt,
-            "status": status,
-            "error": error,
-            "now": state,
-        });
-        note(&tx, delivery.task_id, event, &actor, detail, now)?;
-        tx.commit()?;
-        Ok(Some(state))
+        let actor = &self.opts.actor;
+        self.write(|tx, now| {
+            let held = tx.query_opt(
+                &format!(
+                    "SELECT max_attempts FROM effects
+                     WHERE id = ?1 AND state = 'sending' AND claim_token = ?2{}",
+                    tx.for_update()
+                ),
+                args![delivery.id, delivery.token],
+            )?;
+            let Some(held) = held else {
+                return Ok(None);
+            };
+            let max_attempts: u32 = held.get(0)?;
+            let sent = error.is_none() && status.is_some_and(|s| (200..300).contains(&s));
+            let (state, next_at) = if sent {
+                ("sent", now)
+            } else if delivery.attempt >= max_attempts {
+                ("failed", now)
+            } else {
+                let delay = crate::retry::backoff(Duration::from_millis(500), delivery.attempt);
+                ("pending", now + delay.as_millis() as i64)
+            };
+            tx.execute(
+                "UPDATE effects SET state = ?1, next_at = ?2, status = ?3, error = ?4,
+                        claim_token = NULL, claimed_by = NULL, lease_until = NULL, updated_at = ?5
+                 WHERE id = ?6",
+                args![state, next_at, status, error, now, delivery.id],
+            )?;
+            let event = if sent { "effect_sent" } else { "effect_failed" };
+            let detail = json!({
+                "effect": delivery.id,
+                "seq": delivery.effect.seq,
+                "attempt": delivery.attempt,
+                "status": status,
+                "error": error,
+                "now": state,
+            });
+            note(tx, delivery.task_id, event, actor, detail, now)?;
+            Ok(Some(state))
+        })
     }
 
     /// Sends a failed effect again (`colony effects retry ID`): attempts start over.
     pub fn retry_effect(&mut self, id: i64) -> Result<()> {
-        let actor = self.opts.actor.clone();
-        let now = now_ms();
-        let tx = self.write()?;
-        let found: Option<(i64, String)> = tx
-            .prepare_cached("SELECT task_id, state FROM effects WHERE id = ?1")?
-            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((task_id, state)) = found else {
-            return Err(QueueError::Invalid {
-                field: "effect".into(),
-                message: format!("effect {id} does not exist"),
-            });
-        };
-        if state != "failed" {
-            return Err(QueueError::Invalid {
-                field: "effect".into(),
-                message: format!("effect {id} is {state}; only a failed effect can be retried"),
-            });
-        }
-        tx.prepare_cached(
-            "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, error = NULL, updated_at = ?1
-             WHERE id = ?2",
-        )?
-        .execute(params![now, id])?;
-        note(
-            &tx,
-            task_id,
-            "effect_retry",
-            &actor,
-            json!({"effect": id}),
-            now,
-        )?;
-        tx.commit()?;
-        Ok(())
+        let actor = &self.opts.actor;
+        self.write(|tx, now| {
+            let found = tx.query_opt(
+                &format!(
+                    "SELECT task_id, state FROM effects WHERE id = ?1{}",
+                    tx.for_update()
+                ),
+                args![id],
+            )?;
+            let Some(found) = found else {
+                return Err(QueueError::Invalid {
+                    field: "effect".into(),
+                    message: format!("effect {id} does not exist"),
+                });
+            };
+            let task_id: i64 = found.get(0)?;
+            let state: String = found.get(1)?;
+            if state != "failed" {
+                return Err(QueueError::Invalid {
+                    field: "effect".into(),
+                    message: format!("effect {id} is {state}; only a failed effect can be retried"),
+                });
+            }
+            tx.execute(
+                "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, error = NULL,
+                        updated_at = ?1
+                 WHERE id = ?2",
+                args![now, id],
+            )?;
+            note(
+                tx,
+                task_id,
+                "effect_retry",
+                actor,
+                json!({"effect": id}),
+                now,
+            )
+        })
     }
 
     /// Stored effects, newest first: all, or one task's, or in one state.
@@ -302,64 +313,80 @@ impl Queue {
         limit: u32,
     ) -> Result<Vec<EffectRow>> {
         // One task's effects come by its (task_id, seq) index, oldest first;
-        // the outbox as a whole newest first.
+        // the outbox as a whole newest first. (PostgreSQL must be told the
+        // type of a parameter it only sees tested for NULL.)
         let sql = match task_id {
             Some(_) => {
                 "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
-                 FROM effects WHERE task_id = ?1 AND (?2 IS NULL OR state = ?2)
+                 FROM effects WHERE task_id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR state = ?2)
                  ORDER BY seq LIMIT ?3"
             }
             None => {
                 "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
-                 FROM effects WHERE ?1 IS NULL AND (?2 IS NULL OR state = ?2)
+                 FROM effects
+                 WHERE CAST(?1 AS BIGINT) IS NULL AND (CAST(?2 AS TEXT) IS NULL OR state = ?2)
                  ORDER BY id DESC LIMIT ?3"
             }
         };
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt.query_map(params![task_id, state, limit], |r| {
-            let body: Option<Vec<u8>> = r.get(9)?;
-            Ok(EffectRow {
-                id: r.get(0)?,
-                task_id: r.get(1)?,
-                seq: r.get(2)?,
-                method: r.get(3)?,
-                url: r.get(4)?,
-                state: r.get(5)?,
-                attempts: r.get(6)?,
-                status: r.get(7)?,
-                error: r.get(8)?,
-                body_bytes: body.as_ref().map_or(0, Vec::len),
-                body_preview: body.map(|b| preview(&b)),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.read(|db| {
+            db.query(sql, args![task_id, state, limit])?
+                .iter()
+                .map(|r| {
+                    let body: Option<Vec<u8>> = r.get(9)?;
+                    Ok(EffectRow {
+                        id: r.get(0)?,
+                        task_id: r.get(1)?,
+                        seq: r.get(2)?,
+                        method: r.get(3)?,
+                        url: r.get(4)?,
+                        state: r.get(5)?,
+                        attempts: r.get(6)?,
+                        status: http_status(r, 7)?,
+                        error: r.get(8)?,
+                        body_bytes: body.as_ref().map_or(0, Vec::len),
+                        body_preview: body.map(|b| preview(&b)),
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Effects of `agents` still to deliver (pending or being sent).
     pub fn effects_outstanding(&self, agents: &[String]) -> Result<u64> {
-        Ok(self
-            .conn
-            .prepare_cached(
+        let agents = serde_json::to_string(agents).expect("names serialize");
+        self.read(|db| {
+            let sql = format!(
                 "SELECT COUNT(*) FROM effects WHERE state IN ('pending', 'sending')
-                   AND agent IN (SELECT value FROM json_each(?1))",
-            )?
-            .query_row(
-                [serde_json::to_string(agents).expect("names serialize")],
-                |r| r.get::<_, i64>(0),
-            )? as u64)
+                   AND {}",
+                agent_in(db, 1)
+            );
+            db.query_value(&sql, args![agents])
+        })
     }
 
     /// When the next pending effect is due, if any (for the daemon's sleep).
     pub fn next_effect_due(&self) -> Result<Option<i64>> {
-        Ok(self
-            .conn
-            .prepare_cached(
+        self.read(|db| {
+            db.query_value(
                 "SELECT MIN(t) FROM (SELECT MIN(next_at) AS t FROM effects WHERE state = 'pending'
                                      UNION ALL
-                                     SELECT MIN(lease_until) FROM effects WHERE state = 'sending')",
-            )?
-            .query_row([], |r| r.get(0))?)
+                                     SELECT MIN(lease_until) FROM effects WHERE state = 'sending')
+                                AS due",
+                args![],
+            )
+        })
     }
+}
+
+/// Column `i` as an HTTP status (`NULL` before the first attempt ends).
+fn http_status(r: &Row, i: usize) -> Result<Option<u16>> {
+    r.get::<Option<u32>>(i)?
+        .map(|s| {
+            u16::try_from(s).map_err(|_| {
+                QueueError::Corrupt(format!("column {i} holds {s}, not an HTTP status"))
+            })
+        })
+        .transpose()
 }
 
 /// The first three lines (at most 300 bytes) of a body, as text.

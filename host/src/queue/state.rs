@@ -6,10 +6,10 @@
 //! applied write appends a `state_write` event (scope, key, versions; never
 //! the value).
 
-use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::json;
 
-use super::{Queue, QueueError, Result, now_ms};
+use super::sql::{Dialect, Row, Sql, args};
+use super::{Queue, QueueError, Result};
 use crate::state::{Entry, Scope, Write, check_write};
 use std::collections::HashMap;
 
@@ -30,24 +30,55 @@ impl Owners {
     }
 }
 
-pub(super) fn owners_of(tx: &rusqlite::Connection, task_id: i64) -> Result<Owners> {
-    let (agent, root): (String, i64) = tx
-        .prepare_cached("SELECT agent, COALESCE(root_id, id) FROM tasks WHERE id = ?1")?
-        .query_row([task_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?
+pub(super) fn owners_of(tx: &dyn Sql, task_id: i64) -> Result<Owners> {
+    let row = tx
+        .query_opt(
+            "SELECT agent, COALESCE(root_id, id) FROM tasks WHERE id = ?1",
+            args![task_id],
+        )?
         .ok_or(QueueError::NotFound(task_id))?;
     Ok(Owners {
-        agent,
-        chain: root.to_string(),
+        agent: row.get(0)?,
+        chain: row.get::<i64>(1)?.to_string(),
     })
 }
 
-fn version_of(conn: &rusqlite::Connection, scope: Scope, owner: &str, key: &str) -> Result<u64> {
-    Ok(conn
-        .prepare_cached("SELECT version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3")?
-        .query_row(params![scope.as_str(), owner, key], |r| r.get::<_, i64>(0))
-        .optional()?
-        .map_or(0, |v| v as u64))
+/// A key's committed version (0: absent). Only called in write
+/// transactions, before or after writing the key: the row stays locked
+/// (on PostgreSQL) until the transaction ends.
+fn version_of(tx: &dyn Sql, scope: Scope, owner: &str, key: &str) -> Result<u64> {
+    let sql = format!(
+        "SELECT version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3{}",
+        tx.for_update()
+    );
+    match tx.query_opt(&sql, args![scope.as_str(), owner, key])? {
+        Some(row) => row.get(0),
+        None => Ok(0),
+    }
+}
+
+/// On PostgreSQL, takes a transaction-scoped advisory lock on every key
+/// `writes` touch, in sorted order (so two writers cannot deadlock): a key
+/// written for the first time has no row to lock, and two first writes
+/// must not both see version 0. SQLite's write lock already serialises
+/// every writer.
+fn lock_keys(tx: &dyn Sql, owners: &Owners, writes: &[Write]) -> Result<()> {
+    if tx.dialect() != Dialect::Postgres {
+        return Ok(());
+    }
+    let mut names: Vec<String> = writes
+        .iter()
+        .map(|w| format!("{}/{}/{}", w.scope.as_str(), owners.of(w.scope), w.key))
+        .collect();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))",
+            args![name],
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes that passed their check: whose state they change, and each one's
@@ -61,10 +92,11 @@ pub(super) struct CheckedWrites {
 /// been applied. Returns each write's old version (for [`apply_writes`]),
 /// or `Err(why)` naming the first conflict.
 pub(super) fn check_writes(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     owners: &Owners,
     writes: &[Write],
 ) -> Result<std::result::Result<Vec<u64>, String>> {
+    lock_keys(tx, owners, writes)?;
     let mut versions: HashMap<(Scope, &str), u64> = HashMap::new();
     let mut olds = Vec::with_capacity(writes.len());
     for write in writes {
@@ -95,7 +127,7 @@ pub(super) fn check_writes(
 /// Applies checked writes in order (`olds`: their old versions, from
 /// [`check_writes`] in the same transaction), each with its `state_write` event.
 pub(super) fn apply_writes(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     task_id: Option<i64>,
     owners: &Owners,
     writes: &[Write],
@@ -107,28 +139,21 @@ pub(super) fn apply_writes(
         let owner = owners.of(write.scope);
         let new = match &write.value {
             Some(value) => {
-                tx.prepare_cached(
+                tx.execute(
                     "INSERT INTO state (scope, owner, key, value, version, updated_at, task_id)
                      VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
                      ON CONFLICT (scope, owner, key) DO UPDATE
-                     SET value = excluded.value, version = version + 1,
+                     SET value = excluded.value, version = state.version + 1,
                          updated_at = excluded.updated_at, task_id = excluded.task_id",
-                )?
-                .execute(params![
-                    write.scope.as_str(),
-                    owner,
-                    write.key,
-                    value,
-                    now,
-                    task_id
-                ])?;
+                    args![write.scope.as_str(), owner, write.key, value, now, task_id],
+                )?;
                 old + 1
             }
             None => {
-                tx.prepare_cached(
+                tx.execute(
                     "DELETE FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3",
-                )?
-                .execute(params![write.scope.as_str(), owner, write.key])?;
+                    args![write.scope.as_str(), owner, write.key],
+                )?;
                 0
             }
         };
@@ -141,26 +166,20 @@ pub(super) fn apply_writes(
         });
         // Not a transition: the task's state column is read, not written.
         // Operator writes have no task; they are recorded under task 0.
-        tx.prepare_cached(
+        tx.execute(
             "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
              SELECT ?1, ?2, 'state_write', s, s, ?3, ?4
-             FROM (SELECT COALESCE((SELECT state FROM tasks WHERE id = ?2), 'complete') AS s)",
-        )?
-        .execute(params![
-            now,
-            task_id.unwrap_or(0),
-            actor,
-            detail.to_string()
-        ])?;
+             FROM (SELECT COALESCE((SELECT state FROM tasks WHERE id = ?2), 'complete') AS s) AS task",
+            args![now, task_id.unwrap_or(0), actor, detail.to_string()],
+        )?;
     }
     Ok(())
 }
 
 /// The writes a task holds while it waits in review.
-pub(super) fn held_writes(tx: &Transaction<'_>, task_id: i64) -> Result<Vec<Write>> {
-    let held: Option<String> = tx
-        .prepare_cached("SELECT held_state FROM tasks WHERE id = ?1")?
-        .query_row([task_id], |r| r.get(0))?;
+pub(super) fn held_writes(tx: &dyn Sql, task_id: i64) -> Result<Vec<Write>> {
+    let held: Option<String> =
+        tx.query_value("SELECT held_state FROM tasks WHERE id = ?1", args![task_id])?;
     match held {
         Some(text) => serde_json::from_str(&text)
             .map_err(|e| QueueError::Corrupt(format!("task {task_id} held_state: {e}"))),
@@ -169,23 +188,60 @@ pub(super) fn held_writes(tx: &Transaction<'_>, task_id: i64) -> Result<Vec<Writ
 }
 
 /// Keeps a run's writes on a task waiting in review.
-pub(super) fn hold_writes(tx: &Transaction<'_>, task_id: i64, writes: &[Write]) -> Result<()> {
+pub(super) fn hold_writes(tx: &dyn Sql, task_id: i64, writes: &[Write]) -> Result<()> {
     // Every way out of review clears it, so nothing is held now.
     if writes.is_empty() {
         return Ok(());
     }
     let text =
         (!writes.is_empty()).then(|| serde_json::to_string(writes).expect("writes serialize"));
-    tx.prepare_cached("UPDATE tasks SET held_state = ?1 WHERE id = ?2")?
-        .execute(params![text, task_id])?;
+    tx.execute(
+        "UPDATE tasks SET held_state = ?1 WHERE id = ?2",
+        args![text, task_id],
+    )?;
     Ok(())
+}
+
+/// One committed entry.
+fn entry(db: &dyn Sql, scope: Scope, owner: &str, key: &str) -> Result<Option<Entry>> {
+    db.query_opt(
+        "SELECT key, value, version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3",
+        args![scope.as_str(), owner, key],
+    )?
+    .map(|r| entry_from_row(&r))
+    .transpose()
+}
+
+/// Committed entries whose key starts with `prefix`, in key order (the
+/// order of their UTF-8 bytes).
+fn scan(db: &dyn Sql, scope: Scope, owner: &str, prefix: &str, limit: u32) -> Result<Vec<Entry>> {
+    let sql = match db.dialect() {
+        // Keys compare as UTF-8 bytes, which never contain 0xFF: every key
+        // with the prefix sorts before prefix || 0xFF (an index range scan).
+        Dialect::Sqlite => {
+            "SELECT key, value, version FROM state
+             WHERE scope = ?1 AND owner = ?2 AND key >= ?3 AND key < ?3 || CAST(x'FF' AS TEXT)
+             ORDER BY key LIMIT ?4"
+        }
+        // PostgreSQL text cannot hold a 0xFF byte (and x'FF' is a bit
+        // string there); the "C" collation orders keys by their bytes.
+        Dialect::Postgres => {
+            "SELECT key, value, version FROM state
+             WHERE scope = ?1 AND owner = ?2 AND starts_with(key, ?3)
+             ORDER BY key COLLATE \"C\" LIMIT ?4"
+        }
+    };
+    db.query(sql, args![scope.as_str(), owner, prefix, limit])?
+        .iter()
+        .map(entry_from_row)
+        .collect()
 }
 
 impl Queue {
     /// The owner of `scope` for a task of `agent`: the agent's name, or the
     /// task's chain (its root task's id).
     pub fn state_owner(&self, task_id: i64, scope: Scope) -> Result<String> {
-        let owners = owners_of(&self.conn, task_id)?;
+        let owners = self.read(|db| owners_of(db, task_id))?;
         Ok(owners.of(scope).to_string())
     }
 
@@ -196,8 +252,10 @@ impl Queue {
         scope: Scope,
         key: &str,
     ) -> Result<Option<Entry>> {
-        let owners = owners_of(&self.conn, task_id)?;
-        self.state_get(scope, owners.of(scope), key)
+        self.read(|db| {
+            let owners = owners_of(db, task_id)?;
+            entry(db, scope, owners.of(scope), key)
+        })
     }
 
     /// Committed entries of a task's scope whose key starts with `prefix`.
@@ -208,19 +266,15 @@ impl Queue {
         prefix: &str,
         limit: u32,
     ) -> Result<Vec<Entry>> {
-        let owners = owners_of(&self.conn, task_id)?;
-        self.state_scan(scope, owners.of(scope), prefix, limit)
+        self.read(|db| {
+            let owners = owners_of(db, task_id)?;
+            scan(db, scope, owners.of(scope), prefix, limit)
+        })
     }
 
     /// One committed entry.
     pub fn state_get(&self, scope: Scope, owner: &str, key: &str) -> Result<Option<Entry>> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT key, value, version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3",
-            )?
-            .query_row(params![scope.as_str(), owner, key], entry_from_row)
-            .optional()?)
+        self.read(|db| entry(db, scope, owner, key))
     }
 
     /// Committed entries whose key starts with `prefix`, in key order.
@@ -231,18 +285,7 @@ impl Queue {
         prefix: &str,
         limit: u32,
     ) -> Result<Vec<Entry>> {
-        // Keys compare as UTF-8 bytes, which never contain 0xFF: every key
-        // with the prefix sorts before prefix || 0xFF (an index range scan).
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key, value, version FROM state
-             WHERE scope = ?1 AND owner = ?2 AND key >= ?3 AND key < ?3 || CAST(x'FF' AS TEXT)
-             ORDER BY key LIMIT ?4",
-        )?;
-        let rows = stmt.query_map(
-            params![scope.as_str(), owner, prefix, limit],
-            entry_from_row,
-        )?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.read(|db| scan(db, scope, owner, prefix, limit))
     }
 
     /// An operator's write (`colony state set/delete`): checked like a run's,
@@ -275,25 +318,24 @@ impl Queue {
             agent: owner.to_string(),
             chain: owner.to_string(),
         };
-        let actor = self.opts.actor.clone();
-        let tx = self.write()?;
+        let actor = &self.opts.actor;
         let task = match scope {
             Scope::Chain => owner.parse().ok(),
             Scope::Agent => None,
         };
         let writes = std::slice::from_ref(&write);
-        let olds = check_writes(&tx, &owners, writes)?.expect("no set-if, no conflict");
-        apply_writes(&tx, task, &owners, writes, &olds, &actor, now_ms())?;
-        let version = version_of(&tx, scope, owner, key)?;
-        tx.commit()?;
-        Ok(version)
+        self.write(|tx, now| {
+            let olds = check_writes(tx, &owners, writes)?.expect("no set-if, no conflict");
+            apply_writes(tx, task, &owners, writes, &olds, actor, now)?;
+            version_of(tx, scope, owner, key)
+        })
     }
 }
 
-fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+fn entry_from_row(r: &Row) -> Result<Entry> {
     Ok(Entry {
         key: r.get(0)?,
         value: r.get(1)?,
-        version: r.get::<_, i64>(2)? as u64,
+        version: r.get(2)?,
     })
 }

@@ -1,8 +1,12 @@
 //! The harness shared by the end-to-end tests: the real `colony` binary run
-//! against a temp directory holding a real database and real components
-//! (fixtures from `tests/guests`).
+//! against a real database (a SQLite file, or a PostgreSQL database: see
+//! `drivers.rs`) and real components (fixtures from `tests/guests`).
 
-#![allow(dead_code)] // each test binary uses a different part of it
+#![allow(dead_code, unused_imports, unused_macros)] // each test binary uses a different part of it
+
+mod drivers;
+pub(crate) use drivers::on_both_drivers;
+pub use drivers::{Cell, Raw, TestDb, check_property, pg_error};
 
 use std::ffi::OsStr;
 use std::path::PathBuf;
@@ -15,19 +19,32 @@ use serde_json::Value;
 
 pub struct Env {
     pub agents: tempfile::TempDir,
+    /// Files a test writes (batches, configs) and the commands' working
+    /// directory (where a PostgreSQL queue's compile cache goes).
     pub data: tempfile::TempDir,
+    pub database: TestDb,
 }
 
 impl Env {
+    /// An environment on a SQLite file.
     pub fn new(fixtures: &[&str]) -> Env {
+        Env::on(TestDb::sqlite(), fixtures)
+    }
+
+    /// An environment on `database` (either driver).
+    pub fn on(database: TestDb, fixtures: &[&str]) -> Env {
         Env {
             agents: agents_dir_with(fixtures),
             data: tempfile::tempdir().unwrap(),
+            database,
         }
     }
 
+    /// What `--db` / `COLONY_DB` is set to: the file, or the URL. Read and
+    /// change the database through [`Env::queue`] or `self.database.raw()`,
+    /// never as a file.
     pub fn db(&self) -> PathBuf {
-        self.data.path().join("colony.db")
+        self.database.location()
     }
 
     /// Writes a file into the data directory; returns its path.
@@ -41,6 +58,8 @@ impl Env {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_colony"));
         cmd.env("COLONY_DB", self.db())
             .env("COLONY_AGENTS", self.agents.path())
+            .env_remove("COLONY_CLOCK_OFFSET_MS")
+            .current_dir(self.data.path())
             .env("COLONY_LOG", "warn")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null());
@@ -116,7 +135,7 @@ impl Env {
     }
 
     pub fn queue(&self) -> Queue {
-        Queue::open(self.db()).unwrap()
+        self.database.open()
     }
 
     pub fn task_count(&self) -> usize {

@@ -5,7 +5,7 @@
 
 use rusqlite::Connection;
 
-use super::QueueError;
+use crate::queue::QueueError;
 
 /// Migration `i` brings the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -173,6 +173,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX effects_due     ON effects(next_at)     WHERE state = 'pending';
     CREATE INDEX effects_sending ON effects(lease_until) WHERE state = 'sending';
     CREATE INDEX effects_state   ON effects(state, id);
+    "#,
+    // 3: the state column accepts only the states of the transition table.
+    // (SQLite cannot add a CHECK to an existing table without copying it;
+    // the triggers refuse the same writes.)
+    r#"
+    CREATE TRIGGER tasks_state_insert BEFORE INSERT ON tasks
+    WHEN NEW.state NOT IN ('pending', 'ready', 'in_progress', 'review', 'complete', 'failed', 'cancelled')
+    BEGIN SELECT RAISE(ABORT, 'tasks.state must be one of the task states'); END;
+    CREATE TRIGGER tasks_state_update BEFORE UPDATE OF state ON tasks
+    WHEN NEW.state NOT IN ('pending', 'ready', 'in_progress', 'review', 'complete', 'failed', 'cancelled')
+    BEGIN SELECT RAISE(ABORT, 'tasks.state must be one of the task states'); END;
     "#,
 ];
 

@@ -1,0 +1,835 @@
+//! The PostgreSQL driver: one database shared by many hosts.
+//!
+//! Every write is one transaction at PostgreSQL's default isolation (read
+//! committed); the statements that decide a write of a row lock it first
+//! (`SELECT ... FOR UPDATE`, see [`super::sql`]). A transaction that loses a
+//! deadlock or a serialization check is rolled back and run again here, so
+//! callers only see such failures when they persist. Times come from the
+//! database's clock, so hosts whose clocks disagree still agree on leases
+//! and schedules.
+//!
+//! A connection `LISTEN`s on `colony_work`; a transaction that stored
+//! runnable work (`Sql::signal_work`) `NOTIFY`s it as it commits, and
+//! [`PgDb::wake_version`] turns what arrived into a number that changes,
+//! like SQLite's `PRAGMA data_version`.
+//!
+//! Statements are prepared once per connection and kept by their text. A lost
+//! connection is reopened by the next call (and its statements prepared
+//! again); the call that noticed the loss fails with a transient error unless
+//! nothing it did can have been committed, in which case it is run again.
+
+mod schema;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use ::postgres::config::Host;
+use ::postgres::error::SqlState;
+use ::postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use ::postgres::{Client, Config, NoTls, SimpleQueryMessage, Statement};
+use bytes::{BufMut, BytesMut};
+
+use super::sql::{Dialect, Param, Row, Sql, Value, numbered_to_dollar};
+use super::{QueueError, QueueOptions, Result};
+
+/// The channel the queue notifies when it stores work that may be claimed.
+const WORK_CHANNEL: &str = "colony_work";
+
+/// The database clock in milliseconds since the Unix epoch.
+const NOW_SQL: &str = "SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// What [`Sql::signal_work`] sends (the channel is [`WORK_CHANNEL`]).
+const NOTIFY: &str = "NOTIFY colony_work";
+const NOTIFY_AND_COMMIT: &str = "NOTIFY colony_work; COMMIT";
+
+/// How many times a write transaction runs before a deadlock or
+/// serialization failure is handed to the caller.
+const WRITE_ATTEMPTS: u32 = 8;
+
+/// Prepared statements kept per connection. The queue's statements are a
+/// fixed set; the bound only matters if some caller builds SQL text freely.
+const STATEMENT_CACHE: usize = 512;
+
+/// Used when the URL sets no `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct PgDb {
+    url: String,
+    location: String,
+    /// "database colony at db1:5432 as user colony": what connection errors name.
+    target: String,
+    // Boxed, the two large parts: the queue keeps a `PgDb` or a SQLite
+    // connection in one enum, which should not be sized by this one.
+    config: Box<Config>,
+    lock_timeout: Duration,
+    conn: RefCell<Box<Conn>>,
+    /// Notifications received so far, plus one per reconnection (whatever
+    /// was sent while the connection was down is lost).
+    wakes: Cell<i64>,
+    /// Set between `BEGIN` and its `COMMIT`/`ROLLBACK`: still set at the
+    /// next write only if a caller panicked inside a transaction.
+    in_transaction: Cell<bool>,
+}
+
+/// One open connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl PgDb {
+    /// Connects and migrates (under an advisory lock, so hosts starting at
+    /// once migrate once). Trouble reaching the server is
+    /// [`QueueError::Connect`], naming host, port and database (never the
+    /// password); the server refusing us (credentials, an unknown database)
+    /// is [`QueueError::Postgres`], which [`is_permanent`] recognises.
+    pub fn connect(url: &str, opts: &QueueOptions) -> Result<PgDb> {
+        let location = redact(url);
+        let mut config: Config = url.parse().map_err(|e: ::postgres::Error| {
+            QueueError::invalid(
+                "database URL",
+                format!("{location} is not a PostgreSQL URL: {}", describe(&e)),
+            )
+        })?;
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            // libpq's default: the local socket directory, then TCP.
+            if std::path::Path::new("/var/run/postgresql").is_dir() {
+                config.host_path("/var/run/postgresql");
+            }
+            config.host("localhost");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() && !opts.actor.is_empty() {
+            config.application_name(&opts.actor);
+        }
+        let target = describe_target(&config);
+        let mut client = open(&config, &location, &target, opts.busy_timeout)?;
+        schema::migrate(&mut client, &location)?;
+        Ok(PgDb {
+            url: url.to_string(),
+            location,
+            target,
+            config: Box::new(config),
+            lock_timeout: opts.busy_timeout,
+            conn: RefCell::new(Box::new(Conn {
+                client,
+                statements: HashMap::new(),
+            })),
+            wakes: Cell::new(0),
+            in_transaction: Cell::new(false),
+        })
+    }
+
+    /// The URL with any password removed, for messages.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The URL as given (to open further connections).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One write transaction: `BEGIN`; `now` = the database clock in ms since
+    /// the epoch; `f(&tx, now)`; `COMMIT`. A deadlock or serialization
+    /// failure, or a connection lost before `COMMIT` was sent, rolls back
+    /// and runs `f` again (up to [`WRITE_ATTEMPTS`] times in all, after a
+    /// short jittered sleep). A connection lost during `COMMIT` is returned:
+    /// the commit may or may not have happened.
+    pub fn write<T>(&self, f: &mut dyn FnMut(&dyn Sql, i64) -> Result<T>) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            match self.try_write(f) {
+                Ok(value) => return Ok(value),
+                Err(failed) if failed.again && attempt < WRITE_ATTEMPTS => {
+                    backoff(attempt);
+                    attempt += 1;
+                }
+                Err(failed) => return Err(failed.error),
+            }
+        }
+    }
+
+    fn try_write<T>(
+        &self,
+        f: &mut dyn FnMut(&dyn Sql, i64) -> Result<T>,
+    ) -> std::result::Result<T, Failed> {
+        self.ensure_open().map_err(Failed::once)?;
+        let mut conn = self.conn.borrow_mut();
+        if self.in_transaction.get() {
+            // A caller panicked inside the last transaction.
+            let _ = conn.client.batch_execute("ROLLBACK");
+            self.in_transaction.set(false);
+        }
+        self.in_transaction.set(true);
+        let now = match begin(&mut conn.client) {
+            Ok(now) => now,
+            Err(e) => {
+                self.rollback(&mut conn);
+                let again = StatementFailure::of(&e, &conn.client).retryable_before_commit();
+                return Err(Failed {
+                    error: e.into(),
+                    again,
+                });
+            }
+        };
+        let tx = PgSql::new(&mut conn);
+        let result = f(&tx, now);
+        let failure = tx.failure.take();
+        let commit = if tx.signalled.get() {
+            // Delivered to the listeners when (and only if) this commits.
+            NOTIFY_AND_COMMIT
+        } else {
+            "COMMIT"
+        };
+        drop(tx);
+        match (result, failure) {
+            (Ok(value), None) => match conn.client.batch_execute(commit) {
+                Ok(()) => {
+                    self.in_transaction.set(false);
+                    Ok(value)
+                }
+                Err(e) => {
+                    self.rollback(&mut conn);
+                    let failure = StatementFailure::of(&e, &conn.client);
+                    // Lost during COMMIT: it may have committed; not run again.
+                    let again = failure.retryable_code();
+                    Err(Failed {
+                        error: e.into(),
+                        again,
+                    })
+                }
+            },
+            (result, Some(failure)) => {
+                self.rollback(&mut conn);
+                failure.clear_cache_if_stale(&mut conn);
+                let again = failure.retryable_before_commit();
+                let error = match result {
+                    Err(e) => e,
+                    // `f` carried on past a failed statement, but PostgreSQL
+                    // aborted the whole transaction at it: nothing is stored.
+                    Ok(_) => QueueError::Corrupt(format!(
+                        "a statement failed inside a transaction that went on to commit \
+                         (nothing was stored): {}",
+                        failure.text
+                    )),
+                };
+                Err(Failed { error, again })
+            }
+            (Err(e), None) => {
+                self.rollback(&mut conn);
+                Err(Failed::once(e))
+            }
+        }
+    }
+
+    fn rollback(&self, conn: &mut Conn) {
+        if !conn.client.is_closed() {
+            let _ = conn.client.batch_execute("ROLLBACK");
+        }
+        self.in_transaction.set(false);
+    }
+
+    /// Reads outside a write transaction (each statement commits on its
+    /// own). A connection found lost is reopened and `f` run once more.
+    pub fn read<T>(&self, f: &mut dyn FnMut(&dyn Sql) -> Result<T>) -> Result<T> {
+        let mut again = true;
+        loop {
+            self.ensure_open()?;
+            let mut conn = self.conn.borrow_mut();
+            let sql = PgSql::new(&mut conn);
+            let mut result = f(&sql);
+            let failure = sql.failure.take();
+            if result.is_ok() && sql.signalled.get() {
+                result = sql.execute(NOTIFY, &[]).and(result);
+            }
+            drop(sql);
+            match (result, failure) {
+                (Err(_), Some(failure)) if again && failure.retryable_before_commit() => {
+                    failure.clear_cache_if_stale(&mut conn);
+                    again = false;
+                }
+                (result, _) => return result,
+            }
+        }
+    }
+
+    /// The database clock in ms since the epoch.
+    pub fn now(&self) -> Result<i64> {
+        self.read(&mut |sql| sql.query_value(NOW_SQL, &[]))
+    }
+
+    /// A number that changes whenever another connection signalled new work
+    /// (`NOTIFY colony_work`) since the last call. Drains the notifications
+    /// that already arrived without waiting for more.
+    pub fn wake_version(&self) -> Result<i64> {
+        self.ensure_open()?;
+        let mut conn = self.conn.borrow_mut();
+        let mut notifications = conn.client.notifications();
+        // Not `iter()`: it never lets the client's runtime poll the socket,
+        // so it would only ever see notifications read by earlier
+        // statements. A zero timeout reads what arrived and returns.
+        let mut arrived = notifications.timeout_iter(Duration::ZERO);
+        let mut count = 0;
+        while ::postgres::fallible_iterator::FallibleIterator::next(&mut arrived)?.is_some() {
+            count += 1;
+        }
+        self.wakes.set(self.wakes.get().wrapping_add(count));
+        Ok(self.wakes.get())
+    }
+
+    /// Reopens the connection if the server closed it.
+    fn ensure_open(&self) -> Result<()> {
+        let mut conn = self.conn.borrow_mut();
+        if !conn.client.is_closed() {
+            return Ok(());
+        }
+        let client = open(
+            &self.config,
+            &self.location,
+            &self.target,
+            self.lock_timeout,
+        )?;
+        **conn = Conn {
+            client,
+            statements: HashMap::new(),
+        };
+        self.in_transaction.set(false);
+        // Whatever was notified while the connection was down is lost: wake
+        // the caller once so it looks for itself.
+        self.wakes.set(self.wakes.get().wrapping_add(1));
+        Ok(())
+    }
+}
+
+/// Opens a connection, sets it up and listens for new work.
+fn open(config: &Config, location: &str, target: &str, lock_timeout: Duration) -> Result<Client> {
+    let mut client = config.connect(NoTls).map_err(|e| {
+        if is_permanent(&e) {
+            QueueError::Postgres(e)
+        } else {
+            QueueError::Connect {
+                location: location.to_string(),
+                message: format!("{} ({target})", describe(&e)),
+            }
+        }
+    })?;
+    let mut setup = format!("LISTEN {WORK_CHANNEL};");
+    if !lock_timeout.is_zero() {
+        // SQLite's busy timeout, here: how long a statement waits for a row
+        // lock another transaction holds before failing (55P03, transient).
+        setup.push_str(&format!(
+            "SET lock_timeout = {};",
+            lock_timeout.as_millis().max(1)
+        ));
+    }
+    client.batch_execute(&setup)?;
+    Ok(client)
+}
+
+/// `BEGIN` and the database clock, in one round trip.
+fn begin(client: &mut Client) -> std::result::Result<i64, ::postgres::Error> {
+    let messages = client.simple_query(&format!("BEGIN; {NOW_SQL}"))?;
+    for message in &messages {
+        if let SimpleQueryMessage::Row(row) = message
+            && let Some(now) = row.get(0).and_then(|v| v.parse().ok())
+        {
+            return Ok(now);
+        }
+    }
+    // Unreachable in practice: the SELECT always answers one integer.
+    Ok(super::now_ms())
+}
+
+/// A sleep before running a transaction again: 2, 4, 8 ... ms (capped at
+/// 100), with jitter so that two transactions that collided do not collide
+/// again in step.
+fn backoff(attempt: u32) {
+    let base = (1u64 << attempt.min(6)).min(100);
+    let ms = base + fastrand::u64(0..=base);
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// A write attempt that failed, and whether to run it again.
+struct Failed {
+    error: QueueError,
+    again: bool,
+}
+
+impl Failed {
+    fn once(error: QueueError) -> Failed {
+        Failed {
+            error,
+            again: false,
+        }
+    }
+}
+
+/// The first statement of a transaction that failed on the server (which
+/// aborts the whole transaction in PostgreSQL), or lost the connection.
+#[derive(Clone, Debug)]
+struct StatementFailure {
+    code: Option<SqlState>,
+    lost: bool,
+    text: String,
+}
+
+impl StatementFailure {
+    fn of(e: &::postgres::Error, client: &Client) -> StatementFailure {
+        StatementFailure {
+            code: e.code().cloned(),
+            lost: is_lost(e) || client.is_closed(),
+            text: describe(e),
+        }
+    }
+
+    /// Deadlock, serialization failure, or a prepared statement gone stale
+    /// after another host changed the schema: nothing was stored, run again.
+    fn retryable_code(&self) -> bool {
+        matches!(
+            &self.code,
+            Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+        ) || self.stale_statement()
+    }
+
+    /// Before `COMMIT`, a lost connection also means nothing was stored.
+    fn retryable_before_commit(&self) -> bool {
+        self.lost || self.retryable_code()
+    }
+
+    /// "cached plan must not change result type": a table a prepared
+    /// statement reads was altered (a newer colony migrated it).
+    fn stale_statement(&self) -> bool {
+        self.code == Some(SqlState::FEATURE_NOT_SUPPORTED) && self.text.contains("cached plan")
+    }
+
+    fn clear_cache_if_stale(&self, conn: &mut Conn) {
+        if self.stale_statement() {
+            conn.statements.clear();
+        }
+    }
+}
+
+/// A connection or transaction, as the queue logic sees it.
+struct PgSql<'c> {
+    conn: RefCell<&'c mut Conn>,
+    /// The first failure a statement met, even if `f` went on past it.
+    failure: Cell<Option<StatementFailure>>,
+    /// Set by [`Sql::signal_work`]: notify the listeners at commit.
+    signalled: Cell<bool>,
+}
+
+impl<'c> PgSql<'c> {
+    fn new(conn: &'c mut Conn) -> PgSql<'c> {
+        PgSql {
+            conn: RefCell::new(conn),
+            failure: Cell::new(None),
+            signalled: Cell::new(false),
+        }
+    }
+
+    /// Notes a failure that aborts the transaction (one the server reported,
+    /// or a lost connection); a parameter this side could not encode aborts
+    /// nothing.
+    fn note<T>(&self, conn: &Conn, result: std::result::Result<T, ::postgres::Error>) -> Result<T> {
+        result.map_err(|e| {
+            let failure = StatementFailure::of(&e, &conn.client);
+            if failure.code.is_some() || failure.lost {
+                let first = self.failure.take().unwrap_or(failure);
+                self.failure.set(Some(first));
+            }
+            QueueError::Postgres(e)
+        })
+    }
+}
+
+impl Conn {
+    fn statement(&mut self, sql: &str) -> std::result::Result<Statement, ::postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        if self.statements.len() >= STATEMENT_CACHE {
+            self.statements.clear();
+        }
+        let statement = self.client.prepare(&numbered_to_dollar(sql))?;
+        self.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &str,
+        args: &[Param<'_>],
+    ) -> std::result::Result<u64, ::postgres::Error> {
+        let statement = self.statement(sql)?;
+        let args: Vec<PgParam<'_>> = args.iter().copied().map(PgParam).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
+        self.client.execute(&statement, &refs)
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        args: &[Param<'_>],
+    ) -> std::result::Result<Vec<::postgres::Row>, ::postgres::Error> {
+        let statement = self.statement(sql)?;
+        let args: Vec<PgParam<'_>> = args.iter().copied().map(PgParam).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a as _).collect();
+        self.client.query(&statement, &refs)
+    }
+}
+
+impl Sql for PgSql<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    fn execute(&self, sql: &str, args: &[Param<'_>]) -> Result<u64> {
+        let mut conn = self.conn.borrow_mut();
+        let result = conn.execute(sql, args);
+        self.note(&conn, result)
+    }
+
+    fn query(&self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>> {
+        let mut conn = self.conn.borrow_mut();
+        let result = conn.query(sql, args);
+        let rows = self.note(&conn, result)?;
+        rows.iter().map(read_row).collect()
+    }
+
+    /// One `NOTIFY colony_work` however often it is called, sent with the
+    /// `COMMIT` (PostgreSQL delivers it only if the transaction commits).
+    fn signal_work(&self) {
+        self.signalled.set(true);
+    }
+}
+
+/// An argument, encoded for the type the server expects at its place.
+#[derive(Debug)]
+struct PgParam<'a>(Param<'a>);
+
+impl ToSql for PgParam<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        match self.0 {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Int(i) => {
+                if *ty == Type::INT8 {
+                    i.to_sql(ty, out)
+                } else if *ty == Type::INT4 {
+                    i32::try_from(i)
+                        .map_err(|_| format!("{i} does not fit the 32-bit integer parameter"))?
+                        .to_sql(ty, out)
+                } else if *ty == Type::INT2 {
+                    i16::try_from(i)
+                        .map_err(|_| format!("{i} does not fit the 16-bit integer parameter"))?
+                        .to_sql(ty, out)
+                } else if *ty == Type::FLOAT8 {
+                    (i as f64).to_sql(ty, out)
+                } else if *ty == Type::FLOAT4 {
+                    (i as f32).to_sql(ty, out)
+                } else if *ty == Type::BOOL {
+                    (i != 0).to_sql(ty, out)
+                } else {
+                    Err(mismatch("an integer", ty))
+                }
+            }
+            Param::Real(x) => {
+                if *ty == Type::FLOAT8 {
+                    x.to_sql(ty, out)
+                } else if *ty == Type::FLOAT4 {
+                    (x as f32).to_sql(ty, out)
+                } else {
+                    Err(mismatch("a real number", ty))
+                }
+            }
+            Param::Text(s) => {
+                if [
+                    Type::TEXT,
+                    Type::VARCHAR,
+                    Type::BPCHAR,
+                    Type::NAME,
+                    Type::UNKNOWN,
+                    Type::JSON,
+                ]
+                .contains(ty)
+                {
+                    out.put_slice(s.as_bytes());
+                    Ok(IsNull::No)
+                } else if *ty == Type::JSONB {
+                    // jsonb's binary form: a version byte, then the text.
+                    out.put_u8(1);
+                    out.put_slice(s.as_bytes());
+                    Ok(IsNull::No)
+                } else {
+                    Err(mismatch("text", ty))
+                }
+            }
+            Param::Blob(b) => {
+                if *ty == Type::BYTEA {
+                    out.put_slice(b);
+                    Ok(IsNull::No)
+                } else {
+                    Err(mismatch("bytes", ty))
+                }
+            }
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+fn mismatch(given: &str, ty: &Type) -> Box<dyn StdError + Sync + Send> {
+    format!("{given} was passed where the statement expects {ty} (cast the placeholder)").into()
+}
+
+/// The column types rows are read from.
+fn readable(ty: &Type) -> bool {
+    [
+        Type::INT8,
+        Type::INT4,
+        Type::INT2,
+        Type::BOOL,
+        Type::FLOAT8,
+        Type::FLOAT4,
+        Type::TEXT,
+        Type::VARCHAR,
+        Type::BPCHAR,
+        Type::NAME,
+        Type::UNKNOWN,
+        Type::JSON,
+        Type::JSONB,
+        Type::BYTEA,
+    ]
+    .contains(ty)
+}
+
+fn read_row(row: &::postgres::Row) -> Result<Row> {
+    let mut values = Vec::with_capacity(row.len());
+    for (i, column) in row.columns().iter().enumerate() {
+        if !readable(column.type_()) {
+            return Err(QueueError::Corrupt(format!(
+                "column {} has type {}, which colony does not read",
+                column.name(),
+                column.type_()
+            )));
+        }
+        values.push(row.try_get::<_, PgValue>(i)?.0);
+    }
+    Ok(Row::new(values))
+}
+
+/// One column read back, by its type (see [`readable`]).
+struct PgValue(Value);
+
+impl<'a> FromSql<'a> for PgValue {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<PgValue, Box<dyn StdError + Sync + Send>> {
+        let text = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+            Ok(s) => Value::Text(s.to_string()),
+            // Like the SQLite driver: text that is not UTF-8 comes back as
+            // bytes, so only the reader of that column fails.
+            Err(_) => Value::Blob(bytes.to_vec()),
+        };
+        let value = if *ty == Type::INT8 {
+            Value::Int(i64::from_sql(ty, raw)?)
+        } else if *ty == Type::INT4 {
+            Value::Int(i32::from_sql(ty, raw)?.into())
+        } else if *ty == Type::INT2 {
+            Value::Int(i16::from_sql(ty, raw)?.into())
+        } else if *ty == Type::BOOL {
+            Value::Int(bool::from_sql(ty, raw)?.into())
+        } else if *ty == Type::FLOAT8 {
+            Value::Real(f64::from_sql(ty, raw)?)
+        } else if *ty == Type::FLOAT4 {
+            Value::Real(f32::from_sql(ty, raw)?.into())
+        } else if *ty == Type::BYTEA {
+            Value::Blob(raw.to_vec())
+        } else if *ty == Type::JSONB {
+            match raw.split_first() {
+                Some((1, rest)) => text(rest),
+                _ => return Err("unknown jsonb version".into()),
+            }
+        } else {
+            // TEXT, VARCHAR, BPCHAR, NAME, UNKNOWN and JSON are text on the wire.
+            text(raw)
+        };
+        Ok(PgValue(value))
+    }
+
+    fn from_sql_null(_: &Type) -> std::result::Result<PgValue, Box<dyn StdError + Sync + Send>> {
+        Ok(PgValue(Value::Null))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+/// The error in one line, with what the server said (`postgres::Error`'s
+/// own `Display` stops at "db error"). Never holds the password.
+pub fn describe(e: &::postgres::Error) -> String {
+    let text = match e.as_db_error() {
+        Some(db) => format!("{db} (SQLSTATE {})", db.code().code()),
+        None => match e.source() {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    };
+    text.replace('\n', "; ")
+}
+
+/// True for an I/O failure or a closed connection.
+fn is_lost(e: &::postgres::Error) -> bool {
+    e.is_closed()
+        || e.source().is_some_and(|s| s.is::<std::io::Error>())
+        // The one error kind without a cause or accessor to tell it by.
+        || (e.source().is_none() && e.to_string() == "timeout waiting for server")
+}
+
+/// True for trouble that may pass: the connection closed, refused or timed
+/// out, SQLSTATE class 08 (connection exception), a serialization failure
+/// or deadlock, a lock wait past `lock_timeout`, class 53 (insufficient
+/// resources: disk full, too many connections) and the server shutting down
+/// or starting (57P01, 57P02, 57P03).
+pub fn is_transient(e: &::postgres::Error) -> bool {
+    if is_lost(e) {
+        return true;
+    }
+    let Some(code) = e.code() else {
+        return false;
+    };
+    let code = code.code();
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(
+            code,
+            "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+        )
+}
+
+/// True when retrying cannot help: the server refuses our credentials
+/// (class 28), the database does not exist (3D000), we lack a privilege
+/// (42501), or the server only allows reads (25006, a standby).
+pub fn is_permanent(e: &::postgres::Error) -> bool {
+    if let Some(code) = e.code() {
+        let code = code.code();
+        return code.starts_with("28") || matches!(code, "3D000" | "42501" | "25006");
+    }
+    // Raised on this side, e.g. the server asked for a password the URL lacks.
+    e.to_string() == "authentication error"
+}
+
+/// The URL without its password (`postgres://user:secret@host/db` →
+/// `postgres://user@host/db`; `password=` options removed too).
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // The `key=value` form.
+        return url
+            .split_whitespace()
+            .filter(|part| !part.to_ascii_lowercase().starts_with("password="))
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => before_query.split_at(i),
+        None => (before_query, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{user}@{hosts}")
+        }
+        None => authority.to_string(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|kv| !kv.to_ascii_lowercase().starts_with("password="))
+            .collect();
+        if !kept.is_empty() {
+            out.push('?');
+            out.push_str(&kept.join("&"));
+        }
+    }
+    out
+}
+
+/// "colony at db1:5432 as user colony", from the parsed URL with defaults
+/// filled in: what a connection error names.
+fn describe_target(config: &Config) -> String {
+    let port = |i: usize| {
+        config
+            .get_ports()
+            .get(i)
+            .or(config.get_ports().first())
+            .copied()
+            .unwrap_or(5432)
+    };
+    let mut hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| match host {
+            Host::Tcp(name) => format!("{name}:{}", port(i)),
+            Host::Unix(dir) => format!("{}/.s.PGSQL.{}", dir.display(), port(i)),
+        })
+        .collect();
+    if hosts.is_empty() {
+        hosts = config
+            .get_hostaddrs()
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("{addr}:{}", port(i)))
+            .collect();
+    }
+    let user = config.get_user().unwrap_or("(this system user)");
+    let database = config.get_dbname().unwrap_or(user);
+    format!("database {database} at {} as user {user}", hosts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_removed_from_locations() {
+        assert_eq!(
+            redact("postgres://bob:s3cr@t@db1:5433/colony?sslmode=disable&password=x"),
+            "postgres://bob@db1:5433/colony?sslmode=disable"
+        );
+        assert_eq!(redact("postgresql://db1/colony"), "postgresql://db1/colony");
+        assert_eq!(
+            redact("host=db1 password=secret dbname=colony"),
+            "host=db1 dbname=colony"
+        );
+    }
+
+    #[test]
+    fn targets_name_host_port_database_and_user() {
+        let config: Config = "postgresql://bob:pw@db1/colony".parse().unwrap();
+        assert_eq!(
+            describe_target(&config),
+            "database colony at db1:5432 as user bob"
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! Reading tasks, events and logs back, and turning rows into [`Task`]s.
+//! A row that cannot be decoded is reported with its id, never fatal to a
+//! listing.
+
+use std::collections::BTreeMap;
+
+use crate::task::{State, Task, TaskError};
+
+use super::sql::{Row, Sql, args};
+use super::tasks::parse_state;
+use super::{AuditEvent, Backlog, ListFilter, QueueError, Result, RunLog, TaskRow, UnreadableTask};
+
+/// The columns [`task_from_row`] reads, in order.
+const TASK_COLUMNS: &str = "id, agent, state, payload, priority, attempts, max_attempts, revisions, \
+     max_revisions, review, reviewer, reviews, parent_id, next_tasks, result, error_kind, \
+     error_message, feedback, progress, idem_key, timeout_ms, backoff_ms, run_at, claimed_by, \
+     heartbeat_at, created_at, updated_at, finished_at";
+
+pub(super) fn get(db: &dyn Sql, id: i64) -> Result<Task> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1");
+    let row = db
+        .query_opt(&sql, args![id])?
+        .ok_or(QueueError::NotFound(id))?;
+    let mut task = task_from_row(&row)?;
+    task.depends_on = db.query_column(
+        "SELECT depends_on FROM task_deps WHERE task_id = ?1 ORDER BY depends_on",
+        args![id],
+    )?;
+    Ok(task)
+}
+
+pub(super) fn list(db: &dyn Sql, filter: &ListFilter) -> Result<Vec<TaskRow>> {
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks
+         WHERE (CAST(?1 AS TEXT) IS NULL OR state = ?1) AND (CAST(?2 AS TEXT) IS NULL OR agent = ?2)
+         ORDER BY id DESC LIMIT ?3"
+    );
+    let limit = filter.limit.map(i64::from).unwrap_or(i64::MAX);
+    let rows = db.query(
+        &sql,
+        args![filter.state.map(State::as_str), filter.agent, limit],
+    )?;
+    Ok(rows.iter().map(task_row).collect())
+}
+
+pub(super) fn children(db: &dyn Sql, parent_id: i64) -> Result<Vec<TaskRow>> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE parent_id = ?1 ORDER BY id");
+    Ok(db
+        .query(&sql, args![parent_id])?
+        .iter()
+        .map(task_row)
+        .collect())
+}
+
+pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
+    let rows = db.query(
+        "SELECT agent, state, COUNT(*) FROM tasks GROUP BY agent, state ORDER BY agent, state",
+        args![],
+    )?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push((
+            row.get(0)?,
+            parse_state(&row.get::<String>(1)?)?,
+            row.get(2)?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Unfinished work per agent, read through the partial indexes only (cheap
+/// however large the history).
+pub(super) fn backlog(db: &dyn Sql) -> Result<Vec<(String, Backlog)>> {
+    let mut by_agent: BTreeMap<String, Backlog> = Default::default();
+    let queries = [
+        "SELECT agent, COUNT(*), NULL FROM tasks WHERE state = 'ready' GROUP BY agent",
+        "SELECT agent, COUNT(*), NULL FROM tasks WHERE state = 'in_progress' GROUP BY agent",
+        "SELECT agent, COUNT(*), MIN(run_at) FROM tasks
+         WHERE state = 'pending' AND pending_deps = 0 GROUP BY agent",
+        "SELECT agent, COUNT(*), NULL FROM tasks
+         WHERE state = 'pending' AND pending_deps > 0 GROUP BY agent",
+    ];
+    for (i, sql) in queries.iter().enumerate() {
+        for row in db.query(sql, args![])? {
+            let (agent, n, due): (String, u64, Option<i64>) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
+            let b = by_agent.entry(agent).or_default();
+            match i {
+                0 => b.ready = n,
+                1 => b.in_progress = n,
+                2 => {
+                    b.scheduled = n;
+                    b.next_due = due;
+                }
+                _ => b.blocked = n,
+            }
+        }
+    }
+    Ok(by_agent.into_iter().collect())
+}
+
+pub(super) fn leases_by_holder(db: &dyn Sql) -> Result<Vec<(String, u64)>> {
+    let rows = db.query(
+        "SELECT claimed_by, COUNT(*) FROM tasks WHERE state = 'in_progress' GROUP BY claimed_by",
+        args![],
+    )?;
+    rows.iter()
+        .map(|r| Ok((r.get::<Option<String>>(0)?.unwrap_or_default(), r.get(1)?)))
+        .collect()
+}
+
+pub(super) fn events(
+    db: &dyn Sql,
+    task_id: Option<i64>,
+    since: i64,
+    limit: u32,
+) -> Result<Vec<AuditEvent>> {
+    let rows = db.query(
+        "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events
+         WHERE id > ?1 AND (CAST(?2 AS BIGINT) IS NULL OR task_id = ?2) ORDER BY id LIMIT ?3",
+        args![since, task_id, limit],
+    )?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let from: Option<String> = row.get(4)?;
+        let detail: String = row.get(7)?;
+        out.push(AuditEvent {
+            id: row.get(0)?,
+            at: row.get(1)?,
+            task_id: row.get(2)?,
+            event: row.get(3)?,
+            from: from.as_deref().map(parse_state).transpose()?,
+            to: parse_state(&row.get::<String>(5)?)?,
+            actor: row.get(6)?,
+            detail: serde_json::from_str(&detail).unwrap_or_else(
+                |e| serde_json::json!({"unreadable": e.to_string(), "raw": detail}),
+            ),
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn logs(db: &dyn Sql, task_id: i64) -> Result<Vec<RunLog>> {
+    let rows = db.query(
+        "SELECT attempt, at, text FROM task_logs WHERE task_id = ?1 ORDER BY id",
+        args![task_id],
+    )?;
+    rows.iter()
+        .map(|r| {
+            Ok(RunLog {
+                attempt: r.get(0)?,
+                at: r.get(1)?,
+                text: r.get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// A listing row: the task, or the id and why it cannot be decoded.
+fn task_row(r: &Row) -> TaskRow {
+    task_from_row(r).map_err(|e| UnreadableTask {
+        id: r.get(0).unwrap_or_default(),
+        reason: e.to_string(),
+    })
+}
+
+fn task_from_row(r: &Row) -> Result<Task> {
+    let id: i64 = r.get(0)?;
+    let corrupt = |what: &str, e: String| QueueError::Corrupt(format!("task {id} {what}: {e}"));
+    let json = |what: &str, i: usize| -> Result<Option<serde_json::Value>> {
+        r.get::<Option<String>>(i)
+            .map_err(|e| corrupt(what, e.to_string()))?
+            .map(|text| serde_json::from_str(&text).map_err(|e| corrupt(what, e.to_string())))
+            .transpose()
+    };
+    let error_kind: Option<String> = r.get(15)?;
+    Ok(Task {
+        id,
+        agent: r.get(1)?,
+        state: parse_state(&r.get::<String>(2)?)?,
+        payload: json("payload", 3)?.ok_or_else(|| corrupt("payload", "missing".into()))?,
+        priority: r.get(4)?,
+        attempts: r.get(5)?,
+        max_attempts: r.get(6)?,
+        revisions: r.get(7)?,
+        max_revisions: r.get(8)?,
+        review: r.get(9)?,
+        reviewer: r.get(10)?,
+        reviews: r.get(11)?,
+        parent_id: r.get(12)?,
+        depends_on: Vec::new(),
+        next_tasks: match json("next_tasks", 13)? {
+            Some(value) => {
+                serde_json::from_value(value).map_err(|e| corrupt("next_tasks", e.to_string()))?
+            }
+            None => Vec::new(),
+        },
+        result: json("result", 14)?,
+        error: match error_kind {
+            Some(kind) => Some(TaskError {
+                kind: kind.parse().map_err(|e| corrupt("error_kind", e))?,
+                message: r.get::<Option<String>>(16)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+        feedback: r.get(17)?,
+        progress: r.get(18)?,
+        idempotency_key: r.get(19)?,
+        timeout_ms: r.get(20)?,
+        backoff_ms: r.get(21)?,
+        run_at: r.get(22)?,
+        claimed_by: r.get(23)?,
+        heartbeat_at: r.get(24)?,
+        created_at: r.get(25)?,
+        updated_at: r.get(26)?,
+        finished_at: r.get(27)?,
+    })
+}

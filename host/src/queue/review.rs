@@ -1,0 +1,319 @@
+//! Completion and review inside a transaction: checking what a run returned,
+//! holding it for review, completing (children, state writes, effects), and
+//! the verdicts of people and reviewer agents.
+
+use serde_json::json;
+
+use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, TaskError};
+
+use super::sql::{Sql, args};
+use super::tasks::{
+    Held, cancel_dependents, insert_children, insert_new_task, promote_due_in, record, set_failed,
+    state_of,
+};
+use super::validate::{spawn_to_next, stored_json, validate_json};
+use super::{MAX_OUTPUT_BYTES, QueueError, Result, outbox, state};
+
+/// The owners of the task's state and the writes' old versions when the run
+/// wrote any, or the first `set-if` conflict as the run's (retryable)
+/// failure: a conflict refuses the completion as a whole.
+pub(super) fn check_state_writes(
+    tx: &dyn Sql,
+    id: i64,
+    writes: &[crate::state::Write],
+) -> Result<std::result::Result<Option<state::CheckedWrites>, TaskError>> {
+    if writes.is_empty() {
+        return Ok(Ok(None));
+    }
+    let owners = state::owners_of(tx, id)?;
+    Ok(match state::check_writes(tx, &owners, writes)? {
+        Ok(olds) => Ok(Some(state::CheckedWrites { owners, olds })),
+        Err(conflict) => Err(TaskError {
+            kind: ErrorKind::Conflict,
+            message: conflict,
+        }),
+    })
+}
+
+/// Checks what a successful run returned before any of it is applied: the
+/// output and every child payload must be JSON, every child agent a valid
+/// name, and a review task's output a verdict. A bad outcome becomes a
+/// permanent `invalid_output` failure.
+pub(super) fn check_outcome(
+    outcome: &RunOutcome,
+    reviews: Option<i64>,
+    max_payload: usize,
+) -> Result<(&str, Vec<NextSpec>, bool), TaskError> {
+    let (output, spawn, needs_review) = match outcome {
+        RunOutcome::Failure(error) => return Err(error.clone()),
+        RunOutcome::Success {
+            output,
+            spawn,
+            needs_review,
+        } => (output, spawn, *needs_review),
+    };
+    let invalid = |message: String| TaskError {
+        kind: ErrorKind::InvalidOutput,
+        message,
+    };
+    validate_json("output", output, MAX_OUTPUT_BYTES)
+        .map_err(|e| invalid(format!("the agent's {e}")))?;
+    // A reviewer's own answer is the verdict; it is never held for review.
+    let needs_review = needs_review && reviews.is_none();
+    if reviews.is_some() {
+        task::parse_verdict(output).map_err(invalid)?;
+    }
+    let mut children = Vec::with_capacity(spawn.len());
+    for (i, child) in spawn.iter().enumerate() {
+        children.push(
+            spawn_to_next(i, child, max_payload)
+                .map_err(|e| invalid(format!("the agent's {e}")))?,
+        );
+    }
+    Ok((output, children, needs_review))
+}
+
+pub(super) fn enter_review(
+    tx: &dyn Sql,
+    id: i64,
+    held: &Held,
+    output: &str,
+    spawn: &[NextSpec],
+    actor: &str,
+    now: i64,
+) -> Result<State> {
+    let detail = json!({"attempt": held.attempts, "reviewer": held.reviewer});
+    let to = record(
+        tx,
+        id,
+        Some(State::InProgress),
+        Event::CompleteForReview,
+        actor,
+        &detail,
+        now,
+    )?;
+    let spawned = match spawn.is_empty() {
+        true => None,
+        false => Some(stored_json("spawn", &spawn.to_vec())?),
+    };
+    tx.execute(
+        "UPDATE tasks SET state = ?5, result = ?1, spawned = ?2, claim_token = NULL,
+                claimed_by = NULL, heartbeat_at = NULL, error_kind = NULL, error_message = NULL,
+                replay_token = NULL, updated_at = ?3
+         WHERE id = ?4",
+        args![output, spawned, now, id, to.as_str()],
+    )?;
+    if let Some(reviewer) = &held.reviewer {
+        let row = tx.query_one("SELECT agent, payload FROM tasks WHERE id = ?1", args![id])?;
+        let (agent, payload): (String, String) = (row.get(0)?, row.get(1)?);
+        let review_payload = format!(
+            r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output}}}"#,
+            serde_json::Value::String(agent)
+        );
+        validate_json("review payload", &review_payload, usize::MAX)?;
+        let mut review_task = NewTask::new(reviewer.clone(), review_payload);
+        review_task.max_attempts = held.max_attempts;
+        let review_id = insert_new_task(tx, &review_task, Some(id), actor, now)?.id;
+        tx.execute(
+            "UPDATE tasks SET reviews = ?1 WHERE id = ?2",
+            args![id, review_id],
+        )?;
+    }
+    Ok(to)
+}
+
+/// Marks a task complete (`to`, as the table said), inserts its children
+/// (its `next_tasks`, then what it spawned), and wakes tasks that were
+/// waiting on it.
+pub(super) fn complete(
+    tx: &dyn Sql,
+    id: i64,
+    to: State,
+    output: &str,
+    spawn: Vec<NextSpec>,
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    let next_tasks: Option<String> = tx.query_value(
+        "UPDATE tasks SET state = ?4, result = ?1, claim_token = NULL, claimed_by = NULL,
+                heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
+                replay_token = NULL, held_state = NULL, finished_at = ?2, updated_at = ?2
+         WHERE id = ?3 RETURNING next_tasks",
+        args![output, now, id, to.as_str()],
+    )?;
+    let mut children: Vec<NextSpec> = match next_tasks {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| QueueError::Corrupt(format!("task {id} next_tasks: {e}")))?,
+        None => Vec::new(),
+    };
+    children.extend(spawn);
+    insert_children(tx, id, &children, actor, now)?;
+    let woken = tx.execute(
+        "UPDATE tasks SET pending_deps = pending_deps - 1
+         WHERE state = 'pending' AND id IN (SELECT task_id FROM task_deps WHERE depends_on = ?1)",
+        args![id],
+    )?;
+    if woken > 0 {
+        promote_due_in(tx, actor, now)?;
+    }
+    Ok(())
+}
+
+/// Applies a reviewer task's verdict to the task it reviewed, if that task is
+/// still waiting in review (a person may have decided first).
+pub(super) fn apply_verdict(
+    tx: &dyn Sql,
+    reviewer_task: i64,
+    judged: i64,
+    output: &str,
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    // Only the newest review of the newest result counts: after a person's
+    // rejection and a re-run, an older reviewer task's verdict is stale.
+    let newest: Option<i64> = tx.query_value(
+        "SELECT MAX(id) FROM tasks WHERE parent_id = ?1 AND reviews = ?1",
+        args![judged],
+    )?;
+    if state_of(tx, judged)? != State::Review || newest != Some(reviewer_task) {
+        return Ok(());
+    }
+    let (approve, note) = task::parse_verdict(output)
+        .map_err(|e| QueueError::Corrupt(format!("verdict of task {reviewer_task}: {e}")))?;
+    let by = format!("{actor} (reviewer task {reviewer_task})");
+    if approve {
+        approve_in(tx, judged, note.as_deref(), &by, now)?;
+    } else {
+        reject_in(
+            tx,
+            judged,
+            note.as_deref().unwrap_or("rejected without a note"),
+            &by,
+            now,
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn approve_in(
+    tx: &dyn Sql,
+    id: i64,
+    note: Option<&str>,
+    actor: &str,
+    now: i64,
+) -> Result<State> {
+    let from = state_of(tx, id)?;
+    // The held state writes commit with the approval. If another task's
+    // write got there first, a set-if no longer holds: the approved result
+    // is stale, so the task goes round again instead of applying it.
+    let held = if from == State::Review {
+        state::held_writes(tx, id)?
+    } else {
+        Vec::new()
+    };
+    let owners = match check_state_writes(tx, id, &held)? {
+        Ok(owners) => owners,
+        Err(conflict) => return send_back_stale(tx, id, &conflict.message, actor, now),
+    };
+    let to = record(
+        tx,
+        id,
+        Some(from),
+        Event::Approve,
+        actor,
+        &json!({"note": note}),
+        now,
+    )?;
+    let row = tx.query_one("SELECT result, spawned FROM tasks WHERE id = ?1", args![id])?;
+    let (output, spawned): (Option<String>, Option<String>) = (row.get(0)?, row.get(1)?);
+    let spawn: Vec<NextSpec> = match spawned {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| QueueError::Corrupt(format!("task {id} spawned: {e}")))?,
+        None => Vec::new(),
+    };
+    complete(
+        tx,
+        id,
+        to,
+        output.as_deref().unwrap_or("null"),
+        spawn,
+        actor,
+        now,
+    )?;
+    if let Some(checked) = owners {
+        state::apply_writes(
+            tx,
+            Some(id),
+            &checked.owners,
+            &held,
+            &checked.olds,
+            actor,
+            now,
+        )?;
+    }
+    outbox::release_proposed(tx, id, now)?;
+    Ok(to)
+}
+
+/// An approved result whose held state no longer applies goes round again:
+/// back to `ready` with the conflict as feedback, its attempts given back,
+/// no revision used (nobody rejected it).
+fn send_back_stale(tx: &dyn Sql, id: i64, conflict: &str, actor: &str, now: i64) -> Result<State> {
+    outbox::drop_proposed(tx, id)?;
+    let note = format!("approved, but stale: {conflict}; the task runs again");
+    let detail = json!({"conflict": conflict});
+    let to = record(
+        tx,
+        id,
+        Some(State::Review),
+        Event::ApproveStale,
+        actor,
+        &detail,
+        now,
+    )?;
+    tx.execute(
+        "UPDATE tasks SET state = ?4, feedback = ?1, attempts = 0, spawned = NULL,
+                held_state = NULL, run_at = ?2, updated_at = ?2
+         WHERE id = ?3",
+        args![note, now, id, to.as_str()],
+    )?;
+    Ok(to)
+}
+
+pub(super) fn reject_in(tx: &dyn Sql, id: i64, note: &str, actor: &str, now: i64) -> Result<State> {
+    let from = state_of(tx, id)?;
+    outbox::drop_proposed(tx, id)?;
+    let row = tx.query_one(
+        "SELECT revisions, max_revisions FROM tasks WHERE id = ?1",
+        args![id],
+    )?;
+    let (revisions, max_revisions): (u32, u32) = (row.get(0)?, row.get(1)?);
+    let detail = json!({"note": note, "revision": revisions + 1, "max_revisions": max_revisions});
+    if revisions < max_revisions {
+        let to = record(tx, id, Some(from), Event::Reject, actor, &detail, now)?;
+        // A revision is a fresh round: it gets its attempts back.
+        tx.execute(
+            "UPDATE tasks SET state = ?4, feedback = ?1, revisions = revisions + 1, attempts = 0,
+                    spawned = NULL, held_state = NULL, run_at = ?2, updated_at = ?2
+             WHERE id = ?3",
+            args![note, now, id, to.as_str()],
+        )?;
+        Ok(to)
+    } else {
+        let to = record(tx, id, Some(from), Event::RejectFinal, actor, &detail, now)?;
+        let error = TaskError {
+            kind: ErrorKind::Rejected,
+            message: format!(
+                "rejected {} times (max_revisions is {max_revisions}); last note: {note}",
+                revisions + 1
+            ),
+        };
+        tx.execute(
+            "UPDATE tasks SET feedback = ?1 WHERE id = ?2",
+            args![note, id],
+        )?;
+        set_failed(tx, id, to, &error, now)?;
+        cancel_dependents(tx, id, actor, now)?;
+        Ok(to)
+    }
+}

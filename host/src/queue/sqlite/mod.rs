@@ -1,0 +1,169 @@
+//! The SQLite driver: one database file, WAL, one writer at a time.
+//!
+//! SQLite's write lock is what makes a claim atomic: every write
+//! transaction starts `BEGIN IMMEDIATE`, so the reads that decide a write
+//! see what the write changes. Throughput comes from batching above it.
+
+mod schema;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode};
+
+use super::sql::{Dialect, Param, Row, Sql, Value};
+use super::{QueueError, QueueOptions, Result, Sync, now_ms};
+
+pub struct SqliteDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteDb {
+    pub fn open(path: &Path, opts: &QueueOptions) -> Result<SqliteDb> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(opts.busy_timeout)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let sync = match opts.sync {
+            Sync::Normal => "NORMAL",
+            Sync::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        schema::migrate(&mut conn, &path.display().to_string())?;
+        Ok(SqliteDb {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One `BEGIN IMMEDIATE` transaction: committed when `f` succeeds,
+    /// rolled back when it fails. `now` is this host's clock.
+    pub fn write<T>(&self, f: &mut dyn FnMut(&dyn Sql, i64) -> Result<T>) -> Result<T> {
+        let tx = self.conn.unchecked_transaction_immediate()?;
+        let value = f(&*tx, now_ms())?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    pub fn read<T>(&self, f: &mut dyn FnMut(&dyn Sql) -> Result<T>) -> Result<T> {
+        f(&self.conn)
+    }
+
+    /// A number that changes whenever another connection (another process,
+    /// say the CLI) commits to the database: a cheap way to notice new work.
+    pub fn data_version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    /// Caps the database file at `pages` pages, to rehearse a full disk.
+    pub fn set_max_page_count(&self, pages: i64) -> Result<()> {
+        self.conn.pragma_update(None, "max_page_count", pages)?;
+        Ok(())
+    }
+}
+
+/// `Connection::unchecked_transaction` with `BEGIN IMMEDIATE`: takes the
+/// write lock up front, so a transaction never fails half-way on a lock
+/// another writer holds.
+trait ImmediateTransaction {
+    fn unchecked_transaction_immediate(&self) -> rusqlite::Result<rusqlite::Transaction<'_>>;
+}
+
+impl ImmediateTransaction for Connection {
+    fn unchecked_transaction_immediate(&self) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+        rusqlite::Transaction::new_unchecked(self, rusqlite::TransactionBehavior::Immediate)
+    }
+}
+
+impl Sql for Connection {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+
+    fn execute(&self, sql: &str, args: &[Param<'_>]) -> Result<u64> {
+        let mut stmt = self.prepare_cached(sql)?;
+        Ok(stmt.execute(rusqlite::params_from_iter(args.iter()))? as u64)
+    }
+
+    fn query(&self, sql: &str, args: &[Param<'_>]) -> Result<Vec<Row>> {
+        let mut stmt = self.prepare_cached(sql)?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut values = Vec::with_capacity(columns);
+            for i in 0..columns {
+                values.push(match r.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(n) => Value::Int(n),
+                    ValueRef::Real(x) => Value::Real(x),
+                    // Text that is not UTF-8 (a damaged row) comes back as
+                    // bytes, so only the reader of that column fails.
+                    ValueRef::Text(b) => match std::str::from_utf8(b) {
+                        Ok(s) => Value::Text(s.to_string()),
+                        Err(_) => Value::Blob(b.to_vec()),
+                    },
+                    ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                });
+            }
+            out.push(Row::new(values));
+        }
+        Ok(out)
+    }
+}
+
+impl rusqlite::ToSql for Param<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Param::Null => ValueRef::Null,
+            Param::Int(n) => ValueRef::Integer(n),
+            Param::Real(x) => ValueRef::Real(x),
+            Param::Text(s) => ValueRef::Text(s.as_bytes()),
+            Param::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+/// True for trouble that may pass (the database busy or locked by another
+/// process, the disk full, an I/O error): retry the same write later.
+pub fn is_transient(e: &rusqlite::Error) -> bool {
+    use ErrorCode::*;
+    match e {
+        rusqlite::Error::SqliteFailure(e, _) => matches!(
+            e.code,
+            DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | OutOfMemory | CannotOpen
+        ),
+        _ => false,
+    }
+}
+
+/// True when retrying cannot help: the file is read-only or not a database,
+/// or the disk image is malformed.
+pub fn is_permanent(e: &rusqlite::Error) -> bool {
+    use ErrorCode::*;
+    match e {
+        rusqlite::Error::SqliteFailure(e, _) => matches!(
+            e.code,
+            ReadOnly
+                | DatabaseCorrupt
+                | NotADatabase
+                | PermissionDenied
+                | AuthorizationForStatementDenied
+        ),
+        _ => false,
+    }
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        QueueError::Sqlite(e)
+    }
+}

@@ -1,0 +1,782 @@
+//! The run cycle inside a transaction: submit, promote, claim, finish, fail,
+//! reap, retry, cancel. Every move asks the transition table through
+//! [`record`], writes the audit event beside it, and writes the state the
+//! table returned.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::retry;
+use crate::task::{
+    self, ClaimedTask, ErrorKind, Event, Lease, NewTask, NextSpec, State, TaskError,
+};
+
+use super::sql::{Dialect, Sql, args};
+use super::validate::stored_json;
+use super::{Applied, ExpiredLease, FinishedRun, QueueError, Result, Submitted, outbox, review};
+
+/// The claim token of the run ending now, when it journaled model calls
+/// (the next run replays them), or else the journal kept so far: a run that
+/// never called a model (say, released before it started) must not make the
+/// next one pay again for an older run's calls.
+pub(super) const REPLAY_FROM_THIS_RUN: &str = "CASE WHEN EXISTS (SELECT 1 FROM model_calls
+         WHERE task_id = tasks.id AND token = tasks.claim_token) THEN claim_token ELSE replay_token END";
+
+/// Asks the transition table whether `event` may move a task in `from`, and
+/// writes the audit event. The caller writes the returned state in the same
+/// transaction.
+pub(super) fn record(
+    tx: &dyn Sql,
+    task_id: i64,
+    from: Option<State>,
+    event: Event,
+    actor: &str,
+    detail: &serde_json::Value,
+    now: i64,
+) -> Result<State> {
+    let to = task::transition(from, event).ok_or(QueueError::Illegal {
+        id: task_id,
+        state: from.unwrap_or(State::Pending),
+        action: event_action(event),
+    })?;
+    tx.execute(
+        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        args![
+            now,
+            task_id,
+            event.as_str(),
+            from.map(State::as_str),
+            to.as_str(),
+            actor,
+            detail.to_string()
+        ],
+    )?;
+    if matches!(to, State::Ready | State::Pending) {
+        tx.signal_work();
+    }
+    Ok(to)
+}
+
+fn event_action(event: Event) -> &'static str {
+    match event {
+        Event::Approve => "be approved (only tasks in review can)",
+        Event::Reject | Event::RejectFinal => "be rejected (only tasks in review can)",
+        Event::ApproveStale => "be approved (only tasks in review can)",
+        Event::Retry | Event::RetryWaiting => "be retried (only failed or cancelled tasks can)",
+        Event::Cancel => "be cancelled (it has already finished)",
+        Event::Claim => "be claimed",
+        _ => "make this move",
+    }
+}
+
+/// The task's state, locking its row on PostgreSQL until the transaction ends.
+pub(super) fn state_of(tx: &dyn Sql, id: i64) -> Result<State> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT state FROM tasks WHERE id = ?1",
+        Dialect::Postgres => "SELECT state FROM tasks WHERE id = ?1 FOR UPDATE",
+    };
+    let state: Option<String> = tx
+        .query_opt(sql, args![id])?
+        .map(|r| r.get(0))
+        .transpose()?;
+    parse_state(&state.ok_or(QueueError::NotFound(id))?)
+}
+
+pub(super) fn parse_state(s: &str) -> Result<State> {
+    s.parse().map_err(QueueError::Corrupt)
+}
+
+/// Inserts a validated task (and its dependency rows and submit event).
+pub(super) fn insert_new_task(
+    tx: &dyn Sql,
+    new: &NewTask,
+    parent_id: Option<i64>,
+    actor: &str,
+    now: i64,
+) -> Result<Submitted> {
+    if let Some(key) = &new.key {
+        let existing = tx.query_opt("SELECT id FROM tasks WHERE idem_key = ?1", args![key])?;
+        if let Some(row) = existing {
+            return Ok(Submitted {
+                id: row.get(0)?,
+                existed: true,
+            });
+        }
+    }
+    let mut pending_deps = 0;
+    for &dep in &new.depends_on {
+        let state = tx.query_opt("SELECT state FROM tasks WHERE id = ?1", args![dep])?;
+        let state = state.map(|r| r.get::<String>(0)).transpose()?;
+        match state.as_deref().map(parse_state).transpose()? {
+            None => {
+                return Err(QueueError::invalid(
+                    "depends_on",
+                    format!("task {dep} does not exist"),
+                ));
+            }
+            Some(State::Complete) => {}
+            Some(s @ (State::Failed | State::Cancelled)) => {
+                return Err(QueueError::invalid(
+                    "depends_on",
+                    format!(
+                        "task {dep} is {s}, so this task could never run; retry task {dep} first"
+                    ),
+                ));
+            }
+            Some(_) => pending_deps += 1,
+        }
+    }
+    let run_at = new.run_at.unwrap_or(now);
+    let event = if pending_deps == 0 && run_at <= now {
+        Event::SubmitReady
+    } else {
+        Event::SubmitPending
+    };
+    let next_json = if new.next.is_empty() {
+        None
+    } else {
+        Some(stored_json("next", &new.next)?)
+    };
+    let review = new.review || new.reviewer.is_some();
+    let state = task::transition(None, event).expect("submit is always allowed");
+    let id: i64 = tx.query_value(
+        "INSERT INTO tasks (agent, payload, state, priority, max_attempts, max_revisions, review,
+                            reviewer, run_at, timeout_ms, backoff_ms, parent_id, next_tasks,
+                            pending_deps, idem_key, created_at, updated_at, token_budget, root_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16, ?17,
+                 (SELECT COALESCE(root_id, id) FROM tasks WHERE id = ?12))
+         RETURNING id",
+        args![
+            new.agent,
+            new.payload,
+            state.as_str(),
+            new.priority,
+            new.max_attempts,
+            new.max_revisions,
+            review,
+            new.reviewer,
+            run_at,
+            new.timeout_ms,
+            new.backoff_ms,
+            parent_id,
+            next_json,
+            pending_deps,
+            new.key,
+            now,
+            new.token_budget
+        ],
+    )?;
+    for &dep in &new.depends_on {
+        tx.execute(
+            "INSERT INTO task_deps (task_id, depends_on) VALUES (?1, ?2)",
+            args![id, dep],
+        )?;
+    }
+    let detail = match parent_id {
+        Some(parent) => json!({"parent_id": parent}),
+        None if pending_deps > 0 => json!({"waiting_for": pending_deps}),
+        None => json!({}),
+    };
+    record(tx, id, None, event, actor, &detail, now)?;
+    Ok(Submitted { id, existed: false })
+}
+
+/// How many of a task's dependencies have not completed; an error when one
+/// of them failed or was cancelled, since the task could then never run.
+pub(super) fn count_unfinished_dependencies(tx: &dyn Sql, id: i64) -> Result<u32> {
+    let deps = tx.query(
+        "SELECT t.id, t.state FROM task_deps d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = ?1",
+        args![id],
+    )?;
+    let mut waiting = 0;
+    for row in deps {
+        let dep: i64 = row.get(0)?;
+        match parse_state(&row.get::<String>(1)?)? {
+            State::Complete => {}
+            s @ (State::Failed | State::Cancelled) => {
+                return Err(QueueError::invalid(
+                    "depends_on",
+                    format!(
+                        "task {id} depends on task {dep}, which is {s}; retry task {dep} first"
+                    ),
+                ));
+            }
+            _ => waiting += 1,
+        }
+    }
+    Ok(waiting)
+}
+
+pub(super) fn promote_due_in(tx: &dyn Sql, actor: &str, now: i64) -> Result<usize> {
+    let to = task::transition(Some(State::Pending), Event::Promote).expect("pending promotes");
+    let ids: Vec<i64> = tx.query_column(
+        "UPDATE tasks SET state = ?2, updated_at = ?1
+         WHERE state = 'pending' AND pending_deps = 0 AND run_at <= ?1 RETURNING id",
+        args![now, to.as_str()],
+    )?;
+    for &id in &ids {
+        record(
+            tx,
+            id,
+            Some(State::Pending),
+            Event::Promote,
+            actor,
+            &json!({}),
+            now,
+        )?;
+    }
+    Ok(ids.len())
+}
+
+/// Claims up to `n` ready tasks of `agent` under one fresh token.
+pub(super) fn claim_in(
+    tx: &dyn Sql,
+    agent: &str,
+    n: usize,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<ClaimedTask>> {
+    // One random token per batch: (id, token) is unique per claim, which is
+    // all fencing needs, and it saves a random draw per task.
+    let token = fastrand::i64(1..i64::MAX);
+    let to = task::transition(Some(State::Ready), Event::Claim).expect("ready claims");
+    // On PostgreSQL, SKIP LOCKED lets daemons claim side by side: each takes
+    // rows no other open claim holds instead of waiting for it.
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => CLAIM_SQLITE,
+        Dialect::Postgres => CLAIM_POSTGRES,
+    };
+    let rows = tx.query(sql, args![token, actor, now, agent, n, to.as_str()])?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let task = ClaimedTask {
+            lease: Lease {
+                task_id: row.get(0)?,
+                token,
+            },
+            agent: agent.to_string(),
+            payload: row.get(1)?,
+            attempt: row.get(2)?,
+            max_attempts: row.get(3)?,
+            parent_result: row.get(4)?,
+            feedback: row.get(5)?,
+            timeout_ms: row.get(6)?,
+        };
+        let detail = json!({"attempt": task.attempt, "holder": actor, "token": token});
+        record(
+            tx,
+            task.lease.task_id,
+            Some(State::Ready),
+            Event::Claim,
+            actor,
+            &detail,
+            now,
+        )?;
+        out.push(task);
+    }
+    // RETURNING gives no order guarantee; hand tasks out in claim order.
+    out.sort_by_key(|t| t.lease.task_id);
+    Ok(out)
+}
+
+const CLAIM_SQLITE: &str = "UPDATE tasks SET state = ?6, attempts = attempts + 1, claim_token = ?1,
+        claimed_by = ?2, heartbeat_at = ?3, updated_at = ?3, progress = NULL
+ WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND agent = ?4
+              ORDER BY priority DESC, id LIMIT ?5)
+ RETURNING id, payload, attempts, max_attempts,
+           (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms";
+
+const CLAIM_POSTGRES: &str =
+    "UPDATE tasks SET state = ?6, attempts = attempts + 1, claim_token = ?1,
+        claimed_by = ?2, heartbeat_at = ?3, updated_at = ?3, progress = NULL
+ WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND agent = ?4
+              ORDER BY priority DESC, id LIMIT ?5 FOR UPDATE SKIP LOCKED)
+ RETURNING id, payload, attempts, max_attempts,
+           (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms";
+
+/// Renews leases; answers those that were lost.
+pub(super) fn heartbeat_in(tx: &dyn Sql, leases: &[Lease], now: i64) -> Result<Vec<Lease>> {
+    let mut lost = Vec::new();
+    for lease in leases {
+        let n = tx.execute(
+            "UPDATE tasks SET heartbeat_at = ?1
+             WHERE id = ?2 AND state = 'in_progress' AND claim_token = ?3",
+            args![now, lease.task_id, lease.token],
+        )?;
+        if n == 0 {
+            lost.push(*lease);
+        }
+    }
+    Ok(lost)
+}
+
+/// Gives a claimed task back without burning its attempt.
+pub(super) fn release_in(tx: &dyn Sql, lease: Lease, actor: &str, now: i64) -> Result<Applied> {
+    let held = tx.query_opt(
+        &lock_held(tx, "SELECT id FROM tasks"),
+        args![lease.task_id, lease.token],
+    )?;
+    if held.is_none() {
+        return Ok(Applied::LeaseLost);
+    }
+    let detail =
+        json!({"reason": "the host shut down before the run ended; the attempt is given back"});
+    let to = record(
+        tx,
+        lease.task_id,
+        Some(State::InProgress),
+        Event::Release,
+        actor,
+        &detail,
+        now,
+    )?;
+    tx.execute(
+        &format!(
+            "UPDATE tasks SET state = ?4, attempts = attempts - 1, claim_token = NULL,
+                    replay_token = {REPLAY_FROM_THIS_RUN}, claimed_by = NULL, heartbeat_at = NULL,
+                    updated_at = ?1
+             WHERE id = ?2 AND state = 'in_progress' AND claim_token = ?3"
+        ),
+        args![now, lease.task_id, lease.token, to.as_str()],
+    )?;
+    Ok(Applied::Moved(to))
+}
+
+/// `select` restricted to the row a lease holds, locked on PostgreSQL.
+pub(super) fn lock_held(tx: &dyn Sql, select: &str) -> String {
+    format!(
+        "{select} WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{}",
+        tx.for_update()
+    )
+}
+
+/// Resets every lease whose last heartbeat is older than `cutoff`.
+pub(super) fn reset_stale_in(
+    tx: &dyn Sql,
+    cutoff: i64,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<ExpiredLease>> {
+    // SKIP LOCKED: a row locked right now is being finished or reaped by
+    // another host; it is not stale.
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => {
+            "SELECT id, attempts, max_attempts, claimed_by, heartbeat_at, claim_token FROM tasks
+             WHERE state = 'in_progress' AND heartbeat_at < ?1"
+        }
+        Dialect::Postgres => {
+            "SELECT id, attempts, max_attempts, claimed_by, heartbeat_at, claim_token FROM tasks
+             WHERE state = 'in_progress' AND heartbeat_at < ?1 FOR UPDATE SKIP LOCKED"
+        }
+    };
+    let stale = tx.query(sql, args![cutoff])?;
+    let mut out = Vec::with_capacity(stale.len());
+    for row in stale {
+        let id: i64 = row.get(0)?;
+        let attempts: u32 = row.get(1)?;
+        let max_attempts: u32 = row.get(2)?;
+        let holder: String = row.get::<Option<String>>(3)?.unwrap_or_default();
+        let heartbeat_at: i64 = row.get(4)?;
+        let token: i64 = row.get(5)?;
+        // The dead run's model-token reservations no longer count.
+        tx.execute(
+            "DELETE FROM model_reservations WHERE task_id = ?1",
+            args![id],
+        )?;
+        let silent_ms = now - heartbeat_at;
+        let detail = json!({
+            "holder": holder,
+            "last_heartbeat_at": heartbeat_at,
+            "silent_ms": silent_ms,
+            "attempt": attempts,
+        });
+        let to = if attempts < max_attempts {
+            let to = record(
+                tx,
+                id,
+                Some(State::InProgress),
+                Event::LeaseExpired,
+                actor,
+                &detail,
+                now,
+            )?;
+            tx.execute(
+                &format!(
+                    "UPDATE tasks SET state = ?3, claim_token = NULL, replay_token = {REPLAY_FROM_THIS_RUN},
+                            claimed_by = NULL, heartbeat_at = NULL, updated_at = ?1
+                     WHERE id = ?2 AND claim_token = ?4"
+                ),
+                args![now, id, to.as_str(), token],
+            )?;
+            to
+        } else {
+            let error = TaskError {
+                kind: ErrorKind::LeaseExpired,
+                message: format!(
+                    "the lease held by {holder} expired (no heartbeat for {silent_ms} ms) on the last of {max_attempts} attempts"
+                ),
+            };
+            let to = record(
+                tx,
+                id,
+                Some(State::InProgress),
+                Event::LeaseExpiredFinal,
+                actor,
+                &detail,
+                now,
+            )?;
+            tx.execute(
+                &format!("UPDATE tasks SET replay_token = {REPLAY_FROM_THIS_RUN} WHERE id = ?1"),
+                args![id],
+            )?;
+            set_failed(tx, id, to, &error, now)?;
+            cancel_dependents(tx, id, actor, now)?;
+            to
+        };
+        out.push(ExpiredLease {
+            task_id: id,
+            holder,
+            to,
+        });
+    }
+    Ok(out)
+}
+
+/// Revives a failed or cancelled task with attempts reset.
+pub(super) fn retry_in(tx: &dyn Sql, id: i64, actor: &str, now: i64) -> Result<State> {
+    let from = state_of(tx, id)?;
+    let waiting = count_unfinished_dependencies(tx, id)?;
+    let event = if waiting > 0 {
+        Event::RetryWaiting
+    } else {
+        Event::Retry
+    };
+    let detail = json!({"revived_from": from, "waiting_for": waiting});
+    let to = record(tx, id, Some(from), event, actor, &detail, now)?;
+    tx.execute(
+        "UPDATE tasks SET state = ?1, attempts = 0, revisions = 0, pending_deps = ?2, error_kind = NULL,
+                error_message = NULL, finished_at = NULL, run_at = ?3, updated_at = ?3
+         WHERE id = ?4",
+        args![to.as_str(), waiting, now, id],
+    )?;
+    Ok(to)
+}
+
+/// Cancels a task that has not finished and every task that depends on it.
+pub(super) fn cancel_in(
+    tx: &dyn Sql,
+    id: i64,
+    reason: &str,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<i64>> {
+    let from = state_of(tx, id)?;
+    if task::transition(Some(from), Event::Cancel).is_none() {
+        return Err(QueueError::Illegal {
+            id,
+            state: from,
+            action: "be cancelled (it has already finished)",
+        });
+    }
+    let mut cancelled = vec![id];
+    cancel_one(tx, id, from, reason, actor, now)?;
+    cancelled.extend(cancel_dependents(tx, id, actor, now)?);
+    Ok(cancelled)
+}
+
+/// Puts a refused late result on the audit trail (it changes no state): a
+/// run that finished after its lease was reset, cancelled or re-claimed.
+/// Without it, the trail would show a second claim and no trace of the first
+/// run's outcome, which only the old holder's log would mention.
+pub(super) fn record_refused_result(
+    tx: &dyn Sql,
+    run: &FinishedRun,
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    let id = run.lease.task_id;
+    let Some(current) = tx.query_opt(
+        "SELECT state, claimed_by FROM tasks WHERE id = ?1",
+        args![id],
+    )?
+    else {
+        return Ok(());
+    };
+    let state: String = current.get(0)?;
+    let holder: Option<String> = current.get(1)?;
+    let outcome = match &run.outcome {
+        task::RunOutcome::Success { .. } => "success".to_string(),
+        task::RunOutcome::Failure(e) => e.kind.as_str().to_string(),
+    };
+    let detail = json!({
+        "refused_holder": actor,
+        "refused_lease": run.lease.token,
+        "outcome": outcome,
+        "current_holder": holder,
+        "why": "the lease was lost (reset after missed heartbeats, cancelled, or re-claimed) before the result arrived",
+    });
+    tx.execute(
+        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         VALUES (?1, ?2, 'result_refused', ?3, ?3, ?4, ?5)",
+        args![now, id, state, actor, detail.to_string()],
+    )?;
+    Ok(())
+}
+
+/// The row facts `finish_in` needs about a task it holds the lease of.
+pub(super) struct Held {
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub review: bool,
+    pub reviewer: Option<String>,
+    pub reviews: Option<i64>,
+    pub backoff_ms: u64,
+}
+
+/// Records how one run ended (see `Queue::finish_batch`).
+pub(super) fn finish_in(
+    tx: &dyn Sql,
+    run: &FinishedRun,
+    actor: &str,
+    max_payload: usize,
+    now: i64,
+) -> Result<Applied> {
+    let id = run.lease.task_id;
+    let held = tx.query_opt(
+        &lock_held(
+            tx,
+            "SELECT attempts, max_attempts, review, reviewer, reviews, backoff_ms FROM tasks",
+        ),
+        args![id, run.lease.token],
+    )?;
+    let Some(row) = held else {
+        record_refused_result(tx, run, actor, now)?;
+        return Ok(Applied::LeaseLost);
+    };
+    let held = Held {
+        attempts: row.get(0)?,
+        max_attempts: row.get(1)?,
+        review: row.get(2)?,
+        reviewer: row.get(3)?,
+        reviews: row.get(4)?,
+        backoff_ms: row.get(5)?,
+    };
+    if !run.log.is_empty() {
+        tx.execute(
+            "INSERT INTO task_logs (task_id, attempt, at, text) VALUES (?1, ?2, ?3, ?4)",
+            args![id, held.attempts, now, run.log],
+        )?;
+    }
+    let outcome = match review::check_outcome(&run.outcome, held.reviews, max_payload) {
+        Ok(answer) => {
+            review::check_state_writes(tx, id, &run.state)?.map(|owners| (answer, owners))
+        }
+        Err(error) => Err(error),
+    };
+    let to = match outcome {
+        Ok(((output, spawn, needs_review), owners)) => {
+            if held.review || needs_review {
+                super::state::hold_writes(tx, id, &run.state)?;
+                outbox::store(tx, id, &run.effects, true, now)?;
+                review::enter_review(tx, id, &held, output, &spawn, actor, now)?
+            } else {
+                if let Some(checked) = &owners {
+                    super::state::apply_writes(
+                        tx,
+                        Some(id),
+                        &checked.owners,
+                        &run.state,
+                        &checked.olds,
+                        actor,
+                        now,
+                    )?;
+                }
+                outbox::store(tx, id, &run.effects, false, now)?;
+                let to = record(
+                    tx,
+                    id,
+                    Some(State::InProgress),
+                    Event::Complete,
+                    actor,
+                    &json!({"attempt": held.attempts}),
+                    now,
+                )?;
+                review::complete(tx, id, to, output, spawn, actor, now)?;
+                if let Some(judged) = held.reviews {
+                    review::apply_verdict(tx, id, judged, output, actor, now)?;
+                }
+                to
+            }
+        }
+        Err(error) => {
+            // An interrupted run's model calls are replayed by the next run;
+            // after an answer of the agent's own, the next run asks afresh.
+            // A run that made no model call leaves the older journal in place.
+            tx.execute(
+                &format!(
+                    "UPDATE tasks SET replay_token = CASE WHEN ?1 = 1 THEN {REPLAY_FROM_THIS_RUN} ELSE NULL END
+                     WHERE id = ?2"
+                ),
+                args![error.kind.is_interruption(), id],
+            )?;
+            fail_run(tx, id, &held, &error, actor, now)?
+        }
+    };
+    Ok(Applied::Moved(to))
+}
+
+fn fail_run(
+    tx: &dyn Sql,
+    id: i64,
+    held: &Held,
+    error: &TaskError,
+    actor: &str,
+    now: i64,
+) -> Result<State> {
+    let attempts_left = held.attempts < held.max_attempts;
+    if error.kind.is_retryable() && attempts_left {
+        let delay = retry::backoff(Duration::from_millis(held.backoff_ms), held.attempts);
+        let run_at = now + delay.as_millis() as i64;
+        let detail = json!({"attempt": held.attempts, "kind": error.kind, "message": error.message, "retry_in_ms": delay.as_millis() as i64});
+        let to = record(
+            tx,
+            id,
+            Some(State::InProgress),
+            Event::RetryLater,
+            actor,
+            &detail,
+            now,
+        )?;
+        tx.execute(
+            "UPDATE tasks SET state = ?6, run_at = ?1, error_kind = ?2, error_message = ?3,
+                    claim_token = NULL, claimed_by = NULL, heartbeat_at = NULL, updated_at = ?4
+             WHERE id = ?5",
+            args![
+                run_at,
+                error.kind.as_str(),
+                error.message,
+                now,
+                id,
+                to.as_str()
+            ],
+        )?;
+        Ok(to)
+    } else {
+        let why = if error.kind.is_retryable() {
+            "attempts exhausted"
+        } else {
+            "permanent"
+        };
+        let detail = json!({"attempt": held.attempts, "kind": error.kind, "message": error.message, "why": why});
+        let to = record(
+            tx,
+            id,
+            Some(State::InProgress),
+            Event::Fail,
+            actor,
+            &detail,
+            now,
+        )?;
+        set_failed(tx, id, to, error, now)?;
+        cancel_dependents(tx, id, actor, now)?;
+        Ok(to)
+    }
+}
+
+/// Writes a terminal failure (`to` is `failed`, as the table said).
+pub(super) fn set_failed(
+    tx: &dyn Sql,
+    id: i64,
+    to: State,
+    error: &TaskError,
+    now: i64,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE tasks SET state = ?5, error_kind = ?1, error_message = ?2, claim_token = NULL,
+                claimed_by = NULL, heartbeat_at = NULL, held_state = NULL, finished_at = ?3,
+                updated_at = ?3
+         WHERE id = ?4",
+        args![error.kind.as_str(), error.message, now, id, to.as_str()],
+    )?;
+    Ok(())
+}
+
+fn cancel_one(
+    tx: &dyn Sql,
+    id: i64,
+    from: State,
+    reason: &str,
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    if from == State::Review {
+        outbox::drop_proposed(tx, id)?;
+    }
+    let to = record(
+        tx,
+        id,
+        Some(from),
+        Event::Cancel,
+        actor,
+        &json!({"reason": reason}),
+        now,
+    )?;
+    let error = TaskError {
+        kind: ErrorKind::Cancelled,
+        message: reason.to_string(),
+    };
+    set_failed(tx, id, to, &error, now)
+}
+
+/// Cancels, transitively, every unfinished task waiting on `id`, which will
+/// never complete now. Returns the ids cancelled.
+pub(super) fn cancel_dependents(tx: &dyn Sql, id: i64, actor: &str, now: i64) -> Result<Vec<i64>> {
+    let mut cancelled = Vec::new();
+    let mut queue = vec![id];
+    let sql = format!(
+        "SELECT t.id, t.state FROM task_deps d JOIN tasks t ON t.id = d.task_id
+         WHERE d.depends_on = ?1 AND t.state IN ('pending', 'ready', 'review', 'in_progress'){}",
+        match tx.dialect() {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE OF t",
+        }
+    );
+    while let Some(dep) = queue.pop() {
+        for row in tx.query(&sql, args![dep])? {
+            let child: i64 = row.get(0)?;
+            let reason =
+                format!("cancelled because task {dep}, which it depends on, will never complete");
+            cancel_one(
+                tx,
+                child,
+                parse_state(&row.get::<String>(1)?)?,
+                &reason,
+                actor,
+                now,
+            )?;
+            cancelled.push(child);
+            queue.push(child);
+        }
+    }
+    Ok(cancelled)
+}
+
+/// Children of a completed task, inserted in its completion's transaction.
+pub(super) fn insert_children(
+    tx: &dyn Sql,
+    id: i64,
+    children: &[NextSpec],
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    for child in children {
+        let mut new = NewTask::new(child.agent.clone(), child.payload.to_string());
+        new.priority = child.priority;
+        new.review = child.review;
+        new.next = child.next.clone();
+        insert_new_task(tx, &new, Some(id), actor, now)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! What only the PostgreSQL driver promises: hosts whose clocks disagree
+//! still agree on leases (decisions use the server's clock), and hosts
+//! starting at once on a fresh database migrate it once. Every test here
+//! passes at once without PostgreSQL's server binaries (the throwaway
+//! cluster says once that it skipped).
+
+mod common;
+use common::{Env, TestDb, wait_for};
+
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use colony::queue::{Queue, QueueOptions};
+use colony::task::{NewTask, State};
+
+/// One hour, in the units of `COLONY_CLOCK_OFFSET_MS`.
+const HOUR_MS: i64 = 3_600_000;
+
+/// A daemon renewing its leases every 200 ms and resetting those not renewed
+/// for 2 s (which it checks every 200 ms too), its clock shifted by `offset_ms`.
+fn daemon_with_clock(env: &Env, offset_ms: i64) -> Child {
+    let mut cmd = env.cmd();
+    if offset_ms != 0 {
+        cmd.env("COLONY_CLOCK_OFFSET_MS", offset_ms.to_string());
+    }
+    cmd.args(["daemon", "--heartbeat", "200ms", "--stale-after", "2s"])
+        .args(["--poll", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A 4 s task claimed by a daemon whose clock is off by `holder_offset_ms`,
+/// while a second daemon, off by `reaper_offset_ms`, reaps stale leases on
+/// the same database: the live lease must survive, the task run once.
+fn live_lease_survives_skew(holder_offset_ms: i64, reaper_offset_ms: i64) {
+    let Some(db) = TestDb::postgres() else { return };
+    let env = Env::on(db, &["sleeper"]);
+    let id = env.submit(&["sleeper", r#"{"ms": 4000}"#]);
+    let mut holder = daemon_with_clock(&env, holder_offset_ms);
+    wait_for("the task to be claimed", Duration::from_secs(30), || {
+        env.queue().get(id).unwrap().state == State::InProgress
+    });
+    let holder_name = env.queue().get(id).unwrap().claimed_by.unwrap();
+    let mut reaper = daemon_with_clock(&env, reaper_offset_ms);
+    wait_for("the task to complete", Duration::from_secs(60), || {
+        env.queue().get(id).unwrap().state.is_terminal()
+    });
+    let reaper_alive = reaper.try_wait().unwrap().is_none();
+    for child in [&mut holder, &mut reaper] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert!(reaper_alive, "the reaping daemon ran all along");
+
+    let task = env.queue().get(id).unwrap();
+    let events = env.queue().events(Some(id), 0, 100).unwrap();
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        (task.state, task.attempts),
+        (State::Complete, 1),
+        "run once: {names:?}"
+    );
+    assert_eq!(names, ["submit", "claim", "complete"], "no lease_expired");
+    assert_eq!(events[1].actor, holder_name, "the first claim held");
+    // The CLI agrees.
+    let shown = env.show(id);
+    assert_eq!(shown["attempts"], 1);
+    let listed = env.ok(&["events", "--task", &id.to_string()]);
+    assert!(!listed.contains("lease_expired"), "{listed}");
+}
+
+#[test]
+fn a_daemon_whose_clock_is_an_hour_fast_does_not_reset_a_live_lease() {
+    live_lease_survives_skew(0, HOUR_MS);
+}
+
+#[test]
+fn a_daemon_whose_clock_is_an_hour_slow_keeps_its_lease() {
+    live_lease_survives_skew(-HOUR_MS, 0);
+}
+
+#[test]
+fn ten_queues_opened_at_once_on_a_fresh_database_migrate_it_once() {
+    let Some(db) = TestDb::postgres() else { return };
+    let openers = 10;
+    let start = Arc::new(Barrier::new(openers));
+    let handles: Vec<_> = (0..openers)
+        .map(|i| {
+            let (url, start) = (db.url().to_string(), start.clone());
+            std::thread::spawn(move || {
+                let opts = QueueOptions {
+                    actor: format!("opener-{i}"),
+                    ..Default::default()
+                };
+                start.wait();
+                let mut q =
+                    Queue::open_with(&url, opts).unwrap_or_else(|e| panic!("opener {i}: {e}"));
+                q.submit(&NewTask::new("noop", format!(r#"{{"i":{i}}}"#)))
+                    .unwrap_or_else(|e| panic!("opener {i}: {e}"))
+                    .id
+            })
+        })
+        .collect();
+    let mut ids: Vec<i64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), openers, "every opener stored its task");
+
+    // The version a single open writes on a database of its own.
+    let reference = TestDb::postgres().unwrap();
+    drop(reference.open());
+    let current = reference
+        .raw()
+        .value("SELECT version FROM colony_schema")
+        .int()
+        .unwrap();
+    assert!(current >= 1);
+
+    let mut raw = db.raw();
+    let versions = raw.query("SELECT version FROM colony_schema");
+    assert_eq!(versions.len(), 1, "one version row: {versions:?}");
+    assert_eq!(versions[0][0].int(), Some(current));
+    let tables = "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema()";
+    assert_eq!(
+        raw.value(tables),
+        reference.raw().value(tables),
+        "the same tables as a database migrated by one host"
+    );
+}

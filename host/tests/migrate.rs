@@ -1,0 +1,139 @@
+//! `colony migrate`: a SQLite queue with history of every kind (chains,
+//! review, failures, cancellations, dependencies, logs, state, effects)
+//! copied into an empty PostgreSQL database reads back the same through
+//! every command, and the copy goes on working.
+
+mod common;
+
+use colony_tests::model_server::ModelServer;
+use common::{Env, TestDb};
+use serde_json::{Value, json};
+
+/// Everything the CLI shows about the queue, as JSON.
+fn everything(env: &Env) -> Value {
+    let list = env.json(&["list"]);
+    let shown: Vec<Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| env.show(t["id"].as_i64().unwrap()))
+        .collect();
+    json!({
+        "list": list,
+        "shown": shown,
+        "state": env.json(&["state", "list", "--agent", "echo"]),
+        "effects": env.json(&["effects"]),
+    })
+}
+
+#[test]
+fn a_sqlite_queue_moves_to_postgres_whole_and_keeps_working() {
+    let Some(target) = TestDb::postgres() else {
+        return;
+    };
+    let source = Env::new(&["echo", "stateful"]);
+    let server = ModelServer::start();
+    std::fs::write(
+        source.agents.path().join("stateful.toml"),
+        format!("allowed_hosts = [{:?}]\n", server.url()),
+    )
+    .unwrap();
+    // History of every kind: a chain, a task held in review with a proposed
+    // effect, a sent effect, a failure, a cancellation cascading to a
+    // dependent, operator state.
+    source.submit(&[
+        "echo",
+        "{}",
+        "--next",
+        r#"[{"agent": "echo", "payload": {"step": 2}}]"#,
+    ]);
+    let effect = |review: bool| {
+        json!({"ops": [["effect", "POST", format!("{}/orders", server.url()), "{}"]], "review": review})
+            .to_string()
+    };
+    let reviewed = source.submit(&["stateful", &effect(true)]);
+    source.submit(&["stateful", &effect(false)]);
+    let failing = source.submit(&["stateful", r#"{"ops": [["no such op"]]}"#]);
+    let blocker = source.submit(&["echo", "{}", "--at", "2099-01-01T00:00:00Z"]);
+    source.submit(&["echo", "{}", "--after", &blocker.to_string()]);
+    source.ok(&["cancel", &blocker.to_string()]);
+    source.until_idle(&[]);
+    source.ok(&["state", "set", "--agent", "echo", "greeting", r#""hello""#]);
+    let before = everything(&source);
+    assert_eq!(before["shown"].as_array().unwrap().len(), 7, "{before}");
+    assert_eq!(
+        source.show(failing)["state"],
+        "failed",
+        "the fixture failed as asked"
+    );
+
+    let to = target.location();
+    let out = source.run(&[
+        "--json".as_ref(),
+        "migrate".as_ref(),
+        "--from".as_ref(),
+        source.db().as_os_str(),
+        "--to".as_ref(),
+        to.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["copied"]["tasks"], 7, "{report}");
+    assert_eq!(report["copied"]["state"], 1, "{report}");
+    assert_eq!(report["copied"]["effects"], 2, "{report}");
+    assert!(report["copied"]["events"].as_u64().unwrap() > 10, "{report}");
+    assert!(report["copied"]["task_logs"].as_u64().unwrap() >= 2, "{report}");
+
+    // The same queue, read through every command, on PostgreSQL.
+    let copy = Env::on(target, &["echo", "stateful"]);
+    std::fs::copy(
+        source.agents.path().join("stateful.toml"),
+        copy.agents.path().join("stateful.toml"),
+    )
+    .unwrap();
+    assert_eq!(everything(&copy), before);
+
+    // A second copy into the now non-empty database is refused, naming
+    // what is there, and changes nothing.
+    let again = source.run(&[
+        "migrate".as_ref(),
+        "--from".as_ref(),
+        source.db().as_os_str(),
+        "--to".as_ref(),
+        to.as_os_str(),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("not empty") && stderr.contains("tasks has 7 rows"), "{stderr}");
+    assert_eq!(everything(&copy), before);
+
+    // The copy keeps working: new ids follow the copied ones, the held
+    // review completes and sends its effect.
+    let fresh = copy.submit(&["echo", "{}"]);
+    assert_eq!(fresh, 8);
+    copy.ok(&["review", &reviewed.to_string(), "approve"]);
+    copy.until_idle(&[]);
+    assert_eq!(copy.show(fresh)["state"], "complete");
+    let approved = copy.show(reviewed);
+    assert_eq!(approved["state"], "complete");
+    assert_eq!(approved["effects"][0]["state"], "sent", "{approved}");
+}
+
+#[test]
+fn migrate_refuses_a_missing_source_and_the_same_database() {
+    let env = Env::new(&["echo"]);
+    let missing = env.run(&["migrate", "--from", "/nonexistent/colony.db", "--to", "x.db"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no such database file"));
+    env.submit(&["echo", "{}"]);
+    let db = env.db();
+    let same = env.run(&[
+        "migrate".as_ref(),
+        "--from".as_ref(),
+        db.as_os_str(),
+        "--to".as_ref(),
+        db.as_os_str(),
+    ]);
+    assert_eq!(same.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&same.stderr).contains("the same database"));
+}

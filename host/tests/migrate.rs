@@ -76,13 +76,23 @@ fn a_sqlite_queue_moves_to_postgres_whole_and_keeps_working() {
         "--to".as_ref(),
         to.as_os_str(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["copied"]["tasks"], 7, "{report}");
     assert_eq!(report["copied"]["state"], 1, "{report}");
     assert_eq!(report["copied"]["effects"], 2, "{report}");
-    assert!(report["copied"]["events"].as_u64().unwrap() > 10, "{report}");
-    assert!(report["copied"]["task_logs"].as_u64().unwrap() >= 2, "{report}");
+    assert!(
+        report["copied"]["events"].as_u64().unwrap() > 10,
+        "{report}"
+    );
+    assert!(
+        report["copied"]["task_logs"].as_u64().unwrap() >= 2,
+        "{report}"
+    );
 
     // The same queue, read through every command, on PostgreSQL.
     let copy = Env::on(target, &["echo", "stateful"]);
@@ -104,7 +114,10 @@ fn a_sqlite_queue_moves_to_postgres_whole_and_keeps_working() {
     ]);
     assert_eq!(again.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(stderr.contains("not empty") && stderr.contains("tasks has 7 rows"), "{stderr}");
+    assert!(
+        stderr.contains("not empty") && stderr.contains("tasks has 7 rows"),
+        "{stderr}"
+    );
     assert_eq!(everything(&copy), before);
 
     // The copy keeps working: new ids follow the copied ones, the held
@@ -122,7 +135,13 @@ fn a_sqlite_queue_moves_to_postgres_whole_and_keeps_working() {
 #[test]
 fn migrate_refuses_a_missing_source_and_the_same_database() {
     let env = Env::new(&["echo"]);
-    let missing = env.run(&["migrate", "--from", "/nonexistent/colony.db", "--to", "x.db"]);
+    let missing = env.run(&[
+        "migrate",
+        "--from",
+        "/nonexistent/colony.db",
+        "--to",
+        "x.db",
+    ]);
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such database file"));
     env.submit(&["echo", "{}"]);

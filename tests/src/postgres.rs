@@ -14,6 +14,7 @@
 //! that need them skip, saying so once.
 
 use std::fs::File;
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,9 @@ pub fn fresh_database() -> Option<String> {
 
     let cluster = CLUSTER.get_or_init(|| {
         let Some(bin) = server_bindir() else {
-            eprintln!("{SKIP_NOTE}");
+            // Straight to the file descriptor: the test harness captures
+            // `eprintln!`, and this should be seen.
+            let _ = writeln!(std::io::stderr(), "{SKIP_NOTE}");
             return None;
         };
         Some(start_cluster(&bin))

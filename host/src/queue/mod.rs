@@ -9,6 +9,7 @@
 //! | file | owns |
 //! |---|---|
 //! | `tasks.rs` | the run cycle: submit, promote, claim, finish, fail, reap, retry, cancel |
+//! | `batch.rs` | the throughput path: a batch of plain completions or claims in a few statements |
 //! | `review.rs` | completion, review and verdicts |
 //! | `reads.rs` | reading tasks, events and logs back |
 //! | `validate.rs` | checks on everything stored |
@@ -23,6 +24,7 @@
 //! `claim` takes up to `n` tasks in one transaction and `finish_batch`
 //! records many runs in one.
 
+mod batch;
 pub mod bench;
 mod copy;
 mod journal;
@@ -533,19 +535,7 @@ impl Queue {
     /// attempts remain and is retryable, else fails the task for good.
     pub fn finish_batch(&mut self, runs: &[FinishedRun]) -> Result<Vec<Applied>> {
         let max_payload = self.opts.max_payload_bytes;
-        self.write(|tx, now| {
-            let mut out = Vec::with_capacity(runs.len());
-            for run in runs {
-                out.push(tasks::finish_in(
-                    tx,
-                    run,
-                    &self.opts.actor,
-                    max_payload,
-                    now,
-                )?);
-            }
-            Ok(out)
-        })
+        self.write(|tx, now| batch::finish_runs(tx, runs, &self.opts.actor, max_payload, now))
     }
 
     /// Gives a claimed task back without burning its attempt (graceful shutdown).

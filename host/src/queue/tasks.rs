@@ -12,6 +12,7 @@ use crate::task::{
     self, ClaimedTask, ErrorKind, Event, Lease, NewTask, NextSpec, State, TaskError,
 };
 
+use super::batch::{NewEvent, insert_events};
 use super::sql::{Dialect, Sql, args};
 use super::validate::stored_json;
 use super::{Applied, ExpiredLease, FinishedRun, QueueError, Result, Submitted, outbox, review};
@@ -250,6 +251,7 @@ pub(super) fn claim_in(
     };
     let rows = tx.query(sql, args![token, actor, now, agent, n, to.as_str()])?;
     let mut out = Vec::with_capacity(rows.len());
+    let mut events = Vec::with_capacity(rows.len());
     for row in rows {
         let task = ClaimedTask {
             lease: Lease {
@@ -264,18 +266,16 @@ pub(super) fn claim_in(
             feedback: row.get(5)?,
             timeout_ms: row.get(6)?,
         };
-        let detail = json!({"attempt": task.attempt, "holder": actor, "token": token});
-        record(
-            tx,
-            task.lease.task_id,
-            Some(State::Ready),
-            Event::Claim,
-            actor,
-            &detail,
-            now,
-        )?;
+        events.push(NewEvent {
+            task_id: task.lease.task_id,
+            event: Event::Claim,
+            from: State::Ready,
+            to,
+            detail: json!({"attempt": task.attempt, "holder": actor, "token": token}).to_string(),
+        });
         out.push(task);
     }
+    insert_events(tx, &events, actor, now)?;
     // RETURNING gives no order guarantee; hand tasks out in claim order.
     out.sort_by_key(|t| t.lease.task_id);
     Ok(out)

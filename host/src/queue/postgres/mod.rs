@@ -20,7 +20,7 @@
 
 mod schema;
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::time::Duration;
@@ -64,7 +64,8 @@ pub struct PgDb {
     // connection in one enum, which should not be sized by this one.
     config: Box<Config>,
     lock_timeout: Duration,
-    conn: RefCell<Box<Conn>>,
+    /// `None` only while being dropped (see `Drop`).
+    conn: RefCell<Option<Box<Conn>>>,
     /// Notifications received so far, plus one per reconnection (whatever
     /// was sent while the connection was down is lost).
     wakes: Cell<i64>,
@@ -86,6 +87,10 @@ impl PgDb {
     /// password); the server refusing us (credentials, an unknown database)
     /// is [`QueueError::Postgres`], which [`is_permanent`] recognises.
     pub fn connect(url: &str, opts: &QueueOptions) -> Result<PgDb> {
+        blocking(|| PgDb::connect_here(url, opts))
+    }
+
+    fn connect_here(url: &str, opts: &QueueOptions) -> Result<PgDb> {
         let location = redact(url);
         let mut config: Config = url.parse().map_err(|e: ::postgres::Error| {
             QueueError::invalid(
@@ -115,10 +120,10 @@ impl PgDb {
             target,
             config: Box::new(config),
             lock_timeout: opts.busy_timeout,
-            conn: RefCell::new(Box::new(Conn {
+            conn: RefCell::new(Some(Box::new(Conn {
                 client,
                 statements: HashMap::new(),
-            })),
+            }))),
             wakes: Cell::new(0),
             in_transaction: Cell::new(false),
         })
@@ -141,6 +146,10 @@ impl PgDb {
     /// short jittered sleep). A connection lost during `COMMIT` is returned:
     /// the commit may or may not have happened.
     pub fn write<T>(&self, f: &mut dyn FnMut(&dyn Sql, i64) -> Result<T>) -> Result<T> {
+        blocking(|| self.write_here(f))
+    }
+
+    fn write_here<T>(&self, f: &mut dyn FnMut(&dyn Sql, i64) -> Result<T>) -> Result<T> {
         let mut attempt = 1;
         loop {
             match self.try_write(f) {
@@ -159,7 +168,7 @@ impl PgDb {
         f: &mut dyn FnMut(&dyn Sql, i64) -> Result<T>,
     ) -> std::result::Result<T, Failed> {
         self.ensure_open().map_err(Failed::once)?;
-        let mut conn = self.conn.borrow_mut();
+        let mut conn = self.conn();
         if self.in_transaction.get() {
             // A caller panicked inside the last transaction.
             let _ = conn.client.batch_execute("ROLLBACK");
@@ -237,10 +246,14 @@ impl PgDb {
     /// Reads outside a write transaction (each statement commits on its
     /// own). A connection found lost is reopened and `f` run once more.
     pub fn read<T>(&self, f: &mut dyn FnMut(&dyn Sql) -> Result<T>) -> Result<T> {
+        blocking(|| self.read_here(f))
+    }
+
+    fn read_here<T>(&self, f: &mut dyn FnMut(&dyn Sql) -> Result<T>) -> Result<T> {
         let mut again = true;
         loop {
             self.ensure_open()?;
-            let mut conn = self.conn.borrow_mut();
+            let mut conn = self.conn();
             let sql = PgSql::new(&mut conn);
             let mut result = f(&sql);
             let failure = sql.failure.take();
@@ -267,8 +280,12 @@ impl PgDb {
     /// (`NOTIFY colony_work`) since the last call. Drains the notifications
     /// that already arrived without waiting for more.
     pub fn wake_version(&self) -> Result<i64> {
+        blocking(|| self.wake_version_here())
+    }
+
+    fn wake_version_here(&self) -> Result<i64> {
         self.ensure_open()?;
-        let mut conn = self.conn.borrow_mut();
+        let mut conn = self.conn();
         let mut notifications = conn.client.notifications();
         // Not `iter()`: it never lets the client's runtime poll the socket,
         // so it would only ever see notifications read by earlier
@@ -282,9 +299,15 @@ impl PgDb {
         Ok(self.wakes.get())
     }
 
+    fn conn(&self) -> RefMut<'_, Conn> {
+        RefMut::map(self.conn.borrow_mut(), |conn| {
+            &mut **conn.as_mut().expect("the connection is open until dropped")
+        })
+    }
+
     /// Reopens the connection if the server closed it.
     fn ensure_open(&self) -> Result<()> {
-        let mut conn = self.conn.borrow_mut();
+        let mut conn = self.conn();
         if !conn.client.is_closed() {
             return Ok(());
         }
@@ -294,7 +317,7 @@ impl PgDb {
             &self.target,
             self.lock_timeout,
         )?;
-        **conn = Conn {
+        *conn = Conn {
             client,
             statements: HashMap::new(),
         };
@@ -303,6 +326,34 @@ impl PgDb {
         // the caller once so it looks for itself.
         self.wakes.set(self.wakes.get().wrapping_add(1));
         Ok(())
+    }
+}
+
+impl Drop for PgDb {
+    /// Closing the client drops the runtime it blocks on, which panics
+    /// inside an async context: close it on a thread of its own there.
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.get_mut().take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(conn)).join();
+        }
+    }
+}
+
+/// Runs `f`, which blocks on the client's own runtime. Called on a worker of
+/// a multi-threaded tokio runtime (the CLI's commands call the queue from
+/// async code) that would panic, "Cannot start a runtime from within a
+/// runtime": `block_in_place` leaves the worker's context first (and does
+/// nothing more when already outside it). A current-thread runtime has no
+/// such way out: call the queue from `spawn_blocking` there.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 

@@ -253,6 +253,13 @@ impl RunHooks for RunSide {
     }
 }
 
+/// A store the writer connection finished (see [`Daemon::start_write`]).
+struct Written {
+    queue: Option<Queue>,
+    runs: Vec<FinishedRun>,
+    result: Result<Vec<Applied>, QueueError>,
+}
+
 pub struct Daemon {
     queue: Queue,
     runtime: Arc<Runtime>,
@@ -269,6 +276,14 @@ pub struct Daemon {
     unwritten_since: Option<Instant>,
     /// Set while stores fail: no new claims until they succeed again.
     write_backoff: Duration,
+    /// The group commit in flight on the writer connection, by lease: the
+    /// loop goes on claiming and dispatching while it is stored.
+    writing: Option<Vec<Lease>>,
+    /// The writer's own connection to the queue, home while no store is in
+    /// flight (opened on the first store).
+    writer: Option<Queue>,
+    written_tx: mpsc::UnboundedSender<Written>,
+    written_rx: mpsc::UnboundedReceiver<Written>,
     /// A database error that retrying cannot fix (read-only file, malformed
     /// image, newer schema): the loop stops with it.
     unusable: Option<QueueError>,
@@ -291,6 +306,7 @@ pub struct Daemon {
 impl Daemon {
     pub fn new(queue: Queue, runtime: Arc<Runtime>, agents: AgentDir, cfg: DaemonConfig) -> Daemon {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (written_tx, written_rx) = mpsc::unbounded_channel();
         let run_side = Arc::new(RunSide {
             progress: Mutex::default(),
             journal: Arc::default(),
@@ -309,6 +325,10 @@ impl Daemon {
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,
+            writing: None,
+            writer: None,
+            written_tx,
+            written_rx,
             unusable: None,
             deliverer,
             effects_due: true,
@@ -337,13 +357,13 @@ impl Daemon {
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         let mut next_poll = Instant::now();
         let mut last_data_version = None;
+        let mut next_watch: Option<Instant> = None;
         // Whether there may be new work to claim: set by anything that can
         // make tasks runnable, so an idle daemon does no write transactions.
         let mut look = true;
         while !*shutdown.borrow() {
             self.collect_finished();
-            if self.write_is_due() {
-                self.write_finished();
+            if self.write_is_due() && self.start_write() {
                 look = true; // completions can wake dependents and insert children
                 self.effects_due = true; // and store effects
             }
@@ -386,9 +406,9 @@ impl Daemon {
                 }
             }
             // Sleep until something happens.
-            let mut wait_until = next_heartbeat
-                .min(next_poll)
-                .min(Instant::now() + self.cfg.watch_interval);
+            let watch_at =
+                *next_watch.get_or_insert_with(|| Instant::now() + self.cfg.watch_interval);
+            let mut wait_until = next_heartbeat.min(next_poll).min(watch_at);
             if let Some(since) = self.unwritten_since {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
@@ -399,12 +419,23 @@ impl Daemon {
                     // than after the next store (measured: ~20% faster).
                     look = true;
                 }
+                Some(written) = self.written_rx.recv() => {
+                    self.on_written(written);
+                    look = true; // completions can wake dependents and insert children
+                    self.effects_due = true; // and store effects
+                }
                 Some(attempt) = self.deliverer.done_rx.recv() => {
                     self.record_delivery(attempt);
                     self.effects_due = true;
                 }
                 _ = self.wake.notified() => look = true,
                 _ = tokio::time::sleep_until(wait_until.into()) => {
+                    // The group-commit timer wakes the loop too; only the
+                    // watch timer reads (on PostgreSQL each read is a round trip).
+                    if Instant::now() < watch_at {
+                        continue;
+                    }
+                    next_watch = None;
                     // Cheap reads: did another process commit (a CLI submit,
                     // another daemon), or is a scheduled retry due?
                     // The queue's clock decides what is due (the server's on PostgreSQL).
@@ -467,10 +498,75 @@ impl Daemon {
         waited >= self.cfg.write_window || self.unwritten.len() >= 256 || self.inflight.is_empty()
     }
 
+    /// Stores the finished runs. On PostgreSQL the store runs on a writer
+    /// connection of its own while the loop goes on claiming and
+    /// dispatching (each statement there is a round trip to the server;
+    /// measured: 3,000 → 4,000–4,700 tasks/s); a store in flight makes the
+    /// runs wait for the next. SQLite has one writer at a time anyway, and a
+    /// second connection only adds lock waits (measured: 20-30 % slower), so
+    /// it stores on the loop's connection at once. Answers whether the runs
+    /// were stored now.
+    fn start_write(&mut self) -> bool {
+        if !self.queue.is_postgres() {
+            self.write_finished();
+            return true;
+        }
+        if self.writing.is_some() {
+            return false;
+        }
+        let runs = std::mem::take(&mut self.unwritten);
+        self.unwritten_since = None;
+        self.writing = Some(runs.iter().map(|r| r.lease).collect());
+        let writer = self.writer.take();
+        let reopen = self.run_side.open_journal.clone();
+        let done = self.written_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let (queue, result) = match writer.map_or_else(|| reopen(), Ok) {
+                Ok(mut queue) => {
+                    let result = queue.finish_batch(&runs);
+                    (Some(queue), result)
+                }
+                Err(e) => (None, Err(e)),
+            };
+            let _ = done.send(Written {
+                queue,
+                runs,
+                result,
+            });
+        });
+        false
+    }
+
+    /// Takes a store's outcome in (see [`Daemon::start_write`]).
+    fn on_written(&mut self, written: Written) {
+        self.writing = None;
+        self.writer = written.queue;
+        // Runs that finished meanwhile wait for the next store.
+        let mut runs = written.runs;
+        if written.result.is_err() {
+            runs.append(&mut self.unwritten);
+        }
+        self.after_write(runs, written.result);
+    }
+
+    /// Waits for the store in flight, if any.
+    async fn wait_for_write(&mut self) {
+        if self.writing.is_some()
+            && let Some(written) = self.written_rx.recv().await
+        {
+            self.on_written(written);
+        }
+    }
+
+    /// Stores the finished runs now, on the loop's own connection.
     fn write_finished(&mut self) {
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
         let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
+        self.after_write(runs, result);
+    }
+
+    fn after_write(&mut self, runs: Vec<FinishedRun>, result: Result<Vec<Applied>, QueueError>) {
         match result {
             Ok(applied) => {
                 self.write_backoff = Duration::ZERO;
@@ -628,6 +724,7 @@ impl Daemon {
             .map(|f| f.lease)
             .chain(self.prefetched.values().flatten().map(|t| t.lease))
             .chain(self.unwritten.iter().map(|r| r.lease))
+            .chain(self.writing.iter().flatten().copied())
             .collect()
     }
 
@@ -793,12 +890,13 @@ impl Daemon {
             }
             let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
             if claim && buffered < slots {
-                if !promoted {
-                    tokio::task::block_in_place(|| self.queue.promote_due())?;
-                    promoted = true;
-                }
                 let want = self.cfg.claim_batch.max(slots) - buffered;
-                let claimed = tokio::task::block_in_place(|| self.queue.claim(&name, want))?;
+                // Due tasks are promoted in the first claim's transaction.
+                let claimed = tokio::task::block_in_place(|| match promoted {
+                    true => self.queue.claim(&name, want),
+                    false => self.queue.promote_and_claim(&name, want),
+                })?;
+                promoted = true;
                 self.prefetched
                     .entry(name.clone())
                     .or_default()
@@ -855,6 +953,7 @@ impl Daemon {
         self.deliverer.is_idle()
             && self.inflight.is_empty()
             && self.unwritten.is_empty()
+            && self.writing.is_none()
             && self.prefetched.values().all(VecDeque::is_empty)
     }
 
@@ -892,6 +991,7 @@ impl Daemon {
     /// burning their attempts; store every result we have.
     async fn shut_down(&mut self) {
         tracing::info!(in_flight = self.inflight.len(), grace = ?self.cfg.grace, "shutting down");
+        self.wait_for_write().await;
         let waiting: Vec<Lease> = self
             .prefetched
             .drain()

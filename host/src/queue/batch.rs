@@ -10,8 +10,9 @@
 //! [`tasks::finish_in`] one by one, in the same transaction.
 //!
 //! The invariants are the same as on the slow path: each completion is
-//! fenced on `(id, state = 'in_progress', claim_token)` by a locking read,
-//! asks the transition table, and writes its audit event.
+//! fenced on `(id, state = 'in_progress', claim_token)` in the UPDATE's own
+//! WHERE (which also locks the row on PostgreSQL), asks the transition
+//! table, and writes its audit event.
 
 use std::collections::HashMap;
 
@@ -85,14 +86,6 @@ pub(super) fn insert_events(
     Ok(())
 }
 
-/// What the locking read found about a task a run held.
-struct Held {
-    token: i64,
-    attempts: u32,
-    /// Review, a reviewer task, or a chain to insert: not a plain completion.
-    special: bool,
-}
-
 /// Records a batch of finished runs: plain completions set-based, the rest
 /// one by one. Answers in the order of `runs`.
 pub(super) fn finish_runs(
@@ -102,29 +95,21 @@ pub(super) fn finish_runs(
     max_payload: usize,
     now: i64,
 ) -> Result<Vec<Applied>> {
-    let mut out = vec![Applied::LeaseLost; runs.len()];
-    let mut plain = Vec::new();
-    let mut others = Vec::new();
-    for chunk in (0..runs.len()).collect::<Vec<_>>().chunks(CHUNK) {
-        let held = lock_held(tx, chunk.iter().map(|&i| runs[i].lease.task_id))?;
-        for &i in chunk {
-            let run = &runs[i];
-            match held.get(&run.lease.task_id) {
-                Some(h) if h.token == run.lease.token && !h.special && is_plain(run) => {
-                    plain.push((i, h.attempts))
-                }
-                _ => others.push(i),
-            }
+    let mut out = vec![None; runs.len()];
+    let candidates: Vec<usize> = (0..runs.len()).filter(|&i| is_plain(&runs[i])).collect();
+    for chunk in candidates.chunks(CHUNK) {
+        for (i, attempts) in complete_plain(tx, runs, chunk, actor, now)? {
+            out[i] = Some(attempts);
         }
     }
-    complete_plain(tx, runs, &plain, actor, now)?;
-    for &(i, _) in &plain {
-        out[i] = Applied::Moved(State::Complete);
+    let mut applied = Vec::with_capacity(runs.len());
+    for (i, done) in out.into_iter().enumerate() {
+        applied.push(match done {
+            Some(_) => Applied::Moved(State::Complete),
+            None => tasks::finish_in(tx, &runs[i], actor, max_payload, now)?,
+        });
     }
-    for i in others {
-        out[i] = tasks::finish_in(tx, &runs[i], actor, max_payload, now)?;
-    }
-    Ok(out)
+    Ok(applied)
 }
 
 /// A successful run with nothing but its output and log to store.
@@ -146,93 +131,88 @@ fn is_plain(run: &FinishedRun) -> bool {
     }
 }
 
-/// Locks the in-progress rows of `ids` and reads what deciding needs.
-fn lock_held(tx: &dyn Sql, ids: impl Iterator<Item = i64>) -> Result<HashMap<i64, Held>> {
-    let ids: Vec<i64> = ids.collect();
-    let marks: Vec<String> = (1..=ids.len()).map(|i| format!("?{i}")).collect();
-    let sql = format!(
-        "SELECT id, claim_token, attempts,
-                CASE WHEN review = 0 AND reviews IS NULL AND next_tasks IS NULL THEN 0 ELSE 1 END
-         FROM tasks WHERE state = 'in_progress' AND id IN ({}){}",
-        marks.join(", "),
-        tx.for_update()
-    );
-    let args: Vec<Param<'_>> = ids.iter().map(|&id| Param::Int(id)).collect();
-    let mut held = HashMap::with_capacity(ids.len());
-    for row in tx.query(&sql, &args)? {
-        held.insert(
-            row.get(0)?,
-            Held {
-                token: row.get::<Option<i64>>(1)?.unwrap_or(0),
-                attempts: row.get(2)?,
-                special: row.get(3)?,
-            },
-        );
-    }
-    Ok(held)
-}
-
-/// Completes the plain runs `(index, attempts)`: their rows, events, logs,
-/// and the dependents they release.
+/// Completes those of the runs at `indexes` whose task is still theirs
+/// (fenced on state and claim token) and needs no review, no reviewer
+/// verdict and no chain: their rows, events, logs, and the dependents they
+/// release. Answers `(index, attempt)` of each run it completed; the others
+/// are left to the per-run path.
 fn complete_plain(
     tx: &dyn Sql,
     runs: &[FinishedRun],
-    plain: &[(usize, u32)],
+    indexes: &[usize],
     actor: &str,
     now: i64,
-) -> Result<()> {
-    if plain.is_empty() {
-        return Ok(());
+) -> Result<Vec<(usize, u32)>> {
+    if indexes.is_empty() {
+        return Ok(Vec::new());
     }
     let to = task::transition(Some(State::InProgress), Event::Complete).expect("runs complete");
-    let events: Vec<NewEvent> = plain
+    let mut args = vec![Param::Int(now), Param::Text(to.as_str())];
+    for &i in indexes {
+        let run = &runs[i];
+        let RunOutcome::Success { output, .. } = &run.outcome else {
+            unreachable!("plain runs succeeded")
+        };
+        args.extend([
+            Param::Int(run.lease.task_id),
+            Param::Int(run.lease.token),
+            Param::Text(output),
+        ]);
+    }
+    // The VALUES rows start after the two shared arguments.
+    let rows = values_list(indexes.len(), 3, |c, p| match c {
+        2 => format!("CAST({p} AS TEXT)"),
+        _ => format!("CAST({p} AS BIGINT)"),
+    });
+    let rows = shift_placeholders(&rows, 2);
+    let completed = tx.query(
+        &format!(
+            "UPDATE tasks SET state = ?2, result = v.column3, claim_token = NULL, claimed_by = NULL,
+                    heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
+                    replay_token = NULL, held_state = NULL, finished_at = ?1, updated_at = ?1
+             FROM (VALUES {rows}) AS v
+             WHERE tasks.id = v.column1 AND tasks.claim_token = v.column2
+               AND tasks.state = 'in_progress' AND tasks.review = 0
+               AND tasks.reviews IS NULL AND tasks.next_tasks IS NULL
+             RETURNING id, attempts"
+        ),
+        &args,
+    )?;
+    let mut attempts = HashMap::with_capacity(completed.len());
+    for row in completed {
+        attempts.insert(row.get::<i64>(0)?, row.get::<u32>(1)?);
+    }
+    let done: Vec<(usize, u32)> = indexes
         .iter()
-        .map(|&(i, attempts)| NewEvent {
+        .filter_map(|&i| attempts.get(&runs[i].lease.task_id).map(|&a| (i, a)))
+        .collect();
+    if done.is_empty() {
+        return Ok(done);
+    }
+    let events: Vec<NewEvent> = done
+        .iter()
+        .map(|&(i, attempt)| NewEvent {
             task_id: runs[i].lease.task_id,
             event: Event::Complete,
             from: State::InProgress,
             to,
-            detail: json!({ "attempt": attempts }).to_string(),
+            detail: json!({ "attempt": attempt }).to_string(),
         })
         .collect();
     insert_events(tx, &events, actor, now)?;
-    for chunk in plain.chunks(CHUNK) {
-        let mut args = vec![Param::Int(now), Param::Text(to.as_str())];
-        let mut logs = Vec::new();
-        for &(i, attempts) in chunk {
-            let run = &runs[i];
-            let RunOutcome::Success { output, .. } = &run.outcome else {
-                unreachable!("plain runs succeeded")
-            };
-            args.extend([Param::Int(run.lease.task_id), Param::Text(output)]);
-            if !run.log.is_empty() {
-                logs.push((run.lease.task_id, attempts, run.log.as_str()));
-            }
-        }
-        // The VALUES rows start after the two shared arguments.
-        let rows = values_list(chunk.len(), 2, |c, p| match c {
-            0 => format!("CAST({p} AS BIGINT)"),
-            _ => format!("CAST({p} AS TEXT)"),
-        });
-        let rows = shift_placeholders(&rows, 2);
-        tx.execute(
-            &format!(
-                "UPDATE tasks SET state = ?2, result = v.column2, claim_token = NULL, claimed_by = NULL,
-                        heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
-                        replay_token = NULL, held_state = NULL, finished_at = ?1, updated_at = ?1
-                 FROM (VALUES {rows}) AS v WHERE tasks.id = v.column1"
-            ),
-            &args,
-        )?;
-        insert_logs(tx, &logs, now)?;
-        release_dependents(
-            tx,
-            chunk.iter().map(|&(i, _)| runs[i].lease.task_id),
-            actor,
-            now,
-        )?;
-    }
-    Ok(())
+    let logs: Vec<(i64, u32, &str)> = done
+        .iter()
+        .filter(|&&(i, _)| !runs[i].log.is_empty())
+        .map(|&(i, attempt)| (runs[i].lease.task_id, attempt, runs[i].log.as_str()))
+        .collect();
+    insert_logs(tx, &logs, now)?;
+    release_dependents(
+        tx,
+        done.iter().map(|&(i, _)| runs[i].lease.task_id),
+        actor,
+        now,
+    )?;
+    Ok(done)
 }
 
 /// Renumbers `?N` to `?(N + by)`.

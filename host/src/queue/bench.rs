@@ -49,7 +49,7 @@ pub fn seed_completed_history(queue: &mut Queue, n: usize) -> Result<()> {
 /// Caps a SQLite database file at `pages` pages (`PRAGMA max_page_count`),
 /// to rehearse a full disk. Does nothing on PostgreSQL.
 pub fn set_max_page_count(queue: &Queue, pages: i64) -> Result<()> {
-    match &*queue.db {
+    match &queue.db {
         super::Db::Sqlite(db) => db.set_max_page_count(pages),
         super::Db::Postgres(_) => Ok(()),
     }

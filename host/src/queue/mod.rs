@@ -351,18 +351,8 @@ enum Db {
 /// A handle on one queue database. Not shared between threads: open one per
 /// worker thread or guard it with a mutex.
 pub struct Queue {
-    // Dropped by hand: see `Drop for Queue`.
-    db: std::mem::ManuallyDrop<Db>,
+    db: Db,
     opts: QueueOptions,
-}
-
-impl Drop for Queue {
-    fn drop(&mut self) {
-        // SAFETY: `db` is taken once, here, and never used again.
-        let db = unsafe { std::mem::ManuallyDrop::take(&mut self.db) };
-        // Closing a PostgreSQL connection is a blocking call too.
-        off_runtime(move || drop(db));
-    }
 }
 
 impl Queue {
@@ -375,19 +365,16 @@ impl Queue {
     pub fn open_with(location: impl AsRef<Path>, opts: QueueOptions) -> Result<Queue> {
         let db = match Location::of(location.as_ref()) {
             Location::Sqlite(path) => Db::Sqlite(SqliteDb::open(&path, &opts)?),
-            Location::Postgres(url) => Db::Postgres(off_runtime(|| PgDb::connect(&url, &opts))?),
+            Location::Postgres(url) => Db::Postgres(PgDb::connect(&url, &opts)?),
         };
-        Ok(Queue {
-            db: std::mem::ManuallyDrop::new(db),
-            opts,
-        })
+        Ok(Queue { db, opts })
     }
 
     /// Opens further connections to the same database with the same options
     /// (for work that must not wait for this connection's user, like the
     /// model journal of runs in flight).
     pub fn reopener(&self) -> impl Fn() -> Result<Queue> + Send + std::marker::Sync + 'static {
-        let location = match &*self.db {
+        let location = match &self.db {
             Db::Sqlite(db) => db.path().to_path_buf(),
             Db::Postgres(db) => PathBuf::from(db.url()),
         };
@@ -401,12 +388,12 @@ impl Queue {
 
     /// True on PostgreSQL.
     pub fn is_postgres(&self) -> bool {
-        matches!(*self.db, Db::Postgres(_))
+        matches!(self.db, Db::Postgres(_))
     }
 
     /// Where the queue lives, for messages (a URL without its password).
     pub fn location(&self) -> String {
-        match &*self.db {
+        match &self.db {
             Db::Sqlite(db) => db.path().display().to_string(),
             Db::Postgres(db) => db.location().to_string(),
         }
@@ -418,24 +405,24 @@ impl Queue {
     /// (PostgreSQL retries a serialization failure), so it keeps its effects
     /// inside the transaction.
     pub(crate) fn write<T>(&self, mut f: impl FnMut(&dyn Sql, i64) -> Result<T>) -> Result<T> {
-        match &*self.db {
+        match &self.db {
             Db::Sqlite(db) => db.write(&mut f),
-            Db::Postgres(db) => off_runtime(|| db.write(&mut f)),
+            Db::Postgres(db) => db.write(&mut f),
         }
     }
 
     pub(crate) fn read<T>(&self, mut f: impl FnMut(&dyn Sql) -> Result<T>) -> Result<T> {
-        match &*self.db {
+        match &self.db {
             Db::Sqlite(db) => db.read(&mut f),
-            Db::Postgres(db) => off_runtime(|| db.read(&mut f)),
+            Db::Postgres(db) => db.read(&mut f),
         }
     }
 
     /// The clock the queue decides by (see [`Queue::write`]).
     pub fn now(&self) -> Result<i64> {
-        match &*self.db {
+        match &self.db {
             Db::Sqlite(_) => Ok(now_ms()),
-            Db::Postgres(db) => off_runtime(|| db.now()),
+            Db::Postgres(db) => db.now(),
         }
     }
 
@@ -443,9 +430,9 @@ impl Queue {
     /// runnable or committed: a cheap way to notice new work without a query
     /// (SQLite's `PRAGMA data_version`; PostgreSQL's `LISTEN colony_work`).
     pub fn data_version(&self) -> Result<i64> {
-        match &*self.db {
+        match &self.db {
             Db::Sqlite(db) => db.data_version(),
-            Db::Postgres(db) => off_runtime(|| db.wake_version()),
+            Db::Postgres(db) => db.wake_version(),
         }
     }
 
@@ -493,6 +480,14 @@ impl Queue {
             return Ok(Vec::new());
         }
         self.write(|tx, now| tasks::claim_in(tx, agent, n, &self.opts.actor, now))
+    }
+
+    /// [`Queue::promote_due`] and [`Queue::claim`] in one transaction.
+    pub fn promote_and_claim(&mut self, agent: &str, n: usize) -> Result<Vec<ClaimedTask>> {
+        self.write(|tx, now| {
+            tasks::promote_due_in(tx, &self.opts.actor, now)?;
+            tasks::claim_in(tx, agent, n, &self.opts.actor, now)
+        })
     }
 
     /// Renews the given leases in one write. Returns those that were lost
@@ -641,20 +636,6 @@ impl Queue {
     /// The stored logs of a task's runs, oldest first.
     pub fn logs(&self, task_id: i64) -> Result<Vec<RunLog>> {
         self.read(|db| reads::logs(db, task_id))
-    }
-}
-
-/// Runs a blocking PostgreSQL call. The synchronous client drives its
-/// socket with a runtime of its own, which tokio refuses to start on a
-/// thread that is running async tasks (the CLI's commands, the daemon's
-/// loop): `block_in_place` steps off the runtime for the call first.
-fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }
 

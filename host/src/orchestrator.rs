@@ -260,6 +260,14 @@ struct Written {
     result: Result<Vec<Applied>, QueueError>,
 }
 
+/// Tasks per claim transaction unless configured: on PostgreSQL a claim is
+/// several round trips to the server, so it takes more at once (measured at
+/// concurrency 8: 16 → 5,000–5,600 tasks/s, 32 → 6,000, 64 → 8,000, at
+/// the price of more tasks leased ahead by one daemon).
+pub fn default_claim_batch(postgres: bool) -> usize {
+    if postgres { 64 } else { 16 }
+}
+
 pub struct Daemon {
     queue: Queue,
     runtime: Arc<Runtime>,

@@ -40,9 +40,10 @@ pub struct BenchArgs {
     /// Runs in flight at once (1 to 4096).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=super::MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
-    /// Most tasks claimed per claim transaction (1 to 4096).
-    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
-    pub batch: usize,
+    /// Most tasks claimed per claim transaction (1 to 4096; default 16 on
+    /// SQLite, 64 on PostgreSQL, as for the daemon).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
+    pub batch: Option<usize>,
     /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
     #[arg(long, default_value = "normal")]
     pub sync: SyncArg,
@@ -259,7 +260,7 @@ async fn round(
         "tasks": args.tasks,
         "completed": summary.completed,
         "concurrency": args.concurrency,
-        "batch": args.batch,
+        "batch": claim_batch(args, &queue),
         "sync": format!("{:?}", args.sync).to_lowercase(),
         "history_rows": history,
         "enqueue_seconds": enqueue.as_secs_f64(),
@@ -279,6 +280,11 @@ async fn round(
 
 /// Runs a daemon over `queue` until nothing runnable remains; returns how
 /// long that took.
+fn claim_batch(args: &BenchArgs, queue: &Queue) -> usize {
+    args.batch
+        .unwrap_or_else(|| crate::orchestrator::default_claim_batch(queue.is_postgres()))
+}
+
 pub(super) async fn drain(
     args: &BenchArgs,
     runtime: &Arc<Runtime>,
@@ -289,7 +295,7 @@ pub(super) async fn drain(
     dir.rescan(runtime).await;
     let cfg = DaemonConfig {
         concurrency: args.concurrency,
-        claim_batch: args.batch,
+        claim_batch: claim_batch(args, &queue),
         until_idle: true,
         poll: Duration::from_secs(60),
         ..DaemonConfig::default()

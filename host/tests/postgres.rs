@@ -130,3 +130,73 @@ fn ten_queues_opened_at_once_on_a_fresh_database_migrate_it_once() {
         "the same tables as a database migrated by one host"
     );
 }
+
+/// The server drops every connection of the daemon several times while it
+/// works through a backlog: the daemon reconnects, keeps its leases, retries
+/// what was cut off, and every task completes exactly once.
+#[test]
+fn a_daemon_whose_connections_are_cut_reconnects_and_loses_nothing() {
+    let Some(db) = TestDb::postgres() else { return };
+    let env = Env::on(db, &["sleeper"]);
+    let batch: String = (0..200)
+        .map(|i| {
+            format!(
+                "{{\"agent\": \"sleeper\", \"payload\": {{\"ms\": {}}}}}\n",
+                i % 20
+            )
+        })
+        .collect();
+    let file = env.file("tasks.jsonl", batch);
+    env.ok(&["submit", "--batch", &file]);
+    let mut daemon = env
+        .cmd()
+        .args([
+            "daemon",
+            "--until-idle",
+            "--heartbeat",
+            "200ms",
+            "--poll",
+            "100ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut admin = env.database.raw();
+    let mut cuts = 0;
+    while cuts < 5 && daemon.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(150));
+        let cut = admin.value(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        );
+        if cut.int().unwrap_or(0) > 0 {
+            cuts += 1;
+        }
+    }
+    wait_for("the daemon to finish", Duration::from_secs(120), || {
+        daemon.try_wait().unwrap().is_some()
+    });
+    assert!(
+        daemon.wait().unwrap().success(),
+        "the daemon rode out the cuts"
+    );
+    assert!(
+        cuts >= 3,
+        "the connections were cut while it worked ({cuts} times)"
+    );
+    let queue = env.queue();
+    let counts = queue.counts().unwrap();
+    assert_eq!(
+        counts,
+        vec![("sleeper".to_string(), State::Complete, 200)],
+        "every task completed"
+    );
+    let completions = queue
+        .events(None, 0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event == "complete")
+        .count();
+    assert_eq!(completions, 200, "each completed once");
+}

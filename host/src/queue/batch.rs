@@ -20,8 +20,9 @@ use serde_json::json;
 
 use crate::task::{self, Event, RunOutcome, State};
 
+use super::finish;
 use super::sql::{Param, Sql};
-use super::tasks::{self, promote_due_in};
+use super::tasks::promote_due_in;
 use super::validate::validate_json;
 use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result};
 
@@ -106,7 +107,7 @@ pub(super) fn finish_runs(
     for (i, done) in out.into_iter().enumerate() {
         applied.push(match done {
             Some(_) => Applied::Moved(State::Complete),
-            None => tasks::finish_in(tx, &runs[i], actor, max_payload, now)?,
+            None => finish::finish_in(tx, &runs[i], actor, max_payload, now)?,
         });
     }
     Ok(applied)

@@ -8,7 +8,8 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `tasks.rs` | the run cycle: submit, promote, claim, finish, fail, reap, retry, cancel |
+//! | `tasks.rs` | the run cycle: submit, promote, claim, heartbeat, release, reap, retry, cancel |
+//! | `finish.rs` | how a run ends: completion, review, retry with backoff, failure |
 //! | `batch.rs` | the throughput path: a batch of plain completions or claims in a few statements |
 //! | `review.rs` | completion, review and verdicts |
 //! | `reads.rs` | reading tasks, events and logs back |
@@ -27,6 +28,7 @@
 mod batch;
 pub mod bench;
 mod copy;
+mod finish;
 mod journal;
 mod outbox;
 #[path = "postgres/mod.rs"]
@@ -50,6 +52,7 @@ pub use outbox::{Delivery, EffectRow};
 pub use validate::validate_agent_name;
 
 use postgres_driver::PgDb;
+pub use postgres_driver::redact as redact_url;
 use sql::Sql;
 use sqlite::SqliteDb;
 
@@ -322,24 +325,6 @@ impl Location {
             Some(text) => Location::parse(text),
             None => Location::Sqlite(path.to_path_buf()),
         }
-    }
-}
-
-/// A PostgreSQL URL with its password replaced by `***`, for messages.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
     }
 }
 

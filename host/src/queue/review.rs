@@ -6,9 +6,10 @@ use serde_json::json;
 
 use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, TaskError};
 
+use super::finish::Held;
 use super::sql::{Sql, args};
 use super::tasks::{
-    Held, cancel_dependents, insert_children, insert_new_task, promote_due_in, record, set_failed,
+    cancel_dependents, insert_children, insert_new_task, promote_due_in, record, set_failed,
     state_of,
 };
 use super::validate::{spawn_to_next, stored_json, validate_json};

@@ -362,6 +362,15 @@ impl Daemon {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<DaemonSummary, DaemonError> {
         self.cfg.validate().map_err(DaemonError::Config)?;
+        // On PostgreSQL the server pushes new work: wake at once, not at the
+        // next watch tick. (Without it, the watch tick still notices.)
+        let wake = self.wake.clone();
+        let _listener = tokio::task::block_in_place(|| {
+            self.queue
+                .listen_for_work(Box::new(move || wake.notify_one()))
+        })
+        .inspect_err(|e| tracing::warn!("not listening for new work ({e}); polling instead"))
+        .ok();
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         let mut next_poll = Instant::now();
         let mut last_data_version = None;

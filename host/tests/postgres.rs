@@ -200,3 +200,54 @@ fn a_daemon_whose_connections_are_cut_reconnects_and_loses_nothing() {
         .count();
     assert_eq!(completions, 200, "each completed once");
 }
+
+/// A daemon that would not look at the database for an hour (poll, watch
+/// and heartbeat all an hour) still claims a task the moment another
+/// connection submits it: the server pushes `NOTIFY colony_work`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_on_another_connection_wakes_an_idle_daemon_at_once() {
+    use colony::orchestrator::{Daemon, DaemonConfig};
+    use colony::runtime::{AgentDir, Runtime, RuntimeConfig};
+
+    let Some(db) = TestDb::postgres() else { return };
+    let env = Env::on(db, &["echo"]);
+    let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).unwrap());
+    let mut agents = AgentDir::new(env.agents.path());
+    agents.rescan(&runtime).await;
+    let hour = Duration::from_secs(3600);
+    let cfg = DaemonConfig {
+        poll: hour,
+        watch_interval: hour,
+        heartbeat: hour,
+        stale_after: hour * 2,
+        ..DaemonConfig::default()
+    };
+    let queue = tokio::task::block_in_place(|| env.database.open());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = tokio::spawn(Daemon::new(queue, runtime, agents, cfg).run(stop_rx));
+    // Let it start, find nothing, and go to sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let id = tokio::task::block_in_place(|| {
+        env.database
+            .open()
+            .submit(&NewTask::new("echo", "{}"))
+            .unwrap()
+            .id
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let state = loop {
+        let state = tokio::task::block_in_place(|| env.database.open().get(id).unwrap().state);
+        if state.is_terminal() || std::time::Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.send(true).unwrap();
+    daemon.await.unwrap().unwrap();
+    assert_eq!(
+        state,
+        State::Complete,
+        "woken by the notification, not by a poll"
+    );
+}

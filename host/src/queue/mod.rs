@@ -52,6 +52,7 @@ pub use outbox::{Delivery, EffectRow};
 pub use validate::validate_agent_name;
 
 use postgres_driver::PgDb;
+pub use postgres_driver::WorkListener;
 pub use postgres_driver::redact as redact_url;
 use sql::Sql;
 use sqlite::SqliteDb;
@@ -418,6 +419,17 @@ impl Queue {
         match &self.db {
             Db::Sqlite(db) => db.data_version(),
             Db::Postgres(db) => db.wake_version(),
+        }
+    }
+
+    /// On PostgreSQL, calls `on_work` from a thread of its own the moment
+    /// another connection commits runnable work (`LISTEN colony_work`),
+    /// until the answer is dropped. `None` on SQLite, where
+    /// [`Queue::data_version`] is the (cheap, local) way to notice.
+    pub fn listen_for_work(&self, on_work: Box<dyn Fn() + Send>) -> Result<Option<WorkListener>> {
+        match &self.db {
+            Db::Sqlite(_) => Ok(None),
+            Db::Postgres(db) => db.listen(on_work).map(Some),
         }
     }
 

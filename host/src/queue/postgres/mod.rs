@@ -19,11 +19,13 @@
 //! nothing it did can have been committed, in which case it is run again.
 
 mod errors;
+mod listen;
 mod schema;
 mod types;
 
 pub use errors::{describe, is_permanent, is_transient, redact};
 use errors::{describe_target, is_lost};
+pub use listen::WorkListener;
 
 use types::{PgParam, read_row};
 
@@ -130,6 +132,21 @@ impl PgDb {
             }))),
             wakes: Cell::new(0),
             in_transaction: Cell::new(false),
+        })
+    }
+
+    /// Calls `on_work` from a thread of its own whenever another connection
+    /// signals runnable work, until the answer is dropped.
+    pub fn listen(&self, on_work: Box<dyn Fn() + Send>) -> Result<WorkListener> {
+        listen::spawn(
+            (*self.config).clone(),
+            self.location.clone(),
+            self.target.clone(),
+            on_work,
+        )
+        .map_err(|e| QueueError::Connect {
+            location: self.location.clone(),
+            message: format!("cannot start the thread that listens for new work: {e}"),
         })
     }
 

@@ -426,7 +426,9 @@ impl Daemon {
             let watch_at =
                 *next_watch.get_or_insert_with(|| Instant::now() + self.cfg.watch_interval);
             let mut wait_until = next_heartbeat.min(next_poll).min(watch_at);
-            if let Some(since) = self.unwritten_since {
+            // While a store is in flight its answer wakes the loop; the
+            // group-commit deadline would only spin it.
+            if let Some(since) = self.unwritten_since.filter(|_| self.writing.is_none()) {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
             tokio::select! {

@@ -251,3 +251,35 @@ async fn a_submit_on_another_connection_wakes_an_idle_daemon_at_once() {
         "woken by the notification, not by a poll"
     );
 }
+
+/// Two hosts submitting the same idempotency key at the same moment: the
+/// second waits for the first and answers its task (`existed`) instead of
+/// failing on the unique index.
+#[test]
+fn a_key_submitted_on_two_connections_at_once_makes_one_task() {
+    let Some(db) = TestDb::postgres() else { return };
+    db.open(); // migrate
+    let mut first = db.raw();
+    first.execute("BEGIN");
+    first.execute(
+        "INSERT INTO tasks (agent, payload, state, max_attempts, max_revisions, run_at, backoff_ms,
+                            idem_key, created_at, updated_at)
+         VALUES ('echo', '{}', 'ready', 3, 3, 0, 10, 'K', 0, 0)",
+    );
+    let url = db.location();
+    let second = std::thread::spawn(move || {
+        let mut new = NewTask::new("echo", "{}");
+        new.key = Some("K".into());
+        Queue::open(url).unwrap().submit(&new)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    first.execute("COMMIT");
+    let submitted = second
+        .join()
+        .unwrap()
+        .expect("the second submit answers, not fails");
+    assert!(submitted.existed, "{submitted:?}");
+    let ids = db.raw().query("SELECT id FROM tasks");
+    assert_eq!(ids.len(), 1, "one task");
+    assert_eq!(ids[0][0].int(), Some(submitted.id));
+}

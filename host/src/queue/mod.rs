@@ -412,9 +412,10 @@ impl Queue {
         }
     }
 
-    /// A number that changes whenever another connection made work
-    /// runnable or committed: a cheap way to notice new work without a query
-    /// (SQLite's `PRAGMA data_version`; PostgreSQL's `LISTEN colony_work`).
+    /// A number that changes whenever another connection committed (SQLite's
+    /// `PRAGMA data_version`): a cheap way to notice new work without a
+    /// query. On PostgreSQL it changes only when the connection was reopened;
+    /// new work there is pushed to [`Queue::listen_for_work`].
     pub fn data_version(&self) -> Result<i64> {
         match &self.db {
             Db::Sqlite(db) => db.data_version(),

@@ -172,11 +172,14 @@ pub(super) fn apply_verdict(
 ) -> Result<()> {
     // Only the newest review of the newest result counts: after a person's
     // rejection and a re-run, an older reviewer task's verdict is stale.
+    // The judged task's row is locked first (on PostgreSQL), so a re-run
+    // entering review with a newer reviewer commits before we look.
+    let judged_state = state_of(tx, judged)?;
     let newest: Option<i64> = tx.query_value(
         "SELECT MAX(id) FROM tasks WHERE parent_id = ?1 AND reviews = ?1",
         args![judged],
     )?;
-    if state_of(tx, judged)? != State::Review || newest != Some(reviewer_task) {
+    if judged_state != State::Review || newest != Some(reviewer_task) {
         return Ok(());
     }
     let (approve, note) = task::parse_verdict(output)

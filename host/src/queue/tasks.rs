@@ -105,7 +105,15 @@ pub(super) fn insert_new_task(
     }
     let mut pending_deps = 0;
     for &dep in &new.depends_on {
-        let state = tx.query_opt("SELECT state FROM tasks WHERE id = ?1", args![dep])?;
+        // FOR SHARE on PostgreSQL: a dependency completing or cancelled in
+        // a transaction still open is waited for and read again, so its
+        // decrement or cascade (which cannot see this new task yet) is not
+        // missed. SQLite's one writer rules the race out.
+        let sql = match tx.dialect() {
+            Dialect::Sqlite => "SELECT state FROM tasks WHERE id = ?1",
+            Dialect::Postgres => "SELECT state FROM tasks WHERE id = ?1 FOR SHARE",
+        };
+        let state = tx.query_opt(sql, args![dep])?;
         let state = state.map(|r| r.get::<String>(0)).transpose()?;
         match state.as_deref().map(parse_state).transpose()? {
             None => {
@@ -139,12 +147,15 @@ pub(super) fn insert_new_task(
     };
     let review = new.review || new.reviewer.is_some();
     let state = task::transition(None, event).expect("submit is always allowed");
-    let id: i64 = tx.query_value(
+    // ON CONFLICT: a task with the same key committed since the check above
+    // (another host, on PostgreSQL) makes this insert a no-op, answered below.
+    let inserted = tx.query_opt(
         "INSERT INTO tasks (agent, payload, state, priority, max_attempts, max_revisions, review,
                             reviewer, run_at, timeout_ms, backoff_ms, parent_id, next_tasks,
                             pending_deps, idem_key, created_at, updated_at, token_budget, root_id)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16, ?17,
                  (SELECT COALESCE(root_id, id) FROM tasks WHERE id = ?12))
+         ON CONFLICT (idem_key) WHERE idem_key IS NOT NULL DO NOTHING
          RETURNING id",
         args![
             new.agent,
@@ -166,6 +177,13 @@ pub(super) fn insert_new_task(
             new.token_budget
         ],
     )?;
+    let id: i64 = match inserted {
+        Some(row) => row.get(0)?,
+        None => {
+            let id = tx.query_value("SELECT id FROM tasks WHERE idem_key = ?1", args![new.key])?;
+            return Ok(Submitted { id, existed: true });
+        }
+    };
     for &dep in &new.depends_on {
         tx.execute(
             "INSERT INTO task_deps (task_id, depends_on) VALUES (?1, ?2)",
@@ -184,10 +202,16 @@ pub(super) fn insert_new_task(
 /// How many of a task's dependencies have not completed; an error when one
 /// of them failed or was cancelled, since the task could then never run.
 pub(super) fn count_unfinished_dependencies(tx: &dyn Sql, id: i64) -> Result<u32> {
-    let deps = tx.query(
-        "SELECT t.id, t.state FROM task_deps d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = ?1",
-        args![id],
-    )?;
+    // FOR SHARE on PostgreSQL, as in `insert_new_task`.
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => {
+            "SELECT t.id, t.state FROM task_deps d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = ?1"
+        }
+        Dialect::Postgres => {
+            "SELECT t.id, t.state FROM task_deps d JOIN tasks t ON t.id = d.depends_on WHERE d.task_id = ?1 FOR SHARE OF t"
+        }
+    };
+    let deps = tx.query(sql, args![id])?;
     let mut waiting = 0;
     for row in deps {
         let dep: i64 = row.get(0)?;

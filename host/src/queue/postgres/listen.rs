@@ -42,7 +42,7 @@ pub fn spawn(
         .name("colony-listen".into())
         .spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                let mut client = match open(&config, &location, &target, Duration::ZERO) {
+                let mut client = match open(&config, &location, &target, Duration::ZERO, true) {
                     Ok(client) => client,
                     Err(e) => {
                         tracing::warn!("listening for new work failed, retrying: {e}");

@@ -8,10 +8,10 @@
 //! database's clock, so hosts whose clocks disagree still agree on leases
 //! and schedules.
 //!
-//! A connection `LISTEN`s on `colony_work`; a transaction that stored
-//! runnable work (`Sql::signal_work`) `NOTIFY`s it as it commits, and
-//! [`PgDb::wake_version`] turns what arrived into a number that changes,
-//! like SQLite's `PRAGMA data_version`.
+//! A transaction that stored runnable work (`Sql::signal_work`) `NOTIFY`s
+//! `colony_work` as it commits; a daemon hears it on a connection of its own
+//! (`listen.rs`, [`PgDb::listen`]). The queue's other connections do not
+//! listen: the client keeps every notification it receives until read.
 //!
 //! Statements are prepared once per connection and kept by their text. A lost
 //! connection is reopened by the next call (and its statements prepared
@@ -118,7 +118,7 @@ impl PgDb {
             config.application_name(&opts.actor);
         }
         let target = describe_target(&config);
-        let mut client = open(&config, &location, &target, opts.busy_timeout)?;
+        let mut client = open(&config, &location, &target, opts.busy_timeout, false)?;
         schema::migrate(&mut client, &location)?;
         Ok(PgDb {
             url: url.to_string(),
@@ -297,26 +297,10 @@ impl PgDb {
         self.read(&mut |sql| sql.query_value(NOW_SQL, &[]))
     }
 
-    /// A number that changes whenever another connection signalled new work
-    /// (`NOTIFY colony_work`) since the last call. Drains the notifications
-    /// that already arrived without waiting for more.
+    /// A number that changes when this connection was reopened (whatever
+    /// changed meanwhile went unseen). New work itself is heard by
+    /// [`PgDb::listen`], which wakes a daemon at once.
     pub fn wake_version(&self) -> Result<i64> {
-        blocking(|| self.wake_version_here())
-    }
-
-    fn wake_version_here(&self) -> Result<i64> {
-        self.ensure_open()?;
-        let mut conn = self.conn();
-        let mut notifications = conn.client.notifications();
-        // Not `iter()`: it never lets the client's runtime poll the socket,
-        // so it would only ever see notifications read by earlier
-        // statements. A zero timeout reads what arrived and returns.
-        let mut arrived = notifications.timeout_iter(Duration::ZERO);
-        let mut count = 0;
-        while ::postgres::fallible_iterator::FallibleIterator::next(&mut arrived)?.is_some() {
-            count += 1;
-        }
-        self.wakes.set(self.wakes.get().wrapping_add(count));
         Ok(self.wakes.get())
     }
 
@@ -337,6 +321,7 @@ impl PgDb {
             &self.location,
             &self.target,
             self.lock_timeout,
+            false,
         )?;
         *conn = Conn {
             client,
@@ -379,7 +364,16 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Opens a connection, sets it up and listens for new work.
-fn open(config: &Config, location: &str, target: &str, lock_timeout: Duration) -> Result<Client> {
+/// Opens a connection. Only a connection that `listen`s is sent
+/// notifications: the client keeps every one it receives until read, so a
+/// connection nobody drains must not listen.
+fn open(
+    config: &Config,
+    location: &str,
+    target: &str,
+    lock_timeout: Duration,
+    listen: bool,
+) -> Result<Client> {
     let mut client = config.connect(NoTls).map_err(|e| {
         if is_permanent(&e) {
             QueueError::Postgres(e)
@@ -390,7 +384,10 @@ fn open(config: &Config, location: &str, target: &str, lock_timeout: Duration) -
             }
         }
     })?;
-    let mut setup = format!("LISTEN {WORK_CHANNEL};");
+    let mut setup = match listen {
+        true => format!("LISTEN {WORK_CHANNEL};"),
+        false => String::new(),
+    };
     if !lock_timeout.is_zero() {
         // SQLite's busy timeout, here: how long a statement waits for a row
         // lock another transaction holds before failing (55P03, transient).

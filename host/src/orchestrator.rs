@@ -735,15 +735,18 @@ impl Daemon {
 
     // ----- leases --------------------------------------------------------------------
 
-    /// Every lease this daemon holds: running, waiting for a slot, or waiting
-    /// to have its result stored.
+    /// Every lease this daemon renews: running, waiting for a slot, or
+    /// waiting to have its result stored.
     fn held_leases(&self) -> Vec<Lease> {
         self.inflight
             .values()
             .map(|f| f.lease)
             .chain(self.prefetched.values().flatten().map(|t| t.lease))
             .chain(self.unwritten.iter().map(|r| r.lease))
-            .chain(self.writing.iter().flatten().copied())
+            // Not the leases of a store in flight: the writer holds their
+            // rows locked, and renewing them in another transaction would
+            // wait for it, or deadlock with it (found at 1 s stalls). A store
+            // that fails puts them back among the unwritten.
             .collect()
     }
 

@@ -284,9 +284,10 @@ pub struct Daemon {
     unwritten_since: Option<Instant>,
     /// Set while stores fail: no new claims until they succeed again.
     write_backoff: Duration,
-    /// The group commit in flight on the writer connection, by lease: the
-    /// loop goes on claiming and dispatching while it is stored.
-    writing: Option<Vec<Lease>>,
+    /// Whether a group commit is in flight on the writer connection (the
+    /// loop goes on claiming and dispatching while it is stored; its runs
+    /// come back through `written_rx`).
+    writing: bool,
     /// The writer's own connection to the queue, home while no store is in
     /// flight (opened on the first store).
     writer: Option<Queue>,
@@ -333,7 +334,7 @@ impl Daemon {
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,
-            writing: None,
+            writing: false,
             writer: None,
             written_tx,
             written_rx,
@@ -428,7 +429,7 @@ impl Daemon {
             let mut wait_until = next_heartbeat.min(next_poll).min(watch_at);
             // While a store is in flight its answer wakes the loop; the
             // group-commit deadline would only spin it.
-            if let Some(since) = self.unwritten_since.filter(|_| self.writing.is_none()) {
+            if let Some(since) = self.unwritten_since.filter(|_| !self.writing) {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
             tokio::select! {
@@ -530,12 +531,12 @@ impl Daemon {
             self.write_finished();
             return true;
         }
-        if self.writing.is_some() {
+        if self.writing {
             return false;
         }
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
-        self.writing = Some(runs.iter().map(|r| r.lease).collect());
+        self.writing = true;
         let writer = self.writer.take();
         let reopen = self.run_side.open_journal.clone();
         let done = self.written_tx.clone();
@@ -558,7 +559,7 @@ impl Daemon {
 
     /// Takes a store's outcome in (see [`Daemon::start_write`]).
     fn on_written(&mut self, written: Written) {
-        self.writing = None;
+        self.writing = false;
         self.writer = written.queue;
         // Runs that finished meanwhile wait for the next store.
         let mut runs = written.runs;
@@ -570,7 +571,7 @@ impl Daemon {
 
     /// Waits for the store in flight, if any.
     async fn wait_for_write(&mut self) {
-        if self.writing.is_some()
+        if self.writing
             && let Some(written) = self.written_rx.recv().await
         {
             self.on_written(written);
@@ -975,7 +976,7 @@ impl Daemon {
         self.deliverer.is_idle()
             && self.inflight.is_empty()
             && self.unwritten.is_empty()
-            && self.writing.is_none()
+            && !self.writing
             && self.prefetched.values().all(VecDeque::is_empty)
     }
 

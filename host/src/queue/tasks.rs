@@ -353,16 +353,24 @@ pub(super) fn release_in(tx: &dyn Sql, lease: Lease, actor: &str, now: i64) -> R
         &detail,
         now,
     )?;
+    void_claim(tx, lease, to, true, now)?;
+    Ok(Applied::Moved(to))
+}
+
+/// Takes a claim back (`to` is `ready`, as the table said): the run's model
+/// calls are kept for the next run to replay, and with `give_back` its
+/// attempt is returned too (a release, not a failure).
+fn void_claim(tx: &dyn Sql, lease: Lease, to: State, give_back: bool, now: i64) -> Result<()> {
     tx.execute(
         &format!(
-            "UPDATE tasks SET state = ?4, attempts = attempts - 1, claim_token = NULL,
+            "UPDATE tasks SET state = ?4, attempts = attempts - ?5, claim_token = NULL,
                     replay_token = {REPLAY_FROM_THIS_RUN}, claimed_by = NULL, heartbeat_at = NULL,
                     updated_at = ?1
              WHERE id = ?2 AND state = 'in_progress' AND claim_token = ?3"
         ),
-        args![now, lease.task_id, lease.token, to.as_str()],
+        args![now, lease.task_id, lease.token, to.as_str(), give_back],
     )?;
-    Ok(Applied::Moved(to))
+    Ok(())
 }
 
 /// `select` restricted to the row a lease holds, locked on PostgreSQL.
@@ -423,14 +431,7 @@ pub(super) fn reset_stale_in(
                 &detail,
                 now,
             )?;
-            tx.execute(
-                &format!(
-                    "UPDATE tasks SET state = ?3, claim_token = NULL, replay_token = {REPLAY_FROM_THIS_RUN},
-                            claimed_by = NULL, heartbeat_at = NULL, updated_at = ?1
-                     WHERE id = ?2 AND claim_token = ?4"
-                ),
-                args![now, id, to.as_str(), token],
-            )?;
+            void_claim(tx, Lease { task_id: id, token }, to, false, now)?;
             to
         } else {
             let error = TaskError {

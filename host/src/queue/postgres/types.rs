@@ -54,16 +54,7 @@ impl ToSql for PgParam<'_> {
                 }
             }
             Param::Text(s) => {
-                if [
-                    Type::TEXT,
-                    Type::VARCHAR,
-                    Type::BPCHAR,
-                    Type::NAME,
-                    Type::UNKNOWN,
-                    Type::JSON,
-                ]
-                .contains(ty)
-                {
+                if TEXT_TYPES.contains(ty) {
                     out.put_slice(s.as_bytes());
                     Ok(IsNull::No)
                 } else if *ty == Type::JSONB {
@@ -97,25 +88,31 @@ fn mismatch(given: &str, ty: &Type) -> Box<dyn StdError + Sync + Send> {
     format!("{given} was passed where the statement expects {ty} (cast the placeholder)").into()
 }
 
-/// The column types rows are read from.
+/// Types whose wire form is the text itself (written from and read into
+/// text alike).
+const TEXT_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::VARCHAR,
+    Type::BPCHAR,
+    Type::NAME,
+    Type::UNKNOWN,
+    Type::JSON,
+];
+
+/// The other column types rows are read from.
+const OTHER_READABLE_TYPES: &[Type] = &[
+    Type::INT8,
+    Type::INT4,
+    Type::INT2,
+    Type::BOOL,
+    Type::FLOAT8,
+    Type::FLOAT4,
+    Type::JSONB,
+    Type::BYTEA,
+];
+
 fn readable(ty: &Type) -> bool {
-    [
-        Type::INT8,
-        Type::INT4,
-        Type::INT2,
-        Type::BOOL,
-        Type::FLOAT8,
-        Type::FLOAT4,
-        Type::TEXT,
-        Type::VARCHAR,
-        Type::BPCHAR,
-        Type::NAME,
-        Type::UNKNOWN,
-        Type::JSON,
-        Type::JSONB,
-        Type::BYTEA,
-    ]
-    .contains(ty)
+    TEXT_TYPES.contains(ty) || OTHER_READABLE_TYPES.contains(ty)
 }
 
 pub(super) fn read_row(row: &::postgres::Row) -> Result<Row> {

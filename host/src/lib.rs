@@ -15,3 +15,4 @@ pub mod retry;
 pub mod runtime;
 pub mod state;
 pub mod task;
+pub mod web;

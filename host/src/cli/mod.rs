@@ -7,8 +7,9 @@ mod bench_capabilities;
 mod demo;
 mod effects;
 mod loopback;
-mod output;
+pub(crate) mod output;
 mod rfc3339;
+mod serve;
 mod state;
 mod torture;
 mod usage;
@@ -205,6 +206,12 @@ pub enum Command {
     State(state::StateCommand),
     /// Run the orchestrator: claim tasks and run them in their agents.
     Daemon(DaemonArgs),
+    /// Serve the web dashboard, the JSON API (/api) and Prometheus metrics
+    /// (/metrics) for the queue, on 127.0.0.1:7070 by default. It reads the
+    /// same database as the daemons and runs no tasks. Reading needs no
+    /// token on loopback; submitting, reviewing, retrying and cancelling
+    /// need the token (--token, COLONY_TOKEN, or the one printed at start).
+    Serve(serve::ServeArgs),
     /// Measure throughput and latency end to end with a real no-op component
     /// per task, on a fresh database; prints one JSON object per round.
     Bench(bench::BenchArgs),
@@ -340,6 +347,13 @@ pub struct DaemonArgs {
     /// sending leaves the effect to another daemon after twice this.
     #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub effect_timeout: Duration,
+    /// Also serve the web dashboard, JSON API and /metrics on this address
+    /// (as `colony serve` does), for as long as the daemon runs.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
+    /// With --http: the token changes need (see `colony serve --help`).
+    #[arg(long, env = "COLONY_TOKEN", hide_env_values = true, requires = "http")]
+    pub token: Option<String>,
 }
 
 /// Upper bounds of the daemon's counts: far above any useful setting, low
@@ -539,27 +553,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 agent: agent.clone(),
                 limit: Some(*limit),
             })?;
-            let usages = tasks
-                .iter()
-                .map(|row| match row {
-                    Ok(task) => queue.usage(task.id),
-                    Err(_) => Ok(Default::default()),
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let usages = output::usages_of(&queue, &tasks)?;
             output::print_tasks(&tasks, &usages, cli.json)
         }
         Command::Show { id } => {
             let queue = open_queue(&cli.db, &identity("cli"))?;
-            let detail = output::TaskDetail {
-                task: queue.get(*id)?,
-                events: queue.events(Some(*id), 0, u32::MAX)?,
-                logs: queue.logs(*id)?,
-                children: queue.children(*id)?,
-                usage: queue.usage(*id)?,
-                model_calls: queue.model_calls(*id)?,
-                effects: queue.effects(Some(*id), None, u32::MAX)?,
-            };
-            output::print_task_detail(&detail, cli.json)
+            output::print_task_detail(&output::TaskDetail::load(&queue, *id)?, cli.json)
         }
         Command::Status => status(&cli).await,
         Command::Events {
@@ -594,6 +593,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::State(command) => state::run(&cli, command),
         Command::Effects(args) => effects::run(&cli, args),
         Command::Daemon(args) => daemon(&cli, args).await,
+        Command::Serve(args) => serve::serve(&cli, args).await,
         Command::Bench(args) => bench::bench(args, postgres_db(&cli.db)).await,
         Command::Migrate(args) => migrate(&cli, args),
         Command::Torture(args) => {
@@ -828,6 +828,36 @@ struct BatchLine {
     token_budget: Option<u64>,
 }
 
+/// One line of `submit --batch` (also the body of `POST /api/tasks`), or
+/// what is wrong with it, naming the field.
+pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
+    let parsed: BatchLine = parse_naming_field(line)?;
+    let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
+    let mut task = NewTask::new(parsed.agent, payload.to_string());
+    task.priority = parsed.priority;
+    if let Some(n) = parsed.max_attempts {
+        task.max_attempts = n;
+    }
+    task.review = parsed.review;
+    task.reviewer = parsed.reviewer;
+    task.next = parsed.next;
+    task.depends_on = parsed.after;
+    task.key = parsed.key;
+    task.token_budget = parsed.token_budget;
+    if let Some(t) = parsed.timeout {
+        let timeout = parse_timeout(&t).map_err(|e| format!("invalid timeout: {e}"))?;
+        task.timeout_ms = Some(timeout.as_millis() as u64);
+    }
+    if let Some(b) = parsed.backoff {
+        let backoff = parse_backoff(&b).map_err(|e| format!("invalid backoff: {e}"))?;
+        task.backoff_ms = backoff.as_millis() as u64;
+    }
+    if let Some(r) = parsed.run_at {
+        task.run_at = Some(parse_time(&r).map_err(|e| format!("invalid run_at: {e}"))?);
+    }
+    Ok(task)
+}
+
 fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
     let mut text = String::new();
     if file == Path::new("-") {
@@ -844,32 +874,7 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
         if line.trim().is_empty() {
             continue;
         }
-        let at = |e: String| bad(format!("line {}: {e}", i + 1));
-        let parsed: BatchLine = parse_naming_field(&line).map_err(at)?;
-        let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
-        let mut task = NewTask::new(parsed.agent, payload.to_string());
-        task.priority = parsed.priority;
-        if let Some(n) = parsed.max_attempts {
-            task.max_attempts = n;
-        }
-        task.review = parsed.review;
-        task.reviewer = parsed.reviewer;
-        task.next = parsed.next;
-        task.depends_on = parsed.after;
-        task.key = parsed.key;
-        task.token_budget = parsed.token_budget;
-        if let Some(t) = parsed.timeout {
-            let timeout = parse_timeout(&t).map_err(|e| at(format!("invalid timeout: {e}")))?;
-            task.timeout_ms = Some(timeout.as_millis() as u64);
-        }
-        if let Some(b) = parsed.backoff {
-            let backoff = parse_backoff(&b).map_err(|e| at(format!("invalid backoff: {e}")))?;
-            task.backoff_ms = backoff.as_millis() as u64;
-        }
-        if let Some(r) = parsed.run_at {
-            task.run_at = Some(parse_time(&r).map_err(|e| at(format!("invalid run_at: {e}")))?);
-        }
-        tasks.push(task);
+        tasks.push(parse_batch_line(&line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?);
     }
     if tasks.is_empty() {
         bail!(BadInput(format!(
@@ -884,12 +889,9 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
 
 async fn status(cli: &Cli) -> Result<()> {
     let queue = open_queue(&cli.db, &identity("cli"))?;
-    let counts = queue.counts()?;
-    let oldest_ready = queue.oldest_ready_at()?;
-    let leases = queue.leases_by_holder()?;
+    let report = output::StatusReport::load(&queue)?;
     let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
-    let spend = queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?;
-    output::print_status(&counts, oldest_ready, &leases, &spend, &agents, cli.json)
+    output::print_status(&report, &agents, cli.json)
 }
 
 async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Result<()> {
@@ -972,7 +974,25 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     });
     let progress = (args.until_idle && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .then(|| tokio::spawn(show_progress(cli.db.clone())));
+    let (web_stop, web) = match args.http {
+        Some(listen) => {
+            let bound = serve::start(cli, listen, args.token.clone()).await?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(bound.serve(async {
+                let _ = stopped.await;
+            }));
+            (Some(stop), Some(server))
+        }
+        None => (None, None),
+    };
     let summary = Daemon::new(queue, runtime, agents, cfg).run(stop_rx).await;
+    if let (Some(stop), Some(server)) = (web_stop, web) {
+        let _ = stop.send(());
+        // Open event streams would hold a graceful shutdown forever.
+        if tokio::time::timeout(Duration::from_secs(2), server).await.is_err() {
+            tracing::warn!("the dashboard did not stop within 2 s; leaving it");
+        }
+    }
     if let Some(progress) = progress {
         progress.abort();
         eprint!("\r\x1b[2K");

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use super::usage::{model_calls_json, print_model_calls, print_spend, spend_json, usage_json};
 use crate::orchestrator::DaemonSummary;
 use crate::queue::{
-    AuditEvent, EffectRow, ModelCallRow, Queue, RunLog, SpendRow, Submitted, TaskRow, TaskUsage,
-    UnreadableTask,
+    AuditEvent, EffectRow, ModelCallRow, Queue, QueueError, RunLog, SpendRow, Submitted, TaskRow,
+    TaskUsage, UnreadableTask,
 };
 use crate::runtime::{AgentDir, AgentStatus};
 use crate::task::{State, Task};
@@ -114,18 +114,34 @@ fn unreadable_json(row: &UnreadableTask) -> Value {
     json!({"id": row.id, "unreadable": row.reason})
 }
 
+/// A listing as JSON: each row with its model usage (`usages[i]` belongs to `tasks[i]`).
+pub fn tasks_json(tasks: &[TaskRow], usages: &[TaskUsage]) -> Value {
+    let rows = tasks.iter().zip(usages).map(|(row, usage)| match row {
+        Ok(task) => {
+            let mut value = task_json(task);
+            value["usage"] = usage_json(usage);
+            value
+        }
+        Err(unreadable) => unreadable_json(unreadable),
+    });
+    Value::Array(rows.collect())
+}
+
+/// The model usage of each row of a listing.
+pub fn usages_of(queue: &Queue, tasks: &[TaskRow]) -> Result<Vec<TaskUsage>, QueueError> {
+    tasks
+        .iter()
+        .map(|row| match row {
+            Ok(task) => queue.usage(task.id),
+            Err(_) => Ok(Default::default()),
+        })
+        .collect()
+}
+
 /// A listing: each row with its model usage (`usages[i]` belongs to `tasks[i]`).
 pub fn print_tasks(tasks: &[TaskRow], usages: &[TaskUsage], json: bool) -> Result<()> {
     if json {
-        let rows = tasks.iter().zip(usages).map(|(row, usage)| match row {
-            Ok(task) => {
-                let mut value = task_json(task);
-                value["usage"] = usage_json(usage);
-                value
-            }
-            Err(unreadable) => unreadable_json(unreadable),
-        });
-        return print_json(&Value::Array(rows.collect()));
+        return print_json(&tasks_json(tasks, usages));
     }
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -177,7 +193,48 @@ pub struct TaskDetail {
     pub effects: Vec<EffectRow>,
 }
 
+impl TaskDetail {
+    pub fn load(queue: &Queue, id: i64) -> Result<TaskDetail, QueueError> {
+        Ok(TaskDetail {
+            task: queue.get(id)?,
+            events: queue.events(Some(id), 0, u32::MAX)?,
+            logs: queue.logs(id)?,
+            children: queue.children(id)?,
+            usage: queue.usage(id)?,
+            model_calls: queue.model_calls(id)?,
+            effects: queue.effects(Some(id), None, u32::MAX)?,
+        })
+    }
+}
+
+/// `colony show --json`.
+pub fn task_detail_json(detail: &TaskDetail) -> Value {
+    let mut value = task_json(&detail.task);
+    value["usage"] = usage_json(&detail.usage);
+    value["model_calls"] = model_calls_json(&detail.model_calls);
+    value["effects"] = Value::Array(
+        detail
+            .effects
+            .iter()
+            .map(super::effects::effect_json)
+            .collect(),
+    );
+    value["events"] = Value::Array(detail.events.iter().map(event_json).collect());
+    value["log"] = Value::Array(
+        detail
+            .logs
+            .iter()
+            .map(|l| json!({"attempt": l.attempt, "at": time(l.at), "text": l.text}))
+            .collect(),
+    );
+    value["children"] = Value::Array(detail.children.iter().map(|c| json!(row_id(c))).collect());
+    value
+}
+
 pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
+    if json {
+        return print_json(&task_detail_json(detail));
+    }
     let TaskDetail {
         task,
         events,
@@ -187,20 +244,6 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         model_calls,
         effects,
     } = detail;
-    if json {
-        let mut value = task_json(task);
-        value["usage"] = usage_json(usage);
-        value["model_calls"] = model_calls_json(model_calls);
-        value["effects"] = Value::Array(effects.iter().map(super::effects::effect_json).collect());
-        value["events"] = Value::Array(events.iter().map(event_json).collect());
-        value["log"] = Value::Array(
-            logs.iter()
-                .map(|l| json!({"attempt": l.attempt, "at": time(l.at), "text": l.text}))
-                .collect(),
-        );
-        value["children"] = Value::Array(children.iter().map(|c| json!(row_id(c))).collect());
-        return print_json(&value);
-    }
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -289,9 +332,13 @@ fn row_id(row: &TaskRow) -> i64 {
     }
 }
 
+pub fn moved_json(id: i64, to: State) -> Value {
+    json!({"id": id, "state": to})
+}
+
 pub fn print_moved(id: i64, to: State, json: bool) -> Result<()> {
     if json {
-        return print_json(&json!({"id": id, "state": to}));
+        return print_json(&moved_json(id, to));
     }
     writeln!(std::io::stdout(), "task {id} is now {to}")?;
     Ok(())
@@ -316,7 +363,8 @@ pub fn print_event_line(event: &AuditEvent) -> Result<()> {
     Ok(())
 }
 
-fn agent_json(agents: &AgentDir) -> Value {
+/// `colony agents --json`.
+pub fn agents_json(agents: &AgentDir) -> Value {
     Value::Array(
         agents
             .entries()
@@ -356,7 +404,7 @@ fn one_line(text: &str, max: usize) -> String {
 
 pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
     if json {
-        return print_json(&agent_json(agents));
+        return print_json(&agents_json(agents));
     }
     let mut out = std::io::stdout().lock();
     if agents.entries().next().is_none() {
@@ -392,32 +440,59 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn print_status(
-    counts: &[(String, State, u64)],
-    oldest_ready: Option<i64>,
-    leases: &[(String, u64)],
-    spend: &[SpendRow],
-    agents: &AgentDir,
-    json: bool,
-) -> Result<()> {
-    let age_ms = oldest_ready.map(|t| (crate::queue::now_ms() - t).max(0));
-    if json {
-        let mut by_state = serde_json::Map::new();
-        let mut by_agent = serde_json::Map::new();
-        for (agent, state, n) in counts {
-            let total = by_state.entry(state.as_str()).or_insert(json!(0));
-            *total = json!(total.as_u64().unwrap_or(0) + n);
-            by_agent.entry(agent.clone()).or_insert(json!({}))[state.as_str()] = json!(n);
-        }
-        return print_json(&json!({
-            "by_state": by_state,
-            "by_agent": by_agent,
-            "oldest_ready_age_ms": age_ms,
-            "leases": leases.iter().map(|(h, n)| json!({"holder": h, "count": n})).collect::<Vec<_>>(),
-            "model_spend_24h": spend_json(spend),
-            "agents": agent_json(agents),
-        }));
+/// What `colony status` reports.
+pub struct StatusReport {
+    pub counts: Vec<(String, State, u64)>,
+    pub oldest_ready: Option<i64>,
+    pub leases: Vec<(String, u64)>,
+    pub spend: Vec<SpendRow>,
+}
+
+impl StatusReport {
+    /// Reads it; spend covers the last 24 hours.
+    pub fn load(queue: &Queue) -> Result<StatusReport, QueueError> {
+        Ok(StatusReport {
+            counts: queue.counts()?,
+            oldest_ready: queue.oldest_ready_at()?,
+            leases: queue.leases_by_holder()?,
+            spend: queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?,
+        })
     }
+}
+
+/// `colony status --json`.
+pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
+    let age_ms = report
+        .oldest_ready
+        .map(|t| (crate::queue::now_ms() - t).max(0));
+    let mut by_state = serde_json::Map::new();
+    let mut by_agent = serde_json::Map::new();
+    for (agent, state, n) in &report.counts {
+        let total = by_state.entry(state.as_str()).or_insert(json!(0));
+        *total = json!(total.as_u64().unwrap_or(0) + n);
+        by_agent.entry(agent.clone()).or_insert(json!({}))[state.as_str()] = json!(n);
+    }
+    json!({
+        "by_state": by_state,
+        "by_agent": by_agent,
+        "oldest_ready_age_ms": age_ms,
+        "leases": report.leases.iter().map(|(h, n)| json!({"holder": h, "count": n})).collect::<Vec<_>>(),
+        "model_spend_24h": spend_json(&report.spend),
+        "agents": agents_json(agents),
+    })
+}
+
+pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Result<()> {
+    if json {
+        return print_json(&status_json(report, agents));
+    }
+    let StatusReport {
+        counts,
+        oldest_ready,
+        leases,
+        spend,
+    } = report;
+    let age_ms = oldest_ready.map(|t| (crate::queue::now_ms() - t).max(0));
     let mut out = std::io::stdout().lock();
     writeln!(out, "tasks by state:")?;
     for state in State::ALL {

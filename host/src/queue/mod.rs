@@ -28,6 +28,7 @@
 mod batch;
 pub mod bench;
 mod copy;
+mod dashboard;
 mod finish;
 mod journal;
 mod outbox;
@@ -47,6 +48,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::task::{self, NewTask, RunOutcome, State, Task};
 pub use crate::task::{ClaimedTask, Lease};
 pub use copy::CopyReport;
+pub use dashboard::{
+    AgentEvent, ChainNode, MAX_CHAIN_NODES, ModelCharge, StateWriteRow, TEXT_SEARCH_WINDOW, TaskPage,
+    TaskQuery,
+};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use validate::validate_agent_name;
@@ -366,6 +371,12 @@ impl Queue {
         };
         let opts = self.opts.clone();
         move || Queue::open_with(&location, opts.clone())
+    }
+
+    /// Acts as someone else from now on (the dashboard acts for whoever
+    /// signed in, over connections it keeps open).
+    pub fn set_actor(&mut self, actor: &str) {
+        self.opts.actor = actor.to_string();
     }
 
     pub fn actor(&self) -> &str {

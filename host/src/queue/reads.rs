@@ -11,7 +11,7 @@ use super::tasks::parse_state;
 use super::{AuditEvent, Backlog, ListFilter, QueueError, Result, RunLog, TaskRow, UnreadableTask};
 
 /// The columns [`task_from_row`] reads, in order.
-const TASK_COLUMNS: &str = "id, agent, state, payload, priority, attempts, max_attempts, revisions, \
+pub(super) const TASK_COLUMNS: &str = "id, agent, state, payload, priority, attempts, max_attempts, revisions, \
      max_revisions, review, reviewer, reviews, parent_id, next_tasks, result, error_kind, \
      error_message, feedback, progress, idem_key, timeout_ms, backoff_ms, run_at, claimed_by, \
      heartbeat_at, created_at, updated_at, finished_at";
@@ -157,7 +157,7 @@ pub(super) fn logs(db: &dyn Sql, task_id: i64) -> Result<Vec<RunLog>> {
 }
 
 /// A listing row: the task, or the id and why it cannot be decoded.
-fn task_row(r: &Row) -> TaskRow {
+pub(super) fn task_row(r: &Row) -> TaskRow {
     task_from_row(r).map_err(|e| UnreadableTask {
         id: r.get(0).unwrap_or_default(),
         reason: e.to_string(),

@@ -176,6 +176,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX effects_sending ON effects(lease_until) WHERE state = 'sending';
     CREATE INDEX effects_state   ON effects(state, id);
     "#,
+    // 2: the indexes the dashboard's pages read through (SQLite's migration 4).
+    crate::queue::dashboard::DASHBOARD_INDEXES,
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

@@ -185,6 +185,8 @@ const MIGRATIONS: &[&str] = &[
     WHEN NEW.state NOT IN ('pending', 'ready', 'in_progress', 'review', 'complete', 'failed', 'cancelled')
     BEGIN SELECT RAISE(ABORT, 'tasks.state must be one of the task states'); END;
     "#,
+    // 4: the indexes the dashboard's pages read through.
+    crate::queue::dashboard::DASHBOARD_INDEXES,
 ];
 
 /// Brings the database to the newest schema this build knows.

@@ -1,0 +1,75 @@
+//! `colony serve`, and the web server a daemon starts with `--http`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::{BadInput, Cli, identity, load_agents, redacted};
+use crate::web::{self, StartError, WebConfig};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The address to listen on. Off loopback, --token is required.
+    #[arg(long, default_value = web::DEFAULT_LISTEN, env = "COLONY_LISTEN")]
+    pub listen: SocketAddr,
+    /// The token that submitting, reviewing, retrying and cancelling need
+    /// (as `Authorization: Bearer TOKEN`, or to sign in at /login). A random
+    /// one is generated and printed when none is given.
+    #[arg(long, env = "COLONY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// Binds the dashboard and prints where it is; the returned server serves
+/// once awaited.
+pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Result<web::Bound> {
+    if let Some(token) = &token
+        && token.trim().len() < 16
+    {
+        return Err(BadInput(
+            "--token must be at least 16 characters: it is all that stands between the network and the queue".into(),
+        )
+        .into());
+    }
+    let (runtime, agents) = load_agents(&cli.db, &cli.agents, 2, None).await?;
+    let config = WebConfig {
+        listen,
+        token: token.map(|t| t.trim().to_string()),
+        db: cli.db.clone(),
+        agents,
+        runtime,
+        actor: identity("web"),
+    };
+    let bound = web::bind(config).await.map_err(|e| match e {
+        StartError::NoTokenOffLoopback(_) => anyhow::Error::from(BadInput(e.to_string())),
+        StartError::Queue(q) => q.into(),
+        other => anyhow::Error::from(other),
+    })?;
+    announce(&bound, &cli.db);
+    Ok(bound)
+}
+
+fn announce(bound: &web::Bound, db: &Path) {
+    eprintln!(
+        "colony dashboard on http://{}/ (queue {}; metrics at /metrics, API at /api)",
+        bound.addr,
+        redacted(db)
+    );
+    if bound.generated_token {
+        eprintln!(
+            "token for changes (sign in at /login, or send `Authorization: Bearer TOKEN`): {}",
+            bound.token
+        );
+    }
+}
+
+pub async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    let bound = start(cli, args.listen, args.token.clone()).await?;
+    bound
+        .serve(async {
+            super::wait_for_signal().await;
+        })
+        .await
+        .context("serving the dashboard")
+}

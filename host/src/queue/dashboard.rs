@@ -1,0 +1,392 @@
+//! The reads behind the web dashboard and `/metrics` (host/src/web): pages
+//! of tasks, the audit trail with each event's agent, the model journal in
+//! id order and the outbox by state. Every one is bounded and index-backed,
+//! so a page stays fast with a million tasks stored.
+
+use super::reads::{TASK_COLUMNS, task_row};
+use super::sql::{Param, args};
+use super::tasks::parse_state;
+use super::{AuditEvent, Queue, Result, TaskRow};
+use crate::task::State;
+
+/// How many of the newest tasks (before the page's cursor, matching its
+/// other filters) a text search looks through: a search never becomes a
+/// scan of the whole history. The next page searches the next window.
+pub const TEXT_SEARCH_WINDOW: u32 = 20_000;
+
+/// One page of the task list, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct TaskQuery {
+    pub state: Option<State>,
+    pub agent: Option<String>,
+    /// Text to find in the payload, result or error message (case-insensitive
+    /// for ASCII), within [`TEXT_SEARCH_WINDOW`] tasks.
+    pub text: Option<String>,
+    /// Only tasks with an id below this one (the previous page's last id).
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+/// A page of tasks and where the next one starts.
+#[derive(Debug)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskRow>,
+    /// The `before` of the next page; `None` on the last page.
+    pub next_before: Option<i64>,
+}
+
+/// An audit event with the agent of its task, for the metrics tailer.
+#[derive(Clone, Debug)]
+pub struct AgentEvent {
+    pub event: AuditEvent,
+    pub agent: String,
+}
+
+/// One model call's charge, for the metrics tailer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelCharge {
+    pub id: i64,
+    pub agent: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: Option<f64>,
+}
+
+/// A state entry a task's completion wrote (still its latest value).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateWriteRow {
+    pub scope: String,
+    pub owner: String,
+    pub key: String,
+    pub value: String,
+    pub version: i64,
+}
+
+/// One task of a chain, for drawing it as a tree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainNode {
+    pub id: i64,
+    pub parent_id: Option<i64>,
+    pub agent: String,
+    pub state: State,
+}
+
+/// Most tasks of a chain drawn, and most steps walked up to its root.
+pub const MAX_CHAIN_NODES: usize = 200;
+const MAX_CHAIN_DEPTH: usize = 100;
+
+impl Queue {
+    /// A page of tasks, newest first. The state is written into the SQL as
+    /// a literal (it is one of the transition table's names), so that both
+    /// databases can use the partial index `tasks_by_state`.
+    pub fn task_page(&self, query: &TaskQuery) -> Result<TaskPage> {
+        let before = query.before.unwrap_or(i64::MAX);
+        let limit = i64::from(query.limit.max(1));
+        let filtered = page_filter(query);
+        let pattern = query.text.as_deref().map(like_pattern);
+        let rows = self.read(|db| {
+            let mut params = vec![Param::Int(before)];
+            if let Some(agent) = &query.agent {
+                params.push(Param::Text(agent));
+            }
+            let sql = match &pattern {
+                None => format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks WHERE {filtered} ORDER BY id DESC LIMIT {limit}"
+                ),
+                Some(pattern) => {
+                    params.push(Param::Text(pattern));
+                    let p = params.len();
+                    format!(
+                        "SELECT {TASK_COLUMNS} FROM tasks WHERE id IN (
+                             SELECT id FROM tasks WHERE {filtered} ORDER BY id DESC LIMIT {TEXT_SEARCH_WINDOW})
+                           AND (LOWER(payload) LIKE ?{p} ESCAPE '\\'
+                                OR LOWER(COALESCE(result, '')) LIKE ?{p} ESCAPE '\\'
+                                OR LOWER(COALESCE(error_message, '')) LIKE ?{p} ESCAPE '\\')
+                         ORDER BY id DESC LIMIT {limit}"
+                    )
+                }
+            };
+            db.query(&sql, &params)
+        })?;
+        let tasks: Vec<TaskRow> = rows.iter().map(task_row).collect();
+        let last = tasks.last().map(|row| match row {
+            Ok(task) => task.id,
+            Err(bad) => bad.id,
+        });
+        let next_before = if tasks.len() as i64 == limit {
+            last
+        } else if query.text.is_some() {
+            // A short page of a search only means this window is done: the
+            // next one starts below it, while older tasks remain.
+            self.window_end(&filtered, before, query.agent.as_deref())?
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next_before })
+    }
+
+    /// Where a text search's window ended, when tasks remain below it.
+    fn window_end(&self, filtered: &str, before: i64, agent: Option<&str>) -> Result<Option<i64>> {
+        let sql = format!(
+            "SELECT MIN(id), COUNT(*) FROM
+               (SELECT id FROM tasks WHERE {filtered} ORDER BY id DESC LIMIT {TEXT_SEARCH_WINDOW}) w"
+        );
+        self.read(|db| {
+            let mut params = vec![Param::Int(before)];
+            if let Some(agent) = agent {
+                params.push(Param::Text(agent));
+            }
+            let row = db.query_one(&sql, &params)?;
+            let (min, n): (Option<i64>, i64) = (row.get(0)?, row.get(1)?);
+            Ok(min.filter(|_| n == i64::from(TEXT_SEARCH_WINDOW)))
+        })
+    }
+
+    /// Audit events after `since` with the agent of each one's task, oldest first.
+    pub fn events_with_agent(&self, since: i64, limit: u32) -> Result<Vec<AgentEvent>> {
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT e.id, e.at, e.task_id, e.event, e.from_state, e.to_state, e.actor, e.detail, t.agent
+                 FROM events e JOIN tasks t ON t.id = e.task_id
+                 WHERE e.id > ?1 ORDER BY e.id LIMIT ?2",
+                args![since, i64::from(limit)],
+            )?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let from: Option<String> = row.get(4)?;
+                let detail: String = row.get(7)?;
+                out.push(AgentEvent {
+                    event: AuditEvent {
+                        id: row.get(0)?,
+                        at: row.get(1)?,
+                        task_id: row.get(2)?,
+                        event: row.get(3)?,
+                        from: from.as_deref().map(parse_state).transpose()?,
+                        to: parse_state(&row.get::<String>(5)?)?,
+                        actor: row.get(6)?,
+                        detail: serde_json::from_str(&detail).unwrap_or_default(),
+                    },
+                    agent: row.get(8)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The id just before the first audit event at or after `at_ms`: a
+    /// binary search over the primary key (ids are handed out in time
+    /// order, near enough for a chart), a few dozen point reads however
+    /// long the trail.
+    pub fn event_id_before(&self, at_ms: i64) -> Result<i64> {
+        self.read(|db| {
+            let bounds = db.query_one("SELECT MIN(id), MAX(id) FROM events", args![])?;
+            let (Some(mut low), Some(mut high)) =
+                (bounds.get::<Option<i64>>(0)?, bounds.get::<Option<i64>>(1)?)
+            else {
+                return Ok(0);
+            };
+            // Invariant: every event below `low` is older than `at_ms`; the
+            // answer is in [low, high + 1].
+            high += 1;
+            while low < high {
+                let mid = low + (high - low) / 2;
+                let at: Option<i64> = db
+                    .query_opt(
+                        "SELECT at FROM events WHERE id >= ?1 ORDER BY id LIMIT 1",
+                        args![mid],
+                    )?
+                    .map(|r| r.get(0))
+                    .transpose()?;
+                match at {
+                    Some(at) if at < at_ms => low = mid + 1,
+                    _ => high = mid,
+                }
+            }
+            Ok(low - 1)
+        })
+    }
+
+    /// The newest audit event's id (0 when there is none).
+    pub fn last_event_id(&self) -> Result<i64> {
+        self.read(|db| db.query_value("SELECT COALESCE(MAX(id), 0) FROM events", args![]))
+    }
+
+    /// Model calls after `since` by id, with what each one charged.
+    pub fn model_charges_after(&self, since: i64, limit: u32) -> Result<Vec<ModelCharge>> {
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT id, agent, alias, input_tokens, output_tokens, cost_usd FROM model_calls
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+                args![since, i64::from(limit)],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ModelCharge {
+                        id: r.get(0)?,
+                        agent: r.get(1)?,
+                        model: r.get(2)?,
+                        input_tokens: r.get(3)?,
+                        output_tokens: r.get(4)?,
+                        cost_usd: r.get(5)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// The newest model call's id (0 when there is none).
+    pub fn last_model_call_id(&self) -> Result<i64> {
+        self.read(|db| db.query_value("SELECT COALESCE(MAX(id), 0) FROM model_calls", args![]))
+    }
+
+    /// How many effects are in each outbox state (read off `effects_state`).
+    pub fn effect_counts(&self) -> Result<Vec<(String, u64)>> {
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT state, COUNT(*) FROM effects GROUP BY state ORDER BY state",
+                args![],
+            )?;
+            rows.iter().map(|r| Ok((r.get(0)?, r.get(1)?))).collect()
+        })
+    }
+
+    /// Tasks waiting in review, oldest first (read off `tasks_by_state`).
+    pub fn in_review(&self, limit: u32) -> Result<Vec<TaskRow>> {
+        self.read(|db| {
+            let sql = format!(
+                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'review' ORDER BY id LIMIT ?1"
+            );
+            Ok(db.query(&sql, args![i64::from(limit)])?.iter().map(task_row).collect())
+        })
+    }
+}
+
+/// The WHERE clause of a page: `?1` is the cursor, `?2` the agent when
+/// there is one.
+fn page_filter(query: &TaskQuery) -> String {
+    let mut filters = vec!["id < ?1".to_string()];
+    if let Some(state) = query.state {
+        filters.push(format!("state = '{}'", state.as_str()));
+    }
+    if query.agent.is_some() {
+        filters.push("agent = ?2".into());
+    }
+    filters.join(" AND ")
+}
+
+impl Queue {
+    /// The state entries whose latest value this task's completion wrote,
+    /// and the writes it holds while in review (JSON), if any.
+    pub fn state_written_by(
+        &self,
+        task_id: i64,
+        limit: u32,
+    ) -> Result<(Vec<StateWriteRow>, Option<String>)> {
+        self.read(|db| {
+            let rows = db.query(
+                "SELECT scope, owner, key, value, version FROM state WHERE task_id = ?1
+                 ORDER BY scope, owner, key LIMIT ?2",
+                args![task_id, i64::from(limit)],
+            )?;
+            let written = rows
+                .iter()
+                .map(|r| {
+                    Ok(StateWriteRow {
+                        scope: r.get(0)?,
+                        owner: r.get(1)?,
+                        key: r.get(2)?,
+                        value: r.get(3)?,
+                        version: r.get(4)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let held: Option<String> = db
+                .query_opt("SELECT held_state FROM tasks WHERE id = ?1", args![task_id])?
+                .map(|r| r.get(0))
+                .transpose()?
+                .flatten();
+            Ok((written, held))
+        })
+    }
+
+    /// The chain a task belongs to: from its root down, parents before
+    /// children, at most [`MAX_CHAIN_NODES`] tasks (read through `tasks_parent`).
+    pub fn chain_of(&self, task_id: i64) -> Result<Vec<ChainNode>> {
+        self.read(|db| {
+            let mut root = task_id;
+            for _ in 0..MAX_CHAIN_DEPTH {
+                let parent: Option<i64> = db
+                    .query_opt("SELECT parent_id FROM tasks WHERE id = ?1", args![root])?
+                    .map(|r| r.get(0))
+                    .transpose()?
+                    .flatten();
+                match parent {
+                    Some(parent) => root = parent,
+                    None => break,
+                }
+            }
+            let node = |r: &super::sql::Row| -> Result<ChainNode> {
+                Ok(ChainNode {
+                    id: r.get(0)?,
+                    parent_id: r.get(1)?,
+                    agent: r.get(2)?,
+                    state: parse_state(&r.get::<String>(3)?)?,
+                })
+            };
+            let mut nodes = Vec::new();
+            if let Some(r) = db.query_opt(
+                "SELECT id, parent_id, agent, state FROM tasks WHERE id = ?1",
+                args![root],
+            )? {
+                nodes.push(node(&r)?);
+            }
+            let mut next = 0;
+            while next < nodes.len() && nodes.len() < MAX_CHAIN_NODES {
+                let parent = nodes[next].id;
+                next += 1;
+                for r in db.query(
+                    "SELECT id, parent_id, agent, state FROM tasks WHERE parent_id = ?1 ORDER BY id",
+                    args![parent],
+                )? {
+                    if nodes.len() < MAX_CHAIN_NODES {
+                        nodes.push(node(&r)?);
+                    }
+                }
+            }
+            Ok(nodes)
+        })
+    }
+}
+
+/// A LIKE pattern that finds `text` anywhere, its own `%`, `_` and `\`
+/// taken literally.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// Migration 4 of both schemas: the indexes the pages read through.
+/// `tasks_by_agent` is written only when a task is inserted (its columns
+/// never change); `tasks_by_state` leaves out `complete`, the bulk of any
+/// history, which the primary key finds quickly newest first.
+pub(super) const DASHBOARD_INDEXES: &str = "
+    CREATE INDEX tasks_by_agent ON tasks(agent, id);
+    CREATE INDEX tasks_by_state ON tasks(state, id) WHERE state <> 'complete';";
+
+#[cfg(test)]
+mod tests {
+    use super::like_pattern;
+
+    #[test]
+    fn like_patterns_take_wildcards_literally() {
+        assert_eq!(like_pattern("50%_a\\B"), "%50\\%\\_a\\\\b%");
+    }
+}

@@ -1,0 +1,438 @@
+//! The JSON API: the CLI's commands over HTTP, answering in the shapes of
+//! their `--json` output. Bad input is 400 with `{"error": "..."}` (the
+//! message the CLI would print) and changes nothing; changes need the
+//! operator's token (see [`super::auth`]).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Shared;
+use super::auth::{CSRF_HEADER, Caller, Denied};
+use crate::cli::output;
+use crate::queue::{QueueError, TaskQuery};
+use crate::task::State as TaskState;
+
+/// Most rows one list request returns.
+pub const MAX_LIMIT: u32 = 1000;
+
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/api/tasks", get(list).post(submit))
+        .route("/api/tasks/{id}", get(show))
+        .route("/api/tasks/{id}/review", post(review))
+        .route("/api/tasks/{id}/retry", post(retry))
+        .route("/api/tasks/{id}/cancel", post(cancel))
+        .route("/api/status", get(status))
+        .route("/api/events", get(events))
+        .route("/api/agents", get(agents))
+}
+
+/// An API error: its status and the message a person reads.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> ApiError {
+        let status = match &e {
+            QueueError::NotFound(_) => StatusCode::NOT_FOUND,
+            QueueError::Illegal { .. } => StatusCode::CONFLICT,
+            e if e.is_bad_input() => StatusCode::BAD_REQUEST,
+            e if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({"error": self.message}))).into_response()
+    }
+}
+
+/// 401 or 403, with the reason.
+pub fn denied(denied: &Denied) -> Response {
+    let status = match denied {
+        Denied::Missing => StatusCode::UNAUTHORIZED,
+        Denied::Wrong(_) => StatusCode::FORBIDDEN,
+    };
+    let mut response = ApiError {
+        status,
+        message: denied.message(),
+    }
+    .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The audit actor of a change, once the caller may make it.
+fn authorize(app: &Shared, caller: &Caller, headers: &HeaderMap) -> Result<Option<String>, Response> {
+    let csrf = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+    app.auth
+        .may_change(caller, csrf)
+        .map_err(|d| denied(&d))?;
+    Ok(caller.actor())
+}
+
+/// A task id from the path: a positive integer.
+pub fn task_id(text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::bad(format!("invalid task id {text:?}: ids are positive integers")))
+}
+
+pub fn parse_state(text: &str) -> Result<TaskState, ApiError> {
+    TaskState::ALL
+        .into_iter()
+        .find(|s| s.as_str() == text)
+        .ok_or_else(|| {
+            let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad(format!("invalid state {text:?}: one of {}", names.join(", ")))
+        })
+}
+
+/// `?state=&agent=&limit=&before=&q=`, read by hand so that each mistake
+/// is named.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub state: Option<String>,
+    pub agent: Option<String>,
+    pub limit: Option<String>,
+    pub before: Option<String>,
+    pub q: Option<String>,
+}
+
+impl ListParams {
+    pub fn query(&self, default_limit: u32) -> Result<TaskQuery, ApiError> {
+        let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(String::from);
+        let limit = match nonempty(&self.limit) {
+            None => default_limit,
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(|| ApiError::bad(format!("invalid limit {text:?}: a number from 1 to {MAX_LIMIT}")))?,
+        };
+        Ok(TaskQuery {
+            state: nonempty(&self.state).map(|s| parse_state(&s)).transpose()?,
+            agent: nonempty(&self.agent),
+            text: nonempty(&self.q),
+            before: nonempty(&self.before).map(|b| task_id(&b)).transpose()?,
+            limit,
+        })
+    }
+}
+
+fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::bad(e.body_text())
+}
+
+async fn list(
+    State(app): State<Shared>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let query = params.map_err(query_error)?.query(50)?;
+    let value = app
+        .store
+        .run(None, move |queue| {
+            let page = queue.task_page(&query)?;
+            let usages = output::usages_of(queue, &page.tasks)?;
+            Ok(output::tasks_json(&page.tasks, &usages))
+        })
+        .await?;
+    Ok(axum::Json(value).into_response())
+}
+
+async fn show(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    let id = task_id(&id)?;
+    let value = app
+        .store
+        .run(None, move |queue| {
+            Ok(output::task_detail_json(&output::TaskDetail::load(queue, id)?))
+        })
+        .await?;
+    Ok(axum::Json(value).into_response())
+}
+
+/// The body as UTF-8 text.
+fn text(body: &Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|e| ApiError::bad(format!("the body is not UTF-8: {e}")))
+}
+
+/// A JSON body of type `T`, naming the field at fault; an empty body is `{}`.
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let text = text(body)?.trim();
+    let text = if text.is_empty() { "{}" } else { text };
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string().as_str() {
+        "." => ApiError::bad(e.inner().to_string()),
+        path => ApiError::bad(format!("field {path}: {}", e.inner())),
+    })
+}
+
+async fn submit(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let actor = authorize(&app, &caller, &headers)?;
+    let line = text(&body).map_err(IntoResponse::into_response)?.trim();
+    if line.is_empty() {
+        return Err(ApiError::bad("the body is empty: send one task as one line of `submit --batch`, e.g. {\"agent\": \"writer\", \"payload\": {}}").into_response());
+    }
+    if line.lines().filter(|l| !l.trim().is_empty()).count() > 1 {
+        return Err(ApiError::bad("the body holds more than one line: send one task per request (one line of `submit --batch`)").into_response());
+    }
+    let task = crate::cli::parse_batch_line(line).map_err(|e| ApiError::bad(e).into_response())?;
+    let submitted = app
+        .store
+        .run(actor, move |queue| queue.submit(&task))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(if submitted.existed {
+        (StatusCode::OK, axum::Json(json!({"id": submitted.id, "existed": true}))).into_response()
+    } else {
+        (StatusCode::CREATED, axum::Json(json!({"id": submitted.id}))).into_response()
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewBody {
+    verdict: Verdict,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Approve,
+    Reject,
+}
+
+/// Approves or rejects as `colony review` does.
+pub fn apply_review(
+    queue: &mut crate::queue::Queue,
+    id: i64,
+    verdict: Verdict,
+    note: Option<&str>,
+) -> Result<TaskState, QueueError> {
+    let note = note.map(str::trim).filter(|n| !n.is_empty());
+    match verdict {
+        Verdict::Approve => queue.approve(id, note),
+        Verdict::Reject => queue.reject(id, note.unwrap_or("rejected without a note")),
+    }
+}
+
+async fn review(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let actor = authorize(&app, &caller, &headers)?;
+    let id = task_id(&id).map_err(IntoResponse::into_response)?;
+    let body: ReviewBody = json_body(&body).map_err(IntoResponse::into_response)?;
+    let to = app
+        .store
+        .run(actor, move |queue| apply_review(queue, id, body.verdict, body.note.as_deref()))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(axum::Json(output::moved_json(id, to)).into_response())
+}
+
+async fn retry(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let actor = authorize(&app, &caller, &headers)?;
+    let id = task_id(&id).map_err(IntoResponse::into_response)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nothing {}
+    let _: Nothing = json_body(&body).map_err(IntoResponse::into_response)?;
+    let to = app
+        .store
+        .run(actor, move |queue| queue.retry(id))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(axum::Json(output::moved_json(id, to)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn cancel(
+    State(app): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, Response> {
+    let actor = authorize(&app, &caller, &headers)?;
+    let id = task_id(&id).map_err(IntoResponse::into_response)?;
+    let body: CancelBody = json_body(&body).map_err(IntoResponse::into_response)?;
+    let reason = body
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "cancelled by a user".into());
+    let ids = app
+        .store
+        .run(actor, move |queue| queue.cancel(id, &reason))
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
+    Ok(axum::Json(json!({"cancelled": ids})).into_response())
+}
+
+async fn status(State(app): State<Shared>) -> ApiResult {
+    let report = app
+        .store
+        .run(None, |queue| output::StatusReport::load(queue))
+        .await?;
+    let mut agents = app.agents.lock().await;
+    agents.rescan(&app.runtime).await;
+    Ok(axum::Json(output::status_json(&report, &agents)).into_response())
+}
+
+async fn agents(State(app): State<Shared>) -> ApiResult {
+    let mut agents = app.agents.lock().await;
+    agents.rescan(&app.runtime).await;
+    Ok(axum::Json(output::agents_json(&agents)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventParams {
+    since: Option<String>,
+    task: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /api/events`: a JSON array of events after `since`; with
+/// `Accept: text/event-stream`, those and every later one as they happen.
+async fn events(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    params: Result<Query<EventParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(params) = params.map_err(query_error)?;
+    let since = match params.since.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => 0,
+        Some(text) => text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::bad(format!("invalid since {text:?}: an event id, 0 or more"))
+        })?,
+    };
+    let task = params.task.as_deref().filter(|t| !t.is_empty()).map(task_id).transpose()?;
+    let limit = match params.limit.as_deref().filter(|l| !l.is_empty()) {
+        None => MAX_LIMIT,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| ApiError::bad(format!("invalid limit {text:?}: a number from 1 to {MAX_LIMIT}")))?,
+    };
+    if let Some(id) = task {
+        // An unknown task is bad input, not an empty trail (as in the CLI).
+        app.store.run(None, move |queue| queue.get(id).map(|_| ())).await?;
+    }
+    let streaming = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if streaming {
+        return Ok(follow(app, task, since).into_response());
+    }
+    let events = app
+        .store
+        .run(None, move |queue| queue.events(task, since, limit))
+        .await?;
+    let values: Vec<Value> = events.iter().map(output::event_json).collect();
+    Ok(axum::Json(values).into_response())
+}
+
+/// Server-Sent Events: each audit event as `id: N` and its JSON, read
+/// every half second from where the last read stopped.
+fn follow(
+    app: Shared,
+    task: Option<i64>,
+    since: i64,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let stream = futures_util::stream::unfold(
+        (app, since, Vec::<Event>::new()),
+        move |(app, mut since, mut pending)| async move {
+            loop {
+                if let Some(event) = pending.pop() {
+                    return Some((Ok(event), (app, since, pending)));
+                }
+                let read = app
+                    .store
+                    .run(None, move |queue| queue.events(task, since, 500))
+                    .await;
+                match read {
+                    Ok(events) if !events.is_empty() => {
+                        since = events.last().map_or(since, |e| e.id);
+                        pending = events
+                            .iter()
+                            .rev()
+                            .map(|e| {
+                                Event::default()
+                                    .id(e.id.to_string())
+                                    .data(output::event_json(e).to_string())
+                            })
+                            .collect();
+                    }
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    Err(e) => {
+                        tracing::warn!("following the audit trail: {e}");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

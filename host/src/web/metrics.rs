@@ -1,0 +1,346 @@
+//! `/metrics` and the overview's chart. The counters and histograms are
+//! read off the audit trail and the model journal as they grow: the
+//! server keeps a cursor in each and reads only the rows past it (by
+//! primary key), so a scrape costs the same with a million tasks stored.
+//! The gauges are read fresh at every scrape through the partial indexes.
+//!
+//! Counters start when the server starts, with the last hour's events
+//! (Prometheus's `rate()` takes a restart as a counter reset).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::queue::{AgentEvent, Queue, QueueError};
+use crate::task::State;
+
+/// Minutes of history the chart and the success rates cover.
+pub const WINDOW_MINUTES: i64 = 60;
+/// Rows read per query while catching up, and at most per catch-up (the
+/// rest waits for the next one: a scrape never stalls on a huge backlog).
+const PAGE: u32 = 5_000;
+const MAX_PER_CATCH_UP: usize = 100_000;
+/// Tasks whose ready or claim time is remembered for the histograms; past
+/// this (a backlog of millions) the oldest are not timed.
+const MAX_TIMED_TASKS: usize = 200_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    agent: String,
+    outcome: String,
+    error_kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    agent: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    agent: String,
+    model: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    agent: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HolderLabels {
+    holder: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+type Seconds = Family<AgentLabels, Histogram, fn() -> Histogram>;
+
+/// Runs finished in one minute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Minute {
+    /// Completed, or sent to review.
+    pub succeeded: u64,
+    /// Failed for good.
+    pub failed: u64,
+    /// Failed with attempts left (retried after a backoff), or lost their lease.
+    pub retried: u64,
+}
+
+/// What the overview shows of the last hour.
+#[derive(Clone, Debug, Default)]
+pub struct Activity {
+    /// One entry per minute, oldest first: (the minute's start in ms, its runs).
+    pub minutes: Vec<(i64, Minute)>,
+    /// Per agent, its runs over the window.
+    pub by_agent: BTreeMap<String, Minute>,
+}
+
+/// Where the tailer is in the trail, and what it remembers of tasks in flight.
+#[derive(Default)]
+struct Tail {
+    last_event: Option<i64>,
+    last_call: Option<i64>,
+    ready_at: HashMap<i64, i64>,
+    claimed_at: HashMap<i64, i64>,
+    minutes: BTreeMap<i64, Minute>,
+    agent_minutes: BTreeMap<(String, i64), Minute>,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    runs: Family<RunLabels, Counter>,
+    run_seconds: Seconds,
+    wait_seconds: Seconds,
+    tokens: Family<TokenLabels, Counter>,
+    cost: Family<ModelLabels, Counter<f64, AtomicU64>>,
+    tasks: Family<TaskLabels, Gauge>,
+    ready: Family<AgentLabels, Gauge>,
+    leases: Family<HolderLabels, Gauge>,
+    effects: Family<StateLabels, Gauge>,
+    tail: Mutex<Tail>,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms to ~9 h.
+    Histogram::new(exponential_buckets(0.001, 4.0, 13))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("colony");
+        let metrics = Metrics {
+            runs: Family::default(),
+            run_seconds: Family::new_with_constructor(seconds_histogram),
+            wait_seconds: Family::new_with_constructor(seconds_histogram),
+            tokens: Family::default(),
+            cost: Family::default(),
+            tasks: Family::default(),
+            ready: Family::default(),
+            leases: Family::default(),
+            effects: Family::default(),
+            tail: Mutex::new(Tail::default()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "runs_finished",
+            "Runs finished, by agent, outcome (the audit event: complete, await_review, retry_later, fail, lease_expired, release, cancel) and error kind",
+            metrics.runs.clone(),
+        );
+        registry.register(
+            "run_duration_seconds",
+            "From a task's claim to its run's outcome being stored",
+            metrics.run_seconds.clone(),
+        );
+        registry.register(
+            "claim_wait_seconds",
+            "From a task becoming ready to its claim",
+            metrics.wait_seconds.clone(),
+        );
+        registry.register(
+            "model_tokens",
+            "Model tokens charged, by agent, model alias and direction (input, output)",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "model_cost_usd",
+            "Model spend in US dollars, by agent and model alias",
+            metrics.cost.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tasks stored, by agent and state",
+            metrics.tasks.clone(),
+        );
+        registry.register(
+            "ready_tasks",
+            "Tasks ready to be claimed, by agent",
+            metrics.ready.clone(),
+        );
+        registry.register(
+            "leases",
+            "Tasks in progress, by the host holding the lease",
+            metrics.leases.clone(),
+        );
+        registry.register(
+            "effects",
+            "Effects in the outbox, by state",
+            metrics.effects.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Reads the trail and the journal past the cursors. The first call
+    /// starts an hour back (for the chart) and at the journal's end.
+    pub fn catch_up(&self, queue: &Queue) -> Result<(), QueueError> {
+        let mut tail = self.tail.lock().unwrap();
+        let now = queue.now()?;
+        let mut since = match tail.last_event {
+            Some(id) => id,
+            None => queue.event_id_before(now - WINDOW_MINUTES * 60_000)?,
+        };
+        let mut read = 0;
+        loop {
+            let events = queue.events_with_agent(since, PAGE)?;
+            for event in &events {
+                self.count(&mut tail, event);
+                since = event.event.id;
+            }
+            read += events.len();
+            if events.len() < PAGE as usize || read >= MAX_PER_CATCH_UP {
+                break;
+            }
+        }
+        tail.last_event = Some(since);
+        let mut calls_since = match tail.last_call {
+            Some(id) => id,
+            None => queue.last_model_call_id()?,
+        };
+        loop {
+            let charges = queue.model_charges_after(calls_since, PAGE)?;
+            for c in &charges {
+                let model = |direction: &str| TokenLabels {
+                    agent: c.agent.clone(),
+                    model: c.model.clone(),
+                    direction: direction.into(),
+                };
+                self.tokens.get_or_create(&model("input")).inc_by(c.input_tokens);
+                self.tokens.get_or_create(&model("output")).inc_by(c.output_tokens);
+                if let Some(cost) = c.cost_usd {
+                    let labels = ModelLabels {
+                        agent: c.agent.clone(),
+                        model: c.model.clone(),
+                    };
+                    self.cost.get_or_create(&labels).inc_by(cost);
+                }
+                calls_since = c.id;
+            }
+            if charges.len() < PAGE as usize {
+                break;
+            }
+        }
+        tail.last_call = Some(calls_since);
+        let cutoff = (now / 60_000) - WINDOW_MINUTES;
+        tail.minutes.retain(|minute, _| *minute > cutoff);
+        tail.agent_minutes.retain(|(_, minute), _| *minute > cutoff);
+        Ok(())
+    }
+
+    fn count(&self, tail: &mut Tail, e: &AgentEvent) {
+        let (event, agent) = (&e.event, &e.agent);
+        let seconds = |from: i64| (event.at - from).max(0) as f64 / 1000.0;
+        if event.event == "claim" {
+            if let Some(ready) = tail.ready_at.remove(&event.task_id) {
+                let labels = AgentLabels { agent: agent.clone() };
+                self.wait_seconds.get_or_create(&labels).observe(seconds(ready));
+            }
+            if tail.claimed_at.len() < MAX_TIMED_TASKS {
+                tail.claimed_at.insert(event.task_id, event.at);
+            }
+            return;
+        }
+        if event.to == State::Ready && tail.ready_at.len() < MAX_TIMED_TASKS {
+            tail.ready_at.insert(event.task_id, event.at);
+        }
+        if event.from != Some(State::InProgress) {
+            return;
+        }
+        let error_kind = event.detail.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let labels = RunLabels {
+            agent: agent.clone(),
+            outcome: event.event.clone(),
+            error_kind: error_kind.to_string(),
+        };
+        self.runs.get_or_create(&labels).inc();
+        if let Some(claimed) = tail.claimed_at.remove(&event.task_id) {
+            let labels = AgentLabels { agent: agent.clone() };
+            self.run_seconds.get_or_create(&labels).observe(seconds(claimed));
+        }
+        let minute = event.at / 60_000;
+        let tally = |m: &mut Minute| match event.to {
+            State::Complete | State::Review => m.succeeded += 1,
+            State::Failed => m.failed += 1,
+            State::Ready | State::Pending => m.retried += 1,
+            _ => {}
+        };
+        tally(tail.minutes.entry(minute).or_default());
+        tally(tail.agent_minutes.entry((agent.clone(), minute)).or_default());
+    }
+
+    /// Refreshes the gauges from the database and writes every metric in
+    /// the Prometheus text format.
+    pub fn render(&self, queue: &Queue) -> Result<String, QueueError> {
+        self.catch_up(queue)?;
+        self.tasks.clear();
+        for (agent, state, n) in queue.counts()? {
+            let labels = TaskLabels {
+                agent,
+                state: state.as_str().into(),
+            };
+            self.tasks.get_or_create(&labels).set(n as i64);
+        }
+        self.ready.clear();
+        for (agent, backlog) in queue.backlog()? {
+            self.ready.get_or_create(&AgentLabels { agent }).set(backlog.ready as i64);
+        }
+        self.leases.clear();
+        for (holder, n) in queue.leases_by_holder()? {
+            self.leases.get_or_create(&HolderLabels { holder }).set(n as i64);
+        }
+        self.effects.clear();
+        for (state, n) in queue.effect_counts()? {
+            self.effects.get_or_create(&StateLabels { state }).set(n as i64);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        Ok(out)
+    }
+
+    /// The last hour, minute by minute (minutes without runs included).
+    pub fn activity(&self, now: i64) -> Activity {
+        let tail = self.tail.lock().unwrap();
+        let last = now / 60_000;
+        let minutes = (last - WINDOW_MINUTES + 1..=last)
+            .map(|m| (m * 60_000, tail.minutes.get(&m).copied().unwrap_or_default()))
+            .collect();
+        let mut by_agent: BTreeMap<String, Minute> = BTreeMap::new();
+        for ((agent, _), m) in &tail.agent_minutes {
+            let total = by_agent.entry(agent.clone()).or_default();
+            total.succeeded += m.succeeded;
+            total.failed += m.failed;
+            total.retried += m.retried;
+        }
+        Activity { minutes, by_agent }
+    }
+}
+
+/// The `Content-Type` of `/metrics`.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;

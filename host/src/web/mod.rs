@@ -1,0 +1,253 @@
+//! The web side of Colony: a dashboard of server-rendered pages, a JSON API
+//! in the CLI's `--json` shapes, and Prometheus metrics, served by
+//! `colony serve` or by a daemon started with `--http`. It reads the same
+//! database as the daemons and is not a worker: every change it makes is a
+//! queue operation, the same transition the CLI would make, audited with
+//! the signed-in operator as actor.
+//!
+//! - [`auth`]: who is asking; tokens, sessions, CSRF.
+//! - [`api`]: `/api/...`, JSON.
+//! - [`pages`]: `/`, `/tasks`, `/tasks/{id}`, `/review`, `/agents`, `/login`.
+//! - [`metrics`]: `/metrics`, and the overview's last hour.
+//! - [`store`]: connections to the queue, lent to one request at a time.
+
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod pages;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::queue::QueueError;
+use crate::runtime::{AgentDir, Runtime};
+use auth::{Auth, Caller};
+use metrics::Metrics;
+use store::Store;
+
+/// The default address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+/// What a web server needs.
+pub struct WebConfig {
+    pub listen: SocketAddr,
+    /// The operator's token; `None` generates one (printed at start).
+    pub token: Option<String>,
+    pub db: PathBuf,
+    /// The agents directory and a runtime to load it with (for `/agents`).
+    pub agents: AgentDir,
+    pub runtime: Arc<Runtime>,
+    /// Who the server acts as in the audit trail when no operator is named.
+    pub actor: String,
+}
+
+/// Everything a request handler can reach.
+pub struct App {
+    pub store: Arc<Store>,
+    pub auth: Auth,
+    pub metrics: Metrics,
+    pub agents: tokio::sync::Mutex<AgentDir>,
+    pub runtime: Arc<Runtime>,
+}
+
+pub type Shared = Arc<App>;
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "refusing to listen on {0} without --token (or COLONY_TOKEN): anyone who can reach that address could read the queue and change it"
+    )]
+    NoTokenOffLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// A bound server, not yet serving: the caller prints where it is.
+pub struct Bound {
+    pub listener: tokio::net::TcpListener,
+    pub addr: SocketAddr,
+    /// The token changes need (generated when none was given).
+    pub token: String,
+    /// Whether the token was generated here (and should be printed).
+    pub generated_token: bool,
+    app: Shared,
+}
+
+/// Opens the database and the listening socket.
+pub async fn bind(config: WebConfig) -> Result<Bound, StartError> {
+    let loopback = config.listen.ip().is_loopback();
+    if !loopback && config.token.is_none() {
+        return Err(StartError::NoTokenOffLoopback(config.listen));
+    }
+    let generated_token = config.token.is_none();
+    let token = config.token.unwrap_or_else(auth::random_token);
+    let store = Store::open(config.db, config.actor)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let app = Arc::new(App {
+        store,
+        auth: Auth::new(token.clone(), loopback),
+        metrics: Metrics::new(),
+        agents: tokio::sync::Mutex::new(config.agents),
+        runtime: config.runtime,
+    });
+    Ok(Bound {
+        listener,
+        addr,
+        token,
+        generated_token,
+        app,
+    })
+}
+
+impl Bound {
+    /// Serves until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let tailer = tokio::spawn(keep_metrics_current(self.app.clone()));
+        let result = axum::serve(self.listener, router(self.app))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        tailer.abort();
+        result
+    }
+}
+
+/// Reads the audit trail every few seconds, so the overview's chart is
+/// current without a scrape.
+async fn keep_metrics_current(app: Shared) {
+    loop {
+        let tail = app.clone();
+        if let Err(e) = app
+            .store
+            .run(None, move |queue| tail.metrics.catch_up(queue))
+            .await
+        {
+            tracing::warn!("reading the audit trail for the dashboard: {e}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+fn router(app: Shared) -> Router {
+    Router::new()
+        .merge(pages::routes())
+        .merge(api::routes())
+        .route("/metrics", get(metrics_page))
+        .route("/static/app.css", get(stylesheet))
+        .route("/static/app.js", get(script))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "no such page") })
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(app)
+}
+
+/// Checks the Host header and who is asking before any handler runs;
+/// hands the handler the [`Caller`].
+async fn guard(State(app): State<Shared>, mut request: Request, next: Next) -> Response {
+    if app.auth.reads_open {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        if !auth::is_loopback_host(host) {
+            return (
+                StatusCode::FORBIDDEN,
+                format!("this dashboard listens on loopback and answers only to localhost, 127.0.0.1 or [::1], not Host: {host:?}"),
+            )
+                .into_response();
+        }
+    }
+    let path = request.uri().path();
+    let public = path == "/login" || path.starts_with("/static/") || path == "/healthz";
+    let caller = match app.auth.caller(request.headers()) {
+        Ok(caller) => caller,
+        Err(denied) if public => {
+            let _ = denied;
+            Caller::Anonymous
+        }
+        Err(denied) => return api::denied(&denied),
+    };
+    if !app.auth.reads_open && matches!(caller, Caller::Anonymous) && !public {
+        if path.starts_with("/api/") || path == "/metrics" {
+            return api::denied(&auth::Denied::Missing);
+        }
+        return pages::to_sign_in(request.uri());
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// Headers every answer carries: no framing by other sites, no guessing
+/// of content types, and scripts only from this server (an agent's
+/// `<script>` that slipped through escaping would still not run).
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
+async fn metrics_page(State(app): State<Shared>) -> Response {
+    let metrics_app = app.clone();
+    match app
+        .store
+        .run(None, move |queue| metrics_app.metrics.render(queue))
+        .await
+    {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => api::ApiError::from(e).into_response(),
+    }
+}
+
+async fn stylesheet() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("static/app.css"),
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("static/app.js"),
+    )
+        .into_response()
+}

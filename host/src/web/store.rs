@@ -1,0 +1,73 @@
+//! The dashboard's way into the queue: a few open connections, lent to one
+//! request at a time off the async runtime (every queue call blocks).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::queue::{Queue, QueueError, QueueOptions};
+
+/// Connections kept open between requests; more are opened under load and
+/// closed again when returned past this many.
+const IDLE_CONNECTIONS: usize = 4;
+
+pub struct Store {
+    location: PathBuf,
+    /// Who the dashboard acts as when no operator is named.
+    actor: String,
+    idle: Mutex<Vec<Queue>>,
+}
+
+impl Store {
+    /// Opens one connection now, so that a database that cannot be opened
+    /// (or migrated) is reported at start, not at the first page.
+    pub fn open(location: PathBuf, actor: String) -> Result<Arc<Store>, QueueError> {
+        let store = Store {
+            location,
+            actor,
+            idle: Mutex::new(Vec::new()),
+        };
+        let first = store.connect()?;
+        store.idle.lock().unwrap().push(first);
+        Ok(Arc::new(store))
+    }
+
+    fn connect(&self) -> Result<Queue, QueueError> {
+        Queue::open_with(
+            &self.location,
+            QueueOptions {
+                actor: self.actor.clone(),
+                ..QueueOptions::default()
+            },
+        )
+    }
+
+    /// Runs `f` on a connection, off the async runtime, acting as `actor`
+    /// (the dashboard's own identity when `None`).
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        actor: Option<String>,
+        f: impl FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let taken = store.idle.lock().unwrap().pop();
+            let mut queue = match taken {
+                Some(queue) => queue,
+                None => store.connect()?,
+            };
+            queue.set_actor(actor.as_deref().unwrap_or(&store.actor));
+            let result = f(&mut queue);
+            // A connection that failed may be broken: open a fresh one next time.
+            if result.as_ref().is_err_and(|e| !e.is_bad_input()) {
+                return result;
+            }
+            let mut idle = store.idle.lock().unwrap();
+            if idle.len() < IDLE_CONNECTIONS {
+                idle.push(queue);
+            }
+            result
+        })
+        .await
+        .unwrap_or_else(|joined| std::panic::resume_unwind(joined.into_panic()))
+    }
+}

@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports, unused_macros)] // each test binary uses a different part of it
 
 mod drivers;
+pub mod web;
 pub(crate) use drivers::on_both_drivers;
 pub use drivers::{Cell, Raw, TestDb, check_property, pg_error};
 

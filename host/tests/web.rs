@@ -1,0 +1,430 @@
+//! The dashboard, JSON API and /metrics over a real listener on loopback:
+//! every endpoint answers in the CLI's `--json` shapes, bad input is 400
+//! and changes nothing, changes without the token are 401/403 and change
+//! nothing, agent-written text is escaped, and the metrics move.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use common::web::{TOKEN, Web, send};
+use common::*;
+use serde_json::{Value, json};
+
+/// A task's JSON as the CLI prints it, and as the API answers.
+fn cli_show(env: &Env, id: i64) -> Value {
+    env.show(id)
+}
+
+on_both_drivers! {
+    fn api_reads_answer_as_the_cli_does(db) {
+        let env = Env::on(db, &["echo", "permanent"]);
+        let ok = env.submit(&["echo", r#"{"product":"lamp"}"#]);
+        let failed = env.submit(&["permanent", "{}"]);
+        env.until_idle(&[]);
+        let web = Web::serve(&env);
+
+        assert_eq!(web.get_json("/api/tasks"), env.json(&["list"]));
+        assert_eq!(web.get_json(&format!("/api/tasks/{ok}")), cli_show(&env, ok));
+        assert_eq!(web.get_json(&format!("/api/tasks/{failed}")), cli_show(&env, failed));
+        let filtered = web.get_json("/api/tasks?state=failed&agent=permanent");
+        assert_eq!(filtered, env.json(&["list", "--state", "failed", "--agent", "permanent"]));
+        assert_eq!(filtered.as_array().unwrap().len(), 1);
+
+        let status = web.get_json("/api/status");
+        let cli_status = env.json(&["status"]);
+        assert_eq!(status["by_state"], cli_status["by_state"]);
+        assert_eq!(status["by_agent"], cli_status["by_agent"]);
+        assert_eq!(status["agents"], cli_status["agents"]);
+        assert_eq!(web.get_json("/api/agents"), env.json(&["agents"]));
+
+        let cli_events: Vec<Value> = env
+            .ok(&["events"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(web.get_json("/api/events"), Value::Array(cli_events.clone()));
+        let since = cli_events[1]["id"].as_i64().unwrap();
+        assert_eq!(
+            web.get_json(&format!("/api/events?since={since}&task={failed}")),
+            json!(cli_events.iter().filter(|e| e["id"].as_i64().unwrap() > since && e["task_id"] == failed).collect::<Vec<_>>())
+        );
+
+        for page in ["/", "/tasks", "/tasks?state=failed", &format!("/tasks/{ok}"), &format!("/tasks/{failed}"), "/review", "/agents", "/login"] {
+            let html = web.page(page);
+            assert!(html.starts_with("<!DOCTYPE html>"), "{page}: {html}");
+        }
+        let failed_page = web.page(&format!("/tasks/{failed}"));
+        assert!(failed_page.contains("permanent: this input can never work"), "{failed_page}");
+        assert!(web.page("/agents").contains("echo"));
+        assert!(web.page("/").contains(&format!("/tasks/{failed}")), "the overview links the recent failure");
+    }
+
+    fn changes_need_the_token_and_change_nothing_without_it(db) {
+        let env = Env::on(db, &["echo", "permanent"]);
+        let review = env.submit(&["echo", r#"{"needs_review":true}"#]);
+        let failed = env.submit(&["permanent", "{}"]);
+        env.until_idle(&[]);
+        let ready = env.submit(&["echo", "{}"]);
+        let web = Web::serve(&env);
+        let before = env.snapshot();
+        let changes = [
+            ("/api/tasks".to_string(), r#"{"agent":"echo","payload":{}}"#),
+            (format!("/api/tasks/{review}/review"), r#"{"verdict":"approve"}"#),
+            (format!("/api/tasks/{failed}/retry"), ""),
+            (format!("/api/tasks/{ready}/cancel"), ""),
+        ];
+        for (path, body) in &changes {
+            let (status, answer) = web.post_anonymous(path, body);
+            assert_eq!(status, 401, "{path} without a token: {answer}");
+            assert!(answer["error"].as_str().unwrap().contains("Bearer"), "{answer}");
+            let (status, answer) = send(web.client.post(web.url(path)).bearer_auth("wrong-token-0000000000").body(body.to_string()));
+            assert_eq!(status, 403, "{path} with a wrong token: {answer}");
+            let (status, _) = send(web.client.post(web.url(path)).header("authorization", "Basic abc").body(body.to_string()));
+            assert_eq!(status, 403, "{path} with a Basic header");
+            // A cookie that names no session is anonymous: still 401.
+            let (status, _) = send(web.client.post(web.url(path)).header("cookie", "colony_session=forged").body(body.to_string()));
+            assert_eq!(status, 401, "{path} with a forged session");
+        }
+        assert_eq!(env.snapshot(), before, "refused requests changed the queue");
+    }
+
+    fn bad_input_is_400_and_changes_nothing(db) {
+        let env = Env::on(db, &["echo"]);
+        let done = env.submit(&["echo", "{}"]);
+        env.until_idle(&[]);
+        let web = Web::serve(&env);
+        let before = env.snapshot();
+        let bad_posts = [
+            ("/api/tasks", "", "the body is empty"),
+            ("/api/tasks", "{not json", "key must be a string"),
+            ("/api/tasks", r#"{"agent":"echo","colour":"red"}"#, "unknown field `colour`"),
+            ("/api/tasks", r#"{"agent":"echo","priority":"high"}"#, "field priority"),
+            ("/api/tasks", "{\"agent\":\"echo\"}\n{\"agent\":\"echo\"}", "more than one line"),
+            ("/api/tasks", r#"{"agent":"echo","timeout":"forever"}"#, "invalid timeout"),
+            ("/api/tasks", r#"{"agent":"no such/agent"}"#, "agent"),
+            ("/api/tasks", r#"{"agent":"echo","after":[999999]}"#, "999999"),
+            ("/api/tasks/abc/retry", "", "invalid task id"),
+            ("/api/tasks/0/cancel", "", "invalid task id"),
+            ("/api/tasks/1/review", r#"{"verdict":"maybe"}"#, "field verdict"),
+            ("/api/tasks/1/review", r#"{"note":"x"}"#, "missing field `verdict`"),
+            ("/api/tasks/1/cancel", r#"{"why":"x"}"#, "unknown field `why`"),
+        ];
+        for (path, body, says) in bad_posts {
+            let (status, answer) = web.post(path, body);
+            assert_eq!(status, 400, "POST {path} {body:?}: {answer}");
+            let error = answer["error"].as_str().unwrap();
+            assert!(error.contains(says), "POST {path} {body:?}: {error:?} should say {says:?}");
+        }
+        // The CLI's wording for the same line.
+        let line = env.file("bad.jsonl", r#"{"agent":"echo","priority":"high"}"#);
+        let cli = env.run(&["submit", "--batch", &line]);
+        assert_eq!(cli.status.code(), Some(2));
+        let (_, answer) = web.post("/api/tasks", r#"{"agent":"echo","priority":"high"}"#);
+        assert!(String::from_utf8_lossy(&cli.stderr).contains(answer["error"].as_str().unwrap()));
+
+        let (status, answer) = web.post("/api/tasks/999999/retry", "");
+        assert_eq!(status, 404, "{answer}");
+        assert_eq!(answer["error"], "task 999999 does not exist");
+        let (status, answer) = web.post(&format!("/api/tasks/{done}/review"), r#"{"verdict":"approve"}"#);
+        assert_eq!(status, 409, "{answer}");
+        assert!(answer["error"].as_str().unwrap().contains("is complete"), "{answer}");
+
+        for (path, says) in [
+            ("/api/tasks?state=bogus", "invalid state"),
+            ("/api/tasks?limit=0", "invalid limit"),
+            ("/api/tasks?limit=100000", "invalid limit"),
+            ("/api/tasks?before=-3", "invalid task id"),
+            ("/api/tasks?colour=red", "unknown field"),
+            ("/api/tasks/abc", "invalid task id"),
+            ("/api/events?since=x", "invalid since"),
+            ("/api/events?task=999999", "does not exist"),
+        ] {
+            let response = web.get(path);
+            let status = response.status().as_u16();
+            let answer: Value = response.json().unwrap();
+            assert!(status == 400 || status == 404, "GET {path}: {status} {answer}");
+            assert!(answer["error"].as_str().unwrap().contains(says), "GET {path}: {answer}");
+        }
+        assert_eq!(web.get("/api/tasks/999999").status(), 404);
+        assert_eq!(env.snapshot(), before, "bad input changed the queue");
+    }
+
+    fn submit_review_retry_and_cancel_over_the_api(db) {
+        let env = Env::on(db, &["echo", "permanent"]);
+        let web = Web::serve(&env);
+        let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo","payload":{"needs_review":true},"key":"k1"}"#);
+        assert_eq!(status, 201, "{answer}");
+        let id = answer["id"].as_i64().unwrap();
+        assert_eq!(answer, json!({"id": id}));
+        let (status, again) = web.post("/api/tasks", r#"{"agent":"echo","payload":{"needs_review":true},"key":"k1"}"#);
+        assert_eq!((status, again), (200, json!({"id": id, "existed": true})));
+        env.until_idle(&[]);
+        assert_eq!(cli_show(&env, id)["state"], "review");
+
+        let (status, answer) = web.post(&format!("/api/tasks/{id}/review"), r#"{"verdict":"reject","note":"shorter, please"}"#);
+        assert_eq!((status, answer), (200, json!({"id": id, "state": "ready"})));
+        let shown = cli_show(&env, id);
+        assert_eq!(shown["feedback"], "shorter, please");
+        let reject = shown["events"].as_array().unwrap().iter().find(|e| e["event"] == "reject").unwrap().clone();
+        assert_eq!(reject["actor"], "api", "{reject}");
+        env.until_idle(&[]);
+        let (status, answer) = web.post(&format!("/api/tasks/{id}/review"), r#"{"verdict":"approve"}"#);
+        assert_eq!((status, answer), (200, json!({"id": id, "state": "complete"})));
+
+        let (_, answer) = web.post("/api/tasks", r#"{"agent":"permanent"}"#);
+        let failed = answer["id"].as_i64().unwrap();
+        env.until_idle(&[]);
+        assert_eq!(cli_show(&env, failed)["state"], "failed");
+        let (status, answer) = web.post(&format!("/api/tasks/{failed}/retry"), "");
+        assert_eq!((status, answer), (200, json!({"id": failed, "state": "ready"})));
+        let (status, answer) = web.post(&format!("/api/tasks/{failed}/cancel"), r#"{"reason":"not today"}"#);
+        assert_eq!((status, answer), (200, json!({"cancelled": [failed]})));
+        assert_eq!(cli_show(&env, failed)["error"]["message"], "not today");
+    }
+
+    fn metrics_move_after_a_drain(db) {
+        let env = Env::on(db, &["echo", "permanent"]);
+        let web = Web::serve(&env);
+        let before = scrape(&web);
+        assert_eq!(sample(&before, "colony_runs_finished_total", &[("agent", "echo"), ("outcome", "complete")]), 0.0);
+        for _ in 0..5 {
+            env.submit(&["echo", "{}"]);
+        }
+        env.submit(&["permanent", "{}"]);
+        env.submit(&["permanent", "{}"]);
+        let waiting = scrape(&web);
+        assert_eq!(sample(&waiting, "colony_ready_tasks", &[("agent", "echo")]), 5.0);
+        assert_eq!(sample(&waiting, "colony_tasks", &[("agent", "permanent"), ("state", "ready")]), 2.0);
+        env.until_idle(&[]);
+        let after = scrape(&web);
+        assert_eq!(sample(&after, "colony_runs_finished_total", &[("agent", "echo"), ("outcome", "complete"), ("error_kind", "")]), 5.0);
+        assert_eq!(sample(&after, "colony_runs_finished_total", &[("agent", "permanent"), ("outcome", "fail"), ("error_kind", "permanent")]), 2.0);
+        assert_eq!(sample(&after, "colony_tasks", &[("agent", "echo"), ("state", "complete")]), 5.0);
+        assert_eq!(sample(&after, "colony_tasks", &[("agent", "permanent"), ("state", "failed")]), 2.0);
+        assert_eq!(sample(&after, "colony_ready_tasks", &[("agent", "echo")]), 0.0);
+        assert_eq!(sample(&after, "colony_run_duration_seconds_count", &[("agent", "echo")]), 5.0);
+        assert_eq!(sample(&after, "colony_claim_wait_seconds_count", &[("agent", "echo")]), 5.0);
+        let overview = web.page("/");
+        assert!(overview.contains("5 runs succeeded, 2 failed for good"), "{overview}");
+    }
+}
+
+/// Parses `/metrics` with a Prometheus text-format parser.
+fn scrape(web: &Web) -> prometheus_parse::Scrape {
+    let response = web.get("/metrics");
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let text = response.text().unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The value of the sample named `name` whose labels include `labels`
+/// (0 when there is none; a counter that never moved is not written).
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        })
+        .collect();
+    assert!(matching.len() <= 1, "{name} {labels:?} matches {matching:?}");
+    matching.first().copied().unwrap_or(0.0)
+}
+
+#[test]
+fn agent_written_text_is_escaped() {
+    let env = Env::new(&["echo"]);
+    let evil = r#"<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">"#;
+    let id = env.submit(&["echo", &json!({"name": evil}).to_string()]);
+    env.until_idle(&[]);
+    let cancelled = env.submit(&["echo", "{}", "--in", "1h"]);
+    env.ok(&["cancel", &cancelled.to_string(), "--reason", evil]);
+    let web = Web::serve(&env);
+    for page in [format!("/tasks/{id}"), format!("/tasks/{cancelled}"), "/tasks".into(), format!("/tasks?q=script")] {
+        let html = web.page(&page);
+        assert!(!html.contains("<script>window"), "{page} has the agent's script as markup");
+        assert!(!html.contains("<img src=x"), "{page} has the agent's img as markup");
+    }
+    let html = web.page(&format!("/tasks/{id}"));
+    assert!(html.contains("&lt;script&gt;window.__pwned=1&lt;/script&gt;"), "{html}");
+    let response = web.get(&format!("/tasks/{id}"));
+    let csp = response.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+}
+
+#[test]
+fn forms_need_a_session_and_its_csrf_token() {
+    let env = Env::new(&["echo"]);
+    let id = env.submit(&["echo", r#"{"needs_review":true}"#]);
+    env.until_idle(&[]);
+    let web = Web::serve(&env);
+    let form = |cookie: Option<&str>, fields: &[(&str, &str)]| {
+        let mut request = web.client.post(web.url(&format!("/tasks/{id}/review"))).form(fields);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        request.send().unwrap()
+    };
+    assert_eq!(form(None, &[("verdict", "reject"), ("note", "x")]).status(), 401);
+
+    let wrong = web.client.post(web.url("/login")).form(&[("token", "nope"), ("operator", "ann")]).send().unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.text().unwrap().contains("not this server"));
+    let signed_in = web
+        .client
+        .post(web.url("/login"))
+        .form(&[("token", TOKEN), ("operator", "ann"), ("next", "/review")])
+        .send()
+        .unwrap();
+    assert_eq!(signed_in.status(), 303);
+    assert_eq!(signed_in.headers()["location"], "/review");
+    let set_cookie = signed_in.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+
+    let page = web.client.get(web.url("/review")).header("cookie", &cookie).send().unwrap().text().unwrap();
+    assert!(page.contains("signed in as <strong>ann</strong>"), "{page}");
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let before = env.snapshot();
+    assert_eq!(form(Some(&cookie), &[("verdict", "reject"), ("note", "x")]).status(), 403);
+    assert_eq!(form(Some(&cookie), &[("verdict", "reject"), ("note", "x"), ("csrf", "forged")]).status(), 403);
+    // The API takes a session only with its CSRF header.
+    let (status, _) = send(web.client.post(web.url(&format!("/api/tasks/{id}/review"))).header("cookie", &cookie).body(r#"{"verdict":"approve"}"#));
+    assert_eq!(status, 403);
+    assert_eq!(env.snapshot(), before);
+
+    let done = form(Some(&cookie), &[("verdict", "reject"), ("note", "more colour"), ("csrf", &csrf), ("next", "/review")]);
+    assert_eq!(done.status(), 303);
+    assert_eq!(done.headers()["location"], "/review");
+    let shown = env.show(id);
+    assert_eq!(shown["state"], "ready");
+    assert_eq!(shown["feedback"], "more colour");
+    let reject = shown["events"].as_array().unwrap().iter().find(|e| e["event"] == "reject").unwrap().clone();
+    assert_eq!(reject["actor"], "web:ann");
+    // An off-site `next` is not followed.
+    let (status, _) = send(web.client.post(web.url(&format!("/api/tasks/{id}/cancel"))).header("cookie", &cookie).header("x-csrf-token", &csrf).body(""));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn loopback_only_answers_to_loopback_names() {
+    let env = Env::new(&[]);
+    let web = Web::serve(&env);
+    let response = web.client.get(web.url("/api/tasks")).header("host", "evil.example").send().unwrap();
+    assert_eq!(response.status(), 403);
+    assert!(response.text().unwrap().contains("evil.example"));
+    assert_eq!(web.client.get(web.url("/api/tasks")).header("host", "localhost:1234").send().unwrap().status(), 200);
+}
+
+#[test]
+fn off_loopback_needs_a_token_to_start_and_to_read() {
+    let env = Env::new(&[]);
+    let refused = env.run(&["serve", "--listen", "0.0.0.0:0"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refusing to listen on 0.0.0.0:0 without --token"), "{stderr}");
+    let short = env.run(&["serve", "--token", "abc"]);
+    assert_eq!(short.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short.stderr).contains("at least 16 characters"));
+
+    let web = Web::start(&env, &["serve", "--listen", "0.0.0.0:0", "--token", TOKEN]);
+    let port = web.base.rsplit(':').next().unwrap();
+    let url = format!("http://127.0.0.1:{port}/api/tasks");
+    assert_eq!(web.client.get(&url).send().unwrap().status(), 401);
+    let page = web.client.get(format!("http://127.0.0.1:{port}/tasks")).send().unwrap();
+    assert_eq!(page.status(), 303);
+    assert_eq!(page.headers()["location"], "/login?next=/tasks");
+    assert_eq!(web.client.get(&url).bearer_auth(TOKEN).send().unwrap().status(), 200);
+}
+
+#[test]
+fn a_generated_token_is_printed_and_works() {
+    let env = Env::new(&["echo"]);
+    let web = Web::start(&env, &["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(web.token.len(), 64);
+    let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo"}"#);
+    assert_eq!(status, 201, "{answer}");
+}
+
+#[test]
+fn pages_and_api_lists_are_paginated_and_searchable() {
+    let env = Env::new(&["echo"]);
+    let lines: String = (0..120)
+        .map(|i| format!("{}\n", json!({"agent": "echo", "payload": {"n": i, "tag": if i == 7 { "needle_x" } else { "hay" }}})))
+        .collect();
+    let batch = env.file("tasks.jsonl", lines);
+    env.ok(&["submit", "--batch", &batch]);
+    let web = Web::serve(&env);
+    let first = web.get_json("/api/tasks?limit=50");
+    let ids: Vec<i64> = first.as_array().unwrap().iter().map(|t| t["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, (71..=120).rev().collect::<Vec<_>>());
+    let second = web.get_json("/api/tasks?limit=50&before=71");
+    assert_eq!(second[0]["id"], 70);
+    assert_eq!(web.get_json("/api/tasks?limit=50&before=21").as_array().unwrap().len(), 20);
+    let found = web.get_json("/api/tasks?q=NEEDLE_x");
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(found[0]["payload"]["n"], 7);
+    assert_eq!(web.get_json("/api/tasks?q=50%25").as_array().unwrap().len(), 0, "% is literal");
+    let page = web.page("/tasks?limit=50");
+    assert!(page.contains("href=\"/tasks?before=71\""), "{page}");
+    assert!(web.page("/tasks?q=needle").contains("/tasks/8\""));
+}
+
+#[test]
+fn events_stream_as_server_sent_events() {
+    let env = Env::new(&["echo"]);
+    let id = env.submit(&["echo", "{}"]);
+    let web = Web::serve(&env);
+    let mut stream = web
+        .client
+        .get(web.url(&format!("/api/events?task={id}")))
+        .header("accept", "text/event-stream")
+        .send()
+        .unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    env.until_idle(&[]);
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("\n\n").count() < 3 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let events: Vec<Value> = seen
+        .split("\n\n")
+        .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(&kinds[..3], ["submit", "claim", "complete"], "{seen}");
+    assert!(seen.starts_with("id: 1\n") || seen.contains("\nid: 1\n") || seen.contains("id: 1\n"), "{seen}");
+}
+
+#[test]
+fn a_daemon_serves_the_dashboard_while_it_runs() {
+    let env = Env::new(&["echo"]);
+    let web = Web::start(
+        &env,
+        &["daemon", "--poll", "100ms", "--http", "127.0.0.1:0", "--token", TOKEN],
+    );
+    let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo","payload":{"x":1}}"#);
+    assert_eq!(status, 201, "{answer}");
+    let id = answer["id"].as_i64().unwrap();
+    wait_for("the daemon to run the task", std::time::Duration::from_secs(60), || {
+        web.get_json(&format!("/api/tasks/{id}"))["state"] == "complete"
+    });
+    let counts: HashMap<String, Value> =
+        serde_json::from_value(web.get_json("/api/status")["by_state"].clone()).unwrap();
+    assert_eq!(counts["complete"], 1);
+    let status = web.stop();
+    assert!(status.success(), "{status}");
+}

@@ -56,7 +56,7 @@ try {
 
   // Sign in, then reject the task in review with a note: back to ready.
   await page.goto(`${base}/tasks/${reviewId}`);
-  await page.click("text=Sign in");
+  await page.click(`main a[href="/login?next=/tasks/${reviewId}"]`);
   await page.fill("input[name=operator]", "browser-test");
   await page.fill("input[name=token]", token);
   await page.click("button[type=submit]");

@@ -77,9 +77,9 @@ pub const MAX_CHAIN_NODES: usize = 200;
 const MAX_CHAIN_DEPTH: usize = 100;
 
 impl Queue {
-    /// A page of tasks, newest first. The state is written into the SQL as
-    /// a literal (it is one of the transition table's names), so that both
-    /// databases can use the partial index `tasks_by_state`.
+    /// A page of tasks, newest first, read through `tasks_by_state`,
+    /// `tasks_by_agent` or the primary key. (The state is one of the
+    /// transition table's names, written into the SQL as a literal.)
     pub fn task_page(&self, query: &TaskQuery) -> Result<TaskPage> {
         let before = query.before.unwrap_or(i64::MAX);
         let limit = i64::from(query.limit.max(1));
@@ -251,7 +251,7 @@ impl Queue {
         })
     }
 
-    /// Tasks waiting in review, oldest first (read off `tasks_by_state`).
+    /// Tasks waiting in review, oldest first (read through `tasks_by_state`).
     pub fn in_review(&self, limit: u32) -> Result<Vec<TaskRow>> {
         self.read(|db| {
             let sql = format!(
@@ -375,11 +375,13 @@ fn like_pattern(text: &str) -> String {
 
 /// Migration 4 of both schemas: the indexes the pages read through.
 /// `tasks_by_agent` is written only when a task is inserted (its columns
-/// never change); `tasks_by_state` leaves out `complete`, the bulk of any
-/// history, which the primary key finds quickly newest first.
+/// never change). `tasks_by_state` covers every state: a partial index
+/// leaving out `complete` would be written as often (a task enters and
+/// leaves it at every move), and SQLite cannot prove that `state =
+/// 'failed'` implies `state <> 'complete'`, so it would never use it.
 pub(super) const DASHBOARD_INDEXES: &str = "
     CREATE INDEX tasks_by_agent ON tasks(agent, id);
-    CREATE INDEX tasks_by_state ON tasks(state, id) WHERE state <> 'complete';";
+    CREATE INDEX tasks_by_state ON tasks(state, id);";
 
 #[cfg(test)]
 mod tests {

@@ -52,18 +52,34 @@ pub(super) fn children(db: &dyn Sql, parent_id: i64) -> Result<Vec<TaskRow>> {
         .collect())
 }
 
+/// Tasks per agent and state, without reading the rows of finished work:
+/// each state but `complete` is counted through `tasks_by_state` (its rows
+/// are few), and `complete` (the bulk of any history) is each agent's
+/// total, an index-only count of `tasks_by_agent`, less the rest.
 pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
-    let rows = db.query(
-        "SELECT agent, state, COUNT(*) FROM tasks GROUP BY agent, state ORDER BY agent, state",
-        args![],
-    )?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        out.push((
-            row.get(0)?,
-            parse_state(&row.get::<String>(1)?)?,
-            row.get(2)?,
-        ));
+    // Per agent, a count per state in the order of `State::ALL`.
+    let mut by_agent: BTreeMap<String, [u64; State::ALL.len()]> = BTreeMap::new();
+    let complete = State::ALL.iter().position(|s| *s == State::Complete).unwrap();
+    for row in db.query("SELECT agent, COUNT(*) FROM tasks GROUP BY agent", args![])? {
+        by_agent.entry(row.get(0)?).or_default()[complete] = row.get(1)?;
+    }
+    for (i, state) in State::ALL.into_iter().enumerate().filter(|(i, _)| *i != complete) {
+        let sql = format!(
+            "SELECT agent, COUNT(*) FROM tasks WHERE state = '{}' GROUP BY agent",
+            state.as_str()
+        );
+        for row in db.query(&sql, args![])? {
+            let n: u64 = row.get(1)?;
+            let counts = by_agent.entry(row.get(0)?).or_default();
+            counts[complete] = counts[complete].saturating_sub(n);
+            counts[i] = n;
+        }
+    }
+    let mut out = Vec::new();
+    for (agent, counts) in by_agent {
+        let mut states: Vec<(State, u64)> = State::ALL.into_iter().zip(counts).filter(|(_, n)| *n > 0).collect();
+        states.sort_by_key(|(state, _)| state.as_str());
+        out.extend(states.into_iter().map(|(state, n)| (agent.clone(), state, n)));
     }
     Ok(out)
 }
@@ -115,11 +131,19 @@ pub(super) fn events(
     since: i64,
     limit: u32,
 ) -> Result<Vec<AuditEvent>> {
-    let rows = db.query(
-        "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events
-         WHERE id > ?1 AND (CAST(?2 AS BIGINT) IS NULL OR task_id = ?2) ORDER BY id LIMIT ?3",
-        args![since, task_id, limit],
-    )?;
+    // Two statements rather than `(?2 IS NULL OR task_id = ?2)`, which
+    // keeps both databases from using `events_by_task`.
+    const COLUMNS: &str = "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
+    let rows = match task_id {
+        Some(task) => db.query(
+            &format!("{COLUMNS} WHERE task_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"),
+            args![task, since, limit],
+        )?,
+        None => db.query(
+            &format!("{COLUMNS} WHERE id > ?1 ORDER BY id LIMIT ?2"),
+            args![since, limit],
+        )?,
+    };
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let from: Option<String> = row.get(4)?;

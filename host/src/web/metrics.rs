@@ -27,6 +27,9 @@ pub const WINDOW_MINUTES: i64 = 60;
 /// rest waits for the next one: a scrape never stalls on a huge backlog).
 const PAGE: u32 = 5_000;
 const MAX_PER_CATCH_UP: usize = 100_000;
+/// Most events of the last hour read at start (a busy hour holds millions;
+/// the chart then starts part way into it).
+const MAX_BACKFILL: i64 = 300_000;
 /// Tasks whose ready or claim time is remembered for the histograms; past
 /// this (a backlog of millions) the oldest are not timed.
 const MAX_TIMED_TASKS: usize = 200_000;
@@ -204,7 +207,9 @@ impl Metrics {
         let now = queue.now()?;
         let mut since = match tail.last_event {
             Some(id) => id,
-            None => queue.event_id_before(now - WINDOW_MINUTES * 60_000)?,
+            None => queue
+                .event_id_before(now - WINDOW_MINUTES * 60_000)?
+                .max(queue.last_event_id()? - MAX_BACKFILL),
         };
         let mut read = 0;
         loop {

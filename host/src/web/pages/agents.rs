@@ -10,14 +10,7 @@ use crate::web::Shared;
 use crate::web::auth::Caller;
 
 pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller>) -> PageResult {
-    let metrics_app = app.clone();
-    let now = app
-        .store
-        .run(None, move |queue| {
-            metrics_app.metrics.catch_up(queue)?;
-            queue.now()
-        })
-        .await?;
+    let now = app.store.run(None, |queue| queue.now()).await?;
     let activity = app.metrics.activity(now);
     let mut agents = app.agents.lock().await;
     agents.rescan(&app.runtime).await;

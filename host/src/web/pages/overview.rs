@@ -18,11 +18,11 @@ struct Overview {
 }
 
 pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller>) -> PageResult {
-    let metrics_app = app.clone();
+    // The chart is as current as the background reader of the audit trail
+    // (a few seconds): the page does not wait for it.
     let overview = app
         .store
         .run(None, move |queue| {
-            metrics_app.metrics.catch_up(queue)?;
             let failures = queue
                 .task_page(&TaskQuery {
                     state: Some(TaskState::Failed),
@@ -160,7 +160,7 @@ fn chart(activity: &Activity) -> Markup {
     let height = |n: u64| n as f64 / peak * (H - 20.0);
     html! {
         figure.chart {
-            svg viewBox={ "0 0 " (W) " " (H) } role="img" aria-label="Runs per minute over the last hour" {
+            svg viewBox={ "0 0 " (W) " " (H) } preserveAspectRatio="none" role="img" aria-label="Runs per minute over the last hour" {
                 line x1="0" y1=(H - 0.5) x2=(W) y2=(H - 0.5) class="axis" {}
                 @for (i, (start, m)) in activity.minutes.iter().enumerate() {
                     @let x = i as f64 * bar;
@@ -174,11 +174,10 @@ fn chart(activity: &Activity) -> Markup {
                         rect.failed x=(x) y=(H - ok - retried - failed) width=(bar - 1.0) height=(failed) {}
                     }
                 }
-                text x="4" y="12" class="label" { "peak " (peak as u64) "/min" }
             }
             figcaption {
                 span.key.ok { "succeeded" } " " span.key.retried { "retried" } " " span.key.failed { "failed" }
-                " — per minute, the last 60 minutes"
+                " — runs per minute over the last 60 minutes (peak " (peak as u64) ")"
             }
         }
     }

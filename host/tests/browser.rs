@@ -16,7 +16,10 @@ use common::*;
 use serde_json::json;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Why the browser test cannot run here, if it cannot.
@@ -27,7 +30,10 @@ fn missing_parts(chromium: &Path) -> Option<String> {
             chromium.display()
         ));
     }
-    if !repo().join("tests/browser/node_modules/playwright-core").is_dir() {
+    if !repo()
+        .join("tests/browser/node_modules/playwright-core")
+        .is_dir()
+    {
         return Some("playwright-core is not installed (npm ci --prefix tests/browser)".into());
     }
     None
@@ -44,7 +50,8 @@ fn the_dashboard_in_headless_chromium() {
     let env = Env::new(&["echo", "permanent"]);
     let failed = env.submit(&["permanent", "{}"]);
     let review = env.submit(&["echo", r#"{"needs_review":true,"draft":"A lamp."}"#]);
-    let evil = r#"<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2;alert(1)">"#;
+    let evil =
+        r#"<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2;alert(1)">"#;
     let xss = env.submit(&["echo", &json!({ "title": evil }).to_string()]);
     for i in 0..12 {
         env.submit(&["echo", &json!({ "n": i }).to_string()]);

@@ -215,8 +215,14 @@ on_both_drivers! {
 fn scrape(web: &Web) -> prometheus_parse::Scrape {
     let response = web.get("/metrics");
     assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
     let text = response.text().unwrap();
     let lines = text.lines().map(|l| Ok(l.to_string()));
     prometheus_parse::Scrape::parse(lines).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -236,7 +242,10 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]
             ref other => panic!("{name}: {other:?}"),
         })
         .collect();
-    assert!(matching.len() <= 1, "{name} {labels:?} matches {matching:?}");
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {matching:?}"
+    );
     matching.first().copied().unwrap_or(0.0)
 }
 
@@ -249,15 +258,31 @@ fn agent_written_text_is_escaped() {
     let cancelled = env.submit(&["echo", "{}", "--in", "1h"]);
     env.ok(&["cancel", &cancelled.to_string(), "--reason", evil]);
     let web = Web::serve(&env);
-    for page in [format!("/tasks/{id}"), format!("/tasks/{cancelled}"), "/tasks".into(), format!("/tasks?q=script")] {
+    for page in [
+        format!("/tasks/{id}"),
+        format!("/tasks/{cancelled}"),
+        "/tasks".into(),
+        "/tasks?q=script".to_string(),
+    ] {
         let html = web.page(&page);
-        assert!(!html.contains("<script>window"), "{page} has the agent's script as markup");
-        assert!(!html.contains("<img src=x"), "{page} has the agent's img as markup");
+        assert!(
+            !html.contains("<script>window"),
+            "{page} has the agent's script as markup"
+        );
+        assert!(
+            !html.contains("<img src=x"),
+            "{page} has the agent's img as markup"
+        );
     }
     let html = web.page(&format!("/tasks/{id}"));
-    assert!(html.contains("&lt;script&gt;window.__pwned=1&lt;/script&gt;"), "{html}");
+    assert!(
+        html.contains("&lt;script&gt;window.__pwned=1&lt;/script&gt;"),
+        "{html}"
+    );
     let response = web.get(&format!("/tasks/{id}"));
-    let csp = response.headers()["content-security-policy"].to_str().unwrap();
+    let csp = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap();
     assert!(csp.contains("script-src 'self'"), "{csp}");
 }
 
@@ -268,15 +293,26 @@ fn forms_need_a_session_and_its_csrf_token() {
     env.until_idle(&[]);
     let web = Web::serve(&env);
     let form = |cookie: Option<&str>, fields: &[(&str, &str)]| {
-        let mut request = web.client.post(web.url(&format!("/tasks/{id}/review"))).form(fields);
+        let mut request = web
+            .client
+            .post(web.url(&format!("/tasks/{id}/review")))
+            .form(fields);
         if let Some(cookie) = cookie {
             request = request.header("cookie", cookie);
         }
         request.send().unwrap()
     };
-    assert_eq!(form(None, &[("verdict", "reject"), ("note", "x")]).status(), 401);
+    assert_eq!(
+        form(None, &[("verdict", "reject"), ("note", "x")]).status(),
+        401
+    );
 
-    let wrong = web.client.post(web.url("/login")).form(&[("token", "nope"), ("operator", "ann")]).send().unwrap();
+    let wrong = web
+        .client
+        .post(web.url("/login"))
+        .form(&[("token", "nope"), ("operator", "ann")])
+        .send()
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     assert!(wrong.text().unwrap().contains("not this server"));
     let signed_in = web
@@ -287,31 +323,86 @@ fn forms_need_a_session_and_its_csrf_token() {
         .unwrap();
     assert_eq!(signed_in.status(), 303);
     assert_eq!(signed_in.headers()["location"], "/review");
-    let set_cookie = signed_in.headers()["set-cookie"].to_str().unwrap().to_string();
-    assert!(set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"), "{set_cookie}");
+    let set_cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
     let cookie = set_cookie.split(';').next().unwrap().to_string();
 
-    let page = web.client.get(web.url("/review")).header("cookie", &cookie).send().unwrap().text().unwrap();
+    let page = web
+        .client
+        .get(web.url("/review"))
+        .header("cookie", &cookie)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
     assert!(page.contains("signed in as <strong>ann</strong>"), "{page}");
-    let csrf = page.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
     let before = env.snapshot();
-    assert_eq!(form(Some(&cookie), &[("verdict", "reject"), ("note", "x")]).status(), 403);
-    assert_eq!(form(Some(&cookie), &[("verdict", "reject"), ("note", "x"), ("csrf", "forged")]).status(), 403);
+    assert_eq!(
+        form(Some(&cookie), &[("verdict", "reject"), ("note", "x")]).status(),
+        403
+    );
+    assert_eq!(
+        form(
+            Some(&cookie),
+            &[("verdict", "reject"), ("note", "x"), ("csrf", "forged")]
+        )
+        .status(),
+        403
+    );
     // The API takes a session only with its CSRF header.
-    let (status, _) = send(web.client.post(web.url(&format!("/api/tasks/{id}/review"))).header("cookie", &cookie).body(r#"{"verdict":"approve"}"#));
+    let (status, _) = send(
+        web.client
+            .post(web.url(&format!("/api/tasks/{id}/review")))
+            .header("cookie", &cookie)
+            .body(r#"{"verdict":"approve"}"#),
+    );
     assert_eq!(status, 403);
     assert_eq!(env.snapshot(), before);
 
-    let done = form(Some(&cookie), &[("verdict", "reject"), ("note", "more colour"), ("csrf", &csrf), ("next", "/review")]);
+    let done = form(
+        Some(&cookie),
+        &[
+            ("verdict", "reject"),
+            ("note", "more colour"),
+            ("csrf", &csrf),
+            ("next", "/review"),
+        ],
+    );
     assert_eq!(done.status(), 303);
     assert_eq!(done.headers()["location"], "/review");
     let shown = env.show(id);
     assert_eq!(shown["state"], "ready");
     assert_eq!(shown["feedback"], "more colour");
-    let reject = shown["events"].as_array().unwrap().iter().find(|e| e["event"] == "reject").unwrap().clone();
+    let reject = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "reject")
+        .unwrap()
+        .clone();
     assert_eq!(reject["actor"], "web:ann");
     // An off-site `next` is not followed.
-    let (status, _) = send(web.client.post(web.url(&format!("/api/tasks/{id}/cancel"))).header("cookie", &cookie).header("x-csrf-token", &csrf).body(""));
+    let (status, _) = send(
+        web.client
+            .post(web.url(&format!("/api/tasks/{id}/cancel")))
+            .header("cookie", &cookie)
+            .header("x-csrf-token", &csrf)
+            .body(""),
+    );
     assert_eq!(status, 200);
 }
 
@@ -319,10 +410,23 @@ fn forms_need_a_session_and_its_csrf_token() {
 fn loopback_only_answers_to_loopback_names() {
     let env = Env::new(&[]);
     let web = Web::serve(&env);
-    let response = web.client.get(web.url("/api/tasks")).header("host", "evil.example").send().unwrap();
+    let response = web
+        .client
+        .get(web.url("/api/tasks"))
+        .header("host", "evil.example")
+        .send()
+        .unwrap();
     assert_eq!(response.status(), 403);
     assert!(response.text().unwrap().contains("evil.example"));
-    assert_eq!(web.client.get(web.url("/api/tasks")).header("host", "localhost:1234").send().unwrap().status(), 200);
+    assert_eq!(
+        web.client
+            .get(web.url("/api/tasks"))
+            .header("host", "localhost:1234")
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -331,7 +435,10 @@ fn off_loopback_needs_a_token_to_start_and_to_read() {
     let refused = env.run(&["serve", "--listen", "0.0.0.0:0"]);
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("refusing to listen on 0.0.0.0:0 without --token"), "{stderr}");
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 without --token"),
+        "{stderr}"
+    );
     let short = env.run(&["serve", "--token", "abc"]);
     assert_eq!(short.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 16 characters"));
@@ -340,10 +447,22 @@ fn off_loopback_needs_a_token_to_start_and_to_read() {
     let port = web.base.rsplit(':').next().unwrap();
     let url = format!("http://127.0.0.1:{port}/api/tasks");
     assert_eq!(web.client.get(&url).send().unwrap().status(), 401);
-    let page = web.client.get(format!("http://127.0.0.1:{port}/tasks")).send().unwrap();
+    let page = web
+        .client
+        .get(format!("http://127.0.0.1:{port}/tasks"))
+        .send()
+        .unwrap();
     assert_eq!(page.status(), 303);
     assert_eq!(page.headers()["location"], "/login?next=/tasks");
-    assert_eq!(web.client.get(&url).bearer_auth(TOKEN).send().unwrap().status(), 200);
+    assert_eq!(
+        web.client
+            .get(&url)
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[test]
@@ -365,15 +484,30 @@ fn pages_and_api_lists_are_paginated_and_searchable() {
     env.ok(&["submit", "--batch", &batch]);
     let web = Web::serve(&env);
     let first = web.get_json("/api/tasks?limit=50");
-    let ids: Vec<i64> = first.as_array().unwrap().iter().map(|t| t["id"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(ids, (71..=120).rev().collect::<Vec<_>>());
     let second = web.get_json("/api/tasks?limit=50&before=71");
     assert_eq!(second[0]["id"], 70);
-    assert_eq!(web.get_json("/api/tasks?limit=50&before=21").as_array().unwrap().len(), 20);
+    assert_eq!(
+        web.get_json("/api/tasks?limit=50&before=21")
+            .as_array()
+            .unwrap()
+            .len(),
+        20
+    );
     let found = web.get_json("/api/tasks?q=NEEDLE_x");
     assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
     assert_eq!(found[0]["payload"]["n"], 7);
-    assert_eq!(web.get_json("/api/tasks?q=50%25").as_array().unwrap().len(), 0, "% is literal");
+    assert_eq!(
+        web.get_json("/api/tasks?q=50%25").as_array().unwrap().len(),
+        0,
+        "% is literal"
+    );
     let page = web.page("/tasks?limit=50");
     assert!(page.contains("href=\"/tasks?before=71\""), "{page}");
     assert!(web.page("/tasks?q=needle").contains("/tasks/8\""));
@@ -404,9 +538,15 @@ fn events_stream_as_server_sent_events() {
         .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("data: ")))
         .map(|data| serde_json::from_str(data).unwrap())
         .collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(&kinds[..3], ["submit", "claim", "complete"], "{seen}");
-    assert!(seen.starts_with("id: 1\n") || seen.contains("\nid: 1\n") || seen.contains("id: 1\n"), "{seen}");
+    assert!(
+        seen.starts_with("id: 1\n") || seen.contains("\nid: 1\n") || seen.contains("id: 1\n"),
+        "{seen}"
+    );
 }
 
 #[test]
@@ -414,14 +554,24 @@ fn a_daemon_serves_the_dashboard_while_it_runs() {
     let env = Env::new(&["echo"]);
     let web = Web::start(
         &env,
-        &["daemon", "--poll", "100ms", "--http", "127.0.0.1:0", "--token", TOKEN],
+        &[
+            "daemon",
+            "--poll",
+            "100ms",
+            "--http",
+            "127.0.0.1:0",
+            "--token",
+            TOKEN,
+        ],
     );
     let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo","payload":{"x":1}}"#);
     assert_eq!(status, 201, "{answer}");
     let id = answer["id"].as_i64().unwrap();
-    wait_for("the daemon to run the task", std::time::Duration::from_secs(60), || {
-        web.get_json(&format!("/api/tasks/{id}"))["state"] == "complete"
-    });
+    wait_for(
+        "the daemon to run the task",
+        std::time::Duration::from_secs(60),
+        || web.get_json(&format!("/api/tasks/{id}"))["state"] == "complete",
+    );
     let counts: HashMap<String, Value> =
         serde_json::from_value(web.get_json("/api/status")["by_state"].clone()).unwrap();
     assert_eq!(counts["complete"], 1);

@@ -989,7 +989,10 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     if let (Some(stop), Some(server)) = (web_stop, web) {
         let _ = stop.send(());
         // Open event streams would hold a graceful shutdown forever.
-        if tokio::time::timeout(Duration::from_secs(2), server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .is_err()
+        {
             tracing::warn!("the dashboard did not stop within 2 s; leaving it");
         }
     }

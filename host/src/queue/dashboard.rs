@@ -257,7 +257,11 @@ impl Queue {
             let sql = format!(
                 "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'review' ORDER BY id LIMIT ?1"
             );
-            Ok(db.query(&sql, args![i64::from(limit)])?.iter().map(task_row).collect())
+            Ok(db
+                .query(&sql, args![i64::from(limit)])?
+                .iter()
+                .map(task_row)
+                .collect())
         })
     }
 }

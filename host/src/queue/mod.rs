@@ -49,8 +49,8 @@ use crate::task::{self, NewTask, RunOutcome, State, Task};
 pub use crate::task::{ClaimedTask, Lease};
 pub use copy::CopyReport;
 pub use dashboard::{
-    AgentEvent, ChainNode, MAX_CHAIN_NODES, ModelCharge, StateWriteRow, TEXT_SEARCH_WINDOW, TaskPage,
-    TaskQuery,
+    AgentEvent, ChainNode, MAX_CHAIN_NODES, ModelCharge, StateWriteRow, TEXT_SEARCH_WINDOW,
+    TaskPage, TaskQuery,
 };
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};

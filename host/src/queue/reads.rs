@@ -59,11 +59,18 @@ pub(super) fn children(db: &dyn Sql, parent_id: i64) -> Result<Vec<TaskRow>> {
 pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
     // Per agent, a count per state in the order of `State::ALL`.
     let mut by_agent: BTreeMap<String, [u64; State::ALL.len()]> = BTreeMap::new();
-    let complete = State::ALL.iter().position(|s| *s == State::Complete).unwrap();
+    let complete = State::ALL
+        .iter()
+        .position(|s| *s == State::Complete)
+        .unwrap();
     for row in db.query("SELECT agent, COUNT(*) FROM tasks GROUP BY agent", args![])? {
         by_agent.entry(row.get(0)?).or_default()[complete] = row.get(1)?;
     }
-    for (i, state) in State::ALL.into_iter().enumerate().filter(|(i, _)| *i != complete) {
+    for (i, state) in State::ALL
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != complete)
+    {
         let sql = format!(
             "SELECT agent, COUNT(*) FROM tasks WHERE state = '{}' GROUP BY agent",
             state.as_str()
@@ -77,9 +84,17 @@ pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
     }
     let mut out = Vec::new();
     for (agent, counts) in by_agent {
-        let mut states: Vec<(State, u64)> = State::ALL.into_iter().zip(counts).filter(|(_, n)| *n > 0).collect();
+        let mut states: Vec<(State, u64)> = State::ALL
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .collect();
         states.sort_by_key(|(state, _)| state.as_str());
-        out.extend(states.into_iter().map(|(state, n)| (agent.clone(), state, n)));
+        out.extend(
+            states
+                .into_iter()
+                .map(|(state, n)| (agent.clone(), state, n)),
+        );
     }
     Ok(out)
 }
@@ -133,7 +148,8 @@ pub(super) fn events(
 ) -> Result<Vec<AuditEvent>> {
     // Two statements rather than `(?2 IS NULL OR task_id = ?2)`, which
     // keeps both databases from using `events_by_task`.
-    const COLUMNS: &str = "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
+    const COLUMNS: &str =
+        "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
     let rows = match task_id {
         Some(task) => db.query(
             &format!("{COLUMNS} WHERE task_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"),

@@ -71,38 +71,48 @@ impl From<QueueError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({"error": self.message}))).into_response()
+        let unauthorized = self.status == StatusCode::UNAUTHORIZED;
+        let mut response =
+            (self.status, axum::Json(json!({"error": self.message}))).into_response();
+        if unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<Denied> for ApiError {
+    /// 401 without credentials, 403 with wrong ones.
+    fn from(denied: Denied) -> ApiError {
+        let status = match denied {
+            Denied::Missing => StatusCode::UNAUTHORIZED,
+            Denied::Wrong(_) => StatusCode::FORBIDDEN,
+        };
+        ApiError {
+            status,
+            message: denied.message(),
+        }
     }
 }
 
 /// 401 or 403, with the reason.
 pub fn denied(denied: &Denied) -> Response {
-    let status = match denied {
-        Denied::Missing => StatusCode::UNAUTHORIZED,
-        Denied::Wrong(_) => StatusCode::FORBIDDEN,
-    };
-    let mut response = ApiError {
-        status,
-        message: denied.message(),
-    }
-    .into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            axum::http::HeaderValue::from_static("Bearer"),
-        );
-    }
-    response
+    ApiError::from(denied.clone()).into_response()
 }
 
 type ApiResult = Result<Response, ApiError>;
 
 /// The audit actor of a change, once the caller may make it.
-fn authorize(app: &Shared, caller: &Caller, headers: &HeaderMap) -> Result<Option<String>, Response> {
+fn authorize(
+    app: &Shared,
+    caller: &Caller,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
     let csrf = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
-    app.auth
-        .may_change(caller, csrf)
-        .map_err(|d| denied(&d))?;
+    app.auth.may_change(caller, csrf)?;
     Ok(caller.actor())
 }
 
@@ -111,7 +121,11 @@ pub fn task_id(text: &str) -> Result<i64, ApiError> {
     text.parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::bad(format!("invalid task id {text:?}: ids are positive integers")))
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "invalid task id {text:?}: ids are positive integers"
+            ))
+        })
 }
 
 pub fn parse_state(text: &str) -> Result<TaskState, ApiError> {
@@ -120,7 +134,10 @@ pub fn parse_state(text: &str) -> Result<TaskState, ApiError> {
         .find(|s| s.as_str() == text)
         .ok_or_else(|| {
             let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
-            ApiError::bad(format!("invalid state {text:?}: one of {}", names.join(", ")))
+            ApiError::bad(format!(
+                "invalid state {text:?}: one of {}",
+                names.join(", ")
+            ))
         })
 }
 
@@ -138,14 +155,23 @@ pub struct ListParams {
 
 impl ListParams {
     pub fn query(&self, default_limit: u32) -> Result<TaskQuery, ApiError> {
-        let nonempty = |v: &Option<String>| v.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(String::from);
+        let nonempty = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+        };
         let limit = match nonempty(&self.limit) {
             None => default_limit,
             Some(text) => text
                 .parse::<u32>()
                 .ok()
                 .filter(|n| (1..=MAX_LIMIT).contains(n))
-                .ok_or_else(|| ApiError::bad(format!("invalid limit {text:?}: a number from 1 to {MAX_LIMIT}")))?,
+                .ok_or_else(|| {
+                    ApiError::bad(format!(
+                        "invalid limit {text:?}: a number from 1 to {MAX_LIMIT}"
+                    ))
+                })?,
         };
         Ok(TaskQuery {
             state: nonempty(&self.state).map(|s| parse_state(&s)).transpose()?,
@@ -182,7 +208,9 @@ async fn show(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
     let value = app
         .store
         .run(None, move |queue| {
-            Ok(output::task_detail_json(&output::TaskDetail::load(queue, id)?))
+            Ok(output::task_detail_json(&output::TaskDetail::load(
+                queue, id,
+            )?))
         })
         .await?;
     Ok(axum::Json(value).into_response())
@@ -209,23 +237,30 @@ async fn submit(
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> ApiResult {
     let actor = authorize(&app, &caller, &headers)?;
-    let line = text(&body).map_err(IntoResponse::into_response)?.trim();
+    let line = text(&body)?.trim();
     if line.is_empty() {
-        return Err(ApiError::bad("the body is empty: send one task as one line of `submit --batch`, e.g. {\"agent\": \"writer\", \"payload\": {}}").into_response());
+        return Err(ApiError::bad(
+            "the body is empty: send one task as one line of `submit --batch`, e.g. {\"agent\": \"writer\", \"payload\": {}}",
+        ));
     }
     if line.lines().filter(|l| !l.trim().is_empty()).count() > 1 {
-        return Err(ApiError::bad("the body holds more than one line: send one task per request (one line of `submit --batch`)").into_response());
+        return Err(ApiError::bad(
+            "the body holds more than one line: send one task per request (one line of `submit --batch`)",
+        ));
     }
-    let task = crate::cli::parse_batch_line(line).map_err(|e| ApiError::bad(e).into_response())?;
+    let task = crate::cli::parse_batch_line(line).map_err(ApiError::bad)?;
     let submitted = app
         .store
         .run(actor, move |queue| queue.submit(&task))
-        .await
-        .map_err(|e| ApiError::from(e).into_response())?;
+        .await?;
     Ok(if submitted.existed {
-        (StatusCode::OK, axum::Json(json!({"id": submitted.id, "existed": true}))).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(json!({"id": submitted.id, "existed": true})),
+        )
+            .into_response()
     } else {
         (StatusCode::CREATED, axum::Json(json!({"id": submitted.id}))).into_response()
     })
@@ -266,15 +301,16 @@ async fn review(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> ApiResult {
     let actor = authorize(&app, &caller, &headers)?;
-    let id = task_id(&id).map_err(IntoResponse::into_response)?;
-    let body: ReviewBody = json_body(&body).map_err(IntoResponse::into_response)?;
+    let id = task_id(&id)?;
+    let body: ReviewBody = json_body(&body)?;
     let to = app
         .store
-        .run(actor, move |queue| apply_review(queue, id, body.verdict, body.note.as_deref()))
-        .await
-        .map_err(|e| ApiError::from(e).into_response())?;
+        .run(actor, move |queue| {
+            apply_review(queue, id, body.verdict, body.note.as_deref())
+        })
+        .await?;
     Ok(axum::Json(output::moved_json(id, to)).into_response())
 }
 
@@ -284,18 +320,14 @@ async fn retry(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> ApiResult {
     let actor = authorize(&app, &caller, &headers)?;
-    let id = task_id(&id).map_err(IntoResponse::into_response)?;
+    let id = task_id(&id)?;
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Nothing {}
-    let _: Nothing = json_body(&body).map_err(IntoResponse::into_response)?;
-    let to = app
-        .store
-        .run(actor, move |queue| queue.retry(id))
-        .await
-        .map_err(|e| ApiError::from(e).into_response())?;
+    let _: Nothing = json_body(&body)?;
+    let to = app.store.run(actor, move |queue| queue.retry(id)).await?;
     Ok(axum::Json(output::moved_json(id, to)).into_response())
 }
 
@@ -312,10 +344,10 @@ async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
-) -> Result<Response, Response> {
+) -> ApiResult {
     let actor = authorize(&app, &caller, &headers)?;
-    let id = task_id(&id).map_err(IntoResponse::into_response)?;
-    let body: CancelBody = json_body(&body).map_err(IntoResponse::into_response)?;
+    let id = task_id(&id)?;
+    let body: CancelBody = json_body(&body)?;
     let reason = body
         .reason
         .filter(|r| !r.trim().is_empty())
@@ -323,8 +355,7 @@ async fn cancel(
     let ids = app
         .store
         .run(actor, move |queue| queue.cancel(id, &reason))
-        .await
-        .map_err(|e| ApiError::from(e).into_response())?;
+        .await?;
     Ok(axum::Json(json!({"cancelled": ids})).into_response())
 }
 
@@ -360,24 +391,44 @@ async fn events(
     params: Result<Query<EventParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let Query(params) = params.map_err(query_error)?;
-    let since = match params.since.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+    let since = match params
+        .since
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         None => 0,
-        Some(text) => text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-            ApiError::bad(format!("invalid since {text:?}: an event id, 0 or more"))
-        })?,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| {
+                ApiError::bad(format!("invalid since {text:?}: an event id, 0 or more"))
+            })?,
     };
-    let task = params.task.as_deref().filter(|t| !t.is_empty()).map(task_id).transpose()?;
+    let task = params
+        .task
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(task_id)
+        .transpose()?;
     let limit = match params.limit.as_deref().filter(|l| !l.is_empty()) {
         None => MAX_LIMIT,
         Some(text) => text
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| ApiError::bad(format!("invalid limit {text:?}: a number from 1 to {MAX_LIMIT}")))?,
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "invalid limit {text:?}: a number from 1 to {MAX_LIMIT}"
+                ))
+            })?,
     };
     if let Some(id) = task {
         // An unknown task is bad input, not an empty trail (as in the CLI).
-        app.store.run(None, move |queue| queue.get(id).map(|_| ())).await?;
+        app.store
+            .run(None, move |queue| queue.get(id).map(|_| ()))
+            .await?;
     }
     let streaming = headers
         .get(header::ACCEPT)

@@ -97,7 +97,9 @@ impl Auth {
             return match given {
                 Some(given) if same(given.trim(), &self.token) => Ok(Caller::Token),
                 Some(_) => Err(Denied::Wrong("the bearer token is not this server's token")),
-                None => Err(Denied::Wrong("the Authorization header must be `Bearer TOKEN`")),
+                None => Err(Denied::Wrong(
+                    "the Authorization header must be `Bearer TOKEN`",
+                )),
             };
         }
         if let Some(id) = session_cookie(headers) {
@@ -215,10 +217,21 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for host in ["localhost", "localhost:7070", "127.0.0.1:1", "[::1]:7070", "[::1]"] {
+        for host in [
+            "localhost",
+            "localhost:7070",
+            "127.0.0.1:1",
+            "[::1]:7070",
+            "[::1]",
+        ] {
             assert!(is_loopback_host(host), "{host}");
         }
-        for host in ["evil.example", "evil.example:7070", "127.0.0.1.evil.example", "10.0.0.1"] {
+        for host in [
+            "evil.example",
+            "evil.example:7070",
+            "127.0.0.1.evil.example",
+            "10.0.0.1",
+        ] {
             assert!(!is_loopback_host(host), "{host}");
         }
     }
@@ -235,14 +248,20 @@ mod tests {
     #[test]
     fn sessions_need_their_csrf_token() {
         let auth = Auth::new("t".into(), true);
-        assert_eq!(auth.sign_in("wrong", "ann").unwrap_err(), "that is not this server's token");
+        assert_eq!(
+            auth.sign_in("wrong", "ann").unwrap_err(),
+            "that is not this server's token"
+        );
         assert!(auth.sign_in("t", " ").is_err());
         let (_, session) = auth.sign_in("t", "ann").unwrap();
         let caller = Caller::Session(session.clone());
         assert!(auth.may_change(&caller, Some(&session.csrf)).is_ok());
         assert!(auth.may_change(&caller, Some("other")).is_err());
         assert!(auth.may_change(&caller, None).is_err());
-        assert_eq!(auth.may_change(&Caller::Anonymous, None), Err(Denied::Missing));
+        assert_eq!(
+            auth.may_change(&Caller::Anonymous, None),
+            Err(Denied::Missing)
+        );
         assert_eq!(caller.actor().unwrap(), "web:ann");
     }
 }

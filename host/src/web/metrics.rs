@@ -236,8 +236,12 @@ impl Metrics {
                     model: c.model.clone(),
                     direction: direction.into(),
                 };
-                self.tokens.get_or_create(&model("input")).inc_by(c.input_tokens);
-                self.tokens.get_or_create(&model("output")).inc_by(c.output_tokens);
+                self.tokens
+                    .get_or_create(&model("input"))
+                    .inc_by(c.input_tokens);
+                self.tokens
+                    .get_or_create(&model("output"))
+                    .inc_by(c.output_tokens);
                 if let Some(cost) = c.cost_usd {
                     let labels = ModelLabels {
                         agent: c.agent.clone(),
@@ -263,8 +267,12 @@ impl Metrics {
         let seconds = |from: i64| (event.at - from).max(0) as f64 / 1000.0;
         if event.event == "claim" {
             if let Some(ready) = tail.ready_at.remove(&event.task_id) {
-                let labels = AgentLabels { agent: agent.clone() };
-                self.wait_seconds.get_or_create(&labels).observe(seconds(ready));
+                let labels = AgentLabels {
+                    agent: agent.clone(),
+                };
+                self.wait_seconds
+                    .get_or_create(&labels)
+                    .observe(seconds(ready));
             }
             if tail.claimed_at.len() < MAX_TIMED_TASKS {
                 tail.claimed_at.insert(event.task_id, event.at);
@@ -277,7 +285,11 @@ impl Metrics {
         if event.from != Some(State::InProgress) {
             return;
         }
-        let error_kind = event.detail.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let error_kind = event
+            .detail
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("");
         let labels = RunLabels {
             agent: agent.clone(),
             outcome: event.event.clone(),
@@ -285,8 +297,12 @@ impl Metrics {
         };
         self.runs.get_or_create(&labels).inc();
         if let Some(claimed) = tail.claimed_at.remove(&event.task_id) {
-            let labels = AgentLabels { agent: agent.clone() };
-            self.run_seconds.get_or_create(&labels).observe(seconds(claimed));
+            let labels = AgentLabels {
+                agent: agent.clone(),
+            };
+            self.run_seconds
+                .get_or_create(&labels)
+                .observe(seconds(claimed));
         }
         let minute = event.at / 60_000;
         let tally = |m: &mut Minute| match event.to {
@@ -296,7 +312,11 @@ impl Metrics {
             _ => {}
         };
         tally(tail.minutes.entry(minute).or_default());
-        tally(tail.agent_minutes.entry((agent.clone(), minute)).or_default());
+        tally(
+            tail.agent_minutes
+                .entry((agent.clone(), minute))
+                .or_default(),
+        );
     }
 
     /// Refreshes the gauges from the database and writes every metric in
@@ -313,15 +333,21 @@ impl Metrics {
         }
         self.ready.clear();
         for (agent, backlog) in queue.backlog()? {
-            self.ready.get_or_create(&AgentLabels { agent }).set(backlog.ready as i64);
+            self.ready
+                .get_or_create(&AgentLabels { agent })
+                .set(backlog.ready as i64);
         }
         self.leases.clear();
         for (holder, n) in queue.leases_by_holder()? {
-            self.leases.get_or_create(&HolderLabels { holder }).set(n as i64);
+            self.leases
+                .get_or_create(&HolderLabels { holder })
+                .set(n as i64);
         }
         self.effects.clear();
         for (state, n) in queue.effect_counts()? {
-            self.effects.get_or_create(&StateLabels { state }).set(n as i64);
+            self.effects
+                .get_or_create(&StateLabels { state })
+                .set(n as i64);
         }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
@@ -334,7 +360,12 @@ impl Metrics {
         let tail = self.tail.lock().unwrap();
         let last = now / 60_000;
         let minutes = (last - WINDOW_MINUTES + 1..=last)
-            .map(|m| (m * 60_000, tail.minutes.get(&m).copied().unwrap_or_default()))
+            .map(|m| {
+                (
+                    m * 60_000,
+                    tail.minutes.get(&m).copied().unwrap_or_default(),
+                )
+            })
             .collect();
         let mut by_agent: BTreeMap<String, Minute> = BTreeMap::new();
         for ((agent, _), m) in &tail.agent_minutes {

@@ -52,12 +52,15 @@ fn render(o: &Overview, activity: &Activity) -> Markup {
     };
     let mut agents: Vec<&String> = o.report.counts.iter().map(|c| &c.0).collect();
     agents.dedup();
-    let hour = activity.minutes.iter().fold(Minute::default(), |mut sum, (_, m)| {
-        sum.succeeded += m.succeeded;
-        sum.failed += m.failed;
-        sum.retried += m.retried;
-        sum
-    });
+    let hour = activity
+        .minutes
+        .iter()
+        .fold(Minute::default(), |mut sum, (_, m)| {
+            sum.succeeded += m.succeeded;
+            sum.failed += m.failed;
+            sum.retried += m.retried;
+            sum
+        });
     html! {
         main data-live="poll" {
             h1 { "Overview" }

@@ -184,7 +184,11 @@ fn chain(nodes: &[ChainNode], current: i64) -> Markup {
     for node in nodes {
         children.entry(node.parent_id).or_default().push(node);
     }
-    fn branch(node: &ChainNode, children: &BTreeMap<Option<i64>, Vec<&ChainNode>>, current: i64) -> Markup {
+    fn branch(
+        node: &ChainNode,
+        children: &BTreeMap<Option<i64>, Vec<&ChainNode>>,
+        current: i64,
+    ) -> Markup {
         html! {
             li {
                 a href={ "/tasks/" (node.id) } class=[(node.id == current).then_some("current")] { "#" (node.id) }
@@ -276,15 +280,19 @@ async fn act(
     id: String,
     form: ActionForm,
     act: impl FnOnce(&mut crate::queue::Queue, i64, &ActionForm) -> Result<(), crate::queue::QueueError>
-        + Send
-        + 'static,
+    + Send
+    + 'static,
 ) -> Response {
     if let Err(denied) = app.auth.may_change(&caller, form.csrf.as_deref()) {
         let status = match denied {
             crate::web::auth::Denied::Missing => StatusCode::UNAUTHORIZED,
             crate::web::auth::Denied::Wrong(_) => StatusCode::FORBIDDEN,
         };
-        return PageError { status, message: denied.message() }.into_response();
+        return PageError {
+            status,
+            message: denied.message(),
+        }
+        .into_response();
     }
     let id = match api::task_id(&id) {
         Ok(id) => id,
@@ -329,7 +337,10 @@ pub async fn retry(
     Path(id): Path<String>,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    act(app, caller, id, form, |queue, id, _| queue.retry(id).map(|_| ())).await
+    act(app, caller, id, form, |queue, id, _| {
+        queue.retry(id).map(|_| ())
+    })
+    .await
 }
 
 pub async fn cancel(

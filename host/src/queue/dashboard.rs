@@ -3,7 +3,7 @@
 //! id order and the outbox by state. Every one is bounded and index-backed,
 //! so a page stays fast with a million tasks stored.
 
-use super::reads::{TASK_COLUMNS, task_row};
+use super::reads::{TASK_COLUMNS, event_from_row, task_row};
 use super::sql::{Param, args};
 use super::tasks::parse_state;
 use super::{AuditEvent, Queue, Result, TaskRow};
@@ -152,25 +152,14 @@ impl Queue {
                  WHERE e.id > ?1 ORDER BY e.id LIMIT ?2",
                 args![since, i64::from(limit)],
             )?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                let from: Option<String> = row.get(4)?;
-                let detail: String = row.get(7)?;
-                out.push(AgentEvent {
-                    event: AuditEvent {
-                        id: row.get(0)?,
-                        at: row.get(1)?,
-                        task_id: row.get(2)?,
-                        event: row.get(3)?,
-                        from: from.as_deref().map(parse_state).transpose()?,
-                        to: parse_state(&row.get::<String>(5)?)?,
-                        actor: row.get(6)?,
-                        detail: serde_json::from_str(&detail).unwrap_or_default(),
-                    },
-                    agent: row.get(8)?,
-                });
-            }
-            Ok(out)
+            rows.iter()
+                .map(|row| {
+                    Ok(AgentEvent {
+                        event: event_from_row(row)?,
+                        agent: row.get(8)?,
+                    })
+                })
+                .collect()
         })
     }
 

@@ -160,24 +160,25 @@ pub(super) fn events(
             args![since, limit],
         )?,
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let from: Option<String> = row.get(4)?;
-        let detail: String = row.get(7)?;
-        out.push(AuditEvent {
-            id: row.get(0)?,
-            at: row.get(1)?,
-            task_id: row.get(2)?,
-            event: row.get(3)?,
-            from: from.as_deref().map(parse_state).transpose()?,
-            to: parse_state(&row.get::<String>(5)?)?,
-            actor: row.get(6)?,
-            detail: serde_json::from_str(&detail).unwrap_or_else(
-                |e| serde_json::json!({"unreadable": e.to_string(), "raw": detail}),
-            ),
-        });
-    }
-    Ok(out)
+    rows.iter().map(event_from_row).collect()
+}
+
+/// An event from the columns `id, at, task_id, event, from_state,
+/// to_state, actor, detail` (in that order, first in the row).
+pub(super) fn event_from_row(row: &Row) -> Result<AuditEvent> {
+    let from: Option<String> = row.get(4)?;
+    let detail: String = row.get(7)?;
+    Ok(AuditEvent {
+        id: row.get(0)?,
+        at: row.get(1)?,
+        task_id: row.get(2)?,
+        event: row.get(3)?,
+        from: from.as_deref().map(parse_state).transpose()?,
+        to: parse_state(&row.get::<String>(5)?)?,
+        actor: row.get(6)?,
+        detail: serde_json::from_str(&detail)
+            .unwrap_or_else(|e| serde_json::json!({"unreadable": e.to_string(), "raw": detail})),
+    })
 }
 
 pub(super) fn logs(db: &dyn Sql, task_id: i64) -> Result<Vec<RunLog>> {

@@ -141,6 +141,22 @@ pub fn parse_state(text: &str) -> Result<TaskState, ApiError> {
         })
 }
 
+/// `?limit=`: 1 to [`MAX_LIMIT`], `default` when absent or empty.
+fn parse_limit(text: Option<&str>, default: u32) -> Result<u32, ApiError> {
+    match text.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "invalid limit {text:?}: a number from 1 to {MAX_LIMIT}"
+                ))
+            }),
+    }
+}
+
 /// `?state=&agent=&limit=&before=&q=`, read by hand so that each mistake
 /// is named.
 #[derive(Deserialize, Default)]
@@ -161,18 +177,7 @@ impl ListParams {
                 .filter(|v| !v.is_empty())
                 .map(String::from)
         };
-        let limit = match nonempty(&self.limit) {
-            None => default_limit,
-            Some(text) => text
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_LIMIT).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad(format!(
-                        "invalid limit {text:?}: a number from 1 to {MAX_LIMIT}"
-                    ))
-                })?,
-        };
+        let limit = parse_limit(self.limit.as_deref(), default_limit)?;
         Ok(TaskQuery {
             state: nonempty(&self.state).map(|s| parse_state(&s)).transpose()?,
             agent: nonempty(&self.agent),
@@ -412,18 +417,7 @@ async fn events(
         .filter(|t| !t.is_empty())
         .map(task_id)
         .transpose()?;
-    let limit = match params.limit.as_deref().filter(|l| !l.is_empty()) {
-        None => MAX_LIMIT,
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad(format!(
-                    "invalid limit {text:?}: a number from 1 to {MAX_LIMIT}"
-                ))
-            })?,
-    };
+    let limit = parse_limit(params.limit.as_deref(), MAX_LIMIT)?;
     if let Some(id) = task {
         // An unknown task is bad input, not an empty trail (as in the CLI).
         app.store

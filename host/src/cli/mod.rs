@@ -351,8 +351,9 @@ pub struct DaemonArgs {
     /// (as `colony serve` does), for as long as the daemon runs.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<std::net::SocketAddr>,
-    /// With --http: the token changes need (see `colony serve --help`).
-    #[arg(long, env = "COLONY_TOKEN", hide_env_values = true, requires = "http")]
+    /// With --http: the token changes need (see `colony serve --help`);
+    /// without --http it is not used.
+    #[arg(long, env = "COLONY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
 

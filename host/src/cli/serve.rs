@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -64,12 +65,24 @@ fn announce(bound: &web::Bound, db: &Path) {
     }
 }
 
+/// How long a stop waits for requests in flight; open event streams
+/// (every task page has one) never finish on their own.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 pub async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let bound = start(cli, args.listen, args.token.clone()).await?;
-    bound
-        .serve(async {
-            super::wait_for_signal().await;
-        })
-        .await
-        .context("serving the dashboard")
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = bound.serve(async {
+        let _ = stopped.await;
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.context("serving the dashboard"),
+        _ = super::wait_for_signal() => {}
+    }
+    let _ = stop.send(());
+    match tokio::time::timeout(STOP_GRACE, server).await {
+        Ok(result) => result.context("serving the dashboard"),
+        Err(_) => Ok(()), // streams still open: they end with the process
+    }
 }

@@ -356,7 +356,9 @@ impl Queue {
 /// taken literally.
 fn like_pattern(text: &str) -> String {
     let mut pattern = String::from("%");
-    for c in text.to_lowercase().chars() {
+    // ASCII only, as SQLite's LOWER folds (PostgreSQL's folds more, which
+    // only finds more).
+    for c in text.to_ascii_lowercase().chars() {
         if matches!(c, '%' | '_' | '\\') {
             pattern.push('\\');
         }
@@ -372,9 +374,11 @@ fn like_pattern(text: &str) -> String {
 /// leaving out `complete` would be written as often (a task enters and
 /// leaves it at every move), and SQLite cannot prove that `state =
 /// 'failed'` implies `state <> 'complete'`, so it would never use it.
+/// `state_by_task` finds a task's state writes for its page.
 pub(super) const DASHBOARD_INDEXES: &str = "
     CREATE INDEX tasks_by_agent ON tasks(agent, id);
-    CREATE INDEX tasks_by_state ON tasks(state, id);";
+    CREATE INDEX tasks_by_state ON tasks(state, id);
+    CREATE INDEX state_by_task  ON state(task_id) WHERE task_id IS NOT NULL;";
 
 #[cfg(test)]
 mod tests {

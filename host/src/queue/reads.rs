@@ -57,29 +57,33 @@ pub(super) fn children(db: &dyn Sql, parent_id: i64) -> Result<Vec<TaskRow>> {
 /// are few), and `complete` (the bulk of any history) is each agent's
 /// total, an index-only count of `tasks_by_agent`, less the rest.
 pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
+    // One statement, so one snapshot: the parts cannot disagree about a
+    // task that moved meanwhile. `*` marks an agent's total.
+    let mut parts = vec!["SELECT agent, '*', COUNT(*) FROM tasks GROUP BY agent".to_string()];
+    for state in State::ALL.into_iter().filter(|s| *s != State::Complete) {
+        parts.push(format!(
+            "SELECT agent, '{0}', COUNT(*) FROM tasks WHERE state = '{0}' GROUP BY agent",
+            state.as_str()
+        ));
+    }
     // Per agent, a count per state in the order of `State::ALL`.
     let mut by_agent: BTreeMap<String, [u64; State::ALL.len()]> = BTreeMap::new();
     let complete = State::ALL
         .iter()
         .position(|s| *s == State::Complete)
         .unwrap();
-    for row in db.query("SELECT agent, COUNT(*) FROM tasks GROUP BY agent", args![])? {
-        by_agent.entry(row.get(0)?).or_default()[complete] = row.get(1)?;
-    }
-    for (i, state) in State::ALL
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i != complete)
-    {
-        let sql = format!(
-            "SELECT agent, COUNT(*) FROM tasks WHERE state = '{}' GROUP BY agent",
-            state.as_str()
-        );
-        for row in db.query(&sql, args![])? {
-            let n: u64 = row.get(1)?;
-            let counts = by_agent.entry(row.get(0)?).or_default();
-            counts[complete] = counts[complete].saturating_sub(n);
+    for row in db.query(&parts.join(" UNION ALL "), args![])? {
+        let (agent, state, n): (String, String, u64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        let counts = by_agent.entry(agent).or_default();
+        if state == "*" {
+            counts[complete] = counts[complete].wrapping_add(n);
+        } else {
+            let i = State::ALL
+                .iter()
+                .position(|s| s.as_str() == state)
+                .unwrap_or(complete);
             counts[i] = n;
+            counts[complete] = counts[complete].wrapping_sub(n);
         }
     }
     let mut out = Vec::new();

@@ -429,7 +429,13 @@ async fn events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if streaming {
-        return Ok(follow(app, task, since).into_response());
+        // A reconnecting EventSource says where it stopped.
+        let resume = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|id| *id >= 0);
+        return Ok(follow(app, task, resume.unwrap_or(since)).into_response());
     }
     let events = app
         .store

@@ -14,6 +14,8 @@ pub const SESSION_COOKIE: &str = "colony_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Longest operator name kept (it becomes the audit trail's actor).
 const MAX_OPERATOR: usize = 64;
+/// How long a sign-in lasts.
+pub const SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
 /// A signed-in browser.
 #[derive(Clone, Debug)]
@@ -76,7 +78,7 @@ pub struct Auth {
     token: String,
     /// Whether reading needs no credentials (listening on loopback).
     pub reads_open: bool,
-    sessions: Mutex<HashMap<String, Session>>,
+    sessions: Mutex<HashMap<String, (Session, std::time::Instant)>>,
 }
 
 impl Auth {
@@ -103,8 +105,10 @@ impl Auth {
             };
         }
         if let Some(id) = session_cookie(headers) {
-            return match self.sessions.lock().unwrap().get(&id) {
-                Some(session) => Ok(Caller::Session(session.clone())),
+            let mut sessions = self.sessions.lock().unwrap();
+            sessions.retain(|_, (_, since)| since.elapsed() < SESSION_LIFETIME);
+            return match sessions.get(&id) {
+                Some((session, _)) => Ok(Caller::Session(session.clone())),
                 // A session from before a restart: read on as anonymous (the
                 // page offers to sign in again); changes will say 401.
                 None => Ok(Caller::Anonymous),
@@ -142,7 +146,7 @@ impl Auth {
         self.sessions
             .lock()
             .unwrap()
-            .insert(id.clone(), session.clone());
+            .insert(id.clone(), (session.clone(), std::time::Instant::now()));
         Ok((id, session))
     }
 
@@ -180,7 +184,10 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
 /// The `Set-Cookie` value for a new session: not readable by scripts, not
 /// sent along with requests other sites start.
 pub fn session_cookie_header(id: &str) -> String {
-    format!("{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict")
+    format!(
+        "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        SESSION_LIFETIME.as_secs()
+    )
 }
 
 pub fn expired_cookie_header() -> String {
@@ -194,10 +201,15 @@ pub fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Compares secrets in time independent of where they differ.
+/// Compares secrets in time independent of where they differ, and of
+/// their lengths (it compares their SHA-256 digests).
 fn same(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Whether a `Host` header names this machine's loopback (any port): on

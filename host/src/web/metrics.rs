@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::queue::{AgentEvent, Queue, QueueError};
+use crate::queue::{AgentEvent, ModelCharge, Queue, QueueError};
 use crate::task::State;
 
 /// Minutes of history the chart and the success rates cover.
@@ -120,6 +120,10 @@ pub struct Metrics {
     leases: Family<HolderLabels, Gauge>,
     effects: Family<StateLabels, Gauge>,
     tail: Mutex<Tail>,
+    /// One catch-up at a time (the background reader, scrapes, pages).
+    catching_up: Mutex<()>,
+    /// One scrape at a time: each clears and refills the gauges.
+    rendering: Mutex<()>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -147,6 +151,8 @@ impl Metrics {
             leases: Family::default(),
             effects: Family::default(),
             tail: Mutex::new(Tail::default()),
+            catching_up: Mutex::new(()),
+            rendering: Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(
@@ -201,11 +207,17 @@ impl Metrics {
     }
 
     /// Reads the trail and the journal past the cursors. The first call
-    /// starts an hour back (for the chart) and at the journal's end.
+    /// starts an hour back (for the chart) and at the journal's end. The
+    /// tail's lock is held only to count rows already read, never across a
+    /// query: [`Metrics::activity`] takes it on the async runtime.
     pub fn catch_up(&self, queue: &Queue) -> Result<(), QueueError> {
-        let mut tail = self.tail.lock().unwrap();
+        let _one_at_a_time = self.catching_up.lock().unwrap();
         let now = queue.now()?;
-        let mut since = match tail.last_event {
+        let (last_event, last_call) = {
+            let tail = self.tail.lock().unwrap();
+            (tail.last_event, tail.last_call)
+        };
+        let mut since = match last_event {
             Some(id) => id,
             None => queue
                 .event_id_before(now - WINDOW_MINUTES * 60_000)?
@@ -214,52 +226,58 @@ impl Metrics {
         let mut read = 0;
         loop {
             let events = queue.events_with_agent(since, PAGE)?;
+            let mut tail = self.tail.lock().unwrap();
             for event in &events {
                 self.count(&mut tail, event);
                 since = event.event.id;
             }
+            tail.last_event = Some(since);
             read += events.len();
             if events.len() < PAGE as usize || read >= MAX_PER_CATCH_UP {
                 break;
             }
         }
-        tail.last_event = Some(since);
-        let mut calls_since = match tail.last_call {
+        let mut calls_since = match last_call {
             Some(id) => id,
             None => queue.last_model_call_id()?,
         };
         loop {
             let charges = queue.model_charges_after(calls_since, PAGE)?;
             for c in &charges {
-                let model = |direction: &str| TokenLabels {
-                    agent: c.agent.clone(),
-                    model: c.model.clone(),
-                    direction: direction.into(),
-                };
-                self.tokens
-                    .get_or_create(&model("input"))
-                    .inc_by(c.input_tokens);
-                self.tokens
-                    .get_or_create(&model("output"))
-                    .inc_by(c.output_tokens);
-                if let Some(cost) = c.cost_usd {
-                    let labels = ModelLabels {
-                        agent: c.agent.clone(),
-                        model: c.model.clone(),
-                    };
-                    self.cost.get_or_create(&labels).inc_by(cost);
-                }
+                self.charge(c);
                 calls_since = c.id;
             }
+            self.tail.lock().unwrap().last_call = Some(calls_since);
             if charges.len() < PAGE as usize {
                 break;
             }
         }
-        tail.last_call = Some(calls_since);
         let cutoff = (now / 60_000) - WINDOW_MINUTES;
+        let mut tail = self.tail.lock().unwrap();
         tail.minutes.retain(|minute, _| *minute > cutoff);
         tail.agent_minutes.retain(|(_, minute), _| *minute > cutoff);
         Ok(())
+    }
+
+    fn charge(&self, c: &ModelCharge) {
+        let model = |direction: &str| TokenLabels {
+            agent: c.agent.clone(),
+            model: c.model.clone(),
+            direction: direction.into(),
+        };
+        self.tokens
+            .get_or_create(&model("input"))
+            .inc_by(c.input_tokens);
+        self.tokens
+            .get_or_create(&model("output"))
+            .inc_by(c.output_tokens);
+        if let Some(cost) = c.cost_usd {
+            let labels = ModelLabels {
+                agent: c.agent.clone(),
+                model: c.model.clone(),
+            };
+            self.cost.get_or_create(&labels).inc_by(cost);
+        }
     }
 
     fn count(&self, tail: &mut Tail, e: &AgentEvent) {
@@ -279,10 +297,16 @@ impl Metrics {
             }
             return;
         }
+        if event.from == Some(State::Ready) {
+            // Left ready without a claim (cancelled): no longer timed.
+            tail.ready_at.remove(&event.task_id);
+        }
         if event.to == State::Ready && tail.ready_at.len() < MAX_TIMED_TASKS {
             tail.ready_at.insert(event.task_id, event.at);
         }
-        if event.from != Some(State::InProgress) {
+        // A run ends when its task leaves in_progress; the events a run
+        // records while it goes on (`model_call`, `http_request`) stay there.
+        if event.from != Some(State::InProgress) || event.to == State::InProgress {
             return;
         }
         let error_kind = event
@@ -323,6 +347,7 @@ impl Metrics {
     /// the Prometheus text format.
     pub fn render(&self, queue: &Queue) -> Result<String, QueueError> {
         self.catch_up(queue)?;
+        let _one_at_a_time = self.rendering.lock().unwrap();
         self.tasks.clear();
         for (agent, state, n) in queue.counts()? {
             let labels = TaskLabels {
@@ -380,3 +405,74 @@ impl Metrics {
 
 /// The `Content-Type` of `/metrics`.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::AuditEvent;
+
+    fn event(id: i64, at: i64, name: &str, from: Option<State>, to: State) -> AgentEvent {
+        AgentEvent {
+            event: AuditEvent {
+                id,
+                at,
+                task_id: 7,
+                event: name.into(),
+                from,
+                to,
+                actor: "test".into(),
+                detail: serde_json::json!({}),
+            },
+            agent: "writer".into(),
+        }
+    }
+
+    #[test]
+    fn calls_during_a_run_do_not_end_it() {
+        use State::*;
+        let metrics = Metrics::new();
+        let mut tail = Tail::default();
+        let trail = [
+            event(1, 1_000, "submit", None, Ready),
+            event(2, 1_500, "claim", Some(Ready), InProgress),
+            event(3, 2_000, "model_call", Some(InProgress), InProgress),
+            event(4, 2_200, "http_request", Some(InProgress), InProgress),
+            event(5, 4_500, "complete", Some(InProgress), Complete),
+        ];
+        for e in &trail {
+            metrics.count(&mut tail, e);
+        }
+        let complete = RunLabels {
+            agent: "writer".into(),
+            outcome: "complete".into(),
+            error_kind: String::new(),
+        };
+        assert_eq!(metrics.runs.get_or_create(&complete).get(), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &metrics.registry).unwrap();
+        assert!(!text.contains("model_call"), "{text}");
+        assert!(!text.contains("http_request"), "{text}");
+        // Claimed at 1.5 s, finished at 4.5 s: the whole run, not up to the first call.
+        assert!(
+            text.contains("colony_run_duration_seconds_sum{agent=\"writer\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("colony_claim_wait_seconds_sum{agent=\"writer\"} 0.5"),
+            "{text}"
+        );
+        assert!(tail.ready_at.is_empty() && tail.claimed_at.is_empty());
+    }
+
+    #[test]
+    fn a_task_cancelled_while_ready_is_forgotten() {
+        let metrics = Metrics::new();
+        let mut tail = Tail::default();
+        metrics.count(&mut tail, &event(1, 0, "submit", None, State::Ready));
+        metrics.count(
+            &mut tail,
+            &event(2, 5, "cancel", Some(State::Ready), State::Cancelled),
+        );
+        assert!(tail.ready_at.is_empty());
+    }
+}

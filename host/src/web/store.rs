@@ -9,12 +9,17 @@ use crate::queue::{Queue, QueueError, QueueOptions};
 /// Connections kept open between requests; more are opened under load and
 /// closed again when returned past this many.
 const IDLE_CONNECTIONS: usize = 4;
+/// Most connections in use at once: however many browsers and scrapers
+/// call, the dashboard never takes more of the database than this (on
+/// PostgreSQL, connections the daemons need).
+const MAX_CONNECTIONS: usize = 8;
 
 pub struct Store {
     location: PathBuf,
     /// Who the dashboard acts as when no operator is named.
     actor: String,
     idle: Mutex<Vec<Queue>>,
+    in_use: tokio::sync::Semaphore,
 }
 
 impl Store {
@@ -25,6 +30,7 @@ impl Store {
             location,
             actor,
             idle: Mutex::new(Vec::new()),
+            in_use: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         };
         let first = store.connect()?;
         store.idle.lock().unwrap().push(first);
@@ -48,6 +54,11 @@ impl Store {
         actor: Option<String>,
         f: impl FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
+        let _permit = self
+            .in_use
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
             let taken = store.idle.lock().unwrap().pop();

@@ -170,9 +170,18 @@ fn serde_urlencoded_pair(name: &str, value: &str) -> String {
 }
 
 /// A local path to go back to after a form: only paths of this server.
+/// Browsers drop tabs and newlines from URLs and read `\\` as `/`, so
+/// anything but visible ASCII, and a second character `/` or `\\`, is
+/// refused rather than turned into a link off-site.
 pub fn local_path(next: Option<&str>, fallback: &str) -> String {
     match next {
-        Some(p) if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') => p.to_string(),
+        Some(p)
+            if p.starts_with('/')
+                && p.bytes().all(|b| b.is_ascii_graphic())
+                && !matches!(p.as_bytes().get(1), Some(b'/' | b'\\')) =>
+        {
+            p.to_string()
+        }
         _ => fallback.to_string(),
     }
 }
@@ -264,4 +273,29 @@ async fn sign_out(
         ],
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_path;
+
+    #[test]
+    fn only_local_paths_are_followed() {
+        for good in ["/", "/tasks/3", "/tasks?state=failed&agent=a", "/review"] {
+            assert_eq!(local_path(Some(good), "/x"), good);
+        }
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "/%09x\n",
+            "https://evil.example",
+            "evil",
+            "",
+            "/a b",
+        ] {
+            assert_eq!(local_path(Some(bad), "/x"), "/x", "{bad:?}");
+        }
+        assert_eq!(local_path(None, "/x"), "/x");
+    }
 }

@@ -283,3 +283,80 @@ fn a_key_submitted_on_two_connections_at_once_makes_one_task() {
     assert_eq!(ids.len(), 1, "one task");
     assert_eq!(ids[0][0].int(), Some(submitted.id));
 }
+
+/// PostgreSQL hands out event ids at insert, not at commit: a follower of
+/// the trail (`events --follow`, the dashboard's stream and metrics) must
+/// wait at a hole rather than step past an event committed late, and step
+/// over a hole a rollback left once it has waited long enough.
+#[test]
+fn a_trail_follower_waits_for_an_event_committed_late() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut queue = db.open();
+    let first = queue.submit(&NewTask::new("echo", "{}")).unwrap().id;
+    let mut cursor = colony::queue::TrailCursor::with_gap_wait(0, Duration::from_millis(300));
+    let seen: Vec<i64> = cursor
+        .next_events(&queue, None, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(seen.len(), 1);
+
+    // A transaction takes the next id and stays open; a later one commits.
+    let common::Raw::Postgres(mut late) = db.raw() else {
+        unreachable!()
+    };
+    let mut open = late.transaction().unwrap();
+    let held: i64 = open
+        .query_one(
+            "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+             VALUES (0, $1, 'retry', 'failed', 'ready', 'late', '{}') RETURNING id",
+            &[&first],
+        )
+        .unwrap()
+        .get(0);
+    let second = queue.submit(&NewTask::new("echo", "{}")).unwrap().id;
+    let after_hole: Vec<i64> = queue
+        .events(Some(second), 0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert!(after_hole[0] > held, "the later event has the later id");
+    assert!(
+        cursor.next_events(&queue, None, 100).unwrap().is_empty(),
+        "stepped past an open hole"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(cursor.next_events(&queue, None, 100).unwrap().is_empty());
+    open.commit().unwrap();
+    let ids: Vec<i64> = cursor
+        .next_events(&queue, None, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![held, after_hole[0]],
+        "the late event, then the later one"
+    );
+
+    // A rolled-back insert leaves a hole that never fills: stepped over
+    // once it has waited out the gap wait.
+    let mut rolled = late.transaction().unwrap();
+    rolled
+        .execute(
+            "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+             VALUES (0, $1, 'retry', 'failed', 'ready', 'late', '{}')",
+            &[&first],
+        )
+        .unwrap();
+    rolled.rollback().unwrap();
+    let third = queue.submit(&NewTask::new("echo", "{}")).unwrap().id;
+    assert!(cursor.next_events(&queue, None, 100).unwrap().is_empty());
+    std::thread::sleep(Duration::from_millis(400));
+    let events = cursor.next_events(&queue, None, 100).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].task_id, third);
+}

@@ -884,3 +884,30 @@ fn writer_in_review(q: &mut Queue, output: serde_json::Value) -> i64 {
     assert_eq!(q.get(id).unwrap().state, State::Review);
     id
 }
+
+on_both_drivers! {
+    /// A trail cursor hands on every committed event once, in order, in
+    /// ranges of at most its limit, and a task's events only when asked.
+    fn a_trail_cursor_reads_every_event_once(db) {
+        let mut queue = db.open();
+        let ids: Vec<i64> = (0..7)
+            .map(|_| queue.submit(&colony::task::NewTask::new("echo", "{}")).unwrap().id)
+            .collect();
+        let all = queue.events(None, 0, 1000).unwrap();
+        let mut cursor = colony::queue::TrailCursor::new(0);
+        let mut seen = Vec::new();
+        loop {
+            let batch = cursor.next_events(&queue, None, 3).unwrap();
+            assert!(batch.len() <= 3);
+            if batch.is_empty() {
+                break;
+            }
+            seen.extend(batch);
+        }
+        assert_eq!(seen, all);
+        assert_eq!(cursor.last(), all.last().unwrap().id);
+        let mut one = colony::queue::TrailCursor::new(0);
+        let of_task = one.next_events(&queue, Some(ids[3]), 1000).unwrap();
+        assert_eq!(of_task, queue.events(Some(ids[3]), 0, 1000).unwrap());
+    }
+}

@@ -169,7 +169,9 @@ pub enum Command {
         /// Only events after this event id.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..), allow_negative_numbers = true)]
         since: i64,
-        /// Keep printing new events as they happen (Ctrl-C to stop).
+        /// Keep printing new events as they happen (Ctrl-C to stop). On
+        /// PostgreSQL an event whose transaction has not committed yet is
+        /// waited for (up to 10 s), never skipped.
         #[arg(long)]
         follow: bool,
     },
@@ -900,20 +902,30 @@ async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Resul
     if let Some(id) = task {
         queue.get(id)?; // an unknown id is bad input, not an empty trail
     }
-    let mut since = since;
+    if !follow {
+        let mut since = since;
+        loop {
+            let batch = queue.events(task, since, 1000)?;
+            for event in &batch {
+                output::print_event_line(event)?;
+                since = event.id;
+            }
+            if batch.len() < 1000 {
+                return Ok(());
+            }
+        }
+    }
+    // Following waits at a hole in the ids (an event not committed yet)
+    // rather than skipping past it: see `TrailCursor`.
+    let mut cursor = crate::queue::TrailCursor::new(since);
     loop {
-        let batch = queue.events(task, since, 1000)?;
-        for event in &batch {
+        let (from, to) = cursor.advance(&queue, 1000)?;
+        for event in &queue.events_between(task, from, to)? {
             output::print_event_line(event)?;
-            since = event.id;
         }
-        if batch.len() == 1000 {
-            continue;
+        if to - from < 1000 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if !follow {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -143,14 +143,16 @@ impl Queue {
         })
     }
 
-    /// Audit events after `since` with the agent of each one's task, oldest first.
-    pub fn events_with_agent(&self, since: i64, limit: u32) -> Result<Vec<AgentEvent>> {
+    /// The audit events with `from < id <= to` (a range a
+    /// [`super::TrailCursor`] found safe) with the agent of each one's
+    /// task, oldest first.
+    pub fn events_with_agent(&self, from: i64, to: i64) -> Result<Vec<AgentEvent>> {
         self.read(|db| {
             let rows = db.query(
                 "SELECT e.id, e.at, e.task_id, e.event, e.from_state, e.to_state, e.actor, e.detail, t.agent
                  FROM events e JOIN tasks t ON t.id = e.task_id
-                 WHERE e.id > ?1 ORDER BY e.id LIMIT ?2",
-                args![since, i64::from(limit)],
+                 WHERE e.id > ?1 AND e.id <= ?2 ORDER BY e.id",
+                args![from, to],
             )?;
             rows.iter()
                 .map(|row| {

@@ -30,6 +30,7 @@ pub mod bench;
 mod copy;
 mod dashboard;
 mod finish;
+mod follow;
 mod journal;
 mod outbox;
 #[path = "postgres/mod.rs"]
@@ -52,6 +53,7 @@ pub use dashboard::{
     AgentEvent, ChainNode, MAX_CHAIN_NODES, ModelCharge, StateWriteRow, TEXT_SEARCH_WINDOW,
     TaskPage, TaskQuery,
 };
+pub use follow::{GAP_WAIT, TrailCursor};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use validate::validate_agent_name;

@@ -167,6 +167,27 @@ pub(super) fn events(
     rows.iter().map(event_from_row).collect()
 }
 
+pub(super) fn events_in_range(
+    db: &dyn Sql,
+    task_id: Option<i64>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<AuditEvent>> {
+    const COLUMNS: &str =
+        "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
+    let rows = match task_id {
+        Some(task) => db.query(
+            &format!("{COLUMNS} WHERE task_id = ?1 AND id > ?2 AND id <= ?3 ORDER BY id"),
+            args![task, from, to],
+        )?,
+        None => db.query(
+            &format!("{COLUMNS} WHERE id > ?1 AND id <= ?2 ORDER BY id"),
+            args![from, to],
+        )?,
+    };
+    rows.iter().map(event_from_row).collect()
+}
+
 /// An event from the columns `id, at, task_id, event, from_state,
 /// to_state, actor, detail` (in that order, first in the row).
 pub(super) fn event_from_row(row: &Row) -> Result<AuditEvent> {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use super::Shared;
 use super::auth::{CSRF_HEADER, Caller, Denied};
 use crate::cli::output;
-use crate::queue::{QueueError, TaskQuery};
+use crate::queue::{QueueError, TaskQuery, TrailCursor};
 use crate::task::State as TaskState;
 
 /// Most rows one list request returns.
@@ -446,26 +446,34 @@ async fn events(
 }
 
 /// Server-Sent Events: each audit event as `id: N` and its JSON, read
-/// every half second from where the last read stopped.
+/// every half second through a [`TrailCursor`] (so an event whose
+/// transaction commits late is not skipped).
 fn follow(
     app: Shared,
     task: Option<i64>,
     since: i64,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let stream = futures_util::stream::unfold(
-        (app, since, Vec::<Event>::new()),
-        move |(app, mut since, mut pending)| async move {
+        (app, TrailCursor::new(since), Vec::<Event>::new()),
+        move |(app, mut cursor, mut pending)| async move {
             loop {
                 if let Some(event) = pending.pop() {
-                    return Some((Ok(event), (app, since, pending)));
+                    return Some((Ok(event), (app, cursor, pending)));
                 }
+                let mut moved = cursor.clone();
                 let read = app
                     .store
-                    .run(None, move |queue| queue.events(task, since, 500))
+                    .run(None, move |queue| {
+                        let events = moved.next_events(queue, task, 500)?;
+                        Ok((moved, events))
+                    })
                     .await;
                 match read {
-                    Ok(events) if !events.is_empty() => {
-                        since = events.last().map_or(since, |e| e.id);
+                    Ok((moved, events)) => {
+                        cursor = moved;
+                        if events.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
                         pending = events
                             .iter()
                             .rev()
@@ -476,7 +484,6 @@ fn follow(
                             })
                             .collect();
                     }
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                     Err(e) => {
                         tracing::warn!("following the audit trail: {e}");
                         tokio::time::sleep(Duration::from_secs(2)).await;

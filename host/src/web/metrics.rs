@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::queue::{AgentEvent, ModelCharge, Queue, QueueError};
+use crate::queue::{AgentEvent, ModelCharge, Queue, QueueError, TrailCursor};
 use crate::task::State;
 
 /// Minutes of history the chart and the success rates cover.
@@ -100,7 +100,7 @@ pub struct Activity {
 /// Where the tailer is in the trail, and what it remembers of tasks in flight.
 #[derive(Default)]
 struct Tail {
-    last_event: Option<i64>,
+    trail: Option<TrailCursor>,
     last_call: Option<i64>,
     ready_at: HashMap<i64, i64>,
     claimed_at: HashMap<i64, i64>,
@@ -213,30 +213,40 @@ impl Metrics {
     pub fn catch_up(&self, queue: &Queue) -> Result<(), QueueError> {
         let _one_at_a_time = self.catching_up.lock().unwrap();
         let now = queue.now()?;
-        let (last_event, last_call) = {
-            let tail = self.tail.lock().unwrap();
-            (tail.last_event, tail.last_call)
+        let (trail, last_call) = {
+            let mut tail = self.tail.lock().unwrap();
+            (tail.trail.take(), tail.last_call)
         };
-        let mut since = match last_event {
-            Some(id) => id,
-            None => queue
-                .event_id_before(now - WINDOW_MINUTES * 60_000)?
-                .max(queue.last_event_id()? - MAX_BACKFILL),
+        let mut trail = match trail {
+            Some(trail) => trail,
+            None => TrailCursor::new(
+                queue
+                    .event_id_before(now - WINDOW_MINUTES * 60_000)?
+                    .max(queue.last_event_id()? - MAX_BACKFILL),
+            ),
         };
         let mut read = 0;
-        loop {
-            let events = queue.events_with_agent(since, PAGE)?;
+        let caught_up = loop {
+            let (from, to) = match trail.advance(queue, PAGE) {
+                Ok(range) => range,
+                Err(e) => break Err(e),
+            };
+            let events = match queue.events_with_agent(from, to) {
+                Ok(events) => events,
+                Err(e) => break Err(e),
+            };
             let mut tail = self.tail.lock().unwrap();
             for event in &events {
                 self.count(&mut tail, event);
-                since = event.event.id;
             }
-            tail.last_event = Some(since);
-            read += events.len();
-            if events.len() < PAGE as usize || read >= MAX_PER_CATCH_UP {
-                break;
+            read += (to - from) as usize;
+            if ((to - from) as usize) < PAGE as usize || read >= MAX_PER_CATCH_UP {
+                break Ok(());
             }
-        }
+        };
+        // The cursor stays where it got to, even when a read failed.
+        self.tail.lock().unwrap().trail = Some(trail);
+        caught_up?;
         let mut calls_since = match last_call {
             Some(id) => id,
             None => queue.last_model_call_id()?,

@@ -870,3 +870,134 @@ fn an_unreachable_postgres_server_fails_with_1_naming_host_and_database() {
         assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     }
 }
+
+/// Every file under `dir`, as paths relative to it, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn wit_writes_exactly_the_wit_of_the_repository() {
+    let env = Env::new(&[]);
+    let out = env.data.path().join("wit");
+    env.ok(&["wit", "--out", out.to_str().unwrap()]);
+    let repo_wit = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../wit"));
+    assert_eq!(files_under(&out), files_under(repo_wit), "the same files");
+    for file in files_under(repo_wit) {
+        assert_eq!(
+            std::fs::read(out.join(&file)).unwrap(),
+            std::fs::read(repo_wit.join(&file)).unwrap(),
+            "{} differs",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
+    let env = Env::new(&[]);
+    let dir = env.data.path().join("shop");
+    let stdout = env.ok(&["init", dir.to_str().unwrap()]);
+    assert!(stdout.contains("colony daemon --until-idle"), "{stdout}");
+    for file in [
+        "agents/design.wasm",
+        "agents/code.wasm",
+        "agents/marketing.wasm",
+        "agents/marketing.toml",
+        "agents/ops.wasm",
+        "colony.toml",
+    ] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    // What it wrote runs: the folder's agents load, and a task completes.
+    let agents = dir.join("agents");
+    let db = dir.join("colony.db");
+    let config = dir.join("colony.toml");
+    let run = |args: &[&str]| {
+        let out = env
+            .cmd()
+            .env("COLONY_AGENTS", &agents)
+            .env("COLONY_DB", &db)
+            .env("COLONY_CONFIG", &config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: serde_json::Value = serde_json::from_str(&run(&["--json", "agents"])).unwrap();
+    let loaded: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["loaded"] == true)
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(loaded, ["code", "design", "marketing", "ops"]);
+    run(&[
+        "submit",
+        "design",
+        r#"{"name":"Mug","audience":"commuters","features":["hot"],"price_cents":900,"currency":"USD"}"#,
+    ]);
+    run(&["daemon", "--until-idle", "--poll", "100ms"]);
+    let tasks: serde_json::Value = serde_json::from_str(&run(&["--json", "list"])).unwrap();
+    assert!(
+        tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["state"] == "complete"),
+        "{tasks}"
+    );
+
+    // A second init refuses, names the files, and changes nothing.
+    std::fs::write(dir.join("colony.toml"), "# mine\n").unwrap();
+    let again = env.run(&["init", dir.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("colony.toml") && stderr.contains("design.wasm"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("colony.toml")).unwrap(),
+        "# mine\n"
+    );
+}
+
+#[test]
+fn the_demo_runs_from_an_empty_folder() {
+    let env = Env::new(&[]);
+    let empty = env.data.path().join("nothing-here");
+    std::fs::create_dir(&empty).unwrap();
+    let out_dir = env.data.path().join("demo");
+    let stdout = env.ok(&[
+        "--agents",
+        empty.to_str().unwrap(),
+        "demo",
+        "--dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("Every task ended as expected"), "{stdout}");
+    assert!(
+        std::fs::read_dir(&empty).unwrap().next().is_none(),
+        "the demo wrote into the agents folder"
+    );
+}

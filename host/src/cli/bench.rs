@@ -20,14 +20,6 @@ use crate::task::{ClaimedTask, Lease};
 /// The no-op guest (tests/guests/noop), built and embedded by build.rs.
 pub const NOOP_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_NOOP"));
 
-/// The four store agents, to measure loading components from the cache.
-const STORE_AGENTS: [(&str, &[u8]); 4] = [
-    ("design", include_bytes!(env!("COLONY_AGENT_DESIGN"))),
-    ("code", include_bytes!(env!("COLONY_AGENT_CODE"))),
-    ("marketing", include_bytes!(env!("COLONY_AGENT_MARKETING"))),
-    ("ops", include_bytes!(env!("COLONY_AGENT_OPS"))),
-];
-
 /// The most tasks a round enqueues (and rows `--history` seeds): far more
 /// than a useful run, few enough that a round's rows fit in memory.
 const MAX_TASKS: u64 = 10_000_000;
@@ -132,7 +124,7 @@ pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
 async fn load_times(root: &Path) -> Result<(Duration, Duration)> {
     let dir = root.join("store-agents");
     std::fs::create_dir_all(&dir)?;
-    for (name, bytes) in STORE_AGENTS {
+    for (name, bytes, _) in super::builtin::STORE_AGENTS {
         std::fs::write(dir.join(format!("{name}.wasm")), bytes)?;
     }
     let cache = root.join(".colony-cache-load");

@@ -71,17 +71,6 @@ pub async fn demo(
     models: Option<Arc<crate::models::Providers>>,
 ) -> Result<bool> {
     let copy_model = models.as_ref().is_some_and(|m| m.has_alias("copy"));
-    let missing: Vec<&str> = AGENTS
-        .iter()
-        .copied()
-        .filter(|a| !agents_dir.join(format!("{a}.wasm")).is_file())
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "the demo needs the built-in agents {missing:?} in {}; build them with `cargo build` (host/build.rs compiles agents/ into agents/*.wasm)",
-            agents_dir.display()
-        );
-    }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
     let db = args.dir.join("colony.db");
@@ -275,16 +264,12 @@ async fn run_until_idle(
 /// Writes each `code` task's HTML to `<dir>/<slug>.html`.
 /// The demo's own copy of the agents (components and manifests), with ops
 /// granted the demo shop's origin, so the demo changes nothing in `from`.
+/// An agent missing from `from` (an installed binary run in an empty
+/// folder) is the copy the binary carries.
 fn demo_agents(from: &Path, to: &Path, origins: &[&str]) -> Result<PathBuf> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for agent in AGENTS {
-        for ext in ["wasm", "toml"] {
-            let file = from.join(format!("{agent}.{ext}"));
-            if file.is_file() {
-                std::fs::copy(&file, to.join(format!("{agent}.{ext}")))
-                    .with_context(|| format!("copying {}", file.display()))?;
-            }
-        }
+        super::builtin::copy_store_agent(agent, from, to)?;
     }
     let manifest = to.join("ops.toml");
     let mut text = std::fs::read_to_string(&manifest).unwrap_or_default();

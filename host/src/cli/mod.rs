@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_capabilities;
+mod builtin;
 mod demo;
 mod effects;
 mod loopback;
@@ -225,6 +226,21 @@ pub enum Command {
     /// twice. Prints a JSON verdict; exits 1 when a check fails. With
     /// `--db postgres://...` (an empty database) the daemons share PostgreSQL.
     Torture(torture::TortureArgs),
+    /// Set up a folder to run Colony in: agents/ with the four store agents
+    /// (design, code, marketing, ops) and their manifests, and a commented
+    /// colony.toml. Writes nothing over existing files.
+    Init {
+        /// The folder (created if missing).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Write the WIT this binary speaks (colony:agent@0.2.0, the released
+    /// 0.1.0, and the WASI packages they use) for building agents against.
+    Wit {
+        /// The directory to write into (files of the same name are replaced).
+        #[arg(long, default_value = "wit")]
+        out: PathBuf,
+    },
     /// Copy a whole queue (tasks, dependencies, events, logs, state, the
     /// model journal, effects) into a new, empty database: for a team that
     /// outgrows one machine, `colony migrate --from colony.db --to
@@ -597,6 +613,29 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Effects(args) => effects::run(&cli, args),
         Command::Daemon(args) => daemon(&cli, args).await,
         Command::Serve(args) => serve::serve(&cli, args).await,
+        Command::Init { dir } => {
+            let written = builtin::init(dir)?;
+            for path in &written {
+                println!("wrote {}", path.display());
+            }
+            let cd = match dir.to_str() {
+                Some(".") => String::new(),
+                _ => format!("cd {} && ", dir.display()),
+            };
+            println!("\nNext:");
+            println!(
+                "  {cd}colony submit design '{{\"name\":\"Mug\",\"audience\":\"commuters\",\"features\":[\"keeps coffee hot\"],\"price_cents\":1900,\"currency\":\"USD\"}}'"
+            );
+            println!("  colony daemon --until-idle      # run it (and the code task it chains)");
+            println!("  colony serve                    # watch it at http://127.0.0.1:7070/");
+            Ok(())
+        }
+        Command::Wit { out } => {
+            for path in builtin::write_wit(out)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Bench(args) => bench::bench(args, postgres_db(&cli.db)).await,
         Command::Migrate(args) => migrate(&cli, args),
         Command::Torture(args) => {

@@ -48,6 +48,17 @@ fn main() {
         );
     }
 
+    // The Rust example (agents/examples/rust), for the tests that run the
+    // three languages' examples side by side.
+    let (_, example) = built
+        .iter()
+        .find(|(stem, _)| stem == "wordcount")
+        .expect("the agents workspace built the wordcount example");
+    println!(
+        "cargo:rustc-env=COLONY_EXAMPLE_WORDCOUNT={}",
+        example.display()
+    );
+
     // `colony bench` and `colony torture` carry their fixture guests inside
     // the binary, so they run anywhere without a separate build step.
     let fixtures = build_guests::build_guest_workspace(

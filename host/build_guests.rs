@@ -101,7 +101,12 @@ fn watch_sources(workspace_dir: &Path) {
 }
 
 fn watch_tree(dir: &Path) {
-    if dir.file_name().is_some_and(|n| n == "target") {
+    // Build output and the other languages' toolchains (agents/examples)
+    // are not Rust sources.
+    if dir
+        .file_name()
+        .is_some_and(|n| n == "target" || n == "node_modules" || n == "__pycache__")
+    {
         return;
     }
     println!("cargo:rerun-if-changed={}", dir.display());
@@ -109,7 +114,7 @@ fn watch_tree(dir: &Path) {
         let path = entry.path();
         if path.is_dir() {
             watch_tree(&path);
-        } else {
+        } else if path.extension().is_none_or(|e| e != "wasm") {
             println!("cargo:rerun-if-changed={}", path.display());
         }
     }

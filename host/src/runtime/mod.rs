@@ -653,6 +653,11 @@ fn classify_trap(
             let panic = log.stderr_tail(600);
             if panic.contains("panicked at") {
                 (ErrorKind::Crash, format!("the guest panicked: {panic}"))
+            } else if !panic.trim().is_empty() {
+                // Interpreted guests (JavaScript) report an uncaught
+                // exception on stderr and then trap: say what they said.
+                let said = panic.trim();
+                (ErrorKind::Crash, format!("the guest trapped ({trap}) after writing to stderr: {said}"))
             } else {
                 (ErrorKind::Crash, format!("the guest trapped: {trap}"))
             }

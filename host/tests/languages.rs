@@ -228,3 +228,108 @@ fn the_python_example() {
 fn the_javascript_example() {
     behaves_like_every_other_language("javascript", js_component());
 }
+
+/// `colony new NAME --lang LANG`, built with the command its README gives
+/// (offline: the toolchains are already here), then one task through the
+/// daemon. Says "skipped" in one line when the language's toolchain is
+/// missing.
+fn new_project_runs(lang: &str, needs: Result<(), String>) {
+    if let Err(needs) = needs {
+        eprintln!("skipped: `colony new --lang {lang}` needs {needs}");
+        return;
+    }
+    let env = Env::new(&[]);
+    let name = format!("hello-{lang}");
+    let dir = env.data.path().join(&name);
+    let stdout = env.ok(&["new", &name, "--lang", lang, "--dir", dir.to_str().unwrap()]);
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    // The README's one build command, as printed.
+    let build_line = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("Build (one command)"))
+        .find(|l| l.starts_with("    "))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(stdout.contains(&build_line), "{stdout}");
+    let component = match lang {
+        "rust" => {
+            let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/colony-new-test");
+            let mut command = Command::new("cargo");
+            command
+                .current_dir(&dir)
+                .args(build_line.split_whitespace().skip(1))
+                .arg("--offline")
+                .env("CARGO_TARGET_DIR", &target)
+                .env_remove("RUSTFLAGS");
+            build(command, &build_line);
+            target.join("wasm32-wasip2/release/hello_rust.wasm")
+        }
+        "python" => {
+            let mut command = Command::new("componentize-py");
+            command
+                .current_dir(&dir)
+                .args(build_line.split_whitespace().skip(1));
+            build(command, &build_line);
+            dir.join("hello-python.wasm")
+        }
+        _ => {
+            // `npm install` would reach the registry: the example's
+            // installed toolchain stands in for it.
+            std::os::unix::fs::symlink(
+                examples().join("js/node_modules"),
+                dir.join("node_modules"),
+            )
+            .unwrap();
+            let mut command = Command::new("npm");
+            command.current_dir(&dir).args(["run", "build"]);
+            build(command, "npm run build");
+            dir.join("hello-js.wasm")
+        }
+    };
+    std::fs::copy(&component, env.agents.path().join(format!("{name}.wasm"))).unwrap();
+    let id = env.submit(&[&name, r#"{"text":"one two three"}"#]);
+    env.until_idle(&[]);
+    let task = env.show(id);
+    assert_eq!(task["state"], "complete", "{task}");
+    assert_eq!(task["result"]["words"], 3, "{task}");
+    // Its WIT is this binary's.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("wit/agent.wit")).unwrap(),
+        std::fs::read_to_string(wit().join("agent.wit")).unwrap()
+    );
+}
+
+#[test]
+fn colony_new_rust() {
+    new_project_runs("rust", Ok(()));
+}
+
+#[test]
+fn colony_new_python() {
+    new_project_runs("python", python_component().map(|_| ()));
+}
+
+#[test]
+fn colony_new_js() {
+    new_project_runs("js", js_component().map(|_| ()));
+}
+
+#[test]
+fn colony_new_refuses_a_bad_name_and_a_full_directory() {
+    let env = Env::new(&[]);
+    let bad = env.run(&["new", "no/slash", "--lang", "python"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("may only contain"));
+    let dir = env.data.path().join("taken");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("keep.txt"), "mine").unwrap();
+    let full = env.run(&["new", "x", "--lang", "js", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(full.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&full.stderr).contains("not empty"));
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "nothing was written"
+    );
+}

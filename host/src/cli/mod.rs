@@ -8,6 +8,7 @@ mod builtin;
 mod demo;
 mod effects;
 mod loopback;
+mod new;
 pub(crate) mod output;
 mod rfc3339;
 mod serve;
@@ -234,6 +235,11 @@ pub enum Command {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
+    /// Start an agent project in Rust, Python or JavaScript: a handler that
+    /// reads its payload, logs, heartbeats, writes state and (guarded) calls
+    /// a model, with its unit tests, the WIT and a README with the one
+    /// build command.
+    New(new::NewArgs),
     /// Write the WIT this binary speaks (colony:agent@0.2.0, the released
     /// 0.1.0, and the WASI packages they use) for building agents against.
     Wit {
@@ -628,6 +634,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             );
             println!("  colony daemon --until-idle      # run it (and the code task it chains)");
             println!("  colony serve                    # watch it at http://127.0.0.1:7070/");
+            Ok(())
+        }
+        Command::New(args) => {
+            let (dir, build) = new::scaffold(args)?;
+            println!("created {}", dir.display());
+            println!("\nNext:");
+            println!("  cd {}", dir.display());
+            println!("  {build}");
+            println!("  (then copy the component to your colony's agents/ folder; see README.md)");
             Ok(())
         }
         Command::Wit { out } => {

@@ -1001,3 +1001,36 @@ fn the_demo_runs_from_an_empty_folder() {
         "the demo wrote into the agents folder"
     );
 }
+
+#[test]
+fn bench_measures_any_component_per_run() {
+    let env = Env::new(&[]);
+    let echo = colony_tests::guest_path("echo");
+    let out = env.ok(&[
+        "bench",
+        "--agent",
+        echo.to_str().unwrap(),
+        "--runs",
+        "30",
+        "--payload",
+        r#"{"x":1}"#,
+    ]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["runs"], 30, "{report}");
+    assert_eq!(
+        report["outcomes"],
+        serde_json::json!({"ok": 30}),
+        "{report}"
+    );
+    assert!(report["run_us_p50"].as_f64().unwrap() > 0.0);
+    assert!(report["run_us_p99"].as_f64().unwrap() >= report["run_us_p50"].as_f64().unwrap());
+    assert!(report["bytes"].as_u64().unwrap() > 1000);
+
+    let missing = env.run(&["bench", "--agent", "/nonexistent.wasm"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent.wasm"));
+    let not_a_component = env.file("junk.wasm", "not wasm");
+    let broken = env.run(&["bench", "--agent", &not_a_component]);
+    assert_eq!(broken.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("did not load"));
+}

@@ -52,6 +52,17 @@ pub struct BenchArgs {
     /// model call and per replayed call against a loopback provider.
     #[arg(long)]
     pub capabilities: bool,
+    /// Instead of the drain: the per-run cost of this component (any
+    /// language), one run at a time: load time (compiling, then from the
+    /// compile cache) and instantiate + run + tear down, p50/p99.
+    #[arg(long, value_name = "PATH.wasm")]
+    pub agent: Option<PathBuf>,
+    /// With --agent: the payload of every run.
+    #[arg(long, default_value = "{}", requires = "agent")]
+    pub payload: String,
+    /// With --agent: runs measured (after 10% more to warm up).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), requires = "agent")]
+    pub runs: u32,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -68,6 +79,9 @@ pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
+    if let Some(component) = &args.agent {
+        return agent_cost(args, component, &root).await;
+    }
     let agents = root.join("agents");
     std::fs::create_dir_all(&agents).with_context(|| format!("creating {}", agents.display()))?;
     std::fs::write(agents.join("noop.wasm"), NOOP_COMPONENT)?;
@@ -151,21 +165,98 @@ async fn load_times(root: &Path) -> Result<(Duration, Duration)> {
 /// Per-task host overhead: instantiate + call the no-op agent + tear down,
 /// measured one run at a time.
 async fn host_overhead(runtime: &Runtime, agents: &Path) -> Result<Vec<Duration>> {
+    Ok(run_times(runtime, agents, "noop", "{}", 2000).await?.0)
+}
+
+/// `bench --agent`: what one component costs per run.
+async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<()> {
+    let bytes = std::fs::read(component)
+        .map_err(|e| super::BadInput(format!("--agent {}: {e}", component.display())))?;
+    let agents = root.join("agent-under-test");
+    std::fs::create_dir_all(&agents)?;
+    std::fs::write(agents.join("agent.wasm"), &bytes)?;
+    let cache = root.join(".colony-cache-agent");
+    let mut loads = Vec::new();
+    let mut runtime = None;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let fresh = Runtime::new(RuntimeConfig {
+            cache_dir: Some(cache.clone()),
+            max_concurrent_runs: 8,
+            pooling: true,
+        })?;
+        let mut dir = AgentDir::new(&agents);
+        dir.rescan(&fresh).await;
+        loads.push(started.elapsed());
+        runtime = Some(fresh);
+    }
+    let runtime = runtime.expect("loaded twice");
+    let (samples, outcomes) = run_times(
+        &runtime,
+        &agents,
+        "agent",
+        &args.payload,
+        args.runs as usize,
+    )
+    .await?;
+    let us = |p: f64| percentile(&samples, p).map(|d| d.as_secs_f64() * 1e6);
+    let report = json!({
+        "agent": component.display().to_string(),
+        "bytes": bytes.len(),
+        "load_cold_ms": loads[0].as_secs_f64() * 1e3,
+        "load_cached_ms": loads[1].as_secs_f64() * 1e3,
+        "runs": samples.len(),
+        "run_us_p50": us(0.50),
+        "run_us_p99": us(0.99),
+        "outcomes": outcomes,
+    });
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string(&report)?
+    )?;
+    Ok(())
+}
+
+/// Runs `agent` `runs` times one at a time (after `runs / 10` to warm caches
+/// and the instance pool); returns the sorted times of the measured runs
+/// and how many runs ended each way.
+async fn run_times(
+    runtime: &Runtime,
+    agents: &Path,
+    name: &str,
+    payload: &str,
+    runs: usize,
+) -> Result<(Vec<Duration>, serde_json::Map<String, serde_json::Value>)> {
     let mut dir = AgentDir::new(agents);
     dir.rescan(runtime).await;
-    let agent = dir
-        .loaded("noop")
-        .context("the no-op component did not load")?;
-    let mut samples = Vec::with_capacity(2000);
+    let agent = match dir.loaded(name) {
+        Some(agent) => agent,
+        None => {
+            let why = dir
+                .entries()
+                .find_map(|e| match &e.status {
+                    crate::runtime::AgentStatus::Broken(why) => Some(why.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "not found".into());
+            anyhow::bail!(super::BadInput(format!(
+                "the component did not load: {why}"
+            )));
+        }
+    };
+    let warm_up = runs / 10;
+    let mut samples = Vec::with_capacity(runs);
+    let mut outcomes = serde_json::Map::new();
     let hooks: Arc<NoHooks> = Arc::new(NoHooks);
-    for i in 0..2200i64 {
+    for i in 0..(warm_up + runs) as i64 {
         let task = ClaimedTask {
             lease: Lease {
                 task_id: i,
                 token: 1,
             },
-            agent: "noop".into(),
-            payload: "{}".into(),
+            agent: name.into(),
+            payload: payload.into(),
             attempt: 1,
             max_attempts: 3,
             parent_result: None,
@@ -173,12 +264,18 @@ async fn host_overhead(runtime: &Runtime, agents: &Path) -> Result<Vec<Duration>
             timeout_ms: None,
         };
         let report = runtime.run(&agent, &task, hooks.clone()).await;
-        if i >= 200 {
+        if i >= warm_up as i64 {
             samples.push(report.elapsed); // the first runs warm caches and the pool
+            let outcome = match &report.outcome {
+                crate::task::RunOutcome::Failure(e) => e.kind.to_string(),
+                _ => "ok".into(),
+            };
+            let n = outcomes.entry(outcome).or_insert(json!(0));
+            *n = json!(n.as_u64().unwrap_or(0) + 1);
         }
     }
     samples.sort();
-    Ok(samples)
+    Ok((samples, outcomes))
 }
 
 pub(super) fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {

@@ -208,6 +208,8 @@ pub struct Agent {
     pub hash: String,
     pub limits: Limits,
     pre: AgentPre,
+    /// The engine it was compiled for (see [`LARGE_COMPONENT`]).
+    engine: Engine,
 }
 
 /// A component ready to instantiate, by the contract version it was built against.
@@ -225,10 +227,26 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-/// The wasm engine and everything shared between runs.
-pub struct Runtime {
+/// Components at least this big (interpreted agents: a Python component
+/// is ~18 MB, a JavaScript one ~13 MB) are compiled for a second engine
+/// that maps their memory image copy-on-write: copying megabytes of data
+/// segments into every instance cost 4–10 ms a run, mapping them ~1.5 ms.
+/// Smaller ones (Rust agents carry kilobytes) are copied, which is cheaper
+/// for them under concurrency (see [`engine_config`]).
+pub const LARGE_COMPONENT: usize = 1 << 20;
+
+/// An engine and the linker of the host's imports for it.
+struct Flavor {
     engine: Engine,
     linker: Linker<RunState>,
+}
+
+/// The wasm engines and everything shared between runs.
+pub struct Runtime {
+    /// For components under [`LARGE_COMPONENT`].
+    small: Flavor,
+    /// For larger ones; made when the first is loaded.
+    large: Arc<std::sync::OnceLock<Result<Flavor, String>>>,
     config: RuntimeConfig,
     /// The operator's model providers (keys stay here, never in a `Store`).
     models: Option<Arc<Providers>>,
@@ -255,15 +273,16 @@ fn link_colony_interfaces(linker: &mut Linker<RunState>) -> wasmtime::Result<()>
     Ok(())
 }
 
-fn engine_config(pooling: Option<u32>) -> Config {
+fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.consume_fuel(true);
-    // Copy data segments into a fresh instance's memory instead of mapping
-    // the image copy-on-write: every first write to a CoW page is a fault
-    // plus a TLB shootdown across cores, several per run, which cost more
-    // than copying an agent's few kilobytes of data.
-    config.memory_init_cow(false);
+    // For small components, copy data segments into a fresh instance's
+    // memory instead of mapping the image copy-on-write: every first write
+    // to a CoW page is a fault plus a TLB shootdown across cores, several
+    // per run, which cost more than copying an agent's few kilobytes of
+    // data (measured: the drain 4 % slower, overhead p50 14 -> 16-21 µs).
+    config.memory_init_cow(copy_on_write);
     if let Some(slots) = pooling {
         let mut pool = PoolingAllocationConfig::default();
         // Each Rust component holds a few core instances (the program and
@@ -287,13 +306,14 @@ fn engine_config(pooling: Option<u32>) -> Config {
     config
 }
 
-impl Runtime {
-    /// Builds the engine, probing the pooling allocator first (it needs a
+impl Flavor {
+    /// Builds an engine, probing the pooling allocator first (it needs a
     /// large virtual address reservation some machines refuse) and falling
-    /// back to on-demand allocation.
-    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+    /// back to on-demand allocation; returns whether it pools.
+    fn new(config: &RuntimeConfig, copy_on_write: bool) -> Result<(Flavor, bool), RuntimeError> {
         let pooled = if config.pooling {
-            match Engine::new(&engine_config(Some(config.max_concurrent_runs.max(1)))) {
+            let slots = config.max_concurrent_runs.max(1);
+            match Engine::new(&engine_config(Some(slots), copy_on_write)) {
                 Ok(engine) => Some(engine),
                 Err(e) => {
                     tracing::warn!(
@@ -308,7 +328,9 @@ impl Runtime {
         let pooling = pooled.is_some();
         let engine = match pooled {
             Some(engine) => engine,
-            None => Engine::new(&engine_config(None)).map_err(RuntimeError::Engine)?,
+            None => {
+                Engine::new(&engine_config(None, copy_on_write)).map_err(RuntimeError::Engine)?
+            }
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError::Engine)?;
@@ -319,28 +341,56 @@ impl Runtime {
             .map_err(RuntimeError::Engine)?;
         bindings_v0_1::Agent::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(RuntimeError::Engine)?;
+        Ok((Flavor { engine, linker }, pooling))
+    }
+}
 
+impl Runtime {
+    /// Builds the engine for small components (see [`Flavor::new`]); the
+    /// one for large components is made when the first is loaded.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let (small, pooling) = Flavor::new(&config, false)?;
+        let large: Arc<std::sync::OnceLock<Result<Flavor, String>>> = Default::default();
         let stop_ticker = Arc::new(AtomicBool::new(false));
-        let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
+        let (ticker_engine, ticker_large, stop) =
+            (small.engine.clone(), large.clone(), stop_ticker.clone());
         std::thread::Builder::new()
             .name("colony-epoch".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
                     ticker_engine.increment_epoch();
+                    if let Some(Ok(large)) = ticker_large.get() {
+                        large.engine.increment_epoch();
+                    }
                 }
             })
             .map_err(|e| {
                 RuntimeError::Engine(wasmtime::Error::new(e).context("starting the epoch thread"))
             })?;
         Ok(Runtime {
-            engine,
-            linker,
+            small,
+            large,
             config,
             models: None,
             pooling,
             stop_ticker,
         })
+    }
+
+    /// The flavor for a component of `len` bytes.
+    fn flavor(&self, len: usize) -> Result<&Flavor, String> {
+        if len < LARGE_COMPONENT {
+            return Ok(&self.small);
+        }
+        self.large
+            .get_or_init(|| {
+                Flavor::new(&self.config, true)
+                    .map(|(flavor, _)| flavor)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// Lets agents call the operator's models (each within its manifest's grants).
@@ -368,15 +418,16 @@ impl Runtime {
             reason,
         };
         let hash = hex(&Sha256::digest(bytes));
+        let flavor = self.flavor(bytes.len()).map_err(fail)?;
         // Compiling takes CPU for a while: keep other tasks on this executor moving.
         let component = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.compile(bytes, &hash))
+                tokio::task::block_in_place(|| self.compile(&flavor.engine, bytes, &hash))
             }
-            _ => self.compile(bytes, &hash),
+            _ => self.compile(&flavor.engine, bytes, &hash),
         }
         .map_err(fail)?;
-        let instance_pre = self
+        let instance_pre = flavor
             .linker
             .instantiate_pre(&component)
             .map_err(|e| fail(format!("its imports are not all provided by the host (only WASI and colony:agent/host are): {e}")))?;
@@ -392,6 +443,7 @@ impl Runtime {
             hash,
             limits,
             pre,
+            engine: flavor.engine.clone(),
         };
         // A trial instantiation catches components whose start-up traps.
         let trial_lease = Lease {
@@ -427,7 +479,7 @@ impl Runtime {
     /// Compiles a component, going through the on-disk cache when configured.
     /// Only files this host wrote into its own cache directory are ever
     /// deserialized (deserializing is only safe for trusted compiled code).
-    fn compile(&self, bytes: &[u8], hash: &str) -> Result<Component, String> {
+    fn compile(&self, engine: &Engine, bytes: &[u8], hash: &str) -> Result<Component, String> {
         let describe = |e: wasmtime::Error| {
             let text = format!("{e:#}");
             if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0] {
@@ -441,22 +493,20 @@ impl Runtime {
             }
         };
         let Some(dir) = &self.config.cache_dir else {
-            return Component::new(&self.engine, bytes).map_err(describe);
+            return Component::new(engine, bytes).map_err(describe);
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut hasher);
+        engine.precompile_compatibility_hash().hash(&mut hasher);
         let cached = dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
         if cached.exists() {
             // SAFETY: the file is in our own cache directory, named by the
             // content hash and engine hash, and was written by `precompile_component`.
-            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+            match unsafe { Component::deserialize_file(engine, &cached) } {
                 Ok(component) => return Ok(component),
                 Err(e) => tracing::warn!("ignoring unusable cache file {}: {e}", cached.display()),
             }
         }
-        let compiled = self.engine.precompile_component(bytes).map_err(describe)?;
+        let compiled = engine.precompile_component(bytes).map_err(describe)?;
         if let Err(e) = write_atomically(dir, &cached, &compiled) {
             tracing::warn!(
                 "could not write the compile cache {}: {e}",
@@ -464,7 +514,7 @@ impl Runtime {
             );
         }
         // SAFETY: `compiled` was produced just now by this engine.
-        unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(describe)
+        unsafe { Component::deserialize(engine, &compiled) }.map_err(describe)
     }
 
     fn new_store(
@@ -495,7 +545,7 @@ impl Runtime {
             http,
             agent.limits.read_only_dir.as_deref(),
         )?;
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(&agent.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_fuel(agent.limits.fuel.unwrap_or(u64::MAX))?;
         // Yield to the executor at every tick: the deadline is enforced by

@@ -643,6 +643,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("  cd {}", dir.display());
             println!("  {build}");
             println!("  (then copy the component to your colony's agents/ folder; see README.md)");
+            if let Some(missing) = new::missing_toolchain(args.lang) {
+                eprintln!("note: building it needs {missing}");
+            }
             Ok(())
         }
         Command::Wit { out } => {

@@ -184,6 +184,36 @@ fn readme(lang: Lang, name: &str) -> String {
     )
 }
 
+/// What the language's toolchain lacks on this machine, with the command
+/// that installs it (`None`: it looks ready).
+pub fn missing_toolchain(lang: Lang) -> Option<String> {
+    let runs = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    match lang {
+        Lang::Rust => {
+            let installed = std::process::Command::new("rustup")
+                .args(["target", "list", "--installed"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-wasip2"));
+            match installed {
+                Ok(true) => None,
+                Ok(false) => Some("the Rust target wasm32-wasip2: rustup target add wasm32-wasip2".into()),
+                Err(_) => Some("Rust (rustup, https://rustup.rs), then: rustup target add wasm32-wasip2".into()),
+            }
+        }
+        Lang::Python => (!runs("componentize-py", &["--version"])).then(|| {
+            "componentize-py (PyPI): pip install -r requirements.txt (componentize-py==0.25.1)".into()
+        }),
+        Lang::Js => (!runs("npm", &["--version"])).then(|| {
+            "Node.js and npm (Debian: apt-get install nodejs npm); componentize-js then comes with npm install".into()
+        }),
+    }
+}
+
 /// Writes the project; returns its directory and the README's build command.
 pub fn scaffold(args: &NewArgs) -> Result<(PathBuf, String)> {
     crate::task::check_agent_name(&args.name).map_err(BadInput)?;

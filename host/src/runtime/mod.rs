@@ -235,6 +235,11 @@ impl std::fmt::Debug for Agent {
 /// for them under concurrency (see [`engine_config`]).
 pub const LARGE_COMPONENT: usize = 1 << 20;
 
+/// Of a large component's memory, how much a finished run's slot resets in
+/// place (from the image) for the next, instead of handing the pages back
+/// to the kernel and faulting them in again.
+const KEEP_RESIDENT_LARGE: usize = 16 << 20;
+
 /// An engine and the linker of the host's imports for it.
 struct Flavor {
     engine: Engine,
@@ -300,6 +305,11 @@ fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
             // TLB shootdown across cores, which dominated per-task cost.
             .table_keep_resident(64 << 10)
             .async_stack_keep_resident(128 << 10)
+            .linear_memory_keep_resident(if copy_on_write {
+                KEEP_RESIDENT_LARGE
+            } else {
+                0
+            })
             .decommit_batch_size(64);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }

@@ -144,6 +144,10 @@ pub(super) fn leases_by_holder(db: &dyn Sql) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
+/// The columns [`event_from_row`] reads, from `events`.
+const EVENT_SELECT: &str =
+    "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
+
 pub(super) fn events(
     db: &dyn Sql,
     task_id: Option<i64>,
@@ -152,15 +156,13 @@ pub(super) fn events(
 ) -> Result<Vec<AuditEvent>> {
     // Two statements rather than `(?2 IS NULL OR task_id = ?2)`, which
     // keeps both databases from using `events_by_task`.
-    const COLUMNS: &str =
-        "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
     let rows = match task_id {
         Some(task) => db.query(
-            &format!("{COLUMNS} WHERE task_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"),
+            &format!("{EVENT_SELECT} WHERE task_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"),
             args![task, since, limit],
         )?,
         None => db.query(
-            &format!("{COLUMNS} WHERE id > ?1 ORDER BY id LIMIT ?2"),
+            &format!("{EVENT_SELECT} WHERE id > ?1 ORDER BY id LIMIT ?2"),
             args![since, limit],
         )?,
     };
@@ -173,15 +175,13 @@ pub(super) fn events_in_range(
     from: i64,
     to: i64,
 ) -> Result<Vec<AuditEvent>> {
-    const COLUMNS: &str =
-        "SELECT id, at, task_id, event, from_state, to_state, actor, detail FROM events";
     let rows = match task_id {
         Some(task) => db.query(
-            &format!("{COLUMNS} WHERE task_id = ?1 AND id > ?2 AND id <= ?3 ORDER BY id"),
+            &format!("{EVENT_SELECT} WHERE task_id = ?1 AND id > ?2 AND id <= ?3 ORDER BY id"),
             args![task, from, to],
         )?,
         None => db.query(
-            &format!("{COLUMNS} WHERE id > ?1 AND id <= ?2 ORDER BY id"),
+            &format!("{EVENT_SELECT} WHERE id > ?1 AND id <= ?2 ORDER BY id"),
             args![from, to],
         )?,
     };

@@ -395,15 +395,42 @@ fn forms_need_a_session_and_its_csrf_token() {
         .unwrap()
         .clone();
     assert_eq!(reject["actor"], "web:ann");
-    // An off-site `next` is not followed.
-    let (status, _) = send(
+    // An off-site `next` is not followed: the form goes back to the task.
+    let cancel = web
+        .client
+        .post(web.url(&format!("/tasks/{id}/cancel")))
+        .header("cookie", &cookie)
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("reason", "enough"),
+            ("next", "//evil.example/"),
+        ])
+        .send()
+        .unwrap();
+    assert_eq!(cancel.status(), 303);
+    assert_eq!(
+        cancel.headers()["location"],
+        format!("/tasks/{id}").as_str()
+    );
+    assert_eq!(env.show(id)["state"], "cancelled");
+    // The API takes the session with its CSRF header.
+    let (status, answer) = send(
         web.client
-            .post(web.url(&format!("/api/tasks/{id}/cancel")))
+            .post(web.url(&format!("/api/tasks/{id}/retry")))
             .header("cookie", &cookie)
             .header("x-csrf-token", &csrf)
             .body(""),
     );
-    assert_eq!(status, 200);
+    assert_eq!((status, answer), (200, json!({"id": id, "state": "ready"})));
+    let retry = env.show(id)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "retry")
+        .unwrap()
+        .clone();
+    assert_eq!(retry["actor"], "web:ann");
 }
 
 #[test]
@@ -583,7 +610,7 @@ fn a_daemon_serves_the_dashboard_while_it_runs() {
 #[test]
 fn an_exported_token_does_not_stop_a_plain_daemon() {
     let env = Env::new(&["echo"]);
-    env.submit(&["echo", "{}"]);
+    let id = env.submit(&["echo", "{}"]);
     let out = env
         .cmd()
         .args(["daemon", "--until-idle", "--poll", "100ms"])
@@ -595,4 +622,5 @@ fn an_exported_token_does_not_stop_a_plain_daemon() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(env.show(id)["state"], "complete");
 }

@@ -122,14 +122,19 @@ pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
                 report[key] = value.clone();
             }
         }
-        // Through `?`: a reader that went away (`colony bench | head -1`)
-        // ends the run quietly instead of a panic.
-        writeln!(
-            std::io::stdout().lock(),
-            "{}",
-            serde_json::to_string(&report)?
-        )?;
+        print_line(&report)?;
     }
+    Ok(())
+}
+
+/// One JSON object per line. Through `?`: a reader that went away
+/// (`colony bench | head -1`) ends the run quietly instead of a panic.
+fn print_line(report: &serde_json::Value) -> Result<()> {
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string(report)?
+    )?;
     Ok(())
 }
 
@@ -210,12 +215,7 @@ async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<(
         "run_us_p99": us(0.99),
         "outcomes": outcomes,
     });
-    writeln!(
-        std::io::stdout().lock(),
-        "{}",
-        serde_json::to_string(&report)?
-    )?;
-    Ok(())
+    print_line(&report)
 }
 
 /// Runs `agent` `runs` times one at a time (after `runs / 10` to warm caches

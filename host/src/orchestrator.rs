@@ -15,6 +15,7 @@
 //! `block_in_place`, so the daemon needs tokio's multi-threaded runtime.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,6 +130,24 @@ pub struct DaemonSummary {
     pub released: u64,
     /// Unfinished tasks left for agents that are not loaded, by agent.
     pub left_for_missing_agents: Vec<(String, u64)>,
+    /// Where the daemon loop's time went (for `colony bench`).
+    pub time: LoopTime,
+}
+
+/// Where the daemon loop's wall time went, and the runs' own time (spent on
+/// other threads, beside the loop). `bench` prints it per task.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoopTime {
+    /// Claim transactions (promotion included), and how many.
+    pub claiming: Duration,
+    pub claims: u64,
+    /// Group commits of finished runs, and how many.
+    pub storing: Duration,
+    pub stores: u64,
+    /// Waiting for something to happen (a finished run, a timer, a wake).
+    pub waiting: Duration,
+    /// Instantiate + call + tear down, summed over runs (on worker threads).
+    pub running: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +173,8 @@ struct InFlight {
 /// at the next heartbeat) and their model journal.
 struct RunSide {
     progress: Mutex<HashMap<i64, Option<String>>>,
+    /// Nanoseconds spent in runs (instantiate + call + tear down), summed.
+    run_nanos: AtomicU64,
     /// A connection of the journal's own, opened at the first model call:
     /// model calls are slow and rare, and neither they nor the daemon loop
     /// should wait for the other.
@@ -256,6 +277,7 @@ impl RunHooks for RunSide {
 /// A store the writer connection finished (see [`Daemon::start_write`]).
 struct Written {
     queue: Option<Queue>,
+    took: Duration,
     runs: Vec<FinishedRun>,
     result: Result<Vec<Applied>, QueueError>,
 }
@@ -318,6 +340,7 @@ impl Daemon {
         let (written_tx, written_rx) = mpsc::unbounded_channel();
         let run_side = Arc::new(RunSide {
             progress: Mutex::default(),
+            run_nanos: AtomicU64::new(0),
             journal: Arc::default(),
             open_journal: Arc::new(queue.reopener()),
         });
@@ -350,6 +373,14 @@ impl Daemon {
         }
     }
 
+    /// What the daemon did, with the runs' summed time filled in.
+    fn summary(&self) -> DaemonSummary {
+        let mut summary = self.summary.clone();
+        summary.time.running =
+            Duration::from_nanos(self.run_side.run_nanos.load(Ordering::Relaxed));
+        summary
+    }
+
     /// Notify this to make the daemon look for work at once (e.g. after a
     /// submit in the same process).
     pub fn waker(&self) -> Arc<Notify> {
@@ -379,7 +410,11 @@ impl Daemon {
         // Whether there may be new work to claim: set by anything that can
         // make tasks runnable, so an idle daemon does no write transactions.
         let mut look = true;
+        let mut waiting_since: Option<Instant> = None;
         while !*shutdown.borrow() {
+            if let Some(since) = waiting_since.take() {
+                self.summary.time.waiting += since.elapsed();
+            }
             self.collect_finished();
             if self.write_is_due() && self.start_write() {
                 look = true; // completions can wake dependents and insert children
@@ -417,7 +452,7 @@ impl Daemon {
                 match self.idle() {
                     Ok(Some(left)) => {
                         self.summary.left_for_missing_agents = left;
-                        return Ok(self.summary);
+                        return Ok(self.summary());
                     }
                     Ok(None) => {}
                     Err(e) => tracing::warn!("idle check failed: {e}"),
@@ -432,6 +467,7 @@ impl Daemon {
             if let Some(since) = self.unwritten_since.filter(|_| !self.writing) {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
+            waiting_since = Some(Instant::now());
             tokio::select! {
                 Some(run) = self.done_rx.recv() => {
                     self.accept(run);
@@ -479,7 +515,7 @@ impl Daemon {
             }
         }
         self.shut_down().await;
-        Ok(self.summary)
+        Ok(self.summary())
     }
 
     // ----- finished runs ---------------------------------------------------------
@@ -541,6 +577,7 @@ impl Daemon {
         let reopen = self.run_side.open_journal.clone();
         let done = self.written_tx.clone();
         tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let (queue, result) = match writer.map_or_else(|| reopen(), Ok) {
                 Ok(mut queue) => {
                     let result = queue.finish_batch(&runs);
@@ -550,6 +587,7 @@ impl Daemon {
             };
             let _ = done.send(Written {
                 queue,
+                took: started.elapsed(),
                 runs,
                 result,
             });
@@ -561,6 +599,8 @@ impl Daemon {
     fn on_written(&mut self, written: Written) {
         self.writing = false;
         self.writer = written.queue;
+        self.summary.time.storing += written.took;
+        self.summary.time.stores += 1;
         // Runs that finished meanwhile wait for the next store.
         let mut runs = written.runs;
         if written.result.is_err() {
@@ -582,7 +622,10 @@ impl Daemon {
     fn write_finished(&mut self) {
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
+        let started = Instant::now();
         let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
+        self.summary.time.storing += started.elapsed();
+        self.summary.time.stores += 1;
         self.after_write(runs, result);
     }
 
@@ -915,10 +958,13 @@ impl Daemon {
             if claim && buffered < slots {
                 let want = self.cfg.claim_batch.max(slots) - buffered;
                 // Due tasks are promoted in the first claim's transaction.
+                let started = Instant::now();
                 let claimed = tokio::task::block_in_place(|| match promoted {
                     true => self.queue.claim(&name, want),
                     false => self.queue.promote_and_claim(&name, want),
                 })?;
+                self.summary.time.claiming += started.elapsed();
+                self.summary.time.claims += 1;
                 promoted = true;
                 self.prefetched
                     .entry(name.clone())
@@ -942,11 +988,14 @@ impl Daemon {
         self.summary.runs += 1;
         let lease = task.lease;
         let runtime = self.runtime.clone();
-        let hooks: Arc<dyn RunHooks> = self.run_side.clone();
+        let run_side = self.run_side.clone();
+        let hooks: Arc<dyn RunHooks> = run_side.clone();
         let done = self.done_tx.clone();
         let agent_name = task.agent.clone();
         let handle = tokio::spawn(async move {
             let report = runtime.run(&agent, &task, hooks).await;
+            let nanos = u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX);
+            run_side.run_nanos.fetch_add(nanos, Ordering::Relaxed);
             let _ = done.send(FinishedRun {
                 lease,
                 outcome: report.outcome,

@@ -363,17 +363,38 @@ async fn round(
         "pooling_allocator": runtime.is_pooling(),
         "peak_rss_bytes": peak_rss_bytes(),
         "db_bytes_per_task": db_bytes_per_task,
+        "per_task_us": split_per_task(&summary, drain, args.tasks),
         "database": if queue.is_postgres() { "postgres" } else { "sqlite" },
     }))
 }
 
-/// Runs a daemon over `queue` until nothing runnable remains; returns how
-/// long that took.
+/// Where a drain's time went, in µs per task: the daemon loop's claim and
+/// store transactions, its waits and the rest of its work (dispatching,
+/// bookkeeping, channel hops), and the runs themselves, which execute on the
+/// runtime's worker threads beside the loop.
+fn split_per_task(summary: &DaemonSummary, drain: Duration, tasks: usize) -> serde_json::Value {
+    let time = &summary.time;
+    let per_task = |d: Duration| (d.as_secs_f64() * 1e6 / tasks as f64 * 10.0).round() / 10.0;
+    let busy = time.claiming + time.storing + time.waiting;
+    json!({
+        "loop_claim_sql": per_task(time.claiming),
+        "loop_store_sql": per_task(time.storing),
+        "loop_other": per_task(drain.saturating_sub(busy)),
+        "loop_waiting": per_task(time.waiting),
+        "runs_on_workers": per_task(time.running),
+        "tasks_per_claim": (tasks as f64 / time.claims.max(1) as f64 * 10.0).round() / 10.0,
+        "tasks_per_store": (tasks as f64 / time.stores.max(1) as f64 * 10.0).round() / 10.0,
+    })
+}
+
+/// Tasks per claim transaction: the flag, or the daemon's default.
 fn claim_batch(args: &BenchArgs, queue: &Queue) -> usize {
     args.batch
         .unwrap_or_else(|| crate::orchestrator::default_claim_batch(queue.is_postgres()))
 }
 
+/// Runs a daemon over `queue` until nothing runnable remains; returns how
+/// long that took.
 pub(super) async fn drain(
     args: &BenchArgs,
     runtime: &Arc<Runtime>,

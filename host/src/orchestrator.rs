@@ -138,12 +138,10 @@ pub struct DaemonSummary {
 /// other threads, beside the loop). `bench` prints it per task.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoopTime {
-    /// Claim transactions (promotion included), and how many.
-    pub claiming: Duration,
-    pub claims: u64,
-    /// Group commits of finished runs, and how many.
-    pub storing: Duration,
-    pub stores: u64,
+    /// The hot path's transactions (stores and claims), run on the writer's
+    /// thread beside the loop, and how many there were.
+    pub writing: Duration,
+    pub transactions: u64,
     /// Waiting for something to happen (a finished run, a timer, a wake).
     pub waiting: Duration,
     /// Instantiate + call + tear down, summed over runs (on worker threads).
@@ -274,13 +272,17 @@ impl RunHooks for RunSide {
     }
 }
 
-/// A store the writer connection finished (see [`Daemon::start_write`]).
+/// A transaction of the hot path the writer finished (see [`Daemon::start_job`]).
 struct Written {
     queue: Option<Queue>,
     took: Duration,
     runs: Vec<FinishedRun>,
-    result: Result<Vec<Applied>, QueueError>,
+    claims: Vec<(String, usize)>,
+    result: Result<(Vec<Applied>, Vec<Vec<ClaimedTask>>), QueueError>,
 }
+
+/// How long claiming pauses after a claim transaction failed.
+const CLAIM_RETRY: Duration = Duration::from_millis(500);
 
 /// Tasks per claim transaction unless configured: on PostgreSQL a claim is
 /// several round trips to the server, so it takes more at once (measured at
@@ -306,13 +308,15 @@ pub struct Daemon {
     unwritten_since: Option<Instant>,
     /// Set while stores fail: no new claims until they succeed again.
     write_backoff: Duration,
-    /// Whether a group commit is in flight on the writer connection (the
-    /// loop goes on claiming and dispatching while it is stored; its runs
-    /// come back through `written_rx`).
+    /// Whether a transaction of the hot path is in flight on the writer
+    /// connection (the loop goes on dispatching and collecting runs while it
+    /// commits; its outcome comes back through `written_rx`).
     writing: bool,
-    /// The writer's own connection to the queue, home while no store is in
-    /// flight (opened on the first store).
+    /// The writer's own connection to the queue, home while no transaction
+    /// is in flight (opened on the first).
     writer: Option<Queue>,
+    /// Set after a claim transaction failed: no claims until then.
+    claims_paused_until: Option<Instant>,
     written_tx: mpsc::UnboundedSender<Written>,
     written_rx: mpsc::UnboundedReceiver<Written>,
     /// A database error that retrying cannot fix (read-only file, malformed
@@ -359,6 +363,7 @@ impl Daemon {
             write_backoff: Duration::ZERO,
             writing: false,
             writer: None,
+            claims_paused_until: None,
             written_tx,
             written_rx,
             unusable: None,
@@ -416,9 +421,19 @@ impl Daemon {
                 self.summary.time.waiting += since.elapsed();
             }
             self.collect_finished();
-            if self.write_is_due() && self.start_write() {
-                look = true; // completions can wake dependents and insert children
-                self.effects_due = true; // and store effects
+            self.dispatch_buffered();
+            if !self.writing {
+                let store = self.write_is_due();
+                let claims = match look && self.may_claim() {
+                    true => self.claims_wanted(store || !self.unwritten.is_empty()),
+                    false => Vec::new(),
+                };
+                if !claims.is_empty() {
+                    look = false; // until the claims show there may be more
+                }
+                if store || !claims.is_empty() {
+                    self.start_job(claims);
+                }
             }
             if self.effects_due && self.write_backoff.is_zero() {
                 self.start_deliveries();
@@ -437,13 +452,6 @@ impl Daemon {
                 }
                 self.release_orphaned_buffers();
                 look = true;
-            }
-            let claim = look && self.write_backoff.is_zero();
-            match self.fill_slots(claim) {
-                Ok(()) if claim => look = false,
-                Ok(()) => {}
-                Err(e) if e.is_permanent() => self.unusable = Some(e),
-                Err(e) => tracing::error!("claiming failed, will retry: {e}"),
             }
             if let Some(e) = self.unusable.take() {
                 return Err(DaemonError::Unusable(e));
@@ -467,6 +475,9 @@ impl Daemon {
             if let Some(since) = self.unwritten_since.filter(|_| !self.writing) {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
+            if let Some(at) = self.claims_paused_until.filter(|_| look) {
+                wait_until = wait_until.min(at);
+            }
             waiting_since = Some(Instant::now());
             tokio::select! {
                 Some(run) = self.done_rx.recv() => {
@@ -476,9 +487,8 @@ impl Daemon {
                     look = true;
                 }
                 Some(written) = self.written_rx.recv() => {
-                    self.on_written(written);
-                    look = true; // completions can wake dependents and insert children
-                    self.effects_due = true; // and store effects
+                    look |= self.on_written(written);
+                    self.effects_due = true; // stored completions may have queued effects
                 }
                 Some(attempt) = self.deliverer.done_rx.recv() => {
                     self.record_delivery(attempt);
@@ -554,22 +564,19 @@ impl Daemon {
         waited >= self.cfg.write_window || self.unwritten.len() >= 256 || self.inflight.is_empty()
     }
 
-    /// Stores the finished runs. On PostgreSQL the store runs on a writer
-    /// connection of its own while the loop goes on claiming and
-    /// dispatching (each statement there is a round trip to the server;
-    /// measured: 3,000 → 4,000–4,700 tasks/s); a store in flight makes the
-    /// runs wait for the next. SQLite has one writer at a time anyway, and a
-    /// second connection only adds lock waits (measured: 20-30 % slower), so
-    /// it stores on the loop's connection at once. Answers whether the runs
-    /// were stored now.
-    fn start_write(&mut self) -> bool {
-        if !self.queue.is_postgres() {
-            self.write_finished();
-            return true;
-        }
-        if self.writing {
-            return false;
-        }
+    /// Hands the hot path's next transaction to the writer: every finished
+    /// run waiting to be stored, then the `claims` (promotion first). It
+    /// runs on a blocking thread with a connection of its own while the loop
+    /// goes on dispatching from the claim buffers and collecting finished
+    /// runs, which wait for the next transaction.
+    ///
+    /// Off the loop, because a transaction takes hundreds of µs during which
+    /// runs finish and slots would otherwise stay empty; one transaction for
+    /// both, because a completion and the next claims touch the same pages.
+    /// All of the hot path goes through this one connection, so on SQLite
+    /// it never waits for the lock behind the loop's own (which only
+    /// heartbeats, reaps and sends effects).
+    fn start_job(&mut self, claims: Vec<(String, usize)>) {
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
         self.writing = true;
@@ -580,7 +587,7 @@ impl Daemon {
             let started = Instant::now();
             let (queue, result) = match writer.map_or_else(|| reopen(), Ok) {
                 Ok(mut queue) => {
-                    let result = queue.finish_batch(&runs);
+                    let result = queue.finish_and_claim(&runs, &claims);
                     (Some(queue), result)
                 }
                 Err(e) => (None, Err(e)),
@@ -589,27 +596,72 @@ impl Daemon {
                 queue,
                 took: started.elapsed(),
                 runs,
+                claims,
                 result,
             });
         });
-        false
     }
 
-    /// Takes a store's outcome in (see [`Daemon::start_write`]).
-    fn on_written(&mut self, written: Written) {
+    /// Takes a transaction's outcome in (see [`Daemon::start_job`]). Answers
+    /// whether there may be more to claim: a claim got all it asked for, or
+    /// stored completions may have made dependents ready.
+    fn on_written(&mut self, written: Written) -> bool {
         self.writing = false;
         self.writer = written.queue;
-        self.summary.time.storing += written.took;
-        self.summary.time.stores += 1;
-        // Runs that finished meanwhile wait for the next store.
-        let mut runs = written.runs;
-        if written.result.is_err() {
-            runs.append(&mut self.unwritten);
+        self.summary.time.writing += written.took;
+        self.summary.time.transactions += 1;
+        let Written {
+            runs,
+            claims,
+            result,
+            ..
+        } = written;
+        let (applied, claimed) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // Nothing was stored and nothing claimed.
+                if !claims.is_empty() {
+                    self.claims_paused_until = Some(Instant::now() + CLAIM_RETRY);
+                }
+                if runs.is_empty() {
+                    match e.is_permanent() {
+                        true => self.unusable = Some(e),
+                        false => tracing::error!("claiming failed, will retry: {e}"),
+                    }
+                } else {
+                    // Runs that finished meanwhile join the retry.
+                    let mut runs = runs;
+                    runs.append(&mut self.unwritten);
+                    self.after_write(runs, Err(e));
+                }
+                return true;
+            }
+        };
+        self.claims_paused_until = None;
+        let mut more = !runs.is_empty();
+        for ((agent, asked), tasks) in claims.into_iter().zip(claimed) {
+            more |= asked > 0 && tasks.len() == asked;
+            self.take_claimed(agent, tasks);
         }
-        self.after_write(runs, written.result);
+        self.after_write(runs, Ok(applied));
+        more
     }
 
-    /// Waits for the store in flight, if any.
+    /// Buffers claimed tasks for their slots, or gives them back at once if
+    /// their agent was unloaded while they were being claimed.
+    fn take_claimed(&mut self, agent: String, tasks: Vec<ClaimedTask>) {
+        if tasks.is_empty() {
+            return;
+        }
+        if self.agents.loaded(&agent).is_none() {
+            let leases: Vec<Lease> = tasks.iter().map(|t| t.lease).collect();
+            self.release_all(&leases);
+            return;
+        }
+        self.prefetched.entry(agent).or_default().extend(tasks);
+    }
+
+    /// Waits for the transaction in flight, if any.
     async fn wait_for_write(&mut self) {
         if self.writing
             && let Some(written) = self.written_rx.recv().await
@@ -622,10 +674,7 @@ impl Daemon {
     fn write_finished(&mut self) {
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
-        let started = Instant::now();
         let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
-        self.summary.time.storing += started.elapsed();
-        self.summary.time.stores += 1;
         self.after_write(runs, result);
     }
 
@@ -928,21 +977,23 @@ impl Daemon {
 
     // ----- claiming and dispatching ------------------------------------------------
 
-    /// Fills free slots from the claim buffer, claiming more first when
-    /// `claim` is set and the buffer cannot fill them.
-    fn fill_slots(&mut self, claim: bool) -> Result<(), QueueError> {
+    /// Fills free slots from the claim buffers, agents in rotation so that
+    /// none starves the others.
+    fn dispatch_buffered(&mut self) {
         let mut names = self.agents.loaded_names();
         if names.is_empty() {
-            return Ok(());
+            return;
         }
         let start = self.rotation % names.len();
         names.rotate_left(start);
         self.rotation = self.rotation.wrapping_add(1);
-        let mut promoted = false;
         for name in names {
             let free = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
             if free == 0 {
                 break;
+            }
+            if self.prefetched.get(&name).is_none_or(VecDeque::is_empty) {
+                continue;
             }
             let Some(agent) = self.agents.loaded(&name) else {
                 continue;
@@ -951,36 +1002,42 @@ impl Daemon {
             let slots = (agent.limits.concurrency as usize)
                 .saturating_sub(running)
                 .min(free);
-            if slots == 0 {
-                continue;
-            }
-            let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
-            if claim && buffered < slots {
-                let want = self.cfg.claim_batch.max(slots) - buffered;
-                // Due tasks are promoted in the first claim's transaction.
-                let started = Instant::now();
-                let claimed = tokio::task::block_in_place(|| match promoted {
-                    true => self.queue.claim(&name, want),
-                    false => self.queue.promote_and_claim(&name, want),
-                })?;
-                self.summary.time.claiming += started.elapsed();
-                self.summary.time.claims += 1;
-                promoted = true;
-                self.prefetched
-                    .entry(name.clone())
-                    .or_default()
-                    .extend(claimed);
-            }
-            let Some(buffer) = self.prefetched.get_mut(&name) else {
-                continue;
-            };
+            let buffer = self.prefetched.get_mut(&name).expect("checked above");
             let take = slots.min(buffer.len());
             let tasks: Vec<ClaimedTask> = buffer.drain(..take).collect();
             for task in tasks {
                 self.dispatch(agent.clone(), task);
             }
         }
-        Ok(())
+    }
+
+    /// Whether claims may be sent now: not while stores fail, nor for a
+    /// moment after a claim failed.
+    fn may_claim(&self) -> bool {
+        self.write_backoff.is_zero()
+            && self
+                .claims_paused_until
+                .is_none_or(|at| Instant::now() >= at)
+    }
+
+    /// What to claim, per loaded agent: a batch for each agent whose buffer
+    /// holds fewer tasks than it may run at once, so the next batch arrives
+    /// before its slots free up. With `top_up` (a transaction goes to the
+    /// writer anyway) buffers below a batch are filled too.
+    fn claims_wanted(&self, top_up: bool) -> Vec<(String, usize)> {
+        let mut wanted = Vec::new();
+        for name in self.agents.loaded_names() {
+            let Some(agent) = self.agents.loaded(&name) else {
+                continue;
+            };
+            let cap = (agent.limits.concurrency as usize).min(self.cfg.concurrency as usize);
+            let batch = self.cfg.claim_batch.max(cap);
+            let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
+            if buffered < cap || (top_up && buffered < batch) {
+                wanted.push((name, batch - buffered));
+            }
+        }
+        wanted
     }
 
     fn dispatch(&mut self, agent: Arc<Agent>, task: ClaimedTask) {

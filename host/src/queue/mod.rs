@@ -544,6 +544,41 @@ impl Queue {
         self.write(|tx, now| batch::finish_runs(tx, runs, &self.opts.actor, max_payload, now))
     }
 
+    /// The daemon's hot path as one transaction: records `runs` (as
+    /// [`Queue::finish_batch`]), then, when `claims` asks for any, promotes
+    /// due tasks and claims up to `n` tasks of each `(agent, n)` (as
+    /// [`Queue::promote_and_claim`]). Answers the runs' outcomes in order and
+    /// the tasks claimed for each agent, in the order of `claims`.
+    ///
+    /// One commit instead of two: a completion and the next claims touch the
+    /// same pages of `tasks` and its indexes, which SQLite then writes to its
+    /// log once.
+    pub fn finish_and_claim(
+        &mut self,
+        runs: &[FinishedRun],
+        claims: &[(String, usize)],
+    ) -> Result<(Vec<Applied>, Vec<Vec<ClaimedTask>>)> {
+        let max_payload = self.opts.max_payload_bytes;
+        self.write(|tx, now| {
+            let actor = &self.opts.actor;
+            let applied = match runs.is_empty() {
+                true => Vec::new(),
+                false => batch::finish_runs(tx, runs, actor, max_payload, now)?,
+            };
+            let mut claimed = Vec::with_capacity(claims.len());
+            if claims.iter().any(|(_, n)| *n > 0) {
+                tasks::promote_due_in(tx, actor, now)?;
+            }
+            for (agent, n) in claims {
+                claimed.push(match n {
+                    0 => Vec::new(),
+                    _ => tasks::claim_in(tx, agent, *n, actor, now)?,
+                });
+            }
+            Ok((applied, claimed))
+        })
+    }
+
     /// Gives a claimed task back without burning its attempt (graceful shutdown).
     pub fn release(&mut self, lease: Lease) -> Result<Applied> {
         self.write(|tx, now| tasks::release_in(tx, lease, &self.opts.actor, now))

@@ -269,3 +269,39 @@ fn a_postgres_row_locked_past_the_busy_timeout_is_a_transient_error() {
     // Once the lock is gone, the same write goes through.
     assert_eq!(q.cancel(id, "unlocked").unwrap(), vec![id]);
 }
+
+// SQLite only (PostgreSQL's CHECK refuses the write): a state written into
+// the file by hand that colony does not know is reported as unreadable,
+// naming it, and the row is never claimed; the other tasks still run.
+#[test]
+fn a_sqlite_row_edited_to_an_unknown_state_is_reported_and_never_claimed() {
+    let db = TestDb::sqlite();
+    let mut q = db.open();
+    let good = q.submit(&NewTask::new("noop", "{}")).unwrap().id;
+    let bad = q.submit(&NewTask::new("noop", "{}")).unwrap().id;
+    db.raw().execute(&format!(
+        "UPDATE tasks SET state = 'paused' WHERE id = {bad}"
+    ));
+
+    let claimed: Vec<i64> = q
+        .claim("noop", 10)
+        .unwrap()
+        .iter()
+        .map(|t| t.lease.task_id)
+        .collect();
+    assert_eq!(claimed, vec![good]);
+    let err = q.get(bad).unwrap_err();
+    assert!(
+        matches!(err, QueueError::Corrupt(_)) && err.to_string().contains("\"paused\""),
+        "{err}"
+    );
+    let rows = q.list(&ListFilter::default()).unwrap();
+    let unreadable: Vec<_> = rows.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(unreadable.len(), 1);
+    assert_eq!(unreadable[0].id, bad);
+    assert!(
+        unreadable[0].reason.contains("paused"),
+        "{}",
+        unreadable[0].reason
+    );
+}

@@ -32,7 +32,7 @@ pub struct BenchArgs {
     /// Runs in flight at once (1 to 4096).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=super::MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
-    /// Most tasks claimed per claim transaction (1 to 4096; default 16 on
+    /// Most tasks claimed per claim transaction (1 to 4096; default 32 on
     /// SQLite, 64 on PostgreSQL, as for the daemon).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub batch: Option<usize>,

@@ -359,7 +359,7 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace: Duration,
     /// Most tasks taken per claim transaction; those beyond the free slots
-    /// wait in the daemon, leased. Larger is faster under load. Default: 16
+    /// wait in the daemon, leased. Larger is faster under load. Default: 32
     /// on SQLite, 64 on PostgreSQL (where a claim is round trips to a server).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub claim_batch: Option<usize>,

@@ -201,19 +201,22 @@ fn complete_plain(
     Ok(done)
 }
 
-/// The fenced completion of one plain run, on SQLite. (`+?3` and `+?4`: a
-/// bare parameter compared with a column of `tasks` makes SQLite prepare
-/// the statement anew at every run; see `tasks::CLAIM_SQLITE`.)
+/// Whether a plain run's task is still its own (the fence) and needs no
+/// review and no chain, on SQLite; answers its attempt. The completion then
+/// writes the row by id in the same transaction. (Read, then write, with
+/// `+?N`: see `tasks::CLAIMABLE_SQLITE`.)
+const COMPLETABLE_SQLITE: &str = "SELECT attempts FROM tasks
+ WHERE id = +?1 AND claim_token = +?2
+   AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL";
+
 const COMPLETE_ONE_SQLITE: &str =
-    "UPDATE tasks SET state = ?2, result = ?5, claim_token = NULL, claimed_by = NULL,
+    "UPDATE tasks SET state = ?2, result = ?4, claim_token = NULL, claimed_by = NULL,
         heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
         replay_token = NULL, held_state = NULL, finished_at = ?1, updated_at = ?1
- WHERE id = +?3 AND claim_token = +?4
-   AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL
- RETURNING attempts";
+ WHERE id = +?3";
 
-/// Completes each run at `indexes` whose task is still its own, one cached
-/// statement each; answers `(index, attempt)` of those completed.
+/// Completes each run at `indexes` whose task is still its own, with cached
+/// one-row statements; answers `(index, attempt)` of those completed.
 fn complete_rows_one_by_one(
     tx: &dyn Sql,
     runs: &[FinishedRun],
@@ -227,13 +230,12 @@ fn complete_rows_one_by_one(
         let RunOutcome::Success { output, .. } = &run.outcome else {
             unreachable!("plain runs succeeded")
         };
-        let row = tx.query_opt(
-            COMPLETE_ONE_SQLITE,
-            args![now, to.as_str(), run.lease.task_id, run.lease.token, output],
-        )?;
-        if let Some(row) = row {
-            done.push((i, row.get(0)?));
-        }
+        let id = run.lease.task_id;
+        let Some(held) = tx.query_opt(COMPLETABLE_SQLITE, args![id, run.lease.token])? else {
+            continue; // the per-run path says why
+        };
+        tx.execute(COMPLETE_ONE_SQLITE, args![now, to.as_str(), id, output])?;
+        done.push((i, held.get(0)?));
     }
     Ok(done)
 }
@@ -347,15 +349,23 @@ fn release_dependents(
 ) -> Result<()> {
     let done: Vec<i64> = done.collect();
     let woken = match tx.dialect() {
+        // Most tasks have no dependents: look them up first, on the covering
+        // index, and count off only those (an UPDATE with IN (SELECT ...)
+        // builds a temporary table at every run; see `tasks::CLAIMABLE_SQLITE`).
         Dialect::Sqlite => {
             let mut woken = 0;
-            for id in &done {
-                woken += tx.execute(
-                    "UPDATE tasks SET pending_deps = pending_deps
-                         - (SELECT COUNT(*) FROM task_deps d WHERE d.task_id = tasks.id AND d.depends_on = ?1)
-                     WHERE state = 'pending' AND id IN (SELECT task_id FROM task_deps WHERE depends_on = ?1)",
-                    args![*id],
+            for &id in &done {
+                let dependents: Vec<i64> = tx.query_column(
+                    "SELECT task_id FROM task_deps WHERE depends_on = ?1",
+                    args![id],
                 )?;
+                for dependent in dependents {
+                    woken += tx.execute(
+                        "UPDATE tasks SET pending_deps = pending_deps - 1
+                         WHERE id = +?1 AND state = 'pending'",
+                        args![dependent],
+                    )?;
+                }
             }
             woken
         }

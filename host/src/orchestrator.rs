@@ -5,14 +5,18 @@
 //! claimed tasks waiting for a slot, the results not yet stored), so nothing
 //! here needs a lock. Runs execute as tokio tasks and report on a channel.
 //!
-//! Throughput comes from batching, since SQLite takes one writer at a time:
+//! Throughput comes from batching, since SQLite takes one writer at a time,
+//! and from keeping the hot path's transactions off the loop:
 //! - claims take up to `claim_batch` tasks per transaction into a local
 //!   buffer, from which freed slots are refilled without touching the database;
 //! - finished runs are group-committed: stored together once `write_window`
-//!   has passed since the oldest one finished (or when nothing else runs).
+//!   has passed since the oldest one finished (or when nothing else runs);
+//! - those transactions run on lanes, connections of their own on blocking
+//!   threads, while the loop goes on dispatching (see [`Daemon::start_job`]).
 //!
-//! Queue calls block (SQLite is synchronous); they run under
-//! `block_in_place`, so the daemon needs tokio's multi-threaded runtime.
+//! The loop's other queue calls (heartbeats, reaping, effects) block; they
+//! run under `block_in_place`, so the daemon needs tokio's multi-threaded
+//! runtime.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -147,6 +151,13 @@ pub struct LoopTime {
     pub waiting: Duration,
     /// Instantiate + call + tear down, summed over runs (on worker threads).
     pub running: Duration,
+    /// From dispatch to the loop taking the result in, summed over runs:
+    /// the runs' own time plus the hops to and from the worker threads.
+    pub in_flight: Duration,
+    /// Slot-time no run filled: free slots × how long they stayed free.
+    pub idle_slots: Duration,
+    /// Of that, while the claim buffers were empty (waiting for claims).
+    pub idle_slots_starved: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +175,8 @@ pub enum DaemonError {
 /// A run in flight.
 struct InFlight {
     agent: String,
+    /// When it was handed to the runtime.
+    since: Instant,
     lease: Lease,
     handle: JoinHandle<()>,
 }
@@ -273,8 +286,30 @@ impl RunHooks for RunSide {
     }
 }
 
-/// A transaction of the hot path the writer finished (see [`Daemon::start_job`]).
+/// A connection the hot path's transactions run on, one at a time, on a
+/// blocking thread (see [`Daemon::start_job`]).
+#[derive(Default)]
+struct Lane {
+    /// Whether a transaction is in flight (its outcome comes back through
+    /// `written_rx`).
+    busy: bool,
+    /// The lane's connection, home while no transaction is in flight
+    /// (opened on the first).
+    conn: Option<Queue>,
+}
+
+/// Which lane a transaction ran on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneId {
+    /// Stores finished runs, and on SQLite claims in the same transaction.
+    Writer,
+    /// Claims, on PostgreSQL only.
+    Claimer,
+}
+
+/// A transaction of the hot path a lane finished (see [`Daemon::start_job`]).
 struct Written {
+    lane: LaneId,
     queue: Option<Queue>,
     took: Duration,
     runs: Vec<FinishedRun>,
@@ -311,13 +346,13 @@ pub struct Daemon {
     unwritten_since: Option<Instant>,
     /// Set while stores fail: no new claims until they succeed again.
     write_backoff: Duration,
-    /// Whether a transaction of the hot path is in flight on the writer
-    /// connection (the loop goes on dispatching and collecting runs while it
-    /// commits; its outcome comes back through `written_rx`).
-    writing: bool,
-    /// The writer's own connection to the queue, home while no transaction
-    /// is in flight (opened on the first).
-    writer: Option<Queue>,
+    /// The hot path's connections: the loop goes on dispatching and
+    /// collecting runs while their transactions commit.
+    writer: Lane,
+    claimer: Lane,
+    /// When slots were last counted, how many were free, and whether the
+    /// claim buffers were empty then (see [`LoopTime::idle_slots`]).
+    idle_mark: (Instant, u32, bool),
     /// Set after a claim transaction failed: no claims until then.
     claims_paused_until: Option<Instant>,
     written_tx: mpsc::UnboundedSender<Written>,
@@ -364,9 +399,10 @@ impl Daemon {
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,
-            writing: false,
-            writer: None,
+            writer: Lane::default(),
+            claimer: Lane::default(),
             claims_paused_until: None,
+            idle_mark: (Instant::now(), 0, false),
             written_tx,
             written_rx,
             unusable: None,
@@ -425,9 +461,15 @@ impl Daemon {
             }
             self.collect_finished();
             self.dispatch_buffered();
-            if !self.writing {
+            self.account_idle_slots();
+            // On SQLite claims ride with the stores (one writer at a time,
+            // and one commit for both); on PostgreSQL they go side by side
+            // on a second connection (a transaction there is round trips, and
+            // serialising them measured 10,900 -> 7,100 tasks/s).
+            let separate_claims = self.queue.is_postgres();
+            if !self.writer.busy {
                 let store = self.write_is_due();
-                let claims = match look && self.may_claim() {
+                let claims = match !separate_claims && look && self.may_claim() {
                     true => self.claims_wanted(store || !self.unwritten.is_empty()),
                     false => Vec::new(),
                 };
@@ -435,7 +477,14 @@ impl Daemon {
                     look = false; // until the claims show there may be more
                 }
                 if store || !claims.is_empty() {
-                    self.start_job(claims);
+                    self.start_job(LaneId::Writer, claims);
+                }
+            }
+            if separate_claims && !self.claimer.busy && look && self.may_claim() {
+                let claims = self.claims_wanted(false);
+                if !claims.is_empty() {
+                    look = false;
+                    self.start_job(LaneId::Claimer, claims);
                 }
             }
             if self.effects_due && self.write_backoff.is_zero() {
@@ -475,7 +524,7 @@ impl Daemon {
             let mut wait_until = next_heartbeat.min(next_poll).min(watch_at);
             // While a store is in flight its answer wakes the loop; the
             // group-commit deadline would only spin it.
-            if let Some(since) = self.unwritten_since.filter(|_| !self.writing) {
+            if let Some(since) = self.unwritten_since.filter(|_| !self.writer.busy) {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
             if let Some(at) = self.claims_paused_until.filter(|_| look) {
@@ -546,8 +595,10 @@ impl Daemon {
             return; // already counted as lost when its run was stopped
         }
         let id = run.lease.task_id;
-        if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease) {
-            self.inflight.remove(&id);
+        if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease)
+            && let Some(run) = self.inflight.remove(&id)
+        {
+            self.summary.time.in_flight += run.since.elapsed();
         }
         self.unwritten_since.get_or_insert_with(Instant::now);
         self.unwritten.push(run);
@@ -567,23 +618,31 @@ impl Daemon {
         waited >= self.cfg.write_window || self.unwritten.len() >= 256 || self.inflight.is_empty()
     }
 
-    /// Hands the hot path's next transaction to the writer: every finished
-    /// run waiting to be stored, then the `claims` (promotion first). It
-    /// runs on a blocking thread with a connection of its own while the loop
-    /// goes on dispatching from the claim buffers and collecting finished
-    /// runs, which wait for the next transaction.
+    /// Hands the hot path's next transaction to a lane: on the writer, every
+    /// finished run waiting to be stored, then the `claims` (promotion
+    /// first); on the claimer, the claims alone. It runs on a blocking thread
+    /// with the lane's own connection while the loop goes on dispatching from
+    /// the claim buffers and collecting finished runs, which wait for the
+    /// writer's next transaction.
     ///
     /// Off the loop, because a transaction takes hundreds of µs during which
-    /// runs finish and slots would otherwise stay empty; one transaction for
-    /// both, because a completion and the next claims touch the same pages.
-    /// All of the hot path goes through this one connection, so on SQLite
-    /// it never waits for the lock behind the loop's own (which only
-    /// heartbeats, reaps and sends effects).
-    fn start_job(&mut self, claims: Vec<(String, usize)>) {
-        let runs = std::mem::take(&mut self.unwritten);
-        self.unwritten_since = None;
-        self.writing = true;
-        let writer = self.writer.take();
+    /// runs finish and slots would otherwise stay empty. On SQLite all of
+    /// the hot path goes through the writer, one transaction for both,
+    /// because a completion and the next claims touch the same pages and
+    /// SQLite has one writer at a time anyway; it never waits for the lock
+    /// behind the loop's own connection (which only heartbeats, reaps and
+    /// sends effects).
+    fn start_job(&mut self, lane_id: LaneId, claims: Vec<(String, usize)>) {
+        let runs = match lane_id {
+            LaneId::Writer => {
+                self.unwritten_since = None;
+                std::mem::take(&mut self.unwritten)
+            }
+            LaneId::Claimer => Vec::new(),
+        };
+        let lane = self.lane(lane_id);
+        lane.busy = true;
+        let writer = lane.conn.take();
         let reopen = self.run_side.open_journal.clone();
         let done = self.written_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -596,6 +655,7 @@ impl Daemon {
                 Err(e) => (None, Err(e)),
             };
             let _ = done.send(Written {
+                lane: lane_id,
                 queue,
                 took: started.elapsed(),
                 runs,
@@ -609,8 +669,9 @@ impl Daemon {
     /// whether there may be more to claim: a claim got all it asked for, or
     /// stored completions may have made dependents ready.
     fn on_written(&mut self, written: Written) -> bool {
-        self.writing = false;
-        self.writer = written.queue;
+        let lane = self.lane(written.lane);
+        lane.busy = false;
+        lane.conn = written.queue;
         self.summary.time.writing += written.took;
         self.summary.time.transactions += 1;
         let Written {
@@ -664,12 +725,22 @@ impl Daemon {
         self.prefetched.entry(agent).or_default().extend(tasks);
     }
 
-    /// Waits for the transaction in flight, if any.
+    fn lane(&mut self, id: LaneId) -> &mut Lane {
+        match id {
+            LaneId::Writer => &mut self.writer,
+            LaneId::Claimer => &mut self.claimer,
+        }
+    }
+
+    /// Waits for the transactions in flight, if any.
     async fn wait_for_write(&mut self) {
-        if self.writing
-            && let Some(written) = self.written_rx.recv().await
-        {
-            self.on_written(written);
+        while self.writer.busy || self.claimer.busy {
+            match self.written_rx.recv().await {
+                Some(written) => {
+                    self.on_written(written);
+                }
+                None => break,
+            }
         }
     }
 
@@ -1014,6 +1085,20 @@ impl Daemon {
         }
     }
 
+    /// Adds the slots left free since the last look to the idle slot-time.
+    fn account_idle_slots(&mut self) {
+        let now = Instant::now();
+        let (since, free, starved) = self.idle_mark;
+        let idle = (now - since) * free;
+        self.summary.time.idle_slots += idle;
+        if starved {
+            self.summary.time.idle_slots_starved += idle;
+        }
+        let free = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
+        let starved = self.prefetched.values().all(VecDeque::is_empty);
+        self.idle_mark = (now, free as u32, starved);
+    }
+
     /// Whether claims may be sent now: not while stores fail, nor for a
     /// moment after a claim failed.
     fn may_claim(&self) -> bool {
@@ -1071,6 +1156,7 @@ impl Daemon {
             lease.task_id,
             InFlight {
                 agent: agent_name,
+                since: Instant::now(),
                 lease,
                 handle,
             },
@@ -1085,7 +1171,8 @@ impl Daemon {
         self.deliverer.is_idle()
             && self.inflight.is_empty()
             && self.unwritten.is_empty()
-            && !self.writing
+            && !self.writer.busy
+            && !self.claimer.busy
             && self.prefetched.values().all(VecDeque::is_empty)
     }
 

@@ -381,6 +381,9 @@ fn split_per_task(summary: &DaemonSummary, drain: Duration, tasks: usize) -> ser
         "loop_busy": per_task(drain.saturating_sub(time.waiting)),
         "loop_waiting": per_task(time.waiting),
         "runs_on_workers": per_task(time.running),
+        "in_flight": per_task(time.in_flight),
+        "slot_idle": per_task(time.idle_slots),
+        "slot_idle_no_claimed_task": per_task(time.idle_slots_starved),
         "tasks_per_transaction": (tasks as f64 / time.transactions.max(1) as f64 * 10.0).round() / 10.0,
     })
 }

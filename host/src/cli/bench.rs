@@ -32,8 +32,8 @@ pub struct BenchArgs {
     /// Runs in flight at once (1 to 4096).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=super::MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
-    /// Most tasks claimed per claim transaction (1 to 4096; default 32 on
-    /// SQLite, 64 on PostgreSQL, as for the daemon).
+    /// Most tasks claimed per claim transaction (1 to 4096; default 64, as
+    /// for the daemon).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
@@ -349,7 +349,7 @@ async fn round(
         "tasks": args.tasks,
         "completed": summary.completed,
         "concurrency": args.concurrency,
-        "batch": claim_batch(args, &queue),
+        "batch": claim_batch(args),
         "sync": format!("{:?}", args.sync).to_lowercase(),
         "history_rows": history,
         "enqueue_seconds": enqueue.as_secs_f64(),
@@ -389,9 +389,9 @@ fn split_per_task(summary: &DaemonSummary, drain: Duration, tasks: usize) -> ser
 }
 
 /// Tasks per claim transaction: the flag, or the daemon's default.
-fn claim_batch(args: &BenchArgs, queue: &Queue) -> usize {
+fn claim_batch(args: &BenchArgs) -> usize {
     args.batch
-        .unwrap_or_else(|| crate::orchestrator::default_claim_batch(queue.is_postgres()))
+        .unwrap_or(crate::orchestrator::DEFAULT_CLAIM_BATCH)
 }
 
 /// Runs a daemon over `queue` until nothing runnable remains; returns how
@@ -406,7 +406,7 @@ pub(super) async fn drain(
     dir.rescan(runtime).await;
     let cfg = DaemonConfig {
         concurrency: args.concurrency,
-        claim_batch: claim_batch(args, &queue),
+        claim_batch: claim_batch(args),
         until_idle: true,
         poll: Duration::from_secs(60),
         ..DaemonConfig::default()

@@ -359,8 +359,7 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace: Duration,
     /// Most tasks taken per claim transaction; those beyond the free slots
-    /// wait in the daemon, leased. Larger is faster under load. Default: 32
-    /// on SQLite, 64 on PostgreSQL (where a claim is round trips to a server).
+    /// wait in the daemon, leased. Larger is faster under load. Default: 64.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub claim_batch: Option<usize>,
     /// Exit 0 once no runnable task remains for the loaded agents (and the
@@ -995,9 +994,9 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         heartbeat: args.heartbeat,
         stale_after: args.stale_after,
         grace: args.grace,
-        claim_batch: args.claim_batch.unwrap_or_else(|| {
-            crate::orchestrator::default_claim_batch(postgres_db(&cli.db).is_some())
-        }),
+        claim_batch: args
+            .claim_batch
+            .unwrap_or(crate::orchestrator::DEFAULT_CLAIM_BATCH),
         effect_timeout: args.effect_timeout,
         until_idle: args.until_idle,
         ..DaemonConfig::default()

@@ -201,6 +201,14 @@ fn complete_plain(
     Ok(done)
 }
 
+/// A plain run's output (see [`is_plain`]).
+fn plain_output(run: &FinishedRun) -> &str {
+    match &run.outcome {
+        RunOutcome::Success { output, .. } => output,
+        RunOutcome::Failure(_) => unreachable!("plain runs succeeded"),
+    }
+}
+
 /// Whether a plain run's task is still its own (the fence) and needs no
 /// review and no chain, on SQLite; answers its attempt. The completion then
 /// writes the row by id in the same transaction. (Read, then write, with
@@ -227,9 +235,7 @@ fn complete_rows_one_by_one(
     let mut done = Vec::with_capacity(indexes.len());
     for &i in indexes {
         let run = &runs[i];
-        let RunOutcome::Success { output, .. } = &run.outcome else {
-            unreachable!("plain runs succeeded")
-        };
+        let output = plain_output(run);
         let id = run.lease.task_id;
         let Some(held) = tx.query_opt(COMPLETABLE_SQLITE, args![id, run.lease.token])? else {
             continue; // the per-run path says why
@@ -252,9 +258,7 @@ fn complete_rows(
     let mut args = vec![Param::Int(now), Param::Text(to.as_str())];
     for &i in indexes {
         let run = &runs[i];
-        let RunOutcome::Success { output, .. } = &run.outcome else {
-            unreachable!("plain runs succeeded")
-        };
+        let output = plain_output(run);
         args.extend([
             Param::Int(run.lease.task_id),
             Param::Int(run.lease.token),

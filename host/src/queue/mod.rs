@@ -493,14 +493,6 @@ impl Queue {
         self.write(|tx, now| tasks::claim_in(tx, agent, n, &self.opts.actor, now))
     }
 
-    /// [`Queue::promote_due`] and [`Queue::claim`] in one transaction.
-    pub fn promote_and_claim(&mut self, agent: &str, n: usize) -> Result<Vec<ClaimedTask>> {
-        self.write(|tx, now| {
-            tasks::promote_due_in(tx, &self.opts.actor, now)?;
-            tasks::claim_in(tx, agent, n, &self.opts.actor, now)
-        })
-    }
-
     /// Renews the given leases in one write. Returns those that were lost
     /// (the task was reset, cancelled or re-claimed): their runs should stop.
     pub fn heartbeat(&mut self, leases: &[Lease]) -> Result<Vec<Lease>> {
@@ -546,8 +538,8 @@ impl Queue {
 
     /// The daemon's hot path as one transaction: records `runs` (as
     /// [`Queue::finish_batch`]), then, when `claims` asks for any, promotes
-    /// due tasks and claims up to `n` tasks of each `(agent, n)` (as
-    /// [`Queue::promote_and_claim`]). Answers the runs' outcomes in order and
+    /// due tasks (as [`Queue::promote_due`]) and claims up to `n` tasks of
+    /// each `(agent, n)` (as [`Queue::claim`]). Answers the runs' outcomes in order and
     /// the tasks claimed for each agent, in the order of `claims`.
     ///
     /// One commit instead of two: a completion and the next claims touch the

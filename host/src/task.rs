@@ -412,6 +412,9 @@ pub struct Lease {
 pub struct ClaimedTask {
     pub lease: Lease,
     pub agent: String,
+    /// The id of the task's chain: its root task's (its own when it starts
+    /// one). Owner of the run's chain-scoped state.
+    pub chain: i64,
     /// The task's input, a JSON document.
     pub payload: String,
     /// 1 on the first run.

@@ -780,6 +780,7 @@ fn input(agent: &str, payload: &str) -> ClaimedTask {
             token: 1,
         },
         agent: agent.into(),
+        chain: 1,
         payload: payload.into(),
         attempt: 1,
         max_attempts: 3,

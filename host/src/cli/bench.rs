@@ -256,6 +256,7 @@ async fn run_times(
                 token: 1,
             },
             agent: name.into(),
+            chain: i,
             payload: payload.into(),
             attempt: 1,
             max_attempts: 3,
@@ -373,7 +374,11 @@ async fn round(
 /// (dispatching, bookkeeping, channel hops) and its waits, and the runs
 /// themselves, on the runtime's worker threads. The three threads share
 /// the machine's cores, so the parts add up to more than the drain.
-fn split_per_task(summary: &DaemonSummary, drain: Duration, tasks: usize) -> serde_json::Value {
+pub(super) fn split_per_task(
+    summary: &DaemonSummary,
+    drain: Duration,
+    tasks: usize,
+) -> serde_json::Value {
     let time = &summary.time;
     let per_task = |d: Duration| (d.as_secs_f64() * 1e6 / tasks as f64 * 10.0).round() / 10.0;
     json!({

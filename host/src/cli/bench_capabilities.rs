@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use super::bench::{BenchArgs, drain};
+use super::bench::{BenchArgs, drain, split_per_task};
 use crate::models::{ChatRequest, Message, ModelsConfig, Providers};
 use crate::queue::Queue;
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -33,7 +33,7 @@ pub async fn state_rounds(args: &BenchArgs, runtime: &Arc<Runtime>, root: &Path)
         agents.join("stateful.toml"),
         format!("concurrency = {}\n", args.concurrency),
     )?;
-    let mut rates = Vec::new();
+    let (mut rates, mut splits) = (Vec::new(), Vec::new());
     for with_state in [false, true] {
         let db = root.join(format!("bench-state-{with_state}.db"));
         let mut queue = Queue::open(&db)?;
@@ -59,11 +59,13 @@ pub async fn state_rounds(args: &BenchArgs, runtime: &Arc<Runtime>, root: &Path)
             args.tasks
         );
         rates.push(args.tasks as f64 / took.as_secs_f64());
+        splits.push(split_per_task(&summary, took, args.tasks));
     }
     Ok(json!({
         "state_drain_without_per_second": rates[0].round(),
         "state_drain_get_set_per_second": rates[1].round(),
         "state_get_set_ratio": rates[1] / rates[0],
+        "state_per_task_us": { "without": splits[0], "get_set": splits[1] },
     }))
 }
 

@@ -217,7 +217,7 @@ const COMPLETABLE_SQLITE: &str = "SELECT attempts FROM tasks
  WHERE id = +?1 AND claim_token = +?2
    AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL";
 
-const COMPLETE_ONE_SQLITE: &str =
+pub(super) const COMPLETE_ONE_SQLITE: &str =
     "UPDATE tasks SET state = ?2, result = ?4, claim_token = NULL, claimed_by = NULL,
         heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
         replay_token = NULL, held_state = NULL, finished_at = ?1, updated_at = ?1
@@ -345,7 +345,7 @@ fn insert_logs(tx: &dyn Sql, logs: &[(i64, u32, &str)], now: i64) -> Result<()> 
 
 /// Counts the completions off the tasks waiting on them, and promotes those
 /// with nothing left to wait for.
-fn release_dependents(
+pub(super) fn release_dependents(
     tx: &dyn Sql,
     done: impl Iterator<Item = i64>,
     actor: &str,

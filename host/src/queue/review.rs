@@ -7,13 +7,12 @@ use serde_json::json;
 use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, TaskError};
 
 use super::finish::Held;
-use super::sql::{Sql, args};
+use super::sql::{Dialect, Sql, args};
 use super::tasks::{
-    cancel_dependents, insert_children, insert_new_task, promote_due_in, record, set_failed,
-    state_of,
+    cancel_dependents, insert_children, insert_new_task, record, set_failed, state_of,
 };
 use super::validate::{spawn_to_next, stored_json, validate_json};
-use super::{MAX_OUTPUT_BYTES, QueueError, Result, outbox, state};
+use super::{MAX_OUTPUT_BYTES, QueueError, Result, batch, outbox, state};
 
 /// The owners of the task's state and the writes' old versions when the run
 /// wrote any, or the first `set-if` conflict as the run's (retryable)
@@ -135,13 +134,25 @@ pub(super) fn complete(
     actor: &str,
     now: i64,
 ) -> Result<()> {
-    let next_tasks: Option<String> = tx.query_value(
-        "UPDATE tasks SET state = ?4, result = ?1, claim_token = NULL, claimed_by = NULL,
-                heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
-                replay_token = NULL, held_state = NULL, finished_at = ?2, updated_at = ?2
-         WHERE id = ?3 RETURNING next_tasks",
-        args![output, now, id, to.as_str()],
-    )?;
+    let next_tasks: Option<String> = match tx.dialect() {
+        // Read, then write by id: SQLite runs an UPDATE with RETURNING
+        // through a temporary table (see `tasks::CLAIMABLE_SQLITE`).
+        Dialect::Sqlite => {
+            let next = tx.query_value("SELECT next_tasks FROM tasks WHERE id = +?1", args![id])?;
+            tx.execute(
+                batch::COMPLETE_ONE_SQLITE,
+                args![now, to.as_str(), id, output],
+            )?;
+            next
+        }
+        Dialect::Postgres => tx.query_value(
+            "UPDATE tasks SET state = ?4, result = ?1, claim_token = NULL, claimed_by = NULL,
+                    heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
+                    replay_token = NULL, held_state = NULL, finished_at = ?2, updated_at = ?2
+             WHERE id = ?3 RETURNING next_tasks",
+            args![output, now, id, to.as_str()],
+        )?,
+    };
     let mut children: Vec<NextSpec> = match next_tasks {
         Some(text) => serde_json::from_str(&text)
             .map_err(|e| QueueError::Corrupt(format!("task {id} next_tasks: {e}")))?,
@@ -149,15 +160,7 @@ pub(super) fn complete(
     };
     children.extend(spawn);
     insert_children(tx, id, &children, actor, now)?;
-    let woken = tx.execute(
-        "UPDATE tasks SET pending_deps = pending_deps - 1
-         WHERE state = 'pending' AND id IN (SELECT task_id FROM task_deps WHERE depends_on = ?1)",
-        args![id],
-    )?;
-    if woken > 0 {
-        promote_due_in(tx, actor, now)?;
-    }
-    Ok(())
+    batch::release_dependents(tx, std::iter::once(id), actor, now)
 }
 
 /// Applies a reviewer task's verdict to the task it reviewed, if that task is

@@ -10,25 +10,8 @@ use serde_json::json;
 
 use super::sql::{Dialect, Row, Sql, args};
 use super::{Queue, QueueError, Result};
-use crate::state::{Entry, Scope, Write, check_write};
+use crate::state::{Entry, Owners, Scope, Write, check_write};
 use std::collections::HashMap;
-
-/// The owners of a task's two scopes.
-pub(super) struct Owners {
-    /// The task's agent.
-    agent: String,
-    /// The task's chain: its root task's id.
-    chain: String,
-}
-
-impl Owners {
-    fn of(&self, scope: Scope) -> &str {
-        match scope {
-            Scope::Agent => &self.agent,
-            Scope::Chain => &self.chain,
-        }
-    }
-}
 
 pub(super) fn owners_of(tx: &dyn Sql, task_id: i64) -> Result<Owners> {
     let row = tx
@@ -243,33 +226,6 @@ impl Queue {
     pub fn state_owner(&self, task_id: i64, scope: Scope) -> Result<String> {
         let owners = self.read(|db| owners_of(db, task_id))?;
         Ok(owners.of(scope).to_string())
-    }
-
-    /// One committed entry of a task's scope (what a run reads).
-    pub fn state_get_for_task(
-        &self,
-        task_id: i64,
-        scope: Scope,
-        key: &str,
-    ) -> Result<Option<Entry>> {
-        self.read(|db| {
-            let owners = owners_of(db, task_id)?;
-            entry(db, scope, owners.of(scope), key)
-        })
-    }
-
-    /// Committed entries of a task's scope whose key starts with `prefix`.
-    pub fn state_scan_for_task(
-        &self,
-        task_id: i64,
-        scope: Scope,
-        prefix: &str,
-        limit: u32,
-    ) -> Result<Vec<Entry>> {
-        self.read(|db| {
-            let owners = owners_of(db, task_id)?;
-            scan(db, scope, owners.of(scope), prefix, limit)
-        })
     }
 
     /// One committed entry.

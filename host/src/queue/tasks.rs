@@ -311,6 +311,7 @@ pub(super) fn claim_in(
                 token,
             },
             agent: agent.to_string(),
+            chain: row.get(7)?,
             payload: row.get(1)?,
             attempt: row.get(2)?,
             max_attempts: row.get(3)?,
@@ -350,7 +351,8 @@ pub(super) fn claim_in(
 ///   (measured: ~10 µs per task claimed). A unary `+` on the parameter keeps
 ///   the index usable and the statement prepared once.
 const CLAIMABLE_SQLITE: &str = "SELECT id, payload, attempts + 1, max_attempts,
-        (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms
+        (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms,
+        COALESCE(root_id, id)
  FROM tasks WHERE state = 'ready' AND agent = +?1
  ORDER BY priority DESC, id LIMIT +?2";
 
@@ -360,7 +362,8 @@ const CLAIM_POSTGRES: &str =
  WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND agent = ?4
               ORDER BY priority DESC, id LIMIT ?5 FOR UPDATE SKIP LOCKED)
  RETURNING id, payload, attempts, max_attempts,
-           (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms";
+           (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms,
+           COALESCE(root_id, id)";
 
 /// Renews leases; answers those that were lost.
 pub(super) fn heartbeat_in(tx: &dyn Sql, leases: &[Lease], now: i64) -> Result<Vec<Lease>> {
@@ -419,11 +422,16 @@ fn void_claim(tx: &dyn Sql, lease: Lease, to: State, give_back: bool, now: i64) 
 }
 
 /// `select` restricted to the row a lease holds, locked on PostgreSQL.
+/// (`+?N` on SQLite: see [`CLAIMABLE_SQLITE`].)
 pub(super) fn lock_held(tx: &dyn Sql, select: &str) -> String {
-    format!(
-        "{select} WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{}",
-        tx.for_update()
-    )
+    match tx.dialect() {
+        Dialect::Sqlite => {
+            format!("{select} WHERE id = +?1 AND state = 'in_progress' AND claim_token = +?2")
+        }
+        Dialect::Postgres => format!(
+            "{select} WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2 FOR UPDATE"
+        ),
+    }
 }
 
 /// Resets every lease whose last heartbeat is older than `cutoff`.

@@ -465,6 +465,7 @@ impl Runtime {
                 &agent,
                 trial_lease,
                 0,
+                0,
                 TaskLog::new(4096),
                 Arc::new(NoHooks),
             )
@@ -532,6 +533,7 @@ impl Runtime {
         agent: &Agent,
         lease: Lease,
         attempt: u32,
+        chain: i64,
         log: TaskLog,
         hooks: Arc<dyn RunHooks>,
     ) -> wasmtime::Result<Store<RunState>> {
@@ -547,6 +549,7 @@ impl Runtime {
             http::HttpSession::new(agent.limits.http.clone(), hooks.clone(), lease, log.clone());
         let state = RunState::new(
             lease.task_id,
+            chain,
             Arc::from(agent.name.as_str()),
             agent.limits.memory_bytes,
             log,
@@ -579,7 +582,14 @@ impl Runtime {
             .timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(agent.limits.timeout);
-        let mut store = match self.new_store(agent, task.lease, task.attempt, log.clone(), hooks) {
+        let mut store = match self.new_store(
+            agent,
+            task.lease,
+            task.attempt,
+            task.chain,
+            log.clone(),
+            hooks,
+        ) {
             Ok(store) => store,
             Err(e) => {
                 return report(

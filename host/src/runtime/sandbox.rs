@@ -19,7 +19,7 @@ use super::http::HttpSession;
 use super::model::ModelSession;
 use super::state::StateSession;
 use crate::models::{Budget, ModelCall, ModelContext};
-use crate::state::{Entry, Scope};
+use crate::state::{Entry, Owners, Scope};
 use crate::task::Lease;
 
 /// Longest single `log` message or progress text kept; the rest is cut.
@@ -78,21 +78,21 @@ pub trait RunHooks: Send + Sync {
         Ok(())
     }
 
-    /// The committed state entry of the task's scope (nothing without a queue).
+    /// The committed state entry of `owner`'s `scope` (nothing without a queue).
     async fn state_get(
         &self,
-        _task_id: i64,
         _scope: Scope,
+        _owner: String,
         _key: String,
     ) -> Result<Option<Entry>, String> {
         Ok(None)
     }
 
-    /// Committed entries of the task's scope whose key starts with `prefix`.
+    /// Committed entries of `owner`'s `scope` whose key starts with `prefix`.
     async fn state_scan(
         &self,
-        _task_id: i64,
         _scope: Scope,
+        _owner: String,
         _prefix: String,
         _limit: u32,
     ) -> Result<Vec<Entry>, String> {
@@ -127,6 +127,7 @@ impl RunState {
     #[allow(clippy::too_many_arguments)] // one per capability the run holds
     pub fn new(
         task_id: i64,
+        chain: i64,
         agent: Arc<str>,
         memory_bytes: usize,
         log: TaskLog,
@@ -155,7 +156,13 @@ impl RunState {
             limiter: MemoryCap::new(memory_bytes),
             log,
             model,
-            state: StateSession::new(hooks.clone(), task_id),
+            state: StateSession::new(
+                hooks.clone(),
+                Owners {
+                    agent: agent.to_string(),
+                    chain: chain.to_string(),
+                },
+            ),
             effects: EffectsSession::default(),
             http,
             task_id,

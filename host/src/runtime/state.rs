@@ -8,13 +8,15 @@ use std::sync::Arc;
 use super::bindings::colony::agent::state as wit;
 use super::sandbox::{RunHooks, RunState};
 use crate::state::{
-    Entry, MAX_BYTES_PER_RUN, MAX_SCAN, MAX_WRITES_PER_RUN, Scope, Write, check_write,
+    Entry, MAX_BYTES_PER_RUN, MAX_SCAN, MAX_WRITES_PER_RUN, Owners, Scope, Write, check_write,
 };
 
 /// One run's state access.
 pub struct StateSession {
     hooks: Arc<dyn RunHooks>,
-    task_id: i64,
+    /// Whose state the run's scopes are (known from the claim, so a read is
+    /// one lookup by key).
+    owners: Owners,
     /// Writes in the order the agent made them.
     pub(super) writes: Vec<Write>,
     /// Bytes of keys and values in `writes`.
@@ -25,10 +27,10 @@ pub struct StateSession {
 }
 
 impl StateSession {
-    pub fn new(hooks: Arc<dyn RunHooks>, task_id: i64) -> StateSession {
+    pub fn new(hooks: Arc<dyn RunHooks>, owners: Owners) -> StateSession {
         StateSession {
             hooks,
-            task_id,
+            owners,
             writes: Vec::new(),
             bytes: 0,
             invalid: None,
@@ -83,7 +85,7 @@ impl StateSession {
 
     async fn committed(&self, scope: Scope, key: &str) -> wasmtime::Result<Option<Entry>> {
         self.hooks
-            .state_get(self.task_id, scope, key.to_string())
+            .state_get(scope, self.owners.of(scope).to_string(), key.to_string())
             .await
             .map_err(|e| wasmtime::Error::msg(format!("reading state key {key:?} failed: {e}")))
     }
@@ -103,8 +105,8 @@ impl StateSession {
         let committed = self
             .hooks
             .state_scan(
-                self.task_id,
                 scope,
+                self.owners.of(scope).to_string(),
                 prefix.to_string(),
                 limit.saturating_add(extra),
             )

@@ -19,18 +19,19 @@
 //! runtime.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::delivery::Deliverer;
-use crate::models::{Budget, ModelCall, ModelContext};
 use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
+mod run_side;
+use run_side::RunSide;
+
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
-use crate::state::{Entry, Scope};
 use crate::task::{ErrorKind, RunOutcome, State, TaskError};
 
 /// How the daemon behaves. Every field has the documented default.
@@ -181,111 +182,6 @@ struct InFlight {
     handle: JoinHandle<()>,
 }
 
-/// The daemon's side of runs in flight: their latest progress texts (written
-/// at the next heartbeat) and their model journal.
-struct RunSide {
-    progress: Mutex<HashMap<i64, Option<String>>>,
-    /// Nanoseconds spent in runs (instantiate + call + tear down), summed.
-    run_nanos: AtomicU64,
-    /// A connection of the journal's own, opened at the first model call:
-    /// model calls are slow and rare, and neither they nor the daemon loop
-    /// should wait for the other.
-    journal: Arc<Mutex<Option<Queue>>>,
-    /// Opens that connection (a second one to the daemon's database).
-    open_journal: Arc<dyn Fn() -> Result<Queue, QueueError> + Send + Sync>,
-}
-
-impl RunSide {
-    /// Runs `f` on the journal connection, on a blocking thread.
-    async fn with_journal<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
-    ) -> Result<T, String> {
-        let (journal, open) = (self.journal.clone(), self.open_journal.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut slot = journal.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.is_none() {
-                *slot = Some(open()?);
-            }
-            f(slot.as_mut().expect("opened above"))
-        })
-        .await
-        .map_err(|e| format!("the journal writer stopped: {e}"))?
-        .map_err(|e| e.to_string())
-    }
-}
-
-#[wasmtime_wasi::async_trait]
-impl RunHooks for RunSide {
-    fn progress(&self, task_id: i64, progress: Option<String>) {
-        self.progress.lock().unwrap().insert(task_id, progress);
-    }
-
-    async fn model_context(&self, lease: Lease) -> Result<ModelContext, String> {
-        self.with_journal(move |q| q.model_context(lease)).await
-    }
-
-    async fn reserve_tokens(
-        &self,
-        lease: Lease,
-        need: u64,
-        manifest_budget: Option<u64>,
-    ) -> Result<Budget, String> {
-        self.with_journal(move |q| q.reserve_model_tokens(lease, need, manifest_budget))
-            .await
-    }
-
-    async fn state_get(
-        &self,
-        task_id: i64,
-        scope: Scope,
-        key: String,
-    ) -> Result<Option<Entry>, String> {
-        self.with_journal(move |q| q.state_get_for_task(task_id, scope, &key))
-            .await
-    }
-
-    async fn state_scan(
-        &self,
-        task_id: i64,
-        scope: Scope,
-        prefix: String,
-        limit: u32,
-    ) -> Result<Vec<Entry>, String> {
-        self.with_journal(move |q| q.state_scan_for_task(task_id, scope, &prefix, limit))
-            .await
-    }
-
-    async fn record_event(
-        &self,
-        lease: Lease,
-        event: &'static str,
-        detail: serde_json::Value,
-    ) -> Result<(), String> {
-        self.with_journal(move |q| q.record_run_event(lease, event, &detail))
-            .await
-            .map(drop)
-    }
-
-    async fn record_model_call(
-        &self,
-        lease: Lease,
-        attempt: u32,
-        call: &ModelCall,
-    ) -> Result<(), String> {
-        let call = call.clone();
-        match self
-            .with_journal(move |q| q.record_model_call(lease, attempt, &call))
-            .await?
-        {
-            Applied::LeaseLost => {
-                Err("the run's lease was lost; the call was not journaled".into())
-            }
-            Applied::Moved(_) => Ok(()),
-        }
-    }
-}
-
 /// A connection the hot path's transactions run on, one at a time, on a
 /// blocking thread (see [`Daemon::start_job`]).
 #[derive(Default)]
@@ -380,12 +276,10 @@ impl Daemon {
     pub fn new(queue: Queue, runtime: Arc<Runtime>, agents: AgentDir, cfg: DaemonConfig) -> Daemon {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (written_tx, written_rx) = mpsc::unbounded_channel();
-        let run_side = Arc::new(RunSide {
-            progress: Mutex::default(),
-            run_nanos: AtomicU64::new(0),
-            journal: Arc::default(),
-            open_journal: Arc::new(queue.reopener()),
-        });
+        let run_side = Arc::new(RunSide::new(
+            Arc::new(queue.reopener()),
+            !queue.is_postgres(),
+        ));
         let deliverer = Deliverer::new(cfg.effect_timeout);
         Daemon {
             queue,
@@ -643,7 +537,7 @@ impl Daemon {
         let lane = self.lane(lane_id);
         lane.busy = true;
         let writer = lane.conn.take();
-        let reopen = self.run_side.open_journal.clone();
+        let reopen = self.run_side.reopen.clone();
         let done = self.written_tx.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();

@@ -911,3 +911,62 @@ on_both_drivers! {
         assert_eq!(of_task, queue.events(Some(ids[3]), 0, 1000).unwrap());
     }
 }
+
+on_both_drivers! {
+    /// One store of several runs with state writes (the daemon's batch):
+    /// each write is checked against the state as the runs before it in
+    /// the transaction left it, a `set-if` that no longer holds fails its
+    /// run as a conflict and writes nothing, and the others commit with
+    /// their completions, each write with its `state_write` event.
+    fn a_batch_of_runs_with_state_writes_applies_each_checked(db) {
+        use colony::queue::FinishedRun;
+        use colony::state::{Scope, Write};
+        let mut q = db.open();
+        for _ in 0..3 {
+            submit(&mut q, "alpha", json!({}));
+        }
+        let claimed = q.claim("alpha", 3).unwrap();
+        let write = |key: &str, value: &str, if_version| Write {
+            scope: Scope::Agent,
+            key: key.into(),
+            value: Some(value.into()),
+            if_version,
+        };
+        let run = |i: usize, writes| FinishedRun {
+            lease: claimed[i].lease,
+            outcome: ok(json!({ "run": i })),
+            log: String::new(),
+            state: writes,
+            effects: vec![],
+        };
+        let runs = [
+            run(0, vec![write("k", "1", None)]),
+            // Read version 0 of k, but run 0 commits first in this batch.
+            run(1, vec![write("k", "2", Some(0))]),
+            run(2, vec![write("j", "3", Some(0)), write("j", "4", Some(1))]),
+        ];
+        let applied = q.finish_batch(&runs).unwrap();
+        assert_eq!(applied[0], Applied::Moved(State::Complete));
+        assert_eq!(applied[2], Applied::Moved(State::Complete));
+        let loser = q.get(claimed[1].lease.task_id).unwrap();
+        assert_ne!(applied[1], Applied::Moved(State::Complete));
+        assert_eq!(loser.error.unwrap().kind, ErrorKind::Conflict);
+        assert_eq!(loser.result, None);
+
+        let k = q.state_get(Scope::Agent, "alpha", "k").unwrap().unwrap();
+        assert_eq!((k.value.as_str(), k.version), ("1", 1));
+        let j = q.state_get(Scope::Agent, "alpha", "j").unwrap().unwrap();
+        assert_eq!((j.value.as_str(), j.version), ("4", 2));
+        let writes_of = |i: usize| {
+            q.events(Some(claimed[i].lease.task_id), 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.event == "state_write")
+                .map(|e| (e.detail["key"].clone(), e.detail["new_version"].clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(writes_of(0), vec![(json!("k"), json!(1))]);
+        assert_eq!(writes_of(1), vec![]);
+        assert_eq!(writes_of(2), vec![(json!("j"), json!(1)), (json!("j"), json!(2))]);
+    }
+}

@@ -8,9 +8,10 @@
 //! parsed anew each time (measured: ~100 µs for a 20-row INSERT, more than
 //! running it), so there each row runs the same cached one-row statement.
 //! Only the common case takes this path — a successful
-//! run that needs no review, wrote no state, queued no effect, spawned
-//! nothing and has no chain to insert; every other run goes through
-//! [`tasks::finish_in`] one by one, in the same transaction.
+//! run that needs no review, queued no effect, spawned nothing and has no
+//! chain to insert, and on PostgreSQL wrote no state either (on SQLite its
+//! state writes are checked and applied here, row by row); every other run
+//! goes through [`finish::finish_in`] one by one, in the same transaction.
 //!
 //! The invariants are the same as on the slow path: each completion is
 //! fenced on `(id, state = 'in_progress', claim_token)` in the UPDATE's own
@@ -25,7 +26,7 @@ use super::finish;
 use super::sql::{Dialect, Param, Sql, args};
 use super::tasks::promote_due_in;
 use super::validate::validate_json;
-use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result};
+use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result, review, state};
 
 /// Rows per statement: well under both databases' limits on parameters.
 const CHUNK: usize = 200;
@@ -117,7 +118,10 @@ pub(super) fn finish_runs(
     now: i64,
 ) -> Result<Vec<Applied>> {
     let mut out = vec![None; runs.len()];
-    let candidates: Vec<usize> = (0..runs.len()).filter(|&i| is_plain(&runs[i])).collect();
+    let dialect = tx.dialect();
+    let candidates: Vec<usize> = (0..runs.len())
+        .filter(|&i| is_plain(&runs[i], dialect))
+        .collect();
     for chunk in candidates.chunks(CHUNK) {
         for (i, attempts) in complete_plain(tx, runs, chunk, actor, now)? {
             out[i] = Some(attempts);
@@ -133,8 +137,9 @@ pub(super) fn finish_runs(
     Ok(applied)
 }
 
-/// A successful run with nothing but its output and log to store.
-fn is_plain(run: &FinishedRun) -> bool {
+/// A successful run with nothing but its output and log to store (and on
+/// SQLite, its state writes).
+fn is_plain(run: &FinishedRun, dialect: Dialect) -> bool {
     match &run.outcome {
         RunOutcome::Success {
             output,
@@ -143,7 +148,7 @@ fn is_plain(run: &FinishedRun) -> bool {
         } => {
             !needs_review
                 && spawn.is_empty()
-                && run.state.is_empty()
+                && (run.state.is_empty() || dialect == Dialect::Sqlite)
                 && run.effects.is_empty()
                 // A bad output fails the run: the slow path says how.
                 && validate_json("output", output, MAX_OUTPUT_BYTES).is_ok()
@@ -169,7 +174,7 @@ fn complete_plain(
     }
     let to = task::transition(Some(State::InProgress), Event::Complete).expect("runs complete");
     let done = match tx.dialect() {
-        Dialect::Sqlite => complete_rows_one_by_one(tx, runs, indexes, to, now)?,
+        Dialect::Sqlite => complete_rows_one_by_one(tx, runs, indexes, to, actor, now)?,
         Dialect::Postgres => complete_rows(tx, runs, indexes, to, now)?,
     };
     if done.is_empty() {
@@ -224,12 +229,15 @@ pub(super) const COMPLETE_ONE_SQLITE: &str =
  WHERE id = +?3";
 
 /// Completes each run at `indexes` whose task is still its own, with cached
-/// one-row statements; answers `(index, attempt)` of those completed.
+/// one-row statements, its state writes applied first; answers `(index,
+/// attempt)` of those completed. A run whose `set-if` conflicts is left to
+/// the per-run path, which fails it.
 fn complete_rows_one_by_one(
     tx: &dyn Sql,
     runs: &[FinishedRun],
     indexes: &[usize],
     to: State,
+    actor: &str,
     now: i64,
 ) -> Result<Vec<(usize, u32)>> {
     let mut done = Vec::with_capacity(indexes.len());
@@ -240,6 +248,19 @@ fn complete_rows_one_by_one(
         let Some(held) = tx.query_opt(COMPLETABLE_SQLITE, args![id, run.lease.token])? else {
             continue; // the per-run path says why
         };
+        match review::check_state_writes(tx, id, &run.state)? {
+            Ok(None) => {}
+            Ok(Some(checked)) => state::apply_writes(
+                tx,
+                Some(id),
+                &checked.owners,
+                &run.state,
+                &checked.olds,
+                actor,
+                now,
+            )?,
+            Err(_conflict) => continue, // the per-run path fails the run
+        }
         tx.execute(COMPLETE_ONE_SQLITE, args![now, to.as_str(), id, output])?;
         done.push((i, held.get(0)?));
     }

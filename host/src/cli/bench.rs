@@ -48,7 +48,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Also measure the capabilities: the drain with one state get + set per
-    /// task against the same guest writing nothing, and the host's cost per
+    /// task against the same guest writing nothing (three alternating pairs
+    /// of rounds; the median pair's ratio), and the host's cost per
     /// model call and per replayed call against a loopback provider.
     #[arg(long)]
     pub capabilities: bool,

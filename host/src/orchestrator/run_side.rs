@@ -15,6 +15,11 @@ use crate::queue::{Applied, Lease, Queue, QueueError};
 use crate::runtime::RunHooks;
 use crate::state::{Entry, Scope};
 
+/// Most connections open for the runs' state reads. On SQLite reads run on
+/// the runtime's worker threads, which are fewer; on PostgreSQL each is a
+/// server connection, and a server allows about a hundred by default.
+const MAX_READERS: usize = 4;
+
 /// Opens another connection to the daemon's database.
 pub(super) type Reopen = Arc<dyn Fn() -> Result<Queue, QueueError> + Send + Sync>;
 
@@ -28,8 +33,10 @@ pub(super) struct RunSide {
     /// should wait for the other.
     journal: Arc<Mutex<Option<Queue>>>,
     /// Connections for the runs' state reads, each taken by one read at a
-    /// time: opened as reads overlap, so at most one per run in flight.
+    /// time: opened as reads overlap, at most [`MAX_READERS`].
     readers: Arc<Mutex<Vec<Queue>>>,
+    /// A read holds one while it holds a connection.
+    reader_permits: Arc<tokio::sync::Semaphore>,
     /// Whether a read runs on the run's own thread (SQLite) or is sent to a
     /// blocking thread (PostgreSQL): see [`RunSide::with_reader`].
     reads_inline: bool,
@@ -44,6 +51,7 @@ impl RunSide {
             run_nanos: AtomicU64::new(0),
             journal: Arc::default(),
             readers: Arc::default(),
+            reader_permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             reads_inline,
             reopen,
         }
@@ -79,8 +87,15 @@ impl RunSide {
         &self,
         f: impl FnOnce(&Queue) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, String> {
+        let permit = self
+            .reader_permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| format!("the state readers were closed: {e}"))?;
         let (readers, open) = (self.readers.clone(), self.reopen.clone());
         let read = move || {
+            let _permit = permit;
             let popped = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let reader = match popped {
                 Some(reader) => reader,

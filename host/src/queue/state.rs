@@ -128,9 +128,15 @@ pub(super) fn apply_writes(
     // Not a transition: the event shows the task's state as it stands on
     // both sides. Operator writes have no task; they are recorded under
     // task 0, as `complete`.
+    // (`+?1` keeps SQLite from re-preparing it, see `tasks::CLAIMABLE_SQLITE`;
+    // on PostgreSQL a unary plus would make the parameter a float.)
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT state FROM tasks WHERE id = +?1",
+        Dialect::Postgres => "SELECT state FROM tasks WHERE id = ?1",
+    };
     let task_state: String = match task_id {
         Some(id) => tx
-            .query_opt("SELECT state FROM tasks WHERE id = +?1", args![id])?
+            .query_opt(sql, args![id])?
             .map(|row| row.get(0))
             .transpose()?
             .unwrap_or_else(|| State::Complete.as_str().to_string()),

@@ -36,24 +36,6 @@ impl Scope {
     }
 }
 
-/// The owners of a task's two scopes: what `owner` holds in each.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owners {
-    /// The task's agent.
-    pub agent: String,
-    /// The task's chain: its root task's id.
-    pub chain: String,
-}
-
-impl Owners {
-    pub fn of(&self, scope: Scope) -> &str {
-        match scope {
-            Scope::Agent => &self.agent,
-            Scope::Chain => &self.chain,
-        }
-    }
-}
-
 /// A committed value and its version (1 when first written, +1 per write).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {

@@ -26,7 +26,7 @@ use super::finish;
 use super::sql::{Dialect, Param, Sql, args};
 use super::tasks::promote_due_in;
 use super::validate::validate_json;
-use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result, review, state};
+use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result, review};
 
 /// Rows per statement: well under both databases' limits on parameters.
 const CHUNK: usize = 200;
@@ -250,15 +250,7 @@ fn complete_rows_one_by_one(
         };
         match review::check_state_writes(tx, id, &run.state)? {
             Ok(None) => {}
-            Ok(Some(checked)) => state::apply_writes(
-                tx,
-                Some(id),
-                &checked.owners,
-                &run.state,
-                &checked.olds,
-                actor,
-                now,
-            )?,
+            Ok(Some(checked)) => checked.apply(tx, id, &run.state, actor, now)?,
             Err(_conflict) => continue, // the per-run path fails the run
         }
         tx.execute(COMPLETE_ONE_SQLITE, args![now, to.as_str(), id, output])?;

@@ -111,15 +111,7 @@ pub(super) fn finish_in(
                 review::enter_review(tx, id, &held, output, &spawn, actor, now)?
             } else {
                 if let Some(checked) = &owners {
-                    super::state::apply_writes(
-                        tx,
-                        Some(id),
-                        &checked.owners,
-                        &run.state,
-                        &checked.olds,
-                        actor,
-                        now,
-                    )?;
+                    checked.apply(tx, id, &run.state, actor, now)?;
                 }
                 outbox::store(tx, id, &run.effects, false, now)?;
                 let to = record(

@@ -248,15 +248,7 @@ pub(super) fn approve_in(
         now,
     )?;
     if let Some(checked) = owners {
-        state::apply_writes(
-            tx,
-            Some(id),
-            &checked.owners,
-            &held,
-            &checked.olds,
-            actor,
-            now,
-        )?;
+        checked.apply(tx, id, &held, actor, now)?;
     }
     outbox::release_proposed(tx, id, now)?;
     Ok(to)

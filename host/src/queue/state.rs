@@ -10,9 +10,26 @@ use serde_json::json;
 
 use super::sql::{Dialect, Row, Sql, args};
 use super::{Queue, QueueError, Result};
-use crate::state::{Entry, Owners, Scope, Write, check_write};
+use crate::state::{Entry, Scope, Write, check_write};
 use crate::task::State;
 use std::collections::HashMap;
+
+/// The owners of a task's two scopes: what `owner` holds in each.
+pub(super) struct Owners {
+    /// The task's agent.
+    agent: String,
+    /// The task's chain: its root task's id.
+    chain: String,
+}
+
+impl Owners {
+    fn of(&self, scope: Scope) -> &str {
+        match scope {
+            Scope::Agent => &self.agent,
+            Scope::Chain => &self.chain,
+        }
+    }
+}
 
 pub(super) fn owners_of(tx: &dyn Sql, task_id: i64) -> Result<Owners> {
     let row = tx
@@ -70,6 +87,28 @@ fn lock_keys(tx: &dyn Sql, owners: &Owners, writes: &[Write]) -> Result<()> {
 pub(super) struct CheckedWrites {
     pub owners: Owners,
     pub olds: Vec<u64>,
+}
+
+impl CheckedWrites {
+    /// Applies the task's checked `writes` (see [`apply_writes`]).
+    pub fn apply(
+        &self,
+        tx: &dyn Sql,
+        task_id: i64,
+        writes: &[Write],
+        actor: &str,
+        now: i64,
+    ) -> Result<()> {
+        apply_writes(
+            tx,
+            Some(task_id),
+            &self.owners,
+            writes,
+            &self.olds,
+            actor,
+            now,
+        )
+    }
 }
 
 /// Checks every `set-if` of `writes` in order, as if the earlier writes had

@@ -19,7 +19,7 @@ use super::http::HttpSession;
 use super::model::ModelSession;
 use super::state::StateSession;
 use crate::models::{Budget, ModelCall, ModelContext};
-use crate::state::{Entry, Owners, Scope};
+use crate::state::{Entry, Scope};
 use crate::task::Lease;
 
 /// Longest single `log` message or progress text kept; the rest is cut.
@@ -156,13 +156,7 @@ impl RunState {
             limiter: MemoryCap::new(memory_bytes),
             log,
             model,
-            state: StateSession::new(
-                hooks.clone(),
-                Owners {
-                    agent: agent.to_string(),
-                    chain: chain.to_string(),
-                },
-            ),
+            state: StateSession::new(hooks.clone(), agent.clone(), chain),
             effects: EffectsSession::default(),
             http,
             task_id,

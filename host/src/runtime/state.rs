@@ -8,15 +8,16 @@ use std::sync::Arc;
 use super::bindings::colony::agent::state as wit;
 use super::sandbox::{RunHooks, RunState};
 use crate::state::{
-    Entry, MAX_BYTES_PER_RUN, MAX_SCAN, MAX_WRITES_PER_RUN, Owners, Scope, Write, check_write,
+    Entry, MAX_BYTES_PER_RUN, MAX_SCAN, MAX_WRITES_PER_RUN, Scope, Write, check_write,
 };
 
 /// One run's state access.
 pub struct StateSession {
     hooks: Arc<dyn RunHooks>,
-    /// Whose state the run's scopes are (known from the claim, so a read is
-    /// one lookup by key).
-    owners: Owners,
+    /// Whose state the run's scopes are: its agent's, and its chain's (the
+    /// root task id, known from the claim, so a read is one lookup by key).
+    agent: Arc<str>,
+    chain: i64,
     /// Writes in the order the agent made them.
     pub(super) writes: Vec<Write>,
     /// Bytes of keys and values in `writes`.
@@ -27,13 +28,22 @@ pub struct StateSession {
 }
 
 impl StateSession {
-    pub fn new(hooks: Arc<dyn RunHooks>, owners: Owners) -> StateSession {
+    pub fn new(hooks: Arc<dyn RunHooks>, agent: Arc<str>, chain: i64) -> StateSession {
         StateSession {
             hooks,
-            owners,
+            agent,
+            chain,
             writes: Vec::new(),
             bytes: 0,
             invalid: None,
+        }
+    }
+
+    /// The owner of `scope`, as the queue stores it.
+    fn owner(&self, scope: Scope) -> String {
+        match scope {
+            Scope::Agent => self.agent.to_string(),
+            Scope::Chain => self.chain.to_string(),
         }
     }
 
@@ -85,7 +95,7 @@ impl StateSession {
 
     async fn committed(&self, scope: Scope, key: &str) -> wasmtime::Result<Option<Entry>> {
         self.hooks
-            .state_get(scope, self.owners.of(scope).to_string(), key.to_string())
+            .state_get(scope, self.owner(scope), key.to_string())
             .await
             .map_err(|e| wasmtime::Error::msg(format!("reading state key {key:?} failed: {e}")))
     }
@@ -106,7 +116,7 @@ impl StateSession {
             .hooks
             .state_scan(
                 scope,
-                self.owners.of(scope).to_string(),
+                self.owner(scope),
                 prefix.to_string(),
                 limit.saturating_add(extra),
             )

@@ -148,6 +148,50 @@ async fn a_memory_bomb_is_out_of_memory_and_others_keep_working() {
     assert_eq!(h.task(echo).state, State::Complete);
 }
 
+/// The instance pool keeps a finished run's memory resident for the next run
+/// in its slot, resetting only the pages it wrote (up to a few MiB; beyond
+/// that, pages go back to the kernel): no run may find what an earlier one
+/// left, below that bound or above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_finds_nothing_an_earlier_run_left_in_its_memory() {
+    let h = harness(&["residue"]);
+    // One slot, so every run reuses the memory of the one before it.
+    let runtime = colony::runtime::Runtime::new(colony::runtime::RuntimeConfig {
+        cache_dir: Some(h.cache.clone()),
+        max_concurrent_runs: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let agents = h.agent_dir(&runtime).await;
+    let residue = agents.loaded("residue").unwrap();
+    let pristine = json!({"data": 0x5EED, "bss_dirty": 0, "heap_dirty": 0});
+    for heap_mib in [1, 1, 2, 24, 1, 24, 24, 3, 1] {
+        let task = ClaimedTask {
+            lease: Lease {
+                task_id: 1,
+                token: 1,
+            },
+            agent: "residue".into(),
+            chain: 1,
+            payload: heap_mib.to_string(),
+            attempt: 1,
+            max_attempts: 1,
+            parent_result: None,
+            feedback: None,
+            timeout_ms: None,
+        };
+        let report = runtime.run(&residue, &task, Arc::new(NoHooks)).await;
+        match report.outcome {
+            RunOutcome::Success { output, .. } => assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&output).unwrap(),
+                pristine,
+                "a run with {heap_mib} MiB of heap found an earlier run's memory"
+            ),
+            other => panic!("residue should succeed, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_recursion_is_a_stack_overflow() {
     let h = harness(&["recurse"]);

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+};
 
 use crate::models::Providers;
 use crate::task::{ClaimedTask, ErrorKind, Lease, RunOutcome, SpawnSpec, TaskError};
@@ -240,6 +242,16 @@ pub const LARGE_COMPONENT: usize = 1 << 20;
 /// to the kernel and faulting them in again.
 const KEEP_RESIDENT_LARGE: usize = 16 << 20;
 
+/// Of a small component's memory, how much a finished run's slot resets in
+/// place when the kernel can say which pages the run wrote (Linux 6.7's
+/// `PAGEMAP_SCAN`): only those pages are zeroed, up to this many bytes, and
+/// the next run finds them resident. Without the scan nothing is kept: a
+/// Rust agent's stack sits below its data, so resetting "the first N bytes"
+/// would zero a megabyte of untouched stack every run. (Measured on the
+/// no-op drain: 1.36x the tasks/s, run time on the workers 38 -> 18 µs a
+/// task, once page faults and `madvise` left the per-run path.)
+const KEEP_RESIDENT_SCANNED: usize = 4 << 20;
+
 /// An engine and the linker of the host's imports for it.
 struct Flavor {
     engine: Engine,
@@ -279,6 +291,7 @@ fn link_colony_interfaces(linker: &mut Linker<RunState>) -> wasmtime::Result<()>
 }
 
 fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
+    let scan_dirty_pages = PoolingAllocationConfig::is_pagemap_scan_available();
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.consume_fuel(true);
@@ -305,10 +318,19 @@ fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
             // TLB shootdown across cores, which dominated per-task cost.
             .table_keep_resident(64 << 10)
             .async_stack_keep_resident(128 << 10)
-            .linear_memory_keep_resident(if copy_on_write {
-                KEEP_RESIDENT_LARGE
-            } else {
-                0
+            //
+            // Which regions those are, the kernel's page map tells where it
+            // can: a run's memory is then reset without a single madvise,
+            // and the next run takes no page faults (see
+            // `KEEP_RESIDENT_SCANNED`).
+            .pagemap_scan(match scan_dirty_pages {
+                true => Enabled::Yes,
+                false => Enabled::No,
+            })
+            .linear_memory_keep_resident(match (copy_on_write, scan_dirty_pages) {
+                (true, _) => KEEP_RESIDENT_LARGE,
+                (false, true) => KEEP_RESIDENT_SCANNED,
+                (false, false) => 0,
             })
             .decommit_batch_size(64);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

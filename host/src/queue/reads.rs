@@ -53,26 +53,18 @@ pub(super) fn children(db: &dyn Sql, parent_id: i64) -> Result<Vec<TaskRow>> {
 }
 
 /// Tasks per agent and state, without reading the rows of finished work:
-/// each state but `complete` is counted through `tasks_by_state` (its rows
-/// are few), and `complete` (the bulk of any history) is each agent's
-/// total, an index-only count of `tasks_by_agent`, less the rest.
+/// each state but `complete` is counted through `tasks_at_rest` or
+/// `tasks_leases` (its rows are few), and `complete` (the bulk of any
+/// history) is each agent's total, an index-only count of
+/// `tasks_by_agent`, less the rest.
 pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
-    // One statement, so one snapshot: the parts cannot disagree about a
-    // task that moved meanwhile. `*` marks an agent's total.
-    let mut parts = vec!["SELECT agent, '*', COUNT(*) FROM tasks GROUP BY agent".to_string()];
-    for state in State::ALL.into_iter().filter(|s| *s != State::Complete) {
-        parts.push(format!(
-            "SELECT agent, '{0}', COUNT(*) FROM tasks WHERE state = '{0}' GROUP BY agent",
-            state.as_str()
-        ));
-    }
     // Per agent, a count per state in the order of `State::ALL`.
     let mut by_agent: BTreeMap<String, [u64; State::ALL.len()]> = BTreeMap::new();
     let complete = State::ALL
         .iter()
         .position(|s| *s == State::Complete)
         .unwrap();
-    for row in db.query(&parts.join(" UNION ALL "), args![])? {
+    for row in db.query(&counts_sql(), args![])? {
         let (agent, state, n): (String, String, u64) = (row.get(0)?, row.get(1)?, row.get(2)?);
         let counts = by_agent.entry(agent).or_default();
         if state == "*" {
@@ -103,19 +95,37 @@ pub(super) fn counts(db: &dyn Sql) -> Result<Vec<(String, State, u64)>> {
     Ok(out)
 }
 
+/// [`counts`]' one statement, so one snapshot: the parts cannot disagree
+/// about a task that moved meanwhile. `*` marks an agent's total.
+pub(super) fn counts_sql() -> String {
+    let mut parts = vec!["SELECT agent, '*', COUNT(*) FROM tasks GROUP BY agent".to_string()];
+    for state in State::ALL.into_iter().filter(|s| *s != State::Complete) {
+        parts.push(format!(
+            "SELECT {1}, '{0}', COUNT(*) FROM tasks WHERE state = '{0}' GROUP BY 1",
+            state.as_str(),
+            agent_of(state)
+        ));
+    }
+    parts.join(" UNION ALL ")
+}
+
+/// The agent column as tasks in `state` are grouped by. Running tasks are
+/// counted through `tasks_leases`, which holds only them; grouped by the
+/// plain column, SQLite would count them by walking `tasks_by_agent`, the
+/// whole history, for its order. `agent || ''` is the same value in a form
+/// no index offers.
+fn agent_of(state: State) -> &'static str {
+    match state {
+        State::InProgress => "agent || ''",
+        _ => "agent",
+    }
+}
+
 /// Unfinished work per agent, read through the partial indexes only (cheap
 /// however large the history).
 pub(super) fn backlog(db: &dyn Sql) -> Result<Vec<(String, Backlog)>> {
     let mut by_agent: BTreeMap<String, Backlog> = Default::default();
-    let queries = [
-        "SELECT agent, COUNT(*), NULL FROM tasks WHERE state = 'ready' GROUP BY agent",
-        "SELECT agent, COUNT(*), NULL FROM tasks WHERE state = 'in_progress' GROUP BY agent",
-        "SELECT agent, COUNT(*), MIN(run_at) FROM tasks
-         WHERE state = 'pending' AND pending_deps = 0 GROUP BY agent",
-        "SELECT agent, COUNT(*), NULL FROM tasks
-         WHERE state = 'pending' AND pending_deps > 0 GROUP BY agent",
-    ];
-    for (i, sql) in queries.iter().enumerate() {
+    for (i, sql) in BACKLOG_SQL.iter().enumerate() {
         for row in db.query(sql, args![])? {
             let (agent, n, due): (String, u64, Option<i64>) =
                 (row.get(0)?, row.get(1)?, row.get(2)?);
@@ -134,11 +144,22 @@ pub(super) fn backlog(db: &dyn Sql) -> Result<Vec<(String, Backlog)>> {
     Ok(by_agent.into_iter().collect())
 }
 
+/// [`backlog`]'s counts: ready, running, scheduled, blocked.
+pub(super) const BACKLOG_SQL: [&str; 4] = [
+    "SELECT agent, COUNT(*), NULL FROM tasks WHERE state = 'ready' GROUP BY agent",
+    // Grouped by `agent || ''`: see [`agent_of`].
+    "SELECT agent || '', COUNT(*), NULL FROM tasks WHERE state = 'in_progress' GROUP BY 1",
+    "SELECT agent, COUNT(*), MIN(run_at) FROM tasks
+     WHERE state = 'pending' AND pending_deps = 0 GROUP BY agent",
+    "SELECT agent, COUNT(*), NULL FROM tasks
+     WHERE state = 'pending' AND pending_deps > 0 GROUP BY agent",
+];
+
+pub(super) const LEASES_BY_HOLDER_SQL: &str =
+    "SELECT claimed_by, COUNT(*) FROM tasks WHERE state = 'in_progress' GROUP BY claimed_by";
+
 pub(super) fn leases_by_holder(db: &dyn Sql) -> Result<Vec<(String, u64)>> {
-    let rows = db.query(
-        "SELECT claimed_by, COUNT(*) FROM tasks WHERE state = 'in_progress' GROUP BY claimed_by",
-        args![],
-    )?;
+    let rows = db.query(LEASES_BY_HOLDER_SQL, args![])?;
     rows.iter()
         .map(|r| Ok((r.get::<Option<String>>(0)?.unwrap_or_default(), r.get(1)?)))
         .collect()

@@ -178,6 +178,8 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 2: the indexes the dashboard's pages read through (SQLite's migration 4).
     crate::queue::dashboard::DASHBOARD_INDEXES,
+    // 3: running tasks leave the dashboard's state index (SQLite's migration 6).
+    crate::queue::dashboard::AT_REST_INDEX,
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

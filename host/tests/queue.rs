@@ -970,3 +970,57 @@ on_both_drivers! {
         assert_eq!(writes_of(2), vec![(json!("j"), json!(1)), (json!("j"), json!(2))]);
     }
 }
+
+on_both_drivers! {
+    /// One store of several completions (the daemon's batch) counts off the
+    /// dependencies of exactly the tasks it completes: a join waiting on two
+    /// of them becomes ready, a task waiting on one that did not finish
+    /// (even one whose id lies between theirs) stays pending, whether the
+    /// batch's ids lie close together or far apart.
+    fn a_batch_of_completions_releases_exactly_their_dependents(db) {
+        use colony::queue::FinishedRun;
+        let mut q = db.open();
+        let a0 = submit(&mut q, "close", json!({}));
+        let b0 = submit(&mut q, "apart", json!({}));
+        let a1 = submit(&mut q, "close", json!({}));
+        for _ in 0..300 {
+            submit(&mut q, "filler", json!({}));
+        }
+        let b1 = submit(&mut q, "apart", json!({}));
+        let dependent = |q: &mut Queue, on: Vec<i64>| {
+            let mut task = NewTask::new("next", "{}");
+            task.depends_on = on;
+            q.submit(&task).unwrap().id
+        };
+        let join_close = dependent(&mut q, vec![a0, a1]);
+        let join_apart = dependent(&mut q, vec![b0, b1]);
+        let waits = dependent(&mut q, vec![a0, b0]);
+
+        let store = |q: &mut Queue, agent: &str| {
+            let claimed = q.claim(agent, 2).unwrap();
+            let runs: Vec<FinishedRun> = claimed
+                .iter()
+                .map(|t| FinishedRun {
+                    lease: t.lease,
+                    outcome: ok(json!({})),
+                    log: String::new(),
+                    state: vec![],
+                    effects: vec![],
+                })
+                .collect();
+            let applied = q.finish_batch(&runs).unwrap();
+            assert_eq!(applied, vec![Applied::Moved(State::Complete); 2]);
+            claimed.iter().map(|t| t.lease.task_id).collect::<Vec<_>>()
+        };
+        // Ids close together, with b0 between them, not completed.
+        assert_eq!(store(&mut q, "close"), vec![a0, a1]);
+        assert_eq!(q.get(join_close).unwrap().state, State::Ready);
+        assert_eq!(q.get(join_apart).unwrap().state, State::Pending);
+        assert_eq!(q.get(waits).unwrap().state, State::Pending);
+        // Ids 300 apart.
+        assert_eq!(store(&mut q, "apart"), vec![b0, b1]);
+        assert_eq!(q.get(join_apart).unwrap().state, State::Ready);
+        assert_eq!(q.get(waits).unwrap().state, State::Ready);
+        assert_eq!(q.get(join_close).unwrap().state, State::Ready);
+    }
+}

@@ -371,18 +371,12 @@ pub(super) fn release_dependents(
         // builds a temporary table at every run; see `tasks::CLAIMABLE_SQLITE`).
         Dialect::Sqlite => {
             let mut woken = 0;
-            for &id in &done {
-                let dependents: Vec<i64> = tx.query_column(
-                    "SELECT task_id FROM task_deps WHERE depends_on = ?1",
-                    args![id],
+            for dependent in dependents_sqlite(tx, &done)? {
+                woken += tx.execute(
+                    "UPDATE tasks SET pending_deps = pending_deps - 1
+                     WHERE id = +?1 AND state = 'pending'",
+                    args![dependent],
                 )?;
-                for dependent in dependents {
-                    woken += tx.execute(
-                        "UPDATE tasks SET pending_deps = pending_deps - 1
-                         WHERE id = +?1 AND state = 'pending'",
-                        args![dependent],
-                    )?;
-                }
             }
             woken
         }
@@ -392,6 +386,36 @@ pub(super) fn release_dependents(
         promote_due_in(tx, actor, now)?;
     }
     Ok(())
+}
+
+/// The tasks waiting on each of `done` (once per dependency), on SQLite.
+/// A batch's ids lie close together, so one look at the span they cover
+/// usually answers for all of them (most tasks have no dependents, and the
+/// span holds few rows); ids spread wide are looked up one by one.
+fn dependents_sqlite(tx: &dyn Sql, done: &[i64]) -> Result<Vec<i64>> {
+    let (Some(&lo), Some(&hi)) = (done.iter().min(), done.iter().max()) else {
+        return Ok(Vec::new());
+    };
+    if hi - lo > 4 * done.len() as i64 + 64 {
+        let mut dependents = Vec::new();
+        for &id in done {
+            dependents.extend(tx.query_column::<i64>(
+                "SELECT task_id FROM task_deps WHERE depends_on = ?1",
+                args![id],
+            )?);
+        }
+        return Ok(dependents);
+    }
+    let mut dependents = Vec::new();
+    for row in tx.query(
+        "SELECT task_id, depends_on FROM task_deps WHERE depends_on BETWEEN ?1 AND ?2",
+        args![lo, hi],
+    )? {
+        if done.contains(&row.get::<i64>(1)?) {
+            dependents.push(row.get(0)?);
+        }
+    }
+    Ok(dependents)
 }
 
 /// [`release_dependents`]' count in one statement.

@@ -1,0 +1,277 @@
+//! The leases a daemon holds: renewed at every heartbeat, lost ones
+//! stopped, expired ones of other hosts reset, and at shutdown the runs
+//! given their grace and the rest released without burning an attempt.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::Daemon;
+use crate::queue::{Applied, FinishedRun, Lease, QueueError};
+use crate::task::{ErrorKind, RunOutcome, TaskError};
+
+impl Daemon {
+    /// Every lease this daemon renews: running, waiting for a slot, or
+    /// waiting to have its result stored.
+    pub(super) fn held_leases(&self) -> Vec<Lease> {
+        self.inflight
+            .values()
+            .map(|f| f.lease)
+            .chain(self.prefetched.values().flatten().map(|t| t.lease))
+            .chain(self.unwritten.iter().map(|r| r.lease))
+            // Not the leases of a store in flight: the writer holds their
+            // rows locked, and renewing them in another transaction would
+            // wait for it, or deadlock with it (found at 1 s stalls). A store
+            // that fails puts them back among the unwritten.
+            .collect()
+    }
+
+    /// Renews every lease held, records progress, and resets other hosts'
+    /// expired leases. Returns whether any lease was reset or lost (so
+    /// there may be tasks to claim).
+    pub(super) fn heartbeat_and_reap(&mut self) -> bool {
+        self.collect_finished();
+        self.recover_vanished_runs();
+        let leases = self.held_leases();
+        let progress: Vec<(i64, Option<String>)> =
+            self.run_side.progress.lock().unwrap().drain().collect();
+        let stale_after = self.cfg.stale_after;
+        let queue = &mut self.queue;
+        let result = tokio::task::block_in_place(|| -> Result<(Vec<Lease>, usize), QueueError> {
+            for (task_id, text) in &progress {
+                if let Some(lease) = leases.iter().find(|l| l.task_id == *task_id) {
+                    queue.record_progress(*lease, text.as_deref())?;
+                }
+            }
+            let lost = if leases.is_empty() {
+                Vec::new()
+            } else {
+                queue.heartbeat(&leases)?
+            };
+            let expired = queue.reset_stale_leases(stale_after)?;
+            for lease in &expired {
+                tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
+            }
+            Ok((lost, expired.len()))
+        });
+        match result {
+            Ok((lost, expired)) => {
+                self.drop_lost(&lost);
+                !lost.is_empty() || expired > 0
+            }
+            Err(e) if e.is_permanent() => {
+                self.unusable = Some(e);
+                false
+            }
+            Err(e) => {
+                tracing::error!("heartbeat failed, will retry: {e}");
+                false
+            }
+        }
+    }
+
+    /// Gives back buffered tasks of agents that are no longer loaded (removed
+    /// or replaced by a broken file): nothing here could run them.
+    pub(super) fn release_orphaned_buffers(&mut self) {
+        let loaded = self.agents.loaded_names();
+        let orphaned: Vec<String> = self
+            .prefetched
+            .keys()
+            .filter(|a| !loaded.contains(a))
+            .cloned()
+            .collect();
+        for agent in orphaned {
+            let leases: Vec<Lease> = self
+                .prefetched
+                .remove(&agent)
+                .into_iter()
+                .flatten()
+                .map(|t| t.lease)
+                .collect();
+            self.release_all(&leases);
+        }
+    }
+
+    /// Someone reset or cancelled these leases: stop their runs (the results
+    /// would be discarded) and forget tasks that had not started.
+    pub(super) fn drop_lost(&mut self, lost: &[Lease]) {
+        for lease in lost {
+            if self
+                .inflight
+                .get(&lease.task_id)
+                .is_some_and(|f| f.lease == *lease)
+            {
+                let run = self.inflight.remove(&lease.task_id).expect("just checked");
+                tracing::warn!(task = lease.task_id, "lease lost; stopping the run");
+                run.handle.abort();
+                self.aborted.insert(*lease);
+                self.summary.lost += 1;
+            }
+            for buffer in self.prefetched.values_mut() {
+                buffer.retain(|t| t.lease != *lease);
+            }
+        }
+    }
+
+    /// A run whose task ended without reporting (a panic in the host) would
+    /// otherwise hold its slot and lease forever: record it as a crash.
+    pub(super) fn recover_vanished_runs(&mut self) {
+        let finished: Vec<Lease> = self
+            .inflight
+            .values()
+            .filter(|f| f.handle.is_finished())
+            .map(|f| f.lease)
+            .collect();
+        if finished.is_empty() {
+            return;
+        }
+        // A run sends its result before its task ends: drain the channel
+        // again, so only runs that really sent nothing are left.
+        self.collect_finished();
+        for lease in finished {
+            if !self
+                .inflight
+                .get(&lease.task_id)
+                .is_some_and(|f| f.lease == lease)
+            {
+                continue;
+            }
+            let id = lease.task_id;
+            let run = self.inflight.remove(&id).expect("checked above");
+            tracing::error!(
+                task = id,
+                "a run ended without a result; recording it as a crash"
+            );
+            let outcome = RunOutcome::Failure(TaskError {
+                kind: ErrorKind::Crash,
+                message:
+                    "the host's run of this task ended without a result (see the daemon's log)"
+                        .into(),
+            });
+            self.accept(FinishedRun {
+                lease: run.lease,
+                outcome,
+                log: String::new(),
+                state: Vec::new(),
+                effects: Vec::new(),
+            });
+        }
+    }
+
+    /// Stop claiming; give back tasks that never started; let runs finish
+    /// within the grace period (still heartbeating); release the rest without
+    /// burning their attempts; store every result we have.
+    pub(super) async fn shut_down(&mut self) {
+        tracing::info!(in_flight = self.inflight.len(), grace = ?self.cfg.grace, "shutting down");
+        self.wait_for_write().await;
+        let waiting: Vec<Lease> = self
+            .prefetched
+            .drain()
+            .flat_map(|(_, b)| b)
+            .map(|t| t.lease)
+            .collect();
+        self.release_all(&waiting);
+        // Finished work is stored as it finishes, exactly as in normal
+        // operation: a second signal or a SIGKILL during the grace must not
+        // discard it (and with it the run's attempt and effects).
+        self.collect_finished();
+        if !self.unwritten.is_empty() {
+            self.write_finished();
+        }
+
+        let deadline = Instant::now() + self.cfg.grace;
+        let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
+        while !self.inflight.is_empty() && Instant::now() < deadline {
+            tokio::select! {
+                Some(run) = self.done_rx.recv() => {
+                    self.accept(run);
+                    self.collect_finished();
+                    self.write_finished();
+                }
+                _ = tokio::time::sleep_until(deadline.min(next_heartbeat).into()) => {
+                    if Instant::now() >= next_heartbeat {
+                        next_heartbeat = Instant::now() + self.cfg.heartbeat;
+                        let _ = self.heartbeat_and_reap();
+                    }
+                }
+            }
+        }
+        // Deliveries in flight get what is left of the grace to answer; their
+        // results are recorded (an unrecorded 2xx would be sent again).
+        while !self.deliverer.is_idle() && Instant::now() < deadline {
+            tokio::select! {
+                Some(attempt) = self.deliverer.done_rx.recv() => self.record_delivery(attempt),
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        }
+        // Stop what is still running and wait for it to be gone (a guest
+        // yields at every epoch tick), so no run outlives its release.
+        let stopping: Vec<(Lease, JoinHandle<()>)> = self
+            .inflight
+            .drain()
+            .map(|(_, run)| (run.lease, run.handle))
+            .collect();
+        for (_, handle) in &stopping {
+            handle.abort();
+        }
+        for (lease, handle) in stopping {
+            if tokio::time::timeout(Duration::from_secs(5), handle)
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    task = lease.task_id,
+                    "a run did not stop within 5 s of being aborted"
+                );
+            }
+            self.inflight_at_shutdown.push(lease);
+        }
+        // Results that arrived until the runs stopped are kept; the rest is released.
+        self.collect_finished();
+        let reported: HashSet<Lease> = self.unwritten.iter().map(|r| r.lease).collect();
+        let interrupted: Vec<Lease> = std::mem::take(&mut self.inflight_at_shutdown)
+            .into_iter()
+            .filter(|l| !reported.contains(l))
+            .collect();
+        self.release_all(&interrupted);
+        for attempt in 1..=10 {
+            if self.unwritten.is_empty() {
+                break;
+            }
+            self.write_finished();
+            if !self.unwritten.is_empty() {
+                tracing::error!("storing results at shutdown failed (attempt {attempt} of 10)");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    pub(super) fn release_all(&mut self, leases: &[Lease]) {
+        for lease in leases {
+            let mut result = tokio::task::block_in_place(|| self.queue.release(*lease));
+            for _ in 0..5 {
+                match &result {
+                    Err(e) if e.is_transient() => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        result = tokio::task::block_in_place(|| self.queue.release(*lease));
+                    }
+                    _ => break,
+                }
+            }
+            match result {
+                Ok(Applied::Moved(_)) => {
+                    self.summary.released += 1;
+                    tracing::info!(task = lease.task_id, "released back to ready");
+                }
+                Ok(Applied::LeaseLost) => {}
+                Err(e) => {
+                    tracing::error!(
+                        task = lease.task_id,
+                        "could not release; its lease will expire instead: {e}"
+                    )
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Finished runs on their way into the queue: taken in, group-committed on
+//! the writer lane (with the next claims on SQLite), and counted; a batch
+//! that cannot be stored is retried, or stored run by run.
+
+use std::time::{Duration, Instant};
+
+use super::{CLAIM_RETRY, Daemon, Lane, LaneId, Written};
+use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, QueueError};
+use crate::task::{ErrorKind, RunOutcome, State, TaskError};
+
+impl Daemon {
+    pub(super) fn collect_finished(&mut self) {
+        while let Ok(run) = self.done_rx.try_recv() {
+            self.accept(run);
+        }
+    }
+
+    /// Takes a finished run in. The in-flight entry is removed only if it is
+    /// this lease's run: the task may have been reclaimed under a new lease.
+    pub(super) fn accept(&mut self, run: FinishedRun) {
+        if self.aborted.remove(&run.lease) {
+            return; // already counted as lost when its run was stopped
+        }
+        let id = run.lease.task_id;
+        if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease)
+            && let Some(run) = self.inflight.remove(&id)
+        {
+            self.summary.time.in_flight += run.since.elapsed();
+        }
+        self.unwritten_since.get_or_insert_with(Instant::now);
+        self.unwritten.push(run);
+    }
+
+    /// Group commit: store when the oldest result has waited `write_window`
+    /// (or the backoff after a failed store), when many are waiting, or when
+    /// nothing else is running that could join the batch.
+    pub(super) fn write_is_due(&self) -> bool {
+        let Some(since) = self.unwritten_since else {
+            return false;
+        };
+        let waited = since.elapsed();
+        if !self.write_backoff.is_zero() {
+            return waited >= self.write_backoff;
+        }
+        waited >= self.cfg.write_window || self.unwritten.len() >= 256 || self.inflight.is_empty()
+    }
+
+    /// Hands the hot path's next transaction to a lane: on the writer, every
+    /// finished run waiting to be stored, then the `claims` (promotion
+    /// first); on the claimer, the claims alone. It runs on a blocking thread
+    /// with the lane's own connection while the loop goes on dispatching from
+    /// the claim buffers and collecting finished runs, which wait for the
+    /// writer's next transaction.
+    ///
+    /// Off the loop, because a transaction takes hundreds of µs during which
+    /// runs finish and slots would otherwise stay empty. On SQLite all of
+    /// the hot path goes through the writer, one transaction for both,
+    /// because a completion and the next claims touch the same pages and
+    /// SQLite has one writer at a time anyway; it never waits for the lock
+    /// behind the loop's own connection (which only heartbeats, reaps and
+    /// sends effects).
+    pub(super) fn start_job(&mut self, lane_id: LaneId, claims: Vec<(String, usize)>) {
+        let runs = match lane_id {
+            LaneId::Writer => {
+                self.unwritten_since = None;
+                std::mem::take(&mut self.unwritten)
+            }
+            LaneId::Claimer => Vec::new(),
+        };
+        let lane = self.lane(lane_id);
+        lane.busy = true;
+        let writer = lane.conn.take();
+        let reopen = self.run_side.reopen.clone();
+        let done = self.written_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let (queue, result) = match writer.map_or_else(|| reopen(), Ok) {
+                Ok(mut queue) => {
+                    let result = queue.finish_and_claim(&runs, &claims);
+                    (Some(queue), result)
+                }
+                Err(e) => (None, Err(e)),
+            };
+            let _ = done.send(Written {
+                lane: lane_id,
+                queue,
+                took: started.elapsed(),
+                runs,
+                claims,
+                result,
+            });
+        });
+    }
+
+    /// Takes a transaction's outcome in (see [`Daemon::start_job`]). Answers
+    /// whether there may be more to claim: a claim got all it asked for, or
+    /// stored completions may have made dependents ready.
+    pub(super) fn on_written(&mut self, written: Written) -> bool {
+        let lane = self.lane(written.lane);
+        lane.busy = false;
+        lane.conn = written.queue;
+        self.summary.time.writing += written.took;
+        self.summary.time.transactions += 1;
+        let Written {
+            runs,
+            claims,
+            result,
+            ..
+        } = written;
+        let (applied, claimed) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // Nothing was stored and nothing claimed.
+                if !claims.is_empty() {
+                    self.claims_paused_until = Some(Instant::now() + CLAIM_RETRY);
+                }
+                if runs.is_empty() {
+                    match e.is_permanent() {
+                        true => self.unusable = Some(e),
+                        false => tracing::error!("claiming failed, will retry: {e}"),
+                    }
+                } else {
+                    // Runs that finished meanwhile join the retry.
+                    let mut runs = runs;
+                    runs.append(&mut self.unwritten);
+                    self.after_write(runs, Err(e));
+                }
+                return true;
+            }
+        };
+        self.claims_paused_until = None;
+        let mut more = !runs.is_empty();
+        for ((agent, asked), tasks) in claims.into_iter().zip(claimed) {
+            more |= asked > 0 && tasks.len() == asked;
+            self.take_claimed(agent, tasks);
+        }
+        self.after_write(runs, Ok(applied));
+        more
+    }
+
+    /// Buffers claimed tasks for their slots, or gives them back at once if
+    /// their agent was unloaded while they were being claimed.
+    pub(super) fn take_claimed(&mut self, agent: String, tasks: Vec<ClaimedTask>) {
+        if tasks.is_empty() {
+            return;
+        }
+        if self.agents.loaded(&agent).is_none() {
+            let leases: Vec<Lease> = tasks.iter().map(|t| t.lease).collect();
+            self.release_all(&leases);
+            return;
+        }
+        self.prefetched.entry(agent).or_default().extend(tasks);
+    }
+
+    pub(super) fn lane(&mut self, id: LaneId) -> &mut Lane {
+        match id {
+            LaneId::Writer => &mut self.writer,
+            LaneId::Claimer => &mut self.claimer,
+        }
+    }
+
+    /// Waits for the transactions in flight, if any.
+    pub(super) async fn wait_for_write(&mut self) {
+        while self.writer.busy || self.claimer.busy {
+            match self.written_rx.recv().await {
+                Some(written) => {
+                    self.on_written(written);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Stores the finished runs now, on the loop's own connection.
+    pub(super) fn write_finished(&mut self) {
+        let runs = std::mem::take(&mut self.unwritten);
+        self.unwritten_since = None;
+        let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
+        self.after_write(runs, result);
+    }
+
+    pub(super) fn after_write(
+        &mut self,
+        runs: Vec<FinishedRun>,
+        result: Result<Vec<Applied>, QueueError>,
+    ) {
+        match result {
+            Ok(applied) => {
+                self.write_backoff = Duration::ZERO;
+                for (run, applied) in runs.iter().zip(applied) {
+                    self.count(run, applied);
+                }
+            }
+            Err(e) if e.is_permanent() => {
+                self.unwritten = runs;
+                self.unusable = Some(e);
+            }
+            Err(e) if e.is_transient() => {
+                self.write_backoff = (self.write_backoff * 2)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(5));
+                tracing::error!(
+                    "could not store {} finished runs, retrying in {:?}: {e}",
+                    runs.len(),
+                    self.write_backoff
+                );
+                self.unwritten = runs;
+                self.unwritten_since = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::error!(
+                    "storing a batch of {} runs failed ({e}); storing them one by one",
+                    runs.len()
+                );
+                for run in runs {
+                    self.write_one(run);
+                }
+                self.write_backoff = if self.unwritten.is_empty() {
+                    Duration::ZERO
+                } else {
+                    (self.write_backoff * 2)
+                        .clamp(Duration::from_millis(50), Duration::from_secs(5))
+                };
+            }
+        }
+    }
+
+    /// Stores one run; if its outcome itself cannot be stored, records that
+    /// as the run's failure instead, so one bad run cannot block the rest.
+    pub(super) fn write_one(&mut self, run: FinishedRun) {
+        // The whole run — its state writes and effects included — alone.
+        let result = tokio::task::block_in_place(|| {
+            self.queue
+                .finish_batch(std::slice::from_ref(&run))
+                .map(|a| a[0])
+        });
+        match result {
+            Ok(applied) => self.count(&run, applied),
+            Err(e) if e.is_transient() => {
+                self.unwritten_since.get_or_insert_with(Instant::now);
+                self.unwritten.push(run);
+            }
+            Err(e) => {
+                // An outcome refused as bad input is the agent's fault.
+                let kind = match e.is_bad_input() {
+                    true => ErrorKind::InvalidOutput,
+                    false => ErrorKind::Crash,
+                };
+                let failure = RunOutcome::Failure(TaskError {
+                    kind,
+                    message: format!("the host could not store this run's outcome: {e}"),
+                });
+                let stored = tokio::task::block_in_place(|| {
+                    self.queue.finish(run.lease, failure.clone(), &run.log)
+                });
+                match stored {
+                    Ok(applied) => self.count(
+                        &FinishedRun {
+                            outcome: failure,
+                            ..run
+                        },
+                        applied,
+                    ),
+                    Err(e2) => tracing::error!(
+                        task = run.lease.task_id,
+                        "dropping a run's outcome that cannot be stored ({e}; recording the failure also failed: {e2}); its lease will expire and it will run again"
+                    ),
+                }
+            }
+        }
+    }
+
+    pub(super) fn count(&mut self, run: &FinishedRun, applied: Applied) {
+        let id = run.lease.task_id;
+        match applied {
+            Applied::Moved(State::Complete) => {
+                self.summary.completed += 1;
+                tracing::info!(task = id, "complete");
+            }
+            Applied::Moved(State::Review) => {
+                self.summary.to_review += 1;
+                tracing::info!(task = id, "waiting for review");
+            }
+            Applied::Moved(State::Pending) => {
+                self.summary.retried += 1;
+                tracing::info!(task = id, outcome = ?run.outcome, "failed, will retry after a backoff");
+            }
+            Applied::Moved(state) => {
+                self.summary.failed += 1;
+                tracing::warn!(task = id, %state, outcome = ?run.outcome, "failed");
+            }
+            Applied::LeaseLost => {
+                self.summary.lost += 1;
+                tracing::warn!(
+                    task = id,
+                    "result discarded: the lease was lost (reset by a reaper or cancelled)"
+                );
+            }
+        }
+    }
+}

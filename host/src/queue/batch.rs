@@ -406,12 +406,14 @@ fn dependents_sqlite(tx: &dyn Sql, done: &[i64]) -> Result<Vec<i64>> {
         }
         return Ok(dependents);
     }
+    let mut sorted = done.to_vec();
+    sorted.sort_unstable();
     let mut dependents = Vec::new();
     for row in tx.query(
         "SELECT task_id, depends_on FROM task_deps WHERE depends_on BETWEEN ?1 AND ?2",
         args![lo, hi],
     )? {
-        if done.contains(&row.get::<i64>(1)?) {
+        if sorted.binary_search(&row.get::<i64>(1)?).is_ok() {
             dependents.push(row.get(0)?);
         }
     }

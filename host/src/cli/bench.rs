@@ -334,7 +334,8 @@ async fn round(
         .context("the tasks just submitted are not in the queue")?;
     let first_id = newest.id - args.tasks as i64 + 1;
 
-    let (drain, summary) = drain(args, runtime, agents, Queue::open_with(db, opts)?).await?;
+    let drained = drain(args, runtime, agents, Queue::open_with(db, opts)?).await?;
+    let (drain, summary) = (drained.took, &drained.summary);
 
     let mut latencies = crate::queue::bench::claim_to_finish_ms(&queue, first_id)?;
     latencies.sort();
@@ -365,7 +366,7 @@ async fn round(
         "pooling_allocator": runtime.is_pooling(),
         "peak_rss_bytes": peak_rss_bytes(),
         "db_bytes_per_task": db_bytes_per_task,
-        "per_task_us": split_per_task(&summary, drain, args.tasks),
+        "per_task_us": split_per_task(&drained, args.tasks),
         "database": if queue.is_postgres() { "postgres" } else { "sqlite" },
     }))
 }
@@ -374,15 +375,14 @@ async fn round(
 /// (stores and claims, on the writer's thread), the daemon loop's busy time
 /// (dispatching, bookkeeping, channel hops) and its waits, and the runs
 /// themselves, on the runtime's worker threads. The three threads share
-/// the machine's cores, so the parts add up to more than the drain.
-pub(super) fn split_per_task(
-    summary: &DaemonSummary,
-    drain: Duration,
-    tasks: usize,
-) -> serde_json::Value {
-    let time = &summary.time;
+/// the machine's cores, so the parts add up to more than the drain. And
+/// the CPU time the whole process used: steadier than the rates on a
+/// machine whose speed drifts, it is the figure to compare builds by.
+pub(super) fn split_per_task(drained: &Drained, tasks: usize) -> serde_json::Value {
+    let (time, drain) = (&drained.summary.time, drained.took);
     let per_task = |d: Duration| (d.as_secs_f64() * 1e6 / tasks as f64 * 10.0).round() / 10.0;
     json!({
+        "process_cpu": drained.cpu.map(per_task),
         "writer_sql": per_task(time.writing),
         "loop_busy": per_task(drain.saturating_sub(time.waiting)),
         "loop_waiting": per_task(time.waiting),
@@ -400,6 +400,14 @@ fn claim_batch(args: &BenchArgs) -> usize {
         .unwrap_or(crate::orchestrator::DEFAULT_CLAIM_BATCH)
 }
 
+/// What a drain took.
+pub(super) struct Drained {
+    pub took: Duration,
+    /// The CPU time of the whole process meanwhile (Linux only).
+    pub cpu: Option<Duration>,
+    pub summary: DaemonSummary,
+}
+
 /// Runs a daemon over `queue` until nothing runnable remains; returns how
 /// long that took.
 pub(super) async fn drain(
@@ -407,7 +415,7 @@ pub(super) async fn drain(
     runtime: &Arc<Runtime>,
     agents: &Path,
     queue: Queue,
-) -> Result<(Duration, DaemonSummary)> {
+) -> Result<Drained> {
     let mut dir = AgentDir::new(agents);
     dir.rescan(runtime).await;
     let cfg = DaemonConfig {
@@ -419,9 +427,26 @@ pub(super) async fn drain(
     };
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let daemon = Daemon::new(queue, runtime.clone(), dir, cfg);
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), process_cpu());
     let summary = daemon.run(stop_rx).await?;
-    Ok((started.elapsed(), summary))
+    let took = started.elapsed();
+    let cpu = match (cpu_before, process_cpu()) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
+    Ok(Drained { took, cpu, summary })
+}
+
+/// The CPU time (user + system) this process has used, all its threads,
+/// those gone included: `/proc/self/stat`'s `utime` and `stime`, in the
+/// kernel's fixed 100 ticks a second.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces and parentheses: count from its end.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+    // Fields 14 and 15 of the line; the state, field 3, is fields[0] here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// The process's peak resident set size (Linux `VmHWM`).
@@ -430,4 +455,32 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_cpu;
+    use std::time::{Duration, Instant};
+
+    /// The figure bench compares builds by must follow the CPU this
+    /// process burns: spinning adds to it (within seconds, however loaded
+    /// the machine), and it never goes back.
+    #[test]
+    fn process_cpu_grows_with_the_work_done() {
+        let before = process_cpu().expect("/proc/self/stat is readable");
+        let started = Instant::now();
+        let mut spins = 0_u64;
+        loop {
+            spins = std::hint::black_box(spins.wrapping_add(1));
+            let now = process_cpu().expect("/proc/self/stat is readable");
+            assert!(now >= before, "CPU time went back: {before:?} -> {now:?}");
+            if now >= before + Duration::from_millis(50) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "30 s of spinning ({spins} rounds) added less than 50 ms of CPU: {before:?} -> {now:?}"
+            );
+        }
+    }
 }

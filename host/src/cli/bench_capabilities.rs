@@ -102,7 +102,8 @@ async fn state_round(
         })
         .collect();
     queue.submit_batch(&tasks)?;
-    let (took, summary) = drain(args, runtime, agents, Queue::open(&db)?).await?;
+    let drained = drain(args, runtime, agents, Queue::open(&db)?).await?;
+    let (took, summary) = (drained.took, &drained.summary);
     anyhow::ensure!(
         summary.completed == args.tasks as u64,
         "the state round completed {} of {} tasks",
@@ -111,7 +112,7 @@ async fn state_round(
     );
     Ok((
         args.tasks as f64 / took.as_secs_f64(),
-        split_per_task(&summary, took, args.tasks),
+        split_per_task(&drained, args.tasks),
     ))
 }
 

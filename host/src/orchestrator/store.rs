@@ -47,7 +47,7 @@ impl Daemon {
 
     /// Hands the hot path's next transaction to a lane: on the writer, every
     /// finished run waiting to be stored, then the `claims` (promotion
-    /// first); on the claimer, the claims alone. It runs on a blocking thread
+    /// first); on a claimer, the claims alone. It runs on a blocking thread
     /// with the lane's own connection while the loop goes on dispatching from
     /// the claim buffers and collecting finished runs, which wait for the
     /// writer's next transaction.
@@ -65,7 +65,7 @@ impl Daemon {
                 self.unwritten_since = None;
                 std::mem::take(&mut self.unwritten)
             }
-            LaneId::Claimer => Vec::new(),
+            LaneId::Claimer(_) => Vec::new(),
         };
         let lane = self.lane(lane_id);
         lane.busy = true;
@@ -155,13 +155,13 @@ impl Daemon {
     pub(super) fn lane(&mut self, id: LaneId) -> &mut Lane {
         match id {
             LaneId::Writer => &mut self.writer,
-            LaneId::Claimer => &mut self.claimer,
+            LaneId::Claimer(i) => &mut self.claimers[i],
         }
     }
 
     /// Waits for the transactions in flight, if any.
     pub(super) async fn wait_for_write(&mut self) {
-        while self.writer.busy || self.claimer.busy {
+        while self.writer.busy || self.claimers.iter().any(|lane| lane.busy) {
             match self.written_rx.recv().await {
                 Some(written) => {
                     self.on_written(written);

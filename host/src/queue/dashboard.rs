@@ -3,7 +3,7 @@
 //! id order and the outbox by state. Every one is bounded and index-backed,
 //! so a page stays fast with a million tasks stored.
 
-use super::reads::{TASK_COLUMNS, event_from_row, task_row};
+use super::reads::{TASK_COLUMNS, event_from_row, id_and_agent, task_row};
 use super::sql::{Param, args};
 use super::tasks::parse_state;
 use super::{AuditEvent, Queue, Result, TaskRow};
@@ -248,21 +248,14 @@ impl Queue {
 pub(super) struct Page {
     /// `?1` is the cursor, `?2` the agent when there is one.
     filtered: String,
-    /// `id`, or for running tasks `id + 0` (see [`page_filter`]).
+    /// `id`, or for running tasks `id + 0` (see [`id_and_agent`]).
     id: &'static str,
 }
 
-/// A page's filter. Running tasks are not in `tasks_at_rest` (see
-/// [`AT_REST_INDEX`]): they are read through the lease index, which holds
-/// only them, and sorted. Written plainly, SQLite would walk the whole
-/// history by id or by agent instead, looking for them; `id + 0` and
-/// `agent || ''` are the same values in a form no index offers.
+/// A page's filter; running tasks are read through the lease index (see
+/// [`id_and_agent`] and [`AT_REST_INDEX`]).
 pub(super) fn page_filter(query: &TaskQuery) -> Page {
-    let running = query.state == Some(State::InProgress);
-    let (id, agent) = match running {
-        true => ("id + 0", "agent || ''"),
-        false => ("id", "agent"),
-    };
+    let (id, agent) = id_and_agent(query.state);
     let mut filters = vec![format!("{id} < ?1")];
     if let Some(state) = query.state {
         filters.push(format!("state = '{}'", state.as_str()));

@@ -103,21 +103,22 @@ pub(super) fn counts_sql() -> String {
         parts.push(format!(
             "SELECT {1}, '{0}', COUNT(*) FROM tasks WHERE state = '{0}' GROUP BY 1",
             state.as_str(),
-            agent_of(state)
+            id_and_agent(Some(state)).1
         ));
     }
     parts.join(" UNION ALL ")
 }
 
-/// The agent column as tasks in `state` are grouped by. Running tasks are
-/// counted through `tasks_leases`, which holds only them; grouped by the
-/// plain column, SQLite would count them by walking `tasks_by_agent`, the
-/// whole history, for its order. `agent || ''` is the same value in a form
-/// no index offers.
-fn agent_of(state: State) -> &'static str {
+/// How a read of tasks in `state` names the `id` and `agent` columns.
+/// Running tasks are left out of `tasks_at_rest` and read through
+/// `tasks_leases`, which holds only them; named plainly, SQLite would walk
+/// the whole history through the primary key or `tasks_by_agent` for their
+/// order instead. `id + 0` and `agent || ''` are the same values in a form
+/// no index offers (and valid on both databases).
+pub(super) fn id_and_agent(state: Option<State>) -> (&'static str, &'static str) {
     match state {
-        State::InProgress => "agent || ''",
-        _ => "agent",
+        Some(State::InProgress) => ("id + 0", "agent || ''"),
+        _ => ("id", "agent"),
     }
 }
 
@@ -147,7 +148,7 @@ pub(super) fn backlog(db: &dyn Sql) -> Result<Vec<(String, Backlog)>> {
 /// [`backlog`]'s counts: ready, running, scheduled, blocked.
 pub(super) const BACKLOG_SQL: [&str; 4] = [
     "SELECT agent, COUNT(*), NULL FROM tasks WHERE state = 'ready' GROUP BY agent",
-    // Grouped by `agent || ''`: see [`agent_of`].
+    // Grouped by `agent || ''`: see [`id_and_agent`].
     "SELECT agent || '', COUNT(*), NULL FROM tasks WHERE state = 'in_progress' GROUP BY 1",
     "SELECT agent, COUNT(*), MIN(run_at) FROM tasks
      WHERE state = 'pending' AND pending_deps = 0 GROUP BY agent",

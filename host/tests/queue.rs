@@ -1023,4 +1023,47 @@ on_both_drivers! {
         assert_eq!(q.get(waits).unwrap().state, State::Ready);
         assert_eq!(q.get(join_close).unwrap().state, State::Ready);
     }
+
+    /// The daemon looks at the outbox after a hot-path transaction only when
+    /// the transaction says effects may be due: never after plain
+    /// completions, always after one that queued an effect (or any other
+    /// completion off the plain path).
+    fn a_hot_path_write_says_when_effects_may_be_due(db) {
+        use colony::effects::Effect;
+        use colony::queue::FinishedRun;
+        let mut q = db.open();
+        for _ in 0..3 {
+            submit(&mut q, "a", json!({}));
+        }
+        let run = |lease: Lease, effects: Vec<Effect>| FinishedRun {
+            lease,
+            outcome: ok(json!({})),
+            log: String::new(),
+            state: vec![],
+            effects,
+        };
+        let claimed = q.finish_and_claim(&[], &[("a".into(), 3)]).unwrap().claimed;
+        let leases: Vec<Lease> = claimed[0].iter().map(|t| t.lease).collect();
+        assert_eq!(leases.len(), 3);
+
+        let plain = q
+            .finish_and_claim(&[run(leases[0], vec![]), run(leases[1], vec![])], &[])
+            .unwrap();
+        assert_eq!(plain.applied, vec![Applied::Moved(State::Complete); 2]);
+        assert!(!plain.effects_may_be_due, "plain completions queue no effect");
+
+        let effect = Effect {
+            seq: 1,
+            method: "POST".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            headers: vec![],
+            body: None,
+        };
+        let with_effect = q
+            .finish_and_claim(&[run(leases[2], vec![effect])], &[])
+            .unwrap();
+        assert_eq!(with_effect.applied, vec![Applied::Moved(State::Complete)]);
+        assert!(with_effect.effects_may_be_due);
+        assert!(q.next_effect_due().unwrap().is_some(), "the effect is queued");
+    }
 }

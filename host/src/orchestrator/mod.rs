@@ -32,7 +32,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::delivery::Deliverer;
-use crate::queue::{Applied, ClaimedTask, FinishedRun, Lease, Queue, QueueError};
+use crate::queue::{ClaimedTask, FinishedAndClaimed, FinishedRun, Lease, Queue, QueueError};
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 
 mod leases;
@@ -222,7 +222,7 @@ struct Written {
     took: Duration,
     runs: Vec<FinishedRun>,
     claims: Vec<(String, usize)>,
-    result: Result<(Vec<Applied>, Vec<Vec<ClaimedTask>>), QueueError>,
+    result: Result<FinishedAndClaimed, QueueError>,
 }
 
 /// How long claiming pauses after a claim transaction failed.
@@ -448,7 +448,6 @@ impl Daemon {
                 }
                 Some(written) = self.written_rx.recv() => {
                     look |= self.on_written(written);
-                    self.effects_due = true; // stored completions may have queued effects
                 }
                 Some(attempt) = self.deliverer.done_rx.recv() => {
                     self.record_delivery(attempt);

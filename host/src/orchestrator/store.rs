@@ -107,7 +107,7 @@ impl Daemon {
             result,
             ..
         } = written;
-        let (applied, claimed) = match result {
+        let done = match result {
             Ok(done) => done,
             Err(e) => {
                 // Nothing was stored and nothing claimed.
@@ -129,12 +129,13 @@ impl Daemon {
             }
         };
         self.claims_paused_until = None;
+        self.effects_due |= done.effects_may_be_due;
         let mut more = !runs.is_empty();
-        for ((agent, asked), tasks) in claims.into_iter().zip(claimed) {
+        for ((agent, asked), tasks) in claims.into_iter().zip(done.claimed) {
             more |= asked > 0 && tasks.len() == asked;
             self.take_claimed(agent, tasks);
         }
-        self.after_write(runs, Ok(applied));
+        self.after_write(runs, Ok(done.applied));
         more
     }
 
@@ -176,6 +177,7 @@ impl Daemon {
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
         let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
+        self.effects_due = true; // they may have queued effects
         self.after_write(runs, result);
     }
 
@@ -233,6 +235,7 @@ impl Daemon {
                 .finish_batch(std::slice::from_ref(&run))
                 .map(|a| a[0])
         });
+        self.effects_due = true; // it may have queued effects
         match result {
             Ok(applied) => self.count(&run, applied),
             Err(e) if e.is_transient() => {

@@ -26,7 +26,7 @@ use super::finish;
 use super::sql::{Dialect, Param, Sql, args};
 use super::tasks::promote_due_in;
 use super::validate::validate_json;
-use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result, review};
+use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result, review, state};
 
 /// Rows per statement: well under both databases' limits on parameters.
 const CHUNK: usize = 200;
@@ -108,15 +108,24 @@ pub(super) fn insert_events(
     Ok(())
 }
 
+/// What [`finish_runs`] did.
+#[derive(Default)]
+pub(super) struct Finished {
+    /// In the order of the runs.
+    pub applied: Vec<Applied>,
+    /// Whether any run went through [`finish::finish_in`].
+    pub took_per_run_path: bool,
+}
+
 /// Records a batch of finished runs: plain completions set-based, the rest
-/// one by one. Answers in the order of `runs`.
+/// one by one.
 pub(super) fn finish_runs(
     tx: &dyn Sql,
     runs: &[FinishedRun],
     actor: &str,
     max_payload: usize,
     now: i64,
-) -> Result<Vec<Applied>> {
+) -> Result<Finished> {
     let mut out = vec![None; runs.len()];
     let dialect = tx.dialect();
     let candidates: Vec<usize> = (0..runs.len())
@@ -127,14 +136,20 @@ pub(super) fn finish_runs(
             out[i] = Some(attempts);
         }
     }
-    let mut applied = Vec::with_capacity(runs.len());
+    let mut finished = Finished {
+        applied: Vec::with_capacity(runs.len()),
+        took_per_run_path: false,
+    };
     for (i, done) in out.into_iter().enumerate() {
-        applied.push(match done {
+        finished.applied.push(match done {
             Some(_) => Applied::Moved(State::Complete),
-            None => finish::finish_in(tx, &runs[i], actor, max_payload, now)?,
+            None => {
+                finished.took_per_run_path = true;
+                finish::finish_in(tx, &runs[i], actor, max_payload, now)?
+            }
         });
     }
-    Ok(applied)
+    Ok(finished)
 }
 
 /// A successful run with nothing but its output and log to store (and on
@@ -215,10 +230,11 @@ fn plain_output(run: &FinishedRun) -> &str {
 }
 
 /// Whether a plain run's task is still its own (the fence) and needs no
-/// review and no chain, on SQLite; answers its attempt. The completion then
-/// writes the row by id in the same transaction. (Read, then write, with
-/// `+?N`: see `tasks::CLAIMABLE_SQLITE`.)
-const COMPLETABLE_SQLITE: &str = "SELECT attempts FROM tasks
+/// review and no chain, on SQLite; answers its attempt, and its agent and
+/// chain for its state writes. The completion then writes the row by id in
+/// the same transaction. (Read, then write, with `+?N`: see
+/// `tasks::CLAIMABLE_SQLITE`.)
+const COMPLETABLE_SQLITE: &str = "SELECT attempts, agent, COALESCE(root_id, id) FROM tasks
  WHERE id = +?1 AND claim_token = +?2
    AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL";
 
@@ -248,10 +264,15 @@ fn complete_rows_one_by_one(
         let Some(held) = tx.query_opt(COMPLETABLE_SQLITE, args![id, run.lease.token])? else {
             continue; // the per-run path says why
         };
-        match review::check_state_writes(tx, id, &run.state)? {
-            Ok(None) => {}
-            Ok(Some(checked)) => checked.apply(tx, id, &run.state, actor, now)?,
-            Err(_conflict) => continue, // the per-run path fails the run
+        if !run.state.is_empty() {
+            let owners = state::Owners::new(held.get(1)?, held.get(2)?);
+            match review::check_writes_of(tx, owners, &run.state)? {
+                Ok(Some(checked)) => {
+                    checked.apply(tx, id, State::InProgress, &run.state, actor, now)?
+                }
+                Ok(None) => {}
+                Err(_conflict) => continue, // the per-run path fails the run
+            }
         }
         tx.execute(COMPLETE_ONE_SQLITE, args![now, to.as_str(), id, output])?;
         done.push((i, held.get(0)?));

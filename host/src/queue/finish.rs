@@ -111,7 +111,7 @@ pub(super) fn finish_in(
                 review::enter_review(tx, id, &held, output, &spawn, actor, now)?
             } else {
                 if let Some(checked) = &owners {
-                    checked.apply(tx, id, &run.state, actor, now)?;
+                    checked.apply(tx, id, State::InProgress, &run.state, actor, now)?;
                 }
                 outbox::store(tx, id, &run.effects, false, now)?;
                 let to = record(

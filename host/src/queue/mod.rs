@@ -218,6 +218,20 @@ pub struct FinishedRun {
     pub effects: Vec<crate::effects::Effect>,
 }
 
+/// What one [`Queue::finish_and_claim`] transaction did.
+#[derive(Debug)]
+pub struct FinishedAndClaimed {
+    /// The runs' outcomes, in their order.
+    pub applied: Vec<Applied>,
+    /// The tasks claimed for each agent, in the order they were asked for.
+    pub claimed: Vec<Vec<ClaimedTask>>,
+    /// Whether a completion may have queued effects or released held ones.
+    /// Only a run off the plain path (effects, review, a verdict, children)
+    /// can, so a batch of plain completions spares the daemon a look at
+    /// the outbox.
+    pub effects_may_be_due: bool,
+}
+
 /// A lease the reaper reset.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpiredLease {
@@ -533,7 +547,9 @@ impl Queue {
     /// attempts remain and is retryable, else fails the task for good.
     pub fn finish_batch(&mut self, runs: &[FinishedRun]) -> Result<Vec<Applied>> {
         let max_payload = self.opts.max_payload_bytes;
-        self.write(|tx, now| batch::finish_runs(tx, runs, &self.opts.actor, max_payload, now))
+        self.write(|tx, now| {
+            batch::finish_runs(tx, runs, &self.opts.actor, max_payload, now).map(|f| f.applied)
+        })
     }
 
     /// The daemon's hot path as one transaction: records `runs` (as
@@ -549,12 +565,12 @@ impl Queue {
         &mut self,
         runs: &[FinishedRun],
         claims: &[(String, usize)],
-    ) -> Result<(Vec<Applied>, Vec<Vec<ClaimedTask>>)> {
+    ) -> Result<FinishedAndClaimed> {
         let max_payload = self.opts.max_payload_bytes;
         self.write(|tx, now| {
             let actor = &self.opts.actor;
-            let applied = match runs.is_empty() {
-                true => Vec::new(),
+            let finished = match runs.is_empty() {
+                true => batch::Finished::default(),
                 false => batch::finish_runs(tx, runs, actor, max_payload, now)?,
             };
             let mut claimed = Vec::with_capacity(claims.len());
@@ -567,7 +583,11 @@ impl Queue {
                     _ => tasks::claim_in(tx, agent, *n, actor, now)?,
                 });
             }
-            Ok((applied, claimed))
+            Ok(FinishedAndClaimed {
+                applied: finished.applied,
+                claimed,
+                effects_may_be_due: finished.took_per_run_path,
+            })
         })
     }
 

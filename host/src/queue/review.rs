@@ -25,7 +25,15 @@ pub(super) fn check_state_writes(
     if writes.is_empty() {
         return Ok(Ok(None));
     }
-    let owners = state::owners_of(tx, id)?;
+    check_writes_of(tx, state::owners_of(tx, id)?, writes)
+}
+
+/// [`check_state_writes`] with the owners already known.
+pub(super) fn check_writes_of(
+    tx: &dyn Sql,
+    owners: state::Owners,
+    writes: &[crate::state::Write],
+) -> Result<std::result::Result<Option<state::CheckedWrites>, TaskError>> {
     Ok(match state::check_writes(tx, &owners, writes)? {
         Ok(olds) => Ok(Some(state::CheckedWrites { owners, olds })),
         Err(conflict) => Err(TaskError {
@@ -248,7 +256,7 @@ pub(super) fn approve_in(
         now,
     )?;
     if let Some(checked) = owners {
-        checked.apply(tx, id, &held, actor, now)?;
+        checked.apply(tx, id, to, &held, actor, now)?;
     }
     outbox::release_proposed(tx, id, now)?;
     Ok(to)

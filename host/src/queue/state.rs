@@ -6,8 +6,6 @@
 //! applied write appends a `state_write` event (scope, key, versions; never
 //! the value).
 
-use serde_json::json;
-
 use super::sql::{Dialect, Row, Sql, args};
 use super::{Queue, QueueError, Result};
 use crate::state::{Entry, Scope, Write, check_write};
@@ -23,6 +21,14 @@ pub(super) struct Owners {
 }
 
 impl Owners {
+    /// The owners of a task of `agent` in the chain rooted at `root_id`.
+    pub(super) fn new(agent: String, root_id: i64) -> Owners {
+        Owners {
+            agent,
+            chain: root_id.to_string(),
+        }
+    }
+
     fn of(&self, scope: Scope) -> &str {
         match scope {
             Scope::Agent => &self.agent,
@@ -38,21 +44,20 @@ pub(super) fn owners_of(tx: &dyn Sql, task_id: i64) -> Result<Owners> {
             args![task_id],
         )?
         .ok_or(QueueError::NotFound(task_id))?;
-    Ok(Owners {
-        agent: row.get(0)?,
-        chain: row.get::<i64>(1)?.to_string(),
-    })
+    Ok(Owners::new(row.get(0)?, row.get(1)?))
 }
 
 /// A key's committed version (0: absent). Only called in write
 /// transactions, before or after writing the key: the row stays locked
 /// (on PostgreSQL) until the transaction ends.
 fn version_of(tx: &dyn Sql, scope: Scope, owner: &str, key: &str) -> Result<u64> {
-    let sql = format!(
-        "SELECT version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3{}",
-        tx.for_update()
-    );
-    match tx.query_opt(&sql, args![scope.as_str(), owner, key])? {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3",
+        Dialect::Postgres => {
+            "SELECT version FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3 FOR UPDATE"
+        }
+    };
+    match tx.query_opt(sql, args![scope.as_str(), owner, key])? {
         Some(row) => row.get(0),
         None => Ok(0),
     }
@@ -90,18 +95,20 @@ pub(super) struct CheckedWrites {
 }
 
 impl CheckedWrites {
-    /// Applies the task's checked `writes` (see [`apply_writes`]).
+    /// Applies the checked `writes` of the task `task_id`, which stands in
+    /// `task_state` (see [`apply_writes`]).
     pub fn apply(
         &self,
         tx: &dyn Sql,
         task_id: i64,
+        task_state: State,
         writes: &[Write],
         actor: &str,
         now: i64,
     ) -> Result<()> {
         apply_writes(
             tx,
-            Some(task_id),
+            Some((task_id, task_state)),
             &self.owners,
             writes,
             &self.olds,
@@ -148,7 +155,11 @@ pub(super) fn check_writes(
 }
 
 /// Applies checked writes in order (`olds`: their old versions, from
-/// [`check_writes`] in the same transaction), each with its `state_write` event.
+/// [`check_writes`] in the same transaction), each with its `state_write`
+/// event. `task`: the task whose writes they are and the state it stands in
+/// (the event is not a transition: it shows that state on both sides).
+/// Operator writes have no task; they are recorded under task 0, as
+/// `complete`.
 ///
 /// The old version says whether the row exists (the check read it under the
 /// write lock, or on PostgreSQL under the key's advisory lock), so each write
@@ -157,30 +168,15 @@ pub(super) fn check_writes(
 /// touches (measured: ~12 µs per write with both, against ~5 without).
 pub(super) fn apply_writes(
     tx: &dyn Sql,
-    task_id: Option<i64>,
+    task: Option<(i64, State)>,
     owners: &Owners,
     writes: &[Write],
     olds: &[u64],
     actor: &str,
     now: i64,
 ) -> Result<()> {
-    // Not a transition: the event shows the task's state as it stands on
-    // both sides. Operator writes have no task; they are recorded under
-    // task 0, as `complete`.
-    // (`+?1` keeps SQLite from re-preparing it, see `tasks::CLAIMABLE_SQLITE`;
-    // on PostgreSQL a unary plus would make the parameter a float.)
-    let sql = match tx.dialect() {
-        Dialect::Sqlite => "SELECT state FROM tasks WHERE id = +?1",
-        Dialect::Postgres => "SELECT state FROM tasks WHERE id = ?1",
-    };
-    let task_state: String = match task_id {
-        Some(id) => tx
-            .query_opt(sql, args![id])?
-            .map(|row| row.get(0))
-            .transpose()?
-            .unwrap_or_else(|| State::Complete.as_str().to_string()),
-        None => State::Complete.as_str().to_string(),
-    };
+    let task_id = task.map(|(id, _)| id);
+    let task_state = task.map_or(State::Complete, |(_, state)| state).as_str();
     for (write, &old) in writes.iter().zip(olds) {
         let owner = owners.of(write.scope);
         let scope = write.scope.as_str();
@@ -215,26 +211,23 @@ pub(super) fn apply_writes(
                 0
             }
         };
-        let detail = json!({
-            "scope": write.scope,
-            "owner": owner,
-            "key": write.key,
-            "old_version": old,
-            "new_version": new,
-        });
+        let detail = format!(
+            r#"{{"scope":"{scope}","owner":{},"key":{},"old_version":{old},"new_version":{new}}}"#,
+            json_string(owner),
+            json_string(&write.key)
+        );
         tx.execute(
             "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
              VALUES (?1, ?2, 'state_write', ?3, ?3, ?4, ?5)",
-            args![
-                now,
-                task_id.unwrap_or(0),
-                task_state,
-                actor,
-                detail.to_string()
-            ],
+            args![now, task_id.unwrap_or(0), task_state, actor, detail],
         )?;
     }
     Ok(())
+}
+
+/// `text` as a JSON string, quoted and escaped.
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serializes")
 }
 
 /// The writes a task holds while it waits in review.
@@ -353,17 +346,32 @@ impl Queue {
             chain: owner.to_string(),
         };
         let actor = &self.opts.actor;
-        let task = match scope {
-            Scope::Chain => owner.parse().ok(),
-            Scope::Agent => None,
-        };
         let writes = std::slice::from_ref(&write);
         self.write(|tx, now| {
+            // A chain's writes are recorded under its root task.
+            let task = match scope {
+                Scope::Chain => {
+                    let root: i64 = owner.parse().expect("checked above");
+                    Some((root, state_or_complete(tx, root)?))
+                }
+                Scope::Agent => None,
+            };
             let olds = check_writes(tx, &owners, writes)?.expect("no set-if, no conflict");
             apply_writes(tx, task, &owners, writes, &olds, actor, now)?;
             version_of(tx, scope, owner, key)
         })
     }
+}
+
+/// The state task `id` stands in; `complete` if it is gone.
+fn state_or_complete(tx: &dyn Sql, id: i64) -> Result<State> {
+    let state: Option<String> = tx
+        .query_opt("SELECT state FROM tasks WHERE id = ?1", args![id])?
+        .map(|row| row.get(0))
+        .transpose()?;
+    Ok(state
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(State::Complete))
 }
 
 fn entry_from_row(r: &Row) -> Result<Entry> {

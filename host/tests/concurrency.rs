@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use colony::queue::{FinishedRun, Queue, QueueOptions};
+use colony::queue::{ClaimFacts, FinishedRun, Queue, QueueOptions};
 use colony::task::{NewTask, RunOutcome, State};
 
 const WORKER_ENV: &str = "COLONY_TEST_CLAIM_WORKER_DB";
@@ -47,6 +47,7 @@ fn drain(path: &Path, actor: &str, agent: &str, batch: usize) -> Vec<i64> {
                 log: String::new(),
                 state: Vec::new(),
                 effects: Vec::new(),
+                claimed: Some(ClaimFacts::of(c)),
             })
             .collect();
         q.finish_batch(&runs).unwrap();

@@ -843,6 +843,7 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
             log: "y".repeat(64 * 1024),
             state: Vec::new(),
             effects: Vec::new(),
+            claimed: Some(colony::queue::ClaimFacts::of(c)),
         })
         .collect();
     let err = q.finish_batch(&runs).unwrap_err();
@@ -938,6 +939,9 @@ on_both_drivers! {
             log: String::new(),
             state: writes,
             effects: vec![],
+            // Alternately as the daemon hands runs back (with what the
+            // claim said) and as a caller that kept only the lease.
+            claimed: i.is_multiple_of(2).then(|| colony::queue::ClaimFacts::of(&claimed[i])),
         };
         let runs = [
             run(0, vec![write("k", "1", None)]),
@@ -968,6 +972,70 @@ on_both_drivers! {
         assert_eq!(writes_of(0), vec![(json!("k"), json!(1))]);
         assert_eq!(writes_of(1), vec![]);
         assert_eq!(writes_of(2), vec![(json!("j"), json!(1)), (json!("j"), json!(2))]);
+    }
+}
+
+on_both_drivers! {
+    /// What a run says its claim was is checked, not trusted: a completion
+    /// whose facts do not hold (another attempt, agent or chain) completes
+    /// its task as the row says, the attempt in its event and its state
+    /// written for the task's own agent and chain, and a lost lease stays
+    /// lost whatever facts come with it.
+    fn claim_facts_a_run_brings_are_checked_not_trusted(db) {
+        use colony::queue::{ClaimFacts, FinishedRun};
+        use colony::state::{Scope, Write};
+        let mut q = db.open();
+        for _ in 0..4 {
+            submit(&mut q, "alpha", json!({}));
+        }
+        let claimed = q.claim("alpha", 4).unwrap();
+        let facts = |i: usize| ClaimFacts::of(&claimed[i]);
+        let wrong = [
+            ClaimFacts { attempt: 7, ..facts(0) },
+            ClaimFacts { agent: "beta".into(), ..facts(1) },
+            ClaimFacts { chain: claimed[2].chain + 1000, ..facts(2) },
+        ];
+        let run = |i: usize, scope, given: ClaimFacts| FinishedRun {
+            lease: claimed[i].lease,
+            outcome: ok(json!({ "run": i })),
+            log: "ran".into(),
+            state: vec![Write {
+                scope,
+                key: format!("k{i}"),
+                value: Some("v".into()),
+                if_version: None,
+            }],
+            effects: vec![],
+            claimed: Some(given),
+        };
+        let runs = [
+            run(0, Scope::Agent, wrong[0].clone()),
+            run(1, Scope::Agent, wrong[1].clone()),
+            run(2, Scope::Chain, wrong[2].clone()),
+        ];
+        let applied = q.finish_batch(&runs).unwrap();
+        assert_eq!(applied, vec![Applied::Moved(State::Complete); 3]);
+        for (i, task) in claimed.iter().take(3).enumerate() {
+            let events = q.events(Some(task.lease.task_id), 0, 100).unwrap();
+            let complete = events.iter().find(|e| e.event == "complete").unwrap();
+            assert_eq!(complete.detail["attempt"], json!(1), "run {i}");
+            assert_eq!(q.get(task.lease.task_id).unwrap().result, Some(json!({ "run": i })));
+        }
+        let key = |q: &Queue, scope, owner: &str, key: &str| q.state_get(scope, owner, key).unwrap();
+        assert!(key(&q, Scope::Agent, "alpha", "k0").is_some());
+        assert!(key(&q, Scope::Agent, "alpha", "k1").is_some());
+        assert!(key(&q, Scope::Agent, "beta", "k1").is_none());
+        let chain = claimed[2].chain.to_string();
+        assert!(key(&q, Scope::Chain, &chain, "k2").is_some());
+        assert!(key(&q, Scope::Chain, &(claimed[2].chain + 1000).to_string(), "k2").is_none());
+
+        // Task 3's lease is reset; its run's true facts do not bring it back.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(q.reset_stale_leases(Duration::from_millis(10)).unwrap().len(), 1);
+        let late = run(3, Scope::Agent, facts(3));
+        assert_eq!(q.finish_batch(&[late]).unwrap(), vec![Applied::LeaseLost]);
+        assert!(key(&q, Scope::Agent, "alpha", "k3").is_none());
+        assert_ne!(q.get(claimed[3].lease.task_id).unwrap().state, State::Complete);
     }
 }
 
@@ -1006,6 +1074,7 @@ on_both_drivers! {
                     log: String::new(),
                     state: vec![],
                     effects: vec![],
+                    claimed: Some(colony::queue::ClaimFacts::of(t)),
                 })
                 .collect();
             let applied = q.finish_batch(&runs).unwrap();
@@ -1041,6 +1110,7 @@ on_both_drivers! {
             log: String::new(),
             state: vec![],
             effects,
+            claimed: None,
         };
         let claimed = q.finish_and_claim(&[], &[("a".into(), 3)]).unwrap().claimed;
         let leases: Vec<Lease> = claimed[0].iter().map(|t| t.lease).collect();

@@ -13,7 +13,7 @@ use common::{TestDb, check_property};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use colony::queue::{Applied, FinishedRun, Lease, Queue};
+use colony::queue::{Applied, ClaimFacts, FinishedRun, Lease, Queue};
 use colony::state::{Scope, Write};
 use colony::task::{ErrorKind, NewTask, RunOutcome, State, TaskError};
 use proptest::prelude::*;
@@ -91,7 +91,9 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut q = db.open();
     let mut model = Model::new();
     let mut tasks: Vec<i64> = Vec::new();
-    let mut leases: Vec<Lease> = Vec::new();
+    // Each lease with what its claim said; every other run hands the facts
+    // back, as the daemon does, the rest leave the queue to read them.
+    let mut leases: Vec<(Lease, Option<ClaimFacts>)> = Vec::new();
     let mut held: HashMap<i64, Vec<Write>> = HashMap::new();
     for op in ops {
         match op {
@@ -105,10 +107,13 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Claim { n } => {
                 std::thread::sleep(Duration::from_millis(2));
                 q.promote_due().unwrap();
-                leases.extend(q.claim("alpha", n).unwrap().into_iter().map(|c| c.lease));
+                for c in q.claim("alpha", n).unwrap() {
+                    let facts = leases.len().is_multiple_of(2).then(|| ClaimFacts::of(&c));
+                    leases.push((c.lease, facts));
+                }
             }
             Op::Finish { lease, ok, writes } => {
-                let Some(&lease) = leases.get(lease) else {
+                let Some((lease, claimed)) = leases.get(lease).cloned() else {
                     continue;
                 };
                 let writes: Vec<Write> = writes
@@ -138,6 +143,7 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     log: String::new(),
                     state: writes.clone(),
                     effects: vec![],
+                    claimed,
                 };
                 let applied = q.finish_batch(std::slice::from_ref(&run)).unwrap()[0];
                 let task = q.get(lease.task_id).unwrap();

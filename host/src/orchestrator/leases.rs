@@ -155,6 +155,7 @@ impl Daemon {
                 log: String::new(),
                 state: Vec::new(),
                 effects: Vec::new(),
+                claimed: None,
             });
         }
     }

@@ -32,7 +32,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::delivery::Deliverer;
-use crate::queue::{ClaimedTask, FinishedAndClaimed, FinishedRun, Lease, Queue, QueueError};
+use crate::queue::{
+    ClaimFacts, ClaimedTask, FinishedAndClaimed, FinishedRun, Lease, Queue, QueueError,
+};
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 
 mod leases;
@@ -618,6 +620,11 @@ impl Daemon {
                 log: report.log,
                 state: report.state_writes,
                 effects: report.effects,
+                claimed: Some(ClaimFacts {
+                    attempt: task.attempt,
+                    agent: task.agent,
+                    chain: task.chain,
+                }),
             });
             // Sending on the channel wakes the daemon loop, which waits on it.
         });

@@ -26,7 +26,7 @@ use super::finish;
 use super::sql::{Dialect, Param, Sql, args};
 use super::tasks::promote_due_in;
 use super::validate::validate_json;
-use super::{Applied, FinishedRun, MAX_OUTPUT_BYTES, Result, review, state};
+use super::{Applied, ClaimFacts, FinishedRun, MAX_OUTPUT_BYTES, Result, review, state};
 
 /// Rows per statement: well under both databases' limits on parameters.
 const CHUNK: usize = 200;
@@ -229,25 +229,45 @@ fn plain_output(run: &FinishedRun) -> &str {
     }
 }
 
-/// Whether a plain run's task is still its own (the fence) and needs no
-/// review and no chain, on SQLite; answers its attempt, and its agent and
-/// chain for its state writes. The completion then writes the row by id in
-/// the same transaction. (Read, then write, with `+?N`: see
+/// What the claim said of a plain run's task, read back for a caller that
+/// did not keep it (see [`FinishedRun::claimed`]), on SQLite. (`+?N`: see
 /// `tasks::CLAIMABLE_SQLITE`.)
-const COMPLETABLE_SQLITE: &str = "SELECT attempts, agent, COALESCE(root_id, id) FROM tasks
- WHERE id = +?1 AND claim_token = +?2
-   AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL";
+const CLAIM_FACTS_SQLITE: &str = "SELECT attempts, agent, COALESCE(root_id, id) FROM tasks
+ WHERE id = +?1 AND claim_token = +?2 AND state = 'in_progress'";
 
-pub(super) const COMPLETE_ONE_SQLITE: &str =
-    "UPDATE tasks SET state = ?2, result = ?4, claim_token = NULL, claimed_by = NULL,
-        heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
-        replay_token = NULL, held_state = NULL, finished_at = ?1, updated_at = ?1
- WHERE id = +?3";
+/// `UPDATE tasks SET` what a completion sets, for SQLite's one-row
+/// completions: `?1` now, `?2` the state, `?4` the result.
+macro_rules! complete_one_sqlite {
+    ($where:literal) => {
+        concat!(
+            "UPDATE tasks SET state = ?2, result = ?4, claim_token = NULL, claimed_by = NULL,
+                heartbeat_at = NULL, error_kind = NULL, error_message = NULL, spawned = NULL,
+                replay_token = NULL, held_state = NULL, finished_at = ?1, updated_at = ?1
+             WHERE ",
+            $where
+        )
+    };
+}
+
+/// Completes task `?3` whatever holds it: for a caller that checked first.
+pub(super) const COMPLETE_ONE_SQLITE: &str = complete_one_sqlite!("id = +?3");
+
+/// Completes a plain run's task by id, fenced in its own WHERE: the task is
+/// still the run's (state and claim token), the claim's facts hold, and it
+/// needs no review, no reviewer verdict and no chain. Where the fence fails
+/// nothing changes and the per-run path says why. No read comes first, and
+/// no RETURNING (see `tasks::CLAIMABLE_SQLITE`): the run brings the facts.
+const COMPLETE_FENCED_SQLITE: &str = complete_one_sqlite!(
+    "id = +?3 AND claim_token = +?5 AND attempts = +?6 AND agent = +?7
+       AND COALESCE(root_id, id) = +?8
+       AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL"
+);
 
 /// Completes each run at `indexes` whose task is still its own, with cached
-/// one-row statements, its state writes applied first; answers `(index,
-/// attempt)` of those completed. A run whose `set-if` conflicts is left to
-/// the per-run path, which fails it.
+/// one-row statements, then applies its state writes (checked before the
+/// completion, which only reads); answers `(index, attempt)` of those
+/// completed. A run whose `set-if` conflicts is left to the per-run path,
+/// which fails it.
 fn complete_rows_one_by_one(
     tx: &dyn Sql,
     runs: &[FinishedRun],
@@ -259,23 +279,52 @@ fn complete_rows_one_by_one(
     let mut done = Vec::with_capacity(indexes.len());
     for &i in indexes {
         let run = &runs[i];
-        let output = plain_output(run);
         let id = run.lease.task_id;
-        let Some(held) = tx.query_opt(COMPLETABLE_SQLITE, args![id, run.lease.token])? else {
-            continue; // the per-run path says why
+        let read_back;
+        let facts = match &run.claimed {
+            Some(facts) => facts,
+            None => {
+                let Some(row) = tx.query_opt(CLAIM_FACTS_SQLITE, args![id, run.lease.token])?
+                else {
+                    continue; // the per-run path says why
+                };
+                read_back = ClaimFacts {
+                    attempt: row.get(0)?,
+                    agent: row.get(1)?,
+                    chain: row.get(2)?,
+                };
+                &read_back
+            }
         };
-        if !run.state.is_empty() {
-            let owners = state::Owners::new(held.get(1)?, held.get(2)?);
+        let checked = if run.state.is_empty() {
+            None
+        } else {
+            let owners = state::Owners::new(facts.agent.clone(), facts.chain);
             match review::check_writes_of(tx, owners, &run.state)? {
-                Ok(Some(checked)) => {
-                    checked.apply(tx, id, State::InProgress, &run.state, actor, now)?
-                }
-                Ok(None) => {}
+                Ok(checked) => checked,
                 Err(_conflict) => continue, // the per-run path fails the run
             }
+        };
+        let completed = tx.execute(
+            COMPLETE_FENCED_SQLITE,
+            args![
+                now,
+                to.as_str(),
+                id,
+                plain_output(run),
+                run.lease.token,
+                facts.attempt,
+                facts.agent,
+                facts.chain
+            ],
+        )?;
+        if completed == 0 {
+            continue; // the per-run path says why
         }
-        tx.execute(COMPLETE_ONE_SQLITE, args![now, to.as_str(), id, output])?;
-        done.push((i, held.get(0)?));
+        if let Some(checked) = checked {
+            checked.apply(tx, id, State::InProgress, &run.state, actor, now)?;
+        }
+        done.push((i, facts.attempt));
     }
     Ok(done)
 }

@@ -216,6 +216,28 @@ pub struct FinishedRun {
     pub state: Vec<crate::state::Write>,
     /// The run's effects, stored in the outbox only with a successful completion.
     pub effects: Vec<crate::effects::Effect>,
+    /// What the claim said of the task, when the caller kept it: spares the
+    /// writer reading it back (the completion's fence checks it).
+    pub claimed: Option<ClaimFacts>,
+}
+
+/// What a claim said of its task that stays true while its claim token
+/// holds: the run's attempt and the owners of its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimFacts {
+    pub attempt: u32,
+    pub agent: String,
+    pub chain: i64,
+}
+
+impl ClaimFacts {
+    pub fn of(task: &ClaimedTask) -> ClaimFacts {
+        ClaimFacts {
+            attempt: task.attempt,
+            agent: task.agent.clone(),
+            chain: task.chain,
+        }
+    }
 }
 
 /// What one [`Queue::finish_and_claim`] transaction did.
@@ -537,6 +559,7 @@ impl Queue {
             log: log.to_string(),
             state: Vec::new(),
             effects: Vec::new(),
+            claimed: None,
         };
         Ok(self.finish_batch(std::slice::from_ref(&run))?[0])
     }

@@ -110,6 +110,54 @@ on_both_drivers! {
         assert_eq!(q.get(other).unwrap().state, State::Ready);
     }
 
+    /// A claim of more tasks than one statement writes (23 = 16 + 4 + 1 + 1
+    /// + 1 on SQLite) takes each ready task once, under one token, each with
+    /// its claim event, and completing them all writes each one's event.
+    fn a_large_claim_takes_each_task_once_with_its_events(db) {
+        use colony::queue::{ClaimFacts, FinishedRun};
+        let mut q = db.open();
+        let ids: Vec<i64> = (0..25).map(|i| submit(&mut q, "a", json!(i))).collect();
+        let claimed = q.claim("a", 23).unwrap();
+        let taken: Vec<i64> = claimed.iter().map(|c| c.lease.task_id).collect();
+        assert_eq!(taken, ids[..23].to_vec());
+        let events = |q: &Queue, id: i64, kind: &str| {
+            q.events(Some(id), 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.event == kind)
+                .count()
+        };
+        for c in &claimed {
+            assert_eq!(c.lease.token, claimed[0].lease.token);
+            assert_eq!(c.attempt, 1);
+            assert_eq!(q.get(c.lease.task_id).unwrap().state, State::InProgress);
+            assert_eq!(events(&q, c.lease.task_id, "claim"), 1);
+        }
+        for &id in &ids[23..] {
+            assert_eq!(q.get(id).unwrap().state, State::Ready);
+            assert_eq!(events(&q, id, "claim"), 0);
+        }
+        let runs: Vec<FinishedRun> = claimed
+            .iter()
+            .map(|c| FinishedRun {
+                lease: c.lease,
+                outcome: ok(json!({ "id": c.lease.task_id })),
+                log: String::new(),
+                state: vec![],
+                effects: vec![],
+                claimed: Some(ClaimFacts::of(c)),
+            })
+            .collect();
+        let applied = q.finish_batch(&runs).unwrap();
+        assert_eq!(applied, vec![Applied::Moved(State::Complete); 23]);
+        for c in &claimed {
+            let id = c.lease.task_id;
+            assert_eq!(q.get(id).unwrap().result, Some(json!({ "id": id })));
+            assert_eq!(events(&q, id, "complete"), 1);
+        }
+        assert_eq!(q.claim("a", 23).unwrap().len(), 2);
+    }
+
     fn retryable_failure_backs_off_then_fails_when_attempts_run_out(db) {
         let mut q = db.open();
         let mut new = NewTask::new("flaky", "{}");

@@ -9,8 +9,8 @@ use crate::task::{
     self, ClaimedTask, ErrorKind, Event, Lease, NewTask, NextSpec, State, TaskError,
 };
 
-use super::batch::{NewEvent, insert_events};
-use super::sql::{Dialect, Sql, args};
+use super::batch::{BySize, NewEvent, insert_events};
+use super::sql::{Dialect, Param, Sql, args};
 use super::validate::stored_json;
 use super::{Applied, ExpiredLease, QueueError, Result, Submitted, outbox};
 
@@ -284,13 +284,27 @@ pub(super) fn claim_in(
     let rows = match tx.dialect() {
         Dialect::Sqlite => {
             let rows = tx.query(CLAIMABLE_SQLITE, args![agent, n])?;
+            let mut ids = Vec::with_capacity(rows.len());
             for row in &rows {
-                tx.execute(
-                    "UPDATE tasks SET state = ?1, attempts = attempts + 1, claim_token = ?2,
-                            claimed_by = ?3, heartbeat_at = ?4, updated_at = ?4, progress = NULL
-                     WHERE id = +?5",
-                    args![to.as_str(), token, actor, now, row.get::<i64>(0)?],
-                )?;
+                ids.push(Param::Int(row.get(0)?));
+            }
+            let mut rest = &ids[..];
+            while !rest.is_empty() {
+                let (chunk, after) = rest.split_at(BySize::rows(Dialect::Sqlite, rest.len()));
+                let mut args = vec![
+                    Param::Text(to.as_str()),
+                    Param::Int(token),
+                    Param::Text(actor),
+                    Param::Int(now),
+                ];
+                args.extend_from_slice(chunk);
+                let claimed = tx.execute(&CLAIM_SQLITE.sql(chunk.len()), &args)?;
+                debug_assert_eq!(
+                    claimed as usize,
+                    chunk.len(),
+                    "claimable rows were just read"
+                );
+                rest = after;
             }
             rows
         }
@@ -355,6 +369,18 @@ const CLAIMABLE_SQLITE: &str = "SELECT id, payload, attempts + 1, max_attempts,
         COALESCE(root_id, id)
  FROM tasks WHERE state = 'ready' AND agent = +?1
  ORDER BY priority DESC, id LIMIT +?2";
+
+/// Claims the tasks `?5, ?6, ...` read by [`CLAIMABLE_SQLITE`], by id,
+/// many per statement (see [`BySize`]).
+static CLAIM_SQLITE: BySize = BySize::new(|rows| {
+    let ids: Vec<String> = (5..5 + rows).map(|i| format!("+?{i}")).collect();
+    format!(
+        "UPDATE tasks SET state = ?1, attempts = attempts + 1, claim_token = ?2,
+                claimed_by = ?3, heartbeat_at = ?4, updated_at = ?4, progress = NULL
+         WHERE id IN ({})",
+        ids.join(", ")
+    )
+});
 
 const CLAIM_POSTGRES: &str =
     "UPDATE tasks SET state = ?6, attempts = attempts + 1, claim_token = ?1,

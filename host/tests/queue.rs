@@ -922,6 +922,41 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
     assert_eq!(q.get(ids[0]).unwrap().result, Some(big));
 }
 
+/// A claim that runs out of space half-way through one of its many-row
+/// statements (SQLite writes them `OR FAIL`, keeping no statement journal)
+/// takes nothing: the whole transaction rolls back, every task is still
+/// ready, no claim event remains, and once space comes back the same claim
+/// takes them all.
+#[test]
+fn a_claim_that_fills_the_disk_half_way_takes_nothing() {
+    let db = TestDb::sqlite();
+    let mut q = db.open();
+    let ids: Vec<i64> = (0..64).map(|i| submit(&mut q, "a", json!(i))).collect();
+    let conn = rusqlite::Connection::open(db.path()).unwrap();
+    let pages: i64 = conn
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    colony::queue::bench::set_max_page_count(&q, pages).unwrap();
+    let err = q.claim("a", 64).unwrap_err();
+    assert!(err.to_string().contains("full"), "{err}");
+    let claims = |q: &Queue| {
+        q.events(None, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "claim")
+            .count()
+    };
+    assert_eq!(claims(&q), 0);
+    for id in &ids {
+        let task = q.get(*id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Ready, 0), "task {id}");
+    }
+
+    colony::queue::bench::set_max_page_count(&q, 1 << 30).unwrap();
+    assert_eq!(q.claim("a", 64).unwrap().len(), 64);
+    assert_eq!(claims(&q), 64);
+}
+
 /// Submits a `writer` task reviewed by the agent `critic`, runs it to
 /// `output`, and returns its id (it now waits in review, a critic task queued).
 fn writer_in_review(q: &mut Queue, output: serde_json::Value) -> i64 {

@@ -67,8 +67,14 @@ pub(super) struct NewEvent {
 /// 20-row INSERT, more than running it), but a cached statement of a fixed
 /// size writes many rows for one statement's setup (cursors on the table
 /// and each index, binding, halting), which costs as much as a row.
+///
+/// On SQLite these statements say `OR FAIL`: a statement that writes many
+/// rows and may abort half-way (any NOT NULL column may) otherwise keeps
+/// a statement journal, a copy of every page it touches, to undo its own
+/// rows. Here an error fails the whole transaction anyway, which rolls
+/// back everything, so that copy is never needed.
 pub(super) struct BySize {
-    build: fn(usize) -> String,
+    build: fn(Dialect, usize) -> String,
     texts: std::sync::OnceLock<Vec<String>>,
 }
 
@@ -77,7 +83,7 @@ pub(super) struct BySize {
 pub(super) const SQLITE_ROWS: [usize; 3] = [16, 4, 1];
 
 impl BySize {
-    pub(super) const fn new(build: fn(usize) -> String) -> BySize {
+    pub(super) const fn new(build: fn(Dialect, usize) -> String) -> BySize {
         BySize {
             build,
             texts: std::sync::OnceLock::new(),
@@ -92,21 +98,37 @@ impl BySize {
         }
     }
 
-    /// The statement for `rows` rows.
-    pub(super) fn sql(&'static self, rows: usize) -> Cow<'static, str> {
-        let texts = self
-            .texts
-            .get_or_init(|| SQLITE_ROWS.iter().map(|&n| (self.build)(n)).collect());
-        match SQLITE_ROWS.iter().position(|&n| n == rows) {
-            Some(i) => Cow::Borrowed(texts[i].as_str()),
-            None => Cow::Owned((self.build)(rows)),
-        }
+    /// The statement for `rows` rows in `dialect`.
+    pub(super) fn sql(&'static self, dialect: Dialect, rows: usize) -> Cow<'static, str> {
+        let cached = match dialect {
+            Dialect::Sqlite => SQLITE_ROWS.iter().position(|&n| n == rows),
+            Dialect::Postgres => None,
+        };
+        let Some(i) = cached else {
+            return Cow::Owned((self.build)(dialect, rows));
+        };
+        let texts = self.texts.get_or_init(|| {
+            SQLITE_ROWS
+                .iter()
+                .map(|&n| (self.build)(Dialect::Sqlite, n))
+                .collect()
+        });
+        Cow::Borrowed(texts[i].as_str())
     }
 }
 
-static INSERT_EVENTS: BySize = BySize::new(|rows| {
+/// `INSERT`, or on SQLite `INSERT OR FAIL` (see [`BySize`]).
+pub(super) fn insert_or_fail(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "INSERT OR FAIL",
+        Dialect::Postgres => "INSERT",
+    }
+}
+
+static INSERT_EVENTS: BySize = BySize::new(|dialect, rows| {
     format!(
-        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail) VALUES {}",
+        "{} INTO events (at, task_id, event, from_state, to_state, actor, detail) VALUES {}",
+        insert_or_fail(dialect),
         values_list(rows, 7, |_, p| p)
     )
 });
@@ -133,7 +155,7 @@ pub(super) fn insert_events(
                 Param::Text(&e.detail),
             ]);
         }
-        tx.execute(&INSERT_EVENTS.sql(chunk.len()), &args)?;
+        tx.execute(&INSERT_EVENTS.sql(tx.dialect(), chunk.len()), &args)?;
         rest = after;
     }
     Ok(())

@@ -298,7 +298,7 @@ pub(super) fn claim_in(
                     Param::Int(now),
                 ];
                 args.extend_from_slice(chunk);
-                let claimed = tx.execute(&CLAIM_SQLITE.sql(chunk.len()), &args)?;
+                let claimed = tx.execute(&CLAIM_SQLITE.sql(Dialect::Sqlite, chunk.len()), &args)?;
                 debug_assert_eq!(
                     claimed as usize,
                     chunk.len(),
@@ -372,10 +372,10 @@ const CLAIMABLE_SQLITE: &str = "SELECT id, payload, attempts + 1, max_attempts,
 
 /// Claims the tasks `?5, ?6, ...` read by [`CLAIMABLE_SQLITE`], by id,
 /// many per statement (see [`BySize`]).
-static CLAIM_SQLITE: BySize = BySize::new(|rows| {
+static CLAIM_SQLITE: BySize = BySize::new(|_, rows| {
     let ids: Vec<String> = (5..5 + rows).map(|i| format!("+?{i}")).collect();
     format!(
-        "UPDATE tasks SET state = ?1, attempts = attempts + 1, claim_token = ?2,
+        "UPDATE OR FAIL tasks SET state = ?1, attempts = attempts + 1, claim_token = ?2,
                 claimed_by = ?3, heartbeat_at = ?4, updated_at = ?4, progress = NULL
          WHERE id IN ({})",
         ids.join(", ")

@@ -28,6 +28,21 @@ fn failure(kind: ErrorKind, message: &str) -> RunOutcome {
 }
 
 /// Submits a task with a tiny backoff so retries become due at once.
+/// What the daemon hands the writer after `task`'s run returned `output`.
+fn completed(
+    task: &colony::queue::ClaimedTask,
+    output: serde_json::Value,
+) -> colony::queue::FinishedRun {
+    colony::queue::FinishedRun {
+        lease: task.lease,
+        outcome: ok(output),
+        log: String::new(),
+        state: vec![],
+        effects: vec![],
+        claimed: Some(colony::queue::ClaimFacts::of(task)),
+    }
+}
+
 fn submit(q: &mut Queue, agent: &str, payload: serde_json::Value) -> i64 {
     let mut new = NewTask::new(agent, payload.to_string());
     new.backoff_ms = 1;
@@ -114,7 +129,7 @@ on_both_drivers! {
     /// + 1 on SQLite) takes each ready task once, under one token, each with
     /// its claim event, and completing them all writes each one's event.
     fn a_large_claim_takes_each_task_once_with_its_events(db) {
-        use colony::queue::{ClaimFacts, FinishedRun};
+        use colony::queue::FinishedRun;
         let mut q = db.open();
         let ids: Vec<i64> = (0..25).map(|i| submit(&mut q, "a", json!(i))).collect();
         let claimed = q.claim("a", 23).unwrap();
@@ -139,14 +154,7 @@ on_both_drivers! {
         }
         let runs: Vec<FinishedRun> = claimed
             .iter()
-            .map(|c| FinishedRun {
-                lease: c.lease,
-                outcome: ok(json!({ "id": c.lease.task_id })),
-                log: String::new(),
-                state: vec![],
-                effects: vec![],
-                claimed: Some(ClaimFacts::of(c)),
-            })
+            .map(|c| completed(c, json!({ "id": c.lease.task_id })))
             .collect();
         let applied = q.finish_batch(&runs).unwrap();
         assert_eq!(applied, vec![Applied::Moved(State::Complete); 23]);
@@ -886,12 +894,8 @@ fn a_full_disk_fails_writes_cleanly_and_loses_nothing() {
     let runs: Vec<_> = claimed
         .iter()
         .map(|c| colony::queue::FinishedRun {
-            lease: c.lease,
-            outcome: ok(big.clone()),
             log: "y".repeat(64 * 1024),
-            state: Vec::new(),
-            effects: Vec::new(),
-            claimed: Some(colony::queue::ClaimFacts::of(c)),
+            ..completed(c, big.clone())
         })
         .collect();
     let err = q.finish_batch(&runs).unwrap_err();
@@ -1151,14 +1155,7 @@ on_both_drivers! {
             let claimed = q.claim(agent, 2).unwrap();
             let runs: Vec<FinishedRun> = claimed
                 .iter()
-                .map(|t| FinishedRun {
-                    lease: t.lease,
-                    outcome: ok(json!({})),
-                    log: String::new(),
-                    state: vec![],
-                    effects: vec![],
-                    claimed: Some(colony::queue::ClaimFacts::of(t)),
-                })
+                .map(|t| completed(t, json!({})))
                 .collect();
             let applied = q.finish_batch(&runs).unwrap();
             assert_eq!(applied, vec![Applied::Moved(State::Complete); 2]);

@@ -4,9 +4,8 @@
 //! On PostgreSQL every statement is a round trip to the server, so a run
 //! that costs five statements costs five round trips; here a whole batch
 //! of plain completions costs five. On SQLite a statement is a function
-//! call, but a statement whose text changes with the batch's size must be
-//! parsed anew each time (measured: ~100 µs for a 20-row INSERT, more than
-//! running it), so there each row runs the same cached one-row statement.
+//! call: events go a few rows per cached statement ([`BySize`]), and each
+//! completion is one cached one-row UPDATE fenced in its own WHERE.
 //! Only the common case takes this path — a successful
 //! run that needs no review, queued no effect, spawned nothing and has no
 //! chain to insert, and on PostgreSQL wrote no state either (on SQLite its
@@ -80,7 +79,7 @@ pub(super) struct BySize {
 
 /// Rows per statement on SQLite, largest first: a batch is written as
 /// `16 + 16 + ... + 4 + ... + 1 + ...` rows.
-pub(super) const SQLITE_ROWS: [usize; 3] = [16, 4, 1];
+const SQLITE_ROWS: [usize; 3] = [16, 4, 1];
 
 impl BySize {
     pub(super) const fn new(build: fn(Dialect, usize) -> String) -> BySize {
@@ -90,12 +89,18 @@ impl BySize {
         }
     }
 
-    /// How many of `left` rows the next statement writes, in `dialect`.
-    pub(super) fn rows(dialect: Dialect, left: usize) -> usize {
-        match dialect {
-            Dialect::Postgres => left.min(CHUNK),
-            Dialect::Sqlite => *SQLITE_ROWS.iter().find(|&&n| n <= left).expect("1 fits"),
-        }
+    /// `items` cut into the rows of successive statements in `dialect`.
+    pub(super) fn chunks<T>(dialect: Dialect, mut items: &[T]) -> impl Iterator<Item = &[T]> {
+        std::iter::from_fn(move || {
+            let rows = match dialect {
+                _ if items.is_empty() => return None,
+                Dialect::Postgres => items.len().min(CHUNK),
+                Dialect::Sqlite => *SQLITE_ROWS.iter().find(|&&n| n <= items.len())?,
+            };
+            let (chunk, rest) = items.split_at(rows);
+            items = rest;
+            Some(chunk)
+        })
     }
 
     /// The statement for `rows` rows in `dialect`.
@@ -140,9 +145,7 @@ pub(super) fn insert_events(
     actor: &str,
     now: i64,
 ) -> Result<()> {
-    let mut rest = events;
-    while !rest.is_empty() {
-        let (chunk, after) = rest.split_at(BySize::rows(tx.dialect(), rest.len()));
+    for chunk in BySize::chunks(tx.dialect(), events) {
         let mut args = Vec::with_capacity(chunk.len() * 7);
         for e in chunk {
             args.extend([
@@ -156,7 +159,6 @@ pub(super) fn insert_events(
             ]);
         }
         tx.execute(&INSERT_EVENTS.sql(tx.dialect(), chunk.len()), &args)?;
-        rest = after;
     }
     Ok(())
 }
@@ -316,11 +318,10 @@ const COMPLETE_FENCED_SQLITE: &str = complete_one_sqlite!(
        AND state = 'in_progress' AND review = 0 AND reviews IS NULL AND next_tasks IS NULL"
 );
 
-/// Completes each run at `indexes` whose task is still its own, with cached
-/// one-row statements, then applies its state writes (checked before the
-/// completion, which only reads); answers `(index, attempt)` of those
-/// completed. A run whose `set-if` conflicts is left to the per-run path,
-/// which fails it.
+/// Completes each run at `indexes` whose task is still its own, one cached
+/// fenced UPDATE each; its state writes are checked (reads only) before
+/// and applied after. Answers `(index, attempt)` of those completed. A run
+/// whose `set-if` conflicts is left to the per-run path, which fails it.
 fn complete_rows_one_by_one(
     tx: &dyn Sql,
     runs: &[FinishedRun],

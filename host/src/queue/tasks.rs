@@ -288,9 +288,7 @@ pub(super) fn claim_in(
             for row in &rows {
                 ids.push(Param::Int(row.get(0)?));
             }
-            let mut rest = &ids[..];
-            while !rest.is_empty() {
-                let (chunk, after) = rest.split_at(BySize::rows(Dialect::Sqlite, rest.len()));
+            for chunk in BySize::chunks(Dialect::Sqlite, &ids) {
                 let mut args = vec![
                     Param::Text(to.as_str()),
                     Param::Int(token),
@@ -304,7 +302,6 @@ pub(super) fn claim_in(
                     chunk.len(),
                     "claimable rows were just read"
                 );
-                rest = after;
             }
             rows
         }

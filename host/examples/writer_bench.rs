@@ -10,11 +10,15 @@
 //!     cargo run --release --example writer_bench -- 20000 18
 //!
 //! Arguments: tasks (20000), tasks per transaction (18, what the daemon's
-//! drain averages at concurrency 8), then optionally `--submit-only`.
+//! drain averages at concurrency 8), then optionally `--submit-only`, and
+//! `--state` (each run also sets one new agent state key, as in
+//! `bench --capabilities`) or `--state-one-key` (every run sets the same
+//! key).
 
 use std::time::Instant;
 
 use colony::queue::{ClaimFacts, ClaimedTask, FinishedRun, Queue};
+use colony::state::{Scope, Write};
 use colony::task::{NewTask, RunOutcome};
 
 fn main() -> anyhow::Result<()> {
@@ -22,6 +26,11 @@ fn main() -> anyhow::Result<()> {
     let tasks: usize = args.first().map_or(Ok(20_000), |a| a.parse())?;
     let per_transaction: usize = args.get(1).map_or(Ok(18), |a| a.parse())?;
     let submit_only = args.iter().any(|a| a == "--submit-only");
+    let with_state = match () {
+        _ if args.iter().any(|a| a == "--state") => Some(false),
+        _ if args.iter().any(|a| a == "--state-one-key") => Some(true),
+        _ => None,
+    };
 
     let dir = std::env::temp_dir().join(format!("colony-writer-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -36,7 +45,10 @@ fn main() -> anyhow::Result<()> {
     let mut claimed: Vec<ClaimedTask> = Vec::new();
     let mut completed = 0;
     loop {
-        let runs: Vec<FinishedRun> = claimed.drain(..).map(|task| completion(&task)).collect();
+        let runs: Vec<FinishedRun> = claimed
+            .drain(..)
+            .map(|task| completion(&task, with_state))
+            .collect();
         completed += runs.len();
         let done = queue.finish_and_claim(&runs, &[("ops".into(), per_transaction)])?;
         claimed = done.claimed.into_iter().flatten().collect();
@@ -52,8 +64,23 @@ fn main() -> anyhow::Result<()> {
     Ok(std::fs::remove_dir_all(&dir)?)
 }
 
-/// What the daemon hands the writer for a no-op run of `task`.
-fn completion(task: &ClaimedTask) -> FinishedRun {
+/// What the daemon hands the writer for a no-op run of `task`, or one that
+/// set a key: one of its own, or `Some(true)` the same key as every run.
+fn completion(task: &ClaimedTask, with_state: Option<bool>) -> FinishedRun {
+    let id = task.lease.task_id;
+    let state = match with_state {
+        None => vec![],
+        Some(one_key) => vec![Write {
+            scope: Scope::Agent,
+            key: if one_key {
+                "k".into()
+            } else {
+                format!("k{id}")
+            },
+            value: Some(id.to_string()),
+            if_version: None,
+        }],
+    };
     FinishedRun {
         lease: task.lease,
         outcome: RunOutcome::Success {
@@ -62,7 +89,7 @@ fn completion(task: &ClaimedTask) -> FinishedRun {
             needs_review: false,
         },
         log: String::new(),
-        state: vec![],
+        state,
         effects: vec![],
         claimed: Some(ClaimFacts::of(task)),
     }

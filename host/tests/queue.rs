@@ -1127,6 +1127,93 @@ on_both_drivers! {
 }
 
 on_both_drivers! {
+    /// Several runs of one batch writing the same keys: each write is
+    /// checked against the writes of the runs before it and applied in
+    /// that order, a `set-if` that no longer holds fails its own run only,
+    /// and every write keeps its own event with its own versions.
+    fn a_batch_writing_the_same_keys_applies_each_write_in_order(db) {
+        use colony::queue::FinishedRun;
+        use colony::state::{Scope, Write};
+        let mut q = db.open();
+        q.state_write_by_operator(Scope::Agent, "alpha", "gone", Some("0")).unwrap();
+        for _ in 0..7 {
+            submit(&mut q, "alpha", json!({}));
+        }
+        let claimed = q.claim("alpha", 7).unwrap();
+        let write = |key: &str, value: Option<&str>, if_version| Write {
+            scope: Scope::Agent,
+            key: key.into(),
+            value: value.map(str::to_string),
+            if_version,
+        };
+        let writes = [
+            vec![write("n", Some("1"), None)],
+            vec![write("n", Some("2"), None)],
+            vec![write("n", Some("9"), Some(1))], // run 1 got there first
+            vec![write("n", Some("3"), Some(2))],
+            vec![write("gone", None, None)],
+            vec![write("gone", Some("\"back\""), Some(0))],
+            vec![write("m", Some("1"), None), write("m", None, None)],
+        ];
+        let runs: Vec<FinishedRun> = claimed
+            .iter()
+            .zip(&writes)
+            .map(|(task, writes)| FinishedRun {
+                state: writes.clone(),
+                ..completed(task, json!({}))
+            })
+            .collect();
+        let applied = q.finish_batch(&runs).unwrap();
+        let id = |i: usize| claimed[i].lease.task_id;
+        for i in [0, 1, 3, 4, 5, 6] {
+            assert_eq!(applied[i], Applied::Moved(State::Complete), "run {i}");
+        }
+        let refused = q.get(id(2)).unwrap();
+        assert_ne!(refused.state, State::Complete);
+        assert_eq!(refused.error.unwrap().kind, colony::task::ErrorKind::Conflict);
+
+        let entry = |key: &str| q.state_get(Scope::Agent, "alpha", key).unwrap();
+        let n = entry("n").unwrap();
+        assert_eq!((n.value.as_str(), n.version), ("3", 3));
+        let gone = entry("gone").unwrap();
+        assert_eq!((gone.value.as_str(), gone.version), ("\"back\"", 1));
+        assert!(entry("m").is_none());
+        let (written, _) = q.state_written_by(id(3), 10).unwrap();
+        assert_eq!(written.len(), 1);
+        assert_eq!((written[0].key.as_str(), written[0].version), ("n", 3));
+        assert!(q.state_written_by(id(1), 10).unwrap().0.is_empty());
+
+        // Each write's own event, before its task's completion.
+        let versions = |i: usize| -> Vec<(String, u64, u64)> {
+            let events = q.events(Some(id(i)), 0, 100).unwrap();
+            let complete = events.iter().position(|e| e.event == "complete");
+            events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.event == "state_write")
+                .map(|(at, e)| {
+                    assert!(complete.is_none_or(|c| at < c), "run {i}: written after completing");
+                    let d = &e.detail;
+                    (
+                        d["key"].as_str().unwrap().to_string(),
+                        d["old_version"].as_u64().unwrap(),
+                        d["new_version"].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let v = |key: &str, old, new| (key.to_string(), old, new);
+        assert_eq!(versions(0), vec![v("n", 0, 1)]);
+        assert_eq!(versions(1), vec![v("n", 1, 2)]);
+        assert_eq!(versions(2), vec![]);
+        assert_eq!(versions(3), vec![v("n", 2, 3)]);
+        assert_eq!(versions(4), vec![v("gone", 1, 0)]);
+        assert_eq!(versions(5), vec![v("gone", 0, 1)]);
+        assert_eq!(versions(6), vec![v("m", 0, 1), v("m", 1, 0)]);
+    }
+}
+
+on_both_drivers! {
     /// One store of several completions (the daemon's batch) counts off the
     /// dependencies of exactly the tasks it completes: a join waiting on two
     /// of them becomes ready, a task waiting on one that did not finish

@@ -1,5 +1,5 @@
 //! Random interleavings of completions (with state writes, `set-if`
-//! included), failures, lease resets, approvals and rejections against a
+//! included, several runs per batch as the daemon hands them over), failures, lease resets, approvals and rejections against a
 //! real queue: after every step the stored state equals the writes of
 //! the completed (or approved) tasks applied in commit order, and nothing
 //! else — exactly-once effects under at-least-once execution.
@@ -20,6 +20,10 @@ use proptest::prelude::*;
 
 const KEYS: [&str; 3] = ["a", "b", "c"];
 
+/// One run of a batch: which lease (see `run`), whether it succeeds, and
+/// its writes as (key index, value seed, `set-if` version).
+type RunScript = (usize, bool, Vec<(usize, u8, Option<u64>)>);
+
 #[derive(Clone, Debug)]
 enum Op {
     Submit {
@@ -28,10 +32,9 @@ enum Op {
     Claim {
         n: usize,
     },
+    /// Runs handed to the queue in one batch, as the daemon does.
     Finish {
-        lease: usize,
-        ok: bool,
-        writes: Vec<(usize, u8, Option<u64>)>,
+        runs: Vec<RunScript>,
     },
     ResetAll,
     Approve {
@@ -43,12 +46,19 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let write = (0..3usize, any::<u8>(), proptest::option::of(0..4u64));
+    let write = (
+        0..3usize,
+        any::<u8>(),
+        proptest::option::weighted(0.3, 0..4u64),
+    );
     prop_oneof![
-        2 => any::<bool>().prop_map(|review| Op::Submit { review }),
-        2 => (1..3usize).prop_map(|n| Op::Claim { n }),
-        4 => (0..6usize, prop::bool::weighted(0.8), prop::collection::vec(write, 0..4))
-            .prop_map(|(lease, ok, writes)| Op::Finish { lease, ok, writes }),
+        3 => any::<bool>().prop_map(|review| Op::Submit { review }),
+        3 => (1..4usize).prop_map(|n| Op::Claim { n }),
+        4 => prop::collection::vec(
+                (0..5usize, prop::bool::weighted(0.8), prop::collection::vec(write, 0..4)),
+                1..4,
+            )
+            .prop_map(|runs| Op::Finish { runs }),
         1 => Just(Op::ResetAll),
         1 => (0..8usize).prop_map(|task| Op::Approve { task }),
         1 => (0..8usize).prop_map(|task| Op::Reject { task }),
@@ -94,6 +104,8 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Each lease with what its claim said; every other run hands the facts
     // back, as the daemon does, the rest leave the queue to read them.
     let mut leases: Vec<(Lease, Option<ClaimFacts>)> = Vec::new();
+    // Leases already handed back: finishing one again must change nothing.
+    let mut used: Vec<(Lease, Option<ClaimFacts>)> = Vec::new();
     let mut held: HashMap<i64, Vec<Write>> = HashMap::new();
     for op in ops {
         match op {
@@ -112,58 +124,92 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     leases.push((c.lease, facts));
                 }
             }
-            Op::Finish { lease, ok, writes } => {
-                let Some((lease, claimed)) = leases.get(lease).cloned() else {
-                    continue;
-                };
-                let writes: Vec<Write> = writes
-                    .into_iter()
-                    .map(|(k, v, if_version)| Write {
-                        scope: Scope::Agent,
-                        key: KEYS[k].to_string(),
-                        value: (v % 5 != 0).then(|| v.to_string()),
-                        if_version,
-                    })
-                    .collect();
-                let outcome = if ok {
-                    RunOutcome::Success {
-                        output: "{}".into(),
-                        spawn: vec![],
-                        needs_review: false,
+            Op::Finish { runs } => {
+                let mut batch: Vec<(FinishedRun, bool)> = Vec::new();
+                for (lease, ok, writes) in runs {
+                    // Mostly a live lease; now and then one handed back.
+                    let pick = match lease {
+                        4 => used.last(),
+                        _ if leases.is_empty() => used.iter().rev().nth(lease),
+                        _ => leases.get(lease % leases.len()),
+                    };
+                    let Some((lease, claimed)) = pick.cloned() else {
+                        continue;
+                    };
+                    if batch.iter().any(|(r, _)| r.lease == lease) {
+                        continue;
                     }
-                } else {
-                    RunOutcome::Failure(TaskError {
-                        kind: ErrorKind::Retryable,
-                        message: "x".into(),
-                    })
-                };
-                let run = FinishedRun {
-                    lease,
-                    outcome,
-                    log: String::new(),
-                    state: writes.clone(),
-                    effects: vec![],
-                    claimed,
-                };
-                let applied = q.finish_batch(std::slice::from_ref(&run)).unwrap()[0];
-                let task = q.get(lease.task_id).unwrap();
-                match applied {
-                    Applied::Moved(State::Complete) => prop_assert!(commit(&mut model, &writes)),
-                    Applied::Moved(State::Review) => {
-                        // Conflicts are checked at completion even when held.
-                        prop_assert!(commit(&mut model.clone(), &writes));
-                        held.insert(lease.task_id, writes);
+                    let writes: Vec<Write> = writes
+                        .into_iter()
+                        .map(|(k, v, if_version)| Write {
+                            scope: Scope::Agent,
+                            key: KEYS[k].to_string(),
+                            value: (v % 5 != 0).then(|| v.to_string()),
+                            if_version,
+                        })
+                        .collect();
+                    let outcome = if ok {
+                        RunOutcome::Success {
+                            output: "{}".into(),
+                            spawn: vec![],
+                            needs_review: false,
+                        }
+                    } else {
+                        RunOutcome::Failure(TaskError {
+                            kind: ErrorKind::Retryable,
+                            message: "x".into(),
+                        })
+                    };
+                    let run = FinishedRun {
+                        lease,
+                        outcome,
+                        log: String::new(),
+                        state: writes,
+                        effects: vec![],
+                        claimed,
+                    };
+                    batch.push((run, ok));
+                }
+                let runs: Vec<FinishedRun> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let applied = q.finish_batch(&runs).unwrap();
+                for run in &runs {
+                    if let Some(at) = leases.iter().position(|(l, _)| *l == run.lease) {
+                        used.push(leases.remove(at));
                     }
-                    Applied::Moved(_) if ok => {
-                        prop_assert_eq!(task.error.unwrap().kind, ErrorKind::Conflict);
-                        prop_assert!(!commit(&mut model.clone(), &writes));
+                }
+                // The queue completes the plain runs first, in order, each
+                // against the state the earlier ones left; every other run
+                // (a conflict, a review) after them, in order.
+                let mut after_plain = Vec::new();
+                for (i, applied) in applied.iter().enumerate() {
+                    match applied {
+                        Applied::Moved(State::Complete) if commit(&mut model, &runs[i].state) => {}
+                        _ => after_plain.push(i),
                     }
-                    _ => {}
+                }
+                for i in after_plain {
+                    let (run, ok) = &batch[i];
+                    let writes = &run.state;
+                    match applied[i] {
+                        Applied::Moved(State::Complete) => prop_assert!(commit(&mut model, writes)),
+                        Applied::Moved(State::Review) => {
+                            // Conflicts are checked at completion even when held.
+                            prop_assert!(commit(&mut model.clone(), writes));
+                            held.insert(run.lease.task_id, writes.clone());
+                        }
+                        Applied::Moved(_) if *ok => {
+                            let task = q.get(run.lease.task_id).unwrap();
+                            prop_assert_eq!(task.error.unwrap().kind, ErrorKind::Conflict);
+                            prop_assert!(!commit(&mut model.clone(), writes));
+                        }
+                        _ => {}
+                    }
                 }
             }
             Op::ResetAll => {
                 std::thread::sleep(Duration::from_millis(2));
                 q.reset_stale_leases(Duration::ZERO).unwrap();
+                used.append(&mut leases);
             }
             Op::Approve { task } => {
                 let Some(&id) = tasks.get(task) else { continue };
@@ -194,7 +240,7 @@ mod state_equals_the_writes_of_completed_tasks_in_commit_order {
     use super::*;
 
     fn strategy() -> impl Strategy<Value = Vec<Op>> {
-        prop::collection::vec(op(), 1..40)
+        prop::collection::vec(op(), 1..60)
     }
 
     #[test]

@@ -26,14 +26,18 @@ use super::finish;
 use super::sql::{Dialect, Param, Sql, args};
 use super::tasks::promote_due_in;
 use super::validate::validate_json;
-use super::{Applied, ClaimFacts, FinishedRun, MAX_OUTPUT_BYTES, Result, review, state};
+use super::{Applied, ClaimFacts, FinishedRun, MAX_OUTPUT_BYTES, Result, state};
 
 /// Rows per statement: well under both databases' limits on parameters.
 const CHUNK: usize = 200;
 
 /// `(?1, ?2), (?3, ?4), ...`: `rows` groups of `width` numbered placeholders,
 /// each wrapped by `cast(column, placeholder)`.
-fn values_list(rows: usize, width: usize, cast: impl Fn(usize, String) -> String) -> String {
+pub(super) fn values_list(
+    rows: usize,
+    width: usize,
+    cast: impl Fn(usize, String) -> String,
+) -> String {
     let mut out = String::new();
     for r in 0..rows {
         if r > 0 {
@@ -54,7 +58,9 @@ fn values_list(rows: usize, width: usize, cast: impl Fn(usize, String) -> String
 /// One audit event to write.
 pub(super) struct NewEvent {
     pub task_id: i64,
-    pub event: Event,
+    /// The event's name: a transition's (`Event::as_str`), or a record
+    /// such as `state_write` (then `from` and `to` are the same).
+    pub event: &'static str,
     pub from: State,
     pub to: State,
     pub detail: String,
@@ -151,7 +157,7 @@ pub(super) fn insert_events(
             args.extend([
                 Param::Int(now),
                 Param::Int(e.task_id),
-                Param::Text(e.event.as_str()),
+                Param::Text(e.event),
                 Param::Text(e.from.as_str()),
                 Param::Text(e.to.as_str()),
                 Param::Text(actor),
@@ -243,23 +249,35 @@ fn complete_plain(
         return Ok(Vec::new());
     }
     let to = task::transition(Some(State::InProgress), Event::Complete).expect("runs complete");
+    let mut events: Vec<NewEvent> = Vec::new();
     let done = match tx.dialect() {
-        Dialect::Sqlite => complete_rows_one_by_one(tx, runs, indexes, to, actor, now)?,
+        Dialect::Sqlite => {
+            let mut writes = state::BatchWrites::default();
+            let done = complete_rows_one_by_one(tx, runs, indexes, to, &mut writes, now)?;
+            writes.apply(tx, now)?;
+            // State writes come before the completion that commits them,
+            // as on the per-run path.
+            events.extend(writes.events.into_iter().map(|(task_id, detail)| NewEvent {
+                task_id,
+                event: "state_write",
+                from: State::InProgress,
+                to: State::InProgress,
+                detail,
+            }));
+            done
+        }
         Dialect::Postgres => complete_rows(tx, runs, indexes, to, now)?,
     };
     if done.is_empty() {
         return Ok(done);
     }
-    let events: Vec<NewEvent> = done
-        .iter()
-        .map(|&(i, attempt)| NewEvent {
-            task_id: runs[i].lease.task_id,
-            event: Event::Complete,
-            from: State::InProgress,
-            to,
-            detail: format!(r#"{{"attempt":{attempt}}}"#),
-        })
-        .collect();
+    events.extend(done.iter().map(|&(i, attempt)| NewEvent {
+        task_id: runs[i].lease.task_id,
+        event: Event::Complete.as_str(),
+        from: State::InProgress,
+        to,
+        detail: format!(r#"{{"attempt":{attempt}}}"#),
+    }));
     insert_events(tx, &events, actor, now)?;
     let logs: Vec<(i64, u32, &str)> = done
         .iter()
@@ -320,14 +338,15 @@ const COMPLETE_FENCED_SQLITE: &str = complete_one_sqlite!(
 
 /// Completes each run at `indexes` whose task is still its own, one cached
 /// fenced UPDATE each; its state writes are checked (reads only) before
-/// and applied after. Answers `(index, attempt)` of those completed. A run
-/// whose `set-if` conflicts is left to the per-run path, which fails it.
-fn complete_rows_one_by_one(
+/// and accepted into `writes` after, for the caller to apply. Answers
+/// `(index, attempt)` of those completed. A run whose `set-if` conflicts
+/// is left to the per-run path, which fails it.
+fn complete_rows_one_by_one<'a>(
     tx: &dyn Sql,
-    runs: &[FinishedRun],
+    runs: &'a [FinishedRun],
     indexes: &[usize],
     to: State,
-    actor: &str,
+    writes: &mut state::BatchWrites<'a>,
     now: i64,
 ) -> Result<Vec<(usize, u32)>> {
     let mut done = Vec::with_capacity(indexes.len());
@@ -354,8 +373,8 @@ fn complete_rows_one_by_one(
             None
         } else {
             let owners = state::Owners::new(facts.agent.clone(), facts.chain);
-            match review::check_writes_of(tx, owners, &run.state)? {
-                Ok(checked) => checked,
+            match writes.check(tx, &owners, &run.state)? {
+                Ok(checked) => Some(checked),
                 Err(_conflict) => continue, // the per-run path fails the run
             }
         };
@@ -376,7 +395,7 @@ fn complete_rows_one_by_one(
             continue; // the per-run path says why
         }
         if let Some(checked) = checked {
-            checked.apply(tx, id, State::InProgress, &run.state, actor, now)?;
+            writes.accept(id, &run.state, checked);
         }
         done.push((i, facts.attempt));
     }

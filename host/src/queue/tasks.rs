@@ -332,7 +332,7 @@ pub(super) fn claim_in(
         };
         events.push(NewEvent {
             task_id: task.lease.task_id,
-            event: Event::Claim,
+            event: Event::Claim.as_str(),
             from: State::Ready,
             to,
             detail: format!(

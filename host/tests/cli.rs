@@ -1002,6 +1002,44 @@ fn the_demo_runs_from_an_empty_folder() {
     );
 }
 
+/// `bench --capabilities` on a small drain: the state rounds complete every
+/// task (the bench checks their keys were written) and say what a get and
+/// a set cost; the model figures come from a loopback provider.
+#[test]
+fn bench_measures_what_the_capabilities_cost() {
+    let env = Env::new(&[]);
+    let out = env.ok(&[
+        "bench",
+        "--tasks",
+        "200",
+        "--capabilities",
+        "--json",
+        "--dir",
+        env.data.path().join("bench").to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .find(|r: &serde_json::Value| r.get("state_get_set_ratio").is_some())
+        .unwrap_or_else(|| panic!("no capability figures in {out}"));
+    let ratios = report["state_get_set_ratios"].as_array().unwrap();
+    assert_eq!(ratios.len(), 3, "{report}");
+    assert!(ratios.iter().all(|r| r.as_f64().unwrap() > 0.0), "{report}");
+    for rate in [
+        "state_drain_without_per_second",
+        "state_drain_get_set_per_second",
+    ] {
+        assert!(report[rate].as_f64().unwrap() > 0.0, "{rate}: {report}");
+    }
+    assert!(
+        report["state_per_task_us"]["get_set"]["writer_sql"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(report["model_calls_measured"], 299, "{report}");
+}
+
 #[test]
 fn bench_measures_any_component_per_run() {
     let env = Env::new(&[]);

@@ -4,10 +4,12 @@
 //! `{"ops": [["set", "agent", "k", "1"], ["set_if", "chain", "k", "2", 1],
 //!           ["delete", "agent", "k"], ["get", "agent", "k"], ["scan", "agent", "p", 10],
 //!           ["effect", "POST", "http://host/path", "body", {"header": "value"}]],
-//!   "increment": "key", "end": "ok" | "retryable" | "trap", "review": true,
+//!   "touch": "key", "increment": "key", "end": "ok" | "retryable" | "trap", "review": true,
 //!   "spawn": [payload, ...]}`
 //! `ops` run in order; each `get`/`scan` adds what it saw to the output's
-//! `reads`, each `effect` (send-after-commit) its sequence number or error. `increment` reads an agent-scoped counter and writes it + 1 with
+//! `reads`, each `effect` (send-after-commit) its sequence number or error.
+//! `touch` gets and sets that agent key and adds nothing to the output.
+//! `increment` reads an agent-scoped counter and writes it + 1 with
 //! `set-if` on the version read. `end` decides how the run ends after its
 //! writes (default ok). `spawn` creates `stateful` children with those payloads.
 
@@ -86,6 +88,12 @@ impl Guest for Stateful {
                 }
                 other => return Err(Failure::Permanent(format!("unknown op {other:?}"))),
             }
+        }
+        // One get and one set of an agent key and nothing else: what
+        // `colony bench --capabilities` measures against `"touch": null`.
+        if let Some(key) = script["touch"].as_str() {
+            state::get(Scope::Agent, key);
+            state::set(Scope::Agent, key, "1");
         }
         if let Some(key) = script["increment"].as_str() {
             let current = state::get(Scope::Agent, key);

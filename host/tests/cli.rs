@@ -1002,6 +1002,40 @@ fn the_demo_runs_from_an_empty_folder() {
     );
 }
 
+/// `bench --history`: a fresh round, the round over stored history, and a
+/// fresh round again; the history round is judged against the two around it.
+#[test]
+fn bench_with_history_brackets_it_with_fresh_rounds() {
+    let env = Env::new(&[]);
+    let out = env.ok(&[
+        "bench",
+        "--tasks",
+        "100",
+        "--history",
+        "500",
+        "--dir",
+        env.data.path().join("bench").to_str().unwrap(),
+    ]);
+    let rounds: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let history: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["history_rows"].as_u64().unwrap())
+        .collect();
+    assert_eq!(history, [0, 500, 0], "{out}");
+    assert!(rounds.iter().all(|r| r["completed"] == 100), "{out}");
+    let rate = |r: &serde_json::Value| r["tasks_per_second"].as_f64().unwrap();
+    let around = [rate(&rounds[0]), rate(&rounds[2])];
+    assert_eq!(
+        rounds[1]["fresh_tasks_per_second_around"],
+        serde_json::json!(around)
+    );
+    let ratio = rounds[1]["history_ratio"].as_f64().unwrap();
+    assert!((ratio - rate(&rounds[1]) / ((around[0] + around[1]) / 2.0)).abs() < 1e-9);
+}
+
 /// `bench --capabilities` on a small drain: the state rounds complete every
 /// task (the bench checks their keys were written) and say what a get and
 /// a set cost; the model figures come from a loopback provider.

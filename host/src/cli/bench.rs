@@ -39,9 +39,11 @@ pub struct BenchArgs {
     /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
     #[arg(long, default_value = "normal")]
     pub sync: SyncArg,
-    /// Also run a second round with this many completed tasks already in the
-    /// table, to show claiming does not slow down as history grows (0 to
-    /// 10,000,000; 0 runs one round).
+    /// Also run a round with this many completed tasks already in the table,
+    /// to show claiming does not slow down as history grows, and on SQLite a
+    /// second fresh round after it: the history round's line says
+    /// `history_ratio`, its rate over the mean of the fresh rounds around it
+    /// (0 to 10,000,000; 0 runs one round).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_TASKS), allow_negative_numbers = true)]
     pub history: usize,
     /// Where to put the database (default: a fresh temp directory, removed after).
@@ -99,19 +101,26 @@ pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
     let overhead = host_overhead(&runtime, &agents).await?;
     let (cold_load, cached_load) = load_times(&root).await?;
 
+    // With history on SQLite, a fresh round on each side of the history
+    // round: this machine's speed drifts within minutes, and the history
+    // round is judged against the mean of the two rounds around it.
     let mut rounds = vec![0];
     if args.history > 0 {
         rounds.push(args.history);
+        if server.is_none() {
+            rounds.push(0);
+        }
     }
-    for history in rounds {
+    let mut reports = Vec::with_capacity(rounds.len());
+    for (i, &history) in rounds.iter().enumerate() {
         let db = match server {
             Some(url) => url.to_path_buf(),
-            None => root.join(format!("bench-{history}.db")),
+            None => root.join(format!("bench-{i}-{history}.db")),
         };
         let mut report = round(args, &runtime, &agents, &db, history, &overhead).await?;
         report["load_4_agents_cold_ms"] = json!(cold_load.as_secs_f64() * 1e3);
         report["load_4_agents_cached_ms"] = json!(cached_load.as_secs_f64() * 1e3);
-        if history == 0 && args.capabilities && server.is_none() {
+        if i == 0 && args.capabilities && server.is_none() {
             let state = super::bench_capabilities::state_rounds(args, &runtime, &root).await?;
             let models = super::bench_capabilities::model_figures(args, &root).await?;
             for (key, value) in state
@@ -123,7 +132,20 @@ pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
                 report[key] = value.clone();
             }
         }
-        print_line(&report)?;
+        if rounds.len() == 1 {
+            print_line(&report)?; // no need to hold it back
+        } else {
+            reports.push(report);
+        }
+    }
+    if let [before, history, after] = reports.as_mut_slice() {
+        let rate = |r: &serde_json::Value| r["tasks_per_second"].as_f64().unwrap_or(0.0);
+        let fresh = [rate(before), rate(after)];
+        history["fresh_tasks_per_second_around"] = json!(fresh);
+        history["history_ratio"] = json!(rate(history) / ((fresh[0] + fresh[1]) / 2.0));
+    }
+    for report in &reports {
+        print_line(report)?;
     }
     Ok(())
 }

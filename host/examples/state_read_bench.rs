@@ -12,9 +12,12 @@
 
 use std::time::{Duration, Instant};
 
-use colony::queue::{ClaimFacts, ClaimedTask, FinishedRun, Queue};
+use colony::queue::{ClaimedTask, FinishedRun, Queue};
 use colony::state::{Scope, Write};
-use colony::task::{NewTask, RunOutcome};
+use colony::task::NewTask;
+
+mod common;
+use common::completion;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,7 +44,7 @@ fn main() -> anyhow::Result<()> {
             reads += 1;
         }
         reading += started.elapsed();
-        let runs: Vec<FinishedRun> = claimed.drain(..).map(|task| completion(&task)).collect();
+        let runs: Vec<FinishedRun> = claimed.drain(..).map(|task| with_own_key(&task)).collect();
         let done = queue.finish_and_claim(&runs, &[("ops".into(), per_transaction)])?;
         claimed = done.claimed.into_iter().flatten().collect();
         if claimed.is_empty() && runs.is_empty() {
@@ -56,22 +59,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// A no-op run of `task` that set its own key.
-fn completion(task: &ClaimedTask) -> FinishedRun {
-    FinishedRun {
-        lease: task.lease,
-        outcome: RunOutcome::Success {
-            output: "{}".into(),
-            spawn: vec![],
-            needs_review: false,
-        },
-        log: String::new(),
-        state: vec![Write {
-            scope: Scope::Agent,
-            key: format!("k{}", task.lease.task_id),
-            value: Some("1".into()),
-            if_version: None,
-        }],
-        effects: vec![],
-        claimed: Some(ClaimFacts::of(task)),
-    }
+fn with_own_key(task: &ClaimedTask) -> FinishedRun {
+    let key = format!("k{}", task.lease.task_id);
+    let write = Write {
+        scope: Scope::Agent,
+        key,
+        value: Some("1".into()),
+        if_version: None,
+    };
+    completion(task, vec![write])
 }

@@ -17,9 +17,12 @@
 
 use std::time::Instant;
 
-use colony::queue::{ClaimFacts, ClaimedTask, FinishedRun, Queue};
+use colony::queue::{ClaimedTask, FinishedRun, Queue};
 use colony::state::{Scope, Write};
-use colony::task::{NewTask, RunOutcome};
+use colony::task::NewTask;
+
+mod common;
+use common::completion;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     loop {
         let runs: Vec<FinishedRun> = claimed
             .drain(..)
-            .map(|task| completion(&task, with_state))
+            .map(|task| completion(&task, writes(&task, with_state)))
             .collect();
         completed += runs.len();
         let done = queue.finish_and_claim(&runs, &[("ops".into(), per_transaction)])?;
@@ -64,11 +67,11 @@ fn main() -> anyhow::Result<()> {
     Ok(std::fs::remove_dir_all(&dir)?)
 }
 
-/// What the daemon hands the writer for a no-op run of `task`, or one that
-/// set a key: one of its own, or `Some(true)` the same key as every run.
-fn completion(task: &ClaimedTask, with_state: Option<bool>) -> FinishedRun {
+/// The writes of a no-op run of `task`: none, or it set a key, one of its
+/// own or (`Some(true)`) the same key as every run.
+fn writes(task: &ClaimedTask, with_state: Option<bool>) -> Vec<Write> {
     let id = task.lease.task_id;
-    let state = match with_state {
+    match with_state {
         None => vec![],
         Some(one_key) => vec![Write {
             scope: Scope::Agent,
@@ -80,17 +83,5 @@ fn completion(task: &ClaimedTask, with_state: Option<bool>) -> FinishedRun {
             value: Some(id.to_string()),
             if_version: None,
         }],
-    };
-    FinishedRun {
-        lease: task.lease,
-        outcome: RunOutcome::Success {
-            output: "{}".into(),
-            spawn: vec![],
-            needs_review: false,
-        },
-        log: String::new(),
-        state,
-        effects: vec![],
-        claimed: Some(ClaimFacts::of(task)),
     }
 }

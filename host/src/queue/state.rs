@@ -135,24 +135,33 @@ pub(super) fn check_writes(
             Some(&v) => v,
             None => version_of(tx, write.scope, owners.of(write.scope), &write.key)?,
         };
-        if let Some(expected) = write.if_version
-            && expected != current
-        {
-            return Ok(Err(format!(
-                "set-if on {} state key {:?} expected version {expected}, found {current}",
-                write.scope.as_str(),
-                write.key
-            )));
-        }
-        let next = if write.value.is_some() {
-            current + 1
-        } else {
-            0
+        let next = match next_version(write, current) {
+            Ok(next) => next,
+            Err(conflict) => return Ok(Err(conflict)),
         };
         versions.insert((write.scope, write.key.as_str()), next);
         olds.push(current);
     }
     Ok(Ok(olds))
+}
+
+/// The version a key has after `write`, when it stands at `current`
+/// (+1 per set, a delete leaves none), or the `set-if` conflict.
+fn next_version(write: &Write, current: u64) -> std::result::Result<u64, String> {
+    if let Some(expected) = write.if_version
+        && expected != current
+    {
+        return Err(format!(
+            "set-if on {} state key {:?} expected version {expected}, found {current}",
+            write.scope.as_str(),
+            write.key
+        ));
+    }
+    Ok(if write.value.is_some() {
+        current + 1
+    } else {
+        0
+    })
 }
 
 /// Applies checked writes in order (`olds`: their old versions, from
@@ -294,19 +303,9 @@ impl<'a> BatchWrites<'a> {
                 .get(&at)
                 .copied()
                 .unwrap_or(self.keys[at].version);
-            if let Some(expected) = write.if_version
-                && expected != current
-            {
-                return Ok(Err(format!(
-                    "set-if on {} state key {:?} expected version {expected}, found {current}",
-                    write.scope.as_str(),
-                    write.key
-                )));
-            }
-            let next = if write.value.is_some() {
-                current + 1
-            } else {
-                0
+            let next = match next_version(write, current) {
+                Ok(next) => next,
+                Err(conflict) => return Ok(Err(conflict)),
             };
             run_versions.insert(at, next);
             checked.push((at, current, next));

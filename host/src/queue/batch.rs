@@ -8,9 +8,10 @@
 //! completion is one cached one-row UPDATE fenced in its own WHERE.
 //! Only the common case takes this path — a successful
 //! run that needs no review, queued no effect, spawned nothing and has no
-//! chain to insert, and on PostgreSQL wrote no state either (on SQLite its
-//! state writes are checked and applied here, row by row); every other run
-//! goes through [`finish::finish_in`] one by one, in the same transaction.
+//! chain to insert, and on PostgreSQL wrote no state either (on SQLite the
+//! batch's state writes are checked run by run and applied together, see
+//! [`state::BatchWrites`]); every other run goes through
+//! [`finish::finish_in`] one by one, in the same transaction, after them.
 //!
 //! The invariants are the same as on the slow path: each completion is
 //! fenced on `(id, state = 'in_progress', claim_token)` in the UPDATE's own

@@ -1129,22 +1129,28 @@ on_both_drivers! {
 on_both_drivers! {
     /// Several runs of one batch writing the same keys: each write is
     /// checked against the writes of the runs before it and applied in
-    /// that order, a `set-if` that no longer holds fails its own run only,
-    /// and every write keeps its own event with its own versions.
+    /// that order (a `set-if` that holds at its place completes there,
+    /// whatever later runs write), a `set-if` that no longer holds fails
+    /// its own run only, and every write keeps its own event with its own
+    /// versions.
     fn a_batch_writing_the_same_keys_applies_each_write_in_order(db) {
         use colony::queue::FinishedRun;
         use colony::state::{Scope, Write};
         let mut q = db.open();
         q.state_write_by_operator(Scope::Agent, "alpha", "gone", Some("0")).unwrap();
-        for _ in 0..7 {
+        for _ in 0..10 {
             submit(&mut q, "alpha", json!({}));
         }
-        let claimed = q.claim("alpha", 7).unwrap();
+        let claimed = q.claim("alpha", 10).unwrap();
         let write = |key: &str, value: Option<&str>, if_version| Write {
             scope: Scope::Agent,
             key: key.into(),
             value: value.map(str::to_string),
             if_version,
+        };
+        let in_chain = Write {
+            scope: Scope::Chain,
+            ..write("n", Some("\"c\""), None)
         };
         let writes = [
             vec![write("n", Some("1"), None)],
@@ -1154,6 +1160,11 @@ on_both_drivers! {
             vec![write("gone", None, None)],
             vec![write("gone", Some("\"back\""), Some(0))],
             vec![write("m", Some("1"), None), write("m", None, None)],
+            // Later writes of the same keys: runs 3 and 5 held only at their
+            // place in the batch, so they must have completed there.
+            vec![write("n", Some("4"), None)],
+            vec![write("gone", Some("\"again\""), None)],
+            vec![in_chain], // another scope, another owner: another key
         ];
         let runs: Vec<FinishedRun> = claimed
             .iter()
@@ -1165,7 +1176,7 @@ on_both_drivers! {
             .collect();
         let applied = q.finish_batch(&runs).unwrap();
         let id = |i: usize| claimed[i].lease.task_id;
-        for i in [0, 1, 3, 4, 5, 6] {
+        for i in [0, 1, 3, 4, 5, 6, 7, 8, 9] {
             assert_eq!(applied[i], Applied::Moved(State::Complete), "run {i}");
         }
         let refused = q.get(id(2)).unwrap();
@@ -1174,14 +1185,17 @@ on_both_drivers! {
 
         let entry = |key: &str| q.state_get(Scope::Agent, "alpha", key).unwrap();
         let n = entry("n").unwrap();
-        assert_eq!((n.value.as_str(), n.version), ("3", 3));
+        assert_eq!((n.value.as_str(), n.version), ("4", 4));
         let gone = entry("gone").unwrap();
-        assert_eq!((gone.value.as_str(), gone.version), ("\"back\"", 1));
+        assert_eq!((gone.value.as_str(), gone.version), ("\"again\"", 2));
         assert!(entry("m").is_none());
-        let (written, _) = q.state_written_by(id(3), 10).unwrap();
+        let chain = claimed[9].chain.to_string();
+        let n_of_chain = q.state_get(Scope::Chain, &chain, "n").unwrap().unwrap();
+        assert_eq!((n_of_chain.value.as_str(), n_of_chain.version), ("\"c\"", 1));
+        let (written, _) = q.state_written_by(id(7), 10).unwrap();
         assert_eq!(written.len(), 1);
-        assert_eq!((written[0].key.as_str(), written[0].version), ("n", 3));
-        assert!(q.state_written_by(id(1), 10).unwrap().0.is_empty());
+        assert_eq!((written[0].key.as_str(), written[0].version), ("n", 4));
+        assert!(q.state_written_by(id(3), 10).unwrap().0.is_empty());
 
         // Each write's own event, before its task's completion.
         let versions = |i: usize| -> Vec<(String, u64, u64)> {
@@ -1210,6 +1224,9 @@ on_both_drivers! {
         assert_eq!(versions(4), vec![v("gone", 1, 0)]);
         assert_eq!(versions(5), vec![v("gone", 0, 1)]);
         assert_eq!(versions(6), vec![v("m", 0, 1), v("m", 1, 0)]);
+        assert_eq!(versions(7), vec![v("n", 3, 4)]);
+        assert_eq!(versions(8), vec![v("gone", 1, 2)]);
+        assert_eq!(versions(9), vec![v("n", 0, 1)]);
     }
 }
 

@@ -22,7 +22,9 @@ use proptest::prelude::*;
 const KEYS: [&str; 3] = ["a", "b", "c"];
 
 /// One run of a batch: which lease (see `run`), whether it succeeds, and
-/// its writes as (key index, value seed, `set-if` version).
+/// its writes as (key index, value seed, `set-if`: `Some(0)` the version
+/// the key will have if the batch's earlier runs complete, `Some(v)` the
+/// version `v - 1`).
 type RunScript = (usize, bool, Vec<(usize, u8, Option<u64>)>);
 
 #[derive(Clone, Debug)]
@@ -50,14 +52,14 @@ fn op() -> impl Strategy<Value = Op> {
     let write = (
         0..3usize,
         any::<u8>(),
-        proptest::option::weighted(0.3, 0..4u64),
+        proptest::option::weighted(0.4, 0..3u64),
     );
     prop_oneof![
-        3 => any::<bool>().prop_map(|review| Op::Submit { review }),
-        3 => (1..4usize).prop_map(|n| Op::Claim { n }),
+        3 => prop::bool::weighted(0.2).prop_map(|review| Op::Submit { review }),
+        3 => (1..5usize).prop_map(|n| Op::Claim { n }),
         4 => prop::collection::vec(
                 (0..5usize, prop::bool::weighted(0.8), prop::collection::vec(write, 0..4)),
-                1..4,
+                1..5,
             )
             .prop_map(|runs| Op::Finish { runs }),
         1 => Just(Op::ResetAll),
@@ -102,6 +104,8 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut q = db.open();
     let mut model = Model::new();
     let mut tasks: Vec<i64> = Vec::new();
+    // Tasks submitted with review: their runs never take the plain path.
+    let mut reviewed: std::collections::HashSet<i64> = Default::default();
     // Each lease with what its claim said; every other run hands the facts
     // back, as the daemon does, the rest leave the queue to read them.
     let mut leases: Vec<(Lease, Option<ClaimFacts>)> = Vec::new();
@@ -115,7 +119,11 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 new.review = review;
                 new.max_attempts = 5;
                 new.backoff_ms = 1;
-                tasks.push(q.submit(&new).unwrap().id);
+                let id = q.submit(&new).unwrap().id;
+                if review {
+                    reviewed.insert(id);
+                }
+                tasks.push(id);
             }
             Op::Claim { n } => {
                 std::thread::sleep(Duration::from_millis(2));
@@ -126,29 +134,45 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Finish { runs } => {
-                let mut batch: Vec<(FinishedRun, bool)> = Vec::new();
+                // Each run, whether it succeeds, and whether its lease is live.
+                let mut batch: Vec<(FinishedRun, bool, bool)> = Vec::new();
+                // The state if every earlier run of the batch completes.
+                let mut predicted = model.clone();
                 for (lease, ok, writes) in runs {
                     // Mostly a live lease; now and then one handed back.
-                    let pick = match lease {
-                        4 => used.last(),
-                        _ if leases.is_empty() => used.iter().rev().nth(lease),
-                        _ => leases.get(lease % leases.len()),
+                    let free: Vec<_> = leases
+                        .iter()
+                        .filter(|(l, _)| batch.iter().all(|(r, _, _)| r.lease != *l))
+                        .collect();
+                    let (pick, live) = match lease {
+                        4 => (used.last(), false),
+                        _ if free.is_empty() => (used.iter().rev().nth(lease), false),
+                        _ => (Some(free[lease % free.len()]), true),
                     };
                     let Some((lease, claimed)) = pick.cloned() else {
                         continue;
                     };
-                    if batch.iter().any(|(r, _)| r.lease == lease) {
+                    if batch.iter().any(|(r, _, _)| r.lease == lease) {
                         continue;
                     }
+                    let mut ahead = predicted.clone();
                     let writes: Vec<Write> = writes
                         .into_iter()
-                        .map(|(k, v, if_version)| Write {
-                            scope: Scope::Agent,
-                            key: KEYS[k].to_string(),
-                            value: (v % 5 != 0).then(|| v.to_string()),
-                            if_version,
+                        .map(|(k, v, set_if)| {
+                            let current = ahead.get(KEYS[k]).map_or(0, |e| e.1);
+                            let write = Write {
+                                scope: Scope::Agent,
+                                key: KEYS[k].to_string(),
+                                value: (v % 5 != 0).then(|| v.to_string()),
+                                if_version: set_if.map(|g| if g == 0 { current } else { g - 1 }),
+                            };
+                            commit(&mut ahead, std::slice::from_ref(&write));
+                            write
                         })
                         .collect();
+                    if ok {
+                        commit(&mut predicted, &writes);
+                    }
                     let outcome = if ok {
                         RunOutcome::Success {
                             output: "{}".into(),
@@ -169,9 +193,9 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         effects: vec![],
                         claimed,
                     };
-                    batch.push((run, ok));
+                    batch.push((run, ok, live));
                 }
-                let runs: Vec<FinishedRun> = batch.iter().map(|(r, _)| r.clone()).collect();
+                let runs: Vec<FinishedRun> = batch.iter().map(|(r, _, _)| r.clone()).collect();
                 let applied = q.finish_batch(&runs).unwrap();
                 for run in &runs {
                     if let Some(at) = leases.iter().position(|(l, _)| *l == run.lease) {
@@ -184,15 +208,28 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // a run with state writes is never plain: those go in order.
                 let mut after_plain = Vec::new();
                 for (i, applied) in applied.iter().enumerate() {
-                    let plain = !db.is_postgres() || runs[i].state.is_empty();
+                    let (run, ok, live) = &batch[i];
+                    let plain = !db.is_postgres() || run.state.is_empty();
+                    // On SQLite a successful run of a live lease, whose task
+                    // needs no review, completes in the batch exactly when
+                    // its writes hold at its place in the batch.
+                    let must_complete = !db.is_postgres()
+                        && *ok
+                        && *live
+                        && !reviewed.contains(&run.lease.task_id)
+                        && commit(&mut model.clone(), &run.state);
                     match applied {
                         Applied::Moved(State::Complete)
-                            if plain && commit(&mut model, &runs[i].state) => {}
+                            if plain && commit(&mut model, &run.state) => {}
+                        _ if must_complete => prop_assert!(
+                            false,
+                            "run {i} could complete in the batch, and ended {applied:?}"
+                        ),
                         _ => after_plain.push(i),
                     }
                 }
                 for i in after_plain {
-                    let (run, ok) = &batch[i];
+                    let (run, ok, _) = &batch[i];
                     let writes = &run.state;
                     match applied[i] {
                         Applied::Moved(State::Complete) => prop_assert!(commit(&mut model, writes)),

@@ -259,8 +259,9 @@ fn write_detail(scope: Scope, owner: &str, key: &str, old: u64, new: u64) -> Str
 pub(super) struct BatchWrites<'a> {
     /// Every key touched so far, in the order first touched.
     keys: Vec<PendingKey<'a>>,
-    /// Where each key is in `keys`.
-    index: HashMap<(Scope, String, &'a str), usize>,
+    /// Where each key is in `keys`, by scope and name (its owners told
+    /// apart by a look at each: a batch rarely holds more than one).
+    index: HashMap<(Scope, &'a str), Vec<usize>>,
     /// The `state_write` events of the accepted writes, in order.
     pub events: Vec<(i64, String)>,
 }
@@ -295,19 +296,19 @@ impl<'a> BatchWrites<'a> {
         owners: &Owners,
         writes: &'a [Write],
     ) -> Result<std::result::Result<CheckedBatchWrites, String>> {
-        let mut run_versions: HashMap<usize, u64> = HashMap::new();
-        let mut checked = Vec::with_capacity(writes.len());
+        let mut checked: Vec<(usize, u64, u64)> = Vec::with_capacity(writes.len());
         for write in writes {
             let at = self.key_index(tx, write.scope, owners.of(write.scope), &write.key)?;
-            let current = run_versions
-                .get(&at)
-                .copied()
-                .unwrap_or(self.keys[at].version);
+            // This run's own latest write of the key, if any, else the batch's.
+            let current = checked
+                .iter()
+                .rev()
+                .find(|(key, _, _)| *key == at)
+                .map_or(self.keys[at].version, |&(_, _, next)| next);
             let next = match next_version(write, current) {
                 Ok(next) => next,
                 Err(conflict) => return Ok(Err(conflict)),
             };
-            run_versions.insert(at, next);
             checked.push((at, current, next));
         }
         Ok(Ok(CheckedBatchWrites(checked)))
@@ -338,7 +339,9 @@ impl<'a> BatchWrites<'a> {
         owner: &str,
         key: &'a str,
     ) -> Result<usize> {
-        if let Some(&at) = self.index.get(&(scope, owner.to_string(), key)) {
+        if let Some(places) = self.index.get(&(scope, key))
+            && let Some(&at) = places.iter().find(|&&at| self.keys[at].owner == owner)
+        {
             return Ok(at);
         }
         let committed = version_of(tx, scope, owner, key)?;
@@ -352,7 +355,7 @@ impl<'a> BatchWrites<'a> {
             task_id: None,
         });
         let at = self.keys.len() - 1;
-        self.index.insert((scope, owner.to_string(), key), at);
+        self.index.entry((scope, key)).or_default().push(at);
         Ok(at)
     }
 

@@ -287,7 +287,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(queue: Queue, runtime: Arc<Runtime>, agents: AgentDir, cfg: DaemonConfig) -> Daemon {
+    pub fn new(
+        mut queue: Queue,
+        runtime: Arc<Runtime>,
+        agents: AgentDir,
+        cfg: DaemonConfig,
+    ) -> Daemon {
+        // Before the reopener is taken: the writer's connections must not
+        // stop every run to checkpoint.
+        if let Err(e) = queue.checkpoint_in_background() {
+            tracing::warn!("{e}; SQLite checkpoints in the writer's commits instead");
+        }
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (written_tx, written_rx) = mpsc::unbounded_channel();
         let run_side = Arc::new(RunSide::new(

@@ -101,6 +101,8 @@ pub enum QueueError {
     Postgres(postgres::Error),
     #[error("cannot reach the PostgreSQL database {location}: {message}")]
     Connect { location: String, message: String },
+    #[error("cannot start the WAL checkpoint thread for {path}: {message}")]
+    CheckpointThread { path: String, message: String },
 }
 
 impl From<postgres::Error> for QueueError {
@@ -175,6 +177,10 @@ pub struct QueueOptions {
     /// Who this connection acts as: recorded as the actor of every event and
     /// as `claimed_by` on claims.
     pub actor: String,
+    /// SQLite: the connection leaves WAL checkpoints to a thread of their
+    /// own instead of running them in the commit that fills the WAL (the
+    /// daemon's connections, see [`Queue::checkpoint_in_background`]).
+    pub background_checkpoints: bool,
 }
 
 impl Default for QueueOptions {
@@ -184,6 +190,7 @@ impl Default for QueueOptions {
             busy_timeout: Duration::from_secs(5),
             max_payload_bytes: task::DEFAULT_MAX_PAYLOAD_BYTES,
             actor: format!("pid:{}", std::process::id()),
+            background_checkpoints: false,
         }
     }
 }
@@ -409,6 +416,18 @@ impl Queue {
         };
         let opts = self.opts.clone();
         move || Queue::open_with(&location, opts.clone())
+    }
+
+    /// On SQLite, this connection and those [`Queue::reopener`] opens from
+    /// now on leave WAL checkpoints to a thread of their own, so the commit
+    /// that fills the WAL does not also copy it into the database file (the
+    /// daemon's writer, which every run waits on). Nothing on PostgreSQL.
+    pub fn checkpoint_in_background(&mut self) -> Result<()> {
+        if let Db::Sqlite(db) = &mut self.db {
+            db.checkpoint_in_background()?;
+            self.opts.background_checkpoints = true;
+        }
+        Ok(())
     }
 
     /// Acts as someone else from now on (the dashboard acts for whoever

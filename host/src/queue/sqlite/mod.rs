@@ -4,19 +4,24 @@
 //! transaction starts `BEGIN IMMEDIATE`, so the reads that decide a write
 //! see what the write changes. Throughput comes from batching above it.
 
+mod checkpoint;
 mod schema;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode};
 
+use self::checkpoint::Checkpointer;
 use super::sql::{Dialect, Param, Row, Sql, Value};
 use super::{QueueError, QueueOptions, Result, Sync, now_ms};
 
 pub struct SqliteDb {
     conn: Connection,
     path: PathBuf,
+    /// Set when this connection leaves WAL checkpoints to a thread.
+    checkpointer: Option<Arc<Checkpointer>>,
 }
 
 impl SqliteDb {
@@ -32,10 +37,32 @@ impl SqliteDb {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(64);
         schema::migrate(&mut conn, &path.display().to_string())?;
-        Ok(SqliteDb {
+        let mut db = SqliteDb {
             conn,
             path: path.to_path_buf(),
-        })
+            checkpointer: None,
+        };
+        if opts.background_checkpoints {
+            db.checkpoint_in_background()?;
+        }
+        Ok(db)
+    }
+
+    /// Leaves this connection's WAL checkpoints to a thread of their own
+    /// (see [`checkpoint`]). Fails only if that thread cannot be started;
+    /// SQLite's own checkpoints stay on then.
+    pub fn checkpoint_in_background(&mut self) -> Result<()> {
+        if self.checkpointer.is_none() {
+            let checkpointer = Checkpointer::for_database(&self.path).map_err(|e| {
+                QueueError::CheckpointThread {
+                    path: self.path.display().to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+            checkpointer.attach(&mut self.conn)?;
+            self.checkpointer = Some(checkpointer);
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

@@ -1,0 +1,178 @@
+//! WAL checkpoints on a thread of their own, for the daemon's connections.
+//!
+//! By default SQLite checkpoints inside the commit that pushes the WAL past
+//! 1,000 pages: the committing thread copies those pages into the database
+//! file and syncs it while it still holds the write lock. For the daemon
+//! that thread is the writer every run waits on, and the drain paid about a
+//! fifth of its time there. Here the daemon's connections only signal, and
+//! a thread with a connection of its own checkpoints `PASSIVE`ly (never
+//! blocking the writer) as the WAL grows.
+//!
+//! A passive checkpoint cannot rewind the WAL while the writer keeps
+//! appending to it, so under sustained load the file would grow without
+//! end. Past [`REWIND_PAGES`] the committing connection checkpoints itself,
+//! as SQLite would have: only the pages the thread has not copied yet are
+//! left to it, and once they are in, its next write starts the WAL over.
+//!
+//! One thread per database per process, shared by every connection that
+//! asks, and stopped when the last of them closes. Other processes (the CLI)
+//! keep SQLite's own checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use rusqlite::wal::CheckpointMode;
+
+/// WAL size (pages) from which a commit asks for a checkpoint: SQLite's own
+/// `wal_autocheckpoint` default.
+const CHECKPOINT_PAGES: i32 = 1000;
+/// WAL size (pages, about 16 MiB) from which a commit checkpoints itself,
+/// so that the WAL starts over.
+const REWIND_PAGES: i32 = 4096;
+/// Least time between two checkpoints: under load every commit asks, and
+/// each checkpoint syncs the database file.
+const MIN_GAP: Duration = Duration::from_millis(10);
+
+/// A database's checkpoint thread, alive while a connection holds it.
+pub struct Checkpointer {
+    wake: SyncSender<()>,
+}
+
+impl Checkpointer {
+    /// The checkpoint thread of the database at `path`, started if this
+    /// process has none running for it.
+    pub fn for_database(path: &Path) -> std::io::Result<Arc<Checkpointer>> {
+        static RUNNING: Mutex<Vec<(PathBuf, Weak<Checkpointer>)>> = Mutex::new(Vec::new());
+        let path = std::fs::canonicalize(path)?;
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|(_, c)| c.strong_count() > 0);
+        if let Some(c) = running
+            .iter()
+            .find(|(p, _)| *p == path)
+            .and_then(|(_, c)| c.upgrade())
+        {
+            return Ok(c);
+        }
+        let (wake, woken) = sync_channel(1);
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("colony-wal-ckpt".into())
+            .spawn(move || checkpoint_until_closed(&thread_path, woken))?;
+        let checkpointer = Arc::new(Checkpointer { wake });
+        running.push((path, Arc::downgrade(&checkpointer)));
+        Ok(checkpointer)
+    }
+
+    /// Makes `conn`'s commits wake the thread instead of checkpointing
+    /// themselves, until the WAL is due to start over (the hook replaces
+    /// SQLite's automatic checkpoints).
+    pub fn attach(self: &Arc<Self>, conn: &mut Connection) -> rusqlite::Result<()> {
+        let wake = self.wake.clone();
+        conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
+            if pages >= REWIND_PAGES {
+                // Busy when the thread is checkpointing: the next commit tries.
+                let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
+            } else if pages >= CHECKPOINT_PAGES {
+                // Full: a checkpoint is already due, this commit joins it.
+                if let Err(TrySendError::Disconnected(_)) = wake.try_send(()) {
+                    tracing::warn!("the WAL checkpoint thread stopped");
+                }
+            }
+            // Never an error: the commit has happened, and an error here
+            // would report it as failed.
+            Ok(())
+        }))
+    }
+}
+
+/// The thread: a checkpoint per wake-up, until every connection that could
+/// wake it is closed (then SQLite's own checkpoint on close takes over).
+fn checkpoint_until_closed(path: &Path, woken: Receiver<()>) {
+    let conn = match Connection::open(path) {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::error!("cannot open {} to checkpoint its WAL: {e}", path.display());
+            return;
+        }
+    };
+    while woken.recv().is_ok() {
+        if let Err(e) = checkpoint(&conn) {
+            tracing::warn!("checkpointing {} failed, will retry: {e}", path.display());
+        }
+        std::thread::sleep(MIN_GAP);
+    }
+}
+
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection with the hook attached to a checkpointer whose wake-ups
+    /// the test receives instead of a thread.
+    fn attached(path: &Path) -> (Connection, Arc<Checkpointer>, Receiver<()>) {
+        let mut conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute("CREATE TABLE filler (data BLOB)", []).unwrap();
+        let (wake, woken) = sync_channel(1);
+        let checkpointer = Arc::new(Checkpointer { wake });
+        checkpointer.attach(&mut conn).unwrap();
+        (conn, checkpointer, woken)
+    }
+
+    /// One transaction of about 100 pages.
+    fn write_100_pages(conn: &Connection) {
+        let tx = conn.unchecked_transaction().unwrap();
+        for _ in 0..100 {
+            tx.execute("INSERT INTO filler VALUES (zeroblob(4000))", [])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    fn wal_pages(path: &Path) -> i64 {
+        let other = Connection::open(path).unwrap();
+        other
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+            .unwrap()
+    }
+
+    #[test]
+    fn commits_wake_the_thread_instead_of_checkpointing_until_the_wal_must_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hook.db");
+        let (conn, _checkpointer, woken) = attached(&path);
+        let db_len = || std::fs::metadata(&path).unwrap().len();
+        let empty = db_len();
+
+        for _ in 0..9 {
+            write_100_pages(&conn);
+        }
+        assert!(woken.try_recv().is_err(), "woken before 1,000 pages");
+        write_100_pages(&conn);
+        assert!(woken.try_recv().is_ok(), "not woken at 1,000 pages");
+        assert_eq!(db_len(), empty, "a commit checkpointed by itself");
+
+        while db_len() == empty {
+            write_100_pages(&conn);
+            let _ = woken.try_recv();
+            let pages = std::fs::metadata(path.with_extension("db-wal"))
+                .unwrap()
+                .len()
+                / 4096;
+            assert!(
+                pages < REWIND_PAGES as u64 + 200,
+                "no commit checkpointed by itself"
+            );
+        }
+        // That checkpoint copied every page, so the next write starts over.
+        write_100_pages(&conn);
+        assert!(wal_pages(&path) < 200, "the WAL did not start over");
+    }
+}

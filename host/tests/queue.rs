@@ -750,6 +750,104 @@ on_both_drivers! {
         assert_eq!(ids.len(), 2);
     }
 
+    fn a_batch_stores_each_task_as_submitting_it_alone_would(db) {
+        // On PostgreSQL runs of tasks with no key and no dependencies go
+        // many rows per statement; the others, and every task on SQLite,
+        // one by one. Either way each task must be stored as `submit`
+        // stores it, in the batch's order.
+        let mut q = db.open();
+        let dependency = q.submit(&NewTask::new("a", "{}")).unwrap().id;
+        let mut keyed = NewTask::new("a", r#"{"keyed":true}"#);
+        keyed.key = Some("k1".into());
+        let existing = q.submit(&keyed).unwrap().id;
+
+        let mut full = NewTask::new("a", r#"{"i":0}"#);
+        full.priority = 5;
+        full.max_attempts = 5;
+        full.max_revisions = 2;
+        full.timeout_ms = Some(1000);
+        full.backoff_ms = 250;
+        full.token_budget = Some(77);
+        full.next = vec![NextSpec {
+            agent: "b".into(),
+            payload: json!({"then": 1}),
+            priority: 1,
+            review: true,
+            next: vec![],
+        }];
+        let mut scheduled = NewTask::new("a", r#"{"i":1}"#);
+        scheduled.run_at = Some(colony::queue::now_ms() + 3_600_000);
+        let mut reviewed = NewTask::new("a", r#"{"i":2}"#);
+        reviewed.reviewer = Some("judge".into());
+        let mut dependent = NewTask::new("b", r#"{"i":4}"#);
+        dependent.depends_on = vec![dependency];
+        let batch = [
+            full,
+            scheduled,
+            reviewed,
+            keyed,
+            NewTask::new("a", r#"{"i":3}"#),
+            dependent,
+            NewTask::new("c", r#"{"i":5}"#),
+            NewTask::new("c", r#"{"i":6}"#),
+        ];
+        let alone: Vec<_> = batch
+            .iter()
+            .map(|t| {
+                let mut t = t.clone();
+                if let Some(key) = &mut t.key {
+                    key.push_str("-alone");
+                }
+                q.submit(&t).unwrap()
+            })
+            .collect();
+        let submitted = q.submit_batch(&batch).unwrap();
+
+        assert_eq!(submitted.len(), batch.len());
+        assert!(submitted[3].existed && submitted[3].id == existing, "{submitted:?}");
+        let new: Vec<i64> = submitted.iter().filter(|s| !s.existed).map(|s| s.id).collect();
+        assert!(new.windows(2).all(|w| w[0] < w[1]), "ids out of the batch's order: {new:?}");
+        assert!(new[0] > alone.last().unwrap().id);
+        let comparable = |id: i64| {
+            let mut task = serde_json::to_value(q.get(id).unwrap()).unwrap();
+            let fields = task.as_object_mut().unwrap();
+            for field in ["id", "created_at", "updated_at", "run_at", "idempotency_key"] {
+                fields.remove(field);
+            }
+            task
+        };
+        let events = |id: i64| -> Vec<_> {
+            q.events(Some(id), 0, 10)
+                .unwrap()
+                .into_iter()
+                .map(|e| (e.event, e.from, e.to, e.actor, e.detail))
+                .collect()
+        };
+        for (i, (stored, twin)) in submitted.iter().zip(&alone).enumerate() {
+            if i == 3 {
+                continue;
+            }
+            assert_eq!(comparable(stored.id), comparable(twin.id), "task {i} of the batch");
+            assert_eq!(events(stored.id), events(twin.id), "task {i}'s events");
+            assert_eq!(events(stored.id).len(), 1, "task {i}: one submit event");
+        }
+        let states: Vec<State> = submitted.iter().map(|s| q.get(s.id).unwrap().state).collect();
+        use State::{Pending, Ready};
+        assert_eq!(states, [Ready, Pending, Ready, Ready, Ready, Pending, Ready, Ready]);
+        assert_eq!(q.get(submitted[1].id).unwrap().run_at, batch[1].run_at.unwrap());
+        // The chain's token budget, which no read of a task shows.
+        let first_two = q.claim("a", 2).unwrap();
+        assert_eq!(first_two[1].lease.task_id, submitted[0].id, "priority 5 first");
+        for task in &first_two {
+            let left = q.reserve_model_tokens(task.lease, 0, None).unwrap();
+            assert_eq!(left, colony::models::Budget::Reserved { left: 77 });
+        }
+        // What was stored is claimable as usual, in order of priority then id.
+        let claimed = q.claim("c", 10).unwrap();
+        let ids: Vec<i64> = claimed.iter().map(|t| t.lease.task_id).collect();
+        assert_eq!(ids, [alone[6].id, alone[7].id, submitted[6].id, submitted[7].id]);
+    }
+
     fn scheduled_tasks_wait_in_pending_until_due(db) {
         let mut q = db.open();
         let mut new = NewTask::new("a", "{}");

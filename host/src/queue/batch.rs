@@ -62,7 +62,8 @@ pub(super) struct NewEvent {
     /// The event's name: a transition's (`Event::as_str`), or a record
     /// such as `state_write` (then `from` and `to` are the same).
     pub event: &'static str,
-    pub from: State,
+    /// `None` for a submit: the task had no state before.
+    pub from: Option<State>,
     pub to: State,
     pub detail: String,
 }
@@ -159,7 +160,10 @@ pub(super) fn insert_events(
                 Param::Int(now),
                 Param::Int(e.task_id),
                 Param::Text(e.event),
-                Param::Text(e.from.as_str()),
+                match e.from {
+                    Some(from) => Param::Text(from.as_str()),
+                    None => Param::Null,
+                },
                 Param::Text(e.to.as_str()),
                 Param::Text(actor),
                 Param::Text(&e.detail),
@@ -261,7 +265,7 @@ fn complete_plain(
             events.extend(writes.events.into_iter().map(|(task_id, detail)| NewEvent {
                 task_id,
                 event: "state_write",
-                from: State::InProgress,
+                from: Some(State::InProgress),
                 to: State::InProgress,
                 detail,
             }));
@@ -275,7 +279,7 @@ fn complete_plain(
     events.extend(done.iter().map(|&(i, attempt)| NewEvent {
         task_id: runs[i].lease.task_id,
         event: Event::Complete.as_str(),
-        from: State::InProgress,
+        from: Some(State::InProgress),
         to,
         detail: format!(r#"{{"attempt":{attempt}}}"#),
     }));

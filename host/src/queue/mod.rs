@@ -518,16 +518,7 @@ impl Queue {
             validate::validate_new_task(new, self.opts.max_payload_bytes)
                 .map_err(|e| in_batch(index, e))?;
         }
-        self.write(|tx, now| {
-            let mut out = Vec::with_capacity(batch.len());
-            for (index, new) in batch.iter().enumerate() {
-                out.push(
-                    tasks::insert_new_task(tx, new, None, &self.opts.actor, now)
-                        .map_err(|e| in_batch(index, e))?,
-                );
-            }
-            Ok(out)
-        })
+        self.write(|tx, now| tasks::insert_new_tasks(tx, batch, &self.opts.actor, now))
     }
 
     // ----- the run cycle --------------------------------------------------

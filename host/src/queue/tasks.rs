@@ -9,8 +9,8 @@ use crate::task::{
     self, ClaimedTask, ErrorKind, Event, Lease, NewTask, NextSpec, State, TaskError,
 };
 
-use super::batch::{BySize, NewEvent, insert_events};
-use super::sql::{Dialect, Param, Sql, args};
+use super::batch::{BySize, NewEvent, insert_events, insert_or_fail, values_list};
+use super::sql::{Dialect, Param, Sql, ToParam, args};
 use super::validate::stored_json;
 use super::{Applied, ExpiredLease, QueueError, Result, Submitted, outbox};
 
@@ -85,6 +85,130 @@ pub(super) fn state_of(tx: &dyn Sql, id: i64) -> Result<State> {
 pub(super) fn parse_state(s: &str) -> Result<State> {
     s.parse().map_err(QueueError::Corrupt)
 }
+
+/// Inserts a validated batch, in order. On PostgreSQL, where a statement
+/// is a round trip, each run of tasks that need no read first (no
+/// idempotency key, no dependencies) goes many rows per statement
+/// ([`insert_plain_tasks`]: 20,000 tasks submitted at 14,500 a second one
+/// by one); every other task, and every task on SQLite, where a statement
+/// is a function call, one by one.
+pub(super) fn insert_new_tasks(
+    tx: &dyn Sql,
+    batch: &[NewTask],
+    actor: &str,
+    now: i64,
+) -> Result<Vec<Submitted>> {
+    let mut out = Vec::with_capacity(batch.len());
+    while out.len() < batch.len() {
+        let next = out.len();
+        let plain = match tx.dialect() {
+            Dialect::Postgres => batch[next..].iter().take_while(|t| is_plain(t)).count(),
+            Dialect::Sqlite => 0,
+        };
+        if plain > 1 {
+            out.extend(insert_plain_tasks(
+                tx,
+                &batch[next..next + plain],
+                actor,
+                now,
+            )?);
+        } else {
+            let submitted = insert_new_task(tx, &batch[next], None, actor, now)
+                .map_err(|e| super::in_batch(next, e))?;
+            out.push(submitted);
+        }
+    }
+    Ok(out)
+}
+
+/// A task whose insert needs no read first: no idempotency key to look up,
+/// no dependencies to check.
+fn is_plain(new: &NewTask) -> bool {
+    new.key.is_none() && new.depends_on.is_empty()
+}
+
+/// Inserts validated plain tasks (see [`is_plain`]) and their submit
+/// events, many rows per statement: their ids drawn from the sequence
+/// first, so that they follow the batch's order, as one by one.
+fn insert_plain_tasks(
+    tx: &dyn Sql,
+    batch: &[NewTask],
+    actor: &str,
+    now: i64,
+) -> Result<Vec<Submitted>> {
+    let mut ids: Vec<i64> = tx.query_column(
+        "SELECT nextval(pg_get_serial_sequence('tasks', 'id')) FROM generate_series(1, ?1)",
+        args![batch.len() as i64],
+    )?;
+    ids.sort_unstable();
+    let next_json: Vec<Option<String>> = batch
+        .iter()
+        .map(|new| match new.next.is_empty() {
+            true => Ok(None),
+            false => stored_json("next", &new.next).map(Some),
+        })
+        .collect::<Result<_>>()?;
+    let mut events = Vec::with_capacity(batch.len());
+    for (rows, ids) in BySize::chunks(tx.dialect(), &ids).scan(0, |done, ids| {
+        let rows = *done..*done + ids.len();
+        *done = rows.end;
+        Some((rows, ids))
+    }) {
+        let mut params = Vec::with_capacity(ids.len() * 16);
+        for (i, id) in rows.zip(ids) {
+            let new = &batch[i];
+            let run_at = new.run_at.unwrap_or(now);
+            let event = match run_at <= now {
+                true => Event::SubmitReady,
+                false => Event::SubmitPending,
+            };
+            let state = task::transition(None, event).expect("submit is always allowed");
+            params.extend([
+                id.to_param(),
+                new.agent.to_param(),
+                new.payload.to_param(),
+                Param::Text(state.as_str()),
+                new.priority.to_param(),
+                new.max_attempts.to_param(),
+                new.max_revisions.to_param(),
+                Param::Int((new.review || new.reviewer.is_some()) as i64),
+                new.reviewer.to_param(),
+                Param::Int(run_at),
+                new.timeout_ms.to_param(),
+                new.backoff_ms.to_param(),
+                next_json[i].to_param(),
+                Param::Int(now),
+                Param::Int(now),
+                new.token_budget.to_param(),
+            ]);
+            events.push(NewEvent {
+                task_id: *id,
+                event: event.as_str(),
+                from: None,
+                to: state,
+                detail: "{}".into(),
+            });
+        }
+        tx.execute(&INSERT_PLAIN_TASKS.sql(tx.dialect(), ids.len()), &params)?;
+    }
+    insert_events(tx, &events, actor, now)?;
+    tx.signal_work();
+    Ok(ids
+        .into_iter()
+        .map(|id| Submitted { id, existed: false })
+        .collect())
+}
+
+static INSERT_PLAIN_TASKS: BySize = BySize::new(|dialect, rows| {
+    format!(
+        "{} INTO tasks (id, agent, payload, state, priority, max_attempts, max_revisions, review,
+                        reviewer, run_at, timeout_ms, backoff_ms, next_tasks, created_at,
+                        updated_at, token_budget)
+         VALUES {}",
+        insert_or_fail(dialect),
+        values_list(rows, 16, |_, p| p)
+    )
+});
 
 /// Inserts a validated task (and its dependency rows and submit event).
 pub(super) fn insert_new_task(
@@ -333,7 +457,7 @@ pub(super) fn claim_in(
         events.push(NewEvent {
             task_id: task.lease.task_id,
             event: Event::Claim.as_str(),
-            from: State::Ready,
+            from: Some(State::Ready),
             to,
             detail: format!(
                 r#"{{"attempt":{},"holder":{holder},"token":{token}}}"#,

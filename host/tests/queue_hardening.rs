@@ -79,6 +79,15 @@ on_both_drivers! {
         assert!(err.to_string().contains("invalid next"), "{err}");
         assert!(err.to_string().contains("nested too deeply"), "{err}");
         assert_eq!(task_count(&q), 0);
+        // In a batch of plain tasks (many rows per statement on PostgreSQL)
+        // it is named by its place, and nothing of the batch is stored.
+        let plain = NewTask::new("noop", "{}");
+        let err = q
+            .submit_batch(&[plain.clone(), plain.clone(), new, plain])
+            .unwrap_err();
+        assert!(err.to_string().starts_with("task #3 of the batch"), "{err}");
+        assert!(err.to_string().contains("nested too deeply"), "{err}");
+        assert_eq!(task_count(&q), 0);
     }
 
     fn an_output_or_spawn_that_cannot_be_read_back_fails_the_run_as_invalid_output(db) {

@@ -108,7 +108,8 @@ pub(super) fn insert_new_tasks(
         if plain > 1 {
             out.extend(insert_plain_tasks(
                 tx,
-                &batch[next..next + plain],
+                batch,
+                next..next + plain,
                 actor,
                 now,
             )?);
@@ -127,27 +128,34 @@ fn is_plain(new: &NewTask) -> bool {
     new.key.is_none() && new.depends_on.is_empty()
 }
 
-/// Inserts validated plain tasks (see [`is_plain`]) and their submit
-/// events, many rows per statement: their ids drawn from the sequence
-/// first, so that they follow the batch's order, as one by one.
+/// Inserts the validated plain tasks at `plain` in `batch` (see
+/// [`is_plain`]) and their submit events, many rows per statement: their
+/// ids drawn from the sequence first, so that they follow the batch's
+/// order, as one by one.
 fn insert_plain_tasks(
     tx: &dyn Sql,
     batch: &[NewTask],
+    plain: std::ops::Range<usize>,
     actor: &str,
     now: i64,
 ) -> Result<Vec<Submitted>> {
+    let first = plain.start;
+    let batch = &batch[plain];
+    let next_json: Vec<Option<String>> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, new)| match new.next.is_empty() {
+            true => Ok(None),
+            false => stored_json("next", &new.next)
+                .map(Some)
+                .map_err(|e| super::in_batch(first + i, e)),
+        })
+        .collect::<Result<_>>()?;
     let mut ids: Vec<i64> = tx.query_column(
         "SELECT nextval(pg_get_serial_sequence('tasks', 'id')) FROM generate_series(1, ?1)",
         args![batch.len() as i64],
     )?;
     ids.sort_unstable();
-    let next_json: Vec<Option<String>> = batch
-        .iter()
-        .map(|new| match new.next.is_empty() {
-            true => Ok(None),
-            false => stored_json("next", &new.next).map(Some),
-        })
-        .collect::<Result<_>>()?;
     let mut events = Vec::with_capacity(batch.len());
     for (rows, ids) in BySize::chunks(tx.dialect(), &ids).scan(0, |done, ids| {
         let rows = *done..*done + ids.len();

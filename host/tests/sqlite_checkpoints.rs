@@ -4,7 +4,9 @@
 //! under writes that never pause, and the thread ends with the last
 //! connection that used it.
 //!
-//! One test in its own binary: it counts this process's checkpoint threads.
+//! One test in its own binary: it counts this process's checkpoint threads
+//! (by name, in `/proc`).
+#![cfg(target_os = "linux")]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -59,6 +61,10 @@ fn the_checkpoint_thread_copies_the_wal_bounds_it_and_stops_with_its_connections
     };
     let mut q = Queue::open_with(&db, opts).unwrap();
     let mut second = q.reopener()().unwrap();
+    // A new thread takes its name from inside, a moment after it starts.
+    eventually("the checkpoint thread is named", || {
+        checkpoint_threads() >= 1
+    });
     assert_eq!(
         checkpoint_threads(),
         1,

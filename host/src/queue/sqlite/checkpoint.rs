@@ -10,13 +10,16 @@
 //!
 //! A passive checkpoint cannot rewind the WAL while the writer keeps
 //! appending to it, so under sustained load the file would grow without
-//! end. Past [`REWIND_PAGES`] the committing connection checkpoints itself,
-//! as SQLite would have: only the pages the thread has not copied yet are
-//! left to it, and once they are in, its next write starts the WAL over.
+//! end. From [`REWIND_PAGES`] the committing connection also checkpoints
+//! itself, as SQLite would have (only the pages the thread has not copied
+//! yet are left to it), at most once per [`CHECKPOINT_PAGES`] of growth:
+//! the WAL starts over at the first write that finds it all copied and no
+//! reader in it, which readers that come and go may put off for a while.
 //!
 //! One thread per database per process, shared by every connection that
 //! asks, and stopped when the last of them closes. Other processes (the CLI)
-//! keep SQLite's own checkpoints.
+//! keep SQLite's own checkpoints, and so does a connection whose thread is
+//! gone.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -24,6 +27,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rusqlite::Connection;
+use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
 
 /// WAL size (pages) from which a commit asks for a checkpoint: SQLite's own
@@ -56,11 +60,14 @@ impl Checkpointer {
         {
             return Ok(c);
         }
+        // Opened here, so that a thread without a connection is an error
+        // of the caller's rather than a thread that quietly ends.
+        let conn = Connection::open(&path).map_err(std::io::Error::other)?;
         let (wake, woken) = sync_channel(1);
         let thread_path = path.clone();
         std::thread::Builder::new()
             .name("colony-wal-ckpt".into())
-            .spawn(move || checkpoint_until_closed(&thread_path, woken))?;
+            .spawn(move || checkpoint_until_closed(&thread_path, conn, woken))?;
         let checkpointer = Arc::new(Checkpointer { wake });
         running.push((path, Arc::downgrade(&checkpointer)));
         Ok(checkpointer)
@@ -71,14 +78,23 @@ impl Checkpointer {
     /// SQLite's automatic checkpoints).
     pub fn attach(self: &Arc<Self>, conn: &mut Connection) -> rusqlite::Result<()> {
         let wake = self.wake.clone();
-        conn.wal_hook(Some(move |wal: &mut rusqlite::hooks::Wal, pages: i32| {
-            if pages >= REWIND_PAGES {
-                // Busy when the thread is checkpointing: the next commit tries.
+        // The WAL's size at this connection's last own checkpoint.
+        let mut checkpointed_at = 0;
+        let mut thread_gone = false;
+        conn.wal_hook(Some(move |wal: &mut Wal, pages: i32| {
+            if pages < checkpointed_at {
+                checkpointed_at = 0; // the WAL started over
+            }
+            let own = pages >= REWIND_PAGES && pages >= checkpointed_at + CHECKPOINT_PAGES;
+            if own || (thread_gone && pages >= CHECKPOINT_PAGES) {
+                checkpointed_at = pages;
+                // Busy when the thread is checkpointing: a later commit tries.
                 let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
             } else if pages >= CHECKPOINT_PAGES {
                 // Full: a checkpoint is already due, this commit joins it.
                 if let Err(TrySendError::Disconnected(_)) = wake.try_send(()) {
-                    tracing::warn!("the WAL checkpoint thread stopped");
+                    tracing::warn!("the WAL checkpoint thread stopped; commits checkpoint");
+                    thread_gone = true;
                 }
             }
             // Never an error: the commit has happened, and an error here
@@ -90,24 +106,24 @@ impl Checkpointer {
 
 /// The thread: a checkpoint per wake-up, until every connection that could
 /// wake it is closed (then SQLite's own checkpoint on close takes over).
-fn checkpoint_until_closed(path: &Path, woken: Receiver<()>) {
-    let conn = match Connection::open(path) {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::error!("cannot open {} to checkpoint its WAL: {e}", path.display());
-            return;
-        }
-    };
+/// A failing checkpoint is reported once, not at every wake-up.
+fn checkpoint_until_closed(path: &Path, conn: Connection, woken: Receiver<()>) {
+    let mut failing = false;
     while woken.recv().is_ok() {
-        if let Err(e) = checkpoint(&conn) {
-            tracing::warn!("checkpointing {} failed, will retry: {e}", path.display());
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) if failing => {
+                tracing::info!("checkpointing {} works again", path.display());
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!("checkpointing {} failed, will retry: {e}", path.display());
+                failing = true;
+            }
+            Err(_) => {}
         }
         std::thread::sleep(MIN_GAP);
     }
-}
-
-fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
 
 #[cfg(test)]
@@ -174,5 +190,41 @@ mod tests {
         // That checkpoint copied every page, so the next write starts over.
         write_100_pages(&conn);
         assert!(wal_pages(&path) < 200, "the WAL did not start over");
+
+        // A reader in the WAL keeps it from starting over: from REWIND_PAGES
+        // a commit checkpoints itself once per CHECKPOINT_PAGES of growth
+        // and wakes the thread in between, not checkpoint at every commit.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        // The WAL holds ~100 pages now and grows ~100 per commit: count from
+        // the 45th commit, well past REWIND_PAGES, to the 65th.
+        let (mut own, mut woke) = (0, 0);
+        for commit in 0..65 {
+            write_100_pages(&conn);
+            match (commit >= 45, woken.try_recv().is_ok()) {
+                (true, true) => woke += 1,
+                (true, false) => own += 1,
+                (false, _) => {}
+            }
+        }
+        assert!(
+            (1..=3).contains(&own),
+            "{own} own checkpoints, {woke} wake-ups"
+        );
+        assert!(woke >= 15, "{own} own checkpoints, {woke} wake-ups");
+        reader.execute_batch("COMMIT").unwrap();
+
+        // Without the thread, commits checkpoint themselves as SQLite would.
+        drop(woken);
+        for _ in 0..3 {
+            write_100_pages(&conn);
+        }
+        assert!(
+            wal_pages(&path) < 200,
+            "no commit checkpointed for the gone thread"
+        );
     }
 }

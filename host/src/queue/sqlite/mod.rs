@@ -42,8 +42,10 @@ impl SqliteDb {
             path: path.to_path_buf(),
             checkpointer: None,
         };
-        if opts.background_checkpoints {
-            db.checkpoint_in_background()?;
+        if opts.background_checkpoints
+            && let Err(e) = db.checkpoint_in_background()
+        {
+            tracing::warn!("{e}; SQLite checkpoints in this connection's commits instead");
         }
         Ok(db)
     }

@@ -360,3 +360,35 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].task_id, third);
 }
+
+/// A role granted the tables but not the tasks' id sequence (a schema
+/// owned by an administrator) submits batches too: one task per statement,
+/// since it may not draw ids itself, in the batch's order.
+#[test]
+fn a_role_without_the_sequence_grant_still_submits_batches() {
+    let Some(db) = TestDb::postgres() else { return };
+    drop(db.open()); // migrated by the owner
+    let common::Raw::Postgres(mut admin) = db.raw() else {
+        unreachable!()
+    };
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE colony_tables_only LOGIN;
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public
+                TO colony_tables_only;",
+        )
+        .unwrap();
+    let url = db.url().replacen("postgres@", "colony_tables_only@", 1);
+    let mut q = Queue::open(&url).unwrap();
+    let batch: Vec<NewTask> = (0..5)
+        .map(|i| NewTask::new("a", format!(r#"{{"i":{i}}}"#)))
+        .collect();
+    let submitted = q.submit_batch(&batch).unwrap();
+    let ids: Vec<i64> = submitted.iter().map(|s| s.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(q.get(*id).unwrap().payload["i"], i);
+        assert_eq!(q.events(Some(*id), 0, 10).unwrap().len(), 1);
+    }
+}

@@ -848,6 +848,27 @@ on_both_drivers! {
         assert_eq!(ids, [alone[6].id, alone[7].id, submitted[6].id, submitted[7].id]);
     }
 
+    fn a_large_batch_keeps_its_order_across_statements(db) {
+        // 450 plain tasks: on PostgreSQL three INSERTs (200 + 200 + 50 rows)
+        // and as many for their events.
+        let mut q = db.open();
+        let batch: Vec<NewTask> = (0..450)
+            .map(|i| NewTask::new("a", format!(r#"{{"i":{i}}}"#)))
+            .collect();
+        let submitted = q.submit_batch(&batch).unwrap();
+        let ids: Vec<i64> = submitted.iter().map(|s| s.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of the batch's order");
+        for (i, id) in ids.iter().enumerate() {
+            let task = q.get(*id).unwrap();
+            assert_eq!((task.payload["i"].as_u64(), task.state), (Some(i as u64), State::Ready));
+        }
+        let events = q.events(None, 0, 1000).unwrap();
+        assert_eq!(events.len(), 450);
+        let mut with_events: Vec<i64> = events.iter().map(|e| e.task_id).collect();
+        with_events.sort_unstable();
+        assert_eq!(with_events, ids, "one submit event per task");
+    }
+
     fn scheduled_tasks_wait_in_pending_until_due(db) {
         let mut q = db.open();
         let mut new = NewTask::new("a", "{}");

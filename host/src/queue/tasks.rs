@@ -99,13 +99,14 @@ pub(super) fn insert_new_tasks(
     now: i64,
 ) -> Result<Vec<Submitted>> {
     let mut out = Vec::with_capacity(batch.len());
+    let mut may_draw_ids = None;
     while out.len() < batch.len() {
         let next = out.len();
         let plain = match tx.dialect() {
             Dialect::Postgres => batch[next..].iter().take_while(|t| is_plain(t)).count(),
             Dialect::Sqlite => 0,
         };
-        if plain > 1 {
+        if plain > 1 && may_draw_task_ids(tx, &mut may_draw_ids)? {
             out.extend(insert_plain_tasks(
                 tx,
                 batch,
@@ -120,6 +121,20 @@ pub(super) fn insert_new_tasks(
         }
     }
     Ok(out)
+}
+
+/// Whether this connection may draw ids from the tasks' sequence itself
+/// (asked once per batch): a role granted only the tables, not the
+/// sequence, can insert with the default id but not call `nextval`, and
+/// then submits one by one.
+fn may_draw_task_ids(tx: &dyn Sql, known: &mut Option<bool>) -> Result<bool> {
+    if known.is_none() {
+        *known = Some(tx.query_value(
+            "SELECT has_sequence_privilege(pg_get_serial_sequence('tasks', 'id'), 'USAGE')",
+            args![],
+        )?);
+    }
+    Ok(known.unwrap_or(false))
 }
 
 /// A task whose insert needs no read first: no idempotency key to look up,

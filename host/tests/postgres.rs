@@ -381,14 +381,5 @@ fn a_role_without_the_sequence_grant_still_submits_batches() {
         .unwrap();
     let url = db.url().replacen("postgres@", "colony_tables_only@", 1);
     let mut q = Queue::open(&url).unwrap();
-    let batch: Vec<NewTask> = (0..5)
-        .map(|i| NewTask::new("a", format!(r#"{{"i":{i}}}"#)))
-        .collect();
-    let submitted = q.submit_batch(&batch).unwrap();
-    let ids: Vec<i64> = submitted.iter().map(|s| s.id).collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-    for (i, id) in ids.iter().enumerate() {
-        assert_eq!(q.get(*id).unwrap().payload["i"], i);
-        assert_eq!(q.events(Some(*id), 0, 10).unwrap().len(), 1);
-    }
+    common::submit_numbered_batch(&mut q, 5);
 }

@@ -852,16 +852,7 @@ on_both_drivers! {
         // 450 plain tasks: on PostgreSQL three INSERTs (200 + 200 + 50 rows)
         // and as many for their events.
         let mut q = db.open();
-        let batch: Vec<NewTask> = (0..450)
-            .map(|i| NewTask::new("a", format!(r#"{{"i":{i}}}"#)))
-            .collect();
-        let submitted = q.submit_batch(&batch).unwrap();
-        let ids: Vec<i64> = submitted.iter().map(|s| s.id).collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of the batch's order");
-        for (i, id) in ids.iter().enumerate() {
-            let task = q.get(*id).unwrap();
-            assert_eq!((task.payload["i"].as_u64(), task.state), (Some(i as u64), State::Ready));
-        }
+        let ids = common::submit_numbered_batch(&mut q, 450);
         let events = q.events(None, 0, 1000).unwrap();
         assert_eq!(events.len(), 450);
         let mut with_events: Vec<i64> = events.iter().map(|e| e.task_id).collect();

@@ -171,3 +171,31 @@ pub fn shown(args: &[impl AsRef<OsStr>]) -> Vec<String> {
         .map(|a| a.as_ref().to_string_lossy().into_owned())
         .collect()
 }
+
+/// Submits `n` plain tasks (`{"i": 0}`, `{"i": 1}`, ...) in one batch and
+/// checks that each was stored in the batch's order, ready, with one submit
+/// event (on PostgreSQL such a batch goes many rows per statement when the
+/// role may draw ids); answers their ids.
+pub fn submit_numbered_batch(q: &mut Queue, n: usize) -> Vec<i64> {
+    let batch: Vec<colony::task::NewTask> = (0..n)
+        .map(|i| colony::task::NewTask::new("a", format!(r#"{{"i":{i}}}"#)))
+        .collect();
+    let ids: Vec<i64> = q
+        .submit_batch(&batch)
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids out of the batch's order"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let task = q.get(*id).unwrap();
+        assert_eq!(task.payload["i"].as_u64(), Some(i as u64), "task {id}");
+        assert_eq!(task.state, colony::task::State::Ready, "task {id}");
+        let events = q.events(Some(*id), 0, 10).unwrap();
+        assert_eq!(events.len(), 1, "task {id}: one submit event");
+    }
+    ids
+}

@@ -235,21 +235,41 @@ async fn a_submit_on_another_connection_wakes_an_idle_daemon_at_once() {
             .unwrap()
             .id
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let state = loop {
-        let state = tokio::task::block_in_place(|| env.database.open().get(id).unwrap().state);
-        if state.is_terminal() || std::time::Instant::now() > deadline {
-            break state;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let single = states_when_finished(&env, &[id]).await;
+    // Then a batch, which goes many rows per statement and notifies once.
+    let batch = tokio::task::block_in_place(|| {
+        let tasks = vec![NewTask::new("echo", "{}"); 3];
+        let submitted = env.database.open().submit_batch(&tasks).unwrap();
+        submitted.iter().map(|s| s.id).collect::<Vec<_>>()
+    });
+    let batched = states_when_finished(&env, &batch).await;
     stop.send(true).unwrap();
     daemon.await.unwrap().unwrap();
     assert_eq!(
-        state,
-        State::Complete,
+        single,
+        [State::Complete],
         "woken by the notification, not by a poll"
     );
+    assert_eq!(
+        batched,
+        [State::Complete; 3],
+        "woken by the batch's notification"
+    );
+}
+
+/// The states of `ids` once all are terminal, or after 30 s.
+async fn states_when_finished(env: &Env, ids: &[i64]) -> Vec<State> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let states: Vec<State> = tokio::task::block_in_place(|| {
+            let q = env.database.open();
+            ids.iter().map(|id| q.get(*id).unwrap().state).collect()
+        });
+        if states.iter().all(|s| s.is_terminal()) || std::time::Instant::now() > deadline {
+            return states;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Two hosts submitting the same idempotency key at the same moment: the

@@ -59,7 +59,7 @@ fn the_checkpoint_thread_copies_the_wal_bounds_it_and_stops_with_its_connections
         background_checkpoints: true,
         ..QueueOptions::default()
     };
-    let mut q = Queue::open_with(&db, opts).unwrap();
+    let mut q = Queue::open_with(&db, opts.clone()).unwrap();
     let mut second = q.reopener()().unwrap();
     // A new thread takes its name from inside, a moment after it starts.
     eventually("the checkpoint thread is named", || {
@@ -109,4 +109,23 @@ fn the_checkpoint_thread_copies_the_wal_bounds_it_and_stops_with_its_connections
     // The data is all there, read through a connection of SQLite's own checkpoints.
     let q = Queue::open(&db).unwrap();
     assert_eq!(q.list(&Default::default()).unwrap().len(), 50 * (20 + 300));
+    drop(q);
+
+    // A database deleted and created again at the same path under a live
+    // connection is another file, whose WAL the old thread would never
+    // checkpoint: it gets a thread of its own.
+    let again = dir.path().join("again.db");
+    let old = Queue::open_with(&again, opts.clone()).unwrap();
+    eventually("the first file's thread is named", || {
+        checkpoint_threads() == 1
+    });
+    for suffix in ["", "-wal", "-shm"] {
+        std::fs::remove_file(format!("{}{suffix}", again.display())).unwrap();
+    }
+    let new = Queue::open_with(&again, opts).unwrap();
+    eventually("the new file has a thread of its own", || {
+        checkpoint_threads() == 2
+    });
+    drop((old, new));
+    eventually("both threads ended", || checkpoint_threads() == 0);
 }

@@ -21,7 +21,7 @@
 //! keep SQLite's own checkpoints, and so does a connection whose thread is
 //! gone.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -49,13 +49,14 @@ impl Checkpointer {
     /// The checkpoint thread of the database at `path`, started if this
     /// process has none running for it.
     pub fn for_database(path: &Path) -> std::io::Result<Arc<Checkpointer>> {
-        static RUNNING: Mutex<Vec<(PathBuf, Weak<Checkpointer>)>> = Mutex::new(Vec::new());
+        static RUNNING: Mutex<Vec<(FileId, Weak<Checkpointer>)>> = Mutex::new(Vec::new());
         let path = std::fs::canonicalize(path)?;
+        let file = FileId::of(&path)?;
         let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         running.retain(|(_, c)| c.strong_count() > 0);
         if let Some(c) = running
             .iter()
-            .find(|(p, _)| *p == path)
+            .find(|(f, _)| *f == file)
             .and_then(|(_, c)| c.upgrade())
         {
             return Ok(c);
@@ -69,7 +70,7 @@ impl Checkpointer {
             .name("colony-wal-ckpt".into())
             .spawn(move || checkpoint_until_closed(&thread_path, conn, woken))?;
         let checkpointer = Arc::new(Checkpointer { wake });
-        running.push((path, Arc::downgrade(&checkpointer)));
+        running.push((file, Arc::downgrade(&checkpointer)));
         Ok(checkpointer)
     }
 
@@ -101,6 +102,39 @@ impl Checkpointer {
             // would report it as failed.
             Ok(())
         }))
+    }
+}
+
+/// Which file a database is: the same through any path to it, and another
+/// once it was deleted and created again (whose WAL the old thread would
+/// never checkpoint).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    device: u64,
+    inode: u64,
+}
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(FileId {
+            device: meta.dev(),
+            inode: meta.ino(),
+        })
+    }
+
+    /// Elsewhere, the canonical path stands for the file.
+    #[cfg(not(unix))]
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut hasher);
+        Ok(FileId {
+            device: 0,
+            inode: hasher.finish(),
+        })
     }
 }
 

@@ -1002,24 +1002,26 @@ fn the_demo_runs_from_an_empty_folder() {
     );
 }
 
+/// Runs `colony bench` with `args` in a directory of its own; answers the
+/// JSON line of each round and the whole output, for messages.
+fn bench_rounds(args: &[&str]) -> (Vec<serde_json::Value>, String) {
+    let env = Env::new(&[]);
+    let dir = env.data.path().join("bench");
+    let mut all = vec!["bench", "--dir", dir.to_str().unwrap()];
+    all.extend(args);
+    let out = env.ok(&all);
+    let rounds = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    (rounds, out)
+}
+
 /// `bench --history`: a fresh round, the round over stored history, and a
 /// fresh round again; the history round is judged against the two around it.
 #[test]
 fn bench_with_history_brackets_it_with_fresh_rounds() {
-    let env = Env::new(&[]);
-    let out = env.ok(&[
-        "bench",
-        "--tasks",
-        "100",
-        "--history",
-        "500",
-        "--dir",
-        env.data.path().join("bench").to_str().unwrap(),
-    ]);
-    let rounds: Vec<serde_json::Value> = out
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let (rounds, out) = bench_rounds(&["--tasks", "100", "--history", "500"]);
     let history: Vec<u64> = rounds
         .iter()
         .map(|r| r["history_rows"].as_u64().unwrap())
@@ -1041,20 +1043,10 @@ fn bench_with_history_brackets_it_with_fresh_rounds() {
 /// a set cost; the model figures come from a loopback provider.
 #[test]
 fn bench_measures_what_the_capabilities_cost() {
-    let env = Env::new(&[]);
-    let out = env.ok(&[
-        "bench",
-        "--tasks",
-        "200",
-        "--capabilities",
-        "--json",
-        "--dir",
-        env.data.path().join("bench").to_str().unwrap(),
-    ]);
-    let report: serde_json::Value = out
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .find(|r: &serde_json::Value| r.get("state_get_set_ratio").is_some())
+    let (rounds, out) = bench_rounds(&["--tasks", "200", "--capabilities", "--json"]);
+    let report = rounds
+        .into_iter()
+        .find(|r| r.get("state_get_set_ratio").is_some())
         .unwrap_or_else(|| panic!("no capability figures in {out}"));
     let ratios = report["state_get_set_ratios"].as_array().unwrap();
     assert_eq!(ratios.len(), 3, "{report}");

@@ -166,6 +166,39 @@ on_both_drivers! {
         assert_eq!(q.claim("a", 23).unwrap().len(), 2);
     }
 
+    /// A batch holding two runs of one task, an old run whose claim was
+    /// cancelled and the run of its new claim: each is fenced on its own
+    /// token, so the new run completes the task, once, and the old one is
+    /// refused (as on the per-run path), whichever comes first.
+    fn a_batch_with_an_old_and_a_new_run_of_one_task_completes_it_once(db) {
+        let mut q = db.open();
+        for old_first in [true, false] {
+            let id = submit(&mut q, "a", json!({}));
+            let old = q.claim("a", 1).unwrap().remove(0);
+            q.cancel(id, "changed my mind").unwrap();
+            q.retry(id).unwrap();
+            let new = q.claim("a", 1).unwrap().remove(0);
+            assert_ne!(old.lease.token, new.lease.token);
+            let (old_run, new_run) = (completed(&old, json!("old")), completed(&new, json!("new")));
+            let runs = match old_first {
+                true => vec![old_run, new_run],
+                false => vec![new_run, old_run],
+            };
+            let applied = q.finish_batch(&runs).unwrap();
+            let expected = match old_first {
+                true => vec![Applied::LeaseLost, Applied::Moved(State::Complete)],
+                false => vec![Applied::Moved(State::Complete), Applied::LeaseLost],
+            };
+            assert_eq!(applied, expected, "old run first: {old_first}");
+            let task = q.get(id).unwrap();
+            assert_eq!(task.result, Some(json!("new")));
+            let events = q.events(Some(id), 0, 100).unwrap();
+            let count = |kind: &str| events.iter().filter(|e| e.event == kind).count();
+            assert_eq!(count("complete"), 1, "old run first: {old_first}");
+            assert_eq!(count("result_refused"), 1, "old run first: {old_first}");
+        }
+    }
+
     fn retryable_failure_backs_off_then_fails_when_attempts_run_out(db) {
         let mut q = db.open();
         let mut new = NewTask::new("flaky", "{}");

@@ -441,17 +441,26 @@ fn complete_rows(
              WHERE tasks.id = v.column1 AND tasks.claim_token = v.column2
                AND tasks.state = 'in_progress' AND tasks.review = 0
                AND tasks.reviews IS NULL AND tasks.next_tasks IS NULL
-             RETURNING id, attempts"
+             RETURNING id, v.column2, attempts"
         ),
         &args,
     )?;
+    // By lease, not by task: a batch may hold an old run of a task beside
+    // the run of its new claim, and only the run whose token matched
+    // completed it. Each completion is credited to one run: the per-run
+    // path refuses any other with the same lease.
     let mut attempts = HashMap::with_capacity(completed.len());
     for row in completed {
-        attempts.insert(row.get::<i64>(0)?, row.get::<u32>(1)?);
+        attempts.insert((row.get::<i64>(0)?, row.get::<i64>(1)?), row.get::<u32>(2)?);
     }
     Ok(indexes
         .iter()
-        .filter_map(|&i| attempts.get(&runs[i].lease.task_id).map(|&a| (i, a)))
+        .filter_map(|&i| {
+            let lease = runs[i].lease;
+            attempts
+                .remove(&(lease.task_id, lease.token))
+                .map(|a| (i, a))
+        })
         .collect())
 }
 

@@ -2,16 +2,33 @@
 //! exit statuses (2 for bad input, 1 for anything else, 0 when the reader
 //! of stdout went away).
 
+use std::io::{IsTerminal, Write};
+
+use tracing_subscriber::EnvFilter;
+
 fn main() {
     let cli = colony::cli::parse_args();
     let default_level = cli.command.default_log_level();
+    let (filter, bad_filter) = match std::env::var("COLONY_LOG") {
+        Err(_) => (EnvFilter::new(default_level), None),
+        Ok(spec) => match EnvFilter::try_new(&spec) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new(default_level), Some((spec, e))),
+        },
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COLONY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person: a log file or a pipe gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
+        // A failed log write would otherwise be reported with `eprintln!`,
+        // which panics when stderr is a closed pipe: a daemon must outlive
+        // the reader of its logs.
+        .log_internal_errors(false)
         .init();
+    if let Some((spec, e)) = bad_filter {
+        tracing::warn!("COLONY_LOG={spec:?} is not a log filter ({e}); logging at {default_level}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -20,7 +37,7 @@ fn main() {
         if colony::cli::is_closed_stdout(&err) {
             std::process::exit(0);
         }
-        eprintln!("error: {err:#}");
+        let _ = writeln!(std::io::stderr(), "error: {err:#}");
         std::process::exit(colony::cli::exit_code(&err));
     }
 }

@@ -2,6 +2,16 @@
 //! command opens the queue (and, where it needs agents, the runtime) and
 //! calls their public API.
 
+/// `eprintln!` that cannot panic. With stderr gone (a pipe whose reader
+/// quit: `colony daemon 2>&1 | head`), `eprintln!` panics; a lost message
+/// is better than a lost command, let alone a daemon holding leases.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod bench_capabilities;
 mod builtin;
@@ -61,7 +71,7 @@ pub fn parse_args() -> Cli {
         }
         let _ = err.print();
         for line in non_utf8_args(&args) {
-            eprintln!("note: {line}");
+            say!("note: {line}");
         }
         std::process::exit(2)
     })
@@ -643,7 +653,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("  {build}");
             println!("  (then copy the component to your colony's agents/ folder; see README.md)");
             if let Some(missing) = new::missing_toolchain(args.lang) {
-                eprintln!("note: building it needs {missing}");
+                say!("note: building it needs {missing}");
             }
             Ok(())
         }
@@ -685,7 +695,7 @@ fn warn_about_ungranted_models(
     let Some(models) = models else { return };
     for alias in granted {
         if !models.has_alias(alias) {
-            eprintln!(
+            say!(
                 "warning: agent {agent} is granted the model alias {alias:?}, which {} does not configure; its calls will be refused",
                 config.display()
             );
@@ -766,7 +776,7 @@ fn warn_about_missing_agents(dir: &Path, tasks: &[NewTask]) {
     let mut warned = std::collections::HashSet::new();
     for (agent, waits) in named {
         if !dir.join(format!("{agent}.wasm")).is_file() && warned.insert(agent) {
-            eprintln!(
+            say!(
                 "warning: no agent {agent:?} in {} yet; {waits} until {}/{agent}.wasm appears",
                 dir.display(),
                 dir.display()
@@ -1017,7 +1027,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     for entry in agents.entries() {
         match &entry.status {
             crate::runtime::AgentStatus::Broken(reason) => {
-                eprintln!("warning: agent {} not loaded: {reason}", entry.name)
+                say!("warning: agent {} not loaded: {reason}", entry.name)
             }
             crate::runtime::AgentStatus::Loaded(agent) => warn_about_ungranted_models(
                 &agent.name,
@@ -1036,9 +1046,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         );
         let _ = stop_tx.send(true);
         wait_for_signal().await;
-        eprintln!(
-            "second signal: exiting now; leases held will expire and be reset by another daemon"
-        );
+        say!("second signal: exiting now; leases held will expire and be reset by another daemon");
         std::process::exit(130);
     });
     let progress = (args.until_idle && std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -1067,7 +1075,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     }
     if let Some(progress) = progress {
         progress.abort();
-        eprint!("\r\x1b[2K");
+        let _ = write!(std::io::stderr(), "\r\x1b[2K");
     }
     output::print_daemon_summary(&summary?, cli.json)
 }
@@ -1088,7 +1096,8 @@ async fn show_progress(db: PathBuf) {
             sum(|b| b.in_progress),
             sum(|b| b.scheduled + b.blocked),
         );
-        eprint!(
+        let _ = write!(
+            std::io::stderr(),
             "\r\x1b[2K{running} in progress, {ready} ready, {waiting} waiting (backoff, schedule or dependencies)"
         );
     }

@@ -100,7 +100,7 @@ pub fn print_submitted(queue: &Queue, submitted: &[Submitted], json: bool) -> Re
     for s in submitted {
         writeln!(out, "{}", s.id)?;
         if s.existed {
-            eprintln!(
+            say!(
                 "note: task {} already existed with this idempotency key; nothing new was stored",
                 s.id
             );
@@ -542,7 +542,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
         }));
     }
-    eprintln!(
+    say!(
         "daemon done: {} runs, {} complete, {} to review, {} retried, {} failed, {} lost, {} released",
         summary.runs,
         summary.completed,
@@ -553,7 +553,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
         summary.released
     );
     for (agent, n) in &summary.left_for_missing_agents {
-        eprintln!(
+        say!(
             "  {n} task(s) left waiting for agent {agent:?}, which is not loaded (or blocked on dependencies)"
         );
     }

@@ -52,13 +52,13 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
 }
 
 fn announce(bound: &web::Bound, db: &Path) {
-    eprintln!(
+    say!(
         "colony dashboard on http://{}/ (queue {}; metrics at /metrics, API at /api)",
         bound.addr,
         redacted(db)
     );
     if bound.generated_token {
-        eprintln!(
+        say!(
             "token for changes (sign in at /login, or send `Authorization: Bearer TOKEN`): {}",
             bound.token
         );

@@ -261,7 +261,7 @@ pub async fn torture(args: &TortureArgs, server: Option<&Path>) -> Result<bool> 
         serde_json::to_string_pretty(&verdict)?
     )?;
     if let Some(kept) = kept {
-        eprintln!(
+        say!(
             "the database and daemon logs are kept in {}",
             kept.display()
         );

@@ -982,20 +982,27 @@ fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
     );
 }
 
+/// From an empty folder, and again in the same `--dir` (a second run
+/// appended a second `allowed_hosts` to its copy of ops's manifest).
 #[test]
-fn the_demo_runs_from_an_empty_folder() {
+fn the_demo_runs_from_an_empty_folder_and_again() {
     let env = Env::new(&[]);
     let empty = env.data.path().join("nothing-here");
     std::fs::create_dir(&empty).unwrap();
     let out_dir = env.data.path().join("demo");
-    let stdout = env.ok(&[
-        "--agents",
-        empty.to_str().unwrap(),
-        "demo",
-        "--dir",
-        out_dir.to_str().unwrap(),
-    ]);
-    assert!(stdout.contains("Every task ended as expected"), "{stdout}");
+    for run in 1..=2 {
+        let stdout = env.ok(&[
+            "--agents",
+            empty.to_str().unwrap(),
+            "demo",
+            "--dir",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(
+            stdout.contains("Every task ended as expected"),
+            "run {run}: {stdout}"
+        );
+    }
     assert!(
         std::fs::read_dir(&empty).unwrap().next().is_none(),
         "the demo wrote into the agents folder"

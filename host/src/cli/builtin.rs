@@ -159,6 +159,11 @@ pub fn copy_store_agent(name: &str, from: &Path, to: &Path) -> Result<()> {
     } else if let Some(manifest) = manifest {
         std::fs::write(&target, manifest)
             .with_context(|| format!("writing {}", target.display()))?;
+    } else if target.exists() {
+        // A copy made earlier (a demo run before this one) must not
+        // outlive a source that has no manifest.
+        std::fs::remove_file(&target)
+            .with_context(|| format!("removing the stale {}", target.display()))?;
     }
     Ok(())
 }

@@ -271,12 +271,32 @@ fn demo_agents(from: &Path, to: &Path, origins: &[&str]) -> Result<PathBuf> {
     for agent in AGENTS {
         super::builtin::copy_store_agent(agent, from, to)?;
     }
+    // Added to the hosts ops's own manifest allows, if it has one: as a
+    // key of the table, since a second `allowed_hosts` line is a TOML error.
     let manifest = to.join("ops.toml");
-    let mut text = std::fs::read_to_string(&manifest).unwrap_or_default();
-    text.push_str(&format!(
-        "\n# The demo's shop and suppliers (added by colony demo)\nallowed_hosts = {origins:?}\n"
-    ));
-    std::fs::write(&manifest, text)?;
+    let mut table: toml::Table = match std::fs::read_to_string(&manifest) {
+        Ok(text) => text
+            .parse()
+            .with_context(|| format!("reading {}", manifest.display()))?,
+        Err(_) => toml::Table::new(),
+    };
+    let hosts = table
+        .entry("allowed_hosts")
+        .or_insert_with(|| toml::Value::Array(Vec::new()));
+    let toml::Value::Array(hosts) = hosts else {
+        bail!("{}: allowed_hosts must be a list", manifest.display());
+    };
+    for origin in origins {
+        let origin = toml::Value::String(origin.to_string());
+        if !hosts.contains(&origin) {
+            hosts.push(origin);
+        }
+    }
+    let text = format!(
+        "# ops's manifest, with the demo's shop and suppliers allowed (written by colony demo)\n{}",
+        toml::to_string(&table)?
+    );
+    std::fs::write(&manifest, text).with_context(|| format!("writing {}", manifest.display()))?;
     Ok(to.to_path_buf())
 }
 

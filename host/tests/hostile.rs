@@ -402,6 +402,52 @@ fn at_takes_any_rfc_3339_offset() {
     );
 }
 
+/// `--db` takes a path or `sqlite:PATH`, absolute or not; a directory that
+/// does not exist and a URL colony does not speak are refused by name, the
+/// URL's password left out.
+#[test]
+fn database_locations_are_opened_or_refused_by_name() {
+    let env = Env::new(&["echo"]);
+    let absolute = env.data.path().join("absolute.db");
+    let location = format!("sqlite:{}", absolute.display());
+    assert!(location.starts_with("sqlite:/"));
+    env.ok(&["--db", &location, "submit", "noop", "{}"]);
+    assert!(
+        absolute.is_file(),
+        "sqlite:/... opened {}",
+        absolute.display()
+    );
+    // Compiled components are cached beside the file, as for a plain path.
+    env.ok(&["--db", &location, "agents"]);
+    assert!(env.data.path().join(".colony-cache").is_dir());
+    assert!(!env.data.path().join("sqlite:").exists());
+    env.ok(&["--db", "sqlite:relative.db", "submit", "noop", "{}"]);
+    assert!(env.data.path().join("relative.db").is_file());
+    for (db, says) in [
+        (
+            "sqlite:/no/such/dir/q.db",
+            "the directory /no/such/dir does not exist",
+        ),
+        (
+            "/no/such/dir/q.db",
+            "the directory /no/such/dir does not exist",
+        ),
+        (
+            "mysql://root:hunter2@db.example/shop",
+            "mysql:// is not a database colony speaks",
+        ),
+    ] {
+        let out = env.run(&["--db", db, "list"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--db {db}: {stderr}");
+        assert!(
+            stderr.contains(says),
+            "--db {db} should say {says:?}: {stderr}"
+        );
+        assert!(!stderr.contains("hunter2"), "--db {db}: {stderr}");
+    }
+}
+
 #[test]
 fn a_missing_reviewer_is_warned_about_like_a_missing_agent() {
     let env = Env::new(&["noop"]);

@@ -468,19 +468,8 @@ pub fn identity(role: &str) -> String {
 }
 
 pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
-    let on_disk = matches!(
-        crate::queue::Location::of(db),
-        crate::queue::Location::Sqlite(_)
-    );
-    if on_disk
-        && let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        bail!(BadInput(format!(
-            "--db {}: the directory {} does not exist",
-            db.display(),
-            dir.display()
-        )));
+    if let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(db) {
+        check_sqlite_location(db, &path)?;
     }
     let opts = QueueOptions {
         actor: actor.to_string(),
@@ -488,6 +477,35 @@ pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
     };
     Queue::open_with(db, opts)
         .with_context(|| format!("opening the queue database {}", redacted(db)))
+}
+
+/// Refuses, naming it, a database `db` (SQLite at `path`) that cannot be
+/// created: a URL of a database colony does not speak, or a file in a
+/// directory that does not exist.
+fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
+    let text = path.to_string_lossy();
+    if let Some((scheme, _)) = text.split_once("://")
+        && !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    {
+        bail!(BadInput(format!(
+            "database {}: {scheme}:// is not a database colony speaks; \
+             give a SQLite file (a path or sqlite:PATH) or a postgres:// URL",
+            crate::queue::redact_url(&text)
+        )));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(BadInput(format!(
+            "database {}: the directory {} does not exist",
+            db.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
@@ -560,13 +578,10 @@ pub fn redacted(db: &Path) -> String {
 /// Where compiled components are cached: beside the database, or in the
 /// working directory when the database is a server.
 pub fn cache_dir(db: &Path) -> PathBuf {
-    if !matches!(
-        crate::queue::Location::of(db),
-        crate::queue::Location::Sqlite(_)
-    ) {
+    let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(db) else {
         return PathBuf::from(".colony-cache");
-    }
-    let parent = db
+    };
+    let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));

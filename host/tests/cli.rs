@@ -597,9 +597,29 @@ on_both_drivers! {
         env.ok(&["state", "delete", "--agent", "ops", "stock/mug"]);
         let missing = env.run(&["state", "get", "--agent", "ops", "stock/mug"]);
         assert_eq!(missing.status.code(), Some(2));
-        env.ok(&["state", "set", "--chain", "7", "note", r#"{"a":1}"#]);
+        // A missing key is not deleted (nor is the delete recorded); a
+        // chain that does not exist yet, or a task inside a chain, is not a
+        // chain to write for.
+        let missing = env.run(&["state", "delete", "--agent", "ops", "stock/mug"]);
+        assert_eq!(missing.status.code(), Some(2));
+        let said = String::from_utf8_lossy(&missing.stderr);
+        assert!(said.contains("nothing to delete"), "{said}");
+        let root = env.submit(&["echo", "{}", "--next", r#"[{"agent": "echo"}]"#]);
+        let refused = [
+            (root + 100, format!("task {} does not exist", root + 100)),
+            (root + 1, format!("task {} is in the chain of task {root}", root + 1)),
+        ];
+        env.until_idle(&[]);
+        assert_eq!(env.show(root + 1)["parent_id"], root, "the chained task");
+        for (chain, says) in refused {
+            let out = env.run(&["state", "set", "--chain", &chain.to_string(), "k", "1"]);
+            assert_eq!(out.status.code(), Some(2), "--chain {chain}");
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(said.contains(&says), "--chain {chain}: {said}");
+        }
+        env.ok(&["state", "set", "--chain", &root.to_string(), "note", r#"{"a":1}"#]);
         assert_eq!(
-            env.json(&["state", "get", "--chain", "7", "note"])["value"]["a"],
+            env.json(&["state", "get", "--chain", &root.to_string(), "note"])["value"]["a"],
             1
         );
 

@@ -388,26 +388,46 @@ impl Queue {
             let task = match scope {
                 Scope::Chain => {
                     let root: i64 = owner.parse().expect("checked above");
-                    Some((root, state_or_complete(tx, root)?))
+                    Some((root, chain_root_state(tx, root)?))
                 }
                 Scope::Agent => None,
             };
             let olds = check_writes(tx, &owners, writes)?.expect("no set-if, no conflict");
+            if value.is_none() && olds[0] == 0 {
+                return Err(QueueError::invalid(
+                    format!("key {key:?}"),
+                    format!(
+                        "{} {owner} has no state under it, so there is nothing to delete",
+                        scope.as_str()
+                    ),
+                ));
+            }
             apply_writes(tx, task, &owners, writes, &olds, actor, now)?;
             version_of(tx, scope, owner, key)
         })
     }
 }
 
-/// The state task `id` stands in; `complete` if it is gone.
-fn state_or_complete(tx: &dyn Sql, id: i64) -> Result<State> {
-    let state: Option<String> = tx
-        .query_opt("SELECT state FROM tasks WHERE id = ?1", args![id])?
-        .map(|row| row.get(0))
-        .transpose()?;
-    Ok(state
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(State::Complete))
+/// The state of task `root`, which must be a chain's root: state written
+/// for a chain that does not exist yet would greet the task that later
+/// gets its id, and state keyed by a task inside a chain would be read by
+/// none (runs read their chain's state by its root).
+fn chain_root_state(tx: &dyn Sql, root: i64) -> Result<State> {
+    let row = tx
+        .query_opt(
+            "SELECT state, root_id FROM tasks WHERE id = ?1",
+            args![root],
+        )?
+        .ok_or(QueueError::NotFound(root))?;
+    if let Some(actual) = row.get::<Option<i64>>(1)? {
+        return Err(QueueError::invalid(
+            "chain",
+            format!(
+                "task {root} is in the chain of task {actual}; chain state is kept under the chain's first task: use {actual}"
+            ),
+        ));
+    }
+    super::tasks::parse_state(&row.get::<String>(0)?)
 }
 
 fn entry_from_row(r: &Row) -> Result<Entry> {

@@ -565,6 +565,43 @@ fn the_demo_with_a_closed_stdout_ends_quietly_with_0() {
     closing_stdout_after(cmd, 1, Duration::from_secs(120), || {});
 }
 
+/// A trapped run's error spans lines (the summary, the guest's backtrace):
+/// `list` keeps it on its task's row, and with `RUST_BACKTRACE` set the
+/// stored error still holds the guest's frames, not the host's.
+#[test]
+fn a_trapped_runs_error_keeps_to_its_row_and_to_the_guest() {
+    let env = Env::new(&["recurse"]);
+    let id = env.submit(&["recurse", "{}", "--max-attempts", "1"]);
+    let out = env
+        .cmd()
+        .args(["daemon", "--until-idle", "--poll", "100ms"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let error = &env.show(id)["error"];
+    assert_eq!(error["kind"], "stack_overflow", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.lines().count() > 1,
+        "a summary and a backtrace: {message}"
+    );
+    for host_frame in ["tokio::", "std::rt", "Stack backtrace"] {
+        assert!(!message.contains(host_frame), "{host_frame} in {message}");
+    }
+    let listed = env.ok(&["list"]);
+    let rows: Vec<&str> = listed.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and one row:\n{listed}");
+    assert!(
+        rows[1].contains("stack_overflow: the guest overflowed"),
+        "{listed}"
+    );
+}
+
 #[test]
 fn agents_reports_every_wasm_entry_in_one_line_each() {
     let env = Env::new(&["noop"]);

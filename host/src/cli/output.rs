@@ -75,9 +75,12 @@ fn print_json(value: &Value) -> Result<()> {
     Ok(())
 }
 
+/// `text` as one table cell: on one line (a trap's message spans several:
+/// the summary, then the guest's backtrace), at most `max` characters.
 fn short(text: &str, max: usize) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if text.chars().count() <= max {
-        text.to_string()
+        text
     } else {
         let cut: String = text.chars().take(max.saturating_sub(1)).collect();
         format!("{cut}…")

@@ -491,7 +491,7 @@ impl Runtime {
                 TaskLog::new(4096),
                 Arc::new(NoHooks),
             )
-            .map_err(|e| fail(format!("{e:?}")))?;
+            .map_err(|e| fail(error_chain(&e)))?;
         let trial = tokio::time::timeout(TRIAL_TIMEOUT, async {
             match &agent.pre {
                 AgentPre::Current(pre) => pre.instantiate_async(&mut store).await.map(drop),
@@ -501,7 +501,10 @@ impl Runtime {
         .await;
         match trial {
             Ok(Ok(_)) => Ok(agent),
-            Ok(Err(e)) => Err(fail(format!("instantiating it failed: {e:?}"))),
+            Ok(Err(e)) => Err(fail(format!(
+                "instantiating it failed: {}",
+                error_chain(&e)
+            ))),
             Err(_) => Err(fail(format!(
                 "instantiating it did not finish within {}",
                 humantime::format_duration(TRIAL_TIMEOUT)
@@ -615,7 +618,7 @@ impl Runtime {
             Ok(store) => store,
             Err(e) => {
                 return report(
-                    crash(format!("could not set up the sandbox: {e:?}")),
+                    crash(format!("could not set up the sandbox: {}", error_chain(&e))),
                     &log,
                     started,
                 );
@@ -726,7 +729,10 @@ fn classify_trap(
     log: &TaskLog,
 ) -> TaskError {
     let trap = error.downcast_ref::<Trap>().copied();
-    let detail = format!("{error:?}");
+    // The error and its causes (the guest's backtrace among them), not
+    // `{:?}`, which with RUST_BACKTRACE set adds the host's own backtrace:
+    // kilobytes of wasmtime and tokio frames the agent's author cannot use.
+    let detail = error_chain(error);
     let (kind, summary) = match (trap, memory_denied) {
         (Some(Trap::OutOfFuel), _) => (ErrorKind::OutOfFuel, format!("the run used up its fuel ({})", agent.limits.fuel.unwrap_or(0))),
         (Some(Trap::StackOverflow), _) => (ErrorKind::StackOverflow, "the guest overflowed its stack".to_string()),
@@ -759,6 +765,12 @@ fn classify_trap(
     let mut message = format!("{summary}\n{detail}");
     message.truncate(message.floor_char_boundary(MAX_TRAP_MESSAGE));
     TaskError { kind, message }
+}
+
+/// `error` and each of its causes, one per line.
+fn error_chain(error: &wasmtime::Error) -> String {
+    let causes: Vec<String> = error.chain().map(ToString::to_string).collect();
+    causes.join("\n")
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -697,6 +697,46 @@ on_both_drivers! {
     }
 }
 
+/// An until-idle daemon waits for a task scheduled for later (as for a
+/// retry's backoff), and says what it waits for rather than looking hung.
+#[test]
+fn an_until_idle_daemon_says_it_waits_for_a_scheduled_task() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new(&["echo"]);
+    let id = env.submit(&["echo", "{}", "--in", "1h"]);
+    let mut daemon = env
+        .cmd()
+        .args(["daemon", "--until-idle", "--poll", "100ms"])
+        .env("COLONY_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = daemon.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let _ = lines_tx.send(line.unwrap());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let said = loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the daemon said what it waits for");
+        if line.contains("waiting for") {
+            break line;
+        }
+    };
+    assert!(
+        said.contains("waiting for 1 task(s) scheduled for later; the next is due in 59m"),
+        "{said}"
+    );
+    assert!(daemon.try_wait().unwrap().is_none(), "it waits");
+    signal(&daemon, "-TERM");
+    assert!(daemon.wait().unwrap().success());
+    assert_eq!(env.queue().get(id).unwrap().state, State::Pending);
+}
+
 // Not about the driver: the demo runs on a SQLite file of its own in --dir.
 #[test]
 fn the_demo_runs_the_store_pipeline_and_writes_pages() {

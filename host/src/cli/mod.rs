@@ -373,7 +373,9 @@ pub struct DaemonArgs {
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub claim_batch: Option<usize>,
     /// Exit 0 once no runnable task remains for the loaded agents (and the
-    /// effects of completed tasks are delivered or failed).
+    /// effects of completed tasks are delivered or failed). Tasks scheduled
+    /// for later (--in, --at, a retry's backoff) are waited for; the daemon
+    /// says when the next is due.
     #[arg(long)]
     pub until_idle: bool,
     /// How long one delivery of an effect may take; a daemon that dies while

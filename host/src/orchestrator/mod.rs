@@ -270,6 +270,8 @@ pub struct Daemon {
     /// A database error that retrying cannot fix (read-only file, malformed
     /// image, newer schema): the loop stops with it.
     unusable: Option<QueueError>,
+    /// The due time an until-idle daemon last said it waits for.
+    announced_wait: Option<i64>,
     /// Sends the outbox of completed tasks.
     deliverer: Deliverer,
     /// Whether effects may be due (after completions, deliveries, or a tick
@@ -324,6 +326,7 @@ impl Daemon {
             written_tx,
             written_rx,
             unusable: None,
+            announced_wait: None,
             deliverer,
             effects_due: true,
             rotation: 0,
@@ -688,14 +691,16 @@ impl Daemon {
         }
         let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
         let mut left = Vec::new();
+        let mut scheduled = 0;
         for (agent, b) in backlog {
             if b.in_progress > 0 {
                 return Ok(None);
             }
             if loaded.contains(&agent) {
-                if b.ready > 0 || b.scheduled > 0 {
+                if b.ready > 0 {
                     return Ok(None);
                 }
+                scheduled += b.scheduled;
                 if b.blocked > 0 {
                     left.push((agent, b.blocked));
                 }
@@ -703,6 +708,31 @@ impl Daemon {
                 left.push((agent, b.ready + b.scheduled + b.blocked));
             }
         }
+        if scheduled > 0 {
+            // Waited for (a retry's backoff is a schedule too), but say so:
+            // a daemon waiting silently for a task due in an hour looks hung.
+            self.announce_scheduled_wait(scheduled);
+            return Ok(None);
+        }
         Ok(Some(left))
+    }
+
+    /// Logs, once per next due time, that an until-idle daemon waits for
+    /// `scheduled` tasks, when the next is more than a few seconds away.
+    fn announce_scheduled_wait(&mut self, scheduled: u64) {
+        let (now, next) =
+            tokio::task::block_in_place(|| (self.queue.now(), self.queue.next_due_at()));
+        let (Ok(now), Ok(Some(next))) = (now, next) else {
+            return;
+        };
+        if self.announced_wait == Some(next) || next - now < 10_000 {
+            return;
+        }
+        self.announced_wait = Some(next);
+        let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0) / 1000 * 1000);
+        tracing::info!(
+            "waiting for {scheduled} task(s) scheduled for later; the next is due in {}",
+            humantime::format_duration(wait)
+        );
     }
 }

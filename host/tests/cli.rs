@@ -258,7 +258,7 @@ on_both_drivers! {
             (&["submit", "echo", "{}", "--next", "not json"], "--next"),
             (
                 &["submit", "echo", "{}", "--max-attempts", "0"],
-                "max_attempts",
+                "--max-attempts",
             ),
             (&["submit", "echo", "{}", "--after", "12345"], "depends_on"),
             (&["submit", "echo", "{}", "--in", "soon"], "--in"),

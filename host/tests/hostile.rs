@@ -84,9 +84,9 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
         // Numbers: negative, zero, beyond the maximum, beyond the type.
         bad_submit(&["--priority", "2147483648"], "--priority"),
         bad_submit(&["--priority", "-2147483649"], "--priority"),
-        bad_submit(&["--max-attempts", "-1"], "--max-attempts"),
-        bad_submit(&["--max-attempts", "0"], "max_attempts"),
-        bad_submit(&["--max-attempts", "1001"], "max_attempts"),
+        bad_submit(&["--max-attempts", "-1"], "1..=1000"),
+        bad_submit(&["--max-attempts", "0"], "1..=1000"),
+        bad_submit(&["--max-attempts", "1001"], "1..=1000"),
         bad_submit(&["--max-attempts", "4294967296"], "--max-attempts"),
         bad_submit(&["--after", "0"], "--after"),
         bad_submit(&["--after", "-1"], "--after"),
@@ -610,13 +610,15 @@ fn agents_reports_every_wasm_entry_in_one_line_each() {
     std::fs::create_dir(dir.join("dir.wasm")).unwrap();
     std::fs::copy(dir.join("noop.wasm"), dir.join("fuelless.wasm")).unwrap();
     std::fs::write(dir.join("fuelless.toml"), "fuel = 0\n").unwrap();
-    // One unit of fuel: instantiating traps, with a multi-line backtrace.
+    std::fs::copy(dir.join("noop.wasm"), dir.join("misspelt.wasm")).unwrap();
+    std::fs::write(dir.join("misspelt.toml"), "fuel = 10\ntimout = \"5s\"\n").unwrap();
+    // One unit of fuel: instantiating traps.
     std::fs::copy(dir.join("noop.wasm"), dir.join("starved.wasm")).unwrap();
     std::fs::write(dir.join("starved.toml"), "fuel = 1\n").unwrap();
     std::fs::write(dir.join(OsStr::from_bytes(b"bad\xffname.wasm")), b"").unwrap();
 
     // With backtraces on, as the report that found the broken table had
-    // them: a start-up trap's reason is then many lines long.
+    // them: a start-up trap's reason then held the host's backtrace.
     let agents = |json: &[&str]| {
         let out = env
             .cmd()
@@ -639,6 +641,7 @@ fn agents_reports_every_wasm_entry_in_one_line_each() {
         "dangling",
         "dir",
         "fuelless",
+        "misspelt",
         "noop",
         "starved",
     ];
@@ -664,15 +667,25 @@ fn agents_reports_every_wasm_entry_in_one_line_each() {
         "{text}"
     );
     assert!(reason("fuelless").contains("at least 1"), "{text}");
-    assert!(reason("starved").contains("--json"), "{text}");
+    // A key we do not know: named, with where it is, on the row itself.
+    assert!(
+        reason("misspelt").contains("misspelt.toml:2:1: unknown field `timout`"),
+        "{text}"
+    );
+    assert!(reason("starved").contains("all fuel consumed"), "{text}");
 
     let json: Value = serde_json::from_str(&agents(&["--json"])).unwrap();
     let entries = json.as_array().unwrap();
     assert_eq!(entries.len(), names.len(), "{json}");
     let starved = entries.iter().find(|e| e["name"] == "starved").unwrap();
+    // The trap, without the host's backtrace that RUST_BACKTRACE asks for.
+    let why = starved["reason"].as_str().unwrap();
+    assert!(why.contains("all fuel consumed"), "{starved}");
+    assert!(!why.contains("Stack backtrace"), "{starved}");
+    let misspelt = entries.iter().find(|e| e["name"] == "misspelt").unwrap();
     assert!(
-        starved["reason"].as_str().unwrap().lines().count() > 1,
-        "the full text is in --json: {starved}"
+        misspelt["reason"].as_str().unwrap().contains("2 | timout"),
+        "the full text, TOML's excerpt too, is in --json: {misspelt}"
     );
     assert!(env.ok(&["status"]).lines().all(|l| l.chars().count() < 220));
 }

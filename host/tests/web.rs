@@ -493,6 +493,21 @@ fn off_loopback_needs_a_token_to_start_and_to_read() {
 }
 
 #[test]
+fn a_busy_address_is_named_once() {
+    let env = Env::new(&[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = env.run(&["serve", "--listen", &addr]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}: ")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("(os error").count(), 1, "{stderr}");
+}
+
+#[test]
 fn a_generated_token_is_printed_and_works() {
     let env = Env::new(&["echo"]);
     let web = Web::start(&env, &["serve", "--listen", "127.0.0.1:0"]);

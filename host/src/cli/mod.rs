@@ -168,6 +168,7 @@ pub enum Command {
     },
     /// Show one task: its fields, audit events, run logs and result.
     Show {
+        /// The task's id (as `submit` printed it).
         #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
     },
@@ -189,6 +190,7 @@ pub enum Command {
     },
     /// Approve or reject a task waiting in review.
     Review {
+        /// The id of the task in review.
         #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
         /// approve or reject
@@ -199,11 +201,13 @@ pub enum Command {
     },
     /// Revive a failed or cancelled task (attempts reset).
     Retry {
+        /// The id of the failed or cancelled task.
         #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
     },
     /// Cancel a task that has not finished, and every task depending on it.
     Cancel {
+        /// The id of the task to cancel.
         #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
         /// Why (recorded on the task and its dependents).
@@ -307,8 +311,8 @@ pub struct SubmitArgs {
     /// Higher runs first (default 0).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
-    /// Runs before the task fails for good (default 3).
-    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
+    /// Runs before the task fails for good: 1 to 1000 (default 3).
+    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=1000), allow_negative_numbers = true)]
     pub max_attempts: u32,
     /// Hold the result in `review` until approved.
     #[arg(long)]

@@ -16,8 +16,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = web::DEFAULT_LISTEN, env = "COLONY_LISTEN")]
     pub listen: SocketAddr,
     /// The token that submitting, reviewing, retrying and cancelling need
-    /// (as `Authorization: Bearer TOKEN`, or to sign in at /login). A random
-    /// one is generated and printed when none is given.
+    /// (as `Authorization: Bearer TOKEN`, or to sign in at /login): at
+    /// least 16 characters. A random one is generated and printed when none
+    /// is given.
     #[arg(long, env = "COLONY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }

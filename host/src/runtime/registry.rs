@@ -50,12 +50,29 @@ pub struct Manifest {
     pub http_max_requests: Option<u32>,
 }
 
+/// A manifest that is not valid TOML, or names a key we do not know: what
+/// is wrong and where on the first line (a table row shows only that),
+/// then TOML's own report with the offending line.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().map_or(String::new(), |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!(":{line}:{column}")
+    });
+    format!(
+        "{}{at}: {}\n{}",
+        path.display(),
+        e.message().trim_end(),
+        e.to_string().trim_end()
+    )
+}
+
 impl Manifest {
     /// Reads and checks a manifest; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Manifest, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
+        toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))
     }
 
     /// The limits in force: the defaults, overridden by this manifest.

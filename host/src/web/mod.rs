@@ -69,10 +69,11 @@ pub enum StartError {
         "refusing to listen on {0} without --token (or COLONY_TOKEN): anyone who can reach that address could read the queue and change it"
     )]
     NoTokenOffLoopback(SocketAddr),
-    #[error("cannot listen on {addr}: {source}")]
+    // Not a `#[source]`: the message carries it, and `{:#}` would repeat it.
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Queue(#[from] QueueError),
@@ -100,13 +101,13 @@ pub async fn bind(config: WebConfig) -> Result<Bound, StartError> {
     let store = Store::open(config.db, config.actor)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| StartError::Bind {
+        .map_err(|error| StartError::Bind {
             addr: config.listen,
-            source,
+            error,
         })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+    let addr = listener.local_addr().map_err(|error| StartError::Bind {
         addr: config.listen,
-        source,
+        error,
     })?;
     let app = Arc::new(App {
         store,

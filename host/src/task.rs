@@ -110,8 +110,11 @@ pub enum Event {
     RejectFinal,
     /// A reviewer approved, but a `set-if` the result holds no longer holds
     /// (another task wrote the key first): the result is stale, and the task
-    /// runs again without using up a revision.
+    /// runs again, a revision used up (so a key that never stays still
+    /// cannot keep a task running for ever).
     ApproveStale,
+    /// As `ApproveStale`, with no revisions left: the task fails (`conflict`).
+    ApproveStaleFinal,
     /// A user revived a failed or cancelled task.
     Retry,
     /// A user revived a failed or cancelled task whose dependencies are not
@@ -135,7 +138,7 @@ impl Event {
             Event::Release => "release",
             Event::Approve => "approve",
             Event::Reject | Event::RejectFinal => "reject",
-            Event::ApproveStale => "approve_stale",
+            Event::ApproveStale | Event::ApproveStaleFinal => "approve_stale",
             Event::Retry | Event::RetryWaiting => "retry",
             Event::Cancel => "cancel",
         }
@@ -184,6 +187,7 @@ pub fn transition(from: Option<State>, event: Event) -> Option<State> {
         (Some(S::Review), E::Approve) => S::Complete,
         (Some(S::Review), E::Reject) => S::Ready,
         (Some(S::Review), E::ApproveStale) => S::Ready,
+        (Some(S::Review), E::ApproveStaleFinal) => S::Failed,
         (Some(S::Review), E::RejectFinal) => S::Failed,
         (Some(S::Failed | S::Cancelled), E::Retry) => S::Ready,
         (Some(S::Failed | S::Cancelled), E::RetryWaiting) => S::Pending,

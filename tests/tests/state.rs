@@ -259,24 +259,50 @@ async fn a_set_if_on_the_version_a_run_read_after_its_own_writes_commits() {
     assert_eq!(agent_entry(&q, "gone").unwrap().version, 1);
 }
 
+/// An approved result whose `set-if` no longer holds runs again, as a
+/// revision: while revisions remain it goes back to `ready` with the
+/// conflict as feedback; with none left it fails (`conflict`) and its
+/// dependents are cancelled, so a key that never stays still cannot keep a
+/// task running for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_approval_whose_set_if_went_stale_sends_the_task_round_again_without_a_revision() {
+async fn an_approval_whose_set_if_went_stale_sends_the_task_round_again_as_a_revision() {
     let h = harness();
-    let id = submit(
-        &h,
-        json!({"ops": [["set_if", "agent", "slot", "\"mine\"", 0]], "review": true}),
-        1,
+    let mut task = NewTask::new(
+        "stateful",
+        // Reads the counter and writes it + 1, set-if on the version read.
+        json!({"increment": "slot", "review": true}).to_string(),
     );
-    h.run_until_idle().await;
+    task.max_attempts = 1;
+    task.max_revisions = 1;
+    let id = h.submit(task);
+    let mut dependent = NewTask::new("stateful", "{}");
+    dependent.depends_on = vec![id];
+    let dependent = h.submit(dependent);
     let mut q = h.queue();
-    assert_eq!(h.task(id).state, State::Review);
-    // Someone else takes the slot while the task waits for approval.
-    q.state_write_by_operator(Scope::Agent, "stateful", "slot", Some("\"theirs\""))
-        .unwrap();
-    assert_eq!(q.approve(id, None).unwrap(), State::Ready);
-    let task = h.task(id);
-    assert_eq!(task.revisions, 0, "nobody rejected it");
-    assert!(task.feedback.unwrap().contains("approved, but stale"));
-    assert_eq!(h.events(id, "approve_stale").len(), 1);
-    assert_eq!(agent_entry(&q, "slot").unwrap().value, "\"theirs\"");
+    for round in 1..=2 {
+        h.run_until_idle().await;
+        assert_eq!(h.task(id).state, State::Review, "round {round}");
+        // Someone else writes the slot while the task waits for approval.
+        q.state_write_by_operator(Scope::Agent, "stateful", "slot", Some(&format!("{round}")))
+            .unwrap();
+        let answer = q.approve(id, None).unwrap();
+        let task = h.task(id);
+        assert_eq!(task.revisions, 1, "round {round}");
+        assert_eq!(h.events(id, "approve_stale").len(), round as usize);
+        assert_eq!(agent_entry(&q, "slot").unwrap().value, format!("{round}"));
+        if round == 1 {
+            assert_eq!(answer, State::Ready);
+            assert!(task.feedback.unwrap().contains("approved, but stale"));
+        } else {
+            assert_eq!(answer, State::Failed);
+            let error = task.error.unwrap();
+            assert_eq!(error.kind, colony::task::ErrorKind::Conflict);
+            assert!(
+                error.message.contains("gone stale 2 times"),
+                "{}",
+                error.message
+            );
+            assert_eq!(h.task(dependent).state, State::Cancelled);
+        }
+    }
 }

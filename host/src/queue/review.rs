@@ -262,25 +262,41 @@ pub(super) fn approve_in(
     Ok(to)
 }
 
-/// An approved result whose held state no longer applies goes round again:
-/// back to `ready` with the conflict as feedback, its attempts given back,
-/// no revision used (nobody rejected it).
+/// An approved result whose held state no longer applies goes round again
+/// as a rejected one would: back to `ready` with the conflict as feedback,
+/// its attempts given back, a revision used; with none left, the task
+/// fails (`conflict`). Without the revision a task whose key another
+/// writer keeps changing would run for ever, past the bound of
+/// max_attempts x (max_revisions + 1) runs.
 fn send_back_stale(tx: &dyn Sql, id: i64, conflict: &str, actor: &str, now: i64) -> Result<State> {
     outbox::drop_proposed(tx, id)?;
-    let note = format!("approved, but stale: {conflict}; the task runs again");
-    let detail = json!({"conflict": conflict});
-    let to = record(
-        tx,
-        id,
-        Some(State::Review),
-        Event::ApproveStale,
-        actor,
-        &detail,
-        now,
+    let row = tx.query_one(
+        "SELECT revisions, max_revisions FROM tasks WHERE id = ?1",
+        args![id],
     )?;
+    let (revisions, max_revisions): (u32, u32) = (row.get(0)?, row.get(1)?);
+    let detail = json!({
+        "conflict": conflict, "revision": revisions + 1, "max_revisions": max_revisions
+    });
+    let from = Some(State::Review);
+    if revisions >= max_revisions {
+        let to = record(tx, id, from, Event::ApproveStaleFinal, actor, &detail, now)?;
+        let error = TaskError {
+            kind: ErrorKind::Conflict,
+            message: format!(
+                "approved, but its state writes had gone stale {} times (max_revisions is {max_revisions}); last: {conflict}",
+                revisions + 1
+            ),
+        };
+        set_failed(tx, id, to, &error, now)?;
+        cancel_dependents(tx, id, actor, now)?;
+        return Ok(to);
+    }
+    let note = format!("approved, but stale: {conflict}; the task runs again");
+    let to = record(tx, id, from, Event::ApproveStale, actor, &detail, now)?;
     tx.execute(
-        "UPDATE tasks SET state = ?4, feedback = ?1, attempts = 0, spawned = NULL,
-                held_state = NULL, run_at = ?2, updated_at = ?2
+        "UPDATE tasks SET state = ?4, feedback = ?1, revisions = revisions + 1, attempts = 0,
+                spawned = NULL, held_state = NULL, run_at = ?2, updated_at = ?2
          WHERE id = ?3",
         args![note, now, id, to.as_str()],
     )?;

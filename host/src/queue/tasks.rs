@@ -61,7 +61,7 @@ fn event_action(event: Event) -> &'static str {
     match event {
         Event::Approve => "be approved (only tasks in review can)",
         Event::Reject | Event::RejectFinal => "be rejected (only tasks in review can)",
-        Event::ApproveStale => "be approved (only tasks in review can)",
+        Event::ApproveStale | Event::ApproveStaleFinal => "be approved (only tasks in review can)",
         Event::Retry | Event::RetryWaiting => "be retried (only failed or cancelled tasks can)",
         Event::Cancel => "be cancelled (it has already finished)",
         Event::Claim => "be claimed",

@@ -986,22 +986,17 @@ fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
     let agents = dir.join("agents");
     let db = dir.join("colony.db");
     let config = dir.join("colony.toml");
-    let run = |args: &[&str]| {
-        let out = env
-            .cmd()
-            .env("COLONY_AGENTS", &agents)
-            .env("COLONY_DB", &db)
-            .env("COLONY_CONFIG", &config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let (agents, db, config) = (
+        agents.to_str().unwrap(),
+        db.to_str().unwrap(),
+        config.to_str().unwrap(),
+    );
+    let vars = [
+        ("COLONY_AGENTS", agents),
+        ("COLONY_DB", db),
+        ("COLONY_CONFIG", config),
+    ];
+    let run = |args: &[&str]| String::from_utf8(env.ok_with_env(args, &vars).stdout).unwrap();
     let listed: serde_json::Value = serde_json::from_str(&run(&["--json", "agents"])).unwrap();
     let loaded: Vec<&str> = listed
         .as_array()

@@ -572,17 +572,8 @@ fn the_demo_with_a_closed_stdout_ends_quietly_with_0() {
 fn a_trapped_runs_error_keeps_to_its_row_and_to_the_guest() {
     let env = Env::new(&["recurse"]);
     let id = env.submit(&["recurse", "{}", "--max-attempts", "1"]);
-    let out = env
-        .cmd()
-        .args(["daemon", "--until-idle", "--poll", "100ms"])
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let daemon = ["daemon", "--until-idle", "--poll", "100ms"];
+    env.ok_with_env(&daemon, &[("RUST_BACKTRACE", "1")]);
     let error = &env.show(id)["error"];
     assert_eq!(error["kind"], "stack_overflow", "{error}");
     let message = error["message"].as_str().unwrap();
@@ -620,18 +611,8 @@ fn agents_reports_every_wasm_entry_in_one_line_each() {
     // With backtraces on, as the report that found the broken table had
     // them: a start-up trap's reason then held the host's backtrace.
     let agents = |json: &[&str]| {
-        let out = env
-            .cmd()
-            .args(json)
-            .arg("agents")
-            .env("RUST_BACKTRACE", "1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args = [json, &["agents"]].concat();
+        let out = env.ok_with_env(&args, &[("RUST_BACKTRACE", "1")]);
         String::from_utf8(out.stdout).unwrap()
     };
     let text = agents(&[]);

@@ -136,16 +136,7 @@ fn behaves_like_every_other_language(language: &str, component: Result<PathBuf, 
     ]);
     // Not `env.until_idle`, which refuses any output naming a panic: the
     // daemon's log quotes the guests' own.
-    let out = env
-        .cmd()
-        .args(["daemon", "--until-idle", "--poll", "100ms"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.ok_with_env(&["daemon", "--until-idle", "--poll", "100ms"], &[]);
 
     let task = env.show(good);
     assert_eq!(task["state"], "complete", "{language}: {task}");

@@ -626,16 +626,7 @@ fn a_daemon_serves_the_dashboard_while_it_runs() {
 fn an_exported_token_does_not_stop_a_plain_daemon() {
     let env = Env::new(&["echo"]);
     let id = env.submit(&["echo", "{}"]);
-    let out = env
-        .cmd()
-        .args(["daemon", "--until-idle", "--poll", "100ms"])
-        .env("COLONY_TOKEN", TOKEN)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let daemon = ["daemon", "--until-idle", "--poll", "100ms"];
+    env.ok_with_env(&daemon, &[("COLONY_TOKEN", TOKEN)]);
     assert_eq!(env.show(id)["state"], "complete");
 }

@@ -81,14 +81,32 @@ impl Env {
 
     /// Runs and expects success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
+        String::from_utf8(self.ok_with_env(args, &[]).stdout).unwrap()
+    }
+
+    /// Runs with `vars` added to the environment and expects success;
+    /// returns the whole output (stderr holds the logs).
+    pub fn ok_with_env(&self, args: &[&str], vars: &[(&str, &str)]) -> Output {
+        let out = self
+            .cmd()
+            .args(args)
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // A panic of the host's own, not a guest's quoted in a log line.
+        assert!(
+            !stderr
+                .lines()
+                .any(|l| l.starts_with("thread '") && l.contains("panicked at")),
+            "colony {args:?} panicked:\n{stderr}"
+        );
         assert!(
             out.status.success(),
-            "colony {args:?} failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            "colony {args:?} failed ({}):\n{stderr}",
+            out.status
         );
-        String::from_utf8(out.stdout).unwrap()
+        out
     }
 
     pub fn json(&self, args: &[&str]) -> Value {

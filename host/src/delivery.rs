@@ -43,6 +43,7 @@ impl Deliverer {
             // A redirect is an answer, not a 2xx: the effect is retried and
             // then fails visibly rather than following to another origin.
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(PublicAddressesOnly))
             .timeout(timeout)
             .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -183,11 +184,65 @@ async fn send(
 }
 
 fn describe(e: reqwest::Error) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(error) = cause {
+        if let Some(refused) = error.downcast_ref::<NonPublicAddress>() {
+            return format!("refused: {refused}");
+        }
+        cause = error.source();
+    }
     if e.is_timeout() {
         "no answer in time".to_string()
     } else if e.is_connect() {
         "could not connect".to_string()
     } else {
         format!("request failed: {}", e.without_url())
+    }
+}
+
+/// The deliverer's DNS: a name's public addresses only, as for a run's own
+/// requests (`runtime::http`), so that DNS cannot point a granted name at a
+/// loopback, private or link-local address (`localhost`, the metadata
+/// service at 169.254.169.254) when the effect is sent. An address the
+/// allow-list names literally never comes here: it needs no lookup.
+struct PublicAddressesOnly;
+
+/// A name that resolved to non-public addresses only.
+#[derive(Debug)]
+struct NonPublicAddress(String);
+
+impl std::fmt::Display for NonPublicAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonPublicAddress {}
+
+impl reqwest::dns::Resolve for PublicAddressesOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_string();
+        Box::pin(async move {
+            // Port 0: reqwest puts the URL's port in.
+            let found: Vec<_> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let (public, refused): (Vec<_>, Vec<_>) = found
+                .into_iter()
+                .partition(|addr| crate::runtime::http::non_public(addr.ip()).is_none());
+            if public.is_empty() && !refused.is_empty() {
+                let refused: Vec<String> = refused
+                    .iter()
+                    .map(|a| {
+                        let kind = crate::runtime::http::non_public(a.ip()).unwrap_or("non-public");
+                        format!("{} ({kind})", a.ip())
+                    })
+                    .collect();
+                return Err(Box::new(NonPublicAddress(format!(
+                    "{name} resolved to {}; effects go to a loopback, private, link-local or unspecified address only when allowed_hosts names it literally",
+                    refused.join(", ")
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }

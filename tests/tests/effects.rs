@@ -171,6 +171,31 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
     assert_eq!(server.count(), 6);
 }
 
+/// Granted by name, a name that resolves to a loopback address is refused
+/// when the effect is sent, as a run's own request to it would be: DNS
+/// cannot point a granted name at the host's own services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_to_a_name_that_resolves_to_loopback_is_refused_at_delivery() {
+    let server = ModelServer::start();
+    let by_name = server.url().replace("127.0.0.1", "localhost");
+    let agents = agents_dir_with(&["stateful"]);
+    let manifest = format!("allowed_hosts = [{by_name:?}]\n");
+    std::fs::write(agents.path().join("stateful.toml"), manifest).unwrap();
+    let h = Harness::with_shared_cache(agents);
+    let url = format!("{by_name}/internal");
+    let id = submit(&h, json!({"ops": [["effect", "POST", url, "1"]]}), 1);
+    h.run_until_idle().await;
+    assert_eq!(h.task(id).state, State::Complete);
+    let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
+    assert_eq!(row.state, "failed", "{row:?}");
+    let error = row.error.unwrap_or_default();
+    assert!(
+        error.contains("refused: localhost resolved to") && error.contains("(loopback)"),
+        "{error}"
+    );
+    assert_eq!(server.count(), 0, "nothing reached the loopback server");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued() {
     let server = ModelServer::start();

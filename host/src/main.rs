@@ -7,6 +7,16 @@ use std::io::{IsTerminal, Write};
 use tracing_subscriber::EnvFilter;
 
 fn main() {
+    // RUST_BACKTRACE=1 (set on many machines) makes every library error
+    // capture the host's stack, and wasmtime's errors reach guests as text
+    // (a WASI stream error's debug string): kilobytes of host frames handed
+    // to an agent, and paid for on every error. Panics keep their
+    // backtraces; library errors capture none unless RUST_LIB_BACKTRACE
+    // asks for them.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the first thing the process does, before any thread.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
     let cli = colony::cli::parse_args();
     let default_level = cli.command.default_log_level();
     let (filter, bad_filter) = match std::env::var("COLONY_LOG") {

@@ -593,6 +593,37 @@ fn a_trapped_runs_error_keeps_to_its_row_and_to_the_guest() {
     );
 }
 
+/// `RUST_BACKTRACE=1` in the daemon's environment (as on many machines)
+/// must not hand the host's stack to a guest: an error the guest reads
+/// (here a response body cut off at http_max_response_kb) says what
+/// happened, not which host frames it happened in.
+#[test]
+fn with_rust_backtrace_set_a_guest_sees_no_host_frames() {
+    use colony_tests::model_server::{ModelServer, Scripted};
+    let server = ModelServer::start();
+    server.push(Scripted::answer("x".repeat(5000)));
+    let env = Env::new(&["fetcher"]);
+    let manifest = format!(
+        "allowed_hosts = [{:?}]\nhttp_max_response_kb = 1\n",
+        server.url()
+    );
+    std::fs::write(env.agents.path().join("fetcher.toml"), manifest).unwrap();
+    // The scripted answer goes to the first chat completion.
+    let url = format!("{}/chat/completions", server.openai_url());
+    let request = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+    let payload = serde_json::json!({"requests": [
+        {"url": url, "method": "POST", "body": request.to_string(),
+         "headers": [["content-type", "application/json"]]}
+    ]});
+    let id = env.submit(&["fetcher", &payload.to_string()]);
+    let daemon = ["daemon", "--until-idle", "--poll", "100ms"];
+    env.ok_with_env(&daemon, &[("RUST_BACKTRACE", "1")]);
+    let result = &env.show(id)["result"];
+    let error = result["results"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("body size"), "{result}");
+    assert!(!error.contains("backtrace"), "{error}");
+}
+
 #[test]
 fn agents_reports_every_wasm_entry_in_one_line_each() {
     let env = Env::new(&["noop"]);

@@ -817,6 +817,39 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
+
+    // Not TOML at all: where.
+    std::fs::write(&config, "[models.fast]\napi = \"openai\n").unwrap();
+    let refused = |how: &[&str], vars: &[(&str, &str)]| {
+        let args = [how, &["daemon", "--until-idle"][..]].concat();
+        let out = env
+            .cmd()
+            .args(&args)
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = refused(&["--config", &config], &[]);
+    assert!(
+        said.contains("not valid TOML") && said.contains("line 2"),
+        "{said}"
+    );
+    // A file named on purpose that is not there is not "no models".
+    let missing = env.data.path().join("typo.toml");
+    let missing = missing.to_str().unwrap();
+    for said in [
+        refused(&["--config", missing], &[]),
+        refused(&[], &[("COLONY_CONFIG", missing)]),
+    ] {
+        assert!(
+            said.contains(&format!(
+                "--config {missing} (or COLONY_CONFIG): no such file"
+            )),
+            "{said}"
+        );
+    }
 }
 
 // SQLite only: it is about the file (made immutable with chattr, or stamped

@@ -135,14 +135,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "COLONY_AGENTS", default_value = "agents")]
     pub agents: PathBuf,
     /// The operator's configuration: model providers (`[models.<alias>]`).
-    /// A missing file means no models.
-    #[arg(
-        long,
-        global = true,
-        env = "COLONY_CONFIG",
-        default_value = "colony.toml"
-    )]
-    pub config: PathBuf,
+    /// Default: colony.toml, where a missing file means no models; a file
+    /// named here (or in COLONY_CONFIG) must exist.
+    #[arg(long, global = true, env = "COLONY_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -694,7 +690,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Demo(args) => {
-            if demo::demo(args, &cli.agents, load_models(&cli.config)?).await? {
+            if demo::demo(args, &cli.agents, load_models(&cli)?).await? {
                 Ok(())
             } else {
                 bail!("the demo did not end as expected (see above)")
@@ -724,11 +720,28 @@ fn warn_about_ungranted_models(
     }
 }
 
+impl Cli {
+    /// The operator's configuration file: `--config`, else `colony.toml`.
+    pub fn config_path(&self) -> &Path {
+        self.config.as_deref().unwrap_or(Path::new("colony.toml"))
+    }
+}
+
 /// The model providers of the operator's configuration, or `None` when it
-/// declares none (or does not exist). A broken file is bad input naming the
+/// declares none (or the default file does not exist). A broken file, or
+/// one named by `--config` that is not there, is bad input naming the
 /// file, the alias and the key.
-pub fn load_models(config: &Path) -> Result<Option<Arc<Providers>>> {
-    let models = ModelsConfig::load_optional(config).map_err(|e| bad(format!("{e:#}")))?;
+pub fn load_models(cli: &Cli) -> Result<Option<Arc<Providers>>> {
+    let config = cli.config_path();
+    if cli.config.is_some() && !config.exists() {
+        return Err(bad(format!(
+            "--config {} (or COLONY_CONFIG): no such file",
+            config.display()
+        )));
+    }
+    // Through anyhow for its `{:#}`: the causes too (TOML's line and column).
+    let models = ModelsConfig::load_optional(config)
+        .map_err(|e| bad(format!("{:#}", anyhow::Error::from(e))))?;
     if models.is_empty() {
         return Ok(None);
     }
@@ -1037,7 +1050,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     let queue = open_queue(&cli.db, &actor)?;
     // Headroom in the instance pool for trial instantiations of new agents
     // and for runs being torn down.
-    let models = load_models(&cli.config)?;
+    let models = load_models(cli)?;
     let (runtime, agents) = load_agents(
         &cli.db,
         &cli.agents,
@@ -1054,7 +1067,7 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
                 &agent.name,
                 &agent.limits.models,
                 models.as_deref(),
-                &cli.config,
+                cli.config_path(),
             ),
         }
     }

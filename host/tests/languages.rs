@@ -312,6 +312,17 @@ fn colony_new_refuses_a_bad_name_and_a_full_directory() {
     let bad = env.run(&["new", "no/slash", "--lang", "python"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("may only contain"));
+    // Names a Rust crate cannot have: refused before anything is written.
+    for (name, says) in [
+        ("1st", "must start with a letter"),
+        ("test", "cargo refuses"),
+    ] {
+        let out = env.run(&["new", name, "--lang", "rust"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+        assert!(!env.data.path().join(name).exists(), "{name} was written");
+    }
     let dir = env.data.path().join("taken");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("keep.txt"), "mine").unwrap();

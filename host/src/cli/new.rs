@@ -214,9 +214,76 @@ pub fn missing_toolchain(lang: Lang) -> Option<String> {
     }
 }
 
+/// A Rust agent's name is its crate's: cargo refuses one that starts with a
+/// digit, or is a keyword or the name of a built-in crate, and the project
+/// would be written only to fail at its first build.
+fn check_crate_name(name: &str) -> Result<(), String> {
+    const RESERVED: [&str; 44] = [
+        "as",
+        "async",
+        "await",
+        "break",
+        "const",
+        "continue",
+        "crate",
+        "dyn",
+        "else",
+        "enum",
+        "extern",
+        "false",
+        "fn",
+        "for",
+        "if",
+        "impl",
+        "in",
+        "let",
+        "loop",
+        "match",
+        "mod",
+        "move",
+        "mut",
+        "pub",
+        "ref",
+        "return",
+        "self",
+        "static",
+        "struct",
+        "super",
+        "trait",
+        "true",
+        "type",
+        "unsafe",
+        "use",
+        "where",
+        "while",
+        "abstract",
+        "alloc",
+        "core",
+        "proc_macro",
+        "std",
+        "test",
+        "try",
+    ];
+    let crate_name = name.replace('-', "_");
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(format!(
+            "a Rust agent's name is its crate's, which must start with a letter: {name:?} does not (try \"agent-{name}\")"
+        ));
+    }
+    if RESERVED.contains(&crate_name.as_str()) {
+        return Err(format!(
+            "a Rust agent's name is its crate's, and cargo refuses {name:?} (a keyword or a built-in crate's name)"
+        ));
+    }
+    Ok(())
+}
+
 /// Writes the project; returns its directory and the README's build command.
 pub fn scaffold(args: &NewArgs) -> Result<(PathBuf, String)> {
     crate::task::check_agent_name(&args.name).map_err(BadInput)?;
+    if args.lang == Lang::Rust {
+        check_crate_name(&args.name).map_err(BadInput)?;
+    }
     let dir = args
         .dir
         .clone()

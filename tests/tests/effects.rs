@@ -226,6 +226,25 @@ async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued(
         "{reads}"
     );
     assert!(h.queue().effects(Some(id), None, 10).unwrap().is_empty());
+    // Each refusal is recorded as a refused request is: an event (method,
+    // origin, path and why; not the query) and a line in the task log.
+    let refused = h.events(id, "effect_refused");
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert_eq!(refused[0].detail["method"], "BREW");
+    assert_eq!(refused[2].detail["origin"], "http://127.0.0.1:1");
+    assert_eq!(refused[2].detail["path"], "/not-granted");
+    assert!(
+        refused[2].detail["refused"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("allowed_hosts"),
+        "{refused:?}"
+    );
+    let log = h.log(id);
+    assert!(
+        log.contains("effects: POST http://127.0.0.1:1/not-granted refused:"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

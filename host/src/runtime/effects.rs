@@ -13,7 +13,18 @@ pub struct EffectsSession {
 }
 
 impl wit::Host for RunState {
+    /// Queues the request, or refuses it to the agent, recording why in the
+    /// task log and an `effect_refused` event, as a refused request is.
     fn send_after_commit(&mut self, req: wit::Request) -> Result<u32, String> {
+        let (method, url) = (req.method.to_ascii_uppercase(), req.url.clone());
+        self.queue_effect(req).inspect_err(|why| {
+            self.http.policy.record_refused_effect(&method, &url, why);
+        })
+    }
+}
+
+impl RunState {
+    fn queue_effect(&mut self, req: wit::Request) -> Result<u32, String> {
         let method = req.method.to_ascii_uppercase();
         check_shape(&method, &req.url, &req.headers, req.body.as_deref())?;
         // The same allow-list as outbound HTTP: a refused effect is refused

@@ -665,7 +665,8 @@ impl HttpSession {
 
 /// What goes to the run's event writer.
 enum Recorded {
-    Event(Value),
+    /// An event's name and detail.
+    Event(&'static str, Value),
     Flush(oneshot::Sender<()>),
 }
 
@@ -694,11 +695,11 @@ impl HttpPolicy {
         tokio::spawn(async move {
             while let Some(item) = rx.recv().await {
                 match item {
-                    Recorded::Event(detail) => {
-                        if let Err(e) = hooks.record_event(lease, "http_request", detail).await {
+                    Recorded::Event(name, detail) => {
+                        if let Err(e) = hooks.record_event(lease, name, detail).await {
                             tracing::warn!(
                                 task = lease.task_id,
-                                "could not record an http_request event: {e}"
+                                "could not record an {name} event: {e}"
                             );
                         }
                     }
@@ -718,8 +719,41 @@ impl HttpPolicy {
             .line("warn", &format!("http: {shown} refused: {why}"));
         let mut detail = detail;
         detail["refused"] = Value::String(why);
-        let _ = self.events().send(Recorded::Event(detail));
+        let _ = self.events().send(Recorded::Event("http_request", detail));
         Box::new(async { Err(Error::HttpRequestDenied) })
+    }
+
+    /// Records an effect refused when queued (by the grant, or its shape)
+    /// as a refused request is recorded: a task log line and an
+    /// `effect_refused` event with the method, origin and path (never the
+    /// query, a header or the body).
+    pub(super) fn record_refused_effect(&mut self, method: &str, url: &str, why: &str) {
+        let (origin, path) = match url.parse::<http::Uri>() {
+            Ok(uri) => (shown_origin(&uri), uri.path().to_string()),
+            Err(_) => ("(not a URL)".to_string(), String::new()),
+        };
+        self.log.line(
+            "warn",
+            &format!("effects: {method} {origin}{path} refused: {why}"),
+        );
+        let detail = json!({"method": method, "origin": origin, "path": path, "refused": why});
+        let _ = self
+            .events()
+            .send(Recorded::Event("effect_refused", detail));
+    }
+}
+
+/// A URI's origin as the trail shows it: never the user or password.
+fn shown_origin(uri: &http::Uri) -> String {
+    match Origin::of_uri(uri) {
+        Ok(origin) => origin.to_string(),
+        Err(_) => format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("?"),
+            uri.authority()
+                .map(|a| a.as_str().rsplit('@').next().unwrap_or_default())
+                .unwrap_or("?")
+        ),
     }
 }
 
@@ -754,16 +788,7 @@ impl WasiHttpHooks for HttpPolicy {
         // What the trail and the log show: never the query, the user or a header.
         let path = uri.path().to_string();
         let origin = Origin::of_uri(&uri);
-        let origin_text = match &origin {
-            Ok(origin) => origin.to_string(),
-            Err(_) => format!(
-                "{}://{}",
-                uri.scheme_str().unwrap_or("?"),
-                uri.authority()
-                    .map(|a| a.as_str().rsplit('@').next().unwrap_or_default())
-                    .unwrap_or("?")
-            ),
-        };
+        let origin_text = shown_origin(&uri);
         let detail = json!({"method": method.as_str(), "origin": origin_text, "path": path});
         let shown = format!("{method} {origin_text}{path}");
 
@@ -854,7 +879,7 @@ impl RequestRecord {
         if let Some(error) = error {
             detail["error"] = Value::String(error);
         }
-        let _ = self.events.send(Recorded::Event(detail));
+        let _ = self.events.send(Recorded::Event("http_request", detail));
     }
 
     fn refuse(&self, why: String) {

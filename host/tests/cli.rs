@@ -737,6 +737,34 @@ fn an_until_idle_daemon_says_it_waits_for_a_scheduled_task() {
     assert_eq!(env.queue().get(id).unwrap().state, State::Pending);
 }
 
+/// An until-idle daemon cannot send the effects of an agent it has not
+/// loaded (their allow-list and secrets are that agent's): it leaves them,
+/// and says so, as it does for tasks.
+#[test]
+fn an_until_idle_daemon_names_effects_left_for_an_agent_it_has_not_loaded() {
+    let env = Env::new(&["stateful"]);
+    let agents = env.agents.path();
+    std::fs::write(
+        agents.join("stateful.toml"),
+        "allowed_hosts = [\"http://127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    let payload = r#"{"ops": [["effect", "POST", "http://127.0.0.1:9/x", "1"]], "review": true}"#;
+    let id = env.submit(&["stateful", payload]);
+    env.until_idle(&[]);
+    assert_eq!(env.show(id)["state"], "review");
+    std::fs::remove_file(agents.join("stateful.wasm")).unwrap();
+    env.ok(&["review", &id.to_string(), "approve"]);
+    let out = env.ok_with_env(&["daemon", "--until-idle", "--poll", "100ms"], &[]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("1 effect(s) left undelivered for agent \"stateful\""),
+        "{said}"
+    );
+    let effects = env.queue().effects(Some(id), None, 10).unwrap();
+    assert_eq!(effects[0].state, "pending", "left, not lost");
+}
+
 // Not about the driver: the demo runs on a SQLite file of its own in --dir.
 #[test]
 fn the_demo_runs_the_store_pipeline_and_writes_pages() {

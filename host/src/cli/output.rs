@@ -543,6 +543,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "lost": summary.lost,
             "released": summary.released,
             "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
+            "effects_left_for_missing_agents": summary.effects_left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "effects": n})).collect::<Vec<_>>(),
         }));
     }
     say!(
@@ -558,6 +559,11 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
     for (agent, n) in &summary.left_for_missing_agents {
         say!(
             "  {n} task(s) left waiting for agent {agent:?}, which is not loaded (or blocked on dependencies)"
+        );
+    }
+    for (agent, n) in &summary.effects_left_for_missing_agents {
+        say!(
+            "  {n} effect(s) left undelivered for agent {agent:?}, which is not loaded (a daemon that loads it sends them: its allow-list and secrets are needed)"
         );
     }
     Ok(())

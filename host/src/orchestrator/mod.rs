@@ -144,6 +144,8 @@ pub struct DaemonSummary {
     pub released: u64,
     /// Unfinished tasks left for agents that are not loaded, by agent.
     pub left_for_missing_agents: Vec<(String, u64)>,
+    /// Effects left undelivered for agents that are not loaded, by agent.
+    pub effects_left_for_missing_agents: Vec<(String, u64)>,
     /// Where the daemon loop's time went (for `colony bench`).
     pub time: LoopTime,
 }
@@ -686,7 +688,8 @@ impl Daemon {
         // Effects of completed tasks still to deliver (their retries are
         // bounded) keep an until-idle daemon at work.
         let loaded = self.agents.loaded_names();
-        if tokio::task::block_in_place(|| self.queue.effects_outstanding(&loaded))? > 0 {
+        let effects = tokio::task::block_in_place(|| self.queue.effects_outstanding_by_agent())?;
+        if effects.iter().any(|(agent, _)| loaded.contains(agent)) {
             return Ok(None);
         }
         let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
@@ -714,6 +717,9 @@ impl Daemon {
             self.announce_scheduled_wait(scheduled);
             return Ok(None);
         }
+        // Only an agent's daemon can send its effects (its allow-list and
+        // secrets): those of agents not loaded here are left, and said so.
+        self.summary.effects_left_for_missing_agents = effects;
         Ok(Some(left))
     }
 

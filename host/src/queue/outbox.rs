@@ -364,6 +364,20 @@ impl Queue {
         })
     }
 
+    /// Effects still to deliver (pending or being sent), by agent.
+    pub fn effects_outstanding_by_agent(&self) -> Result<Vec<(String, u64)>> {
+        self.read(|db| {
+            db.query(
+                "SELECT agent, COUNT(*) FROM effects WHERE state IN ('pending', 'sending')
+                  GROUP BY agent ORDER BY agent",
+                args![],
+            )?
+            .iter()
+            .map(|row| Ok((row.get(0)?, row.get(1)?)))
+            .collect()
+        })
+    }
+
     /// When the next pending effect is due, if any (for the daemon's sleep).
     pub fn next_effect_due(&self) -> Result<Option<i64>> {
         self.read(|db| {

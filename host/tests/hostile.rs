@@ -559,7 +559,7 @@ fn the_demo_with_a_closed_stdout_ends_quietly_with_0() {
         .arg("--agents")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../agents"))
         .arg("--config")
-        .arg(env.data.path().join("no-models.toml"))
+        .arg(env.file("no-models.toml", "# no model providers\n"))
         .args(["demo", "--dir"])
         .arg(env.data.path().join("demo"));
     closing_stdout_after(cmd, 1, Duration::from_secs(120), || {});

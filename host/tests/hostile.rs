@@ -436,6 +436,13 @@ fn database_locations_are_opened_or_refused_by_name() {
             "mysql://root:hunter2@db.example/shop",
             "mysql:// is not a database colony speaks",
         ),
+        ("sqlite:", "the path is empty"),
+        (":memory:", "an in-memory database lasts one command"),
+        ("sqlite::memory:", "an in-memory database lasts one command"),
+        (
+            "host=127.0.0.1 user=colony password=hunter2 dbname=q",
+            "looks like a PostgreSQL key=value connection string",
+        ),
     ] {
         let out = env.run(&["--db", db, "list"]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -446,6 +453,14 @@ fn database_locations_are_opened_or_refused_by_name() {
         );
         assert!(!stderr.contains("hunter2"), "--db {db}: {stderr}");
     }
+    // Nothing was created for any of them (the key=value string was a file
+    // named after it before, password and all).
+    let created: Vec<_> = std::fs::read_dir(env.data.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("hunter2") || name.contains("memory"))
+        .collect();
+    assert!(created.is_empty(), "{created:?}");
 }
 
 #[test]

@@ -486,6 +486,28 @@ pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
 /// directory that does not exist.
 fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
     let text = path.to_string_lossy();
+    // SQLite opens both, and both vanish with the command: a submit there
+    // would print an id and be lost (`COLONY_DB=sqlite:$UNSET`).
+    if text.is_empty() || text == ":memory:" || text.starts_with("file::memory:") {
+        bail!(BadInput(format!(
+            "database {:?}: {}; give the path of a database file",
+            db.display().to_string(),
+            match text.is_empty() {
+                true => "the path is empty",
+                false => "an in-memory database lasts one command",
+            }
+        )));
+    }
+    // libpq's `host=... dbname=...` form would become a file named after
+    // it, password and all.
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if words.len() > 1 && words.iter().all(|w| w.contains('=')) {
+        bail!(BadInput(format!(
+            "database {}: that looks like a PostgreSQL key=value connection string; \
+             colony takes a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE)",
+            crate::queue::redact_url(&text)
+        )));
+    }
     if let Some((scheme, _)) = text.split_once("://")
         && !scheme.is_empty()
         && scheme

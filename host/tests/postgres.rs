@@ -275,6 +275,72 @@ async fn states_when_finished(env: &Env, ids: &[i64]) -> Vec<State> {
 /// Two hosts submitting the same idempotency key at the same moment: the
 /// second waits for the first and answers its task (`existed`) instead of
 /// failing on the unique index.
+/// `events --follow` (a log shipper) rides out a cut connection as the
+/// daemon does: it says so, reads again, and prints what was committed
+/// meanwhile, nothing skipped.
+#[test]
+fn a_trail_follower_whose_connection_is_cut_goes_on_following() {
+    use std::io::{BufRead, BufReader};
+    let Some(db) = TestDb::postgres() else { return };
+    let env = Env::on(db, &[]);
+    let first = env.submit(&["later", "{}"]);
+    let mut follower = env
+        .cmd()
+        .args(["events", "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let _ = lines_tx.send(line.unwrap());
+        }
+    });
+    let submit_of = |id: i64| {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the follower printed the next event");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(
+            (event["task_id"].as_i64(), event["event"].as_str()),
+            (Some(id), Some("submit")),
+            "{line}"
+        );
+    };
+    submit_of(first);
+    // The database refuses connections for a while (as a server restarting
+    // does), and the follower's own is cut: done from the server's
+    // `postgres` database, since a database cannot close itself.
+    let url = env.database.url().to_string();
+    let (server, name) = url.rsplit_once('/').unwrap();
+    let mut admin =
+        postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls).unwrap();
+    let allow = |admin: &mut postgres::Client, allow: bool| {
+        let sql = format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}");
+        admin.batch_execute(&sql).unwrap();
+    };
+    allow(&mut admin, false);
+    let cut: i64 = admin
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(cut >= 1, "the follower's connection was cut");
+    std::thread::sleep(Duration::from_millis(1500));
+    allow(&mut admin, true);
+    let second = env.submit(&["later", "{}"]);
+    submit_of(second);
+    assert!(follower.try_wait().unwrap().is_none(), "still following");
+    follower.kill().unwrap();
+    let stderr = String::from_utf8_lossy(&follower.wait_with_output().unwrap().stderr).into_owned();
+    assert!(stderr.contains("the database is unreachable"), "{stderr}");
+    assert!(stderr.contains("the database is back"), "{stderr}");
+}
+
 #[test]
 fn a_key_submitted_on_two_connections_at_once_makes_one_task() {
     let Some(db) = TestDb::postgres() else { return };

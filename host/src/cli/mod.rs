@@ -1040,9 +1040,39 @@ async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Resul
     // Following waits at a hole in the ids (an event not committed yet)
     // rather than skipping past it: see `TrailCursor`.
     let mut cursor = crate::queue::TrailCursor::new(since);
+    // A range the cursor moved over but whose events are not printed yet.
+    let mut unprinted: Option<(i64, i64)> = None;
+    let mut lost = false;
     loop {
-        let (from, to) = cursor.advance(&queue, 1000)?;
-        for event in &queue.events_between(task, from, to)? {
+        let step = match unprinted {
+            Some(range) => Ok(range),
+            None => cursor.advance(&queue, 1000),
+        }
+        .and_then(|(from, to)| {
+            unprinted = Some((from, to));
+            Ok((from, to, queue.events_between(task, from, to)?))
+        });
+        // A follower (a log shipper) outlives a database restart, as the
+        // daemon does: it says so once and reads again every second.
+        let (from, to, events) = match step {
+            Ok(step) => step,
+            Err(e) if e.is_transient() => {
+                if !lost {
+                    say!(
+                        "events --follow: the database is unreachable ({e}); retrying every second"
+                    );
+                    lost = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if std::mem::take(&mut lost) {
+            say!("events --follow: the database is back");
+        }
+        unprinted = None;
+        for event in &events {
             output::print_event_line(event)?;
         }
         if to - from < 1000 {

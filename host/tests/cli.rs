@@ -594,6 +594,10 @@ on_both_drivers! {
             listed,
             serde_json::json!([{"key": "stock/mug", "value": 119, "version": 2}])
         );
+        assert_eq!(
+            env.ok(&["state", "list", "--agent", "ops", "--prefix", "none/"]).trim(),
+            "no agent state for ops under the prefix \"none/\""
+        );
         env.ok(&["state", "delete", "--agent", "ops", "stock/mug"]);
         let missing = env.run(&["state", "get", "--agent", "ops", "stock/mug"]);
         assert_eq!(missing.status.code(), Some(2));

@@ -92,7 +92,11 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
                 let list: Vec<Value> = entries.iter().map(entry_json).collect();
                 writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
             } else if entries.is_empty() {
-                writeln!(out, "no {} state for {name}", scope.as_str())?;
+                let under = match prefix.is_empty() {
+                    true => String::new(),
+                    false => format!(" under the prefix {prefix:?}"),
+                };
+                writeln!(out, "no {} state for {name}{under}", scope.as_str())?;
             } else {
                 for e in &entries {
                     writeln!(out, "{:<40} v{:<6} {}", e.key, e.version, e.value)?;

@@ -599,6 +599,19 @@ on_both_drivers! {
         let task = q.get(id).unwrap();
         assert_eq!((task.state, task.attempts), (State::Ready, 0));
         assert_eq!(q.release(lease).unwrap(), Applied::LeaseLost);
+        // A task claimed ahead and never started: given back the same way,
+        // its event marked as no run (the metrics count runs by it).
+        let unstarted = claim_one(&mut q, "a");
+        assert_eq!(q.release_unstarted(unstarted).unwrap(), Applied::Moved(State::Ready));
+        assert_eq!(q.get(id).unwrap().attempts, 0);
+        let releases: Vec<_> = q
+            .events(Some(id), 0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "release")
+            .map(|e| e.detail.get("started").cloned())
+            .collect();
+        assert_eq!(releases, vec![None, Some(json!(false))]);
     }
 
     fn stale_leases_reset_to_ready_then_fail_when_attempts_are_used(db) {

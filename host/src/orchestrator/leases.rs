@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::Daemon;
-use crate::queue::{Applied, FinishedRun, Lease, QueueError};
+use crate::queue::{Applied, FinishedRun, Lease, Queue, QueueError};
 use crate::task::{ErrorKind, RunOutcome, TaskError};
 
 impl Daemon {
@@ -89,7 +89,7 @@ impl Daemon {
                 .flatten()
                 .map(|t| t.lease)
                 .collect();
-            self.release_all(&leases);
+            self.release_all(&leases, false);
         }
     }
 
@@ -172,7 +172,7 @@ impl Daemon {
             .flat_map(|(_, b)| b)
             .map(|t| t.lease)
             .collect();
-        self.release_all(&waiting);
+        self.release_all(&waiting, false);
         // Finished work is stored as it finishes, exactly as in normal
         // operation: a second signal or a SIGKILL during the grace must not
         // discard it (and with it the run's attempt and effects).
@@ -235,7 +235,7 @@ impl Daemon {
             .into_iter()
             .filter(|l| !reported.contains(l))
             .collect();
-        self.release_all(&interrupted);
+        self.release_all(&interrupted, true);
         for attempt in 1..=10 {
             if self.unwritten.is_empty() {
                 break;
@@ -248,14 +248,20 @@ impl Daemon {
         }
     }
 
-    pub(super) fn release_all(&mut self, leases: &[Lease]) {
+    /// Gives `leases` back; `started`: their runs began (see
+    /// `Queue::release_unstarted` for those that did not).
+    pub(super) fn release_all(&mut self, leases: &[Lease], started: bool) {
         for lease in leases {
-            let mut result = tokio::task::block_in_place(|| self.queue.release(*lease));
+            let release = |queue: &mut Queue| match started {
+                true => queue.release(*lease),
+                false => queue.release_unstarted(*lease),
+            };
+            let mut result = tokio::task::block_in_place(|| release(&mut self.queue));
             for _ in 0..5 {
                 match &result {
                     Err(e) if e.is_transient() => {
                         std::thread::sleep(Duration::from_millis(100));
-                        result = tokio::task::block_in_place(|| self.queue.release(*lease));
+                        result = tokio::task::block_in_place(|| release(&mut self.queue));
                     }
                     _ => break,
                 }

@@ -147,7 +147,7 @@ impl Daemon {
         }
         if self.agents.loaded(&agent).is_none() {
             let leases: Vec<Lease> = tasks.iter().map(|t| t.lease).collect();
-            self.release_all(&leases);
+            self.release_all(&leases, false);
             return;
         }
         self.prefetched.entry(agent).or_default().extend(tasks);

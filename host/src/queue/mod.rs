@@ -626,7 +626,14 @@ impl Queue {
 
     /// Gives a claimed task back without burning its attempt (graceful shutdown).
     pub fn release(&mut self, lease: Lease) -> Result<Applied> {
-        self.write(|tx, now| tasks::release_in(tx, lease, &self.opts.actor, now))
+        self.write(|tx, now| tasks::release_in(tx, lease, true, &self.opts.actor, now))
+    }
+
+    /// Gives back a task claimed ahead whose run never started (a daemon's
+    /// buffer at shutdown, or of an agent it unloaded): as `release`, the
+    /// event marked as no run.
+    pub fn release_unstarted(&mut self, lease: Lease) -> Result<Applied> {
+        self.write(|tx, now| tasks::release_in(tx, lease, false, &self.opts.actor, now))
     }
 
     /// Resets every lease whose last heartbeat is older than `stale_after`:

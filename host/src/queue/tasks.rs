@@ -551,8 +551,17 @@ pub(super) fn heartbeat_in(tx: &dyn Sql, leases: &[Lease], now: i64) -> Result<V
     Ok(lost)
 }
 
-/// Gives a claimed task back without burning its attempt.
-pub(super) fn release_in(tx: &dyn Sql, lease: Lease, actor: &str, now: i64) -> Result<Applied> {
+/// Gives a claimed task back without burning its attempt. `started`: its
+/// run began (and was interrupted); a task claimed ahead and never started
+/// is no run at all, and its event says so (`"started": false`), for the
+/// metrics that count runs.
+pub(super) fn release_in(
+    tx: &dyn Sql,
+    lease: Lease,
+    started: bool,
+    actor: &str,
+    now: i64,
+) -> Result<Applied> {
     let held = tx.query_opt(
         &lock_held(tx, "SELECT id FROM tasks"),
         args![lease.task_id, lease.token],
@@ -560,8 +569,15 @@ pub(super) fn release_in(tx: &dyn Sql, lease: Lease, actor: &str, now: i64) -> R
     if held.is_none() {
         return Ok(Applied::LeaseLost);
     }
-    let detail =
-        json!({"reason": "the host shut down before the run ended; the attempt is given back"});
+    let detail = match started {
+        true => {
+            json!({"reason": "the host shut down before the run ended; the attempt is given back"})
+        }
+        false => json!({
+            "reason": "claimed ahead, not started before the host gave it back; the attempt is given back",
+            "started": false
+        }),
+    };
     let to = record(
         tx,
         lease.task_id,

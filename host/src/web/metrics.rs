@@ -319,6 +319,11 @@ impl Metrics {
         if event.from != Some(State::InProgress) || event.to == State::InProgress {
             return;
         }
+        // A task claimed ahead and given back unstarted was no run.
+        if event.detail.get("started") == Some(&serde_json::Value::Bool(false)) {
+            tail.claimed_at.remove(&event.task_id);
+            return;
+        }
         let error_kind = event
             .detail
             .get("kind")
@@ -472,6 +477,41 @@ mod tests {
             "{text}"
         );
         assert!(tail.ready_at.is_empty() && tail.claimed_at.is_empty());
+    }
+
+    #[test]
+    fn a_release_of_a_task_that_never_started_is_no_run() {
+        use State::*;
+        let metrics = Metrics::new();
+        let mut tail = Tail::default();
+        let mut unstarted = event(3, 2_000, "release", Some(InProgress), Ready);
+        unstarted.event.detail = serde_json::json!({"reason": "...", "started": false});
+        let trail = [
+            event(1, 1_000, "claim", Some(Ready), InProgress),
+            unstarted,
+            event(4, 3_000, "claim", Some(Ready), InProgress),
+            event(5, 4_000, "release", Some(InProgress), Ready),
+        ];
+        for e in &trail {
+            metrics.count(&mut tail, e);
+        }
+        let release = RunLabels {
+            agent: "writer".into(),
+            outcome: "release".into(),
+            error_kind: String::new(),
+        };
+        assert_eq!(
+            metrics.runs.get_or_create(&release).get(),
+            1,
+            "the interrupted run only"
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &metrics.registry).unwrap();
+        assert!(
+            text.contains("colony_run_duration_seconds_count{agent=\"writer\"} 1"),
+            "{text}"
+        );
+        assert!(tail.claimed_at.is_empty());
     }
 
     #[test]

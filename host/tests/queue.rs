@@ -614,6 +614,32 @@ on_both_drivers! {
         assert_eq!(releases, vec![None, Some(json!(false))]);
     }
 
+    /// A host resets a lease only when it is stale by the host's own
+    /// `stale_after` and by the lease its holder promised: a daemon started
+    /// with a shorter `stale_after` cannot take a live lease from one that
+    /// renews less often (each daemon promises its own `stale_after`).
+    fn no_host_resets_a_lease_before_its_holder_promised(db) {
+        let mut holder = db.open_as("holder");
+        holder.set_claim_lease(Duration::from_millis(600));
+        let id = submit(&mut holder, "a", json!({}));
+        claim_one(&mut holder, "a");
+        let mut reaper = db.open_as("reaper");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            reaper.reset_stale_leases(Duration::from_millis(10)).unwrap().is_empty(),
+            "stale by the reaper's 10 ms, not by the holder's 600 ms"
+        );
+        assert_eq!(holder.get(id).unwrap().state, State::InProgress);
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(reaper.reset_stale_leases(Duration::from_millis(10)).unwrap().len(), 1);
+        assert_eq!(holder.get(id).unwrap().state, State::Ready);
+        // A claim that promised nothing (an older build) goes by the reaper's own.
+        let mut unpromised = db.open_as("old");
+        claim_one(&mut unpromised, "a");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(reaper.reset_stale_leases(Duration::from_millis(10)).unwrap().len(), 1);
+    }
+
     fn stale_leases_reset_to_ready_then_fail_when_attempts_are_used(db) {
         let mut q = db.open_as("host-a");
         let mut new = NewTask::new("a", "{}");

@@ -362,9 +362,9 @@ pub struct DaemonArgs {
     /// How often to renew this daemon's leases (and reap stale ones).
     #[arg(long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub heartbeat: Duration,
-    /// Reset a lease (this daemon's or another's) that has not been renewed
-    /// for this long. Every daemon on one database must use the same value:
-    /// a shorter one resets the others' live leases.
+    /// Reset a lease that has not been renewed for this long. This daemon's
+    /// claims record it, and no daemon resets them sooner, whatever its own
+    /// setting; another daemon's lease is reset only when stale by both.
     #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub stale_after: Duration,
     /// On SIGINT/SIGTERM, how long to let runs finish before releasing them.

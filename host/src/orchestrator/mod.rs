@@ -302,6 +302,9 @@ impl Daemon {
         if let Err(e) = queue.checkpoint_in_background() {
             tracing::warn!("{e}; SQLite checkpoints in the writer's commits instead");
         }
+        // Other daemons, whatever their own setting, wait this long before
+        // taking our claims.
+        queue.set_claim_lease(cfg.stale_after);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (written_tx, written_rx) = mpsc::unbounded_channel();
         let run_side = Arc::new(RunSide::new(

@@ -181,6 +181,10 @@ pub struct QueueOptions {
     /// own instead of running them in the commit that fills the WAL (the
     /// daemon's connections, see [`Queue::checkpoint_in_background`]).
     pub background_checkpoints: bool,
+    /// How long this connection's claims promise to renew their leases
+    /// within (a daemon's `stale_after`): no host resets them sooner, even
+    /// one whose own `stale_after` is shorter. `None`: no promise.
+    pub claim_lease: Option<Duration>,
 }
 
 impl Default for QueueOptions {
@@ -191,6 +195,7 @@ impl Default for QueueOptions {
             max_payload_bytes: task::DEFAULT_MAX_PAYLOAD_BYTES,
             actor: format!("pid:{}", std::process::id()),
             background_checkpoints: false,
+            claim_lease: None,
         }
     }
 }
@@ -472,6 +477,19 @@ impl Queue {
         }
     }
 
+    /// Makes this connection's claims (and those of connections
+    /// [`Queue::reopener`] opens from it) promise to renew their leases
+    /// within `lease`: a daemon passes its `stale_after`.
+    pub fn set_claim_lease(&mut self, lease: Duration) {
+        self.opts.claim_lease = Some(lease);
+    }
+
+    fn claim_lease_ms(&self) -> Option<i64> {
+        self.opts
+            .claim_lease
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+
     /// The clock the queue decides by (see [`Queue::write`]).
     pub fn now(&self) -> Result<i64> {
         match &self.db {
@@ -536,7 +554,8 @@ impl Queue {
         if n == 0 {
             return Ok(Vec::new());
         }
-        self.write(|tx, now| tasks::claim_in(tx, agent, n, &self.opts.actor, now))
+        let lease_ms = self.claim_lease_ms();
+        self.write(|tx, now| tasks::claim_in(tx, agent, n, lease_ms, &self.opts.actor, now))
     }
 
     /// Renews the given leases in one write. Returns those that were lost
@@ -600,6 +619,7 @@ impl Queue {
         claims: &[(String, usize)],
     ) -> Result<FinishedAndClaimed> {
         let max_payload = self.opts.max_payload_bytes;
+        let lease_ms = self.claim_lease_ms();
         self.write(|tx, now| {
             let actor = &self.opts.actor;
             let finished = match runs.is_empty() {
@@ -613,7 +633,7 @@ impl Queue {
             for (agent, n) in claims {
                 claimed.push(match n {
                     0 => Vec::new(),
-                    _ => tasks::claim_in(tx, agent, *n, actor, now)?,
+                    _ => tasks::claim_in(tx, agent, *n, lease_ms, actor, now)?,
                 });
             }
             Ok(FinishedAndClaimed {

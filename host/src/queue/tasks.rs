@@ -416,11 +416,14 @@ pub(super) fn promote_due_in(tx: &dyn Sql, actor: &str, now: i64) -> Result<usiz
     Ok(ids.len())
 }
 
-/// Claims up to `n` ready tasks of `agent` under one fresh token.
+/// Claims up to `n` ready tasks of `agent` under one fresh token, each
+/// lease promised to be renewed within `lease_ms` (`None`: no promise; any
+/// host resets it by its own `stale_after`).
 pub(super) fn claim_in(
     tx: &dyn Sql,
     agent: &str,
     n: usize,
+    lease_ms: Option<i64>,
     actor: &str,
     now: i64,
 ) -> Result<Vec<ClaimedTask>> {
@@ -441,6 +444,7 @@ pub(super) fn claim_in(
                     Param::Int(token),
                     Param::Text(actor),
                     Param::Int(now),
+                    lease_ms.to_param(),
                 ];
                 args.extend_from_slice(chunk);
                 let claimed = tx.execute(&CLAIM_SQLITE.sql(Dialect::Sqlite, chunk.len()), &args)?;
@@ -456,7 +460,7 @@ pub(super) fn claim_in(
         // other open claim holds instead of waiting for it.
         Dialect::Postgres => tx.query(
             CLAIM_POSTGRES,
-            args![token, actor, now, agent, n, to.as_str()],
+            args![token, actor, now, agent, n, to.as_str(), lease_ms],
         )?,
     };
     let mut out = Vec::with_capacity(rows.len());
@@ -514,13 +518,14 @@ const CLAIMABLE_SQLITE: &str = "SELECT id, payload, attempts + 1, max_attempts,
  FROM tasks WHERE state = 'ready' AND agent = +?1
  ORDER BY priority DESC, id LIMIT +?2";
 
-/// Claims the tasks `?5, ?6, ...` read by [`CLAIMABLE_SQLITE`], by id,
+/// Claims the tasks `?6, ?7, ...` read by [`CLAIMABLE_SQLITE`], by id,
 /// many per statement (see [`BySize`]).
 static CLAIM_SQLITE: BySize = BySize::new(|_, rows| {
-    let ids: Vec<String> = (5..5 + rows).map(|i| format!("+?{i}")).collect();
+    let ids: Vec<String> = (6..6 + rows).map(|i| format!("+?{i}")).collect();
     format!(
         "UPDATE OR FAIL tasks SET state = ?1, attempts = attempts + 1, claim_token = ?2,
-                claimed_by = ?3, heartbeat_at = ?4, updated_at = ?4, progress = NULL
+                claimed_by = ?3, heartbeat_at = ?4, updated_at = ?4, progress = NULL,
+                lease_ms = ?5
          WHERE id IN ({})",
         ids.join(", ")
     )
@@ -528,7 +533,7 @@ static CLAIM_SQLITE: BySize = BySize::new(|_, rows| {
 
 const CLAIM_POSTGRES: &str =
     "UPDATE tasks SET state = ?6, attempts = attempts + 1, claim_token = ?1,
-        claimed_by = ?2, heartbeat_at = ?3, updated_at = ?3, progress = NULL
+        claimed_by = ?2, heartbeat_at = ?3, updated_at = ?3, progress = NULL, lease_ms = ?7
  WHERE id IN (SELECT id FROM tasks WHERE state = 'ready' AND agent = ?4
               ORDER BY priority DESC, id LIMIT ?5 FOR UPDATE SKIP LOCKED)
  RETURNING id, payload, attempts, max_attempts,
@@ -632,14 +637,19 @@ pub(super) fn reset_stale_in(
     let sql = match tx.dialect() {
         Dialect::Sqlite => {
             "SELECT id, attempts, max_attempts, claimed_by, heartbeat_at, claim_token FROM tasks
-             WHERE state = 'in_progress' AND heartbeat_at < ?1"
+             WHERE state = 'in_progress' AND heartbeat_at < ?1
+               AND heartbeat_at < ?2 - COALESCE(lease_ms, 0)"
         }
         Dialect::Postgres => {
             "SELECT id, attempts, max_attempts, claimed_by, heartbeat_at, claim_token FROM tasks
-             WHERE state = 'in_progress' AND heartbeat_at < ?1 FOR UPDATE SKIP LOCKED"
+             WHERE state = 'in_progress' AND heartbeat_at < ?1
+               AND heartbeat_at < ?2 - COALESCE(lease_ms, 0) FOR UPDATE SKIP LOCKED"
         }
     };
-    let stale = tx.query(sql, args![cutoff])?;
+    // Stale by this host's measure and by the holder's own promise: a host
+    // with a shorter `stale_after` must not take a live lease from one that
+    // renews less often.
+    let stale = tx.query(sql, args![cutoff, now])?;
     let mut out = Vec::with_capacity(stale.len());
     for row in stale {
         let id: i64 = row.get(0)?;

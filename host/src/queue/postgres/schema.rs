@@ -180,6 +180,8 @@ const MIGRATIONS: &[&str] = &[
     crate::queue::dashboard::DASHBOARD_INDEXES,
     // 3: running tasks leave the dashboard's state index (SQLite's migration 6).
     crate::queue::dashboard::AT_REST_INDEX,
+    // 4: the lease its holder promised to renew within (SQLite's migration 7).
+    "ALTER TABLE tasks ADD COLUMN lease_ms BIGINT;",
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

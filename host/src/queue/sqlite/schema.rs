@@ -17,7 +17,14 @@ const MIGRATIONS: &[&str] = &[
     V5,
     // 6: running tasks leave the dashboard's state index.
     crate::queue::dashboard::AT_REST_INDEX,
+    // 7: the lease its holder promised to renew within (see tasks::claim_in).
+    LEASE_MS,
 ];
+
+/// How long, in ms, the claim's holder promised to renew its lease within
+/// (its `--stale-after`): no host resets the lease sooner, whatever its
+/// own setting. NULL for claims made before it existed.
+pub(crate) const LEASE_MS: &str = "ALTER TABLE tasks ADD COLUMN lease_ms INTEGER;";
 
 // 1: tasks, dependencies, the audit trail and run logs.
 const V1: &str = r#"

@@ -275,6 +275,72 @@ async fn states_when_finished(env: &Env, ids: &[i64]) -> Vec<State> {
 /// Two hosts submitting the same idempotency key at the same moment: the
 /// second waits for the first and answers its task (`existed`) instead of
 /// failing on the unique index.
+/// Makes `env`'s database refuse connections for `outage` (as a server
+/// restarting does) and cuts those open; answers how many were cut. Done
+/// from the server's `postgres` database: a database cannot close itself.
+fn refuse_connections_for(env: &Env, outage: Duration) -> i64 {
+    let url = env.database.url().to_string();
+    let (server, name) = url.rsplit_once('/').unwrap();
+    let mut admin =
+        postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls).unwrap();
+    let allow = |admin: &mut postgres::Client, allow: bool| {
+        let sql = format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}");
+        admin.batch_execute(&sql).unwrap();
+    };
+    allow(&mut admin, false);
+    let cut: i64 = admin
+        .query_one(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    std::thread::sleep(outage);
+    allow(&mut admin, true);
+    cut
+}
+
+/// A daemon whose database goes away mid-drain keeps its runs' results,
+/// stores them when it is back, and says that it is back.
+#[test]
+fn a_daemon_says_when_its_database_is_back() {
+    let Some(db) = TestDb::postgres() else { return };
+    let env = Env::on(db, &["sleeper"]);
+    let batch: String = (0..200)
+        .map(|_| "{\"agent\": \"sleeper\", \"payload\": {\"ms\": 100}}\n")
+        .collect();
+    let file = env.file("tasks.jsonl", batch);
+    env.ok(&["submit", "--batch", &file]);
+    let daemon = env
+        .cmd()
+        .args(["daemon", "--until-idle", "--poll", "100ms"])
+        .env("COLONY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once it is draining (started and storing), not before it connects.
+    wait_for("the first completions", Duration::from_secs(60), || {
+        env.queue()
+            .counts()
+            .unwrap()
+            .iter()
+            .any(|(_, state, n)| *state == State::Complete && *n > 0)
+    });
+    assert!(refuse_connections_for(&env, Duration::from_millis(1500)) >= 1);
+    let out = daemon.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("storing works again: the database is back"),
+        "{stderr}"
+    );
+    assert_eq!(
+        env.queue().counts().unwrap(),
+        vec![("sleeper".to_string(), State::Complete, 200)]
+    );
+}
+
 /// `events --follow` (a log shipper) rides out a cut connection as the
 /// daemon does: it says so, reads again, and prints what was committed
 /// meanwhile, nothing skipped.
@@ -310,28 +376,8 @@ fn a_trail_follower_whose_connection_is_cut_goes_on_following() {
         );
     };
     submit_of(first);
-    // The database refuses connections for a while (as a server restarting
-    // does), and the follower's own is cut: done from the server's
-    // `postgres` database, since a database cannot close itself.
-    let url = env.database.url().to_string();
-    let (server, name) = url.rsplit_once('/').unwrap();
-    let mut admin =
-        postgres::Client::connect(&format!("{server}/postgres"), postgres::NoTls).unwrap();
-    let allow = |admin: &mut postgres::Client, allow: bool| {
-        let sql = format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {allow}");
-        admin.batch_execute(&sql).unwrap();
-    };
-    allow(&mut admin, false);
-    let cut: i64 = admin
-        .query_one(
-            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
-            &[&name],
-        )
-        .unwrap()
-        .get(0);
+    let cut = refuse_connections_for(&env, Duration::from_millis(1500));
     assert!(cut >= 1, "the follower's connection was cut");
-    std::thread::sleep(Duration::from_millis(1500));
-    allow(&mut admin, true);
     let second = env.submit(&["later", "{}"]);
     submit_of(second);
     assert!(follower.try_wait().unwrap().is_none(), "still following");

@@ -188,6 +188,11 @@ impl Daemon {
     ) {
         match result {
             Ok(applied) => {
+                if !self.write_backoff.is_zero() {
+                    // After a streak of errors, the operator reading them
+                    // wants to know that it ended.
+                    tracing::info!("storing works again: the database is back");
+                }
                 self.write_backoff = Duration::ZERO;
                 for (run, applied) in runs.iter().zip(applied) {
                     self.count(run, applied);

@@ -224,18 +224,15 @@ impl reqwest::dns::Resolve for PublicAddressesOnly {
         let name = name.as_str().to_string();
         Box::pin(async move {
             // Port 0: reqwest puts the URL's port in.
-            let found: Vec<_> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
-            let (public, refused): (Vec<_>, Vec<_>) = found
-                .into_iter()
-                .partition(|addr| crate::runtime::http::non_public(addr.ip()).is_none());
+            let mut public = Vec::new();
+            let mut refused = Vec::new();
+            for addr in tokio::net::lookup_host((name.as_str(), 0)).await? {
+                match crate::runtime::http::non_public(addr.ip()) {
+                    None => public.push(addr),
+                    Some(kind) => refused.push(format!("{} ({kind})", addr.ip())),
+                }
+            }
             if public.is_empty() && !refused.is_empty() {
-                let refused: Vec<String> = refused
-                    .iter()
-                    .map(|a| {
-                        let kind = crate::runtime::http::non_public(a.ip()).unwrap_or("non-public");
-                        format!("{} ({kind})", a.ip())
-                    })
-                    .collect();
                 return Err(Box::new(NonPublicAddress(format!(
                     "{name} resolved to {}; effects go to a loopback, private, link-local or unspecified address only when allowed_hosts names it literally",
                     refused.join(", ")

@@ -16,21 +16,34 @@ impl wit::Host for RunState {
     /// Queues the request, or refuses it to the agent, recording why in the
     /// task log and an `effect_refused` event, as a refused request is.
     fn send_after_commit(&mut self, req: wit::Request) -> Result<u32, String> {
-        let (method, url) = (req.method.to_ascii_uppercase(), req.url.clone());
-        self.queue_effect(req).inspect_err(|why| {
-            self.http.policy.record_refused_effect(&method, &url, why);
-        })
+        let method = req.method.to_ascii_uppercase();
+        if let Err(why) = self.check_effect(&method, &req) {
+            self.http
+                .policy
+                .record_refused_effect(&method, &req.url, &why);
+            return Err(why);
+        }
+        let queued = &mut self.effects.queued;
+        let seq = queued.len() as u32 + 1;
+        queued.push(Effect {
+            seq,
+            method,
+            url: req.url,
+            headers: req.headers,
+            body: req.body,
+        });
+        Ok(seq)
     }
 }
 
 impl RunState {
-    fn queue_effect(&mut self, req: wit::Request) -> Result<u32, String> {
-        let method = req.method.to_ascii_uppercase();
-        check_shape(&method, &req.url, &req.headers, req.body.as_deref())?;
+    /// Why this run may not queue `req` (its method upper-cased), if so.
+    fn check_effect(&self, method: &str, req: &wit::Request) -> Result<(), String> {
+        check_shape(method, &req.url, &req.headers, req.body.as_deref())?;
         // The same allow-list as outbound HTTP: a refused effect is refused
         // now, to the agent, not later at delivery.
-        self.http.grant().check_url(&method, &req.url)?;
-        let queued = &mut self.effects.queued;
+        self.http.grant().check_url(method, &req.url)?;
+        let queued = &self.effects.queued;
         let held: usize = queued
             .iter()
             .filter_map(|e| e.body.as_ref())
@@ -47,14 +60,6 @@ impl RunState {
                 "a run may queue at most {MAX_EFFECTS_PER_RUN} effects"
             ));
         }
-        let seq = queued.len() as u32 + 1;
-        queued.push(Effect {
-            seq,
-            method,
-            url: req.url,
-            headers: req.headers,
-            body: req.body,
-        });
-        Ok(seq)
+        Ok(())
     }
 }

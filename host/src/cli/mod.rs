@@ -483,9 +483,10 @@ pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
         .with_context(|| format!("opening the queue database {}", redacted(db)))
 }
 
-/// Refuses, naming it, a database `db` (SQLite at `path`) that cannot be
-/// created: a URL of a database colony does not speak, or a file in a
-/// directory that does not exist.
+/// Refuses, naming it, a database `db` (SQLite at `path`) that would not
+/// keep the queue: an empty path or an in-memory database, a libpq
+/// key=value string or a URL of a database colony does not speak, or a
+/// file in a directory that does not exist.
 fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
     let text = path.to_string_lossy();
     // SQLite opens both, and both vanish with the command: a submit there

@@ -22,6 +22,9 @@ pub struct Attempt {
     delivery: Delivery,
     status: Option<u16>,
     error: Option<String>,
+    /// Refused by policy (the grant no longer allows it, the address is not
+    /// public): no retry can succeed, so the effect fails at once.
+    refused: bool,
 }
 
 /// Sends a daemon's share of the outbox.
@@ -80,21 +83,17 @@ impl Deliverer {
             let (client, done) = (self.client.clone(), self.done_tx.clone());
             let grant = grant_of(&delivery.agent);
             tokio::spawn(async move {
-                let (status, error) = match grant {
-                    Some(grant) => send(&client, &delivery, &grant).await,
-                    None => (
-                        None,
-                        Some(format!(
+                let attempt = match grant {
+                    Some(grant) => send(&client, delivery, &grant).await,
+                    None => {
+                        let error = format!(
                             "the agent {} is not loaded on this daemon, so its allow-list and secrets are unknown",
                             delivery.agent
-                        )),
-                    ),
+                        );
+                        Attempt::failed(delivery, None, error, false)
+                    }
                 };
-                let _ = done.send(Attempt {
-                    delivery,
-                    status,
-                    error,
-                });
+                let _ = done.send(attempt);
             });
         }
         Ok(())
@@ -103,8 +102,12 @@ impl Deliverer {
     /// Records an attempt's answer. On a store error the attempt stays in
     /// flight, for the caller to record again (its claim lease covers the wait).
     pub fn record(&mut self, queue: &mut Queue, attempt: &Attempt) -> Result<(), QueueError> {
-        let stored =
-            queue.finish_delivery(&attempt.delivery, attempt.status, attempt.error.as_deref())?;
+        let stored = queue.finish_delivery(
+            &attempt.delivery,
+            attempt.status,
+            attempt.error.as_deref(),
+            attempt.refused,
+        )?;
         self.in_flight -= 1;
         let d = &attempt.delivery;
         match stored {
@@ -136,22 +139,32 @@ impl Deliverer {
     }
 }
 
+impl Attempt {
+    fn failed(delivery: Delivery, status: Option<u16>, error: String, refused: bool) -> Attempt {
+        Attempt {
+            delivery,
+            status,
+            error: Some(error),
+            refused,
+        }
+    }
+}
+
 /// One attempt: the request as queued, plus the idempotency key and the
 /// agent's secrets for the origin.
-async fn send(
-    client: &reqwest::Client,
-    delivery: &Delivery,
-    grant: &HttpGrant,
-) -> (Option<u16>, Option<String>) {
+async fn send(client: &reqwest::Client, delivery: Delivery, grant: &HttpGrant) -> Attempt {
     let effect = &delivery.effect;
     // The manifest may have changed since the effect was queued.
     if let Err(why) = grant.check_url(&effect.method, &effect.url) {
-        return (None, Some(format!("no longer allowed: {why}")));
+        return Attempt::failed(delivery, None, format!("no longer allowed: {why}"), true);
     }
     let secrets = grant.secret_headers(&effect.url);
     let method = match reqwest::Method::from_bytes(effect.method.as_bytes()) {
         Ok(method) => method,
-        Err(e) => return (None, Some(format!("method {:?}: {e}", effect.method))),
+        Err(e) => {
+            let error = format!("method {:?}: {e}", effect.method);
+            return Attempt::failed(delivery, None, error, true);
+        }
     };
     let mut request = client
         .request(method, &effect.url)
@@ -173,23 +186,40 @@ async fn send(
         request = request.body(body.clone());
     }
     match request.send().await {
+        Ok(response) if response.status().is_success() => Attempt {
+            status: Some(response.status().as_u16()),
+            delivery,
+            error: None,
+            refused: false,
+        },
         Ok(response) => {
             let status = response.status().as_u16();
-            let error = (!response.status().is_success()).then(|| format!("HTTP {status}"));
-            (Some(status), error)
+            Attempt::failed(delivery, Some(status), format!("HTTP {status}"), false)
         }
-        // No URL in the message: it may carry a query the agent put there.
-        Err(e) => (None, Some(describe(e))),
+        Err(e) => {
+            let refused = refused_address(&e).is_some();
+            Attempt::failed(delivery, None, describe(e), refused)
+        }
     }
 }
 
-fn describe(e: reqwest::Error) -> String {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+/// The resolver's refusal somewhere in `e`'s causes, if that is why it failed.
+fn refused_address(e: &reqwest::Error) -> Option<&NonPublicAddress> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(error) = cause {
         if let Some(refused) = error.downcast_ref::<NonPublicAddress>() {
-            return format!("refused: {refused}");
+            return Some(refused);
         }
         cause = error.source();
+    }
+    None
+}
+
+/// Why a request failed, without its URL (it may carry a query the agent
+/// put there).
+fn describe(e: reqwest::Error) -> String {
+    if let Some(refused) = refused_address(&e) {
+        return format!("refused: {refused}");
     }
     if e.is_timeout() {
         "no answer in time".to_string()

@@ -187,13 +187,43 @@ async fn an_effect_to_a_name_that_resolves_to_loopback_is_refused_at_delivery() 
     h.run_until_idle().await;
     assert_eq!(h.task(id).state, State::Complete);
     let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
-    assert_eq!(row.state, "failed", "{row:?}");
+    // A refusal is final: no retry can make the address public.
+    assert_eq!((row.state.as_str(), row.attempts), ("failed", 1), "{row:?}");
     let error = row.error.unwrap_or_default();
     assert!(
         error.contains("refused: localhost resolved to") && error.contains("(loopback)"),
         "{error}"
     );
     assert_eq!(server.count(), 0, "nothing reached the loopback server");
+    let failed = h.events(id, "effect_failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].detail["refused"], json!(true), "{:?}", failed[0]);
+}
+
+/// An effect approved after its agent's grant was withdrawn is refused by
+/// the deliverer, which checks the manifest again, and fails at once rather
+/// than being retried against a policy that cannot change by waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_whose_grant_was_withdrawn_fails_at_its_first_attempt() {
+    let server = ModelServer::start();
+    let h = harness(&server);
+    let id = submit(
+        &h,
+        json!({"ops": [effect(&server, "/publish", "1")], "review": true}),
+        1,
+    );
+    h.run_until_idle().await;
+    assert_eq!(h.task(id).state, State::Review);
+    let manifest = h.agents.path().join("stateful.toml");
+    std::fs::write(&manifest, "allowed_hosts = []\n").unwrap();
+    h.queue().approve(id, None).unwrap();
+    h.run_until_idle().await;
+    let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("failed", 1), "{row:?}");
+    let error = row.error.unwrap_or_default();
+    assert!(error.starts_with("no longer allowed: "), "{error}");
+    assert_eq!(server.count(), 0);
+    assert_eq!(h.task(id).state, State::Complete, "the task stays complete");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,8 +210,9 @@ impl Queue {
         })
     }
 
-    /// Records a delivery attempt's end, fenced by its claim: `Ok(status)`
-    /// with a 2xx marks the effect sent; anything else retries with
+    /// Records a delivery attempt's end, fenced by its claim: a 2xx `status`
+    /// without an `error` marks the effect sent; a `refused` attempt (policy:
+    /// no retry can pass) marks it failed at once; anything else retries with
     /// exponential backoff until its attempts are used, then marks it failed.
     /// Returns the effect's new state, or `None` when the claim was lost.
     pub fn finish_delivery(
@@ -219,6 +220,7 @@ impl Queue {
         delivery: &Delivery,
         status: Option<u16>,
         error: Option<&str>,
+        refused: bool,
     ) -> Result<Option<&'static str>> {
         let actor = &self.opts.actor;
         self.write(|tx, now| {
@@ -237,7 +239,7 @@ impl Queue {
             let sent = error.is_none() && status.is_some_and(|s| (200..300).contains(&s));
             let (state, next_at) = if sent {
                 ("sent", now)
-            } else if delivery.attempt >= max_attempts {
+            } else if refused || delivery.attempt >= max_attempts {
                 ("failed", now)
             } else {
                 let delay = crate::retry::backoff(Duration::from_millis(500), delivery.attempt);
@@ -256,6 +258,7 @@ impl Queue {
                 "attempt": delivery.attempt,
                 "status": status,
                 "error": error,
+                "refused": refused,
                 "now": state,
             });
             note(tx, delivery.task_id, event, actor, detail, now)?;

@@ -98,6 +98,76 @@ impl From<Denied> for ApiError {
     }
 }
 
+/// The largest body an API request may carry: axum's default limit, which
+/// answers 413 past it.
+const BODY_LIMIT_BYTES: u64 = 2 << 20;
+
+/// Errors axum answers by itself under `/api/` (a body over the limit, a
+/// method the endpoint does not take, a path it does not know) come as
+/// plain text; an API client reads every error as `{"error": "..."}`.
+pub async fn json_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|l| l.to_str().ok()?.parse::<u64>().ok());
+    // Refused before reading a byte of it (a client that sent
+    // `Expect: 100-continue` sends none).
+    let response = match declared {
+        Some(length) if length > BODY_LIMIT_BYTES => StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        _ => next.run(request).await,
+    };
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!(
+                "the body is larger than the API takes ({} MiB); nothing was changed",
+                BODY_LIMIT_BYTES >> 20
+            )
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or("another method");
+            format!("{path} does not take {method}; it takes {allowed}")
+        }
+        StatusCode::NOT_FOUND => format!("no such endpoint: {method} {path}"),
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_string(),
+        _ => text,
+    };
+    let mut answer = ApiError { status, message }.into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
+}
+
 /// 401 or 403, with the reason.
 pub fn denied(denied: &Denied) -> Response {
     ApiError::from(denied.clone()).into_response()

@@ -132,7 +132,12 @@ impl Bound {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let tailer = tokio::spawn(keep_metrics_current(self.app.clone()));
-        let result = axum::serve(self.listener, router(self.app))
+        // Outside the router, so that it sees what routing adds (a 405's
+        // `Allow` header) and what no route answers.
+        let app = Router::new()
+            .fallback_service(router(self.app))
+            .layer(middleware::from_fn(api::json_errors));
+        let result = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         tailer.abort();

@@ -38,6 +38,14 @@ fn main() {
         .init();
     if let Some((spec, e)) = bad_filter {
         tracing::warn!("COLONY_LOG={spec:?} is not a log filter ({e}); logging at {default_level}");
+    } else if let Ok(spec) = std::env::var("COLONY_LOG")
+        && colony::cli::log_filter_silences_colony(&spec)
+    {
+        // Not through tracing: the filter turns colony's own messages off.
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: COLONY_LOG={spec:?} sets no level for colony itself (no bare level such as `info` and no `colony=` directive), so its log lines (a daemon's errors among them) are off; e.g. COLONY_LOG=\"{default_level},{spec}\""
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

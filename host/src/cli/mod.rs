@@ -287,6 +287,25 @@ impl Command {
     }
 }
 
+/// Whether a valid `COLONY_LOG` filter leaves colony's own messages off: no
+/// bare level (`info`) and no directive for a `colony` target. `bogus` is
+/// a valid filter (everything from a target named bogus), and it silences
+/// everything else, errors included.
+pub fn log_filter_silences_colony(spec: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    !spec.split(',').map(str::trim).any(|directive| {
+        let target = directive
+            .split(['=', '['])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        let bare_level = !directive.contains('=')
+            && (LEVELS.contains(&target.to_ascii_lowercase().as_str())
+                || target.parse::<u8>().is_ok());
+        bare_level || target == "colony" || target.starts_with("colony::")
+    })
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Approve,
@@ -1199,5 +1218,28 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter_silences_colony;
+
+    #[test]
+    fn a_log_filter_without_a_level_for_colony_is_noticed() {
+        for silencing in ["bogus", "hyper=debug", "wasmtime=info,sqlx", "colonyx=info"] {
+            assert!(log_filter_silences_colony(silencing), "{silencing}");
+        }
+        for speaking in [
+            "info",
+            "WARN",
+            "2",
+            "colony=debug",
+            "colony::orchestrator=trace",
+            "hyper=debug,warn",
+            "colony[run]=info",
+        ] {
+            assert!(!log_filter_silences_colony(speaking), "{speaking}");
+        }
     }
 }

@@ -98,7 +98,12 @@ on_both_drivers! {
         let before = env.snapshot();
         let bad_posts = [
             ("/api/tasks", "", "the body is empty"),
-            ("/api/tasks", "{not json", "key must be a string"),
+            ("/api/tasks", "{not json", "not valid JSON: key must be a string"),
+            ("/api/tasks", r#"{"agent":"echo","payload":{"a":1}"#, "not valid JSON: EOF while parsing"),
+            ("/api/tasks", r#"{"agent":"echo"} {"agent":"other"}"#, "text after the value"),
+            ("/api/tasks", r#"{"agent":"echo"} garbage"#, "text after the value"),
+            ("/api/tasks/1/review", r#"{"verdict":"reject"} {"verdict":"approve"}"#, "text after the value"),
+            ("/api/tasks/1/retry", "{}xyz", "text after the value"),
             ("/api/tasks", r#"{"agent":"echo","colour":"red"}"#, "unknown field `colour`"),
             ("/api/tasks", r#"{"agent":"echo","priority":"high"}"#, "field priority"),
             ("/api/tasks", "{\"agent\":\"echo\"}\n{\"agent\":\"echo\"}", "more than one line"),
@@ -123,6 +128,13 @@ on_both_drivers! {
         assert_eq!(cli.status.code(), Some(2));
         let (_, answer) = web.post("/api/tasks", r#"{"agent":"echo","priority":"high"}"#);
         assert!(String::from_utf8_lossy(&cli.stderr).contains(answer["error"].as_str().unwrap()));
+
+        // The scheme is case-insensitive: a lowercase `bearer` with a wrong
+        // token is refused for the token, not the scheme.
+        let (status, answer) = send(web.client.post(web.url("/api/tasks/999999/retry")).header("authorization", format!("bearer {}", web.token)));
+        assert_eq!(status, 404, "{answer}");
+        let (status, answer) = send(web.client.post(web.url("/api/tasks/999999/retry")).header("authorization", "BEARER wrong-token-0000000000"));
+        assert_eq!((status, answer["error"].as_str().unwrap()), (403, "the bearer token is not this server's token"));
 
         let (status, answer) = web.post("/api/tasks/999999/retry", "");
         assert_eq!(status, 404, "{answer}");

@@ -936,12 +936,24 @@ fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
 
 /// Parses JSON into `T`, naming the offending field in the error
 /// (`priority: invalid type ...` rather than just `invalid type ...`).
-fn parse_naming_field<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+/// `text` as one JSON value of type `T`, an error naming the field at fault;
+/// text after the value is refused (`{"verdict":"reject"} {"verdict":"approve"}`
+/// is not a reject).
+pub(crate) fn parse_naming_field<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string().as_str() {
-        "." => e.inner().to_string(),
-        path => format!("field {path}: {}", e.inner()),
-    })
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match path.as_str() {
+            // Broken JSON has no field to name (the path would read `?`).
+            _ if inner.is_syntax() || inner.is_eof() => format!("not valid JSON: {inner}"),
+            "." => inner.to_string(),
+            path => format!("field {path}: {inner}"),
+        }
+    })?;
+    de.end()
+        .map_err(|e| format!("not valid JSON: text after the value ({e})"))?;
+    Ok(value)
 }
 
 /// One line of `submit --batch`.

@@ -300,11 +300,7 @@ fn text(body: &Bytes) -> Result<&str, ApiError> {
 fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let text = text(body)?.trim();
     let text = if text.is_empty() { "{}" } else { text };
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string().as_str() {
-        "." => ApiError::bad(e.inner().to_string()),
-        path => ApiError::bad(format!("field {path}: {}", e.inner())),
-    })
+    crate::cli::parse_naming_field(text).map_err(ApiError::bad)
 }
 
 async fn submit(

@@ -95,7 +95,11 @@ impl Auth {
     /// so that a script with a stale token hears why.
     pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, Denied> {
         if let Some(value) = headers.get(header::AUTHORIZATION) {
-            let given = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer "));
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let given = value.to_str().ok().and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+            });
             return match given {
                 Some(given) if same(given.trim(), &self.token) => Ok(Caller::Token),
                 Some(_) => Err(Denied::Wrong("the bearer token is not this server's token")),
@@ -220,7 +224,8 @@ pub fn is_loopback_host(host: &str) -> bool {
         Some(rest) => rest.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
-    matches!(name, "localhost" | "127.0.0.1" | "::1")
+    // Host names are case-insensitive.
+    name.eq_ignore_ascii_case("localhost") || matches!(name, "127.0.0.1" | "::1")
 }
 
 #[cfg(test)]
@@ -235,6 +240,8 @@ mod tests {
             "127.0.0.1:1",
             "[::1]:7070",
             "[::1]",
+            "LOCALHOST:7070",
+            "LocalHost",
         ] {
             assert!(is_loopback_host(host), "{host}");
         }

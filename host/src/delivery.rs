@@ -46,6 +46,10 @@ impl Deliverer {
             // A redirect is an answer, not a 2xx: the effect is retried and
             // then fails visibly rather than following to another origin.
             .redirect(reqwest::redirect::Policy::none())
+            // Straight to the granted origin, as a run's own requests go: a
+            // proxy from HTTP_PROXY would receive the agent's secrets and
+            // answer for a target the address check never saw.
+            .no_proxy()
             .dns_resolver(Arc::new(PublicAddressesOnly))
             .timeout(timeout)
             .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))

@@ -36,6 +36,22 @@ impl Effect {
 /// Methods an effect may use.
 pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 
+/// Headers the host sets itself when it sends an effect: the body's framing
+/// (a guest's `Content-Length: 3` cut a 10-byte body to 3, a larger one
+/// left the receiver waiting) and the hop-by-hop headers of the connection.
+const HOST_SET_HEADERS: [&str; 10] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "http2-settings",
+];
+
 /// Checks the parts of an effect that need no grant: method, URL shape,
 /// headers and body size. The message is for the agent.
 pub fn check_shape(
@@ -53,14 +69,31 @@ pub fn check_shape(
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
     }
-    if let Some((name, _)) = headers.iter().find(|(name, value)| {
-        name.is_empty()
+    for (name, value) in headers {
+        if name.is_empty()
             || !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-            || value.bytes().any(|b| b == b'\r' || b == b'\n')
-    }) {
-        return Err(format!("header {name:?} is not a valid HTTP header"));
+        {
+            return Err(format!("header {name:?} is not a valid HTTP header name"));
+        }
+        // Visible ASCII, spaces, tabs and obs-text, as RFC 9110 allows.
+        if let Some(bad) = value
+            .bytes()
+            .find(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Err(format!(
+                "header {name:?} has a control character (byte {bad:#04x}) in its value"
+            ));
+        }
+        if HOST_SET_HEADERS
+            .iter()
+            .any(|set| name.eq_ignore_ascii_case(set))
+        {
+            return Err(format!(
+                "header {name:?} is set by the host when it sends the effect (framing and connection headers follow the stored body)"
+            ));
+        }
     }
     if let Some(body) = body
         && body.len() > MAX_BODY_BYTES
@@ -71,4 +104,44 @@ pub fn check_shape(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_shape;
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn framing_connection_and_control_characters_are_refused_in_headers() {
+        let url = "https://api.example/x";
+        for (pairs, says) in [
+            (&[("Content-Length", "3")][..], "set by the host"),
+            (&[("transfer-encoding", "chunked")], "set by the host"),
+            (&[("Connection", "close, X-Custom")], "set by the host"),
+            (&[("Upgrade", "h2c")], "set by the host"),
+            (&[("HOST", "other.example")], "set by the host"),
+            (&[("X-Ctl", "a\u{1}b")], "control character (byte 0x01)"),
+            (&[("X-Del", "a\u{7f}")], "control character (byte 0x7f)"),
+            (
+                &[("X-Line", "a\r\nInjected: 1")],
+                "control character (byte 0x0d)",
+            ),
+            (&[("Bad Name", "1")], "not a valid HTTP header name"),
+        ] {
+            let error = check_shape("POST", url, &headers(pairs), Some(b"body")).unwrap_err();
+            assert!(error.contains(says), "{pairs:?}: {error}");
+        }
+        let fine = headers(&[
+            ("Content-Type", "application/json"),
+            ("X-Tab", "a\tb"),
+            ("X-Utf8", "café"),
+        ]);
+        assert_eq!(check_shape("POST", url, &fine, Some(b"{}")), Ok(()));
+    }
 }

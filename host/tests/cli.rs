@@ -691,7 +691,13 @@ on_both_drivers! {
         );
 
         env.ok(&["review", &id.to_string(), "approve"]);
-        env.until_idle(&[]);
+        // Delivered straight to the granted origin even with a proxy in the
+        // environment: a proxy would get the agent's secrets and answer for
+        // a target the address check never saw.
+        let proxy = ModelServer::start();
+        let daemon = ["daemon", "--until-idle", "--poll", "100ms", "--heartbeat", "200ms"];
+        env.ok_with_env(&daemon, &[("HTTP_PROXY", &proxy.url()), ("http_proxy", &proxy.url()), ("ALL_PROXY", &proxy.url())]);
+        assert_eq!(proxy.count(), 0, "the effect went through the proxy");
         let sent = env.json(&["show", &id.to_string()]);
         assert_eq!(sent["effects"][0]["state"], "sent", "{sent}");
         assert_eq!(

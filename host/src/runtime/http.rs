@@ -490,11 +490,12 @@ impl HttpGrant {
             if wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(&header) {
                 return Err((key, format!("the host cannot set the header {header}")));
             }
-            let Some(secret) = env(&spec.env) else {
+            // Empty is as good as unset: it would send `Authorization: Bearer `.
+            let Some(secret) = env(&spec.env).filter(|s| !s.trim().is_empty()) else {
                 return Err((
                     key,
                     format!(
-                        "the environment variable {} (the secret for {origin}) is not set; the host reads it when the agent loads",
+                        "the environment variable {} (the secret for {origin}) is not set or is empty; the host reads it when the agent loads",
                         spec.env
                     ),
                 ));
@@ -1383,12 +1384,18 @@ mod tests {
         let shown = format!("{g:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
 
-        let (key, why) = HttpGrant::from_manifest(m(Some(&secrets)), |_| None).unwrap_err();
-        assert_eq!(key, "secrets.\"https://api.example.com\"");
-        assert!(
-            why.contains("TOKEN_VAR") && why.contains("https://api.example.com"),
-            "{why}"
-        );
+        for unset_or_empty in [None, Some(""), Some("  ")] {
+            let (key, why) =
+                HttpGrant::from_manifest(m(Some(&secrets)), |_| unset_or_empty.map(str::to_string))
+                    .unwrap_err();
+            assert_eq!(key, "secrets.\"https://api.example.com\"");
+            assert!(
+                why.contains(
+                    "TOKEN_VAR (the secret for https://api.example.com) is not set or is empty"
+                ) && why.contains("https://api.example.com"),
+                "{why}"
+            );
+        }
 
         let mut other = BTreeMap::new();
         other.insert(

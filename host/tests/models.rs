@@ -387,8 +387,12 @@ async fn a_hanging_provider_is_unavailable_after_the_timeout() {
     assert_eq!(server.count(), 1);
 }
 
+/// A 2xx reply the host cannot read (not JSON, or cut off in transit) was
+/// most likely charged by the provider: it is not retried (each retry would
+/// be charged again) and it counts as its reservation, so that a budget
+/// cannot be spent through replies the host never read.
 #[tokio::test]
-async fn malformed_reply_is_unavailable_and_not_retried() {
+async fn an_unreadable_or_cut_off_reply_counts_as_charged_and_is_not_retried() {
     let server = ModelServer::start();
     let toml = format!(
         "{}{}",
@@ -396,13 +400,29 @@ async fn malformed_reply_is_unavailable_and_not_retried() {
         anthropic_alias(&server, "")
     );
     let providers = providers_for(&toml);
-    for alias in ["fast", "smart"] {
-        server.push(Scripted::Malformed);
-        let err = providers.complete(&ask(alias, "hi")).await.unwrap_err();
-        assert!(matches!(err, ModelError::Unavailable(_)), "{err}");
-        assert!(err.to_string().contains("could not be understood"), "{err}");
+    for (scripted, says) in [
+        (
+            (|| Scripted::Malformed) as fn() -> Scripted,
+            "could not be understood",
+        ),
+        (|| Scripted::CutOff, "was cut off"),
+    ] {
+        for alias in ["fast", "smart"] {
+            server.push(scripted());
+            let request = ChatRequest {
+                max_tokens: Some(50),
+                ..ask(alias, "hi")
+            };
+            let failure = providers.call(&request).await.unwrap_err();
+            let err = &failure.error;
+            assert!(matches!(err, ModelError::Unavailable(_)), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+            assert!(err.to_string().contains("counted as charged"), "{err}");
+            assert_eq!(failure.charged.output_tokens, 50, "{alias}: {err}");
+            assert!(failure.charged.input_tokens > 0, "{alias}: {err}");
+        }
     }
-    assert_eq!(server.count(), 2);
+    assert_eq!(server.count(), 4, "none was retried");
 }
 
 #[tokio::test]

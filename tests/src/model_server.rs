@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -56,6 +57,9 @@ pub enum Scripted {
     Hang,
     /// HTTP 200 with a body that is not JSON.
     Malformed,
+    /// HTTP 200 whose `Content-Length` promises more than is sent before
+    /// the connection closes: a reply cut off in transit.
+    CutOff,
 }
 
 impl Scripted {
@@ -276,7 +280,7 @@ enum Protocol {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let headers = req
@@ -356,7 +360,7 @@ fn echo(body: &Value, protocol: Protocol) -> Scripted {
     }
 }
 
-async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Response<Full<Bytes>> {
+async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Response<Body> {
     let model = request["model"].as_str().unwrap_or(MODEL_ID);
     let model = if model.is_empty() { MODEL_ID } else { model };
     match scripted {
@@ -410,7 +414,7 @@ async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Res
             reply(StatusCode::GATEWAY_TIMEOUT, json!({}))
         }
         Scripted::Malformed => {
-            let mut response = Response::new(Full::new(Bytes::from_static(
+            let mut response = Response::new(full(Bytes::from_static(
                 b"{\"choices\": [ this is not json",
             )));
             response.headers_mut().insert(
@@ -419,11 +423,40 @@ async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Res
             );
             response
         }
+        Scripted::CutOff => {
+            // The head and the first bytes, flushed; then an error: hyper
+            // drops the connection short of the promised length.
+            use futures_util::StreamExt;
+            let first = Ok(hyper::body::Frame::data(Bytes::from_static(
+                b"{\"id\": \"cut\", \"choices\": [",
+            )));
+            let frames = futures_util::stream::once(async { first }).chain(
+                futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(std::io::Error::other("cut off"))
+                }),
+            );
+            let mut response = Response::new(BoxBody::new(StreamBody::new(frames)));
+            let headers = response.headers_mut();
+            headers.insert(
+                "content-type",
+                "application/json".parse().expect("a header value"),
+            );
+            headers.insert("content-length", "4096".parse().expect("a header value"));
+            response
+        }
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+/// A reply body: whole, or (for a cut-off reply) failing part way.
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         "content-type",

@@ -237,6 +237,30 @@ async fn the_budget_stops_the_second_call_before_the_provider_and_fails_for_good
     );
 }
 
+/// A reply cut off after the provider answered 200 is spent from the
+/// budget (as its reservation: it was most likely charged), so a budget
+/// cannot be drained through replies the host never read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_reply_is_spent_from_the_budget() {
+    let e = env("models = [\"fast\"]\ntoken_budget = 100");
+    e.server.push(Scripted::CutOff);
+    let id = e.think(json!({"prompts": ["one", "two"], "max_tokens": 50, "on_error": "continue"}));
+    e.run().await;
+    assert_eq!(
+        e.server.count(),
+        1,
+        "not retried, and the second call was refused"
+    );
+    let calls = e.h.queue().model_calls(id).unwrap();
+    assert_eq!(
+        calls.iter().map(|c| c.status.as_str()).collect::<Vec<_>>(),
+        ["unavailable", "budget_exceeded"]
+    );
+    assert_eq!(calls[0].output_tokens, 50, "{calls:?}");
+    assert!(calls[0].input_tokens > 0, "{calls:?}");
+    assert!(calls[0].cost_usd.is_some_and(|c| c > 0.0), "{calls:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_spends_from_its_roots_budget() {
     let e = env(r#"models = ["fast"]"#);

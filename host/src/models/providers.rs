@@ -60,7 +60,22 @@ enum Attempt {
     Done(ChatReply, Option<Usage>),
     /// Not worth retrying.
     Fatal(ModelError),
+    /// The provider answered 2xx but its reply could not be read in full or
+    /// understood: it has most likely charged for the call, so it counts as
+    /// charged (see [`CallFailure::charged`]) and is not retried.
+    Charged(ModelError),
     Retry(Failure),
+}
+
+/// A call that returned no reply, and what it counts as having cost.
+#[derive(Debug)]
+pub struct CallFailure {
+    pub error: ModelError,
+    /// Zero, unless the provider answered 2xx with a reply that was cut off
+    /// or unreadable: then the call's reservation (the prompt estimate plus
+    /// max_tokens), so that a budget cannot be spent through replies the
+    /// host never read.
+    pub charged: Usage,
 }
 
 /// A failure worth retrying, and how the call ends if time runs out.
@@ -164,27 +179,40 @@ impl Providers {
     /// One model call, bounded as a whole (rate-limit waits and retries
     /// included) by the alias's `timeout`.
     pub async fn complete(&self, req: &ChatRequest) -> Result<ChatReply, ModelError> {
+        self.call(req).await.map_err(|failure| failure.error)
+    }
+
+    /// [`Providers::complete`], telling what a failed call counts as having
+    /// cost.
+    pub async fn call(&self, req: &ChatRequest) -> Result<ChatReply, CallFailure> {
+        let uncharged = |error| CallFailure {
+            error,
+            charged: Usage::default(),
+        };
         let name = req.model.as_str();
         let Some(alias) = self.aliases.get(name) else {
-            return Err(ModelError::NotGranted(format!(
+            return Err(uncharged(ModelError::NotGranted(format!(
                 "model `{name}` is not configured on this host"
-            )));
+            ))));
         };
         let max_tokens = req.max_tokens.unwrap_or(alias.config.max_tokens);
         if max_tokens == 0 {
-            return Err(ModelError::InvalidRequest(format!(
+            return Err(uncharged(ModelError::InvalidRequest(format!(
                 "model `{name}`: max_tokens must be at least 1"
-            )));
+            ))));
         }
         let body = match alias.config.api {
-            Api::OpenAi => openai::request_body(&alias.config.model, req, max_tokens)?,
-            Api::Anthropic => anthropic::request_body(&alias.config.model, req, max_tokens)?,
-        };
+            Api::OpenAi => openai::request_body(&alias.config.model, req, max_tokens),
+            Api::Anthropic => anthropic::request_body(&alias.config.model, req, max_tokens),
+        }
+        .map_err(uncharged)?;
         let started = Instant::now();
         let deadline = started + alias.config.timeout;
-        let reserved = u64::from(max_tokens) + estimate_prompt_tokens(req);
+        let prompt_estimate = estimate_prompt_tokens(req);
+        let reserved = u64::from(max_tokens) + prompt_estimate;
         self.wait_for_limits(name, alias, reserved, deadline)
-            .await?;
+            .await
+            .map_err(uncharged)?;
         let result = self.send_with_retries(name, alias, &body, deadline).await;
         match result {
             Ok((mut reply, usage)) => {
@@ -201,10 +229,18 @@ impl Providers {
                 );
                 Ok(reply)
             }
-            Err(err) => {
+            Err((error, false)) => {
                 // A refused or failed call is taken to have used nothing.
                 alias.limiter.settle(reserved, 0);
-                Err(err)
+                Err(uncharged(error))
+            }
+            Err((error, true)) => {
+                let charged = Usage {
+                    input_tokens: u32::try_from(prompt_estimate).unwrap_or(u32::MAX),
+                    output_tokens: max_tokens,
+                };
+                alias.limiter.settle(reserved, charged.total());
+                Err(CallFailure { error, charged })
             }
         }
     }
@@ -251,13 +287,16 @@ impl Providers {
         alias: &Alias,
         body: &Value,
         deadline: Instant,
-    ) -> Result<(ChatReply, Option<Usage>), ModelError> {
+    ) -> Result<(ChatReply, Option<Usage>), (ModelError, bool)> {
+        let uncharged = |error| (error, false);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             if attempt > 1 {
                 // A retry is one more request to the provider.
-                self.wait_for_limits(name, alias, 0, deadline).await?;
+                self.wait_for_limits(name, alias, 0, deadline)
+                    .await
+                    .map_err(uncharged)?;
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let failure = if remaining.is_zero() {
@@ -265,19 +304,21 @@ impl Providers {
             } else {
                 match self.attempt(name, alias, body, remaining).await {
                     Attempt::Done(reply, usage) => return Ok((reply, usage)),
-                    Attempt::Fatal(err) => return Err(err),
+                    Attempt::Fatal(err) => return Err((err, false)),
+                    Attempt::Charged(err) => return Err((err, true)),
                     Attempt::Retry(failure) => failure,
                 }
             };
+            let give_up = |failure| uncharged(give_up(name, alias, failure, attempt));
             let delay = match &failure {
-                Failure::Timeout => return Err(give_up(name, alias, &failure, attempt)),
+                Failure::Timeout => return Err(give_up(&failure)),
                 Failure::RateLimited {
                     retry_after: Some(wait),
                 } => *wait,
                 _ => crate::retry::backoff(RETRY_BASE, attempt).min(MAX_RETRY_DELAY),
             };
             if Instant::now() + delay >= deadline {
-                return Err(give_up(name, alias, &failure, attempt));
+                return Err(give_up(&failure));
             }
             tracing::warn!(
                 alias = name,
@@ -322,9 +363,14 @@ impl Providers {
             .json(body);
         // reqwest's timeout covers connecting, sending and reading the
         // body; the outer one also bounds anything reqwest does not time.
+        // Whether the provider had answered 2xx when the exchange failed:
+        // then it is generating (and charging for) a reply the host never
+        // read in full.
+        let answered_ok = std::sync::atomic::AtomicBool::new(false);
         let exchange = async {
             let response = request.send().await?;
             let status = response.status();
+            answered_ok.store(status.is_success(), std::sync::atomic::Ordering::Relaxed);
             let retry_after = retry_after(response.headers());
             let limit = if status.is_success() {
                 MAX_REPLY_BYTES
@@ -334,7 +380,23 @@ impl Providers {
             let body = read_body(response, limit).await?;
             Ok::<_, reqwest::Error>((status, retry_after, body))
         };
-        let (status, retry_after, bytes) = match tokio::time::timeout(remaining, exchange).await {
+        let outcome = tokio::time::timeout(remaining, exchange).await;
+        if answered_ok.load(std::sync::atomic::Ordering::Relaxed) && !matches!(outcome, Ok(Ok(_))) {
+            let why = match outcome {
+                Err(_) => "did not arrive in full within the call's timeout".to_string(),
+                Ok(Err(e)) => format!(
+                    "was cut off ({})",
+                    scrub(&e.without_url().to_string(), alias)
+                ),
+                Ok(Ok(_)) => unreachable!("checked above"),
+            };
+            tracing::warn!(alias = name, "model call: a 2xx reply {why}");
+            return Attempt::Charged(ModelError::Unavailable(format!(
+                "model `{name}`: the provider answered, but its reply {why}; \
+                 counted as charged (the prompt estimate plus max_tokens) and not retried"
+            )));
+        }
+        let (status, retry_after, bytes) = match outcome {
             Err(_) => return Attempt::Retry(Failure::Timeout),
             Ok(Err(e)) => {
                 tracing::warn!(alias = name, error = %e, "model call transport error");
@@ -355,10 +417,11 @@ impl Providers {
             };
             return match parsed {
                 Ok((reply, usage)) => Attempt::Done(reply, usage),
-                // Not retried: the provider has likely charged for it, and
-                // a server that answers nonsense will most likely do so again.
-                Err(why) => Attempt::Fatal(ModelError::Unavailable(format!(
-                    "model `{name}`: the provider's reply could not be understood ({})",
+                // The provider has likely charged for it, and a server that
+                // answers nonsense will most likely do so again.
+                Err(why) => Attempt::Charged(ModelError::Unavailable(format!(
+                    "model `{name}`: the provider's reply could not be understood ({}); \
+                     counted as charged (the prompt estimate plus max_tokens) and not retried",
                     truncate(&scrub(&why, alias), 200)
                 ))),
             };

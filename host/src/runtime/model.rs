@@ -168,8 +168,15 @@ impl ModelSession {
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
-        let outcome = providers.complete(request).await;
-        let charged = outcome.as_ref().map(|r| r.usage).unwrap_or_default();
+        let (outcome, charged) = match providers.call(request).await {
+            Ok(reply) => {
+                let usage = reply.usage;
+                (Ok(reply), usage)
+            }
+            // A reply the provider sent but the host could not read still
+            // counts against the budget.
+            Err(failure) => (Err(failure.error), failure.charged),
+        };
         let cost = providers.cost_usd(&request.model, &charged);
         (outcome, false, charged, cost)
     }

@@ -114,6 +114,15 @@ fn config_errors_name_file_alias_and_key() {
             )
         );
     }
+    // A key pasted in place of the variable's name (a valid name when it
+    // is letters, digits and `_`) is not printed back whole.
+    let pasted = "gsk_REALSECRETKEY0123456789";
+    let text = text.replace("COLONY_TEST_SURELY_UNSET_KEY_7F3A", pasted);
+    let err = Providers::new(&ModelsConfig::from_toml(&text, &path).unwrap()).unwrap_err();
+    let message = err.to_string();
+    assert!(!message.contains("REALSECRET"), "{message}");
+    assert!(message.contains("`gsk_…` (27 characters"), "{message}");
+
     // The providers' Debug output never shows a key.
     let providers = Providers::with_env(&config, |_| Some(KEY.into())).unwrap();
     assert!(!format!("{providers:?}").contains(KEY));
@@ -458,7 +467,26 @@ async fn client_errors_are_invalid_requests_without_secrets() {
         !message.contains(KEY) && !message.contains(&server.url()),
         "{message}"
     );
-    assert_eq!(server.count(), 2, "4xx is not retried");
+    // Nor under another path than its base_url's (`fast` is on `<url>/v1`),
+    // nor by its address alone.
+    let address = server.url().trim_start_matches("http://").to_string();
+    server.push(Scripted::status(
+        401,
+        format!(
+            "bad key; see {}/echokey/docs (served by {address})",
+            server.url()
+        ),
+    ));
+    let message = providers
+        .complete(&ask("fast", "hi"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.ends_with("bad key; see <provider> (served by <provider>)"),
+        "{message}"
+    );
+    assert_eq!(server.count(), 3, "4xx is not retried");
 
     // Unknown aliases never reach a provider.
     let err = providers.complete(&ask("other", "hi")).await.unwrap_err();
@@ -476,7 +504,7 @@ async fn client_errors_are_invalid_requests_without_secrets() {
         providers.complete(&req).await.unwrap_err().kind(),
         "invalid_request"
     );
-    assert_eq!(server.count(), 2);
+    assert_eq!(server.count(), 3, "the bad schema was not sent");
 }
 
 #[tokio::test]

@@ -109,8 +109,8 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error(
-        "{}: [models.{alias}] key `api_key_env`: the environment variable `{var}` is not set or is empty",
-        path.display()
+        "{}: [models.{alias}] key `api_key_env`: the environment variable {} is not set or is empty",
+        path.display(), shown_var_name(var)
     )]
     MissingKey {
         path: PathBuf,
@@ -309,8 +309,9 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
             return Err(key_error(
                 "api_key_env",
                 format!(
-                    "{var:?} is not an environment variable name (letters, digits, `_`); \
-                     give the variable's name, never the key itself"
+                    "{} is not an environment variable name (letters, digits, `_`); \
+                     give the variable's name, never the key itself",
+                    shown_var_name(var)
                 ),
             ));
         }
@@ -358,6 +359,24 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         output_usd_per_mtok: raw.output_usd_per_mtok,
         max_tokens: raw.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
     })
+}
+
+/// `api_key_env` as an error message may show it: a conventional name
+/// (`OPENAI_API_KEY`) in full; anything else only by its first characters
+/// and length, since a key pasted in place of its variable's name would
+/// otherwise be printed to a terminal or a CI log.
+fn shown_var_name(var: &str) -> String {
+    let conventional = var
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if conventional {
+        return format!("`{var}`");
+    }
+    let start: String = var.chars().take(4).collect();
+    format!(
+        "`{start}…` ({} characters, the rest not shown in case it is a key)",
+        var.chars().count()
+    )
 }
 
 #[cfg(test)]
@@ -465,7 +484,7 @@ mod tests {
             ),
             (
                 format!("[models.fast]\n{base}api_key_env = \"sk-abc 123\"\n"),
-                "key `api_key_env`: \"sk-abc 123\" is not an environment variable name",
+                "key `api_key_env`: `sk-a…` (10 characters, the rest not shown in case it is a key) is not an environment variable name",
             ),
             (
                 "[models.fast]\napi = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n"

@@ -543,12 +543,39 @@ fn provider_message(body: &[u8], alias: &Alias) -> String {
 }
 
 /// Cuts the key and the base URL out of text that goes to the guest.
+/// `text` (a provider's message, an error) as the agent may see it: no key,
+/// and no URL or address of the provider, whatever path follows its origin
+/// (a message may name `http://host/prefix` where `base_url` is
+/// `http://host/prefix/v1`).
 fn scrub(text: &str, alias: &Alias) -> String {
-    let mut text = text.replace(&alias.config.base_url, "<provider>");
+    let mut text = text.to_string();
     if let Some(Secret(key)) = &alias.key {
         text = text.replace(key.as_str(), "<redacted>");
     }
-    text
+    let Ok(base) = reqwest::Url::parse(&alias.config.base_url) else {
+        return text.replace(&alias.config.base_url, "<provider>");
+    };
+    let origin = base.origin().ascii_serialization();
+    let mut scrubbed = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find(&origin) {
+        scrubbed.push_str(&rest[..at]);
+        scrubbed.push_str("<provider>");
+        let after = &rest[at + origin.len()..];
+        let url_end = after
+            .find(|c: char| c.is_whitespace() || "\"'<>()[]{}`,;".contains(c))
+            .unwrap_or(after.len());
+        rest = &after[url_end..];
+    }
+    scrubbed.push_str(rest);
+    if let Some(host) = base.host_str() {
+        let authority = match base.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        };
+        scrubbed = scrubbed.replace(&authority, "<provider>");
+    }
+    scrubbed
 }
 
 fn truncate(text: &str, max: usize) -> String {

@@ -679,3 +679,59 @@ fn an_exported_token_does_not_stop_a_plain_daemon() {
     env.ok_with_env(&daemon, &[("COLONY_TOKEN", TOKEN)]);
     assert_eq!(env.show(id)["state"], "complete");
 }
+
+/// The SQLite file deleted under a running server: every request answers
+/// 503 naming it (an open connection would still take writes into the
+/// deleted file, and a new one would create a fresh empty database), and
+/// `/healthz` says so. A daemon stops on it at its next heartbeat.
+#[test]
+fn a_deleted_database_file_is_refused_not_written_or_recreated() {
+    let env = Env::new(&["echo"]);
+    let web = Web::serve(&env);
+    let (status, _) = web.post("/api/tasks", r#"{"agent":"echo"}"#);
+    assert_eq!(status, 201);
+    let daemon = env
+        .cmd()
+        .args(["daemon", "--heartbeat", "100ms", "--poll", "100ms"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let db = env.db();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+
+    let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo"}"#);
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("was deleted while colony had it open"),
+        "{answer}"
+    );
+    // More requests at once than the pool keeps open: new connections too.
+    let handles: Vec<_> = (0..12)
+        .map(|_| {
+            let url = web.url("/api/tasks/1");
+            std::thread::spawn(move || reqwest::blocking::get(url).unwrap().status().as_u16())
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.join().unwrap(), 503);
+    }
+    let health = web.get("/healthz");
+    assert_eq!(health.status().as_u16(), 503);
+    assert!(health.text().unwrap().contains("was deleted"));
+    assert!(!db.exists(), "a connection created a fresh database");
+
+    let out = daemon.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("was deleted while colony had it open"),
+        "{stderr}"
+    );
+    assert!(!db.exists(), "the daemon created a fresh database");
+}

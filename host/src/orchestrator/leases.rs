@@ -39,6 +39,9 @@ impl Daemon {
         let stale_after = self.cfg.stale_after;
         let queue = &mut self.queue;
         let result = tokio::task::block_in_place(|| -> Result<(Vec<Lease>, usize), QueueError> {
+            // A daemon whose file was deleted would go on claiming and
+            // completing where no other command looks.
+            queue.check_database_file()?;
             for (task_id, text) in &progress {
                 if let Some(lease) = leases.iter().find(|l| l.task_id == *task_id) {
                     queue.record_progress(*lease, text.as_deref())?;

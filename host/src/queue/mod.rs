@@ -103,6 +103,11 @@ pub enum QueueError {
     Connect { location: String, message: String },
     #[error("cannot start the WAL checkpoint thread for {path}: {message}")]
     CheckpointThread { path: String, message: String },
+    #[error(
+        "the database file {path} was {what} while colony had it open: what is written now goes \
+         where no other command looks. Stop this colony process, then put the file back or start afresh"
+    )]
+    DatabaseGone { path: String, what: &'static str },
 }
 
 impl From<postgres::Error> for QueueError {
@@ -137,7 +142,7 @@ impl QueueError {
     /// rather than spinning.
     pub fn is_permanent(&self) -> bool {
         match self {
-            QueueError::SchemaTooNew { .. } => true,
+            QueueError::SchemaTooNew { .. } | QueueError::DatabaseGone { .. } => true,
             QueueError::Sqlite(e) => sqlite::is_permanent(e),
             QueueError::Postgres(e) => postgres_driver::is_permanent(e),
             _ => false,
@@ -185,6 +190,10 @@ pub struct QueueOptions {
     /// within (a daemon's `stale_after`): no host resets them sooner, even
     /// one whose own `stale_after` is shorter. `None`: no promise.
     pub claim_lease: Option<Duration>,
+    /// SQLite: open the file only if it is there. Further connections to a
+    /// database already open ([`Queue::reopener`], the dashboard's pool)
+    /// must not create a fresh empty one where the first was deleted.
+    pub must_exist: bool,
 }
 
 impl Default for QueueOptions {
@@ -196,6 +205,7 @@ impl Default for QueueOptions {
             actor: format!("pid:{}", std::process::id()),
             background_checkpoints: false,
             claim_lease: None,
+            must_exist: false,
         }
     }
 }
@@ -419,8 +429,21 @@ impl Queue {
             Db::Sqlite(db) => db.path().to_path_buf(),
             Db::Postgres(db) => PathBuf::from(db.url()),
         };
-        let opts = self.opts.clone();
+        let opts = QueueOptions {
+            must_exist: true,
+            ..self.opts.clone()
+        };
         move || Queue::open_with(&location, opts.clone())
+    }
+
+    /// Fails when the SQLite file this connection has open was deleted or
+    /// replaced since: a connection keeps writing to a deleted file, where
+    /// no other command will ever read it. A `stat`; nothing on PostgreSQL.
+    pub fn check_database_file(&self) -> Result<()> {
+        match &self.db {
+            Db::Sqlite(db) => db.check_file(),
+            Db::Postgres(_) => Ok(()),
+        }
     }
 
     /// On SQLite, this connection and those [`Queue::reopener`] opens from

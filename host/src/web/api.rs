@@ -60,6 +60,7 @@ impl From<QueueError> for ApiError {
             QueueError::Illegal { .. } => StatusCode::CONFLICT,
             e if e.is_bad_input() => StatusCode::BAD_REQUEST,
             e if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
+            QueueError::DatabaseGone { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError {

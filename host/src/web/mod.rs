@@ -168,7 +168,7 @@ fn router(app: Shared) -> Router {
         .route("/metrics", get(metrics_page))
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such page") })
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .layer(middleware::from_fn(security_headers))
@@ -245,6 +245,19 @@ async fn metrics_page(State(app): State<Shared>) -> Response {
     {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => api::ApiError::from(e).into_response(),
+    }
+}
+
+/// "ok", or 503 with why when the database cannot be used (on SQLite: its
+/// file deleted or replaced under the server).
+async fn healthz(State(app): State<Shared>) -> Response {
+    match app
+        .store
+        .run(None, |queue| queue.check_database_file())
+        .await
+    {
+        Ok(()) => "ok".into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 

@@ -32,16 +32,20 @@ impl Store {
             idle: Mutex::new(Vec::new()),
             in_use: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         };
-        let first = store.connect()?;
+        let first = store.connect(false)?;
         store.idle.lock().unwrap().push(first);
         Ok(Arc::new(store))
     }
 
-    fn connect(&self) -> Result<Queue, QueueError> {
+    /// A connection; only the first may create the database (a later one
+    /// would otherwise make a fresh empty file where the first was deleted,
+    /// and requests would alternate between the two).
+    fn connect(&self, must_exist: bool) -> Result<Queue, QueueError> {
         Queue::open_with(
             &self.location,
             QueueOptions {
                 actor: self.actor.clone(),
+                must_exist,
                 ..QueueOptions::default()
             },
         )
@@ -64,8 +68,11 @@ impl Store {
             let taken = store.idle.lock().unwrap().pop();
             let mut queue = match taken {
                 Some(queue) => queue,
-                None => store.connect()?,
+                None => store.connect(true)?,
             };
+            // A deleted file still takes writes on an open connection: an
+            // acknowledged submit would be lost.
+            queue.check_database_file()?;
             queue.set_actor(actor.as_deref().unwrap_or(&store.actor));
             let result = f(&mut queue);
             // A connection that failed may be broken: open a fresh one next time.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, ErrorCode};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use self::checkpoint::Checkpointer;
 use super::sql::{Dialect, Param, Row, Sql, Value};
@@ -20,13 +20,32 @@ use super::{QueueError, QueueOptions, Result, Sync, now_ms};
 pub struct SqliteDb {
     conn: Connection,
     path: PathBuf,
+    /// The file opened (device and inode), to notice it deleted or replaced.
+    file: Option<(u64, u64)>,
     /// Set when this connection leaves WAL checkpoints to a thread.
     checkpointer: Option<Arc<Checkpointer>>,
 }
 
+/// The device and inode of the file at `path`, if it is there.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 impl SqliteDb {
     pub fn open(path: &Path, opts: &QueueOptions) -> Result<SqliteDb> {
-        let mut conn = Connection::open(path)?;
+        let mut conn = if opts.must_exist {
+            let flags = OpenFlags::default() - OpenFlags::SQLITE_OPEN_CREATE;
+            Connection::open_with_flags(path, flags).map_err(|e| match path.try_exists() {
+                Ok(false) => QueueError::DatabaseGone {
+                    path: path.display().to_string(),
+                    what: "deleted",
+                },
+                _ => e.into(),
+            })?
+        } else {
+            Connection::open(path)?
+        };
         conn.busy_timeout(opts.busy_timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match opts.sync {
@@ -40,6 +59,7 @@ impl SqliteDb {
         let mut db = SqliteDb {
             conn,
             path: path.to_path_buf(),
+            file: file_identity(path),
             checkpointer: None,
         };
         if opts.background_checkpoints
@@ -69,6 +89,22 @@ impl SqliteDb {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fails when the file at `path` is gone or another one (see
+    /// [`crate::queue::Queue::check_database_file`]).
+    pub fn check_file(&self) -> Result<()> {
+        let gone = |what| {
+            Err(QueueError::DatabaseGone {
+                path: self.path.display().to_string(),
+                what,
+            })
+        };
+        match (file_identity(&self.path), self.file) {
+            (None, Some(_)) if !self.path.exists() => gone("deleted"),
+            (Some(now), Some(then)) if now != then => gone("replaced by another file"),
+            _ => Ok(()),
+        }
     }
 
     /// One `BEGIN IMMEDIATE` transaction: committed when `f` succeeds,

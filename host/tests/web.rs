@@ -179,8 +179,11 @@ on_both_drivers! {
     fn submit_review_retry_and_cancel_over_the_api(db) {
         let env = Env::on(db, &["echo", "permanent"]);
         let web = Web::serve(&env);
-        let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo","payload":{"needs_review":true},"key":"k1"}"#);
-        assert_eq!(status, 201, "{answer}");
+        let response = web.client.post(web.url("/api/tasks")).bearer_auth(&web.token).body(r#"{"agent":"echo","payload":{"needs_review":true},"key":"k1"}"#).send().unwrap();
+        assert_eq!(response.status().as_u16(), 201);
+        let location = response.headers()["location"].to_str().unwrap().to_string();
+        let answer: Value = response.json().unwrap();
+        assert_eq!(location, format!("/api/tasks/{}", answer["id"]));
         let id = answer["id"].as_i64().unwrap();
         assert_eq!(answer, json!({"id": id}));
         let (status, again) = web.post("/api/tasks", r#"{"agent":"echo","payload":{"needs_review":true},"key":"k1"}"#);
@@ -598,6 +601,25 @@ fn pages_and_api_lists_are_paginated_and_searchable() {
         web.get_json("/api/tasks?q=50%25").as_array().unwrap().len(),
         0,
         "% is literal"
+    );
+    // The next page is in a Link header (a search's short page may have
+    // older matches, so a client cannot tell the end by its length).
+    let link = |path: &str| {
+        let response = web.get(path);
+        response
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        link("/api/tasks?limit=50&agent=echo").as_deref(),
+        Some("</api/tasks?before=71&agent=echo&limit=50>; rel=\"next\"")
+    );
+    assert_eq!(link("/api/tasks?limit=50&before=21"), None, "the last page");
+    assert_eq!(
+        link("/api/tasks?q=needle_x"),
+        None,
+        "the search covered every task"
     );
     let page = web.page("/tasks?limit=50");
     assert!(page.contains("href=\"/tasks?before=71\""), "{page}");

@@ -268,15 +268,52 @@ async fn list(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     let query = params.map_err(query_error)?.query(50)?;
-    let value = app
+    let page_query = query.clone();
+    let (value, next_before) = app
         .store
         .run(None, move |queue| {
-            let page = queue.task_page(&query)?;
+            let page = queue.task_page(&page_query)?;
             let usages = output::usages_of(queue, &page.tasks)?;
-            Ok(output::tasks_json(&page.tasks, &usages))
+            Ok((output::tasks_json(&page.tasks, &usages), page.next_before))
         })
         .await?;
-    Ok(axum::Json(value).into_response())
+    let mut response = axum::Json(value).into_response();
+    // The next page, when there may be one: with a search (`q`) a page can
+    // hold fewer rows than asked, or none, and still have older matches,
+    // so a client cannot tell the end by the page's length or last id.
+    if let Some(before) = next_before {
+        let link = format!(
+            "</api/tasks?{}>; rel=\"next\"",
+            next_page_query(&query, before, true)
+        );
+        if let Ok(value) = header::HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
+}
+
+/// The query string of the page after `query`'s, older than `before`
+/// (`limit` kept when `with_limit`).
+pub fn next_page_query(query: &TaskQuery, before: i64, with_limit: bool) -> String {
+    let mut pairs = vec![("before", before.to_string())];
+    if let Some(state) = query.state {
+        pairs.push(("state", state.as_str().to_string()));
+    }
+    if let Some(agent) = &query.agent {
+        pairs.push(("agent", agent.clone()));
+    }
+    if let Some(text) = &query.text {
+        pairs.push(("q", text.clone()));
+    }
+    if with_limit {
+        pairs.push(("limit", query.limit.to_string()));
+    }
+    let encoded: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| super::pages::serde_urlencoded_pair(k, v))
+        .collect();
+    encoded.join("&")
 }
 
 async fn show(State(app): State<Shared>, Path(id): Path<String>) -> ApiResult {
@@ -334,7 +371,12 @@ async fn submit(
         )
             .into_response()
     } else {
-        (StatusCode::CREATED, axum::Json(json!({"id": submitted.id}))).into_response()
+        (
+            StatusCode::CREATED,
+            [(header::LOCATION, format!("/api/tasks/{}", submitted.id))],
+            axum::Json(json!({"id": submitted.id})),
+        )
+            .into_response()
     })
 }
 

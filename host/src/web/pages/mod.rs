@@ -156,7 +156,7 @@ pub fn to_sign_in(uri: &Uri) -> Response {
     Redirect::to(&format!("/login?{query}")).into_response()
 }
 
-fn serde_urlencoded_pair(name: &str, value: &str) -> String {
+pub(in crate::web) fn serde_urlencoded_pair(name: &str, value: &str) -> String {
     let mut out = format!("{name}=");
     for b in value.bytes() {
         match b {

@@ -24,21 +24,10 @@ pub async fn page(
         .await?;
     let value = |v: &Option<String>| v.clone().unwrap_or_default();
     let older = page.next_before.map(|before| {
-        let mut pairs = vec![("before", before.to_string())];
-        if let Some(state) = query.state {
-            pairs.push(("state", state.as_str().to_string()));
-        }
-        if let Some(agent) = &query.agent {
-            pairs.push(("agent", agent.clone()));
-        }
-        if let Some(text) = &query.text {
-            pairs.push(("q", text.clone()));
-        }
-        let encoded: Vec<String> = pairs
-            .iter()
-            .map(|(k, v)| super::serde_urlencoded_pair(k, v))
-            .collect();
-        format!("/tasks?{}", encoded.join("&"))
+        format!(
+            "/tasks?{}",
+            super::super::api::next_page_query(&query, before, false)
+        )
     });
     Ok(layout(
         "Tasks",

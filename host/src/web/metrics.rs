@@ -101,6 +101,12 @@ pub struct Activity {
 #[derive(Default)]
 struct Tail {
     trail: Option<TrailCursor>,
+    /// The last event before the server started: the hour read back before
+    /// it feeds the chart, not the Prometheus counters and histograms, which
+    /// start at zero with the process (a restart is a counter reset to
+    /// Prometheus; a counter that came back with the last hour's runs in it
+    /// would count them twice).
+    history_until: i64,
     last_call: Option<i64>,
     ready_at: HashMap<i64, i64>,
     claimed_at: HashMap<i64, i64>,
@@ -219,11 +225,15 @@ impl Metrics {
         };
         let mut trail = match trail {
             Some(trail) => trail,
-            None => TrailCursor::new(
-                queue
-                    .event_id_before(now - WINDOW_MINUTES * 60_000)?
-                    .max(queue.last_event_id()? - MAX_BACKFILL),
-            ),
+            None => {
+                let last = queue.last_event_id()?;
+                self.tail.lock().unwrap().history_until = last;
+                TrailCursor::new(
+                    queue
+                        .event_id_before(now - WINDOW_MINUTES * 60_000)?
+                        .max(last - MAX_BACKFILL),
+                )
+            }
         };
         let mut read = 0;
         let caught_up = loop {
@@ -293,8 +303,11 @@ impl Metrics {
     fn count(&self, tail: &mut Tail, e: &AgentEvent) {
         let (event, agent) = (&e.event, &e.agent);
         let seconds = |from: i64| (event.at - from).max(0) as f64 / 1000.0;
+        let live = event.id > tail.history_until;
         if event.event == "claim" {
-            if let Some(ready) = tail.ready_at.remove(&event.task_id) {
+            if let Some(ready) = tail.ready_at.remove(&event.task_id)
+                && live
+            {
                 let labels = AgentLabels {
                     agent: agent.clone(),
                 };
@@ -334,8 +347,12 @@ impl Metrics {
             outcome: event.event.clone(),
             error_kind: error_kind.to_string(),
         };
-        self.runs.get_or_create(&labels).inc();
-        if let Some(claimed) = tail.claimed_at.remove(&event.task_id) {
+        if live {
+            self.runs.get_or_create(&labels).inc();
+        }
+        if let Some(claimed) = tail.claimed_at.remove(&event.task_id)
+            && live
+        {
             let labels = AgentLabels {
                 agent: agent.clone(),
             };
@@ -512,6 +529,42 @@ mod tests {
             "{text}"
         );
         assert!(tail.claimed_at.is_empty());
+    }
+
+    /// A counter that came back after a restart holding the last hour's
+    /// runs would count them twice in Prometheus, which takes a restart as
+    /// a reset to zero: the hour before the start feeds the chart only.
+    #[test]
+    fn the_hour_before_the_start_feeds_the_chart_not_the_counters() {
+        use State::*;
+        let metrics = Metrics::new();
+        let mut tail = Tail {
+            history_until: 3,
+            ..Tail::default()
+        };
+        let trail = [
+            event(1, 60_000, "claim", Some(Ready), InProgress),
+            event(2, 61_000, "fail", Some(InProgress), Failed),
+            event(3, 62_000, "claim", Some(Ready), InProgress),
+            // The server starts here.
+            event(4, 63_000, "fail", Some(InProgress), Failed),
+        ];
+        for e in &trail {
+            metrics.count(&mut tail, e);
+        }
+        let failed = RunLabels {
+            agent: "writer".into(),
+            outcome: "fail".into(),
+            error_kind: String::new(),
+        };
+        assert_eq!(metrics.runs.get_or_create(&failed).get(), 1);
+        assert_eq!(tail.minutes[&1].failed, 2, "the chart has both");
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &metrics.registry).unwrap();
+        assert!(
+            text.contains("colony_run_duration_seconds_count{agent=\"writer\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use common::on_both_drivers;
 use std::time::Duration;
 
 use colony::models::{Budget, ChatReply, ChatRequest, Finish, ModelCall, Usage};
-use colony::queue::{Lease, Queue};
+use colony::queue::{Applied, Lease, Queue};
 use colony::task::{NewTask, NextSpec};
 use serde_json::json;
 
@@ -145,5 +145,43 @@ on_both_drivers! {
             q.reserve_model_tokens(solo, 1_000_000, None).unwrap(),
             Budget::Unlimited
         );
+    }
+
+    /// A call the provider charged for, answered after the run lost its
+    /// lease (the task cancelled meanwhile), is stored for its spend: it
+    /// counts against the chain's budget and in the task's usage, and its
+    /// event says so. A call charged nothing is not stored.
+    fn a_paid_call_of_a_run_that_lost_its_lease_still_counts(db) {
+        let mut q = db.open();
+        let (a, b) = two_children_running(&mut q, 200);
+        assert_eq!(
+            q.reserve_model_tokens(a, 100, None).unwrap(),
+            Budget::Reserved { left: 100 }
+        );
+        q.cancel(a.task_id, "no longer wanted").unwrap();
+        let free = call(Usage::default());
+        assert_eq!(q.record_model_call(a, 1, &free).unwrap(), Applied::LeaseLost);
+        assert!(q.model_calls(a.task_id).unwrap().is_empty(), "nothing paid, nothing stored");
+        let charged = Usage {
+            input_tokens: 30,
+            output_tokens: 50,
+        };
+        assert_eq!(q.record_model_call(a, 1, &call(charged)).unwrap(), Applied::LeaseLost);
+        let calls = q.model_calls(a.task_id).unwrap();
+        assert_eq!(
+            (calls.len(), calls[0].input_tokens, calls[0].output_tokens),
+            (1, 30, 50)
+        );
+        let usage = q.usage(a.task_id).unwrap();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (30, 50));
+        // The chain's other run sees the spend (and no leftover reservation).
+        assert_eq!(
+            q.reserve_model_tokens(b, 0, None).unwrap(),
+            Budget::Reserved { left: 120 }
+        );
+        let events = q.events(Some(a.task_id), 0, 100).unwrap();
+        let recorded = events.iter().find(|e| e.event == "model_call").unwrap();
+        assert_eq!(recorded.detail["lease_lost"], json!(true), "{recorded:?}");
+        assert_eq!(recorded.to.as_str(), "cancelled");
     }
 }

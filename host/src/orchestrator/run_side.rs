@@ -182,9 +182,9 @@ impl RunHooks for RunSide {
             .with_journal(move |q| q.record_model_call(lease, attempt, &call))
             .await?
         {
-            Applied::LeaseLost => {
-                Err("the run's lease was lost; the call was not journaled".into())
-            }
+            Applied::LeaseLost => Err(
+                "the run's lease was lost (its task cancelled, or the lease reset); a call that was charged is stored for its spend, and its reply is not replayed".into(),
+            ),
             Applied::Moved(_) => Ok(()),
         }
     }

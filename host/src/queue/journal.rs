@@ -154,8 +154,12 @@ impl Queue {
         })
     }
 
-    /// Stores one call and its `model_call` event, fenced by the run's lease:
-    /// a run that lost its lease records nothing (and is being stopped).
+    /// Stores one call and its `model_call` event, fenced by the run's lease.
+    /// A run that lost its lease (cancelled, reset) is being stopped, but a
+    /// call it was charged for is still stored, for its spend: it counts
+    /// against the budgets and in the task's usage, and its event says
+    /// `lease_lost`. Returns `LeaseLost` then, as for a call charged nothing,
+    /// which is not stored.
     pub fn record_model_call(
         &mut self,
         lease: Lease,
@@ -184,23 +188,36 @@ impl Queue {
             "ms": call.ms,
         })
         .to_string();
-        let state = State::InProgress.as_str();
+        let paid = call.charged.total() > 0;
         self.write(|tx, now| {
             // The task's row stays locked (on PostgreSQL) until the call is
             // stored, so the lease cannot be lost in between.
-            let held = tx.query_opt(
+            let task = tx.query_opt(
                 &format!(
-                    "SELECT COALESCE(root_id, id), agent FROM tasks
-                     WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{}",
+                    "SELECT COALESCE(root_id, id), agent, state, claim_token FROM tasks WHERE id = ?1{}",
                     tx.for_update()
                 ),
-                args![lease.task_id, lease.token],
+                args![lease.task_id],
             )?;
-            let Some(held) = held else {
+            let Some(task) = task else {
                 return Ok(Applied::LeaseLost);
             };
-            let root: i64 = held.get(0)?;
-            let agent: String = held.get(1)?;
+            let root: i64 = task.get(0)?;
+            let agent: String = task.get(1)?;
+            let state: String = task.get(2)?;
+            let held = state == State::InProgress.as_str()
+                && task.get::<Option<i64>>(3)? == Some(lease.token);
+            if !held && !paid {
+                return Ok(Applied::LeaseLost);
+            }
+            let detail = if held {
+                detail.clone()
+            } else {
+                let mut lost: serde_json::Value =
+                    serde_json::from_str(&detail).expect("built above");
+                lost["lease_lost"] = json!(true);
+                lost.to_string()
+            };
             // The call is settled: its charge replaces its reservation.
             tx.execute(
                 "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
@@ -237,7 +254,10 @@ impl Queue {
                  VALUES (?1, ?2, 'model_call', ?3, ?3, ?4, ?5)",
                 args![now, lease.task_id, state, actor, detail],
             )?;
-            Ok(Applied::Moved(State::InProgress))
+            Ok(match held {
+                true => Applied::Moved(State::InProgress),
+                false => Applied::LeaseLost,
+            })
         })
     }
 

@@ -103,9 +103,14 @@ impl Deliverer {
         Ok(())
     }
 
-    /// Records an attempt's answer. On a store error the attempt stays in
-    /// flight, for the caller to record again (its claim lease covers the wait).
-    pub fn record(&mut self, queue: &mut Queue, attempt: &Attempt) -> Result<(), QueueError> {
+    /// Records an attempt's answer; returns the effect's new state (`None`:
+    /// the claim had expired). On a store error the attempt stays in flight,
+    /// for the caller to record again (its claim lease covers the wait).
+    pub fn record(
+        &mut self,
+        queue: &mut Queue,
+        attempt: &Attempt,
+    ) -> Result<Option<&'static str>, QueueError> {
         let stored = queue.finish_delivery(
             &attempt.delivery,
             attempt.status,
@@ -129,7 +134,7 @@ impl Deliverer {
                 "an effect's claim expired while sending; another sender has it"
             ),
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Gives up recording an attempt: its claim lease will run out and
@@ -198,7 +203,15 @@ async fn send(client: &reqwest::Client, delivery: Delivery, grant: &HttpGrant) -
         },
         Ok(response) => {
             let status = response.status().as_u16();
-            Attempt::failed(delivery, Some(status), format!("HTTP {status}"), false)
+            // The receiver refused the request itself (a redirect, which is
+            // not followed, or a 4xx other than a timeout, a conflict, too
+            // early or too many): the same request will be refused again.
+            let refused = (300..500).contains(&status) && !matches!(status, 408 | 409 | 425 | 429);
+            let error = match refused {
+                true => format!("HTTP {status}, refused by the receiver"),
+                false => format!("HTTP {status}"),
+            };
+            Attempt::failed(delivery, Some(status), error, refused)
         }
         Err(e) => {
             let refused = refused_address(&e).is_some();

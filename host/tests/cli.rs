@@ -696,8 +696,13 @@ on_both_drivers! {
         // a target the address check never saw.
         let proxy = ModelServer::start();
         let daemon = ["daemon", "--until-idle", "--poll", "100ms", "--heartbeat", "200ms"];
-        env.ok_with_env(&daemon, &[("HTTP_PROXY", &proxy.url()), ("http_proxy", &proxy.url()), ("ALL_PROXY", &proxy.url())]);
+        let out = env.ok_with_env(&daemon, &[("HTTP_PROXY", &proxy.url()), ("http_proxy", &proxy.url()), ("ALL_PROXY", &proxy.url())]);
         assert_eq!(proxy.count(), 0, "the effect went through the proxy");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("effects: 1 sent, 0 failed for good"), "{said}");
+        let status = env.ok(&["status"]);
+        assert!(status.contains("effects: 1 sent\n"), "{status}");
+        assert_eq!(env.json(&["status"])["effects_by_state"], serde_json::json!({"sent": 1}));
         let sent = env.json(&["show", &id.to_string()]);
         assert_eq!(sent["effects"][0]["state"], "sent", "{sent}");
         assert_eq!(

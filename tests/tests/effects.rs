@@ -171,6 +171,31 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
     assert_eq!(server.count(), 6);
 }
 
+/// A receiver that refuses the request itself (a 4xx, a redirect) would
+/// refuse it again: the effect fails at its first attempt. A conflict (409,
+/// what idempotency-keyed APIs answer while the first request with the key
+/// is still in progress) is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_the_receiver_refuses_fails_at_once_and_a_conflict_is_retried() {
+    let server = ModelServer::start();
+    let h = harness(&server);
+    server.push_plain(404);
+    let refused = submit(&h, json!({"ops": [effect(&server, "/gone", "x")]}), 1);
+    h.run_until_idle().await;
+    server.push_plain(409);
+    let conflicted = submit(&h, json!({"ops": [effect(&server, "/busy", "x")]}), 1);
+    h.run_until_idle().await;
+    let mut q = h.queue();
+    let row = q.effects(Some(refused), None, 10).unwrap().remove(0);
+    assert_eq!(
+        (row.state.as_str(), row.attempts, row.error.as_deref()),
+        ("failed", 1, Some("HTTP 404, refused by the receiver"))
+    );
+    let row = q.effects(Some(conflicted), None, 10).unwrap().remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("sent", 2), "{row:?}");
+    assert_eq!(server.count(), 3);
+}
+
 /// Granted by name, a name that resolves to a loopback address is refused
 /// when the effect is sent, as a run's own request to it would be: DNS
 /// cannot point a granted name at the host's own services.

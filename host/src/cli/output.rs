@@ -449,6 +449,8 @@ pub struct StatusReport {
     pub oldest_ready: Option<i64>,
     pub leases: Vec<(String, u64)>,
     pub spend: Vec<SpendRow>,
+    /// The outbox by state (`pending`, `sending`, `sent`, `failed`, ...).
+    pub effects: Vec<(String, u64)>,
 }
 
 impl StatusReport {
@@ -459,6 +461,7 @@ impl StatusReport {
             oldest_ready: queue.oldest_ready_at()?,
             leases: queue.leases_by_holder()?,
             spend: queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?,
+            effects: queue.effect_counts()?,
         })
     }
 }
@@ -481,6 +484,7 @@ pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
         "oldest_ready_age_ms": age_ms,
         "leases": report.leases.iter().map(|(h, n)| json!({"holder": h, "count": n})).collect::<Vec<_>>(),
         "model_spend_24h": spend_json(&report.spend),
+        "effects_by_state": report.effects.iter().map(|(state, n)| (state.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "agents": agents_json(agents),
     })
 }
@@ -494,6 +498,7 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
         oldest_ready,
         leases,
         spend,
+        effects,
     } = report;
     let age_ms = oldest_ready.map(|t| (crate::queue::now_ms() - t).max(0));
     let mut out = std::io::stdout().lock();
@@ -527,6 +532,20 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
     for (holder, n) in leases {
         writeln!(out, "leases held by {holder}: {n}")?;
     }
+    if !effects.is_empty() {
+        let parts: Vec<String> = effects
+            .iter()
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
+        write!(out, "effects: {}", parts.join(", "))?;
+        if effects.iter().any(|(state, _)| state == "failed") {
+            write!(
+                out,
+                " (see `colony effects --state failed`; `colony effects retry ID` sends one again)"
+            )?;
+        }
+        writeln!(out)?;
+    }
     print_spend(&mut out, spend)?;
     drop(out);
     print_agents(agents, false)
@@ -542,6 +561,8 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "failed": summary.failed,
             "lost": summary.lost,
             "released": summary.released,
+            "effects_sent": summary.effects_sent,
+            "effects_failed": summary.effects_failed,
             "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
             "effects_left_for_missing_agents": summary.effects_left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "effects": n})).collect::<Vec<_>>(),
         }));
@@ -556,6 +577,17 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
         summary.lost,
         summary.released
     );
+    if summary.effects_sent + summary.effects_failed > 0 {
+        say!(
+            "  effects: {} sent, {} failed for good{}",
+            summary.effects_sent,
+            summary.effects_failed,
+            match summary.effects_failed {
+                0 => "",
+                _ => " (see `colony effects --state failed`)",
+            }
+        );
+    }
     for (agent, n) in &summary.left_for_missing_agents {
         say!(
             "  {n} task(s) left waiting for agent {agent:?}, which is not loaded (or blocked on dependencies)"

@@ -146,6 +146,9 @@ pub struct DaemonSummary {
     pub left_for_missing_agents: Vec<(String, u64)>,
     /// Effects left undelivered for agents that are not loaded, by agent.
     pub effects_left_for_missing_agents: Vec<(String, u64)>,
+    /// Effects this daemon delivered, and those that failed for good here.
+    pub effects_sent: u64,
+    pub effects_failed: u64,
     /// Where the daemon loop's time went (for `colony bench`).
     pub time: LoopTime,
 }
@@ -534,9 +537,16 @@ impl Daemon {
                 _ => break,
             }
         }
-        if let Err(e) = result {
-            self.deliverer.abandon();
-            tracing::error!("could not record an effect's delivery; it will be sent again: {e}");
+        match result {
+            Ok(Some("sent")) => self.summary.effects_sent += 1,
+            Ok(Some("failed")) => self.summary.effects_failed += 1,
+            Ok(_) => {}
+            Err(e) => {
+                self.deliverer.abandon();
+                tracing::error!(
+                    "could not record an effect's delivery; it will be sent again: {e}"
+                );
+            }
         }
     }
 

@@ -185,7 +185,7 @@ async fn an_effect_the_receiver_refuses_fails_at_once_and_a_conflict_is_retried(
     server.push_plain(409);
     let conflicted = submit(&h, json!({"ops": [effect(&server, "/busy", "x")]}), 1);
     h.run_until_idle().await;
-    let mut q = h.queue();
+    let q = h.queue();
     let row = q.effects(Some(refused), None, 10).unwrap().remove(0);
     assert_eq!(
         (row.state.as_str(), row.attempts, row.error.as_deref()),

@@ -560,7 +560,7 @@ on_both_drivers! {
         assert_eq!(listed[0]["usage"]["calls"], 3);
         let text = env.ok(&["show", &id.to_string()]);
         assert!(
-            text.contains("model calls:") && text.contains("2 replayed"),
+            text.contains("model calls:") && text.contains("total: 3 calls made, 2 replayed from the journal"),
             "{text}"
         );
     }
@@ -640,6 +640,14 @@ on_both_drivers! {
             .collect();
         assert_eq!(writes.len(), 5);
         assert_eq!(writes[3]["new_version"], 0, "the delete");
+
+        // A name with no component is stored, with a warning (ops has none
+        // here; echo has).
+        let warned = String::from_utf8_lossy(&env.ok_with_env(&["state", "set", "--agent", "ops", "w", "1"], &[]).stderr).to_string();
+        assert!(warned.contains("warning: no agent \"ops\" in ") && warned.contains("check the spelling"), "{warned}");
+        let quiet = env.ok_with_env(&["state", "set", "--agent", "echo", "w", "1"], &[]);
+        assert!(quiet.stderr.is_empty(), "{}", String::from_utf8_lossy(&quiet.stderr));
+        env.ok(&["state", "delete", "--agent", "ops", "w"]);
     }
 
     fn torture_state_counts_every_committed_increment_exactly_once(db) {
@@ -681,6 +689,8 @@ on_both_drivers! {
                 && shown.contains("{\"sku\":\"mug\",\"qty\":2}"),
             "{shown}"
         );
+        let agents = env.json(&["agents"]);
+        assert_eq!(agents[0]["grants"]["allowed_hosts"], serde_json::json!([server.url()]), "{agents}");
         let listed = env.json(&["effects", "--state", "proposed"]);
         assert_eq!(listed[0]["task_id"], id);
         assert_eq!(server.count(), 0);
@@ -1082,6 +1092,16 @@ fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
         .map(|a| a["name"].as_str().unwrap())
         .collect();
     assert_eq!(loaded, ["code", "design", "marketing", "ops"]);
+    // What each may reach is listed with it (never a secret's value).
+    let marketing = &listed.as_array().unwrap()[2];
+    assert_eq!(marketing["grants"]["models"], serde_json::json!(["copy"]));
+    assert_eq!(marketing["grants"]["token_budget"], 20000);
+    assert_eq!(marketing["grants"]["allowed_hosts"], serde_json::json!([]));
+    assert!(
+        run(&["agents"]).contains("; models copy (budget 20000 tokens)"),
+        "{}",
+        run(&["agents"])
+    );
     run(&[
         "submit",
         "design",

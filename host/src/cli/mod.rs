@@ -360,7 +360,9 @@ pub struct SubmitArgs {
     #[arg(long, value_parser = parse_backoff, allow_hyphen_values = true)]
     pub backoff: Option<Duration>,
     /// Tokens this task and every task chained or spawned from it may spend
-    /// on model calls together (default: each agent's manifest budget).
+    /// on model calls together (default: no chain budget). An agent's
+    /// manifest `token_budget` still caps each of its tasks: the tighter of
+    /// the two applies.
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64), allow_negative_numbers = true)]
     pub token_budget: Option<u64>,
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.

@@ -384,6 +384,7 @@ pub fn agents_json(agents: &AgentDir) -> Value {
                         "log_bytes": agent.limits.log_bytes,
                         "read_only_dir": agent.limits.read_only_dir.as_deref().map(Path::to_string_lossy),
                     },
+                    "grants": grants_json(&agent.limits),
                 }),
                 AgentStatus::Broken(reason) => {
                     json!({"name": e.name, "path": e.path.to_string_lossy(), "loaded": false, "reason": reason})
@@ -391,6 +392,49 @@ pub fn agents_json(agents: &AgentDir) -> Value {
             })
             .collect(),
     )
+}
+
+/// What a loaded agent may reach beyond its sandbox: models and budget,
+/// hosts, the origins its secrets go to (never their values), HTTP limits.
+fn grants_json(limits: &crate::runtime::Limits) -> Value {
+    let http = &limits.http;
+    json!({
+        "models": limits.models.to_vec(),
+        "token_budget": limits.token_budget,
+        "allowed_hosts": http.allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "secrets": http.secrets.iter().map(|s| {
+            let (origin, header) = s.target();
+            json!({"origin": origin, "header": header})
+        }).collect::<Vec<_>>(),
+        "http_timeout": humantime::format_duration(http.timeout).to_string(),
+        "http_max_response_bytes": http.max_response_bytes,
+        "http_max_requests": http.max_requests,
+    })
+}
+
+/// The grants of a loaded agent in a few words for its row (`colony agents`).
+fn grants_text(limits: &crate::runtime::Limits) -> String {
+    let mut parts = Vec::new();
+    if !limits.models.is_empty() {
+        let budget = limits
+            .token_budget
+            .map(|b| format!(" (budget {b} tokens)"))
+            .unwrap_or_default();
+        parts.push(format!("models {}{budget}", limits.models.join(", ")));
+    }
+    let http = &limits.http;
+    if !http.allowed.is_empty() {
+        let hosts: Vec<String> = http.allowed.iter().map(ToString::to_string).collect();
+        let secrets = match http.secrets.len() {
+            0 => String::new(),
+            n => format!(" (secrets for {n} origin{})", if n == 1 { "" } else { "s" }),
+        };
+        parts.push(format!("http {}{secrets}", hosts.join(", ")));
+    }
+    match parts.is_empty() {
+        true => String::new(),
+        false => format!("; {}", parts.join("; ")),
+    }
 }
 
 /// The first line of a message, shortened, with a pointer to the rest: a
@@ -417,7 +461,7 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
         match &e.status {
             AgentStatus::Loaded(agent) => writeln!(
                 out,
-                "{:<14} loaded   timeout {}, memory {} MiB, fuel {}, concurrency {}, log {} KiB{}",
+                "{:<14} loaded   timeout {}, memory {} MiB, fuel {}, concurrency {}, log {} KiB{}{}",
                 e.name,
                 humantime::format_duration(agent.limits.timeout),
                 agent.limits.memory_bytes >> 20,
@@ -433,7 +477,8 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
                     .read_only_dir
                     .as_ref()
                     .map(|d| format!(", reads {}", d.display()))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                grants_text(&agent.limits)
             )?,
             AgentStatus::Broken(reason) => {
                 writeln!(out, "{:<14} BROKEN   {}", e.name, one_line(reason, 120))?

@@ -124,6 +124,14 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
         StateCommand::Set { owner, key, value } => {
             let (scope, name) = owner.scope_and_name()?;
             let version = queue.state_write_by_operator(scope, &name, key, Some(value))?;
+            // Stored all the same (state may be seeded before its agent is
+            // deployed), but a misspelt name would leave it unread.
+            if scope == Scope::Agent && !cli.agents.join(format!("{name}.wasm")).is_file() {
+                say!(
+                    "warning: no agent {name:?} in {}; the state is kept under that name for when it appears (check the spelling)",
+                    cli.agents.display()
+                );
+            }
             print_written(&mut out, cli.json, key, version)?;
         }
         StateCommand::Delete { owner, key } => {

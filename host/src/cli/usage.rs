@@ -75,8 +75,10 @@ pub fn print_model_calls(
     }
     writeln!(
         out,
-        "  total: {} calls ({} replayed), {} tokens in, {} out, cost {}",
-        usage.calls + usage.replayed,
+        // As `usage` in --json and the dashboard count them: `calls` made
+        // (refused ones included), `replayed` from the journal besides.
+        "  total: {} calls made, {} replayed from the journal; {} tokens in, {} out, cost {}",
+        usage.calls,
         usage.replayed,
         usage.input_tokens,
         usage.output_tokens,

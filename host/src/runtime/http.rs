@@ -398,6 +398,13 @@ pub struct Secret {
     value: HeaderValue,
 }
 
+impl Secret {
+    /// The origin it is sent to and the header it goes in (never its value).
+    pub fn target(&self) -> (String, &str) {
+        (self.origin.to_string(), self.header.as_str())
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Secret")

@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use colony::queue::{Queue, QueueOptions};
+use colony::queue::{Queue, QueueError, QueueOptions};
 use colony::task::{NewTask, State};
 
 /// One hour, in the units of `COLONY_CLOCK_OFFSET_MS`.
@@ -514,4 +514,134 @@ fn a_role_without_the_sequence_grant_still_submits_batches() {
     let url = db.url().replacen("postgres@", "colony_tables_only@", 1);
     let mut q = Queue::open(&url).unwrap();
     common::submit_numbered_batch(&mut q, 5);
+}
+
+/// A TCP proxy to the test server that, once armed, forwards the client's
+/// next `COMMIT`, lets the server act on it, and cuts the client's
+/// connection before the answer reaches it: a commit the client cannot
+/// confirm, though it happened.
+struct CommitCutter {
+    port: u16,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CommitCutter {
+    fn start(upstream_port: u16) -> CommitCutter {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let armed_for_proxy = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let mut server = TcpStream::connect(("127.0.0.1", upstream_port)).unwrap();
+                let held = Arc::new(AtomicBool::new(false));
+                // Server to client, unless the answer is being held back.
+                let (mut from_server, mut to_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                let held_back = held.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = from_server.read(&mut buf) {
+                        if n == 0
+                            || held_back.load(Ordering::SeqCst)
+                            || to_client.write_all(&buf[..n]).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let armed = armed_for_proxy.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = client.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                        if commit && armed.swap(false, Ordering::SeqCst) {
+                            held.store(true, Ordering::SeqCst);
+                            server.write_all(&buf[..n]).unwrap();
+                            std::thread::sleep(Duration::from_millis(300));
+                            let _ = client.shutdown(Shutdown::Both);
+                            let _ = server.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        if server.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CommitCutter { port, armed }
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The connection lost while the server commits a claim: the claimer cannot
+/// know the claims were made, so it never runs them; left alone they would
+/// sit in_progress until a lease reset spent their attempt (with one
+/// attempt, failing tasks that never ran). The claimer is told the commit
+/// is unknown, with its claim tokens, and gives those claims back.
+#[test]
+fn claims_whose_commit_is_unconfirmed_are_given_back_unstarted() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut q = db.open();
+    for _ in 0..3 {
+        let mut task = NewTask::new("echo", "{}");
+        task.max_attempts = 1;
+        q.submit(&task).unwrap();
+    }
+    let url = db.location().to_string_lossy().into_owned();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let cutter = CommitCutter::start(port);
+    let proxied = url.replace(&format!(":{port}/"), &format!(":{}/", cutter.port));
+    let mut claimer = Queue::open(&proxied).unwrap();
+    cutter.arm();
+    let err = claimer
+        .finish_and_claim(&[], &[("echo".into(), 3)])
+        .unwrap_err();
+    let QueueError::CommitUnknown { claim_tokens, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(err.is_transient(), "{err}");
+    let claimed = db
+        .raw()
+        .query("SELECT id FROM tasks WHERE state = 'in_progress'");
+    assert_eq!(claimed.len(), 3, "the claims did commit");
+
+    let released = q.release_unconfirmed_claims(claim_tokens).unwrap();
+    assert_eq!(released, vec![1, 2, 3]);
+    for id in released {
+        let task = q.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Ready, 0), "{task:?}");
+        let release = q
+            .events(Some(id), 0, 10)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.event == "release")
+            .unwrap();
+        assert_eq!(release.detail["started"], false, "{release:?}");
+    }
+    assert!(
+        q.release_unconfirmed_claims(claim_tokens)
+            .unwrap()
+            .is_empty(),
+        "given back once"
+    );
 }

@@ -32,6 +32,7 @@ impl Daemon {
     /// there may be tasks to claim).
     pub(super) fn heartbeat_and_reap(&mut self) -> bool {
         self.collect_finished();
+        self.release_unconfirmed_claims();
         self.recover_vanished_runs();
         let leases = self.held_leases();
         let progress: Vec<(i64, Option<String>)> =

@@ -275,6 +275,9 @@ pub struct Daemon {
     /// A database error that retrying cannot fix (read-only file, malformed
     /// image, newer schema): the loop stops with it.
     unusable: Option<QueueError>,
+    /// Claim tokens of transactions lost during COMMIT: what they claimed
+    /// (if they committed) is given back (see `release_unconfirmed_claims`).
+    unconfirmed_claims: Vec<i64>,
     /// The due time an until-idle daemon last said it waits for.
     announced_wait: Option<i64>,
     /// Sends the outbox of completed tasks.
@@ -334,6 +337,7 @@ impl Daemon {
             written_tx,
             written_rx,
             unusable: None,
+            unconfirmed_claims: Vec::new(),
             announced_wait: None,
             deliverer,
             effects_due: true,

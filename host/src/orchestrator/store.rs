@@ -110,7 +110,13 @@ impl Daemon {
         let done = match result {
             Ok(done) => done,
             Err(e) => {
-                // Nothing was stored and nothing claimed.
+                // Its claims may have committed all the same: give them back.
+                if let QueueError::CommitUnknown { claim_tokens, .. } = &e {
+                    self.unconfirmed_claims.extend(claim_tokens);
+                    self.release_unconfirmed_claims();
+                }
+                // Nothing was stored and nothing claimed (or what was
+                // claimed is being given back).
                 if !claims.is_empty() {
                     self.claims_paused_until = Some(Instant::now() + CLAIM_RETRY);
                 }
@@ -137,6 +143,29 @@ impl Daemon {
         }
         self.after_write(runs, Ok(done.applied));
         more
+    }
+
+    /// Gives back the tasks claimed in transactions whose commit could not
+    /// be confirmed; kept for the next heartbeat while the database is out.
+    pub(super) fn release_unconfirmed_claims(&mut self) {
+        if self.unconfirmed_claims.is_empty() {
+            return;
+        }
+        let (queue, tokens) = (&mut self.queue, &self.unconfirmed_claims);
+        match tokio::task::block_in_place(|| queue.release_unconfirmed_claims(tokens)) {
+            Ok(released) => {
+                if !released.is_empty() {
+                    tracing::warn!(
+                        tasks = ?released,
+                        "gave back tasks claimed in a transaction whose commit could not be confirmed"
+                    );
+                }
+                self.unconfirmed_claims.clear();
+            }
+            Err(e) => tracing::error!(
+                "could not give back claims whose commit is unconfirmed, will retry: {e}"
+            ),
+        }
     }
 
     /// Buffers claimed tasks for their slots, or gives them back at once if

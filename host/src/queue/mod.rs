@@ -108,6 +108,15 @@ pub enum QueueError {
          where no other command looks. Stop this colony process, then put the file back or start afresh"
     )]
     DatabaseGone { path: String, what: &'static str },
+    /// The connection was lost while the server was committing: the
+    /// transaction may or may not have committed. Carries the claim tokens
+    /// it used, so that claims it may have made can be given back
+    /// ([`Queue::release_unconfirmed_claims`]).
+    #[error("the connection was lost during COMMIT, so whether it committed is unknown: {message}")]
+    CommitUnknown {
+        message: String,
+        claim_tokens: Vec<i64>,
+    },
 }
 
 impl From<postgres::Error> for QueueError {
@@ -131,7 +140,7 @@ impl QueueError {
         match self {
             QueueError::Sqlite(e) => sqlite::is_transient(e),
             QueueError::Postgres(e) => postgres_driver::is_transient(e),
-            QueueError::Connect { .. } => true,
+            QueueError::Connect { .. } | QueueError::CommitUnknown { .. } => true,
             _ => false,
         }
     }
@@ -578,7 +587,8 @@ impl Queue {
             return Ok(Vec::new());
         }
         let lease_ms = self.claim_lease_ms();
-        self.write(|tx, now| tasks::claim_in(tx, agent, n, lease_ms, &self.opts.actor, now))
+        let token = tasks::new_claim_token();
+        self.write(|tx, now| tasks::claim_in(tx, agent, n, token, lease_ms, &self.opts.actor, now))
     }
 
     /// Renews the given leases in one write. Returns those that were lost
@@ -643,6 +653,9 @@ impl Queue {
     ) -> Result<FinishedAndClaimed> {
         let max_payload = self.opts.max_payload_bytes;
         let lease_ms = self.claim_lease_ms();
+        // Drawn before the transaction, so that if its commit cannot be
+        // confirmed the caller can give back whatever these claimed.
+        let tokens: Vec<i64> = claims.iter().map(|_| tasks::new_claim_token()).collect();
         self.write(|tx, now| {
             let actor = &self.opts.actor;
             let finished = match runs.is_empty() {
@@ -653,10 +666,10 @@ impl Queue {
             if claims.iter().any(|(_, n)| *n > 0) {
                 tasks::promote_due_in(tx, actor, now)?;
             }
-            for (agent, n) in claims {
+            for ((agent, n), token) in claims.iter().zip(&tokens) {
                 claimed.push(match n {
                     0 => Vec::new(),
-                    _ => tasks::claim_in(tx, agent, *n, lease_ms, actor, now)?,
+                    _ => tasks::claim_in(tx, agent, *n, *token, lease_ms, actor, now)?,
                 });
             }
             Ok(FinishedAndClaimed {
@@ -665,6 +678,22 @@ impl Queue {
                 effects_may_be_due: finished.took_per_run_path,
             })
         })
+        .map_err(|e| match e {
+            QueueError::CommitUnknown { message, .. } => QueueError::CommitUnknown {
+                message,
+                claim_tokens: tokens,
+            },
+            e => e,
+        })
+    }
+
+    /// Gives back, unstarted, the tasks claimed under `tokens` in a
+    /// transaction whose commit could not be confirmed
+    /// ([`QueueError::CommitUnknown`]): if it did commit, they sit in
+    /// `in_progress` with no run, until a lease reset would spend their
+    /// attempt. Returns the ids given back (none when it did not commit).
+    pub fn release_unconfirmed_claims(&mut self, tokens: &[i64]) -> Result<Vec<i64>> {
+        self.write(|tx, now| tasks::release_unconfirmed_in(tx, tokens, &self.opts.actor, now))
     }
 
     /// Gives a claimed task back without burning its attempt (graceful shutdown).

@@ -416,20 +416,25 @@ pub(super) fn promote_due_in(tx: &dyn Sql, actor: &str, now: i64) -> Result<usiz
     Ok(ids.len())
 }
 
-/// Claims up to `n` ready tasks of `agent` under one fresh token, each
-/// lease promised to be renewed within `lease_ms` (`None`: no promise; any
-/// host resets it by its own `stale_after`).
+/// A fresh claim token. One per batch: (id, token) is unique per claim,
+/// which is all fencing needs, and it saves a random draw per task.
+pub(super) fn new_claim_token() -> i64 {
+    fastrand::i64(1..i64::MAX)
+}
+
+/// Claims up to `n` ready tasks of `agent` under `token` (from
+/// [`new_claim_token`]), each lease promised to be renewed within
+/// `lease_ms` (`None`: no promise; any host resets it by its own
+/// `stale_after`).
 pub(super) fn claim_in(
     tx: &dyn Sql,
     agent: &str,
     n: usize,
+    token: i64,
     lease_ms: Option<i64>,
     actor: &str,
     now: i64,
 ) -> Result<Vec<ClaimedTask>> {
-    // One random token per batch: (id, token) is unique per claim, which is
-    // all fencing needs, and it saves a random draw per task.
-    let token = fastrand::i64(1..i64::MAX);
     let to = task::transition(Some(State::Ready), Event::Claim).expect("ready claims");
     let rows = match tx.dialect() {
         Dialect::Sqlite => {
@@ -567,13 +572,6 @@ pub(super) fn release_in(
     actor: &str,
     now: i64,
 ) -> Result<Applied> {
-    let held = tx.query_opt(
-        &lock_held(tx, "SELECT id FROM tasks"),
-        args![lease.task_id, lease.token],
-    )?;
-    if held.is_none() {
-        return Ok(Applied::LeaseLost);
-    }
     let detail = match started {
         true => {
             json!({"reason": "the host shut down before the run ended; the attempt is given back"})
@@ -583,13 +581,62 @@ pub(super) fn release_in(
             "started": false
         }),
     };
+    release_with(tx, lease, &detail, actor, now)
+}
+
+/// Gives back, unstarted, every task still claimed under one of `tokens`:
+/// claims whose commit the claimer could not confirm (see
+/// `QueueError::CommitUnknown`), which it therefore never ran.
+pub(super) fn release_unconfirmed_in(
+    tx: &dyn Sql,
+    tokens: &[i64],
+    actor: &str,
+    now: i64,
+) -> Result<Vec<i64>> {
+    let detail = json!({
+        "reason": "claimed in a transaction whose commit the claimer could not confirm (the connection was lost during COMMIT), so never started; the attempt is given back",
+        "started": false
+    });
+    let mut released = Vec::new();
+    for &token in tokens {
+        let rows = tx.query(
+            "SELECT id FROM tasks WHERE state = 'in_progress' AND claim_token = ?1 ORDER BY id",
+            args![token],
+        )?;
+        for row in rows {
+            let lease = Lease {
+                task_id: row.get(0)?,
+                token,
+            };
+            if let Applied::Moved(_) = release_with(tx, lease, &detail, actor, now)? {
+                released.push(lease.task_id);
+            }
+        }
+    }
+    Ok(released)
+}
+
+fn release_with(
+    tx: &dyn Sql,
+    lease: Lease,
+    detail: &serde_json::Value,
+    actor: &str,
+    now: i64,
+) -> Result<Applied> {
+    let held = tx.query_opt(
+        &lock_held(tx, "SELECT id FROM tasks"),
+        args![lease.task_id, lease.token],
+    )?;
+    if held.is_none() {
+        return Ok(Applied::LeaseLost);
+    }
     let to = record(
         tx,
         lease.task_id,
         Some(State::InProgress),
         Event::Release,
         actor,
-        &detail,
+        detail,
         now,
     )?;
     void_claim(tx, lease, to, true, now)?;

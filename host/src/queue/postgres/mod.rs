@@ -226,7 +226,14 @@ impl PgDb {
                 Err(e) => {
                     self.rollback(&mut conn);
                     let failure = StatementFailure::of(&e, &conn.client);
-                    // Lost during COMMIT: it may have committed; not run again.
+                    // Lost during COMMIT: it may have committed; not run
+                    // again, and the caller is told it cannot know.
+                    if errors::is_lost(&e) {
+                        return Err(Failed::once(QueueError::CommitUnknown {
+                            message: errors::describe(&e),
+                            claim_tokens: Vec::new(),
+                        }));
+                    }
                     let again = failure.retryable_code();
                     Err(Failed {
                         error: e.into(),

@@ -201,6 +201,14 @@ on_both_drivers! {
         let (status, answer) = web.post(&format!("/api/tasks/{id}/review"), r#"{"verdict":"approve"}"#);
         assert_eq!((status, answer), (200, json!({"id": id, "state": "complete"})));
 
+        // A task for an agent with no component is stored, with the CLI's warning.
+        let (status, answer) = web.post("/api/tasks", r#"{"agent":"nosuchagent","reviewer":"echo"}"#);
+        assert_eq!(status, 201, "{answer}");
+        let warnings = answer["warnings"].as_array().unwrap();
+        assert_eq!(warnings.len(), 1, "{answer}");
+        assert!(warnings[0].as_str().unwrap().starts_with("no agent \"nosuchagent\" in "), "{answer}");
+        web.post(&format!("/api/tasks/{}/cancel", answer["id"]), "");
+
         let (_, answer) = web.post("/api/tasks", r#"{"agent":"permanent"}"#);
         let failed = answer["id"].as_i64().unwrap();
         env.until_idle(&[]);
@@ -743,6 +751,9 @@ fn a_deleted_database_file_is_refused_not_written_or_recreated() {
     for handle in handles {
         assert_eq!(handle.join().unwrap(), 503);
     }
+    let (status, answer) = send(web.client.get(web.url("/api/status")));
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(web.get("/api/status").headers()["retry-after"], "1");
     let health = web.get("/healthz");
     assert_eq!(health.status().as_u16(), 503);
     assert!(health.text().unwrap().contains("was deleted"));

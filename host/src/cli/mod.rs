@@ -845,6 +845,14 @@ async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
 /// Warns about every agent the tasks name (to run them, to review them,
 /// or to run their `--next` chain) that has no component yet.
 fn warn_about_missing_agents(dir: &Path, tasks: &[NewTask]) {
+    for warning in missing_agent_warnings(dir, tasks) {
+        say!("warning: {warning}");
+    }
+}
+
+/// What [`warn_about_missing_agents`] says, one line per agent (the API
+/// answers them with the submitted task's id).
+pub(crate) fn missing_agent_warnings(dir: &Path, tasks: &[NewTask]) -> Vec<String> {
     let mut named = Vec::new();
     for task in tasks {
         named.push((task.agent.as_str(), "the task waits"));
@@ -854,15 +862,17 @@ fn warn_about_missing_agents(dir: &Path, tasks: &[NewTask]) {
         chain_agents(&task.next, &mut named);
     }
     let mut warned = std::collections::HashSet::new();
+    let mut warnings = Vec::new();
     for (agent, waits) in named {
         if !dir.join(format!("{agent}.wasm")).is_file() && warned.insert(agent) {
-            say!(
-                "warning: no agent {agent:?} in {} yet; {waits} until {}/{agent}.wasm appears",
+            warnings.push(format!(
+                "no agent {agent:?} in {} yet; {waits} until {}/{agent}.wasm appears",
                 dir.display(),
                 dir.display()
-            );
+            ));
         }
     }
+    warnings
 }
 
 /// The agents of a `--next` chain, with what waits for them.

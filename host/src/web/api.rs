@@ -73,8 +73,16 @@ impl From<QueueError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let unauthorized = self.status == StatusCode::UNAUTHORIZED;
+        let unavailable = self.status == StatusCode::SERVICE_UNAVAILABLE;
         let mut response =
             (self.status, axum::Json(json!({"error": self.message}))).into_response();
+        if unavailable {
+            // The database busy or away: worth asking again shortly.
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if unauthorized {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -360,21 +368,29 @@ async fn submit(
         ));
     }
     let task = crate::cli::parse_batch_line(line).map_err(ApiError::bad)?;
+    // As `colony submit` warns: a task for an agent with no component waits.
+    let warnings = {
+        let agents = app.agents.lock().await;
+        crate::cli::missing_agent_warnings(agents.dir(), std::slice::from_ref(&task))
+    };
     let submitted = app
         .store
         .run(actor, move |queue| queue.submit(&task))
         .await?;
+    let mut answer = json!({"id": submitted.id});
+    if submitted.existed {
+        answer["existed"] = json!(true);
+    }
+    if !warnings.is_empty() {
+        answer["warnings"] = json!(warnings);
+    }
     Ok(if submitted.existed {
-        (
-            StatusCode::OK,
-            axum::Json(json!({"id": submitted.id, "existed": true})),
-        )
-            .into_response()
+        (StatusCode::OK, axum::Json(answer)).into_response()
     } else {
         (
             StatusCode::CREATED,
             [(header::LOCATION, format!("/api/tasks/{}", submitted.id))],
-            axum::Json(json!({"id": submitted.id})),
+            axum::Json(answer),
         )
             .into_response()
     })

@@ -66,7 +66,12 @@ pub fn check_shape(
             METHODS.join(", ")
         ));
     }
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
+    let scheme_is = |scheme: &str| {
+        url.get(..scheme.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+    };
+    // Schemes are case-insensitive (`HTTP://` is what a run's own requests take too).
+    if !(scheme_is("http://") || scheme_is("https://")) {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
     }
     for (name, value) in headers {
@@ -143,5 +148,11 @@ mod tests {
             ("X-Utf8", "café"),
         ]);
         assert_eq!(check_shape("POST", url, &fine, Some(b"{}")), Ok(()));
+        assert_eq!(
+            check_shape("POST", "HTTPS://api.example/x", &fine, None),
+            Ok(())
+        );
+        assert!(check_shape("POST", "ftp://x/y", &fine, None).is_err());
+        assert!(check_shape("POST", "http:/", &fine, None).is_err());
     }
 }

@@ -563,6 +563,20 @@ on_both_drivers! {
             text.contains("model calls:") && text.contains("total: 3 calls made, 2 replayed from the journal"),
             "{text}"
         );
+
+        // A task that fails on its budget: a plain retry says it will most
+        // likely fail again and how to give it more; --token-budget does.
+        let poor = env.submit(&["thinker", "--token-budget", "20", r#"{"prompts": ["d"], "max_tokens": 100}"#]);
+        let third = daemon(&["--until-idle"]).wait_with_output().unwrap();
+        assert!(third.status.success());
+        assert_eq!(env.json(&["show", &poor.to_string()])["error"]["kind"], "budget_exceeded");
+        let plain = env.ok_with_env(&["retry", &poor.to_string()], &[]);
+        let said = String::from_utf8_lossy(&plain.stderr);
+        assert!(said.contains(&format!("colony retry {poor} --token-budget N")), "{said}");
+        env.ok(&["cancel", &poor.to_string()]);
+        env.ok(&["retry", &poor.to_string(), "--token-budget", "5000"]);
+        daemon(&["--until-idle"]).wait_with_output().unwrap();
+        assert_eq!(env.queue().get(poor).unwrap().state, State::Complete);
     }
 
     fn operators_see_and_fix_state_from_the_cli(db) {

@@ -237,6 +237,49 @@ async fn the_budget_stops_the_second_call_before_the_provider_and_fails_for_good
     );
 }
 
+/// A task that failed on its chain's budget runs again when a retry gives
+/// the chain more; a retry offering no more than was spent is refused and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_a_larger_token_budget_lets_a_task_past_its_budget() {
+    let e = env("models = [\"fast\"]");
+    e.server.push(Scripted::answer_with_usage("first", 100, 50));
+    let mut task = NewTask::new(
+        "thinker",
+        json!({"prompts": ["one", "two"], "max_tokens": 50}).to_string(),
+    );
+    task.backoff_ms = 1;
+    task.token_budget = Some(200);
+    let id = e.h.submit(task);
+    e.run().await;
+    let failed = e.h.task(id);
+    assert_eq!(failed.error.unwrap().kind.as_str(), "budget_exceeded");
+    let mut q = e.h.queue();
+    let err = q.retry_with_token_budget(id, Some(150)).unwrap_err();
+    assert!(
+        err.to_string().contains("has spent 150 tokens already"),
+        "{err}"
+    );
+    assert_eq!(
+        e.h.task(id).state,
+        State::Failed,
+        "a refused retry changes nothing"
+    );
+    q.retry_with_token_budget(id, Some(1000)).unwrap();
+    e.run().await;
+    assert_eq!(
+        e.h.task(id).state,
+        State::Complete,
+        "{:?}",
+        e.h.task(id).error
+    );
+    let retry = e.h.events(id, "retry").remove(0);
+    assert_eq!(
+        retry.detail["token_budget"],
+        json!({"chain": id, "old": 200, "new": 1000, "spent": 150})
+    );
+}
+
 /// A reply cut off after the provider answered 200 is spent from the
 /// budget (as its reservation: it was most likely charged), so a budget
 /// cannot be drained through replies the host never read.

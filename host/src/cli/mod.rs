@@ -200,6 +200,12 @@ pub enum Command {
         /// The id of the failed or cancelled task.
         #[arg(value_parser = task_id(), allow_negative_numbers = true)]
         id: i64,
+        /// Give the task's chain this many tokens in all (more than it has
+        /// spent, which still counts): a task that failed on its budget
+        /// would fail on it again. A manifest's token_budget still caps each
+        /// of the agent's tasks.
+        #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+        token_budget: Option<u64>,
     },
     /// Cancel a task that has not finished, and every task depending on it.
     Cancel {
@@ -673,9 +679,18 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             output::print_moved(*id, to, cli.json)
         }
-        Command::Retry { id } => {
+        Command::Retry { id, token_budget } => {
             let mut queue = open_queue(&cli.db, &identity("cli"))?;
-            let to = queue.retry(*id)?;
+            let failed_on_budget = queue
+                .get(*id)?
+                .error
+                .is_some_and(|e| e.kind == crate::task::ErrorKind::BudgetExceeded);
+            let to = queue.retry_with_token_budget(*id, *token_budget)?;
+            if failed_on_budget && token_budget.is_none() {
+                say!(
+                    "note: task {id} failed on its token budget, and what it spent still counts: it will most likely fail on it again. Give its chain more with `colony retry {id} --token-budget N`, or raise token_budget in its agent's manifest"
+                );
+            }
             output::print_moved(*id, to, cli.json)
         }
         Command::Cancel { id, reason } => {

@@ -735,7 +735,14 @@ impl Queue {
     /// `pending` while some of its dependencies have not completed. Refused
     /// when a dependency failed or was cancelled (retry that one first).
     pub fn retry(&mut self, id: i64) -> Result<State> {
-        self.write(|tx, now| tasks::retry_in(tx, id, &self.opts.actor, now))
+        self.retry_with_token_budget(id, None)
+    }
+
+    /// [`Queue::retry`], first giving the task's chain a token budget of
+    /// `token_budget` tokens (more than it has spent), in the same
+    /// transaction: a task that failed on its budget would fail on it again.
+    pub fn retry_with_token_budget(&mut self, id: i64, token_budget: Option<u64>) -> Result<State> {
+        self.write(|tx, now| tasks::retry_in(tx, id, token_budget, &self.opts.actor, now))
     }
 
     /// Cancels a task that has not finished, and every task that depends on

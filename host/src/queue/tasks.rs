@@ -763,7 +763,13 @@ pub(super) fn reset_stale_in(
 }
 
 /// Revives a failed or cancelled task with attempts reset.
-pub(super) fn retry_in(tx: &dyn Sql, id: i64, actor: &str, now: i64) -> Result<State> {
+pub(super) fn retry_in(
+    tx: &dyn Sql,
+    id: i64,
+    token_budget: Option<u64>,
+    actor: &str,
+    now: i64,
+) -> Result<State> {
     let from = state_of(tx, id)?;
     let waiting = count_unfinished_dependencies(tx, id)?;
     let event = if waiting > 0 {
@@ -771,7 +777,10 @@ pub(super) fn retry_in(tx: &dyn Sql, id: i64, actor: &str, now: i64) -> Result<S
     } else {
         Event::Retry
     };
-    let detail = json!({"revived_from": from, "waiting_for": waiting});
+    let mut detail = json!({"revived_from": from, "waiting_for": waiting});
+    if let Some(budget) = token_budget {
+        detail["token_budget"] = set_chain_budget(tx, id, budget)?;
+    }
     let to = record(tx, id, Some(from), event, actor, &detail, now)?;
     tx.execute(
         "UPDATE tasks SET state = ?1, attempts = 0, revisions = 0, pending_deps = ?2, error_kind = NULL,
@@ -780,6 +789,45 @@ pub(super) fn retry_in(tx: &dyn Sql, id: i64, actor: &str, now: i64) -> Result<S
         args![to.as_str(), waiting, now, id],
     )?;
     Ok(to)
+}
+
+/// Gives the chain of task `id` a token budget of `budget` (a retry of a
+/// task that ran out of its budget would fail on it again at once): more
+/// than the chain has spent, which still counts. Returns the change, for
+/// the retry's event.
+fn set_chain_budget(tx: &dyn Sql, id: i64, budget: u64) -> Result<serde_json::Value> {
+    let budget_i64 = i64::try_from(budget)
+        .ok()
+        .filter(|b| *b >= 1)
+        .ok_or_else(|| {
+            QueueError::invalid(
+                "token_budget",
+                format!("{budget} is outside 1..={}", i64::MAX),
+            )
+        })?;
+    let root: i64 = tx.query_value(
+        "SELECT COALESCE(root_id, id) FROM tasks WHERE id = ?1",
+        args![id],
+    )?;
+    let old: Option<i64> =
+        tx.query_value("SELECT token_budget FROM tasks WHERE id = ?1", args![root])?;
+    let spent: i64 = tx.query_value(
+        "SELECT CAST(COALESCE(SUM(input_tokens + output_tokens), 0) AS BIGINT) FROM model_calls WHERE root_id = ?1",
+        args![root],
+    )?;
+    if budget_i64 <= spent {
+        return Err(QueueError::invalid(
+            "token_budget",
+            format!(
+                "the chain of task {root} has spent {spent} tokens already, which count against its budget: give more than {spent}"
+            ),
+        ));
+    }
+    tx.execute(
+        "UPDATE tasks SET token_budget = ?1 WHERE id = ?2",
+        args![budget_i64, root],
+    )?;
+    Ok(json!({"chain": root, "old": old, "new": budget_i64, "spent": spent}))
 }
 
 /// Cancels a task that has not finished and every task that depends on it.

@@ -453,11 +453,20 @@ async fn retry(
 ) -> ApiResult {
     let actor = authorize(&app, &caller, &headers)?;
     let id = task_id(&id)?;
+    /// `{"token_budget": N}`: the chain's new budget (see `colony retry`).
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
-    struct Nothing {}
-    let _: Nothing = json_body(&body)?;
-    let to = app.store.run(actor, move |queue| queue.retry(id)).await?;
+    struct RetryBody {
+        #[serde(default)]
+        token_budget: Option<u64>,
+    }
+    let RetryBody { token_budget } = json_body(&body)?;
+    let to = app
+        .store
+        .run(actor, move |queue| {
+            queue.retry_with_token_budget(id, token_budget)
+        })
+        .await?;
     Ok(axum::Json(output::moved_json(id, to)).into_response())
 }
 

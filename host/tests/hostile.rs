@@ -90,7 +90,10 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
         bad_submit(&["--max-attempts", "4294967296"], "--max-attempts"),
         bad_submit(&["--after", "0"], "--after"),
         bad_submit(&["--after", "-1"], "--after"),
-        bad_submit(&["--after", "9223372036854775807"], "depends_on"),
+        bad_submit(
+            &["--after", "9223372036854775807"],
+            "invalid after: task 9223372036854775807 does not exist",
+        ),
         bad_submit(&["--after", "9223372036854775808"], "--after"),
         case(&["list", "--limit", "-1"], 2, "--limit"),
         case(&["list", "--limit", "4294967296"], 2, "--limit"),

@@ -758,14 +758,14 @@ on_both_drivers! {
                     depends_on: vec![424242],
                     ..NewTask::new("a", "{}")
                 },
-                "depends_on",
+                "after",
             ),
             (
                 NewTask {
                     depends_on: vec![existing, existing],
                     ..NewTask::new("a", "{}")
                 },
-                "depends_on",
+                "after",
             ),
             (
                 NewTask {

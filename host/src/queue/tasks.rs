@@ -264,15 +264,16 @@ pub(super) fn insert_new_task(
         let state = state.map(|r| r.get::<String>(0)).transpose()?;
         match state.as_deref().map(parse_state).transpose()? {
             None => {
+                // Named as the user wrote it: `--after`, `"after"`.
                 return Err(QueueError::invalid(
-                    "depends_on",
+                    "after",
                     format!("task {dep} does not exist"),
                 ));
             }
             Some(State::Complete) => {}
             Some(s @ (State::Failed | State::Cancelled)) => {
                 return Err(QueueError::invalid(
-                    "depends_on",
+                    "after",
                     format!(
                         "task {dep} is {s}, so this task could never run; retry task {dep} first"
                     ),

@@ -110,7 +110,7 @@ pub(super) fn validate_new_task(new: &NewTask, max_payload: usize) -> Result<()>
     for dep in &new.depends_on {
         if !seen.insert(dep) {
             return Err(QueueError::invalid(
-                "depends_on",
+                "after",
                 format!("task {dep} is listed twice"),
             ));
         }

@@ -204,9 +204,11 @@ async fn send(client: &reqwest::Client, delivery: Delivery, grant: &HttpGrant) -
         Ok(response) => {
             let status = response.status().as_u16();
             // The receiver refused the request itself (a redirect, which is
-            // not followed, or a 4xx other than a timeout, a conflict, too
-            // early or too many): the same request will be refused again.
-            let refused = (300..500).contains(&status) && !matches!(status, 408 | 409 | 425 | 429);
+            // not followed, or a 4xx other than a timeout, a conflict, a
+            // lock, too early or too many): the same request will be
+            // refused again.
+            let refused =
+                (300..500).contains(&status) && !matches!(status, 408 | 409 | 423 | 425 | 429);
             let error = match refused {
                 true => format!("HTTP {status}, refused by the receiver"),
                 false => format!("HTTP {status}"),

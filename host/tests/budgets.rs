@@ -174,7 +174,7 @@ on_both_drivers! {
         );
         let usage = q.usage(a.task_id).unwrap();
         assert_eq!((usage.input_tokens, usage.output_tokens), (30, 50));
-        // The chain's other run sees the spend (and no leftover reservation).
+        // The chain's other run sees the spend.
         assert_eq!(
             q.reserve_model_tokens(b, 0, None).unwrap(),
             Budget::Reserved { left: 120 }

@@ -362,14 +362,15 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
 }
 
 /// `api_key_env` as an error message may show it: a conventional name
-/// (`OPENAI_API_KEY`) in full; anything else only by its first characters
-/// and length, since a key pasted in place of its variable's name would
-/// otherwise be printed to a terminal or a CI log.
+/// (`OPENAI_API_KEY`) or a short one in full; anything else only by its
+/// first characters and length, since a key pasted in place of its
+/// variable's name would otherwise be printed to a terminal or a CI log.
 fn shown_var_name(var: &str) -> String {
     let conventional = var
         .bytes()
         .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if conventional {
+    // Provider keys run to 40 characters and more; names rarely do.
+    if conventional || var.chars().count() <= 24 {
         return format!("`{var}`");
     }
     let start: String = var.chars().take(4).collect();
@@ -483,8 +484,14 @@ mod tests {
                 "key `input_usd_per_mtok`: -1 is not a price",
             ),
             (
-                format!("[models.fast]\n{base}api_key_env = \"sk-abc 123\"\n"),
-                "key `api_key_env`: `sk-a…` (10 characters, the rest not shown in case it is a key) is not an environment variable name",
+                format!(
+                    "[models.fast]\n{base}api_key_env = \"sk-proj abcdefghijklmnopqrstuvwxyz\"\n"
+                ),
+                "key `api_key_env`: `sk-p…` (34 characters, the rest not shown in case it is a key) is not an environment variable name",
+            ),
+            (
+                format!("[models.fast]\n{base}api_key_env = \"my key\"\n"),
+                "key `api_key_env`: `my key` is not an environment variable name",
             ),
             (
                 "[models.fast]\napi = \"openai\"\nbase_url = \"ftp://x\"\nmodel = \"m\"\n"

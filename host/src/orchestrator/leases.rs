@@ -177,6 +177,7 @@ impl Daemon {
             .map(|t| t.lease)
             .collect();
         self.release_all(&waiting, false);
+        self.release_unconfirmed_claims();
         // Finished work is stored as it finishes, exactly as in normal
         // operation: a second signal or a SIGKILL during the grace must not
         // discard it (and with it the run's attempt and effects).

@@ -275,9 +275,10 @@ pub struct Daemon {
     /// A database error that retrying cannot fix (read-only file, malformed
     /// image, newer schema): the loop stops with it.
     unusable: Option<QueueError>,
-    /// Claim tokens of transactions lost during COMMIT: what they claimed
-    /// (if they committed) is given back (see `release_unconfirmed_claims`).
-    unconfirmed_claims: Vec<i64>,
+    /// Claim tokens of transactions lost during COMMIT, and since when:
+    /// what they claimed (if they committed) is given back (see
+    /// `release_unconfirmed_claims`).
+    unconfirmed_claims: Vec<(i64, Instant)>,
     /// The due time an until-idle daemon last said it waits for.
     announced_wait: Option<i64>,
     /// Sends the outbox of completed tasks.

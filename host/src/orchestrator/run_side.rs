@@ -183,7 +183,7 @@ impl RunHooks for RunSide {
             .await?
         {
             Applied::LeaseLost => Err(
-                "the run's lease was lost (its task cancelled, or the lease reset); a call that was charged is stored for its spend, and its reply is not replayed".into(),
+                "the run's lease was lost (its task cancelled, or the lease reset); a call that was charged is stored for its spend".into(),
             ),
             Applied::Moved(_) => Ok(()),
         }

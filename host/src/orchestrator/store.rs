@@ -112,7 +112,9 @@ impl Daemon {
             Err(e) => {
                 // Its claims may have committed all the same: give them back.
                 if let QueueError::CommitUnknown { claim_tokens, .. } = &e {
-                    self.unconfirmed_claims.extend(claim_tokens);
+                    let since = Instant::now();
+                    self.unconfirmed_claims
+                        .extend(claim_tokens.iter().map(|&token| (token, since)));
                     self.release_unconfirmed_claims();
                 }
                 // Nothing was stored and nothing claimed (or what was
@@ -146,22 +148,28 @@ impl Daemon {
     }
 
     /// Gives back the tasks claimed in transactions whose commit could not
-    /// be confirmed; kept for the next heartbeat while the database is out.
+    /// be confirmed. Tried again at each heartbeat for `stale_after`: a
+    /// commit the server was still finishing (a slow fsync, a synchronous
+    /// standby) shows its claims only later, and past `stale_after` any
+    /// reaper resets them anyway.
     pub(super) fn release_unconfirmed_claims(&mut self) {
+        let stale_after = self.cfg.stale_after;
+        self.unconfirmed_claims
+            .retain(|(_, since)| since.elapsed() <= stale_after);
         if self.unconfirmed_claims.is_empty() {
             return;
         }
-        let (queue, tokens) = (&mut self.queue, &self.unconfirmed_claims);
-        match tokio::task::block_in_place(|| queue.release_unconfirmed_claims(tokens)) {
-            Ok(released) => {
-                if !released.is_empty() {
-                    tracing::warn!(
-                        tasks = ?released,
-                        "gave back tasks claimed in a transaction whose commit could not be confirmed"
-                    );
-                }
-                self.unconfirmed_claims.clear();
+        let tokens: Vec<i64> = self.unconfirmed_claims.iter().map(|(t, _)| *t).collect();
+        let queue = &mut self.queue;
+        match tokio::task::block_in_place(|| queue.release_unconfirmed_claims(&tokens)) {
+            Ok(released) if !released.is_empty() => {
+                tracing::warn!(
+                    tasks = ?released,
+                    "gave back tasks claimed in a transaction whose commit could not be confirmed"
+                );
+                self.summary.released += released.len() as u64;
             }
+            Ok(_) => {}
             Err(e) => tracing::error!(
                 "could not give back claims whose commit is unconfirmed, will retry: {e}"
             ),

@@ -56,6 +56,7 @@ pub use dashboard::{
 pub use follow::{GAP_WAIT, TrailCursor};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
+pub use sqlite::FileId;
 pub use validate::validate_agent_name;
 
 use postgres_driver::PgDb;
@@ -172,6 +173,18 @@ impl QueueError {
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
+/// `e`, carrying the claim tokens its transaction used if its commit is
+/// unknown (so that the caller can give back what they may have claimed).
+fn with_claim_tokens(e: QueueError, tokens: Vec<i64>) -> QueueError {
+    match e {
+        QueueError::CommitUnknown { message, .. } => QueueError::CommitUnknown {
+            message,
+            claim_tokens: tokens,
+        },
+        e => e,
+    }
+}
+
 /// How hard SQLite works to make each commit durable (PostgreSQL keeps the
 /// server's own `synchronous_commit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,10 +212,13 @@ pub struct QueueOptions {
     /// within (a daemon's `stale_after`): no host resets them sooner, even
     /// one whose own `stale_after` is shorter. `None`: no promise.
     pub claim_lease: Option<Duration>,
-    /// SQLite: open the file only if it is there. Further connections to a
+    /// SQLite: open the file only if it is there, and (when known) only if
+    /// it is still this one ([`FileId`]). Further connections to a
     /// database already open ([`Queue::reopener`], the dashboard's pool)
-    /// must not create a fresh empty one where the first was deleted.
+    /// must neither create a fresh empty one where the first was deleted
+    /// nor adopt another file put in its place.
     pub must_exist: bool,
+    pub same_file: Option<FileId>,
 }
 
 impl Default for QueueOptions {
@@ -215,6 +231,7 @@ impl Default for QueueOptions {
             background_checkpoints: false,
             claim_lease: None,
             must_exist: false,
+            same_file: None,
         }
     }
 }
@@ -440,9 +457,19 @@ impl Queue {
         };
         let opts = QueueOptions {
             must_exist: true,
+            same_file: self.database_file(),
             ..self.opts.clone()
         };
         move || Queue::open_with(&location, opts.clone())
+    }
+
+    /// The SQLite file this connection opened; `None` on
+    /// PostgreSQL.
+    pub fn database_file(&self) -> Option<FileId> {
+        match &self.db {
+            Db::Sqlite(db) => db.file(),
+            Db::Postgres(_) => None,
+        }
     }
 
     /// Fails when the SQLite file this connection has open was deleted or
@@ -589,6 +616,7 @@ impl Queue {
         let lease_ms = self.claim_lease_ms();
         let token = tasks::new_claim_token();
         self.write(|tx, now| tasks::claim_in(tx, agent, n, token, lease_ms, &self.opts.actor, now))
+            .map_err(|e| with_claim_tokens(e, vec![token]))
     }
 
     /// Renews the given leases in one write. Returns those that were lost
@@ -678,13 +706,7 @@ impl Queue {
                 effects_may_be_due: finished.took_per_run_path,
             })
         })
-        .map_err(|e| match e {
-            QueueError::CommitUnknown { message, .. } => QueueError::CommitUnknown {
-                message,
-                claim_tokens: tokens,
-            },
-            e => e,
-        })
+        .map_err(|e| with_claim_tokens(e, tokens))
     }
 
     /// Gives back, unstarted, the tasks claimed under `tokens` in a

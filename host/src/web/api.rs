@@ -59,8 +59,19 @@ impl From<QueueError> for ApiError {
             QueueError::NotFound(_) => StatusCode::NOT_FOUND,
             QueueError::Illegal { .. } => StatusCode::CONFLICT,
             e if e.is_bad_input() => StatusCode::BAD_REQUEST,
+            // Not "try again": the change may have been stored, and a
+            // second submit without a key would make a second task.
+            QueueError::CommitUnknown { .. } => {
+                return ApiError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    message: format!(
+                        "{e}; the change may have been stored: look before sending it again (a submit with a `key` is safe to repeat)"
+                    ),
+                };
+            }
+            // 503 with Retry-After: busy or unreachable, worth asking again.
             e if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
-            QueueError::DatabaseGone { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // The file deleted or replaced: no retry helps.
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError {

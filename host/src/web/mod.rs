@@ -248,16 +248,27 @@ async fn metrics_page(State(app): State<Shared>) -> Response {
     }
 }
 
-/// "ok", or 503 with why when the database cannot be used (on SQLite: its
-/// file deleted or replaced under the server).
+/// "ok" when the database answers a read (and, on SQLite, its file is the
+/// one opened); else 503. Why goes to the log, not to the anonymous caller
+/// (it names paths and servers).
 async fn healthz(State(app): State<Shared>) -> Response {
-    match app
+    let checked = app
         .store
-        .run(None, |queue| queue.check_database_file())
-        .await
-    {
+        .run(None, |queue| {
+            queue.check_database_file()?;
+            queue.last_event_id().map(drop)
+        })
+        .await;
+    match checked {
         Ok(()) => "ok".into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => {
+            tracing::warn!("health check failed: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database cannot be used: see the server's log",
+            )
+                .into_response()
+        }
     }
 }
 

@@ -16,6 +16,9 @@ const MAX_CONNECTIONS: usize = 8;
 
 pub struct Store {
     location: PathBuf,
+    /// The SQLite file the first connection opened: later ones must open
+    /// that one, not whatever was put at the path since.
+    file: std::sync::OnceLock<Option<crate::queue::FileId>>,
     /// Who the dashboard acts as when no operator is named.
     actor: String,
     idle: Mutex<Vec<Queue>>,
@@ -28,11 +31,13 @@ impl Store {
     pub fn open(location: PathBuf, actor: String) -> Result<Arc<Store>, QueueError> {
         let store = Store {
             location,
+            file: std::sync::OnceLock::new(),
             actor,
             idle: Mutex::new(Vec::new()),
             in_use: tokio::sync::Semaphore::new(MAX_CONNECTIONS),
         };
         let first = store.connect(false)?;
+        let _ = store.file.set(first.database_file());
         store.idle.lock().unwrap().push(first);
         Ok(Arc::new(store))
     }
@@ -46,6 +51,7 @@ impl Store {
             QueueOptions {
                 actor: self.actor.clone(),
                 must_exist,
+                same_file: self.file.get().copied().flatten(),
                 ..QueueOptions::default()
             },
         )

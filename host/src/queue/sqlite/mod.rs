@@ -21,15 +21,29 @@ pub struct SqliteDb {
     conn: Connection,
     path: PathBuf,
     /// The file opened (device and inode), to notice it deleted or replaced.
-    file: Option<(u64, u64)>,
+    file: Option<FileId>,
     /// Set when this connection leaves WAL checkpoints to a thread.
     checkpointer: Option<Arc<Checkpointer>>,
 }
 
-/// The device and inode of the file at `path`, if it is there.
-fn file_identity(path: &Path) -> Option<(u64, u64)> {
+/// Which file a path names: its device and inode, and its birth time where
+/// the file system keeps one (a file created where a deleted one was
+/// often gets the freed inode number back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+    born: Option<std::time::SystemTime>,
+}
+
+/// The identity of the file at `path`, if it is there.
+fn file_identity(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    std::fs::metadata(path).ok().map(|m| FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+        born: m.created().ok(),
+    })
 }
 
 impl SqliteDb {
@@ -46,6 +60,16 @@ impl SqliteDb {
         } else {
             Connection::open(path)?
         };
+        // Another file put where the first connection's was: refused before
+        // anything (a migration) touches it, as `check_file` refuses it.
+        if let Some(expected) = opts.same_file
+            && file_identity(path) != Some(expected)
+        {
+            return Err(QueueError::DatabaseGone {
+                path: path.display().to_string(),
+                what: "replaced by another file",
+            });
+        }
         conn.busy_timeout(opts.busy_timeout)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match opts.sync {
@@ -59,9 +83,10 @@ impl SqliteDb {
         let mut db = SqliteDb {
             conn,
             path: path.to_path_buf(),
-            file: file_identity(path),
+            file: opts.same_file.or_else(|| file_identity(path)),
             checkpointer: None,
         };
+
         if opts.background_checkpoints
             && let Err(e) = db.checkpoint_in_background()
         {
@@ -89,6 +114,10 @@ impl SqliteDb {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn file(&self) -> Option<FileId> {
+        self.file
     }
 
     /// Fails when the file at `path` is gone or another one (see

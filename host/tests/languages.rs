@@ -114,6 +114,10 @@ fn behaves_like_every_other_language(language: &str, component: Result<PathBuf, 
     };
     let env = Env::new(&[]);
     std::fs::copy(&component, env.agents.path().join("wordcount.wasm")).unwrap();
+    // `colony agents` loads it as the daemon does (its pool is sized for one
+    // run; a Python component alone needs more than 8 core instances).
+    let listed = env.json(&["agents"]);
+    assert_eq!(listed[0]["loaded"], true, "{listed}");
     let good = env.submit(&["wordcount", r#"{"text":"the quick brown fox"}"#]);
     let bad = env.submit(&["wordcount", r#"{"words":"no text here"}"#]);
     let raises = env.submit(&[

@@ -290,6 +290,13 @@ fn link_colony_interfaces(linker: &mut Linker<RunState>) -> wasmtime::Result<()>
     Ok(())
 }
 
+/// Fewest core instances (and tables) the pool holds however few runs it
+/// is sized for: one component of another language's toolchain may need
+/// dozens.
+const CORE_INSTANCES_FLOOR: u32 = 64;
+/// Fewest linear memories the pool holds.
+const MEMORIES_FLOOR: u32 = 8;
+
 fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
     let scan_dirty_pages = PoolingAllocationConfig::is_pagemap_scan_available();
     let mut config = Config::new();
@@ -304,11 +311,14 @@ fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
     if let Some(slots) = pooling {
         let mut pool = PoolingAllocationConfig::default();
         // Each Rust component holds a few core instances (the program and
-        // small adapter shims), one memory and a few tables.
+        // small adapter shims), one memory and a few tables; a Python one
+        // (componentize-py: libc, libpython, the runtime, adapters) more
+        // than 8. The floor lets one such run instantiate even in a pool
+        // sized for a single run (`colony agents` loads each agent once).
         pool.total_component_instances(slots)
-            .total_core_instances(slots * 8)
-            .total_memories(slots * 2)
-            .total_tables(slots * 8)
+            .total_core_instances((slots * 8).max(CORE_INSTANCES_FLOOR))
+            .total_memories((slots * 2).max(MEMORIES_FLOOR))
+            .total_tables((slots * 8).max(CORE_INSTANCES_FLOOR))
             .total_stacks(slots)
             .max_memory_size(4 << 30)
             .max_tables_per_module(4)

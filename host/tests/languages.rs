@@ -247,6 +247,17 @@ fn new_project_runs(lang: &str, needs: Result<(), String>) {
         .trim()
         .to_string();
     assert!(stdout.contains(&build_line), "{stdout}");
+    // The sources say the same build command (no `npm ci` without a lockfile).
+    if lang == "js" {
+        let app = std::fs::read_to_string(dir.join("app.js")).unwrap();
+        assert!(
+            app.contains(&format!(
+                "Build (componentize-js, pinned in package.json): {build_line}"
+            )),
+            "{app}"
+        );
+        assert!(!dir.join("package-lock.json").exists());
+    }
     let component = match lang {
         "rust" => {
             let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/colony-new-test");

@@ -7,7 +7,8 @@
 // state, and asks the model alias `fast` for a summary when asked to,
 // carrying on without one when no model is configured or granted.
 //
-// Build (componentize-js, pinned in package.json): npm ci && npm run build
+// Build (componentize-js, pinned in package.json): npm install && npm run build
+// (`npm ci` where a package-lock.json pins every dependency, as beside the example).
 import { heartbeat, log } from "colony:agent/host@0.2.0";
 import { complete } from "colony:agent/model@0.2.0";
 import { set } from "colony:agent/state@0.2.0";

@@ -224,6 +224,27 @@ async fn a_panic_is_a_crash_with_the_panic_message() {
     assert!(h.log(id).contains("fixture panic: boom"));
 }
 
+/// A guest that calls `exit` (as Python's `sys.exit` does) instead of
+/// returning an outcome is said to have done so: it was blamed on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_exits_is_said_to_have_exited() {
+    let h = harness(&["panic"]);
+    let mut task = new_task("panic", json!({"exit": 3}));
+    task.max_attempts = 1;
+    let id = h.submit(task);
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, error_kind(&task)),
+        (State::Failed, ErrorKind::Crash)
+    );
+    let message = task.error.unwrap().message;
+    assert_eq!(
+        message,
+        "the guest called exit (reporting failure, status 1) instead of returning an outcome, after writing to stderr: fixture exiting with 3"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn megabytes_of_output_are_truncated_and_the_task_completes() {
     let h = harness(&["loud"]);

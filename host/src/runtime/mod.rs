@@ -743,6 +743,28 @@ fn classify_trap(
     // `{:?}`, which with RUST_BACKTRACE set adds the host's own backtrace:
     // kilobytes of wasmtime and tokio frames the agent's author cannot use.
     let detail = error_chain(error);
+    // The guest called `exit` (Python's sys.exit, Rust's process::exit)
+    // rather than returning an outcome: its doing, not the host's.
+    if let Some(wasmtime_wasi::I32Exit(status)) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        let said = log.stderr_tail(600);
+        let said = match said.trim() {
+            "" => String::new(),
+            text => format!(", after writing to stderr: {text}"),
+        };
+        // WASI 0.2's exit carries success or failure only: `exit(3)`
+        // arrives as status 1.
+        let how = match status {
+            0 => "reporting success".to_string(),
+            _ => format!("reporting failure, status {status}"),
+        };
+        let mut message =
+            format!("the guest called exit ({how}) instead of returning an outcome{said}");
+        message.truncate(message.floor_char_boundary(MAX_TRAP_MESSAGE));
+        return TaskError {
+            kind: ErrorKind::Crash,
+            message,
+        };
+    }
     let (kind, summary) = match (trap, memory_denied) {
         (Some(Trap::OutOfFuel), _) => (ErrorKind::OutOfFuel, format!("the run used up its fuel ({})", agent.limits.fuel.unwrap_or(0))),
         (Some(Trap::StackOverflow), _) => (ErrorKind::StackOverflow, "the guest overflowed its stack".to_string()),

@@ -314,3 +314,31 @@ fn a_sqlite_row_edited_to_an_unknown_state_is_reported_and_never_claimed() {
         unreadable[0].reason
     );
 }
+
+/// Processes starting together on a fresh file (a daemon and a submit, say)
+/// all open it: switching it to WAL upgrades a read lock, which SQLite
+/// refuses at once rather than wait, and one in a hundred failed 'database
+/// is locked'. Threads contend for the file's locks as processes do.
+#[test]
+fn queues_opened_at_once_on_a_fresh_file_all_open() {
+    use std::sync::{Arc, Barrier};
+    for round in 0..40 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Arc::new(dir.path().join("fresh.db"));
+        let barrier = Arc::new(Barrier::new(6));
+        let openers: Vec<_> = (0..6)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Queue::open(path.as_path()).map(drop)
+                })
+            })
+            .collect();
+        for opener in openers {
+            if let Err(e) = opener.join().unwrap() {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}

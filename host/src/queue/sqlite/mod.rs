@@ -71,7 +71,20 @@ impl SqliteDb {
             });
         }
         conn.busy_timeout(opts.busy_timeout)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Switching a fresh file to WAL upgrades a read lock to a write
+        // lock, which SQLite answers `SQLITE_BUSY` at once rather than wait
+        // (the busy handler could deadlock there) while another process
+        // opens the same fresh file: one process in ~100 starting together
+        // failed 'database is locked'. Retried for the busy timeout.
+        let deadline = std::time::Instant::now() + opts.busy_timeout;
+        while let Err(e) = conn.pragma_update(None, "journal_mode", "WAL") {
+            let busy = matches!(&e, rusqlite::Error::SqliteFailure(f, _)
+                if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked));
+            if !busy || std::time::Instant::now() >= deadline {
+                return Err(e.into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5 + fastrand::u64(0..20)));
+        }
         let sync = match opts.sync {
             Sync::Normal => "NORMAL",
             Sync::Full => "FULL",

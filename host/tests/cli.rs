@@ -736,6 +736,44 @@ on_both_drivers! {
     }
 }
 
+/// A component dropped into a running daemon's folder is picked up within
+/// seconds (the folder is looked at every 2 s, compiled beside the loop),
+/// not at the next poll, 60 s by default; the agents already loaded keep
+/// running meanwhile.
+#[test]
+fn a_component_added_to_a_running_daemon_is_picked_up_within_seconds() {
+    let env = Env::new(&["echo"]);
+    let daemon = env
+        .cmd()
+        .args(["daemon", "--heartbeat", "500ms"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.data.path().join("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let waiting = env.submit(&["permanent", "{}"]);
+    let echoed = env.submit(&["echo", "{}"]);
+    let log = || std::fs::read_to_string(env.data.path().join("daemon.log")).unwrap_or_default();
+    wait_for("the loaded agent ran", Duration::from_secs(20), || {
+        env.queue().get(echoed).unwrap().state == State::Complete
+    });
+    std::fs::copy(
+        colony_tests::guest_path("permanent"),
+        env.agents.path().join("permanent.wasm"),
+    )
+    .unwrap();
+    let added = Instant::now();
+    wait_for(
+        "the added agent ran its task",
+        Duration::from_secs(20),
+        || env.queue().get(waiting).unwrap().state == State::Failed,
+    );
+    assert!(added.elapsed() < Duration::from_secs(20));
+    assert!(!log().contains("ERROR"), "{}", log());
+    signal(&daemon, "-TERM");
+    let mut daemon = daemon;
+    daemon.wait().unwrap();
+}
+
 /// An until-idle daemon waits for a task scheduled for later (as for a
 /// retry's backoff), and says what it waits for rather than looking hung.
 #[test]

@@ -380,7 +380,8 @@ pub struct SubmitArgs {
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// How often to look for work when nothing wakes the daemon.
+    /// How often to look for work when nothing wakes the daemon. The agents
+    /// folder is looked at every 2 s, or this often if shorter.
     #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll: Duration,
     /// Most runs in flight at once, across all agents (1 to 4096).

@@ -20,8 +20,9 @@
 //!
 //! Here: the settings, the loop, claiming and dispatching, the outbox. Beside
 //! it: `store.rs` (finished runs into the queue, the lanes), `leases.rs`
-//! (heartbeats, reaping, releasing, the graceful shutdown) and `run_side.rs`
-//! (what a run in flight asks of the queue).
+//! (heartbeats, reaping, releasing, the graceful shutdown), `run_side.rs`
+//! (what a run in flight asks of the queue) and `rescans.rs` (agents
+//! reloaded off the loop).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use crate::queue::{
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 
 mod leases;
+mod rescans;
 mod run_side;
 mod store;
 use run_side::RunSide;
@@ -294,6 +296,8 @@ pub struct Daemon {
     inflight_at_shutdown: Vec<Lease>,
     done_tx: mpsc::UnboundedSender<FinishedRun>,
     done_rx: mpsc::UnboundedReceiver<FinishedRun>,
+    /// Looks at the agents folder off the loop (see `rescans.rs`).
+    rescans: rescans::Rescans,
     summary: DaemonSummary,
 }
 
@@ -347,6 +351,7 @@ impl Daemon {
             inflight_at_shutdown: Vec::new(),
             done_tx,
             done_rx,
+            rescans: rescans::Rescans::new(),
             summary: DaemonSummary::default(),
         }
     }
@@ -383,6 +388,7 @@ impl Daemon {
         .ok();
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         let mut next_poll = Instant::now();
+        let mut next_rescan = Instant::now() + self.cfg.poll.min(rescans::RESCAN_AT_MOST_EVERY);
         let mut last_data_version = None;
         let mut next_watch: Option<Instant> = None;
         // Whether there may be new work to claim: set by anything that can
@@ -432,13 +438,12 @@ impl Daemon {
                 // Reset or lost leases may have made tasks claimable.
                 look |= self.heartbeat_and_reap();
             }
+            if now >= next_rescan {
+                next_rescan = now + self.cfg.poll.min(rescans::RESCAN_AT_MOST_EVERY);
+                self.start_rescan();
+            }
             if now >= next_poll {
                 next_poll = now + self.cfg.poll;
-                let report = self.agents.rescan(&self.runtime).await;
-                if !report.is_empty() {
-                    tracing::debug!(?report, "agents rescanned");
-                }
-                self.release_orphaned_buffers();
                 look = true;
             }
             if let Some(e) = self.unusable.take() {
@@ -457,7 +462,7 @@ impl Daemon {
             // Sleep until something happens.
             let watch_at =
                 *next_watch.get_or_insert_with(|| Instant::now() + self.cfg.watch_interval);
-            let mut wait_until = next_heartbeat.min(next_poll).min(watch_at);
+            let mut wait_until = next_heartbeat.min(next_poll).min(next_rescan).min(watch_at);
             // While a store is in flight its answer wakes the loop; the
             // group-commit deadline would only spin it.
             if let Some(since) = self.unwritten_since.filter(|_| !self.writer.busy) {
@@ -480,6 +485,10 @@ impl Daemon {
                 Some(attempt) = self.deliverer.done_rx.recv() => {
                     self.record_delivery(attempt);
                     self.effects_due = true;
+                }
+                Some((agents, report)) = self.rescans.done_rx.recv() => {
+                    self.apply_rescan(agents, report);
+                    look = true;
                 }
                 _ = self.wake.notified() => look = true,
                 _ = tokio::time::sleep_until(wait_until.into()) => {

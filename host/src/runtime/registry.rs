@@ -215,7 +215,9 @@ impl ScanReport {
     }
 }
 
-/// The agents directory and what was loaded from it.
+/// The agents directory and what was loaded from it (cheap to clone: the
+/// compiled agents are shared).
+#[derive(Clone)]
 pub struct AgentDir {
     dir: PathBuf,
     entries: BTreeMap<String, AgentEntry>,

@@ -736,6 +736,38 @@ on_both_drivers! {
     }
 }
 
+/// A guest logging in a loop cannot flood the daemon's own log (16 KiB of
+/// each run's lines are copied there; the task log keeps its own cap), nor
+/// forge a host line with an embedded line break.
+#[test]
+fn a_guests_log_lines_reach_the_hosts_log_bounded_and_escaped() {
+    let env = Env::new(&["loud"]);
+    let id = env.submit(&["loud", "{}"]);
+    let out = env.ok_with_env(
+        &["daemon", "--until-idle", "--poll", "100ms"],
+        &[("COLONY_LOG", "info")],
+    );
+    assert_eq!(env.queue().get(id).unwrap().state, State::Complete);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.len() < 64 << 10,
+        "the daemon logged {} bytes",
+        said.len()
+    );
+    assert!(
+        said.contains("this run's further log lines are in its task log only"),
+        "{said}"
+    );
+    assert!(
+        said.contains("\\n2026-01-01T00:00:00Z ERROR"),
+        "the break is escaped"
+    );
+    assert!(
+        !said.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged line"
+    );
+}
+
 /// A component dropped into a running daemon's folder is picked up within
 /// seconds (the folder is looked at every 2 s, compiled beside the loop),
 /// not at the next poll, 60 s by default; the agents already loaded keep

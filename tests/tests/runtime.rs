@@ -224,6 +224,30 @@ async fn a_panic_is_a_crash_with_the_panic_message() {
     assert!(h.log(id).contains("fixture panic: boom"));
 }
 
+/// A guest's own failure message is cut to 8 KiB, saying how much was left
+/// out: it is stored with the task and its event on every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_failure_message_is_cut() {
+    let h = harness(&["stateful"]);
+    let mut task = new_task(
+        "stateful",
+        json!({"end": "huge_failure", "bytes": 5_000_000}),
+    );
+    task.max_attempts = 1;
+    let id = h.submit(task);
+    h.run_until_idle().await;
+    let message = h.task(id).error.unwrap().message;
+    assert_eq!(
+        message.len(),
+        8192 + " [message cut: 4991808 more bytes]".len()
+    );
+    assert!(
+        message.ends_with(" [message cut: 4991808 more bytes]"),
+        "{}",
+        &message[8000..]
+    );
+}
+
 /// A guest that calls `exit` (as Python's `sys.exit` does) instead of
 /// returning an outcome is said to have done so: it was blamed on the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -327,11 +327,11 @@ impl Daemon {
             }
             Applied::Moved(State::Pending) => {
                 self.summary.retried += 1;
-                tracing::info!(task = id, outcome = ?run.outcome, "failed, will retry after a backoff");
+                tracing::info!(task = id, outcome = %outcome_summary(&run.outcome), "failed, will retry after a backoff");
             }
             Applied::Moved(state) => {
                 self.summary.failed += 1;
-                tracing::warn!(task = id, %state, outcome = ?run.outcome, "failed");
+                tracing::warn!(task = id, %state, outcome = %outcome_summary(&run.outcome), "failed");
             }
             Applied::LeaseLost => {
                 self.summary.lost += 1;
@@ -340,6 +340,27 @@ impl Daemon {
                     "result discarded: the lease was lost (reset by a reaper or cancelled)"
                 );
             }
+        }
+    }
+}
+
+/// A run's outcome for the daemon's log: a failure's kind and message (cut
+/// to a line's worth), or a success by its size: a refused output of 8 MiB
+/// was logged whole.
+fn outcome_summary(outcome: &RunOutcome) -> String {
+    match outcome {
+        RunOutcome::Success { output, spawn, .. } => format!(
+            "success with {} bytes of output and {} spawned (refused by the queue)",
+            output.len(),
+            spawn.len()
+        ),
+        RunOutcome::Failure(e) => {
+            let mut message = e.message.replace('\n', "\\n");
+            if message.len() > 500 {
+                message.truncate(message.floor_char_boundary(500));
+                message.push('…');
+            }
+            format!("{}: {message}", e.kind.as_str())
         }
     }
 }

@@ -100,11 +100,11 @@ macro_rules! outcome_from_guest {
             },
             Err(Failure::Retryable(message)) => RunOutcome::Failure(TaskError {
                 kind: ErrorKind::Retryable,
-                message,
+                message: bounded_failure_message(message),
             }),
             Err(Failure::Permanent(message)) => RunOutcome::Failure(TaskError {
                 kind: ErrorKind::Permanent,
-                message,
+                message: bounded_failure_message(message),
             }),
         }
     }};
@@ -730,6 +730,23 @@ fn crash(message: String) -> RunOutcome {
 
 /// Longest trap description (message plus guest backtrace) kept on a task.
 const MAX_TRAP_MESSAGE: usize = 8 * 1024;
+
+/// Longest failure message a guest reports that is kept: it is stored with
+/// the task and its audit event on every attempt, and logged.
+pub const MAX_FAILURE_MESSAGE: usize = 8 * 1024;
+
+/// A guest's failure message, cut to [`MAX_FAILURE_MESSAGE`] bytes with a
+/// note saying how much was left out (a 50 MB message was stored whole on
+/// every attempt, and logged whole).
+fn bounded_failure_message(mut message: String) -> String {
+    if message.len() <= MAX_FAILURE_MESSAGE {
+        return message;
+    }
+    let dropped = message.len() - message.floor_char_boundary(MAX_FAILURE_MESSAGE);
+    message.truncate(message.floor_char_boundary(MAX_FAILURE_MESSAGE));
+    message.push_str(&format!(" [message cut: {dropped} more bytes]"));
+    message
+}
 
 /// Names what went wrong in a trapped run.
 fn classify_trap(

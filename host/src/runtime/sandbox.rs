@@ -121,7 +121,15 @@ pub struct RunState {
     task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
+    /// Bytes of this run's log lines copied to the host's own log so far
+    /// (see [`MAX_MIRRORED_BYTES`]).
+    mirrored: usize,
 }
+
+/// Most bytes of one run's log lines also written to the host's log: a
+/// guest logging in a loop filled the daemon's stderr with 4 GB in 20 s.
+/// The task's own log keeps its lines up to its cap.
+const MAX_MIRRORED_BYTES: usize = 16 << 10;
 
 impl RunState {
     #[allow(clippy::too_many_arguments)] // one per capability the run holds
@@ -162,6 +170,7 @@ impl RunState {
             task_id,
             agent,
             hooks,
+            mirrored: 0,
         })
     }
 }
@@ -223,7 +232,33 @@ impl host_v0_1::Host for RunState {
 impl RunState {
     fn log_line(&mut self, level: types::Level, message: String) {
         let message = truncate(message, MAX_MESSAGE_BYTES);
+        self.mirror_to_host_log(level, &message);
+        let name = match level {
+            types::Level::Trace => "trace",
+            types::Level::Debug => "debug",
+            types::Level::Info => "info",
+            types::Level::Warn => "warn",
+            types::Level::Error => "error",
+        };
+        self.log.line(name, &message);
+    }
+}
+
+impl RunState {
+    /// Copies a log line to the host's log, up to [`MAX_MIRRORED_BYTES`]
+    /// per run, line breaks escaped (a guest's `\n` followed by text shaped
+    /// like the host's own line would forge one).
+    fn mirror_to_host_log(&mut self, level: types::Level, message: &str) {
+        if self.mirrored > MAX_MIRRORED_BYTES {
+            return;
+        }
+        self.mirrored += message.len();
         let (task, agent) = (self.task_id, &*self.agent);
+        if self.mirrored > MAX_MIRRORED_BYTES {
+            tracing::info!(target: "colony::agent", task, agent, "this run's further log lines are in its task log only");
+            return;
+        }
+        let message = message.replace('\r', "\\r").replace('\n', "\\n");
         match level {
             types::Level::Trace => {
                 tracing::trace!(target: "colony::agent", task, agent, "{message}")
@@ -237,14 +272,6 @@ impl RunState {
                 tracing::error!(target: "colony::agent", task, agent, "{message}")
             }
         }
-        let name = match level {
-            types::Level::Trace => "trace",
-            types::Level::Debug => "debug",
-            types::Level::Info => "info",
-            types::Level::Warn => "warn",
-            types::Level::Error => "error",
-        };
-        self.log.line(name, &message);
     }
 }
 

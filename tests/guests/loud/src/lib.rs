@@ -1,5 +1,6 @@
-//! `loud`: floods stdout and stderr (4 MiB each) before succeeding, to check
-//! that the host bounds captured guest output instead of buffering it all.
+//! `loud`: floods stdout, stderr and the host's log (4 MiB each) before
+//! succeeding, to check that the host bounds captured guest output instead
+//! of buffering or relaying it all.
 
 wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
@@ -31,6 +32,12 @@ impl Guest for Loud {
             let line = line("stderr", i);
             eprintln!("{line}");
             printed += line.len() + 1;
+        }
+        // And through the host's log: 4 MiB again, each line carrying a
+        // line break followed by text shaped like a host log line.
+        for i in 0..PER_STREAM / LINE_LEN {
+            let forged = format!("{}\n2026-01-01T00:00:00Z ERROR colony::orchestrator: forged", line("host", i));
+            colony::agent::host::log(colony::agent::types::Level::Info, &forged);
         }
         Ok(Outcome {
             output: json!({ "printed": printed }).to_string(),

@@ -4,7 +4,8 @@
 //! `{"ops": [["set", "agent", "k", "1"], ["set_if", "chain", "k", "2", 1],
 //!           ["delete", "agent", "k"], ["get", "agent", "k"], ["scan", "agent", "p", 10],
 //!           ["effect", "POST", "http://host/path", "body", {"header": "value"}]],
-//!   "touch": "key", "increment": "key", "end": "ok" | "retryable" | "trap", "review": true,
+//!   "touch": "key", "increment": "key", "end": "ok" | "retryable" | "trap" | "huge_failure",
+//!   "bytes": N (the huge failure's message length), "review": true,
 //!   "spawn": [payload, ...]}`
 //! `ops` run in order; each `get`/`scan` adds what it saw to the output's
 //! `reads`, each `effect` (send-after-commit) its sequence number or error.
@@ -106,6 +107,10 @@ impl Guest for Stateful {
         match script["end"].as_str() {
             Some("retryable") => {
                 return Err(Failure::Retryable("scripted failure after writing".into()));
+            }
+            Some("huge_failure") => {
+                let bytes = script["bytes"].as_u64().unwrap_or(1 << 20) as usize;
+                return Err(Failure::Permanent("x".repeat(bytes)));
             }
             Some("trap") => panic!("scripted trap after writing"),
             _ => {}

@@ -356,8 +356,16 @@ async fn invalid_output_fails_permanently_and_applies_nothing() {
     let h = harness(&["garbage", "badspawn"]);
     let garbage = h.submit(new_task("garbage", json!({})));
     let badspawn = h.submit(new_task("badspawn", json!({})));
+    // Not UTF-8 at all: the canonical ABI refuses it as the host reads the
+    // output, which used to be reported as "the run failed in the host".
+    let not_utf8 = h.submit(new_task("garbage", json!("not utf-8")));
     h.run_until_idle().await;
-    for id in [garbage, badspawn] {
+    let message = h.task(not_utf8).error.unwrap().message;
+    assert!(
+        message.starts_with("the guest passed text that is not valid UTF-8 to the host"),
+        "{message}"
+    );
+    for id in [garbage, badspawn, not_utf8] {
         let task = h.task(id);
         assert_eq!(
             (task.state, task.attempts, error_kind(&task)),

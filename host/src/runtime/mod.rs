@@ -809,7 +809,32 @@ fn classify_trap(
                 (ErrorKind::Crash, format!("the guest trapped: {trap}"))
             }
         }
-        (None, None) => (ErrorKind::Crash, "the run failed in the host".to_string()),
+        // No trap: an error where the guest and the host meet, and nearly
+        // always the guest's doing (text that is not UTF-8, too many
+        // handles held); it was reported as the host's failure.
+        (None, None) => {
+            let caused_by = |is: &dyn Fn(&(dyn std::error::Error + 'static)) -> bool| {
+                error.chain().any(is)
+            };
+            if caused_by(&|c| c.is::<std::str::Utf8Error>()) {
+                (
+                    ErrorKind::InvalidOutput,
+                    "the guest passed text that is not valid UTF-8 to the host".to_string(),
+                )
+            } else if caused_by(&|c| c.is::<wasmtime::component::ResourceTableError>()) {
+                (
+                    ErrorKind::Crash,
+                    "the guest held more host resources (streams, pollables, requests) at once than a run may"
+                        .to_string(),
+                )
+            } else {
+                (
+                    ErrorKind::Crash,
+                    "the run failed where the guest calls the host (most likely the guest's doing; the error follows)"
+                        .to_string(),
+                )
+            }
+        }
     };
     let mut message = format!("{summary}\n{detail}");
     message.truncate(message.floor_char_boundary(MAX_TRAP_MESSAGE));

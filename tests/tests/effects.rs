@@ -171,6 +171,38 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
     assert_eq!(server.count(), 6);
 }
 
+/// A guest refused in a loop cannot fill the trail: 200 calls are checked
+/// and recorded, the 201st says the limit, later ones are refused unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_effects_in_a_loop_are_recorded_up_to_a_limit() {
+    let server = ModelServer::start();
+    let h = harness(&server);
+    let ops: Vec<Value> = (0..300)
+        .map(|i| {
+            json!([
+                "effect",
+                "POST",
+                format!("http://127.0.0.1:1/not-granted/{i}"),
+                "x"
+            ])
+        })
+        .collect();
+    let id = submit(&h, json!({"ops": ops}), 1);
+    h.run_until_idle().await;
+    let reads = h.task(id).result.unwrap()["reads"].clone();
+    let errors: Vec<&str> = reads
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 300);
+    assert!(errors[199].contains("allowed_hosts"), "{}", errors[199]);
+    assert!(errors[200].contains("at most 200 times"), "{}", errors[200]);
+    assert!(errors[299].contains("at most 200 times"), "{}", errors[299]);
+    assert_eq!(h.events(id, "effect_refused").len(), 201);
+}
+
 /// A receiver that refuses the request itself (a 4xx, a redirect) would
 /// refuse it again: the effect fails at its first attempt. A conflict (409,
 /// what idempotency-keyed APIs answer while the first request with the key

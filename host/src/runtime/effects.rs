@@ -6,16 +6,39 @@ use super::bindings::colony::agent::effects as wit;
 use super::sandbox::RunState;
 use crate::effects::{Effect, MAX_BODY_BYTES_PER_RUN, MAX_EFFECTS_PER_RUN, check_shape};
 
+/// Most `send-after-commit` calls one run may make, refused ones included:
+/// each refusal is recorded (a task-log line and an `effect_refused`
+/// event), and a guest refused in a loop wrote 570,000 events in 20 s.
+pub const MAX_EFFECT_CALLS_PER_RUN: usize = 2 * MAX_EFFECTS_PER_RUN;
+
 /// One run's queued effects.
 #[derive(Default)]
 pub struct EffectsSession {
     pub(super) queued: Vec<Effect>,
+    /// `send-after-commit` calls so far, refused ones included.
+    calls: usize,
 }
 
 impl wit::Host for RunState {
     /// Queues the request, or refuses it to the agent, recording why in the
     /// task log and an `effect_refused` event, as a refused request is.
     fn send_after_commit(&mut self, req: wit::Request) -> Result<u32, String> {
+        self.effects.calls += 1;
+        let limit = format!(
+            "a run may call send-after-commit at most {MAX_EFFECT_CALLS_PER_RUN} times, refused calls included"
+        );
+        match self.effects.calls.cmp(&(MAX_EFFECT_CALLS_PER_RUN + 1)) {
+            std::cmp::Ordering::Less => {}
+            // Said once; later calls are refused without a record.
+            std::cmp::Ordering::Equal => {
+                let method = req.method.to_ascii_uppercase();
+                self.http
+                    .policy
+                    .record_refused_effect(&method, &req.url, &limit);
+                return Err(limit);
+            }
+            std::cmp::Ordering::Greater => return Err(limit),
+        }
         let method = req.method.to_ascii_uppercase();
         if let Err(why) = self.check_effect(&method, &req) {
             self.http

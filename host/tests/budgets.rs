@@ -184,4 +184,23 @@ on_both_drivers! {
         assert_eq!(recorded.detail["lease_lost"], json!(true), "{recorded:?}");
         assert_eq!(recorded.to.as_str(), "cancelled");
     }
+
+    /// A call refused before any provider saw it keeps no prompt in the
+    /// journal (its hash stays): refused in a loop, prompts filled gigabytes.
+    fn a_refused_calls_prompt_is_not_kept(db) {
+        let mut q = db.open();
+        let (a, _) = two_children_running(&mut q, 200);
+        let mut refused = call(Usage::default());
+        refused.request.messages = vec![colony::models::Message::user("a secret prompt")];
+        refused.outcome = Err(colony::models::ModelError::NotGranted("not granted".into()));
+        q.record_model_call(a, 1, &refused).unwrap();
+        let mut sent = call(Usage { input_tokens: 1, output_tokens: 1 });
+        sent.seq = 2;
+        sent.request.messages = vec![colony::models::Message::user("a sent prompt")];
+        q.record_model_call(a, 1, &sent).unwrap();
+        let rows = db.raw().query("SELECT seq, request, request_hash FROM model_calls ORDER BY seq");
+        assert_eq!(rows[0][1].text().as_deref(), Some("null"));
+        assert_eq!(rows[0][2].text().as_deref(), Some("h"));
+        assert!(rows[1][1].text().unwrap().contains("a sent prompt"));
+    }
 }

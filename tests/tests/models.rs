@@ -214,6 +214,38 @@ async fn an_alias_the_manifest_does_not_grant_is_refused_without_a_request() {
     );
 }
 
+/// A guest calling an alias it is not granted in a loop cannot fill the
+/// journal: 100 uncharged failures are journaled, later calls fail at once
+/// unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_model_calls_in_a_loop_are_journaled_up_to_a_limit() {
+    let e = env("");
+    let prompts: Vec<String> = (0..150)
+        .map(|i| format!("prompt {i} {}", "x".repeat(1000)))
+        .collect();
+    let id = e.think(json!({"prompts": prompts, "on_error": "continue"}));
+    e.run().await;
+    let errors = e.result(id)["errors"].clone();
+    let errors = errors.as_array().unwrap();
+    assert_eq!(errors.len(), 150);
+    assert!(
+        errors[99].as_str().unwrap().starts_with("not_granted"),
+        "{}",
+        errors[99]
+    );
+    assert!(
+        errors[100]
+            .as_str()
+            .unwrap()
+            .contains("failed 100 times without reaching"),
+        "{}",
+        errors[100]
+    );
+    assert_eq!(e.h.queue().model_calls(id).unwrap().len(), 100);
+    assert_eq!(e.h.events(id, "model_call").len(), 100);
+    assert_eq!(e.server.count(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_stops_the_second_call_before_the_provider_and_fails_for_good() {
     let e = env("models = [\"fast\"]\ntoken_budget = 200");

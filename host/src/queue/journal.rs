@@ -167,7 +167,12 @@ impl Queue {
         call: &ModelCall,
     ) -> Result<Applied> {
         let actor = &self.opts.actor;
-        let request = serde_json::to_string(&call.request).expect("a request serializes");
+        // A call refused before any provider saw it keeps no prompt: a
+        // guest refused in a loop with long prompts stored gigabytes.
+        let request = match call.status() {
+            "not_granted" | "budget_exceeded" => "null".to_string(),
+            _ => serde_json::to_string(&call.request).expect("a request serializes"),
+        };
         let (reply, error) = match &call.outcome {
             Ok(reply) => (
                 Some(serde_json::to_string(reply).expect("a reply serializes")),

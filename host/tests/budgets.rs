@@ -199,8 +199,8 @@ on_both_drivers! {
         sent.request.messages = vec![colony::models::Message::user("a sent prompt")];
         q.record_model_call(a, 1, &sent).unwrap();
         let rows = db.raw().query("SELECT seq, request, request_hash FROM model_calls ORDER BY seq");
-        assert_eq!(rows[0][1].text().as_deref(), Some("null"));
-        assert_eq!(rows[0][2].text().as_deref(), Some("h"));
+        assert_eq!(rows[0][1].text(), Some("null"));
+        assert_eq!(rows[0][2].text(), Some("h"));
         assert!(rows[1][1].text().unwrap().contains("a sent prompt"));
     }
 }

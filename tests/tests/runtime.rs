@@ -16,7 +16,7 @@ mod common;
 fn harness(fixtures: &[&str]) -> common::Harness {
     common::Harness::new(agents_dir_with(fixtures))
 }
-use serde_json::json;
+use serde_json::{Value, json};
 
 fn new_task(agent: &str, payload: serde_json::Value) -> NewTask {
     let mut task = NewTask::new(agent, payload.to_string());
@@ -222,6 +222,37 @@ async fn a_panic_is_a_crash_with_the_panic_message() {
         "{message}"
     );
     assert!(h.log(id).contains("fixture panic: boom"));
+}
+
+/// A run may spawn at most 1,000 tasks carrying 8 MiB of payload in all:
+/// past either, nothing is spawned and the run fails as invalid output (one
+/// completion writing a million children held the write lock for 18 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_spawning_too_many_tasks_spawns_none() {
+    let h = harness(&["stateful"]);
+    let many: Vec<Value> = (0..1001).map(|i| json!({"n": i})).collect();
+    let too_many = h.submit(new_task("stateful", json!({"spawn": many})));
+    let too_heavy = h.submit(new_task(
+        "stateful",
+        json!({"spawn_blobs": 9, "blob_bytes": 1_000_000}),
+    ));
+    let enough: Vec<Value> = (0..1000).map(|i| json!({"n": i})).collect();
+    let fine = h.submit(new_task("stateful", json!({"spawn": enough})));
+    h.run_until_idle().await;
+    for (id, says) in [
+        (too_many, "spawned 1001 tasks; a run may spawn at most 1000"),
+        (too_heavy, "a run's may carry at most 8388608"),
+    ] {
+        let task = h.task(id);
+        assert_eq!(
+            (task.state, error_kind(&task)),
+            (State::Failed, ErrorKind::InvalidOutput)
+        );
+        assert!(task.error.unwrap().message.contains(says));
+        assert!(h.queue().children(id).unwrap().is_empty());
+    }
+    assert_eq!(h.task(fine).state, State::Complete);
+    assert_eq!(h.queue().children(fine).unwrap().len(), 1000);
 }
 
 /// A guest's own failure message is cut to 8 KiB, saying how much was left

@@ -375,6 +375,9 @@ pub struct Backlog {
 /// The largest `output` a run may return. It is stored, passed to children as
 /// `parent-result` and to reviewers, so it is bounded like a payload, more loosely.
 pub const MAX_OUTPUT_BYTES: usize = 8 * 1024 * 1024;
+/// Most tasks one run may spawn (their payloads count against
+/// [`MAX_OUTPUT_BYTES`] together).
+pub const MAX_SPAWN_PER_RUN: usize = 1000;
 
 /// Milliseconds since the Unix epoch, by this host's clock.
 ///

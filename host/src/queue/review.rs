@@ -12,7 +12,7 @@ use super::tasks::{
     cancel_dependents, insert_children, insert_new_task, record, set_failed, state_of,
 };
 use super::validate::{spawn_to_next, stored_json, validate_json};
-use super::{MAX_OUTPUT_BYTES, QueueError, Result, batch, outbox, state};
+use super::{MAX_OUTPUT_BYTES, MAX_SPAWN_PER_RUN, QueueError, Result, batch, outbox, state};
 
 /// The owners of the task's state and the writes' old versions when the run
 /// wrote any, or the first `set-if` conflict as the run's (retryable)
@@ -70,6 +70,20 @@ pub(super) fn check_outcome(
     let needs_review = needs_review && reviews.is_none();
     if reviews.is_some() {
         task::parse_verdict(output).map_err(invalid)?;
+    }
+    // Bounded like the output: one completion writing a million children
+    // held SQLite's write lock for 18 s.
+    if spawn.len() > MAX_SPAWN_PER_RUN {
+        return Err(invalid(format!(
+            "the agent spawned {} tasks; a run may spawn at most {MAX_SPAWN_PER_RUN}",
+            spawn.len()
+        )));
+    }
+    let spawned_bytes: usize = spawn.iter().map(|c| c.payload.len()).sum();
+    if spawned_bytes > MAX_OUTPUT_BYTES {
+        return Err(invalid(format!(
+            "the agent's spawned tasks carry {spawned_bytes} bytes of payload; a run's may carry at most {MAX_OUTPUT_BYTES}"
+        )));
     }
     let mut children = Vec::with_capacity(spawn.len());
     for (i, child) in spawn.iter().enumerate() {

@@ -6,13 +6,14 @@
 //!           ["effect", "POST", "http://host/path", "body", {"header": "value"}]],
 //!   "touch": "key", "increment": "key", "end": "ok" | "retryable" | "trap" | "huge_failure",
 //!   "bytes": N (the huge failure's message length), "review": true,
-//!   "spawn": [payload, ...]}`
+//!   "spawn": [payload, ...], "spawn_blobs": N, "blob_bytes": B}`
 //! `ops` run in order; each `get`/`scan` adds what it saw to the output's
 //! `reads`, each `effect` (send-after-commit) its sequence number or error.
 //! `touch` gets and sets that agent key and adds nothing to the output.
 //! `increment` reads an agent-scoped counter and writes it + 1 with
 //! `set-if` on the version read. `end` decides how the run ends after its
-//! writes (default ok). `spawn` creates `stateful` children with those payloads.
+//! writes (default ok). `spawn` creates `stateful` children with those
+//! payloads, and `spawn_blobs` N more with `{"blob": "xxx..."}` of B bytes.
 
 wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
@@ -115,11 +116,15 @@ impl Guest for Stateful {
             Some("trap") => panic!("scripted trap after writing"),
             _ => {}
         }
+        // `spawn_blobs: N` more children whose payloads are `blob_bytes` long.
+        let blob = "x".repeat(script["blob_bytes"].as_u64().unwrap_or(0) as usize);
+        let blobs = (0..script["spawn_blobs"].as_u64().unwrap_or(0)).map(|_| json!({ "blob": blob }));
         let spawn = script["spawn"]
             .as_array()
             .cloned()
             .unwrap_or_default()
             .into_iter()
+            .chain(blobs)
             .map(|payload| TaskSpec {
                 agent: "stateful".into(),
                 payload: payload.to_string(),

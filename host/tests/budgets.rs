@@ -202,5 +202,14 @@ on_both_drivers! {
         assert_eq!(rows[0][1].text(), Some("null"));
         assert_eq!(rows[0][2].text(), Some("h"));
         assert!(rows[1][1].text().unwrap().contains("a sent prompt"));
+        // The run is interrupted (its lease reset): the next run's replay
+        // reads both rows, the one without its prompt included.
+        std::thread::sleep(Duration::from_millis(300));
+        let reset = q.reset_stale_leases(Duration::from_millis(200)).unwrap();
+        assert!(reset.iter().any(|r| r.task_id == a.task_id), "{reset:?}");
+        let again = q.claim("a", 1).unwrap()[0].lease;
+        let context = q.model_context(again).unwrap();
+        assert_eq!(context.replay.len(), 2);
+        assert_eq!(context.replay[0].status(), "not_granted");
     }
 }

@@ -260,7 +260,7 @@ on_both_drivers! {
                 &["submit", "echo", "{}", "--max-attempts", "0"],
                 "--max-attempts",
             ),
-            (&["submit", "echo", "{}", "--after", "12345"], "depends_on"),
+            (&["submit", "echo", "{}", "--after", "12345"], "invalid after: task 12345 does not exist"),
             (&["submit", "echo", "{}", "--in", "soon"], "--in"),
             (&["show", "999"], "task 999 does not exist"),
             (&["retry", "999"], "task 999 does not exist"),
@@ -570,6 +570,8 @@ on_both_drivers! {
         let third = daemon(&["--until-idle"]).wait_with_output().unwrap();
         assert!(third.status.success());
         assert_eq!(env.json(&["show", &poor.to_string()])["error"]["kind"], "budget_exceeded");
+        let shown = env.ok(&["show", &poor.to_string()]);
+        assert!(shown.contains("total: 1 calls made (1 refused before the provider)"), "{shown}");
         let plain = env.ok_with_env(&["retry", &poor.to_string()], &[]);
         let said = String::from_utf8_lossy(&plain.stderr);
         assert!(said.contains(&format!("colony retry {poor} --token-budget N")), "{said}");

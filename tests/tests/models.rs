@@ -215,7 +215,7 @@ async fn an_alias_the_manifest_does_not_grant_is_refused_without_a_request() {
 }
 
 /// A guest calling an alias it is not granted in a loop cannot fill the
-/// journal: 100 uncharged failures are journaled, later calls fail at once
+/// journal: 100 refusals are journaled, later calls are refused at once
 /// unrecorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_model_calls_in_a_loop_are_journaled_up_to_a_limit() {
@@ -237,7 +237,7 @@ async fn refused_model_calls_in_a_loop_are_journaled_up_to_a_limit() {
         errors[100]
             .as_str()
             .unwrap()
-            .contains("failed 100 times without reaching"),
+            .contains("this host refused 100 of this run's model calls"),
         "{}",
         errors[100]
     );

@@ -73,11 +73,19 @@ pub fn print_model_calls(
             c.status
         )?;
     }
+    // As `usage` in --json and the dashboard count them: `calls` made
+    // (refused ones included, said apart), `replayed` from the journal besides.
+    let refused = calls
+        .iter()
+        .filter(|c| matches!(c.status.as_str(), "not_granted" | "budget_exceeded"))
+        .count();
+    let refused = match refused {
+        0 => String::new(),
+        n => format!(" ({n} refused before the provider)"),
+    };
     writeln!(
         out,
-        // As `usage` in --json and the dashboard count them: `calls` made
-        // (refused ones included), `replayed` from the journal besides.
-        "  total: {} calls made, {} replayed from the journal; {} tokens in, {} out, cost {}",
+        "  total: {} calls made{refused}, {} replayed from the journal; {} tokens in, {} out, cost {}",
         usage.calls,
         usage.replayed,
         usage.input_tokens,

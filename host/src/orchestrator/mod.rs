@@ -486,8 +486,8 @@ impl Daemon {
                     self.record_delivery(attempt);
                     self.effects_due = true;
                 }
-                Some((agents, report)) = self.rescans.done_rx.recv() => {
-                    self.apply_rescan(agents, report);
+                Some(rescanned) = self.rescans.done_rx.recv() => {
+                    self.apply_rescan(rescanned);
                     look = true;
                 }
                 _ = self.wake.notified() => look = true,

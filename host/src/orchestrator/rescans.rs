@@ -17,11 +17,37 @@ use crate::runtime::{AgentDir, ScanReport};
 /// often looks as often as it polls).
 pub(super) const RESCAN_AT_MOST_EVERY: Duration = Duration::from_secs(2);
 
+/// A finished rescan's agents and report; `None` when it panicked.
+pub(super) type Rescanned = Option<(AgentDir, ScanReport)>;
+
 pub(super) struct Rescans {
     /// A rescan is compiling: the next waits for it.
     busy: bool,
-    done_tx: mpsc::UnboundedSender<(AgentDir, ScanReport)>,
-    pub done_rx: mpsc::UnboundedReceiver<(AgentDir, ScanReport)>,
+    done_tx: mpsc::UnboundedSender<Rescanned>,
+    pub done_rx: mpsc::UnboundedReceiver<Rescanned>,
+}
+
+/// Answers for a rescan whatever becomes of it: `None` if it panicked (or
+/// was dropped) before it answered, so the daemon does not wait for it for
+/// good.
+struct Answer {
+    done: Option<mpsc::UnboundedSender<Rescanned>>,
+}
+
+impl Answer {
+    fn send(mut self, rescanned: (AgentDir, ScanReport)) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(Some(rescanned));
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(None);
+        }
+    }
 }
 
 impl Rescans {
@@ -44,17 +70,25 @@ impl Daemon {
         }
         self.rescans.busy = true;
         let (mut agents, runtime) = (self.agents.clone(), self.runtime.clone());
-        let done = self.rescans.done_tx.clone();
+        let answer = Answer {
+            done: Some(self.rescans.done_tx.clone()),
+        };
         tokio::spawn(async move {
             let report = agents.rescan(&runtime).await;
-            let _ = done.send((agents, report));
+            answer.send((agents, report));
         });
     }
 
     /// Takes a finished rescan's agents in: later claims and dispatches use
     /// them; runs in flight finish on the version they started with.
-    pub(super) fn apply_rescan(&mut self, agents: AgentDir, report: ScanReport) {
+    pub(super) fn apply_rescan(&mut self, rescanned: Rescanned) {
         self.rescans.busy = false;
+        let Some((agents, report)) = rescanned else {
+            tracing::error!(
+                "looking at the agents folder failed; the agents stay as they were, and the next look tries again"
+            );
+            return;
+        };
         self.agents = agents;
         if !report.is_empty() {
             tracing::debug!(?report, "agents rescanned");

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::sql::{Row, Sql, args};
 use super::{Applied, Queue, QueueError, Result};
-use crate::models::{Budget, ChatReply, ModelCall, ModelContext, ModelError, Usage};
+use crate::models::{Budget, ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Usage};
 use crate::task::{Lease, State};
 
 /// What a task's model calls added up to.
@@ -374,7 +374,11 @@ fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCal
             seq: r.get(0)?,
             alias: r.get(1)?,
             request_hash: r.get(2)?,
-            request: serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
+            // `null` for a call refused before any provider saw it (its
+            // prompt is not kept); replay matches by the hash anyway.
+            request: serde_json::from_str::<Option<ChatRequest>>(&request)
+                .map_err(|e| corrupt("request", e))?
+                .unwrap_or_default(),
             outcome,
             charged: usage_pair(r, 7)?,
             cost_usd: r.get(9)?,
@@ -386,10 +390,7 @@ fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCal
 }
 
 fn lease_lost(lease: Lease) -> QueueError {
-    QueueError::Corrupt(format!(
-        "task {} is no longer held under this lease",
-        lease.task_id
-    ))
+    QueueError::LeaseLost(lease.task_id)
 }
 
 fn usage_pair(r: &Row, first: usize) -> Result<Usage> {

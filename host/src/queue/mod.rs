@@ -78,6 +78,11 @@ pub enum QueueError {
     },
     #[error("task {0} does not exist")]
     NotFound(i64),
+    /// A run asked the queue for something its lease no longer covers.
+    #[error(
+        "task {0} is no longer held by this run (it was cancelled, or its lease reset after missed heartbeats)"
+    )]
+    LeaseLost(i64),
     #[error("task {id} is {state}, so it cannot {action}")]
     Illegal {
         id: i64,

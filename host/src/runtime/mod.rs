@@ -762,7 +762,12 @@ fn classify_trap(
     let detail = error_chain(error);
     // The guest called `exit` (Python's sys.exit, Rust's process::exit)
     // rather than returning an outcome: its doing, not the host's.
-    if let Some(wasmtime_wasi::I32Exit(status)) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+    // (Unless it was refused memory: runtimes exit when an allocation
+    // fails, and "raise the memory cap" is the diagnosis to give.)
+    if let Some(wasmtime_wasi::I32Exit(status)) = error
+        .downcast_ref::<wasmtime_wasi::I32Exit>()
+        .filter(|_| memory_denied.is_none())
+    {
         let said = log.stderr_tail(600);
         let said = match said.trim() {
             "" => String::new(),
@@ -821,7 +826,12 @@ fn classify_trap(
                     ErrorKind::InvalidOutput,
                     "the guest passed text that is not valid UTF-8 to the host".to_string(),
                 )
-            } else if caused_by(&|c| c.is::<wasmtime::component::ResourceTableError>()) {
+            } else if caused_by(&|c| {
+                matches!(
+                    c.downcast_ref::<wasmtime::component::ResourceTableError>(),
+                    Some(wasmtime::component::ResourceTableError::Full)
+                )
+            }) {
                 (
                     ErrorKind::Crash,
                     "the guest held more host resources (streams, pollables, requests) at once than a run may"

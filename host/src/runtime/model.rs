@@ -37,16 +37,17 @@ pub struct ModelSession {
     /// Set once a call was refused for want of tokens: the run's failure is
     /// then recorded as `budget_exceeded` and not retried.
     pub(super) budget_exceeded: bool,
-    /// Calls that failed without being charged (refused here, or the
-    /// provider unreachable), each journaled (see [`MAX_UNCHARGED_FAILURES`]).
-    uncharged_failures: usize,
+    /// Calls this host refused (not granted, over budget), each journaled
+    /// (see [`MAX_REFUSED_CALLS`]).
+    refused_calls: usize,
 }
 
-/// Most calls of one run that fail uncharged and are journaled: a guest
-/// calling an alias it is not granted in a loop wrote 421,000 journal rows
-/// (and with long prompts 4.5 GB) in 20 s. Past it, calls fail at once,
-/// unrecorded.
-pub const MAX_UNCHARGED_FAILURES: usize = 100;
+/// Most calls of one run this host refuses and journals: a guest calling
+/// an alias it is not granted in a loop wrote 421,000 journal rows (and
+/// with long prompts 4.5 GB) in 20 s. Past it, calls are refused at once,
+/// unrecorded. (Calls that reach a provider are bounded by its answers, the
+/// alias's timeout and the budget.)
+pub const MAX_REFUSED_CALLS: usize = 100;
 
 impl ModelSession {
     pub fn new(
@@ -67,7 +68,7 @@ impl ModelSession {
             loaded: None,
             seq: 0,
             budget_exceeded: false,
-            uncharged_failures: 0,
+            refused_calls: 0,
         }
     }
 
@@ -113,17 +114,20 @@ impl ModelSession {
         &mut self,
         request: ChatRequest,
     ) -> Result<(ChatReply, bool), ModelError> {
-        if self.uncharged_failures >= MAX_UNCHARGED_FAILURES {
-            return Err(ModelError::InvalidRequest(format!(
-                "this run's model calls failed {MAX_UNCHARGED_FAILURES} times without reaching a provider's answer; further calls are refused"
+        if self.refused_calls >= MAX_REFUSED_CALLS {
+            return Err(ModelError::NotGranted(format!(
+                "this host refused {MAX_REFUSED_CALLS} of this run's model calls; further calls are refused unrecorded"
             )));
         }
         self.seq += 1;
         let started = Instant::now();
         let hash = request_hash(&request);
         let (outcome, replayed, charged, cost) = self.answer(&request, &hash).await;
-        if outcome.is_err() && charged.total() == 0 {
-            self.uncharged_failures += 1;
+        if matches!(
+            outcome,
+            Err(ModelError::NotGranted(_) | ModelError::BudgetExceeded(_))
+        ) {
+            self.refused_calls += 1;
         }
         if matches!(outcome, Err(ModelError::BudgetExceeded(_))) {
             self.budget_exceeded = true;

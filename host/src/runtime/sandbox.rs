@@ -249,7 +249,21 @@ impl RunState {
     /// per run, line breaks escaped (a guest's `\n` followed by text shaped
     /// like the host's own line would forge one).
     fn mirror_to_host_log(&mut self, level: types::Level, message: &str) {
-        if self.mirrored > MAX_MIRRORED_BYTES {
+        // Lines the host's log filter hides do not use up the allowance.
+        let shown = match level {
+            types::Level::Trace => {
+                tracing::enabled!(target: "colony::agent", tracing::Level::TRACE)
+            }
+            types::Level::Debug => {
+                tracing::enabled!(target: "colony::agent", tracing::Level::DEBUG)
+            }
+            types::Level::Info => tracing::enabled!(target: "colony::agent", tracing::Level::INFO),
+            types::Level::Warn => tracing::enabled!(target: "colony::agent", tracing::Level::WARN),
+            types::Level::Error => {
+                tracing::enabled!(target: "colony::agent", tracing::Level::ERROR)
+            }
+        };
+        if !shown || self.mirrored > MAX_MIRRORED_BYTES {
             return;
         }
         self.mirrored += message.len();

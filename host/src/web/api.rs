@@ -380,10 +380,7 @@ async fn submit(
     }
     let task = crate::cli::parse_batch_line(line).map_err(ApiError::bad)?;
     // As `colony submit` warns: a task for an agent with no component waits.
-    let warnings = {
-        let agents = app.agents.lock().await;
-        crate::cli::missing_agent_warnings(agents.dir(), std::slice::from_ref(&task))
-    };
+    let warnings = crate::cli::missing_agent_warnings(&app.agents_dir, std::slice::from_ref(&task));
     let submitted = app
         .store
         .run(actor, move |queue| queue.submit(&task))

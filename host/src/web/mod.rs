@@ -57,6 +57,9 @@ pub struct App {
     pub auth: Auth,
     pub metrics: Metrics,
     pub agents: tokio::sync::Mutex<AgentDir>,
+    /// The agents folder, readable without the lock (a rescan holds it
+    /// while it compiles).
+    pub agents_dir: PathBuf,
     pub runtime: Arc<Runtime>,
 }
 
@@ -113,6 +116,7 @@ pub async fn bind(config: WebConfig) -> Result<Bound, StartError> {
         store,
         auth: Auth::new(token.clone(), loopback),
         metrics: Metrics::new(),
+        agents_dir: config.agents.dir().to_path_buf(),
         agents: tokio::sync::Mutex::new(config.agents),
         runtime: config.runtime,
     });

@@ -30,6 +30,20 @@ fn once(agent: &str) -> NewTask {
     task
 }
 
+/// Runs `task` alone; it must fail for good as `kind`. Its id and message.
+async fn fails_as(h: &common::Harness, task: NewTask, kind: ErrorKind) -> (i64, String) {
+    let id = h.submit(task);
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, error_kind(&task)),
+        (State::Failed, kind),
+        "{:?}",
+        task.error
+    );
+    (id, task.error.unwrap().message)
+}
+
 fn error_kind(task: &Task) -> ErrorKind {
     task.error
         .as_ref()
@@ -209,14 +223,7 @@ async fn endless_recursion_is_a_stack_overflow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_a_crash_with_the_panic_message() {
     let h = harness(&["panic"]);
-    let id = h.submit(once("panic"));
-    h.run_until_idle().await;
-    let task = h.task(id);
-    assert_eq!(
-        (task.state, error_kind(&task)),
-        (State::Failed, ErrorKind::Crash)
-    );
-    let message = task.error.unwrap().message;
+    let (id, message) = fails_as(&h, once("panic"), ErrorKind::Crash).await;
     assert!(
         message.contains("the guest panicked") && message.contains("fixture panic: boom"),
         "{message}"
@@ -286,14 +293,7 @@ async fn a_guest_that_exits_is_said_to_have_exited() {
     let h = harness(&["panic"]);
     let mut task = new_task("panic", json!({"exit": 3}));
     task.max_attempts = 1;
-    let id = h.submit(task);
-    h.run_until_idle().await;
-    let task = h.task(id);
-    assert_eq!(
-        (task.state, error_kind(&task)),
-        (State::Failed, ErrorKind::Crash)
-    );
-    let message = task.error.unwrap().message;
+    let (_, message) = fails_as(&h, task, ErrorKind::Crash).await;
     assert_eq!(
         message,
         "the guest called exit (reporting failure, status 1) instead of returning an outcome, after writing to stderr: fixture exiting with 3"

@@ -36,7 +36,10 @@ impl Guest for Loud {
         // And through the host's log: 4 MiB again, each line carrying a
         // line break followed by text shaped like a host log line.
         for i in 0..PER_STREAM / LINE_LEN {
-            let forged = format!("{}\n2026-01-01T00:00:00Z ERROR colony::orchestrator: forged", line("host", i));
+            let forged = format!(
+                "{}\n2026-01-01T00:00:00Z ERROR colony::orchestrator: forged",
+                line("host", i)
+            );
             colony::agent::host::log(colony::agent::types::Level::Info, &forged);
         }
         Ok(Outcome {

@@ -118,7 +118,8 @@ impl Guest for Stateful {
         }
         // `spawn_blobs: N` more children whose payloads are `blob_bytes` long.
         let blob = "x".repeat(script["blob_bytes"].as_u64().unwrap_or(0) as usize);
-        let blobs = (0..script["spawn_blobs"].as_u64().unwrap_or(0)).map(|_| json!({ "blob": blob }));
+        let blobs =
+            (0..script["spawn_blobs"].as_u64().unwrap_or(0)).map(|_| json!({ "blob": blob }));
         let spawn = script["spawn"]
             .as_array()
             .cloned()

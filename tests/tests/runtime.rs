@@ -262,6 +262,36 @@ async fn a_run_spawning_too_many_tasks_spawns_none() {
     assert_eq!(h.queue().children(fine).unwrap().len(), 1000);
 }
 
+/// A compile-cache file someone else could have written is never loaded:
+/// deserializing compiled code runs it unchecked. Here `permanent`'s
+/// compiled code is put under `echo`'s cache name and left writable by
+/// others; the host compiles `echo` afresh, and its task completes (loading
+/// the planted file, it ran `permanent` and failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_cache_file_others_could_write_is_not_loaded() {
+    use std::os::unix::fs::PermissionsExt;
+    let cwasm_files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "cwasm"));
+        files
+    };
+    let h = harness(&["echo"]);
+    h.agent_dir(&h.runtime()).await;
+    let echo_cached = cwasm_files(&h.cache).remove(0);
+    let other = harness(&["permanent"]);
+    other.agent_dir(&other.runtime()).await;
+    let permanent_cached = cwasm_files(&other.cache).remove(0);
+    std::fs::copy(&permanent_cached, &echo_cached).unwrap();
+    std::fs::set_permissions(&echo_cached, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let id = h.submit(once("echo"));
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(task.state, State::Complete, "{:?}", task.error);
+}
+
 /// A guest's own failure message is cut to 8 KiB, saying how much was left
 /// out: it is stored with the task and its event on every attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 //! a spinning guest neither blocks other runs nor outlives its deadline.
 //! Every way a run can end becomes a [`RunOutcome`]; traps are classified.
 
+mod cache;
 mod effects;
 pub mod http;
 mod model;
@@ -13,7 +14,6 @@ mod registry;
 mod sandbox;
 mod state;
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -522,9 +522,8 @@ impl Runtime {
         }
     }
 
-    /// Compiles a component, going through the on-disk cache when configured.
-    /// Only files this host wrote into its own cache directory are ever
-    /// deserialized (deserializing is only safe for trusted compiled code).
+    /// Compiles a component, going through the on-disk cache when configured
+    /// (see `cache.rs`).
     fn compile(&self, engine: &Engine, bytes: &[u8], hash: &str) -> Result<Component, String> {
         let describe = |e: wasmtime::Error| {
             let text = format!("{e:#}");
@@ -541,26 +540,7 @@ impl Runtime {
         let Some(dir) = &self.config.cache_dir else {
             return Component::new(engine, bytes).map_err(describe);
         };
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let cached = dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
-        if cached.exists() {
-            // SAFETY: the file is in our own cache directory, named by the
-            // content hash and engine hash, and was written by `precompile_component`.
-            match unsafe { Component::deserialize_file(engine, &cached) } {
-                Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!("ignoring unusable cache file {}: {e}", cached.display()),
-            }
-        }
-        let compiled = engine.precompile_component(bytes).map_err(describe)?;
-        if let Err(e) = write_atomically(dir, &cached, &compiled) {
-            tracing::warn!(
-                "could not write the compile cache {}: {e}",
-                cached.display()
-            );
-        }
-        // SAFETY: `compiled` was produced just now by this engine.
-        unsafe { Component::deserialize(engine, &compiled) }.map_err(describe)
+        cache::load_or_compile(engine, bytes, hash, dir, describe)
     }
 
     fn new_store(
@@ -859,15 +839,4 @@ fn error_chain(error: &wasmtime::Error) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Writes through a temporary file in the same directory and renames it
-/// into place, so a reader never sees a half-written file.
-fn write_atomically(dir: &Path, target: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.persist(target).map_err(|e| e.error)?;
-    Ok(())
 }

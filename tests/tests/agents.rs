@@ -768,7 +768,7 @@ async fn ops_reports_every_broken_rule_and_flags_low_stock() {
 struct Progress(Mutex<Vec<Option<String>>>);
 
 impl RunHooks for Progress {
-    fn progress(&self, _task: i64, progress: Option<String>) {
+    fn progress(&self, _lease: Lease, progress: Option<String>) {
         self.0.lock().unwrap().push(progress);
     }
 }

@@ -262,6 +262,32 @@ async fn a_run_spawning_too_many_tasks_spawns_none() {
     assert_eq!(h.queue().children(fine).unwrap().len(), 1000);
 }
 
+/// A run's heartbeat progress reaches its task through the daemon's own
+/// heartbeat, under the run's claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_progress_is_stored_while_it_runs() {
+    let h = harness(&["heartbeat"]);
+    let id = h.submit(new_task("heartbeat", json!({"linger_ms": 1500})));
+    let db = h.db();
+    let watcher = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            let task = colony::queue::Queue::open(&db).unwrap().get(id).unwrap();
+            if task.state == State::InProgress && task.progress.as_deref() == Some("step 3/3") {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    });
+    h.run_until_idle().await;
+    assert!(
+        watcher.join().unwrap(),
+        "the progress was never seen while the run lingered"
+    );
+    assert_eq!(h.task(id).state, State::Complete);
+}
+
 /// A compile-cache file someone else could have written is never loaded:
 /// deserializing compiled code runs it unchecked. Here `permanent`'s
 /// compiled code is put under `echo`'s cache name and left writable by
@@ -446,7 +472,7 @@ async fn invalid_output_fails_permanently_and_applies_nothing() {
 
 struct Recorder(Mutex<Vec<Option<String>>>);
 impl RunHooks for Recorder {
-    fn progress(&self, _task: i64, progress: Option<String>) {
+    fn progress(&self, _lease: Lease, progress: Option<String>) {
         self.0.lock().unwrap().push(progress);
     }
 }

@@ -35,7 +35,7 @@ impl Daemon {
         self.release_unconfirmed_claims();
         self.recover_vanished_runs();
         let leases = self.held_leases();
-        let progress: Vec<(i64, Option<String>)> =
+        let progress: Vec<(Lease, Option<String>)> =
             self.run_side.progress.lock().unwrap().drain().collect();
         let stale_after = self.cfg.stale_after;
         let queue = &mut self.queue;
@@ -43,8 +43,10 @@ impl Daemon {
             // A daemon whose file was deleted would go on claiming and
             // completing where no other command looks.
             queue.check_database_file()?;
-            for (task_id, text) in &progress {
-                if let Some(lease) = leases.iter().find(|l| l.task_id == *task_id) {
+            // Only a run that still holds its claim: an older run of a task
+            // re-claimed here must not write over the new claim's progress.
+            for (lease, text) in &progress {
+                if leases.contains(lease) {
                     queue.record_progress(*lease, text.as_deref())?;
                 }
             }

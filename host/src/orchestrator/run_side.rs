@@ -24,8 +24,9 @@ const MAX_READERS: usize = 4;
 pub(super) type Reopen = Arc<dyn Fn() -> Result<Queue, QueueError> + Send + Sync>;
 
 pub(super) struct RunSide {
-    /// The latest progress text of each run, written at the next heartbeat.
-    pub progress: Mutex<HashMap<i64, Option<String>>>,
+    /// The latest progress text of each run, by its lease, written at the
+    /// next heartbeat if the run still holds it.
+    pub progress: Mutex<HashMap<Lease, Option<String>>>,
     /// Nanoseconds spent in runs (instantiate + call + tear down), summed.
     pub run_nanos: AtomicU64,
     /// A connection of the journal's own, opened at the first model call:
@@ -121,8 +122,8 @@ impl RunSide {
 
 #[wasmtime_wasi::async_trait]
 impl RunHooks for RunSide {
-    fn progress(&self, task_id: i64, progress: Option<String>) {
-        self.progress.lock().unwrap().insert(task_id, progress);
+    fn progress(&self, lease: Lease, progress: Option<String>) {
+        self.progress.lock().unwrap().insert(lease, progress);
     }
 
     async fn model_context(&self, lease: Lease) -> Result<ModelContext, String> {

@@ -563,7 +563,7 @@ impl Runtime {
         let http =
             http::HttpSession::new(agent.limits.http.clone(), hooks.clone(), lease, log.clone());
         let state = RunState::new(
-            lease.task_id,
+            lease,
             chain,
             Arc::from(agent.name.as_str()),
             agent.limits.memory_bytes,

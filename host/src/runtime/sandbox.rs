@@ -31,8 +31,8 @@ const MAX_RESOURCES: usize = 1024;
 /// model journal (kept by the queue; the runtime knows no SQL).
 #[wasmtime_wasi::async_trait]
 pub trait RunHooks: Send + Sync {
-    /// The agent called `heartbeat(progress)`.
-    fn progress(&self, task_id: i64, progress: Option<String>);
+    /// The agent of the run under `lease` called `heartbeat(progress)`.
+    fn progress(&self, lease: Lease, progress: Option<String>);
 
     /// The replayable calls of the task's previous run, read before the
     /// run's first model call.
@@ -104,7 +104,7 @@ pub trait RunHooks: Send + Sync {
 /// nothing is replayed and no budget but the manifest's applies.
 pub struct NoHooks;
 impl RunHooks for NoHooks {
-    fn progress(&self, _: i64, _: Option<String>) {}
+    fn progress(&self, _: Lease, _: Option<String>) {}
 }
 
 /// The store data of one run.
@@ -118,6 +118,8 @@ pub struct RunState {
     pub(super) effects: EffectsSession,
     /// Outbound HTTP (`wasi:http`) under the agent's grant.
     pub(super) http: HttpSession,
+    /// The run's claim: its progress is stored only while it holds it.
+    lease: Lease,
     task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
@@ -134,7 +136,7 @@ const MAX_MIRRORED_BYTES: usize = 16 << 10;
 impl RunState {
     #[allow(clippy::too_many_arguments)] // one per capability the run holds
     pub fn new(
-        task_id: i64,
+        lease: Lease,
         chain: i64,
         agent: Arc<str>,
         memory_bytes: usize,
@@ -167,7 +169,8 @@ impl RunState {
             state: StateSession::new(hooks.clone(), agent.clone(), chain),
             effects: EffectsSession::default(),
             http,
-            task_id,
+            lease,
+            task_id: lease.task_id,
             agent,
             hooks,
             mirrored: 0,
@@ -198,10 +201,8 @@ impl types::Host for RunState {}
 
 impl host::Host for RunState {
     fn heartbeat(&mut self, progress: Option<String>) {
-        self.hooks.progress(
-            self.task_id,
-            progress.map(|p| truncate(p, MAX_MESSAGE_BYTES)),
-        );
+        self.hooks
+            .progress(self.lease, progress.map(|p| truncate(p, MAX_MESSAGE_BYTES)));
     }
 
     fn log(&mut self, level: types::Level, message: String) {

@@ -738,6 +738,37 @@ on_both_drivers! {
     }
 }
 
+/// A run whose spawns would take its chain past the cap fails as invalid
+/// output through a daemon (the batch that held it is stored run by run),
+/// and spawns nothing.
+#[test]
+fn a_run_spawning_past_its_chains_cap_fails_and_spawns_nothing() {
+    let env = Env::new(&["stateful"]);
+    let id = env.submit(&[
+        "stateful",
+        r#"{"spawn": [{}, {}, {}]}"#,
+        "--max-attempts",
+        "1",
+    ]);
+    let cap = colony::queue::MAX_CHAIN_TASKS;
+    env.database.raw().execute(&format!(
+        "UPDATE tasks SET chain_tasks = {} WHERE id = {id}",
+        cap - 2
+    ));
+    env.until_idle(&[]);
+    let shown = env.json(&["show", &id.to_string()]);
+    assert_eq!(shown["state"], "failed", "{shown}");
+    assert_eq!(shown["error"]["kind"], "invalid_output", "{shown}");
+    assert!(
+        shown["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("would hold {} tasks", cap + 1)),
+        "{shown}"
+    );
+    assert!(env.queue().children(id).unwrap().is_empty());
+}
+
 /// A guest logging in a loop cannot flood the daemon's own log (16 KiB of
 /// each run's lines are copied there; the task log keeps its own cap), nor
 /// forge a host line with an embedded line break.

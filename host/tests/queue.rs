@@ -1503,3 +1503,32 @@ on_both_drivers! {
         assert!(q.next_effect_due().unwrap().is_some(), "the effect is queued");
     }
 }
+
+on_both_drivers! {
+    /// A chain is capped at MAX_CHAIN_TASKS tasks, counted on its root: a
+    /// completion whose children would pass it fails as bad input and
+    /// changes nothing; within it, they are inserted and counted.
+    fn a_chain_at_its_cap_spawns_no_more(db) {
+        let mut q = db.open();
+        let root = q.submit(&NewTask::new("a", "{}")).unwrap().id;
+        let lease = q.claim("a", 1).unwrap()[0].lease;
+        let cap = colony::queue::MAX_CHAIN_TASKS;
+        db.raw().execute(&format!("UPDATE tasks SET chain_tasks = {} WHERE id = {root}", cap - 2));
+        let spawn = |n: usize| RunOutcome::Success {
+            output: "{}".into(),
+            spawn: (0..n)
+                .map(|_| SpawnSpec { agent: "b".into(), payload: "{}".into(), priority: 0, review: false })
+                .collect(),
+            needs_review: false,
+        };
+        let err = q.finish(lease, spawn(3), "").unwrap_err();
+        assert!(err.is_bad_input(), "{err:?}");
+        assert!(err.to_string().contains(&format!("would hold {} tasks", cap + 1)), "{err}");
+        assert_eq!(q.get(root).unwrap().state, State::InProgress, "nothing changed");
+        assert!(q.children(root).unwrap().is_empty());
+        assert_eq!(q.finish(lease, spawn(2), "").unwrap(), Applied::Moved(State::Complete));
+        assert_eq!(q.children(root).unwrap().len(), 2);
+        let size = db.raw().query(&format!("SELECT chain_tasks FROM tasks WHERE id = {root}"));
+        assert_eq!(size[0][0].int(), Some(cap));
+    }
+}

@@ -15,7 +15,7 @@ const TABLES: &[(&str, &str, &str)] = &[
          review, reviewer, reviews, run_at, timeout_ms, backoff_ms, parent_id, next_tasks, spawned, \
          pending_deps, result, error_kind, error_message, feedback, progress, idem_key, claimed_by, \
          claim_token, heartbeat_at, created_at, updated_at, finished_at, token_budget, root_id, \
-         replay_token, held_state, lease_ms",
+         replay_token, held_state, lease_ms, chain_tasks",
         "id",
     ),
     ("task_deps", "task_id, depends_on", "task_id, depends_on"),

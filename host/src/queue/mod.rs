@@ -57,6 +57,7 @@ pub use follow::{GAP_WAIT, TrailCursor};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use sqlite::FileId;
+pub use tasks::MAX_CHAIN_TASKS;
 pub use validate::validate_agent_name;
 
 use postgres_driver::PgDb;

@@ -182,6 +182,8 @@ const MIGRATIONS: &[&str] = &[
     crate::queue::dashboard::AT_REST_INDEX,
     // 4: the lease its holder promised to renew within (SQLite's migration 7).
     "ALTER TABLE tasks ADD COLUMN lease_ms BIGINT;",
+    // 5: how many tasks a chain holds, on its root (SQLite's migration 8).
+    "ALTER TABLE tasks ADD COLUMN chain_tasks BIGINT NOT NULL DEFAULT 1;",
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

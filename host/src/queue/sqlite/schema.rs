@@ -19,6 +19,9 @@ const MIGRATIONS: &[&str] = &[
     crate::queue::dashboard::AT_REST_INDEX,
     // 7: the lease its holder promised to renew within (see tasks::claim_in).
     LEASE_MS,
+    // 8: how many tasks a chain holds, kept on its root (see
+    // tasks::insert_children).
+    "ALTER TABLE tasks ADD COLUMN chain_tasks INTEGER NOT NULL DEFAULT 1;",
 ];
 
 /// How long, in ms, the claim's holder promised to renew its lease within

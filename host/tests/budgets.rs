@@ -30,6 +30,7 @@ fn call(charged: Usage) -> ModelCall {
         cost_usd: None,
         ms: 1,
         replayed: false,
+        sent: true,
     }
 }
 
@@ -193,6 +194,7 @@ on_both_drivers! {
         let mut refused = call(Usage::default());
         refused.request.messages = vec![colony::models::Message::user("a secret prompt")];
         refused.outcome = Err(colony::models::ModelError::NotGranted("not granted".into()));
+        refused.sent = false;
         q.record_model_call(a, 1, &refused).unwrap();
         let mut sent = call(Usage { input_tokens: 1, output_tokens: 1 });
         sent.seq = 2;
@@ -208,8 +210,11 @@ on_both_drivers! {
         let reset = q.reset_stale_leases(Duration::from_millis(200)).unwrap();
         assert!(reset.iter().any(|r| r.task_id == a.task_id), "{reset:?}");
         let again = q.claim("a", 1).unwrap()[0].lease;
+        // Only the call that reached a provider is replayed: the refused one
+        // is asked (and refused) again, and the next question meets the
+        // recorded answer instead of ending replay.
         let context = q.model_context(again).unwrap();
-        assert_eq!(context.replay.len(), 2);
-        assert_eq!(context.replay[0].status(), "not_granted");
+        assert_eq!(context.replay.len(), 1);
+        assert_eq!(context.replay[0].seq, 2);
     }
 }

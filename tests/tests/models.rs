@@ -46,9 +46,18 @@ base_url = "{}"
 model = "fake-smart"
 api_key_env = "THINKER_KEY"
 timeout = "10s"
+
+[models.limited]
+api = "openai"
+base_url = "{}"
+model = "fake-limited"
+api_key_env = "THINKER_KEY"
+timeout = "10s"
+requests_per_minute = 1
 "#,
         server.openai_url(),
-        server.url()
+        server.url(),
+        server.openai_url()
     );
     let config = ModelsConfig::from_toml(&config, Path::new("colony.toml")).unwrap();
     let providers = Providers::with_env(&config, |var| {
@@ -244,6 +253,38 @@ async fn refused_model_calls_in_a_loop_are_journaled_up_to_a_limit() {
     assert_eq!(e.h.queue().model_calls(id).unwrap().len(), 100);
     assert_eq!(e.h.events(id, "model_call").len(), 100);
     assert_eq!(e.server.count(), 0);
+}
+
+/// This host's own rate limit refuses at once, before any provider: those
+/// refusals count against the same cap (they used to be journaled with
+/// their prompts without end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_by_this_hosts_rate_limit_are_journaled_up_to_the_limit() {
+    let e = env("models = [\"limited\"]");
+    let prompts: Vec<String> = (0..150).map(|i| format!("prompt {i}")).collect();
+    let id = e.think(json!({"model": "limited", "prompts": prompts, "on_error": "continue"}));
+    e.run().await;
+    let result = e.result(id);
+    let errors = result["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 149, "the first call went through");
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .contains("this host's rate limit"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[100]
+            .as_str()
+            .unwrap()
+            .contains("this host refused 100"),
+        "{}",
+        errors[100]
+    );
+    assert_eq!(e.server.count(), 1);
+    assert_eq!(e.h.queue().model_calls(id).unwrap().len(), 101);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

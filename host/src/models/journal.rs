@@ -28,6 +28,9 @@ pub struct ModelCall {
     pub ms: u64,
     /// True when the reply came from the journal of an interrupted run.
     pub replayed: bool,
+    /// False for a call this host refused before any provider saw it: the
+    /// journal keeps no prompt for it and a later run does not replay it.
+    pub sent: bool,
 }
 
 impl ModelCall {

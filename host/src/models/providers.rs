@@ -76,6 +76,10 @@ pub struct CallFailure {
     /// max_tokens), so that a budget cannot be spent through replies the
     /// host never read.
     pub charged: Usage,
+    /// Whether any request reached the provider: false for a call this
+    /// host refused (unknown alias, this host's rate limit, a request it
+    /// cannot send).
+    pub sent: bool,
 }
 
 /// A failure worth retrying, and how the call ends if time runs out.
@@ -188,6 +192,7 @@ impl Providers {
         let uncharged = |error| CallFailure {
             error,
             charged: Usage::default(),
+            sent: false,
         };
         let name = req.model.as_str();
         let Some(alias) = self.aliases.get(name) else {
@@ -232,7 +237,11 @@ impl Providers {
             Err((error, false)) => {
                 // A refused or failed call is taken to have used nothing.
                 alias.limiter.settle(reserved, 0);
-                Err(uncharged(error))
+                Err(CallFailure {
+                    error,
+                    charged: Usage::default(),
+                    sent: true,
+                })
             }
             Err((error, true)) => {
                 let charged = Usage {
@@ -240,7 +249,11 @@ impl Providers {
                     output_tokens: max_tokens,
                 };
                 alias.limiter.settle(reserved, charged.total());
-                Err(CallFailure { error, charged })
+                Err(CallFailure {
+                    error,
+                    charged,
+                    sent: true,
+                })
             }
         }
     }

@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::sql::{Row, Sql, args};
 use super::{Applied, Queue, QueueError, Result};
-use crate::models::{Budget, ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Usage};
+use crate::models::{Budget, ChatReply, ModelCall, ModelContext, ModelError, Usage};
 use crate::task::{Lease, State};
 
 /// What a task's model calls added up to.
@@ -167,11 +167,12 @@ impl Queue {
         call: &ModelCall,
     ) -> Result<Applied> {
         let actor = &self.opts.actor;
-        // A call refused before any provider saw it keeps no prompt: a
-        // guest refused in a loop with long prompts stored gigabytes.
-        let request = match call.status() {
-            "not_granted" | "budget_exceeded" => "null".to_string(),
-            _ => serde_json::to_string(&call.request).expect("a request serializes"),
+        // A call refused before any provider saw it keeps no prompt (a
+        // guest refused in a loop with long prompts stored gigabytes), and
+        // is not replayed (see `journal_of_run`).
+        let request = match call.sent {
+            false => "null".to_string(),
+            true => serde_json::to_string(&call.request).expect("a request serializes"),
         };
         let (reply, error) = match &call.outcome {
             Ok(reply) => (
@@ -352,7 +353,7 @@ fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCal
     let rows = db.query(
         "SELECT seq, alias, request_hash, request, reply, status, error, input_tokens,
                 output_tokens, cost_usd, ms, replayed
-         FROM model_calls WHERE task_id = ?1 AND token = ?2 ORDER BY seq",
+         FROM model_calls WHERE task_id = ?1 AND token = ?2 AND request <> 'null' ORDER BY seq",
         args![task_id, token],
     )?;
     let corrupt = |what: &str, e: serde_json::Error| {
@@ -374,16 +375,16 @@ fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCal
             seq: r.get(0)?,
             alias: r.get(1)?,
             request_hash: r.get(2)?,
-            // `null` for a call refused before any provider saw it (its
-            // prompt is not kept); replay matches by the hash anyway.
-            request: serde_json::from_str::<Option<ChatRequest>>(&request)
-                .map_err(|e| corrupt("request", e))?
-                .unwrap_or_default(),
+            request: serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
             outcome,
             charged: usage_pair(r, 7)?,
             cost_usd: r.get(9)?,
             ms: r.get(10)?,
             replayed: r.get(11)?,
+            // Calls this host refused (request `null`) are not replayed:
+            // the next run asks again and is refused again, and the calls
+            // that reached a provider stay in step with its questions.
+            sent: true,
         });
     }
     Ok(calls)

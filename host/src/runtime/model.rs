@@ -37,9 +37,19 @@ pub struct ModelSession {
     /// Set once a call was refused for want of tokens: the run's failure is
     /// then recorded as `budget_exceeded` and not retried.
     pub(super) budget_exceeded: bool,
-    /// Calls this host refused (not granted, over budget), each journaled
-    /// (see [`MAX_REFUSED_CALLS`]).
+    /// Calls this host refused before any provider saw them (not granted,
+    /// over budget, its own rate limit), each journaled (see
+    /// [`MAX_REFUSED_CALLS`]).
     refused_calls: usize,
+}
+
+/// What [`ModelSession::answer`] came to.
+struct Answer {
+    outcome: Result<ChatReply, ModelError>,
+    replayed: bool,
+    charged: Usage,
+    cost: Option<f64>,
+    sent: bool,
 }
 
 /// Most calls of one run this host refuses and journals: a guest calling
@@ -115,18 +125,21 @@ impl ModelSession {
         request: ChatRequest,
     ) -> Result<(ChatReply, bool), ModelError> {
         if self.refused_calls >= MAX_REFUSED_CALLS {
-            return Err(ModelError::NotGranted(format!(
+            return Err(ModelError::RateLimited(format!(
                 "this host refused {MAX_REFUSED_CALLS} of this run's model calls; further calls are refused unrecorded"
             )));
         }
         self.seq += 1;
         let started = Instant::now();
         let hash = request_hash(&request);
-        let (outcome, replayed, charged, cost) = self.answer(&request, &hash).await;
-        if matches!(
+        let Answer {
             outcome,
-            Err(ModelError::NotGranted(_) | ModelError::BudgetExceeded(_))
-        ) {
+            replayed,
+            charged,
+            cost,
+            sent,
+        } = self.answer(&request, &hash).await;
+        if !sent {
             self.refused_calls += 1;
         }
         if matches!(outcome, Err(ModelError::BudgetExceeded(_))) {
@@ -142,6 +155,7 @@ impl ModelSession {
             cost_usd: cost,
             ms: started.elapsed().as_millis() as u64,
             replayed,
+            sent,
         };
         if let Err(e) = self
             .hooks
@@ -159,12 +173,17 @@ impl ModelSession {
         call.outcome.map(|reply| (reply, replayed))
     }
 
-    async fn answer(
-        &mut self,
-        request: &ChatRequest,
-        hash: &str,
-    ) -> (Result<ChatReply, ModelError>, bool, Usage, Option<f64>) {
-        let refused = |e| (Err(e), false, Usage::default(), None);
+    /// The call's reply or error, whether it was replayed, what it was
+    /// charged and cost, and whether it reached a provider (or the
+    /// journal): false for a call this host refused.
+    async fn answer(&mut self, request: &ChatRequest, hash: &str) -> Answer {
+        let refused = |e| Answer {
+            outcome: Err(e),
+            replayed: false,
+            charged: Usage::default(),
+            cost: None,
+            sent: false,
+        };
         let providers = match &self.providers {
             Some(p) if self.granted.contains(&request.model) && p.has_alias(&request.model) => {
                 p.clone()
@@ -177,7 +196,13 @@ impl ModelSession {
             Err(e) => return refused(e),
         };
         if let Some(recorded) = take_replay(&mut loaded.replay, hash) {
-            return (Ok(recorded), true, Usage::default(), None);
+            return Answer {
+                outcome: Ok(recorded),
+                replayed: true,
+                charged: Usage::default(),
+                cost: None,
+                sent: true,
+            };
         }
         let need =
             u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
@@ -190,17 +215,23 @@ impl ModelSession {
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
-        let (outcome, charged) = match providers.call(request).await {
+        let (outcome, charged, sent) = match providers.call(request).await {
             Ok(reply) => {
                 let usage = reply.usage;
-                (Ok(reply), usage)
+                (Ok(reply), usage, true)
             }
             // A reply the provider sent but the host could not read still
             // counts against the budget.
-            Err(failure) => (Err(failure.error), failure.charged),
+            Err(failure) => (Err(failure.error), failure.charged, failure.sent),
         };
         let cost = providers.cost_usd(&request.model, &charged);
-        (outcome, false, charged, cost)
+        Answer {
+            outcome,
+            replayed: false,
+            charged,
+            cost,
+            sent,
+        }
     }
 
     fn not_granted(&self, alias: &str) -> ModelError {

@@ -4,8 +4,17 @@
 //! the cache 0.03 s). Deserializing compiled code runs it unchecked, so a
 //! file is trusted only when this user wrote it into a folder no one else
 //! may write to; otherwise the cache is not used.
+//!
+//! The checks and the read go through one open folder and one open file
+//! (`openat`, no symbolic links followed), so nothing can be swapped in
+//! between the look and the load.
 
+use std::ffi::CString;
+use std::fs::File;
 use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use wasmtime::Engine;
@@ -23,11 +32,9 @@ pub(super) fn load_or_compile(
 ) -> Result<Component, String> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
-    let cached = dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
-    // Deserializing compiled code runs it unchecked: only a file this
-    // user wrote, in a folder no one else may write to, is trusted.
-    let trusted = match trusted_cache_file(dir, &cached) {
-        Ok(trusted) => trusted,
+    let name = format!("{hash}-{:016x}.cwasm", hasher.finish());
+    let cached = dir.join(&name);
+    match read_trusted(dir, &name) {
         Err(why) => {
             tracing::warn!(
                 "not using the compile cache {}: {why}; compiling instead",
@@ -37,15 +44,21 @@ pub(super) fn load_or_compile(
             // SAFETY: `compiled` was produced just now by this engine.
             return unsafe { Component::deserialize(engine, &compiled) }.map_err(&describe);
         }
-    };
-    if trusted {
-        // SAFETY: the file is in a cache folder only this user may write
-        // to, owned by this user, named by the content hash and engine
-        // hash, and written by `precompile_component`.
-        match unsafe { Component::deserialize_file(engine, &cached) } {
-            Ok(component) => return Ok(component),
-            Err(e) => tracing::warn!("ignoring unusable cache file {}: {e}", cached.display()),
+        Ok(Cached::Trusted(compiled)) => {
+            // SAFETY: read from a file this user owns, that no one else may
+            // write to, through a folder likewise (checked on the open
+            // descriptors it was read from); named by the content hash and
+            // the engine's, and written by `precompile_component`.
+            match unsafe { Component::deserialize(engine, &compiled) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::warn!("ignoring unusable cache file {}: {e}", cached.display()),
+            }
         }
+        Ok(Cached::Untrusted(why)) => {
+            tracing::warn!("replacing the cache file {}: {why}", cached.display());
+            let _ = std::fs::remove_file(&cached);
+        }
+        Ok(Cached::Missing) => {}
     }
     let compiled = engine.precompile_component(bytes).map_err(&describe)?;
     if let Err(e) = write_atomically(dir, &cached, &compiled) {
@@ -58,53 +71,110 @@ pub(super) fn load_or_compile(
     unsafe { Component::deserialize(engine, &compiled) }.map_err(&describe)
 }
 
-/// Whether the compile cache file `cached` may be deserialized: `Ok(true)`
-/// when it is there and trusted, `Ok(false)` when it is not there (compile
-/// and write it), `Err(why)` when the folder or the file could have been
-/// written by someone else (another user, a symbolic link): then the cache
-/// is not used at all.
-fn trusted_cache_file(dir: &Path, cached: &Path) -> Result<bool, String> {
+/// What the cache folder holds under a name.
+#[derive(Debug, PartialEq)]
+enum Cached {
+    Missing,
+    /// The compiled bytes of a file this user wrote.
+    Trusted(Vec<u8>),
+    /// A file that could have been written by someone else: replaced.
+    Untrusted(String),
+}
+
+/// Reads `name` from the cache folder `dir` if the folder and the file can
+/// be trusted. `Err(why)` when the folder cannot (another user's, a link):
+/// then the cache is not used at all. A folder of ours that others may
+/// write to (a umask of 002) is made ours alone and emptied of compiled
+/// files first: any of them could have been renamed by another user.
+fn read_trusted(dir: &Path, name: &str) -> Result<Cached, String> {
+    let folder = match open(dir, None, libc::O_DIRECTORY) {
+        Ok(folder) => folder,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cached::Missing),
+        Err(e) => return Err(format!("{}: {}", dir.display(), why_not_opened(&e))),
+    };
+    let meta = folder.metadata().map_err(|e| e.to_string())?;
+    owned_by_this_user(&meta, "the folder", dir)?;
+    if writable_by_others(&meta) {
+        use std::os::unix::fs::PermissionsExt;
+        let ours = std::fs::Permissions::from_mode(meta_mode(&meta) & 0o7755);
+        folder
+            .set_permissions(ours)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "cwasm") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        return Ok(Cached::Missing);
+    }
+    let mut file = match open(Path::new(name), Some(&folder), 0) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cached::Missing),
+        Err(e) => return Ok(Cached::Untrusted(why_not_opened(&e))),
+    };
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    use std::os::unix::fs::MetadataExt;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Ok(Cached::Untrusted("not a plain file of its own".into()));
+    }
+    if let Err(why) = owned_by_this_user(&meta, "the file", &dir.join(name)) {
+        return Ok(Cached::Untrusted(why));
+    }
+    if writable_by_others(&meta) {
+        return Ok(Cached::Untrusted(format!(
+            "other users may write to it (mode {:o})",
+            meta_mode(&meta) & 0o7777
+        )));
+    }
+    let mut compiled = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut compiled).map_err(|e| e.to_string())?;
+    Ok(Cached::Trusted(compiled))
+}
+
+/// Opens `path` read-only without following a symbolic link at its last
+/// step, relative to `folder` when given (`openat`).
+fn open(path: &Path, folder: Option<&File>, flags: libc::c_int) -> std::io::Result<File> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let flags = flags | libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let at = folder.map_or(libc::AT_FDCWD, |f| f.as_raw_fd());
+    // SAFETY: a valid C string and descriptor; the result is checked.
+    let fd = unsafe { libc::openat(at, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn why_not_opened(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => "it is a symbolic link".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn owned_by_this_user(meta: &std::fs::Metadata, what: &str, path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    let check = |path: &Path, what: &str| -> Result<bool, String> {
-        let meta = match std::fs::symlink_metadata(path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        if meta.file_type().is_symlink() {
-            return Err(format!("{what} {} is a symbolic link", path.display()));
-        }
-        if meta.uid() != me {
-            return Err(format!(
-                "{what} {} belongs to uid {}, not to this user ({me})",
-                path.display(),
-                meta.uid()
-            ));
-        }
-        // A folder of ours that others may write to (a umask of 002): made
-        // ours alone first; files others put there fail the owner check.
-        if meta.is_dir() && meta.mode() & 0o022 != 0 {
-            use std::os::unix::fs::PermissionsExt;
-            let tightened = std::fs::Permissions::from_mode(meta.mode() & 0o7755);
-            std::fs::set_permissions(path, tightened)
-                .map_err(|e| format!("{what} {}: {e}", path.display()))?;
-            return Ok(true);
-        }
-        if meta.mode() & 0o022 != 0 {
-            return Err(format!(
-                "{what} {} may be written by other users (mode {:o})",
-                path.display(),
-                meta.mode() & 0o7777
-            ));
-        }
-        Ok(true)
-    };
-    if !check(dir, "the folder")? {
-        return Ok(false); // created when the first file is written
+    match meta.uid() == me {
+        true => Ok(()),
+        false => Err(format!(
+            "{what} {} belongs to uid {}, not to this user ({me})",
+            path.display(),
+            meta.uid()
+        )),
     }
-    check(cached, "the file")
+}
+
+fn meta_mode(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    meta.mode()
+}
+
+fn writable_by_others(meta: &std::fs::Metadata) -> bool {
+    meta_mode(meta) & 0o022 != 0
 }
 
 /// Writes through a temporary file in the same directory and renames it
@@ -133,36 +203,55 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_folder_others_may_write_to_is_made_ours_and_its_files_judged() {
+    fn only_a_plain_file_of_ours_in_a_folder_of_ours_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let cache = dir.path().join("cache");
-        std::fs::create_dir(&cache).unwrap();
-        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let file = cache.join("x.cwasm");
-        assert_eq!(trusted_cache_file(&cache, &file), Ok(false), "no file yet");
-        assert_eq!(mode(&cache), 0o755, "others may no longer write to it");
-
-        std::fs::write(&file, b"compiled").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(trusted_cache_file(&cache, &file), Ok(true));
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o620)).unwrap();
-        let why = trusted_cache_file(&cache, &file).unwrap_err();
-        assert!(
-            why.contains("may be written by other users (mode 620)"),
-            "{why}"
+        assert_eq!(
+            read_trusted(&cache, "x.cwasm"),
+            Ok(Cached::Missing),
+            "no folder yet"
         );
+        write_atomically(&cache, &cache.join("x.cwasm"), b"compiled").unwrap();
+        assert_eq!(mode(&cache), 0o700);
+        assert_eq!(
+            read_trusted(&cache, "x.cwasm"),
+            Ok(Cached::Trusted(b"compiled".to_vec()))
+        );
+        assert_eq!(read_trusted(&cache, "y.cwasm"), Ok(Cached::Missing));
 
-        let link = cache.join("link.cwasm");
-        std::os::unix::fs::symlink(&file, &link).unwrap();
-        let why = trusted_cache_file(&cache, &link).unwrap_err();
-        assert!(why.contains("is a symbolic link"), "{why}");
-
-        write_atomically(
-            &dir.path().join("new"),
-            &dir.path().join("new/y.cwasm"),
-            b"y",
+        std::fs::set_permissions(
+            cache.join("x.cwasm"),
+            std::fs::Permissions::from_mode(0o620),
         )
         .unwrap();
-        assert_eq!(mode(&dir.path().join("new")), 0o700);
+        assert_eq!(
+            read_trusted(&cache, "x.cwasm"),
+            Ok(Cached::Untrusted(
+                "other users may write to it (mode 620)".into()
+            ))
+        );
+        std::os::unix::fs::symlink(cache.join("x.cwasm"), cache.join("link.cwasm")).unwrap();
+        assert_eq!(
+            read_trusted(&cache, "link.cwasm"),
+            Ok(Cached::Untrusted("it is a symbolic link".into()))
+        );
+        std::fs::hard_link(cache.join("x.cwasm"), cache.join("hard.cwasm")).unwrap();
+        assert_eq!(
+            read_trusted(&cache, "hard.cwasm"),
+            Ok(Cached::Untrusted("not a plain file of its own".into()))
+        );
+
+        // A folder that is a link is not used at all.
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&cache, &linked).unwrap();
+        let why = read_trusted(&linked, "x.cwasm").unwrap_err();
+        assert!(why.contains("is a symbolic link"), "{why}");
+
+        // A folder others may write to is made ours and emptied: any file
+        // in it could have been renamed by someone else.
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(read_trusted(&cache, "x.cwasm"), Ok(Cached::Missing));
+        assert_eq!(mode(&cache), 0o755);
+        assert!(!cache.join("x.cwasm").exists() && !cache.join("hard.cwasm").exists());
     }
 }

@@ -355,11 +355,7 @@ fn outcome_summary(outcome: &RunOutcome) -> String {
             spawn.len()
         ),
         RunOutcome::Failure(e) => {
-            let mut message = e.message.replace('\n', "\\n");
-            if message.len() > 500 {
-                message.truncate(message.floor_char_boundary(500));
-                message.push('…');
-            }
+            let message = crate::runtime::truncate(e.message.replace('\n', "\\n"), 500);
             format!("{}: {message}", e.kind.as_str())
         }
     }

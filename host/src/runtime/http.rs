@@ -736,15 +736,12 @@ impl HttpPolicy {
     /// `effect_refused` event with the method, origin and path (never the
     /// query, a header or the body).
     pub(super) fn record_refused_effect(&mut self, method: &str, url: &str, why: &str) {
-        let (origin, mut path) = match url.parse::<http::Uri>() {
+        let (origin, path) = match url.parse::<http::Uri>() {
             Ok(uri) => (shown_origin(&uri), uri.path().to_string()),
             Err(_) => ("(not a URL)".to_string(), String::new()),
         };
         // The guest's text, kept to a line's worth on the trail.
-        if path.len() > 256 {
-            path.truncate(path.floor_char_boundary(256));
-            path.push('…');
-        }
+        let path = super::sandbox::truncate(path, 256);
         self.log.line(
             "warn",
             &format!("effects: {method} {origin}{path} refused: {why}"),

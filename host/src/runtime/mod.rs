@@ -31,6 +31,7 @@ use crate::task::{ClaimedTask, ErrorKind, Lease, RunOutcome, SpawnSpec, TaskErro
 pub use http::{HttpGrant, check_url};
 use model::ModelSession;
 pub use registry::{AgentDir, AgentEntry, AgentStatus, Manifest, ScanReport};
+pub(crate) use sandbox::truncate;
 pub use sandbox::{NoHooks, RunHooks};
 use sandbox::{RunState, TaskLog};
 

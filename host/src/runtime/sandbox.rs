@@ -120,7 +120,6 @@ pub struct RunState {
     pub(super) http: HttpSession,
     /// The run's claim: its progress is stored only while it holds it.
     lease: Lease,
-    task_id: i64,
     agent: Arc<str>,
     hooks: Arc<dyn RunHooks>,
     /// Bytes of this run's log lines copied to the host's own log so far
@@ -170,7 +169,6 @@ impl RunState {
             effects: EffectsSession::default(),
             http,
             lease,
-            task_id: lease.task_id,
             agent,
             hooks,
             mirrored: 0,
@@ -268,7 +266,7 @@ impl RunState {
             return;
         }
         self.mirrored += message.len();
-        let (task, agent) = (self.task_id, &*self.agent);
+        let (task, agent) = (self.lease.task_id, &*self.agent);
         if self.mirrored > MAX_MIRRORED_BYTES {
             tracing::info!(target: "colony::agent", task, agent, "this run's further log lines are in its task log only");
             return;
@@ -290,7 +288,9 @@ impl RunState {
     }
 }
 
-fn truncate(mut s: String, max: usize) -> String {
+/// `s` cut to at most `max` bytes (on a character boundary), with `…` when
+/// anything was cut: a guest's text kept to a bounded size.
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         s.truncate(s.floor_char_boundary(max));
         s.push('…');

@@ -375,6 +375,23 @@ fn forms_need_a_session_and_its_csrf_token() {
         .unwrap();
     assert_eq!(wrong.status(), 401);
     assert!(wrong.text().unwrap().contains("not this server"));
+    for (fields, why) in [
+        (&[("operator", "ann")][..], "not this server"),
+        (&[("token", TOKEN)][..], "say who you are"),
+    ] {
+        let missing = web
+            .client
+            .post(web.url("/login"))
+            .form(fields)
+            .send()
+            .unwrap();
+        assert_eq!(missing.status(), 401, "{fields:?}");
+        let page = missing.text().unwrap();
+        assert!(
+            page.starts_with("<!DOCTYPE html>") && page.contains(why),
+            "{fields:?}: {page}"
+        );
+    }
     let signed_in = web
         .client
         .post(web.url("/login"))

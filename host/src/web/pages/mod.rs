@@ -219,9 +219,13 @@ fn login_form(caller: &Caller, next: Option<&str>, error: Option<&str>) -> Marku
     )
 }
 
+/// A field left out reads as empty, so the form comes back naming what is
+/// wrong instead of a bare 422 from the extractor.
 #[derive(Deserialize)]
 pub struct LoginForm {
+    #[serde(default)]
     token: String,
+    #[serde(default)]
     operator: String,
     next: Option<String>,
 }

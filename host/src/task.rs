@@ -52,6 +52,15 @@ impl State {
         }
     }
 
+    /// The state in a sentence: "task 4 is {phrase}".
+    pub fn phrase(self) -> &'static str {
+        match self {
+            State::InProgress => "in progress",
+            State::Review => "in review",
+            other => other.as_str(),
+        }
+    }
+
     /// Terminal states only change again through an explicit user `retry`.
     pub fn is_terminal(self) -> bool {
         matches!(self, State::Complete | State::Failed | State::Cancelled)

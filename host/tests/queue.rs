@@ -9,7 +9,7 @@ use common::{TestDb, on_both_drivers};
 use std::time::Duration;
 
 use colony::queue::{Applied, Lease, ListFilter, Queue, QueueError, all_readable};
-use colony::task::{ErrorKind, NewTask, NextSpec, RunOutcome, SpawnSpec, State, TaskError};
+use colony::task::{ErrorKind, NewTask, NextSpec, RunOutcome, SpawnSpec, State, Task, TaskError};
 use serde_json::json;
 
 fn ok(output: serde_json::Value) -> RunOutcome {
@@ -976,12 +976,14 @@ on_both_drivers! {
 
         // B cannot be revived while A is failed: it could never run.
         match q.retry(b) {
-            Err(QueueError::Invalid { field, message }) => {
-                assert_eq!(field, "depends_on");
+            Err(e @ QueueError::DependencyFinished { .. }) => {
+                let message = e.to_string();
                 assert!(
-                    message.contains(&format!("retry task {a} first")),
+                    message.contains(&format!("task {b} depends on task {a}, which is failed"))
+                        && message.contains(&format!("retry task {a} first")),
                     "{message}"
                 );
+                assert!(e.is_bad_input(), "{e:?}");
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -1004,15 +1006,96 @@ on_both_drivers! {
         let lease = claim_one(&mut q, "writer");
         q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
 
-        // The first reviewer's approval judged draft 1: it must not decide draft 2.
-        q.finish(first_review.lease, ok(json!({"approve": true})), "")
-            .unwrap();
+        // The first reviewer's approval judged draft 1: it must not decide
+        // draft 2. Its run was cancelled with the person's verdict, so its
+        // answer is refused.
+        assert_eq!(
+            q.finish(first_review.lease, ok(json!({"approve": true})), "").unwrap(),
+            Applied::LeaseLost
+        );
+        assert_eq!(q.get(first_review.lease.task_id).unwrap().state, State::Cancelled);
         assert_eq!(q.get(id).unwrap().state, State::Review);
         let second_review = q.claim("critic", 1).unwrap().remove(0);
         assert!(second_review.payload.contains(r#""draft":2"#));
         q.finish(second_review.lease, ok(json!({"approve": true})), "")
             .unwrap();
         assert_eq!(q.get(id).unwrap().state, State::Complete);
+    }
+
+    fn a_review_decided_elsewhere_cancels_the_reviewers_still_to_answer(db) {
+        let mut q = db.open();
+        let reviewer_of = |q: &Queue, id: i64| -> Task {
+            let mut reviewers: Vec<Task> = all_readable(q.children(id).unwrap())
+                .unwrap()
+                .into_iter()
+                .filter(|c| c.agent == "critic")
+                .collect();
+            reviewers.pop().expect("the task has a reviewer task")
+        };
+        let reason = |q: &Queue, id: i64| q.get(id).unwrap().error.unwrap().message;
+
+        // Approved by a person while its reviewer waits: the reviewer goes.
+        let approved = writer_in_review(&mut q, json!({"draft": 1}));
+        let waiting = reviewer_of(&q, approved).id;
+        assert_eq!(q.approve(approved, None).unwrap(), State::Complete);
+        assert_eq!(q.get(waiting).unwrap().state, State::Cancelled);
+        assert!(
+            reason(&q, waiting).contains(&format!("decided the review of task {approved} first")),
+            "{}",
+            reason(&q, waiting)
+        );
+
+        // Rejected by a person while its reviewer runs: the reviewer's claim
+        // is voided, and the re-run's review gets a reviewer of its own.
+        let rejected = writer_in_review(&mut q, json!({"draft": 1}));
+        let running = q.claim("critic", 1).unwrap().remove(0);
+        assert_eq!(q.reject(rejected, "redo").unwrap(), State::Ready);
+        assert_eq!(q.get(running.lease.task_id).unwrap().state, State::Cancelled);
+        let lease = claim_one(&mut q, "writer");
+        q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
+        let fresh = reviewer_of(&q, rejected);
+        assert_ne!(fresh.id, running.lease.task_id);
+        assert_eq!(fresh.state, State::Ready);
+
+        // Cancelled in review: the reviewer is cancelled with it and named.
+        let cancelled = writer_in_review(&mut q, json!({"draft": 1}));
+        let waiting = reviewer_of(&q, cancelled).id;
+        assert_eq!(q.cancel(cancelled, "dropped").unwrap(), vec![cancelled, waiting]);
+        assert!(
+            reason(&q, waiting).contains(&format!("task {cancelled}, which this reviews, was cancelled")),
+            "{}",
+            reason(&q, waiting)
+        );
+        // Every cancellation is in the audit trail.
+        for reviewer in [waiting, running.lease.task_id] {
+            assert_eq!(
+                q.events(Some(reviewer), 0, 100).unwrap().last().unwrap().event,
+                "cancel"
+            );
+        }
+    }
+
+    fn review_notes_and_cancel_reasons_are_bounded(db) {
+        let mut q = db.open();
+        let id = writer_in_review(&mut q, json!({}));
+        let long = "x".repeat(colony::queue::MAX_NOTE_BYTES + 1);
+        let before = q.events(Some(id), 0, 1000).unwrap().len();
+        for refused in [
+            q.reject(id, &long).unwrap_err(),
+            q.approve(id, Some(&long)).unwrap_err(),
+            q.cancel(id, &long).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&refused, QueueError::Invalid { field, .. } if field == "note" || field == "reason"),
+                "{refused:?}"
+            );
+            assert!(refused.to_string().contains("at most 64 KiB"), "{refused}");
+        }
+        assert_eq!(q.get(id).unwrap().state, State::Review);
+        assert_eq!(q.events(Some(id), 0, 1000).unwrap().len(), before);
+        // A blank note reads as none, as over the API.
+        assert_eq!(q.reject(id, "  ").unwrap(), State::Ready);
+        assert_eq!(q.get(id).unwrap().feedback.as_deref(), Some("rejected without a note"));
     }
 
     fn a_reviewer_cannot_hold_its_own_verdict_for_review(db) {

@@ -215,9 +215,17 @@ on_both_drivers! {
         assert_eq!(cli_show(&env, failed)["state"], "failed");
         let (status, answer) = web.post(&format!("/api/tasks/{failed}/retry"), "");
         assert_eq!((status, answer), (200, json!({"id": failed, "state": "ready"})));
+        let (_, answer) = web.post("/api/tasks", &format!(r#"{{"agent":"echo","after":[{failed}]}}"#));
+        let dependent = answer["id"].as_i64().unwrap();
         let (status, answer) = web.post(&format!("/api/tasks/{failed}/cancel"), r#"{"reason":"not today"}"#);
-        assert_eq!((status, answer), (200, json!({"cancelled": [failed]})));
+        assert_eq!((status, answer), (200, json!({"cancelled": [failed, dependent]})));
         assert_eq!(cli_show(&env, failed)["error"]["message"], "not today");
+        // Its dependent cannot come back before it: a refusal of the state
+        // machine (409), not bad input.
+        let (status, answer) = web.post(&format!("/api/tasks/{dependent}/retry"), "");
+        assert_eq!(status, 409, "{answer}");
+        let message = answer["error"].as_str().unwrap();
+        assert!(message.contains(&format!("depends on task {failed}, which is cancelled")) && message.contains(&format!("retry task {failed} first")), "{message}");
     }
 
     fn metrics_move_after_a_drain(db) {

@@ -56,6 +56,7 @@ pub use dashboard::{
 pub use follow::{GAP_WAIT, TrailCursor};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
+pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
 pub use tasks::MAX_CHAIN_TASKS;
 pub use validate::validate_agent_name;
@@ -84,11 +85,20 @@ pub enum QueueError {
         "task {0} is no longer held by this run (it was cancelled, or its lease reset after missed heartbeats)"
     )]
     LeaseLost(i64),
-    #[error("task {id} is {state}, so it cannot {action}")]
+    #[error("task {id} is {}, so it cannot {action}", state.phrase())]
     Illegal {
         id: i64,
         state: State,
         action: &'static str,
+    },
+    /// A retry refused because a dependency will never complete as it is.
+    #[error(
+        "task {id} depends on task {dependency}, which is {state}, so it could never run; retry task {dependency} first"
+    )]
+    DependencyFinished {
+        id: i64,
+        dependency: i64,
+        state: State,
     },
     #[error(
         "the database {path} has schema version {found}, newer than this colony knows ({known}); upgrade colony"
@@ -173,6 +183,7 @@ impl QueueError {
                 | QueueError::InvalidInBatch { .. }
                 | QueueError::NotFound(_)
                 | QueueError::Illegal { .. }
+                | QueueError::DependencyFinished { .. }
         )
     }
 }
@@ -751,15 +762,31 @@ impl Queue {
 
     // ----- review, retry, cancel -----------------------------------------
 
-    /// Approves a task waiting in review: it completes and its children are inserted.
+    /// Approves a task waiting in review: it completes and its children are
+    /// inserted. Its reviewer tasks still to answer are cancelled.
     pub fn approve(&mut self, id: i64, note: Option<&str>) -> Result<State> {
-        self.write(|tx, now| review::approve_in(tx, id, note, &self.opts.actor, now))
+        review::check_note("note", note.unwrap_or(""))?;
+        self.write(|tx, now| {
+            let to = review::approve_in(tx, id, note, &self.opts.actor, now)?;
+            review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
+            Ok(to)
+        })
     }
 
     /// Rejects a task waiting in review: back to `ready` with the note as the
-    /// next run's feedback, or `failed` once `max_revisions` rejections are used.
+    /// next run's feedback, or `failed` once `max_revisions` rejections are
+    /// used. Its reviewer tasks still to answer are cancelled.
     pub fn reject(&mut self, id: i64, note: &str) -> Result<State> {
-        self.write(|tx, now| review::reject_in(tx, id, note, &self.opts.actor, now))
+        review::check_note("note", note)?;
+        let note = match note.trim() {
+            "" => "rejected without a note",
+            _ => note,
+        };
+        self.write(|tx, now| {
+            let to = review::reject_in(tx, id, note, &self.opts.actor, now)?;
+            review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
+            Ok(to)
+        })
     }
 
     /// Revives a failed or cancelled task with attempts reset: `ready`, or
@@ -780,6 +807,7 @@ impl Queue {
     /// it. A running task's claim is voided at once, so its outcome is
     /// discarded when the run ends. Returns the ids cancelled.
     pub fn cancel(&mut self, id: i64, reason: &str) -> Result<Vec<i64>> {
+        review::check_note("reason", reason)?;
         self.write(|tx, now| tasks::cancel_in(tx, id, reason, &self.opts.actor, now))
     }
 

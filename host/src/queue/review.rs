@@ -9,7 +9,8 @@ use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, 
 use super::finish::Held;
 use super::sql::{Dialect, Sql, args};
 use super::tasks::{
-    cancel_dependents, insert_children, insert_new_task, record, set_failed, state_of,
+    cancel_dependents, cancel_pending_reviewers, insert_children, insert_new_task, record,
+    set_failed, state_of,
 };
 use super::validate::{spawn_to_next, stored_json, validate_json};
 use super::{MAX_OUTPUT_BYTES, MAX_SPAWN_PER_RUN, QueueError, Result, batch, outbox, state};
@@ -183,6 +184,34 @@ pub(super) fn complete(
     children.extend(spawn);
     insert_children(tx, id, &children, actor, now)?;
     batch::release_dependents(tx, std::iter::once(id), actor, now)
+}
+
+/// Most bytes of a person's review note or cancel reason: it is stored in
+/// the audit trail and handed to the next run, and a reviewer's whole
+/// answer is bounded too.
+pub const MAX_NOTE_BYTES: usize = 64 << 10;
+
+/// Refuses a note or reason (`field`) longer than [`MAX_NOTE_BYTES`].
+pub(super) fn check_note(field: &str, note: &str) -> Result<()> {
+    if note.len() > MAX_NOTE_BYTES {
+        return Err(QueueError::invalid(
+            field,
+            format!("{} bytes; at most {} KiB", note.len(), MAX_NOTE_BYTES >> 10),
+        ));
+    }
+    Ok(())
+}
+
+/// After a person's verdict on `judged`: its reviewer tasks still to answer
+/// are cancelled, since their verdict would be ignored.
+pub(super) fn cancel_reviewers_of_decided(
+    tx: &dyn Sql,
+    judged: i64,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<i64>> {
+    let why = format!("{actor} decided the review of task {judged} first");
+    cancel_pending_reviewers(tx, judged, &why, actor, now)
 }
 
 /// Applies a reviewer task's verdict to the task it reviewed, if that task is

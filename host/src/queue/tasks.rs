@@ -365,13 +365,12 @@ pub(super) fn count_unfinished_dependencies(tx: &dyn Sql, id: i64) -> Result<u32
         let dep: i64 = row.get(0)?;
         match parse_state(&row.get::<String>(1)?)? {
             State::Complete => {}
-            s @ (State::Failed | State::Cancelled) => {
-                return Err(QueueError::invalid(
-                    "depends_on",
-                    format!(
-                        "task {id} depends on task {dep}, which is {s}; retry task {dep} first"
-                    ),
-                ));
+            state @ (State::Failed | State::Cancelled) => {
+                return Err(QueueError::DependencyFinished {
+                    id,
+                    dependency: dep,
+                    state,
+                });
             }
             _ => waiting += 1,
         }
@@ -848,7 +847,7 @@ pub(super) fn cancel_in(
         });
     }
     let mut cancelled = vec![id];
-    cancel_one(tx, id, from, reason, actor, now)?;
+    cancelled.extend(cancel_one(tx, id, from, reason, actor, now)?);
     cancelled.extend(cancel_dependents(tx, id, actor, now)?);
     Ok(cancelled)
 }
@@ -871,6 +870,8 @@ pub(super) fn set_failed(
     Ok(())
 }
 
+/// Cancels one task; a task cancelled in review takes its reviewer tasks
+/// still to answer with it. Returns those reviewer tasks' ids.
 fn cancel_one(
     tx: &dyn Sql,
     id: i64,
@@ -878,9 +879,12 @@ fn cancel_one(
     reason: &str,
     actor: &str,
     now: i64,
-) -> Result<()> {
+) -> Result<Vec<i64>> {
+    let mut reviewers = Vec::new();
     if from == State::Review {
         outbox::drop_proposed(tx, id)?;
+        let why = format!("task {id}, which this reviews, was cancelled");
+        reviewers = cancel_pending_reviewers(tx, id, &why, actor, now)?;
     }
     let to = record(
         tx,
@@ -895,7 +899,34 @@ fn cancel_one(
         kind: ErrorKind::Cancelled,
         message: reason.to_string(),
     };
-    set_failed(tx, id, to, &error, now)
+    set_failed(tx, id, to, &error, now)?;
+    Ok(reviewers)
+}
+
+/// Cancels the reviewer tasks of `judged` that have not answered yet (and
+/// what depends on them): once a person has decided its review, or it was
+/// cancelled, their verdict cannot count, and their run (a model call, say)
+/// would be spent for nothing. Returns the ids cancelled.
+pub(super) fn cancel_pending_reviewers(
+    tx: &dyn Sql,
+    judged: i64,
+    why: &str,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<i64>> {
+    let reviewers = tx.query(
+        &format!(
+            "SELECT id FROM tasks WHERE parent_id = ?1 AND reviews = ?1
+             AND state IN ('pending', 'ready', 'in_progress'){}",
+            tx.for_update()
+        ),
+        args![judged],
+    )?;
+    let mut cancelled = Vec::new();
+    for row in reviewers {
+        cancelled.extend(cancel_in(tx, row.get(0)?, why, actor, now)?);
+    }
+    Ok(cancelled)
 }
 
 /// Cancels, transitively, every unfinished task waiting on `id`, which will
@@ -916,7 +947,7 @@ pub(super) fn cancel_dependents(tx: &dyn Sql, id: i64, actor: &str, now: i64) ->
             let child: i64 = row.get(0)?;
             let reason =
                 format!("cancelled because task {dep}, which it depends on, will never complete");
-            cancel_one(
+            let reviewers = cancel_one(
                 tx,
                 child,
                 parse_state(&row.get::<String>(1)?)?,
@@ -925,6 +956,7 @@ pub(super) fn cancel_dependents(tx: &dyn Sql, id: i64, actor: &str, now: i64) ->
                 now,
             )?;
             cancelled.push(child);
+            cancelled.extend(reviewers);
             queue.push(child);
         }
     }

@@ -57,7 +57,9 @@ impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> ApiError {
         let status = match &e {
             QueueError::NotFound(_) => StatusCode::NOT_FOUND,
-            QueueError::Illegal { .. } => StatusCode::CONFLICT,
+            QueueError::Illegal { .. } | QueueError::DependencyFinished { .. } => {
+                StatusCode::CONFLICT
+            }
             e if e.is_bad_input() => StatusCode::BAD_REQUEST,
             // Not "try again": the change may have been stored, and a
             // second submit without a key would make a second task.

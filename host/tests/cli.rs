@@ -290,7 +290,22 @@ on_both_drivers! {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(
-            stderr.contains("line 2") && stderr.contains("priority"),
+            stderr.contains("tasks.jsonl line 2: ") && stderr.contains("priority"),
+            "{stderr}"
+        );
+        assert_eq!(env.task_count(), 0);
+
+        // A refusal of the queue names the file's line, blank lines counted.
+        std::fs::write(
+            &file,
+            "\n{\"agent\":\"echo\"}\n\n{\"agent\":\"echo\",\"after\":[999999]}\n",
+        )
+        .unwrap();
+        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("tasks.jsonl line 4: ") && stderr.contains("task 999999 does not exist"),
             "{stderr}"
         );
         assert_eq!(env.task_count(), 0);
@@ -408,6 +423,131 @@ on_both_drivers! {
             2,
             "the lost attempt stays counted"
         );
+    }
+
+    /// A database outage longer than `stale_after`: no host could renew its
+    /// leases, so the first daemon back must not reset those of a live
+    /// daemon that reconnects a moment later; a dead one's it still resets.
+    fn after_an_outage_live_daemons_get_to_renew_their_leases_first(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let ids = [
+            env.submit(&["sleeper", r#"{"ms": 60000}"#]),
+            env.submit(&["sleeper", r#"{"ms": 60000}"#]),
+        ];
+        let lease_args = ["--stale-after", "4s", "--poll", "100ms"];
+        let mut holder = env.daemon(&[&lease_args[..], &["--heartbeat", "500ms", "--concurrency", "2"]].concat());
+        wait_for("both tasks to be claimed", Duration::from_secs(20), || {
+            ids.iter().all(|&id| env.queue().get(id).unwrap().state == State::InProgress)
+        });
+        let holder_name = env.queue().get(ids[0]).unwrap().claimed_by.unwrap();
+        let log = env.data.path().join("reaper.log");
+        let mut reaper = env
+            .cmd()
+            .args(["daemon", "--heartbeat", "100ms"])
+            .args(lease_args)
+            .env("COLONY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let reaper_log = || std::fs::read_to_string(&log).unwrap();
+        wait_for("the reaper to start", Duration::from_secs(20), || reaper_log().contains("daemon started"));
+
+        // The outage: the database refuses every write for longer than the
+        // busy timeout (5 s) and than stale_after. The holder is slower to
+        // come back: it stays stopped 1.5 s past the outage.
+        let mut raw = env.database.raw();
+        match env.database {
+            TestDb::Sqlite { .. } => raw.execute("BEGIN EXCLUSIVE"),
+            TestDb::Postgres { .. } => {
+                raw.execute("BEGIN");
+                raw.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            }
+        };
+        signal(&holder, "-STOP");
+        std::thread::sleep(Duration::from_secs(7));
+        raw.execute("ROLLBACK");
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(&holder, "-CONT");
+        // Past the reaper's wait (stale_after from the outage's end).
+        std::thread::sleep(Duration::from_secs(5));
+        let expired: Vec<_> = env
+            .queue()
+            .events(None, 0, u32::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "lease_expired")
+            .collect();
+        assert!(expired.is_empty(), "live leases were reset: {expired:?}");
+        for id in ids {
+            let task = env.queue().get(id).unwrap();
+            assert_eq!((task.state, task.claimed_by.as_deref()), (State::InProgress, Some(holder_name.as_str())));
+        }
+        assert!(reaper_log().contains("other hosts' leases are not reset until"), "{}", reaper_log());
+
+        // A holder that does not come back loses them, as ever.
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        wait_for("the dead holder's leases to be reset", Duration::from_secs(20), || {
+            ids.iter().all(|&id| {
+                env.queue()
+                    .events(Some(id), 0, 100)
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.event == "lease_expired" && e.detail["holder"] == holder_name.as_str())
+            })
+        });
+        signal(&reaper, "-KILL");
+        reaper.wait().unwrap();
+    }
+
+    /// A claimed task waiting in the buffer is not started once its lease
+    /// may have been reset elsewhere (not renewed for stale_after, the
+    /// database out): it waits for a heartbeat to renew it.
+    fn a_buffered_task_whose_lease_may_be_gone_is_not_started(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let first = env.submit(&["sleeper", r#"{"ms": 2500}"#]);
+        let second = env.submit(&["sleeper", r#"{"ms": 10}"#]);
+        let log = env.data.path().join("daemon.log");
+        let mut daemon = env
+            .cmd()
+            .args(["daemon", "--heartbeat", "200ms", "--stale-after", "2s", "--poll", "100ms"])
+            .args(["--concurrency", "1", "--claim-batch", "2"])
+            .env("COLONY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let started = |id: i64| {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("started") && l.contains(&format!("task={id} ")))
+        };
+        wait_for("both tasks to be claimed", Duration::from_secs(20), || {
+            [first, second].iter().all(|&id| env.queue().get(id).unwrap().state == State::InProgress)
+        });
+        assert!(started(first) && !started(second));
+
+        // The first run ends during the outage, after its lease went unrenewed
+        // for stale_after (and a heartbeat failed after the 5 s busy timeout).
+        let mut raw = env.database.raw();
+        match env.database {
+            TestDb::Sqlite { .. } => raw.execute("BEGIN EXCLUSIVE"),
+            TestDb::Postgres { .. } => {
+                raw.execute("BEGIN");
+                raw.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            }
+        };
+        std::thread::sleep(Duration::from_millis(7500));
+        assert!(!started(second), "a buffered task started on a lease not renewed for stale_after");
+        raw.execute("ROLLBACK");
+        wait_for("both tasks to complete", Duration::from_secs(30), || {
+            [first, second].iter().all(|&id| env.queue().get(id).unwrap().state == State::Complete)
+        });
+        assert!(started(second));
+        signal(&daemon, "-KILL");
+        daemon.wait().unwrap();
     }
 
     fn sigterm_releases_runs_without_burning_attempts(db) {

@@ -818,6 +818,24 @@ on_both_drivers! {
             "{err}"
         );
         assert!(q.list(&ListFilter::default()).unwrap().is_empty());
+
+        // One key twice in a batch: the second task would be dropped for the
+        // first's id, so the batch is refused, naming both.
+        let keyed = |payload: &str| {
+            let mut t = NewTask::new("a", payload);
+            t.key = Some("k".into());
+            t
+        };
+        let err = q
+            .submit_batch(&[keyed(r#"{"v":1}"#), good.clone(), keyed(r#"{"v":2}"#)])
+            .unwrap_err();
+        assert!(
+            matches!(err, QueueError::InvalidInBatch { index: 2, .. })
+                && err.to_string().contains("also the key of task #1"),
+            "{err}"
+        );
+        assert!(q.list(&ListFilter::default()).unwrap().is_empty());
+
         let ids = q.submit_batch(&[good.clone(), good]).unwrap();
         assert_eq!(ids.len(), 2);
     }

@@ -100,6 +100,7 @@ fn allowed(result: Result<impl Sized, QueueError>) {
     match result {
         Ok(_)
         | Err(QueueError::Illegal { .. })
+        | Err(QueueError::DependencyFinished { .. })
         | Err(QueueError::NotFound(_))
         | Err(QueueError::Invalid { .. }) => {}
         Err(e) => panic!("unexpected error: {e}"),

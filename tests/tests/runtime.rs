@@ -601,6 +601,29 @@ async fn broken_components_are_reported_and_skipped() {
     );
 }
 
+/// An until-idle daemon says what it left and why: blocked on a dependency
+/// in review is not the same as an agent missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_tells_blocked_tasks_from_missing_agents() {
+    let h = harness(&["echo"]);
+    let mut held = new_task("echo", json!({}));
+    held.review = true;
+    let held = h.submit(held);
+    let mut after = new_task("echo", json!({}));
+    after.depends_on = vec![held];
+    let after = h.submit(after);
+    let missing = h.submit(new_task("nowhere", json!({})));
+    let summary = h.run_until_idle().await;
+    assert_eq!(h.task(held).state, State::Review);
+    assert_eq!(h.task(after).state, State::Pending);
+    assert_eq!(h.task(missing).state, State::Ready);
+    assert_eq!(summary.left_blocked, vec![("echo".to_string(), 1)]);
+    assert_eq!(
+        summary.left_for_missing_agents,
+        vec![("nowhere".to_string(), 1)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_appear_change_and_disappear_without_a_restart() {
     let h = harness(&[]);

@@ -221,7 +221,8 @@ pub enum Command {
     /// The outbox: effects tasks queued, and whether they were sent
     /// (`colony effects retry ID` sends a failed one again).
     Effects(effects::EffectsArgs),
-    /// See and fix agents' durable state (`--agent NAME` or `--chain ROOT_ID`).
+    /// See and fix agents' durable state: `colony state list --agent NAME`
+    /// (or `--chain ROOT_ID`), then `get`, `set` or `delete` a key.
     #[command(subcommand)]
     State(state::StateCommand),
     /// Run the orchestrator: claim tasks and run them in their agents.
@@ -839,16 +840,18 @@ async fn load_agents(
 // ----- submit ------------------------------------------------------------------
 
 async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
-    let tasks = match &args.batch {
+    let (tasks, lines) = match &args.batch {
         Some(file) => read_batch(file)?,
-        None => vec![task_from_args(args)?],
+        None => (vec![task_from_args(args)?], vec![]),
     };
     let mut queue = open_queue(&cli.db, &identity("cli"))?;
-    let submitted = if args.batch.is_some() {
+    let submitted = if let Some(file) = &args.batch {
         queue.submit_batch(&tasks).map_err(|e| match e {
-            QueueError::InvalidInBatch { index, source } => {
-                bad(format!("line {}: {source}", index + 1))
-            }
+            QueueError::InvalidInBatch { index, source } => bad(format!(
+                "{} line {}: {source}",
+                batch_name(file),
+                lines[index]
+            )),
             other => other.into(),
         })?
     } else {
@@ -1045,7 +1048,17 @@ pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
     Ok(task)
 }
 
-fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
+/// How errors name a `--batch` file.
+fn batch_name(file: &Path) -> String {
+    match file == Path::new("-") {
+        true => "--batch - (stdin)".to_string(),
+        false => file.display().to_string(),
+    }
+}
+
+/// The tasks of a `--batch` file, one JSON object per line, and the line
+/// each came from (blank lines are skipped, so errors name the file's line).
+fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
     let mut text = String::new();
     if file == Path::new("-") {
         std::io::stdin()
@@ -1055,13 +1068,16 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
         text = std::fs::read_to_string(file)
             .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
     }
-    let mut tasks = Vec::new();
+    let (mut tasks, mut lines) = (Vec::new(), Vec::new());
     for (i, line) in text.as_bytes().lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        tasks.push(parse_batch_line(&line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?);
+        let task = parse_batch_line(&line)
+            .map_err(|e| bad(format!("{} line {}: {e}", batch_name(file), i + 1)))?;
+        tasks.push(task);
+        lines.push(i + 1);
     }
     if tasks.is_empty() {
         bail!(BadInput(format!(
@@ -1069,7 +1085,7 @@ fn read_batch(file: &Path) -> Result<Vec<NewTask>> {
             file.display()
         )));
     }
-    Ok(tasks)
+    Ok((tasks, lines))
 }
 
 // ----- status, events ------------------------------------------------------------

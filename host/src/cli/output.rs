@@ -609,6 +609,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "effects_sent": summary.effects_sent,
             "effects_failed": summary.effects_failed,
             "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
+            "left_blocked_on_dependencies": summary.left_blocked.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
             "effects_left_for_missing_agents": summary.effects_left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "effects": n})).collect::<Vec<_>>(),
         }));
     }
@@ -634,8 +635,11 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
         );
     }
     for (agent, n) in &summary.left_for_missing_agents {
+        say!("  {n} task(s) left waiting for agent {agent:?}, which is not loaded");
+    }
+    for (agent, n) in &summary.left_blocked {
         say!(
-            "  {n} task(s) left waiting for agent {agent:?}, which is not loaded (or blocked on dependencies)"
+            "  {n} task(s) of agent {agent:?} left waiting for dependencies that have not completed (in review, say, or waiting themselves; see `colony list --state pending`)"
         );
     }
     for (agent, n) in &summary.effects_left_for_missing_agents {

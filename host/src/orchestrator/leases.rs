@@ -38,6 +38,7 @@ impl Daemon {
         let progress: Vec<(Lease, Option<String>)> =
             self.run_side.progress.lock().unwrap().drain().collect();
         let stale_after = self.cfg.stale_after;
+        let may_reap = self.reaping_from.is_some_and(|at| Instant::now() >= at);
         let queue = &mut self.queue;
         let result = tokio::task::block_in_place(|| -> Result<(Vec<Lease>, usize), QueueError> {
             // A daemon whose file was deleted would go on claiming and
@@ -55,7 +56,10 @@ impl Daemon {
             } else {
                 queue.heartbeat(&leases)?
             };
-            let expired = queue.reset_stale_leases(stale_after)?;
+            let expired = match may_reap {
+                true => queue.reset_stale_leases(stale_after)?,
+                false => Vec::new(),
+            };
             for lease in &expired {
                 tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
             }
@@ -63,6 +67,8 @@ impl Daemon {
         });
         match result {
             Ok((lost, expired)) => {
+                self.renewed_at = Instant::now();
+                self.database_answered();
                 self.drop_lost(&lost);
                 !lost.is_empty() || expired > 0
             }
@@ -72,9 +78,42 @@ impl Daemon {
             }
             Err(e) => {
                 tracing::error!("heartbeat failed, will retry: {e}");
+                self.database_failed();
                 false
             }
         }
+    }
+
+    /// A database call failed in a way that may pass (unreachable, locked).
+    /// If it is an outage, no host can renew its leases meanwhile, so none
+    /// of theirs is reset here until the database has worked again for
+    /// `stale_after` (see [`Daemon::database_answered`]).
+    pub(super) fn database_failed(&mut self) {
+        if self.reaping_from.take().is_some() {
+            tracing::info!(
+                stale_after = ?self.cfg.stale_after,
+                "the database failed: other hosts' leases are not reset until it has answered for stale_after, so that live holders can renew theirs first"
+            );
+        }
+    }
+
+    /// A database call went through. The first one after a failure starts
+    /// the wait before other hosts' leases may be reset: resetting them at
+    /// once would take the work of live daemons that reconnect a moment
+    /// later (seen on PostgreSQL restarts: every lease of the others reset,
+    /// tasks with one attempt failed as `lease_expired`).
+    pub(super) fn database_answered(&mut self) {
+        if self.reaping_from.is_none() {
+            self.reaping_from = Some(Instant::now() + self.cfg.stale_after);
+        }
+    }
+
+    /// Whether the leases of buffered tasks can still be ours: renewed
+    /// within `stale_after`. Otherwise another host may have reset them,
+    /// and a run started now could run beside that host's; they wait for
+    /// the next heartbeat, which renews them or reports them lost.
+    pub(super) fn buffered_leases_fresh(&self) -> bool {
+        self.renewed_at.elapsed() < self.cfg.stale_after
     }
 
     /// Gives back buffered tasks of agents that are no longer loaded (removed

@@ -44,6 +44,10 @@ mod run_side;
 mod store;
 use run_side::RunSide;
 
+/// What an until-idle daemon leaves: unfinished tasks of agents not
+/// loaded, and tasks of loaded agents blocked on dependencies, by agent.
+type Left = (Vec<(String, u64)>, Vec<(String, u64)>);
+
 /// How the daemon behaves. Every field has the documented default.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -146,6 +150,9 @@ pub struct DaemonSummary {
     pub released: u64,
     /// Unfinished tasks left for agents that are not loaded, by agent.
     pub left_for_missing_agents: Vec<(String, u64)>,
+    /// Tasks of loaded agents left waiting for dependencies that did not
+    /// complete (one waits in review, say, or for an agent not loaded).
+    pub left_blocked: Vec<(String, u64)>,
     /// Effects left undelivered for agents that are not loaded, by agent.
     pub effects_left_for_missing_agents: Vec<(String, u64)>,
     /// Effects this daemon delivered, and those that failed for good here.
@@ -277,6 +284,14 @@ pub struct Daemon {
     /// A database error that retrying cannot fix (read-only file, malformed
     /// image, newer schema): the loop stops with it.
     unusable: Option<QueueError>,
+    /// From when other hosts' leases may be reset (`None`: the database is
+    /// failing now). After an outage nobody could renew a lease, so every
+    /// live holder first gets `stale_after` of a working database to renew
+    /// its own (see `Daemon::database_answered`).
+    reaping_from: Option<Instant>,
+    /// When this daemon's leases were last renewed (or it started): its
+    /// buffered tasks are not started once another host may have reset them.
+    renewed_at: Instant,
     /// Claim tokens of transactions lost during COMMIT, and since when:
     /// what they claimed (if they committed) is given back (see
     /// `release_unconfirmed_claims`).
@@ -342,6 +357,9 @@ impl Daemon {
             written_tx,
             written_rx,
             unusable: None,
+            // A daemon starting up resets a crashed host's leases at once.
+            reaping_from: Some(Instant::now()),
+            renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
             announced_wait: None,
             deliverer,
@@ -451,8 +469,9 @@ impl Daemon {
             }
             if self.cfg.until_idle && self.is_quiet() {
                 match self.idle() {
-                    Ok(Some(left)) => {
-                        self.summary.left_for_missing_agents = left;
+                    Ok(Some((missing, blocked))) => {
+                        self.summary.left_for_missing_agents = missing;
+                        self.summary.left_blocked = blocked;
                         return Ok(self.summary());
                     }
                     Ok(None) => {}
@@ -570,7 +589,7 @@ impl Daemon {
     /// none starves the others.
     fn dispatch_buffered(&mut self) {
         let mut names = self.agents.loaded_names();
-        if names.is_empty() {
+        if names.is_empty() || !self.buffered_leases_fresh() {
             return;
         }
         let start = self.rotation % names.len();
@@ -709,9 +728,10 @@ impl Daemon {
             && self.prefetched.values().all(VecDeque::is_empty)
     }
 
-    /// `Some(left)` when nothing runnable remains for the loaded agents and
-    /// nothing runs anywhere; `left` lists work waiting for missing agents.
-    fn idle(&mut self) -> Result<Option<Vec<(String, u64)>>, QueueError> {
+    /// `Some((missing, blocked))` when nothing runnable remains for the
+    /// loaded agents and nothing runs anywhere: what is left for agents not
+    /// loaded, and what loaded agents have waiting for dependencies.
+    fn idle(&mut self) -> Result<Option<Left>, QueueError> {
         // Effects of completed tasks still to deliver (their retries are
         // bounded) keep an until-idle daemon at work.
         let loaded = self.agents.loaded_names();
@@ -720,7 +740,7 @@ impl Daemon {
             return Ok(None);
         }
         let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
-        let mut left = Vec::new();
+        let (mut missing, mut blocked) = (Vec::new(), Vec::new());
         let mut scheduled = 0;
         for (agent, b) in backlog {
             if b.in_progress > 0 {
@@ -732,10 +752,10 @@ impl Daemon {
                 }
                 scheduled += b.scheduled;
                 if b.blocked > 0 {
-                    left.push((agent, b.blocked));
+                    blocked.push((agent, b.blocked));
                 }
             } else if b.ready + b.scheduled + b.blocked > 0 {
-                left.push((agent, b.ready + b.scheduled + b.blocked));
+                missing.push((agent, b.ready + b.scheduled + b.blocked));
             }
         }
         if scheduled > 0 {
@@ -747,7 +767,7 @@ impl Daemon {
         // Only an agent's daemon can send its effects (its allow-list and
         // secrets): those of agents not loaded here are left, and said so.
         self.summary.effects_left_for_missing_agents = effects;
-        Ok(Some(left))
+        Ok(Some((missing, blocked)))
     }
 
     /// Logs, once per next due time, that an until-idle daemon waits for

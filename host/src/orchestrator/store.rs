@@ -122,6 +122,9 @@ impl Daemon {
                 if !claims.is_empty() {
                     self.claims_paused_until = Some(Instant::now() + CLAIM_RETRY);
                 }
+                if e.is_transient() {
+                    self.database_failed();
+                }
                 if runs.is_empty() {
                     match e.is_permanent() {
                         true => self.unusable = Some(e),
@@ -225,6 +228,7 @@ impl Daemon {
     ) {
         match result {
             Ok(applied) => {
+                self.database_answered();
                 if !self.write_backoff.is_zero() {
                     // After a streak of errors, the operator reading them
                     // wants to know that it ended.
@@ -240,6 +244,7 @@ impl Daemon {
                 self.unusable = Some(e);
             }
             Err(e) if e.is_transient() => {
+                self.database_failed();
                 self.write_backoff = (self.write_backoff * 2)
                     .clamp(Duration::from_millis(50), Duration::from_secs(5));
                 tracing::error!(
@@ -281,6 +286,7 @@ impl Daemon {
         match result {
             Ok(applied) => self.count(&run, applied),
             Err(e) if e.is_transient() => {
+                self.database_failed();
                 self.unwritten_since.get_or_insert_with(Instant::now);
                 self.unwritten.push(run);
             }

@@ -43,6 +43,7 @@ mod state;
 mod tasks;
 mod validate;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -611,9 +612,26 @@ impl Queue {
     /// Stores all tasks or none, in one transaction. A bad task is reported
     /// with its index ([`QueueError::InvalidInBatch`]).
     pub fn submit_batch(&mut self, batch: &[NewTask]) -> Result<Vec<Submitted>> {
+        let mut keys = HashMap::new();
         for (index, new) in batch.iter().enumerate() {
             validate::validate_new_task(new, self.opts.max_payload_bytes)
                 .map_err(|e| in_batch(index, e))?;
+            // A key names one task: a second use in the same batch would be
+            // answered with the first's id and its own task dropped.
+            if let Some(key) = &new.key
+                && let Some(first) = keys.insert(key.as_str(), index)
+            {
+                return Err(in_batch(
+                    index,
+                    QueueError::invalid(
+                        "key",
+                        format!(
+                            "{key:?} is also the key of task #{} of the batch; a key names one task",
+                            first + 1
+                        ),
+                    ),
+                ));
+            }
         }
         self.write(|tx, now| tasks::insert_new_tasks(tx, batch, &self.opts.actor, now))
     }

@@ -357,6 +357,9 @@ fn empty_object() -> serde_json::Value {
 /// Defaults applied when a submit does not say otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_MAX_REVISIONS: u32 = 3;
+/// The most rejections with a note a task may be given (each a fresh round
+/// of `max_attempts` runs).
+pub const MAX_REVISIONS: u32 = 100;
 pub const DEFAULT_BACKOFF_MS: u64 = 10_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 

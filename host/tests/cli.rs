@@ -188,6 +188,39 @@ on_both_drivers! {
         );
     }
 
+    fn max_revisions_is_set_per_task(db) {
+        let env = Env::on(db, &["echo"]);
+        let once = env.submit(&["echo", "{}", "--review", "--max-revisions", "0"]);
+        let file = env.data.path().join("tasks.jsonl");
+        std::fs::write(&file, "{\"agent\":\"echo\",\"review\":true,\"max_revisions\":1}\n").unwrap();
+        let twice: i64 = env.ok(&["submit", "--batch", file.to_str().unwrap()]).trim().parse().unwrap();
+        env.until_idle(&[]);
+        assert_eq!((env.show(once)["max_revisions"].as_u64(), env.show(twice)["max_revisions"].as_u64()), (Some(0), Some(1)));
+
+        // No revision left: the first rejection fails the task.
+        env.ok(&["review", &once.to_string(), "reject", "--note", "no"]);
+        let failed = env.show(once);
+        assert_eq!((failed["state"].as_str(), failed["error"]["kind"].as_str()), (Some("failed"), Some("rejected")), "{failed}");
+        // One revision: the first rejection runs it again, the second fails it.
+        env.ok(&["review", &twice.to_string(), "reject", "--note", "again"]);
+        env.until_idle(&[]);
+        assert_eq!(env.show(twice)["state"], "review");
+        env.ok(&["review", &twice.to_string(), "reject", "--note", "no"]);
+        assert_eq!(env.show(twice)["state"], "failed");
+
+        // Out of range: refused, naming the flag or the field, nothing stored.
+        let before = env.task_count();
+        let out = env.run(&["submit", "echo", "{}", "--max-revisions", "101"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--max-revisions"));
+        std::fs::write(&file, "{\"agent\":\"echo\",\"max_revisions\":101}\n").unwrap();
+        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("invalid max_revisions: must be at most 100"), "{stderr}");
+        assert_eq!(env.task_count(), before);
+    }
+
     fn a_reviewer_agent_approves_automatically(db) {
         let env = Env::on(db, &["echo", "reviewer"]);
         let id = env.submit(&["echo", r#"{"x":1}"#, "--reviewer", "reviewer"]);

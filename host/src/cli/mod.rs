@@ -339,6 +339,11 @@ pub struct SubmitArgs {
     /// Hold the result in `review` until approved.
     #[arg(long)]
     pub review: bool,
+    /// Rejections with a note before a rejection fails the task: 0 to 100
+    /// (default 3). Each revision runs the task again, with the note as its
+    /// `feedback` and its attempts back.
+    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_REVISIONS, value_parser = clap::value_parser!(u32).range(0..=crate::task::MAX_REVISIONS as i64), allow_negative_numbers = true)]
+    pub max_revisions: u32,
     /// An agent that reviews the result automatically (implies --review).
     #[arg(long)]
     pub reviewer: Option<String>,
@@ -374,7 +379,7 @@ pub struct SubmitArgs {
     pub token_budget: Option<u64>,
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
     /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,
-    /// review, reviewer, next, after, key, timeout, backoff, run_at, token_budget}.
+    /// review, max_revisions, reviewer, next, after, key, timeout, backoff, run_at, token_budget}.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["agent", "payload", "payload_file"])]
     pub batch: Option<PathBuf>,
 }
@@ -922,6 +927,7 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
     task.priority = args.priority;
     task.max_attempts = args.max_attempts;
     task.review = args.review;
+    task.max_revisions = args.max_revisions;
     task.reviewer = args.reviewer.clone();
     task.depends_on = args.after.clone();
     task.key = args.key.clone();
@@ -1001,6 +1007,8 @@ struct BatchLine {
     #[serde(default)]
     review: bool,
     #[serde(default)]
+    max_revisions: Option<u32>,
+    #[serde(default)]
     reviewer: Option<String>,
     #[serde(default)]
     next: Vec<NextSpec>,
@@ -1029,6 +1037,9 @@ pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
         task.max_attempts = n;
     }
     task.review = parsed.review;
+    if let Some(n) = parsed.max_revisions {
+        task.max_revisions = n;
+    }
     task.reviewer = parsed.reviewer;
     task.next = parsed.next;
     task.depends_on = parsed.after;

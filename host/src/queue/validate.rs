@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use crate::task::{self, NewTask, NextSpec, SpawnSpec};
+use crate::task::{self, MAX_REVISIONS, NewTask, NextSpec, SpawnSpec};
 
 use super::{QueueError, Result};
 
@@ -83,6 +83,12 @@ pub(super) fn validate_new_task(new: &NewTask, max_payload: usize) -> Result<()>
     }
     if new.max_attempts > 1000 {
         return Err(QueueError::invalid("max_attempts", "must be at most 1000"));
+    }
+    if new.max_revisions > MAX_REVISIONS {
+        return Err(QueueError::invalid(
+            "max_revisions",
+            format!("must be at most {MAX_REVISIONS}"),
+        ));
     }
     if let Some(reviewer) = &new.reviewer {
         validate_agent_name("reviewer", reviewer)?;

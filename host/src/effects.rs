@@ -12,8 +12,12 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Most body bytes of all of one run's effects (held by the host, outside
 /// the run's memory cap, until the task completes).
 pub const MAX_BODY_BYTES_PER_RUN: usize = 8 << 20;
-/// Delivery attempts before an effect is marked failed.
+/// Delivery attempts before an effect is marked failed (an agent's manifest
+/// may set `effect_attempts`): 0.5 s, 1 s, 2 s, 4 s apart, doubling.
 pub const DEFAULT_DELIVERY_ATTEMPTS: u32 = 5;
+/// Most a manifest may set `effect_attempts` to: the waits double up to
+/// ten minutes apart, so 20 attempts span about two hours.
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 20;
 
 /// A request to send once the task has committed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +28,14 @@ pub struct Effect {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
+    /// Delivery attempts before it is marked failed (the agent's
+    /// `effect_attempts`).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_attempts() -> u32 {
+    DEFAULT_DELIVERY_ATTEMPTS
 }
 
 impl Effect {

@@ -1595,6 +1595,7 @@ on_both_drivers! {
             url: "http://127.0.0.1:9/hook".into(),
             headers: vec![],
             body: None,
+            max_attempts: colony::effects::DEFAULT_DELIVERY_ATTEMPTS,
         };
         let with_effect = q
             .finish_and_claim(&[run(leases[2], vec![effect])], &[])

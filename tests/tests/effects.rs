@@ -171,6 +171,42 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
     assert_eq!(server.count(), 6);
 }
 
+/// An agent's manifest sets how often its effects are tried (the default
+/// 5 span ~8 s; up to 20, two hours): with `effect_attempts = 2`, two
+/// failures fail the effect, where the default would have tried a third
+/// time; the number is stored with each effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_manifest_sets_its_effects_attempts() {
+    let server = ModelServer::start();
+    let agents = agents_dir_with(&["stateful"]);
+    let manifest = format!(
+        "allowed_hosts = [{:?}]\neffect_attempts = 2\n",
+        server.url()
+    );
+    std::fs::write(agents.path().join("stateful.toml"), manifest).unwrap();
+    let h = Harness::with_shared_cache(agents);
+    for _ in 0..2 {
+        server.push_plain(503);
+    }
+    let id = submit(&h, json!({"ops": [effect(&server, "/flaky", "x")]}), 1);
+    h.run_until_idle().await;
+    let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("failed", 2), "{row:?}");
+    assert_eq!(server.count(), 2);
+
+    // Out of range: the agent is not loaded, and the reason names the key.
+    let agents = agents_dir_with(&["stateful"]);
+    std::fs::write(agents.path().join("stateful.toml"), "effect_attempts = 0\n").unwrap();
+    let mut dir = colony::runtime::AgentDir::new(agents.path());
+    let report = dir.rescan(&h.runtime()).await;
+    let (name, why) = &report.broken[0];
+    assert_eq!(name, "stateful");
+    assert!(
+        why.contains("effect_attempts") && why.contains("outside 1..=20"),
+        "{why}"
+    );
+}
+
 /// A guest refused in a loop cannot fill the trail: 200 calls are checked
 /// and recorded, the 201st says the limit, later ones are refused unrecorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

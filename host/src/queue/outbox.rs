@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::sql::{Dialect, Row, Sql, args};
 use super::{Queue, QueueError, Result};
-use crate::effects::{DEFAULT_DELIVERY_ATTEMPTS, Effect};
+use crate::effects::{Effect, MAX_DELIVERY_ATTEMPTS};
 
 /// An effect claimed for one delivery attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub(super) fn store(
                 serde_json::to_string(&effect.headers).expect("headers serialize"),
                 effect.body,
                 state,
-                DEFAULT_DELIVERY_ATTEMPTS,
+                effect.max_attempts.clamp(1, MAX_DELIVERY_ATTEMPTS),
                 now,
             ],
         )?;
@@ -170,7 +170,7 @@ impl Queue {
                 "UPDATE effects SET state = 'sending', claim_token = ?1, claimed_by = ?2,
                         lease_until = ?3, attempts = attempts + 1, updated_at = ?4
                  WHERE id IN ({sql})
-                 RETURNING id, task_id, agent, attempts, seq, method, url, headers, body"
+                 RETURNING id, task_id, agent, attempts, seq, method, url, headers, body, max_attempts"
             );
             let claimed = tx.query(
                 &sql,
@@ -195,6 +195,7 @@ impl Queue {
                             url: r.get(6)?,
                             headers,
                             body: r.get(8)?,
+                            max_attempts: r.get(9)?,
                         },
                     }),
                     Err(e) => {

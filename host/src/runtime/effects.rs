@@ -4,7 +4,9 @@
 
 use super::bindings::colony::agent::effects as wit;
 use super::sandbox::RunState;
-use crate::effects::{Effect, MAX_BODY_BYTES_PER_RUN, MAX_EFFECTS_PER_RUN, check_shape};
+use crate::effects::{
+    DEFAULT_DELIVERY_ATTEMPTS, Effect, MAX_BODY_BYTES_PER_RUN, MAX_EFFECTS_PER_RUN, check_shape,
+};
 
 /// Most `send-after-commit` calls one run may make, refused ones included:
 /// each refusal is recorded (a task-log line and an `effect_refused`
@@ -12,11 +14,22 @@ use crate::effects::{Effect, MAX_BODY_BYTES_PER_RUN, MAX_EFFECTS_PER_RUN, check_
 pub const MAX_EFFECT_CALLS_PER_RUN: usize = 2 * MAX_EFFECTS_PER_RUN;
 
 /// One run's queued effects.
-#[derive(Default)]
 pub struct EffectsSession {
     pub(super) queued: Vec<Effect>,
     /// `send-after-commit` calls so far, refused ones included.
     calls: usize,
+    /// Delivery attempts of each (the agent's `effect_attempts`).
+    pub(super) max_attempts: u32,
+}
+
+impl Default for EffectsSession {
+    fn default() -> Self {
+        EffectsSession {
+            queued: Vec::new(),
+            calls: 0,
+            max_attempts: DEFAULT_DELIVERY_ATTEMPTS,
+        }
+    }
 }
 
 impl wit::Host for RunState {
@@ -54,6 +67,7 @@ impl wit::Host for RunState {
             url: req.url,
             headers: req.headers,
             body: req.body,
+            max_attempts: self.effects.max_attempts,
         });
         Ok(seq)
     }

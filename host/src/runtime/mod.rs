@@ -151,6 +151,8 @@ pub struct Limits {
     pub token_budget: Option<u64>,
     /// Outbound HTTP: allowed origins, secrets, bounds (default: none).
     pub http: Arc<HttpGrant>,
+    /// Delivery attempts of each effect the agent queues (default 5).
+    pub effect_attempts: u32,
 }
 
 impl Default for Limits {
@@ -165,6 +167,7 @@ impl Default for Limits {
             models: Arc::from([]),
             token_budget: None,
             http: Arc::default(),
+            effect_attempts: crate::effects::DEFAULT_DELIVERY_ATTEMPTS,
         }
     }
 }
@@ -575,6 +578,7 @@ impl Runtime {
             agent.limits.read_only_dir.as_deref(),
         )?;
         let mut store = Store::new(&agent.engine, state);
+        store.data_mut().effects.max_attempts = agent.limits.effect_attempts;
         store.limiter(|state| &mut state.limiter);
         store.set_fuel(agent.limits.fuel.unwrap_or(u64::MAX))?;
         // Yield to the executor at every tick: the deadline is enforced by

@@ -48,6 +48,9 @@ pub struct Manifest {
     pub http_max_response_kb: Option<u64>,
     /// HTTP requests per run (default 100).
     pub http_max_requests: Option<u32>,
+    /// Delivery attempts of each effect before it is marked failed
+    /// (default 5: 0.5 s, 1 s, 2 s, 4 s apart, doubling up to ten minutes).
+    pub effect_attempts: Option<u32>,
 }
 
 /// A manifest that is not valid TOML, or names a key we do not know: what
@@ -127,6 +130,13 @@ impl Manifest {
             ));
         }
         limits.token_budget = self.token_budget;
+        if let Some(n) = self.effect_attempts {
+            let max = crate::effects::MAX_DELIVERY_ATTEMPTS;
+            if !(1..=max).contains(&n) {
+                return Err(bad("effect_attempts", format!("{n} is outside 1..={max}")));
+            }
+            limits.effect_attempts = n;
+        }
         let http = super::http::ManifestHttp {
             allowed_hosts: self.allowed_hosts.as_deref(),
             secrets: self.secrets.as_ref(),

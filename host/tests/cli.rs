@@ -328,6 +328,18 @@ on_both_drivers! {
         );
         assert_eq!(env.task_count(), 0);
 
+        // One key on two lines: both lines named.
+        std::fs::write(
+            &file,
+            "{\"agent\":\"echo\",\"key\":\"k\"}\n\n{\"agent\":\"echo\",\"key\":\"k\"}\n",
+        )
+        .unwrap();
+        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("tasks.jsonl line 3: invalid key: \"k\" is also the key on line 1"), "{stderr}");
+        assert_eq!(env.task_count(), 0);
+
         // A refusal of the queue names the file's line, blank lines counted.
         std::fs::write(
             &file,

@@ -645,3 +645,38 @@ fn claims_whose_commit_is_unconfirmed_are_given_back_unstarted() {
         "given back once"
     );
 }
+
+/// A person's verdict cancels the reviewer tasks still to answer, but not
+/// one whose row another transaction holds (on PostgreSQL most likely its
+/// own completion, which locks the reviewer before the judged task: waiting
+/// for it would deadlock). The verdict goes through at once either way.
+#[test]
+fn a_verdict_does_not_wait_for_a_reviewer_row_another_transaction_holds() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut q = db.open();
+    let mut new = NewTask::new("writer", "{}");
+    new.reviewer = Some("critic".into());
+    let judged = q.submit(&new).unwrap().id;
+    let lease = q.claim("writer", 1).unwrap().remove(0).lease;
+    q.finish(
+        lease,
+        colony::task::RunOutcome::Success {
+            output: "{}".into(),
+            spawn: vec![],
+            needs_review: false,
+        },
+        "",
+    )
+    .unwrap();
+    let reviewer = q.claim("critic", 1).unwrap().remove(0).lease.task_id;
+
+    let mut holder = db.raw();
+    holder.execute("BEGIN");
+    holder.execute(&format!(
+        "SELECT id FROM tasks WHERE id = {reviewer} FOR UPDATE"
+    ));
+    // Waiting for the row would end in a lock timeout: the approval failed.
+    assert_eq!(q.approve(judged, None).unwrap(), State::Complete);
+    holder.execute("ROLLBACK");
+    assert_eq!(q.get(reviewer).unwrap().state, State::InProgress);
+}

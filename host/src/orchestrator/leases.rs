@@ -38,37 +38,54 @@ impl Daemon {
         let progress: Vec<(Lease, Option<String>)> =
             self.run_side.progress.lock().unwrap().drain().collect();
         let stale_after = self.cfg.stale_after;
-        let may_reap = self.reaping_from.is_some_and(|at| Instant::now() >= at);
+        // A stall this long held up the other hosts' renewals long enough
+        // for their leases to go stale: a lease renewed a heartbeat before
+        // it, then nothing.
+        let long_stall = stale_after.saturating_sub(self.cfg.heartbeat);
+        let may_reap = self.may_reap();
         let queue = &mut self.queue;
-        let result = tokio::task::block_in_place(|| -> Result<(Vec<Lease>, usize), QueueError> {
-            // A daemon whose file was deleted would go on claiming and
-            // completing where no other command looks.
-            queue.check_database_file()?;
-            // Only a run that still holds its claim: an older run of a task
-            // re-claimed here must not write over the new claim's progress.
-            for (lease, text) in &progress {
-                if leases.contains(lease) {
-                    queue.record_progress(*lease, text.as_deref())?;
+        // The leases are renewed as of about now, whenever the write returns.
+        let started = Instant::now();
+        let result = tokio::task::block_in_place(
+            || -> Result<(Vec<Lease>, usize, bool), QueueError> {
+                // A daemon whose file was deleted would go on claiming and
+                // completing where no other command looks.
+                queue.check_database_file()?;
+                // Only a run that still holds its claim: an older run of a task
+                // re-claimed here must not write over the new claim's progress.
+                for (lease, text) in &progress {
+                    if leases.contains(lease) {
+                        queue.record_progress(*lease, text.as_deref())?;
+                    }
                 }
-            }
-            let lost = if leases.is_empty() {
-                Vec::new()
-            } else {
-                queue.heartbeat(&leases)?
-            };
-            let expired = match may_reap {
-                true => queue.reset_stale_leases(stale_after)?,
-                false => Vec::new(),
-            };
-            for lease in &expired {
-                tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
-            }
-            Ok((lost, expired.len()))
-        });
+                let lost = if leases.is_empty() {
+                    // Nothing to renew, but a waiting reaper must learn whether
+                    // the database takes writes again.
+                    if !may_reap {
+                        queue.check_writable()?;
+                    }
+                    Vec::new()
+                } else {
+                    queue.heartbeat(&leases)?
+                };
+                let stalled = started.elapsed() > long_stall;
+                let expired = match may_reap && !stalled {
+                    true => queue.reset_stale_leases(stale_after)?,
+                    false => Vec::new(),
+                };
+                for lease in &expired {
+                    tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
+                }
+                Ok((lost, expired.len(), stalled))
+            },
+        );
         match result {
-            Ok((lost, expired)) => {
-                self.renewed_at = Instant::now();
-                self.database_answered();
+            Ok((lost, expired, stalled)) => {
+                self.renewed_at = started;
+                if stalled {
+                    self.renewals_failed("the heartbeat's write stalled for most of stale_after");
+                }
+                self.renewals_answered();
                 self.drop_lost(&lost);
                 !lost.is_empty() || expired > 0
             }
@@ -78,31 +95,40 @@ impl Daemon {
             }
             Err(e) => {
                 tracing::error!("heartbeat failed, will retry: {e}");
-                self.database_failed();
+                self.renewals_failed("the heartbeat failed");
                 false
             }
         }
     }
 
-    /// A database call failed in a way that may pass (unreachable, locked).
-    /// If it is an outage, no host can renew its leases meanwhile, so none
-    /// of theirs is reset here until the database has worked again for
-    /// `stale_after` (see [`Daemon::database_answered`]).
-    pub(super) fn database_failed(&mut self) {
+    /// Whether other hosts' stale leases may be reset now.
+    pub(super) fn may_reap(&self) -> bool {
+        self.reaping_from.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// This daemon could not renew its leases in time (`why`): if the
+    /// database was out or stalled, no host could renew theirs meanwhile,
+    /// so none of theirs is reset here until renewals have worked again for
+    /// `stale_after` (see [`Daemon::renewals_answered`]). Only the
+    /// heartbeat counts: other writes fail for reasons of their own (a
+    /// full pool, a large batch), and each failure restarts the wait, which
+    /// would leave a crashed host's leases unreset for as long as they
+    /// recur.
+    pub(super) fn renewals_failed(&mut self, why: &str) {
         if self.reaping_from.take().is_some() {
             tracing::info!(
                 stale_after = ?self.cfg.stale_after,
-                "the database failed: other hosts' leases are not reset until it has answered for stale_after, so that live holders can renew theirs first"
+                "{why}: other hosts' leases are not reset until the database has answered for stale_after, so that live holders can renew theirs first"
             );
         }
     }
 
-    /// A database call went through. The first one after a failure starts
+    /// The heartbeat's write went through. The first after a failure starts
     /// the wait before other hosts' leases may be reset: resetting them at
     /// once would take the work of live daemons that reconnect a moment
     /// later (seen on PostgreSQL restarts: every lease of the others reset,
     /// tasks with one attempt failed as `lease_expired`).
-    pub(super) fn database_answered(&mut self) {
+    pub(super) fn renewals_answered(&mut self) {
         if self.reaping_from.is_none() {
             self.reaping_from = Some(Instant::now() + self.cfg.stale_after);
         }

@@ -287,7 +287,7 @@ pub struct Daemon {
     /// From when other hosts' leases may be reset (`None`: the database is
     /// failing now). After an outage nobody could renew a lease, so every
     /// live holder first gets `stale_after` of a working database to renew
-    /// its own (see `Daemon::database_answered`).
+    /// its own (see `Daemon::renewals_answered`).
     reaping_from: Option<Instant>,
     /// When this daemon's leases were last renewed (or it started): its
     /// buffered tasks are not started once another host may have reset them.
@@ -487,7 +487,13 @@ impl Daemon {
             if let Some(since) = self.unwritten_since.filter(|_| !self.writer.busy) {
                 wait_until = wait_until.min(since + self.cfg.write_window.max(self.write_backoff));
             }
-            if let Some(at) = self.claims_paused_until.filter(|_| look) {
+            // Only a pause still ahead: one that has passed with no claim
+            // wanted (buffers full) would wake the loop at once, again and
+            // again.
+            if let Some(at) = self
+                .claims_paused_until
+                .filter(|at| look && *at > Instant::now())
+            {
                 wait_until = wait_until.min(at);
             }
             waiting_since = Some(Instant::now());

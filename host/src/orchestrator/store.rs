@@ -122,9 +122,6 @@ impl Daemon {
                 if !claims.is_empty() {
                     self.claims_paused_until = Some(Instant::now() + CLAIM_RETRY);
                 }
-                if e.is_transient() {
-                    self.database_failed();
-                }
                 if runs.is_empty() {
                     match e.is_permanent() {
                         true => self.unusable = Some(e),
@@ -157,8 +154,11 @@ impl Daemon {
     /// reaper resets them anyway.
     pub(super) fn release_unconfirmed_claims(&mut self) {
         let stale_after = self.cfg.stale_after;
+        // While the database is out (reaping waits), no reaper can have
+        // reset them either: keep trying until it has answered that long.
+        let may_reap = self.may_reap();
         self.unconfirmed_claims
-            .retain(|(_, since)| since.elapsed() <= stale_after);
+            .retain(|(_, since)| since.elapsed() <= stale_after || !may_reap);
         if self.unconfirmed_claims.is_empty() {
             return;
         }
@@ -228,7 +228,6 @@ impl Daemon {
     ) {
         match result {
             Ok(applied) => {
-                self.database_answered();
                 if !self.write_backoff.is_zero() {
                     // After a streak of errors, the operator reading them
                     // wants to know that it ended.
@@ -244,7 +243,6 @@ impl Daemon {
                 self.unusable = Some(e);
             }
             Err(e) if e.is_transient() => {
-                self.database_failed();
                 self.write_backoff = (self.write_backoff * 2)
                     .clamp(Duration::from_millis(50), Duration::from_secs(5));
                 tracing::error!(
@@ -286,7 +284,6 @@ impl Daemon {
         match result {
             Ok(applied) => self.count(&run, applied),
             Err(e) if e.is_transient() => {
-                self.database_failed();
                 self.unwritten_since.get_or_insert_with(Instant::now);
                 self.unwritten.push(run);
             }

@@ -557,6 +557,12 @@ impl Queue {
         }
     }
 
+    /// An empty write transaction: whether this connection can write now
+    /// (the server reachable, no lock held past the busy timeout).
+    pub fn check_writable(&self) -> Result<()> {
+        self.write(|_, _| Ok(()))
+    }
+
     /// Makes this connection's claims (and those of connections
     /// [`Queue::reopener`] opens from it) promise to renew their leases
     /// within `lease`: a daemon passes its `stale_after`.

@@ -914,11 +914,18 @@ pub(super) fn cancel_pending_reviewers(
     actor: &str,
     now: i64,
 ) -> Result<Vec<i64>> {
+    // On PostgreSQL a reviewer row locked by another transaction is most
+    // likely its own completion, which locks it before the judged task: it
+    // is skipped (its verdict will find the review decided) rather than
+    // waited for, which would deadlock with that completion.
+    let lock = match tx.dialect() {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+    };
     let reviewers = tx.query(
         &format!(
             "SELECT id FROM tasks WHERE parent_id = ?1 AND reviews = ?1
-             AND state IN ('pending', 'ready', 'in_progress'){}",
-            tx.for_update()
+             AND state IN ('pending', 'ready', 'in_progress'){lock}"
         ),
         args![judged],
     )?;

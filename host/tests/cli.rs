@@ -314,46 +314,23 @@ on_both_drivers! {
     fn batch_submit_is_all_or_nothing_with_line_numbers(db) {
         let env = Env::on(db, &["echo"]);
         let file = env.data.path().join("tasks.jsonl");
-        std::fs::write(
-            &file,
-            "{\"agent\":\"echo\",\"payload\":{\"i\":1}}\n{\"agent\":\"echo\",\"priority\":\"high\"}\n",
-        )
-        .unwrap();
-        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(
-            stderr.contains("tasks.jsonl line 2: ") && stderr.contains("priority"),
-            "{stderr}"
-        );
-        assert_eq!(env.task_count(), 0);
-
+        // A refused batch: exit 2, nothing stored; what it said.
+        let refused = |contents: &str| -> String {
+            std::fs::write(&file, contents).unwrap();
+            let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert_eq!(out.status.code(), Some(2), "{stderr}");
+            assert_eq!(env.task_count(), 0);
+            stderr
+        };
+        let said = refused("{\"agent\":\"echo\",\"payload\":{\"i\":1}}\n{\"agent\":\"echo\",\"priority\":\"high\"}\n");
+        assert!(said.contains("tasks.jsonl line 2: ") && said.contains("priority"), "{said}");
         // One key on two lines: both lines named.
-        std::fs::write(
-            &file,
-            "{\"agent\":\"echo\",\"key\":\"k\"}\n\n{\"agent\":\"echo\",\"key\":\"k\"}\n",
-        )
-        .unwrap();
-        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(stderr.contains("tasks.jsonl line 3: invalid key: \"k\" is also the key on line 1"), "{stderr}");
-        assert_eq!(env.task_count(), 0);
-
+        let said = refused("{\"agent\":\"echo\",\"key\":\"k\"}\n\n{\"agent\":\"echo\",\"key\":\"k\"}\n");
+        assert!(said.contains("tasks.jsonl line 3: invalid key: \"k\" is also the key on line 1"), "{said}");
         // A refusal of the queue names the file's line, blank lines counted.
-        std::fs::write(
-            &file,
-            "\n{\"agent\":\"echo\"}\n\n{\"agent\":\"echo\",\"after\":[999999]}\n",
-        )
-        .unwrap();
-        let out = env.run(&["submit", "--batch", file.to_str().unwrap()]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
-        assert!(
-            stderr.contains("tasks.jsonl line 4: ") && stderr.contains("task 999999 does not exist"),
-            "{stderr}"
-        );
-        assert_eq!(env.task_count(), 0);
+        let said = refused("\n{\"agent\":\"echo\"}\n\n{\"agent\":\"echo\",\"after\":[999999]}\n");
+        assert!(said.contains("tasks.jsonl line 4: ") && said.contains("task 999999 does not exist"), "{said}");
 
         std::fs::write(
             &file,

@@ -5,7 +5,7 @@
 //! itself say so.
 
 mod common;
-use common::{Env, TestDb, on_both_drivers, signal, wait_for};
+use common::{Daemon, Env, TestDb, on_both_drivers, signal, wait_for};
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -463,15 +463,16 @@ on_both_drivers! {
         });
         let holder_name = env.queue().get(ids[0]).unwrap().claimed_by.unwrap();
         let log = env.data.path().join("reaper.log");
-        let mut reaper = env
-            .cmd()
-            .args(["daemon", "--heartbeat", "100ms"])
-            .args(lease_args)
-            .env("COLONY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let mut reaper = Daemon::new(
+            env.cmd()
+                .args(["daemon", "--heartbeat", "100ms"])
+                .args(lease_args)
+                .env("COLONY_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
         let reaper_log = || std::fs::read_to_string(&log).unwrap();
         wait_for("the reaper to start", Duration::from_secs(20), || reaper_log().contains("daemon started"));
 
@@ -531,15 +532,16 @@ on_both_drivers! {
         let first = env.submit(&["sleeper", r#"{"ms": 2500}"#]);
         let second = env.submit(&["sleeper", r#"{"ms": 10}"#]);
         let log = env.data.path().join("daemon.log");
-        let mut daemon = env
-            .cmd()
-            .args(["daemon", "--heartbeat", "200ms", "--stale-after", "2s", "--poll", "100ms"])
-            .args(["--concurrency", "1", "--claim-batch", "2"])
-            .env("COLONY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let mut daemon = Daemon::new(
+            env.cmd()
+                .args(["daemon", "--heartbeat", "200ms", "--stale-after", "2s", "--poll", "100ms"])
+                .args(["--concurrency", "1", "--claim-batch", "2"])
+                .env("COLONY_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
         let started = |id: i64| {
             std::fs::read_to_string(&log)
                 .unwrap()

@@ -143,14 +143,16 @@ impl Env {
         self.json(&["show", &id.to_string()])
     }
 
-    pub fn daemon(&self, extra: &[&str]) -> Child {
-        self.cmd()
-            .arg("daemon")
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+    pub fn daemon(&self, extra: &[&str]) -> Daemon {
+        Daemon::new(
+            self.cmd()
+                .arg("daemon")
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     pub fn queue(&self) -> Queue {
@@ -164,6 +166,48 @@ impl Env {
             .iter()
             .map(|c| c.2 as usize)
             .sum()
+    }
+}
+
+/// A daemon process a test started, killed when the test ends however it
+/// ends: a failed assertion must not leave it running (and working) on.
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    pub fn new(child: Child) -> Daemon {
+        Daemon(Some(child))
+    }
+
+    /// Waits for it to exit, collecting what it printed.
+    pub fn wait_with_output(mut self) -> std::io::Result<std::process::Output> {
+        self.0
+            .take()
+            .expect("not waited for yet")
+            .wait_with_output()
+    }
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("not waited for yet")
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not waited for yet")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0
+            && let Ok(None) = child.try_wait()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

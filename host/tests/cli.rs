@@ -476,8 +476,9 @@ on_both_drivers! {
         let reaper_log = || std::fs::read_to_string(&log).unwrap();
         wait_for("the reaper to start", Duration::from_secs(20), || reaper_log().contains("daemon started"));
 
-        // The outage: the database refuses every write for longer than the
-        // busy timeout (5 s) and than stale_after. The holder is slower to
+        // The outage: the database refuses every write for longer than
+        // twice the busy timeout (5 s), so that a reaper's write may both
+        // fail and then wait, and than stale_after. The holder is slower to
         // come back: it stays stopped 1.5 s past the outage.
         let mut raw = env.database.raw();
         match env.database {
@@ -488,7 +489,7 @@ on_both_drivers! {
             }
         };
         signal(&holder, "-STOP");
-        std::thread::sleep(Duration::from_secs(7));
+        std::thread::sleep(Duration::from_secs(10));
         raw.execute("ROLLBACK");
         std::thread::sleep(Duration::from_millis(1500));
         signal(&holder, "-CONT");

@@ -1093,6 +1093,22 @@ on_both_drivers! {
         }
     }
 
+    /// A guest's text with a NUL character (a progress, a log line, a
+    /// failure message) is stored: SQLite keeps the NUL, PostgreSQL, which
+    /// refuses it in text, a U+FFFD. Refused, it failed the whole write.
+    fn a_guests_text_with_a_nul_character_is_stored(db) {
+        let mut q = db.open();
+        let id = submit(&mut q, "a", json!({}));
+        let lease = claim_one(&mut q, "a");
+        assert_eq!(q.record_progress(lease, Some("half\0way")).unwrap(), Applied::Moved(State::InProgress));
+        q.finish(lease, failure(ErrorKind::Permanent, "bad\0input"), "a line\0more\n").unwrap();
+        let task = q.get(id).unwrap();
+        let nul = |text: &str| text.replace('\0', if db.is_postgres() { "\u{FFFD}" } else { "\0" });
+        assert_eq!(task.progress.as_deref(), Some(nul("half\0way").as_str()));
+        assert_eq!(task.error.unwrap().message, nul("bad\0input"));
+        assert_eq!(q.logs(id).unwrap()[0].text, nul("a line\0more\n"));
+    }
+
     fn review_notes_and_cancel_reasons_are_bounded(db) {
         let mut q = db.open();
         let id = writer_in_review(&mut q, json!({}));

@@ -54,8 +54,16 @@ impl Daemon {
                 // Only a run that still holds its claim: an older run of a task
                 // re-claimed here must not write over the new claim's progress.
                 for (lease, text) in &progress {
-                    if leases.contains(lease) {
-                        queue.record_progress(*lease, text.as_deref())?;
+                    if !leases.contains(lease) {
+                        continue;
+                    }
+                    // A progress text the database refuses is the run's
+                    // problem: it must not keep every lease from renewal.
+                    match queue.record_progress(*lease, text.as_deref()) {
+                        Err(e) if !e.is_transient() && !e.is_permanent() => {
+                            tracing::warn!(task = lease.task_id, "progress not recorded: {e}");
+                        }
+                        other => drop(other?),
                     }
                 }
                 let lost = if leases.is_empty() {
@@ -68,11 +76,14 @@ impl Daemon {
                 } else {
                     queue.heartbeat(&leases)?
                 };
-                let stalled = started.elapsed() > long_stall;
-                let expired = match may_reap && !stalled {
-                    true => queue.reset_stale_leases(stale_after)?,
+                // Nor a reset that only reached the rows after such a stall.
+                let expired = match may_reap && started.elapsed() <= long_stall {
+                    true => {
+                        queue.reset_stale_leases_before(stale_after, Some(started + long_stall))?
+                    }
                     false => Vec::new(),
                 };
+                let stalled = started.elapsed() > long_stall;
                 for lease in &expired {
                     tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
                 }

@@ -557,10 +557,18 @@ impl Queue {
         }
     }
 
-    /// An empty write transaction: whether this connection can write now
-    /// (the server reachable, no lock held past the busy timeout).
+    /// Whether this connection can write tasks now: the server reachable,
+    /// and no lock in the way past the busy timeout. SQLite's `BEGIN
+    /// IMMEDIATE` takes the write lock itself; on PostgreSQL the lock a
+    /// row write would take on `tasks` is asked for (a migration or a
+    /// `VACUUM FULL` holding the table makes it wait, as a heartbeat would).
     pub fn check_writable(&self) -> Result<()> {
-        self.write(|_, _| Ok(()))
+        self.write(|tx, _| {
+            if tx.dialect() == sql::Dialect::Postgres {
+                tx.execute("LOCK TABLE tasks IN ROW EXCLUSIVE MODE", &[])?;
+            }
+            Ok(())
+        })
     }
 
     /// Makes this connection's claims (and those of connections
@@ -778,9 +786,21 @@ impl Queue {
     /// back to `ready` (the attempt stays counted), or `failed` with kind
     /// `lease_expired` when no attempts remain. Safe to run from every host.
     pub fn reset_stale_leases(&mut self, stale_after: Duration) -> Result<Vec<ExpiredLease>> {
+        self.reset_stale_leases_before(stale_after, None)
+    }
+
+    /// [`Queue::reset_stale_leases`], resetting nothing if the rows are only
+    /// reached after `deadline`: a reset that waited that long for a lock or
+    /// the server waited through a stall that kept every holder from
+    /// renewing, and would take live leases.
+    pub fn reset_stale_leases_before(
+        &mut self,
+        stale_after: Duration,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Vec<ExpiredLease>> {
         self.write(|tx, now| {
             let cutoff = now - stale_after.as_millis() as i64;
-            tasks::reset_stale_in(tx, cutoff, &self.opts.actor, now)
+            tasks::reset_stale_in(tx, cutoff, deadline, &self.opts.actor, now)
         })
     }
 

@@ -676,9 +676,14 @@ pub(super) fn lock_held(tx: &dyn Sql, select: &str) -> String {
 pub(super) fn reset_stale_in(
     tx: &dyn Sql,
     cutoff: i64,
+    deadline: Option<std::time::Instant>,
     actor: &str,
     now: i64,
 ) -> Result<Vec<ExpiredLease>> {
+    let late = || deadline.is_some_and(|d| std::time::Instant::now() > d);
+    if late() {
+        return Ok(Vec::new());
+    }
     // SKIP LOCKED: a row locked right now is being finished or reaped by
     // another host; it is not stale.
     let sql = match tx.dialect() {
@@ -697,6 +702,10 @@ pub(super) fn reset_stale_in(
     // with a shorter `stale_after` must not take a live lease from one that
     // renews less often.
     let stale = tx.query(sql, args![cutoff, now])?;
+    // PostgreSQL waits for a table lock at the first statement, here.
+    if late() {
+        return Ok(Vec::new());
+    }
     let mut out = Vec::with_capacity(stale.len());
     for row in stale {
         let id: i64 = row.get(0)?;

@@ -55,12 +55,12 @@ impl ToSql for PgParam<'_> {
             }
             Param::Text(s) => {
                 if TEXT_TYPES.contains(ty) {
-                    out.put_slice(s.as_bytes());
+                    put_text(out, s);
                     Ok(IsNull::No)
                 } else if *ty == Type::JSONB {
                     // jsonb's binary form: a version byte, then the text.
                     out.put_u8(1);
-                    out.put_slice(s.as_bytes());
+                    put_text(out, s);
                     Ok(IsNull::No)
                 } else {
                     Err(mismatch("text", ty))
@@ -82,6 +82,19 @@ impl ToSql for PgParam<'_> {
     }
 
     to_sql_checked!();
+}
+
+/// Text as PostgreSQL can hold it: it refuses a NUL character in any text
+/// (SQLite keeps it), so each becomes U+FFFD. Only text a guest wrote can
+/// hold one (a log line, a progress or failure message; JSON escapes it):
+/// refused, it failed the whole write, and a progress text with a NUL
+/// sent at every heartbeat kept the daemon from renewing any lease.
+fn put_text(out: &mut BytesMut, s: &str) {
+    if !s.contains('\0') {
+        out.put_slice(s.as_bytes());
+        return;
+    }
+    out.put_slice(s.replace('\0', "\u{FFFD}").as_bytes());
 }
 
 fn mismatch(given: &str, ty: &Type) -> Box<dyn StdError + Sync + Send> {

@@ -51,6 +51,20 @@ fn torture_verdict(db: TestDb, mode: &[&str], tasks: u32) -> Value {
     verdict
 }
 
+/// A connection holding the database so that no other can write (nor, on
+/// PostgreSQL, read `tasks`) until it rolls back: an outage, as daemons see it.
+fn refuse_every_write(db: &TestDb) -> common::Raw {
+    let mut raw = db.raw();
+    match db {
+        TestDb::Sqlite { .. } => raw.execute("BEGIN EXCLUSIVE"),
+        TestDb::Postgres { .. } => {
+            raw.execute("BEGIN");
+            raw.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        }
+    };
+    raw
+}
+
 /// A small HTML structure check: a doctype, and every non-void element closed
 /// in order. Enough to catch broken or unescaped markup in generated pages.
 fn assert_well_formed_html(html: &str) {
@@ -480,14 +494,7 @@ on_both_drivers! {
         // twice the busy timeout (5 s), so that a reaper's write may both
         // fail and then wait, and than stale_after. The holder is slower to
         // come back: it stays stopped 1.5 s past the outage.
-        let mut raw = env.database.raw();
-        match env.database {
-            TestDb::Sqlite { .. } => raw.execute("BEGIN EXCLUSIVE"),
-            TestDb::Postgres { .. } => {
-                raw.execute("BEGIN");
-                raw.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-            }
-        };
+        let mut raw = refuse_every_write(&env.database);
         signal(&holder, "-STOP");
         std::thread::sleep(Duration::from_secs(10));
         raw.execute("ROLLBACK");
@@ -556,14 +563,7 @@ on_both_drivers! {
 
         // The first run ends during the outage, after its lease went unrenewed
         // for stale_after (and a heartbeat failed after the 5 s busy timeout).
-        let mut raw = env.database.raw();
-        match env.database {
-            TestDb::Sqlite { .. } => raw.execute("BEGIN EXCLUSIVE"),
-            TestDb::Postgres { .. } => {
-                raw.execute("BEGIN");
-                raw.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-            }
-        };
+        let mut raw = refuse_every_write(&env.database);
         std::thread::sleep(Duration::from_millis(7500));
         assert!(!started(second), "a buffered task started on a lease not renewed for stale_after");
         raw.execute("ROLLBACK");

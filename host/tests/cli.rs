@@ -532,6 +532,39 @@ on_both_drivers! {
         reaper.wait().unwrap();
     }
 
+    /// After an outage a holder has its own stale_after to renew, counted
+    /// from the outage's end, even when its reaper's is shorter.
+    fn after_an_outage_a_holder_gets_its_own_longer_stale_after(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", r#"{"ms": 60000}"#]);
+        let mut holder = env.daemon(&["--stale-after", "8s", "--heartbeat", "3s", "--poll", "100ms"]);
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::InProgress
+        });
+        let mut reaper = env.daemon(&["--stale-after", "4s", "--heartbeat", "100ms", "--poll", "100ms"]);
+        std::thread::sleep(Duration::from_secs(2)); // the reaper is up
+
+        // A 10 s outage; the holder comes back 5 s after it: past the
+        // reaper's 4 s, within its own 8 s.
+        let mut raw = refuse_every_write(&env.database);
+        signal(&holder, "-STOP");
+        std::thread::sleep(Duration::from_secs(10));
+        raw.execute("ROLLBACK");
+        std::thread::sleep(Duration::from_secs(5));
+        signal(&holder, "-CONT");
+        std::thread::sleep(Duration::from_secs(5));
+        let events = env.queue().events(Some(id), 0, 100).unwrap();
+        assert!(
+            events.iter().all(|e| e.event != "lease_expired"),
+            "a live lease was reset: {events:?}"
+        );
+        assert_eq!(env.queue().get(id).unwrap().state, State::InProgress);
+        signal(&reaper, "-KILL");
+        reaper.wait().unwrap();
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+    }
+
     /// A claimed task waiting in the buffer is not started once its lease
     /// may have been reset elsewhere (not renewed for stale_after, the
     /// database out): it waits for a heartbeat to renew it.

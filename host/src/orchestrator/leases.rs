@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::Daemon;
-use crate::queue::{Applied, FinishedRun, Lease, Queue, QueueError};
+use crate::queue::{Applied, FinishedRun, Lease, Queue, QueueError, StaleGuard};
 use crate::task::{ErrorKind, RunOutcome, TaskError};
 
 impl Daemon {
@@ -43,6 +43,10 @@ impl Daemon {
         // it, then nothing.
         let long_stall = stale_after.saturating_sub(self.cfg.heartbeat);
         let may_reap = self.may_reap();
+        let guard = StaleGuard {
+            deadline: None,
+            resumed_at: self.resumed_at,
+        };
         let queue = &mut self.queue;
         // The leases are renewed as of about now, whenever the write returns.
         let started = Instant::now();
@@ -79,7 +83,11 @@ impl Daemon {
                 // Nor a reset that only reached the rows after such a stall.
                 let expired = match may_reap && started.elapsed() <= long_stall {
                     true => {
-                        queue.reset_stale_leases_before(stale_after, Some(started + long_stall))?
+                        let deadline = Some(started + long_stall);
+                        queue.reset_stale_leases_guarded(
+                            stale_after,
+                            StaleGuard { deadline, ..guard },
+                        )?
                     }
                     false => Vec::new(),
                 };
@@ -139,9 +147,14 @@ impl Daemon {
     /// once would take the work of live daemons that reconnect a moment
     /// later (seen on PostgreSQL restarts: every lease of the others reset,
     /// tasks with one attempt failed as `lease_expired`).
+    /// The holders' own promises (`lease_ms`, which may be longer than this
+    /// daemon's stale_after) count from the same moment, on the queue's clock.
     pub(super) fn renewals_answered(&mut self) {
         if self.reaping_from.is_none() {
             self.reaping_from = Some(Instant::now() + self.cfg.stale_after);
+            let queue = &self.queue;
+            let now = tokio::task::block_in_place(|| queue.now());
+            self.resumed_at = Some(now.unwrap_or_else(|_| crate::queue::now_ms()));
         }
     }
 

@@ -289,6 +289,10 @@ pub struct Daemon {
     /// live holder first gets `stale_after` of a working database to renew
     /// its own (see `Daemon::renewals_answered`).
     reaping_from: Option<Instant>,
+    /// When (the queue's clock, ms) the database answered again after the
+    /// last outage this daemon saw: other hosts' leases count as unrenewed
+    /// for their own `lease_ms` only from then.
+    resumed_at: Option<i64>,
     /// When this daemon's leases were last renewed (or it started): its
     /// buffered tasks are not started once another host may have reset them.
     renewed_at: Instant,
@@ -359,6 +363,7 @@ impl Daemon {
             unusable: None,
             // A daemon starting up resets a crashed host's leases at once.
             reaping_from: Some(Instant::now()),
+            resumed_at: None,
             renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
             announced_wait: None,

@@ -59,7 +59,7 @@ pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
-pub use tasks::MAX_CHAIN_TASKS;
+pub use tasks::{MAX_CHAIN_TASKS, StaleGuard};
 pub use validate::validate_agent_name;
 
 use postgres_driver::PgDb;
@@ -786,21 +786,21 @@ impl Queue {
     /// back to `ready` (the attempt stays counted), or `failed` with kind
     /// `lease_expired` when no attempts remain. Safe to run from every host.
     pub fn reset_stale_leases(&mut self, stale_after: Duration) -> Result<Vec<ExpiredLease>> {
-        self.reset_stale_leases_before(stale_after, None)
+        self.reset_stale_leases_guarded(stale_after, StaleGuard::default())
     }
 
-    /// [`Queue::reset_stale_leases`], resetting nothing if the rows are only
-    /// reached after `deadline`: a reset that waited that long for a lock or
-    /// the server waited through a stall that kept every holder from
-    /// renewing, and would take live leases.
-    pub fn reset_stale_leases_before(
+    /// [`Queue::reset_stale_leases`], sparing leases their holders could
+    /// not renew (see [`StaleGuard`]): a reset that waited past the guard's
+    /// deadline for a lock or the server waited through a stall that kept
+    /// every holder from renewing.
+    pub fn reset_stale_leases_guarded(
         &mut self,
         stale_after: Duration,
-        deadline: Option<std::time::Instant>,
+        guard: StaleGuard,
     ) -> Result<Vec<ExpiredLease>> {
         self.write(|tx, now| {
             let cutoff = now - stale_after.as_millis() as i64;
-            tasks::reset_stale_in(tx, cutoff, deadline, &self.opts.actor, now)
+            tasks::reset_stale_in(tx, cutoff, guard, &self.opts.actor, now)
         })
     }
 

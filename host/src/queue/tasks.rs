@@ -676,10 +676,14 @@ pub(super) fn lock_held(tx: &dyn Sql, select: &str) -> String {
 pub(super) fn reset_stale_in(
     tx: &dyn Sql,
     cutoff: i64,
-    deadline: Option<std::time::Instant>,
+    guard: StaleGuard,
     actor: &str,
     now: i64,
 ) -> Result<Vec<ExpiredLease>> {
+    let StaleGuard {
+        deadline,
+        resumed_at,
+    } = guard;
     let late = || deadline.is_some_and(|d| std::time::Instant::now() > d);
     if late() {
         return Ok(Vec::new());
@@ -690,18 +694,20 @@ pub(super) fn reset_stale_in(
         Dialect::Sqlite => {
             "SELECT id, attempts, max_attempts, claimed_by, heartbeat_at, claim_token FROM tasks
              WHERE state = 'in_progress' AND heartbeat_at < ?1
-               AND heartbeat_at < ?2 - COALESCE(lease_ms, 0)"
+               AND heartbeat_at < ?2 - COALESCE(lease_ms, 0) AND ?3 < ?2 - COALESCE(lease_ms, 0)"
         }
         Dialect::Postgres => {
             "SELECT id, attempts, max_attempts, claimed_by, heartbeat_at, claim_token FROM tasks
              WHERE state = 'in_progress' AND heartbeat_at < ?1
-               AND heartbeat_at < ?2 - COALESCE(lease_ms, 0) FOR UPDATE SKIP LOCKED"
+               AND heartbeat_at < ?2 - COALESCE(lease_ms, 0) AND ?3 < ?2 - COALESCE(lease_ms, 0)
+             FOR UPDATE SKIP LOCKED"
         }
     };
     // Stale by this host's measure and by the holder's own promise: a host
     // with a shorter `stale_after` must not take a live lease from one that
-    // renews less often.
-    let stale = tx.query(sql, args![cutoff, now])?;
+    // renews less often. And after an outage, by that promise counted from
+    // the outage's end: before it, nobody could renew.
+    let stale = tx.query(sql, args![cutoff, now, resumed_at.unwrap_or(i64::MIN)])?;
     // PostgreSQL waits for a table lock at the first statement, here.
     if late() {
         return Ok(Vec::new());
@@ -977,6 +983,17 @@ pub(super) fn cancel_dependents(tx: &dyn Sql, id: i64, actor: &str, now: i64) ->
         }
     }
     Ok(cancelled)
+}
+
+/// What keeps a reaper from resetting leases their holders could not renew.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StaleGuard {
+    /// Reset nothing if the rows are only reached after this (a stall).
+    pub deadline: Option<std::time::Instant>,
+    /// When (the queue's clock, ms) the reaper's database came back after an
+    /// outage: a lease counts as unrenewed for its holder's `lease_ms` only
+    /// from then.
+    pub resumed_at: Option<i64>,
 }
 
 /// Most tasks one chain (a root and everything spawned or chained from it)

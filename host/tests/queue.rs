@@ -830,7 +830,7 @@ on_both_drivers! {
             .submit_batch(&[keyed(r#"{"v":1}"#), good.clone(), keyed(r#"{"v":2}"#)])
             .unwrap_err();
         assert!(
-            matches!(err, QueueError::InvalidInBatch { index: 2, .. })
+            matches!(err, QueueError::KeyTwiceInBatch { index: 2, first: 0, .. })
                 && err.to_string().contains("also the key of task #1"),
             "{err}"
         );

@@ -857,6 +857,12 @@ async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
                 batch_name(file),
                 lines[index]
             )),
+            QueueError::KeyTwiceInBatch { index, first, key } => bad(format!(
+                "{} line {}: invalid key: {key:?} is also the key on line {}; a key names one task",
+                batch_name(file),
+                lines[index],
+                lines[first]
+            )),
             other => other.into(),
         })?
     } else {
@@ -1080,7 +1086,6 @@ fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
             .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
     }
     let (mut tasks, mut lines) = (Vec::new(), Vec::new());
-    let mut keys: std::collections::HashMap<String, usize> = Default::default();
     for (i, line) in text.as_bytes().lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -1088,16 +1093,6 @@ fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
         }
         let task = parse_batch_line(&line)
             .map_err(|e| bad(format!("{} line {}: {e}", batch_name(file), i + 1)))?;
-        // Said here with both lines (the queue refuses it too, by position).
-        if let Some(key) = &task.key
-            && let Some(first) = keys.insert(key.clone(), i + 1)
-        {
-            bail!(BadInput(format!(
-                "{} line {}: invalid key: {key:?} is also the key on line {first}; a key names one task",
-                batch_name(file),
-                i + 1
-            )));
-        }
         tasks.push(task);
         lines.push(i + 1);
     }

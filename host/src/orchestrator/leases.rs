@@ -42,11 +42,7 @@ impl Daemon {
         // for their leases to go stale: a lease renewed a heartbeat before
         // it, then nothing.
         let long_stall = stale_after.saturating_sub(self.cfg.heartbeat);
-        let may_reap = self.may_reap();
-        let guard = StaleGuard {
-            deadline: None,
-            resumed_at: self.resumed_at,
-        };
+        let (may_reap, resumed_at) = (self.may_reap(), self.resumed_at);
         let queue = &mut self.queue;
         // The leases are renewed as of about now, whenever the write returns.
         let started = Instant::now();
@@ -83,11 +79,11 @@ impl Daemon {
                 // Nor a reset that only reached the rows after such a stall.
                 let expired = match may_reap && started.elapsed() <= long_stall {
                     true => {
-                        let deadline = Some(started + long_stall);
-                        queue.reset_stale_leases_guarded(
-                            stale_after,
-                            StaleGuard { deadline, ..guard },
-                        )?
+                        let guard = StaleGuard {
+                            deadline: Some(started + long_stall),
+                            resumed_at,
+                        };
+                        queue.reset_stale_leases_guarded(stale_after, guard)?
                     }
                     false => Vec::new(),
                 };
@@ -146,9 +142,9 @@ impl Daemon {
     /// the wait before other hosts' leases may be reset: resetting them at
     /// once would take the work of live daemons that reconnect a moment
     /// later (seen on PostgreSQL restarts: every lease of the others reset,
-    /// tasks with one attempt failed as `lease_expired`).
-    /// The holders' own promises (`lease_ms`, which may be longer than this
-    /// daemon's stale_after) count from the same moment, on the queue's clock.
+    /// tasks with one attempt failed as `lease_expired`). The holders' own
+    /// promises (`lease_ms`, which may be longer than this daemon's
+    /// stale_after) count from the same moment, on the queue's clock.
     pub(super) fn renewals_answered(&mut self) {
         if self.reaping_from.is_none() {
             self.reaping_from = Some(Instant::now() + self.cfg.stale_after);

@@ -79,6 +79,18 @@ pub enum QueueError {
         #[source]
         source: Box<QueueError>,
     },
+    /// One key on two tasks of a batch: the second would be answered with
+    /// the first's id and dropped. Indexes from 0, as in the batch.
+    #[error(
+        "task #{} of the batch: invalid key: {key:?} is also the key of task #{}; a key names one task",
+        index + 1,
+        first + 1
+    )]
+    KeyTwiceInBatch {
+        index: usize,
+        first: usize,
+        key: String,
+    },
     #[error("task {0} does not exist")]
     NotFound(i64),
     /// A run asked the queue for something its lease no longer covers.
@@ -182,6 +194,7 @@ impl QueueError {
             self,
             QueueError::Invalid { .. }
                 | QueueError::InvalidInBatch { .. }
+                | QueueError::KeyTwiceInBatch { .. }
                 | QueueError::NotFound(_)
                 | QueueError::Illegal { .. }
                 | QueueError::DependencyFinished { .. }
@@ -630,21 +643,14 @@ impl Queue {
         for (index, new) in batch.iter().enumerate() {
             validate::validate_new_task(new, self.opts.max_payload_bytes)
                 .map_err(|e| in_batch(index, e))?;
-            // A key names one task: a second use in the same batch would be
-            // answered with the first's id and its own task dropped.
             if let Some(key) = &new.key
                 && let Some(first) = keys.insert(key.as_str(), index)
             {
-                return Err(in_batch(
+                return Err(QueueError::KeyTwiceInBatch {
                     index,
-                    QueueError::invalid(
-                        "key",
-                        format!(
-                            "{key:?} is also the key of task #{} of the batch; a key names one task",
-                            first + 1
-                        ),
-                    ),
-                ));
+                    first,
+                    key: key.clone(),
+                });
             }
         }
         self.write(|tx, now| tasks::insert_new_tasks(tx, batch, &self.opts.actor, now))

@@ -199,6 +199,74 @@ on_both_drivers! {
         }
     }
 
+    /// A store retried after a commit whose answer was lost (the daemon
+    /// keeps the runs and writes them again, `CommitUnknown`) finds its own
+    /// first try stored: the retry answers what that try did and changes
+    /// nothing, no state written twice and no "result_refused" on the trail,
+    /// even after the task was revived and claimed again. A result whose
+    /// lease another actor took away is still refused.
+    fn a_store_retried_after_its_commit_went_through_changes_and_refuses_nothing(db) {
+        use colony::state::{Scope, Write};
+        let mut q = db.open();
+        let count = |q: &Queue, id: i64, kind: &str| {
+            q.events(Some(id), 0, 100).unwrap().iter().filter(|e| e.event == kind).count()
+        };
+
+        // A completion with a state write, stored twice.
+        let done = submit(&mut q, "a", json!({}));
+        let claimed = q.claim("a", 1).unwrap().remove(0);
+        let mut run = completed(&claimed, json!("first"));
+        run.state = vec![Write {
+            scope: Scope::Agent,
+            key: "k".into(),
+            value: Some("v".into()),
+            if_version: None,
+        }];
+        for _ in 0..2 {
+            let applied = q.finish_batch(std::slice::from_ref(&run)).unwrap();
+            assert_eq!(applied, vec![Applied::Moved(State::Complete)]);
+        }
+        assert_eq!(q.state_get(Scope::Agent, "a", "k").unwrap().unwrap().version, 1);
+        assert_eq!(count(&q, done, "complete"), 1);
+        assert_eq!(count(&q, done, "state_write"), 1);
+        assert_eq!(count(&q, done, "result_refused"), 0);
+
+        // A retryable failure, stored twice: one attempt used, one backoff.
+        let flaky = submit(&mut q, "f", json!({}));
+        let lease = claim_one(&mut q, "f");
+        for _ in 0..2 {
+            let applied = q.finish(lease, failure(ErrorKind::Retryable, "try again"), "").unwrap();
+            assert_eq!(applied, Applied::Moved(State::Pending));
+        }
+        assert_eq!(q.get(flaky).unwrap().attempts, 1);
+        assert_eq!(count(&q, flaky, "retry_later"), 1);
+        assert_eq!(count(&q, flaky, "result_refused"), 0);
+
+        // Claimed again after its backoff: the first run's store, retried
+        // once more, is still its own and leaves the new claim alone.
+        wait_and_promote(&mut q);
+        let again = q.claim("f", 1).unwrap().remove(0);
+        assert_eq!((again.lease.task_id, again.attempt), (flaky, 2));
+        let applied = q.finish(lease, failure(ErrorKind::Retryable, "try again"), "").unwrap();
+        assert_eq!(applied, Applied::Moved(State::Pending));
+        assert_eq!(q.get(flaky).unwrap().state, State::InProgress);
+        assert_eq!(count(&q, flaky, "result_refused"), 0);
+        let applied = q.finish_batch(&[completed(&again, json!("second"))]).unwrap();
+        assert_eq!(applied, vec![Applied::Moved(State::Complete)]);
+
+        // Cancelled by someone else while it ran: the result is refused.
+        let lost = submit(&mut q, "l", json!({}));
+        let claimed = q.claim("l", 1).unwrap().remove(0);
+        let daemon = q.actor().to_string();
+        q.set_actor("operator");
+        q.cancel(lost, "not needed").unwrap();
+        q.set_actor(&daemon);
+        let applied = q.finish_batch(&[completed(&claimed, json!("late"))]).unwrap();
+        assert_eq!(applied, vec![Applied::LeaseLost]);
+        assert_eq!(count(&q, lost, "result_refused"), 1);
+        assert_eq!(q.get(lost).unwrap().state, State::Cancelled);
+    }
+
     fn retryable_failure_backs_off_then_fails_when_attempts_run_out(db) {
         let mut q = db.open();
         let mut new = NewTask::new("flaky", "{}");

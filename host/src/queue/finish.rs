@@ -11,7 +11,9 @@ use crate::retry;
 use crate::task::{Event, RunOutcome, State, TaskError};
 
 use super::sql::{Sql, args};
-use super::tasks::{REPLAY_FROM_THIS_RUN, cancel_dependents, lock_held, record, set_failed};
+use super::tasks::{
+    REPLAY_FROM_THIS_RUN, cancel_dependents, lock_held, parse_state, record, set_failed,
+};
 use super::{Applied, FinishedRun, Result, outbox, review};
 
 /// Puts a refused late result on the audit trail (it changes no state): a
@@ -53,6 +55,55 @@ pub(super) fn record_refused_result(
     Ok(())
 }
 
+/// The state this run's outcome moved its task to, if an earlier
+/// transaction of this holder already stored it: a store retried after a
+/// commit whose answer was lost (`CommitUnknown`: the connection dropped
+/// during COMMIT) finds its lease gone because its own first try took it.
+/// That is not a late result to refuse on the audit trail. Recognised by
+/// the first transition out of `in_progress` after this run's claim (the
+/// claim event holding its token) being one only a run's outcome writes,
+/// by this holder.
+fn stored_already(tx: &dyn Sql, run: &FinishedRun, actor: &str) -> Result<Option<State>> {
+    let id = run.lease.task_id;
+    let claims = tx.query(
+        "SELECT id, detail FROM events WHERE task_id = ?1 AND event = 'claim'",
+        args![id],
+    )?;
+    let mut this_claim = None;
+    for claim in claims {
+        let token = serde_json::from_str::<serde_json::Value>(&claim.get::<String>(1)?)
+            .ok()
+            .and_then(|detail| detail["token"].as_i64());
+        if token == Some(run.lease.token) {
+            this_claim = Some(claim.get::<i64>(0)?);
+        }
+    }
+    let Some(claim_id) = this_claim else {
+        return Ok(None);
+    };
+    let Some(outcome) = tx.query_opt(
+        "SELECT event, actor, to_state FROM events
+         WHERE task_id = ?1 AND id > ?2 AND from_state = 'in_progress' AND to_state <> 'in_progress'
+         ORDER BY id LIMIT 1",
+        args![id, claim_id],
+    )?
+    else {
+        return Ok(None);
+    };
+    let by_a_run = [
+        Event::Complete,
+        Event::CompleteForReview,
+        Event::RetryLater,
+        Event::Fail,
+    ]
+    .map(Event::as_str)
+    .contains(&outcome.get::<String>(0)?.as_str());
+    if !by_a_run || outcome.get::<String>(1)? != actor {
+        return Ok(None);
+    }
+    Ok(Some(parse_state(&outcome.get::<String>(2)?)?))
+}
+
 /// The row facts `finish_in` needs about a task it holds the lease of.
 pub(super) struct Held {
     pub attempts: u32,
@@ -80,6 +131,9 @@ pub(super) fn finish_in(
         args![id, run.lease.token],
     )?;
     let Some(row) = held else {
+        if let Some(to) = stored_already(tx, run, actor)? {
+            return Ok(Applied::Moved(to));
+        }
         record_refused_result(tx, run, actor, now)?;
         return Ok(Applied::LeaseLost);
     };

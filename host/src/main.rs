@@ -51,11 +51,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("starting the async runtime");
+    let json = cli.json;
     if let Err(err) = runtime.block_on(colony::cli::run(cli)) {
         if colony::cli::is_closed_stdout(&err) {
             std::process::exit(0);
         }
-        let _ = writeln!(std::io::stderr(), "error: {err:#}");
+        let _ = match json {
+            true => writeln!(std::io::stderr(), "{}", colony::cli::error_json(&err)),
+            false => writeln!(std::io::stderr(), "error: {err:#}"),
+        };
         std::process::exit(colony::cli::exit_code(&err));
     }
 }

@@ -323,6 +323,25 @@ on_both_drivers! {
             );
         }
         assert_eq!(env.task_count(), 0);
+
+        // With --json, each error is one JSON line naming its kind.
+        let id = env.submit(&["echo", "{}"]).to_string();
+        let cases: &[(&[&str], &str, i32)] = &[
+            (&["submit", "echo", "{not json"], "bad_input", 2),
+            (&["show", "999"], "not_found", 2),
+            (&["retry", &id], "conflict", 2),
+        ];
+        for (args, kind, code) in cases {
+            let out = env.run(&[&["--json"], *args].concat());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(*code), "colony --json {args:?}: {stderr}");
+            let error: Value = serde_json::from_str(stderr.trim())
+                .unwrap_or_else(|e| panic!("colony --json {args:?}: not one JSON line ({e}): {stderr}"));
+            assert_eq!(error["kind"], *kind, "{error}");
+            assert_eq!(error["exit_code"], *code, "{error}");
+            assert!(error["error"].as_str().is_some_and(|m| !m.is_empty()), "{error}");
+        }
+        assert_eq!(env.task_count(), 1);
     }
 
     fn batch_submit_is_all_or_nothing_with_line_numbers(db) {

@@ -61,6 +61,29 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     if bad_input { 2 } else { 1 }
 }
 
+/// An error as `--json` prints it on stderr: a script reads what went
+/// wrong without parsing prose. `kind` is `not_found`, `conflict` (the
+/// task is not in a state that allows it), `bad_input`, `unavailable`
+/// (busy or unreachable: worth trying again), `commit_unknown` (the change
+/// may have been stored: look before repeating it) or `error`.
+pub fn error_json(err: &anyhow::Error) -> serde_json::Value {
+    let queue_error = err.chain().find_map(|c| c.downcast_ref::<QueueError>());
+    let kind = match queue_error {
+        Some(QueueError::NotFound(_)) => "not_found",
+        Some(QueueError::Illegal { .. } | QueueError::DependencyFinished { .. }) => "conflict",
+        Some(QueueError::CommitUnknown { .. }) => "commit_unknown",
+        Some(e) if e.is_bad_input() => "bad_input",
+        Some(e) if e.is_transient() => "unavailable",
+        _ if exit_code(err) == 2 => "bad_input",
+        _ => "error",
+    };
+    serde_json::json!({
+        "error": format!("{err:#}"),
+        "kind": kind,
+        "exit_code": exit_code(err),
+    })
+}
+
 /// Parses the command line, exiting 2 on bad arguments as clap does; for
 /// arguments that are not UTF-8 it also says which (clap does not).
 pub fn parse_args() -> Cli {

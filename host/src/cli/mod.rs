@@ -1216,6 +1216,9 @@ async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         ..DaemonConfig::default()
     };
     cfg.validate().map_err(bad)?;
+    for warning in cfg.warnings() {
+        tracing::warn!("{warning}");
+    }
     let actor = identity("daemon");
     let queue = open_queue(&cli.db, &actor)?;
     // Headroom in the instance pool for trial instantiations of new agents

@@ -97,6 +97,21 @@ impl Default for DaemonConfig {
 impl DaemonConfig {
     /// Refuses settings under which daemons would spin or reap each other's
     /// live leases. The message names the setting.
+    /// Settings that are legal but likely a mistake, each a sentence for
+    /// the operator (the daemon logs them at start).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.stale_after < self.heartbeat * 2 {
+            warnings.push(format!(
+                "--stale-after ({}) is less than twice --heartbeat ({}): one late heartbeat (a slow disk, a busy database) lets a daemon reset this daemon's live leases, and their runs are wasted; --stale-after {} or more leaves room for one",
+                humantime::format_duration(self.stale_after),
+                humantime::format_duration(self.heartbeat),
+                humantime::format_duration(self.heartbeat * 2)
+            ));
+        }
+        warnings
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
         for (name, value) in [
@@ -798,5 +813,35 @@ impl Daemon {
             "waiting for {scheduled} task(s) scheduled for later; the next is due in {}",
             humantime::format_duration(wait)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_after_under_twice_the_heartbeat_is_warned_about_not_refused() {
+        let tight = DaemonConfig {
+            heartbeat: Duration::from_secs(10),
+            stale_after: Duration::from_secs(15),
+            ..DaemonConfig::default()
+        };
+        assert_eq!(tight.validate(), Ok(()));
+        let warnings = tight.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("--stale-after (15s)")
+                && warnings[0].contains("--heartbeat (10s)")
+                && warnings[0].contains("--stale-after 20s or more"),
+            "{}",
+            warnings[0]
+        );
+        let roomy = DaemonConfig {
+            stale_after: Duration::from_secs(20),
+            ..tight
+        };
+        assert_eq!(roomy.warnings(), Vec::<String>::new());
+        assert_eq!(DaemonConfig::default().warnings(), Vec::<String>::new());
     }
 }

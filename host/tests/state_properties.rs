@@ -111,6 +111,11 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut leases: Vec<(Lease, Option<ClaimFacts>)> = Vec::new();
     // Leases already handed back: finishing one again must change nothing.
     let mut used: Vec<(Lease, Option<ClaimFacts>)> = Vec::new();
+    // What each lease's first store answered: storing its run again (as
+    // the daemon does after a commit whose answer was lost) answers the
+    // same and changes nothing. A lease reset before its run was stored
+    // answers LeaseLost.
+    let mut first_applied: HashMap<Lease, Applied> = HashMap::new();
     let mut held: HashMap<i64, Vec<Write>> = HashMap::new();
     for op in ops {
         match op {
@@ -209,6 +214,16 @@ fn run(db: &TestDb, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let mut after_plain = Vec::new();
                 for (i, applied) in applied.iter().enumerate() {
                     let (run, ok, live) = &batch[i];
+                    if !live {
+                        let first = *first_applied.entry(run.lease).or_insert(Applied::LeaseLost);
+                        prop_assert_eq!(
+                            *applied,
+                            first,
+                            "a run stored again answers as its first store did"
+                        );
+                        continue;
+                    }
+                    first_applied.insert(run.lease, *applied);
                     let plain = !db.is_postgres() || run.state.is_empty();
                     // On SQLite a successful run of a live lease, whose task
                     // needs no review, completes in the batch exactly when

@@ -883,6 +883,103 @@ on_both_drivers! {
         env.ok(&["state", "delete", "--agent", "ops", "w"]);
     }
 
+    /// What a walkthrough of `colony state` found: values shown exactly as
+    /// stored, keys from agents unable to drive the terminal, a full page
+    /// said, long values from a file or stdin, chain reads checked like
+    /// writes, operator writes findable, held writes shown for review, and
+    /// a run's delete of a missing key recording nothing.
+    fn operators_state_views_are_faithful_safe_and_complete(db) {
+        let env = Env::on(db, &["stateful"]);
+        fn state<'a>(args: &[&'a str]) -> Vec<&'a str> {
+            [&["state"], args].concat()
+        }
+
+        // Values exactly as stored, in --json too.
+        let big = "123456789012345678901234567890";
+        env.ok(&state(&["set", "--agent", "stateful", "big", big]));
+        env.ok(&state(&["set", "--agent", "stateful", "dup", r#"{"a":1,"a":2}"#]));
+        let got = env.ok(&state(&["--json", "get", "--agent", "stateful", "big"]));
+        assert!(got.contains(&format!(r#""value": {big}"#)), "{got}");
+        let got = env.ok(&state(&["--json", "get", "--agent", "stateful", "dup"]));
+        assert!(got.contains(r#""value": {"a":1,"a":2}"#), "{got}");
+
+        // A key holding an escape sequence and a newline prints as escapes.
+        let hostile = "esc\u{1b}[2J\nfake v99";
+        let said = env.ok(&state(&["set", "--agent", "stateful", hostile, "1"]));
+        assert!(!said.contains('\u{1b}') && said.contains(r"esc\u{1b}[2J\nfake v99: version 1"), "{said:?}");
+        let listed = env.ok(&state(&["list", "--agent", "stateful"]));
+        assert!(!listed.contains('\u{1b}') && listed.lines().count() == 3, "{listed:?}");
+
+        // A full page says so; an empty one is refused.
+        let out = env.run(&state(&["list", "--agent", "stateful", "--limit", "2"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && stderr.contains("showing the first 2 entries"), "{stderr}");
+        let out = env.run(&state(&["list", "--agent", "stateful"]));
+        assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(env.run(&state(&["list", "--agent", "stateful", "--limit", "0"])).status.code(), Some(2));
+
+        // Long values from a file or stdin (past a command line's limit).
+        let long = serde_json::to_string(&"x".repeat(200 * 1024)).unwrap();
+        let file = env.data.path().join("long.json");
+        std::fs::write(&file, &long).unwrap();
+        env.ok(&state(&["set", "--agent", "stateful", "from-file", &format!("@{}", file.display())]));
+        let mut stdin_set = env.cmd();
+        stdin_set.args(state(&["set", "--agent", "stateful", "from-stdin", "-"])).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        let mut child = stdin_set.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), long.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        for key in ["from-file", "from-stdin"] {
+            assert_eq!(env.ok(&state(&["get", "--agent", "stateful", key])).trim(), long, "{key}");
+        }
+        let out = env.run(&state(&["set", "--agent", "stateful", "k", "@/no/such/file"]));
+        assert_eq!(out.status.code(), Some(2));
+
+        // Chain reads are checked as writes are: a later task's id names the first.
+        let root = env.submit(&["stateful", "{}", "--next", r#"[{"agent": "stateful"}]"#]);
+        env.until_idle(&[]);
+        for args in [["list", "--chain"].as_slice(), ["get", "--chain"].as_slice()] {
+            let mut args = args.to_vec();
+            let child = (root + 1).to_string();
+            args.push(&child);
+            if args[0] == "get" {
+                args.push("k");
+            }
+            let out = env.run(&state(&args));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(&format!("use {root}")), "{args:?}: {stderr}");
+        }
+
+        // Operators' agent-state writes are task 0's events.
+        let events = env.ok(&["events", "--task", "0"]);
+        assert!(events.lines().count() >= 5 && events.contains("state_write"), "{events}");
+
+        // Held writes are shown while the task waits in review.
+        let ops = serde_json::json!({"ops": [
+            ["set", "agent", "held", "7"], ["set_if", "agent", "big", "8", 1], ["delete", "agent", "nothere"],
+        ]});
+        let held = env.submit(&["stateful", &ops.to_string(), "--review"]);
+        env.until_idle(&[]);
+        let shown = env.show(held);
+        assert_eq!(shown["state"], "review", "{shown}");
+        assert_eq!(
+            shown["held_state"],
+            serde_json::json!([
+                {"scope": "agent", "key": "held", "value": 7, "if_version": null},
+                {"scope": "agent", "key": "big", "value": 8, "if_version": 1},
+                {"scope": "agent", "key": "nothere", "value": null, "if_version": null},
+            ])
+        );
+        let text = env.ok(&["show", &held.to_string()]);
+        assert!(text.contains("state writes held for review") && text.contains("agent big = 8 (set-if: only at version 1)") && text.contains("agent nothere deleted"), "{text}");
+        env.ok(&["review", &held.to_string(), "approve"]);
+        assert_eq!(env.show(held)["held_state"], serde_json::json!([]));
+        // The delete of a key that was never there recorded nothing.
+        let writes: Vec<String> = env.queue().events(Some(held), 0, 100).unwrap().into_iter()
+            .filter(|e| e.event == "state_write").map(|e| e.detail["key"].as_str().unwrap().to_string()).collect();
+        assert_eq!(writes, ["held", "big"]);
+    }
+
     fn torture_state_counts_every_committed_increment_exactly_once(db) {
         let verdict = torture_verdict(db, &["--state"], 200);
         assert_eq!(verdict["checks"]["counter_equals_completed"], true);

@@ -195,8 +195,9 @@ pub enum Command {
     Status,
     /// The audit trail as JSON Lines: id, at, task_id, from, to, actor, detail.
     Events {
-        /// Only events of this task.
-        #[arg(long, value_parser = task_id(), allow_negative_numbers = true)]
+        /// Only events of this task; 0: operators' writes to agents' state
+        /// (`colony state set/delete --agent`), which belong to no task.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..), allow_negative_numbers = true)]
         task: Option<i64>,
         /// Only events after this event id.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..), allow_negative_numbers = true)]
@@ -1139,7 +1140,7 @@ async fn status(cli: &Cli) -> Result<()> {
 
 async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Result<()> {
     let queue = open_queue(&cli.db, &identity("cli"))?;
-    if let Some(id) = task {
+    if let Some(id) = task.filter(|&id| id != 0) {
         queue.get(id)?; // an unknown id is bad input, not an empty trail
     }
     if !follow {

@@ -77,10 +77,40 @@ fn print_json(value: &Value) -> Result<()> {
     Ok(())
 }
 
+/// `text` safe to print to a terminal: control characters (an escape
+/// sequence that would recolour or clear the screen, a newline that would
+/// fake a row of a table) written as escapes, `\u{1b}`, `\n`. Keys,
+/// progress and messages come from agents, which are not trusted.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(text, |c| c.is_control())
+}
+
+/// As [`printable`], for text shown over several lines (a trap's message and
+/// its backtrace, a reviewer's note): newlines and tabs stay.
+fn printable_lines(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(text, |c| c.is_control() && c != '\n' && c != '\t')
+}
+
+fn escape_controls(text: &str, escaped: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(&escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match escaped(c) {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// `text` as one table cell: on one line (a trap's message spans several:
-/// the summary, then the guest's backtrace), at most `max` characters.
+/// the summary, then the guest's backtrace), at most `max` characters,
+/// printable.
 fn short(text: &str, max: usize) -> String {
     let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = printable(&text).into_owned();
     if text.chars().count() <= max {
         text
     } else {
@@ -196,6 +226,8 @@ pub struct TaskDetail {
     pub model_calls: Vec<ModelCallRow>,
     /// Its outbox, oldest first.
     pub effects: Vec<EffectRow>,
+    /// The state writes it holds while in review.
+    pub held_writes: Vec<crate::state::Write>,
 }
 
 impl TaskDetail {
@@ -208,6 +240,7 @@ impl TaskDetail {
             usage: queue.usage(id)?,
             model_calls: queue.model_calls(id)?,
             effects: queue.effects(Some(id), None, u32::MAX)?,
+            held_writes: queue.held_writes(id)?,
         })
     }
 }
@@ -217,6 +250,7 @@ pub fn task_detail_json(detail: &TaskDetail) -> Value {
     let mut value = task_json(&detail.task);
     value["usage"] = usage_json(&detail.usage);
     value["model_calls"] = model_calls_json(&detail.model_calls);
+    value["held_state"] = detail.held_writes.iter().map(held_write_json).collect();
     value["effects"] = Value::Array(
         detail
             .effects
@@ -248,6 +282,7 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         usage,
         model_calls,
         effects,
+        held_writes,
     } = detail;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -290,13 +325,14 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         writeln!(out, "  claimed by   {holder}")?;
     }
     if let Some(progress) = &task.progress {
-        writeln!(out, "  progress     {progress}")?;
+        writeln!(out, "  progress     {}", printable(progress))?;
     }
     if let Some(feedback) = &task.feedback {
-        writeln!(out, "  feedback     {feedback}")?;
+        writeln!(out, "  feedback     {}", printable_lines(feedback))?;
     }
     if let Some(error) = &task.error {
-        writeln!(out, "  error        {}: {}", error.kind, error.message)?;
+        let message = printable_lines(&error.message);
+        writeln!(out, "  error        {}: {message}", error.kind)?;
     }
     if let Some(result) = &task.result {
         writeln!(out, "  result       {}", short(&result.to_string(), 400))?;
@@ -316,6 +352,22 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
             e.detail
         )?;
     }
+    if !held_writes.is_empty() {
+        writeln!(out, "state writes held for review (committed if approved):")?;
+        for write in held_writes {
+            let key = printable(&write.key);
+            let what = match &write.value {
+                Some(value) => format!("= {}", short(value, 200)),
+                None => "deleted".to_string(),
+            };
+            let condition = match write.if_version {
+                Some(0) => " (set-if: only if absent)".to_string(),
+                Some(version) => format!(" (set-if: only at version {version})"),
+                None => String::new(),
+            };
+            writeln!(out, "  {} {key} {what}{condition}", write.scope.as_str())?;
+        }
+    }
     print_model_calls(&mut out, usage, model_calls)?;
     if !effects.is_empty() {
         writeln!(out, "effects:")?;
@@ -328,6 +380,21 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A held state write in `show --json`: `value` is the JSON written, null
+/// for a delete; `if_version` the set-if's version, null for none.
+fn held_write_json(write: &crate::state::Write) -> Value {
+    let value = write
+        .value
+        .as_deref()
+        .map(|v| serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.to_string())));
+    json!({
+        "scope": write.scope.as_str(),
+        "key": write.key,
+        "value": value,
+        "if_version": write.if_version,
+    })
 }
 
 fn row_id(row: &TaskRow) -> i64 {

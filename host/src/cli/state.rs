@@ -6,8 +6,10 @@ use std::io::Write as _;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use super::output::printable;
 use super::{Cli, bad, identity, open_queue};
 use crate::state::{Entry, Scope};
 
@@ -20,8 +22,9 @@ pub enum StateCommand {
         /// Only keys starting with this.
         #[arg(long, default_value = "")]
         prefix: String,
-        /// At most this many entries.
-        #[arg(long, default_value_t = 100)]
+        /// At most this many entries (1 to 10,000); a full page says so on
+        /// stderr.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_LIST as i64))]
         limit: u32,
     },
     /// One entry: its JSON value and version.
@@ -35,7 +38,9 @@ pub enum StateCommand {
         #[command(flatten)]
         owner: Owner,
         key: String,
-        /// The value, as JSON (a string needs its quotes: '"text"').
+        /// The value, as JSON (a string needs its quotes: '"text"'), or
+        /// `@FILE` to read it from a file, `-` from stdin (for values too
+        /// long for a command line: up to 256 KiB).
         value: String,
     },
     /// Remove an entry (audited).
@@ -70,11 +75,56 @@ impl Owner {
             _ => Err(bad("name exactly one of --agent NAME and --chain ID")),
         }
     }
+
+    /// A chain is named by its first task: reading a later task's id, or
+    /// one that does not exist, would find nothing and say so as if the
+    /// chain had no state.
+    fn check_chain(&self, queue: &crate::queue::Queue) -> Result<()> {
+        match self.chain {
+            Some(root) => Ok(queue.check_chain_root(root)?),
+            None => Ok(()),
+        }
+    }
 }
 
-fn entry_json(e: &Entry) -> Value {
-    let value = serde_json::from_str(&e.value).unwrap_or(Value::String(e.value.clone()));
-    json!({"key": e.key, "value": value, "version": e.version})
+/// Most entries `state list` shows at once.
+const MAX_LIST: u32 = 10_000;
+
+/// An entry as `--json` shows it: the value exactly as stored (parsed and
+/// printed again, a number past 2^53 or a repeated key would change).
+#[derive(serde::Serialize)]
+struct EntryJson<'a> {
+    key: &'a str,
+    value: Box<RawValue>,
+    version: u64,
+}
+
+fn entry_json(e: &Entry) -> EntryJson<'_> {
+    let value = RawValue::from_string(e.value.clone()).unwrap_or_else(|_| {
+        // Stored values are checked JSON; show a damaged one as a string.
+        RawValue::from_string(Value::String(e.value.clone()).to_string())
+            .expect("a JSON string is JSON")
+    });
+    EntryJson {
+        key: &e.key,
+        value,
+        version: e.version,
+    }
+}
+
+/// The value a `state set` names: JSON, `@FILE` or `-` (stdin). Neither
+/// `@` nor a lone `-` begins a JSON text, so the forms cannot be confused.
+fn value_text(value: &str) -> Result<String> {
+    if value == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| bad(format!("value from stdin: {e}")))?;
+        return Ok(text);
+    }
+    match value.strip_prefix('@') {
+        Some(file) => std::fs::read_to_string(file).map_err(|e| bad(format!("value @{file}: {e}"))),
+        None => Ok(value.to_string()),
+    }
 }
 
 pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
@@ -87,9 +137,15 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
             limit,
         } => {
             let (scope, name) = owner.scope_and_name()?;
+            owner.check_chain(&queue)?;
             let entries = queue.state_scan(scope, &name, prefix, *limit)?;
+            if entries.len() == *limit as usize {
+                say!(
+                    "note: showing the first {limit} entries; there may be more: raise --limit (at most {MAX_LIST}) or narrow --prefix"
+                );
+            }
             if cli.json {
-                let list: Vec<Value> = entries.iter().map(entry_json).collect();
+                let list: Vec<EntryJson> = entries.iter().map(entry_json).collect();
                 writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
             } else if entries.is_empty() {
                 let under = match prefix.is_empty() {
@@ -99,12 +155,14 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
                 writeln!(out, "no {} state for {name}{under}", scope.as_str())?;
             } else {
                 for e in &entries {
-                    writeln!(out, "{:<40} v{:<6} {}", e.key, e.version, e.value)?;
+                    let key = printable(&e.key);
+                    writeln!(out, "{key:<40} v{:<6} {}", e.version, e.value)?;
                 }
             }
         }
         StateCommand::Get { owner, key } => {
             let (scope, name) = owner.scope_and_name()?;
+            owner.check_chain(&queue)?;
             let Some(entry) = queue.state_get(scope, &name, key)? else {
                 return Err(bad(format!(
                     "no {} state key {key:?} for {name}",
@@ -123,7 +181,8 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
         }
         StateCommand::Set { owner, key, value } => {
             let (scope, name) = owner.scope_and_name()?;
-            let version = queue.state_write_by_operator(scope, &name, key, Some(value))?;
+            let value = value_text(value)?;
+            let version = queue.state_write_by_operator(scope, &name, key, Some(&value))?;
             // Stored all the same (state may be seeded before its agent is
             // deployed), but a misspelt name would leave it unread.
             if scope == Scope::Agent && !cli.agents.join(format!("{name}.wasm")).is_file() {
@@ -147,9 +206,9 @@ fn print_written(out: &mut impl std::io::Write, json: bool, key: &str, version: 
     if json {
         writeln!(out, "{}", json!({"key": key, "version": version}))?;
     } else if version == 0 {
-        writeln!(out, "{key}: deleted")?;
+        writeln!(out, "{}: deleted", printable(key))?;
     } else {
-        writeln!(out, "{key}: version {version}")?;
+        writeln!(out, "{}: version {version}", printable(key))?;
     }
     Ok(())
 }

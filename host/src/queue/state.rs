@@ -169,7 +169,7 @@ fn next_version(write: &Write, current: u64) -> std::result::Result<u64, String>
 
 /// Applies checked writes in order (`olds`: their old versions, from
 /// [`check_writes`] in the same transaction), each with its `state_write`
-/// event. `task`: the task whose writes they are and the state it stands in
+/// event (a delete of a key that is not there has none). `task`: the task whose writes they are and the state it stands in
 /// (the event is not a transition: it shows that state on both sides).
 /// Operator writes have no task; they are recorded under task 0, as
 /// `complete`.
@@ -216,6 +216,8 @@ pub(super) fn apply_writes(
                 }
                 old + 1
             }
+            // Deleting a key that is not there changes nothing to record.
+            None if old == 0 => continue,
             None => {
                 tx.execute(
                     "DELETE FROM state WHERE scope = ?1 AND owner = ?2 AND key = ?3",
@@ -333,6 +335,18 @@ impl Queue {
     pub fn state_owner(&self, task_id: i64, scope: Scope) -> Result<String> {
         let owners = self.read(|db| owners_of(db, task_id))?;
         Ok(owners.of(scope).to_string())
+    }
+
+    /// Checks that `root` names a chain: a task that is its chain's first.
+    /// The error says which task to use instead.
+    pub fn check_chain_root(&self, root: i64) -> Result<()> {
+        self.read(|db| chain_root_state(db, root)).map(drop)
+    }
+
+    /// The state writes task `task_id` holds while it waits in review
+    /// (committed if approved), in the order its run made them.
+    pub fn held_writes(&self, task_id: i64) -> Result<Vec<Write>> {
+        self.read(|db| held_writes(db, task_id))
     }
 
     /// One committed entry.

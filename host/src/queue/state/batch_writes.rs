@@ -96,10 +96,13 @@ impl<'a> BatchWrites<'a> {
             key.version = new;
             key.value = write.value.as_deref();
             key.task_id = Some(task_id);
-            self.events.push((
-                task_id,
-                write_detail(key.scope, &key.owner, key.key, old, new),
-            ));
+            // Deleting a key that is not there changes nothing to record.
+            if old != 0 || new != 0 {
+                self.events.push((
+                    task_id,
+                    write_detail(key.scope, &key.owner, key.key, old, new),
+                ));
+            }
         }
     }
 

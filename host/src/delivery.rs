@@ -5,6 +5,7 @@
 //! leaves its claim to expire and another daemon sends again with the same
 //! key, which the receiving API uses to do the work once.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -33,7 +34,8 @@ pub struct Deliverer {
     /// A claimed delivery not finished by then is claimed again by any
     /// daemon: twice the request timeout.
     claim_lease: Duration,
-    in_flight: usize,
+    /// The claims being sent: effect id and claim token.
+    in_flight: HashSet<(i64, i64)>,
     done_tx: mpsc::UnboundedSender<Attempt>,
     pub done_rx: mpsc::UnboundedReceiver<Attempt>,
 }
@@ -59,7 +61,7 @@ impl Deliverer {
         Deliverer {
             client,
             claim_lease: timeout * 2,
-            in_flight: 0,
+            in_flight: HashSet::new(),
             done_tx,
             done_rx,
         }
@@ -74,7 +76,7 @@ impl Deliverer {
         agents: &[String],
         grant_of: impl Fn(&str) -> Option<Arc<HttpGrant>>,
     ) -> Result<(), QueueError> {
-        let free = MAX_IN_FLIGHT - self.in_flight;
+        let free = MAX_IN_FLIGHT - self.in_flight.len();
         // A read first: tasks that queue no effects cost no write transaction.
         let due = queue
             .next_effect_due()?
@@ -83,7 +85,7 @@ impl Deliverer {
             return Ok(());
         }
         for delivery in queue.claim_due_effects(free, self.claim_lease, agents)? {
-            self.in_flight += 1;
+            self.in_flight.insert((delivery.id, delivery.token));
             let (client, done) = (self.client.clone(), self.done_tx.clone());
             let grant = grant_of(&delivery.agent);
             tokio::spawn(async move {
@@ -117,8 +119,8 @@ impl Deliverer {
             attempt.error.as_deref(),
             attempt.refused,
         )?;
-        self.in_flight -= 1;
         let d = &attempt.delivery;
+        self.in_flight.remove(&(d.id, d.token));
         match stored {
             Some("sent") => tracing::info!(task = d.task_id, seq = d.effect.seq, "effect sent"),
             Some(state) => tracing::warn!(
@@ -139,12 +141,19 @@ impl Deliverer {
 
     /// Gives up recording an attempt: its claim lease will run out and
     /// another sender will try again.
-    pub fn abandon(&mut self) {
-        self.in_flight -= 1;
+    pub fn abandon(&mut self, attempt: &Attempt) {
+        let d = &attempt.delivery;
+        self.in_flight.remove(&(d.id, d.token));
     }
 
     pub fn is_idle(&self) -> bool {
-        self.in_flight == 0
+        self.in_flight.is_empty()
+    }
+
+    /// The claims still being sent (effect id, claim token), forgotten
+    /// here: for a daemon that stops waiting for them to give them back.
+    pub fn take_in_flight(&mut self) -> Vec<(i64, i64)> {
+        self.in_flight.drain().collect()
     }
 }
 

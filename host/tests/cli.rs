@@ -1002,6 +1002,41 @@ on_both_drivers! {
         assert_eq!(verdict["effects"]["distinct_keys"], 500);
     }
 
+    /// A proposed effect's body is shown with its control characters
+    /// escaped (a carriage return let one request show as another); an
+    /// unknown task or an empty page is refused; a retried effect forgets
+    /// its last status.
+    fn effects_are_shown_safely_and_retried_cleanly(db) {
+        use colony_tests::model_server::ModelServer;
+        let env = Env::on(db, &["stateful"]);
+        let server = ModelServer::start();
+        std::fs::write(env.agents.path().join("stateful.toml"), format!("allowed_hosts = [{:?}]\n", server.url())).unwrap();
+        let url = format!("{}/pay", server.url());
+        let body = "{\"amount\": 1000000}\r{\"amount\": 1}\n\u{1b}[31mred";
+        let payload = serde_json::json!({"ops": [["effect", "POST", url, body]], "review": true});
+        let id = env.submit(&["stateful", &payload.to_string()]);
+        env.until_idle(&[]);
+        let id_text = id.to_string();
+        for args in [vec!["show", id_text.as_str()], vec!["effects"]] {
+            let shown = env.ok(&args);
+            assert!(!shown.contains('\r') && !shown.contains('\u{1b}'), "{args:?}: {shown:?}");
+            assert!(shown.contains(r#"{"amount": 1000000}\r{"amount": 1}"#) && shown.contains(r"\u{1b}[31mred"), "{args:?}: {shown}");
+        }
+        for args in [["effects", "--task", "999"], ["effects", "--limit", "0"]] {
+            assert_eq!(env.run(&args).status.code(), Some(2), "{args:?}");
+        }
+
+        // Refused by the receiver (a 400 fails at once), then retried.
+        server.push_plain(400);
+        env.ok(&["review", &id.to_string(), "approve"]);
+        env.until_idle(&[]);
+        let effect = &env.json(&["effects", "--task", &id.to_string()])[0];
+        assert_eq!((effect["state"].as_str(), effect["status"].as_u64()), (Some("failed"), Some(400)), "{effect}");
+        env.ok(&["effects", "retry", &effect["id"].to_string()]);
+        let effect = &env.json(&["effects", "--task", &id.to_string()])[0];
+        assert_eq!((effect["state"].as_str(), &effect["status"]), (Some("pending"), &Value::Null), "{effect}");
+    }
+
     fn effects_wait_for_review_in_show_and_are_listed_and_sent_after_approval(db) {
         use colony_tests::model_server::ModelServer;
         let env = Env::on(db, &["stateful"]);

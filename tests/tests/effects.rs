@@ -328,7 +328,8 @@ async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued(
         json!({"ops": [
             ["effect", "BREW", "http://127.0.0.1:1/x", "1"],
             ["effect", "POST", "ftp://x/y", "1"],
-            ["effect", "POST", "http://127.0.0.1:1/not-granted", "1"]
+            ["effect", "POST", "http://127.0.0.1:1/not-granted", "1"],
+            ["effect", "POST", "http://svc:hunter2@127.0.0.1:1/x?api_key=QSECRET", "1"]
         ]}),
         1,
     );
@@ -352,7 +353,19 @@ async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued(
     // Each refusal is recorded as a refused request is: an event (method,
     // origin, path and why; not the query) and a line in the task log.
     let refused = h.events(id, "effect_refused");
-    assert_eq!(refused.len(), 3, "{refused:?}");
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    // A password or query string in a refused URL reaches neither the
+    // trail nor the log.
+    let why = refused[3].detail["refused"].as_str().unwrap_or_default();
+    assert!(why.contains("user information"), "{why}");
+    for secret in ["hunter2", "QSECRET"] {
+        assert!(
+            !refused[3].detail.to_string().contains(secret),
+            "{:?}",
+            refused[3].detail
+        );
+        assert!(!h.log(id).contains(secret), "{}", h.log(id));
+    }
     assert_eq!(refused[0].detail["method"], "BREW");
     assert_eq!(refused[2].detail["origin"], "http://127.0.0.1:1");
     assert_eq!(refused[2].detail["path"], "/not-granted");
@@ -408,5 +421,78 @@ async fn delivery_adds_the_agents_secret_and_drops_the_agents_own_header_of_that
     assert!(
         !stored.contains("effects-secret"),
         "the secret is stored nowhere: {stored}"
+    );
+}
+
+/// A daemon that stops while a receiver has not answered gives the effect
+/// back when its grace runs out, due at once and its attempt not counted,
+/// instead of leaving it `sending` until its claim runs out (twice
+/// --effect-timeout), and says so on the trail and in its summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_unanswered_at_shutdown_is_given_back() {
+    use colony::orchestrator::{Daemon, DaemonConfig};
+    use std::sync::Arc;
+    use std::time::Duration;
+    // A receiver that takes the connection and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = format!("http://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming() {
+            held.push(stream);
+        }
+    });
+    let agents = agents_dir_with(&["stateful"]);
+    std::fs::write(
+        agents.path().join("stateful.toml"),
+        format!("allowed_hosts = [{origin:?}]\n"),
+    )
+    .unwrap();
+    let h = Harness::with_shared_cache(agents);
+    let id = submit(
+        &h,
+        json!({"ops": [["effect", "POST", format!("{origin}/slow"), "1"]]}),
+        1,
+    );
+
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    let cfg = DaemonConfig {
+        poll: Duration::from_millis(50),
+        heartbeat: Duration::from_millis(100),
+        grace: Duration::from_millis(300),
+        ..DaemonConfig::default()
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = tokio::spawn(Daemon::new(h.queue(), Arc::new(runtime), agents, cfg).run(stop_rx));
+    let sending = || h.queue().effects(Some(id), None, 10).unwrap()[0].state == "sending";
+    let started = std::time::Instant::now();
+    while h.queue().effects(Some(id), None, 10).unwrap().is_empty() || !sending() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the effect was never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.effects_released, 1);
+    let effect = &h.queue().effects(Some(id), None, 10).unwrap()[0];
+    assert_eq!(
+        (effect.state.as_str(), effect.attempts),
+        ("pending", 0),
+        "{effect:?}"
+    );
+    let released = h.events(id, "effect_released");
+    assert_eq!(released.len(), 1);
+    assert!(
+        released[0].detail["why"]
+            .as_str()
+            .unwrap()
+            .contains("same idempotency key")
     );
 }

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::output::printable;
 use super::{Cli, identity, open_queue};
 use crate::queue::EffectRow;
 
@@ -18,11 +19,11 @@ pub struct EffectsArgs {
     /// sending, sent or failed.
     #[arg(long, value_parser = ["proposed", "pending", "sending", "sent", "failed"])]
     state: Option<String>,
-    /// Only this task's effects.
+    /// Only this task's effects, in the order its run queued them.
     #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     task: Option<i64>,
-    /// At most this many, newest first.
-    #[arg(long, default_value_t = 100)]
+    /// At most this many (1 to 10,000), newest first (one task's: its first).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     limit: u32,
 }
 
@@ -63,19 +64,21 @@ pub fn print_effect_lines(out: &mut impl std::io::Write, effects: &[EffectRow]) 
             e.seq,
             e.state,
             e.method,
-            e.url,
+            printable(&e.url),
             e.attempts,
             e.error
                 .as_deref()
-                .map(|err| format!(", {err}"))
+                .map(|err| format!(", {}", printable(err)))
                 .unwrap_or_default()
         )?;
+        // The body comes from the agent: a carriage return or an escape
+        // sequence in it would let one request show as another.
         if e.state == "proposed"
             && let Some(preview) = &e.body_preview
         {
             writeln!(out, "         body ({} bytes):", e.body_bytes)?;
             for line in preview.lines() {
-                writeln!(out, "           {line}")?;
+                writeln!(out, "           {}", printable(line))?;
             }
         }
     }
@@ -93,6 +96,9 @@ pub fn run(cli: &Cli, args: &EffectsArgs) -> Result<()> {
             writeln!(out, "effect {id}: pending (it will be sent again)")?;
         }
         return Ok(());
+    }
+    if let Some(task) = args.task {
+        queue.get(task)?; // an unknown id is bad input, not an empty outbox
     }
     let effects = queue.effects(args.task, args.state.as_deref(), args.limit)?;
     if cli.json {

@@ -478,6 +478,7 @@ fn grants_json(limits: &crate::runtime::Limits) -> Value {
         "http_timeout": humantime::format_duration(http.timeout).to_string(),
         "http_max_response_bytes": http.max_response_bytes,
         "http_max_requests": http.max_requests,
+        "effect_attempts": limits.effect_attempts,
     })
 }
 
@@ -499,6 +500,9 @@ fn grants_text(limits: &crate::runtime::Limits) -> String {
             n => format!(" (secrets for {n} origin{})", if n == 1 { "" } else { "s" }),
         };
         parts.push(format!("http {}{secrets}", hosts.join(", ")));
+        if limits.effect_attempts != crate::effects::DEFAULT_DELIVERY_ATTEMPTS {
+            parts.push(format!("effects tried {} times", limits.effect_attempts));
+        }
     }
     match parts.is_empty() {
         true => String::new(),
@@ -677,6 +681,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "released": summary.released,
             "effects_sent": summary.effects_sent,
             "effects_failed": summary.effects_failed,
+            "effects_released": summary.effects_released,
             "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
             "left_blocked_on_dependencies": summary.left_blocked.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
             "effects_left_for_missing_agents": summary.effects_left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "effects": n})).collect::<Vec<_>>(),
@@ -692,14 +697,20 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
         summary.lost,
         summary.released
     );
-    if summary.effects_sent + summary.effects_failed > 0 {
+    if summary.effects_sent + summary.effects_failed + summary.effects_released > 0 {
         say!(
-            "  effects: {} sent, {} failed for good{}",
+            "  effects: {} sent, {} failed for good{}{}",
             summary.effects_sent,
             summary.effects_failed,
             match summary.effects_failed {
                 0 => "",
                 _ => " (see `colony effects --state failed`)",
+            },
+            match summary.effects_released {
+                0 => String::new(),
+                n => format!(
+                    ", {n} given back unanswered at shutdown (sent again by the next daemon)"
+                ),
             }
         );
     }

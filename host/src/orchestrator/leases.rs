@@ -298,6 +298,23 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
+        // The rest are given back, due at once, rather than left `sending`
+        // until their claim runs out (twice --effect-timeout).
+        let unanswered = self.deliverer.take_in_flight();
+        let queue = &mut self.queue;
+        match tokio::task::block_in_place(|| queue.release_deliveries(&unanswered)) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(
+                    "gave back {n} effect(s) whose receiver had not answered by the end of the grace; they are sent again with the same idempotency key"
+                );
+                self.summary.effects_released += n as u64;
+            }
+            Err(e) => tracing::error!(
+                "could not give back {} effect(s) being sent; another daemon takes them over once their claim runs out: {e}",
+                unanswered.len()
+            ),
+        }
         // Stop what is still running and wait for it to be gone (a guest
         // yields at every epoch tick), so no run outlives its release.
         let stopping: Vec<(Lease, JoinHandle<()>)> = self

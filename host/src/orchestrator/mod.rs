@@ -173,6 +173,8 @@ pub struct DaemonSummary {
     /// Effects this daemon delivered, and those that failed for good here.
     pub effects_sent: u64,
     pub effects_failed: u64,
+    /// Effects given back at shutdown, their receiver not having answered.
+    pub effects_released: u64,
     /// Where the daemon loop's time went (for `colony bench`).
     pub time: LoopTime,
 }
@@ -601,7 +603,7 @@ impl Daemon {
             Ok(Some("failed")) => self.summary.effects_failed += 1,
             Ok(_) => {}
             Err(e) => {
-                self.deliverer.abandon();
+                self.deliverer.abandon(&attempt);
                 tracing::error!(
                     "could not record an effect's delivery; it will be sent again: {e}"
                 );

@@ -267,6 +267,40 @@ impl Queue {
         })
     }
 
+    /// Gives back deliveries a daemon stopped waiting for (its shutdown's
+    /// grace ran out while the receiver had not answered), each fenced by
+    /// its claim: due again at once, the attempt not counted, an
+    /// `effect_released` event saying why. The receiver may have the request
+    /// already; it comes again with the same idempotency key. Returns how
+    /// many were given back.
+    pub fn release_deliveries(&mut self, claims: &[(i64, i64)]) -> Result<usize> {
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let actor = &self.opts.actor;
+        self.write(|tx, now| {
+            let mut released = 0;
+            for &(id, token) in claims {
+                let held = tx.query_opt(
+                    "UPDATE effects SET state = 'pending', attempts = attempts - 1, next_at = ?1,
+                            claim_token = NULL, claimed_by = NULL, lease_until = NULL, updated_at = ?1
+                     WHERE id = ?2 AND state = 'sending' AND claim_token = ?3
+                     RETURNING task_id, seq",
+                    args![now, id, token],
+                )?;
+                let Some(held) = held else { continue };
+                let detail = json!({
+                    "effect": id,
+                    "seq": held.get::<u32>(1)?,
+                    "why": "the daemon shut down before the receiver answered; it is sent again with the same idempotency key",
+                });
+                note(tx, held.get(0)?, "effect_released", actor, detail, now)?;
+                released += 1;
+            }
+            Ok(released)
+        })
+    }
+
     /// Sends a failed effect again (`colony effects retry ID`): attempts start over.
     pub fn retry_effect(&mut self, id: i64) -> Result<()> {
         let actor = &self.opts.actor;
@@ -294,7 +328,7 @@ impl Queue {
             }
             tx.execute(
                 "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, error = NULL,
-                        updated_at = ?1
+                        status = NULL, updated_at = ?1
                  WHERE id = ?2",
                 args![now, id],
             )?;

@@ -610,11 +610,20 @@ pub fn check_url(limits: &Limits, method: &str, url: &str) -> Result<(), String>
     limits.http.check_url(method, url)
 }
 
+/// The origin of `url`. A refusal names the URL without what may be a
+/// secret (a password in it, its query string): it goes to the audit trail
+/// and the task log.
 fn origin_of(url: &str) -> Result<Origin, String> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    Origin::of_uri(&uri).map_err(|e| format!("{url:?}: {e}"))
+        .map_err(|e| format!("the URL is not valid: {e}"))?;
+    Origin::of_uri(&uri).map_err(|e| format!("{}: {e}", shown_url(&uri)))
+}
+
+/// A URL as a refusal may show it: scheme, host, port and path; never its
+/// user, password or query.
+fn shown_url(uri: &http::Uri) -> String {
+    format!("\"{}{}\"", shown_origin(uri), uri.path())
 }
 
 // ----- one run's requests ---------------------------------------------------

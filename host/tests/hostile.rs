@@ -99,7 +99,7 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
         case(&["list", "--limit", "4294967296"], 2, "--limit"),
         case(&["events", "--since", "-1"], 2, "--since"),
         case(&["events", "--since", "9223372036854775808"], 2, "--since"),
-        case(&["events", "--task", "0"], 2, "--task"),
+        case(&["events", "--task", "-1"], 2, "--task"),
         case(&["show", "-1"], 2, "<ID>"),
         case(&["show", "9223372036854775808"], 2, "<ID>"),
         case(&["show", "9223372036854775807"], 2, "does not exist"),

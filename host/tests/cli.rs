@@ -1722,3 +1722,80 @@ fn bench_measures_any_component_per_run() {
     assert_eq!(broken.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&broken.stderr).contains("did not load"));
 }
+
+/// What a new user's walkthrough stumbled on, each now said: a listing cut
+/// at its limit, a manifest that limits nothing (misnamed) or has a value
+/// of the wrong type, a payload file that is not JSON, the schedule and key
+/// of a task, and dependents a retry leaves cancelled.
+#[test]
+fn a_new_users_stumbles_are_explained() {
+    let env = Env::new(&["echo"]);
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+
+    for _ in 0..3 {
+        env.submit(&["echo", "{}"]);
+    }
+    let out = env.run(&["list", "--limit", "2"]);
+    assert!(
+        out.status.success() && stderr(&out).contains("showing the newest 2 tasks"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env.run(&["list"]).stderr.is_empty());
+    assert_eq!(env.run(&["list", "--limit", "0"]).status.code(), Some(2));
+
+    // A manifest beside no component is named; a wrong type names its key.
+    let agents = env.agents.path();
+    std::fs::write(agents.join("echo.wasm.toml"), "timeout = \"1s\"\n").unwrap();
+    let out = env.ok_with_env(&["agents"], &[("COLONY_LOG", "warn")]);
+    assert!(
+        stderr(&out).contains("echo.wasm.toml is no agent's manifest"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(agents.join("echo.wasm.toml")).unwrap();
+    std::fs::write(agents.join("echo.toml"), "models = \"fast\"\n").unwrap();
+    let listed = env.json(&["agents"]);
+    let reason = listed[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("echo.toml:1:10: key `models`: invalid type"),
+        "{listed}"
+    );
+    std::fs::remove_file(agents.join("echo.toml")).unwrap();
+
+    // A payload file that is not JSON is named.
+    let file = env.data.path().join("brief.json");
+    std::fs::write(&file, "{a: 1}").unwrap();
+    let out = env.run(&["submit", "echo", &format!("@{}", file.display())]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("brief.json: not valid JSON"),
+        "{}",
+        stderr(&out)
+    );
+
+    // show says when a pending task runs, and its key.
+    let later = env
+        .submit(&["echo", "{}", "--in", "1h", "--key", "brief-7"])
+        .to_string();
+    let shown = env.ok(&["show", &later]);
+    assert!(
+        shown.contains("runs at ")
+            && shown.contains("key          brief-7")
+            && shown.contains("backoff"),
+        "{shown}"
+    );
+
+    // A retry says which dependents its cancel took down and left so.
+    let after = env.submit(&["echo", "{}", "--after", &later]).to_string();
+    env.ok(&["cancel", &later]);
+    let out = env.run(&["retry", &later]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "task(s) {after} depend on task {later} and stay cancelled"
+        )),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -96,6 +96,7 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
         ),
         bad_submit(&["--after", "9223372036854775808"], "--after"),
         case(&["list", "--limit", "-1"], 2, "--limit"),
+        case(&["list", "--limit", "0"], 2, "--limit"),
         case(&["list", "--limit", "4294967296"], 2, "--limit"),
         case(&["events", "--since", "-1"], 2, "--since"),
         case(&["events", "--since", "9223372036854775808"], 2, "--since"),
@@ -359,7 +360,7 @@ fn extreme_but_valid_values_are_stored_and_every_command_prints_them() {
     }
     for args in [
         &["list", "--limit", "4294967295"][..],
-        &["list", "--limit", "0"],
+        &["list", "--limit", "1"],
         &["status"],
         &["agents"],
     ] {

@@ -181,8 +181,8 @@ pub enum Command {
         /// Only tasks for this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// At most this many tasks.
-        #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
+        /// At most this many tasks (a full page says so on stderr).
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// Show one task: its fields, audit events, run logs and result.
@@ -688,7 +688,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 limit: Some(*limit),
             })?;
             let usages = output::usages_of(&queue, &tasks)?;
-            output::print_tasks(&tasks, &usages, cli.json)
+            output::print_tasks(&tasks, &usages, cli.json)?;
+            // After the listing, where a person reading it looks last.
+            if tasks.len() == *limit as usize {
+                say!(
+                    "note: showing the newest {limit} tasks; there may be more: raise --limit or filter by --state or --agent"
+                );
+            }
+            Ok(())
         }
         Command::Show { id } => {
             let queue = open_queue(&cli.db, &identity("cli"))?;
@@ -717,6 +724,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .error
                 .is_some_and(|e| e.kind == crate::task::ErrorKind::BudgetExceeded);
             let to = queue.retry_with_token_budget(*id, *token_budget)?;
+            let stay_cancelled = queue.cancelled_dependents(*id)?;
+            if !stay_cancelled.is_empty() {
+                let ids: Vec<String> = stay_cancelled.iter().map(i64::to_string).collect();
+                say!(
+                    "note: task(s) {} depend on task {id} and stay cancelled (a retry revives only the task named); retry each that should run: colony retry {}",
+                    ids.join(", "),
+                    ids[0]
+                );
+            }
             if failed_on_budget && token_budget.is_none() {
                 say!(
                     "note: task {id} failed on its token budget, and what it spent still counts: it will most likely fail on it again. Give its chain more with `colony retry {id} --token-budget N`, or raise token_budget in its agent's manifest"
@@ -942,15 +958,26 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
         .agent
         .clone()
         .ok_or_else(|| bad("name the agent to run the task"))?;
+    // A payload from a file is checked here, so that its error names the file.
+    let from_file = |text: String, shown: String| -> Result<String> {
+        match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+            Ok(_) => Ok(text),
+            Err(e) => Err(bad(format!("{shown}: not valid JSON: {e}"))),
+        }
+    };
     let payload = match (&args.payload, &args.payload_file) {
         (Some(p), _) => match p.strip_prefix('@') {
-            Some(file) => {
-                std::fs::read_to_string(file).map_err(|e| bad(format!("payload @{file}: {e}")))?
-            }
+            Some(file) => from_file(
+                std::fs::read_to_string(file).map_err(|e| bad(format!("payload @{file}: {e}")))?,
+                format!("payload @{file}"),
+            )?,
             None => p.clone(),
         },
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .map_err(|e| bad(format!("--payload-file {}: {e}", file.display())))?,
+        (None, Some(file)) => from_file(
+            std::fs::read_to_string(file)
+                .map_err(|e| bad(format!("--payload-file {}: {e}", file.display())))?,
+            format!("--payload-file {}", file.display()),
+        )?,
         (None, None) => "{}".to_string(),
     };
     let mut task = NewTask::new(agent, payload);

@@ -296,6 +296,23 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         task.attempts, task.max_attempts, task.revisions, task.max_revisions
     )?;
     writeln!(out, "  priority     {}", task.priority)?;
+    let created = time(task.created_at);
+    match task.finished_at {
+        Some(at) => writeln!(out, "  created      {created}  finished {}", time(at))?,
+        None => writeln!(out, "  created      {created}")?,
+    }
+    if task.state == State::Pending {
+        writeln!(out, "  runs at      {} at the earliest", time(task.run_at))?;
+    }
+    let timeout = task.timeout_ms.map_or_else(
+        || "the agent's".to_string(),
+        |ms| humantime::format_duration(Duration::from_millis(ms)).to_string(),
+    );
+    let backoff = humantime::format_duration(Duration::from_millis(task.backoff_ms));
+    writeln!(out, "  timeout      {timeout}  backoff {backoff}")?;
+    if let Some(key) = &task.idempotency_key {
+        writeln!(out, "  key          {}", printable(key))?;
+    }
     writeln!(
         out,
         "  payload      {}",
@@ -331,7 +348,9 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         writeln!(out, "  feedback     {}", printable_lines(feedback))?;
     }
     if let Some(error) = &task.error {
-        let message = printable_lines(&error.message);
+        // A trap's message runs over several lines (its backtrace): each
+        // indented under the first.
+        let message = printable_lines(&error.message).replace('\n', "\n               ");
         writeln!(out, "  error        {}: {message}", error.kind)?;
     }
     if let Some(result) = &task.result {

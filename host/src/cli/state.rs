@@ -139,11 +139,6 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
             let (scope, name) = owner.scope_and_name()?;
             owner.check_chain(&queue)?;
             let entries = queue.state_scan(scope, &name, prefix, *limit)?;
-            if entries.len() == *limit as usize {
-                say!(
-                    "note: showing the first {limit} entries; there may be more: raise --limit (at most {MAX_LIST}) or narrow --prefix"
-                );
-            }
             if cli.json {
                 let list: Vec<EntryJson> = entries.iter().map(entry_json).collect();
                 writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
@@ -158,6 +153,13 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
                     let key = printable(&e.key);
                     writeln!(out, "{key:<40} v{:<6} {}", e.version, e.value)?;
                 }
+            }
+            // After the listing, where a person reading it looks last.
+            if entries.len() == *limit as usize {
+                out.flush()?;
+                say!(
+                    "note: showing the first {limit} entries; there may be more: raise --limit (at most {MAX_LIST}) or narrow --prefix"
+                );
             }
         }
         StateCommand::Get { owner, key } => {

@@ -878,6 +878,19 @@ impl Queue {
         self.read(|db| reads::children(db, parent_id))
     }
 
+    /// The tasks that depend on `id` (`--after`) and stand cancelled: a
+    /// cancel takes its dependents down with it, and a retry does not bring
+    /// them back.
+    pub fn cancelled_dependents(&self, id: i64) -> Result<Vec<i64>> {
+        self.read(|db| {
+            db.query_column(
+                "SELECT t.id FROM task_deps d JOIN tasks t ON t.id = d.task_id
+                 WHERE d.depends_on = ?1 AND t.state = 'cancelled' ORDER BY t.id",
+                sql::args![id],
+            )
+        })
+    }
+
     /// How many tasks each agent has in each state: `(agent, state, count)`.
     pub fn counts(&self) -> Result<Vec<(String, State, u64)>> {
         self.read(reads::counts)

@@ -3,7 +3,7 @@
 //! up new, replaced and removed components; a broken one is reported and
 //! skipped while every other agent keeps working.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -75,7 +75,22 @@ impl Manifest {
     /// Reads and checks a manifest; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Manifest, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))
+        let document = toml::Deserializer::parse(&text).map_err(|e| toml_error(path, &text, &e))?;
+        // A wrong type names its key (`models = "fast"`: key `models`), not
+        // only its line and column.
+        serde_path_to_error::deserialize(document).map_err(|e| {
+            let key = e.path().to_string();
+            let error = toml_error(path, &text, e.inner());
+            match key.as_str() {
+                "" | "." => error,
+                // "unknown field `timout`" names it already.
+                key if e.inner().message().contains(&format!("`{key}`")) => error,
+                key => match error.split_once(": ") {
+                    Some((at, why)) => format!("{at}: key `{key}`: {why}"),
+                    None => error,
+                },
+            }
+        })
     }
 
     /// The limits in force: the defaults, overridden by this manifest.
@@ -231,6 +246,8 @@ impl ScanReport {
 pub struct AgentDir {
     dir: PathBuf,
     entries: BTreeMap<String, AgentEntry>,
+    /// Manifests beside no component, already warned about.
+    unmatched: BTreeSet<PathBuf>,
 }
 
 impl AgentDir {
@@ -238,7 +255,30 @@ impl AgentDir {
         AgentDir {
             dir: dir.into(),
             entries: BTreeMap::new(),
+            unmatched: BTreeSet::new(),
         }
+    }
+
+    /// The `*.toml` files of the folder with no `<name>.wasm` beside them:
+    /// a manifest named `echo.wasm.toml` or `Echo.toml` limits nothing,
+    /// and without a word its author would think it did.
+    pub fn unmatched_manifests(&self) -> Vec<PathBuf> {
+        let Ok(read) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut unmatched: Vec<PathBuf> = read
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.extension().is_some_and(|e| e == "toml")
+                    && !path.with_extension("wasm").exists()
+                    // The operator's configuration, in an agents folder that
+                    // is also the working directory.
+                    && path.file_name().is_some_and(|n| n != "colony.toml")
+            })
+            .collect();
+        unmatched.sort();
+        unmatched
     }
 
     pub fn dir(&self) -> &Path {
@@ -284,6 +324,14 @@ impl AgentDir {
             tracing::info!(agent = %name, "agent removed");
             report.removed.push(name);
         }
+        let unmatched: BTreeSet<PathBuf> = self.unmatched_manifests().into_iter().collect();
+        for path in unmatched.difference(&self.unmatched) {
+            tracing::warn!(
+                "{} is no agent's manifest: a manifest is <name>.toml beside <name>.wasm",
+                path.display()
+            );
+        }
+        self.unmatched = unmatched;
         for (name, path) in found {
             let manifest_path = self.dir.join(format!("{name}.toml"));
             let fingerprint = Fingerprint {

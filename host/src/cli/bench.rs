@@ -443,6 +443,11 @@ pub(super) async fn drain(
     let cfg = DaemonConfig {
         concurrency: args.concurrency,
         claim_batch: claim_batch(args),
+        // As the daemon: --batch claims ahead for every agent.
+        prefetch: match args.batch {
+            Some(_) => crate::orchestrator::Prefetch::Always,
+            None => crate::orchestrator::Prefetch::Adaptive,
+        },
         until_idle: true,
         poll: Duration::from_secs(60),
         ..DaemonConfig::default()

@@ -39,9 +39,11 @@ use crate::queue::{
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 
 mod leases;
+mod prefetch;
 mod rescans;
 mod run_side;
 mod store;
+pub use prefetch::{Prefetch, SHORT_RUN};
 use run_side::RunSide;
 
 /// What an until-idle daemon leaves: unfinished tasks of agents not
@@ -65,6 +67,9 @@ pub struct DaemonConfig {
     /// [`DEFAULT_CLAIM_BATCH`]). Tasks claimed beyond
     /// the free slots wait in a local buffer, leased and heartbeated.
     pub claim_batch: usize,
+    /// For which agents tasks are claimed beyond the free slots (see
+    /// `prefetch.rs`): by default those whose recent runs were short.
+    pub prefetch: Prefetch,
     /// How long a finished run may wait to be stored with others (2 ms).
     pub write_window: Duration,
     /// Exit once nothing runnable remains for the loaded agents.
@@ -86,6 +91,7 @@ impl Default for DaemonConfig {
             stale_after: Duration::from_secs(60),
             grace: Duration::from_secs(30),
             claim_batch: DEFAULT_CLAIM_BATCH,
+            prefetch: Prefetch::Adaptive,
             write_window: Duration::from_millis(2),
             until_idle: false,
             watch_interval: Duration::from_millis(200),
@@ -95,8 +101,6 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
-    /// Refuses settings under which daemons would spin or reap each other's
-    /// live leases. The message names the setting.
     /// Settings that are legal but likely a mistake, each a sentence for
     /// the operator (the daemon logs them at start).
     pub fn warnings(&self) -> Vec<String> {
@@ -112,6 +116,8 @@ impl DaemonConfig {
         warnings
     }
 
+    /// Refuses settings under which daemons would spin or reap each other's
+    /// live leases. The message names the setting.
     pub fn validate(&self) -> Result<(), String> {
         const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
         for (name, value) in [
@@ -282,6 +288,10 @@ pub struct Daemon {
     inflight: HashMap<i64, InFlight>,
     /// Claimed (leased) tasks waiting for a free slot, by agent.
     prefetched: HashMap<String, VecDeque<ClaimedTask>>,
+    /// Each agent's recent run time: whether to claim ahead for it.
+    run_times: prefetch::RunTimes,
+    /// Tasks asked for in claim transactions still in flight, by agent.
+    claiming: HashMap<String, usize>,
     /// Finished runs not stored yet, and when the oldest of them finished.
     unwritten: Vec<FinishedRun>,
     unwritten_since: Option<Instant>,
@@ -368,6 +378,8 @@ impl Daemon {
             run_side,
             inflight: HashMap::new(),
             prefetched: HashMap::new(),
+            run_times: prefetch::RunTimes::default(),
+            claiming: HashMap::new(),
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,
@@ -683,19 +695,33 @@ impl Daemon {
     /// (measured against topping up at every finished run: writer time per
     /// task 21.0 -> 16.8 us, median of 8 pairs, transactions of ~35 tasks
     /// instead of ~15).
+    ///
+    /// An agent not claimed ahead (see `prefetch.rs`) asks for the slots it
+    /// could start a run in now: several such agents may each ask for the
+    /// same free slots, and what one takes beyond them waits briefly.
     fn claims_wanted(&self, top_up: bool) -> Vec<(String, usize)> {
         let mut wanted = Vec::new();
+        let free = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
         for name in self.agents.loaded_names() {
             let Some(agent) = self.agents.loaded(&name) else {
                 continue;
             };
             let cap = (agent.limits.concurrency as usize).min(self.cfg.concurrency as usize);
+            let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
+            if !self.run_times.claims_ahead(self.cfg.prefetch, &name) {
+                let running = self.inflight.values().filter(|f| f.agent == name).count();
+                let coming = buffered + self.claiming.get(&name).copied().unwrap_or(0);
+                let room = cap.saturating_sub(running).min(free);
+                if room > coming {
+                    wanted.push((name, room - coming));
+                }
+                continue;
+            }
             let batch = self.cfg.claim_batch.max(cap);
             let low = match self.queue.is_postgres() {
                 true => cap,
                 false => cap.max(batch / 2),
             };
-            let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
             if buffered < low || (top_up && buffered < batch) {
                 wanted.push((name, batch - buffered));
             }

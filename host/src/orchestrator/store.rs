@@ -25,7 +25,9 @@ impl Daemon {
         if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease)
             && let Some(run) = self.inflight.remove(&id)
         {
-            self.summary.time.in_flight += run.since.elapsed();
+            let took = run.since.elapsed();
+            self.summary.time.in_flight += took;
+            self.run_times.record(&run.agent, took);
         }
         self.unwritten_since.get_or_insert_with(Instant::now);
         self.unwritten.push(run);
@@ -67,6 +69,9 @@ impl Daemon {
             }
             LaneId::Claimer(_) => Vec::new(),
         };
+        for (agent, asked) in &claims {
+            *self.claiming.entry(agent.clone()).or_default() += asked;
+        }
         let lane = self.lane(lane_id);
         lane.busy = true;
         let writer = lane.conn.take();
@@ -107,6 +112,11 @@ impl Daemon {
             result,
             ..
         } = written;
+        for (agent, asked) in &claims {
+            if let Some(claiming) = self.claiming.get_mut(agent) {
+                *claiming = claiming.saturating_sub(*asked);
+            }
+        }
         let done = match result {
             Ok(done) => done,
             Err(e) => {

@@ -156,3 +156,59 @@ fn migrate_refuses_a_missing_source_and_the_same_database() {
     assert_eq!(same.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&same.stderr).contains("the same database"));
 }
+
+/// A source whose daemon is still running (leases renewed within the last
+/// minute) is refused, naming the holder, and nothing is written; --force
+/// copies it. A PostgreSQL URL naming no database, or with its :// mistyped,
+/// is refused without showing the password.
+#[test]
+fn migrate_refuses_a_source_with_a_running_daemon_and_urls_are_checked() {
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    let mut q = env.queue();
+    q.set_actor("daemon@elsewhere");
+    assert_eq!(q.claim("echo", 1).unwrap().len(), 1);
+    let target = env.data.path().join("copy.db");
+    let copy = |extra: &[&str]| {
+        let mut args = vec!["migrate", "--to", target.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let from = env.db();
+        args.extend(["--from", from.to_str().unwrap()]);
+        env.run(&args)
+    };
+    let refused = copy(&[]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("daemon@elsewhere (1)") && said.contains("--force"),
+        "{said}"
+    );
+    if target.exists() {
+        let copied = colony::queue::Queue::open(&target).unwrap();
+        assert!(
+            copied.list(&Default::default()).unwrap().is_empty(),
+            "nothing is written"
+        );
+    }
+    let forced = copy(&["--force"]);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+
+    for url in [
+        "postgres://bob:hunter2@127.0.0.1:1",
+        "postgresql:bob:hunter2@127.0.0.1:1/colony",
+        "postgres//bob:hunter2@127.0.0.1:1/colony",
+    ] {
+        let out = env.run(&["--db", url, "status"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {said}");
+        assert!(!said.contains("hunter2"), "{url}: {said}");
+        assert!(
+            !std::path::Path::new(env.data.path()).join(url).exists(),
+            "{url} became a file"
+        );
+    }
+}

@@ -301,9 +301,15 @@ pub struct MigrateArgs {
     /// The queue to copy: a SQLite file, `sqlite:PATH`, or a PostgreSQL URL.
     #[arg(long)]
     pub from: PathBuf,
-    /// The empty database to copy into (refused when it holds anything).
+    /// The empty database to copy into (refused when colony's tables in it
+    /// hold anything).
     #[arg(long)]
     pub to: PathBuf,
+    /// Copy even though daemons renewed leases on the source within the
+    /// last minute: their runs' results would go to the source, and the
+    /// copy would run those tasks again.
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl Command {
@@ -535,8 +541,9 @@ pub fn identity(role: &str) -> String {
 }
 
 pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
-    if let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(db) {
-        check_sqlite_location(db, &path)?;
+    match crate::queue::Location::of(db) {
+        crate::queue::Location::Sqlite(path) => check_sqlite_location(db, &path)?,
+        crate::queue::Location::Postgres(url) => check_postgres_url(&url)?,
     }
     let opts = QueueOptions {
         actor: actor.to_string(),
@@ -574,6 +581,20 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
             crate::queue::redact_url(&text)
         )));
     }
+    // `postgresql:user:pw@host`, `postgres//user:pw@host`, `postgres:/...`:
+    // a URL missing part of its `://` would become a file named after the
+    // password.
+    let lower = text.to_ascii_lowercase();
+    if ["postgres:", "postgresql:", "postgres/", "postgresql/"]
+        .iter()
+        .any(|start| lower.starts_with(start))
+    {
+        bail!(BadInput(format!(
+            "database {}: that looks like a PostgreSQL URL with its :// mistyped; \
+             write postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+            hide_userinfo(&text)
+        )));
+    }
     if let Some((scheme, _)) = text.split_once("://")
         && !scheme.is_empty()
         && scheme
@@ -591,12 +612,45 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
     {
         bail!(BadInput(format!(
             "database {}: the directory {} does not exist",
-            db.display(),
-            dir.display()
+            hide_userinfo(&db.to_string_lossy()),
+            hide_userinfo(&dir.to_string_lossy())
         )));
     }
     Ok(())
 }
+
+/// Refuses a PostgreSQL URL that names no database: the server would pick
+/// one after the user (often `postgres`, the maintenance database), and the
+/// queue's tables would land there unasked.
+fn check_postgres_url(url: &str) -> Result<()> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let before_query = rest.split(['?', '#']).next().unwrap_or_default();
+    let database = before_query.split_once('/').map_or("", |(_, db)| db);
+    let named_in_query = rest.split_once('?').is_some_and(|(_, q)| {
+        q.split('&')
+            .any(|kv| kv.to_ascii_lowercase().starts_with("dbname="))
+    });
+    if database.is_empty() && !named_in_query {
+        bail!(BadInput(format!(
+            "database {}: the URL names no database; add it: postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+            crate::queue::redact_url(url)
+        )));
+    }
+    Ok(())
+}
+
+/// `text` with anything before an `@` hidden: in what was meant as a URL
+/// it holds a user and password (a file path rarely has an `@`).
+fn hide_userinfo(text: &str) -> String {
+    match text.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => text.to_string(),
+    }
+}
+
+/// Leases renewed this recently mark their daemon as running: the default
+/// `--stale-after`.
+const LIVE_LEASE: Duration = Duration::from_secs(60);
 
 fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
     if let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(&args.from)
@@ -612,6 +666,17 @@ fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
     }
     let actor = identity("migrate");
     let source = open_queue(&args.from, &actor)?;
+    // A daemon still running on the source: what it finishes is stored
+    // there, and the copy's daemons run the same tasks again.
+    let live = source.live_leases(source.now()? - LIVE_LEASE.as_millis() as i64)?;
+    if !live.is_empty() && !args.force {
+        let holders: Vec<String> = live.iter().map(|(h, n)| format!("{h} ({n})")).collect();
+        bail!(BadInput(format!(
+            "--from {}: daemons renewed leases within the last minute, so they are most likely running: {}; stop them first (their runs are released), or pass --force",
+            redacted(&args.from),
+            holders.join(", ")
+        )));
+    }
     let mut target = open_queue(&args.to, &actor)?;
     let report = tokio::task::block_in_place(|| source.copy_into(&mut target))
         .map_err(|e| match e.is_bad_input() {
@@ -661,7 +726,7 @@ fn postgres_db(db: &Path) -> Option<&Path> {
 pub fn redacted(db: &Path) -> String {
     match crate::queue::Location::of(db) {
         crate::queue::Location::Postgres(url) => crate::queue::redact_url(&url),
-        crate::queue::Location::Sqlite(path) => path.display().to_string(),
+        crate::queue::Location::Sqlite(path) => hide_userinfo(&path.to_string_lossy()),
     }
 }
 

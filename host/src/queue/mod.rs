@@ -439,8 +439,14 @@ pub enum Location {
 
 impl Location {
     pub fn parse(text: &str) -> Location {
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            Location::Postgres(text.to_string())
+        // Schemes are case-insensitive (`POSTGRES://`); the client wants
+        // them in lower case.
+        let lower = text.get(..13).unwrap_or(text).to_ascii_lowercase();
+        if let Some(scheme) = ["postgres://", "postgresql://"]
+            .into_iter()
+            .find(|scheme| lower.starts_with(scheme))
+        {
+            Location::Postgres(format!("{scheme}{}", &text[scheme.len()..]))
         } else {
             Location::Sqlite(PathBuf::from(text.strip_prefix("sqlite:").unwrap_or(text)))
         }
@@ -905,6 +911,22 @@ impl Queue {
     /// Leases currently held, by holder: `(holder, count)`.
     pub fn leases_by_holder(&self) -> Result<Vec<(String, u64)>> {
         self.read(reads::leases_by_holder)
+    }
+
+    /// Leases renewed since `since` (queue clock, ms), by holder: daemons
+    /// that are most likely alive and running those tasks.
+    pub fn live_leases(&self, since: i64) -> Result<Vec<(String, u64)>> {
+        self.read(|db| {
+            db.query(
+                "SELECT claimed_by, COUNT(*) FROM tasks
+                 WHERE state = 'in_progress' AND heartbeat_at >= ?1
+                 GROUP BY claimed_by ORDER BY claimed_by",
+                sql::args![since],
+            )?
+            .iter()
+            .map(|r| Ok((r.get::<Option<String>>(0)?.unwrap_or_default(), r.get(1)?)))
+            .collect()
+        })
     }
 
     /// The earliest `run_at` of a pending task that waits only for its time.

@@ -11,6 +11,7 @@ pub mod effects;
 pub mod models;
 pub mod orchestrator;
 pub mod queue;
+pub mod repeats;
 pub mod retry;
 pub mod runtime;
 pub mod state;

@@ -534,6 +534,10 @@ on_both_drivers! {
             assert_eq!((task.state, task.claimed_by.as_deref()), (State::InProgress, Some(holder_name.as_str())));
         }
         assert!(reaper_log().contains("other hosts' leases are not reset until"), "{}", reaper_log());
+        // The outage is logged once, and its end.
+        let said = reaper_log();
+        assert!(said.contains("heartbeats go through again: the database answers"), "{said}");
+        assert!(said.matches("heartbeat failed, will retry").count() <= 1, "{said}");
 
         // A holder that does not come back loses them, as ever.
         holder.kill().unwrap();

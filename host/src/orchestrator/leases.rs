@@ -97,6 +97,11 @@ impl Daemon {
         match result {
             Ok((lost, expired, stalled)) => {
                 self.renewed_at = started;
+                if let Some(lasted) = self.heartbeat_errors.succeeded() {
+                    tracing::info!(
+                        "heartbeats go through again: the database answers (it failed for {lasted:.0?})"
+                    );
+                }
                 if stalled {
                     self.renewals_failed("the heartbeat's write stalled for most of stale_after");
                 }
@@ -109,7 +114,12 @@ impl Daemon {
                 false
             }
             Err(e) => {
-                tracing::error!("heartbeat failed, will retry: {e}");
+                if let Some(more) = self.heartbeat_errors.failed() {
+                    tracing::error!(
+                        "heartbeat failed, will retry{}: {e}",
+                        crate::repeats::more(more)
+                    );
+                }
                 self.renewals_failed("the heartbeat failed");
                 false
             }

@@ -292,6 +292,9 @@ pub struct Daemon {
     run_times: prefetch::RunTimes,
     /// Tasks asked for in claim transactions still in flight, by agent.
     claiming: HashMap<String, usize>,
+    /// Failing claims and heartbeats, logged once per streak and window.
+    claim_errors: crate::repeats::Repeats,
+    heartbeat_errors: crate::repeats::Repeats,
     /// Finished runs not stored yet, and when the oldest of them finished.
     unwritten: Vec<FinishedRun>,
     unwritten_since: Option<Instant>,
@@ -380,6 +383,8 @@ impl Daemon {
             prefetched: HashMap::new(),
             run_times: prefetch::RunTimes::default(),
             claiming: HashMap::new(),
+            claim_errors: Default::default(),
+            heartbeat_errors: Default::default(),
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,

@@ -135,7 +135,14 @@ impl Daemon {
                 if runs.is_empty() {
                     match e.is_permanent() {
                         true => self.unusable = Some(e),
-                        false => tracing::error!("claiming failed, will retry: {e}"),
+                        false => {
+                            if let Some(more) = self.claim_errors.failed() {
+                                tracing::error!(
+                                    "claiming failed, will retry{}: {e}",
+                                    crate::repeats::more(more)
+                                );
+                            }
+                        }
                     }
                 } else {
                     // Runs that finished meanwhile join the retry.
@@ -147,6 +154,9 @@ impl Daemon {
             }
         };
         self.claims_paused_until = None;
+        if let Some(lasted) = self.claim_errors.succeeded() {
+            tracing::info!("claiming works again (it failed for {lasted:.0?})");
+        }
         self.effects_due |= done.effects_may_be_due;
         let mut more = !runs.is_empty();
         for ((agent, asked), tasks) in claims.into_iter().zip(done.claimed) {

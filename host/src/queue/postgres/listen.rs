@@ -41,15 +41,24 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("colony-listen".into())
         .spawn(move || {
+            let mut failures = crate::repeats::Repeats::default();
             while !stopped.load(Ordering::Relaxed) {
                 let mut client = match open(&config, &location, &target, Duration::ZERO, true) {
                     Ok(client) => client,
                     Err(e) => {
-                        tracing::warn!("listening for new work failed, retrying: {e}");
+                        if let Some(more) = failures.failed() {
+                            tracing::warn!(
+                                "listening for new work failed, retrying{}: {e}",
+                                crate::repeats::more(more)
+                            );
+                        }
                         std::thread::sleep(RECONNECT_AFTER);
                         continue;
                     }
                 };
+                if let Some(lasted) = failures.succeeded() {
+                    tracing::info!("listening for new work again (it failed for {lasted:.0?})");
+                }
                 on_work();
                 while !stopped.load(Ordering::Relaxed) {
                     let next = client

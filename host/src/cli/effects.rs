@@ -31,6 +31,7 @@ pub struct EffectsArgs {
 enum EffectsAction {
     /// Send a failed effect again (its attempts start over; same idempotency key).
     Retry {
+        /// The effect's id, as `colony effects` lists it (#17).
         #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
     },

@@ -193,7 +193,7 @@ pub enum Command {
     },
     /// Counts by state and agent, the oldest ready task, leases held, agents.
     Status,
-    /// The audit trail as JSON Lines: id, at, task_id, from, to, actor, detail.
+    /// The audit trail as JSON Lines: id, at, task_id, event, from, to, actor, detail.
     Events {
         /// Only events of this task; 0: operators' writes to agents' state
         /// (`colony state set/delete --agent`), which belong to no task.
@@ -360,17 +360,17 @@ pub struct SubmitArgs {
     /// Read the payload JSON from this file.
     #[arg(long)]
     pub payload_file: Option<PathBuf>,
-    /// Higher runs first (default 0).
+    /// Higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
-    /// Runs before the task fails for good: 1 to 1000 (default 3).
+    /// Runs before the task fails for good: 1 to 1000.
     #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=1000), allow_negative_numbers = true)]
     pub max_attempts: u32,
     /// Hold the result in `review` until approved.
     #[arg(long)]
     pub review: bool,
-    /// Rejections with a note before a rejection fails the task: 0 to 100
-    /// (default 3). Each revision runs the task again, with the note as its
+    /// Rejections with a note before a rejection fails the task: 0 to 100.
+    /// Each revision runs the task again, with the note as its
     /// `feedback` and its attempts back.
     #[arg(long, default_value_t = crate::task::DEFAULT_MAX_REVISIONS, value_parser = clap::value_parser!(u32).range(0..=crate::task::MAX_REVISIONS as i64), allow_negative_numbers = true)]
     pub max_revisions: u32,
@@ -484,10 +484,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn duration_at_most(s: &str, max: Duration, what: &str) -> Result<Duration, String> {
     let value = parse_duration(s)?;
     if value > max {
-        return Err(format!(
-            "{s} is too long: {what} is at most {}",
-            humantime::format_duration(max)
-        ));
+        // humantime writes a year as "1year".
+        let shown = match humantime::format_duration(max).to_string().as_str() {
+            "1year" => "a year".to_string(),
+            other => other.to_string(),
+        };
+        return Err(format!("{s} is too long: {what} is at most {shown}"));
     }
     Ok(value)
 }

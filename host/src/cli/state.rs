@@ -31,12 +31,14 @@ pub enum StateCommand {
     Get {
         #[command(flatten)]
         owner: Owner,
+        /// The key (up to 512 bytes).
         key: String,
     },
     /// Write a JSON value (audited; the version goes up by one).
     Set {
         #[command(flatten)]
         owner: Owner,
+        /// The key (up to 512 bytes).
         key: String,
         /// The value, as JSON (a string needs its quotes: '"text"'), or
         /// `@FILE` to read it from a file, `-` from stdin (for values too
@@ -47,6 +49,7 @@ pub enum StateCommand {
     Delete {
         #[command(flatten)]
         owner: Owner,
+        /// The key (up to 512 bytes).
         key: String,
     },
 }

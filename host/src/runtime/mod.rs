@@ -536,7 +536,12 @@ impl Runtime {
                     "it is a core wasm module, not a component (build it for wasm32-wasip2 or wrap it with `wasm-tools component new`): {text}"
                 )
             } else if bytes.len() < 4 || bytes[..4] != *b"\0asm" {
-                format!("it is not a WebAssembly file: {text}")
+                // wasmtime's text here is a multi-line dump of the magic bytes.
+                let start: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
+                format!(
+                    "it is not a WebAssembly file (it starts with the bytes {}, not 00 61 73 6d, \"\\0asm\")",
+                    start.join(" ")
+                )
             } else {
                 format!("it is not a valid component: {text}")
             }

@@ -631,13 +631,16 @@ on_both_drivers! {
         daemon.wait().unwrap();
     }
 
-    /// Slow tasks are claimed for free slots only: the rest stay in the
-    /// queue for any daemon, and a daemon killed mid-run costs an attempt
-    /// only of the task it had started.
+    /// Slow tasks are claimed for free slots only, shared by the slow
+    /// agents: the rest stay in the queue for any daemon, and a daemon
+    /// killed mid-run costs an attempt only of the task it had started.
     fn a_daemon_claims_slow_tasks_only_for_its_free_slots(db) {
         let env = Env::on(db, &["sleeper"]);
-        let ids: Vec<i64> = (0..3)
-            .map(|_| env.submit(&["sleeper", r#"{"ms": 6000}"#, "--max-attempts", "1"]))
+        // A second slow agent: the same component under another name.
+        std::fs::copy(env.agents.path().join("sleeper.wasm"), env.agents.path().join("nap.wasm")).unwrap();
+        let ids: Vec<i64> = ["sleeper", "nap", "sleeper", "nap"]
+            .iter()
+            .map(|agent| env.submit(&[agent, r#"{"ms": 6000}"#, "--max-attempts", "1"]))
             .collect();
         let in_state = |state: State| {
             ids.iter()
@@ -647,7 +650,7 @@ on_both_drivers! {
         let mut first = env.daemon(&["--concurrency", "1", "--heartbeat", "200ms", "--stale-after", "1s", "--poll", "100ms"]);
         wait_for("a task to start", Duration::from_secs(20), || in_state(State::InProgress) == 1);
         std::thread::sleep(Duration::from_millis(500));
-        assert_eq!((in_state(State::InProgress), in_state(State::Ready)), (1, 2), "one slot, one task leased");
+        assert_eq!((in_state(State::InProgress), in_state(State::Ready)), (1, 3), "one slot, one task leased");
 
         signal(&first, "-KILL");
         first.wait().unwrap();
@@ -657,7 +660,7 @@ on_both_drivers! {
         assert_eq!(failed.len(), 1, "only the killed daemon's started task: {tasks:?}");
         assert_eq!(failed[0].error.as_ref().unwrap().kind.as_str(), "lease_expired");
         let mut complete = tasks.iter().filter(|t| t.state == State::Complete);
-        assert!(complete.clone().count() == 2 && complete.all(|t| t.attempts == 1), "{tasks:?}");
+        assert!(complete.clone().count() == 3 && complete.all(|t| t.attempts == 1), "{tasks:?}");
     }
 
     fn sigterm_releases_runs_without_burning_attempts(db) {

@@ -267,6 +267,22 @@ on_both_drivers! {
         assert_eq!(q.get(lost).unwrap().state, State::Cancelled);
     }
 
+    /// Claims sharing a daemon's free slots take, in order, no more than
+    /// the slots among them: an agent with nothing ready leaves its share
+    /// to the next; the claims before them are not counted.
+    fn claims_sharing_free_slots_take_no_more_than_the_slots(db) {
+        let mut q = db.open();
+        for agent in ["ahead", "ahead", "b", "b", "c", "c"] {
+            submit(&mut q, agent, json!({}));
+        }
+        let claims = [("ahead".to_string(), 2), ("none".into(), 2), ("b".into(), 2), ("c".into(), 2)];
+        let claimed = q.finish_and_claim_sharing(&[], &claims, 1, 3).unwrap().claimed;
+        let counts: Vec<usize> = claimed.iter().map(Vec::len).collect();
+        assert_eq!(counts, [2, 0, 2, 1]);
+        let none = q.finish_and_claim_sharing(&[], &[("c".into(), 1)], 0, 0).unwrap().claimed;
+        assert!(none[0].is_empty(), "no slot, no claim");
+    }
+
     fn retryable_failure_backs_off_then_fails_when_attempts_run_out(db) {
         let mut q = db.open();
         let mut new = NewTask::new("flaky", "{}");

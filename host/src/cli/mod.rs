@@ -305,8 +305,8 @@ pub struct MigrateArgs {
     /// hold anything).
     #[arg(long)]
     pub to: PathBuf,
-    /// Copy even though daemons renewed leases on the source within the
-    /// last minute: their runs' results would go to the source, and the
+    /// Copy even though daemons renewed leases on the source within their
+    /// --stale-after: their runs' results would go to the source, and the
     /// copy would run those tasks again.
     #[arg(long)]
     pub force: bool,
@@ -587,7 +587,7 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
     // a URL missing part of its `://` would become a file named after the
     // password.
     let lower = text.to_ascii_lowercase();
-    if ["postgres:", "postgresql:", "postgres/", "postgresql/"]
+    if ["postgres:", "postgresql:", "postgres//", "postgresql//"]
         .iter()
         .any(|start| lower.starts_with(start))
     {
@@ -626,6 +626,7 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
 /// queue's tables would land there unasked.
 fn check_postgres_url(url: &str) -> Result<()> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (_, rest) = crate::queue::split_url_credentials(rest);
     let before_query = rest.split(['?', '#']).next().unwrap_or_default();
     let database = before_query.split_once('/').map_or("", |(_, db)| db);
     let named_in_query = rest.split_once('?').is_some_and(|(_, q)| {
@@ -650,10 +651,6 @@ fn hide_userinfo(text: &str) -> String {
     }
 }
 
-/// Leases renewed this recently mark their daemon as running: the default
-/// `--stale-after`.
-const LIVE_LEASE: Duration = Duration::from_secs(60);
-
 fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
     if let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(&args.from)
         && !path.is_file()
@@ -670,11 +667,11 @@ fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
     let source = open_queue(&args.from, &actor)?;
     // A daemon still running on the source: what it finishes is stored
     // there, and the copy's daemons run the same tasks again.
-    let live = source.live_leases(source.now()? - LIVE_LEASE.as_millis() as i64)?;
+    let live = source.live_leases(source.now()?)?;
     if !live.is_empty() && !args.force {
         let holders: Vec<String> = live.iter().map(|(h, n)| format!("{h} ({n})")).collect();
         bail!(BadInput(format!(
-            "--from {}: daemons renewed leases within the last minute, so they are most likely running: {}; stop them first (their runs are released), or pass --force",
+            "--from {}: daemons renewed leases within their --stale-after, so they are most likely running: {}; stop them first (their runs are released), or pass --force",
             redacted(&args.from),
             holders.join(", ")
         )));

@@ -91,6 +91,23 @@ fn printable_lines(text: &str) -> std::borrow::Cow<'_, str> {
     escape_controls(text, |c| c.is_control() && c != '\n' && c != '\t')
 }
 
+/// JSON text safe to print to a terminal, and still the same JSON: the
+/// control characters JSON lets a string hold raw (DEL and U+0080 to
+/// U+009F, among them a one-byte escape sequence start) written as `\u00XX`.
+pub fn printable_json(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| ('\u{7f}'..='\u{9f}').contains(&c)) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match ('\u{7f}'..='\u{9f}').contains(&c) {
+            true => out.push_str(&format!("\\u{:04x}", c as u32)),
+            false => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn escape_controls(text: &str, escaped: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(&escaped) {
         return std::borrow::Cow::Borrowed(text);
@@ -368,7 +385,7 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
             from,
             e.to.as_str(),
             e.actor,
-            e.detail
+            printable_json(&e.detail.to_string())
         )?;
     }
     if !held_writes.is_empty() {
@@ -394,8 +411,9 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
     }
     for log in logs {
         writeln!(out, "log of attempt {} ({}):", log.attempt, time(log.at))?;
+        // The agent's own output: printed, never interpreted.
         for line in log.text.lines() {
-            writeln!(out, "  {line}")?;
+            writeln!(out, "  {}", printable(line))?;
         }
     }
     Ok(())
@@ -449,8 +467,8 @@ pub fn print_cancelled(ids: &[i64], json: bool) -> Result<()> {
 
 pub fn print_event_line(event: &AuditEvent) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, &event_json(event))?;
-    writeln!(out)?;
+    let line = event_json(event).to_string();
+    writeln!(out, "{}", printable_json(&line))?;
     Ok(())
 }
 
@@ -747,4 +765,22 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_from_agents_prints_without_driving_the_terminal() {
+        assert_eq!(printable("plain ünï"), "plain ünï");
+        assert_eq!(printable("a\u{1b}[2J\r\nb"), r"a\u{1b}[2J\r\nb");
+        assert_eq!(printable_lines("one\n\ttwo\u{9b}"), "one\n\ttwo\\u{9b}");
+        // JSON stays the same JSON: DEL and C1 inside strings as \u00XX.
+        let json = "{\"k\":\"a\u{9b}31mb\u{7f}\"}";
+        let shown = printable_json(json);
+        assert_eq!(shown, r#"{"k":"a\u009b31mb\u007f"}"#);
+        let back: Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(json).unwrap());
+    }
 }

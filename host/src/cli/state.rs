@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::output::printable;
+use super::output::{printable, printable_json};
 use super::{Cli, bad, identity, open_queue};
 use crate::state::{Entry, Scope};
 
@@ -154,7 +154,8 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
             } else {
                 for e in &entries {
                     let key = printable(&e.key);
-                    writeln!(out, "{key:<40} v{:<6} {}", e.version, e.value)?;
+                    let value = printable_json(&e.value);
+                    writeln!(out, "{key:<40} v{:<6} {value}", e.version)?;
                 }
             }
             // After the listing, where a person reading it looks last.
@@ -181,7 +182,7 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
                     serde_json::to_string_pretty(&entry_json(&entry))?
                 )?;
             } else {
-                writeln!(out, "{}", entry.value)?;
+                writeln!(out, "{}", printable_json(&entry.value))?;
             }
         }
         StateCommand::Set { owner, key, value } => {

@@ -292,6 +292,7 @@ impl Daemon {
                     self.collect_finished();
                     self.write_finished();
                 }
+                Some(attempt) = self.deliverer.done_rx.recv() => self.record_delivery(attempt),
                 _ = tokio::time::sleep_until(deadline.min(next_heartbeat).into()) => {
                     if Instant::now() >= next_heartbeat {
                         next_heartbeat = Instant::now() + self.cfg.heartbeat;
@@ -308,8 +309,12 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
-        // The rest are given back, due at once, rather than left `sending`
-        // until their claim runs out (twice --effect-timeout).
+        // Answers that came in at the deadline are recorded; the rest are
+        // given back, due at once, rather than left `sending` until their
+        // claim runs out (twice --effect-timeout).
+        while let Ok(attempt) = self.deliverer.done_rx.try_recv() {
+            self.record_delivery(attempt);
+        }
         let unanswered = self.deliverer.take_in_flight();
         let queue = &mut self.queue;
         match tokio::task::block_in_place(|| queue.release_deliveries(&unanswered)) {

@@ -260,7 +260,7 @@ struct Written {
     queue: Option<Queue>,
     took: Duration,
     runs: Vec<FinishedRun>,
-    claims: Vec<(String, usize)>,
+    claims: prefetch::Asks,
     result: Result<FinishedAndClaimed, QueueError>,
 }
 
@@ -469,7 +469,7 @@ impl Daemon {
                 let store = self.write_is_due();
                 let claims = match !separate_claims && look && self.may_claim() {
                     true => self.claims_wanted(store),
-                    false => Vec::new(),
+                    false => prefetch::Asks::default(),
                 };
                 if !claims.is_empty() {
                     look = false; // until the claims show there may be more
@@ -701,12 +701,15 @@ impl Daemon {
     /// task 21.0 -> 16.8 us, median of 8 pairs, transactions of ~35 tasks
     /// instead of ~15).
     ///
-    /// An agent not claimed ahead (see `prefetch.rs`) asks for the slots it
-    /// could start a run in now: several such agents may each ask for the
-    /// same free slots, and what one takes beyond them waits briefly.
-    fn claims_wanted(&self, top_up: bool) -> Vec<(String, usize)> {
-        let mut wanted = Vec::new();
-        let free = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
+    /// Agents not claimed ahead (see `prefetch.rs`) share the free slots:
+    /// each asks for what it could start now, and the transaction claims
+    /// among them, in turn, no more than the slots.
+    fn claims_wanted(&self, top_up: bool) -> prefetch::Asks {
+        let mut ahead = Vec::new();
+        let mut for_slots = Vec::new();
+        // Slots no run holds and no task claimed for an agent claimed for
+        // its slots is waiting to take.
+        let mut slots = (self.cfg.concurrency as usize).saturating_sub(self.inflight.len());
         for name in self.agents.loaded_names() {
             let Some(agent) = self.agents.loaded(&name) else {
                 continue;
@@ -716,9 +719,10 @@ impl Daemon {
             if !self.run_times.claims_ahead(self.cfg.prefetch, &name) {
                 let running = self.inflight.values().filter(|f| f.agent == name).count();
                 let coming = buffered + self.claiming.get(&name).copied().unwrap_or(0);
-                let room = cap.saturating_sub(running).min(free);
-                if room > coming {
-                    wanted.push((name, room - coming));
+                slots = slots.saturating_sub(coming);
+                let room = cap.saturating_sub(running + coming);
+                if room > 0 {
+                    for_slots.push((name, room));
                 }
                 continue;
             }
@@ -728,10 +732,25 @@ impl Daemon {
                 false => cap.max(batch / 2),
             };
             if buffered < low || (top_up && buffered < batch) {
-                wanted.push((name, batch - buffered));
+                ahead.push((name, batch - buffered));
             }
         }
-        wanted
+        // In turn, so that one agent's backlog does not keep the others'
+        // waiting for the same free slot.
+        if !for_slots.is_empty() {
+            let turn = self.rotation % for_slots.len();
+            for_slots.rotate_left(turn);
+        }
+        if slots == 0 {
+            for_slots.clear();
+        }
+        let shared_from = ahead.len();
+        ahead.extend(for_slots);
+        prefetch::Asks {
+            claims: ahead,
+            shared_from,
+            slots,
+        }
     }
 
     fn dispatch(&mut self, agent: Arc<Agent>, task: ClaimedTask) {

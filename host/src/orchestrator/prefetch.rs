@@ -27,6 +27,23 @@ pub enum Prefetch {
     Always,
 }
 
+/// What one transaction is to claim: the first `shared_from` claims up to
+/// their `n` each (agents claimed ahead), the rest up to theirs but at most
+/// `slots` among them (the daemon's free slots, shared by the agents it does
+/// not claim ahead for; see `Queue::finish_and_claim_sharing`).
+#[derive(Debug, Default)]
+pub(super) struct Asks {
+    pub claims: Vec<(String, usize)>,
+    pub shared_from: usize,
+    pub slots: usize,
+}
+
+impl Asks {
+    pub fn is_empty(&self) -> bool {
+        self.claims.is_empty()
+    }
+}
+
 /// Each agent's recent run time, from dispatch to result (a moving
 /// average, so that an agent whose runs grow long stops being claimed
 /// ahead within a few runs).

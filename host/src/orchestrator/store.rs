@@ -61,7 +61,7 @@ impl Daemon {
     /// SQLite has one writer at a time anyway; it never waits for the lock
     /// behind the loop's own connection (which only heartbeats, reaps and
     /// sends effects).
-    pub(super) fn start_job(&mut self, lane_id: LaneId, claims: Vec<(String, usize)>) {
+    pub(super) fn start_job(&mut self, lane_id: LaneId, claims: super::prefetch::Asks) {
         let runs = match lane_id {
             LaneId::Writer => {
                 self.unwritten_since = None;
@@ -69,7 +69,7 @@ impl Daemon {
             }
             LaneId::Claimer(_) => Vec::new(),
         };
-        for (agent, asked) in &claims {
+        for (agent, asked) in &claims.claims {
             *self.claiming.entry(agent.clone()).or_default() += asked;
         }
         let lane = self.lane(lane_id);
@@ -81,7 +81,12 @@ impl Daemon {
             let started = Instant::now();
             let (queue, result) = match writer.map_or_else(|| reopen(), Ok) {
                 Ok(mut queue) => {
-                    let result = queue.finish_and_claim(&runs, &claims);
+                    let result = queue.finish_and_claim_sharing(
+                        &runs,
+                        &claims.claims,
+                        claims.shared_from,
+                        claims.slots,
+                    );
                     (Some(queue), result)
                 }
                 Err(e) => (None, Err(e)),
@@ -112,7 +117,7 @@ impl Daemon {
             result,
             ..
         } = written;
-        for (agent, asked) in &claims {
+        for (agent, asked) in &claims.claims {
             if let Some(claiming) = self.claiming.get_mut(agent) {
                 *claiming = claiming.saturating_sub(*asked);
             }
@@ -154,12 +159,16 @@ impl Daemon {
             }
         };
         self.claims_paused_until = None;
-        if let Some(lasted) = self.claim_errors.succeeded() {
+        // Only a transaction that claimed ends a streak of failed claims (on
+        // PostgreSQL the writer stores without claiming).
+        if !claims.is_empty()
+            && let Some(lasted) = self.claim_errors.succeeded()
+        {
             tracing::info!("claiming works again (it failed for {lasted:.0?})");
         }
         self.effects_due |= done.effects_may_be_due;
         let mut more = !runs.is_empty();
-        for ((agent, asked), tasks) in claims.into_iter().zip(done.claimed) {
+        for ((agent, asked), tasks) in claims.claims.into_iter().zip(done.claimed) {
             more |= asked > 0 && tasks.len() == asked;
             self.take_claimed(agent, tasks);
         }

@@ -65,6 +65,7 @@ pub use validate::validate_agent_name;
 use postgres_driver::PgDb;
 pub use postgres_driver::WorkListener;
 pub use postgres_driver::redact as redact_url;
+pub use postgres_driver::split_credentials as split_url_credentials;
 use sql::Sql;
 use sqlite::SqliteDb;
 
@@ -743,6 +744,21 @@ impl Queue {
         runs: &[FinishedRun],
         claims: &[(String, usize)],
     ) -> Result<FinishedAndClaimed> {
+        self.finish_and_claim_sharing(runs, claims, claims.len(), 0)
+    }
+
+    /// As [`Queue::finish_and_claim`], with the claims from `shared_from` on
+    /// sharing `slots`: they take up to their `n` each, in order, and at most
+    /// `slots` tasks among them. A daemon's free slots, shared by agents it
+    /// claims no further ahead for: an agent with nothing ready leaves them
+    /// to the next, and together they never take more than can start.
+    pub fn finish_and_claim_sharing(
+        &mut self,
+        runs: &[FinishedRun],
+        claims: &[(String, usize)],
+        shared_from: usize,
+        slots: usize,
+    ) -> Result<FinishedAndClaimed> {
         let max_payload = self.opts.max_payload_bytes;
         let lease_ms = self.claim_lease_ms();
         // Drawn before the transaction, so that if its commit cannot be
@@ -758,11 +774,20 @@ impl Queue {
             if claims.iter().any(|(_, n)| *n > 0) {
                 tasks::promote_due_in(tx, actor, now)?;
             }
-            for ((agent, n), token) in claims.iter().zip(&tokens) {
-                claimed.push(match n {
+            let mut slots_left = slots;
+            for (i, ((agent, n), token)) in claims.iter().zip(&tokens).enumerate() {
+                let n = match i >= shared_from {
+                    true => (*n).min(slots_left),
+                    false => *n,
+                };
+                let tasks = match n {
                     0 => Vec::new(),
-                    _ => tasks::claim_in(tx, agent, *n, *token, lease_ms, actor, now)?,
-                });
+                    _ => tasks::claim_in(tx, agent, n, *token, lease_ms, actor, now)?,
+                };
+                if i >= shared_from {
+                    slots_left -= tasks.len();
+                }
+                claimed.push(tasks);
             }
             Ok(FinishedAndClaimed {
                 applied: finished.applied,
@@ -913,15 +938,16 @@ impl Queue {
         self.read(reads::leases_by_holder)
     }
 
-    /// Leases renewed since `since` (queue clock, ms), by holder: daemons
-    /// that are most likely alive and running those tasks.
-    pub fn live_leases(&self, since: i64) -> Result<Vec<(String, u64)>> {
+    /// Leases not stale at `now` (queue clock, ms) by their holder's own
+    /// `--stale-after` (60 s when it recorded none), by holder: daemons that
+    /// are most likely alive and running those tasks.
+    pub fn live_leases(&self, now: i64) -> Result<Vec<(String, u64)>> {
         self.read(|db| {
             db.query(
                 "SELECT claimed_by, COUNT(*) FROM tasks
-                 WHERE state = 'in_progress' AND heartbeat_at >= ?1
+                 WHERE state = 'in_progress' AND heartbeat_at >= ?1 - COALESCE(lease_ms, 60000)
                  GROUP BY claimed_by ORDER BY claimed_by",
-                sql::args![since],
+                sql::args![now],
             )?
             .iter()
             .map(|r| Ok((r.get::<Option<String>>(0)?.unwrap_or_default(), r.get(1)?)))

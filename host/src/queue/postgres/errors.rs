@@ -61,6 +61,19 @@ pub fn is_permanent(e: &::postgres::Error) -> bool {
     e.to_string() == "authentication error"
 }
 
+/// What follows a URL's `://`, split into its credentials (`user:password`,
+/// if any) and the rest. An `@` before any `/`, `?` or `#` ends them at the
+/// last such `@` (a password may hold one); otherwise the first `@` does,
+/// as the driver reads it (a password may hold a `/`, `?` or `#`).
+pub fn split_credentials(rest: &str) -> (Option<&str>, &str) {
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@').or_else(|| rest.find('@'));
+    match at {
+        Some(i) => (Some(&rest[..i]), &rest[i + 1..]),
+        None => (None, rest),
+    }
+}
+
 /// The URL without its password (`postgres://user:secret@host/db` →
 /// `postgres://user@host/db`; `password=` options removed too).
 pub fn redact(url: &str) -> String {
@@ -72,20 +85,19 @@ pub fn redact(url: &str) -> String {
             .collect::<Vec<_>>()
             .join(" ");
     };
+    let (userinfo, rest) = split_credentials(rest);
+    let user = userinfo.map(|u| u.split_once(':').map_or(u, |(user, _)| user));
     let (before_query, query) = match rest.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (rest, None),
     };
-    let (authority, path) = match before_query.find('/') {
+    let (hosts, path) = match before_query.find('/') {
         Some(i) => before_query.split_at(i),
         None => (before_query, ""),
     };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}@{hosts}")
-        }
-        None => authority.to_string(),
+    let authority = match user {
+        Some(user) => format!("{user}@{hosts}"),
+        None => hosts.to_string(),
     };
     let mut out = format!("{scheme}://{authority}{path}");
     if let Some(query) = query {
@@ -145,6 +157,16 @@ mod tests {
             "postgres://bob@db1:5433/colony?sslmode=disable"
         );
         assert_eq!(redact("postgresql://db1/colony"), "postgresql://db1/colony");
+        // A password holding ?, # or / is still the password (the driver
+        // reads the credentials up to the first @).
+        assert_eq!(
+            redact("postgres://bob:hun?ter2@db1/colony"),
+            "postgres://bob@db1/colony"
+        );
+        assert_eq!(
+            redact("postgres://bob:pa/s#s@db1/colony?x=1"),
+            "postgres://bob@db1/colony?x=1"
+        );
         assert_eq!(
             redact("host=db1 password=secret dbname=colony"),
             "host=db1 dbname=colony"

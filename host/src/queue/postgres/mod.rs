@@ -23,7 +23,7 @@ mod listen;
 mod schema;
 mod types;
 
-pub use errors::{describe, is_permanent, is_transient, redact};
+pub use errors::{describe, is_permanent, is_transient, redact, split_credentials};
 use errors::{describe_target, is_lost};
 pub use listen::WorkListener;
 

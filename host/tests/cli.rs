@@ -1073,6 +1073,35 @@ on_both_drivers! {
         assert_eq!((effect["state"].as_str(), &effect["status"]), (Some("pending"), &Value::Null), "{effect}");
     }
 
+    /// An until-idle daemon that waits for an effect's next try says so,
+    /// as it does for a task scheduled later: silent, it looked hung.
+    fn an_until_idle_daemon_says_it_waits_for_an_effects_next_try(db) {
+        use colony_tests::model_server::ModelServer;
+        let env = Env::on(db, &["stateful"]);
+        let server = ModelServer::start();
+        std::fs::write(env.agents.path().join("stateful.toml"), format!("allowed_hosts = [{:?}]\n", server.url())).unwrap();
+        let payload = serde_json::json!({"ops": [["effect", "POST", format!("{}/later", server.url()), "1"]], "review": true});
+        let id = env.submit(&["stateful", &payload.to_string()]);
+        env.until_idle(&[]);
+        env.ok(&["review", &id.to_string(), "approve"]);
+        // Its next try a minute away, as after a few failed ones.
+        env.database.raw().execute("UPDATE effects SET next_at = next_at + 60000");
+        let log = env.data.path().join("daemon.log");
+        let _daemon = Daemon::new(
+            env.cmd()
+                .args(["daemon", "--until-idle", "--poll", "100ms", "--heartbeat", "200ms"])
+                .env("COLONY_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("the daemon to say what it waits for", Duration::from_secs(20), || {
+            std::fs::read_to_string(&log).unwrap().contains("waiting for 1 effect(s) to be delivered; the next try is due in")
+        });
+        assert_eq!(server.count(), 0);
+    }
+
     fn effects_wait_for_review_in_show_and_are_listed_and_sent_after_approval(db) {
         use colony_tests::model_server::ModelServer;
         let env = Env::on(db, &["stateful"]);

@@ -330,8 +330,10 @@ pub struct Daemon {
     /// what they claimed (if they committed) is given back (see
     /// `release_unconfirmed_claims`).
     unconfirmed_claims: Vec<(i64, Instant)>,
-    /// The due time an until-idle daemon last said it waits for.
+    /// The due time an until-idle daemon last said it waits for, for a
+    /// task and for an effect's next try.
     announced_wait: Option<i64>,
+    announced_effect_wait: Option<i64>,
     /// Sends the outbox of completed tasks.
     deliverer: Deliverer,
     /// Whether effects may be due (after completions, deliveries, or a tick
@@ -401,6 +403,7 @@ impl Daemon {
             renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
             announced_wait: None,
+            announced_effect_wait: None,
             deliverer,
             effects_due: true,
             rotation: 0,
@@ -814,7 +817,13 @@ impl Daemon {
         // bounded) keep an until-idle daemon at work.
         let loaded = self.agents.loaded_names();
         let effects = tokio::task::block_in_place(|| self.queue.effects_outstanding_by_agent())?;
-        if effects.iter().any(|(agent, _)| loaded.contains(agent)) {
+        let ours: u64 = effects
+            .iter()
+            .filter(|(agent, _)| loaded.contains(agent))
+            .map(|(_, n)| n)
+            .sum();
+        if ours > 0 {
+            self.announce_effects_wait(ours);
             return Ok(None);
         }
         let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
@@ -846,6 +855,26 @@ impl Daemon {
         // secrets): those of agents not loaded here are left, and said so.
         self.summary.effects_left_for_missing_agents = effects;
         Ok(Some((missing, blocked)))
+    }
+
+    /// Logs, once per next try, that an until-idle daemon waits for
+    /// `outstanding` effects to be delivered, when the next try is more than
+    /// a few seconds away (a retry's backoff grows to ten minutes).
+    fn announce_effects_wait(&mut self, outstanding: u64) {
+        let (now, next) =
+            tokio::task::block_in_place(|| (self.queue.now(), self.queue.next_effect_due()));
+        let (Ok(now), Ok(Some(next))) = (now, next) else {
+            return;
+        };
+        if self.announced_effect_wait == Some(next) || next - now < 10_000 {
+            return;
+        }
+        self.announced_effect_wait = Some(next);
+        let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0) / 1000 * 1000);
+        tracing::info!(
+            "waiting for {outstanding} effect(s) to be delivered; the next try is due in {} (`colony effects` lists them)",
+            humantime::format_duration(wait)
+        );
     }
 
     /// Logs, once per next due time, that an until-idle daemon waits for

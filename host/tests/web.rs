@@ -147,7 +147,7 @@ on_both_drivers! {
             ("/api/tasks?state=bogus", "invalid state"),
             ("/api/tasks?limit=0", "invalid limit"),
             ("/api/tasks?limit=100000", "invalid limit"),
-            ("/api/tasks?before=-3", "invalid task id"),
+            ("/api/tasks?before=-3", "invalid before: invalid task id"),
             ("/api/tasks?colour=red", "unknown field"),
             ("/api/tasks/abc", "invalid task id"),
             ("/api/events?since=x", "invalid since"),
@@ -654,8 +654,14 @@ fn pages_and_api_lists_are_paginated_and_searchable() {
         None,
         "the search covered every task"
     );
-    let page = web.page("/tasks?limit=50");
+    let page = web.page("/tasks");
     assert!(page.contains("href=\"/tasks?before=71\""), "{page}");
+    // A limit the reader chose carries to the next page.
+    let page = web.page("/tasks?limit=50");
+    assert!(
+        page.contains("href=\"/tasks?before=71&amp;limit=50\""),
+        "{page}"
+    );
     assert!(web.page("/tasks?q=needle").contains("/tasks/8\""));
 }
 

@@ -274,7 +274,10 @@ impl ListParams {
             state: nonempty(&self.state).map(|s| parse_state(&s)).transpose()?,
             agent: nonempty(&self.agent),
             text: nonempty(&self.q),
-            before: nonempty(&self.before).map(|b| task_id(&b)).transpose()?,
+            before: nonempty(&self.before)
+                .map(|b| task_id(&b))
+                .transpose()
+                .map_err(|e| ApiError::bad(format!("invalid before: {}", e.message)))?,
             limit,
         })
     }

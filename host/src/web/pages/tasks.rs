@@ -23,10 +23,15 @@ pub async fn page(
         .run(None, move |queue| queue.task_page(&page_query))
         .await?;
     let value = |v: &Option<String>| v.clone().unwrap_or_default();
+    // A limit the reader chose carries to the next page.
+    let chosen_limit = params
+        .limit
+        .as_deref()
+        .is_some_and(|l| !l.trim().is_empty());
     let older = page.next_before.map(|before| {
         format!(
             "/tasks?{}",
-            super::super::api::next_page_query(&query, before, false)
+            super::super::api::next_page_query(&query, before, chosen_limit)
         )
     });
     Ok(layout(

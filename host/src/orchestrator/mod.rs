@@ -858,42 +858,44 @@ impl Daemon {
     }
 
     /// Logs, once per next try, that an until-idle daemon waits for
-    /// `outstanding` effects to be delivered, when the next try is more than
-    /// a few seconds away (a retry's backoff grows to ten minutes).
+    /// `outstanding` effects to be delivered (a retry's backoff grows to ten
+    /// minutes).
     fn announce_effects_wait(&mut self, outstanding: u64) {
-        let (now, next) =
-            tokio::task::block_in_place(|| (self.queue.now(), self.queue.next_effect_due()));
-        let (Ok(now), Ok(Some(next))) = (now, next) else {
-            return;
-        };
-        if self.announced_effect_wait == Some(next) || next - now < 10_000 {
-            return;
+        let next = tokio::task::block_in_place(|| self.queue.next_effect_due());
+        if let Some(wait) = self.wait_to_announce(next, |d| &mut d.announced_effect_wait) {
+            tracing::info!(
+                "waiting for {outstanding} effect(s) to be delivered; the next try is due in {wait} (`colony effects` lists them)"
+            );
         }
-        self.announced_effect_wait = Some(next);
-        let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0) / 1000 * 1000);
-        tracing::info!(
-            "waiting for {outstanding} effect(s) to be delivered; the next try is due in {} (`colony effects` lists them)",
-            humantime::format_duration(wait)
-        );
     }
 
     /// Logs, once per next due time, that an until-idle daemon waits for
-    /// `scheduled` tasks, when the next is more than a few seconds away.
+    /// `scheduled` tasks.
     fn announce_scheduled_wait(&mut self, scheduled: u64) {
-        let (now, next) =
-            tokio::task::block_in_place(|| (self.queue.now(), self.queue.next_due_at()));
-        let (Ok(now), Ok(Some(next))) = (now, next) else {
-            return;
-        };
-        if self.announced_wait == Some(next) || next - now < 10_000 {
-            return;
+        let next = tokio::task::block_in_place(|| self.queue.next_due_at());
+        if let Some(wait) = self.wait_to_announce(next, |d| &mut d.announced_wait) {
+            tracing::info!(
+                "waiting for {scheduled} task(s) scheduled for later; the next is due in {wait}"
+            );
         }
-        self.announced_wait = Some(next);
+    }
+
+    /// How long until `next` (queue clock, ms), to say once: when it is more
+    /// than a few seconds away and not the time `announced` last said.
+    fn wait_to_announce(
+        &mut self,
+        next: Result<Option<i64>, QueueError>,
+        announced: impl Fn(&mut Daemon) -> &mut Option<i64>,
+    ) -> Option<humantime::FormattedDuration> {
+        let now = tokio::task::block_in_place(|| self.queue.now()).ok()?;
+        let next = next.ok()??;
+        let said = announced(self);
+        if *said == Some(next) || next - now < 10_000 {
+            return None;
+        }
+        *said = Some(next);
         let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0) / 1000 * 1000);
-        tracing::info!(
-            "waiting for {scheduled} task(s) scheduled for later; the next is due in {}",
-            humantime::format_duration(wait)
-        );
+        Some(humantime::format_duration(wait))
     }
 }
 

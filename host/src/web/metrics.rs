@@ -34,6 +34,31 @@ const MAX_BACKFILL: i64 = 300_000;
 /// this (a backlog of millions) the oldest are not timed.
 const MAX_TIMED_TASKS: usize = 200_000;
 
+/// Most distinct agent names the metrics carry as labels. Agents name the
+/// tasks they spawn, and a run spawning tasks for made-up agents would
+/// otherwise add series to every per-agent family for as long as the
+/// server runs (a scraper's memory and a dashboard's legend growing
+/// without bound); names past these are counted under [`OTHER_AGENTS`].
+const MAX_AGENT_LABELS: usize = 200;
+const OTHER_AGENTS: &str = "_other";
+
+/// The agent names admitted as labels, in the order first seen.
+#[derive(Default)]
+struct AgentNames(std::collections::HashSet<String>);
+
+impl AgentNames {
+    fn label(&mut self, agent: &str) -> String {
+        if self.0.contains(agent) {
+            return agent.to_string();
+        }
+        if self.0.len() < MAX_AGENT_LABELS {
+            self.0.insert(agent.to_string());
+            return agent.to_string();
+        }
+        OTHER_AGENTS.to_string()
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RunLabels {
     agent: String,
@@ -126,6 +151,7 @@ pub struct Metrics {
     leases: Family<HolderLabels, Gauge>,
     effects: Family<StateLabels, Gauge>,
     tail: Mutex<Tail>,
+    agent_names: Mutex<AgentNames>,
     /// One catch-up at a time (the background reader, scrapes, pages).
     catching_up: Mutex<()>,
     /// One scrape at a time: each clears and refills the gauges.
@@ -157,6 +183,7 @@ impl Metrics {
             leases: Family::default(),
             effects: Family::default(),
             tail: Mutex::new(Tail::default()),
+            agent_names: Mutex::new(AgentNames::default()),
             catching_up: Mutex::new(()),
             rendering: Mutex::new(()),
             registry: Registry::default(),
@@ -279,9 +306,15 @@ impl Metrics {
         Ok(())
     }
 
+    /// `agent` as a label (see [`MAX_AGENT_LABELS`]).
+    fn agent_label(&self, agent: &str) -> String {
+        self.agent_names.lock().unwrap().label(agent)
+    }
+
     fn charge(&self, c: &ModelCharge) {
+        let agent = self.agent_label(&c.agent);
         let model = |direction: &str| TokenLabels {
-            agent: c.agent.clone(),
+            agent: agent.clone(),
             model: c.model.clone(),
             direction: direction.into(),
         };
@@ -293,7 +326,7 @@ impl Metrics {
             .inc_by(c.output_tokens);
         if let Some(cost) = c.cost_usd {
             let labels = ModelLabels {
-                agent: c.agent.clone(),
+                agent: agent.clone(),
                 model: c.model.clone(),
             };
             self.cost.get_or_create(&labels).inc_by(cost);
@@ -301,7 +334,7 @@ impl Metrics {
     }
 
     fn count(&self, tail: &mut Tail, e: &AgentEvent) {
-        let (event, agent) = (&e.event, &e.agent);
+        let (event, agent) = (&e.event, &self.agent_label(&e.agent));
         let seconds = |from: i64| (event.at - from).max(0) as f64 / 1000.0;
         let live = event.id > tail.history_until;
         if event.event == "claim" {
@@ -370,7 +403,7 @@ impl Metrics {
         tally(tail.minutes.entry(minute).or_default());
         tally(
             tail.agent_minutes
-                .entry((agent.clone(), minute))
+                .entry((e.agent.clone(), minute))
                 .or_default(),
         );
     }
@@ -380,19 +413,23 @@ impl Metrics {
     pub fn render(&self, queue: &Queue) -> Result<String, QueueError> {
         self.catch_up(queue)?;
         let _one_at_a_time = self.rendering.lock().unwrap();
+        // Added up: agents past the label cap share one series.
         self.tasks.clear();
         for (agent, state, n) in queue.counts()? {
             let labels = TaskLabels {
-                agent,
+                agent: self.agent_label(&agent),
                 state: state.as_str().into(),
             };
-            self.tasks.get_or_create(&labels).set(n as i64);
+            self.tasks.get_or_create(&labels).inc_by(n as i64);
         }
         self.ready.clear();
         for (agent, backlog) in queue.backlog()? {
+            let labels = AgentLabels {
+                agent: self.agent_label(&agent),
+            };
             self.ready
-                .get_or_create(&AgentLabels { agent })
-                .set(backlog.ready as i64);
+                .get_or_create(&labels)
+                .inc_by(backlog.ready as i64);
         }
         self.leases.clear();
         for (holder, n) in queue.leases_by_holder()? {
@@ -577,5 +614,30 @@ mod tests {
             &event(2, 5, "cancel", Some(State::Ready), State::Cancelled),
         );
         assert!(tail.ready_at.is_empty());
+    }
+
+    #[test]
+    fn agent_names_past_the_cap_share_one_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(dir.path().join("q.db")).unwrap();
+        let extra = 50;
+        for i in 0..MAX_AGENT_LABELS + extra {
+            let new = crate::task::NewTask::new(format!("made-up-{i:04}"), "{}");
+            queue.submit(&new).unwrap();
+        }
+        let metrics = Metrics::new();
+        let text = metrics.render(&queue).unwrap();
+        let ready: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("colony_ready_tasks{"))
+            .collect();
+        assert_eq!(ready.len(), MAX_AGENT_LABELS + 1, "{text}");
+        let other = format!("colony_ready_tasks{{agent=\"{OTHER_AGENTS}\"}} {extra}");
+        assert!(ready.contains(&other.as_str()), "{ready:?}");
+        let tasks = text
+            .lines()
+            .filter(|l| l.starts_with("colony_tasks{"))
+            .count();
+        assert_eq!(tasks, MAX_AGENT_LABELS + 1, "{text}");
     }
 }

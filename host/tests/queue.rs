@@ -142,6 +142,13 @@ on_both_drivers! {
                 .filter(|e| e.event == kind)
                 .count()
         };
+        // The token is in the claim event as a JSON number that JavaScript
+        // (the dashboard, API clients) reads exactly: below 2^53.
+        let token = claimed[0].lease.token;
+        assert!(token > 0 && token < 1 << 53, "token {token}");
+        let claim = q.events(Some(ids[0]), 0, 100).unwrap();
+        let claim = claim.iter().find(|e| e.event == "claim").unwrap();
+        assert_eq!(claim.detail["token"].as_i64(), Some(token));
         for c in &claimed {
             assert_eq!(c.lease.token, claimed[0].lease.token);
             assert_eq!(c.attempt, 1);

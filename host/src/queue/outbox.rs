@@ -141,7 +141,7 @@ impl Queue {
         agents: &[String],
     ) -> Result<Vec<Delivery>> {
         let actor = &self.opts.actor;
-        let token = fastrand::i64(1..i64::MAX);
+        let token = super::tasks::new_claim_token();
         let agents = serde_json::to_string(agents).expect("names serialize");
         self.write(|tx, now| {
             // On PostgreSQL the rows taken are locked, and rows another

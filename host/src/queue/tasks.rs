@@ -418,8 +418,11 @@ pub(super) fn promote_due_in(tx: &dyn Sql, actor: &str, now: i64) -> Result<usiz
 
 /// A fresh claim token. One per batch: (id, token) is unique per claim,
 /// which is all fencing needs, and it saves a random draw per task.
+/// Tokens stay below 2^53 because they appear in events as JSON numbers,
+/// and JavaScript (the dashboard, most API clients) reads larger ones
+/// rounded; 53 random bits still make a repeat on one task negligible.
 pub(super) fn new_claim_token() -> i64 {
-    fastrand::i64(1..i64::MAX)
+    fastrand::i64(1..1 << 53)
 }
 
 /// Claims up to `n` ready tasks of `agent` under `token` (from

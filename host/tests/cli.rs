@@ -1581,13 +1581,23 @@ fn wit_writes_exactly_the_wit_of_the_repository() {
             file.display()
         );
     }
+    // --json lists what it wrote.
+    let again: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "wit", "--out", out.to_str().unwrap()])).unwrap();
+    assert_eq!(
+        again["wrote"].as_array().unwrap().len(),
+        files_under(repo_wit).len(),
+        "{again}"
+    );
 }
 
 #[test]
 fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
     let env = Env::new(&[]);
     let dir = env.data.path().join("shop");
-    let stdout = env.ok(&["init", dir.to_str().unwrap()]);
+    // The default agents directory (the test environment names another).
+    let init = |args: &[&str]| env.ok_with_env(args, &[("COLONY_AGENTS", "agents")]).stdout;
+    let stdout = String::from_utf8(init(&["init", dir.to_str().unwrap()])).unwrap();
     assert!(stdout.contains("colony daemon --until-idle"), "{stdout}");
     for file in [
         "agents/design.wasm",
@@ -1651,7 +1661,12 @@ fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
 
     // A second init refuses, names the files, and changes nothing.
     std::fs::write(dir.join("colony.toml"), "# mine\n").unwrap();
-    let again = env.run(&["init", dir.to_str().unwrap()]);
+    let again = env
+        .cmd()
+        .args(["init", dir.to_str().unwrap()])
+        .env("COLONY_AGENTS", "agents")
+        .output()
+        .unwrap();
     assert_eq!(again.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(
@@ -1662,6 +1677,38 @@ fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
         std::fs::read_to_string(dir.join("colony.toml")).unwrap(),
         "# mine\n"
     );
+
+    // The agents directory and configuration the global options name are
+    // where init writes (a user with COLONY_AGENTS set found the daemon
+    // loading none of the agents init had written into agents/).
+    let other = env.data.path().join("other");
+    let listed = init(&[
+        "--json",
+        "--agents",
+        "fleet",
+        "--config",
+        "conf/colony.toml",
+        "init",
+        other.to_str().unwrap(),
+    ]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed).unwrap();
+    let wrote: Vec<&str> = listed["wrote"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(wrote.len(), 6, "{listed}");
+    for file in [
+        "fleet/design.wasm",
+        "fleet/marketing.toml",
+        "conf/colony.toml",
+    ] {
+        let path = other.join(file);
+        assert!(path.is_file(), "{file}");
+        assert!(wrote.contains(&path.to_str().unwrap()), "{file}: {listed}");
+    }
+    assert!(!other.join("agents").exists() && !other.join("colony.toml").exists());
 }
 
 /// From an empty folder, and again in the same `--dir` (a second run

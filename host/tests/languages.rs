@@ -341,6 +341,12 @@ fn colony_new_refuses_a_bad_name_and_a_full_directory() {
     let dir = env.data.path().join("taken");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("keep.txt"), "mine").unwrap();
+    // --json names the project and its build command.
+    let made: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "new", "y", "--lang", "js"])).unwrap();
+    assert!(made["created"].as_str().unwrap().ends_with("y"), "{made}");
+    assert!(made["build"].as_str().unwrap().contains("npm"), "{made}");
+    assert!(env.data.path().join("y/package.json").is_file());
     let full = env.run(&["new", "x", "--lang", "js", "--dir", dir.to_str().unwrap()]);
     assert_eq!(full.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&full.stderr).contains("not empty"));

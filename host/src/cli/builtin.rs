@@ -78,9 +78,11 @@ pub const CONFIG_TEMPLATE: &str = r#"# Colony's operator configuration (`--confi
 # output_usd_per_mtok = 15.0
 "#;
 
-/// The files `colony init DIR` writes, with their contents.
-fn init_files(dir: &Path) -> Vec<(PathBuf, &'static [u8])> {
-    let agents = dir.join("agents");
+/// The files `colony init DIR` writes, with their contents: the agents
+/// into `agents` and the configuration into `config`, each taken relative
+/// to DIR (where the user will run colony), as the global options name them.
+fn init_files(dir: &Path, agents: &Path, config: &Path) -> Vec<(PathBuf, &'static [u8])> {
+    let agents = dir.join(agents);
     let mut files = Vec::new();
     for (name, component, manifest) in STORE_AGENTS {
         files.push((agents.join(format!("{name}.wasm")), component));
@@ -88,14 +90,14 @@ fn init_files(dir: &Path) -> Vec<(PathBuf, &'static [u8])> {
             files.push((agents.join(format!("{name}.toml")), manifest.as_bytes()));
         }
     }
-    files.push((dir.join("colony.toml"), CONFIG_TEMPLATE.as_bytes()));
+    files.push((dir.join(config), CONFIG_TEMPLATE.as_bytes()));
     files
 }
 
 /// `colony init DIR`: the store agents and a commented configuration.
 /// Refuses, writing nothing, when any of its files exists.
-pub fn init(dir: &Path) -> Result<Vec<PathBuf>> {
-    let files = init_files(dir);
+pub fn init(dir: &Path, agents: &Path, config: &Path) -> Result<Vec<PathBuf>> {
+    let files = init_files(dir, agents, config);
     let existing: Vec<String> = files
         .iter()
         .filter(|(path, _)| path.exists())

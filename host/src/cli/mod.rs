@@ -270,7 +270,8 @@ pub enum Command {
     Torture(torture::TortureArgs),
     /// Set up a folder to run Colony in: agents/ with the four store agents
     /// (design, code, marketing, ops) and their manifests, and a commented
-    /// colony.toml. Writes nothing over existing files.
+    /// colony.toml (or the --agents directory and --config file, taken
+    /// relative to the folder). Writes nothing over existing files.
     Init {
         /// The folder (created if missing).
         #[arg(default_value = ".")]
@@ -823,7 +824,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Daemon(args) => daemon(&cli, args).await,
         Command::Serve(args) => serve::serve(&cli, args).await,
         Command::Init { dir } => {
-            let written = builtin::init(dir)?;
+            let written = builtin::init(dir, &cli.agents, cli.config_path())?;
+            if cli.json {
+                return output::print_json(&serde_json::json!({ "wrote": written }));
+            }
             for path in &written {
                 println!("wrote {}", path.display());
             }
@@ -841,18 +845,28 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::New(args) => {
             let (dir, build) = new::scaffold(args)?;
+            if cli.json {
+                return output::print_json(&serde_json::json!({ "created": dir, "build": build }));
+            }
             println!("created {}", dir.display());
             println!("\nNext:");
             println!("  cd {}", dir.display());
             println!("  {build}");
-            println!("  (then copy the component to your colony's agents/ folder; see README.md)");
+            println!(
+                "  (then copy the component to your colony's {} folder; see README.md)",
+                cli.agents.display()
+            );
             if let Some(missing) = new::missing_toolchain(args.lang) {
                 say!("note: building it needs {missing}");
             }
             Ok(())
         }
         Command::Wit { out } => {
-            for path in builtin::write_wit(out)? {
+            let written = builtin::write_wit(out)?;
+            if cli.json {
+                return output::print_json(&serde_json::json!({ "wrote": written }));
+            }
+            for path in written {
                 println!("wrote {}", path.display());
             }
             Ok(())

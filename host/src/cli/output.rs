@@ -70,7 +70,7 @@ pub fn event_json(event: &AuditEvent) -> Value {
     })
 }
 
-fn print_json(value: &Value) -> Result<()> {
+pub fn print_json(value: &Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;

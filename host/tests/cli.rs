@@ -385,6 +385,17 @@ on_both_drivers! {
         assert!(out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("warning: no agent \"later\""));
         assert_eq!(env.task_count(), 1);
+        // A component that cannot be one (judged from its first bytes, no
+        // compile): said at submit, not only when a daemon starts.
+        std::fs::write(env.agents.path().join("text.wasm"), "hello, world").unwrap();
+        std::fs::write(env.agents.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        for (agent, says) in [("text", "not a WebAssembly file"), ("core", "core wasm module")] {
+            let out = env.run(&["submit", agent, "{}"]);
+            assert!(out.status.success());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(&format!("warning: agent \"{agent}\" cannot run")) && stderr.contains(says), "{stderr}");
+        }
+        assert_eq!(env.task_count(), 3);
     }
 
     fn two_daemons_complete_2000_tasks_each_claimed_once(db) {

@@ -38,7 +38,7 @@ use serde::Deserialize;
 use crate::models::{ModelsConfig, Providers};
 use crate::orchestrator::{Daemon, DaemonConfig};
 use crate::queue::{ListFilter, Queue, QueueError, QueueOptions};
-use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
+use crate::runtime::{AgentDir, NotAComponent, Runtime, RuntimeConfig, not_a_component};
 use crate::task::{NewTask, NextSpec, State};
 
 /// Bad input from the user: exit status 2, nothing was stored.
@@ -1017,15 +1017,35 @@ pub(crate) fn missing_agent_warnings(dir: &Path, tasks: &[NewTask]) -> Vec<Strin
     let mut warned = std::collections::HashSet::new();
     let mut warnings = Vec::new();
     for (agent, waits) in named {
-        if !dir.join(format!("{agent}.wasm")).is_file() && warned.insert(agent) {
+        let file = dir.join(format!("{agent}.wasm"));
+        if !file.is_file() && warned.insert(agent) {
             warnings.push(format!(
                 "no agent {agent:?} in {} yet; {waits} until {}/{agent}.wasm appears",
                 dir.display(),
                 dir.display()
             ));
+        } else if let Some(why) = component_start(&file).as_deref().and_then(not_a_component)
+            && warned.insert(agent)
+        {
+            let (NotAComponent::NotWasm(why) | NotAComponent::CoreModule(why)) = why;
+            warnings.push(format!(
+                "agent {agent:?} cannot run: {}: {why}; {waits} until it is replaced",
+                file.display()
+            ));
         }
     }
     warnings
+}
+
+/// The first bytes of a component file, enough for [`not_a_component`].
+fn component_start(file: &Path) -> Option<Vec<u8>> {
+    let mut start = Vec::with_capacity(8);
+    std::fs::File::open(file)
+        .ok()?
+        .take(8)
+        .read_to_end(&mut start)
+        .ok()?;
+    Some(start)
 }
 
 /// The agents of a `--next` chain, with what waits for them.

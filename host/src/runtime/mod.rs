@@ -531,19 +531,11 @@ impl Runtime {
     fn compile(&self, engine: &Engine, bytes: &[u8], hash: &str) -> Result<Component, String> {
         let describe = |e: wasmtime::Error| {
             let text = format!("{e:#}");
-            if bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0] {
-                format!(
-                    "it is a core wasm module, not a component (build it for wasm32-wasip2 or wrap it with `wasm-tools component new`): {text}"
-                )
-            } else if bytes.len() < 4 || bytes[..4] != *b"\0asm" {
+            match not_a_component(bytes) {
+                Some(NotAComponent::CoreModule(why)) => format!("{why}: {text}"),
                 // wasmtime's text here is a multi-line dump of the magic bytes.
-                let start: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
-                format!(
-                    "it is not a WebAssembly file (it starts with the bytes {}, not 00 61 73 6d, \"\\0asm\")",
-                    start.join(" ")
-                )
-            } else {
-                format!("it is not a valid component: {text}")
+                Some(NotAComponent::NotWasm(why)) => why,
+                None => format!("it is not a valid component: {text}"),
             }
         };
         let Some(dir) = &self.config.cache_dir else {
@@ -849,4 +841,27 @@ fn error_chain(error: &wasmtime::Error) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a file cannot be a component, judged from its first eight bytes:
+/// cheap enough for `submit` to warn about before any compile.
+pub enum NotAComponent {
+    NotWasm(String),
+    CoreModule(String),
+}
+
+pub fn not_a_component(start: &[u8]) -> Option<NotAComponent> {
+    if start.len() < 4 || start[..4] != *b"\0asm" {
+        let first: Vec<String> = start.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        return Some(NotAComponent::NotWasm(format!(
+            "it is not a WebAssembly file (it starts with the bytes {}, not 00 61 73 6d, \"\\0asm\")",
+            first.join(" ")
+        )));
+    }
+    if start.len() >= 8 && start[4..8] == [1, 0, 0, 0] {
+        return Some(NotAComponent::CoreModule(
+            "it is a core wasm module, not a component (build it for wasm32-wasip2 or wrap it with `wasm-tools component new`)".into(),
+        ));
+    }
+    None
 }

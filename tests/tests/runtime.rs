@@ -51,6 +51,34 @@ fn error_kind(task: &Task) -> ErrorKind {
         .kind
 }
 
+/// A bug that panics the store job (the writer lane's transaction thread)
+/// costs its batch the group commit, nothing more: the lane answers, the
+/// runs are stored one by one, each task completes once, and the daemon
+/// goes on claiming and ends (a lane left busy stalled it for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_store_job_loses_nothing_and_stalls_nothing() {
+    let h = harness(&["echo"]);
+    let ids: Vec<i64> = (0..40)
+        .map(|i| h.submit(new_task("echo", json!({"i": i}))))
+        .collect();
+    let cfg = colony::orchestrator::DaemonConfig {
+        panicking_stores: 2,
+        concurrency: 4,
+        ..common::Harness::until_idle()
+    };
+    let summary = h.run_until_idle_with(h.runtime(), cfg).await;
+    assert_eq!((summary.completed, summary.lost), (40, 0), "{summary:?}");
+    for id in ids {
+        let task = h.task(id);
+        assert_eq!(
+            (task.state, task.attempts),
+            (State::Complete, 1),
+            "task {id}"
+        );
+        assert_eq!(h.events(id, "complete").len(), 1, "task {id}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_completes_with_its_payload_and_log() {
     let h = harness(&["echo"]);

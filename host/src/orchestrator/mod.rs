@@ -80,6 +80,11 @@ pub struct DaemonConfig {
     /// How long one delivery of an effect may take (30 s); its claim lasts
     /// twice that.
     pub effect_timeout: Duration,
+    /// For tests only: this many of the first store jobs carrying finished
+    /// runs panic before touching the database, as a bug in the store path
+    /// would (0: none).
+    #[doc(hidden)]
+    pub panicking_stores: u32,
 }
 
 impl Default for DaemonConfig {
@@ -96,6 +101,7 @@ impl Default for DaemonConfig {
             until_idle: false,
             watch_interval: Duration::from_millis(200),
             effect_timeout: Duration::from_secs(30),
+            panicking_stores: 0,
         }
     }
 }

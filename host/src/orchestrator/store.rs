@@ -72,6 +72,10 @@ impl Daemon {
         for (agent, asked) in &claims.claims {
             *self.claiming.entry(agent.clone()).or_default() += asked;
         }
+        let panic_here = !runs.is_empty() && self.cfg.panicking_stores > 0;
+        if panic_here {
+            self.cfg.panicking_stores -= 1;
+        }
         let lane = self.lane(lane_id);
         lane.busy = true;
         let writer = lane.conn.take();
@@ -79,17 +83,28 @@ impl Daemon {
         let done = self.written_tx.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let (queue, result) = match writer.map_or_else(|| reopen(), Ok) {
-                Ok(mut queue) => {
-                    let result = queue.finish_and_claim_sharing(
-                        &runs,
-                        &claims.claims,
-                        claims.shared_from,
-                        claims.slots,
-                    );
-                    (Some(queue), result)
+            // Whatever happens, the job answers: a lane whose job vanished
+            // would stay busy, and its runs unstored, for good. After a
+            // panic the connection is dropped and the lane opens another.
+            let mut used = writer;
+            let result = catch_panic(|| {
+                let queue = match used.take() {
+                    Some(queue) => used.insert(queue),
+                    None => used.insert(reopen()?),
+                };
+                if panic_here {
+                    panic!("a panicking store, as the test asked");
                 }
-                Err(e) => (None, Err(e)),
+                queue.finish_and_claim_sharing(
+                    &runs,
+                    &claims.claims,
+                    claims.shared_from,
+                    claims.slots,
+                )
+            });
+            let queue = match &result {
+                Err(QueueError::Panicked(_)) => None,
+                _ => used,
             };
             let _ = done.send(Written {
                 lane: lane_id,
@@ -245,7 +260,7 @@ impl Daemon {
     pub(super) fn write_finished(&mut self) {
         let runs = std::mem::take(&mut self.unwritten);
         self.unwritten_since = None;
-        let result = tokio::task::block_in_place(|| self.queue.finish_batch(&runs));
+        let result = tokio::task::block_in_place(|| catch_panic(|| self.queue.finish_batch(&runs)));
         self.effects_due = true; // they may have queued effects
         self.after_write(runs, result);
     }
@@ -305,9 +320,11 @@ impl Daemon {
     pub(super) fn write_one(&mut self, run: FinishedRun) {
         // The whole run — its state writes and effects included — alone.
         let result = tokio::task::block_in_place(|| {
-            self.queue
-                .finish_batch(std::slice::from_ref(&run))
-                .map(|a| a[0])
+            catch_panic(|| {
+                self.queue
+                    .finish_batch(std::slice::from_ref(&run))
+                    .map(|a| a[0])
+            })
         });
         self.effects_due = true; // it may have queued effects
         match result {
@@ -327,7 +344,7 @@ impl Daemon {
                     message: format!("the host could not store this run's outcome: {e}"),
                 });
                 let stored = tokio::task::block_in_place(|| {
-                    self.queue.finish(run.lease, failure.clone(), &run.log)
+                    catch_panic(|| self.queue.finish(run.lease, failure.clone(), &run.log))
                 });
                 match stored {
                     Ok(applied) => self.count(
@@ -391,4 +408,20 @@ fn outcome_summary(outcome: &RunOutcome) -> String {
             format!("{}: {message}", e.kind.as_str())
         }
     }
+}
+
+/// Runs `f`, answering a panic in it as [`QueueError::Panicked`]: a bug in
+/// the store path then costs a batch its group commit, not the daemon its
+/// writer (or its loop). Queue code holds no state across a panic that
+/// outlives its transaction, which unwinding rolls back.
+pub(super) fn catch_panic<T>(f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        tracing::error!("a bug: storing panicked: {message}");
+        Err(QueueError::Panicked(message))
+    })
 }

@@ -148,6 +148,13 @@ pub enum QueueError {
         message: String,
         claim_tokens: Vec<i64>,
     },
+    /// A bug: code on a database connection panicked. The transaction it
+    /// was in rolled back as the panic unwound, so nothing of it committed;
+    /// the caller drops the connection. Neither transient nor permanent:
+    /// a batch that hits it is stored again run by run, which isolates a
+    /// run that provokes it.
+    #[error("a bug in colony: storing panicked ({0}); its transaction rolled back")]
+    Panicked(String),
 }
 
 impl From<postgres::Error> for QueueError {

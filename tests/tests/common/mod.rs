@@ -73,13 +73,22 @@ impl Harness {
 
     /// The same, on a runtime set up by the test (with model providers, say).
     pub async fn run_until_idle_on(&self, runtime: Runtime) -> DaemonSummary {
-        let agents = self.agent_dir(&runtime).await;
-        let cfg = DaemonConfig {
+        self.run_until_idle_with(runtime, Self::until_idle()).await
+    }
+
+    /// The settings of [`Harness::run_until_idle`], for a test to change.
+    pub fn until_idle() -> DaemonConfig {
+        DaemonConfig {
             poll: Duration::from_millis(50),
             heartbeat: Duration::from_millis(100),
             until_idle: true,
             ..DaemonConfig::default()
-        };
+        }
+    }
+
+    /// A daemon with `cfg` on `runtime`, run until it ends (within 60 s).
+    pub async fn run_until_idle_with(&self, runtime: Runtime, cfg: DaemonConfig) -> DaemonSummary {
+        let agents = self.agent_dir(&runtime).await;
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
         let daemon = Daemon::new(self.queue(), Arc::new(runtime), agents, cfg);
         tokio::time::timeout(Duration::from_secs(60), daemon.run(stop_rx))

@@ -504,7 +504,9 @@ fn secret_header(value: &str) -> HeaderValue {
     header
 }
 
-/// `Retry-After` in seconds (RFC 9110), or OpenAI's `retry-after-ms`.
+/// `Retry-After` in seconds (RFC 9110), or OpenAI's `retry-after-ms`,
+/// at most a day (a larger wait is past any call's deadline anyway, and
+/// a number past `Duration`'s range would panic the run).
 /// An HTTP date is not honoured: the exponential backoff applies instead.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let number = |name: &str| {
@@ -518,7 +520,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
             .filter(|n| n.is_finite() && *n >= 0.0)
     };
     if let Some(ms) = number("retry-after-ms") {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
     }
     number("retry-after").map(|secs| Duration::from_secs_f64(secs.min(86_400.0)))
 }
@@ -668,6 +670,16 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after(&dated), None);
+        // A provider's (or a proxy's) absurd number is a day, not a panic.
+        for (name, value) in [("retry-after-ms", "1e23"), ("retry-after", "1e300")] {
+            let mut huge = HeaderMap::new();
+            huge.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                retry_after(&huge),
+                Some(Duration::from_secs(86_400)),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -78,9 +78,11 @@ impl Deliverer {
     ) -> Result<(), QueueError> {
         let free = MAX_IN_FLIGHT - self.in_flight.len();
         // A read first: tasks that queue no effects cost no write transaction.
-        let due = queue
-            .next_effect_due()?
-            .is_some_and(|t| t <= crate::queue::now_ms());
+        // The queue's clock decides (the server's on PostgreSQL).
+        let due = match queue.next_effect_due(agents)? {
+            Some(at) => at <= queue.now()?,
+            None => false,
+        };
         if free == 0 || !due {
             return Ok(());
         }

@@ -1709,7 +1709,10 @@ on_both_drivers! {
             .unwrap();
         assert_eq!(with_effect.applied, vec![Applied::Moved(State::Complete)]);
         assert!(with_effect.effects_may_be_due);
-        assert!(q.next_effect_due().unwrap().is_some(), "the effect is queued");
+        assert!(q.next_effect_due(&["a".into()]).unwrap().is_some(), "the effect is queued");
+        // Due only for a daemon that can send it: one with its agent.
+        assert_eq!(q.next_effect_due(&["b".into()]).unwrap(), None);
+        assert_eq!(q.next_effect_due(&[]).unwrap(), None);
     }
 }
 

@@ -117,6 +117,41 @@ async fn review_shows_proposed_effects_rejection_sends_nothing_approval_sends_th
     assert_eq!(h.task(rejected).state, State::Review);
 }
 
+/// Only an agent's daemon can send its effects (its allow-list and
+/// secrets): a daemon without the agent neither claims them nor counts
+/// them as due (it tried a claim transaction every watch tick), and leaves
+/// them pending for a daemon that has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_of_an_agent_not_loaded_here_is_left_for_its_daemon() {
+    let server = ModelServer::start();
+    let h = harness(&server);
+    let id = submit(
+        &h,
+        json!({"ops": [effect(&server, "/later", "x")], "review": true}),
+        1,
+    );
+    h.run_until_idle().await;
+    let mut q = h.queue();
+    q.approve(id, None).unwrap();
+    let stateful = ["stateful".to_string()];
+    assert!(q.next_effect_due(&stateful).unwrap().is_some());
+    std::fs::remove_file(h.agents.path().join("stateful.wasm")).unwrap();
+    assert_eq!(q.next_effect_due(&[]).unwrap(), None);
+    assert_eq!(q.next_effect_due(&["other".to_string()]).unwrap(), None);
+    let summary = h.run_until_idle().await;
+    assert_eq!(
+        summary.effects_left_for_missing_agents,
+        [("stateful".to_string(), 1)]
+    );
+    let row = &q.effects(Some(id), None, 10).unwrap()[0];
+    assert_eq!(
+        (row.state.as_str(), row.attempts),
+        ("pending", 0),
+        "{row:?}"
+    );
+    assert_eq!(server.count(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_failing_three_times_gets_the_effect_on_the_fourth_try() {
     let server = ModelServer::start();

@@ -301,6 +301,7 @@ pub struct Daemon {
     /// Failing claims and heartbeats, logged once per streak and window.
     claim_errors: crate::repeats::Repeats,
     heartbeat_errors: crate::repeats::Repeats,
+    delivery_errors: crate::repeats::Repeats,
     /// Finished runs not stored yet, and when the oldest of them finished.
     unwritten: Vec<FinishedRun>,
     unwritten_since: Option<Instant>,
@@ -393,6 +394,7 @@ impl Daemon {
             claiming: HashMap::new(),
             claim_errors: Default::default(),
             heartbeat_errors: Default::default(),
+            delivery_errors: Default::default(),
             unwritten: Vec::new(),
             unwritten_since: None,
             write_backoff: Duration::ZERO,
@@ -577,7 +579,7 @@ impl Daemon {
                     let (version, due, effect_due) = tokio::task::block_in_place(|| {
                         let now = self.queue.now().unwrap_or_else(|_| crate::queue::now_ms());
                         let due = self.queue.next_due_at().ok().flatten().is_some_and(|t| t <= now);
-                        let effect_due = self.queue.next_effect_due().ok().flatten().is_some_and(|t| t <= now);
+                        let effect_due = self.queue.next_effect_due(&self.agents.loaded_names()).ok().flatten().is_some_and(|t| t <= now);
                         (self.queue.data_version().ok(), due, effect_due)
                     });
                     if version != last_data_version || due {
@@ -604,9 +606,21 @@ impl Daemon {
         let grant_of = |agent: &str| agents.loaded(agent).map(|a| a.limits.http.clone());
         let loaded = agents.loaded_names();
         match tokio::task::block_in_place(|| deliverer.start_due(queue, &loaded, grant_of)) {
-            Ok(()) => self.effects_due = false,
+            Ok(()) => {
+                self.effects_due = false;
+                if let Some(lasted) = self.delivery_errors.succeeded() {
+                    tracing::info!("claiming effects works again (it failed for {lasted:.0?})");
+                }
+            }
             Err(e) if e.is_permanent() => self.unusable = Some(e),
-            Err(e) => tracing::error!("claiming effects to send failed, will retry: {e}"),
+            Err(e) => {
+                if let Some(more) = self.delivery_errors.failed() {
+                    tracing::error!(
+                        "claiming effects to send failed, will retry{}: {e}",
+                        crate::repeats::more(more)
+                    );
+                }
+            }
         }
     }
 
@@ -867,7 +881,8 @@ impl Daemon {
     /// `outstanding` effects to be delivered (a retry's backoff grows to ten
     /// minutes).
     fn announce_effects_wait(&mut self, outstanding: u64) {
-        let next = tokio::task::block_in_place(|| self.queue.next_effect_due());
+        let loaded = self.agents.loaded_names();
+        let next = tokio::task::block_in_place(|| self.queue.next_effect_due(&loaded));
         if let Some(wait) = self.wait_to_announce(next, |d| &mut d.announced_effect_wait) {
             tracing::info!(
                 "waiting for {outstanding} effect(s) to be delivered; the next try is due in {wait} (`colony effects` lists them)"

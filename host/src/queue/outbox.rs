@@ -416,15 +416,21 @@ impl Queue {
         })
     }
 
-    /// When the next pending effect is due, if any (for the daemon's sleep).
-    pub fn next_effect_due(&self) -> Result<Option<i64>> {
+    /// When the next pending effect of `agents` is due, if any (for the
+    /// daemon's sleep). Those of agents a daemon has not loaded are not its
+    /// to send: counting them made it try a claim every watch tick.
+    pub fn next_effect_due(&self, agents: &[String]) -> Result<Option<i64>> {
+        let agents = serde_json::to_string(agents).expect("names serialize");
         self.read(|db| {
+            let agent_in = agent_in(db, 1);
             db.query_value(
-                "SELECT MIN(t) FROM (SELECT MIN(next_at) AS t FROM effects WHERE state = 'pending'
-                                     UNION ALL
-                                     SELECT MIN(lease_until) FROM effects WHERE state = 'sending')
-                                AS due",
-                args![],
+                &format!(
+                    "SELECT MIN(t) FROM (SELECT MIN(next_at) AS t FROM effects WHERE state = 'pending' AND {agent_in}
+                                         UNION ALL
+                                         SELECT MIN(lease_until) FROM effects WHERE state = 'sending' AND {agent_in})
+                                    AS due"
+                ),
+                args![agents.as_str()],
             )
         })
     }

@@ -79,6 +79,45 @@ async fn a_panicking_store_job_loses_nothing_and_stalls_nothing() {
     }
 }
 
+/// A run whose task panicked (a bug in a host call) is a crash with its
+/// attempt spent, also when the daemon is stopped before a heartbeat has
+/// noticed it: given back, a task that panics the host at every run never
+/// used up its attempts under a daemon restarted often.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_panicked_is_a_crash_even_when_the_daemon_stops_at_once() {
+    let h = harness(&["echo"]);
+    let id = h.submit(once("echo"));
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    let cfg = colony::orchestrator::DaemonConfig {
+        panicking_runs: 1,
+        poll: Duration::from_millis(50),
+        heartbeat: Duration::from_secs(60),
+        stale_after: Duration::from_secs(120),
+        grace: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = colony::orchestrator::Daemon::new(h.queue(), Arc::new(runtime), agents, cfg);
+    let daemon = tokio::spawn(daemon.run(stop_rx));
+    let started = Instant::now();
+    while h.events(id, "claim").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(30), "never claimed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.send(true).unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((summary.released, summary.failed), (0, 1), "{summary:?}");
+    let task = h.task(id);
+    assert_eq!((task.state, task.attempts), (State::Failed, 1));
+    assert_eq!(error_kind(&task), ErrorKind::Crash);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_completes_with_its_payload_and_log() {
     let h = harness(&["echo"]);

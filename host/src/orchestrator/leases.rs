@@ -238,26 +238,8 @@ impl Daemon {
             {
                 continue;
             }
-            let id = lease.task_id;
-            let run = self.inflight.remove(&id).expect("checked above");
-            tracing::error!(
-                task = id,
-                "a run ended without a result; recording it as a crash"
-            );
-            let outcome = RunOutcome::Failure(TaskError {
-                kind: ErrorKind::Crash,
-                message:
-                    "the host's run of this task ended without a result (see the daemon's log)"
-                        .into(),
-            });
-            self.accept(FinishedRun {
-                lease: run.lease,
-                outcome,
-                log: String::new(),
-                state: Vec::new(),
-                effects: Vec::new(),
-                claimed: None,
-            });
+            let run = self.inflight.remove(&lease.task_id).expect("checked above");
+            self.accept(vanished_run(run.lease));
         }
     }
 
@@ -283,6 +265,7 @@ impl Daemon {
             self.write_finished();
         }
 
+        self.recover_vanished_runs(); // nothing to wait for there
         let deadline = Instant::now() + self.cfg.grace;
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         while !self.inflight.is_empty() && Instant::now() < deadline {
@@ -330,8 +313,14 @@ impl Daemon {
                 unanswered.len()
             ),
         }
+        // A run that ended without a result (its task panicked) is a crash,
+        // its attempt spent, not an interruption to give back: a task that
+        // panicked the host at every run would otherwise never use up its
+        // attempts under a daemon restarted often.
+        self.recover_vanished_runs();
         // Stop what is still running and wait for it to be gone (a guest
-        // yields at every epoch tick), so no run outlives its release.
+        // yields at every epoch tick), so no run outlives its release: all
+        // at once, within 5 s in all.
         let stopping: Vec<(Lease, JoinHandle<()>)> = self
             .inflight
             .drain()
@@ -340,22 +329,22 @@ impl Daemon {
         for (_, handle) in &stopping {
             handle.abort();
         }
+        let stop_by = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut stopped = Vec::with_capacity(stopping.len());
         for (lease, handle) in stopping {
-            if tokio::time::timeout(Duration::from_secs(5), handle)
-                .await
-                .is_err()
-            {
-                tracing::error!(
+            match tokio::time::timeout_at(stop_by, handle).await {
+                Err(_) => tracing::error!(
                     task = lease.task_id,
-                    "a run did not stop within 5 s of being aborted"
-                );
+                    "a run did not stop within 5 s of being aborted; its lease is left to expire rather than given back while it may still be running"
+                ),
+                Ok(Err(e)) if e.is_panic() => self.accept(vanished_run(lease)),
+                Ok(_) => stopped.push(lease),
             }
-            self.inflight_at_shutdown.push(lease);
         }
         // Results that arrived until the runs stopped are kept; the rest is released.
         self.collect_finished();
         let reported: HashSet<Lease> = self.unwritten.iter().map(|r| r.lease).collect();
-        let interrupted: Vec<Lease> = std::mem::take(&mut self.inflight_at_shutdown)
+        let interrupted: Vec<Lease> = stopped
             .into_iter()
             .filter(|l| !reported.contains(l))
             .collect();
@@ -404,5 +393,26 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+/// The result recorded for a run whose task ended without sending one (it
+/// panicked): a crash, so its attempt counts.
+fn vanished_run(lease: Lease) -> FinishedRun {
+    tracing::error!(
+        task = lease.task_id,
+        "a run ended without a result; recording it as a crash"
+    );
+    FinishedRun {
+        lease,
+        outcome: RunOutcome::Failure(TaskError {
+            kind: ErrorKind::Crash,
+            message: "the host's run of this task ended without a result (see the daemon's log)"
+                .into(),
+        }),
+        log: String::new(),
+        state: Vec::new(),
+        effects: Vec::new(),
+        claimed: None,
     }
 }

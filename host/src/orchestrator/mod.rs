@@ -85,6 +85,10 @@ pub struct DaemonConfig {
     /// would (0: none).
     #[doc(hidden)]
     pub panicking_stores: u32,
+    /// For tests only: this many of the first runs panic before they start,
+    /// as a bug in a host call would (0: none).
+    #[doc(hidden)]
+    pub panicking_runs: u32,
 }
 
 impl Default for DaemonConfig {
@@ -102,6 +106,7 @@ impl Default for DaemonConfig {
             watch_interval: Duration::from_millis(200),
             effect_timeout: Duration::from_secs(30),
             panicking_stores: 0,
+            panicking_runs: 0,
         }
     }
 }
@@ -350,8 +355,6 @@ pub struct Daemon {
     rotation: usize,
     /// Runs stopped because their lease was lost: a result they still send is dropped.
     aborted: HashSet<Lease>,
-    /// Leases of runs stopped by a shutdown, to release unless they reported.
-    inflight_at_shutdown: Vec<Lease>,
     done_tx: mpsc::UnboundedSender<FinishedRun>,
     done_rx: mpsc::UnboundedReceiver<FinishedRun>,
     /// Looks at the agents folder off the loop (see `rescans.rs`).
@@ -416,7 +419,6 @@ impl Daemon {
             effects_due: true,
             rotation: 0,
             aborted: HashSet::new(),
-            inflight_at_shutdown: Vec::new(),
             done_tx,
             done_rx,
             rescans: rescans::Rescans::new(),
@@ -785,7 +787,14 @@ impl Daemon {
         let hooks: Arc<dyn RunHooks> = run_side.clone();
         let done = self.done_tx.clone();
         let agent_name = task.agent.clone();
+        let panic_here = self.cfg.panicking_runs > 0;
+        if panic_here {
+            self.cfg.panicking_runs -= 1;
+        }
         let handle = tokio::spawn(async move {
+            if panic_here {
+                panic!("a panicking run, as the test asked");
+            }
             let report = runtime.run(&agent, &task, hooks).await;
             let nanos = u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX);
             run_side.run_nanos.fetch_add(nanos, Ordering::Relaxed);

@@ -197,6 +197,10 @@ impl Daemon {
     /// Someone reset or cancelled these leases: stop their runs (the results
     /// would be discarded) and forget tasks that had not started.
     pub(super) fn drop_lost(&mut self, lost: &[Lease]) {
+        // Results already sent are taken in first: stored, their refusal is
+        // recorded (a result_refused event), where one dropped here would
+        // leave no trace of what the run did.
+        self.collect_finished();
         for lease in lost {
             if self
                 .inflight

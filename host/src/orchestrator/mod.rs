@@ -517,6 +517,10 @@ impl Daemon {
                 look = true;
             }
             if let Some(e) = self.unusable.take() {
+                // What can still be done is: the error may concern one table
+                // (effects, say) while tasks still take releases and results.
+                self.cfg.grace = Duration::ZERO;
+                self.shut_down().await;
                 return Err(DaemonError::Unusable(e));
             }
             if self.cfg.until_idle && self.is_quiet() {

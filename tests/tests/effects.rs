@@ -465,8 +465,7 @@ async fn delivery_adds_the_agents_secret_and_drops_the_agents_own_header_of_that
 /// --effect-timeout), and says so on the trail and in its summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_effect_unanswered_at_shutdown_is_given_back() {
-    use colony::orchestrator::{Daemon, DaemonConfig};
-    use std::sync::Arc;
+    use colony::orchestrator::DaemonConfig;
     use std::time::Duration;
     // A receiver that takes the connection and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -490,31 +489,19 @@ async fn an_effect_unanswered_at_shutdown_is_given_back() {
         1,
     );
 
-    let runtime = h.runtime();
-    let agents = h.agent_dir(&runtime).await;
     let cfg = DaemonConfig {
         poll: Duration::from_millis(50),
         heartbeat: Duration::from_millis(100),
         grace: Duration::from_millis(300),
         ..DaemonConfig::default()
     };
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let daemon = tokio::spawn(Daemon::new(h.queue(), Arc::new(runtime), agents, cfg).run(stop_rx));
-    let sending = || h.queue().effects(Some(id), None, 10).unwrap()[0].state == "sending";
-    let started = std::time::Instant::now();
-    while h.queue().effects(Some(id), None, 10).unwrap().is_empty() || !sending() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the effect was never sent"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.send(true).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(30), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let daemon = h.start_daemon(h.runtime(), cfg).await;
+    common::wait_for("the effect's sending", || {
+        let effects = h.queue().effects(Some(id), None, 10).unwrap();
+        effects.first().is_some_and(|e| e.state == "sending")
+    })
+    .await;
+    let summary = daemon.stop().await;
     assert_eq!(summary.effects_released, 1);
     let effect = &h.queue().effects(Some(id), None, 10).unwrap()[0];
     assert_eq!(

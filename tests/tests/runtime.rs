@@ -87,8 +87,6 @@ async fn a_panicking_store_job_loses_nothing_and_stalls_nothing() {
 async fn a_run_that_panicked_is_a_crash_even_when_the_daemon_stops_at_once() {
     let h = harness(&["echo"]);
     let id = h.submit(once("echo"));
-    let runtime = h.runtime();
-    let agents = h.agent_dir(&runtime).await;
     let cfg = colony::orchestrator::DaemonConfig {
         panicking_runs: 1,
         poll: Duration::from_millis(50),
@@ -97,21 +95,10 @@ async fn a_run_that_panicked_is_a_crash_even_when_the_daemon_stops_at_once() {
         grace: Duration::from_secs(1),
         ..Default::default()
     };
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let daemon = colony::orchestrator::Daemon::new(h.queue(), Arc::new(runtime), agents, cfg);
-    let daemon = tokio::spawn(daemon.run(stop_rx));
-    let started = Instant::now();
-    while h.events(id, "claim").is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(30), "never claimed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let daemon = h.start_daemon(h.runtime(), cfg).await;
+    common::wait_for("the claim", || !h.events(id, "claim").is_empty()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.send(true).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(30), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let summary = daemon.stop().await;
     assert_eq!((summary.released, summary.failed), (0, 1), "{summary:?}");
     let task = h.task(id);
     assert_eq!((task.state, task.attempts), (State::Failed, 1));

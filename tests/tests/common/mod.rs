@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use colony::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
+use colony::orchestrator::{Daemon, DaemonConfig, DaemonError, DaemonSummary};
 use colony::queue::{AuditEvent, Queue};
 use colony::runtime::{AgentDir, Runtime, RuntimeConfig};
 use colony::task::{NewTask, Task};
@@ -97,6 +97,18 @@ impl Harness {
             .unwrap()
     }
 
+    /// A daemon with `cfg` on `runtime`, running in the background until
+    /// the test stops it.
+    pub async fn start_daemon(&self, runtime: Runtime, cfg: DaemonConfig) -> Running {
+        let agents = self.agent_dir(&runtime).await;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let daemon = Daemon::new(self.queue(), Arc::new(runtime), agents, cfg);
+        Running {
+            stop,
+            daemon: tokio::spawn(daemon.run(stop_rx)),
+        }
+    }
+
     pub fn task(&self, id: i64) -> Task {
         self.queue().get(id).unwrap()
     }
@@ -120,5 +132,35 @@ impl Harness {
             .into_iter()
             .filter(|e| e.event == name)
             .collect()
+    }
+}
+
+/// A daemon started by [`Harness::start_daemon`].
+pub struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    daemon: tokio::task::JoinHandle<Result<DaemonSummary, DaemonError>>,
+}
+
+impl Running {
+    /// Asks it to stop, as SIGTERM does; its summary once it has (within 30 s).
+    pub async fn stop(self) -> DaemonSummary {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.daemon)
+            .await
+            .expect("the daemon stopped within 30 s")
+            .unwrap()
+            .unwrap()
+    }
+}
+
+/// Waits (up to 30 s, else fails naming `what`) until `done` holds.
+pub async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what} never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -614,32 +614,31 @@ mod tests {
 
     #[test]
     fn a_dead_server_is_noticed_unless_the_url_says_otherwise() {
-        let plain = "postgres://u@db.example/colony";
-        let mut config: Config = plain.parse().unwrap();
-        notice_dead_servers(&mut config, plain);
-        assert_eq!(
-            config.get_tcp_user_timeout(),
-            Some(&Duration::from_secs(30))
-        );
-        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(15));
-        assert_eq!(
-            config.get_keepalives_interval(),
-            Some(Duration::from_secs(5))
-        );
-        assert_eq!(config.get_keepalives_retries(), Some(3));
-
-        let own = "postgres://u@db.example/colony?tcp_user_timeout=90&keepalives_idle=600&keepalives_interval=20&keepalives_retries=9";
-        let mut config: Config = own.parse().unwrap();
-        notice_dead_servers(&mut config, own);
-        assert_eq!(
-            config.get_tcp_user_timeout(),
-            Some(&Duration::from_secs(90))
-        );
-        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(600));
-        assert_eq!(
-            config.get_keepalives_interval(),
-            Some(Duration::from_secs(20))
-        );
-        assert_eq!(config.get_keepalives_retries(), Some(9));
+        let secs = Duration::from_secs;
+        for (url, user_timeout, idle, interval, retries) in [
+            ("postgres://u@db.example/colony", 30, 15, 5, 3),
+            (
+                "postgres://u@db.example/colony?tcp_user_timeout=90&keepalives_idle=600&keepalives_interval=20&keepalives_retries=9",
+                90,
+                600,
+                20,
+                9,
+            ),
+        ] {
+            let mut config: Config = url.parse().unwrap();
+            notice_dead_servers(&mut config, url);
+            assert_eq!(
+                config.get_tcp_user_timeout(),
+                Some(&secs(user_timeout)),
+                "{url}"
+            );
+            assert_eq!(config.get_keepalives_idle(), secs(idle), "{url}");
+            assert_eq!(
+                config.get_keepalives_interval(),
+                Some(secs(interval)),
+                "{url}"
+            );
+            assert_eq!(config.get_keepalives_retries(), Some(retries), "{url}");
+        }
     }
 }

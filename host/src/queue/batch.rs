@@ -192,6 +192,8 @@ pub(super) fn finish_runs(
     max_payload: usize,
     now: i64,
 ) -> Result<Finished> {
+    // Every key the batch writes, locked first and in order (PostgreSQL).
+    super::state::lock_batch_keys(tx, runs)?;
     let mut out = vec![None; runs.len()];
     let dialect = tx.dialect();
     let candidates: Vec<usize> = (0..runs.len())

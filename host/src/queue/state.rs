@@ -14,7 +14,10 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 mod batch_writes;
+mod locks;
 pub(super) use batch_writes::BatchWrites;
+pub(super) use locks::lock_batch_keys;
+use locks::lock_keys;
 
 /// The owners of a task's two scopes: what `owner` holds in each.
 pub(super) struct Owners {
@@ -65,30 +68,6 @@ fn version_of(tx: &dyn Sql, scope: Scope, owner: &str, key: &str) -> Result<u64>
         Some(row) => row.get(0),
         None => Ok(0),
     }
-}
-
-/// On PostgreSQL, takes a transaction-scoped advisory lock on every key
-/// `writes` touch, in sorted order (so two writers cannot deadlock): a key
-/// written for the first time has no row to lock, and two first writes
-/// must not both see version 0. SQLite's write lock already serialises
-/// every writer.
-fn lock_keys(tx: &dyn Sql, owners: &Owners, writes: &[Write]) -> Result<()> {
-    if tx.dialect() != Dialect::Postgres {
-        return Ok(());
-    }
-    let mut names: Vec<String> = writes
-        .iter()
-        .map(|w| format!("{}/{}/{}", w.scope.as_str(), owners.of(w.scope), w.key))
-        .collect();
-    names.sort();
-    names.dedup();
-    for name in &names {
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))",
-            args![name],
-        )?;
-    }
-    Ok(())
 }
 
 /// Writes that passed their check: whose state they change, and each one's

@@ -117,6 +117,14 @@ on_both_drivers! {
             q.reserve_model_tokens(a, 1, None).is_err(),
             "a lost lease reserves nothing"
         );
+        // The call cut off may have been answered and charged by the
+        // provider: the reset's event says so, with what it had reserved.
+        let expired = q.events(Some(a.task_id), 0, 100).unwrap();
+        let expired = expired.iter().find(|e| e.event == "lease_expired").unwrap();
+        assert_eq!(
+            expired.detail["model_calls_cut_off"],
+            serde_json::json!({"calls": 1, "tokens_reserved": 150})
+        );
     }
 
     fn the_tighter_of_the_chain_and_the_task_budget_applies(db) {

@@ -723,18 +723,32 @@ pub(super) fn reset_stale_in(
         let holder: String = row.get::<Option<String>>(3)?.unwrap_or_default();
         let heartbeat_at: i64 = row.get(4)?;
         let token: i64 = row.get(5)?;
-        // The dead run's model-token reservations no longer count.
-        tx.execute(
-            "DELETE FROM model_reservations WHERE task_id = ?1",
-            args![id],
-        )?;
+        // The dead run's model-token reservations no longer count; each is
+        // a call that was in flight when its host went silent, which the
+        // provider may have answered and charged: the event says so.
+        let cut_off = tx
+            .query_one(
+                "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations WHERE task_id = ?1",
+                args![id],
+            )?;
+        let (calls_cut_off, tokens_reserved): (i64, i64) = (cut_off.get(0)?, cut_off.get(1)?);
+        if calls_cut_off > 0 {
+            tx.execute(
+                "DELETE FROM model_reservations WHERE task_id = ?1",
+                args![id],
+            )?;
+        }
         let silent_ms = now - heartbeat_at;
-        let detail = json!({
+        let mut detail = json!({
             "holder": holder,
             "last_heartbeat_at": heartbeat_at,
             "silent_ms": silent_ms,
             "attempt": attempts,
         });
+        if calls_cut_off > 0 {
+            detail["model_calls_cut_off"] =
+                json!({"calls": calls_cut_off, "tokens_reserved": tokens_reserved});
+        }
         let to = if attempts < max_attempts {
             let to = record(
                 tx,

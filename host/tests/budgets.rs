@@ -127,6 +127,31 @@ on_both_drivers! {
         );
     }
 
+    /// Without any budget too, a call in flight when its host died is
+    /// counted by the reset (its reservation), and one settled is not.
+    fn a_reset_counts_calls_cut_off_without_a_budget(db) {
+        let mut q = db.open();
+        for _ in 0..2 {
+            q.submit(&NewTask::new("free", "{}")).unwrap();
+        }
+        let leases: Vec<Lease> = q.claim("free", 2).unwrap().iter().map(|c| c.lease).collect();
+        for lease in &leases {
+            assert_eq!(q.reserve_model_tokens(*lease, 500, None).unwrap(), Budget::Unlimited);
+        }
+        // The second run's call came back and was recorded: settled.
+        let settled = q.record_model_call(leases[1], 1, &call(Usage { input_tokens: 7, output_tokens: 3 }));
+        assert_eq!(settled.unwrap(), Applied::Moved(colony::task::State::InProgress));
+        std::thread::sleep(Duration::from_millis(300));
+        q.reset_stale_leases(Duration::from_millis(200)).unwrap();
+        let cut_off = |lease: Lease| {
+            let events = q.events(Some(lease.task_id), 0, 100).unwrap();
+            let expired = events.iter().find(|e| e.event == "lease_expired").unwrap();
+            expired.detail.get("model_calls_cut_off").cloned()
+        };
+        assert_eq!(cut_off(leases[0]), Some(json!({"calls": 1, "tokens_reserved": 500})));
+        assert_eq!(cut_off(leases[1]), None);
+    }
+
     fn the_tighter_of_the_chain_and_the_task_budget_applies(db) {
         let mut q = db.open();
         let (a, _) = two_children_running(&mut q, 1000);

@@ -136,13 +136,17 @@ impl Queue {
                 None => None,
             };
             let left = match (chain_left, task_left) {
-                (Some(c), Some(t)) => c.min(t),
-                (Some(left), None) | (None, Some(left)) => left,
-                (None, None) => return Ok(Budget::Unlimited),
+                (Some(c), Some(t)) => Some(c.min(t)),
+                (Some(left), None) | (None, Some(left)) => Some(left),
+                (None, None) => None,
             };
-            if need > left {
+            if let Some(left) = left
+                && need > left
+            {
                 return Ok(Budget::Refused { left });
             }
+            // Without a budget too: a reservation still open when the lease
+            // is reset is a call cut off in flight, which its event counts.
             if need > 0 {
                 tx.execute(
                     "INSERT INTO model_reservations (task_id, root_id, token, tokens)
@@ -150,7 +154,10 @@ impl Queue {
                     args![lease.task_id, root, lease.token, need],
                 )?;
             }
-            Ok(Budget::Reserved { left: left - need })
+            Ok(match left {
+                Some(left) => Budget::Reserved { left: left - need },
+                None => Budget::Unlimited,
+            })
         })
     }
 

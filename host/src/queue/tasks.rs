@@ -726,18 +726,16 @@ pub(super) fn reset_stale_in(
         // The dead run's model-token reservations no longer count; each is
         // a call that was in flight when its host went silent, which the
         // provider may have answered and charged: the event says so.
-        let cut_off = tx
-            .query_one(
-                "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations WHERE task_id = ?1",
-                args![id],
-            )?;
+        let cut_off = tx.query_one(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations
+                 WHERE task_id = ?1 AND token = ?2",
+            args![id, token],
+        )?;
         let (calls_cut_off, tokens_reserved): (i64, i64) = (cut_off.get(0)?, cut_off.get(1)?);
-        if calls_cut_off > 0 {
-            tx.execute(
-                "DELETE FROM model_reservations WHERE task_id = ?1",
-                args![id],
-            )?;
-        }
+        tx.execute(
+            "DELETE FROM model_reservations WHERE task_id = ?1",
+            args![id],
+        )?;
         let silent_ms = now - heartbeat_at;
         let mut detail = json!({
             "holder": holder,

@@ -1812,6 +1812,55 @@ on_both_drivers! {
 }
 
 on_both_drivers! {
+    /// An effect whose sender's claim ran out with no answer recorded (the
+    /// daemon died mid-send) is taken over by the next sender, with an
+    /// event naming the lost sender and its attempt: the trail showed the
+    /// second attempt with nothing before it.
+    fn an_effect_cut_off_mid_send_is_taken_over_with_an_event(db) {
+        use colony::effects::Effect;
+        let mut q = db.open_as("first-sender");
+        submit(&mut q, "a", json!({}));
+        let lease = claim_one(&mut q, "a");
+        let effect = Effect {
+            seq: 1,
+            method: "POST".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            headers: vec![],
+            body: None,
+            max_attempts: colony::effects::DEFAULT_DELIVERY_ATTEMPTS,
+        };
+        let run = colony::queue::FinishedRun {
+            lease,
+            outcome: ok(json!({})),
+            log: String::new(),
+            state: vec![],
+            effects: vec![effect],
+            claimed: None,
+        };
+        q.finish_batch(&[run]).unwrap();
+        let agents = ["a".to_string()];
+        let first = q.claim_due_effects(4, Duration::from_millis(100), &agents).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].attempt, 1);
+        // The first sender dies without an answer; its claim runs out.
+        std::thread::sleep(Duration::from_millis(250));
+        let mut second = db.open_as("second-sender");
+        let again = second.claim_due_effects(4, Duration::from_secs(60), &agents).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].id, again[0].attempt), (first[0].id, 2));
+        let events = second.events(Some(lease.task_id), 0, 100).unwrap();
+        let taken: Vec<_> = events.iter().filter(|e| e.event == "effect_taken_over").collect();
+        assert_eq!(taken.len(), 1, "{events:?}");
+        assert_eq!(taken[0].actor, "second-sender");
+        assert_eq!(taken[0].detail["sender"], "first-sender");
+        assert_eq!(taken[0].detail["attempt"], 1);
+        assert_eq!(taken[0].detail["effect"], first[0].id);
+        // A live claim is not taken over.
+        assert!(second.claim_due_effects(4, Duration::from_secs(60), &agents).unwrap().is_empty());
+    }
+}
+
+on_both_drivers! {
     /// A chain is capped at MAX_CHAIN_TASKS tasks, counted on its root: a
     /// completion whose children would pass it fails as bad input and
     /// changes nothing; within it, they are inserted and counted.

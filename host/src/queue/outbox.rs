@@ -119,6 +119,40 @@ fn note(
     Ok(())
 }
 
+/// Puts back to pending, due now, the effects of `agents` (a JSON list)
+/// whose sender's claim ran out with no answer recorded (it died or
+/// stalled mid-send), each with an `effect_taken_over` event naming the
+/// sender and its attempt: the attempt counts (its request may have
+/// arrived), and without the event the trail showed attempt 2 with
+/// nothing before it.
+fn take_over_cut_off_sends(tx: &dyn Sql, agents: &str, actor: &str, now: i64) -> Result<()> {
+    let agent_in = agent_in(tx, 2);
+    let skip_locked = match tx.dialect() {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+    };
+    let taken = tx.query(
+        &format!(
+            "UPDATE effects SET state = 'pending', next_at = ?1, claim_token = NULL, lease_until = NULL
+             WHERE id IN (SELECT id FROM effects
+                          WHERE state = 'sending' AND lease_until < ?1 AND {agent_in}{skip_locked})
+             RETURNING id, task_id, seq, attempts, claimed_by"
+        ),
+        args![now, agents],
+    )?;
+    for row in &taken {
+        let detail = json!({
+            "effect": row.get::<i64>(0)?,
+            "seq": row.get::<u32>(2)?,
+            "attempt": row.get::<u32>(3)?,
+            "sender": row.get::<Option<String>>(4)?,
+            "why": "its sender's claim ran out with no answer recorded (the sender died or stalled); the receiver may have the request already, and it is sent again with the same idempotency key",
+        });
+        note(tx, row.get(1)?, "effect_taken_over", actor, detail, now)?;
+    }
+    Ok(())
+}
+
 /// `agent IN` the agents of a JSON list of names (the statement's `?n`).
 fn agent_in(db: &dyn Sql, n: u32) -> String {
     match db.dialect() {
@@ -150,6 +184,7 @@ impl Queue {
             // The agent filter sits inside the selection, so effects of
             // agents this host has not loaded neither fill its batch nor get
             // locked away from hosts that could send them.
+            take_over_cut_off_sends(tx, &agents, actor, now)?;
             let agent_in = agent_in(tx, 6);
             let sql = match tx.dialect() {
                 Dialect::Sqlite => format!(

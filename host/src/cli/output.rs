@@ -716,6 +716,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "failed": summary.failed,
             "lost": summary.lost,
             "released": summary.released,
+            "unstored": summary.unstored,
             "effects_sent": summary.effects_sent,
             "effects_failed": summary.effects_failed,
             "effects_released": summary.effects_released,
@@ -734,6 +735,12 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
         summary.lost,
         summary.released
     );
+    if summary.unstored > 0 {
+        say!(
+            "  {} finished run(s) could not be stored (the database failed at shutdown): their leases expire and those tasks run again",
+            summary.unstored
+        );
+    }
     if summary.effects_sent + summary.effects_failed + summary.effects_released > 0 {
         say!(
             "  effects: {} sent, {} failed for good{}{}",

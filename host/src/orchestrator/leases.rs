@@ -363,6 +363,13 @@ impl Daemon {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        if !self.unwritten.is_empty() {
+            self.summary.unstored = self.unwritten.len() as u64;
+            tracing::error!(
+                "{} finished run(s) could not be stored; their leases expire and the tasks run again",
+                self.unwritten.len()
+            );
+        }
     }
 
     /// Gives `leases` back; `started`: their runs began (see

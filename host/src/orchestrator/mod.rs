@@ -180,6 +180,10 @@ pub struct DaemonSummary {
     pub lost: u64,
     /// Claimed tasks given back to `ready` at shutdown (interrupted or not started).
     pub released: u64,
+    /// Finished runs whose results could not be stored before the daemon
+    /// ended (the database failing at shutdown): their leases expire and
+    /// the tasks run again.
+    pub unstored: u64,
     /// Unfinished tasks left for agents that are not loaded, by agent.
     pub left_for_missing_agents: Vec<(String, u64)>,
     /// Tasks of loaded agents left waiting for dependencies that did not

@@ -43,6 +43,36 @@ fn completed(
     }
 }
 
+/// `n` fresh tasks of `agent`, all claimed.
+fn submit_and_claim(q: &mut Queue, agent: &str, n: usize) -> Vec<colony::queue::ClaimedTask> {
+    for _ in 0..n {
+        submit(q, agent, json!({}));
+    }
+    q.claim(agent, n).unwrap()
+}
+
+/// A POST to a loopback port nothing listens on.
+fn hook_effect() -> colony::effects::Effect {
+    colony::effects::Effect {
+        seq: 1,
+        method: "POST".into(),
+        url: "http://127.0.0.1:9/hook".into(),
+        headers: vec![],
+        body: None,
+        max_attempts: colony::effects::DEFAULT_DELIVERY_ATTEMPTS,
+    }
+}
+
+/// An unconditional write of an agent-scope key.
+fn set(key: &str, value: &str) -> colony::state::Write {
+    colony::state::Write {
+        scope: colony::state::Scope::Agent,
+        key: key.into(),
+        value: Some(value.into()),
+        if_version: None,
+    }
+}
+
 fn submit(q: &mut Queue, agent: &str, payload: serde_json::Value) -> i64 {
     let mut new = NewTask::new(agent, payload.to_string());
     new.backoff_ms = 1;
@@ -1400,15 +1430,10 @@ on_both_drivers! {
         use colony::queue::FinishedRun;
         use colony::state::{Scope, Write};
         let mut q = db.open();
-        for _ in 0..3 {
-            submit(&mut q, "alpha", json!({}));
-        }
-        let claimed = q.claim("alpha", 3).unwrap();
+        let claimed = submit_and_claim(&mut q, "alpha", 3);
         let write = |key: &str, value: &str, if_version| Write {
-            scope: Scope::Agent,
-            key: key.into(),
-            value: Some(value.into()),
             if_version,
+            ..set(key, value)
         };
         let run = |i: usize, writes| FinishedRun {
             lease: claimed[i].lease,
@@ -1459,24 +1484,14 @@ on_both_drivers! {
     /// 15,000 on the test cluster): "out of shared memory", and the batch
     /// was retried for ever.
     fn a_batch_writing_45_000_keys_is_stored(db) {
-        use colony::state::{Scope, Write};
+        use colony::state::Scope;
         let mut q = db.open();
-        for _ in 0..300 {
-            submit(&mut q, "alpha", json!({}));
-        }
-        let claimed = q.claim("alpha", 300).unwrap();
+        let claimed = submit_and_claim(&mut q, "alpha", 300);
         let runs: Vec<_> = claimed
             .iter()
             .enumerate()
             .map(|(i, c)| colony::queue::FinishedRun {
-                state: (0..150)
-                    .map(|j| Write {
-                        scope: Scope::Agent,
-                        key: format!("t{i}k{j}"),
-                        value: Some("1".into()),
-                        if_version: None,
-                    })
-                    .collect(),
+                state: (0..150).map(|j| set(&format!("t{i}k{j}"), "1")).collect(),
                 ..completed(c, json!(i))
             })
             .collect();
@@ -1494,7 +1509,7 @@ on_both_drivers! {
     /// its keys first, in one order. On PostgreSQL they deadlocked, each
     /// time costing a second (deadlock_timeout) and a whole batch's retry.
     fn batches_writing_shared_keys_in_opposite_orders_do_not_deadlock(db) {
-        use colony::state::{Scope, Write};
+        use colony::state::Scope;
         const ROUNDS: usize = 30;
         let mut q = db.open();
         for _ in 0..(4 * ROUNDS) {
@@ -1520,12 +1535,7 @@ on_both_drivers! {
                             .iter()
                             .zip(order)
                             .map(|(c, key)| colony::queue::FinishedRun {
-                                state: vec![Write {
-                                    scope: Scope::Agent,
-                                    key: key.into(),
-                                    value: Some("1".into()),
-                                    if_version: None,
-                                }],
+                                state: vec![set(key, "1")],
                                 ..completed(c, json!(key))
                             })
                             .collect();
@@ -1791,14 +1801,7 @@ on_both_drivers! {
         assert_eq!(plain.applied, vec![Applied::Moved(State::Complete); 2]);
         assert!(!plain.effects_may_be_due, "plain completions queue no effect");
 
-        let effect = Effect {
-            seq: 1,
-            method: "POST".into(),
-            url: "http://127.0.0.1:9/hook".into(),
-            headers: vec![],
-            body: None,
-            max_attempts: colony::effects::DEFAULT_DELIVERY_ATTEMPTS,
-        };
+        let effect = hook_effect();
         let with_effect = q
             .finish_and_claim(&[run(leases[2], vec![effect])], &[])
             .unwrap();
@@ -1817,18 +1820,10 @@ on_both_drivers! {
     /// event naming the lost sender and its attempt: the trail showed the
     /// second attempt with nothing before it.
     fn an_effect_cut_off_mid_send_is_taken_over_with_an_event(db) {
-        use colony::effects::Effect;
         let mut q = db.open_as("first-sender");
         submit(&mut q, "a", json!({}));
         let lease = claim_one(&mut q, "a");
-        let effect = Effect {
-            seq: 1,
-            method: "POST".into(),
-            url: "http://127.0.0.1:9/hook".into(),
-            headers: vec![],
-            body: None,
-            max_attempts: colony::effects::DEFAULT_DELIVERY_ATTEMPTS,
-        };
+        let effect = hook_effect();
         let run = colony::queue::FinishedRun {
             lease,
             outcome: ok(json!({})),

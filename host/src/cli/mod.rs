@@ -38,7 +38,7 @@ use serde::Deserialize;
 use crate::models::{ModelsConfig, Providers};
 use crate::orchestrator::{Daemon, DaemonConfig};
 use crate::queue::{ListFilter, Queue, QueueError, QueueOptions};
-use crate::runtime::{AgentDir, NotAComponent, Runtime, RuntimeConfig, not_a_component};
+use crate::runtime::{AgentDir, Runtime, RuntimeConfig, not_a_component};
 use crate::task::{NewTask, NextSpec, State};
 
 /// Bad input from the user: exit status 2, nothing was stored.
@@ -1024,13 +1024,13 @@ pub(crate) fn missing_agent_warnings(dir: &Path, tasks: &[NewTask]) -> Vec<Strin
                 dir.display(),
                 dir.display()
             ));
-        } else if let Some(why) = component_start(&file).as_deref().and_then(not_a_component)
+        } else if let Some(not) = component_start(&file).as_deref().and_then(not_a_component)
             && warned.insert(agent)
         {
-            let (NotAComponent::NotWasm(why) | NotAComponent::CoreModule(why)) = why;
             warnings.push(format!(
-                "agent {agent:?} cannot run: {}: {why}; {waits} until it is replaced",
-                file.display()
+                "agent {agent:?} cannot run: {}: {}; {waits} until it is replaced",
+                file.display(),
+                not.reason()
             ));
         }
     }

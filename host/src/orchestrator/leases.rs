@@ -269,7 +269,9 @@ impl Daemon {
             self.write_finished();
         }
 
-        self.recover_vanished_runs(); // nothing to wait for there
+        // Runs that already ended without a result are crashes, not runs
+        // for the grace to wait for.
+        self.recover_vanished_runs();
         let deadline = Instant::now() + self.cfg.grace;
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         while !self.inflight.is_empty() && Instant::now() < deadline {

@@ -414,7 +414,7 @@ fn outcome_summary(outcome: &RunOutcome) -> String {
 /// the store path then costs a batch its group commit, not the daemon its
 /// writer (or its loop). Queue code holds no state across a panic that
 /// outlives its transaction, which unwinding rolls back.
-pub(super) fn catch_panic<T>(f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueError> {
+fn catch_panic<T>(f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let message = payload
             .downcast_ref::<&str>()

@@ -846,8 +846,19 @@ fn hex(bytes: &[u8]) -> String {
 /// Why a file cannot be a component, judged from its first eight bytes:
 /// cheap enough for `submit` to warn about before any compile.
 pub enum NotAComponent {
+    /// Not WebAssembly at all (the reason names its first bytes).
     NotWasm(String),
+    /// A core module: wasm, but not a component.
     CoreModule(String),
+}
+
+impl NotAComponent {
+    /// The reason, as a sentence.
+    pub fn reason(self) -> String {
+        match self {
+            NotAComponent::NotWasm(why) | NotAComponent::CoreModule(why) => why,
+        }
+    }
 }
 
 pub fn not_a_component(start: &[u8]) -> Option<NotAComponent> {

@@ -67,12 +67,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// minutes with a query unanswered, 2 hours idle) with the daemon's loop
 /// blocked in the query. Values the URL sets itself are kept.
 fn notice_dead_servers(config: &mut Config, url: &str) {
-    let names = |name: &str| url.contains(&format!("{name}="));
     if config.get_tcp_user_timeout().is_none() {
         // Data sent but not acknowledged for this long closes the connection.
         config.tcp_user_timeout(Duration::from_secs(30));
     }
-    if !names("keepalives_idle") {
+    // Its getter answers the driver's default when the URL is silent.
+    if !url.contains("keepalives_idle=") {
         config.keepalives_idle(Duration::from_secs(15));
     }
     if config.get_keepalives_interval().is_none() {

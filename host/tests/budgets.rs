@@ -37,6 +37,13 @@ fn call(charged: Usage) -> ModelCall {
 /// A root with a chain budget of `budget` whose two children are claimed
 /// at once; returns their leases.
 fn two_children_running(q: &mut Queue, budget: u64) -> (Lease, Lease) {
+    let leases = children_running(q, budget, &["a", "b"]);
+    (leases[0], leases[1])
+}
+
+/// A root with a chain budget of `budget` and a child of each agent, all
+/// claimed at once; returns their leases.
+fn children_running(q: &mut Queue, budget: u64, agents: &[&str]) -> Vec<Lease> {
     let child = |agent: &str| NextSpec {
         agent: agent.into(),
         payload: json!({}),
@@ -46,7 +53,7 @@ fn two_children_running(q: &mut Queue, budget: u64) -> (Lease, Lease) {
     };
     let mut root = NewTask::new("root", "{}");
     root.token_budget = Some(budget);
-    root.next = vec![child("a"), child("b")];
+    root.next = agents.iter().map(|a| child(a)).collect();
     q.submit(&root).unwrap();
     let lease = q.claim("root", 1).unwrap()[0].lease;
     q.finish(
@@ -59,9 +66,10 @@ fn two_children_running(q: &mut Queue, budget: u64) -> (Lease, Lease) {
         "",
     )
     .unwrap();
-    let a = q.claim("a", 1).unwrap()[0].lease;
-    let b = q.claim("b", 1).unwrap()[0].lease;
-    (a, b)
+    agents
+        .iter()
+        .map(|agent| q.claim(agent, 1).unwrap()[0].lease)
+        .collect()
 }
 
 on_both_drivers! {
@@ -94,7 +102,10 @@ on_both_drivers! {
         );
     }
 
-    fn a_reservation_of_a_run_that_lost_its_lease_stops_counting(db) {
+    /// A call in flight when its host died may have been answered and
+    /// charged: its reservation keeps counting against the chain's budget
+    /// after the lease reset, and the reset's event says so.
+    fn a_reservation_cut_off_by_a_lease_reset_keeps_counting(db) {
         let mut q = db.open();
         let (a, b) = two_children_running(&mut q, 200);
         assert_eq!(
@@ -103,27 +114,71 @@ on_both_drivers! {
         );
         std::thread::sleep(Duration::from_millis(300));
         q.heartbeat(&[b]).unwrap();
-        // a's host died mid-call: its lease is reset; b may use the whole budget.
         let reset = q.reset_stale_leases(Duration::from_millis(200)).unwrap();
         assert_eq!(
             reset.iter().map(|r| r.task_id).collect::<Vec<_>>(),
             vec![a.task_id]
         );
         assert_eq!(
-            q.reserve_model_tokens(b, 150, None).unwrap(),
-            Budget::Reserved { left: 50 }
+            q.reserve_model_tokens(b, 51, None).unwrap(),
+            Budget::Refused { left: 50 }
         );
         assert!(
             q.reserve_model_tokens(a, 1, None).is_err(),
             "a lost lease reserves nothing"
         );
-        // The call cut off may have been answered and charged by the
-        // provider: the reset's event says so, with what it had reserved.
+        // a's next attempt shares what is left with b.
+        let a2 = q.claim("a", 1).unwrap()[0].lease;
+        assert_eq!(
+            q.reserve_model_tokens(a2, 50, None).unwrap(),
+            Budget::Reserved { left: 0 }
+        );
         let expired = q.events(Some(a.task_id), 0, 100).unwrap();
         let expired = expired.iter().find(|e| e.event == "lease_expired").unwrap();
         assert_eq!(
             expired.detail["model_calls_cut_off"],
             serde_json::json!({"calls": 1, "tokens_reserved": 150})
+        );
+        // An operator reviving the chain must give it more than the calls
+        // cut off reserved (a2's call too, when a2 fails in its turn).
+        let budget_exceeded = colony::task::TaskError {
+            kind: colony::task::ErrorKind::BudgetExceeded,
+            message: "no tokens left".into(),
+        };
+        q.finish(a2, colony::task::RunOutcome::Failure(budget_exceeded), "").unwrap();
+        let err = q.retry_with_token_budget(a.task_id, Some(200)).unwrap_err().to_string();
+        assert!(
+            err.contains("spent 0 tokens already and 200 more reserved") && err.contains("more than 200"),
+            "{err}"
+        );
+        q.retry_with_token_budget(a.task_id, Some(201)).unwrap();
+    }
+
+    /// A run that ended while its call was in flight (its deadline, a
+    /// cancellation) leaves its reservation counting too; an answer that
+    /// came back after the lease was lost and charged nothing settles it.
+    fn a_reservation_is_settled_only_by_its_calls_record(db) {
+        let mut q = db.open();
+        let leases = children_running(&mut q, 300, &["a", "b", "c"]);
+        let (a, b, c) = (leases[0], leases[1], leases[2]);
+        q.reserve_model_tokens(a, 100, None).unwrap();
+        q.reserve_model_tokens(b, 100, None).unwrap();
+        // a's run hit its deadline mid-call, on its last attempt.
+        let timeout = colony::task::TaskError {
+            kind: colony::task::ErrorKind::Timeout,
+            message: "the run exceeded its deadline".into(),
+        };
+        q.finish(a, colony::task::RunOutcome::Failure(timeout), "").unwrap();
+        // b was cancelled; its call came back with nothing charged.
+        q.cancel(b.task_id, "by an operator").unwrap();
+        assert_eq!(
+            q.record_model_call(b, 1, &call(Usage::default())).unwrap(),
+            Applied::LeaseLost
+        );
+        assert_eq!(
+            q.reserve_model_tokens(c, 0, None).unwrap(),
+            Budget::Reserved { left: 200 },
+            "a's reservation counts, b's was settled at nothing"
         );
     }
 

@@ -377,6 +377,33 @@ async fn a_cut_off_reply_is_spent_from_the_budget() {
     assert!(calls[0].cost_usd.is_some_and(|c| c > 0.0), "{calls:?}");
 }
 
+/// A call still in flight when its run's deadline passed may have been
+/// answered and charged: its reservation stays spent from the budget, and
+/// the next attempt starts with that much less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_off_by_the_deadline_stays_spent_from_the_budget() {
+    let e = env("models = [\"fast\"]");
+    e.server.push(Scripted::Hang);
+    e.server.push(Scripted::answer_with_usage("second", 10, 5));
+    let mut task = NewTask::new(
+        "thinker",
+        json!({"prompts": ["one"], "max_tokens": 50}).to_string(),
+    );
+    task.backoff_ms = 1;
+    task.timeout_ms = Some(1_000);
+    task.token_budget = Some(300);
+    let id = e.h.submit(task);
+    e.run().await;
+    let result = e.result(id);
+    assert_eq!(e.h.task(id).attempts, 2, "the first attempt timed out");
+    let remaining = result["remaining_before"].as_u64().unwrap();
+    assert!(
+        remaining <= 250,
+        "the hung call's reservation (50 max-tokens and the prompt) still counts: {result}"
+    );
+    assert_eq!(result["remaining_after"].as_u64().unwrap(), remaining - 15);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_spends_from_its_roots_budget() {
     let e = env(r#"models = ["fast"]"#);

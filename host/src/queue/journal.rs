@@ -53,6 +53,16 @@ const USAGE_COLUMNS: &str = "CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT),
      CAST(COALESCE(SUM(CASE WHEN replayed = 0 THEN 1 ELSE 0 END), 0) AS BIGINT),
      CAST(COALESCE(SUM(replayed), 0) AS BIGINT), SUM(cost_usd)";
 
+/// A migration (SQLite's 9, PostgreSQL's 6): before it, a reservation
+/// stopped counting when its run ended; reservations of runs that had
+/// ended are dropped, so that an upgrade changes no budget. From then on
+/// they count until settled (see [`Queue::reserve_model_tokens`]).
+pub(crate) const DROP_ENDED_RUNS_RESERVATIONS: &str = "
+    DELETE FROM model_reservations WHERE NOT EXISTS (
+        SELECT 1 FROM tasks t
+        WHERE t.id = model_reservations.task_id AND t.claim_token = model_reservations.token
+          AND t.state = 'in_progress');";
+
 fn usage_from_row(r: &Row, first: usize) -> Result<TaskUsage> {
     Ok(TaskUsage {
         input_tokens: r.get(first)?,
@@ -86,9 +96,13 @@ impl Queue {
 
     /// Sets `need` tokens aside for one call of a claimed task's run, if the
     /// budgets allow: the chain's (its root's `token_budget`) and the task's
-    /// own (`manifest_budget`), each counting what was charged and what the
-    /// other live runs have reserved — so runs of one chain running at once
-    /// cannot together spend past it. `need = 0` only asks what is left.
+    /// own (`manifest_budget`), each counting what was charged and what is
+    /// reserved — so runs of one chain running at once cannot together
+    /// spend past it. A reservation counts until its call is recorded, which
+    /// settles it at what the provider charged; a call whose run ended first
+    /// (its host died, its deadline passed, it was cancelled) may have been
+    /// answered and charged all the same, so its reservation counts for
+    /// good. `need = 0` only asks what is left.
     pub fn reserve_model_tokens(
         &mut self,
         lease: Lease,
@@ -120,10 +134,8 @@ impl Queue {
                     "SELECT CAST(
                          (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
                           WHERE {column} = ?1)
-                       + (SELECT COALESCE(SUM(r.tokens), 0) FROM model_reservations r
-                          JOIN tasks t ON t.id = r.task_id AND t.claim_token = r.token
-                                      AND t.state = 'in_progress'
-                          WHERE r.{column} = ?1) AS BIGINT)"
+                       + (SELECT COALESCE(SUM(tokens), 0) FROM model_reservations
+                          WHERE {column} = ?1) AS BIGINT)"
                 );
                 tx.query_value(&sql, args![id])
             };
@@ -220,6 +232,11 @@ impl Queue {
             let state: String = task.get(2)?;
             let held = state == State::InProgress.as_str()
                 && task.get::<Option<i64>>(3)? == Some(lease.token);
+            // The call is settled: its charge replaces its reservation.
+            tx.execute(
+                "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
+                args![lease.task_id, lease.token],
+            )?;
             if !held && !paid {
                 return Ok(Applied::LeaseLost);
             }
@@ -231,11 +248,6 @@ impl Queue {
                 lost["lease_lost"] = json!(true);
                 lost.to_string()
             };
-            // The call is settled: its charge replaces its reservation.
-            tx.execute(
-                "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
-                args![lease.task_id, lease.token],
-            )?;
             tx.execute(
                 "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
                      request_hash, request, reply, status, error, input_tokens, output_tokens,

@@ -723,19 +723,16 @@ pub(super) fn reset_stale_in(
         let holder: String = row.get::<Option<String>>(3)?.unwrap_or_default();
         let heartbeat_at: i64 = row.get(4)?;
         let token: i64 = row.get(5)?;
-        // The dead run's model-token reservations no longer count; each is
-        // a call that was in flight when its host went silent, which the
-        // provider may have answered and charged: the event says so.
+        // The dead run's open model-token reservations are calls that were
+        // in flight when its host went silent, which the provider may have
+        // answered and charged: they keep counting against the budgets (see
+        // `reserve_model_tokens`), and the event says so.
         let cut_off = tx.query_one(
             "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations
                  WHERE task_id = ?1 AND token = ?2",
             args![id, token],
         )?;
         let (calls_cut_off, tokens_reserved): (i64, i64) = (cut_off.get(0)?, cut_off.get(1)?);
-        tx.execute(
-            "DELETE FROM model_reservations WHERE task_id = ?1",
-            args![id],
-        )?;
         let silent_ms = now - heartbeat_at;
         let mut detail = json!({
             "holder": holder,
@@ -823,8 +820,8 @@ pub(super) fn retry_in(
 
 /// Gives the chain of task `id` a token budget of `budget` (a retry of a
 /// task that ran out of its budget would fail on it again at once): more
-/// than the chain has spent, which still counts. Returns the change, for
-/// the retry's event.
+/// than the chain has spent and reserved, which still count. Returns the
+/// change, for the retry's event.
 fn set_chain_budget(tx: &dyn Sql, id: i64, budget: u64) -> Result<serde_json::Value> {
     let budget_i64 = i64::try_from(budget)
         .ok()
@@ -845,11 +842,23 @@ fn set_chain_budget(tx: &dyn Sql, id: i64, budget: u64) -> Result<serde_json::Va
         "SELECT CAST(COALESCE(SUM(input_tokens + output_tokens), 0) AS BIGINT) FROM model_calls WHERE root_id = ?1",
         args![root],
     )?;
-    if budget_i64 <= spent {
+    // Calls cut off in flight, or still in flight (see `reserve_model_tokens`).
+    let reserved: i64 = tx.query_value(
+        "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations WHERE root_id = ?1",
+        args![root],
+    )?;
+    let used = spent.saturating_add(reserved);
+    if budget_i64 <= used {
+        let reserved = match reserved {
+            0 => String::new(),
+            n => format!(
+                " and {n} more reserved by calls with no recorded answer (cut off in flight, which the provider may have charged, or still running)"
+            ),
+        };
         return Err(QueueError::invalid(
             "token_budget",
             format!(
-                "the chain of task {root} has spent {spent} tokens already, which count against its budget: give more than {spent}"
+                "the chain of task {root} has spent {spent} tokens already{reserved}, which count against its budget: give more than {used}"
             ),
         ));
     }
@@ -857,7 +866,11 @@ fn set_chain_budget(tx: &dyn Sql, id: i64, budget: u64) -> Result<serde_json::Va
         "UPDATE tasks SET token_budget = ?1 WHERE id = ?2",
         args![budget_i64, root],
     )?;
-    Ok(json!({"chain": root, "old": old, "new": budget_i64, "spent": spent}))
+    let mut change = json!({"chain": root, "old": old, "new": budget_i64, "spent": spent});
+    if reserved > 0 {
+        change["reserved"] = json!(reserved);
+    }
+    Ok(change)
 }
 
 /// Cancels a task that has not finished and every task that depends on it.

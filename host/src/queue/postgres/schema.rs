@@ -184,6 +184,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE tasks ADD COLUMN lease_ms BIGINT;",
     // 5: how many tasks a chain holds, on its root (SQLite's migration 8).
     "ALTER TABLE tasks ADD COLUMN chain_tasks BIGINT NOT NULL DEFAULT 1;",
+    // 6: reservations of ended runs go (SQLite's migration 9).
+    crate::queue::journal::DROP_ENDED_RUNS_RESERVATIONS,
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

@@ -22,6 +22,9 @@ const MIGRATIONS: &[&str] = &[
     // 8: how many tasks a chain holds, kept on its root (see
     // tasks::insert_children).
     "ALTER TABLE tasks ADD COLUMN chain_tasks INTEGER NOT NULL DEFAULT 1;",
+    // 9: model-token reservations count until settled, also after their
+    // run ended; those of runs ended before go.
+    crate::queue::journal::DROP_ENDED_RUNS_RESERVATIONS,
 ];
 
 /// How long, in ms, the claim's holder promised to renew its lease within
@@ -316,6 +319,34 @@ mod tests {
                 .unwrap();
             assert_eq!(now as usize, MIGRATIONS.len(), "from version {version}");
         }
+    }
+
+    /// Before migration 9 a reservation stopped counting when its run
+    /// ended; from it on it counts until settled. Upgrading changes no
+    /// budget: the reservations of ended runs go, a live run's stays.
+    #[test]
+    fn migration_9_drops_the_reservations_of_ended_runs_only() {
+        let mut conn = at_version(8);
+        insert_task(&conn, "in_progress");
+        insert_task(&conn, "failed");
+        conn.execute_batch(
+            "UPDATE tasks SET claim_token = 7 WHERE id = 1;
+             UPDATE tasks SET claim_token = 9 WHERE id = 2;
+             INSERT INTO model_reservations (task_id, root_id, token, tokens) VALUES
+                 (1, 1, 7, 100),  -- the live run's
+                 (1, 1, 6, 200),  -- an earlier run of the same task
+                 (2, 2, 9, 300);  -- the last run of a task that failed",
+        )
+        .unwrap();
+        migrate(&mut conn, "test.db").unwrap();
+        let left: Vec<(i64, i64)> = conn
+            .prepare("SELECT token, tokens FROM model_reservations ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(left, vec![(7, 100)]);
     }
 
     /// What SQLite plans for `sql` on the newest schema, a line per step.

@@ -422,7 +422,12 @@ async fn an_unreadable_or_cut_off_reply_counts_as_charged_and_is_not_retried() {
                 max_tokens: Some(50),
                 ..ask(alias, "hi")
             };
-            let failure = providers.call(&request).await.unwrap_err();
+            let on_wire = std::sync::atomic::AtomicBool::new(false);
+            let failure = providers.call(&request, &on_wire).await.unwrap_err();
+            assert!(
+                on_wire.load(std::sync::atomic::Ordering::Acquire),
+                "a reply was on its way: the call may be charged"
+            );
             let err = &failure.error;
             assert!(matches!(err, ModelError::Unavailable(_)), "{err}");
             assert!(err.to_string().contains(says), "{err}");
@@ -673,4 +678,27 @@ fn cost_from_prices() {
     assert_eq!(providers.cost_usd("other", &usage), None);
     assert_eq!(providers.default_max_tokens("fast"), Some(1024));
     assert!(providers.has_alias("smart") && !providers.has_alias("other"));
+}
+
+/// A call tells whether a request is out with the provider (then a run cut
+/// off may be charged for it) or not (waiting to retry after a 429: its
+/// budget reservation can be given back).
+#[tokio::test]
+async fn a_call_says_whether_a_request_is_out_with_the_provider() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"60s\""));
+    let request = ask("fast", "hi");
+    for (scripted, out) in [(Scripted::rate_limited(5), false), (Scripted::Hang, true)] {
+        server.push(scripted);
+        let on_wire = AtomicBool::new(false);
+        let cut_off = tokio::time::timeout(
+            Duration::from_millis(1_000),
+            providers.call(&request, &on_wire),
+        )
+        .await;
+        assert!(cut_off.is_err(), "the call was still under way");
+        assert_eq!(on_wire.load(Ordering::Acquire), out, "{out}");
+    }
+    assert_eq!(server.count(), 2, "one request each, no retry yet");
 }

@@ -54,9 +54,18 @@ model = "fake-limited"
 api_key_env = "THINKER_KEY"
 timeout = "10s"
 requests_per_minute = 1
+
+[models.queued]
+api = "openai"
+base_url = "{}"
+model = "fake-queued"
+api_key_env = "THINKER_KEY"
+timeout = "60s"
+requests_per_minute = 2
 "#,
         server.openai_url(),
         server.url(),
+        server.openai_url(),
         server.openai_url()
     );
     let config = ModelsConfig::from_toml(&config, Path::new("colony.toml")).unwrap();
@@ -402,6 +411,39 @@ async fn a_call_cut_off_by_the_deadline_stays_spent_from_the_budget() {
         "the hung call's reservation (50 max-tokens and the prompt) still counts: {result}"
     );
     assert_eq!(result["remaining_after"].as_u64().unwrap(), remaining - 15);
+}
+
+/// A call still waiting for this host's rate limit when its run's deadline
+/// passed never reached the provider: its reservation is released, and
+/// the budget counts only what was charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_off_before_it_was_sent_is_not_spent_from_the_budget() {
+    let e = env("models = [\"queued\"]");
+    let mut task = NewTask::new(
+        "thinker",
+        json!({"model": "queued", "prompts": ["one", "two", "three"], "max_tokens": 50})
+            .to_string(),
+    );
+    task.timeout_ms = Some(1_000);
+    task.max_attempts = 1;
+    task.token_budget = Some(1_000);
+    let id = e.h.submit(task);
+    e.run().await;
+    let failed = e.h.task(id);
+    let kind = failed.error.as_ref().map(|e| e.kind.as_str());
+    assert_eq!(kind, Some("timeout"), "{failed:?}");
+    assert_eq!(
+        e.server.count(),
+        2,
+        "the third call waited for the rate limit"
+    );
+    // The two calls sent were charged 17 tokens each; the third's
+    // reservation goes.
+    let mut q = e.h.queue();
+    common::wait_for("the unsent call's reservation to be released", || {
+        q.retry_with_token_budget(id, Some(35)).is_ok()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
@@ -183,12 +184,20 @@ impl Providers {
     /// One model call, bounded as a whole (rate-limit waits and retries
     /// included) by the alias's `timeout`.
     pub async fn complete(&self, req: &ChatRequest) -> Result<ChatReply, ModelError> {
-        self.call(req).await.map_err(|failure| failure.error)
+        self.call(req, &AtomicBool::new(false))
+            .await
+            .map_err(|failure| failure.error)
     }
 
     /// [`Providers::complete`], telling what a failed call counts as having
-    /// cost.
-    pub async fn call(&self, req: &ChatRequest) -> Result<ChatReply, CallFailure> {
+    /// cost. `on_wire` is true while a request is out with the provider
+    /// (not while the call waits for this host's rate limit or between
+    /// retries): a call dropped then may be charged for.
+    pub async fn call(
+        &self,
+        req: &ChatRequest,
+        on_wire: &AtomicBool,
+    ) -> Result<ChatReply, CallFailure> {
         let uncharged = |error| CallFailure {
             error,
             charged: Usage::default(),
@@ -218,7 +227,9 @@ impl Providers {
         self.wait_for_limits(name, alias, reserved, deadline)
             .await
             .map_err(uncharged)?;
-        let result = self.send_with_retries(name, alias, &body, deadline).await;
+        let result = self
+            .send_with_retries(name, alias, &body, deadline, on_wire)
+            .await;
         match result {
             Ok((mut reply, usage)) => {
                 // A server that reports no usage (some local ones) is
@@ -300,6 +311,7 @@ impl Providers {
         alias: &Alias,
         body: &Value,
         deadline: Instant,
+        on_wire: &AtomicBool,
     ) -> Result<(ChatReply, Option<Usage>), (ModelError, bool)> {
         let uncharged = |error| (error, false);
         let mut attempt = 0u32;
@@ -315,11 +327,17 @@ impl Providers {
             let failure = if remaining.is_zero() {
                 Failure::Timeout
             } else {
+                on_wire.store(true, Ordering::Release);
                 match self.attempt(name, alias, body, remaining).await {
                     Attempt::Done(reply, usage) => return Ok((reply, usage)),
                     Attempt::Fatal(err) => return Err((err, false)),
                     Attempt::Charged(err) => return Err((err, true)),
-                    Attempt::Retry(failure) => failure,
+                    // Refused or failed unanswered: taken to cost nothing
+                    // (as when the retries give up).
+                    Attempt::Retry(failure) => {
+                        on_wire.store(false, Ordering::Release);
+                        failure
+                    }
                 }
             };
             let give_up = |failure| uncharged(give_up(name, alias, failure, attempt));

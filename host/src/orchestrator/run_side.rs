@@ -140,6 +140,11 @@ impl RunHooks for RunSide {
             .await
     }
 
+    async fn release_reservation(&self, lease: Lease) -> Result<(), String> {
+        self.with_journal(move |q| q.release_model_reservation(lease))
+            .await
+    }
+
     async fn state_get(
         &self,
         scope: Scope,

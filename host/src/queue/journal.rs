@@ -100,9 +100,11 @@ impl Queue {
     /// reserved — so runs of one chain running at once cannot together
     /// spend past it. A reservation counts until its call is recorded, which
     /// settles it at what the provider charged; a call whose run ended first
-    /// (its host died, its deadline passed, it was cancelled) may have been
-    /// answered and charged all the same, so its reservation counts for
-    /// good. `need = 0` only asks what is left.
+    /// (its host died, its deadline passed, it was cancelled) while its
+    /// request was out may have been answered and charged all the same, so
+    /// its reservation counts for good (one cut off before its request went
+    /// out is released: [`Queue::release_model_reservation`]). `need = 0`
+    /// only asks what is left.
     pub fn reserve_model_tokens(
         &mut self,
         lease: Lease,
@@ -110,9 +112,15 @@ impl Queue {
         manifest_budget: Option<u64>,
     ) -> Result<Budget> {
         self.write(|tx, _now| {
+            // The task's row stays locked (on PostgreSQL) until the
+            // reservation is in, so a lease reset cannot come in between and
+            // miss it in its count of calls cut off.
             let Some(root) = tx.query_opt(
-                "SELECT COALESCE(root_id, id) FROM tasks
-                 WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2",
+                &format!(
+                    "SELECT COALESCE(root_id, id) FROM tasks
+                     WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{}",
+                    tx.for_update()
+                ),
                 args![lease.task_id, lease.token],
             )?
             else {
@@ -170,6 +178,19 @@ impl Queue {
                 Some(left) => Budget::Reserved { left: left - need },
                 None => Budget::Unlimited,
             })
+        })
+    }
+
+    /// Drops the token reservations of the run under `lease`, whose call
+    /// was cut off before any request went out: unlike a call cut off in
+    /// flight, it cannot have been charged. Not fenced: the run is over.
+    pub fn release_model_reservation(&mut self, lease: Lease) -> Result<()> {
+        self.write(|tx, _| {
+            tx.execute(
+                "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
+                args![lease.task_id, lease.token],
+            )
+            .map(drop)
         })
     }
 

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::models::{
@@ -215,7 +216,10 @@ impl ModelSession {
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
-        let (outcome, charged, sent) = match providers.call(request).await {
+        let unsent = UnsentReservation::new(self.hooks.clone(), self.lease);
+        let called = providers.call(request, &unsent.on_wire).await;
+        unsent.settled(); // by the call's record, which follows
+        let (outcome, charged, sent) = match called {
             Ok(reply) => {
                 let usage = reply.usage;
                 (Ok(reply), usage, true)
@@ -245,6 +249,59 @@ impl ModelSession {
                 format!("this agent's manifest does not grant the model alias {alias:?}")
             }
         })
+    }
+}
+
+/// A call's reservation while the call is under way. A reservation counts
+/// against the budgets until the call's record settles it, also after its
+/// run ended (see `Queue::reserve_model_tokens`): a call cut off while its
+/// request was out with the provider may have been charged. One dropped
+/// before any request went out, or between retries (the run's deadline
+/// passed, it was cancelled, the daemon stopped) was not, and its
+/// reservation is released here.
+struct UnsentReservation {
+    hooks: Arc<dyn RunHooks>,
+    lease: Lease,
+    on_wire: AtomicBool,
+    settled: bool,
+}
+
+impl UnsentReservation {
+    fn new(hooks: Arc<dyn RunHooks>, lease: Lease) -> UnsentReservation {
+        UnsentReservation {
+            hooks,
+            lease,
+            on_wire: AtomicBool::new(false),
+            settled: false,
+        }
+    }
+
+    /// The call came back: its record settles the reservation.
+    fn settled(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for UnsentReservation {
+    fn drop(&mut self) {
+        if self.settled || self.on_wire.load(Ordering::Acquire) {
+            return;
+        }
+        // Dropped with its run, in the middle of the runtime's work: the
+        // release is a write of its own, done after. (Without a runtime,
+        // the process is going down and the reservation stays counted.)
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (hooks, lease) = (self.hooks.clone(), self.lease);
+        runtime.spawn(async move {
+            if let Err(e) = hooks.release_reservation(lease).await {
+                tracing::warn!(
+                    task = lease.task_id,
+                    "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget): {e}"
+                );
+            }
+        });
     }
 }
 

@@ -57,6 +57,12 @@ pub trait RunHooks: Send + Sync {
         })
     }
 
+    /// Drops the token reservations of the run under `lease`: its call was
+    /// cut off before any request went out (see `model::UnsentReservation`).
+    async fn release_reservation(&self, _lease: Lease) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Appends an audit event about the run (`http_request`, ...), fenced by
     /// the lease. Never carries secrets, bodies or prompts.
     async fn record_event(

@@ -305,4 +305,44 @@ on_both_drivers! {
         assert_eq!(context.replay.len(), 1);
         assert_eq!(context.replay[0].seq, 2);
     }
+
+    /// A run cut off while it replayed an older run's calls leaves that
+    /// journal in place: the next run replays all of it, not just the part
+    /// the cut-off run got through (it paid for the rest again).
+    fn a_run_cut_off_while_replaying_leaves_the_whole_journal_to_replay(db) {
+        let mut q = db.open();
+        let mut task = NewTask::new("a", "{}");
+        task.max_attempts = 4;
+        task.backoff_ms = 1;
+        q.submit(&task).unwrap();
+        let interrupt = |q: &mut Queue| {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(q.reset_stale_leases(Duration::from_millis(200)).unwrap().len(), 1);
+            std::thread::sleep(Duration::from_millis(20));
+            q.claim("a", 1).unwrap()[0].lease
+        };
+        let first = q.claim("a", 1).unwrap()[0].lease;
+        for seq in 1..=3 {
+            let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
+            paid.seq = seq;
+            q.record_model_call(first, 1, &paid).unwrap();
+        }
+        let second = interrupt(&mut q);
+        assert_eq!(q.model_context(second).unwrap().replay.len(), 3);
+        let mut replayed = call(Usage::default());
+        replayed.replayed = true;
+        q.record_model_call(second, 2, &replayed).unwrap();
+        let third = interrupt(&mut q);
+        let replay = q.model_context(third).unwrap().replay;
+        assert_eq!(replay.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        // A run that went on past the journal (a call of its own that
+        // reached the provider) is the one the next run replays.
+        q.record_model_call(third, 3, &replayed).unwrap();
+        let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
+        paid.seq = 2;
+        q.record_model_call(third, 3, &paid).unwrap();
+        let fourth = interrupt(&mut q);
+        let replay = q.model_context(fourth).unwrap().replay;
+        assert_eq!(replay.iter().map(|c| (c.seq, c.replayed)).collect::<Vec<_>>(), [(1, true), (2, false)]);
+    }
 }

@@ -15,11 +15,15 @@ use super::validate::stored_json;
 use super::{Applied, ExpiredLease, QueueError, Result, Submitted, outbox};
 
 /// The claim token of the run ending now, when it journaled model calls
-/// (the next run replays them), or else the journal kept so far: a run that
-/// never called a model (say, released before it started) must not make the
-/// next one pay again for an older run's calls.
+/// that reached a provider (the next run replays them, with the calls it
+/// replayed before them), or else the journal kept so far: a run that
+/// called no model (say, released before it started), or was cut off while
+/// it replayed an older run's calls, must not make the next one pay again
+/// for that run's calls (seen: a run killed 10 calls into replaying 300
+/// left the next one 290 to pay for again).
 pub(super) const REPLAY_FROM_THIS_RUN: &str = "CASE WHEN EXISTS (SELECT 1 FROM model_calls
-         WHERE task_id = tasks.id AND token = tasks.claim_token) THEN claim_token ELSE replay_token END";
+         WHERE task_id = tasks.id AND token = tasks.claim_token AND replayed = 0
+           AND request <> 'null') THEN claim_token ELSE replay_token END";
 
 /// Asks the transition table whether `event` may move a task in `from`, and
 /// writes the audit event. The caller writes the returned state in the same

@@ -376,19 +376,31 @@ async fn persistent_server_errors_end_unavailable_within_the_timeout() {
     );
 }
 
+/// A provider that does not answer within the call's timeout may still be
+/// generating the reply, and bill it: the call counts as charged (its
+/// reservation), so that a budget cannot be spent through timeouts.
 #[tokio::test]
-async fn a_hanging_provider_is_unavailable_after_the_timeout() {
+async fn a_hanging_provider_is_unavailable_after_the_timeout_and_counted_as_charged() {
     let server = ModelServer::start();
     let providers = providers_for(&openai_alias(&server, "timeout = \"1s\""));
     server.push(Scripted::Hang);
     let started = Instant::now();
-    let err = providers.complete(&ask("fast", "hi")).await.unwrap_err();
+    let request = ChatRequest {
+        max_tokens: Some(50),
+        ..ask("fast", "hi")
+    };
+    let on_wire = std::sync::atomic::AtomicBool::new(false);
+    let failure = providers.call(&request, &on_wire).await.unwrap_err();
     let elapsed = started.elapsed();
+    let err = &failure.error;
     assert_eq!(err.kind(), "unavailable", "{err}");
     assert!(
-        err.to_string().contains("within the call's timeout of 1s"),
+        err.to_string().contains("within the call's timeout of 1s")
+            && err.to_string().contains("counted as charged"),
         "{err}"
     );
+    assert_eq!(failure.charged.output_tokens, 50, "{err}");
+    assert!(failure.charged.input_tokens > 0, "{err}");
     assert!(
         elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
         "{elapsed:?}"

@@ -73,9 +73,9 @@ enum Attempt {
 pub struct CallFailure {
     pub error: ModelError,
     /// Zero, unless the provider answered 2xx with a reply that was cut off
-    /// or unreadable: then the call's reservation (the prompt estimate plus
-    /// max_tokens), so that a budget cannot be spent through replies the
-    /// host never read.
+    /// or unreadable, or the call's timeout passed while a request was out:
+    /// then the call's reservation (the prompt estimate plus max_tokens),
+    /// so that a budget cannot be spent through replies the host never read.
     pub charged: Usage,
     /// Whether any request reached the provider: false for a call this
     /// host refused (unknown alias, this host's rate limit, a request it
@@ -85,11 +85,17 @@ pub struct CallFailure {
 
 /// A failure worth retrying, and how the call ends if time runs out.
 enum Failure {
-    RateLimited { retry_after: Option<Duration> },
+    RateLimited {
+        retry_after: Option<Duration>,
+    },
     Status(u16),
     Connect,
     Transport,
+    /// The call's time ran out before a request could go.
     Timeout,
+    /// The call's time ran out with a request out and no answer: the
+    /// provider may be generating (and charging for) a reply.
+    NoReply,
 }
 
 impl Providers {
@@ -334,6 +340,7 @@ impl Providers {
                     Attempt::Charged(err) => return Err((err, true)),
                     // Refused or failed unanswered: taken to cost nothing
                     // (as when the retries give up).
+                    Attempt::Retry(Failure::NoReply) => Failure::NoReply,
                     Attempt::Retry(failure) => {
                         on_wire.store(false, Ordering::Release);
                         failure
@@ -343,6 +350,7 @@ impl Providers {
             let give_up = |failure| uncharged(give_up(name, alias, failure, attempt));
             let delay = match &failure {
                 Failure::Timeout => return Err(give_up(&failure)),
+                Failure::NoReply => return Err((give_up(&failure).0, true)),
                 Failure::RateLimited {
                     retry_after: Some(wait),
                 } => *wait,
@@ -428,13 +436,13 @@ impl Providers {
             )));
         }
         let (status, retry_after, bytes) = match outcome {
-            Err(_) => return Attempt::Retry(Failure::Timeout),
+            Err(_) => return Attempt::Retry(Failure::NoReply),
             Ok(Err(e)) => {
                 tracing::warn!(alias = name, error = %e, "model call transport error");
-                return Attempt::Retry(if e.is_timeout() {
-                    Failure::Timeout
-                } else if e.is_connect() {
+                return Attempt::Retry(if e.is_connect() {
                     Failure::Connect
+                } else if e.is_timeout() {
+                    Failure::NoReply
                 } else {
                     Failure::Transport
                 });
@@ -479,7 +487,7 @@ impl Failure {
             Failure::Status(code) => format!("HTTP {code}"),
             Failure::Connect => "cannot connect".into(),
             Failure::Transport => "connection error".into(),
-            Failure::Timeout => "timed out".into(),
+            Failure::Timeout | Failure::NoReply => "timed out".into(),
         }
     }
 }
@@ -506,6 +514,11 @@ fn give_up(name: &str, alias: &Alias, failure: &Failure, attempts: u32) -> Model
         )),
         Failure::Timeout => ModelError::Unavailable(format!(
             "model `{name}`: no reply from the provider within the call's timeout of {timeout} ({tries})"
+        )),
+        Failure::NoReply => ModelError::Unavailable(format!(
+            "model `{name}`: no reply from the provider within the call's timeout of {timeout} ({tries}); \
+             counted as charged (the prompt estimate plus max_tokens): the provider may have \
+             generated and billed the reply the host stopped waiting for"
         )),
         other => ModelError::Unavailable(format!(
             "model `{name}`: the provider is unavailable ({}) after {tries} within the call's timeout of {timeout}",

@@ -202,6 +202,30 @@ on_both_drivers! {
         );
     }
 
+    /// An approval whose held set-if went stale (another approval wrote the
+    /// key first) sends the task round again: the command says so.
+    fn a_stale_approval_says_it_did_not_take(db) {
+        let env = Env::on(db, &["stateful"]);
+        let first = env.submit(&["stateful", r#"{"increment":"k"}"#, "--review"]);
+        let second = env.submit(&["stateful", r#"{"increment":"k"}"#, "--review"]);
+        env.until_idle(&[]);
+        env.ok(&["review", &first.to_string(), "approve"]);
+        let out = env.run(&["review", &second.to_string(), "approve"]);
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stdout.contains("ready"), "{stdout}");
+        assert!(
+            stderr.contains(&format!("the approval of task {second} did not take"))
+                && stderr.contains("stale")
+                && stderr.contains("revision 1 of"),
+            "{stderr}"
+        );
+        // It runs again on the new version and lands once approved.
+        env.until_idle(&[]);
+        env.ok(&["review", &second.to_string(), "approve"]);
+        assert_eq!(env.show(second)["state"], "complete");
+    }
+
     fn max_revisions_is_set_per_task(db) {
         let env = Env::on(db, &["echo"]);
         let once = env.submit(&["echo", "{}", "--review", "--max-revisions", "0"]);

@@ -1459,6 +1459,28 @@ async fn wait_for_signal() {
     }
 }
 
+/// An approval that did not complete its task: the state writes it held
+/// had gone stale (a set-if whose key changed meanwhile), so the task runs
+/// again, or fails once out of revisions. Said on stderr, as a note.
+fn say_approval_went_stale(queue: &Queue, id: i64) -> anyhow::Result<()> {
+    let task = queue.get(id)?;
+    match task.state {
+        State::Failed => say!(
+            "note: the approval of task {id} did not take and the task failed: {}",
+            task.error.map_or_else(String::new, |e| e.message)
+        ),
+        _ => say!(
+            "note: the approval of task {id} did not take: {} (revision {} of {})",
+            task.feedback
+                .as_deref()
+                .unwrap_or("its held state writes had gone stale"),
+            task.revisions,
+            task.max_revisions
+        ),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::log_filter_silences_colony;
@@ -1480,26 +1502,4 @@ mod tests {
             assert!(!log_filter_silences_colony(speaking), "{speaking}");
         }
     }
-}
-
-/// An approval that did not complete its task: the state writes it held
-/// had gone stale (a set-if whose key changed meanwhile), so the task runs
-/// again, or fails once out of revisions. Said on stderr, as a note.
-fn say_approval_went_stale(queue: &Queue, id: i64) -> anyhow::Result<()> {
-    let task = queue.get(id)?;
-    match task.state {
-        State::Failed => say!(
-            "note: the approval of task {id} did not take and the task failed: {}",
-            task.error.map_or_else(String::new, |e| e.message)
-        ),
-        _ => say!(
-            "note: the approval of task {id} did not take: {} (revision {} of {})",
-            task.feedback
-                .as_deref()
-                .unwrap_or("its held state writes had gone stale"),
-            task.revisions,
-            task.max_revisions
-        ),
-    }
-    Ok(())
 }

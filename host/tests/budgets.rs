@@ -133,6 +133,9 @@ on_both_drivers! {
             q.reserve_model_tokens(a2, 50, None).unwrap(),
             Budget::Reserved { left: 0 }
         );
+        // `show` says what is set aside beside what was charged.
+        let usage = q.usage(a.task_id).unwrap();
+        assert_eq!((usage.input_tokens, usage.reserved_tokens), (0, 200));
         let expired = q.events(Some(a.task_id), 0, 100).unwrap();
         let expired = expired.iter().find(|e| e.event == "lease_expired").unwrap();
         assert_eq!(

@@ -411,6 +411,15 @@ async fn a_call_cut_off_by_the_deadline_stays_spent_from_the_budget() {
         "the hung call's reservation (50 max-tokens and the prompt) still counts: {result}"
     );
     assert_eq!(result["remaining_after"].as_u64().unwrap(), remaining - 15);
+    let usage = e.h.queue().usage(id).unwrap();
+    assert_eq!(
+        (
+            usage.input_tokens + usage.output_tokens,
+            usage.reserved_tokens
+        ),
+        (15, 300 - remaining),
+        "charged apart from reserved"
+    );
 }
 
 /// A call still waiting for this host's rate limit when its run's deadline

@@ -24,7 +24,7 @@ mod rfc3339;
 mod serve;
 mod state;
 mod torture;
-mod usage;
+pub(crate) mod usage;
 
 use std::io::{BufRead, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -808,7 +808,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             if failed_on_budget && token_budget.is_none() {
                 say!(
-                    "note: task {id} failed on its token budget, and what it spent still counts: it will most likely fail on it again. Give its chain more with `colony retry {id} --token-budget N`, or raise token_budget in its agent's manifest"
+                    "note: task {id} failed on its token budget, and what it spent (and what calls cut off reserved, see `colony show {id}`) still counts: it will most likely fail on it again. Give its chain more with `colony retry {id} --token-budget N`, or raise token_budget in its agent's manifest (a chain budget cannot lift a manifest's)"
                 );
             }
             output::print_moved(*id, to, cli.json)

@@ -15,6 +15,7 @@ pub fn usage_json(usage: &TaskUsage) -> Value {
         "calls": usage.calls,
         "replayed": usage.replayed,
         "cost_usd": usage.cost_usd,
+        "reserved_tokens": usage.reserved_tokens,
     })
 }
 
@@ -49,7 +50,7 @@ pub fn print_model_calls(
     usage: &TaskUsage,
     calls: &[ModelCallRow],
 ) -> Result<()> {
-    if calls.is_empty() {
+    if calls.is_empty() && usage.reserved_tokens == 0 {
         return Ok(());
     }
     writeln!(out, "model calls:")?;
@@ -92,7 +93,18 @@ pub fn print_model_calls(
         usage.output_tokens,
         cost(usage.cost_usd)
     )?;
+    if usage.reserved_tokens > 0 {
+        writeln!(out, "  {}", reserved_note(usage.reserved_tokens))?;
+    }
     Ok(())
+}
+
+/// Why a task's budget holds less than its usage says (see
+/// [`TaskUsage::reserved_tokens`]), for `show` and the dashboard.
+pub(crate) fn reserved_note(tokens: u64) -> String {
+    format!(
+        "{tokens} more tokens reserved by calls with no recorded answer (cut off while out with the provider, which may have charged them, or still running): they count against the budgets"
+    )
 }
 
 pub fn spend_json(rows: &[SpendRow]) -> Value {

@@ -21,6 +21,11 @@ pub struct TaskUsage {
     pub replayed: u64,
     /// `None` when no call had a price.
     pub cost_usd: Option<f64>,
+    /// Tokens set aside by calls with no recorded answer: in flight, or cut
+    /// off while their request was out with the provider (which may have
+    /// charged them). They count against the budgets, not in the tokens
+    /// above. Counted for one task (`Queue::usage`), 0 in sums over many.
+    pub reserved_tokens: u64,
 }
 
 /// One journal row, as `colony show` lists it.
@@ -70,6 +75,7 @@ fn usage_from_row(r: &Row, first: usize) -> Result<TaskUsage> {
         calls: r.get(first + 2)?,
         replayed: r.get(first + 3)?,
         cost_usd: r.get(first + 4)?,
+        reserved_tokens: 0,
     })
 }
 
@@ -335,8 +341,19 @@ impl Queue {
 
     /// What a task's model calls added up to, over all its runs.
     pub fn usage(&self, task_id: i64) -> Result<TaskUsage> {
-        let sql = format!("SELECT {USAGE_COLUMNS} FROM model_calls WHERE task_id = ?1");
-        self.read(|db| usage_from_row(&db.query_one(&sql, args![task_id])?, 0))
+        let sql = format!(
+            "SELECT {USAGE_COLUMNS},
+                 (SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations
+                  WHERE task_id = ?1)
+             FROM model_calls WHERE task_id = ?1"
+        );
+        self.read(|db| {
+            let row = db.query_one(&sql, args![task_id])?;
+            Ok(TaskUsage {
+                reserved_tokens: row.get(5)?,
+                ..usage_from_row(&row, 0)?
+            })
+        })
     }
 
     /// A task's model calls, oldest first.

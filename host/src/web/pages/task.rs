@@ -209,10 +209,10 @@ fn chain(nodes: &[ChainNode], current: i64) -> Markup {
 }
 
 fn model_calls(d: &TaskDetail) -> Markup {
-    if d.model_calls.is_empty() {
+    let u = &d.usage;
+    if d.model_calls.is_empty() && u.reserved_tokens == 0 {
         return html! {};
     }
-    let u = &d.usage;
     html! {
         section {
             h2 { "Model calls" }
@@ -221,6 +221,7 @@ fn model_calls(d: &TaskDetail) -> Markup {
                 (u.input_tokens) " tokens in, " (u.output_tokens) " out"
                 @if let Some(cost) = u.cost_usd { ", $" (format!("{cost:.4}")) }
             }
+            @if u.reserved_tokens > 0 { p.muted { (crate::cli::usage::reserved_note(u.reserved_tokens)) } }
             table {
                 thead { tr { th.num { "attempt" } th.num { "#" } th { "model" } th { "status" } th.num { "in" } th.num { "out" } th.num { "cost" } th.num { "ms" } th { "" } } }
                 tbody {

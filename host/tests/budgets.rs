@@ -335,6 +335,12 @@ on_both_drivers! {
         let mut replayed = call(Usage::default());
         replayed.replayed = true;
         q.record_model_call(second, 2, &replayed).unwrap();
+        // A call this host refused (no provider saw it) is no call of its own.
+        let mut refused = call(Usage::default());
+        refused.seq = 2;
+        refused.sent = false;
+        refused.outcome = Err(colony::models::ModelError::NotGranted("not granted".into()));
+        q.record_model_call(second, 2, &refused).unwrap();
         let third = interrupt(&mut q);
         let replay = q.model_context(third).unwrap().replay;
         assert_eq!(replay.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3]);

@@ -110,7 +110,12 @@ pub(crate) fn reserved_note(tokens: u64) -> String {
 pub fn spend_json(rows: &[SpendRow]) -> Value {
     Value::Array(
         rows.iter()
-            .map(|r| json!({"agent": r.agent, "model": r.model, "usage": usage_json(&r.usage)}))
+            .map(|r| {
+                // Reservations are a task's, not a time window's.
+                let mut usage = usage_json(&r.usage);
+                usage.as_object_mut().map(|u| u.remove("reserved_tokens"));
+                json!({"agent": r.agent, "model": r.model, "usage": usage})
+            })
             .collect(),
     )
 }

@@ -91,7 +91,8 @@ enum Failure {
     Status(u16),
     Connect,
     Transport,
-    /// The call's time ran out before a request could go.
+    /// The call's time ran out before a request could go, or with an
+    /// error reply still arriving, or after failing to connect.
     Timeout,
     /// The call's time ran out with a request out and no answer: the
     /// provider may be generating (and charging for) a reply.
@@ -321,6 +322,10 @@ impl Providers {
     ) -> Result<(ChatReply, Option<Usage>), (ModelError, bool)> {
         let uncharged = |error| (error, false);
         let mut attempt = 0u32;
+        // Whether the last attempt could not connect: a timeout right after
+        // is most likely one more connection that never opened, not a
+        // reply the provider was generating.
+        let mut unreachable = false;
         loop {
             attempt += 1;
             if attempt > 1 {
@@ -338,11 +343,17 @@ impl Providers {
                     Attempt::Done(reply, usage) => return Ok((reply, usage)),
                     Attempt::Fatal(err) => return Err((err, false)),
                     Attempt::Charged(err) => return Err((err, true)),
+                    Attempt::Retry(Failure::NoReply) if unreachable => {
+                        on_wire.store(false, Ordering::Release);
+                        Failure::Timeout
+                    }
+                    // Still on the wire: counted as charged below.
+                    Attempt::Retry(Failure::NoReply) => Failure::NoReply,
                     // Refused or failed unanswered: taken to cost nothing
                     // (as when the retries give up).
-                    Attempt::Retry(Failure::NoReply) => Failure::NoReply,
                     Attempt::Retry(failure) => {
                         on_wire.store(false, Ordering::Release);
+                        unreachable = matches!(failure, Failure::Connect);
                         failure
                     }
                 }
@@ -406,9 +417,13 @@ impl Providers {
         // then it is generating (and charging for) a reply the host never
         // read in full.
         let answered_ok = std::sync::atomic::AtomicBool::new(false);
+        // Whether any status came back: a timeout before one is a reply
+        // the provider may still be generating (and charging for).
+        let answered = std::sync::atomic::AtomicBool::new(false);
         let exchange = async {
             let response = request.send().await?;
             let status = response.status();
+            answered.store(true, std::sync::atomic::Ordering::Relaxed);
             answered_ok.store(status.is_success(), std::sync::atomic::Ordering::Relaxed);
             let retry_after = retry_after(response.headers());
             let limit = if status.is_success() {
@@ -435,16 +450,17 @@ impl Providers {
                  counted as charged (the prompt estimate plus max_tokens) and not retried"
             )));
         }
+        let unanswered = !answered.load(std::sync::atomic::Ordering::Relaxed);
         let (status, retry_after, bytes) = match outcome {
-            Err(_) => return Attempt::Retry(Failure::NoReply),
+            Err(_) if unanswered => return Attempt::Retry(Failure::NoReply),
+            Err(_) => return Attempt::Retry(Failure::Timeout),
             Ok(Err(e)) => {
                 tracing::warn!(alias = name, error = %e, "model call transport error");
-                return Attempt::Retry(if e.is_connect() {
-                    Failure::Connect
-                } else if e.is_timeout() {
-                    Failure::NoReply
-                } else {
-                    Failure::Transport
+                return Attempt::Retry(match () {
+                    _ if e.is_connect() => Failure::Connect,
+                    _ if e.is_timeout() && unanswered => Failure::NoReply,
+                    _ if e.is_timeout() => Failure::Timeout,
+                    _ => Failure::Transport,
                 });
             }
             Ok(Ok(exchange)) => exchange,

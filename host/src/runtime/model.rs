@@ -207,18 +207,21 @@ impl ModelSession {
         }
         let need =
             u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
+        // Armed before the reservation is written: a run dropped while it
+        // waits for that write gives it back too.
+        let unsent = UnsentReservation::new(self.hooks.clone(), self.lease);
         match self.reserve(need).await {
             Err(e) => return refused(e),
             Ok(Budget::Refused { left }) => {
+                unsent.disarm(); // nothing was set aside
                 return refused(ModelError::BudgetExceeded(format!(
                     "this call may take up to {need} tokens (prompt estimate plus max-tokens) and the task has {left} left of its budget"
                 )));
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
-        let unsent = UnsentReservation::new(self.hooks.clone(), self.lease);
         let called = providers.call(request, &unsent.on_wire).await;
-        unsent.settled(); // by the call's record, which follows
+        unsent.disarm(); // the call's record, which follows, settles it
         let (outcome, charged, sent) = match called {
             Ok(reply) => {
                 let usage = reply.usage;
@@ -263,7 +266,7 @@ struct UnsentReservation {
     hooks: Arc<dyn RunHooks>,
     lease: Lease,
     on_wire: AtomicBool,
-    settled: bool,
+    armed: bool,
 }
 
 impl UnsentReservation {
@@ -272,19 +275,20 @@ impl UnsentReservation {
             hooks,
             lease,
             on_wire: AtomicBool::new(false),
-            settled: false,
+            armed: true,
         }
     }
 
-    /// The call came back: its record settles the reservation.
-    fn settled(mut self) {
-        self.settled = true;
+    /// Leaves the reservation be: none was made, or the call came back
+    /// and its record settles it.
+    fn disarm(mut self) {
+        self.armed = false;
     }
 }
 
 impl Drop for UnsentReservation {
     fn drop(&mut self) {
-        if self.settled || self.on_wire.load(Ordering::Acquire) {
+        if !self.armed || self.on_wire.load(Ordering::Acquire) {
             return;
         }
         // Dropped with its run, in the middle of the runtime's work: the

@@ -68,6 +68,16 @@ pub(crate) const DROP_ENDED_RUNS_RESERVATIONS: &str = "
         WHERE t.id = model_reservations.task_id AND t.claim_token = model_reservations.token
           AND t.state = 'in_progress');";
 
+/// Drops the token reservations of the run under `lease`: a run's calls
+/// are sequential, so this is the one open (and any a failed record left).
+fn drop_reservations(tx: &dyn Sql, lease: Lease) -> Result<()> {
+    tx.execute(
+        "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
+        args![lease.task_id, lease.token],
+    )
+    .map(drop)
+}
+
 fn usage_from_row(r: &Row, first: usize) -> Result<TaskUsage> {
     Ok(TaskUsage {
         input_tokens: r.get(first)?,
@@ -191,13 +201,7 @@ impl Queue {
     /// was cut off before any request went out: unlike a call cut off in
     /// flight, it cannot have been charged. Not fenced: the run is over.
     pub fn release_model_reservation(&mut self, lease: Lease) -> Result<()> {
-        self.write(|tx, _| {
-            tx.execute(
-                "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
-                args![lease.task_id, lease.token],
-            )
-            .map(drop)
-        })
+        self.write(|tx, _| drop_reservations(tx, lease))
     }
 
     /// Stores one call and its `model_call` event, fenced by the run's lease.
@@ -260,10 +264,7 @@ impl Queue {
             let held = state == State::InProgress.as_str()
                 && task.get::<Option<i64>>(3)? == Some(lease.token);
             // The call is settled: its charge replaces its reservation.
-            tx.execute(
-                "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
-                args![lease.task_id, lease.token],
-            )?;
+            drop_reservations(tx, lease)?;
             if !held && !paid {
                 return Ok(Applied::LeaseLost);
             }

@@ -324,32 +324,41 @@ on_both_drivers! {
             std::thread::sleep(Duration::from_millis(20));
             q.claim("a", 1).unwrap()[0].lease
         };
-        let first = q.claim("a", 1).unwrap()[0].lease;
-        for seq in 1..=3 {
+        let paid = |seq: u32, hash: &str| {
             let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
-            paid.seq = seq;
-            q.record_model_call(first, 1, &paid).unwrap();
+            (paid.seq, paid.request_hash) = (seq, hash.to_string());
+            paid
+        };
+        // The first run's second call failed at the provider.
+        let first = q.claim("a", 1).unwrap()[0].lease;
+        let mut failed = paid(2, "h2");
+        failed.outcome = Err(colony::models::ModelError::Unavailable("HTTP 503".into()));
+        for recorded in [paid(1, "h1"), failed, paid(3, "h3")] {
+            q.record_model_call(first, 1, &recorded).unwrap();
         }
+        // The second replays the first call, asks the failed one again (a
+        // recorded error is not replayed) and is cut off before the third.
         let second = interrupt(&mut q);
         assert_eq!(q.model_context(second).unwrap().replay.len(), 3);
-        let mut replayed = call(Usage::default());
-        replayed.replayed = true;
+        let mut replayed = paid(1, "h1");
+        (replayed.replayed, replayed.charged) = (true, Usage::default());
         q.record_model_call(second, 2, &replayed).unwrap();
+        q.record_model_call(second, 2, &paid(2, "h2")).unwrap();
         // A call this host refused (no provider saw it) is no call of its own.
-        let mut refused = call(Usage::default());
-        refused.seq = 2;
-        refused.sent = false;
+        let mut refused = paid(3, "h3");
+        (refused.sent, refused.charged) = (false, Usage::default());
         refused.outcome = Err(colony::models::ModelError::NotGranted("not granted".into()));
         q.record_model_call(second, 2, &refused).unwrap();
+        // The third replays the whole first journal, the failed call with
+        // the answer the second got to the same question.
         let third = interrupt(&mut q);
         let replay = q.model_context(third).unwrap().replay;
-        assert_eq!(replay.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        // A run that went on past the journal (a call of its own that
-        // reached the provider) is the one the next run replays.
+        let seqs: Vec<(u32, bool)> = replay.iter().map(|c| (c.seq, c.outcome.is_ok())).collect();
+        assert_eq!(seqs, [(1, true), (2, true), (3, true)]);
+        // A run that went another way (a question of its own that reached
+        // the provider) is the one the next run replays.
         q.record_model_call(third, 3, &replayed).unwrap();
-        let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
-        paid.seq = 2;
-        q.record_model_call(third, 3, &paid).unwrap();
+        q.record_model_call(third, 3, &paid(2, "another question")).unwrap();
         let fourth = interrupt(&mut q);
         let replay = q.model_context(fourth).unwrap().replay;
         assert_eq!(replay.iter().map(|c| (c.seq, c.replayed)).collect::<Vec<_>>(), [(1, true), (2, false)]);

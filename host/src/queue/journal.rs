@@ -406,8 +406,33 @@ impl Queue {
     }
 }
 
-/// The calls one run made, in order.
+/// The calls one run made, in order; a call that failed there, answered by
+/// a later run of the task asking the same question at the same point,
+/// with that answer (recorded errors are asked again, and a run cut off
+/// while replaying leaves the older journal in place: see
+/// `REPLAY_FROM_THIS_RUN`).
 fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
+    let mut calls = calls_of_run(db, task_id, token)?;
+    for call in calls.iter_mut().filter(|c| c.outcome.is_err()) {
+        let answered = db.query_opt(
+            "SELECT reply FROM model_calls
+             WHERE task_id = ?1 AND seq = ?2 AND request_hash = ?3 AND token <> ?4
+               AND status = 'ok' AND replayed = 0
+             ORDER BY id DESC LIMIT 1",
+            args![task_id, call.seq, call.request_hash, token],
+        )?;
+        if let Some(row) = answered {
+            let reply: String = row.get(0)?;
+            call.outcome = Ok(serde_json::from_str::<ChatReply>(&reply).map_err(|e| {
+                QueueError::Corrupt(format!("task {task_id}'s model journal reply: {e}"))
+            })?);
+        }
+    }
+    Ok(calls)
+}
+
+/// The calls one run made, in order, as recorded.
+fn calls_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
     let rows = db.query(
         "SELECT seq, alias, request_hash, request, reply, status, error, input_tokens,
                 output_tokens, cost_usd, ms, replayed

@@ -14,16 +14,27 @@ use super::sql::{Dialect, Param, Sql, ToParam, args};
 use super::validate::stored_json;
 use super::{Applied, ExpiredLease, QueueError, Result, Submitted, outbox};
 
-/// The claim token of the run ending now, when it journaled model calls
-/// that reached a provider (the next run replays them, with the calls it
-/// replayed before them), or else the journal kept so far: a run that
-/// called no model (say, released before it started), or was cut off while
-/// it replayed an older run's calls, must not make the next one pay again
-/// for that run's calls (seen: a run killed 10 calls into replaying 300
-/// left the next one 290 to pay for again).
-pub(super) const REPLAY_FROM_THIS_RUN: &str = "CASE WHEN EXISTS (SELECT 1 FROM model_calls
-         WHERE task_id = tasks.id AND token = tasks.claim_token AND replayed = 0
-           AND request <> 'null') THEN claim_token ELSE replay_token END";
+/// The claim token of the run ending now, when the next run should replay
+/// its journal rather than the one kept so far (`replay_token`): when it
+/// asked a question of its own that reached a provider (not in the kept
+/// journal at that point: it went another way), or got as far as the kept
+/// journal. A run that called no model (say, released before it started),
+/// or was cut off while it replayed the kept journal (asking its failed
+/// calls again on the way), leaves that journal in place: the next run
+/// would otherwise pay again for the calls beyond (seen: a run killed 10
+/// calls into replaying 300 left the next one 290 to pay for again).
+pub(super) const REPLAY_FROM_THIS_RUN: &str = "CASE WHEN EXISTS (
+         SELECT 1 FROM model_calls r
+         WHERE r.task_id = tasks.id AND r.token = tasks.claim_token AND r.replayed = 0
+           AND r.request <> 'null'
+           AND NOT EXISTS (SELECT 1 FROM model_calls k
+                           WHERE k.task_id = tasks.id AND k.token = tasks.replay_token
+                             AND k.seq = r.seq AND k.request_hash = r.request_hash))
+       OR (SELECT MAX(seq) FROM model_calls WHERE task_id = tasks.id
+             AND token = tasks.claim_token AND request <> 'null')
+          >= (SELECT MAX(seq) FROM model_calls WHERE task_id = tasks.id
+                AND token = tasks.replay_token AND request <> 'null')
+     THEN claim_token ELSE replay_token END";
 
 /// Asks the transition table whether `event` may move a task in `from`, and
 /// writes the audit event. The caller writes the returned state in the same

@@ -1467,7 +1467,10 @@ fn say_approval_went_stale(queue: &Queue, id: i64) -> anyhow::Result<()> {
     match task.state {
         State::Failed => say!(
             "note: the approval of task {id} did not take and the task failed: {}",
-            task.error.map_or_else(String::new, |e| e.message)
+            task.error.map_or_else(
+                || "its held state writes had gone stale".into(),
+                |e| e.message
+            )
         ),
         _ => say!(
             "note: the approval of task {id} did not take: {} (revision {} of {})",

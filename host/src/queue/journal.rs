@@ -62,6 +62,7 @@ const USAGE_COLUMNS: &str = "CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT),
 /// stopped counting when its run ended; reservations of runs that had
 /// ended are dropped, so that an upgrade changes no budget. From then on
 /// they count until settled (see [`Queue::reserve_model_tokens`]).
+/// Released as a migration: never edit it (a change is a new migration).
 pub(crate) const DROP_ENDED_RUNS_RESERVATIONS: &str = "
     DELETE FROM model_reservations WHERE NOT EXISTS (
         SELECT 1 FROM tasks t

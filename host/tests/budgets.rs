@@ -77,12 +77,12 @@ on_both_drivers! {
         let mut q = db.open();
         let (a, b) = two_children_running(&mut q, 200);
         assert_eq!(
-            q.reserve_model_tokens(a, 110, None).unwrap(),
+            q.reserve_model_tokens(a, 1, 110, None).unwrap(),
             Budget::Reserved { left: 90 }
         );
         // While a's call is in flight, b cannot reserve past what is left.
         assert_eq!(
-            q.reserve_model_tokens(b, 110, None).unwrap(),
+            q.reserve_model_tokens(b, 1, 110, None).unwrap(),
             Budget::Refused { left: 90 }
         );
         // a's call settles at 50 tokens: its reservation gives way to its charge.
@@ -92,12 +92,12 @@ on_both_drivers! {
         };
         q.record_model_call(a, 1, &call(charged)).unwrap();
         assert_eq!(
-            q.reserve_model_tokens(b, 110, None).unwrap(),
+            q.reserve_model_tokens(b, 1, 110, None).unwrap(),
             Budget::Reserved { left: 40 }
         );
         // Asking with need 0 only reads what is left.
         assert_eq!(
-            q.reserve_model_tokens(a, 0, None).unwrap(),
+            q.reserve_model_tokens(a, 1, 0, None).unwrap(),
             Budget::Reserved { left: 40 }
         );
     }
@@ -109,7 +109,7 @@ on_both_drivers! {
         let mut q = db.open();
         let (a, b) = two_children_running(&mut q, 200);
         assert_eq!(
-            q.reserve_model_tokens(a, 150, None).unwrap(),
+            q.reserve_model_tokens(a, 1, 150, None).unwrap(),
             Budget::Reserved { left: 50 }
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -120,17 +120,17 @@ on_both_drivers! {
             vec![a.task_id]
         );
         assert_eq!(
-            q.reserve_model_tokens(b, 51, None).unwrap(),
+            q.reserve_model_tokens(b, 1, 51, None).unwrap(),
             Budget::Refused { left: 50 }
         );
         assert!(
-            q.reserve_model_tokens(a, 1, None).is_err(),
+            q.reserve_model_tokens(a, 1, 1, None).is_err(),
             "a lost lease reserves nothing"
         );
         // a's next attempt shares what is left with b.
         let a2 = q.claim("a", 1).unwrap()[0].lease;
         assert_eq!(
-            q.reserve_model_tokens(a2, 50, None).unwrap(),
+            q.reserve_model_tokens(a2, 1, 50, None).unwrap(),
             Budget::Reserved { left: 0 }
         );
         // `show` says what is set aside beside what was charged.
@@ -164,8 +164,8 @@ on_both_drivers! {
         let mut q = db.open();
         let leases = children_running(&mut q, 300, &["a", "b", "c"]);
         let (a, b, c) = (leases[0], leases[1], leases[2]);
-        q.reserve_model_tokens(a, 100, None).unwrap();
-        q.reserve_model_tokens(b, 100, None).unwrap();
+        q.reserve_model_tokens(a, 1, 100, None).unwrap();
+        q.reserve_model_tokens(b, 1, 100, None).unwrap();
         // a's run hit its deadline mid-call, on its last attempt.
         let timeout = colony::task::TaskError {
             kind: colony::task::ErrorKind::Timeout,
@@ -179,10 +179,31 @@ on_both_drivers! {
             Applied::LeaseLost
         );
         assert_eq!(
-            q.reserve_model_tokens(c, 0, None).unwrap(),
+            q.reserve_model_tokens(c, 1, 0, None).unwrap(),
             Budget::Reserved { left: 200 },
             "a's reservation counts, b's was settled at nothing"
         );
+    }
+
+    /// A call's record settles its own reservation and no other: one whose
+    /// record was lost (a database error) keeps counting, as the charge it
+    /// may stand for, through the run's later calls and releases.
+    fn a_record_or_release_settles_only_its_own_calls_reservation(db) {
+        let mut q = db.open();
+        let (a, b) = two_children_running(&mut q, 1000);
+        q.reserve_model_tokens(a, 1, 100, None).unwrap(); // its record never came
+        q.reserve_model_tokens(a, 2, 200, None).unwrap();
+        q.reserve_model_tokens(a, 3, 300, None).unwrap();
+        let mut second = call(Usage { input_tokens: 30, output_tokens: 20 });
+        second.seq = 2;
+        q.record_model_call(a, 1, &second).unwrap();
+        q.release_model_reservation(a, 3).unwrap(); // cut off before it was sent
+        assert_eq!(
+            q.reserve_model_tokens(b, 1, 0, None).unwrap(),
+            Budget::Reserved { left: 1000 - 100 - 50 },
+            "call 1's reservation counts beside call 2's charge"
+        );
+        assert_eq!(q.usage(a.task_id).unwrap().reserved_tokens, 100);
     }
 
     /// Without any budget too, a call in flight when its host died is
@@ -194,7 +215,7 @@ on_both_drivers! {
         }
         let leases: Vec<Lease> = q.claim("free", 2).unwrap().iter().map(|c| c.lease).collect();
         for lease in &leases {
-            assert_eq!(q.reserve_model_tokens(*lease, 500, None).unwrap(), Budget::Unlimited);
+            assert_eq!(q.reserve_model_tokens(*lease, 1, 500, None).unwrap(), Budget::Unlimited);
         }
         // The second run's call came back and was recorded: settled.
         let settled = q.record_model_call(leases[1], 1, &call(Usage { input_tokens: 7, output_tokens: 3 }));
@@ -214,7 +235,7 @@ on_both_drivers! {
         let mut q = db.open();
         let (a, _) = two_children_running(&mut q, 1000);
         assert_eq!(
-            q.reserve_model_tokens(a, 100, Some(120)).unwrap(),
+            q.reserve_model_tokens(a, 1, 100, Some(120)).unwrap(),
             Budget::Reserved { left: 20 }
         );
         q.record_model_call(
@@ -227,14 +248,14 @@ on_both_drivers! {
         )
         .unwrap();
         assert_eq!(
-            q.reserve_model_tokens(a, 30, Some(120)).unwrap(),
+            q.reserve_model_tokens(a, 1, 30, Some(120)).unwrap(),
             Budget::Refused { left: 20 }
         );
         let unlimited = q.submit(&NewTask::new("solo", "{}")).unwrap().id;
         let solo = q.claim("solo", 1).unwrap()[0].lease;
         assert_eq!(solo.task_id, unlimited);
         assert_eq!(
-            q.reserve_model_tokens(solo, 1_000_000, None).unwrap(),
+            q.reserve_model_tokens(solo, 1, 1_000_000, None).unwrap(),
             Budget::Unlimited
         );
     }
@@ -247,7 +268,7 @@ on_both_drivers! {
         let mut q = db.open();
         let (a, b) = two_children_running(&mut q, 200);
         assert_eq!(
-            q.reserve_model_tokens(a, 100, None).unwrap(),
+            q.reserve_model_tokens(a, 1, 100, None).unwrap(),
             Budget::Reserved { left: 100 }
         );
         q.cancel(a.task_id, "no longer wanted").unwrap();
@@ -268,7 +289,7 @@ on_both_drivers! {
         assert_eq!((usage.input_tokens, usage.output_tokens), (30, 50));
         // The chain's other run sees the spend.
         assert_eq!(
-            q.reserve_model_tokens(b, 0, None).unwrap(),
+            q.reserve_model_tokens(b, 1, 0, None).unwrap(),
             Budget::Reserved { left: 120 }
         );
         let events = q.events(Some(a.task_id), 0, 100).unwrap();

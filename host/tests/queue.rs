@@ -1050,7 +1050,7 @@ on_both_drivers! {
         let first_two = q.claim("a", 2).unwrap();
         assert_eq!(first_two[1].lease.task_id, submitted[0].id, "priority 5 first");
         for task in &first_two {
-            let left = q.reserve_model_tokens(task.lease, 0, None).unwrap();
+            let left = q.reserve_model_tokens(task.lease, 1, 0, None).unwrap();
             assert_eq!(left, colony::models::Budget::Reserved { left: 77 });
         }
         // What was stored is claimable as usual, in order of priority then id.

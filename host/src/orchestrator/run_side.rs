@@ -133,15 +133,16 @@ impl RunHooks for RunSide {
     async fn reserve_tokens(
         &self,
         lease: Lease,
+        seq: u32,
         need: u64,
         manifest_budget: Option<u64>,
     ) -> Result<Budget, String> {
-        self.with_journal(move |q| q.reserve_model_tokens(lease, need, manifest_budget))
+        self.with_journal(move |q| q.reserve_model_tokens(lease, seq, need, manifest_budget))
             .await
     }
 
-    async fn release_reservation(&self, lease: Lease) -> Result<(), String> {
-        self.with_journal(move |q| q.release_model_reservation(lease))
+    async fn release_reservation(&self, lease: Lease, seq: u32) -> Result<(), String> {
+        self.with_journal(move |q| q.release_model_reservation(lease, seq))
             .await
     }
 

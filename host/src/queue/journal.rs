@@ -69,12 +69,13 @@ pub(crate) const DROP_ENDED_RUNS_RESERVATIONS: &str = "
         WHERE t.id = model_reservations.task_id AND t.claim_token = model_reservations.token
           AND t.state = 'in_progress');";
 
-/// Drops the token reservations of the run under `lease`: a run's calls
-/// are sequential, so this is the one open (and any a failed record left).
-fn drop_reservations(tx: &dyn Sql, lease: Lease) -> Result<()> {
+/// Drops the token reservation of call `seq` of the run under `lease`, and
+/// only it: a call whose record failed (a database error) keeps its own
+/// counted, as the charge it may stand for.
+fn drop_reservation(tx: &dyn Sql, lease: Lease, seq: u32) -> Result<()> {
     tx.execute(
-        "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2",
-        args![lease.task_id, lease.token],
+        "DELETE FROM model_reservations WHERE task_id = ?1 AND token = ?2 AND seq = ?3",
+        args![lease.task_id, lease.token, seq],
     )
     .map(drop)
 }
@@ -111,7 +112,7 @@ impl Queue {
         })
     }
 
-    /// Sets `need` tokens aside for one call of a claimed task's run, if the
+    /// Sets `need` tokens aside for call `seq` of a claimed task's run, if the
     /// budgets allow: the chain's (its root's `token_budget`) and the task's
     /// own (`manifest_budget`), each counting what was charged and what is
     /// reserved — so runs of one chain running at once cannot together
@@ -125,6 +126,7 @@ impl Queue {
     pub fn reserve_model_tokens(
         &mut self,
         lease: Lease,
+        seq: u32,
         need: u64,
         manifest_budget: Option<u64>,
     ) -> Result<Budget> {
@@ -186,9 +188,9 @@ impl Queue {
             // is reset is a call cut off in flight, which its event counts.
             if need > 0 {
                 tx.execute(
-                    "INSERT INTO model_reservations (task_id, root_id, token, tokens)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    args![lease.task_id, root, lease.token, need],
+                    "INSERT INTO model_reservations (task_id, root_id, token, seq, tokens)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    args![lease.task_id, root, lease.token, seq, need],
                 )?;
             }
             Ok(match left {
@@ -198,11 +200,11 @@ impl Queue {
         })
     }
 
-    /// Drops the token reservations of the run under `lease`, whose call
-    /// was cut off before any request went out: unlike a call cut off in
+    /// Drops the token reservation of call `seq` of the run under `lease`,
+    /// cut off before any request went out: unlike a call cut off in
     /// flight, it cannot have been charged. Not fenced: the run is over.
-    pub fn release_model_reservation(&mut self, lease: Lease) -> Result<()> {
-        self.write(|tx, _| drop_reservations(tx, lease))
+    pub fn release_model_reservation(&mut self, lease: Lease, seq: u32) -> Result<()> {
+        self.write(|tx, _| drop_reservation(tx, lease, seq))
     }
 
     /// Stores one call and its `model_call` event, fenced by the run's lease.
@@ -265,7 +267,7 @@ impl Queue {
             let held = state == State::InProgress.as_str()
                 && task.get::<Option<i64>>(3)? == Some(lease.token);
             // The call is settled: its charge replaces its reservation.
-            drop_reservations(tx, lease)?;
+            drop_reservation(tx, lease, call.seq)?;
             if !held && !paid {
                 return Ok(Applied::LeaseLost);
             }

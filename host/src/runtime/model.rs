@@ -100,11 +100,12 @@ impl ModelSession {
         Ok(self.loaded.as_mut().expect("just loaded"))
     }
 
-    /// Sets `need` tokens aside against the task's and the chain's budgets
-    /// (the daemon counts what other live runs of the chain have set aside).
+    /// Sets `need` tokens aside for the current call against the task's and
+    /// the chain's budgets (the daemon counts what other live runs of the
+    /// chain have set aside).
     async fn reserve(&self, need: u64) -> Result<Budget, ModelError> {
         self.hooks
-            .reserve_tokens(self.lease, need, self.manifest_budget)
+            .reserve_tokens(self.lease, self.seq, need, self.manifest_budget)
             .await
             .map_err(|e| {
                 ModelError::Unavailable(format!("the task's budget could not be read: {e}"))
@@ -209,7 +210,7 @@ impl ModelSession {
             u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
         // Armed before the reservation is written: a run dropped while it
         // waits for that write gives it back too.
-        let unsent = UnsentReservation::new(self.hooks.clone(), self.lease);
+        let unsent = UnsentReservation::new(self.hooks.clone(), self.lease, self.seq);
         match self.reserve(need).await {
             Err(e) => return refused(e),
             Ok(Budget::Refused { left }) => {
@@ -265,15 +266,17 @@ impl ModelSession {
 struct UnsentReservation {
     hooks: Arc<dyn RunHooks>,
     lease: Lease,
+    seq: u32,
     on_wire: AtomicBool,
     armed: bool,
 }
 
 impl UnsentReservation {
-    fn new(hooks: Arc<dyn RunHooks>, lease: Lease) -> UnsentReservation {
+    fn new(hooks: Arc<dyn RunHooks>, lease: Lease, seq: u32) -> UnsentReservation {
         UnsentReservation {
             hooks,
             lease,
+            seq,
             on_wire: AtomicBool::new(false),
             armed: true,
         }
@@ -297,9 +300,9 @@ impl Drop for UnsentReservation {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (hooks, lease) = (self.hooks.clone(), self.lease);
+        let (hooks, lease, seq) = (self.hooks.clone(), self.lease, self.seq);
         runtime.spawn(async move {
-            if let Err(e) = hooks.release_reservation(lease).await {
+            if let Err(e) = hooks.release_reservation(lease, seq).await {
                 tracing::warn!(
                     task = lease.task_id,
                     "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget): {e}"

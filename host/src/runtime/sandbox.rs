@@ -40,13 +40,14 @@ pub trait RunHooks: Send + Sync {
         Ok(ModelContext::default())
     }
 
-    /// Sets `need` tokens aside for a call against the task's budgets (the
-    /// chain's and `manifest_budget`), counting what was charged and what
-    /// other live runs set aside. Without a queue, only the manifest's
+    /// Sets `need` tokens aside for call `seq` against the task's budgets
+    /// (the chain's and `manifest_budget`), counting what was charged and
+    /// what other live runs set aside. Without a queue, only the manifest's
     /// budget applies, to this call alone.
     async fn reserve_tokens(
         &self,
         _lease: Lease,
+        _seq: u32,
         need: u64,
         manifest_budget: Option<u64>,
     ) -> Result<Budget, String> {
@@ -57,9 +58,9 @@ pub trait RunHooks: Send + Sync {
         })
     }
 
-    /// Drops the token reservations of the run under `lease`: its call was
+    /// Drops the token reservation of call `seq` of the run under `lease`,
     /// cut off before any request went out (see `model::UnsentReservation`).
-    async fn release_reservation(&self, _lease: Lease) -> Result<(), String> {
+    async fn release_reservation(&self, _lease: Lease, _seq: u32) -> Result<(), String> {
         Ok(())
     }
 

@@ -186,6 +186,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE tasks ADD COLUMN chain_tasks BIGINT NOT NULL DEFAULT 1;",
     // 6: reservations of ended runs go (SQLite's migration 9).
     crate::queue::journal::DROP_ENDED_RUNS_RESERVATIONS,
+    // 7: a reservation names its call (SQLite's migration 10).
+    "ALTER TABLE model_reservations ADD COLUMN seq BIGINT;",
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

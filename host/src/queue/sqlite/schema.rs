@@ -25,6 +25,8 @@ const MIGRATIONS: &[&str] = &[
     // 9: model-token reservations count until settled, also after their
     // run ended; those of runs ended before go.
     crate::queue::journal::DROP_ENDED_RUNS_RESERVATIONS,
+    // 10: a reservation names its call, which settles that one alone.
+    "ALTER TABLE model_reservations ADD COLUMN seq INTEGER;",
 ];
 
 /// How long, in ms, the claim's holder promised to renew its lease within

@@ -6,11 +6,12 @@
 //! key, which the receiving API uses to do the work once.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
-
-use std::sync::Arc;
 
 use crate::queue::{Delivery, Queue, QueueError};
 use crate::runtime::HttpGrant;
@@ -38,11 +39,14 @@ pub struct Deliverer {
     in_flight: HashSet<(i64, i64)>,
     done_tx: mpsc::UnboundedSender<Attempt>,
     pub done_rx: mpsc::UnboundedReceiver<Attempt>,
+    /// For tests: this many of the next deliveries panic while sending.
+    panics_left: u32,
 }
 
 impl Deliverer {
-    /// A sender whose requests time out after `timeout`.
-    pub fn new(timeout: Duration) -> Deliverer {
+    /// A sender whose requests time out after `timeout`; the first
+    /// `panicking` deliveries panic while sending (for tests; 0 otherwise).
+    pub fn new(timeout: Duration, panicking: u32) -> Deliverer {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             // A redirect is an answer, not a 2xx: the effect is retried and
@@ -64,6 +68,7 @@ impl Deliverer {
             in_flight: HashSet::new(),
             done_tx,
             done_rx,
+            panics_left: panicking,
         }
     }
 
@@ -90,8 +95,16 @@ impl Deliverer {
             self.in_flight.insert((delivery.id, delivery.token));
             let (client, done) = (self.client.clone(), self.done_tx.clone());
             let grant = grant_of(&delivery.agent);
-            tokio::spawn(async move {
-                let attempt = match grant {
+            let panic_here = self.panics_left > 0;
+            self.panics_left = self.panics_left.saturating_sub(1);
+            // A bug that panics the sending is the attempt's failure, retried
+            // as any: unanswered, its claim held a sending slot for good.
+            let unanswered = delivery.clone();
+            let sending = async move {
+                if panic_here {
+                    panic!("a panicking delivery, as the test asked");
+                }
+                match grant {
                     Some(grant) => send(&client, delivery, &grant).await,
                     None => {
                         let error = format!(
@@ -99,6 +112,17 @@ impl Deliverer {
                             delivery.agent
                         );
                         Attempt::failed(delivery, None, error, false)
+                    }
+                }
+            };
+            tokio::spawn(async move {
+                let attempt = match AssertUnwindSafe(sending).catch_unwind().await {
+                    Ok(attempt) => attempt,
+                    Err(panic) => {
+                        let message = crate::panic_message(panic.as_ref());
+                        tracing::error!("a bug: sending an effect panicked: {message}");
+                        let error = format!("the host failed while sending (a bug: {message})");
+                        Attempt::failed(unanswered, None, error, false)
                     }
                 };
                 let _ = done.send(attempt);

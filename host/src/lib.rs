@@ -17,3 +17,12 @@ pub mod runtime;
 pub mod state;
 pub mod task;
 pub mod web;
+
+/// What a caught panic said, for the log and the record of what it cut off.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}

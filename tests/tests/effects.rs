@@ -206,6 +206,33 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
     assert_eq!(server.count(), 6);
 }
 
+/// A bug that panics the sending of an effect costs that attempt, recorded
+/// as its failure with what the panic said, and nothing more: the effect
+/// is sent on its next try and the daemon goes idle (the panicked delivery
+/// held its sending slot for good, and the daemon never went idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_panics_is_a_failed_attempt_retried() {
+    let server = ModelServer::start();
+    let h = harness(&server);
+    let id = submit(&h, json!({"ops": [effect(&server, "/once", "x")]}), 1);
+    let cfg = colony::orchestrator::DaemonConfig {
+        panicking_deliveries: 1,
+        ..common::Harness::until_idle()
+    };
+    h.run_until_idle_with(h.runtime(), cfg).await;
+    let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("sent", 2), "{row:?}");
+    assert_eq!(server.count(), 1, "the panicked attempt sent nothing");
+    let failed = h.events(id, "effect_failed");
+    assert_eq!(failed.len(), 1);
+    let error = failed[0].detail["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("a panicking delivery, as the test asked"),
+        "{:?}",
+        failed[0].detail
+    );
+}
+
 /// An agent's manifest sets how often its effects are tried (the default
 /// 5 span ~8 s; up to 20, two hours): with `effect_attempts = 2`, two
 /// failures fail the effect, where the default would have tried a third

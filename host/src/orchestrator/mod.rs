@@ -89,6 +89,10 @@ pub struct DaemonConfig {
     /// as a bug in a host call would (0: none).
     #[doc(hidden)]
     pub panicking_runs: u32,
+    /// For tests only: this many of the first effect deliveries panic
+    /// while sending, as a bug in the sending path would (0: none).
+    #[doc(hidden)]
+    pub panicking_deliveries: u32,
 }
 
 impl Default for DaemonConfig {
@@ -107,6 +111,7 @@ impl Default for DaemonConfig {
             effect_timeout: Duration::from_secs(30),
             panicking_stores: 0,
             panicking_runs: 0,
+            panicking_deliveries: 0,
         }
     }
 }
@@ -387,7 +392,7 @@ impl Daemon {
             Arc::new(queue.reopener()),
             !queue.is_postgres(),
         ));
-        let deliverer = Deliverer::new(cfg.effect_timeout);
+        let deliverer = Deliverer::new(cfg.effect_timeout, cfg.panicking_deliveries);
         Daemon {
             queue,
             runtime,

@@ -416,11 +416,7 @@ fn outcome_summary(outcome: &RunOutcome) -> String {
 /// outlives its transaction, which unwinding rolls back.
 fn catch_panic<T>(f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "no message".into());
+        let message = crate::panic_message(payload.as_ref());
         tracing::error!("a bug: storing panicked: {message}");
         Err(QueueError::Panicked(message))
     })

@@ -61,6 +61,22 @@ on_both_drivers! {
         assert!(web.page("/").contains(&format!("/tasks/{failed}")), "the overview links the recent failure");
     }
 
+    /// The overview's failures are the latest to fail, whatever their ids:
+    /// an old task retried that failed again comes first.
+    fn the_overview_lists_failures_by_when_they_failed(db) {
+        let env = Env::on(db, &["permanent"]);
+        let older = env.submit(&["permanent", "{}"]);
+        let newer = env.submit(&["permanent", "{}"]);
+        env.until_idle(&[]);
+        env.ok(&["retry", &older.to_string()]);
+        env.until_idle(&[]);
+        let web = Web::serve(&env);
+        let overview = web.page("/");
+        let failures = &overview[overview.find("Recent failures").expect("the failures section")..];
+        let at = |id: i64| failures.find(&format!("/tasks/{id}\"")).unwrap_or_else(|| panic!("task {id} listed: {failures}"));
+        assert!(at(older) < at(newer), "the task that failed last comes first: {failures}");
+    }
+
     fn changes_need_the_token_and_change_nothing_without_it(db) {
         let env = Env::on(db, &["echo", "permanent"]);
         let review = env.submit(&["echo", r#"{"needs_review":true}"#]);

@@ -229,6 +229,19 @@ impl Queue {
         })
     }
 
+    /// The tasks that failed last, latest first (read through
+    /// `tasks_failed_recently`): a task retried long after it was submitted
+    /// that failed again is among them, which a list by id buried.
+    pub fn recent_failures(&self, limit: u32) -> Result<Vec<TaskRow>> {
+        self.read(|db| {
+            Ok(db
+                .query(&recent_failures_sql(), args![i64::from(limit)])?
+                .iter()
+                .map(task_row)
+                .collect())
+        })
+    }
+
     /// Tasks waiting in review, oldest first (read through `tasks_at_rest`).
     pub fn in_review(&self, limit: u32) -> Result<Vec<TaskRow>> {
         self.read(|db| {
@@ -426,6 +439,21 @@ pub(super) const AT_REST_INDEX: &str = "
     CREATE INDEX tasks_at_rest ON tasks(state, id)
      WHERE state = 'pending' OR state = 'ready' OR state = 'review'
         OR state = 'complete' OR state = 'failed' OR state = 'cancelled';";
+
+/// The latest failed tasks, `?1` of them.
+pub(super) fn recent_failures_sql() -> String {
+    format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'failed'
+         ORDER BY updated_at DESC, id DESC LIMIT ?1"
+    )
+}
+
+/// Migration 11 of SQLite's schema, 8 of PostgreSQL's: the overview's
+/// latest failures by when they failed. Written only as a task enters or
+/// leaves `failed`, never on the hot path of a task that completes. (With
+/// `state` first SQLite prefers it to `tasks_at_rest` and a sort.)
+pub(super) const FAILED_RECENTLY_INDEX: &str =
+    "CREATE INDEX tasks_failed_recently ON tasks(state, updated_at) WHERE state = 'failed';";
 
 #[cfg(test)]
 mod tests {

@@ -188,6 +188,8 @@ const MIGRATIONS: &[&str] = &[
     crate::queue::journal::DROP_ENDED_RUNS_RESERVATIONS,
     // 7: a reservation names its call (SQLite's migration 10).
     "ALTER TABLE model_reservations ADD COLUMN seq BIGINT;",
+    // 8: the overview's latest failures (SQLite's migration 11).
+    crate::queue::dashboard::FAILED_RECENTLY_INDEX,
 ];
 
 /// Brings the database to the newest schema this build knows; `location`

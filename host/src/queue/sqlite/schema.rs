@@ -27,6 +27,8 @@ const MIGRATIONS: &[&str] = &[
     crate::queue::journal::DROP_ENDED_RUNS_RESERVATIONS,
     // 10: a reservation names its call, which settles that one alone.
     "ALTER TABLE model_reservations ADD COLUMN seq INTEGER;",
+    // 11: the overview's latest failures.
+    crate::queue::dashboard::FAILED_RECENTLY_INDEX,
 ];
 
 /// How long, in ms, the claim's holder promised to renew its lease within
@@ -386,6 +388,13 @@ mod tests {
                 statements.extend([page.select(50), page.search(50, 3), page.window_end()]);
             }
         }
+        // The overview's latest failures: through their own index, unsorted.
+        let latest = plan(&conn, &crate::queue::dashboard::recent_failures_sql());
+        assert_eq!(
+            latest,
+            vec!["SEARCH tasks USING INDEX tasks_failed_recently (state=?)"],
+            "{latest:#?}"
+        );
         for sql in &statements {
             let plan = plan(&conn, sql);
             for step in &plan {

@@ -5,7 +5,7 @@ use maud::{Markup, html};
 
 use super::{PageResult, age, layout, short, state_badge, time};
 use crate::cli::output::StatusReport;
-use crate::queue::{TaskQuery, TaskRow};
+use crate::queue::TaskRow;
 use crate::task::State as TaskState;
 use crate::web::Shared;
 use crate::web::auth::Caller;
@@ -23,13 +23,7 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
     let overview = app
         .store
         .run(None, move |queue| {
-            let failures = queue
-                .task_page(&TaskQuery {
-                    state: Some(TaskState::Failed),
-                    limit: 8,
-                    ..TaskQuery::default()
-                })?
-                .tasks;
+            let failures = queue.recent_failures(8)?;
             Ok(Overview {
                 report: StatusReport::load(queue)?,
                 failures,

@@ -712,6 +712,20 @@ fn events_stream_as_server_sent_events() {
         .collect();
     assert_eq!(&kinds[..3], ["submit", "claim", "complete"], "{seen}");
     assert!(seen.contains("id: 1\n"), "{seen}");
+    // With a limit the stream ends after that many events.
+    let mut limited = String::new();
+    web.client
+        .get(web.url(&format!("/api/events?task={id}&limit=2")))
+        .header("accept", "text/event-stream")
+        .send()
+        .unwrap()
+        .read_to_string(&mut limited)
+        .unwrap();
+    let ids: Vec<&str> = limited
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids.len(), 2, "{limited}");
     // A stop does not wait for the open stream.
     let status = web.stop();
     assert!(status.success(), "{status}");

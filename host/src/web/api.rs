@@ -536,7 +536,8 @@ struct EventParams {
 }
 
 /// `GET /api/events`: a JSON array of events after `since`; with
-/// `Accept: text/event-stream`, those and every later one as they happen.
+/// `Accept: text/event-stream`, those and every later one as they happen,
+/// the stream ending after `limit` events when one is given.
 async fn events(
     State(app): State<Shared>,
     headers: HeaderMap,
@@ -582,7 +583,15 @@ async fn events(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i64>().ok())
             .filter(|id| *id >= 0);
-        return Ok(follow(app, task, resume.unwrap_or(since)).into_response());
+        let most = match params
+            .limit
+            .as_deref()
+            .is_some_and(|l| !l.trim().is_empty())
+        {
+            true => limit as usize,
+            false => usize::MAX,
+        };
+        return Ok(follow(app, task, resume.unwrap_or(since), most).into_response());
     }
     let events = app
         .store
@@ -594,11 +603,12 @@ async fn events(
 
 /// Server-Sent Events: each audit event as `id: N` and its JSON, read
 /// every half second through a [`TrailCursor`] (so an event whose
-/// transaction commits late is not skipped).
+/// transaction commits late is not skipped); `most` of them.
 fn follow(
     app: Shared,
     task: Option<i64>,
     since: i64,
+    most: usize,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let stream = futures_util::stream::unfold(
         (app, TrailCursor::new(since), Vec::<Event>::new()),
@@ -639,5 +649,5 @@ fn follow(
             }
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(futures_util::StreamExt::take(stream, most)).keep_alive(KeepAlive::default())
 }

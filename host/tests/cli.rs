@@ -1773,6 +1773,58 @@ fn the_demo_runs_from_an_empty_folder_and_again() {
     );
 }
 
+/// `demo --dir .` in a project: the demo deletes its folder's colony.db and
+/// writes its agents into its agents/ (which truncated the project's own
+/// components to nothing and deleted its queue). Refused, nothing touched.
+#[test]
+fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
+    let env = Env::new(&["echo"]);
+    let project = env.data.path().join("project");
+    let agents = project.join("agents");
+    std::fs::create_dir_all(&agents).unwrap();
+    let echo = std::fs::read(env.agents.path().join("echo.wasm")).unwrap();
+    std::fs::write(agents.join("design.wasm"), &echo).unwrap();
+    let db = project.join("colony.db");
+    let id: i64 = env
+        .ok(&["--db", db.to_str().unwrap(), "submit", "echo", "{}"])
+        .trim()
+        .parse()
+        .unwrap();
+
+    let code_and_err = |args: &[&str]| {
+        let out = env.cmd().args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = code_and_err(&["demo", "--dir", project.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("colony.db exists and was not made by `colony demo`"),
+        "{err}"
+    );
+    let kept = env.json(&["--db", db.to_str().unwrap(), "show", &id.to_string()]);
+    assert_eq!(kept["id"], id, "the project's queue is kept");
+
+    std::fs::remove_file(&db).unwrap();
+    let (code, err) = code_and_err(&[
+        "--agents",
+        agents.to_str().unwrap(),
+        "demo",
+        "--dir",
+        project.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("which is the --agents folder"), "{err}");
+    assert_eq!(
+        std::fs::read(agents.join("design.wasm")).unwrap(),
+        echo,
+        "the component is untouched"
+    );
+    assert!(!project.join("colony.db").exists() && !project.join(".colony-demo").exists());
+}
+
 /// Runs `colony bench` with `args` in a directory of its own; answers the
 /// JSON line of each round and the whole output, for messages.
 fn bench_rounds(args: &[&str]) -> (Vec<serde_json::Value>, String) {

@@ -27,7 +27,9 @@ const REJECTION_NOTE: &str = "Make it shorter and speak to the audience directly
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Where to put the demo's database and generated pages (recreated each run).
+    /// Where to put the demo's database, agents and generated pages
+    /// (recreated each run). A folder holding a colony.db the demo did not
+    /// make, or whose agents/ is the --agents folder, is refused.
     #[arg(long, default_value = "colony-demo")]
     pub dir: PathBuf,
 }
@@ -71,8 +73,14 @@ pub async fn demo(
     models: Option<Arc<crate::models::Providers>>,
 ) -> Result<bool> {
     let copy_model = models.as_ref().is_some_and(|m| m.has_alias("copy"));
+    refuse_a_folder_not_the_demos(&args.dir, agents_dir)?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::write(
+        args.dir.join(DEMO_MARKER),
+        "made by colony demo, which recreates this folder's colony.db and agents/ at each run\n",
+    )
+    .with_context(|| format!("writing {}", args.dir.join(DEMO_MARKER).display()))?;
     let db = args.dir.join("colony.db");
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
@@ -262,6 +270,37 @@ async fn run_until_idle(
 }
 
 /// Writes each `code` task's HTML to `<dir>/<slug>.html`.
+/// The file that says a folder is the demo's own, to recreate at will.
+const DEMO_MARKER: &str = ".colony-demo";
+
+/// The demo deletes `dir/colony.db` and writes its agents into
+/// `dir/agents`: refused where those are the user's own (`--dir .` in a
+/// project: its queue, or the `--agents` folder whose components the copy
+/// truncated to nothing).
+fn refuse_a_folder_not_the_demos(dir: &Path, agents: &Path) -> Result<()> {
+    let own = dir.join(DEMO_MARKER).is_file();
+    let db = dir.join("colony.db");
+    if !own && db.exists() {
+        bail!(super::BadInput(format!(
+            "{} exists and was not made by `colony demo`, which starts from an empty queue and would delete it; run the demo in a folder of its own (--dir, default colony-demo)",
+            db.display()
+        )));
+    }
+    let copy = dir.join("agents");
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&copy, agents) {
+        bail!(super::BadInput(format!(
+            "the demo writes its own copy of the agents into {}, which is the --agents folder {}; run the demo in a folder of its own (--dir, default colony-demo)",
+            copy.display(),
+            agents.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The demo's own copy of the agents (components and manifests), with ops
 /// granted the demo shop's origin, so the demo changes nothing in `from`.
 /// An agent missing from `from` (an installed binary run in an empty

@@ -388,6 +388,22 @@ on_both_drivers! {
         // A refusal of the queue names the file's line, blank lines counted.
         let said = refused("\n{\"agent\":\"echo\"}\n\n{\"agent\":\"echo\",\"after\":[999999]}\n");
         assert!(said.contains("tasks.jsonl line 4: ") && said.contains("task 999999 does not exist"), "{said}");
+        // A per-task flag beside --batch (ignored before: --review held
+        // nothing back, --after waited for nothing): each line says its own.
+        std::fs::write(&file, "{\"agent\":\"echo\"}\n").unwrap();
+        for flag in [
+            &["--review"][..], &["--priority", "9"], &["--max-attempts", "7"], &["--max-revisions", "1"],
+            &["--reviewer", "echo"], &["--next", "[]"], &["--after", "1"], &["--key", "k"], &["--in", "5m"],
+            &["--at", "2030-01-01T00:00:00Z"], &["--timeout", "9s"], &["--backoff", "3s"], &["--token-budget", "5"],
+        ] {
+            let mut args = vec!["submit", "--batch", file.to_str().unwrap()];
+            args.extend_from_slice(flag);
+            let out = env.run(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag:?}: {stderr}");
+            assert!(stderr.contains("cannot be used with"), "{flag:?}: {stderr}");
+            assert_eq!(env.task_count(), 0, "{flag:?}");
+        }
 
         std::fs::write(
             &file,

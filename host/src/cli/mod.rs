@@ -411,7 +411,11 @@ pub struct SubmitArgs {
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
     /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,
     /// review, max_revisions, reviewer, next, after, key, timeout, backoff, run_at, token_budget}.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["agent", "payload", "payload_file"])]
+    /// The per-task flags are refused beside it: each line says its own.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "agent", "payload", "payload_file", "priority", "max_attempts", "review", "max_revisions",
+        "reviewer", "next", "after", "key", "in_", "at", "timeout", "backoff", "token_budget",
+    ])]
     pub batch: Option<PathBuf>,
 }
 

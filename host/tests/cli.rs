@@ -1760,6 +1760,52 @@ fn init_sets_up_a_folder_that_runs_and_never_overwrites() {
         assert!(wrote.contains(&path.to_str().unwrap()), "{file}: {listed}");
     }
     assert!(!other.join("agents").exists() && !other.join("colony.toml").exists());
+
+    // The next steps it prints name those folders, and work as printed
+    // from the folder (they said plain `colony daemon`, which found none
+    // of the agents and left the task waiting).
+    let third = env.data.path().join("third");
+    let printed = init(&[
+        "--agents",
+        "fleet",
+        "--config",
+        "conf/colony.toml",
+        "init",
+        third.to_str().unwrap(),
+    ]);
+    let printed = String::from_utf8(printed).unwrap();
+    let colony = "colony --agents fleet --config conf/colony.toml";
+    for next in [" submit design ", " daemon --until-idle", " serve"] {
+        assert!(
+            printed.contains(&format!("{colony}{next}")),
+            "{next}: {printed}"
+        );
+    }
+    let listed = env
+        .cmd()
+        .current_dir(&third)
+        .env_remove("COLONY_AGENTS")
+        .args([
+            "--json",
+            "--agents",
+            "fleet",
+            "--config",
+            "conf/colony.toml",
+            "agents",
+        ])
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["loaded"] == true)
+            .count(),
+        4,
+        "{listed}"
+    );
 }
 
 /// From an empty folder, and again in the same `--dir` (a second run

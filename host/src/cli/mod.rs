@@ -840,14 +840,29 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             let cd = match dir.to_str() {
                 Some(".") => String::new(),
-                _ => format!("cd {} && ", dir.display()),
+                _ => format!("cd {} && ", shell_word(&dir.display().to_string())),
             };
+            // The folders init wrote to, where they are not the defaults
+            // the next commands would look in.
+            let mut colony = String::from("colony");
+            if cli.agents != Path::new("agents") {
+                colony += &format!(
+                    " --agents {}",
+                    shell_word(&cli.agents.display().to_string())
+                );
+            }
+            if cli.config_path() != Path::new("colony.toml") {
+                colony += &format!(
+                    " --config {}",
+                    shell_word(&cli.config_path().display().to_string())
+                );
+            }
             println!("\nNext:");
             println!(
-                "  {cd}colony submit design '{{\"name\":\"Mug\",\"audience\":\"commuters\",\"features\":[\"keeps coffee hot\"],\"price_cents\":1900,\"currency\":\"USD\"}}'"
+                "  {cd}{colony} submit design '{{\"name\":\"Mug\",\"audience\":\"commuters\",\"features\":[\"keeps coffee hot\"],\"price_cents\":1900,\"currency\":\"USD\"}}'"
             );
-            println!("  colony daemon --until-idle      # run it (and the code task it chains)");
-            println!("  colony serve                    # watch it at http://127.0.0.1:7070/");
+            println!("  {colony} daemon --until-idle      # run it (and the code task it chains)");
+            println!("  {colony} serve                    # watch it at http://127.0.0.1:7070/");
             Ok(())
         }
         Command::New(args) => {
@@ -1056,6 +1071,19 @@ fn component_start(file: &Path) -> Option<Vec<u8>> {
 }
 
 /// The agents of a `--next` chain, with what waits for them.
+/// `text` as one word of a POSIX shell command line: as it is when it
+/// holds nothing the shell would split or expand, else single-quoted.
+fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c));
+    match plain {
+        true => text.to_string(),
+        false => format!("'{}'", text.replace('\'', r"'\''")),
+    }
+}
+
 fn chain_agents<'a>(specs: &'a [NextSpec], named: &mut Vec<(&'a str, &'static str)>) {
     for spec in specs {
         named.push((spec.agent.as_str(), "the chained task waits"));
@@ -1490,7 +1518,16 @@ fn say_approval_went_stale(queue: &Queue, id: i64) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter_silences_colony;
+    use super::{log_filter_silences_colony, shell_word};
+
+    #[test]
+    fn shell_words_are_quoted_only_when_the_shell_would_change_them() {
+        assert_eq!(shell_word("conf/colony.toml"), "conf/colony.toml");
+        assert_eq!(shell_word("my agents"), "'my agents'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word("$HOME"), "'$HOME'");
+        assert_eq!(shell_word(""), "''");
+    }
 
     #[test]
     fn a_log_filter_without_a_level_for_colony_is_noticed() {

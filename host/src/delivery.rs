@@ -19,9 +19,14 @@ use crate::runtime::HttpGrant;
 /// Most deliveries in flight per daemon.
 const MAX_IN_FLIGHT: usize = 16;
 
-/// How one attempt ended: the HTTP status, or why there was none.
+/// One attempt of a delivery and how it ended.
 pub struct Attempt {
     delivery: Delivery,
+    answer: Answer,
+}
+
+/// How a try ended: the HTTP status, or why there was none.
+struct Answer {
     status: Option<u16>,
     error: Option<String>,
     /// Refused by policy (the grant no longer allows it, the address is not
@@ -97,35 +102,41 @@ impl Deliverer {
             let grant = grant_of(&delivery.agent);
             let panic_here = self.panics_left > 0;
             self.panics_left = self.panics_left.saturating_sub(1);
-            // A bug that panics the sending is the attempt's failure, retried
-            // as any: unanswered, its claim held a sending slot for good.
-            let unanswered = delivery.clone();
-            let sending = async move {
-                if panic_here {
-                    panic!("a panicking delivery, as the test asked");
-                }
-                match grant {
-                    Some(grant) => send(&client, delivery, &grant).await,
-                    None => {
-                        let error = format!(
-                            "the agent {} is not loaded on this daemon, so its allow-list and secrets are unknown",
-                            delivery.agent
-                        );
-                        Attempt::failed(delivery, None, error, false)
-                    }
-                }
-            };
             tokio::spawn(async move {
-                let attempt = match AssertUnwindSafe(sending).catch_unwind().await {
-                    Ok(attempt) => attempt,
-                    Err(panic) => {
-                        let message = crate::panic_message(panic.as_ref());
-                        tracing::error!("a bug: sending an effect panicked: {message}");
-                        let error = format!("the host failed while sending (a bug: {message})");
-                        Attempt::failed(unanswered, None, error, false)
+                let sending = async {
+                    if panic_here {
+                        panic!("a panicking delivery, as the test asked");
+                    }
+                    match grant {
+                        Some(grant) => send(&client, &delivery, &grant).await,
+                        None => Answer::failed(
+                            None,
+                            format!(
+                                "the agent {} is not loaded on this daemon, so its allow-list and secrets are unknown",
+                                delivery.agent
+                            ),
+                            false,
+                        ),
                     }
                 };
-                let _ = done.send(attempt);
+                // A bug that panics the sending is the attempt's failure,
+                // retried as any: unanswered, its claim held a sending slot
+                // for good. What the panic said goes to the log only: it is
+                // text nobody vetted, which could hold the request's secrets.
+                let answer = AssertUnwindSafe(sending)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        let message = crate::panic_message(panic.as_ref());
+                        tracing::error!(
+                            task = delivery.task_id,
+                            "a bug: sending an effect panicked: {message}"
+                        );
+                        let error =
+                            "the host failed while sending (a bug; the daemon's log says more)";
+                        Answer::failed(None, error.to_string(), false)
+                    });
+                let _ = done.send(Attempt { delivery, answer });
             });
         }
         Ok(())
@@ -141,9 +152,9 @@ impl Deliverer {
     ) -> Result<Option<&'static str>, QueueError> {
         let stored = queue.finish_delivery(
             &attempt.delivery,
-            attempt.status,
-            attempt.error.as_deref(),
-            attempt.refused,
+            attempt.answer.status,
+            attempt.answer.error.as_deref(),
+            attempt.answer.refused,
         )?;
         let d = &attempt.delivery;
         self.in_flight.remove(&(d.id, d.token));
@@ -153,8 +164,8 @@ impl Deliverer {
                 task = d.task_id,
                 seq = d.effect.seq,
                 attempt = d.attempt,
-                status = attempt.status,
-                error = attempt.error.as_deref().unwrap_or(""),
+                status = attempt.answer.status,
+                error = attempt.answer.error.as_deref().unwrap_or(""),
                 "effect not delivered; now {state}"
             ),
             None => tracing::warn!(
@@ -183,10 +194,9 @@ impl Deliverer {
     }
 }
 
-impl Attempt {
-    fn failed(delivery: Delivery, status: Option<u16>, error: String, refused: bool) -> Attempt {
-        Attempt {
-            delivery,
+impl Answer {
+    fn failed(status: Option<u16>, error: String, refused: bool) -> Answer {
+        Answer {
             status,
             error: Some(error),
             refused,
@@ -196,18 +206,18 @@ impl Attempt {
 
 /// One attempt: the request as queued, plus the idempotency key and the
 /// agent's secrets for the origin.
-async fn send(client: &reqwest::Client, delivery: Delivery, grant: &HttpGrant) -> Attempt {
+async fn send(client: &reqwest::Client, delivery: &Delivery, grant: &HttpGrant) -> Answer {
     let effect = &delivery.effect;
     // The manifest may have changed since the effect was queued.
     if let Err(why) = grant.check_url(&effect.method, &effect.url) {
-        return Attempt::failed(delivery, None, format!("no longer allowed: {why}"), true);
+        return Answer::failed(None, format!("no longer allowed: {why}"), true);
     }
     let secrets = grant.secret_headers(&effect.url);
     let method = match reqwest::Method::from_bytes(effect.method.as_bytes()) {
         Ok(method) => method,
         Err(e) => {
             let error = format!("method {:?}: {e}", effect.method);
-            return Attempt::failed(delivery, None, error, true);
+            return Answer::failed(None, error, true);
         }
     };
     let mut request = client
@@ -230,9 +240,8 @@ async fn send(client: &reqwest::Client, delivery: Delivery, grant: &HttpGrant) -
         request = request.body(body.clone());
     }
     match request.send().await {
-        Ok(response) if response.status().is_success() => Attempt {
+        Ok(response) if response.status().is_success() => Answer {
             status: Some(response.status().as_u16()),
-            delivery,
             error: None,
             refused: false,
         },
@@ -248,11 +257,11 @@ async fn send(client: &reqwest::Client, delivery: Delivery, grant: &HttpGrant) -
                 true => format!("HTTP {status}, refused by the receiver"),
                 false => format!("HTTP {status}"),
             };
-            Attempt::failed(delivery, Some(status), error, refused)
+            Answer::failed(Some(status), error, refused)
         }
         Err(e) => {
             let refused = refused_address(&e).is_some();
-            Attempt::failed(delivery, None, describe(e), refused)
+            Answer::failed(None, describe(e), refused)
         }
     }
 }

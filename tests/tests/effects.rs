@@ -207,7 +207,7 @@ async fn an_effect_that_keeps_failing_is_marked_failed_and_can_be_retried() {
 }
 
 /// A bug that panics the sending of an effect costs that attempt, recorded
-/// as its failure with what the panic said, and nothing more: the effect
+/// as its failure, and nothing more: the effect
 /// is sent on its next try and the daemon goes idle (the panicked delivery
 /// held its sending slot for good, and the daemon never went idle).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,9 +225,10 @@ async fn a_delivery_that_panics_is_a_failed_attempt_retried() {
     assert_eq!(server.count(), 1, "the panicked attempt sent nothing");
     let failed = h.events(id, "effect_failed");
     assert_eq!(failed.len(), 1);
+    // What the panic said stays in the log: it is text nobody vetted.
     let error = failed[0].detail["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("a panicking delivery, as the test asked"),
+    assert_eq!(
+        error, "the host failed while sending (a bug; the daemon's log says more)",
         "{:?}",
         failed[0].detail
     );

@@ -451,9 +451,11 @@ pub(super) fn recent_failures_sql() -> String {
 /// Migration 11 of SQLite's schema, 8 of PostgreSQL's: the overview's
 /// latest failures by when they failed. Written only as a task enters or
 /// leaves `failed`, never on the hot path of a task that completes. (With
-/// `state` first SQLite prefers it to `tasks_at_rest` and a sort.)
+/// `state` first SQLite prefers it to `tasks_at_rest` and a sort; with `id`
+/// last PostgreSQL reads it in the query's order, where SQLite has the
+/// rowid in every index.)
 pub(super) const FAILED_RECENTLY_INDEX: &str =
-    "CREATE INDEX tasks_failed_recently ON tasks(state, updated_at) WHERE state = 'failed';";
+    "CREATE INDEX tasks_failed_recently ON tasks(state, updated_at, id) WHERE state = 'failed';";
 
 #[cfg(test)]
 mod tests {

@@ -320,8 +320,11 @@ on_both_drivers! {
 
     fn bad_input_exits_2_and_stores_nothing(db) {
         let env = Env::on(db, &["echo"]);
+        let folder = env.data.path().to_str().unwrap().to_string();
         let cases: &[(&[&str], &str)] = &[
             (&["submit", "echo", "{not json"], "payload"),
+            // SQLite said "unable to open database file", as if busy.
+            (&["--db", &folder, "list"], "that is a directory; give the path of a database file"),
             (
                 &["submit", "echo", "{}", "--next", "[{\"agnt\": \"x\"}]"],
                 "--next",
@@ -354,6 +357,8 @@ on_both_drivers! {
             (&["submit", "echo", "{not json"], "bad_input", 2),
             (&["show", "999"], "not_found", 2),
             (&["retry", &id], "conflict", 2),
+            (&["effects", "retry", "999"], "not_found", 2),
+            (&["state", "get", "--agent", "echo", "nokey"], "not_found", 2),
         ];
         for (args, kind, code) in cases {
             let out = env.run(&[&["--json"], *args].concat());
@@ -1175,11 +1180,11 @@ on_both_drivers! {
         let listed = env.json(&["effects", "--state", "proposed"]);
         assert_eq!(listed[0]["task_id"], id);
         assert_eq!(server.count(), 0);
-        let not_failed = env.run(&["effects", "retry", &listed[0]["id"].to_string()]);
+        let not_failed = env.run(&["--json", "effects", "retry", &listed[0]["id"].to_string()]);
         assert_eq!(not_failed.status.code(), Some(2));
-        assert!(
-            String::from_utf8_lossy(&not_failed.stderr).contains("only a failed effect can be retried")
-        );
+        let said: Value = serde_json::from_slice(&not_failed.stderr).unwrap();
+        assert!(said["error"].as_str().unwrap().contains("only a failed effect can be retried"), "{said}");
+        assert_eq!(said["kind"], "conflict", "{said}");
 
         env.ok(&["review", &id.to_string(), "approve"]);
         // Delivered straight to the granted origin even with a proxy in the
@@ -1490,7 +1495,7 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
 // SQLite only: it is about the file (made immutable with chattr, or stamped
 // with a newer `user_version`); the PostgreSQL counterpart follows.
 #[test]
-fn a_daemon_on_a_database_it_cannot_write_exits_1_with_one_message() {
+fn a_daemon_on_a_database_it_cannot_write_stops_with_one_message() {
     let env = Env::new(&["echo"]);
     env.submit(&["echo", "{}"]);
     // Root ignores file modes, so make the file immutable; where chattr is
@@ -1515,16 +1520,18 @@ fn a_daemon_on_a_database_it_cannot_write_exits_1_with_one_message() {
             .unwrap();
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // The file it may not write is refused before SQLite opens it (which
+    // said only "attempt to write a readonly database").
+    let (code, expected) = if immutable {
+        (2, "this user may not read and write the file")
+    } else {
+        (1, "newer than this colony knows")
+    };
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "it stopped instead of spinning"
     );
-    let expected = if immutable {
-        "readonly database"
-    } else {
-        "newer than this colony knows"
-    };
     assert!(stderr.contains(expected), "{stderr}");
     assert!(!stderr.contains("will retry"), "no retry loop: {stderr}");
 }

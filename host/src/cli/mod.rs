@@ -69,8 +69,12 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 pub fn error_json(err: &anyhow::Error) -> serde_json::Value {
     let queue_error = err.chain().find_map(|c| c.downcast_ref::<QueueError>());
     let kind = match queue_error {
-        Some(QueueError::NotFound(_)) => "not_found",
-        Some(QueueError::Illegal { .. } | QueueError::DependencyFinished { .. }) => "conflict",
+        Some(QueueError::NotFound(_) | QueueError::Missing(_)) => "not_found",
+        Some(
+            QueueError::Illegal { .. }
+            | QueueError::NotNow(_)
+            | QueueError::DependencyFinished { .. },
+        ) => "conflict",
         Some(QueueError::CommitUnknown { .. }) => "commit_unknown",
         Some(e) if e.is_bad_input() => "bad_input",
         Some(e) if e.is_transient() => "unavailable",
@@ -623,7 +627,51 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
             hide_userinfo(&dir.to_string_lossy())
         )));
     }
+    // SQLite says only "unable to open database file" of these (or, for a
+    // file it may only read, "attempt to write a readonly database"), which
+    // reads as a busy database worth trying again.
+    if path.is_dir() {
+        bail!(BadInput(format!(
+            "database {}: that is a directory; give the path of a database file, such as {}",
+            hide_userinfo(&db.to_string_lossy()),
+            hide_userinfo(&path.join("colony.db").to_string_lossy())
+        )));
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let denied = if path.exists() && !may_read_and_write(path) {
+        Some("this user may not read and write the file")
+    } else if !may_read_and_write(dir) {
+        Some(
+            "this user may not write in its directory (where SQLite keeps the database, and its -wal and -shm files beside it)",
+        )
+    } else {
+        None
+    };
+    if let Some(why) = denied {
+        bail!(BadInput(format!(
+            "database {}: {why}; check its permissions (ls -l, lsattr), or give another --db",
+            hide_userinfo(&db.to_string_lossy())
+        )));
+    }
     Ok(())
+}
+
+/// Whether this process may read and write `path` (for a directory: list
+/// it and create files in it), as the kernel would decide for it.
+fn may_read_and_write(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return true; // a NUL in the path: SQLite names that itself
+    };
+    let mode = match path.is_dir() {
+        true => libc::R_OK | libc::W_OK | libc::X_OK,
+        false => libc::R_OK | libc::W_OK,
+    };
+    // SAFETY: access() reads the NUL-terminated path and nothing else.
+    unsafe { libc::access(c_path.as_ptr(), mode) == 0 }
 }
 
 /// Refuses a PostgreSQL URL that names no database: the server would pick

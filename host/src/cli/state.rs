@@ -170,10 +170,11 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
             let (scope, name) = owner.scope_and_name()?;
             owner.check_chain(&queue)?;
             let Some(entry) = queue.state_get(scope, &name, key)? else {
-                return Err(bad(format!(
+                return Err(crate::queue::QueueError::Missing(format!(
                     "no {} state key {key:?} for {name}",
                     scope.as_str()
-                )));
+                ))
+                .into());
             };
             if cli.json {
                 writeln!(

@@ -94,6 +94,14 @@ pub enum QueueError {
     },
     #[error("task {0} does not exist")]
     NotFound(i64),
+    /// Something other than a task that is not there (an effect, a state
+    /// key), in words that name it.
+    #[error("{0}")]
+    Missing(String),
+    /// A change that something's current state does not allow (a sent
+    /// effect retried), in words that say why.
+    #[error("{0}")]
+    NotNow(String),
     /// A run asked the queue for something its lease no longer covers.
     #[error(
         "task {0} is no longer held by this run (it was cancelled, or its lease reset after missed heartbeats)"
@@ -204,7 +212,9 @@ impl QueueError {
                 | QueueError::InvalidInBatch { .. }
                 | QueueError::KeyTwiceInBatch { .. }
                 | QueueError::NotFound(_)
+                | QueueError::Missing(_)
                 | QueueError::Illegal { .. }
+                | QueueError::NotNow(_)
                 | QueueError::DependencyFinished { .. }
         )
     }

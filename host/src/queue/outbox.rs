@@ -348,18 +348,14 @@ impl Queue {
                 args![id],
             )?;
             let Some(found) = found else {
-                return Err(QueueError::Invalid {
-                    field: "effect".into(),
-                    message: format!("effect {id} does not exist"),
-                });
+                return Err(QueueError::Missing(format!("effect {id} does not exist")));
             };
             let task_id: i64 = found.get(0)?;
             let state: String = found.get(1)?;
             if state != "failed" {
-                return Err(QueueError::Invalid {
-                    field: "effect".into(),
-                    message: format!("effect {id} is {state}; only a failed effect can be retried"),
-                });
+                return Err(QueueError::NotNow(format!(
+                    "effect {id} is {state}; only a failed effect can be retried"
+                )));
             }
             tx.execute(
                 "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, error = NULL,

@@ -56,10 +56,10 @@ impl ApiError {
 impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> ApiError {
         let status = match &e {
-            QueueError::NotFound(_) => StatusCode::NOT_FOUND,
-            QueueError::Illegal { .. } | QueueError::DependencyFinished { .. } => {
-                StatusCode::CONFLICT
-            }
+            QueueError::NotFound(_) | QueueError::Missing(_) => StatusCode::NOT_FOUND,
+            QueueError::Illegal { .. }
+            | QueueError::NotNow(_)
+            | QueueError::DependencyFinished { .. } => StatusCode::CONFLICT,
             e if e.is_bad_input() => StatusCode::BAD_REQUEST,
             // Not "try again": the change may have been stored, and a
             // second submit without a key would make a second task.

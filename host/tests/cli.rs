@@ -2053,6 +2053,15 @@ fn a_new_users_stumbles_are_explained() {
             && shown.contains("backoff"),
         "{shown}"
     );
+    // The same key again stores nothing, and says so in --json too.
+    let again = env.json(&["submit", "echo", "{\"other\":1}", "--key", "brief-7"]);
+    assert_eq!(
+        (again["id"].to_string(), &again["existed"]),
+        (later.clone(), &serde_json::json!(true)),
+        "{again}"
+    );
+    let fresh = env.json(&["submit", "echo", "{}", "--key", "brief-8"]);
+    assert!(fresh.get("existed").is_none(), "{fresh}");
 
     // A retry says which dependents its cancel took down and left so.
     let after = env.submit(&["echo", "{}", "--after", &later]).to_string();

@@ -138,9 +138,16 @@ fn short(text: &str, max: usize) -> String {
 
 pub fn print_submitted(queue: &Queue, submitted: &[Submitted], json: bool) -> Result<()> {
     if json {
+        // A known key stored nothing: said as the API says it.
         let tasks: Vec<Value> = submitted
             .iter()
-            .map(|s| queue.get(s.id).map(|t| task_json(&t)))
+            .map(|s| {
+                let mut task = task_json(&queue.get(s.id)?);
+                if s.existed {
+                    task["existed"] = Value::Bool(true);
+                }
+                Ok::<_, crate::queue::QueueError>(task)
+            })
             .collect::<Result<_, _>>()?;
         return print_json(&if tasks.len() == 1 {
             tasks[0].clone()

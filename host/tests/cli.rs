@@ -2076,3 +2076,61 @@ fn a_new_users_stumbles_are_explained() {
         stderr(&out)
     );
 }
+
+/// What bounds a task is on show and list: its timeout and backoff, and its
+/// chain's token budget, which a child spends from with its root (only a
+/// retry's event said it).
+#[test]
+fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
+    let env = Env::new(&["echo"]);
+    let root = env.submit(&[
+        "echo",
+        "{}",
+        "--token-budget",
+        "500",
+        "--timeout",
+        "9s",
+        "--backoff",
+        "3s",
+        "--next",
+        r#"[{"agent": "echo"}]"#,
+    ]);
+    env.until_idle(&[]);
+    let shown = env.show(root);
+    assert_eq!(
+        (shown["timeout_ms"].as_u64(), shown["backoff_ms"].as_u64()),
+        (Some(9000), Some(3000)),
+        "{shown}"
+    );
+    assert_eq!(
+        shown["chain"],
+        serde_json::json!({"root_id": root, "token_budget": 500})
+    );
+    let child = shown["children"][0].as_i64().unwrap();
+    assert_eq!(
+        env.show(child)["chain"],
+        serde_json::json!({"root_id": root, "token_budget": 500})
+    );
+    let listed = env.json(&["list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t.get("timeout_ms").is_some() && t["backoff_ms"].is_u64()),
+        "{listed}"
+    );
+    let text = env.ok(&["show", &child.to_string()]);
+    assert!(
+        text.contains(&format!(
+            "budget       500 tokens for the chain of task {root}"
+        )),
+        "{text}"
+    );
+    let plain = env.submit(&["echo", "{}"]);
+    assert_eq!(
+        env.show(plain)["chain"],
+        serde_json::json!({"root_id": plain, "token_budget": null})
+    );
+    assert!(!env.ok(&["show", &plain.to_string()]).contains("budget "));
+}

@@ -854,3 +854,35 @@ fn a_deleted_database_file_is_refused_not_written_or_recreated() {
         assert!(text.contains("was replaced by another file"), "{text}");
     }
 }
+
+/// A task's page says its timeout, backoff and its chain's token budget.
+#[test]
+fn the_task_page_says_its_bounds() {
+    let env = Env::new(&["echo"]);
+    let root = env.submit(&[
+        "echo",
+        "{}",
+        "--token-budget",
+        "500",
+        "--timeout",
+        "9s",
+        "--next",
+        r#"[{"agent": "echo"}]"#,
+    ]);
+    env.until_idle(&[]);
+    let child = env.show(root)["children"][0].as_i64().unwrap();
+    let web = Web::serve(&env);
+    let page = web.page(&format!("/tasks/{root}"));
+    assert!(
+        page.contains("<td>9s</td>")
+            && page.contains("500 tokens for this task and every task chained"),
+        "{page}"
+    );
+    let page = web.page(&format!("/tasks/{child}"));
+    assert!(
+        page.contains(&format!(
+            "500 tokens for the chain of <a href=\"/tasks/{root}\">#{root}</a>"
+        )),
+        "{page}"
+    );
+}

@@ -49,6 +49,8 @@ pub fn task_json(task: &Task) -> Value {
         "feedback": task.feedback,
         "progress": task.progress,
         "key": task.idempotency_key,
+        "timeout_ms": task.timeout_ms,
+        "backoff_ms": task.backoff_ms,
         "run_at": time(task.run_at),
         "claimed_by": task.claimed_by,
         "created_at": time(task.created_at),
@@ -252,6 +254,8 @@ pub struct TaskDetail {
     pub effects: Vec<EffectRow>,
     /// The state writes it holds while in review.
     pub held_writes: Vec<crate::state::Write>,
+    /// Its chain's root and token budget.
+    pub chain_budget: (i64, Option<u64>),
 }
 
 impl TaskDetail {
@@ -265,6 +269,7 @@ impl TaskDetail {
             model_calls: queue.model_calls(id)?,
             effects: queue.effects(Some(id), None, u32::MAX)?,
             held_writes: queue.held_writes(id)?,
+            chain_budget: queue.chain_token_budget(id)?,
         })
     }
 }
@@ -273,6 +278,8 @@ impl TaskDetail {
 pub fn task_detail_json(detail: &TaskDetail) -> Value {
     let mut value = task_json(&detail.task);
     value["usage"] = usage_json(&detail.usage);
+    let (root, budget) = detail.chain_budget;
+    value["chain"] = json!({"root_id": root, "token_budget": budget});
     value["model_calls"] = model_calls_json(&detail.model_calls);
     value["held_state"] = detail.held_writes.iter().map(held_write_json).collect();
     value["effects"] = Value::Array(
@@ -307,6 +314,7 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         model_calls,
         effects,
         held_writes,
+        chain_budget,
     } = detail;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -334,6 +342,13 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
     );
     let backoff = humantime::format_duration(Duration::from_millis(task.backoff_ms));
     writeln!(out, "  timeout      {timeout}  backoff {backoff}")?;
+    if let (root, Some(budget)) = chain_budget {
+        let whose = match *root == task.id {
+            true => "this task and every task chained or spawned from it".to_string(),
+            false => format!("the chain of task {root}, this task among them"),
+        };
+        writeln!(out, "  budget       {budget} tokens for {whose}")?;
+    }
     if let Some(key) = &task.idempotency_key {
         writeln!(out, "  key          {}", printable(key))?;
     }

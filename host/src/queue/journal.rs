@@ -343,6 +343,23 @@ impl Queue {
         })
     }
 
+    /// The root of a task's chain and the chain's token budget (`None`:
+    /// no chain budget), which the task spends from with the rest of it.
+    pub fn chain_token_budget(&self, task_id: i64) -> Result<(i64, Option<u64>)> {
+        self.read(|db| {
+            let Some(row) = db.query_opt(
+                "SELECT r.id, r.token_budget FROM tasks t JOIN tasks r ON r.id = COALESCE(t.root_id, t.id)
+                 WHERE t.id = ?1",
+                args![task_id],
+            )?
+            else {
+                return Err(QueueError::NotFound(task_id));
+            };
+            let budget: Option<i64> = row.get(1)?;
+            Ok((row.get(0)?, budget.map(|b| b as u64)))
+        })
+    }
+
     /// What a task's model calls added up to, over all its runs.
     pub fn usage(&self, task_id: i64) -> Result<TaskUsage> {
         let sql = format!(

@@ -70,6 +70,15 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
                 tr { th { "updated" } td { (time(t.updated_at)) } }
                 @if let Some(at) = t.finished_at { tr { th { "finished" } td { (time(at)) } } }
                 tr { th { "runs no earlier than" } td { (time(t.run_at)) } }
+                tr { th { "timeout" } td { @match t.timeout_ms { Some(ms) => (humantime::format_duration(std::time::Duration::from_millis(ms))), None => "the agent's" } } }
+                tr { th { "backoff" } td { (humantime::format_duration(std::time::Duration::from_millis(t.backoff_ms))) } }
+                @if let (root, Some(budget)) = d.chain_budget {
+                    tr { th { "token budget" } td {
+                        (budget) " tokens for "
+                        @if root == t.id { "this task and every task chained or spawned from it" }
+                        @else { "the chain of " a href={ "/tasks/" (root) } { "#" (root) } ", this task among them" }
+                    } }
+                }
                 @if let Some(holder) = &t.claimed_by { tr { th { "claimed by" } td { (holder) } } }
                 @if let Some(progress) = &t.progress { tr { th { "progress" } td { (progress) } } }
                 @if let Some(feedback) = &t.feedback { tr { th { "feedback" } td { (feedback) } } }

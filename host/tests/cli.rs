@@ -1930,6 +1930,23 @@ fn bench_with_history_brackets_it_with_fresh_rounds() {
     assert!((ratio - rate(&rounds[1]) / ((around[0] + around[1]) / 2.0)).abs() < 1e-9);
 }
 
+/// The global `--sync` (or COLONY_SYNC) is what the queue opens with; bench
+/// reports it.
+#[test]
+fn sync_full_is_asked_for_by_flag_or_environment() {
+    let (rounds, out) = bench_rounds(&["--tasks", "20", "--sync", "full"]);
+    assert_eq!(rounds[0]["sync"], "full", "{out}");
+    let (rounds, out) = bench_rounds(&["--tasks", "20"]);
+    assert_eq!(rounds[0]["sync"], "normal", "{out}");
+    let env = Env::new(&["echo"]);
+    let said = env.ok_with_env(
+        &["--json", "bench", "--tasks", "20"],
+        &[("COLONY_SYNC", "full")],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&said.stdout).unwrap();
+    assert_eq!(report["sync"], "full", "{report}");
+}
+
 /// `bench --capabilities` on a small drain: the state rounds complete every
 /// task (the bench checks their keys were written) and say what a get and
 /// a set cost; the model figures come from a loopback provider.

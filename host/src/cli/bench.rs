@@ -12,7 +12,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
-use crate::queue::{Queue, QueueOptions, Sync};
+use crate::queue::{Queue, QueueOptions};
 use crate::runtime::{AgentDir, NoHooks, Runtime, RuntimeConfig};
 use crate::task::NewTask;
 use crate::task::{ClaimedTask, Lease};
@@ -36,9 +36,6 @@ pub struct BenchArgs {
     /// for the daemon).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
     pub batch: Option<usize>,
-    /// SQLite durability: normal (WAL, synchronous=NORMAL) or full.
-    #[arg(long, default_value = "normal")]
-    pub sync: SyncArg,
     /// Also run a round with this many completed tasks already in the table,
     /// to show claiming does not slow down as history grows, and on SQLite a
     /// second fresh round after it: the history round's line says
@@ -66,12 +63,6 @@ pub struct BenchArgs {
     /// With --agent: runs measured (after 10% more to warm up).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), requires = "agent")]
     pub runs: u32,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum SyncArg {
-    Normal,
-    Full,
 }
 
 /// `server`: a PostgreSQL database to measure instead of fresh SQLite files
@@ -318,10 +309,7 @@ async fn round(
     history: usize,
     overhead: &[Duration],
 ) -> Result<serde_json::Value> {
-    let sync = match args.sync {
-        SyncArg::Normal => Sync::Normal,
-        SyncArg::Full => Sync::Full,
-    };
+    let sync = super::sqlite_sync();
     let opts = QueueOptions {
         sync,
         actor: super::identity("bench"),
@@ -375,7 +363,7 @@ async fn round(
         "completed": summary.completed,
         "concurrency": args.concurrency,
         "batch": claim_batch(args),
-        "sync": format!("{:?}", args.sync).to_lowercase(),
+        "sync": format!("{sync:?}").to_lowercase(),
         "history_rows": history,
         "enqueue_seconds": enqueue.as_secs_f64(),
         "enqueue_per_second": (args.tasks as f64 / enqueue.as_secs_f64()).round(),

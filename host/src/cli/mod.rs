@@ -169,8 +169,47 @@ pub struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How hard a SQLite database works to keep each commit: normal (WAL
+    /// with synchronous=NORMAL: a power cut may lose the last commits, never
+    /// corrupt the file) or full (each commit is on disk before it returns,
+    /// an fsync each). PostgreSQL keeps its server's synchronous_commit.
+    #[arg(
+        long,
+        global = true,
+        env = "COLONY_SYNC",
+        value_enum,
+        default_value = "normal"
+    )]
+    pub sync: SyncArg,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SyncArg {
+    Normal,
+    Full,
+}
+
+impl From<SyncArg> for crate::queue::Sync {
+    fn from(sync: SyncArg) -> Self {
+        match sync {
+            SyncArg::Normal => crate::queue::Sync::Normal,
+            SyncArg::Full => crate::queue::Sync::Full,
+        }
+    }
+}
+
+/// The `--sync` of this process, for every queue it opens ([`open_queue`]
+/// is called from every command, most of which know nothing else of it).
+static SQLITE_SYNC: std::sync::OnceLock<crate::queue::Sync> = std::sync::OnceLock::new();
+
+/// What `--sync` asked for (normal where nothing set it: a library caller).
+fn sqlite_sync() -> crate::queue::Sync {
+    SQLITE_SYNC
+        .get()
+        .copied()
+        .unwrap_or(crate::queue::Sync::Normal)
 }
 
 #[derive(Subcommand, Debug)]
@@ -558,6 +597,7 @@ pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
     }
     let opts = QueueOptions {
         actor: actor.to_string(),
+        sync: sqlite_sync(),
         ..Default::default()
     };
     Queue::open_with(db, opts)
@@ -796,6 +836,7 @@ pub fn cache_dir(db: &Path) -> PathBuf {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
+    let _ = SQLITE_SYNC.set(cli.sync.into());
     match &cli.command {
         Command::Submit(args) => submit(&cli, args).await,
         Command::List {

@@ -274,3 +274,29 @@ impl From<rusqlite::Error> for QueueError {
         QueueError::Sqlite(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SqliteDb;
+    use crate::queue::{QueueOptions, Sync};
+
+    /// `--sync full` reaches the connection: each commit is on disk before
+    /// it returns (SQLite's FULL is 2, NORMAL 1).
+    #[test]
+    fn the_sync_asked_for_is_the_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sync, level) in [(Sync::Normal, 1), (Sync::Full, 2)] {
+            let opts = QueueOptions {
+                sync,
+                background_checkpoints: false,
+                ..Default::default()
+            };
+            let db = SqliteDb::open(&dir.path().join("q.db"), &opts).unwrap();
+            let found: i64 = db
+                .conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(found, level, "{sync:?}");
+        }
+    }
+}

@@ -480,7 +480,7 @@ fn print_tree(out: &mut impl std::io::Write, queue: &Queue, launches: &[Launch])
                     format!(", {} revision(s) after review", task.revisions)
                 }
                 "ops" if task.attempts > 1 => {
-                    format!(", {} attempts (retried with backoff)", task.attempts)
+                    format!(", {} attempts ({})", task.attempts, why_retried(queue, task.id)?)
                 }
                 _ => String::new(),
             };
@@ -493,6 +493,21 @@ fn print_tree(out: &mut impl std::io::Write, queue: &Queue, launches: &[Launch])
         out.write_all(text.as_bytes())?;
     }
     Ok(())
+}
+
+/// Why a task ran again, from its `retry_later` events: the supplier
+/// failing, or (ops runs of several products at once) a set-if lost on the
+/// shared listing counter to another run, which runs the task again.
+fn why_retried(queue: &Queue, id: i64) -> Result<&'static str> {
+    let events = queue.events(Some(id), 0, u32::MAX)?;
+    let conflicts_only = events
+        .iter()
+        .filter(|e| e.event == "retry_later")
+        .all(|e| e.detail["kind"] == "conflict");
+    Ok(match conflicts_only {
+        true => "another run counted its listing first: retried",
+        false => "retried with backoff",
+    })
 }
 
 fn check_expectations(

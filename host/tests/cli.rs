@@ -393,6 +393,9 @@ on_both_drivers! {
         // A refusal of the queue names the file's line, blank lines counted.
         let said = refused("\n{\"agent\":\"echo\"}\n\n{\"agent\":\"echo\",\"after\":[999999]}\n");
         assert!(said.contains("tasks.jsonl line 4: ") && said.contains("task 999999 does not exist"), "{said}");
+        // A line that is JSON but not one object says what a task is.
+        let said = refused("[{\"agent\":\"echo\"}]\n");
+        assert!(said.contains("line 1: a task is one JSON object") && said.contains("not an array"), "{said}");
         // A per-task flag beside --batch (ignored before: --review held
         // nothing back, --after waited for nothing): each line says its own.
         std::fs::write(&file, "{\"agent\":\"echo\"}\n").unwrap();
@@ -422,6 +425,13 @@ on_both_drivers! {
             .collect();
         assert_eq!(ids.len(), 2);
         assert_eq!(env.task_count(), 2);
+        // A byte-order mark first (some editors write one) is no error.
+        let marked = env.data.path().join("marked.jsonl");
+        std::fs::write(&marked, "\u{feff}{\"agent\":\"echo\"}\n").unwrap();
+        env.ok(&["submit", "--batch", marked.to_str().unwrap()]);
+        std::fs::write(&marked, "\u{feff}{\"from\":\"a file\"}").unwrap();
+        let id = env.submit(&["echo", "--payload-file", marked.to_str().unwrap()]);
+        assert_eq!(env.show(id)["payload"], serde_json::json!({"from": "a file"}));
     }
 
     fn submitting_for_a_missing_agent_warns_but_stores(db) {

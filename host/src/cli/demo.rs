@@ -480,7 +480,11 @@ fn print_tree(out: &mut impl std::io::Write, queue: &Queue, launches: &[Launch])
                     format!(", {} revision(s) after review", task.revisions)
                 }
                 "ops" if task.attempts > 1 => {
-                    format!(", {} attempts ({})", task.attempts, why_retried(queue, task.id)?)
+                    format!(
+                        ", {} attempts ({})",
+                        task.attempts,
+                        why_retried(queue, task.id)?
+                    )
                 }
                 _ => String::new(),
             };

@@ -1187,6 +1187,7 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
         .ok_or_else(|| bad("name the agent to run the task"))?;
     // A payload from a file is checked here, so that its error names the file.
     let from_file = |text: String, shown: String| -> Result<String> {
+        let text = without_bom(text);
         match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
             Ok(_) => Ok(text),
             Err(e) => Err(bad(format!("{shown}: not valid JSON: {e}"))),
@@ -1313,6 +1314,22 @@ struct BatchLine {
 /// One line of `submit --batch` (also the body of `POST /api/tasks`), or
 /// what is wrong with it, naming the field.
 pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
+    // serde reads a struct from an array too, by position: `[{...}]` said
+    // "field [0]: invalid type: map, expected a string".
+    if !line.trim_start().starts_with('{')
+        && let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
+    {
+        let what = match value {
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            _ => "null",
+        };
+        return Err(format!(
+            "a task is one JSON object, {{\"agent\": ..., \"payload\": ...}}, not {what} (one task per line)"
+        ));
+    }
     let parsed: BatchLine = parse_naming_field(line)?;
     let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
     let mut task = NewTask::new(parsed.agent, payload.to_string());
@@ -1353,6 +1370,16 @@ fn batch_name(file: &Path) -> String {
 
 /// The tasks of a `--batch` file, one JSON object per line, and the line
 /// each came from (blank lines are skipped, so errors name the file's line).
+/// `text` without the byte-order mark some editors put first, which JSON
+/// parsers may ignore (RFC 8259) and serde_json refuses ("expected value at
+/// line 1 column 1", the file looking fine).
+fn without_bom(text: String) -> String {
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    }
+}
+
 fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
     let mut text = String::new();
     if file == Path::new("-") {
@@ -1363,6 +1390,7 @@ fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
         text = std::fs::read_to_string(file)
             .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
     }
+    let text = without_bom(text);
     let (mut tasks, mut lines) = (Vec::new(), Vec::new());
     for (i, line) in text.as_bytes().lines().enumerate() {
         let line = line?;

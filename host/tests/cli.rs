@@ -2164,3 +2164,66 @@ fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
     );
     assert!(!env.ok(&["show", &plain.to_string()]).contains("budget "));
 }
+
+/// `submit AGENT -` (or `--payload-file -`) reads the payload from stdin,
+/// as `state set` and `--batch -` do (it said "EOF while parsing a value").
+#[test]
+fn a_payload_comes_from_stdin_with_a_dash() {
+    use std::io::Write as _;
+    let env = Env::new(&["echo"]);
+    let submit = |args: &[&str], input: &str| {
+        let mut child = env
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    for args in [
+        &["submit", "echo", "-"][..],
+        &["submit", "echo", "--payload-file", "-"],
+    ] {
+        let out = submit(args, r#"{"from": "stdin"}"#);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(
+            env.show(id)["payload"],
+            serde_json::json!({"from": "stdin"})
+        );
+    }
+    let out = submit(&["submit", "echo", "-"], "not json");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the payload on stdin: not valid JSON"));
+    assert_eq!(env.task_count(), 2);
+}
+
+/// `--agents` naming a file says so (it said the directory does not exist).
+#[test]
+fn an_agents_folder_that_is_a_file_is_named_as_such() {
+    let env = Env::new(&["echo"]);
+    let file = env.data.path().join("s.db");
+    std::fs::write(&file, "").unwrap();
+    let out = env
+        .cmd()
+        .args(["--agents", file.to_str().unwrap(), "agents"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("s.db is not a directory (it names a file)"),
+        "{said}"
+    );
+}

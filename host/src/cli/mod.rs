@@ -398,10 +398,11 @@ pub struct SubmitArgs {
     /// The agent to run the task (the file stem of agents/<name>.wasm).
     #[arg(required_unless_present = "batch")]
     pub agent: Option<String>,
-    /// The task's input as JSON (default `{}`), or @FILE to read it from a file.
+    /// The task's input as JSON (default `{}`), @FILE to read it from a
+    /// file, or - to read it from stdin.
     #[arg(conflicts_with = "payload_file")]
     pub payload: Option<String>,
-    /// Read the payload JSON from this file.
+    /// Read the payload JSON from this file (- for stdin).
     #[arg(long)]
     pub payload_file: Option<PathBuf>,
     /// Higher runs first.
@@ -1067,8 +1068,12 @@ async fn load_agents(
     }
     let mut agents = AgentDir::new(dir);
     if !dir.is_dir() {
+        let what = match dir.exists() {
+            true => "is not a directory (it names a file)",
+            false => "does not exist",
+        };
         tracing::warn!(
-            "the agents directory {} does not exist; no agent is loaded",
+            "the agents directory {} {what}; no agent is loaded",
             dir.display()
         );
     }
@@ -1193,7 +1198,16 @@ fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
             Err(e) => Err(bad(format!("{shown}: not valid JSON: {e}"))),
         }
     };
+    let from_stdin = || -> Result<String> {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the payload from stdin")?;
+        from_file(text, "the payload on stdin".to_string())
+    };
     let payload = match (&args.payload, &args.payload_file) {
+        (Some(p), _) if p == "-" => from_stdin()?,
+        (None, Some(file)) if file == Path::new("-") => from_stdin()?,
         (Some(p), _) => match p.strip_prefix('@') {
             Some(file) => from_file(
                 std::fs::read_to_string(file).map_err(|e| bad(format!("payload @{file}: {e}")))?,

@@ -2113,19 +2113,7 @@ fn a_new_users_stumbles_are_explained() {
 #[test]
 fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
     let env = Env::new(&["echo"]);
-    let root = env.submit(&[
-        "echo",
-        "{}",
-        "--token-budget",
-        "500",
-        "--timeout",
-        "9s",
-        "--backoff",
-        "3s",
-        "--next",
-        r#"[{"agent": "echo"}]"#,
-    ]);
-    env.until_idle(&[]);
+    let (root, child) = env.budgeted_chain();
     let shown = env.show(root);
     assert_eq!(
         (shown["timeout_ms"].as_u64(), shown["backoff_ms"].as_u64()),
@@ -2136,7 +2124,6 @@ fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
         shown["chain"],
         serde_json::json!({"root_id": root, "token_budget": 500})
     );
-    let child = shown["children"][0].as_i64().unwrap();
     assert_eq!(
         env.show(child)["chain"],
         serde_json::json!({"root_id": root, "token_budget": 500})

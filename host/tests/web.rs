@@ -859,18 +859,7 @@ fn a_deleted_database_file_is_refused_not_written_or_recreated() {
 #[test]
 fn the_task_page_says_its_bounds() {
     let env = Env::new(&["echo"]);
-    let root = env.submit(&[
-        "echo",
-        "{}",
-        "--token-budget",
-        "500",
-        "--timeout",
-        "9s",
-        "--next",
-        r#"[{"agent": "echo"}]"#,
-    ]);
-    env.until_idle(&[]);
-    let child = env.show(root)["children"][0].as_i64().unwrap();
+    let (root, child) = env.budgeted_chain();
     let web = Web::serve(&env);
     let page = web.page(&format!("/tasks/{root}"));
     assert!(

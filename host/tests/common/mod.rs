@@ -143,6 +143,26 @@ impl Env {
         self.json(&["show", &id.to_string()])
     }
 
+    /// A root with a chain budget of 500 tokens, a 9 s timeout and a 3 s
+    /// backoff, and the echo task it chains, both run; their ids.
+    pub fn budgeted_chain(&self) -> (i64, i64) {
+        let root = self.submit(&[
+            "echo",
+            "{}",
+            "--token-budget",
+            "500",
+            "--timeout",
+            "9s",
+            "--backoff",
+            "3s",
+            "--next",
+            r#"[{"agent": "echo"}]"#,
+        ]);
+        self.until_idle(&[]);
+        let child = self.show(root)["children"][0].as_i64().unwrap();
+        (root, child)
+    }
+
     pub fn daemon(&self, extra: &[&str]) -> Daemon {
         Daemon::new(
             self.cmd()

@@ -1279,6 +1279,18 @@ fn a_guests_log_lines_reach_the_hosts_log_bounded_and_escaped() {
         !said.lines().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
         "a forged line"
     );
+    // In the task's log each line of a message carries its level.
+    let shown = env.ok(&["show", &id.to_string()]);
+    assert!(
+        shown.contains("  [info] 2026-01-01T00:00:00Z ERROR"),
+        "{shown}"
+    );
+    assert!(
+        !shown
+            .lines()
+            .any(|l| l.trim_start().starts_with("2026-01-01T00:00:00Z")),
+        "a forged line: {shown}"
+    );
 }
 
 /// A component dropped into a running daemon's folder is picked up within

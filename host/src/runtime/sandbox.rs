@@ -443,9 +443,20 @@ impl TaskLog {
         }
     }
 
+    /// One `log` call: each line of a message that spans several carries
+    /// the level too, so that no line of it reads as a line of its own (a
+    /// forged "2026-01-01T00:00:00Z ERROR colony::orchestrator: ..." in
+    /// `colony show`).
     pub(super) fn line(&self, level: &str, message: &str) {
-        let line = format!("[{level}] {message}\n");
-        self.0.lock().unwrap().lines.push(line.as_bytes());
+        let mut text = String::with_capacity(message.len() + level.len() + 4);
+        for part in message.split('\n') {
+            text.push('[');
+            text.push_str(level);
+            text.push_str("] ");
+            text.push_str(part);
+            text.push('\n');
+        }
+        self.0.lock().unwrap().lines.push(text.as_bytes());
     }
 
     fn write(&self, which: Stream, bytes: &[u8]) {

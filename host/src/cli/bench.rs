@@ -217,7 +217,17 @@ async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<(
         &args.payload,
         args.runs as usize,
     )
-    .await?;
+    .await
+    .map_err(|e| match e.downcast::<super::BadInput>() {
+        // Said of the copy measured, in a temporary folder: named as the
+        // user's file instead.
+        Ok(super::BadInput(why)) => {
+            let copy = agents.join("agent.wasm").display().to_string();
+            let why = why.replace(&copy, &component.display().to_string());
+            super::BadInput(format!("--agent {}: {why}", component.display())).into()
+        }
+        Err(e) => e,
+    })?;
     let us = |p: f64| percentile(&samples, p).map(|d| d.as_secs_f64() * 1e6);
     let report = json!({
         "agent": component.display().to_string(),

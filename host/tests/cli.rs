@@ -1629,6 +1629,16 @@ fn an_unreachable_postgres_server_fails_with_1_naming_host_and_database() {
         );
         assert!(!stderr.contains("hunter2"), "the password leaked: {stderr}");
     }
+    // --help, where COLONY_DB is what the README has an operator export.
+    for help in [&["--help"][..], &["events", "--help"], &["daemon", "-h"]] {
+        let out = env.ok_with_env(help, &[("COLONY_DB", with_password)]);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("[env: COLONY_DB]"), "{help:?}: {said}");
+        assert!(
+            !said.contains("hunter2"),
+            "{help:?}: the password leaked: {said}"
+        );
+    }
 }
 
 /// Every file under `dir`, as paths relative to it, sorted.

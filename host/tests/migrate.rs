@@ -157,6 +157,72 @@ fn migrate_refuses_a_missing_source_and_the_same_database() {
     assert!(String::from_utf8_lossy(&same.stderr).contains("the same database"));
 }
 
+/// The source is read, never written: one of an older schema is read
+/// through an upgraded copy and left on its schema (upgraded in place, the
+/// older build, the way back, refused it), and a file that is not a colony
+/// queue is refused as it is (it got colony's tables added to it).
+#[test]
+fn migrate_leaves_its_source_as_it_was() {
+    let env = Env::new(&["echo"]);
+    let id = env.submit(&["echo", "{}"]);
+    let db = env.db().to_str().unwrap().to_string();
+    // The schema before this build's newest migration (11, an index).
+    let schema = |path: &str| -> (u32, i64) {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version),
+                    (SELECT COUNT(*) FROM sqlite_master WHERE name = 'tasks_failed_recently')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    let newest = schema(&db).0;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch(&format!(
+            "DROP INDEX tasks_failed_recently; PRAGMA user_version = {};",
+            newest - 1
+        ))
+        .unwrap();
+    let to = env.data.path().join("copy.db");
+    let to = to.to_str().unwrap();
+    let out = env.run(&["migrate", "--from", &db, "--to", to]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("it is read through an upgraded copy and left as it is"),
+        "{said}"
+    );
+    assert_eq!(
+        schema(&db),
+        (newest - 1, 0),
+        "the source is on its schema still"
+    );
+    assert_eq!(schema(to), (newest, 1));
+    assert_eq!(env.json(&["--db", to, "show", &id.to_string()])["id"], id);
+
+    // Not a colony queue: another program's database, an empty file.
+    let other = env.data.path().join("other.db");
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE foo (x);")
+        .unwrap();
+    let empty = env.file("empty.db", "");
+    for from in [other.to_str().unwrap(), &empty] {
+        let out = env.run(&["migrate", "--from", from, "--to", &format!("{to}.2")]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(said.contains("not a colony queue"), "{said}");
+    }
+    let tables: i64 = rusqlite::Connection::open(&other)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 1, "only its own table");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+}
+
 /// A source whose daemon is still running (leases renewed within the last
 /// minute) is refused, naming the holder, and nothing is written; --force
 /// copies it. A PostgreSQL URL naming no database, or with its :// mistyped,

@@ -156,7 +156,14 @@ pub struct Cli {
     /// Where the queue lives: a SQLite file (created if missing; `sqlite:PATH`
     /// also works) or a PostgreSQL URL (`postgres://user@host:5432/colony`,
     /// migrated on first use) shared by daemons on several machines.
-    #[arg(long, global = true, env = "COLONY_DB", default_value = "colony.db")]
+    // COLONY_DB's value stays out of --help: a URL may hold a password.
+    #[arg(
+        long,
+        global = true,
+        env = "COLONY_DB",
+        hide_env_values = true,
+        default_value = "colony.db"
+    )]
     pub db: PathBuf,
     /// The directory of agent components (`<name>.wasm`, optional `<name>.toml`).
     #[arg(long, global = true, env = "COLONY_AGENTS", default_value = "agents")]
@@ -745,6 +752,47 @@ fn hide_userinfo(text: &str) -> String {
     }
 }
 
+/// The queue `migrate` copies from, opened without writing to it. A SQLite
+/// file of an older schema is read through an upgraded copy in `scratch`:
+/// upgraded in place, it was left on a schema the older build (the way
+/// back) refuses, also when the copy then failed. A file without colony's
+/// schema is refused (it got colony's tables added to it).
+fn open_source(from: &Path, actor: &str, scratch: &Path) -> Result<Queue> {
+    let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(from) else {
+        return open_queue(from, actor);
+    };
+    let conn =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("--from {}: opening it to read", path.display()))?;
+    let (version, has_tasks): (u32, bool) = conn
+        .query_row(
+            "SELECT (SELECT user_version FROM pragma_user_version),
+                    EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tasks')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .with_context(|| format!("--from {}: reading its schema", path.display()))?;
+    if version == 0 || !has_tasks {
+        bail!(BadInput(format!(
+            "--from {}: not a colony queue (it has no colony schema); nothing was copied, and it is left as it was",
+            path.display()
+        )));
+    }
+    if version >= crate::queue::sqlite_schema_version() {
+        drop(conn);
+        return open_queue(from, actor); // a newer one is refused there, naming both
+    }
+    let copy = scratch.join("source.db");
+    conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+        .with_context(|| format!("--from {}: copying it to upgrade the copy", path.display()))?;
+    say!(
+        "note: {} has schema version {version} (this build's is {}); it is read through an upgraded copy and left as it is",
+        path.display(),
+        crate::queue::sqlite_schema_version()
+    );
+    open_queue(&copy, actor)
+}
+
 fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
     if let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(&args.from)
         && !path.is_file()
@@ -758,7 +806,8 @@ fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
         bail!(BadInput("--from and --to name the same database".into()));
     }
     let actor = identity("migrate");
-    let source = open_queue(&args.from, &actor)?;
+    let snapshot_dir = tempfile::tempdir()?;
+    let source = open_source(&args.from, &actor, snapshot_dir.path())?;
     // A daemon still running on the source: what it finishes is stored
     // there, and the copy's daemons run the same tasks again.
     let live = source.live_leases(source.now()?)?;

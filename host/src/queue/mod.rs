@@ -59,6 +59,7 @@ pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
+pub use sqlite::schema_version as sqlite_schema_version;
 pub use tasks::{MAX_CHAIN_TASKS, StaleGuard};
 pub use validate::validate_agent_name;
 

@@ -230,6 +230,11 @@ const V5: &str = r#"
     DROP TRIGGER IF EXISTS tasks_state_update;
     "#;
 
+/// The schema version this build brings a database to.
+pub fn newest_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
 /// Brings the database to the newest schema this build knows.
 pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
     let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -680,3 +680,85 @@ fn a_verdict_does_not_wait_for_a_reviewer_row_another_transaction_holds() {
     holder.execute("ROLLBACK");
     assert_eq!(q.get(reviewer).unwrap().state, State::InProgress);
 }
+
+/// A URL without the password the server asks for fails at once as an
+/// error no retry helps (it said "cannot reach", kind unavailable), and
+/// PGPASSWORD gives it, as libpq's does: a password that stays out of argv
+/// and of COLONY_DB. Neither password is ever printed.
+#[test]
+fn a_missing_password_is_no_outage_and_pgpassword_gives_it() {
+    use colony_tests::postgres::PASSWORD;
+    let Some(url) = colony_tests::postgres::fresh_database_behind_a_password() else {
+        return;
+    };
+    let env = Env::new(&["echo"]);
+    let json_error = |vars: &[(&str, &str)]| -> serde_json::Value {
+        let out = env
+            .cmd()
+            .args(["--json", "--db", &url, "list"])
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !said.contains(PASSWORD) && !said.contains("wrong-pw"),
+            "{said}"
+        );
+        serde_json::from_str(said.trim()).unwrap_or_else(|e| panic!("{e}: {said}"))
+    };
+    let missing = json_error(&[]);
+    assert_eq!(missing["kind"], "error", "{missing}");
+    assert!(
+        missing["error"]
+            .as_str()
+            .unwrap()
+            .contains("password missing"),
+        "{missing}"
+    );
+    let wrong = json_error(&[("PGPASSWORD", "wrong-pw")]);
+    assert_eq!(wrong["kind"], "error", "{wrong}");
+    assert!(
+        wrong["error"]
+            .as_str()
+            .unwrap()
+            .contains("password authentication failed"),
+        "{wrong}"
+    );
+    let id = env.ok_with_env(
+        &["--db", &url, "submit", "echo", "{}"],
+        &[("PGPASSWORD", PASSWORD)],
+    );
+    let id: i64 = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+    let shown = env.ok_with_env(
+        &["--json", "--db", &url, "show", &id.to_string()],
+        &[("PGPASSWORD", PASSWORD)],
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["id"], id);
+}
+
+/// A URL the driver would read otherwise than its messages show, or whose
+/// settings colony cannot meet, is refused before any connection: an @ in
+/// the password (the driver sent the rest of the password to DNS as part of
+/// the host name) and sslmode=require (colony connects without TLS).
+#[test]
+fn a_url_read_two_ways_or_asking_for_tls_is_refused_before_connecting() {
+    let env = Env::new(&["echo"]);
+    for (url, says) in [
+        (
+            "postgres://colony:p@ssLEAK@127.0.0.1:1/fleet",
+            "more than one @ before the host",
+        ),
+        (
+            "postgres://colony@127.0.0.1:1/fleet?sslmode=require",
+            "colony connects without TLS",
+        ),
+    ] {
+        let out = env.run(&["--db", url, "list"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {said}");
+        assert!(said.contains(says), "{url}: {said}");
+        assert!(!said.contains("ssLEAK"), "{url}: {said}");
+    }
+}

@@ -23,6 +23,12 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+/// The one role of the throwaway cluster that must give a password
+/// ([`PASSWORD`]); see [`password_role`].
+pub const PASSWORD_ROLE: &str = "colony_password";
+/// Its password.
+pub const PASSWORD: &str = "s3cret-pw";
+
 /// How long the server may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -75,6 +81,35 @@ pub fn fresh_database() -> Option<String> {
         Ok(name) => Some(format!("postgres://postgres@127.0.0.1:{port}/{name}")),
         Err(why) => panic!("{why}"),
     }
+}
+
+/// A fresh database as [`fresh_database`], owned by [`PASSWORD_ROLE`]; its
+/// URL names that role and no password (which the server asks for).
+pub fn fresh_database_behind_a_password() -> Option<String> {
+    let url = fresh_database()?;
+    let (port, name) = url
+        .strip_prefix("postgres://postgres@127.0.0.1:")
+        .and_then(|rest| rest.split_once('/'))
+        .expect("a URL of fresh_database");
+    let (port, name): (u16, String) = (port.parse().expect("a port"), name.to_string());
+    let owned: Result<(), String> = off_runtime(move || {
+        let mut admin = connect_admin(port, Duration::from_secs(10))?;
+        let role = format!(
+            "DO $$ BEGIN CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD '{PASSWORD}';
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+        );
+        admin
+            .batch_execute(&format!(
+                "{role} ALTER DATABASE {name} OWNER TO {PASSWORD_ROLE};"
+            ))
+            .map_err(|e| format!("giving {name} to {PASSWORD_ROLE}: {}", describe(&e)))
+    });
+    owned.unwrap_or_else(|why| panic!("{why}"));
+    Some(url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{PASSWORD_ROLE}@"),
+        1,
+    ))
 }
 
 /// True when PostgreSQL's server binaries are installed (the tests that
@@ -147,6 +182,16 @@ fn start_cluster(bin: &Path) -> Result<Cluster, String> {
         .arg(&data)
         .args(["-A", "trust", "-U", "postgres", "--no-sync"])
         .args(["-E", "UTF8", "--locale=C"]))?;
+    // One role must give a password, for the tests of how a URL without one
+    // fails and PGPASSWORD supplies it; every other connection is trusted.
+    let hba = data.join("pg_hba.conf");
+    let trusted =
+        std::fs::read_to_string(&hba).map_err(|e| format!("reading {}: {e}", hba.display()))?;
+    std::fs::write(
+        &hba,
+        format!("host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n{trusted}"),
+    )
+    .map_err(|e| format!("writing {}: {e}", hba.display()))?;
 
     // A free port can be taken by someone else before the server binds it:
     // then try another.

@@ -57,8 +57,11 @@ pub fn is_permanent(e: &::postgres::Error) -> bool {
         let code = code.code();
         return code.starts_with("28") || matches!(code, "3D000" | "42501" | "25006");
     }
-    // Raised on this side, e.g. the server asked for a password the URL lacks.
-    e.to_string() == "authentication error"
+    // Raised on this side: the server asked for a password the URL lacks
+    // ("invalid configuration: password missing"), or a setting the driver
+    // cannot meet.
+    let said = e.to_string();
+    said == "authentication error" || said.starts_with("invalid configuration")
 }
 
 /// What follows a URL's `://`, split into its credentials (`user:password`,

@@ -120,12 +120,41 @@ impl PgDb {
 
     fn connect_here(url: &str, opts: &QueueOptions) -> Result<PgDb> {
         let location = redact(url);
+        // The driver ends the credentials at the first `@`, the redaction
+        // at the last: a password holding an `@` went to the resolver as
+        // part of the host name, and showed in messages.
+        if let Some((_, rest)) = url.split_once("://") {
+            let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+            if authority.matches('@').count() > 1 {
+                return Err(QueueError::invalid(
+                    "database URL",
+                    format!(
+                        "{location}: more than one @ before the host; write an @ in the user or password as %40"
+                    ),
+                ));
+            }
+        }
         let mut config: Config = url.parse().map_err(|e: ::postgres::Error| {
             QueueError::invalid(
                 "database URL",
                 format!("{location} is not a PostgreSQL URL: {}", describe(&e)),
             )
         })?;
+        if config.get_ssl_mode() == ::postgres::config::SslMode::Require {
+            return Err(QueueError::invalid(
+                "database URL",
+                format!(
+                    "{location}: sslmode=require, but colony connects without TLS; keep the server on a private network (or behind a TLS tunnel) and drop sslmode, or set it to prefer or disable"
+                ),
+            ));
+        }
+        // libpq's PGPASSWORD, for a URL without a password: a password kept
+        // out of the URL stays out of argv and the environment's COLONY_DB.
+        if config.get_password().is_none()
+            && let Ok(password) = std::env::var("PGPASSWORD")
+        {
+            config.password(password);
+        }
         if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
             // libpq's default: the local socket directory, then TCP.
             if std::path::Path::new("/var/run/postgresql").is_dir() {

@@ -762,3 +762,46 @@ fn a_url_read_two_ways_or_asking_for_tls_is_refused_before_connecting() {
         assert!(!said.contains("ssLEAK"), "{url}: {said}");
     }
 }
+
+/// Two copies into one empty database at once: one copies, the other waits
+/// for it and then finds the target not empty (it failed on a duplicate id,
+/// a raw database error).
+#[test]
+fn two_migrates_into_one_empty_database_at_once_copy_once() {
+    let Some(target) = TestDb::postgres() else {
+        return;
+    };
+    let sources: Vec<TestDb> = (0..2).map(|_| TestDb::sqlite()).collect();
+    for source in &sources {
+        common::submit_numbered_batch(&mut source.open(), 3000);
+    }
+    let barrier = Arc::new(Barrier::new(2));
+    let results: Vec<Result<colony::queue::CopyReport, QueueError>> = std::thread::scope(|s| {
+        let copies: Vec<_> = sources
+            .iter()
+            .map(|source| {
+                let (barrier, target) = (barrier.clone(), &target);
+                s.spawn(move || {
+                    let (from, mut to) = (source.open(), target.open());
+                    barrier.wait();
+                    from.copy_into(&mut to)
+                })
+            })
+            .collect();
+        copies.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let copied = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(copied, 1, "{results:?}");
+    let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(refused.to_string().contains("is not empty"), "{refused}");
+    assert_eq!(
+        target
+            .open()
+            .counts()
+            .unwrap()
+            .iter()
+            .map(|c| c.2)
+            .sum::<u64>(),
+        3000
+    );
+}

@@ -76,27 +76,31 @@ impl Queue {
     /// one transaction of the target: all or nothing. Run it while no daemon
     /// uses the source.
     pub fn copy_into(&self, target: &mut Queue) -> Result<CopyReport> {
-        let occupied = target.read(|db| {
-            let mut found = Vec::new();
+        let location = target.location();
+        target.write(|tx, _now| {
+            // Two copies into one empty PostgreSQL database at once: the
+            // second waits for the first to commit, then finds it not empty
+            // (it failed on a duplicate id, raw). A submit meanwhile waits too.
+            if tx.dialect() == Dialect::Postgres {
+                tx.execute("SET LOCAL lock_timeout = 0", &[])?;
+                tx.execute("LOCK TABLE tasks IN SHARE ROW EXCLUSIVE MODE", &[])?;
+            }
+            let mut occupied = Vec::new();
             for (table, _, _) in TABLES {
-                let n: i64 = db.query_value(&format!("SELECT COUNT(*) FROM {table}"), &[])?;
+                let n: i64 = tx.query_value(&format!("SELECT COUNT(*) FROM {table}"), &[])?;
                 if n > 0 {
-                    found.push(format!("{table} has {n} rows"));
+                    occupied.push(format!("{table} has {n} rows"));
                 }
             }
-            Ok(found)
-        })?;
-        if !occupied.is_empty() {
-            return Err(QueueError::invalid(
-                "--to",
-                format!(
-                    "{} is not empty ({}); migrate only into a new, empty database",
-                    target.location(),
-                    occupied.join(", ")
-                ),
-            ));
-        }
-        target.write(|tx, _now| {
+            if !occupied.is_empty() {
+                return Err(QueueError::invalid(
+                    "--to",
+                    format!(
+                        "{location} is not empty ({}); migrate only into a new, empty database",
+                        occupied.join(", ")
+                    ),
+                ));
+            }
             let mut report = CopyReport::default();
             for (table, columns, order) in TABLES {
                 let n = copy_table(self, tx, table, columns, order)?;

@@ -1545,14 +1545,12 @@ fn a_daemon_on_a_database_it_cannot_write_stops_with_one_message() {
             .unwrap();
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
-    // The file it may not write is refused before SQLite opens it (which
-    // said only "attempt to write a readonly database").
-    let (code, expected) = if immutable {
-        (2, "this user may not read and write the file")
+    let expected = if immutable {
+        "readonly database"
     } else {
-        (1, "newer than this colony knows")
+        "newer than this colony knows"
     };
-    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "it stopped instead of spinning"
@@ -2246,4 +2244,58 @@ fn an_agents_folder_that_is_a_file_is_named_as_such() {
         said.contains("s.db is not a directory (it names a file)"),
         "{said}"
     );
+}
+
+/// Run as another user (root's tests act as `nobody`): a database file it
+/// may only read is read (a check before opening refused it), and one it
+/// may not read at all is named as such, exit 2, not "unable to open
+/// database file" with kind unavailable.
+#[test]
+fn a_database_this_user_may_only_read_is_read_and_an_unreadable_one_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new(&["echo"]);
+    let root = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap();
+    if root.trim() != "0" {
+        return; // acting as another user needs root
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("colony-ro-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let readable = dir.path().join("readable.db");
+    let id = env.ok(&["--db", readable.to_str().unwrap(), "submit", "echo", "{}"]);
+    let unreadable = dir.path().join("unreadable.db");
+    std::fs::copy(&readable, &unreadable).unwrap();
+    std::fs::set_permissions(&readable, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A copy of the binary where nobody may run it (the build's own folder
+    // may be under a home only root can enter), run from that folder.
+    let binary = dir.path().join("colony");
+    std::fs::copy(env!("CARGO_BIN_EXE_colony"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new(&binary)
+            .args(args)
+            .current_dir(dir.path())
+            .env("COLONY_LOG", "warn")
+            .env_remove("COLONY_DB")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let listed = as_nobody(&["--db", readable.to_str().unwrap(), "list"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("echo"));
+    let refused = as_nobody(&["--db", unreadable.to_str().unwrap(), "list"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("this user may not read the file"), "{said}");
+    assert!(!id.is_empty());
 }

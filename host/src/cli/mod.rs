@@ -599,17 +599,31 @@ pub fn identity(role: &str) -> String {
 }
 
 pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
-    match crate::queue::Location::of(db) {
-        crate::queue::Location::Sqlite(path) => check_sqlite_location(db, &path)?,
-        crate::queue::Location::Postgres(url) => check_postgres_url(&url)?,
-    }
+    let sqlite = match crate::queue::Location::of(db) {
+        crate::queue::Location::Sqlite(path) => {
+            check_sqlite_location(db, &path)?;
+            Some(path)
+        }
+        crate::queue::Location::Postgres(url) => {
+            check_postgres_url(&url)?;
+            None
+        }
+    };
     let opts = QueueOptions {
         actor: actor.to_string(),
         sync: sqlite_sync(),
         ..Default::default()
     };
-    Queue::open_with(db, opts)
-        .with_context(|| format!("opening the queue database {}", redacted(db)))
+    Queue::open_with(db, opts).map_err(|e| match sqlite.as_deref().and_then(why_unopenable) {
+        Some(why) => BadInput(format!(
+            "database {}: {why}; check its permissions (ls -l), or give another --db ({e})",
+            hide_userinfo(&db.to_string_lossy())
+        ))
+        .into(),
+        None => {
+            anyhow::Error::new(e).context(format!("opening the queue database {}", redacted(db)))
+        }
+    })
 }
 
 /// Refuses, naming it, a database `db` (SQLite at `path`) that would not
@@ -685,38 +699,35 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
             hide_userinfo(&path.join("colony.db").to_string_lossy())
         )));
     }
+    Ok(())
+}
+
+/// Why this user cannot open the SQLite database at `path`, when the
+/// permissions say: asked only once SQLite failed to open it, which it says
+/// as "unable to open database file", read as a busy database worth trying
+/// again. (Asked before, it refused what SQLite opens: a file it may only
+/// read, opened read-only; a folder it may not write while the -wal and
+/// -shm files exist.)
+fn why_unopenable(path: &Path) -> Option<&'static str> {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if path.exists() {
+        return (!may_access(&path, libc::R_OK)).then_some("this user may not read the file");
+    }
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let denied = if path.exists() && !may_read_and_write(path) {
-        Some("this user may not read and write the file")
-    } else if !may_read_and_write(dir) {
-        Some(
-            "this user may not write in its directory (where SQLite keeps the database, and its -wal and -shm files beside it)",
-        )
-    } else {
-        None
-    };
-    if let Some(why) = denied {
-        bail!(BadInput(format!(
-            "database {}: {why}; check its permissions (ls -l, lsattr), or give another --db",
-            hide_userinfo(&db.to_string_lossy())
-        )));
-    }
-    Ok(())
+    (!may_access(dir, libc::W_OK | libc::X_OK)).then_some(
+        "this user may not create files in its directory (a new database, and its -wal and -shm files beside it)",
+    )
 }
 
-/// Whether this process may read and write `path` (for a directory: list
-/// it and create files in it), as the kernel would decide for it.
-fn may_read_and_write(path: &Path) -> bool {
+/// Whether this process may access `path` in `mode` (access(2)'s R_OK,
+/// W_OK, X_OK), as the kernel would decide for it.
+fn may_access(path: &Path, mode: libc::c_int) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return true; // a NUL in the path: SQLite names that itself
-    };
-    let mode = match path.is_dir() {
-        true => libc::R_OK | libc::W_OK | libc::X_OK,
-        false => libc::R_OK | libc::W_OK,
     };
     // SAFETY: access() reads the NUL-terminated path and nothing else.
     unsafe { libc::access(c_path.as_ptr(), mode) == 0 }

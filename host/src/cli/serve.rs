@@ -42,6 +42,7 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
         agents,
         runtime,
         actor: identity("web"),
+        sync: super::sqlite_sync(),
     };
     let bound = web::bind(config).await.map_err(|e| match e {
         StartError::NoTokenOffLoopback(_) => anyhow::Error::from(BadInput(e.to_string())),

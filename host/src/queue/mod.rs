@@ -531,6 +531,15 @@ impl Queue {
         }
     }
 
+    /// SQLite's `PRAGMA synchronous` on this connection (1 NORMAL, 2 FULL);
+    /// `None` on PostgreSQL. For the tests that `--sync` reaches it.
+    pub fn sqlite_synchronous(&self) -> Option<i64> {
+        match &self.db {
+            Db::Sqlite(db) => db.synchronous().ok(),
+            Db::Postgres(_) => None,
+        }
+    }
+
     /// Fails when the SQLite file this connection has open was deleted or
     /// replaced since: a connection keeps writing to a deleted file, where
     /// no other command will ever read it. A `stat`; nothing on PostgreSQL.

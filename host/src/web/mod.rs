@@ -49,6 +49,8 @@ pub struct WebConfig {
     pub runtime: Arc<Runtime>,
     /// Who the server acts as in the audit trail when no operator is named.
     pub actor: String,
+    /// SQLite's durability for its writes (approvals, submits): `--sync`.
+    pub sync: crate::queue::Sync,
 }
 
 /// Everything a request handler can reach.
@@ -101,7 +103,7 @@ pub async fn bind(config: WebConfig) -> Result<Bound, StartError> {
     }
     let generated_token = config.token.is_none();
     let token = config.token.unwrap_or_else(auth::random_token);
-    let store = Store::open(config.db, config.actor)?;
+    let store = Store::open(config.db, config.actor, config.sync)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| StartError::Bind {

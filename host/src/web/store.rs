@@ -21,6 +21,8 @@ pub struct Store {
     file: std::sync::OnceLock<Option<crate::queue::FileId>>,
     /// Who the dashboard acts as when no operator is named.
     actor: String,
+    /// SQLite's durability (`--sync`), for every connection.
+    sync: crate::queue::Sync,
     idle: Mutex<Vec<Queue>>,
     in_use: tokio::sync::Semaphore,
 }
@@ -28,9 +30,14 @@ pub struct Store {
 impl Store {
     /// Opens one connection now, so that a database that cannot be opened
     /// (or migrated) is reported at start, not at the first page.
-    pub fn open(location: PathBuf, actor: String) -> Result<Arc<Store>, QueueError> {
+    pub fn open(
+        location: PathBuf,
+        actor: String,
+        sync: crate::queue::Sync,
+    ) -> Result<Arc<Store>, QueueError> {
         let store = Store {
             location,
+            sync,
             file: std::sync::OnceLock::new(),
             actor,
             idle: Mutex::new(Vec::new()),
@@ -50,6 +57,7 @@ impl Store {
             &self.location,
             QueueOptions {
                 actor: self.actor.clone(),
+                sync: self.sync,
                 must_exist,
                 same_file: self.file.get().copied().flatten(),
                 ..QueueOptions::default()
@@ -93,5 +101,25 @@ impl Store {
         })
         .await
         .unwrap_or_else(|joined| std::panic::resume_unwind(joined.into_panic()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Store;
+    use crate::queue::Sync;
+
+    /// `serve --sync full` reaches every connection of the dashboard's pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_pools_connections_keep_the_sync_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        for (sync, level) in [(Sync::Full, 2), (Sync::Normal, 1)] {
+            let store = Store::open(dir.path().join("q.db"), "test".into(), sync).unwrap();
+            // More at once than the one connection opened first.
+            let reads = (0..4).map(|_| store.run(None, |q| Ok(q.sqlite_synchronous())));
+            for found in futures_util::future::join_all(reads).await {
+                assert_eq!(found.unwrap(), Some(level), "{sync:?}");
+            }
+        }
     }
 }

@@ -125,6 +125,11 @@ impl SqliteDb {
         Ok(())
     }
 
+    /// The connection's `PRAGMA synchronous`.
+    pub fn synchronous(&self) -> rusqlite::Result<i64> {
+        self.conn.query_row("PRAGMA synchronous", [], |r| r.get(0))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1925,6 +1925,55 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
         "the component is untouched"
     );
     assert!(!project.join("colony.db").exists() && !project.join(".colony-demo").exists());
+
+    // With the agents from elsewhere: the project's own agents/ is not the
+    // demo's to write over.
+    let elsewhere = env.data.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let (code, err) = code_and_err(&[
+        "--agents",
+        elsewhere.to_str().unwrap(),
+        "demo",
+        "--dir",
+        project.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds files the demo did not write"), "{err}");
+    assert_eq!(std::fs::read(agents.join("design.wasm")).unwrap(), echo);
+
+    // A folder the demo made is the demo's, until a queue of the user's
+    // takes the place of the demo's database.
+    let demo_dir = env.data.path().join("demo-here");
+    let demo = |dir: &Path| {
+        code_and_err(&[
+            "--agents",
+            elsewhere.to_str().unwrap(),
+            "demo",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+    };
+    assert_eq!(demo(&demo_dir).0, Some(0));
+    assert_eq!(demo(&demo_dir).0, Some(0), "again in its own folder");
+    let demo_db = demo_dir.join("colony.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", demo_db.display()));
+    }
+    let mine: i64 = env
+        .ok(&["--db", demo_db.to_str().unwrap(), "submit", "echo", "{}"])
+        .trim()
+        .parse()
+        .unwrap();
+    let (code, err) = demo(&demo_dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("colony.db exists and was not made by `colony demo`"),
+        "{err}"
+    );
+    assert_eq!(
+        env.json(&["--db", demo_db.to_str().unwrap(), "show", &mine.to_string()])["id"],
+        mine
+    );
 }
 
 /// Runs `colony bench` with `args` in a directory of its own; answers the

@@ -224,7 +224,7 @@ async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<(
         Ok(super::BadInput(why)) => {
             let copy = agents.join("agent.wasm").display().to_string();
             let why = why.replace(&copy, &component.display().to_string());
-            super::BadInput(format!("--agent {}: {why}", component.display())).into()
+            super::BadInput(why).into()
         }
         Err(e) => e,
     })?;

@@ -76,17 +76,13 @@ pub async fn demo(
     refuse_a_folder_not_the_demos(&args.dir, agents_dir)?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
-    std::fs::write(
-        args.dir.join(DEMO_MARKER),
-        "made by colony demo, which recreates this folder's colony.db and agents/ at each run\n",
-    )
-    .with_context(|| format!("writing {}", args.dir.join(DEMO_MARKER).display()))?;
     let db = args.dir.join("colony.db");
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
     let actor = super::identity("demo");
     let mut queue = super::open_queue(&db, &actor)?;
+    mark_as_the_demos(&args.dir)?;
     // The shop ops publishes listings to: a loopback server counting them.
     let (shop_addr, shop_keys) = super::loopback::serve(r#"{"listed":true}"#).await?;
     let shop = format!("http://{shop_addr}");
@@ -269,7 +265,6 @@ async fn run_until_idle(
     Ok(())
 }
 
-/// Writes each `code` task's HTML to `<dir>/<slug>.html`.
 /// The file that says a folder is the demo's own, to recreate at will.
 const DEMO_MARKER: &str = ".colony-demo";
 
@@ -278,9 +273,9 @@ const DEMO_MARKER: &str = ".colony-demo";
 /// project: its queue, or the `--agents` folder whose components the copy
 /// truncated to nothing).
 fn refuse_a_folder_not_the_demos(dir: &Path, agents: &Path) -> Result<()> {
-    let own = dir.join(DEMO_MARKER).is_file();
+    let marked = dir.join(DEMO_MARKER).is_file();
     let db = dir.join("colony.db");
-    if !own && db.exists() {
+    if db.exists() && !made_by_the_demo(&db) {
         bail!(super::BadInput(format!(
             "{} exists and was not made by `colony demo`, which starts from an empty queue and would delete it; run the demo in a folder of its own (--dir, default colony-demo)",
             db.display()
@@ -298,7 +293,39 @@ fn refuse_a_folder_not_the_demos(dir: &Path, agents: &Path) -> Result<()> {
             agents.display()
         )));
     }
+    let holds_files = std::fs::read_dir(&copy).is_ok_and(|mut entries| entries.next().is_some());
+    if !marked && holds_files {
+        bail!(super::BadInput(format!(
+            "{} holds files the demo did not write, and it writes its own agents there; run the demo in a folder of its own (--dir, default colony-demo)",
+            copy.display()
+        )));
+    }
     Ok(())
+}
+
+/// Marks `dir` as the demo's: its agents/ is the demo's to write.
+fn mark_as_the_demos(dir: &Path) -> Result<()> {
+    let mark = dir.join(DEMO_MARKER);
+    std::fs::write(
+        &mark,
+        "made by colony demo, which recreates this folder's colony.db and agents/ at each run\n",
+    )
+    .with_context(|| format!("writing {}", mark.display()))
+}
+
+/// Whether the queue at `db` is one the demo made: its first event is the
+/// demo's. (A mark beside it said so of any database put there since, the
+/// user's included: a deleted file's inode is handed out again at once.)
+fn made_by_the_demo(db: &Path) -> bool {
+    let Ok(conn) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return false;
+    };
+    conn.query_row("SELECT actor FROM events ORDER BY id LIMIT 1", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .is_ok_and(|actor| actor.starts_with("demo@"))
 }
 
 /// The demo's own copy of the agents (components and manifests), with ops
@@ -379,6 +406,7 @@ fn print_state(out: &mut impl std::io::Write, queue: &Queue) -> Result<()> {
     Ok(())
 }
 
+/// Writes each `code` task's HTML to `<dir>/<slug>.html`.
 fn save_pages(queue: &Queue, launches: &[Launch], dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     std::fs::create_dir_all(dir)?;
     let mut pages = Vec::new();
@@ -504,14 +532,18 @@ fn print_tree(out: &mut impl std::io::Write, queue: &Queue, launches: &[Launch])
 /// shared listing counter to another run, which runs the task again.
 fn why_retried(queue: &Queue, id: i64) -> Result<&'static str> {
     let events = queue.events(Some(id), 0, u32::MAX)?;
-    let conflicts_only = events
+    let kinds: Vec<&serde_json::Value> = events
         .iter()
         .filter(|e| e.event == "retry_later")
-        .all(|e| e.detail["kind"] == "conflict");
-    Ok(match conflicts_only {
-        true => "another run counted its listing first: retried",
-        false => "retried with backoff",
-    })
+        .map(|e| &e.detail["kind"])
+        .collect();
+    Ok(
+        match (kinds.is_empty(), kinds.iter().all(|k| *k == "conflict")) {
+            (true, _) => "run again",
+            (false, true) => "another run counted its listing first: retried",
+            (false, false) => "retried with backoff",
+        },
+    )
 }
 
 fn check_expectations(

@@ -801,7 +801,15 @@ fn open_source(from: &Path, actor: &str, scratch: &Path) -> Result<Queue> {
         path.display(),
         crate::queue::sqlite_schema_version()
     );
-    open_queue(&copy, actor)
+    // The copy VACUUM INTO made, and only it: an empty queue made in its
+    // place would be copied as "0 rows".
+    let opts = QueueOptions {
+        actor: actor.to_string(),
+        must_exist: true,
+        ..Default::default()
+    };
+    Queue::open_with(&copy, opts)
+        .with_context(|| format!("--from {}: opening its upgraded copy", path.display()))
 }
 
 fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
@@ -1224,7 +1232,6 @@ fn component_start(file: &Path) -> Option<Vec<u8>> {
     Some(start)
 }
 
-/// The agents of a `--next` chain, with what waits for them.
 /// `text` as one word of a POSIX shell command line: as it is when it
 /// holds nothing the shell would split or expand, else single-quoted.
 fn shell_word(text: &str) -> String {
@@ -1238,6 +1245,7 @@ fn shell_word(text: &str) -> String {
     }
 }
 
+/// The agents of a `--next` chain, with what waits for them.
 fn chain_agents<'a>(specs: &'a [NextSpec], named: &mut Vec<(&'a str, &'static str)>) {
     for spec in specs {
         named.push((spec.agent.as_str(), "the chained task waits"));
@@ -1442,8 +1450,6 @@ fn batch_name(file: &Path) -> String {
     }
 }
 
-/// The tasks of a `--batch` file, one JSON object per line, and the line
-/// each came from (blank lines are skipped, so errors name the file's line).
 /// `text` without the byte-order mark some editors put first, which JSON
 /// parsers may ignore (RFC 8259) and serde_json refuses ("expected value at
 /// line 1 column 1", the file looking fine).
@@ -1454,6 +1460,8 @@ fn without_bom(text: String) -> String {
     }
 }
 
+/// The tasks of a `--batch` file, one JSON object per line, and the line
+/// each came from (blank lines are skipped, so errors name the file's line).
 fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
     let mut text = String::new();
     if file == Path::new("-") {

@@ -448,7 +448,8 @@ impl TaskLog {
     /// forged "2026-01-01T00:00:00Z ERROR colony::orchestrator: ..." in
     /// `colony show`).
     pub(super) fn line(&self, level: &str, message: &str) {
-        let mut text = String::with_capacity(message.len() + level.len() + 4);
+        let lines = 1 + message.matches('\n').count();
+        let mut text = String::with_capacity(message.len() + (level.len() + 4) * lines);
         for part in message.split('\n') {
             text.push('[');
             text.push_str(level);

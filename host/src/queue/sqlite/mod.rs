@@ -244,13 +244,13 @@ impl rusqlite::ToSql for Param<'_> {
     }
 }
 
-/// True for trouble that may pass (the database busy or locked by another
-/// process, the disk full, an I/O error): retry the same write later.
 /// The SQLite schema version this build brings a database to.
 pub fn schema_version() -> u32 {
     schema::newest_version()
 }
 
+/// True for trouble that may pass (the database busy or locked by another
+/// process, the disk full, an I/O error): retry the same write later.
 pub fn is_transient(e: &rusqlite::Error) -> bool {
     use ErrorCode::*;
     match e {

@@ -233,14 +233,15 @@ pub fn parse_state(text: &str) -> Result<TaskState, ApiError> {
         })
 }
 
-/// `?limit=`: 1 to [`MAX_LIMIT`], `default` when absent or empty.
-fn parse_limit(text: Option<&str>, default: u32) -> Result<u32, ApiError> {
+/// `?limit=`: 1 to [`MAX_LIMIT`], `None` when absent or empty.
+fn parse_limit(text: Option<&str>) -> Result<Option<u32>, ApiError> {
     match text.map(str::trim).filter(|t| !t.is_empty()) {
-        None => Ok(default),
+        None => Ok(None),
         Some(text) => text
             .parse::<u32>()
             .ok()
             .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .map(Some)
             .ok_or_else(|| {
                 ApiError::bad(format!(
                     "invalid limit {text:?}: a number from 1 to {MAX_LIMIT}"
@@ -269,7 +270,7 @@ impl ListParams {
                 .filter(|v| !v.is_empty())
                 .map(String::from)
         };
-        let limit = parse_limit(self.limit.as_deref(), default_limit)?;
+        let limit = parse_limit(self.limit.as_deref())?.unwrap_or(default_limit);
         Ok(TaskQuery {
             state: nonempty(&self.state).map(|s| parse_state(&s)).transpose()?,
             agent: nonempty(&self.agent),
@@ -565,7 +566,7 @@ async fn events(
         .filter(|t| !t.is_empty())
         .map(task_id)
         .transpose()?;
-    let limit = parse_limit(params.limit.as_deref(), MAX_LIMIT)?;
+    let asked = parse_limit(params.limit.as_deref())?;
     if let Some(id) = task {
         // An unknown task is bad input, not an empty trail (as in the CLI).
         app.store
@@ -583,19 +584,14 @@ async fn events(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<i64>().ok())
             .filter(|id| *id >= 0);
-        let most = match params
-            .limit
-            .as_deref()
-            .is_some_and(|l| !l.trim().is_empty())
-        {
-            true => limit as usize,
-            false => usize::MAX,
-        };
+        let most = asked.map_or(usize::MAX, |n| n as usize);
         return Ok(follow(app, task, resume.unwrap_or(since), most).into_response());
     }
     let events = app
         .store
-        .run(None, move |queue| queue.events(task, since, limit))
+        .run(None, move |queue| {
+            queue.events(task, since, asked.unwrap_or(MAX_LIMIT))
+        })
         .await?;
     let values: Vec<Value> = events.iter().map(output::event_json).collect();
     Ok(axum::Json(values).into_response())

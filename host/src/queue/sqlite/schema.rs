@@ -238,7 +238,7 @@ pub fn newest_version() -> u32 {
 /// Brings the database to the newest schema this build knows.
 pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
     let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let known = MIGRATIONS.len() as u32;
+    let known = newest_version();
     if found > known {
         return Err(QueueError::SchemaTooNew {
             path: path.to_string(),

@@ -1955,6 +1955,9 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
     };
     assert_eq!(demo(&demo_dir).0, Some(0));
     assert_eq!(demo(&demo_dir).0, Some(0), "again in its own folder");
+    // A folder an older build's demo made (no mark) is still the demo's.
+    std::fs::remove_file(demo_dir.join(".colony-demo")).unwrap();
+    assert_eq!(demo(&demo_dir).0, Some(0), "a folder of an older demo");
     let demo_db = demo_dir.join("colony.db");
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", demo_db.display()));

@@ -273,9 +273,11 @@ const DEMO_MARKER: &str = ".colony-demo";
 /// project: its queue, or the `--agents` folder whose components the copy
 /// truncated to nothing).
 fn refuse_a_folder_not_the_demos(dir: &Path, agents: &Path) -> Result<()> {
-    let marked = dir.join(DEMO_MARKER).is_file();
     let db = dir.join("colony.db");
-    if db.exists() && !made_by_the_demo(&db) {
+    let demos_db = db.exists() && made_by_the_demo(&db);
+    // A folder an older build's demo made has its database but no mark.
+    let marked = dir.join(DEMO_MARKER).is_file() || demos_db;
+    if db.exists() && !demos_db {
         bail!(super::BadInput(format!(
             "{} exists and was not made by `colony demo`, which starts from an empty queue and would delete it; run the demo in a folder of its own (--dir, default colony-demo)",
             db.display()

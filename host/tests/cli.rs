@@ -1900,6 +1900,15 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
+    let demo_in = |agents: &Path, dir: &Path| {
+        code_and_err(&[
+            "--agents",
+            agents.to_str().unwrap(),
+            "demo",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+    };
     let (code, err) = code_and_err(&["demo", "--dir", project.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(
@@ -1910,13 +1919,7 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
     assert_eq!(kept["id"], id, "the project's queue is kept");
 
     std::fs::remove_file(&db).unwrap();
-    let (code, err) = code_and_err(&[
-        "--agents",
-        agents.to_str().unwrap(),
-        "demo",
-        "--dir",
-        project.to_str().unwrap(),
-    ]);
+    let (code, err) = demo_in(&agents, &project);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("which is the --agents folder"), "{err}");
     assert_eq!(
@@ -1930,13 +1933,7 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
     // demo's to write over.
     let elsewhere = env.data.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
-    let (code, err) = code_and_err(&[
-        "--agents",
-        elsewhere.to_str().unwrap(),
-        "demo",
-        "--dir",
-        project.to_str().unwrap(),
-    ]);
+    let (code, err) = demo_in(&elsewhere, &project);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("holds files the demo did not write"), "{err}");
     assert_eq!(std::fs::read(agents.join("design.wasm")).unwrap(), echo);
@@ -1944,15 +1941,7 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
     // A folder the demo made is the demo's, until a queue of the user's
     // takes the place of the demo's database.
     let demo_dir = env.data.path().join("demo-here");
-    let demo = |dir: &Path| {
-        code_and_err(&[
-            "--agents",
-            elsewhere.to_str().unwrap(),
-            "demo",
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-    };
+    let demo = |dir: &Path| demo_in(&elsewhere, dir);
     assert_eq!(demo(&demo_dir).0, Some(0));
     assert_eq!(demo(&demo_dir).0, Some(0), "again in its own folder");
     // A folder an older build's demo made (no mark) is still the demo's.

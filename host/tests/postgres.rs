@@ -692,7 +692,9 @@ fn a_missing_password_is_no_outage_and_pgpassword_gives_it() {
         return;
     };
     let env = Env::new(&["echo"]);
-    let json_error = |vars: &[(&str, &str)]| -> serde_json::Value {
+    // Refused with exit 1 and kind error (no retry helps), saying `why`,
+    // and never printing either password.
+    let refused = |vars: &[(&str, &str)], why: &str| {
         let out = env
             .cmd()
             .args(["--json", "--db", &url, "list"])
@@ -705,25 +707,15 @@ fn a_missing_password_is_no_outage_and_pgpassword_gives_it() {
             !said.contains(PASSWORD) && !said.contains("wrong-pw"),
             "{said}"
         );
-        serde_json::from_str(said.trim()).unwrap_or_else(|e| panic!("{e}: {said}"))
+        let error: serde_json::Value =
+            serde_json::from_str(said.trim()).unwrap_or_else(|e| panic!("{e}: {said}"));
+        assert_eq!(error["kind"], "error", "{error}");
+        assert!(error["error"].as_str().unwrap().contains(why), "{error}");
     };
-    let missing = json_error(&[]);
-    assert_eq!(missing["kind"], "error", "{missing}");
-    assert!(
-        missing["error"]
-            .as_str()
-            .unwrap()
-            .contains("password missing"),
-        "{missing}"
-    );
-    let wrong = json_error(&[("PGPASSWORD", "wrong-pw")]);
-    assert_eq!(wrong["kind"], "error", "{wrong}");
-    assert!(
-        wrong["error"]
-            .as_str()
-            .unwrap()
-            .contains("password authentication failed"),
-        "{wrong}"
+    refused(&[], "password missing");
+    refused(
+        &[("PGPASSWORD", "wrong-pw")],
+        "password authentication failed",
     );
     let id = env.ok_with_env(
         &["--db", &url, "submit", "echo", "{}"],

@@ -2340,3 +2340,48 @@ fn a_database_this_user_may_only_read_is_read_and_an_unreadable_one_is_named() {
     assert!(said.contains("this user may not read the file"), "{said}");
     assert!(!id.is_empty());
 }
+
+/// A command that reads the queue, or changes what is already in it,
+/// refuses a SQLite file that does not exist, naming it (exit 2, kind
+/// not_found), and leaves no file behind: created, a mistyped `--db`
+/// listed an empty queue. A command that adds to the queue creates it.
+#[test]
+fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
+    let env = Env::new(&["echo"]);
+    let missing = env.data.path().join("colony-typo.db");
+    let db = missing.to_str().unwrap();
+    let readers: &[&[&str]] = &[
+        &["list"],
+        &["status"],
+        &["show", "1"],
+        &["events"],
+        &["review", "1", "approve"],
+        &["retry", "1"],
+        &["cancel", "1"],
+        &["effects"],
+        &["state", "list", "--agent", "echo"],
+        &["state", "get", "--agent", "echo", "k"],
+        &["state", "delete", "--agent", "echo", "k"],
+    ];
+    for args in readers {
+        let out = env.run(&[&["--json", "--db", db], *args].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "colony {args:?}: {said}");
+        let error: Value = serde_json::from_str(said.trim())
+            .unwrap_or_else(|e| panic!("colony {args:?}: not one JSON line ({e}): {said}"));
+        assert_eq!(error["kind"], "not_found", "colony {args:?}: {error}");
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("colony-typo.db: no such file")),
+            "colony {args:?}: {error}"
+        );
+        assert!(!missing.exists(), "colony {args:?} created {db}");
+    }
+    env.ok(&["--db", db, "state", "set", "--agent", "echo", "k", "1"]);
+    let listed = env.json(&["--db", db, "state", "list", "--agent", "echo"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    let id = env.ok(&["--db", db, "submit", "echo", "{}"]);
+    let shown = env.json(&["--db", db, "show", id.trim()]);
+    assert_eq!(shown["state"], "ready", "{shown}");
+}

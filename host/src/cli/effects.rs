@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::output::printable;
-use super::{Cli, identity, open_queue};
+use super::{Cli, identity, open_existing_queue};
 use crate::queue::EffectRow;
 
 #[derive(Args, Debug)]
@@ -87,7 +87,7 @@ pub fn print_effect_lines(out: &mut impl std::io::Write, effects: &[EffectRow]) 
 }
 
 pub fn run(cli: &Cli, args: &EffectsArgs) -> Result<()> {
-    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
     let mut out = std::io::stdout().lock();
     if let Some(EffectsAction::Retry { id }) = &args.action {
         queue.retry_effect(*id)?;

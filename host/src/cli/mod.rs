@@ -598,10 +598,30 @@ pub fn identity(role: &str) -> String {
     )
 }
 
+/// Opens the queue at `db` for a command that adds to it (`submit`, a
+/// daemon, `state set`): a SQLite file is created if missing.
 pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
+    open_queue_with(db, actor, false)
+}
+
+/// Opens the queue at `db` for a command that reads or changes what is
+/// already in it (`list`, `show`, `status`, `events`, `review`, ...): a
+/// SQLite file that does not exist is refused, naming it. Created, a
+/// mistyped `--db` listed an empty queue and left a stray file behind.
+pub fn open_existing_queue(db: &Path, actor: &str) -> Result<Queue> {
+    open_queue_with(db, actor, true)
+}
+
+fn open_queue_with(db: &Path, actor: &str, must_exist: bool) -> Result<Queue> {
     let sqlite = match crate::queue::Location::of(db) {
         crate::queue::Location::Sqlite(path) => {
             check_sqlite_location(db, &path)?;
+            if must_exist && !path.exists() {
+                bail!(QueueError::Missing(format!(
+                    "database {}: no such file, so no task was ever submitted there; check --db (or COLONY_DB), which defaults to colony.db in the current directory (`colony submit` and `colony daemon` create it)",
+                    hide_userinfo(&db.to_string_lossy())
+                )));
+            }
             Some(path)
         }
         crate::queue::Location::Postgres(url) => {
@@ -612,6 +632,7 @@ pub fn open_queue(db: &Path, actor: &str) -> Result<Queue> {
     let opts = QueueOptions {
         actor: actor.to_string(),
         sync: sqlite_sync(),
+        must_exist: must_exist && sqlite.is_some(),
         ..Default::default()
     };
     Queue::open_with(db, opts).map_err(|e| match sqlite.as_deref().and_then(why_unopenable) {
@@ -913,7 +934,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             agent,
             limit,
         } => {
-            let queue = open_queue(&cli.db, &identity("cli"))?;
+            let queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let tasks = queue.list(&ListFilter {
                 state: *state,
                 agent: agent.clone(),
@@ -930,7 +951,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Show { id } => {
-            let queue = open_queue(&cli.db, &identity("cli"))?;
+            let queue = open_existing_queue(&cli.db, &identity("cli"))?;
             output::print_task_detail(&output::TaskDetail::load(&queue, *id)?, cli.json)
         }
         Command::Status => status(&cli).await,
@@ -940,7 +961,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             follow,
         } => events(&cli, *task, *since, *follow).await,
         Command::Review { id, verdict, note } => {
-            let mut queue = open_queue(&cli.db, &identity("cli"))?;
+            let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let to = match verdict {
                 Verdict::Approve => queue.approve(*id, note.as_deref())?,
                 Verdict::Reject => {
@@ -953,7 +974,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::print_moved(*id, to, cli.json)
         }
         Command::Retry { id, token_budget } => {
-            let mut queue = open_queue(&cli.db, &identity("cli"))?;
+            let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let failed_on_budget = queue
                 .get(*id)?
                 .error
@@ -976,7 +997,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             output::print_moved(*id, to, cli.json)
         }
         Command::Cancel { id, reason } => {
-            let mut queue = open_queue(&cli.db, &identity("cli"))?;
+            let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let ids = queue.cancel(*id, reason)?;
             output::print_cancelled(&ids, cli.json)
         }
@@ -1496,14 +1517,14 @@ fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
 // ----- status, events ------------------------------------------------------------
 
 async fn status(cli: &Cli) -> Result<()> {
-    let queue = open_queue(&cli.db, &identity("cli"))?;
+    let queue = open_existing_queue(&cli.db, &identity("cli"))?;
     let report = output::StatusReport::load(&queue)?;
     let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
     output::print_status(&report, &agents, cli.json)
 }
 
 async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Result<()> {
-    let queue = open_queue(&cli.db, &identity("cli"))?;
+    let queue = open_existing_queue(&cli.db, &identity("cli"))?;
     if let Some(id) = task.filter(|&id| id != 0) {
         queue.get(id)?; // an unknown id is bad input, not an empty trail
     }

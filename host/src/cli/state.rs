@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::output::{printable, printable_json};
-use super::{Cli, bad, identity, open_queue};
+use super::{Cli, bad, identity, open_existing_queue, open_queue};
 use crate::state::{Entry, Scope};
 
 #[derive(Subcommand, Debug)]
@@ -131,7 +131,12 @@ fn value_text(value: &str) -> Result<String> {
 }
 
 pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
-    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    // State may be seeded before any task ran; the rest reads or changes
+    // what is there.
+    let mut queue = match command {
+        StateCommand::Set { .. } => open_queue(&cli.db, &identity("cli"))?,
+        _ => open_existing_queue(&cli.db, &identity("cli"))?,
+    };
     let mut out = std::io::stdout().lock();
     match command {
         StateCommand::List {

@@ -455,6 +455,44 @@ async fn a_call_cut_off_before_it_was_sent_is_not_spent_from_the_budget() {
     .await;
 }
 
+/// A call still waiting for the rate limit when its daemon stops never
+/// reached the provider: its reservation is released before the daemon's
+/// run ends. (The release was a write spawned as the run was dropped, and
+/// a process that ended right after its shutdown lost it: the call then
+/// counted against the budget for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_at_shutdown_is_released_before_the_daemon_ends() {
+    let e = env("models = [\"queued\"]");
+    let mut task = NewTask::new(
+        "thinker",
+        json!({"model": "queued", "prompts": ["one", "two", "three"], "max_tokens": 50})
+            .to_string(),
+    );
+    task.token_budget = Some(1_000);
+    let id = e.h.submit(task);
+    let mut runtime = e.h.runtime();
+    runtime.set_models(e.providers.clone());
+    let cfg = colony::orchestrator::DaemonConfig {
+        grace: std::time::Duration::from_millis(100),
+        ..Harness::until_idle()
+    };
+    let daemon = e.h.start_daemon(runtime, cfg).await;
+    let queue = e.h.queue();
+    // The third call has reserved its tokens and waits for the rate limit.
+    common::wait_for("the third call to reserve its tokens", || {
+        e.server.count() == 2 && queue.usage(id).is_ok_and(|u| u.reserved_tokens > 0)
+    })
+    .await;
+    daemon.stop().await;
+    let usage = queue.usage(id).unwrap();
+    assert_eq!(
+        (usage.reserved_tokens, usage.calls),
+        (0, 2),
+        "only the two calls sent count once the daemon has stopped: {usage:?}"
+    );
+    assert_eq!(e.h.task(id).state, State::Ready, "given back at shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_spends_from_its_roots_budget() {
     let e = env(r#"models = ["fast"]"#);

@@ -347,6 +347,10 @@ impl Daemon {
                 Ok(_) => stopped.push(lease),
             }
         }
+        // The stopped runs' model calls that never went out give their
+        // token reservations back before the process ends.
+        let settle_by = tokio::time::Instant::now() + Duration::from_secs(5);
+        self.run_side.settle_releases(settle_by).await;
         // Results that arrived until the runs stopped are kept; the rest is released.
         self.collect_finished();
         let reported: HashSet<Lease> = self.unwritten.iter().map(|r| r.lease).collect();

@@ -43,6 +43,23 @@ pub(super) struct RunSide {
     reads_inline: bool,
     /// Opens those connections.
     pub reopen: Reopen,
+    /// The reservation releases of runs cut off (see
+    /// [`RunHooks::release_reservation_later`]), awaited at shutdown.
+    releases: Mutex<tokio::task::JoinSet<()>>,
+}
+
+/// Runs `f` on the journal connection in `journal`, opening it first if
+/// need be.
+fn on_journal<T>(
+    journal: &Mutex<Option<Queue>>,
+    open: &Reopen,
+    f: impl FnOnce(&mut Queue) -> Result<T, QueueError>,
+) -> Result<T, QueueError> {
+    let mut slot = journal.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        *slot = Some(open()?);
+    }
+    f(slot.as_mut().expect("opened above"))
 }
 
 impl RunSide {
@@ -55,6 +72,7 @@ impl RunSide {
             reader_permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             reads_inline,
             reopen,
+            releases: Mutex::default(),
         }
     }
 
@@ -64,16 +82,27 @@ impl RunSide {
         f: impl FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, String> {
         let (journal, open) = (self.journal.clone(), self.reopen.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut slot = journal.lock().unwrap_or_else(|e| e.into_inner());
-            if slot.is_none() {
-                *slot = Some(open()?);
-            }
-            f(slot.as_mut().expect("opened above"))
-        })
-        .await
-        .map_err(|e| format!("the journal writer stopped: {e}"))?
-        .map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || on_journal(&journal, &open, f))
+            .await
+            .map_err(|e| format!("the journal writer stopped: {e}"))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits (until `by` at the latest) for the reservation releases of
+    /// runs dropped so far: the shutdown's last step, as the process ends
+    /// with the runtime, and an unfinished release with it, the budget then
+    /// counting the call for good.
+    pub async fn settle_releases(&self, by: tokio::time::Instant) {
+        let mut pending =
+            std::mem::take(&mut *self.releases.lock().unwrap_or_else(|e| e.into_inner()));
+        let settled =
+            tokio::time::timeout_at(by, async { while pending.join_next().await.is_some() {} });
+        if settled.await.is_err() {
+            tracing::warn!(
+                "{} token reservation release(s) were still being written at shutdown; they stay counted against the budgets",
+                pending.len()
+            );
+        }
     }
 
     /// Runs the read `f` on a reader connection of its own. On SQLite it
@@ -141,9 +170,27 @@ impl RunHooks for RunSide {
             .await
     }
 
-    async fn release_reservation(&self, lease: Lease, seq: u32) -> Result<(), String> {
-        self.with_journal(move |q| q.release_model_reservation(lease, seq))
-            .await
+    fn release_reservation_later(&self, lease: Lease, seq: u32) {
+        // Without a runtime the process is going down; the reservation
+        // stays counted, as for a daemon killed.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (journal, open) = (self.journal.clone(), self.reopen.clone());
+        let mut pending = self.releases.lock().unwrap_or_else(|e| e.into_inner());
+        while pending.try_join_next().is_some() {}
+        pending.spawn_blocking_on(
+            move || {
+                let released = on_journal(&journal, &open, |q| q.release_model_reservation(lease, seq));
+                if let Err(e) = released {
+                    tracing::warn!(
+                        task = lease.task_id,
+                        "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget): {e}"
+                    );
+                }
+            },
+            &runtime,
+        );
     }
 
     async fn state_get(

@@ -294,21 +294,7 @@ impl Drop for UnsentReservation {
         if !self.armed || self.on_wire.load(Ordering::Acquire) {
             return;
         }
-        // Dropped with its run, in the middle of the runtime's work: the
-        // release is a write of its own, done after. (Without a runtime,
-        // the process is going down and the reservation stays counted.)
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (hooks, lease, seq) = (self.hooks.clone(), self.lease, self.seq);
-        runtime.spawn(async move {
-            if let Err(e) = hooks.release_reservation(lease, seq).await {
-                tracing::warn!(
-                    task = lease.task_id,
-                    "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget): {e}"
-                );
-            }
-        });
+        self.hooks.release_reservation_later(self.lease, self.seq);
     }
 }
 

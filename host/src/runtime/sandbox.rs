@@ -59,10 +59,10 @@ pub trait RunHooks: Send + Sync {
     }
 
     /// Drops the token reservation of call `seq` of the run under `lease`,
-    /// cut off before any request went out (see `model::UnsentReservation`).
-    async fn release_reservation(&self, _lease: Lease, _seq: u32) -> Result<(), String> {
-        Ok(())
-    }
+    /// cut off before any request went out (see `model::UnsentReservation`):
+    /// called as the run is dropped, so the write is done after, and the
+    /// daemon waits for it before it ends.
+    fn release_reservation_later(&self, _lease: Lease, _seq: u32) {}
 
     /// Appends an audit event about the run (`http_request`, ...), fenced by
     /// the lease. Never carries secrets, bodies or prompts.

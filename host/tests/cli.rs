@@ -2091,6 +2091,68 @@ fn bench_measures_any_component_per_run() {
         "{said}"
     );
     assert!(!error.contains("agent-under-test"), "{said}");
+    // Said once, naming the user's file: no load warnings about the copy.
+    assert_eq!(said.matches("did not load").count(), 1, "{said}");
+    assert!(!said.contains("agent-under-test"), "{said}");
+}
+
+/// `bench --agent` counts each run as a daemon would record it: an output
+/// the queue refuses is `invalid_output`, not "ok", and the first failure
+/// is said; the manifest beside the component (PATH.toml) applies, so a
+/// loop is stopped at its timeout; a payload that is not JSON is refused.
+#[test]
+fn bench_of_a_component_classifies_runs_as_a_daemon_and_keeps_its_manifest() {
+    let env = Env::new(&[]);
+    let garbage = colony_tests::guest_path("garbage");
+    let out = env.run(&["bench", "--agent", garbage.to_str().unwrap(), "--runs", "5"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["outcomes"],
+        serde_json::json!({"invalid_output": 5}),
+        "{report}"
+    );
+    assert!(
+        said.contains("5 of 5 runs failed")
+            && said.contains("invalid_output: the agent's invalid output: not valid JSON"),
+        "{said}"
+    );
+
+    let spin = env.data.path().join("spin.wasm");
+    std::fs::copy(colony_tests::guest_path("spin"), &spin).unwrap();
+    env.file("spin.toml", "timeout = \"300ms\"\n");
+    let report: Value = serde_json::from_str(
+        env.ok(&["bench", "--agent", spin.to_str().unwrap(), "--runs", "1"])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        report["outcomes"],
+        serde_json::json!({"timeout": 1}),
+        "{report}"
+    );
+
+    let bad_manifest = env.file("spin.toml", "timeuot = \"1s\"\n");
+    let refused = env.run(&["bench", "--agent", spin.to_str().unwrap(), "--runs", "1"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains(&bad_manifest) && said.contains("timeuot"),
+        "{said}"
+    );
+
+    let echo = colony_tests::guest_path("echo");
+    let refused = env.run(&[
+        "bench",
+        "--agent",
+        echo.to_str().unwrap(),
+        "--payload",
+        "notjson",
+    ]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("--payload: not valid JSON"), "{said}");
 }
 
 /// What a new user's walkthrough stumbled on, each now said: a listing cut

@@ -15,7 +15,7 @@ use crate::orchestrator::{Daemon, DaemonConfig, DaemonSummary};
 use crate::queue::{Queue, QueueOptions};
 use crate::runtime::{AgentDir, NoHooks, Runtime, RuntimeConfig};
 use crate::task::NewTask;
-use crate::task::{ClaimedTask, Lease};
+use crate::task::{ClaimedTask, Lease, TaskError};
 
 /// The no-op guest (tests/guests/noop), built and embedded by build.rs.
 pub const NOOP_COMPONENT: &[u8] = include_bytes!(env!("COLONY_GUEST_NOOP"));
@@ -189,11 +189,33 @@ async fn host_overhead(runtime: &Runtime, agents: &Path) -> Result<Vec<Duration>
 
 /// `bench --agent`: what one component costs per run.
 async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<()> {
+    use tracing::instrument::WithSubscriber as _;
+    serde_json::from_str::<serde::de::IgnoredAny>(&args.payload).map_err(|e| {
+        super::BadInput(format!(
+            "--payload: not valid JSON ({e}); a task's payload is JSON"
+        ))
+    })?;
     let bytes = std::fs::read(component)
         .map_err(|e| super::BadInput(format!("--agent {}: {e}", component.display())))?;
+    // The component is measured as a copy in a folder of its own, with its
+    // manifest (PATH.toml) when it has one: its limits (timeout, memory,
+    // fuel) apply as in a daemon.
     let agents = root.join("agent-under-test");
     std::fs::create_dir_all(&agents)?;
-    std::fs::write(agents.join("agent.wasm"), &bytes)?;
+    let mut copies = vec![(agents.join("agent.wasm"), component.to_path_buf())];
+    std::fs::write(&copies[0].0, &bytes)?;
+    let manifest = component.with_extension("toml");
+    if manifest.is_file() {
+        std::fs::copy(&manifest, agents.join("agent.toml"))
+            .map_err(|e| super::BadInput(format!("{}: {e}", manifest.display())))?;
+        copies.push((agents.join("agent.toml"), manifest));
+    }
+    // Said of the copies, in a temporary folder: named as the user's files.
+    let as_users = |why: String| {
+        copies.iter().fold(why, |why, (copy, users)| {
+            why.replace(&copy.display().to_string(), &users.display().to_string())
+        })
+    };
     let cache = root.join(".colony-cache-agent");
     let mut loads = Vec::new();
     let mut runtime = None;
@@ -205,29 +227,43 @@ async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<(
             pooling: true,
         })?;
         let mut dir = AgentDir::new(&agents);
-        dir.rescan(&fresh).await;
+        // Whether it loaded is said once, below, naming the user's files.
+        dir.rescan(&fresh)
+            .with_subscriber(tracing::subscriber::NoSubscriber::default())
+            .await;
         loads.push(started.elapsed());
+        if let Some(why) = dir.entries().find_map(|e| match &e.status {
+            crate::runtime::AgentStatus::Broken(why) => Some(why.clone()),
+            _ => None,
+        }) {
+            bail!(super::BadInput(as_users(format!(
+                "the component did not load: {why}"
+            ))));
+        }
         runtime = Some(fresh);
     }
     let runtime = runtime.expect("loaded twice");
-    let (samples, outcomes) = run_times(
+    let (samples, outcomes, first_failure) = run_times(
         &runtime,
         &agents,
         "agent",
         &args.payload,
         args.runs as usize,
     )
-    .await
-    .map_err(|e| match e.downcast::<super::BadInput>() {
-        // Said of the copy measured, in a temporary folder: named as the
-        // user's file instead.
-        Ok(super::BadInput(why)) => {
-            let copy = agents.join("agent.wasm").display().to_string();
-            let why = why.replace(&copy, &component.display().to_string());
-            super::BadInput(why).into()
-        }
-        Err(e) => e,
-    })?;
+    .await?;
+    if let Some(failure) = first_failure {
+        let failed: u64 = outcomes
+            .iter()
+            .filter(|(kind, _)| kind.as_str() != "ok")
+            .filter_map(|(_, n)| n.as_u64())
+            .sum();
+        say!(
+            "note: {failed} of {} runs failed, as a daemon would record them; the first: {}: {}",
+            samples.len(),
+            failure.kind,
+            as_users(failure.message)
+        );
+    }
     let us = |p: f64| percentile(&samples, p).map(|d| d.as_secs_f64() * 1e6);
     let report = json!({
         "agent": component.display().to_string(),
@@ -242,16 +278,21 @@ async fn agent_cost(args: &BenchArgs, component: &Path, root: &Path) -> Result<(
     print_line(&report)
 }
 
+/// How many runs ended each way: "ok", or the kind of failure a daemon
+/// would record (the queue's checks of a successful run's output and
+/// spawned tasks included).
+type Outcomes = serde_json::Map<String, serde_json::Value>;
+
 /// Runs `agent` `runs` times one at a time (after `runs / 10` to warm caches
-/// and the instance pool); returns the sorted times of the measured runs
-/// and how many runs ended each way.
+/// and the instance pool); returns the sorted times of the measured runs,
+/// how many ended each way and the first measured run's failure.
 async fn run_times(
     runtime: &Runtime,
     agents: &Path,
     name: &str,
     payload: &str,
     runs: usize,
-) -> Result<(Vec<Duration>, serde_json::Map<String, serde_json::Value>)> {
+) -> Result<(Vec<Duration>, Outcomes, Option<TaskError>)> {
     let mut dir = AgentDir::new(agents);
     dir.rescan(runtime).await;
     let agent = match dir.loaded(name) {
@@ -272,6 +313,7 @@ async fn run_times(
     let warm_up = runs / 10;
     let mut samples = Vec::with_capacity(runs);
     let mut outcomes = serde_json::Map::new();
+    let mut first_failure = None;
     let hooks: Arc<NoHooks> = Arc::new(NoHooks);
     for i in 0..(warm_up + runs) as i64 {
         let task = ClaimedTask {
@@ -291,16 +333,20 @@ async fn run_times(
         let report = runtime.run(&agent, &task, hooks.clone()).await;
         if i >= warm_up as i64 {
             samples.push(report.elapsed); // the first runs warm caches and the pool
-            let outcome = match &report.outcome {
-                crate::task::RunOutcome::Failure(e) => e.kind.to_string(),
-                _ => "ok".into(),
+            let outcome = match crate::queue::outcome_failure(&report.outcome) {
+                Some(failure) => {
+                    let kind = failure.kind.to_string();
+                    first_failure.get_or_insert(failure);
+                    kind
+                }
+                None => "ok".into(),
             };
             let n = outcomes.entry(outcome).or_insert(json!(0));
             *n = json!(n.as_u64().unwrap_or(0) + 1);
         }
     }
     samples.sort();
-    Ok((samples, outcomes))
+    Ok((samples, outcomes, first_failure))
 }
 
 pub(super) fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {

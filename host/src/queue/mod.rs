@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::task::{self, NewTask, RunOutcome, State, Task};
+use crate::task::{self, NewTask, RunOutcome, State, Task, TaskError};
 pub use crate::task::{ClaimedTask, Lease};
 pub use copy::CopyReport;
 pub use dashboard::{
@@ -433,6 +433,14 @@ pub const MAX_SPAWN_PER_RUN: usize = 1000;
 ///
 /// `COLONY_CLOCK_OFFSET_MS` shifts it (for rehearsing a host whose clock is
 /// wrong; PostgreSQL decisions use the server's clock and are unaffected).
+/// What the queue would refuse in a run's outcome (output not JSON or too
+/// large, too many or malformed spawned tasks), as the failure it would
+/// store; a failed run's own failure. For `colony bench --agent`, which
+/// runs components without storing them.
+pub fn outcome_failure(outcome: &RunOutcome) -> Option<TaskError> {
+    review::check_outcome(outcome, None, QueueOptions::default().max_payload_bytes).err()
+}
+
 pub fn now_ms() -> i64 {
     static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let offset = *OFFSET.get_or_init(|| {

@@ -609,6 +609,19 @@ async fn broken_components_are_reported_and_skipped() {
     )
     .unwrap();
 
+    // Limits in their bounds, but less than the component needs to start.
+    for (name, manifest) in [
+        ("tiny_memory", "memory_mb = 1\n"),
+        ("little_fuel", "fuel = 1\n"),
+    ] {
+        std::fs::copy(
+            guest_path("echo"),
+            h.agents.path().join(format!("{name}.wasm")),
+        )
+        .unwrap();
+        std::fs::write(h.agents.path().join(format!("{name}.toml")), manifest).unwrap();
+    }
+
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
     let reason = |name: &str| match &agents.entries().find(|e| e.name == name).unwrap().status {
@@ -639,6 +652,17 @@ async fn broken_components_are_reported_and_skipped() {
     assert!(
         manifest.contains("bad_manifest.toml") && manifest.contains("memroy_mb"),
         "{manifest}"
+    );
+    let tiny = reason("tiny_memory");
+    assert!(
+        tiny.contains("larger than the 1 MiB it may use: raise `memory_mb` in")
+            && tiny.contains("tiny_memory.toml"),
+        "{tiny}"
+    );
+    let little = reason("little_fuel");
+    assert!(
+        little.contains("needs more than the `fuel = 1` of") && little.contains("little_fuel.toml"),
+        "{little}"
     );
     assert_eq!(agents.loaded_names(), vec!["echo"]);
 

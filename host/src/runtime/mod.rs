@@ -476,7 +476,7 @@ impl Runtime {
         let instance_pre = flavor
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| fail(format!("its imports are not all provided by the host (only WASI and colony:agent/host are): {e}")))?;
+            .map_err(|e| fail(format!("its imports are not all provided by the host (it provides WASI 0.2, wasi:http's outgoing-handler, and colony:agent@0.2.0's host, model, state and effects or @0.1.0's host; `colony wit --out DIR` writes them to build against): {e}")))?;
         let pre = match bindings::AgentPre::new(instance_pre.clone()) {
             Ok(pre) => AgentPre::Current(pre),
             Err(current) => bindings_v0_1::AgentPre::new(instance_pre)
@@ -516,8 +516,9 @@ impl Runtime {
         match trial {
             Ok(Ok(_)) => Ok(agent),
             Ok(Err(e)) => Err(fail(format!(
-                "instantiating it failed: {}",
-                error_chain(&e)
+                "instantiating it failed: {}{}",
+                error_chain(&e),
+                manifest_limit_hint(&e, &agent.limits, &path.with_extension("toml"))
             ))),
             Err(_) => Err(fail(format!(
                 "instantiating it did not finish within {}",
@@ -875,4 +876,25 @@ pub fn not_a_component(start: &[u8]) -> Option<NotAComponent> {
         ));
     }
     None
+}
+
+/// Which of the manifest's limits stopped a component's start-up, when one
+/// did: both are accepted in their bounds, but a component may need more
+/// than the value given before it runs at all.
+fn manifest_limit_hint(e: &wasmtime::Error, limits: &Limits, manifest: &Path) -> String {
+    let manifest = manifest.display();
+    if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel)
+        && let Some(fuel) = limits.fuel
+    {
+        return format!(
+            " (its start-up needs more than the `fuel = {fuel}` of {manifest}: raise it)"
+        );
+    }
+    if format!("{e:#}").contains("exceeds memory limits") {
+        return format!(
+            " (its memory starts larger than the {} MiB it may use: raise `memory_mb` in {manifest})",
+            limits.memory_bytes >> 20
+        );
+    }
+    String::new()
 }

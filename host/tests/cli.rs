@@ -1680,6 +1680,13 @@ fn wit_writes_exactly_the_wit_of_the_repository() {
         files_under(repo_wit).len(),
         "{again}"
     );
+    // A file where the folder should be: bad input, left as it was.
+    let file = env.file("afile", "mine");
+    let refused = env.run(&["wit", "--out", &file]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("that is a file; give a directory"), "{said}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }
 
 #[test]

@@ -406,7 +406,7 @@ async fn a_guest_that_exits_is_said_to_have_exited() {
     let (_, message) = fails_as(&h, task, ErrorKind::Crash).await;
     assert_eq!(
         message,
-        "the guest called exit (reporting failure, status 1) instead of returning an outcome, after writing to stderr: fixture exiting with 3"
+        "the guest called exit (reporting failure; WASI 0.2 carries no exit code) instead of returning an outcome, after writing to stderr: fixture exiting with 3"
     );
 }
 
@@ -420,6 +420,10 @@ async fn megabytes_of_output_are_truncated_and_the_task_completes() {
     let log = h.log(id);
     assert!(log.contains("--- stdout ---") && log.contains("--- stderr ---"));
     assert!(log.contains("[log truncated:"), "the log says it was cut");
+    assert!(
+        log.contains("x… [5904 more bytes dropped: one log message keeps 4 KiB]"),
+        "a long message says it was cut"
+    );
     assert!(
         log.len() < 3 * 64 * 1024 + 1024,
         "log kept {} bytes",

@@ -125,6 +125,13 @@ pub fn init(dir: &Path, agents: &Path, config: &Path) -> Result<Vec<PathBuf>> {
 /// `colony wit --out DIR`: the WIT this binary speaks. Files of the same
 /// name are replaced (a stale copy is what this is for); others are left.
 pub fn write_wit(out: &Path) -> Result<Vec<PathBuf>> {
+    if out.exists() && !out.is_dir() {
+        return Err(BadInput(format!(
+            "--out {}: that is a file; give a directory (created if missing)",
+            out.display()
+        ))
+        .into());
+    }
     let mut written = Vec::new();
     for (name, text) in WIT_FILES {
         let path = out.join(name);

@@ -757,10 +757,10 @@ fn classify_trap(
             text => format!(", after writing to stderr: {text}"),
         };
         // WASI 0.2's exit carries success or failure only: `exit(3)`
-        // arrives as status 1.
+        // arrives as 1, so no status is named.
         let how = match status {
-            0 => "reporting success".to_string(),
-            _ => format!("reporting failure, status {status}"),
+            0 => "reporting success",
+            _ => "reporting failure; WASI 0.2 carries no exit code",
         };
         let mut message =
             format!("the guest called exit ({how}) instead of returning an outcome{said}");

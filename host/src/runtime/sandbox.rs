@@ -237,7 +237,14 @@ impl host_v0_1::Host for RunState {
 
 impl RunState {
     fn log_line(&mut self, level: types::Level, message: String) {
-        let message = truncate(message, MAX_MESSAGE_BYTES);
+        let dropped = message.len().saturating_sub(MAX_MESSAGE_BYTES);
+        let mut message = truncate(message, MAX_MESSAGE_BYTES);
+        if dropped > 0 {
+            message.push_str(&format!(
+                " [{dropped} more bytes dropped: one log message keeps {} KiB]",
+                MAX_MESSAGE_BYTES >> 10
+            ));
+        }
         self.mirror_to_host_log(level, &message);
         let name = match level {
             types::Level::Trace => "trace",

@@ -1,6 +1,6 @@
-//! `loud`: floods stdout, stderr and the host's log (4 MiB each) before
-//! succeeding, to check that the host bounds captured guest output instead
-//! of buffering or relaying it all.
+//! `loud`: logs one 10 KB message, then floods stdout, stderr and the
+//! host's log (4 MiB each) before succeeding, to check that the host bounds
+//! captured guest output instead of buffering or relaying it all.
 
 wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
@@ -22,6 +22,8 @@ fn line(stream: &str, i: usize) -> String {
 
 impl Guest for Loud {
     fn run(_task: Task) -> Result<Outcome, Failure> {
+        // One message longer than the host keeps of one (4 KiB).
+        colony::agent::host::log(colony::agent::types::Level::Warn, &"x".repeat(10_000));
         let mut printed = 0;
         for i in 0..PER_STREAM / LINE_LEN {
             let line = line("stdout", i);

@@ -116,8 +116,14 @@ fn behaves_like_every_other_language(language: &str, component: Result<PathBuf, 
     std::fs::copy(&component, env.agents.path().join("wordcount.wasm")).unwrap();
     // `colony agents` loads it as the daemon does (its pool is sized for one
     // run; a Python component alone needs more than 8 core instances).
-    let listed = env.json(&["agents"]);
+    let loaded = env.ok_with_env(&["--json", "agents"], &[]);
+    let listed: Value = serde_json::from_slice(&loaded.stdout).unwrap();
     assert_eq!(listed[0]["loaded"], true, "{listed}");
+    // Its first load compiles for seconds, and says so rather than go quiet.
+    if language != "rust" {
+        let said = String::from_utf8_lossy(&loaded.stderr);
+        assert!(said.contains("note: compiling the components in"), "{said}");
+    }
     let good = env.submit(&["wordcount", r#"{"text":"the quick brown fox"}"#]);
     let bad = env.submit(&["wordcount", r#"{"words":"no text here"}"#]);
     let raises = env.submit(&[

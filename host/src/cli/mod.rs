@@ -1166,9 +1166,25 @@ async fn load_agents(
             dir.display()
         );
     }
+    // A first load compiles each component (an interpreted one for 10-15
+    // s): said when it takes a while, rather than a silent minute.
+    let slow_note = {
+        let (dir, cache) = (dir.display().to_string(), cache_dir(db));
+        tokio::spawn(async move {
+            tokio::time::sleep(SLOW_LOAD_NOTE_AFTER).await;
+            say!(
+                "note: compiling the components in {dir} (a Python or JavaScript one takes 10-15 s the first time; the compiled code is kept in {} for the next load)...",
+                cache.display()
+            );
+        })
+    };
     agents.rescan(&runtime).await;
+    slow_note.abort();
     Ok((Arc::new(runtime), agents))
 }
+
+/// How long loading the agents may take before a note says why.
+const SLOW_LOAD_NOTE_AFTER: Duration = Duration::from_secs(2);
 
 // ----- submit ------------------------------------------------------------------
 

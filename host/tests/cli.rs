@@ -2408,6 +2408,19 @@ fn a_database_this_user_may_only_read_is_read_and_an_unreadable_one_is_named() {
     assert_eq!(refused.status.code(), Some(2), "{said}");
     assert!(said.contains("this user may not read the file"), "{said}");
     assert!(!id.is_empty());
+    // A write to the file it may only read: bad input naming why, not
+    // SQLite's "attempt to write a readonly database" with exit 1.
+    let refused = as_nobody(&["--db", readable.to_str().unwrap(), "submit", "echo", "{}"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("this user may not write to it"), "{said}");
+    let listed = as_nobody(&["--db", readable.to_str().unwrap(), "--json", "list"]);
+    let tasks: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        tasks.as_array().map(Vec::len),
+        Some(1),
+        "nothing added: {tasks}"
+    );
 }
 
 /// A command that reads the queue, or changes what is already in it,

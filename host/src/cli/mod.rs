@@ -927,6 +927,31 @@ pub fn cache_dir(db: &Path) -> PathBuf {
 
 pub async fn run(cli: Cli) -> Result<()> {
     let _ = SQLITE_SYNC.set(cli.sync.into());
+    run_command(&cli)
+        .await
+        .map_err(|e| explain_read_only(&cli.db, e))
+}
+
+/// SQLite's "attempt to write a readonly database" (exit 1, as if it might
+/// pass), said as what it is: bad input, this user may not write there.
+fn explain_read_only(db: &Path, e: anyhow::Error) -> anyhow::Error {
+    let read_only = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<QueueError>(),
+            Some(QueueError::Sqlite(rusqlite::Error::SqliteFailure(f, _)))
+                if f.code == rusqlite::ErrorCode::ReadOnly
+        )
+    });
+    if !read_only {
+        return e;
+    }
+    bad(format!(
+        "database {}: this user may not write to it (the file, or the folder its -wal and -shm files go in, is read-only to it); check the permissions (ls -l), or give another --db ({e:#})",
+        hide_userinfo(&db.to_string_lossy())
+    ))
+}
+
+async fn run_command(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Submit(args) => submit(&cli, args).await,
         Command::List {

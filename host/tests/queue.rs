@@ -642,6 +642,23 @@ on_both_drivers! {
         let task = q.get(id).unwrap();
         assert_eq!(task.error.unwrap().kind, ErrorKind::Rejected);
         assert_eq!(task.revisions, 2);
+        // Each rejection's event names the revision it starts; the final
+        // one starts none, and says how many were used.
+        let details: Vec<serde_json::Value> = q
+            .events(Some(id), 0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "reject")
+            .map(|e| e.detail)
+            .collect();
+        assert_eq!(
+            details,
+            [
+                json!({"note": "note 1", "revision": 1, "max_revisions": 2}),
+                json!({"note": "note 2", "revision": 2, "max_revisions": 2}),
+                json!({"note": "note 3", "revisions_used": 2, "max_revisions": 2}),
+            ]
+        );
     }
 
     fn a_reviewer_agent_decides_automatically(db) {

@@ -2,7 +2,7 @@
 //! holding it for review, completing (children, state writes, effects), and
 //! the verdicts of people and reviewer agents.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, TaskError};
 
@@ -318,9 +318,7 @@ fn send_back_stale(tx: &dyn Sql, id: i64, conflict: &str, actor: &str, now: i64)
         args![id],
     )?;
     let (revisions, max_revisions): (u32, u32) = (row.get(0)?, row.get(1)?);
-    let detail = json!({
-        "conflict": conflict, "revision": revisions + 1, "max_revisions": max_revisions
-    });
+    let detail = revision_detail("conflict", conflict, revisions, max_revisions);
     let from = Some(State::Review);
     if revisions >= max_revisions {
         let to = record(tx, id, from, Event::ApproveStaleFinal, actor, &detail, now)?;
@@ -346,6 +344,18 @@ fn send_back_stale(tx: &dyn Sql, id: i64, conflict: &str, actor: &str, now: i64)
     Ok(to)
 }
 
+/// The detail of a rejection's or stale approval's event, `why` under
+/// `field`: the revision it starts, or, with none left, the revisions the
+/// task had used (a final one starts none).
+fn revision_detail(field: &str, why: &str, revisions: u32, max_revisions: u32) -> Value {
+    let mut detail = json!({ field: why, "max_revisions": max_revisions });
+    match revisions < max_revisions {
+        true => detail["revision"] = json!(revisions + 1),
+        false => detail["revisions_used"] = json!(revisions),
+    }
+    detail
+}
+
 pub(super) fn reject_in(tx: &dyn Sql, id: i64, note: &str, actor: &str, now: i64) -> Result<State> {
     let from = state_of(tx, id)?;
     outbox::drop_proposed(tx, id)?;
@@ -354,7 +364,7 @@ pub(super) fn reject_in(tx: &dyn Sql, id: i64, note: &str, actor: &str, now: i64
         args![id],
     )?;
     let (revisions, max_revisions): (u32, u32) = (row.get(0)?, row.get(1)?);
-    let detail = json!({"note": note, "revision": revisions + 1, "max_revisions": max_revisions});
+    let detail = revision_detail("note", note, revisions, max_revisions);
     if revisions < max_revisions {
         let to = record(tx, id, Some(from), Event::Reject, actor, &detail, now)?;
         // A revision is a fresh round: it gets its attempts back.

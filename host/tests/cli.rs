@@ -2434,7 +2434,6 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
     let db = missing.to_str().unwrap();
     let readers: &[&[&str]] = &[
         &["list"],
-        &["status"],
         &["show", "1"],
         &["events"],
         &["review", "1", "approve"],
@@ -2460,6 +2459,18 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
         );
         assert!(!missing.exists(), "colony {args:?} created {db}");
     }
+    // status shows an empty queue, saying why, and creates nothing.
+    let status = env.ok_with_env(&["--json", "--db", db, "status"], &[]);
+    let report: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(report["by_state"], serde_json::json!({}), "{report}");
+    let said = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        said.contains("colony-typo.db: no such file")
+            && said.contains("the counts below are of an empty queue"),
+        "{said}"
+    );
+    assert!(!missing.exists(), "status created {db}");
+
     env.ok(&["--db", db, "state", "set", "--agent", "echo", "k", "1"]);
     let listed = env.json(&["--db", db, "state", "list", "--agent", "echo"]);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");

@@ -153,9 +153,11 @@ pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
                   Exit status: 0 on success, 2 on bad input (nothing was stored), 1 on any other error."
 )]
 pub struct Cli {
-    /// Where the queue lives: a SQLite file (created if missing; `sqlite:PATH`
-    /// also works) or a PostgreSQL URL (`postgres://user@host:5432/colony`,
-    /// migrated on first use) shared by daemons on several machines.
+    /// Where the queue lives: a SQLite file (`sqlite:PATH` also works;
+    /// created by submit, daemon, serve and state set if missing, while
+    /// commands that read a queue refuse a missing file) or a PostgreSQL URL
+    /// (`postgres://user@host:5432/colony`, migrated on first use) shared by
+    /// daemons on several machines.
     // COLONY_DB's value stays out of --help: a URL may hold a password.
     #[arg(
         long,
@@ -1027,7 +1029,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
             output::print_cancelled(&ids, cli.json)
         }
         Command::Agents => {
-            let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
+            let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
             output::print_agents(&agents, cli.json)
         }
         Command::State(command) => state::run(&cli, command),
@@ -1191,8 +1193,14 @@ async fn load_agents(
             dir.display()
         );
     }
-    // A first load compiles each component (an interpreted one for 10-15
-    // s): said when it takes a while, rather than a silent minute.
+    agents.rescan(&runtime).await;
+    Ok((Arc::new(runtime), agents))
+}
+
+/// The agents, for a command a person waits on (`status`, `agents`): a
+/// first load compiles each component (an interpreted one for 10-15 s),
+/// said when it takes a while rather than a silent minute.
+async fn load_agents_saying_so(db: &Path, dir: &Path) -> Result<(Arc<Runtime>, AgentDir)> {
     let slow_note = {
         let (dir, cache) = (dir.display().to_string(), cache_dir(db));
         tokio::spawn(async move {
@@ -1203,9 +1211,9 @@ async fn load_agents(
             );
         })
     };
-    agents.rescan(&runtime).await;
+    let loaded = load_agents(db, dir, 1, None).await;
     slow_note.abort();
-    Ok((Arc::new(runtime), agents))
+    loaded
 }
 
 /// How long loading the agents may take before a note says why.
@@ -1558,9 +1566,17 @@ fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
 // ----- status, events ------------------------------------------------------------
 
 async fn status(cli: &Cli) -> Result<()> {
-    let queue = open_existing_queue(&cli.db, &identity("cli"))?;
-    let report = output::StatusReport::load(&queue)?;
-    let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
+    // Also before anything was submitted (just after `colony init`): the
+    // counts of an empty queue, said so, with no file created there.
+    let report = match open_existing_queue(&cli.db, &identity("cli")) {
+        Ok(queue) => output::StatusReport::load(&queue)?,
+        Err(e) if matches!(e.downcast_ref::<QueueError>(), Some(QueueError::Missing(_))) => {
+            say!("note: {e}; the counts below are of an empty queue");
+            output::StatusReport::empty()
+        }
+        Err(e) => return Err(e),
+    };
+    let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
     output::print_status(&report, &agents, cli.json)
 }
 

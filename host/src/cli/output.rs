@@ -631,6 +631,17 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
+    /// The report of an empty queue.
+    pub fn empty() -> StatusReport {
+        StatusReport {
+            counts: Vec::new(),
+            oldest_ready: None,
+            leases: Vec::new(),
+            spend: Vec::new(),
+            effects: Vec::new(),
+        }
+    }
+
     /// Reads it; spend covers the last 24 hours.
     pub fn load(queue: &Queue) -> Result<StatusReport, QueueError> {
         Ok(StatusReport {

@@ -444,13 +444,20 @@ on_both_drivers! {
         // compile): said at submit, not only when a daemon starts.
         std::fs::write(env.agents.path().join("text.wasm"), "hello, world").unwrap();
         std::fs::write(env.agents.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
-        for (agent, says) in [("text", "not a WebAssembly file"), ("core", "core wasm module")] {
+        // A manifest a daemon refuses, read as it reads it.
+        std::fs::copy(colony_tests::guest_path("echo"), env.agents.path().join("typo.wasm")).unwrap();
+        std::fs::write(env.agents.path().join("typo.toml"), "timout = \"5s\"\n").unwrap();
+        for (agent, says) in [
+            ("text", "not a WebAssembly file"),
+            ("core", "core wasm module"),
+            ("typo", "typo.toml:1:1: unknown field `timout`"),
+        ] {
             let out = env.run(&["submit", agent, "{}"]);
             assert!(out.status.success());
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(stderr.contains(&format!("warning: agent \"{agent}\" cannot run")) && stderr.contains(says), "{stderr}");
         }
-        assert_eq!(env.task_count(), 3);
+        assert_eq!(env.task_count(), 4);
     }
 
     fn two_daemons_complete_2000_tasks_each_claimed_once(db) {

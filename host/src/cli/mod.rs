@@ -1286,9 +1286,27 @@ pub(crate) fn missing_agent_warnings(dir: &Path, tasks: &[NewTask]) -> Vec<Strin
                 file.display(),
                 not.reason()
             ));
+        } else if let Some(why) = manifest_problem(dir, agent)
+            && warned.insert(agent)
+        {
+            warnings.push(format!(
+                "agent {agent:?} cannot run: {why}; {waits} until its manifest is fixed"
+            ));
         }
     }
     warnings
+}
+
+/// What is wrong with the manifest `dir/<agent>.toml`, if it exists and is
+/// wrong: read as a daemon would, without loading the component.
+fn manifest_problem(dir: &Path, agent: &str) -> Option<String> {
+    let path = dir.join(format!("{agent}.toml"));
+    if !path.is_file() {
+        return None;
+    }
+    crate::runtime::Manifest::load(&path)
+        .and_then(|manifest| manifest.limits(&path, dir))
+        .err()
 }
 
 /// The first bytes of a component file, enough for [`not_a_component`].

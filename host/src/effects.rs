@@ -103,6 +103,13 @@ pub fn check_shape(
                 "header {name:?} has a control character (byte {bad:#04x}) in its value"
             ));
         }
+        // Silently replaced, the agent's own key would make it believe its
+        // receiver deduplicates by that key.
+        if name.eq_ignore_ascii_case("idempotency-key") {
+            return Err(format!(
+                "header {name:?} is set by the host: every attempt of an effect carries Idempotency-Key: colony-<task id>-<seq>, the same on each retry"
+            ));
+        }
         if HOST_SET_HEADERS
             .iter()
             .any(|set| name.eq_ignore_ascii_case(set))
@@ -143,6 +150,10 @@ mod tests {
             (&[("Connection", "close, X-Custom")], "set by the host"),
             (&[("Upgrade", "h2c")], "set by the host"),
             (&[("HOST", "other.example")], "set by the host"),
+            (
+                &[("Idempotency-Key", "mine-1")],
+                "set by the host: every attempt",
+            ),
             (&[("X-Ctl", "a\u{1}b")], "control character (byte 0x01)"),
             (&[("X-Del", "a\u{7f}")], "control character (byte 0x7f)"),
             (

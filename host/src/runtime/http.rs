@@ -494,7 +494,13 @@ impl HttpGrant {
                     format!("{:?} is not a header name", spec.header),
                 )
             })?;
-            if wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(&header) {
+            // Framing headers follow the body (a secret there was never
+            // sent), and an effect's Idempotency-Key is the host's own (a
+            // secret there went out beside it).
+            if wasmtime_wasi_http::DEFAULT_FORBIDDEN_HEADERS.contains(&header)
+                || ["content-length", "transfer-encoding", "idempotency-key"]
+                    .contains(&header.as_str())
+            {
                 return Err((key, format!("the host cannot set the header {header}")));
             }
             // Empty is as good as unset: it would send `Authorization: Bearer `.
@@ -1422,6 +1428,30 @@ mod tests {
         );
         let (_, why) = HttpGrant::from_manifest(m(Some(&other)), |_| Some("x".into())).unwrap_err();
         assert!(why.contains("not in allowed_hosts"), "{why}");
+
+        // Headers the host sets itself: a secret there was never sent
+        // (framing) or went out beside the host's own (an effect's key).
+        for header in [
+            "Host",
+            "Content-Length",
+            "transfer-encoding",
+            "Idempotency-Key",
+        ] {
+            let mut reserved = secrets.clone();
+            reserved.get_mut("https://api.example.com").unwrap().header = header.into();
+            let manifest = ManifestHttp {
+                allowed_hosts: Some(&hosts),
+                secrets: Some(&reserved),
+                http_timeout: None,
+                http_max_response_kb: None,
+                http_max_requests: None,
+            };
+            let (_, why) = HttpGrant::from_manifest(manifest, |_| Some("x".into())).unwrap_err();
+            assert!(
+                why.contains("the host cannot set the header"),
+                "{header}: {why}"
+            );
+        }
 
         let bad = vec!["https://example.com/path".to_string()];
         let (key, _) = HttpGrant::from_manifest(

@@ -1112,9 +1112,10 @@ on_both_drivers! {
     }
 
     /// A proposed effect's body is shown with its control characters
-    /// escaped (a carriage return let one request show as another); an
-    /// unknown task or an empty page is refused; a retried effect forgets
-    /// its last status.
+    /// escaped (a carriage return let one request show as another), with
+    /// the agent's headers, its first lines saying what they leave out, and
+    /// whole in JSON; an unknown task or an empty page is refused; a retried
+    /// effect keeps its last status and error until its next attempt.
     fn effects_are_shown_safely_and_retried_cleanly(db) {
         use colony_tests::model_server::ModelServer;
         let env = Env::on(db, &["stateful"]);
@@ -1134,6 +1135,22 @@ on_both_drivers! {
         for args in [["effects", "--task", "999"], ["effects", "--limit", "0"]] {
             assert_eq!(env.run(&args).status.code(), Some(2), "{args:?}");
         }
+        let long = "{\n  \"to\": \"acct-123\",\n  \"memo\": \"refund\",\n  \"amount_cents\": 99999900\n}";
+        let payload = serde_json::json!({"ops": [["effect", "POST", url, long, {"X-Request": "r-7"}]], "review": true});
+        let held = env.submit(&["stateful", &payload.to_string()]).to_string();
+        env.until_idle(&[]);
+        let shown = env.ok(&["effects", "--task", &held]);
+        assert!(
+            shown.contains("X-Request: r-7")
+                && shown.contains("\"memo\": \"refund\",")
+                && !shown.contains("amount_cents")
+                && shown.contains(&format!("… 28 more bytes (`colony effects --task {held} --json` shows the whole body)")),
+            "{shown}"
+        );
+        let effect = &env.json(&["effects", "--task", &held])[0];
+        assert_eq!(effect["body"], long, "{effect}");
+        assert_eq!(effect["headers"], serde_json::json!([["content-type", "application/json"], ["X-Request", "r-7"]]), "{effect}");
+        env.ok(&["cancel", &held]);
 
         // Refused by the receiver (a 400 fails at once), then retried.
         server.push_plain(400);
@@ -1143,7 +1160,8 @@ on_both_drivers! {
         assert_eq!((effect["state"].as_str(), effect["status"].as_u64()), (Some("failed"), Some(400)), "{effect}");
         env.ok(&["effects", "retry", &effect["id"].to_string()]);
         let effect = &env.json(&["effects", "--task", &id.to_string()])[0];
-        assert_eq!((effect["state"].as_str(), &effect["status"]), (Some("pending"), &Value::Null), "{effect}");
+        assert_eq!((effect["state"].as_str(), effect["status"].as_u64(), effect["attempts"].as_u64()), (Some("pending"), Some(400), Some(0)), "{effect}");
+        assert!(effect["error"].as_str().is_some_and(|e| e.contains("400")) && effect["next_at"].is_string(), "{effect}");
     }
 
     /// An until-idle daemon that waits for an effect's next try says so,

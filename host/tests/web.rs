@@ -875,3 +875,35 @@ fn the_task_page_says_its_bounds() {
         "{page}"
     );
 }
+
+/// A proposed effect shows a reviewer the agent's headers, the body's
+/// first lines saying what they leave out, and the whole body behind a
+/// click, on the review page and the task's page.
+#[test]
+fn a_reviewer_sees_a_proposed_effects_headers_and_whole_body() {
+    let env = Env::new(&["stateful"]);
+    std::fs::write(
+        env.agents.path().join("stateful.toml"),
+        "allowed_hosts = [\"http://127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    let body =
+        "{\n  \"to\": \"acct-123\",\n  \"memo\": \"refund\",\n  \"amount_cents\": 99999900\n}";
+    let payload = serde_json::json!({
+        "ops": [["effect", "POST", "http://127.0.0.1:9/pay", body, {"X-Request": "r-7"}]],
+        "review": true
+    });
+    let id = env.submit(&["stateful", &payload.to_string()]);
+    env.until_idle(&[]);
+    let web = Web::serve(&env);
+    for path in ["/review".to_string(), format!("/tasks/{id}")] {
+        let page = web.page(&path);
+        assert!(
+            page.contains("X-Request: r-7")
+                && page.contains("… 28 more bytes")
+                && page.contains("<summary>the whole body (70 bytes)</summary>")
+                && page.contains("&quot;amount_cents&quot;: 99999900"),
+            "{path}: {page}"
+        );
+    }
+}

@@ -48,7 +48,14 @@ pub fn effect_json(e: &EffectRow) -> serde_json::Value {
         "attempts": e.attempts,
         "status": e.status,
         "error": e.error,
-        "body_bytes": e.body_bytes,
+        "headers": e.headers,
+        "body_bytes": e.body_bytes(),
+        // The body as text when it is UTF-8 (JSON strings hold nothing else).
+        "body": e.body.as_deref().and_then(|b| std::str::from_utf8(b).ok()),
+        "body_is_text": e.body.as_deref().is_none_or(|b| std::str::from_utf8(b).is_ok()),
+        "created_at": super::output::time(e.created_at),
+        "updated_at": super::output::time(e.updated_at),
+        "next_at": (e.state == "pending").then(|| super::output::time(e.next_at)),
     })
 }
 
@@ -74,12 +81,15 @@ pub fn print_effect_lines(out: &mut impl std::io::Write, effects: &[EffectRow]) 
         )?;
         // The body comes from the agent: a carriage return or an escape
         // sequence in it would let one request show as another.
-        if e.state == "proposed"
-            && let Some(preview) = &e.body_preview
-        {
-            writeln!(out, "         body ({} bytes):", e.body_bytes)?;
-            for line in preview.lines() {
-                writeln!(out, "           {}", printable(line))?;
+        if e.state == "proposed" {
+            for (name, value) in &e.headers {
+                writeln!(out, "         {}: {}", printable(name), printable(value))?;
+            }
+            if let Some(preview) = e.body_preview() {
+                writeln!(out, "         body ({} bytes):", e.body_bytes())?;
+                for line in preview.lines() {
+                    writeln!(out, "           {}", printable(line))?;
+                }
             }
         }
     }
@@ -109,6 +119,14 @@ pub fn run(cli: &Cli, args: &EffectsArgs) -> Result<()> {
         writeln!(out, "no effects")?;
     } else {
         print_effect_lines(&mut out, &effects)?;
+    }
+    // After the listing, where a person reading it looks last.
+    if effects.len() == args.limit as usize {
+        out.flush()?;
+        say!(
+            "note: showing {} effects; there may be more: raise --limit or filter by --state or --task",
+            args.limit
+        );
     }
     Ok(())
 }

@@ -42,9 +42,44 @@ pub struct EffectRow {
     pub attempts: u32,
     pub status: Option<u16>,
     pub error: Option<String>,
-    pub body_bytes: usize,
-    /// The first lines of the body, for a reviewer.
-    pub body_preview: Option<String>,
+    /// The agent's own headers, in its order (the idempotency key and
+    /// secrets are added when sending, and never stored).
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// When a pending effect is due.
+    pub next_at: i64,
+}
+
+impl EffectRow {
+    pub fn body_bytes(&self) -> usize {
+        self.body.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The first three lines (at most 300 bytes) of the body, as text, for
+    /// a reviewer; a body cut there says how much was left out.
+    pub fn body_preview(&self) -> Option<String> {
+        let body = self.body.as_deref()?;
+        let head = &body[..body.len().min(300)];
+        // Up to the end of its third line, when the head has three.
+        let shown = head
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(2)
+            .map_or(head.len(), |(i, _)| i + 1);
+        let text = String::from_utf8_lossy(&body[..shown]);
+        let mut preview = text.lines().collect::<Vec<_>>().join("\n");
+        let left = body.len() - shown;
+        if left > 0 {
+            preview.push_str(&format!(
+                "\n… {left} more bytes (`colony effects --task {} --json` shows the whole body)",
+                self.task_id
+            ));
+        }
+        Some(preview)
+    }
 }
 
 /// Stores a run's effects with its completion: `proposed` while the task
@@ -358,8 +393,7 @@ impl Queue {
                 )));
             }
             tx.execute(
-                "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, error = NULL,
-                        status = NULL, updated_at = ?1
+                "UPDATE effects SET state = 'pending', attempts = 0, next_at = ?1, updated_at = ?1
                  WHERE id = ?2",
                 args![now, id],
             )?;
@@ -386,12 +420,14 @@ impl Queue {
         // type of a parameter it only sees tested for NULL.)
         let sql = match task_id {
             Some(_) => {
-                "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
+                "SELECT id, task_id, seq, method, url, state, attempts, status, error, body,
+                        headers, created_at, updated_at, next_at
                  FROM effects WHERE task_id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR state = ?2)
                  ORDER BY seq LIMIT ?3"
             }
             None => {
-                "SELECT id, task_id, seq, method, url, state, attempts, status, error, body
+                "SELECT id, task_id, seq, method, url, state, attempts, status, error, body,
+                        headers, created_at, updated_at, next_at
                  FROM effects
                  WHERE CAST(?1 AS BIGINT) IS NULL AND (CAST(?2 AS TEXT) IS NULL OR state = ?2)
                  ORDER BY id DESC LIMIT ?3"
@@ -401,9 +437,9 @@ impl Queue {
             db.query(sql, args![task_id, state, limit])?
                 .iter()
                 .map(|r| {
-                    let body: Option<Vec<u8>> = r.get(9)?;
+                    let (id, headers): (i64, String) = (r.get(0)?, r.get(10)?);
                     Ok(EffectRow {
-                        id: r.get(0)?,
+                        id,
                         task_id: r.get(1)?,
                         seq: r.get(2)?,
                         method: r.get(3)?,
@@ -412,8 +448,13 @@ impl Queue {
                         attempts: r.get(6)?,
                         status: http_status(r, 7)?,
                         error: r.get(8)?,
-                        body_bytes: body.as_ref().map_or(0, Vec::len),
-                        body_preview: body.map(|b| preview(&b)),
+                        body: r.get(9)?,
+                        headers: serde_json::from_str(&headers).map_err(|e| {
+                            QueueError::Corrupt(format!("effect {id}'s stored headers: {e}"))
+                        })?,
+                        created_at: r.get(11)?,
+                        updated_at: r.get(12)?,
+                        next_at: r.get(13)?,
                     })
                 })
                 .collect()
@@ -476,10 +517,4 @@ fn http_status(r: &Row, i: usize) -> Result<Option<u16>> {
             })
         })
         .transpose()
-}
-
-/// The first three lines (at most 300 bytes) of a body, as text.
-fn preview(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
-    text.lines().take(3).collect::<Vec<_>>().join("\n")
 }

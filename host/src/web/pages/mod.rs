@@ -141,6 +141,28 @@ pub fn short(text: &str, max: usize) -> String {
 }
 
 /// The hidden field every form that changes something carries.
+/// An effect's request as a reviewer needs it: the agent's headers and the
+/// body's first lines, and the whole body (when text) behind a click when
+/// those are not all of it.
+pub fn effect_request(e: &crate::queue::EffectRow) -> Markup {
+    let whole = e
+        .body
+        .as_deref()
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .filter(|text| Some(*text) != e.body_preview().as_deref());
+    html! {
+        @if !e.headers.is_empty() {
+            pre.headers { @for (name, value) in &e.headers { (name) ": " (value) "\n" } }
+        }
+        @if let Some(preview) = e.body_preview() {
+            pre { (preview) }
+        }
+        @if let Some(text) = whole {
+            details { summary { "the whole body (" (e.body_bytes()) " bytes)" } pre { (text) } }
+        }
+    }
+}
+
 pub fn csrf_field(caller: &Caller) -> Markup {
     html! {
         @if let Some(session) = caller.session() {

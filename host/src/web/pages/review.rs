@@ -49,7 +49,7 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                             }
                             @if !effects.is_empty() {
                                 h3 { "Proposed effects (sent on approval)" }
-                                ul { @for e in effects { li { code { (e.method) " " (e.url) } @if let Some(body) = &e.body_preview { pre { (body) } } } } }
+                                ul { @for e in effects { li { code { (e.method) " " (e.url) } (super::effect_request(e)) } } }
                             }
                             @if caller.session().is_some() {
                                 form.review method="post" action={ "/tasks/" (task.id) "/review" } {

@@ -118,14 +118,14 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
                 section {
                     h2 { "Effects" }
                     table {
-                        thead { tr { th.num { "#" } th { "request" } th { "state" } th.num { "attempts" } th { "status" } th { "body" } } }
+                        thead { tr { th.num { "#" } th { "request" } th { "state" } th.num { "attempts" } th { "status" } th { "headers and body" } } }
                         tbody {
                             @for e in &d.effects {
                                 tr {
                                     td.num { (e.seq) } td { code { (e.method) " " (e.url) } } td { (e.state) }
                                     td.num { (e.attempts) }
                                     td { @if let Some(s) = e.status { (s) } @if let Some(err) = &e.error { " " span.muted { (err) } } }
-                                    td { @if let Some(body) = &e.body_preview { pre { (body) } } }
+                                    td { (super::effect_request(e)) }
                                 }
                             }
                         }

@@ -289,7 +289,16 @@ fn describe(e: reqwest::Error) -> String {
     } else if e.is_connect() {
         "could not connect".to_string()
     } else {
-        format!("request failed: {}", e.without_url())
+        // reqwest's own text ("error sending request") hides the cause
+        // (the receiver closed the connection, a malformed answer).
+        let e = e.without_url();
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(inner) = cause {
+            why = format!("{why}: {inner}");
+            cause = inner.source();
+        }
+        format!("request failed: {why}")
     }
 }
 

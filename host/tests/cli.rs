@@ -946,10 +946,10 @@ on_both_drivers! {
         // A missing key is not deleted (nor is the delete recorded); a
         // chain that does not exist yet, or a task inside a chain, is not a
         // chain to write for.
-        let missing = env.run(&["state", "delete", "--agent", "ops", "stock/mug"]);
+        let missing = env.run(&["--json", "state", "delete", "--agent", "ops", "stock/mug"]);
         assert_eq!(missing.status.code(), Some(2));
         let said = String::from_utf8_lossy(&missing.stderr);
-        assert!(said.contains("nothing to delete"), "{said}");
+        assert!(said.contains("nothing to delete") && said.contains("\"kind\":\"not_found\""), "{said}");
         let root = env.submit(&["echo", "{}", "--next", r#"[{"agent": "echo"}]"#]);
         let refused = [
             (root + 100, format!("task {} does not exist", root + 100)),
@@ -1030,15 +1030,18 @@ on_both_drivers! {
         // Long values from a file or stdin (past a command line's limit).
         let long = serde_json::to_string(&"x".repeat(200 * 1024)).unwrap();
         let file = env.data.path().join("long.json");
-        std::fs::write(&file, &long).unwrap();
+        // An editor's byte-order mark and trailing line break are not stored.
+        std::fs::write(&file, format!("\u{feff}{long}\n")).unwrap();
         env.ok(&state(&["set", "--agent", "stateful", "from-file", &format!("@{}", file.display())]));
         let mut stdin_set = env.cmd();
         stdin_set.args(state(&["set", "--agent", "stateful", "from-stdin", "-"])).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
         let mut child = stdin_set.spawn().unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), long.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), format!("{long}\r\n").as_bytes()).unwrap();
         assert!(child.wait().unwrap().success());
         for key in ["from-file", "from-stdin"] {
             assert_eq!(env.ok(&state(&["get", "--agent", "stateful", key])).trim(), long, "{key}");
+            let stored = env.database.raw().value(&format!("SELECT length(value) FROM state WHERE key = '{key}'"));
+            assert_eq!(stored.int(), Some(long.len() as i64), "{key}");
         }
         let out = env.run(&state(&["set", "--agent", "stateful", "k", "@/no/such/file"]));
         assert_eq!(out.status.code(), Some(2));

@@ -103,7 +103,7 @@ async fn review_shows_proposed_effects_rejection_sends_nothing_approval_sends_th
     let proposed = q.effects(Some(approved), None, 10).unwrap();
     assert_eq!(proposed.len(), 1);
     assert_eq!(proposed[0].state, "proposed");
-    assert_eq!(proposed[0].body_preview.as_deref(), Some("approved body"));
+    assert_eq!(proposed[0].body_preview().as_deref(), Some("approved body"));
     assert_eq!(server.count(), 0, "nothing is sent while in review");
 
     q.reject(rejected, "no").unwrap();
@@ -544,5 +544,34 @@ async fn an_effect_unanswered_at_shutdown_is_given_back() {
             .as_str()
             .unwrap()
             .contains("same idempotency key")
+    );
+}
+
+/// A receiver that closes the connection without answering: the attempt's
+/// error says so (it said only "error sending request").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_closing_the_connection_is_named_in_the_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            // Read the request's first bytes, then hang up without a word.
+            let _ = std::io::Read::read(&mut stream, &mut [0u8; 1024]);
+        }
+    });
+    let agents = agents_dir_with(&["stateful"]);
+    let manifest = format!("allowed_hosts = [{origin:?}]\neffect_attempts = 1\n");
+    std::fs::write(agents.path().join("stateful.toml"), manifest).unwrap();
+    let h = Harness::with_shared_cache(agents);
+    let op = json!(["effect", "POST", format!("{origin}/hangs-up"), "x"]);
+    let id = submit(&h, json!({"ops": [op]}), 1);
+    h.run_until_idle().await;
+    let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
+    let error = row.error.clone().unwrap_or_default();
+    assert_eq!(row.state, "failed", "{row:?}");
+    assert!(
+        error.starts_with("request failed: error sending request: ") && error.contains("closed"),
+        "{error}"
     );
 }

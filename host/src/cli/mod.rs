@@ -955,7 +955,7 @@ fn explain_read_only(db: &Path, e: anyhow::Error) -> anyhow::Error {
 
 async fn run_command(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Submit(args) => submit(&cli, args).await,
+        Command::Submit(args) => submit(cli, args).await,
         Command::List {
             state,
             agent,
@@ -981,12 +981,12 @@ async fn run_command(cli: &Cli) -> Result<()> {
             let queue = open_existing_queue(&cli.db, &identity("cli"))?;
             output::print_task_detail(&output::TaskDetail::load(&queue, *id)?, cli.json)
         }
-        Command::Status => status(&cli).await,
+        Command::Status => status(cli).await,
         Command::Events {
             task,
             since,
             follow,
-        } => events(&cli, *task, *since, *follow).await,
+        } => events(cli, *task, *since, *follow).await,
         Command::Review { id, verdict, note } => {
             let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let to = match verdict {
@@ -1032,10 +1032,10 @@ async fn run_command(cli: &Cli) -> Result<()> {
             let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
             output::print_agents(&agents, cli.json)
         }
-        Command::State(command) => state::run(&cli, command),
-        Command::Effects(args) => effects::run(&cli, args),
-        Command::Daemon(args) => daemon(&cli, args).await,
-        Command::Serve(args) => serve::serve(&cli, args).await,
+        Command::State(command) => state::run(cli, command),
+        Command::Effects(args) => effects::run(cli, args),
+        Command::Daemon(args) => daemon(cli, args).await,
+        Command::Serve(args) => serve::serve(cli, args).await,
         Command::Init { dir } => {
             let written = builtin::init(dir, &cli.agents, cli.config_path())?;
             if cli.json {
@@ -1100,7 +1100,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::bench(args, postgres_db(&cli.db)).await,
-        Command::Migrate(args) => migrate(&cli, args),
+        Command::Migrate(args) => migrate(cli, args),
         Command::Torture(args) => {
             if torture::torture(args, postgres_db(&cli.db)).await? {
                 Ok(())
@@ -1109,7 +1109,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
             }
         }
         Command::Demo(args) => {
-            if demo::demo(args, &cli.agents, load_models(&cli)?).await? {
+            if demo::demo(args, &cli.agents, load_models(cli)?).await? {
                 Ok(())
             } else {
                 bail!("the demo did not end as expected (see above)")

@@ -117,17 +117,21 @@ fn entry_json(e: &Entry) -> EntryJson<'_> {
 
 /// The value a `state set` names: JSON, `@FILE` or `-` (stdin). Neither
 /// `@` nor a lone `-` begins a JSON text, so the forms cannot be confused.
+/// A file's or stdin's byte-order mark and trailing line break (editors add
+/// both; JSON means neither) are not stored.
 fn value_text(value: &str) -> Result<String> {
-    if value == "-" {
+    let read = if value == "-" {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
             .map_err(|e| bad(format!("value from stdin: {e}")))?;
-        return Ok(text);
-    }
-    match value.strip_prefix('@') {
-        Some(file) => std::fs::read_to_string(file).map_err(|e| bad(format!("value @{file}: {e}"))),
-        None => Ok(value.to_string()),
-    }
+        text
+    } else if let Some(file) = value.strip_prefix('@') {
+        std::fs::read_to_string(file).map_err(|e| bad(format!("value @{file}: {e}")))?
+    } else {
+        return Ok(value.to_string());
+    };
+    let text = super::without_bom(read);
+    Ok(text.trim_end_matches([' ', '\t', '\n', '\r']).to_string())
 }
 
 pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {

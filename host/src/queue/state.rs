@@ -386,14 +386,12 @@ impl Queue {
                 Scope::Agent => None,
             };
             let olds = check_writes(tx, &owners, writes)?.expect("no set-if, no conflict");
+            // Missing, as `state get` says of the same key (not_found).
             if value.is_none() && olds[0] == 0 {
-                return Err(QueueError::invalid(
-                    format!("key {key:?}"),
-                    format!(
-                        "{} {owner} has no state under it, so there is nothing to delete",
-                        scope.as_str()
-                    ),
-                ));
+                return Err(QueueError::Missing(format!(
+                    "no {} state key {key:?} for {owner}, so there is nothing to delete",
+                    scope.as_str()
+                )));
             }
             apply_writes(tx, task, &owners, writes, &olds, actor, now)?;
             version_of(tx, scope, owner, key)

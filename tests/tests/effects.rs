@@ -103,7 +103,10 @@ async fn review_shows_proposed_effects_rejection_sends_nothing_approval_sends_th
     let proposed = q.effects(Some(approved), None, 10).unwrap();
     assert_eq!(proposed.len(), 1);
     assert_eq!(proposed[0].state, "proposed");
-    assert_eq!(proposed[0].body_preview().as_deref(), Some("approved body"));
+    assert_eq!(
+        proposed[0].body_head(),
+        Some(("approved body".to_string(), 0))
+    );
     assert_eq!(server.count(), 0, "nothing is sent while in review");
 
     q.reject(rejected, "no").unwrap();

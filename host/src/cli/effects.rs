@@ -85,10 +85,17 @@ pub fn print_effect_lines(out: &mut impl std::io::Write, effects: &[EffectRow]) 
             for (name, value) in &e.headers {
                 writeln!(out, "         {}: {}", printable(name), printable(value))?;
             }
-            if let Some(preview) = e.body_preview() {
+            if let Some((head, left)) = e.body_head() {
                 writeln!(out, "         body ({} bytes):", e.body_bytes())?;
-                for line in preview.lines() {
+                for line in head.lines() {
                     writeln!(out, "           {}", printable(line))?;
+                }
+                if left > 0 {
+                    writeln!(
+                        out,
+                        "           … {left} more bytes (`colony effects --task {} --json` shows the whole body)",
+                        e.task_id
+                    )?;
                 }
             }
         }

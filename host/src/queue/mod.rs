@@ -429,10 +429,6 @@ pub const MAX_OUTPUT_BYTES: usize = 8 * 1024 * 1024;
 /// [`MAX_OUTPUT_BYTES`] together).
 pub const MAX_SPAWN_PER_RUN: usize = 1000;
 
-/// Milliseconds since the Unix epoch, by this host's clock.
-///
-/// `COLONY_CLOCK_OFFSET_MS` shifts it (for rehearsing a host whose clock is
-/// wrong; PostgreSQL decisions use the server's clock and are unaffected).
 /// What the queue would refuse in a run's outcome (output not JSON or too
 /// large, too many or malformed spawned tasks), as the failure it would
 /// store; a failed run's own failure. For `colony bench --agent`, which
@@ -441,6 +437,10 @@ pub fn outcome_failure(outcome: &RunOutcome) -> Option<TaskError> {
     review::check_outcome(outcome, None, QueueOptions::default().max_payload_bytes).err()
 }
 
+/// Milliseconds since the Unix epoch, by this host's clock.
+///
+/// `COLONY_CLOCK_OFFSET_MS` shifts it (for rehearsing a host whose clock is
+/// wrong; PostgreSQL decisions use the server's clock and are unaffected).
 pub fn now_ms() -> i64 {
     static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let offset = *OFFSET.get_or_init(|| {

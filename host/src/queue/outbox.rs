@@ -58,8 +58,8 @@ impl EffectRow {
     }
 
     /// The first three lines (at most 300 bytes) of the body, as text, for
-    /// a reviewer; a body cut there says how much was left out.
-    pub fn body_preview(&self) -> Option<String> {
+    /// a reviewer, and how many bytes of the body they leave out.
+    pub fn body_head(&self) -> Option<(String, usize)> {
         let body = self.body.as_deref()?;
         let head = &body[..body.len().min(300)];
         // Up to the end of its third line, when the head has three.
@@ -70,15 +70,10 @@ impl EffectRow {
             .nth(2)
             .map_or(head.len(), |(i, _)| i + 1);
         let text = String::from_utf8_lossy(&body[..shown]);
-        let mut preview = text.lines().collect::<Vec<_>>().join("\n");
-        let left = body.len() - shown;
-        if left > 0 {
-            preview.push_str(&format!(
-                "\n… {left} more bytes (`colony effects --task {} --json` shows the whole body)",
-                self.task_id
-            ));
-        }
-        Some(preview)
+        Some((
+            text.lines().collect::<Vec<_>>().join("\n"),
+            body.len() - shown,
+        ))
     }
 }
 

@@ -237,9 +237,11 @@ impl host_v0_1::Host for RunState {
 
 impl RunState {
     fn log_line(&mut self, level: types::Level, message: String) {
-        let dropped = message.len().saturating_sub(MAX_MESSAGE_BYTES);
+        let full = message.len();
         let mut message = truncate(message, MAX_MESSAGE_BYTES);
-        if dropped > 0 {
+        if full > MAX_MESSAGE_BYTES {
+            // Cut at a character boundary, then marked with '…'.
+            let dropped = full - (message.len() - '…'.len_utf8());
             message.push_str(&format!(
                 " [{dropped} more bytes dropped: one log message keeps {} KiB]",
                 MAX_MESSAGE_BYTES >> 10

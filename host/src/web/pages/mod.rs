@@ -145,17 +145,18 @@ pub fn short(text: &str, max: usize) -> String {
 /// body's first lines, and the whole body (when text) behind a click when
 /// those are not all of it.
 pub fn effect_request(e: &crate::queue::EffectRow) -> Markup {
+    let head = e.body_head();
     let whole = e
         .body
         .as_deref()
         .and_then(|b| std::str::from_utf8(b).ok())
-        .filter(|text| Some(*text) != e.body_preview().as_deref());
+        .filter(|_| head.as_ref().is_some_and(|(_, left)| *left > 0));
     html! {
         @if !e.headers.is_empty() {
             pre.headers { @for (name, value) in &e.headers { (name) ": " (value) "\n" } }
         }
-        @if let Some(preview) = e.body_preview() {
-            pre { (preview) }
+        @if let Some((text, left)) = &head {
+            pre { (text) @if *left > 0 { "\n… " (left) " more bytes" } }
         }
         @if let Some(text) = whole {
             details { summary { "the whole body (" (e.body_bytes()) " bytes)" } pre { (text) } }

@@ -2506,3 +2506,21 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
     let shown = env.json(&["--db", db, "show", id.trim()]);
     assert_eq!(shown["state"], "ready", "{shown}");
 }
+
+/// A run whose output the queue refuses is logged by the daemon with where
+/// to read why (it said only "refused by the queue"), and the task says it.
+#[test]
+fn a_refused_output_is_logged_with_where_to_read_why() {
+    let env = Env::new(&["garbage"]);
+    let id = env.submit(&["garbage", "{}", "--max-attempts", "1"]);
+    let out = env.ok_with_env(&["daemon", "--until-idle", "--poll", "100ms"], &[]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains(&format!(
+            "refused by the queue (`colony show {id}` says why)"
+        )),
+        "{log}"
+    );
+    let task = env.show(id);
+    assert_eq!(task["error"]["kind"], "invalid_output", "{task}");
+}

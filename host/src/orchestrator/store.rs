@@ -376,11 +376,11 @@ impl Daemon {
             }
             Applied::Moved(State::Pending) => {
                 self.summary.retried += 1;
-                tracing::info!(task = id, outcome = %outcome_summary(&run.outcome), "failed, will retry after a backoff");
+                tracing::info!(task = id, outcome = %outcome_summary(id, &run.outcome), "failed, will retry after a backoff");
             }
             Applied::Moved(state) => {
                 self.summary.failed += 1;
-                tracing::warn!(task = id, %state, outcome = %outcome_summary(&run.outcome), "failed");
+                tracing::warn!(task = id, %state, outcome = %outcome_summary(id, &run.outcome), "failed");
             }
             Applied::LeaseLost => {
                 self.summary.lost += 1;
@@ -395,11 +395,11 @@ impl Daemon {
 
 /// A run's outcome for the daemon's log: a failure's kind and message (cut
 /// to a line's worth), or a success by its size: a refused output of 8 MiB
-/// was logged whole.
-fn outcome_summary(outcome: &RunOutcome) -> String {
+/// was logged whole. Why the queue refused it is the task's error.
+fn outcome_summary(id: i64, outcome: &RunOutcome) -> String {
     match outcome {
         RunOutcome::Success { output, spawn, .. } => format!(
-            "success with {} bytes of output and {} spawned (refused by the queue)",
+            "success with {} bytes of output and {} spawned, refused by the queue (`colony show {id}` says why)",
             output.len(),
             spawn.len()
         ),

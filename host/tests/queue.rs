@@ -674,7 +674,8 @@ on_both_drivers! {
         let payload: serde_json::Value = serde_json::from_str(&review.payload).unwrap();
         assert_eq!(
             payload,
-            json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "output": {"draft": 1}})
+            json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "output": {"draft": 1},
+                   "effects": [], "state_writes": []})
         );
         q.finish(
             review.lease,
@@ -688,9 +689,41 @@ on_both_drivers! {
             (State::Ready, Some("more detail"))
         );
 
+        // The reviewer sees what approval would release: the run's effects
+        // and state writes.
         let lease = claim_one(&mut q, "writer");
-        q.finish(lease, ok(json!({"draft": 2})), "").unwrap();
+        let run = colony::queue::FinishedRun {
+            lease,
+            outcome: ok(json!({"draft": 2})),
+            log: String::new(),
+            state: vec![colony::state::Write {
+                scope: colony::state::Scope::Agent,
+                key: "published".into(),
+                value: Some("{\"draft\": 2}".into()),
+                if_version: Some(0),
+            }],
+            effects: vec![colony::effects::Effect {
+                seq: 1,
+                method: "POST".into(),
+                url: "https://api.example/pay".into(),
+                headers: vec![("X-Request".into(), "r-7".into())],
+                body: Some(b"{\"amount_cents\": 99999900}".to_vec()),
+                max_attempts: 5,
+            }],
+            claimed: None,
+        };
+        q.finish_batch(&[run]).unwrap();
         let review = q.claim("critic", 1).unwrap().remove(0);
+        let payload: serde_json::Value = serde_json::from_str(&review.payload).unwrap();
+        assert_eq!(
+            (&payload["effects"], &payload["state_writes"]),
+            (
+                &json!([{"method": "POST", "url": "https://api.example/pay", "headers": [["X-Request", "r-7"]],
+                         "body": "{\"amount_cents\": 99999900}", "body_bytes": 26}]),
+                &json!([{"scope": "agent", "key": "published", "value": {"draft": 2}, "if_version": 0}])
+            ),
+            "{payload}"
+        );
         q.finish(review.lease, ok(json!({"approve": true})), "")
             .unwrap();
         assert_eq!(q.get(id).unwrap().state, State::Complete);

@@ -162,7 +162,13 @@ pub(super) fn finish_in(
             if held.review || needs_review {
                 super::state::hold_writes(tx, id, &run.state)?;
                 outbox::store(tx, id, &run.effects, true, now)?;
-                review::enter_review(tx, id, &held, output, &spawn, actor, now)?
+                let run = review::HeldRun {
+                    output,
+                    spawn: &spawn,
+                    effects: &run.effects,
+                    writes: &run.state,
+                };
+                review::enter_review(tx, id, &held, &run, actor, now)?
             } else {
                 if let Some(checked) = &owners {
                     checked.apply(tx, id, State::InProgress, &run.state, actor, now)?;

@@ -100,11 +100,11 @@ pub(super) fn enter_review(
     tx: &dyn Sql,
     id: i64,
     held: &Held,
-    output: &str,
-    spawn: &[NextSpec],
+    run: &HeldRun,
     actor: &str,
     now: i64,
 ) -> Result<State> {
+    let (output, spawn) = (run.output, run.spawn);
     let detail = json!({"attempt": held.attempts, "reviewer": held.reviewer});
     let to = record(
         tx,
@@ -130,8 +130,10 @@ pub(super) fn enter_review(
         let row = tx.query_one("SELECT agent, payload FROM tasks WHERE id = ?1", args![id])?;
         let (agent, payload): (String, String) = (row.get(0)?, row.get(1)?);
         let review_payload = format!(
-            r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output}}}"#,
-            serde_json::Value::String(agent)
+            r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output},"effects":{},"state_writes":{}}}"#,
+            serde_json::Value::String(agent),
+            proposed_effects_json(run.effects),
+            held_writes_json(run.writes)
         );
         validate_json("review payload", &review_payload, usize::MAX)?;
         let mut review_task = NewTask::new(reviewer.clone(), review_payload);
@@ -143,6 +145,50 @@ pub(super) fn enter_review(
         )?;
     }
     Ok(to)
+}
+
+/// What a run held for review leaves to be decided: its output and
+/// spawned tasks, and the effects and state writes approval would release.
+pub(super) struct HeldRun<'a> {
+    pub output: &'a str,
+    pub spawn: &'a [NextSpec],
+    pub effects: &'a [crate::effects::Effect],
+    pub writes: &'a [crate::state::Write],
+}
+
+/// The effects a reviewer agent approves with the task, as it needs them
+/// to judge: method, URL, the agent's headers and the body (as text when
+/// it is UTF-8, else null beside its size).
+fn proposed_effects_json(effects: &[crate::effects::Effect]) -> Value {
+    effects
+        .iter()
+        .map(|e| {
+            let body = e.body.as_deref();
+            json!({
+                "method": e.method,
+                "url": e.url,
+                "headers": e.headers,
+                "body": body.and_then(|b| std::str::from_utf8(b).ok()),
+                "body_bytes": body.map_or(0, <[u8]>::len),
+            })
+        })
+        .collect()
+}
+
+/// The state writes a reviewer agent approves with the task (a delete's
+/// value is null).
+fn held_writes_json(writes: &[crate::state::Write]) -> Value {
+    writes
+        .iter()
+        .map(|w| {
+            // Checked as JSON by the runtime (`state::check_write`).
+            let value = w
+                .value
+                .as_deref()
+                .and_then(|v| serde_json::from_str::<Value>(v).ok());
+            json!({"scope": w.scope.as_str(), "key": w.key, "value": value, "if_version": w.if_version})
+        })
+        .collect()
 }
 
 /// Marks a task complete (`to`, as the table said), inserts its children

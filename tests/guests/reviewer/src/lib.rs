@@ -1,6 +1,6 @@
 //! `reviewer`: a reviewing agent. Approves the reviewed task's output unless
 //! that output contains `"revise": true`, in which case it asks for a revision.
-//! Payload: `{"task_id": .., "agent": "..", "payload": <JSON>, "output": <JSON>}`.
+//! Payload: `{"task_id": .., "agent": "..", "payload": <JSON>, "output": <JSON>, "effects": [..], "state_writes": [..]}`.
 
 wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 

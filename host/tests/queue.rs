@@ -720,12 +720,64 @@ on_both_drivers! {
             (
                 &json!([{"method": "POST", "url": "https://api.example/pay", "headers": [["X-Request", "r-7"]],
                          "body": "{\"amount_cents\": 99999900}", "body_bytes": 26}]),
-                &json!([{"scope": "agent", "key": "published", "value": {"draft": 2}, "if_version": 0}])
+                &json!([{"scope": "agent", "key": "published", "value": {"draft": 2}, "value_bytes": 12, "if_version": 0}])
             ),
             "{payload}"
         );
         q.finish(review.lease, ok(json!({"approve": true})), "")
             .unwrap();
+        assert_eq!(q.get(id).unwrap().state, State::Complete);
+
+        // What a reviewer's payload shows is bounded (1 MiB of bodies and
+        // values, in the run's order): one past it is null beside its size,
+        // so a run's 8 MiB of bodies and 16 MiB of state cannot make a
+        // payload its reviewer cannot parse.
+        let mut new = NewTask::new("writer", "{}");
+        new.reviewer = Some("critic".into());
+        let id = q.submit(&new).unwrap().id;
+        let big = |c: char| format!("\"{}\"", c.to_string().repeat(700 << 10));
+        let effect = |seq: u32, body: String| colony::effects::Effect {
+            seq,
+            method: "POST".into(),
+            url: "https://api.example/upload".into(),
+            headers: vec![],
+            body: Some(body.into_bytes()),
+            max_attempts: 5,
+        };
+        let write = |key: &str, value: Option<String>| colony::state::Write {
+            scope: colony::state::Scope::Agent,
+            key: key.into(),
+            value,
+            if_version: None,
+        };
+        let run = colony::queue::FinishedRun {
+            lease: claim_one(&mut q, "writer"),
+            outcome: ok(json!({"draft": 3})),
+            log: String::new(),
+            state: vec![write("small", Some("[1]".into())), write("gone", None), write("large", Some(big('v')))],
+            effects: vec![effect(1, big('a')), effect(2, big('b'))],
+            claimed: None,
+        };
+        q.finish_batch(&[run]).unwrap();
+        let review = q.claim("critic", 1).unwrap().remove(0);
+        let payload: serde_json::Value = serde_json::from_str(&review.payload).unwrap();
+        let bodies: Vec<_> = payload["effects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["body"].as_str().map(str::len), e["body_bytes"].as_u64()))
+            .collect();
+        let size = (700 << 10) + 2;
+        assert_eq!(bodies, [(Some(size), Some(size as u64)), (None, Some(size as u64))]);
+        assert_eq!(
+            payload["state_writes"],
+            json!([
+                {"scope": "agent", "key": "small", "value": [1], "value_bytes": 3, "if_version": null},
+                {"scope": "agent", "key": "gone", "value": null, "value_bytes": 0, "if_version": null},
+                {"scope": "agent", "key": "large", "value": null, "value_bytes": size, "if_version": null},
+            ])
+        );
+        q.finish(review.lease, ok(json!({"approve": true})), "").unwrap();
         assert_eq!(q.get(id).unwrap().state, State::Complete);
 
         // A reviewer whose output is not a verdict fails; the task waits for a person.

@@ -129,11 +129,10 @@ pub(super) fn enter_review(
     if let Some(reviewer) = &held.reviewer {
         let row = tx.query_one("SELECT agent, payload FROM tasks WHERE id = ?1", args![id])?;
         let (agent, payload): (String, String) = (row.get(0)?, row.get(1)?);
+        let (effects, state_writes) = proposed_actions_json(run.effects, run.writes);
         let review_payload = format!(
-            r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output},"effects":{},"state_writes":{}}}"#,
+            r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output},"effects":{effects},"state_writes":{state_writes}}}"#,
             serde_json::Value::String(agent),
-            proposed_effects_json(run.effects),
-            held_writes_json(run.writes)
         );
         validate_json("review payload", &review_payload, usize::MAX)?;
         let mut review_task = NewTask::new(reviewer.clone(), review_payload);
@@ -156,39 +155,65 @@ pub(super) struct HeldRun<'a> {
     pub writes: &'a [crate::state::Write],
 }
 
-/// The effects a reviewer agent approves with the task, as it needs them
-/// to judge: method, URL, the agent's headers and the body (as text when
-/// it is UTF-8, else null beside its size).
-fn proposed_effects_json(effects: &[crate::effects::Effect]) -> Value {
-    effects
+/// How many bytes of effect bodies and state values a reviewer agent's
+/// payload shows, in the run's order; each one past it is null beside its
+/// size. A run may hold 8 MiB of bodies and 16 MiB of state: shown whole
+/// they would make a payload a reviewer's default memory cannot parse.
+const REVIEW_SHOWS_BYTES: usize = 1 << 20;
+
+/// What is left of [`REVIEW_SHOWS_BYTES`] as bodies and values are shown.
+struct ShownBytes(usize);
+
+impl ShownBytes {
+    /// Whether `len` more bytes may be shown (and if so, counts them).
+    fn take(&mut self, len: usize) -> bool {
+        let fits = len <= self.0;
+        if fits {
+            self.0 -= len;
+        }
+        fits
+    }
+}
+
+/// The effects and state writes a reviewer agent approves with the task,
+/// as it needs them to judge. Effects: method, URL, the agent's headers,
+/// the body as text (null when not UTF-8 or past what the payload shows)
+/// and its size. Writes: scope, key, the value (null for a delete or past
+/// what the payload shows), its size and the version it was set against.
+fn proposed_actions_json(
+    effects: &[crate::effects::Effect],
+    writes: &[crate::state::Write],
+) -> (Value, Value) {
+    let mut shown = ShownBytes(REVIEW_SHOWS_BYTES);
+    let effects = effects
         .iter()
         .map(|e| {
             let body = e.body.as_deref();
+            let text = body
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .filter(|t| shown.take(t.len()));
             json!({
                 "method": e.method,
                 "url": e.url,
                 "headers": e.headers,
-                "body": body.and_then(|b| std::str::from_utf8(b).ok()),
+                "body": text,
                 "body_bytes": body.map_or(0, <[u8]>::len),
             })
         })
-        .collect()
-}
-
-/// The state writes a reviewer agent approves with the task (a delete's
-/// value is null).
-fn held_writes_json(writes: &[crate::state::Write]) -> Value {
-    writes
+        .collect();
+    let writes = writes
         .iter()
         .map(|w| {
+            let raw = w.value.as_deref().unwrap_or_default();
             // Checked as JSON by the runtime (`state::check_write`).
-            let value = w
-                .value
-                .as_deref()
+            let value = Some(raw)
+                .filter(|v| !v.is_empty() && shown.take(v.len()))
                 .and_then(|v| serde_json::from_str::<Value>(v).ok());
-            json!({"scope": w.scope.as_str(), "key": w.key, "value": value, "if_version": w.if_version})
+            json!({"scope": w.scope.as_str(), "key": w.key, "value": value,
+                   "value_bytes": raw.len(), "if_version": w.if_version})
         })
-        .collect()
+        .collect();
+    (effects, writes)
 }
 
 /// Marks a task complete (`to`, as the table said), inserts its children

@@ -1,6 +1,7 @@
 //! `reviewer`: a reviewing agent. Approves the reviewed task's output unless
 //! that output contains `"revise": true`, in which case it asks for a revision.
-//! Payload: `{"task_id": .., "agent": "..", "payload": <JSON>, "output": <JSON>, "effects": [..], "state_writes": [..]}`.
+//! Payload: `{"task_id": .., "agent": "..", "payload": <JSON>, "output": <JSON>, "effects": [..], "state_writes": [..]}`
+//! (bodies and values past the first 1 MiB are null beside their sizes).
 
 wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 

@@ -804,6 +804,66 @@ on_both_drivers! {
         assert_eq!((task.state, task.attempts), (State::Complete, 1));
     }
 
+    /// A call this host refused (here: larger than the alias's tokens per
+    /// minute, never sent) is no reason to pay again for the calls after it:
+    /// replay matches calls by their place in the run, not by their order
+    /// among the calls a provider saw.
+    fn a_call_the_host_refused_does_not_end_the_replay_after_it(db) {
+        use colony_tests::model_server::{ModelServer, Scripted};
+        let env = Env::on(db, &["thinker"]);
+        std::fs::write(env.agents.path().join("thinker.toml"), "models = [\"fast\"]\n").unwrap();
+        let server = ModelServer::start();
+        for text in ["one", "three"] {
+            server.push(Scripted::answer_with_usage(text, 1, 1));
+        }
+        let config = env.file(
+            "colony.toml",
+            format!(
+                "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\ntokens_per_minute = 150\n",
+                server.openai_url()
+            ),
+        );
+        let daemon = |extra: &[&str]| {
+            env.cmd()
+                .env("COLONY_CONFIG", &config)
+                .env("FAST_KEY", "sk-fast")
+                .args(["daemon", "--heartbeat", "200ms", "--stale-after", "1s", "--poll", "100ms"])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let payload = serde_json::json!({
+            "prompts": ["a", "x".repeat(2000), "c"],
+            "max_tokens": 10,
+            "on_error": "continue",
+            "sleep_after": [3, 60000],
+        });
+        let id = env.submit(&["thinker", &payload.to_string()]);
+        let mut first = daemon(&[]);
+        wait_for("three model calls", Duration::from_secs(30), || {
+            env.queue().model_calls(id).unwrap().len() == 3
+        });
+        signal(&first, "-KILL");
+        first.wait().unwrap();
+        assert_eq!(server.count(), 2, "the second call was refused by the host");
+
+        let second = daemon(&["--until-idle"]).wait_with_output().unwrap();
+        assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+        let task = env.queue().get(id).unwrap();
+        assert_eq!(task.state, State::Complete, "{:?}", task.error);
+        assert_eq!(server.count(), 2, "the first and third calls were replayed, not paid again");
+        let result = task.result.unwrap();
+        let replayed: Vec<bool> = result["replies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["replayed"].as_bool().unwrap())
+            .collect();
+        assert_eq!(replayed, [true, true], "{result}");
+    }
+
     fn a_killed_daemons_model_calls_are_replayed_not_paid_again(db) {
         use colony_tests::model_server::{ModelServer, Scripted};
         let env = Env::on(db, &["thinker"]);

@@ -193,11 +193,12 @@ impl ModelSession {
             _ => return refused(self.not_granted(&request.model)),
         };
         let default_max = providers.default_max_tokens(&request.model).unwrap_or(0);
+        let seq = self.seq;
         let loaded = match self.load().await {
             Ok(loaded) => loaded,
             Err(e) => return refused(e),
         };
-        if let Some(recorded) = take_replay(&mut loaded.replay, hash) {
+        if let Some(recorded) = take_replay(&mut loaded.replay, seq, hash) {
             return Answer {
                 outcome: Ok(recorded),
                 replayed: true,
@@ -298,17 +299,28 @@ impl Drop for UnsentReservation {
     }
 }
 
-/// The next recorded reply, if the previous run asked the same question at
-/// this point. A recorded error is not replayed (the call is made for real)
-/// but replay goes on after it; the first different question ends replay
-/// for the rest of the run: the agent is on a new path.
-fn take_replay(replay: &mut VecDeque<ModelCall>, hash: &str) -> Option<ChatReply> {
-    let next = replay.pop_front()?;
-    if next.request_hash != hash {
+/// The recorded reply of the previous run's call `seq`, if it asked the
+/// same question there. Calls are matched by their place in the run (`seq`
+/// counts every call, refused ones too), not by their order in the
+/// journal: a call this host refused is not in it, and a call refused in
+/// this run never gets here, so counting entries would pair each later
+/// call with the wrong record and end replay (paying again). A recorded
+/// error is not replayed (the call is made for real) but replay goes on
+/// after it; the first different question ends replay for the rest of the
+/// run: the agent is on a new path.
+fn take_replay(replay: &mut VecDeque<ModelCall>, seq: u32, hash: &str) -> Option<ChatReply> {
+    while replay.front().is_some_and(|call| call.seq < seq) {
+        replay.pop_front();
+    }
+    if replay.front()?.seq > seq {
+        return None; // the previous run's call here was refused: nothing to replay
+    }
+    let recorded = replay.pop_front()?;
+    if recorded.request_hash != hash {
         replay.clear();
         return None;
     }
-    next.outcome.ok()
+    recorded.outcome.ok()
 }
 
 // ----- the WIT interface ---------------------------------------------------------

@@ -355,6 +355,51 @@ async fn persistent_rate_limiting_is_rate_limited() {
     assert_eq!(server.count(), 1 + 2, "retried once a second within 2 s");
 }
 
+/// A provider that answers only 429 costs nothing, however it answers:
+/// `Retry-After: 0` does not make the host hammer it (the backoff still
+/// applies), and no retry starts with so little of the call's timeout left
+/// that it would be cut off unanswered (which counts as charged).
+#[tokio::test]
+async fn a_provider_answering_only_429_is_rate_limited_and_charges_nothing() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"2s\""));
+    for _ in 0..100 {
+        server.push(Scripted::rate_limited(0));
+    }
+    let on_wire = std::sync::atomic::AtomicBool::new(false);
+    let failure = providers
+        .call(&ask("fast", "hi"), &on_wire)
+        .await
+        .unwrap_err();
+    assert_eq!(failure.error.kind(), "rate_limited", "{}", failure.error);
+    assert!(
+        failure.error.to_string().contains("HTTP 429"),
+        "{}",
+        failure.error
+    );
+    assert_eq!(failure.charged, Usage::default());
+    assert!(
+        server.count() <= 5,
+        "backed off: {} requests in 2 s",
+        server.count()
+    );
+
+    // Each 429 takes 350 ms to come, and asks for a second's wait: after two
+    // of them too little of the 3 s is left for a reply.
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"3s\""));
+    for _ in 0..10 {
+        server.push(Scripted::rate_limited(1).after(Duration::from_millis(350)));
+    }
+    let failure = providers
+        .call(&ask("fast", "hi"), &on_wire)
+        .await
+        .unwrap_err();
+    assert_eq!(failure.error.kind(), "rate_limited", "{}", failure.error);
+    assert_eq!(failure.charged, Usage::default(), "{}", failure.error);
+    assert_eq!(server.count(), 2);
+}
+
 #[tokio::test]
 async fn persistent_server_errors_end_unavailable_within_the_timeout() {
     let server = ModelServer::start();

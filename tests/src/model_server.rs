@@ -55,6 +55,11 @@ pub enum Scripted {
     Status { status: u16, message: String },
     /// Never answers (sleeps for ten minutes, or until the server stops).
     Hang,
+    /// Answers as `then` does, after `after`.
+    Slow {
+        after: Duration,
+        then: Box<Scripted>,
+    },
     /// HTTP 200 with a body that is not JSON.
     Malformed,
     /// HTTP 200 whose `Content-Length` promises more than is sent before
@@ -92,6 +97,14 @@ impl Scripted {
 
     pub fn rate_limited(retry_after_secs: u64) -> Scripted {
         Scripted::RateLimited { retry_after_secs }
+    }
+
+    /// `self`, answered after `after`.
+    pub fn after(self, after: Duration) -> Scripted {
+        Scripted::Slow {
+            after,
+            then: Box::new(self),
+        }
     }
 
     pub fn status(status: u16, message: impl Into<String>) -> Scripted {
@@ -408,6 +421,10 @@ async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Res
                 status,
                 error_body(protocol, "invalid_request_error", &message),
             )
+        }
+        Scripted::Slow { after, then } => {
+            tokio::time::sleep(after).await;
+            Box::pin(respond(*then, protocol, request)).await
         }
         Scripted::Hang => {
             tokio::time::sleep(Duration::from_secs(600)).await;

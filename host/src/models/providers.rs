@@ -359,15 +359,21 @@ impl Providers {
                 }
             };
             let give_up = |failure| uncharged(give_up(name, alias, failure, attempt));
+            let backoff = crate::retry::backoff(RETRY_BASE, attempt).min(MAX_RETRY_DELAY);
             let delay = match &failure {
                 Failure::Timeout => return Err(give_up(&failure)),
                 Failure::NoReply => return Err((give_up(&failure).0, true)),
+                // Never sooner than the backoff: `Retry-After: 0` from a
+                // provider that keeps refusing would be a busy loop.
                 Failure::RateLimited {
                     retry_after: Some(wait),
-                } => *wait,
-                _ => crate::retry::backoff(RETRY_BASE, attempt).min(MAX_RETRY_DELAY),
+                } => (*wait).max(backoff),
+                _ => backoff,
             };
-            if Instant::now() + delay >= deadline {
+            // A retry cut off before the provider answers counts as charged
+            // (it may be generating the reply): one that would start with
+            // less than a quarter of the call's timeout left is not made.
+            if Instant::now() + delay + alias.config.timeout / 4 >= deadline {
                 return Err(give_up(&failure));
             }
             tracing::warn!(

@@ -493,6 +493,44 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     assert_eq!(events[0].task_id, third);
 }
 
+/// The model journal's ids come from a sequence too: `/metrics` waits at a
+/// call committed after a later one rather than leaving its tokens and
+/// cost out of the counters for good.
+#[test]
+fn metrics_count_a_model_call_committed_late() {
+    let Some(db) = TestDb::postgres() else { return };
+    let queue = db.open();
+    let metrics = colony::web::metrics::Metrics::new();
+    metrics.render(&queue).unwrap();
+    let insert = |tokens: i64| {
+        format!(
+            "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                 request_hash, request, status, input_tokens, output_tokens, ms, replayed)
+             VALUES (0, 1, 1, 'writer', 1, 1, 1, 'fast', 'h', 'null', 'ok', {tokens}, 0, 1, 0)"
+        )
+    };
+    let input_tokens = |text: &str| -> String {
+        text.lines()
+            .find(|l| {
+                l.starts_with("colony_model_tokens_total{") && l.contains("direction=\"input\"")
+            })
+            .unwrap_or("none")
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let mut late = db.raw();
+    late.execute("BEGIN");
+    late.execute(&insert(5000));
+    db.raw().execute(&insert(100));
+    // The later call waits behind the open one (until it commits, or for
+    // the gap wait if it rolls back).
+    assert_eq!(input_tokens(&metrics.render(&queue).unwrap()), "none");
+    late.execute("COMMIT");
+    assert_eq!(input_tokens(&metrics.render(&queue).unwrap()), "5100");
+}
+
 /// A role granted the tables but not the tasks' id sequence (a schema
 /// owned by an administrator) submits batches too: one task per statement,
 /// since it may not draw ids itself, in the batch's order.

@@ -190,13 +190,14 @@ impl Queue {
         self.read(|db| db.query_value("SELECT COALESCE(MAX(id), 0) FROM events", args![]))
     }
 
-    /// Model calls after `since` by id, with what each one charged.
-    pub fn model_charges_after(&self, since: i64, limit: u32) -> Result<Vec<ModelCharge>> {
+    /// The model calls with `from < id <= to` (a range a
+    /// [`TrailCursor::over_model_calls`] handed on), with what each charged.
+    pub fn model_charges_between(&self, from: i64, to: i64) -> Result<Vec<ModelCharge>> {
         self.read(|db| {
             let rows = db.query(
                 "SELECT id, agent, alias, input_tokens, output_tokens, cost_usd FROM model_calls
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
-                args![since, i64::from(limit)],
+                 WHERE id > ?1 AND id <= ?2 ORDER BY id",
+                args![from, to],
             )?;
             rows.iter()
                 .map(|r| {

@@ -20,9 +20,12 @@ use super::{AuditEvent, Queue, Result};
 /// rolled-back insert: far longer than any of Colony's transactions.
 pub const GAP_WAIT: Duration = Duration::from_secs(10);
 
-/// Where a reader of the trail is.
+/// Where a reader of the trail (or of the model journal, whose ids
+/// PostgreSQL hands out the same way) is.
 #[derive(Clone, Debug)]
 pub struct TrailCursor {
+    /// The statement listing committed ids after `?1`, at most `?2`.
+    ids_after: &'static str,
     last: i64,
     /// Runs of missing ids seen after `last` (`start..end`), and since when.
     holes: HashMap<(i64, i64), Instant>,
@@ -35,8 +38,17 @@ impl TrailCursor {
         TrailCursor::with_gap_wait(last, GAP_WAIT)
     }
 
+    /// A cursor after model call `last` in the journal (`model_calls`).
+    pub fn over_model_calls(last: i64) -> TrailCursor {
+        TrailCursor {
+            ids_after: "SELECT id FROM model_calls WHERE id > ?1 ORDER BY id LIMIT ?2",
+            ..TrailCursor::new(last)
+        }
+    }
+
     pub fn with_gap_wait(last: i64, gap_wait: Duration) -> TrailCursor {
         TrailCursor {
+            ids_after: "SELECT id FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
             last,
             holes: HashMap::new(),
             gap_wait,
@@ -52,12 +64,8 @@ impl TrailCursor {
     /// them; returns `(from, to)`: the events with `from < id <= to` are
     /// safe to hand on, and no later read will find another among them.
     pub fn advance(&mut self, queue: &Queue, limit: u32) -> Result<(i64, i64)> {
-        let ids: Vec<i64> = queue.read(|db| {
-            db.query_column(
-                "SELECT id FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
-                args![self.last, i64::from(limit)],
-            )
-        })?;
+        let ids: Vec<i64> =
+            queue.read(|db| db.query_column(self.ids_after, args![self.last, i64::from(limit)]))?;
         let from = self.last;
         let now = Instant::now();
         let mut expected = self.last + 1;

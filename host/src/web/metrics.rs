@@ -21,6 +21,36 @@ use prometheus_client::registry::Registry;
 use crate::queue::{AgentEvent, ModelCharge, Queue, QueueError, TrailCursor};
 use crate::task::State;
 
+/// Hands the rows a cursor moves over to `each`, a page at a time, up to
+/// [`MAX_PER_CATCH_UP`]. A page that could not be read is read again next
+/// time: the cursor moves only over pages handed on.
+fn follow<T>(
+    cursor: &mut TrailCursor,
+    queue: &Queue,
+    read: impl Fn(&Queue, i64, i64) -> Result<Vec<T>, QueueError>,
+    mut each: impl FnMut(&[T]),
+) -> Result<(), QueueError> {
+    let mut moved = 0;
+    loop {
+        let before = cursor.clone();
+        let page = cursor
+            .advance(queue, PAGE)
+            .and_then(|(from, to)| Ok((to - from, read(queue, from, to)?)));
+        let (ids, rows) = match page {
+            Ok(page) => page,
+            Err(e) => {
+                *cursor = before;
+                return Err(e);
+            }
+        };
+        each(&rows);
+        moved += ids as usize;
+        if (ids as usize) < PAGE as usize || moved >= MAX_PER_CATCH_UP {
+            return Ok(());
+        }
+    }
+}
+
 /// Minutes of history the chart and the success rates cover.
 pub const WINDOW_MINUTES: i64 = 60;
 /// Rows read per query while catching up, and at most per catch-up (the
@@ -132,7 +162,7 @@ struct Tail {
     /// Prometheus; a counter that came back with the last hour's runs in it
     /// would count them twice).
     history_until: i64,
-    last_call: Option<i64>,
+    calls: Option<TrailCursor>,
     ready_at: HashMap<i64, i64>,
     claimed_at: HashMap<i64, i64>,
     minutes: BTreeMap<i64, Minute>,
@@ -246,9 +276,9 @@ impl Metrics {
     pub fn catch_up(&self, queue: &Queue) -> Result<(), QueueError> {
         let _one_at_a_time = self.catching_up.lock().unwrap();
         let now = queue.now()?;
-        let (trail, last_call) = {
+        let (trail, calls) = {
             let mut tail = self.tail.lock().unwrap();
-            (tail.trail.take(), tail.last_call)
+            (tail.trail.take(), tail.calls.take())
         };
         let mut trail = match trail {
             Some(trail) => trail,
@@ -262,43 +292,24 @@ impl Metrics {
                 )
             }
         };
-        let mut read = 0;
-        let caught_up = loop {
-            let (from, to) = match trail.advance(queue, PAGE) {
-                Ok(range) => range,
-                Err(e) => break Err(e),
-            };
-            let events = match queue.events_with_agent(from, to) {
-                Ok(events) => events,
-                Err(e) => break Err(e),
-            };
+        let caught_up = follow(&mut trail, queue, Queue::events_with_agent, |events| {
             let mut tail = self.tail.lock().unwrap();
-            for event in &events {
+            for event in events {
                 self.count(&mut tail, event);
             }
-            read += (to - from) as usize;
-            if ((to - from) as usize) < PAGE as usize || read >= MAX_PER_CATCH_UP {
-                break Ok(());
-            }
-        };
+        });
         // The cursor stays where it got to, even when a read failed.
         self.tail.lock().unwrap().trail = Some(trail);
         caught_up?;
-        let mut calls_since = match last_call {
-            Some(id) => id,
-            None => queue.last_model_call_id()?,
+        let mut calls = match calls {
+            Some(calls) => calls,
+            None => TrailCursor::over_model_calls(queue.last_model_call_id()?),
         };
-        loop {
-            let charges = queue.model_charges_after(calls_since, PAGE)?;
-            for c in &charges {
-                self.charge(c);
-                calls_since = c.id;
-            }
-            self.tail.lock().unwrap().last_call = Some(calls_since);
-            if charges.len() < PAGE as usize {
-                break;
-            }
-        }
+        let caught_up = follow(&mut calls, queue, Queue::model_charges_between, |charges| {
+            charges.iter().for_each(|c| self.charge(c))
+        });
+        self.tail.lock().unwrap().calls = Some(calls);
+        caught_up?;
         let cutoff = (now / 60_000) - WINDOW_MINUTES;
         let mut tail = self.tail.lock().unwrap();
         tail.minutes.retain(|minute, _| *minute > cutoff);

@@ -8,7 +8,7 @@ use common::on_both_drivers;
 
 use std::time::Duration;
 
-use colony::models::{Budget, ChatReply, ChatRequest, Finish, ModelCall, Usage};
+use colony::models::{Budget, BudgetOf, ChatReply, ChatRequest, Finish, ModelCall, Usage};
 use colony::queue::{Applied, Lease, Queue};
 use colony::task::{NewTask, NextSpec};
 use serde_json::json;
@@ -81,10 +81,10 @@ on_both_drivers! {
             Budget::Reserved { left: 90 }
         );
         // While a's call is in flight, b cannot reserve past what is left.
-        assert_eq!(
+        assert!(matches!(
             q.reserve_model_tokens(b, 1, 110, None).unwrap(),
-            Budget::Refused { left: 90 }
-        );
+            Budget::Refused { left: 90, by: BudgetOf::Chain { budget: 200, .. } }
+        ));
         // a's call settles at 50 tokens: its reservation gives way to its charge.
         let charged = Usage {
             input_tokens: 30,
@@ -119,10 +119,10 @@ on_both_drivers! {
             reset.iter().map(|r| r.task_id).collect::<Vec<_>>(),
             vec![a.task_id]
         );
-        assert_eq!(
+        assert!(matches!(
             q.reserve_model_tokens(b, 1, 51, None).unwrap(),
-            Budget::Refused { left: 50 }
-        );
+            Budget::Refused { left: 50, by: BudgetOf::Chain { budget: 200, .. } }
+        ));
         assert!(
             q.reserve_model_tokens(a, 1, 1, None).is_err(),
             "a lost lease reserves nothing"
@@ -249,7 +249,7 @@ on_both_drivers! {
         .unwrap();
         assert_eq!(
             q.reserve_model_tokens(a, 1, 30, Some(120)).unwrap(),
-            Budget::Refused { left: 20 }
+            Budget::Refused { left: 20, by: BudgetOf::Manifest(120) }
         );
         let unlimited = q.submit(&NewTask::new("solo", "{}")).unwrap().id;
         let solo = q.claim("solo", 1).unwrap()[0].lease;

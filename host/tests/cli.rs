@@ -965,6 +965,22 @@ on_both_drivers! {
         env.ok(&["retry", &poor.to_string(), "--token-budget", "5000"]);
         daemon(&["--until-idle"]).wait_with_output().unwrap();
         assert_eq!(env.queue().get(poor).unwrap().state, State::Complete);
+
+        // The error names the budget that refused and what raises it.
+        let poor = env.submit(&["thinker", "--token-budget", "20", r#"{"prompts": ["e"], "max_tokens": 100}"#]);
+        std::fs::write(
+            env.agents.path().join("thinker.toml"),
+            "models = [\"fast\"]\ntoken_budget = 60\n",
+        )
+        .unwrap();
+        let capped = env.submit(&["thinker", "--token-budget", "5000", r#"{"prompts": ["f"], "max_tokens": 100}"#]);
+        daemon(&["--until-idle"]).wait_with_output().unwrap();
+        let message = |id: i64| env.json(&["show", &id.to_string()])["error"]["message"].as_str().unwrap().to_string();
+        let said = message(poor);
+        assert!(said.contains(&format!("the chain (root task {poor}) has 20 left of its budget of 20 tokens")), "{said}");
+        let said = message(capped);
+        assert!(said.contains("the task has 60 left of the 60 tokens its agent's manifest allows a task"), "{said}");
+        assert!(said.contains("--token-budget cannot raise it"), "{said}");
     }
 
     fn operators_see_and_fix_state_from_the_cli(db) {

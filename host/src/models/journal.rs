@@ -57,6 +57,33 @@ pub enum Budget {
     Unlimited,
     /// Set aside; this many tokens remain after it.
     Reserved { left: u64 },
-    /// Not enough left: only this many tokens remain.
-    Refused { left: u64 },
+    /// Not enough left: only this many tokens remain of the budget that
+    /// refused (the tighter one, when both apply).
+    Refused { left: u64, by: BudgetOf },
+}
+
+/// Which budget a call met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetOf {
+    /// The agent's manifest `token_budget`: this many tokens per task.
+    Manifest(u64),
+    /// The chain's `--token-budget`, set on its root task.
+    Chain { root: i64, budget: u64 },
+}
+
+impl BudgetOf {
+    /// What a person reads in a `budget_exceeded` error: which budget, and
+    /// what raises it.
+    pub fn describe(&self, left: u64) -> String {
+        match self {
+            BudgetOf::Manifest(budget) => format!(
+                "the task has {left} left of the {budget} tokens its agent's manifest allows a task \
+                 (`token_budget`; a retry's --token-budget cannot raise it, only the manifest can)"
+            ),
+            BudgetOf::Chain { root, budget } => format!(
+                "the chain (root task {root}) has {left} left of its budget of {budget} tokens \
+                 (`colony retry ID --token-budget N` gives it N in all)"
+            ),
+        }
+    }
 }

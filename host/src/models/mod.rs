@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 pub use config::{
     Api, ConfigError, DEFAULT_MAX_TOKENS, DEFAULT_TIMEOUT, ModelConfig, ModelsConfig,
 };
-pub use journal::{Budget, ModelCall, ModelContext};
+pub use journal::{Budget, BudgetOf, ModelCall, ModelContext};
 pub use providers::Providers;
 
 /// Who wrote a message of a conversation.
@@ -239,14 +239,21 @@ pub fn request_hash(req: &ChatRequest) -> String {
 /// Tokens a request's prompt may take, estimated without a tokenizer: one
 /// token per three bytes of text (real tokenizers average about four bytes
 /// per token on English, fewer on code and other scripts, so this leans
-/// high), plus a few tokens of framing per message and tool. Budgets and
-/// rate limits reserve this before a call and settle to the provider's count
-/// after it, so erring high only delays, never overspends.
+/// high), plus a few tokens of framing per message and tool, and the
+/// system prompt providers add when tools are offered (Anthropic documents
+/// about 350 tokens). Budgets and rate limits reserve this before a call and
+/// settle to the provider's count after it: erring high only delays, while
+/// a provider that counts more than this spends past the reservation by the
+/// difference (the README's budget section says so).
 pub fn estimate_prompt_tokens(req: &ChatRequest) -> u64 {
     const PER_MESSAGE: u64 = 4;
     const PER_TOOL: u64 = 8;
+    const TOOL_USE_PROMPT: u64 = 350;
     let mut bytes = 0u64;
     let mut framing = 3; // the reply's priming
+    if !req.tools.is_empty() {
+        framing += TOOL_USE_PROMPT;
+    }
     for message in &req.messages {
         framing += PER_MESSAGE;
         bytes += message.content.len() as u64;
@@ -330,7 +337,10 @@ mod tests {
             description: "Looks a word up".into(),
             parameters: r#"{"type":"object","properties":{"word":{"type":"string"}}}"#.into(),
         });
-        assert!(estimate_prompt_tokens(&with_tool) > with_text + 20);
+        assert!(
+            estimate_prompt_tokens(&with_tool) > with_text + 350,
+            "the tool-use system prompt"
+        );
         // Leans high: 3 000 bytes of text estimate at least 1 000 tokens.
         let long = ChatRequest {
             messages: vec![Message::user("x".repeat(3000))],

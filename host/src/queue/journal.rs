@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::sql::{Row, Sql, args};
 use super::{Applied, Queue, QueueError, Result};
-use crate::models::{Budget, ChatReply, ModelCall, ModelContext, ModelError, Usage};
+use crate::models::{Budget, BudgetOf, ChatReply, ModelCall, ModelContext, ModelError, Usage};
 use crate::task::{Lease, State};
 
 /// What a task's model calls added up to.
@@ -167,22 +167,30 @@ impl Queue {
                 tx.query_value(&sql, args![id])
             };
             let chain_left = match chain_budget {
-                Some(budget) => Some((budget as u64).saturating_sub(used("root_id", root)?)),
+                Some(budget) => {
+                    let budget = budget as u64;
+                    let left = budget.saturating_sub(used("root_id", root)?);
+                    Some((left, BudgetOf::Chain { root, budget }))
+                }
                 None => None,
             };
             let task_left = match manifest_budget {
-                Some(budget) => Some(budget.saturating_sub(used("task_id", lease.task_id)?)),
+                Some(budget) => Some((
+                    budget.saturating_sub(used("task_id", lease.task_id)?),
+                    BudgetOf::Manifest(budget),
+                )),
                 None => None,
             };
-            let left = match (chain_left, task_left) {
-                (Some(c), Some(t)) => Some(c.min(t)),
-                (Some(left), None) | (None, Some(left)) => Some(left),
+            let tighter = match (chain_left, task_left) {
+                (Some(c), Some(t)) => Some(if t.0 < c.0 { t } else { c }),
+                (Some(one), None) | (None, Some(one)) => Some(one),
                 (None, None) => None,
             };
-            if let Some(left) = left
+            let left = tighter.map(|(left, _)| left);
+            if let Some((left, by)) = tighter
                 && need > left
             {
-                return Ok(Budget::Refused { left });
+                return Ok(Budget::Refused { left, by });
             }
             // Without a budget too: a reservation still open when the lease
             // is reset is a call cut off in flight, which its event counts.

@@ -116,7 +116,7 @@ impl ModelSession {
     pub async fn remaining(&mut self) -> Result<Option<u64>, ModelError> {
         Ok(match self.reserve(0).await? {
             Budget::Unlimited => None,
-            Budget::Reserved { left } | Budget::Refused { left } => Some(left),
+            Budget::Reserved { left } | Budget::Refused { left, .. } => Some(left),
         })
     }
 
@@ -214,10 +214,11 @@ impl ModelSession {
         let unsent = UnsentReservation::new(self.hooks.clone(), self.lease, self.seq);
         match self.reserve(need).await {
             Err(e) => return refused(e),
-            Ok(Budget::Refused { left }) => {
+            Ok(Budget::Refused { left, by }) => {
                 unsent.disarm(); // nothing was set aside
                 return refused(ModelError::BudgetExceeded(format!(
-                    "this call may take up to {need} tokens (prompt estimate plus max-tokens) and the task has {left} left of its budget"
+                    "this call may take up to {need} tokens (prompt estimate plus max-tokens) and {}",
+                    by.describe(left)
                 )));
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}

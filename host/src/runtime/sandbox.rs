@@ -53,7 +53,10 @@ pub trait RunHooks: Send + Sync {
     ) -> Result<Budget, String> {
         Ok(match manifest_budget {
             None => Budget::Unlimited,
-            Some(left) if need > left => Budget::Refused { left },
+            Some(left) if need > left => Budget::Refused {
+                left,
+                by: crate::models::BudgetOf::Manifest(left),
+            },
             Some(left) => Budget::Reserved { left: left - need },
         })
     }

@@ -628,6 +628,39 @@ on_both_drivers! {
         reaper.wait().unwrap();
     }
 
+    /// A daemon started as an outage ends cannot tell it from none: it
+    /// waits stale_after from its start before resetting other daemons'
+    /// leases, so a live holder that reconnects a moment later keeps its
+    /// runs (it reset them at its first heartbeat, failing a task with one
+    /// attempt as lease_expired).
+    fn a_daemon_just_started_lets_live_holders_renew_first(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", "--max-attempts", "1", r#"{"ms": 20000}"#]);
+        let lease_args = ["--stale-after", "4s", "--poll", "100ms"];
+        let mut holder = env.daemon(&[&lease_args[..], &["--heartbeat", "500ms"]].concat());
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::InProgress
+        });
+        let mut raw = refuse_every_write(&env.database);
+        signal(&holder, "-STOP");
+        std::thread::sleep(Duration::from_secs(6));
+        raw.execute("ROLLBACK");
+        let mut newcomer = env.daemon(&[&lease_args[..], &["--heartbeat", "100ms"]].concat());
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(&holder, "-CONT");
+        std::thread::sleep(Duration::from_secs(4));
+        let events = env.queue().events(Some(id), 0, 100).unwrap();
+        assert!(
+            events.iter().all(|e| e.event != "lease_expired"),
+            "a live lease was reset: {events:?}"
+        );
+        assert_eq!(env.queue().get(id).unwrap().attempts, 1);
+        signal(&newcomer, "-KILL");
+        newcomer.wait().unwrap();
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+    }
+
     /// After an outage a holder has its own stale_after to renew, counted
     /// from the outage's end, even when its reaper's is shorter.
     fn after_an_outage_a_holder_gets_its_own_longer_stale_after(db) {

@@ -417,8 +417,9 @@ impl Daemon {
             written_tx,
             written_rx,
             unusable: None,
-            // A daemon starting up resets a crashed host's leases at once.
-            reaping_from: Some(Instant::now()),
+            // Set as the loop starts (`renewals_answered`): a daemon just
+            // started waits stale_after before resetting others' leases.
+            reaping_from: None,
             resumed_at: None,
             renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
@@ -465,6 +466,12 @@ impl Daemon {
         })
         .inspect_err(|e| tracing::warn!("not listening for new work ({e}); polling instead"))
         .ok();
+        // A daemon starting up cannot tell an outage that ended a moment
+        // ago (no holder could renew, and stale leases may be live ones
+        // about to reconnect) from none: it waits as after an outage. A
+        // crashed host's leases are reset stale_after from now, or sooner
+        // by any daemon that has been running that long.
+        self.renewals_answered();
         let mut next_heartbeat = Instant::now() + self.cfg.heartbeat;
         let mut next_poll = Instant::now();
         let mut next_rescan = Instant::now() + self.cfg.poll.min(rescans::RESCAN_AT_MOST_EVERY);

@@ -694,6 +694,48 @@ on_both_drivers! {
         holder.wait().unwrap();
     }
 
+    /// Tasks claimed ahead while an agent's runs were short are given back
+    /// once its runs grow long: they waited leased in one daemon behind its
+    /// two slots while another daemon stood idle (and a SIGKILL would have
+    /// failed the ones with one attempt that never ran).
+    fn tasks_claimed_ahead_are_given_back_when_runs_grow_long(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let line = |ms: u64| format!("{{\"agent\":\"sleeper\",\"payload\":{{\"ms\":{ms}}},\"max_attempts\":1}}\n");
+        let batch: String = (0..20).map(|_| line(1)).chain((0..10).map(|_| line(2500))).collect();
+        let file = env.data.path().join("tasks.jsonl");
+        std::fs::write(&file, batch).unwrap();
+        env.ok(&["submit", "--batch", file.to_str().unwrap()]);
+        let mut hoarder = env.daemon(&["--concurrency", "2", "--heartbeat", "300ms", "--poll", "100ms"]);
+        let in_progress = || env.json(&["list", "--state", "in_progress"]).as_array().unwrap().len();
+        wait_for("the slow tasks to start", Duration::from_secs(30), || {
+            env.json(&["list", "--state", "complete"]).as_array().unwrap().len() >= 20 && in_progress() > 0
+        });
+        wait_for("the tasks claimed ahead to be given back", Duration::from_secs(5), || in_progress() <= 2);
+        let given_back: Vec<_> = env
+            .queue()
+            .events(None, 0, u32::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "release")
+            .collect();
+        assert!(!given_back.is_empty());
+        // Another daemon takes them; none fails.
+        let helper = env.cmd().args(["daemon", "--concurrency", "8", "--until-idle"]).output().unwrap();
+        assert!(helper.status.success(), "{}", String::from_utf8_lossy(&helper.stderr));
+        hoarder.kill().unwrap();
+        hoarder.wait().unwrap();
+        assert_eq!(env.json(&["list", "--state", "failed"]), serde_json::json!([]));
+        let holders: std::collections::HashSet<String> = env
+            .queue()
+            .events(None, 0, u32::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event == "claim")
+            .map(|e| e.actor)
+            .collect();
+        assert_eq!(holders.len(), 2, "both daemons ran tasks");
+    }
+
     /// A claimed task waiting in the buffer is not started once its lease
     /// may have been reset elsewhere (not renewed for stale_after, the
     /// database out): it waits for a heartbeat to renew it.

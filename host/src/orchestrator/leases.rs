@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::Daemon;
+use super::prefetch::Prefetch;
 use crate::queue::{Applied, FinishedRun, Lease, Queue, QueueError, StaleGuard};
 use crate::task::{ErrorKind, RunOutcome, TaskError};
 
@@ -190,6 +191,44 @@ impl Daemon {
                 .flatten()
                 .map(|t| t.lease)
                 .collect();
+            self.release_all(&leases, false);
+        }
+    }
+
+    /// Gives back, unstarted, the tasks claimed ahead for an agent whose
+    /// runs have grown long, beyond the slots it may still fill here: they
+    /// would wait leased behind its runs while other daemons stand idle, and
+    /// each would spend an attempt without running if this daemon died.
+    /// Called after the free slots took what they could.
+    pub(super) fn give_back_buffers_gone_slow(&mut self) {
+        if self.cfg.prefetch == Prefetch::Always || !self.buffered_leases_fresh() {
+            return;
+        }
+        let gone_slow: Vec<(String, usize)> = self
+            .prefetched
+            .iter()
+            .filter(|(agent, buffer)| !buffer.is_empty() && !self.claims_ahead(agent))
+            .map(|(agent, buffer)| (agent.clone(), buffer.len()))
+            .collect();
+        for (agent, buffered) in gone_slow {
+            let cap = self
+                .agents
+                .loaded(&agent)
+                .map_or(0, |a| a.limits.concurrency as usize);
+            let running = self.inflight.values().filter(|f| f.agent == agent).count();
+            let room = cap
+                .min(self.cfg.concurrency as usize)
+                .saturating_sub(running);
+            if buffered <= room {
+                continue;
+            }
+            let buffer = self.prefetched.get_mut(&agent).expect("listed above");
+            let leases: Vec<Lease> = buffer.drain(room..).map(|t| t.lease).collect();
+            tracing::info!(
+                agent,
+                tasks = leases.len(),
+                "this agent's runs have grown long: giving back the tasks claimed ahead for it, for any daemon with a free slot"
+            );
             self.release_all(&leases, false);
         }
     }

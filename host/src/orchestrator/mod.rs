@@ -487,6 +487,7 @@ impl Daemon {
             }
             self.collect_finished();
             self.dispatch_buffered();
+            self.give_back_buffers_gone_slow();
             self.account_idle_slots();
             // On SQLite claims ride with the stores (one writer at a time,
             // and one commit for both); on PostgreSQL they go side by side
@@ -709,6 +710,20 @@ impl Daemon {
         }
     }
 
+    /// Whether `agent`'s tasks may be claimed ahead of the free slots (see
+    /// `prefetch.rs`).
+    fn claims_ahead(&self, agent: &str) -> bool {
+        let oldest_run = self
+            .inflight
+            .values()
+            .filter(|f| f.agent == agent)
+            .map(|f| f.since)
+            .min()
+            .map(|since| since.elapsed());
+        self.run_times
+            .claims_ahead(self.cfg.prefetch, agent, oldest_run)
+    }
+
     /// Adds the slots left free since the last look to the idle slot-time.
     fn account_idle_slots(&mut self) {
         let now = Instant::now();
@@ -761,7 +776,7 @@ impl Daemon {
             };
             let cap = (agent.limits.concurrency as usize).min(self.cfg.concurrency as usize);
             let buffered = self.prefetched.get(&name).map_or(0, VecDeque::len);
-            if !self.run_times.claims_ahead(self.cfg.prefetch, &name) {
+            if !self.claims_ahead(&name) {
                 let running = self.inflight.values().filter(|f| f.agent == name).count();
                 let coming = buffered + self.claiming.get(&name).copied().unwrap_or(0);
                 slots = slots.saturating_sub(coming);

@@ -7,7 +7,11 @@
 //! when that daemon dies each of them has used an attempt without running
 //! (attempts are counted at claim). So by default a daemon claims ahead only
 //! for agents whose recent runs were short; for the others, and for an agent
-//! it has not seen run yet, it claims for its free slots alone. An explicit
+//! it has not seen run yet, it claims for its free slots alone. An agent
+//! whose runs grow long (a run in flight past [`LONG_IN_FLIGHT`], or the
+//! average past [`SHORT_RUN`]) stops being claimed ahead at once, and the
+//! tasks already claimed ahead for it beyond its free slots are given back
+//! unstarted (`Daemon::give_back_buffers_gone_slow`). An explicit
 //! `--claim-batch` claims ahead for every agent.
 
 use std::collections::HashMap;
@@ -17,6 +21,11 @@ use std::time::Duration;
 /// takes about a millisecond on SQLite and a few on PostgreSQL, a few per
 /// cent of such a run at most.
 pub const SHORT_RUN: Duration = Duration::from_millis(50);
+
+/// A run in flight this long makes its agent long-running before it ends:
+/// without it, tasks claimed ahead while the agent's runs were short would
+/// wait leased behind runs of minutes. Far above any short run's stall.
+pub const LONG_IN_FLIGHT: Duration = Duration::from_secs(1);
 
 /// Whether claimed tasks may wait in the daemon beyond its free slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,11 +72,20 @@ impl RunTimes {
         }
     }
 
-    /// Whether `agent`'s tasks may be claimed ahead of its free slots.
-    pub fn claims_ahead(&self, prefetch: Prefetch, agent: &str) -> bool {
+    /// Whether `agent`'s tasks may be claimed ahead of its free slots;
+    /// `oldest_run`: how long its oldest run in flight has been running.
+    pub fn claims_ahead(
+        &self,
+        prefetch: Prefetch,
+        agent: &str,
+        oldest_run: Option<Duration>,
+    ) -> bool {
         match prefetch {
             Prefetch::Always => true,
-            Prefetch::Adaptive => self.average.get(agent).is_some_and(|&a| a < SHORT_RUN),
+            Prefetch::Adaptive => {
+                self.average.get(agent).is_some_and(|&a| a < SHORT_RUN)
+                    && oldest_run.is_none_or(|ran| ran < LONG_IN_FLIGHT)
+            }
         }
     }
 }
@@ -80,17 +98,22 @@ mod tests {
     fn only_agents_seen_running_short_are_claimed_ahead() {
         let mut times = RunTimes::default();
         assert!(
-            !times.claims_ahead(Prefetch::Adaptive, "new"),
+            !times.claims_ahead(Prefetch::Adaptive, "new", None),
             "not seen yet"
         );
-        assert!(times.claims_ahead(Prefetch::Always, "new"));
+        assert!(times.claims_ahead(Prefetch::Always, "new", None));
         times.record("fast", Duration::from_micros(300));
         times.record("slow", Duration::from_secs(4));
-        assert!(times.claims_ahead(Prefetch::Adaptive, "fast"));
-        assert!(!times.claims_ahead(Prefetch::Adaptive, "slow"));
+        assert!(times.claims_ahead(Prefetch::Adaptive, "fast", None));
+        assert!(!times.claims_ahead(Prefetch::Adaptive, "slow", None));
+        // A run in flight for long stops it before it ends.
+        let short_in_flight = Some(Duration::from_millis(20));
+        assert!(times.claims_ahead(Prefetch::Adaptive, "fast", short_in_flight));
+        assert!(!times.claims_ahead(Prefetch::Adaptive, "fast", Some(LONG_IN_FLIGHT)));
+        assert!(times.claims_ahead(Prefetch::Always, "fast", Some(LONG_IN_FLIGHT)));
         // Runs that grow long stop the claiming ahead within a few runs.
         let mut runs = 0;
-        while times.claims_ahead(Prefetch::Adaptive, "fast") {
+        while times.claims_ahead(Prefetch::Adaptive, "fast", None) {
             times.record("fast", Duration::from_secs(2));
             runs += 1;
         }

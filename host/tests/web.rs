@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::time::Duration;
 
 use common::web::{TOKEN, Web, send};
 use common::*;
@@ -75,6 +76,41 @@ on_both_drivers! {
         let failures = &overview[overview.find("Recent failures").expect("the failures section")..];
         let at = |id: i64| failures.find(&format!("/tasks/{id}\"")).unwrap_or_else(|| panic!("task {id} listed: {failures}"));
         assert!(at(older) < at(newer), "the task that failed last comes first: {failures}");
+    }
+
+    /// A stopped daemon's leases are not shown as live: `status`, its JSON
+    /// and the overview give each holder's last heartbeat and how many of
+    /// its leases went unrenewed past its --stale-after.
+    fn leases_say_how_fresh_they_are(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let live = env.submit(&["sleeper", "{}"]);
+        let dead = env.submit(&["sleeper", "{}"]);
+        let mut q = env.queue();
+        q.set_claim_lease(Duration::from_secs(600));
+        let running = q.claim("sleeper", 1).unwrap().remove(0).lease;
+        let mut stopped = env.queue();
+        stopped.set_claim_lease(Duration::from_millis(100));
+        let gone = stopped.claim("sleeper", 1).unwrap().remove(0).lease;
+        assert_eq!((running.task_id, gone.task_id), (live, dead));
+
+        std::thread::sleep(Duration::from_millis(300));
+
+        // One holder (this process), one of its two leases stale.
+        let holder = q.get(live).unwrap().claimed_by.unwrap();
+        let status = env.json(&["status"]);
+        let lease = &status["leases"][0];
+        assert_eq!((&lease["holder"], &lease["count"], &lease["stale"]), (&json!(holder), &json!(2), &json!(1)), "{status}");
+        assert!(lease["last_heartbeat_at"].as_i64().is_some(), "{lease}");
+        let text = env.ok(&["status"]);
+        assert!(text.contains(&format!("leases held by {holder}: 2 (last heartbeat 0s ago; 1 stale: not renewed")), "{text}");
+        let overview = Web::serve(&env).page("/");
+        let leases = &overview[overview.find("<h2>Leases</h2>").expect("the leases section")..];
+        assert!(leases.contains("<tr class=\"stale\">"), "{leases}");
+
+        // Renewed, it is fresh again.
+        q.heartbeat(&[gone]).unwrap();
+        let text = env.ok(&["status"]);
+        assert!(text.contains(&format!("leases held by {holder}: 2 (last heartbeat 0s ago)")), "{text}");
     }
 
     fn changes_need_the_token_and_change_nothing_without_it(db) {

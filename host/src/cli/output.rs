@@ -624,7 +624,9 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
 pub struct StatusReport {
     pub counts: Vec<(String, State, u64)>,
     pub oldest_ready: Option<i64>,
-    pub leases: Vec<(String, u64)>,
+    pub leases: Vec<crate::queue::HeldLeases>,
+    /// When it was read (queue clock, ms): the heartbeats' ages count from it.
+    pub at: i64,
     pub spend: Vec<SpendRow>,
     /// The outbox by state (`pending`, `sending`, `sent`, `failed`, ...).
     pub effects: Vec<(String, u64)>,
@@ -637,6 +639,7 @@ impl StatusReport {
             counts: Vec::new(),
             oldest_ready: None,
             leases: Vec::new(),
+            at: crate::queue::now_ms(),
             spend: Vec::new(),
             effects: Vec::new(),
         }
@@ -648,9 +651,29 @@ impl StatusReport {
             counts: queue.counts()?,
             oldest_ready: queue.oldest_ready_at()?,
             leases: queue.leases_by_holder()?,
+            at: queue.now()?,
             spend: queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?,
             effects: queue.effect_counts()?,
         })
+    }
+}
+
+/// How many leases a host holds and whether it still renews them: "2
+/// (last heartbeat 3s ago)", with the stale ones named.
+pub fn lease_health(held: &crate::queue::HeldLeases, now: i64) -> String {
+    let heartbeat = match held.last_heartbeat_at {
+        Some(at) => format!(
+            "last heartbeat {} ago",
+            humantime::format_duration(Duration::from_secs(((now - at).max(0) / 1000) as u64))
+        ),
+        None => "no heartbeat yet".to_string(),
+    };
+    match held.stale {
+        0 => format!("{} ({heartbeat})", held.count),
+        stale => format!(
+            "{} ({heartbeat}; {stale} stale: not renewed within the holder's --stale-after, most likely a stopped daemon's, and reset by any running daemon)",
+            held.count
+        ),
     }
 }
 
@@ -670,7 +693,12 @@ pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
         "by_state": by_state,
         "by_agent": by_agent,
         "oldest_ready_age_ms": age_ms,
-        "leases": report.leases.iter().map(|(h, n)| json!({"holder": h, "count": n})).collect::<Vec<_>>(),
+        "leases": report.leases.iter().map(|h| json!({
+            "holder": h.holder,
+            "count": h.count,
+            "last_heartbeat_at": h.last_heartbeat_at,
+            "stale": h.stale,
+        })).collect::<Vec<_>>(),
         "model_spend_24h": spend_json(&report.spend),
         "effects_by_state": report.effects.iter().map(|(state, n)| (state.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "agents": agents_json(agents),
@@ -685,6 +713,7 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
         counts,
         oldest_ready,
         leases,
+        at,
         spend,
         effects,
     } = report;
@@ -717,8 +746,13 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
     if leases.is_empty() {
         writeln!(out, "no leases held")?;
     }
-    for (holder, n) in leases {
-        writeln!(out, "leases held by {holder}: {n}")?;
+    for held in leases {
+        writeln!(
+            out,
+            "leases held by {}: {}",
+            held.holder,
+            lease_health(held, *at)
+        )?;
     }
     if !effects.is_empty() {
         let parts: Vec<String> = effects

@@ -57,6 +57,7 @@ pub use dashboard::{
 pub use follow::{GAP_WAIT, TrailCursor};
 pub use journal::{ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
+pub use reads::HeldLeases;
 pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
 pub use sqlite::schema_version as sqlite_schema_version;
@@ -969,25 +970,21 @@ impl Queue {
     }
 
     /// Leases currently held, by holder: `(holder, count)`.
-    pub fn leases_by_holder(&self) -> Result<Vec<(String, u64)>> {
-        self.read(reads::leases_by_holder)
+    pub fn leases_by_holder(&self) -> Result<Vec<HeldLeases>> {
+        let now = self.now()?;
+        self.read(|db| reads::leases_by_holder(db, now))
     }
 
     /// Leases not stale at `now` (queue clock, ms) by their holder's own
     /// `--stale-after` (60 s when it recorded none), by holder: daemons that
     /// are most likely alive and running those tasks.
     pub fn live_leases(&self, now: i64) -> Result<Vec<(String, u64)>> {
-        self.read(|db| {
-            db.query(
-                "SELECT claimed_by, COUNT(*) FROM tasks
-                 WHERE state = 'in_progress' AND heartbeat_at >= ?1 - COALESCE(lease_ms, 60000)
-                 GROUP BY claimed_by ORDER BY claimed_by",
-                sql::args![now],
-            )?
-            .iter()
-            .map(|r| Ok((r.get::<Option<String>>(0)?.unwrap_or_default(), r.get(1)?)))
-            .collect()
-        })
+        let held = self.read(|db| reads::leases_by_holder(db, now))?;
+        Ok(held
+            .into_iter()
+            .filter(|h| h.count > h.stale)
+            .map(|h| (h.holder, h.count - h.stale))
+            .collect())
     }
 
     /// The earliest `run_at` of a pending task that waits only for its time.

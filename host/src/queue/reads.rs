@@ -156,14 +156,38 @@ pub(super) const BACKLOG_SQL: [&str; 4] = [
      WHERE state = 'pending' AND pending_deps > 0 GROUP BY agent",
 ];
 
+/// A lease is stale at `?1` (queue clock, ms) once its holder's own
+/// `--stale-after` (60 s when it recorded none) has passed without a
+/// heartbeat: any running daemon will reset it.
 pub(super) const LEASES_BY_HOLDER_SQL: &str =
-    "SELECT claimed_by, COUNT(*) FROM tasks WHERE state = 'in_progress' GROUP BY claimed_by";
+    "SELECT claimed_by, COUNT(*), MAX(heartbeat_at),
+            CAST(SUM(CASE WHEN heartbeat_at < ?1 - COALESCE(lease_ms, 60000) THEN 1 ELSE 0 END) AS BIGINT)
+     FROM tasks WHERE state = 'in_progress' GROUP BY claimed_by ORDER BY claimed_by";
 
-pub(super) fn leases_by_holder(db: &dyn Sql) -> Result<Vec<(String, u64)>> {
-    let rows = db.query(LEASES_BY_HOLDER_SQL, args![])?;
+pub(super) fn leases_by_holder(db: &dyn Sql, now: i64) -> Result<Vec<HeldLeases>> {
+    let rows = db.query(LEASES_BY_HOLDER_SQL, args![now])?;
     rows.iter()
-        .map(|r| Ok((r.get::<Option<String>>(0)?.unwrap_or_default(), r.get(1)?)))
+        .map(|r| {
+            Ok(HeldLeases {
+                holder: r.get::<Option<String>>(0)?.unwrap_or_default(),
+                count: r.get(1)?,
+                last_heartbeat_at: r.get(2)?,
+                stale: r.get(3)?,
+            })
+        })
         .collect()
+}
+
+/// The leases one host holds, and whether it still renews them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldLeases {
+    pub holder: String,
+    pub count: u64,
+    /// Its newest heartbeat on any of them (queue clock, ms).
+    pub last_heartbeat_at: Option<i64>,
+    /// How many went unrenewed past the holder's `--stale-after`: most
+    /// likely a dead daemon's, for a running daemon to reset.
+    pub stale: u64,
 }
 
 /// The columns [`event_from_row`] reads, from `events`.

@@ -443,10 +443,12 @@ impl Metrics {
                 .inc_by(backlog.ready as i64);
         }
         self.leases.clear();
-        for (holder, n) in queue.leases_by_holder()? {
+        for held in queue.leases_by_holder()? {
             self.leases
-                .get_or_create(&HolderLabels { holder })
-                .set(n as i64);
+                .get_or_create(&HolderLabels {
+                    holder: held.holder,
+                })
+                .set(held.count as i64);
         }
         self.effects.clear();
         for (state, n) in queue.effect_counts()? {

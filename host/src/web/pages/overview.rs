@@ -97,11 +97,18 @@ fn render(o: &Overview, activity: &Activity) -> Markup {
                     @if agents.is_empty() { p.muted { "No tasks yet: " code { "colony submit AGENT '{}'" } } }
                 }
                 section {
-                    h2 { "Live leases" }
+                    h2 { "Leases" }
                     @if o.report.leases.is_empty() { p.muted { "No task is in progress." } }
                     @else {
-                        table { thead { tr { th { "host" } th.num { "leases" } } }
-                            tbody { @for (holder, n) in &o.report.leases { tr { td { (holder) } td.num { (n) } } } } }
+                        table { thead { tr { th { "host" } th.num { "leases" } th { "last heartbeat" } th.num { "stale" } } }
+                            tbody { @for held in &o.report.leases {
+                                tr class=[(held.stale > 0).then_some("stale")] {
+                                    td { (held.holder) }
+                                    td.num { (held.count) }
+                                    td { @match held.last_heartbeat_at { Some(at) => { (super::age(o.report.at - at)) " ago" } None => { "none yet" } } }
+                                    td.num title="not renewed within the holder's --stale-after: most likely a stopped daemon's; any running daemon resets them" { (held.stale) }
+                                }
+                            } } }
                     }
                     h2 { "Model spend, last 24 hours" }
                     @if o.report.spend.is_empty() { p.muted { "No model calls." } }

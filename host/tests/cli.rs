@@ -827,6 +827,37 @@ on_both_drivers! {
         assert_eq!(events.last().unwrap().event, "release");
     }
 
+    /// A task cancelled and retried while its run goes on here is claimed
+    /// again before a heartbeat notices: the old run is stopped, said, and
+    /// counted as lost in the daemon's summary (it vanished unaccounted).
+    fn a_run_replaced_by_a_new_claim_of_its_task_is_counted_lost(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", r#"{"ms": 2000}"#]);
+        let daemon = Daemon::new(
+            env.cmd()
+                .args(["--json", "daemon", "--heartbeat", "30s", "--poll", "100ms", "--grace", "5s"])
+                .env("COLONY_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("the task to be claimed", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::InProgress
+        });
+        env.ok(&["cancel", &id.to_string()]);
+        env.ok(&["retry", &id.to_string()]);
+        wait_for("the retry to complete", Duration::from_secs(20), || {
+            env.queue().get(id).unwrap().state == State::Complete
+        });
+        signal(&daemon, "-TERM");
+        let out = daemon.wait_with_output().unwrap();
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((&summary["completed"], &summary["lost"]), (&serde_json::json!(1), &serde_json::json!(1)), "{summary}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("stopping the run of its older claim"), "{said}");
+    }
+
     fn torture_small_kills_daemons_and_loses_nothing(db) {
         let verdict = torture_verdict(db, &[], 800);
         assert_eq!(verdict["tasks"], 800);

@@ -857,8 +857,14 @@ impl Daemon {
                 lease,
                 handle,
             },
-        ) {
+        ) && !old.handle.is_finished()
+        {
+            tracing::warn!(
+                task = lease.task_id,
+                "the task was claimed again here (its lease reset, or cancelled and retried); stopping the run of its older claim"
+            );
             old.handle.abort();
+            self.summary.lost += 1;
         }
     }
 

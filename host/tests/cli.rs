@@ -2633,6 +2633,46 @@ fn a_database_this_user_may_only_read_is_read_and_an_unreadable_one_is_named() {
     );
 }
 
+/// A database on a file system mounted read-only: SQLite cannot open it
+/// even to read (its -wal and -shm files cannot be created), which said
+/// "unable to open database file" as kind unavailable, as if a retry could
+/// pass. Mounting needs root.
+#[test]
+fn a_database_on_a_read_only_mount_is_named_as_such() {
+    let env = Env::new(&["echo"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        return; // not root: nothing to mount
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let db = dir.path().join("q.db");
+    let db = db.to_str().unwrap();
+    env.ok(&["--db", db, "submit", "echo", "{}"]);
+    let remounted = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    for args in [&["list"][..], &["--json", "submit", "echo", "{}"]] {
+        let out = env.run(&[&["--db", db][..], args].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(said.contains("mounted read-only"), "{said}");
+    }
+}
+
 /// A command that reads the queue, or changes what is already in it,
 /// refuses a SQLite file that does not exist, naming it (exit 2, kind
 /// not_found), and leaves no file behind: created, a mistyped `--db`

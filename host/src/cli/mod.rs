@@ -934,23 +934,27 @@ pub async fn run(cli: Cli) -> Result<()> {
         .map_err(|e| explain_read_only(&cli.db, e))
 }
 
-/// SQLite's "attempt to write a readonly database" (exit 1, as if it might
-/// pass), said as what it is: bad input, this user may not write there.
+/// SQLite's "attempt to write a readonly database" and, for a file that
+/// exists, "unable to open database file" (exit 1, as if a retry might
+/// pass), said as what they are: bad input, this user may not write there,
+/// or the file system is mounted read-only.
 fn explain_read_only(db: &Path, e: anyhow::Error) -> anyhow::Error {
-    let read_only = e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<QueueError>(),
-            Some(QueueError::Sqlite(rusqlite::Error::SqliteFailure(f, _)))
-                if f.code == rusqlite::ErrorCode::ReadOnly
-        )
-    });
-    if !read_only {
-        return e;
+    let code = e
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<QueueError>() {
+            Some(QueueError::Sqlite(rusqlite::Error::SqliteFailure(f, _))) => Some(f.code),
+            _ => None,
+        });
+    let shown = hide_userinfo(&db.to_string_lossy());
+    match code {
+        Some(rusqlite::ErrorCode::ReadOnly) => bad(format!(
+            "database {shown}: this user may not write to it (the file, or the folder its -wal and -shm files go in, is read-only to it); check the permissions (ls -l), or give another --db ({e:#})"
+        )),
+        Some(rusqlite::ErrorCode::CannotOpen) if db.is_file() => bad(format!(
+            "database {shown}: the file is there but SQLite cannot open it: this user may not read it, or the file system it is on is mounted read-only (even a read creates the -wal and -shm files beside it); check the permissions (ls -l) and the mount (findmnt -T {shown}), or copy the file elsewhere and give that --db ({e:#})"
+        )),
+        _ => e,
     }
-    bad(format!(
-        "database {}: this user may not write to it (the file, or the folder its -wal and -shm files go in, is read-only to it); check the permissions (ls -l), or give another --db ({e:#})",
-        hide_userinfo(&db.to_string_lossy())
-    ))
 }
 
 async fn run_command(cli: &Cli) -> Result<()> {

@@ -40,7 +40,20 @@ fn torture_verdict(db: TestDb, mode: &[&str], tasks: u32) -> Value {
     args.extend_from_slice(mode);
     args.extend_from_slice(&["--daemons", "3", "--tasks", &tasks, "--kill-every", "300ms"]);
     args.extend_from_slice(&["--dir", dir.to_str().unwrap()]);
-    let verdict: Value = serde_json::from_str(&env.ok(&args)).unwrap();
+    let out = env.run(&args);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    // COLONY_AGENTS (and on SQLite COLONY_DB) name what torture does not use.
+    assert!(
+        said.contains("torture runs on its own SQLite database and built-in agents"),
+        "{said}"
+    );
+    assert_eq!(
+        said.contains(&format!("--db {}", env.db().display())),
+        matches!(env.database, TestDb::Sqlite { .. }),
+        "{said}"
+    );
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(verdict["ok"], true, "{verdict}");
     let checks = verdict["checks"].as_object().unwrap();
     assert!(checks.values().all(|v| v == true), "{verdict}");

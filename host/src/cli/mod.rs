@@ -898,6 +898,27 @@ fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
 
 /// `--db` when it names a PostgreSQL database: `bench` and `torture` then
 /// run against it instead of SQLite files of their own.
+/// `bench` and `torture` make their own queue: a SQLite `--db` or an
+/// `--agents` given to them is not used, which they say rather than
+/// silently measure or torture somewhere else than the user expects.
+fn note_own_database(cli: &Cli, command: &str, own: &str) {
+    let sqlite_db = postgres_db(&cli.db).is_none() && cli.db != Path::new("colony.db");
+    let agents = cli.agents != Path::new("agents");
+    if sqlite_db || agents {
+        let mut unused = Vec::new();
+        if sqlite_db {
+            unused.push(format!("--db {}", cli.db.display()));
+        }
+        if agents {
+            unused.push(format!("--agents {}", cli.agents.display()));
+        }
+        say!(
+            "note: {command} runs on {own}; {} is not used (--db is, when it is a postgres:// URL of an empty database)",
+            unused.join(" and ")
+        );
+    }
+}
+
 fn postgres_db(db: &Path) -> Option<&Path> {
     matches!(
         crate::queue::Location::of(db),
@@ -1103,9 +1124,21 @@ async fn run_command(cli: &Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench(args) => bench::bench(args, postgres_db(&cli.db)).await,
+        Command::Bench(args) => {
+            note_own_database(
+                cli,
+                "bench",
+                "a fresh SQLite database in a temporary folder",
+            );
+            bench::bench(args, postgres_db(&cli.db)).await
+        }
         Command::Migrate(args) => migrate(cli, args),
         Command::Torture(args) => {
+            note_own_database(
+                cli,
+                "torture",
+                "its own SQLite database and built-in agents, in --dir (or a temporary folder)",
+            );
             if torture::torture(args, postgres_db(&cli.db)).await? {
                 Ok(())
             } else {

@@ -981,6 +981,12 @@ on_both_drivers! {
             .map(|r| r["replayed"].as_bool().unwrap())
             .collect();
         assert_eq!(replayed, [true, true], "{result}");
+        // The refused calls are said apart, with no cost of their own.
+        let shown = env.json(&["show", &id.to_string()]);
+        let sent: Vec<bool> = shown["model_calls"].as_array().unwrap().iter().map(|c| c["sent"].as_bool().unwrap()).collect();
+        assert_eq!(sent, [true, false, true, true, false, true], "{shown}");
+        let text = env.ok(&["show", &id.to_string()]);
+        assert!(text.contains("(2 refused before the provider)"), "{text}");
     }
 
     fn a_killed_daemons_model_calls_are_replayed_not_paid_again(db) {
@@ -1084,6 +1090,13 @@ on_both_drivers! {
         env.ok(&["retry", &poor.to_string(), "--token-budget", "5000"]);
         daemon(&["--until-idle"]).wait_with_output().unwrap();
         assert_eq!(env.queue().get(poor).unwrap().state, State::Complete);
+        // The root says what its chain spent of the budget.
+        let shown = env.json(&["show", &poor.to_string()]);
+        let spent = shown["usage"]["input_tokens"].as_u64().unwrap() + shown["usage"]["output_tokens"].as_u64().unwrap();
+        assert!(spent > 0);
+        assert_eq!(shown["chain"], serde_json::json!({"root_id": poor, "token_budget": 5000, "spent_tokens": spent}));
+        let text = env.ok(&["show", &poor.to_string()]);
+        assert!(text.contains(&format!("spent {spent}, {} left", 5000 - spent)), "{text}");
 
         // The error names the budget that refused and what raises it.
         let poor = env.submit(&["thinker", "--token-budget", "20", r#"{"prompts": ["e"], "max_tokens": 100}"#]);

@@ -254,8 +254,8 @@ pub struct TaskDetail {
     pub effects: Vec<EffectRow>,
     /// The state writes it holds while in review.
     pub held_writes: Vec<crate::state::Write>,
-    /// Its chain's root and token budget.
-    pub chain_budget: (i64, Option<u64>),
+    /// Its chain's root, token budget and spend.
+    pub chain_budget: crate::queue::ChainBudget,
 }
 
 impl TaskDetail {
@@ -269,7 +269,7 @@ impl TaskDetail {
             model_calls: queue.model_calls(id)?,
             effects: queue.effects(Some(id), None, u32::MAX)?,
             held_writes: queue.held_writes(id)?,
-            chain_budget: queue.chain_token_budget(id)?,
+            chain_budget: queue.chain_budget(id)?,
         })
     }
 }
@@ -278,8 +278,9 @@ impl TaskDetail {
 pub fn task_detail_json(detail: &TaskDetail) -> Value {
     let mut value = task_json(&detail.task);
     value["usage"] = usage_json(&detail.usage);
-    let (root, budget) = detail.chain_budget;
-    value["chain"] = json!({"root_id": root, "token_budget": budget});
+    let chain = detail.chain_budget;
+    value["chain"] =
+        json!({"root_id": chain.root, "token_budget": chain.budget, "spent_tokens": chain.spent});
     value["model_calls"] = model_calls_json(&detail.model_calls);
     value["held_state"] = detail.held_writes.iter().map(held_write_json).collect();
     value["effects"] = Value::Array(
@@ -342,12 +343,20 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
     );
     let backoff = humantime::format_duration(Duration::from_millis(task.backoff_ms));
     writeln!(out, "  timeout      {timeout}  backoff {backoff}")?;
-    if let (root, Some(budget)) = chain_budget {
-        let whose = match *root == task.id {
+    if let Some(budget) = chain_budget.budget {
+        let whose = match chain_budget.root == task.id {
             true => "this task and every task chained or spawned from it".to_string(),
-            false => format!("the chain of task {root}, this task among them"),
+            false => format!(
+                "the chain of task {}, this task among them",
+                chain_budget.root
+            ),
         };
         writeln!(out, "  budget       {budget} tokens for {whose}")?;
+        writeln!(
+            out,
+            "               {}",
+            budget_spent(budget, chain_budget.spent)
+        )?;
     }
     if let Some(key) = &task.idempotency_key {
         writeln!(out, "  key          {}", printable(key))?;
@@ -655,6 +664,18 @@ impl StatusReport {
             spend: queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?,
             effects: queue.effect_counts()?,
         })
+    }
+}
+
+/// What a chain has spent of its budget: "spent 1800: 800 over", with why
+/// a budget can end over.
+pub fn budget_spent(budget: u64, spent: u64) -> String {
+    match spent.checked_sub(budget) {
+        None => format!("spent {spent}, {} left", budget - spent),
+        Some(0) => format!("spent {spent}, none left"),
+        Some(over) => format!(
+            "spent {spent}: {over} over (providers counted more than the host estimated before the calls)"
+        ),
     }
 }
 

@@ -34,6 +34,7 @@ pub fn model_calls_json(calls: &[ModelCallRow]) -> Value {
                     "replayed": c.replayed,
                     "status": c.status,
                     "ms": c.ms,
+                    "sent": c.sent,
                 })
             })
             .collect(),
@@ -41,7 +42,18 @@ pub fn model_calls_json(calls: &[ModelCallRow]) -> Value {
 }
 
 fn cost(usd: Option<f64>) -> String {
-    usd.map_or_else(|| "-".to_string(), |c| format!("${c:.4}"))
+    usd.map_or_else(|| "-".to_string(), format_usd)
+}
+
+/// Dollars to four places, or to two significant digits below a cent: a
+/// call to a cheap model costs a few millionths, which four places showed
+/// as $0.0000.
+pub fn format_usd(usd: f64) -> String {
+    if usd == 0.0 || usd >= 0.01 {
+        return format!("${usd:.4}");
+    }
+    let places = ((-usd.log10()).ceil() as usize + 1).clamp(4, 12);
+    format!("${usd:.places$}")
 }
 
 /// The `model calls:` section of `colony show`.
@@ -68,7 +80,11 @@ pub fn print_model_calls(
             c.model,
             c.input_tokens,
             c.output_tokens,
-            cost(c.cost_usd),
+            if c.sent {
+                cost(c.cost_usd)
+            } else {
+                "-".to_string()
+            },
             c.ms,
             if c.replayed { "yes" } else { "no" },
             c.status
@@ -76,10 +92,7 @@ pub fn print_model_calls(
     }
     // As `usage` in --json and the dashboard count them: `calls` made
     // (refused ones included, said apart), `replayed` from the journal besides.
-    let refused = calls
-        .iter()
-        .filter(|c| matches!(c.status.as_str(), "not_granted" | "budget_exceeded"))
-        .count();
+    let refused = calls.iter().filter(|c| !c.sent).count();
     let refused = match refused {
         0 => String::new(),
         n => format!(" ({n} refused before the provider)"),
@@ -147,4 +160,19 @@ pub fn print_spend(out: &mut impl Write, rows: &[SpendRow]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_usd;
+
+    #[test]
+    fn costs_below_a_cent_keep_two_significant_digits() {
+        assert_eq!(format_usd(0.0312), "$0.0312");
+        assert_eq!(format_usd(0.0), "$0.0000");
+        assert_eq!(format_usd(0.0012), "$0.0012");
+        assert_eq!(format_usd(0.000027), "$0.000027");
+        assert_eq!(format_usd(0.00012345), "$0.00012");
+        assert_eq!(format_usd(12.5), "$12.5000");
+    }
 }

@@ -41,6 +41,19 @@ pub struct ModelCallRow {
     pub status: String,
     pub ms: u64,
     pub at: i64,
+    /// Whether it reached a provider (or the journal): false for a call
+    /// this host refused (not granted, over a budget or a rate limit).
+    pub sent: bool,
+}
+
+/// A chain's token budget and what it has spent (see
+/// [`Queue::chain_budget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainBudget {
+    pub root: i64,
+    pub budget: Option<u64>,
+    /// Charged by its calls, and reserved by calls with no answer recorded.
+    pub spent: u64,
 }
 
 /// Spend over a time window, per agent and alias (`colony status`).
@@ -351,12 +364,17 @@ impl Queue {
         })
     }
 
-    /// The root of a task's chain and the chain's token budget (`None`:
-    /// no chain budget), which the task spends from with the rest of it.
-    pub fn chain_token_budget(&self, task_id: i64) -> Result<(i64, Option<u64>)> {
+    /// A task's chain: its root, the root's token budget, and what the
+    /// chain has spent against it (charged and still reserved).
+    pub fn chain_budget(&self, task_id: i64) -> Result<ChainBudget> {
         self.read(|db| {
             let Some(row) = db.query_opt(
-                "SELECT r.id, r.token_budget FROM tasks t JOIN tasks r ON r.id = COALESCE(t.root_id, t.id)
+                "SELECT r.id, r.token_budget,
+                        CAST((SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
+                              WHERE root_id = r.id)
+                           + (SELECT COALESCE(SUM(tokens), 0) FROM model_reservations
+                              WHERE root_id = r.id) AS BIGINT)
+                 FROM tasks t JOIN tasks r ON r.id = COALESCE(t.root_id, t.id)
                  WHERE t.id = ?1",
                 args![task_id],
             )?
@@ -364,7 +382,11 @@ impl Queue {
                 return Err(QueueError::NotFound(task_id));
             };
             let budget: Option<i64> = row.get(1)?;
-            Ok((row.get(0)?, budget.map(|b| b as u64)))
+            Ok(ChainBudget {
+                root: row.get(0)?,
+                budget: budget.map(|b| b as u64),
+                spent: row.get(2)?,
+            })
         })
     }
 
@@ -390,7 +412,7 @@ impl Queue {
         self.read(|db| {
             db.query(
                 "SELECT attempt, seq, alias, input_tokens, output_tokens, cost_usd, replayed, status,
-                        ms, at
+                        ms, at, CASE WHEN request = 'null' THEN 0 ELSE 1 END
                  FROM model_calls WHERE task_id = ?1 ORDER BY id",
                 args![task_id],
             )?
@@ -407,6 +429,7 @@ impl Queue {
                     status: r.get(7)?,
                     ms: r.get(8)?,
                     at: r.get(9)?,
+                    sent: r.get::<i64>(10)? == 1,
                 })
             })
             .collect()

@@ -55,7 +55,7 @@ pub use dashboard::{
     TaskPage, TaskQuery,
 };
 pub use follow::{GAP_WAIT, TrailCursor};
-pub use journal::{ModelCallRow, SpendRow, TaskUsage};
+pub use journal::{ChainBudget, ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use reads::HeldLeases;
 pub use review::MAX_NOTE_BYTES;

@@ -120,7 +120,7 @@ fn render(o: &Overview, activity: &Activity) -> Markup {
                                     tr {
                                         td { (row.agent) } td { (row.model) } td.num { (row.usage.calls) }
                                         td.num { (row.usage.input_tokens) } td.num { (row.usage.output_tokens) }
-                                        td.num { @match row.usage.cost_usd { Some(c) => { "$" (format!("{c:.4}")) } None => { "—" } } }
+                                        td.num { @match row.usage.cost_usd { Some(c) => { (crate::cli::usage::format_usd(c)) } None => { "—" } } }
                                     }
                                 }
                             }

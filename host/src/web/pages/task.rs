@@ -72,11 +72,13 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
                 tr { th { "runs no earlier than" } td { (time(t.run_at)) } }
                 tr { th { "timeout" } td { @match t.timeout_ms { Some(ms) => (humantime::format_duration(std::time::Duration::from_millis(ms))), None => "the agent's" } } }
                 tr { th { "backoff" } td { (humantime::format_duration(std::time::Duration::from_millis(t.backoff_ms))) } }
-                @if let (root, Some(budget)) = d.chain_budget {
+                @if let Some(budget) = d.chain_budget.budget {
+                    @let root = d.chain_budget.root;
                     tr { th { "token budget" } td {
                         (budget) " tokens for "
                         @if root == t.id { "this task and every task chained or spawned from it" }
                         @else { "the chain of " a href={ "/tasks/" (root) } { "#" (root) } ", this task among them" }
+                        ": " (crate::cli::output::budget_spent(budget, d.chain_budget.spent))
                     } }
                 }
                 @if let Some(holder) = &t.claimed_by { tr { th { "claimed by" } td { (holder) } } }
@@ -228,7 +230,7 @@ fn model_calls(d: &TaskDetail) -> Markup {
             p.muted {
                 (u.calls) " calls, " (u.replayed) " replayed from the journal; "
                 (u.input_tokens) " tokens in, " (u.output_tokens) " out"
-                @if let Some(cost) = u.cost_usd { ", $" (format!("{cost:.4}")) }
+                @if let Some(cost) = u.cost_usd { ", " (crate::cli::usage::format_usd(cost)) }
             }
             @if u.reserved_tokens > 0 { p.muted { (crate::cli::usage::reserved_note(u.reserved_tokens)) } }
             table {
@@ -238,7 +240,7 @@ fn model_calls(d: &TaskDetail) -> Markup {
                         tr {
                             td.num { (c.attempt) } td.num { (c.seq) } td { (c.model) } td { (c.status) }
                             td.num { (c.input_tokens) } td.num { (c.output_tokens) }
-                            td.num { @if let Some(cost) = c.cost_usd { "$" (format!("{cost:.4}")) } }
+                            td.num { @if let Some(cost) = c.cost_usd.filter(|_| c.sent) { (crate::cli::usage::format_usd(cost)) } }
                             td.num { (c.ms) } td { @if c.replayed { "replayed" } }
                         }
                     }

@@ -923,6 +923,25 @@ on_both_drivers! {
         assert_eq!((task.state, task.attempts), (State::Complete, 1));
     }
 
+    /// Tokens reserved by a call with no recorded answer are shown with the
+    /// task: "or still running" only while a run of it may still be calling.
+    fn show_explains_tokens_reserved_by_unanswered_calls(db) {
+        let env = Env::on(db, &["thinker"]);
+        let id = env.submit(&["thinker", "{}"]);
+        let mut q = env.queue();
+        q.set_claim_lease(Duration::from_millis(100));
+        let lease = q.claim("thinker", 1).unwrap().remove(0).lease;
+        q.reserve_model_tokens(lease, 1, 700, None).unwrap();
+        let note = "700 more tokens reserved by calls with no recorded answer";
+        let shown = env.ok(&["show", &id.to_string()]);
+        assert!(shown.contains(note) && shown.contains("or still running"), "{shown}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(q.reset_stale_leases(Duration::from_millis(100)).unwrap().len(), 1);
+        let shown = env.ok(&["show", &id.to_string()]);
+        assert!(shown.contains(note) && !shown.contains("or still running"), "{shown}");
+        assert_eq!(env.json(&["show", &id.to_string()])["usage"]["reserved_tokens"], 700);
+    }
+
     /// A call this host refused (here: larger than the alias's tokens per
     /// minute, never sent) is no reason to pay again for the calls after it:
     /// replay matches calls by their place in the run, not by their order

@@ -435,7 +435,12 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
             writeln!(out, "  {} {key} {what}{condition}", write.scope.as_str())?;
         }
     }
-    print_model_calls(&mut out, usage, model_calls)?;
+    print_model_calls(
+        &mut out,
+        usage,
+        model_calls,
+        task.state == State::InProgress,
+    )?;
     if !effects.is_empty() {
         writeln!(out, "effects:")?;
         super::effects::print_effect_lines(&mut out, effects)?;

@@ -61,6 +61,7 @@ pub fn print_model_calls(
     out: &mut impl Write,
     usage: &TaskUsage,
     calls: &[ModelCallRow],
+    running: bool,
 ) -> Result<()> {
     if calls.is_empty() && usage.reserved_tokens == 0 {
         return Ok(());
@@ -107,16 +108,18 @@ pub fn print_model_calls(
         cost(usage.cost_usd)
     )?;
     if usage.reserved_tokens > 0 {
-        writeln!(out, "  {}", reserved_note(usage.reserved_tokens))?;
+        writeln!(out, "  {}", reserved_note(usage.reserved_tokens, running))?;
     }
     Ok(())
 }
 
 /// Why a task's budget holds less than its usage says (see
-/// [`TaskUsage::reserved_tokens`]), for `show` and the dashboard.
-pub(crate) fn reserved_note(tokens: u64) -> String {
+/// [`TaskUsage::reserved_tokens`]), for `show` and the dashboard;
+/// `running`: whether a run of the task may still be making a call.
+pub(crate) fn reserved_note(tokens: u64, running: bool) -> String {
+    let still = if running { ", or still running" } else { "" };
     format!(
-        "{tokens} more tokens reserved by calls with no recorded answer (cut off while out with the provider, which may have charged them, or still running): they count against the budgets"
+        "{tokens} more tokens reserved by calls with no recorded answer (cut off while out with the provider, which may have charged them{still}): they count against the budgets"
     )
 }
 

@@ -298,6 +298,24 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         }
         Err(e) => return Err(key_error("base_url", format!("{base_url:?}: {e}"))),
     }
+    // The endpoint's own path is appended: a base_url that already ends
+    // with it would be sent to ".../chat/completions/chat/completions",
+    // a 404 at the first call rather than an error at start.
+    let endpoint_path = match api {
+        Api::OpenAi => "/chat/completions",
+        Api::Anthropic => "/v1/messages",
+    };
+    if base_url.ends_with(endpoint_path) || base_url.ends_with("/messages") {
+        let root = base_url
+            .trim_end_matches(endpoint_path)
+            .trim_end_matches("/messages");
+        return Err(key_error(
+            "base_url",
+            format!(
+                "{base_url:?} names the endpoint, but Colony appends {endpoint_path:?} itself: give the API's root, {root:?}"
+            ),
+        ));
+    }
     if raw.model.trim().is_empty() {
         return Err(key_error("model", "must not be empty".into()));
     }
@@ -458,6 +476,16 @@ mod tests {
             (
                 "[models.fast]\napi = \"openai\"\nmodel = \"m\"\n".to_string(),
                 "colony.toml: [models.fast] key `base_url`: missing",
+            ),
+            (
+                "[models.fast]\napi = \"openai\"\nbase_url = \"http://x/v1/chat/completions\"\nmodel = \"m\"\n"
+                    .to_string(),
+                "key `base_url`: \"http://x/v1/chat/completions\" names the endpoint, but Colony appends \"/chat/completions\" itself: give the API's root, \"http://x/v1\"",
+            ),
+            (
+                "[models.smart]\napi = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1/messages/\"\nmodel = \"m\"\n"
+                    .to_string(),
+                "give the API's root, \"https://api.anthropic.com\"",
             ),
             (
                 format!("[models.fast]\n{base}timeout = \"soon\"\n"),

@@ -232,7 +232,7 @@ fn model_calls(d: &TaskDetail) -> Markup {
                 (u.input_tokens) " tokens in, " (u.output_tokens) " out"
                 @if let Some(cost) = u.cost_usd { ", " (crate::cli::usage::format_usd(cost)) }
             }
-            @if u.reserved_tokens > 0 { p.muted { (crate::cli::usage::reserved_note(u.reserved_tokens)) } }
+            @if u.reserved_tokens > 0 { p.muted { (crate::cli::usage::reserved_note(u.reserved_tokens, d.task.state == TaskState::InProgress)) } }
             table {
                 thead { tr { th.num { "attempt" } th.num { "#" } th { "model" } th { "status" } th.num { "in" } th.num { "out" } th.num { "cost" } th.num { "ms" } th { "" } } }
                 tbody {

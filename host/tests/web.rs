@@ -300,6 +300,13 @@ on_both_drivers! {
         assert_eq!(sample(&after, "colony_tasks", &[("agent", "echo"), ("state", "complete")]), 5.0);
         assert_eq!(sample(&after, "colony_tasks", &[("agent", "permanent"), ("state", "failed")]), 2.0);
         assert_eq!(sample(&after, "colony_ready_tasks", &[("agent", "echo")]), 0.0);
+        // Empty gauges read 0 rather than vanishing.
+        let present = |name: &str, labels: &[(&str, &str)]| {
+            after.samples.iter().any(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        };
+        assert!(present("colony_ready_tasks", &[("agent", "echo")]));
+        assert!(present("colony_tasks", &[("agent", "echo"), ("state", "ready")]));
+        assert!(present("colony_effects", &[("state", "failed")]));
         assert_eq!(sample(&after, "colony_run_duration_seconds_count", &[("agent", "echo")]), 5.0);
         assert_eq!(sample(&after, "colony_claim_wait_seconds_count", &[("agent", "echo")]), 5.0);
         let overview = web.page("/");

@@ -51,6 +51,10 @@ fn follow<T>(
     }
 }
 
+/// The outbox's states (the `effects` table's CHECK), each a series of
+/// `colony_effects` even when none is in it.
+const EFFECT_STATES: [&str; 5] = ["proposed", "pending", "sending", "sent", "failed"];
+
 /// Minutes of history the chart and the success rates cover.
 pub const WINDOW_MINUTES: i64 = 60;
 /// Rows read per query while catching up, and at most per catch-up (the
@@ -424,16 +428,38 @@ impl Metrics {
     pub fn render(&self, queue: &Queue) -> Result<String, QueueError> {
         self.catch_up(queue)?;
         let _one_at_a_time = self.rendering.lock().unwrap();
-        // Added up: agents past the label cap share one series.
+        // Added up: agents past the label cap share one series. Every state
+        // of an agent with tasks, and its ready backlog, reads 0 rather than
+        // vanishing when empty: a query or an alert on a missing series
+        // sees nothing at all.
         self.tasks.clear();
-        for (agent, state, n) in queue.counts()? {
+        self.ready.clear();
+        let counts = queue.counts()?;
+        let agents: std::collections::BTreeSet<String> = counts
+            .iter()
+            .map(|(agent, _, _)| self.agent_label(agent))
+            .collect();
+        for agent in &agents {
+            for state in State::ALL {
+                let labels = TaskLabels {
+                    agent: agent.clone(),
+                    state: state.as_str().into(),
+                };
+                self.tasks.get_or_create(&labels).set(0);
+            }
+            self.ready
+                .get_or_create(&AgentLabels {
+                    agent: agent.clone(),
+                })
+                .set(0);
+        }
+        for (agent, state, n) in counts {
             let labels = TaskLabels {
                 agent: self.agent_label(&agent),
                 state: state.as_str().into(),
             };
             self.tasks.get_or_create(&labels).inc_by(n as i64);
         }
-        self.ready.clear();
         for (agent, backlog) in queue.backlog()? {
             let labels = AgentLabels {
                 agent: self.agent_label(&agent),
@@ -451,6 +477,13 @@ impl Metrics {
                 .set(held.count as i64);
         }
         self.effects.clear();
+        for state in EFFECT_STATES {
+            self.effects
+                .get_or_create(&StateLabels {
+                    state: state.into(),
+                })
+                .set(0);
+        }
         for (state, n) in queue.effect_counts()? {
             self.effects
                 .get_or_create(&StateLabels { state })
@@ -651,6 +684,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("colony_tasks{"))
             .count();
-        assert_eq!(tasks, MAX_AGENT_LABELS + 1, "{text}");
+        // Every state of each, empty ones at 0.
+        assert_eq!(tasks, (MAX_AGENT_LABELS + 1) * State::ALL.len(), "{text}");
     }
 }

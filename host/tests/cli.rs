@@ -40,17 +40,19 @@ fn torture_verdict(db: TestDb, mode: &[&str], tasks: u32) -> Value {
     args.extend_from_slice(mode);
     args.extend_from_slice(&["--daemons", "3", "--tasks", &tasks, "--kill-every", "300ms"]);
     args.extend_from_slice(&["--dir", dir.to_str().unwrap()]);
-    let out = env.run(&args);
+    // --agents on the command line is not used, and says so (as a SQLite
+    // --db would; COLONY_DB and COLONY_AGENTS, set here, are not worth it).
+    let agents = "no-such-agents-folder";
+    let out = env.run(&[&["--agents", agents][..], &args].concat());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
-    // COLONY_AGENTS (and on SQLite COLONY_DB) name what torture does not use.
+    let own = match env.database {
+        TestDb::Sqlite { .. } => "its own SQLite database and built-in agents",
+        TestDb::Postgres { .. } => "the PostgreSQL --db and built-in agents",
+    };
+    assert!(said.contains(&format!("torture runs on {own}")), "{said}");
     assert!(
-        said.contains("torture runs on its own SQLite database and built-in agents"),
-        "{said}"
-    );
-    assert_eq!(
-        said.contains(&format!("--db {}", env.db().display())),
-        matches!(env.database, TestDb::Sqlite { .. }),
+        said.contains(&format!("--agents {agents} is not used")),
         "{said}"
     );
     let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -2518,11 +2520,11 @@ fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
     );
     assert_eq!(
         shown["chain"],
-        serde_json::json!({"root_id": root, "token_budget": 500})
+        serde_json::json!({"root_id": root, "token_budget": 500, "spent_tokens": 0})
     );
     assert_eq!(
         env.show(child)["chain"],
-        serde_json::json!({"root_id": root, "token_budget": 500})
+        serde_json::json!({"root_id": root, "token_budget": 500, "spent_tokens": 0})
     );
     let listed = env.json(&["list"]);
     assert!(
@@ -2536,14 +2538,14 @@ fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
     let text = env.ok(&["show", &child.to_string()]);
     assert!(
         text.contains(&format!(
-            "budget       500 tokens for the chain of task {root}"
+            "budget       500 tokens for the chain of task {root}, this task among them\n               spent 0, 500 left"
         )),
         "{text}"
     );
     let plain = env.submit(&["echo", "{}"]);
     assert_eq!(
         env.show(plain)["chain"],
-        serde_json::json!({"root_id": plain, "token_budget": null})
+        serde_json::json!({"root_id": plain, "token_budget": null, "spent_tokens": 0})
     );
     assert!(!env.ok(&["show", &plain.to_string()]).contains("budget "));
 }

@@ -896,14 +896,17 @@ fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--db` when it names a PostgreSQL database: `bench` and `torture` then
-/// run against it instead of SQLite files of their own.
 /// `bench` and `torture` make their own queue: a SQLite `--db` or an
-/// `--agents` given to them is not used, which they say rather than
-/// silently measure or torture somewhere else than the user expects.
+/// `--agents` given to them on the command line is not used, which they
+/// say rather than silently measure or torture somewhere else than the
+/// user expects. (COLONY_DB and COLONY_AGENTS, set for everyday work, are
+/// not worth a note each time.)
 fn note_own_database(cli: &Cli, command: &str, own: &str) {
-    let sqlite_db = postgres_db(&cli.db).is_none() && cli.db != Path::new("colony.db");
-    let agents = cli.agents != Path::new("agents");
+    let given = |value: &Path, default: &str, var: &str| {
+        value != Path::new(default) && std::env::var_os(var).is_none_or(|v| Path::new(&v) != value)
+    };
+    let sqlite_db = postgres_db(&cli.db).is_none() && given(&cli.db, "colony.db", "COLONY_DB");
+    let agents = given(&cli.agents, "agents", "COLONY_AGENTS");
     if sqlite_db || agents {
         let mut unused = Vec::new();
         if sqlite_db {
@@ -919,6 +922,8 @@ fn note_own_database(cli: &Cli, command: &str, own: &str) {
     }
 }
 
+/// `--db` when it names a PostgreSQL database: `bench` and `torture` then
+/// run against it instead of SQLite files of their own.
 fn postgres_db(db: &Path) -> Option<&Path> {
     matches!(
         crate::queue::Location::of(db),
@@ -1125,20 +1130,22 @@ async fn run_command(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            note_own_database(
-                cli,
-                "bench",
-                "a fresh SQLite database in a temporary folder",
-            );
+            let own = match postgres_db(&cli.db) {
+                Some(_) => "the PostgreSQL --db and a built-in no-op agent",
+                None => "a fresh SQLite database in a temporary folder and a built-in no-op agent",
+            };
+            note_own_database(cli, "bench", own);
             bench::bench(args, postgres_db(&cli.db)).await
         }
         Command::Migrate(args) => migrate(cli, args),
         Command::Torture(args) => {
-            note_own_database(
-                cli,
-                "torture",
-                "its own SQLite database and built-in agents, in --dir (or a temporary folder)",
-            );
+            let own = match postgres_db(&cli.db) {
+                Some(_) => "the PostgreSQL --db and built-in agents",
+                None => {
+                    "its own SQLite database and built-in agents, in --dir (or a temporary folder)"
+                }
+            };
+            note_own_database(cli, "torture", own);
             if torture::torture(args, postgres_db(&cli.db)).await? {
                 Ok(())
             } else {

@@ -330,6 +330,51 @@ on_both_drivers! {
         assert_eq!(context.replay[0].seq, 2);
     }
 
+    /// A call this host refused in one run (no request kept) that the
+    /// next run had answered before it too was cut off is replayed from
+    /// that answer by the third, with the first run's calls around it: paid
+    /// once, not twice.
+    fn a_refused_call_answered_by_a_later_run_is_replayed_from_that_answer(db) {
+        let mut q = db.open();
+        let mut task = NewTask::new("a", "{}");
+        task.max_attempts = 4;
+        task.backoff_ms = 1;
+        q.submit(&task).unwrap();
+        let interrupt = |q: &mut Queue| {
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(q.reset_stale_leases(Duration::from_millis(200)).unwrap().len(), 1);
+            std::thread::sleep(Duration::from_millis(20));
+            q.claim("a", 1).unwrap()[0].lease
+        };
+        let paid = |seq: u32, hash: &str, text: &str| {
+            let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
+            (paid.seq, paid.request_hash) = (seq, hash.to_string());
+            if let Ok(reply) = &mut paid.outcome {
+                reply.content = text.into();
+            }
+            paid
+        };
+        let first = q.claim("a", 1).unwrap()[0].lease;
+        let mut refused = paid(2, "h2", "");
+        (refused.sent, refused.charged) = (false, Usage::default());
+        refused.outcome = Err(colony::models::ModelError::RateLimited("this host's rate limit".into()));
+        for recorded in [paid(1, "h1", "one"), refused, paid(3, "h3", "three")] {
+            q.record_model_call(first, 1, &recorded).unwrap();
+        }
+        let second = interrupt(&mut q);
+        let mut replayed = paid(1, "h1", "one");
+        (replayed.replayed, replayed.charged) = (true, Usage::default());
+        q.record_model_call(second, 2, &replayed).unwrap();
+        q.record_model_call(second, 2, &paid(2, "h2", "two")).unwrap();
+        let third = interrupt(&mut q);
+        let replay = q.model_context(third).unwrap().replay;
+        let answers: Vec<(u32, String)> = replay
+            .iter()
+            .map(|c| (c.seq, c.outcome.as_ref().map(|r| r.content.clone()).unwrap_or_default()))
+            .collect();
+        assert_eq!(answers, [(1, "one".into()), (2, "two".into()), (3, "three".into())]);
+    }
+
     /// A run cut off while it replayed an older run's calls leaves that
     /// journal in place: the next run replays all of it, not just the part
     /// the cut-off run got through (it paid for the rest again).

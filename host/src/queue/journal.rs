@@ -6,7 +6,9 @@ use serde_json::json;
 
 use super::sql::{Row, Sql, args};
 use super::{Applied, Queue, QueueError, Result};
-use crate::models::{Budget, BudgetOf, ChatReply, ModelCall, ModelContext, ModelError, Usage};
+use crate::models::{
+    Budget, BudgetOf, ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Usage,
+};
 use crate::task::{Lease, State};
 
 /// What a task's model calls added up to.
@@ -457,71 +459,94 @@ impl Queue {
     }
 }
 
-/// The calls one run made, in order; a call that failed there, answered by
-/// a later run of the task asking the same question at the same point,
-/// with that answer (recorded errors are asked again, and a run cut off
-/// while replaying leaves the older journal in place: see
-/// `REPLAY_FROM_THIS_RUN`).
+/// The calls one run made, in order; a call that failed there, or that
+/// this host refused there, answered by a later run of the task asking the
+/// same question at the same point, with that answer (recorded errors are
+/// asked again, and a run cut off while replaying leaves the older journal
+/// in place: see `REPLAY_FROM_THIS_RUN`).
 fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
-    let mut calls = calls_of_run(db, task_id, token)?;
-    for call in calls.iter_mut().filter(|c| c.outcome.is_err()) {
-        let answered = db.query_opt(
-            "SELECT reply FROM model_calls
-             WHERE task_id = ?1 AND seq = ?2 AND request_hash = ?3 AND token <> ?4
-               AND status = 'ok' AND replayed = 0
-             ORDER BY id DESC LIMIT 1",
-            args![task_id, call.seq, call.request_hash, token],
+    let mut calls = calls_of_run(db, task_id, token, "request <> 'null'")?;
+    let answered_elsewhere = |seq: u32, hash: &str| {
+        let rows = db.query(
+            &format!(
+                "SELECT {CALL_COLUMNS} FROM model_calls
+                 WHERE task_id = ?1 AND seq = ?2 AND request_hash = ?3 AND token <> ?4
+                   AND status = 'ok' AND replayed = 0
+                 ORDER BY id DESC LIMIT 1"
+            ),
+            args![task_id, seq, hash, token],
         )?;
-        if let Some(row) = answered {
-            let reply: String = row.get(0)?;
-            call.outcome = Ok(serde_json::from_str::<ChatReply>(&reply).map_err(|e| {
-                QueueError::Corrupt(format!("task {task_id}'s model journal reply: {e}"))
-            })?);
+        rows.first().map(|r| call_from_row(r, task_id)).transpose()
+    };
+    for call in calls.iter_mut().filter(|c| c.outcome.is_err()) {
+        if let Some(answer) = answered_elsewhere(call.seq, &call.request_hash)? {
+            call.outcome = answer.outcome;
         }
     }
+    // A call refused here (no request kept) that a later run asked and had
+    // answered: replayed with that answer, so a third run does not pay
+    // for it again.
+    for refused in calls_of_run(db, task_id, token, "request = 'null'")? {
+        if let Some(answer) = answered_elsewhere(refused.seq, &refused.request_hash)? {
+            calls.push(ModelCall {
+                replayed: false,
+                ..answer
+            });
+        }
+    }
+    calls.sort_by_key(|c| c.seq);
     Ok(calls)
 }
 
-/// The calls one run made, in order, as recorded.
-fn calls_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
+const CALL_COLUMNS: &str = "seq, alias, request_hash, request, reply, status, error, input_tokens,
+                output_tokens, cost_usd, ms, replayed";
+
+/// The calls one run made that match `filter`, in order, as recorded (a
+/// refused call's request is `null`, read as an empty one).
+fn calls_of_run(db: &dyn Sql, task_id: i64, token: i64, filter: &str) -> Result<Vec<ModelCall>> {
     let rows = db.query(
-        "SELECT seq, alias, request_hash, request, reply, status, error, input_tokens,
-                output_tokens, cost_usd, ms, replayed
-         FROM model_calls WHERE task_id = ?1 AND token = ?2 AND request <> 'null' ORDER BY seq",
+        &format!(
+            "SELECT {CALL_COLUMNS} FROM model_calls
+             WHERE task_id = ?1 AND token = ?2 AND {filter} ORDER BY seq"
+        ),
         args![task_id, token],
     )?;
+    rows.iter().map(|r| call_from_row(r, task_id)).collect()
+}
+
+/// One journal row (the columns of [`CALL_COLUMNS`]) as the call it records.
+fn call_from_row(r: &Row, task_id: i64) -> Result<ModelCall> {
     let corrupt = |what: &str, e: serde_json::Error| {
         QueueError::Corrupt(format!("task {task_id}'s model journal {what}: {e}"))
     };
-    let mut calls = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let request: String = r.get(3)?;
-        let reply: Option<String> = r.get(4)?;
-        let status: String = r.get(5)?;
-        let error: Option<String> = r.get(6)?;
-        let outcome = match reply {
-            Some(text) if status == "ok" => {
-                Ok(serde_json::from_str::<ChatReply>(&text).map_err(|e| corrupt("reply", e))?)
-            }
-            _ => Err(model_error(&status, error.unwrap_or_default())),
-        };
-        calls.push(ModelCall {
-            seq: r.get(0)?,
-            alias: r.get(1)?,
-            request_hash: r.get(2)?,
-            request: serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
-            outcome,
-            charged: usage_pair(r, 7)?,
-            cost_usd: r.get(9)?,
-            ms: r.get(10)?,
-            replayed: r.get(11)?,
-            // Calls this host refused (request `null`) are not replayed:
-            // the next run asks again and is refused again, and the calls
-            // that reached a provider stay in step with its questions.
-            sent: true,
-        });
-    }
-    Ok(calls)
+    let request: String = r.get(3)?;
+    let reply: Option<String> = r.get(4)?;
+    let status: String = r.get(5)?;
+    let error: Option<String> = r.get(6)?;
+    let outcome = match reply {
+        Some(text) if status == "ok" => {
+            Ok(serde_json::from_str::<ChatReply>(&text).map_err(|e| corrupt("reply", e))?)
+        }
+        _ => Err(model_error(&status, error.unwrap_or_default())),
+    };
+    let request = match request.as_str() {
+        "null" => ChatRequest::default(),
+        _ => serde_json::from_str(&request).map_err(|e| corrupt("request", e))?,
+    };
+    Ok(ModelCall {
+        seq: r.get(0)?,
+        alias: r.get(1)?,
+        request_hash: r.get(2)?,
+        request,
+        outcome,
+        charged: usage_pair(r, 7)?,
+        cost_usd: r.get(9)?,
+        ms: r.get(10)?,
+        replayed: r.get(11)?,
+        // Calls this host refused (request `null`) are not replayed: the
+        // next run asks again (unless a later run had it answered, above).
+        sent: true,
+    })
 }
 
 fn lease_lost(lease: Lease) -> QueueError {

@@ -280,10 +280,7 @@ impl Metrics {
     pub fn catch_up(&self, queue: &Queue) -> Result<(), QueueError> {
         let _one_at_a_time = self.catching_up.lock().unwrap();
         let now = queue.now()?;
-        let (trail, calls) = {
-            let mut tail = self.tail.lock().unwrap();
-            (tail.trail.take(), tail.calls.take())
-        };
+        let trail = self.tail.lock().unwrap().trail.take();
         let mut trail = match trail {
             Some(trail) => trail,
             None => {
@@ -305,6 +302,8 @@ impl Metrics {
         // The cursor stays where it got to, even when a read failed.
         self.tail.lock().unwrap().trail = Some(trail);
         caught_up?;
+        // Taken only now: a failed read of the trail above must not lose it.
+        let calls = self.tail.lock().unwrap().calls.take();
         let mut calls = match calls {
             Some(calls) => calls,
             None => TrailCursor::over_model_calls(queue.last_model_call_id()?),
@@ -660,6 +659,36 @@ mod tests {
             &event(2, 5, "cancel", Some(State::Ready), State::Cancelled),
         );
         assert!(tail.ready_at.is_empty());
+    }
+
+    /// A catch-up that fails reading the trail keeps its place in the model
+    /// journal: the calls made meanwhile are counted by the next one.
+    #[test]
+    fn a_failed_catch_up_loses_no_model_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let queue = Queue::open(&path).unwrap();
+        let metrics = Metrics::new();
+        metrics.render(&queue).unwrap();
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute_batch(
+            "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                 request_hash, request, status, input_tokens, output_tokens, ms, replayed)
+             VALUES (0, 1, 1, 'writer', 1, 1, 1, 'fast', 'h', 'null', 'ok', 321, 0, 1, 0);
+             ALTER TABLE events RENAME TO events_away;",
+        )
+        .unwrap();
+        assert!(metrics.render(&queue).is_err(), "the trail cannot be read");
+        raw.execute_batch("ALTER TABLE events_away RENAME TO events;")
+            .unwrap();
+        let text = metrics.render(&queue).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("colony_model_tokens_total{")
+                    && l.contains("direction=\"input\"")
+                    && l.ends_with(" 321")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -211,14 +211,8 @@ impl Daemon {
             .map(|(agent, buffer)| (agent.clone(), buffer.len()))
             .collect();
         for (agent, buffered) in gone_slow {
-            let cap = self
-                .agents
-                .loaded(&agent)
-                .map_or(0, |a| a.limits.concurrency as usize);
             let running = self.inflight.values().filter(|f| f.agent == agent).count();
-            let room = cap
-                .min(self.cfg.concurrency as usize)
-                .saturating_sub(running);
+            let room = self.usable_slots(&agent).saturating_sub(running);
             if buffered <= room {
                 continue;
             }

@@ -711,17 +711,31 @@ impl Daemon {
     }
 
     /// Whether `agent`'s tasks may be claimed ahead of the free slots (see
-    /// `prefetch.rs`).
+    /// `prefetch.rs`). The runs in flight are looked at only for an agent
+    /// whose recent runs were short.
     fn claims_ahead(&self, agent: &str) -> bool {
-        let oldest_run = self
+        if !self.run_times.claims_ahead(self.cfg.prefetch, agent) {
+            return false;
+        }
+        if self.cfg.prefetch == Prefetch::Always {
+            return true;
+        }
+        let started = self
             .inflight
             .values()
             .filter(|f| f.agent == agent)
-            .map(|f| f.since)
-            .min()
-            .map(|since| since.elapsed());
-        self.run_times
-            .claims_ahead(self.cfg.prefetch, agent, oldest_run)
+            .map(|f| f.since);
+        let long_ago = Instant::now().checked_sub(prefetch::LONG_IN_FLIGHT);
+        !prefetch::slots_held_by_long_runs(started, self.usable_slots(agent), long_ago)
+    }
+
+    /// How many runs of `agent` may be in flight here at once.
+    fn usable_slots(&self, agent: &str) -> usize {
+        let cap = self
+            .agents
+            .loaded(agent)
+            .map_or(0, |a| a.limits.concurrency as usize);
+        cap.min(self.cfg.concurrency as usize)
     }
 
     /// Adds the slots left free since the last look to the idle slot-time.

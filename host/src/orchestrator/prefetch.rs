@@ -8,23 +8,26 @@
 //! (attempts are counted at claim). So by default a daemon claims ahead only
 //! for agents whose recent runs were short; for the others, and for an agent
 //! it has not seen run yet, it claims for its free slots alone. An agent
-//! whose runs grow long (a run in flight past [`LONG_IN_FLIGHT`], or the
-//! average past [`SHORT_RUN`]) stops being claimed ahead at once, and the
-//! tasks already claimed ahead for it beyond its free slots are given back
-//! unstarted (`Daemon::give_back_buffers_gone_slow`). An explicit
-//! `--claim-batch` claims ahead for every agent.
+//! whose runs grow long (every slot it may use held by a run in flight past
+//! [`LONG_IN_FLIGHT`], or the average past [`SHORT_RUN`]) stops being
+//! claimed ahead at once, and the tasks already claimed ahead for it beyond
+//! its free slots are given back unstarted
+//! (`Daemon::give_back_buffers_gone_slow`). An explicit `--claim-batch`
+//! claims ahead for every agent.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Runs shorter than this on average are claimed ahead: a claim transaction
 /// takes about a millisecond on SQLite and a few on PostgreSQL, a few per
 /// cent of such a run at most.
 pub const SHORT_RUN: Duration = Duration::from_millis(50);
 
-/// A run in flight this long makes its agent long-running before it ends:
-/// without it, tasks claimed ahead while the agent's runs were short would
-/// wait leased behind runs of minutes. Far above any short run's stall.
+/// Runs in flight this long, in every slot an agent may use, make it
+/// long-running before they end: without it, tasks claimed ahead while the
+/// agent's runs were short would wait leased behind runs of minutes. Far
+/// above any short run's stall; one long run among short ones in other
+/// slots does not stop the claiming ahead.
 pub const LONG_IN_FLIGHT: Duration = Duration::from_secs(1);
 
 /// Whether claimed tasks may wait in the daemon beyond its free slots.
@@ -72,22 +75,28 @@ impl RunTimes {
         }
     }
 
-    /// Whether `agent`'s tasks may be claimed ahead of its free slots;
-    /// `oldest_run`: how long its oldest run in flight has been running.
-    pub fn claims_ahead(
-        &self,
-        prefetch: Prefetch,
-        agent: &str,
-        oldest_run: Option<Duration>,
-    ) -> bool {
+    /// Whether `agent`'s tasks may be claimed ahead of its free slots, by
+    /// its recent runs alone (see [`slots_held_by_long_runs`]).
+    pub fn claims_ahead(&self, prefetch: Prefetch, agent: &str) -> bool {
         match prefetch {
             Prefetch::Always => true,
-            Prefetch::Adaptive => {
-                self.average.get(agent).is_some_and(|&a| a < SHORT_RUN)
-                    && oldest_run.is_none_or(|ran| ran < LONG_IN_FLIGHT)
-            }
+            Prefetch::Adaptive => self.average.get(agent).is_some_and(|&a| a < SHORT_RUN),
         }
     }
+}
+
+/// Whether every one of the `usable` slots an agent may fill is held by a
+/// run of it started before `long_ago` (now less [`LONG_IN_FLIGHT`]): then
+/// no task claimed ahead for it can start soon.
+pub(super) fn slots_held_by_long_runs(
+    started: impl Iterator<Item = Instant>,
+    usable: usize,
+    long_ago: Option<Instant>,
+) -> bool {
+    let Some(long_ago) = long_ago else {
+        return false; // the process is younger than LONG_IN_FLIGHT
+    };
+    usable > 0 && started.filter(|since| *since <= long_ago).count() >= usable
 }
 
 #[cfg(test)]
@@ -98,25 +107,38 @@ mod tests {
     fn only_agents_seen_running_short_are_claimed_ahead() {
         let mut times = RunTimes::default();
         assert!(
-            !times.claims_ahead(Prefetch::Adaptive, "new", None),
+            !times.claims_ahead(Prefetch::Adaptive, "new"),
             "not seen yet"
         );
-        assert!(times.claims_ahead(Prefetch::Always, "new", None));
+        assert!(times.claims_ahead(Prefetch::Always, "new"));
         times.record("fast", Duration::from_micros(300));
         times.record("slow", Duration::from_secs(4));
-        assert!(times.claims_ahead(Prefetch::Adaptive, "fast", None));
-        assert!(!times.claims_ahead(Prefetch::Adaptive, "slow", None));
-        // A run in flight for long stops it before it ends.
-        let short_in_flight = Some(Duration::from_millis(20));
-        assert!(times.claims_ahead(Prefetch::Adaptive, "fast", short_in_flight));
-        assert!(!times.claims_ahead(Prefetch::Adaptive, "fast", Some(LONG_IN_FLIGHT)));
-        assert!(times.claims_ahead(Prefetch::Always, "fast", Some(LONG_IN_FLIGHT)));
+        assert!(times.claims_ahead(Prefetch::Adaptive, "fast"));
+        assert!(!times.claims_ahead(Prefetch::Adaptive, "slow"));
         // Runs that grow long stop the claiming ahead within a few runs.
         let mut runs = 0;
-        while times.claims_ahead(Prefetch::Adaptive, "fast", None) {
+        while times.claims_ahead(Prefetch::Adaptive, "fast") {
             times.record("fast", Duration::from_secs(2));
             runs += 1;
         }
         assert!(runs <= 2, "{runs} runs");
+    }
+
+    #[test]
+    fn long_runs_in_every_usable_slot_stop_the_claiming_ahead() {
+        let now = Instant::now();
+        let long_ago = now.checked_sub(LONG_IN_FLIGHT);
+        let Some(old) = long_ago.and_then(|t| t.checked_sub(Duration::from_millis(1))) else {
+            return; // a clock this young cannot hold a run started that long ago
+        };
+        let held = |runs: &[Instant], usable| {
+            slots_held_by_long_runs(runs.iter().copied(), usable, long_ago)
+        };
+        assert!(held(&[old, old], 2), "both slots held long");
+        assert!(!held(&[old, now], 2), "one long run among short ones");
+        assert!(!held(&[old], 2), "a slot still free");
+        assert!(held(&[old, old, now], 2));
+        assert!(!held(&[], 0), "no slot at all is not held");
+        assert!(!slots_held_by_long_runs([old].into_iter(), 1, None));
     }
 }

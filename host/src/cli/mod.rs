@@ -976,11 +976,19 @@ fn explain_read_only(db: &Path, e: anyhow::Error) -> anyhow::Error {
         Some(rusqlite::ErrorCode::ReadOnly) => bad(format!(
             "database {shown}: this user may not write to it (the file, or the folder its -wal and -shm files go in, is read-only to it); check the permissions (ls -l), or give another --db ({e:#})"
         )),
-        Some(rusqlite::ErrorCode::CannotOpen) if db.is_file() => bad(format!(
-            "database {shown}: the file is there but SQLite cannot open it: this user may not read it, or the file system it is on is mounted read-only (even a read creates the -wal and -shm files beside it); check the permissions (ls -l) and the mount (findmnt -T {shown}), or copy the file elsewhere and give that --db ({e:#})"
+        Some(rusqlite::ErrorCode::CannotOpen) if on_read_only_mount(db) => bad(format!(
+            "database {shown}: the file system it is on is mounted read-only, and SQLite cannot open it even to read (a read creates the -wal and -shm files beside it); remount it read-write (findmnt -T {shown} shows the mount), or copy the file elsewhere and give that --db ({e:#})"
         )),
         _ => e,
     }
+}
+
+/// Whether the file `db` exists on a file system mounted read-only.
+fn on_read_only_mount(db: &Path) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(db)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
 }
 
 async fn run_command(cli: &Cli) -> Result<()> {

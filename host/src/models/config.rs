@@ -305,7 +305,9 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         Api::OpenAi => "/chat/completions",
         Api::Anthropic => "/v1/messages",
     };
-    if base_url.ends_with(endpoint_path) || base_url.ends_with("/messages") {
+    let names_endpoint = base_url.ends_with(endpoint_path)
+        || (api == Api::Anthropic && base_url.ends_with("/messages"));
+    if names_endpoint {
         let root = base_url
             .trim_end_matches(endpoint_path)
             .trim_end_matches("/messages");

@@ -330,7 +330,12 @@ impl Providers {
             attempt += 1;
             if attempt > 1 {
                 // A retry is one more request to the provider.
-                self.wait_for_limits(name, alias, 0, deadline)
+                // The wait may not eat into the quarter of the timeout a
+                // retry keeps for the provider's answer (below).
+                let wait_until = deadline
+                    .checked_sub(alias.config.timeout / 4)
+                    .unwrap_or(deadline);
+                self.wait_for_limits(name, alias, 0, wait_until)
                     .await
                     .map_err(uncharged)?;
             }

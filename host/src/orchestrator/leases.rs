@@ -70,6 +70,8 @@ impl Daemon {
                 let lost = if leases.is_empty() {
                     // Nothing to renew, but a waiting reaper must learn whether
                     // the database takes writes again.
+                    // (While it waits to reap, also the wait at its start:
+                    // an outage then must restart that wait, not end it.)
                     if !may_reap {
                         queue.check_writable()?;
                     }

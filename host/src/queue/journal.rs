@@ -197,7 +197,8 @@ impl Queue {
                 None => None,
             };
             let tighter = match (chain_left, task_left) {
-                (Some(c), Some(t)) => Some(if t.0 < c.0 { t } else { c }),
+                // On a tie the manifest's is named: a retry's budget cannot raise it.
+                (Some(c), Some(t)) => Some(if t.0 <= c.0 { t } else { c }),
                 (Some(one), None) | (None, Some(one)) => Some(one),
                 (None, None) => None,
             };

@@ -155,9 +155,9 @@ pub(super) struct HeldRun<'a> {
     pub writes: &'a [crate::state::Write],
 }
 
-/// How many bytes of effect bodies and state values a reviewer agent's
-/// payload shows, in the run's order; each one past it is null beside its
-/// size. A run may hold 8 MiB of bodies and 16 MiB of state: shown whole
+/// How many bytes of effect bodies and state values (as stored, before
+/// JSON escaping) a reviewer agent's payload shows, the effects first, each
+/// in the run's order; one that does not fit is null beside its size. A run may hold 8 MiB of bodies and 16 MiB of state: shown whole
 /// they would make a payload a reviewer's default memory cannot parse.
 const REVIEW_SHOWS_BYTES: usize = 1 << 20;
 

@@ -1067,6 +1067,10 @@ async fn run_command(cli: &Cli) -> Result<()> {
             output::print_cancelled(&ids, cli.json)
         }
         Command::Agents => {
+            // Read for its provider-key variables, which an agent's secrets
+            // may not name: the agents listed as a daemon would load them.
+            // (A configuration with errors is the model commands' to report.)
+            let _ = load_models(cli);
             let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
             output::print_agents(&agents, cli.json)
         }

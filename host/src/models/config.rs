@@ -322,6 +322,7 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         return Err(key_error("model", "must not be empty".into()));
     }
     if let Some(var) = &raw.api_key_env {
+        super::remember_provider_key_variable(var);
         let valid = !var.is_empty()
             && !var.starts_with(|c: char| c.is_ascii_digit())
             && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');

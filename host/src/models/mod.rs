@@ -236,6 +236,28 @@ pub fn request_hash(req: &ChatRequest) -> String {
         .collect()
 }
 
+/// The environment variables this process reads provider keys from
+/// (`api_key_env` of every alias of the colony.toml it loaded): an agent's
+/// manifest may not name them as its HTTP secrets, which would send the
+/// host's provider key to a server the manifest chooses.
+static PROVIDER_KEY_VARIABLES: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Whether `var` holds a provider key of a colony.toml this process loaded.
+pub fn is_provider_key_variable(var: &str) -> bool {
+    PROVIDER_KEY_VARIABLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(var)
+}
+
+fn remember_provider_key_variable(var: &str) {
+    PROVIDER_KEY_VARIABLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(var.to_string());
+}
+
 /// Tokens a request's prompt may take, estimated without a tokenizer: one
 /// token per three bytes of text (real tokenizers average about four bytes
 /// per token on English, fewer on code and other scripts, so this leans

@@ -415,6 +415,16 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Whether the environment variable `var` holds one of the host's own
+/// credentials: a provider key of the loaded colony.toml, or a variable the
+/// host reads for its dashboard token or database (`COLONY_*`, `PG*`).
+fn is_host_credential(var: &str) -> bool {
+    var.starts_with("COLONY_")
+        || var.starts_with("PG")
+        || var == "DATABASE_URL"
+        || crate::models::is_provider_key_variable(var)
+}
+
 /// What an agent may reach over HTTP, and within which bounds. The default
 /// grants nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -503,6 +513,17 @@ impl HttpGrant {
             {
                 return Err((key, format!("the host cannot set the header {header}")));
             }
+            // The host's own credentials are not the agent's to send: a
+            // manifest naming them would hand them to a server it chose.
+            if is_host_credential(&spec.env) {
+                return Err((
+                    key,
+                    format!(
+                        "{} holds one of this host's own credentials (a provider key of colony.toml, the dashboard token, or PostgreSQL's), which an agent's secret may not name; give the agent a variable of its own",
+                        spec.env
+                    ),
+                ));
+            }
             // Empty is as good as unset: it would send `Authorization: Bearer `.
             let Some(secret) = env(&spec.env).filter(|s| !s.trim().is_empty()) else {
                 return Err((
@@ -587,7 +608,12 @@ impl HttpGrant {
 
     /// Whether a request with this method to this origin is granted.
     fn check(&self, method: &http::Method, origin: &Origin) -> Result<(), String> {
-        if *method == http::Method::CONNECT || *method == http::Method::TRACE {
+        // Methods are case-sensitive tokens, but a server may read `trace`
+        // as TRACE and echo the request, secret headers included.
+        if ["CONNECT", "TRACE"]
+            .iter()
+            .any(|m| method.as_str().eq_ignore_ascii_case(m))
+        {
             return Err(format!("the method {method} is not allowed"));
         }
         if self.allowed.iter().any(|p| p.matches(origin)) {
@@ -1371,8 +1397,10 @@ mod tests {
                 .unwrap_err()
                 .contains("http://127.0.0.1:9001")
         );
-        assert!(check_url(&l, "TRACE", "https://api.example.com/").is_err());
-        assert!(check_url(&l, "CONNECT", "https://api.example.com/").is_err());
+        for method in ["TRACE", "trace", "Trace", "CONNECT", "connect"] {
+            let refused = check_url(&l, method, "https://api.example.com/").unwrap_err();
+            assert!(refused.contains("is not allowed"), "{method}: {refused}");
+        }
         assert!(check_url(&l, "GET", "/relative").is_err());
         assert!(check_url(&l, "GET", "https://user@api.example.com/").is_err());
         assert!(check_url(&l, "G ET", "https://api.example.com/").is_err());
@@ -1450,6 +1478,38 @@ mod tests {
             assert!(
                 why.contains("the host cannot set the header"),
                 "{header}: {why}"
+            );
+        }
+
+        // The host's own credentials: a provider key of the colony.toml
+        // this process loaded, the dashboard token, PostgreSQL's.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("colony.toml");
+        std::fs::write(
+            &config,
+            "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"HTTP_TEST_PROVIDER_KEY\"\n",
+        )
+        .unwrap();
+        crate::models::ModelsConfig::load(&config).unwrap();
+        for var in [
+            "HTTP_TEST_PROVIDER_KEY",
+            "COLONY_TOKEN",
+            "PGPASSWORD",
+            "DATABASE_URL",
+        ] {
+            let mut named = secrets.clone();
+            named.get_mut("https://api.example.com").unwrap().env = var.into();
+            let manifest = ManifestHttp {
+                allowed_hosts: Some(&hosts),
+                secrets: Some(&named),
+                http_timeout: None,
+                http_max_response_kb: None,
+                http_max_requests: None,
+            };
+            let (_, why) = HttpGrant::from_manifest(manifest, |_| Some("x".into())).unwrap_err();
+            assert!(
+                why.contains("holds one of this host's own credentials"),
+                "{var}: {why}"
             );
         }
 

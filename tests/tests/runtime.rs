@@ -613,6 +613,37 @@ async fn broken_components_are_reported_and_skipped() {
     )
     .unwrap();
 
+    // Manifests that are not files of the folder: a FIFO (reading it would
+    // block the loading), a link out of the folder (its content would be
+    // quoted in the error), one too large to be a manifest.
+    for name in ["fifo_manifest", "linked_manifest", "huge_manifest"] {
+        std::fs::copy(
+            guest_path("echo"),
+            h.agents.path().join(format!("{name}.wasm")),
+        )
+        .unwrap();
+    }
+    let fifo = h.agents.path().join("fifo_manifest.toml");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let secret_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret_file.path(), "PROVIDER_KEY = \"sk-do-not-show\"\n").unwrap();
+    std::os::unix::fs::symlink(
+        secret_file.path(),
+        h.agents.path().join("linked_manifest.toml"),
+    )
+    .unwrap();
+    std::fs::write(
+        h.agents.path().join("huge_manifest.toml"),
+        "# padding\n".repeat(10_000),
+    )
+    .unwrap();
+
     // Limits in their bounds, but less than the component needs to start.
     for (name, manifest) in [
         ("tiny_memory", "memory_mb = 1\n"),
@@ -632,6 +663,21 @@ async fn broken_components_are_reported_and_skipped() {
         AgentStatus::Broken(reason) => reason.clone(),
         AgentStatus::Loaded(_) => panic!("{name} should not load"),
     };
+    assert!(
+        reason("fifo_manifest").contains("fifo_manifest.toml: not a regular file"),
+        "{}",
+        reason("fifo_manifest")
+    );
+    let linked = reason("linked_manifest");
+    assert!(
+        linked.contains("outside the agents folder") && !linked.contains("sk-do-not-show"),
+        "{linked}"
+    );
+    assert!(
+        reason("huge_manifest").contains("larger than a manifest may be (64 KiB)"),
+        "{}",
+        reason("huge_manifest")
+    );
     assert!(
         reason("garbage_bytes").contains("garbage_bytes.wasm: it is not a WebAssembly file"),
         "{}",

@@ -53,6 +53,9 @@ pub struct Manifest {
     pub effect_attempts: Option<u32>,
 }
 
+/// The largest manifest read: a few dozen lines are plenty.
+const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+
 /// A manifest that is not valid TOML, or names a key we do not know: what
 /// is wrong and where on the first line (a table row shows only that),
 /// then TOML's own report with the offending line.
@@ -74,7 +77,18 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
 impl Manifest {
     /// Reads and checks a manifest; errors name the file and the key.
     pub fn load(path: &Path) -> Result<Manifest, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "{}: larger than a manifest may be ({} KiB)",
+                path.display(),
+                MAX_MANIFEST_BYTES >> 10
+            ));
+        }
         let document = toml::Deserializer::parse(&text).map_err(|e| toml_error(path, &text, &e))?;
         // A wrong type names its key (`models = "fast"`: key `models`), not
         // only its line and column.
@@ -415,6 +429,15 @@ impl AgentDir {
             return AgentStatus::Broken(reason);
         }
         let limits = if has_manifest {
+            // Checked before reading: a FIFO would block the rescan (and the
+            // daemon with it), and a link to a file outside the folder (say
+            // /proc/self/environ) would be quoted in the TOML error, on the
+            // dashboard and in logs.
+            if let Some(reason) =
+                not_a_file(manifest_path).or_else(|| outside_folder(manifest_path, &self.dir))
+            {
+                return AgentStatus::Broken(reason);
+            }
             match Manifest::load(manifest_path).and_then(|m| m.limits(manifest_path, &self.dir)) {
                 Ok(limits) => limits,
                 Err(reason) => return AgentStatus::Broken(reason),
@@ -443,14 +466,28 @@ impl AgentDir {
     }
 }
 
-/// Why a `*.wasm` entry cannot be read as a component, if it cannot.
+/// Why a manifest that is a symbolic link may not be read: it leads out
+/// of the agents folder `dir`.
+fn outside_folder(path: &Path, dir: &Path) -> Option<String> {
+    let target = path.canonicalize().ok()?;
+    let root = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    (!target.starts_with(&root)).then(|| {
+        format!(
+            "{}: a symbolic link to {}, outside the agents folder; a manifest must be a file in it",
+            path.display(),
+            target.display()
+        )
+    })
+}
+
+/// Why a `*.wasm` or `*.toml` entry cannot be read, if it cannot.
 fn not_a_file(path: &Path) -> Option<String> {
     let shown = path.display();
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => None,
         Ok(meta) if meta.is_dir() => Some(format!("{shown}: a directory, not a component file")),
         Ok(_) => Some(format!(
-            "{shown}: not a regular file (a component must be one)"
+            "{shown}: not a regular file (a component or manifest must be one)"
         )),
         Err(e) => Some(match std::fs::read_link(path) {
             Ok(target) if e.kind() == std::io::ErrorKind::NotFound => format!(

@@ -451,7 +451,7 @@ async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_adds_the_agents_secret_and_drops_the_agents_own_header_of_that_name() {
-    const VAR: &str = "COLONY_TEST_EFFECTS_TOKEN";
+    const VAR: &str = "TEST_EFFECTS_TOKEN_FOR_COLONY";
     // SAFETY: set once, before any thread of this test reads the environment;
     // no other test in this binary uses this variable.
     unsafe { std::env::set_var(VAR, "effects-secret") };
@@ -487,6 +487,19 @@ async fn delivery_adds_the_agents_secret_and_drops_the_agents_own_header_of_that
     assert!(
         !stored.contains("effects-secret"),
         "the secret is stored nowhere: {stored}"
+    );
+    // Nor the agent's header the secret replaced: a reviewer shown it would
+    // approve a value that never went out.
+    let headers = &h.queue().effects(Some(id), None, 10).unwrap()[0].headers;
+    assert!(
+        !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("authorization")),
+        "{headers:?}"
+    );
+    assert!(
+        headers.contains(&("X-Trace".to_string(), "t1".to_string())),
+        "{headers:?}"
     );
 }
 

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 /// The secret the manifests below hand to the host through the environment.
-const TOKEN_VAR: &str = "COLONY_TEST_HTTP_TOKEN";
+const TOKEN_VAR: &str = "TEST_HTTP_TOKEN_FOR_COLONY";
 const TOKEN: &str = "tok-7f3a9c1e";
 
 /// Sets the secret's variable once, before any test of this binary reads
@@ -379,7 +379,7 @@ async fn the_secret_header_is_added_by_the_host_and_never_seen_by_the_guest() {
 async fn a_missing_secret_variable_reports_the_agent_broken() {
     let h = harness(
         "allowed_hosts = [\"https://api.example.com\"]\n\
-         [secrets.\"https://api.example.com\"]\nheader = \"Authorization\"\nenv = \"COLONY_TEST_HTTP_UNSET_VARIABLE\"\n",
+         [secrets.\"https://api.example.com\"]\nheader = \"Authorization\"\nenv = \"TEST_HTTP_UNSET_VARIABLE_FOR_COLONY\"\n",
     );
     let runtime = h.runtime();
     let agents = h.agent_dir(&runtime).await;
@@ -390,7 +390,7 @@ async fn a_missing_secret_variable_reports_the_agent_broken() {
     for part in [
         "fetcher.toml",
         "https://api.example.com",
-        "COLONY_TEST_HTTP_UNSET_VARIABLE",
+        "TEST_HTTP_UNSET_VARIABLE_FOR_COLONY",
     ] {
         assert!(reason.contains(part), "{reason}");
     }

@@ -59,13 +59,26 @@ impl wit::Host for RunState {
                 .record_refused_effect(&method, &req.url, &why);
             return Err(why);
         }
+        // A header a secret of the manifest replaces at delivery is dropped
+        // now, as outbound HTTP drops it: kept, a reviewer would approve the
+        // agent's value while the host's went out.
+        let secrets = self.http.grant().secret_headers(&req.url);
+        let headers = req
+            .headers
+            .into_iter()
+            .filter(|(name, _)| {
+                !secrets
+                    .iter()
+                    .any(|(secret, _)| name.eq_ignore_ascii_case(secret.as_str()))
+            })
+            .collect();
         let queued = &mut self.effects.queued;
         let seq = queued.len() as u32 + 1;
         queued.push(Effect {
             seq,
             method,
             url: req.url,
-            headers: req.headers,
+            headers,
             body: req.body,
             max_attempts: self.effects.max_attempts,
         });

@@ -447,6 +447,10 @@ fn database_locations_are_opened_or_refused_by_name() {
             "host=127.0.0.1 user=colony password=hunter2 dbname=q",
             "looks like a PostgreSQL key=value connection string",
         ),
+        (
+            "host=db1 password='hunter2 pw' dbname=q",
+            "looks like a PostgreSQL key=value connection string",
+        ),
     ] {
         let out = env.run(&["--db", db, "list"]);
         let stderr = String::from_utf8_lossy(&out.stderr);

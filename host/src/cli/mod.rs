@@ -669,13 +669,16 @@ fn check_sqlite_location(db: &Path, path: &Path) -> Result<()> {
     }
     // libpq's `host=... dbname=...` form would become a file named after
     // it, password and all.
+    // (A quoted value may hold spaces: `password='a b'`.)
     let words: Vec<&str> = text.split_whitespace().collect();
-    if words.len() > 1 && words.iter().all(|w| w.contains('=')) {
-        bail!(BadInput(format!(
-            "database {}: that looks like a PostgreSQL key=value connection string; \
-             colony takes a postgres:// URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE)",
-            crate::queue::redact_url(&text)
-        )));
+    let settings = words.iter().filter(|w| w.contains('=')).count();
+    if words.len() > 1 && settings >= 2 && words[0].contains('=') {
+        bail!(BadInput(
+            "--db: that looks like a PostgreSQL key=value connection string (not shown: it \
+             may hold a password); colony takes a postgres:// URL \
+             (postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+                .to_string()
+        ));
     }
     // `postgresql:user:pw@host`, `postgres//user:pw@host`, `postgres:/...`:
     // a URL missing part of its `://` would become a file named after the

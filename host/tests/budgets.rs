@@ -34,6 +34,38 @@ fn call(charged: Usage) -> ModelCall {
     }
 }
 
+/// A task of agent `a` with attempts to spare for interrupted runs.
+fn retried_task() -> NewTask {
+    let mut task = NewTask::new("a", "{}");
+    task.max_attempts = 4;
+    task.backoff_ms = 1;
+    task
+}
+
+/// Interrupts the one running task of agent `a` (its lease reset as stale)
+/// and claims it again: the next run's lease.
+fn interrupt(q: &mut Queue) -> Lease {
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        q.reset_stale_leases(Duration::from_millis(200))
+            .unwrap()
+            .len(),
+        1
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    q.claim("a", 1).unwrap()[0].lease
+}
+
+/// Call `seq` asking the question `hash`, answered and charged 10 tokens.
+fn paid(seq: u32, hash: &str) -> ModelCall {
+    let mut paid = call(Usage {
+        input_tokens: 5,
+        output_tokens: 5,
+    });
+    (paid.seq, paid.request_hash) = (seq, hash.to_string());
+    paid
+}
+
 /// A root with a chain budget of `budget` whose two children are claimed
 /// at once; returns their leases.
 fn two_children_running(q: &mut Queue, budget: u64) -> (Lease, Lease) {
@@ -336,19 +368,9 @@ on_both_drivers! {
     /// once, not twice.
     fn a_refused_call_answered_by_a_later_run_is_replayed_from_that_answer(db) {
         let mut q = db.open();
-        let mut task = NewTask::new("a", "{}");
-        task.max_attempts = 4;
-        task.backoff_ms = 1;
-        q.submit(&task).unwrap();
-        let interrupt = |q: &mut Queue| {
-            std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(q.reset_stale_leases(Duration::from_millis(200)).unwrap().len(), 1);
-            std::thread::sleep(Duration::from_millis(20));
-            q.claim("a", 1).unwrap()[0].lease
-        };
+        q.submit(&retried_task()).unwrap();
         let paid = |seq: u32, hash: &str, text: &str| {
-            let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
-            (paid.seq, paid.request_hash) = (seq, hash.to_string());
+            let mut paid = paid(seq, hash);
             if let Ok(reply) = &mut paid.outcome {
                 reply.content = text.into();
             }
@@ -380,21 +402,7 @@ on_both_drivers! {
     /// the cut-off run got through (it paid for the rest again).
     fn a_run_cut_off_while_replaying_leaves_the_whole_journal_to_replay(db) {
         let mut q = db.open();
-        let mut task = NewTask::new("a", "{}");
-        task.max_attempts = 4;
-        task.backoff_ms = 1;
-        q.submit(&task).unwrap();
-        let interrupt = |q: &mut Queue| {
-            std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(q.reset_stale_leases(Duration::from_millis(200)).unwrap().len(), 1);
-            std::thread::sleep(Duration::from_millis(20));
-            q.claim("a", 1).unwrap()[0].lease
-        };
-        let paid = |seq: u32, hash: &str| {
-            let mut paid = call(Usage { input_tokens: 5, output_tokens: 5 });
-            (paid.seq, paid.request_hash) = (seq, hash.to_string());
-            paid
-        };
+        q.submit(&retried_task()).unwrap();
         // The first run's second call failed at the provider.
         let first = q.claim("a", 1).unwrap()[0].lease;
         let mut failed = paid(2, "h2");

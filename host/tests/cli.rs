@@ -66,6 +66,64 @@ fn torture_verdict(db: TestDb, mode: &[&str], tasks: u32) -> Value {
     verdict
 }
 
+/// An environment whose `thinker` agent may call the alias `fast` (its
+/// colony.toml lines plus `alias_extra`), answered by a loopback provider,
+/// and daemons started with that configuration and key.
+struct ThinkerWithModel {
+    env: Env,
+    server: colony_tests::model_server::ModelServer,
+    config: String,
+}
+
+impl ThinkerWithModel {
+    fn new(db: TestDb, alias_extra: &str) -> ThinkerWithModel {
+        let env = Env::on(db, &["thinker"]);
+        std::fs::write(
+            env.agents.path().join("thinker.toml"),
+            "models = [\"fast\"]\n",
+        )
+        .unwrap();
+        let server = colony_tests::model_server::ModelServer::start();
+        let config = env.file(
+            "colony.toml",
+            format!(
+                "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n{alias_extra}",
+                server.openai_url()
+            ),
+        );
+        ThinkerWithModel {
+            env,
+            server,
+            config,
+        }
+    }
+
+    /// A daemon (heartbeat 200 ms, stale after 1 s, polling every 100 ms)
+    /// with `extra` arguments; its stderr is piped.
+    fn daemon(&self, extra: &[&str]) -> Daemon {
+        Daemon::new(
+            self.env
+                .cmd()
+                .env("COLONY_CONFIG", &self.config)
+                .env("FAST_KEY", "sk-fast")
+                .args([
+                    "daemon",
+                    "--heartbeat",
+                    "200ms",
+                    "--stale-after",
+                    "1s",
+                    "--poll",
+                    "100ms",
+                ])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
 /// A connection holding the database so that no other can write (nor, on
 /// PostgreSQL, read `tasks`) until it rolls back: an outage, as daemons see it.
 fn refuse_every_write(db: &TestDb) -> common::Raw {
@@ -949,33 +1007,13 @@ on_both_drivers! {
     /// replay matches calls by their place in the run, not by their order
     /// among the calls a provider saw.
     fn a_call_the_host_refused_does_not_end_the_replay_after_it(db) {
-        use colony_tests::model_server::{ModelServer, Scripted};
-        let env = Env::on(db, &["thinker"]);
-        std::fs::write(env.agents.path().join("thinker.toml"), "models = [\"fast\"]\n").unwrap();
-        let server = ModelServer::start();
+        use colony_tests::model_server::Scripted;
+        let t = ThinkerWithModel::new(db, "tokens_per_minute = 150\n");
+        let (env, server) = (&t.env, &t.server);
         for text in ["one", "three"] {
             server.push(Scripted::answer_with_usage(text, 1, 1));
         }
-        let config = env.file(
-            "colony.toml",
-            format!(
-                "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\ntokens_per_minute = 150\n",
-                server.openai_url()
-            ),
-        );
-        let daemon = |extra: &[&str]| {
-            Daemon::new(
-                env.cmd()
-                    .env("COLONY_CONFIG", &config)
-                    .env("FAST_KEY", "sk-fast")
-                    .args(["daemon", "--heartbeat", "200ms", "--stale-after", "1s", "--poll", "100ms"])
-                    .args(extra)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap(),
-            )
-        };
+        let daemon = |extra: &[&str]| t.daemon(extra);
         let payload = serde_json::json!({
             "prompts": ["a", "x".repeat(2000), "c"],
             "max_tokens": 10,
@@ -1013,43 +1051,13 @@ on_both_drivers! {
     }
 
     fn a_killed_daemons_model_calls_are_replayed_not_paid_again(db) {
-        use colony_tests::model_server::{ModelServer, Scripted};
-        let env = Env::on(db, &["thinker"]);
-        std::fs::write(
-            env.agents.path().join("thinker.toml"),
-            "models = [\"fast\"]\n",
-        )
-        .unwrap();
-        let server = ModelServer::start();
+        use colony_tests::model_server::Scripted;
+        let t = ThinkerWithModel::new(db, "");
+        let (env, server) = (&t.env, &t.server);
         for text in ["one", "two", "three"] {
             server.push(Scripted::answer_with_usage(text, 100, 20));
         }
-        let config = env.file(
-            "colony.toml",
-            format!(
-                "[models.fast]\napi = \"openai\"\nbase_url = \"{}\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n",
-                server.openai_url()
-            ),
-        );
-        let daemon = |extra: &[&str]| {
-            env.cmd()
-                .env("COLONY_CONFIG", &config)
-                .env("FAST_KEY", "sk-fast")
-                .args([
-                    "daemon",
-                    "--heartbeat",
-                    "200ms",
-                    "--stale-after",
-                    "1s",
-                    "--poll",
-                    "100ms",
-                ])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
+        let daemon = |extra: &[&str]| t.daemon(extra);
         // The first run sleeps for a minute after its second call.
         let id = env.submit(&[
             "thinker",

@@ -124,6 +124,24 @@ impl ThinkerWithModel {
     }
 }
 
+/// An outage of `lasting` (no connection can write) while `holder` is
+/// stopped; the holder stays stopped after it (the caller resumes it).
+fn outage_with_holder_stopped(env: &Env, holder: &Daemon, lasting: Duration) {
+    let mut raw = refuse_every_write(&env.database);
+    signal(holder, "-STOP");
+    std::thread::sleep(lasting);
+    raw.execute("ROLLBACK");
+}
+
+/// No lease of task `id` was reset (a live holder kept its run).
+fn assert_no_lease_reset(env: &Env, id: i64) {
+    let events = env.queue().events(Some(id), 0, 100).unwrap();
+    assert!(
+        events.iter().all(|e| e.event != "lease_expired"),
+        "a live lease was reset: {events:?}"
+    );
+}
+
 /// A connection holding the database so that no other can write (nor, on
 /// PostgreSQL, read `tasks`) until it rolls back: an outage, as daemons see it.
 fn refuse_every_write(db: &TestDb) -> common::Raw {
@@ -659,10 +677,7 @@ on_both_drivers! {
         // twice the busy timeout (5 s), so that a reaper's write may both
         // fail and then wait, and than stale_after. The holder is slower to
         // come back: it stays stopped 1.5 s past the outage.
-        let mut raw = refuse_every_write(&env.database);
-        signal(&holder, "-STOP");
-        std::thread::sleep(Duration::from_secs(10));
-        raw.execute("ROLLBACK");
+        outage_with_holder_stopped(&env, &holder, Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(1500));
         signal(&holder, "-CONT");
         // Past the reaper's wait (stale_after from the outage's end).
@@ -714,19 +729,12 @@ on_both_drivers! {
         wait_for("the task to be claimed", Duration::from_secs(20), || {
             env.queue().get(id).unwrap().state == State::InProgress
         });
-        let mut raw = refuse_every_write(&env.database);
-        signal(&holder, "-STOP");
-        std::thread::sleep(Duration::from_secs(6));
-        raw.execute("ROLLBACK");
+        outage_with_holder_stopped(&env, &holder, Duration::from_secs(6));
         let mut newcomer = env.daemon(&[&lease_args[..], &["--heartbeat", "100ms"]].concat());
         std::thread::sleep(Duration::from_millis(1500));
         signal(&holder, "-CONT");
         std::thread::sleep(Duration::from_secs(4));
-        let events = env.queue().events(Some(id), 0, 100).unwrap();
-        assert!(
-            events.iter().all(|e| e.event != "lease_expired"),
-            "a live lease was reset: {events:?}"
-        );
+        assert_no_lease_reset(&env, id);
         assert_eq!(env.queue().get(id).unwrap().attempts, 1);
         signal(&newcomer, "-KILL");
         newcomer.wait().unwrap();
@@ -748,18 +756,11 @@ on_both_drivers! {
 
         // A 10 s outage; the holder comes back 5 s after it: past the
         // reaper's 4 s, within its own 8 s.
-        let mut raw = refuse_every_write(&env.database);
-        signal(&holder, "-STOP");
-        std::thread::sleep(Duration::from_secs(10));
-        raw.execute("ROLLBACK");
+        outage_with_holder_stopped(&env, &holder, Duration::from_secs(10));
         std::thread::sleep(Duration::from_secs(5));
         signal(&holder, "-CONT");
         std::thread::sleep(Duration::from_secs(5));
-        let events = env.queue().events(Some(id), 0, 100).unwrap();
-        assert!(
-            events.iter().all(|e| e.event != "lease_expired"),
-            "a live lease was reset: {events:?}"
-        );
+        assert_no_lease_reset(&env, id);
         assert_eq!(env.queue().get(id).unwrap().state, State::InProgress);
         signal(&reaper, "-KILL");
         reaper.wait().unwrap();

@@ -230,6 +230,14 @@ async fn an_alias_the_manifest_does_not_grant_is_refused_without_a_request() {
         e.h.queue().model_calls(id).unwrap()[0].status,
         "not_granted"
     );
+    // Nothing to spend, said without asking the queue.
+    assert_eq!(
+        (
+            &e.result(id)["remaining_before"],
+            &e.result(id)["remaining_after"]
+        ),
+        (&json!(0), &json!(0))
+    );
 }
 
 /// A guest calling an alias it is not granted in a loop cannot fill the

@@ -112,8 +112,13 @@ impl ModelSession {
             })
     }
 
-    /// Tokens this run may still spend.
+    /// Tokens this run may still spend: none for an agent granted no
+    /// model, without asking the queue (a guest calling this in a loop
+    /// would otherwise be a write transaction each time).
     pub async fn remaining(&mut self) -> Result<Option<u64>, ModelError> {
+        if self.granted.is_empty() || self.providers.is_none() {
+            return Ok(Some(0));
+        }
         Ok(match self.reserve(0).await? {
             Budget::Unlimited => None,
             Budget::Reserved { left } | Budget::Refused { left, .. } => Some(left),

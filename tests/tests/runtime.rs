@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use colony::orchestrator::{Daemon, DaemonConfig};
 use colony::queue::all_readable;
 use colony::runtime::{AgentDir, AgentStatus, NoHooks, RunHooks};
 use colony::task::{ClaimedTask, Lease};
@@ -472,6 +473,47 @@ async fn files_environment_and_network_are_denied() {
         let said = result[probe].as_str().unwrap();
         assert!(said.starts_with("denied"), "{probe} was not denied: {said}");
     }
+}
+
+/// A manifest's read_only_dir is resolved and confined when the agent
+/// loads; replaced by a link to a folder outside before a run, it is not
+/// mounted there: the run fails saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_dir_replaced_by_a_link_after_loading_is_not_mounted() {
+    let h = harness(&["echo"]);
+    let data = h.agents.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(
+        h.agents.path().join("echo.toml"),
+        "read_only_dir = \"data\"\n",
+    )
+    .unwrap();
+    let runtime = h.runtime();
+    let agents = h.agent_dir(&runtime).await;
+    assert!(agents.loaded("echo").is_some(), "loaded with its folder");
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::rename(&data, h.agents.path().join("data-old")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &data).unwrap();
+    let id = h.submit(once("echo"));
+    // Polling (and with it the folder's rescan) far off: the run uses the
+    // agent as it loaded.
+    let cfg = DaemonConfig {
+        poll: Duration::from_secs(30),
+        ..common::Harness::until_idle()
+    };
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let daemon = Daemon::new(h.queue(), Arc::new(runtime), agents, cfg);
+    tokio::time::timeout(Duration::from_secs(60), daemon.run(stop_rx))
+        .await
+        .expect("daemon went idle")
+        .unwrap();
+    let task = h.task(id);
+    assert_eq!(task.state, State::Failed, "{task:?}");
+    let message = task.error.unwrap().message;
+    assert!(
+        message.contains("is no longer the folder the manifest named"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

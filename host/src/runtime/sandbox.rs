@@ -165,6 +165,15 @@ impl RunState {
             .allow_udp(false)
             .allow_ip_name_lookup(false);
         if let Some(dir) = read_only_dir {
+            // Resolved (and confined to the agents folder) when the agent
+            // loaded; a folder moved or replaced by a link since would be
+            // followed wherever it now leads.
+            if dir.canonicalize().ok().as_deref() != Some(dir) {
+                wasmtime::bail!(
+                    "its read_only_dir {} is no longer the folder the manifest named when the agent loaded (moved, or replaced by a link); not mounted",
+                    dir.display()
+                );
+            }
             builder.preopened_dir(dir, "/data", wasmtime_wasi::FsPerms::ReadOnly)?;
         }
         let mut table = ResourceTable::new();

@@ -4,7 +4,7 @@
 //! Each test runs on both drivers (`name::sqlite`, `name::postgres`).
 
 mod common;
-use common::on_both_drivers;
+use common::{TestDb, on_both_drivers};
 
 use std::time::Duration;
 
@@ -132,6 +132,24 @@ on_both_drivers! {
             q.reserve_model_tokens(a, 1, 0, None).unwrap(),
             Budget::Reserved { left: 40 }
         );
+    }
+
+    /// Asking what is left sets nothing aside: a read, which goes on while
+    /// another connection holds the writer (a guest may ask in a loop; as a
+    /// write each ask waited for the lock, then failed).
+    fn asking_what_is_left_reads_without_the_writer(db) {
+        let mut q = db.open();
+        let (a, _) = two_children_running(&mut q, 200);
+        let mut raw = db.raw();
+        match db {
+            TestDb::Sqlite { .. } => raw.execute("BEGIN IMMEDIATE"),
+            TestDb::Postgres { .. } => {
+                raw.execute("BEGIN");
+                raw.execute("LOCK TABLE tasks IN EXCLUSIVE MODE")
+            }
+        };
+        assert_eq!(q.reserve_model_tokens(a, 1, 0, None).unwrap(), Budget::Reserved { left: 200 });
+        raw.execute("ROLLBACK");
     }
 
     /// A call in flight when its host died may have been answered and

@@ -145,64 +145,22 @@ impl Queue {
         need: u64,
         manifest_budget: Option<u64>,
     ) -> Result<Budget> {
+        // Asking what is left sets nothing aside: a read, not the writer
+        // (a guest may ask in a loop).
+        if need == 0 {
+            let (_, tighter) = self.read(|db| budget_left(db, lease, manifest_budget, ""))?;
+            return Ok(match tighter {
+                Some((left, _)) => Budget::Reserved { left },
+                None => Budget::Unlimited,
+            });
+        }
         self.write(|tx, _now| {
-            // The task's row stays locked (on PostgreSQL) until the
-            // reservation is in, so a lease reset cannot come in between and
-            // miss it in its count of calls cut off.
-            let Some(root) = tx.query_opt(
-                &format!(
-                    "SELECT COALESCE(root_id, id) FROM tasks
-                     WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{}",
-                    tx.for_update()
-                ),
-                args![lease.task_id, lease.token],
-            )?
-            else {
-                return Err(lease_lost(lease));
-            };
-            let root: i64 = root.get(0)?;
-            // Locking the root's row (on PostgreSQL) makes the runs of one
-            // chain take their turns between here and their reservation, so
-            // two cannot both pass the check below on the same tokens.
-            let chain_budget: Option<i64> = tx.query_value(
-                &format!(
-                    "SELECT token_budget FROM tasks WHERE id = ?1{}",
-                    tx.for_update()
-                ),
-                args![root],
-            )?;
-            let used = |column: &str, id: i64| -> Result<u64> {
-                let sql = format!(
-                    "SELECT CAST(
-                         (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
-                          WHERE {column} = ?1)
-                       + (SELECT COALESCE(SUM(tokens), 0) FROM model_reservations
-                          WHERE {column} = ?1) AS BIGINT)"
-                );
-                tx.query_value(&sql, args![id])
-            };
-            let chain_left = match chain_budget {
-                Some(budget) => {
-                    let budget = budget as u64;
-                    let left = budget.saturating_sub(used("root_id", root)?);
-                    Some((left, BudgetOf::Chain { root, budget }))
-                }
-                None => None,
-            };
-            let task_left = match manifest_budget {
-                Some(budget) => Some((
-                    budget.saturating_sub(used("task_id", lease.task_id)?),
-                    BudgetOf::Manifest(budget),
-                )),
-                None => None,
-            };
-            let tighter = match (chain_left, task_left) {
-                // On a tie the manifest's is named: a retry's budget cannot raise it.
-                (Some(c), Some(t)) => Some(if t.0 <= c.0 { t } else { c }),
-                (Some(one), None) | (None, Some(one)) => Some(one),
-                (None, None) => None,
-            };
-            let left = tighter.map(|(left, _)| left);
+            // The task's and the root's rows stay locked (on PostgreSQL)
+            // until the reservation is in: a lease reset cannot come in
+            // between and miss it in its count of calls cut off, and the
+            // runs of one chain take their turns here, so two cannot both
+            // pass the check below on the same tokens.
+            let (root, tighter) = budget_left(tx, lease, manifest_budget, tx.for_update())?;
             if let Some((left, by)) = tighter
                 && need > left
             {
@@ -210,15 +168,13 @@ impl Queue {
             }
             // Without a budget too: a reservation still open when the lease
             // is reset is a call cut off in flight, which its event counts.
-            if need > 0 {
-                tx.execute(
-                    "INSERT INTO model_reservations (task_id, root_id, token, seq, tokens)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                    args![lease.task_id, root, lease.token, seq, need],
-                )?;
-            }
-            Ok(match left {
-                Some(left) => Budget::Reserved { left: left - need },
+            tx.execute(
+                "INSERT INTO model_reservations (task_id, root_id, token, seq, tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                args![lease.task_id, root, lease.token, seq, need],
+            )?;
+            Ok(match tighter {
+                Some((left, _)) => Budget::Reserved { left: left - need },
                 None => Budget::Unlimited,
             })
         })
@@ -372,11 +328,7 @@ impl Queue {
     pub fn chain_budget(&self, task_id: i64) -> Result<ChainBudget> {
         self.read(|db| {
             let Some(row) = db.query_opt(
-                "SELECT r.id, r.token_budget,
-                        CAST((SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
-                              WHERE root_id = r.id)
-                           + (SELECT COALESCE(SUM(tokens), 0) FROM model_reservations
-                              WHERE root_id = r.id) AS BIGINT)
+                "SELECT r.id, r.token_budget
                  FROM tasks t JOIN tasks r ON r.id = COALESCE(t.root_id, t.id)
                  WHERE t.id = ?1",
                 args![task_id],
@@ -384,11 +336,11 @@ impl Queue {
             else {
                 return Err(QueueError::NotFound(task_id));
             };
-            let budget: Option<i64> = row.get(1)?;
+            let (root, budget): (i64, Option<i64>) = (row.get(0)?, row.get(1)?);
             Ok(ChainBudget {
-                root: row.get(0)?,
+                root,
                 budget: budget.map(|b| b as u64),
-                spent: row.get(2)?,
+                spent: spent_by(db, "root_id", root)?,
             })
         })
     }
@@ -548,6 +500,68 @@ fn call_from_row(r: &Row, task_id: i64) -> Result<ModelCall> {
         // next run asks again (unless a later run had it answered, above).
         sent: true,
     })
+}
+
+/// The root of the chain of the task `lease` holds, and what is left of
+/// the tighter of its budgets (the chain's, the manifest's per task), if
+/// any applies; `lock` is appended to the reads of the task's and the
+/// root's rows (`FOR UPDATE` on PostgreSQL when reserving).
+fn budget_left(
+    db: &dyn Sql,
+    lease: Lease,
+    manifest_budget: Option<u64>,
+    lock: &str,
+) -> Result<(i64, Option<(u64, BudgetOf)>)> {
+    let Some(root) = db.query_opt(
+        &format!(
+            "SELECT COALESCE(root_id, id) FROM tasks
+             WHERE id = ?1 AND state = 'in_progress' AND claim_token = ?2{lock}"
+        ),
+        args![lease.task_id, lease.token],
+    )?
+    else {
+        return Err(lease_lost(lease));
+    };
+    let root: i64 = root.get(0)?;
+    let chain_budget: Option<i64> = db.query_value(
+        &format!("SELECT token_budget FROM tasks WHERE id = ?1{lock}"),
+        args![root],
+    )?;
+    let chain_left = match chain_budget {
+        Some(budget) => {
+            let budget = budget as u64;
+            let left = budget.saturating_sub(spent_by(db, "root_id", root)?);
+            Some((left, BudgetOf::Chain { root, budget }))
+        }
+        None => None,
+    };
+    let task_left = match manifest_budget {
+        Some(budget) => Some((
+            budget.saturating_sub(spent_by(db, "task_id", lease.task_id)?),
+            BudgetOf::Manifest(budget),
+        )),
+        None => None,
+    };
+    let tighter = match (chain_left, task_left) {
+        // On a tie the manifest's is named: a retry's budget cannot raise it.
+        (Some(c), Some(t)) => Some(if t.0 <= c.0 { t } else { c }),
+        (Some(one), None) | (None, Some(one)) => Some(one),
+        (None, None) => None,
+    };
+    Ok((root, tighter))
+}
+
+/// Tokens charged and still reserved by the calls whose `column` (a chain's
+/// `root_id`, or a `task_id`) is `id`: what counts against a budget.
+fn spent_by(db: &dyn Sql, column: &str, id: i64) -> Result<u64> {
+    let sql = format!(
+        "SELECT CAST(
+             (SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
+              WHERE {column} = ?1)
+           + (SELECT COALESCE(SUM(tokens), 0) FROM model_reservations
+              WHERE {column} = ?1) AS BIGINT)"
+    );
+    db.query_value(&sql, args![id])
 }
 
 fn lease_lost(lease: Lease) -> QueueError {

@@ -26,9 +26,10 @@ pub const SHORT_RUN: Duration = Duration::from_millis(50);
 /// Runs in flight this long, in every slot an agent may use, make it
 /// long-running before they end: without it, tasks claimed ahead while the
 /// agent's runs were short would wait leased behind runs of minutes. Far
-/// above any short run's stall; one long run among short ones in other
-/// slots does not stop the claiming ahead.
-pub const LONG_IN_FLIGHT: Duration = Duration::from_secs(1);
+/// above any short run's stall, a machine starved of CPU included (then
+/// tasks given back are claimed again: churn, not harm); one long run among
+/// short ones in other slots does not stop the claiming ahead.
+pub const LONG_IN_FLIGHT: Duration = Duration::from_secs(5);
 
 /// Whether claimed tasks may wait in the daemon beyond its free slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

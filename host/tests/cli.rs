@@ -75,6 +75,17 @@ fn torture_verdict(db: TestDb, mode: &[&str], tasks: u32) -> Value {
     verdict
 }
 
+/// Daemon settings under which a dead daemon's leases are reset within
+/// about a second.
+const QUICK_LEASES: [&str; 6] = [
+    "--heartbeat",
+    "200ms",
+    "--stale-after",
+    "1s",
+    "--poll",
+    "100ms",
+];
+
 /// An environment whose `thinker` agent may call the alias `fast` (its
 /// colony.toml lines plus `alias_extra`), answered by a loopback provider,
 /// and daemons started with that configuration and key.
@@ -115,15 +126,8 @@ impl ThinkerWithModel {
                 .cmd()
                 .env("COLONY_CONFIG", &self.config)
                 .env("FAST_KEY", "sk-fast")
-                .args([
-                    "daemon",
-                    "--heartbeat",
-                    "200ms",
-                    "--stale-after",
-                    "1s",
-                    "--poll",
-                    "100ms",
-                ])
+                .arg("daemon")
+                .args(QUICK_LEASES)
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -595,14 +599,7 @@ on_both_drivers! {
     fn a_killed_daemons_tasks_are_recovered_by_another(db) {
         let env = Env::on(db, &["sleeper"]);
         let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
-        let mut victim = env.daemon(&[
-            "--heartbeat",
-            "200ms",
-            "--stale-after",
-            "1s",
-            "--poll",
-            "100ms",
-        ]);
+        let mut victim = env.daemon(&QUICK_LEASES);
         wait_for("the task to be claimed", Duration::from_secs(20), || {
             env.queue().get(id).unwrap().state == State::InProgress
         });

@@ -1459,22 +1459,28 @@ mod tests {
 
         // Headers the host sets itself: a secret there was never sent
         // (framing) or went out beside the host's own (an effect's key).
+        // Why the secret, one of its fields changed, is refused.
+        let refusal = |change: &dyn Fn(&mut SecretSpec)| {
+            let mut changed = secrets.clone();
+            change(changed.get_mut("https://api.example.com").unwrap());
+            let manifest = ManifestHttp {
+                allowed_hosts: Some(&hosts),
+                secrets: Some(&changed),
+                http_timeout: None,
+                http_max_response_kb: None,
+                http_max_requests: None,
+            };
+            HttpGrant::from_manifest(manifest, |_| Some("x".into()))
+                .unwrap_err()
+                .1
+        };
         for header in [
             "Host",
             "Content-Length",
             "transfer-encoding",
             "Idempotency-Key",
         ] {
-            let mut reserved = secrets.clone();
-            reserved.get_mut("https://api.example.com").unwrap().header = header.into();
-            let manifest = ManifestHttp {
-                allowed_hosts: Some(&hosts),
-                secrets: Some(&reserved),
-                http_timeout: None,
-                http_max_response_kb: None,
-                http_max_requests: None,
-            };
-            let (_, why) = HttpGrant::from_manifest(manifest, |_| Some("x".into())).unwrap_err();
+            let why = refusal(&|spec| spec.header = header.into());
             assert!(
                 why.contains("the host cannot set the header"),
                 "{header}: {why}"
@@ -1497,16 +1503,7 @@ mod tests {
             "PGPASSWORD",
             "DATABASE_URL",
         ] {
-            let mut named = secrets.clone();
-            named.get_mut("https://api.example.com").unwrap().env = var.into();
-            let manifest = ManifestHttp {
-                allowed_hosts: Some(&hosts),
-                secrets: Some(&named),
-                http_timeout: None,
-                http_max_response_kb: None,
-                http_max_requests: None,
-            };
-            let (_, why) = HttpGrant::from_manifest(manifest, |_| Some("x".into())).unwrap_err();
+            let why = refusal(&|spec| spec.env = var.into());
             assert!(
                 why.contains("holds one of this host's own credentials"),
                 "{var}: {why}"

@@ -609,16 +609,7 @@ on_both_drivers! {
 
         // Make the second run short: swap the payload is impossible, so use a
         // rescuer with a timeout; what matters is that it reclaims the task.
-        let mut rescuer = env.daemon(&[
-            "--heartbeat",
-            "200ms",
-            "--stale-after",
-            "1s",
-            "--poll",
-            "100ms",
-            "--concurrency",
-            "1",
-        ]);
+        let mut rescuer = env.daemon(&[&QUICK_LEASES[..], &["--concurrency", "1"]].concat());
         wait_for(
             "the lease to be reset and the task reclaimed",
             Duration::from_secs(20),

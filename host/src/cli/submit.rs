@@ -1,0 +1,388 @@
+//! `colony submit`: one task from flags, or a batch from JSON Lines, and
+//! the warnings about agents that cannot run what was stored.
+
+use std::io::{BufRead, Read};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use super::args::{parse_backoff, parse_time, parse_timeout, run_at_after};
+use super::{BadInput, Cli, SubmitArgs, bad, identity, open_queue, output};
+use crate::queue::QueueError;
+use crate::runtime::not_a_component;
+use crate::task::{NewTask, NextSpec};
+
+pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
+    let (tasks, lines) = match &args.batch {
+        Some(file) => read_batch(file)?,
+        None => (vec![task_from_args(args)?], vec![]),
+    };
+    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    let submitted = if let Some(file) = &args.batch {
+        queue.submit_batch(&tasks).map_err(|e| match e {
+            QueueError::InvalidInBatch { index, source } => bad(format!(
+                "{} line {}: {source}",
+                batch_name(file),
+                lines[index]
+            )),
+            QueueError::KeyTwiceInBatch { index, first, key } => bad(format!(
+                "{} line {}: invalid key: {key:?} is also the key on line {}; a key names one task",
+                batch_name(file),
+                lines[index],
+                lines[first]
+            )),
+            other => other.into(),
+        })?
+    } else {
+        vec![queue.submit(&tasks[0])?]
+    };
+    warn_about_missing_agents(&cli.agents, &tasks);
+    output::print_submitted(&queue, &submitted, cli.json)
+}
+
+/// Warns about every agent the tasks name (to run them, to review them,
+/// or to run their `--next` chain) that has no component yet.
+pub(super) fn warn_about_missing_agents(dir: &Path, tasks: &[NewTask]) {
+    for warning in missing_agent_warnings(dir, tasks) {
+        say!("warning: {warning}");
+    }
+}
+
+/// What [`warn_about_missing_agents`] says, one line per agent (the API
+/// answers them with the submitted task's id).
+pub(crate) fn missing_agent_warnings(dir: &Path, tasks: &[NewTask]) -> Vec<String> {
+    let mut named = Vec::new();
+    for task in tasks {
+        named.push((task.agent.as_str(), "the task waits"));
+        if let Some(reviewer) = &task.reviewer {
+            named.push((reviewer.as_str(), "its review waits"));
+        }
+        chain_agents(&task.next, &mut named);
+    }
+    let mut warned = std::collections::HashSet::new();
+    let mut warnings = Vec::new();
+    for (agent, waits) in named {
+        let file = dir.join(format!("{agent}.wasm"));
+        if !file.is_file() && warned.insert(agent) {
+            warnings.push(format!(
+                "no agent {agent:?} in {} yet; {waits} until {}/{agent}.wasm appears",
+                dir.display(),
+                dir.display()
+            ));
+        } else if let Some(not) = component_start(&file).as_deref().and_then(not_a_component)
+            && warned.insert(agent)
+        {
+            warnings.push(format!(
+                "agent {agent:?} cannot run: {}: {}; {waits} until it is replaced",
+                file.display(),
+                not.reason()
+            ));
+        } else if let Some(why) = manifest_problem(dir, agent)
+            && warned.insert(agent)
+        {
+            warnings.push(format!(
+                "agent {agent:?} cannot run: {why}; {waits} until its manifest is fixed"
+            ));
+        }
+    }
+    warnings
+}
+
+/// What is wrong with the manifest `dir/<agent>.toml`, if it exists and is
+/// wrong: read as a daemon would, without loading the component.
+pub(super) fn manifest_problem(dir: &Path, agent: &str) -> Option<String> {
+    let path = dir.join(format!("{agent}.toml"));
+    if !path.is_file() {
+        return None;
+    }
+    crate::runtime::Manifest::load(&path)
+        .and_then(|manifest| manifest.limits(&path, dir))
+        .err()
+}
+
+/// The first bytes of a component file, enough for [`not_a_component`].
+pub(super) fn component_start(file: &Path) -> Option<Vec<u8>> {
+    let mut start = Vec::with_capacity(8);
+    std::fs::File::open(file)
+        .ok()?
+        .take(8)
+        .read_to_end(&mut start)
+        .ok()?;
+    Some(start)
+}
+
+/// `text` as one word of a POSIX shell command line: as it is when it
+/// holds nothing the shell would split or expand, else single-quoted.
+pub(super) fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c));
+    match plain {
+        true => text.to_string(),
+        false => format!("'{}'", text.replace('\'', r"'\''")),
+    }
+}
+
+/// The agents of a `--next` chain, with what waits for them.
+pub(super) fn chain_agents<'a>(specs: &'a [NextSpec], named: &mut Vec<(&'a str, &'static str)>) {
+    for spec in specs {
+        named.push((spec.agent.as_str(), "the chained task waits"));
+        chain_agents(&spec.next, named);
+    }
+}
+
+pub(super) fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
+    let agent = args
+        .agent
+        .clone()
+        .ok_or_else(|| bad("name the agent to run the task"))?;
+    // A payload from a file is checked here, so that its error names the file.
+    let from_file = |text: String, shown: String| -> Result<String> {
+        let text = without_bom(text);
+        match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+            Ok(_) => Ok(text),
+            Err(e) => Err(bad(format!("{shown}: not valid JSON: {e}"))),
+        }
+    };
+    let from_stdin = || -> Result<String> {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the payload from stdin")?;
+        from_file(text, "the payload on stdin".to_string())
+    };
+    let payload = match (&args.payload, &args.payload_file) {
+        (Some(p), _) if p == "-" => from_stdin()?,
+        (None, Some(file)) if file == Path::new("-") => from_stdin()?,
+        (Some(p), _) => match p.strip_prefix('@') {
+            Some(file) => from_file(
+                std::fs::read_to_string(file).map_err(|e| bad(format!("payload @{file}: {e}")))?,
+                format!("payload @{file}"),
+            )?,
+            None => p.clone(),
+        },
+        (None, Some(file)) => from_file(
+            std::fs::read_to_string(file)
+                .map_err(|e| bad(format!("--payload-file {}: {e}", file.display())))?,
+            format!("--payload-file {}", file.display()),
+        )?,
+        (None, None) => "{}".to_string(),
+    };
+    let mut task = NewTask::new(agent, payload);
+    task.priority = args.priority;
+    task.max_attempts = args.max_attempts;
+    task.review = args.review;
+    task.max_revisions = args.max_revisions;
+    task.reviewer = args.reviewer.clone();
+    task.depends_on = args.after.clone();
+    task.key = args.key.clone();
+    if let Some(next) = &args.next {
+        task.next = parse_next(next)?;
+    }
+    task.run_at = match (args.in_, args.at) {
+        (Some(delay), _) => Some(run_at_after(delay)),
+        (None, at) => at,
+    };
+    task.timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
+    task.token_budget = args.token_budget;
+    if let Some(backoff) = args.backoff {
+        task.backoff_ms = backoff.as_millis() as u64;
+    }
+    Ok(task)
+}
+
+/// `--next` takes JSON or `@FILE`.
+pub(super) fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
+    let json = match text.strip_prefix('@') {
+        Some(file) => {
+            std::fs::read_to_string(file).map_err(|e| bad(format!("--next @{file}: {e}")))?
+        }
+        None => text.to_string(),
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| bad(format!("--next: not valid JSON: {e}")))?;
+    // A single spec is accepted as a list of one.
+    let list = if value.is_object() {
+        serde_json::Value::Array(vec![value])
+    } else {
+        value
+    };
+    serde_path_to_error::deserialize::<_, Vec<NextSpec>>(list).map_err(|e| {
+        bad(format!(
+            "--next: field {}: {} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})",
+            e.path(),
+            e.inner()
+        ))
+    })
+}
+
+/// Parses JSON into `T`, naming the offending field in the error
+/// (`priority: invalid type ...` rather than just `invalid type ...`).
+/// `text` as one JSON value of type `T`, an error naming the field at fault;
+/// text after the value is refused (`{"verdict":"reject"} {"verdict":"approve"}`
+/// is not a reject).
+pub(crate) fn parse_naming_field<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match path.as_str() {
+            // Broken JSON has no field to name (the path would read `?`).
+            _ if inner.is_syntax() || inner.is_eof() => format!("not valid JSON: {inner}"),
+            "." => inner.to_string(),
+            path => format!("field {path}: {inner}"),
+        }
+    })?;
+    de.end()
+        .map_err(|e| format!("not valid JSON: text after the value ({e})"))?;
+    Ok(value)
+}
+
+/// One line of `submit --batch`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    agent: String,
+    #[serde(default)]
+    payload: Option<serde_json::Value>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    review: bool,
+    #[serde(default)]
+    max_revisions: Option<u32>,
+    #[serde(default)]
+    reviewer: Option<String>,
+    #[serde(default)]
+    next: Vec<NextSpec>,
+    #[serde(default)]
+    after: Vec<i64>,
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    backoff: Option<String>,
+    #[serde(default)]
+    run_at: Option<String>,
+    #[serde(default)]
+    token_budget: Option<u64>,
+}
+
+/// One line of `submit --batch` (also the body of `POST /api/tasks`), or
+/// what is wrong with it, naming the field.
+pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
+    // serde reads a struct from an array too, by position: `[{...}]` said
+    // "field [0]: invalid type: map, expected a string".
+    if !line.trim_start().starts_with('{')
+        && let Ok(value) = serde_json::from_str::<serde_json::Value>(line)
+    {
+        let what = match value {
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::Bool(_) => "a boolean",
+            _ => "null",
+        };
+        return Err(format!(
+            "a task is one JSON object, {{\"agent\": ..., \"payload\": ...}}, not {what} (one task per line)"
+        ));
+    }
+    let parsed: BatchLine = parse_naming_field(line)?;
+    let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
+    let mut task = NewTask::new(parsed.agent, payload.to_string());
+    task.priority = parsed.priority;
+    if let Some(n) = parsed.max_attempts {
+        task.max_attempts = n;
+    }
+    task.review = parsed.review;
+    if let Some(n) = parsed.max_revisions {
+        task.max_revisions = n;
+    }
+    task.reviewer = parsed.reviewer;
+    task.next = parsed.next;
+    task.depends_on = parsed.after;
+    task.key = parsed.key;
+    task.token_budget = parsed.token_budget;
+    if let Some(t) = parsed.timeout {
+        let timeout = parse_timeout(&t).map_err(|e| format!("invalid timeout: {e}"))?;
+        task.timeout_ms = Some(timeout.as_millis() as u64);
+    }
+    if let Some(b) = parsed.backoff {
+        let backoff = parse_backoff(&b).map_err(|e| format!("invalid backoff: {e}"))?;
+        task.backoff_ms = backoff.as_millis() as u64;
+    }
+    if let Some(r) = parsed.run_at {
+        task.run_at = Some(parse_time(&r).map_err(|e| format!("invalid run_at: {e}"))?);
+    }
+    Ok(task)
+}
+
+/// How errors name a `--batch` file.
+pub(super) fn batch_name(file: &Path) -> String {
+    match file == Path::new("-") {
+        true => "--batch - (stdin)".to_string(),
+        false => file.display().to_string(),
+    }
+}
+
+/// `text` without the byte-order mark some editors put first, which JSON
+/// parsers may ignore (RFC 8259) and serde_json refuses ("expected value at
+/// line 1 column 1", the file looking fine).
+pub(super) fn without_bom(text: String) -> String {
+    match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    }
+}
+
+/// The tasks of a `--batch` file, one JSON object per line, and the line
+/// each came from (blank lines are skipped, so errors name the file's line).
+pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
+    let mut text = String::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading tasks from stdin")?;
+    } else {
+        text = std::fs::read_to_string(file)
+            .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
+    }
+    let text = without_bom(text);
+    let (mut tasks, mut lines) = (Vec::new(), Vec::new());
+    for (i, line) in text.as_bytes().lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let task = parse_batch_line(&line)
+            .map_err(|e| bad(format!("{} line {}: {e}", batch_name(file), i + 1)))?;
+        tasks.push(task);
+        lines.push(i + 1);
+    }
+    if tasks.is_empty() {
+        bail!(BadInput(format!(
+            "--batch {}: no tasks in the file",
+            file.display()
+        )));
+    }
+    Ok((tasks, lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_word;
+
+    #[test]
+    fn shell_words_are_quoted_only_when_the_shell_would_change_them() {
+        assert_eq!(shell_word("conf/colony.toml"), "conf/colony.toml");
+        assert_eq!(shell_word("my agents"), "'my agents'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word("$HOME"), "'$HOME'");
+        assert_eq!(shell_word(""), "''");
+    }
+}

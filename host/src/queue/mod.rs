@@ -8,7 +8,8 @@
 //!
 //! | file | owns |
 //! |---|---|
-//! | `tasks.rs` | the run cycle: submit, promote, claim, heartbeat, release, reap, retry, cancel |
+//! | `insert.rs` | adding tasks: a submit's batch, dependencies, a completion's children |
+//! | `tasks.rs` | the run cycle: promote, claim, heartbeat, release, reap, retry, cancel |
 //! | `finish.rs` | how a run ends: completion, review, retry with backoff, failure |
 //! | `batch.rs` | the throughput path: a batch of plain completions or claims in a few statements |
 //! | `review.rs` | completion, review and verdicts |
@@ -31,6 +32,7 @@ mod copy;
 mod dashboard;
 mod finish;
 mod follow;
+mod insert;
 mod journal;
 mod outbox;
 #[path = "postgres/mod.rs"]
@@ -55,13 +57,14 @@ pub use dashboard::{
     TaskPage, TaskQuery,
 };
 pub use follow::{GAP_WAIT, TrailCursor};
+pub use insert::MAX_CHAIN_TASKS;
 pub use journal::{ChainBudget, ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use reads::HeldLeases;
 pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
 pub use sqlite::schema_version as sqlite_schema_version;
-pub use tasks::{MAX_CHAIN_TASKS, StaleGuard};
+pub use tasks::StaleGuard;
 pub use validate::validate_agent_name;
 
 use postgres_driver::PgDb;
@@ -676,7 +679,7 @@ impl Queue {
     /// exists, returns the existing task's id and stores nothing.
     pub fn submit(&mut self, new: &NewTask) -> Result<Submitted> {
         validate::validate_new_task(new, self.opts.max_payload_bytes)?;
-        self.write(|tx, now| tasks::insert_new_task(tx, new, None, &self.opts.actor, now))
+        self.write(|tx, now| insert::insert_new_task(tx, new, None, &self.opts.actor, now))
     }
 
     /// Stores all tasks or none, in one transaction. A bad task is reported
@@ -696,7 +699,7 @@ impl Queue {
                 });
             }
         }
-        self.write(|tx, now| tasks::insert_new_tasks(tx, batch, &self.opts.actor, now))
+        self.write(|tx, now| insert::insert_new_tasks(tx, batch, &self.opts.actor, now))
     }
 
     // ----- the run cycle --------------------------------------------------

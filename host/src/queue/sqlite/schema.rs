@@ -20,7 +20,7 @@ const MIGRATIONS: &[&str] = &[
     // 7: the lease its holder promised to renew within (see tasks::claim_in).
     LEASE_MS,
     // 8: how many tasks a chain holds, kept on its root (see
-    // tasks::insert_children).
+    // insert::insert_children).
     "ALTER TABLE tasks ADD COLUMN chain_tasks INTEGER NOT NULL DEFAULT 1;",
     // 9: model-token reservations count until settled, also after their
     // run ended; those of runs ended before go.

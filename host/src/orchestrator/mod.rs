@@ -19,9 +19,10 @@
 //! runtime.
 //!
 //! Here: the loop, claiming and dispatching, the outbox. Beside it:
-//! `config.rs` (the settings), `store.rs` (finished runs into the queue, the lanes), `leases.rs`
-//! (heartbeats, reaping, releasing, the graceful shutdown), `run_side.rs`
-//! (what a run in flight asks of the queue) and `rescans.rs` (agents
+//! `config.rs` (the settings), `store.rs` (finished runs into the queue,
+//! the lanes), `leases.rs` (heartbeats, reaping, releasing, the graceful
+//! shutdown), `run_side.rs` (what a run in flight asks of the queue),
+//! `prefetch.rs` (how far ahead to claim) and `rescans.rs` (agents
 //! reloaded off the loop).
 
 use std::collections::{HashMap, HashSet, VecDeque};

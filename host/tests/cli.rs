@@ -2298,6 +2298,57 @@ fn bench_measures_what_the_capabilities_cost() {
     assert_eq!(report["model_calls_measured"], 299, "{report}");
 }
 
+/// An agent whose HTTP secret names a provider key of colony.toml is
+/// refused by every command that loads agents, not only by those that load
+/// the models too: `bench --agent` ran it, sending the key to the server its
+/// manifest chose, and `status` listed it as loaded.
+#[test]
+fn an_agent_naming_a_provider_key_as_its_secret_is_refused_everywhere() {
+    let env = Env::new(&["fetcher"]);
+    let config = env.file(
+        "colony.toml",
+        "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"CLI_TEST_PROVIDER_KEY\"\n",
+    );
+    let manifest = env.agents.path().join("fetcher.toml");
+    std::fs::write(
+        &manifest,
+        "allowed_hosts = [\"http://127.0.0.1:9\"]\n[secrets.\"http://127.0.0.1:9\"]\nheader = \"Authorization\"\nenv = \"CLI_TEST_PROVIDER_KEY\"\n",
+    )
+    .unwrap();
+    let with_key = |args: &[&str]| {
+        env.cmd()
+            .env("COLONY_CONFIG", &config)
+            .env("CLI_TEST_PROVIDER_KEY", "sk-provider")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let refusal = "holds one of this host's own credentials";
+
+    let status = with_key(&["--json", "status"]);
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let fetcher = &status["agents"][0];
+    assert_eq!(fetcher["name"], "fetcher", "{status}");
+    assert_eq!(fetcher["loaded"], false, "{status}");
+    assert!(
+        fetcher["reason"].as_str().unwrap().contains(refusal),
+        "{status}"
+    );
+
+    let fetcher_wasm = env.agents.path().join("fetcher.wasm");
+    let bench = with_key(&[
+        "bench",
+        "--agent",
+        fetcher_wasm.to_str().unwrap(),
+        "--runs",
+        "1",
+    ]);
+    let said = String::from_utf8_lossy(&bench.stderr);
+    assert_eq!(bench.status.code(), Some(2), "{said}");
+    assert!(said.contains(refusal), "{said}");
+}
+
 #[test]
 fn bench_measures_any_component_per_run() {
     let env = Env::new(&[]);

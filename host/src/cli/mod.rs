@@ -123,6 +123,7 @@ pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
 
 pub async fn run(cli: Cli) -> Result<()> {
     let _ = SQLITE_SYNC.set(cli.sync.into());
+    crate::models::remember_provider_keys_of(cli.config_path());
     run_command(&cli)
         .await
         .map_err(|e| explain_read_only(&cli.db, e))
@@ -204,10 +205,6 @@ async fn run_command(cli: &Cli) -> Result<()> {
             output::print_cancelled(&ids, cli.json)
         }
         Command::Agents => {
-            // Read for its provider-key variables, which an agent's secrets
-            // may not name: the agents listed as a daemon would load them.
-            // (A configuration with errors is the model commands' to report.)
-            let _ = load_models(cli);
             let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
             output::print_agents(&agents, cli.json)
         }

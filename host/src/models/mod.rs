@@ -251,6 +251,28 @@ pub fn is_provider_key_variable(var: &str) -> bool {
         .contains(var)
 }
 
+/// Remembers the provider-key variables a `colony.toml` names, read
+/// leniently (any `api_key_env` string under `[models.*]`, whatever else
+/// the file gets wrong), so that every command checks agents' secrets
+/// against them, including those that never load the models (`bench
+/// --agent`, `status`, `serve`): one that did not listed an agent as
+/// loaded, or ran it, with the provider key as its HTTP secret. A missing
+/// or unreadable file names nothing.
+pub fn remember_provider_keys_of(config: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(config) else {
+        return;
+    };
+    let Ok(table) = toml::from_str::<toml::Table>(&text) else {
+        return;
+    };
+    let aliases = table.get("models").and_then(toml::Value::as_table);
+    for alias in aliases.into_iter().flat_map(|models| models.values()) {
+        if let Some(var) = alias.get("api_key_env").and_then(toml::Value::as_str) {
+            remember_provider_key_variable(var);
+        }
+    }
+}
+
 fn remember_provider_key_variable(var: &str) {
     PROVIDER_KEY_VARIABLES
         .lock()

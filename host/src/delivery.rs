@@ -284,21 +284,26 @@ fn describe(e: reqwest::Error) -> String {
     if let Some(refused) = refused_address(&e) {
         return format!("refused: {refused}");
     }
+    // reqwest's own text ("error sending request") hides the cause (the
+    // connection refused, the receiver's certificate not trusted, the
+    // connection closed, a malformed answer): said, each cause after it.
+    let e = e.without_url();
+    let mut causes = vec![e.to_string()];
+    let mut cause = std::error::Error::source(&e);
+    while let Some(inner) = cause {
+        causes.push(inner.to_string());
+        cause = inner.source();
+    }
     if e.is_timeout() {
         "no answer in time".to_string()
     } else if e.is_connect() {
-        "could not connect".to_string()
+        // The innermost cause is the one to act on; those between repeat it.
+        format!(
+            "could not connect: {}",
+            causes.last().expect("one at least")
+        )
     } else {
-        // reqwest's own text ("error sending request") hides the cause
-        // (the receiver closed the connection, a malformed answer).
-        let e = e.without_url();
-        let mut why = e.to_string();
-        let mut cause = std::error::Error::source(&e);
-        while let Some(inner) = cause {
-            why = format!("{why}: {inner}");
-            cause = inner.source();
-        }
-        format!("request failed: {why}")
+        format!("request failed: {}", causes.join(": "))
     }
 }
 

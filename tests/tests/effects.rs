@@ -273,6 +273,31 @@ async fn an_agents_manifest_sets_its_effects_attempts() {
     );
 }
 
+/// An effect that cannot connect says why (the connection refused, the
+/// receiver's certificate not trusted, a name not found): it was recorded
+/// as "could not connect" alone, the cause only in the daemon's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_effect_that_cannot_connect_says_why() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let agents = agents_dir_with(&["stateful"]);
+    let manifest = format!("allowed_hosts = [{closed:?}]\neffect_attempts = 1\n");
+    std::fs::write(agents.path().join("stateful.toml"), manifest).unwrap();
+    let h = Harness::with_shared_cache(agents);
+    let url = format!("{closed}/down");
+    let id = submit(&h, json!({"ops": [["effect", "POST", url, "1"]]}), 1);
+    h.run_until_idle().await;
+    let row = h.queue().effects(Some(id), None, 10).unwrap().remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("failed", 1), "{row:?}");
+    let error = row.error.unwrap_or_default();
+    assert!(
+        error.starts_with("could not connect: ") && error.to_lowercase().contains("refused"),
+        "{error}"
+    );
+}
+
 /// A guest refused in a loop cannot fill the trail: 200 calls are checked
 /// and recorded, the 201st says the limit, later ones are refused unrecorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -239,6 +239,21 @@ async fn a_granted_origin_is_reached_and_the_request_is_recorded() {
     assert!(!detail.to_string().contains("page=2"), "no query string");
 }
 
+/// The trail keeps a line's worth of a request's path: a guest building
+/// 60 KB paths stored 60 KB events, a hundred per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_path_is_cut_on_the_trail() {
+    let server = Server::start();
+    let h = harness(&format!("allowed_hosts = [{:?}]\n", server.origin()));
+    let long = format!("/{}", "a".repeat(10_000));
+    let (id, _) = fetch(&h, json!([{"url": server.url(&long)}])).await;
+    assert_eq!(server.seen()[0].target, long, "sent whole");
+    let events = h.events(id, "http_request");
+    let path = events[0].detail["path"].as_str().unwrap();
+    assert!(path.len() <= 260 && path.ends_with('…'), "{path}");
+    assert!(long.starts_with(path.trim_end_matches('…')), "{path}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_grant_or_outside_it_nothing_is_sent() {
     let granted = Server::start();

@@ -175,11 +175,9 @@ impl HttpPolicy {
     /// query, a header or the body).
     pub(super) fn record_refused_effect(&mut self, method: &str, url: &str, why: &str) {
         let (origin, path) = match url.parse::<http::Uri>() {
-            Ok(uri) => (shown_origin(&uri), uri.path().to_string()),
+            Ok(uri) => (shown_origin(&uri), trail_path(&uri)),
             Err(_) => ("(not a URL)".to_string(), String::new()),
         };
-        // The guest's text, kept to a line's worth on the trail.
-        let path = super::sandbox::truncate(path, 256);
         self.log.line(
             "warn",
             &format!("effects: {method} {origin}{path} refused: {why}"),
@@ -189,6 +187,16 @@ impl HttpPolicy {
             .events()
             .send(Recorded::Event("effect_refused", detail));
     }
+}
+
+/// Most bytes of a URL's path an event or log line keeps.
+const TRAIL_PATH_BYTES: usize = 256;
+
+/// A request's path as the trail and the task log show it: the guest's
+/// text, kept to a line's worth (a guest building 60 KB paths made 60 KB
+/// events, 100 per run).
+fn trail_path(uri: &http::Uri) -> String {
+    super::sandbox::truncate(uri.path().to_string(), TRAIL_PATH_BYTES)
 }
 
 type SendFuture = Box<
@@ -220,7 +228,7 @@ impl WasiHttpHooks for HttpPolicy {
         let method = request.method().clone();
         let uri = request.uri().clone();
         // What the trail and the log show: never the query, the user or a header.
-        let path = uri.path().to_string();
+        let path = trail_path(&uri);
         let origin = Origin::of_uri(&uri);
         let origin_text = shown_origin(&uri);
         let detail = json!({"method": method.as_str(), "origin": origin_text, "path": path});

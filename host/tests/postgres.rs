@@ -684,6 +684,49 @@ fn claims_whose_commit_is_unconfirmed_are_given_back_unstarted() {
     );
 }
 
+/// A backend terminated while it commits (`pg_terminate_backend`, a
+/// restart with `-m fast`) answers COMMIT with a FATAL error (SQLSTATE
+/// 57P01), after which the transaction may or may not have committed: the
+/// caller is told it cannot know, with the claim tokens to give back, as
+/// for a connection lost. It was told nothing was stored: a daemon's claims
+/// that did commit sat leased until a reset spent their attempt, and a CLI
+/// submit said "unavailable: try again" of tasks it had stored.
+#[test]
+fn a_backend_terminated_during_commit_leaves_the_commit_unknown() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut q = db.open();
+    for _ in 0..3 {
+        q.submit(&NewTask::new("echo", "{}")).unwrap();
+    }
+    // Fires at COMMIT, in the committing backend, which it terminates.
+    let mut raw = db.raw();
+    raw.execute(
+        "CREATE FUNCTION end_own_backend() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_terminate_backend(pg_backend_pid());
+             PERFORM pg_sleep(5);
+             RETURN NULL;
+         END $$",
+    );
+    raw.execute(
+        "CREATE CONSTRAINT TRIGGER end_at_commit AFTER INSERT OR UPDATE ON tasks
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION end_own_backend()",
+    );
+    let mut claimer = db.open();
+    let err = claimer
+        .finish_and_claim(&[], &[("echo".into(), 3)])
+        .unwrap_err();
+    let QueueError::CommitUnknown { claim_tokens, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(!claim_tokens.is_empty(), "the claims' tokens: {err:?}");
+    assert!(err.to_string().contains("57P01"), "{err}");
+
+    let mut submitter = db.open();
+    let err = submitter.submit(&NewTask::new("echo", "{}")).unwrap_err();
+    assert!(matches!(err, QueueError::CommitUnknown { .. }), "{err:?}");
+}
+
 /// A person's verdict cancels the reviewer tasks still to answer, but not
 /// one whose row another transaction holds (on PostgreSQL most likely its
 /// own completion, which locks the reviewer before the judged task: waiting

@@ -28,6 +28,20 @@ pub(super) fn is_lost(e: &::postgres::Error) -> bool {
         || (e.source().is_none() && e.to_string() == "timeout waiting for server")
 }
 
+/// True when the server ended the session with this error (class 08, a
+/// connection exception; 57P01-57P03, the backend terminated by an
+/// administrator, a crash or a shutdown): said in answer to `COMMIT`, the
+/// transaction may have committed before the backend went (the client was
+/// told nothing stored, and a CLI user told to try again stored it twice).
+/// An ordinary error in answer to `COMMIT` (a serialization failure, a
+/// deferred constraint) means it rolled back.
+pub(super) fn ended_session(e: &::postgres::Error) -> bool {
+    e.code().is_some_and(|code| {
+        let code = code.code();
+        code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+    })
+}
+
 /// True for trouble that may pass: the connection closed, refused or timed
 /// out, SQLSTATE class 08 (connection exception), a serialization failure
 /// or deadlock, a lock wait past `lock_timeout`, class 53 (insufficient

@@ -276,11 +276,11 @@ impl PgDb {
                     Ok(value)
                 }
                 Err(e) => {
-                    self.rollback(&mut conn);
                     let failure = StatementFailure::of(&e, &conn.client);
+                    self.rollback(&mut conn);
                     // Lost during COMMIT: it may have committed; not run
                     // again, and the caller is told it cannot know.
-                    if errors::is_lost(&e) {
+                    if failure.lost || errors::ended_session(&e) {
                         return Err(Failed::once(QueueError::CommitUnknown {
                             message: errors::describe(&e),
                             claim_tokens: Vec::new(),

@@ -82,6 +82,44 @@ fn a_daemon_whose_clock_is_an_hour_slow_keeps_its_lease() {
     live_lease_survives_skew(-HOUR_MS, 0);
 }
 
+/// A CLI on a host whose clock is an hour off: `submit --in` counts from the
+/// server's clock, as every due time does, and `status` ages from it too.
+/// `--in 30m` from a clock an hour slow made a task due at once; `status`
+/// from a clock an hour fast said the task just submitted waited an hour.
+#[test]
+fn a_cli_whose_clock_is_off_counts_delays_and_ages_by_the_servers() {
+    let Some(db) = TestDb::postgres() else { return };
+    let env = Env::on(db, &[]);
+    let skewed = |offset_ms: i64, args: &[&str]| -> serde_json::Value {
+        let out = env
+            .cmd()
+            .env("COLONY_CLOCK_OFFSET_MS", offset_ms.to_string())
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    for (offset_ms, delay_ms, delay) in [(-HOUR_MS, 1_800_000, "30m"), (HOUR_MS, 60_000, "1m")] {
+        let id = skewed(offset_ms, &["submit", "echo", "{}", "--in", delay])["id"]
+            .as_i64()
+            .unwrap();
+        let server_now = env.queue().now().unwrap();
+        let task = env.queue().get(id).unwrap();
+        assert_eq!(task.state, State::Pending, "{task:?}");
+        let due_in = task.run_at - server_now;
+        assert!(
+            (delay_ms - 60_000..=delay_ms).contains(&due_in),
+            "--in {delay} with the clock off by {offset_ms} ms: due in {due_in} ms"
+        );
+    }
+    env.submit(&["echo", "{}"]);
+    let status = skewed(HOUR_MS, &["status"]);
+    let age = status["oldest_ready_age_ms"].as_i64().unwrap();
+    assert!(age < 60_000, "{status}");
+}
+
 #[test]
 fn ten_queues_opened_at_once_on_a_fresh_database_migrate_it_once() {
     let Some(db) = TestDb::postgres() else { return };

@@ -477,10 +477,9 @@ pub(super) fn parse_time(s: &str) -> Result<i64, String> {
     })
 }
 
-/// When a task delayed by `delay` from now may run, in ms since the epoch.
-pub(super) fn run_at_after(delay: Duration) -> i64 {
+/// When a task delayed by `delay` from `now` (the queue's clock, ms since
+/// the epoch) may run.
+pub(super) fn run_at_after(now: i64, delay: Duration) -> i64 {
     let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-    crate::queue::now_ms()
-        .saturating_add(ms)
-        .min(rfc3339::MAX_MS)
+    now.saturating_add(ms).min(rfc3339::MAX_MS)
 }

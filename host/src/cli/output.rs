@@ -661,12 +661,13 @@ impl StatusReport {
 
     /// Reads it; spend covers the last 24 hours.
     pub fn load(queue: &Queue) -> Result<StatusReport, QueueError> {
+        let at = queue.now()?;
         Ok(StatusReport {
             counts: queue.counts()?,
             oldest_ready: queue.oldest_ready_at()?,
             leases: queue.leases_by_holder()?,
-            at: queue.now()?,
-            spend: queue.spend_since(crate::queue::now_ms() - 24 * 3600 * 1000)?,
+            at,
+            spend: queue.spend_since(at - 24 * 3600 * 1000)?,
             effects: queue.effect_counts()?,
         })
     }
@@ -705,9 +706,7 @@ pub fn lease_health(held: &crate::queue::HeldLeases, now: i64) -> String {
 
 /// `colony status --json`.
 pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
-    let age_ms = report
-        .oldest_ready
-        .map(|t| (crate::queue::now_ms() - t).max(0));
+    let age_ms = report.oldest_ready.map(|t| (report.at - t).max(0));
     let mut by_state = serde_json::Map::new();
     let mut by_agent = serde_json::Map::new();
     for (agent, state, n) in &report.counts {
@@ -743,7 +742,7 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
         spend,
         effects,
     } = report;
-    let age_ms = oldest_ready.map(|t| (crate::queue::now_ms() - t).max(0));
+    let age_ms = oldest_ready.map(|t| (at - t).max(0));
     let mut out = std::io::stdout().lock();
     writeln!(out, "tasks by state:")?;
     for state in State::ALL {

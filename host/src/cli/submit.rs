@@ -14,11 +14,16 @@ use crate::runtime::not_a_component;
 use crate::task::{NewTask, NextSpec};
 
 pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
-    let (tasks, lines) = match &args.batch {
+    let (mut tasks, lines) = match &args.batch {
         Some(file) => read_batch(file)?,
         None => (vec![task_from_args(args)?], vec![]),
     };
     let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    // `--in` counts from the queue's clock (PostgreSQL's server decides
+    // when a task is due), not this host's, which may be off.
+    if let Some(delay) = args.in_ {
+        tasks[0].run_at = Some(run_at_after(queue.now()?, delay));
+    }
     let submitted = if let Some(file) = &args.batch {
         queue.submit_batch(&tasks).map_err(|e| match e {
             QueueError::InvalidInBatch { index, source } => bad(format!(
@@ -181,10 +186,7 @@ pub(super) fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
     if let Some(next) = &args.next {
         task.next = parse_next(next)?;
     }
-    task.run_at = match (args.in_, args.at) {
-        (Some(delay), _) => Some(run_at_after(delay)),
-        (None, at) => at,
-    };
+    task.run_at = args.at; // `--in` is set by `submit`, from the queue's clock
     task.timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
     task.token_budget = args.token_budget;
     if let Some(backoff) = args.backoff {

@@ -529,6 +529,14 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     let events = cursor.next_events(&queue, None, 100).unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].task_id, third);
+
+    // A follower started later reads that trail at once: a hole behind an
+    // event written six gap waits ago is no transaction still running
+    // (`events --follow` on an old trail waited 10 s at each).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut later = colony::queue::TrailCursor::with_gap_wait(0, Duration::from_millis(300));
+    let all = later.next_events(&queue, None, 100).unwrap();
+    assert_eq!(all.last().map(|e| e.task_id), Some(third), "{all:?}");
 }
 
 /// The model journal's ids come from a sequence too: `/metrics` waits at a

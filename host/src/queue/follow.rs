@@ -7,8 +7,11 @@
 //! [`TrailCursor`] only moves over ids it has seen without a hole: a hole
 //! is an event not yet committed, and the cursor waits for it. A hole can
 //! also be an id given back by a transaction that rolled back (a retried
-//! serialization failure); those never fill, so a hole older than
-//! [`GAP_WAIT`] is stepped over.
+//! serialization failure); those never fill, so a hole this cursor has
+//! waited at for [`GAP_WAIT`] is stepped over, and so is one behind an
+//! event written six times that long ago, at once: no transaction of
+//! Colony's stays open a minute (a follower reading an old trail waited
+//! 10 s at each hole in it).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -24,7 +27,8 @@ pub const GAP_WAIT: Duration = Duration::from_secs(10);
 /// PostgreSQL hands out the same way) is.
 #[derive(Clone, Debug)]
 pub struct TrailCursor {
-    /// The statement listing committed ids after `?1`, at most `?2`.
+    /// The statement listing committed ids after `?1`, at most `?2`, each
+    /// with its time (the queue's clock, ms).
     ids_after: &'static str,
     last: i64,
     /// Runs of missing ids seen after `last` (`start..end`), and since when.
@@ -41,14 +45,14 @@ impl TrailCursor {
     /// A cursor after model call `last` in the journal (`model_calls`).
     pub fn over_model_calls(last: i64) -> TrailCursor {
         TrailCursor {
-            ids_after: "SELECT id FROM model_calls WHERE id > ?1 ORDER BY id LIMIT ?2",
+            ids_after: "SELECT id, at FROM model_calls WHERE id > ?1 ORDER BY id LIMIT ?2",
             ..TrailCursor::new(last)
         }
     }
 
     pub fn with_gap_wait(last: i64, gap_wait: Duration) -> TrailCursor {
         TrailCursor {
-            ids_after: "SELECT id FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            ids_after: "SELECT id, at FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
             last,
             holes: HashMap::new(),
             gap_wait,
@@ -64,16 +68,24 @@ impl TrailCursor {
     /// them; returns `(from, to)`: the events with `from < id <= to` are
     /// safe to hand on, and no later read will find another among them.
     pub fn advance(&mut self, queue: &Queue, limit: u32) -> Result<(i64, i64)> {
-        let ids: Vec<i64> =
-            queue.read(|db| db.query_column(self.ids_after, args![self.last, i64::from(limit)]))?;
+        let rows = queue.read(|db| db.query(self.ids_after, args![self.last, i64::from(limit)]))?;
         let from = self.last;
         let now = Instant::now();
+        // The queue's clock, read once and only if there is a hole.
+        let mut queue_now = None;
         let mut expected = self.last + 1;
-        for id in ids {
+        for row in rows {
+            let (id, at): (i64, i64) = (row.get(0)?, row.get(1)?);
             if id > expected {
                 // The ids between are missing: wait for them a while.
                 let since = *self.holes.entry((expected, id)).or_insert(now);
-                if now.duration_since(since) < self.gap_wait {
+                let waited = now.duration_since(since);
+                let queue_now = match queue_now {
+                    Some(t) => t,
+                    None => *queue_now.insert(queue.now()?),
+                };
+                let behind = Duration::from_millis(queue_now.saturating_sub(at).max(0) as u64);
+                if waited < self.gap_wait && behind < self.gap_wait * 6 {
                     break;
                 }
             }

@@ -186,6 +186,7 @@ fn a_daemon_whose_connections_are_cut_reconnects_and_loses_nothing() {
         .collect();
     let file = env.file("tasks.jsonl", batch);
     env.ok(&["submit", "--batch", &file]);
+    let log = env.data.path().join("daemon.log");
     let mut daemon = env
         .cmd()
         .args([
@@ -197,7 +198,7 @@ fn a_daemon_whose_connections_are_cut_reconnects_and_loses_nothing() {
             "100ms",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let mut admin = env.database.raw();
@@ -237,6 +238,15 @@ fn a_daemon_whose_connections_are_cut_reconnects_and_loses_nothing() {
         .filter(|e| e.event == "complete")
         .count();
     assert_eq!(completions, 200, "each completed once");
+    // The listener's losses, said with the server's reason, once per 30 s
+    // rather than once per cut.
+    let log = std::fs::read_to_string(&log).unwrap();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("listening for new work:"))
+        .collect();
+    assert!(said.len() <= 1, "{log}");
+    assert!(said.iter().all(|l| l.contains("SQLSTATE 57P01")), "{log}");
 }
 
 /// A daemon that would not look at the database for an hour (poll, watch

@@ -42,6 +42,11 @@ pub fn spawn(
         .name("colony-listen".into())
         .spawn(move || {
             let mut failures = crate::repeats::Repeats::default();
+            // Connections lost once made: a server restarting, or backends
+            // killed in a loop, logged one line per 30 s rather than one per
+            // loss (62 lines in 25 s), and a streak ends only once a
+            // connection has lasted that long.
+            let mut losses = crate::repeats::Repeats::default();
             while !stopped.load(Ordering::Relaxed) {
                 let mut client = match open(&config, &location, &target, Duration::ZERO, true) {
                     Ok(client) => client,
@@ -60,6 +65,7 @@ pub fn spawn(
                     tracing::info!("listening for new work again (it failed for {lasted:.0?})");
                 }
                 on_work();
+                let connected_at = std::time::Instant::now();
                 while !stopped.load(Ordering::Relaxed) {
                     let next = client
                         .notifications()
@@ -71,7 +77,16 @@ pub fn spawn(
                         Ok(false) if client.is_closed() => break,
                         Ok(false) => {}
                         Err(e) => {
-                            tracing::warn!("listening for new work: {e}; reconnecting");
+                            if connected_at.elapsed() >= crate::repeats::WINDOW {
+                                losses.succeeded();
+                            }
+                            if let Some(more) = losses.failed() {
+                                tracing::warn!(
+                                    "listening for new work: {}; reconnecting{}",
+                                    super::describe(&e),
+                                    crate::repeats::more(more)
+                                );
+                            }
                             break;
                         }
                     }

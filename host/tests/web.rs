@@ -777,6 +777,34 @@ fn events_stream_as_server_sent_events() {
     drop(stream);
 }
 
+/// A task's stream (its page's live updates) keeps up however many events
+/// of other tasks come between: it waited half a second per 500 of them, so
+/// an old task's page fell minutes behind a busy trail.
+#[test]
+fn a_tasks_stream_keeps_up_past_other_tasks_events() {
+    let env = Env::new(&["echo"]);
+    let id = env.submit(&["echo", "{}"]);
+    let other = env.submit(&["echo", "{}"]);
+    env.database.raw().execute(&format!(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60000)
+         INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         SELECT 0, {other}, 'submit', NULL, 'ready', 'test', '{{}}' FROM n"
+    ));
+    env.ok(&["cancel", &id.to_string()]);
+    let web = Web::serve(&env);
+    let mut streamed = String::new();
+    // At half a second per 500 events, the 60,000 in between took a minute.
+    web.client
+        .get(web.url(&format!("/api/events?task={id}&since=1&limit=1")))
+        .header("accept", "text/event-stream")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .unwrap()
+        .read_to_string(&mut streamed)
+        .unwrap();
+    assert!(streamed.contains("\"event\":\"cancel\""), "{streamed}");
+}
+
 #[test]
 fn a_daemon_serves_the_dashboard_while_it_runs() {
     let env = Env::new(&["echo"]);

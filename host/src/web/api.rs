@@ -598,14 +598,17 @@ async fn events(
 }
 
 /// Server-Sent Events: each audit event as `id: N` and its JSON, read
-/// every half second through a [`TrailCursor`] (so an event whose
-/// transaction commits late is not skipped); `most` of them.
+/// through a [`TrailCursor`] (so an event whose transaction commits late is
+/// not skipped), every half second once caught up; `most` of them.
 fn follow(
     app: Shared,
     task: Option<i64>,
     since: i64,
     most: usize,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    // Ids moved over per read: one task's events are a few among many, so
+    // its follower moves over more at once.
+    let step: u32 = if task.is_some() { 10_000 } else { 500 };
     let stream = futures_util::stream::unfold(
         (app, TrailCursor::new(since), Vec::<Event>::new()),
         move |(app, mut cursor, mut pending)| async move {
@@ -617,14 +620,18 @@ fn follow(
                 let read = app
                     .store
                     .run(None, move |queue| {
-                        let events = moved.next_events(queue, task, 500)?;
+                        let events = moved.next_events(queue, task, step)?;
                         Ok((moved, events))
                     })
                     .await;
                 match read {
                     Ok((moved, events)) => {
+                        // Caught up (or at a hole): wait for more. Not after
+                        // a full step with nothing for this task: a task's
+                        // page fell minutes behind a busy trail that way.
+                        let advanced = moved.last() - cursor.last();
                         cursor = moved;
-                        if events.is_empty() {
+                        if advanced < i64::from(step) {
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         pending = events

@@ -2298,6 +2298,21 @@ fn bench_measures_what_the_capabilities_cost() {
     assert_eq!(report["model_calls_measured"], 299, "{report}");
 }
 
+/// The oldest ready task's wait counts from when it became ready, not from
+/// its creation: a task retried, or delayed with --in, has waited since.
+#[test]
+fn a_ready_tasks_wait_counts_from_when_it_became_ready() {
+    let env = Env::new(&[]);
+    let id = env.submit(&["echo", "{}"]);
+    // Created an hour ago (say, retried just now).
+    env.database.raw().execute(&format!(
+        "UPDATE tasks SET created_at = created_at - 3600000 WHERE id = {id}"
+    ));
+    let status = env.json(&["status"]);
+    let age = status["oldest_ready_age_ms"].as_i64().unwrap();
+    assert!((0..60_000).contains(&age), "{status}");
+}
+
 /// An agent whose HTTP secret names a provider key of colony.toml is
 /// refused by every command that loads agents, not only by those that load
 /// the models too: `bench --agent` ran it, sending the key to the server its

@@ -839,11 +839,15 @@ impl Queue {
         })
     }
 
-    /// The `created_at` of the oldest ready task, if any.
+    /// When the task that has been ready longest became ready, if any.
     pub fn oldest_ready_at(&self) -> Result<Option<i64>> {
         self.read(|db| {
             db.query_value(
-                "SELECT MIN(created_at) FROM tasks WHERE state = 'ready'",
+                // A ready task's row changes only as it becomes ready: a
+                // retried or delayed task waits from then, not from its
+                // creation (a retry of a task made 12 minutes before said
+                // it had waited 12 minutes).
+                "SELECT MIN(updated_at) FROM tasks WHERE state = 'ready'",
                 sql::args![],
             )
         })

@@ -74,14 +74,20 @@ try {
   steps.push("rejected");
 
   // The page follows the task live: a cancel made elsewhere (the API)
-  // shows up without a reload.
+  // shows up without a reload, but not over a reason typed and not sent.
   const marker = await page.evaluate(() => { window.__stayed = true; return true; });
+  await page.fill("form.inline input[name=reason]", "a draft");
+  await page.evaluate(() => document.activeElement.blur());
   const cancel = await fetch(`${base}/api/tasks/${reviewId}/cancel`, {
     method: "POST",
     headers: { Authorization: `Bearer ${token}` },
     body: JSON.stringify({ reason: "cancelled from another window" }),
   });
   check(cancel.status === 200, `the API cancelled the task: ${cancel.status}`);
+  await page.waitForTimeout(2500);
+  check(await page.inputValue("form.inline input[name=reason]") === "a draft", "a refresh wiped an unsent draft");
+  await page.fill("form.inline input[name=reason]", "");
+  await page.evaluate(() => document.activeElement.blur());
   await page.waitForFunction(() => document.querySelector("h1 .state")?.textContent === "cancelled", null, { timeout: 15000 });
   check(marker && (await page.evaluate(() => window.__stayed === true)), "the page reloaded instead of updating");
   steps.push("live");

@@ -3,7 +3,8 @@
 // trail of that task over Server-Sent Events; data-live="poll" pages (the
 // overview, lists) are fetched again every few seconds. Either way the new
 // <main> comes from the server, already escaped, and replaces the old one;
-// a refresh waits while someone is typing into a form.
+// a refresh waits while someone is typing into a form, or has typed into
+// one and not sent it.
 (function () {
   "use strict";
   var main = document.querySelector("main[data-live]");
@@ -12,7 +13,14 @@
   var busy = false;
   function typing() {
     var el = document.activeElement;
-    return el && main.contains(el) && /^(INPUT|TEXTAREA|SELECT)$/.test(el.tagName);
+    if (el && main.contains(el) && /^(INPUT|TEXTAREA|SELECT)$/.test(el.tagName)) return true;
+    // A note typed and left unsent (the focus moved on) was wiped by the
+    // next refresh.
+    var fields = main.querySelectorAll("textarea, input[type=text]");
+    for (var i = 0; i < fields.length; i++) {
+      if (fields[i].value !== fields[i].defaultValue) return true;
+    }
+    return false;
   }
   function refresh() {
     if (busy) return;

@@ -662,6 +662,36 @@ fn a_generated_token_is_printed_and_works() {
     assert_eq!(status, 201, "{answer}");
 }
 
+/// The review page lists the oldest 50 and says how many more wait: it
+/// showed 50 of 55 without a word, and a reviewer took the queue for done.
+#[test]
+fn the_review_page_says_how_many_it_leaves_out() {
+    let env = Env::new(&["echo"]);
+    let lines: String = (0..55)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"agent": "echo", "payload": {"n": i}, "review": true})
+            )
+        })
+        .collect();
+    let batch = env.file("tasks.jsonl", lines);
+    env.ok(&["submit", "--batch", &batch]);
+    env.until_idle(&[]);
+    let web = Web::serve(&env);
+    let page = web.page("/review");
+    assert_eq!(
+        page.matches("<article class=\"review\"").count(),
+        50,
+        "{page}"
+    );
+    assert!(
+        page.contains("The oldest 50 of 55 tasks in review"),
+        "{page}"
+    );
+    assert!(page.contains("href=\"/tasks?state=review\""), "{page}");
+}
+
 #[test]
 fn pages_and_api_lists_are_paginated_and_searchable() {
     let env = Env::new(&["echo"]);

@@ -5,6 +5,7 @@ use maud::html;
 
 use super::{PageResult, csrf_field, layout, pretty, short, time};
 use crate::queue::{EffectRow, TaskRow};
+use crate::task::State as TaskState;
 use crate::web::Shared;
 use crate::web::auth::Caller;
 
@@ -14,7 +15,7 @@ const MAX_LISTED: u32 = 50;
 const MAX_RESULT_CHARS: usize = 4_000;
 
 pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller>) -> PageResult {
-    let waiting: Vec<(TaskRow, Vec<EffectRow>)> = app
+    let (waiting, in_review): (Vec<(TaskRow, Vec<EffectRow>)>, u64) = app
         .store
         .run(None, |queue| {
             let mut out = Vec::new();
@@ -25,7 +26,13 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                 };
                 out.push((row, effects));
             }
-            Ok(out)
+            let in_review = queue
+                .counts()?
+                .iter()
+                .filter(|(_, state, _)| *state == TaskState::Review)
+                .map(|(_, _, n)| n)
+                .sum();
+            Ok((out, in_review))
         })
         .await?;
     Ok(layout(
@@ -35,6 +42,13 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
             main data-live="poll" {
                 h1 { "Waiting for review" }
                 @if waiting.is_empty() { p.muted { "Nothing waits for review." } }
+                // Said, or a reviewer takes the page for the whole queue.
+                @if in_review > waiting.len() as u64 {
+                    p.muted {
+                        "The oldest " (waiting.len()) " of " (in_review) " tasks in review; the rest show as these are answered, and all are listed at "
+                        a href="/tasks?state=review" { "tasks in review" } "."
+                    }
+                }
                 @if !waiting.is_empty() && caller.session().is_none() {
                     p.muted { a href="/login?next=/review" { "Sign in" } " to approve or reject." }
                 }

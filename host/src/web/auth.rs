@@ -224,8 +224,12 @@ pub fn is_loopback_host(host: &str) -> bool {
         Some(rest) => rest.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
-    // Host names are case-insensitive.
-    name.eq_ignore_ascii_case("localhost") || matches!(name, "127.0.0.1" | "::1")
+    // Host names are case-insensitive. Any loopback address literal, as
+    // `--listen 127.0.0.2:7070` prints it (only names can be rebound).
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -242,6 +246,8 @@ mod tests {
             "[::1]",
             "LOCALHOST:7070",
             "LocalHost",
+            "127.0.0.2:7070",
+            "127.255.255.254",
         ] {
             assert!(is_loopback_host(host), "{host}");
         }

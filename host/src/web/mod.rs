@@ -193,7 +193,7 @@ async fn guard(State(app): State<Shared>, mut request: Request, next: Next) -> R
         if !auth::is_loopback_host(host) {
             return (
                 StatusCode::FORBIDDEN,
-                format!("this dashboard listens on loopback and answers only to localhost, 127.0.0.1 or [::1], not Host: {host:?}"),
+                format!("this dashboard listens on loopback and answers only to localhost or a loopback address (127.0.0.1, [::1]), not Host: {host:?}"),
             )
                 .into_response();
         }

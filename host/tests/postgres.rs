@@ -549,6 +549,29 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     assert_eq!(all.last().map(|e| e.task_id), Some(third), "{all:?}");
 }
 
+/// A batch refused for a dependency on its third line stores nothing and
+/// takes no event ids: its first two tasks' events took ids and gave them
+/// back at the rollback, and every follower of the trail waited 10 s at
+/// the hole.
+#[test]
+fn a_batch_refused_for_a_dependency_leaves_no_hole_in_the_trail() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut queue = db.open();
+    let first = queue.submit(&NewTask::new("echo", "{}")).unwrap().id;
+    let last_event = |queue: &Queue| queue.events(None, 0, 100).unwrap().last().unwrap().id;
+    let before = last_event(&queue);
+    let mut batch = vec![NewTask::new("echo", "{}"); 3];
+    batch[2].depends_on = vec![first + 1000];
+    let err = queue.submit_batch(&batch).unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    queue.submit(&NewTask::new("echo", "{}")).unwrap();
+    assert_eq!(
+        last_event(&queue),
+        before + 1,
+        "an id was taken and given back"
+    );
+}
+
 /// The model journal's ids come from a sequence too: `/metrics` waits at a
 /// call committed after a later one rather than leaving its tokens and
 /// cost out of the counters for good.

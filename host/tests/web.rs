@@ -662,6 +662,56 @@ fn a_generated_token_is_printed_and_works() {
     assert_eq!(status, 201, "{answer}");
 }
 
+/// With `--json`, serve says where it is and its generated token in one
+/// JSON line on stdout (a script could not read them out of the prose on
+/// stderr); a database it cannot open is named.
+#[test]
+fn serve_announces_itself_as_json_and_names_a_bad_database() {
+    use std::io::BufRead;
+    let env = Env::new(&["echo"]);
+    let mut child = env
+        .cmd()
+        .args(["--json", "serve", "--listen", "127.0.0.1:0"])
+        .env_remove("COLONY_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let announced: Value = serde_json::from_str(&line).unwrap();
+    let url = announced["url"].as_str().unwrap();
+    let token = announced["token"].as_str().unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (status, answer) = send(
+        reqwest::blocking::Client::new()
+            .post(format!("{url}api/tasks"))
+            .bearer_auth(token)
+            .body(r#"{"agent":"echo"}"#),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(status, 201, "{answer}");
+
+    let bad = env.file(
+        "bad.db",
+        "not a database at all, but long enough to be read as one".repeat(100),
+    );
+    let out = env
+        .cmd()
+        .args(["--db", &bad, "serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&bad) && said.contains("not a database"),
+        "{said}"
+    );
+}
+
 /// The review page lists the oldest 50 and says how many more wait: it
 /// showed 50 of 55 without a word, and a reviewer took the queue for done.
 #[test]

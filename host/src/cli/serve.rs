@@ -1,5 +1,6 @@
 //! `colony serve`, and the web server a daemon starts with `--http`.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{BadInput, Cli, identity, load_agents, redacted};
+use super::{BadInput, Cli, identity, load_agents, open_queue, redacted};
 use crate::web::{self, StartError, WebConfig};
 
 #[derive(Args, Debug)]
@@ -34,6 +35,10 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
         )
         .into());
     }
+    // Opened once as every command opens it: the checks of --db, and errors
+    // that name the file (the dashboard's own pool said "file is not a
+    // database" of a file it did not name).
+    drop(open_queue(&cli.db, &identity("web"))?);
     let (runtime, agents) = load_agents(&cli.db, &cli.agents, 2, None).await?;
     let config = WebConfig {
         listen,
@@ -49,11 +54,24 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
         StartError::Queue(q) => q.into(),
         other => anyhow::Error::from(other),
     })?;
-    announce(&bound, &cli.db);
+    announce(&bound, &cli.db, cli.json);
     Ok(bound)
 }
 
-fn announce(bound: &web::Bound, db: &Path) {
+/// Where the dashboard is, and the token if one was generated: on stderr
+/// for a person, or with `--json` one JSON line on stdout for a script
+/// (which could not read the generated token out of the prose).
+fn announce(bound: &web::Bound, db: &Path, json: bool) {
+    if json {
+        let line = serde_json::json!({
+            "url": format!("http://{}/", bound.addr),
+            "queue": redacted(db),
+            "token": bound.generated_token.then_some(&bound.token),
+        });
+        // Not println!, which panics on a closed stdout.
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
+        return;
+    }
     say!(
         "colony dashboard on http://{}/ (queue {}; metrics at /metrics, API at /api)",
         bound.addr,

@@ -712,6 +712,36 @@ fn serve_announces_itself_as_json_and_names_a_bad_database() {
     );
 }
 
+/// An approval over the API that did not take (its held set-if went stale)
+/// says why, as the CLI does: it answered `{"state":"ready"}` alone.
+#[test]
+fn an_api_approval_that_did_not_take_says_why() {
+    let env = Env::new(&["stateful"]);
+    let first = env.submit(&["stateful", r#"{"increment":"k"}"#, "--review"]);
+    let second = env.submit(&["stateful", r#"{"increment":"k"}"#, "--review"]);
+    env.until_idle(&[]);
+    let web = Web::serve(&env);
+    let approve = r#"{"verdict":"approve"}"#;
+    let (status, answer) = web.post(&format!("/api/tasks/{first}/review"), approve);
+    assert_eq!(
+        (status, &answer["state"]),
+        (200, &json!("complete")),
+        "{answer}"
+    );
+    assert!(answer.get("note").is_none(), "{answer}");
+    let (status, answer) = web.post(&format!("/api/tasks/{second}/review"), approve);
+    assert_eq!(
+        (status, &answer["state"]),
+        (200, &json!("ready")),
+        "{answer}"
+    );
+    let note = answer["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("did not take") && note.contains("stale") && note.contains("revision 1 of"),
+        "{answer}"
+    );
+}
+
 /// The review page lists the oldest 50 and says how many more wait: it
 /// showed 50 of 55 without a word, and a reviewer took the queue for done.
 #[test]

@@ -14,7 +14,6 @@ use super::{
 };
 use crate::orchestrator::{Daemon, DaemonConfig};
 use crate::queue::Queue;
-use crate::task::State;
 
 pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     let cfg = DaemonConfig {
@@ -138,29 +137,4 @@ pub(super) async fn wait_for_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-/// An approval that did not complete its task: the state writes it held
-/// had gone stale (a set-if whose key changed meanwhile), so the task runs
-/// again, or fails once out of revisions. Said on stderr, as a note.
-pub(super) fn say_approval_went_stale(queue: &Queue, id: i64) -> anyhow::Result<()> {
-    let task = queue.get(id)?;
-    match task.state {
-        State::Failed => say!(
-            "note: the approval of task {id} did not take and the task failed: {}",
-            task.error.map_or_else(
-                || "its held state writes had gone stale".into(),
-                |e| e.message
-            )
-        ),
-        _ => say!(
-            "note: the approval of task {id} did not take: {} (revision {} of {})",
-            task.feedback
-                .as_deref()
-                .unwrap_or("its held state writes had gone stale"),
-            task.revisions,
-            task.max_revisions
-        ),
-    }
-    Ok(())
 }

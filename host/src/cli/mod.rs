@@ -51,7 +51,7 @@ pub use args::{
     log_filter_silences_colony, parse_args,
 };
 use args::{MAX_CLAIM_BATCH, MAX_CONCURRENCY, parse_duration};
-use daemon::{daemon, say_approval_went_stale, wait_for_signal};
+use daemon::{daemon, wait_for_signal};
 use database::{
     SQLITE_SYNC, explain_read_only, migrate, note_own_database, postgres_db, sqlite_sync,
 };
@@ -172,7 +172,11 @@ async fn run_command(cli: &Cli) -> Result<()> {
                 }
             };
             if matches!(verdict, Verdict::Approve) && to != State::Complete {
-                say_approval_went_stale(&queue, *id)?;
+                let task = queue.get(*id)?;
+                say!(
+                    "note: the approval of task {id} did not take{}",
+                    output::approval_did_not_take(&task)
+                );
             }
             output::print_moved(*id, to, cli.json)
         }

@@ -673,6 +673,28 @@ impl StatusReport {
     }
 }
 
+/// Why an approval did not take (its task went back for another revision,
+/// or failed), said after "the approval ... did not take": the task's held
+/// state writes had gone stale while it waited.
+pub fn approval_did_not_take(task: &Task) -> String {
+    match task.state {
+        State::Failed => format!(
+            " and the task failed: {}",
+            task.error
+                .as_ref()
+                .map_or("its held state writes had gone stale", |e| &e.message)
+        ),
+        _ => format!(
+            ": {} (revision {} of {})",
+            task.feedback
+                .as_deref()
+                .unwrap_or("its held state writes had gone stale"),
+            task.revisions,
+            task.max_revisions
+        ),
+    }
+}
+
 /// What a chain has spent of its budget: "spent 1800: 800 over", with why
 /// a budget can end over.
 pub fn budget_spent(budget: u64, spent: u64) -> String {

@@ -449,13 +449,26 @@ async fn review(
     let actor = authorize(&app, &caller, &headers)?;
     let id = task_id(&id)?;
     let body: ReviewBody = json_body(&body)?;
-    let to = app
+    let approve = matches!(body.verdict, Verdict::Approve);
+    let (to, task) = app
         .store
         .run(actor, move |queue| {
-            apply_review(queue, id, body.verdict, body.note.as_deref())
+            let to = apply_review(queue, id, body.verdict, body.note.as_deref())?;
+            // An approval that did not take says why, as the CLI does.
+            let task = (approve && to != TaskState::Complete)
+                .then(|| queue.get(id))
+                .transpose()?;
+            Ok((to, task))
         })
         .await?;
-    Ok(axum::Json(output::moved_json(id, to)).into_response())
+    let mut answer = output::moved_json(id, to);
+    if let Some(task) = task {
+        answer["note"] = json!(format!(
+            "the approval did not take{}",
+            output::approval_did_not_take(&task)
+        ));
+    }
+    Ok(axum::Json(answer).into_response())
 }
 
 async fn retry(

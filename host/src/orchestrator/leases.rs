@@ -254,6 +254,40 @@ impl Daemon {
         }
     }
 
+    /// Forgets the tasks claimed ahead whose claim no longer holds (cancelled,
+    /// or a person's verdict cancelled the reviewer task): checked whenever
+    /// another connection has committed, at most every `watch_interval`.
+    /// Left to the next heartbeat (10 s by default), such a task was started
+    /// after its cancel had returned, its model calls charged and its
+    /// requests sent. A cancel landing between this check and the start is
+    /// still caught by the heartbeat, the run then stopped.
+    pub(super) fn drop_voided_claims_ahead(&mut self) {
+        let buffered: Vec<Lease> = self
+            .prefetched
+            .values()
+            .flatten()
+            .map(|task| task.lease)
+            .collect();
+        if buffered.is_empty() {
+            return;
+        }
+        let queue = &self.queue;
+        match tokio::task::block_in_place(|| queue.voided_claims(&buffered)) {
+            Ok(voided) if voided.is_empty() => {}
+            Ok(voided) => {
+                for lease in &voided {
+                    tracing::info!(
+                        task = lease.task_id,
+                        "cancelled or reset while waiting to start: not started"
+                    );
+                }
+                self.drop_lost(&voided);
+            }
+            // The heartbeat checks them too.
+            Err(e) => tracing::debug!("checking the tasks claimed ahead failed: {e}"),
+        }
+    }
+
     /// A run whose task ended without reporting (a panic in the host) would
     /// otherwise hold its slot and lease forever: record it as a crash.
     pub(super) fn recover_vanished_runs(&mut self) {

@@ -478,6 +478,9 @@ impl Daemon {
                     if version != last_data_version || due {
                         look = true;
                     }
+                    if version != last_data_version {
+                        self.drop_voided_claims_ahead();
+                    }
                     self.effects_due |= effect_due;
                     last_data_version = version;
                 }

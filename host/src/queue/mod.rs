@@ -811,6 +811,13 @@ impl Queue {
         self.read(reads::backlog)
     }
 
+    /// Those of `leases` whose claim no longer holds (the task cancelled,
+    /// reset or claimed again since): a daemon's check of the tasks it
+    /// claimed ahead, before it starts them.
+    pub fn voided_claims(&self, leases: &[Lease]) -> Result<Vec<Lease>> {
+        self.read(|db| reads::voided_claims(db, leases))
+    }
+
     /// Leases currently held, by holder: `(holder, count)`.
     pub fn leases_by_holder(&self) -> Result<Vec<HeldLeases>> {
         let now = self.now()?;

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::task::{State, Task, TaskError};
+use crate::task::{Lease, State, Task, TaskError};
 
-use super::sql::{Row, Sql, args};
+use super::batch::BySize;
+use super::sql::{Param, Row, Sql, args};
 use super::tasks::parse_state;
 use super::{AuditEvent, Backlog, ListFilter, QueueError, Result, RunLog, TaskRow, UnreadableTask};
 
@@ -328,3 +329,31 @@ fn task_from_row(r: &Row) -> Result<Task> {
         finished_at: r.get(27)?,
     })
 }
+
+/// Those of `leases` whose claim no longer holds: the task cancelled,
+/// reset or claimed again since. A read, many ids per statement.
+pub(super) fn voided_claims(db: &dyn Sql, leases: &[Lease]) -> Result<Vec<Lease>> {
+    let mut held = std::collections::HashSet::new();
+    for chunk in BySize::chunks(db.dialect(), leases) {
+        let ids: Vec<Param> = chunk.iter().map(|l| Param::Int(l.task_id)).collect();
+        for row in db.query(&CLAIMS_HELD.sql(db.dialect(), chunk.len()), &ids)? {
+            held.insert(Lease {
+                task_id: row.get(0)?,
+                token: row.get(1)?,
+            });
+        }
+    }
+    Ok(leases
+        .iter()
+        .filter(|l| !held.contains(l))
+        .copied()
+        .collect())
+}
+
+static CLAIMS_HELD: BySize = BySize::new(|_, rows| {
+    let ids: Vec<String> = (1..=rows).map(|i| format!("?{i}")).collect();
+    format!(
+        "SELECT id, claim_token FROM tasks WHERE state = 'in_progress' AND id IN ({})",
+        ids.join(", ")
+    )
+});

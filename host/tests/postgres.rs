@@ -585,7 +585,8 @@ fn metrics_count_a_model_call_committed_late() {
         format!(
             "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
                  request_hash, request, status, input_tokens, output_tokens, ms, replayed)
-             VALUES (0, 1, 1, 'writer', 1, 1, 1, 'fast', 'h', 'null', 'ok', {tokens}, 0, 1, 0)"
+             VALUES ((EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT, 1, 1, 'writer', 1, 1, 1,
+                     'fast', 'h', 'null', 'ok', {tokens}, 0, 1, 0)"
         )
     };
     let input_tokens = |text: &str| -> String {
@@ -603,8 +604,9 @@ fn metrics_count_a_model_call_committed_late() {
     late.execute("BEGIN");
     late.execute(&insert(5000));
     db.raw().execute(&insert(100));
-    // The later call waits behind the open one (until it commits, or for
-    // the gap wait if it rolls back).
+    // The later call (written now: a hole behind an old row is stepped over)
+    // waits behind the open one (until it commits, or for the gap wait if
+    // it rolls back).
     assert_eq!(input_tokens(&metrics.render(&queue).unwrap()), "none");
     late.execute("COMMIT");
     assert_eq!(input_tokens(&metrics.render(&queue).unwrap()), "5100");

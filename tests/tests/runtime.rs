@@ -628,6 +628,7 @@ async fn broken_components_are_reported_and_skipped() {
     let h = harness(&["echo"]);
     write_agent(h.agents.path(), "garbage_bytes", b"this is not wasm at all");
     write_agent(h.agents.path(), "core_module", b"\0asm\x01\0\0\0");
+    write_agent(h.agents.path(), "empty", b"");
     std::fs::copy(
         guest_path("other_world"),
         h.agents.path().join("other_world.wasm"),
@@ -726,14 +727,20 @@ async fn broken_components_are_reported_and_skipped() {
         reason("garbage_bytes")
     );
     assert!(
+        reason("empty").contains("empty.wasm: the file is empty"),
+        "{}",
+        reason("empty")
+    );
+    assert!(
         reason("core_module").contains("it is a core wasm module, not a component"),
         "{}",
         reason("core_module")
     );
+    // What is missing, from wasmtime's causes, and how to build against it.
+    let other = reason("other_world");
     assert!(
-        reason("other_world").contains("colony:agent/handler"),
-        "{}",
-        reason("other_world")
+        other.contains("colony:agent/handler") && other.contains("colony wit --out DIR"),
+        "{other}"
     );
     let escape = reason("escape_manifest");
     assert!(

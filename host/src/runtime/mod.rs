@@ -483,12 +483,13 @@ impl Runtime {
         let instance_pre = flavor
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| fail(format!("its imports are not all provided by the host (it provides WASI 0.2, wasi:http's outgoing-handler, and colony:agent@0.2.0's host, model, state and effects or @0.1.0's host; `colony wit --out DIR` writes them to build against): {e}")))?;
+            // `{:#}`: the causes say which function does not match.
+            .map_err(|e| fail(format!("its imports do not all match what the host provides (WASI 0.2, wasi:http's outgoing-handler, and colony:agent@0.2.0's host, model, state and effects or @0.1.0's host, as released; `colony wit --out DIR` writes them to build against): {e:#}")))?;
         let pre = match bindings::AgentPre::new(instance_pre.clone()) {
             Ok(pre) => AgentPre::Current(pre),
             Err(current) => bindings_v0_1::AgentPre::new(instance_pre)
                 .map(AgentPre::V0_1)
-                .map_err(|_| fail(format!("it is not a colony:agent/agent component (it must export colony:agent/handler@0.2.0 or @0.1.0): {current}")))?,
+                .map_err(|_| fail(format!("it is not a colony:agent/agent component (it must export colony:agent/handler@0.2.0 or @0.1.0, as released; `colony wit --out DIR` writes them to build against): {current:#}")))?,
         };
         let agent = Agent {
             name: name.to_string(),
@@ -704,6 +705,9 @@ impl NotAComponent {
 }
 
 pub fn not_a_component(start: &[u8]) -> Option<NotAComponent> {
+    if start.is_empty() {
+        return Some(NotAComponent::NotWasm("the file is empty".into()));
+    }
     if start.len() < 4 || start[..4] != *b"\0asm" {
         let first: Vec<String> = start.iter().take(4).map(|b| format!("{b:02x}")).collect();
         return Some(NotAComponent::NotWasm(format!(

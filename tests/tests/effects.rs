@@ -437,7 +437,7 @@ async fn a_malformed_or_ungranted_effect_is_refused_to_the_agent_and_not_queued(
         reads[1]["error"]
             .as_str()
             .unwrap()
-            .contains("not an http:// or https:// URL"),
+            .contains("the URL's scheme is \"ftp\": only http:// and https:// URLs are sent"),
         "{reads}"
     );
     assert!(h.queue().effects(Some(id), None, 10).unwrap().is_empty());

@@ -378,6 +378,25 @@ on_both_drivers! {
         assert_eq!(approve["detail"]["note"], "looks good");
     }
 
+    /// A reviewer agent that fails for good leaves the task to a person:
+    /// `show` says so (it listed the reviewer among the children alone).
+    fn a_failed_reviewer_is_said_on_the_reviewed_task(db) {
+        let env = Env::on(db, &["echo", "panic"]);
+        let id = env.submit(&["echo", "{}", "--reviewer", "panic", "--max-attempts", "1"]);
+        env.until_idle(&[]);
+        let shown = env.ok(&["show", &id.to_string()]);
+        assert!(
+            shown.contains("state review")
+                && shown.contains("(panic, failed)")
+                && shown.contains("its reviewer, task")
+                && shown.contains(&format!("a person decides (colony review {id} approve|reject)")),
+            "{shown}"
+        );
+        env.ok(&["review", &id.to_string(), "approve"]);
+        let shown = env.ok(&["show", &id.to_string()]);
+        assert!(!shown.contains("its reviewer, task"), "{shown}");
+    }
+
     fn retry_revives_a_failed_task(db) {
         let env = Env::on(db, &["permanent"]);
         let id = env.submit(&["permanent"]);

@@ -380,11 +380,18 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         let ids: Vec<String> = children
             .iter()
             .map(|c| match c {
-                Ok(c) => format!("{} ({})", c.id, c.agent),
+                Ok(c) => format!("{} ({}, {})", c.id, c.agent, c.state),
                 Err(bad) => format!("{} (unreadable)", bad.id),
             })
             .collect();
         writeln!(out, "  children     {}", ids.join(", "))?;
+    }
+    if let Some(reviewer) = failed_reviewer(task, children) {
+        writeln!(
+            out,
+            "  review       its reviewer, task {} ({}), failed: a person decides (colony review {} approve|reject)",
+            reviewer.id, reviewer.agent, task.id
+        )?;
     }
     if let Some(holder) = &task.claimed_by {
         writeln!(out, "  claimed by   {holder}")?;
@@ -671,6 +678,22 @@ impl StatusReport {
             effects: queue.effect_counts()?,
         })
     }
+}
+
+/// The reviewer agent's task of a task waiting in review, when the latest
+/// one failed for good: the verdict is then a person's, which `show` says
+/// (it listed the reviewer among the children and nothing more).
+fn failed_reviewer<'a>(task: &Task, children: &'a [TaskRow]) -> Option<&'a Task> {
+    let reviewer = task
+        .reviewer
+        .as_deref()
+        .filter(|_| task.state == State::Review)?;
+    children
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .filter(|c| c.agent == reviewer)
+        .max_by_key(|c| c.id)
+        .filter(|c| c.state == State::Failed)
 }
 
 /// Why an approval did not take (its task went back for another revision,

@@ -742,6 +742,22 @@ fn an_api_approval_that_did_not_take_says_why() {
     );
 }
 
+/// A task whose reviewer agent failed for good says on its page that a
+/// person decides, linking the reviewer's task.
+#[test]
+fn a_task_page_says_when_its_reviewer_failed() {
+    let env = Env::new(&["echo", "panic"]);
+    let id = env.submit(&["echo", "{}", "--reviewer", "panic", "--max-attempts", "1"]);
+    env.until_idle(&[]);
+    let web = Web::serve(&env);
+    let page = web.page(&format!("/tasks/{id}"));
+    assert!(
+        page.contains("Its reviewer, <a href=\"/tasks/")
+            && page.contains("failed: a person approves or rejects it."),
+        "{page}"
+    );
+}
+
 /// The review page lists the oldest 50 and says how many more wait: it
 /// showed 50 of 55 without a word, and a reviewer took the queue for done.
 #[test]

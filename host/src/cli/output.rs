@@ -683,7 +683,7 @@ impl StatusReport {
 /// The reviewer agent's task of a task waiting in review, when the latest
 /// one failed for good: the verdict is then a person's, which `show` says
 /// (it listed the reviewer among the children and nothing more).
-fn failed_reviewer<'a>(task: &Task, children: &'a [TaskRow]) -> Option<&'a Task> {
+pub fn failed_reviewer<'a>(task: &Task, children: &'a [TaskRow]) -> Option<&'a Task> {
     let reviewer = task
         .reviewer
         .as_deref()

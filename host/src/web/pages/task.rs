@@ -55,6 +55,9 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
     html! {
         main data-live="events" data-task=(t.id) data-since=(page.last_event) {
             h1 { "Task #" (t.id) " " small { (t.agent) } " " (state_badge(t.state)) }
+            @if let Some(reviewer) = crate::cli::output::failed_reviewer(t, &d.children) {
+                p.error-box { "Its reviewer, " a href={ "/tasks/" (reviewer.id) } { "task #" (reviewer.id) } " (" (reviewer.agent) "), failed: a person approves or rejects it." }
+            }
             (actions(t, caller))
             @if let Some(e) = &t.error {
                 section.error-box {

@@ -218,8 +218,8 @@ impl types::Host for RunState {}
 
 impl host::Host for RunState {
     fn heartbeat(&mut self, progress: Option<String>) {
-        self.hooks
-            .progress(self.lease, progress.map(|p| truncate(p, MAX_MESSAGE_BYTES)));
+        let progress = progress.map(|p| bounded_message(p, "a progress text"));
+        self.hooks.progress(self.lease, progress);
     }
 
     fn log(&mut self, level: types::Level, message: String) {
@@ -247,18 +247,26 @@ impl host_v0_1::Host for RunState {
     }
 }
 
+/// A guest's log message or progress text (`what`) cut to
+/// [`MAX_MESSAGE_BYTES`], saying how much was dropped (progress was cut with
+/// a bare `…`, where the defaults table promises the count).
+fn bounded_message(text: String, what: &str) -> String {
+    let full = text.len();
+    let mut text = truncate(text, MAX_MESSAGE_BYTES);
+    if full > MAX_MESSAGE_BYTES {
+        // Cut at a character boundary, then marked with '…'.
+        let dropped = full - (text.len() - '…'.len_utf8());
+        text.push_str(&format!(
+            " [{dropped} more bytes dropped: {what} keeps {} KiB]",
+            MAX_MESSAGE_BYTES >> 10
+        ));
+    }
+    text
+}
+
 impl RunState {
     fn log_line(&mut self, level: types::Level, message: String) {
-        let full = message.len();
-        let mut message = truncate(message, MAX_MESSAGE_BYTES);
-        if full > MAX_MESSAGE_BYTES {
-            // Cut at a character boundary, then marked with '…'.
-            let dropped = full - (message.len() - '…'.len_utf8());
-            message.push_str(&format!(
-                " [{dropped} more bytes dropped: one log message keeps {} KiB]",
-                MAX_MESSAGE_BYTES >> 10
-            ));
-        }
+        let message = bounded_message(message, "one log message");
         self.mirror_to_host_log(level, &message);
         let name = match level {
             types::Level::Trace => "trace",
@@ -602,6 +610,17 @@ mod tests {
         );
         assert!(text.contains("--- stderr ---\nerr\n"), "{text}");
         assert_eq!(log.stderr_tail(2), "rr");
+    }
+
+    #[test]
+    fn long_progress_says_how_much_it_dropped() {
+        let progress = bounded_message("é".repeat(5000), "a progress text");
+        assert!(
+            progress.ends_with("… [5904 more bytes dropped: a progress text keeps 4 KiB]"),
+            "{}",
+            &progress[progress.len() - 80..]
+        );
+        assert_eq!(bounded_message("short".into(), "x"), "short");
     }
 
     #[test]

@@ -169,6 +169,9 @@ on_both_drivers! {
             ("/api/tasks/1/review", r#"{"verdict":"maybe"}"#, "field verdict"),
             ("/api/tasks/1/review", r#"{"note":"x"}"#, "missing field `verdict`"),
             ("/api/tasks/1/cancel", r#"{"why":"x"}"#, "unknown field `why`"),
+            ("/api/tasks/1/cancel", "null", "must be a JSON object"),
+            ("/api/tasks/1/cancel", "[]", "must be a JSON object"),
+            ("/api/tasks/1/review", r#"["approve"]"#, "must be a JSON object"),
         ];
         for (path, body, says) in bad_posts {
             let (status, answer) = web.post(path, body);

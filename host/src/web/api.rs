@@ -363,6 +363,13 @@ fn text(body: &Bytes) -> Result<&str, ApiError> {
 fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     let text = text(body)?.trim();
     let text = if text.is_empty() { "{}" } else { text };
+    // serde reads a struct from an array too (`[]` took every default) and
+    // names the Rust type in its refusal of anything else.
+    if !text.starts_with('{') {
+        return Err(ApiError::bad(
+            "the body must be a JSON object ({\"field\": value, ...}) or empty",
+        ));
+    }
     crate::cli::parse_naming_field(text).map_err(ApiError::bad)
 }
 

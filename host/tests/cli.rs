@@ -2358,6 +2358,37 @@ fn a_task_cancelled_while_claimed_ahead_is_never_started() {
     );
 }
 
+/// `colony agents` lists the files of the folder that are meant for it but
+/// are no agent, with why: a manifest with no component beside it, a
+/// component named `.WASM`. It said nothing of them.
+#[test]
+fn agents_lists_the_files_it_ignores() {
+    let env = Env::new(&["echo"]);
+    std::fs::write(env.agents.path().join("orphan.toml"), "timeout = \"1s\"\n").unwrap();
+    std::fs::copy(
+        env.agents.path().join("echo.wasm"),
+        env.agents.path().join("upper.WASM"),
+    )
+    .unwrap();
+    let text = env.ok(&["agents"]);
+    assert!(
+        text.contains("orphan.toml    IGNORED  no agent's manifest")
+            && text
+                .contains("upper.WASM     IGNORED  not loaded: an agent's file name ends in .wasm"),
+        "{text}"
+    );
+    let listed = env.json(&["agents"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "orphan.toml", "upper.WASM"], "{listed}");
+    assert_eq!(listed[1]["stray"], true, "{listed}");
+    assert_eq!(listed[1]["loaded"], false, "{listed}");
+}
+
 /// The oldest ready task's wait counts from when it became ready, not from
 /// its creation: a task retried, or delayed with --in, has waited since.
 #[test]

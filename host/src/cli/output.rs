@@ -539,6 +539,10 @@ pub fn agents_json(agents: &AgentDir) -> Value {
                     json!({"name": e.name, "path": e.path.to_string_lossy(), "loaded": false, "reason": reason})
                 }
             })
+            .chain(agents.stray_files().into_iter().map(|(path, why)| {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                json!({"name": name, "path": path.to_string_lossy(), "loaded": false, "stray": true, "reason": why})
+            }))
             .collect(),
     )
 }
@@ -607,7 +611,8 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
         return print_json(&agents_json(agents));
     }
     let mut out = std::io::stdout().lock();
-    if agents.entries().next().is_none() {
+    let stray = agents.stray_files();
+    if agents.entries().next().is_none() && stray.is_empty() {
         writeln!(out, "no agents in {}", agents.dir().display())?;
     }
     for e in agents.entries() {
@@ -637,6 +642,10 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
                 writeln!(out, "{:<14} BROKEN   {}", e.name, one_line(reason, 120))?
             }
         }
+    }
+    for (path, why) in &stray {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        writeln!(out, "{name:<14} IGNORED  {why}")?;
     }
     Ok(())
 }

@@ -264,6 +264,10 @@ pub struct AgentDir {
     unmatched: BTreeSet<PathBuf>,
 }
 
+/// Why a `*.toml` with no `<name>.wasm` beside it limits nothing.
+const NO_AGENTS_MANIFEST: &str =
+    "no agent's manifest: a manifest is <name>.toml beside <name>.wasm";
+
 impl AgentDir {
     pub fn new(dir: impl Into<PathBuf>) -> AgentDir {
         AgentDir {
@@ -293,6 +297,29 @@ impl AgentDir {
             .collect();
         unmatched.sort();
         unmatched
+    }
+
+    /// Files of the folder meant for it that are no agent, with why:
+    /// manifests with no component beside them, and components whose name
+    /// does not end in `.wasm` in lower case (`colony agents` lists them;
+    /// it said nothing of them, though its help says every file).
+    pub fn stray_files(&self) -> Vec<(PathBuf, String)> {
+        let mut stray: Vec<(PathBuf, String)> = self
+            .unmatched_manifests()
+            .into_iter()
+            .map(|path| (path, NO_AGENTS_MANIFEST.to_string()))
+            .collect();
+        if let Ok(read) = std::fs::read_dir(&self.dir) {
+            for path in read.flatten().map(|entry| entry.path()) {
+                let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if ext != "wasm" && ext.eq_ignore_ascii_case("wasm") {
+                    let why = "not loaded: an agent's file name ends in .wasm, in lower case";
+                    stray.push((path, why.to_string()));
+                }
+            }
+        }
+        stray.sort();
+        stray
     }
 
     pub fn dir(&self) -> &Path {
@@ -340,10 +367,7 @@ impl AgentDir {
         }
         let unmatched: BTreeSet<PathBuf> = self.unmatched_manifests().into_iter().collect();
         for path in unmatched.difference(&self.unmatched) {
-            tracing::warn!(
-                "{} is no agent's manifest: a manifest is <name>.toml beside <name>.wasm",
-                path.display()
-            );
+            tracing::warn!("{}: {NO_AGENTS_MANIFEST}", path.display());
         }
         self.unmatched = unmatched;
         for (name, path) in found {

@@ -367,7 +367,7 @@ impl AgentDir {
         }
         let unmatched: BTreeSet<PathBuf> = self.unmatched_manifests().into_iter().collect();
         for path in unmatched.difference(&self.unmatched) {
-            tracing::warn!("{}: {NO_AGENTS_MANIFEST}", path.display());
+            tracing::warn!("{} is {NO_AGENTS_MANIFEST}", path.display());
         }
         self.unmatched = unmatched;
         for (name, path) in found {

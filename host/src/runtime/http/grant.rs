@@ -139,6 +139,18 @@ enum HostPattern {
     Subdomains(String),
 }
 
+impl HostPattern {
+    /// `localhost` and its subdomains (RFC 6761): names that always
+    /// resolve to loopback, so a grant of them could never be used.
+    fn is_localhost(&self) -> bool {
+        let name = match self {
+            HostPattern::Exact(Host::Name(name)) | HostPattern::Subdomains(name) => name,
+            HostPattern::Exact(Host::Ip(_)) => return false,
+        };
+        name == "localhost" || name.ends_with(".localhost")
+    }
+}
+
 /// One `allowed_hosts` entry: scheme, host (or `*.` subdomains) and port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OriginPattern {
@@ -185,6 +197,13 @@ impl OriginPattern {
             }
             None => HostPattern::Exact(parse_host(host).map_err(|e| format!("{text:?}: {e}"))?),
         };
+        if host.is_localhost() {
+            return Err(format!(
+                "{text:?}: localhost names a loopback address, and a non-public address is \
+                 reached only when the grant names it literally: write http://127.0.0.1:PORT \
+                 (or http://[::1]:PORT), and send the requests there"
+            ));
+        }
         Ok(OriginPattern {
             scheme,
             host,
@@ -719,6 +738,20 @@ mod tests {
             );
         }
         assert!(Origin::of_uri(&"https://u:p@example.com/".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn localhost_is_refused_with_the_address_to_write() {
+        for name in [
+            "http://localhost:9000",
+            "http://LocalHost.",
+            "https://api.localhost",
+            "https://*.dev.localhost",
+        ] {
+            let why = OriginPattern::parse(name).unwrap_err();
+            assert!(why.contains("http://127.0.0.1:PORT"), "{name}: {why}");
+        }
+        assert!(OriginPattern::parse("https://localhost.example.com").is_ok());
     }
 
     #[test]

@@ -654,6 +654,11 @@ fn a_busy_address_is_named_once() {
         "{stderr}"
     );
     assert_eq!(stderr.matches("(os error").count(), 1, "{stderr}");
+    assert!(
+        !env.db().exists(),
+        "a serve that could not listen created {}",
+        env.db().display()
+    );
 }
 
 #[test]

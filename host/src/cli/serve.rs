@@ -35,6 +35,7 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
         )
         .into());
     }
+    let listener = web::listen(listen).await?;
     // Opened once as every command opens it: the checks of --db, and errors
     // that name the file (the dashboard's own pool said "file is not a
     // database" of a file it did not name).
@@ -49,7 +50,7 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
         actor: identity("web"),
         sync: super::sqlite_sync(),
     };
-    let bound = web::bind(config).await.map_err(|e| match e {
+    let bound = web::bind(config, listener).await.map_err(|e| match e {
         StartError::NoTokenOffLoopback(_) => anyhow::Error::from(BadInput(e.to_string())),
         StartError::Queue(q) => q.into(),
         other => anyhow::Error::from(other),

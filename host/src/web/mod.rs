@@ -28,6 +28,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tokio::net::TcpListener;
 
 use crate::queue::QueueError;
 use crate::runtime::{AgentDir, Runtime};
@@ -86,7 +87,7 @@ pub enum StartError {
 
 /// A bound server, not yet serving: the caller prints where it is.
 pub struct Bound {
-    pub listener: tokio::net::TcpListener,
+    pub listener: TcpListener,
     pub addr: SocketAddr,
     /// The token changes need (generated when none was given).
     pub token: String,
@@ -95,8 +96,16 @@ pub struct Bound {
     app: Shared,
 }
 
-/// Opens the database and the listening socket.
-pub async fn bind(config: WebConfig) -> Result<Bound, StartError> {
+/// Takes the listening socket: first, so that a port already taken fails
+/// before the database file is created.
+pub async fn listen(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| StartError::Bind { addr, error })
+}
+
+/// Opens the database behind a socket taken by [`listen`].
+pub async fn bind(config: WebConfig, listener: TcpListener) -> Result<Bound, StartError> {
     let loopback = config.listen.ip().is_loopback();
     if !loopback && config.token.is_none() {
         return Err(StartError::NoTokenOffLoopback(config.listen));
@@ -104,12 +113,6 @@ pub async fn bind(config: WebConfig) -> Result<Bound, StartError> {
     let generated_token = config.token.is_none();
     let token = config.token.unwrap_or_else(auth::random_token);
     let store = Store::open(config.db, config.actor, config.sync)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|error| StartError::Bind {
-            addr: config.listen,
-            error,
-        })?;
     let addr = listener.local_addr().map_err(|error| StartError::Bind {
         addr: config.listen,
         error,

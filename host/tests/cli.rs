@@ -1709,6 +1709,24 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
             &std::fs::read_to_string(out_dir.join(format!("pages/{name}.html"))).unwrap(),
         );
     }
+
+    // With --json the story goes to stderr, and stdout is one summary.
+    let out = env
+        .cmd()
+        .args(["--json", "--agents", agents, "demo", "--dir"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("Every task ended as expected"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(summary["problems"], serde_json::json!([]));
+    assert_eq!(summary["pages"].as_array().unwrap().len(), 3, "{summary}");
+    let tasks = summary["tasks"].as_array().unwrap();
+    assert!(tasks.len() >= 12, "{summary}");
+    assert!(tasks.iter().all(|t| t["state"] == "complete"), "{summary}");
 }
 
 // Not about the driver: a broken configuration is refused whatever the queue.

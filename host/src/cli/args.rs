@@ -209,6 +209,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Run an online store's launch pipeline on the four built-in agents and
     /// show the queue at work (chains, review, retries); writes product pages.
+    /// With --json the story goes to stderr and stdout gets one JSON summary
+    /// (ok, problems, db, pages, tasks).
     Demo(demo::DemoArgs),
     /// Several daemons on one database, one SIGKILLed and restarted every
     /// ~500 ms; then checks from the audit trail that nothing was lost or run

@@ -67,10 +67,20 @@ struct Launch {
     flaky: bool,
 }
 
+/// Where the demo tells its story: stdout, or stderr when `--json` keeps
+/// stdout for the one JSON summary at the end.
+fn narrative(json: bool) -> Box<dyn std::io::Write> {
+    match json {
+        true => Box::new(std::io::stderr().lock()),
+        false => Box::new(std::io::stdout().lock()),
+    }
+}
+
 pub async fn demo(
     args: &DemoArgs,
     agents_dir: &Path,
     models: Option<Arc<crate::models::Providers>>,
+    json: bool,
 ) -> Result<bool> {
     let copy_model = models.as_ref().is_some_and(|m| m.has_alias("copy"));
     refuse_a_folder_not_the_demos(&args.dir, agents_dir)?;
@@ -114,7 +124,7 @@ pub async fn demo(
     // awaits: a reader that went away (`colony demo | head -1`) ends the demo
     // quietly instead of a panic.
     {
-        let mut out = std::io::stdout().lock();
+        let mut out = narrative(json);
         writeln!(
             out,
             "Launching {} products through design → code, marketing (reviewed) and ops…",
@@ -144,7 +154,7 @@ pub async fn demo(
     // Review round: reject the first product's copy once, approve the rest.
     let first = &launches[0];
     {
-        let mut out = std::io::stdout().lock();
+        let mut out = narrative(json);
         writeln!(out, "\nReviewing marketing copy:")?;
         writeln!(
             out,
@@ -165,7 +175,7 @@ pub async fn demo(
     let revised = queue.get(first.marketing)?;
     if let Some(tagline) = revised.result.as_ref().and_then(|r| r["tagline"].as_str()) {
         writeln!(
-            std::io::stdout().lock(),
+            narrative(json),
             "  task {} ({}): revised tagline \"{tagline}\" — approved",
             first.marketing,
             first.name
@@ -178,7 +188,7 @@ pub async fn demo(
 
     let tasks = all_readable(queue.list(&ListFilter::default())?)?;
     let pages = save_pages(&queue, &launches, &args.dir.join("pages"))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = narrative(json);
     print_table(&mut out, &queue, &tasks)?;
     print_tree(&mut out, &queue, &launches)?;
     print_state(&mut out, &queue)?;
@@ -206,14 +216,23 @@ pub async fn demo(
             "\nEvery task ended as expected. Database: {}",
             db.display()
         )?;
-        Ok(true)
     } else {
         writeln!(out, "\nSome tasks did not end as expected:")?;
         for p in &problems {
             writeln!(out, "  - {p}")?;
         }
-        Ok(false)
     }
+    drop(out);
+    if json {
+        super::output::print_json(&json!({
+            "ok": problems.is_empty(),
+            "problems": problems,
+            "db": db,
+            "pages": pages.iter().map(|(name, path)| json!({"product": name, "path": path})).collect::<Vec<_>>(),
+            "tasks": tasks.iter().map(super::output::task_json).collect::<Vec<_>>(),
+        }))?;
+    }
+    Ok(problems.is_empty())
 }
 
 fn submit_launch(queue: &mut Queue, brief: &Value, shop: &str, suppliers: &str) -> Result<Launch> {

@@ -303,7 +303,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
             }
         }
         Command::Demo(args) => {
-            if demo::demo(args, &cli.agents, load_models(cli)?).await? {
+            if demo::demo(args, &cli.agents, load_models(cli)?, cli.json).await? {
                 Ok(())
             } else {
                 bail!("the demo did not end as expected (see above)")

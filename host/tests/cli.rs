@@ -873,7 +873,9 @@ on_both_drivers! {
         let tasks: Vec<_> = ids.iter().map(|&id| env.queue().get(id).unwrap()).collect();
         let failed: Vec<_> = tasks.iter().filter(|t| t.state == State::Failed).collect();
         assert_eq!(failed.len(), 1, "only the killed daemon's started task: {tasks:?}");
-        assert_eq!(failed[0].error.as_ref().unwrap().kind.as_str(), "lease_expired");
+        let error = failed[0].error.as_ref().unwrap();
+        assert_eq!(error.kind.as_str(), "lease_expired");
+        assert!(error.message.contains("an attempt counts at claim") && error.message.contains(&format!("colony retry {}", failed[0].id)), "{error:?}");
         let mut complete = tasks.iter().filter(|t| t.state == State::Complete);
         assert!(complete.clone().count() == 3 && complete.all(|t| t.attempts == 1), "{tasks:?}");
     }

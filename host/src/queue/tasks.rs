@@ -482,7 +482,9 @@ pub(super) fn reset_stale_in(
             let error = TaskError {
                 kind: ErrorKind::LeaseExpired,
                 message: format!(
-                    "the lease held by {holder} expired (no heartbeat for {silent_ms} ms) on the last of {max_attempts} attempts"
+                    "the lease held by {holder} expired (no heartbeat for {silent_ms} ms) on the last of {max_attempts} attempts: \
+                     that daemon stopped or lost the database while it held the task, running it or \
+                     claimed ahead and not yet started (an attempt counts at claim); `colony retry {id}` runs it again"
                 ),
             };
             let to = record(

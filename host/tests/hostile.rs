@@ -406,6 +406,58 @@ fn at_takes_any_rfc_3339_offset() {
     );
 }
 
+/// A file that is not a colony queue is refused by every command, which
+/// leaves it as it was: another program's SQLite database (even `list`
+/// added colony's tables to it), a file that is not SQLite, and, for a
+/// command that reads, an empty file. A command that adds tasks makes an
+/// empty file a queue.
+#[test]
+fn a_file_that_is_not_a_queue_is_refused_and_left_as_it_was() {
+    let env = Env::new(&["echo"]);
+    let other = env.data.path().join("other.db");
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE foo (x); INSERT INTO foo VALUES (1);")
+        .unwrap();
+    let other = other.to_str().unwrap();
+    let junk = env.file("junk.db", "not SQLite at all ".repeat(300));
+    let empty = env.file("empty.db", "");
+    let cases: [(&str, &[&str], &str); 6] = [
+        (other, &["list"], "tables of its own (foo)"),
+        (other, &["submit", "echo", "{}"], "tables of its own (foo)"),
+        (other, &["--json", "status"], "tables of its own (foo)"),
+        (&junk, &["show", "1"], "not a SQLite database"),
+        (&junk, &["submit", "echo", "{}"], "not a SQLite database"),
+        (&empty, &["list"], "an empty file"),
+    ];
+    for (db, args, says) in cases {
+        let out = env.run(&[&["--db", db][..], args].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(
+            said.contains(&format!("{db} is not a colony queue: ")) && said.contains(says),
+            "{args:?}: {said}"
+        );
+    }
+    let tables: Vec<String> = rusqlite::Connection::open(other)
+        .unwrap()
+        .prepare("SELECT name FROM sqlite_master")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tables, ["foo"], "only its own table");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    assert_eq!(
+        std::fs::read_to_string(&junk).unwrap(),
+        "not SQLite at all ".repeat(300)
+    );
+
+    env.ok(&["--db", &empty, "submit", "echo", "{}"]);
+    assert_eq!(env.ok(&["--db", &empty, "list"]).lines().count(), 2);
+}
+
 /// `--db` takes a path or `sqlite:PATH`, absolute or not; a directory that
 /// does not exist and a URL colony does not speak are refused by name, the
 /// URL's password left out.

@@ -713,9 +713,9 @@ fn serve_announces_itself_as_json_and_names_a_bad_database() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(
-        said.contains(&bad) && said.contains("not a database"),
+        said.contains(&bad) && said.contains("not a SQLite database"),
         "{said}"
     );
 }

@@ -62,7 +62,8 @@ pub(super) fn non_utf8_args(args: &[std::ffi::OsString]) -> Vec<String> {
 pub struct Cli {
     /// Where the queue lives: a SQLite file (`sqlite:PATH` also works;
     /// created by submit, daemon, serve and state set if missing, while
-    /// commands that read a queue refuse a missing file) or a PostgreSQL URL
+    /// commands that read a queue refuse a missing or empty file, and every
+    /// command refuses a file that holds something else) or a PostgreSQL URL
     /// (`postgres://user@host:5432/colony`, migrated on first use) shared by
     /// daemons on several machines.
     // COLONY_DB's value stays out of --help: a URL may hold a password.

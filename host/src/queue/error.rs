@@ -66,6 +66,13 @@ pub enum QueueError {
         found: u32,
         known: u32,
     },
+    /// A file that holds something else: refused before colony writes to
+    /// it (its tables were added to any SQLite file, even by `list`).
+    #[error(
+        "{path} is not a colony queue: {why}; colony left it as it was. Give another --db \
+         (`colony submit` and `colony daemon` create a new file)"
+    )]
+    NotAQueue { path: String, why: String },
     #[error("the database holds data this colony cannot read: {0}")]
     Corrupt(String),
     // Not a `#[source]`: the message already carries it, and error chains
@@ -133,7 +140,9 @@ impl QueueError {
     /// rather than spinning.
     pub fn is_permanent(&self) -> bool {
         match self {
-            QueueError::SchemaTooNew { .. } | QueueError::DatabaseGone { .. } => true,
+            QueueError::SchemaTooNew { .. }
+            | QueueError::DatabaseGone { .. }
+            | QueueError::NotAQueue { .. } => true,
             QueueError::Sqlite(e) => sqlite::is_permanent(e),
             QueueError::Postgres(e) => postgres_driver::is_permanent(e),
             _ => false,
@@ -152,6 +161,7 @@ impl QueueError {
                 | QueueError::Illegal { .. }
                 | QueueError::NotNow(_)
                 | QueueError::DependencyFinished { .. }
+                | QueueError::NotAQueue { .. }
         )
     }
 }

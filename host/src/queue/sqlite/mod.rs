@@ -71,6 +71,7 @@ impl SqliteDb {
             });
         }
         conn.busy_timeout(opts.busy_timeout)?;
+        schema::refuse_what_is_not_a_queue(&conn, &path.display().to_string(), opts.must_exist)?;
         // Switching a fresh file to WAL upgrades a read lock to a write
         // lock, which SQLite answers `SQLITE_BUSY` at once rather than wait
         // (the busy handler could deadlock there) while another process

@@ -235,6 +235,44 @@ pub fn newest_version() -> u32 {
     MIGRATIONS.len() as u32
 }
 
+/// Refuses a file that is not a colony queue before anything writes to
+/// it: not SQLite at all, a SQLite database of something else (tables of
+/// its own, no schema version), or, for a command that only reads or
+/// changes an existing queue (`must_exist`), an empty one.
+pub fn refuse_what_is_not_a_queue(
+    conn: &Connection,
+    path: &str,
+    must_exist: bool,
+) -> Result<(), QueueError> {
+    let probe = conn.query_row(
+        "SELECT (SELECT user_version FROM pragma_user_version),
+                (SELECT group_concat(name, ', ') FROM
+                    (SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'
+                     ORDER BY name LIMIT 5))",
+        [],
+        |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Option<String>>(1)?)),
+    );
+    let why = match probe {
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
+            "it is not a SQLite database (SQLite says: file is not a database)".to_string()
+        }
+        Err(e) => return Err(e.into()),
+        Ok((0, Some(tables))) => {
+            format!(
+                "it is a SQLite database of something else, with tables of its own ({tables}) and no colony schema"
+            )
+        }
+        Ok((0, None)) if must_exist => {
+            "it is an empty file, so no task was ever submitted there".to_string()
+        }
+        Ok(_) => return Ok(()),
+    };
+    Err(QueueError::NotAQueue {
+        path: path.to_string(),
+        why,
+    })
+}
+
 /// Brings the database to the newest schema this build knows.
 pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
     let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -428,9 +428,21 @@ on_both_drivers! {
         let a = env.submit(&["design"]);
         let b = env.submit(&["code", "--after", &a.to_string()]);
         let c = env.submit(&["ops", "--after", &b.to_string()]);
+        let d = env.submit(&["ops", "--after", &a.to_string(), "--after", &b.to_string()]);
+        // A listing says what each task waits for, as show does (it said []).
+        let listed = env.json(&["list"]);
+        let depends_on = |id: i64| {
+            let task = listed.as_array().unwrap().iter().find(|t| t["id"] == id).unwrap();
+            task["depends_on"].clone()
+        };
+        assert_eq!(depends_on(d), serde_json::json!([a, b]), "{listed}");
+        assert_eq!(depends_on(c), env.show(c)["depends_on"]);
+        assert_eq!(depends_on(a), serde_json::json!([]));
         let out = env.json(&["cancel", &a.to_string()]);
-        assert_eq!(out["cancelled"], serde_json::json!([a, b, c]));
-        for id in [a, b, c] {
+        let mut cancelled: Vec<i64> = serde_json::from_value(out["cancelled"].clone()).unwrap();
+        cancelled.sort();
+        assert_eq!(cancelled, [a, b, c, d]);
+        for id in [a, b, c, d] {
             assert_eq!(env.show(id)["state"], "cancelled");
         }
         assert!(

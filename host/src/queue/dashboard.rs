@@ -3,7 +3,7 @@
 //! id order and the outbox by state. Every one is bounded and index-backed,
 //! so a page stays fast with a million tasks stored.
 
-use super::reads::{TASK_COLUMNS, event_from_row, id_and_agent, task_row};
+use super::reads::{TASK_COLUMNS, event_from_row, id_and_agent, task_row, with_dependencies};
 use super::sql::{Param, args};
 use super::tasks::parse_state;
 use super::{AuditEvent, Queue, Result, TaskRow};
@@ -85,7 +85,7 @@ impl Queue {
         let limit = i64::from(query.limit.max(1));
         let page = page_filter(query);
         let pattern = query.text.as_deref().map(like_pattern);
-        let rows = self.read(|db| {
+        let tasks = self.read(|db| {
             let mut params = vec![Param::Int(before)];
             if let Some(agent) = &query.agent {
                 params.push(Param::Text(agent));
@@ -97,9 +97,9 @@ impl Queue {
                     page.search(limit, params.len())
                 }
             };
-            db.query(&sql, &params)
+            let rows = db.query(&sql, &params)?;
+            with_dependencies(db, rows.iter().map(task_row).collect())
         })?;
-        let tasks: Vec<TaskRow> = rows.iter().map(task_row).collect();
         let last = tasks.last().map(|row| match row {
             Ok(task) => task.id,
             Err(bad) => bad.id,

@@ -776,3 +776,52 @@ fn agents_reports_every_wasm_entry_in_one_line_each() {
     );
     assert!(env.ok(&["status"]).lines().all(|l| l.chars().count() < 220));
 }
+
+/// A run's memory goes back when the run ends: memory bombs one after
+/// another (each stopped at its 64 MiB cap) leave the daemon no larger than
+/// a few of them. Freed slots were decommitted 64 at a time, so 24 bombs
+/// kept ~1.5 GiB resident, and 64 bombs of a 4 GiB cap would have kept
+/// 256 GiB.
+#[test]
+fn memory_bombs_leave_no_memory_behind() {
+    let env = Env::new(&["membomb"]);
+    std::fs::write(
+        env.agents.path().join("membomb.toml"),
+        "memory_mb = 64\nconcurrency = 1\n",
+    )
+    .unwrap();
+    let batch: String = (0..24)
+        .map(|_| "{\"agent\":\"membomb\",\"payload\":{},\"max_attempts\":1}\n")
+        .collect();
+    let batch = env.file("bombs.jsonl", batch);
+    env.ok(&["submit", "--batch", &batch]);
+    let daemon = env.daemon(&["--poll", "100ms"]);
+    common::wait_for("every bomb to fail", Duration::from_secs(120), || {
+        env.queue()
+            .counts()
+            .unwrap()
+            .iter()
+            .all(|c| c.1 == colony::task::State::Failed)
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.id())).unwrap();
+    let resident_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let failed = env.json(&["list", "--state", "failed"]);
+    assert_eq!(failed.as_array().unwrap().len(), 24);
+    assert!(
+        failed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["error"]["kind"] == "out_of_memory"),
+        "{failed}"
+    );
+    assert!(
+        resident_kib < 512 << 10,
+        "the daemon keeps {} MiB after 24 runs of 64 MiB, one at a time",
+        resident_kib >> 10
+    );
+}

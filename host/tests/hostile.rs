@@ -825,3 +825,44 @@ fn memory_bombs_leave_no_memory_behind() {
         resident_kib >> 10
     );
 }
+
+/// A second SIGINT exits at once, however soon after the first and however
+/// busy the daemon is: two signals the runtime had not yet got round to
+/// were one wake-up (its workers busy with spinning guests), and the daemon
+/// waited out its whole grace.
+#[test]
+fn a_second_signal_exits_at_once_while_guests_spin() {
+    let env = Env::new(&["spin"]);
+    std::fs::write(
+        env.agents.path().join("spin.toml"),
+        "timeout = \"300s\"\nconcurrency = 4\n",
+    )
+    .unwrap();
+    for _ in 0..4 {
+        env.submit(&["spin", "{}"]);
+    }
+    let child = env
+        .cmd()
+        .args(["daemon", "--grace", "300s", "--poll", "100ms"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = common::Daemon::new(child);
+    common::wait_for("the spinners to start", Duration::from_secs(60), || {
+        env.queue()
+            .counts()
+            .unwrap()
+            .iter()
+            .any(|c| c.1 == colony::task::State::InProgress && c.2 == 4)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    common::signal(&daemon, "-INT");
+    common::signal(&daemon, "-INT");
+    common::wait_for("the daemon to exit", Duration::from_secs(30), || {
+        daemon.try_wait().unwrap().is_some()
+    });
+    let out = daemon.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{said}");
+    assert!(said.contains("second signal: exiting now"), "{said}");
+}

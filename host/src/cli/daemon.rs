@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use std::io::Write as _;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::{
     Cli, DaemonArgs, bad, identity, load_agents, load_models, open_queue, output, redacted, serve,
@@ -65,15 +65,14 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     }
     tracing::info!(identity = %actor, db = %redacted(&cli.db), agents = ?agents.loaded_names(), "daemon started");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut first_signal = Signals::listen();
+    exit_on_second_signal()?;
     tokio::spawn(async move {
-        wait_for_signal().await;
+        first_signal.recv().await;
         tracing::info!(
             "signal received: finishing runs in flight (send another signal to exit at once)"
         );
         let _ = stop_tx.send(true);
-        wait_for_signal().await;
-        say!("second signal: exiting now; leases held will expire and be reset by another daemon");
-        std::process::exit(130);
     });
     let progress = (args.until_idle && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .then(|| tokio::spawn(show_progress(cli.db.clone())));
@@ -130,11 +129,58 @@ pub(super) async fn show_progress(db: PathBuf) {
 }
 
 pub(super) async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    Signals::listen().recv().await
+}
+
+/// SIGTERM and SIGINT, listened to from when this is made.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("installing a SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("installing a SIGINT handler"),
+        }
     }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// SIGTERMs and SIGINTs this process has received.
+static SIGNALS_RECEIVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Makes a second SIGTERM or SIGINT exit at once, from the signal handler
+/// itself. Through tokio it could not be relied on: two signals that came
+/// before the runtime got round to the first (its workers busy with
+/// spinning guests) were one wake-up, and the daemon waited out its grace.
+fn exit_on_second_signal() -> Result<()> {
+    fn on_signal() {
+        if SIGNALS_RECEIVED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return; // the first: tokio's handler starts the graceful stop
+        }
+        const SAID: &[u8] =
+            b"second signal: exiting now; leases held will expire and be reset by another daemon\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe, and SAID is
+        // a static buffer.
+        unsafe {
+            libc::write(2, SAID.as_ptr().cast(), SAID.len());
+            libc::_exit(130);
+        }
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: `on_signal` only touches an atomic and calls the
+        // async-signal-safe functions above.
+        unsafe { signal_hook_registry::register(signal, on_signal) }
+            .context("installing the second-signal handler")?;
+    }
+    Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! Attempt `n` (1-based: the attempt that just failed) waits
 //! `base · 2^(n−1)`, spread by ±20 % jitter so that a burst of failures does
-//! not retry in lockstep, and capped at ten minutes.
+//! not retry in lockstep, and capped at ten minutes (a wait at the cap
+//! is spread over its last 20 %).
 
 use std::time::Duration;
 
@@ -16,8 +17,16 @@ pub const JITTER: f64 = 0.2;
 pub fn backoff_with(base: Duration, attempt: u32, unit_jitter: f64) -> Duration {
     let exponent = attempt.saturating_sub(1).min(32);
     let raw = base.as_secs_f64() * 2f64.powi(exponent as i32);
-    let jittered = raw * (1.0 + JITTER * unit_jitter.clamp(-1.0, 1.0));
-    Duration::from_secs_f64(jittered.min(MAX_BACKOFF.as_secs_f64()).max(0.0))
+    let unit_jitter = unit_jitter.clamp(-1.0, 1.0);
+    let max = MAX_BACKOFF.as_secs_f64();
+    // At the cap the jitter only shortens the wait: capped after it, every
+    // wait past ten minutes was exactly ten minutes, retried in lockstep.
+    let (delay, spread) = match raw >= max {
+        true => (max, -(unit_jitter + 1.0) / 2.0),
+        false => (raw, unit_jitter),
+    };
+    let jittered = delay * (1.0 + JITTER * spread);
+    Duration::from_secs_f64(jittered.min(max).max(0.0))
 }
 
 /// The delay before the retry that follows failed attempt `attempt`, with random jitter.
@@ -60,9 +69,17 @@ mod tests {
     }
 
     #[test]
-    fn capped_at_ten_minutes() {
+    fn capped_at_ten_minutes_and_still_spread() {
         let base = Duration::from_secs(10);
-        assert_eq!(backoff_with(base, 20, 1.0), MAX_BACKOFF);
-        assert_eq!(backoff_with(base, u32::MAX, 0.0), MAX_BACKOFF);
+        assert_eq!(backoff_with(base, 20, -1.0), MAX_BACKOFF);
+        assert_eq!(backoff_with(base, 20, 1.0), MAX_BACKOFF.mul_f64(0.8));
+        assert_eq!(backoff_with(base, u32::MAX, 0.0), MAX_BACKOFF.mul_f64(0.9));
+        let delays: std::collections::HashSet<_> = (0..50).map(|_| backoff(base, 9)).collect();
+        assert!(delays.len() > 40, "{delays:?}");
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= MAX_BACKOFF.mul_f64(0.8) && *d <= MAX_BACKOFF)
+        );
     }
 }

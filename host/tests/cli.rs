@@ -528,6 +528,12 @@ on_both_drivers! {
         // A refusal of the queue names the file's line, blank lines counted.
         let said = refused("\n{\"agent\":\"echo\"}\n\n{\"agent\":\"echo\",\"after\":[999999]}\n");
         assert!(said.contains("tasks.jsonl line 4: ") && said.contains("task 999999 does not exist"), "{said}");
+        // The first bad line is named, whatever is wrong with it, and a
+        // position is said within its line.
+        let said = refused("{\"agent\":\"echo\"}\n{\"agent\":\"echo\",\"max_attempts\":0}\n{\"agent\":\"echo\",\"colour\":1}\n");
+        assert!(said.contains("tasks.jsonl line 2: invalid max_attempts: must be at least 1"), "{said}");
+        let said = refused("{\"agent\":\"echo\",\"colour\":1}\n");
+        assert!(said.contains("unknown field `colour`") && said.contains("at column 24 of the line") && !said.contains("line 1 column"), "{said}");
         // A line that is JSON but not one object says what a task is.
         let said = refused("[{\"agent\":\"echo\"}]\n");
         assert!(said.contains("line 1: a task is one JSON object") && said.contains("not an array"), "{said}");

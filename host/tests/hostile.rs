@@ -866,3 +866,40 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
     assert_eq!(out.status.code(), Some(130), "{said}");
     assert!(said.contains("second signal: exiting now"), "{said}");
 }
+
+/// Bytes that are not UTF-8 on stdin are bad input, as in a file: exit 2,
+/// kind bad_input, nothing stored (it was exit 1, "error").
+#[test]
+fn stdin_that_is_not_utf8_is_bad_input() {
+    use std::io::Write as _;
+    let env = Env::new(&["echo"]);
+    for args in [
+        &["--json", "submit", "echo", "-"][..],
+        &["--json", "submit", "echo", "--payload-file", "-"],
+        &["--json", "submit", "--batch", "-"],
+    ] {
+        let mut child = env
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"{\"agent\":\"echo\",\"s\":\"\xff\xfe\"}\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let said: Value = serde_json::from_slice(&out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert_eq!(said["kind"], "bad_input", "{args:?}: {said}");
+        assert!(
+            said["error"].as_str().unwrap().contains("not UTF-8"),
+            "{said}"
+        );
+    }
+    assert!(!env.db().exists() || env.task_count() == 0);
+}

@@ -152,11 +152,10 @@ pub(super) fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
         }
     };
     let from_stdin = || -> Result<String> {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("reading the payload from stdin")?;
-        from_file(text, "the payload on stdin".to_string())
+        from_file(
+            read_stdin("the payload on stdin")?,
+            "the payload on stdin".to_string(),
+        )
     };
     let payload = match (&args.payload, &args.payload_file) {
         (Some(p), _) if p == "-" => from_stdin()?,
@@ -332,6 +331,24 @@ pub(super) fn batch_name(file: &Path) -> String {
     }
 }
 
+/// All of stdin as text; bytes that are not UTF-8 are bad input, named.
+fn read_stdin(what: &str) -> Result<String> {
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {what}"))?;
+    String::from_utf8(bytes).map_err(|e| bad(format!("{what}: not UTF-8 text ({e})")))
+}
+
+/// A parse error of one batch line, its position said within the line:
+/// serde's "at line 1 column 41" read as the file's first line.
+fn within_the_line(error: &str) -> String {
+    match error.rsplit_once(" at line 1 column ") {
+        Some((what, column)) => format!("{what} at column {column} of the line"),
+        None => error.to_string(),
+    }
+}
+
 /// `text` without the byte-order mark some editors put first, which JSON
 /// parsers may ignore (RFC 8259) and serde_json refuses ("expected value at
 /// line 1 column 1", the file looking fine).
@@ -345,15 +362,11 @@ pub(super) fn without_bom(text: String) -> String {
 /// The tasks of a `--batch` file, one JSON object per line, and the line
 /// each came from (blank lines are skipped, so errors name the file's line).
 pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
-    let mut text = String::new();
-    if file == Path::new("-") {
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("reading tasks from stdin")?;
-    } else {
-        text = std::fs::read_to_string(file)
-            .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
-    }
+    let text = match file == Path::new("-") {
+        true => read_stdin("--batch - (stdin)")?,
+        false => std::fs::read_to_string(file)
+            .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?,
+    };
     let text = without_bom(text);
     let (mut tasks, mut lines) = (Vec::new(), Vec::new());
     for (i, line) in text.as_bytes().lines().enumerate() {
@@ -361,7 +374,15 @@ pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
         if line.trim().is_empty() {
             continue;
         }
+        // Checked line by line, so the error names the first bad line
+        // whatever is wrong with it (the queue's checks came after every
+        // line had parsed).
         let task = parse_batch_line(&line)
+            .map_err(|e| within_the_line(&e))
+            .and_then(|task| {
+                crate::queue::check_new_task(&task).map_err(|e| e.to_string())?;
+                Ok(task)
+            })
             .map_err(|e| bad(format!("{} line {}: {e}", batch_name(file), i + 1)))?;
         tasks.push(task);
         lines.push(i + 1);

@@ -280,6 +280,13 @@ pub fn outcome_failure(outcome: &RunOutcome) -> Option<TaskError> {
     review::check_outcome(outcome, None, QueueOptions::default().max_payload_bytes).err()
 }
 
+/// What the queue would refuse in a new task that it can tell without
+/// the database, with the default limits: for a batch file checked line
+/// by line before anything is stored.
+pub fn check_new_task(new: &NewTask) -> Result<()> {
+    validate::validate_new_task(new, QueueOptions::default().max_payload_bytes)
+}
+
 /// Milliseconds since the Unix epoch, by this host's clock.
 ///
 /// `COLONY_CLOCK_OFFSET_MS` shifts it (for rehearsing a host whose clock is

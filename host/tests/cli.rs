@@ -1781,6 +1781,23 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
+    // A key a header cannot carry (a second line pasted with it) went out
+    // empty: refused at start, the key itself not said.
+    let out = env
+        .cmd()
+        .env("COLONY_CONFIG", &config)
+        .env("NOT_SET_ANYWHERE", "sk-SECRET\nsecond-line")
+        .args(["daemon", "--until-idle"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[models.fast]")
+            && stderr.contains("cannot be sent in an HTTP header: character 10 is a line break")
+            && !stderr.contains("SECRET"),
+        "{stderr}"
+    );
 
     // Not TOML at all: where.
     std::fs::write(&config, "[models.fast]\napi = \"openai\n").unwrap();

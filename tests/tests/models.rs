@@ -545,6 +545,25 @@ async fn a_429_then_an_answer_is_one_call_of_one_attempt() {
     assert_eq!(e.h.queue().usage(id).unwrap().calls, 1);
 }
 
+/// A `Retry-After` that would leave less than a quarter of the timeout for
+/// the answer is not waited out, and the error says why in numbers that
+/// hold (it said "8s, longer than is left of the timeout of 10s").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_asking_too_long_a_wait_gives_up_saying_why() {
+    let e = env(r#"models = ["fast"]"#);
+    e.server.push(Scripted::rate_limited(8));
+    let id = e.think(json!({"prompts": ["hi"], "on_error": "continue"}));
+    e.run().await;
+    let errors = e.result(id)["errors"].to_string();
+    assert!(
+        errors.contains(
+            "asks to wait 8s, which leaves less than a quarter of the call's timeout of 10s"
+        ),
+        "{errors}"
+    );
+    assert_eq!(e.server.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_trap_replays_the_journal_instead_of_paying_again() {
     let e = env(r#"models = ["fast"]"#);

@@ -117,6 +117,20 @@ pub enum ConfigError {
         alias: String,
         var: String,
     },
+    /// A key an HTTP header cannot carry: it went out empty, and the
+    /// provider's 401 came long after start-up.
+    #[error(
+        "{}: [models.{alias}] key `api_key_env`: the value of {} cannot be sent in an HTTP header: \
+         character {position} is {what} (a key pasted with a second line, or a stray character?)",
+        path.display(), shown_var_name(var)
+    )]
+    UnsendableKey {
+        path: PathBuf,
+        alias: String,
+        var: String,
+        position: usize,
+        what: &'static str,
+    },
     #[error("cannot set up the HTTP client for model providers")]
     Client(#[source] reqwest::Error),
 }

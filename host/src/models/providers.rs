@@ -116,7 +116,19 @@ impl Providers {
             let key = match &alias.api_key_env {
                 None => None,
                 Some(var) => match env(var) {
-                    Some(key) if !key.trim().is_empty() => Some(Secret(key.trim().to_string())),
+                    Some(key) if !key.trim().is_empty() => {
+                        let key = key.trim();
+                        if let Some((position, what)) = unsendable_character(key) {
+                            return Err(ConfigError::UnsendableKey {
+                                path: config.path().to_path_buf(),
+                                alias: name.to_string(),
+                                var: var.clone(),
+                                position,
+                                what,
+                            });
+                        }
+                        Some(Secret(key.to_string()))
+                    }
                     _ => {
                         return Err(ConfigError::MissingKey {
                             path: config.path().to_path_buf(),
@@ -532,7 +544,8 @@ fn give_up(name: &str, alias: &Alias, failure: &Failure, attempts: u32) -> Model
             retry_after: Some(wait),
         } if attempts == 1 => ModelError::RateLimited(format!(
             "model `{name}`: the provider is rate limiting (HTTP 429) and asks to wait {}, \
-             longer than is left of the call's timeout of {timeout}",
+             which leaves less than a quarter of the call's timeout of {timeout} for the answer \
+             (raise the alias's `timeout` to wait it out)",
             humantime::format_duration(human_wait(*wait))
         )),
         Failure::RateLimited { .. } => ModelError::RateLimited(format!(
@@ -554,9 +567,23 @@ fn give_up(name: &str, alias: &Alias, failure: &Failure, attempts: u32) -> Model
     }
 }
 
+/// The first character of `key` a header cannot carry (1-based), and what
+/// it is; the key itself is never said.
+fn unsendable_character(key: &str) -> Option<(usize, &'static str)> {
+    let (i, c) = key
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(*c == '\t' || (' '..='~').contains(c)))?;
+    let what = match c {
+        '\n' | '\r' => "a line break",
+        c if c.is_control() => "a control character",
+        _ => "not ASCII",
+    };
+    Some((i + 1, what))
+}
+
 fn secret_header(value: &str) -> HeaderValue {
-    // Keys come from the operator's environment; one with characters a
-    // header cannot carry would be refused by the provider anyway.
+    // Keys were checked when the configuration loaded (`unsendable_character`).
     let mut header = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
     header.set_sensitive(true);
     header

@@ -212,7 +212,7 @@ async fn a_memory_bomb_is_out_of_memory_and_others_keep_working() {
         task.error
             .unwrap()
             .message
-            .contains("over its cap of 33554432 bytes")
+            .contains("over its cap of 32 MiB (`memory_mb` in its manifest)")
     );
     assert_eq!(h.task(echo).state, State::Complete);
 }

@@ -423,9 +423,6 @@ pub struct DaemonArgs {
 /// enough that the instance pool sized from them cannot overflow.
 pub(super) const MAX_CONCURRENCY: i64 = 4096;
 pub(super) const MAX_CLAIM_BATCH: u64 = 4096;
-/// The longest `--timeout`: no run needs more, and a year of ms fits every
-/// integer the queue stores it in.
-pub(super) const MAX_TIMEOUT: Duration = Duration::from_secs(31_557_600); // 365.25 days
 
 /// A positive task id.
 pub(super) fn task_id() -> clap::builder::RangedI64ValueParser<i64> {
@@ -451,7 +448,7 @@ pub(super) fn duration_at_most(s: &str, max: Duration, what: &str) -> Result<Dur
 }
 
 pub(super) fn parse_timeout(s: &str) -> Result<Duration, String> {
-    duration_at_most(s, MAX_TIMEOUT, "a run's wall-clock budget")
+    duration_at_most(s, crate::runtime::MAX_TIMEOUT, "a run's wall-clock budget")
 }
 
 pub(super) fn parse_backoff(s: &str) -> Result<Duration, String> {

@@ -102,7 +102,7 @@ pub(super) fn validate_new_task(new: &NewTask, max_payload: usize) -> Result<()>
         ));
     }
     if new.timeout_ms == Some(0) {
-        return Err(QueueError::invalid("timeout", "must be longer than 0"));
+        return Err(QueueError::invalid("timeout", "must be at least 1ms"));
     }
     if let Some(key) = &new.key
         && (key.is_empty() || key.len() > 256)

@@ -136,6 +136,11 @@ pub enum RuntimeError {
     Load { path: PathBuf, reason: String },
 }
 
+/// The longest wall-clock budget of a run (`--timeout`, a manifest's
+/// `timeout`): no run needs more, and a year of ms fits every integer the
+/// queue stores it in.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(31_557_600); // 365.25 days
+
 /// Per-run limits. Defaults, raised or lowered per agent by its manifest and
 /// per task by its `timeout`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -109,13 +109,14 @@ pub(super) fn classify_trap(
         };
     }
     let (kind, summary) = match (trap, memory_denied) {
-        (Some(Trap::OutOfFuel), _) => (ErrorKind::OutOfFuel, format!("the run used up its fuel ({})", agent.limits.fuel.unwrap_or(0))),
+        (Some(Trap::OutOfFuel), _) => (ErrorKind::OutOfFuel, format!("the run used up its fuel ({}: `fuel` in its manifest)", agent.limits.fuel.unwrap_or(0))),
         (Some(Trap::StackOverflow), _) => (ErrorKind::StackOverflow, "the guest overflowed its stack".to_string()),
         (_, Some(desired)) => (
             ErrorKind::OutOfMemory,
             format!(
-                "the guest tried to grow its memory to {desired} bytes, over its cap of {} bytes, and then trapped",
-                agent.limits.memory_bytes
+                "the guest tried to grow its memory to {desired} bytes ({} MiB), over its cap of {} MiB (`memory_mb` in its manifest), and then trapped",
+                desired.div_ceil(1 << 20),
+                agent.limits.memory_bytes >> 20
             ),
         ),
         (Some(Trap::MemoryOutOfBounds), _) => (

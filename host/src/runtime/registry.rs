@@ -114,8 +114,14 @@ impl Manifest {
         if let Some(timeout) = &self.timeout {
             limits.timeout = humantime::parse_duration(timeout)
                 .map_err(|e| bad("timeout", format!("{e} (try \"30s\" or \"5m\")")))?;
-            if limits.timeout == Duration::ZERO {
-                return Err(bad("timeout", "must be longer than 0".into()));
+            if limits.timeout < Duration::from_millis(1) {
+                return Err(bad("timeout", "must be at least 1ms".into()));
+            }
+            if limits.timeout > super::MAX_TIMEOUT {
+                return Err(bad(
+                    "timeout",
+                    format!("{timeout} is too long: at most a year"),
+                ));
             }
         }
         if let Some(mb) = self.memory_mb {
@@ -521,5 +527,37 @@ fn not_a_file(path: &Path) -> Option<String> {
             Ok(target) => format!("{shown}: a symbolic link to {}: {e}", target.display()),
             Err(_) => format!("{shown}: {e}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits_of(manifest: &str) -> Result<Limits, String> {
+        let manifest: Manifest = toml::from_str(manifest).unwrap();
+        manifest.limits(Path::new("agents/a.toml"), Path::new("agents"))
+    }
+
+    #[test]
+    fn a_timeout_is_a_millisecond_to_a_year() {
+        assert_eq!(
+            limits_of("timeout = \"1ms\"").unwrap().timeout,
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            limits_of("timeout = \"365days\"")
+                .unwrap()
+                .timeout
+                .as_secs(),
+            365 * 86_400
+        );
+        let short = limits_of("timeout = \"1ns\"").unwrap_err();
+        assert_eq!(short, "agents/a.toml: key `timeout`: must be at least 1ms");
+        let long = limits_of("timeout = \"1000000d\"").unwrap_err();
+        assert!(
+            long.contains("key `timeout`: 1000000d is too long: at most a year"),
+            "{long}"
+        );
     }
 }

@@ -1831,6 +1831,13 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
             "{said}"
         );
     }
+    // Also by the commands that load no models (they ignored it).
+    for command in [&["list"][..], &["submit", "echo", "{}"], &["status"]] {
+        let out = env.run(&[&["--config", missing][..], command].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {said}");
+        assert!(said.contains("(or COLONY_CONFIG): no such file"), "{said}");
+    }
 }
 
 // SQLite only: it is about the file (made immutable with chattr, or stamped

@@ -123,6 +123,7 @@ pub fn is_closed_stdout(err: &anyhow::Error) -> bool {
 
 pub async fn run(cli: Cli) -> Result<()> {
     let _ = SQLITE_SYNC.set(cli.sync.into());
+    refuse_a_missing_config(&cli)?;
     crate::models::remember_provider_keys_of(cli.config_path());
     run_command(&cli)
         .await
@@ -337,6 +338,22 @@ impl Cli {
     /// The operator's configuration file: `--config`, else `colony.toml`.
     pub fn config_path(&self) -> &Path {
         self.config.as_deref().unwrap_or(Path::new("colony.toml"))
+    }
+}
+
+/// A configuration named by `--config` or COLONY_CONFIG must exist, for
+/// every command that could read it (all but `init`, which writes it): a
+/// mistyped name was ignored by the commands that load no models, which
+/// then said nothing of it.
+fn refuse_a_missing_config(cli: &Cli) -> Result<()> {
+    match &cli.config {
+        Some(config) if !config.exists() && !matches!(cli.command, Command::Init { .. }) => {
+            Err(bad(format!(
+                "--config {} (or COLONY_CONFIG): no such file",
+                config.display()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

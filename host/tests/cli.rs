@@ -534,6 +534,10 @@ on_both_drivers! {
         assert!(said.contains("tasks.jsonl line 2: invalid max_attempts: must be at least 1"), "{said}");
         let said = refused("{\"agent\":\"echo\",\"colour\":1}\n");
         assert!(said.contains("unknown field `colour`") && said.contains("at column 24 of the line") && !said.contains("line 1 column"), "{said}");
+        // A reviewer beside "review": false contradicts itself (it was
+        // stored held for review).
+        let said = refused("{\"agent\":\"echo\",\"reviewer\":\"echo\",\"review\":false}\n");
+        assert!(said.contains("line 1: field review: false, beside a reviewer"), "{said}");
         // A line that is JSON but not one object says what a task is.
         let said = refused("[{\"agent\":\"echo\"}]\n");
         assert!(said.contains("line 1: a task is one JSON object") && said.contains("not an array"), "{said}");
@@ -1414,7 +1418,8 @@ on_both_drivers! {
         env.until_idle(&[]);
         let effect = &env.json(&["effects", "--task", &id.to_string()])[0];
         assert_eq!((effect["state"].as_str(), effect["status"].as_u64()), (Some("failed"), Some(400)), "{effect}");
-        env.ok(&["effects", "retry", &effect["id"].to_string()]);
+        // As `colony effects` shows it: #ID.
+        env.ok(&["effects", "retry", &format!("#{}", effect["id"])]);
         let effect = &env.json(&["effects", "--task", &id.to_string()])[0];
         assert_eq!((effect["state"].as_str(), effect["status"].as_u64(), effect["attempts"].as_u64()), (Some("pending"), Some(400), Some(0)), "{effect}");
         assert!(effect["error"].as_str().is_some_and(|e| e.contains("400")) && effect["next_at"].is_string(), "{effect}");

@@ -903,3 +903,32 @@ fn stdin_that_is_not_utf8_is_bad_input() {
     }
     assert!(!env.db().exists() || env.task_count() == 0);
 }
+
+/// `colony agents` keeps its columns for names of any length (a name of 15
+/// characters or more ran into its state).
+#[test]
+fn agent_listing_columns_fit_long_names() {
+    let env = Env::new(&["echo"]);
+    let agents = env.agents.path();
+    std::fs::copy(
+        agents.join("echo.wasm"),
+        agents.join("a-rather-long-agent-name.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        agents.join("orphan-manifest-of-nobody.toml"),
+        "timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let listed = env.ok(&["agents"]);
+    let columns: Vec<usize> = listed
+        .lines()
+        .map(|line| {
+            line.find(" loaded ")
+                .or_else(|| line.find(" IGNORED "))
+                .unwrap_or_else(|| panic!("{listed}"))
+        })
+        .collect();
+    assert_eq!(columns.len(), 3, "{listed}");
+    assert!(columns.iter().all(|&c| c == columns[0]), "{listed}");
+}

@@ -214,12 +214,14 @@ pub enum Command {
     /// (ok, problems, db, pages, tasks).
     Demo(demo::DemoArgs),
     /// Several daemons on one database, one SIGKILLed and restarted every
-    /// ~500 ms; then checks from the audit trail that nothing was lost or run
+    /// ~500 ms (every third time frozen with SIGSTOP past its lease
+    /// instead); then checks from the audit trail that nothing was lost or run
     /// twice. Prints a JSON verdict; exits 1 when a check fails. With
     /// `--db postgres://...` (an empty database) the daemons share PostgreSQL.
     Torture(torture::TortureArgs),
     /// Set up a folder to run Colony in: agents/ with the four store agents
-    /// (design, code, marketing, ops) and their manifests, and a commented
+    /// (design, code, marketing, ops) and marketing's manifest (the others
+    /// run on the default limits), and a commented
     /// colony.toml (or the --agents directory and --config file, taken
     /// relative to the folder). Writes nothing over existing files.
     Init {
@@ -331,6 +333,8 @@ pub struct SubmitArgs {
     pub reviewer: Option<String>,
     /// Tasks to create when this one completes: a JSON list of
     /// {agent, payload, priority?, review?, next?}, or @FILE to read it from a file.
+    /// They run with the defaults (3 attempts, 10s backoff, the agent's
+    /// timeout, 3 revisions), not this task's settings.
     #[arg(long)]
     pub next: Option<String>,
     /// Wait for this task to complete first (repeatable).

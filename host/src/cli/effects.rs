@@ -31,10 +31,20 @@ pub struct EffectsArgs {
 enum EffectsAction {
     /// Send a failed effect again (its attempts start over; same idempotency key).
     Retry {
-        /// The effect's id, as `colony effects` lists it (#17).
-        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
+        /// The effect's id, as `colony effects` lists it: 17 or #17.
+        #[arg(value_parser = effect_id)]
         id: i64,
     },
+}
+
+/// An effect id as `colony effects` shows it, `#17`, or plain `17`.
+fn effect_id(text: &str) -> Result<i64, String> {
+    match text.strip_prefix('#').unwrap_or(text).parse::<i64>() {
+        Ok(id) if id >= 1 => Ok(id),
+        _ => Err(format!(
+            "{text:?} is not an effect id (a number from 1, as `colony effects` lists it: 17 or #17)"
+        )),
+    }
 }
 
 pub fn effect_json(e: &EffectRow) -> serde_json::Value {

@@ -615,11 +615,26 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
     if agents.entries().next().is_none() && stray.is_empty() {
         writeln!(out, "no agents in {}", agents.dir().display())?;
     }
+    // One column for the names, as wide as the longest (at least 14).
+    let names: Vec<String> = stray
+        .iter()
+        .map(|(path, _)| {
+            path.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let width = agents
+        .entries()
+        .map(|e| e.name.chars().count())
+        .chain(names.iter().map(|n| n.chars().count()))
+        .fold(14, usize::max);
     for e in agents.entries() {
         match &e.status {
             AgentStatus::Loaded(agent) => writeln!(
                 out,
-                "{:<14} loaded   timeout {}, memory {} MiB, fuel {}, concurrency {}, log {} KiB{}{}",
+                "{:<width$} loaded   timeout {}, memory {} MiB, fuel {}, concurrency {}, log {} KiB{}{}",
                 e.name,
                 humantime::format_duration(agent.limits.timeout),
                 agent.limits.memory_bytes >> 20,
@@ -639,13 +654,12 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
                 grants_text(&agent.limits)
             )?,
             AgentStatus::Broken(reason) => {
-                writeln!(out, "{:<14} BROKEN   {}", e.name, one_line(reason, 120))?
+                writeln!(out, "{:<width$} BROKEN   {}", e.name, one_line(reason, 120))?
             }
         }
     }
-    for (path, why) in &stray {
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        writeln!(out, "{name:<14} IGNORED  {why}")?;
+    for (name, (_, why)) in names.iter().zip(&stray) {
+        writeln!(out, "{name:<width$} IGNORED  {why}")?;
     }
     Ok(())
 }

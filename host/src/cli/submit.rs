@@ -253,7 +253,7 @@ struct BatchLine {
     #[serde(default)]
     max_attempts: Option<u32>,
     #[serde(default)]
-    review: bool,
+    review: Option<bool>,
     #[serde(default)]
     max_revisions: Option<u32>,
     #[serde(default)]
@@ -300,7 +300,13 @@ pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
     if let Some(n) = parsed.max_attempts {
         task.max_attempts = n;
     }
-    task.review = parsed.review;
+    if parsed.reviewer.is_some() && parsed.review == Some(false) {
+        return Err(
+            "field review: false, beside a reviewer, which implies review; drop one of them"
+                .to_string(),
+        );
+    }
+    task.review = parsed.review.unwrap_or(false);
     if let Some(n) = parsed.max_revisions {
         task.max_revisions = n;
     }

@@ -12,6 +12,9 @@ pub fn validate_agent_name(field: &str, name: &str) -> Result<()> {
     task::check_agent_name(name).map_err(|why| QueueError::invalid(field, why))
 }
 
+/// How deep serde_json reads arrays and objects nested in each other.
+pub const MAX_JSON_DEPTH: usize = 127;
+
 /// Checks a JSON document exactly the way every reader of the database parses
 /// it (into a `serde_json::Value`, under serde_json's nesting limit), so that
 /// nothing is stored that cannot be read back: `1e999`, a lone surrogate
@@ -27,8 +30,17 @@ pub(super) fn validate_json(field: &str, text: &str, max_bytes: usize) -> Result
             ),
         ));
     }
-    serde_json::from_str::<serde_json::Value>(text)
-        .map_err(|e| QueueError::invalid(field, format!("not valid JSON: {e}")))?;
+    serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
+        // Valid JSON, but deeper than anything stored may be: said as what
+        // it is, not "not valid JSON".
+        let why = match e.to_string().starts_with("recursion limit exceeded") {
+            true => format!(
+                "nested deeper than the {MAX_JSON_DEPTH} levels of arrays and objects a stored document may have"
+            ),
+            false => format!("not valid JSON: {e}"),
+        };
+        QueueError::invalid(field, why)
+    })?;
     Ok(())
 }
 
@@ -137,4 +149,29 @@ pub(super) fn spawn_to_next(i: usize, child: &SpawnSpec, max_payload: usize) -> 
         review: child.review,
         next: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_deep_is_said_as_depth_not_as_broken_json() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(validate_json("output", &deep(MAX_JSON_DEPTH), 1 << 20).is_ok());
+        let why = validate_json("output", &deep(MAX_JSON_DEPTH + 1), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            why,
+            "invalid output: nested deeper than the 127 levels of arrays and objects a stored document may have"
+        );
+        let broken = validate_json("output", "[1,", 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            broken.starts_with("invalid output: not valid JSON: "),
+            "{broken}"
+        );
+    }
 }

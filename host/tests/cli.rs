@@ -2642,10 +2642,21 @@ fn a_new_users_stumbles_are_explained() {
     }
     let out = env.run(&["list", "--limit", "2"]);
     assert!(
-        out.status.success() && stderr(&out).contains("showing the newest 2 tasks"),
+        out.status.success()
+            && stderr(&out)
+                .contains("showing 2 tasks; there may be more: the next page with --before 2,"),
         "{}",
         stderr(&out)
     );
+    // The next page, as the note says.
+    let next = env.json(&["list", "--limit", "2", "--before", "2"]);
+    let ids: Vec<i64> = next
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1]);
     assert!(env.run(&["list"]).stderr.is_empty());
     assert_eq!(env.run(&["list", "--limit", "0"]).status.code(), Some(2));
 

@@ -132,6 +132,10 @@ pub enum Command {
         /// At most this many tasks (a full page says so on stderr).
         #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
+        /// Only tasks older than this id: the last id of a page, to list the
+        /// next (as the API's `before=`).
+        #[arg(long, value_name = "ID", value_parser = task_id(), allow_negative_numbers = true)]
+        before: Option<i64>,
     },
     /// Show one task: its fields, audit events, run logs and result.
     Show {

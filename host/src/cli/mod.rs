@@ -137,19 +137,25 @@ async fn run_command(cli: &Cli) -> Result<()> {
             state,
             agent,
             limit,
+            before,
         } => {
             let queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let tasks = queue.list(&ListFilter {
                 state: *state,
                 agent: agent.clone(),
                 limit: Some(*limit),
+                before: *before,
             })?;
             let usages = output::usages_of(&queue, &tasks)?;
             output::print_tasks(&tasks, &usages, cli.json)?;
             // After the listing, where a person reading it looks last.
-            if tasks.len() == *limit as usize {
+            if let Some(last) = tasks.last().filter(|_| tasks.len() == *limit as usize) {
+                let last = match last {
+                    Ok(task) => task.id,
+                    Err(unreadable) => unreadable.id,
+                };
                 say!(
-                    "note: showing the newest {limit} tasks; there may be more: raise --limit or filter by --state or --agent"
+                    "note: showing {limit} tasks; there may be more: the next page with --before {last}, or raise --limit, or filter by --state or --agent"
                 );
             }
             Ok(())

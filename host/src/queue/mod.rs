@@ -250,6 +250,8 @@ pub struct ListFilter {
     pub state: Option<State>,
     pub agent: Option<String>,
     pub limit: Option<u32>,
+    /// Only tasks with a smaller id: the last id of a page, to read the next.
+    pub before: Option<i64>,
 }
 
 /// Unfinished work for one agent, as the daemon's idle check needs it.

@@ -34,12 +34,14 @@ pub(super) fn list(db: &dyn Sql, filter: &ListFilter) -> Result<Vec<TaskRow>> {
     let sql = format!(
         "SELECT {TASK_COLUMNS} FROM tasks
          WHERE (CAST(?1 AS TEXT) IS NULL OR state = ?1) AND (CAST(?2 AS TEXT) IS NULL OR agent = ?2)
+           AND id < ?4
          ORDER BY id DESC LIMIT ?3"
     );
     let limit = filter.limit.map(i64::from).unwrap_or(i64::MAX);
+    let before = filter.before.unwrap_or(i64::MAX);
     let rows = db.query(
         &sql,
-        args![filter.state.map(State::as_str), filter.agent, limit],
+        args![filter.state.map(State::as_str), filter.agent, limit, before],
     )?;
     with_dependencies(db, rows.iter().map(task_row).collect())
 }

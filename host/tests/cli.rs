@@ -1120,7 +1120,7 @@ on_both_drivers! {
         assert_eq!(listed[0]["usage"]["calls"], 3);
         let text = env.ok(&["show", &id.to_string()]);
         assert!(
-            text.contains("model calls:") && text.contains("total: 3 calls made, 2 replayed from the journal"),
+            text.contains("model calls:") && text.contains("total: 3 calls sent, 2 replayed from the journal"),
             "{text}"
         );
 
@@ -1131,7 +1131,10 @@ on_both_drivers! {
         assert!(third.status.success());
         assert_eq!(env.json(&["show", &poor.to_string()])["error"]["kind"], "budget_exceeded");
         let shown = env.ok(&["show", &poor.to_string()]);
-        assert!(shown.contains("total: 1 calls made (1 refused before the provider)"), "{shown}");
+        // Refused by this host: no call was sent (it said "1 calls made").
+        assert!(shown.contains("total: 0 calls sent, 1 refused before the provider"), "{shown}");
+        let usage = &env.json(&["show", &poor.to_string()])["usage"];
+        assert_eq!((usage["calls"].as_u64(), usage["refused"].as_u64()), (Some(0), Some(1)), "{usage}");
         let plain = env.ok_with_env(&["retry", &poor.to_string()], &[]);
         let said = String::from_utf8_lossy(&plain.stderr);
         assert!(said.contains(&format!("colony retry {poor} --token-budget N")), "{said}");

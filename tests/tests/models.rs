@@ -270,6 +270,9 @@ async fn refused_model_calls_in_a_loop_are_journaled_up_to_a_limit() {
     assert_eq!(e.h.queue().model_calls(id).unwrap().len(), 100);
     assert_eq!(e.h.events(id, "model_call").len(), 100);
     assert_eq!(e.server.count(), 0);
+    // Counted as refused, not as calls made: none reached a provider.
+    let usage = e.h.queue().usage(id).unwrap();
+    assert_eq!((usage.calls, usage.refused), (0, 100), "{usage:?}");
 }
 
 /// This host's own rate limit refuses at once, before any provider: those

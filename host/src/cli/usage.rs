@@ -13,6 +13,7 @@ pub fn usage_json(usage: &TaskUsage) -> Value {
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "calls": usage.calls,
+        "refused": usage.refused,
         "replayed": usage.replayed,
         "cost_usd": usage.cost_usd,
         "reserved_tokens": usage.reserved_tokens,
@@ -91,16 +92,15 @@ pub fn print_model_calls(
             c.status
         )?;
     }
-    // As `usage` in --json and the dashboard count them: `calls` made
-    // (refused ones included, said apart), `replayed` from the journal besides.
-    let refused = calls.iter().filter(|c| !c.sent).count();
-    let refused = match refused {
+    // As `usage` in --json and the dashboard count them: `calls` sent to a
+    // provider, `refused` by this host, `replayed` from the journal.
+    let refused = match usage.refused {
         0 => String::new(),
-        n => format!(" ({n} refused before the provider)"),
+        n => format!(", {n} refused before the provider"),
     };
     writeln!(
         out,
-        "  total: {} calls made{refused}, {} replayed from the journal; {} tokens in, {} out, cost {}",
+        "  total: {} calls sent{refused}, {} replayed from the journal; {} tokens in, {} out, cost {}",
         usage.calls,
         usage.replayed,
         usage.input_tokens,
@@ -145,17 +145,18 @@ pub fn print_spend(out: &mut impl Write, rows: &[SpendRow]) -> Result<()> {
     writeln!(out, "model spend, last 24 h:")?;
     writeln!(
         out,
-        "  {:<12} {:<12} {:>7} {:>9} {:>11} {:>11} {:>10}",
-        "agent", "model", "calls", "replayed", "tokens in", "tokens out", "cost"
+        "  {:<12} {:<12} {:>7} {:>8} {:>9} {:>11} {:>11} {:>10}",
+        "agent", "model", "calls", "refused", "replayed", "tokens in", "tokens out", "cost"
     )?;
     for r in rows {
         let u = &r.usage;
         writeln!(
             out,
-            "  {:<12} {:<12} {:>7} {:>9} {:>11} {:>11} {:>10}",
+            "  {:<12} {:<12} {:>7} {:>8} {:>9} {:>11} {:>11} {:>10}",
             r.agent,
             r.model,
             u.calls,
+            u.refused,
             u.replayed,
             u.input_tokens,
             u.output_tokens,

@@ -17,8 +17,11 @@ pub struct TaskUsage {
     /// Tokens charged by providers (replayed calls charge nothing).
     pub input_tokens: u64,
     pub output_tokens: u64,
-    /// Calls that reached a provider (or were refused by the host).
+    /// Calls sent to a provider.
     pub calls: u64,
+    /// Calls this host refused before any provider saw them (not granted,
+    /// over budget, its rate limit): journaled, never sent, never charged.
+    pub refused: u64,
     /// Calls answered from the journal.
     pub replayed: u64,
     /// `None` when no call had a price.
@@ -70,8 +73,9 @@ pub struct SpendRow {
 /// (PostgreSQL's `SUM` of integers is `NUMERIC`).
 const USAGE_COLUMNS: &str = "CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT),
      CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT),
-     CAST(COALESCE(SUM(CASE WHEN replayed = 0 THEN 1 ELSE 0 END), 0) AS BIGINT),
-     CAST(COALESCE(SUM(replayed), 0) AS BIGINT), SUM(cost_usd)";
+     CAST(COALESCE(SUM(CASE WHEN replayed = 0 AND request <> 'null' THEN 1 ELSE 0 END), 0) AS BIGINT),
+     CAST(COALESCE(SUM(replayed), 0) AS BIGINT), SUM(cost_usd),
+     CAST(COALESCE(SUM(CASE WHEN replayed = 0 AND request = 'null' THEN 1 ELSE 0 END), 0) AS BIGINT)";
 
 /// A migration (SQLite's 9, PostgreSQL's 6): before it, a reservation
 /// stopped counting when its run ended; reservations of runs that had
@@ -102,6 +106,7 @@ fn usage_from_row(r: &Row, first: usize) -> Result<TaskUsage> {
         calls: r.get(first + 2)?,
         replayed: r.get(first + 3)?,
         cost_usd: r.get(first + 4)?,
+        refused: r.get(first + 5)?,
         reserved_tokens: 0,
     })
 }
@@ -356,7 +361,7 @@ impl Queue {
         self.read(|db| {
             let row = db.query_one(&sql, args![task_id])?;
             Ok(TaskUsage {
-                reserved_tokens: row.get(5)?,
+                reserved_tokens: row.get(6)?,
                 ..usage_from_row(&row, 0)?
             })
         })

@@ -231,7 +231,9 @@ fn model_calls(d: &TaskDetail) -> Markup {
         section {
             h2 { "Model calls" }
             p.muted {
-                (u.calls) " calls, " (u.replayed) " replayed from the journal; "
+                (u.calls) " calls sent, "
+                @if u.refused > 0 { (u.refused) " refused before the provider, " }
+                (u.replayed) " replayed from the journal; "
                 (u.input_tokens) " tokens in, " (u.output_tokens) " out"
                 @if let Some(cost) = u.cost_usd { ", " (crate::cli::usage::format_usd(cost)) }
             }

@@ -2984,6 +2984,13 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
     let status = env.ok_with_env(&["--json", "--db", db, "status"], &[]);
     let report: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(report["by_state"], serde_json::json!({}), "{report}");
+    // The JSON says so too: a script must not read a typo as a healthy queue.
+    assert!(
+        report["missing_database"]
+            .as_str()
+            .is_some_and(|why| why.contains("colony-typo.db: no such file")),
+        "{report}"
+    );
     let said = String::from_utf8_lossy(&status.stderr);
     assert!(
         said.contains("colony-typo.db: no such file")

@@ -445,7 +445,7 @@ async fn status(cli: &Cli) -> Result<()> {
         Ok(queue) => output::StatusReport::load(&queue)?,
         Err(e) if matches!(e.downcast_ref::<QueueError>(), Some(QueueError::Missing(_))) => {
             say!("note: {e}; the counts below are of an empty queue");
-            output::StatusReport::empty()
+            output::StatusReport::missing(e.to_string())
         }
         Err(e) => return Err(e),
     };

@@ -674,11 +674,15 @@ pub struct StatusReport {
     pub spend: Vec<SpendRow>,
     /// The outbox by state (`pending`, `sending`, `sent`, `failed`, ...).
     pub effects: Vec<(String, u64)>,
+    /// Why there is no queue to count, when the database does not exist
+    /// (yet): said in the JSON too, where a script would otherwise read a
+    /// mistyped --db as an empty, healthy queue.
+    pub missing: Option<String>,
 }
 
 impl StatusReport {
-    /// The report of an empty queue.
-    pub fn empty() -> StatusReport {
+    /// The report of a queue whose database does not exist: `why`.
+    pub fn missing(why: String) -> StatusReport {
         StatusReport {
             counts: Vec::new(),
             oldest_ready: None,
@@ -686,6 +690,7 @@ impl StatusReport {
             at: crate::queue::now_ms(),
             spend: Vec::new(),
             effects: Vec::new(),
+            missing: Some(why),
         }
     }
 
@@ -699,6 +704,7 @@ impl StatusReport {
             at,
             spend: queue.spend_since(at - 24 * 3600 * 1000)?,
             effects: queue.effect_counts()?,
+            missing: None,
         })
     }
 }
@@ -795,6 +801,7 @@ pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
         "model_spend_24h": spend_json(&report.spend),
         "effects_by_state": report.effects.iter().map(|(state, n)| (state.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "agents": agents_json(agents),
+        "missing_database": report.missing,
     })
 }
 
@@ -809,6 +816,7 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
         at,
         spend,
         effects,
+        missing: _, // said on stderr before the counts
     } = report;
     let age_ms = oldest_ready.map(|t| (at - t).max(0));
     let mut out = std::io::stdout().lock();

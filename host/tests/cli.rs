@@ -2255,6 +2255,10 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
     );
     let kept = env.json(&["--db", db.to_str().unwrap(), "show", &id.to_string()]);
     assert_eq!(kept["id"], id, "the project's queue is kept");
+    // A file where the folder should be is named (it said "File exists").
+    let (code, err) = code_and_err(&["demo", "--dir", db.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("that is a file, not a folder"), "{err}");
 
     std::fs::remove_file(&db).unwrap();
     let (code, err) = demo_in(&agents, &project);

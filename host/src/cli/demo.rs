@@ -292,6 +292,12 @@ const DEMO_MARKER: &str = ".colony-demo";
 /// project: its queue, or the `--agents` folder whose components the copy
 /// truncated to nothing).
 fn refuse_a_folder_not_the_demos(dir: &Path, agents: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!(super::BadInput(format!(
+            "--dir {}: that is a file, not a folder; the demo needs a folder of its own (default colony-demo)",
+            dir.display()
+        )));
+    }
     let db = dir.join("colony.db");
     let demos_db = db.exists() && made_by_the_demo(&db);
     // A folder an older build's demo made has its database but no mark.

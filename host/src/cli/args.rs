@@ -76,12 +76,18 @@ pub struct Cli {
     )]
     pub db: PathBuf,
     /// The directory of agent components (`<name>.wasm`, optional `<name>.toml`).
-    #[arg(long, global = true, env = "COLONY_AGENTS", default_value = "agents")]
+    #[arg(
+        long,
+        global = true,
+        env = "COLONY_AGENTS",
+        hide_env_values = true,
+        default_value = "agents"
+    )]
     pub agents: PathBuf,
     /// The operator's configuration: model providers (`[models.<alias>]`).
     /// Default: colony.toml, where a missing file means no models; a file
     /// named here (or in COLONY_CONFIG) must exist.
-    #[arg(long, global = true, env = "COLONY_CONFIG")]
+    #[arg(long, global = true, env = "COLONY_CONFIG", hide_env_values = true)]
     pub config: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -94,6 +100,7 @@ pub struct Cli {
         long,
         global = true,
         env = "COLONY_SYNC",
+        hide_env_values = true,
         value_enum,
         default_value = "normal"
     )]

@@ -61,11 +61,12 @@ pub(super) fn load_or_compile(
         Ok(Cached::Missing) => {}
     }
     let compiled = engine.precompile_component(bytes).map_err(&describe)?;
-    if let Err(e) = write_atomically(dir, &cached, &compiled) {
-        tracing::warn!(
+    match write_atomically(dir, &cached, &compiled) {
+        Ok(()) => prune(dir, &name, std::time::SystemTime::now()),
+        Err(e) => tracing::warn!(
             "could not write the compile cache {}: {e}",
             cached.display()
-        );
+        ),
     }
     // SAFETY: `compiled` was produced just now by this engine.
     unsafe { Component::deserialize(engine, &compiled) }.map_err(&describe)
@@ -128,7 +129,58 @@ fn read_trusted(dir: &Path, name: &str) -> Result<Cached, String> {
     }
     let mut compiled = Vec::with_capacity(meta.len() as usize);
     file.read_to_end(&mut compiled).map_err(|e| e.to_string())?;
+    // Marked as used, so that pruning keeps it (see `prune`).
+    let _ = file.set_modified(std::time::SystemTime::now());
     Ok(Cached::Trusted(compiled))
+}
+
+/// A compiled file not used for this long is removed when another is
+/// written (components change with every build; the folder only grew).
+const UNUSED_FOR: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// Most bytes of compiled files kept; the least recently used go first.
+const MAX_CACHE_BYTES: u64 = 1 << 30;
+
+/// Removes from the cache folder the compiled files (and temporary files
+/// of writes that never finished) not used for [`UNUSED_FOR`], then the
+/// least recently used until the rest fit in [`MAX_CACHE_BYTES`]; never
+/// `keep`, just written. Another process's file removed here is compiled
+/// again when it next loads.
+fn prune(dir: &Path, keep: &str, now: std::time::SystemTime) {
+    prune_to(dir, keep, now, MAX_CACHE_BYTES)
+}
+
+fn prune_to(dir: &Path, keep: &str, now: std::time::SystemTime, max_bytes: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut kept = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let compiled = name.ends_with(".cwasm");
+        if name == keep || !(compiled || name.starts_with(".tmp")) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        let used = meta.modified().unwrap_or(now);
+        let idle = now.duration_since(used).unwrap_or_default();
+        if idle > UNUSED_FOR || (!compiled && idle > std::time::Duration::from_secs(24 * 3600)) {
+            let _ = std::fs::remove_file(entry.path());
+        } else if compiled {
+            kept.push((used, meta.len(), entry.path()));
+        }
+    }
+    let keep_len = std::fs::metadata(dir.join(keep)).map_or(0, |m| m.len());
+    let mut total: u64 = keep_len + kept.iter().map(|(_, len, _)| len).sum::<u64>();
+    kept.sort_by_key(|(used, _, _)| *used);
+    for (_, len, path) in kept {
+        if total <= max_bytes {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
 }
 
 /// Opens `path` read-only without following a symbolic link at its last
@@ -253,5 +305,49 @@ mod tests {
         assert_eq!(read_trusted(&cache, "x.cwasm"), Ok(Cached::Missing));
         assert_eq!(mode(&cache), 0o755);
         assert!(!cache.join("x.cwasm").exists() && !cache.join("hard.cwasm").exists());
+    }
+
+    #[test]
+    fn files_unused_for_a_month_are_pruned_and_a_read_counts_as_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let now = std::time::SystemTime::now();
+        let aged = |name: &str, age: std::time::Duration| {
+            write_atomically(&cache, &cache.join(name), b"compiled").unwrap();
+            File::options()
+                .write(true)
+                .open(cache.join(name))
+                .unwrap()
+                .set_modified(now - age)
+                .unwrap();
+        };
+        aged("old.cwasm", 40 * day);
+        aged("read.cwasm", 40 * day);
+        aged("recent.cwasm", 2 * day);
+        aged(".tmpAbC123", 2 * day);
+        aged("notes.txt", 400 * day);
+        aged("new.cwasm", 40 * day);
+        assert!(matches!(
+            read_trusted(&cache, "read.cwasm"),
+            Ok(Cached::Trusted(_))
+        ));
+        prune(&cache, "new.cwasm", now);
+        let mut left: Vec<String> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["new.cwasm", "notes.txt", "read.cwasm", "recent.cwasm"]
+        );
+
+        // Over the size cap, the least recently used go first ("compiled"
+        // is 8 bytes: room for one file besides the new one).
+        aged("older.cwasm", 3 * day);
+        prune_to(&cache, "new.cwasm", now, 16);
+        assert!(!cache.join("older.cwasm").exists() && !cache.join("recent.cwasm").exists());
+        assert!(cache.join("read.cwasm").exists() && cache.join("new.cwasm").exists());
     }
 }

@@ -533,7 +533,7 @@ on_both_drivers! {
         let said = refused("{\"agent\":\"echo\"}\n{\"agent\":\"echo\",\"max_attempts\":0}\n{\"agent\":\"echo\",\"colour\":1}\n");
         assert!(said.contains("tasks.jsonl line 2: invalid max_attempts: must be at least 1"), "{said}");
         let said = refused("{\"agent\":\"echo\",\"colour\":1}\n");
-        assert!(said.contains("unknown field `colour`") && said.contains("at column 24 of the line") && !said.contains("line 1 column"), "{said}");
+        assert!(said.contains("unknown field `colour`") && said.contains(" at column 24") && !said.contains("line 1 column"), "{said}");
         // A reviewer beside "review": false contradicts itself (it was
         // stored held for review).
         let said = refused("{\"agent\":\"echo\",\"reviewer\":\"echo\",\"review\":false}\n");
@@ -1065,7 +1065,7 @@ on_both_drivers! {
         let sent: Vec<bool> = shown["model_calls"].as_array().unwrap().iter().map(|c| c["sent"].as_bool().unwrap()).collect();
         assert_eq!(sent, [true, false, true, true, false, true], "{shown}");
         let text = env.ok(&["show", &id.to_string()]);
-        assert!(text.contains("(2 refused before the provider)"), "{text}");
+        assert!(text.contains("total: 2 calls sent, 2 refused before the provider, 2 replayed"), "{text}");
     }
 
     fn a_killed_daemons_model_calls_are_replayed_not_paid_again(db) {

@@ -293,7 +293,7 @@ pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
             "a task is one JSON object, {{\"agent\": ..., \"payload\": ...}}, not {what} (one task per line)"
         ));
     }
-    let parsed: BatchLine = parse_naming_field(line)?;
+    let parsed: BatchLine = parse_naming_field(line).map_err(|e| within_the_line(&e))?;
     let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
     let mut task = NewTask::new(parsed.agent, payload.to_string());
     task.priority = parsed.priority;
@@ -346,11 +346,11 @@ fn read_stdin(what: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| bad(format!("{what}: not UTF-8 text ({e})")))
 }
 
-/// A parse error of one batch line, its position said within the line:
-/// serde's "at line 1 column 41" read as the file's first line.
+/// A parse error of one batch line (or API body), its position said
+/// within it: serde's "at line 1 column 41" read as a file's first line.
 fn within_the_line(error: &str) -> String {
     match error.rsplit_once(" at line 1 column ") {
-        Some((what, column)) => format!("{what} at column {column} of the line"),
+        Some((what, column)) => format!("{what} at column {column}"),
         None => error.to_string(),
     }
 }
@@ -384,7 +384,6 @@ pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
         // whatever is wrong with it (the queue's checks came after every
         // line had parsed).
         let task = parse_batch_line(&line)
-            .map_err(|e| within_the_line(&e))
             .and_then(|task| {
                 crate::queue::check_new_task(&task).map_err(|e| e.to_string())?;
                 Ok(task)

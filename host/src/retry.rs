@@ -26,6 +26,12 @@ pub fn backoff_with(base: Duration, attempt: u32, unit_jitter: f64) -> Duration 
         false => (raw, unit_jitter),
     };
     let jittered = delay * (1.0 + JITTER * spread);
+    // Just under the cap, a wait jittered past it is reflected below it
+    // rather than cut to it (a quarter of them were exactly the cap).
+    let jittered = match jittered > max {
+        true => 2.0 * max - jittered,
+        false => jittered,
+    };
     Duration::from_secs_f64(jittered.min(max).max(0.0))
 }
 
@@ -74,6 +80,10 @@ mod tests {
         assert_eq!(backoff_with(base, 20, -1.0), MAX_BACKOFF);
         assert_eq!(backoff_with(base, 20, 1.0), MAX_BACKOFF.mul_f64(0.8));
         assert_eq!(backoff_with(base, u32::MAX, 0.0), MAX_BACKOFF.mul_f64(0.9));
+        // Just under the cap (raw 560 s), none lands on it.
+        let near = Duration::from_secs(35);
+        assert_eq!(backoff_with(near, 5, 1.0), MAX_BACKOFF.mul_f64(1.0 - 0.12));
+        assert!((0..200).all(|_| backoff(near, 5) < MAX_BACKOFF));
         let delays: std::collections::HashSet<_> = (0..50).map(|_| backoff(base, 9)).collect();
         assert!(delays.len() > 40, "{delays:?}");
         assert!(

@@ -408,27 +408,52 @@ fn at_takes_any_rfc_3339_offset() {
 
 /// A file that is not a colony queue is refused by every command, which
 /// leaves it as it was: another program's SQLite database (even `list`
-/// added colony's tables to it), a file that is not SQLite, and, for a
-/// command that reads, an empty file. A command that adds tasks makes an
-/// empty file a queue.
+/// added colony's tables to it; one with a schema version of its own was
+/// switched to WAL and failed mid-migration), a file that is not SQLite,
+/// and colony's tables without their schema version (a restore through
+/// `sqlite3 .dump`), said as such. A file that holds no queue yet is
+/// "not found" to a command that reads (status shows it empty) and made a
+/// queue by one that adds tasks.
 #[test]
 fn a_file_that_is_not_a_queue_is_refused_and_left_as_it_was() {
     let env = Env::new(&["echo"]);
-    let other = env.data.path().join("other.db");
-    rusqlite::Connection::open(&other)
-        .unwrap()
-        .execute_batch("CREATE TABLE foo (x); INSERT INTO foo VALUES (1);")
-        .unwrap();
-    let other = other.to_str().unwrap();
+    let foreign = |name: &str, version: u32| {
+        let path = env.data.path().join(name);
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE foo (x); INSERT INTO foo VALUES (1);")
+            .unwrap();
+        conn.pragma_update(None, "user_version", version).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let other = foreign("other.db", 0);
+    let versioned = foreign("versioned.db", 5);
     let junk = env.file("junk.db", "not SQLite at all ".repeat(300));
-    let empty = env.file("empty.db", "");
-    let cases: [(&str, &[&str], &str); 6] = [
-        (other, &["list"], "tables of its own (foo)"),
-        (other, &["submit", "echo", "{}"], "tables of its own (foo)"),
-        (other, &["--json", "status"], "tables of its own (foo)"),
+    // A colony queue restored through `sqlite3 .dump`: no user_version.
+    let queue = env.data.path().join("queue.db");
+    env.ok(&["--db", queue.to_str().unwrap(), "submit", "echo", "{}"]);
+    let dumped = env.data.path().join("dumped.db");
+    rusqlite::Connection::open(&queue)
+        .unwrap()
+        .execute("VACUUM INTO ?1", [dumped.to_str().unwrap()])
+        .unwrap();
+    rusqlite::Connection::open(&dumped)
+        .unwrap()
+        .pragma_update(None, "user_version", 0)
+        .unwrap();
+    let dumped = dumped.to_str().unwrap();
+    let something_else = "a SQLite database of something else (tables foo; schema version";
+    let cases: [(&str, &[&str], &str); 7] = [
+        (&other, &["list"], something_else),
+        (&other, &["submit", "echo", "{}"], something_else),
+        (&other, &["--json", "status"], something_else),
+        (
+            &versioned,
+            &["list"],
+            "schema version 5, no colony tasks table",
+        ),
         (&junk, &["show", "1"], "not a SQLite database"),
         (&junk, &["submit", "echo", "{}"], "not a SQLite database"),
-        (&empty, &["list"], "an empty file"),
+        (dumped, &["list"], "colony's tables but no schema version"),
     ];
     for (db, args, says) in cases {
         let out = env.run(&[&["--db", db][..], args].concat());
@@ -439,21 +464,38 @@ fn a_file_that_is_not_a_queue_is_refused_and_left_as_it_was() {
             "{args:?}: {said}"
         );
     }
-    let tables: Vec<String> = rusqlite::Connection::open(other)
-        .unwrap()
-        .prepare("SELECT name FROM sqlite_master")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(tables, ["foo"], "only its own table");
-    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    for db in [&other, &versioned] {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(tables, ["foo"], "{db}: only its own table");
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete", "{db} was switched to WAL");
+    }
     assert_eq!(
         std::fs::read_to_string(&junk).unwrap(),
         "not SQLite at all ".repeat(300)
     );
 
+    let empty = env.file("empty.db", "");
+    let out = env.run(&["--db", &empty, "list"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("holds no queue yet"), "{said}");
+    let status = env.json(&["--db", &empty, "status"]);
+    assert!(
+        status["missing_database"]
+            .as_str()
+            .is_some_and(|w| w.contains("holds no queue yet")),
+        "{status}"
+    );
     env.ok(&["--db", &empty, "submit", "echo", "{}"]);
     assert_eq!(env.ok(&["--db", &empty, "list"]).lines().count(), 2);
 }
@@ -826,10 +868,11 @@ fn memory_bombs_leave_no_memory_behind() {
     );
 }
 
-/// A second SIGINT exits at once, however soon after the first and however
-/// busy the daemon is: two signals the runtime had not yet got round to
-/// were one wake-up (its workers busy with spinning guests), and the daemon
-/// waited out its whole grace.
+/// A second SIGINT exits at once, however busy the daemon is: two signals
+/// the runtime had not yet got round to were one wake-up (its workers busy
+/// with spinning guests), and the daemon waited out its whole grace. The
+/// same Ctrl-C delivered twice within a few ms (the terminal's and a
+/// wrapper's) is one signal: the graceful stop.
 #[test]
 fn a_second_signal_exits_at_once_while_guests_spin() {
     let env = Env::new(&["spin"]);
@@ -857,6 +900,7 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
     });
     std::thread::sleep(Duration::from_millis(300));
     common::signal(&daemon, "-INT");
+    std::thread::sleep(Duration::from_millis(150));
     common::signal(&daemon, "-INT");
     common::wait_for("the daemon to exit", Duration::from_secs(30), || {
         daemon.try_wait().unwrap().is_some()
@@ -865,6 +909,48 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{said}");
     assert!(said.contains("second signal: exiting now"), "{said}");
+
+    // One Ctrl-C delivered twice at once: the graceful stop, its grace
+    // waited out (1 s here), the spinners released. (A queue of its own:
+    // the first daemon's leases are still held.)
+    let env = Env::new(&["spin"]);
+    std::fs::write(
+        env.agents.path().join("spin.toml"),
+        "timeout = \"300s\"\nconcurrency = 4\n",
+    )
+    .unwrap();
+    for _ in 0..4 {
+        env.submit(&["spin", "{}"]);
+    }
+    let child = env
+        .cmd()
+        .args(["daemon", "--grace", "1s", "--poll", "100ms"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = common::Daemon::new(child);
+    common::wait_for("the spinners to start", Duration::from_secs(60), || {
+        env.queue()
+            .counts()
+            .unwrap()
+            .iter()
+            .any(|c| c.1 == colony::task::State::InProgress && c.2 == 4)
+    });
+    // 10 ms apart: the kernel would merge two signals sent at once.
+    let pid = daemon.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    std::thread::sleep(Duration::from_millis(10));
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    common::wait_for("the daemon to stop", Duration::from_secs(60), || {
+        daemon.try_wait().unwrap().is_some()
+    });
+    let out = daemon.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!said.contains("second signal"), "{said}");
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    let ready = env.json(&["list", "--state", "ready"]);
+    assert_eq!(ready.as_array().unwrap().len(), 4, "released: {ready}");
 }
 
 /// Bytes that are not UTF-8 on stdin are bad input, as in a file: exit 2,

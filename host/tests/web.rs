@@ -659,6 +659,18 @@ fn a_busy_address_is_named_once() {
         "a serve that could not listen created {}",
         env.db().display()
     );
+    // Nor does a daemon whose --http port is taken.
+    let out = env.run(&["daemon", "--until-idle", "--http", &addr]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}: ")),
+        "{stderr}"
+    );
+    assert!(
+        !env.db().exists(),
+        "a daemon that could not listen created the database"
+    );
 }
 
 #[test]

@@ -38,6 +38,13 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     for warning in cfg.warnings() {
         tracing::warn!("{warning}");
     }
+    let web_port = match args.http {
+        Some(listen) => Some((
+            serve::take_port(listen, args.token.as_deref()).await?,
+            listen,
+        )),
+        None => None,
+    };
     let actor = identity("daemon");
     let queue = open_queue(&cli.db, &actor)?;
     // Headroom in the instance pool for trial instantiations of new agents
@@ -76,9 +83,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     });
     let progress = (args.until_idle && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .then(|| tokio::spawn(show_progress(cli.db.clone())));
-    let (web_stop, web) = match args.http {
-        Some(listen) => {
-            let bound = serve::start(cli, listen, args.token.clone()).await?;
+    let (web_stop, web) = match web_port {
+        Some((listener, listen)) => {
+            let bound = serve::start(cli, listener, listen, args.token.clone()).await?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = tokio::spawn(bound.serve(async {
                 let _ = stopped.await;
@@ -155,8 +162,13 @@ impl Signals {
     }
 }
 
-/// SIGTERMs and SIGINTs this process has received.
-static SIGNALS_RECEIVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// When the first SIGTERM or SIGINT came (CLOCK_MONOTONIC, ns; 0: none yet).
+static FIRST_SIGNAL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A signal this soon after the first is the same Ctrl-C delivered twice
+/// (the terminal's to the process group, and a wrapper's such as npm or a
+/// shell script forwarding it), not a second press.
+const SAME_SIGNAL_WITHIN_NS: u64 = 50_000_000;
 
 /// Makes a second SIGTERM or SIGINT exit at once, from the signal handler
 /// itself. Through tokio it could not be relied on: two signals that came
@@ -164,8 +176,20 @@ static SIGNALS_RECEIVED: std::sync::atomic::AtomicU32 = std::sync::atomic::Atomi
 /// spinning guests) were one wake-up, and the daemon waited out its grace.
 fn exit_on_second_signal() -> Result<()> {
     fn on_signal() {
-        if SIGNALS_RECEIVED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-            return; // the first: tokio's handler starts the graceful stop
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime is async-signal-safe and writes `now` only.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let now = (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64 + 1;
+        let first = match FIRST_SIGNAL_AT.compare_exchange(0, now, SeqCst, SeqCst) {
+            Ok(_) => return, // the first: tokio's handler starts the graceful stop
+            Err(first) => first,
+        };
+        if now.saturating_sub(first) < SAME_SIGNAL_WITHIN_NS {
+            return;
         }
         const SAID: &[u8] =
             b"second signal: exiting now; leases held will expire and be reset by another daemon\n";

@@ -444,8 +444,8 @@ async fn status(cli: &Cli) -> Result<()> {
     let report = match open_existing_queue(&cli.db, &identity("cli")) {
         Ok(queue) => output::StatusReport::load(&queue)?,
         Err(e) if matches!(e.downcast_ref::<QueueError>(), Some(QueueError::Missing(_))) => {
-            say!("note: {e}; the counts below are of an empty queue");
-            output::StatusReport::missing(e.to_string())
+            say!("note: {e:#}; the counts below are of an empty queue");
+            output::StatusReport::missing(format!("{e:#}"))
         }
         Err(e) => return Err(e),
     };

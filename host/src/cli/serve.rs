@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tokio::net::TcpListener;
 
 use super::{BadInput, Cli, identity, load_agents, open_queue, redacted};
 use crate::web::{self, StartError, WebConfig};
@@ -24,10 +25,11 @@ pub struct ServeArgs {
     pub token: Option<String>,
 }
 
-/// Binds the dashboard and prints where it is; the returned server serves
-/// once awaited.
-pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Result<web::Bound> {
-    if let Some(token) = &token
+/// Checks the token and takes the dashboard's port: first, before anything
+/// opens --db, so that a port already taken fails with no database file
+/// created.
+pub async fn take_port(listen: SocketAddr, token: Option<&str>) -> Result<TcpListener> {
+    if let Some(token) = token
         && token.trim().len() < 16
     {
         return Err(BadInput(
@@ -35,7 +37,17 @@ pub async fn start(cli: &Cli, listen: SocketAddr, token: Option<String>) -> Resu
         )
         .into());
     }
-    let listener = web::listen(listen).await?;
+    Ok(web::listen(listen).await?)
+}
+
+/// Opens the dashboard on a port [`take_port`] took and prints where it
+/// is; the returned server serves once awaited.
+pub async fn start(
+    cli: &Cli,
+    listener: TcpListener,
+    listen: SocketAddr,
+    token: Option<String>,
+) -> Result<web::Bound> {
     // Opened once as every command opens it: the checks of --db, and errors
     // that name the file (the dashboard's own pool said "file is not a
     // database" of a file it did not name).
@@ -91,7 +103,8 @@ fn announce(bound: &web::Bound, db: &Path, json: bool) {
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
 pub async fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
-    let bound = start(cli, args.listen, args.token.clone()).await?;
+    let listener = take_port(args.listen, args.token.as_deref()).await?;
+    let bound = start(cli, listener, args.listen, args.token.clone()).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = bound.serve(async {
         let _ = stopped.await;

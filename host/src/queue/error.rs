@@ -68,10 +68,7 @@ pub enum QueueError {
     },
     /// A file that holds something else: refused before colony writes to
     /// it (its tables were added to any SQLite file, even by `list`).
-    #[error(
-        "{path} is not a colony queue: {why}; colony left it as it was. Give another --db \
-         (`colony submit` and `colony daemon` create a new file)"
-    )]
+    #[error("{path} is not a colony queue: {why}. Colony left it as it was")]
     NotAQueue { path: String, why: String },
     #[error("the database holds data this colony cannot read: {0}")]
     Corrupt(String),

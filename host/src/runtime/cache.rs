@@ -154,6 +154,7 @@ fn prune_to(dir: &Path, keep: &str, now: std::time::SystemTime, max_bytes: u64) 
         return;
     };
     let mut kept = Vec::new();
+    let (mut removed, mut freed) = (0u32, 0u64);
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -165,7 +166,9 @@ fn prune_to(dir: &Path, keep: &str, now: std::time::SystemTime, max_bytes: u64) 
         let used = meta.modified().unwrap_or(now);
         let idle = now.duration_since(used).unwrap_or_default();
         if idle > UNUSED_FOR || (!compiled && idle > std::time::Duration::from_secs(24 * 3600)) {
-            let _ = std::fs::remove_file(entry.path());
+            if std::fs::remove_file(entry.path()).is_ok() {
+                (removed, freed) = (removed + 1, freed + meta.len());
+            }
         } else if compiled {
             kept.push((used, meta.len(), entry.path()));
         }
@@ -179,7 +182,17 @@ fn prune_to(dir: &Path, keep: &str, now: std::time::SystemTime, max_bytes: u64) 
         }
         if std::fs::remove_file(&path).is_ok() {
             total -= len;
+            (removed, freed) = (removed + 1, freed + len);
         }
+    }
+    if removed > 0 {
+        tracing::info!(
+            "compile cache {}: removed {removed} file(s), {} MiB, unused for 30 days or the least \
+             recently used beyond {} MiB",
+            dir.display(),
+            freed >> 20,
+            max_bytes >> 20
+        );
     }
 }
 

@@ -363,11 +363,11 @@ fn engine_config(pooling: Option<u32>, copy_on_write: bool) -> Config {
             // bomb stayed resident until 64 were queued (64 x `memory_mb`:
             // 1.5 GiB after 24 runs of 64 MiB). With the page scan an
             // ordinary run queues nothing, so batching bought nothing; without
-            // it every run queues its memory, and a batch of 8 bounds what
+            // it every run queues its memory, and a batch of 4 bounds what
             // finished runs keep while sparing most runs a madvise.
             .decommit_batch_size(match scan_dirty_pages {
                 true => 1,
-                false => 8,
+                false => 4,
             });
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }

@@ -236,9 +236,12 @@ pub fn newest_version() -> u32 {
 }
 
 /// Refuses a file that is not a colony queue before anything writes to
-/// it: not SQLite at all, a SQLite database of something else (tables of
-/// its own, no schema version), or, for a command that only reads or
-/// changes an existing queue (`must_exist`), an empty one.
+/// it (a migration, even the switch to WAL): not SQLite at all, a SQLite
+/// database of something else (tables, or a schema version, but no
+/// `tasks`), colony's tables without their schema version (a restore
+/// through `sqlite3 .dump`, which leaves it out); and, for a command that
+/// only reads or changes an existing queue (`must_exist`), a file that
+/// holds no queue yet.
 pub fn refuse_what_is_not_a_queue(
     conn: &Connection,
     path: &str,
@@ -246,31 +249,51 @@ pub fn refuse_what_is_not_a_queue(
 ) -> Result<(), QueueError> {
     let probe = conn.query_row(
         "SELECT (SELECT user_version FROM pragma_user_version),
+                EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tasks'),
                 (SELECT group_concat(name, ', ') FROM
-                    (SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'
+                    (SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'
                      ORDER BY name LIMIT 5))",
         [],
-        |r| Ok((r.get::<_, u32>(0)?, r.get::<_, Option<String>>(1)?)),
+        |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        },
     );
-    let why = match probe {
-        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
-            "it is not a SQLite database (SQLite says: file is not a database)".to_string()
-        }
-        Err(e) => return Err(e.into()),
-        Ok((0, Some(tables))) => {
-            format!(
-                "it is a SQLite database of something else, with tables of its own ({tables}) and no colony schema"
-            )
-        }
-        Ok((0, None)) if must_exist => {
-            "it is an empty file, so no task was ever submitted there".to_string()
-        }
-        Ok(_) => return Ok(()),
-    };
-    Err(QueueError::NotAQueue {
+    let not_a_queue = |why: String| QueueError::NotAQueue {
         path: path.to_string(),
         why,
-    })
+    };
+    const ANOTHER: &str =
+        "; give another --db (`colony submit` and `colony daemon` create a new file)";
+    match probe {
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
+            Err(not_a_queue(format!(
+                "it is not a SQLite database (SQLite says: file is not a database){ANOTHER}"
+            )))
+        }
+        Err(e) => Err(e.into()),
+        Ok((0, true, _)) => Err(not_a_queue(
+            "it has colony's tables but no schema version (PRAGMA user_version is 0, as after a \
+             restore through `sqlite3 .dump`, which leaves it out); set the version of the \
+             database it came from (`sqlite3 OLD.db 'PRAGMA user_version'`) with \
+             `sqlite3 FILE 'PRAGMA user_version = N'`"
+                .into(),
+        )),
+        Ok((version, false, tables)) if version > 0 || tables.is_some() => {
+            Err(not_a_queue(format!(
+                "it is a SQLite database of something else ({}schema version {version}, no colony tasks table){ANOTHER}",
+                tables.map_or(String::new(), |t| format!("tables {t}; "))
+            )))
+        }
+        Ok((_, false, _)) if must_exist => Err(QueueError::Missing(format!(
+            "database {path}: it holds no queue yet, so no task was ever submitted there \
+             (`colony submit` and `colony daemon` make it one)"
+        ))),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Brings the database to the newest schema this build knows.

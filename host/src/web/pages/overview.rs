@@ -114,11 +114,11 @@ fn render(o: &Overview, activity: &Activity) -> Markup {
                     @if o.report.spend.is_empty() { p.muted { "No model calls." } }
                     @else {
                         table {
-                            thead { tr { th { "agent" } th { "model" } th.num { "calls" } th.num { "tokens in" } th.num { "tokens out" } th.num { "cost" } } }
+                            thead { tr { th { "agent" } th { "model" } th.num { "calls" } th.num { "refused" } th.num { "tokens in" } th.num { "tokens out" } th.num { "cost" } } }
                             tbody {
                                 @for row in &o.report.spend {
                                     tr {
-                                        td { (row.agent) } td { (row.model) } td.num { (row.usage.calls) }
+                                        td { (row.agent) } td { (row.model) } td.num { (row.usage.calls) } td.num { (row.usage.refused) }
                                         td.num { (row.usage.input_tokens) } td.num { (row.usage.output_tokens) }
                                         td.num { @match row.usage.cost_usd { Some(c) => { (crate::cli::usage::format_usd(c)) } None => { "—" } } }
                                     }

@@ -378,6 +378,24 @@ on_both_drivers! {
         assert_eq!(approve["detail"]["note"], "looks good");
     }
 
+    /// A result nested near the limit is reviewed, shown as null where one
+    /// level deeper would not fit (the reviewed task failed `invalid_output`,
+    /// its valid result lost).
+    fn a_deeply_nested_result_is_reviewed_not_failed(db) {
+        let env = Env::on(db, &["echo", "reviewer"]);
+        let deep = format!("{{\"x\":{}{}}}", "[".repeat(125), "]".repeat(125));
+        let id = env.submit(&["echo", &deep, "--reviewer", "reviewer"]);
+        env.until_idle(&[]);
+        // Read from the queue: `show --json` nests them deeper still.
+        let queue = env.queue();
+        let task = queue.get(id).unwrap();
+        assert_eq!(task.state, State::Complete, "{:?}", task.error);
+        let reviewer = queue.children(id).unwrap().remove(0).unwrap();
+        let review = reviewer.payload;
+        assert!(review["payload"]["x"].is_array(), "the payload fits");
+        assert_eq!(review["output"], serde_json::Value::Null, "the output does not");
+    }
+
     /// A reviewer agent that fails for good leaves the task to a person:
     /// `show` says so (it listed the reviewer among the children alone).
     fn a_failed_reviewer_is_said_on_the_reviewed_task(db) {

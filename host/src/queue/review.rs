@@ -10,7 +10,7 @@ use super::finish::Held;
 use super::insert::{insert_children, insert_new_task};
 use super::sql::{Dialect, Sql, args};
 use super::tasks::{cancel_dependents, cancel_pending_reviewers, record, set_failed, state_of};
-use super::validate::{spawn_to_next, stored_json, validate_json};
+use super::validate::{MAX_JSON_DEPTH, spawn_to_next, stored_json, validate_json};
 use super::{MAX_OUTPUT_BYTES, MAX_SPAWN_PER_RUN, QueueError, Result, batch, outbox, state};
 
 /// The owners of the task's state and the writes' old versions when the run
@@ -128,6 +128,9 @@ pub(super) fn enter_review(
         let row = tx.query_one("SELECT agent, payload FROM tasks WHERE id = ?1", args![id])?;
         let (agent, payload): (String, String) = (row.get(0)?, row.get(1)?);
         let (effects, state_writes) = proposed_actions_json(run.effects, run.writes);
+        // One level deeper in the reviewer's payload, a document at the
+        // nesting limit would fail the reviewed task: shown as null instead.
+        let (payload, output) = (fits_one_deeper(&payload), fits_one_deeper(output));
         let review_payload = format!(
             r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output},"effects":{effects},"state_writes":{state_writes}}}"#,
             serde_json::Value::String(agent),
@@ -142,6 +145,24 @@ pub(super) fn enter_review(
         )?;
     }
     Ok(to)
+}
+
+/// `json`, or `null` when it is nested too deeply to be shown one level
+/// down (the reviewer finds it whole in `colony show ID --json`).
+fn fits_one_deeper(json: &str) -> &str {
+    match serde_json::from_str::<Value>(json) {
+        Ok(value) if json_depth(&value) < MAX_JSON_DEPTH => json,
+        _ => "null",
+    }
+}
+
+/// How deeply arrays and objects nest in `value` (a scalar: 0).
+fn json_depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// What a run held for review leaves to be decided: its output and
@@ -204,9 +225,12 @@ fn proposed_actions_json(
         .map(|w| {
             let raw = w.value.as_deref().unwrap_or_default();
             // Checked as JSON by the runtime (`state::check_write`).
+            // Three levels down (state_writes, an entry, its value): one
+            // nested deeper than fits there is null too, beside its size.
             let value = Some(raw)
                 .filter(|v| !v.is_empty() && shown.take(v.len()))
-                .and_then(|v| serde_json::from_str::<Value>(v).ok());
+                .and_then(|v| serde_json::from_str::<Value>(v).ok())
+                .filter(|v| json_depth(v) + 3 <= MAX_JSON_DEPTH);
             json!({"scope": w.scope.as_str(), "key": w.key, "value": value,
                    "value_bytes": raw.len(), "if_version": w.if_version})
         })

@@ -259,6 +259,32 @@ async fn a_set_if_on_the_version_a_run_read_after_its_own_writes_commits() {
     assert_eq!(agent_entry(&q, "gone").unwrap().version, 1);
 }
 
+/// A set-if that its own run's earlier write of the key contradicts fails
+/// for good, saying so: it said "expected version 0, found 1" as if another
+/// writer had been there, and every retry failed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_if_contradicted_by_its_own_runs_write_fails_for_good_saying_so() {
+    let h = harness();
+    let id = submit(
+        &h,
+        json!({"ops": [["set_if", "agent", "j", "1", 0], ["set_if", "agent", "j", "2", 0]]}),
+        3,
+    );
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!((task.state, task.attempts), (State::Failed, 1));
+    let error = task.error.unwrap();
+    assert_eq!(error.kind.as_str(), "invalid_output");
+    assert!(
+        error
+            .message
+            .contains("expected version 0, but this run's own earlier writes of the key make it 1"),
+        "{}",
+        error.message
+    );
+    assert!(agent_entry(&h.queue(), "j").is_none());
+}
+
 /// An approved result whose `set-if` no longer holds runs again, as a
 /// revision: while revisions remain it goes back to `ready` with the
 /// conflict as feedback; with none left it fails (`conflict`) and its

@@ -33,13 +33,8 @@ pub(super) fn check_writes_of(
     owners: state::Owners,
     writes: &[crate::state::Write],
 ) -> Result<std::result::Result<Option<state::CheckedWrites>, TaskError>> {
-    Ok(match state::check_writes(tx, &owners, writes)? {
-        Ok(olds) => Ok(Some(state::CheckedWrites { owners, olds })),
-        Err(conflict) => Err(TaskError {
-            kind: ErrorKind::Conflict,
-            message: conflict,
-        }),
-    })
+    Ok(state::check_writes(tx, &owners, writes)?
+        .map(|olds| Some(state::CheckedWrites { owners, olds })))
 }
 
 /// Checks what a successful run returned before any of it is applied: the

@@ -9,7 +9,7 @@
 use super::sql::{Dialect, Row, Sql, args};
 use super::{Queue, QueueError, Result};
 use crate::state::{Entry, Scope, Write, check_write};
-use crate::task::State;
+use crate::task::{ErrorKind, State, TaskError};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -103,23 +103,23 @@ impl CheckedWrites {
 
 /// Checks every `set-if` of `writes` in order, as if the earlier writes had
 /// been applied. Returns each write's old version (for [`apply_writes`]),
-/// or `Err(why)` naming the first conflict.
+/// or the failure of the first conflict.
 pub(super) fn check_writes(
     tx: &dyn Sql,
     owners: &Owners,
     writes: &[Write],
-) -> Result<std::result::Result<Vec<u64>, String>> {
+) -> Result<std::result::Result<Vec<u64>, TaskError>> {
     lock_keys(tx, owners, writes)?;
     let mut versions: HashMap<(Scope, &str), u64> = HashMap::new();
     let mut olds = Vec::with_capacity(writes.len());
-    for write in writes {
+    for (i, write) in writes.iter().enumerate() {
         let current = match versions.get(&(write.scope, write.key.as_str())) {
             Some(&v) => v,
             None => version_of(tx, write.scope, owners.of(write.scope), &write.key)?,
         };
         let next = match next_version(write, current) {
-            Ok(next) => next,
-            Err(conflict) => return Ok(Err(conflict)),
+            Some(next) => next,
+            None => return Ok(Err(set_if_conflict(writes, i, current))),
         };
         versions.insert((write.scope, write.key.as_str()), next);
         olds.push(current);
@@ -128,22 +128,49 @@ pub(super) fn check_writes(
 }
 
 /// The version a key has after `write`, when it stands at `current`
-/// (+1 per set, a delete leaves none), or the `set-if` conflict.
-fn next_version(write: &Write, current: u64) -> std::result::Result<u64, String> {
-    if let Some(expected) = write.if_version
-        && expected != current
-    {
-        return Err(format!(
-            "set-if on {} state key {:?} expected version {expected}, found {current}",
-            write.scope.as_str(),
-            write.key
-        ));
+/// (+1 per set, a delete leaves none), or `None` when it is a `set-if`
+/// that does not hold.
+fn next_version(write: &Write, current: u64) -> Option<u64> {
+    if write.if_version.is_some_and(|expected| expected != current) {
+        return None;
     }
-    Ok(if write.value.is_some() {
-        current + 1
-    } else {
-        0
+    Some(match write.value.is_some() {
+        true => current + 1,
+        false => 0,
     })
+}
+
+/// The failure of `writes[i]`, a `set-if` that found the key at `current`:
+/// retried (`conflict`) when another task's write may change that, and
+/// permanent (`invalid_output`) when the run's own earlier writes fixed it
+/// (a set-if or a delete of the key before it), which every retry repeats.
+fn set_if_conflict(writes: &[Write], i: usize, current: u64) -> TaskError {
+    let write = &writes[i];
+    let what = format!(
+        "set-if on {} state key {:?} expected version {}",
+        write.scope.as_str(),
+        write.key,
+        write.if_version.unwrap_or_default()
+    );
+    let fixed_by_this_run = writes[..i].iter().any(|w| {
+        w.scope == write.scope
+            && w.key == write.key
+            && (w.if_version.is_some() || w.value.is_none())
+    });
+    match fixed_by_this_run {
+        false => TaskError {
+            kind: ErrorKind::Conflict,
+            message: format!("{what}, found {current}"),
+        },
+        true => TaskError {
+            kind: ErrorKind::InvalidOutput,
+            message: format!(
+                "{what}, but this run's own earlier writes of the key make it {current}: a run's \
+                 writes apply in order when it completes, so a later set-if must expect the \
+                 version the earlier ones make (a retry would fail the same way)"
+            ),
+        },
+    }
 }
 
 /// Applies checked writes in order (`olds`: their old versions, from

@@ -3,11 +3,12 @@
 
 use std::collections::HashMap;
 
-use super::{Owners, next_version, version_of, write_detail};
+use super::{Owners, next_version, set_if_conflict, version_of, write_detail};
 use crate::queue::batch::{BySize, insert_or_fail, values_list};
 use crate::queue::sql::{Param, Sql, args};
 use crate::queue::{QueueError, Result};
 use crate::state::{Scope, Write};
+use crate::task::TaskError;
 
 /// The state writes of a batch of plain completions on SQLite (see
 /// `batch::complete_plain`), under the transaction's write lock: each run's
@@ -63,9 +64,9 @@ impl<'a> BatchWrites<'a> {
         tx: &dyn Sql,
         owners: &Owners,
         writes: &'a [Write],
-    ) -> Result<std::result::Result<CheckedBatchWrites, String>> {
+    ) -> Result<std::result::Result<CheckedBatchWrites, TaskError>> {
         let mut checked: Vec<(usize, u64, u64)> = Vec::with_capacity(writes.len());
-        for write in writes {
+        for (i, write) in writes.iter().enumerate() {
             let at = self.key_index(tx, write.scope, owners.of(write.scope), &write.key)?;
             // This run's own latest write of the key, if any, else the batch's.
             let current = checked
@@ -74,8 +75,8 @@ impl<'a> BatchWrites<'a> {
                 .find(|(key, _, _)| *key == at)
                 .map_or(self.keys[at].version, |&(_, _, next)| next);
             let next = match next_version(write, current) {
-                Ok(next) => next,
-                Err(conflict) => return Ok(Err(conflict)),
+                Some(next) => next,
+                None => return Ok(Err(set_if_conflict(writes, i, current))),
             };
             checked.push((at, current, next));
         }

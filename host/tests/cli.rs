@@ -1783,14 +1783,20 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
         "colony.toml",
         "[models.fast]\napi = \"cohere\"\nbase_url = \"x\"\nmodel = \"m\"\n",
     );
-    let out = env
-        .cmd()
-        .env("COLONY_CONFIG", &config)
-        .args(["daemon", "--until-idle"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // A daemon on this configuration, refused: what it said.
+    let refused_with = |vars: &[(&str, &str)]| {
+        let out = env
+            .cmd()
+            .env("COLONY_CONFIG", &config)
+            .envs(vars.iter().copied())
+            .args(["daemon", "--until-idle"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        stderr
+    };
+    let stderr = refused_with(&[]);
     assert!(
         stderr.contains("colony.toml")
             && stderr.contains("[models.fast]")
@@ -1798,26 +1804,11 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
         "{stderr}"
     );
     std::fs::write(&config, "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"NOT_SET_ANYWHERE\"\n").unwrap();
-    let out = env
-        .cmd()
-        .env("COLONY_CONFIG", &config)
-        .args(["daemon", "--until-idle"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused_with(&[]);
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
     // A key a header cannot carry (a second line pasted with it) went out
     // empty: refused at start, the key itself not said.
-    let out = env
-        .cmd()
-        .env("COLONY_CONFIG", &config)
-        .env("NOT_SET_ANYWHERE", "sk-SECRET\nsecond-line")
-        .args(["daemon", "--until-idle"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = refused_with(&[("NOT_SET_ANYWHERE", "sk-SECRET\nsecond-line")]);
     assert!(
         stderr.contains("[models.fast]")
             && stderr.contains("cannot be sent in an HTTP header: character 10 is a line break")
@@ -2799,25 +2790,8 @@ fn show_and_list_say_a_tasks_timeout_backoff_and_chain_budget() {
 /// as `state set` and `--batch -` do (it said "EOF while parsing a value").
 #[test]
 fn a_payload_comes_from_stdin_with_a_dash() {
-    use std::io::Write as _;
     let env = Env::new(&["echo"]);
-    let submit = |args: &[&str], input: &str| {
-        let mut child = env
-            .cmd()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let submit = |args: &[&str], input: &str| env.run_with_stdin(args, input.as_bytes());
     for args in [
         &["submit", "echo", "-"][..],
         &["submit", "echo", "--payload-file", "-"],

@@ -868,13 +868,9 @@ fn memory_bombs_leave_no_memory_behind() {
     );
 }
 
-/// A second SIGINT exits at once, however busy the daemon is: two signals
-/// the runtime had not yet got round to were one wake-up (its workers busy
-/// with spinning guests), and the daemon waited out its whole grace. The
-/// same Ctrl-C delivered twice within a few ms (the terminal's and a
-/// wrapper's) is one signal: the graceful stop.
-#[test]
-fn a_second_signal_exits_at_once_while_guests_spin() {
+/// A queue of four spinning tasks, all started by a daemon with this
+/// `--grace` (its stderr piped).
+fn four_spinners_under_a_daemon(grace: &str) -> (Env, common::Daemon) {
     let env = Env::new(&["spin"]);
     std::fs::write(
         env.agents.path().join("spin.toml"),
@@ -886,11 +882,11 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
     }
     let child = env
         .cmd()
-        .args(["daemon", "--grace", "300s", "--poll", "100ms"])
+        .args(["daemon", "--grace", grace, "--poll", "100ms"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut daemon = common::Daemon::new(child);
+    let daemon = common::Daemon::new(child);
     common::wait_for("the spinners to start", Duration::from_secs(60), || {
         env.queue()
             .counts()
@@ -898,6 +894,17 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
             .iter()
             .any(|c| c.1 == colony::task::State::InProgress && c.2 == 4)
     });
+    (env, daemon)
+}
+
+/// A second SIGINT exits at once, however busy the daemon is: two signals
+/// the runtime had not yet got round to were one wake-up (its workers busy
+/// with spinning guests), and the daemon waited out its whole grace. The
+/// same Ctrl-C delivered twice within a few ms (the terminal's and a
+/// wrapper's) is one signal: the graceful stop.
+#[test]
+fn a_second_signal_exits_at_once_while_guests_spin() {
+    let (_env, mut daemon) = four_spinners_under_a_daemon("300s");
     std::thread::sleep(Duration::from_millis(300));
     common::signal(&daemon, "-INT");
     std::thread::sleep(Duration::from_millis(150));
@@ -913,29 +920,7 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
     // One Ctrl-C delivered twice at once: the graceful stop, its grace
     // waited out (1 s here), the spinners released. (A queue of its own:
     // the first daemon's leases are still held.)
-    let env = Env::new(&["spin"]);
-    std::fs::write(
-        env.agents.path().join("spin.toml"),
-        "timeout = \"300s\"\nconcurrency = 4\n",
-    )
-    .unwrap();
-    for _ in 0..4 {
-        env.submit(&["spin", "{}"]);
-    }
-    let child = env
-        .cmd()
-        .args(["daemon", "--grace", "1s", "--poll", "100ms"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut daemon = common::Daemon::new(child);
-    common::wait_for("the spinners to start", Duration::from_secs(60), || {
-        env.queue()
-            .counts()
-            .unwrap()
-            .iter()
-            .any(|c| c.1 == colony::task::State::InProgress && c.2 == 4)
-    });
+    let (env, mut daemon) = four_spinners_under_a_daemon("1s");
     // 10 ms apart: the kernel would merge two signals sent at once.
     let pid = daemon.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid.
@@ -957,28 +942,13 @@ fn a_second_signal_exits_at_once_while_guests_spin() {
 /// kind bad_input, nothing stored (it was exit 1, "error").
 #[test]
 fn stdin_that_is_not_utf8_is_bad_input() {
-    use std::io::Write as _;
     let env = Env::new(&["echo"]);
     for args in [
         &["--json", "submit", "echo", "-"][..],
         &["--json", "submit", "echo", "--payload-file", "-"],
         &["--json", "submit", "--batch", "-"],
     ] {
-        let mut child = env
-            .cmd()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"{\"agent\":\"echo\",\"s\":\"\xff\xfe\"}\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = env.run_with_stdin(args, b"{\"agent\":\"echo\",\"s\":\"\xff\xfe\"}\n");
         let said: Value = serde_json::from_slice(&out.stderr).unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
         assert_eq!(said["kind"], "bad_input", "{args:?}: {said}");

@@ -67,6 +67,21 @@ impl Env {
         cmd
     }
 
+    /// Runs the command with `input` on its stdin.
+    pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write as _;
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
     /// Runs the command; no input may make it panic.
     pub fn run(&self, args: &[impl AsRef<OsStr>]) -> Output {
         let out = self.cmd().args(args).output().unwrap();

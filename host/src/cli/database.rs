@@ -318,7 +318,7 @@ pub(super) fn migrate(cli: &Cli, args: &MigrateArgs) -> Result<()> {
             .iter()
             .map(|(t, n)| (t.clone(), serde_json::json!(n)))
             .collect();
-        writeln!(out, "{}", serde_json::json!({"copied": tables}))?;
+        writeln!(out, "{:#}", serde_json::json!({"copied": tables}))?;
     } else {
         writeln!(
             out,

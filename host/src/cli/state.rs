@@ -220,7 +220,7 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
 
 fn print_written(out: &mut impl std::io::Write, json: bool, key: &str, version: u64) -> Result<()> {
     if json {
-        writeln!(out, "{}", json!({"key": key, "version": version}))?;
+        writeln!(out, "{:#}", json!({"key": key, "version": version}))?;
     } else if version == 0 {
         writeln!(out, "{}: deleted", printable(key))?;
     } else {

@@ -270,7 +270,27 @@ async fn a_set_if_contradicted_by_its_own_runs_write_fails_for_good_saying_so() 
         json!({"ops": [["set_if", "agent", "j", "1", 0], ["set_if", "agent", "j", "2", 0]]}),
         3,
     );
+    // A plain set makes the version at least 1: a set-if of 0 after it
+    // never holds either.
+    let after_set = submit(
+        &h,
+        json!({"ops": [["set", "agent", "s", "1"], ["set_if", "agent", "s", "2", 0]]}),
+        3,
+    );
+    // But one of 2 after a plain set holds once another task has written
+    // the key: a conflict, retried.
+    let may_hold = submit(
+        &h,
+        json!({"ops": [["set", "agent", "m", "1"], ["set_if", "agent", "m", "2", 2]]}),
+        2,
+    );
     h.run_until_idle().await;
+    let task = h.task(after_set);
+    assert_eq!((task.state, task.attempts), (State::Failed, 1));
+    assert_eq!(task.error.unwrap().kind.as_str(), "invalid_output");
+    let task = h.task(may_hold);
+    assert_eq!((task.state, task.attempts), (State::Failed, 2));
+    assert_eq!(task.error.unwrap().kind.as_str(), "conflict");
     let task = h.task(id);
     assert_eq!((task.state, task.attempts), (State::Failed, 1));
     let error = task.error.unwrap();

@@ -14,8 +14,9 @@ use super::validate::{MAX_JSON_DEPTH, spawn_to_next, stored_json, validate_json}
 use super::{MAX_OUTPUT_BYTES, MAX_SPAWN_PER_RUN, QueueError, Result, batch, outbox, state};
 
 /// The owners of the task's state and the writes' old versions when the run
-/// wrote any, or the first `set-if` conflict as the run's (retryable)
-/// failure: a conflict refuses the completion as a whole.
+/// wrote any, or the first `set-if` conflict as the run's failure (retried,
+/// unless the run's own writes make it certain): a conflict refuses the
+/// completion as a whole.
 pub(super) fn check_state_writes(
     tx: &dyn Sql,
     id: i64,
@@ -222,10 +223,11 @@ fn proposed_actions_json(
             // Checked as JSON by the runtime (`state::check_write`).
             // Three levels down (state_writes, an entry, its value): one
             // nested deeper than fits there is null too, beside its size.
+            // (Checked before it counts against what the payload shows.)
             let value = Some(raw)
-                .filter(|v| !v.is_empty() && shown.take(v.len()))
+                .filter(|v| !v.is_empty())
                 .and_then(|v| serde_json::from_str::<Value>(v).ok())
-                .filter(|v| json_depth(v) + 3 <= MAX_JSON_DEPTH);
+                .filter(|v| json_depth(v) + 3 <= MAX_JSON_DEPTH && shown.take(raw.len()));
             json!({"scope": w.scope.as_str(), "key": w.key, "value": value,
                    "value_bytes": raw.len(), "if_version": w.if_version})
         })

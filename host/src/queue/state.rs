@@ -142,22 +142,25 @@ fn next_version(write: &Write, current: u64) -> Option<u64> {
 
 /// The failure of `writes[i]`, a `set-if` that found the key at `current`:
 /// retried (`conflict`) when another task's write may change that, and
-/// permanent (`invalid_output`) when the run's own earlier writes fixed it
-/// (a set-if or a delete of the key before it), which every retry repeats.
+/// permanent (`invalid_output`) when the run's own earlier writes decide
+/// it, which every retry repeats: a set-if or a delete of the key before it
+/// fixes the version, and k plain sets put it at k or more.
 fn set_if_conflict(writes: &[Write], i: usize, current: u64) -> TaskError {
     let write = &writes[i];
+    let expected = write.if_version.unwrap_or_default();
     let what = format!(
-        "set-if on {} state key {:?} expected version {}",
+        "set-if on {} state key {:?} expected version {expected}",
         write.scope.as_str(),
         write.key,
-        write.if_version.unwrap_or_default()
     );
-    let fixed_by_this_run = writes[..i].iter().any(|w| {
-        w.scope == write.scope
-            && w.key == write.key
-            && (w.if_version.is_some() || w.value.is_none())
-    });
-    match fixed_by_this_run {
+    let earlier: Vec<&Write> = writes[..i]
+        .iter()
+        .filter(|w| w.scope == write.scope && w.key == write.key)
+        .collect();
+    let fixed = earlier
+        .iter()
+        .any(|w| w.if_version.is_some() || w.value.is_none());
+    match fixed || expected < earlier.len() as u64 {
         false => TaskError {
             kind: ErrorKind::Conflict,
             message: format!("{what}, found {current}"),

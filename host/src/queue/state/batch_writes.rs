@@ -58,7 +58,8 @@ impl<'a> BatchWrites<'a> {
     /// Checks every `set-if` of one run's `writes` in order, as if the
     /// batch's accepted writes and this run's earlier ones had been applied.
     /// Nothing is accepted yet (the run's completion may still be refused):
-    /// see [`BatchWrites::accept`]. `Err(why)` names the first conflict.
+    /// see [`BatchWrites::accept`]. `Err(failure)`: the first conflict, as
+    /// [`set_if_conflict`] words and classifies it.
     pub(in crate::queue) fn check(
         &mut self,
         tx: &dyn Sql,

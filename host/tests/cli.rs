@@ -394,6 +394,9 @@ on_both_drivers! {
         let review = reviewer.payload;
         assert!(review["payload"]["x"].is_array(), "the payload fits");
         assert_eq!(review["output"], serde_json::Value::Null, "the output does not");
+        let output_bytes = task.result.unwrap().to_string().len();
+        assert_eq!(review["output_bytes"], output_bytes, "its size says so");
+        assert_eq!(review["payload_bytes"], deep.len());
     }
 
     /// A reviewer agent that fails for good leaves the task to a person:

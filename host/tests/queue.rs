@@ -674,8 +674,8 @@ on_both_drivers! {
         let payload: serde_json::Value = serde_json::from_str(&review.payload).unwrap();
         assert_eq!(
             payload,
-            json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "output": {"draft": 1},
-                   "effects": [], "state_writes": []})
+            json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "payload_bytes": 13,
+                   "output": {"draft": 1}, "output_bytes": 11, "effects": [], "state_writes": []})
         );
         q.finish(
             review.lease,

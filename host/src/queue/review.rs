@@ -126,9 +126,11 @@ pub(super) fn enter_review(
         let (effects, state_writes) = proposed_actions_json(run.effects, run.writes);
         // One level deeper in the reviewer's payload, a document at the
         // nesting limit would fail the reviewed task: shown as null instead.
+        // Their sizes beside them say which null is one.
+        let (payload_bytes, output_bytes) = (payload.len(), output.len());
         let (payload, output) = (fits_one_deeper(&payload), fits_one_deeper(output));
         let review_payload = format!(
-            r#"{{"task_id":{id},"agent":{},"payload":{payload},"output":{output},"effects":{effects},"state_writes":{state_writes}}}"#,
+            r#"{{"task_id":{id},"agent":{},"payload":{payload},"payload_bytes":{payload_bytes},"output":{output},"output_bytes":{output_bytes},"effects":{effects},"state_writes":{state_writes}}}"#,
             serde_json::Value::String(agent),
         );
         validate_json("review payload", &review_payload, usize::MAX)?;

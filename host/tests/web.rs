@@ -615,6 +615,7 @@ fn off_loopback_needs_a_token_to_start_and_to_read() {
         stderr.contains("refusing to listen on 0.0.0.0:0 without --token"),
         "{stderr}"
     );
+    assert!(!env.db().exists(), "a refused serve created the database");
     let short = env.run(&["serve", "--token", "abc"]);
     assert_eq!(short.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short.stderr).contains("at least 16 characters"));

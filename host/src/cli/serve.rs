@@ -37,6 +37,9 @@ pub async fn take_port(listen: SocketAddr, token: Option<&str>) -> Result<TcpLis
         )
         .into());
     }
+    if token.is_none() && !listen.ip().is_loopback() {
+        return Err(BadInput(StartError::NoTokenOffLoopback(listen).to_string()).into());
+    }
     Ok(web::listen(listen).await?)
 }
 

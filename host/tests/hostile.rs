@@ -987,4 +987,9 @@ fn agent_listing_columns_fit_long_names() {
         .collect();
     assert_eq!(columns.len(), 3, "{listed}");
     assert!(columns.iter().all(|&c| c == columns[0]), "{listed}");
+    // What a command prints is not logged besides, line by line (every
+    // `colony status` said "INFO agent loaded" once per agent).
+    let status = env.ok_with_env(&["status"], &[("COLONY_LOG", "info")]);
+    let said = String::from_utf8_lossy(&status.stderr);
+    assert!(!said.contains("agent loaded"), "{said}");
 }

@@ -46,6 +46,23 @@ on_both_drivers! {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(web.get_json("/api/events"), Value::Array(cli_events.clone()));
+        // Pages of 2: a full page links to the next; the whole trail read
+        // through the links is the CLI's.
+        let mut read = Vec::new();
+        let mut next = Some("/api/events?limit=2".to_string());
+        while let Some(path) = next.take() {
+            let response = web.client.get(web.url(&path)).send().unwrap();
+            next = response.headers().get("link").map(|link| {
+                let link = link.to_str().unwrap();
+                assert!(link.ends_with(">; rel=\"next\""), "{link}");
+                link[1..link.find('>').unwrap()].to_string()
+            });
+            let page: Vec<Value> = response.json().unwrap();
+            assert!(page.len() <= 2);
+            assert!(next.is_none() || page.len() == 2, "{path}: a short page links on");
+            read.extend(page);
+        }
+        assert_eq!(read, cli_events);
         let since = cli_events[1]["id"].as_i64().unwrap();
         assert_eq!(
             web.get_json(&format!("/api/events?since={since}&task={failed}")),

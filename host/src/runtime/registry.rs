@@ -268,6 +268,10 @@ pub struct AgentDir {
     entries: BTreeMap<String, AgentEntry>,
     /// Manifests beside no component, already warned about.
     unmatched: BTreeSet<PathBuf>,
+    /// Whether the folder was scanned before: the first scan's loads are
+    /// what every command prints or the daemon's start line lists, so only
+    /// later ones (an agent added or changed) are logged as news.
+    scanned: bool,
 }
 
 /// Why a `*.toml` with no `<name>.wasm` beside it limits nothing.
@@ -280,6 +284,7 @@ impl AgentDir {
             dir: dir.into(),
             entries: BTreeMap::new(),
             unmatched: BTreeSet::new(),
+            scanned: false,
         }
     }
 
@@ -359,6 +364,7 @@ impl AgentDir {
     /// their own `Arc<Agent>`.
     pub async fn rescan(&mut self, runtime: &Runtime) -> ScanReport {
         let mut report = ScanReport::default();
+        let first_scan = !std::mem::replace(&mut self.scanned, true);
         let found = self.list_wasm_files();
         let gone: Vec<String> = self
             .entries
@@ -404,6 +410,10 @@ impl AgentDir {
             };
             match &status {
                 _ if unchanged => {}
+                AgentStatus::Loaded(_) if first_scan => {
+                    tracing::debug!(agent = %name, path = %path.display(), "agent loaded");
+                    report.loaded.push(name.clone());
+                }
                 AgentStatus::Loaded(_) => {
                     tracing::info!(agent = %name, path = %path.display(), "agent loaded");
                     report.loaded.push(name.clone());

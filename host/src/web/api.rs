@@ -607,14 +607,28 @@ async fn events(
         let most = asked.map_or(usize::MAX, |n| n as usize);
         return Ok(follow(app, task, resume.unwrap_or(since), most).into_response());
     }
+    let limit = asked.unwrap_or(MAX_LIMIT);
     let events = app
         .store
-        .run(None, move |queue| {
-            queue.events(task, since, asked.unwrap_or(MAX_LIMIT))
-        })
+        .run(None, move |queue| queue.events(task, since, limit))
         .await?;
     let values: Vec<Value> = events.iter().map(output::event_json).collect();
-    Ok(axum::Json(values).into_response())
+    let mut response = axum::Json(values).into_response();
+    // A full page may have more after it: where to ask (a page cut at the
+    // limit said nothing of the rest).
+    if let Some(last) = events.last().filter(|_| events.len() == limit as usize) {
+        let mut next = format!("/api/events?since={}", last.id);
+        if let Some(id) = task {
+            next.push_str(&format!("&task={id}"));
+        }
+        if let Some(n) = asked {
+            next.push_str(&format!("&limit={n}"));
+        }
+        if let Ok(value) = header::HeaderValue::from_str(&format!("<{next}>; rel=\"next\"")) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
 }
 
 /// Server-Sent Events: each audit event as `id: N` and its JSON, read

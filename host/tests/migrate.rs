@@ -209,11 +209,20 @@ fn migrate_leaves_its_source_as_it_was() {
         .execute_batch("CREATE TABLE foo (x);")
         .unwrap();
     let empty = env.file("empty.db", "");
-    for from in [other.to_str().unwrap(), &empty] {
+    for (from, says) in [
+        (
+            other.to_str().unwrap(),
+            "is not a colony queue: it is a SQLite database of something else",
+        ),
+        (&empty, "holds no queue yet"),
+    ] {
         let out = env.run(&["migrate", "--from", from, "--to", &format!("{to}.2")]);
         let said = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{said}");
-        assert!(said.contains("not a colony queue"), "{said}");
+        assert!(
+            said.contains("nothing was copied") && said.contains(says),
+            "{said}"
+        );
     }
     let tables: i64 = rusqlite::Connection::open(&other)
         .unwrap()

@@ -227,7 +227,7 @@ pub(super) fn hide_userinfo(text: &str) -> String {
 /// file of an older schema is read through an upgraded copy in `scratch`:
 /// upgraded in place, it was left on a schema the older build (the way
 /// back) refuses, also when the copy then failed. A file without colony's
-/// schema is refused (it got colony's tables added to it).
+/// schema is refused as every command refuses it.
 pub(super) fn open_source(from: &Path, actor: &str, scratch: &Path) -> Result<Queue> {
     let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(from) else {
         return open_queue(from, actor);
@@ -235,20 +235,13 @@ pub(super) fn open_source(from: &Path, actor: &str, scratch: &Path) -> Result<Qu
     let conn =
         rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .with_context(|| format!("--from {}: opening it to read", path.display()))?;
-    let (version, has_tasks): (u32, bool) = conn
-        .query_row(
-            "SELECT (SELECT user_version FROM pragma_user_version),
-                    EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tasks')",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+    // As every command refuses it: another program's database, colony's
+    // tables without their schema version, a file that holds no queue.
+    crate::queue::refuse_sqlite_file_not_a_queue(&conn, &path.display().to_string(), true)
+        .with_context(|| format!("--from {}: nothing was copied", path.display()))?;
+    let version: u32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
         .with_context(|| format!("--from {}: reading its schema", path.display()))?;
-    if version == 0 || !has_tasks {
-        bail!(BadInput(format!(
-            "--from {}: not a colony queue (it has no colony schema); nothing was copied, and it is left as it was",
-            path.display()
-        )));
-    }
     if version >= crate::queue::sqlite_schema_version() {
         drop(conn);
         return open_queue(from, actor); // a newer one is refused there, naming both

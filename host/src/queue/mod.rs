@@ -67,6 +67,7 @@ pub use outbox::{Delivery, EffectRow};
 pub use reads::HeldLeases;
 pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
+pub use sqlite::refuse_what_is_not_a_queue as refuse_sqlite_file_not_a_queue;
 pub use sqlite::schema_version as sqlite_schema_version;
 pub use tasks::StaleGuard;
 pub use validate::validate_agent_name;

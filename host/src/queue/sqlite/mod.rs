@@ -6,6 +6,7 @@
 
 mod checkpoint;
 mod schema;
+pub use schema::refuse_what_is_not_a_queue;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

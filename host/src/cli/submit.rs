@@ -380,15 +380,21 @@ pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
         if line.trim().is_empty() {
             continue;
         }
-        // Checked line by line, so the error names the first bad line
-        // whatever is wrong with it (the queue's checks came after every
-        // line had parsed).
-        let task = parse_batch_line(&line)
-            .and_then(|task| {
-                crate::queue::check_new_task(&task).map_err(|e| e.to_string())?;
-                Ok(task)
-            })
-            .map_err(|e| bad(format!("{} line {}: {e}", batch_name(file), i + 1)))?;
+        let task = match parse_batch_line(&line) {
+            Ok(task) => task,
+            Err(e) => {
+                // The queue checks the tasks only once every line has
+                // parsed: an earlier line it would refuse is the first bad
+                // line, named first (checked here, on the error path only).
+                let earlier = tasks.iter().zip(&lines).find_map(|(task, line)| {
+                    crate::queue::check_new_task(task)
+                        .err()
+                        .map(|e| (*line, e.to_string()))
+                });
+                let (line, e) = earlier.unwrap_or((i + 1, e));
+                return Err(bad(format!("{} line {line}: {e}", batch_name(file))));
+            }
+        };
         tasks.push(task);
         lines.push(i + 1);
     }

@@ -801,7 +801,13 @@ fn a_backend_terminated_during_commit_leaves_the_commit_unknown() {
         panic!("{err:?}")
     };
     assert!(!claim_tokens.is_empty(), "the claims' tokens: {err:?}");
-    assert!(err.to_string().contains("57P01"), "{err}");
+    // The server's FATAL (57P01) when the client reads it before the
+    // socket closes; "connection closed" when the close wins the race.
+    let said = err.to_string();
+    assert!(
+        said.contains("57P01") || said.contains("connection closed"),
+        "{err}"
+    );
 
     let mut submitter = db.open();
     let err = submitter.submit(&NewTask::new("echo", "{}")).unwrap_err();

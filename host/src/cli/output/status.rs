@@ -1,0 +1,231 @@
+//! `colony status` and the daemon's closing summary.
+
+use super::*;
+
+/// What `colony status` reports.
+pub struct StatusReport {
+    pub counts: Vec<(String, State, u64)>,
+    pub oldest_ready: Option<i64>,
+    pub leases: Vec<crate::queue::HeldLeases>,
+    /// When it was read (queue clock, ms): the heartbeats' ages count from it.
+    pub at: i64,
+    pub spend: Vec<SpendRow>,
+    /// The outbox by state (`pending`, `sending`, `sent`, `failed`, ...).
+    pub effects: Vec<(String, u64)>,
+    /// Why there is no queue to count, when the database does not exist
+    /// (yet): said in the JSON too, where a script would otherwise read a
+    /// mistyped --db as an empty, healthy queue.
+    pub missing: Option<String>,
+}
+
+impl StatusReport {
+    /// The report of a queue whose database does not exist: `why`.
+    pub fn missing(why: String) -> StatusReport {
+        StatusReport {
+            counts: Vec::new(),
+            oldest_ready: None,
+            leases: Vec::new(),
+            at: crate::queue::now_ms(),
+            spend: Vec::new(),
+            effects: Vec::new(),
+            missing: Some(why),
+        }
+    }
+
+    /// Reads it; spend covers the last 24 hours.
+    pub fn load(queue: &Queue) -> Result<StatusReport, QueueError> {
+        let at = queue.now()?;
+        Ok(StatusReport {
+            counts: queue.counts()?,
+            oldest_ready: queue.oldest_ready_at()?,
+            leases: queue.leases_by_holder()?,
+            at,
+            spend: queue.spend_since(at - 24 * 3600 * 1000)?,
+            effects: queue.effect_counts()?,
+            missing: None,
+        })
+    }
+}
+
+/// How many leases a host holds and whether it still renews them: "2
+/// (last heartbeat 3s ago)", with the stale ones named.
+pub fn lease_health(held: &crate::queue::HeldLeases, now: i64) -> String {
+    let heartbeat = match held.last_heartbeat_at {
+        Some(at) => format!(
+            "last heartbeat {} ago",
+            humantime::format_duration(Duration::from_secs(((now - at).max(0) / 1000) as u64))
+        ),
+        None => "no heartbeat yet".to_string(),
+    };
+    match held.stale {
+        0 => format!("{} ({heartbeat})", held.count),
+        stale => format!(
+            "{} ({heartbeat}; {stale} stale: not renewed within the holder's --stale-after, most likely a stopped daemon's, and reset by any running daemon)",
+            held.count
+        ),
+    }
+}
+
+/// `colony status --json`.
+pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
+    let age_ms = report.oldest_ready.map(|t| (report.at - t).max(0));
+    let mut by_state = serde_json::Map::new();
+    let mut by_agent = serde_json::Map::new();
+    for (agent, state, n) in &report.counts {
+        let total = by_state.entry(state.as_str()).or_insert(json!(0));
+        *total = json!(total.as_u64().unwrap_or(0) + n);
+        by_agent.entry(agent.clone()).or_insert(json!({}))[state.as_str()] = json!(n);
+    }
+    json!({
+        "by_state": by_state,
+        "by_agent": by_agent,
+        "oldest_ready_age_ms": age_ms,
+        "leases": report.leases.iter().map(|h| json!({
+            "holder": h.holder,
+            "count": h.count,
+            "last_heartbeat_at": h.last_heartbeat_at,
+            "stale": h.stale,
+        })).collect::<Vec<_>>(),
+        "model_spend_24h": spend_json(&report.spend),
+        "effects_by_state": report.effects.iter().map(|(state, n)| (state.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "agents": agents_json(agents),
+        "missing_database": report.missing,
+    })
+}
+
+pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Result<()> {
+    if json {
+        return print_json(&status_json(report, agents));
+    }
+    let StatusReport {
+        counts,
+        oldest_ready,
+        leases,
+        at,
+        spend,
+        effects,
+        missing: _, // said on stderr before the counts
+    } = report;
+    let age_ms = oldest_ready.map(|t| (at - t).max(0));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "tasks by state:")?;
+    for state in State::ALL {
+        let n: u64 = counts.iter().filter(|c| c.1 == state).map(|c| c.2).sum();
+        writeln!(out, "  {:<12} {n}", state.as_str())?;
+    }
+    writeln!(out, "tasks by agent:")?;
+    let mut names: Vec<&String> = counts.iter().map(|c| &c.0).collect();
+    names.dedup();
+    for name in names {
+        let parts: Vec<String> = counts
+            .iter()
+            .filter(|c| &c.0 == name)
+            .map(|c| format!("{} {}", c.1, c.2))
+            .collect();
+        writeln!(out, "  {:<12} {}", name, parts.join(", "))?;
+    }
+    match age_ms {
+        Some(ms) => writeln!(
+            out,
+            "oldest ready task waiting {}",
+            humantime::format_duration(Duration::from_secs((ms / 1000) as u64))
+        )?,
+        None => writeln!(out, "no task is waiting to be claimed")?,
+    }
+    if leases.is_empty() {
+        writeln!(out, "no leases held")?;
+    }
+    for held in leases {
+        writeln!(
+            out,
+            "leases held by {}: {}",
+            held.holder,
+            lease_health(held, *at)
+        )?;
+    }
+    if !effects.is_empty() {
+        let parts: Vec<String> = effects
+            .iter()
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
+        write!(out, "effects: {}", parts.join(", "))?;
+        if effects.iter().any(|(state, _)| state == "failed") {
+            write!(
+                out,
+                " (see `colony effects --state failed`; `colony effects retry ID` sends one again)"
+            )?;
+        }
+        writeln!(out)?;
+    }
+    print_spend(&mut out, spend)?;
+    drop(out);
+    print_agents(agents, false)
+}
+
+pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
+    if json {
+        return print_json(&json!({
+            "runs": summary.runs,
+            "completed": summary.completed,
+            "to_review": summary.to_review,
+            "retried": summary.retried,
+            "failed": summary.failed,
+            "lost": summary.lost,
+            "released": summary.released,
+            "unstored": summary.unstored,
+            "effects_sent": summary.effects_sent,
+            "effects_failed": summary.effects_failed,
+            "effects_released": summary.effects_released,
+            "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
+            "left_blocked_on_dependencies": summary.left_blocked.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
+            "effects_left_for_missing_agents": summary.effects_left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "effects": n})).collect::<Vec<_>>(),
+        }));
+    }
+    say!(
+        "daemon done: {} runs, {} complete, {} to review, {} retried, {} failed, {} lost, {} released",
+        summary.runs,
+        summary.completed,
+        summary.to_review,
+        summary.retried,
+        summary.failed,
+        summary.lost,
+        summary.released
+    );
+    if summary.unstored > 0 {
+        say!(
+            "  {} finished run(s) could not be stored (the database failed at shutdown): their leases expire and those tasks run again",
+            summary.unstored
+        );
+    }
+    if summary.effects_sent + summary.effects_failed + summary.effects_released > 0 {
+        say!(
+            "  effects: {} sent, {} failed for good{}{}",
+            summary.effects_sent,
+            summary.effects_failed,
+            match summary.effects_failed {
+                0 => "",
+                _ => " (see `colony effects --state failed`)",
+            },
+            match summary.effects_released {
+                0 => String::new(),
+                n => format!(
+                    ", {n} given back unanswered at shutdown (sent again by the next daemon)"
+                ),
+            }
+        );
+    }
+    for (agent, n) in &summary.left_for_missing_agents {
+        say!("  {n} task(s) left waiting for agent {agent:?}, which is not loaded");
+    }
+    for (agent, n) in &summary.left_blocked {
+        say!(
+            "  {n} task(s) of agent {agent:?} left waiting for dependencies that have not completed (in review, say, or waiting themselves; see `colony list --state pending`)"
+        );
+    }
+    for (agent, n) in &summary.effects_left_for_missing_agents {
+        say!(
+            "  {n} effect(s) left undelivered for agent {agent:?}, which is not loaded (a daemon that loads it sends them: its allow-list and secrets are needed)"
+        );
+    }
+    Ok(())
+}

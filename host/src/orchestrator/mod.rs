@@ -18,8 +18,10 @@
 //! run under `block_in_place`, so the daemon needs tokio's multi-threaded
 //! runtime.
 //!
-//! Here: the loop, claiming and dispatching, the outbox. Beside it:
-//! `config.rs` (the settings), `store.rs` (finished runs into the queue,
+//! Here: the loop, claiming and dispatching. Beside it:
+//! `config.rs` (the settings), `outbox.rs` (starting deliveries and
+//! recording them), `idle.rs` (when an until-idle daemon is done, and what
+//! it says while it waits), `store.rs` (finished runs into the queue,
 //! the lanes), `leases.rs` (heartbeats, reaping, releasing, the graceful
 //! shutdown), `run_side.rs` (what a run in flight asks of the queue),
 //! `prefetch.rs` (how far ahead to claim) and `rescans.rs` (agents
@@ -40,7 +42,9 @@ use crate::queue::{
 use crate::runtime::{Agent, AgentDir, RunHooks, Runtime};
 
 mod config;
+mod idle;
 mod leases;
+mod outbox;
 mod prefetch;
 mod rescans;
 mod run_side;
@@ -495,58 +499,6 @@ impl Daemon {
         Ok(self.summary())
     }
 
-    // ----- the outbox ------------------------------------------------------------------
-
-    fn start_deliveries(&mut self) {
-        let (deliverer, queue, agents) = (&mut self.deliverer, &mut self.queue, &self.agents);
-        let grant_of = |agent: &str| agents.loaded(agent).map(|a| a.limits.http.clone());
-        let loaded = agents.loaded_names();
-        match tokio::task::block_in_place(|| deliverer.start_due(queue, &loaded, grant_of)) {
-            Ok(()) => {
-                self.effects_due = false;
-                if let Some(lasted) = self.delivery_errors.succeeded() {
-                    tracing::info!("claiming effects works again (it failed for {lasted:.0?})");
-                }
-            }
-            Err(e) if e.is_permanent() => self.unusable = Some(e),
-            Err(e) => {
-                if let Some(more) = self.delivery_errors.failed() {
-                    tracing::error!(
-                        "claiming effects to send failed, will retry{}: {e}",
-                        crate::repeats::more(more)
-                    );
-                }
-            }
-        }
-    }
-
-    fn record_delivery(&mut self, attempt: crate::delivery::Attempt) {
-        let (deliverer, queue) = (&mut self.deliverer, &mut self.queue);
-        let mut result = tokio::task::block_in_place(|| deliverer.record(queue, &attempt));
-        for _ in 0..5 {
-            match &result {
-                Err(e) if e.is_transient() => {
-                    result = tokio::task::block_in_place(|| {
-                        std::thread::sleep(Duration::from_millis(100));
-                        deliverer.record(queue, &attempt)
-                    });
-                }
-                _ => break,
-            }
-        }
-        match result {
-            Ok(Some("sent")) => self.summary.effects_sent += 1,
-            Ok(Some("failed")) => self.summary.effects_failed += 1,
-            Ok(_) => {}
-            Err(e) => {
-                self.deliverer.abandon(&attempt);
-                tracing::error!(
-                    "could not record an effect's delivery; it will be sent again: {e}"
-                );
-            }
-        }
-    }
-
     // ----- claiming and dispatching ------------------------------------------------
 
     /// Fills free slots from the claim buffers, agents in rotation so that
@@ -753,106 +705,5 @@ impl Daemon {
             old.handle.abort();
             self.summary.lost += 1;
         }
-    }
-
-    // ----- idleness ------------------------------------------------------------------
-
-    fn is_quiet(&self) -> bool {
-        self.deliverer.is_idle()
-            && self.inflight.is_empty()
-            && self.unwritten.is_empty()
-            && !self.writer.busy
-            && self.claimers.iter().all(|lane| !lane.busy)
-            && self.prefetched.values().all(VecDeque::is_empty)
-    }
-
-    /// `Some((missing, blocked))` when nothing runnable remains for the
-    /// loaded agents and nothing runs anywhere: what is left for agents not
-    /// loaded, and what loaded agents have waiting for dependencies.
-    fn idle(&mut self) -> Result<Option<Left>, QueueError> {
-        // Effects of completed tasks still to deliver (their retries are
-        // bounded) keep an until-idle daemon at work.
-        let loaded = self.agents.loaded_names();
-        let effects = tokio::task::block_in_place(|| self.queue.effects_outstanding_by_agent())?;
-        let ours: u64 = effects
-            .iter()
-            .filter(|(agent, _)| loaded.contains(agent))
-            .map(|(_, n)| n)
-            .sum();
-        if ours > 0 {
-            self.announce_effects_wait(ours);
-            return Ok(None);
-        }
-        let backlog = tokio::task::block_in_place(|| self.queue.backlog())?;
-        let (mut missing, mut blocked) = (Vec::new(), Vec::new());
-        let mut scheduled = 0;
-        for (agent, b) in backlog {
-            if b.in_progress > 0 {
-                return Ok(None);
-            }
-            if loaded.contains(&agent) {
-                if b.ready > 0 {
-                    return Ok(None);
-                }
-                scheduled += b.scheduled;
-                if b.blocked > 0 {
-                    blocked.push((agent, b.blocked));
-                }
-            } else if b.ready + b.scheduled + b.blocked > 0 {
-                missing.push((agent, b.ready + b.scheduled + b.blocked));
-            }
-        }
-        if scheduled > 0 {
-            // Waited for (a retry's backoff is a schedule too), but say so:
-            // a daemon waiting silently for a task due in an hour looks hung.
-            self.announce_scheduled_wait(scheduled);
-            return Ok(None);
-        }
-        // Only an agent's daemon can send its effects (its allow-list and
-        // secrets): those of agents not loaded here are left, and said so.
-        self.summary.effects_left_for_missing_agents = effects;
-        Ok(Some((missing, blocked)))
-    }
-
-    /// Logs, once per next try, that an until-idle daemon waits for
-    /// `outstanding` effects to be delivered (a retry's backoff grows to ten
-    /// minutes).
-    fn announce_effects_wait(&mut self, outstanding: u64) {
-        let loaded = self.agents.loaded_names();
-        let next = tokio::task::block_in_place(|| self.queue.next_effect_due(&loaded));
-        if let Some(wait) = self.wait_to_announce(next, |d| &mut d.announced_effect_wait) {
-            tracing::info!(
-                "waiting for {outstanding} effect(s) to be delivered; the next try is due in {wait} (`colony effects` lists them)"
-            );
-        }
-    }
-
-    /// Logs, once per next due time, that an until-idle daemon waits for
-    /// `scheduled` tasks.
-    fn announce_scheduled_wait(&mut self, scheduled: u64) {
-        let next = tokio::task::block_in_place(|| self.queue.next_due_at());
-        if let Some(wait) = self.wait_to_announce(next, |d| &mut d.announced_wait) {
-            tracing::info!(
-                "waiting for {scheduled} task(s) scheduled for later; the next is due in {wait}"
-            );
-        }
-    }
-
-    /// How long until `next` (queue clock, ms), to say once: when it is more
-    /// than a few seconds away and not the time `announced` last said.
-    fn wait_to_announce(
-        &mut self,
-        next: Result<Option<i64>, QueueError>,
-        announced: impl Fn(&mut Daemon) -> &mut Option<i64>,
-    ) -> Option<humantime::FormattedDuration> {
-        let now = tokio::task::block_in_place(|| self.queue.now()).ok()?;
-        let next = next.ok()??;
-        let said = announced(self);
-        if *said == Some(next) || next - now < 10_000 {
-            return None;
-        }
-        *said = Some(next);
-        let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0) / 1000 * 1000);
-        Some(humantime::format_duration(wait))
     }
 }

@@ -1958,6 +1958,49 @@ on_both_drivers! {
 }
 
 on_both_drivers! {
+    /// An effect cut off mid-send on its last attempt fails, saying so, and
+    /// is not sent again: one whose sending kills its daemon was sent after
+    /// every crash, its attempts no limit. `effects retry` sends it again.
+    fn an_effect_cut_off_on_its_last_attempt_fails(db) {
+        let mut q = db.open_as("first-sender");
+        submit(&mut q, "a", json!({}));
+        let lease = claim_one(&mut q, "a");
+        let run = colony::queue::FinishedRun {
+            lease,
+            outcome: ok(json!({})),
+            log: String::new(),
+            state: vec![],
+            effects: vec![colony::effects::Effect { max_attempts: 2, ..hook_effect() }],
+            claimed: None,
+        };
+        q.finish_batch(&[run]).unwrap();
+        let agents = ["a".to_string()];
+        let short = Duration::from_millis(100);
+        let first = q.claim_due_effects(4, short, &agents).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+        let second = q.claim_due_effects(4, short, &agents).unwrap();
+        assert_eq!((second.len(), second[0].attempt), (1, 2), "attempt 1 was taken over");
+        std::thread::sleep(Duration::from_millis(250));
+        let mut other = db.open_as("second-sender");
+        assert!(other.claim_due_effects(4, short, &agents).unwrap().is_empty(), "not sent a third time");
+        let rows = other.effects(Some(lease.task_id), None, 10).unwrap();
+        assert_eq!((rows[0].state.as_str(), rows[0].attempts), ("failed", 2));
+        assert!(rows[0].error.as_deref().unwrap().contains("last attempt was cut off"), "{:?}", rows[0].error);
+        let events = other.events(Some(lease.task_id), 0, 100).unwrap();
+        let failed: Vec<_> = events.iter().filter(|e| e.event == "effect_failed").collect();
+        assert_eq!(failed.len(), 1, "{events:?}");
+        assert_eq!(failed[0].actor, "second-sender");
+        assert_eq!(failed[0].detail["sender"], "first-sender");
+        assert_eq!(failed[0].detail["attempt"], 2);
+        assert_eq!(failed[0].detail["effect"], first[0].id);
+        assert!(other.effects_outstanding(&agents).unwrap() == 0);
+        // An operator's retry sends it again.
+        other.retry_effect(first[0].id).unwrap();
+        assert_eq!(other.claim_due_effects(4, short, &agents).unwrap().len(), 1);
+    }
+}
+
+on_both_drivers! {
     /// A chain is capped at MAX_CHAIN_TASKS tasks, counted on its root: a
     /// completion whose children would pass it fails as bad input and
     /// changes nothing; within it, they are inserted and counted.

@@ -154,19 +154,19 @@ fn note(
 /// stalled mid-send), each with an `effect_taken_over` event naming the
 /// sender and its attempt: the attempt counts (its request may have
 /// arrived), and without the event the trail showed attempt 2 with
-/// nothing before it.
+/// nothing before it. One cut off on its last attempt fails instead, as a
+/// task's run does: an effect whose sending kills its daemon would
+/// otherwise be sent again after every crash, its attempts no limit.
 fn take_over_cut_off_sends(tx: &dyn Sql, agents: &str, actor: &str, now: i64) -> Result<()> {
+    fail_cut_off_last_attempts(tx, agents, actor, now)?;
     let agent_in = agent_in(tx, 2);
-    let skip_locked = match tx.dialect() {
-        Dialect::Sqlite => "",
-        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-    };
     let taken = tx.query(
         &format!(
             "UPDATE effects SET state = 'pending', next_at = ?1, claim_token = NULL, lease_until = NULL
              WHERE id IN (SELECT id FROM effects
-                          WHERE state = 'sending' AND lease_until < ?1 AND {agent_in}{skip_locked})
-             RETURNING id, task_id, seq, attempts, claimed_by"
+                          WHERE state = 'sending' AND lease_until < ?1 AND {agent_in}{})
+             RETURNING id, task_id, seq, attempts, claimed_by",
+            skip_locked(tx)
         ),
         args![now, agents],
     )?;
@@ -181,6 +181,51 @@ fn take_over_cut_off_sends(tx: &dyn Sql, agents: &str, actor: &str, now: i64) ->
         note(tx, row.get(1)?, "effect_taken_over", actor, detail, now)?;
     }
     Ok(())
+}
+
+/// Fails the effects of `agents` whose sender's claim ran out on their
+/// last attempt (see [`take_over_cut_off_sends`]), each with an
+/// `effect_failed` event that says why and names the sender.
+fn fail_cut_off_last_attempts(tx: &dyn Sql, agents: &str, actor: &str, now: i64) -> Result<()> {
+    const WHY: &str = "its last attempt was cut off: the sender's claim ran out with no answer \
+                       recorded (the sender died or stalled mid-send, perhaps because of this \
+                       request); the receiver may have it already. `colony effects retry ID` \
+                       sends it again";
+    let failed = tx.query(
+        &format!(
+            "UPDATE effects SET state = 'failed', error = ?3, claim_token = NULL, lease_until = NULL,
+                    updated_at = ?1
+             WHERE id IN (SELECT id FROM effects
+                          WHERE state = 'sending' AND lease_until < ?1
+                            AND attempts >= max_attempts AND {}{})
+             RETURNING id, task_id, seq, attempts, claimed_by",
+            agent_in(tx, 2),
+            skip_locked(tx)
+        ),
+        args![now, agents, WHY],
+    )?;
+    for row in &failed {
+        let detail = json!({
+            "effect": row.get::<i64>(0)?,
+            "seq": row.get::<u32>(2)?,
+            "attempt": row.get::<u32>(3)?,
+            "status": null,
+            "error": WHY,
+            "refused": false,
+            "now": "failed",
+            "sender": row.get::<Option<String>>(4)?,
+        });
+        note(tx, row.get(1)?, "effect_failed", actor, detail, now)?;
+    }
+    Ok(())
+}
+
+/// On PostgreSQL, rows another sender is taking are skipped, not waited for.
+fn skip_locked(db: &dyn Sql) -> &'static str {
+    match db.dialect() {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+    }
 }
 
 /// `agent IN` the agents of a JSON list of names (the statement's `?n`).
@@ -220,13 +265,15 @@ impl Queue {
                 Dialect::Sqlite => format!(
                     "SELECT id FROM effects WHERE state = 'pending' AND next_at <= ?4 AND {agent_in}
                      UNION ALL
-                     SELECT id FROM effects WHERE state = 'sending' AND lease_until < ?4 AND {agent_in}
+                     SELECT id FROM effects
+                     WHERE state = 'sending' AND lease_until < ?4 AND attempts < max_attempts
+                       AND {agent_in}
                      LIMIT ?5"
                 ),
                 Dialect::Postgres => format!(
                     "SELECT id FROM effects
                      WHERE ((state = 'pending' AND next_at <= ?4)
-                            OR (state = 'sending' AND lease_until < ?4))
+                            OR (state = 'sending' AND lease_until < ?4 AND attempts < max_attempts))
                        AND {agent_in}
                      LIMIT ?5 FOR UPDATE SKIP LOCKED"
                 ),

@@ -63,6 +63,15 @@ on_both_drivers! {
             read.extend(page);
         }
         assert_eq!(read, cli_events);
+        // Task 0: the operators' own writes, as `events --task 0` reads them.
+        env.ok(&["state", "set", "--agent", "echo", "k1", "\"v\""]);
+        let operators: Vec<Value> = env
+            .ok(&["events", "--task", "0"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(operators.len(), 1, "{operators:?}");
+        assert_eq!(web.get_json("/api/events?task=0"), Value::Array(operators));
         let since = cli_events[1]["id"].as_i64().unwrap();
         assert_eq!(
             web.get_json(&format!("/api/events?since={since}&task={failed}")),
@@ -997,6 +1006,37 @@ fn a_daemon_serves_the_dashboard_while_it_runs() {
     assert_eq!(counts["complete"], 1);
     let status = web.stop();
     assert!(status.success(), "{status}");
+}
+
+/// `--json daemon --http` prints JSON Lines: the serving line, then the
+/// summary on one line (it was a pretty document after a compact line).
+#[test]
+fn a_json_daemon_with_http_prints_json_lines() {
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    let args = [
+        "--json",
+        "daemon",
+        "--until-idle",
+        "--poll",
+        "100ms",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let stdout = env.ok(&args);
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?} in {stdout}")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{stdout}"
+    );
+    assert_eq!(lines[1]["completed"], 1, "{stdout}");
 }
 
 #[test]

@@ -580,14 +580,16 @@ async fn events(
                 ApiError::bad(format!("invalid since {text:?}: an event id, 0 or more"))
             })?,
     };
+    // Task 0 holds the operators' own writes (`colony state set`), as in
+    // `colony events --task 0`.
     let task = params
         .task
         .as_deref()
         .filter(|t| !t.is_empty())
-        .map(task_id)
+        .map(|t| if t == "0" { Ok(0) } else { task_id(t) })
         .transpose()?;
     let asked = parse_limit(params.limit.as_deref())?;
-    if let Some(id) = task {
+    if let Some(id) = task.filter(|&id| id != 0) {
         // An unknown task is bad input, not an empty trail (as in the CLI).
         app.store
             .run(None, move |queue| queue.get(id).map(|_| ()))

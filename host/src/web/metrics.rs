@@ -76,20 +76,44 @@ const MAX_TIMED_TASKS: usize = 200_000;
 const MAX_AGENT_LABELS: usize = 200;
 const OTHER_AGENTS: &str = "_other";
 
-/// The agent names admitted as labels, in the order first seen.
-#[derive(Default)]
-struct AgentNames(std::collections::HashSet<String>);
+/// Most distinct model aliases the metrics carry as labels, and the
+/// longest. A call is recorded under the alias its agent asked for, also
+/// when this host refused it for naming no alias configured here, so a
+/// guest asking for made-up names (of any length) would otherwise add
+/// series for as long as the server runs; the host's own aliases are at
+/// most 64 characters. The rest count under [`OTHER_MODELS`].
+const MAX_MODEL_LABELS: usize = 50;
+const MAX_MODEL_LABEL_CHARS: usize = 64;
+const OTHER_MODELS: &str = "_other";
 
-impl AgentNames {
-    fn label(&mut self, agent: &str) -> String {
-        if self.0.contains(agent) {
-            return agent.to_string();
+/// The values admitted as one label's, in the order first seen: at most
+/// `max` of them, each at most `longest` characters; the rest are `other`.
+struct LabelValues {
+    seen: std::collections::HashSet<String>,
+    max: usize,
+    longest: usize,
+    other: &'static str,
+}
+
+impl LabelValues {
+    fn new(max: usize, longest: usize, other: &'static str) -> LabelValues {
+        LabelValues {
+            seen: Default::default(),
+            max,
+            longest,
+            other,
         }
-        if self.0.len() < MAX_AGENT_LABELS {
-            self.0.insert(agent.to_string());
-            return agent.to_string();
+    }
+
+    fn label(&mut self, value: &str) -> String {
+        if self.seen.contains(value) {
+            return value.to_string();
         }
-        OTHER_AGENTS.to_string()
+        if self.seen.len() < self.max && value.chars().count() <= self.longest {
+            self.seen.insert(value.to_string());
+            return value.to_string();
+        }
+        self.other.to_string()
     }
 }
 
@@ -185,7 +209,8 @@ pub struct Metrics {
     leases: Family<HolderLabels, Gauge>,
     effects: Family<StateLabels, Gauge>,
     tail: Mutex<Tail>,
-    agent_names: Mutex<AgentNames>,
+    agent_names: Mutex<LabelValues>,
+    model_names: Mutex<LabelValues>,
     /// One catch-up at a time (the background reader, scrapes, pages).
     catching_up: Mutex<()>,
     /// One scrape at a time: each clears and refills the gauges.
@@ -217,7 +242,12 @@ impl Metrics {
             leases: Family::default(),
             effects: Family::default(),
             tail: Mutex::new(Tail::default()),
-            agent_names: Mutex::new(AgentNames::default()),
+            agent_names: Mutex::new(LabelValues::new(MAX_AGENT_LABELS, usize::MAX, OTHER_AGENTS)),
+            model_names: Mutex::new(LabelValues::new(
+                MAX_MODEL_LABELS,
+                MAX_MODEL_LABEL_CHARS,
+                OTHER_MODELS,
+            )),
             catching_up: Mutex::new(()),
             rendering: Mutex::new(()),
             registry: Registry::default(),
@@ -327,9 +357,10 @@ impl Metrics {
 
     fn charge(&self, c: &ModelCharge) {
         let agent = self.agent_label(&c.agent);
+        let alias = self.model_names.lock().unwrap().label(&c.model);
         let model = |direction: &str| TokenLabels {
             agent: agent.clone(),
-            model: c.model.clone(),
+            model: alias.clone(),
             direction: direction.into(),
         };
         self.tokens
@@ -341,7 +372,7 @@ impl Metrics {
         if let Some(cost) = c.cost_usd {
             let labels = ModelLabels {
                 agent: agent.clone(),
-                model: c.model.clone(),
+                model: alias,
             };
             self.cost.get_or_create(&labels).inc_by(cost);
         }
@@ -689,6 +720,45 @@ mod tests {
                     && l.ends_with(" 321")),
             "{text}"
         );
+    }
+
+    /// Aliases an agent made up (refused calls are recorded under them)
+    /// past the cap, or longer than any alias a host configures, share one
+    /// label.
+    #[test]
+    fn model_aliases_past_the_cap_or_too_long_share_one_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let queue = Queue::open(&path).unwrap();
+        let metrics = Metrics::new();
+        metrics.render(&queue).unwrap(); // counts from here
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let long = "m".repeat(5000);
+        let aliases: Vec<String> = (0..MAX_MODEL_LABELS + 10)
+            .map(|i| format!("made-up-{i:03}"))
+            .chain([long.clone()])
+            .collect();
+        for (seq, alias) in aliases.iter().enumerate() {
+            raw.execute(
+                "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                     request_hash, request, status, input_tokens, output_tokens, ms, replayed)
+                 VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'ok', 1, 0, 1, 0)",
+                rusqlite::params![seq as i64, alias],
+            )
+            .unwrap();
+        }
+        let text = metrics.render(&queue).unwrap();
+        let inputs: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("colony_model_tokens_total{") && l.contains("\"input\""))
+            .collect();
+        assert_eq!(inputs.len(), MAX_MODEL_LABELS + 1, "{text}");
+        assert!(!text.contains(&long), "a 5,000-character label");
+        let other = inputs
+            .iter()
+            .find(|l| l.contains(&format!("model=\"{OTHER_MODELS}\"")))
+            .expect("the rest under one label");
+        assert!(other.ends_with(" 11"), "{other}");
     }
 
     #[test]

@@ -330,6 +330,19 @@ on_both_drivers! {
         assert_eq!(env.show(second)["state"], "complete");
     }
 
+    /// `--json submit --batch` prints an array whatever the number of
+    /// lines (one line printed a bare object); a single submit one object.
+    fn a_json_batch_is_an_array_even_of_one(db) {
+        let env = Env::on(db, &["echo"]);
+        let file = env.data.path().join("one.jsonl");
+        std::fs::write(&file, "{\"agent\":\"echo\"}\n").unwrap();
+        let batch = env.json(&["submit", "--batch", file.to_str().unwrap()]);
+        assert_eq!(batch.as_array().map(Vec::len), Some(1), "{batch}");
+        assert_eq!(batch[0]["agent"], "echo");
+        let single = env.json(&["submit", "echo", "{}"]);
+        assert!(single["id"].is_i64(), "{single}");
+    }
+
     fn max_revisions_is_set_per_task(db) {
         let env = Env::on(db, &["echo"]);
         let once = env.submit(&["echo", "{}", "--review", "--max-revisions", "0"]);

@@ -109,7 +109,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         progress.abort();
         let _ = write!(std::io::stderr(), "\r\x1b[2K");
     }
-    output::print_daemon_summary(&summary?, cli.json)
+    // With --http the serving line came first: the summary is a second
+    // line of JSON Lines, not a pretty document after it.
+    output::print_daemon_summary(&summary?, cli.json, args.http.is_some())
 }
 
 /// With `--until-idle` in a terminal: one status line of the work left,

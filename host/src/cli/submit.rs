@@ -43,7 +43,7 @@ pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
         vec![queue.submit(&tasks[0])?]
     };
     warn_about_missing_agents(&cli.agents, &tasks);
-    output::print_submitted(&queue, &submitted, cli.json)
+    output::print_submitted(&queue, &submitted, args.batch.is_some(), cli.json)
 }
 
 /// Warns about every agent the tasks name (to run them, to review them,

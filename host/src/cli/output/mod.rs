@@ -138,7 +138,14 @@ fn short(text: &str, max: usize) -> String {
     }
 }
 
-pub fn print_submitted(queue: &Queue, submitted: &[Submitted], json: bool) -> Result<()> {
+/// What a submit stored: with `--json` one object, or for a `--batch` an
+/// array whatever its number of lines (a script reads one shape).
+pub fn print_submitted(
+    queue: &Queue,
+    submitted: &[Submitted],
+    batch: bool,
+    json: bool,
+) -> Result<()> {
     if json {
         // A known key stored nothing: said as the API says it.
         let tasks: Vec<Value> = submitted
@@ -151,10 +158,9 @@ pub fn print_submitted(queue: &Queue, submitted: &[Submitted], json: bool) -> Re
                 Ok::<_, crate::queue::QueueError>(task)
             })
             .collect::<Result<_, _>>()?;
-        return print_json(&if tasks.len() == 1 {
-            tasks[0].clone()
-        } else {
-            Value::Array(tasks)
+        return print_json(&match (batch, tasks.as_slice()) {
+            (false, [task]) => task.clone(),
+            _ => Value::Array(tasks),
         });
     }
     let mut out = std::io::stdout().lock();

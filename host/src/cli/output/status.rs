@@ -162,9 +162,10 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
     print_agents(agents, false)
 }
 
-pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
+/// What a daemon did; with `--json` one object, on one line when `line`.
+pub fn print_daemon_summary(summary: &DaemonSummary, json: bool, line: bool) -> Result<()> {
     if json {
-        return print_json(&json!({
+        let summary = json!({
             "runs": summary.runs,
             "completed": summary.completed,
             "to_review": summary.to_review,
@@ -179,7 +180,12 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool) -> Result<()> {
             "left_for_missing_agents": summary.left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
             "left_blocked_on_dependencies": summary.left_blocked.iter().map(|(a, n)| json!({"agent": a, "tasks": n})).collect::<Vec<_>>(),
             "effects_left_for_missing_agents": summary.effects_left_for_missing_agents.iter().map(|(a, n)| json!({"agent": a, "effects": n})).collect::<Vec<_>>(),
-        }));
+        });
+        if line {
+            writeln!(std::io::stdout(), "{summary}")?;
+            return Ok(());
+        }
+        return print_json(&summary);
     }
     say!(
         "daemon done: {} runs, {} complete, {} to review, {} retried, {} failed, {} lost, {} released",

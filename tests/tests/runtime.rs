@@ -411,6 +411,23 @@ async fn a_guest_that_exits_is_said_to_have_exited() {
     );
 }
 
+/// A crash after a flood of stderr (warnings filling the log's cap) is
+/// still explained: its message quotes stderr's end, not its start, and
+/// the log keeps that end too. The panic was in neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_flood_of_stderr_still_says_why() {
+    let h = harness(&["panic"]);
+    let mut task = new_task("panic", json!({"noise": 3000}));
+    task.max_attempts = 1;
+    let (id, message) = fails_as(&h, task, ErrorKind::Crash).await;
+    assert!(message.starts_with("the guest panicked: "), "{message}");
+    assert!(message.contains("fixture panic: boom"), "{message}");
+    assert!(message.contains("processing item 2999"), "{message}");
+    let log = h.log(id);
+    assert!(log.contains("[log truncated:"), "{log}");
+    assert!(log.contains("fixture panic: boom"), "the log keeps the end: {log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn megabytes_of_output_are_truncated_and_the_task_completes() {
     let h = harness(&["loud"]);
@@ -426,7 +443,7 @@ async fn megabytes_of_output_are_truncated_and_the_task_completes() {
         "a long message says it was cut"
     );
     assert!(
-        log.len() < 3 * 64 * 1024 + 1024,
+        log.len() < 3 * (64 + 4) * 1024 + 1024,
         "log kept {} bytes",
         log.len()
     );

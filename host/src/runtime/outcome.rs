@@ -69,6 +69,10 @@ pub(super) fn bounded_failure_message(mut message: String) -> String {
     message
 }
 
+/// Most of stderr's end a crash message quotes: enough for a traceback
+/// with a long exception message (a failure message keeps 8 KiB).
+const CRASH_STDERR_BYTES: usize = 4096;
+
 /// Names what went wrong in a trapped run.
 pub(super) fn classify_trap(
     error: &wasmtime::Error,
@@ -89,7 +93,7 @@ pub(super) fn classify_trap(
         .downcast_ref::<wasmtime_wasi::I32Exit>()
         .filter(|_| memory_denied.is_none())
     {
-        let said = log.stderr_tail(600);
+        let said = log.stderr_tail(CRASH_STDERR_BYTES);
         let said = match said.trim() {
             "" => String::new(),
             text => format!(", after writing to stderr: {text}"),
@@ -124,7 +128,7 @@ pub(super) fn classify_trap(
             "the guest accessed memory out of bounds (in Rust guests this is also how a stack overflow of the shadow stack shows)".to_string(),
         ),
         (Some(trap), _) => {
-            let panic = log.stderr_tail(600);
+            let panic = log.stderr_tail(CRASH_STDERR_BYTES);
             if panic.contains("panicked at") {
                 (ErrorKind::Crash, format!("the guest panicked: {panic}"))
             } else if !panic.trim().is_empty() {

@@ -413,10 +413,20 @@ struct LogBuffers {
     stderr: Capped,
 }
 
+/// The last bytes of a stream kept past its cap: what a run said just
+/// before it crashed (a Python traceback, a panic) comes after whatever
+/// it printed first, which may fill the cap.
+pub const LOG_TAIL_BYTES: usize = 4096;
+
+/// One stream of a run's log: its first `cap` bytes, and the last
+/// [`LOG_TAIL_BYTES`] of those dropped after them.
 struct Capped {
     kept: Vec<u8>,
     cap: usize,
     dropped: usize,
+    /// The end of the dropped bytes: between `LOG_TAIL_BYTES` and twice
+    /// that once full (trimmed in steps, not on every write).
+    tail: Vec<u8>,
 }
 
 impl Capped {
@@ -425,6 +435,7 @@ impl Capped {
             kept: Vec::new(),
             cap,
             dropped: 0,
+            tail: Vec::new(),
         }
     }
 
@@ -432,7 +443,36 @@ impl Capped {
         let room = self.cap.saturating_sub(self.kept.len());
         let take = room.min(bytes.len());
         self.kept.extend_from_slice(&bytes[..take]);
-        self.dropped += bytes.len() - take;
+        let past = &bytes[take..];
+        if past.is_empty() {
+            return;
+        }
+        self.dropped += past.len();
+        self.tail
+            .extend_from_slice(&past[past.len().saturating_sub(LOG_TAIL_BYTES)..]);
+        if self.tail.len() > 2 * LOG_TAIL_BYTES {
+            self.tail.drain(..self.tail.len() - LOG_TAIL_BYTES);
+        }
+    }
+
+    /// The dropped bytes that are still at hand, at most the last
+    /// [`LOG_TAIL_BYTES`].
+    fn dropped_tail(&self) -> &[u8] {
+        &self.tail[self.tail.len().saturating_sub(LOG_TAIL_BYTES)..]
+    }
+
+    /// The stream's last `max` bytes, dropped ones included.
+    fn last(&self, max: usize) -> Vec<u8> {
+        let tail = self.dropped_tail();
+        let mut last = Vec::with_capacity(max.min(self.kept.len() + tail.len()));
+        // The end of what was kept runs on into the tail only when nothing
+        // between them was lost.
+        if tail.len() < max && tail.len() == self.dropped {
+            let from_kept = max - tail.len();
+            last.extend_from_slice(&self.kept[self.kept.len().saturating_sub(from_kept)..]);
+        }
+        last.extend_from_slice(&tail[tail.len().saturating_sub(max)..]);
+        last
     }
 
     fn render(&self, title: &str, out: &mut String) {
@@ -447,10 +487,17 @@ impl Capped {
             out.push('\n');
         }
         if self.dropped > 0 {
+            let tail = self.dropped_tail();
             out.push_str(&format!(
-                "[log truncated: {} more bytes dropped after the first {} bytes]\n",
-                self.dropped, self.cap
+                "[log truncated: {} more bytes dropped after the first {} bytes; the last {} of them follow]\n",
+                self.dropped,
+                self.cap,
+                tail.len()
             ));
+            out.push_str(&String::from_utf8_lossy(tail));
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
         }
     }
 }
@@ -497,14 +544,18 @@ impl TaskLog {
         }
     }
 
-    /// The last bytes written to stderr, for crash messages (a Rust panic
-    /// prints its message there just before the trap).
+    /// The last bytes written to stderr, for crash messages (a Rust panic,
+    /// a Python traceback, a JavaScript exception is printed there just
+    /// before the trap), at most `max`: from the start of a line when a
+    /// cut one fits.
     pub fn stderr_tail(&self, max: usize) -> String {
-        let buffers = self.0.lock().unwrap();
-        let kept = &buffers.stderr.kept;
-        String::from_utf8_lossy(&kept[kept.len().saturating_sub(max)..])
-            .trim()
-            .to_string()
+        let last = self.0.lock().unwrap().stderr.last(max);
+        let text = String::from_utf8_lossy(&last);
+        let whole_lines = match text.find('\n') {
+            Some(end) if last.len() == max && end < max / 2 => &text[end + 1..],
+            _ => &text,
+        };
+        whole_lines.trim().to_string()
     }
 
     /// The whole log as text: log lines, then stdout and stderr sections.
@@ -610,6 +661,47 @@ mod tests {
         );
         assert!(text.contains("--- stderr ---\nerr\n"), "{text}");
         assert_eq!(log.stderr_tail(2), "rr");
+    }
+
+    /// What a run wrote last, past its cap (the traceback after a flood of
+    /// warnings), is in its log and in its crash message: they kept only
+    /// the first bytes.
+    #[test]
+    fn the_end_of_a_stream_past_its_cap_is_kept() {
+        let log = TaskLog::new(64);
+        for i in 0..2000 {
+            log.write(Stream::Stderr, format!("WARNING: item {i}\n").as_bytes());
+        }
+        log.write(
+            Stream::Stderr,
+            b"Traceback (most recent call last):\nValueError: the real problem\n",
+        );
+        let tail = log.stderr_tail(600);
+        assert!(
+            tail.starts_with("WARNING: item "),
+            "from a line's start: {tail}"
+        );
+        assert!(
+            tail.ends_with("Traceback (most recent call last):\nValueError: the real problem"),
+            "{tail}"
+        );
+        assert!(tail.len() <= 600);
+        let text = log.render();
+        assert!(
+            text.contains(&format!("; the last {LOG_TAIL_BYTES} of them follow]\n")),
+            "{text}"
+        );
+        assert!(text.ends_with("ValueError: the real problem\n"), "{text}");
+        assert!(
+            text.len() < 64 + LOG_TAIL_BYTES + 200,
+            "bounded: {}",
+            text.len()
+        );
+        // Below the cap the tail is the kept bytes'; just past it, the two join.
+        let log = TaskLog::new(8);
+        log.write(Stream::Stderr, b"0123456789");
+        assert_eq!(log.stderr_tail(5), "56789");
+        assert_eq!(log.stderr_tail(100), "0123456789");
     }
 
     #[test]

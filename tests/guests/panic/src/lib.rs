@@ -1,6 +1,8 @@
 //! `panic`: panics on every run. On wasm32-wasip2 a panic aborts, which the
 //! host sees as a trap rather than a `failure`. With `"exit": N` in the
 //! payload it calls `process::exit(N)` instead, as a Python `sys.exit` does.
+//! With `"noise": N` it first writes N warning lines to stderr, as an
+//! agent logging through Python's `logging` does before it fails.
 
 wit_bindgen::generate!({ world: "agent", path: "../../../wit", generate_all });
 
@@ -10,7 +12,10 @@ struct Panic;
 
 impl Guest for Panic {
     fn run(task: Task) -> Result<Outcome, Failure> {
-        if let Some(status) = exit_status(&task.payload) {
+        for i in 0..number(&task.payload, "noise").unwrap_or(0) {
+            eprintln!("WARNING:root:processing item {i}");
+        }
+        if let Some(status) = number(&task.payload, "exit") {
             eprintln!("fixture exiting with {status}");
             std::process::exit(status);
         }
@@ -18,9 +23,9 @@ impl Guest for Panic {
     }
 }
 
-/// `N` from a payload `{"exit": N}` (read by hand: no JSON crate here).
-fn exit_status(payload: &str) -> Option<i32> {
-    let rest = payload.split("\"exit\":").nth(1)?;
+/// `N` from a payload `{"name": N}` (read by hand: no JSON crate here).
+fn number(payload: &str, name: &str) -> Option<i32> {
+    let rest = payload.split(&format!("\"{name}\":")).nth(1)?;
     let digits: String = rest
         .trim_start()
         .chars()

@@ -352,6 +352,28 @@ fn colony_new_refuses_a_bad_name_and_a_full_directory() {
         serde_json::from_str(&env.ok(&["--json", "new", "y", "--lang", "js"])).unwrap();
     assert!(made["created"].as_str().unwrap().ends_with("y"), "{made}");
     assert!(made["build"].as_str().unwrap().contains("npm"), "{made}");
+    // Whether the toolchain is here, said in the JSON too.
+    assert!(
+        made.as_object().unwrap().contains_key("toolchain_missing"),
+        "{made}"
+    );
+    // A --dir that is a file: bad input naming it, the file as it was.
+    let file = env.data.path().join("afile");
+    std::fs::write(&file, "mine").unwrap();
+    let out = env.run(&[
+        "new",
+        "z",
+        "--lang",
+        "python",
+        "--dir",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("afile is a file"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
     assert!(env.data.path().join("y/package.json").is_file());
     let full = env.run(&["new", "x", "--lang", "js", "--dir", dir.to_str().unwrap()]);
     assert_eq!(full.status.code(), Some(2));

@@ -425,7 +425,10 @@ async fn a_crash_after_a_flood_of_stderr_still_says_why() {
     assert!(message.contains("processing item 2999"), "{message}");
     let log = h.log(id);
     assert!(log.contains("[log truncated:"), "{log}");
-    assert!(log.contains("fixture panic: boom"), "the log keeps the end: {log}");
+    assert!(
+        log.contains("fixture panic: boom"),
+        "the log keeps the end: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

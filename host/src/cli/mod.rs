@@ -260,8 +260,13 @@ async fn run_command(cli: &Cli) -> Result<()> {
         }
         Command::New(args) => {
             let (dir, build) = new::scaffold(args)?;
+            let missing = new::missing_toolchain(args.lang);
             if cli.json {
-                return output::print_json(&serde_json::json!({ "created": dir, "build": build }));
+                return output::print_json(&serde_json::json!({
+                    "created": dir,
+                    "build": build,
+                    "toolchain_missing": missing,
+                }));
             }
             println!("created {}", dir.display());
             println!("\nNext:");
@@ -271,7 +276,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
                 "  (then copy the component to your colony's {} folder; see README.md)",
                 cli.agents.display()
             );
-            if let Some(missing) = new::missing_toolchain(args.lang) {
+            if let Some(missing) = missing {
                 say!("note: building it needs {missing}");
             }
             Ok(())

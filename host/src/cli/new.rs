@@ -132,9 +132,23 @@ fn commands(lang: Lang, name: &str) -> (String, String, &'static str) {
     }
 }
 
+/// The examples' hooks for the repository's tests (`raise`, `spin`): a
+/// new agent leaves them out, or any submitter could crash it or hold a
+/// slot until its deadline.
+const TEST_HOOKS: &[&str] = &[
+    ", \"raise\": bool, \"spin\": bool",
+    ", \"raise\": bool, \"spin\": bool",
+    "\n        if payload.get(\"raise\"):\n            raise RuntimeError(\"asked to raise\")\n        if payload.get(\"spin\"):\n            while True:\n                pass",
+    "\n    if (payload.raise) throw new TypeError(\"asked to raise\");\n    if (payload.spin) for (;;) {}",
+    "\n            if payload[\"raise\"] == true {\n                panic!(\"asked to raise\");\n            }\n            if payload[\"spin\"] == true {\n                #[allow(clippy::empty_loop)]\n                loop {}\n            }",
+];
+
 /// The template's text for an agent called `name`.
 fn render(text: &str, name: &str) -> String {
     let mut text = text.to_string();
+    for hook in TEST_HOOKS {
+        text = text.replace(hook, "");
+    }
     // What is true of the examples side by side, not of a project alone.
     for (example, project) in [
         (
@@ -162,6 +176,14 @@ fn render(text: &str, name: &str) -> String {
         .replace("wordcount", name)
 }
 
+/// What a Python agent's author must know about imports: componentize-py
+/// bundles the modules imported when the component is built, and a run
+/// has no file system to find others in.
+const PYTHON_IMPORTS: &str = "\nImport every module at the top of a file, not inside a function:\n\
+     componentize-py bundles the modules imported when it builds the component, and\n\
+     a run has no file system to find others in (an import inside `run` fails with\n\
+     `ModuleNotFoundError`).\n";
+
 fn readme(lang: Lang, name: &str) -> String {
     let (build, output, test) = commands(lang, name);
     let toolchain = match lang {
@@ -170,6 +192,10 @@ fn readme(lang: Lang, name: &str) -> String {
             "componentize-py, pinned in requirements.txt: `pip install -r requirements.txt`"
         }
         Lang::Js => "Node.js and npm; componentize-js is pinned in package.json",
+    };
+    let note = match lang {
+        Lang::Python => PYTHON_IMPORTS,
+        _ => "",
     };
     format!(
         "# {name}\n\nA Colony agent, made by `colony new`. It counts the words of\n\
@@ -180,7 +206,7 @@ fn readme(lang: Lang, name: &str) -> String {
          \x20   colony submit {name} '{{\"text\": \"the quick brown fox\"}}'\n\
          \x20   colony daemon --until-idle\n\n\
          Unit tests: `{test}`. The WIT it is built against is in `wit/`\n\
-         (`colony wit --out wit` refreshes it).\n"
+         (`colony wit --out wit` refreshes it).\n{note}"
     )
 }
 
@@ -288,6 +314,13 @@ pub fn scaffold(args: &NewArgs) -> Result<(PathBuf, String)> {
         .dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(&args.name));
+    if dir.exists() && !dir.is_dir() {
+        return Err(BadInput(format!(
+            "{} is a file: colony new writes a project into a new or empty directory (give one with --dir)",
+            dir.display()
+        ))
+        .into());
+    }
     if dir.exists()
         && std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -325,4 +358,30 @@ fn write(path: &Path, text: &str) -> Result<()> {
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A new agent has none of the examples' test hooks, whichever its
+    /// language; each hook is found in a template (a stale list would
+    /// remove nothing and say nothing).
+    #[test]
+    fn a_new_agent_leaves_out_the_test_hooks() {
+        for hook in TEST_HOOKS {
+            let found = [RUST, PYTHON, JS]
+                .iter()
+                .any(|templates| templates.iter().any(|(_, text)| text.contains(hook)));
+            assert!(found, "no template holds {hook:?}");
+        }
+        for templates in [RUST, PYTHON, JS] {
+            for (path, text) in templates {
+                let made = render(text, "hello");
+                for word in ["raise\"", "spin", "asked to raise"] {
+                    assert!(!made.contains(word), "{path} keeps {word:?}:\n{made}");
+                }
+            }
+        }
+    }
 }

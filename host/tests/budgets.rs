@@ -455,4 +455,25 @@ on_both_drivers! {
         let replay = q.model_context(fourth).unwrap().replay;
         assert_eq!(replay.iter().map(|c| (c.seq, c.replayed)).collect::<Vec<_>>(), [(1, true), (2, false)]);
     }
+    /// A run cancelled mid-way is interrupted, not answered: a retry
+    /// replays its calls, the ones it replayed itself included. It kept
+    /// the older journal (or none), and the retry paid again for what the
+    /// cancelled run had been charged.
+    fn a_cancelled_runs_calls_are_replayed_by_its_retry(db) {
+        let mut q = db.open();
+        let id = q.submit(&retried_task()).unwrap().id;
+        let first = q.claim("a", 1).unwrap()[0].lease;
+        q.record_model_call(first, 1, &paid(1, "h1")).unwrap();
+        let second = interrupt(&mut q);
+        let mut replayed = paid(1, "h1");
+        (replayed.replayed, replayed.charged) = (true, Usage::default());
+        q.record_model_call(second, 2, &replayed).unwrap();
+        q.record_model_call(second, 2, &paid(2, "h2")).unwrap();
+        q.cancel(id, "wrong brief").unwrap();
+        q.retry(id).unwrap();
+        let third = q.claim("a", 1).unwrap()[0].lease;
+        let replay = q.model_context(third).unwrap().replay;
+        let seqs: Vec<(u32, &str)> = replay.iter().map(|c| (c.seq, c.request_hash.as_str())).collect();
+        assert_eq!(seqs, [(1, "h1"), (2, "h2")]);
+    }
 }

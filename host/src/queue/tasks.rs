@@ -648,6 +648,14 @@ fn cancel_one(
     now: i64,
 ) -> Result<Vec<i64>> {
     let mut reviewers = Vec::new();
+    if from == State::InProgress {
+        // A run cancelled mid-way was interrupted, not answered: a retry
+        // replays its model calls rather than paying for them again.
+        tx.execute(
+            &format!("UPDATE tasks SET replay_token = {REPLAY_FROM_THIS_RUN} WHERE id = ?1"),
+            args![id],
+        )?;
+    }
     if from == State::Review {
         outbox::drop_proposed(tx, id)?;
         let why = format!("task {id}, which this reviews, was cancelled");

@@ -993,3 +993,96 @@ fn agent_listing_columns_fit_long_names() {
     let said = String::from_utf8_lossy(&status.stderr);
     assert!(!said.contains("agent loaded"), "{said}");
 }
+
+/// libfaketime's library, or why the clock-step test cannot run here
+/// (`COLONY_REQUIRE_FAKETIME`, set by CI, makes that a failure).
+fn faketime_library() -> Option<std::path::PathBuf> {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu/faketime",
+        "/usr/lib/aarch64-linux-gnu/faketime",
+        "/usr/lib/faketime",
+    ]
+    .iter()
+    .map(|dir| std::path::Path::new(dir).join("libfaketimeMT.so.1"))
+    .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("COLONY_REQUIRE_FAKETIME").is_none(),
+            "COLONY_REQUIRE_FAKETIME is set, and libfaketime is not installed (apt install libfaketime)"
+        );
+        eprintln!("skipped: the clock-step test needs libfaketime (apt install libfaketime)");
+    }
+    found
+}
+
+/// The machine's clock steps forward an hour while one daemon runs tasks
+/// and another watches the same SQLite queue: the watcher does not take
+/// the runner's live leases (timed by the hosts' clocks, they all looked an
+/// hour old), so no task runs twice or fails `lease_expired` for nothing.
+#[test]
+fn a_clock_step_forward_resets_no_live_lease() {
+    let Some(faketime) = faketime_library() else {
+        return;
+    };
+    let env = Env::new(&["sleeper"]);
+    let batch = env.data.path().join("sleepers.jsonl");
+    let line = r#"{"agent":"sleeper","payload":{"ms":9000},"max_attempts":1}"#;
+    std::fs::write(&batch, format!("{line}\n").repeat(4)).unwrap();
+    env.ok(&["submit", "--batch", batch.to_str().unwrap()]);
+    let offset = env.data.path().join("clock-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let daemon = || {
+        env.cmd()
+            .args([
+                "daemon",
+                "--until-idle",
+                "--heartbeat",
+                "300ms",
+                "--stale-after",
+                "2s",
+                "--poll",
+                "100ms",
+            ])
+            .env("LD_PRELOAD", &faketime)
+            .env("FAKETIME_TIMESTAMP_FILE", &offset)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let runner = daemon();
+    common::wait_for(
+        "the runner to claim all four",
+        Duration::from_secs(30),
+        || {
+            env.json(&["list", "--state", "in_progress"])
+                .as_array()
+                .unwrap()
+                .len()
+                == 4
+        },
+    );
+    // The watcher, past its own wait before it may reset leases.
+    let watcher = daemon();
+    std::thread::sleep(Duration::from_millis(3000));
+    std::fs::write(&offset, "+1h\n").unwrap();
+    for child in [runner, watcher] {
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+    }
+    let tasks = env.json(&["list"]);
+    for task in tasks.as_array().unwrap() {
+        assert_eq!(task["state"], "complete", "{task}");
+    }
+    let events: Vec<Value> = env
+        .ok(&["events"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        !events.iter().any(|e| e["event"] == "lease_expired"),
+        "{events:?}"
+    );
+}

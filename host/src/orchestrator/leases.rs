@@ -12,6 +12,10 @@ use super::prefetch::Prefetch;
 use crate::queue::{Applied, FinishedRun, Lease, Queue, QueueError, StaleGuard};
 use crate::task::{ErrorKind, RunOutcome, TaskError};
 
+/// How far this host's clock may run ahead of the monotonic clock between
+/// two heartbeats before it counts as a step (NTP slews by far less).
+const CLOCK_STEP_MS: i64 = 1_000;
+
 impl Daemon {
     /// Every lease this daemon renews: running, waiting for a slot, or
     /// waiting to have its result stored.
@@ -32,6 +36,7 @@ impl Daemon {
     /// expired leases. Returns whether any lease was reset or lost (so
     /// there may be tasks to claim).
     pub(super) fn heartbeat_and_reap(&mut self) -> bool {
+        self.notice_clock_step();
         self.collect_finished();
         self.release_unconfirmed_claims();
         self.recover_vanished_runs();
@@ -132,6 +137,27 @@ impl Daemon {
     /// Whether other hosts' stale leases may be reset now.
     pub(super) fn may_reap(&self) -> bool {
         self.reaping_from.is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// When this host's clock jumped forward since the last heartbeat (a
+    /// step by NTP or by hand, a resume from suspend), every lease's last
+    /// heartbeat, written by the old clock, looks that much older: on
+    /// SQLite, whose leases are timed by the hosts' clocks, a reset now
+    /// would take the live leases of the other daemons on this machine
+    /// before they renewed them. Treated as an outage: nothing is reset
+    /// until the holders have had `stale_after` to renew by the new clock.
+    fn notice_clock_step(&mut self) {
+        let (then, then_ms) = self.clock_seen;
+        let now_ms = crate::queue::now_ms();
+        self.clock_seen = (Instant::now(), now_ms);
+        let elapsed = i64::try_from(then.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let jumped = now_ms.saturating_sub(then_ms).saturating_sub(elapsed);
+        if jumped > CLOCK_STEP_MS {
+            self.renewals_failed(&format!(
+                "this host's clock jumped {} forward",
+                humantime::format_duration(Duration::from_millis(jumped as u64))
+            ));
+        }
     }
 
     /// This daemon could not renew its leases in time (`why`): if the

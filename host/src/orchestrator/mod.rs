@@ -218,6 +218,9 @@ pub struct Daemon {
     /// last outage this daemon saw: other hosts' leases count as unrenewed
     /// for their own `lease_ms` only from then.
     resumed_at: Option<i64>,
+    /// This host's clock and the monotonic one at the last heartbeat, to
+    /// notice the clock stepped (see `Daemon::notice_clock_step`).
+    clock_seen: (Instant, i64),
     /// When this daemon's leases were last renewed (or it started): its
     /// buffered tasks are not started once another host may have reset them.
     renewed_at: Instant,
@@ -295,6 +298,7 @@ impl Daemon {
             // started waits stale_after before resetting others' leases.
             reaping_from: None,
             resumed_at: None,
+            clock_seen: (Instant::now(), crate::queue::now_ms()),
             renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
             announced_wait: None,

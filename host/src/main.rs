@@ -17,6 +17,12 @@ fn main() {
         // SAFETY: the first thing the process does, before any thread.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
+    // A file-size limit (`ulimit -f`, systemd's LimitFSIZE) kills a
+    // process by SIGXFSZ when a write passes it, silently and holding its
+    // leases; ignored, the write fails with EFBIG, which SQLite reports as
+    // an I/O error: a command says so, and a daemon retries and logs it.
+    // SAFETY: before any thread; SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = colony::cli::parse_args();
     let default_level = cli.command.default_log_level();
     let (filter, bad_filter) = match std::env::var("COLONY_LOG") {

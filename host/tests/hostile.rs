@@ -1086,3 +1086,45 @@ fn a_clock_step_forward_resets_no_live_lease() {
         "{events:?}"
     );
 }
+
+/// A file-size limit (`ulimit -f`) passed while writing the queue is an
+/// I/O error, said with where to look: it killed the process by SIGXFSZ,
+/// silently (a daemon holding leases). The queue is left as it was before
+/// the refused write.
+#[test]
+fn a_file_size_limit_is_an_error_said_not_a_silent_death() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    let batch = env.data.path().join("big.jsonl");
+    let line = format!(
+        "{{\"agent\":\"echo\",\"payload\":{{\"pad\":\"{}\"}}}}\n",
+        "x".repeat(50_000)
+    );
+    std::fs::write(&batch, line.repeat(40)).unwrap();
+    let limit = std::fs::metadata(env.db()).unwrap().len() + 256 * 1024;
+    let mut submit = env.cmd();
+    submit.args(["submit", "--batch", batch.to_str().unwrap()]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        submit.pre_exec(move || {
+            let cap = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            match libc::setrlimit(libc::RLIMIT_FSIZE, &cap) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let out = submit.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{:?}: {said}", out.status);
+    assert!(said.contains("file-size limit"), "{said}");
+    assert_eq!(
+        env.json(&["list"]).as_array().unwrap().len(),
+        1,
+        "nothing of the batch stored"
+    );
+}

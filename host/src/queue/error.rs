@@ -74,7 +74,7 @@ pub enum QueueError {
     Corrupt(String),
     // Not a `#[source]`: the message already carries it, and error chains
     // printed with `{:#}` would repeat it.
-    #[error("database error: {0}")]
+    #[error("database error: {}", sqlite::describe(.0))]
     Sqlite(rusqlite::Error),
     #[error("PostgreSQL error: {}", postgres_driver::describe(.0))]
     Postgres(postgres::Error),

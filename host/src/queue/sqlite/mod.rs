@@ -264,6 +264,20 @@ pub fn is_transient(e: &rusqlite::Error) -> bool {
     }
 }
 
+/// SQLite's error, with what an I/O error most likely is: SQLite says only
+/// "disk I/O error" when a write fails (EFBIG past a file-size limit among
+/// others), where a person needs a place to look.
+pub fn describe(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::SystemIoFailure => format!(
+            "{e} (the file system refused a read or write: a failing disk, a file grown past \
+             this process's file-size limit (`ulimit -f`, systemd's LimitFSIZE), or a \
+             removed mount; the write is retried)"
+        ),
+        _ => e.to_string(),
+    }
+}
+
 /// True when retrying cannot help: the file is read-only or not a database,
 /// or the disk image is malformed.
 pub fn is_permanent(e: &rusqlite::Error) -> bool {

@@ -1128,3 +1128,33 @@ fn a_file_size_limit_is_an_error_said_not_a_silent_death() {
         "nothing of the batch stored"
     );
 }
+
+/// The `-wal` and `-shm` files deleted under a running daemon (the main
+/// file left): the daemon stops at its next heartbeat saying so. It went
+/// on silently, its commits in a deleted file, and a submit acknowledged
+/// meanwhile was later lost.
+#[test]
+fn a_deleted_wal_file_stops_the_daemon_saying_so() {
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    let mut daemon = env
+        .cmd()
+        .args(["daemon", "--heartbeat", "100ms", "--poll", "100ms"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = env.db();
+    common::wait_for("the task to complete", Duration::from_secs(30), || {
+        env.show(1)["state"] == "complete"
+    });
+    for suffix in ["-wal", "-shm"] {
+        std::fs::remove_file(format!("{}{suffix}", db.display())).unwrap();
+    }
+    common::wait_for("the daemon to stop", Duration::from_secs(30), || {
+        daemon.try_wait().unwrap().is_some()
+    });
+    let out = daemon.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("cut off from its -wal file"), "{said}");
+}

@@ -25,6 +25,17 @@ pub struct SqliteDb {
     file: Option<FileId>,
     /// Set when this connection leaves WAL checkpoints to a thread.
     checkpointer: Option<Arc<Checkpointer>>,
+    /// The `-wal` file as this connection found it: while any connection
+    /// is open SQLite neither deletes nor replaces it, so another file
+    /// there means someone deleted it, and the commits in it with it.
+    wal: Option<FileId>,
+}
+
+/// The `-wal` file beside the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
 }
 
 /// Which file a path names: its device and inode, and its birth time where
@@ -100,6 +111,7 @@ impl SqliteDb {
             path: path.to_path_buf(),
             file: opts.same_file.or_else(|| file_identity(path)),
             checkpointer: None,
+            wal: file_identity(&wal_path(path)),
         };
 
         if opts.background_checkpoints
@@ -150,8 +162,14 @@ impl SqliteDb {
             })
         };
         match (file_identity(&self.path), self.file) {
-            (None, Some(_)) if !self.path.exists() => gone("deleted"),
-            (Some(now), Some(then)) if now != then => gone("replaced by another file"),
+            (None, Some(_)) if !self.path.exists() => return gone("deleted"),
+            (Some(now), Some(then)) if now != then => return gone("replaced by another file"),
+            _ => {}
+        }
+        match self.wal {
+            Some(then) if file_identity(&wal_path(&self.path)) != Some(then) => gone(
+                "cut off from its -wal file (deleted or replaced, and the latest commits with it)",
+            ),
             _ => Ok(()),
         }
     }

@@ -1782,6 +1782,10 @@ fn the_demo_runs_the_store_pipeline_and_writes_pages() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("Every task ended as expected"), "{stderr}");
+    // COLONY_DB (set by the harness) is not the demo's queue, and it says so.
+    assert!(stderr.contains("COLONY_DB) "), "{stderr}");
+    assert!(stderr.contains("is not used"), "{stderr}");
+    assert!(!env.db().exists(), "the demo wrote to COLONY_DB");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["ok"], true, "{summary}");
     assert_eq!(summary["problems"], serde_json::json!([]));

@@ -315,6 +315,15 @@ async fn run_command(cli: &Cli) -> Result<()> {
             }
         }
         Command::Demo(args) => {
+            // The demo recreates a queue of its own at each run: it must not
+            // be pointed at one that holds work.
+            if cli.db != Path::new("colony.db") {
+                say!(
+                    "note: the demo keeps its own queue in {}; --db (or COLONY_DB) {} is not used",
+                    args.dir.join("colony.db").display(),
+                    cli.db.display()
+                );
+            }
             if demo::demo(args, &cli.agents, load_models(cli)?, cli.json).await? {
                 Ok(())
             } else {

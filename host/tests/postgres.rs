@@ -815,9 +815,12 @@ fn a_backend_terminated_during_commit_leaves_the_commit_unknown() {
 }
 
 /// A person's verdict cancels the reviewer tasks still to answer, but not
-/// one whose row another transaction holds (on PostgreSQL most likely its
-/// own completion, which locks the reviewer before the judged task: waiting
-/// for it would deadlock). The verdict goes through at once either way.
+/// one whose row another transaction holds (its own completion, which locks
+/// the reviewer before the judged task: waiting for it would deadlock; or a
+/// heartbeat, a claim). The verdict goes through at once either way, and a
+/// reviewer skipped is cancelled after it once its row is free (it ran on,
+/// spending its chain's budget on a verdict that could not count); one held
+/// throughout runs on.
 #[test]
 fn a_verdict_does_not_wait_for_a_reviewer_row_another_transaction_holds() {
     let Some(db) = TestDb::postgres() else { return };
@@ -847,6 +850,42 @@ fn a_verdict_does_not_wait_for_a_reviewer_row_another_transaction_holds() {
     assert_eq!(q.approve(judged, None).unwrap(), State::Complete);
     holder.execute("ROLLBACK");
     assert_eq!(q.get(reviewer).unwrap().state, State::InProgress);
+
+    // A row held only for a moment (a heartbeat's): cancelled once free.
+    let (judged, reviewer) = reviewed_by_a_running_critic(&mut q);
+    let holder = std::thread::spawn(move || {
+        let mut holder = db.raw();
+        holder.execute("BEGIN");
+        holder.execute(&format!(
+            "SELECT id FROM tasks WHERE id = {reviewer} FOR UPDATE"
+        ));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        holder.execute("ROLLBACK");
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(q.reject(judged, "again").unwrap(), State::Ready);
+    holder.join().unwrap();
+    let cancelled = q.get(reviewer).unwrap();
+    assert_eq!(cancelled.state, State::Cancelled, "{cancelled:?}");
+}
+
+/// A `writer` task held for review by a `critic` whose run has started:
+/// the judged task's id and the reviewer's.
+fn reviewed_by_a_running_critic(q: &mut Queue) -> (i64, i64) {
+    let mut new = NewTask::new("writer", "{}");
+    new.reviewer = Some("critic".into());
+    let judged = q.submit(&new).unwrap().id;
+    let lease = q.claim("writer", 1).unwrap().remove(0).lease;
+    let outcome = colony::task::RunOutcome::Success {
+        output: "{}".into(),
+        spawn: vec![],
+        needs_review: false,
+    };
+    q.finish(lease, outcome, "").unwrap();
+    (
+        judged,
+        q.claim("critic", 1).unwrap().remove(0).lease.task_id,
+    )
 }
 
 /// A URL without the password the server asks for fails at once as an

@@ -478,11 +478,13 @@ impl Queue {
     /// inserted. Its reviewer tasks still to answer are cancelled.
     pub fn approve(&mut self, id: i64, note: Option<&str>) -> Result<State> {
         review::check_note("note", note.unwrap_or(""))?;
-        self.write(|tx, now| {
+        let (to, newest) = self.write(|tx, now| {
             let to = review::approve_in(tx, id, note, &self.opts.actor, now)?;
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
-            Ok(to)
-        })
+            Ok((to, tasks::newest_reviewer(tx, id)?))
+        })?;
+        self.cancel_reviewers_left(id, newest, &review::decided_first(&self.opts.actor, id));
+        Ok(to)
     }
 
     /// Rejects a task waiting in review: back to `ready` with the note as the
@@ -494,11 +496,43 @@ impl Queue {
             "" => "rejected without a note",
             _ => note,
         };
-        self.write(|tx, now| {
+        let (to, newest) = self.write(|tx, now| {
             let to = review::reject_in(tx, id, note, &self.opts.actor, now)?;
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
-            Ok(to)
-        })
+            Ok((to, tasks::newest_reviewer(tx, id)?))
+        })?;
+        self.cancel_reviewers_left(id, newest, &review::decided_first(&self.opts.actor, id));
+        Ok(to)
+    }
+
+    /// After a decision on `judged` (or its cancel) is committed: cancels
+    /// its reviewer tasks up to `newest` that the decision skipped (see
+    /// [`tasks::cancel_reviewers_left`]), trying for half a second while other
+    /// transactions hold their rows. The decision stands whatever happens
+    /// here; a reviewer left running has its verdict ignored.
+    fn cancel_reviewers_left(&mut self, judged: i64, newest: Option<i64>, why: &str) {
+        let Some(newest) = newest else { return };
+        let actor = self.opts.actor.clone();
+        for _ in 0..10 {
+            let left = self.write(|tx, now| {
+                tasks::cancel_reviewers_left(tx, judged, newest, why, &actor, now)
+            });
+            match left {
+                Ok((_, false)) => return,
+                Ok((_, true)) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    tracing::warn!(
+                        task = judged,
+                        "could not cancel its reviewer tasks after the decision (their verdicts will be ignored): {e}"
+                    );
+                    return;
+                }
+            }
+        }
+        tracing::warn!(
+            task = judged,
+            "a reviewer task of it still runs after the decision: another transaction held its row throughout (its verdict will be ignored)"
+        );
     }
 
     /// Revives a failed or cancelled task with attempts reset: `ready`, or
@@ -520,7 +554,12 @@ impl Queue {
     /// discarded when the run ends. Returns the ids cancelled.
     pub fn cancel(&mut self, id: i64, reason: &str) -> Result<Vec<i64>> {
         review::check_note("reason", reason)?;
-        self.write(|tx, now| tasks::cancel_in(tx, id, reason, &self.opts.actor, now))
+        let (cancelled, newest) = self.write(|tx, now| {
+            let cancelled = tasks::cancel_in(tx, id, reason, &self.opts.actor, now)?;
+            Ok((cancelled, tasks::newest_reviewer(tx, id)?))
+        })?;
+        self.cancel_reviewers_left(id, newest, &tasks::judged_cancelled(id));
+        Ok(cancelled)
     }
 
     // ----- reading --------------------------------------------------------

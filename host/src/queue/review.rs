@@ -302,8 +302,12 @@ pub(super) fn cancel_reviewers_of_decided(
     actor: &str,
     now: i64,
 ) -> Result<Vec<i64>> {
-    let why = format!("{actor} decided the review of task {judged} first");
-    cancel_pending_reviewers(tx, judged, &why, actor, now)
+    cancel_pending_reviewers(tx, judged, &decided_first(actor, judged), actor, now)
+}
+
+/// Why a reviewer task is cancelled when a person decided first.
+pub(super) fn decided_first(actor: &str, judged: i64) -> String {
+    format!("{actor} decided the review of task {judged} first")
 }
 
 /// Applies a reviewer task's verdict to the task it reviewed, if that task is

@@ -658,8 +658,7 @@ fn cancel_one(
     }
     if from == State::Review {
         outbox::drop_proposed(tx, id)?;
-        let why = format!("task {id}, which this reviews, was cancelled");
-        reviewers = cancel_pending_reviewers(tx, id, &why, actor, now)?;
+        reviewers = cancel_pending_reviewers(tx, id, &judged_cancelled(id), actor, now)?;
     }
     let to = record(
         tx,
@@ -709,6 +708,58 @@ pub(super) fn cancel_pending_reviewers(
         cancelled.extend(cancel_in(tx, row.get(0)?, why, actor, now)?);
     }
     Ok(cancelled)
+}
+
+/// Why a reviewer task is cancelled with the task it reviews.
+pub(super) fn judged_cancelled(judged: i64) -> String {
+    format!("task {judged}, which this reviews, was cancelled")
+}
+
+/// On PostgreSQL, the newest reviewer task of `judged`, if it has any: the
+/// last that [`cancel_reviewers_left`] may cancel once a decision is in (a
+/// rejected task reviewed again gets newer ones, which must run). `None` on
+/// SQLite, where the decision skipped none.
+pub(super) fn newest_reviewer(tx: &dyn Sql, judged: i64) -> Result<Option<i64>> {
+    if tx.dialect() == Dialect::Sqlite {
+        return Ok(None);
+    }
+    tx.query_value(
+        "SELECT MAX(id) FROM tasks WHERE parent_id = ?1 AND reviews = ?1",
+        args![judged],
+    )
+}
+
+/// Cancels the reviewer tasks of `judged` up to `newest` that are still to
+/// answer: on PostgreSQL [`cancel_pending_reviewers`] skips one whose row
+/// another transaction holds at that moment (a heartbeat, a claim, a model
+/// call's reservation; waiting there could deadlock), and it would run on,
+/// spending its chain's budget on a verdict that cannot count. Once the
+/// decision is committed nothing here holds the judged task's row, but a
+/// row still held is skipped again. Returns the ids cancelled and whether
+/// any reviewer was skipped.
+pub(super) fn cancel_reviewers_left(
+    tx: &dyn Sql,
+    judged: i64,
+    newest: i64,
+    why: &str,
+    actor: &str,
+    now: i64,
+) -> Result<(Vec<i64>, bool)> {
+    let unfinished = "parent_id = ?1 AND reviews = ?1 AND id <= ?2
+                      AND state IN ('pending', 'ready', 'in_progress')";
+    let reviewers = tx.query(
+        &format!("SELECT id FROM tasks WHERE {unfinished} FOR UPDATE SKIP LOCKED"),
+        args![judged, newest],
+    )?;
+    let mut cancelled = Vec::new();
+    for row in reviewers {
+        cancelled.extend(cancel_in(tx, row.get(0)?, why, actor, now)?);
+    }
+    let left: i64 = tx.query_value(
+        &format!("SELECT COUNT(*) FROM tasks WHERE {unfinished}"),
+        args![judged, newest],
+    )?;
+    Ok((cancelled, left > 0))
 }
 
 /// Cancels, transitively, every unfinished task waiting on `id`, which will

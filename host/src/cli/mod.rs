@@ -318,8 +318,8 @@ async fn run_command(cli: &Cli) -> Result<()> {
             // The demo recreates a queue of its own at each run: it must not
             // be pointed at one that holds work.
             if cli.db != Path::new("colony.db") {
-                say!(
-                    "note: the demo keeps its own queue in {}; --db (or COLONY_DB) {} is not used",
+                tracing::warn!(
+                    "the demo keeps its own queue in {}; --db (or COLONY_DB) {} is not used",
                     args.dir.join("colony.db").display(),
                     cli.db.display()
                 );

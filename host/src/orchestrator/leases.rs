@@ -38,6 +38,9 @@ impl Daemon {
     pub(super) fn heartbeat_and_reap(&mut self) -> bool {
         self.notice_clock_step();
         self.collect_finished();
+        // A stopped run's result, if it sent one, came in long since.
+        self.aborted
+            .retain(|_, at| at.elapsed() < Duration::from_secs(60));
         self.release_unconfirmed_claims();
         self.recover_vanished_runs();
         let leases = self.held_leases();
@@ -271,7 +274,7 @@ impl Daemon {
                 let run = self.inflight.remove(&lease.task_id).expect("just checked");
                 tracing::warn!(task = lease.task_id, "lease lost; stopping the run");
                 run.handle.abort();
-                self.aborted.insert(*lease);
+                self.aborted.insert(*lease, Instant::now());
                 self.summary.lost += 1;
             }
             for buffer in self.prefetched.values_mut() {

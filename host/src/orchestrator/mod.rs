@@ -27,7 +27,7 @@
 //! `prefetch.rs` (how far ahead to claim) and `rescans.rs` (agents
 //! reloaded off the loop).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -239,8 +239,11 @@ pub struct Daemon {
     effects_due: bool,
     /// Which agent claims first this round, so none starves the others.
     rotation: usize,
-    /// Runs stopped because their lease was lost: a result they still send is dropped.
-    aborted: HashSet<Lease>,
+    /// Runs stopped because their lease was lost, and when: a result one
+    /// sent as it was stopped is dropped. Most send none, so entries are
+    /// forgotten after a minute (a daemon that lost a lease per cancel kept
+    /// one per cancel for as long as it ran).
+    aborted: HashMap<Lease, Instant>,
     done_tx: mpsc::UnboundedSender<FinishedRun>,
     done_rx: mpsc::UnboundedReceiver<FinishedRun>,
     /// Looks at the agents folder off the loop (see `rescans.rs`).
@@ -306,7 +309,7 @@ impl Daemon {
             deliverer,
             effects_due: true,
             rotation: 0,
-            aborted: HashSet::new(),
+            aborted: HashMap::new(),
             done_tx,
             done_rx,
             rescans: rescans::Rescans::new(),

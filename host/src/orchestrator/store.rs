@@ -18,7 +18,7 @@ impl Daemon {
     /// Takes a finished run in. The in-flight entry is removed only if it is
     /// this lease's run: the task may have been reclaimed under a new lease.
     pub(super) fn accept(&mut self, run: FinishedRun) {
-        if self.aborted.remove(&run.lease) {
+        if self.aborted.remove(&run.lease).is_some() {
             return; // already counted as lost when its run was stopped
         }
         let id = run.lease.task_id;

@@ -855,6 +855,37 @@ async fn agents_appear_change_and_disappear_without_a_restart() {
     assert!(agents.loaded("worker").is_none());
 }
 
+/// A folder that cannot be listed for a moment (too many open files, a
+/// network file system) is not an empty one: its agents stay loaded. It
+/// unloaded every agent, and the daemon stopped claiming their tasks. A
+/// folder removed takes its agents with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_folder_that_cannot_be_listed_keeps_its_agents() {
+    let h = harness(&[]);
+    let runtime = h.runtime();
+    let folder = h.agents.path().join("fleet");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(guest_path("echo"), folder.join("worker.wasm")).unwrap();
+    let mut agents = AgentDir::new(&folder);
+    assert_eq!(agents.rescan(&runtime).await.loaded, vec!["worker"]);
+    // Listing it fails (not a directory, for a moment).
+    let away = h.agents.path().join("away");
+    std::fs::rename(&folder, &away).unwrap();
+    std::fs::write(&folder, "not a folder").unwrap();
+    assert!(agents.rescan(&runtime).await.is_empty());
+    assert!(
+        agents.loaded("worker").is_some(),
+        "unloaded on a failed listing"
+    );
+    // Back: nothing changed, nothing reloaded.
+    std::fs::remove_file(&folder).unwrap();
+    std::fs::rename(&away, &folder).unwrap();
+    assert!(agents.rescan(&runtime).await.is_empty());
+    // Removed: its agents go.
+    std::fs::remove_dir_all(&folder).unwrap();
+    assert_eq!(agents.rescan(&runtime).await.removed, vec!["worker"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_components_are_cached_by_content_hash() {
     let h = harness(&["echo"]);

@@ -272,6 +272,8 @@ pub struct AgentDir {
     /// what every command prints or the daemon's start line lists, so only
     /// later ones (an agent added or changed) are logged as news.
     scanned: bool,
+    /// Why the folder could not be listed at the last scan, once said.
+    unreadable: Option<String>,
 }
 
 /// Why a `*.toml` with no `<name>.wasm` beside it limits nothing.
@@ -285,6 +287,7 @@ impl AgentDir {
             entries: BTreeMap::new(),
             unmatched: BTreeSet::new(),
             scanned: false,
+            unreadable: None,
         }
     }
 
@@ -365,7 +368,24 @@ impl AgentDir {
     pub async fn rescan(&mut self, runtime: &Runtime) -> ScanReport {
         let mut report = ScanReport::default();
         let first_scan = !std::mem::replace(&mut self.scanned, true);
-        let found = self.list_wasm_files();
+        // A folder that cannot be listed now (too many open files, a
+        // permission or network file system hiccup) is not an empty one:
+        // its agents stay loaded rather than all being removed.
+        let found = match self.list_wasm_files() {
+            Ok(found) => found,
+            Err(e) => {
+                let why = e.to_string();
+                if self.unreadable.as_ref() != Some(&why) {
+                    tracing::warn!(
+                        "cannot list the agents folder {} ({why}); the agents loaded stay loaded until it can be read again",
+                        self.dir.display()
+                    );
+                    self.unreadable = Some(why);
+                }
+                return report;
+            }
+        };
+        self.unreadable = None;
         let gone: Vec<String> = self
             .entries
             .keys()
@@ -436,10 +456,14 @@ impl AgentDir {
         report
     }
 
-    fn list_wasm_files(&self) -> BTreeMap<String, PathBuf> {
+    /// The `*.wasm` entries of the folder by name; none when the folder is
+    /// not there (removed: its agents go with it).
+    fn list_wasm_files(&self) -> std::io::Result<BTreeMap<String, PathBuf>> {
         let mut found = BTreeMap::new();
-        let Ok(read) = std::fs::read_dir(&self.dir) else {
-            return found;
+        let read = match std::fs::read_dir(&self.dir) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(e),
         };
         // Every entry so named, whatever it is: `load` says why a dangling
         // link, a directory or an unreadable name cannot be an agent.
@@ -451,7 +475,7 @@ impl AgentDir {
                 found.insert(stem.to_string_lossy().into_owned(), path);
             }
         }
-        found
+        Ok(found)
     }
 
     async fn load(

@@ -235,6 +235,7 @@ on_both_drivers! {
             ("/api/tasks/abc", "invalid task id"),
             ("/api/events?since=x", "invalid since"),
             ("/api/events?task=999999", "does not exist"),
+            (&format!("/api/tasks?q={}", "a".repeat(60_000)), "invalid q: a search of 60000 characters"),
         ] {
             let response = web.get(path);
             let status = response.status().as_u16();

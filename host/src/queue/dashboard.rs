@@ -6,13 +6,17 @@
 use super::reads::{TASK_COLUMNS, event_from_row, id_and_agent, task_row, with_dependencies};
 use super::sql::{Param, args};
 use super::tasks::parse_state;
-use super::{AuditEvent, Queue, Result, TaskRow};
+use super::{AuditEvent, Queue, QueueError, Result, TaskRow};
 use crate::task::State;
 
 /// How many of the newest tasks (before the page's cursor, matching its
 /// other filters) a text search looks through: a search never becomes a
 /// scan of the whole history. The next page searches the next window.
 pub const TEXT_SEARCH_WINDOW: u32 = 20_000;
+
+/// The longest text a search may look for: SQLite refuses a LIKE pattern
+/// past 50,000 bytes as an error, not as bad input.
+pub const MAX_SEARCH_CHARS: usize = 1_000;
 
 /// One page of the task list, newest first.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +85,17 @@ impl Queue {
     /// `tasks_leases`, `tasks_by_agent` or the primary key. (The state is one of the
     /// transition table's names, written into the SQL as a literal.)
     pub fn task_page(&self, query: &TaskQuery) -> Result<TaskPage> {
+        if let Some(text) = &query.text
+            && text.chars().count() > MAX_SEARCH_CHARS
+        {
+            return Err(QueueError::invalid(
+                "q",
+                format!(
+                    "a search of {} characters: at most {MAX_SEARCH_CHARS}",
+                    text.chars().count()
+                ),
+            ));
+        }
         let before = query.before.unwrap_or(i64::MAX);
         let limit = i64::from(query.limit.max(1));
         let page = page_filter(query);

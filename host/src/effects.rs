@@ -45,6 +45,26 @@ impl Effect {
     }
 }
 
+/// Most headers of one effect, and most bytes of their names and values
+/// together (held by the host with the body, and stored with it).
+pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// A guest's name (a method, a header name) as a refusal quotes it: cut to
+/// a line's worth, saying how long it was. The refusal goes to the agent,
+/// the trail and the task's log.
+fn quoted(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.len() > MAX {
+        true => format!(
+            "{:?}… ({} bytes)",
+            &text[..text.floor_char_boundary(MAX)],
+            text.len()
+        ),
+        false => format!("{text:?}"),
+    }
+}
+
 /// Methods an effect may use.
 pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 
@@ -74,8 +94,17 @@ pub fn check_shape(
 ) -> Result<(), String> {
     if !METHODS.contains(&method) {
         return Err(format!(
-            "method {method:?} is not one of {}",
+            "method {} is not one of {}",
+            quoted(method),
             METHODS.join(", ")
+        ));
+    }
+    let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if headers.len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
+        return Err(format!(
+            "{} headers of {header_bytes} bytes: an effect may carry at most {MAX_HEADERS} headers of {} KiB in all",
+            headers.len(),
+            MAX_HEADER_BYTES >> 10
         ));
     }
     let scheme_is = |scheme: &str| {
@@ -98,7 +127,10 @@ pub fn check_shape(
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
         {
-            return Err(format!("header {name:?} is not a valid HTTP header name"));
+            return Err(format!(
+                "header {} is not a valid HTTP header name",
+                quoted(name)
+            ));
         }
         // Visible ASCII, spaces, tabs and obs-text, as RFC 9110 allows.
         if let Some(bad) = value
@@ -106,14 +138,16 @@ pub fn check_shape(
             .find(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
         {
             return Err(format!(
-                "header {name:?} has a control character (byte {bad:#04x}) in its value"
+                "header {} has a control character (byte {bad:#04x}) in its value",
+                quoted(name)
             ));
         }
         // Silently replaced, the agent's own key would make it believe its
         // receiver deduplicates by that key.
         if name.eq_ignore_ascii_case("idempotency-key") {
             return Err(format!(
-                "header {name:?} is set by the host: every attempt of an effect carries Idempotency-Key: colony-<task id>-<seq>, the same on each retry"
+                "header {} is set by the host: every attempt of an effect carries Idempotency-Key: colony-<task id>-<seq>, the same on each retry",
+                quoted(name)
             ));
         }
         if HOST_SET_HEADERS
@@ -121,7 +155,8 @@ pub fn check_shape(
             .any(|set| name.eq_ignore_ascii_case(set))
         {
             return Err(format!(
-                "header {name:?} is set by the host when it sends the effect (framing and connection headers follow the stored body)"
+                "header {} is set by the host when it sends the effect (framing and connection headers follow the stored body)",
+                quoted(name)
             ));
         }
     }
@@ -167,6 +202,15 @@ mod tests {
                 "control character (byte 0x0d)",
             ),
             (&[("Bad Name", "1")], "not a valid HTTP header name"),
+            // A guest's name is quoted cut, saying its length.
+            (
+                &[(&*"Ä".repeat(20_000), "1")],
+                "\"… (40000 bytes) is not a valid",
+            ),
+            (
+                &[("X-Big", &*"v".repeat(70_000))],
+                "headers of 70005 bytes: an effect may carry at most 100 headers of 64 KiB",
+            ),
         ] {
             let error = check_shape("POST", url, &headers(pairs), Some(b"body")).unwrap_err();
             assert!(error.contains(says), "{pairs:?}: {error}");

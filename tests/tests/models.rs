@@ -208,7 +208,19 @@ async fn an_alias_the_manifest_does_not_grant_is_refused_without_a_request() {
     let e = env("");
     let id = e.think(json!({"prompts": ["hi"], "on_error": "continue"}));
     let unknown = e.think(json!({"model": "gpt-9", "prompts": ["hi"], "on_error": "continue"}));
+    // An alias longer than any a host configures is kept cut: in the
+    // refusal, the journal and the trail (20 MB names filled gigabytes).
+    let huge =
+        e.think(json!({"model": "m".repeat(100_000), "prompts": ["hi"], "on_error": "continue"}));
     e.run().await;
+    let said = e.result(huge)["errors"][0].as_str().unwrap().to_string();
+    assert!(
+        said.contains(&format!("no model alias \"{}…\"", "m".repeat(64))),
+        "{said}"
+    );
+    assert!(said.len() < 300, "{said}");
+    let journaled = &e.h.queue().model_calls(huge).unwrap()[0];
+    assert_eq!(journaled.model, format!("{}…", "m".repeat(64)));
     let errors = &e.result(id)["errors"];
     assert!(
         errors[0]

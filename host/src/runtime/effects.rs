@@ -94,14 +94,22 @@ impl RunState {
         // now, to the agent, not later at delivery.
         self.http.grant().check_url(method, &req.url)?;
         let queued = &self.effects.queued;
+        // Headers count with the bodies: the host holds both until the task
+        // completes, outside the run's memory cap.
+        let size = |body: Option<&Vec<u8>>, headers: &[(String, String)]| {
+            body.map_or(0, Vec::len)
+                + headers
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>()
+        };
         let held: usize = queued
             .iter()
-            .filter_map(|e| e.body.as_ref())
-            .map(Vec::len)
+            .map(|e| size(e.body.as_ref(), &e.headers))
             .sum();
-        if held + req.body.as_ref().map_or(0, Vec::len) > MAX_BODY_BYTES_PER_RUN {
+        if held + size(req.body.as_ref(), &req.headers) > MAX_BODY_BYTES_PER_RUN {
             return Err(format!(
-                "a run's effects may carry at most {} MiB of bodies in all",
+                "a run's effects may carry at most {} MiB of bodies and headers in all",
                 MAX_BODY_BYTES_PER_RUN >> 20
             ));
         }

@@ -353,9 +353,15 @@ impl wit::Host for RunState {
     }
 }
 
+/// Longest model alias kept of a guest's request: a host's aliases are at
+/// most 64 characters, so a longer one names none, and it is kept cut (it
+/// goes into the refusal, the journal and the trail, where a guest asking
+/// for 20 MB names filled gigabytes).
+const MAX_ALIAS_BYTES: usize = 64;
+
 fn request_from_wit(req: wit::Request) -> ChatRequest {
     ChatRequest {
-        model: req.model,
+        model: super::sandbox::truncate(req.model, MAX_ALIAS_BYTES),
         messages: req.messages.into_iter().map(message_from_wit).collect(),
         tools: req
             .tools

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod auth;
+mod connections;
 pub mod metrics;
 pub mod pages;
 pub mod store;
@@ -146,7 +147,7 @@ impl Bound {
         let app = Router::new()
             .fallback_service(router(self.app))
             .layer(middleware::from_fn(api::json_errors));
-        let result = axum::serve(self.listener, app)
+        let result = axum::serve(connections::Bounded::new(self.listener), app)
             .with_graceful_shutdown(shutdown)
             .await;
         tailer.abort();

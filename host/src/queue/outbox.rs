@@ -185,7 +185,9 @@ fn take_over_cut_off_sends(tx: &dyn Sql, agents: &str, actor: &str, now: i64) ->
 
 /// Fails the effects of `agents` whose sender's claim ran out on their
 /// last attempt (see [`take_over_cut_off_sends`]), each with an
-/// `effect_failed` event that says why and names the sender.
+/// `effect_failed` event that says why and names the sender. The claim
+/// stays on the row: a sender that was only slow (a stall, a clock step)
+/// and comes back with the answer still records it ([`Queue::finish_delivery`]).
 fn fail_cut_off_last_attempts(tx: &dyn Sql, agents: &str, actor: &str, now: i64) -> Result<()> {
     const WHY: &str = "its last attempt was cut off: the sender's claim ran out with no answer \
                        recorded (the sender died or stalled mid-send, perhaps because of this \
@@ -193,8 +195,7 @@ fn fail_cut_off_last_attempts(tx: &dyn Sql, agents: &str, actor: &str, now: i64)
                        sends it again";
     let failed = tx.query(
         &format!(
-            "UPDATE effects SET state = 'failed', error = ?3, claim_token = NULL, lease_until = NULL,
-                    updated_at = ?1
+            "UPDATE effects SET state = 'failed', error = ?3, lease_until = NULL, updated_at = ?1
              WHERE id IN (SELECT id FROM effects
                           WHERE state = 'sending' AND lease_until < ?1
                             AND attempts >= max_attempts AND {}{})
@@ -337,10 +338,12 @@ impl Queue {
     ) -> Result<Option<&'static str>> {
         let actor = &self.opts.actor;
         self.write(|tx, now| {
+            // `failed` too: a send failed as cut off on its last attempt
+            // keeps its claim, for an answer that comes after all.
             let held = tx.query_opt(
                 &format!(
                     "SELECT max_attempts FROM effects
-                     WHERE id = ?1 AND state = 'sending' AND claim_token = ?2{}",
+                     WHERE id = ?1 AND state IN ('sending', 'failed') AND claim_token = ?2{}",
                     tx.for_update()
                 ),
                 args![delivery.id, delivery.token],

@@ -16,6 +16,23 @@ use crate::task::{ErrorKind, RunOutcome, TaskError};
 /// two heartbeats before it counts as a step (NTP slews by far less).
 const CLOCK_STEP_MS: i64 = 1_000;
 
+/// How many ms this host's clock ran ahead of the monotonic one since
+/// `seen` (an instant and the clock then).
+fn clock_jump_since((then, then_ms): (Instant, i64)) -> i64 {
+    let elapsed = i64::try_from(then.elapsed().as_millis()).unwrap_or(i64::MAX);
+    crate::queue::now_ms()
+        .saturating_sub(then_ms)
+        .saturating_sub(elapsed)
+}
+
+fn clock_jumped(ms: i64) -> String {
+    let by = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    format!(
+        "this host's clock jumped {} forward",
+        humantime::format_duration(by)
+    )
+}
+
 impl Daemon {
     /// Every lease this daemon renews: running, waiting for a slot, or
     /// waiting to have its result stored.
@@ -51,12 +68,13 @@ impl Daemon {
         // for their leases to go stale: a lease renewed a heartbeat before
         // it, then nothing.
         let long_stall = stale_after.saturating_sub(self.cfg.heartbeat);
-        let (may_reap, resumed_at) = (self.may_reap(), self.resumed_at);
+        let (may_reap, resumed_at, clock_seen) =
+            (self.may_reap(), self.resumed_at, self.clock_seen);
         let queue = &mut self.queue;
         // The leases are renewed as of about now, whenever the write returns.
         let started = Instant::now();
         let result = tokio::task::block_in_place(
-            || -> Result<(Vec<Lease>, usize, bool), QueueError> {
+            || -> Result<(Vec<Lease>, usize, Option<String>), QueueError> {
                 // A daemon whose file was deleted would go on claiming and
                 // completing where no other command looks.
                 queue.check_database_file()?;
@@ -87,18 +105,27 @@ impl Daemon {
                 } else {
                     queue.heartbeat(&leases)?
                 };
-                // Nor a reset that only reached the rows after such a stall.
-                let expired = match may_reap && started.elapsed() <= long_stall {
-                    true => {
-                        let guard = StaleGuard {
-                            deadline: Some(started + long_stall),
-                            resumed_at,
-                        };
-                        queue.reset_stale_leases_guarded(stale_after, guard)?
+                // Nor a reset that only reached the rows after such a stall,
+                // or after the clock stepped (checked at the start too).
+                let jumped = clock_jump_since(clock_seen);
+                let expired =
+                    match may_reap && started.elapsed() <= long_stall && jumped <= CLOCK_STEP_MS {
+                        true => {
+                            let guard = StaleGuard {
+                                deadline: Some(started + long_stall),
+                                resumed_at,
+                            };
+                            queue.reset_stale_leases_guarded(stale_after, guard)?
+                        }
+                        false => Vec::new(),
+                    };
+                let stalled = match () {
+                    _ if started.elapsed() > long_stall => {
+                        Some("the heartbeat's write stalled for most of stale_after".to_string())
                     }
-                    false => Vec::new(),
+                    _ if jumped > CLOCK_STEP_MS => Some(clock_jumped(jumped)),
+                    _ => None,
                 };
-                let stalled = started.elapsed() > long_stall;
                 for lease in &expired {
                     tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
                 }
@@ -113,8 +140,11 @@ impl Daemon {
                         "heartbeats go through again: the database answers (it failed for {lasted:.0?})"
                     );
                 }
-                if stalled {
-                    self.renewals_failed("the heartbeat's write stalled for most of stale_after");
+                if let Some(why) = stalled {
+                    // Also a step the start's check saw: the time it
+                    // measures from moves on to now.
+                    self.clock_seen = (Instant::now(), crate::queue::now_ms());
+                    self.renewals_failed(&why);
                 }
                 self.renewals_answered();
                 self.drop_lost(&lost);
@@ -150,16 +180,10 @@ impl Daemon {
     /// before they renewed them. Treated as an outage: nothing is reset
     /// until the holders have had `stale_after` to renew by the new clock.
     fn notice_clock_step(&mut self) {
-        let (then, then_ms) = self.clock_seen;
-        let now_ms = crate::queue::now_ms();
-        self.clock_seen = (Instant::now(), now_ms);
-        let elapsed = i64::try_from(then.elapsed().as_millis()).unwrap_or(i64::MAX);
-        let jumped = now_ms.saturating_sub(then_ms).saturating_sub(elapsed);
+        let jumped = clock_jump_since(self.clock_seen);
+        self.clock_seen = (Instant::now(), crate::queue::now_ms());
         if jumped > CLOCK_STEP_MS {
-            self.renewals_failed(&format!(
-                "this host's clock jumped {} forward",
-                humantime::format_duration(Duration::from_millis(jumped as u64))
-            ));
+            self.renewals_failed(&clock_jumped(jumped));
         }
     }
 

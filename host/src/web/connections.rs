@@ -90,6 +90,26 @@ impl Guarded {
         let deadline = Instant::now() + self.idle_timeout;
         self.idle.as_mut().reset(deadline);
     }
+
+    /// `polled` as it is, or the idle error once nothing moved for too
+    /// long while it waits: a client that stops reading its answers holds
+    /// a write as long as one that never sends a request holds a read.
+    fn unless_idle<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the connection was idle too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
 }
 
 impl AsyncRead for Guarded {
@@ -99,21 +119,11 @@ impl AsyncRead for Guarded {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
-            Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    self.moved();
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => match self.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the connection was idle too long",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved();
         }
+        self.unless_idle(read, cx)
     }
 }
 
@@ -127,11 +137,12 @@ impl AsyncWrite for Guarded {
         if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
             self.moved();
         }
-        written
+        self.unless_idle(written, cx)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let flushed = Pin::new(&mut self.stream).poll_flush(cx);
+        self.unless_idle(flushed, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -147,7 +158,7 @@ impl AsyncWrite for Guarded {
         if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
             self.moved();
         }
-        written
+        self.unless_idle(written, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -167,7 +178,7 @@ mod tests {
     async fn connections_are_capped_and_idle_ones_time_out() {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let mut bounded = Bounded::with_limits(tcp, 2, Duration::from_millis(300));
+        let mut bounded = Bounded::with_limits(tcp, 2, Duration::from_millis(1500));
         let _a = TcpStream::connect(addr).await.unwrap();
         let mut b = TcpStream::connect(addr).await.unwrap();
         let _c = TcpStream::connect(addr).await.unwrap();
@@ -182,16 +193,16 @@ mod tests {
         let third = tokio::time::timeout(Duration::from_secs(5), bounded.accept()).await;
         assert!(third.is_ok(), "a slot freed, yet nothing was accepted");
 
-        // `b` talks every 100 ms for 600 ms: never idle for 300 ms.
+        // `b` talks every 100 ms for 2 s: never idle for 1.5 s.
         let talker = tokio::spawn(async move {
-            for _ in 0..6 {
+            for _ in 0..20 {
                 b.write_all(b"x").await.unwrap();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             b
         });
         let mut got = [0u8; 1];
-        for _ in 0..6 {
+        for _ in 0..20 {
             second.read_exact(&mut got).await.unwrap();
         }
         let _b = talker.await.unwrap();

@@ -290,7 +290,7 @@ pub fn describe(e: &rusqlite::Error) -> String {
         rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::SystemIoFailure => format!(
             "{e} (the file system refused a read or write: a failing disk, a file grown past \
              this process's file-size limit (`ulimit -f`, systemd's LimitFSIZE), or a \
-             removed mount; the write is retried)"
+             removed mount)"
         ),
         _ => e.to_string(),
     }

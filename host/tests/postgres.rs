@@ -853,20 +853,39 @@ fn a_verdict_does_not_wait_for_a_reviewer_row_another_transaction_holds() {
 
     // A row held only for a moment (a heartbeat's): cancelled once free.
     let (judged, reviewer) = reviewed_by_a_running_critic(&mut q);
-    let holder = std::thread::spawn(move || {
-        let mut holder = db.raw();
-        holder.execute("BEGIN");
-        holder.execute(&format!(
-            "SELECT id FROM tasks WHERE id = {reviewer} FOR UPDATE"
-        ));
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        holder.execute("ROLLBACK");
-    });
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    let holder = hold_for_a_moment(&db, reviewer);
     assert_eq!(q.reject(judged, "again").unwrap(), State::Ready);
     holder.join().unwrap();
     let cancelled = q.get(reviewer).unwrap();
     assert_eq!(cancelled.state, State::Cancelled, "{cancelled:?}");
+
+    // Likewise a cancel of the judged task, which names both. (The
+    // rejected one, ready again, is out of the way first.)
+    q.cancel(judged, "done with it").unwrap();
+    let (judged, reviewer) = reviewed_by_a_running_critic(&mut q);
+    let holder = hold_for_a_moment(&db, reviewer);
+    assert_eq!(
+        q.cancel(judged, "no longer needed").unwrap(),
+        vec![judged, reviewer]
+    );
+    holder.join().unwrap();
+    assert_eq!(q.get(reviewer).unwrap().state, State::Cancelled);
+}
+
+/// Locks task `id`'s row in another transaction for 200 ms, returning once
+/// it is held (as a heartbeat or a claim holds one for a moment).
+fn hold_for_a_moment(db: &TestDb, id: i64) -> std::thread::JoinHandle<()> {
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let mut holder = db.raw();
+    let holding = std::thread::spawn(move || {
+        holder.execute("BEGIN");
+        holder.execute(&format!("SELECT id FROM tasks WHERE id = {id} FOR UPDATE"));
+        locked.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        holder.execute("ROLLBACK");
+    });
+    is_locked.recv().unwrap();
+    holding
 }
 
 /// A `writer` task held for review by a `critic` whose run has started:

@@ -483,7 +483,8 @@ impl Queue {
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
             Ok((to, tasks::newest_reviewer(tx, id)?))
         })?;
-        self.cancel_reviewers_left(id, newest, &review::decided_first(&self.opts.actor, id));
+        let why = review::decided_first(&self.opts.actor, id);
+        self.cancel_reviewers_left(id, newest, &why);
         Ok(to)
     }
 
@@ -501,38 +502,50 @@ impl Queue {
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
             Ok((to, tasks::newest_reviewer(tx, id)?))
         })?;
-        self.cancel_reviewers_left(id, newest, &review::decided_first(&self.opts.actor, id));
+        let why = review::decided_first(&self.opts.actor, id);
+        self.cancel_reviewers_left(id, newest, &why);
         Ok(to)
     }
 
     /// After a decision on `judged` (or its cancel) is committed: cancels
-    /// its reviewer tasks up to `newest` that the decision skipped (see
-    /// [`tasks::cancel_reviewers_left`]), trying for half a second while other
-    /// transactions hold their rows. The decision stands whatever happens
-    /// here; a reviewer left running has its verdict ignored.
-    fn cancel_reviewers_left(&mut self, judged: i64, newest: Option<i64>, why: &str) {
-        let Some(newest) = newest else { return };
+    /// its reviewer tasks up to `newest` that the decision skipped because
+    /// another transaction held their rows (PostgreSQL; see
+    /// [`tasks::cancel_pending_reviewers`]), trying for half a second.
+    /// Returns the ids cancelled. The decision stands whatever happens here;
+    /// a reviewer left running has its verdict ignored.
+    fn cancel_reviewers_left(&mut self, judged: i64, newest: Option<i64>, why: &str) -> Vec<i64> {
+        let mut cancelled = Vec::new();
+        let Some(newest) = newest else {
+            return cancelled;
+        };
         let actor = self.opts.actor.clone();
         for _ in 0..10 {
-            let left = self.write(|tx, now| {
-                tasks::cancel_reviewers_left(tx, judged, newest, why, &actor, now)
+            let tried = self.write(|tx, now| {
+                tasks::cancel_pending_reviewers(tx, judged, newest, why, &actor, now)
             });
-            match left {
-                Ok((_, false)) => return,
-                Ok((_, true)) => std::thread::sleep(Duration::from_millis(50)),
+            match tried {
+                Ok((ids, skipped)) => {
+                    cancelled.extend(ids);
+                    if !skipped {
+                        return cancelled;
+                    }
+                }
+                Err(e) if e.is_transient() => {}
                 Err(e) => {
                     tracing::warn!(
                         task = judged,
                         "could not cancel its reviewer tasks after the decision (their verdicts will be ignored): {e}"
                     );
-                    return;
+                    return cancelled;
                 }
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
         tracing::warn!(
             task = judged,
             "a reviewer task of it still runs after the decision: another transaction held its row throughout (its verdict will be ignored)"
         );
+        cancelled
     }
 
     /// Revives a failed or cancelled task with attempts reset: `ready`, or
@@ -558,7 +571,8 @@ impl Queue {
             let cancelled = tasks::cancel_in(tx, id, reason, &self.opts.actor, now)?;
             Ok((cancelled, tasks::newest_reviewer(tx, id)?))
         })?;
-        self.cancel_reviewers_left(id, newest, &tasks::judged_cancelled(id));
+        let mut cancelled = cancelled;
+        cancelled.extend(self.cancel_reviewers_left(id, newest, &tasks::judged_cancelled(id)));
         Ok(cancelled)
     }
 

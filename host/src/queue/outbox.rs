@@ -166,7 +166,7 @@ fn take_over_cut_off_sends(tx: &dyn Sql, agents: &str, actor: &str, now: i64) ->
              WHERE id IN (SELECT id FROM effects
                           WHERE state = 'sending' AND lease_until < ?1 AND {agent_in}{})
              RETURNING id, task_id, seq, attempts, claimed_by",
-            skip_locked(tx)
+            tx.skip_locked()
         ),
         args![now, agents],
     )?;
@@ -201,7 +201,7 @@ fn fail_cut_off_last_attempts(tx: &dyn Sql, agents: &str, actor: &str, now: i64)
                             AND attempts >= max_attempts AND {}{})
              RETURNING id, task_id, seq, attempts, claimed_by",
             agent_in(tx, 2),
-            skip_locked(tx)
+            tx.skip_locked()
         ),
         args![now, agents, WHY],
     )?;
@@ -219,14 +219,6 @@ fn fail_cut_off_last_attempts(tx: &dyn Sql, agents: &str, actor: &str, now: i64)
         note(tx, row.get(1)?, "effect_failed", actor, detail, now)?;
     }
     Ok(())
-}
-
-/// On PostgreSQL, rows another sender is taking are skipped, not waited for.
-fn skip_locked(db: &dyn Sql) -> &'static str {
-    match db.dialect() {
-        Dialect::Sqlite => "",
-        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-    }
 }
 
 /// `agent IN` the agents of a JSON list of names (the statement's `?n`).

@@ -302,7 +302,8 @@ pub(super) fn cancel_reviewers_of_decided(
     actor: &str,
     now: i64,
 ) -> Result<Vec<i64>> {
-    cancel_pending_reviewers(tx, judged, &decided_first(actor, judged), actor, now)
+    let why = decided_first(actor, judged);
+    Ok(cancel_pending_reviewers(tx, judged, i64::MAX, &why, actor, now)?.0)
 }
 
 /// Why a reviewer task is cancelled when a person decided first.

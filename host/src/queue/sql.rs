@@ -69,6 +69,15 @@ impl dyn Sql + '_ {
             Dialect::Postgres => " FOR UPDATE",
         }
     }
+
+    /// `" FOR UPDATE SKIP LOCKED"` on PostgreSQL, nothing on SQLite: rows
+    /// another transaction holds are passed over rather than waited for.
+    pub fn skip_locked(&self) -> &'static str {
+        match self.dialect() {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
 }
 
 fn first_line(sql: &str) -> &str {

@@ -658,7 +658,8 @@ fn cancel_one(
     }
     if from == State::Review {
         outbox::drop_proposed(tx, id)?;
-        reviewers = cancel_pending_reviewers(tx, id, &judged_cancelled(id), actor, now)?;
+        (reviewers, _) =
+            cancel_pending_reviewers(tx, id, i64::MAX, &judged_cancelled(id), actor, now)?;
     }
     let to = record(
         tx,
@@ -677,67 +678,17 @@ fn cancel_one(
     Ok(reviewers)
 }
 
-/// Cancels the reviewer tasks of `judged` that have not answered yet (and
-/// what depends on them): once a person has decided its review, or it was
-/// cancelled, their verdict cannot count, and their run (a model call, say)
-/// would be spent for nothing. Returns the ids cancelled.
+/// Cancels the reviewer tasks of `judged` up to `newest` that have not
+/// answered yet (and what depends on them): once a person has decided its
+/// review, or it was cancelled, their verdict cannot count, and their run
+/// (a model call, say) would be spent for nothing. Returns the ids
+/// cancelled, and whether one was skipped: on PostgreSQL a reviewer row
+/// another transaction holds is passed over rather than waited for (most
+/// likely its own completion, which locks it before the judged task:
+/// waiting would deadlock; or a heartbeat, a claim, a model call's
+/// reservation), and the caller tries again once the decision is committed
+/// (`Queue::cancel_reviewers_left`).
 pub(super) fn cancel_pending_reviewers(
-    tx: &dyn Sql,
-    judged: i64,
-    why: &str,
-    actor: &str,
-    now: i64,
-) -> Result<Vec<i64>> {
-    // On PostgreSQL a reviewer row locked by another transaction is most
-    // likely its own completion, which locks it before the judged task: it
-    // is skipped (its verdict will find the review decided) rather than
-    // waited for, which would deadlock with that completion.
-    let lock = match tx.dialect() {
-        Dialect::Sqlite => "",
-        Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-    };
-    let reviewers = tx.query(
-        &format!(
-            "SELECT id FROM tasks WHERE parent_id = ?1 AND reviews = ?1
-             AND state IN ('pending', 'ready', 'in_progress'){lock}"
-        ),
-        args![judged],
-    )?;
-    let mut cancelled = Vec::new();
-    for row in reviewers {
-        cancelled.extend(cancel_in(tx, row.get(0)?, why, actor, now)?);
-    }
-    Ok(cancelled)
-}
-
-/// Why a reviewer task is cancelled with the task it reviews.
-pub(super) fn judged_cancelled(judged: i64) -> String {
-    format!("task {judged}, which this reviews, was cancelled")
-}
-
-/// On PostgreSQL, the newest reviewer task of `judged`, if it has any: the
-/// last that [`cancel_reviewers_left`] may cancel once a decision is in (a
-/// rejected task reviewed again gets newer ones, which must run). `None` on
-/// SQLite, where the decision skipped none.
-pub(super) fn newest_reviewer(tx: &dyn Sql, judged: i64) -> Result<Option<i64>> {
-    if tx.dialect() == Dialect::Sqlite {
-        return Ok(None);
-    }
-    tx.query_value(
-        "SELECT MAX(id) FROM tasks WHERE parent_id = ?1 AND reviews = ?1",
-        args![judged],
-    )
-}
-
-/// Cancels the reviewer tasks of `judged` up to `newest` that are still to
-/// answer: on PostgreSQL [`cancel_pending_reviewers`] skips one whose row
-/// another transaction holds at that moment (a heartbeat, a claim, a model
-/// call's reservation; waiting there could deadlock), and it would run on,
-/// spending its chain's budget on a verdict that cannot count. Once the
-/// decision is committed nothing here holds the judged task's row, but a
-/// row still held is skipped again. Returns the ids cancelled and whether
-/// any reviewer was skipped.
-pub(super) fn cancel_reviewers_left(
     tx: &dyn Sql,
     judged: i64,
     newest: i64,
@@ -748,18 +699,46 @@ pub(super) fn cancel_reviewers_left(
     let unfinished = "parent_id = ?1 AND reviews = ?1 AND id <= ?2
                       AND state IN ('pending', 'ready', 'in_progress')";
     let reviewers = tx.query(
-        &format!("SELECT id FROM tasks WHERE {unfinished} FOR UPDATE SKIP LOCKED"),
+        &format!(
+            "SELECT id FROM tasks WHERE {unfinished}{}",
+            tx.skip_locked()
+        ),
         args![judged, newest],
     )?;
     let mut cancelled = Vec::new();
     for row in reviewers {
         cancelled.extend(cancel_in(tx, row.get(0)?, why, actor, now)?);
     }
-    let left: i64 = tx.query_value(
-        &format!("SELECT COUNT(*) FROM tasks WHERE {unfinished}"),
-        args![judged, newest],
-    )?;
-    Ok((cancelled, left > 0))
+    let skipped = match tx.dialect() {
+        Dialect::Sqlite => false,
+        Dialect::Postgres => {
+            let left: i64 = tx.query_value(
+                &format!("SELECT COUNT(*) FROM tasks WHERE {unfinished}"),
+                args![judged, newest],
+            )?;
+            left > 0
+        }
+    };
+    Ok((cancelled, skipped))
+}
+
+/// Why a reviewer task is cancelled with the task it reviews.
+pub(super) fn judged_cancelled(judged: i64) -> String {
+    format!("task {judged}, which this reviews, was cancelled")
+}
+
+/// On PostgreSQL, the newest reviewer task of `judged`, if it has any: the
+/// last that a retry after the decision may cancel (a rejected task
+/// reviewed again gets newer ones, which must run). `None` on
+/// SQLite, where the decision skipped none.
+pub(super) fn newest_reviewer(tx: &dyn Sql, judged: i64) -> Result<Option<i64>> {
+    if tx.dialect() == Dialect::Sqlite {
+        return Ok(None);
+    }
+    tx.query_value(
+        "SELECT MAX(id) FROM tasks WHERE parent_id = ?1 AND reviews = ?1",
+        args![judged],
+    )
 }
 
 /// Cancels, transitively, every unfinished task waiting on `id`, which will

@@ -50,6 +50,11 @@ impl Effect {
 pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
 
+/// The bytes of headers' names and values together.
+pub fn header_bytes(headers: &[(String, String)]) -> usize {
+    headers.iter().map(|(n, v)| n.len() + v.len()).sum()
+}
+
 /// A guest's name (a method, a header name) as a refusal quotes it: cut to
 /// a line's worth, saying how long it was. The refusal goes to the agent,
 /// the trail and the task's log.
@@ -99,7 +104,7 @@ pub fn check_shape(
             METHODS.join(", ")
         ));
     }
-    let header_bytes: usize = headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+    let header_bytes = header_bytes(headers);
     if headers.len() > MAX_HEADERS || header_bytes > MAX_HEADER_BYTES {
         return Err(format!(
             "{} headers of {header_bytes} bytes: an effect may carry at most {MAX_HEADERS} headers of {} KiB in all",

@@ -137,7 +137,6 @@ fn commands(lang: Lang, name: &str) -> (String, String, &'static str) {
 /// slot until its deadline.
 const TEST_HOOKS: &[&str] = &[
     ", \"raise\": bool, \"spin\": bool",
-    ", \"raise\": bool, \"spin\": bool",
     "\n        if payload.get(\"raise\"):\n            raise RuntimeError(\"asked to raise\")\n        if payload.get(\"spin\"):\n            while True:\n                pass",
     "\n    if (payload.raise) throw new TypeError(\"asked to raise\");\n    if (payload.spin) for (;;) {}",
     "\n            if payload[\"raise\"] == true {\n                panic!(\"asked to raise\");\n            }\n            if payload[\"spin\"] == true {\n                #[allow(clippy::empty_loop)]\n                loop {}\n            }",

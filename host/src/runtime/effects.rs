@@ -97,11 +97,7 @@ impl RunState {
         // Headers count with the bodies: the host holds both until the task
         // completes, outside the run's memory cap.
         let size = |body: Option<&Vec<u8>>, headers: &[(String, String)]| {
-            body.map_or(0, Vec::len)
-                + headers
-                    .iter()
-                    .map(|(n, v)| n.len() + v.len())
-                    .sum::<usize>()
+            body.map_or(0, Vec::len) + crate::effects::header_bytes(headers)
         };
         let held: usize = queued
             .iter()

@@ -356,6 +356,13 @@ impl Metrics {
     }
 
     fn charge(&self, c: &ModelCharge) {
+        // A call that charged nothing (refused, replayed) adds nothing, and
+        // makes no series: a refused call is recorded under whatever alias
+        // its agent asked for, and made-up ones would take the label slots
+        // of the host's own (only those reach a provider and charge).
+        if c.input_tokens == 0 && c.output_tokens == 0 && c.cost_usd.is_none_or(|usd| usd == 0.0) {
+            return;
+        }
         let agent = self.agent_label(&c.agent);
         let alias = self.model_names.lock().unwrap().label(&c.model);
         let model = |direction: &str| TokenLabels {
@@ -734,6 +741,16 @@ mod tests {
         metrics.render(&queue).unwrap(); // counts from here
         let raw = rusqlite::Connection::open(&path).unwrap();
         let long = "m".repeat(5000);
+        // Refused first: charging nothing, they take no label.
+        for (seq, alias) in (0..MAX_MODEL_LABELS).map(|i| (1000 + i, format!("refused-{i}"))) {
+            raw.execute(
+                "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                     request_hash, request, status, input_tokens, output_tokens, ms, replayed)
+                 VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'not_granted', 0, 0, 1, 0)",
+                rusqlite::params![seq as i64, alias],
+            )
+            .unwrap();
+        }
         let aliases: Vec<String> = (0..MAX_MODEL_LABELS + 10)
             .map(|i| format!("made-up-{i:03}"))
             .chain([long.clone()])
@@ -753,6 +770,7 @@ mod tests {
             .filter(|l| l.starts_with("colony_model_tokens_total{") && l.contains("\"input\""))
             .collect();
         assert_eq!(inputs.len(), MAX_MODEL_LABELS + 1, "{text}");
+        assert!(!text.contains("refused-"), "{text}");
         assert!(!text.contains(&long), "a 5,000-character label");
         let other = inputs
             .iter()

@@ -741,28 +741,25 @@ mod tests {
         metrics.render(&queue).unwrap(); // counts from here
         let raw = rusqlite::Connection::open(&path).unwrap();
         let long = "m".repeat(5000);
-        // Refused first: charging nothing, they take no label.
-        for (seq, alias) in (0..MAX_MODEL_LABELS).map(|i| (1000 + i, format!("refused-{i}"))) {
+        let call = |seq: usize, alias: &str, tokens: i64| {
             raw.execute(
                 "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
                      request_hash, request, status, input_tokens, output_tokens, ms, replayed)
-                 VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'not_granted', 0, 0, 1, 0)",
-                rusqlite::params![seq as i64, alias],
+                 VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'ok', ?3, 0, 1, 0)",
+                rusqlite::params![seq as i64, alias, tokens],
             )
             .unwrap();
+        };
+        // Refused first: charging nothing, they take no label.
+        for i in 0..MAX_MODEL_LABELS {
+            call(1000 + i, &format!("refused-{i}"), 0);
         }
         let aliases: Vec<String> = (0..MAX_MODEL_LABELS + 10)
             .map(|i| format!("made-up-{i:03}"))
             .chain([long.clone()])
             .collect();
         for (seq, alias) in aliases.iter().enumerate() {
-            raw.execute(
-                "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
-                     request_hash, request, status, input_tokens, output_tokens, ms, replayed)
-                 VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'ok', 1, 0, 1, 0)",
-                rusqlite::params![seq as i64, alias],
-            )
-            .unwrap();
+            call(seq, alias, 1);
         }
         let text = metrics.render(&queue).unwrap();
         let inputs: Vec<&str> = text

@@ -477,6 +477,20 @@ impl Metrics {
             .map(|(agent, _, _)| self.agent_label(agent))
             .collect();
         for agent in &agents {
+            // Its completions and its run and wait times start at 0 rather
+            // than appearing at their first count, which Prometheus'
+            // increase() and rate() would miss (the first batch of runs
+            // after a start went unseen).
+            let _ = self.runs.get_or_create(&RunLabels {
+                agent: agent.clone(),
+                outcome: "complete".into(),
+                error_kind: String::new(),
+            });
+            let labels = AgentLabels {
+                agent: agent.clone(),
+            };
+            let _ = self.run_seconds.get_or_create(&labels);
+            let _ = self.wait_seconds.get_or_create(&labels);
             for state in State::ALL {
                 let labels = TaskLabels {
                     agent: agent.clone(),
@@ -774,6 +788,25 @@ mod tests {
             .find(|l| l.contains(&format!("model=\"{OTHER_MODELS}\"")))
             .expect("the rest under one label");
         assert!(other.ends_with(" 11"), "{other}");
+    }
+
+    /// An agent's completions and run times read 0 before its first run,
+    /// so that a rate over the first runs after a start sees them.
+    #[test]
+    fn an_agents_counters_start_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queue = Queue::open(dir.path().join("q.db")).unwrap();
+        queue
+            .submit(&crate::task::NewTask::new("writer", "{}"))
+            .unwrap();
+        let text = Metrics::new().render(&queue).unwrap();
+        for series in [
+            r#"colony_runs_finished_total{agent="writer",outcome="complete",error_kind=""} 0"#,
+            r#"colony_run_duration_seconds_count{agent="writer"} 0"#,
+            r#"colony_claim_wait_seconds_count{agent="writer"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::sql::{Dialect, Row, Sql, args};
+use super::sql::{Dialect, Param, Row, Sql, args};
 use super::{Queue, QueueError, Result};
 use crate::effects::{Effect, MAX_DELIVERY_ATTEMPTS};
 
@@ -157,68 +157,87 @@ fn note(
 /// nothing before it. One cut off on its last attempt fails instead, as a
 /// task's run does: an effect whose sending kills its daemon would
 /// otherwise be sent again after every crash, its attempts no limit.
+///
+/// A failed one keeps its claim: a sender that was only slow (a stall, a
+/// clock step) and comes back with the answer still records it
+/// ([`Queue::finish_delivery`]).
 fn take_over_cut_off_sends(tx: &dyn Sql, agents: &str, actor: &str, now: i64) -> Result<()> {
-    fail_cut_off_last_attempts(tx, agents, actor, now)?;
-    let agent_in = agent_in(tx, 2);
-    let taken = tx.query(
-        &format!(
-            "UPDATE effects SET state = 'pending', next_at = ?1, claim_token = NULL, lease_until = NULL
-             WHERE id IN (SELECT id FROM effects
-                          WHERE state = 'sending' AND lease_until < ?1 AND {agent_in}{})
-             RETURNING id, task_id, seq, attempts, claimed_by",
-            tx.skip_locked()
-        ),
+    const FAILED: &str = "its last attempt was cut off: the sender's claim ran out with no \
+                          answer recorded (the sender died or stalled mid-send, perhaps because \
+                          of this request); the receiver may have it already. `colony effects \
+                          retry ID` sends it again";
+    const TAKEN_OVER: &str = "its sender's claim ran out with no answer recorded (the sender \
+                              died or stalled); the receiver may have the request already, and \
+                              it is sent again with the same idempotency key";
+    let failed = update_cut_off_sends(
+        tx,
+        "state = 'failed', error = ?3, lease_until = NULL, updated_at = ?1",
+        "attempts >= max_attempts",
+        args![now, agents, FAILED],
+    )?;
+    for cut in failed {
+        let detail = json!({
+            "effect": cut.effect, "seq": cut.seq, "attempt": cut.attempt, "status": null,
+            "error": FAILED, "refused": false, "now": "failed", "sender": cut.sender,
+        });
+        note(tx, cut.task_id, "effect_failed", actor, detail, now)?;
+    }
+    let taken = update_cut_off_sends(
+        tx,
+        "state = 'pending', next_at = ?1, claim_token = NULL, lease_until = NULL",
+        "attempts < max_attempts",
         args![now, agents],
     )?;
-    for row in &taken {
+    for cut in taken {
         let detail = json!({
-            "effect": row.get::<i64>(0)?,
-            "seq": row.get::<u32>(2)?,
-            "attempt": row.get::<u32>(3)?,
-            "sender": row.get::<Option<String>>(4)?,
-            "why": "its sender's claim ran out with no answer recorded (the sender died or stalled); the receiver may have the request already, and it is sent again with the same idempotency key",
+            "effect": cut.effect, "seq": cut.seq, "attempt": cut.attempt,
+            "sender": cut.sender, "why": TAKEN_OVER,
         });
-        note(tx, row.get(1)?, "effect_taken_over", actor, detail, now)?;
+        note(tx, cut.task_id, "effect_taken_over", actor, detail, now)?;
     }
     Ok(())
 }
 
-/// Fails the effects of `agents` whose sender's claim ran out on their
-/// last attempt (see [`take_over_cut_off_sends`]), each with an
-/// `effect_failed` event that says why and names the sender. The claim
-/// stays on the row: a sender that was only slow (a stall, a clock step)
-/// and comes back with the answer still records it ([`Queue::finish_delivery`]).
-fn fail_cut_off_last_attempts(tx: &dyn Sql, agents: &str, actor: &str, now: i64) -> Result<()> {
-    const WHY: &str = "its last attempt was cut off: the sender's claim ran out with no answer \
-                       recorded (the sender died or stalled mid-send, perhaps because of this \
-                       request); the receiver may have it already. `colony effects retry ID` \
-                       sends it again";
-    let failed = tx.query(
+/// An effect whose sender's claim ran out, as [`update_cut_off_sends`]
+/// returns it.
+struct CutOff {
+    effect: i64,
+    task_id: i64,
+    seq: u32,
+    attempt: u32,
+    sender: Option<String>,
+}
+
+/// Applies `set` to the effects of the agents in `?2` whose sender's claim
+/// ran out before `?1` (now), those of them for which `which` holds.
+fn update_cut_off_sends(
+    tx: &dyn Sql,
+    set: &str,
+    which: &str,
+    params: &[Param],
+) -> Result<Vec<CutOff>> {
+    let rows = tx.query(
         &format!(
-            "UPDATE effects SET state = 'failed', error = ?3, lease_until = NULL, updated_at = ?1
+            "UPDATE effects SET {set}
              WHERE id IN (SELECT id FROM effects
-                          WHERE state = 'sending' AND lease_until < ?1
-                            AND attempts >= max_attempts AND {}{})
+                          WHERE state = 'sending' AND lease_until < ?1 AND {which} AND {}{})
              RETURNING id, task_id, seq, attempts, claimed_by",
             agent_in(tx, 2),
             tx.skip_locked()
         ),
-        args![now, agents, WHY],
+        params,
     )?;
-    for row in &failed {
-        let detail = json!({
-            "effect": row.get::<i64>(0)?,
-            "seq": row.get::<u32>(2)?,
-            "attempt": row.get::<u32>(3)?,
-            "status": null,
-            "error": WHY,
-            "refused": false,
-            "now": "failed",
-            "sender": row.get::<Option<String>>(4)?,
-        });
-        note(tx, row.get(1)?, "effect_failed", actor, detail, now)?;
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            Ok(CutOff {
+                effect: row.get(0)?,
+                task_id: row.get(1)?,
+                seq: row.get(2)?,
+                attempt: row.get(3)?,
+                sender: row.get(4)?,
+            })
+        })
+        .collect()
 }
 
 /// `agent IN` the agents of a JSON list of names (the statement's `?n`).

@@ -713,6 +713,18 @@ mod tests {
         assert!(tail.ready_at.is_empty());
     }
 
+    /// Records a model call of agent `writer` straight into the journal:
+    /// call `seq` to `alias`, charged `tokens` input tokens.
+    fn journal_call(raw: &rusqlite::Connection, seq: usize, alias: &str, tokens: i64) {
+        raw.execute(
+            "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
+                 request_hash, request, status, input_tokens, output_tokens, ms, replayed)
+             VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'ok', ?3, 0, 1, 0)",
+            rusqlite::params![seq as i64, alias, tokens],
+        )
+        .unwrap();
+    }
+
     /// A catch-up that fails reading the trail keeps its place in the model
     /// journal: the calls made meanwhile are counted by the next one.
     #[test]
@@ -723,13 +735,9 @@ mod tests {
         let metrics = Metrics::new();
         metrics.render(&queue).unwrap();
         let raw = rusqlite::Connection::open(&path).unwrap();
-        raw.execute_batch(
-            "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
-                 request_hash, request, status, input_tokens, output_tokens, ms, replayed)
-             VALUES (0, 1, 1, 'writer', 1, 1, 1, 'fast', 'h', 'null', 'ok', 321, 0, 1, 0);
-             ALTER TABLE events RENAME TO events_away;",
-        )
-        .unwrap();
+        journal_call(&raw, 1, "fast", 321);
+        raw.execute_batch("ALTER TABLE events RENAME TO events_away;")
+            .unwrap();
         assert!(metrics.render(&queue).is_err(), "the trail cannot be read");
         raw.execute_batch("ALTER TABLE events_away RENAME TO events;")
             .unwrap();
@@ -755,15 +763,7 @@ mod tests {
         metrics.render(&queue).unwrap(); // counts from here
         let raw = rusqlite::Connection::open(&path).unwrap();
         let long = "m".repeat(5000);
-        let call = |seq: usize, alias: &str, tokens: i64| {
-            raw.execute(
-                "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
-                     request_hash, request, status, input_tokens, output_tokens, ms, replayed)
-                 VALUES (0, 1, 1, 'writer', 1, 1, ?1, ?2, 'h', 'null', 'ok', ?3, 0, 1, 0)",
-                rusqlite::params![seq as i64, alias, tokens],
-            )
-            .unwrap();
-        };
+        let call = |seq: usize, alias: &str, tokens: i64| journal_call(&raw, seq, alias, tokens);
         // Refused first: charging nothing, they take no label.
         for i in 0..MAX_MODEL_LABELS {
             call(1000 + i, &format!("refused-{i}"), 0);

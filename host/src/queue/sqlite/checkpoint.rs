@@ -12,8 +12,9 @@
 //! appending to it, so under sustained load the file would grow without
 //! end. From [`REWIND_PAGES`] the committing connection also checkpoints
 //! itself, as SQLite would have (only the pages the thread has not copied
-//! yet are left to it), at most once per [`CHECKPOINT_PAGES`] of growth:
-//! the WAL starts over at the first write that finds it all copied and no
+//! yet are left to it), at most once per [`CHECKPOINT_PAGES`] of growth
+//! (a try that finds the thread checkpointing is repeated at the next
+//! commit): the WAL starts over at the first write that finds it all copied and no
 //! reader in it, which readers that come and go may put off for a while.
 //!
 //! One thread per database per process, shared by every connection that
@@ -88,9 +89,13 @@ impl Checkpointer {
             }
             let own = pages >= REWIND_PAGES && pages >= checkpointed_at + CHECKPOINT_PAGES;
             if own || (thread_gone && pages >= CHECKPOINT_PAGES) {
-                checkpointed_at = pages;
-                // Busy when the thread is checkpointing: a later commit tries.
-                let _ = wal.checkpoint_v2(CheckpointMode::PASSIVE);
+                // Busy (at once: passive) while another connection, most
+                // often the thread, is checkpointing: the next commit tries
+                // again. Counting a busy try as done let the WAL grow by
+                // another CHECKPOINT_PAGES each time the two collided.
+                if wal.checkpoint_v2(CheckpointMode::PASSIVE).is_ok() {
+                    checkpointed_at = pages;
+                }
             } else if pages >= CHECKPOINT_PAGES {
                 // Full: a checkpoint is already due, this commit joins it.
                 if let Err(TrySendError::Disconnected(_)) = wake.try_send(()) {
@@ -186,6 +191,13 @@ mod tests {
         tx.commit().unwrap();
     }
 
+    /// Frames in the WAL, counted from its file's length (header 32 bytes,
+    /// each frame a 24-byte header and a page).
+    fn wal_frames(path: &Path) -> i32 {
+        let len = std::fs::metadata(path.with_extension("db-wal")).map_or(0, |m| m.len());
+        (len.saturating_sub(32) / (24 + 4096)) as i32
+    }
+
     fn wal_pages(path: &Path) -> i64 {
         let other = Connection::open(path).unwrap();
         other
@@ -260,5 +272,76 @@ mod tests {
             wal_pages(&path) < 200,
             "no commit checkpointed for the gone thread"
         );
+    }
+
+    /// An own checkpoint that finds another connection checkpointing (the
+    /// thread, most often) is tried again at the next commit: counted as
+    /// done, it let the WAL grow another CHECKPOINT_PAGES at every collision
+    /// (seen as a WAL three times REWIND_PAGES on a loaded machine).
+    #[test]
+    fn an_own_checkpoint_found_busy_is_tried_again_at_the_next_commit() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static WAITING: AtomicBool = AtomicBool::new(false);
+        static RELEASED: AtomicBool = AtomicBool::new(false);
+        // The other checkpoint's busy handler: it holds the checkpoint lock
+        // for as long as this returns true.
+        fn hold_until_released(_: i32) -> bool {
+            WAITING.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1));
+            !RELEASED.load(Ordering::SeqCst)
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.db");
+        let (conn, _checkpointer, woken) = attached(&path);
+        // A reader keeps the WAL from starting over, so that it keeps
+        // growing past REWIND_PAGES.
+        let reader = Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT count(*) FROM filler", [], |r| r.get(0))
+            .unwrap();
+        while wal_frames(&path) + 110 < REWIND_PAGES {
+            write_100_pages(&conn);
+        }
+        while woken.try_recv().is_ok() {}
+
+        // ~300 pages that take the WAL past REWIND_PAGES, committed while
+        // another connection's FULL checkpoint holds the checkpoint lock
+        // (it waits in its busy handler for this transaction's write lock).
+        let tx = conn.unchecked_transaction().unwrap();
+        for _ in 0..300 {
+            tx.execute("INSERT INTO filler VALUES (zeroblob(4000))", [])
+                .unwrap();
+        }
+        let other_path = path.clone();
+        let other = std::thread::spawn(move || {
+            let mut other = Connection::open(&other_path).unwrap();
+            other.busy_handler(Some(hold_until_released)).unwrap();
+            let _ = other.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()));
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !WAITING.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "no checkpoint waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tx.commit().unwrap();
+        let busy_at = wal_frames(&path);
+        assert!(busy_at >= REWIND_PAGES, "only {busy_at} frames");
+        assert!(
+            woken.try_recv().is_err(),
+            "woke the thread at {busy_at} frames"
+        );
+        RELEASED.store(true, Ordering::SeqCst);
+        other.join().unwrap();
+
+        // Well short of CHECKPOINT_PAGES later, the next commit checkpoints
+        // itself rather than waking the thread.
+        write_100_pages(&conn);
+        assert!(
+            woken.try_recv().is_err(),
+            "the commit after the busy checkpoint at {busy_at} frames only woke the thread"
+        );
+        reader.execute_batch("COMMIT").unwrap();
     }
 }

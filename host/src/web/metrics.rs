@@ -19,7 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::queue::{AgentEvent, ModelCharge, Queue, QueueError, TrailCursor};
-use crate::task::State;
+use crate::task::{ErrorKind, Event, State};
 
 /// Hands the rows a cursor moves over to `each`, a page at a time, up to
 /// [`MAX_PER_CATCH_UP`]. A page that could not be read is read again next
@@ -460,6 +460,45 @@ impl Metrics {
         );
     }
 
+    /// An agent's completions, its runs' failures of every kind (retried
+    /// and final), its lost leases, and its run and wait times read 0
+    /// before their first count rather than appearing with it: Prometheus'
+    /// increase() and rate() see nothing in a series' first sample, so the
+    /// first batch of runs after a start went unseen, and so did the first
+    /// crash (an alert on failures stayed quiet until a second one).
+    fn start_at_zero(&self, agent: &str) {
+        let run_failures = ErrorKind::ALL.into_iter().filter(|kind| {
+            // Not a run's own failure: recorded by lease_expired, cancel
+            // and reject events.
+            !matches!(
+                kind,
+                ErrorKind::LeaseExpired | ErrorKind::Cancelled | ErrorKind::Rejected
+            )
+        });
+        let retried = ErrorKind::ALL
+            .into_iter()
+            .filter(|kind| kind.is_retryable());
+        let outcomes = [
+            (Event::Complete.as_str(), ""),
+            (Event::LeaseExpired.as_str(), ""),
+        ]
+        .into_iter()
+        .chain(run_failures.map(|kind| (Event::Fail.as_str(), kind.as_str())))
+        .chain(retried.map(|kind| (Event::RetryLater.as_str(), kind.as_str())));
+        for (outcome, error_kind) in outcomes {
+            let _ = self.runs.get_or_create(&RunLabels {
+                agent: agent.to_string(),
+                outcome: outcome.into(),
+                error_kind: error_kind.into(),
+            });
+        }
+        let labels = AgentLabels {
+            agent: agent.to_string(),
+        };
+        let _ = self.run_seconds.get_or_create(&labels);
+        let _ = self.wait_seconds.get_or_create(&labels);
+    }
+
     /// Refreshes the gauges from the database and writes every metric in
     /// the Prometheus text format.
     pub fn render(&self, queue: &Queue) -> Result<String, QueueError> {
@@ -477,20 +516,7 @@ impl Metrics {
             .map(|(agent, _, _)| self.agent_label(agent))
             .collect();
         for agent in &agents {
-            // Its completions and its run and wait times start at 0 rather
-            // than appearing at their first count, which Prometheus'
-            // increase() and rate() would miss (the first batch of runs
-            // after a start went unseen).
-            let _ = self.runs.get_or_create(&RunLabels {
-                agent: agent.clone(),
-                outcome: "complete".into(),
-                error_kind: String::new(),
-            });
-            let labels = AgentLabels {
-                agent: agent.clone(),
-            };
-            let _ = self.run_seconds.get_or_create(&labels);
-            let _ = self.wait_seconds.get_or_create(&labels);
+            self.start_at_zero(agent);
             for state in State::ALL {
                 let labels = TaskLabels {
                     agent: agent.clone(),
@@ -802,11 +828,45 @@ mod tests {
         let text = Metrics::new().render(&queue).unwrap();
         for series in [
             r#"colony_runs_finished_total{agent="writer",outcome="complete",error_kind=""} 0"#,
+            r#"colony_runs_finished_total{agent="writer",outcome="fail",error_kind="crash"} 0"#,
+            r#"colony_runs_finished_total{agent="writer",outcome="fail",error_kind="budget_exceeded"} 0"#,
+            r#"colony_runs_finished_total{agent="writer",outcome="retry_later",error_kind="timeout"} 0"#,
+            r#"colony_runs_finished_total{agent="writer",outcome="lease_expired",error_kind=""} 0"#,
             r#"colony_run_duration_seconds_count{agent="writer"} 0"#,
             r#"colony_claim_wait_seconds_count{agent="writer"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == series), "{series} in\n{text}");
         }
+
+        // A real run's crash counts into that very series (one, not two).
+        let metrics = Metrics::new();
+        metrics.render(&queue).unwrap();
+        let claimed = queue.claim("writer", 1).unwrap();
+        let crash = crate::task::TaskError {
+            kind: ErrorKind::Crash,
+            message: "wasm trap: unreachable".into(),
+        };
+        queue
+            .finish(
+                claimed[0].lease,
+                crate::task::RunOutcome::Failure(crash),
+                "",
+            )
+            .unwrap();
+        let text = metrics.render(&queue).unwrap();
+        let mut crashes: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(r#"error_kind="crash""#))
+            .collect();
+        crashes.sort();
+        assert_eq!(
+            crashes,
+            [
+                r#"colony_runs_finished_total{agent="writer",outcome="fail",error_kind="crash"} 0"#,
+                r#"colony_runs_finished_total{agent="writer",outcome="retry_later",error_kind="crash"} 1"#,
+            ],
+            "{text}"
+        );
     }
 
     #[test]

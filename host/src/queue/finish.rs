@@ -10,10 +10,9 @@ use serde_json::json;
 use crate::retry;
 use crate::task::{Event, RunOutcome, State, TaskError};
 
+use super::cancel::cancel_dependents;
 use super::sql::{Sql, args};
-use super::tasks::{
-    REPLAY_FROM_THIS_RUN, cancel_dependents, lock_held, parse_state, record, set_failed,
-};
+use super::tasks::{REPLAY_FROM_THIS_RUN, lock_held, parse_state, record, set_failed};
 use super::{Applied, FinishedRun, Result, outbox, review};
 
 /// Puts a refused late result on the audit trail (it changes no state): a

@@ -9,7 +9,8 @@
 //! | file | owns |
 //! |---|---|
 //! | `insert.rs` | adding tasks: a submit's batch, dependencies, a completion's children |
-//! | `tasks.rs` | the run cycle: promote, claim, heartbeat, release, reap, retry, cancel |
+//! | `tasks.rs` | the run cycle: promote, claim, heartbeat, release, reap, retry |
+//! | `cancel.rs` | cancelling, and what it cascades to: dependents, reviewers left to answer |
 //! | `finish.rs` | how a run ends: completion, review, retry with backoff, failure |
 //! | `batch.rs` | the throughput path: a batch of plain completions or claims in a few statements |
 //! | `review.rs` | completion, review and verdicts |
@@ -30,6 +31,7 @@
 
 mod batch;
 pub mod bench;
+mod cancel;
 mod copy;
 mod dashboard;
 mod error;
@@ -481,7 +483,7 @@ impl Queue {
         let (to, newest) = self.write(|tx, now| {
             let to = review::approve_in(tx, id, note, &self.opts.actor, now)?;
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
-            Ok((to, tasks::newest_reviewer(tx, id)?))
+            Ok((to, cancel::newest_reviewer(tx, id)?))
         })?;
         let why = review::decided_first(&self.opts.actor, id);
         self.cancel_reviewers_left(id, newest, &why);
@@ -500,7 +502,7 @@ impl Queue {
         let (to, newest) = self.write(|tx, now| {
             let to = review::reject_in(tx, id, note, &self.opts.actor, now)?;
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
-            Ok((to, tasks::newest_reviewer(tx, id)?))
+            Ok((to, cancel::newest_reviewer(tx, id)?))
         })?;
         let why = review::decided_first(&self.opts.actor, id);
         self.cancel_reviewers_left(id, newest, &why);
@@ -510,7 +512,7 @@ impl Queue {
     /// After a decision on `judged` (or its cancel) is committed: cancels
     /// its reviewer tasks up to `newest` that the decision skipped because
     /// another transaction held their rows (PostgreSQL; see
-    /// [`tasks::cancel_pending_reviewers`]), trying for half a second.
+    /// [`cancel::cancel_pending_reviewers`]), trying for half a second.
     /// Returns the ids cancelled. The decision stands whatever happens here;
     /// a reviewer left running has its verdict ignored.
     fn cancel_reviewers_left(&mut self, judged: i64, newest: Option<i64>, why: &str) -> Vec<i64> {
@@ -521,7 +523,7 @@ impl Queue {
         let actor = self.opts.actor.clone();
         for _ in 0..10 {
             let tried = self.write(|tx, now| {
-                tasks::cancel_pending_reviewers(tx, judged, newest, why, &actor, now)
+                cancel::cancel_pending_reviewers(tx, judged, newest, why, &actor, now)
             });
             match tried {
                 Ok((ids, skipped)) => {
@@ -568,11 +570,11 @@ impl Queue {
     pub fn cancel(&mut self, id: i64, reason: &str) -> Result<Vec<i64>> {
         review::check_note("reason", reason)?;
         let (cancelled, newest) = self.write(|tx, now| {
-            let cancelled = tasks::cancel_in(tx, id, reason, &self.opts.actor, now)?;
-            Ok((cancelled, tasks::newest_reviewer(tx, id)?))
+            let cancelled = cancel::cancel_in(tx, id, reason, &self.opts.actor, now)?;
+            Ok((cancelled, cancel::newest_reviewer(tx, id)?))
         })?;
         let mut cancelled = cancelled;
-        cancelled.extend(self.cancel_reviewers_left(id, newest, &tasks::judged_cancelled(id)));
+        cancelled.extend(self.cancel_reviewers_left(id, newest, &cancel::judged_cancelled(id)));
         Ok(cancelled)
     }
 

@@ -6,10 +6,11 @@ use serde_json::{Value, json};
 
 use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, TaskError};
 
+use super::cancel::{cancel_dependents, cancel_pending_reviewers};
 use super::finish::Held;
 use super::insert::{insert_children, insert_new_task};
 use super::sql::{Dialect, Sql, args};
-use super::tasks::{cancel_dependents, cancel_pending_reviewers, record, set_failed, state_of};
+use super::tasks::{record, set_failed, state_of};
 use super::validate::{MAX_JSON_DEPTH, spawn_to_next, stored_json, validate_json};
 use super::{MAX_OUTPUT_BYTES, MAX_SPAWN_PER_RUN, QueueError, Result, batch, outbox, state};
 

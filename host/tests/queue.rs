@@ -843,17 +843,18 @@ on_both_drivers! {
     /// renews less often (each daemon promises its own `stale_after`).
     fn no_host_resets_a_lease_before_its_holder_promised(db) {
         let mut holder = db.open_as("holder");
-        holder.set_claim_lease(Duration::from_millis(600));
+        // 3 s: far more than this test's steps take on a loaded machine.
+        holder.set_claim_lease(Duration::from_millis(3000));
         let id = submit(&mut holder, "a", json!({}));
         claim_one(&mut holder, "a");
         let mut reaper = db.open_as("reaper");
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             reaper.reset_stale_leases(Duration::from_millis(10)).unwrap().is_empty(),
-            "stale by the reaper's 10 ms, not by the holder's 600 ms"
+            "stale by the reaper's 10 ms, not by the holder's 3 s"
         );
         assert_eq!(holder.get(id).unwrap().state, State::InProgress);
-        std::thread::sleep(Duration::from_millis(600));
+        std::thread::sleep(Duration::from_millis(3000));
         assert_eq!(reaper.reset_stale_leases(Duration::from_millis(10)).unwrap().len(), 1);
         assert_eq!(holder.get(id).unwrap().state, State::Ready);
         // A claim that promised nothing (an older build) goes by the reaper's own.
@@ -861,6 +862,39 @@ on_both_drivers! {
         claim_one(&mut unpromised, "a");
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(reaper.reset_stale_leases(Duration::from_millis(10)).unwrap().len(), 1);
+    }
+
+    /// A reaper whose clock stepped forward since it last trusted it
+    /// resets nothing on SQLite, where leases are timed by the hosts'
+    /// clocks (every lease looks that much older), even when the step
+    /// comes between its own check and the reset's transaction. On
+    /// PostgreSQL leases are timed by the server's clock.
+    fn a_reset_by_a_clock_that_stepped_forward_resets_nothing_on_sqlite(db) {
+        use colony::queue::{StaleGuard, now_ms};
+        use std::time::Instant;
+        let mut q = db.open();
+        let id = submit(&mut q, "a", json!({}));
+        claim_one(&mut q, "a");
+        std::thread::sleep(Duration::from_millis(30));
+        // The wall clock read 5 s less at a moment the monotonic clock
+        // says was just now: it has run 5 s ahead since.
+        let stepped = StaleGuard {
+            clock_seen: Some((Instant::now(), now_ms() - 5_000)),
+            ..StaleGuard::default()
+        };
+        let reset = q.reset_stale_leases_guarded(Duration::from_millis(10), stepped).unwrap();
+        if db.is_postgres() {
+            assert_eq!(reset.len(), 1, "the server's clock did not step");
+            return;
+        }
+        assert!(reset.is_empty(), "reset after a step: {reset:?}");
+        assert_eq!(q.get(id).unwrap().state, State::InProgress);
+        let steady = StaleGuard {
+            clock_seen: Some((Instant::now(), now_ms())),
+            ..StaleGuard::default()
+        };
+        let reset = q.reset_stale_leases_guarded(Duration::from_millis(10), steady).unwrap();
+        assert_eq!(reset.len(), 1, "a steady clock resets the stale lease");
     }
 
     fn stale_leases_reset_to_ready_then_fail_when_attempts_are_used(db) {
@@ -1176,11 +1210,13 @@ on_both_drivers! {
     fn scheduled_tasks_wait_in_pending_until_due(db) {
         let mut q = db.open();
         let mut new = NewTask::new("a", "{}");
-        new.run_at = Some(colony::queue::now_ms() + 30);
+        // A minute ahead: not due however slowly this machine gets to the
+        // promotion. Then it falls due (moved into the past underneath).
+        new.run_at = Some(colony::queue::now_ms() + 60_000);
         let id = q.submit(&new).unwrap().id;
         assert_eq!(q.get(id).unwrap().state, State::Pending);
         assert_eq!(q.promote_due().unwrap(), 0);
-        std::thread::sleep(Duration::from_millis(40));
+        db.raw().execute(&format!("UPDATE tasks SET run_at = run_at - 120000 WHERE id = {id}"));
         assert_eq!(q.promote_due().unwrap(), 1);
         assert_eq!(q.get(id).unwrap().state, State::Ready);
     }

@@ -9,20 +9,15 @@ use tokio::task::JoinHandle;
 
 use super::Daemon;
 use super::prefetch::Prefetch;
-use crate::queue::{Applied, FinishedRun, Lease, Queue, QueueError, StaleGuard};
+use crate::queue::{
+    Applied, CLOCK_STEP_MS, FinishedRun, Lease, Queue, QueueError, StaleGuard, clock_ran_ahead,
+};
 use crate::task::{ErrorKind, RunOutcome, TaskError};
-
-/// How far this host's clock may run ahead of the monotonic clock between
-/// two heartbeats before it counts as a step (NTP slews by far less).
-const CLOCK_STEP_MS: i64 = 1_000;
 
 /// How many ms this host's clock ran ahead of the monotonic one since
 /// `seen` (an instant and the clock then).
-fn clock_jump_since((then, then_ms): (Instant, i64)) -> i64 {
-    let elapsed = i64::try_from(then.elapsed().as_millis()).unwrap_or(i64::MAX);
-    crate::queue::now_ms()
-        .saturating_sub(then_ms)
-        .saturating_sub(elapsed)
+fn clock_jump_since(seen: (Instant, i64)) -> i64 {
+    clock_ran_ahead(seen, crate::queue::now_ms())
 }
 
 fn clock_jumped(ms: i64) -> String {
@@ -114,6 +109,7 @@ impl Daemon {
                             let guard = StaleGuard {
                                 deadline: Some(started + long_stall),
                                 resumed_at,
+                                clock_seen: Some(clock_seen),
                             };
                             queue.reset_stale_leases_guarded(stale_after, guard)?
                         }

@@ -12,7 +12,7 @@ use super::batch::{BySize, NewEvent, insert_events};
 use super::cancel::cancel_dependents;
 use super::insert::count_unfinished_dependencies;
 use super::sql::{Dialect, Param, Sql, ToParam, args};
-use super::{Applied, ExpiredLease, QueueError, Result};
+use super::{Applied, CLOCK_STEP_MS, ExpiredLease, QueueError, Result, clock_ran_ahead};
 
 /// The claim token of the run ending now, when the next run should replay
 /// its journal rather than the one kept so far (`replay_token`): when it
@@ -409,9 +409,15 @@ pub(super) fn reset_stale_in(
     let StaleGuard {
         deadline,
         resumed_at,
+        clock_seen,
     } = guard;
     let late = || deadline.is_some_and(|d| std::time::Instant::now() > d);
-    if late() {
+    // PostgreSQL's `now` is the server's clock, which this host's steps
+    // leave alone.
+    let stepped = clock_seen.is_some_and(|seen| {
+        tx.dialect() == Dialect::Sqlite && clock_ran_ahead(seen, now) > CLOCK_STEP_MS
+    });
+    if late() || stepped {
         return Ok(Vec::new());
     }
     // SKIP LOCKED: a row locked right now is being finished or reaped by
@@ -625,4 +631,9 @@ pub struct StaleGuard {
     /// outage: a lease counts as unrenewed for its holder's `lease_ms` only
     /// from then.
     pub resumed_at: Option<i64>,
+    /// This host's monotonic and wall clocks read together at a time the
+    /// reaper trusted its clock: on SQLite, reset nothing if the
+    /// transaction's clock ran more than [`CLOCK_STEP_MS`] ahead since (a
+    /// step the reaper's own check, a moment before, could not see yet).
+    pub clock_seen: Option<(std::time::Instant, i64)>,
 }

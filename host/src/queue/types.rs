@@ -237,6 +237,19 @@ pub fn now_ms() -> i64 {
         .saturating_add(offset)
 }
 
+/// How far this host's clock may run ahead of the monotonic clock before
+/// it counts as stepped (NTP slews by far less): on SQLite, whose leases
+/// are timed by the hosts' clocks, a step makes every live lease look that
+/// much older.
+pub const CLOCK_STEP_MS: i64 = 1_000;
+
+/// How many ms the clock reading `now` (ms since the epoch) runs ahead of
+/// the monotonic time passed since `seen`: an instant and the clock then.
+pub fn clock_ran_ahead((then, then_ms): (std::time::Instant, i64), now: i64) -> i64 {
+    let elapsed = i64::try_from(then.elapsed().as_millis()).unwrap_or(i64::MAX);
+    now.saturating_sub(then_ms).saturating_sub(elapsed)
+}
+
 /// Where a queue lives, as `--db` / `COLONY_DB` name it: a path or
 /// `sqlite:PATH` (SQLite), or a `postgres://` / `postgresql://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -954,6 +954,53 @@ on_both_drivers! {
         assert_eq!(events.last().unwrap().event, "release");
     }
 
+    /// A hangup (a closed terminal or ssh session) stops a daemon as
+    /// gracefully as SIGTERM: its default killed it on the spot, the task
+    /// left to wait out its lease. Under `nohup` (SIGHUP ignored) it is
+    /// ignored still.
+    fn sighup_releases_runs_unless_ignored(db) {
+        use std::os::unix::process::CommandExt;
+        let env = Env::on(db, &["sleeper"]);
+        let id = env.submit(&["sleeper", r#"{"ms": 30000}"#]);
+        let daemon = |ignore_hangup: bool| {
+            let mut cmd = env.cmd();
+            cmd.args(["daemon", "--grace", "300ms", "--poll", "100ms"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if ignore_hangup {
+                // SAFETY: signal(2) is async-signal-safe, as pre_exec asks.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                        Ok(())
+                    });
+                }
+            }
+            Daemon::new(cmd.spawn().unwrap())
+        };
+        let claimed = || env.queue().get(id).unwrap().state == State::InProgress;
+
+        let mut nohup = daemon(true);
+        wait_for("the task to be claimed", Duration::from_secs(20), claimed);
+        signal(&nohup, "-HUP");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(nohup.try_wait().unwrap().is_none(), "a daemon under nohup stopped at a hangup");
+        assert!(claimed());
+        signal(&nohup, "-TERM");
+        assert!(nohup.wait_with_output().unwrap().status.success());
+        assert_eq!(env.queue().get(id).unwrap().state, State::Ready);
+
+        let hung_up = daemon(false);
+        wait_for("the task to be claimed again", Duration::from_secs(20), claimed);
+        signal(&hung_up, "-HUP");
+        let status = hung_up.wait_with_output().unwrap().status;
+        assert!(status.success(), "a hangup stops gracefully and exits 0: {status}");
+        let task = env.queue().get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (State::Ready, 0), "released, no attempt spent");
+        let events = env.queue().events(Some(id), 0, 100).unwrap();
+        assert_eq!(events.last().unwrap().event, "release");
+    }
+
     /// A task cancelled and retried while its run goes on here is claimed
     /// again before a heartbeat notices: the old run is stopped, said, and
     /// counted as lost in the daemon's summary (it vanished unaccounted).

@@ -75,9 +75,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     let mut first_signal = Signals::listen();
     exit_on_second_signal()?;
     tokio::spawn(async move {
-        first_signal.recv().await;
+        let signal = first_signal.recv().await;
         tracing::info!(
-            "signal received: finishing runs in flight (send another signal to exit at once)"
+            "{signal} received: finishing runs in flight (send another signal to exit at once)"
         );
         let _ = stop_tx.send(true);
     });
@@ -137,14 +137,19 @@ pub(super) async fn show_progress(db: PathBuf) {
     }
 }
 
-pub(super) async fn wait_for_signal() {
+pub(super) async fn wait_for_signal() -> &'static str {
     Signals::listen().recv().await
 }
 
-/// SIGTERM and SIGINT, listened to from when this is made.
+/// SIGTERM, SIGINT and SIGHUP, listened to from when this is made. SIGHUP
+/// (a closed terminal or ssh session) stops as gracefully as the others:
+/// left to its default it killed the daemon on the spot, every task it
+/// held left to wait out its lease. Not when it is ignored, as under
+/// `nohup`: that asked the process to survive the hangup.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -153,18 +158,43 @@ impl Signals {
         Signals {
             term: signal(SignalKind::terminate()).expect("installing a SIGTERM handler"),
             int: signal(SignalKind::interrupt()).expect("installing a SIGINT handler"),
+            hup: (!hangup_ignored())
+                .then(|| signal(SignalKind::hangup()).expect("installing a SIGHUP handler")),
         }
     }
 
-    async fn recv(&mut self) {
+    /// Waits for the next signal; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        let hup = async {
+            match &mut self.hup {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = hup => "SIGHUP",
         }
     }
 }
 
-/// When the first SIGTERM or SIGINT came (CLOCK_MONOTONIC, ns; 0: none yet).
+/// Whether this process was started with SIGHUP ignored (`nohup`), read
+/// before any handler of ours replaces that.
+fn hangup_ignored() -> bool {
+    static IGNORED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        // SAFETY: a query only (no new action); `old` is a plain struct
+        // the call fills in.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+        }
+    })
+}
+
+/// When the first stop signal came (CLOCK_MONOTONIC, ns; 0: none yet).
 static FIRST_SIGNAL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A signal this soon after the first is the same Ctrl-C delivered twice
@@ -172,7 +202,7 @@ static FIRST_SIGNAL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// shell script forwarding it), not a second press.
 const SAME_SIGNAL_WITHIN_NS: u64 = 50_000_000;
 
-/// Makes a second SIGTERM or SIGINT exit at once, from the signal handler
+/// Makes a second stop signal exit at once, from the signal handler
 /// itself. Through tokio it could not be relied on: two signals that came
 /// before the runtime got round to the first (its workers busy with
 /// spinning guests) were one wake-up, and the daemon waited out its grace.
@@ -202,7 +232,8 @@ fn exit_on_second_signal() -> Result<()> {
             libc::_exit(130);
         }
     }
-    for signal in [libc::SIGTERM, libc::SIGINT] {
+    let hup = (!hangup_ignored()).then_some(libc::SIGHUP);
+    for signal in [libc::SIGTERM, libc::SIGINT].into_iter().chain(hup) {
         // SAFETY: `on_signal` only touches an atomic and calls the
         // async-signal-safe functions above.
         unsafe { signal_hook_registry::register(signal, on_signal) }

@@ -850,6 +850,25 @@ async fn agents_appear_change_and_disappear_without_a_restart() {
     assert_eq!(report.loaded, vec!["worker"]);
     assert_ne!(agents.loaded("worker").unwrap().hash, old.hash);
 
+    // A manifest replaced by another of the same size and modification time
+    // (a release folder of reproducible builds, a swapped symlink) is
+    // another file: read again. It was kept, old limits and all.
+    let manifest = h.agents.path().join("worker.toml");
+    std::fs::write(&manifest, "timeout = \"90s\"\n").unwrap();
+    assert_eq!(agents.rescan(&runtime).await.loaded, vec!["worker"]);
+    let modified = std::fs::metadata(&manifest).unwrap().modified().unwrap();
+    let next = h.agents.path().join("next.tmp");
+    std::fs::write(&next, "timeout = \"10s\"\n").unwrap();
+    let file = std::fs::File::options().write(true).open(&next).unwrap();
+    file.set_modified(modified).unwrap();
+    drop(file);
+    std::fs::rename(&next, &manifest).unwrap();
+    assert_eq!(agents.rescan(&runtime).await.loaded, vec!["worker"]);
+    assert_eq!(
+        agents.loaded("worker").unwrap().limits.timeout,
+        Duration::from_secs(10)
+    );
+
     std::fs::remove_file(h.agents.path().join("worker.wasm")).unwrap();
     assert_eq!(agents.rescan(&runtime).await.removed, vec!["worker"]);
     assert!(agents.loaded("worker").is_none());

@@ -236,14 +236,37 @@ pub struct AgentEntry {
 /// What a rescan looks at to decide whether a file changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fingerprint {
-    wasm: (Option<SystemTime>, u64),
-    manifest: Option<(Option<SystemTime>, u64)>,
+    wasm: FileStamp,
+    manifest: Option<FileStamp>,
 }
 
-fn stat(path: &Path) -> Option<(Option<SystemTime>, u64)> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().ok(), m.len()))
+/// What tells a file's versions apart without reading it: its size and
+/// modification time, and on Unix which file it is (device, inode) and
+/// when that last changed. Size and modification time alone missed a
+/// release folder of reproducible builds swapped in by a symlink: files
+/// of other content with the same size and time, never read again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    /// Device, inode, and the inode's change time (s, ns).
+    file: (u64, u64, i64, i64),
+}
+
+fn stat(path: &Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let file = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+    };
+    #[cfg(not(unix))]
+    let file = (0, 0, 0, 0);
+    Some(FileStamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        file,
+    })
 }
 
 /// What a rescan changed.
@@ -362,7 +385,7 @@ impl AgentDir {
     }
 
     /// Looks at the directory again and loads what is new or changed (by
-    /// modification time and size, then by content hash). A replaced agent's
+    /// [`FileStamp`], then by content hash). A replaced agent's
     /// runs already in flight keep the version they started with: they hold
     /// their own `Arc<Agent>`.
     pub async fn rescan(&mut self, runtime: &Runtime) -> ScanReport {
@@ -405,7 +428,7 @@ impl AgentDir {
         for (name, path) in found {
             let manifest_path = self.dir.join(format!("{name}.toml"));
             let fingerprint = Fingerprint {
-                wasm: stat(&path).unwrap_or((None, 0)),
+                wasm: stat(&path).unwrap_or_default(),
                 manifest: stat(&manifest_path),
             };
             if self

@@ -1703,6 +1703,79 @@ fn a_component_added_to_a_running_daemon_is_picked_up_within_seconds() {
     daemon.wait().unwrap();
 }
 
+/// The configuration is read at start: a daemon says when the file
+/// changes under it (and whether the change would load) rather than
+/// ignoring it without a word, and a manifest changed later that grants an
+/// alias the configuration lacks is warned about as at start.
+#[test]
+fn a_daemon_says_when_its_configuration_changes_and_what_a_new_grant_lacks() {
+    let env = Env::new(&["echo"]);
+    let model = |alias: &str| {
+        format!(
+            "[models.{alias}]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n"
+        )
+    };
+    let config = env.file("colony.toml", model("fast"));
+    let log = env.data.path().join("daemon.log");
+    let mut daemon = Daemon::new(
+        env.cmd()
+            .env("COLONY_CONFIG", &config)
+            .env("FAST_KEY", "sk-test")
+            .args(["daemon", "--heartbeat", "500ms"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let said = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    let echoed = env.submit(&["echo", "{}"]);
+    wait_for("the daemon to run a task", Duration::from_secs(20), || {
+        env.queue().get(echoed).unwrap().state == State::Complete
+    });
+
+    std::fs::write(&config, model("fast") + &model("smart")).unwrap();
+    wait_for("the change to be noticed", Duration::from_secs(20), || {
+        said(
+            "colony.toml changed; this daemon goes on with what it read at start: restart it to apply the change",
+        )
+    });
+    std::fs::write(&config, "[models.fast]\napi = \"cohere\"\n").unwrap();
+    wait_for(
+        "the broken change to be noticed",
+        Duration::from_secs(20),
+        || {
+            said("colony.toml changed and does not load")
+                && said("will refuse to start again until the file is fixed")
+        },
+    );
+
+    std::fs::write(
+        env.agents.path().join("echo.toml"),
+        "models = [\"fast\", \"smart\"]\n",
+    )
+    .unwrap();
+    wait_for(
+        "the reloaded grant to be warned about",
+        Duration::from_secs(20),
+        || {
+            said(
+                "granted the model alias \"smart\", which this host's configuration (read at start) does not declare",
+            )
+        },
+    );
+    assert!(
+        !said("alias \"fast\", which"),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    signal(&daemon, "-TERM");
+    assert!(daemon.wait().unwrap().success());
+}
+
 /// An until-idle daemon waits for a task scheduled for later (as for a
 /// retry's backoff), and says what it waits for rather than looking hung.
 #[test]

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::orchestrator::{Daemon, DaemonConfig};
 use crate::queue::Queue;
+use crate::runtime::FileStamp;
 
 pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     let cfg = DaemonConfig {
@@ -62,12 +63,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
             crate::runtime::AgentStatus::Broken(reason) => {
                 say!("warning: agent {} not loaded: {reason}", entry.name)
             }
-            crate::runtime::AgentStatus::Loaded(agent) => warn_about_ungranted_models(
-                &agent.name,
-                &agent.limits.models,
-                models.as_deref(),
-                cli.config_path(),
-            ),
+            crate::runtime::AgentStatus::Loaded(agent) => {
+                warn_about_ungranted_models(agent, &runtime, cli.config_path())
+            }
         }
     }
     tracing::info!(identity = %actor, db = %redacted(&cli.db), agents = ?agents.loaded_names(), "daemon started");
@@ -94,7 +92,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         }
         None => (None, None),
     };
+    let config_watch = tokio::spawn(say_when_config_changes(cli.config_path().to_path_buf()));
     let summary = Daemon::new(queue, runtime, agents, cfg).run(stop_rx).await;
+    config_watch.abort();
     if let (Some(stop), Some(server)) = (web_stop, web) {
         let _ = stop.send(());
         // Open event streams would hold a graceful shutdown forever.
@@ -112,6 +112,36 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     // With --http the serving line came first: the summary is a second
     // line of JSON Lines, not a pretty document after it.
     output::print_daemon_summary(&summary?, cli.json, args.http.is_some())
+}
+
+/// How often a daemon looks whether its configuration file changed.
+const CONFIG_CHECK: Duration = Duration::from_secs(2);
+
+/// Says when the configuration file changes under the daemon, which read it
+/// at start and goes on with what it read: an edit was ignored without a
+/// word, and one that broke the file was found only at the next start.
+async fn say_when_config_changes(path: PathBuf) {
+    let mut seen = FileStamp::of(&path);
+    loop {
+        tokio::time::sleep(CONFIG_CHECK).await;
+        let now = FileStamp::of(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let file = path.display();
+        match (now, super::models_of(&path)) {
+            (None, _) => {
+                tracing::warn!("{file} was removed; this daemon goes on with what it read at start")
+            }
+            (Some(_), Ok(_)) => tracing::warn!(
+                "{file} changed; this daemon goes on with what it read at start: restart it to apply the change"
+            ),
+            (Some(_), Err(e)) => tracing::warn!(
+                "{file} changed and does not load ({e:#}); this daemon goes on with what it read at start, and will refuse to start again until the file is fixed"
+            ),
+        }
+    }
 }
 
 /// With `--until-idle` in a terminal: one status line of the work left,

@@ -43,7 +43,7 @@ use anyhow::{Result, bail};
 
 use crate::models::{ModelsConfig, Providers};
 use crate::queue::{ListFilter, QueueError};
-use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
+use crate::runtime::{Agent, AgentDir, Runtime, RuntimeConfig};
 use crate::task::State;
 
 pub use args::{
@@ -335,22 +335,13 @@ async fn run_command(cli: &Cli) -> Result<()> {
 
 /// A manifest that grants an alias the configuration lacks: its calls will
 /// be refused as not granted, which the operator should hear about now.
-fn warn_about_ungranted_models(
-    agent: &str,
-    granted: &[String],
-    models: Option<&Providers>,
-    config: &Path,
-) {
-    // Without any configured model, agents fall back by design (the store
-    // agents use templates): nothing to warn about.
-    let Some(models) = models else { return };
-    for alias in granted {
-        if !models.has_alias(alias) {
-            say!(
-                "warning: agent {agent} is granted the model alias {alias:?}, which {} does not configure; its calls will be refused",
-                config.display()
-            );
-        }
+fn warn_about_ungranted_models(agent: &Agent, runtime: &Runtime, config: &Path) {
+    for alias in runtime.unconfigured_models(&agent.limits.models) {
+        say!(
+            "warning: agent {} is granted the model alias {alias:?}, which {} does not configure; its calls will be refused",
+            agent.name,
+            config.display()
+        );
     }
 }
 
@@ -389,6 +380,12 @@ pub fn load_models(cli: &Cli) -> Result<Option<Arc<Providers>>> {
             config.display()
         )));
     }
+    models_of(config)
+}
+
+/// The model providers the configuration at `config` declares: `None`
+/// when it declares none or does not exist.
+fn models_of(config: &Path) -> Result<Option<Arc<Providers>>> {
     // Through anyhow for its `{:#}`: the causes too (TOML's line and column).
     let models = ModelsConfig::load_optional(config)
         .map_err(|e| bad(format!("{:#}", anyhow::Error::from(e))))?;

@@ -37,7 +37,7 @@ use outcome::{
     bounded_failure_message, charge_budget_refusal, classify_trap, crash, error_chain,
     manifest_limit_hint, report,
 };
-pub use registry::{AgentDir, AgentEntry, AgentStatus, Manifest, ScanReport};
+pub use registry::{AgentDir, AgentEntry, AgentStatus, FileStamp, Manifest, ScanReport};
 pub(crate) use sandbox::truncate;
 pub use sandbox::{NoHooks, RunHooks};
 use sandbox::{RunState, TaskLog};
@@ -464,6 +464,21 @@ impl Runtime {
     /// Lets agents call the operator's models (each within its manifest's grants).
     pub fn set_models(&mut self, providers: Arc<Providers>) {
         self.models = Some(providers);
+    }
+
+    /// The aliases of `granted` that the operator's configuration does not
+    /// declare: calls to them will be refused. None when it declares no
+    /// models at all: agents then fall back by design (the store agents use
+    /// templates).
+    pub fn unconfigured_models<'a>(&self, granted: &'a [String]) -> Vec<&'a str> {
+        let Some(models) = &self.models else {
+            return Vec::new();
+        };
+        granted
+            .iter()
+            .filter(|alias| !models.has_alias(alias))
+            .map(String::as_str)
+            .collect()
     }
 
     /// Whether runs use the pooling allocator.

@@ -246,11 +246,18 @@ struct Fingerprint {
 /// release folder of reproducible builds swapped in by a symlink: files
 /// of other content with the same size and time, never read again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct FileStamp {
+pub struct FileStamp {
     len: u64,
     modified: Option<SystemTime>,
     /// Device, inode, and the inode's change time (s, ns).
     file: (u64, u64, i64, i64),
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path`, if there is one.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        stat(path)
+    }
 }
 
 fn stat(path: &Path) -> Option<FileStamp> {
@@ -457,8 +464,16 @@ impl AgentDir {
                     tracing::debug!(agent = %name, path = %path.display(), "agent loaded");
                     report.loaded.push(name.clone());
                 }
-                AgentStatus::Loaded(_) => {
+                AgentStatus::Loaded(agent) => {
                     tracing::info!(agent = %name, path = %path.display(), "agent loaded");
+                    // Said at start for the agents found then; a manifest
+                    // changed later grants as it likes.
+                    for alias in runtime.unconfigured_models(&agent.limits.models) {
+                        tracing::warn!(
+                            agent = %name,
+                            "granted the model alias {alias:?}, which this host's configuration (read at start) does not declare; its calls will be refused"
+                        );
+                    }
                     report.loaded.push(name.clone());
                 }
                 AgentStatus::Broken(reason) => {

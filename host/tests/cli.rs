@@ -2556,7 +2556,10 @@ fn a_task_cancelled_while_claimed_ahead_is_never_started() {
     let batch = env.file("tasks.jsonl", lines);
     env.ok(&["submit", "--batch", &batch]);
     let last = 80;
-    let mut daemon = env.daemon(&["--poll", "200ms"]);
+    // An explicit claim batch claims ahead whatever the runs' pace (left
+    // to itself, only for runs averaging under 50 ms: 30 ms of sleep
+    // leaves a loaded machine little to spare).
+    let mut daemon = env.daemon(&["--poll", "200ms", "--claim-batch", "64"]);
     wait_for(
         "the last task to be claimed ahead",
         Duration::from_secs(30),

@@ -180,7 +180,9 @@ fn a_daemon_whose_connections_are_cut_reconnects_and_loses_nothing() {
         .map(|i| {
             format!(
                 "{{\"agent\": \"sleeper\", \"payload\": {{\"ms\": {}}}}}\n",
-                i % 20
+                // Long enough in all (~0.8 s at 16 at once) for the cuts
+                // below to land while it works, however fast the machine.
+                50 + i % 20
             )
         })
         .collect();
@@ -473,7 +475,9 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     let Some(db) = TestDb::postgres() else { return };
     let mut queue = db.open();
     let first = queue.submit(&NewTask::new("echo", "{}")).unwrap().id;
-    let mut cursor = colony::queue::TrailCursor::with_gap_wait(0, Duration::from_millis(300));
+    // A gap wait of 1 s: the steps below, until the late commit, take far
+    // less on a loaded machine.
+    let mut cursor = colony::queue::TrailCursor::with_gap_wait(0, Duration::from_millis(1000));
     let seen: Vec<i64> = cursor
         .next_events(&queue, None, 100)
         .unwrap()
@@ -535,7 +539,7 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     rolled.rollback().unwrap();
     let third = queue.submit(&NewTask::new("echo", "{}")).unwrap().id;
     assert!(cursor.next_events(&queue, None, 100).unwrap().is_empty());
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(1100));
     let events = cursor.next_events(&queue, None, 100).unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].task_id, third);
@@ -543,8 +547,8 @@ fn a_trail_follower_waits_for_an_event_committed_late() {
     // A follower started later reads that trail at once: a hole behind an
     // event written six gap waits ago is no transaction still running
     // (`events --follow` on an old trail waited 10 s at each).
-    std::thread::sleep(Duration::from_millis(1500));
-    let mut later = colony::queue::TrailCursor::with_gap_wait(0, Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(5000));
+    let mut later = colony::queue::TrailCursor::with_gap_wait(0, Duration::from_millis(1000));
     let all = later.next_events(&queue, None, 100).unwrap();
     assert_eq!(all.last().map(|e| e.task_id), Some(third), "{all:?}");
 }

@@ -1057,15 +1057,22 @@ fn an_exported_token_does_not_stop_a_plain_daemon() {
 fn a_deleted_database_file_is_refused_not_written_or_recreated() {
     let env = Env::new(&["echo"]);
     let web = Web::serve(&env);
-    let (status, _) = web.post("/api/tasks", r#"{"agent":"echo"}"#);
+    let (status, answer) = web.post("/api/tasks", r#"{"agent":"echo"}"#);
     assert_eq!(status, 201);
+    let first = answer["id"].as_i64().unwrap();
     let daemon = env
         .cmd()
         .args(["daemon", "--heartbeat", "100ms", "--poll", "100ms"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The daemon has the file open once it ran the task (a daemon that
+    // opened it only after the deletion would create a fresh one).
+    wait_for(
+        "the daemon to run the task",
+        std::time::Duration::from_secs(20),
+        || env.queue().get(first).unwrap().state == colony::task::State::Complete,
+    );
     let db = env.db();
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));

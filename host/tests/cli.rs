@@ -2632,6 +2632,39 @@ fn a_ready_tasks_wait_counts_from_when_it_became_ready() {
     assert!((0..60_000).contains(&age), "{status}");
 }
 
+/// `status` says which agents' waiting tasks no daemon on this agents
+/// folder can serve: no component here, or one that does not load (their
+/// ready tasks looked merely slow).
+#[test]
+fn status_names_agents_whose_tasks_no_component_here_serves() {
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    env.submit(&["nowhere", "{}"]);
+    std::fs::write(env.agents.path().join("broken.wasm"), b"not a component").unwrap();
+    env.submit(&["broken", "{}"]);
+    let text = env.ok(&["status"]);
+    let line = |agent: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{agent} ")))
+            .unwrap_or_else(|| panic!("{agent} in\n{text}"))
+            .to_string()
+    };
+    assert!(!line("echo").contains('('), "{text}");
+    assert!(
+        line("nowhere").contains("nowhere.wasm: its tasks wait for a daemon that has one"),
+        "{text}"
+    );
+    assert!(
+        line("broken").contains("broken.wasm does not load: see below"),
+        "{text}"
+    );
+    let json = env.json(&["status"]);
+    let unserved = json["unserved_agents"].as_object().unwrap();
+    let mut names: Vec<&String> = unserved.keys().collect();
+    names.sort();
+    assert_eq!(names, ["broken", "nowhere"], "{json}");
+}
+
 /// An agent whose HTTP secret names a provider key of colony.toml is
 /// refused by every command that loads agents, not only by those that load
 /// the models too: `bench --agent` ran it, sending the key to the server its

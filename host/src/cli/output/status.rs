@@ -66,6 +66,26 @@ pub fn lease_health(held: &crate::queue::HeldLeases, now: i64) -> String {
     }
 }
 
+/// Why `agent`'s waiting tasks are served by no daemon on this agents
+/// folder, if they are not: its component is missing here or does not
+/// load. Ready tasks of such an agent looked merely slow.
+fn unserved(agents: &AgentDir, agent: &str, counts: &[(String, State, u64)]) -> Option<String> {
+    let waiting: u64 = counts
+        .iter()
+        .filter(|(a, state, _)| a == agent && matches!(state, State::Ready | State::Pending))
+        .map(|c| c.2)
+        .sum();
+    if waiting == 0 || agents.loaded(agent).is_some() {
+        return None;
+    }
+    let component = agents.dir().join(format!("{agent}.wasm"));
+    let component = component.display();
+    Some(match agents.entries().any(|e| e.name == agent) {
+        true => format!("{component} does not load: see below"),
+        false => format!("no {component}: its tasks wait for a daemon that has one"),
+    })
+}
+
 /// `colony status --json`.
 pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
     let age_ms = report.oldest_ready.map(|t| (report.at - t).max(0));
@@ -76,9 +96,19 @@ pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
         *total = json!(total.as_u64().unwrap_or(0) + n);
         by_agent.entry(agent.clone()).or_insert(json!({}))[state.as_str()] = json!(n);
     }
+    let unserved: serde_json::Map<String, Value> = by_agent
+        .keys()
+        .filter_map(|agent| {
+            Some((
+                agent.clone(),
+                json!(unserved(agents, agent, &report.counts)?),
+            ))
+        })
+        .collect();
     json!({
         "by_state": by_state,
         "by_agent": by_agent,
+        "unserved_agents": unserved,
         "oldest_ready_age_ms": age_ms,
         "leases": report.leases.iter().map(|h| json!({
             "holder": h.holder,
@@ -122,7 +152,10 @@ pub fn print_status(report: &StatusReport, agents: &AgentDir, json: bool) -> Res
             .filter(|c| &c.0 == name)
             .map(|c| format!("{} {}", c.1, c.2))
             .collect();
-        writeln!(out, "  {:<12} {}", name, parts.join(", "))?;
+        match unserved(agents, name, counts) {
+            Some(why) => writeln!(out, "  {:<12} {} ({why})", name, parts.join(", "))?,
+            None => writeln!(out, "  {:<12} {}", name, parts.join(", "))?,
+        }
     }
     match age_ms {
         Some(ms) => writeln!(

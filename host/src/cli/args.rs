@@ -402,7 +402,8 @@ pub struct DaemonArgs {
     /// setting; another daemon's lease is reset only when stale by both.
     #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub stale_after: Duration,
-    /// On SIGINT/SIGTERM, how long to let runs finish before releasing them.
+    /// On SIGINT, SIGTERM or SIGHUP, how long to let runs finish before
+    /// releasing them.
     #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub grace: Duration,
     /// Most tasks taken per claim transaction; those beyond the free slots

@@ -50,6 +50,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     let queue = open_queue(&cli.db, &actor)?;
     // Headroom in the instance pool for trial instantiations of new agents
     // and for runs being torn down.
+    // Read before the configuration is: an edit while the agents load
+    // (compiling for seconds) is a change too.
+    let config_read = ConfigSeen::now(cli.config_path());
     let models = load_models(cli)?;
     let (runtime, agents) = load_agents(
         &cli.db,
@@ -92,7 +95,10 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         }
         None => (None, None),
     };
-    let config_watch = tokio::spawn(say_when_config_changes(cli.config_path().to_path_buf()));
+    let config_watch = tokio::spawn(say_when_config_changes(
+        cli.config_path().to_path_buf(),
+        config_read,
+    ));
     let summary = Daemon::new(queue, runtime, agents, cfg).run(stop_rx).await;
     config_watch.abort();
     if let (Some(stop), Some(server)) = (web_stop, web) {
@@ -117,20 +123,47 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
 /// How often a daemon looks whether its configuration file changed.
 const CONFIG_CHECK: Duration = Duration::from_secs(2);
 
+/// The configuration file as a daemon last saw it.
+struct ConfigSeen {
+    stamp: Option<FileStamp>,
+    content: Option<Vec<u8>>,
+}
+
+impl ConfigSeen {
+    fn now(path: &std::path::Path) -> ConfigSeen {
+        ConfigSeen {
+            stamp: FileStamp::of(path),
+            content: std::fs::read(path).ok(),
+        }
+    }
+}
+
 /// Says when the configuration file changes under the daemon, which read it
 /// at start and goes on with what it read: an edit was ignored without a
 /// word, and one that broke the file was found only at the next start.
-async fn say_when_config_changes(path: PathBuf) {
-    let mut seen = FileStamp::of(&path);
+/// Judged once the file has held still for a check (an editor that writes
+/// in place is not caught half-way) and by its content (a `touch` is no
+/// change).
+async fn say_when_config_changes(path: PathBuf, mut seen: ConfigSeen) {
+    let mut moving = seen.stamp;
     loop {
         tokio::time::sleep(CONFIG_CHECK).await;
-        let now = FileStamp::of(&path);
-        if now == seen {
+        let stamp = FileStamp::of(&path);
+        if stamp == seen.stamp {
             continue;
         }
+        if stamp != moving {
+            moving = stamp;
+            continue;
+        }
+        let now = ConfigSeen::now(&path);
+        let changed = now.content != seen.content;
         seen = now;
+        if !changed {
+            continue;
+        }
         let file = path.display();
-        match (now, super::models_of(&path)) {
+        match (&seen.content, super::models_of(&path)) {
             (None, _) => {
                 tracing::warn!("{file} was removed; this daemon goes on with what it read at start")
             }
@@ -232,12 +265,15 @@ static FIRST_SIGNAL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 /// shell script forwarding it), not a second press.
 const SAME_SIGNAL_WITHIN_NS: u64 = 50_000_000;
 
-/// Makes a second stop signal exit at once, from the signal handler
+/// Makes a second SIGINT or SIGTERM exit at once (a SIGHUP never does),
+/// from the signal handler
 /// itself. Through tokio it could not be relied on: two signals that came
 /// before the runtime got round to the first (its workers busy with
 /// spinning guests) were one wake-up, and the daemon waited out its grace.
 fn exit_on_second_signal() -> Result<()> {
-    fn on_signal() {
+    /// Notes the first stop signal; returns when it came and when this
+    /// one did, if this is not the first.
+    fn note_signal() -> Option<(u64, u64)> {
         use std::sync::atomic::Ordering::SeqCst;
         let mut now = libc::timespec {
             tv_sec: 0,
@@ -246,9 +282,20 @@ fn exit_on_second_signal() -> Result<()> {
         // SAFETY: clock_gettime is async-signal-safe and writes `now` only.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         let now = (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64 + 1;
-        let first = match FIRST_SIGNAL_AT.compare_exchange(0, now, SeqCst, SeqCst) {
-            Ok(_) => return, // the first: tokio's handler starts the graceful stop
-            Err(first) => first,
+        match FIRST_SIGNAL_AT.compare_exchange(0, now, SeqCst, SeqCst) {
+            Ok(_) => None, // the first: tokio's handler starts the graceful stop
+            Err(first) => Some((first, now)),
+        }
+    }
+    // A hangup never exits at once: a dropped ssh session sends two (the
+    // shell's to its jobs, the kernel's when the shell exits) as far apart
+    // as the shell's exit takes, and one may come during a stop's grace.
+    fn on_hangup() {
+        note_signal();
+    }
+    fn on_signal() {
+        let Some((first, now)) = note_signal() else {
+            return;
         };
         if now.saturating_sub(first) < SAME_SIGNAL_WITHIN_NS {
             return;
@@ -262,11 +309,15 @@ fn exit_on_second_signal() -> Result<()> {
             libc::_exit(130);
         }
     }
-    let hup = (!hangup_ignored()).then_some(libc::SIGHUP);
-    for signal in [libc::SIGTERM, libc::SIGINT].into_iter().chain(hup) {
-        // SAFETY: `on_signal` only touches an atomic and calls the
+    let hup = (!hangup_ignored()).then_some((libc::SIGHUP, on_hangup as fn()));
+    let handlers = [
+        (libc::SIGTERM, on_signal as fn()),
+        (libc::SIGINT, on_signal),
+    ];
+    for (signal, handler) in handlers.into_iter().chain(hup) {
+        // SAFETY: the handlers only touch an atomic and call the
         // async-signal-safe functions above.
-        unsafe { signal_hook_registry::register(signal, on_signal) }
+        unsafe { signal_hook_registry::register(signal, handler) }
             .context("installing the second-signal handler")?;
     }
     Ok(())

@@ -115,6 +115,9 @@ impl Daemon {
                         }
                         false => Vec::new(),
                     };
+                // A step the reset's own check caught is said now, not at
+                // the next heartbeat.
+                let jumped = jumped.max(clock_jump_since(clock_seen));
                 let stalled = match () {
                     _ if started.elapsed() > long_stall => {
                         Some("the heartbeat's write stalled for most of stale_after".to_string())

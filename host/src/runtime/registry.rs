@@ -256,24 +256,20 @@ pub struct FileStamp {
 impl FileStamp {
     /// The stamp of the file at `path`, if there is one.
     pub fn of(path: &Path) -> Option<FileStamp> {
-        stat(path)
+        let meta = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let file = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+        };
+        #[cfg(not(unix))]
+        let file = (0, 0, 0, 0);
+        Some(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            file,
+        })
     }
-}
-
-fn stat(path: &Path) -> Option<FileStamp> {
-    let meta = std::fs::metadata(path).ok()?;
-    #[cfg(unix)]
-    let file = {
-        use std::os::unix::fs::MetadataExt;
-        (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
-    };
-    #[cfg(not(unix))]
-    let file = (0, 0, 0, 0);
-    Some(FileStamp {
-        len: meta.len(),
-        modified: meta.modified().ok(),
-        file,
-    })
 }
 
 /// What a rescan changed.
@@ -435,8 +431,8 @@ impl AgentDir {
         for (name, path) in found {
             let manifest_path = self.dir.join(format!("{name}.toml"));
             let fingerprint = Fingerprint {
-                wasm: stat(&path).unwrap_or_default(),
-                manifest: stat(&manifest_path),
+                wasm: FileStamp::of(&path).unwrap_or_default(),
+                manifest: FileStamp::of(&manifest_path),
             };
             if self
                 .entries

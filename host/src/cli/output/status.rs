@@ -66,24 +66,43 @@ pub fn lease_health(held: &crate::queue::HeldLeases, now: i64) -> String {
     }
 }
 
-/// Why `agent`'s waiting tasks are served by no daemon on this agents
-/// folder, if they are not: its component is missing here or does not
-/// load. Ready tasks of such an agent looked merely slow.
-fn unserved(agents: &AgentDir, agent: &str, counts: &[(String, State, u64)]) -> Option<String> {
+/// Why no daemon on this agents folder serves `agent`'s waiting tasks, if
+/// none does: its component is missing here or does not load (ready tasks
+/// of such an agent looked merely slow). Nothing when there is no agents
+/// folder here at all (an operator's machine reading a shared database).
+fn unserved(agents: &AgentDir, agent: &str, counts: &[(String, State, u64)]) -> Option<Unserved> {
     let waiting: u64 = counts
         .iter()
         .filter(|(a, state, _)| a == agent && matches!(state, State::Ready | State::Pending))
         .map(|c| c.2)
         .sum();
-    if waiting == 0 || agents.loaded(agent).is_some() {
+    if waiting == 0 || agents.loaded(agent).is_some() || !agents.dir().is_dir() {
         return None;
     }
-    let component = agents.dir().join(format!("{agent}.wasm"));
-    let component = component.display();
-    Some(match agents.entries().any(|e| e.name == agent) {
-        true => format!("{component} does not load: see below"),
-        false => format!("no {component}: its tasks wait for a daemon that has one"),
+    Some(Unserved {
+        component: agents.dir().join(format!("{agent}.wasm")),
+        broken: agents.entries().any(|e| e.name == agent),
     })
+}
+
+/// An agent whose waiting tasks no component here serves.
+struct Unserved {
+    component: std::path::PathBuf,
+    /// There, but it does not load (else missing).
+    broken: bool,
+}
+
+impl std::fmt::Display for Unserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let component = self.component.display();
+        match self.broken {
+            true => write!(f, "{component} does not load: see below"),
+            false => write!(
+                f,
+                "no {component}: its tasks wait for a daemon that has one"
+            ),
+        }
+    }
 }
 
 /// `colony status --json`.
@@ -99,9 +118,11 @@ pub fn status_json(report: &StatusReport, agents: &AgentDir) -> Value {
     let unserved: serde_json::Map<String, Value> = by_agent
         .keys()
         .filter_map(|agent| {
+            let why = unserved(agents, agent, &report.counts)?;
+            let reason = if why.broken { "broken" } else { "missing" };
             Some((
                 agent.clone(),
-                json!(unserved(agents, agent, &report.counts)?),
+                json!({"reason": reason, "component": why.component}),
             ))
         })
         .collect();

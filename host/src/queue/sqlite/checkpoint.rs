@@ -93,7 +93,14 @@ impl Checkpointer {
                 // often the thread, is checkpointing: the next commit tries
                 // again. Counting a busy try as done let the WAL grow by
                 // another CHECKPOINT_PAGES each time the two collided.
-                if wal.checkpoint_v2(CheckpointMode::PASSIVE).is_ok() {
+                // Another error is not retried before that growth: this is
+                // the writer's thread.
+                let busy = matches!(
+                    wal.checkpoint_v2(CheckpointMode::PASSIVE),
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::DatabaseBusy
+                );
+                if !busy {
                     checkpointed_at = pages;
                 }
             } else if pages >= CHECKPOINT_PAGES {

@@ -1154,7 +1154,10 @@ on_both_drivers! {
         let shown = env.json(&["show", &id.to_string()]);
         let sent: Vec<bool> = shown["model_calls"].as_array().unwrap().iter().map(|c| c["sent"].as_bool().unwrap()).collect();
         assert_eq!(sent, [true, false, true, true, false, true], "{shown}");
+        let runs: Vec<u64> = shown["model_calls"].as_array().unwrap().iter().map(|c| c["run"].as_u64().unwrap()).collect();
+        assert_eq!(runs, [1, 1, 1, 2, 2, 2], "each call says which run made it: {shown}");
         let text = env.ok(&["show", &id.to_string()]);
+        assert!(text.contains("run attempt  seq"), "{text}");
         assert!(text.contains("total: 2 calls sent, 2 refused before the provider, 2 replayed"), "{text}");
     }
 

@@ -26,6 +26,7 @@ pub fn model_calls_json(calls: &[ModelCallRow]) -> Value {
             .iter()
             .map(|c| {
                 json!({
+                    "run": c.run,
                     "attempt": c.attempt,
                     "seq": c.seq,
                     "model": c.model,
@@ -70,13 +71,14 @@ pub fn print_model_calls(
     writeln!(out, "model calls:")?;
     writeln!(
         out,
-        "  {:>7} {:>4}  {:<12} {:>9} {:>9} {:>10} {:>7}  {:<8} status",
-        "attempt", "seq", "model", "tokens in", "out", "cost", "ms", "replayed"
+        "  {:>3} {:>7} {:>4}  {:<12} {:>9} {:>9} {:>10} {:>7}  {:<8} status",
+        "run", "attempt", "seq", "model", "tokens in", "out", "cost", "ms", "replayed"
     )?;
     for c in calls {
         writeln!(
             out,
-            "  {:>7} {:>4}  {:<12} {:>9} {:>9} {:>10} {:>7}  {:<8} {}",
+            "  {:>3} {:>7} {:>4}  {:<12} {:>9} {:>9} {:>10} {:>7}  {:<8} {}",
+            c.run,
             c.attempt,
             c.seq,
             c.model,

@@ -36,6 +36,10 @@ pub struct TaskUsage {
 /// One journal row, as `colony show` lists it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ModelCallRow {
+    /// Which of the task's runs made it: 1 for the first run that called a
+    /// model, 2 for the next... (attempts do not tell a review's revisions,
+    /// or a run given back, from the run before).
+    pub run: u32,
     pub attempt: u32,
     pub seq: u32,
     pub model: String,
@@ -370,15 +374,27 @@ impl Queue {
     /// A task's model calls, oldest first.
     pub fn model_calls(&self, task_id: i64) -> Result<Vec<ModelCallRow>> {
         self.read(|db| {
+            let mut runs: Vec<i64> = Vec::new();
             db.query(
                 "SELECT attempt, seq, alias, input_tokens, output_tokens, cost_usd, replayed, status,
-                        ms, at, CASE WHEN request = 'null' THEN 0 ELSE 1 END
+                        ms, at, CASE WHEN request = 'null' THEN 0 ELSE 1 END, token
                  FROM model_calls WHERE task_id = ?1 ORDER BY id",
                 args![task_id],
             )?
             .iter()
             .map(|r| {
+                // Runs numbered in the order of their first call: a run's
+                // claim token says which run, not when.
+                let token: i64 = r.get(11)?;
+                let run = match runs.iter().position(|&t| t == token) {
+                    Some(i) => i + 1,
+                    None => {
+                        runs.push(token);
+                        runs.len()
+                    }
+                };
                 Ok(ModelCallRow {
+                    run: run as u32,
                     attempt: r.get(0)?,
                     seq: r.get(1)?,
                     model: r.get(2)?,

@@ -239,11 +239,11 @@ fn model_calls(d: &TaskDetail) -> Markup {
             }
             @if u.reserved_tokens > 0 { p.muted { (crate::cli::usage::reserved_note(u.reserved_tokens, d.task.state == TaskState::InProgress)) } }
             table {
-                thead { tr { th.num { "attempt" } th.num { "#" } th { "model" } th { "status" } th.num { "in" } th.num { "out" } th.num { "cost" } th.num { "ms" } th { "" } } }
+                thead { tr { th.num { "run" } th.num { "attempt" } th.num { "#" } th { "model" } th { "status" } th.num { "in" } th.num { "out" } th.num { "cost" } th.num { "ms" } th { "" } } }
                 tbody {
                     @for c in &d.model_calls {
                         tr {
-                            td.num { (c.attempt) } td.num { (c.seq) } td { (c.model) } td { (c.status) }
+                            td.num { (c.run) } td.num { (c.attempt) } td.num { (c.seq) } td { (c.model) } td { (c.status) }
                             td.num { (c.input_tokens) } td.num { (c.output_tokens) }
                             td.num { @if let Some(cost) = c.cost_usd.filter(|_| c.sent) { (crate::cli::usage::format_usd(cost)) } }
                             td.num { (c.ms) } td { @if c.replayed { "replayed" } }

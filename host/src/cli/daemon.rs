@@ -48,12 +48,12 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     };
     let actor = identity("daemon");
     let queue = open_queue(&cli.db, &actor)?;
-    // Headroom in the instance pool for trial instantiations of new agents
-    // and for runs being torn down.
     // Read before the configuration is: an edit while the agents load
     // (compiling for seconds) is a change too.
     let config_read = ConfigSeen::now(cli.config_path());
     let models = load_models(cli)?;
+    // Headroom in the instance pool for trial instantiations of new agents
+    // and for runs being torn down.
     let (runtime, agents) = load_agents(
         &cli.db,
         &cli.agents,
@@ -78,7 +78,7 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
     tokio::spawn(async move {
         let signal = first_signal.recv().await;
         tracing::info!(
-            "{signal} received: finishing runs in flight (send another signal to exit at once)"
+            "{signal} received: finishing runs in flight (a second SIGINT or SIGTERM exits at once)"
         );
         let _ = stop_tx.send(true);
     });
@@ -266,10 +266,10 @@ static FIRST_SIGNAL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 const SAME_SIGNAL_WITHIN_NS: u64 = 50_000_000;
 
 /// Makes a second SIGINT or SIGTERM exit at once (a SIGHUP never does),
-/// from the signal handler
-/// itself. Through tokio it could not be relied on: two signals that came
-/// before the runtime got round to the first (its workers busy with
-/// spinning guests) were one wake-up, and the daemon waited out its grace.
+/// from the signal handler itself. Through tokio it could not be relied
+/// on: two signals that came before the runtime got round to the first
+/// (its workers busy with spinning guests) were one wake-up, and the
+/// daemon waited out its grace.
 fn exit_on_second_signal() -> Result<()> {
     /// Notes the first stop signal; returns when it came and when this
     /// one did, if this is not the first.

@@ -455,6 +455,30 @@ on_both_drivers! {
         let replay = q.model_context(fourth).unwrap().replay;
         assert_eq!(replay.iter().map(|c| (c.seq, c.replayed)).collect::<Vec<_>>(), [(1, true), (2, false)]);
     }
+    /// A call its run was stopped for while the provider had it (here a
+    /// cancel) is journaled as made, charged nothing, its reservation kept
+    /// against the budgets, though the run lost its lease: it was counted
+    /// nowhere, and `show` said 0 calls sent while the provider had one.
+    fn a_call_cut_off_by_a_cancel_is_journaled_and_stays_reserved(db) {
+        let mut q = db.open();
+        let id = q.submit(&retried_task()).unwrap().id;
+        let run = q.claim("a", 1).unwrap()[0].lease;
+        q.reserve_model_tokens(run, 1, 120, None).unwrap();
+        q.cancel(id, "wrong brief").unwrap();
+        let mut cut = paid(1, "h1");
+        cut.charged = Usage::default();
+        cut.outcome = Err(colony::models::ModelError::Unavailable("cut off".into()));
+        assert_eq!(q.record_cut_off_call(run, 1, &cut).unwrap(), Applied::LeaseLost);
+        let usage = q.usage(id).unwrap();
+        assert_eq!(
+            (usage.calls, usage.input_tokens + usage.output_tokens, usage.reserved_tokens),
+            (1, 0, 120),
+            "{usage:?}"
+        );
+        let said = q.events(Some(id), 0, 100).unwrap().into_iter().find(|e| e.event == "model_call").unwrap().detail;
+        assert_eq!((&said["cut_off"], &said["lease_lost"], &said["tokens_reserved"]), (&json!(true), &json!(true), &json!(120)), "{said}");
+    }
+
     /// A run cancelled mid-way is interrupted, not answered: a retry
     /// replays its calls, the ones it replayed itself included. It kept
     /// the older journal (or none), and the retry paid again for what the

@@ -443,6 +443,32 @@ async fn a_call_cut_off_by_the_deadline_stays_spent_from_the_budget() {
         (15, 300 - remaining),
         "charged apart from reserved"
     );
+    // The cut-off call was made, and says so: journaled charged nothing,
+    // its reservation kept (it was counted nowhere, and the provider had it).
+    assert_eq!(usage.calls, 2, "{usage:?}");
+    let calls = e.h.queue().model_calls(id).unwrap();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let cut = &calls[0];
+    assert_eq!(
+        (cut.run, cut.status.as_str(), cut.sent),
+        (1, "unavailable", true),
+        "{cut:?}"
+    );
+    assert_eq!(cut.input_tokens + cut.output_tokens, 0, "{cut:?}");
+    let events = e.h.queue().events(Some(id), 0, 100).unwrap();
+    let said: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|ev| ev.event == "model_call")
+        .map(|ev| &ev.detail)
+        .collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert_eq!(said[0]["cut_off"], true, "{said:?}");
+    assert_eq!(
+        said[0]["tokens_reserved"].as_u64(),
+        Some(300 - remaining),
+        "{said:?}"
+    );
+    assert_eq!(said[1].get("cut_off"), None, "{said:?}");
 }
 
 /// A call still waiting for this host's rate limit when its run's deadline

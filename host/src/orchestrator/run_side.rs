@@ -43,8 +43,9 @@ pub(super) struct RunSide {
     reads_inline: bool,
     /// Opens those connections.
     pub reopen: Reopen,
-    /// The reservation releases of runs cut off (see
-    /// [`RunHooks::release_reservation_later`]), awaited at shutdown.
+    /// The journal writes of runs cut off: reservation releases and calls
+    /// cut off on the wire (see [`RunHooks::release_reservation_later`]),
+    /// awaited at shutdown.
     releases: Mutex<tokio::task::JoinSet<()>>,
 }
 
@@ -86,6 +87,32 @@ impl RunSide {
             .await
             .map_err(|e| format!("the journal writer stopped: {e}"))?
             .map_err(|e| e.to_string())
+    }
+
+    /// Writes `f` on the journal connection once the run that asks is
+    /// dropped (from its `Drop`, which cannot wait), saying `f`'s error.
+    /// Without a runtime the process is going down: nothing is written, and
+    /// the call's reservation stays counted, as for a daemon killed.
+    fn on_journal_later(
+        &self,
+        lease: Lease,
+        failed: &'static str,
+        f: impl FnOnce(&mut Queue) -> Result<(), QueueError> + Send + 'static,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (journal, open) = (self.journal.clone(), self.reopen.clone());
+        let mut pending = self.releases.lock().unwrap_or_else(|e| e.into_inner());
+        while pending.try_join_next().is_some() {}
+        pending.spawn_blocking_on(
+            move || {
+                if let Err(e) = on_journal(&journal, &open, f) {
+                    tracing::warn!(task = lease.task_id, "{failed}: {e}");
+                }
+            },
+            &runtime,
+        );
     }
 
     /// Waits (until `by` at the latest) for the reservation releases of
@@ -171,25 +198,18 @@ impl RunHooks for RunSide {
     }
 
     fn release_reservation_later(&self, lease: Lease, seq: u32) {
-        // Without a runtime the process is going down; the reservation
-        // stays counted, as for a daemon killed.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (journal, open) = (self.journal.clone(), self.reopen.clone());
-        let mut pending = self.releases.lock().unwrap_or_else(|e| e.into_inner());
-        while pending.try_join_next().is_some() {}
-        pending.spawn_blocking_on(
-            move || {
-                let released = on_journal(&journal, &open, |q| q.release_model_reservation(lease, seq));
-                if let Err(e) = released {
-                    tracing::warn!(
-                        task = lease.task_id,
-                        "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget): {e}"
-                    );
-                }
-            },
-            &runtime,
+        self.on_journal_later(
+            lease,
+            "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget)",
+            move |q| q.release_model_reservation(lease, seq),
+        );
+    }
+
+    fn record_cut_off_call_later(&self, lease: Lease, attempt: u32, call: ModelCall) {
+        self.on_journal_later(
+            lease,
+            "could not journal a model call its run cut off while the provider had it (its reservation stays counted against the budget)",
+            move |q| q.record_cut_off_call(lease, attempt, &call).map(drop),
         );
     }
 

@@ -208,6 +208,32 @@ impl Queue {
         attempt: u32,
         call: &ModelCall,
     ) -> Result<Applied> {
+        self.store_model_call(lease, attempt, call, false)
+    }
+
+    /// Stores a call whose run was stopped while its request was out with
+    /// the provider (the run's deadline, a cancel, a shutdown's release):
+    /// the provider may bill it, so its reservation stays counted against
+    /// the budgets (see `reserve_model_tokens`), and it is stored charged
+    /// nothing, whoever holds the task now, its event saying `cut_off` and
+    /// the tokens reserved. It was counted nowhere: `show` said 0 calls
+    /// sent while the provider had one.
+    pub fn record_cut_off_call(
+        &mut self,
+        lease: Lease,
+        attempt: u32,
+        call: &ModelCall,
+    ) -> Result<Applied> {
+        self.store_model_call(lease, attempt, call, true)
+    }
+
+    fn store_model_call(
+        &mut self,
+        lease: Lease,
+        attempt: u32,
+        call: &ModelCall,
+        cut_off: bool,
+    ) -> Result<Applied> {
         let actor = &self.opts.actor;
         // A call refused before any provider saw it keeps no prompt (a
         // guest refused in a loop with long prompts stored gigabytes), and
@@ -255,19 +281,27 @@ impl Queue {
             let state: String = task.get(2)?;
             let held = state == State::InProgress.as_str()
                 && task.get::<Option<i64>>(3)? == Some(lease.token);
-            // The call is settled: its charge replaces its reservation.
-            drop_reservation(tx, lease, call.seq)?;
-            if !held && !paid {
-                return Ok(Applied::LeaseLost);
-            }
-            let detail = if held {
-                detail.clone()
+            let mut detail: serde_json::Value =
+                serde_json::from_str(&detail).expect("built above");
+            if cut_off {
+                let reserved: i64 = tx.query_value(
+                    "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations
+                     WHERE task_id = ?1 AND token = ?2 AND seq = ?3",
+                    args![lease.task_id, lease.token, call.seq],
+                )?;
+                detail["cut_off"] = json!(true);
+                detail["tokens_reserved"] = json!(reserved);
             } else {
-                let mut lost: serde_json::Value =
-                    serde_json::from_str(&detail).expect("built above");
-                lost["lease_lost"] = json!(true);
-                lost.to_string()
-            };
+                // The call is settled: its charge replaces its reservation.
+                drop_reservation(tx, lease, call.seq)?;
+                if !held && !paid {
+                    return Ok(Applied::LeaseLost);
+                }
+            }
+            if !held {
+                detail["lease_lost"] = json!(true);
+            }
+            let detail = detail.to_string();
             tx.execute(
                 "INSERT INTO model_calls (at, task_id, root_id, agent, token, attempt, seq, alias,
                      request_hash, request, reply, status, error, input_tokens, output_tokens,

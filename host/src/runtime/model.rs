@@ -216,7 +216,7 @@ impl ModelSession {
             u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
         // Armed before the reservation is written: a run dropped while it
         // waits for that write gives it back too.
-        let unsent = UnsentReservation::new(self.hooks.clone(), self.lease, self.seq);
+        let mut unsent = UnsentReservation::new(self.hooks.clone(), self.lease, self.seq);
         match self.reserve(need).await {
             Err(e) => return refused(e),
             Ok(Budget::Refused { left, by }) => {
@@ -228,6 +228,7 @@ impl ModelSession {
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
+        unsent.record_if_cut_off(self.attempt, request, hash);
         let called = providers.call(request, &unsent.on_wire).await;
         unsent.disarm(); // the call's record, which follows, settles it
         let (outcome, charged, sent) = match called {
@@ -266,17 +267,24 @@ impl ModelSession {
 /// A call's reservation while the call is under way. A reservation counts
 /// against the budgets until the call's record settles it, also after its
 /// run ended (see `Queue::reserve_model_tokens`): a call cut off while its
-/// request was out with the provider may have been charged. One dropped
-/// before any request went out, or between retries (the run's deadline
-/// passed, it was cancelled, the daemon stopped) was not, and its
-/// reservation is released here.
+/// request was out with the provider may have been charged, and is
+/// recorded here as made, its reservation kept. One dropped before any
+/// request went out, or between retries (the run's deadline passed, it was
+/// cancelled, the daemon stopped) was not, and its reservation is released
+/// here.
 struct UnsentReservation {
     hooks: Arc<dyn RunHooks>,
     lease: Lease,
     seq: u32,
     on_wire: AtomicBool,
     armed: bool,
+    /// The record of the call should it be cut off on the wire, and when it
+    /// started.
+    cut_off: Option<(u32, ModelCall, Instant)>,
 }
+
+/// What a call cut off on the wire says in the journal.
+const CUT_OFF: &str = "cut off: the run ended (its deadline, a cancel or a shutdown) while this request was out with the provider, which may bill it; its reserved tokens stay counted against the budgets";
 
 impl UnsentReservation {
     fn new(hooks: Arc<dyn RunHooks>, lease: Lease, seq: u32) -> UnsentReservation {
@@ -286,7 +294,26 @@ impl UnsentReservation {
             seq,
             on_wire: AtomicBool::new(false),
             armed: true,
+            cut_off: None,
         }
+    }
+
+    /// Keeps what to record of the call should its run end while the
+    /// provider has its request.
+    fn record_if_cut_off(&mut self, attempt: u32, request: &ChatRequest, hash: &str) {
+        let call = ModelCall {
+            seq: self.seq,
+            alias: request.model.clone(),
+            request_hash: hash.to_string(),
+            request: request.clone(),
+            outcome: Err(ModelError::Unavailable(CUT_OFF.into())),
+            charged: Usage::default(),
+            cost_usd: None,
+            ms: 0,
+            replayed: false,
+            sent: true,
+        };
+        self.cut_off = Some((attempt, call, Instant::now()));
     }
 
     /// Leaves the reservation be: none was made, or the call came back
@@ -298,10 +325,16 @@ impl UnsentReservation {
 
 impl Drop for UnsentReservation {
     fn drop(&mut self) {
-        if !self.armed || self.on_wire.load(Ordering::Acquire) {
+        if !self.armed {
             return;
         }
-        self.hooks.release_reservation_later(self.lease, self.seq);
+        if !self.on_wire.load(Ordering::Acquire) {
+            self.hooks.release_reservation_later(self.lease, self.seq);
+        } else if let Some((attempt, mut call, started)) = self.cut_off.take() {
+            call.ms = started.elapsed().as_millis() as u64;
+            self.hooks
+                .record_cut_off_call_later(self.lease, attempt, call);
+        }
     }
 }
 

@@ -67,6 +67,12 @@ pub trait RunHooks: Send + Sync {
     /// daemon waits for it before it ends.
     fn release_reservation_later(&self, _lease: Lease, _seq: u32) {}
 
+    /// Stores call `call.seq` of the run under `lease`, cut off while its
+    /// request was out with the provider (see `model::UnsentReservation`),
+    /// its reservation kept: called as the run is dropped, like
+    /// [`RunHooks::release_reservation_later`].
+    fn record_cut_off_call_later(&self, _lease: Lease, _attempt: u32, _call: ModelCall) {}
+
     /// Appends an audit event about the run (`http_request`, ...), fenced by
     /// the lease. Never carries secrets, bodies or prompts.
     async fn record_event(

@@ -479,6 +479,38 @@ on_both_drivers! {
         assert_eq!((&said["cut_off"], &said["lease_lost"], &said["tokens_reserved"]), (&json!(true), &json!(true), &json!(120)), "{said}");
     }
 
+    /// A call a run was cut off in has no answer to replay: it does not
+    /// make that run's journal the one to replay in place of a longer one
+    /// kept (whether its record is in when the run ends is a race). Here
+    /// the second run replayed the first call, asked a new question and
+    /// was cut off in it: the third replays the first run's three calls,
+    /// not the second's one.
+    fn a_call_cut_off_does_not_replace_the_journal_kept(db) {
+        let mut q = db.open();
+        q.submit(&retried_task()).unwrap();
+        let first = q.claim("a", 1).unwrap()[0].lease;
+        for (seq, hash) in [(1, "h1"), (2, "h2"), (3, "h3")] {
+            q.record_model_call(first, 1, &paid(seq, hash)).unwrap();
+        }
+        let second = interrupt(&mut q);
+        let mut replayed = paid(1, "h1");
+        (replayed.replayed, replayed.charged) = (true, Usage::default());
+        q.record_model_call(second, 2, &replayed).unwrap();
+        q.reserve_model_tokens(second, 2, 50, None).unwrap();
+        let mut cut = paid(2, "another question");
+        cut.charged = Usage::default();
+        cut.outcome = Err(colony::models::ModelError::Unavailable("cut off".into()));
+        q.record_cut_off_call(second, 2, &cut).unwrap();
+        let third = interrupt(&mut q);
+        let replay = q.model_context(third).unwrap().replay;
+        let hashes: Vec<&str> = replay.iter().map(|c| c.request_hash.as_str()).collect();
+        assert_eq!(hashes, ["h1", "h2", "h3"]);
+        // Its lease's reset does not count it again as cut off: it has
+        // its own event.
+        let reset = q.events(None, 0, 1000).unwrap().into_iter().rfind(|e| e.event == "lease_expired").unwrap();
+        assert_eq!(reset.detail.get("model_calls_cut_off"), None, "{}", reset.detail);
+    }
+
     /// A run cancelled mid-way is interrupted, not answered: a retry
     /// replays its calls, the ones it replayed itself included. It kept
     /// the older journal (or none), and the retry paid again for what the

@@ -126,7 +126,7 @@ impl RunSide {
             tokio::time::timeout_at(by, async { while pending.join_next().await.is_some() {} });
         if settled.await.is_err() {
             tracing::warn!(
-                "{} token reservation release(s) were still being written at shutdown; they stay counted against the budgets",
+                "{} journal write(s) of cut-off model calls (reservation releases, calls cut off at the provider) were still being written at shutdown; their reservations stay counted against the budgets",
                 pending.len()
             );
         }

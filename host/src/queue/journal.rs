@@ -144,9 +144,10 @@ impl Queue {
     /// settles it at what the provider charged; a call whose run ended first
     /// (its host died, its deadline passed, it was cancelled) while its
     /// request was out may have been answered and charged all the same, so
-    /// its reservation counts for good (one cut off before its request went
-    /// out is released: [`Queue::release_model_reservation`]). `need = 0`
-    /// only asks what is left.
+    /// its reservation counts for good, also once that call is recorded as
+    /// cut off ([`Queue::record_cut_off_call`]; one cut off before its
+    /// request went out is released: [`Queue::release_model_reservation`]).
+    /// `need = 0` only asks what is left.
     pub fn reserve_model_tokens(
         &mut self,
         lease: Lease,

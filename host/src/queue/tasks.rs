@@ -22,16 +22,23 @@ use super::{Applied, CLOCK_STEP_MS, ExpiredLease, QueueError, Result, clock_ran_
 /// or was cut off while it replayed the kept journal (asking its failed
 /// calls again on the way), leaves that journal in place: the next run
 /// would otherwise pay again for the calls beyond (seen: a run killed 10
-/// calls into replaying 300 left the next one 290 to pay for again).
+/// calls into replaying 300 left the next one 290 to pay for again). A
+/// call the run was cut off in (recorded with its reservation kept, see
+/// `Queue::record_cut_off_call`) counts for neither: it has no answer to
+/// replay, and whether its record is in yet when the run ends is a race.
 pub(super) const REPLAY_FROM_THIS_RUN: &str = "CASE WHEN EXISTS (
          SELECT 1 FROM model_calls r
          WHERE r.task_id = tasks.id AND r.token = tasks.claim_token AND r.replayed = 0
            AND r.request <> 'null'
+           AND NOT EXISTS (SELECT 1 FROM model_reservations v
+                           WHERE v.task_id = r.task_id AND v.token = r.token AND v.seq = r.seq)
            AND NOT EXISTS (SELECT 1 FROM model_calls k
                            WHERE k.task_id = tasks.id AND k.token = tasks.replay_token
                              AND k.seq = r.seq AND k.request_hash = r.request_hash))
-       OR (SELECT MAX(seq) FROM model_calls WHERE task_id = tasks.id
-             AND token = tasks.claim_token AND request <> 'null')
+       OR (SELECT MAX(m.seq) FROM model_calls m WHERE m.task_id = tasks.id
+             AND m.token = tasks.claim_token AND m.request <> 'null'
+             AND NOT EXISTS (SELECT 1 FROM model_reservations v
+                             WHERE v.task_id = m.task_id AND v.token = m.token AND v.seq = m.seq))
           >= (SELECT MAX(seq) FROM model_calls WHERE task_id = tasks.id
                 AND token = tasks.replay_token AND request <> 'null')
      THEN claim_token ELSE replay_token END";
@@ -457,8 +464,12 @@ pub(super) fn reset_stale_in(
         // answered and charged: they keep counting against the budgets (see
         // `reserve_model_tokens`), and the event says so.
         let cut_off = tx.query_one(
-            "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations
-                 WHERE task_id = ?1 AND token = ?2",
+            // (Not those recorded already, each with an event of its own:
+            // a run stopped mid-call before its daemon went silent.)
+            "SELECT COUNT(*), CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations v
+                 WHERE task_id = ?1 AND token = ?2
+                   AND NOT EXISTS (SELECT 1 FROM model_calls c
+                                   WHERE c.task_id = v.task_id AND c.token = v.token AND c.seq = v.seq)",
             args![id, token],
         )?;
         let (calls_cut_off, tokens_reserved): (i64, i64) = (cut_off.get(0)?, cut_off.get(1)?);

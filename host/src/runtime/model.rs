@@ -139,6 +139,9 @@ impl ModelSession {
         self.seq += 1;
         let started = Instant::now();
         let hash = request_hash(&request);
+        // Shared with the call's guard, which records it should the run
+        // end while the provider has it (a prompt may be megabytes).
+        let request = Arc::new(request);
         let Answer {
             outcome,
             replayed,
@@ -156,7 +159,8 @@ impl ModelSession {
             seq: self.seq,
             alias: request.model.clone(),
             request_hash: hash,
-            request,
+            // The guard is gone by now: no copy.
+            request: Arc::try_unwrap(request).unwrap_or_else(|shared| (*shared).clone()),
             outcome,
             charged,
             cost_usd: cost,
@@ -183,7 +187,7 @@ impl ModelSession {
     /// The call's reply or error, whether it was replayed, what it was
     /// charged and cost, and whether it reached a provider (or the
     /// journal): false for a call this host refused.
-    async fn answer(&mut self, request: &ChatRequest, hash: &str) -> Answer {
+    async fn answer(&mut self, request: &Arc<ChatRequest>, hash: &str) -> Answer {
         let refused = |e| Answer {
             outcome: Err(e),
             replayed: false,
@@ -278,9 +282,16 @@ struct UnsentReservation {
     seq: u32,
     on_wire: AtomicBool,
     armed: bool,
-    /// The record of the call should it be cut off on the wire, and when it
-    /// started.
-    cut_off: Option<(u32, ModelCall, Instant)>,
+    /// What to record of the call should it be cut off on the wire.
+    cut_off: Option<CutOff>,
+}
+
+/// A call's record, kept by its guard until it is sent.
+struct CutOff {
+    attempt: u32,
+    hash: String,
+    request: Arc<ChatRequest>,
+    started: Instant,
 }
 
 /// What a call cut off on the wire says in the journal.
@@ -300,20 +311,13 @@ impl UnsentReservation {
 
     /// Keeps what to record of the call should its run end while the
     /// provider has its request.
-    fn record_if_cut_off(&mut self, attempt: u32, request: &ChatRequest, hash: &str) {
-        let call = ModelCall {
-            seq: self.seq,
-            alias: request.model.clone(),
-            request_hash: hash.to_string(),
+    fn record_if_cut_off(&mut self, attempt: u32, request: &Arc<ChatRequest>, hash: &str) {
+        self.cut_off = Some(CutOff {
+            attempt,
+            hash: hash.to_string(),
             request: request.clone(),
-            outcome: Err(ModelError::Unavailable(CUT_OFF.into())),
-            charged: Usage::default(),
-            cost_usd: None,
-            ms: 0,
-            replayed: false,
-            sent: true,
-        };
-        self.cut_off = Some((attempt, call, Instant::now()));
+            started: Instant::now(),
+        });
     }
 
     /// Leaves the reservation be: none was made, or the call came back
@@ -330,10 +334,21 @@ impl Drop for UnsentReservation {
         }
         if !self.on_wire.load(Ordering::Acquire) {
             self.hooks.release_reservation_later(self.lease, self.seq);
-        } else if let Some((attempt, mut call, started)) = self.cut_off.take() {
-            call.ms = started.elapsed().as_millis() as u64;
+        } else if let Some(cut) = self.cut_off.take() {
+            let call = ModelCall {
+                seq: self.seq,
+                alias: cut.request.model.clone(),
+                request_hash: cut.hash,
+                request: (*cut.request).clone(),
+                outcome: Err(ModelError::Unavailable(CUT_OFF.into())),
+                charged: Usage::default(),
+                cost_usd: None,
+                ms: cut.started.elapsed().as_millis() as u64,
+                replayed: false,
+                sent: true,
+            };
             self.hooks
-                .record_cut_off_call_later(self.lease, attempt, call);
+                .record_cut_off_call_later(self.lease, cut.attempt, call);
         }
     }
 }

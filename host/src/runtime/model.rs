@@ -286,7 +286,7 @@ struct UnsentReservation {
     cut_off: Option<CutOff>,
 }
 
-/// A call's record, kept by its guard until it is sent.
+/// What a call's guard keeps to record it should it be cut off on the wire.
 struct CutOff {
     attempt: u32,
     hash: String,

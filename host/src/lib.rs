@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod delivery;
 pub mod effects;
+pub mod json;
 pub mod models;
 pub mod orchestrator;
 pub mod queue;

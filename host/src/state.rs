@@ -73,8 +73,10 @@ pub fn check_write(write: &Write) -> Result<(), String> {
                 value.len()
             ));
         }
-        serde_json::from_str::<serde_json::Value>(value)
+        let value = serde_json::from_str::<serde_json::Value>(value)
             .map_err(|e| format!("the value of state key {key:?} is not valid JSON: {e}"))?;
+        crate::json::check_numbers(&value)
+            .map_err(|why| format!("the value of state key {key:?}: {why}"))?;
     }
     Ok(())
 }

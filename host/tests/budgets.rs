@@ -533,3 +533,50 @@ on_both_drivers! {
         assert_eq!(seqs, [(1, "h1"), (2, "h2")]);
     }
 }
+
+/// A budget given with a retry is checked with the chain's root row locked
+/// (PostgreSQL), as a reservation locks it: a reservation committed while
+/// the retry waits for the root counts, and the retry refuses a budget
+/// below it. (On SQLite the write lock serialises the two anyway.)
+#[test]
+fn a_retrys_budget_counts_a_reservation_committed_while_it_waits() {
+    let Some(db) = TestDb::postgres() else { return };
+    let mut q = db.open();
+    let a = children_running(&mut q, 100, &["a"])[0];
+    let exceeded = colony::task::TaskError {
+        kind: colony::task::ErrorKind::BudgetExceeded,
+        message: "no tokens left".into(),
+    };
+    q.finish(a, colony::task::RunOutcome::Failure(exceeded), "")
+        .unwrap();
+    // Another run of the chain reserving: the root locked, the
+    // reservation written, not committed yet.
+    let common::Raw::Postgres(mut other) = db.raw() else {
+        unreachable!()
+    };
+    let mut reserving = other.transaction().unwrap();
+    let root: i64 = reserving
+        .query_one("SELECT root_id FROM tasks WHERE id = $1", &[&a.task_id])
+        .unwrap()
+        .get(0);
+    reserving
+        .execute("SELECT id FROM tasks WHERE id = $1 FOR UPDATE", &[&root])
+        .unwrap();
+    reserving
+        .execute(
+            "INSERT INTO model_reservations (task_id, root_id, token, seq, tokens)
+             VALUES ($1, $2, 0, 1, 2000)",
+            &[&a.task_id, &root],
+        )
+        .unwrap();
+    let retry = std::thread::spawn(move || q.retry_with_token_budget(a.task_id, Some(1500)));
+    // The retry reaches the root and waits for it (if this sleep ends
+    // first, it reads the committed reservation anyway).
+    std::thread::sleep(Duration::from_millis(300));
+    reserving.commit().unwrap();
+    let err = retry.join().unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("2000 more reserved") && err.contains("more than 2000"),
+        "{err}"
+    );
+}

@@ -343,6 +343,29 @@ on_both_drivers! {
         assert!(single["id"].is_i64(), "{single}");
     }
 
+    /// A payload keeps every digit of its numbers and the order of its
+    /// keys, however it comes in: `submit --batch` (and so the API) and
+    /// `--next` read it as JSON and wrote it back, a number past 17
+    /// digits rounded (123456789012345678901234567890 stored as
+    /// 1.2345678901234568e+29) and the keys sorted.
+    fn payloads_keep_their_numbers_and_key_order(db) {
+        let env = Env::on(db, &["echo"]);
+        let payload = r#"{"z":1,"a":123456789012345678901234567890,"c":0.1000000000000000055511151231257827}"#;
+        let file = env.data.path().join("exact.jsonl");
+        std::fs::write(&file, format!("{{\"agent\":\"echo\",\"payload\":{payload}}}\n")).unwrap();
+        let batch: i64 = env.ok(&["submit", "--batch", file.to_str().unwrap()]).trim().parse().unwrap();
+        let next = format!(r#"[{{"agent":"echo","payload":{payload}}}]"#);
+        let parent = env.submit(&["echo", "{}", "--next", &next]);
+        env.until_idle(&[]);
+        let child = parent + 1;
+        assert_eq!(env.show(child)["parent_id"], parent);
+        for id in [batch, child] {
+            // Read back by a serde_json that keeps digits and key order too.
+            let shown = env.show(id)["payload"].to_string();
+            assert_eq!(shown, payload, "task {id}");
+        }
+    }
+
     fn max_revisions_is_set_per_task(db) {
         let env = Env::on(db, &["echo"]);
         let once = env.submit(&["echo", "{}", "--review", "--max-revisions", "0"]);
@@ -1265,6 +1288,10 @@ on_both_drivers! {
         let bad = env.run(&["state", "set", "--agent", "ops", "stock", "{not json"]);
         assert_eq!(bad.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&bad.stderr).contains("\"stock\" is not valid JSON"));
+        // So is a number no agent's JSON reader takes.
+        let huge = env.run(&["state", "set", "--agent", "ops", "stock", "[1e999]"]);
+        assert_eq!(huge.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&huge.stderr).contains("is past the largest an agent's JSON reader takes"));
         assert_eq!(
             env.json(&["state", "list", "--agent", "ops"]),
             serde_json::json!([])

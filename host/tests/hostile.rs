@@ -261,11 +261,11 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
         ),
         bad_submit(
             &["--next", r#"[{"agent":"noop","payload":1e999}]"#],
-            "--next",
+            "next[0].payload",
         ),
         bad_submit(
             &["--next", r#"[{"agent":"noop","priority":2147483648}]"#],
-            "priority",
+            "[0].priority: invalid value: integer `2147483648`, expected i32",
         ),
         bad_submit(&["--next", &nested(200)], "--next"),
         bad_submit(&["--next", &deep_chain], "next"),

@@ -459,6 +459,28 @@ on_both_drivers! {
         assert_eq!(q.get(grandchildren[0].id).unwrap().state, State::Complete);
     }
 
+    /// A spawned child's payload reaches its agent as its parent wrote it:
+    /// every digit of a number, its keys in their order.
+    fn a_spawned_payload_keeps_its_numbers_and_key_order(db) {
+        let mut q = db.open();
+        submit(&mut q, "s", json!({}));
+        let lease = claim_one(&mut q, "s");
+        let payload = r#"{"z":1,"a":123456789012345678901234567890,"c":0.1000000000000000055511151231257827}"#;
+        let spawn = vec![SpawnSpec {
+            agent: "echo".into(),
+            payload: payload.into(),
+            priority: 0,
+            review: false,
+        }];
+        let done = RunOutcome::Success {
+            output: "{}".into(),
+            spawn,
+            needs_review: false,
+        };
+        q.finish(lease, done, "").unwrap();
+        assert_eq!(q.claim("echo", 1).unwrap()[0].payload, payload);
+    }
+
     fn spawned_children_are_inserted_with_the_completion(db) {
         let mut q = db.open();
         let id = submit(&mut q, "s", json!({}));

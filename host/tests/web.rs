@@ -164,7 +164,8 @@ on_both_drivers! {
             let (status, _) = send(web.client.post(web.url(path)).header("authorization", "Basic abc").body(body.to_string()));
             assert_eq!(status, 403, "{path} with a Basic header");
             // A cookie that names no session is anonymous: still 401.
-            let (status, _) = send(web.client.post(web.url(path)).header("cookie", "colony_session=forged").body(body.to_string()));
+            let forged = format!("colony_session_{}=forged", web.base.rsplit(':').next().unwrap());
+            let (status, _) = send(web.client.post(web.url(path)).header("cookie", forged).body(body.to_string()));
             assert_eq!(status, 401, "{path} with a forged session");
         }
         assert_eq!(env.snapshot(), before, "refused requests changed the queue");
@@ -368,6 +369,50 @@ fn oversized_post(web: &Web, path: &str) -> (u16, Value) {
         status,
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}")),
     )
+}
+
+/// The token and cost counters of an agent's granted model aliases read 0
+/// before its first call, so that increase() sees the first call after a
+/// start: tokens for every alias the configuration declares, cost only for
+/// a priced one, nothing for an alias it does not declare.
+#[test]
+fn granted_model_counters_start_at_zero() {
+    let env = Env::new(&["echo"]);
+    env.file(
+        "colony.toml",
+        "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n\
+         input_usd_per_mtok = 1.0\n\
+         [models.free]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n",
+    );
+    std::fs::write(
+        env.agents.path().join("echo.toml"),
+        "models = [\"fast\", \"free\", \"nowhere\"]\n",
+    )
+    .unwrap();
+    let web = Web::serve(&env);
+    let text = web.get("/metrics").text().unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("colony_model_"))
+        .collect();
+    let mut expected = vec![
+        r#"colony_model_tokens_total{agent="echo",model="fast",direction="input"} 0"#,
+        r#"colony_model_tokens_total{agent="echo",model="fast",direction="output"} 0"#,
+        r#"colony_model_tokens_total{agent="echo",model="free",direction="input"} 0"#,
+        r#"colony_model_tokens_total{agent="echo",model="free",direction="output"} 0"#,
+        r#"colony_model_cost_usd_total{agent="echo",model="fast"} 0.0"#,
+    ];
+    let mut lines = lines;
+    lines.sort();
+    expected.sort();
+    assert_eq!(lines, expected, "{text}");
+
+    // A configuration that does not load is the daemon's to refuse: the
+    // dashboard serves on without those counters.
+    env.file("colony.toml", "[models.fast]\napi = \"cohere\"\n");
+    let web = Web::serve(&env);
+    let text = web.get("/metrics").text().unwrap();
+    assert!(!text.contains("colony_model_tokens_total{"), "{text}");
 }
 
 /// Parses `/metrics` with a Prometheus text-format parser.
@@ -607,6 +652,39 @@ fn forms_need_a_session_and_its_csrf_token() {
         .unwrap()
         .clone();
     assert_eq!(retry["actor"], "web:ann");
+}
+
+/// Browsers send a cookie to every port of its host: two dashboards on one
+/// machine name their session cookies by port, so signing in to one
+/// neither signs the other out nor counts there.
+#[test]
+fn dashboards_on_two_ports_keep_their_own_sessions() {
+    let env = Env::new(&[]);
+    let (a, b) = (Web::serve(&env), Web::serve(&env));
+    let sign_in = |web: &Web, operator: &str| -> String {
+        let response = web
+            .client
+            .post(web.url("/login"))
+            .form(&[("token", TOKEN), ("operator", operator)])
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 303);
+        let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+        set_cookie.split(';').next().unwrap().to_string()
+    };
+    let (cookie_a, cookie_b) = (sign_in(&a, "ann"), sign_in(&b, "bob"));
+    let name = |cookie: &str| cookie.split('=').next().unwrap().to_string();
+    assert_ne!(name(&cookie_a), name(&cookie_b));
+    let page = |web: &Web, cookie: &str| {
+        let response = web.client.get(web.url("/review")).header("cookie", cookie);
+        response.send().unwrap().text().unwrap()
+    };
+    // As a browser sends them: both cookies to either port.
+    let both = format!("{cookie_a}; {cookie_b}");
+    assert!(page(&a, &both).contains("signed in as <strong>ann</strong>"));
+    assert!(page(&b, &both).contains("signed in as <strong>bob</strong>"));
+    // One server's session is none on the other.
+    assert!(!page(&b, &cookie_a).contains("signed in as"));
 }
 
 #[test]

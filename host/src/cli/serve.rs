@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tokio::net::TcpListener;
 
-use super::{BadInput, Cli, identity, load_agents, open_queue, redacted};
+use super::{BadInput, Cli, identity, load_agents, load_models, open_queue, redacted};
 use crate::web::{self, StartError, WebConfig};
 
 #[derive(Args, Debug)]
@@ -55,7 +55,14 @@ pub async fn start(
     // that name the file (the dashboard's own pool said "file is not a
     // database" of a file it did not name).
     drop(open_queue(&cli.db, &identity("web"))?);
-    let (runtime, agents) = load_agents(&cli.db, &cli.agents, 2, None).await?;
+    // The operator's models, for /metrics to start the counters of granted
+    // aliases at 0. A broken configuration is the daemon's to refuse; the
+    // dashboard runs without it.
+    let models = load_models(cli).unwrap_or_else(|e| {
+        tracing::warn!("{e:#}; /metrics shows model counters from their first call");
+        None
+    });
+    let (runtime, agents) = load_agents(&cli.db, &cli.agents, 2, models).await?;
     let config = WebConfig {
         listen,
         token: token.map(|t| t.trim().to_string()),

@@ -202,15 +202,18 @@ pub(super) fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
         }
         None => text.to_string(),
     };
-    let value: serde_json::Value =
-        serde_json::from_str(&json).map_err(|e| bad(format!("--next: not valid JSON: {e}")))?;
-    // A single spec is accepted as a list of one.
-    let list = if value.is_object() {
-        serde_json::Value::Array(vec![value])
-    } else {
-        value
+    serde_json::from_str::<serde::de::IgnoredAny>(&json)
+        .map_err(|e| bad(format!("--next: not valid JSON: {e}")))?;
+    // Read from the text, not through a Value: serde_json keeps a Value's
+    // numbers as text, and a field read from one then says only "invalid
+    // number" where it could say "expected i32". A single spec is accepted
+    // as a list of one.
+    let mut de = serde_json::Deserializer::from_str(&json);
+    let specs = match json.trim_start().starts_with('{') {
+        true => serde_path_to_error::deserialize::<_, NextSpec>(&mut de).map(|spec| vec![spec]),
+        false => serde_path_to_error::deserialize::<_, Vec<NextSpec>>(&mut de),
     };
-    serde_path_to_error::deserialize::<_, Vec<NextSpec>>(list).map_err(|e| {
+    specs.map_err(|e| {
         bad(format!(
             "--next: field {}: {} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})",
             e.path(),

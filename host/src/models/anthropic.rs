@@ -41,12 +41,19 @@ pub(super) fn request_body(
                     let input = if call.arguments.trim().is_empty() {
                         json!({})
                     } else {
-                        serde_json::from_str::<Value>(&call.arguments).map_err(|e| {
+                        let input = serde_json::from_str::<Value>(&call.arguments).map_err(|e| {
                             ModelError::InvalidRequest(format!(
                                 "message {index}: the arguments of tool call `{}` are not valid JSON: {e}",
                                 call.id
                             ))
-                        })?
+                        })?;
+                        crate::json::check_numbers(&input).map_err(|why| {
+                            ModelError::InvalidRequest(format!(
+                                "message {index}: the arguments of tool call `{}`: {why}",
+                                call.id
+                            ))
+                        })?;
+                        input
                     };
                     blocks.push(json!({
                         "type": "tool_use", "id": call.id, "name": call.name, "input": input,
@@ -126,6 +133,9 @@ struct Reply {
     usage: Option<RawUsage>,
 }
 
+/// Internally tagged: serde reads its variants through buffered content,
+/// where serde_json's `arbitrary_precision` leaves numbers as maps, so a
+/// variant can hold `Value`s and strings but no numeric field.
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Block {
@@ -245,19 +255,24 @@ mod tests {
 
     #[test]
     fn bad_arguments_and_missing_ids_are_invalid_requests() {
-        let mut bad = call("tu_1");
-        bad.arguments = "{not json".into();
-        let req = ChatRequest {
-            messages: vec![Message {
-                tool_calls: vec![bad],
-                ..Message::assistant("")
-            }],
-            ..ChatRequest::default()
-        };
-        assert!(matches!(
-            request_body("m", &req, 1),
-            Err(ModelError::InvalidRequest(_))
-        ));
+        for arguments in ["{not json", r#"{"n": 1e999}"#] {
+            let mut bad = call("tu_1");
+            bad.arguments = arguments.into();
+            let req = ChatRequest {
+                messages: vec![Message {
+                    tool_calls: vec![bad],
+                    ..Message::assistant("")
+                }],
+                ..ChatRequest::default()
+            };
+            assert!(
+                matches!(
+                    request_body("m", &req, 1),
+                    Err(ModelError::InvalidRequest(_))
+                ),
+                "{arguments}"
+            );
+        }
         let mut orphan = Message::tool_result("x", "y");
         orphan.tool_call_id = None;
         let req = ChatRequest {

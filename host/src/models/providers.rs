@@ -401,6 +401,12 @@ impl Providers {
                 "model call failed; retrying"
             );
             tokio::time::sleep(delay).await;
+            // A sleep that overran (a loaded machine) may leave too little
+            // time after all: given up on the provider's failure, not on
+            // this host's rate limit, which has nothing to wait for.
+            if Instant::now() + alias.config.timeout / 4 >= deadline {
+                return Err(give_up(&failure));
+            }
         }
     }
 
@@ -715,7 +721,13 @@ pub(super) fn parse_schema(tool: &Tool) -> Result<Value, ModelError> {
         return Ok(serde_json::json!({ "type": "object", "properties": {} }));
     }
     match serde_json::from_str::<Value>(&tool.parameters) {
-        Ok(schema @ Value::Object(_)) => Ok(schema),
+        Ok(schema @ Value::Object(_)) => match crate::json::check_numbers(&schema) {
+            Ok(()) => Ok(schema),
+            Err(why) => Err(ModelError::InvalidRequest(format!(
+                "tool `{}`: parameters: {why}",
+                tool.name
+            ))),
+        },
         Ok(_) => Err(ModelError::InvalidRequest(format!(
             "tool `{}`: parameters must be a JSON Schema object",
             tool.name
@@ -740,6 +752,33 @@ pub(super) fn temperature_json(t: f32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schema_is_an_object_with_no_number_past_a_float() {
+        let tool = |parameters: &str| Tool {
+            name: "t".into(),
+            description: String::new(),
+            parameters: parameters.into(),
+        };
+        assert!(
+            parse_schema(&tool(
+                r#"{"type":"object","maximum":12345678901234567890123}"#
+            ))
+            .is_ok()
+        );
+        for (bad, why) in [
+            ("[]", "must be a JSON Schema object"),
+            ("{", "not valid JSON"),
+            (r#"{"type":"object","maximum":1e999}"#, "past the largest"),
+        ] {
+            match parse_schema(&tool(bad)) {
+                Err(ModelError::InvalidRequest(message)) => {
+                    assert!(message.contains(why), "{bad}: {message}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn retry_after_forms() {

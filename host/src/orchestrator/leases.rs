@@ -281,6 +281,15 @@ impl Daemon {
         }
     }
 
+    /// Stops a run whose claim no longer holds, counted lost. A result it
+    /// sent in the meantime is still stored, refused on the trail and
+    /// counted there instead (see `accept`).
+    pub(super) fn stop_run(&mut self, run: super::InFlight) {
+        run.handle.abort();
+        self.aborted.insert(run.lease, Instant::now());
+        self.summary.lost += 1;
+    }
+
     /// Someone reset or cancelled these leases: stop their runs (the results
     /// would be discarded) and forget tasks that had not started.
     pub(super) fn drop_lost(&mut self, lost: &[Lease]) {
@@ -296,9 +305,7 @@ impl Daemon {
             {
                 let run = self.inflight.remove(&lease.task_id).expect("just checked");
                 tracing::warn!(task = lease.task_id, "lease lost; stopping the run");
-                run.handle.abort();
-                self.aborted.insert(*lease, Instant::now());
-                self.summary.lost += 1;
+                self.stop_run(run);
             }
             for buffer in self.prefetched.values_mut() {
                 buffer.retain(|t| t.lease != *lease);

@@ -709,8 +709,7 @@ impl Daemon {
                 task = lease.task_id,
                 "the task was claimed again here (its lease reset, or cancelled and retried); stopping the run of its older claim"
             );
-            old.handle.abort();
-            self.summary.lost += 1;
+            self.stop_run(old);
         }
     }
 }

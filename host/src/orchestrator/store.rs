@@ -18,8 +18,12 @@ impl Daemon {
     /// Takes a finished run in. The in-flight entry is removed only if it is
     /// this lease's run: the task may have been reclaimed under a new lease.
     pub(super) fn accept(&mut self, run: FinishedRun) {
+        // A run stopped because its lease was lost may have sent its result
+        // in the instant before: stored all the same, so that its refusal
+        // is on the trail (result_refused), and counted lost once, by that
+        // refusal, rather than when the run was stopped.
         if self.aborted.remove(&run.lease).is_some() {
-            return; // already counted as lost when its run was stopped
+            self.summary.lost = self.summary.lost.saturating_sub(1);
         }
         let id = run.lease.task_id;
         if self.inflight.get(&id).is_some_and(|f| f.lease == run.lease)
@@ -420,4 +424,72 @@ fn catch_panic<T>(f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueE
         tracing::error!("a bug: storing panicked: {message}");
         Err(QueueError::Panicked(message))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use crate::orchestrator::{Daemon, DaemonConfig, InFlight};
+    use crate::queue::{FinishedRun, Queue};
+    use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
+    use crate::task::{NewTask, RunOutcome};
+
+    /// A result sent in the instant before its run was stopped, its lease
+    /// lost (here: its task cancelled), is refused on the trail like one
+    /// that came in before, and the run counted lost once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_sent_as_its_run_is_stopped_is_refused_on_the_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("colony.db");
+        let mut other = Queue::open(&db).unwrap();
+        let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
+        let lease = other.claim("a", 1).unwrap()[0].lease;
+        other.cancel(id, "no longer wanted").unwrap();
+
+        let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).unwrap());
+        let agents = AgentDir::new(dir.path().join("agents"));
+        let mut daemon = Daemon::new(
+            Queue::open(&db).unwrap(),
+            runtime,
+            agents,
+            DaemonConfig::default(),
+        );
+        daemon.inflight.insert(
+            id,
+            InFlight {
+                agent: "a".into(),
+                since: Instant::now(),
+                lease,
+                handle: tokio::spawn(std::future::pending()),
+            },
+        );
+        daemon.drop_lost(&[lease]);
+        // The run's result, sent before the abort landed.
+        let result = FinishedRun {
+            lease,
+            outcome: RunOutcome::Success {
+                output: "{}".into(),
+                spawn: vec![],
+                needs_review: false,
+            },
+            log: String::new(),
+            state: vec![],
+            effects: vec![],
+            claimed: None,
+        };
+        daemon.done_tx.send(result).unwrap();
+        daemon.collect_finished();
+        daemon.write_finished();
+
+        let events = other.events(Some(id), 0, 100).unwrap();
+        let refused: Vec<_> = events
+            .iter()
+            .filter(|e| e.event == "result_refused")
+            .collect();
+        assert_eq!(refused.len(), 1, "{events:?}");
+        assert_eq!(refused[0].detail["outcome"], "success");
+        assert_eq!(daemon.summary.lost, 1);
+    }
 }

@@ -578,17 +578,28 @@ fn set_chain_budget(tx: &dyn Sql, id: i64, budget: u64) -> Result<serde_json::Va
         "SELECT COALESCE(root_id, id) FROM tasks WHERE id = ?1",
         args![id],
     )?;
-    let old: Option<i64> =
-        tx.query_value("SELECT token_budget FROM tasks WHERE id = ?1", args![root])?;
-    let spent: i64 = tx.query_value(
-        "SELECT CAST(COALESCE(SUM(input_tokens + output_tokens), 0) AS BIGINT) FROM model_calls WHERE root_id = ?1",
+    // The root's row locked first (PostgreSQL), as a reservation locks it:
+    // no call reserves between the check below and the update, nor changes
+    // the old budget the event reports.
+    let old: Option<i64> = tx.query_value(
+        &format!(
+            "SELECT token_budget FROM tasks WHERE id = ?1{}",
+            tx.for_update()
+        ),
         args![root],
     )?;
-    // Calls cut off in flight, or still in flight (see `reserve_model_tokens`).
-    let reserved: i64 = tx.query_value(
-        "SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM model_reservations WHERE root_id = ?1",
+    // Reserved: calls cut off in flight, or still in flight (see
+    // `reserve_model_tokens`). One statement, one snapshot: a call settled
+    // meanwhile (its reservation turned into its record, without the root's
+    // lock) counts in one sum or the other, not in neither.
+    let sums = tx.query_one(
+        "SELECT CAST((SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM model_calls
+                      WHERE root_id = ?1) AS BIGINT),
+                CAST((SELECT COALESCE(SUM(tokens), 0) FROM model_reservations
+                      WHERE root_id = ?1) AS BIGINT)",
         args![root],
     )?;
+    let (spent, reserved): (i64, i64) = (sums.get(0)?, sums.get(1)?);
     let used = spent.saturating_add(reserved);
     if budget_i64 <= used {
         let reserved = match reserved {

@@ -30,7 +30,7 @@ pub(super) fn validate_json(field: &str, text: &str, max_bytes: usize) -> Result
             ),
         ));
     }
-    serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
+    let value = serde_json::from_str::<serde_json::Value>(text).map_err(|e| {
         // Valid JSON, but deeper than anything stored may be: said as what
         // it is, not "not valid JSON".
         let why = match e.to_string().starts_with("recursion limit exceeded") {
@@ -41,7 +41,7 @@ pub(super) fn validate_json(field: &str, text: &str, max_bytes: usize) -> Result
         };
         QueueError::invalid(field, why)
     })?;
-    Ok(())
+    crate::json::check_numbers(&value).map_err(|why| QueueError::invalid(field, why))
 }
 
 /// Serializes a value to be stored and checks it reads back (nesting adds
@@ -81,6 +81,8 @@ fn validate_next(field: &str, specs: &[NextSpec], max_payload: usize, depth: usi
                 format!("{payload_len} bytes is more than the limit of {max_payload} bytes"),
             ));
         }
+        crate::json::check_numbers(&spec.payload)
+            .map_err(|why| QueueError::invalid(format!("{here}.payload"), why))?;
         validate_next(&format!("{here}.next"), &spec.next, max_payload, depth + 1)?;
     }
     Ok(())

@@ -481,6 +481,13 @@ impl Runtime {
             .collect()
     }
 
+    /// Whether the operator's configuration declares the model alias
+    /// `alias` (None if not), and with prices (so its calls have a cost).
+    pub fn model_priced(&self, alias: &str) -> Option<bool> {
+        let config = self.models.as_ref()?.config(alias)?;
+        Some(config.input_usd_per_mtok.is_some() || config.output_usd_per_mtok.is_some())
+    }
+
     /// Whether runs use the pooling allocator.
     pub fn is_pooling(&self) -> bool {
         self.pooling

@@ -8,8 +8,10 @@ use std::sync::Mutex;
 
 use axum::http::{HeaderMap, header};
 
-/// The session cookie's name.
-pub const SESSION_COOKIE: &str = "colony_session";
+/// The session cookie's name, before the server's port: browsers send a
+/// cookie to every port of its host, so dashboards on two ports of one
+/// machine would otherwise each sign the other out.
+const SESSION_COOKIE: &str = "colony_session";
 /// The header a script signed in with a cookie sends its CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Longest operator name kept (it becomes the audit trail's actor).
@@ -76,15 +78,19 @@ impl Denied {
 
 pub struct Auth {
     token: String,
+    /// This server's session cookie name (see [`SESSION_COOKIE`]).
+    cookie: String,
     /// Whether reading needs no credentials (listening on loopback).
     pub reads_open: bool,
     sessions: Mutex<HashMap<String, (Session, std::time::Instant)>>,
 }
 
 impl Auth {
-    pub fn new(token: String, reads_open: bool) -> Auth {
+    /// `port`: the server's, which names its session cookie.
+    pub fn new(token: String, reads_open: bool, port: u16) -> Auth {
         Auth {
             token,
+            cookie: format!("{SESSION_COOKIE}_{port}"),
             reads_open,
             sessions: Mutex::new(HashMap::new()),
         }
@@ -108,7 +114,7 @@ impl Auth {
                 )),
             };
         }
-        if let Some(id) = session_cookie(headers) {
+        if let Some(id) = self.session_cookie(headers) {
             let mut sessions = self.sessions.lock().unwrap();
             sessions.retain(|_, (_, since)| since.elapsed() < SESSION_LIFETIME);
             return match sessions.get(&id) {
@@ -155,7 +161,7 @@ impl Auth {
     }
 
     pub fn sign_out(&self, headers: &HeaderMap) {
-        if let Some(id) = session_cookie(headers) {
+        if let Some(id) = self.session_cookie(headers) {
             self.sessions.lock().unwrap().remove(&id);
         }
     }
@@ -173,29 +179,35 @@ fn clean_operator(name: &str) -> Result<String, &'static str> {
     Ok(name.to_string())
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (name, value) = pair.trim().split_once('=')?;
-            (name == SESSION_COOKIE).then(|| value.to_string())
-        })
-}
+impl Auth {
+    fn session_cookie(&self, headers: &HeaderMap) -> Option<String> {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (name, value) = pair.trim().split_once('=')?;
+                (name == self.cookie).then(|| value.to_string())
+            })
+    }
 
-/// The `Set-Cookie` value for a new session: not readable by scripts, not
-/// sent along with requests other sites start.
-pub fn session_cookie_header(id: &str) -> String {
-    format!(
-        "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        SESSION_LIFETIME.as_secs()
-    )
-}
+    /// The `Set-Cookie` value for a new session: not readable by scripts,
+    /// not sent along with requests other sites start.
+    pub fn session_cookie_header(&self, id: &str) -> String {
+        format!(
+            "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+            self.cookie,
+            SESSION_LIFETIME.as_secs()
+        )
+    }
 
-pub fn expired_cookie_header() -> String {
-    format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+    pub fn expired_cookie_header(&self) -> String {
+        format!(
+            "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+            self.cookie
+        )
+    }
 }
 
 /// 32 bytes from the OS's random source, as hex.
@@ -272,7 +284,7 @@ mod tests {
 
     #[test]
     fn sessions_need_their_csrf_token() {
-        let auth = Auth::new("t".into(), true);
+        let auth = Auth::new("t".into(), true, 8080);
         assert_eq!(
             auth.sign_in("wrong", "ann").unwrap_err(),
             "that is not this server's token"

@@ -142,6 +142,16 @@ struct TokenLabels {
     direction: String,
 }
 
+/// A model alias an agent's manifest grants and this host's configuration
+/// declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelGrant {
+    pub agent: String,
+    pub alias: String,
+    /// Whether the alias has prices, and so a cost counter.
+    pub priced: bool,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
     agent: String,
@@ -499,6 +509,30 @@ impl Metrics {
         let _ = self.wait_seconds.get_or_create(&labels);
     }
 
+    /// The token (and, for a priced alias, cost) counters of each agent and
+    /// model alias it is granted read 0 before the first call, for the
+    /// reason [`Metrics::start_at_zero`] gives: the first call after a start
+    /// went unseen by increase(), however much it spent.
+    pub fn start_grants_at_zero(&self, grants: &[ModelGrant]) {
+        for grant in grants {
+            let agent = self.agent_label(&grant.agent);
+            let alias = self.model_names.lock().unwrap().label(&grant.alias);
+            for direction in ["input", "output"] {
+                let _ = self.tokens.get_or_create(&TokenLabels {
+                    agent: agent.clone(),
+                    model: alias.clone(),
+                    direction: direction.into(),
+                });
+            }
+            if grant.priced {
+                let _ = self.cost.get_or_create(&ModelLabels {
+                    agent,
+                    model: alias,
+                });
+            }
+        }
+    }
+
     /// Refreshes the gauges from the database and writes every metric in
     /// the Prometheus text format.
     pub fn render(&self, queue: &Queue) -> Result<String, QueueError> {
@@ -773,6 +807,44 @@ mod tests {
                 .any(|l| l.starts_with("colony_model_tokens_total{")
                     && l.contains("direction=\"input\"")
                     && l.ends_with(" 321")),
+            "{text}"
+        );
+    }
+
+    /// A granted alias's counters, started at 0, are the ones its first
+    /// call counts into.
+    #[test]
+    fn a_first_call_counts_into_the_series_started_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let queue = Queue::open(&path).unwrap();
+        let metrics = Metrics::new();
+        metrics.start_grants_at_zero(&[ModelGrant {
+            agent: "writer".into(),
+            alias: "fast".into(),
+            priced: false,
+        }]);
+        let input = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("colony_model_tokens_total{") && l.contains("\"input\""))
+                .map(String::from)
+                .collect()
+        };
+        let text = metrics.render(&queue).unwrap();
+        assert_eq!(
+            input(&text),
+            [r#"colony_model_tokens_total{agent="writer",model="fast",direction="input"} 0"#],
+            "{text}"
+        );
+        assert!(
+            !text.contains("colony_model_cost_usd_total{"),
+            "not priced: {text}"
+        );
+        journal_call(&rusqlite::Connection::open(&path).unwrap(), 1, "fast", 321);
+        let text = metrics.render(&queue).unwrap();
+        assert_eq!(
+            input(&text),
+            [r#"colony_model_tokens_total{agent="writer",model="fast",direction="input"} 321"#],
             "{text}"
         );
     }

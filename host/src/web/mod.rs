@@ -120,7 +120,7 @@ pub async fn bind(config: WebConfig, listener: TcpListener) -> Result<Bound, Sta
     })?;
     let app = Arc::new(App {
         store,
-        auth: Auth::new(token.clone(), loopback),
+        auth: Auth::new(token.clone(), loopback, addr.port()),
         metrics: Metrics::new(),
         agents_dir: config.agents.dir().to_path_buf(),
         agents: tokio::sync::Mutex::new(config.agents),
@@ -250,12 +250,50 @@ async fn metrics_page(State(app): State<Shared>) -> Response {
     let metrics_app = app.clone();
     match app
         .store
-        .run(None, move |queue| metrics_app.metrics.render(queue))
+        .run(None, move |queue| {
+            let grants = model_grants(&metrics_app.agents_dir, &metrics_app.runtime);
+            metrics_app.metrics.start_grants_at_zero(&grants);
+            metrics_app.metrics.render(queue)
+        })
         .await
     {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => api::ApiError::from(e).into_response(),
     }
+}
+
+/// The model aliases the manifests in the agents folder grant (beside a
+/// component) that this host's configuration declares. Manifests are read
+/// as they are now, without compiling anything; one that does not load
+/// grants nothing here (the agents page says why).
+fn model_grants(agents_dir: &std::path::Path, runtime: &Runtime) -> Vec<metrics::ModelGrant> {
+    let Ok(read) = std::fs::read_dir(agents_dir) else {
+        return Vec::new();
+    };
+    let mut grants = Vec::new();
+    for path in read.flatten().map(|entry| entry.path()) {
+        if path.extension().is_none_or(|ext| ext != "toml")
+            || !path.with_extension("wasm").is_file()
+        {
+            continue;
+        }
+        let (Some(agent), Ok(manifest)) = (
+            path.file_stem().and_then(|stem| stem.to_str()),
+            crate::runtime::Manifest::load(&path),
+        ) else {
+            continue;
+        };
+        for alias in manifest.models.unwrap_or_default() {
+            if let Some(priced) = runtime.model_priced(&alias) {
+                grants.push(metrics::ModelGrant {
+                    agent: agent.to_string(),
+                    alias,
+                    priced,
+                });
+            }
+        }
+    }
+    grants
 }
 
 /// "ok" when the database answers a read (and, on SQLite, its file is the

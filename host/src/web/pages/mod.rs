@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::Shared;
 use super::api::ApiError;
-use super::auth::{self, Caller};
+use super::auth::Caller;
 use crate::task::State as TaskState;
 
 pub fn routes() -> Router<Shared> {
@@ -264,7 +264,7 @@ pub async fn sign_in(
             (
                 StatusCode::SEE_OTHER,
                 [
-                    (header::SET_COOKIE, auth::session_cookie_header(&id)),
+                    (header::SET_COOKIE, app.auth.session_cookie_header(&id)),
                     (header::LOCATION, to),
                 ],
             )
@@ -295,7 +295,7 @@ async fn sign_out(
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, auth::expired_cookie_header()),
+            (header::SET_COOKIE, app.auth.expired_cookie_header()),
             (header::LOCATION, "/".to_string()),
         ],
     )

@@ -17,6 +17,7 @@ mod anthropic;
 mod config;
 mod journal;
 mod limits;
+mod messages;
 mod openai;
 mod providers;
 

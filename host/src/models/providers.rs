@@ -3,10 +3,9 @@
 //! one call: it waits for the limits, sends, retries what is worth retrying
 //! within the alias's timeout, and maps the reply to [`ChatReply`].
 //!
-//! Errors go back to the guest, so they are built here from what is safe to
-//! show: the alias, the HTTP status and the provider's own message with the
-//! key and the base URL cut out. The full transport error (which names the
-//! URL) goes to the host's log only.
+//! Errors go back to the guest, so they are built from what is safe to show
+//! (`messages.rs`). The full transport error (which names the URL) goes to
+//! the host's log only.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,22 +17,23 @@ use serde_json::Value;
 
 use super::config::{Api, ConfigError, ModelConfig, ModelsConfig};
 use super::limits::{Limiter, Refusal};
+use super::messages::{give_up, human_wait, provider_message, scrub, truncate};
 use super::{
     ChatReply, ChatRequest, ModelError, Tool, Usage, anthropic, estimate_prompt_tokens, openai,
 };
 
 /// The largest reply body read; anything bigger is not a chat reply.
 const MAX_REPLY_BYTES: usize = 16 << 20;
-/// How much of an error body is read, and how much of its message is kept.
+/// How much of an error body is read (see `messages.rs` for how much of
+/// its message is kept).
 const MAX_ERROR_BYTES: usize = 64 << 10;
-const MAX_ERROR_MESSAGE: usize = 500;
 /// The first retry's delay; it doubles per attempt (with jitter) up to
 /// [`MAX_RETRY_DELAY`], always within the call's timeout.
 const RETRY_BASE: Duration = Duration::from_millis(250);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 /// A key read from the environment. Its `Debug` never shows it.
-struct Secret(String);
+pub(super) struct Secret(pub(super) String);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -42,9 +42,9 @@ impl fmt::Debug for Secret {
 }
 
 #[derive(Debug)]
-struct Alias {
-    config: ModelConfig,
-    key: Option<Secret>,
+pub(super) struct Alias {
+    pub(super) config: ModelConfig,
+    pub(super) key: Option<Secret>,
     endpoint: String,
     limiter: Limiter,
 }
@@ -84,7 +84,7 @@ pub struct CallFailure {
 }
 
 /// A failure worth retrying, and how the call ends if time runs out.
-enum Failure {
+pub(super) enum Failure {
     RateLimited {
         retry_after: Option<Duration>,
     },
@@ -97,6 +97,18 @@ enum Failure {
     /// The call's time ran out with a request out and no answer: the
     /// provider may be generating (and charging for) a reply.
     NoReply,
+}
+
+impl Failure {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Failure::RateLimited { .. } => "HTTP 429".into(),
+            Failure::Status(code) => format!("HTTP {code}"),
+            Failure::Connect => "cannot connect".into(),
+            Failure::Transport => "connection error".into(),
+            Failure::Timeout | Failure::NoReply => "timed out".into(),
+        }
+    }
 }
 
 impl Providers {
@@ -525,54 +537,6 @@ impl Providers {
     }
 }
 
-impl Failure {
-    fn describe(&self) -> String {
-        match self {
-            Failure::RateLimited { .. } => "HTTP 429".into(),
-            Failure::Status(code) => format!("HTTP {code}"),
-            Failure::Connect => "cannot connect".into(),
-            Failure::Transport => "connection error".into(),
-            Failure::Timeout | Failure::NoReply => "timed out".into(),
-        }
-    }
-}
-
-/// The error of a call that ran out of time after `attempts` tries.
-fn give_up(name: &str, alias: &Alias, failure: &Failure, attempts: u32) -> ModelError {
-    let timeout = humantime::format_duration(alias.config.timeout);
-    let tries = if attempts == 1 {
-        "1 attempt".to_string()
-    } else {
-        format!("{attempts} attempts")
-    };
-    match failure {
-        Failure::RateLimited {
-            retry_after: Some(wait),
-        } if attempts == 1 => ModelError::RateLimited(format!(
-            "model `{name}`: the provider is rate limiting (HTTP 429) and asks to wait {}, \
-             which leaves less than a quarter of the call's timeout of {timeout} for the answer \
-             (raise the alias's `timeout` to wait it out)",
-            humantime::format_duration(human_wait(*wait))
-        )),
-        Failure::RateLimited { .. } => ModelError::RateLimited(format!(
-            "model `{name}`: the provider kept answering HTTP 429 (rate limited) \
-             for {tries} within the call's timeout of {timeout}"
-        )),
-        Failure::Timeout => ModelError::Unavailable(format!(
-            "model `{name}`: no reply from the provider within the call's timeout of {timeout} ({tries})"
-        )),
-        Failure::NoReply => ModelError::Unavailable(format!(
-            "model `{name}`: no reply from the provider within the call's timeout of {timeout} ({tries}); \
-             counted as charged (the prompt estimate plus max_tokens): the provider may have \
-             generated and billed the reply the host stopped waiting for"
-        )),
-        other => ModelError::Unavailable(format!(
-            "model `{name}`: the provider is unavailable ({}) after {tries} within the call's timeout of {timeout}",
-            other.describe()
-        )),
-    }
-}
-
 /// The first character of `key` a header cannot carry (1-based), and what
 /// it is; the key itself is never said.
 fn unsendable_character(key: &str) -> Option<(usize, &'static str)> {
@@ -631,74 +595,6 @@ async fn read_body(
         }
     }
     Ok(body)
-}
-
-/// The provider's error message (`error.message` in both APIs' error
-/// bodies, else the body's text), scrubbed and truncated.
-fn provider_message(body: &[u8], alias: &Alias) -> String {
-    let parsed = serde_json::from_slice::<Value>(body).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(|v| v["error"]["message"].as_str().or(v["message"].as_str()))
-        .map(str::to_string)
-        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
-    if message.is_empty() {
-        return "no message".into();
-    }
-    truncate(&scrub(&message, alias), MAX_ERROR_MESSAGE)
-}
-
-/// Cuts the key and the base URL out of text that goes to the guest.
-/// `text` (a provider's message, an error) as the agent may see it: no key,
-/// and no URL or address of the provider, whatever path follows its origin
-/// (a message may name `http://host/prefix` where `base_url` is
-/// `http://host/prefix/v1`).
-fn scrub(text: &str, alias: &Alias) -> String {
-    let mut text = text.to_string();
-    if let Some(Secret(key)) = &alias.key {
-        text = text.replace(key.as_str(), "<redacted>");
-    }
-    let Ok(base) = reqwest::Url::parse(&alias.config.base_url) else {
-        return text.replace(&alias.config.base_url, "<provider>");
-    };
-    let origin = base.origin().ascii_serialization();
-    let mut scrubbed = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(at) = rest.find(&origin) {
-        scrubbed.push_str(&rest[..at]);
-        scrubbed.push_str("<provider>");
-        let after = &rest[at + origin.len()..];
-        let url_end = after
-            .find(|c: char| c.is_whitespace() || "\"'<>()[]{}`,;".contains(c))
-            .unwrap_or(after.len());
-        rest = &after[url_end..];
-    }
-    scrubbed.push_str(rest);
-    if let Some(host) = base.host_str() {
-        let authority = match base.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_string(),
-        };
-        scrubbed = scrubbed.replace(&authority, "<provider>");
-    }
-    scrubbed
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    format!("{}…", &text[..text.floor_char_boundary(max)])
-}
-
-/// A wait as a person reads it: whole seconds (rounded up) from one second
-/// on, milliseconds below.
-fn human_wait(d: Duration) -> Duration {
-    if d >= Duration::from_secs(1) {
-        Duration::from_secs(d.as_secs() + u64::from(d.subsec_nanos() > 0))
-    } else {
-        Duration::from_millis(d.as_millis() as u64)
-    }
 }
 
 /// Usage by estimate, for a server that reports none.
@@ -804,12 +700,6 @@ mod tests {
                 "{name}"
             );
         }
-    }
-
-    #[test]
-    fn truncates_on_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h…");
-        assert_eq!(truncate("short", 10), "short");
     }
 
     #[test]

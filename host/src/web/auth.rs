@@ -165,21 +165,7 @@ impl Auth {
             self.sessions.lock().unwrap().remove(&id);
         }
     }
-}
 
-/// The operator's name as the audit trail will show it: printable, short.
-fn clean_operator(name: &str) -> Result<String, &'static str> {
-    let name = name.trim();
-    if name.is_empty() {
-        return Err("say who you are: the name goes into the audit trail of what you change");
-    }
-    if name.chars().count() > MAX_OPERATOR || name.chars().any(char::is_control) {
-        return Err("the name must be at most 64 printable characters");
-    }
-    Ok(name.to_string())
-}
-
-impl Auth {
     fn session_cookie(&self, headers: &HeaderMap) -> Option<String> {
         headers
             .get_all(header::COOKIE)
@@ -208,6 +194,18 @@ impl Auth {
             self.cookie
         )
     }
+}
+
+/// The operator's name as the audit trail will show it: printable, short.
+fn clean_operator(name: &str) -> Result<String, &'static str> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err("say who you are: the name goes into the audit trail of what you change");
+    }
+    if name.chars().count() > MAX_OPERATOR || name.chars().any(char::is_control) {
+        return Err("the name must be at most 64 printable characters");
+    }
+    Ok(name.to_string())
 }
 
 /// 32 bytes from the OS's random source, as hex.

@@ -1184,6 +1184,53 @@ on_both_drivers! {
         assert!(text.contains("total: 2 calls sent, 2 refused before the provider, 2 replayed"), "{text}");
     }
 
+    /// A call waiting for its turn under the alias's rate limit has set no
+    /// tokens aside: a host killed then leaves no reservation behind (none
+    /// could release it; it counted against the budget for good). A call
+    /// its budget cannot cover is refused at once, not after its wait.
+    fn a_call_waiting_for_the_rate_limit_holds_no_reservation(db) {
+        use colony_tests::model_server::Scripted;
+        let t = ThinkerWithModel::new(db, "requests_per_minute = 1\ntimeout = \"5m\"\n");
+        let (env, server) = (&t.env, &t.server);
+        server.push(Scripted::answer_with_usage("one", 10, 5));
+        let id = env.submit(&["thinker", "--token-budget", "1000", r#"{"prompts": ["a", "b"], "max_tokens": 50}"#]);
+        let mut first = t.daemon(&[]);
+        wait_for("the first model call", Duration::from_secs(30), || {
+            env.queue().model_calls(id).unwrap().len() == 1
+        });
+        // The second call waits a minute for its turn: long enough for a
+        // reservation written before the wait to be in.
+        std::thread::sleep(Duration::from_millis(1500));
+        signal(&first, "-KILL");
+        first.wait().unwrap();
+        assert_eq!(server.count(), 1, "the second call was waiting for its turn");
+        let usage = env.queue().usage(id).unwrap();
+        assert_eq!(usage.reserved_tokens, 0, "{usage:?}");
+        assert_eq!(env.queue().chain_budget(id).unwrap().spent, 15, "the first call's charge alone");
+
+        let second = t.daemon(&["--until-idle"]).wait_with_output().unwrap();
+        assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+        let task = env.queue().get(id).unwrap();
+        assert_eq!(task.state, State::Complete, "{:?}", task.error);
+        assert_eq!(server.count(), 2, "the first call replayed, the second sent");
+
+        // 60 of 100 tokens charged by the first call: the second (50 plus
+        // the prompt) cannot be covered, and is refused without waiting the
+        // minute for its turn.
+        server.push(Scripted::answer_with_usage("big", 40, 20));
+        let poor = env.submit(&["thinker", "--token-budget", "100", r#"{"prompts": ["c", "d"], "max_tokens": 50}"#]);
+        let mut third = t.daemon(&[]);
+        wait_for("the over-budget call's refusal", Duration::from_secs(30), || {
+            env.queue().get(poor).unwrap().state == State::Failed
+        });
+        signal(&third, "-KILL");
+        third.wait().unwrap();
+        let shown = env.json(&["show", &poor.to_string()]);
+        assert_eq!(shown["error"]["kind"], "budget_exceeded", "{shown}");
+        assert_eq!(server.count(), 3);
+        assert_eq!(shown["usage"]["reserved_tokens"], 0, "{shown}");
+    }
+
     fn a_killed_daemons_model_calls_are_replayed_not_paid_again(db) {
         use colony_tests::model_server::Scripted;
         let t = ThinkerWithModel::new(db, "");

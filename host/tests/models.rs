@@ -651,6 +651,45 @@ async fn requests_per_minute_queues_then_refuses_past_the_timeout() {
     assert_eq!(server.count(), 64);
 }
 
+/// A turn taken and dropped unsent (its budget refused the call, its run
+/// ended while it waited) gives its request and tokens back; one sent
+/// keeps them, whether or not the provider answered.
+#[tokio::test]
+async fn a_turn_dropped_unsent_is_given_back() {
+    use std::sync::atomic::AtomicBool;
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(
+        &server,
+        "requests_per_minute = 1
+tokens_per_minute = 1000
+max_tokens = 600
+timeout = \"5m\"",
+    ));
+    let turn = providers.take_turn(&ask("fast", "hi")).unwrap();
+    assert!(!turn.waits(), "the first call of a minute goes at once");
+    assert!(
+        turn.tokens() > 600,
+        "max_tokens plus the prompt: {}",
+        turn.tokens()
+    );
+    let behind = providers.take_turn(&ask("fast", "hi")).unwrap();
+    assert!(behind.waits(), "one request a minute: the second waits");
+    drop(behind);
+    drop(turn);
+    // Both given back: the request and the tokens (600 + 600 would be past
+    // the minute's 1,000 tokens otherwise).
+    let turn = providers.take_turn(&ask("fast", "hi")).unwrap();
+    assert!(!turn.waits(), "the turns dropped unsent were given back");
+    assert_eq!(server.count(), 0);
+    providers
+        .send(turn, &ask("fast", "hi"), &AtomicBool::new(false))
+        .await
+        .unwrap();
+    assert_eq!(server.count(), 1);
+    let next = providers.take_turn(&ask("fast", "hi")).unwrap();
+    assert!(next.waits(), "a turn sent is spent");
+}
+
 #[tokio::test]
 async fn tokens_per_minute_reserves_then_settles_to_usage() {
     let server = ModelServer::start();
@@ -733,7 +772,7 @@ fn cost_from_prices() {
         "no prices, no cost"
     );
     assert_eq!(providers.cost_usd("other", &usage), None);
-    assert_eq!(providers.default_max_tokens("fast"), Some(1024));
+    assert_eq!(providers.config("fast").unwrap().max_tokens, 1024);
     assert!(providers.has_alias("smart") && !providers.has_alias("other"));
 }
 

@@ -472,8 +472,8 @@ async fn a_call_cut_off_by_the_deadline_stays_spent_from_the_budget() {
 }
 
 /// A call still waiting for this host's rate limit when its run's deadline
-/// passed never reached the provider: its reservation is released, and
-/// the budget counts only what was charged.
+/// passed never reached the provider: the budget counts only what was
+/// charged (its tokens are set aside only once its turn has come).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_cut_off_before_it_was_sent_is_not_spent_from_the_budget() {
     let e = env("models = [\"queued\"]");
@@ -504,18 +504,20 @@ async fn a_call_cut_off_before_it_was_sent_is_not_spent_from_the_budget() {
     .await;
 }
 
-/// A call still waiting for the rate limit when its daemon stops never
-/// reached the provider: its reservation is released before the daemon's
-/// run ends. (The release was a write spawned as the run was dropped, and
-/// a process that ended right after its shutdown lost it: the call then
-/// counted against the budget for good.)
+/// A call waiting to retry (the provider answered 429) when its daemon
+/// stops has its tokens set aside but no request out: its reservation is
+/// released before the daemon's run ends. (The release was a write spawned
+/// as the run was dropped, and a process that ended right after its
+/// shutdown lost it: the call then counted against the budget for good.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_at_shutdown_is_released_before_the_daemon_ends() {
-    let e = env("models = [\"queued\"]");
+    let e = env("models = [\"fast\"]");
+    e.server.push(Scripted::answer("one"));
+    e.server.push(Scripted::answer("two"));
+    e.server.push(Scripted::rate_limited(5));
     let mut task = NewTask::new(
         "thinker",
-        json!({"model": "queued", "prompts": ["one", "two", "three"], "max_tokens": 50})
-            .to_string(),
+        json!({"prompts": ["one", "two", "three"], "max_tokens": 50}).to_string(),
     );
     task.token_budget = Some(1_000);
     let id = e.h.submit(task);
@@ -527,9 +529,9 @@ async fn a_call_waiting_at_shutdown_is_released_before_the_daemon_ends() {
     };
     let daemon = e.h.start_daemon(runtime, cfg).await;
     let queue = e.h.queue();
-    // The third call has reserved its tokens and waits for the rate limit.
-    common::wait_for("the third call to reserve its tokens", || {
-        e.server.count() == 2 && queue.usage(id).is_ok_and(|u| u.reserved_tokens > 0)
+    // The third call has reserved its tokens and waits to retry.
+    common::wait_for("the third call to wait for its retry", || {
+        e.server.count() == 3 && queue.usage(id).is_ok_and(|u| u.reserved_tokens > 0)
     })
     .await;
     daemon.stop().await;
@@ -537,7 +539,7 @@ async fn a_call_waiting_at_shutdown_is_released_before_the_daemon_ends() {
     assert_eq!(
         (usage.reserved_tokens, usage.calls),
         (0, 2),
-        "only the two calls sent count once the daemon has stopped: {usage:?}"
+        "only the two calls answered count once the daemon has stopped: {usage:?}"
     );
     assert_eq!(e.h.task(id).state, State::Ready, "given back at shutdown");
 }

@@ -122,6 +122,16 @@ impl Limiter {
         Ok(wait)
     }
 
+    /// Gives back a reservation of one request and `tokens` tokens whose
+    /// call was never sent.
+    pub(super) fn give_back(&self, tokens: u64) {
+        if let Some(bucket) = &self.requests {
+            let mut bucket = lock(bucket);
+            bucket.level = (bucket.level + 1.0).min(bucket.capacity);
+        }
+        self.settle(tokens, 0);
+    }
+
     /// Replaces a token reservation by what the call really used: the
     /// difference is given back (or, when the call used more, owed).
     pub(super) fn settle(&self, reserved: u64, used: u64) {
@@ -188,6 +198,24 @@ mod tests {
         // The refusal took nothing: the next caller still waits only 30 s.
         let wait = limiter.reserve(0, now, now + FAR).unwrap();
         assert_eq!(wait.as_secs(), 30);
+    }
+
+    #[test]
+    fn a_reservation_given_back_frees_its_request_and_tokens() {
+        let limiter = Limiter::new(Some(1), Some(1000));
+        let now = Instant::now();
+        assert_eq!(limiter.reserve(700, now, now), Ok(Duration::ZERO));
+        assert!(
+            limiter.reserve(700, now, now).is_err(),
+            "no request nor tokens left"
+        );
+        limiter.give_back(700);
+        assert_eq!(limiter.reserve(700, now, now), Ok(Duration::ZERO));
+        // Never more than the bucket holds.
+        limiter.give_back(700);
+        limiter.give_back(700);
+        assert_eq!(limiter.reserve(1000, now, now), Ok(Duration::ZERO));
+        assert!(limiter.reserve(1, now, now).is_err());
     }
 
     #[test]

@@ -83,6 +83,90 @@ pub struct CallFailure {
     pub sent: bool,
 }
 
+/// A call's turn under its alias's rate limits ([`Providers::take_turn`]):
+/// a request and the call's tokens, held from when it was taken. A turn
+/// dropped before it was sent gives them back (its budget refused the
+/// call, its run ended while it waited).
+#[derive(Debug)]
+pub struct Turn<'a> {
+    name: &'a str,
+    alias: &'a Alias,
+    body: Value,
+    max_tokens: u32,
+    prompt_estimate: u64,
+    /// What the limits hold for it: max_tokens plus the prompt's estimate.
+    tokens: u64,
+    started: Instant,
+    /// The alias's timeout, counted from when the turn was taken.
+    deadline: Instant,
+    ready_at: Instant,
+    used: bool,
+}
+
+impl Turn<'_> {
+    /// The most tokens the call may take: max_tokens plus the prompt's
+    /// estimate.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Whether the call must still wait for its turn.
+    pub fn waits(&self) -> bool {
+        Instant::now() < self.ready_at
+    }
+
+    /// Waits until the limits let the call go.
+    pub async fn come(&self) {
+        if self.waits() {
+            tracing::debug!(
+                alias = self.name,
+                wait_ms = self
+                    .ready_at
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+                "waiting for the alias's rate limit"
+            );
+            tokio::time::sleep_until(self.ready_at.into()).await;
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            self.alias.limiter.give_back(self.tokens);
+        }
+    }
+}
+
+/// How long a call (or a retry, `tokens` 0) must wait for the alias's
+/// limits, its request and tokens taken; refused when that would be past
+/// `deadline`.
+fn turn_wait(
+    name: &str,
+    alias: &Alias,
+    tokens: u64,
+    now: Instant,
+    deadline: Instant,
+) -> Result<Duration, ModelError> {
+    alias
+        .limiter
+        .reserve(tokens, now, deadline)
+        .map_err(|refusal| match refusal {
+            Refusal::TooLarge { needed, per_minute } => ModelError::InvalidRequest(format!(
+                "model `{name}`: the call may need {needed} tokens (max_tokens plus the prompt), \
+                 more than the {per_minute} tokens per minute this host allows the alias; \
+                 ask for fewer max_tokens or send a shorter prompt"
+            )),
+            Refusal::TooLate { wait } => ModelError::RateLimited(format!(
+                "model `{name}`: this host's rate limit for the alias would hold the call for {}, \
+                 longer than its timeout of {}",
+                humantime::format_duration(human_wait(wait)),
+                humantime::format_duration(alias.config.timeout)
+            )),
+        })
+}
+
 /// A failure worth retrying, and how the call ends if time runs out.
 pub(super) enum Failure {
     RateLimited {
@@ -195,11 +279,6 @@ impl Providers {
         self.aliases.get(alias).map(|a| &a.config)
     }
 
-    /// The reply limit of a call on `alias` that sets none.
-    pub fn default_max_tokens(&self, alias: &str) -> Option<u32> {
-        self.aliases.get(alias).map(|a| a.config.max_tokens)
-    }
-
     /// Cost in USD of `usage` on `alias`, None when the alias has no prices
     /// (a price given for one direction only counts the other as free).
     pub fn cost_usd(&self, alias: &str, usage: &Usage) -> Option<f64> {
@@ -229,13 +308,24 @@ impl Providers {
         req: &ChatRequest,
         on_wire: &AtomicBool,
     ) -> Result<ChatReply, CallFailure> {
+        let turn = self.take_turn(req)?;
+        turn.come().await;
+        self.send(turn, req, on_wire).await
+    }
+
+    /// Checks the call and takes its turn under the alias's rate limits at
+    /// once (its request and tokens are held from here: later calls queue
+    /// behind it); [`Turn::come`] waits for the turn, [`Providers::send`]
+    /// sends. Refused when the limits could not let it go within the
+    /// alias's timeout.
+    pub fn take_turn<'a>(&'a self, req: &ChatRequest) -> Result<Turn<'a>, CallFailure> {
         let uncharged = |error| CallFailure {
             error,
             charged: Usage::default(),
             sent: false,
         };
         let name = req.model.as_str();
-        let Some(alias) = self.aliases.get(name) else {
+        let Some((name, alias)) = self.aliases.get_key_value(name) else {
             return Err(uncharged(ModelError::NotGranted(format!(
                 "model `{name}` is not configured on this host"
             ))));
@@ -254,12 +344,42 @@ impl Providers {
         let started = Instant::now();
         let deadline = started + alias.config.timeout;
         let prompt_estimate = estimate_prompt_tokens(req);
-        let reserved = u64::from(max_tokens) + prompt_estimate;
-        self.wait_for_limits(name, alias, reserved, deadline)
-            .await
-            .map_err(uncharged)?;
+        let tokens = u64::from(max_tokens) + prompt_estimate;
+        let wait = turn_wait(name, alias, tokens, started, deadline).map_err(uncharged)?;
+        Ok(Turn {
+            name,
+            alias,
+            body,
+            max_tokens,
+            prompt_estimate,
+            tokens,
+            started,
+            deadline,
+            ready_at: started + wait,
+            used: false,
+        })
+    }
+
+    /// Sends a call whose turn came (it waits for what is left of it),
+    /// retrying what is worth retrying within the alias's timeout.
+    pub async fn send(
+        &self,
+        mut turn: Turn<'_>,
+        req: &ChatRequest,
+        on_wire: &AtomicBool,
+    ) -> Result<ChatReply, CallFailure> {
+        // From here the turn is spent, sent or not: a call cut off on the
+        // wire may have counted with the provider.
+        turn.used = true;
+        turn.come().await;
+        let Turn {
+            name,
+            alias,
+            tokens: reserved,
+            ..
+        } = turn;
         let result = self
-            .send_with_retries(name, alias, &body, deadline, on_wire)
+            .send_with_retries(name, alias, &turn.body, turn.deadline, on_wire)
             .await;
         match result {
             Ok((mut reply, usage)) => {
@@ -271,7 +391,7 @@ impl Providers {
                     alias = name,
                     input_tokens = reply.usage.input_tokens,
                     output_tokens = reply.usage.output_tokens,
-                    ms = started.elapsed().as_millis() as u64,
+                    ms = turn.started.elapsed().as_millis() as u64,
                     "model call"
                 );
                 Ok(reply)
@@ -287,8 +407,8 @@ impl Providers {
             }
             Err((error, true)) => {
                 let charged = Usage {
-                    input_tokens: u32::try_from(prompt_estimate).unwrap_or(u32::MAX),
-                    output_tokens: max_tokens,
+                    input_tokens: u32::try_from(turn.prompt_estimate).unwrap_or(u32::MAX),
+                    output_tokens: turn.max_tokens,
                 };
                 alias.limiter.settle(reserved, charged.total());
                 Err(CallFailure {
@@ -297,42 +417,6 @@ impl Providers {
                     sent: true,
                 })
             }
-        }
-    }
-
-    /// Waits until the alias's limits allow one more request (and
-    /// `tokens`), or fails at once when that would be past `deadline`.
-    async fn wait_for_limits(
-        &self,
-        name: &str,
-        alias: &Alias,
-        tokens: u64,
-        deadline: Instant,
-    ) -> Result<(), ModelError> {
-        match alias.limiter.reserve(tokens, Instant::now(), deadline) {
-            Ok(wait) if wait.is_zero() => Ok(()),
-            Ok(wait) => {
-                tracing::debug!(
-                    alias = name,
-                    wait_ms = wait.as_millis() as u64,
-                    "waiting for the alias's rate limit"
-                );
-                tokio::time::sleep(wait).await;
-                Ok(())
-            }
-            Err(Refusal::TooLarge { needed, per_minute }) => {
-                Err(ModelError::InvalidRequest(format!(
-                    "model `{name}`: the call may need {needed} tokens (max_tokens plus the prompt), \
-                 more than the {per_minute} tokens per minute this host allows the alias; \
-                 ask for fewer max_tokens or send a shorter prompt"
-                )))
-            }
-            Err(Refusal::TooLate { wait }) => Err(ModelError::RateLimited(format!(
-                "model `{name}`: this host's rate limit for the alias would hold the call for {}, \
-                 longer than its timeout of {}",
-                humantime::format_duration(human_wait(wait)),
-                humantime::format_duration(alias.config.timeout)
-            ))),
         }
     }
 
@@ -359,9 +443,9 @@ impl Providers {
                 let wait_until = deadline
                     .checked_sub(alias.config.timeout / 4)
                     .unwrap_or(deadline);
-                self.wait_for_limits(name, alias, 0, wait_until)
-                    .await
-                    .map_err(uncharged)?;
+                let wait =
+                    turn_wait(name, alias, 0, Instant::now(), wait_until).map_err(uncharged)?;
+                tokio::time::sleep(wait).await;
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let failure = if remaining.is_zero() {

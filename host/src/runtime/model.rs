@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::models::{
     Budget, ChatReply, ChatRequest, ModelCall, ModelContext, ModelError, Providers, Usage,
-    estimate_prompt_tokens, request_hash,
+    request_hash,
 };
 use crate::task::Lease;
 
@@ -112,6 +112,15 @@ impl ModelSession {
             })
     }
 
+    /// Whether the budgets could cover `need` tokens now (a read; the
+    /// reservation decides). Yes when that cannot be read.
+    async fn affords(&self, need: u64) -> bool {
+        match self.reserve(0).await {
+            Ok(Budget::Reserved { left }) => need <= left,
+            _ => true,
+        }
+    }
+
     /// Tokens this run may still spend: none for an agent granted no
     /// model, without asking the queue (a guest calling this in a loop
     /// would otherwise be a write transaction each time).
@@ -201,7 +210,6 @@ impl ModelSession {
             }
             _ => return refused(self.not_granted(&request.model)),
         };
-        let default_max = providers.default_max_tokens(&request.model).unwrap_or(0);
         let seq = self.seq;
         let loaded = match self.load().await {
             Ok(loaded) => loaded,
@@ -216,8 +224,20 @@ impl ModelSession {
                 sent: true,
             };
         }
-        let need =
-            u64::from(request.max_tokens.unwrap_or(default_max)) + estimate_prompt_tokens(request);
+        let turn = match providers.take_turn(request) {
+            Ok(turn) => turn,
+            Err(failure) => return refused(failure.error),
+        };
+        let need = turn.tokens();
+        // Tokens are set aside once the call's turn has come: a host killed
+        // while the call waits for its alias's rate limit leaves no
+        // reservation behind (nothing could release it then, and it would
+        // count against the budgets for good). A call its budget cannot
+        // cover does not wait first: it would hold up the alias's other
+        // calls only to be refused (the reservation below refuses it).
+        if turn.waits() && self.affords(need).await {
+            turn.come().await;
+        }
         // Armed before the reservation is written: a run dropped while it
         // waits for that write gives it back too.
         let mut unsent = UnsentReservation::new(self.hooks.clone(), self.lease, self.seq);
@@ -233,7 +253,7 @@ impl ModelSession {
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}
         }
         unsent.record_if_cut_off(self.attempt, request, hash);
-        let called = providers.call(request, &unsent.on_wire).await;
+        let called = providers.send(turn, request, &unsent.on_wire).await;
         unsent.disarm(); // the call's record, which follows, settles it
         let (outcome, charged, sent) = match called {
             Ok(reply) => {

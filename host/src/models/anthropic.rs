@@ -152,10 +152,17 @@ enum Block {
     Other,
 }
 
+/// Anthropic counts prompt tokens read from or written to its prompt cache
+/// apart from `input_tokens`; all were processed and billed (at their own
+/// rates), so budgets count them as input.
 #[derive(Deserialize)]
 struct RawUsage {
     input_tokens: u32,
     output_tokens: u32,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u32>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u32>,
 }
 
 /// The reply, and the usage when the server reported it.
@@ -181,7 +188,10 @@ pub(super) fn parse_reply(body: &[u8]) -> Result<(ChatReply, Option<Usage>), Str
         _ => Finish::Other,
     };
     let usage = reply.usage.map(|u| Usage {
-        input_tokens: u.input_tokens,
+        input_tokens: u
+            .input_tokens
+            .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(u.cache_read_input_tokens.unwrap_or(0)),
         output_tokens: u.output_tokens,
     });
     Ok((
@@ -307,5 +317,24 @@ mod tests {
             })
         );
         assert!(parse_reply(br#"{"content":"oops"}"#).is_err());
+    }
+
+    /// Tokens read from or written to the prompt cache are counted apart
+    /// from `input_tokens` by Anthropic, and count as input here (they were
+    /// processed and billed); null or absent, they count nothing.
+    #[test]
+    fn prompt_cache_tokens_count_as_input() {
+        let with_cache = br#"{"content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn",
+            "usage":{"input_tokens":3,"cache_creation_input_tokens":1200,
+                     "cache_read_input_tokens":800,"output_tokens":5}}"#;
+        let (reply, usage) = parse_reply(with_cache).unwrap();
+        let expected = Usage {
+            input_tokens: 2003,
+            output_tokens: 5,
+        };
+        assert_eq!((reply.usage, usage), (expected, Some(expected)));
+        let nulls = br#"{"content":[],"usage":{"input_tokens":3,"output_tokens":5,
+            "cache_creation_input_tokens":null,"cache_read_input_tokens":null}}"#;
+        assert_eq!(parse_reply(nulls).unwrap().1.unwrap().input_tokens, 3);
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::ModelError;
-use super::providers::{Alias, Failure, Secret};
+use super::exchange::Failure;
+use super::providers::{Alias, Secret};
 
 /// How much of a provider's error message is kept.
 const MAX_ERROR_MESSAGE: usize = 500;

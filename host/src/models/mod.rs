@@ -15,6 +15,7 @@
 
 mod anthropic;
 mod config;
+mod exchange;
 mod journal;
 mod limits;
 mod messages;

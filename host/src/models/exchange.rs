@@ -1,0 +1,251 @@
+//! One HTTP exchange with a provider: the request with its key, the reply
+//! read within its limits, and what it came to ([`Attempt`]): a reply, a
+//! refusal not worth retrying, a reply most likely charged but unreadable,
+//! or a failure worth retrying. The call around it (turns, retries,
+//! settling) is `providers.rs`'s.
+
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use serde_json::Value;
+
+use super::config::Api;
+use super::messages::{provider_message, scrub, truncate};
+use super::providers::{Alias, Secret};
+use super::{ChatReply, ModelError, Usage, anthropic, openai};
+
+/// The largest reply body read; anything bigger is not a chat reply.
+const MAX_REPLY_BYTES: usize = 16 << 20;
+/// How much of an error body is read (see `messages.rs` for how much of
+/// its message is kept).
+const MAX_ERROR_BYTES: usize = 64 << 10;
+
+/// What one HTTP attempt came to.
+pub(super) enum Attempt {
+    Done(ChatReply, Option<Usage>),
+    /// Not worth retrying.
+    Fatal(ModelError),
+    /// The provider answered 2xx but its reply could not be read in full or
+    /// understood: it has most likely charged for the call, so it counts as
+    /// charged (see [`super::providers::CallFailure::charged`]) and is not retried.
+    Charged(ModelError),
+    Retry(Failure),
+}
+
+/// A failure worth retrying, and how the call ends if time runs out.
+pub(super) enum Failure {
+    RateLimited {
+        retry_after: Option<Duration>,
+    },
+    Status(u16),
+    Connect,
+    Transport,
+    /// The call's time ran out before a request could go, or with an
+    /// error reply still arriving, or after failing to connect.
+    Timeout,
+    /// The call's time ran out with a request out and no answer: the
+    /// provider may be generating (and charging for) a reply.
+    NoReply,
+}
+
+impl Failure {
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Failure::RateLimited { .. } => "HTTP 429".into(),
+            Failure::Status(code) => format!("HTTP {code}"),
+            Failure::Connect => "cannot connect".into(),
+            Failure::Transport => "connection error".into(),
+            Failure::Timeout | Failure::NoReply => "timed out".into(),
+        }
+    }
+}
+
+/// One request to the alias's endpoint, bounded by `remaining`.
+pub(super) async fn attempt(
+    client: &reqwest::Client,
+    name: &str,
+    alias: &Alias,
+    body: &Value,
+    remaining: Duration,
+) -> Attempt {
+    let mut headers = HeaderMap::new();
+    match alias.config.api {
+        Api::OpenAi => {
+            if let Some(Secret(key)) = &alias.key {
+                headers.insert(AUTHORIZATION, secret_header(&format!("Bearer {key}")));
+            }
+        }
+        Api::Anthropic => {
+            headers.insert(
+                "anthropic-version",
+                HeaderValue::from_static(anthropic::VERSION),
+            );
+            if let Some(Secret(key)) = &alias.key {
+                headers.insert("x-api-key", secret_header(key));
+            }
+        }
+    }
+    let request = client
+        .post(&alias.endpoint)
+        .headers(headers)
+        .timeout(remaining)
+        .json(body);
+    // reqwest's timeout covers connecting, sending and reading the
+    // body; the outer one also bounds anything reqwest does not time.
+    // Whether the provider had answered 2xx when the exchange failed:
+    // then it is generating (and charging for) a reply the host never
+    // read in full.
+    let answered_ok = std::sync::atomic::AtomicBool::new(false);
+    // Whether any status came back: a timeout before one is a reply
+    // the provider may still be generating (and charging for).
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    let exchange = async {
+        let response = request.send().await?;
+        let status = response.status();
+        answered.store(true, std::sync::atomic::Ordering::Relaxed);
+        answered_ok.store(status.is_success(), std::sync::atomic::Ordering::Relaxed);
+        let retry_after = retry_after(response.headers());
+        let limit = if status.is_success() {
+            MAX_REPLY_BYTES
+        } else {
+            MAX_ERROR_BYTES
+        };
+        let body = read_body(response, limit).await?;
+        Ok::<_, reqwest::Error>((status, retry_after, body))
+    };
+    let outcome = tokio::time::timeout(remaining, exchange).await;
+    if answered_ok.load(std::sync::atomic::Ordering::Relaxed) && !matches!(outcome, Ok(Ok(_))) {
+        let why = match outcome {
+            Err(_) => "did not arrive in full within the call's timeout".to_string(),
+            Ok(Err(e)) => format!(
+                "was cut off ({})",
+                scrub(&e.without_url().to_string(), alias)
+            ),
+            Ok(Ok(_)) => unreachable!("checked above"),
+        };
+        tracing::warn!(alias = name, "model call: a 2xx reply {why}");
+        return Attempt::Charged(ModelError::Unavailable(format!(
+            "model `{name}`: the provider answered, but its reply {why}; \
+             counted as charged (the prompt estimate plus max_tokens) and not retried"
+        )));
+    }
+    let unanswered = !answered.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, retry_after, bytes) = match outcome {
+        Err(_) if unanswered => return Attempt::Retry(Failure::NoReply),
+        Err(_) => return Attempt::Retry(Failure::Timeout),
+        Ok(Err(e)) => {
+            tracing::warn!(alias = name, error = %e, "model call transport error");
+            return Attempt::Retry(match () {
+                _ if e.is_connect() => Failure::Connect,
+                _ if e.is_timeout() && unanswered => Failure::NoReply,
+                _ if e.is_timeout() => Failure::Timeout,
+                _ => Failure::Transport,
+            });
+        }
+        Ok(Ok(exchange)) => exchange,
+    };
+    if status.is_success() {
+        let parsed = match alias.config.api {
+            Api::OpenAi => openai::parse_reply(&bytes),
+            Api::Anthropic => anthropic::parse_reply(&bytes),
+        };
+        return match parsed {
+            Ok((reply, usage)) => Attempt::Done(reply, usage),
+            // The provider has likely charged for it, and a server that
+            // answers nonsense will most likely do so again.
+            Err(why) => Attempt::Charged(ModelError::Unavailable(format!(
+                "model `{name}`: the provider's reply could not be understood ({}); \
+                 counted as charged (the prompt estimate plus max_tokens) and not retried",
+                truncate(&scrub(&why, alias), 200)
+            ))),
+        };
+    }
+    let code = status.as_u16();
+    match code {
+        429 => Attempt::Retry(Failure::RateLimited { retry_after }),
+        408 | 500..=599 => Attempt::Retry(Failure::Status(code)),
+        400..=499 => Attempt::Fatal(ModelError::InvalidRequest(format!(
+            "model `{name}`: the provider refused the request (HTTP {code}): {}",
+            provider_message(&bytes, alias)
+        ))),
+        _ => Attempt::Fatal(ModelError::Unavailable(format!(
+            "model `{name}`: unexpected HTTP {code} from the provider"
+        ))),
+    }
+}
+
+fn secret_header(value: &str) -> HeaderValue {
+    // Keys were checked when the configuration loaded (`unsendable_character`).
+    let mut header = HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""));
+    header.set_sensitive(true);
+    header
+}
+
+/// `Retry-After` in seconds (RFC 9110), or OpenAI's `retry-after-ms`,
+/// at most a day (a larger wait is past any call's deadline anyway, and
+/// a number past `Duration`'s range would panic the run).
+/// An HTTP date is not honoured: the exponential backoff applies instead.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    if let Some(ms) = number("retry-after-ms") {
+        return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
+    }
+    number("retry-after").map(|secs| Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+/// Reads a body up to `limit` bytes: a reply past it is cut there (and then
+/// fails to parse, which is the right outcome for a runaway body).
+async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= limit {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        let mut dated = HeaderMap::new();
+        dated.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&dated), None);
+        // A provider's (or a proxy's) absurd number is a day, not a panic.
+        for (name, value) in [("retry-after-ms", "1e23"), ("retry-after", "1e300")] {
+            let mut huge = HeaderMap::new();
+            huge.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                retry_after(&huge),
+                Some(Duration::from_secs(86_400)),
+                "{name}"
+            );
+        }
+    }
+}

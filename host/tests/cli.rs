@@ -1332,6 +1332,7 @@ on_both_drivers! {
 
     fn operators_see_and_fix_state_from_the_cli(db) {
         let env = Env::on(db, &["echo"]);
+        env.queue(); // the database is there: the refusals below store nothing in it
         let bad = env.run(&["state", "set", "--agent", "ops", "stock", "{not json"]);
         assert_eq!(bad.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&bad.stderr).contains("\"stock\" is not valid JSON"));
@@ -3274,6 +3275,24 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
         "{said}"
     );
     assert!(!missing.exists(), "status created {db}");
+
+    // A writer refusing its input creates nothing either (it left an empty
+    // database behind: "nothing was stored" but a file).
+    let batch = env.file("bad.jsonl", "{\"agent\":\"echo\"}\n{\"agent\":\"e cho\"}\n");
+    let refused: &[&[&str]] = &[
+        &["submit", "echo", "{bad"],
+        &["submit", "echo", "{}", "--timeout", "0s"],
+        &["submit", "--batch", &batch],
+        &["state", "set", "--agent", "echo", "k", "notjson"],
+        &["state", "set", "--chain", "1", "", "1"],
+    ];
+    for args in refused {
+        let out = env.run(&[&["--db", db], *args].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "colony {args:?}: {said}");
+        assert!(said.contains("invalid"), "colony {args:?}: {said}");
+        assert!(!missing.exists(), "colony {args:?} created {db}");
+    }
 
     env.ok(&["--db", db, "state", "set", "--agent", "echo", "k", "1"]);
     let listed = env.json(&["--db", db, "state", "list", "--agent", "echo"]);

@@ -137,10 +137,10 @@ fn value_text(value: &str) -> Result<String> {
 pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
     // State may be seeded before any task ran; the rest reads or changes
     // what is there.
-    let mut queue = match command {
-        StateCommand::Set { .. } => open_queue(&cli.db, &identity("cli"))?,
-        _ => open_existing_queue(&cli.db, &identity("cli"))?,
-    };
+    if let StateCommand::Set { owner, key, value } = command {
+        return set(cli, owner, key, value);
+    }
+    let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
     let mut out = std::io::stdout().lock();
     match command {
         StateCommand::List {
@@ -195,20 +195,7 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
                 writeln!(out, "{}", printable_json(&entry.value))?;
             }
         }
-        StateCommand::Set { owner, key, value } => {
-            let (scope, name) = owner.scope_and_name()?;
-            let value = value_text(value)?;
-            let version = queue.state_write_by_operator(scope, &name, key, Some(&value))?;
-            // Stored all the same (state may be seeded before its agent is
-            // deployed), but a misspelt name would leave it unread.
-            if scope == Scope::Agent && !cli.agents.join(format!("{name}.wasm")).is_file() {
-                say!(
-                    "warning: no agent {name:?} in {}; the state is kept under that name for when it appears (check the spelling)",
-                    cli.agents.display()
-                );
-            }
-            print_written(&mut out, cli.json, key, version)?;
-        }
+        StateCommand::Set { .. } => unreachable!("set returned above"),
         StateCommand::Delete { owner, key } => {
             let (scope, name) = owner.scope_and_name()?;
             let version = queue.state_write_by_operator(scope, &name, key, None)?;
@@ -216,6 +203,25 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `state set`: the one state command that may create the database, so
+/// its input is checked before it is opened.
+fn set(cli: &Cli, owner: &Owner, key: &str, value: &str) -> Result<()> {
+    let (scope, name) = owner.scope_and_name()?;
+    let value = value_text(value)?;
+    crate::queue::check_operator_write(scope, &name, key, Some(&value))?;
+    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    let version = queue.state_write_by_operator(scope, &name, key, Some(&value))?;
+    // Stored all the same (state may be seeded before its agent is
+    // deployed), but a misspelt name would leave it unread.
+    if scope == Scope::Agent && !cli.agents.join(format!("{name}.wasm")).is_file() {
+        say!(
+            "warning: no agent {name:?} in {}; the state is kept under that name for when it appears (check the spelling)",
+            cli.agents.display()
+        );
+    }
+    print_written(&mut std::io::stdout().lock(), cli.json, key, version)
 }
 
 fn print_written(out: &mut impl std::io::Write, json: bool, key: &str, version: u64) -> Result<()> {

@@ -18,6 +18,14 @@ pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
         Some(file) => read_batch(file)?,
         None => (vec![task_from_args(args)?], vec![]),
     };
+    // Checked before the database is opened, which a submit creates: bad
+    // input stores nothing, not even an empty file where --db was mistyped.
+    match &args.batch {
+        Some(file) => {
+            crate::queue::check_new_batch(&tasks).map_err(|e| batch_error(file, &lines, e))?
+        }
+        None => crate::queue::check_new_task(&tasks[0])?,
+    }
     let mut queue = open_queue(&cli.db, &identity("cli"))?;
     // `--in` counts from the queue's clock (PostgreSQL's server decides
     // when a task is due), not this host's, which may be off.
@@ -25,25 +33,32 @@ pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
         tasks[0].run_at = Some(run_at_after(queue.now()?, delay));
     }
     let submitted = if let Some(file) = &args.batch {
-        queue.submit_batch(&tasks).map_err(|e| match e {
-            QueueError::InvalidInBatch { index, source } => bad(format!(
-                "{} line {}: {source}",
-                batch_name(file),
-                lines[index]
-            )),
-            QueueError::KeyTwiceInBatch { index, first, key } => bad(format!(
-                "{} line {}: invalid key: {key:?} is also the key on line {}; a key names one task",
-                batch_name(file),
-                lines[index],
-                lines[first]
-            )),
-            other => other.into(),
-        })?
+        queue
+            .submit_batch(&tasks)
+            .map_err(|e| batch_error(file, &lines, e))?
     } else {
         vec![queue.submit(&tasks[0])?]
     };
     warn_about_missing_agents(&cli.agents, &tasks);
     output::print_submitted(&queue, &submitted, args.batch.is_some(), cli.json)
+}
+
+/// A batch's error, naming the line of the task at fault.
+fn batch_error(file: &Path, lines: &[usize], e: QueueError) -> anyhow::Error {
+    match e {
+        QueueError::InvalidInBatch { index, source } => bad(format!(
+            "{} line {}: {source}",
+            batch_name(file),
+            lines[index]
+        )),
+        QueueError::KeyTwiceInBatch { index, first, key } => bad(format!(
+            "{} line {}: invalid key: {key:?} is also the key on line {}; a key names one task",
+            batch_name(file),
+            lines[index],
+            lines[first]
+        )),
+        other => other.into(),
+    }
 }
 
 /// Warns about every agent the tasks name (to run them, to review them,

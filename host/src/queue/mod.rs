@@ -50,7 +50,6 @@ mod state;
 mod tasks;
 mod validate;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -72,6 +71,7 @@ pub use review::MAX_NOTE_BYTES;
 pub use sqlite::FileId;
 pub use sqlite::refuse_what_is_not_a_queue as refuse_sqlite_file_not_a_queue;
 pub use sqlite::schema_version as sqlite_schema_version;
+pub use state::check_operator_write;
 pub use tasks::StaleGuard;
 pub use validate::validate_agent_name;
 
@@ -279,20 +279,7 @@ impl Queue {
     /// Stores all tasks or none, in one transaction. A bad task is reported
     /// with its index ([`QueueError::InvalidInBatch`]).
     pub fn submit_batch(&mut self, batch: &[NewTask]) -> Result<Vec<Submitted>> {
-        let mut keys = HashMap::new();
-        for (index, new) in batch.iter().enumerate() {
-            validate::validate_new_task(new, self.opts.max_payload_bytes)
-                .map_err(|e| in_batch(index, e))?;
-            if let Some(key) = &new.key
-                && let Some(first) = keys.insert(key.as_str(), index)
-            {
-                return Err(QueueError::KeyTwiceInBatch {
-                    index,
-                    first,
-                    key: key.clone(),
-                });
-            }
-        }
+        validate::check_batch(batch, self.opts.max_payload_bytes)?;
         self.write(|tx, now| insert::insert_new_tasks(tx, batch, &self.opts.actor, now))
     }
 

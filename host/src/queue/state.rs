@@ -384,22 +384,7 @@ impl Queue {
         key: &str,
         value: Option<&str>,
     ) -> Result<u64> {
-        let write = Write {
-            scope,
-            key: key.to_string(),
-            value: value.map(str::to_string),
-            if_version: None,
-        };
-        check_write(&write).map_err(|m| QueueError::Invalid {
-            field: "state".into(),
-            message: m,
-        })?;
-        if scope == Scope::Chain && owner.parse::<i64>().is_err() {
-            return Err(QueueError::Invalid {
-                field: "chain".into(),
-                message: format!("{owner:?} is not a task id"),
-            });
-        }
+        let write = check_operator_write(scope, owner, key, value)?;
         let owners = Owners {
             agent: owner.to_string(),
             chain: owner.to_string(),
@@ -457,6 +442,34 @@ fn entry_from_row(r: &Row) -> Result<Entry> {
         value: r.get(1)?,
         version: r.get(2)?,
     })
+}
+
+/// An operator's write (`colony state set`/`delete`, the API), checked as
+/// [`Queue::state_write_by_operator`] stores it, without the database: a
+/// command line checks before it opens (or creates) one.
+pub fn check_operator_write(
+    scope: Scope,
+    owner: &str,
+    key: &str,
+    value: Option<&str>,
+) -> Result<Write> {
+    let write = Write {
+        scope,
+        key: key.to_string(),
+        value: value.map(str::to_string),
+        if_version: None,
+    };
+    check_write(&write).map_err(|m| QueueError::Invalid {
+        field: "state".into(),
+        message: m,
+    })?;
+    if scope == Scope::Chain && owner.parse::<i64>().is_err() {
+        return Err(QueueError::Invalid {
+            field: "chain".into(),
+            message: format!("{owner:?} is not a task id"),
+        });
+    }
+    Ok(write)
 }
 
 #[cfg(test)]

@@ -218,6 +218,13 @@ pub fn check_new_task(new: &NewTask) -> Result<()> {
     validate::validate_new_task(new, QueueOptions::default().max_payload_bytes)
 }
 
+/// A batch checked as [`Queue::submit_batch`] checks it before it stores
+/// anything, with the default limits: a command line checks before it
+/// opens (or creates) a database.
+pub fn check_new_batch(batch: &[NewTask]) -> Result<()> {
+    validate::check_batch(batch, QueueOptions::default().max_payload_bytes)
+}
+
 /// Milliseconds since the Unix epoch, by this host's clock.
 ///
 /// `COLONY_CLOCK_OFFSET_MS` shifts it (for rehearsing a host whose clock is

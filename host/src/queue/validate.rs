@@ -1,10 +1,11 @@
 //! Checks on everything the queue stores, made before it is stored: nothing
 //! is written that a reader could not parse back.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::task::{self, MAX_REVISIONS, NewTask, NextSpec, SpawnSpec};
 
+use super::error::in_batch;
 use super::{QueueError, Result};
 
 /// Agent names are file stems of components: keep them portable and printable.
@@ -84,6 +85,25 @@ fn validate_next(field: &str, specs: &[NextSpec], max_payload: usize, depth: usi
         crate::json::check_numbers(&spec.payload)
             .map_err(|why| QueueError::invalid(format!("{here}.payload"), why))?;
         validate_next(&format!("{here}.next"), &spec.next, max_payload, depth + 1)?;
+    }
+    Ok(())
+}
+
+/// Everything about a batch that can be checked without the database: each
+/// task ([`QueueError::InvalidInBatch`] names it), and no key twice.
+pub(super) fn check_batch(batch: &[NewTask], max_payload: usize) -> Result<()> {
+    let mut keys = HashMap::new();
+    for (index, new) in batch.iter().enumerate() {
+        validate_new_task(new, max_payload).map_err(|e| in_batch(index, e))?;
+        if let Some(key) = &new.key
+            && let Some(first) = keys.insert(key.as_str(), index)
+        {
+            return Err(QueueError::KeyTwiceInBatch {
+                index,
+                first,
+                key: key.clone(),
+            });
+        }
     }
     Ok(())
 }

@@ -297,11 +297,14 @@ impl ErrorKind {
     /// Whether a run that failed this way was interrupted rather than
     /// answered: the next run may replay its model calls from the journal
     /// (it would have asked the same questions). An answer of the agent's
-    /// own, good or bad, means it wants something different next time.
+    /// own, good or bad, means it wants something different next time. A
+    /// run stopped by its budget was stopped by the host: its retry, with
+    /// more budget, replays what was paid for.
     pub fn is_interruption(self) -> bool {
         matches!(
             self,
-            ErrorKind::Timeout
+            ErrorKind::BudgetExceeded
+                | ErrorKind::Timeout
                 | ErrorKind::OutOfMemory
                 | ErrorKind::OutOfFuel
                 | ErrorKind::StackOverflow

@@ -544,6 +544,47 @@ async fn a_call_waiting_at_shutdown_is_released_before_the_daemon_ends() {
     assert_eq!(e.h.task(id).state, State::Ready, "given back at shutdown");
 }
 
+/// A run stopped by its budget was interrupted by the host, not answered
+/// by its agent: the retry its error suggests (`--token-budget N`, more
+/// than was spent) replays the calls already paid for and pays only for
+/// the rest. It paid for them again, and a budget raised to cover the one
+/// call left ran out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_its_budget_ran_out_replays_the_calls_it_paid_for() {
+    let e = env(r#"models = ["fast"]"#);
+    for text in ["one", "two", "three", "four"] {
+        e.server.push(Scripted::answer_with_usage(text, 10, 18));
+    }
+    let mut task = NewTask::new(
+        "thinker",
+        json!({"prompts": ["a", "b", "c", "d"], "max_tokens": 20}).to_string(),
+    );
+    task.token_budget = Some(100);
+    let id = e.h.submit(task);
+    e.run().await;
+    let failed = e.h.task(id);
+    let kind = failed.error.as_ref().map(|e| e.kind.as_str());
+    assert_eq!(kind, Some("budget_exceeded"), "{failed:?}");
+    assert_eq!(
+        e.server.count(),
+        3,
+        "84 of 100 tokens spent: the fourth call is refused"
+    );
+
+    e.h.queue().retry_with_token_budget(id, Some(150)).unwrap();
+    e.run().await;
+    let result = e.result(id);
+    let replayed: Vec<bool> = result["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["replayed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(replayed, [true, true, true, false], "{result}");
+    assert_eq!(e.server.count(), 4, "only the fourth call was paid for");
+    assert_eq!(e.h.queue().chain_budget(id).unwrap().spent, 4 * 28);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_spends_from_its_roots_budget() {
     let e = env(r#"models = ["fast"]"#);

@@ -589,6 +589,19 @@ async fn an_unreachable_provider_is_unavailable() {
         !err.to_string().contains("127.0.0.1"),
         "no URL for the guest: {err}"
     );
+
+    // Under a rate limit too: a connection that never opened sent no
+    // request, so its retries are not held back a minute each, and the
+    // call ends on what happened, not as rate limited (it said the limit
+    // "would hold the call for 1m, longer than its timeout of 2m 30s").
+    let limited = providers_for(&format!(
+        "[models.gone]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout = \"3s\"\nrequests_per_minute = 1\n"
+    ));
+    let err = limited.complete(&ask("gone", "hi")).await.unwrap_err();
+    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert!(err.to_string().contains("connect"), "{err}");
+    // And the limit's one request a minute was given back.
+    assert!(!limited.take_turn(&ask("gone", "hi")).unwrap().waits());
 }
 
 #[tokio::test]

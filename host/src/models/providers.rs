@@ -392,17 +392,6 @@ impl Providers {
         let mut unreachable = false;
         loop {
             attempt += 1;
-            if attempt > 1 {
-                // A retry is one more request to the provider.
-                // The wait may not eat into the quarter of the timeout a
-                // retry keeps for the provider's answer (below).
-                let wait_until = deadline
-                    .checked_sub(alias.config.timeout / 4)
-                    .unwrap_or(deadline);
-                let wait =
-                    turn_wait(name, alias, 0, Instant::now(), wait_until).map_err(uncharged)?;
-                tokio::time::sleep(wait).await;
-            }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let failure = if remaining.is_zero() {
                 Failure::Timeout
@@ -423,6 +412,12 @@ impl Providers {
                     Attempt::Retry(failure) => {
                         on_wire.store(false, Ordering::Release);
                         unreachable = matches!(failure, Failure::Connect);
+                        if unreachable {
+                            // No request reached the provider: its place
+                            // under the rate limit is given back (a dead
+                            // provider used up a request a minute).
+                            alias.limiter.give_back(0);
+                        }
                         failure
                     }
                 }
@@ -458,6 +453,14 @@ impl Providers {
             // this host's rate limit, which has nothing to wait for.
             if Instant::now() + alias.config.timeout / 4 >= deadline {
                 return Err(give_up(&failure));
+            }
+            // A retry is one more request, within the rate limit. A wait
+            // into the quarter of the timeout kept for the answer gives up
+            // on the provider's failure, which the limit only delayed.
+            let wait_until = deadline - alias.config.timeout / 4;
+            match alias.limiter.reserve(0, Instant::now(), wait_until) {
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(_) => return Err(give_up(&failure)),
             }
         }
     }

@@ -471,37 +471,41 @@ async fn a_call_cut_off_by_the_deadline_stays_spent_from_the_budget() {
     assert_eq!(said[1].get("cut_off"), None, "{said:?}");
 }
 
-/// A call still waiting for this host's rate limit when its run's deadline
-/// passed never reached the provider: the budget counts only what was
-/// charged (its tokens are set aside only once its turn has come).
+/// A call whose turn under this host's rate limit would come after its
+/// run's deadline is refused at once, saying so (it waited, and the run
+/// ended as a bare timeout), and the budget counts only what was charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_cut_off_before_it_was_sent_is_not_spent_from_the_budget() {
+async fn a_call_the_rate_limit_would_hold_past_the_runs_deadline_is_refused_at_once() {
     let e = env("models = [\"queued\"]");
     let mut task = NewTask::new(
         "thinker",
         json!({"model": "queued", "prompts": ["one", "two", "three"], "max_tokens": 50})
             .to_string(),
     );
-    task.timeout_ms = Some(1_000);
+    task.timeout_ms = Some(5_000);
     task.max_attempts = 1;
     task.token_budget = Some(1_000);
     let id = e.h.submit(task);
     e.run().await;
     let failed = e.h.task(id);
-    let kind = failed.error.as_ref().map(|e| e.kind.as_str());
-    assert_eq!(kind, Some("timeout"), "{failed:?}");
-    assert_eq!(
-        e.server.count(),
-        2,
-        "the third call waited for the rate limit"
+    let error = failed.error.as_ref().expect("failed");
+    assert!(
+        error.message.contains("rate_limited")
+            && error.message.contains("would hold the call for ")
+            && error.message.contains("past its run's deadline"),
+        "{failed:?}"
     );
-    // The two calls sent were charged 17 tokens each; the third's
-    // reservation goes.
-    let mut q = e.h.queue();
-    common::wait_for("the unsent call's reservation to be released", || {
-        q.retry_with_token_budget(id, Some(35)).is_ok()
-    })
-    .await;
+    let calls = e.h.queue().model_calls(id).unwrap();
+    let sent: Vec<bool> = calls.iter().map(|c| c.sent).collect();
+    assert_eq!(
+        sent,
+        [true, true, false],
+        "the third refused, journaled: {calls:?}"
+    );
+    assert_eq!(e.server.count(), 2, "the third call was not sent");
+    // The two calls sent were charged 17 tokens each; the third reserved
+    // nothing.
+    e.h.queue().retry_with_token_budget(id, Some(35)).unwrap();
 }
 
 /// A call waiting to retry (the provider answered 429) when its daemon

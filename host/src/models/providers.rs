@@ -99,6 +99,21 @@ impl Turn<'_> {
         Instant::now() < self.ready_at
     }
 
+    /// Refused (rate limited, saying why) when the turn would come after
+    /// `deadline`, its run's: the call would wait for nothing.
+    pub fn comes_by(&self, deadline: Instant) -> Result<(), ModelError> {
+        if self.ready_at <= deadline {
+            return Ok(());
+        }
+        let now = Instant::now();
+        Err(ModelError::RateLimited(format!(
+            "model `{}`: this host's rate limit for the alias would hold the call for {}, past its run's deadline {} from now",
+            self.name,
+            humantime::format_duration(human_wait(self.ready_at.saturating_duration_since(now))),
+            humantime::format_duration(human_wait(deadline.saturating_duration_since(now)))
+        )))
+    }
+
     /// Waits until the limits let the call go.
     pub async fn come(&self) {
         if self.waits() {

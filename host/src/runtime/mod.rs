@@ -514,6 +514,10 @@ impl Runtime {
                 );
             }
         };
+        store
+            .data_mut()
+            .model
+            .end_waits_by(Instant::now() + deadline);
         let call = async {
             match &agent.pre {
                 AgentPre::Current(pre) => {

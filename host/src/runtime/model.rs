@@ -42,6 +42,10 @@ pub struct ModelSession {
     /// over budget, its own rate limit), each journaled (see
     /// [`MAX_REFUSED_CALLS`]).
     refused_calls: usize,
+    /// The run's deadline: a call whose turn under its alias's rate limit
+    /// would come later is refused at once, saying so (it waited, and the
+    /// run ended as a bare timeout).
+    run_deadline: Option<Instant>,
 }
 
 /// What [`ModelSession::answer`] came to.
@@ -80,7 +84,13 @@ impl ModelSession {
             seq: 0,
             budget_exceeded: false,
             refused_calls: 0,
+            run_deadline: None,
         }
+    }
+
+    /// Sets the run's deadline (see `run_deadline`).
+    pub fn end_waits_by(&mut self, deadline: Instant) {
+        self.run_deadline = Some(deadline);
     }
 
     /// Reads the replayable calls on first use, so runs that never call a
@@ -228,6 +238,11 @@ impl ModelSession {
             Ok(turn) => turn,
             Err(failure) => return refused(failure.error),
         };
+        if let Some(deadline) = self.run_deadline
+            && let Err(e) = turn.comes_by(deadline)
+        {
+            return refused(e);
+        }
         let need = turn.tokens();
         // Tokens are set aside once the call's turn has come: a host killed
         // while the call waits for its alias's rate limit leaves no

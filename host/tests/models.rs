@@ -332,6 +332,17 @@ async fn rate_limited_then_success_within_one_call() {
         started.elapsed() >= Duration::from_millis(950),
         "Retry-After: 1 was honoured"
     );
+
+    // So is a 503's.
+    server.push(Scripted::unavailable(1));
+    server.push(Scripted::answer("after the outage"));
+    let started = Instant::now();
+    let reply = providers.complete(&ask("fast", "hi")).await.unwrap();
+    assert_eq!(reply.content, "after the outage");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "a 503's Retry-After: 1 was honoured"
+    );
 }
 
 #[tokio::test]

@@ -49,6 +49,8 @@ pub enum Scripted {
     },
     /// HTTP 429 with `Retry-After: <seconds>`.
     RateLimited { retry_after_secs: u64 },
+    /// HTTP 503 with `Retry-After: <seconds>`.
+    Unavailable { retry_after_secs: u64 },
     /// HTTP 500.
     ServerError,
     /// An error status with a provider-shaped error body carrying `message`.
@@ -97,6 +99,10 @@ impl Scripted {
 
     pub fn rate_limited(retry_after_secs: u64) -> Scripted {
         Scripted::RateLimited { retry_after_secs }
+    }
+
+    pub fn unavailable(retry_after_secs: u64) -> Scripted {
+        Scripted::Unavailable { retry_after_secs }
     }
 
     /// `self`, answered after `after`.
@@ -393,15 +399,20 @@ async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Res
             StatusCode::OK,
             tool_call(protocol, model, &id, &name, arguments),
         ),
-        Scripted::RateLimited { retry_after_secs } => {
-            let mut response = reply(
-                StatusCode::TOO_MANY_REQUESTS,
-                error_body(
-                    protocol,
+        Scripted::RateLimited { retry_after_secs } | Scripted::Unavailable { retry_after_secs } => {
+            let (status, kind, message) = match scripted {
+                Scripted::RateLimited { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_error",
                     "Rate limit reached; slow down.",
                 ),
-            );
+                _ => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded_error",
+                    "Overloaded; try again later.",
+                ),
+            };
+            let mut response = reply(status, error_body(protocol, kind, message));
             response.headers_mut().insert(
                 "retry-after",
                 retry_after_secs

@@ -37,7 +37,11 @@ pub(super) enum Failure {
     RateLimited {
         retry_after: Option<Duration>,
     },
-    Status(u16),
+    /// 408 or 5xx; a 503's `Retry-After` is honoured as a 429's.
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     Connect,
     Transport,
     /// The call's time ran out before a request could go, or with an
@@ -52,7 +56,7 @@ impl Failure {
     pub(super) fn describe(&self) -> String {
         match self {
             Failure::RateLimited { .. } => "HTTP 429".into(),
-            Failure::Status(code) => format!("HTTP {code}"),
+            Failure::Status { code, .. } => format!("HTTP {code}"),
             Failure::Connect => "cannot connect".into(),
             Failure::Transport => "connection error".into(),
             Failure::Timeout | Failure::NoReply => "timed out".into(),
@@ -163,7 +167,7 @@ pub(super) async fn attempt(
     let code = status.as_u16();
     match code {
         429 => Attempt::Retry(Failure::RateLimited { retry_after }),
-        408 | 500..=599 => Attempt::Retry(Failure::Status(code)),
+        408 | 500..=599 => Attempt::Retry(Failure::Status { code, retry_after }),
         400..=499 => Attempt::Fatal(ModelError::InvalidRequest(format!(
             "model `{name}`: the provider refused the request (HTTP {code}): {}",
             provider_message(&bytes, alias)
@@ -181,11 +185,16 @@ fn secret_header(value: &str) -> HeaderValue {
     header
 }
 
-/// `Retry-After` in seconds (RFC 9110), or OpenAI's `retry-after-ms`,
-/// at most a day (a larger wait is past any call's deadline anyway, and
-/// a number past `Duration`'s range would panic the run).
-/// An HTTP date is not honoured: the exponential backoff applies instead.
+/// `Retry-After` in seconds or as an HTTP date (RFC 9110), or OpenAI's
+/// `retry-after-ms`, at most a day (a larger wait is past any call's
+/// deadline anyway, and a number past `Duration`'s range would panic the
+/// run). A date already past asks for no wait.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    retry_after_at(headers, std::time::SystemTime::now())
+}
+
+fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    const DAY: Duration = Duration::from_secs(86_400);
     let number = |name: &str| {
         headers
             .get(name)?
@@ -199,7 +208,12 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = number("retry-after-ms") {
         return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
     }
-    number("retry-after").map(|secs| Duration::from_secs_f64(secs.min(86_400.0)))
+    if let Some(secs) = number("retry-after") {
+        return Some(Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let date = headers.get("retry-after")?.to_str().ok()?;
+    let at = httpdate::parse_http_date(date.trim()).ok()?;
+    Some(at.duration_since(now).unwrap_or_default().min(DAY))
 }
 
 /// Reads a body up to `limit` bytes: a reply past it is cut there (and then
@@ -231,11 +245,17 @@ mod tests {
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
         headers.insert("retry-after-ms", HeaderValue::from_static("150"));
         assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        // A date: the time until then, nothing once it has passed.
         let mut dated = HeaderMap::new();
         dated.insert(
             "retry-after",
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
+        let then = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        let before = then - Duration::from_secs(4);
+        assert_eq!(retry_after_at(&dated, before), Some(Duration::from_secs(4)));
+        assert_eq!(retry_after(&dated), Some(Duration::ZERO));
+        dated.insert("retry-after", HeaderValue::from_static("next week"));
         assert_eq!(retry_after(&dated), None);
         // A provider's (or a proxy's) absurd number is a day, not a panic.
         for (name, value) in [("retry-after-ms", "1e23"), ("retry-after", "1e300")] {

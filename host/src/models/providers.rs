@@ -446,6 +446,10 @@ impl Providers {
                 // provider that keeps refusing would be a busy loop.
                 Failure::RateLimited {
                     retry_after: Some(wait),
+                }
+                | Failure::Status {
+                    retry_after: Some(wait),
+                    ..
                 } => (*wait).max(backoff),
                 _ => backoff,
             };

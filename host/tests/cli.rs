@@ -529,6 +529,8 @@ on_both_drivers! {
             (&["submit", "echo", "{}", "--after", "12345"], "invalid after: task 12345 does not exist"),
             (&["submit", "echo", "{}", "--in", "soon"], "--in"),
             (&["show", "999"], "task 999 does not exist"),
+            (&["show", "abc"], "\"abc\" is not a task id (a whole number from 1"),
+            (&["cancel", "0"], "\"0\" is not a task id"),
             (&["retry", "999"], "task 999 does not exist"),
             (&["review", "999", "approve"], "task 999 does not exist"),
         ];
@@ -551,6 +553,10 @@ on_both_drivers! {
             (&["retry", &id], "conflict", 2),
             (&["effects", "retry", "999"], "not_found", 2),
             (&["state", "get", "--agent", "echo", "nokey"], "not_found", 2),
+            // The command line itself, refused before any command ran.
+            (&["show", "abc"], "bad_input", 2),
+            (&["submit", "echo", "{}", "--max-attempts", "0"], "bad_input", 2),
+            (&["bogus"], "bad_input", 2),
         ];
         for (args, kind, code) in cases {
             let out = env.run(&[&["--json"], *args].concat());

@@ -14,7 +14,17 @@ use crate::task::State;
 pub fn parse_args() -> Cli {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     Cli::try_parse_from(&args).unwrap_or_else(|err| {
-        if err.kind() != clap::error::ErrorKind::InvalidUtf8 {
+        use clap::error::ErrorKind;
+        let asked_for_json = args.iter().any(|arg| arg == "--json");
+        if asked_for_json && err.use_stderr() {
+            // The one error shape a script reading --json knows.
+            let text = err.render().to_string();
+            let text = text.trim().trim_start_matches("error: ");
+            let text = text.split("\n\n").next().unwrap_or(text);
+            say!("{}", super::bad_input_json(text));
+            std::process::exit(2)
+        }
+        if err.kind() != ErrorKind::InvalidUtf8 {
             err.exit()
         }
         let _ = err.print();
@@ -141,13 +151,13 @@ pub enum Command {
         limit: u32,
         /// Only tasks older than this id: the last id of a page, to list the
         /// next (as the API's `before=`).
-        #[arg(long, value_name = "ID", value_parser = task_id(), allow_negative_numbers = true)]
+        #[arg(long, value_name = "ID", value_parser = task_id, allow_negative_numbers = true)]
         before: Option<i64>,
     },
     /// Show one task: its fields, audit events, run logs and result.
     Show {
         /// The task's id (as `submit` printed it).
-        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
+        #[arg(value_parser = task_id, allow_negative_numbers = true)]
         id: i64,
     },
     /// Counts by state and agent, the oldest ready task, leases held, agents.
@@ -170,7 +180,7 @@ pub enum Command {
     /// Approve or reject a task waiting in review.
     Review {
         /// The id of the task in review.
-        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
+        #[arg(value_parser = task_id, allow_negative_numbers = true)]
         id: i64,
         /// approve or reject
         verdict: Verdict,
@@ -181,7 +191,7 @@ pub enum Command {
     /// Revive a failed or cancelled task (attempts reset).
     Retry {
         /// The id of the failed or cancelled task.
-        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
+        #[arg(value_parser = task_id, allow_negative_numbers = true)]
         id: i64,
         /// Give the task's chain this many tokens in all (more than it has
         /// spent, which still counts): a task that failed on its budget
@@ -193,7 +203,7 @@ pub enum Command {
     /// Cancel a task that has not finished, and every task depending on it.
     Cancel {
         /// The id of the task to cancel.
-        #[arg(value_parser = task_id(), allow_negative_numbers = true)]
+        #[arg(value_parser = task_id, allow_negative_numbers = true)]
         id: i64,
         /// Why (recorded on the task and its dependents).
         #[arg(long, default_value = "cancelled by a user")]
@@ -349,7 +359,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub next: Option<String>,
     /// Wait for this task to complete first (repeatable).
-    #[arg(long = "after", value_name = "ID", value_parser = task_id(), allow_negative_numbers = true)]
+    #[arg(long = "after", value_name = "ID", value_parser = task_id, allow_negative_numbers = true)]
     pub after: Vec<i64>,
     /// Idempotency key: submitting the same key again returns the first task.
     #[arg(long)]
@@ -440,9 +450,16 @@ pub struct DaemonArgs {
 pub(super) const MAX_CONCURRENCY: i64 = 4096;
 pub(super) const MAX_CLAIM_BATCH: u64 = 4096;
 
-/// A positive task id.
-pub(super) fn task_id() -> clap::builder::RangedI64ValueParser<i64> {
-    clap::value_parser!(i64).range(1..)
+/// A task id: a whole number from 1, as `colony list` shows it (`#3`
+/// is taken too, as effect ids are). It said "invalid digit found in
+/// string" of `abc`, and "not in 1..9223372036854775807" of 0.
+pub(super) fn task_id(text: &str) -> Result<i64, String> {
+    match text.strip_prefix('#').unwrap_or(text).parse::<i64>() {
+        Ok(id) if id >= 1 => Ok(id),
+        _ => Err(format!(
+            "{text:?} is not a task id (a whole number from 1, as `colony list` shows it)"
+        )),
+    }
 }
 
 pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {

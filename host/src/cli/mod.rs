@@ -107,6 +107,12 @@ pub fn error_json(err: &anyhow::Error) -> serde_json::Value {
     })
 }
 
+/// The `--json` error of input refused before any command ran (the command
+/// line itself): kind `bad_input`, exit status 2.
+pub(crate) fn bad_input_json(message: &str) -> serde_json::Value {
+    serde_json::json!({"error": message, "kind": "bad_input", "exit_code": 2})
+}
+
 /// Whether the error is only that the reader of stdout went away (`colony
 /// list | head -1`), after which conventional tools exit 0 without a word.
 pub fn is_closed_stdout(err: &anyhow::Error) -> bool {

@@ -2260,6 +2260,20 @@ fn wit_writes_exactly_the_wit_of_the_repository() {
     assert_eq!(refused.status.code(), Some(2), "{said}");
     assert!(said.contains("that is a file; give a directory"), "{said}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    // So are init's and bench's (they said "Not a directory (os error 20)", exit 1).
+    for args in [
+        &["init", &file][..],
+        &["bench", "--tasks", "5", "--dir", &file],
+    ] {
+        let refused = env.run(args);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}: {said}");
+        assert!(
+            said.contains("that is a file; give a directory"),
+            "{args:?}: {said}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }
 
 #[test]
@@ -2521,6 +2535,15 @@ fn the_demo_refuses_a_folder_holding_a_queue_or_the_agents_it_copies() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("holds files the demo did not write"), "{err}");
     assert_eq!(std::fs::read(agents.join("design.wasm")).unwrap(), echo);
+
+    // Nor is the agents folder itself the demo's folder.
+    let (code, err) = demo_in(&agents, &agents);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("is the --agents folder: the demo would write its queue"),
+        "{err}"
+    );
+    assert!(!agents.join("colony.db").exists() && !agents.join("pages").exists());
 
     // A folder the demo made is the demo's, until a queue of the user's
     // takes the place of the demo's database.

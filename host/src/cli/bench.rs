@@ -73,6 +73,7 @@ pub async fn bench(args: &BenchArgs, server: Option<&Path>) -> Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| temp.path().to_path_buf());
+    super::builtin::refuse_a_file(&root, "--dir")?;
     if let Some(component) = &args.agent {
         return agent_cost(args, component, &root).await;
     }

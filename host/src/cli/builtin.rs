@@ -97,6 +97,7 @@ fn init_files(dir: &Path, agents: &Path, config: &Path) -> Vec<(PathBuf, &'stati
 /// `colony init DIR`: the store agents and a commented configuration.
 /// Refuses, writing nothing, when any of its files exists.
 pub fn init(dir: &Path, agents: &Path, config: &Path) -> Result<Vec<PathBuf>> {
+    refuse_a_file(dir, "colony init")?;
     let files = init_files(dir, agents, config);
     let existing: Vec<String> = files
         .iter()
@@ -122,16 +123,22 @@ pub fn init(dir: &Path, agents: &Path, config: &Path) -> Result<Vec<PathBuf>> {
     Ok(files.into_iter().map(|(path, _)| path).collect())
 }
 
-/// `colony wit --out DIR`: the WIT this binary speaks. Files of the same
-/// name are replaced (a stale copy is what this is for); others are left.
-pub fn write_wit(out: &Path) -> Result<Vec<PathBuf>> {
-    if out.exists() && !out.is_dir() {
+/// Refuses a folder argument (`what` names it) that is a file.
+pub(super) fn refuse_a_file(dir: &Path, what: &str) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
         return Err(BadInput(format!(
-            "--out {}: that is a file; give a directory (created if missing)",
-            out.display()
+            "{what} {}: that is a file; give a directory (created if missing)",
+            dir.display()
         ))
         .into());
     }
+    Ok(())
+}
+
+/// `colony wit --out DIR`: the WIT this binary speaks. Files of the same
+/// name are replaced (a stale copy is what this is for); others are left.
+pub fn write_wit(out: &Path) -> Result<Vec<PathBuf>> {
+    refuse_a_file(out, "--out")?;
     let mut written = Vec::new();
     for (name, text) in WIT_FILES {
         let path = out.join(name);

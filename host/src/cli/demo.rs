@@ -313,6 +313,12 @@ fn refuse_a_folder_not_the_demos(dir: &Path, agents: &Path) -> Result<()> {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
+    if same(dir, agents) {
+        bail!(super::BadInput(format!(
+            "--dir {} is the --agents folder: the demo would write its queue, pages and agents among its components; run the demo in a folder of its own (--dir, default colony-demo)",
+            dir.display()
+        )));
+    }
     if same(&copy, agents) {
         bail!(super::BadInput(format!(
             "the demo writes its own copy of the agents into {}, which is the --agents folder {}; run the demo in a folder of its own (--dir, default colony-demo)",

@@ -199,8 +199,25 @@ fn migrate_leaves_its_source_as_it_was() {
         (newest - 1, 0),
         "the source is on its schema still"
     );
+    assert!(
+        !said.contains("upgraded from schema"),
+        "the copy's upgrade is said once: {said}"
+    );
     assert_eq!(schema(to), (newest, 1));
     assert_eq!(env.json(&["--db", to, "show", &id.to_string()])["id"], id);
+    // Any command opening an older database upgrades it, and says so (it
+    // did so silently: an older build could not open it after).
+    let listed = env.run(&["--db", &db, "list"]);
+    let said = String::from_utf8_lossy(&listed.stderr);
+    assert!(listed.status.success(), "{said}");
+    let upgrade = format!("upgraded from schema version {} to {newest}", newest - 1);
+    assert!(said.contains(&upgrade), "{said}");
+    assert_eq!(schema(&db), (newest, 1));
+    let again = env.run(&["--db", &db, "list"]);
+    assert!(
+        !String::from_utf8_lossy(&again.stderr).contains("upgraded"),
+        "once"
+    );
 
     // Not a colony queue: another program's database, an empty file.
     let other = env.data.path().join("other.db");
@@ -223,6 +240,7 @@ fn migrate_leaves_its_source_as_it_was() {
             said.contains("nothing was copied") && said.contains(says),
             "{said}"
         );
+        assert!(!said.contains("--db"), "its file is its --from: {said}");
     }
     let tables: i64 = rusqlite::Connection::open(&other)
         .unwrap()

@@ -238,6 +238,14 @@ pub(super) fn open_source(from: &Path, actor: &str, scratch: &Path) -> Result<Qu
     // As every command refuses it: another program's database, colony's
     // tables without their schema version, a file that holds no queue.
     crate::queue::refuse_sqlite_file_not_a_queue(&conn, &path.display().to_string(), true)
+        .map_err(|e| match e {
+            // Its advice is for --db.
+            QueueError::NotAQueue { path, why } => QueueError::NotAQueue {
+                path,
+                why: why.replace(crate::queue::ANOTHER_DB, ""),
+            },
+            other => other,
+        })
         .with_context(|| format!("--from {}: nothing was copied", path.display()))?;
     let version: u32 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -259,6 +267,7 @@ pub(super) fn open_source(from: &Path, actor: &str, scratch: &Path) -> Result<Qu
     let opts = QueueOptions {
         actor: actor.to_string(),
         must_exist: true,
+        note_upgrade: false, // said above
         ..Default::default()
     };
     Queue::open_with(&copy, opts)

@@ -68,6 +68,7 @@ pub use journal::{ChainBudget, ModelCallRow, SpendRow, TaskUsage};
 pub use outbox::{Delivery, EffectRow};
 pub use reads::HeldLeases;
 pub use review::MAX_NOTE_BYTES;
+pub use sqlite::ANOTHER_DB;
 pub use sqlite::FileId;
 pub use sqlite::refuse_what_is_not_a_queue as refuse_sqlite_file_not_a_queue;
 pub use sqlite::schema_version as sqlite_schema_version;
@@ -95,6 +96,17 @@ enum Db {
 pub struct Queue {
     db: Db,
     opts: QueueOptions,
+}
+
+/// Says that a database was brought from schema version `from` to `to`
+/// (a new one, from 0, is no news): it happened on opening it, whatever
+/// the command, and builds older than this one cannot open it after.
+pub(crate) fn note_schema_upgrade(location: &str, from: u32, to: u32) {
+    if from > 0 && from < to {
+        tracing::warn!(
+            "database {location}: upgraded from schema version {from} to {to}; colony builds older than this one cannot open it now"
+        );
+    }
 }
 
 impl Queue {

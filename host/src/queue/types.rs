@@ -41,6 +41,9 @@ pub struct QueueOptions {
     /// nor adopt another file put in its place.
     pub must_exist: bool,
     pub same_file: Option<FileId>,
+    /// Log that the database was upgraded from an older schema on opening
+    /// (`colony migrate` upgrades a scratch copy, and says so itself).
+    pub note_upgrade: bool,
 }
 
 impl Default for QueueOptions {
@@ -54,6 +57,7 @@ impl Default for QueueOptions {
             claim_lease: None,
             must_exist: false,
             same_file: None,
+            note_upgrade: true,
         }
     }
 }

@@ -171,7 +171,7 @@ impl PgDb {
         }
         let target = describe_target(&config);
         let mut client = open(&config, &location, &target, opts.busy_timeout, false)?;
-        schema::migrate(&mut client, &location)?;
+        schema::migrate(&mut client, &location, opts.note_upgrade)?;
         Ok(PgDb {
             url: url.to_string(),
             location,

@@ -194,7 +194,8 @@ const MIGRATIONS: &[&str] = &[
 
 /// Brings the database to the newest schema this build knows; `location`
 /// names it in errors.
-pub(super) fn migrate(client: &mut Client, location: &str) -> Result<()> {
+/// `note`: log an upgrade of an older schema.
+pub(super) fn migrate(client: &mut Client, location: &str, note: bool) -> Result<()> {
     let known = MIGRATIONS.len() as u32;
     let mut tx = client.transaction()?;
     // Migrating can take longer than a statement may wait for a lock.
@@ -244,5 +245,8 @@ pub(super) fn migrate(client: &mut Client, location: &str) -> Result<()> {
         &[&i64::from(known)],
     )?;
     tx.commit()?;
+    if note {
+        crate::queue::note_schema_upgrade(location, found, known);
+    }
     Ok(())
 }

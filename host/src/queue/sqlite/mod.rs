@@ -6,7 +6,7 @@
 
 mod checkpoint;
 mod schema;
-pub use schema::refuse_what_is_not_a_queue;
+pub use schema::{ANOTHER_DB, refuse_what_is_not_a_queue};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,7 +105,7 @@ impl SqliteDb {
         conn.pragma_update(None, "synchronous", sync)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.set_prepared_statement_cache_capacity(64);
-        schema::migrate(&mut conn, &path.display().to_string())?;
+        schema::migrate(&mut conn, &path.display().to_string(), opts.note_upgrade)?;
         let mut db = SqliteDb {
             conn,
             path: path.to_path_buf(),

@@ -235,6 +235,11 @@ pub fn newest_version() -> u32 {
     MIGRATIONS.len() as u32
 }
 
+/// What a refusal of a file that is not a queue advises (`colony migrate`,
+/// whose file is its --from, leaves it out).
+pub const ANOTHER_DB: &str =
+    "; give another --db (`colony submit` and `colony daemon` create a new file)";
+
 /// Refuses a file that is not a colony queue before anything writes to
 /// it (a migration, even the switch to WAL): not SQLite at all, a SQLite
 /// database of something else (tables, or a schema version, but no
@@ -266,8 +271,7 @@ pub fn refuse_what_is_not_a_queue(
         path: path.to_string(),
         why,
     };
-    const ANOTHER: &str =
-        "; give another --db (`colony submit` and `colony daemon` create a new file)";
+    const ANOTHER: &str = ANOTHER_DB;
     match probe {
         Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
             Err(not_a_queue(format!(
@@ -297,7 +301,8 @@ pub fn refuse_what_is_not_a_queue(
 }
 
 /// Brings the database to the newest schema this build knows.
-pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
+/// `note`: log an upgrade of an older schema.
+pub fn migrate(conn: &mut Connection, path: &str, note: bool) -> Result<(), QueueError> {
     let found: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = newest_version();
     if found > known {
@@ -307,6 +312,7 @@ pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
             known,
         });
     }
+    let mut upgraded = false;
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Another process may have migrated while we waited for the lock.
@@ -317,6 +323,10 @@ pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", version as u32 + 1)?;
         tx.commit()?;
+        upgraded = true;
+    }
+    if upgraded && note {
+        crate::queue::note_schema_upgrade(path, found, known);
     }
     Ok(())
 }
@@ -360,7 +370,7 @@ mod tests {
         let mut conn = at_version(4);
         insert_task(&conn, "ready");
         assert_eq!(triggers(&conn), 2);
-        migrate(&mut conn, "test.db").unwrap();
+        migrate(&mut conn, "test.db", false).unwrap();
         assert_eq!(triggers(&conn), 0);
         let version: u32 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -383,7 +393,7 @@ mod tests {
             if version >= 1 {
                 insert_task(&conn, "pending");
             }
-            migrate(&mut conn, "test.db").unwrap();
+            migrate(&mut conn, "test.db", false).unwrap();
             let now: u32 = conn
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap();
@@ -408,7 +418,7 @@ mod tests {
                  (2, 2, 9, 300);  -- the last run of a task that failed",
         )
         .unwrap();
-        migrate(&mut conn, "test.db").unwrap();
+        migrate(&mut conn, "test.db", false).unwrap();
         let left: Vec<(i64, i64)> = conn
             .prepare("SELECT token, tokens FROM model_reservations ORDER BY id")
             .unwrap()
@@ -441,7 +451,7 @@ mod tests {
         use crate::task::State;
 
         let mut conn = at_version(0);
-        migrate(&mut conn, "test.db").unwrap();
+        migrate(&mut conn, "test.db", false).unwrap();
         let mut statements = vec![counts_sql(), LEASES_BY_HOLDER_SQL.to_string()];
         statements.extend(BACKLOG_SQL.map(String::from));
         for state in State::ALL {

@@ -3124,22 +3124,28 @@ fn a_payload_comes_from_stdin_with_a_dash() {
     assert_eq!(env.task_count(), 2);
 }
 
-/// `--agents` naming a file says so (it said the directory does not exist).
+/// `--agents` naming a file is refused, naming it (it said the directory
+/// does not exist; then a daemon ran on, an agents folder that could never
+/// hold an agent, and exited 0 with --until-idle).
 #[test]
-fn an_agents_folder_that_is_a_file_is_named_as_such() {
+fn an_agents_folder_that_is_a_file_is_refused_as_such() {
     let env = Env::new(&["echo"]);
     let file = env.data.path().join("s.db");
     std::fs::write(&file, "").unwrap();
-    let out = env
-        .cmd()
-        .args(["--agents", file.to_str().unwrap(), "agents"])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        said.contains("s.db is not a directory (it names a file)"),
-        "{said}"
-    );
+    for command in [&["agents"][..], &["daemon", "--until-idle"], &["status"]] {
+        let out = env
+            .cmd()
+            .args(["--agents", file.to_str().unwrap()])
+            .args(command)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {said}");
+        assert!(
+            said.contains("s.db (or COLONY_AGENTS): that is a file"),
+            "{command:?}: {said}"
+        );
+    }
 }
 
 /// Run as another user (root's tests act as `nobody`): a database file it

@@ -416,14 +416,18 @@ async fn load_agents(
     if let Some(models) = models {
         runtime.set_models(models);
     }
+    if dir.exists() && !dir.is_dir() {
+        // A folder that does not exist yet may appear (a daemon loads
+        // what comes); a file in its place will not become one.
+        return Err(bad(format!(
+            "--agents {} (or COLONY_AGENTS): that is a file; give the folder that holds the agents' components",
+            dir.display()
+        )));
+    }
     let mut agents = AgentDir::new(dir);
-    if !dir.is_dir() {
-        let what = match dir.exists() {
-            true => "is not a directory (it names a file)",
-            false => "does not exist",
-        };
+    if !dir.exists() {
         tracing::warn!(
-            "the agents directory {} {what}; no agent is loaded",
+            "the agents directory {} does not exist; no agent is loaded until it does",
             dir.display()
         );
     }

@@ -2039,6 +2039,23 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
     std::fs::write(&config, "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"NOT_SET_ANYWHERE\"\n").unwrap();
     let stderr = refused_with(&[]);
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");
+    // The commands an operator checks a host with say so too, and go on
+    // (they found nothing wrong; the daemon then refused to start).
+    for command in ["status", "agents"] {
+        let out = env
+            .cmd()
+            .env("COLONY_CONFIG", &config)
+            .arg(command)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{command}: {said}");
+        assert!(
+            said.contains("NOT_SET_ANYWHERE")
+                && said.contains("`colony daemon` refuses to start until it is fixed"),
+            "{command}: {said}"
+        );
+    }
     // A key a header cannot carry (a second line pasted with it) went out
     // empty: refused at start, the key itself not said.
     let stderr = refused_with(&[("NOT_SET_ANYWHERE", "sk-SECRET\nsecond-line")]);

@@ -223,6 +223,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
         }
         Command::Agents => {
             let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
+            warn_about_a_broken_config(cli);
             output::print_agents(&agents, cli.json)
         }
         Command::State(command) => state::run(cli, command),
@@ -389,6 +390,15 @@ pub fn load_models(cli: &Cli) -> Result<Option<Arc<Providers>>> {
     models_of(config)
 }
 
+/// For the commands an operator checks a host with (`status`, `agents`):
+/// a configuration a daemon would refuse to start with is said there (it
+/// was found only when the daemon failed to start).
+fn warn_about_a_broken_config(cli: &Cli) {
+    if let Err(e) = load_models(cli) {
+        say!("warning: {e:#}; `colony daemon` refuses to start until it is fixed");
+    }
+}
+
 /// The model providers the configuration at `config` declares: `None`
 /// when it declares none or does not exist.
 fn models_of(config: &Path) -> Result<Option<Arc<Providers>>> {
@@ -471,6 +481,7 @@ async fn status(cli: &Cli) -> Result<()> {
         Err(e) => return Err(e),
     };
     let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
+    warn_about_a_broken_config(cli);
     output::print_status(&report, &agents, cli.json)
 }
 

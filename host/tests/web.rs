@@ -510,6 +510,28 @@ fn forms_need_a_session_and_its_csrf_token() {
         form(None, &[("verdict", "reject"), ("note", "x")]).status(),
         401
     );
+    // Anonymous changes are refused before their bodies are read: 401 in
+    // the dashboard's page or the API's JSON, whatever was sent (a form
+    // with no content type was answered 415 in plain text, a bad field 400).
+    for (path, body) in [
+        (format!("/tasks/{id}/cancel"), None),
+        (format!("/tasks/{id}/review"), Some("verdict=bogus")),
+        ("/logout".to_string(), None),
+        (format!("/api/tasks/{id}/cancel"), Some("{not json")),
+    ] {
+        let mut request = web.client.post(web.url(&path));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let answer = request.send().unwrap();
+        assert_eq!(answer.status(), 401, "{path}");
+        assert!(answer.headers().get("set-cookie").is_none(), "{path}");
+        let text = answer.text().unwrap();
+        match path.starts_with("/api/") {
+            true => assert!(text.starts_with('{'), "{path}: {text}"),
+            false => assert!(text.starts_with("<!DOCTYPE html>"), "{path}: {text}"),
+        }
+    }
 
     let wrong = web
         .client
@@ -652,6 +674,40 @@ fn forms_need_a_session_and_its_csrf_token() {
         .unwrap()
         .clone();
     assert_eq!(retry["actor"], "web:ann");
+
+    // Signing out takes the session's CSRF token too: without it (another
+    // site's form) the session and its cookie stay; with it both go.
+    let logout = |fields: &[(&str, &str)]| {
+        web.client
+            .post(web.url("/logout"))
+            .header("cookie", &cookie)
+            .form(fields)
+            .send()
+            .unwrap()
+    };
+    let forged = logout(&[]);
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("set-cookie").is_none());
+    let signed_in_still = |cookie: &str| {
+        web.client
+            .get(web.url("/review"))
+            .header("cookie", cookie)
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+            .contains("signed in as <strong>ann</strong>")
+    };
+    assert!(signed_in_still(&cookie));
+    let out = logout(&[("csrf", csrf.as_str())]);
+    assert_eq!(out.status(), 303);
+    assert!(
+        out.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert!(!signed_in_still(&cookie), "the session is gone");
 }
 
 /// Browsers send a cookie to every port of its host: two dashboards on one
@@ -1162,7 +1218,7 @@ fn a_deleted_database_file_is_refused_not_written_or_recreated() {
         answer["error"]
             .as_str()
             .unwrap()
-            .contains("was deleted while colony had it open"),
+            .contains("was moved or deleted while colony had it open"),
         "{answer}"
     );
     // More requests at once than the pool keeps open: new connections too.
@@ -1193,7 +1249,7 @@ fn a_deleted_database_file_is_refused_not_written_or_recreated() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("was deleted while colony had it open"),
+        stderr.contains("was moved or deleted while colony had it open"),
         "{stderr}"
     );
     assert!(!db.exists(), "the daemon created a fresh database");

@@ -231,7 +231,12 @@ fn same(given: &str, expected: &str) -> bool {
 /// rebind its own name to 127.0.0.1 and read the queue.
 pub fn is_loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        // `[v6]` or `[v6]:port`, nothing else after the bracket.
+        Some(rest) => match rest.split_once(']') {
+            Some((name, "")) => name,
+            Some((name, port)) if port.strip_prefix(':').is_some_and(is_port) => name,
+            _ => return false,
+        },
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
     // Host names are case-insensitive. Any loopback address literal, as
@@ -240,6 +245,10 @@ pub fn is_loopback_host(host: &str) -> bool {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -266,6 +275,10 @@ mod tests {
             "evil.example:7070",
             "127.0.0.1.evil.example",
             "10.0.0.1",
+            "[::1]x.evil",
+            "[::1]:x",
+            "[::1]:",
+            "[::1",
         ] {
             assert!(!is_loopback_host(host), "{host}");
         }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -217,6 +217,17 @@ async fn guard(State(app): State<Shared>, mut request: Request, next: Next) -> R
             return api::denied(&auth::Denied::Missing);
         }
         return pages::to_sign_in(request.uri());
+    }
+    // A change asked anonymously is refused before its body is read: it
+    // was answered by the form or JSON reader first (415 in plain text for
+    // a missing content type), not 401.
+    // (POST is the one method that changes anything; others get their 405.)
+    if request.method() == Method::POST && !public && matches!(caller, Caller::Anonymous) {
+        let denied = auth::Denied::Missing;
+        if path.starts_with("/api/") {
+            return api::denied(&denied);
+        }
+        return pages::PageError::from(api::ApiError::from(denied)).into_response();
     }
     request.extensions_mut().insert(caller);
     next.run(request).await

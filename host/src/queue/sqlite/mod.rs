@@ -65,7 +65,7 @@ impl SqliteDb {
             Connection::open_with_flags(path, flags).map_err(|e| match path.try_exists() {
                 Ok(false) => QueueError::DatabaseGone {
                     path: path.display().to_string(),
-                    what: "deleted",
+                    what: "moved or deleted",
                 },
                 _ => e.into(),
             })?
@@ -162,7 +162,7 @@ impl SqliteDb {
             })
         };
         match (file_identity(&self.path), self.file) {
-            (None, Some(_)) if !self.path.exists() => return gone("deleted"),
+            (None, Some(_)) if !self.path.exists() => return gone("moved or deleted"),
             (Some(now), Some(then)) if now != then => return gone("replaced by another file"),
             _ => {}
         }

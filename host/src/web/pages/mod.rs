@@ -283,15 +283,19 @@ struct LogoutForm {
     csrf: Option<String>,
 }
 
+/// Ends the caller's session, when its form shows the session's CSRF
+/// token: without it, another site's form could sign an operator out (the
+/// cookie was cleared whatever was sent, and the session lived on).
 async fn sign_out(
     State(app): State<Shared>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Form(form): Form<LogoutForm>,
 ) -> Response {
-    if app.auth.may_change(&caller, form.csrf.as_deref()).is_ok() {
-        app.auth.sign_out(&headers);
+    if let Err(denied) = app.auth.may_change(&caller, form.csrf.as_deref()) {
+        return PageError::from(ApiError::from(denied)).into_response();
     }
+    app.auth.sign_out(&headers);
     (
         StatusCode::SEE_OTHER,
         [

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Extension, Form, Path, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -301,15 +300,7 @@ async fn act(
     + 'static,
 ) -> Response {
     if let Err(denied) = app.auth.may_change(&caller, form.csrf.as_deref()) {
-        let status = match denied {
-            crate::web::auth::Denied::Missing => StatusCode::UNAUTHORIZED,
-            crate::web::auth::Denied::Wrong(_) => StatusCode::FORBIDDEN,
-        };
-        return PageError {
-            status,
-            message: denied.message(),
-        }
-        .into_response();
+        return PageError::from(api::ApiError::from(denied)).into_response();
     }
     let id = match api::task_id(&id) {
         Ok(id) => id,

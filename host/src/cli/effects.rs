@@ -141,8 +141,9 @@ pub fn run(cli: &Cli, args: &EffectsArgs) -> Result<()> {
     if effects.len() == args.limit as usize {
         out.flush()?;
         say!(
-            "note: showing {} effects; there may be more: raise --limit or filter by --state or --task",
-            args.limit
+            "note: showing {} {}; there may be more: raise --limit or filter by --state or --task",
+            args.limit,
+            if args.limit == 1 { "effect" } else { "effects" }
         );
     }
     Ok(())

@@ -160,8 +160,9 @@ async fn run_command(cli: &Cli) -> Result<()> {
                     Ok(task) => task.id,
                     Err(unreadable) => unreadable.id,
                 };
+                let tasks = if *limit == 1 { "task" } else { "tasks" };
                 say!(
-                    "note: showing {limit} tasks; there may be more: the next page with --before {last}, or raise --limit, or filter by --state or --agent"
+                    "note: showing {limit} {tasks}; there may be more: the next page with --before {last}, or raise --limit, or filter by --state or --agent"
                 );
             }
             Ok(())

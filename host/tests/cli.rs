@@ -1331,6 +1331,7 @@ on_both_drivers! {
         let message = |id: i64| env.json(&["show", &id.to_string()])["error"]["message"].as_str().unwrap().to_string();
         let said = message(poor);
         assert!(said.contains(&format!("the chain (root task {poor}) has 20 left of its budget of 20 tokens")), "{said}");
+        assert!(said.contains(&format!("`colony retry {poor} --token-budget N` gives it N in all")), "{said}");
         let said = message(capped);
         assert!(said.contains("the task has 60 left of the 60 tokens its agent's manifest allows a task"), "{said}");
         assert!(said.contains("--token-budget cannot raise it"), "{said}");

@@ -319,12 +319,16 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         Api::OpenAi => "/chat/completions",
         Api::Anthropic => "/v1/messages",
     };
+    // Anthropic's root is the host's (".../v1" went to ".../v1/v1/messages").
     let names_endpoint = base_url.ends_with(endpoint_path)
-        || (api == Api::Anthropic && base_url.ends_with("/messages"));
+        || (api == Api::Anthropic
+            && (base_url.ends_with("/messages") || base_url.ends_with("/v1")));
     if names_endpoint {
-        let root = base_url
-            .trim_end_matches(endpoint_path)
-            .trim_end_matches("/messages");
+        let root = base_url.trim_end_matches(endpoint_path);
+        let root = match api {
+            Api::OpenAi => root,
+            Api::Anthropic => root.trim_end_matches("/messages").trim_end_matches("/v1"),
+        };
         return Err(key_error(
             "base_url",
             format!(
@@ -503,6 +507,11 @@ mod tests {
                 "[models.smart]\napi = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1/messages/\"\nmodel = \"m\"\n"
                     .to_string(),
                 "give the API's root, \"https://api.anthropic.com\"",
+            ),
+            (
+                "[models.smart]\napi = \"anthropic\"\nbase_url = \"https://api.anthropic.com/v1\"\nmodel = \"m\"\n"
+                    .to_string(),
+                "Colony appends \"/v1/messages\" itself: give the API's root, \"https://api.anthropic.com\"",
             ),
             (
                 format!("[models.fast]\n{base}timeout = \"soon\"\n"),

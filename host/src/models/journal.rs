@@ -72,9 +72,9 @@ pub enum BudgetOf {
 }
 
 impl BudgetOf {
-    /// What a person reads in a `budget_exceeded` error: which budget, and
-    /// what raises it.
-    pub fn describe(&self, left: u64) -> String {
+    /// What a person reads in a `budget_exceeded` error of task `task`:
+    /// which budget, and what raises it.
+    pub fn describe(&self, left: u64, task: i64) -> String {
         match self {
             BudgetOf::Manifest(budget) => format!(
                 "the task has {left} left of the {budget} tokens its agent's manifest allows a task \
@@ -82,7 +82,7 @@ impl BudgetOf {
             ),
             BudgetOf::Chain { root, budget } => format!(
                 "the chain (root task {root}) has {left} left of its budget of {budget} tokens \
-                 (`colony retry ID --token-budget N` gives it N in all)"
+                 (`colony retry {task} --token-budget N` gives it N in all)"
             ),
         }
     }

@@ -262,7 +262,7 @@ impl ModelSession {
                 unsent.disarm(); // nothing was set aside
                 return refused(ModelError::BudgetExceeded(format!(
                     "this call may take up to {need} tokens (prompt estimate plus max-tokens) and {}",
-                    by.describe(left)
+                    by.describe(left, self.lease.task_id)
                 )));
             }
             Ok(Budget::Unlimited | Budget::Reserved { .. }) => {}

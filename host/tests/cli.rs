@@ -522,6 +522,8 @@ on_both_drivers! {
                 "--next",
             ),
             (&["submit", "echo", "{}", "--next", "not json"], "--next"),
+            (&["submit", "echo", "{}", "--next", "{}"], "--next: missing field `agent`"),
+            (&["submit", "echo", "{}", "--token-budget", "-1"], "\"-1\" is not a number of tokens"),
             (
                 &["submit", "echo", "{}", "--max-attempts", "0"],
                 "--max-attempts",

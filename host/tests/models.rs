@@ -524,6 +524,15 @@ async fn client_errors_are_invalid_requests_without_secrets() {
             "model `fast`: the provider refused the request (HTTP 400): max_tokens: must be below 4096".into()
         )
     );
+    // A 404 is most likely the host's base_url or model: said so.
+    server.push(Scripted::status(404, "The model `m` does not exist"));
+    let err = providers.complete(&ask("fast", "hi")).await.unwrap_err();
+    assert_eq!(err.kind(), "invalid_request");
+    assert!(
+        err.to_string().contains("HTTP 404 (no such endpoint or model: the host's base_url or model for the alias may be wrong")
+            && err.to_string().ends_with("The model `m` does not exist"),
+        "{err}"
+    );
     // A provider that echoes the key or its own URL does not leak them.
     server.push(Scripted::status(
         401,
@@ -559,7 +568,7 @@ async fn client_errors_are_invalid_requests_without_secrets() {
         message.ends_with("bad key; see <provider> (served by <provider>)"),
         "{message}"
     );
-    assert_eq!(server.count(), 3, "4xx is not retried");
+    assert_eq!(server.count(), 4, "4xx is not retried");
 
     // Unknown aliases never reach a provider.
     let err = providers.complete(&ask("other", "hi")).await.unwrap_err();
@@ -577,7 +586,7 @@ async fn client_errors_are_invalid_requests_without_secrets() {
         providers.complete(&req).await.unwrap_err().kind(),
         "invalid_request"
     );
-    assert_eq!(server.count(), 3, "the bad schema was not sent");
+    assert_eq!(server.count(), 4, "the bad schema was not sent");
 }
 
 #[tokio::test]

@@ -197,7 +197,7 @@ pub enum Command {
         /// spent, which still counts): a task that failed on its budget
         /// would fail on it again. A manifest's token_budget still caps each
         /// of the agent's tasks.
-        #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+        #[arg(long, value_name = "TOKENS", value_parser = token_count)]
         token_budget: Option<u64>,
     },
     /// Cancel a task that has not finished, and every task depending on it.
@@ -344,9 +344,10 @@ pub struct SubmitArgs {
     /// Hold the result in `review` until approved.
     #[arg(long)]
     pub review: bool,
-    /// Rejections with a note before a rejection fails the task: 0 to 100.
-    /// Each revision runs the task again, with the note as its
-    /// `feedback` and its attempts back.
+    /// Rejections that send the task back for a revision before one more
+    /// fails it: 0 to 100. Each revision runs the task again, with the
+    /// rejection's note (or "rejected without a note") as its `feedback`
+    /// and its attempts back.
     #[arg(long, default_value_t = crate::task::DEFAULT_MAX_REVISIONS, value_parser = clap::value_parser!(u32).range(0..=crate::task::MAX_REVISIONS as i64), allow_negative_numbers = true)]
     pub max_revisions: u32,
     /// An agent that reviews the result automatically (implies --review).
@@ -382,7 +383,7 @@ pub struct SubmitArgs {
     /// on model calls together (default: no chain budget). An agent's
     /// manifest `token_budget` still caps each of its tasks: the tighter of
     /// the two applies.
-    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64), allow_negative_numbers = true)]
+    #[arg(long, value_name = "TOKENS", value_parser = token_count, allow_negative_numbers = true)]
     pub token_budget: Option<u64>,
     /// Submit many tasks from a JSON Lines file (`-` for stdin), all or none.
     /// Each line: {"agent": .., "payload": .., and any of priority, max_attempts,
@@ -458,6 +459,18 @@ pub(super) fn task_id(text: &str) -> Result<i64, String> {
         Ok(id) if id >= 1 => Ok(id),
         _ => Err(format!(
             "{text:?} is not a task id (a whole number from 1, as `colony list` shows it)"
+        )),
+    }
+}
+
+/// A token budget: a whole number from 1 ("-1" said "invalid digit
+/// found in string").
+pub(super) fn token_count(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if (1..=i64::MAX as u64).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a number of tokens (a whole number from 1 to {})",
+            i64::MAX
         )),
     }
 }

@@ -229,9 +229,13 @@ pub(super) fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
         false => serde_path_to_error::deserialize::<_, Vec<NextSpec>>(&mut de),
     };
     specs.map_err(|e| {
+        // The path of a field, none for the spec itself ("field .").
+        let at = match e.path().to_string() {
+            path if path == "." => String::new(),
+            path => format!("field {path}: "),
+        };
         bad(format!(
-            "--next: field {}: {} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})",
-            e.path(),
+            "--next: {at}{} (expected a list of {{\"agent\": .., \"payload\": .., \"priority\"?, \"review\"?, \"next\"?}})",
             e.inner()
         ))
     })

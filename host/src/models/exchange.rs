@@ -138,13 +138,16 @@ pub(super) async fn attempt(
         Err(_) if unanswered => return Attempt::Retry(Failure::NoReply),
         Err(_) => return Attempt::Retry(Failure::Timeout),
         Ok(Err(e)) => {
-            tracing::warn!(alias = name, error = %e, "model call transport error");
-            return Attempt::Retry(match () {
+            let failure = match () {
                 _ if e.is_connect() => Failure::Connect,
                 _ if e.is_timeout() && unanswered => Failure::NoReply,
                 _ if e.is_timeout() => Failure::Timeout,
                 _ => Failure::Transport,
-            });
+            };
+            // What happened first (a timeout was logged as a "transport
+            // error"), then reqwest's account, which names the URL.
+            tracing::warn!(alias = name, error = %e, "model call: {}", failure.describe());
+            return Attempt::Retry(failure);
         }
         Ok(Ok(exchange)) => exchange,
     };
@@ -168,6 +171,19 @@ pub(super) async fn attempt(
     match code {
         429 => Attempt::Retry(Failure::RateLimited { retry_after }),
         408 | 500..=599 => Attempt::Retry(Failure::Status { code, retry_after }),
+        404 => {
+            // Most likely the alias's base_url: the host's log names the
+            // URL (the guest's message does not).
+            tracing::warn!(
+                alias = name,
+                url = %alias.endpoint,
+                "model call: HTTP 404 from the provider; check the alias's base_url (and model)"
+            );
+            Attempt::Fatal(ModelError::InvalidRequest(format!(
+                "model `{name}`: the provider answered HTTP 404 (no such endpoint or model: the host's base_url or model for the alias may be wrong; its log names the URL): {}",
+                provider_message(&bytes, alias)
+            )))
+        }
         400..=499 => Attempt::Fatal(ModelError::InvalidRequest(format!(
             "model `{name}`: the provider refused the request (HTTP {code}): {}",
             provider_message(&bytes, alias)

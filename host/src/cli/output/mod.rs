@@ -211,6 +211,11 @@ pub fn print_tasks(tasks: &[TaskRow], usages: &[TaskUsage], json: bool) -> Resul
         return print_json(&tasks_json(tasks, usages));
     }
     let mut out = std::io::stdout().lock();
+    if tasks.is_empty() {
+        // A header over nothing read like a listing cut short.
+        say!("no tasks (of the filters given, if any)");
+        return Ok(());
+    }
     writeln!(
         out,
         "{:>6}  {:<12} {:<11} {:>8}  {:<24} error",

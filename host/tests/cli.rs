@@ -1174,12 +1174,7 @@ on_both_drivers! {
         assert_eq!(task.state, State::Complete, "{:?}", task.error);
         assert_eq!(server.count(), 2, "the first and third calls were replayed, not paid again");
         let result = task.result.unwrap();
-        let replayed: Vec<bool> = result["replies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["replayed"].as_bool().unwrap())
-            .collect();
+        let replayed = colony_tests::model_server::replayed(&result);
         assert_eq!(replayed, [true, true], "{result}");
         // The refused calls are said apart, with no cost of their own.
         let shown = env.json(&["show", &id.to_string()]);
@@ -1269,12 +1264,7 @@ on_both_drivers! {
         let task = env.queue().get(id).unwrap();
         assert_eq!(task.state, State::Complete, "{:?}", task.error);
         assert_eq!(server.count(), 3, "only the third call was made again");
-        let replayed: Vec<bool> = task.result.unwrap()["replies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["replayed"].as_bool().unwrap())
-            .collect();
+        let replayed = colony_tests::model_server::replayed(&task.result.unwrap());
         assert_eq!(replayed, [true, true, false]);
         let shown = env.json(&["show", &id.to_string()]);
         assert_eq!(shown["usage"]["replayed"], 2);

@@ -572,3 +572,18 @@ fn error_body(protocol: Protocol, kind: &str, message: &str) -> Value {
         }
     }
 }
+
+/// Whether each of a `thinker` guest's replies (its result's `replies`)
+/// was replayed from the journal, in order.
+pub fn replayed(result: &Value) -> Vec<bool> {
+    result["replies"]
+        .as_array()
+        .expect("a thinker's result lists its replies")
+        .iter()
+        .map(|r| {
+            r["replayed"]
+                .as_bool()
+                .expect("each reply says whether it was replayed")
+        })
+        .collect()
+}

@@ -578,12 +578,7 @@ async fn a_retry_after_its_budget_ran_out_replays_the_calls_it_paid_for() {
     e.h.queue().retry_with_token_budget(id, Some(150)).unwrap();
     e.run().await;
     let result = e.result(id);
-    let replayed: Vec<bool> = result["replies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["replayed"].as_bool().unwrap())
-        .collect();
+    let replayed = colony_tests::model_server::replayed(&result);
     assert_eq!(replayed, [true, true, true, false], "{result}");
     assert_eq!(e.server.count(), 4, "only the fourth call was paid for");
     assert_eq!(e.h.queue().chain_budget(id).unwrap().spent, 4 * 28);

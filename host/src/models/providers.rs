@@ -138,9 +138,8 @@ impl Drop for Turn<'_> {
     }
 }
 
-/// How long a call (or a retry, `tokens` 0) must wait for the alias's
-/// limits, its request and tokens taken; refused when that would be past
-/// `deadline`.
+/// How long a call must wait for the alias's limits, its request and
+/// `tokens` taken; refused when that would be past `deadline`.
 fn turn_wait(
     name: &str,
     alias: &Alias,

@@ -218,10 +218,10 @@ async fn guard(State(app): State<Shared>, mut request: Request, next: Next) -> R
         }
         return pages::to_sign_in(request.uri());
     }
-    // A change asked anonymously is refused before its body is read: it
-    // was answered by the form or JSON reader first (415 in plain text for
-    // a missing content type), not 401.
-    // (POST is the one method that changes anything; others get their 405.)
+    // A change (a POST: other methods change nothing, and get their 405)
+    // asked anonymously is refused before its body is read: the form or
+    // JSON reader answered it first (415 in plain text for a form with no
+    // content type), not 401.
     if request.method() == Method::POST && !public && matches!(caller, Caller::Anonymous) {
         let denied = auth::Denied::Missing;
         if path.starts_with("/api/") {

@@ -126,6 +126,14 @@ pub fn check_shape(
             "the URL's scheme is {scheme:?}: only http:// and https:// URLs are sent"
         ));
     }
+    if has_dot_segment(url) {
+        return Err(
+            "the URL's path has a `.` or `..` segment (plain or percent-encoded), which the sender \
+             would resolve: the effect would go to another path than the one stored and shown to \
+             a reviewer; give the path it means"
+                .into(),
+        );
+    }
     for (name, value) in headers {
         if name.is_empty()
             || !name
@@ -174,6 +182,24 @@ pub fn check_shape(
         ));
     }
     Ok(())
+}
+
+/// Whether the path of `url` (an http(s) URL) has a `.` or `..` segment,
+/// as is or percent-encoded (`%2e%2E`): a URL parser resolves them, so the
+/// request would reach another path than the one written.
+fn has_dot_segment(url: &str) -> bool {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let Some(path_start) = after_scheme.find(['/', '?', '#']) else {
+        return false;
+    };
+    let path = after_scheme[path_start..]
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 #[cfg(test)]
@@ -244,5 +270,31 @@ mod tests {
             !other.contains("hunter2") && !other.contains("SECRETQ"),
             "{other}"
         );
+    }
+
+    /// A path with dot segments went out resolved (`/a/%2e%2e/c` reached
+    /// `/c`) while `effects` and the reviewer saw it as written.
+    #[test]
+    fn a_path_with_dot_segments_is_refused() {
+        for url in [
+            "http://api.example/a/../b",
+            "http://api.example/a/%2e%2e/c",
+            "http://api.example/a/%2E./c",
+            "http://api.example/./b",
+            "http://api.example/a/..",
+            "http://api.example/a/.?q=1",
+        ] {
+            let error = check_shape("POST", url, &[], None).unwrap_err();
+            assert!(error.contains("`.` or `..` segment"), "{url}: {error}");
+        }
+        for url in [
+            "http://api.example/a/..b/c",
+            "http://api.example/v1.2/x",
+            "http://api.example/a?path=../b",
+            "http://api.example",
+            "http://api.example/a/...",
+        ] {
+            assert_eq!(check_shape("POST", url, &[], None), Ok(()), "{url}");
+        }
     }
 }

@@ -156,6 +156,34 @@ async fn chain_state_is_shared_along_a_chain_and_isolated_between_chains() {
     assert_eq!((chain.value.as_str(), chain.version), ("\"child\"", 2));
 }
 
+/// A run that failed on its own keeps its failure when its state writes
+/// were invalid too: they are discarded with it. They made a retryable
+/// failure a permanent invalid_output, its attempts left unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_runs_invalid_state_writes_do_not_replace_its_failure() {
+    let h = harness();
+    let script = json!({"ops": [["set", "agent", "bad", "{not json"]], "end": "retryable"});
+    let id = submit(&h, script, 2);
+    h.run_until_idle().await;
+    let task = h.task(id);
+    assert_eq!(
+        (task.state, task.attempts),
+        (State::Failed, 2),
+        "retried: {task:?}"
+    );
+    let error = task.error.unwrap();
+    assert_eq!(error.kind.as_str(), "retryable", "{error:?}");
+    assert!(
+        error.message.contains("scripted failure after writing")
+            && error
+                .message
+                .contains("were invalid too: the value of state key \"bad\" is not valid JSON"),
+        "{}",
+        error.message
+    );
+    assert!(agent_entry(&h.queue(), "bad").is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_state_use_is_the_runs_invalid_output_naming_the_key() {
     let h = harness();

@@ -563,10 +563,22 @@ impl Runtime {
         let data = store.data_mut();
         let mut outcome = charge_budget_refusal(outcome, data.model.budget_exceeded);
         if let Some(why) = data.state.invalid.take() {
-            outcome = RunOutcome::Failure(TaskError {
-                kind: ErrorKind::InvalidOutput,
-                message: format!("invalid use of state: {why}"),
-            });
+            outcome = match outcome {
+                // A failed run's writes go with it, unchecked: its own
+                // failure stands (a retryable one was made a permanent
+                // invalid_output, its attempts left unused).
+                RunOutcome::Failure(mut error) => {
+                    error.message = format!(
+                        "{} (its state writes, discarded with the run, were invalid too: {why})",
+                        error.message
+                    );
+                    RunOutcome::Failure(error)
+                }
+                RunOutcome::Success { .. } => RunOutcome::Failure(TaskError {
+                    kind: ErrorKind::InvalidOutput,
+                    message: format!("invalid use of state: {why}"),
+                }),
+            };
         }
         let mut report = report(outcome, &log, started);
         report.state_writes = std::mem::take(&mut data.state.writes);

@@ -223,7 +223,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
             output::print_cancelled(&ids, cli.json)
         }
         Command::Agents => {
-            let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
+            let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
             warn_about_a_broken_config(cli);
             output::print_agents(&agents, cli.json)
         }
@@ -442,14 +442,9 @@ async fn load_agents(
             dir.display()
         );
     }
-    agents.rescan(&runtime).await;
-    Ok((Arc::new(runtime), agents))
-}
-
-/// The agents, for a command a person waits on (`status`, `agents`): a
-/// first load compiles each component (an interpreted one for 10-15 s),
-/// said when it takes a while rather than a silent minute.
-async fn load_agents_saying_so(db: &Path, dir: &Path) -> Result<(Arc<Runtime>, AgentDir)> {
+    // A first load compiles each component (an interpreted one for 10-15
+    // s): said when it takes a while, rather than a silent minute before
+    // a daemon says it started.
     let slow_note = {
         let (dir, cache) = (dir.display().to_string(), cache_dir(db));
         tokio::spawn(async move {
@@ -460,9 +455,9 @@ async fn load_agents_saying_so(db: &Path, dir: &Path) -> Result<(Arc<Runtime>, A
             );
         })
     };
-    let loaded = load_agents(db, dir, 1, None).await;
+    agents.rescan(&runtime).await;
     slow_note.abort();
-    loaded
+    Ok((Arc::new(runtime), agents))
 }
 
 /// How long loading the agents may take before a note says why.
@@ -481,7 +476,7 @@ async fn status(cli: &Cli) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    let (_runtime, agents) = load_agents_saying_so(&cli.db, &cli.agents).await?;
+    let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
     warn_about_a_broken_config(cli);
     output::print_status(&report, &agents, cli.json)
 }

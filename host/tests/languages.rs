@@ -195,6 +195,13 @@ fn behaves_like_every_other_language(language: &str, component: Result<PathBuf, 
         message.contains("asked to raise"),
         "{language}: the crash says why: {message}"
     );
+    // On its first line, which `colony list` shows the start of (it began
+    // "Traceback (most recent call last):" or with the runtime's complaint).
+    let first = message.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("asked to raise"),
+        "{language}: what was raised comes first: {message}"
+    );
 
     let task = env.show(spins);
     assert_eq!(task["error"]["kind"], "timeout", "{language}: {task}");

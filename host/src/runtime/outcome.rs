@@ -129,13 +129,16 @@ pub(super) fn classify_trap(
         ),
         (Some(trap), _) => {
             let panic = log.stderr_tail(CRASH_STDERR_BYTES);
+            // What was raised, first: `list` shows a message's start, where
+            // a traceback's first line or a runtime's complaint said nothing.
+            let raised = raised(&panic).map_or(String::new(), |what| format!("{what}\n"));
             if panic.contains("panicked at") {
-                (ErrorKind::Crash, format!("the guest panicked: {panic}"))
+                (ErrorKind::Crash, format!("the guest panicked: {raised}{panic}"))
             } else if !panic.trim().is_empty() {
                 // Interpreted guests (JavaScript) report an uncaught
                 // exception on stderr and then trap: say what they said.
                 let said = panic.trim();
-                (ErrorKind::Crash, format!("the guest trapped ({trap}) after writing to stderr: {said}"))
+                (ErrorKind::Crash, format!("the guest trapped ({trap}): {raised}after writing to stderr: {said}"))
             } else {
                 (ErrorKind::Crash, format!("the guest trapped: {trap}"))
             }
@@ -202,4 +205,101 @@ pub(super) fn manifest_limit_hint(e: &wasmtime::Error, limits: &Limits, manifest
         );
     }
     String::new()
+}
+
+/// What a crashed guest raised, as its stderr says it, when it can be told:
+/// a Python traceback's exception line, the exception componentize-py's
+/// runtime or componentize-js's glue found escaping `run` (with a word
+/// when it is a model call's error the agent did not catch), or a Rust
+/// panic's message.
+fn raised(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    // Python: the line after the traceback's indented frames.
+    if let Some(start) = lines
+        .iter()
+        .position(|l| l.starts_with("Traceback (most recent call last)"))
+    {
+        let exception = lines[start + 1..]
+            .iter()
+            .find(|l| !l.starts_with(' ') && !l.trim().is_empty())?;
+        return Some(format!("raised {}", exception.trim()));
+    }
+    let between = |text: &str, open: &str, close: &str| -> Option<String> {
+        let from = text.find(open)? + open.len();
+        let to = text[from..].find(close)?;
+        Some(text[from..from + to].to_string())
+    };
+    let model_error = |what: &str| {
+        const MODEL_ERRORS: [&str; 5] = [
+            "not-granted",
+            "budget-exceeded",
+            "rate-limited",
+            "unavailable",
+            "invalid-request",
+        ];
+        let named = what.contains("ModelError_")
+            || MODEL_ERRORS
+                .iter()
+                .any(|e| what.contains(&format!("`\"{e}\"`")));
+        match named {
+            true => " (a model call's error the agent did not catch: see its model_call events)",
+            false => "",
+        }
+    };
+    // componentize-py: an exception escaping `run`, or a wrong return.
+    if let Some(value) = stderr
+        .find("PyErr { type: ")
+        .and_then(|at| between(&stderr[at..], ", value: ", ", traceback:"))
+    {
+        return Some(format!("raised {value}{}", model_error(&value)));
+    }
+    // componentize-js: what was thrown, where a `Failure` was expected.
+    if let Some(line) = lines
+        .iter()
+        .find(|l| l.starts_with("invalid variant tag value"))
+    {
+        let thrown = between(line, "(received `", "`)").unwrap_or_else(|| line.to_string());
+        return Some(format!("threw {thrown}{}", model_error(line)));
+    }
+    // Rust: the panic's message, on the line after "panicked at FILE:".
+    let at = lines.iter().position(|l| l.contains("panicked at"))?;
+    let message = lines.get(at + 1)?.trim();
+    (!message.is_empty()).then(|| message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raised;
+
+    #[test]
+    fn what_a_guest_raised_comes_first() {
+        let python = "Traceback (most recent call last):\n  File \"/0/app.py\", line 24, in run\n  [Previous line repeated 996 more times]\nRuntimeError: boom from python\n\nthread '<unnamed>' (1) panicked at runtime/src/lib.rs:1293:29:\nPython function threw an unexpected exception";
+        assert_eq!(
+            raised(python).unwrap(),
+            "raised RuntimeError: boom from python"
+        );
+        let pyerr = "thread '<unnamed>' (1) panicked at runtime/src/lib.rs:1640:18:\ncalled `Result::unwrap()` on an `Err` value: PyErr { type: <class 'KeyError'>, value: KeyError(<class 'wit_world.imports.model.ModelError_NotGranted'>), traceback: None }";
+        let said = raised(pyerr).unwrap();
+        assert!(
+            said.starts_with(
+                "raised KeyError(<class 'wit_world.imports.model.ModelError_NotGranted'>) (a model"
+            ),
+            "{said}"
+        );
+        assert!(
+            said.contains("a model call's error the agent did not catch"),
+            "{said}"
+        );
+        let js = "invalid variant tag value `undefined` (received `Error: boom from js`) specified for `Failure`\nStack:\n  export_handler_0_2_0$run@initializer.js:7926:17";
+        assert_eq!(raised(js).unwrap(), "threw Error: boom from js");
+        let js_model = "invalid variant tag value `\"not-granted\"` (received `[object Object]`) specified for `Failure`";
+        assert!(
+            raised(js_model)
+                .unwrap()
+                .starts_with("threw [object Object] (a model call's error")
+        );
+        let rust = "thread '<unnamed>' panicked at src/lib.rs:10:5:\nfixture panic: boom\nnote: run with `RUST_BACKTRACE=1`";
+        assert_eq!(raised(rust).unwrap(), "fixture panic: boom");
+        assert_eq!(raised("some other complaint"), None);
+    }
 }

@@ -143,8 +143,12 @@ impl Daemon {
                 true => cap,
                 false => cap.max(batch / 2),
             };
-            if buffered < low || (top_up && buffered < batch) {
-                ahead.push((name, batch - buffered));
+            // Claims in flight count as claimed: PostgreSQL's two claimer
+            // lanes each took a batch, and a SIGKILL spent the attempts of
+            // twice as many tasks that never started.
+            let claimed = buffered + self.claiming.get(&name).copied().unwrap_or(0);
+            if claimed < low || (top_up && claimed < batch) {
+                ahead.push((name, batch - claimed));
             }
         }
         // In turn, so that one agent's backlog does not keep the others'
@@ -217,5 +221,50 @@ impl Daemon {
             );
             self.stop_run(old);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::orchestrator::{Daemon, DaemonConfig, Prefetch};
+    use crate::queue::Queue;
+    use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
+
+    /// Claims in flight count as claimed ahead: PostgreSQL's two claimer
+    /// lanes each asked for a whole batch (128 tasks claimed ahead of 8
+    /// slots where 64 were meant), and a SIGKILL spent the attempts of
+    /// twice as many tasks that never started.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_in_flight_count_as_claimed_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let agents_dir = dir.path().join("agents");
+        std::fs::create_dir_all(&agents_dir).unwrap();
+        std::fs::write(
+            agents_dir.join("noop.wasm"),
+            include_bytes!(env!("COLONY_GUEST_NOOP")),
+        )
+        .unwrap();
+        let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).unwrap());
+        let mut agents = AgentDir::new(&agents_dir);
+        agents.rescan(&runtime).await;
+        let cfg = DaemonConfig {
+            concurrency: 8,
+            claim_batch: 64,
+            prefetch: Prefetch::Always,
+            ..DaemonConfig::default()
+        };
+        let queue = Queue::open(dir.path().join("colony.db")).unwrap();
+        let mut daemon = Daemon::new(queue, runtime, agents, cfg);
+        let asked = |daemon: &Daemon| -> Vec<(String, usize)> {
+            let asks = daemon.claims_wanted(true);
+            asks.claims[..asks.shared_from].to_vec()
+        };
+        assert_eq!(asked(&daemon), [("noop".to_string(), 64)]);
+        daemon.claiming.insert("noop".into(), 24);
+        assert_eq!(asked(&daemon), [("noop".to_string(), 40)]);
+        daemon.claiming.insert("noop".into(), 64);
+        assert_eq!(asked(&daemon), []);
     }
 }

@@ -2029,6 +2029,10 @@ fn a_broken_model_configuration_is_refused_naming_file_alias_and_key() {
             && stderr.contains("`api`"),
         "{stderr}"
     );
+    assert!(
+        !env.db().exists(),
+        "a daemon refusing to start created the database"
+    );
     std::fs::write(&config, "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"NOT_SET_ANYWHERE\"\n").unwrap();
     let stderr = refused_with(&[]);
     assert!(stderr.contains("NOT_SET_ANYWHERE"), "{stderr}");

@@ -47,7 +47,6 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         None => None,
     };
     let actor = identity("daemon");
-    let queue = open_queue(&cli.db, &actor)?;
     // Read before the configuration is: an edit while the agents load
     // (compiling for seconds) is a change too.
     let config_read = ConfigSeen::now(cli.config_path());
@@ -61,6 +60,9 @@ pub(super) async fn daemon(cli: &Cli, args: &DaemonArgs) -> Result<()> {
         models.clone(),
     )
     .await?;
+    // After the configuration and the agents folder were checked: a daemon
+    // refusing to start created the database all the same.
+    let queue = open_queue(&cli.db, &actor)?;
     for entry in agents.entries() {
         match &entry.status {
             crate::runtime::AgentStatus::Broken(reason) => {

@@ -226,11 +226,7 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use crate::orchestrator::{Daemon, DaemonConfig, Prefetch};
-    use crate::queue::Queue;
-    use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
 
     /// Claims in flight count as claimed ahead: PostgreSQL's two claimer
     /// lanes each asked for a whole batch (128 tasks claimed ahead of 8
@@ -246,17 +242,14 @@ mod tests {
             include_bytes!(env!("COLONY_GUEST_NOOP")),
         )
         .unwrap();
-        let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).unwrap());
-        let mut agents = AgentDir::new(&agents_dir);
-        agents.rescan(&runtime).await;
         let cfg = DaemonConfig {
             concurrency: 8,
             claim_batch: 64,
             prefetch: Prefetch::Always,
             ..DaemonConfig::default()
         };
-        let queue = Queue::open(dir.path().join("colony.db")).unwrap();
-        let mut daemon = Daemon::new(queue, runtime, agents, cfg);
+        let db = dir.path().join("colony.db");
+        let mut daemon = Daemon::for_test(&db, &agents_dir, cfg).await;
         let asked = |daemon: &Daemon| -> Vec<(String, usize)> {
             let asks = daemon.claims_wanted(true);
             asks.claims[..asks.shared_from].to_vec()

@@ -505,3 +505,19 @@ impl Daemon {
         Ok(self.summary())
     }
 }
+
+#[cfg(test)]
+impl Daemon {
+    /// A daemon for unit tests: on the SQLite file `db`, with the agents
+    /// in the folder `agents` loaded (none where it does not exist).
+    pub(super) async fn for_test(
+        db: &std::path::Path,
+        agents: &std::path::Path,
+        cfg: DaemonConfig,
+    ) -> Daemon {
+        let runtime = Arc::new(Runtime::new(crate::runtime::RuntimeConfig::default()).unwrap());
+        let mut dir = AgentDir::new(agents);
+        dir.rescan(&runtime).await;
+        Daemon::new(Queue::open(db).unwrap(), runtime, dir, cfg)
+    }
+}

@@ -428,12 +428,10 @@ fn catch_panic<T>(f: impl FnOnce() -> Result<T, QueueError>) -> Result<T, QueueE
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Instant;
 
     use crate::orchestrator::{Daemon, DaemonConfig, InFlight};
     use crate::queue::{FinishedRun, Queue};
-    use crate::runtime::{AgentDir, Runtime, RuntimeConfig};
     use crate::task::{NewTask, RunOutcome};
 
     /// A result sent in the instant before its run was stopped, its lease
@@ -448,14 +446,8 @@ mod tests {
         let lease = other.claim("a", 1).unwrap()[0].lease;
         other.cancel(id, "no longer wanted").unwrap();
 
-        let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).unwrap());
-        let agents = AgentDir::new(dir.path().join("agents"));
-        let mut daemon = Daemon::new(
-            Queue::open(&db).unwrap(),
-            runtime,
-            agents,
-            DaemonConfig::default(),
-        );
+        let agents = dir.path().join("agents");
+        let mut daemon = Daemon::for_test(&db, &agents, DaemonConfig::default()).await;
         daemon.inflight.insert(
             id,
             InFlight {

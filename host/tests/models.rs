@@ -483,6 +483,18 @@ async fn an_unreadable_or_cut_off_reply_counts_as_charged_and_is_not_retried() {
             "could not be understood",
         ),
         (|| Scripted::CutOff, "was cut off"),
+        // The request went out and the connection broke unanswered, or a
+        // gateway stopped waiting: the provider may be generating the reply
+        // (they were retried, each retry paying again uncounted).
+        (|| Scripted::Dropped, "lost before it answered"),
+        (
+            || Scripted::status(504, "upstream request timeout"),
+            "gateway gave up",
+        ),
+        (
+            || Scripted::status(524, "a timeout occurred"),
+            "gateway gave up",
+        ),
     ] {
         for alias in ["fast", "smart"] {
             server.push(scripted());
@@ -504,7 +516,113 @@ async fn an_unreadable_or_cut_off_reply_counts_as_charged_and_is_not_retried() {
             assert!(failure.charged.input_tokens > 0, "{alias}: {err}");
         }
     }
-    assert_eq!(server.count(), 4, "none was retried");
+    assert_eq!(server.count(), 10, "none was retried");
+}
+
+/// OpenAI's 429 `insufficient_quota` is a spent account, not a rate limit:
+/// it fails at once (it was retried for the whole timeout and reported as
+/// rate limited, inviting the agent to wait and try again).
+#[tokio::test]
+async fn an_account_out_of_quota_is_not_retried() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(&server, "timeout = \"30s\""));
+    server.push(Scripted::OutOfQuota);
+    let started = Instant::now();
+    let failure = providers
+        .call(
+            &ask("fast", "hi"),
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .await
+        .unwrap_err();
+    let err = &failure.error;
+    assert_eq!(err.kind(), "unavailable", "{err}");
+    assert!(err.to_string().contains("no quota left"), "{err}");
+    assert!(
+        err.to_string().contains("You exceeded your current quota"),
+        "the provider's own words: {err}"
+    );
+    assert_eq!(server.count(), 1, "not retried");
+    assert_eq!(failure.charged, Usage::default(), "a refusal costs nothing");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A plain 429 is still retried.
+    server.push(Scripted::rate_limited(0));
+    providers.complete(&ask("fast", "again")).await.unwrap();
+    assert_eq!(server.count(), 3);
+}
+
+/// A call whose turn under this host's rate limit would leave it less than
+/// a quarter of its timeout is refused at once, as a retry is: sent so late
+/// it would most likely be cut off before its answer, and charged all the
+/// same. (With one request a minute and a 70 s timeout, the second call
+/// waited 60 s and went with 10 s left.)
+#[tokio::test]
+async fn a_turn_that_would_leave_too_little_of_the_timeout_is_refused() {
+    let server = ModelServer::start();
+    let providers = providers_for(&openai_alias(
+        &server,
+        "requests_per_minute = 1\ntimeout = \"70s\"",
+    ));
+    providers.complete(&ask("fast", "first")).await.unwrap();
+    let err = match providers.take_turn(&ask("fast", "second")) {
+        Ok(turn) => panic!("the second call got a turn (waits: {})", turn.waits()),
+        Err(failure) => failure.error,
+    };
+    assert_eq!(err.kind(), "rate_limited", "{err}");
+    assert!(err.to_string().contains("less than a quarter"), "{err}");
+    assert_eq!(server.count(), 1);
+    // With the timeout to spare, it waits its turn instead.
+    let roomy = providers_for(&openai_alias(
+        &server,
+        "requests_per_minute = 1\ntimeout = \"100s\"",
+    ));
+    roomy.complete(&ask("fast", "first")).await.unwrap();
+    assert!(roomy.take_turn(&ask("fast", "second")).unwrap().waits());
+}
+
+/// A provider that refused the first connection and then took the request
+/// and never answered has it out for real: the call counts as charged. It
+/// was taken for one more connection that never opened, and charged 0.
+#[tokio::test]
+async fn a_retry_that_connected_and_got_no_answer_counts_as_charged() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = format!(
+        "[models.late]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout = \"11s\"\n"
+    );
+    let providers = providers_for(&toml);
+    // Nothing listens for the first attempt; the retry (200-300 ms later)
+    // finds a server that reads the request and never answers, with more
+    // time left than a connection may take to open (10 s).
+    let hanging = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut held = Vec::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            held.push(stream);
+        }
+    };
+    let request = ChatRequest {
+        max_tokens: Some(40),
+        ..ask("late", "hi")
+    };
+    let on_wire = std::sync::atomic::AtomicBool::new(false);
+    let failure = tokio::select! {
+        result = providers.call(&request, &on_wire) => result.unwrap_err(),
+        _ = hanging => unreachable!("the server accepts for ever"),
+    };
+    assert_eq!(failure.error.kind(), "unavailable", "{}", failure.error);
+    assert_eq!(
+        failure.charged.output_tokens, 40,
+        "charged: {:?} ({})",
+        failure.charged, failure.error
+    );
 }
 
 #[tokio::test]

@@ -16,7 +16,6 @@
 //! can all use it; dropping the [`ModelServer`] stops it.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -67,6 +66,12 @@ pub enum Scripted {
     /// HTTP 200 whose `Content-Length` promises more than is sent before
     /// the connection closes: a reply cut off in transit.
     CutOff,
+    /// The request read in full, then the connection closed without an
+    /// answer (a provider or proxy that crashed while generating).
+    Dropped,
+    /// HTTP 429 with OpenAI's documented `insufficient_quota` error: the
+    /// account's credit is spent.
+    OutOfQuota,
 }
 
 impl Scripted {
@@ -299,7 +304,7 @@ enum Protocol {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, std::io::Error> {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let headers = req
@@ -345,6 +350,11 @@ async fn handle(
     };
     let protocol = protocol.expect("plain endpoints answered above");
     let scripted = scripted.unwrap_or_else(|| echo(&body, protocol));
+    if scripted == Scripted::Dropped {
+        // An error from the service makes hyper close the connection
+        // without writing a response.
+        return Err(std::io::Error::other("dropped, as scripted"));
+    }
     Ok(respond(scripted, protocol, &body).await)
 }
 
@@ -422,6 +432,16 @@ async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Res
             );
             response
         }
+        Scripted::Dropped => unreachable!("handled before a response is made"),
+        Scripted::OutOfQuota => reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({ "error": {
+                "message": "You exceeded your current quota, please check your plan and billing details.",
+                "type": "insufficient_quota",
+                "param": null,
+                "code": "insufficient_quota",
+            } }),
+        ),
         Scripted::ServerError => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             error_body(protocol, "api_error", "The server had an error."),

@@ -279,6 +279,13 @@ async fn refused_model_calls_in_a_loop_are_journaled_up_to_a_limit() {
         "{}",
         errors[100]
     );
+    // Refused as the calls before it were, so the agent still learns why
+    // (it read as rate limited, which invites waiting and trying again).
+    let past_cap = errors[100].as_str().unwrap();
+    assert!(
+        past_cap.starts_with("not_granted") && past_cap.contains("(the last: "),
+        "{past_cap}"
+    );
     assert_eq!(e.h.queue().model_calls(id).unwrap().len(), 100);
     assert_eq!(e.h.events(id, "model_call").len(), 100);
     assert_eq!(e.server.count(), 0);

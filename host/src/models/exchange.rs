@@ -25,9 +25,11 @@ pub(super) enum Attempt {
     Done(ChatReply, Option<Usage>),
     /// Not worth retrying.
     Fatal(ModelError),
-    /// The provider answered 2xx but its reply could not be read in full or
-    /// understood: it has most likely charged for the call, so it counts as
-    /// charged (see [`super::providers::CallFailure::charged`]) and is not retried.
+    /// The provider may have charged for the call without the host reading
+    /// its reply: a 2xx reply that could not be read in full or understood,
+    /// a connection lost with the request out, a gateway's timeout. It
+    /// counts as charged (see [`super::providers::CallFailure::charged`])
+    /// and is not retried.
     Charged(ModelError),
     Retry(Failure),
 }
@@ -142,6 +144,20 @@ pub(super) async fn attempt(
                 _ if e.is_connect() => Failure::Connect,
                 _ if e.is_timeout() && unanswered => Failure::NoReply,
                 _ if e.is_timeout() => Failure::Timeout,
+                // The connection broke with the request out and no answer
+                // yet: the provider may be generating (and charging for)
+                // the reply, as when a call times out unanswered. A retry
+                // would pay again, uncounted.
+                _ if unanswered => {
+                    tracing::warn!(alias = name, error = %e, "model call: connection lost before an answer");
+                    return Attempt::Charged(ModelError::Unavailable(format!(
+                        "model `{name}`: the connection to the provider was lost before it \
+                         answered ({}); it may have generated (and charged for) the reply: \
+                         counted as charged (the prompt estimate plus max_tokens) and not \
+                         retried",
+                        scrub(&e.without_url().to_string(), alias)
+                    )));
+                }
                 _ => Failure::Transport,
             };
             // What happened first (a timeout was logged as a "transport
@@ -169,7 +185,21 @@ pub(super) async fn attempt(
     }
     let code = status.as_u16();
     match code {
+        429 if out_of_quota(&bytes) => Attempt::Fatal(ModelError::Unavailable(format!(
+            "model `{name}`: the provider's account has no quota left (HTTP 429, \
+             insufficient_quota: {}); not retried: the operator must add credit or raise the \
+             account's limit",
+            provider_message(&bytes, alias)
+        ))),
         429 => Attempt::Retry(Failure::RateLimited { retry_after }),
+        // A gateway in front of the provider (a proxy, Cloudflare's 524)
+        // gave up waiting for its answer: the provider may still be
+        // generating, and charging for, the reply.
+        504 | 524 => Attempt::Charged(ModelError::Unavailable(format!(
+            "model `{name}`: a gateway gave up waiting for the provider's answer (HTTP {code}); \
+             the provider may still have generated (and charged for) the reply: counted as \
+             charged (the prompt estimate plus max_tokens) and not retried"
+        ))),
         408 | 500..=599 => Attempt::Retry(Failure::Status { code, retry_after }),
         404 => {
             // Most likely the alias's base_url: the host's log names the
@@ -192,6 +222,19 @@ pub(super) async fn attempt(
             "model `{name}`: unexpected HTTP {code} from the provider"
         ))),
     }
+}
+
+/// Whether a 429's body is OpenAI's `insufficient_quota`: the account's
+/// credit is spent, which no wait cures (a retry within the call's timeout
+/// would only delay the error).
+fn out_of_quota(body: &[u8]) -> bool {
+    let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let error = &parsed["error"];
+    [&error["code"], &error["type"]]
+        .iter()
+        .any(|v| v.as_str() == Some("insufficient_quota"))
 }
 
 fn secret_header(value: &str) -> HeaderValue {

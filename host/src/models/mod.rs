@@ -207,6 +207,17 @@ impl ModelError {
         }
     }
 
+    /// An error of the same kind, saying `message` instead.
+    pub fn same_kind(&self, message: String) -> ModelError {
+        match self {
+            ModelError::NotGranted(_) => ModelError::NotGranted(message),
+            ModelError::BudgetExceeded(_) => ModelError::BudgetExceeded(message),
+            ModelError::RateLimited(_) => ModelError::RateLimited(message),
+            ModelError::Unavailable(_) => ModelError::Unavailable(message),
+            ModelError::InvalidRequest(_) => ModelError::InvalidRequest(message),
+        }
+    }
+
     /// The message without the kind.
     pub fn message(&self) -> &str {
         match self {

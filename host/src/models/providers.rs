@@ -26,6 +26,8 @@ use super::{
 /// The first retry's delay; it doubles per attempt (with jitter) up to
 /// [`MAX_RETRY_DELAY`], always within the call's timeout.
 const RETRY_BASE: Duration = Duration::from_millis(250);
+/// How long opening a connection to a provider may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 /// A key read from the environment. Its `Debug` never shows it.
@@ -56,8 +58,9 @@ pub struct Providers {
 #[derive(Debug)]
 pub struct CallFailure {
     pub error: ModelError,
-    /// Zero, unless the provider answered 2xx with a reply that was cut off
-    /// or unreadable, or the call's timeout passed while a request was out:
+    /// Zero, unless the provider may have charged for a reply the host
+    /// never read (a 2xx reply cut off or unreadable, the call's timeout or
+    /// a broken connection while a request was out, a gateway's timeout):
     /// then the call's reservation (the prompt estimate plus max_tokens),
     /// so that a budget cannot be spent through replies the host never read.
     pub charged: Usage,
@@ -158,7 +161,7 @@ fn turn_wait(
             )),
             Refusal::TooLate { wait } => ModelError::RateLimited(format!(
                 "model `{name}`: this host's rate limit for the alias would hold the call for {}, \
-                 longer than its timeout of {}",
+                 leaving less than a quarter of its timeout of {} for the answer",
                 humantime::format_duration(human_wait(wait)),
                 humantime::format_duration(alias.config.timeout)
             )),
@@ -228,7 +231,7 @@ impl Providers {
             // strips only `Authorization` across hosts); providers don't
             // redirect API calls, so none are followed.
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ConfigError::Client)?;
@@ -315,7 +318,17 @@ impl Providers {
         let deadline = started + alias.config.timeout;
         let prompt_estimate = estimate_prompt_tokens(req);
         let tokens = u64::from(max_tokens) + prompt_estimate;
-        let wait = turn_wait(name, alias, tokens, started, deadline).map_err(uncharged)?;
+        // A turn that came with less than a quarter of the timeout left
+        // would send a call cut off before its answer, charged all the same
+        // (the rule a retry keeps).
+        let wait = turn_wait(
+            name,
+            alias,
+            tokens,
+            started,
+            deadline - alias.config.timeout / 4,
+        )
+        .map_err(uncharged)?;
         Ok(Turn {
             name,
             alias,
@@ -415,7 +428,12 @@ impl Providers {
                     Attempt::Done(reply, usage) => return Ok((reply, usage)),
                     Attempt::Fatal(err) => return Err((err, false)),
                     Attempt::Charged(err) => return Err((err, true)),
-                    Attempt::Retry(Failure::NoReply) if unreachable => {
+                    // Only when the attempt had no more time than a connect
+                    // may take: with more, a connection that failed to open
+                    // would have said so, so this one opened and sent.
+                    Attempt::Retry(Failure::NoReply)
+                        if unreachable && remaining <= CONNECT_TIMEOUT =>
+                    {
                         on_wire.store(false, Ordering::Release);
                         Failure::Timeout
                     }

@@ -42,6 +42,9 @@ pub struct ModelSession {
     /// over budget, its own rate limit), each journaled (see
     /// [`MAX_REFUSED_CALLS`]).
     refused_calls: usize,
+    /// The last of them: past the cap, calls are refused as it was, so the
+    /// agent still learns why (not granted, over budget).
+    last_refusal: Option<ModelError>,
     /// The run's deadline: a call whose turn under its alias's rate limit
     /// would come later is refused at once, saying so (it waited, and the
     /// run ended as a bare timeout).
@@ -84,6 +87,7 @@ impl ModelSession {
             seq: 0,
             budget_exceeded: false,
             refused_calls: 0,
+            last_refusal: None,
             run_deadline: None,
         }
     }
@@ -151,9 +155,16 @@ impl ModelSession {
         request: ChatRequest,
     ) -> Result<(ChatReply, bool), ModelError> {
         if self.refused_calls >= MAX_REFUSED_CALLS {
-            return Err(ModelError::RateLimited(format!(
-                "this host refused {MAX_REFUSED_CALLS} of this run's model calls; further calls are refused unrecorded"
-            )));
+            let last = self.last_refusal.as_ref();
+            let why = format!(
+                "this host refused {MAX_REFUSED_CALLS} of this run's model calls (the last: {}); \
+                 further calls are refused unrecorded",
+                last.map_or("", ModelError::message)
+            );
+            return Err(match last {
+                Some(refusal) => refusal.same_kind(why),
+                None => ModelError::RateLimited(why),
+            });
         }
         self.seq += 1;
         let started = Instant::now();
@@ -170,6 +181,7 @@ impl ModelSession {
         } = self.answer(&request, &hash).await;
         if !sent {
             self.refused_calls += 1;
+            self.last_refusal = outcome.as_ref().err().cloned();
         }
         if matches!(outcome, Err(ModelError::BudgetExceeded(_))) {
             self.budget_exceeded = true;

@@ -415,6 +415,36 @@ on_both_drivers! {
         assert_eq!(answers, [(1, "one".into()), (2, "two".into()), (3, "three".into())]);
     }
 
+    /// A call that failed in the run to replay is not filled in with the
+    /// answer an earlier run got to the same question: that run ended in
+    /// the agent's own failure, after which calls are asked afresh (the
+    /// answer the agent had turned down came back).
+    fn an_answer_from_before_the_agents_own_failure_is_not_replayed(db) {
+        let mut q = db.open();
+        q.submit(&retried_task()).unwrap();
+        let first = q.claim("a", 1).unwrap()[0].lease;
+        q.record_model_call(first, 1, &paid(1, "h1")).unwrap();
+        let own_failure = colony::task::TaskError {
+            kind: colony::task::ErrorKind::Retryable,
+            message: "the agent did not like the answer".into(),
+        };
+        q.finish(first, colony::task::RunOutcome::Failure(own_failure), "").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        q.promote_due().unwrap();
+        let second = q.claim("a", 1).unwrap()[0].lease;
+        assert!(q.model_context(second).unwrap().replay.is_empty(), "asked afresh");
+        let mut failed = paid(1, "h1");
+        failed.outcome = Err(colony::models::ModelError::Unavailable("HTTP 503".into()));
+        failed.charged = Usage::default();
+        q.record_model_call(second, 2, &failed).unwrap();
+        // The second run is interrupted: the third replays it, its failed
+        // call asked again rather than answered with the first run's reply.
+        let third = interrupt(&mut q);
+        let replay = q.model_context(third).unwrap().replay;
+        assert_eq!(replay.len(), 1, "{replay:?}");
+        assert!(replay[0].outcome.is_err(), "{:?}", replay[0].outcome);
+    }
+
     /// A run cut off while it replayed an older run's calls leaves that
     /// journal in place: the next run replays all of it, not just the part
     /// the cut-off run got through (it paid for the rest again).

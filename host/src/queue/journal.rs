@@ -475,12 +475,16 @@ impl Queue {
 /// in place: see `REPLAY_FROM_THIS_RUN`).
 fn journal_of_run(db: &dyn Sql, task_id: i64, token: i64) -> Result<Vec<ModelCall>> {
     let mut calls = calls_of_run(db, task_id, token, "request <> 'null'")?;
+    // Only a later run's answer: an earlier run's is from before the
+    // agent's own failure or a rejection (its replay would have taken it
+    // otherwise), which the design asks afresh.
     let answered_elsewhere = |seq: u32, hash: &str| {
         let rows = db.query(
             &format!(
                 "SELECT {CALL_COLUMNS} FROM model_calls
                  WHERE task_id = ?1 AND seq = ?2 AND request_hash = ?3 AND token <> ?4
                    AND status = 'ok' AND replayed = 0
+                   AND id > (SELECT MIN(id) FROM model_calls WHERE task_id = ?1 AND token = ?4)
                  ORDER BY id DESC LIMIT 1"
             ),
             args![task_id, seq, hash, token],

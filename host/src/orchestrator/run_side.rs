@@ -43,10 +43,20 @@ pub(super) struct RunSide {
     reads_inline: bool,
     /// Opens those connections.
     pub reopen: Reopen,
+    /// The token reservations on their way to the journal, by run and call,
+    /// each true once its run asked for it back: a run dropped while its
+    /// reservation waits for the journal's lock must not have its release
+    /// go first, delete nothing, and leave the reservation, written after,
+    /// counted for good. See [`RunSide::reserve_tokens`].
+    reserving: Arc<Mutex<HashMap<(Lease, u32), bool>>>,
     /// The journal writes of runs cut off: reservation releases and calls
     /// cut off on the wire (see [`RunHooks::release_reservation_later`]),
     /// awaited at shutdown.
     releases: Mutex<tokio::task::JoinSet<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs `f` on the journal connection in `journal`, opening it first if
@@ -73,6 +83,7 @@ impl RunSide {
             reader_permits: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             reads_inline,
             reopen,
+            reserving: Arc::default(),
             releases: Mutex::default(),
         }
     }
@@ -193,11 +204,32 @@ impl RunHooks for RunSide {
         need: u64,
         manifest_budget: Option<u64>,
     ) -> Result<Budget, String> {
-        self.with_journal(move |q| q.reserve_model_tokens(lease, seq, need, manifest_budget))
-            .await
+        let key = (lease, seq);
+        lock(&self.reserving).insert(key, false);
+        let reserving = self.reserving.clone();
+        let written = self
+            .with_journal(move |q| {
+                // Under the journal's lock: a release asked for from here on
+                // waits for this write, and one asked for before is seen.
+                match lock(&reserving).remove(&key) {
+                    Some(true) => Ok(None),
+                    _ => q
+                        .reserve_model_tokens(lease, seq, need, manifest_budget)
+                        .map(Some),
+                }
+            })
+            .await;
+        // When the journal could not be opened the write never ran.
+        lock(&self.reserving).remove(&key);
+        written?.ok_or_else(|| "the run ended before its tokens were set aside".to_string())
     }
 
     fn release_reservation_later(&self, lease: Lease, seq: u32) {
+        // Not written yet: the write sets nothing aside instead.
+        if let Some(released) = lock(&self.reserving).get_mut(&(lease, seq)) {
+            *released = true;
+            return;
+        }
         self.on_journal_later(
             lease,
             "could not release the token reservation of a model call its run cut off before sending it (it stays counted against the budget)",
@@ -261,5 +293,61 @@ impl RunHooks for RunSide {
             ),
             Applied::Moved(_) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Budget;
+    use crate::runtime::RunHooks;
+    use crate::task::NewTask;
+
+    /// A run dropped while its reservation waits for the journal's lock
+    /// (another run's write holds it) leaves nothing reserved: its release,
+    /// asked for from the drop, went first and deleted nothing, and the
+    /// reservation written after counted against the budgets for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // holding the journal's lock is the point
+    async fn a_reservation_given_back_before_it_is_written_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        let mut q = Queue::open(&db).unwrap();
+        q.submit(&NewTask::new("a", "{}")).unwrap();
+        let lease = q.claim("a", 1).unwrap()[0].lease;
+        let path = db.clone();
+        let side = Arc::new(RunSide::new(Arc::new(move || Queue::open(&path)), true));
+        // Open the journal connection, then hold its lock.
+        side.reserve_tokens(lease, 1, 0, Some(1000)).await.unwrap();
+        let held = side.journal.lock().unwrap();
+        let run = {
+            let side = side.clone();
+            tokio::spawn(async move { side.reserve_tokens(lease, 2, 100, Some(1000)).await })
+        };
+        while !lock(&side.reserving).contains_key(&(lease, 2)) {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // The run is dropped (its deadline passed) and gives its tokens back.
+        run.abort();
+        side.release_reservation_later(lease, 2);
+        // The write, still to come, gives it back by not being made: no
+        // release races it for the lock (with a std Mutex's waiters woken
+        // in no set order, the write could come second and stay).
+        assert!(
+            lock(&side.releases).is_empty(),
+            "a release was sent to race the write"
+        );
+        drop(held);
+        // The write gave up its place.
+        while !lock(&side.reserving).is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        side.settle_releases(tokio::time::Instant::now() + std::time::Duration::from_secs(10))
+            .await;
+        assert_eq!(
+            q.reserve_model_tokens(lease, 3, 0, Some(1000)).unwrap(),
+            Budget::Reserved { left: 1000 },
+            "nothing stays reserved"
+        );
     }
 }

@@ -153,6 +153,18 @@ on_both_drivers! {
             .collect();
         assert_eq!(claimed, vec![low]);
         assert_eq!(q.get(other).unwrap().state, State::Ready);
+        // Tasks claimed together come in the order they are claimed by,
+        // which is the order a daemon starts them in (they came by id).
+        let ids: Vec<i64> = [0, 10, 0, 5]
+            .into_iter()
+            .map(|priority| {
+                let mut task = NewTask::new("c", "{}");
+                task.priority = priority;
+                q.submit(&task).unwrap().id
+            })
+            .collect();
+        let claimed: Vec<i64> = q.claim("c", 4).unwrap().iter().map(|c| c.lease.task_id).collect();
+        assert_eq!(claimed, [ids[1], ids[3], ids[0], ids[2]]);
     }
 
     /// A claim of more tasks than one statement writes (23 = 16 + 4 + 1 + 1
@@ -1206,7 +1218,7 @@ on_both_drivers! {
         assert_eq!(q.get(submitted[1].id).unwrap().run_at, batch[1].run_at.unwrap());
         // The chain's token budget, which no read of a task shows.
         let first_two = q.claim("a", 2).unwrap();
-        assert_eq!(first_two[1].lease.task_id, submitted[0].id, "priority 5 first");
+        assert_eq!(first_two[0].lease.task_id, submitted[0].id, "priority 5 first");
         for task in &first_two {
             let left = q.reserve_model_tokens(task.lease, 1, 0, None).unwrap();
             assert_eq!(left, colony::models::Budget::Reserved { left: 77 });

@@ -229,12 +229,15 @@ pub(super) fn claim_in(
                 task.attempt
             ),
         });
-        out.push(task);
+        out.push((row.get::<i64>(8)?, task));
     }
     insert_events(tx, &events, actor, now)?;
-    // RETURNING gives no order guarantee; hand tasks out in claim order.
-    out.sort_by_key(|t| t.lease.task_id);
-    Ok(out)
+    // In the order they are claimed by, highest priority first: a daemon
+    // starts the tasks it claimed ahead in this order (it ran them by id,
+    // a priority 10 task after the priority 0 ones claimed with it), and
+    // RETURNING gives no order at all.
+    out.sort_by_key(|(priority, t)| (std::cmp::Reverse(*priority), t.lease.task_id));
+    Ok(out.into_iter().map(|(_, task)| task).collect())
 }
 
 /// The tasks a claim on SQLite takes, as they will be once claimed; the
@@ -252,7 +255,7 @@ pub(super) fn claim_in(
 ///   the index usable and the statement prepared once.
 const CLAIMABLE_SQLITE: &str = "SELECT id, payload, attempts + 1, max_attempts,
         (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms,
-        COALESCE(root_id, id)
+        COALESCE(root_id, id), priority
  FROM tasks WHERE state = 'ready' AND agent = +?1
  ORDER BY priority DESC, id LIMIT +?2";
 
@@ -276,7 +279,7 @@ const CLAIM_POSTGRES: &str =
               ORDER BY priority DESC, id LIMIT ?5 FOR UPDATE SKIP LOCKED)
  RETURNING id, payload, attempts, max_attempts,
            (SELECT p.result FROM tasks p WHERE p.id = tasks.parent_id), feedback, timeout_ms,
-           COALESCE(root_id, id)";
+           COALESCE(root_id, id), priority";
 
 /// Renews leases; answers those that were lost.
 pub(super) fn heartbeat_in(tx: &dyn Sql, leases: &[Lease], now: i64) -> Result<Vec<Lease>> {

@@ -512,6 +512,9 @@ on_both_drivers! {
 
     fn bad_input_exits_2_and_stores_nothing(db) {
         let env = Env::on(db, &["echo"]);
+        // A queue that exists, holding no task: readers refuse a missing
+        // file before they could say a task does not exist.
+        env.ok(&["state", "set", "--agent", "echo", "k", "1"]);
         let folder = env.data.path().to_str().unwrap().to_string();
         let cases: &[(&[&str], &str)] = &[
             (&["submit", "echo", "{not json"], "payload"),
@@ -3340,6 +3343,23 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
         let said = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "colony {args:?}: {said}");
         assert!(said.contains("invalid"), "colony {args:?}: {said}");
+        assert!(!missing.exists(), "colony {args:?} created {db}");
+    }
+    // A task waiting for another: a new database holds none (it said task
+    // 5 does not exist, and left the new file behind).
+    let after = env.file("after.jsonl", "{\"agent\":\"echo\",\"after\":[5]}\n");
+    for args in [
+        &["submit", "echo", "{}", "--after", "5"][..],
+        &["submit", "--batch", &after],
+    ] {
+        let out = env.run(&[&["--db", db], args].concat());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "colony {args:?}: {said}");
+        assert!(
+            said.contains("task 5 does not exist: there is no database at")
+                && said.contains("colony-typo.db yet"),
+            "colony {args:?}: {said}"
+        );
         assert!(!missing.exists(), "colony {args:?} created {db}");
     }
 

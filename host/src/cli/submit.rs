@@ -26,6 +26,7 @@ pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
         }
         None => crate::queue::check_new_task(&tasks[0])?,
     }
+    refuse_waits_on_a_new_database(&cli.db, &tasks)?;
     let mut queue = open_queue(&cli.db, &identity("cli"))?;
     // `--in` counts from the queue's clock (PostgreSQL's server decides
     // when a task is due), not this host's, which may be off.
@@ -41,6 +42,23 @@ pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
     };
     warn_about_missing_agents(&cli.agents, &tasks);
     output::print_submitted(&queue, &submitted, args.batch.is_some(), cli.json)
+}
+
+/// A task waiting for others needs them stored already: a SQLite database
+/// this submit would create holds none, so the submit is refused without
+/// creating it (it said so, and left a new file behind).
+fn refuse_waits_on_a_new_database(db: &Path, tasks: &[NewTask]) -> Result<()> {
+    let Some(missing) = tasks.iter().find_map(|t| t.depends_on.first()) else {
+        return Ok(());
+    };
+    match crate::queue::Location::of(db) {
+        crate::queue::Location::Sqlite(path) if !path.exists() => Err(bad(format!(
+            "invalid after: task {missing} does not exist: there is no database at {} yet, so \
+             no task was ever submitted there; check --db (or COLONY_DB)",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A batch's error, naming the line of the task at fault.
@@ -263,13 +281,18 @@ pub(crate) fn parse_naming_field<T: serde::de::DeserializeOwned>(text: &str) -> 
     Ok(value)
 }
 
+fn empty_payload() -> serde_json::Value {
+    serde_json::json!({})
+}
+
 /// One line of `submit --batch`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchLine {
     agent: String,
-    #[serde(default)]
-    payload: Option<serde_json::Value>,
+    /// `{}` when left out; a `null` given is kept, as `submit AGENT null` keeps it.
+    #[serde(default = "empty_payload")]
+    payload: serde_json::Value,
     #[serde(default)]
     priority: i32,
     #[serde(default)]
@@ -316,8 +339,7 @@ pub fn parse_batch_line(line: &str) -> Result<NewTask, String> {
         ));
     }
     let parsed: BatchLine = parse_naming_field(line).map_err(|e| within_the_line(&e))?;
-    let payload = parsed.payload.unwrap_or_else(|| serde_json::json!({}));
-    let mut task = NewTask::new(parsed.agent, payload.to_string());
+    let mut task = NewTask::new(parsed.agent, parsed.payload.to_string());
     task.priority = parsed.priority;
     if let Some(n) = parsed.max_attempts {
         task.max_attempts = n;
@@ -431,7 +453,17 @@ pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
 
 #[cfg(test)]
 mod tests {
-    use super::shell_word;
+    use super::{parse_batch_line, shell_word};
+
+    /// A payload left out is `{}`; one given as `null` stays `null`, as
+    /// `colony submit AGENT null` and `--next` keep it (it became `{}`).
+    #[test]
+    fn a_batch_lines_payload_is_kept_as_given() {
+        let payload = |line: &str| parse_batch_line(line).unwrap().payload;
+        assert_eq!(payload(r#"{"agent": "echo"}"#), "{}");
+        assert_eq!(payload(r#"{"agent": "echo", "payload": null}"#), "null");
+        assert_eq!(payload(r#"{"agent": "echo", "payload": [1]}"#), "[1]");
+    }
 
     #[test]
     fn shell_words_are_quoted_only_when_the_shell_would_change_them() {

@@ -242,7 +242,7 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool, line: bool) -> 
         return print_json(&summary);
     }
     say!(
-        "daemon done: {} runs, {} complete, {} to review, {} retried, {} failed, {} stopped (cancelled, or their lease reset), {} released",
+        "daemon done: {} runs, {} complete, {} sent to review, {} retried, {} failed, {} stopped (cancelled, or their lease reset), {} released",
         summary.runs,
         summary.completed,
         summary.to_review,

@@ -3371,6 +3371,39 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
     assert_eq!(shown["state"], "ready", "{shown}");
 }
 
+/// The tasks a run spawned, held while its task waits in review, are
+/// shown to the person deciding (show listed the held state writes and
+/// effects, not them: an approval created tasks nobody had seen).
+#[test]
+fn a_task_in_review_shows_the_tasks_its_run_spawned() {
+    let env = Env::new(&["spawner", "echo"]);
+    let payload = r#"{"children":[{"agent":"echo","payload":{"k":1}}]}"#;
+    let id = env.submit(&["spawner", payload, "--review"]);
+    env.until_idle(&[]);
+    let shown = env.show(id);
+    assert_eq!(shown["state"], "review", "{shown}");
+    assert_eq!(shown["held_children"][0]["agent"], "echo", "{shown}");
+    assert_eq!(
+        shown["held_children"][0]["payload"],
+        serde_json::json!({"k": 1})
+    );
+    assert_eq!(shown["children"], serde_json::json!([]), "none created yet");
+    let text = env.ok(&["show", &id.to_string()]);
+    assert!(
+        text.contains("tasks spawned, held for review (created if approved):")
+            && text.contains(r#"echo  priority 0  {"k":1}"#),
+        "{text}"
+    );
+    env.ok(&["review", &id.to_string(), "approve"]);
+    let shown = env.show(id);
+    assert_eq!(shown["held_children"], serde_json::json!([]), "{shown}");
+    assert_eq!(
+        shown["children"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+}
+
 /// A run whose output the queue refuses is logged by the daemon with where
 /// to read why (it said only "refused by the queue"), and the task says it.
 #[test]

@@ -709,7 +709,8 @@ on_both_drivers! {
         assert_eq!(
             payload,
             json!({"task_id": id, "agent": "writer", "payload": {"topic": "t"}, "payload_bytes": 13,
-                   "output": {"draft": 1}, "output_bytes": 11, "effects": [], "state_writes": []})
+                   "output": {"draft": 1}, "output_bytes": 11, "effects": [], "state_writes": [],
+                   "children": []})
         );
         q.finish(
             review.lease,
@@ -723,12 +724,21 @@ on_both_drivers! {
             (State::Ready, Some("more detail"))
         );
 
-        // The reviewer sees what approval would release: the run's effects
-        // and state writes.
+        // The reviewer sees what approval would release: the run's effects,
+        // state writes and the tasks it spawned.
         let lease = claim_one(&mut q, "writer");
         let run = colony::queue::FinishedRun {
             lease,
-            outcome: ok(json!({"draft": 2})),
+            outcome: RunOutcome::Success {
+                output: json!({"draft": 2}).to_string(),
+                spawn: vec![SpawnSpec {
+                    agent: "printer".into(),
+                    payload: r#"{"copies":2}"#.into(),
+                    priority: 3,
+                    review: false,
+                }],
+                needs_review: false,
+            },
             log: String::new(),
             state: vec![colony::state::Write {
                 scope: colony::state::Scope::Agent,
@@ -758,9 +768,16 @@ on_both_drivers! {
             ),
             "{payload}"
         );
+        let held = json!([{"agent": "printer", "payload": {"copies": 2}, "priority": 3, "review": false}]);
+        assert_eq!(payload["children"], held, "{payload}");
+        // And a person, through `colony show`.
+        assert_eq!(json!(q.held_children(id).unwrap()), held);
+        assert!(q.children(id).unwrap().iter().flatten().all(|c| c.agent != "printer"));
         q.finish(review.lease, ok(json!({"approve": true})), "")
             .unwrap();
         assert_eq!(q.get(id).unwrap().state, State::Complete);
+        assert!(q.held_children(id).unwrap().is_empty(), "created, no longer held");
+        assert!(q.children(id).unwrap().iter().flatten().any(|c| c.agent == "printer"));
 
         // What a reviewer's payload shows is bounded (1 MiB of bodies and
         // values, in the run's order): one past it is null beside its size,
@@ -1218,7 +1235,7 @@ on_both_drivers! {
         assert_eq!(q.get(submitted[1].id).unwrap().run_at, batch[1].run_at.unwrap());
         // The chain's token budget, which no read of a task shows.
         let first_two = q.claim("a", 2).unwrap();
-        assert_eq!(first_two[0].lease.task_id, submitted[0].id, "priority 5 first");
+        assert_eq!(first_two[1].lease.task_id, submitted[0].id, "priority 5 first");
         for task in &first_two {
             let left = q.reserve_model_tokens(task.lease, 1, 0, None).unwrap();
             assert_eq!(left, colony::models::Budget::Reserved { left: 77 });

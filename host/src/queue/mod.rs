@@ -589,6 +589,12 @@ impl Queue {
         self.read(|db| reads::list(db, filter))
     }
 
+    /// The tasks task `id`'s run spawned, held while it waits in review
+    /// (created if approved), in the order the run spawned them.
+    pub fn held_children(&self, id: i64) -> Result<Vec<crate::task::NextSpec>> {
+        self.read(|db| review::held_children(db, id))
+    }
+
     /// The children of a task (from chains and spawns), oldest first.
     pub fn children(&self, parent_id: i64) -> Result<Vec<TaskRow>> {
         self.read(|db| reads::children(db, parent_id))

@@ -130,8 +130,10 @@ pub(super) fn enter_review(
         // Their sizes beside them say which null is one.
         let (payload_bytes, output_bytes) = (payload.len(), output.len());
         let (payload, output) = (fits_one_deeper(&payload), fits_one_deeper(output));
+        // What approval would create, as `colony show` lists it.
+        let children = spawned.as_deref().map_or("[]", fits_one_deeper);
         let review_payload = format!(
-            r#"{{"task_id":{id},"agent":{},"payload":{payload},"payload_bytes":{payload_bytes},"output":{output},"output_bytes":{output_bytes},"effects":{effects},"state_writes":{state_writes}}}"#,
+            r#"{{"task_id":{id},"agent":{},"payload":{payload},"payload_bytes":{payload_bytes},"output":{output},"output_bytes":{output_bytes},"effects":{effects},"state_writes":{state_writes},"children":{children}}}"#,
             serde_json::Value::String(agent),
         );
         validate_json("review payload", &review_payload, usize::MAX)?;
@@ -144,6 +146,18 @@ pub(super) fn enter_review(
         )?;
     }
     Ok(to)
+}
+
+/// The tasks task `id`'s run spawned, held while it waits in review
+/// (created if approved).
+pub(super) fn held_children(tx: &dyn Sql, id: i64) -> Result<Vec<NextSpec>> {
+    let spawned: Option<String> =
+        tx.query_value("SELECT spawned FROM tasks WHERE id = ?1", args![id])?;
+    match spawned {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| QueueError::Corrupt(format!("task {id} spawned: {e}"))),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// `json`, or `null` when it is nested too deeply to be shown one level
@@ -380,13 +394,9 @@ pub(super) fn approve_in(
         &json!({"note": note}),
         now,
     )?;
-    let row = tx.query_one("SELECT result, spawned FROM tasks WHERE id = ?1", args![id])?;
-    let (output, spawned): (Option<String>, Option<String>) = (row.get(0)?, row.get(1)?);
-    let spawn: Vec<NextSpec> = match spawned {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| QueueError::Corrupt(format!("task {id} spawned: {e}")))?,
-        None => Vec::new(),
-    };
+    let output: Option<String> =
+        tx.query_value("SELECT result FROM tasks WHERE id = ?1", args![id])?;
+    let spawn = held_children(tx, id)?;
     complete(
         tx,
         id,

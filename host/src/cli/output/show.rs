@@ -15,6 +15,8 @@ pub struct TaskDetail {
     pub effects: Vec<EffectRow>,
     /// The state writes it holds while in review.
     pub held_writes: Vec<crate::state::Write>,
+    /// The tasks its run spawned, held while in review.
+    pub held_children: Vec<crate::task::NextSpec>,
     /// Its chain's root, token budget and spend.
     pub chain_budget: crate::queue::ChainBudget,
 }
@@ -30,6 +32,7 @@ impl TaskDetail {
             model_calls: queue.model_calls(id)?,
             effects: queue.effects(Some(id), None, u32::MAX)?,
             held_writes: queue.held_writes(id)?,
+            held_children: queue.held_children(id)?,
             chain_budget: queue.chain_budget(id)?,
         })
     }
@@ -44,6 +47,7 @@ pub fn task_detail_json(detail: &TaskDetail) -> Value {
         json!({"root_id": chain.root, "token_budget": chain.budget, "spent_tokens": chain.spent});
     value["model_calls"] = model_calls_json(&detail.model_calls);
     value["held_state"] = detail.held_writes.iter().map(held_write_json).collect();
+    value["held_children"] = json!(detail.held_children);
     value["effects"] = Value::Array(
         detail
             .effects
@@ -76,6 +80,7 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         model_calls,
         effects,
         held_writes,
+        held_children,
         chain_budget,
     } = detail;
     let mut out = std::io::stdout().lock();
@@ -186,6 +191,23 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
             e.actor,
             printable_json(&e.detail.to_string())
         )?;
+    }
+    if !held_children.is_empty() {
+        writeln!(out, "tasks spawned, held for review (created if approved):")?;
+        for child in held_children {
+            let chained = match child.next.len() {
+                0 => String::new(),
+                n => format!("  then {n} chained"),
+            };
+            writeln!(
+                out,
+                "  {}  priority {}{}  {}{chained}",
+                printable(&child.agent),
+                child.priority,
+                if child.review { "  review" } else { "" },
+                short(&child.payload.to_string(), 200)
+            )?;
+        }
     }
     if !held_writes.is_empty() {
         writeln!(out, "state writes held for review (committed if approved):")?;

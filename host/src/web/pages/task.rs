@@ -118,6 +118,7 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
             }
             (model_calls(d))
             (state_writes(page))
+            (held_children(page))
             @if !d.effects.is_empty() {
                 section {
                     h2 { "Effects" }
@@ -250,6 +251,21 @@ fn model_calls(d: &TaskDetail) -> Markup {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What the run spawned, created only if the review approves.
+fn held_children(page: &TaskPage) -> Markup {
+    let children = &page.detail.held_children;
+    if children.is_empty() {
+        return html! {};
+    }
+    html! {
+        section {
+            h2 { "Spawned tasks" }
+            p.muted { "Held until the review approves: created then." }
+            pre.json { (serde_json::to_string_pretty(children).unwrap_or_default()) }
         }
     }
 }

@@ -746,6 +746,28 @@ on_both_drivers! {
         );
     }
 
+    /// The daemon that resets a crashed daemon's leases says so when it is
+    /// done, and how many of those tasks failed for good: its closing line
+    /// said "0 failed" while `status` counted the failures it had made.
+    fn a_daemon_counts_the_expired_leases_it_reset(db) {
+        let env = Env::on(db, &["sleeper"]);
+        let last_chance = env.submit(&["sleeper", r#"{"ms": 2000}"#, "--max-attempts", "1"]);
+        let again = env.submit(&["sleeper", r#"{"ms": 2000}"#]);
+        let mut victim = env.daemon(&QUICK_LEASES);
+        wait_for("both tasks to be claimed", Duration::from_secs(20), || {
+            [last_chance, again].iter().all(|&id| env.queue().get(id).unwrap().state == State::InProgress)
+        });
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        let out = env.ok_with_env(&[&["--json", "daemon", "--until-idle"][..], &QUICK_LEASES].concat(), &[]);
+        let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((&summary["leases_reset"], &summary["leases_reset_failed"]), (&serde_json::json!(2), &serde_json::json!(1)), "{summary}");
+        assert_eq!((&summary["completed"], &summary["released"], &summary["given_back"]), (&serde_json::json!(1), &serde_json::json!(0), &serde_json::json!(0)), "{summary}");
+        assert_eq!(env.queue().get(last_chance).unwrap().state, State::Failed);
+        let out = env.ok_with_env(&[&["daemon", "--until-idle"][..], &QUICK_LEASES].concat(), &[]);
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("expired lease"), "nothing left to reset");
+    }
+
     /// A database outage longer than `stale_after`: no host could renew its
     /// leases, so the first daemon back must not reset those of a live
     /// daemon that reconnects a moment later; a dead one's it still resets.

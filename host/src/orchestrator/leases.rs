@@ -10,9 +10,10 @@ use tokio::task::JoinHandle;
 use super::Daemon;
 use super::prefetch::Prefetch;
 use crate::queue::{
-    Applied, CLOCK_STEP_MS, FinishedRun, Lease, Queue, QueueError, StaleGuard, clock_ran_ahead,
+    Applied, CLOCK_STEP_MS, ExpiredLease, FinishedRun, Lease, Queue, QueueError, StaleGuard,
+    clock_ran_ahead,
 };
-use crate::task::{ErrorKind, RunOutcome, TaskError};
+use crate::task::{ErrorKind, RunOutcome, State, TaskError};
 
 /// How many ms this host's clock ran ahead of the monotonic one since
 /// `seen` (an instant and the clock then).
@@ -27,6 +28,11 @@ fn clock_jumped(ms: i64) -> String {
         humantime::format_duration(by)
     )
 }
+
+/// What a heartbeat's write came to: the leases it found lost, the
+/// expired leases of other runs it reset, and why its own renewals may
+/// have come too late (a stall, a clock step).
+type Renewal = (Vec<Lease>, Vec<ExpiredLease>, Option<String>);
 
 impl Daemon {
     /// Every lease this daemon renews: running, waiting for a slot, or
@@ -68,71 +74,72 @@ impl Daemon {
         let queue = &mut self.queue;
         // The leases are renewed as of about now, whenever the write returns.
         let started = Instant::now();
-        let result = tokio::task::block_in_place(
-            || -> Result<(Vec<Lease>, usize, Option<String>), QueueError> {
-                // A daemon whose file was deleted would go on claiming and
-                // completing where no other command looks.
-                queue.check_database_file()?;
-                // Only a run that still holds its claim: an older run of a task
-                // re-claimed here must not write over the new claim's progress.
-                for (lease, text) in &progress {
-                    if !leases.contains(lease) {
-                        continue;
-                    }
-                    // A progress text the database refuses is the run's
-                    // problem: it must not keep every lease from renewal.
-                    match queue.record_progress(*lease, text.as_deref()) {
-                        Err(e) if !e.is_transient() && !e.is_permanent() => {
-                            tracing::warn!(task = lease.task_id, "progress not recorded: {e}");
-                        }
-                        other => drop(other?),
-                    }
+        let result = tokio::task::block_in_place(|| -> Result<Renewal, QueueError> {
+            // A daemon whose file was deleted would go on claiming and
+            // completing where no other command looks.
+            queue.check_database_file()?;
+            // Only a run that still holds its claim: an older run of a task
+            // re-claimed here must not write over the new claim's progress.
+            for (lease, text) in &progress {
+                if !leases.contains(lease) {
+                    continue;
                 }
-                let lost = if leases.is_empty() {
-                    // Nothing to renew, but a waiting reaper must learn whether
-                    // the database takes writes again.
-                    // (While it waits to reap, also the wait at its start:
-                    // an outage then must restart that wait, not end it.)
-                    if !may_reap {
-                        queue.check_writable()?;
+                // A progress text the database refuses is the run's
+                // problem: it must not keep every lease from renewal.
+                match queue.record_progress(*lease, text.as_deref()) {
+                    Err(e) if !e.is_transient() && !e.is_permanent() => {
+                        tracing::warn!(task = lease.task_id, "progress not recorded: {e}");
                     }
-                    Vec::new()
-                } else {
-                    queue.heartbeat(&leases)?
-                };
-                // Nor a reset that only reached the rows after such a stall,
-                // or after the clock stepped (checked at the start too).
-                let jumped = clock_jump_since(clock_seen);
-                let expired =
-                    match may_reap && started.elapsed() <= long_stall && jumped <= CLOCK_STEP_MS {
-                        true => {
-                            let guard = StaleGuard {
-                                deadline: Some(started + long_stall),
-                                resumed_at,
-                                clock_seen: Some(clock_seen),
-                            };
-                            queue.reset_stale_leases_guarded(stale_after, guard)?
-                        }
-                        false => Vec::new(),
-                    };
-                // A step the reset's own check caught is said now, not at
-                // the next heartbeat.
-                let jumped = jumped.max(clock_jump_since(clock_seen));
-                let stalled = match () {
-                    _ if started.elapsed() > long_stall => {
-                        Some("the heartbeat's write stalled for most of stale_after".to_string())
-                    }
-                    _ if jumped > CLOCK_STEP_MS => Some(clock_jumped(jumped)),
-                    _ => None,
-                };
-                for lease in &expired {
-                    tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
+                    other => drop(other?),
                 }
-                Ok((lost, expired.len(), stalled))
-            },
-        );
+            }
+            let lost = if leases.is_empty() {
+                // Nothing to renew, but a waiting reaper must learn whether
+                // the database takes writes again.
+                // (While it waits to reap, also the wait at its start:
+                // an outage then must restart that wait, not end it.)
+                if !may_reap {
+                    queue.check_writable()?;
+                }
+                Vec::new()
+            } else {
+                queue.heartbeat(&leases)?
+            };
+            // Nor a reset that only reached the rows after such a stall,
+            // or after the clock stepped (checked at the start too).
+            let jumped = clock_jump_since(clock_seen);
+            let expired =
+                match may_reap && started.elapsed() <= long_stall && jumped <= CLOCK_STEP_MS {
+                    true => {
+                        let guard = StaleGuard {
+                            deadline: Some(started + long_stall),
+                            resumed_at,
+                            clock_seen: Some(clock_seen),
+                        };
+                        queue.reset_stale_leases_guarded(stale_after, guard)?
+                    }
+                    false => Vec::new(),
+                };
+            // A step the reset's own check caught is said now, not at
+            // the next heartbeat.
+            let jumped = jumped.max(clock_jump_since(clock_seen));
+            let stalled = match () {
+                _ if started.elapsed() > long_stall => {
+                    Some("the heartbeat's write stalled for most of stale_after".to_string())
+                }
+                _ if jumped > CLOCK_STEP_MS => Some(clock_jumped(jumped)),
+                _ => None,
+            };
+            for lease in &expired {
+                tracing::warn!(task = lease.task_id, holder = %lease.holder, to = %lease.to, "reset an expired lease");
+            }
+            Ok((lost, expired, stalled))
+        });
         match result {
             Ok((lost, expired, stalled)) => {
+                self.summary.leases_reset += expired.len() as u64;
+                self.summary.leases_reset_failed +=
+                    expired.iter().filter(|e| e.to == State::Failed).count() as u64;
                 self.renewed_at = started;
                 if let Some(lasted) = self.heartbeat_errors.succeeded() {
                     tracing::info!(
@@ -147,7 +154,7 @@ impl Daemon {
                 }
                 self.renewals_answered();
                 self.drop_lost(&lost);
-                !lost.is_empty() || expired > 0
+                !lost.is_empty() || !expired.is_empty()
             }
             Err(e) if e.is_permanent() => {
                 self.unusable = Some(e);
@@ -245,7 +252,7 @@ impl Daemon {
                 .flatten()
                 .map(|t| t.lease)
                 .collect();
-            self.release_all(&leases, false);
+            self.summary.given_back += self.release_all(&leases, false);
         }
     }
 
@@ -277,7 +284,7 @@ impl Daemon {
                 tasks = leases.len(),
                 "this agent's runs have grown long: giving back the tasks claimed ahead for it, for any daemon with a free slot"
             );
-            self.release_all(&leases, false);
+            self.summary.given_back += self.release_all(&leases, false);
         }
     }
 
@@ -387,7 +394,7 @@ impl Daemon {
             .flat_map(|(_, b)| b)
             .map(|t| t.lease)
             .collect();
-        self.release_all(&waiting, false);
+        self.summary.released += self.release_all(&waiting, false);
         self.release_unconfirmed_claims();
         // Finished work is stored as it finishes, exactly as in normal
         // operation: a second signal or a SIGKILL during the grace must not
@@ -486,7 +493,7 @@ impl Daemon {
             .into_iter()
             .filter(|l| !reported.contains(l))
             .collect();
-        self.release_all(&interrupted, true);
+        self.summary.released += self.release_all(&interrupted, true);
         for attempt in 1..=10 {
             if self.unwritten.is_empty() {
                 break;
@@ -507,8 +514,10 @@ impl Daemon {
     }
 
     /// Gives `leases` back; `started`: their runs began (see
-    /// `Queue::release_unstarted` for those that did not).
-    pub(super) fn release_all(&mut self, leases: &[Lease], started: bool) {
+    /// `Queue::release_unstarted` for those that did not). Returns how many
+    /// went back to `ready` (the others had lost their lease).
+    pub(super) fn release_all(&mut self, leases: &[Lease], started: bool) -> u64 {
+        let mut released = 0;
         for lease in leases {
             let release = |queue: &mut Queue| match started {
                 true => queue.release(*lease),
@@ -526,7 +535,7 @@ impl Daemon {
             }
             match result {
                 Ok(Applied::Moved(_)) => {
-                    self.summary.released += 1;
+                    released += 1;
                     tracing::info!(task = lease.task_id, "released back to ready");
                 }
                 Ok(Applied::LeaseLost) => {}
@@ -538,6 +547,7 @@ impl Daemon {
                 }
             }
         }
+        released
     }
 }
 

@@ -68,6 +68,14 @@ pub struct DaemonSummary {
     pub lost: u64,
     /// Claimed tasks given back to `ready` at shutdown (interrupted or not started).
     pub released: u64,
+    /// Tasks claimed ahead and given back unstarted while the daemon ran
+    /// (their agent's runs grew long, or it was unloaded; claims whose
+    /// commit could not be confirmed), for any daemon with a free slot.
+    pub given_back: u64,
+    /// Expired leases of other runs (a crashed daemon's, say) this daemon
+    /// reset, and how many of those tasks failed for good (no attempt left).
+    pub leases_reset: u64,
+    pub leases_reset_failed: u64,
     /// Finished runs whose results could not be stored before the daemon
     /// ended (the database failing at shutdown): their leases expire and
     /// the tasks run again.

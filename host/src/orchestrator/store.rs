@@ -218,7 +218,7 @@ impl Daemon {
                     tasks = ?released,
                     "gave back tasks claimed in a transaction whose commit could not be confirmed"
                 );
-                self.summary.released += released.len() as u64;
+                self.summary.given_back += released.len() as u64;
             }
             Ok(_) => {}
             Err(e) => tracing::error!(
@@ -235,7 +235,7 @@ impl Daemon {
         }
         if self.agents.loaded(&agent).is_none() {
             let leases: Vec<Lease> = tasks.iter().map(|t| t.lease).collect();
-            self.release_all(&leases, false);
+            self.summary.given_back += self.release_all(&leases, false);
             return;
         }
         self.prefetched.entry(agent).or_default().extend(tasks);
@@ -433,6 +433,30 @@ mod tests {
     use crate::orchestrator::{Daemon, DaemonConfig, InFlight};
     use crate::queue::{FinishedRun, Queue};
     use crate::task::{NewTask, RunOutcome};
+
+    /// Tasks claimed for an agent unloaded meanwhile go back unstarted,
+    /// counted as given back while the daemon ran, not as released at
+    /// shutdown (its closing line said "846 released" of a daemon that
+    /// finished every task).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_given_back_while_running_are_not_counted_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("colony.db");
+        let mut other = Queue::open(&db).unwrap();
+        for _ in 0..2 {
+            other.submit(&NewTask::new("gone", "{}")).unwrap();
+        }
+        let agents = dir.path().join("agents");
+        let mut daemon = Daemon::for_test(&db, &agents, DaemonConfig::default()).await;
+        let claimed = daemon.queue.claim("gone", 2).unwrap();
+        daemon.take_claimed("gone".into(), claimed);
+        assert_eq!((daemon.summary.given_back, daemon.summary.released), (2, 0));
+        assert_eq!(
+            other.claim("gone", 2).unwrap().len(),
+            2,
+            "both back in ready"
+        );
+    }
 
     /// A result sent in the instant before its run was stopped, its lease
     /// lost (here: its task cancelled), is refused on the trail like one

@@ -227,6 +227,9 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool, line: bool) -> 
             "failed": summary.failed,
             "lost": summary.lost,
             "released": summary.released,
+            "given_back": summary.given_back,
+            "leases_reset": summary.leases_reset,
+            "leases_reset_failed": summary.leases_reset_failed,
             "unstored": summary.unstored,
             "effects_sent": summary.effects_sent,
             "effects_failed": summary.effects_failed,
@@ -251,6 +254,19 @@ pub fn print_daemon_summary(summary: &DaemonSummary, json: bool, line: bool) -> 
         summary.lost,
         summary.released
     );
+    if summary.given_back > 0 {
+        say!(
+            "  {} task(s) claimed ahead were given back unstarted while it ran, their attempts returned (their agent's runs grew long, or it was unloaded)",
+            summary.given_back
+        );
+    }
+    if summary.leases_reset > 0 {
+        say!(
+            "  reset {} expired lease(s) of other runs (a daemon that crashed or stalled): {} of those tasks failed for good, no attempt left; the rest wait to run again",
+            summary.leases_reset,
+            summary.leases_reset_failed
+        );
+    }
     if summary.unstored > 0 {
         say!(
             "  {} finished run(s) could not be stored (the database failed at shutdown): their leases expire and those tasks run again",

@@ -58,10 +58,7 @@ fn interrupt(q: &mut Queue) -> Lease {
 
 /// Call `seq` asking the question `hash`, answered and charged 10 tokens.
 fn paid(seq: u32, hash: &str) -> ModelCall {
-    let mut paid = call(Usage {
-        input_tokens: 5,
-        output_tokens: 5,
-    });
+    let mut paid = call(Usage::new(5, 5));
     (paid.seq, paid.request_hash) = (seq, hash.to_string());
     paid
 }
@@ -118,10 +115,7 @@ on_both_drivers! {
             Budget::Refused { left: 90, by: BudgetOf::Chain { budget: 200, .. } }
         ));
         // a's call settles at 50 tokens: its reservation gives way to its charge.
-        let charged = Usage {
-            input_tokens: 30,
-            output_tokens: 20,
-        };
+        let charged = Usage::new(30, 20);
         q.record_model_call(a, 1, &call(charged)).unwrap();
         assert_eq!(
             q.reserve_model_tokens(b, 1, 110, None).unwrap(),
@@ -244,7 +238,7 @@ on_both_drivers! {
         q.reserve_model_tokens(a, 1, 100, None).unwrap(); // its record never came
         q.reserve_model_tokens(a, 2, 200, None).unwrap();
         q.reserve_model_tokens(a, 3, 300, None).unwrap();
-        let mut second = call(Usage { input_tokens: 30, output_tokens: 20 });
+        let mut second = call(Usage::new(30, 20));
         second.seq = 2;
         q.record_model_call(a, 1, &second).unwrap();
         q.release_model_reservation(a, 3).unwrap(); // cut off before it was sent
@@ -268,7 +262,7 @@ on_both_drivers! {
             assert_eq!(q.reserve_model_tokens(*lease, 1, 500, None).unwrap(), Budget::Unlimited);
         }
         // The second run's call came back and was recorded: settled.
-        let settled = q.record_model_call(leases[1], 1, &call(Usage { input_tokens: 7, output_tokens: 3 }));
+        let settled = q.record_model_call(leases[1], 1, &call(Usage::new(7, 3)));
         assert_eq!(settled.unwrap(), Applied::Moved(colony::task::State::InProgress));
         std::thread::sleep(Duration::from_millis(300));
         q.reset_stale_leases(Duration::from_millis(200)).unwrap();
@@ -291,10 +285,7 @@ on_both_drivers! {
         q.record_model_call(
             a,
             1,
-            &call(Usage {
-                input_tokens: 60,
-                output_tokens: 40,
-            }),
+            &call(Usage::new(60, 40)),
         )
         .unwrap();
         assert_eq!(
@@ -325,10 +316,7 @@ on_both_drivers! {
         let free = call(Usage::default());
         assert_eq!(q.record_model_call(a, 1, &free).unwrap(), Applied::LeaseLost);
         assert!(q.model_calls(a.task_id).unwrap().is_empty(), "nothing paid, nothing stored");
-        let charged = Usage {
-            input_tokens: 30,
-            output_tokens: 50,
-        };
+        let charged = Usage::new(30, 50);
         assert_eq!(q.record_model_call(a, 1, &call(charged)).unwrap(), Applied::LeaseLost);
         let calls = q.model_calls(a.task_id).unwrap();
         assert_eq!(
@@ -358,7 +346,7 @@ on_both_drivers! {
         refused.outcome = Err(colony::models::ModelError::NotGranted("not granted".into()));
         refused.sent = false;
         q.record_model_call(a, 1, &refused).unwrap();
-        let mut sent = call(Usage { input_tokens: 1, output_tokens: 1 });
+        let mut sent = call(Usage::new(1, 1));
         sent.seq = 2;
         sent.request.messages = vec![colony::models::Message::user("a sent prompt")];
         q.record_model_call(a, 1, &sent).unwrap();

@@ -138,13 +138,7 @@ async fn openai_answer_with_usage_and_bearer_key() {
     let reply = providers.complete(&req).await.unwrap();
     assert_eq!(reply.content, "Hello, commuter.");
     assert_eq!(reply.finish, Finish::Stop);
-    assert_eq!(
-        reply.usage,
-        Usage {
-            input_tokens: 30,
-            output_tokens: 7
-        }
-    );
+    assert_eq!(reply.usage, Usage::new(30, 7));
     assert_eq!(reply.model, "llama3.2");
 
     assert_eq!(server.count(), 1);
@@ -196,13 +190,7 @@ async fn anthropic_answer_moves_system_prompt_and_sends_key() {
         .unwrap();
     assert_eq!(reply.content, "A mug for the road.");
     assert_eq!(reply.finish, Finish::Stop);
-    assert_eq!(
-        reply.usage,
-        Usage {
-            input_tokens: 41,
-            output_tokens: 9
-        }
-    );
+    assert_eq!(reply.usage, Usage::new(41, 9));
     assert_eq!(reply.model, "claude-test");
 
     let sent = server.last_request();
@@ -911,10 +899,7 @@ fn cost_from_prices() {
         anthropic_alias(&server, "")
     );
     let providers = providers_for(&toml);
-    let usage = Usage {
-        input_tokens: 1_000_000,
-        output_tokens: 500_000,
-    };
+    let usage = Usage::new(1_000_000, 500_000);
     let cost = providers.cost_usd("fast", &usage).unwrap();
     assert!((cost - 0.45).abs() < 1e-9, "{cost}");
     assert_eq!(
@@ -925,6 +910,58 @@ fn cost_from_prices() {
     assert_eq!(providers.cost_usd("other", &usage), None);
     assert_eq!(providers.config("fast").unwrap().max_tokens, 1024);
     assert!(providers.has_alias("smart") && !providers.has_alias("other"));
+}
+
+/// Prompt tokens the provider's cache served or took in are priced at
+/// their own rates when the alias gives them (at the input price when it
+/// does not), and counted as input against budgets either way. They were
+/// all priced as input: OpenAI's cached reads (a discount) made the
+/// recorded cost too high, Anthropic's cache writes (a premium) too low.
+#[tokio::test]
+async fn prompt_cache_tokens_are_priced_at_their_own_rates() {
+    let server = ModelServer::start();
+    let prices = "input_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\n\
+                  cache_read_usd_per_mtok = 0.1\ncache_write_usd_per_mtok = 1.25";
+    let providers = providers_for(&format!(
+        "{}{}",
+        openai_alias(&server, prices),
+        anthropic_alias(&server, prices)
+    ));
+    let cached = || Scripted::CachedAnswer {
+        text: "ok".into(),
+        uncached_input: 200,
+        cache_read: 800,
+        cache_write: 1000,
+        output_tokens: 100,
+    };
+    let cost_of = |alias: &str, usage: &Usage| providers.cost_usd(alias, usage).unwrap();
+    // OpenAI reports no cache writes: those 1,000 are plain input.
+    server.push(cached());
+    let reply = providers.complete(&ask("fast", "hi")).await.unwrap();
+    assert_eq!(
+        reply.usage,
+        Usage {
+            cache_read_tokens: 800,
+            ..Usage::new(2000, 100)
+        }
+    );
+    let expected = (1200.0 * 1.0 + 800.0 * 0.1 + 100.0 * 2.0) / 1e6;
+    assert!((cost_of("fast", &reply.usage) - expected).abs() < 1e-12);
+    server.push(cached());
+    let reply = providers.complete(&ask("smart", "hi")).await.unwrap();
+    assert_eq!(
+        reply.usage,
+        Usage {
+            cache_read_tokens: 800,
+            cache_write_tokens: 1000,
+            ..Usage::new(2000, 100)
+        }
+    );
+    let expected = (200.0 * 1.0 + 800.0 * 0.1 + 1000.0 * 1.25 + 100.0 * 2.0) / 1e6;
+    assert!((cost_of("smart", &reply.usage) - expected).abs() < 1e-12);
+    // Without cache prices, at the input price.
+    let plain = providers_for(&openai_alias(&server, "input_usd_per_mtok = 1.0"));
+    assert!((plain.cost_usd("fast", &reply.usage).unwrap() - 2000.0 / 1e6).abs() < 1e-12);
 }
 
 /// A call tells whether a request is out with the provider (then a run cut

@@ -40,6 +40,19 @@ pub enum Scripted {
         input_tokens: u32,
         output_tokens: u32,
     },
+    /// A text answer part of whose prompt the provider's prompt cache served
+    /// (`cache_read`) or took in (`cache_write`), reported as each API
+    /// documents it: OpenAI within `prompt_tokens`, its reads as
+    /// `prompt_tokens_details.cached_tokens` (it reports no writes: they
+    /// count as plain input); Anthropic beside `input_tokens`, as
+    /// `cache_read_input_tokens` and `cache_creation_input_tokens`.
+    CachedAnswer {
+        text: String,
+        uncached_input: u32,
+        cache_read: u32,
+        cache_write: u32,
+        output_tokens: u32,
+    },
     /// A tool call (`arguments` is JSON), finish reason "tool calls".
     ToolCall {
         id: String,
@@ -401,6 +414,31 @@ async fn respond(scripted: Scripted, protocol: Protocol, request: &Value) -> Res
             StatusCode::OK,
             answer(protocol, model, &text, input_tokens, output_tokens),
         ),
+        Scripted::CachedAnswer {
+            text,
+            uncached_input,
+            cache_read,
+            cache_write,
+            output_tokens,
+        } => {
+            let prompt = uncached_input + cache_read + cache_write;
+            let mut body = answer(protocol, model, &text, prompt, output_tokens);
+            body["usage"] = match protocol {
+                Protocol::OpenAi => json!({
+                    "prompt_tokens": prompt,
+                    "completion_tokens": output_tokens,
+                    "total_tokens": prompt + output_tokens,
+                    "prompt_tokens_details": { "cached_tokens": cache_read, "audio_tokens": 0 },
+                }),
+                Protocol::Anthropic => json!({
+                    "input_tokens": uncached_input,
+                    "cache_read_input_tokens": cache_read,
+                    "cache_creation_input_tokens": cache_write,
+                    "output_tokens": output_tokens,
+                }),
+            };
+            reply(StatusCode::OK, body)
+        }
         Scripted::ToolCall {
             id,
             name,

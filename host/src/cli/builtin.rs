@@ -76,6 +76,8 @@ pub const CONFIG_TEMPLATE: &str = r#"# Colony's operator configuration (`--confi
 # tokens_per_minute = 40000
 # input_usd_per_mtok = 3.0              # cost is recorded when prices are given
 # output_usd_per_mtok = 15.0
+# cache_read_usd_per_mtok = 0.3         # prompt tokens read from its cache (default: the input price)
+# cache_write_usd_per_mtok = 3.75       # and written to it (default: the input price)
 "#;
 
 /// The files `colony init DIR` writes, with their contents: the agents

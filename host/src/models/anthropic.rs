@@ -187,12 +187,18 @@ pub(super) fn parse_reply(body: &[u8]) -> Result<(ChatReply, Option<Usage>), Str
         Some("tool_use") => Finish::ToolCalls,
         _ => Finish::Other,
     };
-    let usage = reply.usage.map(|u| Usage {
-        input_tokens: u
-            .input_tokens
-            .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
-            .saturating_add(u.cache_read_input_tokens.unwrap_or(0)),
-        output_tokens: u.output_tokens,
+    let usage = reply.usage.map(|u| {
+        let (written, read) = (
+            u.cache_creation_input_tokens.unwrap_or(0),
+            u.cache_read_input_tokens.unwrap_or(0),
+        );
+        let input_tokens = u.input_tokens.saturating_add(written).saturating_add(read);
+        Usage {
+            input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_tokens: read.min(input_tokens),
+            cache_write_tokens: written.min(input_tokens - read.min(input_tokens)),
+        }
     });
     Ok((
         ChatReply {
@@ -309,13 +315,7 @@ mod tests {
         assert_eq!(reply.finish, Finish::ToolCalls);
         assert_eq!(reply.tool_calls[0].arguments, r#"{"word":"mug"}"#);
         assert_eq!(reply.model, "claude-x");
-        assert_eq!(
-            usage,
-            Some(Usage {
-                input_tokens: 20,
-                output_tokens: 7
-            })
-        );
+        assert_eq!(usage, Some(Usage::new(20, 7)));
         assert!(parse_reply(br#"{"content":"oops"}"#).is_err());
     }
 
@@ -329,8 +329,9 @@ mod tests {
                      "cache_read_input_tokens":800,"output_tokens":5}}"#;
         let (reply, usage) = parse_reply(with_cache).unwrap();
         let expected = Usage {
-            input_tokens: 2003,
-            output_tokens: 5,
+            cache_read_tokens: 800,
+            cache_write_tokens: 1200,
+            ..Usage::new(2003, 5)
         };
         assert_eq!((reply.usage, usage), (expected, Some(expected)));
         let nulls = br#"{"content":[],"usage":{"input_tokens":3,"output_tokens":5,

@@ -53,6 +53,10 @@ pub struct ModelConfig {
     pub tokens_per_minute: Option<u32>,
     pub input_usd_per_mtok: Option<f64>,
     pub output_usd_per_mtok: Option<f64>,
+    /// The prices of prompt tokens read from the provider's prompt cache
+    /// and (Anthropic) written to it; unset, the input price.
+    pub cache_read_usd_per_mtok: Option<f64>,
+    pub cache_write_usd_per_mtok: Option<f64>,
     /// The reply limit of a call that sets none.
     pub max_tokens: u32,
 }
@@ -148,6 +152,8 @@ struct RawAlias {
     tokens_per_minute: Option<u32>,
     input_usd_per_mtok: Option<f64>,
     output_usd_per_mtok: Option<f64>,
+    cache_read_usd_per_mtok: Option<f64>,
+    cache_write_usd_per_mtok: Option<f64>,
     max_tokens: Option<u32>,
 }
 
@@ -162,6 +168,8 @@ const KEYS: &[&str] = &[
     "tokens_per_minute",
     "input_usd_per_mtok",
     "output_usd_per_mtok",
+    "cache_read_usd_per_mtok",
+    "cache_write_usd_per_mtok",
     "max_tokens",
 ];
 const REQUIRED: &[&str] = &["api", "base_url", "model"];
@@ -379,6 +387,8 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
     for (key, value) in [
         ("input_usd_per_mtok", raw.input_usd_per_mtok),
         ("output_usd_per_mtok", raw.output_usd_per_mtok),
+        ("cache_read_usd_per_mtok", raw.cache_read_usd_per_mtok),
+        ("cache_write_usd_per_mtok", raw.cache_write_usd_per_mtok),
     ] {
         if let Some(price) = value
             && !(price.is_finite() && price >= 0.0)
@@ -396,6 +406,8 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         tokens_per_minute: raw.tokens_per_minute,
         input_usd_per_mtok: raw.input_usd_per_mtok,
         output_usd_per_mtok: raw.output_usd_per_mtok,
+        cache_read_usd_per_mtok: raw.cache_read_usd_per_mtok,
+        cache_write_usd_per_mtok: raw.cache_write_usd_per_mtok,
         max_tokens: raw.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
     })
 }

@@ -136,11 +136,32 @@ pub struct ChatRequest {
 /// Tokens a call consumed, as the provider counted them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Usage {
+    /// Every prompt token, those served from or written to the provider's
+    /// prompt cache included (budgets count them all).
     pub input_tokens: u32,
     pub output_tokens: u32,
+    /// Of `input_tokens`, those read from the prompt cache and (Anthropic)
+    /// written to it: billed at their own prices.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_read_tokens: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Usage {
+    /// `input` prompt tokens (none from a cache) and `output` reply tokens.
+    pub fn new(input_tokens: u32, output_tokens: u32) -> Usage {
+        Usage {
+            input_tokens,
+            output_tokens,
+            ..Usage::default()
+        }
+    }
+
     pub fn total(&self) -> u64 {
         u64::from(self.input_tokens) + u64::from(self.output_tokens)
     }

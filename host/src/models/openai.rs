@@ -114,10 +114,20 @@ struct RawFunction {
     arguments: Value,
 }
 
+/// `prompt_tokens` includes those served from OpenAI's prompt cache,
+/// which `prompt_tokens_details.cached_tokens` counts (billed at a discount).
 #[derive(Deserialize)]
 struct RawUsage {
     prompt_tokens: u32,
     completion_tokens: u32,
+    #[serde(default)]
+    prompt_tokens_details: Option<RawPromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct RawPromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
 }
 
 /// The reply, and the usage when the server reported it.
@@ -156,6 +166,14 @@ pub(super) fn parse_reply(body: &[u8]) -> Result<(ChatReply, Option<Usage>), Str
     let usage = reply.usage.map(|u| Usage {
         input_tokens: u.prompt_tokens,
         output_tokens: u.completion_tokens,
+        // Never more than the prompt: a server's odd count cannot make
+        // the uncached part negative.
+        cache_read_tokens: u
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+            .min(u.prompt_tokens),
+        cache_write_tokens: 0,
     });
     Ok((
         ChatReply {

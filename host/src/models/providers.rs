@@ -259,7 +259,15 @@ impl Providers {
         if config.input_usd_per_mtok.is_none() && config.output_usd_per_mtok.is_none() {
             return None;
         }
-        let input = f64::from(usage.input_tokens) * config.input_usd_per_mtok.unwrap_or(0.0);
+        let input_price = config.input_usd_per_mtok.unwrap_or(0.0);
+        let (read, written) = (usage.cache_read_tokens, usage.cache_write_tokens);
+        let uncached = usage
+            .input_tokens
+            .saturating_sub(read)
+            .saturating_sub(written);
+        let input = f64::from(uncached) * input_price
+            + f64::from(read) * config.cache_read_usd_per_mtok.unwrap_or(input_price)
+            + f64::from(written) * config.cache_write_usd_per_mtok.unwrap_or(input_price);
         let output = f64::from(usage.output_tokens) * config.output_usd_per_mtok.unwrap_or(0.0);
         Some((input + output) / 1e6)
     }
@@ -389,10 +397,10 @@ impl Providers {
                 })
             }
             Err((error, true)) => {
-                let charged = Usage {
-                    input_tokens: u32::try_from(turn.prompt_estimate).unwrap_or(u32::MAX),
-                    output_tokens: turn.max_tokens,
-                };
+                let charged = Usage::new(
+                    u32::try_from(turn.prompt_estimate).unwrap_or(u32::MAX),
+                    turn.max_tokens,
+                );
                 alias.limiter.settle(reserved, charged.total());
                 Err(CallFailure {
                     error,
@@ -525,10 +533,10 @@ fn estimate_usage(req: &ChatRequest, reply: &ChatReply) -> Usage {
             .iter()
             .map(|c| c.name.len() + c.arguments.len())
             .sum::<usize>();
-    Usage {
-        input_tokens: u32::try_from(estimate_prompt_tokens(req)).unwrap_or(u32::MAX),
-        output_tokens: u32::try_from(output_bytes.div_ceil(3)).unwrap_or(u32::MAX),
-    }
+    Usage::new(
+        u32::try_from(estimate_prompt_tokens(req)).unwrap_or(u32::MAX),
+        u32::try_from(output_bytes.div_ceil(3)).unwrap_or(u32::MAX),
+    )
 }
 
 /// A tool's JSON Schema text, parsed (both APIs take it as an object).

@@ -629,10 +629,7 @@ fn lease_lost(lease: Lease) -> QueueError {
 }
 
 fn usage_pair(r: &Row, first: usize) -> Result<Usage> {
-    Ok(Usage {
-        input_tokens: r.get(first)?,
-        output_tokens: r.get(first + 1)?,
-    })
+    Ok(Usage::new(r.get(first)?, r.get(first + 1)?))
 }
 
 fn model_error(kind: &str, message: String) -> ModelError {

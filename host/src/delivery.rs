@@ -212,6 +212,9 @@ async fn send(client: &reqwest::Client, delivery: &Delivery, grant: &HttpGrant) 
     if let Err(why) = grant.check_url(&effect.method, &effect.url) {
         return Answer::failed(None, format!("no longer allowed: {why}"), true);
     }
+    if let Err(why) = crate::effects::check_path_as_sent(&effect.url) {
+        return Answer::failed(None, format!("not sent: {why}"), true);
+    }
     let secrets = grant.secret_headers(&effect.url);
     let method = match reqwest::Method::from_bytes(effect.method.as_bytes()) {
         Ok(method) => method,

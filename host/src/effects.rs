@@ -126,14 +126,7 @@ pub fn check_shape(
             "the URL's scheme is {scheme:?}: only http:// and https:// URLs are sent"
         ));
     }
-    if has_dot_segment(url) {
-        return Err(
-            "the URL's path has a `.` or `..` segment (plain or percent-encoded), which the sender \
-             would resolve: the effect would go to another path than the one stored and shown to \
-             a reviewer; give the path it means"
-                .into(),
-        );
-    }
+    check_path_as_sent(url)?;
     for (name, value) in headers {
         if name.is_empty()
             || !name
@@ -184,19 +177,62 @@ pub fn check_shape(
     Ok(())
 }
 
+/// Refuses an http(s) URL whose request would go to another path than the
+/// one written, stored and shown to a reviewer (with the origin's secrets):
+/// the sender's URL parser resolves `.` and `..` segments and reads a
+/// backslash as a `/`. Checked when an effect is queued and again before
+/// each delivery (rows stored by an older build included).
+pub fn check_path_as_sent(url: &str) -> Result<(), String> {
+    if has_dot_segment(url) {
+        return Err(
+            "the URL's path has a `.` or `..` segment (plain or percent-encoded), which the sender \
+             would resolve: the effect would go to another path than the one stored and shown to \
+             a reviewer; give the path it means"
+                .into(),
+        );
+    }
+    if raw_path(url).contains('\\') {
+        return Err(
+            "the URL's path has a backslash, which the sender reads as a `/` (resolving any `..` it then \
+             makes): the effect would go to another path than the one stored and shown to a \
+             reviewer; write the path with `/`"
+                .into(),
+        );
+    }
+    // Anything else the sender's parser would rewrite in the path.
+    let written = raw_path(url);
+    match reqwest::Url::parse(url) {
+        Err(e) => Err(format!("the URL cannot be sent: {e}")),
+        Ok(parsed) if parsed.path() != written && !(written.is_empty() && parsed.path() == "/") => {
+            Err(format!(
+                "the sender would request the path {:?}, not {:?} as written (stored and shown to \
+                 a reviewer); write it as it will be sent",
+                parsed.path(),
+                written
+            ))
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The path of `url` as written: from the end of its authority to its
+/// query or fragment.
+fn raw_path(url: &str) -> &str {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let Some(path_start) = after_scheme.find(['/', '?', '#']) else {
+        return "";
+    };
+    after_scheme[path_start..]
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default()
+}
+
 /// Whether the path of `url` (an http(s) URL) has a `.` or `..` segment,
 /// as is or percent-encoded (`%2e%2E`): a URL parser resolves them, so the
 /// request would reach another path than the one written.
 fn has_dot_segment(url: &str) -> bool {
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let Some(path_start) = after_scheme.find(['/', '?', '#']) else {
-        return false;
-    };
-    let path = after_scheme[path_start..]
-        .split(['?', '#'])
-        .next()
-        .unwrap_or_default();
-    path.split('/').any(|segment| {
+    raw_path(url).split('/').any(|segment| {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
         decoded == "." || decoded == ".."
     })
@@ -293,8 +329,32 @@ mod tests {
             "http://api.example/a?path=../b",
             "http://api.example",
             "http://api.example/a/...",
+            "http://api.example/caf%C3%A9/x%20y?q=a\\b",
         ] {
             assert_eq!(check_shape("POST", url, &[], None), Ok(()), "{url}");
         }
+    }
+
+    /// A backslash is a `/` to the sender's URL parser, which then resolved
+    /// the `..` it made: `/v1/listings/42\..\..\admin\wipe` went out as
+    /// `/v1/admin/wipe`, with the origin's secret, while the reviewer saw
+    /// the path as written (found by a review).
+    #[test]
+    fn a_path_the_sender_would_rewrite_is_refused() {
+        let error = check_shape(
+            "POST",
+            r"https://api.shop.example/v1/listings/42\..\..\admin\wipe",
+            &[],
+            None,
+        )
+        .unwrap_err();
+        assert!(error.contains("path has a backslash"), "{error}");
+        assert!(check_shape("POST", r"https://api.shop.example/a\b", &[], None).is_err());
+        // Whatever else the parser would rewrite is named as it would go.
+        let error = check_shape("POST", "https://api.shop.example/a b", &[], None).unwrap_err();
+        assert!(
+            error.contains(r#"the path "/a%20b", not "/a b""#),
+            "{error}"
+        );
     }
 }

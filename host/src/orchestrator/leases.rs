@@ -168,8 +168,41 @@ impl Daemon {
                     );
                 }
                 self.renewals_failed("the heartbeat failed");
+                self.stop_runs_whose_leases_may_be_reset();
                 false
             }
+        }
+    }
+
+    /// Stops every run once its lease has gone unrenewed for nearly
+    /// `stale_after`, the time this daemon's claims promised to renew them
+    /// within: past it, another daemon that can reach the database (this
+    /// one cut off from it, say) may reset them and run the tasks again,
+    /// beside these runs (their model calls and requests made twice). Their
+    /// results would be refused anyway. Stopped a heartbeat before the
+    /// promise runs out; the leases are left to expire (their tasks run
+    /// again, the attempt spent), as nothing can give them back meanwhile.
+    pub(super) fn stop_runs_whose_leases_may_be_reset(&mut self) {
+        let unrenewed = self.renewed_at.elapsed();
+        if self.inflight.is_empty()
+            || unrenewed < self.cfg.stale_after.saturating_sub(self.cfg.heartbeat)
+        {
+            return;
+        }
+        // Results already sent are stored when the database answers.
+        self.collect_finished();
+        let runs: Vec<super::InFlight> = self.inflight.drain().map(|(_, run)| run).collect();
+        if runs.is_empty() {
+            return;
+        }
+        tracing::error!(
+            runs = runs.len(),
+            unrenewed_for = ?unrenewed,
+            stale_after = ?self.cfg.stale_after,
+            "this daemon's leases could not be renewed for nearly stale_after: stopping its runs, which another daemon may soon take over (their leases expire, the attempts spent)"
+        );
+        for run in runs {
+            self.stop_run(run);
         }
     }
 

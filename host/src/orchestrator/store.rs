@@ -434,6 +434,51 @@ mod tests {
     use crate::queue::{FinishedRun, Queue};
     use crate::task::{NewTask, RunOutcome};
 
+    /// A daemon whose leases went unrenewed for nearly stale_after (its
+    /// heartbeats failing: cut off from the database while other daemons
+    /// are not) stops its runs: past it, another daemon may reset those
+    /// leases and run the tasks beside them. They ran on until the
+    /// database answered again, work done twice meanwhile (found by a
+    /// review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_stop_before_their_unrenewed_leases_may_be_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("colony.db");
+        let mut other = Queue::open(&db).unwrap();
+        let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
+        let lease = other.claim("a", 1).unwrap()[0].lease;
+        let agents = dir.path().join("agents");
+        let cfg = DaemonConfig {
+            stale_after: std::time::Duration::from_secs(6),
+            heartbeat: std::time::Duration::from_secs(1),
+            ..DaemonConfig::default()
+        };
+        let mut daemon = Daemon::for_test(&db, &agents, cfg).await;
+        let handle = tokio::spawn(std::future::pending::<()>());
+        let running = handle.abort_handle();
+        daemon.inflight.insert(
+            id,
+            InFlight {
+                agent: "a".into(),
+                since: Instant::now(),
+                lease,
+                handle,
+            },
+        );
+        // Unrenewed for 4 s: the promise (6 s) still holds beyond the next
+        // heartbeat.
+        daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(4);
+        daemon.stop_runs_whose_leases_may_be_reset();
+        assert!(daemon.inflight.contains_key(&id) && !running.is_finished());
+        // Unrenewed for 5 s: the next heartbeat would come too late.
+        daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(5);
+        daemon.stop_runs_whose_leases_may_be_reset();
+        assert!(daemon.inflight.is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(running.is_finished(), "the run was stopped");
+        assert_eq!(daemon.summary.lost, 1);
+    }
+
     /// Tasks claimed for an agent unloaded meanwhile go back unstarted,
     /// counted as given back while the daemon ran, not as released at
     /// shutdown (its closing line said "846 released" of a daemon that

@@ -746,6 +746,51 @@ on_both_drivers! {
         );
     }
 
+    /// A task cancelled while it waits in a daemon's claim-ahead buffer is never
+    /// started: the daemon checks its buffer whenever another connection has
+    /// committed. It was started after the cancel had returned (up to a
+    /// heartbeat later, 10 s by default), its run's result then refused; on
+    /// PostgreSQL, whose commits by other connections the daemon cannot see,
+    /// always.
+    fn a_task_cancelled_while_claimed_ahead_is_never_started(db) {
+        let env = Env::on(db, &["sleeper"]);
+        std::fs::write(env.agents.path().join("sleeper.toml"), "concurrency = 1\n").unwrap();
+        let lines: String = (0..80)
+            .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":30}}\n")
+            .collect();
+        let batch = env.file("tasks.jsonl", lines);
+        env.ok(&["submit", "--batch", &batch]);
+        let last = 80;
+        // An explicit claim batch claims ahead whatever the runs' pace (left
+        // to itself, only for runs averaging under 50 ms: 30 ms of sleep
+        // leaves a loaded machine little to spare).
+        let mut daemon = env.daemon(&["--poll", "200ms", "--claim-batch", "64"]);
+        wait_for(
+            "the last task to be claimed ahead",
+            Duration::from_secs(30),
+            || env.queue().get(last).unwrap().state == State::InProgress,
+        );
+        env.ok(&["cancel", &last.to_string()]);
+        wait_for("the others to complete", Duration::from_secs(60), || {
+            env.queue().get(last - 1).unwrap().state == State::Complete
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        let events: Vec<String> = env
+            .queue()
+            .events(Some(last), 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        assert_eq!(
+            events,
+            ["submit", "claim", "cancel"],
+            "it ran after its cancel"
+        );
+    }
+
     /// The daemon that resets a crashed daemon's leases says so when it is
     /// done, and how many of those tasks failed for good: its closing line
     /// said "0 failed" while `status` counted the failures it had made.
@@ -2693,50 +2738,6 @@ fn bench_measures_what_the_capabilities_cost() {
             > 0.0
     );
     assert_eq!(report["model_calls_measured"], 299, "{report}");
-}
-
-/// A task cancelled while it waits in a daemon's claim-ahead buffer is never
-/// started: the daemon checks its buffer whenever another connection has
-/// committed. It was started after the cancel had returned (up to a
-/// heartbeat later, 10 s by default), its run's result then refused.
-#[test]
-fn a_task_cancelled_while_claimed_ahead_is_never_started() {
-    let env = Env::new(&["sleeper"]);
-    std::fs::write(env.agents.path().join("sleeper.toml"), "concurrency = 1\n").unwrap();
-    let lines: String = (0..80)
-        .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":30}}\n")
-        .collect();
-    let batch = env.file("tasks.jsonl", lines);
-    env.ok(&["submit", "--batch", &batch]);
-    let last = 80;
-    // An explicit claim batch claims ahead whatever the runs' pace (left
-    // to itself, only for runs averaging under 50 ms: 30 ms of sleep
-    // leaves a loaded machine little to spare).
-    let mut daemon = env.daemon(&["--poll", "200ms", "--claim-batch", "64"]);
-    wait_for(
-        "the last task to be claimed ahead",
-        Duration::from_secs(30),
-        || env.queue().get(last).unwrap().state == State::InProgress,
-    );
-    env.ok(&["cancel", &last.to_string()]);
-    wait_for("the others to complete", Duration::from_secs(60), || {
-        env.queue().get(last - 1).unwrap().state == State::Complete
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
-    let events: Vec<String> = env
-        .queue()
-        .events(Some(last), 0, 100)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event)
-        .collect();
-    assert_eq!(
-        events,
-        ["submit", "claim", "cancel"],
-        "it ran after its cancel"
-    );
 }
 
 /// `colony agents` lists the files of the folder that are meant for it but

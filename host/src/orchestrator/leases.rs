@@ -355,7 +355,8 @@ impl Daemon {
 
     /// Forgets the tasks claimed ahead whose claim no longer holds (cancelled,
     /// or a person's verdict cancelled the reviewer task): checked whenever
-    /// another connection has committed, at most every `watch_interval`.
+    /// another connection has committed (on PostgreSQL, which does not tell,
+    /// at every check), at most every `watch_interval`.
     /// Left to the next heartbeat (10 s by default), such a task was started
     /// after its cancel had returned, its model calls charged and its
     /// requests sent. A cancel landing between this check and the start is

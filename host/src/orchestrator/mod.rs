@@ -496,7 +496,10 @@ impl Daemon {
                     if version != last_data_version || due {
                         look = true;
                     }
-                    if version != last_data_version {
+                    // PostgreSQL tells no connection of another's commits
+                    // (its version changes only on a reconnect): the buffer
+                    // is checked at every tick there, while it holds tasks.
+                    if version != last_data_version || self.queue.is_postgres() {
                         self.drop_voided_claims_ahead();
                     }
                     self.effects_due |= effect_due;

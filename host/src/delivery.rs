@@ -32,6 +32,9 @@ struct Answer {
     /// Refused by policy (the grant no longer allows it, the address is not
     /// public): no retry can succeed, so the effect fails at once.
     refused: bool,
+    /// How long the receiver asked to be left alone (`Retry-After` on a
+    /// 429 or 503, say): the next attempt waits at least that long.
+    retry_after: Option<Duration>,
 }
 
 /// Sends a daemon's share of the outbox.
@@ -155,6 +158,7 @@ impl Deliverer {
             attempt.answer.status,
             attempt.answer.error.as_deref(),
             attempt.answer.refused,
+            attempt.answer.retry_after,
         )?;
         let d = &attempt.delivery;
         self.in_flight.remove(&(d.id, d.token));
@@ -200,6 +204,7 @@ impl Answer {
             status,
             error: Some(error),
             refused,
+            retry_after: None,
         }
     }
 }
@@ -247,6 +252,7 @@ async fn send(client: &reqwest::Client, delivery: &Delivery, grant: &HttpGrant) 
             status: Some(response.status().as_u16()),
             error: None,
             refused: false,
+            retry_after: None,
         },
         Ok(response) => {
             let status = response.status().as_u16();
@@ -260,7 +266,10 @@ async fn send(client: &reqwest::Client, delivery: &Delivery, grant: &HttpGrant) 
                 true => format!("HTTP {status}, refused by the receiver"),
                 false => format!("HTTP {status}"),
             };
-            Answer::failed(Some(status), error, refused)
+            Answer {
+                retry_after: crate::retry::retry_after(response.headers()),
+                ..Answer::failed(Some(status), error, refused)
+            }
         }
         Err(e) => {
             let refused = refused_address(&e).is_some();

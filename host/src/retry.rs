@@ -3,9 +3,12 @@
 //! Attempt `n` (1-based: the attempt that just failed) waits
 //! `base · 2^(n−1)`, spread by ±20 % jitter so that a burst of failures does
 //! not retry in lockstep, and capped at ten minutes (a wait at the cap
-//! is spread over its last 20 %).
+//! is spread over its last 20 %). And how long a server asks to be left
+//! alone (`Retry-After`), for model calls and effect deliveries alike.
 
 use std::time::Duration;
+
+use http::HeaderMap;
 
 /// The longest any retry waits, whatever the base and attempt.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
@@ -40,9 +43,73 @@ pub fn backoff(base: Duration, attempt: u32) -> Duration {
     backoff_with(base, attempt, fastrand::f64() * 2.0 - 1.0)
 }
 
+/// `Retry-After` in seconds or as an HTTP date (RFC 9110), or OpenAI's
+/// `retry-after-ms`, at most a day (a larger wait is past any call's
+/// deadline anyway, and a number past `Duration`'s range would panic the
+/// run). A date already past asks for no wait.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    retry_after_at(headers, std::time::SystemTime::now())
+}
+
+fn retry_after_at(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let number = |name: &str| {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && *n >= 0.0)
+    };
+    if let Some(ms) = number("retry-after-ms") {
+        return Some(Duration::from_secs_f64(ms.min(86_400_000.0) / 1000.0));
+    }
+    if let Some(secs) = number("retry-after") {
+        return Some(Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let date = headers.get("retry-after")?.to_str().ok()?;
+    let at = httpdate::parse_http_date(date.trim()).ok()?;
+    Some(at.duration_since(now).unwrap_or_default().min(DAY))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("150"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_millis(150)));
+        // A date: the time until then, nothing once it has passed.
+        let mut dated = HeaderMap::new();
+        dated.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        let then = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        let before = then - Duration::from_secs(4);
+        assert_eq!(retry_after_at(&dated, before), Some(Duration::from_secs(4)));
+        assert_eq!(retry_after(&dated), Some(Duration::ZERO));
+        dated.insert("retry-after", HeaderValue::from_static("next week"));
+        assert_eq!(retry_after(&dated), None);
+        // A provider's (or a proxy's) absurd number is a day, not a panic.
+        for (name, value) in [("retry-after-ms", "1e23"), ("retry-after", "1e300")] {
+            let mut huge = HeaderMap::new();
+            huge.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                retry_after(&huge),
+                Some(Duration::from_secs(86_400)),
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn doubles_per_attempt_without_jitter() {

@@ -2083,10 +2083,70 @@ on_both_drivers! {
         assert!(other.effects_outstanding(&agents).unwrap() == 0);
         // The sender was only slow (a stall, a clock step): its answer,
         // when it comes, is still recorded.
-        let late = q.finish_delivery(&second[0], Some(200), None, false).unwrap();
+        let late = q.finish_delivery(&second[0], Some(200), None, false, None).unwrap();
         assert_eq!(late, Some("sent"));
         let rows = other.effects(Some(lease.task_id), None, 10).unwrap();
         assert_eq!(rows[0].state, "sent");
+    }
+}
+
+on_both_drivers! {
+    /// A receiver's `Retry-After` (on a 429 or 503) holds the effect's next
+    /// attempt at least that long: retried on the fixed backoff (0.5, 1,
+    /// 2, 4 s), an effect answered `429 Retry-After: 60` used up its five
+    /// attempts in 7.5 s and failed for good (found by a review).
+    fn a_receivers_retry_after_holds_the_next_attempt(db) {
+        let mut q = db.open();
+        submit(&mut q, "a", json!({}));
+        let lease = claim_one(&mut q, "a");
+        let run = colony::queue::FinishedRun {
+            lease,
+            outcome: ok(json!({})),
+            log: String::new(),
+            state: vec![],
+            effects: vec![hook_effect()],
+            claimed: None,
+        };
+        q.finish_batch(&[run]).unwrap();
+        let agents = ["a".to_string()];
+        let claimed = q.claim_due_effects(4, Duration::from_secs(60), &agents).unwrap();
+        let before = colony::queue::now_ms();
+        let state = q
+            .finish_delivery(&claimed[0], Some(429), Some("HTTP 429"), false, Some(Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(state, Some("pending"));
+        let row = &q.effects(Some(lease.task_id), None, 10).unwrap()[0];
+        let after = colony::queue::now_ms();
+        assert!(
+            (before + 60_000..=after + 60_000).contains(&row.next_at),
+            "due in {} ms",
+            row.next_at - before
+        );
+    }
+
+    /// An effect whose stored headers cannot be read fails, on the task's
+    /// trail like every failed delivery (it failed with no event).
+    fn an_effect_that_cannot_be_read_fails_on_the_trail(db) {
+        let mut q = db.open();
+        submit(&mut q, "a", json!({}));
+        let lease = claim_one(&mut q, "a");
+        let run = colony::queue::FinishedRun {
+            lease,
+            outcome: ok(json!({})),
+            log: String::new(),
+            state: vec![],
+            effects: vec![hook_effect()],
+            claimed: None,
+        };
+        q.finish_batch(&[run]).unwrap();
+        assert_eq!(db.raw().execute("UPDATE effects SET headers = 'not json'"), 1);
+        let agents = ["a".to_string()];
+        assert!(q.claim_due_effects(4, Duration::from_secs(60), &agents).unwrap().is_empty());
+        let events = q.events(Some(lease.task_id), 0, 100).unwrap();
+        let failed: Vec<_> = events.iter().filter(|e| e.event == "effect_failed").collect();
+        assert_eq!(failed.len(), 1, "{events:?}");
+        assert!(failed[0].detail["error"].as_str().unwrap().contains("stored headers cannot be read"));
+        assert_eq!(failed[0].detail["now"], "failed");
     }
 }
 

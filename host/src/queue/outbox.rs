@@ -323,11 +323,18 @@ impl Queue {
                         },
                     }),
                     Err(e) => {
+                        let error = format!("its stored headers cannot be read: {e}");
                         tx.execute(
                             "UPDATE effects SET state = 'failed', error = ?1, claim_token = NULL,
-                                    claimed_by = NULL, lease_until = NULL WHERE id = ?2",
-                            args![format!("its stored headers cannot be read: {e}"), id],
+                                    claimed_by = NULL, lease_until = NULL, updated_at = ?3
+                             WHERE id = ?2",
+                            args![error, id, now],
                         )?;
+                        // On the task's trail, as every failed delivery is.
+                        let (task_id, seq, attempt): (i64, i64, i64) = (r.get(1)?, r.get(4)?, r.get(3)?);
+                        let detail = json!({"effect": id, "seq": seq, "attempt": attempt,
+                                            "error": error, "now": "failed"});
+                        note(tx, task_id, "effect_failed", actor, detail, now)?;
                     }
                 }
             }
@@ -338,7 +345,9 @@ impl Queue {
     /// Records a delivery attempt's end, fenced by its claim: a 2xx `status`
     /// without an `error` marks the effect sent; a `refused` attempt (policy:
     /// no retry can pass) marks it failed at once; anything else retries with
-    /// exponential backoff until its attempts are used, then marks it failed.
+    /// exponential backoff, or after the receiver's `retry_after` when that
+    /// is longer (at most the backoff's cap), until its attempts are used,
+    /// then marks it failed.
     /// Returns the effect's new state, or `None` when the claim was lost.
     pub fn finish_delivery(
         &mut self,
@@ -346,6 +355,7 @@ impl Queue {
         status: Option<u16>,
         error: Option<&str>,
         refused: bool,
+        retry_after: Option<Duration>,
     ) -> Result<Option<&'static str>> {
         let actor = &self.opts.actor;
         self.write(|tx, now| {
@@ -369,7 +379,12 @@ impl Queue {
             } else if refused || delivery.attempt >= max_attempts {
                 ("failed", now)
             } else {
-                let delay = crate::retry::backoff(Duration::from_millis(500), delivery.attempt);
+                let delay = crate::retry::backoff(Duration::from_millis(500), delivery.attempt)
+                    .max(
+                        retry_after
+                            .unwrap_or_default()
+                            .min(crate::retry::MAX_BACKOFF),
+                    );
                 ("pending", now + delay.as_millis() as i64)
             };
             tx.execute(

@@ -5,7 +5,7 @@
 //! leaves its claim to expire and another daemon sends again with the same
 //! key, which the receiving API uses to do the work once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,13 @@ const MAX_IN_FLIGHT: usize = 16;
 pub struct Attempt {
     delivery: Delivery,
     answer: Answer,
+}
+
+impl Attempt {
+    /// The claim it answers: effect id and claim token.
+    pub fn claim(&self) -> (i64, i64) {
+        (self.delivery.id, self.delivery.token)
+    }
 }
 
 /// How a try ended: the HTTP status, or why there was none.
@@ -43,8 +50,9 @@ pub struct Deliverer {
     /// A claimed delivery not finished by then is claimed again by any
     /// daemon: twice the request timeout.
     claim_lease: Duration,
-    /// The claims being sent: effect id and claim token.
-    in_flight: HashSet<(i64, i64)>,
+    /// The claims being sent (effect id and claim token), each with its
+    /// sending task.
+    in_flight: HashMap<(i64, i64), tokio::task::JoinHandle<()>>,
     done_tx: mpsc::UnboundedSender<Attempt>,
     pub done_rx: mpsc::UnboundedReceiver<Attempt>,
     /// For tests: this many of the next deliveries panic while sending.
@@ -73,7 +81,7 @@ impl Deliverer {
         Deliverer {
             client,
             claim_lease: timeout * 2,
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
             done_tx,
             done_rx,
             panics_left: panicking,
@@ -100,12 +108,12 @@ impl Deliverer {
             return Ok(());
         }
         for delivery in queue.claim_due_effects(free, self.claim_lease, agents)? {
-            self.in_flight.insert((delivery.id, delivery.token));
+            let claim = (delivery.id, delivery.token);
             let (client, done) = (self.client.clone(), self.done_tx.clone());
             let grant = grant_of(&delivery.agent);
             let panic_here = self.panics_left > 0;
             self.panics_left = self.panics_left.saturating_sub(1);
-            tokio::spawn(async move {
+            let sending = tokio::spawn(async move {
                 let sending = async {
                     if panic_here {
                         panic!("a panicking delivery, as the test asked");
@@ -141,6 +149,7 @@ impl Deliverer {
                     });
                 let _ = done.send(Attempt { delivery, answer });
             });
+            self.in_flight.insert(claim, sending);
         }
         Ok(())
     }
@@ -191,10 +200,30 @@ impl Deliverer {
         self.in_flight.is_empty()
     }
 
-    /// The claims still being sent (effect id, claim token), forgotten
-    /// here: for a daemon that stops waiting for them to give them back.
-    pub fn take_in_flight(&mut self) -> Vec<(i64, i64)> {
-        self.in_flight.drain().collect()
+    /// Stops the deliveries still being sent, for a daemon that stops
+    /// waiting for them, and forgets them: the claims (effect id, claim
+    /// token) of those that stopped, to give back. Given back while their
+    /// requests were still out, the effects were sent by the next daemon
+    /// beside them. One that does not stop within a second keeps its claim
+    /// (another daemon takes it over when it runs out); an answer that came
+    /// as they stopped is in `done_rx`, to record rather than give back.
+    pub async fn stop_in_flight(&mut self) -> Vec<(i64, i64)> {
+        let sending: Vec<_> = self.in_flight.drain().collect();
+        for (_, task) in &sending {
+            task.abort();
+        }
+        let by = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut stopped = Vec::with_capacity(sending.len());
+        for (claim, task) in sending {
+            match tokio::time::timeout_at(by, task).await {
+                Ok(_) => stopped.push(claim),
+                Err(_) => tracing::warn!(
+                    effect = claim.0,
+                    "a delivery did not stop within 1 s of being cut off; its claim is left to run out"
+                ),
+            }
+        }
+        stopped
     }
 }
 

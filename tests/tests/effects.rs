@@ -536,13 +536,21 @@ async fn delivery_adds_the_agents_secret_and_drops_the_agents_own_header_of_that
 async fn an_effect_unanswered_at_shutdown_is_given_back() {
     use colony::orchestrator::DaemonConfig;
     use std::time::Duration;
-    // A receiver that takes the connection and never answers.
+    // A receiver that takes the connection and never answers; it says
+    // when the sender hangs up.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let origin = format!("http://{}", silent.local_addr().unwrap());
+    let (hung_up, hang_ups) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        let mut held = Vec::new();
         for stream in silent.incoming() {
-            held.push(stream);
+            let Ok(mut stream) = stream else { return };
+            let hung_up = hung_up.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buffer = [0u8; 4096];
+                while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
+                let _ = hung_up.send(());
+            });
         }
     });
     let agents = agents_dir_with(&["stateful"]);
@@ -572,6 +580,12 @@ async fn an_effect_unanswered_at_shutdown_is_given_back() {
     .await;
     let summary = daemon.stop().await;
     assert_eq!(summary.effects_released, 1);
+    // Its request was cut off before it was given back: the next daemon's
+    // send is not made beside it (it stayed open, the sender running on).
+    assert!(
+        hang_ups.recv_timeout(Duration::from_secs(3)).is_ok(),
+        "the request given back was still open"
+    );
     let effect = &h.queue().effects(Some(id), None, 10).unwrap()[0];
     assert_eq!(
         (effect.state.as_str(), effect.attempts),

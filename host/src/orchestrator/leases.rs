@@ -473,7 +473,16 @@ impl Daemon {
         while let Ok(attempt) = self.deliverer.done_rx.try_recv() {
             self.record_delivery(attempt);
         }
-        let unanswered = self.deliverer.take_in_flight();
+        let stopped = self.deliverer.stop_in_flight().await;
+        let mut answered = HashSet::new();
+        while let Ok(attempt) = self.deliverer.done_rx.try_recv() {
+            answered.insert(attempt.claim());
+            self.record_delivery(attempt);
+        }
+        let unanswered: Vec<(i64, i64)> = stopped
+            .into_iter()
+            .filter(|claim| !answered.contains(claim))
+            .collect();
         let queue = &mut self.queue;
         match tokio::task::block_in_place(|| queue.release_deliveries(&unanswered)) {
             Ok(0) => {}

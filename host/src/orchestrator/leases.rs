@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use super::Daemon;
 use super::prefetch::Prefetch;
 use crate::queue::{
-    Applied, CLOCK_STEP_MS, ExpiredLease, FinishedRun, Lease, Queue, QueueError, StaleGuard,
+    Applied, CLOCK_STEP_MS, ExpiredLease, FinishedRun, Lease, QueueError, StaleGuard,
     clock_ran_ahead,
 };
 use crate::task::{ErrorKind, RunOutcome, State, TaskError};
@@ -43,6 +43,7 @@ impl Daemon {
             .map(|f| f.lease)
             .chain(self.prefetched.values().flatten().map(|t| t.lease))
             .chain(self.unwritten.iter().map(|r| r.lease))
+            .chain(self.unreleased.iter().map(|(lease, _)| *lease))
             // Not the leases of a store in flight: the writer holds their
             // rows locked, and renewing them in another transaction would
             // wait for it, or deadlock with it (found at 1 s stalls). A store
@@ -60,6 +61,7 @@ impl Daemon {
         self.aborted
             .retain(|_, at| at.elapsed() < Duration::from_secs(60));
         self.release_unconfirmed_claims();
+        self.summary.given_back += self.retry_releases();
         self.recover_vanished_runs();
         let leases = self.held_leases();
         let progress: Vec<(Lease, Option<String>)> =
@@ -350,6 +352,7 @@ impl Daemon {
             for buffer in self.prefetched.values_mut() {
                 buffer.retain(|t| t.lease != *lease);
             }
+            self.unreleased.retain(|(held, _)| held != lease);
         }
     }
 
@@ -537,6 +540,21 @@ impl Daemon {
             .filter(|l| !reported.contains(l))
             .collect();
         self.summary.released += self.release_all(&interrupted, true);
+        // Those the database refused just now get a few more tries: nothing
+        // renews them once the daemon is gone.
+        for _ in 0..5 {
+            if self.unreleased.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.summary.released += self.retry_releases();
+        }
+        for (lease, _) in std::mem::take(&mut self.unreleased) {
+            tracing::error!(
+                task = lease.task_id,
+                "could not give the task back; its lease will expire instead"
+            );
+        }
         for attempt in 1..=10 {
             if self.unwritten.is_empty() {
                 break;
@@ -558,24 +576,18 @@ impl Daemon {
 
     /// Gives `leases` back; `started`: their runs began (see
     /// `Queue::release_unstarted` for those that did not). Returns how many
-    /// went back to `ready` (the others had lost their lease).
+    /// went back to `ready` (the others had lost their lease). One that
+    /// cannot be given back now is kept, renewed, and tried again at each
+    /// heartbeat ([`Daemon::retry_releases`]): retried here, with sleeps,
+    /// the loop and its heartbeats stood still for seconds per task.
     pub(super) fn release_all(&mut self, leases: &[Lease], started: bool) -> u64 {
         let mut released = 0;
-        for lease in leases {
-            let release = |queue: &mut Queue| match started {
-                true => queue.release(*lease),
-                false => queue.release_unstarted(*lease),
-            };
-            let mut result = tokio::task::block_in_place(|| release(&mut self.queue));
-            for _ in 0..5 {
-                match &result {
-                    Err(e) if e.is_transient() => {
-                        std::thread::sleep(Duration::from_millis(100));
-                        result = tokio::task::block_in_place(|| release(&mut self.queue));
-                    }
-                    _ => break,
-                }
-            }
+        for &lease in leases {
+            let queue = &mut self.queue;
+            let result = tokio::task::block_in_place(|| match started {
+                true => queue.release(lease),
+                false => queue.release_unstarted(lease),
+            });
             match result {
                 Ok(Applied::Moved(_)) => {
                     released += 1;
@@ -583,14 +595,25 @@ impl Daemon {
                 }
                 Ok(Applied::LeaseLost) => {}
                 Err(e) => {
-                    tracing::error!(
+                    tracing::warn!(
                         task = lease.task_id,
-                        "could not release; its lease will expire instead: {e}"
-                    )
+                        "could not give the task back now, will retry at the next heartbeat: {e}"
+                    );
+                    self.unreleased.push((lease, started));
                 }
             }
         }
         released
+    }
+
+    /// Tries again to give back the claims [`Daemon::release_all`] could
+    /// not; returns how many went back.
+    pub(super) fn retry_releases(&mut self) -> u64 {
+        let pending = std::mem::take(&mut self.unreleased);
+        pending
+            .into_iter()
+            .map(|(lease, started)| self.release_all(&[lease], started))
+            .sum()
     }
 }
 

@@ -235,6 +235,11 @@ pub struct Daemon {
     /// what they claimed (if they committed) is given back (see
     /// `release_unconfirmed_claims`).
     unconfirmed_claims: Vec<(i64, Instant)>,
+    /// Claims this daemon gave up but could not give back (the database
+    /// busy or out), and whether their runs had started: still held, so
+    /// renewed by the heartbeat (left to expire, each would spend an
+    /// attempt of a task that may never have run), and given back then.
+    unreleased: Vec<(Lease, bool)>,
     /// The due time an until-idle daemon last said it waits for, for a
     /// task and for an effect's next try.
     announced_wait: Option<i64>,
@@ -311,6 +316,7 @@ impl Daemon {
             clock_seen: (Instant::now(), crate::queue::now_ms()),
             renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
+            unreleased: Vec::new(),
             announced_wait: None,
             announced_effect_wait: None,
             deliverer,

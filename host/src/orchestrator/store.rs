@@ -503,6 +503,35 @@ mod tests {
         );
     }
 
+    /// A claim that cannot be given back now (the database locked past its
+    /// busy timeout) stays held, renewed by the heartbeat, and is given
+    /// back by a later one. Retried on the spot with sleeps, it held up the
+    /// loop and its heartbeats for seconds per task; given up, its lease
+    /// expired and spent an attempt of a task that never ran (found by a
+    /// review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_that_cannot_be_given_back_now_is_kept_and_given_back_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("colony.db");
+        let mut other = Queue::open(&db).unwrap();
+        let id = other.submit(&NewTask::new("gone", "{}")).unwrap().id;
+        let agents = dir.path().join("agents");
+        let mut daemon = Daemon::for_test(&db, &agents, DaemonConfig::default()).await;
+        let claimed = daemon.queue.claim("gone", 1).unwrap();
+        let lease = claimed[0].lease;
+        let lock = rusqlite::Connection::open(&db).unwrap();
+        lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        daemon.take_claimed("gone".into(), claimed);
+        assert_eq!(daemon.summary.given_back, 0);
+        assert!(daemon.held_leases().contains(&lease), "kept, to be renewed");
+        lock.execute_batch("COMMIT").unwrap();
+        daemon.heartbeat_and_reap();
+        assert_eq!(daemon.summary.given_back, 1);
+        assert!(!daemon.held_leases().contains(&lease));
+        let task = other.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (crate::task::State::Ready, 0));
+    }
+
     /// A result sent in the instant before its run was stopped, its lease
     /// lost (here: its task cancelled), is refused on the trail like one
     /// that came in before, and the run counted lost once.

@@ -61,7 +61,6 @@ impl Daemon {
         self.aborted
             .retain(|_, at| at.elapsed() < Duration::from_secs(60));
         self.release_unconfirmed_claims();
-        self.summary.given_back += self.retry_releases();
         self.recover_vanished_runs();
         let leases = self.held_leases();
         let progress: Vec<(Lease, Option<String>)> =
@@ -156,6 +155,9 @@ impl Daemon {
                 }
                 self.renewals_answered();
                 self.drop_lost(&lost);
+                // Once the database answers, not before: each try would
+                // wait out its busy timeout ahead of the renewal.
+                self.summary.given_back += self.retry_releases();
                 !lost.is_empty() || !expired.is_empty()
             }
             Err(e) if e.is_permanent() => {
@@ -176,19 +178,23 @@ impl Daemon {
         }
     }
 
-    /// Stops every run once its lease has gone unrenewed for nearly
-    /// `stale_after`, the time this daemon's claims promised to renew them
-    /// within: past it, another daemon that can reach the database (this
-    /// one cut off from it, say) may reset them and run the tasks again,
-    /// beside these runs (their model calls and requests made twice). Their
-    /// results would be refused anyway. Stopped a heartbeat before the
-    /// promise runs out; the leases are left to expire (their tasks run
-    /// again, the attempt spent), as nothing can give them back meanwhile.
+    /// Whether this daemon's leases have gone unrenewed so long that the
+    /// next heartbeat would come after `stale_after`, the time its claims
+    /// promised to renew them within: then another daemon that can reach
+    /// the database (this one cut off from it, say) may soon reset them and
+    /// run their tasks. Nothing more is started, and the runs stop.
+    pub(super) fn leases_may_soon_be_reset(&self) -> bool {
+        self.renewed_at.elapsed() >= self.cfg.stale_after.saturating_sub(self.cfg.heartbeat)
+    }
+
+    /// Stops every run once [`Daemon::leases_may_soon_be_reset`]: run on,
+    /// they would run beside the daemon that takes their tasks over (model
+    /// calls and requests made twice), their results refused anyway. Their
+    /// leases stay held: the first heartbeat that reaches the database
+    /// renews and gives them back, the attempts returned (an outage every
+    /// daemon saw resets nobody's), unless another daemon reset them first.
     pub(super) fn stop_runs_whose_leases_may_be_reset(&mut self) {
-        let unrenewed = self.renewed_at.elapsed();
-        if self.inflight.is_empty()
-            || unrenewed < self.cfg.stale_after.saturating_sub(self.cfg.heartbeat)
-        {
+        if !self.leases_may_soon_be_reset() {
             return;
         }
         // Results already sent are stored when the database answers.
@@ -199,11 +205,12 @@ impl Daemon {
         }
         tracing::error!(
             runs = runs.len(),
-            unrenewed_for = ?unrenewed,
+            unrenewed_for = ?self.renewed_at.elapsed(),
             stale_after = ?self.cfg.stale_after,
-            "this daemon's leases could not be renewed for nearly stale_after: stopping its runs, which another daemon may soon take over (their leases expire, the attempts spent)"
+            "this daemon's leases could not be renewed for nearly stale_after: stopping its runs, which another daemon may soon take over (given back, their attempts returned, once the database answers)"
         );
         for run in runs {
+            self.unreleased.push((run.lease, true));
             self.stop_run(run);
         }
     }
@@ -266,7 +273,7 @@ impl Daemon {
     /// and a run started now could run beside that host's; they wait for
     /// the next heartbeat, which renews them or reports them lost.
     pub(super) fn buffered_leases_fresh(&self) -> bool {
-        self.renewed_at.elapsed() < self.cfg.stale_after
+        !self.leases_may_soon_be_reset()
     }
 
     /// Gives back buffered tasks of agents that are no longer loaded (removed
@@ -576,13 +583,15 @@ impl Daemon {
 
     /// Gives `leases` back; `started`: their runs began (see
     /// `Queue::release_unstarted` for those that did not). Returns how many
-    /// went back to `ready` (the others had lost their lease). One that
-    /// cannot be given back now is kept, renewed, and tried again at each
-    /// heartbeat ([`Daemon::retry_releases`]): retried here, with sleeps,
-    /// the loop and its heartbeats stood still for seconds per task.
+    /// went back to `ready`; the others had lost their lease, or are kept
+    /// when the database refuses: from the first refusal on, all are kept,
+    /// renewed, and tried again after a heartbeat that went through
+    /// ([`Daemon::retry_releases`]). Retried here, with sleeps, or tried
+    /// one by one each up to the busy timeout, the loop and its heartbeats
+    /// stood still for seconds per task.
     pub(super) fn release_all(&mut self, leases: &[Lease], started: bool) -> u64 {
         let mut released = 0;
-        for &lease in leases {
+        for (i, &lease) in leases.iter().enumerate() {
             let queue = &mut self.queue;
             let result = tokio::task::block_in_place(|| match started {
                 true => queue.release(lease),
@@ -596,10 +605,12 @@ impl Daemon {
                 Ok(Applied::LeaseLost) => {}
                 Err(e) => {
                     tracing::warn!(
-                        task = lease.task_id,
-                        "could not give the task back now, will retry at the next heartbeat: {e}"
+                        tasks = leases.len() - i,
+                        "could not give tasks back now, will retry after the next heartbeat: {e}"
                     );
-                    self.unreleased.push((lease, started));
+                    self.unreleased
+                        .extend(leases[i..].iter().map(|&lease| (lease, started)));
+                    break;
                 }
             }
         }
@@ -607,13 +618,24 @@ impl Daemon {
     }
 
     /// Tries again to give back the claims [`Daemon::release_all`] could
-    /// not; returns how many went back.
+    /// not; returns how many went back. Not one whose run's result came in
+    /// (stored instead: given back first, it would be refused).
     pub(super) fn retry_releases(&mut self) -> u64 {
-        let pending = std::mem::take(&mut self.unreleased);
-        pending
+        let reported: HashSet<Lease> = self.unwritten.iter().map(|r| r.lease).collect();
+        let pending: Vec<(Lease, bool)> = std::mem::take(&mut self.unreleased)
             .into_iter()
-            .map(|(lease, started)| self.release_all(&[lease], started))
-            .sum()
+            .filter(|(lease, _)| !reported.contains(lease))
+            .collect();
+        let mut released = 0;
+        for started in [true, false] {
+            let leases: Vec<Lease> = pending
+                .iter()
+                .filter(|(_, s)| *s == started)
+                .map(|(lease, _)| *lease)
+                .collect();
+            released += self.release_all(&leases, started);
+        }
+        released
     }
 }
 

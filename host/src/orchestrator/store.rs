@@ -470,13 +470,31 @@ mod tests {
         daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(4);
         daemon.stop_runs_whose_leases_may_be_reset();
         assert!(daemon.inflight.contains_key(&id) && !running.is_finished());
+        assert!(
+            daemon.buffered_leases_fresh(),
+            "buffered tasks may still start"
+        );
         // Unrenewed for 5 s: the next heartbeat would come too late.
         daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(5);
+        assert!(
+            !daemon.buffered_leases_fresh(),
+            "nor may buffered tasks start"
+        );
         daemon.stop_runs_whose_leases_may_be_reset();
         assert!(daemon.inflight.is_empty());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let stopped_by = Instant::now() + std::time::Duration::from_secs(10);
+        while !running.is_finished() && Instant::now() < stopped_by {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(running.is_finished(), "the run was stopped");
-        assert_eq!(daemon.summary.lost, 1);
+        // Its lease stays held: the first heartbeat that goes through (here,
+        // the database was never out) gives the task back, its attempt
+        // returned, rather than leaving it to expire.
+        assert!(daemon.held_leases().contains(&lease));
+        daemon.heartbeat_and_reap();
+        let task = other.get(id).unwrap();
+        assert_eq!((task.state, task.attempts), (crate::task::State::Ready, 0));
+        assert!(!daemon.held_leases().contains(&lease));
     }
 
     /// Tasks claimed for an agent unloaded meanwhile go back unstarted,

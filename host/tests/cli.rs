@@ -756,14 +756,15 @@ on_both_drivers! {
         let env = Env::on(db, &["sleeper"]);
         std::fs::write(env.agents.path().join("sleeper.toml"), "concurrency = 1\n").unwrap();
         let lines: String = (0..80)
-            .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":30}}\n")
+            .map(|_| "{\"agent\":\"sleeper\",\"payload\":{\"ms\":100}}\n")
             .collect();
         let batch = env.file("tasks.jsonl", lines);
         env.ok(&["submit", "--batch", &batch]);
         let last = 80;
         // An explicit claim batch claims ahead whatever the runs' pace (left
-        // to itself, only for runs averaging under 50 ms: 30 ms of sleep
-        // leaves a loaded machine little to spare).
+        // to itself, only for runs averaging under 50 ms). 100 ms a task
+        // leaves the cancel (a process, then a watch tick: on PostgreSQL a
+        // round trip each) time to land before the last task's turn.
         let mut daemon = env.daemon(&["--poll", "200ms", "--claim-batch", "64"]);
         wait_for(
             "the last task to be claimed ahead",
@@ -3425,6 +3426,12 @@ fn a_task_in_review_shows_the_tasks_its_run_spawned() {
         Some(1),
         "{shown}"
     );
+    // Cancelled in review, its spawned tasks will never exist: not shown.
+    let cancelled = env.submit(&["spawner", payload, "--review"]);
+    env.until_idle(&[]);
+    env.ok(&["cancel", &cancelled.to_string()]);
+    let shown = env.show(cancelled);
+    assert_eq!(shown["held_children"], serde_json::json!([]), "{shown}");
 }
 
 /// A run whose output the queue refuses is logged by the daemon with where

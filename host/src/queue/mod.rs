@@ -590,9 +590,17 @@ impl Queue {
     }
 
     /// The tasks task `id`'s run spawned, held while it waits in review
-    /// (created if approved), in the order the run spawned them.
+    /// (created if approved), in the order the run spawned them; none once
+    /// it left review otherwise (cancelled: they will never exist).
     pub fn held_children(&self, id: i64) -> Result<Vec<crate::task::NextSpec>> {
-        self.read(|db| review::held_children(db, id))
+        self.read(|db| {
+            let state: Option<String> =
+                db.query_value("SELECT state FROM tasks WHERE id = ?1", sql::args![id])?;
+            match state.as_deref() {
+                Some("review") => review::held_children(db, id),
+                _ => Ok(Vec::new()),
+            }
+        })
     }
 
     /// The children of a task (from chains and spawns), oldest first.

@@ -84,6 +84,14 @@ fn config_errors_name_file_alias_and_key() {
             "[modles.fast]\napi = \"openai\"\n",
             "unknown section `modles`",
         ),
+        (
+            "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nmax_tokens_field = \"max_output\"\n",
+            "[models.fast] key `max_tokens_field`: \"max_output\": use \"max_tokens\" or \"max_completion_tokens\"",
+        ),
+        (
+            "[models.fast]\napi = \"anthropic\"\nbase_url = \"http://127.0.0.1:1\"\nmodel = \"m\"\nmax_tokens_field = \"max_tokens\"\n",
+            "[models.fast] key `max_tokens_field`: is for api = \"openai\" only",
+        ),
     ];
     for (text, expected) in cases {
         std::fs::write(&path, text).unwrap();
@@ -174,6 +182,36 @@ async fn openai_answer_with_usage_and_bearer_key() {
     assert_eq!(sent.header("authorization"), None);
     assert_eq!(sent.body["response_format"], json!({"type": "json_object"}));
     assert_eq!(sent.body["max_tokens"], 64);
+
+    // An alias may send the limit as max_completion_tokens, which OpenAI's
+    // reasoning models require (they refuse max_tokens: every call failed).
+    let reasoning = providers_for(&openai_alias(
+        &server,
+        "max_tokens_field = \"max_completion_tokens\"",
+    ));
+    reasoning.complete(&req).await.unwrap();
+    let sent = server.last_request();
+    assert_eq!(sent.body["max_completion_tokens"], 64);
+    assert!(sent.body.get("max_tokens").is_none(), "{}", sent.body);
+}
+
+/// OpenAI's own API gets the reply limit as max_completion_tokens, which
+/// its reasoning models require; other OpenAI-compatible servers get
+/// max_tokens, which they read.
+#[test]
+fn the_reply_limit_field_follows_the_api() {
+    let field = |base_url: &str| {
+        let config = ModelsConfig::from_toml(
+            &format!("[models.m]\napi = \"openai\"\nbase_url = \"{base_url}\"\nmodel = \"x\"\n"),
+            Path::new("colony.toml"),
+        )
+        .unwrap();
+        config.get("m").unwrap().max_tokens_field
+    };
+    assert_eq!(field("https://api.openai.com/v1"), "max_completion_tokens");
+    assert_eq!(field("https://API.OpenAI.com/v1/"), "max_completion_tokens");
+    assert_eq!(field("http://localhost:11434/v1"), "max_tokens");
+    assert_eq!(field("https://openrouter.ai/api/v1"), "max_tokens");
 }
 
 #[tokio::test]
@@ -579,7 +617,7 @@ async fn a_retry_that_connected_and_got_no_answer_counts_as_charged() {
         .unwrap()
         .port();
     let toml = format!(
-        "[models.late]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout = \"11s\"\n"
+        "[models.late]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmodel = \"m\"\ntimeout = \"13s\"\n"
     );
     let providers = providers_for(&toml);
     // Nothing listens for the first attempt; the retry (200-300 ms later)

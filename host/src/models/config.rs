@@ -59,6 +59,10 @@ pub struct ModelConfig {
     pub cache_write_usd_per_mtok: Option<f64>,
     /// The reply limit of a call that sets none.
     pub max_tokens: u32,
+    /// The request field that carries it: `max_tokens`, or OpenAI's
+    /// `max_completion_tokens`, which its own API requires of its reasoning
+    /// models (they refuse `max_tokens`) and compatible servers may not read.
+    pub max_tokens_field: &'static str,
 }
 
 /// The models section of a `colony.toml`: every alias the operator declared.
@@ -155,6 +159,7 @@ struct RawAlias {
     cache_read_usd_per_mtok: Option<f64>,
     cache_write_usd_per_mtok: Option<f64>,
     max_tokens: Option<u32>,
+    max_tokens_field: Option<String>,
 }
 
 /// Every key of `[models.<alias>]`, in the order the docs list them.
@@ -171,6 +176,7 @@ const KEYS: &[&str] = &[
     "cache_read_usd_per_mtok",
     "cache_write_usd_per_mtok",
     "max_tokens",
+    "max_tokens_field",
 ];
 const REQUIRED: &[&str] = &["api", "base_url", "model"];
 
@@ -310,8 +316,10 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         }
     };
     let base_url = raw.base_url.trim_end_matches('/').to_string();
-    match reqwest::Url::parse(&base_url) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+    let host = match reqwest::Url::parse(&base_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+            url.host_str().unwrap_or_default().to_ascii_lowercase()
+        }
         Ok(_) => {
             return Err(key_error(
                 "base_url",
@@ -319,7 +327,7 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
             ));
         }
         Err(e) => return Err(key_error("base_url", format!("{base_url:?}: {e}"))),
-    }
+    };
     // The endpoint's own path is appended: a base_url that already ends
     // with it would be sent to ".../chat/completions/chat/completions",
     // a 404 at the first call rather than an error at start.
@@ -396,6 +404,25 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
             return Err(key_error(key, format!("{price} is not a price (≥ 0)")));
         }
     }
+    let max_tokens_field = match (api, raw.max_tokens_field.as_deref()) {
+        (Api::Anthropic, Some(_)) => {
+            return Err(key_error(
+                "max_tokens_field",
+                "is for api = \"openai\" only (the Anthropic API reads max_tokens)".into(),
+            ));
+        }
+        (_, Some("max_tokens")) | (Api::Anthropic, None) => "max_tokens",
+        (_, Some("max_completion_tokens")) => "max_completion_tokens",
+        (_, Some(other)) => {
+            return Err(key_error(
+                "max_tokens_field",
+                format!("{other:?}: use \"max_tokens\" or \"max_completion_tokens\""),
+            ));
+        }
+        // OpenAI's own API: its reasoning models refuse max_tokens.
+        (Api::OpenAi, None) if host == "api.openai.com" => "max_completion_tokens",
+        (Api::OpenAi, None) => "max_tokens",
+    };
     Ok(ModelConfig {
         api,
         base_url,
@@ -409,6 +436,7 @@ fn parse_alias(path: &Path, alias: &str, value: toml::Value) -> Result<ModelConf
         cache_read_usd_per_mtok: raw.cache_read_usd_per_mtok,
         cache_write_usd_per_mtok: raw.cache_write_usd_per_mtok,
         max_tokens: raw.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        max_tokens_field,
     })
 }
 

@@ -130,10 +130,9 @@ pub(super) async fn attempt(
             Ok(Ok(_)) => unreachable!("checked above"),
         };
         tracing::warn!(alias = name, "model call: a 2xx reply {why}");
-        return Attempt::Charged(ModelError::Unavailable(format!(
-            "model `{name}`: the provider answered, but its reply {why}; \
-             counted as charged (the prompt estimate plus max_tokens) and not retried"
-        )));
+        return charged(format!(
+            "model `{name}`: the provider answered, but its reply {why}"
+        ));
     }
     let unanswered = !answered.load(std::sync::atomic::Ordering::Relaxed);
     let (status, retry_after, bytes) = match outcome {
@@ -142,6 +141,14 @@ pub(super) async fn attempt(
         Ok(Err(e)) => {
             let failure = match () {
                 _ if e.is_connect() => Failure::Connect,
+                // The request could not even be built: nothing was sent,
+                // and a retry would fail the same way.
+                _ if e.is_builder() => {
+                    return Attempt::Fatal(ModelError::InvalidRequest(format!(
+                        "model `{name}`: the request could not be made: {}",
+                        scrub(&e.without_url().to_string(), alias)
+                    )));
+                }
                 _ if e.is_timeout() && unanswered => Failure::NoReply,
                 _ if e.is_timeout() => Failure::Timeout,
                 // The connection broke with the request out and no answer
@@ -150,13 +157,11 @@ pub(super) async fn attempt(
                 // would pay again, uncounted.
                 _ if unanswered => {
                     tracing::warn!(alias = name, error = %e, "model call: connection lost before an answer");
-                    return Attempt::Charged(ModelError::Unavailable(format!(
+                    return charged(format!(
                         "model `{name}`: the connection to the provider was lost before it \
-                         answered ({}); it may have generated (and charged for) the reply: \
-                         counted as charged (the prompt estimate plus max_tokens) and not \
-                         retried",
+                         answered ({}); it may have generated (and charged for) the reply",
                         scrub(&e.without_url().to_string(), alias)
-                    )));
+                    ));
                 }
                 _ => Failure::Transport,
             };
@@ -176,11 +181,10 @@ pub(super) async fn attempt(
             Ok((reply, usage)) => Attempt::Done(reply, usage),
             // The provider has likely charged for it, and a server that
             // answers nonsense will most likely do so again.
-            Err(why) => Attempt::Charged(ModelError::Unavailable(format!(
-                "model `{name}`: the provider's reply could not be understood ({}); \
-                 counted as charged (the prompt estimate plus max_tokens) and not retried",
+            Err(why) => charged(format!(
+                "model `{name}`: the provider's reply could not be understood ({})",
                 truncate(&scrub(&why, alias), 200)
-            ))),
+            )),
         };
     }
     let code = status.as_u16();
@@ -195,11 +199,10 @@ pub(super) async fn attempt(
         // A gateway in front of the provider (a proxy, Cloudflare's 524)
         // gave up waiting for its answer: the provider may still be
         // generating, and charging for, the reply.
-        504 | 524 => Attempt::Charged(ModelError::Unavailable(format!(
+        504 | 524 => charged(format!(
             "model `{name}`: a gateway gave up waiting for the provider's answer (HTTP {code}); \
-             the provider may still have generated (and charged for) the reply: counted as \
-             charged (the prompt estimate plus max_tokens) and not retried"
-        ))),
+             the provider may still have generated (and charged for) the reply"
+        )),
         408 | 500..=599 => Attempt::Retry(Failure::Status { code, retry_after }),
         404 => {
             // Most likely the alias's base_url: the host's log names the
@@ -222,6 +225,13 @@ pub(super) async fn attempt(
             "model `{name}`: unexpected HTTP {code} from the provider"
         ))),
     }
+}
+
+/// A call the provider may have charged for, `why`: see [`Attempt::Charged`].
+fn charged(why: String) -> Attempt {
+    Attempt::Charged(ModelError::Unavailable(format!(
+        "{why}; counted as charged (the prompt estimate plus max_tokens) and not retried"
+    )))
 }
 
 /// Whether a 429's body is OpenAI's `insufficient_quota`: the account's

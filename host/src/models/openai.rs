@@ -8,10 +8,13 @@ use serde_json::{Value, json};
 use super::{ChatReply, ChatRequest, Finish, ModelError, Role, ToolCall, Usage};
 
 /// The request body for `model` (the provider's id).
+/// The request; `max_tokens` goes in `max_tokens_field` (see
+/// [`super::ModelConfig::max_tokens_field`]).
 pub(super) fn request_body(
     model: &str,
     req: &ChatRequest,
     max_tokens: u32,
+    max_tokens_field: &str,
 ) -> Result<Value, ModelError> {
     let messages: Vec<Value> = req
         .messages
@@ -51,8 +54,8 @@ pub(super) fn request_body(
     let mut body = json!({
         "model": model,
         "messages": messages,
-        "max_tokens": max_tokens,
     });
+    body[max_tokens_field] = json!(max_tokens);
     if !req.tools.is_empty() {
         let tools = req
             .tools
@@ -219,7 +222,7 @@ mod tests {
             json: true,
             ..ChatRequest::default()
         };
-        let body = request_body("llama3.2", &req, 99).unwrap();
+        let body = request_body("llama3.2", &req, 99, "max_tokens").unwrap();
         assert_eq!(body["model"], "llama3.2");
         assert_eq!(body["max_tokens"], 99);
         assert_eq!(body["temperature"], 0.7);

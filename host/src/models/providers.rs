@@ -232,6 +232,11 @@ impl Providers {
             // redirect API calls, so none are followed.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
+            // A connection left idle is closed here before a provider or a
+            // proxy closes it (often at 30-60 s): a call written into one
+            // that the other end is closing breaks unanswered, which counts
+            // as charged (it may have reached the provider).
+            .pool_idle_timeout(Duration::from_secs(15))
             .user_agent(concat!("colony/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ConfigError::Client)?;
@@ -318,7 +323,12 @@ impl Providers {
             ))));
         }
         let body = match alias.config.api {
-            Api::OpenAi => openai::request_body(&alias.config.model, req, max_tokens),
+            Api::OpenAi => openai::request_body(
+                &alias.config.model,
+                req,
+                max_tokens,
+                alias.config.max_tokens_field,
+            ),
             Api::Anthropic => anthropic::request_body(&alias.config.model, req, max_tokens),
         }
         .map_err(uncharged)?;

@@ -52,6 +52,23 @@ fn submit_and_claim(q: &mut Queue, agent: &str, n: usize) -> Vec<colony::queue::
 }
 
 /// A POST to a loopback port nothing listens on.
+/// Submits a task of agent `a`, claims it and completes it with `effect`
+/// queued; returns the run's lease.
+fn complete_with_effect(q: &mut Queue, effect: colony::effects::Effect) -> Lease {
+    submit(q, "a", json!({}));
+    let lease = claim_one(q, "a");
+    let run = colony::queue::FinishedRun {
+        lease,
+        outcome: ok(json!({})),
+        log: String::new(),
+        state: vec![],
+        effects: vec![effect],
+        claimed: None,
+    };
+    q.finish_batch(&[run]).unwrap();
+    lease
+}
+
 fn hook_effect() -> colony::effects::Effect {
     colony::effects::Effect {
         seq: 1,
@@ -2010,18 +2027,7 @@ on_both_drivers! {
     /// second attempt with nothing before it.
     fn an_effect_cut_off_mid_send_is_taken_over_with_an_event(db) {
         let mut q = db.open_as("first-sender");
-        submit(&mut q, "a", json!({}));
-        let lease = claim_one(&mut q, "a");
-        let effect = hook_effect();
-        let run = colony::queue::FinishedRun {
-            lease,
-            outcome: ok(json!({})),
-            log: String::new(),
-            state: vec![],
-            effects: vec![effect],
-            claimed: None,
-        };
-        q.finish_batch(&[run]).unwrap();
+        let lease = complete_with_effect(&mut q, hook_effect());
         let agents = ["a".to_string()];
         let first = q.claim_due_effects(4, Duration::from_millis(100), &agents).unwrap();
         assert_eq!(first.len(), 1);
@@ -2050,17 +2056,7 @@ on_both_drivers! {
     /// every crash, its attempts no limit. `effects retry` sends it again.
     fn an_effect_cut_off_on_its_last_attempt_fails(db) {
         let mut q = db.open_as("first-sender");
-        submit(&mut q, "a", json!({}));
-        let lease = claim_one(&mut q, "a");
-        let run = colony::queue::FinishedRun {
-            lease,
-            outcome: ok(json!({})),
-            log: String::new(),
-            state: vec![],
-            effects: vec![colony::effects::Effect { max_attempts: 2, ..hook_effect() }],
-            claimed: None,
-        };
-        q.finish_batch(&[run]).unwrap();
+        let lease = complete_with_effect(&mut q, colony::effects::Effect { max_attempts: 2, ..hook_effect() });
         let agents = ["a".to_string()];
         let short = Duration::from_millis(100);
         let first = q.claim_due_effects(4, short, &agents).unwrap();
@@ -2097,17 +2093,7 @@ on_both_drivers! {
     /// attempts in 7.5 s and failed for good (found by a review).
     fn a_receivers_retry_after_holds_the_next_attempt(db) {
         let mut q = db.open();
-        submit(&mut q, "a", json!({}));
-        let lease = claim_one(&mut q, "a");
-        let run = colony::queue::FinishedRun {
-            lease,
-            outcome: ok(json!({})),
-            log: String::new(),
-            state: vec![],
-            effects: vec![hook_effect()],
-            claimed: None,
-        };
-        q.finish_batch(&[run]).unwrap();
+        let lease = complete_with_effect(&mut q, hook_effect());
         let agents = ["a".to_string()];
         let claimed = q.claim_due_effects(4, Duration::from_secs(60), &agents).unwrap();
         let before = colony::queue::now_ms();
@@ -2128,17 +2114,7 @@ on_both_drivers! {
     /// trail like every failed delivery (it failed with no event).
     fn an_effect_that_cannot_be_read_fails_on_the_trail(db) {
         let mut q = db.open();
-        submit(&mut q, "a", json!({}));
-        let lease = claim_one(&mut q, "a");
-        let run = colony::queue::FinishedRun {
-            lease,
-            outcome: ok(json!({})),
-            log: String::new(),
-            state: vec![],
-            effects: vec![hook_effect()],
-            claimed: None,
-        };
-        q.finish_batch(&[run]).unwrap();
+        let lease = complete_with_effect(&mut q, hook_effect());
         assert_eq!(db.raw().execute("UPDATE effects SET headers = 'not json'"), 1);
         let agents = ["a".to_string()];
         assert!(q.claim_due_effects(4, Duration::from_secs(60), &agents).unwrap().is_empty());

@@ -434,6 +434,17 @@ mod tests {
     use crate::queue::{FinishedRun, Queue};
     use crate::task::{NewTask, RunOutcome};
 
+    /// A daemon on a fresh SQLite file with no agents, beside another
+    /// connection to it standing in for everyone else (the directory keeps
+    /// the file).
+    async fn daemon_beside_a_queue(cfg: DaemonConfig) -> (tempfile::TempDir, Queue, Daemon) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("colony.db");
+        let other = Queue::open(&db).unwrap();
+        let daemon = Daemon::for_test(&db, &dir.path().join("agents"), cfg).await;
+        (dir, other, daemon)
+    }
+
     /// A daemon whose leases went unrenewed for nearly stale_after (its
     /// heartbeats failing: cut off from the database while other daemons
     /// are not) stops its runs: past it, another daemon may reset those
@@ -442,18 +453,14 @@ mod tests {
     /// review).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runs_stop_before_their_unrenewed_leases_may_be_reset() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("colony.db");
-        let mut other = Queue::open(&db).unwrap();
-        let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
-        let lease = other.claim("a", 1).unwrap()[0].lease;
-        let agents = dir.path().join("agents");
         let cfg = DaemonConfig {
             stale_after: std::time::Duration::from_secs(6),
             heartbeat: std::time::Duration::from_secs(1),
             ..DaemonConfig::default()
         };
-        let mut daemon = Daemon::for_test(&db, &agents, cfg).await;
+        let (_dir, mut other, mut daemon) = daemon_beside_a_queue(cfg).await;
+        let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
+        let lease = other.claim("a", 1).unwrap()[0].lease;
         let handle = tokio::spawn(std::future::pending::<()>());
         let running = handle.abort_handle();
         daemon.inflight.insert(
@@ -503,14 +510,10 @@ mod tests {
     /// finished every task).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tasks_given_back_while_running_are_not_counted_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("colony.db");
-        let mut other = Queue::open(&db).unwrap();
+        let (_dir, mut other, mut daemon) = daemon_beside_a_queue(DaemonConfig::default()).await;
         for _ in 0..2 {
             other.submit(&NewTask::new("gone", "{}")).unwrap();
         }
-        let agents = dir.path().join("agents");
-        let mut daemon = Daemon::for_test(&db, &agents, DaemonConfig::default()).await;
         let claimed = daemon.queue.claim("gone", 2).unwrap();
         daemon.take_claimed("gone".into(), claimed);
         assert_eq!((daemon.summary.given_back, daemon.summary.released), (2, 0));
@@ -529,15 +532,11 @@ mod tests {
     /// review).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_that_cannot_be_given_back_now_is_kept_and_given_back_later() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("colony.db");
-        let mut other = Queue::open(&db).unwrap();
+        let (dir, mut other, mut daemon) = daemon_beside_a_queue(DaemonConfig::default()).await;
         let id = other.submit(&NewTask::new("gone", "{}")).unwrap().id;
-        let agents = dir.path().join("agents");
-        let mut daemon = Daemon::for_test(&db, &agents, DaemonConfig::default()).await;
         let claimed = daemon.queue.claim("gone", 1).unwrap();
         let lease = claimed[0].lease;
-        let lock = rusqlite::Connection::open(&db).unwrap();
+        let lock = rusqlite::Connection::open(dir.path().join("colony.db")).unwrap();
         lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
         daemon.take_claimed("gone".into(), claimed);
         assert_eq!(daemon.summary.given_back, 0);
@@ -555,15 +554,11 @@ mod tests {
     /// that came in before, and the run counted lost once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_result_sent_as_its_run_is_stopped_is_refused_on_the_trail() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("colony.db");
-        let mut other = Queue::open(&db).unwrap();
+        let (_dir, mut other, mut daemon) = daemon_beside_a_queue(DaemonConfig::default()).await;
         let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
         let lease = other.claim("a", 1).unwrap()[0].lease;
         other.cancel(id, "no longer wanted").unwrap();
 
-        let agents = dir.path().join("agents");
-        let mut daemon = Daemon::for_test(&db, &agents, DaemonConfig::default()).await;
         daemon.inflight.insert(
             id,
             InFlight {

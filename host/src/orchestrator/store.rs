@@ -431,8 +431,23 @@ mod tests {
     use std::time::Instant;
 
     use crate::orchestrator::{Daemon, DaemonConfig, InFlight};
-    use crate::queue::{FinishedRun, Queue};
+    use crate::queue::{FinishedRun, Lease, Queue};
     use crate::task::{NewTask, RunOutcome};
+
+    /// Puts in flight, under `lease`, a run of agent `a` that never ends by
+    /// itself; returns what stops it.
+    fn a_run_that_never_ends(daemon: &mut Daemon, lease: Lease) -> tokio::task::AbortHandle {
+        let handle = tokio::spawn(std::future::pending::<()>());
+        let running = handle.abort_handle();
+        let run = InFlight {
+            agent: "a".into(),
+            since: Instant::now(),
+            lease,
+            handle,
+        };
+        daemon.inflight.insert(lease.task_id, run);
+        running
+    }
 
     /// A daemon on a fresh SQLite file with no agents, beside another
     /// connection to it standing in for everyone else (the directory keeps
@@ -461,17 +476,7 @@ mod tests {
         let (_dir, mut other, mut daemon) = daemon_beside_a_queue(cfg).await;
         let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
         let lease = other.claim("a", 1).unwrap()[0].lease;
-        let handle = tokio::spawn(std::future::pending::<()>());
-        let running = handle.abort_handle();
-        daemon.inflight.insert(
-            id,
-            InFlight {
-                agent: "a".into(),
-                since: Instant::now(),
-                lease,
-                handle,
-            },
-        );
+        let running = a_run_that_never_ends(&mut daemon, lease);
         // Unrenewed for 4 s: the promise (6 s) still holds beyond the next
         // heartbeat.
         daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(4);
@@ -558,16 +563,7 @@ mod tests {
         let id = other.submit(&NewTask::new("a", "{}")).unwrap().id;
         let lease = other.claim("a", 1).unwrap()[0].lease;
         other.cancel(id, "no longer wanted").unwrap();
-
-        daemon.inflight.insert(
-            id,
-            InFlight {
-                agent: "a".into(),
-                since: Instant::now(),
-                lease,
-                handle: tokio::spawn(std::future::pending()),
-            },
-        );
+        a_run_that_never_ends(&mut daemon, lease);
         daemon.drop_lost(&[lease]);
         // The run's result, sent before the abort landed.
         let result = FinishedRun {

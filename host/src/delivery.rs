@@ -30,6 +30,18 @@ impl Attempt {
     pub fn claim(&self) -> (i64, i64) {
         (self.delivery.id, self.delivery.token)
     }
+
+    /// A 2xx answer to `delivery`, as a receiver gives it (for tests).
+    #[cfg(test)]
+    pub(crate) fn answered(delivery: Delivery) -> Attempt {
+        let answer = Answer {
+            status: Some(200),
+            error: None,
+            refused: false,
+            retry_after: None,
+        };
+        Attempt { delivery, answer }
+    }
 }
 
 /// How a try ended: the HTTP status, or why there was none.

@@ -158,6 +158,7 @@ impl Daemon {
                 // Once the database answers, not before: each try would
                 // wait out its busy timeout ahead of the renewal.
                 self.summary.given_back += self.retry_releases();
+                self.record_deliveries_again();
                 !lost.is_empty() || !expired.is_empty()
             }
             Err(e) if e.is_permanent() => {
@@ -477,17 +478,26 @@ impl Daemon {
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
         }
-        // Answers that came in at the deadline are recorded; the rest are
-        // given back, due at once, rather than left `sending` until their
-        // claim runs out (twice --effect-timeout).
-        while let Ok(attempt) = self.deliverer.done_rx.try_recv() {
-            self.record_delivery(attempt);
-        }
+        // Answers that came in by the deadline are recorded (one the
+        // database still refuses keeps its claim, left to run out); the
+        // rest are given back, due at once, rather than left `sending`
+        // until their claim runs out (twice --effect-timeout).
         let stopped = self.deliverer.stop_in_flight().await;
-        let mut answered = HashSet::new();
+        let mut answered: HashSet<(i64, i64)> = self
+            .unrecorded_deliveries
+            .iter()
+            .map(|attempt| attempt.claim())
+            .collect();
         while let Ok(attempt) = self.deliverer.done_rx.try_recv() {
             answered.insert(attempt.claim());
             self.record_delivery(attempt);
+        }
+        self.record_deliveries_again();
+        for attempt in std::mem::take(&mut self.unrecorded_deliveries) {
+            self.deliverer.abandon(&attempt);
+            tracing::error!(
+                "could not record an effect's delivery; another daemon sends it again once its claim runs out"
+            );
         }
         let unanswered: Vec<(i64, i64)> = stopped
             .into_iter()

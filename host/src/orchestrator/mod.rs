@@ -249,6 +249,10 @@ pub struct Daemon {
     /// Whether effects may be due (after completions, deliveries, or a tick
     /// that found one due).
     effects_due: bool,
+    /// Delivery answers the database did not take (busy or out), recorded
+    /// again after a heartbeat that went through: their claims hold until
+    /// then, so no other daemon sends them meanwhile.
+    unrecorded_deliveries: Vec<crate::delivery::Attempt>,
     /// Which agent claims first this round, so none starves the others.
     rotation: usize,
     /// Runs stopped because their lease was lost, and when: a result one
@@ -320,6 +324,7 @@ impl Daemon {
             announced_wait: None,
             announced_effect_wait: None,
             deliverer,
+            unrecorded_deliveries: Vec::new(),
             effects_due: true,
             rotation: 0,
             aborted: HashMap::new(),

@@ -1,8 +1,6 @@
 //! The daemon's side of the outbox: starting the deliveries that are due
 //! and recording how each went.
 
-use std::time::Duration;
-
 use super::Daemon;
 
 impl Daemon {
@@ -29,30 +27,35 @@ impl Daemon {
         }
     }
 
+    /// Records a delivery's answer. One the database does not take now
+    /// (busy or out) is kept for [`Daemon::record_deliveries_again`]:
+    /// retried here, with sleeps, each try up to the busy timeout, the loop
+    /// and its heartbeats stood still.
     pub(super) fn record_delivery(&mut self, attempt: crate::delivery::Attempt) {
         let (deliverer, queue) = (&mut self.deliverer, &mut self.queue);
-        let mut result = tokio::task::block_in_place(|| deliverer.record(queue, &attempt));
-        for _ in 0..5 {
-            match &result {
-                Err(e) if e.is_transient() => {
-                    result = tokio::task::block_in_place(|| {
-                        std::thread::sleep(Duration::from_millis(100));
-                        deliverer.record(queue, &attempt)
-                    });
-                }
-                _ => break,
-            }
-        }
-        match result {
+        match tokio::task::block_in_place(|| deliverer.record(queue, &attempt)) {
             Ok(Some("sent")) => self.summary.effects_sent += 1,
             Ok(Some("failed")) => self.summary.effects_failed += 1,
             Ok(_) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!(
+                    "could not record an effect's delivery now, will retry after the next heartbeat: {e}"
+                );
+                self.unrecorded_deliveries.push(attempt);
+            }
             Err(e) => {
                 self.deliverer.abandon(&attempt);
                 tracing::error!(
                     "could not record an effect's delivery; it will be sent again: {e}"
                 );
             }
+        }
+    }
+
+    /// Records again the answers [`Daemon::record_delivery`] kept.
+    pub(super) fn record_deliveries_again(&mut self) {
+        for attempt in std::mem::take(&mut self.unrecorded_deliveries) {
+            self.record_delivery(attempt);
         }
     }
 }

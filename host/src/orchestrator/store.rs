@@ -554,6 +554,54 @@ mod tests {
         assert_eq!((task.state, task.attempts), (crate::task::State::Ready, 0));
     }
 
+    /// A delivery's answer the database does not take now (locked past its
+    /// busy timeout) is kept and recorded after the next heartbeat that
+    /// goes through. It was retried on the spot, 6 tries with 100 ms sleeps
+    /// each up to the busy timeout, the loop and its heartbeats standing
+    /// still meanwhile (found by a review).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_answer_the_database_refuses_now_is_recorded_later() {
+        let (dir, mut other, mut daemon) = daemon_beside_a_queue(DaemonConfig::default()).await;
+        other.submit(&NewTask::new("a", "{}")).unwrap();
+        let lease = other.claim("a", 1).unwrap()[0].lease;
+        let effect = crate::effects::Effect {
+            seq: 1,
+            method: "POST".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            headers: vec![],
+            body: None,
+            max_attempts: 5,
+        };
+        let run = FinishedRun {
+            lease,
+            outcome: RunOutcome::Success {
+                output: "{}".into(),
+                spawn: vec![],
+                needs_review: false,
+            },
+            log: String::new(),
+            state: vec![],
+            effects: vec![effect],
+            claimed: None,
+        };
+        other.finish_batch(&[run]).unwrap();
+        let agents = ["a".to_string()];
+        let delivery = other
+            .claim_due_effects(1, std::time::Duration::from_secs(60), &agents)
+            .unwrap()
+            .remove(0);
+        let lock = rusqlite::Connection::open(dir.path().join("colony.db")).unwrap();
+        lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        daemon.record_delivery(crate::delivery::Attempt::answered(delivery));
+        assert_eq!(daemon.unrecorded_deliveries.len(), 1, "kept");
+        lock.execute_batch("COMMIT").unwrap();
+        daemon.heartbeat_and_reap();
+        assert!(daemon.unrecorded_deliveries.is_empty());
+        assert_eq!(daemon.summary.effects_sent, 1);
+        let effects = other.effects(Some(lease.task_id), None, 10).unwrap();
+        assert_eq!(effects[0].state, "sent");
+    }
+
     /// A result sent in the instant before its run was stopped, its lease
     /// lost (here: its task cancelled), is refused on the trail like one
     /// that came in before, and the run counted lost once.

@@ -1575,9 +1575,9 @@ on_both_drivers! {
         assert_eq!(
             shown["held_state"],
             serde_json::json!([
-                {"scope": "agent", "key": "held", "value": 7, "if_version": null},
-                {"scope": "agent", "key": "big", "value": 8, "if_version": 1},
-                {"scope": "agent", "key": "nothere", "value": null, "if_version": null},
+                {"scope": "agent", "key": "held", "value": 7, "delete": false, "if_version": null},
+                {"scope": "agent", "key": "big", "value": 8, "delete": false, "if_version": 1},
+                {"scope": "agent", "key": "nothere", "value": null, "delete": true, "if_version": null},
             ])
         );
         let text = env.ok(&["show", &held.to_string()]);

@@ -781,7 +781,7 @@ on_both_drivers! {
             (
                 &json!([{"method": "POST", "url": "https://api.example/pay", "headers": [["X-Request", "r-7"]],
                          "body": "{\"amount_cents\": 99999900}", "body_bytes": 26}]),
-                &json!([{"scope": "agent", "key": "published", "value": {"draft": 2}, "value_bytes": 12, "if_version": 0}])
+                &json!([{"scope": "agent", "key": "published", "value": {"draft": 2}, "value_bytes": 12, "delete": false, "if_version": 0}])
             ),
             "{payload}"
         );
@@ -840,9 +840,9 @@ on_both_drivers! {
         assert_eq!(
             payload["state_writes"],
             json!([
-                {"scope": "agent", "key": "small", "value": [1], "value_bytes": 3, "if_version": null},
-                {"scope": "agent", "key": "gone", "value": null, "value_bytes": 0, "if_version": null},
-                {"scope": "agent", "key": "large", "value": null, "value_bytes": size, "if_version": null},
+                {"scope": "agent", "key": "small", "value": [1], "value_bytes": 3, "delete": false, "if_version": null},
+                {"scope": "agent", "key": "gone", "value": null, "value_bytes": 0, "delete": true, "if_version": null},
+                {"scope": "agent", "key": "large", "value": null, "value_bytes": size, "delete": false, "if_version": null},
             ])
         );
         q.finish(review.lease, ok(json!({"approve": true})), "").unwrap();
@@ -1893,10 +1893,13 @@ on_both_drivers! {
         let chain = claimed[9].chain.to_string();
         let n_of_chain = q.state_get(Scope::Chain, &chain, "n").unwrap().unwrap();
         assert_eq!((n_of_chain.value.as_str(), n_of_chain.version), ("\"c\"", 1));
-        let (written, _) = q.state_written_by(id(7), 10).unwrap();
-        assert_eq!(written.len(), 1);
+        let (written, made) = q.state_written_by(id(7), 10).unwrap();
+        assert_eq!((written.len(), made), (1, 1));
         assert_eq!((written[0].key.as_str(), written[0].version), ("n", 4));
-        assert!(q.state_written_by(id(3), 10).unwrap().0.is_empty());
+        assert_eq!(written[0].value.as_deref(), Some("4"), "still the key's value");
+        // An earlier task's writes are listed, each written over since.
+        let (earlier, _) = q.state_written_by(id(3), 10).unwrap();
+        assert!(!earlier.is_empty() && earlier.iter().all(|w| w.value.is_none()), "{earlier:?}");
 
         // Each write's own event, before its task's completion.
         let versions = |i: usize| -> Vec<(String, u64, u64)> {

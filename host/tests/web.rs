@@ -940,6 +940,83 @@ fn a_task_page_says_when_its_reviewer_failed() {
     );
 }
 
+/// What a task wrote, held, spawned and will chain, as the pages show it.
+/// Its "State writes" listed the entries it had written last, so a key
+/// another task wrote over or deleted since vanished from the page; held
+/// writes were a raw dump with values as strings, and the review page
+/// showed neither them nor the spawned tasks approval creates; `--next`
+/// tasks were on no page (found by a walkthrough).
+#[test]
+fn pages_show_what_a_task_wrote_holds_spawns_and_chains() {
+    let env = Env::new(&["stateful", "spawner", "echo"]);
+    let first = env.submit(&[
+        "stateful",
+        r#"{"ops": [["set", "agent", "shared", "1"], ["set", "agent", "gone", "2"]]}"#,
+    ]);
+    env.until_idle(&[]);
+    let second = env.submit(&[
+        "stateful",
+        r#"{"ops": [["set", "agent", "shared", "3"], ["delete", "agent", "gone"]]}"#,
+    ]);
+    let held = env.submit(&["stateful", r#"{"ops": [["set", "agent", "nk", "null"], ["delete", "agent", "dk"], ["set", "agent", "obj", "{\"a\":1}"]]}"#, "--review"]);
+    let spawner = env.submit(&[
+        "spawner",
+        r#"{"children": [{"agent": "echo", "payload": {"c": 1}}]}"#,
+        "--review",
+    ]);
+    env.until_idle(&[]);
+    // After the drain: an until-idle daemon waits for a task due in an hour.
+    let chained = env.submit(&[
+        "echo",
+        "{}",
+        "--in",
+        "1h",
+        "--next",
+        r#"[{"agent": "echo", "payload": {"follow": 1}}]"#,
+    ]);
+    let web = Web::serve(&env);
+    let text = |path: &str| web.page(path).replace("<code>", "").replace("</code>", "");
+    // The first task's writes, written over and deleted since.
+    let page = text(&format!("/tasks/{first}"));
+    assert!(
+        page.contains(">shared<") && page.contains(">gone<"),
+        "{page}"
+    );
+    assert_eq!(page.matches("written over since").count(), 2, "{page}");
+    let page = text(&format!("/tasks/{second}"));
+    assert!(page.contains(">3<") && page.contains("deleted"), "{page}");
+    // Held writes, a set to null told from a delete, values as JSON.
+    let page = text(&format!("/tasks/{held}"));
+    assert!(page.contains("Held until the review approves"), "{page}");
+    assert!(
+        page.contains("set to null") && page.contains(">delete<"),
+        "{page}"
+    );
+    assert!(page.contains("set to {&quot;a&quot;:1}"), "{page}");
+    // The review page shows what approval would make and create.
+    let page = text("/review");
+    assert!(
+        page.contains("State writes (made on approval, in this order)"),
+        "{page}"
+    );
+    assert!(
+        page.contains("nk set to null") && page.contains("dk deleted"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Tasks spawned (created on approval)"),
+        "{page}"
+    );
+    assert!(page.contains("echo {&quot;c&quot;:1}"), "{page}");
+    let page = text(&format!("/tasks/{spawner}"));
+    assert!(page.contains("Spawned tasks"), "{page}");
+    let page = text(&format!("/tasks/{chained}"));
+    assert!(
+        page.contains("Next tasks") && page.contains("follow"),
+        "{page}"
+    );
+}
+
 /// The review page lists the oldest 50 and says how many more wait: it
 /// showed 50 of 55 without a word, and a reviewer took the queue for done.
 #[test]

@@ -57,14 +57,18 @@ pub struct ModelCharge {
     pub cost_usd: Option<f64>,
 }
 
-/// A state entry a task's completion wrote (still its latest value).
+/// A state write a task's completion made, as its `state_write` event
+/// records it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StateWriteRow {
     pub scope: String,
     pub owner: String,
     pub key: String,
-    pub value: String,
+    /// The version the write made (0: it deleted the key).
     pub version: i64,
+    /// The value it wrote, while that is still the key's (the audit trail
+    /// keeps no values: one written over since is gone).
+    pub value: Option<String>,
 }
 
 /// One task of a chain, for drawing it as a tree.
@@ -331,37 +335,50 @@ impl Page {
 }
 
 impl Queue {
-    /// The state entries whose latest value this task's completion wrote,
-    /// and the writes it holds while in review (JSON), if any.
-    pub fn state_written_by(
-        &self,
-        task_id: i64,
-        limit: u32,
-    ) -> Result<(Vec<StateWriteRow>, Option<String>)> {
+    /// The state writes task `task_id`'s completion made, in order (the
+    /// first `limit`), read off its `state_write` events, and how many it
+    /// made in all. The entries it wrote were shown instead: a key written
+    /// over or deleted since by another task vanished from the page.
+    pub fn state_written_by(&self, task_id: i64, limit: u32) -> Result<(Vec<StateWriteRow>, u64)> {
         self.read(|db| {
-            let rows = db.query(
-                "SELECT scope, owner, key, value, version FROM state WHERE task_id = ?1
-                 ORDER BY scope, owner, key LIMIT ?2",
+            let total: Option<i64> = db.query_value(
+                "SELECT COUNT(*) FROM events WHERE task_id = ?1 AND event = 'state_write'",
+                args![task_id],
+            )?;
+            let total = total.unwrap_or(0);
+            let details: Vec<String> = db.query_column(
+                "SELECT detail FROM events WHERE task_id = ?1 AND event = 'state_write'
+                 ORDER BY id LIMIT ?2",
                 args![task_id, i64::from(limit)],
             )?;
-            let written = rows
-                .iter()
-                .map(|r| {
-                    Ok(StateWriteRow {
-                        scope: r.get(0)?,
-                        owner: r.get(1)?,
-                        key: r.get(2)?,
-                        value: r.get(3)?,
-                        version: r.get(4)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let held: Option<String> = db
-                .query_opt("SELECT held_state FROM tasks WHERE id = ?1", args![task_id])?
-                .map(|r| r.get(0))
-                .transpose()?
-                .flatten();
-            Ok((written, held))
+            let mut written = Vec::with_capacity(details.len());
+            for detail in details {
+                let d: serde_json::Value = serde_json::from_str(&detail).map_err(|e| {
+                    QueueError::Corrupt(format!("a state_write event of task {task_id}: {e}"))
+                })?;
+                let text = |field: &str| d[field].as_str().unwrap_or_default().to_string();
+                let (scope, owner, key) = (text("scope"), text("owner"), text("key"));
+                let version = d["new_version"].as_i64().unwrap_or_default();
+                let value = match version {
+                    0 => None,
+                    _ => db
+                        .query_opt(
+                            "SELECT value FROM state
+                             WHERE scope = ?1 AND owner = ?2 AND key = ?3 AND version = ?4",
+                            args![scope.as_str(), owner.as_str(), key.as_str(), version],
+                        )?
+                        .map(|row| row.get(0))
+                        .transpose()?,
+                };
+                written.push(StateWriteRow {
+                    scope,
+                    owner,
+                    key,
+                    version,
+                    value,
+                });
+            }
+            Ok((written, total as u64))
         })
     }
 

@@ -246,7 +246,8 @@ fn proposed_actions_json(
                 .and_then(|v| serde_json::from_str::<Value>(v).ok())
                 .filter(|v| json_depth(v) + 3 <= MAX_JSON_DEPTH && shown.take(raw.len()));
             json!({"scope": w.scope.as_str(), "key": w.key, "value": value,
-                   "value_bytes": raw.len(), "if_version": w.if_version})
+                   "value_bytes": raw.len(), "delete": w.value.is_none(),
+                   "if_version": w.if_version})
         })
         .collect();
     (effects, writes)

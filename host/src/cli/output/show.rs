@@ -245,8 +245,9 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A held state write in `show --json`: `value` is the JSON written, null
-/// for a delete; `if_version` the set-if's version, null for none.
+/// A held state write in `show --json`: `value` is the JSON written (null
+/// for a delete, which `delete` tells from a set to JSON null);
+/// `if_version` the set-if's version, null for none.
 fn held_write_json(write: &crate::state::Write) -> Value {
     let value = write
         .value
@@ -256,6 +257,7 @@ fn held_write_json(write: &crate::state::Write) -> Value {
         "scope": write.scope.as_str(),
         "key": write.key,
         "value": value,
+        "delete": write.value.is_none(),
         "if_version": write.if_version,
     })
 }

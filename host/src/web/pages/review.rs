@@ -5,6 +5,8 @@ use maud::html;
 
 use super::{PageResult, csrf_field, layout, pretty, short, time};
 use crate::queue::{EffectRow, TaskRow};
+use crate::state::Write;
+use crate::task::NextSpec;
 use crate::task::State as TaskState;
 use crate::web::Shared;
 use crate::web::auth::Caller;
@@ -14,17 +16,29 @@ const MAX_LISTED: u32 = 50;
 /// Longest result shown in full on this page (the task page has all of it).
 const MAX_RESULT_CHARS: usize = 4_000;
 
+/// What approving a task would release, beside its result.
+#[derive(Default)]
+struct Held {
+    effects: Vec<EffectRow>,
+    writes: Vec<Write>,
+    children: Vec<NextSpec>,
+}
+
 pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller>) -> PageResult {
-    let (waiting, in_review): (Vec<(TaskRow, Vec<EffectRow>)>, u64) = app
+    let (waiting, in_review): (Vec<(TaskRow, Held)>, u64) = app
         .store
         .run(None, |queue| {
             let mut out = Vec::new();
             for row in queue.in_review(MAX_LISTED)? {
-                let effects = match &row {
-                    Ok(task) => queue.effects(Some(task.id), Some("proposed"), 20)?,
-                    Err(_) => Vec::new(),
+                let held = match &row {
+                    Ok(task) => Held {
+                        effects: queue.effects(Some(task.id), Some("proposed"), 20)?,
+                        writes: queue.held_writes(task.id)?,
+                        children: queue.held_children(task.id)?,
+                    },
+                    Err(_) => Held::default(),
                 };
-                out.push((row, effects));
+                out.push((row, held));
             }
             let in_review = queue
                 .counts()?
@@ -52,7 +66,7 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                 @if !waiting.is_empty() && caller.session().is_none() {
                     p.muted { a href="/login?next=/review" { "Sign in" } " to approve or reject." }
                 }
-                @for (row, effects) in &waiting {
+                @for (row, held) in &waiting {
                     @match row {
                         Err(bad) => article.review { h2 { a href={ "/tasks/" (bad.id) } { "#" (bad.id) } } p { "unreadable: " (bad.reason) } },
                         Ok(task) => article.review id={ "review-" (task.id) } {
@@ -61,9 +75,22 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                             @if let Some(result) = &task.result {
                                 pre.json.result { (short(&pretty(result), MAX_RESULT_CHARS)) }
                             }
-                            @if !effects.is_empty() {
+                            @if !held.effects.is_empty() {
                                 h3 { "Proposed effects (sent on approval)" }
-                                ul { @for e in effects { li { code { (e.method) " " (e.url) } (super::effect_request(e)) } } }
+                                ul { @for e in &held.effects { li { code { (e.method) " " (e.url) } (super::effect_request(e)) } } }
+                            }
+                            @if !held.writes.is_empty() {
+                                h3 { "State writes (made on approval, in this order)" }
+                                ul { @for w in &held.writes { li {
+                                    (w.scope.as_str()) " " code { (w.key) }
+                                    @match &w.value { Some(value) => { " set to " code { (short(value, 200)) } }, None => { " deleted" } }
+                                } } }
+                            }
+                            @if !held.children.is_empty() {
+                                h3 { "Tasks spawned (created on approval)" }
+                                ul { @for child in &held.children { li {
+                                    (child.agent) " " code { (short(&child.payload.to_string(), 200)) }
+                                } } }
                             }
                             @if caller.session().is_some() {
                                 form.review method="post" action={ "/tasks/" (task.id) "/review" } {

@@ -20,7 +20,8 @@ struct TaskPage {
     detail: TaskDetail,
     chain: Vec<ChainNode>,
     state_writes: Vec<StateWriteRow>,
-    held_state: Option<String>,
+    /// How many state writes it made in all (the page lists the first).
+    state_writes_made: u64,
     last_event: i64,
 }
 
@@ -34,13 +35,13 @@ pub async fn page(
         .store
         .run(None, move |queue| {
             let detail = TaskDetail::load(queue, id)?;
-            let (state_writes, held_state) = queue.state_written_by(id, 100)?;
+            let (state_writes, state_writes_made) = queue.state_written_by(id, 100)?;
             Ok(TaskPage {
                 last_event: detail.events.last().map_or(0, |e| e.id),
                 chain: queue.chain_of(id)?,
                 detail,
                 state_writes,
-                held_state,
+                state_writes_made,
             })
         })
         .await?;
@@ -119,6 +120,7 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
             (model_calls(d))
             (state_writes(page))
             (held_children(page))
+            (next_tasks(page))
             @if !d.effects.is_empty() {
                 section {
                     h2 { "Effects" }
@@ -255,6 +257,22 @@ fn model_calls(d: &TaskDetail) -> Markup {
     }
 }
 
+/// The tasks its completion creates (`--next`), while it has not completed:
+/// then they are its children, in the chain above.
+fn next_tasks(page: &TaskPage) -> Markup {
+    let task = &page.detail.task;
+    if task.next_tasks.is_empty() || task.state == crate::task::State::Complete {
+        return html! {};
+    }
+    html! {
+        section {
+            h2 { "Next tasks" }
+            p.muted { "Created when it completes:" }
+            pre.json { (serde_json::to_string_pretty(&task.next_tasks).unwrap_or_default()) }
+        }
+    }
+}
+
 /// What the run spawned, created only if the review approves.
 fn held_children(page: &TaskPage) -> Markup {
     let children = &page.detail.held_children;
@@ -271,24 +289,50 @@ fn held_children(page: &TaskPage) -> Markup {
 }
 
 fn state_writes(page: &TaskPage) -> Markup {
-    if page.state_writes.is_empty() && page.held_state.is_none() {
+    let held = &page.detail.held_writes;
+    if page.state_writes.is_empty() && held.is_empty() {
         return html! {};
     }
+    let more = page
+        .state_writes_made
+        .saturating_sub(page.state_writes.len() as u64);
     html! {
         section {
             h2 { "State writes" }
-            @if let Some(held) = &page.held_state {
-                p.muted { "Held until the review approves:" }
-                pre.json { (held) }
+            @if !held.is_empty() {
+                p.muted { "Held until the review approves, then made in this order:" }
+                table {
+                    thead { tr { th { "scope" } th { "key" } th { "write" } th { "only if" } } }
+                    tbody {
+                        @for w in held {
+                            tr {
+                                td { (w.scope.as_str()) }
+                                td { code { (w.key) } }
+                                td { @match &w.value { Some(value) => { "set to " code { (value) } }, None => { "delete" } } }
+                                td { @match w.if_version { Some(0) => { "absent" }, Some(v) => { "at version " (v) }, None => { "" } } }
+                            }
+                        }
+                    }
+                }
             }
             @if !page.state_writes.is_empty() {
                 table {
                     thead { tr { th { "scope" } th { "owner" } th { "key" } th.num { "version" } th { "value" } } }
                     tbody {
                         @for w in &page.state_writes {
-                            tr { td { (w.scope) } td { (w.owner) } td { code { (w.key) } } td.num { (w.version) } td { code { (w.value) } } }
+                            tr {
+                                td { (w.scope) } td { (w.owner) } td { code { (w.key) } } td.num { (w.version) }
+                                td { @match (&w.value, w.version) {
+                                    (_, 0) => { span.muted { "deleted" } },
+                                    (Some(value), _) => { code { (value) } },
+                                    (None, _) => { span.muted { "written over since" } },
+                                } }
+                            }
                         }
                     }
+                }
+                @if more > 0 {
+                    p.muted { "And " (more) " more: its state_write events (under Events) list every one." }
                 }
             }
         }

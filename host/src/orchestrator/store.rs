@@ -434,6 +434,22 @@ mod tests {
     use crate::queue::{FinishedRun, Lease, Queue};
     use crate::task::{NewTask, RunOutcome};
 
+    /// A run under `lease` that succeeded with `{}`, queuing `effects`.
+    fn succeeded(lease: Lease, effects: Vec<crate::effects::Effect>) -> FinishedRun {
+        FinishedRun {
+            lease,
+            outcome: RunOutcome::Success {
+                output: "{}".into(),
+                spawn: vec![],
+                needs_review: false,
+            },
+            log: String::new(),
+            state: vec![],
+            effects,
+            claimed: None,
+        }
+    }
+
     /// Puts in flight, under `lease`, a run of agent `a` that never ends by
     /// itself; returns what stops it.
     fn a_run_that_never_ends(daemon: &mut Daemon, lease: Lease) -> tokio::task::AbortHandle {
@@ -572,19 +588,9 @@ mod tests {
             body: None,
             max_attempts: 5,
         };
-        let run = FinishedRun {
-            lease,
-            outcome: RunOutcome::Success {
-                output: "{}".into(),
-                spawn: vec![],
-                needs_review: false,
-            },
-            log: String::new(),
-            state: vec![],
-            effects: vec![effect],
-            claimed: None,
-        };
-        other.finish_batch(&[run]).unwrap();
+        other
+            .finish_batch(&[succeeded(lease, vec![effect])])
+            .unwrap();
         let agents = ["a".to_string()];
         let delivery = other
             .claim_due_effects(1, std::time::Duration::from_secs(60), &agents)
@@ -614,19 +620,7 @@ mod tests {
         a_run_that_never_ends(&mut daemon, lease);
         daemon.drop_lost(&[lease]);
         // The run's result, sent before the abort landed.
-        let result = FinishedRun {
-            lease,
-            outcome: RunOutcome::Success {
-                output: "{}".into(),
-                spawn: vec![],
-                needs_review: false,
-            },
-            log: String::new(),
-            state: vec![],
-            effects: vec![],
-            claimed: None,
-        };
-        daemon.done_tx.send(result).unwrap();
+        daemon.done_tx.send(succeeded(lease, vec![])).unwrap();
         daemon.collect_finished();
         daemon.write_finished();
 

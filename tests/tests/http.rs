@@ -57,8 +57,9 @@ struct Log {
 }
 
 /// A loopback HTTP/1 server on its own thread. Routes: `/big` answers
-/// 1 MiB, `/redirect?to=URL` answers 302 to URL, `/hang` waits 30 s (the
-/// request is logged once it answers), anything else 200 `hello`.
+/// 1 MiB, `/redirect?to=URL` answers 302 to URL, `/hang` waits 30 s and
+/// `/slow` 1.5 s (a request is logged once it answers), anything else 200
+/// `hello`.
 struct Server {
     addr: SocketAddr,
     log: Arc<Mutex<Log>>,
@@ -95,9 +96,12 @@ impl Server {
                         let service = hyper::service::service_fn(move |req| {
                             let log = log.clone();
                             async move {
-                                if req.uri().path() == "/hang" {
-                                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                                }
+                                let wait = match req.uri().path() {
+                                    "/hang" => 30_000,
+                                    "/slow" => 1_500,
+                                    _ => 0,
+                                };
+                                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
                                 Ok::<_, Infallible>(answer(req, &log))
                             }
                         });
@@ -497,4 +501,66 @@ async fn a_request_that_outlasts_http_timeout_fails_and_the_run_goes_on() {
     let events = h.events(id, "http_request");
     assert!(events[0].detail["error"].is_string(), "{events:?}");
     assert_eq!(events[1].detail["status"], 200);
+}
+
+/// A run's request waits while its daemon's heartbeat is held up for
+/// nearly `--stale-after` (the database stopped answering without an
+/// error): another daemon may take the task over by then, and the request
+/// would go out twice. It goes out once a heartbeat goes through. Before,
+/// runs were stopped only when the heartbeat came back with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_while_the_daemons_heartbeat_is_held_up() {
+    let server = Server::start();
+    let h = harness(&format!("allowed_hosts = [{:?}]\n", server.origin()));
+    let mut task = NewTask::new(
+        "fetcher",
+        json!({"requests": [{"url": server.url("/slow")}, {"url": server.url("/after")}]})
+            .to_string(),
+    );
+    task.max_attempts = 1;
+    let id = h.submit(task);
+    let cfg = colony::orchestrator::DaemonConfig {
+        heartbeat: std::time::Duration::from_millis(200),
+        stale_after: std::time::Duration::from_secs(1),
+        until_idle: false,
+        ..Harness::until_idle()
+    };
+    let daemon = h.start_daemon(h.runtime(), cfg).await;
+    common::wait_for("the first request", || server.connections() > 0).await;
+
+    // Every write waits for this lock (up to the 5 s busy timeout), the
+    // heartbeat's too: the daemon's loop is held up in it.
+    let lock = rusqlite::Connection::open(h.db()).unwrap();
+    lock.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // The first request answers 1.5 s in; the second is asked for then,
+    // with the leases unrenewed for longer than stale_after less a heartbeat.
+    tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+    let seen: Vec<String> = server.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(
+        seen,
+        ["/slow"],
+        "nothing goes out while the lease is in doubt"
+    );
+    lock.execute_batch("COMMIT").unwrap();
+
+    common::wait_for("the task to complete", || {
+        h.task(id).state == State::Complete
+    })
+    .await;
+    daemon.stop().await;
+    let seen: Vec<String> = server.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(
+        seen,
+        ["/slow", "/after"],
+        "sent once the heartbeat went through"
+    );
+    let out = h.task(id).result.unwrap();
+    assert_eq!(out["results"][1]["status"], 200, "{out}");
+    assert_eq!(
+        h.task(id).attempts,
+        1,
+        "the run went on, in its first attempt"
+    );
 }

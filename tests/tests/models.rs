@@ -711,3 +711,74 @@ async fn an_agent_built_against_0_1_0_still_runs() {
     );
     assert!(e.h.log(id).contains("legacy agent ran"));
 }
+
+/// Hooks whose lease stays in doubt until the test says otherwise, as a
+/// daemon's do while its heartbeat is held up.
+#[derive(Default)]
+struct InDoubt {
+    waiting: std::sync::atomic::AtomicBool,
+    vouched: tokio::sync::Notify,
+}
+
+#[colony::runtime::async_trait]
+impl colony::runtime::RunHooks for InDoubt {
+    fn progress(&self, _lease: colony::task::Lease, _progress: Option<String>) {}
+
+    async fn wait_while_lease_in_doubt(&self) {
+        self.waiting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.vouched.notified().await;
+    }
+}
+
+/// A model call waits, unsent, while its run's lease is in doubt (its
+/// daemon's heartbeat held up for nearly `--stale-after`), and goes out
+/// once the lease is vouched for again. The daemon's side of it: `http.rs`,
+/// `a_request_waits_while_the_daemons_heartbeat_is_held_up`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_not_sent_while_its_lease_is_in_doubt() {
+    let e = env(r#"models = ["fast"]"#);
+    e.server.push(Scripted::answer("later"));
+    let mut runtime = e.h.runtime();
+    runtime.set_models(e.providers.clone());
+    let agents = e.h.agent_dir(&runtime).await;
+    let agent = agents.loaded("thinker").unwrap();
+    let hooks = Arc::new(InDoubt::default());
+    let input = colony::task::ClaimedTask {
+        lease: colony::task::Lease {
+            task_id: 1,
+            token: 1,
+        },
+        agent: "thinker".into(),
+        chain: 1,
+        payload: json!({"prompts": ["hello"]}).to_string(),
+        attempt: 1,
+        max_attempts: 1,
+        parent_result: None,
+        feedback: None,
+        timeout_ms: None,
+    };
+    let run = tokio::spawn({
+        let hooks = hooks.clone();
+        async move { runtime.run(&agent, &input, hooks).await }
+    });
+    common::wait_for("the call to wait", || {
+        hooks.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        e.server.count(),
+        0,
+        "nothing sent while the lease is in doubt"
+    );
+    hooks.vouched.notify_one();
+    let report = run.await.unwrap();
+    assert_eq!(e.server.count(), 1);
+    match report.outcome {
+        colony::task::RunOutcome::Success { output, .. } => {
+            assert!(output.contains("later"), "{output}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -141,7 +141,6 @@ impl Daemon {
                 self.summary.leases_reset += expired.len() as u64;
                 self.summary.leases_reset_failed +=
                     expired.iter().filter(|e| e.to == State::Failed).count() as u64;
-                self.renewed_at = started;
                 if let Some(lasted) = self.heartbeat_errors.succeeded() {
                     tracing::info!(
                         "heartbeats go through again: the database answers (it failed for {lasted:.0?})"
@@ -155,6 +154,10 @@ impl Daemon {
                 }
                 self.renewals_answered();
                 self.drop_lost(&lost);
+                // After the lost runs are stopped: their requests waiting
+                // on the renewal (see `RunHooks::wait_while_lease_in_doubt`)
+                // must not go out.
+                self.run_side.renewals.renewed(started);
                 // Once the database answers, not before: each try would
                 // wait out its busy timeout ahead of the renewal.
                 self.summary.given_back += self.retry_releases();
@@ -184,8 +187,10 @@ impl Daemon {
     /// promised to renew them within: then another daemon that can reach
     /// the database (this one cut off from it, say) may soon reset them and
     /// run their tasks. Nothing more is started, and the runs stop.
+    /// Runs check it too (see [`crate::runtime::RunHooks::wait_while_lease_in_doubt`]), as the loop
+    /// can be held up in a heartbeat that does not return.
     pub(super) fn leases_may_soon_be_reset(&self) -> bool {
-        self.renewed_at.elapsed() >= self.cfg.stale_after.saturating_sub(self.cfg.heartbeat)
+        self.run_side.renewals.may_soon_be_reset()
     }
 
     /// Stops every run once [`Daemon::leases_may_soon_be_reset`]: run on,
@@ -206,7 +211,7 @@ impl Daemon {
         }
         tracing::error!(
             runs = runs.len(),
-            unrenewed_for = ?self.renewed_at.elapsed(),
+            unrenewed_for = ?self.run_side.renewals.unrenewed_for(),
             stale_after = ?self.cfg.stale_after,
             "this daemon's leases could not be renewed for nearly stale_after: stopping its runs, which another daemon may soon take over (given back, their attempts returned, once the database answers)"
         );

@@ -50,7 +50,7 @@ mod run_side;
 mod store;
 pub use config::{DEFAULT_CLAIM_BATCH, DaemonConfig};
 pub use prefetch::{Prefetch, SHORT_RUN};
-use run_side::RunSide;
+use run_side::{Renewals, RunSide};
 
 /// What an until-idle daemon leaves: unfinished tasks of agents not
 /// loaded, and tasks of loaded agents blocked on dependencies, by agent.
@@ -228,9 +228,6 @@ pub struct Daemon {
     /// This host's clock and the monotonic one at the last heartbeat, to
     /// notice the clock stepped (see `Daemon::notice_clock_step`).
     clock_seen: (Instant, i64),
-    /// When this daemon's leases were last renewed (or it started): its
-    /// buffered tasks are not started once another host may have reset them.
-    renewed_at: Instant,
     /// Claim tokens of transactions lost during COMMIT, and since when:
     /// what they claimed (if they committed) is given back (see
     /// `release_unconfirmed_claims`).
@@ -287,6 +284,7 @@ impl Daemon {
         let run_side = Arc::new(RunSide::new(
             Arc::new(queue.reopener()),
             !queue.is_postgres(),
+            Renewals::new(cfg.stale_after, cfg.heartbeat),
         ));
         let deliverer = Deliverer::new(cfg.effect_timeout, cfg.panicking_deliveries);
         Daemon {
@@ -318,7 +316,6 @@ impl Daemon {
             reaping_from: None,
             resumed_at: None,
             clock_seen: (Instant::now(), crate::queue::now_ms()),
-            renewed_at: Instant::now(),
             unconfirmed_claims: Vec::new(),
             unreleased: Vec::new(),
             announced_wait: None,

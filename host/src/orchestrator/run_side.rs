@@ -7,8 +7,9 @@
 //! connections of their own, journal writes to one connection of its own.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::models::{Budget, ModelCall, ModelContext};
 use crate::queue::{Applied, Lease, Queue, QueueError};
@@ -43,6 +44,8 @@ pub(super) struct RunSide {
     reads_inline: bool,
     /// Opens those connections.
     pub reopen: Reopen,
+    /// When the daemon last renewed its leases.
+    pub renewals: Renewals,
     /// The token reservations on their way to the journal, by run and call,
     /// each true once its run asked for it back: a run dropped while its
     /// reservation waits for the journal's lock must not have its release
@@ -53,6 +56,55 @@ pub(super) struct RunSide {
     /// cut off on the wire (see [`RunHooks::release_reservation_later`]),
     /// awaited at shutdown.
     releases: Mutex<tokio::task::JoinSet<()>>,
+}
+
+/// When the daemon last renewed its leases, read by its runs as well as
+/// by its loop: the loop can be held up in the very heartbeat that does not
+/// come back (a database that stopped answering without an error), and a
+/// run must not go on sending requests and model calls while another
+/// daemon may already have taken its task over.
+pub(super) struct Renewals {
+    base: Instant,
+    /// Milliseconds from `base` to the last renewal (or the daemon's start).
+    renewed_ms: AtomicU64,
+    /// How long one renewal vouches for the leases: `stale_after` less a
+    /// heartbeat, since the next renewal may come a heartbeat later.
+    vouches_for: Duration,
+}
+
+impl Renewals {
+    pub fn new(stale_after: Duration, heartbeat: Duration) -> Renewals {
+        let now = Instant::now();
+        // Set back, so that a renewal dated before the daemon started (by a
+        // test) is still kept as it is.
+        let base = now.checked_sub(Duration::from_secs(86_400)).unwrap_or(now);
+        let renewals = Renewals {
+            base,
+            renewed_ms: AtomicU64::new(0),
+            vouches_for: stale_after.saturating_sub(heartbeat),
+        };
+        renewals.renewed(now);
+        renewals
+    }
+
+    /// The leases were renewed as of `at`.
+    pub fn renewed(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.base).as_millis() as u64;
+        self.renewed_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the leases were last renewed.
+    pub fn unrenewed_for(&self) -> Duration {
+        let at = self.base + Duration::from_millis(self.renewed_ms.load(Ordering::Relaxed));
+        at.elapsed()
+    }
+
+    /// Whether the leases have gone unrenewed so long that the next
+    /// heartbeat would come after `stale_after`, the time the claims
+    /// promised to renew them within: another daemon may soon reset them.
+    pub fn may_soon_be_reset(&self) -> bool {
+        self.unrenewed_for() >= self.vouches_for
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,8 +126,9 @@ fn on_journal<T>(
 }
 
 impl RunSide {
-    pub fn new(reopen: Reopen, reads_inline: bool) -> RunSide {
+    pub fn new(reopen: Reopen, reads_inline: bool, renewals: Renewals) -> RunSide {
         RunSide {
+            renewals,
             progress: Mutex::default(),
             run_nanos: AtomicU64::new(0),
             journal: Arc::default(),
@@ -191,6 +244,19 @@ impl RunSide {
 impl RunHooks for RunSide {
     fn progress(&self, lease: Lease, progress: Option<String>) {
         self.progress.lock().unwrap().insert(lease, progress);
+    }
+
+    async fn wait_while_lease_in_doubt(&self) {
+        if !self.renewals.may_soon_be_reset() {
+            return;
+        }
+        tracing::warn!(
+            unrenewed_for = ?self.renewals.unrenewed_for(),
+            "a run's model call or HTTP request waits: this daemon has not renewed its leases for nearly --stale-after, and another daemon may take the task over; it goes out once a heartbeat goes through, or the run is stopped"
+        );
+        while self.renewals.may_soon_be_reset() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn model_context(&self, lease: Lease) -> Result<ModelContext, String> {
@@ -316,7 +382,11 @@ mod tests {
         q.submit(&NewTask::new("a", "{}")).unwrap();
         let lease = q.claim("a", 1).unwrap()[0].lease;
         let path = db.clone();
-        let side = Arc::new(RunSide::new(Arc::new(move || Queue::open(&path)), true));
+        let side = Arc::new(RunSide::new(
+            Arc::new(move || Queue::open(&path)),
+            true,
+            Renewals::new(Duration::from_secs(60), Duration::from_secs(10)),
+        ));
         // Open the journal connection, then hold its lock.
         side.reserve_tokens(lease, 1, 0, Some(1000)).await.unwrap();
         let held = side.journal.lock().unwrap();

@@ -495,7 +495,7 @@ mod tests {
         let running = a_run_that_never_ends(&mut daemon, lease);
         // Unrenewed for 4 s: the promise (6 s) still holds beyond the next
         // heartbeat.
-        daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(4);
+        (daemon.run_side.renewals).renewed(Instant::now() - std::time::Duration::from_secs(4));
         daemon.stop_runs_whose_leases_may_be_reset();
         assert!(daemon.inflight.contains_key(&id) && !running.is_finished());
         assert!(
@@ -503,7 +503,7 @@ mod tests {
             "buffered tasks may still start"
         );
         // Unrenewed for 5 s: the next heartbeat would come too late.
-        daemon.renewed_at = Instant::now() - std::time::Duration::from_secs(5);
+        (daemon.run_side.renewals).renewed(Instant::now() - std::time::Duration::from_secs(5));
         assert!(
             !daemon.buffered_leases_fresh(),
             "nor may buffered tasks start"

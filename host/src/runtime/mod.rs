@@ -42,6 +42,8 @@ pub use registry::{AgentDir, AgentEntry, AgentStatus, FileStamp, Manifest, ScanR
 pub(crate) use sandbox::truncate;
 pub use sandbox::{NoHooks, RunHooks};
 use sandbox::{RunState, TaskLog};
+/// The attribute [`RunHooks`]' implementations need, as the trait is async.
+pub use wasmtime_wasi::async_trait;
 
 /// The current contract, `colony:agent@0.2.0` (`wit/agent.wit`).
 mod bindings {

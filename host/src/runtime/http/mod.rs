@@ -301,7 +301,11 @@ impl WasiHttpHooks for HttpPolicy {
             log: self.log.clone(),
             shown,
         };
-        Box::new(send(plan, request, record))
+        let hooks = self.hooks.clone();
+        Box::new(async move {
+            hooks.wait_while_lease_in_doubt().await;
+            send(plan, request, record).await
+        })
     }
 }
 

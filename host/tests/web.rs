@@ -88,6 +88,25 @@ on_both_drivers! {
         assert!(web.page("/").contains(&format!("/tasks/{failed}")), "the overview links the recent failure");
     }
 
+    /// The overview says which agents' waiting tasks no component here
+    /// serves, as `colony status` does: they looked merely slow.
+    fn the_overview_flags_agents_no_component_serves(db) {
+        let env = Env::on(db, &["echo"]);
+        env.submit(&["echo", "{}"]);
+        env.submit(&["nowhere", "{}"]);
+        std::fs::write(env.agents.path().join("broken.wasm"), b"not a component").unwrap();
+        env.submit(&["broken", "{}"]);
+        let overview = Web::serve(&env).page("/");
+        let table = &overview[overview.find("Tasks by agent").expect("the agents table")..];
+        let row = |agent: &str| {
+            let at = table.find(&format!("?agent={agent}\"")).unwrap_or_else(|| panic!("{agent}: {table}"));
+            table[at..].split("</tr>").next().unwrap().to_string()
+        };
+        assert!(!row("echo").contains("unserved"), "{}", row("echo"));
+        assert!(row("nowhere").contains("nowhere.wasm: its tasks wait for a daemon that has one"), "{}", row("nowhere"));
+        assert!(row("broken").contains("broken.wasm does not load: see Agents"), "{}", row("broken"));
+    }
+
     /// The overview's failures are the latest to fail, whatever their ids:
     /// an old task retried that failed again comes first.
     fn the_overview_lists_failures_by_when_they_failed(db) {
@@ -163,6 +182,11 @@ on_both_drivers! {
             assert_eq!(status, 403, "{path} with a wrong token: {answer}");
             let (status, _) = send(web.client.post(web.url(path)).header("authorization", "Basic abc").body(body.to_string()));
             assert_eq!(status, 403, "{path} with a Basic header");
+            // A script whose token variable was empty sent no credentials.
+            for empty in ["Bearer ", "Bearer", "bearer   "] {
+                let (status, answer) = send(web.client.post(web.url(path)).header("authorization", empty).body(body.to_string()));
+                assert_eq!(status, 401, "{path} with {empty:?}: {answer}");
+            }
             // A cookie that names no session is anonymous: still 401.
             let forged = format!("colony_session_{}=forged", web.base.rsplit(':').next().unwrap());
             let (status, _) = send(web.client.post(web.url(path)).header("cookie", forged).body(body.to_string()));

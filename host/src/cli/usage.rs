@@ -102,8 +102,8 @@ pub fn print_model_calls(
     };
     writeln!(
         out,
-        "  total: {} calls sent{refused}, {} replayed from the journal; {} tokens in, {} out, cost {}",
-        usage.calls,
+        "  total: {} sent{refused}, {} replayed from the journal; {} tokens in, {} out, cost {}",
+        count_calls(usage.calls),
         usage.replayed,
         usage.input_tokens,
         usage.output_tokens,
@@ -113,6 +113,14 @@ pub fn print_model_calls(
         writeln!(out, "  {}", reserved_note(usage.reserved_tokens, running))?;
     }
     Ok(())
+}
+
+/// "1 call", "2 calls".
+pub fn count_calls(n: u64) -> String {
+    match n {
+        1 => "1 call".to_string(),
+        n => format!("{n} calls"),
+    }
 }
 
 /// Why a task's budget holds less than its usage says (see

@@ -103,11 +103,15 @@ impl Auth {
         if let Some(value) = headers.get(header::AUTHORIZATION) {
             // The scheme is case-insensitive (RFC 9110 §11.1).
             let given = value.to_str().ok().and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then_some(token)
+                let (scheme, token) = v.trim().split_once(' ').unwrap_or((v.trim(), ""));
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())
             });
             return match given {
-                Some(given) if same(given.trim(), &self.token) => Ok(Caller::Token),
+                // A script whose token variable was empty: no credentials.
+                Some("") => Err(Denied::Missing),
+                Some(given) if same(given, &self.token) => Ok(Caller::Token),
                 Some(_) => Err(Denied::Wrong("the bearer token is not this server's token")),
                 None => Err(Denied::Wrong(
                     "the Authorization header must be `Bearer TOKEN`",
@@ -136,7 +140,7 @@ impl Auth {
             Caller::Session(session) => match given_csrf {
                 Some(given) if same(given, &session.csrf) => Ok(()),
                 _ => Err(Denied::Wrong(
-                    "the form's CSRF token is missing or stale: reload the page and try again",
+                    "the CSRF token is missing or stale (a signed-in browser sends it as the form's `csrf` field or the X-CSRF-Token header): reload the page and try again; scripts use `Authorization: Bearer TOKEN` instead",
                 )),
             },
         }

@@ -235,8 +235,16 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         writeln!(out, "effects:")?;
         crate::cli::effects::print_effect_lines(&mut out, effects)?;
     }
-    for log in logs {
-        writeln!(out, "log of attempt {} ({}):", log.attempt, time(log.at))?;
+    // Numbered: a run after a review's rejection, or a claim given back,
+    // has the attempt number of the run before it.
+    for (n, log) in logs.iter().enumerate() {
+        writeln!(
+            out,
+            "log {} (attempt {}, {}):",
+            n + 1,
+            log.attempt,
+            time(log.at)
+        )?;
         // The agent's own output: printed, never interpreted.
         for line in log.text.lines() {
             writeln!(out, "  {}", printable(line))?;

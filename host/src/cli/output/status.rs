@@ -70,7 +70,11 @@ pub fn lease_health(held: &crate::queue::HeldLeases, now: i64) -> String {
 /// none does: its component is missing here or does not load (ready tasks
 /// of such an agent looked merely slow). Nothing when there is no agents
 /// folder here at all (an operator's machine reading a shared database).
-fn unserved(agents: &AgentDir, agent: &str, counts: &[(String, State, u64)]) -> Option<Unserved> {
+pub(crate) fn unserved(
+    agents: &AgentDir,
+    agent: &str,
+    counts: &[(String, State, u64)],
+) -> Option<Unserved> {
     let waiting: u64 = counts
         .iter()
         .filter(|(a, state, _)| a == agent && matches!(state, State::Ready | State::Pending))
@@ -86,10 +90,10 @@ fn unserved(agents: &AgentDir, agent: &str, counts: &[(String, State, u64)]) -> 
 }
 
 /// An agent whose waiting tasks no component here serves.
-struct Unserved {
-    component: std::path::PathBuf,
+pub(crate) struct Unserved {
+    pub component: std::path::PathBuf,
     /// There, but it does not load (else missing).
-    broken: bool,
+    pub broken: bool,
 }
 
 impl std::fmt::Display for Unserved {

@@ -15,12 +15,15 @@ struct Overview {
     report: StatusReport,
     failures: Vec<TaskRow>,
     now: i64,
+    /// Agents with waiting tasks that no component here serves, and why
+    /// (as `colony status` says it): their tasks looked merely slow.
+    unserved: Vec<(String, String)>,
 }
 
 pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller>) -> PageResult {
     // The chart is as current as the background reader of the audit trail
     // (a few seconds): the page does not wait for it.
-    let overview = app
+    let mut overview = app
         .store
         .run(None, move |queue| {
             let failures = queue.recent_failures(8)?;
@@ -28,9 +31,27 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                 report: StatusReport::load(queue)?,
                 failures,
                 now: queue.now()?,
+                unserved: Vec::new(),
             })
         })
         .await?;
+    let mut agents = app.agents.lock().await;
+    agents.rescan(&app.runtime).await;
+    let counts = &overview.report.counts;
+    let mut named: Vec<&String> = counts.iter().map(|c| &c.0).collect();
+    named.dedup();
+    overview.unserved = named
+        .into_iter()
+        .filter_map(|agent| {
+            let why = crate::cli::output::unserved(&agents, agent, counts)?;
+            let why = match why.broken {
+                true => format!("{} does not load: see Agents", why.component.display()),
+                false => why.to_string(),
+            };
+            Some((agent.clone(), why))
+        })
+        .collect();
+    drop(agents);
     let activity = app.metrics.activity(overview.now);
     Ok(layout("Overview", &caller, render(&overview, &activity)))
 }
@@ -86,7 +107,12 @@ fn render(o: &Overview, activity: &Activity) -> Markup {
                         tbody {
                             @for agent in &agents {
                                 tr {
-                                    td { a href={ "/tasks?agent=" (agent) } { (agent) } }
+                                    td {
+                                        a href={ "/tasks?agent=" (agent) } { (agent) }
+                                        @if let Some((_, why)) = o.unserved.iter().find(|u| &u.0 == *agent) {
+                                            br; small.unserved { (why) }
+                                        }
+                                    }
                                     @for state in TaskState::ALL {
                                         td.num { (o.report.counts.iter().find(|c| &c.0 == *agent && c.1 == state).map(|c| c.2).unwrap_or(0)) }
                                     }

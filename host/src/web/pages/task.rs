@@ -142,8 +142,10 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
             section {
                 h2 { "Logs" }
                 @if d.logs.is_empty() { p.muted { "No run has left a log." } }
-                @for log in &d.logs {
-                    h3 { "Attempt " (log.attempt) " " small.muted { (time(log.at)) } }
+                // Numbered: a run after a review's rejection, or a claim
+                // given back, has the attempt number of the run before it.
+                @for (n, log) in d.logs.iter().enumerate() {
+                    h3 { "Log " (n + 1) " · attempt " (log.attempt) " " small.muted { (time(log.at)) } }
                     pre.log { (log.text) }
                 }
             }
@@ -233,7 +235,7 @@ fn model_calls(d: &TaskDetail) -> Markup {
         section {
             h2 { "Model calls" }
             p.muted {
-                (u.calls) " calls sent, "
+                (crate::cli::usage::count_calls(u.calls)) " sent, "
                 @if u.refused > 0 { (u.refused) " refused before the provider, " }
                 (u.replayed) " replayed from the journal; "
                 (u.input_tokens) " tokens in, " (u.output_tokens) " out"

@@ -3187,6 +3187,29 @@ fn an_agents_folder_that_is_a_file_is_refused_as_such() {
             "{command:?}: {said}"
         );
     }
+    // A submit stores the task (its agents may be deployed elsewhere) but
+    // says no component can appear there (it said "waits until
+    // .../s.db/echo.wasm appears").
+    let out = env
+        .cmd()
+        .args(["--agents", file.to_str().unwrap(), "submit", "echo", "{}"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("s.db (--agents, or COLONY_AGENTS) is a file"),
+        "{said}"
+    );
+    // A folder that does not exist is said to be missing, not empty.
+    let missing = env.data.path().join("no-such-folder");
+    let out = env
+        .cmd()
+        .args(["--agents", missing.to_str().unwrap(), "agents"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("no-such-folder does not exist"), "{listed}");
 }
 
 /// Run as another user (root's tests act as `nobody`): a database file it
@@ -3317,6 +3340,8 @@ fn a_missing_database_file_is_named_by_readers_and_created_by_writers() {
         &["state", "list", "--agent", "echo"],
         &["state", "get", "--agent", "echo", "k"],
         &["state", "delete", "--agent", "echo", "k"],
+        // A chain's state names a task, which a new file cannot hold.
+        &["state", "set", "--chain", "3", "k", "1"],
     ];
     for args in readers {
         let out = env.run(&[&["--json", "--db", db], *args].concat());
@@ -3450,4 +3475,41 @@ fn a_refused_output_is_logged_with_where_to_read_why() {
     );
     let task = env.show(id);
     assert_eq!(task["error"]["kind"], "invalid_output", "{task}");
+}
+
+/// Input from a file or stdin is refused once past its limit, not read
+/// whole first: `yes | colony submit echo -` or a payload `@/dev/zero`
+/// grew to gigabytes before the refusal at 1 MiB.
+#[test]
+fn endless_input_is_refused_at_its_limit_and_stores_nothing() {
+    let env = Env::new(&["echo"]);
+    env.submit(&["echo", "{}"]);
+    let before = env.snapshot();
+    let from_files: [&[&str]; 4] = [
+        &["submit", "echo", "@/dev/zero"],
+        &["submit", "echo", "{}", "--next", "@/dev/zero"],
+        &["submit", "--batch", "/dev/zero"],
+        &["state", "set", "--agent", "echo", "k", "@/dev/zero"],
+    ];
+    let from_stdin: [&[&str]; 3] = [
+        &["submit", "echo", "-"],
+        &["submit", "--batch", "-"],
+        &["state", "set", "--agent", "echo", "k", "-"],
+    ];
+    let runs = from_files
+        .iter()
+        .map(|args| (args, env.run(args)))
+        .chain(from_stdin.iter().map(|args| {
+            let zero = std::fs::File::open("/dev/zero").unwrap();
+            (args, env.cmd().args(*args).stdin(zero).output().unwrap())
+        }));
+    for (args, out) in runs {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("limit of") && stderr.contains("nothing was read further"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(env.snapshot(), before);
 }

@@ -67,7 +67,10 @@ pub(super) fn non_utf8_args(args: &[std::ffi::OsString]) -> Vec<String> {
                   WebAssembly sandbox of the agent it names (agents/<name>.wasm). Submit tasks with \
                   `colony submit`, run them with `colony daemon`, and inspect everything with \
                   `colony list`, `show`, `status` and `events`.\n\n\
-                  Exit status: 0 on success, 2 on bad input (nothing was stored), 1 on any other error."
+                  Exit status: 0 on success; 2 on bad input (nothing was stored), a task or key not \
+                  found, or a state that does not allow the change; 1 on any other error (a database \
+                  busy or unreachable, say: worth trying again). With --json an error is one JSON \
+                  line on stderr, its `kind` saying which."
 )]
 pub struct Cli {
     /// Where the queue lives: a SQLite file (`sqlite:PATH` also works;
@@ -438,7 +441,7 @@ pub struct DaemonArgs {
     pub effect_timeout: Duration,
     /// Also serve the web dashboard, JSON API and /metrics on this address
     /// (as `colony serve` does), for as long as the daemon runs.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub http: Option<std::net::SocketAddr>,
     /// With --http: the token changes need (see `colony serve --help`);
     /// without --http it is not used.
@@ -473,6 +476,33 @@ pub(super) fn token_count(text: &str) -> Result<u64, String> {
             i64::MAX
         )),
     }
+}
+
+/// An address to listen on: `IP:PORT`, or `HOST:PORT` with a name this
+/// machine resolves (`localhost:7070`, as the README's links read), taken
+/// as its first IPv4 address if it has one.
+pub(super) fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let hint = "give IP:PORT or HOST:PORT, e.g. 127.0.0.1:7070 or localhost:7070";
+    let Some((_, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?} has no port: {hint}"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{port:?} is not a port (0 to 65535): {hint}"));
+    }
+    let addrs: Vec<std::net::SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?} does not resolve here ({e}): {hint}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address: {hint}"))
 }
 
 pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -528,4 +558,32 @@ pub(super) fn parse_time(s: &str) -> Result<i64, String> {
 pub(super) fn run_at_after(now: i64, delay: Duration) -> i64 {
     let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
     now.saturating_add(ms).min(rfc3339::MAX_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_listen;
+
+    /// `--listen localhost:7070` was refused with the standard library's
+    /// "invalid socket address syntax", the README browsing localhost.
+    #[test]
+    fn listen_addresses_take_names_and_say_what_is_wrong() {
+        assert_eq!(
+            parse_listen("127.0.0.1:7070").unwrap().to_string(),
+            "127.0.0.1:7070"
+        );
+        assert_eq!(
+            parse_listen("[::1]:7070").unwrap().to_string(),
+            "[::1]:7070"
+        );
+        let local = parse_listen("localhost:7070").unwrap();
+        assert!(local.ip().is_loopback() && local.port() == 7070, "{local}");
+        let no_port = parse_listen("localhost").unwrap_err();
+        assert!(
+            no_port.contains("has no port") && no_port.contains("e.g. 127.0.0.1:7070"),
+            "{no_port}"
+        );
+        let bad_port = parse_listen("127.0.0.1:80000").unwrap_err();
+        assert!(bad_port.contains("\"80000\" is not a port"), "{bad_port}");
+    }
 }

@@ -25,6 +25,7 @@ mod daemon;
 mod database;
 mod demo;
 mod effects;
+mod input;
 mod loopback;
 mod new;
 pub(crate) mod output;

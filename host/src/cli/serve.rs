@@ -14,8 +14,9 @@ use crate::web::{self, StartError, WebConfig};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The address to listen on. Off loopback, --token is required.
-    #[arg(long, default_value = web::DEFAULT_LISTEN, env = "COLONY_LISTEN", hide_env_values = true)]
+    /// The address to listen on: IP:PORT or HOST:PORT (localhost:7070).
+    /// Off loopback, --token is required.
+    #[arg(long, default_value = web::DEFAULT_LISTEN, env = "COLONY_LISTEN", hide_env_values = true, value_parser = super::args::parse_listen)]
     pub listen: SocketAddr,
     /// The token that submitting, reviewing, retrying and cancelling need
     /// (as `Authorization: Bearer TOKEN`, or to sign in at /login): at

@@ -3,6 +3,7 @@
 //! actor; bad JSON exits 2 and changes nothing.
 
 use std::io::Write as _;
+use std::path::Path;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -120,16 +121,13 @@ fn entry_json(e: &Entry) -> EntryJson<'_> {
 /// A file's or stdin's byte-order mark and trailing line break (editors add
 /// both; JSON means neither) are not stored.
 fn value_text(value: &str) -> Result<String> {
-    let read = if value == "-" {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-            .map_err(|e| bad(format!("value from stdin: {e}")))?;
-        text
-    } else if let Some(file) = value.strip_prefix('@') {
-        std::fs::read_to_string(file).map_err(|e| bad(format!("value @{file}: {e}")))?
-    } else {
-        return Ok(value.to_string());
+    let (file, what) = match value.strip_prefix('@') {
+        _ if value == "-" => ("-", "value from stdin".to_string()),
+        Some(file) => (file, format!("value @{file}")),
+        None => return Ok(value.to_string()),
     };
+    let limit = crate::state::MAX_VALUE_BYTES;
+    let read = super::input::read_text(Path::new(file), &what, limit, "a state value's")?;
     let text = super::without_bom(read);
     Ok(text.trim_end_matches([' ', '\t', '\n', '\r']).to_string())
 }
@@ -206,12 +204,17 @@ pub fn run(cli: &Cli, command: &StateCommand) -> Result<()> {
 }
 
 /// `state set`: the one state command that may create the database, so
-/// its input is checked before it is opened.
+/// its input is checked before it is opened. Only for an agent's state
+/// (seeded before any task): a chain's names a task, which a database yet
+/// to be created cannot hold (a mistyped --db was created, then refused).
 fn set(cli: &Cli, owner: &Owner, key: &str, value: &str) -> Result<()> {
     let (scope, name) = owner.scope_and_name()?;
     let value = value_text(value)?;
     crate::queue::check_operator_write(scope, &name, key, Some(&value))?;
-    let mut queue = open_queue(&cli.db, &identity("cli"))?;
+    let mut queue = match scope {
+        Scope::Agent => open_queue(&cli.db, &identity("cli"))?,
+        Scope::Chain => open_existing_queue(&cli.db, &identity("cli"))?,
+    };
     let version = queue.state_write_by_operator(scope, &name, key, Some(&value))?;
     // Stored all the same (state may be seeded before its agent is
     // deployed), but a misspelt name would leave it unread.

@@ -1,17 +1,17 @@
 //! `colony submit`: one task from flags, or a batch from JSON Lines, and
 //! the warnings about agents that cannot run what was stored.
 
-use std::io::{BufRead, Read};
+use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Deserialize;
 
 use super::args::{parse_backoff, parse_time, parse_timeout, run_at_after};
-use super::{BadInput, Cli, SubmitArgs, bad, identity, open_queue, output};
+use super::{BadInput, Cli, SubmitArgs, bad, identity, input, open_queue, output};
 use crate::queue::QueueError;
 use crate::runtime::not_a_component;
-use crate::task::{NewTask, NextSpec};
+use crate::task::{DEFAULT_MAX_PAYLOAD_BYTES, NewTask, NextSpec};
 
 pub(super) async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<()> {
     let (mut tasks, lines) = match &args.batch {
@@ -97,6 +97,13 @@ pub(crate) fn missing_agent_warnings(dir: &Path, tasks: &[NewTask]) -> Vec<Strin
             named.push((reviewer.as_str(), "its review waits"));
         }
         chain_agents(&task.next, &mut named);
+    }
+    if dir.exists() && !dir.is_dir() {
+        // No component could ever appear under it.
+        return vec![format!(
+            "the agents folder {} (--agents, or COLONY_AGENTS) is a file: no daemon given it can run these tasks; give the folder that holds the agents' components",
+            dir.display()
+        )];
     }
     let mut warned = std::collections::HashSet::new();
     let mut warnings = Vec::new();
@@ -184,27 +191,19 @@ pub(super) fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
             Err(e) => Err(bad(format!("{shown}: not valid JSON: {e}"))),
         }
     };
-    let from_stdin = || -> Result<String> {
-        from_file(
-            read_stdin("the payload on stdin")?,
-            "the payload on stdin".to_string(),
-        )
+    let read = |file: &Path, shown: String| -> Result<String> {
+        let text = input::read_text(file, &shown, DEFAULT_MAX_PAYLOAD_BYTES, "a payload's")?;
+        from_file(text, shown)
     };
+    let stdin = "the payload on stdin".to_string();
     let payload = match (&args.payload, &args.payload_file) {
-        (Some(p), _) if p == "-" => from_stdin()?,
-        (None, Some(file)) if file == Path::new("-") => from_stdin()?,
+        (Some(p), _) if p == "-" => read(Path::new("-"), stdin)?,
+        (None, Some(file)) if file == Path::new("-") => read(file, stdin)?,
         (Some(p), _) => match p.strip_prefix('@') {
-            Some(file) => from_file(
-                std::fs::read_to_string(file).map_err(|e| bad(format!("payload @{file}: {e}")))?,
-                format!("payload @{file}"),
-            )?,
+            Some(file) => read(Path::new(file), format!("payload @{file}"))?,
             None => p.clone(),
         },
-        (None, Some(file)) => from_file(
-            std::fs::read_to_string(file)
-                .map_err(|e| bad(format!("--payload-file {}: {e}", file.display())))?,
-            format!("--payload-file {}", file.display()),
-        )?,
+        (None, Some(file)) => read(file, format!("--payload-file {}", file.display()))?,
         (None, None) => "{}".to_string(),
     };
     let mut task = NewTask::new(agent, payload);
@@ -230,9 +229,12 @@ pub(super) fn task_from_args(args: &SubmitArgs) -> Result<NewTask> {
 /// `--next` takes JSON or `@FILE`.
 pub(super) fn parse_next(text: &str) -> Result<Vec<NextSpec>> {
     let json = match text.strip_prefix('@') {
-        Some(file) => {
-            std::fs::read_to_string(file).map_err(|e| bad(format!("--next @{file}: {e}")))?
-        }
+        Some(file) => input::read_text(
+            Path::new(file),
+            &format!("--next @{file}"),
+            input::CHAIN_LIMIT,
+            "a --next chain's",
+        )?,
         None => text.to_string(),
     };
     serde_json::from_str::<serde::de::IgnoredAny>(&json)
@@ -381,15 +383,6 @@ pub(super) fn batch_name(file: &Path) -> String {
     }
 }
 
-/// All of stdin as text; bytes that are not UTF-8 are bad input, named.
-fn read_stdin(what: &str) -> Result<String> {
-    let mut bytes = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("reading {what}"))?;
-    String::from_utf8(bytes).map_err(|e| bad(format!("{what}: not UTF-8 text ({e})")))
-}
-
 /// A parse error of one batch line (or API body), its position said
 /// within it: serde's "at line 1 column 41" read as a file's first line.
 fn within_the_line(error: &str) -> String {
@@ -412,15 +405,19 @@ pub(super) fn without_bom(text: String) -> String {
 /// The tasks of a `--batch` file, one JSON object per line, and the line
 /// each came from (blank lines are skipped, so errors name the file's line).
 pub(super) fn read_batch(file: &Path) -> Result<(Vec<NewTask>, Vec<usize>)> {
-    let text = match file == Path::new("-") {
-        true => read_stdin("--batch - (stdin)")?,
-        false => std::fs::read_to_string(file)
-            .map_err(|e| bad(format!("--batch {}: {e}", file.display())))?,
-    };
-    let text = without_bom(text);
+    let mut reader =
+        input::open(file).map_err(|e| bad(format!("--batch {}: {e}", file.display())))?;
     let (mut tasks, mut lines) = (Vec::new(), Vec::new());
-    for (i, line) in text.as_bytes().lines().enumerate() {
-        let line = line?;
+    for i in 0.. {
+        let what = format!("{} line {}", batch_name(file), i + 1);
+        let limit_of = "a batch line's";
+        let Some(line) = input::read_line(&mut reader, &what, input::CHAIN_LIMIT, limit_of)? else {
+            break;
+        };
+        let line = match i {
+            0 => without_bom(line),
+            _ => line,
+        };
         if line.trim().is_empty() {
             continue;
         }

@@ -101,7 +101,14 @@ pub fn print_agents(agents: &AgentDir, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let stray = agents.stray_files();
     if agents.entries().next().is_none() && stray.is_empty() {
-        writeln!(out, "no agents in {}", agents.dir().display())?;
+        match agents.dir().exists() {
+            true => writeln!(out, "no agents in {}", agents.dir().display())?,
+            false => writeln!(
+                out,
+                "no agents: {} does not exist (--agents, or COLONY_AGENTS; ./agents by default)",
+                agents.dir().display()
+            )?,
+        }
     }
     // One column for the names, as wide as the longest (at least 14).
     let names: Vec<String> = stray

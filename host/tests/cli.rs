@@ -307,16 +307,20 @@ on_both_drivers! {
     }
 
     /// An approval whose held set-if went stale (another approval wrote the
-    /// key first) sends the task round again: the command says so.
+    /// key first) sends the task round again: the command says so, and
+    /// does not exit 0 (`review N approve && deploy` went on). A decision
+    /// naming the round it was made on is refused in a later round: it
+    /// would release a result, writes and effects nobody had read.
     fn a_stale_approval_says_it_did_not_take(db) {
         let env = Env::on(db, &["stateful"]);
         let first = env.submit(&["stateful", r#"{"increment":"k"}"#, "--review"]);
         let second = env.submit(&["stateful", r#"{"increment":"k"}"#, "--review"]);
         env.until_idle(&[]);
+        let read = env.show(second)["review_round"].as_i64().expect("a round while in review");
         env.ok(&["review", &first.to_string(), "approve"]);
-        let out = env.run(&["review", &second.to_string(), "approve"]);
+        let out = env.run(&["review", &second.to_string(), "approve", "--round", &read.to_string()]);
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stdout.contains("ready"), "{stdout}");
         assert!(
             stderr.contains(&format!("the approval of task {second} did not take"))
@@ -324,10 +328,22 @@ on_both_drivers! {
                 && stderr.contains("revision 1 of"),
             "{stderr}"
         );
-        // It runs again on the new version and lands once approved.
+        // It runs again on the new version, in a new round.
         env.until_idle(&[]);
-        env.ok(&["review", &second.to_string(), "approve"]);
+        let again = env.show(second);
+        let round = again["review_round"].as_i64().unwrap();
+        assert!(round != read, "{again}");
+        let before = env.snapshot();
+        for verdict in ["approve", "reject"] {
+            let out = env.run(&["--json", "review", &second.to_string(), verdict, "--round", &read.to_string()]);
+            let error: Value = serde_json::from_slice(&out.stderr).unwrap();
+            assert_eq!((out.status.code(), error["kind"].as_str()), (Some(2), Some("conflict")), "{error}");
+            assert!(error["error"].as_str().unwrap().contains(&format!("since review round {read}")), "{error}");
+        }
+        assert_eq!(env.snapshot(), before, "a decision on an old round changed something");
+        env.ok(&["review", &second.to_string(), "approve", "--round", &round.to_string()]);
         assert_eq!(env.show(second)["state"], "complete");
+        assert_eq!(env.show(second)["review_round"], Value::Null, "none once out of review");
     }
 
     /// `--json submit --batch` prints an array whatever the number of

@@ -617,7 +617,19 @@ fn forms_need_a_session_and_its_csrf_token() {
         .next()
         .unwrap()
         .to_string();
+    // The form decides on the round of review the page shows.
+    let round = env.show(id)["review_round"].as_i64().unwrap();
+    assert!(
+        page.contains(&format!("name=\"round\" value=\"{round}\"")),
+        "{page}"
+    );
     let before = env.snapshot();
+    let earlier = (round - 1).to_string();
+    let stale = form(
+        Some(&cookie),
+        &[("verdict", "approve"), ("csrf", &csrf), ("round", &earlier)],
+    );
+    assert_eq!(stale.status(), 409, "a form of an earlier round");
     assert_eq!(
         form(Some(&cookie), &[("verdict", "reject"), ("note", "x")]).status(),
         403
@@ -944,6 +956,27 @@ fn an_api_approval_that_did_not_take_says_why() {
     let note = answer["note"].as_str().unwrap_or_default();
     assert!(
         note.contains("did not take") && note.contains("stale") && note.contains("revision 1 of"),
+        "{answer}"
+    );
+    // Run again into a new round: a decision on the round read before is
+    // refused (409), one on the round shown now goes through.
+    let read = env.show(second)["review_round"].clone();
+    assert_eq!(read, Value::Null, "not in review: {read}");
+    env.until_idle(&[]);
+    let round = env.show(second)["review_round"].as_i64().unwrap();
+    let before = env.snapshot();
+    let on = |round: i64| format!(r#"{{"verdict":"approve","round":{round}}}"#);
+    let (status, answer) = web.post(&format!("/api/tasks/{second}/review"), &on(round - 1));
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("read it again"),
+        "{answer}"
+    );
+    assert_eq!(env.snapshot(), before);
+    let (status, answer) = web.post(&format!("/api/tasks/{second}/review"), &on(round));
+    assert_eq!(
+        (status, &answer["state"]),
+        (200, &json!("complete")),
         "{answer}"
     );
 }

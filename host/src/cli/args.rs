@@ -190,6 +190,12 @@ pub enum Command {
         /// A note for the agent (passed as `feedback` to the next run on reject).
         #[arg(long)]
         note: Option<String>,
+        /// The review round the decision was made on, as `colony show`
+        /// gives it: refused if the task has since been decided and run
+        /// again (a new result, new held writes and effects), so that an
+        /// approval never releases what its approver did not read.
+        #[arg(long, value_name = "ROUND")]
+        round: Option<i64>,
     },
     /// Revive a failed or cancelled task (attempts reset).
     Retry {

@@ -178,22 +178,31 @@ async fn run_command(cli: &Cli) -> Result<()> {
             since,
             follow,
         } => events(cli, *task, *since, *follow).await,
-        Command::Review { id, verdict, note } => {
+        Command::Review {
+            id,
+            verdict,
+            note,
+            round,
+        } => {
             let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;
             let to = match verdict {
-                Verdict::Approve => queue.approve(*id, note.as_deref())?,
-                Verdict::Reject => {
-                    queue.reject(*id, note.as_deref().unwrap_or("rejected without a note"))?
-                }
+                Verdict::Approve => queue.approve_round(*id, note.as_deref(), *round)?,
+                Verdict::Reject => queue.reject_round(
+                    *id,
+                    note.as_deref().unwrap_or("rejected without a note"),
+                    *round,
+                )?,
             };
+            output::print_moved(*id, to, cli.json)?;
             if matches!(verdict, Verdict::Approve) && to != State::Complete {
+                // Not 0: `colony review N approve && deploy` must not go on.
                 let task = queue.get(*id)?;
-                say!(
-                    "note: the approval of task {id} did not take{}",
+                bail!(QueueError::NotNow(format!(
+                    "the approval of task {id} did not take{}",
                     output::approval_did_not_take(&task)
-                );
+                )));
             }
-            output::print_moved(*id, to, cli.json)
+            Ok(())
         }
         Command::Retry { id, token_budget } => {
             let mut queue = open_existing_queue(&cli.db, &identity("cli"))?;

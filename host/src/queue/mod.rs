@@ -478,8 +478,21 @@ impl Queue {
     /// Approves a task waiting in review: it completes and its children are
     /// inserted. Its reviewer tasks still to answer are cancelled.
     pub fn approve(&mut self, id: i64, note: Option<&str>) -> Result<State> {
+        self.approve_round(id, note, None)
+    }
+
+    /// As [`Queue::approve`], refused (`NotNow`) unless the task is still
+    /// in review `round` (see [`Queue::review_round`]), when one is given:
+    /// the round its approver read.
+    pub fn approve_round(
+        &mut self,
+        id: i64,
+        note: Option<&str>,
+        round: Option<i64>,
+    ) -> Result<State> {
         review::check_note("note", note.unwrap_or(""))?;
         let (to, newest) = self.write(|tx, now| {
+            review::check_round(tx, id, round)?;
             let to = review::approve_in(tx, id, note, &self.opts.actor, now)?;
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
             Ok((to, cancel::newest_reviewer(tx, id)?))
@@ -493,12 +506,19 @@ impl Queue {
     /// next run's feedback, or `failed` once `max_revisions` rejections are
     /// used. Its reviewer tasks still to answer are cancelled.
     pub fn reject(&mut self, id: i64, note: &str) -> Result<State> {
+        self.reject_round(id, note, None)
+    }
+
+    /// As [`Queue::reject`], refused unless the task is still in review
+    /// `round`, when one is given (see [`Queue::approve_round`]).
+    pub fn reject_round(&mut self, id: i64, note: &str, round: Option<i64>) -> Result<State> {
         review::check_note("note", note)?;
         let note = match note.trim() {
             "" => "rejected without a note",
             _ => note,
         };
         let (to, newest) = self.write(|tx, now| {
+            review::check_round(tx, id, round)?;
             let to = review::reject_in(tx, id, note, &self.opts.actor, now)?;
             review::cancel_reviewers_of_decided(tx, id, &self.opts.actor, now)?;
             Ok((to, cancel::newest_reviewer(tx, id)?))
@@ -587,6 +607,15 @@ impl Queue {
     /// [`UnreadableTask`] in its place.
     pub fn list(&self, filter: &ListFilter) -> Result<Vec<TaskRow>> {
         self.read(|db| reads::list(db, filter))
+    }
+
+    /// The round of review task `id` waits in: the id of the event that
+    /// put it there, `None` when it is not in review. A rejected task that
+    /// comes back, or a stale approval sent round again, is in a new round
+    /// with a new result: a decision made on what an earlier one showed
+    /// names its round and is refused in another.
+    pub fn review_round(&self, id: i64) -> Result<Option<i64>> {
+        self.read(|db| review::review_round(db, id))
     }
 
     /// The tasks task `id`'s run spawned, held while it waits in review

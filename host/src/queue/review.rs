@@ -366,6 +366,42 @@ pub(super) fn apply_verdict(
     Ok(())
 }
 
+/// See [`super::Queue::review_round`].
+pub(super) fn review_round(db: &dyn Sql, id: i64) -> Result<Option<i64>> {
+    let row = db.query_opt(
+        "SELECT state, (SELECT MAX(id) FROM events WHERE task_id = ?1 AND to_state = 'review')
+         FROM tasks WHERE id = ?1",
+        args![id],
+    )?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: String = row.get(0)?;
+    match state == State::Review.as_str() {
+        true => Ok(row.get(1)?),
+        false => Ok(None),
+    }
+}
+
+/// Refuses a decision on task `id` made on review `round` when the task
+/// waits in another round now (decided and run again since the decider
+/// read it): approved, it would release writes, effects and tasks nobody
+/// had seen. A task no longer in review is left to the transition's own
+/// refusal, which says what it is.
+pub(super) fn check_round(tx: &dyn Sql, id: i64, round: Option<i64>) -> Result<()> {
+    let Some(seen) = round else {
+        return Ok(());
+    };
+    // Read under the task's lock (PostgreSQL), as the decision is.
+    state_of(tx, id)?;
+    match review_round(tx, id)? {
+        Some(now) if now != seen => Err(QueueError::NotNow(format!(
+            "task {id} has been decided and run again since review round {seen}, which this decision was made on; it waits in round {now} now, with a new result: read it again (colony show {id}) and decide on what it holds"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn approve_in(
     tx: &dyn Sql,
     id: i64,

@@ -423,6 +423,10 @@ struct ReviewBody {
     verdict: Verdict,
     #[serde(default)]
     note: Option<String>,
+    /// The review round decided on (`review_round` in the task's JSON):
+    /// refused with 409 if the task has run again since.
+    #[serde(default)]
+    round: Option<i64>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -432,17 +436,18 @@ pub enum Verdict {
     Reject,
 }
 
-/// Approves or rejects as `colony review` does.
+/// Approves or rejects as `colony review` does, on review `round` if given.
 pub fn apply_review(
     queue: &mut crate::queue::Queue,
     id: i64,
     verdict: Verdict,
     note: Option<&str>,
+    round: Option<i64>,
 ) -> Result<TaskState, QueueError> {
     let note = note.map(str::trim).filter(|n| !n.is_empty());
     match verdict {
-        Verdict::Approve => queue.approve(id, note),
-        Verdict::Reject => queue.reject(id, note.unwrap_or("rejected without a note")),
+        Verdict::Approve => queue.approve_round(id, note, round),
+        Verdict::Reject => queue.reject_round(id, note.unwrap_or("rejected without a note"), round),
     }
 }
 
@@ -460,7 +465,7 @@ async fn review(
     let (to, task) = app
         .store
         .run(actor, move |queue| {
-            let to = apply_review(queue, id, body.verdict, body.note.as_deref())?;
+            let to = apply_review(queue, id, body.verdict, body.note.as_deref(), body.round)?;
             // An approval that did not take says why, as the CLI does.
             let task = (approve && to != TaskState::Complete)
                 .then(|| queue.get(id))

@@ -19,6 +19,8 @@ pub struct TaskDetail {
     pub held_children: Vec<crate::task::NextSpec>,
     /// Its chain's root, token budget and spend.
     pub chain_budget: crate::queue::ChainBudget,
+    /// The round of review it waits in (see [`Queue::review_round`]).
+    pub review_round: Option<i64>,
 }
 
 impl TaskDetail {
@@ -34,6 +36,7 @@ impl TaskDetail {
             held_writes: queue.held_writes(id)?,
             held_children: queue.held_children(id)?,
             chain_budget: queue.chain_budget(id)?,
+            review_round: queue.review_round(id)?,
         })
     }
 }
@@ -48,6 +51,7 @@ pub fn task_detail_json(detail: &TaskDetail) -> Value {
     value["model_calls"] = model_calls_json(&detail.model_calls);
     value["held_state"] = detail.held_writes.iter().map(held_write_json).collect();
     value["held_children"] = json!(detail.held_children);
+    value["review_round"] = json!(detail.review_round);
     value["effects"] = Value::Array(
         detail
             .effects
@@ -82,6 +86,7 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
         held_writes,
         held_children,
         chain_budget,
+        review_round,
     } = detail;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -151,6 +156,13 @@ pub fn print_task_detail(detail: &TaskDetail, json: bool) -> Result<()> {
             })
             .collect();
         writeln!(out, "  children     {}", ids.join(", "))?;
+    }
+    if let Some(round) = review_round {
+        writeln!(
+            out,
+            "  review round {round}  (colony review {} approve|reject --round {round} decides on what is shown here, refused if it ran again since)",
+            task.id
+        )?;
     }
     if let Some(reviewer) = failed_reviewer(task, children) {
         writeln!(

@@ -172,6 +172,17 @@ pub fn csrf_field(caller: &Caller) -> Markup {
     }
 }
 
+/// The review round a decision form decides on: the one its page shows,
+/// so that a click on a page read before the task ran again is refused
+/// rather than approving a result nobody has seen.
+pub fn round_field(round: Option<i64>) -> Markup {
+    html! {
+        @if let Some(round) = round {
+            input type="hidden" name="round" value=(round);
+        }
+    }
+}
+
 /// Sends a browser to sign in, back to `uri` afterwards.
 pub fn to_sign_in(uri: &Uri) -> Response {
     let next = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");

@@ -22,6 +22,8 @@ struct Held {
     effects: Vec<EffectRow>,
     writes: Vec<Write>,
     children: Vec<NextSpec>,
+    /// The round of review all this is of: the form decides on it.
+    round: Option<i64>,
 }
 
 pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller>) -> PageResult {
@@ -35,6 +37,7 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                         effects: queue.effects(Some(task.id), Some("proposed"), 20)?,
                         writes: queue.held_writes(task.id)?,
                         children: queue.held_children(task.id)?,
+                        round: queue.review_round(task.id)?,
                     },
                     Err(_) => Held::default(),
                 };
@@ -96,6 +99,7 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
                                 form.review method="post" action={ "/tasks/" (task.id) "/review" } {
                                     (csrf_field(&caller))
                                     input type="hidden" name="next" value="/review";
+                                    (super::round_field(held.round))
                                     label { "Note for the agent " textarea name="note" rows="2" {} }
                                     button type="submit" name="verdict" value="approve" { "Approve" }
                                     button.danger type="submit" name="verdict" value="reject" { "Reject" }

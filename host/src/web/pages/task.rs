@@ -58,7 +58,7 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
             @if let Some(reviewer) = crate::cli::output::failed_reviewer(t, &d.children) {
                 p.error-box { "Its reviewer, " a href={ "/tasks/" (reviewer.id) } { "task #" (reviewer.id) } " (" (reviewer.agent) "), failed: a person approves or rejects it." }
             }
-            (actions(t, caller))
+            (actions(t, d.review_round, caller))
             @if let Some(e) = &t.error {
                 section.error-box {
                     h2 { "Error: " span.kind { (e.kind) } }
@@ -154,7 +154,7 @@ fn render(page: &TaskPage, caller: &Caller) -> Markup {
 }
 
 /// The forms for what can be done to the task now.
-fn actions(t: &Task, caller: &Caller) -> Markup {
+fn actions(t: &Task, round: Option<i64>, caller: &Caller) -> Markup {
     let here = format!("/tasks/{}", t.id);
     let unfinished = matches!(
         t.state,
@@ -170,6 +170,7 @@ fn actions(t: &Task, caller: &Caller) -> Markup {
                     form.review method="post" action={ (here) "/review" } {
                         (csrf_field(caller))
                         input type="hidden" name="next" value=(here);
+                        (super::round_field(round))
                         label { "Note for the agent " textarea name="note" rows="2" {} }
                         button type="submit" name="verdict" value="approve" { "Approve" }
                         button.danger type="submit" name="verdict" value="reject" { "Reject" }
@@ -348,6 +349,8 @@ pub struct ActionForm {
     note: Option<String>,
     reason: Option<String>,
     next: Option<String>,
+    /// The review round the page showed (see `Queue::review_round`).
+    round: Option<i64>,
 }
 
 /// Checks the session and its CSRF token, then runs `act` as the operator
@@ -396,7 +399,7 @@ pub async fn review(
         }
     };
     act(app, caller, id, form, move |queue, id, form| {
-        api::apply_review(queue, id, verdict, form.note.as_deref()).map(|_| ())
+        api::apply_review(queue, id, verdict, form.note.as_deref(), form.round).map(|_| ())
     })
     .await
 }

@@ -2156,4 +2156,40 @@ on_both_drivers! {
         let size = db.raw().query(&format!("SELECT chain_tasks FROM tasks WHERE id = {root}"));
         assert_eq!(size[0][0].int(), Some(cap));
     }
+
+    /// A run entering review is held to the chain's cap too: held, its
+    /// children made every approval fail (a reviewer agent's verdict
+    /// failing the reviewer), the task stuck in review. With room when it
+    /// entered and none once a verdict comes, the reviewer's approval
+    /// leaves it to a person, whose approval is refused saying why.
+    fn a_run_for_review_is_held_to_its_chains_cap(db) {
+        let mut q = db.open();
+        let mut task = NewTask::new("a", "{}");
+        task.reviewer = Some("r".into());
+        let root = q.submit(&task).unwrap().id;
+        let lease = q.claim("a", 1).unwrap()[0].lease;
+        let cap = colony::queue::MAX_CHAIN_TASKS;
+        db.raw().execute(&format!("UPDATE tasks SET chain_tasks = {} WHERE id = {root}", cap - 1));
+        let spawn = |n: usize| RunOutcome::Success {
+            output: "{}".into(),
+            spawn: (0..n)
+                .map(|_| SpawnSpec { agent: "b".into(), payload: "{}".into(), priority: 0, review: false })
+                .collect(),
+            needs_review: false,
+        };
+        let err = q.finish(lease, spawn(2), "").unwrap_err();
+        assert!(err.to_string().contains(&format!("would hold {} tasks", cap + 1)), "{err}");
+        assert_eq!(q.get(root).unwrap().state, State::InProgress, "nothing changed");
+        // One fits: in review, its reviewer task created (the chain's last).
+        assert_eq!(q.finish(lease, spawn(1), "").unwrap(), Applied::Moved(State::Review));
+        let reviewer = q.claim("r", 1).unwrap()[0].lease;
+        // The chain fills up before the verdict comes.
+        db.raw().execute(&format!("UPDATE tasks SET chain_tasks = {cap} WHERE id = {root}"));
+        let verdict = RunOutcome::Success { output: r#"{"approve": true}"#.into(), spawn: vec![], needs_review: false };
+        assert_eq!(q.finish(reviewer, verdict, "").unwrap(), Applied::Moved(State::Complete), "the reviewer's run is not failed");
+        assert_eq!(q.get(root).unwrap().state, State::Review, "left to a person");
+        let err = q.approve(root, None).unwrap_err();
+        assert!(err.to_string().contains("would hold"), "{err}");
+        assert_eq!(q.get(root).unwrap().state, State::Review);
+    }
 }

@@ -338,6 +338,37 @@ pub(super) fn count_unfinished_dependencies(tx: &dyn Sql, id: i64) -> Result<u32
 /// grew a chain by 2.8 million tasks in 50 s, without end.
 pub const MAX_CHAIN_TASKS: i64 = 100_000;
 
+/// Refuses `more` tasks for the chain of task `id` when they would take it
+/// past [`MAX_CHAIN_TASKS`] (checked without counting them: see
+/// [`insert_children`], which does). A run entering review with children
+/// its chain has no room for is refused then, as a completing one is:
+/// held, they made every approval fail, a reviewer agent's verdict
+/// failing the reviewer.
+pub(super) fn check_chain_room(tx: &dyn Sql, id: i64, more: usize) -> Result<()> {
+    if more == 0 {
+        return Ok(());
+    }
+    let row = tx.query_one(
+        "SELECT root.id, root.chain_tasks FROM tasks t JOIN tasks root ON root.id = COALESCE(t.root_id, t.id)
+         WHERE t.id = ?1",
+        args![id],
+    )?;
+    let (root, size): (i64, i64) = (row.get(0)?, row.get(1)?);
+    chain_fits(root, size + more as i64)
+}
+
+fn chain_fits(root: i64, size: i64) -> Result<()> {
+    match size > MAX_CHAIN_TASKS {
+        true => Err(QueueError::invalid(
+            "spawn",
+            format!(
+                "the chain of task {root} would hold {size} tasks, more than {MAX_CHAIN_TASKS}: a chain (a task and all it spawns and chains, and theirs) is capped, so that runs spawning runs cannot grow it without end"
+            ),
+        )),
+        false => Ok(()),
+    }
+}
+
 /// Children of a completed task, inserted in its completion's transaction,
 /// counted on their chain's root against [`MAX_CHAIN_TASKS`].
 pub(super) fn insert_children(
@@ -359,14 +390,7 @@ pub(super) fn insert_children(
         args![children.len() as i64, root],
     )?;
     let size: i64 = tx.query_value("SELECT chain_tasks FROM tasks WHERE id = ?1", args![root])?;
-    if size > MAX_CHAIN_TASKS {
-        return Err(QueueError::invalid(
-            "spawn",
-            format!(
-                "the chain of task {root} would hold {size} tasks, more than {MAX_CHAIN_TASKS}: a chain (a task and all it spawns and chains, and theirs) is capped, so that runs spawning runs cannot grow it without end"
-            ),
-        ));
-    }
+    chain_fits(root, size)?;
     for child in children {
         let mut new = NewTask::new(child.agent.clone(), child.payload.to_string());
         new.priority = child.priority;

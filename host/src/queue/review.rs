@@ -8,7 +8,7 @@ use crate::task::{self, ErrorKind, Event, NewTask, NextSpec, RunOutcome, State, 
 
 use super::cancel::{cancel_dependents, cancel_pending_reviewers};
 use super::finish::Held;
-use super::insert::{insert_children, insert_new_task};
+use super::insert::{check_chain_room, insert_children, insert_new_task};
 use super::sql::{Dialect, Sql, args};
 use super::tasks::{record, set_failed, state_of};
 use super::validate::{MAX_JSON_DEPTH, spawn_to_next, stored_json, validate_json};
@@ -100,6 +100,7 @@ pub(super) fn enter_review(
     now: i64,
 ) -> Result<State> {
     let (output, spawn) = (run.output, run.spawn);
+    check_chain_room(tx, id, spawn.len() + next_tasks_of(tx, id)?.len())?;
     let detail = json!({"attempt": held.attempts, "reviewer": held.reviewer});
     let to = record(
         tx,
@@ -256,6 +257,17 @@ fn proposed_actions_json(
 /// Marks a task complete (`to`, as the table said), inserts its children
 /// (its `next_tasks`, then what it spawned), and wakes tasks that were
 /// waiting on it.
+/// The `--next` chain task `id` starts when it completes.
+fn next_tasks_of(tx: &dyn Sql, id: i64) -> Result<Vec<NextSpec>> {
+    let text: Option<String> =
+        tx.query_value("SELECT next_tasks FROM tasks WHERE id = ?1", args![id])?;
+    match text {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| QueueError::Corrupt(format!("task {id} next_tasks: {e}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
 pub(super) fn complete(
     tx: &dyn Sql,
     id: i64,
@@ -353,6 +365,17 @@ pub(super) fn apply_verdict(
         .map_err(|e| QueueError::Corrupt(format!("verdict of task {reviewer_task}: {e}")))?;
     let by = format!("{actor} (reviewer task {reviewer_task})");
     if approve {
+        // A chain that filled up since the task entered review has no room
+        // for what approval would create: left to a person (whose approval
+        // is refused, saying why), not failing the reviewer's completion.
+        let children = held_children(tx, judged)?.len() + next_tasks_of(tx, judged)?.len();
+        if let Err(full) = check_chain_room(tx, judged, children) {
+            tracing::warn!(
+                task = judged,
+                "the verdict of reviewer task {reviewer_task} approves, but {full}: the task stays in review for a person"
+            );
+            return Ok(());
+        }
         approve_in(tx, judged, note.as_deref(), &by, now)?;
     } else {
         reject_in(

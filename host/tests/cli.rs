@@ -3285,7 +3285,13 @@ fn a_database_this_user_may_only_read_is_read_and_an_unreadable_one_is_named() {
     let refused = as_nobody(&["--db", readable.to_str().unwrap(), "submit", "echo", "{}"]);
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{said}");
-    assert!(said.contains("this user may not write to it"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "this user may not write to {} (owned by uid 0)",
+            readable.display()
+        )),
+        "{said}"
+    );
     let listed = as_nobody(&["--db", readable.to_str().unwrap(), "--json", "list"]);
     let tasks: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(

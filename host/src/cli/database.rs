@@ -405,14 +405,66 @@ pub(super) fn explain_read_only(db: &Path, e: anyhow::Error) -> anyhow::Error {
         });
     let shown = hide_userinfo(&db.to_string_lossy());
     match code {
-        Some(rusqlite::ErrorCode::ReadOnly) => bad(format!(
-            "database {shown}: this user may not write to it (the file, or the folder its -wal and -shm files go in, is read-only to it); check the permissions (ls -l), or give another --db ({e:#})"
-        )),
+        Some(rusqlite::ErrorCode::ReadOnly) => match unwritable_parts(db) {
+            parts if parts.is_empty() => bad(format!(
+                "database {shown}: this user may not write to it (the file, or the folder its -wal and -shm files go in, is read-only to it); check the permissions (ls -l), or give another --db ({e:#})"
+            )),
+            parts => {
+                let left_behind = parts
+                    .iter()
+                    .any(|p| p.contains("-wal (") || p.contains("-shm ("));
+                let hint = match left_behind {
+                    // A read by another user leaves them, owned by it.
+                    true => {
+                        "; a -wal or -shm file is left by a command another user ran on the database: give it back to the database's owner (chown)"
+                    }
+                    false => "; check the permissions (ls -l)",
+                };
+                bad(format!(
+                    "database {shown}: this user may not write to {}{hint}, or give another --db ({e:#})",
+                    parts.join(", ")
+                ))
+            }
+        },
         Some(rusqlite::ErrorCode::CannotOpen) if on_read_only_mount(db) => bad(format!(
             "database {shown}: the file system it is on is mounted read-only, and SQLite cannot open it even to read (a read creates the -wal and -shm files beside it); remount it read-write (findmnt -T {shown} shows the mount), or copy the file elsewhere and give that --db ({e:#})"
         )),
         _ => e,
     }
+}
+
+/// Which of a SQLite database's files, and its folder, this user may not
+/// write, each with its owner: a read by another user leaves -wal and -shm
+/// files of that user's behind, and the owner's next write fails on them.
+fn unwritable_parts(db: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(db) else {
+        return Vec::new();
+    };
+    let mut named = path.clone().into_os_string();
+    let files = ["", "-wal", "-shm"].map(|suffix| {
+        named.push(suffix);
+        let file = PathBuf::from(&named);
+        named = path.clone().into_os_string();
+        file
+    });
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    files
+        .iter()
+        .chain(std::iter::once(&dir))
+        .filter_map(|part| {
+            let meta = std::fs::metadata(part).ok()?;
+            let mode = match meta.is_dir() {
+                true => libc::W_OK | libc::X_OK,
+                false => libc::W_OK,
+            };
+            (!may_access(part, mode))
+                .then(|| format!("{} (owned by uid {})", part.display(), meta.uid()))
+        })
+        .collect()
 }
 
 /// Whether the file `db` exists on a file system mounted read-only.

@@ -256,7 +256,7 @@ on_both_drivers! {
             ("/api/tasks?limit=0", "invalid limit"),
             ("/api/tasks?limit=100000", "invalid limit"),
             ("/api/tasks?before=-3", "invalid before: invalid task id"),
-            ("/api/tasks?colour=red", "unknown field"),
+            ("/api/tasks?colour=red", "invalid query string: colour: unknown field"),
             ("/api/tasks/abc", "invalid task id"),
             ("/api/events?since=x", "invalid since"),
             ("/api/events?task=999999", "does not exist"),
@@ -852,6 +852,7 @@ fn a_busy_address_is_named_once() {
         "{stderr}"
     );
     assert_eq!(stderr.matches("(os error").count(), 1, "{stderr}");
+    assert!(stderr.contains("give another with --listen"), "{stderr}");
     assert!(
         !env.db().exists(),
         "a serve that could not listen created {}",

@@ -150,7 +150,7 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
         /// At most this many tasks (a full page says so on stderr).
-        #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = Whole::<u32>::new(1, u32::MAX as i64))]
         limit: u32,
         /// Only tasks older than this id: the last id of a page, to list the
         /// next (as the API's `before=`).
@@ -169,10 +169,10 @@ pub enum Command {
     Events {
         /// Only events of this task; 0: operators' writes to agents' state
         /// (`colony state set/delete --agent`), which belong to no task.
-        #[arg(long, value_parser = clap::value_parser!(i64).range(0..), allow_negative_numbers = true)]
+        #[arg(long, value_parser = Whole::<i64>::new(0, i64::MAX), allow_negative_numbers = true)]
         task: Option<i64>,
         /// Only events after this event id.
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..), allow_negative_numbers = true)]
+        #[arg(long, default_value_t = 0, value_parser = Whole::<i64>::new(0, i64::MAX), allow_negative_numbers = true)]
         since: i64,
         /// Keep printing new events as they happen (Ctrl-C to stop). On
         /// PostgreSQL an event whose transaction has not committed yet is
@@ -345,10 +345,10 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub payload_file: Option<PathBuf>,
     /// Higher runs first.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = Whole::<i32>::new(i32::MIN as i64, i32::MAX as i64))]
     pub priority: i32,
     /// Runs before the task fails for good: 1 to 1000.
-    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS, value_parser = clap::value_parser!(u32).range(1..=1000), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_ATTEMPTS, value_parser = Whole::<u32>::new(1, 1000), allow_negative_numbers = true)]
     pub max_attempts: u32,
     /// Hold the result in `review` until approved.
     #[arg(long)]
@@ -357,7 +357,7 @@ pub struct SubmitArgs {
     /// fails it: 0 to 100. Each revision runs the task again, with the
     /// rejection's note (or "rejected without a note") as its `feedback`
     /// and its attempts back.
-    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_REVISIONS, value_parser = clap::value_parser!(u32).range(0..=crate::task::MAX_REVISIONS as i64), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = crate::task::DEFAULT_MAX_REVISIONS, value_parser = Whole::<u32>::new(0, crate::task::MAX_REVISIONS as i64), allow_negative_numbers = true)]
     pub max_revisions: u32,
     /// An agent that reviews the result automatically (implies --review).
     #[arg(long)]
@@ -412,7 +412,7 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll: Duration,
     /// Most runs in flight at once, across all agents (1 to 4096).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 16, value_parser = Whole::<u32>::new(1, MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
     /// How often to renew this daemon's leases (and reap stale ones).
     #[arg(long, default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -433,7 +433,7 @@ pub struct DaemonArgs {
     /// slots, so that slow tasks stay in the queue for any daemon and a
     /// crash costs no attempt of a task that never started). Named here,
     /// the batch is claimed ahead for every agent.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_CLAIM_BATCH), allow_negative_numbers = true)]
+    #[arg(long, value_parser = Whole::<usize>::new(1, MAX_CLAIM_BATCH as i64), allow_negative_numbers = true)]
     pub claim_batch: Option<usize>,
     /// Exit 0 once no runnable task remains for the loaded agents (and the
     /// effects of completed tasks are delivered or failed). Tasks scheduled
@@ -459,6 +459,54 @@ pub struct DaemonArgs {
 /// enough that the instance pool sized from them cannot overflow.
 pub(super) const MAX_CONCURRENCY: i64 = 4096;
 pub(super) const MAX_CLAIM_BATCH: u64 = 4096;
+
+/// A whole number from `min` to `max` (as a `T`), said in words when it is
+/// not one: clap's own parsers said "invalid digit found in string",
+/// "number too large to fit in target type" or "-1 is not in
+/// 0..9223372036854775807".
+#[derive(Clone, Copy)]
+pub(crate) struct Whole<T> {
+    min: i64,
+    max: i64,
+    of: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Whole<T> {
+    pub(crate) const fn new(min: i64, max: i64) -> Whole<T> {
+        Whole {
+            min,
+            max,
+            of: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: TryFrom<i64> + Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Whole<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let text = value.to_string_lossy();
+        let parsed = text.trim().parse::<i64>().ok();
+        if let Some(n) = parsed.filter(|n| (self.min..=self.max).contains(n))
+            && let Ok(value) = T::try_from(n)
+        {
+            return Ok(value);
+        }
+        let arg = arg.map_or_else(|| "the value".to_string(), |a| format!("'{a}'"));
+        let (min, max) = (self.min, self.max);
+        let range = match max {
+            i64::MAX => format!("a whole number from {min}"),
+            _ => format!("a whole number from {min} to {max}"),
+        };
+        let message = format!("invalid value '{text}' for {arg}: {range} is needed\n");
+        Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd))
+    }
+}
 
 /// A task id: a whole number from 1, as `colony list` shows it (`#3`
 /// is taken too, as effect ids are). It said "invalid digit found in
@@ -511,8 +559,18 @@ pub(super) fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} resolves to no address: {hint}"))
 }
 
+/// A duration, `500ms`, `10s`, `5m`, `2h 30m`. The parser's own words
+/// ("expected number at 0", "unknown time unit ... (and few variations)")
+/// are left out: they said little of what to write instead.
 pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 10s, 5m)"))
+    humantime::parse_duration(s).map_err(|_| {
+        let why = match s.trim() {
+            t if t.starts_with('-') => "a duration cannot be negative",
+            t if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) => "it has no unit",
+            _ => "it is not a duration",
+        };
+        format!("{s:?}: {why}; write a number and a unit, e.g. 500ms, 10s, 5m, 2h 30m (units: ms, s, m, h, d)")
+    })
 }
 
 /// A duration no longer than `max`, whose name is `what` in the message.
@@ -569,6 +627,51 @@ pub(super) fn run_at_after(now: i64, delay: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::parse_listen;
+    use clap::Parser;
+
+    /// Numbers out of range or not numbers at all are said in words, not
+    /// as Rust's parse errors or range syntax.
+    #[test]
+    fn numbers_are_refused_in_words() {
+        let refused = |args: &[&str]| {
+            let err = super::Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(!err.contains("digit") && !err.contains(".."), "{err}");
+            err
+        };
+        let err = refused(&["colony", "submit", "echo", "{}", "--priority", "abc"]);
+        assert!(err.contains("'abc' for '--priority <PRIORITY>': a whole number from -2147483648 to 2147483647 is needed"), "{err}");
+        let err = refused(&[
+            "colony",
+            "submit",
+            "echo",
+            "{}",
+            "--priority",
+            "99999999999",
+        ]);
+        assert!(err.contains("a whole number from -2147483648"), "{err}");
+        let err = refused(&["colony", "events", "--task", "-1"]);
+        assert!(err.contains("a whole number from 0 is needed"), "{err}");
+        for (given, why) in [
+            ("-1s", "cannot be negative"),
+            ("5", "it has no unit"),
+            ("1x", "it is not a duration"),
+        ] {
+            let err = refused(&["colony", "submit", "echo", "{}", "--backoff", given]);
+            assert!(
+                err.contains(why) && err.contains("e.g. 500ms, 10s, 5m"),
+                "{err}"
+            );
+        }
+        let err = refused(&["colony", "submit", "echo", "{}", "--max-attempts", "1001"]);
+        assert!(
+            err.contains("a whole number from 1 to 1000 is needed"),
+            "{err}"
+        );
+        let cli =
+            super::Cli::try_parse_from(["colony", "submit", "echo", "{}", "--priority", "-5"])
+                .unwrap();
+        assert!(format!("{cli:?}").contains("priority: -5"));
+    }
 
     /// `--listen localhost:7070` was refused with the standard library's
     /// "invalid socket address syntax", the README browsing localhost.

@@ -2,6 +2,7 @@
 //! real no-op component per task. Prints one JSON object per round. A
 //! benchmark, not a test: it reports figures and asserts nothing.
 
+use super::args::Whole;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,21 +28,21 @@ const MAX_TASKS: u64 = 10_000_000;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Tasks to enqueue and drain (1 to 10,000,000).
-    #[arg(long, default_value_t = 20_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_TASKS), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 20_000, value_parser = Whole::<usize>::new(1, MAX_TASKS as i64), allow_negative_numbers = true)]
     pub tasks: usize,
     /// Runs in flight at once (1 to 4096).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=super::MAX_CONCURRENCY), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 8, value_parser = Whole::<u32>::new(1, super::MAX_CONCURRENCY), allow_negative_numbers = true)]
     pub concurrency: u32,
     /// Most tasks claimed per claim transaction (1 to 4096; default 64, as
     /// for the daemon).
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=super::MAX_CLAIM_BATCH), allow_negative_numbers = true)]
+    #[arg(long, value_parser = Whole::<usize>::new(1, super::MAX_CLAIM_BATCH as i64), allow_negative_numbers = true)]
     pub batch: Option<usize>,
     /// Also run a round with this many completed tasks already in the table,
     /// to show claiming does not slow down as history grows, and on SQLite a
     /// second fresh round after it: the history round's line says
     /// `history_ratio`, its rate over the mean of the fresh rounds around it
     /// (0 to 10,000,000; 0 runs one round).
-    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_TASKS), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0, value_parser = Whole::<usize>::new(0, MAX_TASKS as i64), allow_negative_numbers = true)]
     pub history: usize,
     /// Where to put the database (default: a fresh temp directory, removed after).
     #[arg(long)]
@@ -61,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "{}", requires = "agent")]
     pub payload: String,
     /// With --agent: runs measured (after 10% more to warm up).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000), requires = "agent")]
+    #[arg(long, default_value_t = 1000, value_parser = Whole::<u32>::new(1, 1_000_000), requires = "agent")]
     pub runs: u32,
 }
 

@@ -1,6 +1,7 @@
 //! `colony effects`: the outbox — what completed (or proposed) tasks asked
 //! to send, whether it was sent, and a way to send a failed one again.
 
+use super::args::Whole;
 use std::io::Write as _;
 
 use anyhow::Result;
@@ -20,10 +21,10 @@ pub struct EffectsArgs {
     #[arg(long, value_parser = ["proposed", "pending", "sending", "sent", "failed"])]
     state: Option<String>,
     /// Only this task's effects, in the order its run queued them.
-    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, value_parser = Whole::<i64>::new(1, i64::MAX))]
     task: Option<i64>,
     /// At most this many (1 to 10,000), newest first (one task's: its first).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, default_value_t = 100, value_parser = Whole::<u32>::new(1, 10_000))]
     limit: u32,
 }
 

@@ -2,6 +2,7 @@
 //! applied at once and audited (`state_write` events) with the operator as
 //! actor; bad JSON exits 2 and changes nothing.
 
+use super::args::Whole;
 use std::io::Write as _;
 use std::path::Path;
 
@@ -25,7 +26,7 @@ pub enum StateCommand {
         prefix: String,
         /// At most this many entries (1 to 10,000); a full page says so on
         /// stderr.
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=MAX_LIST as i64))]
+        #[arg(long, default_value_t = 100, value_parser = Whole::<u32>::new(1, MAX_LIST as i64))]
         limit: u32,
     },
     /// One entry: its JSON value and version.
@@ -63,7 +64,7 @@ pub struct Owner {
     #[arg(long)]
     agent: Option<String>,
     /// A chain's state, named by its root task's id.
-    #[arg(long, value_name = "ROOT_ID", value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, value_name = "ROOT_ID", value_parser = Whole::<i64>::new(1, i64::MAX))]
     chain: Option<i64>,
 }
 

@@ -5,6 +5,7 @@
 //! twice, no overlapping leases, attempts matching claims, every reset lease
 //! naming its expired holder. Exits non-zero when any check fails.
 
+use super::args::Whole;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -45,10 +46,10 @@ const MAX_DEADLINE: Duration = Duration::from_secs(7 * 24 * 3600);
 #[derive(Args, Debug)]
 pub struct TortureArgs {
     /// Daemon processes sharing the database (1 to 64).
-    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_DAEMONS), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4, value_parser = Whole::<usize>::new(1, MAX_DAEMONS as i64), allow_negative_numbers = true)]
     pub daemons: usize,
     /// Tasks to run; each sleeps a random 0–20 ms (1 to 10,000,000).
-    #[arg(long, default_value_t = 5000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_TASKS), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 5000, value_parser = Whole::<usize>::new(1, MAX_TASKS as i64), allow_negative_numbers = true)]
     pub tasks: usize,
     /// Kill (SIGKILL) and restart a random daemon about this often (100ms to 1h).
     #[arg(long, default_value = "500ms", value_parser = parse_kill_every, allow_hyphen_values = true)]

@@ -284,8 +284,14 @@ impl ListParams {
     }
 }
 
-fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::bad(e.body_text())
+/// A query string that does not parse, said without the framework's
+/// "Failed to deserialize query string:" before serde's own words.
+pub(crate) fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    let text = e.body_text();
+    let why = text
+        .strip_prefix("Failed to deserialize query string: ")
+        .unwrap_or(&text);
+    ApiError::bad(format!("invalid query string: {why}"))
 }
 
 async fn list(

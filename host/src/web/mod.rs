@@ -77,13 +77,29 @@ pub enum StartError {
     )]
     NoTokenOffLoopback(SocketAddr),
     // Not a `#[source]`: the message carries it, and `{:#}` would repeat it.
-    #[error("cannot listen on {addr}: {error}")]
+    #[error("cannot listen on {addr}: {}", bind_error(error))]
     Bind {
         addr: SocketAddr,
         error: std::io::Error,
     },
     #[error(transparent)]
     Queue(#[from] QueueError),
+}
+
+/// Why a port could not be taken, with what to do about the usual causes.
+fn bind_error(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "{error}: another process (another `colony serve`, or a daemon's --http) holds that port; give another with --listen (port 0 picks a free one)"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{error}: ports below 1024 need privileges; give one from 1024 up with --listen"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "{error}: that address is not one of this machine's; 127.0.0.1 (this machine only) or 0.0.0.0 (every interface) are"
+        ),
+        _ => error.to_string(),
+    }
 }
 
 /// A bound server, not yet serving: the caller prints where it is.

@@ -7,7 +7,7 @@ use super::{PageError, PageResult, layout, short, state_badge, time};
 use crate::queue::TEXT_SEARCH_WINDOW;
 use crate::task::State as TaskState;
 use crate::web::Shared;
-use crate::web::api::{ApiError, ListParams};
+use crate::web::api::{ListParams, query_error};
 use crate::web::auth::Caller;
 
 pub async fn page(
@@ -15,7 +15,7 @@ pub async fn page(
     Extension(caller): Extension<Caller>,
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> PageResult {
-    let Query(params) = params.map_err(|e| PageError::from(ApiError::bad(e.body_text())))?;
+    let Query(params) = params.map_err(|e| PageError::from(query_error(e)))?;
     let query = params.query(50)?;
     let page_query = query.clone();
     let page = app

@@ -3535,3 +3535,33 @@ fn endless_input_is_refused_at_its_limit_and_stores_nothing() {
     }
     assert_eq!(env.snapshot(), before);
 }
+
+/// A manifest granting a model alias the configuration does not declare
+/// (a typo) is said by `agents` and `status`, as by the daemon at start:
+/// the listings showed the agent plainly loaded, its calls all refused.
+#[test]
+fn a_granted_alias_the_configuration_lacks_is_said_wherever_agents_are_listed() {
+    let env = Env::new(&["echo"]);
+    std::fs::write(env.agents.path().join("echo.toml"), "models = [\"fsat\"]\n").unwrap();
+    let config = env.file(
+        "colony.toml",
+        "[models.fast]\napi = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\napi_key_env = \"FAST_KEY\"\n",
+    );
+    let vars = [("COLONY_CONFIG", config.as_str()), ("FAST_KEY", "sk-test")];
+    for args in [&["agents"][..], &["status"], &["daemon", "--until-idle"]] {
+        let out = env.ok_with_env(args, &vars);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("agent echo is granted the model alias \"fsat\"")
+                && said.contains("does not configure; its calls will be refused"),
+            "{args:?}: {said}"
+        );
+    }
+    // A granted alias that is declared is not warned of.
+    std::fs::write(env.agents.path().join("echo.toml"), "models = [\"fast\"]\n").unwrap();
+    let out = env.ok_with_env(&["agents"], &vars);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("granted"),
+        "{out:?}"
+    );
+}

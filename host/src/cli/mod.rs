@@ -233,8 +233,7 @@ async fn run_command(cli: &Cli) -> Result<()> {
             output::print_cancelled(&ids, cli.json)
         }
         Command::Agents => {
-            let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
-            warn_about_a_broken_config(cli);
+            let agents = load_agents_to_list(cli).await?;
             output::print_agents(&agents, cli.json)
         }
         Command::State(command) => state::run(cli, command),
@@ -486,9 +485,25 @@ async fn status(cli: &Cli) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    let (_runtime, agents) = load_agents(&cli.db, &cli.agents, 1, None).await?;
-    warn_about_a_broken_config(cli);
+    let agents = load_agents_to_list(cli).await?;
     output::print_status(&report, &agents, cli.json)
+}
+
+/// The agents folder as `agents` and `status` list it, with what a daemon
+/// would warn of at start: a configuration it would refuse, and model
+/// aliases a manifest grants that the configuration does not declare (a
+/// typo there was said by the daemon only, the listing showing the agent
+/// plainly loaded).
+async fn load_agents_to_list(cli: &Cli) -> Result<AgentDir> {
+    let models = load_models(cli).ok().flatten();
+    let (runtime, agents) = load_agents(&cli.db, &cli.agents, 1, models).await?;
+    warn_about_a_broken_config(cli);
+    for entry in agents.entries() {
+        if let crate::runtime::AgentStatus::Loaded(agent) = &entry.status {
+            warn_about_ungranted_models(agent, &runtime, cli.config_path());
+        }
+    }
+    Ok(agents)
 }
 
 async fn events(cli: &Cli, task: Option<i64>, since: i64, follow: bool) -> Result<()> {

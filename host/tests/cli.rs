@@ -3565,3 +3565,33 @@ fn a_granted_alias_the_configuration_lacks_is_said_wherever_agents_are_listed() 
         "{out:?}"
     );
 }
+
+/// A bad value from an option's environment variable is said to come from
+/// there: clap named the option alone, which nobody had typed.
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    let env = Env::new(&["echo"]);
+    let out = env
+        .cmd()
+        .env("COLONY_SYNC", "bogus")
+        .arg("list")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("the value came from the environment variable COLONY_SYNC"),
+        "{said}"
+    );
+    // Typed on the command line, it is the flag's own.
+    let out = env
+        .cmd()
+        .args(["--sync", "worse", "list"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("'worse'") && !said.contains("environment variable"),
+        "{said}"
+    );
+}

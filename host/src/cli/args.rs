@@ -16,12 +16,22 @@ pub fn parse_args() -> Cli {
     Cli::try_parse_from(&args).unwrap_or_else(|err| {
         use clap::error::ErrorKind;
         let asked_for_json = args.iter().any(|arg| arg == "--json");
+        let from_env = value_from_environment(&err, &args);
         if asked_for_json && err.use_stderr() {
             // The one error shape a script reading --json knows.
             let text = err.render().to_string();
             let text = text.trim().trim_start_matches("error: ");
             let text = text.split("\n\n").next().unwrap_or(text);
-            say!("{}", super::bad_input_json(text));
+            let text = match &from_env {
+                Some(note) => format!("{text} ({note})"),
+                None => text.to_string(),
+            };
+            say!("{}", super::bad_input_json(&text));
+            std::process::exit(2)
+        }
+        if let Some(note) = from_env {
+            let _ = err.print();
+            say!("note: {note}");
             std::process::exit(2)
         }
         if err.kind() != ErrorKind::InvalidUtf8 {
@@ -33,6 +43,42 @@ pub fn parse_args() -> Cli {
         }
         std::process::exit(2)
     })
+}
+
+/// Where an invalid value came from when it was not the command line but
+/// the option's environment variable: clap names the option alone
+/// (`COLONY_SYNC=bogus colony list` said "invalid value 'bogus' for
+/// '--sync <SYNC>'", a flag nobody had typed).
+fn value_from_environment(err: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(invalid)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = invalid.split([' ', '=']).next()?.strip_prefix("--")?;
+    let flag = format!("--{long}");
+    let typed = args.iter().filter_map(|a| a.to_str()).any(|a| {
+        a == flag
+            || a.strip_prefix(&flag)
+                .is_some_and(|rest| rest.starts_with('='))
+    });
+    if typed {
+        return None;
+    }
+    let var = env_of(&Cli::command(), long)?;
+    std::env::var_os(&var)?;
+    Some(format!(
+        "the value came from the environment variable {var}, not the command line"
+    ))
+}
+
+/// The environment variable of option `--long`, in `cmd` or a subcommand.
+fn env_of(cmd: &clap::Command, long: &str) -> Option<String> {
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|var| var.to_string_lossy().into_owned())
+        .or_else(|| cmd.get_subcommands().find_map(|sub| env_of(sub, long)))
 }
 
 /// One line for each argument that is not UTF-8, naming its flag.

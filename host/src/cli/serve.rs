@@ -34,7 +34,7 @@ pub async fn take_port(listen: SocketAddr, token: Option<&str>) -> Result<TcpLis
         && token.trim().len() < 16
     {
         return Err(BadInput(
-            "--token must be at least 16 characters: it is all that stands between the network and the queue".into(),
+            "--token (or COLONY_TOKEN) must be at least 16 characters: it is all that stands between the network and the queue".into(),
         )
         .into());
     }

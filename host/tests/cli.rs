@@ -341,6 +341,14 @@ on_both_drivers! {
             assert!(error["error"].as_str().unwrap().contains(&format!("since review round {read}")), "{error}");
         }
         assert_eq!(env.snapshot(), before, "a decision on an old round changed something");
+        // A number that was never a round of the task says so.
+        let out = env.run(&["--json", "review", &second.to_string(), "approve", "--round", "999999"]);
+        let error: Value = serde_json::from_slice(&out.stderr).unwrap();
+        assert!(error["error"].as_str().unwrap().contains("999999 is not a review round of task"), "{error}");
+        // An operator's write to the chain's state while the task waits is
+        // an audit event on it, not a new round.
+        env.ok(&["state", "set", "--chain", &second.to_string(), "note", "1"]);
+        assert_eq!(env.show(second)["review_round"].as_i64(), Some(round));
         env.ok(&["review", &second.to_string(), "approve", "--round", &round.to_string()]);
         assert_eq!(env.show(second)["state"], "complete");
         assert_eq!(env.show(second)["review_round"], Value::Null, "none once out of review");

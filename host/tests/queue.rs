@@ -2180,7 +2180,7 @@ on_both_drivers! {
         let err = q.finish(lease, spawn(2), "").unwrap_err();
         assert!(err.to_string().contains(&format!("would hold {} tasks", cap + 1)), "{err}");
         assert_eq!(q.get(root).unwrap().state, State::InProgress, "nothing changed");
-        // One fits: in review, its reviewer task created (the chain's last).
+        // One fits: in review (its reviewer task is not counted).
         assert_eq!(q.finish(lease, spawn(1), "").unwrap(), Applied::Moved(State::Review));
         let reviewer = q.claim("r", 1).unwrap()[0].lease;
         // The chain fills up before the verdict comes.
@@ -2188,6 +2188,11 @@ on_both_drivers! {
         let verdict = RunOutcome::Success { output: r#"{"approve": true}"#.into(), spawn: vec![], needs_review: false };
         assert_eq!(q.finish(reviewer, verdict, "").unwrap(), Applied::Moved(State::Complete), "the reviewer's run is not failed");
         assert_eq!(q.get(root).unwrap().state, State::Review, "left to a person");
+        let events = q.events(Some(root), 0, 100).unwrap();
+        let deferred = events.iter().find(|e| e.event == "verdict_deferred").expect("an event says why");
+        assert!(deferred.detail["why"].as_str().unwrap().contains("would hold"), "{deferred:?}");
+        let round = q.review_round(root).unwrap();
+        assert!(round.is_some_and(|r| r < deferred.id), "an audit event starts no round");
         let err = q.approve(root, None).unwrap_err();
         assert!(err.to_string().contains("would hold"), "{err}");
         assert_eq!(q.get(root).unwrap().state, State::Review);

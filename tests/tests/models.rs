@@ -724,7 +724,7 @@ struct InDoubt {
 impl colony::runtime::RunHooks for InDoubt {
     fn progress(&self, _lease: colony::task::Lease, _progress: Option<String>) {}
 
-    async fn wait_while_lease_in_doubt(&self) {
+    async fn wait_while_lease_in_doubt(&self, _lease: colony::task::Lease) {
         self.waiting
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.vouched.notified().await;

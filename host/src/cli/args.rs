@@ -240,7 +240,7 @@ pub enum Command {
         /// gives it: refused if the task has since been decided and run
         /// again (a new result, new held writes and effects), so that an
         /// approval never releases what its approver did not read.
-        #[arg(long, value_name = "ROUND")]
+        #[arg(long, value_name = "ROUND", value_parser = Whole::<i64>::new(1, i64::MAX), allow_negative_numbers = true)]
         round: Option<i64>,
     },
     /// Revive a failed or cancelled task (attempts reset).

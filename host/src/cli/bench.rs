@@ -62,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "{}", requires = "agent")]
     pub payload: String,
     /// With --agent: runs measured (after 10% more to warm up).
-    #[arg(long, default_value_t = 1000, value_parser = Whole::<u32>::new(1, 1_000_000), requires = "agent")]
+    #[arg(long, default_value_t = 1000, value_parser = Whole::<u32>::new(1, 1_000_000), allow_negative_numbers = true, requires = "agent")]
     pub runs: u32,
 }
 

@@ -21,10 +21,10 @@ pub struct EffectsArgs {
     #[arg(long, value_parser = ["proposed", "pending", "sending", "sent", "failed"])]
     state: Option<String>,
     /// Only this task's effects, in the order its run queued them.
-    #[arg(long, value_parser = Whole::<i64>::new(1, i64::MAX))]
+    #[arg(long, value_parser = Whole::<i64>::new(1, i64::MAX), allow_negative_numbers = true)]
     task: Option<i64>,
     /// At most this many (1 to 10,000), newest first (one task's: its first).
-    #[arg(long, default_value_t = 100, value_parser = Whole::<u32>::new(1, 10_000))]
+    #[arg(long, default_value_t = 100, value_parser = Whole::<u32>::new(1, 10_000), allow_negative_numbers = true)]
     limit: u32,
 }
 

@@ -26,7 +26,7 @@ pub enum StateCommand {
         prefix: String,
         /// At most this many entries (1 to 10,000); a full page says so on
         /// stderr.
-        #[arg(long, default_value_t = 100, value_parser = Whole::<u32>::new(1, MAX_LIST as i64))]
+        #[arg(long, default_value_t = 100, value_parser = Whole::<u32>::new(1, MAX_LIST as i64), allow_negative_numbers = true)]
         limit: u32,
     },
     /// One entry: its JSON value and version.
@@ -64,7 +64,7 @@ pub struct Owner {
     #[arg(long)]
     agent: Option<String>,
     /// A chain's state, named by its root task's id.
-    #[arg(long, value_name = "ROOT_ID", value_parser = Whole::<i64>::new(1, i64::MAX))]
+    #[arg(long, value_name = "ROOT_ID", value_parser = Whole::<i64>::new(1, i64::MAX), allow_negative_numbers = true)]
     chain: Option<i64>,
 }
 

@@ -60,6 +60,7 @@ impl Daemon {
         // A stopped run's result, if it sent one, came in long since.
         self.aborted
             .retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        self.run_side.forget_stopped(Duration::from_secs(60));
         self.release_unconfirmed_claims();
         self.recover_vanished_runs();
         let leases = self.held_leases();
@@ -340,6 +341,7 @@ impl Daemon {
     /// sent in the meantime is still stored, refused on the trail and
     /// counted there instead (see `accept`).
     pub(super) fn stop_run(&mut self, run: super::InFlight) {
+        self.run_side.stopped(run.lease);
         run.handle.abort();
         self.aborted.insert(run.lease, Instant::now());
         self.summary.lost += 1;

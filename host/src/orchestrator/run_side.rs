@@ -46,6 +46,9 @@ pub(super) struct RunSide {
     pub reopen: Reopen,
     /// When the daemon last renewed its leases.
     pub renewals: Renewals,
+    /// The runs the daemon stopped, and when: their requests waiting on a
+    /// renewal never go out (see [`RunHooks::wait_while_lease_in_doubt`]).
+    stopped: Mutex<HashMap<Lease, Instant>>,
     /// The token reservations on their way to the journal, by run and call,
     /// each true once its run asked for it back: a run dropped while its
     /// reservation waits for the journal's lock must not have its release
@@ -129,6 +132,7 @@ impl RunSide {
     pub fn new(reopen: Reopen, reads_inline: bool, renewals: Renewals) -> RunSide {
         RunSide {
             renewals,
+            stopped: Mutex::default(),
             progress: Mutex::default(),
             run_nanos: AtomicU64::new(0),
             journal: Arc::default(),
@@ -139,6 +143,20 @@ impl RunSide {
             reserving: Arc::default(),
             releases: Mutex::default(),
         }
+    }
+
+    /// The daemon stopped the run under `lease` (its abort may land later).
+    pub fn stopped(&self, lease: Lease) {
+        lock(&self.stopped).insert(lease, Instant::now());
+    }
+
+    /// Forgets runs stopped longer ago than `after`: long gone.
+    pub fn forget_stopped(&self, after: Duration) {
+        lock(&self.stopped).retain(|_, at| at.elapsed() < after);
+    }
+
+    fn was_stopped(&self, lease: Lease) -> bool {
+        lock(&self.stopped).contains_key(&lease)
     }
 
     /// Runs `f` on the journal connection, on a blocking thread.
@@ -246,15 +264,24 @@ impl RunHooks for RunSide {
         self.progress.lock().unwrap().insert(lease, progress);
     }
 
-    async fn wait_while_lease_in_doubt(&self) {
-        if !self.renewals.may_soon_be_reset() {
+    async fn wait_while_lease_in_doubt(&self, lease: Lease) {
+        // Stopped first: a run stopped at the heartbeat that renews the
+        // others sees the renewal before its abort lands.
+        if !self.was_stopped(lease) && !self.renewals.may_soon_be_reset() {
             return;
         }
         tracing::warn!(
+            task = lease.task_id,
             unrenewed_for = ?self.renewals.unrenewed_for(),
             "a run's model call or HTTP request waits: this daemon has not renewed its leases for nearly --stale-after, and another daemon may take the task over; it goes out once a heartbeat goes through, or the run is stopped"
         );
-        while self.renewals.may_soon_be_reset() {
+        loop {
+            if self.was_stopped(lease) {
+                return std::future::pending().await;
+            }
+            if !self.renewals.may_soon_be_reset() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -368,6 +395,41 @@ mod tests {
     use crate::models::Budget;
     use crate::runtime::RunHooks;
     use crate::task::NewTask;
+
+    /// A request waits while the leases are in doubt and goes out once
+    /// renewed, except a stopped run's: its abort may land after the
+    /// renewal, and a request let through then went out beside the daemon
+    /// that takes the task over.
+    #[tokio::test]
+    async fn a_stopped_runs_request_waits_for_good_and_others_go_on_renewal() {
+        let side = RunSide::new(
+            Arc::new(|| Err(QueueError::NotNow("no database here".into()))),
+            true,
+            Renewals::new(Duration::from_secs(2), Duration::from_secs(1)),
+        );
+        let (live, stopped) = (
+            Lease {
+                task_id: 1,
+                token: 1,
+            },
+            Lease {
+                task_id: 2,
+                token: 2,
+            },
+        );
+        let short = Duration::from_millis(200);
+        let waits = |lease| tokio::time::timeout(short, side.wait_while_lease_in_doubt(lease));
+        assert!(waits(live).await.is_ok(), "renewed just now");
+        side.renewals
+            .renewed(Instant::now() - Duration::from_secs(5));
+        assert!(waits(live).await.is_err(), "in doubt: it waits");
+        side.stopped(stopped);
+        side.renewals.renewed(Instant::now());
+        assert!(waits(live).await.is_ok(), "renewed: it goes out");
+        assert!(waits(stopped).await.is_err(), "a stopped run's never does");
+        side.forget_stopped(Duration::ZERO);
+        assert!(waits(stopped).await.is_ok(), "forgotten once long gone");
+    }
 
     /// A run dropped while its reservation waits for the journal's lock
     /// (another run's write holds it) leaves nothing reserved: its release,

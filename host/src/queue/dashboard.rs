@@ -262,17 +262,20 @@ impl Queue {
         })
     }
 
-    /// Tasks waiting in review, oldest first (read through `tasks_at_rest`).
-    pub fn in_review(&self, limit: u32) -> Result<Vec<TaskRow>> {
+    /// Tasks waiting in review, oldest first (read through `tasks_at_rest`),
+    /// each with its review round read in the same statement: the round a
+    /// decision form sends is that of the result it shows.
+    pub fn in_review(&self, limit: u32) -> Result<Vec<(TaskRow, Option<i64>)>> {
         self.read(|db| {
             let sql = format!(
-                "SELECT {TASK_COLUMNS} FROM tasks WHERE state = 'review' ORDER BY id LIMIT ?1"
+                "SELECT {TASK_COLUMNS}, ({}) FROM tasks WHERE state = 'review' ORDER BY id LIMIT ?1",
+                super::review::round_of("tasks.id")
             );
-            Ok(db
-                .query(&sql, args![i64::from(limit)])?
+            let round_at = TASK_COLUMNS.split(',').count();
+            db.query(&sql, args![i64::from(limit)])?
                 .iter()
-                .map(task_row)
-                .collect())
+                .map(|r| Ok((task_row(r), r.get(round_at)?)))
+                .collect()
         })
     }
 }

@@ -254,13 +254,38 @@ fn proposed_actions_json(
     (effects, writes)
 }
 
-/// Marks a task complete (`to`, as the table said), inserts its children
-/// (its `next_tasks`, then what it spawned), and wakes tasks that were
-/// waiting on it.
+/// A reviewer's approval that cannot be applied (the chain has no room
+/// for the tasks approval would create): the task stays in review for a
+/// person, an audit event on it saying why, and the reviewer's own run
+/// completes (it answered as asked).
+fn defer_verdict(
+    tx: &dyn Sql,
+    judged: i64,
+    reviewer_task: i64,
+    why: &QueueError,
+    actor: &str,
+    now: i64,
+) -> Result<()> {
+    let detail = json!({
+        "reviewer_task": reviewer_task,
+        "why": format!("the reviewer approves, but {why}; a person decides (approving is refused until the chain has room)"),
+    });
+    tx.execute(
+        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         VALUES (?1, ?2, 'verdict_deferred', 'review', 'review', ?3, ?4)",
+        args![now, judged, actor, detail.to_string()],
+    )?;
+    Ok(())
+}
+
 /// The `--next` chain task `id` starts when it completes.
 fn next_tasks_of(tx: &dyn Sql, id: i64) -> Result<Vec<NextSpec>> {
-    let text: Option<String> =
-        tx.query_value("SELECT next_tasks FROM tasks WHERE id = ?1", args![id])?;
+    let text = tx.query_value("SELECT next_tasks FROM tasks WHERE id = ?1", args![id])?;
+    parse_next_tasks(id, text)
+}
+
+/// Task `id`'s stored `next_tasks` column.
+fn parse_next_tasks(id: i64, text: Option<String>) -> Result<Vec<NextSpec>> {
     match text {
         Some(text) => serde_json::from_str(&text)
             .map_err(|e| QueueError::Corrupt(format!("task {id} next_tasks: {e}"))),
@@ -268,6 +293,9 @@ fn next_tasks_of(tx: &dyn Sql, id: i64) -> Result<Vec<NextSpec>> {
     }
 }
 
+/// Marks a task complete (`to`, as the table said), inserts its children
+/// (its `next_tasks`, then what it spawned), and wakes tasks that were
+/// waiting on it.
 pub(super) fn complete(
     tx: &dyn Sql,
     id: i64,
@@ -296,11 +324,7 @@ pub(super) fn complete(
             args![output, now, id, to.as_str()],
         )?,
     };
-    let mut children: Vec<NextSpec> = match next_tasks {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| QueueError::Corrupt(format!("task {id} next_tasks: {e}")))?,
-        None => Vec::new(),
-    };
+    let mut children = parse_next_tasks(id, next_tasks)?;
     children.extend(spawn);
     insert_children(tx, id, &children, actor, now)?;
     batch::release_dependents(tx, std::iter::once(id), actor, now)
@@ -369,12 +393,11 @@ pub(super) fn apply_verdict(
         // for what approval would create: left to a person (whose approval
         // is refused, saying why), not failing the reviewer's completion.
         let children = held_children(tx, judged)?.len() + next_tasks_of(tx, judged)?.len();
-        if let Err(full) = check_chain_room(tx, judged, children) {
-            tracing::warn!(
-                task = judged,
-                "the verdict of reviewer task {reviewer_task} approves, but {full}: the task stays in review for a person"
-            );
-            return Ok(());
+        match check_chain_room(tx, judged, children) {
+            Err(full) if full.is_bad_input() => {
+                return defer_verdict(tx, judged, reviewer_task, &full, &by, now);
+            }
+            other => other?,
         }
         approve_in(tx, judged, note.as_deref(), &by, now)?;
     } else {
@@ -389,11 +412,28 @@ pub(super) fn apply_verdict(
     Ok(())
 }
 
+/// The events of task `task` (an SQL expression) that put it in review:
+/// its transitions into review from another state, not the audit-only
+/// events written while it waits there (a late result refused, a lost
+/// run's model call, an operator's write to its chain's state), which
+/// start no new round.
+fn enters_review(task: &str) -> String {
+    format!("task_id = {task} AND to_state = 'review' AND COALESCE(from_state, '') <> 'review'")
+}
+
+/// The review round of task `task` (an SQL expression), as a subquery;
+/// meaningful while the task is in review.
+pub(super) fn round_of(task: &str) -> String {
+    format!("SELECT MAX(id) FROM events WHERE {}", enters_review(task))
+}
+
 /// See [`super::Queue::review_round`].
 pub(super) fn review_round(db: &dyn Sql, id: i64) -> Result<Option<i64>> {
     let row = db.query_opt(
-        "SELECT state, (SELECT MAX(id) FROM events WHERE task_id = ?1 AND to_state = 'review')
-         FROM tasks WHERE id = ?1",
+        &format!(
+            "SELECT state, ({}) FROM tasks WHERE id = ?1",
+            round_of("?1")
+        ),
         args![id],
     )?;
     let Some(row) = row else {
@@ -417,12 +457,30 @@ pub(super) fn check_round(tx: &dyn Sql, id: i64, round: Option<i64>) -> Result<(
     };
     // Read under the task's lock (PostgreSQL), as the decision is.
     state_of(tx, id)?;
-    match review_round(tx, id)? {
-        Some(now) if now != seen => Err(QueueError::NotNow(format!(
+    let now = match review_round(tx, id)? {
+        Some(now) if now != seen => now,
+        _ => return Ok(()),
+    };
+    let was_a_round = tx
+        .query_opt(
+            &format!(
+                "SELECT 1 FROM events WHERE {} AND id = ?2",
+                enters_review("?1")
+            ),
+            args![id, seen],
+        )?
+        .is_some();
+    Err(match was_a_round {
+        true => QueueError::NotNow(format!(
             "task {id} has been decided and run again since review round {seen}, which this decision was made on; it waits in round {now} now, with a new result: read it again (colony show {id}) and decide on what it holds"
-        ))),
-        _ => Ok(()),
-    }
+        )),
+        false => QueueError::invalid(
+            "round",
+            format!(
+                "{seen} is not a review round of task {id}; it waits in round {now} (colony show {id})"
+            ),
+        ),
+    })
 }
 
 pub(super) fn approve_in(

@@ -281,7 +281,7 @@ impl ModelSession {
         }
         // Last, after any other wait: the reservation proved the lease held
         // when it was written, not that nobody else holds it now.
-        self.hooks.wait_while_lease_in_doubt().await;
+        self.hooks.wait_while_lease_in_doubt(self.lease).await;
         unsent.record_if_cut_off(self.attempt, request, hash);
         let called = providers.send(turn, request, &unsent.on_wire).await;
         unsent.disarm(); // the call's record, which follows, settles it

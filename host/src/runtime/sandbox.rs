@@ -34,13 +34,14 @@ pub trait RunHooks: Send + Sync {
     /// The agent of the run under `lease` called `heartbeat(progress)`.
     fn progress(&self, lease: Lease, progress: Option<String>);
 
-    /// Returns once the run's lease may be taken to be its own. While its
-    /// daemon has not renewed it for nearly `stale_after` (a heartbeat held
-    /// up by a database that stopped answering), another daemon may take
-    /// the task over and run it: a model call or HTTP request waits here
-    /// before it goes out, until a renewal goes through, or the daemon
-    /// stops the run (and gives its task back) when the heartbeat fails.
-    async fn wait_while_lease_in_doubt(&self) {}
+    /// Returns once the run under `lease` may take it to be its own. While
+    /// its daemon has not renewed it for nearly `stale_after` (a heartbeat
+    /// held up by a database that stopped answering), another daemon may
+    /// take the task over and run it: a model call or HTTP request waits
+    /// here before it goes out, until a renewal goes through; never, for a
+    /// run the daemon has stopped (lost or given back), whose abort may
+    /// land a moment after the renewal.
+    async fn wait_while_lease_in_doubt(&self, _lease: Lease) {}
 
     /// The replayable calls of the task's previous run, read before the
     /// run's first model call.

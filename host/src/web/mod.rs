@@ -77,7 +77,7 @@ pub enum StartError {
     )]
     NoTokenOffLoopback(SocketAddr),
     // Not a `#[source]`: the message carries it, and `{:#}` would repeat it.
-    #[error("cannot listen on {addr}: {}", bind_error(error))]
+    #[error("cannot listen on {addr}: {}", bind_error(*addr, error))]
     Bind {
         addr: SocketAddr,
         error: std::io::Error,
@@ -87,12 +87,12 @@ pub enum StartError {
 }
 
 /// Why a port could not be taken, with what to do about the usual causes.
-fn bind_error(error: &std::io::Error) -> String {
+fn bind_error(addr: SocketAddr, error: &std::io::Error) -> String {
     match error.kind() {
         std::io::ErrorKind::AddrInUse => format!(
             "{error}: another process (another `colony serve`, or a daemon's --http) holds that port; give another with --listen (port 0 picks a free one)"
         ),
-        std::io::ErrorKind::PermissionDenied => format!(
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
             "{error}: ports below 1024 need privileges; give one from 1024 up with --listen"
         ),
         std::io::ErrorKind::AddrNotAvailable => format!(

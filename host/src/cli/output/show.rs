@@ -25,6 +25,10 @@ pub struct TaskDetail {
 
 impl TaskDetail {
     pub fn load(queue: &Queue, id: i64) -> Result<TaskDetail, QueueError> {
+        // First: a task decided and back in review between these reads
+        // shows the new round's content with the old round's number, so
+        // a decision on it is refused rather than applied unread.
+        let review_round = queue.review_round(id)?;
         Ok(TaskDetail {
             task: queue.get(id)?,
             events: queue.events(Some(id), 0, u32::MAX)?,
@@ -36,7 +40,7 @@ impl TaskDetail {
             held_writes: queue.held_writes(id)?,
             held_children: queue.held_children(id)?,
             chain_budget: queue.chain_budget(id)?,
-            review_round: queue.review_round(id)?,
+            review_round,
         })
     }
 }

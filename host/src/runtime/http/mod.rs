@@ -301,9 +301,9 @@ impl WasiHttpHooks for HttpPolicy {
             log: self.log.clone(),
             shown,
         };
-        let hooks = self.hooks.clone();
+        let (hooks, lease) = (self.hooks.clone(), self.lease);
         Box::new(async move {
-            hooks.wait_while_lease_in_doubt().await;
+            hooks.wait_while_lease_in_doubt(lease).await;
             send(plan, request, record).await
         })
     }

@@ -31,13 +31,15 @@ pub async fn page(State(app): State<Shared>, Extension(caller): Extension<Caller
         .store
         .run(None, |queue| {
             let mut out = Vec::new();
-            for row in queue.in_review(MAX_LISTED)? {
+            for (row, round) in queue.in_review(MAX_LISTED)? {
                 let held = match &row {
+                    // Read after the round (with the row): should the task
+                    // move on meanwhile, a decision on it is refused.
                     Ok(task) => Held {
+                        round,
                         effects: queue.effects(Some(task.id), Some("proposed"), 20)?,
                         writes: queue.held_writes(task.id)?,
                         children: queue.held_children(task.id)?,
-                        round: queue.review_round(task.id)?,
                     },
                     Err(_) => Held::default(),
                 };

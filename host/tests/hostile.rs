@@ -84,9 +84,9 @@ fn hostile_cases(env: &Env) -> Vec<Case> {
         // Numbers: negative, zero, beyond the maximum, beyond the type.
         bad_submit(&["--priority", "2147483648"], "--priority"),
         bad_submit(&["--priority", "-2147483649"], "--priority"),
-        bad_submit(&["--max-attempts", "-1"], "1..=1000"),
-        bad_submit(&["--max-attempts", "0"], "1..=1000"),
-        bad_submit(&["--max-attempts", "1001"], "1..=1000"),
+        bad_submit(&["--max-attempts", "-1"], "from 1 to 1000"),
+        bad_submit(&["--max-attempts", "0"], "from 1 to 1000"),
+        bad_submit(&["--max-attempts", "1001"], "from 1 to 1000"),
         bad_submit(&["--max-attempts", "4294967296"], "--max-attempts"),
         bad_submit(&["--after", "0"], "--after"),
         bad_submit(&["--after", "-1"], "--after"),

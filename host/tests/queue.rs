@@ -2129,6 +2129,22 @@ on_both_drivers! {
     }
 }
 
+/// A run's success that spawns `n` tasks of agent `b`.
+fn spawning(n: usize) -> RunOutcome {
+    RunOutcome::Success {
+        output: "{}".into(),
+        spawn: (0..n)
+            .map(|_| SpawnSpec {
+                agent: "b".into(),
+                payload: "{}".into(),
+                priority: 0,
+                review: false,
+            })
+            .collect(),
+        needs_review: false,
+    }
+}
+
 on_both_drivers! {
     /// A chain is capped at MAX_CHAIN_TASKS tasks, counted on its root: a
     /// completion whose children would pass it fails as bad input and
@@ -2139,19 +2155,12 @@ on_both_drivers! {
         let lease = q.claim("a", 1).unwrap()[0].lease;
         let cap = colony::queue::MAX_CHAIN_TASKS;
         db.raw().execute(&format!("UPDATE tasks SET chain_tasks = {} WHERE id = {root}", cap - 2));
-        let spawn = |n: usize| RunOutcome::Success {
-            output: "{}".into(),
-            spawn: (0..n)
-                .map(|_| SpawnSpec { agent: "b".into(), payload: "{}".into(), priority: 0, review: false })
-                .collect(),
-            needs_review: false,
-        };
-        let err = q.finish(lease, spawn(3), "").unwrap_err();
+        let err = q.finish(lease, spawning(3), "").unwrap_err();
         assert!(err.is_bad_input(), "{err:?}");
         assert!(err.to_string().contains(&format!("would hold {} tasks", cap + 1)), "{err}");
         assert_eq!(q.get(root).unwrap().state, State::InProgress, "nothing changed");
         assert!(q.children(root).unwrap().is_empty());
-        assert_eq!(q.finish(lease, spawn(2), "").unwrap(), Applied::Moved(State::Complete));
+        assert_eq!(q.finish(lease, spawning(2), "").unwrap(), Applied::Moved(State::Complete));
         assert_eq!(q.children(root).unwrap().len(), 2);
         let size = db.raw().query(&format!("SELECT chain_tasks FROM tasks WHERE id = {root}"));
         assert_eq!(size[0][0].int(), Some(cap));
@@ -2170,18 +2179,11 @@ on_both_drivers! {
         let lease = q.claim("a", 1).unwrap()[0].lease;
         let cap = colony::queue::MAX_CHAIN_TASKS;
         db.raw().execute(&format!("UPDATE tasks SET chain_tasks = {} WHERE id = {root}", cap - 1));
-        let spawn = |n: usize| RunOutcome::Success {
-            output: "{}".into(),
-            spawn: (0..n)
-                .map(|_| SpawnSpec { agent: "b".into(), payload: "{}".into(), priority: 0, review: false })
-                .collect(),
-            needs_review: false,
-        };
-        let err = q.finish(lease, spawn(2), "").unwrap_err();
+        let err = q.finish(lease, spawning(2), "").unwrap_err();
         assert!(err.to_string().contains(&format!("would hold {} tasks", cap + 1)), "{err}");
         assert_eq!(q.get(root).unwrap().state, State::InProgress, "nothing changed");
         // One fits: in review (its reviewer task is not counted).
-        assert_eq!(q.finish(lease, spawn(1), "").unwrap(), Applied::Moved(State::Review));
+        assert_eq!(q.finish(lease, spawning(1), "").unwrap(), Applied::Moved(State::Review));
         let reviewer = q.claim("r", 1).unwrap()[0].lease;
         // The chain fills up before the verdict comes.
         db.raw().execute(&format!("UPDATE tasks SET chain_tasks = {cap} WHERE id = {root}"));

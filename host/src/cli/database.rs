@@ -441,13 +441,12 @@ fn unwritable_parts(db: &Path) -> Vec<String> {
     let crate::queue::Location::Sqlite(path) = crate::queue::Location::of(db) else {
         return Vec::new();
     };
-    let mut named = path.clone().into_os_string();
-    let files = ["", "-wal", "-shm"].map(|suffix| {
-        named.push(suffix);
-        let file = PathBuf::from(&named);
-        named = path.clone().into_os_string();
-        file
-    });
+    let with_suffix = |suffix: &str| {
+        let mut name = path.clone().into_os_string();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let files = ["", "-wal", "-shm"].map(with_suffix);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

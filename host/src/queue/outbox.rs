@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::sql::{Dialect, Param, Row, Sql, args};
+use super::tasks::note;
 use super::{Queue, QueueError, Result};
 use crate::effects::{Effect, MAX_DELIVERY_ATTEMPTS};
 
@@ -128,23 +129,6 @@ pub(super) fn drop_proposed(tx: &dyn Sql, task_id: i64) -> Result<()> {
     tx.execute(
         "DELETE FROM effects WHERE task_id = ?1 AND state = 'proposed'",
         args![task_id],
-    )?;
-    Ok(())
-}
-
-fn note(
-    tx: &dyn Sql,
-    task_id: i64,
-    event: &str,
-    actor: &str,
-    detail: serde_json::Value,
-    now: i64,
-) -> Result<()> {
-    // Not a transition: the task (complete) keeps its state.
-    tx.execute(
-        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
-         SELECT ?1, id, ?2, state, state, ?3, ?4 FROM tasks WHERE id = ?5",
-        args![now, event, actor, detail.to_string(), task_id],
     )?;
     Ok(())
 }

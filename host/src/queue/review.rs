@@ -10,7 +10,7 @@ use super::cancel::{cancel_dependents, cancel_pending_reviewers};
 use super::finish::Held;
 use super::insert::{check_chain_room, insert_children, insert_new_task};
 use super::sql::{Dialect, Sql, args};
-use super::tasks::{record, set_failed, state_of};
+use super::tasks::{note, record, set_failed, state_of};
 use super::validate::{MAX_JSON_DEPTH, spawn_to_next, stored_json, validate_json};
 use super::{MAX_OUTPUT_BYTES, MAX_SPAWN_PER_RUN, QueueError, Result, batch, outbox, state};
 
@@ -270,12 +270,7 @@ fn defer_verdict(
         "reviewer_task": reviewer_task,
         "why": format!("the reviewer approves, but {why}; a person decides (approving is refused until the chain has room)"),
     });
-    tx.execute(
-        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
-         VALUES (?1, ?2, 'verdict_deferred', 'review', 'review', ?3, ?4)",
-        args![now, judged, actor, detail.to_string()],
-    )?;
-    Ok(())
+    note(tx, judged, "verdict_deferred", actor, detail, now)
 }
 
 /// The `--next` chain task `id` starts when it completes.

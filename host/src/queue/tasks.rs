@@ -79,6 +79,25 @@ pub(super) fn record(
     Ok(to)
 }
 
+/// An audit event that is not a transition (an effect's delivery, a
+/// reviewer's verdict deferred): the task keeps its state, both ends of
+/// the event.
+pub(super) fn note(
+    tx: &dyn Sql,
+    task_id: i64,
+    event: &str,
+    actor: &str,
+    detail: serde_json::Value,
+    now: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO events (at, task_id, event, from_state, to_state, actor, detail)
+         SELECT ?1, id, ?2, state, state, ?3, ?4 FROM tasks WHERE id = ?5",
+        args![now, event, actor, detail.to_string(), task_id],
+    )?;
+    Ok(())
+}
+
 fn event_action(event: Event) -> &'static str {
     match event {
         Event::Approve => "be approved (only tasks in review can)",
